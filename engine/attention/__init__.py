@@ -1,0 +1,48 @@
+"""Attention backends: one interface, chosen by name.
+
+A backend is called once per layer with the new tokens' q/k/v and that layer's cache. It stores k/v
+into `ctx.slot_mapping`, then attends every query row over its sequence's cached past (causal, plus
+`ctx.tree_mask` when set), reading K/V only through `ctx.block_tables`."""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from engine.context import ForwardContext
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, ctx: ForwardContext, scale: float) -> torch.Tensor:
+        """q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim];
+        caches: [num_blocks, block_size, num_kv_heads, head_dim]. Returns [num_tokens, num_heads, head_dim]."""
+        ...
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write the new tokens' K/V into their cache slots; slot -1 means 'do not store'."""
+    # [num_blocks * block_size, num_kv_heads, head_dim] views, so a slot is a row index
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])
+    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_flat[slots] = k[keep]
+    v_flat[slots] = v[keep]
+
+
+def available_backends(device: torch.device) -> list[str]:
+    """Backend names usable on `device`, fastest first."""
+    return ["reference"]
+
+
+def get_backend(name: str, device: torch.device) -> AttentionBackend:
+    if name == "auto":
+        name = available_backends(device)[0]
+    if name == "reference":
+        from engine.attention.reference import ReferenceAttention
+        return ReferenceAttention()
+    raise ValueError(f"unknown attention backend {name!r}; available on {device}: {available_backends(device)}")

@@ -1,0 +1,132 @@
+"""The paged KV cache: one tensor pool for all layers, and the BlockManager that hands out its blocks."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from engine.sequence import Sequence
+
+
+class KVCache:
+    """One allocation, [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]; layer i reads
+    the views k(i) and v(i). Slot s of a layer is row s of its [num_blocks * block_size, ...] view."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.pool = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+
+    def k(self, layer: int) -> torch.Tensor:
+        return self.pool[layer, 0]
+
+    def v(self, layer: int) -> torch.Tensor:
+        return self.pool[layer, 1]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return num_layers * 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
+
+
+class BlockManager:
+    """Refcounted blocks with a hash-chained prefix cache.
+
+    A full block's hash covers its tokens and every token before it (and the sequence's cache key,
+    e.g. its adapter), so equal hashes mean equal K/V. Freed blocks keep their contents and stay
+    findable by hash until they are reused (lazy eviction, least recently freed first)."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.cached: dict[int, int] = {}  # hash -> block id
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        return num_blocks <= len(self.free)
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow seq's block table to hold num_tokens tokens. All or nothing."""
+        needed = self.blocks_needed(seq, num_tokens)
+        if needed > len(self.free):
+            return False
+        for _ in range(needed):
+            seq.block_table.append(self._take_free_block())
+        return True
+
+    def match_prefix(self, seq: Sequence, cache_key: int) -> int:
+        """Reuse cached blocks for the longest hashed prefix of seq's tokens; returns the tokens reused.
+        The last token is always left to compute, so the step has a row to sample from."""
+        if not self.enable_prefix_caching:
+            return 0
+        for i in range((len(seq) - 1) // self.block_size):
+            block = self.cached.get(self._hash_of_block(seq, i, cache_key))
+            if block is None:
+                break
+            if self.ref_counts[block] == 0:
+                del self.free[block]
+            self.ref_counts[block] += 1
+            seq.block_table.append(block)
+        return len(seq.block_table) * self.block_size
+
+    def register_full_blocks(self, seq: Sequence, cache_key: int, num_computed_before: int) -> None:
+        """Make the blocks that this step filled findable by hash (the first block with a hash wins)."""
+        if not self.enable_prefix_caching:
+            return
+        for i in range(num_computed_before // self.block_size, seq.num_computed_tokens // self.block_size):
+            block = seq.block_table[i]
+            if self.block_hash[block] is not None:
+                continue
+            h = self._hash_of_block(seq, i, cache_key)
+            if h not in self.cached:
+                self.cached[h] = block
+                self.block_hash[block] = h
+
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Release the blocks beyond those that hold num_tokens tokens."""
+        keep = -(-num_tokens // self.block_size)
+        for block in reversed(seq.block_table[keep:]):
+            self._decref(block)
+        del seq.block_table[keep:]
+
+    def free_sequence(self, seq: Sequence) -> None:
+        # reversed: a sequence's tail blocks are the least likely to be shared, so evict them first
+        for block in reversed(seq.block_table):
+            self._decref(block)
+        seq.block_table.clear()
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _hash_of_block(self, seq: Sequence, i: int, cache_key: int) -> int:
+        """Chain hash of seq's block i: its tokens, all tokens before it, and the cache key. Memoised
+        on the sequence, since a sequence's tokens never change."""
+        while len(seq.block_hashes) <= i:
+            j = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if seq.block_hashes else hash(("gorgon-kv", cache_key))
+            seq.block_hashes.append(hash((parent, tuple(seq.token_ids[j * self.block_size:(j + 1) * self.block_size]))))
+        return seq.block_hashes[i]
+
+    def _take_free_block(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        h = self.block_hash[block]
+        if h is not None:  # evict its cache entry: the contents are about to change
+            if self.cached.get(h) == block:
+                del self.cached[h]
+            self.block_hash[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def _decref(self, block: int) -> None:
+        self.ref_counts[block] -= 1
+        assert self.ref_counts[block] >= 0, f"block {block} freed twice"
+        if self.ref_counts[block] == 0:
+            self.free[block] = None

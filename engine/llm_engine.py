@@ -1,0 +1,197 @@
+"""LLM: the engine's public face. Owns the tokenizer, scheduler and runner; one `step()` is one forward."""
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer, GenerationConfig
+
+from engine.config import EngineConfig, SamplingParams
+from engine.detokenizer import detokenize_new_token, start_detokenizer
+from engine.kv_cache import BlockManager, KVCache
+from engine.outputs import RequestOutput
+from engine.runner import ModelRunner
+from engine.sampler import Sampler
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus
+from models import DEFAULT_MODEL_DIR
+from models.loader import load_model
+
+
+class LLM:
+    """A model ready to generate. `LLM()` loads the shipped default model; keyword arguments are
+    EngineConfig fields."""
+
+    def __init__(self, model: str | Path | None = None, **engine_kwargs) -> None:
+        self.config = EngineConfig(model=str(model) if model is not None else None, **engine_kwargs)
+        path = Path(self.config.model) if self.config.model else DEFAULT_MODEL_DIR
+        self.device = torch.device(self.config.device)
+        self.model = load_model(path, self.config.torch_dtype, self.device)
+        model_config = self.model.config
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.eos_token_ids = self._eos_token_ids(path, model_config.eos_token_ids)
+        self.max_model_len = min(self.config.max_model_len or model_config.max_model_len, model_config.max_model_len)
+
+        bytes_per_block = KVCache.bytes_per_block(model_config.num_layers, self.config.block_size,
+                                                  model_config.num_kv_heads, model_config.head_dim, self.config.torch_dtype)
+        blocks_per_seq = -(-self.max_model_len // self.config.block_size)
+        num_blocks = self.config.num_kv_blocks or min(self.config.kv_cache_memory // bytes_per_block,
+                                                      self.config.max_num_seqs * blocks_per_seq)
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache budget fits no block (one block takes {bytes_per_block} bytes)")
+        # a request must fit on its own, or preemption could never make room for it
+        self.max_model_len = min(self.max_model_len, num_blocks * self.config.block_size)
+        kv_cache = KVCache(model_config.num_layers, num_blocks, self.config.block_size, model_config.num_kv_heads,
+                           model_config.head_dim, self.config.torch_dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, kv_cache, self.config.attention_backend, self.device)
+        self.sampler = Sampler()
+        self.requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self._rng = torch.Generator(device=self.device).manual_seed(self.config.seed)
+
+    @staticmethod
+    def _eos_token_ids(path: Path, from_config: list[int]) -> set[int]:
+        eos = set(from_config)
+        if (path / "generation_config.json").is_file():
+            gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
+            eos.update(gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
+        return eos
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            token_ids, text = self.tokenizer(prompt)["input_ids"], prompt
+        else:
+            token_ids, text = list(prompt), None
+        self._validate_prompt(token_ids, params)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq = Sequence(request_id, token_ids, params, prompt=text, generator=generator)
+        start_detokenizer(seq)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens; this model accepts at most "
+                             f"{self.max_model_len - 1} prompt tokens (max_model_len {self.max_model_len})")
+
+    def abort(self, request_id: str) -> None:
+        seq = self.requests.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one forward over the scheduled batch; report every request that got tokens or finished."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        inputs = self.runner.prepare(batch)
+        hidden = self.runner.forward(inputs)
+        sampled: dict[int, int] = {}
+        sampled_logprobs: dict[int, tuple | None] = {}
+        if inputs.sampling_seqs:
+            logits = self.runner.logits(hidden, inputs.sample_rows)
+            seqs = [batch.seqs[i] for i in inputs.sampling_seqs]
+            out = self.sampler(logits, [s.params for s in seqs], [s.generator or self._rng for s in seqs])
+            sampled = dict(zip(inputs.sampling_seqs, out.token_ids))
+            sampled_logprobs = dict(zip(inputs.sampling_seqs, out.logprobs))
+
+        outputs = []
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            before = seq.num_computed_tokens
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq, seq.cache_key, before)
+            if i in sampled:
+                new_text = self._append_token(seq, sampled[i], sampled_logprobs[i])
+                outputs.append(RequestOutput.of(seq, new_text, [sampled[i]]))
+                if seq.is_finished:
+                    self.requests.pop(seq.request_id, None)
+        return outputs
+
+    def _append_token(self, seq: Sequence, token_id: int, logprob: tuple | None) -> str:
+        """Append one sampled token, apply the stop rules, and return the text it added."""
+        if seq.first_token_time is None:
+            seq.first_token_time = time.perf_counter()
+        seq.token_ids.append(token_id)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        params = seq.params
+        new_text = detokenize_new_token(self.tokenizer, seq)
+        text_before = len(seq.output_text)
+        seq.output_text += new_text
+        reason = None
+        if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
+            reason = "stop"
+        elif params.stop and new_text:
+            search_from = max(0, text_before - max(len(s) for s in params.stop) + 1)
+            hits = [i for s in params.stop if (i := seq.output_text.find(s, search_from)) >= 0]
+            if hits:
+                seq.output_text = seq.output_text[:min(hits)]
+                new_text = seq.output_text[text_before:]
+                reason = "stop"
+        if reason is None and (seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            seq.finish_time = time.perf_counter()
+            self.scheduler.finish(seq, reason)
+        return new_text
+
+    # ---- convenience loops ---------------------------------------------------------------------------
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids) together; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
+            while len(finished) < len(ids):
+                for out in self.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        bar.update()
+        return [finished[i] for i in ids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield one request's outputs as its tokens arrive (other queued requests advance too)."""
+        request_id = self.add_request(prompt, params)
+        try:
+            while True:
+                for out in self.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.abort(request_id)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks

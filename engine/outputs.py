@@ -1,0 +1,50 @@
+"""RequestOutput: what the engine reports about a request after a step."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from engine.sequence import Sequence
+
+
+@dataclass
+class RequestOutput:
+    """A snapshot of one request. `new_text`/`new_token_ids` are what this step added (for streaming)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    new_text: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_cached_tokens: int
+    logprobs: list[tuple[float, dict[int, float]]] | None
+    accepted_lengths: list[int] = field(default_factory=list)  # Medusa: tokens emitted per speculative step
+    ttft_s: float | None = None
+    latency_s: float = 0.0
+    tokens_per_s: float = 0.0
+
+    @classmethod
+    def of(cls, seq: Sequence, new_text: str, new_token_ids: list[int]) -> "RequestOutput":
+        now = seq.finish_time or time.perf_counter()
+        latency = now - seq.arrival_time
+        return cls(
+            request_id=seq.request_id,
+            prompt=seq.prompt,
+            prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+            text=seq.output_text,
+            token_ids=list(seq.output_token_ids),
+            new_text=new_text,
+            new_token_ids=new_token_ids,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            num_cached_tokens=seq.num_cached_tokens,
+            logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            accepted_lengths=list(seq.accepted_lengths),
+            ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
+            latency_s=latency,
+            tokens_per_s=seq.num_output_tokens / latency if latency > 0 else 0.0,
+        )

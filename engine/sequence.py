@@ -1,0 +1,71 @@
+"""Sequence: one request's tokens and bookkeeping. Plain Python, no tensors."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Invariant: token_ids = prompt + output; the cache holds K/V for token_ids[:num_computed_tokens],
+    addressed through block_table (block i holds tokens [i*block_size, (i+1)*block_size))."""
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    adapter: object | None = None  # an adapters.LoadedAdapter, pinned for the request's lifetime
+    num_prompt_tokens: int = 0
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # prefix-cache chain hash of each full block
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    # detokenizer state (engine.detokenizer)
+    output_text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+    # per output token: (logprob of the chosen token, {token_id: logprob} of the top alternatives)
+    logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+    # Medusa bookkeeping: tokens accepted per speculative step
+    accepted_lengths: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def cache_key(self) -> int:
+        """What besides the tokens decides the K/V: the adapter's identity and version."""
+        return 0 if self.adapter is None else self.adapter.cache_key
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED

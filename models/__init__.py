@@ -1,0 +1,26 @@
+"""Model registry: config.json's architectures[0] -> decoder class."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from models.config import ModelConfig
+from models.llama import LlamaForCausalLM
+
+# Qwen2 (q/k/v bias) and Mistral (sliding window) differ from Llama only in config flags.
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+}
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
+
+
+def model_class(config: ModelConfig) -> type[nn.Module]:
+    try:
+        return MODEL_REGISTRY[config.architecture]
+    except KeyError:
+        raise ValueError(f"unsupported architecture {config.architecture!r}; gorgon supports "
+                         f"{', '.join(MODEL_REGISTRY)}") from None

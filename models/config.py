@@ -1,0 +1,129 @@
+"""ModelConfig: the parts of an HF `config.json` that the decoder needs, read the same way from
+transformers 4 files (`rope_theta` + `rope_scaling`) and transformers 5 files (`rope_parameters`)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclass
+class RopeConfig:
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    params: dict = field(default_factory=dict)  # the type's remaining parameters, as written
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"unsupported rope scaling type {self.rope_type!r}; gorgon supports {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """Shapes and options of a Llama-family decoder; invariant: num_heads % num_kv_heads == 0."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+    torch_dtype: str | None
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+
+    @property
+    def max_model_len(self) -> int:
+        """Longest sequence the engine accepts. Sliding-window attention is not implemented, so a
+        model with an active window is served only up to the window, where it equals full attention."""
+        if self.sliding_window is not None:
+            return min(self.max_position_embeddings, self.sliding_window)
+        return self.max_position_embeddings
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        architectures = d.get("architectures") or []
+        if not architectures:
+            raise ValueError("config.json has no 'architectures' entry; cannot tell which model class to build")
+        arch = architectures[0]
+        num_heads = d["num_attention_heads"]
+        head_dim = d.get("head_dim") or d["hidden_size"] // num_heads
+        eos = d.get("eos_token_id")
+        eos_ids = [] if eos is None else (list(eos) if isinstance(eos, list) else [eos])
+        return cls(
+            architecture=arch,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=d.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope=_read_rope(d),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            sliding_window=_active_sliding_window(arch, d),
+            torch_dtype=d.get("dtype") or d.get("torch_dtype"),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> "ModelConfig":
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face checkpoint folder")
+        return cls.from_dict(json.loads(config_file.read_text()))
+
+
+def _read_rope(d: dict) -> RopeConfig:
+    # transformers 5: everything in rope_parameters; transformers 4: rope_theta + optional rope_scaling
+    params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    if "rope_theta" in params:
+        theta = params.pop("rope_theta")
+    else:
+        theta = d.get("rope_theta", 10000.0)
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial_rotary_factor != 1.0 is not supported")
+    if rope_type in ("yarn", "llama3"):
+        params.setdefault("original_max_position_embeddings",
+                          d.get("original_max_position_embeddings", d.get("max_position_embeddings", 2048)))
+    factor = params.pop("factor", 1.0)
+    if factor is None:  # yarn may infer it from the two lengths
+        factor = d.get("max_position_embeddings", 2048) / params["original_max_position_embeddings"]
+    return RopeConfig(rope_type=rope_type, theta=float(theta), factor=float(factor), params=params)
+
+
+def _active_sliding_window(arch: str, d: dict) -> int | None:
+    window = d.get("sliding_window")
+    if window is None:
+        return None
+    if arch == "Qwen2ForCausalLM" and not d.get("use_sliding_window", False):
+        return None
+    layer_types = d.get("layer_types")
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)

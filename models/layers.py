@@ -1,0 +1,127 @@
+"""Building blocks of a Llama-family decoder: RMSNorm, rotary embeddings, packed linears."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from models.config import RopeConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32, like HF, so bf16 checkpoints match
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE (HF layout) with the default, linear, dynamic-NTK, YaRN and Llama-3 frequency rules."""
+
+    def __init__(self, head_dim: int, rope: RopeConfig, max_position_embeddings: int) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.rope = rope
+        self.max_position_embeddings = max_position_embeddings
+        self.attention_scaling = 1.0
+        inv_freq = self._base_inv_freq(rope.theta)
+        if rope.rope_type == "linear":
+            inv_freq = inv_freq / rope.factor
+        elif rope.rope_type == "llama3":
+            inv_freq = self._llama3(inv_freq)
+        elif rope.rope_type == "yarn":
+            inv_freq, self.attention_scaling = self._yarn()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _base_inv_freq(self, theta: float | torch.Tensor) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        return 1.0 / (theta ** exponents)
+
+    def _llama3(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        p = self.rope.params
+        factor, low, high = self.rope.factor, p["low_freq_factor"], p["high_freq_factor"]
+        old_len = p["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(is_medium, smoothed, scaled)
+
+    def _yarn(self) -> tuple[torch.Tensor, float]:
+        p, dim, base, factor = self.rope.params, self.head_dim, self.rope.theta, self.rope.factor
+        original_len = p["original_max_position_embeddings"]
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention_factor = p.get("attention_factor")
+        if attention_factor is None:
+            if p.get("mscale") and p.get("mscale_all_dim"):
+                attention_factor = mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
+            else:
+                attention_factor = mscale(factor)
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(original_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(p.get("beta_fast") or 32), correction_dim(p.get("beta_slow") or 1)
+        if p.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+        extrapolation_weight = 1 - ramp
+        inv_freq = (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolation_weight
+        return inv_freq, float(attention_factor)
+
+    def forward(self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for each position, [*positions.shape, head_dim] in fp32. `seq_lens` (same shape as
+        positions: the length of each token's sequence) matters only to dynamic NTK scaling."""
+        if self.rope.rope_type == "dynamic":
+            if seq_lens is None:
+                seq_lens = (positions.max() + 1).expand_as(positions)
+            seq_lens = seq_lens.float().clamp(min=self.max_position_embeddings)
+            factor, dim = self.rope.factor, self.head_dim
+            base = self.rope.theta * ((factor * seq_lens / self.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+            exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
+            inv_freq = 1.0 / (base.unsqueeze(-1) ** exponents)  # [*, head_dim/2]
+            freqs = positions.unsqueeze(-1).float() * inv_freq
+        else:
+            freqs = positions.unsqueeze(-1).float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., num_tokens, num_heads, head_dim]; cos/sin: [..., num_tokens, head_dim], already in x's dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+
+
+class PackedLinear(nn.Linear):
+    """One GEMM for several HF projections that share an input (q/k/v, gate/up). `shards` maps each
+    HF projection name to its rows of the packed weight."""
+
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool) -> None:
+        super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
+        self.shards: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, size in shard_sizes.items():
+            self.shards[name] = (offset, size)
+            offset += size
+
+    def shard_param(self, param_name: str, shard: str) -> torch.Tensor:
+        offset, size = self.shards[shard]
+        return getattr(self, param_name).data.narrow(0, offset, size)

@@ -1,0 +1,118 @@
+"""The Llama-family decoder (Llama, Qwen2, Mistral): HF parameter names, fused q/k/v and gate/up.
+
+forward(input_ids, positions) -> final-normed hidden states; compute_logits(hidden) -> logits.
+Inside a `forward_context` the tokens are a flat [num_tokens] batch over the paged KV cache;
+outside one they are a plain [batch, seq] causal LM with no cache."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.context import get_forward_context
+from models.config import ModelConfig
+from models.layers import PackedLinear, RMSNorm, RotaryEmbedding, apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.scale = self.head_dim ** -0.5
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = PackedLinear(config.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
+                                     bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.q_size, self.kv_size = q_size, kv_size
+        # bound by the runner (engine.runner.ModelRunner) once the KV cache exists
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+        self.backend = None
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        lead = hidden.shape[:-1]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(*lead, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(*lead, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(*lead, self.num_kv_heads, self.head_dim)
+        ctx = get_forward_context()
+        if ctx is None:
+            out = self._causal_no_cache(q, k, v)
+        else:
+            out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
+        return self.o_proj(out.reshape(*lead, self.q_size))
+
+    def _causal_no_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim] for SDPA
+        q, k, v = (t.transpose(-3, -2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        return out.transpose(-3, -2)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = PackedLinear(config.hidden_size, {"gate_proj": config.intermediate_size,
+                                                              "up_proj": config.intermediate_size},
+                                         bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope, config.max_position_embeddings)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A Llama-family causal LM. Invariant: parameter names are HF's, except q/k/v -> qkv_proj and
+    gate/up -> gate_up_proj (see `packed_modules`)."""
+
+    packed_modules = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                      "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        seq_lens = None
+        if ctx is not None and self.config.rope.rope_type == "dynamic":
+            query_lens = ctx.query_start_loc.diff()
+            seq_lens = ctx.context_lens.repeat_interleave(query_lens, output_size=positions.shape[0])
+        hidden = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rotary_emb(positions, seq_lens)
+        cos, sin = cos.to(hidden.dtype), sin.to(hidden.dtype)
+        for layer in self.model.layers:
+            hidden = layer(hidden, cos, sin)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
