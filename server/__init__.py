@@ -1,0 +1,1 @@
+"""gorgon's HTTP server (OpenAI-compatible) and command line."""
