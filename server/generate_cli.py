@@ -1,0 +1,47 @@
+"""`gorgon generate`: one prompt in, its continuation out (streamed, or as one JSON object)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from engine import LLM, SamplingParams
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gorgon generate", description="Generate a continuation of a prompt.")
+    parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the shipped model)")
+    parser.add_argument("--prompt", default="def fibonacci(n):", help="text to continue")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+        llm = LLM(args.model, device=args.device, dtype=args.dtype)
+        if args.json:
+            out = llm.generate(args.prompt, params)[0]
+            print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                              "tokens_per_s": round(out.tokens_per_s, 2)}))
+            return
+        sys.stdout.write(args.prompt)
+        for out in llm.stream(args.prompt, params):
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        print(f"[{len(out.token_ids)} tokens, {out.tokens_per_s:.1f} tokens/s, finish_reason={out.finish_reason}]",
+              file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"gorgon generate: error: {e}")

@@ -1,0 +1,101 @@
+"""Greedy generation is token-identical to transformers `generate`, alone and in mixed batches."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import hf_model
+from engine import LLM, SamplingParams
+
+NEW_TOKENS = 64
+PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 20, 21], list(range(3, 40)), [1, 99] * 9, [7]]
+
+
+def hf_greedy(model, prompt: list[int]) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def hf_reference(tiny_model_dir):
+    model = hf_model(tiny_model_dir)
+    return [hf_greedy(model, p) for p in PROMPTS]
+
+
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+
+
+def test_batch_of_one_matches_hf(tiny_model_dir, hf_reference):
+    llm = LLM(tiny_model_dir, num_kv_blocks=64, block_size=16)
+    for prompt, ref in zip(PROMPTS, hf_reference):
+        out = llm.generate(prompt, GREEDY)[0]
+        assert out.token_ids == ref
+        assert out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("engine_kwargs", [
+    dict(block_size=16),
+    dict(block_size=1),
+    dict(block_size=4, max_num_batched_tokens=8),  # prompts prefilled in chunks, mixed with decodes
+])
+def test_mixed_batch_matches_hf(tiny_model_dir, hf_reference, engine_kwargs):
+    llm = LLM(tiny_model_dir, num_kv_blocks=2048 // engine_kwargs["block_size"], enable_prefix_caching=False,
+              **engine_kwargs)
+    free_at_start = llm.num_free_blocks
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == hf_reference
+    assert llm.num_free_blocks == free_at_start
+
+
+def test_requests_join_and_leave_the_running_batch(tiny_model_dir, hf_reference):
+    llm = LLM(tiny_model_dir, num_kv_blocks=64, block_size=16)
+    lengths = [5, 64, 17]
+    ids = [llm.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+           for p, n in zip(PROMPTS[:3], lengths)]
+    late_id, finished, step = None, {}, 0
+    while llm.has_unfinished():
+        for out in llm.step():
+            if out.finished:
+                finished[out.request_id] = out.token_ids
+        step += 1
+        if step == 10:  # joins while the others are mid-decode
+            late_id = llm.add_request(PROMPTS[3], GREEDY)
+    for rid, prompt_ref, n in zip(ids, hf_reference[:3], lengths):
+        assert finished[rid] == prompt_ref[:n]
+    assert finished[late_id] == hf_reference[3]
+
+
+def test_stop_strings_and_stop_tokens(tiny_model_dir, hf_reference):
+    llm = LLM(tiny_model_dir, num_kv_blocks=64, block_size=16)
+    full = llm.generate(PROMPTS[0], GREEDY)[0]
+    stop_token = full.token_ids[10]
+    first = full.token_ids.index(stop_token)
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=NEW_TOKENS, temperature=0, stop_token_ids=[stop_token]))[0]
+    assert out.token_ids == full.token_ids[:first + 1] and out.finish_reason == "stop"
+
+    stop_text = full.text[20:23]
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=NEW_TOKENS, temperature=0, stop=[stop_text], ignore_eos=True))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[:full.text.index(stop_text)]
+    assert stop_text not in out.text
+
+
+def test_streamed_text_concatenates_to_the_final_text(tiny_model_dir):
+    llm = LLM(tiny_model_dir, num_kv_blocks=64, block_size=16)
+    pieces = [o.new_text for o in llm.stream("def f(x):", GREEDY)]
+    assert "".join(pieces) == llm.generate("def f(x):", GREEDY)[0].text
+
+
+def test_bad_requests_are_refused_without_side_effects(tiny_model_dir):
+    llm = LLM(tiny_model_dir, num_kv_blocks=64, block_size=16)
+    free = llm.num_free_blocks
+    with pytest.raises(ValueError, match="empty"):
+        llm.add_request([], GREEDY)
+    with pytest.raises(ValueError, match="token ids"):
+        llm.add_request([1, 100000], GREEDY)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    assert not llm.has_unfinished() and llm.num_free_blocks == free

@@ -1,0 +1,80 @@
+"""Loader: strict key checks, safetensors only, clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import save_tiny_model
+from models.loader import CheckpointError, load_model
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    folder = save_tiny_model(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    names = sorted(tensors)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, folder / file)
+    (folder / "model.safetensors").unlink()
+    index = {"weight_map": {k: file for file, keys in shards.items() for k in keys}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    model = load_model(folder, torch.float32, "cpu")
+    assert torch.equal(model.lm_head.weight, tensors["lm_head.weight"])
+
+
+def test_bfloat16_load(tmp_path):
+    model = load_model(save_tiny_model(tmp_path), torch.bfloat16, "cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_missing_tensor_is_named(tmp_path):
+    folder = save_tiny_model(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.self_attn\.k_proj\.weight"):
+        load_model(folder, torch.float32, "cpu")
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    folder = save_tiny_model(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.layers\.0\.extra\.weight"):
+        load_model(folder, torch.float32, "cpu")
+
+
+def test_wrong_shape_is_named(tmp_path):
+    folder = save_tiny_model(tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.norm.weight"] = torch.zeros(3)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight has shape \(3,\)"):
+        load_model(folder, torch.float32, "cpu")
+
+
+def test_pickle_only_folder_is_refused_without_unpickling(tmp_path):
+    folder = save_tiny_model(tmp_path)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not even a pickle: must never be opened")
+    with pytest.raises(CheckpointError, match="never unpickles.*safe_serialization"):
+        load_model(folder, torch.float32, "cpu")
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    folder = save_tiny_model(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        load_model(folder, torch.float32, "cpu")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path, torch.float32, "cpu")
