@@ -4,8 +4,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from models import cpu_gemv
 from models.config import RopeConfig
 
 
@@ -110,7 +112,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
 
 
-class PackedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """nn.Linear that sends decode-sized CPU inputs (a few rows) to gorgon's bandwidth-bound kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_gemv.usable(x, self.weight):
+            rows = x.reshape(-1, x.shape[-1])  # [num_tokens, in_features]
+            return cpu_gemv.kernel().small_batch_linear(rows, self.weight, self.bias).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight, self.bias)
+
+
+class PackedLinear(Linear):
     """One GEMM for several HF projections that share an input (q/k/v, gate/up). `shards` maps each
     HF projection name to its rows of the packed weight."""
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from engine.context import get_forward_context
 from models.config import ModelConfig
-from models.layers import PackedLinear, RMSNorm, RotaryEmbedding, apply_rotary
+from models.layers import Linear, PackedLinear, RMSNorm, RotaryEmbedding, apply_rotary
 
 
 class Attention(nn.Module):
@@ -22,7 +22,7 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = PackedLinear(config.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
                                      bias=config.qkv_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=False)
         self.q_size, self.kv_size = q_size, kv_size
         # bound by the runner (engine.runner.ModelRunner) once the KV cache exists
         self.k_cache: torch.Tensor | None = None
@@ -31,10 +31,11 @@ class Attention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         lead = hidden.shape[:-1]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(*lead, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(*lead, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(*lead, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(hidden).view(*lead, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        num_qk_heads = self.num_heads + self.num_kv_heads
+        qk = apply_rotary(qkv[..., :num_qk_heads, :], cos, sin)  # q and k rotated in one go
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
+        v = qkv[..., num_qk_heads:, :]
         ctx = get_forward_context()
         if ctx is None:
             out = self._causal_no_cache(q, k, v)
@@ -57,7 +58,7 @@ class MLP(nn.Module):
         self.gate_up_proj = PackedLinear(config.hidden_size, {"gate_proj": config.intermediate_size,
                                                               "up_proj": config.intermediate_size},
                                          bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -97,7 +98,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

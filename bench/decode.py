@@ -1,0 +1,108 @@
+"""`gorgon bench decode`: greedy decode speed of gorgon vs transformers `generate` on the same weights.
+
+Batch-1 tokens/s for both (same prompt, dtype and number of new tokens, warm-up excluded), gorgon's
+throughput at batch 8 and 32, and the memory-bandwidth roofline: the machine's read bandwidth is
+measured in the same run, and batch-1 decode is reported as weight bytes x tokens/s over it."""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+from bench.common import CONFIGS, best_of, machine_info, print_table, random_checkpoint, write_json
+from engine import LLM, SamplingParams
+
+PROMPT_LEN = 16
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gorgon bench decode", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="HF checkpoint folder")
+    source.add_argument("--config", choices=sorted(CONFIGS), default="small", help="random weights of this shape")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", required=True, help="JSON result file")
+    return parser.parse_args(argv)
+
+
+def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s that torch reads from memory on this machine (a sum over a buffer far beyond the caches)."""
+    buf = torch.ones(num_bytes // 4, dtype=torch.float32)
+    return num_bytes / best_of(lambda: buf.sum(), repeats)
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: everything but the embedding table (one row is read),
+    unless the table is also the LM head."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.model.embed_tokens.weight
+    if model.lm_head.weight is embed:
+        return total
+    return total - embed.numel() * embed.element_size()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    folder = Path(args.model) if args.model else random_checkpoint(args.config, args.dtype)
+    source = str(folder) if args.model else f"random weights, {args.config} shape"
+    n = args.new_tokens
+    greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    max_batch = max([1, *args.batch_sizes])
+    prompts = torch.randint(3, 200, (max_batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0)).tolist()
+
+    with tqdm(total=4, desc="bench decode") as bar:
+        bandwidth = read_bandwidth()
+        bar.update()
+        llm = LLM(folder, dtype=args.dtype, max_num_seqs=max_batch, enable_prefix_caching=False)
+        ours_s = best_of(lambda: llm.generate(prompts[0], greedy), args.repeats)
+        bar.update()
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=llm.config.torch_dtype).eval()
+        prompt = torch.tensor([prompts[0]])
+
+        def hf_generate() -> None:
+            with torch.inference_mode():
+                hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+        hf_s = best_of(hf_generate, args.repeats)
+        del hf
+        bar.update()
+        throughput = {}
+        for bs in args.batch_sizes:
+            start = time.perf_counter()
+            llm.generate(prompts[:bs], greedy)
+            throughput[bs] = bs * n / (time.perf_counter() - start)
+        bar.update()
+
+    ours_tok_s, hf_tok_s = n / ours_s, n / hf_s
+    bytes_per_token = weight_bytes_per_token(llm.model)
+    rows = [{"engine": "transformers generate", "batch": 1, "tok/s": hf_tok_s, "vs HF": 1.0},
+            {"engine": "gorgon", "batch": 1, "tok/s": ours_tok_s, "vs HF": ours_tok_s / hf_tok_s,
+             "roofline": bytes_per_token * ours_tok_s / bandwidth}]
+    rows += [{"engine": "gorgon", "batch": bs, "tok/s": tps} for bs, tps in throughput.items()]
+    print(f"\n{source}, {args.dtype}, {n} new tokens after a {PROMPT_LEN}-token prompt, "
+          f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {bytes_per_token / 1e6:.1f} MB of weights per token")
+    print_table(rows, ["engine", "batch", "tok/s", "vs HF", "roofline"])
+    summary = {
+        "speedup_vs_hf_bs1": ours_tok_s / hf_tok_s,
+        "roofline_fraction_bs1": bytes_per_token * ours_tok_s / bandwidth,
+        **{f"throughput_bs{bs}_tok_s": tps for bs, tps in throughput.items()},
+    }
+    write_json(args.out, {
+        "benchmark": "decode", "model": source, "dtype": args.dtype, "new_tokens": n, "prompt_len": PROMPT_LEN,
+        "attention_backend": llm.runner.backend.name, "read_bandwidth_bytes_s": bandwidth,
+        "weight_bytes_per_token": bytes_per_token, "hf_tok_s_bs1": hf_tok_s, "gorgon_tok_s_bs1": ours_tok_s,
+        "machine": machine_info(), "summary": summary,
+    })
+
+
+if __name__ == "__main__":
+    main()
