@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,9 +34,8 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
-def random_checkpoint(name: str, dtype: str, folder: Path | None = None) -> Path:
+def random_checkpoint(name: str, dtype: str, folder: Path) -> Path:
     """Save a random-weight Llama of shape CONFIGS[name] as an HF folder (with a byte tokenizer)."""
-    folder = folder or Path(tempfile.mkdtemp(prefix=f"gorgon-{name}-"))
     config = LlamaConfig(**CONFIGS[name], bos_token_id=1, eos_token_id=2)
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ measured in the same run, and batch-1 decode is reported as weight bytes x token
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,8 +52,12 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.manual_seed(0)
-    folder = Path(args.model) if args.model else random_checkpoint(args.config, args.dtype)
+    with tempfile.TemporaryDirectory(prefix="gorgon-bench-") as tmp:
+        folder = Path(args.model) if args.model else random_checkpoint(args.config, args.dtype, Path(tmp))
+        run(args, folder)
+
+
+def run(args: argparse.Namespace, folder: Path) -> None:
     source = str(folder) if args.model else f"random weights, {args.config} shape"
     n = args.new_tokens
     greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
