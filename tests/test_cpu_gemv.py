@@ -1,0 +1,41 @@
+"""The CPU decode linear kernel vs torch.nn.functional.linear."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import cpu_gemv
+from models.layers import Linear
+
+kernel = cpu_gemv.kernel()
+pytestmark = pytest.mark.skipif(kernel is None, reason="the CPU kernel could not be built here (no compiler?)")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("in_features", [16, 77, 256])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_matches_torch(rows, in_features, bias):
+    gen = torch.Generator().manual_seed(rows * in_features)
+    x = torch.randn(rows, in_features, generator=gen)
+    w = torch.randn(40, in_features, generator=gen)
+    b = torch.randn(40, generator=gen) if bias else None
+    assert (kernel.small_batch_linear(x, w, b) - torch.nn.functional.linear(x, w, b)).abs().max() <= 1e-4
+
+
+def test_bf16_weights_accumulate_in_fp32():
+    x = torch.randn(3, 256).bfloat16()
+    w = torch.randn(64, 256).bfloat16()
+    ref = torch.nn.functional.linear(x.float(), w.float())
+    out = kernel.small_batch_linear(x, w, None)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_linear_uses_the_kernel_only_for_small_inference_batches():
+    layer = Linear(32, 8)
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        assert cpu_gemv.usable(x, layer.weight)
+        assert not cpu_gemv.usable(torch.randn(5, 32), layer.weight)
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+    assert not cpu_gemv.usable(x, layer.weight)  # autograd needs torch's own op
