@@ -1,0 +1,204 @@
+"""AsyncEngine: one thread drives `LLM.step()`; each request's outputs reach the event loop through a
+queue of its own."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from functools import partial
+from typing import Callable
+
+from engine import RequestOutput, SamplingParams
+from server.metrics import RequestTracker, ServerMetrics
+
+logger = logging.getLogger("gorgon.server")
+
+
+class EngineError(RuntimeError):
+    """The engine failed while decoding this request (other requests are unaffected)."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+class RequestStream:
+    """One accepted request's outputs, in order, up to the finished one. Whoever holds it calls `close()`
+    when done with it: that aborts the request if it has not ended (and frees its KV blocks)."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str) -> None:
+        self.engine, self.request_id = engine, request_id
+        self.queue: asyncio.Queue[RequestOutput | Exception] = asyncio.Queue()
+        self.tracker: RequestTracker | None = None
+        self.last: RequestOutput | None = None
+        self.ended = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.ended:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, Exception):
+            self._end("error")
+            raise item
+        self.last = item
+        if self.tracker:
+            self.tracker.on_output(item)
+        if item.finished:
+            self._end(item.finish_reason)
+        return item
+
+    def close(self) -> None:
+        if not self.ended:
+            self._end("abort")
+            self.engine._post(partial(self.engine._abort, self.request_id))
+
+    def _end(self, reason: str) -> None:
+        self.ended = True
+        self.engine._streams.pop(self.request_id, None)
+        if self.tracker:
+            self.tracker.finish(self.last, reason)
+
+
+class AsyncEngine:
+    """Invariant: only the step thread touches the engine's request state (add_request, step, abort), and
+    every request it accepted ends with exactly one final item on its queue: a finished RequestOutput or
+    an exception. Adapter loads run in worker threads; the engine publishes them between steps."""
+
+    def __init__(self, llm, metrics: ServerMetrics | None = None) -> None:
+        self.llm = llm
+        self.metrics = metrics
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._active: set[str] = set()  # step thread only: requests the engine holds
+        self._streams: dict[str, RequestStream] = {}  # event loop only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._exit = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="gorgon-step-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    async def stop(self) -> None:
+        """Refuse new requests, fail the ones still in flight, and end the step thread."""
+        self._stopping = True
+        if self._thread is None:
+            return
+        self._post(partial(self._fail, None, EngineStopped("the server is shutting down")))
+        self._post(partial(setattr, self, "_exit", True))
+        await asyncio.to_thread(self._thread.join)
+
+    # ---- requests (event loop side) ----------------------------------------------------------------
+    async def add_request(self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
+                          model_name: str = "") -> RequestStream:
+        """Queue a request and wait until the engine has taken it. Raises ValueError if the engine rejects it."""
+        if not self.is_running:
+            raise EngineStopped("the server is shutting down")
+        stream = RequestStream(self, f"req-{uuid.uuid4().hex}")
+        self._streams[stream.request_id] = stream
+        accepted = self._loop.create_future()
+        self._post(partial(self._add, stream.request_id, prompt, params, adapter, accepted))
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            stream.close()  # the add may still happen: the abort queued behind it undoes it
+            raise
+        except Exception:
+            stream.ended = True
+            self._streams.pop(stream.request_id, None)
+            raise
+        if self.metrics:
+            stream.tracker = self.metrics.request_tracker(model_name)
+        return stream
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        await asyncio.to_thread(self.llm.load_adapter, name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        await asyncio.to_thread(self.llm.unload_adapter, name)
+
+    def list_adapters(self) -> list[dict]:
+        return self.llm.list_adapters()
+
+    def _post(self, command: Callable[[], None]) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    def _deliver(self, items: list[tuple[str, RequestOutput | Exception]]) -> None:
+        """Event loop side of delivery; items of a request that is gone (aborted) are dropped."""
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.queue.put_nowait(item)
+
+    # ---- the step thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._exit:
+            while not self._commands.empty():
+                self._commands.get()()
+            if self._exit:
+                break
+            if not self.llm.has_unfinished():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.llm.step()
+            except Exception as e:  # noqa: BLE001 - the loop must outlive any one batch
+                logger.exception("engine step failed; failing the requests of its batch")
+                self._fail([seq.request_id for seq in self.llm.scheduler.running] or None,
+                           EngineError(f"the engine failed while decoding this request: {e}"))
+                continue
+            for out in outputs:
+                if out.finished:
+                    self._active.discard(out.request_id)
+            if outputs:
+                self._loop.call_soon_threadsafe(self._deliver, [(o.request_id, o) for o in outputs])
+
+    def _add(self, request_id: str, prompt: str | list[int], params: SamplingParams, adapter: str | None,
+             accepted: asyncio.Future) -> None:
+        try:
+            self.llm.add_request(prompt, params, request_id=request_id, adapter=adapter)
+        except Exception as e:  # noqa: BLE001 - handed to the request's own coroutine
+            self._loop.call_soon_threadsafe(_resolve, accepted, e)
+            return
+        self._active.add(request_id)
+        self._loop.call_soon_threadsafe(_resolve, accepted, None)
+
+    def _abort(self, request_id: str) -> None:
+        if request_id in self._active:
+            self._active.discard(request_id)
+            self.llm.abort(request_id)
+
+    def _fail(self, request_ids: list[str] | None, error: Exception) -> None:
+        """Abort these requests (None: all the engine holds) and hand each the error."""
+        failed = list(self._active) if request_ids is None else [r for r in request_ids if r in self._active]
+        for request_id in failed:
+            self._active.discard(request_id)
+            try:
+                self.llm.abort(request_id)
+            except Exception:  # noqa: BLE001 - keep failing the others
+                logger.exception("aborting %s failed", request_id)
+        if failed:
+            self._loop.call_soon_threadsafe(self._deliver, [(r, error) for r in failed])
+
+
+def _resolve(future: asyncio.Future, error: Exception | None) -> None:
+    if future.done():  # its request was cancelled while waiting to be added
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

@@ -1,0 +1,79 @@
+"""Prometheus metrics of one server, in a registry of its own (several apps can share a process)."""
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from engine import RequestOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
+
+
+class ServerMetrics:
+    """Engine gauges are read at scrape time; request metrics are recorded as outputs arrive."""
+
+    def __init__(self, llm) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        scheduler, blocks = llm.scheduler, llm.block_manager
+        Gauge("gorgon_requests_running", "Requests being decoded", registry=r).set_function(
+            lambda: len(scheduler.running))
+        Gauge("gorgon_requests_waiting", "Requests queued for admission", registry=r).set_function(
+            lambda: len(scheduler.waiting))
+        Gauge("gorgon_kv_blocks_total", "KV cache blocks", registry=r).set(blocks.num_blocks)
+        Gauge("gorgon_kv_blocks_free", "KV cache blocks not held by any request", registry=r).set_function(
+            lambda: llm.num_free_blocks)
+        Gauge("gorgon_kv_cache_usage", "Fraction of KV blocks held by requests", registry=r).set_function(
+            lambda: 1.0 - llm.num_free_blocks / blocks.num_blocks)
+        self.ttft = Histogram("gorgon_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram("gorgon_inter_token_latency_seconds", "Time between streamed tokens",
+                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("gorgon_request_latency_seconds", "Arrival to last token",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("gorgon_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("gorgon_generation_tokens", "Generated tokens", registry=r)
+        self.requests = Counter("gorgon_requests", "Finished requests", ["model", "finish_reason"], registry=r)
+        self.medusa_steps = Counter("gorgon_medusa_steps", "Medusa speculative steps", registry=r)
+        self.medusa_accepted = Counter("gorgon_medusa_accepted_tokens",
+                                       "Tokens emitted by Medusa steps (accepted + bonus)", registry=r)
+
+    def request_tracker(self, model: str) -> "RequestTracker":
+        return RequestTracker(self, model)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """Records one request's outputs into ServerMetrics; `finish` is called once, with its last output
+    (or None if it failed before producing one)."""
+
+    def __init__(self, metrics: ServerMetrics, model: str) -> None:
+        self.metrics, self.model = metrics, model
+        self.last_token_time: float | None = None
+
+    def on_output(self, out: RequestOutput) -> None:
+        if not out.new_token_ids:
+            return
+        m, now = self.metrics, time.perf_counter()
+        m.generation_tokens.inc(len(out.new_token_ids))
+        if self.last_token_time is None:
+            if out.ttft_s is not None:
+                m.ttft.observe(out.ttft_s)
+        else:  # a Medusa step emits several tokens at once: spread the gap over them
+            gap = (now - self.last_token_time) / len(out.new_token_ids)
+            for _ in out.new_token_ids:
+                m.inter_token.observe(gap)
+        self.last_token_time = now
+
+    def finish(self, out: RequestOutput | None, reason: str) -> None:
+        m = self.metrics
+        m.requests.labels(model=self.model, finish_reason=reason).inc()
+        if out is None:
+            return
+        m.prompt_tokens.inc(len(out.prompt_token_ids))
+        m.e2e.observe(out.latency_s)
+        m.medusa_steps.inc(len(out.accepted_lengths))
+        m.medusa_accepted.inc(sum(out.accepted_lengths))

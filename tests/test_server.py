@@ -1,0 +1,360 @@
+"""The HTTP server through the official `openai` client (and raw httpx for what the client hides), against
+a real uvicorn server on a loopback port. The oracle is a second engine on the same weights, run in-process."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import hf_model
+from engine import LLM, SamplingParams
+from server.app import FALLBACK_CHAT_TEMPLATE, ServerConfig, create_app
+
+KEY = "test-key"
+MODEL = "tiny"
+PROMPTS = ["def f(x):", "import os\n", "hello", "class A:", "for i in range(3):", "x = 1"]
+ENGINE_KWARGS = dict(num_kv_blocks=96, block_size=8, max_num_seqs=8)
+
+
+@dataclass
+class Running:
+    url: str
+    llm: LLM
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+
+
+def serve(llm: LLM, shutdown_timeout: float = 5.0, **config) -> Running:
+    """Start a uvicorn server in a thread on a free loopback port (the socket is bound first: no race)."""
+    app = create_app(llm, ServerConfig(model_name=MODEL, model_root="/models/tiny", **config))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=shutdown_timeout))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    return Running(f"http://127.0.0.1:{sock.getsockname()[1]}", llm, server, thread)
+
+
+def build_adapter(model_dir: Path, config, folder: Path) -> None:
+    model = get_peft_model(hf_model(model_dir), config)
+    torch.manual_seed(0)
+    with torch.no_grad():  # PEFT's init makes LoRA a no-op; random weights make its effect visible
+        for name, p in model.named_parameters():
+            if "lora_" in name or "prompt_encoder" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def adapter_root(tiny_model_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("server_adapters")
+    build_adapter(tiny_model_dir, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), root / "lora")
+    build_adapter(tiny_model_dir, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5), root / "prefix")
+    return root
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_model_dir, adapter_root) -> LLM:
+    llm = LLM(tiny_model_dir, adapter_root=str(adapter_root), **ENGINE_KWARGS)
+    llm.load_adapter("lora", "lora")
+    llm.load_adapter("prefix", "prefix")
+    return llm
+
+
+@pytest.fixture(scope="module")
+def running(tiny_model_dir, adapter_root):
+    llm = LLM(tiny_model_dir, adapter_root=str(adapter_root), **ENGINE_KWARGS)
+    running = serve(llm, api_key=KEY, max_request_bytes=4096)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(running) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{running.url}/v1", api_key=KEY, max_retries=0)
+
+
+def greedy(prompt: str | list[int], oracle: LLM, n: int, adapter: str | None = None):
+    return oracle.generate(prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=0),
+                           adapter=adapter)[0]
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, chat_template=FALLBACK_CHAT_TEMPLATE, tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def metrics(running: Running) -> dict[str, float]:
+    """Every sample as 'name{label="value",...}' -> value."""
+    text = httpx.get(f"{running.url}/metrics").text
+    return {s.name + json.dumps(s.labels, sort_keys=True): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def wait_until_idle(running: Running, timeout: float = 20.0) -> dict[str, float]:
+    """Metrics once no request is running or waiting and every KV block is free again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(running)
+        if (m["gorgon_requests_running{}"] == 0 and m["gorgon_requests_waiting{}"] == 0
+                and m["gorgon_kv_blocks_free{}"] == m["gorgon_kv_blocks_total{}"]):
+            return m
+        assert time.monotonic() < deadline, f"the engine did not drain: {m}"
+        time.sleep(0.05)
+
+
+def aborted(m: dict[str, float], model: str = MODEL) -> float:
+    return m.get("gorgon_requests_total" + json.dumps({"finish_reason": "abort", "model": model}, sort_keys=True), 0.0)
+
+
+# ---- completions and chat ----------------------------------------------------------------------------
+def test_completion_matches_the_engine_token_for_token(client, oracle):
+    want = greedy("def f(x):", oracle, 10)
+    got = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=10, temperature=0, logprobs=1,
+                                    extra_body={"ignore_eos": True})
+    choice = got.choices[0]
+    assert choice.text == want.text and choice.finish_reason == "length"
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids) and got.usage.completion_tokens == 10
+    assert choice.logprobs.tokens == [oracle.tokenizer.decode([t]) for t in want.token_ids]
+    assert max(abs(a - b) for a, (b, _) in zip(choice.logprobs.token_logprobs, want.logprobs)) < 1e-4
+    assert all(len(top) == 1 for top in choice.logprobs.top_logprobs)
+
+
+def test_completion_accepts_token_ids_and_stop_strings(client, oracle):
+    want = greedy([1, 40, 41, 42], oracle, 12)
+    stop = want.text[3:5]
+    got = client.completions.create(model=MODEL, prompt=[1, 40, 41, 42], max_tokens=12, temperature=0, stop=[stop],
+                                    extra_body={"ignore_eos": True})
+    assert got.choices[0].finish_reason == "stop" and got.choices[0].text == want.text[:want.text.find(stop)]
+
+
+def test_chat_uses_the_fallback_template_and_reports_logprobs(client, oracle):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    want = greedy(chat_prompt_ids(oracle.tokenizer, messages), oracle, 8)
+    got = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                         top_logprobs=2, extra_body={"ignore_eos": True})
+    choice = got.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == want.text
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids) and got.usage.completion_tokens == 8
+    assert len(choice.logprobs.content) == 8 and all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+
+
+def test_streams_end_with_done_and_equal_the_whole_answers(client, running):
+    args = dict(model=MODEL, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(prompt="hello", **args).choices[0].text
+    chunks = list(client.completions.create(prompt="hello", stream=True, stream_options={"include_usage": True},
+                                            **args))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-2].choices[0].finish_reason == "length"
+
+    messages = [{"role": "user", "content": "hello"}]
+    whole = client.chat.completions.create(messages=messages, **args).choices[0].message.content
+    chunks = list(client.chat.completions.create(messages=messages, stream=True, **args))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    with httpx.stream("POST", f"{running.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"prompt": "hi", "max_tokens": 3, "stream": True}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert response.headers["content-type"].startswith("text/event-stream") and lines[-1] == "data: [DONE]"
+
+
+def test_n_choices_with_a_seed_are_distinct_and_reproducible(client):
+    def ask() -> list[str]:
+        got = client.completions.create(model=MODEL, prompt="x = 1", n=3, max_tokens=8, temperature=1.0, top_p=0.9,
+                                        seed=7, extra_body={"ignore_eos": True})
+        assert sorted(c.index for c in got.choices) == [0, 1, 2] and got.usage.completion_tokens == 24
+        return [c.text for c in got.choices]
+
+    first = ask()
+    assert ask() == first and len(set(first)) > 1
+
+
+def test_concurrent_greedy_streams_equal_sequential_runs(client, running):
+    args = dict(model=MODEL, max_tokens=16, temperature=0, logprobs=0, extra_body={"ignore_eos": True})
+    sequential = [client.completions.create(prompt=p, **args).choices[0].logprobs for p in PROMPTS]
+
+    async def stream_all() -> list[tuple[list[str], list[float]]]:
+        async with openai.AsyncOpenAI(base_url=f"{running.url}/v1", api_key=KEY, max_retries=0) as aclient:
+            async def one(prompt: str) -> tuple[list[str], list[float]]:
+                tokens, logprobs = [], []
+                async for chunk in await aclient.completions.create(prompt=prompt, stream=True, **args):
+                    tokens += chunk.choices[0].logprobs.tokens
+                    logprobs += chunk.choices[0].logprobs.token_logprobs
+                return tokens, logprobs
+            return await asyncio.gather(*(one(p) for p in PROMPTS))
+
+    concurrent = asyncio.run(stream_all())
+    for seq, (tokens, logprobs) in zip(sequential, concurrent):
+        assert tokens == seq.tokens and len(tokens) == 16
+        assert max(abs(a - b) for a, b in zip(logprobs, seq.token_logprobs)) < 1e-3
+    wait_until_idle(running)
+
+
+# ---- models and adapters ----------------------------------------------------------------------------
+def test_model_list_has_the_base_model(client):
+    cards = {m.id: m for m in client.models.list().data}
+    assert cards[MODEL].root == "/models/tiny" and cards[MODEL].parent is None
+
+
+@pytest.mark.parametrize("name", ["lora", "prefix"])
+def test_adapter_load_use_unload(client, running, oracle, name):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    response = httpx.post(f"{running.url}/v1/load_lora_adapter", headers=headers,
+                          json={"lora_name": name, "lora_path": name})
+    assert response.status_code == 200, response.text
+    card = next(m for m in client.models.list().data if m.id == name)
+    assert card.parent == MODEL and card.root.endswith(name)
+
+    want, base = greedy("def f(x):", oracle, 10, adapter=name), greedy("def f(x):", oracle, 10)
+    got = client.completions.create(model=name, prompt="def f(x):", max_tokens=10, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert got.choices[0].text == want.text != base.text
+    assert metrics(running)["gorgon_requests_total" + json.dumps({"finish_reason": "length", "model": name},
+                                                                 sort_keys=True)] >= 1
+
+    response = httpx.post(f"{running.url}/v1/unload_lora_adapter", headers=headers, json={"lora_name": name})
+    assert response.status_code == 200, response.text
+    assert name not in {m.id for m in client.models.list().data}
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model=name, prompt="hi", max_tokens=2)
+    wait_until_idle(running)
+
+
+@pytest.mark.parametrize("route, body", [
+    ("load_lora_adapter", {"lora_name": "bad", "lora_path": "../outside"}),
+    ("load_lora_adapter", {"lora_name": "bad", "lora_path": "missing"}),
+    ("load_lora_adapter", {"lora_name": MODEL, "lora_path": "lora"}),
+    ("unload_lora_adapter", {"lora_name": "never-loaded"}),
+])
+def test_bad_adapter_requests_are_400_and_the_server_keeps_serving(client, running, route, body):
+    response = httpx.post(f"{running.url}/v1/{route}", headers={"Authorization": f"Bearer {KEY}"}, json=body)
+    assert response.status_code == 400 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].finish_reason
+
+
+# ---- auth and errors --------------------------------------------------------------------------------
+def test_api_key_is_required_on_v1_only(running):
+    bad = openai.OpenAI(base_url=f"{running.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    response = httpx.post(f"{running.url}/v1/completions", json={"prompt": "hi"})
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{running.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{running.url}/metrics").status_code == 200
+
+
+@pytest.mark.parametrize("body, status, param, code", [
+    (b'{"prompt": "hi", "max_tokens": ', 400, None, None),  # malformed JSON
+    ({"prompt": "hi", "model": "no-such-model"}, 404, "model", "model_not_found"),
+    ({"prompt": "hi", "max_tokens": -1}, 400, "max_tokens", None),
+    ({"prompt": "hi", "max_tokens": 10 ** 9}, 400, "max_tokens", None),
+    ({"prompt": "hi", "temperature": 7}, 400, "temperature", None),
+    ({"prompt": "hi", "top_p": 0}, 400, "top_p", None),
+    ({"prompt": "hi", "n": 1000}, 400, "n", None),
+    ({"prompt": "hi", "logprobs": 50}, 400, "logprobs", None),
+    ({"prompt": "hi", "echo": True}, 400, "echo", None),
+    ({"prompt": ""}, 400, "prompt", None),
+    ({"prompt": [1, 999]}, 400, None, None),  # a token id outside the vocabulary
+    ({"prompt": [5] * 600}, 400, "prompt", "context_length_exceeded"),
+    ({"prompt": "x" * 5000}, 413, None, "request_too_large"),
+    ({"messages": []}, 400, "messages", None),
+])
+def test_bad_requests_get_openai_error_bodies(running, body, status, param, code):
+    route = "chat/completions" if isinstance(body, dict) and "messages" in body else "completions"
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{running.url}/v1/{route}", content=content,
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param and error["code"] == code
+
+
+def test_unknown_route_gets_an_openai_error_body(running):
+    response = httpx.get(f"{running.url}/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 404 and response.json()["error"]["message"]
+
+
+# ---- failure and disconnects -----------------------------------------------------------------------
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_aborts_its_request_and_frees_its_blocks(running, stream):
+    before = aborted(wait_until_idle(running))
+    body = {"prompt": "hello", "max_tokens": 480, "temperature": 0, "ignore_eos": True, "stream": stream}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    if stream:
+        with httpx.stream("POST", f"{running.url}/v1/completions", json=body, headers=headers) as response:
+            next(response.iter_lines())  # the request is running; now hang up
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{running.url}/v1/completions", json=body, headers=headers, timeout=0.5)
+    assert aborted(wait_until_idle(running)) == before + 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_engine_failure_fails_only_its_request(client, running, stream):
+    forward = running.llm.runner.forward
+
+    def fail_once(*args, **kwargs):
+        running.llm.runner.forward = forward
+        raise RuntimeError("injected fault")
+
+    running.llm.runner.forward = fail_once
+    if stream:  # the status line is already sent: the error comes in-band, then [DONE]
+        with httpx.stream("POST", f"{running.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"prompt": "hi", "max_tokens": 4, "stream": True}) as response:
+            lines = [line for line in response.iter_lines() if line]
+        assert "injected fault" in json.loads(lines[-2][6:])["error"]["message"] and lines[-1] == "data: [DONE]"
+    else:
+        with pytest.raises(openai.InternalServerError, match="injected fault"):
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=4)
+    wait_until_idle(running)
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=0,
+                                     extra_body={"ignore_eos": True}).usage.completion_tokens == 4
+
+
+# ---- shutdown ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shutdown_timeout, finish_reason", [(20.0, "length"), (0.2, None)])
+def test_shutdown_finishes_or_aborts_in_flight_requests(tiny_model_dir, shutdown_timeout, finish_reason):
+    """With time enough, an in-flight stream finishes; without, it is cut off and its blocks still come back."""
+    running = serve(LLM(tiny_model_dir, **ENGINE_KWARGS), shutdown_timeout=shutdown_timeout)
+    max_tokens = 24 if finish_reason else 480
+    body = {"prompt": "hello", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    reasons = []
+    try:
+        with httpx.stream("POST", f"{running.url}/v1/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            next(lines)
+            threading.Thread(target=running.stop).start()
+            for line in lines:
+                if line.startswith("data: {"):
+                    reasons += [c["finish_reason"] for c in json.loads(line[6:])["choices"]]
+    except httpx.RemoteProtocolError:  # cut off mid-stream
+        pass
+    running.thread.join(timeout=30)
+    assert not running.thread.is_alive()
+    assert reasons[-1] == finish_reason  # None: cut off before it finished
+    assert running.llm.num_free_blocks == running.llm.block_manager.num_blocks and not running.llm.has_unfinished()
