@@ -10,6 +10,7 @@ COMMANDS = {
     "serve": ("server.__main__", "serve the OpenAI-compatible HTTP API"),
     "train-default": ("models.train_default", "retrain the shipped default model"),
     "train-medusa": ("engine.spec.train", "train Medusa heads on a frozen base model"),
+    "train-adapters": ("engine.adapters.train", "train the example LoRA and prefix adapters with PEFT"),
 }
 # `gorgon bench NAME` runs bench/NAME.py
 BENCHMARKS = ("decode", "attention", "medusa", "adapters", "serving")
