@@ -5,6 +5,8 @@ into `ctx.slot_mapping`, then attends every query row over its sequence's cached
 `ctx.tree_mask` when set), reading K/V only through `ctx.block_tables`."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from typing import Protocol
 
 import torch
@@ -34,15 +36,37 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     v_flat[slots] = v[keep]
 
 
-def available_backends(device: torch.device) -> list[str]:
-    """Backend names usable on `device`, fastest first."""
-    return ["reference"]
+# name -> (module, class); modules are imported on demand, so optional dependencies stay optional
+_BACKENDS = {
+    "reference": ("engine.attention.reference", "ReferenceAttention"),
+    "flash": ("engine.attention.flash", "FlashAttention"),
+    "cpu": ("engine.attention.cpu", "CpuAttention"),
+    "triton": ("engine.attention.triton", "TritonAttention"),
+}
 
 
-def get_backend(name: str, device: torch.device) -> AttentionBackend:
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backend names usable on `device`, fastest first. On CPU this builds the fused kernel (once)."""
+    if torch.device(device).type == "cuda":
+        fast = ["triton"] if importlib.util.find_spec("triton") is not None else []
+    else:
+        from engine.attention.cpu import load_extension
+        fast = ["cpu"] if load_extension() else []
+    return [*fast, "flash", "reference"]
+
+
+def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
+    """The backend called `name` ("auto": the fastest on `device`). Asking for "cpu" where its kernel
+    cannot be built gives "flash" (load_extension has already warned)."""
     if name == "auto":
         name = available_backends(device)[0]
-    if name == "reference":
-        from engine.attention.reference import ReferenceAttention
-        return ReferenceAttention()
-    raise ValueError(f"unknown attention backend {name!r}; available on {device}: {available_backends(device)}")
+    elif name == "cpu":
+        from engine.attention.cpu import load_extension
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"the 'cpu' attention backend needs a CPU device, not {device}")
+        if not load_extension():
+            name = "flash"
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; available on {device}: {available_backends(device)}")
+    module, cls = _BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)()

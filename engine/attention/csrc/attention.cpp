@@ -1,0 +1,386 @@
+// Fused paged attention for the CPU: FlashAttention's tiled online softmax over a paged KV cache.
+//
+// One kernel serves prefill, decode, mixed batches and Medusa tree verification. The work is cut
+// into units of (sequence, query tile, kv head, kv split): a unit holds the query rows of one query
+// tile for all query heads that share the kv head (GQA), walks its share of the sequence's keys in
+// tiles of KEY_TILE, and keeps a running max / sum / accumulator per row. Units run in parallel
+// (OpenMP, dynamic schedule, heaviest first); when there are too few units to fill the cores
+// (decode of long contexts) the keys are split too and the partial results combined at the end
+// (flash-decoding). K/V of any float type is packed to fp32 tiles; all arithmetic is fp32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+constexpr int KEY_TILE = 64;        // keys per tile (a multiple of TILE_ROWS)
+constexpr int QUERY_ROWS = 128;     // target rows (query positions x heads of a group) per unit
+constexpr int TILE_ROWS = 8;        // gemm micro-kernel rows
+constexpr int TILE_COLS = 16;       // gemm columns come in multiples of one vector
+constexpr int MIN_KEYS_PER_SPLIT = 512;
+// below this many multiply-adds a call runs on one thread: waking the team would cost more than it saves
+constexpr int64_t MIN_PARALLEL_WORK = int64_t{1} << 22;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+typedef float f32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// C[rows][cols] (+)= A[rows][depth] * B[depth][cols], where A(r, k) = A[r * a_row + k * a_col] (so A may
+// be a transposed view); rows % TILE_ROWS == 0, cols % (16 * VECTORS) == 0. The micro-kernel keeps a
+// TILE_ROWS x (16 * VECTORS) block of C in registers.
+template <int VECTORS>
+void gemm_tiles(const float* A, int a_row, int a_col, const float* B, int ldb, float* C, int ldc, int rows, int cols,
+                int depth, bool accumulate) {
+  for (int r0 = 0; r0 < rows; r0 += TILE_ROWS) {
+    for (int c0 = 0; c0 < cols; c0 += 16 * VECTORS) {
+      f32x16 acc[TILE_ROWS][VECTORS];
+#pragma GCC unroll 8
+      for (int r = 0; r < TILE_ROWS; ++r)
+        for (int v = 0; v < VECTORS; ++v) acc[r][v] = accumulate ? load16(C + (r0 + r) * ldc + c0 + 16 * v) : f32x16{};
+      for (int k = 0; k < depth; ++k) {
+        f32x16 b[VECTORS];
+        for (int v = 0; v < VECTORS; ++v) b[v] = load16(B + k * ldb + c0 + 16 * v);
+#pragma GCC unroll 8
+        for (int r = 0; r < TILE_ROWS; ++r) {
+          const float a = A[(r0 + r) * a_row + k * a_col];
+          for (int v = 0; v < VECTORS; ++v) acc[r][v] += a * b[v];
+        }
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < TILE_ROWS; ++r)
+        for (int v = 0; v < VECTORS; ++v) store16(C + (r0 + r) * ldc + c0 + 16 * v, acc[r][v]);
+    }
+  }
+}
+
+// cols % 16 == 0; two vectors per micro-tile where the width allows (more work per load)
+void gemm(const float* A, int a_row, int a_col, const float* B, int ldb, float* C, int ldc, int rows, int cols,
+          int depth, bool accumulate) {
+  if (cols % 32 == 0)
+    gemm_tiles<2>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
+  else
+    gemm_tiles<1>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
+}
+
+// exp(x) for x <= 0 (and -inf), written so that `omp simd` vectorises it: 2^x = 2^n * 2^f with
+// |f| <= 1/2, 2^f by its Taylor series to degree 7 (relative error < 1e-8 before rounding).
+#pragma omp declare simd
+inline float exp_nonpositive(float x) {
+  const float t = std::max(x, -87.0f) * 1.4426950408889634f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest without a libm call
+  const float y = (t - n) * 0.6931471805599453f;
+  float p = 1.0f / 5040;
+  p = p * y + 1.0f / 720;
+  p = p * y + 1.0f / 120;
+  p = p * y + 1.0f / 24;
+  p = p * y + 1.0f / 6;
+  p = p * y + 0.5f;
+  p = p * y + 1.0f;
+  p = p * y + 1.0f;
+  int bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<int>(n) << 23;
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return x < -87.0f ? 0.0f : result;
+}
+
+struct Problem {
+  int num_heads, num_kv_heads, head_dim, block_size, max_blocks;
+  int group;            // query heads per kv head
+  int padded_dim;       // head_dim rounded up to TILE_COLS
+  int tile_positions;   // query positions per unit
+  int rows;             // the most rows of a unit: tile_positions * group rounded up to TILE_COLS
+  int num_splits;
+  int tree_size;        // 0: plain causal
+  const bool* tree_mask;
+  float scale;
+};
+
+// A run of consecutive query positions of one sequence.
+struct QueryTile {
+  int seq;
+  int first_token;   // row of q holding the tile's first position
+  int first_index;   // cache index of that position
+  int num_positions;
+  int context_len;
+};
+
+// Scratch of one thread, reused across its units. Padding (columns beyond head_dim) stays zero.
+struct Scratch {
+  std::vector<float> q_t;         // [padded_dim][rows]: the unit's scaled queries, transposed
+  std::vector<float> keys, values;  // [KEY_TILE][padded_dim]: one key tile in fp32
+  std::vector<float> scores_t;    // [KEY_TILE][rows]: scores, then probabilities, key-major
+  std::vector<int> query_index;   // [rows] cache index of each row's query position
+  std::vector<float> tile_max, tile_sum, safe_max;  // [rows]
+  explicit Scratch(const Problem& p)
+      : q_t(p.padded_dim * p.rows), keys(KEY_TILE * p.padded_dim), values(KEY_TILE * p.padded_dim),
+        scores_t(KEY_TILE * p.rows), query_index(p.rows), tile_max(p.rows), tile_sum(p.rows), safe_max(p.rows) {}
+};
+
+// May the query at cache index qi see the key at cache index kj?
+inline bool visible(const Problem& p, int qi, int kj, int context_len) {
+  const int tree_start = context_len - p.tree_size;
+  if (p.tree_size > 0 && qi >= tree_start && kj >= tree_start)
+    return p.tree_mask[(qi - tree_start) * p.tree_size + (kj - tree_start)];
+  return kj <= qi;
+}
+
+inline int unit_rows(const Problem& p, const QueryTile& tile) { return round_up(tile.num_positions * p.group, TILE_COLS); }
+
+// One unit: the rows of one query tile x one kv head's query heads, against one split of the keys.
+// Rows are (position, head within the group), padded to TILE_COLS with zero queries at the last position.
+// Scores are kept key-major (S^T = K Q^T) so that the per-row softmax statistics are vector ops.
+template <typename scalar_t>
+void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, const scalar_t* q,
+              const scalar_t* k_cache, const scalar_t* v_cache, const int* block_table, Scratch& s,
+              float* row_max, float* row_sum, float* acc) {
+  const int D = p.head_dim, Dp = p.padded_dim, R = unit_rows(p, tile);
+  const int real_rows = tile.num_positions * p.group;
+  std::fill(s.q_t.begin(), s.q_t.begin() + Dp * R, 0.0f);
+  for (int r = 0; r < R; ++r) s.query_index[r] = tile.first_index + std::min(r, real_rows - 1) / p.group;
+  for (int r = 0; r < real_rows; ++r) {
+    const int head = kv_head * p.group + r % p.group;
+    const scalar_t* src = q + (static_cast<int64_t>(r / p.group) * p.num_heads + head) * D;
+    for (int d = 0; d < D; ++d) s.q_t[d * R + r] = static_cast<float>(src[d]) * p.scale;
+  }
+  std::fill(row_max, row_max + R, NEG_INF);
+  std::fill(row_sum, row_sum + R, 0.0f);
+  std::fill(acc, acc + R * Dp, 0.0f);
+
+  // this split's keys, cut short where even the last query row sees nothing more
+  const int keys_per_split = round_up((tile.context_len + p.num_splits - 1) / p.num_splits, KEY_TILE);
+  const int key_begin = split * keys_per_split;
+  const int key_end = std::min({(split + 1) * keys_per_split, tile.context_len, s.query_index[R - 1] + 1});
+  const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * D;
+  const int64_t block_stride = p.block_size * token_stride;
+
+  for (int k0 = key_begin; k0 < key_end; k0 += KEY_TILE) {
+    const int num_keys = std::min(KEY_TILE, key_end - k0);
+    for (int j = 0; j < num_keys; ++j) {
+      const int index = k0 + j;
+      const int64_t offset = block_table[index / p.block_size] * block_stride +
+                             (index % p.block_size) * token_stride + static_cast<int64_t>(kv_head) * D;
+      float* k_dst = s.keys.data() + j * Dp;
+      float* v_dst = s.values.data() + j * Dp;
+#pragma omp simd
+      for (int d = 0; d < D; ++d) {
+        k_dst[d] = static_cast<float>(k_cache[offset + d]);
+        v_dst[d] = static_cast<float>(v_cache[offset + d]);
+      }
+    }
+    if (num_keys < KEY_TILE) {  // the tail tile: padding keys must not leak into the sums
+      std::fill(s.keys.begin() + num_keys * Dp, s.keys.end(), 0.0f);
+      std::fill(s.values.begin() + num_keys * Dp, s.values.end(), 0.0f);
+    }
+    gemm(s.keys.data(), Dp, 1, s.q_t.data(), R, s.scores_t.data(), R, KEY_TILE, R, Dp, false);
+
+    // masking is only needed on tiles that cross the diagonal, the tree, or the end of the keys
+    const bool needs_mask = num_keys < KEY_TILE || k0 + KEY_TILE - 1 > s.query_index[0] ||
+                            (p.tree_size > 0 && k0 + KEY_TILE > tile.context_len - p.tree_size);
+    if (needs_mask) {
+      for (int j = 0; j < KEY_TILE; ++j)
+        for (int r = 0; r < R; ++r)
+          if (j >= num_keys || !visible(p, s.query_index[r], k0 + j, tile.context_len))
+            s.scores_t[j * R + r] = NEG_INF;
+    }
+    // online softmax, vectorised over rows
+    std::fill(s.tile_max.begin(), s.tile_max.begin() + R, NEG_INF);
+    for (int j = 0; j < KEY_TILE; ++j) {
+      const float* scores = s.scores_t.data() + j * R;
+#pragma omp simd
+      for (int r = 0; r < R; ++r) s.tile_max[r] = std::max(s.tile_max[r], scores[r]);
+    }
+#pragma omp simd
+    for (int r = 0; r < R; ++r) {
+      const float new_max = std::max(row_max[r], s.tile_max[r]);
+      s.safe_max[r] = new_max == NEG_INF ? 0.0f : new_max;  // a row that sees no key yet stays all zero
+      s.tile_sum[r] = 0.0f;
+    }
+    for (int j = 0; j < KEY_TILE; ++j) {
+      float* scores = s.scores_t.data() + j * R;
+#pragma omp simd
+      for (int r = 0; r < R; ++r) {
+        scores[r] = exp_nonpositive(scores[r] - s.safe_max[r]);
+        s.tile_sum[r] += scores[r];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float rescale = exp_nonpositive(row_max[r] - s.safe_max[r]);
+      row_sum[r] = row_sum[r] * rescale + s.tile_sum[r];
+      row_max[r] = std::max(row_max[r], s.tile_max[r]);
+      float* out = acc + r * Dp;
+#pragma omp simd
+      for (int d = 0; d < Dp; ++d) out[d] *= rescale;
+    }
+    // acc[R][Dp] += P[R][KEY_TILE] V[KEY_TILE][Dp], reading P from the key-major scores
+    gemm(s.scores_t.data(), 1, R, s.values.data(), Dp, acc, Dp, R, Dp, KEY_TILE, true);
+  }
+}
+
+template <typename scalar_t>
+void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& block_tables, const std::vector<QueryTile>& tiles, const Problem& p,
+                          at::Tensor& out) {
+  const int num_units = static_cast<int>(tiles.size()) * p.num_kv_heads * p.num_splits;
+  const int Dp = p.padded_dim;
+  // partial results of every unit: running max, running sum, unnormalised output
+  std::vector<float> part_max(static_cast<size_t>(num_units) * p.rows);
+  std::vector<float> part_sum(part_max.size());
+  std::vector<float> part_acc(part_max.size() * Dp);
+  const scalar_t* q_data = q.data_ptr<scalar_t>();
+  const scalar_t* k_data = k_cache.data_ptr<scalar_t>();
+  const scalar_t* v_data = v_cache.data_ptr<scalar_t>();
+  const int* tables = block_tables.data_ptr<int>();
+  const int64_t row_stride = static_cast<int64_t>(p.num_heads) * p.head_dim;
+
+  int64_t work = 0;  // multiply-adds of Q K^T and P V, padding included
+  for (const QueryTile& tile : tiles) work += int64_t{2} * unit_rows(p, tile) * (tile.first_index + tile.num_positions) * Dp;
+#pragma omp parallel if (work * p.num_kv_heads > MIN_PARALLEL_WORK)
+  {
+    Scratch scratch(p);
+#pragma omp for schedule(dynamic, 1)
+    for (int unit = 0; unit < num_units; ++unit) {
+      const int split = unit % p.num_splits;
+      const int kv_head = unit / p.num_splits % p.num_kv_heads;
+      const QueryTile& tile = tiles[unit / p.num_splits / p.num_kv_heads];
+      run_unit<scalar_t>(p, tile, kv_head, split, q_data + tile.first_token * row_stride, k_data, v_data,
+                         tables + static_cast<int64_t>(tile.seq) * p.max_blocks, scratch,
+                         part_max.data() + static_cast<size_t>(unit) * p.rows,
+                         part_sum.data() + static_cast<size_t>(unit) * p.rows,
+                         part_acc.data() + static_cast<size_t>(unit) * p.rows * Dp);
+    }
+  }
+
+  // combine the splits of each (tile, kv head) and write the normalised rows
+  const int64_t grain = std::max(1, (1 << 14) / (p.rows * Dp * p.num_splits));  // >= 16K floats per task
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()) * p.num_kv_heads, grain, [&](int64_t begin, int64_t end) {
+    scalar_t* out_data = out.data_ptr<scalar_t>();
+    std::vector<float> row(Dp);
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const QueryTile& tile = tiles[pair / p.num_kv_heads];
+      const int kv_head = static_cast<int>(pair % p.num_kv_heads);
+      for (int r = 0; r < tile.num_positions * p.group; ++r) {
+        float overall_max = NEG_INF;
+        for (int split = 0; split < p.num_splits; ++split)
+          overall_max = std::max(overall_max, part_max[(pair * p.num_splits + split) * p.rows + r]);
+        float total = 0.0f;
+        std::fill(row.begin(), row.end(), 0.0f);
+        for (int split = 0; split < p.num_splits; ++split) {
+          const int64_t unit = pair * p.num_splits + split;
+          const float m = part_max[unit * p.rows + r];
+          if (m == NEG_INF) continue;
+          const float weight = exp_nonpositive(m - overall_max);
+          total += weight * part_sum[unit * p.rows + r];
+          const float* a = part_acc.data() + (unit * p.rows + r) * Dp;
+#pragma omp simd
+          for (int d = 0; d < Dp; ++d) row[d] += weight * a[d];
+        }
+        const int head = kv_head * p.group + r % p.group;
+        scalar_t* dst = out_data + (static_cast<int64_t>(tile.first_token + r / p.group) * p.num_heads + head) * p.head_dim;
+        for (int d = 0; d < p.head_dim; ++d) dst[d] = static_cast<scalar_t>(row[d] / total);
+      }
+    }
+  });
+}
+
+std::vector<QueryTile> plan_tiles(const std::vector<int>& query_start, const std::vector<int>& context_lens,
+                                  int tile_positions) {
+  std::vector<QueryTile> tiles;
+  for (size_t seq = 0; seq < context_lens.size(); ++seq) {
+    const int query_len = query_start[seq + 1] - query_start[seq];
+    for (int first = 0; first < query_len; first += tile_positions)
+      tiles.push_back({static_cast<int>(seq), query_start[seq] + first, context_lens[seq] - query_len + first,
+                       std::min(tile_positions, query_len - first), context_lens[seq]});
+  }
+  // heaviest first (the dynamic schedule then balances causal prefill): work grows with the last index
+  std::stable_sort(tiles.begin(), tiles.end(), [](const QueryTile& a, const QueryTile& b) {
+    return a.first_index + a.num_positions > b.first_index + b.num_positions;
+  });
+  return tiles;
+}
+
+std::vector<int> to_vector(const at::Tensor& t) {
+  const at::Tensor c = t.to(at::kInt).contiguous();
+  return std::vector<int>(c.data_ptr<int>(), c.data_ptr<int>() + c.numel());
+}
+
+}  // namespace
+
+// q [num_tokens, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim];
+// block_tables [num_seqs, max_blocks] int32; query_start_loc [num_seqs + 1]; context_lens [num_seqs];
+// tree_mask [T, T] bool or None. Returns [num_tokens, num_heads, head_dim] in q's dtype.
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& query_start_loc,
+                           const at::Tensor& context_lens, const std::optional<at::Tensor>& tree_mask, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu(), "paged_attention: the cpu backend needs CPU tensors");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "paged_attention: bad shapes");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "paged_attention: q and the caches must share a dtype");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "paged_attention: q and the caches must be contiguous");
+  Problem p{};
+  p.num_heads = static_cast<int>(q.size(1));
+  p.head_dim = static_cast<int>(q.size(2));
+  p.num_kv_heads = static_cast<int>(k_cache.size(2));
+  p.block_size = static_cast<int>(k_cache.size(1));
+  TORCH_CHECK(k_cache.size(3) == p.head_dim && p.num_heads % p.num_kv_heads == 0,
+              "paged_attention: head_dim or head counts do not match");
+  const at::Tensor tables = block_tables.to(at::kInt).contiguous();
+  p.max_blocks = static_cast<int>(tables.size(1));
+  p.group = p.num_heads / p.num_kv_heads;
+  p.padded_dim = round_up(p.head_dim, TILE_COLS);
+  p.scale = static_cast<float>(scale);
+
+  at::Tensor mask;
+  if (tree_mask.has_value()) {
+    mask = tree_mask->to(at::kBool).contiguous();
+    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == mask.size(1), "paged_attention: the tree mask must be [T, T]");
+    p.tree_size = static_cast<int>(mask.size(0));
+    p.tree_mask = mask.data_ptr<bool>();
+  }
+  const std::vector<int> query_start = to_vector(query_start_loc), contexts = to_vector(context_lens);
+  int max_query_len = 1, max_context = 1;
+  for (size_t i = 0; i < contexts.size(); ++i) {
+    max_query_len = std::max(max_query_len, query_start[i + 1] - query_start[i]);
+    max_context = std::max(max_context, contexts[i]);
+  }
+  p.tile_positions = std::min(max_query_len, std::max(1, QUERY_ROWS / p.group));
+  p.rows = round_up(p.tile_positions * p.group, TILE_COLS);
+  const std::vector<QueryTile> tiles = plan_tiles(query_start, contexts, p.tile_positions);
+
+  // flash-decoding: split the keys when (sequence, tile, head) units alone cannot fill the threads
+  const int base_units = static_cast<int>(tiles.size()) * p.num_kv_heads;
+  const int want_units = 4 * omp_get_max_threads();
+  p.num_splits = base_units == 0 || base_units >= want_units
+                     ? 1
+                     : std::max(1, std::min((want_units + base_units - 1) / base_units, max_context / MIN_KEYS_PER_SPLIT));
+
+  at::Tensor out = at::empty_like(q);
+  if (tiles.empty()) return out;
+  switch (q.scalar_type()) {
+    case at::kFloat: paged_attention_impl<float>(q, k_cache, v_cache, tables, tiles, p, out); break;
+    case at::kBFloat16: paged_attention_impl<at::BFloat16>(q, k_cache, v_cache, tables, tiles, p, out); break;
+    case at::kHalf: paged_attention_impl<at::Half>(q, k_cache, v_cache, tables, tiles, p, out); break;
+    default: TORCH_CHECK(false, "paged_attention: unsupported dtype ", q.scalar_type());
+  }
+  return out;
+}
+
+TORCH_LIBRARY(gorgon_attention, m) { m.def("paged_attention", &paged_attention); }

@@ -1,0 +1,157 @@
+"""Every attention backend against the reference on random paged inputs: block sizes 1 and 16, odd
+lengths, GQA, prefill / decode / mixed batches, tree masks, split keys, fp32 and bf16.
+
+Without CUDA the Triton kernel runs in Triton's interpreter (conftest.py sets TRITON_INTERPRET)."""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.attention import available_backends, get_backend
+from engine.attention.reference import ReferenceAttention
+from engine.context import ForwardContext
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install gorgon[triton])")
+
+BACKENDS = ["flash", "cpu", pytest.param("triton", marks=needs_triton)]
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}  # bf16: a couple of ulps at |out| ~ 2
+TREE = torch.tensor([[1, 0, 0, 0, 0],
+                     [1, 1, 0, 0, 0],
+                     [1, 0, 1, 0, 0],
+                     [1, 1, 0, 1, 0],
+                     [1, 0, 1, 0, 1]], dtype=torch.bool)
+
+# name -> (query_lens, context_lens, num_heads, num_kv_heads, head_dim, tree mask)
+CASES = {
+    "prefill_odd": ([37], [37], 4, 2, 16, None),
+    "decode_batch": ([1, 1, 1], [1, 17, 300], 4, 2, 16, None),
+    "mixed_chunk_and_decodes": ([40, 1, 1], [56, 5, 70], 4, 2, 16, None),
+    "mha_head_dim_24": ([9, 1], [9, 40], 2, 2, 24, None),
+    "gqa_4_to_1": ([21], [50], 8, 2, 16, None),
+    "tree_verify": ([5, 7], [5, 23], 4, 2, 16, TREE),
+}
+
+
+def paged_inputs(query_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int,
+                 head_dim: int, block_size: int, dtype: torch.dtype, tree_mask: torch.Tensor | None = None,
+                 seed: int = 0):
+    """Random q/k/v for the new tokens and a random cache, each sequence's blocks scattered over it."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-c // block_size) for c in context_lens]
+    num_blocks = sum(blocks_per_seq) + 2
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, used = [], 0
+    for n in blocks_per_seq:
+        tables.append(order[used:used + n])
+        used += n
+    max_blocks = max(blocks_per_seq)
+    block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    k_cache, v_cache = randn(num_blocks, block_size, num_kv_heads, head_dim), randn(num_blocks, block_size, num_kv_heads, head_dim)
+    num_tokens = sum(query_lens)
+    q, k, v = randn(num_tokens, num_heads, head_dim), randn(num_tokens, num_kv_heads, head_dim), randn(num_tokens, num_kv_heads, head_dim)
+    slots = [t[p // block_size] * block_size + p % block_size
+             for t, n, c in zip(tables, query_lens, context_lens) for p in range(c - n, c)]
+    query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
+    query_start_loc[1:] = torch.tensor(query_lens).cumsum(0)
+    ctx = ForwardContext(positions=torch.zeros(num_tokens, dtype=torch.long), slot_mapping=torch.tensor(slots),
+                         query_start_loc=query_start_loc, context_lens=torch.tensor(context_lens, dtype=torch.int32),
+                         block_tables=block_tables, query_lens_cpu=list(query_lens),
+                         context_lens_cpu=list(context_lens), tree_mask=tree_mask)
+    return q, k, v, k_cache, v_cache, ctx
+
+
+def run_backend(backend, inputs, scale: float = 0.3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, k_cache, v_cache, ctx = inputs
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    return backend.forward(q, k, v, k_cache, v_cache, ctx, scale), k_cache, v_cache
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("block_size", [1, 16])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", BACKENDS)
+def test_backend_matches_reference(name, case, block_size, dtype):
+    inputs = paged_inputs(*CASES[case][:5], block_size, dtype, CASES[case][5])
+    expected, k_ref, v_ref = run_backend(ReferenceAttention(), inputs)
+    out, k_cache, v_cache = run_backend(get_backend(name, "cpu"), inputs)
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    assert max_error(out, expected) <= TOLERANCE[dtype]
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # new K/V stored in their slots
+
+
+@pytest.mark.parametrize("name", ["flash", "cpu"])
+def test_long_context_decode_with_split_keys(name):
+    """A long single-sequence decode makes two (row, kv head) units, fewer than the cpu kernel's four
+    per thread, so it splits the keys (flash-decoding) and combines the parts."""
+    inputs = paged_inputs([1], [2500], 4, 2, 16, 16, torch.float32)
+    expected, _, _ = run_backend(ReferenceAttention(), inputs)
+    out, _, _ = run_backend(get_backend(name, "cpu"), inputs)
+    assert max_error(out, expected) <= TOLERANCE[torch.float32]
+
+
+@needs_triton
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_split_keys_combine_exactly(num_splits):
+    from engine.attention.triton import paged_attention
+
+    inputs = paged_inputs([4, 4, 6], [300, 7, 140], 4, 2, 16, 16, torch.float32, TREE[:4, :4])
+    expected, k_cache, v_cache = run_backend(ReferenceAttention(), inputs)
+    q, ctx = inputs[0], inputs[5]
+    out = paged_attention(q, k_cache, v_cache, ctx, 0.3, num_splits=num_splits)
+    assert max_error(out, expected) <= TOLERANCE[torch.float32]
+
+
+def test_registry_prefers_the_fused_kernel_on_cpu():
+    from engine.attention.cpu import load_extension
+
+    if not load_extension():
+        pytest.skip("no C++ compiler here: the cpu kernel cannot be built")
+    names = available_backends("cpu")
+    assert names[0] == "cpu" and names[-2:] == ["flash", "reference"]
+    assert get_backend("auto", "cpu").name == "cpu"
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        get_backend("nope", "cpu")
+
+
+def test_cpu_backend_falls_back_to_flash_with_one_warning(monkeypatch, tmp_path):
+    """No compiler: asking for the cpu backend gives flash, and says so once."""
+    from engine.attention import cpu
+
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("GORGON_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu, "load_extension", functools.cache(cpu.load_extension.__wrapped__))
+    with pytest.warns(RuntimeWarning, match="could not be built") as warned:
+        names = [get_backend("cpu", "cpu").name for _ in range(3)]
+    assert names == ["flash"] * 3 and len(warned) == 1
+
+
+def test_attention_benchmark_writes_its_json_and_plot(tmp_path):
+    """`gorgon bench attention` end to end, tiny. In a child process: its memory probe retunes malloc."""
+    out, plot = tmp_path / "attention.json", tmp_path / "attention.png"
+    subprocess.run([sys.executable, "-m", "server.cli", "bench", "attention", "--out", str(out), "--plot", str(plot),
+                    "--prefill-lens", "48", "--decode-lens", "48", "--batch-sizes", "2", "--num-heads", "2",
+                    "--num-kv-heads", "1", "--head-dim", "16", "--repeats", "1"],
+                   check=True, capture_output=True, cwd=Path(__file__).parents[1])
+    result = json.loads(out.read_text())
+    assert {(r["case"], r["backend"]) for r in result["results"]} == {
+        (case, name) for case in ("prefill", "decode") for name in ("naive", "sdpa", "flash", "cpu")}
+    assert all(r["time_s"] > 0 and r["peak_bytes"] >= 0 for r in result["results"])
+    assert {"decode_speedup_cpu_vs_sdpa_ctx4096_b8", "prefill_speedup_cpu_vs_naive_4096",
+            "prefill_speedup_cpu_vs_sdpa_4096", "prefill_peakmem_naive_over_cpu_4096"} <= set(result["summary"])
+    assert plot.stat().st_size > 0

@@ -1,0 +1,114 @@
+"""Engine features that lean on the attention kernels: every backend decodes the same greedy tokens;
+prefix-cache hits reuse blocks and change nothing; chunked prefill keeps to its token budget;
+preemption under a tiny KV budget loses no request; the KV pool is sized from a memory budget; no
+block leaks."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.kv_cache import KVCache
+
+PROMPTS = [list(range(3, 40)), [1, 20, 21], [1, 99] * 9, [7], list(range(50, 71))]
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@pytest.fixture(scope="module")
+def reference_tokens(tiny_model_dir) -> list[list[int]]:
+    llm = LLM(tiny_model_dir, attention_backend="reference", block_size=16, num_kv_blocks=64,
+              enable_prefix_caching=False)
+    return [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+
+
+def generate_tokens(llm: LLM, prompts=PROMPTS) -> list[list[int]]:
+    return [o.token_ids for o in llm.generate(prompts, GREEDY)]
+
+
+@pytest.mark.parametrize("backend", [
+    "flash", "cpu",
+    pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")),
+])
+def test_greedy_tokens_identical_across_backends(tiny_model_dir, reference_tokens, backend):
+    # chunked prefill (8-token budget) mixes prompt chunks with decodes in the same batches
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    llm = LLM(tiny_model_dir, attention_backend=backend, device=device, dtype="float32", block_size=4,
+              num_kv_blocks=256, max_num_batched_tokens=8)
+    assert llm.runner.backend.name == backend
+    assert generate_tokens(llm) == reference_tokens
+    assert llm.num_free_blocks == 256
+
+
+def test_prefix_cache_hit_reuses_blocks_and_returns_identical_tokens(tiny_model_dir):
+    shared = list(range(3, 43))  # 40 tokens: five full blocks of 8
+    first, second = shared + [50, 51, 52], shared + [60, 61]
+    cold = LLM(tiny_model_dir, block_size=8, num_kv_blocks=64, enable_prefix_caching=False)
+    expected = generate_tokens(cold, [first, second])
+
+    llm = LLM(tiny_model_dir, block_size=8, num_kv_blocks=64)
+    seq_a = llm.requests[llm.add_request(first, GREEDY)]
+    llm.step()  # prefills `first`; its five full blocks become findable
+    seq_b = llm.requests[llm.add_request(second, GREEDY)]
+    free_before = llm.num_free_blocks
+    llm.step()
+    assert seq_b.num_cached_tokens == 40
+    assert seq_b.block_table[:5] == seq_a.block_table[:5]
+    assert all(llm.block_manager.ref_counts[b] == 2 for b in seq_a.block_table[:5])
+    assert free_before - llm.num_free_blocks == 1  # `second` took one new block, for its last 2 tokens
+    outputs = {}
+    while llm.has_unfinished():
+        outputs.update({o.request_id: o.token_ids for o in llm.step() if o.finished})
+    assert [outputs[seq_a.request_id], outputs[seq_b.request_id]] == expected
+    assert llm.num_free_blocks == 64
+
+    # freed blocks keep their contents until reused (lazy eviction): a later request still hits them
+    again = llm.generate(second, GREEDY)[0]
+    assert again.num_cached_tokens == 40 and again.token_ids == expected[1]
+    assert llm.num_free_blocks == 64
+
+
+def test_chunked_prefill_keeps_to_the_token_budget(tiny_model_dir, reference_tokens):
+    llm = LLM(tiny_model_dir, block_size=16, num_kv_blocks=64, max_num_batched_tokens=8)
+    scheduled = []
+    schedule = llm.scheduler.schedule
+
+    def recording_schedule():
+        batch = schedule()
+        scheduled.append(sum(batch.num_new_tokens))
+        return batch
+
+    llm.scheduler.schedule = recording_schedule
+    assert generate_tokens(llm) == reference_tokens
+    assert max(scheduled) == 8  # the budget was used, never exceeded
+    assert llm.num_free_blocks == 64
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_preemption_under_a_tiny_kv_budget_completes_every_request(tiny_model_dir, reference_tokens,
+                                                                     prefix_caching):
+    model_config = LLM(tiny_model_dir, num_kv_blocks=1).model.config
+    bytes_per_block = KVCache.bytes_per_block(model_config.num_layers, 4, model_config.num_kv_heads,
+                                              model_config.head_dim, torch.float32)
+    budget = 16 * bytes_per_block + bytes_per_block // 2
+    llm = LLM(tiny_model_dir, block_size=4, kv_cache_memory=budget, enable_prefix_caching=prefix_caching)
+    # sized from the memory budget: 16 blocks (64 tokens), while the prompts need about 200 together
+    assert llm.block_manager.num_blocks == 16
+    assert llm.runner.kv_cache.pool.numel() * llm.runner.kv_cache.pool.element_size() <= budget
+    assert generate_tokens(llm) == reference_tokens
+    assert llm.scheduler.num_preemptions > 0
+    assert llm.num_free_blocks == 16
+
+
+def test_aborting_mid_generation_returns_every_block(tiny_model_dir):
+    llm = LLM(tiny_model_dir, block_size=4, num_kv_blocks=32, max_num_batched_tokens=16)
+    ids = [llm.add_request(p, GREEDY) for p in PROMPTS]
+    for _ in range(4):  # some prompts mid-prefill, some decoding, some still waiting
+        llm.step()
+    assert llm.num_free_blocks < 32
+    for request_id in ids:
+        llm.abort(request_id)
+    assert not llm.has_unfinished() and llm.num_free_blocks == 32
+    assert all(count == 0 for count in llm.block_manager.ref_counts)
