@@ -2,11 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+
+# Without a GPU, Triton kernels are tested in Triton's interpreter. The switch must be set before
+# anything imports triton (transformers does, below), so it lives here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from bench.common import byte_tokenizer
 
