@@ -8,9 +8,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from engine.adapters.lora import LoRABatch
 
 
 @dataclass
@@ -19,7 +22,7 @@ class ForwardContext:
     after this step its cache holds context_lens[i] tokens, the last of which are those query rows."""
 
     positions: torch.Tensor  # [num_tokens] absolute RoPE positions
-    slot_mapping: torch.Tensor  # [num_tokens] cache slot (block_id * block_size + offset) per token; -1: do not store
+    slot_mapping: torch.Tensor  # [num_tokens] int64 cache slot (block_id * block_size + offset) per token
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32 prefix sums of query lengths
     context_lens: torch.Tensor  # [num_seqs] int32
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
@@ -30,6 +33,7 @@ class ForwardContext:
     tree_mask: torch.Tensor | None = None
     # LoRA: adapter slot per token (-1 = base model); None when no adapter is in the batch.
     adapter_index: torch.Tensor | None = None
+    lora: LoRABatch | None = None  # the same, as token rows grouped by slot (what LoRA layers compute with)
 
     @property
     def num_seqs(self) -> int:

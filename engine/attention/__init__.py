@@ -26,14 +26,10 @@ class AttentionBackend(Protocol):
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Write the new tokens' K/V into their cache slots; slot -1 means 'do not store'."""
+    """Write the new tokens' K/V into their cache slots (one row per token; no host sync)."""
     # [num_blocks * block_size, num_kv_heads, head_dim] views, so a slot is a row index
-    k_flat = k_cache.view(-1, *k_cache.shape[2:])
-    v_flat = v_cache.view(-1, *v_cache.shape[2:])
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    k_flat[slots] = k[keep]
-    v_flat[slots] = v[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
 
 
 # name -> (module, class); modules are imported on demand, so optional dependencies stay optional
