@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice); 1 is steadier on a shared machine")
     parser.add_argument("--out", required=True, help="JSON result file")
     return parser.parse_args(argv)
 
@@ -52,6 +54,8 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="gorgon-bench-") as tmp:
         folder = Path(args.model) if args.model else random_checkpoint(args.config, args.dtype, Path(tmp))
         run(args, folder)

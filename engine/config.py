@@ -60,6 +60,14 @@ class EngineConfig:
     attention_backend: str = "auto"
     enable_prefix_caching: bool = True
     seed: int = 0
+    adapter_root: str | None = None  # adapters load only from inside this folder; default: <model>/adapters
+    max_adapters: int = 8  # loaded adapters (LoRA slots); loading one more evicts the least recently used idle one
+    max_lora_rank: int = 16
+    medusa: str | None = None  # Medusa heads folder (published format); None: no speculation
+    medusa_tree: str | None = None  # a shipped tree's name (engine.spec.tree.TREES) or a JSON file; None: the default
+    # typical acceptance for sampled requests: accept when p > min(threshold, alpha * exp(-entropy))
+    medusa_posterior_threshold: float = 0.09
+    medusa_posterior_alpha: float = 0.3
 
     def __post_init__(self) -> None:
         if self.dtype is None:
@@ -68,9 +76,11 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_adapters", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.medusa_posterior_threshold < 0 or self.medusa_posterior_alpha < 0:
+            raise ValueError("medusa_posterior_threshold and medusa_posterior_alpha must be >= 0")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -33,7 +33,11 @@ class BlockManager:
 
     A full block's hash covers its tokens and every token before it (and the sequence's cache key,
     e.g. its adapter), so equal hashes mean equal K/V. Freed blocks keep their contents and stay
-    findable by hash until they are reused (lazy eviction, least recently freed first)."""
+    findable by hash until they are reused (lazy eviction, least recently freed first).
+
+    Block i of a sequence holds its cache indices [i*block_size, (i+1)*block_size). A prefix adapter's
+    virtual tokens come first: its full blocks are pinned (shared, never hashed) and its partial last
+    block is copied into each sequence's own block (engine.adapters.prefix)."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -48,7 +52,7 @@ class BlockManager:
         return len(self.free)
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+        return max(0, -(-(seq.num_virtual_tokens + num_tokens) // self.block_size) - len(seq.block_table))
 
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= len(self.free)
@@ -63,25 +67,30 @@ class BlockManager:
         return True
 
     def match_prefix(self, seq: Sequence, cache_key: int) -> int:
-        """Reuse cached blocks for the longest hashed prefix of seq's tokens; returns the tokens reused.
-        The last token is always left to compute, so the step has a row to sample from."""
-        if not self.enable_prefix_caching:
-            return 0
-        for i in range((len(seq) - 1) // self.block_size):
-            block = self.cached.get(self._hash_of_block(seq, i, cache_key))
-            if block is None:
-                break
-            if self.ref_counts[block] == 0:
-                del self.free[block]
+        """Attach the pinned blocks of seq's virtual tokens, then reuse cached blocks for the longest hashed
+        prefix of its tokens; returns the tokens reused. The last token is always left to compute, so the
+        step has a row to sample from."""
+        for block in self._pinned_blocks(seq):
             self.ref_counts[block] += 1
             seq.block_table.append(block)
-        return len(seq.block_table) * self.block_size
+        if self.enable_prefix_caching:
+            for i in range(len(seq.block_table), (seq.num_virtual_tokens + len(seq) - 1) // self.block_size):
+                block = self.cached.get(self._hash_of_block(seq, i, cache_key))
+                if block is None:
+                    break
+                if self.ref_counts[block] == 0:
+                    del self.free[block]
+                self.ref_counts[block] += 1
+                seq.block_table.append(block)
+        return max(0, len(seq.block_table) * self.block_size - seq.num_virtual_tokens)
 
     def register_full_blocks(self, seq: Sequence, cache_key: int, num_computed_before: int) -> None:
         """Make the blocks that this step filled findable by hash (the first block with a hash wins)."""
         if not self.enable_prefix_caching:
             return
-        for i in range(num_computed_before // self.block_size, seq.num_computed_tokens // self.block_size):
+        offset = seq.num_virtual_tokens
+        for i in range((offset + num_computed_before) // self.block_size,
+                       (offset + seq.num_computed_tokens) // self.block_size):
             block = seq.block_table[i]
             if self.block_hash[block] is not None:
                 continue
@@ -92,7 +101,7 @@ class BlockManager:
 
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
         """Release the blocks beyond those that hold num_tokens tokens."""
-        keep = -(-num_tokens // self.block_size)
+        keep = -(-(seq.num_virtual_tokens + num_tokens) // self.block_size)
         for block in reversed(seq.block_table[keep:]):
             self._decref(block)
         del seq.block_table[keep:]
@@ -104,16 +113,32 @@ class BlockManager:
         seq.block_table.clear()
 
     def slot(self, seq: Sequence, position: int) -> int:
+        """Cache slot of a cache index (= the RoPE position: token j is at num_virtual_tokens + j)."""
         return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
     def _hash_of_block(self, seq: Sequence, i: int, cache_key: int) -> int:
-        """Chain hash of seq's block i: its tokens, all tokens before it, and the cache key. Memoised
-        on the sequence, since a sequence's tokens never change."""
+        """Chain hash of seq's block i: its tokens, all tokens before it, and the cache key (which also
+        stands for any virtual tokens). Memoised on the sequence, since a sequence's tokens never change."""
+        offset = seq.num_virtual_tokens
         while len(seq.block_hashes) <= i:
             j = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else hash(("gorgon-kv", cache_key))
-            seq.block_hashes.append(hash((parent, tuple(seq.token_ids[j * self.block_size:(j + 1) * self.block_size]))))
+            first, end = (max(0, b * self.block_size - offset) for b in (j, j + 1))
+            seq.block_hashes.append(hash((parent, tuple(seq.token_ids[first:end]))))
         return seq.block_hashes[i]
+
+    def pin_blocks(self, num_blocks: int) -> list[int] | None:
+        """Take blocks outside any sequence (a prefix adapter's virtual K/V); None if too few are free."""
+        if num_blocks > len(self.free):
+            return None
+        return [self._take_free_block() for _ in range(num_blocks)]
+
+    def unpin_blocks(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self._decref(block)
+
+    def _pinned_blocks(self, seq: Sequence) -> list[int]:
+        return seq.adapter.kv_blocks if seq.num_virtual_tokens else []
 
     def _take_free_block(self) -> int:
         block, _ = self.free.popitem(last=False)

@@ -10,14 +10,16 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
+from engine.adapters.manager import AdapterManager, LoadedAdapter
 from engine.config import EngineConfig, SamplingParams
 from engine.detokenizer import detokenize_new_token, start_detokenizer
 from engine.kv_cache import BlockManager, KVCache
 from engine.outputs import RequestOutput
 from engine.runner import ModelRunner
 from engine.sampler import Sampler
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence, SequenceStatus
+from engine.spec.medusa import Medusa
 from models import DEFAULT_MODEL_DIR
 from models.loader import load_model
 
@@ -48,10 +50,15 @@ class LLM:
         kv_cache = KVCache(model_config.num_layers, num_blocks, self.config.block_size, model_config.num_kv_heads,
                            model_config.head_dim, self.config.torch_dtype, self.device)
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self.medusa = Medusa.from_config(self.config, self.model, kv_cache, self.max_model_len) if self.config.medusa else None
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                   tree_size=self.medusa.tree.size if self.medusa else 0)
         self.runner = ModelRunner(self.model, kv_cache, self.config.attention_backend, self.device)
         self.sampler = Sampler()
         self.requests: dict[str, Sequence] = {}
+        adapter_root = Path(self.config.adapter_root) if self.config.adapter_root else path / "adapters"
+        self.adapters = AdapterManager(self.model, kv_cache, self.block_manager, self.requests, self.config,
+                                       adapter_root, self.max_model_len)
         self._ids = itertools.count()
         self._rng = torch.Generator(device=self.device).manual_seed(self.config.seed)
 
@@ -65,13 +72,13 @@ class LLM:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, adapter: str | None = None) -> str:
+        """Queue a request; `adapter` names a loaded adapter (None: the base model)."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             token_ids, text = self.tokenizer(prompt)["input_ids"], prompt
         else:
             token_ids, text = list(prompt), None
-        self._validate_prompt(token_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -80,19 +87,23 @@ class LLM:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(request_id, token_ids, params, prompt=text, generator=generator)
         start_detokenizer(seq)
-        self.requests[request_id] = seq
+        with self.adapters.lock:  # an unload must see this request once it has looked the adapter up
+            seq.adapter = self.adapters.get(adapter)
+            self._validate_prompt(token_ids, params, seq.num_virtual_tokens)
+            self.requests[request_id] = seq
         self.scheduler.add(seq)
         return request_id
 
-    def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+    def _validate_prompt(self, token_ids: list[int], params: SamplingParams, num_virtual_tokens: int = 0) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty")
         vocab = self.model.config.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if len(token_ids) >= self.max_model_len:
+        if num_virtual_tokens + len(token_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens; this model accepts at most "
-                             f"{self.max_model_len - 1} prompt tokens (max_model_len {self.max_model_len})")
+                             f"{self.max_model_len - num_virtual_tokens - 1} prompt tokens (max_model_len "
+                             f"{self.max_model_len}, of which the adapter's virtual tokens take {num_virtual_tokens})")
 
     def abort(self, request_id: str) -> None:
         seq = self.requests.pop(request_id, None)
@@ -105,9 +116,20 @@ class LLM:
     # ---- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one forward over the scheduled batch; report every request that got tokens or finished."""
+        with self.adapters.step_lock:  # adapters are published between steps, never during one
+            self.adapters.between_steps()
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
+        # Medusa tree verification masks the last rows of every sequence in its forward, so tree
+        # sequences get a forward of their own; prefill and plain decode share the other one
+        outputs = self._plain_step(batch) if batch.seqs else []
+        if batch.tree_seqs:
+            outputs += self._tree_step(batch.tree_seqs)
+        return outputs
+
+    def _plain_step(self, batch: ScheduledBatch) -> list[RequestOutput]:
         inputs = self.runner.prepare(batch)
         hidden = self.runner.forward(inputs)
         sampled: dict[int, int] = {}
@@ -129,6 +151,32 @@ class LLM:
                 outputs.append(RequestOutput.of(seq, new_text, [sampled[i]]))
                 if seq.is_finished:
                     self.requests.pop(seq.request_id, None)
+        if self.medusa is not None and inputs.sampling_seqs:
+            self.medusa.propose([batch.seqs[i] for i in inputs.sampling_seqs], hidden[inputs.sample_rows])
+        return outputs
+
+    def _tree_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """Verify every sequence's Medusa tree in one forward. The accepted tokens are appended one by
+        one, so stop rules and max_tokens end a run exactly where plain decoding would have ended."""
+        accepted, hidden = self.medusa.verify(seqs, self.runner, self._rng)
+        outputs = []
+        for seq, tokens in zip(seqs, accepted):
+            computed_before = seq.num_computed_tokens
+            new_text, appended = "", []
+            for token in tokens:
+                new_text += self._append_token(seq, token, None)
+                appended.append(token)
+                if seq.is_finished:
+                    break
+            seq.accepted_lengths.append(len(appended))
+            outputs.append(RequestOutput.of(seq, new_text, appended))
+            if seq.is_finished:
+                self.requests.pop(seq.request_id, None)
+                continue
+            seq.num_computed_tokens = len(seq) - 1  # the accepted run is cached; the bonus token is pending
+            self.block_manager.register_full_blocks(seq, seq.cache_key, computed_before)
+            self.block_manager.truncate(seq, seq.num_computed_tokens)
+        self.medusa.propose(seqs, hidden)
         return outputs
 
     def _append_token(self, seq: Sequence, token_id: int, logprob: tuple | None) -> str:
@@ -152,7 +200,8 @@ class LLM:
                 seq.output_text = seq.output_text[:min(hits)]
                 new_text = seq.output_text[text_before:]
                 reason = "stop"
-        if reason is None and (seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len):
+        at_length_limit = seq.num_virtual_tokens + len(seq) >= self.max_model_len
+        if reason is None and (seq.num_output_tokens >= params.max_tokens or at_length_limit):
             reason = "length"
         if reason is not None:
             seq.finish_time = time.perf_counter()
@@ -162,14 +211,23 @@ class LLM:
     # ---- convenience loops ---------------------------------------------------------------------------
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids) together; outputs in prompt order."""
+                 use_tqdm: bool = False, adapter: str | list[str | None] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids) together; outputs in prompt order. `adapter`:
+        one adapter name for all prompts, or one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise ValueError("give one SamplingParams, or one per prompt")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
+        if len(params_list) != len(prompts) or len(adapters) != len(prompts):
+            raise ValueError("give one SamplingParams (and adapter), or one per prompt")
+        ids: list[str] = []
+        try:
+            for p, sp, a in zip(prompts, params_list, adapters):
+                ids.append(self.add_request(p, sp, adapter=a))
+        except ValueError:
+            for request_id in ids:
+                self.abort(request_id)
+            raise
         finished: dict[str, RequestOutput] = {}
         with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
             while len(finished) < len(ids):
@@ -179,9 +237,10 @@ class LLM:
                         bar.update()
         return [finished[i] for i in ids]
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+               adapter: str | None = None) -> Iterator[RequestOutput]:
         """Yield one request's outputs as its tokens arrive (other queued requests advance too)."""
-        request_id = self.add_request(prompt, params)
+        request_id = self.add_request(prompt, params, adapter=adapter)
         try:
             while True:
                 for out in self.step():
@@ -191,6 +250,19 @@ class LLM:
                             return
         finally:
             self.abort(request_id)
+
+    # ---- adapters (callable from any thread while another one runs step()) ----------------------------
+    def load_adapter(self, name: str, path: str | Path) -> LoadedAdapter:
+        """Load a PEFT LoRA or prefix-tuning folder (inside the adapter root) under `name`; loading an
+        existing name publishes a new version, and requests already running keep the old one."""
+        return self.adapters.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload `name`; refused, naming the requests, while requests use it."""
+        self.adapters.unload(name)
+
+    def list_adapters(self) -> list[dict]:
+        return self.adapters.list()
 
     @property
     def num_free_blocks(self) -> int:

@@ -6,6 +6,8 @@ from itertools import accumulate
 
 import torch
 
+from engine.adapters.lora import lora_batch
+from engine.adapters.prefix import write_virtual_tails
 from engine.attention import get_backend
 from engine.context import ForwardContext, forward_context
 from engine.kv_cache import KVCache
@@ -36,12 +38,14 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Build every tensor of the step at once; Python work is per sequence, tensor work per token."""
-        starts = [seq.num_computed_tokens for seq in batch.seqs]
+        # cache index (= position) of each sequence's first new token; a prefix adapter's virtual tokens come first
+        starts = [seq.num_virtual_tokens + seq.num_computed_tokens for seq in batch.seqs]
         query_lens = batch.num_new_tokens
         context_lens = [s + n for s, n in zip(starts, query_lens)]
         input_ids: list[int] = []
-        for seq, start, n in zip(batch.seqs, starts, query_lens):
-            input_ids.extend(seq.token_ids[start:start + n])
+        for seq, n in zip(batch.seqs, query_lens):
+            input_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
+        write_virtual_tails(batch.seqs, self.kv_cache)
         max_blocks = max(len(seq.block_table) for seq in batch.seqs)
         block_tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in batch.seqs]
 
@@ -56,6 +60,7 @@ class ModelRunner:
         seq_index = torch.arange(len(query_lens)).repeat_interleave(query_lens_t, output_size=num_tokens)
         block_tables_t = torch.tensor(block_tables, dtype=torch.int32)
         slot_mapping = block_tables_t[seq_index, positions // self.block_size] * self.block_size + positions % self.block_size
+        lora = lora_batch(batch.seqs, query_lens)  # None when no sequence uses a LoRA
 
         sampling_seqs = [i for i in range(len(batch)) if batch.samples(i)]
         row_ends = list(accumulate(query_lens))
@@ -68,6 +73,8 @@ class ModelRunner:
             block_tables=block_tables_t.to(**to_device),
             query_lens_cpu=list(query_lens),
             context_lens_cpu=context_lens,
+            adapter_index=None if lora is None else lora.seq_slots[seq_index].to(**to_device),
+            lora=None if lora is None else lora.to(self.device),
         )
         return StepInputs(torch.tensor(input_ids).to(**to_device), ctx, sample_rows.to(**to_device), sampling_seqs)
 

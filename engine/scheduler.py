@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.kv_cache import BlockManager
 from engine.sequence import Sequence, SequenceStatus
@@ -11,10 +11,12 @@ from engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    """One step's work: seqs[i] computes its next num_new_tokens[i] tokens."""
+    """One step's work: seqs[i] computes its next num_new_tokens[i] tokens; each of tree_seqs verifies its
+    Medusa tree (engine.spec.medusa), in a forward of its own."""
 
     seqs: list[Sequence]
     num_new_tokens: list[int]
+    tree_seqs: list[Sequence] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -29,8 +31,10 @@ class Scheduler:
     """Invariant: every running sequence holds blocks for all its computed tokens; waiting ones hold none
     unless they are mid-admission."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 tree_size: int = 0) -> None:
         self.block_manager = block_manager
+        self.tree_size = tree_size  # cache entries a Medusa tree step takes (0: no Medusa)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -49,10 +53,15 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(len(seq) - seq.num_computed_tokens, budget)
+            verifies_tree = (seq.draft_token_ids is not None and len(seq) - seq.num_computed_tokens == 1
+                             and budget >= self.tree_size)
+            n = self.tree_size if verifies_tree else min(len(seq) - seq.num_computed_tokens, budget)
             if self._reserve_or_preempt(seq, n):
-                batch.seqs.append(seq)
-                batch.num_new_tokens.append(n)
+                if verifies_tree:
+                    batch.tree_seqs.append(seq)
+                else:
+                    batch.seqs.append(seq)
+                    batch.num_new_tokens.append(n)
                 budget -= n
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

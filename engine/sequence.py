@@ -19,7 +19,8 @@ class SequenceStatus(enum.Enum):
 @dataclass(eq=False)
 class Sequence:
     """Invariant: token_ids = prompt + output; the cache holds K/V for token_ids[:num_computed_tokens],
-    addressed through block_table (block i holds tokens [i*block_size, (i+1)*block_size))."""
+    addressed through block_table (block i holds cache indices [i*block_size, (i+1)*block_size); token j
+    is at cache index num_virtual_tokens + j)."""
 
     request_id: str
     token_ids: list[int]
@@ -46,6 +47,9 @@ class Sequence:
     num_preemptions: int = 0
     # Medusa bookkeeping: tokens accepted per speculative step
     accepted_lengths: list[int] = field(default_factory=list)
+    # Medusa drafts for the tokens after the pending last one: [depth][top_k] token ids from the heads;
+    # None: the next decode step is a plain one
+    draft_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)
@@ -57,6 +61,12 @@ class Sequence:
     def cache_key(self) -> int:
         """What besides the tokens decides the K/V: the adapter's identity and version."""
         return 0 if self.adapter is None else self.adapter.cache_key
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Cache entries before token 0 (a prefix adapter's virtual tokens): token i sits at cache index
+        and RoPE position num_virtual_tokens + i."""
+        return 0 if self.adapter is None else self.adapter.num_virtual_tokens
 
     @property
     def output_token_ids(self) -> list[int]:

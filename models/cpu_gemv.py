@@ -31,7 +31,7 @@ def kernel():
         from torch.utils.cpp_extension import load
 
         return load(name="gorgon_gemv", sources=[str(_SOURCE)], build_directory=str(build_dir()),
-                    extra_cflags=["-O3", "-march=native"], verbose=False)
+                    extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=False)
     except Exception as e:  # no compiler, no headers, ...: fall back to torch's GEMM
         warnings.warn(f"gorgon: CPU decode kernel unavailable, using torch.nn.functional.linear ({e})")
         return None

@@ -21,6 +21,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--medusa", default=None, help="Medusa heads folder: speculate with them")
+    parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return parser.parse_args(argv)
 
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
-        llm = LLM(args.model, device=args.device, dtype=args.dtype)
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, medusa=args.medusa, medusa_tree=args.medusa_tree)
         if args.json:
             out = llm.generate(args.prompt, params)[0]
             print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,

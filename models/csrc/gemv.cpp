@@ -32,6 +32,8 @@ void gemv_rows(const float* x, const W* w, const float* bias, float* y, int64_t 
       for (int64_t j = 0; j < kLanes; ++j) wv[j] = to_float(row[k + j]);
       for (int m = 0; m < M; ++m) {
         const float* xm = x + m * K + k;
+        // without this GCC vectorises across m instead of j, and 2-4 rows run 2-8x slower than one
+#pragma omp simd
         for (int64_t j = 0; j < kLanes; ++j) acc[m][j] += wv[j] * xm[j];
       }
     }

@@ -1,0 +1,164 @@
+"""`gorgon bench medusa`: plain greedy decoding vs Medusa speculation, both with our engine, on the same prompts.
+
+Batch 1 and batch 4: tokens/s, speedup, mean tokens per decode step, the accept-length histogram and
+per-head acceptance; then the same for every shipped tree the heads can serve (speedup against tree size). Every
+Medusa output is compared token for token with the plain one ("lossless"). Plain and Medusa runs of a
+prompt group alternate, and each keeps its best time over --repeats, so load from other processes
+hits both alike."""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bench.common import machine_info, print_table, write_json
+from engine import LLM, RequestOutput, SamplingParams
+from engine.spec.tree import DEFAULT_TREE, TREES, load_tree
+from models import DEFAULT_MODEL_DIR
+
+PROMPTS = [
+    "def fibonacci(n):\n",
+    "import os\nimport sys\n\n\ndef main(argv):\n",
+    "class Stack:\n    def __init__(self):\n",
+    "    for i in range(len(items)):\n",
+    "def read_config(path):\n    with open(path) as f:\n",
+    "try:\n    import json\nexcept ImportError:\n",
+    "    def __repr__(self):\n        return ",
+    "if __name__ == '__main__':\n",
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gorgon bench medusa", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the shipped model)")
+    parser.add_argument("--medusa", default=None, help="Medusa heads folder (default: MODEL/medusa)")
+    parser.add_argument("--tree", default=DEFAULT_TREE, help=f"tree for the batch 1/4 runs: {', '.join(TREES)} or a JSON file")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"prompts per run (at most {len(PROMPTS)})")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per prompt group; the best counts")
+    parser.add_argument("--no-sweep", action="store_true", help="only --tree, not every shipped tree")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared machine more threads make timings erratic)")
+    parser.add_argument("--out", required=True, help="JSON result file")
+    parser.add_argument("--plot", default=None, help="PNG: speedup vs tree size, and the accept-length histogram")
+    return parser.parse_args(argv)
+
+
+def timed_pair(llm: LLM, prompts: list[str], new_tokens: int, repeats: int) -> dict:
+    """Best-of-`repeats` wall time of generating for `prompts` together, plain and with Medusa (alternating)."""
+    plain_params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, use_medusa=False)
+    medusa_params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    best = {"plain": float("inf"), "medusa": float("inf")}
+    outputs: dict[str, list[RequestOutput]] = {}
+    for _ in range(repeats):
+        for mode, params in (("plain", plain_params), ("medusa", medusa_params)):
+            start = time.perf_counter()
+            outputs[mode] = llm.generate(prompts, params)
+            best[mode] = min(best[mode], time.perf_counter() - start)
+    return {"seconds": best, "outputs": outputs}
+
+
+def run_batch(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Namespace, bar: tqdm) -> dict:
+    """All prompts in groups of batch_size: tokens/s of both modes, acceptance statistics, losslessness."""
+    seconds = {"plain": 0.0, "medusa": 0.0}
+    steps: list[int] = []
+    lossless, tokens = True, 0
+    for i in range(0, len(prompts), batch_size):
+        pair = timed_pair(llm, prompts[i:i + batch_size], args.new_tokens, args.repeats)
+        for mode in seconds:
+            seconds[mode] += pair["seconds"][mode]
+        plain, medusa = pair["outputs"]["plain"], pair["outputs"]["medusa"]
+        lossless &= all(p.token_ids == m.token_ids for p, m in zip(plain, medusa))
+        tokens += sum(len(o.token_ids) for o in medusa)
+        steps += [n for o in medusa for n in o.accepted_lengths]
+        bar.update()
+    depth = llm.medusa.tree.depth
+    plain_tps, medusa_tps = tokens / seconds["plain"], tokens / seconds["medusa"]
+    histogram = Counter(steps)
+    return {
+        "batch_size": batch_size, "tree": llm.medusa.tree.name, "tree_size": llm.medusa.tree.size,
+        "plain_tok_s": plain_tps, "medusa_tok_s": medusa_tps, "speedup": medusa_tps / plain_tps,
+        "mean_accepted": sum(steps) / len(steps), "num_steps": len(steps), "lossless": lossless,
+        # tokens emitted per tree step: the accepted path plus the base model's bonus token
+        "accept_length_histogram": {n: histogram.get(n, 0) for n in range(1, depth + 2)},
+        # head k's token was accepted in a step iff the step emitted at least k + 2 tokens
+        "head_acceptance": [sum(n >= k + 2 for n in steps) / len(steps) for k in range(depth)],
+    }
+
+
+def plot(path: str, sweep: list[dict], main_row: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for batch_size in (1, 4):
+        points = [r for r in sweep if r["batch_size"] == batch_size]
+        left.plot([r["tree_size"] for r in points], [r["speedup"] for r in points], "o-", label=f"batch {batch_size}")
+        for r in points:
+            left.annotate(r["tree"], (r["tree_size"], r["speedup"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    left.axhline(1.0, color="grey", lw=0.8)
+    left.legend()
+    left.set(xscale="log", xlabel="tree size (nodes, incl. root)", ylabel="speedup vs plain decode",
+             title="Medusa speedup vs tree size")
+    hist = main_row["accept_length_histogram"]
+    right.bar(list(hist), list(hist.values()))
+    right.set(xlabel="tokens emitted per step", ylabel="steps",
+              title=f"accept lengths, tree {main_row['tree']}, batch 1 (mean {main_row['mean_accepted']:.2f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = Path(args.model) if args.model else DEFAULT_MODEL_DIR
+    medusa = Path(args.medusa) if args.medusa else model / "medusa"
+    if not medusa.is_dir():
+        raise SystemExit(f"gorgon bench medusa: no Medusa heads at {medusa} (train some with `gorgon train-medusa`)")
+    prompts = PROMPTS[:args.prompts]
+    engine_kwargs = dict(medusa=str(medusa), enable_prefix_caching=False)
+    llm = LLM(model, medusa_tree=args.tree, **engine_kwargs)
+    num_heads = llm.medusa.heads.config.num_heads
+    trees = [llm.medusa.tree.name] + ([] if args.no_sweep else
+                                      [n for n in TREES if n != llm.medusa.tree.name and load_tree(n).depth <= num_heads])
+    with tqdm(total=len(trees) * (len(prompts) + -(-len(prompts) // 4)), desc="bench medusa") as bar:
+        llm.generate(prompts[0], SamplingParams(max_tokens=8, temperature=0))  # warm-up
+        results = {}
+        for name in trees:
+            engine = llm if name == llm.medusa.tree.name else LLM(model, medusa_tree=name, **engine_kwargs)
+            results[name] = [run_batch(engine, prompts, bs, args, bar) for bs in (1, 4)]
+    rows = results[llm.medusa.tree.name]
+    sweep = sorted((r for name in trees for r in results[name]), key=lambda r: (r["batch_size"], r["tree_size"]))
+
+    print(f"\n{model}, heads {medusa}, {args.new_tokens} new tokens per prompt, {len(prompts)} prompts, greedy, "
+          f"{args.threads} thread(s), attention backend {llm.runner.backend.name}")
+    columns = ["batch_size", "tree", "tree_size", "plain_tok_s", "medusa_tok_s", "speedup", "mean_accepted", "lossless"]
+    print_table(rows, columns)
+    print("\naccept-length histogram (batch 1):", rows[0]["accept_length_histogram"])
+    print("per-head acceptance (batch 1):", [round(a, 3) for a in rows[0]["head_acceptance"]])
+    if len(trees) > 1:
+        print("\nsweep over the shipped trees:")
+        print_table(sweep, columns)
+    summary = {
+        "speedup_bs1": rows[0]["speedup"], "speedup_bs4": rows[1]["speedup"],
+        "mean_accepted_bs1": rows[0]["mean_accepted"],
+        "lossless": all(r["lossless"] for r in sweep), "tree": llm.medusa.tree.name,
+    }
+    write_json(args.out, {"benchmark": "medusa", "model": str(model), "medusa": str(medusa),
+                          "new_tokens": args.new_tokens, "prompts": prompts, "threads": args.threads,
+                          "attention_backend": llm.runner.backend.name, "runs": rows, "sweep": sweep,
+                          "machine": machine_info(), "summary": summary})
+    if args.plot:
+        plot(args.plot, sweep, rows[0])
+
+
+if __name__ == "__main__":
+    main()

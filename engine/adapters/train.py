@@ -1,0 +1,122 @@
+"""`gorgon train-adapters`: train the two example adapters of a base model with PEFT, one LoRA and one
+prefix-tuning adapter, and save them in PEFT format under <model>/adapters/.
+
+The text is the software licenses every Debian-family machine ships in /usr/share/common-licenses:
+English legal prose, where the default model saw only Python source, so the adapters' effect shows
+at once (held-out loss, and a greedy sample printed for the base model and each adapter)."""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models import DEFAULT_MODEL_DIR
+
+CORPUS_DIR = Path("/usr/share/common-licenses")
+SAMPLE_PROMPT = "This License applies to"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gorgon train-adapters", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="HF checkpoint folder")
+    parser.add_argument("--corpus", type=Path, default=CORPUS_DIR, help="folder of text files to train on")
+    parser.add_argument("--out", type=Path, help="where the adapter folders go (default: <model>/adapters)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-lr", type=float, default=2e-3)
+    parser.add_argument("--virtual-tokens", type=int, default=16)
+    parser.add_argument("--prefix-lr", type=float, default=2e-2)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def corpus_tokens(tokenizer, folder: Path) -> torch.Tensor:
+    """Every readable text file under `folder`, tokenized and concatenated (sorted, so runs repeat)."""
+    texts = []
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            texts.append(file.read_text())
+        except UnicodeDecodeError:  # not a text file
+            continue
+    if not texts:
+        raise SystemExit(f"no text files under {folder}")
+    return torch.tensor(tokenizer("\n\n".join(texts))["input_ids"])
+
+
+def windows(tokens: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator)
+    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])  # [batch, seq_len]
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int, max_windows: int = 32) -> float:
+    """Loss over the first `max_windows` consecutive windows of `tokens`, 8 windows per forward."""
+    num_windows = min(max_windows, len(tokens) // seq_len)
+    batches = tokens[:num_windows * seq_len].view(num_windows, seq_len).split(8)
+    return sum(model(input_ids=b, labels=b).loss.item() * len(b) for b in batches) / num_windows
+
+
+def train(model: torch.nn.Module, tokens: torch.Tensor, args: argparse.Namespace, lr: float, desc: str) -> None:
+    generator = torch.Generator().manual_seed(args.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+    model.train()
+    with tqdm(range(args.steps), desc=desc) as bar:
+        for _ in bar:
+            batch = windows(tokens, args.seq_len, args.batch_size, generator)
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, tokenizer, max_new_tokens: int = 40) -> str:
+    ids = tokenizer(SAMPLE_PROMPT, return_tensors="pt")["input_ids"]
+    out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id or 0)
+    return tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out_dir = args.out or args.model / "adapters"
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokens = corpus_tokens(tokenizer, args.corpus)
+    split = int(len(tokens) * 0.9)
+    train_tokens, held_out = tokens[:split], tokens[split:]
+    print(f"corpus: {len(tokens)} tokens from {args.corpus} ({len(held_out)} held out)")
+
+    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    print(f"base: held-out loss {mean_loss(base, held_out, args.seq_len):.3f}; sample {sample(base, tokenizer)!r}")
+    configs = {
+        "licenses-lora": (LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=LORA_TARGETS),
+                          args.lora_lr),
+        "licenses-prefix": (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.virtual_tokens),
+                            args.prefix_lr),
+    }
+    for name, (config, lr) in configs.items():
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), config)
+        train(model, train_tokens, args, lr, desc=name)
+        model.save_pretrained(out_dir / name)  # adapter_config.json + adapter_model.safetensors
+        print(f"{name}: held-out loss {mean_loss(model, held_out, args.seq_len):.3f}; "
+              f"sample {sample(model, tokenizer)!r}; saved to {out_dir / name}")
+
+
+if __name__ == "__main__":
+    main()

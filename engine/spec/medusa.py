@@ -1,0 +1,284 @@
+"""Medusa heads (load/save in the published format), and the speculative decode step built on them:
+propose candidates, verify a whole tree per sequence in one forward, accept, compact the KV cache.
+
+Indexing: the base model's logits at hidden state h_i predict token i+1; head k (from 0) at h_i predicts
+token i+2+k. A sequence in decode has its last token pending (not yet in the cache); that token is the
+tree's root, and the heads' top-k at the hidden state of the token before it fill the tree's nodes."""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from engine.adapters.lora import lora_batch
+from engine.config import EngineConfig
+from engine.context import ForwardContext
+from engine.kv_cache import KVCache
+from engine.runner import ModelRunner, StepInputs
+from engine.sampler import Sampler
+from engine.sequence import Sequence
+from engine.spec.tree import DEFAULT_TREE, MedusaTree, load_tree
+
+WEIGHTS_FILE = "medusa_lm_head.safetensors"
+_KEY = re.compile(r"(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)")
+
+
+@dataclass
+class MedusaConfig:
+    """Shape of a set of heads; hidden_size and vocab_size are always the base model's."""
+
+    num_heads: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    own_lm_head: bool  # "v1": each head has its own vocab projection; "v2": the heads share the base lm_head
+
+
+class ResBlock(nn.Module):
+    """x + SiLU(W x + b): the published Medusa block (and its state-dict key, `linear`)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)  # a fresh block is the identity, so a fresh v2 head starts as the lm_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    """K heads over the base model's final-normed hidden state; head h is blocks heads[h][0..N-1], then
+    (v1) its own projection heads[h][N]. Invariant: `heads.state_dict()` keys are the published format's,
+    `{h}.{j}.linear.weight|bias` and `{h}.{N}.weight`."""
+
+    def __init__(self, config: MedusaConfig) -> None:
+        super().__init__()
+        self.config = config
+        h, v = config.hidden_size, config.vocab_size
+        self.heads = nn.ModuleList(
+            nn.ModuleList([*(ResBlock(h) for _ in range(config.num_layers)),
+                           *([nn.Linear(h, v, bias=False)] if config.own_lm_head else [])])
+            for _ in range(config.num_heads))
+
+    def forward(self, hidden: torch.Tensor, base_lm_head: Callable[[torch.Tensor], torch.Tensor],
+                num_heads: int | None = None) -> torch.Tensor:
+        """hidden: [..., hidden_size] -> logits of the first num_heads heads, [num_heads, ..., vocab]."""
+        states = []
+        for head in self.heads[:num_heads]:
+            x = hidden
+            for block in head[:self.config.num_layers]:
+                x = block(x)
+            states.append(x)
+        if self.config.own_lm_head:
+            return torch.stack([head[-1](x) for head, x in zip(self.heads, states)])
+        return base_lm_head(torch.stack(states))  # one projection for all heads
+
+
+def load_medusa_heads(folder: str | Path, hidden_size: int, vocab_size: int,
+                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> MedusaHeads:
+    """Read a published Medusa folder (config.json + medusa_lm_head.safetensors) for a base model with
+    this hidden size and vocabulary. Every tensor must be expected and present, with the expected shape."""
+    folder = Path(folder)
+    config_file, weights_file = folder / "config.json", folder / WEIGHTS_FILE
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{folder} is not a Medusa heads folder: {f.name} is missing")
+    config = json.loads(config_file.read_text())
+    if "medusa_num_layers" not in config:
+        raise ValueError(f"{config_file} has no medusa_num_layers")
+    tensors = load_file(weights_file)
+    parsed = {key: _KEY.fullmatch(key) for key in tensors}
+    unknown = sorted(key for key, m in parsed.items() if m is None)
+    if unknown:
+        raise ValueError(f"{weights_file}: unexpected tensors {unknown} (expected '{{head}}.{{block}}.linear.weight|bias' "
+                         "and '{head}.{num_layers}.weight')")
+    num_heads = 1 + max(int(m[1]) for m in parsed.values())
+    if num_heads != config.get("medusa_num_heads", num_heads):
+        warnings.warn(f"{config_file} says medusa_num_heads={config['medusa_num_heads']}, but the weights hold "
+                      f"{num_heads} heads; using {num_heads}")
+    own_lm_head = any(m[3] == "weight" for m in parsed.values())
+    heads = MedusaHeads(MedusaConfig(num_heads, int(config["medusa_num_layers"]), hidden_size, vocab_size, own_lm_head))
+    expected = heads.heads.state_dict()
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{weights_file} does not match {num_heads} heads of {heads.config.num_layers} blocks "
+                         f"({'v1' if own_lm_head else 'v2'}): missing {missing}, unexpected {unexpected}")
+    for key, tensor in tensors.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"{weights_file}: {key} has shape {list(tensor.shape)}, but a base model with hidden "
+                             f"size {hidden_size} and vocabulary {vocab_size} needs {list(expected[key].shape)}")
+    heads.heads.load_state_dict(tensors)
+    return heads.to(device=device, dtype=dtype).eval()
+
+
+def save_medusa_heads(heads: MedusaHeads, folder: str | Path, base_model: str | None = None) -> None:
+    """Write `heads` in the published format (readable by load_medusa_heads and the reference code)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    c = heads.config
+    config = {"medusa_num_heads": c.num_heads, "medusa_num_layers": c.num_layers, "hidden_size": c.hidden_size,
+              "vocab_size": c.vocab_size, "base_model_name_or_path": base_model}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.detach().contiguous() for k, v in heads.heads.state_dict().items()}, folder / WEIGHTS_FILE)
+
+
+def typical_acceptance(candidates: torch.Tensor, logits: torch.Tensor, parents: torch.Tensor,
+                       temperature: torch.Tensor, posterior_threshold: float,
+                       posterior_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tree node: does the base model, at the node's parent, give the node's token a probability
+    p > min(eps, delta * exp(-H)) (H: the entropy there; eps = posterior_threshold, delta = posterior_alpha)?
+    candidates: [B, T]; logits: [B, T, V]; temperature: [B]. Returns (accepted [B, T], log p [B, T])."""
+    probs = (logits.float() / temperature[:, None, None]).softmax(dim=-1)[:, parents]  # [B, T, V] at each parent
+    entropy = torch.special.entr(probs).sum(dim=-1)  # [B, T]
+    p = probs.gather(-1, candidates[..., None]).squeeze(-1)
+    threshold = torch.clamp(posterior_alpha * torch.exp(-entropy), max=posterior_threshold)
+    return p > threshold, p.log()
+
+
+class Medusa:
+    """Medusa speculation for one engine. Invariant: a sequence whose draft_token_ids are set has its
+    last token pending and room for tree.size more cache entries; its next decode step verifies the tree."""
+
+    def __init__(self, heads: MedusaHeads, tree: MedusaTree, model: nn.Module, kv_cache: KVCache,
+                 max_model_len: int, posterior_threshold: float, posterior_alpha: float) -> None:
+        if tree.depth > heads.config.num_heads:
+            raise ValueError(f"medusa tree {tree.name!r} is {tree.depth} deep, but there are only "
+                             f"{heads.config.num_heads} heads (a depth-d node takes head d-1's candidates)")
+        self.heads, self.model, self.kv_cache = heads, model, kv_cache
+        self.tree = tree.to(kv_cache.pool.device)
+        self.max_model_len = max_model_len
+        self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
+        self.sampler = Sampler()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, model: nn.Module, kv_cache: KVCache, max_model_len: int) -> "Medusa":
+        """The engine's Medusa: heads from config.medusa, tree from config.medusa_tree."""
+        heads = load_medusa_heads(config.medusa, model.config.hidden_size, model.config.vocab_size,
+                                  config.torch_dtype, kv_cache.pool.device)
+        return cls(heads, load_tree(config.medusa_tree or DEFAULT_TREE), model, kv_cache, max_model_len,
+                   config.medusa_posterior_threshold, config.medusa_posterior_alpha)
+
+    def can_speculate(self, seq: Sequence) -> bool:
+        # requests that want logprobs decode plainly; adapters speculate with the base model's heads
+        # (verification runs through the adapter, so output is unchanged; only acceptance may drop)
+        return (seq.params.use_medusa and seq.params.logprobs is None and not seq.is_finished
+                and seq.num_virtual_tokens + len(seq) - 1 + self.tree.size <= self.max_model_len)
+
+    @torch.inference_mode()
+    def propose(self, seqs: list[Sequence], hidden: torch.Tensor) -> None:
+        """Set each sequence's drafts from the hidden state [len(seqs), hidden] of the token before its
+        pending one (None where it cannot speculate)."""
+        speculating = [i for i, seq in enumerate(seqs) if self.can_speculate(seq)]
+        for seq in seqs:
+            seq.draft_token_ids = None
+        if not speculating:
+            return
+        tree = self.tree
+        logits = self.heads(hidden[speculating], self.model.compute_logits, tree.depth)  # [depth, B, V]
+        top = logits.topk(tree.top_k, dim=-1).indices.transpose(0, 1).tolist()  # [B, depth, top_k]
+        for i, drafts in zip(speculating, top):
+            seqs[i].draft_token_ids = drafts
+
+    @torch.inference_mode()
+    def verify(self, seqs: list[Sequence], runner: ModelRunner,
+               rng: torch.Generator) -> tuple[list[list[int]], torch.Tensor]:
+        """One forward over every sequence's tree; returns, per sequence, the accepted tokens plus the
+        bonus token sampled by the base model after them, and the accepted last node's hidden states
+        [len(seqs), hidden] (what propose() needs next). The accepted K/V ends up in consecutive cache
+        entries after the sequence's past; the caller releases the blocks beyond them."""
+        tree, num_seqs = self.tree, len(seqs)
+        device = tree.mask.device
+        roots = torch.tensor([seq.token_ids[-1] for seq in seqs])
+        drafts = torch.tensor([seq.draft_token_ids for seq in seqs])  # [B, depth, top_k]
+        flat = torch.cat([roots[:, None], drafts.flatten(1)], dim=1).to(device)
+        candidates = flat[:, tree.candidate_index]  # [B, T]
+        inputs, slots = self._tree_inputs(seqs, candidates)
+        hidden = runner.forward(inputs)  # [B * T, hidden]
+        logits = runner.logits(hidden, inputs.sample_rows).view(num_seqs, tree.size, -1)  # [B, T, V]
+
+        base_argmax = logits.argmax(dim=-1)  # [B, T]
+        path, num_accepted = self._longest_accepted_path(seqs, candidates, logits, base_argmax)  # [B, depth + 1], [B]
+        rows = torch.arange(num_seqs, device=device)
+        last_node = path[rows, num_accepted]
+        if all(s.params.greedy for s in seqs):
+            bonus = base_argmax[rows, last_node].tolist()
+        else:
+            bonus = self.sampler(logits[rows, last_node], [s.params for s in seqs],
+                                 [s.generator or rng for s in seqs]).token_ids
+        self._compact(slots, path, num_accepted)
+        tokens = candidates.gather(1, path).tolist()
+        out = [tokens[i][1:n + 1] + [bonus[i]] for i, n in enumerate(num_accepted.tolist())]
+        return out, hidden.view(num_seqs, tree.size, -1)[rows, last_node]
+
+    def _tree_inputs(self, seqs: list[Sequence], candidates: torch.Tensor) -> tuple[StepInputs, torch.Tensor]:
+        """The tree rows of every sequence: node i at cache index root + i (consecutive slots) but at
+        position root + depth(i). Returns the step inputs and the slots [B, T]."""
+        tree, num_seqs, block_size = self.tree, len(seqs), self.kv_cache.block_size
+        device = tree.mask.device
+        roots = [seq.num_virtual_tokens + seq.num_computed_tokens for seq in seqs]  # cache index of the root
+        max_blocks = max(len(seq.block_table) for seq in seqs)
+        block_tables = torch.tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs],
+                                    dtype=torch.int32, device=device)
+        start = torch.tensor(roots, device=device)[:, None]
+        cache_index = start + torch.arange(tree.size, device=device)  # [B, T]
+        slots = block_tables.gather(1, (cache_index // block_size).int()) * block_size + cache_index % block_size
+        context_lens = [r + tree.size for r in roots]
+        lora = lora_batch(seqs, [tree.size] * num_seqs)
+        ctx = ForwardContext(
+            positions=(start + tree.depths).flatten(),
+            slot_mapping=slots.flatten(),
+            query_start_loc=torch.arange(0, (num_seqs + 1) * tree.size, tree.size, dtype=torch.int32, device=device),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            block_tables=block_tables,
+            query_lens_cpu=[tree.size] * num_seqs,
+            context_lens_cpu=context_lens,
+            tree_mask=tree.mask,
+            adapter_index=None if lora is None else lora.seq_slots.repeat_interleave(tree.size).to(device),
+            lora=None if lora is None else lora.to(device),
+        )
+        all_rows = torch.arange(num_seqs * tree.size, device=device)  # every node's logits are needed
+        return StepInputs(candidates.flatten(), ctx, all_rows, list(range(num_seqs))), slots
+
+    def _longest_accepted_path(self, seqs: list[Sequence], candidates: torch.Tensor, logits: torch.Tensor,
+                               base_argmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sequence: the nodes [depth + 1] of the root-to-leaf path with the most accepted nodes
+        (ties: the likeliest under typical acceptance, the first under greedy), and that count."""
+        tree, device = self.tree, candidates.device
+        accepted = candidates == base_argmax[:, tree.parents]  # greedy: the base argmax at the parent
+        sampled = [not s.params.greedy for s in seqs]
+        if any(sampled):
+            sampled_t = torch.tensor(sampled, device=device)[:, None]
+            temperature = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device)
+            typical, log_p = typical_acceptance(candidates, logits, tree.parents, temperature,
+                                                self.posterior_threshold, self.posterior_alpha)
+            accepted = torch.where(sampled_t, typical, accepted)
+        # a path's node counts only if it and every node above it were accepted
+        prefix_accepted = (accepted[:, tree.retrieve[:, 1:]] & tree.path_valid[:, 1:]).cumprod(dim=-1)  # [B, L, depth]
+        num_accepted = prefix_accepted.sum(dim=-1)  # [B, L]
+        if any(sampled):
+            path_log_p = (torch.where(sampled_t, log_p, 0.0)[:, tree.retrieve[:, 1:]] * prefix_accepted).sum(dim=-1)
+            longest = num_accepted.max(dim=-1, keepdim=True).values
+            best = torch.where(num_accepted == longest, path_log_p, float("-inf")).argmax(dim=-1)  # [B]
+        else:
+            best = num_accepted.argmax(dim=-1)  # the first of the longest
+        return tree.retrieve[best], num_accepted.gather(1, best[:, None]).squeeze(1)
+
+    def _compact(self, slots: torch.Tensor, path: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        """Move the accepted path's K/V (all layers) so that its depth-d node sits at cache index root + d.
+        Nodes are sorted by depth, so path[d] >= d: no copy reads a slot that an earlier one wrote."""
+        depth = torch.arange(path.shape[1], device=path.device)
+        move = (depth <= num_accepted[:, None]) & (path != depth)  # [B, depth + 1]
+        if not move.any():
+            return
+        src, dst = slots.gather(1, path)[move], slots[:, :path.shape[1]][move]
+        pool = self.kv_cache.pool
+        flat = pool.view(*pool.shape[:2], -1, *pool.shape[-2:])  # [layers, 2, num_blocks * block_size, kv_heads, head_dim]
+        flat[:, :, dst] = flat[:, :, src]

@@ -1,0 +1,114 @@
+"""Medusa trees: `medusa_choices` (rank paths such as [[0], [0, 0], [1]]) -> static verification buffers.
+
+Path [r0, r1, ..., rd-1] is the node reached by taking head 0's rank-r0 token, then head 1's rank-r1
+token, and so on; node 0 is the root, the last accepted token. Every head reads the same hidden state,
+so the token of a depth-d node depends only on its own rank: head d-1's top-k list at that rank."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Shipped trees, by name (the number is the paths, i.e. nodes besides the root). On a CPU the small
+# ones win: up to 4 rows (root included) go through the same weight-streaming kernel as a one-token
+# decode step and cost little more; mc_sim_7b_63 is the reference's tree for 7B models on GPUs.
+TREES: dict[str, list[list[int]]] = {
+    "chain2": [[0], [0, 0]],
+    "chain3": [[0], [0, 0], [0, 0, 0]],
+    "cpu3": [[0], [1], [0, 0]],
+    "chain4": [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]],
+    "cpu6": [[0], [1], [0, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0]],
+    "cpu12": [[0], [1], [2], [0, 0], [0, 1], [1, 0], [1, 1], [0, 0, 0], [0, 0, 1], [0, 1, 0], [0, 0, 0, 0],
+              [0, 0, 0, 1]],
+    "mc_sim_7b_63": [
+        [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0], [0, 5],
+        [0, 0, 1], [5], [0, 6], [6], [0, 7], [0, 1, 0], [1, 1], [7], [0, 8], [0, 0, 2], [3, 0], [0, 9], [8],
+        [9], [1, 0, 0], [0, 2, 0], [1, 2], [0, 0, 3], [4, 0], [2, 1], [0, 0, 4], [0, 0, 5], [0, 0, 0, 0],
+        [0, 1, 1], [0, 0, 6], [0, 3, 0], [5, 0], [1, 3], [0, 0, 7], [0, 0, 8], [0, 0, 9], [6, 0], [0, 4, 0],
+        [1, 4], [7, 0], [0, 1, 2], [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0], [1, 5], [1, 0, 1], [0, 2, 1],
+        [9, 0], [0, 6, 0], [0, 0, 0, 1], [1, 6], [0, 7, 0]],
+}
+DEFAULT_TREE = "chain3"
+
+
+@dataclass(frozen=True)
+class MedusaTree:
+    """Static buffers of one tree. Invariant: node 0 is the root and nodes are sorted by (depth, path),
+    so every node's ancestors have smaller indices; node i sits at position (root position + depths[i])."""
+
+    name: str
+    paths: list[tuple[int, ...]]  # node i >= 1 is paths[i - 1]
+    mask: torch.Tensor  # [T, T] bool: node i sees node j iff j is i or an ancestor of i
+    depths: torch.Tensor  # [T] int64, root 0
+    parents: torch.Tensor  # [T] int64 node index of the parent (the root is its own parent)
+    candidate_index: torch.Tensor  # [T] int64 index into [root, head 0's top-k, head 1's top-k, ...]
+    retrieve: torch.Tensor  # [num_leaves, depth + 1] int64 nodes of each root-to-leaf path, padded with the leaf
+    path_valid: torch.Tensor  # [num_leaves, depth + 1] bool: False on the padding
+    top_k: int  # candidates taken from each head
+
+    @property
+    def size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def depth(self) -> int:
+        """Heads the tree needs: the depth of its deepest node."""
+        return self.retrieve.shape[1] - 1
+
+    def to(self, device: torch.device | str) -> "MedusaTree":
+        tensors = {name: getattr(self, name).to(device) for name in
+                   ("mask", "depths", "parents", "candidate_index", "retrieve", "path_valid")}
+        return MedusaTree(self.name, self.paths, top_k=self.top_k, **tensors)
+
+
+def build_tree(choices: list[list[int]], name: str = "custom") -> MedusaTree:
+    paths = sorted({tuple(c) for c in choices}, key=lambda p: (len(p), p))
+    if len(paths) != len(choices):
+        raise ValueError(f"medusa tree {name!r} lists a path twice")
+    if not paths or any(len(p) == 0 or min(p) < 0 for p in paths):
+        raise ValueError(f"medusa tree {name!r}: every path must be a non-empty list of ranks >= 0")
+    index = {p: i + 1 for i, p in enumerate(paths)}
+    missing = sorted({p[:-1] for p in paths if len(p) > 1} - set(index))
+    if missing:
+        raise ValueError(f"medusa tree {name!r} is not connected: the parent paths {[list(p) for p in missing]} are missing")
+    top_k = max(max(p) for p in paths) + 1
+    size = len(paths) + 1
+
+    mask = torch.eye(size, dtype=torch.bool)
+    mask[:, 0] = True
+    depths = torch.zeros(size, dtype=torch.int64)
+    parents = torch.zeros(size, dtype=torch.int64)
+    candidate_index = torch.zeros(size, dtype=torch.int64)
+    for p, i in index.items():
+        ancestors = [index[p[:d]] for d in range(1, len(p))]
+        mask[i, ancestors] = True
+        depths[i] = len(p)
+        parents[i] = ancestors[-1] if ancestors else 0
+        candidate_index[i] = 1 + (len(p) - 1) * top_k + p[-1]
+
+    leaves = [p for p in paths if not any(q[:len(p)] == p and len(q) > len(p) for q in paths)]
+    depth = max(len(p) for p in paths)
+    retrieve = torch.zeros(len(leaves), depth + 1, dtype=torch.int64)
+    path_valid = torch.zeros(len(leaves), depth + 1, dtype=torch.bool)
+    for row, leaf in enumerate(leaves):
+        nodes = [0] + [index[leaf[:d]] for d in range(1, len(leaf) + 1)]
+        retrieve[row] = torch.tensor(nodes + [nodes[-1]] * (depth + 1 - len(nodes)))
+        path_valid[row, :len(nodes)] = True
+    return MedusaTree(name, paths, mask, depths, parents, candidate_index, retrieve, path_valid, top_k)
+
+
+def load_tree(name_or_file: str) -> MedusaTree:
+    """A shipped tree by name, or a JSON file holding a list of rank paths."""
+    if name_or_file in TREES:
+        return build_tree(TREES[name_or_file], name_or_file)
+    path = Path(name_or_file)
+    if not path.is_file():
+        raise ValueError(f"unknown medusa tree {name_or_file!r}: give one of {', '.join(TREES)}, or a JSON "
+                         "file with a list of rank paths")
+    choices = json.loads(path.read_text())
+    if not isinstance(choices, list) or not all(isinstance(c, list) and all(isinstance(r, int) for r in c)
+                                                for c in choices):
+        raise ValueError(f"{path} must hold a JSON list of rank paths, e.g. [[0], [0, 0], [1]]")
+    return build_tree(choices, path.stem)

@@ -1,0 +1,343 @@
+"""Medusa: tree buffers, head loading, acceptance rules, lossless greedy speculation in batches, KV
+compaction, and head training. Tiny random models; the heads are trained for a few seconds on the model's
+own greedy text, so that trees are really accepted."""
+from __future__ import annotations
+
+import json
+import math
+from itertools import accumulate
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bench.common import byte_tokenizer
+from engine import LLM, RequestOutput, SamplingParams
+from engine.attention import available_backends
+from engine.spec.medusa import MedusaConfig, MedusaHeads, WEIGHTS_FILE, load_medusa_heads, save_medusa_heads, typical_acceptance
+from engine.spec.train import TrainConfig, head_accuracy, base_hidden, main as train_main, self_distill, train_heads
+from engine.spec.tree import TREES, build_tree, load_tree
+from models.loader import load_model
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="session")
+def distilled(tiny_model_dir):
+    """Windows of the tiny model's own greedy text: (train [N, S], held out [M, S])."""
+    windows = self_distill(tiny_model_dir, num_samples=20, seq_len=48, prefix_tokens=4, temperature=0.0, seed=0)
+    return windows[4:], windows[:4]
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model_dir, distilled):
+    """(frozen base model, heads trained for a few seconds on its own text, their loss per step)."""
+    model = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
+    config = TrainConfig(num_heads=4, steps=40, batch_size=8, seq_len=48, lr=1e-2)
+    heads, history = train_heads(model, distilled[0], config, progress=False)
+    return model, heads, history
+
+
+@pytest.fixture(scope="session")
+def heads_dir(trained, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("medusa")
+    save_medusa_heads(trained[1], folder)
+    return folder
+
+
+def prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 250, (int(torch.randint(2, 30, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+
+
+def run_to_end(llm: LLM) -> dict[str, RequestOutput]:
+    finished = {}
+    while llm.has_unfinished():
+        finished.update({o.request_id: o for o in llm.step() if o.finished})
+    return finished
+
+
+def use_oracle_drafts(llm: LLM, futures: dict[str, list[int]]) -> None:
+    """Replace the heads' proposals by drafts read from a plain run (request id -> prompt + output): the
+    right token for each depth sits at a rank that varies with position (mostly 0, sometimes 1 or 2,
+    sometimes absent). So runs are long, and accepted paths often leave the tree's first branch (the
+    K/V must move)."""
+    top_k = llm.medusa.tree.top_k
+    rank_of_right_token = [0, 0, 0, 0, 0, 0, 1, 1, 2, top_k]  # top_k: absent
+
+    def propose(seqs, hidden):
+        for seq in seqs:
+            if not llm.medusa.can_speculate(seq):
+                seq.draft_token_ids = None
+                continue
+            future = futures[seq.request_id]
+            root = len(seq) - 1
+            drafts = []
+            for d in range(1, llm.medusa.tree.depth + 1):
+                right = future[root + d] if root + d < len(future) else 0
+                ranks = [(right + 1 + r) % 256 for r in range(top_k)]
+                rank = rank_of_right_token[(7 * root + 3 * d) % 10]
+                if rank < top_k:
+                    ranks[rank] = right
+                drafts.append(ranks)
+            seq.draft_token_ids = drafts
+
+    llm.medusa.propose = propose
+
+
+# ---- trees -----------------------------------------------------------------------------------------
+def test_tree_buffers_by_hand():
+    tree = build_tree([[1], [0], [0, 0], [0, 1], [0, 0, 0]])
+    # nodes: 0 root, 1 [0], 2 [1], 3 [0,0], 4 [0,1], 5 [0,0,0]
+    assert tree.paths == [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]
+    assert tree.size == 6 and tree.depth == 3 and tree.top_k == 2
+    assert tree.mask.int().tolist() == [[1, 0, 0, 0, 0, 0],
+                                        [1, 1, 0, 0, 0, 0],
+                                        [1, 0, 1, 0, 0, 0],
+                                        [1, 1, 0, 1, 0, 0],
+                                        [1, 1, 0, 0, 1, 0],
+                                        [1, 1, 0, 1, 0, 1]]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 3]
+    assert tree.parents.tolist() == [0, 0, 0, 1, 1, 3]
+    # [root, head0 rank0, head0 rank1, head1 rank0, head1 rank1, head2 rank0, head2 rank1]
+    assert tree.candidate_index.tolist() == [0, 1, 2, 3, 4, 5]
+    assert tree.retrieve.tolist() == [[0, 2, 2, 2], [0, 1, 4, 4], [0, 1, 3, 5]]
+    assert tree.path_valid.tolist() == [[True, True, False, False], [True, True, True, False], [True] * 4]
+
+
+def test_chain_tree_and_shipped_trees():
+    chain = load_tree("chain3")
+    assert chain.mask.tolist() == torch.ones(4, 4).tril().bool().tolist()
+    assert chain.candidate_index.tolist() == [0, 1, 2, 3] and chain.retrieve.tolist() == [[0, 1, 2, 3]]
+    big = load_tree("mc_sim_7b_63")
+    assert big.size == 64 and big.top_k == 10 and big.depth == 4
+    for name in TREES:
+        tree = load_tree(name)
+        # every node sees exactly its ancestors and itself: depth + 1 entries in its mask row
+        assert (tree.mask.sum(dim=1) == tree.depths + 1).all()
+
+
+def test_tree_from_json_and_errors(tmp_path):
+    f = tmp_path / "mine.json"
+    f.write_text(json.dumps([[0], [1], [0, 0]]))
+    assert load_tree(str(f)).size == 4
+    with pytest.raises(ValueError, match="not connected"):
+        build_tree([[0], [1, 0]])
+    with pytest.raises(ValueError, match="twice"):
+        build_tree([[0], [0]])
+    with pytest.raises(ValueError, match="unknown medusa tree"):
+        load_tree("no-such-tree")
+
+
+def test_tree_deeper_than_heads_is_an_error(tiny_model_dir, tmp_path):
+    save_medusa_heads(MedusaHeads(MedusaConfig(2, 1, 64, 256, False)), tmp_path)
+    with pytest.raises(ValueError, match="only 2 heads"):
+        LLM(tiny_model_dir, medusa=str(tmp_path), medusa_tree="chain3")
+
+
+# ---- loading and saving ------------------------------------------------------------------------------
+@pytest.mark.parametrize("own_lm_head", [False, True])
+def test_heads_round_trip(tmp_path, own_lm_head):
+    heads = MedusaHeads(MedusaConfig(3, 2, 64, 256, own_lm_head))
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    save_medusa_heads(heads, tmp_path)
+    keys = set(load_file(tmp_path / WEIGHTS_FILE))
+    assert "2.1.linear.bias" in keys and ("0.2.weight" in keys) == own_lm_head
+    loaded = load_medusa_heads(tmp_path, 64, 256)
+    assert loaded.config == heads.config
+    lm_head = torch.nn.Linear(64, 256, bias=False)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, lm_head), heads(x, lm_head), rtol=0, atol=0)
+
+
+def test_head_count_comes_from_the_tensors(tmp_path):
+    save_medusa_heads(MedusaHeads(MedusaConfig(3, 1, 64, 256, False)), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "medusa_num_heads": 5}))
+    with pytest.warns(UserWarning, match="using 3"):
+        assert load_medusa_heads(tmp_path, 64, 256).config.num_heads == 3
+
+
+def test_loader_is_strict(tmp_path):
+    save_medusa_heads(MedusaHeads(MedusaConfig(2, 1, 64, 256, True)), tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_FILE)
+    with pytest.raises(ValueError, match="vocabulary 257 needs \\[257, 64\\]"):
+        load_medusa_heads(tmp_path, 64, 256 + 1)  # another vocabulary
+    save_file({**tensors, "0.0.linear.scale": torch.zeros(64)}, tmp_path / WEIGHTS_FILE)
+    with pytest.raises(ValueError, match="0.0.linear.scale"):
+        load_medusa_heads(tmp_path, 64, 256)
+    save_file({k: v for k, v in tensors.items() if k != "1.0.linear.bias"}, tmp_path / WEIGHTS_FILE)
+    with pytest.raises(ValueError, match="missing \\['1.0.linear.bias'\\]"):
+        load_medusa_heads(tmp_path, 64, 256)
+    save_file({**tensors, "0.0.linear.weight": torch.zeros(64, 32)}, tmp_path / WEIGHTS_FILE)
+    with pytest.raises(ValueError, match="0.0.linear.weight has shape \\[64, 32\\]"):
+        load_medusa_heads(tmp_path, 64, 256)
+    (tmp_path / WEIGHTS_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=WEIGHTS_FILE):
+        load_medusa_heads(tmp_path, 64, 256)
+
+
+# ---- acceptance ----------------------------------------------------------------------------------------
+def test_typical_acceptance_property():
+    """Every node is accepted iff its token's probability at the parent beats min(eps, delta*exp(-H));
+    and as the temperature goes to 0 the rule becomes greedy acceptance."""
+    g = torch.Generator().manual_seed(0)
+    tree = load_tree("cpu12")
+    batch, vocab = 6, 20
+    logits = torch.randn(batch, tree.size, vocab, generator=g) * 3
+    candidates = torch.randint(vocab, (batch, tree.size), generator=g)
+    temperature = torch.tensor([0.5, 0.7, 1.0, 1.3, 2.0, 1.0])
+    accepted, log_p = typical_acceptance(candidates, logits, tree.parents, temperature, 0.09, 0.3)
+    for b in range(batch):
+        for node in range(1, tree.size):
+            probs = torch.softmax(logits[b, tree.parents[node]] / temperature[b], dim=-1)
+            entropy = -sum(p * math.log(p) for p in probs.tolist() if p > 0)
+            p = probs[candidates[b, node]].item()
+            assert accepted[b, node].item() == (p > min(0.09, 0.3 * math.exp(-entropy)))
+            assert log_p[b, node].item() == pytest.approx(math.log(p), abs=1e-5)
+    assert accepted[:, 1:].any() and not accepted[:, 1:].all()
+
+    argmax_candidates = logits.argmax(dim=-1)[:, tree.parents]
+    candidates = torch.where(torch.rand(candidates.shape, generator=g) < 0.5, argmax_candidates, candidates)
+    cold, _ = typical_acceptance(candidates, logits, tree.parents, torch.full((batch,), 1e-3), 0.09, 0.3)
+    assert torch.equal(cold[:, 1:], (candidates == argmax_candidates)[:, 1:])
+
+
+def test_sampled_medusa_requests_run_and_free_their_blocks(tiny_model_dir, heads_dir):
+    llm = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_tree="cpu12")
+    params = [SamplingParams(max_tokens=30, temperature=t, top_p=0.9, seed=i, ignore_eos=True)
+              for i, t in enumerate([0.5, 1.0, 1.5])]
+    outs = llm.generate(prompts(3), params)
+    assert all(len(o.token_ids) == 30 and sum(o.accepted_lengths) <= 30 for o in outs)
+    assert any(n > 1 for o in outs for n in o.accepted_lengths)
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+
+# ---- lossless greedy speculation ----------------------------------------------------------------------
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_greedy_medusa_equals_plain_greedy_batch1(tiny_model_dir, heads_dir, backend):
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    plain = LLM(tiny_model_dir, attention_backend=backend).generate(prompts(1), params)[0]
+    llm = LLM(tiny_model_dir, attention_backend=backend, medusa=str(heads_dir), medusa_tree="cpu12")
+    medusa = llm.generate(prompts(1), params)[0]
+    assert medusa.token_ids == plain.token_ids
+    assert sum(medusa.accepted_lengths) == 39  # the first token comes from the prefill step
+    assert max(medusa.accepted_lengths) > 1
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+    request = llm.add_request(prompts(1)[0], params)
+    use_oracle_drafts(llm, {request: prompts(1)[0] + plain.token_ids})
+    oracle = run_to_end(llm)[request]
+    assert oracle.token_ids == plain.token_ids and max(oracle.accepted_lengths) >= 4
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+
+def stop_string_inside_a_run(out, tokenizer) -> str | None:
+    """Two characters whose first occurrence in out.text ends at a token in the middle of an accepted run."""
+    ends = list(accumulate([1, *out.accepted_lengths]))  # output tokens after each step (prefill gives the first)
+    for start, end in zip(ends, ends[1:]):
+        for j in range(max(start, 1), end - 1):  # token j is not the last of its run
+            s = tokenizer.decode(out.token_ids[j - 1:j + 1])
+            if len(s) == 2 and s.isascii() and s.isprintable() and \
+                    out.text.find(s) == len(tokenizer.decode(out.token_ids[:j - 1])):
+                return s
+    return None
+
+
+@pytest.mark.parametrize("tight_cache", [False, True])
+def test_greedy_medusa_equals_plain_in_a_mixed_batch(tiny_model_dir, heads_dir, tight_cache):
+    """8 requests: different prompt lengths (chunked prefill beside tree steps), stop strings and
+    max_tokens that end a run mid-tree, a request that opts out, and (tight_cache) preemption."""
+    kwargs = dict(max_num_batched_tokens=64, num_kv_blocks=24 if tight_cache else None, block_size=8)
+    medusa_kwargs = dict(medusa=str(heads_dir), medusa_tree="cpu12", **kwargs)
+    ps = prompts(8)
+    max_tokens = (41, 17, 29, 33, 23, 37, 19, 45)
+    no_stop_params = [SamplingParams(max_tokens=n, **GREEDY) for n in max_tokens]
+    futures = {f"req-{i}": p + out.token_ids for i, (p, out) in
+               enumerate(zip(ps, LLM(tiny_model_dir, **kwargs).generate(ps, no_stop_params)))}
+    llm = LLM(tiny_model_dir, **medusa_kwargs)
+    use_oracle_drafts(llm, futures)
+    no_stops = llm.generate(ps, no_stop_params)
+    params = []
+    for i, (n, out) in enumerate(zip(max_tokens, no_stops)):
+        stop = stop_string_inside_a_run(out, byte_tokenizer()) if i in (1, 2, 4, 5, 6) else None
+        params.append(SamplingParams(max_tokens=n, stop=[stop] if stop else [], use_medusa=i != 3, **GREEDY))
+    assert sum(bool(p.stop) for p in params) >= 2
+    plain = LLM(tiny_model_dir, **kwargs).generate(ps, params)
+
+    llm = LLM(tiny_model_dir, **medusa_kwargs)
+    use_oracle_drafts(llm, futures)
+    proposed: dict[str, int] = {}  # tokens the last tree step of each request offered
+    verify = llm.medusa.verify
+
+    def recording_verify(seqs, runner, rng):
+        tokens, hidden = verify(seqs, runner, rng)
+        proposed.update({s.request_id: len(t) for s, t in zip(seqs, tokens)})
+        return tokens, hidden
+
+    llm.medusa.verify = recording_verify
+    ids = [llm.add_request(p, sp) for p, sp in zip(ps, params)]
+    finished = run_to_end(llm)
+    medusa = [finished[i] for i in ids]
+
+    for i, (a, b) in enumerate(zip(plain, medusa)):
+        assert b.token_ids == a.token_ids and b.text == a.text and b.finish_reason == a.finish_reason, i
+    assert medusa[3].accepted_lengths == []
+    speculated = [o.accepted_lengths for j, o in enumerate(medusa) if j != 3]
+    assert all(speculated) and sum(map(sum, speculated)) > 2 * sum(map(len, speculated))
+    cut_short = [o.finish_reason for o, i in zip(medusa, ids) if o.accepted_lengths and o.accepted_lengths[-1] < proposed[i]]
+    assert "length" in cut_short and "stop" in cut_short  # a max_tokens and a stop string ended a run mid-tree
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+    if tight_cache:
+        assert llm.scheduler.num_preemptions > 0
+
+
+def test_compacted_cache_equals_plain_cache(tiny_model_dir, heads_dir):
+    prompt, params = prompts(1)[0], SamplingParams(max_tokens=60, **GREEDY)
+    plain = LLM(tiny_model_dir, attention_backend="reference")
+    future = prompt + plain.generate(prompt, params)[0].token_ids
+    llm = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_tree="cpu12", attention_backend="reference")
+    use_oracle_drafts(llm, {"req-0": future})
+    seq = llm.requests[llm.add_request(prompt, params)]
+    while sum(seq.accepted_lengths) < 30:
+        llm.step()
+    assert max(seq.accepted_lengths) >= 3
+    n = seq.num_computed_tokens
+
+    oracle_id = plain.add_request(seq.token_ids[:n + 1], SamplingParams(max_tokens=5, **GREEDY))
+    oracle = plain.requests[oracle_id]
+    plain.step()  # prefill: the cache holds all n + 1 prompt tokens
+
+    def cache_rows(engine: LLM, s, num_tokens: int) -> torch.Tensor:
+        slots = torch.tensor([engine.block_manager.slot(s, i) for i in range(num_tokens)])
+        pool = engine.runner.kv_cache.pool
+        return pool.view(*pool.shape[:2], -1, *pool.shape[-2:])[:, :, slots]  # [layers, 2, n, kv_heads, head_dim]
+
+    torch.testing.assert_close(cache_rows(llm, seq, n), cache_rows(plain, oracle, n), rtol=1e-4, atol=1e-5)
+    # the blocks beyond the accepted run were released
+    assert len(seq.block_table) == -(-n // llm.config.block_size)
+
+
+# ---- training --------------------------------------------------------------------------------------------
+def test_short_training_lowers_the_heads_loss(trained, distilled):
+    model, heads, history = trained
+    assert sum(history[-5:]) / 5 < 0.9 * sum(history[:5]) / 5
+    windows = distilled[0][:8]
+    hidden = base_hidden(model, windows)
+    before = head_accuracy(MedusaHeads(heads.config), model, hidden, windows)
+    after = head_accuracy(heads, model, hidden, windows)
+    assert all(a["top1"] > b["top1"] and a["top5"] > b["top5"] for a, b in zip(after, before))
+
+
+def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "def f(x):\n    return x + 1\n" * 4}) for _ in range(8)))
+    train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--data", str(data),
+                "--heads", "2", "--steps", "3", "--seq-len", "32"])
+    heads = load_medusa_heads(tmp_path / "heads", 64, 256)
+    assert heads.config.num_heads == 2 and not heads.config.own_lm_head
+    report = json.loads((tmp_path / "heads" / "training.json").read_text())
+    assert len(report["held_out_accuracy"]) == 2
+    assert "head 1 (token +3)" in capsys.readouterr().out
