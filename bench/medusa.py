@@ -103,9 +103,13 @@ def plot(path: str, sweep: list[dict], main_row: dict) -> None:
         left.plot([r["tree_size"] for r in points], [r["speedup"] for r in points], "o-", label=f"batch {batch_size}")
         for r in points:
             left.annotate(r["tree"], (r["tree_size"], r["speedup"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    sizes = sorted({r["tree_size"] for r in sweep})
+    left.set_xscale("log")
+    left.set_xticks(sizes, [str(n) for n in sizes])
+    left.minorticks_off()
     left.axhline(1.0, color="grey", lw=0.8)
     left.legend()
-    left.set(xscale="log", xlabel="tree size (nodes, incl. root)", ylabel="speedup vs plain decode",
+    left.set(xlabel="tree size (nodes, incl. root)", ylabel="speedup vs plain decode",
              title="Medusa speedup vs tree size")
     hist = main_row["accept_length_histogram"]
     right.bar(list(hist), list(hist.values()))

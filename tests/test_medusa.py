@@ -17,6 +17,7 @@ from engine.attention import available_backends
 from engine.spec.medusa import MedusaConfig, MedusaHeads, WEIGHTS_FILE, load_medusa_heads, save_medusa_heads, typical_acceptance
 from engine.spec.train import TrainConfig, head_accuracy, base_hidden, main as train_main, self_distill, train_heads
 from engine.spec.tree import TREES, build_tree, load_tree
+from models import DEFAULT_MODEL_DIR
 from models.loader import load_model
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -341,3 +342,13 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
     report = json.loads((tmp_path / "heads" / "training.json").read_text())
     assert len(report["held_out_accuracy"]) == 2
     assert "head 1 (token +3)" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "medusa").is_dir(), reason="the default model's heads are not shipped")
+def test_shipped_heads_speculate_losslessly():
+    llm = LLM(medusa=str(DEFAULT_MODEL_DIR / "medusa"))
+    prompt = "def fibonacci(n):\n"
+    plain = llm.generate(prompt, SamplingParams(max_tokens=48, use_medusa=False, **GREEDY))[0]
+    medusa = llm.generate(prompt, SamplingParams(max_tokens=48, **GREEDY))[0]
+    assert medusa.token_ids == plain.token_ids
+    assert sum(medusa.accepted_lengths) / len(medusa.accepted_lengths) > 1.5

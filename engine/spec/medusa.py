@@ -97,9 +97,11 @@ def load_medusa_heads(folder: str | Path, hidden_size: int, vocab_size: int,
     tensors = load_file(weights_file)
     parsed = {key: _KEY.fullmatch(key) for key in tensors}
     unknown = sorted(key for key, m in parsed.items() if m is None)
+    if not tensors:
+        raise ValueError(f"{weights_file} holds no tensors")
     if unknown:
-        raise ValueError(f"{weights_file}: unexpected tensors {unknown} (expected '{{head}}.{{block}}.linear.weight|bias' "
-                         "and '{head}.{num_layers}.weight')")
+        raise ValueError(f"{weights_file}: unexpected tensors {unknown} (expected "
+                         "'{head}.{block}.linear.weight|bias' and '{head}.{num_layers}.weight')")
     num_heads = 1 + max(int(m[1]) for m in parsed.values())
     if num_heads != config.get("medusa_num_heads", num_heads):
         warnings.warn(f"{config_file} says medusa_num_heads={config['medusa_num_heads']}, but the weights hold "
@@ -280,5 +282,6 @@ class Medusa:
             return
         src, dst = slots.gather(1, path)[move], slots[:, :path.shape[1]][move]
         pool = self.kv_cache.pool
-        flat = pool.view(*pool.shape[:2], -1, *pool.shape[-2:])  # [layers, 2, num_blocks * block_size, kv_heads, head_dim]
+        # [layers, 2, num_blocks * block_size, kv_heads, head_dim]: a slot is an index on dim 2
+        flat = pool.view(*pool.shape[:2], -1, *pool.shape[-2:])
         flat[:, :, dst] = flat[:, :, src]

@@ -78,7 +78,8 @@ def head_accuracy(heads: MedusaHeads, model: nn.Module, hidden: torch.Tensor, id
     return [{"top1": (top1[k] / count[k]).item(), "top5": (top5[k] / count[k]).item()} for k in range(num_heads)]
 
 
-def train_heads(model: nn.Module, windows: torch.Tensor, config: TrainConfig, progress: bool = True) -> tuple[MedusaHeads, list[float]]:
+def train_heads(model: nn.Module, windows: torch.Tensor, config: TrainConfig,
+                progress: bool = True) -> tuple[MedusaHeads, list[float]]:
     """Train fresh heads on token windows [N, S] over the frozen `model`; returns the heads and the
     weighted training loss of every step."""
     torch.manual_seed(config.seed)
@@ -181,13 +182,14 @@ def main(argv: list[str] | None = None) -> None:
     windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed))]
     num_held_out = max(1, int(len(windows) * args.held_out))
     if num_held_out >= len(windows):
-        raise SystemExit(f"gorgon train-medusa: {len(windows)} windows leave nothing to train on after holding out {num_held_out}")
+        raise SystemExit(f"gorgon train-medusa: {len(windows)} windows leave nothing to train on after "
+                         f"holding out {num_held_out}")
     held_out, train = windows[:num_held_out], windows[num_held_out:]
     config = TrainConfig(args.heads, args.layers, args.own_lm_head, args.steps, args.batch_size, args.seq_len,
                          args.lr, args.seed)
     heads, history = train_heads(model, train, config)
     accuracy = head_accuracy(heads, model, base_hidden(model, held_out), held_out)
-    save_medusa_heads(heads, args.out, base_model=str(model_dir))
+    save_medusa_heads(heads, args.out, base_model=args.model or "models/default")
     report = {"config": asdict(config), "data": args.data or f"self-distillation ({args.samples} samples, "
               f"{args.prefix_tokens}-token sampled prefix, continuation temperature {args.temperature})",
               "train_windows": len(train), "held_out_windows": num_held_out,

@@ -72,7 +72,8 @@ def build_tree(choices: list[list[int]], name: str = "custom") -> MedusaTree:
     index = {p: i + 1 for i, p in enumerate(paths)}
     missing = sorted({p[:-1] for p in paths if len(p) > 1} - set(index))
     if missing:
-        raise ValueError(f"medusa tree {name!r} is not connected: the parent paths {[list(p) for p in missing]} are missing")
+        raise ValueError(f"medusa tree {name!r} is not connected: the parent paths "
+                         f"{[list(p) for p in missing]} are missing")
     top_k = max(max(p) for p in paths) + 1
     size = len(paths) + 1
 
