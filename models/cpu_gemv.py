@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-MAX_ROWS = 4
+MAX_ROWS = 8
 _SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
 
 

@@ -11,7 +11,7 @@ kernel = cpu_gemv.kernel()
 pytestmark = pytest.mark.skipif(kernel is None, reason="the CPU kernel could not be built here (no compiler?)")
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
 @pytest.mark.parametrize("in_features", [16, 77, 256])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fp32_matches_torch(rows, in_features, bias):
@@ -36,6 +36,6 @@ def test_linear_uses_the_kernel_only_for_small_inference_batches():
     x = torch.randn(4, 32)
     with torch.inference_mode():
         assert cpu_gemv.usable(x, layer.weight)
-        assert not cpu_gemv.usable(torch.randn(5, 32), layer.weight)
+        assert not cpu_gemv.usable(torch.randn(9, 32), layer.weight)
         assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
     assert not cpu_gemv.usable(x, layer.weight)  # autograd needs torch's own op

@@ -2,8 +2,8 @@
 //
 // Decode multiplies a handful of token rows by every weight matrix, so it is bound by how fast the
 // weights stream from memory. Each thread takes a contiguous range of weight rows and reads each row
-// once, accumulating the dot products of all M token rows at the same time (M <= 4; beyond that
-// torch's GEMM is as fast).
+// once, accumulating the dot products of all M token rows at the same time (M <= 8: Medusa
+// trees and small decode batches).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstring>
@@ -56,6 +56,10 @@ void gemv_dispatch(int64_t M, const float* x, const W* w, const float* bias, flo
       case 2: gemv_rows<2>(x, w, bias, y, K, N, begin, end); break;
       case 3: gemv_rows<3>(x, w, bias, y, K, N, begin, end); break;
       case 4: gemv_rows<4>(x, w, bias, y, K, N, begin, end); break;
+      case 5: gemv_rows<5>(x, w, bias, y, K, N, begin, end); break;
+      case 6: gemv_rows<6>(x, w, bias, y, K, N, begin, end); break;
+      case 7: gemv_rows<7>(x, w, bias, y, K, N, begin, end); break;
+      case 8: gemv_rows<8>(x, w, bias, y, K, N, begin, end); break;
     }
   });
 }
@@ -65,7 +69,7 @@ void gemv_dispatch(int64_t M, const float* x, const W* w, const float* bias, flo
 // x: [M, K] (any float dtype), weight: [N, K] fp32 or bf16 contiguous, bias: [N] or empty. Returns [M, N] in x's dtype.
 torch::Tensor small_batch_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "shape mismatch");
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 4, "small_batch_linear takes 1 to 4 rows");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8, "small_batch_linear takes 1 to 8 rows");
   TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   auto x32 = x.to(torch::kFloat).contiguous();
@@ -83,5 +87,5 @@ torch::Tensor small_batch_linear(torch::Tensor x, torch::Tensor weight, c10::opt
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("small_batch_linear", &small_batch_linear, "y = x @ w.T + b for 1-4 rows, streaming w once");
+  m.def("small_batch_linear", &small_batch_linear, "y = x @ w.T + b for 1-8 rows, streaming w once");
 }
