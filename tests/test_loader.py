@@ -31,30 +31,29 @@ def test_bfloat16_load(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
-def test_missing_tensor_is_named(tmp_path):
-    folder = save_tiny_model(tmp_path)
-    tensors = load_file(folder / "model.safetensors")
+def _drop_k_proj(tensors: dict) -> None:
     del tensors["model.layers.1.self_attn.k_proj.weight"]
-    save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.self_attn\.k_proj\.weight"):
-        load_model(folder, torch.float32, "cpu")
 
 
-def test_unexpected_tensor_is_named(tmp_path):
-    folder = save_tiny_model(tmp_path)
-    tensors = load_file(folder / "model.safetensors")
+def _add_extra(tensors: dict) -> None:
     tensors["model.layers.0.extra.weight"] = torch.zeros(2)
-    save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"unexpected tensors: model\.layers\.0\.extra\.weight"):
-        load_model(folder, torch.float32, "cpu")
 
 
-def test_wrong_shape_is_named(tmp_path):
+def _shrink_norm(tensors: dict) -> None:
+    tensors["model.norm.weight"] = torch.zeros(3)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_drop_k_proj, r"missing tensors: model\.layers\.1\.self_attn\.k_proj\.weight"),
+    (_add_extra, r"unexpected tensors: model\.layers\.0\.extra\.weight"),
+    (_shrink_norm, r"model\.norm\.weight has shape \(3,\)"),
+])
+def test_checkpoint_mismatch_is_named(tmp_path, edit, message):
     folder = save_tiny_model(tmp_path)
     tensors = load_file(folder / "model.safetensors")
-    tensors["model.norm.weight"] = torch.zeros(3)
+    edit(tensors)
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(CheckpointError, match=r"model\.norm\.weight has shape \(3,\)"):
+    with pytest.raises(CheckpointError, match=message):
         load_model(folder, torch.float32, "cpu")
 
 
