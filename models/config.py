@@ -40,6 +40,7 @@ class ModelConfig:
     rope: RopeConfig
     tie_word_embeddings: bool
     qkv_bias: bool
+    o_bias: bool  # Llama/Mistral's attention_bias covers o_proj too; Qwen2's q/k/v bias does not
     mlp_bias: bool
     sliding_window: int | None
     torch_dtype: str | None
@@ -82,6 +83,7 @@ class ModelConfig:
             rope=_read_rope(d),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)),
+            o_bias=arch != "Qwen2ForCausalLM" and bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
             sliding_window=_active_sliding_window(arch, d),
             torch_dtype=d.get("dtype") or d.get("torch_dtype"),

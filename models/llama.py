@@ -11,6 +11,7 @@ from torch import nn
 
 from engine.context import get_forward_context
 from models.config import ModelConfig
+from models import cpu_decode
 from models.layers import Linear, PackedLinear, RMSNorm, RotaryEmbedding, apply_rotary
 
 
@@ -22,7 +23,7 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = PackedLinear(config.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size},
                                      bias=config.qkv_bias)
-        self.o_proj = Linear(q_size, config.hidden_size, bias=False)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias)
         self.q_size, self.kv_size = q_size, kv_size
         # bound by the runner (engine.runner.ModelRunner) once the KV cache exists
         self.k_cache: torch.Tensor | None = None
@@ -36,12 +37,13 @@ class Attention(nn.Module):
         qk = apply_rotary(qkv[..., :num_qk_heads, :], cos, sin)  # q and k rotated in one go
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
         v = qkv[..., num_qk_heads:, :]
+        return self.o_proj(self.attend(q, k, v).reshape(*lead, self.q_size))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
         if ctx is None:
-            out = self._causal_no_cache(q, k, v)
-        else:
-            out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
-        return self.o_proj(out.reshape(*lead, self.q_size))
+            return self._causal_no_cache(q, k, v)
+        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, ctx, self.scale)
 
     def _causal_no_cache(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # [batch, seq, heads, head_dim] -> [batch, heads, seq, head_dim] for SDPA
@@ -77,6 +79,19 @@ class DecoderLayer(nn.Module):
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
+    def forward_fused(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """forward() for a few token rows [num_tokens, hidden] on the CPU: one kernel before attention and
+        one after it (models.cpu_decode), instead of some twenty operators."""
+        attn, mlp, kernels = self.self_attn, self.mlp, cpu_decode.kernel()
+        q, k, v = kernels.attention_input(hidden, self.input_layernorm.weight, self.input_layernorm.eps,
+                                          attn.qkv_proj.weight, attn.qkv_proj.bias, cos, sin,
+                                          attn.num_heads, attn.num_kv_heads)
+        out = attn.attend(q, k, v).view(hidden.shape[0], attn.q_size)
+        return kernels.attention_output(out, hidden, attn.o_proj.weight, attn.o_proj.bias,
+                                        self.post_attention_layernorm.weight,
+                                        self.post_attention_layernorm.eps, mlp.gate_up_proj.weight,
+                                        mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)
+
 
 class Backbone(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -111,8 +126,13 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, seq_lens)
         cos, sin = cos.to(hidden.dtype), sin.to(hidden.dtype)
-        for layer in self.model.layers:
-            hidden = layer(hidden, cos, sin)
+        # LoRA deltas come from wrapped linears, so steps with LoRA rows take the operator-by-operator path
+        if ctx is not None and ctx.lora is None and cpu_decode.usable(hidden, self.lm_head.weight):
+            for layer in self.model.layers:
+                hidden = layer.forward_fused(hidden, cos, sin)
+        else:
+            for layer in self.model.layers:
+                hidden = layer(hidden, cos, sin)
         return self.model.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

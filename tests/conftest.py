@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random HF checkpoints built in-process and saved to a temp folder."""
+"""Shared fixtures: tiny random HF checkpoints built in-process and saved to a temp folder, and a probe
+of our engine's logits."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,9 @@ if not torch.cuda.is_available():
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from bench.common import byte_tokenizer
+from engine import LLM, SamplingParams
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
 
 VOCAB = 256
 
@@ -51,3 +55,28 @@ def hf_model(folder: Path) -> torch.nn.Module:
 
 def read_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
+
+
+PROMPT_LEN = 21
+
+
+def paged_logits(llm: LLM, tokens: list[int]) -> torch.Tensor:
+    """Logits of our engine for every position: one paged prefill of PROMPT_LEN tokens, then one token per step."""
+    seq = Sequence("probe", tokens[:PROMPT_LEN], SamplingParams())
+    rows = []
+
+    def run(n: int, all_rows: bool) -> None:
+        assert llm.block_manager.allocate(seq, seq.num_computed_tokens + n)
+        inputs = llm.runner.prepare(ScheduledBatch([seq], [n]))
+        hidden = llm.runner.forward(inputs)
+        rows.append(llm.runner.logits(hidden, torch.arange(n) if all_rows else inputs.sample_rows))
+        seq.num_computed_tokens += n
+
+    run(PROMPT_LEN, all_rows=True)
+    for token in tokens[PROMPT_LEN:]:
+        seq.token_ids.append(token)
+        run(1, all_rows=False)
+    llm.block_manager.free_sequence(seq)
+    return torch.cat(rows)
+
+

@@ -6,13 +6,11 @@ import json
 import pytest
 import torch
 
-from conftest import hf_model, save_tiny_model
+from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model
 from engine import LLM, SamplingParams
-from engine.scheduler import ScheduledBatch
-from engine.sequence import Sequence
 from models.config import ModelConfig
 
-PROMPT_LEN, DECODE_STEPS = 21, 32
+DECODE_STEPS = 32
 
 ROPE_CASES = {
     "default": None,
@@ -29,29 +27,10 @@ MODEL_CASES = {
     "llama-mha-tied": ("LlamaForCausalLM", {"num_key_value_heads": 4, "tie_word_embeddings": True}),
     "llama-head-dim": ("LlamaForCausalLM", {"head_dim": 24}),  # != hidden / heads = 16
     "llama-mqa": ("LlamaForCausalLM", {"num_key_value_heads": 1}),
+    "llama-biases": ("LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True}),
     "qwen2": ("Qwen2ForCausalLM", {}),
     "mistral": ("MistralForCausalLM", {"sliding_window": 4096}),
 }
-
-
-def paged_logits(llm: LLM, tokens: list[int]) -> torch.Tensor:
-    """Logits of our engine for every position: one paged prefill, then one token per step."""
-    seq = Sequence("probe", tokens[:PROMPT_LEN], SamplingParams())
-    rows = []
-
-    def run(n: int, all_rows: bool) -> None:
-        assert llm.block_manager.allocate(seq, seq.num_computed_tokens + n)
-        inputs = llm.runner.prepare(ScheduledBatch([seq], [n]))
-        hidden = llm.runner.forward(inputs)
-        rows.append(llm.runner.logits(hidden, torch.arange(n) if all_rows else inputs.sample_rows))
-        seq.num_computed_tokens += n
-
-    run(PROMPT_LEN, all_rows=True)
-    for token in tokens[PROMPT_LEN:]:
-        seq.token_ids.append(token)
-        run(1, all_rows=False)
-    llm.block_manager.free_sequence(seq)
-    return torch.cat(rows)
 
 
 def hf_incremental_logits(folder, tokens: list[int]) -> torch.Tensor:

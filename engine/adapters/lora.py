@@ -56,25 +56,23 @@ class LoRABatch:
     grid_rows: torch.Tensor | None  # [num_slots * max_len] the token row at each grid position
     valid: torch.Tensor | None  # [num_lora_tokens] grid positions of real tokens
     rows: torch.Tensor  # [num_lora_tokens] their token rows
-    seq_slots: torch.Tensor  # [num_seqs] each sequence's slot, -1 for the base model
 
     def to(self, device: torch.device) -> "LoRABatch":
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
         return LoRABatch(self.slots, self.max_len, move(self.slot_index), move(self.grid_rows), move(self.valid),
-                         move(self.rows), move(self.seq_slots))
+                         move(self.rows))
 
 
 def lora_batch(seqs: list, query_lens: list[int]) -> LoRABatch | None:
     """Group the step's token rows by LoRA slot (a sequence's rows are consecutive); None without LoRA."""
     slot_rows: dict[int, list[int]] = {}
-    seq_slots, start = [], 0
+    start = 0
     for seq, n in zip(seqs, query_lens):
         slot = -1 if seq.adapter is None else seq.adapter.slot
         if slot >= 0:
             slot_rows.setdefault(slot, []).extend(range(start, start + n))
-        seq_slots.append(slot)
         start += n
     if not slot_rows:
         return None
@@ -87,8 +85,7 @@ def lora_batch(seqs: list, query_lens: list[int]) -> LoRABatch | None:
     slots = tuple(slot_rows)
     every_row = len(slots) == 1 and len(rows) == start
     return LoRABatch(slots, max_len, torch.tensor(slots), None if every_row else torch.tensor(grid_rows),
-                     None if len(valid) == len(grid_rows) else torch.tensor(valid), torch.tensor(rows),
-                     torch.tensor(seq_slots))
+                     None if len(valid) == len(grid_rows) else torch.tensor(valid), torch.tensor(rows))
 
 
 class LoRALinear(nn.Module):
@@ -111,6 +108,15 @@ class LoRALinear(nn.Module):
         self.slot_rows = [0] * num_slots
         # the active slots' stacked weights, kept while the same slots stay active (decode steps)
         self._stacked: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor] | None] | None = None
+
+    # the base layer's parameters, for kernels that skip the wrapper when no LoRA row is in the step
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)

@@ -323,18 +323,43 @@ std::vector<int> to_vector(const at::Tensor& t) {
 
 }  // namespace
 
-// q [num_tokens, num_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim];
-// block_tables [num_seqs, max_blocks] int32; query_start_loc [num_seqs + 1]; context_lens [num_seqs];
-// tree_mask [T, T] bool or None. Returns [num_tokens, num_heads, head_dim] in q's dtype.
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& block_tables, const at::Tensor& query_start_loc,
-                           const at::Tensor& context_lens, const std::optional<at::Tensor>& tree_mask, double scale) {
-  TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu(), "paged_attention: the cpu backend needs CPU tensors");
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "paged_attention: bad shapes");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
+// Write the new tokens' K/V (k, v [num_tokens, num_kv_heads, head_dim]) into their cache slots.
+void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
+              const at::Tensor& slot_mapping) {
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == slot_mapping.numel() && k.size(1) == k_cache.size(2) &&
+                  k.size(2) == k_cache.size(3) && k.scalar_type() == k_cache.scalar_type() &&
+                  v.scalar_type() == v_cache.scalar_type(),
+              "paged_attention: the new k/v do not fit the cache");
+  const at::Tensor kc = k.contiguous(), vc = v.contiguous(), slots = slot_mapping.to(at::kLong).contiguous();
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t row_bytes = k.size(1) * k.size(2) * k.element_size();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  auto* k_dst = static_cast<char*>(k_cache.data_ptr());
+  auto* v_dst = static_cast<char*>(v_cache.data_ptr());
+  const auto* k_src = static_cast<const char*>(kc.data_ptr());
+  const auto* v_src = static_cast<const char*>(vc.data_ptr());
+  for (int64_t t = 0; t < k.size(0); ++t) {
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < num_slots, "paged_attention: slot ", slot[t], " is outside the cache");
+    std::memcpy(k_dst + slot[t] * row_bytes, k_src + t * row_bytes, row_bytes);
+    std::memcpy(v_dst + slot[t] * row_bytes, v_src + t * row_bytes, row_bytes);
+  }
+}
+
+// q [num_tokens, num_heads, head_dim], k/v [num_tokens, num_kv_heads, head_dim]: the new tokens, whose
+// K/V go to cache slots slot_mapping [num_tokens] first; caches [num_blocks, block_size, num_kv_heads,
+// head_dim]; block_tables [num_seqs, max_blocks] int32; query_start_loc [num_seqs + 1]; context_lens
+// [num_seqs]; tree_mask [T, T] bool or None. Returns [num_tokens, num_heads, head_dim] in q's dtype.
+at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                           const at::Tensor& query_start_loc, const at::Tensor& context_lens,
+                           const std::optional<at::Tensor>& tree_mask, double scale) {
+  TORCH_CHECK(q_in.device().is_cpu() && k_cache.device().is_cpu(), "paged_attention: the cpu backend needs CPU tensors");
+  TORCH_CHECK(q_in.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "paged_attention: bad shapes");
+  TORCH_CHECK(q_in.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
               "paged_attention: q and the caches must share a dtype");
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(),
-              "paged_attention: q and the caches must be contiguous");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_attention: the caches must be contiguous");
+  store_kv(k, v, k_cache, v_cache, slot_mapping);
+  const at::Tensor q = q_in.contiguous();
   Problem p{};
   p.num_heads = static_cast<int>(q.size(1));
   p.head_dim = static_cast<int>(q.size(2));
@@ -383,4 +408,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   return out;
 }
 
-TORCH_LIBRARY(gorgon_attention, m) { m.def("paged_attention", &paged_attention); }
+TORCH_LIBRARY(gorgon_attention, m) {
+  m.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
+        "Tensor block_tables, Tensor query_start_loc, Tensor context_lens, Tensor? tree_mask, float scale) -> Tensor");
+  m.impl("paged_attention", c10::DispatchKey::CPU, &paged_attention);
+}

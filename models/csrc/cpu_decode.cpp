@@ -1,0 +1,242 @@
+// CPU kernels for decode-sized forwards (a few token rows: decode batches, Medusa trees).
+//
+// Decode is bound by how fast the weights stream from memory, and, for small models, by how many
+// operators Python dispatches per layer. So there are two kinds of kernel here:
+//   - small_batch_linear: y = x W^T (+ b) that streams W from memory once for any number of token
+//     rows, with a register-blocked micro-kernel over (weight rows x token rows); and rms_norm;
+//   - the two halves of a decoder layer around attention, each one call:
+//       attention_input:  RMSNorm -> packed q/k/v projection (+ bias) -> rotary on q and k;
+//       attention_output: o_proj + residual -> RMSNorm -> gate/up -> SiLU(gate) * up -> down + residual.
+// All arithmetic is fp32; weights are fp32 or bf16; activations come and go in the model's dtype.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <tuple>
+
+namespace {
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int i32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline f32x16 load16(const at::BFloat16* p) {  // bf16 is the top half of an fp32
+  u16x16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
+  f32x16 v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
+
+// Lane sums of 16 accumulators, as one vector (lane i = the sum of acc[i]). Each step adds pairs of
+// vectors' halves, so 15 shuffle-pairs replace 16 separate horizontal reductions.
+inline f32x16 fold(f32x16 a, f32x16 b, i32x16 lo, i32x16 hi) {
+  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+}
+
+inline f32x16 lane_sums(const f32x16 (&acc)[16]) {
+  const i32x16 lo8 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const i32x16 hi8 = lo8 + 8;
+  const i32x16 lo4 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const i32x16 hi4 = lo4 + 4;
+  const i32x16 lo2 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+  const i32x16 hi2 = lo2 + 2;
+  const i32x16 lo1 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const i32x16 hi1 = lo1 + 1;
+  f32x16 v8[8], v4[4], v2[2];
+  for (int i = 0; i < 8; ++i) v8[i] = fold(acc[2 * i], acc[2 * i + 1], lo8, hi8);  // 8 partial sums each
+  for (int i = 0; i < 4; ++i) v4[i] = fold(v8[2 * i], v8[2 * i + 1], lo4, hi4);   // 4 each
+  for (int i = 0; i < 2; ++i) v2[i] = fold(v4[2 * i], v4[2 * i + 1], lo2, hi2);   // 2 each
+  return fold(v2[0], v2[1], lo1, hi1);
+}
+
+// y[m, n] = x[m] . w[n] (+ bias[n]) for MB token rows and weight rows [n_begin, n_end), 16 / MB weight
+// rows at a time: 16 vector accumulators, one per (weight row, token row), summed over K in registers.
+// rows < MB repeats the last token row (its results are not written).
+template <int MB, typename W>
+void gemv_block(int64_t rows, const float* x, const W* w, const float* bias, float* y, int64_t K, int64_t N,
+                int64_t n_begin, int64_t n_end) {
+  constexpr int NB = 16 / MB;
+  const int64_t K_vec = K - K % kLanes;
+  const float* xs[MB];
+  for (int m = 0; m < MB; ++m) xs[m] = x + std::min<int64_t>(m, rows - 1) * K;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += NB) {
+    const W* ws[NB];  // past the end, repeat the last row (its results are not written)
+    for (int j = 0; j < NB; ++j) ws[j] = w + std::min(n0 + j, n_end - 1) * K;
+    f32x16 acc[16] = {};
+    for (int64_t k = 0; k < K_vec; k += kLanes) {
+      f32x16 xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = load16(xs[m] + k);
+      for (int j = 0; j < NB; ++j) {
+        const f32x16 wv = load16(ws[j] + k);
+        for (int m = 0; m < MB; ++m) acc[j * MB + m] += wv * xv[m];
+      }
+    }
+    const f32x16 sums = lane_sums(acc);
+    for (int j = 0; j < NB && n0 + j < n_end; ++j) {
+      for (int m = 0; m < rows; ++m) {
+        float sum = sums[j * MB + m] + (bias ? bias[n0 + j] : 0.f);
+        for (int64_t k = K_vec; k < K; ++k) sum += to_float(ws[j][k]) * xs[m][k];
+        y[m * N + n0 + j] = sum;
+      }
+    }
+  }
+}
+
+// y[M, N] = x[M, K] w[N, K]^T (+ bias), fp32 x and y. Token rows go in chunks of 4 over a cache-sized
+// block of weight rows, so the weights stream from memory once whatever M is.
+template <typename W>
+void gemv(int64_t M, const float* x, const W* w, const float* bias, float* y, int64_t K, int64_t N) {
+  const int64_t row_bytes = K * static_cast<int64_t>(sizeof(W));
+  // ~64 KiB of weights per task: big enough to amortise scheduling, small enough to balance threads
+  const int64_t grain = std::max<int64_t>(16, (64 * 1024) / row_bytes / 16 * 16);
+  // weight rows per pass when there are several chunks of token rows: the later chunks find them in L1
+  const int64_t block = std::max<int64_t>(16, (16 * 1024) / row_bytes / 16 * 16);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = begin; n0 < end; n0 += block) {
+      const int64_t n1 = std::min(end, n0 + block);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t rows = std::min<int64_t>(4, M - m0);
+        const float* xm = x + m0 * K;
+        float* ym = y + m0 * N;
+        if (rows == 1) gemv_block<1>(rows, xm, w, bias, ym, K, N, n0, n1);
+        else if (rows == 2) gemv_block<2>(rows, xm, w, bias, ym, K, N, n0, n1);
+        else gemv_block<4>(rows, xm, w, bias, ym, K, N, n0, n1);
+      }
+    }
+  });
+}
+
+torch::Tensor as_float(const torch::Tensor& t) { return t.to(torch::kFloat).contiguous(); }
+
+// y = x W^T + b in fp32 for fp32 x; W fp32 or bf16 (contiguous), b fp32 or undefined.
+torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && x.size(1) == weight.size(1),
+              "linear: weight must be a contiguous [out, in] matrix matching the input");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (weight.scalar_type() == torch::kFloat) {
+    gemv(M, x.data_ptr<float>(), weight.data_ptr<float>(), b, y.data_ptr<float>(), K, N);
+  } else {
+    TORCH_CHECK(weight.scalar_type() == torch::kBFloat16, "linear: weights must be float32 or bfloat16");
+    gemv(M, x.data_ptr<float>(), weight.data_ptr<at::BFloat16>(), b, y.data_ptr<float>(), K, N);
+  }
+  return y;
+}
+
+torch::Tensor optional_float(const c10::optional<torch::Tensor>& t) {
+  return t.has_value() && t->defined() ? as_float(*t) : torch::Tensor();
+}
+
+// RMSNorm of each row of x [M, H] (fp32) with weight w: HF's rule, all in fp32.
+torch::Tensor rms_norm_f32(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  const int64_t M = x.size(0), H = x.size(1);
+  auto w = as_float(weight);
+  auto y = torch::empty_like(x);
+  const float *src = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = src + m * H;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t h = 0; h < H; ++h) sum += row[h] * row[h];
+    const float inv = 1.0f / std::sqrt(sum / H + static_cast<float>(eps));
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) dst[m * H + h] = row[h] * inv * wp[h];
+  }
+  return y;
+}
+
+}  // namespace
+
+// x: [M, K] (any float dtype), weight: [N, K] fp32 or bf16 contiguous, bias: [N] or None. Returns [M, N] in x's dtype.
+torch::Tensor small_batch_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1, "small_batch_linear: x must be [rows, in_features]");
+  return linear_f32(as_float(x), weight, optional_float(bias)).to(x.scalar_type());
+}
+
+// RMSNorm of each row of x [M, H] (any float dtype), in fp32; returns x's dtype.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.numel(), "rms_norm: x must be [rows, hidden_size]");
+  return rms_norm_f32(as_float(x), weight, eps).to(x.scalar_type());
+}
+
+// hidden [M, H] -> (q [M, num_heads, D], k [M, num_kv_heads, D], v [M, num_kv_heads, D]) in hidden's dtype:
+// RMSNorm, the packed q/k/v projection (+ bias), then rotate-half RoPE on q and k with cos/sin [M, D].
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_input(
+    torch::Tensor hidden, torch::Tensor norm_weight, double eps, torch::Tensor qkv_weight,
+    c10::optional<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
+    int64_t num_kv_heads) {
+  TORCH_CHECK(hidden.dim() == 2, "attention_input: hidden must be [rows, hidden_size]");
+  const int64_t M = hidden.size(0);
+  const int64_t num_qk_heads = num_heads + num_kv_heads;
+  const int64_t D = qkv_weight.size(0) / (num_qk_heads + num_kv_heads);
+  TORCH_CHECK(D * (num_qk_heads + num_kv_heads) == qkv_weight.size(0) && D % 2 == 0,
+              "attention_input: the q/k/v weight does not split into heads of an even size");
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(0) == M && cos.size(1) == D, "attention_input: cos/sin must be [rows, head_dim]");
+  auto qkv = linear_f32(rms_norm_f32(as_float(hidden), norm_weight, eps), qkv_weight, optional_float(qkv_bias));
+  auto c = as_float(cos), s = as_float(sin);
+  float* data = qkv.data_ptr<float>();
+  const float *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+  const int64_t half = D / 2, width = qkv.size(1);
+  for (int64_t m = 0; m < M; ++m) {
+    const float *cm = cp + m * D, *sm = sp + m * D;
+    for (int64_t head = 0; head < num_qk_heads; ++head) {
+      float* x = data + m * width + head * D;
+#pragma omp simd
+      for (int64_t d = 0; d < half; ++d) {
+        const float lo = x[d], hi = x[d + half];
+        x[d] = lo * cm[d] - hi * sm[d];
+        x[d + half] = hi * cm[d + half] + lo * sm[d + half];
+      }
+    }
+  }
+  auto heads = qkv.to(hidden.scalar_type()).view({M, num_qk_heads + num_kv_heads, D});
+  auto parts = heads.split_with_sizes({num_heads, num_kv_heads, num_kv_heads}, 1);
+  return {parts[0], parts[1], parts[2]};
+}
+
+// The rest of a decoder layer after attention: h = residual + attn W_o^T (+ b_o), then
+// h + down(SiLU(gate) * up) of RMSNorm(h). attn [M, num_heads * D]; returns [M, H] in residual's dtype.
+torch::Tensor attention_output(torch::Tensor attn, torch::Tensor residual, torch::Tensor o_weight,
+                               c10::optional<torch::Tensor> o_bias, torch::Tensor norm_weight, double eps,
+                               torch::Tensor gate_up_weight,
+                               c10::optional<torch::Tensor> gate_up_bias, torch::Tensor down_weight,
+                               c10::optional<torch::Tensor> down_bias) {
+  TORCH_CHECK(attn.dim() == 2 && residual.dim() == 2 && attn.size(0) == residual.size(0),
+              "attention_output: attn and residual must be [rows, features]");
+  auto hidden = linear_f32(as_float(attn), o_weight, optional_float(o_bias));
+  hidden.add_(residual.to(torch::kFloat));
+  auto gate_up = linear_f32(rms_norm_f32(hidden, norm_weight, eps), gate_up_weight, optional_float(gate_up_bias));
+  const int64_t M = gate_up.size(0), I = gate_up.size(1) / 2;
+  auto act = torch::empty({M, I}, gate_up.options());
+  const float* gu = gate_up.data_ptr<float>();
+  float* a = act.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float *gate = gu + m * 2 * I, *up = gate + I;
+#pragma omp simd
+    for (int64_t i = 0; i < I; ++i) a[m * I + i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+  }
+  hidden.add_(linear_f32(act, down_weight, optional_float(down_bias)));
+  return hidden.to(residual.scalar_type());
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("small_batch_linear", &small_batch_linear, "y = x @ w.T + b for a few rows, streaming w once");
+  m.def("rms_norm", &rms_norm, "RMSNorm of a few rows");
+  m.def("attention_input", &attention_input, "RMSNorm, q/k/v projection and RoPE of a few rows");
+  m.def("attention_output", &attention_output, "o_proj + residual, RMSNorm, SwiGLU MLP + residual of a few rows");
+}

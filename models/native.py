@@ -1,0 +1,34 @@
+"""Build gorgon's C++ CPU kernels with torch.utils.cpp_extension on first use, and cache the builds.
+
+Builds go to $GORGON_EXTENSIONS_DIR (default ~/.cache/gorgon/torch_extensions), in a folder named after
+the torch version and this CPU's instruction-set flags: the kernels are compiled with -march=native, so a
+cache shared between different machines must never hand one machine's binary to another."""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+
+def _cpu_fingerprint() -> str:
+    """Short hash of the CPU's feature flags (Linux), else of the machine name."""
+    flags = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        flags += next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
+def build(name: str, source: Path, python_module: bool) -> ModuleType | None:
+    """Compile (or load the cached build of) one C++ source. Raises whatever the build raises."""
+    from torch.utils.cpp_extension import load
+
+    root = Path(os.environ.get("GORGON_EXTENSIONS_DIR", Path.home() / ".cache" / "gorgon" / "torch_extensions"))
+    build_dir = root / f"{name}-torch{torch.__version__.replace('+', '_')}-{_cpu_fingerprint()}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return load(name=name, sources=[str(source)], build_directory=str(build_dir), is_python_module=python_module,
+                extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], extra_ldflags=["-fopenmp"], verbose=False)

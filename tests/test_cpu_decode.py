@@ -1,0 +1,56 @@
+"""The CPU decode kernels vs torch's operators."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import PROMPT_LEN, paged_logits, save_tiny_model
+from engine import LLM
+from models import cpu_decode
+from models.layers import Linear
+
+kernel = cpu_decode.kernel()
+pytestmark = pytest.mark.skipif(kernel is None, reason="the CPU kernel could not be built here (no compiler?)")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 20, 32])
+@pytest.mark.parametrize("in_features", [16, 77, 256])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_matches_torch(rows, in_features, bias):
+    gen = torch.Generator().manual_seed(rows * in_features)
+    x = torch.randn(rows, in_features, generator=gen)
+    w = torch.randn(40, in_features, generator=gen)
+    b = torch.randn(40, generator=gen) if bias else None
+    assert (kernel.small_batch_linear(x, w, b) - torch.nn.functional.linear(x, w, b)).abs().max() <= 1e-4
+
+
+def test_bf16_weights_accumulate_in_fp32():
+    x = torch.randn(3, 256).bfloat16()
+    w = torch.randn(64, 256).bfloat16()
+    ref = torch.nn.functional.linear(x.float(), w.float())
+    out = kernel.small_batch_linear(x, w, None)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_linear_uses_the_kernel_only_for_small_inference_batches():
+    layer = Linear(32, 8)
+    x = torch.randn(4, 32)
+    with torch.inference_mode():
+        assert cpu_decode.usable(x, layer.weight)
+        assert not cpu_decode.usable(torch.randn(33, 32), layer.weight)
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+    assert not cpu_decode.usable(x, layer.weight)  # autograd needs torch's own op
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_decoder_layers_match_the_operator_path(tmp_path, monkeypatch, dtype):
+    """Prefill (21 rows) and decode steps through the fused kernels vs through torch's operators, on a
+    model with every optional bias and a head_dim that is not a multiple of the vector width."""
+    folder = save_tiny_model(tmp_path, attention_bias=True, mlp_bias=True, head_dim=24)
+    tokens = torch.randint(3, 256, (PROMPT_LEN + 8,), generator=torch.Generator().manual_seed(2)).tolist()
+    fused = paged_logits(LLM(folder, dtype=dtype, num_kv_blocks=16, block_size=4), tokens).float()
+    monkeypatch.setattr(cpu_decode, "usable", lambda x, weight: False)
+    plain = paged_logits(LLM(folder, dtype=dtype, num_kv_blocks=16, block_size=4), tokens).float()
+    tolerance = 1e-4 if dtype == "float32" else 0.03 * plain.abs().max().item()
+    assert (fused - plain).abs().max().item() <= tolerance
