@@ -31,9 +31,8 @@ class ForwardContext:
     # Medusa verification: [T, T] bool over the last T query rows of every sequence (row i may see
     # tree node j iff tree_mask[i, j]); those rows also see the whole cached past. None: plain causal.
     tree_mask: torch.Tensor | None = None
-    # LoRA: adapter slot per token (-1 = base model); None when no adapter is in the batch.
-    adapter_index: torch.Tensor | None = None
-    lora: LoRABatch | None = None  # the same, as token rows grouped by slot (what LoRA layers compute with)
+    # LoRA: the step's token rows grouped by adapter slot; None when no sequence uses a LoRA
+    lora: LoRABatch | None = None
 
     @property
     def num_seqs(self) -> int:

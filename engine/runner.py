@@ -37,46 +37,46 @@ class ModelRunner:
             layer.self_attn.backend = self.backend
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """Build every tensor of the step at once; Python work is per sequence, tensor work per token."""
-        # cache index (= position) of each sequence's first new token; a prefix adapter's virtual tokens come first
-        starts = [seq.num_virtual_tokens + seq.num_computed_tokens for seq in batch.seqs]
-        query_lens = batch.num_new_tokens
-        context_lens = [s + n for s, n in zip(starts, query_lens)]
+        """Build every tensor of the step at once. Python work is per sequence and per KV block; per-token
+        lists are made by range() in C and turned into tensors in one go."""
+        bs = self.block_size
         input_ids: list[int] = []
-        for seq, n in zip(batch.seqs, query_lens):
-            input_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        context_lens: list[int] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            # cache index (= position) of the first new token; a prefix adapter's virtual tokens come first
+            start = seq.num_virtual_tokens + seq.num_computed_tokens
+            end = start + n
+            input_ids += seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n]
+            positions += range(start, end)
+            for block in range(start // bs, (end - 1) // bs + 1):
+                offset = seq.block_table[block] * bs - block * bs  # cache index -> slot within this block
+                slot_mapping += range(offset + max(start, block * bs), offset + min(end, (block + 1) * bs))
+            context_lens.append(end)
         write_virtual_tails(batch.seqs, self.kv_cache)
         max_blocks = max(len(seq.block_table) for seq in batch.seqs)
         block_tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in batch.seqs]
-
-        to_device = dict(device=self.device, non_blocking=True)
-        query_lens_t = torch.tensor(query_lens, dtype=torch.int32)
-        query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32)
-        torch.cumsum(query_lens_t, 0, out=query_start_loc[1:])
-        num_tokens = len(input_ids)
-        # position of each token: its row index minus its sequence's first row, plus the sequence's start
-        row_offset = torch.tensor(starts, dtype=torch.int64) - query_start_loc[:-1]
-        positions = torch.arange(num_tokens) + row_offset.repeat_interleave(query_lens_t, output_size=num_tokens)
-        seq_index = torch.arange(len(query_lens)).repeat_interleave(query_lens_t, output_size=num_tokens)
-        block_tables_t = torch.tensor(block_tables, dtype=torch.int32)
-        slot_mapping = block_tables_t[seq_index, positions // self.block_size] * self.block_size + positions % self.block_size
+        query_lens = batch.num_new_tokens
+        query_start_loc = [0, *accumulate(query_lens)]
+        sampling_seqs = [i for i in range(len(batch)) if batch.samples(i)]
         lora = lora_batch(batch.seqs, query_lens)  # None when no sequence uses a LoRA
 
-        sampling_seqs = [i for i in range(len(batch)) if batch.samples(i)]
-        row_ends = list(accumulate(query_lens))
-        sample_rows = torch.tensor([row_ends[i] - 1 for i in sampling_seqs])
+        def tensor(values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
         ctx = ForwardContext(
-            positions=positions.to(**to_device),
-            slot_mapping=slot_mapping.to(**to_device),
-            query_start_loc=query_start_loc.to(**to_device),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32).to(**to_device),
-            block_tables=block_tables_t.to(**to_device),
+            positions=tensor(positions),
+            slot_mapping=tensor(slot_mapping),
+            query_start_loc=tensor(query_start_loc, torch.int32),
+            context_lens=tensor(context_lens, torch.int32),
+            block_tables=tensor(block_tables, torch.int32),
             query_lens_cpu=list(query_lens),
             context_lens_cpu=context_lens,
-            adapter_index=None if lora is None else lora.seq_slots[seq_index].to(**to_device),
             lora=None if lora is None else lora.to(self.device),
         )
-        return StepInputs(torch.tensor(input_ids).to(**to_device), ctx, sample_rows.to(**to_device), sampling_seqs)
+        sample_rows = tensor([query_start_loc[i + 1] - 1 for i in sampling_seqs])
+        return StepInputs(tensor(input_ids), ctx, sample_rows, sampling_seqs)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:

@@ -243,7 +243,6 @@ class Medusa:
             query_lens_cpu=[tree.size] * num_seqs,
             context_lens_cpu=context_lens,
             tree_mask=tree.mask,
-            adapter_index=None if lora is None else lora.seq_slots.repeat_interleave(tree.size).to(device),
             lora=None if lora is None else lora.to(device),
         )
         all_rows = torch.arange(num_seqs * tree.size, device=device)  # every node's logits are needed
