@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tokenizers.decoders import DecodeStream
 
 from engine.config import SamplingParams
 
@@ -35,10 +36,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
-    # detokenizer state (engine.detokenizer)
     output_text: str = ""
-    prefix_offset: int = 0
-    read_offset: int = 0
+    decode_stream: DecodeStream | None = None  # incremental detokenizer state (engine.detokenizer)
     # per output token: (logprob of the chosen token, {token_id: logprob} of the top alternatives)
     logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.perf_counter)
