@@ -301,8 +301,15 @@ def test_unknown_route_gets_an_openai_error_body(running):
 
 # ---- failure and disconnects -----------------------------------------------------------------------
 @pytest.mark.parametrize("stream", [True, False])
-def test_a_client_that_disconnects_aborts_its_request_and_frees_its_blocks(running, stream):
+def test_a_client_that_disconnects_aborts_its_request_and_frees_its_blocks(running, stream, monkeypatch):
     before = aborted(wait_until_idle(running))
+    forward = running.llm.runner.forward
+
+    def slow_forward(*args, **kwargs):  # so the request is surely still running when the client leaves
+        time.sleep(0.005)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(running.llm.runner, "forward", slow_forward)
     body = {"prompt": "hello", "max_tokens": 480, "temperature": 0, "ignore_eos": True, "stream": stream}
     headers = {"Authorization": f"Bearer {KEY}"}
     if stream:
