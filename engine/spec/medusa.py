@@ -26,6 +26,7 @@ from engine.runner import ModelRunner, StepInputs
 from engine.sampler import Sampler
 from engine.sequence import Sequence
 from engine.spec.tree import DEFAULT_TREE, MedusaTree, load_tree
+from models.layers import Linear
 
 WEIGHTS_FILE = "medusa_lm_head.safetensors"
 _KEY = re.compile(r"(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)")
@@ -47,7 +48,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(hidden_size, hidden_size)
+        self.linear = Linear(hidden_size, hidden_size)  # HF-compatible nn.Linear with the CPU decode kernel
         nn.init.zeros_(self.linear.weight)  # a fresh block is the identity, so a fresh v2 head starts as the lm_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,7 @@ class MedusaHeads(nn.Module):
         h, v = config.hidden_size, config.vocab_size
         self.heads = nn.ModuleList(
             nn.ModuleList([*(ResBlock(h) for _ in range(config.num_layers)),
-                           *([nn.Linear(h, v, bias=False)] if config.own_lm_head else [])])
+                           *([Linear(h, v, bias=False)] if config.own_lm_head else [])])
             for _ in range(config.num_heads))
 
     def forward(self, hidden: torch.Tensor, base_lm_head: Callable[[torch.Tensor], torch.Tensor],
