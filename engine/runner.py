@@ -12,6 +12,7 @@ from engine.attention import get_backend
 from engine.context import ForwardContext, forward_context
 from engine.kv_cache import KVCache
 from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
 
 
 @dataclass
@@ -37,30 +38,39 @@ class ModelRunner:
             layer.self_attn.backend = self.backend
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """Build every tensor of the step at once. Python work is per sequence and per KV block; per-token
-        lists are made by range() in C and turned into tensors in one go."""
-        bs = self.block_size
+        """The step's inputs: each sequence's next num_new_tokens tokens, at consecutive positions."""
         input_ids: list[int] = []
         positions: list[int] = []
-        slot_mapping: list[int] = []
-        context_lens: list[int] = []
+        spans: list[tuple[int, int]] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             # cache index (= position) of the first new token; a prefix adapter's virtual tokens come first
             start = seq.num_virtual_tokens + seq.num_computed_tokens
-            end = start + n
             input_ids += seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n]
-            positions += range(start, end)
+            positions += range(start, start + n)
+            spans.append((start, start + n))
+        write_virtual_tails(batch.seqs, self.kv_cache)
+        sampling_seqs = [i for i in range(len(batch)) if batch.samples(i)]
+        row_ends = list(accumulate(batch.num_new_tokens))
+        return self.step_inputs(batch.seqs, input_ids, positions, spans, [row_ends[i] - 1 for i in sampling_seqs],
+                                sampling_seqs)
+
+    def step_inputs(self, seqs: list[Sequence], input_ids: list[int], positions: list[int],
+                    spans: list[tuple[int, int]], sample_rows: list[int], sampling_seqs: list[int],
+                    tree_mask: torch.Tensor | None = None) -> StepInputs:
+        """Every tensor of a step, built at once: seqs[i] writes cache entries [start, end) = spans[i] from
+        its rows of input_ids/positions (the rows are consecutive, in sequence order). Python work is per
+        sequence and per KV block; per-token lists come from range() and become tensors in one go."""
+        bs = self.block_size
+        slot_mapping: list[int] = []
+        for seq, (start, end) in zip(seqs, spans):
             for block in range(start // bs, (end - 1) // bs + 1):
                 offset = seq.block_table[block] * bs - block * bs  # cache index -> slot within this block
                 slot_mapping += range(offset + max(start, block * bs), offset + min(end, (block + 1) * bs))
-            context_lens.append(end)
-        write_virtual_tails(batch.seqs, self.kv_cache)
-        max_blocks = max(len(seq.block_table) for seq in batch.seqs)
-        block_tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in batch.seqs]
-        query_lens = batch.num_new_tokens
-        query_start_loc = [0, *accumulate(query_lens)]
-        sampling_seqs = [i for i in range(len(batch)) if batch.samples(i)]
-        lora = lora_batch(batch.seqs, query_lens)  # None when no sequence uses a LoRA
+        max_blocks = max(len(seq.block_table) for seq in seqs)
+        block_tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]
+        query_lens = [end - start for start, end in spans]
+        context_lens = [end for _, end in spans]
+        lora = lora_batch(seqs, query_lens)  # None when no sequence uses a LoRA
 
         def tensor(values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
@@ -68,15 +78,15 @@ class ModelRunner:
         ctx = ForwardContext(
             positions=tensor(positions),
             slot_mapping=tensor(slot_mapping),
-            query_start_loc=tensor(query_start_loc, torch.int32),
+            query_start_loc=tensor([0, *accumulate(query_lens)], torch.int32),
             context_lens=tensor(context_lens, torch.int32),
             block_tables=tensor(block_tables, torch.int32),
-            query_lens_cpu=list(query_lens),
+            query_lens_cpu=query_lens,
             context_lens_cpu=context_lens,
+            tree_mask=tree_mask,
             lora=None if lora is None else lora.to(self.device),
         )
-        sample_rows = tensor([query_start_loc[i + 1] - 1 for i in sampling_seqs])
-        return StepInputs(tensor(input_ids), ctx, sample_rows, sampling_seqs)
+        return StepInputs(tensor(input_ids), ctx, tensor(sample_rows), sampling_seqs)
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:

@@ -98,10 +98,10 @@ def test_tree_buffers_by_hand():
                                         [1, 1, 0, 1, 0, 0],
                                         [1, 1, 0, 0, 1, 0],
                                         [1, 1, 0, 1, 0, 1]]
-    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 3]
+    assert tree.depths == [0, 1, 1, 2, 2, 3]
     assert tree.parents.tolist() == [0, 0, 0, 1, 1, 3]
     # [root, head0 rank0, head0 rank1, head1 rank0, head1 rank1, head2 rank0, head2 rank1]
-    assert tree.candidate_index.tolist() == [0, 1, 2, 3, 4, 5]
+    assert tree.candidate_index == [0, 1, 2, 3, 4, 5]
     assert tree.retrieve.tolist() == [[0, 2, 2, 2], [0, 1, 4, 4], [0, 1, 3, 5]]
     assert tree.path_valid.tolist() == [[True, True, False, False], [True, True, True, False], [True] * 4]
 
@@ -109,13 +109,13 @@ def test_tree_buffers_by_hand():
 def test_chain_tree_and_shipped_trees():
     chain = load_tree("chain3")
     assert chain.mask.tolist() == torch.ones(4, 4).tril().bool().tolist()
-    assert chain.candidate_index.tolist() == [0, 1, 2, 3] and chain.retrieve.tolist() == [[0, 1, 2, 3]]
+    assert chain.candidate_index == [0, 1, 2, 3] and chain.retrieve.tolist() == [[0, 1, 2, 3]]
     big = load_tree("mc_sim_7b_63")
     assert big.size == 64 and big.top_k == 10 and big.depth == 4
     for name in TREES:
         tree = load_tree(name)
         # every node sees exactly its ancestors and itself: depth + 1 entries in its mask row
-        assert (tree.mask.sum(dim=1) == tree.depths + 1).all()
+        assert tree.mask.sum(dim=1).tolist() == [d + 1 for d in tree.depths]
 
 
 def test_tree_from_json_and_errors(tmp_path):

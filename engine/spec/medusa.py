@@ -10,6 +10,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable
+from itertools import chain
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +19,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engine.adapters.lora import lora_batch
 from engine.config import EngineConfig
-from engine.context import ForwardContext
 from engine.kv_cache import KVCache
-from engine.runner import ModelRunner, StepInputs
+from engine.runner import ModelRunner
 from engine.sampler import Sampler
 from engine.sequence import Sequence
 from engine.spec.tree import DEFAULT_TREE, MedusaTree, load_tree
@@ -197,57 +196,34 @@ class Medusa:
         bonus token sampled by the base model after them, and the accepted last node's hidden states
         [len(seqs), hidden] (what propose() needs next). The accepted K/V ends up in consecutive cache
         entries after the sequence's past; the caller releases the blocks beyond them."""
-        tree, num_seqs = self.tree, len(seqs)
-        device = tree.mask.device
-        roots = torch.tensor([seq.token_ids[-1] for seq in seqs])
-        drafts = torch.tensor([seq.draft_token_ids for seq in seqs])  # [B, depth, top_k]
-        flat = torch.cat([roots[:, None], drafts.flatten(1)], dim=1).to(device)
-        candidates = flat[:, tree.candidate_index]  # [B, T]
-        inputs, slots = self._tree_inputs(seqs, candidates)
+        tree, num_seqs, size = self.tree, len(seqs), self.tree.size
+        # node i's token: entry candidate_index[i] of [root, head 0's top-k, head 1's top-k, ...]
+        token_lists = [[seq.token_ids[-1], *chain.from_iterable(seq.draft_token_ids)] for seq in seqs]
+        input_ids = [tokens[i] for tokens in token_lists for i in tree.candidate_index]
+        positions, spans = [], []
+        for seq in seqs:
+            root = seq.num_virtual_tokens + seq.num_computed_tokens  # the root's cache index and position
+            positions += [root + d for d in tree.depths]  # node i sits at cache index root + i
+            spans.append((root, root + size))
+        inputs = runner.step_inputs(seqs, input_ids, positions, spans, list(range(num_seqs * size)),
+                                    list(range(num_seqs)), tree_mask=tree.mask)
         hidden = runner.forward(inputs)  # [B * T, hidden]
-        logits = runner.logits(hidden, inputs.sample_rows).view(num_seqs, tree.size, -1)  # [B, T, V]
+        logits = runner.logits(hidden, inputs.sample_rows).view(num_seqs, size, -1)  # [B, T, V]
 
+        candidates = inputs.input_ids.view(num_seqs, size)
         base_argmax = logits.argmax(dim=-1)  # [B, T]
         path, num_accepted = self._longest_accepted_path(seqs, candidates, logits, base_argmax)  # [B, depth + 1], [B]
-        rows = torch.arange(num_seqs, device=device)
+        rows = torch.arange(num_seqs, device=candidates.device)
         last_node = path[rows, num_accepted]
         if all(s.params.greedy for s in seqs):
             bonus = base_argmax[rows, last_node].tolist()
         else:
             bonus = self.sampler(logits[rows, last_node], [s.params for s in seqs],
                                  [s.generator or rng for s in seqs]).token_ids
-        self._compact(slots, path, num_accepted)
+        self._compact(inputs.ctx.slot_mapping.view(num_seqs, size), path, num_accepted)
         tokens = candidates.gather(1, path).tolist()
         out = [tokens[i][1:n + 1] + [bonus[i]] for i, n in enumerate(num_accepted.tolist())]
-        return out, hidden.view(num_seqs, tree.size, -1)[rows, last_node]
-
-    def _tree_inputs(self, seqs: list[Sequence], candidates: torch.Tensor) -> tuple[StepInputs, torch.Tensor]:
-        """The tree rows of every sequence: node i at cache index root + i (consecutive slots) but at
-        position root + depth(i). Returns the step inputs and the slots [B, T]."""
-        tree, num_seqs, block_size = self.tree, len(seqs), self.kv_cache.block_size
-        device = tree.mask.device
-        roots = [seq.num_virtual_tokens + seq.num_computed_tokens for seq in seqs]  # cache index of the root
-        max_blocks = max(len(seq.block_table) for seq in seqs)
-        block_tables = torch.tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs],
-                                    dtype=torch.int32, device=device)
-        start = torch.tensor(roots, device=device)[:, None]
-        cache_index = start + torch.arange(tree.size, device=device)  # [B, T]
-        slots = block_tables.gather(1, (cache_index // block_size).int()) * block_size + cache_index % block_size
-        context_lens = [r + tree.size for r in roots]
-        lora = lora_batch(seqs, [tree.size] * num_seqs)
-        ctx = ForwardContext(
-            positions=(start + tree.depths).flatten(),
-            slot_mapping=slots.flatten(),
-            query_start_loc=torch.arange(0, (num_seqs + 1) * tree.size, tree.size, dtype=torch.int32, device=device),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-            block_tables=block_tables,
-            query_lens_cpu=[tree.size] * num_seqs,
-            context_lens_cpu=context_lens,
-            tree_mask=tree.mask,
-            lora=None if lora is None else lora.to(device),
-        )
-        all_rows = torch.arange(num_seqs * tree.size, device=device)  # every node's logits are needed
-        return StepInputs(candidates.flatten(), ctx, all_rows, list(range(num_seqs))), slots
+        return out, hidden.view(num_seqs, size, -1)[rows, last_node]
 
     def _longest_accepted_path(self, seqs: list[Sequence], candidates: torch.Tensor, logits: torch.Tensor,
                                base_argmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

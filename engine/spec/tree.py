@@ -41,9 +41,9 @@ class MedusaTree:
     name: str
     paths: list[tuple[int, ...]]  # node i >= 1 is paths[i - 1]
     mask: torch.Tensor  # [T, T] bool: node i sees node j iff j is i or an ancestor of i
-    depths: torch.Tensor  # [T] int64, root 0
+    depths: list[int]  # [T] root 0 (host lists: they only build step inputs)
     parents: torch.Tensor  # [T] int64 node index of the parent (the root is its own parent)
-    candidate_index: torch.Tensor  # [T] int64 index into [root, head 0's top-k, head 1's top-k, ...]
+    candidate_index: list[int]  # [T] index into [root, head 0's top-k, head 1's top-k, ...]
     retrieve: torch.Tensor  # [num_leaves, depth + 1] int64 nodes of each root-to-leaf path, padded with the leaf
     path_valid: torch.Tensor  # [num_leaves, depth + 1] bool: False on the padding
     top_k: int  # candidates taken from each head
@@ -59,8 +59,9 @@ class MedusaTree:
 
     def to(self, device: torch.device | str) -> "MedusaTree":
         tensors = {name: getattr(self, name).to(device) for name in
-                   ("mask", "depths", "parents", "candidate_index", "retrieve", "path_valid")}
-        return MedusaTree(self.name, self.paths, top_k=self.top_k, **tensors)
+                   ("mask", "parents", "retrieve", "path_valid")}
+        return MedusaTree(self.name, self.paths, depths=self.depths, candidate_index=self.candidate_index,
+                          top_k=self.top_k, **tensors)
 
 
 def build_tree(choices: list[list[int]], name: str = "custom") -> MedusaTree:
@@ -79,9 +80,9 @@ def build_tree(choices: list[list[int]], name: str = "custom") -> MedusaTree:
 
     mask = torch.eye(size, dtype=torch.bool)
     mask[:, 0] = True
-    depths = torch.zeros(size, dtype=torch.int64)
+    depths = [0] * size
     parents = torch.zeros(size, dtype=torch.int64)
-    candidate_index = torch.zeros(size, dtype=torch.int64)
+    candidate_index = [0] * size
     for p, i in index.items():
         ancestors = [index[p[:d]] for d in range(1, len(p))]
         mask[i, ancestors] = True
