@@ -31,4 +31,4 @@ def build(name: str, source: Path, python_module: bool) -> ModuleType | None:
     build_dir = root / f"{name}-torch{torch.__version__.replace('+', '_')}-{_cpu_fingerprint()}"
     build_dir.mkdir(parents=True, exist_ok=True)
     return load(name=name, sources=[str(source)], build_directory=str(build_dir), is_python_module=python_module,
-                extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], extra_ldflags=["-fopenmp"], verbose=False)
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
