@@ -54,3 +54,12 @@ def test_fused_decoder_layers_match_the_operator_path(tmp_path, monkeypatch, dty
     plain = paged_logits(LLM(folder, dtype=dtype, num_kv_blocks=16, block_size=4), tokens).float()
     tolerance = 1e-4 if dtype == "float32" else 0.03 * plain.abs().max().item()
     assert (fused - plain).abs().max().item() <= tolerance
+
+
+@pytest.mark.parametrize("rows", [1, 3, 12])
+def test_residual_silu_block_matches_torch(rows):
+    gen = torch.Generator().manual_seed(rows)
+    x, w, b = torch.randn(rows, 48, generator=gen), torch.randn(48, 48, generator=gen), torch.randn(48, generator=gen)
+    expected = x + torch.nn.functional.silu(torch.nn.functional.linear(x, w, b))
+    assert (kernel.residual_silu_linear(x, w, b) - expected).abs().max() <= 1e-4
+    assert (kernel.rms_norm(x, b, 1e-6) - torch.nn.functional.rms_norm(x, (48,), b, 1e-6)).abs().max() <= 1e-4

@@ -10,7 +10,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable
-from itertools import chain
+from itertools import chain, islice
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from engine.runner import ModelRunner
 from engine.sampler import Sampler
 from engine.sequence import Sequence
 from engine.spec.tree import DEFAULT_TREE, MedusaTree, load_tree
+from models import cpu_decode
 from models.layers import Linear
 
 WEIGHTS_FILE = "medusa_lm_head.safetensors"
@@ -47,10 +48,13 @@ class ResBlock(nn.Module):
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.linear = Linear(hidden_size, hidden_size)  # HF-compatible nn.Linear with the CPU decode kernel
+        self.linear = Linear(hidden_size, hidden_size)
         nn.init.zeros_(self.linear.weight)  # a fresh block is the identity, so a fresh v2 head starts as the lm_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_decode.usable(x, self.linear.weight):  # one call instead of three operators
+            rows = x.reshape(-1, x.shape[-1])
+            return cpu_decode.kernel().residual_silu_linear(rows, self.linear.weight, self.linear.bias).view(x.shape)
         return x + F.silu(self.linear(x))
 
 
@@ -72,9 +76,9 @@ class MedusaHeads(nn.Module):
                 num_heads: int | None = None) -> torch.Tensor:
         """hidden: [..., hidden_size] -> logits of the first num_heads heads, [num_heads, ..., vocab]."""
         states = []
-        for head in self.heads[:num_heads]:
+        for head in islice(self.heads, num_heads):  # (slicing a ModuleList builds a new one: slow)
             x = hidden
-            for block in head[:self.config.num_layers]:
+            for block in islice(head, self.config.num_layers):
                 x = block(x)
             states.append(x)
         if self.config.own_lm_head:

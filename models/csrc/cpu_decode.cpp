@@ -3,7 +3,8 @@
 // Decode is bound by how fast the weights stream from memory, and, for small models, by how many
 // operators Python dispatches per layer. So there are two kinds of kernel here:
 //   - small_batch_linear: y = x W^T (+ b) that streams W from memory once for any number of token
-//     rows, with a register-blocked micro-kernel over (weight rows x token rows); and rms_norm;
+//     rows, with a register-blocked micro-kernel over (weight rows x token rows); rms_norm; and the
+//     Medusa residual block x + SiLU(x W^T + b);
 //   - the two halves of a decoder layer around attention, each one call:
 //       attention_input:  RMSNorm -> packed q/k/v projection (+ bias) -> rotary on q and k;
 //       attention_output: o_proj + residual -> RMSNorm -> gate/up -> SiLU(gate) * up -> down + residual.
@@ -234,9 +235,23 @@ torch::Tensor attention_output(torch::Tensor attn, torch::Tensor residual, torch
   return hidden.to(residual.scalar_type());
 }
 
+// x + SiLU(x W^T + b) for x [M, H], W [H, H]: a Medusa residual block in one call.
+torch::Tensor residual_silu_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.size(0) == x.size(1), "residual_silu_linear: x must be [rows, features] and W square");
+  auto x32 = as_float(x);
+  auto y = linear_f32(x32, weight, optional_float(bias));
+  float* yp = y.data_ptr<float>();
+  const float* xp = x32.data_ptr<float>();
+  const int64_t n = y.numel();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) yp[i] = xp[i] + yp[i] / (1.0f + std::exp(-yp[i]));
+  return y.to(x.scalar_type());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_batch_linear", &small_batch_linear, "y = x @ w.T + b for a few rows, streaming w once");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows");
+  m.def("residual_silu_linear", &residual_silu_linear, "x + SiLU(x @ w.T + b) of a few rows (a Medusa block)");
   m.def("attention_input", &attention_input, "RMSNorm, q/k/v projection and RoPE of a few rows");
   m.def("attention_output", &attention_output, "o_proj + residual, RMSNorm, SwiGLU MLP + residual of a few rows");
 }
