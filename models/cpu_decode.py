@@ -35,5 +35,5 @@ def kernel() -> ModuleType | None:
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """May the kernels compute with input x (its rows are tokens) and weights of this dtype?"""
-    return (x.device.type == "cpu" and not torch.is_grad_enabled() and weight.dtype in (torch.float32, torch.bfloat16)
+    return (x.is_cpu and not torch.is_grad_enabled() and weight.dtype in (torch.float32, torch.bfloat16)
             and x.numel() <= MAX_ROWS * x.shape[-1] and kernel() is not None)

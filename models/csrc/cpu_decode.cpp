@@ -120,7 +120,14 @@ void gemv(int64_t M, const float* x, const W* w, const float* bias, float* y, in
   });
 }
 
-torch::Tensor as_float(const torch::Tensor& t) { return t.to(torch::kFloat).contiguous(); }
+// (the checks skip torch's dispatcher, which costs a microsecond or two per call even when nothing changes)
+torch::Tensor as_float(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kFloat && t.is_contiguous() ? t : t.to(torch::kFloat).contiguous();
+}
+
+torch::Tensor as_dtype(const torch::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
 
 // y = x W^T + b in fp32 for fp32 x; W fp32 or bf16 (contiguous), b fp32 or undefined.
 torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias) {
@@ -166,13 +173,13 @@ torch::Tensor rms_norm_f32(const torch::Tensor& x, const torch::Tensor& weight, 
 // x: [M, K] (any float dtype), weight: [N, K] fp32 or bf16 contiguous, bias: [N] or None. Returns [M, N] in x's dtype.
 torch::Tensor small_batch_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1, "small_batch_linear: x must be [rows, in_features]");
-  return linear_f32(as_float(x), weight, optional_float(bias)).to(x.scalar_type());
+  return as_dtype(linear_f32(as_float(x), weight, optional_float(bias)), x.scalar_type());
 }
 
 // RMSNorm of each row of x [M, H] (any float dtype), in fp32; returns x's dtype.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == weight.numel(), "rms_norm: x must be [rows, hidden_size]");
-  return rms_norm_f32(as_float(x), weight, eps).to(x.scalar_type());
+  return as_dtype(rms_norm_f32(as_float(x), weight, eps), x.scalar_type());
 }
 
 // hidden [M, H] -> (q [M, num_heads, D], k [M, num_kv_heads, D], v [M, num_kv_heads, D]) in hidden's dtype:
@@ -205,7 +212,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_input(
       }
     }
   }
-  auto heads = qkv.to(hidden.scalar_type()).view({M, num_qk_heads + num_kv_heads, D});
+  auto heads = as_dtype(qkv, hidden.scalar_type()).view({M, num_qk_heads + num_kv_heads, D});
   auto parts = heads.split_with_sizes({num_heads, num_kv_heads, num_kv_heads}, 1);
   return {parts[0], parts[1], parts[2]};
 }
@@ -220,7 +227,7 @@ torch::Tensor attention_output(torch::Tensor attn, torch::Tensor residual, torch
   TORCH_CHECK(attn.dim() == 2 && residual.dim() == 2 && attn.size(0) == residual.size(0),
               "attention_output: attn and residual must be [rows, features]");
   auto hidden = linear_f32(as_float(attn), o_weight, optional_float(o_bias));
-  hidden.add_(residual.to(torch::kFloat));
+  hidden.add_(as_dtype(residual, torch::kFloat));
   auto gate_up = linear_f32(rms_norm_f32(hidden, norm_weight, eps), gate_up_weight, optional_float(gate_up_bias));
   const int64_t M = gate_up.size(0), I = gate_up.size(1) / 2;
   auto act = torch::empty({M, I}, gate_up.options());
@@ -232,7 +239,7 @@ torch::Tensor attention_output(torch::Tensor attn, torch::Tensor residual, torch
     for (int64_t i = 0; i < I; ++i) a[m * I + i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
   }
   hidden.add_(linear_f32(act, down_weight, optional_float(down_bias)));
-  return hidden.to(residual.scalar_type());
+  return as_dtype(hidden, residual.scalar_type());
 }
 
 // x + SiLU(x W^T + b) for x [M, H], W [H, H]: a Medusa residual block in one call.
@@ -245,7 +252,7 @@ torch::Tensor residual_silu_linear(torch::Tensor x, torch::Tensor weight, c10::o
   const int64_t n = y.numel();
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) yp[i] = xp[i] + yp[i] / (1.0f + std::exp(-yp[i]));
-  return y.to(x.scalar_type());
+  return as_dtype(y, x.scalar_type());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

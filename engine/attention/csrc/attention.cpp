@@ -316,8 +316,11 @@ std::vector<QueryTile> plan_tiles(const std::vector<int>& query_start, const std
   return tiles;
 }
 
+// t in dtype; the check skips torch's dispatcher (a microsecond or two per call) when it already is
+at::Tensor as_type(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
 std::vector<int> to_vector(const at::Tensor& t) {
-  const at::Tensor c = t.to(at::kInt).contiguous();
+  const at::Tensor c = as_type(t, at::kInt).contiguous();
   return std::vector<int>(c.data_ptr<int>(), c.data_ptr<int>() + c.numel());
 }
 
@@ -330,7 +333,7 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
                   k.size(2) == k_cache.size(3) && k.scalar_type() == k_cache.scalar_type() &&
                   v.scalar_type() == v_cache.scalar_type(),
               "paged_attention: the new k/v do not fit the cache");
-  const at::Tensor kc = k.contiguous(), vc = v.contiguous(), slots = slot_mapping.to(at::kLong).contiguous();
+  const at::Tensor kc = k.contiguous(), vc = v.contiguous(), slots = as_type(slot_mapping, at::kLong).contiguous();
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
   const int64_t row_bytes = k.size(1) * k.size(2) * k.element_size();
   const int64_t* slot = slots.data_ptr<int64_t>();
@@ -367,7 +370,7 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
   p.block_size = static_cast<int>(k_cache.size(1));
   TORCH_CHECK(k_cache.size(3) == p.head_dim && p.num_heads % p.num_kv_heads == 0,
               "paged_attention: head_dim or head counts do not match");
-  const at::Tensor tables = block_tables.to(at::kInt).contiguous();
+  const at::Tensor tables = as_type(block_tables, at::kInt).contiguous();
   p.max_blocks = static_cast<int>(tables.size(1));
   p.group = p.num_heads / p.num_kv_heads;
   p.padded_dim = round_up(p.head_dim, TILE_COLS);
@@ -375,7 +378,7 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
 
   at::Tensor mask;
   if (tree_mask.has_value()) {
-    mask = tree_mask->to(at::kBool).contiguous();
+    mask = as_type(*tree_mask, at::kBool).contiguous();
     TORCH_CHECK(mask.dim() == 2 && mask.size(0) == mask.size(1), "paged_attention: the tree mask must be [T, T]");
     p.tree_size = static_cast<int>(mask.size(0));
     p.tree_mask = mask.data_ptr<bool>();
