@@ -57,9 +57,17 @@ def test_fused_decoder_layers_match_the_operator_path(tmp_path, monkeypatch, dty
 
 
 @pytest.mark.parametrize("rows", [1, 3, 12])
-def test_residual_silu_block_matches_torch(rows):
+def test_medusa_blocks_and_rms_norm_match_torch(rows):
     gen = torch.Generator().manual_seed(rows)
-    x, w, b = torch.randn(rows, 48, generator=gen), torch.randn(48, 48, generator=gen), torch.randn(48, generator=gen)
-    expected = x + torch.nn.functional.silu(torch.nn.functional.linear(x, w, b))
-    assert (kernel.residual_silu_linear(x, w, b) - expected).abs().max() <= 1e-4
-    assert (kernel.rms_norm(x, b, 1e-6) - torch.nn.functional.rms_norm(x, (48,), b, 1e-6)).abs().max() <= 1e-4
+    x = torch.randn(rows, 48, generator=gen)
+    weights = [torch.randn(48, 48, generator=gen) / 7 for _ in range(6)]  # 3 heads x 2 blocks
+    biases = [torch.randn(48, generator=gen) for _ in range(6)]
+    expected = []
+    for h in range(3):
+        state = x
+        for w, b in zip(weights[2 * h:2 * h + 2], biases[2 * h:2 * h + 2]):
+            state = state + torch.nn.functional.silu(torch.nn.functional.linear(state, w, b))
+        expected.append(state)
+    assert (kernel.medusa_blocks(x, weights, biases, 3) - torch.stack(expected)).abs().max() <= 1e-4
+    w = biases[0]
+    assert (kernel.rms_norm(x, w, 1e-6) - torch.nn.functional.rms_norm(x, (48,), w, 1e-6)).abs().max() <= 1e-4

@@ -52,9 +52,6 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.linear.weight)  # a fresh block is the identity, so a fresh v2 head starts as the lm_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_decode.usable(x, self.linear.weight):  # one call instead of three operators
-            rows = x.reshape(-1, x.shape[-1])
-            return cpu_decode.kernel().residual_silu_linear(rows, self.linear.weight, self.linear.bias).view(x.shape)
         return x + F.silu(self.linear(x))
 
 
@@ -75,15 +72,23 @@ class MedusaHeads(nn.Module):
     def forward(self, hidden: torch.Tensor, base_lm_head: Callable[[torch.Tensor], torch.Tensor],
                 num_heads: int | None = None) -> torch.Tensor:
         """hidden: [..., hidden_size] -> logits of the first num_heads heads, [num_heads, ..., vocab]."""
-        states = []
-        for head in islice(self.heads, num_heads):  # (slicing a ModuleList builds a new one: slow)
-            x = hidden
-            for block in islice(head, self.config.num_layers):
-                x = block(x)
-            states.append(x)
+        heads = list(islice(self.heads, num_heads))  # (slicing a ModuleList builds a new one: slow)
+        blocks = [block.linear for head in heads for block in islice(head, self.config.num_layers)]
+        if blocks and cpu_decode.usable(hidden, blocks[0].weight):  # decode on a CPU: every block in one call
+            rows = hidden.reshape(-1, hidden.shape[-1])
+            states = cpu_decode.kernel().medusa_blocks(rows, [b.weight for b in blocks], [b.bias for b in blocks],
+                                                       len(heads)).view(len(heads), *hidden.shape)
+        else:
+            states = []
+            for head in heads:
+                x = hidden
+                for block in islice(head, self.config.num_layers):
+                    x = block(x)
+                states.append(x)
+            states = torch.stack(states)
         if self.config.own_lm_head:
-            return torch.stack([head[-1](x) for head, x in zip(self.heads, states)])
-        return base_lm_head(torch.stack(states))  # one projection for all heads
+            return torch.stack([head[-1](x) for head, x in zip(heads, states)])
+        return base_lm_head(states)  # one projection for all heads
 
 
 def load_medusa_heads(folder: str | Path, hidden_size: int, vocab_size: int,
@@ -163,6 +168,10 @@ class Medusa:
         self.max_model_len = max_model_len
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
         self.sampler = Sampler()
+        # host copies of the tree's structure: acceptance runs in plain Python (its work is per node, not per token)
+        self._parents = tree.parents.tolist()
+        self._leaf_paths = [[node for node, valid in zip(nodes, valids) if valid]
+                            for nodes, valids in zip(tree.retrieve.tolist(), tree.path_valid.tolist())]
 
     @classmethod
     def from_config(cls, config: EngineConfig, model: nn.Module, kv_cache: KVCache, max_model_len: int) -> "Medusa":
@@ -212,56 +221,67 @@ class Medusa:
         inputs = runner.step_inputs(seqs, input_ids, positions, spans, list(range(num_seqs * size)),
                                     list(range(num_seqs)), tree_mask=tree.mask)
         hidden = runner.forward(inputs)  # [B * T, hidden]
-        logits = runner.logits(hidden, inputs.sample_rows).view(num_seqs, size, -1)  # [B, T, V]
-
-        candidates = inputs.input_ids.view(num_seqs, size)
-        base_argmax = logits.argmax(dim=-1)  # [B, T]
-        path, num_accepted = self._longest_accepted_path(seqs, candidates, logits, base_argmax)  # [B, depth + 1], [B]
-        rows = torch.arange(num_seqs, device=candidates.device)
-        last_node = path[rows, num_accepted]
+        logits = runner.logits(hidden, inputs.sample_rows)  # [B * T, V]
+        base_argmax = logits.argmax(dim=-1).tolist()
+        paths = self._accepted_paths(seqs, input_ids, logits.view(num_seqs, size, -1), base_argmax)
+        last_rows = [b * size + path[-1] for b, path in enumerate(paths)]
         if all(s.params.greedy for s in seqs):
-            bonus = base_argmax[rows, last_node].tolist()
+            bonus = [base_argmax[row] for row in last_rows]
         else:
-            bonus = self.sampler(logits[rows, last_node], [s.params for s in seqs],
-                                 [s.generator or rng for s in seqs]).token_ids
-        self._compact(inputs.ctx.slot_mapping.view(num_seqs, size), path, num_accepted)
-        tokens = candidates.gather(1, path).tolist()
-        out = [tokens[i][1:n + 1] + [bonus[i]] for i, n in enumerate(num_accepted.tolist())]
-        return out, hidden.view(num_seqs, size, -1)[rows, last_node]
+            bonus = self.sampler(logits[last_rows], [s.params for s in seqs], [s.generator or rng for s in seqs]).token_ids
+        self._compact(seqs, spans, paths)
+        out = [[input_ids[b * size + node] for node in path[1:]] + [bonus[b]] for b, path in enumerate(paths)]
+        return out, hidden[last_rows]
 
-    def _longest_accepted_path(self, seqs: list[Sequence], candidates: torch.Tensor, logits: torch.Tensor,
-                               base_argmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per sequence: the nodes [depth + 1] of the root-to-leaf path with the most accepted nodes
-        (ties: the likeliest under typical acceptance, the first under greedy), and that count."""
-        tree, device = self.tree, candidates.device
-        accepted = candidates == base_argmax[:, tree.parents]  # greedy: the base argmax at the parent
+    def _accepted_paths(self, seqs: list[Sequence], candidates: list[int], logits: torch.Tensor,
+                        base_argmax: list[int]) -> list[list[int]]:
+        """Per sequence: the nodes, root first, of the longest accepted prefix of a root-to-leaf path. A node
+        is accepted when its token is the base argmax at its parent (greedy) or passes typical acceptance
+        (sampling). Ties go to the likeliest path under typical acceptance, else to the first."""
+        size = self.tree.size
         sampled = [not s.params.greedy for s in seqs]
+        typical = log_p = None
         if any(sampled):
-            sampled_t = torch.tensor(sampled, device=device)[:, None]
-            temperature = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device)
-            typical, log_p = typical_acceptance(candidates, logits, tree.parents, temperature,
-                                                self.posterior_threshold, self.posterior_alpha)
-            accepted = torch.where(sampled_t, typical, accepted)
-        # a path's node counts only if it and every node above it were accepted
-        prefix_accepted = (accepted[:, tree.retrieve[:, 1:]] & tree.path_valid[:, 1:]).cumprod(dim=-1)  # [B, L, depth]
-        num_accepted = prefix_accepted.sum(dim=-1)  # [B, L]
-        if any(sampled):
-            path_log_p = (torch.where(sampled_t, log_p, 0.0)[:, tree.retrieve[:, 1:]] * prefix_accepted).sum(dim=-1)
-            longest = num_accepted.max(dim=-1, keepdim=True).values
-            best = torch.where(num_accepted == longest, path_log_p, float("-inf")).argmax(dim=-1)  # [B]
-        else:
-            best = num_accepted.argmax(dim=-1)  # the first of the longest
-        return tree.retrieve[best], num_accepted.gather(1, best[:, None]).squeeze(1)
+            temperature = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=logits.device)
+            candidates_t = torch.tensor(candidates, device=logits.device).view(len(seqs), size)
+            typical_t, log_p_t = typical_acceptance(candidates_t, logits, self.tree.parents, temperature,
+                                                    self.posterior_threshold, self.posterior_alpha)
+            typical, log_p = typical_t.tolist(), log_p_t.tolist()
+        paths = []
+        for b in range(len(seqs)):
+            first = b * size
+            if sampled[b]:
+                accepted = typical[b]
+            else:
+                accepted = [candidates[first + i] == base_argmax[first + parent] for i, parent in enumerate(self._parents)]
+            best, best_key = [0], (1, 0.0)
+            for leaf_path in self._leaf_paths:
+                n = 1
+                while n < len(leaf_path) and accepted[leaf_path[n]]:
+                    n += 1
+                key = (n, sum(log_p[b][i] for i in leaf_path[1:n]) if sampled[b] else 0.0)
+                if key > best_key:
+                    best, best_key = leaf_path[:n], key
+            paths.append(best)
+        return paths
 
-    def _compact(self, slots: torch.Tensor, path: torch.Tensor, num_accepted: torch.Tensor) -> None:
-        """Move the accepted path's K/V (all layers) so that its depth-d node sits at cache index root + d.
-        Nodes are sorted by depth, so path[d] >= d: no copy reads a slot that an earlier one wrote."""
-        depth = torch.arange(path.shape[1], device=path.device)
-        move = (depth <= num_accepted[:, None]) & (path != depth)  # [B, depth + 1]
-        if not move.any():
+    def _compact(self, seqs: list[Sequence], spans: list[tuple[int, int]], paths: list[list[int]]) -> None:
+        """Move each accepted path's K/V (all layers) so that its depth-d node sits at cache index root + d
+        (node i was written at root + i)."""
+        bs = self.kv_cache.block_size
+
+        def slot(seq: Sequence, index: int) -> int:
+            return seq.block_table[index // bs] * bs + index % bs
+
+        src, dst = [], []
+        for seq, (root, _), path in zip(seqs, spans, paths):
+            for depth, node in enumerate(path):
+                if node != depth:
+                    src.append(slot(seq, root + node))
+                    dst.append(slot(seq, root + depth))
+        if not src:
             return
-        src, dst = slots.gather(1, path)[move], slots[:, :path.shape[1]][move]
         pool = self.kv_cache.pool
         # [layers, 2, num_blocks * block_size, kv_heads, head_dim]: a slot is an index on dim 2
         flat = pool.view(*pool.shape[:2], -1, *pool.shape[-2:])
-        flat[:, :, dst] = flat[:, :, src]
+        flat[:, :, torch.tensor(dst, device=pool.device)] = flat[:, :, torch.tensor(src, device=pool.device)]

@@ -4,7 +4,7 @@
 // operators Python dispatches per layer. So there are two kinds of kernel here:
 //   - small_batch_linear: y = x W^T (+ b) that streams W from memory once for any number of token
 //     rows, with a register-blocked micro-kernel over (weight rows x token rows); rms_norm; and the
-//     Medusa residual block x + SiLU(x W^T + b);
+//     Medusa heads' residual blocks x + SiLU(x W^T + b), all heads in one call;
 //   - the two halves of a decoder layer around attention, each one call:
 //       attention_input:  RMSNorm -> packed q/k/v projection (+ bias) -> rotary on q and k;
 //       attention_output: o_proj + residual -> RMSNorm -> gate/up -> SiLU(gate) * up -> down + residual.
@@ -242,23 +242,36 @@ torch::Tensor attention_output(torch::Tensor attn, torch::Tensor residual, torch
   return as_dtype(hidden, residual.scalar_type());
 }
 
-// x + SiLU(x W^T + b) for x [M, H], W [H, H]: a Medusa residual block in one call.
-torch::Tensor residual_silu_linear(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.dim() == 2 && weight.size(0) == x.size(1), "residual_silu_linear: x must be [rows, features] and W square");
-  auto x32 = as_float(x);
-  auto y = linear_f32(x32, weight, optional_float(bias));
-  float* yp = y.data_ptr<float>();
-  const float* xp = x32.data_ptr<float>();
-  const int64_t n = y.numel();
+// Medusa heads' residual blocks in one call: head h starts from hidden [M, H] and applies
+// x + SiLU(x W^T + b) for each of its blocks; weights/biases hold num_heads * blocks_per_head [H, H]/[H]
+// tensors, head-major. Returns the heads' states [num_heads, M, H] in hidden's dtype.
+torch::Tensor medusa_blocks(torch::Tensor hidden, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> biases,
+                            int64_t num_heads) {
+  TORCH_CHECK(hidden.dim() == 2 && num_heads > 0 && weights.size() == biases.size() &&
+                  weights.size() % num_heads == 0,
+              "medusa_blocks: hidden must be [rows, H] and every head needs the same number of blocks");
+  const int64_t M = hidden.size(0), H = hidden.size(1), blocks = weights.size() / num_heads;
+  auto x0 = as_float(hidden);
+  auto states = torch::empty({num_heads, M, H}, x0.options());
+  for (int64_t h = 0; h < num_heads; ++h) {
+    auto x = x0;
+    for (int64_t j = 0; j < blocks; ++j) {
+      auto y = linear_f32(x, weights[h * blocks + j], as_float(biases[h * blocks + j]));
+      float* yp = y.data_ptr<float>();
+      const float* xp = x.data_ptr<float>();
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) yp[i] = xp[i] + yp[i] / (1.0f + std::exp(-yp[i]));
-  return as_dtype(y, x.scalar_type());
+      for (int64_t i = 0; i < M * H; ++i) yp[i] = xp[i] + yp[i] / (1.0f + std::exp(-yp[i]));
+      x = y;
+    }
+    states[h].copy_(x);
+  }
+  return as_dtype(states, hidden.scalar_type());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_batch_linear", &small_batch_linear, "y = x @ w.T + b for a few rows, streaming w once");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows");
-  m.def("residual_silu_linear", &residual_silu_linear, "x + SiLU(x @ w.T + b) of a few rows (a Medusa block)");
+  m.def("medusa_blocks", &medusa_blocks, "every Medusa head's residual blocks x + SiLU(x @ w.T + b), a few rows");
   m.def("attention_input", &attention_input, "RMSNorm, q/k/v projection and RoPE of a few rows");
   m.def("attention_output", &attention_output, "o_proj + residual, RMSNorm, SwiGLU MLP + residual of a few rows");
 }
