@@ -56,23 +56,26 @@ class LoRABatch:
     grid_rows: torch.Tensor | None  # [num_slots * max_len] the token row at each grid position
     valid: torch.Tensor | None  # [num_lora_tokens] grid positions of real tokens
     rows: torch.Tensor  # [num_lora_tokens] their token rows
+    token_slots: torch.Tensor  # [num_tokens] each token row's slot, -1 for the base model (what CPU kernels take)
 
     def to(self, device: torch.device) -> "LoRABatch":
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
         return LoRABatch(self.slots, self.max_len, move(self.slot_index), move(self.grid_rows), move(self.valid),
-                         move(self.rows))
+                         move(self.rows), move(self.token_slots))
 
 
 def lora_batch(seqs: list, query_lens: list[int]) -> LoRABatch | None:
     """Group the step's token rows by LoRA slot (a sequence's rows are consecutive); None without LoRA."""
     slot_rows: dict[int, list[int]] = {}
+    token_slots: list[int] = []
     start = 0
     for seq, n in zip(seqs, query_lens):
         slot = -1 if seq.adapter is None else seq.adapter.slot
         if slot >= 0:
             slot_rows.setdefault(slot, []).extend(range(start, start + n))
+        token_slots += [slot] * n
         start += n
     if not slot_rows:
         return None
@@ -85,7 +88,8 @@ def lora_batch(seqs: list, query_lens: list[int]) -> LoRABatch | None:
     slots = tuple(slot_rows)
     every_row = len(slots) == 1 and len(rows) == start
     return LoRABatch(slots, max_len, torch.tensor(slots), None if every_row else torch.tensor(grid_rows),
-                     None if len(valid) == len(grid_rows) else torch.tensor(valid), torch.tensor(rows))
+                     None if len(valid) == len(grid_rows) else torch.tensor(valid), torch.tensor(rows),
+                     torch.tensor(token_slots))
 
 
 class LoRALinear(nn.Module):
@@ -108,6 +112,7 @@ class LoRALinear(nn.Module):
         self.slot_rows = [0] * num_slots
         # the active slots' stacked weights, kept while the same slots stay active (decode steps)
         self._stacked: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor] | None] | None = None
+        self._active: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor] | None] | None = None  # the same, unstacked
 
     # the base layer's parameters, for kernels that skip the wrapper when no LoRA row is in the step
     @property
@@ -137,6 +142,14 @@ class LoRALinear(nn.Module):
             delta = delta[lora.valid]  # [num_lora_tokens, out]
         return out.index_add_(0, lora.rows, delta)
 
+    def active_weights(self, slots: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A and Bᵀ of every slot [num_slots, k, in/out], cut to the k rows that `slots` use (None: no such
+        slot adapts this module): what the CPU decode kernels take."""
+        if self._active is None or self._active[0] != slots:
+            k = max(self.slot_rows[s] for s in slots)
+            self._active = (slots, (self.lora_a[:, :k], self.lora_bt[:, :k]) if k else None)
+        return self._active[1]
+
     def _stack(self, lora: LoRABatch) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self._stacked is None or self._stacked[0] != lora.slots:
             k = max(self.slot_rows[s] for s in lora.slots)
@@ -158,7 +171,7 @@ class LoRALinear(nn.Module):
             a_rows[:a.shape[0], shard] = a
             bt_rows[:a.shape[0], shard, first:first + size] = bt
         self.slot_rows[slot] = max((a.shape[0] for _, a, _ in shards), default=0) * self.num_shards
-        self._stacked = None
+        self._stacked = self._active = None
 
 
 def install_lora(model: nn.Module, targets: dict[str, LoRATarget], num_slots: int,

@@ -7,13 +7,15 @@
 //     Medusa heads' residual blocks x + SiLU(x W^T + b), all heads in one call;
 //   - the two halves of a decoder layer around attention, each one call:
 //       attention_input:  RMSNorm -> packed q/k/v projection (+ bias) -> rotary on q and k;
-//       attention_output: o_proj + residual -> RMSNorm -> gate/up -> SiLU(gate) * up -> down + residual.
+//       attention_output: o_proj + residual -> RMSNorm -> gate/up -> SiLU(gate) * up -> down + residual;
+//     each projection adds its per-token LoRA delta when the step has LoRA rows (a mixed batch is one call).
 // All arithmetic is fp32; weights are fp32 or bf16; activations come and go in the model's dtype.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -168,6 +170,53 @@ torch::Tensor rms_norm_f32(const torch::Tensor& x, const torch::Tensor& weight, 
   return y;
 }
 
+
+template <typename W>
+void lora_rows(float* out, const float* x, const W* a, const W* bt, int64_t a_slot_stride, int64_t bt_slot_stride,
+               const int64_t* slots, int64_t M, int64_t K, int64_t N, int64_t R) {
+  std::vector<float> t(R);
+  for (int64_t m = 0; m < M; ++m) {
+    if (slots[m] < 0) continue;
+    const W* am = a + slots[m] * a_slot_stride;
+    const W* bm = bt + slots[m] * bt_slot_stride;
+    const float* xm = x + m * K;
+    for (int64_t r = 0; r < R; ++r) {
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < K; ++k) sum += to_float(am[r * K + k]) * xm[k];
+      t[r] = sum;
+    }
+    float* o = out + m * N;
+    for (int64_t r = 0; r < R; ++r) {
+      const W* b = bm + r * N;
+#pragma omp simd
+      for (int64_t n = 0; n < N; ++n) o[n] += t[r] * to_float(b[n]);
+    }
+  }
+}
+
+// out [M, N] += (x [M, K] A[s]^T) Bt[s] for each row m with LoRA slot s = slots[m] >= 0; A [S, R, K] and
+// Bt [S, R, N] (the scale folded in; the slot dimension may be strided, e.g. the first R rows of a bigger
+// stack), as engine.adapters.lora.LoRALinear keeps them. No-op without LoRA.
+void add_lora(torch::Tensor& out, const torch::Tensor& x, const c10::optional<torch::Tensor>& slots,
+              const c10::optional<torch::Tensor>& a, const c10::optional<torch::Tensor>& bt) {
+  if (!slots.has_value() || !a.has_value() || !bt.has_value()) return;
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), R = a->size(1);
+  TORCH_CHECK(a->dim() == 3 && bt->dim() == 3 && a->size(2) == K && bt->size(2) == N && bt->size(1) == R &&
+                  slots->numel() == M && a->scalar_type() == bt->scalar_type() && a->stride(2) == 1 &&
+                  a->stride(1) == K && bt->stride(2) == 1 && bt->stride(1) == N,
+              "add_lora: the LoRA weights do not fit this linear");
+  const auto s = slots->to(torch::kLong).contiguous();
+  if (a->scalar_type() == torch::kFloat) {
+    lora_rows(out.data_ptr<float>(), x.data_ptr<float>(), a->data_ptr<float>(), bt->data_ptr<float>(), a->stride(0),
+              bt->stride(0), s.data_ptr<int64_t>(), M, K, N, R);
+  } else {
+    TORCH_CHECK(a->scalar_type() == torch::kBFloat16, "add_lora: LoRA weights must be float32 or bfloat16");
+    lora_rows(out.data_ptr<float>(), x.data_ptr<float>(), a->data_ptr<at::BFloat16>(), bt->data_ptr<at::BFloat16>(),
+              a->stride(0), bt->stride(0), s.data_ptr<int64_t>(), M, K, N, R);
+  }
+}
+
 }  // namespace
 
 // x: [M, K] (any float dtype), weight: [N, K] fp32 or bf16 contiguous, bias: [N] or None. Returns [M, N] in x's dtype.
@@ -183,11 +232,12 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 }
 
 // hidden [M, H] -> (q [M, num_heads, D], k [M, num_kv_heads, D], v [M, num_kv_heads, D]) in hidden's dtype:
-// RMSNorm, the packed q/k/v projection (+ bias), then rotate-half RoPE on q and k with cos/sin [M, D].
+// RMSNorm, the packed q/k/v projection (+ bias, + LoRA), then rotate-half RoPE on q and k with cos/sin [M, D].
+// LoRA: lora_slots [M] (-1: none) and [A, Bt] as engine.adapters.lora.LoRALinear stacks them, or [].
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_input(
     torch::Tensor hidden, torch::Tensor norm_weight, double eps, torch::Tensor qkv_weight,
     c10::optional<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
-    int64_t num_kv_heads) {
+    int64_t num_kv_heads, c10::optional<torch::Tensor> lora_slots, std::vector<c10::optional<torch::Tensor>> lora) {
   TORCH_CHECK(hidden.dim() == 2, "attention_input: hidden must be [rows, hidden_size]");
   const int64_t M = hidden.size(0);
   const int64_t num_qk_heads = num_heads + num_kv_heads;
@@ -195,7 +245,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_input(
   TORCH_CHECK(D * (num_qk_heads + num_kv_heads) == qkv_weight.size(0) && D % 2 == 0,
               "attention_input: the q/k/v weight does not split into heads of an even size");
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(0) == M && cos.size(1) == D, "attention_input: cos/sin must be [rows, head_dim]");
-  auto qkv = linear_f32(rms_norm_f32(as_float(hidden), norm_weight, eps), qkv_weight, optional_float(qkv_bias));
+  auto normed = rms_norm_f32(as_float(hidden), norm_weight, eps);
+  auto qkv = linear_f32(normed, qkv_weight, optional_float(qkv_bias));
+  TORCH_CHECK(lora.empty() || lora.size() == 2, "attention_input: lora takes the A and Bt of q/k/v");
+  if (!lora.empty()) add_lora(qkv, normed, lora_slots, lora[0], lora[1]);
   auto c = as_float(cos), s = as_float(sin);
   float* data = qkv.data_ptr<float>();
   const float *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
@@ -219,16 +272,23 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_input(
 
 // The rest of a decoder layer after attention: h = residual + attn W_o^T (+ b_o), then
 // h + down(SiLU(gate) * up) of RMSNorm(h). attn [M, num_heads * D]; returns [M, H] in residual's dtype.
+// LoRA: lora_slots [M] and [A, Bt] of o_proj, gate_up_proj and down_proj (None where not adapted), or [].
 torch::Tensor attention_output(torch::Tensor attn, torch::Tensor residual, torch::Tensor o_weight,
                                c10::optional<torch::Tensor> o_bias, torch::Tensor norm_weight, double eps,
-                               torch::Tensor gate_up_weight,
-                               c10::optional<torch::Tensor> gate_up_bias, torch::Tensor down_weight,
-                               c10::optional<torch::Tensor> down_bias) {
+                               torch::Tensor gate_up_weight, c10::optional<torch::Tensor> gate_up_bias,
+                               torch::Tensor down_weight, c10::optional<torch::Tensor> down_bias,
+                               c10::optional<torch::Tensor> lora_slots, std::vector<c10::optional<torch::Tensor>> lora) {
   TORCH_CHECK(attn.dim() == 2 && residual.dim() == 2 && attn.size(0) == residual.size(0),
               "attention_output: attn and residual must be [rows, features]");
-  auto hidden = linear_f32(as_float(attn), o_weight, optional_float(o_bias));
+  TORCH_CHECK(lora.empty() || lora.size() == 6, "attention_output: lora takes A and Bt of o, gate/up and down");
+  auto lora_at = [&](size_t i) { return lora.empty() ? c10::optional<torch::Tensor>() : lora[i]; };
+  auto attn32 = as_float(attn);
+  auto hidden = linear_f32(attn32, o_weight, optional_float(o_bias));
+  add_lora(hidden, attn32, lora_slots, lora_at(0), lora_at(1));
   hidden.add_(as_dtype(residual, torch::kFloat));
-  auto gate_up = linear_f32(rms_norm_f32(hidden, norm_weight, eps), gate_up_weight, optional_float(gate_up_bias));
+  auto normed = rms_norm_f32(hidden, norm_weight, eps);
+  auto gate_up = linear_f32(normed, gate_up_weight, optional_float(gate_up_bias));
+  add_lora(gate_up, normed, lora_slots, lora_at(2), lora_at(3));
   const int64_t M = gate_up.size(0), I = gate_up.size(1) / 2;
   auto act = torch::empty({M, I}, gate_up.options());
   const float* gu = gate_up.data_ptr<float>();
@@ -238,7 +298,9 @@ torch::Tensor attention_output(torch::Tensor attn, torch::Tensor residual, torch
 #pragma omp simd
     for (int64_t i = 0; i < I; ++i) a[m * I + i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
   }
-  hidden.add_(linear_f32(act, down_weight, optional_float(down_bias)));
+  auto down = linear_f32(act, down_weight, optional_float(down_bias));
+  add_lora(down, act, lora_slots, lora_at(4), lora_at(5));
+  hidden.add_(down);
   return as_dtype(hidden, residual.scalar_type());
 }
 
