@@ -73,7 +73,8 @@ class ModelRunner:
         lora = lora_batch(seqs, query_lens)  # None when no sequence uses a LoRA
 
         def tensor(values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+            t = torch.tensor(values, dtype=dtype)
+            return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
 
         ctx = ForwardContext(
             positions=tensor(positions),
