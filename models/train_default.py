@@ -287,7 +287,7 @@ plausible-looking Python and nothing else; it exists so gorgon works offline out
 | parameters | {stats['params']:,} (tied input/output embeddings) |
 | training steps | {stats['steps']:,} |
 | tokens seen | {stats['tokens_seen']:,} |
-| training wall time | {stats['train_seconds'] / 60:.1f} min ({stats['threads']} CPU threads) |
+| training wall time | {stats['train_seconds'] / 60:.1f} min ({stats['threads']} CPU thread{'s' * (stats['threads'] != 1)}) |
 | validation loss | {stats['val_nats']:.4f} nats/token, {stats['val_bpb']:.4f} bits/byte |
 | validation set | {stats['val_tokens']:,} tokens, {stats['val_bytes']:,} bytes, in {cfg.seq_len}-token windows |
 
