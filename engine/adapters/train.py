@@ -15,6 +15,7 @@ from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from engine import LLM, SamplingParams
 from models import DEFAULT_MODEL_DIR
 
 CORPUS_DIR = Path("/usr/share/common-licenses")
@@ -84,12 +85,16 @@ def train(model: torch.nn.Module, tokens: torch.Tensor, args: argparse.Namespace
     model.eval()
 
 
-@torch.no_grad()
-def sample(model: torch.nn.Module, tokenizer, max_new_tokens: int = 40) -> str:
-    ids = tokenizer(SAMPLE_PROMPT, return_tensors="pt")["input_ids"]
-    out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id or 0)
-    return tokenizer.decode(out[0, ids.shape[1]:])
+def samples(model_dir: Path, adapter_root: Path, names: list[str]) -> dict[str, str]:
+    """Greedy continuations of SAMPLE_PROMPT by gorgon itself: the base model and each saved adapter.
+    (PEFT's generate under transformers 5 drops a prefix adapter's virtual tokens, so it is not used.)"""
+    llm = LLM(model_dir, adapter_root=str(adapter_root))
+    greedy = SamplingParams(max_tokens=40, temperature=0)
+    out = {"base": llm.generate(SAMPLE_PROMPT, greedy)[0].text}
+    for name in names:
+        llm.load_adapter(name, name)
+        out[name] = llm.generate(SAMPLE_PROMPT, greedy, adapter=name)[0].text
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"corpus: {len(tokens)} tokens from {args.corpus} ({len(held_out)} held out)")
 
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    print(f"base: held-out loss {mean_loss(base, held_out, args.seq_len):.3f}; sample {sample(base, tokenizer)!r}")
+    print(f"base: held-out loss {mean_loss(base, held_out, args.seq_len):.3f}")
     configs = {
         "licenses-lora": (LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=LORA_TARGETS),
                           args.lora_lr),
@@ -114,8 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         model = get_peft_model(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32), config)
         train(model, train_tokens, args, lr, desc=name)
         model.save_pretrained(out_dir / name)  # adapter_config.json + adapter_model.safetensors
-        print(f"{name}: held-out loss {mean_loss(model, held_out, args.seq_len):.3f}; "
-              f"sample {sample(model, tokenizer)!r}; saved to {out_dir / name}")
+        print(f"{name}: held-out loss {mean_loss(model, held_out, args.seq_len):.3f}; saved to {out_dir / name}")
+    for name, text in samples(args.model, out_dir, list(configs)).items():
+        print(f"{name}, greedy after {SAMPLE_PROMPT!r}: {text!r}")
 
 
 if __name__ == "__main__":
