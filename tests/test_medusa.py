@@ -10,18 +10,15 @@ from itertools import accumulate
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
 
 from bench.common import byte_tokenizer
 from engine import LLM, RequestOutput, SamplingParams
 from engine.attention import available_backends
 from engine.spec.medusa import MedusaConfig, MedusaHeads, WEIGHTS_FILE, load_medusa_heads, save_medusa_heads, typical_acceptance
-from engine.spec.train import (TrainConfig, base_hidden, head_accuracy, main as train_main, self_distill,
-                               stdlib_prompts, train_heads)
+from engine.spec.train import TrainConfig, head_accuracy, base_hidden, main as train_main, self_distill, train_heads
 from engine.spec.tree import TREES, build_tree, load_tree
 from models import DEFAULT_MODEL_DIR
 from models.loader import load_model
-from models.train_default import corpus_files, read_source
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -29,8 +26,7 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 @pytest.fixture(scope="session")
 def distilled(tiny_model_dir):
     """Windows of the tiny model's own greedy text: (train [N, S], held out [M, S])."""
-    windows = self_distill(tiny_model_dir, num_samples=20, seq_len=48, prefix_tokens=4, prompt_source="sampled",
-                           temperature=0.0, seed=0)
+    windows = self_distill(tiny_model_dir, num_samples=20, seq_len=48, prefix_tokens=4, temperature=0.0, seed=0)
     return windows[4:], windows[:4]
 
 
@@ -334,15 +330,6 @@ def test_short_training_lowers_the_heads_loss(trained, distilled):
     before = head_accuracy(MedusaHeads(heads.config), model, hidden, windows)
     after = head_accuracy(heads, model, hidden, windows)
     assert all(a["top1"] > b["top1"] and a["top5"] > b["top5"] for a, b in zip(after, before))
-
-
-def test_stdlib_prompts_are_windows_of_the_standard_library():
-    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
-    prompts = stdlib_prompts(tokenizer, num_prompts=5, length=12, seed=1)
-    assert len(prompts) == 5 and all(len(p) == 12 for p in prompts)
-    assert prompts == stdlib_prompts(tokenizer, num_prompts=5, length=12, seed=1)  # the seed fixes them
-    sources = [read_source(f) for f in corpus_files()[0]]
-    assert all(any(tokenizer.decode(p) in src for src in sources) for p in prompts)
 
 
 def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):

@@ -1,9 +1,8 @@
 """`gorgon train-medusa`: Medusa-1 heads on a frozen base model.
 
 Head k (from 0) learns to predict token i+2+k from the base model's final-normed hidden state at token i;
-its cross-entropy is weighted 0.8^k. Without --data the training text is the base model's own: short
-prompts (windows of the standard library's source by default, or text sampled from the model), continued
-by our engine (greedy by default, the decoding the heads will mostly serve)."""
+its cross-entropy is weighted 0.8^k. Without --data the training text is the base model's own: prefixes
+sampled from it, continued by our engine (greedy by default, the decoding the heads will mostly serve)."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +22,6 @@ from engine import LLM, SamplingParams
 from engine.spec.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
 from models import DEFAULT_MODEL_DIR
 from models.loader import load_model
-from models.train_default import corpus_files, read_source
 
 
 @dataclass
@@ -133,34 +131,15 @@ def windows_of(docs: list[list[int]], seq_len: int) -> torch.Tensor:
     return tokens[:len(tokens) // seq_len * seq_len].view(-1, seq_len)
 
 
-def stdlib_prompts(tokenizer, num_prompts: int, length: int, seed: int) -> list[list[int]]:
-    """`num_prompts` random `length`-token windows of the standard library's source (the default model's
-    training files, its validation modules left out): prompts like the code users start from."""
-    files, _ = corpus_files()
-    gen = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(files), (num_prompts,), generator=gen).tolist()
-    tokens = {i: tokenizer(read_source(files[i]), add_special_tokens=False)["input_ids"] for i in set(picks)}
-    prompts = []
-    for i in picks:
-        doc = tokens[i] if len(tokens[i]) > length else [t for ids in tokens.values() for t in ids]
-        start = torch.randint(len(doc) - length, (1,), generator=gen).item()
-        prompts.append(doc[start:start + length])
-    return prompts
-
-
-def self_distill(model_dir: Path | None, num_samples: int, seq_len: int, prefix_tokens: int, prompt_source: str,
+def self_distill(model_dir: Path | None, num_samples: int, seq_len: int, prefix_tokens: int,
                  temperature: float, seed: int) -> torch.Tensor:
-    """[num_samples, seq_len] windows of the base model's own text: BOS and a `prefix_tokens` prompt (sampled
-    from the model at temperature 1, or cut from the standard library's source), continued at
-    `temperature` with our engine."""
+    """[num_samples, seq_len] windows of the base model's own text: a `prefix_tokens` prefix sampled at
+    temperature 1 after BOS, continued at `temperature` with our engine."""
     llm = LLM(model_dir, enable_prefix_caching=False)
     bos = llm.tokenizer.bos_token_id if llm.tokenizer.bos_token_id is not None else 0
-    if prompt_source == "stdlib":
-        prompts = [[bos] + p for p in stdlib_prompts(llm.tokenizer, num_samples, prefix_tokens, seed)]
-    else:
-        prefix = [SamplingParams(max_tokens=prefix_tokens, temperature=1.0, seed=seed + i, ignore_eos=True)
-                  for i in range(num_samples)]
-        prompts = [[bos] + out.token_ids for out in llm.generate([[bos]] * num_samples, prefix)]
+    prefix = [SamplingParams(max_tokens=prefix_tokens, temperature=1.0, seed=seed + i, ignore_eos=True)
+              for i in range(num_samples)]
+    prompts = [[bos] + out.token_ids for out in llm.generate([[bos]] * num_samples, prefix)]
     rest = [SamplingParams(max_tokens=seq_len - len(p), temperature=temperature, seed=seed + i, ignore_eos=True)
             for i, p in enumerate(prompts)]
     outputs = llm.generate(prompts, rest, use_tqdm=True)
@@ -181,10 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--samples", type=int, default=512, help="self-distillation: texts to generate")
-    parser.add_argument("--prompt-source", choices=["stdlib", "sampled"], default="stdlib",
-                        help="self-distillation prompts: windows of the standard library's source, or text "
-                             "sampled from the model after BOS")
-    parser.add_argument("--prefix-tokens", type=int, default=24, help="self-distillation: prompt length in tokens")
+    parser.add_argument("--prefix-tokens", type=int, default=8, help="self-distillation: sampled prefix length")
     parser.add_argument("--temperature", type=float, default=0.0, help="self-distillation: continuation temperature")
     parser.add_argument("--held-out", type=float, default=0.1, help="fraction of windows kept for evaluation")
     parser.add_argument("--seed", type=int, default=0)
@@ -202,8 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.data:
         windows = windows_of(read_corpus(Path(args.data), AutoTokenizer.from_pretrained(model_dir)), args.seq_len)
     else:
-        windows = self_distill(model_dir, args.samples, args.seq_len, args.prefix_tokens, args.prompt_source,
-                               args.temperature, args.seed)
+        windows = self_distill(model_dir, args.samples, args.seq_len, args.prefix_tokens, args.temperature, args.seed)
     windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed))]
     num_held_out = max(1, int(len(windows) * args.held_out))
     if num_held_out >= len(windows):
@@ -215,9 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     heads, history = train_heads(model, train, config)
     accuracy = head_accuracy(heads, model, base_hidden(model, held_out), held_out)
     save_medusa_heads(heads, args.out, base_model=args.model or "models/default")
-    data = args.data or (f"self-distillation ({args.samples} samples, {args.prefix_tokens}-token {args.prompt_source} "
-                         f"prompts, continuation temperature {args.temperature})")
-    report = {"config": asdict(config), "data": data,
+    report = {"config": asdict(config), "data": args.data or f"self-distillation ({args.samples} samples, "
+              f"{args.prefix_tokens}-token sampled prefix, continuation temperature {args.temperature})",
               "train_windows": len(train), "held_out_windows": num_held_out,
               "loss_first": history[0], "loss_last": history[-1], "held_out_accuracy": accuracy,
               "wall_time_s": time.perf_counter() - start}
