@@ -174,25 +174,27 @@ torch::Tensor rms_norm_f32(const torch::Tensor& x, const torch::Tensor& weight, 
 template <typename W>
 void lora_rows(float* out, const float* x, const W* a, const W* bt, int64_t a_slot_stride, int64_t bt_slot_stride,
                const int64_t* slots, int64_t M, int64_t K, int64_t N, int64_t R) {
-  std::vector<float> t(R);
-  for (int64_t m = 0; m < M; ++m) {
-    if (slots[m] < 0) continue;
-    const W* am = a + slots[m] * a_slot_stride;
-    const W* bm = bt + slots[m] * bt_slot_stride;
-    const float* xm = x + m * K;
-    for (int64_t r = 0; r < R; ++r) {
-      float sum = 0.f;
+  at::parallel_for(0, M, 1, [&](int64_t m_begin, int64_t m_end) {
+    std::vector<float> t(R);
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      if (slots[m] < 0) continue;
+      const W* am = a + slots[m] * a_slot_stride;
+      const W* bm = bt + slots[m] * bt_slot_stride;
+      const float* xm = x + m * K;
+      for (int64_t r = 0; r < R; ++r) {
+        float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t k = 0; k < K; ++k) sum += to_float(am[r * K + k]) * xm[k];
-      t[r] = sum;
-    }
-    float* o = out + m * N;
-    for (int64_t r = 0; r < R; ++r) {
-      const W* b = bm + r * N;
+        for (int64_t k = 0; k < K; ++k) sum += to_float(am[r * K + k]) * xm[k];
+        t[r] = sum;
+      }
+      float* o = out + m * N;
+      for (int64_t r = 0; r < R; ++r) {
+        const W* b = bm + r * N;
 #pragma omp simd
-      for (int64_t n = 0; n < N; ++n) o[n] += t[r] * to_float(b[n]);
+        for (int64_t n = 0; n < N; ++n) o[n] += t[r] * to_float(b[n]);
+      }
     }
-  }
+  });
 }
 
 // out [M, N] += (x [M, K] A[s]^T) Bt[s] for each row m with LoRA slot s = slots[m] >= 0; A [S, R, K] and
