@@ -1,6 +1,8 @@
 """Greedy generation is token-identical to transformers `generate`, alone and in mixed batches."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -99,3 +101,15 @@ def test_bad_requests_are_refused_without_side_effects(tiny_model_dir):
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     assert not llm.has_unfinished() and llm.num_free_blocks == free
+
+
+def test_decode_benchmark_writes_its_summary(tmp_path):
+    """`gorgon bench decode` end to end on the small shape, tiny settings."""
+    from bench import decode
+
+    out = tmp_path / "decode.json"
+    decode.main(["--config", "small", "--new-tokens", "4", "--repeats", "1", "--batch-sizes", "2",
+                 "--out", str(out)])
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["speedup_vs_hf_bs1"] > 0 and 0 < summary["roofline_fraction_bs1"] < 2
+    assert summary["throughput_bs2_tok_s"] > 0
