@@ -13,6 +13,7 @@ from engine.context import ForwardContext, forward_context
 from engine.kv_cache import KVCache
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+from models import cpu_decode
 
 
 @dataclass
@@ -32,6 +33,8 @@ class ModelRunner:
         self.device = device
         self.block_size = kv_cache.block_size
         self.backend = get_backend(attention_backend, device)
+        if device.type == "cpu":
+            cpu_decode.kernel()  # build or load it now, not inside the first request's timing
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache = kv_cache.k(i)
             layer.self_attn.v_cache = kv_cache.v(i)
