@@ -112,7 +112,7 @@ class LoRALinear(nn.Module):
         self.slot_rows = [0] * num_slots
         # the active slots' stacked weights, kept while the same slots stay active (decode steps)
         self._stacked: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor] | None] | None = None
-        self._active: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor] | None] | None = None  # the same, unstacked
+        self._active: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor] | None] | None = None  # active_weights'
 
     # the base layer's parameters, for kernels that skip the wrapper when no LoRA row is in the step
     @property
@@ -152,11 +152,10 @@ class LoRALinear(nn.Module):
 
     def _stack(self, lora: LoRABatch) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self._stacked is None or self._stacked[0] != lora.slots:
-            k = max(self.slot_rows[s] for s in lora.slots)
-            weights = None
-            if k:
-                weights = (self.lora_a[lora.slot_index, :k].transpose(1, 2).contiguous(),
-                           self.lora_bt[lora.slot_index, :k].contiguous())
+            weights = self.active_weights(lora.slots)
+            if weights is not None:
+                a, bt = weights
+                weights = (a[lora.slot_index].transpose(1, 2).contiguous(), bt[lora.slot_index].contiguous())
             self._stacked = (lora.slots, weights)
         return self._stacked[1]
 

@@ -10,8 +10,8 @@ import json
 import re
 import warnings
 from collections.abc import Callable
-from itertools import chain, islice
 from dataclasses import dataclass
+from itertools import chain, islice
 from pathlib import Path
 
 import torch
@@ -229,7 +229,7 @@ class Medusa:
             bonus = [base_argmax[row] for row in last_rows]
         else:
             bonus = self.sampler(logits[last_rows], [s.params for s in seqs], [s.generator or rng for s in seqs]).token_ids
-        self._compact(seqs, spans, paths)
+        self._compact(inputs.ctx.slot_mapping, paths)
         out = [[input_ids[b * size + node] for node in path[1:]] + [bonus[b]] for b, path in enumerate(paths)]
         return out, hidden[last_rows]
 
@@ -265,23 +265,16 @@ class Medusa:
             paths.append(best)
         return paths
 
-    def _compact(self, seqs: list[Sequence], spans: list[tuple[int, int]], paths: list[list[int]]) -> None:
-        """Move each accepted path's K/V (all layers) so that its depth-d node sits at cache index root + d
-        (node i was written at root + i)."""
-        bs = self.kv_cache.block_size
-
-        def slot(seq: Sequence, index: int) -> int:
-            return seq.block_table[index // bs] * bs + index % bs
-
-        src, dst = [], []
-        for seq, (root, _), path in zip(seqs, spans, paths):
-            for depth, node in enumerate(path):
-                if node != depth:
-                    src.append(slot(seq, root + node))
-                    dst.append(slot(seq, root + depth))
-        if not src:
+    def _compact(self, slot_mapping: torch.Tensor, paths: list[list[int]]) -> None:
+        """Move each accepted path's K/V (all layers) so that its depth-d node sits in the slot of tree
+        row d: sequence b's node i was written to slot_mapping[b * T + i], the slot of cache index root + i."""
+        size = self.tree.size
+        moves = [(b * size + node, b * size + depth) for b, path in enumerate(paths)
+                 for depth, node in enumerate(path) if node != depth]
+        if not moves:
             return
+        src, dst = map(list, zip(*moves))
         pool = self.kv_cache.pool
         # [layers, 2, num_blocks * block_size, kv_heads, head_dim]: a slot is an index on dim 2
         flat = pool.view(*pool.shape[:2], -1, *pool.shape[-2:])
-        flat[:, :, torch.tensor(dst, device=pool.device)] = flat[:, :, torch.tensor(src, device=pool.device)]
+        flat[:, :, slot_mapping[dst]] = flat[:, :, slot_mapping[src]]
