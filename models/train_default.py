@@ -1,10 +1,16 @@
 """Train gorgon's shipped default model: a small Llama on the Python standard library's source.
 
-    python -m models.train_default --out models/default --minutes 35
+    python -m models.train_default --out models/default --minutes 55
+    python -m models.train_default --init models/default --out models/default --medusa-heads 4 --lr 3e-4 --minutes 30
 
 Builds a byte-level BPE tokenizer, trains a Llama-architecture model with gorgon's own model code
 (models.llama), and saves a Hugging Face checkpoint folder (config.json, model.safetensors,
-tokenizer files, generation_config.json, README.md) that transformers and gorgon both load.
+tokenizer files, generation_config.json, training.json, README.md) that transformers and gorgon both load.
+
+--init continues from a checkpoint (its weights and tokenizer) instead of starting from scratch.
+--medusa-heads K trains K Medusa heads jointly with the model ("Medusa-2"): the heads' losses join the
+LM loss, so the model learns hidden states that say something about the tokens after the next one.
+The heads go to OUT/medusa. training.json keeps every stage a checkpoint went through.
 
 The learning-rate schedule is time-based: cosine decay over the --minutes budget, so the run ends at
 the deadline with the schedule finished whatever the machine's speed. Data order and initialisation
@@ -29,9 +35,12 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
+from engine.spec.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
+from engine.spec.train import base_hidden, head_accuracy, head_losses, head_weights
 from models.config import ModelConfig
 from models.layers import PackedLinear
 from models.llama import LlamaForCausalLM
+from models.loader import load_model
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # Modules held out of tokenizer and model training, for validation (paths relative to the stdlib).
@@ -68,6 +77,13 @@ class TrainConfig:
     threads: int = 2
     bf16: bool = True  # bf16 autocast for matmuls (fp32 master weights); ~1.6x faster on CPUs with bf16
     cache_dir: Path = Path("/tmp/gorgon_train_default")
+    init: str = ""  # checkpoint folder to continue from (its architecture and tokenizer win over the flags)
+    medusa_heads: int = 0  # > 0: train this many Medusa heads jointly with the model
+    medusa_layers: int = 2  # residual blocks per head
+    medusa_weight: float = 0.2  # joint loss = LM loss + this * sum_k 0.8^k * (head k's loss)
+    medusa_lr: float = 1e-3  # the heads' peak learning rate (same warmup and decay as the model's)
+
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
 
 
 def stdlib_root() -> Path:
@@ -168,11 +184,17 @@ def eval_windows(tokens: torch.Tensor, length: int, limit: int | None = None) ->
     return windows[:limit] if limit else windows
 
 
-def batch_loss(model: LlamaForCausalLM, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def batch_loss(model: LlamaForCausalLM, batch: torch.Tensor, heads: MedusaHeads | None = None,
+               medusa_weight: float = 0.0) -> torch.Tensor:
+    """Mean next-token loss over windows [B, S + 1]; with heads, plus medusa_weight times their weighted losses."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
     positions = torch.arange(inputs.shape[1]).expand_as(inputs)
-    logits = model.compute_logits(model(inputs, positions)).float()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+    hidden = model(inputs, positions)
+    loss = F.cross_entropy(model.compute_logits(hidden).float().flatten(0, 1), targets.flatten())
+    if heads is None:
+        return loss
+    per_head = head_losses(heads, model, hidden, inputs)
+    return loss + medusa_weight * (per_head * head_weights(len(per_head))).sum()
 
 
 @torch.no_grad()
@@ -181,27 +203,44 @@ def evaluate(model: LlamaForCausalLM, windows: list[torch.Tensor], autocast) -> 
     model.eval()
     nats, count = 0.0, 0
     for w in windows:
+        inputs = w[:-1].unsqueeze(0)
         with autocast():
-            nats += batch_loss(model, w.unsqueeze(0), reduction="sum").item()
+            logits = model.compute_logits(model(inputs, torch.arange(inputs.shape[1]).unsqueeze(0))).float()
+        nats += F.cross_entropy(logits[0], w[1:], reduction="sum").item()
         count += len(w) - 1
     model.train()
     return nats, count
 
 
-def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup over warmup_steps, then cosine from lr to lr * min_lr_ratio over the time budget."""
+@torch.no_grad()
+def heads_top1(heads: MedusaHeads, model: LlamaForCausalLM, windows: list[torch.Tensor]) -> list[float]:
+    """Each head's top-1 accuracy over the full-length windows (fp32)."""
+    length = max(len(w) for w in windows)
+    ids = torch.stack([w for w in windows if len(w) == length])
+    model.eval()
+    accuracy = head_accuracy(heads, model, base_hidden(model, ids), ids)
+    model.train()
+    return [a["top1"] for a in accuracy]
+
+
+def lr_scale(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over warmup_steps, then cosine from 1 to min_lr_ratio over the time budget."""
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return (step + 1) / cfg.warmup_steps
     cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
 
 
-def train(cfg: TrainConfig, model: LlamaForCausalLM, train_tokens: torch.Tensor, val_tokens: torch.Tensor,
-          autocast) -> dict:
+def train(cfg: TrainConfig, model: LlamaForCausalLM, heads: MedusaHeads | None, train_tokens: torch.Tensor,
+          val_tokens: torch.Tensor, autocast) -> dict:
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "peak_lr": cfg.lr},
+              {"params": no_decay, "weight_decay": 0.0, "peak_lr": cfg.lr}]
+    if heads is not None:
+        groups.append({"params": list(heads.parameters()), "weight_decay": 0.0, "peak_lr": cfg.medusa_lr})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    parameters = [p for group in groups for p in group["params"]]
     gen = torch.Generator().manual_seed(cfg.seed)
     val_subset = eval_windows(val_tokens, cfg.seq_len + 1, cfg.eval_windows)
     budget_s = cfg.minutes * 60
@@ -210,15 +249,16 @@ def train(cfg: TrainConfig, model: LlamaForCausalLM, train_tokens: torch.Tensor,
     model.train()
     with tqdm(total=round(budget_s), unit="s", desc="training", file=sys.stdout, mininterval=5) as bar:
         while (elapsed := time.monotonic() - start) < budget_s:
-            lr = lr_at(cfg, step, elapsed / budget_s)
+            scale = lr_scale(cfg, step, elapsed / budget_s)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = group["peak_lr"] * scale
+            lr = cfg.lr * scale
             batch = random_windows(train_tokens, cfg.batch_size, cfg.seq_len + 1, gen)
             with autocast():
-                loss = batch_loss(model, batch)
+                loss = batch_loss(model, batch, heads, cfg.medusa_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
             optimizer.step()
             step += 1
             tokens_seen += batch.numel() - cfg.batch_size
@@ -226,7 +266,9 @@ def train(cfg: TrainConfig, model: LlamaForCausalLM, train_tokens: torch.Tensor,
             if step % cfg.eval_every == 0:
                 nats, count = evaluate(model, val_subset, autocast)
                 postfix["val"] = f"{nats / count:.3f}"
-                tqdm.write(f"step {step}: train loss {loss.item():.4f}, val loss {nats / count:.4f}, "
+                heads_note = "" if heads is None else \
+                    f", heads' val top-1 {[round(a, 3) for a in heads_top1(heads, model, val_subset)]}"
+                tqdm.write(f"step {step}: train loss {loss.item():.4f}, val loss {nats / count:.4f}{heads_note}, "
                            f"{tokens_seen / (time.monotonic() - start):.0f} tok/s", file=sys.stdout)
             bar.set_postfix(postfix, refresh=False)
             bar.update(min(round(time.monotonic() - start), bar.total) - bar.n)
@@ -271,42 +313,60 @@ def save_checkpoint(out: Path, model: LlamaForCausalLM, config: dict, tokenizer:
     (out / "generation_config.json").write_text(json.dumps(generation_config, indent=2) + "\n")
 
 
-def write_readme(out: Path, cfg: TrainConfig, stats: dict, argv: list[str]) -> None:
-    command = " ".join(["python -m models.train_default", *argv]) if argv else "python -m models.train_default"
-    hyper = "\n".join(f"| {k} | {v} |" for k, v in asdict(cfg).items() if k not in ("out", "cache_dir"))
+def write_readme(out: Path, stages: list[dict]) -> None:
+    """README.md of a checkpoint from its training stages (training.json)."""
+    first, last = stages[0], stages[-1]
+    heads = [st for st in stages if st.get("heads_top1")]
+    rows = "\n".join(
+        f"| {n} | `{st['command']}` | {st['steps']:,} | {st['tokens_seen']:,} | {st['train_seconds'] / 60:.1f} "
+        f"({st['threads']} thread{'s' * (st['threads'] != 1)}) | {st['val_nats']:.4f} | {st['val_bpb']:.4f} |"
+        for n, st in enumerate(stages, 1))
+    names = list(dict.fromkeys(k for st in stages for k in st["hyperparameters"]))
+    hyper = "\n".join(f"| {k} | " + " | ".join(str(st["hyperparameters"].get(k, "")) for st in stages) + " |"
+                       for k in names)
+    medusa = "" if not heads else f"""
+The last stage with `--medusa-heads` trained {len(heads[-1]['heads_top1'])} Medusa heads jointly with the
+model ("Medusa-2": their losses, weighted 0.8^k and scaled by `medusa_weight`, join the LM loss), so
+the hidden states also say something about the tokens after the next one. Its heads were written to
+`medusa/`; their top-1 accuracy on the validation set, tokens +2 to +{len(heads[-1]['heads_top1']) + 1}, was
+{', '.join(f'{a:.3f}' for a in heads[-1]['heads_top1'])}. See `medusa/README.md` for the shipped heads.
+"""
     (out / "README.md").write_text(f"""# gorgon default model
 
 A small Llama-architecture causal LM trained from scratch by `models/train_default.py` on the `.py`
-source of the Python {stats['python']} standard library (test suites and site-packages excluded;
+source of the Python {first['python']} standard library (test suites and site-packages excluded;
 held out for validation: {', '.join(VALIDATION_MODULES)}). Its tokenizer is a byte-level BPE
-({stats['vocab_size']} tokens, `<s>` prepended on encoding) trained on the same files. It writes
+({first['vocab_size']} tokens, `<s>` prepended on encoding) trained on the same files. It writes
 plausible-looking Python and nothing else; it exists so gorgon works offline out of the box.
 
 | | |
 |---|---|
-| parameters | {stats['params']:,} (tied input/output embeddings) |
-| training steps | {stats['steps']:,} |
-| tokens seen | {stats['tokens_seen']:,} |
-| training wall time | {stats['train_seconds'] / 60:.1f} min ({stats['threads']} CPU thread{'s' * (stats['threads'] != 1)}) |
-| validation loss | {stats['val_nats']:.4f} nats/token, {stats['val_bpb']:.4f} bits/byte |
-| validation set | {stats['val_tokens']:,} tokens, {stats['val_bytes']:,} bytes, in {cfg.seq_len}-token windows |
+| parameters | {first['params']:,} (tied input/output embeddings) |
+| training steps | {sum(st['steps'] for st in stages):,} |
+| tokens seen | {sum(st['tokens_seen'] for st in stages):,} |
+| training wall time | {sum(st['train_seconds'] for st in stages) / 60:.1f} min |
+| validation loss | {last['val_nats']:.4f} nats/token, {last['val_bpb']:.4f} bits/byte |
+| validation set | {last['val_tokens']:,} tokens, {last['val_bytes']:,} bytes, in {last['hyperparameters']['seq_len']}-token windows |
 
 Bits/byte is the validation set's total loss in bits divided by its UTF-8 size.
 
 ## Reproduce
 
-```
-{command}
-```
+Run the stages in order (`gorgon train-default` takes the same flags); the validation loss is the
+one after each stage.
 
-(or `gorgon train-default` with the same flags). Initialisation and data order are fixed by the
-seed; the learning-rate schedule runs over the wall-clock budget, so the step count, and with it the
-final loss, depends on how fast and how loaded the machine is.
+| stage | command | steps | tokens | minutes | val nats/token | val bits/byte |
+|---|---|---|---|---|---|---|
+{rows}
+{medusa}
+Initialisation and data order are fixed by the seed; the learning-rate schedule runs over the
+wall-clock budget, so the step count, and with it the final loss, depends on how fast and how
+loaded the machine is. `training.json` has every stage's figures.
 
 ## Hyperparameters
 
-| name | value |
-|---|---|
+| name | {' | '.join(f'stage {n}' for n in range(1, len(stages) + 1))} |
+|---|{'---|' * len(stages)}
 {hyper}
 """)
 
@@ -331,32 +391,56 @@ def main(argv: list[str] | None = None) -> None:
 
     train_files, val_files = corpus_files()
     print(f"corpus: {len(train_files)} training files, {len(val_files)} validation files from {stdlib_root()}")
-    tokenizer = build_tokenizer(train_files, cfg.vocab_size)
+    if cfg.init:
+        init = Path(cfg.init)
+        tokenizer = Tokenizer.from_file(str(init / "tokenizer.json"))
+        config = json.loads((init / "config.json").read_text())
+        model = load_model(init, torch.float32, "cpu").train()
+        history = init / "training.json"
+        stages = json.loads(history.read_text())["stages"] if history.is_file() else []
+    else:
+        tokenizer = build_tokenizer(train_files, cfg.vocab_size)
+        config = hf_config(cfg, tokenizer)
+        model = LlamaForCausalLM(ModelConfig.from_dict(config))
+        init_weights(model, cfg.num_layers)
+        stages = []
+    heads = None
+    if cfg.medusa_heads:
+        heads = MedusaHeads(MedusaConfig(cfg.medusa_heads, cfg.medusa_layers, config["hidden_size"],
+                                         config["vocab_size"], own_lm_head=False))
     train_tokens = encode_documents(tokenizer, train_files, cfg.cache_dir)
     val_tokens = encode_documents(tokenizer, val_files, cfg.cache_dir)
     print(f"tokens: {len(train_tokens):,} train, {len(val_tokens):,} validation")
-
-    config = hf_config(cfg, tokenizer)
-    model = LlamaForCausalLM(ModelConfig.from_dict(config))
-    init_weights(model, cfg.num_layers)
     params = sum(p.numel() for p in model.parameters())
-    print(f"model: {params:,} parameters")
+    print(f"model: {params:,} parameters" + (f", {cfg.medusa_heads} Medusa heads" if heads else ""))
 
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
 
-    stats = train(cfg, model, train_tokens, val_tokens, autocast)
+    stats = train(cfg, model, heads, train_tokens, val_tokens, autocast)
     # final validation in fp32 over the whole held-out set
-    nats, count = evaluate(model, eval_windows(val_tokens, cfg.seq_len + 1), contextlib.nullcontext)
+    val_windows = eval_windows(val_tokens, cfg.seq_len + 1)
+    nats, count = evaluate(model, val_windows, contextlib.nullcontext)
     val_bytes = sum(len(read_source(p).encode()) for p in val_files)
     stats.update(params=params, val_nats=nats / count, val_bpb=nats / math.log(2) / val_bytes, val_tokens=count,
                  val_bytes=val_bytes, vocab_size=config["vocab_size"], threads=cfg.threads,
                  python=".".join(map(str, sys.version_info[:3])))
+    if heads is not None:
+        stats["heads_top1"] = heads_top1(heads, model, val_windows)
     print(f"done: {stats['steps']} steps, {stats['tokens_seen']:,} tokens, {stats['train_seconds'] / 60:.1f} min; "
-          f"val loss {stats['val_nats']:.4f} nats/token, {stats['val_bpb']:.4f} bits/byte")
+          f"val loss {stats['val_nats']:.4f} nats/token, {stats['val_bpb']:.4f} bits/byte"
+          + (f"; heads' val top-1 {[round(a, 3) for a in stats['heads_top1']]}" if heads else ""))
 
-    save_checkpoint(cfg.out, model, config, tokenizer, cfg.seq_len)
-    write_readme(cfg.out, cfg, stats, argv)
+    hyperparameters = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
+                       if k not in ("out", "cache_dir") and not (cfg.init and k in ARCHITECTURE_FIELDS)
+                       and not (not cfg.medusa_heads and k.startswith("medusa_"))}
+    command = " ".join(["python -m models.train_default", *argv])
+    stages.append({"command": command, **stats, "hyperparameters": hyperparameters})
+    save_checkpoint(cfg.out, model, config, tokenizer, config["max_position_embeddings"])
+    if heads is not None:
+        save_medusa_heads(heads.eval(), cfg.out / "medusa", base_model=str(cfg.out))
+    (cfg.out / "training.json").write_text(json.dumps({"stages": stages}, indent=2) + "\n")
+    write_readme(cfg.out, stages)
     print(f"saved to {cfg.out}")
 
 

@@ -1,6 +1,9 @@
 """The shipped default model (models/default): loads in transformers and gorgon alike, its tokenizer
-round-trips text, and it is genuinely trained (low loss on stdlib modules it never saw)."""
+round-trips text, and it is genuinely trained (low loss on stdlib modules it never saw). Its training
+script continues a checkpoint, with Medusa heads trained jointly."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -8,8 +11,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models import DEFAULT_MODEL_DIR
+from engine.spec.medusa import load_medusa_heads
 from models.loader import load_model
-from models.train_default import stdlib_root
+from models.train_default import main as train_default, stdlib_root
 
 # Measured 3.82 nats/token on these windows after training; a random model scores ~ln(4096) = 8.3.
 HELD_OUT_LOSS_BOUND = 4.3
@@ -68,3 +72,20 @@ def test_held_out_loss_is_low(tokenizer, model):
     out = logits(model, batch[:, :-1])
     loss = F.cross_entropy(out.flatten(0, 1), batch[:, 1:].flatten()).item()
     assert loss < HELD_OUT_LOSS_BOUND, f"held-out loss {loss:.3f} nats/token"
+
+
+def test_joint_medusa_stage_continues_the_checkpoint(tmp_path):
+    """A few seconds of a second stage from the shipped model with two joint heads: a loadable checkpoint,
+    loadable heads, and the training history extended by this stage."""
+    out = tmp_path / "stage2"
+    argv = ["--init", str(DEFAULT_MODEL_DIR), "--out", str(out), "--medusa-heads", "2", "--minutes", "0.03",
+            "--lr", "1e-4", "--batch-size", "2", "--seq-len", "64", "--threads", "1"]
+    train_default(argv)
+    load_model(out, torch.float32, "cpu")
+    assert load_medusa_heads(out / "medusa", 256, 4096).config.num_heads == 2
+    before = json.loads((DEFAULT_MODEL_DIR / "training.json").read_text())["stages"]
+    stages = json.loads((out / "training.json").read_text())["stages"]
+    assert stages[:-1] == before
+    assert stages[-1]["hyperparameters"]["init"] == str(DEFAULT_MODEL_DIR) and len(stages[-1]["heads_top1"]) == 2
+    assert stages[-1]["val_nats"] < HELD_OUT_LOSS_BOUND
+    assert " ".join(argv) in (out / "README.md").read_text()

@@ -340,8 +340,15 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
     heads = load_medusa_heads(tmp_path / "heads", 64, 256)
     assert heads.config.num_heads == 2 and not heads.config.own_lm_head
     report = json.loads((tmp_path / "heads" / "training.json").read_text())
+    first_loss = report["loss_first"]
     assert len(report["held_out_accuracy"]) == 2
     assert "head 1 (token +3)" in capsys.readouterr().out
+    # continuing from those heads (e.g. ones trained jointly with the model) keeps their shape
+    train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "more"), "--data", str(data),
+                "--init-heads", str(tmp_path / "heads"), "--steps", "1", "--seq-len", "32"])
+    assert load_medusa_heads(tmp_path / "more", 64, 256).config.num_heads == 2
+    report = json.loads((tmp_path / "more" / "training.json").read_text())
+    assert report["init_heads"] == str(tmp_path / "heads") and report["loss_first"] < first_loss  # same seed, same first batch
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "medusa").is_dir(), reason="the default model's heads are not shipped")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from engine import LLM, SamplingParams
-from engine.spec.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
+from engine.spec.medusa import MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
 from models import DEFAULT_MODEL_DIR
 from models.loader import load_model
 
@@ -78,15 +78,16 @@ def head_accuracy(heads: MedusaHeads, model: nn.Module, hidden: torch.Tensor, id
     return [{"top1": (top1[k] / count[k]).item(), "top5": (top5[k] / count[k]).item()} for k in range(num_heads)]
 
 
-def train_heads(model: nn.Module, windows: torch.Tensor, config: TrainConfig,
-                progress: bool = True) -> tuple[MedusaHeads, list[float]]:
-    """Train fresh heads on token windows [N, S] over the frozen `model`; returns the heads and the
-    weighted training loss of every step."""
+def train_heads(model: nn.Module, windows: torch.Tensor, config: TrainConfig, progress: bool = True,
+                init: MedusaHeads | None = None) -> tuple[MedusaHeads, list[float]]:
+    """Train heads on token windows [N, S] over the frozen `model`, fresh ones or starting from `init`;
+    returns the heads and the weighted training loss of every step."""
     torch.manual_seed(config.seed)
     model.requires_grad_(False)
     mc = model.config
-    heads = MedusaHeads(MedusaConfig(config.num_heads, config.num_layers, mc.hidden_size, mc.vocab_size,
-                                     config.own_lm_head)).to(next(model.parameters()).dtype)
+    heads = init if init is not None else MedusaHeads(MedusaConfig(
+        config.num_heads, config.num_layers, mc.hidden_size, mc.vocab_size, config.own_lm_head))
+    heads = heads.to(next(model.parameters()).dtype).train().requires_grad_(True)
     hidden = base_hidden(model, windows)
     weights = head_weights(config.num_heads)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=0.0)
@@ -152,6 +153,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="base HF checkpoint folder (default: the shipped model)")
     parser.add_argument("--out", required=True, help="folder for the heads (published Medusa format)")
     parser.add_argument("--data", default=None, help="text or jsonl training file (default: self-distillation)")
+    parser.add_argument("--init-heads", default=None,
+                        help="heads folder to start from, e.g. heads trained jointly with the model (sets --heads, "
+                             "--layers and --own-lm-head)")
     parser.add_argument("--heads", type=int, default=TrainConfig.num_heads)
     parser.add_argument("--layers", type=int, default=TrainConfig.num_layers, help="residual blocks per head")
     parser.add_argument("--own-lm-head", action="store_true", help="v1 heads: each its own vocab projection")
@@ -185,12 +189,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"gorgon train-medusa: {len(windows)} windows leave nothing to train on after "
                          f"holding out {num_held_out}")
     held_out, train = windows[:num_held_out], windows[num_held_out:]
+    init = None
+    if args.init_heads:
+        init = load_medusa_heads(args.init_heads, model.config.hidden_size, model.config.vocab_size)
+        args.heads, args.layers, args.own_lm_head = init.config.num_heads, init.config.num_layers, init.config.own_lm_head
     config = TrainConfig(args.heads, args.layers, args.own_lm_head, args.steps, args.batch_size, args.seq_len,
                          args.lr, args.seed)
-    heads, history = train_heads(model, train, config)
+    heads, history = train_heads(model, train, config, init=init)
     accuracy = head_accuracy(heads, model, base_hidden(model, held_out), held_out)
     save_medusa_heads(heads, args.out, base_model=args.model or "models/default")
-    report = {"config": asdict(config), "data": args.data or f"self-distillation ({args.samples} samples, "
+    report = {"config": asdict(config), "init_heads": args.init_heads, "data": args.data or f"self-distillation ({args.samples} samples, "
               f"{args.prefix_tokens}-token sampled prefix, continuation temperature {args.temperature})",
               "train_windows": len(train), "held_out_windows": num_held_out,
               "loss_first": history[0], "loss_last": history[-1], "held_out_accuracy": accuracy,
