@@ -57,17 +57,27 @@ def test_fused_decoder_layers_match_the_operator_path(tmp_path, monkeypatch, dty
 
 
 @pytest.mark.parametrize("rows", [1, 3, 12])
-def test_medusa_blocks_and_rms_norm_match_torch(rows):
+def test_medusa_drafts_and_rms_norm_match_torch(rows):
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 48, generator=gen)
     weights = [torch.randn(48, 48, generator=gen) / 7 for _ in range(6)]  # 3 heads x 2 blocks
     biases = [torch.randn(48, generator=gen) for _ in range(6)]
-    expected = []
+    projections = [torch.randn(100, 48, generator=gen) for _ in range(3)]
+    states = []
     for h in range(3):
         state = x
         for w, b in zip(weights[2 * h:2 * h + 2], biases[2 * h:2 * h + 2]):
             state = state + torch.nn.functional.silu(torch.nn.functional.linear(state, w, b))
-        expected.append(state)
-    assert (kernel.medusa_blocks(x, weights, biases, 3) - torch.stack(expected)).abs().max() <= 1e-4
+        states.append(state)
+    shared = torch.stack([torch.nn.functional.linear(s, projections[0]) for s in states])
+    own = torch.stack([torch.nn.functional.linear(s, p) for s, p in zip(states, projections)])
+    for logits, given in ((shared, projections[:1]), (own, projections)):
+        for k in (1, 4):
+            drafts = kernel.medusa_top_k(x, weights, biases, 3, given, k)
+            assert drafts.shape == (3, rows, k)
+            # the drafts are the top-k (a tie-safe check: their logits are the k largest, largest first)
+            picked = logits.gather(-1, drafts)
+            assert (picked - logits.topk(k, dim=-1).values).abs().max() <= 1e-4
+    assert torch.equal(kernel.medusa_top_k(x, weights, biases, 3, projections[:1], 1)[..., 0], shared.argmax(-1))
     w = biases[0]
     assert (kernel.rms_norm(x, w, 1e-6) - torch.nn.functional.rms_norm(x, (48,), w, 1e-6)).abs().max() <= 1e-4

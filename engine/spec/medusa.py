@@ -73,22 +73,26 @@ class MedusaHeads(nn.Module):
                 num_heads: int | None = None) -> torch.Tensor:
         """hidden: [..., hidden_size] -> logits of the first num_heads heads, [num_heads, ..., vocab]."""
         heads = list(islice(self.heads, num_heads))  # (slicing a ModuleList builds a new one: slow)
-        blocks = [block.linear for head in heads for block in islice(head, self.config.num_layers)]
-        if blocks and cpu_decode.usable(hidden, blocks[0].weight):  # decode on a CPU: every block in one call
-            rows = hidden.reshape(-1, hidden.shape[-1])
-            states = cpu_decode.kernel().medusa_blocks(rows, [b.weight for b in blocks], [b.bias for b in blocks],
-                                                       len(heads)).view(len(heads), *hidden.shape)
-        else:
-            states = []
-            for head in heads:
-                x = hidden
-                for block in islice(head, self.config.num_layers):
-                    x = block(x)
-                states.append(x)
-            states = torch.stack(states)
+        states = []
+        for head in heads:
+            x = hidden
+            for block in islice(head, self.config.num_layers):
+                x = block(x)
+            states.append(x)
         if self.config.own_lm_head:
             return torch.stack([head[-1](x) for head, x in zip(heads, states)])
-        return base_lm_head(states)  # one projection for all heads
+        return base_lm_head(torch.stack(states))  # one projection for all heads
+
+    def top_k(self, hidden: torch.Tensor, base_lm_head: nn.Linear, num_heads: int, k: int) -> torch.Tensor:
+        """The k likeliest tokens of each of the first num_heads heads at hidden [B, hidden_size] ->
+        [num_heads, B, k]. On a CPU at decode sizes one kernel call does it all (models.cpu_decode)."""
+        heads = list(islice(self.heads, num_heads))
+        projections = [head[-1].weight for head in heads] if self.config.own_lm_head else [base_lm_head.weight]
+        if cpu_decode.usable(hidden, projections[0]) and num_heads * len(hidden) <= cpu_decode.MAX_ROWS:
+            blocks = [block.linear for head in heads for block in islice(head, self.config.num_layers)]
+            return cpu_decode.kernel().medusa_top_k(hidden, [b.weight for b in blocks], [b.bias for b in blocks],
+                                                    num_heads, projections, k)
+        return self(hidden, base_lm_head, num_heads).topk(k, dim=-1).indices
 
 
 def load_medusa_heads(folder: str | Path, hidden_size: int, vocab_size: int,
@@ -197,8 +201,8 @@ class Medusa:
         if not speculating:
             return
         tree = self.tree
-        logits = self.heads(hidden[speculating], self.model.compute_logits, tree.depth)  # [depth, B, V]
-        top = logits.topk(tree.top_k, dim=-1).indices.transpose(0, 1).tolist()  # [B, depth, top_k]
+        top = self.heads.top_k(hidden[speculating], self.model.lm_head, tree.depth, tree.top_k)  # [depth, B, top_k]
+        top = top.transpose(0, 1).tolist()
         for i, drafts in zip(speculating, top):
             seqs[i].draft_token_ids = drafts
 

@@ -4,7 +4,7 @@
 // operators Python dispatches per layer. So there are two kinds of kernel here:
 //   - small_batch_linear: y = x W^T (+ b) that streams W from memory once for any number of token
 //     rows, with a register-blocked micro-kernel over (weight rows x token rows); rms_norm; and the
-//     Medusa heads' residual blocks x + SiLU(x W^T + b), all heads in one call;
+//     Medusa drafts: every head's residual blocks, vocabulary projection and top-k in one call;
 //   - the two halves of a decoder layer around attention, each one call:
 //       attention_input:  RMSNorm -> packed q/k/v projection (+ bias) -> rotary on q and k;
 //       attention_output: o_proj + residual -> RMSNorm -> gate/up -> SiLU(gate) * up -> down + residual;
@@ -12,7 +12,9 @@
 // All arithmetic is fp32; weights are fp32 or bf16; activations come and go in the model's dtype.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <tuple>
 #include <vector>
@@ -306,19 +308,17 @@ torch::Tensor attention_output(torch::Tensor attn, torch::Tensor residual, torch
   return as_dtype(hidden, residual.scalar_type());
 }
 
-// Medusa heads' residual blocks in one call: head h starts from hidden [M, H] and applies
-// x + SiLU(x W^T + b) for each of its blocks; weights/biases hold num_heads * blocks_per_head [H, H]/[H]
-// tensors, head-major. Returns the heads' states [num_heads, M, H] in hidden's dtype.
-torch::Tensor medusa_blocks(torch::Tensor hidden, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> biases,
-                            int64_t num_heads) {
-  TORCH_CHECK(hidden.dim() == 2 && num_heads > 0 && weights.size() == biases.size() &&
-                  weights.size() % num_heads == 0,
-              "medusa_blocks: hidden must be [rows, H] and every head needs the same number of blocks");
+namespace {
+
+// Medusa heads' residual blocks: head h starts from hidden [M, H] (fp32) and applies x + SiLU(x W^T + b)
+// for each of its blocks; weights/biases hold num_heads * blocks_per_head [H, H]/[H] tensors, head-major.
+// Returns the heads' states [num_heads * M, H] in fp32, head-major.
+torch::Tensor medusa_states(const torch::Tensor& hidden, const std::vector<torch::Tensor>& weights,
+                            const std::vector<torch::Tensor>& biases, int64_t num_heads) {
   const int64_t M = hidden.size(0), H = hidden.size(1), blocks = weights.size() / num_heads;
-  auto x0 = as_float(hidden);
-  auto states = torch::empty({num_heads, M, H}, x0.options());
+  auto states = torch::empty({num_heads * M, H}, hidden.options());
   for (int64_t h = 0; h < num_heads; ++h) {
-    auto x = x0;
+    auto x = hidden;
     for (int64_t j = 0; j < blocks; ++j) {
       auto y = linear_f32(x, weights[h * blocks + j], as_float(biases[h * blocks + j]));
       float* yp = y.data_ptr<float>();
@@ -327,15 +327,70 @@ torch::Tensor medusa_blocks(torch::Tensor hidden, std::vector<torch::Tensor> wei
       for (int64_t i = 0; i < M * H; ++i) yp[i] = xp[i] + yp[i] / (1.0f + std::exp(-yp[i]));
       x = y;
     }
-    states[h].copy_(x);
+    states.narrow(0, h * M, M).copy_(x);
   }
-  return as_dtype(states, hidden.scalar_type());
+  return states;
+}
+
+// Column indices of the k largest entries of each row of x [M, N] (fp32), largest first; among equal
+// values the lower index wins, as in argmax. k is small (a tree's widest rank), so insertion is cheap.
+torch::Tensor top_k_rows(const torch::Tensor& x, int64_t k) {
+  const int64_t M = x.size(0), N = x.size(1);
+  auto out = torch::empty({M, k}, x.options().dtype(torch::kLong));
+  std::vector<float> best(k);
+  std::vector<int64_t> index(k);
+  for (int64_t r = 0; r < M; ++r) {
+    const float* row = x.data_ptr<float>() + r * N;
+    for (int64_t j = 0; j < k; ++j) {
+      best[j] = -std::numeric_limits<float>::infinity();
+      index[j] = j;
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      const float v = row[i];
+      if (!(v > best[k - 1])) continue;
+      int64_t j = k - 1;
+      for (; j > 0 && v > best[j - 1]; --j) {
+        best[j] = best[j - 1];
+        index[j] = index[j - 1];
+      }
+      best[j] = v;
+      index[j] = i;
+    }
+    std::copy(index.begin(), index.end(), out.data_ptr<int64_t>() + r * k);
+  }
+  return out;
+}
+
+}  // namespace
+
+// Medusa drafts for a few rows of hidden states [M, H]: every head's residual blocks, its vocabulary
+// projection (projections: the shared base lm_head, or one matrix per head) and the k likeliest
+// tokens, in one call and without handing logits back to Python. Returns [num_heads, M, k] int64.
+torch::Tensor medusa_top_k(torch::Tensor hidden, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> biases,
+                           int64_t num_heads, std::vector<torch::Tensor> projections, int64_t k) {
+  TORCH_CHECK(hidden.dim() == 2 && num_heads > 0 && weights.size() == biases.size() &&
+                  weights.size() % num_heads == 0,
+              "medusa_top_k: hidden must be [rows, H] and every head needs the same number of blocks");
+  TORCH_CHECK(projections.size() == 1 || static_cast<int64_t>(projections.size()) == num_heads,
+              "medusa_top_k: give one shared projection or one per head");
+  const int64_t M = hidden.size(0), V = projections[0].size(0);
+  TORCH_CHECK(k >= 1 && k <= V, "medusa_top_k: k must be in [1, vocabulary size]");
+  auto states = medusa_states(as_float(hidden), weights, biases, num_heads);
+  torch::Tensor logits;
+  if (projections.size() == 1) {
+    logits = linear_f32(states, projections[0], torch::Tensor());
+  } else {
+    logits = torch::empty({num_heads * M, V}, states.options());
+    for (int64_t h = 0; h < num_heads; ++h)
+      logits.narrow(0, h * M, M).copy_(linear_f32(states.narrow(0, h * M, M), projections[h], torch::Tensor()));
+  }
+  return top_k_rows(logits, k).view({num_heads, M, k});
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_batch_linear", &small_batch_linear, "y = x @ w.T + b for a few rows, streaming w once");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows");
-  m.def("medusa_blocks", &medusa_blocks, "every Medusa head's residual blocks x + SiLU(x @ w.T + b), a few rows");
+  m.def("medusa_top_k", &medusa_top_k, "every Medusa head's k likeliest tokens for a few rows of hidden states");
   m.def("attention_input", &attention_input, "RMSNorm, q/k/v projection and RoPE of a few rows");
   m.def("attention_output", &attention_output, "o_proj + residual, RMSNorm, SwiGLU MLP + residual of a few rows");
 }
