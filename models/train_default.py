@@ -83,6 +83,8 @@ class TrainConfig:
     medusa_weight: float = 0.2  # joint loss = LM loss + this * sum_k 0.8^k * (head k's loss)
     medusa_lr: float = 1e-3  # the heads' peak learning rate (same warmup and decay as the model's)
 
+
+# With --init these come from the checkpoint, so a stage's record leaves them out
 ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
 
 

@@ -348,7 +348,8 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
                 "--init-heads", str(tmp_path / "heads"), "--steps", "1", "--seq-len", "32"])
     assert load_medusa_heads(tmp_path / "more", 64, 256).config.num_heads == 2
     report = json.loads((tmp_path / "more" / "training.json").read_text())
-    assert report["init_heads"] == str(tmp_path / "heads") and report["loss_first"] < first_loss  # same seed, same first batch
+    assert report["init_heads"] == str(tmp_path / "heads")
+    assert report["loss_first"] < first_loss  # the same seed, so the same first batch
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "medusa").is_dir(), reason="the default model's heads are not shipped")

@@ -192,14 +192,16 @@ def main(argv: list[str] | None = None) -> None:
     init = None
     if args.init_heads:
         init = load_medusa_heads(args.init_heads, model.config.hidden_size, model.config.vocab_size)
-        args.heads, args.layers, args.own_lm_head = init.config.num_heads, init.config.num_layers, init.config.own_lm_head
+        c = init.config
+        args.heads, args.layers, args.own_lm_head = c.num_heads, c.num_layers, c.own_lm_head
     config = TrainConfig(args.heads, args.layers, args.own_lm_head, args.steps, args.batch_size, args.seq_len,
                          args.lr, args.seed)
     heads, history = train_heads(model, train, config, init=init)
     accuracy = head_accuracy(heads, model, base_hidden(model, held_out), held_out)
     save_medusa_heads(heads, args.out, base_model=args.model or "models/default")
-    report = {"config": asdict(config), "init_heads": args.init_heads, "data": args.data or f"self-distillation ({args.samples} samples, "
-              f"{args.prefix_tokens}-token sampled prefix, continuation temperature {args.temperature})",
+    report = {"config": asdict(config), "init_heads": args.init_heads,
+              "data": args.data or f"self-distillation ({args.samples} samples, {args.prefix_tokens}-token sampled "
+                                   f"prefix, continuation temperature {args.temperature})",
               "train_windows": len(train), "held_out_windows": num_held_out,
               "loss_first": history[0], "loss_last": history[-1], "held_out_accuracy": accuracy,
               "wall_time_s": time.perf_counter() - start}
