@@ -10,6 +10,7 @@ tokenizer files, generation_config.json, training.json, README.md) that transfor
 --init continues from a checkpoint (its weights and tokenizer) instead of starting from scratch.
 --medusa-heads K trains K Medusa heads jointly with the model ("Medusa-2"): the heads' losses join the
 LM loss, so the model learns hidden states that say something about the tokens after the next one.
+--medusa-init DIR starts those heads from existing ones (e.g. heads trained on the frozen model).
 The heads go to OUT/medusa. training.json keeps every stage a checkpoint went through.
 
 The learning-rate schedule is time-based: cosine decay over the --minutes budget, so the run ends at
@@ -35,7 +36,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
-from engine.spec.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
+from engine.spec.medusa import MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
 from engine.spec.train import base_hidden, head_accuracy, head_losses, head_weights
 from models.config import ModelConfig
 from models.layers import PackedLinear
@@ -79,6 +80,7 @@ class TrainConfig:
     cache_dir: Path = Path("/tmp/gorgon_train_default")
     init: str = ""  # checkpoint folder to continue from (its architecture and tokenizer win over the flags)
     medusa_heads: int = 0  # > 0: train this many Medusa heads jointly with the model
+    medusa_init: str = ""  # Medusa heads folder to start the joint heads from (fresh heads when empty)
     medusa_layers: int = 2  # residual blocks per head
     medusa_weight: float = 0.2  # joint loss = LM loss + this * sum_k 0.8^k * (head k's loss)
     medusa_lr: float = 1e-3  # the heads' peak learning rate (same warmup and decay as the model's)
@@ -407,7 +409,10 @@ def main(argv: list[str] | None = None) -> None:
         init_weights(model, cfg.num_layers)
         stages = []
     heads = None
-    if cfg.medusa_heads:
+    if cfg.medusa_init:
+        heads = load_medusa_heads(cfg.medusa_init, config["hidden_size"], config["vocab_size"])
+        cfg.medusa_heads, cfg.medusa_layers = heads.config.num_heads, heads.config.num_layers
+    elif cfg.medusa_heads:
         heads = MedusaHeads(MedusaConfig(cfg.medusa_heads, cfg.medusa_layers, config["hidden_size"],
                                          config["vocab_size"], own_lm_head=False))
     train_tokens = encode_documents(tokenizer, train_files, cfg.cache_dir)

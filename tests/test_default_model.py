@@ -89,3 +89,10 @@ def test_joint_medusa_stage_continues_the_checkpoint(tmp_path):
     assert stages[-1]["hyperparameters"]["init"] == str(DEFAULT_MODEL_DIR) and len(stages[-1]["heads_top1"]) == 2
     assert stages[-1]["val_nats"] < HELD_OUT_LOSS_BOUND
     assert " ".join(argv) in (out / "README.md").read_text()
+    # a further stage can start its heads from those (their shape comes from the folder)
+    again = tmp_path / "stage3"
+    train_default(["--init", str(out), "--out", str(again), "--medusa-init", str(out / "medusa"), "--minutes", "0.01",
+                   "--batch-size", "2", "--seq-len", "64", "--threads", "1"])
+    assert load_medusa_heads(again / "medusa", 256, 4096).config.num_heads == 2
+    stages = json.loads((again / "training.json").read_text())["stages"]
+    assert len(stages) == len(before) + 2 and stages[-1]["hyperparameters"]["medusa_heads"] == 2
