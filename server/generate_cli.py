@@ -36,14 +36,16 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:
             out = llm.generate(args.prompt, params)[0]
             print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
-                              "tokens_per_s": round(out.tokens_per_s, 2)}))
+                              "tokens_per_s": round(out.tokens_per_s, 2), "accepted_lengths": out.accepted_lengths}))
             return
         sys.stdout.write(args.prompt)
         for out in llm.stream(args.prompt, params):
             sys.stdout.write(out.new_text)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        print(f"[{len(out.token_ids)} tokens, {out.tokens_per_s:.1f} tokens/s, finish_reason={out.finish_reason}]",
-              file=sys.stderr)
+        steps = out.accepted_lengths
+        speculation = f", {sum(steps) / len(steps):.2f} tokens per Medusa step" if steps else ""
+        print(f"[{len(out.token_ids)} tokens, {out.tokens_per_s:.1f} tokens/s{speculation}, "
+              f"finish_reason={out.finish_reason}]", file=sys.stderr)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"gorgon generate: error: {e}")

@@ -19,6 +19,7 @@ from engine.spec.train import TrainConfig, head_accuracy, base_hidden, main as t
 from engine.spec.tree import TREES, build_tree, load_tree
 from models import DEFAULT_MODEL_DIR
 from models.loader import load_model
+from server.generate_cli import main as generate_main
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -360,3 +361,16 @@ def test_shipped_heads_speculate_losslessly():
     medusa = llm.generate(prompt, SamplingParams(max_tokens=48, **GREEDY))[0]
     assert medusa.token_ids == plain.token_ids
     assert sum(medusa.accepted_lengths) / len(medusa.accepted_lengths) > 1.5
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "medusa").is_dir(), reason="the default model's heads are not shipped")
+def test_generate_command_reports_accepted_lengths(capsys):
+    medusa = ["--prompt", "def fibonacci(n):", "--medusa", str(DEFAULT_MODEL_DIR / "medusa"), "--temperature", "0",
+              "--max-tokens", "24"]
+    generate_main([*medusa, "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 24
+    # the first token comes from the prompt's forward; speculative steps emit the rest
+    assert out["accepted_lengths"] and sum(out["accepted_lengths"]) == 23
+    generate_main(medusa)
+    assert "tokens per Medusa step" in capsys.readouterr().err
