@@ -37,7 +37,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from tqdm import tqdm
 
 from engine.spec.medusa import MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
-from engine.spec.train import base_hidden, head_accuracy, head_losses, head_weights
+from engine.spec.train import head_losses, head_weights
 from models.config import ModelConfig
 from models.layers import PackedLinear
 from models.llama import LlamaForCausalLM
@@ -202,29 +202,27 @@ def batch_loss(model: LlamaForCausalLM, batch: torch.Tensor, heads: MedusaHeads 
 
 
 @torch.no_grad()
-def evaluate(model: LlamaForCausalLM, windows: list[torch.Tensor], autocast) -> tuple[float, int]:
-    """(total nats, number of predicted tokens) over the windows."""
+def evaluate(model: LlamaForCausalLM, windows: list[torch.Tensor], autocast,
+             heads: MedusaHeads | None = None) -> tuple[float, int, list[float] | None]:
+    """(total nats, number of predicted tokens, each head's top-1 accuracy or None) over the windows,
+    from one forward per window."""
     model.eval()
     nats, count = 0.0, 0
+    num_heads = 0 if heads is None else heads.config.num_heads
+    hits, targets = torch.zeros(num_heads), torch.zeros(num_heads)
     for w in windows:
         inputs = w[:-1].unsqueeze(0)
         with autocast():
-            logits = model.compute_logits(model(inputs, torch.arange(inputs.shape[1]).unsqueeze(0))).float()
+            hidden = model(inputs, torch.arange(inputs.shape[1]).unsqueeze(0))
+            logits = model.compute_logits(hidden).float()
+            head_logits = None if heads is None else heads(hidden, model.compute_logits)  # [K, 1, S, V]
         nats += F.cross_entropy(logits[0], w[1:], reduction="sum").item()
         count += len(w) - 1
+        for k in range(num_heads):  # head k at token i predicts token i + 2 + k
+            hits[k] += (head_logits[k, 0, :-(k + 1)].argmax(dim=-1) == w[k + 2:]).sum()
+            targets[k] += len(w) - k - 2
     model.train()
-    return nats, count
-
-
-@torch.no_grad()
-def heads_top1(heads: MedusaHeads, model: LlamaForCausalLM, windows: list[torch.Tensor]) -> list[float]:
-    """Each head's top-1 accuracy over the full-length windows (fp32)."""
-    length = max(len(w) for w in windows)
-    ids = torch.stack([w for w in windows if len(w) == length])
-    model.eval()
-    accuracy = head_accuracy(heads, model, base_hidden(model, ids), ids)
-    model.train()
-    return [a["top1"] for a in accuracy]
+    return nats, count, None if heads is None else (hits / targets).tolist()
 
 
 def lr_scale(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -268,10 +266,9 @@ def train(cfg: TrainConfig, model: LlamaForCausalLM, heads: MedusaHeads | None, 
             tokens_seen += batch.numel() - cfg.batch_size
             postfix = {"step": step, "loss": f"{loss.item():.3f}", "lr": f"{lr:.2e}"}
             if step % cfg.eval_every == 0:
-                nats, count = evaluate(model, val_subset, autocast)
+                nats, count, top1 = evaluate(model, val_subset, autocast, heads)
                 postfix["val"] = f"{nats / count:.3f}"
-                heads_note = "" if heads is None else \
-                    f", heads' val top-1 {[round(a, 3) for a in heads_top1(heads, model, val_subset)]}"
+                heads_note = "" if top1 is None else f", heads' val top-1 {[round(a, 3) for a in top1]}"
                 tqdm.write(f"step {step}: train loss {loss.item():.4f}, val loss {nats / count:.4f}{heads_note}, "
                            f"{tokens_seen / (time.monotonic() - start):.0f} tok/s", file=sys.stdout)
             bar.set_postfix(postfix, refresh=False)
@@ -387,6 +384,34 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
     return TrainConfig(**vars(parser.parse_args(argv)))
 
 
+def start_model(cfg: TrainConfig, train_files: list[Path]) -> tuple[LlamaForCausalLM, dict, Tokenizer, list[dict]]:
+    """(model, HF config, tokenizer, earlier training stages): from the --init checkpoint, else fresh."""
+    if not cfg.init:
+        tokenizer = build_tokenizer(train_files, cfg.vocab_size)
+        config = hf_config(cfg, tokenizer)
+        model = LlamaForCausalLM(ModelConfig.from_dict(config))
+        init_weights(model, cfg.num_layers)
+        return model, config, tokenizer, []
+    init = Path(cfg.init)
+    model = load_model(init, torch.float32, "cpu").train()  # (a clear error when init is no checkpoint)
+    history = init / "training.json"
+    stages = json.loads(history.read_text())["stages"] if history.is_file() else []
+    return (model, json.loads((init / "config.json").read_text()), Tokenizer.from_file(str(init / "tokenizer.json")),
+            stages)
+
+
+def start_heads(cfg: TrainConfig, config: dict) -> MedusaHeads | None:
+    """The joint Medusa heads: from --medusa-init (which then sets their count and depth), fresh, or none."""
+    if cfg.medusa_init:
+        heads = load_medusa_heads(cfg.medusa_init, config["hidden_size"], config["vocab_size"])
+        cfg.medusa_heads, cfg.medusa_layers = heads.config.num_heads, heads.config.num_layers
+        return heads
+    if cfg.medusa_heads:
+        return MedusaHeads(MedusaConfig(cfg.medusa_heads, cfg.medusa_layers, config["hidden_size"],
+                                        config["vocab_size"], own_lm_head=False))
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
@@ -395,26 +420,11 @@ def main(argv: list[str] | None = None) -> None:
 
     train_files, val_files = corpus_files()
     print(f"corpus: {len(train_files)} training files, {len(val_files)} validation files from {stdlib_root()}")
-    if cfg.init:
-        init = Path(cfg.init)
-        tokenizer = Tokenizer.from_file(str(init / "tokenizer.json"))
-        config = json.loads((init / "config.json").read_text())
-        model = load_model(init, torch.float32, "cpu").train()
-        history = init / "training.json"
-        stages = json.loads(history.read_text())["stages"] if history.is_file() else []
-    else:
-        tokenizer = build_tokenizer(train_files, cfg.vocab_size)
-        config = hf_config(cfg, tokenizer)
-        model = LlamaForCausalLM(ModelConfig.from_dict(config))
-        init_weights(model, cfg.num_layers)
-        stages = []
-    heads = None
-    if cfg.medusa_init:
-        heads = load_medusa_heads(cfg.medusa_init, config["hidden_size"], config["vocab_size"])
-        cfg.medusa_heads, cfg.medusa_layers = heads.config.num_heads, heads.config.num_layers
-    elif cfg.medusa_heads:
-        heads = MedusaHeads(MedusaConfig(cfg.medusa_heads, cfg.medusa_layers, config["hidden_size"],
-                                         config["vocab_size"], own_lm_head=False))
+    try:
+        model, config, tokenizer, stages = start_model(cfg, train_files)
+        heads = start_heads(cfg, config)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"gorgon train-default: error: {e}")
     train_tokens = encode_documents(tokenizer, train_files, cfg.cache_dir)
     val_tokens = encode_documents(tokenizer, val_files, cfg.cache_dir)
     print(f"tokens: {len(train_tokens):,} train, {len(val_tokens):,} validation")
@@ -426,14 +436,13 @@ def main(argv: list[str] | None = None) -> None:
 
     stats = train(cfg, model, heads, train_tokens, val_tokens, autocast)
     # final validation in fp32 over the whole held-out set
-    val_windows = eval_windows(val_tokens, cfg.seq_len + 1)
-    nats, count = evaluate(model, val_windows, contextlib.nullcontext)
+    nats, count, top1 = evaluate(model, eval_windows(val_tokens, cfg.seq_len + 1), contextlib.nullcontext, heads)
     val_bytes = sum(len(read_source(p).encode()) for p in val_files)
     stats.update(params=params, val_nats=nats / count, val_bpb=nats / math.log(2) / val_bytes, val_tokens=count,
                  val_bytes=val_bytes, vocab_size=config["vocab_size"], threads=cfg.threads,
                  python=".".join(map(str, sys.version_info[:3])))
-    if heads is not None:
-        stats["heads_top1"] = heads_top1(heads, model, val_windows)
+    if top1 is not None:
+        stats["heads_top1"] = top1
     print(f"done: {stats['steps']} steps, {stats['tokens_seen']:,} tokens, {stats['train_seconds'] / 60:.1f} min; "
           f"val loss {stats['val_nats']:.4f} nats/token, {stats['val_bpb']:.4f} bits/byte"
           + (f"; heads' val top-1 {[round(a, 3) for a in stats['heads_top1']]}" if heads else ""))

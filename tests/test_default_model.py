@@ -79,7 +79,7 @@ def test_joint_medusa_stage_continues_the_checkpoint(tmp_path):
     loadable heads, and the training history extended by this stage."""
     out = tmp_path / "stage2"
     argv = ["--init", str(DEFAULT_MODEL_DIR), "--out", str(out), "--medusa-heads", "2", "--minutes", "0.03",
-            "--lr", "1e-4", "--batch-size", "2", "--seq-len", "64", "--threads", "1"]
+            "--lr", "1e-4", "--batch-size", "1", "--threads", "1"]
     train_default(argv)
     load_model(out, torch.float32, "cpu")
     assert load_medusa_heads(out / "medusa", 256, 4096).config.num_heads == 2
@@ -92,7 +92,15 @@ def test_joint_medusa_stage_continues_the_checkpoint(tmp_path):
     # a further stage can start its heads from those (their shape comes from the folder)
     again = tmp_path / "stage3"
     train_default(["--init", str(out), "--out", str(again), "--medusa-init", str(out / "medusa"), "--minutes", "0.01",
-                   "--batch-size", "2", "--seq-len", "64", "--threads", "1"])
+                   "--batch-size", "1", "--threads", "1"])
     assert load_medusa_heads(again / "medusa", 256, 4096).config.num_heads == 2
     stages = json.loads((again / "training.json").read_text())["stages"]
     assert len(stages) == len(before) + 2 and stages[-1]["hyperparameters"]["medusa_heads"] == 2
+
+
+def test_bad_init_folders_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="has no config.json"):
+        train_default(["--init", str(tmp_path), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="not a Medusa heads folder"):
+        train_default(["--init", str(DEFAULT_MODEL_DIR), "--out", str(tmp_path / "out"), "--medusa-init", str(tmp_path)])
+    assert not (tmp_path / "out").exists()

@@ -374,3 +374,9 @@ def test_generate_command_reports_accepted_lengths(capsys):
     assert out["accepted_lengths"] and sum(out["accepted_lengths"]) == 23
     generate_main(medusa)
     assert "tokens per Medusa step" in capsys.readouterr().err
+
+
+def test_train_medusa_refuses_bad_init_heads_before_any_work(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="not a Medusa heads folder"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--init-heads", str(tmp_path)])
+    assert not (tmp_path / "heads").exists()

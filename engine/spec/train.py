@@ -178,7 +178,15 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
-    model = load_model(model_dir, torch.float32, torch.device("cpu"))
+    init = None
+    try:
+        model = load_model(model_dir, torch.float32, torch.device("cpu"))
+        if args.init_heads:  # before the (slow) training text, so a bad folder fails at once
+            init = load_medusa_heads(args.init_heads, model.config.hidden_size, model.config.vocab_size)
+            c = init.config
+            args.heads, args.layers, args.own_lm_head = c.num_heads, c.num_layers, c.own_lm_head
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"gorgon train-medusa: error: {e}")
     if args.data:
         windows = windows_of(read_corpus(Path(args.data), AutoTokenizer.from_pretrained(model_dir)), args.seq_len)
     else:
@@ -189,11 +197,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"gorgon train-medusa: {len(windows)} windows leave nothing to train on after "
                          f"holding out {num_held_out}")
     held_out, train = windows[:num_held_out], windows[num_held_out:]
-    init = None
-    if args.init_heads:
-        init = load_medusa_heads(args.init_heads, model.config.hidden_size, model.config.vocab_size)
-        c = init.config
-        args.heads, args.layers, args.own_lm_head = c.num_heads, c.num_layers, c.own_lm_head
     config = TrainConfig(args.heads, args.layers, args.own_lm_head, args.steps, args.batch_size, args.seq_len,
                          args.lr, args.seed)
     heads, history = train_heads(model, train, config, init=init)
