@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from itertools import accumulate
 
 import pytest
@@ -14,10 +15,13 @@ from safetensors.torch import load_file, save_file
 from bench.common import byte_tokenizer
 from engine import LLM, RequestOutput, SamplingParams
 from engine.attention import available_backends
-from engine.spec.medusa import MedusaConfig, MedusaHeads, WEIGHTS_FILE, load_medusa_heads, save_medusa_heads, typical_acceptance
-from engine.spec.train import TrainConfig, head_accuracy, base_hidden, main as train_main, self_distill, train_heads
+from engine.spec.medusa import (DRAFT_VOCAB_FILE, MedusaConfig, MedusaHeads, WEIGHTS_FILE, load_medusa_heads,
+                               save_medusa_heads, typical_acceptance)
+from engine.spec.train import (TrainConfig, base_hidden, draft_vocabulary, head_accuracy, main as train_main, prompts_from,
+                               self_distill, train_heads)
 from engine.spec.tree import TREES, build_tree, load_tree
 from models import DEFAULT_MODEL_DIR
+from models import cpu_decode
 from models.loader import load_model
 from server.generate_cli import main as generate_main
 
@@ -154,6 +158,39 @@ def test_heads_round_trip(tmp_path, own_lm_head):
         torch.testing.assert_close(loaded(x, lm_head), heads(x, lm_head), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("own_lm_head", [False, True])
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_draft_vocab_round_trip_and_drafts(tmp_path, monkeypatch, own_lm_head, use_kernel):
+    """With a draft vocabulary the heads propose the top-k of their logits over those tokens only."""
+    if not use_kernel:
+        monkeypatch.setattr(cpu_decode, "usable", lambda x, weight: False)
+    heads = MedusaHeads(MedusaConfig(3, 2, 64, 256, own_lm_head))
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    vocab = torch.tensor([7, 3, 200, 64, 5, 255, 0])
+    heads.draft_vocab = vocab
+    save_medusa_heads(heads, tmp_path)
+    loaded = load_medusa_heads(tmp_path, 64, 256)
+    assert torch.equal(loaded.draft_vocab, vocab)
+    lm_head = torch.nn.Linear(64, 256, bias=False)
+    x = torch.randn(4, 64)
+    with torch.inference_mode():
+        drafts = loaded.top_k(x, loaded.draft_projections(lm_head), 2, 3)  # [2 heads, 4 rows, 3]
+        logits = loaded(x, lm_head, 2)
+    outside = torch.ones(256, dtype=torch.bool)
+    outside[vocab] = False
+    assert torch.equal(drafts, logits.masked_fill(outside, float("-inf")).topk(3, dim=-1).indices)
+    assert not torch.equal(drafts, logits.topk(3, dim=-1).indices)  # the restriction mattered
+
+
+def test_draft_vocabulary_covers_the_training_text():
+    windows = torch.tensor([[5, 5, 5, 5, 3, 3, 1, 0]])
+    assert draft_vocabulary(windows, 8, 0.5).tolist() == [5]
+    assert draft_vocabulary(windows, 8, 0.75).tolist() == [5, 3]
+    assert sorted(draft_vocabulary(windows, 8, 0.8).tolist()) in ([0, 3, 5], [1, 3, 5])
+    assert draft_vocabulary(windows, 8, 1.0) is None
+
+
 def test_head_count_comes_from_the_tensors(tmp_path):
     save_medusa_heads(MedusaHeads(MedusaConfig(3, 1, 64, 256, False)), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -176,6 +213,12 @@ def test_loader_is_strict(tmp_path):
     save_file({**tensors, "0.0.linear.weight": torch.zeros(64, 32)}, tmp_path / WEIGHTS_FILE)
     with pytest.raises(ValueError, match="0.0.linear.weight has shape \\[64, 32\\]"):
         load_medusa_heads(tmp_path, 64, 256)
+    save_file(tensors, tmp_path / WEIGHTS_FILE)
+    for bad in ({"token_ids": torch.tensor([3, 256])}, {"token_ids": torch.tensor([3, 3])},
+                {"token_ids": torch.tensor([3.0])}, {"ids": torch.tensor([3])}):
+        save_file(bad, tmp_path / DRAFT_VOCAB_FILE)
+        with pytest.raises(ValueError, match=DRAFT_VOCAB_FILE):
+            load_medusa_heads(tmp_path, 64, 256)
     (tmp_path / WEIGHTS_FILE).unlink()
     with pytest.raises(FileNotFoundError, match=WEIGHTS_FILE):
         load_medusa_heads(tmp_path, 64, 256)
@@ -234,6 +277,29 @@ def test_greedy_medusa_equals_plain_greedy_batch1(tiny_model_dir, heads_dir, bac
     oracle = run_to_end(llm)[request]
     assert oracle.token_ids == plain.token_ids and max(oracle.accepted_lengths) >= 4
     assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_greedy_medusa_with_a_draft_vocab_is_lossless(tiny_model_dir, heads_dir, distilled, tmp_path):
+    shutil.copytree(heads_dir, tmp_path, dirs_exist_ok=True)
+    vocab = draft_vocabulary(distilled[0], 256, 0.8)
+    save_file({"token_ids": vocab}, tmp_path / DRAFT_VOCAB_FILE)
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    plain = LLM(tiny_model_dir).generate(prompts(2), params)
+    llm = LLM(tiny_model_dir, medusa=str(tmp_path), medusa_tree="cpu12")
+    drafted: set[int] = set()
+    propose = llm.medusa.propose
+
+    def recording_propose(seqs, hidden):
+        propose(seqs, hidden)
+        drafted.update(t for s in seqs if s.draft_token_ids for rank in s.draft_token_ids for t in rank)
+
+    llm.medusa.propose = recording_propose
+    medusa = llm.generate(prompts(2), params)
+    assert [o.token_ids for o in medusa] == [o.token_ids for o in plain]
+    assert drafted and drafted <= set(vocab.tolist()) and max(n for o in medusa for n in o.accepted_lengths) > 1
+    save_file({"token_ids": vocab[:2]}, tmp_path / DRAFT_VOCAB_FILE)
+    with pytest.raises(ValueError, match="only 2 tokens"):
+        LLM(tiny_model_dir, medusa=str(tmp_path), medusa_tree="cpu12")
 
 
 def stop_string_inside_a_run(out, tokenizer) -> str | None:
@@ -343,10 +409,12 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
     report = json.loads((tmp_path / "heads" / "training.json").read_text())
     first_loss = report["loss_first"]
     assert len(report["held_out_accuracy"]) == 2
+    assert heads.draft_vocab is not None and report["draft_vocab_size"] == len(heads.draft_vocab) < 256
     assert "head 1 (token +3)" in capsys.readouterr().out
     # continuing from those heads (e.g. ones trained jointly with the model) keeps their shape
     train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "more"), "--data", str(data),
-                "--init-heads", str(tmp_path / "heads"), "--steps", "1", "--seq-len", "32"])
+                "--init-heads", str(tmp_path / "heads"), "--steps", "1", "--seq-len", "32", "--draft-coverage", "1"])
+    assert not (tmp_path / "more" / DRAFT_VOCAB_FILE).exists()
     assert load_medusa_heads(tmp_path / "more", 64, 256).config.num_heads == 2
     report = json.loads((tmp_path / "more" / "training.json").read_text())
     assert report["init_heads"] == str(tmp_path / "heads")
@@ -376,7 +444,39 @@ def test_generate_command_reports_accepted_lengths(capsys):
     assert "tokens per Medusa step" in capsys.readouterr().err
 
 
+def test_self_distillation_from_a_prompts_file(tiny_model_dir, tmp_path):
+    code = tmp_path / "code.py"
+    code.write_text('def f(x):\n    return x + 1\n\n\nclass A:\n    """A class."""\n    pass\n' * 20)
+    prompts = prompts_from(code, 6, seed=0)
+    assert len(prompts) == 6 and len(set(prompts)) > 1
+    assert all(p.strip() and p in code.read_text() and p.endswith("\n") for p in prompts)  # whole lines
+    records = tmp_path / "prompts.jsonl"
+    records.write_text(json.dumps({"prompt": "x = "}) + "\n\n" + json.dumps({"text": "def g():"}) + "\n")
+    assert prompts_from(records, 5, seed=0) == ["x = ", "def g():"]
+    for empty, text in ((records, json.dumps({"prompt": " "}) + "\n"), (tmp_path / "blank.txt", " \n\n")):
+        empty.write_text(text)
+        with pytest.raises(ValueError, match="non-empty prompts"):
+            prompts_from(empty, 5, seed=0)
+
+    windows = self_distill(tiny_model_dir, 0, 32, 4, 0.0, 0, prompts)
+    tokenizer = byte_tokenizer()
+    assert windows.shape == (6, 32)
+    for window, prompt in zip(windows.tolist(), prompts):
+        ids = tokenizer.encode(prompt, add_special_tokens=False)[-(32 // 3):]
+        assert window[0] == 0 and window[1:1 + len(ids)] == ids  # (no BOS token: id 0 stands in)
+
+    train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompts", str(code),
+                "--samples", "12", "--heads", "2", "--steps", "1", "--seq-len", "32"])
+    report = json.loads((tmp_path / "heads" / "training.json").read_text())
+    assert report["data"].startswith(f"self-distillation (12 samples, prompts from {code}")
+    with pytest.raises(SystemExit, match="--prompts are for self-distillation"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--prompts", str(code),
+                    "--data", str(code)])
+
+
 def test_train_medusa_refuses_bad_init_heads_before_any_work(tiny_model_dir, tmp_path):
     with pytest.raises(SystemExit, match="not a Medusa heads folder"):
         train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--init-heads", str(tmp_path)])
     assert not (tmp_path / "heads").exists()
+    with pytest.raises(SystemExit, match="--draft-coverage"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--draft-coverage", "0"])

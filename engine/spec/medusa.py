@@ -29,6 +29,8 @@ from models import cpu_decode
 from models.layers import Linear
 
 WEIGHTS_FILE = "medusa_lm_head.safetensors"
+# Our addition to the published format: the token ids the heads propose from (see MedusaHeads.draft_vocab)
+DRAFT_VOCAB_FILE = "draft_vocab.safetensors"
 _KEY = re.compile(r"(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)")
 
 
@@ -58,7 +60,11 @@ class ResBlock(nn.Module):
 class MedusaHeads(nn.Module):
     """K heads over the base model's final-normed hidden state; head h is blocks heads[h][0..N-1], then
     (v1) its own projection heads[h][N]. Invariant: `heads.state_dict()` keys are the published format's,
-    `{h}.{j}.linear.weight|bias` and `{h}.{N}.weight`."""
+    `{h}.{j}.linear.weight|bias` and `{h}.{N}.weight`.
+
+    `draft_vocab` (optional, from training): the ids of the tokens the heads propose, the commonest of
+    their training text. Projecting onto those alone cuts the cost of drafting, which reads the whole
+    vocabulary projection every step, for few lost acceptances: a rare token is seldom a right draft."""
 
     def __init__(self, config: MedusaConfig) -> None:
         super().__init__()
@@ -68,31 +74,51 @@ class MedusaHeads(nn.Module):
             nn.ModuleList([*(ResBlock(h) for _ in range(config.num_layers)),
                            *([Linear(h, v, bias=False)] if config.own_lm_head else [])])
             for _ in range(config.num_heads))
+        self.register_buffer("draft_vocab", None, persistent=False)  # int64 [n] token ids, or None: all
 
-    def forward(self, hidden: torch.Tensor, base_lm_head: Callable[[torch.Tensor], torch.Tensor],
-                num_heads: int | None = None) -> torch.Tensor:
-        """hidden: [..., hidden_size] -> logits of the first num_heads heads, [num_heads, ..., vocab]."""
-        heads = list(islice(self.heads, num_heads))  # (slicing a ModuleList builds a new one: slow)
+    def _states(self, hidden: torch.Tensor, heads: list[nn.ModuleList]) -> list[torch.Tensor]:
         states = []
         for head in heads:
             x = hidden
             for block in islice(head, self.config.num_layers):
                 x = block(x)
             states.append(x)
+        return states
+
+    def forward(self, hidden: torch.Tensor, base_lm_head: Callable[[torch.Tensor], torch.Tensor],
+                num_heads: int | None = None) -> torch.Tensor:
+        """hidden: [..., hidden_size] -> logits of the first num_heads heads over the whole vocabulary,
+        [num_heads, ..., vocab]."""
+        heads = list(islice(self.heads, num_heads))  # (slicing a ModuleList builds a new one: slow)
+        states = self._states(hidden, heads)
         if self.config.own_lm_head:
             return torch.stack([head[-1](x) for head, x in zip(heads, states)])
         return base_lm_head(torch.stack(states))  # one projection for all heads
 
-    def top_k(self, hidden: torch.Tensor, base_lm_head: nn.Linear, num_heads: int, k: int) -> torch.Tensor:
-        """The k likeliest tokens of each of the first num_heads heads at hidden [B, hidden_size] ->
-        [num_heads, B, k]. On a CPU at decode sizes one kernel call does it all (models.cpu_decode)."""
+    def draft_projections(self, base_lm_head: nn.Linear) -> list[torch.Tensor]:
+        """What top_k projects onto: each head's vocabulary projection (v2: the one shared base lm_head),
+        restricted to the draft vocabulary's rows."""
+        weights = [head[-1].weight for head in self.heads] if self.config.own_lm_head else [base_lm_head.weight]
+        return weights if self.draft_vocab is None else [w[self.draft_vocab].contiguous() for w in weights]
+
+    def top_k(self, hidden: torch.Tensor, projections: list[torch.Tensor], num_heads: int, k: int) -> torch.Tensor:
+        """The k likeliest draft-vocabulary tokens of each of the first num_heads heads at hidden
+        [B, hidden_size] -> token ids [num_heads, B, k]; projections: from draft_projections. On a CPU at
+        decode sizes one kernel call does it all (models.cpu_decode)."""
         heads = list(islice(self.heads, num_heads))
-        projections = [head[-1].weight for head in heads] if self.config.own_lm_head else [base_lm_head.weight]
+        projections = projections[:num_heads]
         if cpu_decode.usable(hidden, projections[0]) and num_heads * len(hidden) <= cpu_decode.MAX_ROWS:
             blocks = [block.linear for head in heads for block in islice(head, self.config.num_layers)]
-            return cpu_decode.kernel().medusa_top_k(hidden, [b.weight for b in blocks], [b.bias for b in blocks],
-                                                    num_heads, projections, k)
-        return self(hidden, base_lm_head, num_heads).topk(k, dim=-1).indices
+            top = cpu_decode.kernel().medusa_top_k(hidden, [b.weight for b in blocks], [b.bias for b in blocks],
+                                                   num_heads, projections, k)
+        else:
+            states = torch.stack(self._states(hidden, heads))  # [num_heads, B, hidden]
+            if len(projections) == 1:
+                logits = F.linear(states, projections[0])
+            else:
+                logits = torch.stack([F.linear(x, w) for x, w in zip(states, projections)])
+            top = logits.topk(k, dim=-1).indices
+        return top if self.draft_vocab is None else self.draft_vocab[top]
 
 
 def load_medusa_heads(folder: str | Path, hidden_size: int, vocab_size: int,
@@ -131,7 +157,19 @@ def load_medusa_heads(folder: str | Path, hidden_size: int, vocab_size: int,
             raise ValueError(f"{weights_file}: {key} has shape {list(tensor.shape)}, but a base model with hidden "
                              f"size {hidden_size} and vocabulary {vocab_size} needs {list(expected[key].shape)}")
     heads.heads.load_state_dict(tensors)
+    if (folder / DRAFT_VOCAB_FILE).is_file():
+        heads.draft_vocab = _read_draft_vocab(folder / DRAFT_VOCAB_FILE, vocab_size)
     return heads.to(device=device, dtype=dtype).eval()
+
+
+def _read_draft_vocab(path: Path, vocab_size: int) -> torch.Tensor:
+    tensors = load_file(path)
+    ids = tensors.get("token_ids")
+    if set(tensors) != {"token_ids"} or ids.dim() != 1 or ids.dtype != torch.int64 or len(ids) == 0:
+        raise ValueError(f"{path} must hold one tensor, token_ids: a non-empty int64 vector of token ids")
+    if ids.min() < 0 or ids.max() >= vocab_size or len(ids.unique()) != len(ids):
+        raise ValueError(f"{path}: token_ids must be distinct ids of the base model's {vocab_size}-token vocabulary")
+    return ids
 
 
 def save_medusa_heads(heads: MedusaHeads, folder: str | Path, base_model: str | None = None) -> None:
@@ -143,6 +181,8 @@ def save_medusa_heads(heads: MedusaHeads, folder: str | Path, base_model: str | 
               "vocab_size": c.vocab_size, "base_model_name_or_path": base_model}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file({k: v.detach().contiguous() for k, v in heads.heads.state_dict().items()}, folder / WEIGHTS_FILE)
+    if heads.draft_vocab is not None:
+        save_file({"token_ids": heads.draft_vocab.cpu().contiguous()}, folder / DRAFT_VOCAB_FILE)
 
 
 def typical_acceptance(candidates: torch.Tensor, logits: torch.Tensor, parents: torch.Tensor,
@@ -167,7 +207,11 @@ class Medusa:
         if tree.depth > heads.config.num_heads:
             raise ValueError(f"medusa tree {tree.name!r} is {tree.depth} deep, but there are only "
                              f"{heads.config.num_heads} heads (a depth-d node takes head d-1's candidates)")
+        if heads.draft_vocab is not None and len(heads.draft_vocab) < tree.top_k:
+            raise ValueError(f"medusa tree {tree.name!r} takes each head's top {tree.top_k}, but the heads' draft "
+                             f"vocabulary has only {len(heads.draft_vocab)} tokens")
         self.heads, self.model, self.kv_cache = heads, model, kv_cache
+        self.projections = heads.draft_projections(model.lm_head)
         self.tree = tree.to(kv_cache.pool.device)
         self.max_model_len = max_model_len
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
@@ -201,7 +245,7 @@ class Medusa:
         if not speculating:
             return
         tree = self.tree
-        top = self.heads.top_k(hidden[speculating], self.model.lm_head, tree.depth, tree.top_k)  # [depth, B, top_k]
+        top = self.heads.top_k(hidden[speculating], self.projections, tree.depth, tree.top_k)  # [depth, B, top_k]
         top = top.transpose(0, 1).tolist()
         for i, drafts in zip(speculating, top):
             seqs[i].draft_token_ids = drafts

@@ -1,13 +1,15 @@
 """`gorgon train-medusa`: Medusa-1 heads on a frozen base model.
 
 Head k (from 0) learns to predict token i+2+k from the base model's final-normed hidden state at token i;
-its cross-entropy is weighted 0.8^k. Without --data the training text is the base model's own: prefixes
-sampled from it, continued by our engine (greedy by default, the decoding the heads will mostly serve)."""
+its cross-entropy is weighted 0.8^k. Without --data the training text is the base model's own: prompts
+(prefixes sampled from the model, or taken from --prompts: text like the traffic the heads will serve)
+continued by our engine (greedy by default, the decoding the heads will mostly serve)."""
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -107,6 +109,16 @@ def train_heads(model: nn.Module, windows: torch.Tensor, config: TrainConfig, pr
     return heads.eval(), history
 
 
+def draft_vocabulary(windows: torch.Tensor, vocab_size: int, coverage: float) -> torch.Tensor | None:
+    """The commonest tokens of the training windows, commonest first, that make up `coverage` of them:
+    the heads' draft vocabulary (MedusaHeads.draft_vocab). None when that is the whole vocabulary."""
+    counts = torch.bincount(windows.flatten(), minlength=vocab_size)
+    order = counts.argsort(descending=True, stable=True)
+    covered = counts[order].cumsum(0)
+    size = int(torch.searchsorted(covered, coverage * covered[-1].item())) + 1
+    return None if coverage >= 1 or size >= vocab_size else order[:size]
+
+
 def read_corpus(path: Path, tokenizer) -> list[list[int]]:
     """Token ids of each document: a .jsonl file has one per line ("text", or "prompt" + "completion");
     any other file is one plain-text document."""
@@ -132,19 +144,47 @@ def windows_of(docs: list[list[int]], seq_len: int) -> torch.Tensor:
     return tokens[:len(tokens) // seq_len * seq_len].view(-1, seq_len)
 
 
+def prompts_from(path: Path, num_prompts: int, seed: int) -> list[str]:
+    """Self-distillation prompts from a file: a .jsonl file holds one per record ("prompt", else "text"),
+    of which the first num_prompts are taken; any other file is cut into num_prompts snippets of 1 to 6
+    whole lines at random places (say, a concatenation of the code the model will be asked to continue)."""
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        prompts = [r.get("prompt", r.get("text", "")) for r in records][:num_prompts]
+    elif not text.strip():
+        prompts = []
+    else:
+        lines = text.splitlines(keepends=True)
+        rng = random.Random(seed)
+        prompts = []
+        while len(prompts) < num_prompts:
+            start = rng.randrange(len(lines))
+            snippet = "".join(lines[start:start + rng.randint(1, 6)])
+            if snippet.strip():
+                prompts.append(snippet)
+    if not prompts or not all(p.strip() for p in prompts):
+        raise ValueError(f"{path}: expected non-empty prompts")
+    return prompts
+
+
 def self_distill(model_dir: Path | None, num_samples: int, seq_len: int, prefix_tokens: int,
-                 temperature: float, seed: int) -> torch.Tensor:
-    """[num_samples, seq_len] windows of the base model's own text: a `prefix_tokens` prefix sampled at
-    temperature 1 after BOS, continued at `temperature` with our engine."""
+                 temperature: float, seed: int, prompts: list[str] | None = None) -> torch.Tensor:
+    """Windows [N, seq_len] of the base model's own text, continued at `temperature` with our engine from
+    `prompts` (each cut to its last seq_len // 3 tokens; N = len(prompts)) or, without them, from
+    num_samples prefixes of `prefix_tokens` tokens sampled at temperature 1 after BOS."""
     llm = LLM(model_dir, enable_prefix_caching=False)
     bos = llm.tokenizer.bos_token_id if llm.tokenizer.bos_token_id is not None else 0
-    prefix = [SamplingParams(max_tokens=prefix_tokens, temperature=1.0, seed=seed + i, ignore_eos=True)
-              for i in range(num_samples)]
-    prompts = [[bos] + out.token_ids for out in llm.generate([[bos]] * num_samples, prefix)]
+    if prompts is None:
+        prefix = [SamplingParams(max_tokens=prefix_tokens, temperature=1.0, seed=seed + i, ignore_eos=True)
+                  for i in range(num_samples)]
+        starts = [[bos] + out.token_ids for out in llm.generate([[bos]] * num_samples, prefix)]
+    else:
+        starts = [[bos] + llm.tokenizer.encode(p, add_special_tokens=False)[-(seq_len // 3):] for p in prompts]
     rest = [SamplingParams(max_tokens=seq_len - len(p), temperature=temperature, seed=seed + i, ignore_eos=True)
-            for i, p in enumerate(prompts)]
-    outputs = llm.generate(prompts, rest, use_tqdm=True)
-    return torch.tensor([p + out.token_ids for p, out in zip(prompts, outputs)])
+            for i, p in enumerate(starts)]
+    outputs = llm.generate(starts, rest, use_tqdm=True)
+    return torch.tensor([p + out.token_ids for p, out in zip(starts, outputs)])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -163,9 +203,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--prompts", default=None,
+                        help="self-distillation prompts: a .jsonl file (one per record, 'prompt' or 'text') or a text "
+                             "file to cut snippets of whole lines from (default: prefixes sampled from the model)")
     parser.add_argument("--samples", type=int, default=512, help="self-distillation: texts to generate")
     parser.add_argument("--prefix-tokens", type=int, default=8, help="self-distillation: sampled prefix length")
     parser.add_argument("--temperature", type=float, default=0.0, help="self-distillation: continuation temperature")
+    parser.add_argument("--draft-coverage", type=float, default=0.95,
+                        help="the heads propose only the commonest tokens that make up this share of the training "
+                             "text (drafting gets cheaper); 1: the whole vocabulary")
     parser.add_argument("--held-out", type=float, default=0.1, help="fraction of windows kept for evaluation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -174,6 +220,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not 0 < args.draft_coverage <= 1:
+        raise SystemExit("gorgon train-medusa: error: --draft-coverage must be in (0, 1]")
+    if args.data and args.prompts:
+        raise SystemExit("gorgon train-medusa: error: --prompts are for self-distillation; --data trains on given text")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -185,12 +235,14 @@ def main(argv: list[str] | None = None) -> None:
             init = load_medusa_heads(args.init_heads, model.config.hidden_size, model.config.vocab_size)
             c = init.config
             args.heads, args.layers, args.own_lm_head = c.num_heads, c.num_layers, c.own_lm_head
+        prompts = prompts_from(Path(args.prompts), args.samples, args.seed) if args.prompts else None
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"gorgon train-medusa: error: {e}")
     if args.data:
         windows = windows_of(read_corpus(Path(args.data), AutoTokenizer.from_pretrained(model_dir)), args.seq_len)
     else:
-        windows = self_distill(model_dir, args.samples, args.seq_len, args.prefix_tokens, args.temperature, args.seed)
+        windows = self_distill(model_dir, args.samples, args.seq_len, args.prefix_tokens, args.temperature, args.seed,
+                               prompts)
     windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed))]
     num_held_out = max(1, int(len(windows) * args.held_out))
     if num_held_out >= len(windows):
@@ -200,15 +252,21 @@ def main(argv: list[str] | None = None) -> None:
     config = TrainConfig(args.heads, args.layers, args.own_lm_head, args.steps, args.batch_size, args.seq_len,
                          args.lr, args.seed)
     heads, history = train_heads(model, train, config, init=init)
+    heads.draft_vocab = draft_vocabulary(train, model.config.vocab_size, args.draft_coverage)
     accuracy = head_accuracy(heads, model, base_hidden(model, held_out), held_out)
+    draft_vocab_size = model.config.vocab_size if heads.draft_vocab is None else len(heads.draft_vocab)
+    held_out_coverage = 1.0 if heads.draft_vocab is None else torch.isin(held_out, heads.draft_vocab).float().mean().item()
     save_medusa_heads(heads, args.out, base_model=args.model or "models/default")
+    source = f"prompts from {args.prompts}" if args.prompts else f"{args.prefix_tokens}-token sampled prefix"
     report = {"config": asdict(config), "init_heads": args.init_heads,
-              "data": args.data or f"self-distillation ({args.samples} samples, {args.prefix_tokens}-token sampled "
-                                   f"prefix, continuation temperature {args.temperature})",
+              "data": args.data or f"self-distillation ({len(windows)} samples, {source}, "
+                                   f"continuation temperature {args.temperature})",
               "train_windows": len(train), "held_out_windows": num_held_out,
               "loss_first": history[0], "loss_last": history[-1], "held_out_accuracy": accuracy,
+              "draft_vocab_size": draft_vocab_size, "draft_vocab_held_out_coverage": held_out_coverage,
               "wall_time_s": time.perf_counter() - start}
     (Path(args.out) / "training.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"draft vocabulary: {draft_vocab_size} tokens, {held_out_coverage:.1%} of the held-out text")
     print(f"weighted loss {history[0]:.3f} -> {history[-1]:.3f}; held-out accuracy per head:")
     for k, acc in enumerate(accuracy):
         print(f"  head {k} (token +{k + 2}): top-1 {acc['top1']:.3f}  top-5 {acc['top5']:.3f}")
