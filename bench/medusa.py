@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = results[llm.medusa.tree.name]
     sweep = sorted((r for name in trees for r in results[name]), key=lambda r: (r["batch_size"], r["tree_size"]))
 
-    print(f"\n{model}, heads {medusa}, {args.new_tokens} new tokens per prompt, {len(prompts)} prompts, greedy, "
+    draft_vocab = llm.medusa.heads.draft_vocab
+    draft_vocab_size = llm.model.config.vocab_size if draft_vocab is None else len(draft_vocab)
+    print(f"\n{model}, heads {medusa} (drafting from {draft_vocab_size} tokens), {args.new_tokens} new tokens per prompt, {len(prompts)} prompts, greedy, "
           f"{args.threads} thread(s), attention backend {llm.runner.backend.name}")
     columns = ["batch_size", "tree", "tree_size", "plain_tok_s", "medusa_tok_s", "speedup", "mean_accepted", "lossless"]
     print_table(rows, columns)
@@ -157,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         "lossless": all(r["lossless"] for r in sweep), "tree": llm.medusa.tree.name,
     }
     write_json(args.out, {"benchmark": "medusa", "model": str(model), "medusa": str(medusa),
+                          "draft_vocab_size": draft_vocab_size,
                           "new_tokens": args.new_tokens, "prompts": prompts, "threads": args.threads,
                           "attention_backend": llm.runner.backend.name, "runs": rows, "sweep": sweep,
                           "machine": machine_info(), "summary": summary})

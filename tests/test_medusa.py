@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.common import byte_tokenizer
+from bench.medusa import main as bench_main
 from engine import LLM, RequestOutput, SamplingParams
 from engine.attention import available_backends
 from engine.spec.medusa import (DRAFT_VOCAB_FILE, MedusaConfig, MedusaHeads, WEIGHTS_FILE, load_medusa_heads,
@@ -480,3 +481,14 @@ def test_train_medusa_refuses_bad_init_heads_before_any_work(tiny_model_dir, tmp
     assert not (tmp_path / "heads").exists()
     with pytest.raises(SystemExit, match="--draft-coverage"):
         train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--draft-coverage", "0"])
+
+
+def test_bench_medusa_end_to_end(tiny_model_dir, heads_dir, tmp_path):
+    out = tmp_path / "medusa.json"
+    bench_main(["--model", str(tiny_model_dir), "--medusa", str(heads_dir), "--new-tokens", "12", "--prompts", "4",
+                "--repeats", "1", "--no-sweep", "--threads", str(torch.get_num_threads()), "--out", str(out)])
+    result = json.loads(out.read_text())
+    summary = result["summary"]
+    assert summary["lossless"] is True and summary["mean_accepted_bs1"] >= 1 and summary["tree"] == "chain3"
+    assert summary["speedup_bs1"] > 0 and summary["speedup_bs4"] > 0
+    assert [r["batch_size"] for r in result["runs"]] == [1, 4] and result["draft_vocab_size"] == 256
