@@ -469,7 +469,12 @@ def test_self_distillation_from_a_prompts_file(tiny_model_dir, tmp_path):
     train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompts", str(code),
                 "--samples", "12", "--heads", "2", "--steps", "1", "--seq-len", "32"])
     report = json.loads((tmp_path / "heads" / "training.json").read_text())
-    assert report["data"].startswith(f"self-distillation (12 samples, prompts from {code}")
+    assert report["data"] == f"self-distillation (12 from prompts in {code}; continuation temperature 0.0)"
+    assert report["train_windows"] + report["held_out_windows"] == 12
+    train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "mixed"), "--prompts", str(code),
+                "--prompt-share", "0.25", "--samples", "12", "--heads", "2", "--steps", "1", "--seq-len", "32"])
+    report = json.loads((tmp_path / "mixed" / "training.json").read_text())
+    assert report["data"].startswith(f"self-distillation (9 from 8-token sampled prefixes, 3 from prompts in {code};")
     with pytest.raises(SystemExit, match="--prompts are for self-distillation"):
         train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--prompts", str(code),
                     "--data", str(code)])
@@ -481,6 +486,8 @@ def test_train_medusa_refuses_bad_init_heads_before_any_work(tiny_model_dir, tmp
     assert not (tmp_path / "heads").exists()
     with pytest.raises(SystemExit, match="--draft-coverage"):
         train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--draft-coverage", "0"])
+    with pytest.raises(SystemExit, match="--prompt-share"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompt-share", "2"])
 
 
 def test_bench_medusa_end_to_end(tiny_model_dir, heads_dir, tmp_path):

@@ -169,18 +169,16 @@ def prompts_from(path: Path, num_prompts: int, seed: int) -> list[str]:
 
 
 def self_distill(model_dir: Path | None, num_samples: int, seq_len: int, prefix_tokens: int,
-                 temperature: float, seed: int, prompts: list[str] | None = None) -> torch.Tensor:
-    """Windows [N, seq_len] of the base model's own text, continued at `temperature` with our engine from
-    `prompts` (each cut to its last seq_len // 3 tokens; N = len(prompts)) or, without them, from
-    num_samples prefixes of `prefix_tokens` tokens sampled at temperature 1 after BOS."""
+                 temperature: float, seed: int, prompts: list[str] = ()) -> torch.Tensor:
+    """Windows [num_samples + len(prompts), seq_len] of the base model's own text, continued at
+    `temperature` with our engine: num_samples from prefixes of `prefix_tokens` tokens sampled at
+    temperature 1 after BOS, then one from each prompt (cut to its last seq_len // 3 tokens)."""
     llm = LLM(model_dir, enable_prefix_caching=False)
     bos = llm.tokenizer.bos_token_id if llm.tokenizer.bos_token_id is not None else 0
-    if prompts is None:
-        prefix = [SamplingParams(max_tokens=prefix_tokens, temperature=1.0, seed=seed + i, ignore_eos=True)
-                  for i in range(num_samples)]
-        starts = [[bos] + out.token_ids for out in llm.generate([[bos]] * num_samples, prefix)]
-    else:
-        starts = [[bos] + llm.tokenizer.encode(p, add_special_tokens=False)[-(seq_len // 3):] for p in prompts]
+    prefix = [SamplingParams(max_tokens=prefix_tokens, temperature=1.0, seed=seed + i, ignore_eos=True)
+              for i in range(num_samples)]
+    starts = [[bos] + out.token_ids for out in llm.generate([[bos]] * num_samples, prefix)] if num_samples else []
+    starts += [[bos] + llm.tokenizer.encode(p, add_special_tokens=False)[-(seq_len // 3):] for p in prompts]
     rest = [SamplingParams(max_tokens=seq_len - len(p), temperature=temperature, seed=seed + i, ignore_eos=True)
             for i, p in enumerate(starts)]
     outputs = llm.generate(starts, rest, use_tqdm=True)
@@ -206,6 +204,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", default=None,
                         help="self-distillation prompts: a .jsonl file (one per record, 'prompt' or 'text') or a text "
                              "file to cut snippets of whole lines from (default: prefixes sampled from the model)")
+    parser.add_argument("--prompt-share", type=float, default=1.0,
+                        help="with --prompts: the share of the texts that continue them; the rest continue sampled prefixes")
     parser.add_argument("--samples", type=int, default=512, help="self-distillation: texts to generate")
     parser.add_argument("--prefix-tokens", type=int, default=8, help="self-distillation: sampled prefix length")
     parser.add_argument("--temperature", type=float, default=0.0, help="self-distillation: continuation temperature")
@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("gorgon train-medusa: error: --draft-coverage must be in (0, 1]")
     if args.data and args.prompts:
         raise SystemExit("gorgon train-medusa: error: --prompts are for self-distillation; --data trains on given text")
+    if not 0 <= args.prompt_share <= 1:
+        raise SystemExit("gorgon train-medusa: error: --prompt-share must be in [0, 1]")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -235,14 +237,15 @@ def main(argv: list[str] | None = None) -> None:
             init = load_medusa_heads(args.init_heads, model.config.hidden_size, model.config.vocab_size)
             c = init.config
             args.heads, args.layers, args.own_lm_head = c.num_heads, c.num_layers, c.own_lm_head
-        prompts = prompts_from(Path(args.prompts), args.samples, args.seed) if args.prompts else None
+        num_prompts = round(args.samples * args.prompt_share) if args.prompts else 0
+        prompts = prompts_from(Path(args.prompts), num_prompts, args.seed) if num_prompts else []
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"gorgon train-medusa: error: {e}")
     if args.data:
         windows = windows_of(read_corpus(Path(args.data), AutoTokenizer.from_pretrained(model_dir)), args.seq_len)
     else:
-        windows = self_distill(model_dir, args.samples, args.seq_len, args.prefix_tokens, args.temperature, args.seed,
-                               prompts)
+        windows = self_distill(model_dir, args.samples - num_prompts, args.seq_len, args.prefix_tokens,
+                               args.temperature, args.seed, prompts)
     windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed))]
     num_held_out = max(1, int(len(windows) * args.held_out))
     if num_held_out >= len(windows):
@@ -257,10 +260,14 @@ def main(argv: list[str] | None = None) -> None:
     draft_vocab_size = model.config.vocab_size if heads.draft_vocab is None else len(heads.draft_vocab)
     held_out_coverage = 1.0 if heads.draft_vocab is None else torch.isin(held_out, heads.draft_vocab).float().mean().item()
     save_medusa_heads(heads, args.out, base_model=args.model or "models/default")
-    source = f"prompts from {args.prompts}" if args.prompts else f"{args.prefix_tokens}-token sampled prefix"
-    report = {"config": asdict(config), "init_heads": args.init_heads,
-              "data": args.data or f"self-distillation ({len(windows)} samples, {source}, "
-                                   f"continuation temperature {args.temperature})",
+    if args.data:
+        data = args.data
+    else:
+        texts = {f"{args.prefix_tokens}-token sampled prefixes": args.samples - num_prompts,
+                 f"prompts in {args.prompts}": len(prompts)}
+        data = (f"self-distillation ({', '.join(f'{n} from {what}' for what, n in texts.items() if n)}; "
+                f"continuation temperature {args.temperature})")
+    report = {"config": asdict(config), "init_heads": args.init_heads, "data": data,
               "train_windows": len(train), "held_out_windows": num_held_out,
               "loss_first": history[0], "loss_last": history[-1], "held_out_accuracy": accuracy,
               "draft_vocab_size": draft_vocab_size, "draft_vocab_held_out_coverage": held_out_coverage,
