@@ -405,6 +405,7 @@ def start_heads(cfg: TrainConfig, config: dict) -> MedusaHeads | None:
     if cfg.medusa_init:
         heads = load_medusa_heads(cfg.medusa_init, config["hidden_size"], config["vocab_size"])
         cfg.medusa_heads, cfg.medusa_layers = heads.config.num_heads, heads.config.num_layers
+        heads.draft_vocab = None  # it described their old training text; train-medusa picks a new one
         return heads
     if cfg.medusa_heads:
         return MedusaHeads(MedusaConfig(cfg.medusa_heads, cfg.medusa_layers, config["hidden_size"],

@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models import DEFAULT_MODEL_DIR
-from engine.spec.medusa import load_medusa_heads
+from engine.spec.medusa import DRAFT_VOCAB_FILE, load_medusa_heads
 from models.loader import load_model
 from models.train_default import main as train_default, stdlib_root
 
@@ -89,11 +90,14 @@ def test_joint_medusa_stage_continues_the_checkpoint(tmp_path):
     assert stages[-1]["hyperparameters"]["init"] == str(DEFAULT_MODEL_DIR) and len(stages[-1]["heads_top1"]) == 2
     assert stages[-1]["val_nats"] < HELD_OUT_LOSS_BOUND
     assert " ".join(argv) in (out / "README.md").read_text()
-    # a further stage can start its heads from those (their shape comes from the folder)
+    # a further stage can start its heads from those (their shape comes from the folder); a draft vocabulary
+    # there described the old heads' training text, so the new heads come without one
+    save_file({"token_ids": torch.arange(10)}, out / "medusa" / DRAFT_VOCAB_FILE)
     again = tmp_path / "stage3"
     train_default(["--init", str(out), "--out", str(again), "--medusa-init", str(out / "medusa"), "--minutes", "0.01",
                    "--batch-size", "1", "--threads", "1"])
-    assert load_medusa_heads(again / "medusa", 256, 4096).config.num_heads == 2
+    heads = load_medusa_heads(again / "medusa", 256, 4096)
+    assert heads.config.num_heads == 2 and heads.draft_vocab is None
     stages = json.loads((again / "training.json").read_text())["stages"]
     assert len(stages) == len(before) + 2 and stages[-1]["hyperparameters"]["medusa_heads"] == 2
 

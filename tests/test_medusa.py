@@ -182,6 +182,9 @@ def test_draft_vocab_round_trip_and_drafts(tmp_path, monkeypatch, own_lm_head, u
     outside[vocab] = False
     assert torch.equal(drafts, logits.masked_fill(outside, float("-inf")).topk(3, dim=-1).indices)
     assert not torch.equal(drafts, logits.topk(3, dim=-1).indices)  # the restriction mattered
+    loaded.draft_vocab = None
+    save_medusa_heads(loaded, tmp_path)  # over the folder: the old vocabulary must not outlive its heads
+    assert load_medusa_heads(tmp_path, 64, 256).draft_vocab is None
 
 
 def test_draft_vocabulary_covers_the_training_text():

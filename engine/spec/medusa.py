@@ -183,6 +183,8 @@ def save_medusa_heads(heads: MedusaHeads, folder: str | Path, base_model: str | 
     save_file({k: v.detach().contiguous() for k, v in heads.heads.state_dict().items()}, folder / WEIGHTS_FILE)
     if heads.draft_vocab is not None:
         save_file({"token_ids": heads.draft_vocab.cpu().contiguous()}, folder / DRAFT_VOCAB_FILE)
+    else:  # an older draft vocabulary in the folder belongs to other heads
+        (folder / DRAFT_VOCAB_FILE).unlink(missing_ok=True)
 
 
 def typical_acceptance(candidates: torch.Tensor, logits: torch.Tensor, parents: torch.Tensor,
