@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tree", default=DEFAULT_TREE, help=f"tree for the batch 1/4 runs: {', '.join(TREES)} or a JSON file")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"prompts per run (at most {len(PROMPTS)})")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per prompt group; the best counts")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per prompt group; the best counts")
     parser.add_argument("--no-sweep", action="store_true", help="only --tree, not every shipped tree")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared machine more threads make timings erratic)")
