@@ -112,11 +112,13 @@ def train_heads(model: nn.Module, windows: torch.Tensor, config: TrainConfig, pr
 def draft_vocabulary(windows: torch.Tensor, vocab_size: int, coverage: float) -> torch.Tensor | None:
     """The commonest tokens of the training windows, commonest first, that make up `coverage` of them:
     the heads' draft vocabulary (MedusaHeads.draft_vocab). None when that is the whole vocabulary."""
+    if coverage >= 1:
+        return None
     counts = torch.bincount(windows.flatten(), minlength=vocab_size)
     order = counts.argsort(descending=True, stable=True)
     covered = counts[order].cumsum(0)
     size = int(torch.searchsorted(covered, coverage * covered[-1].item())) + 1
-    return None if coverage >= 1 or size >= vocab_size else order[:size]
+    return order[:size] if size < vocab_size else None
 
 
 def read_corpus(path: Path, tokenizer) -> list[list[int]]:
