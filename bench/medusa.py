@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = results[llm.medusa.tree.name]
     sweep = sorted((r for name in trees for r in results[name]), key=lambda r: (r["batch_size"], r["tree_size"]))
 
-    draft_vocab = llm.medusa.heads.draft_vocab
-    draft_vocab_size = llm.model.config.vocab_size if draft_vocab is None else len(draft_vocab)
+    draft_vocab_size = llm.medusa.heads.num_draft_tokens
     print(f"\n{model}, heads {medusa} (drafting from {draft_vocab_size} tokens), {args.new_tokens} new tokens per prompt, {len(prompts)} prompts, greedy, "
           f"{args.threads} thread(s), attention backend {llm.runner.backend.name}")
     columns = ["batch_size", "tree", "tree_size", "plain_tok_s", "medusa_tok_s", "speedup", "mean_accepted", "lossless"]

@@ -76,6 +76,10 @@ class MedusaHeads(nn.Module):
             for _ in range(config.num_heads))
         self.register_buffer("draft_vocab", None, persistent=False)  # int64 [n] token ids, or None: all
 
+    @property
+    def num_draft_tokens(self) -> int:
+        return self.config.vocab_size if self.draft_vocab is None else len(self.draft_vocab)
+
     def _states(self, hidden: torch.Tensor, heads: list[nn.ModuleList]) -> list[torch.Tensor]:
         states = []
         for head in heads:
@@ -209,9 +213,9 @@ class Medusa:
         if tree.depth > heads.config.num_heads:
             raise ValueError(f"medusa tree {tree.name!r} is {tree.depth} deep, but there are only "
                              f"{heads.config.num_heads} heads (a depth-d node takes head d-1's candidates)")
-        if heads.draft_vocab is not None and len(heads.draft_vocab) < tree.top_k:
+        if heads.num_draft_tokens < tree.top_k:
             raise ValueError(f"medusa tree {tree.name!r} takes each head's top {tree.top_k}, but the heads' draft "
-                             f"vocabulary has only {len(heads.draft_vocab)} tokens")
+                             f"vocabulary has only {heads.num_draft_tokens} tokens")
         self.heads, self.model, self.kv_cache = heads, model, kv_cache
         self.projections = heads.draft_projections(model.lm_head)
         self.tree = tree.to(kv_cache.pool.device)

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     heads, history = train_heads(model, train, config, init=init)
     heads.draft_vocab = draft_vocabulary(train, model.config.vocab_size, args.draft_coverage)
     accuracy = head_accuracy(heads, model, base_hidden(model, held_out), held_out)
-    draft_vocab_size = model.config.vocab_size if heads.draft_vocab is None else len(heads.draft_vocab)
+    draft_vocab_size = heads.num_draft_tokens
     held_out_coverage = 1.0 if heads.draft_vocab is None else torch.isin(held_out, heads.draft_vocab).float().mean().item()
     save_medusa_heads(heads, args.out, base_model=args.model or "models/default")
     if args.data:
