@@ -491,6 +491,12 @@ def test_train_medusa_refuses_bad_init_heads_before_any_work(tiny_model_dir, tmp
         train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--draft-coverage", "0"])
     with pytest.raises(SystemExit, match="--prompt-share"):
         train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompt-share", "2"])
+    with pytest.raises(SystemExit, match="Is a directory"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompts", str(tmp_path)])
+    (tmp_path / "lists.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(SystemExit, match="expected non-empty prompts"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompts",
+                    str(tmp_path / "lists.jsonl")])
 
 
 def test_bench_medusa_end_to_end(tiny_model_dir, heads_dir, tmp_path):

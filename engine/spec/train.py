@@ -153,7 +153,7 @@ def prompts_from(path: Path, num_prompts: int, seed: int) -> list[str]:
     text = path.read_text()
     if path.suffix == ".jsonl":
         records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        prompts = [r.get("prompt", r.get("text", "")) for r in records][:num_prompts]
+        prompts = [r.get("prompt", r.get("text", "")) if isinstance(r, dict) else "" for r in records][:num_prompts]
     elif not text.strip():
         prompts = []
     else:
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
             args.heads, args.layers, args.own_lm_head = c.num_heads, c.num_layers, c.own_lm_head
         num_prompts = round(args.samples * args.prompt_share) if args.prompts else 0
         prompts = prompts_from(Path(args.prompts), num_prompts, args.seed) if num_prompts else []
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: missing file, a folder, no permission
         raise SystemExit(f"gorgon train-medusa: error: {e}")
     if args.data:
         windows = windows_of(read_corpus(Path(args.data), AutoTokenizer.from_pretrained(model_dir)), args.seq_len)
