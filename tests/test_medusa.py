@@ -20,7 +20,7 @@ from engine.spec.medusa import (DRAFT_VOCAB_FILE, MedusaConfig, MedusaHeads, WEI
                                save_medusa_heads, typical_acceptance)
 from engine.spec.train import (TrainConfig, base_hidden, draft_vocabulary, head_accuracy, main as train_main, prompts_from,
                                self_distill, train_heads)
-from engine.spec.tree import TREES, build_tree, load_tree
+from engine.spec.tree import DEFAULT_TREE, TREES, build_tree, load_tree
 from models import DEFAULT_MODEL_DIR
 from models import cpu_decode
 from models.loader import load_model
@@ -65,22 +65,25 @@ def run_to_end(llm: LLM) -> dict[str, RequestOutput]:
 
 
 def use_oracle_drafts(llm: LLM, futures: dict[str, list[int]]) -> None:
-    """Replace the heads' proposals by drafts read from a plain run (request id -> prompt + output): the
+    """Replace the heads' proposals (not which sequences draft, nor how deep) by drafts read from a plain
+    run (request id -> prompt + output): the
     right token for each depth sits at a rank that varies with position (mostly 0, sometimes 1 or 2,
     sometimes absent). So runs are long, and accepted paths often leave the tree's first branch (the
     K/V must move)."""
     top_k = llm.medusa.tree.top_k
     rank_of_right_token = [0, 0, 0, 0, 0, 0, 1, 1, 2, top_k]  # top_k: absent
 
+    heads_propose = llm.medusa.propose
+
     def propose(seqs, hidden):
+        heads_propose(seqs, hidden)  # which sequences draft, and how deep
         for seq in seqs:
-            if not llm.medusa.can_speculate(seq):
-                seq.draft_token_ids = None
+            if seq.draft_token_ids is None:
                 continue
             future = futures[seq.request_id]
             root = len(seq) - 1
             drafts = []
-            for d in range(1, llm.medusa.tree.depth + 1):
+            for d in range(1, len(seq.draft_token_ids) + 1):
                 right = future[root + d] if root + d < len(future) else 0
                 ranks = [(right + 1 + r) % 256 for r in range(top_k)]
                 rank = rank_of_right_token[(7 * root + 3 * d) % 10]
@@ -105,7 +108,7 @@ def test_tree_buffers_by_hand():
                                         [1, 1, 0, 0, 1, 0],
                                         [1, 1, 0, 1, 0, 1]]
     assert tree.depths == [0, 1, 1, 2, 2, 3]
-    assert tree.parents.tolist() == [0, 0, 0, 1, 1, 3]
+    assert tree.parents == [0, 0, 0, 1, 1, 3]
     # [root, head0 rank0, head0 rank1, head1 rank0, head1 rank1, head2 rank0, head2 rank1]
     assert tree.candidate_index == [0, 1, 2, 3, 4, 5]
     assert tree.retrieve.tolist() == [[0, 2, 2, 2], [0, 1, 4, 4], [0, 1, 3, 5]]
@@ -136,10 +139,12 @@ def test_tree_from_json_and_errors(tmp_path):
         load_tree("no-such-tree")
 
 
-def test_tree_deeper_than_heads_is_an_error(tiny_model_dir, tmp_path):
+def test_a_tree_deeper_than_the_heads(tiny_model_dir, tmp_path):
     save_medusa_heads(MedusaHeads(MedusaConfig(2, 1, 64, 256, False)), tmp_path)
     with pytest.raises(ValueError, match="only 2 heads"):
         LLM(tiny_model_dir, medusa=str(tmp_path), medusa_tree="chain3")
+    default = LLM(tiny_model_dir, medusa=str(tmp_path)).medusa.tree  # the default tree is cut to fit the heads
+    assert default.depth == 2 and default.name == f"{DEFAULT_TREE}[:2]"
 
 
 # ---- loading and saving ------------------------------------------------------------------------------
@@ -323,7 +328,8 @@ def test_greedy_medusa_equals_plain_in_a_mixed_batch(tiny_model_dir, heads_dir, 
     """8 requests: different prompt lengths (chunked prefill beside tree steps), stop strings and
     max_tokens that end a run mid-tree, a request that opts out, and (tight_cache) preemption."""
     kwargs = dict(max_num_batched_tokens=64, num_kv_blocks=24 if tight_cache else None, block_size=8)
-    medusa_kwargs = dict(medusa=str(heads_dir), medusa_tree="cpu12", **kwargs)
+    # rows for the whole tree for every request: test_the_tree_is_cut_to_the_row_budget covers cuts
+    medusa_kwargs = dict(medusa=str(heads_dir), medusa_tree="cpu12", medusa_max_tree_rows=13 * 8, **kwargs)
     ps = prompts(8)
     max_tokens = (41, 17, 29, 33, 23, 37, 19, 45)
     no_stop_params = [SamplingParams(max_tokens=n, **GREEDY) for n in max_tokens]
@@ -364,6 +370,48 @@ def test_greedy_medusa_equals_plain_in_a_mixed_batch(tiny_model_dir, heads_dir, 
     assert llm.num_free_blocks == llm.block_manager.num_blocks
     if tight_cache:
         assert llm.scheduler.num_preemptions > 0
+
+
+def test_the_tree_is_cut_to_the_row_budget(tiny_model_dir, heads_dir):
+    """With 30 rows per verify step, cpu12 (13 nodes, 4 deep) runs whole for 1-2 sequences, 2 deep (8 nodes) for
+    3, 1 deep (4 nodes) for 4-7, and not at all for 8; requests ending at different lengths walk the batch
+    down through every cut, and the output stays plain greedy's."""
+    ps, max_tokens = prompts(8), (12, 18, 24, 30, 36, 42, 48, 54)
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in max_tokens]
+    plain = LLM(tiny_model_dir).generate(ps, params)
+    llm = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_tree="cpu12", medusa_max_tree_rows=30)
+    assert [llm.medusa.depth_for(n) for n in range(1, 10)] == [4, 4, 2, 1, 1, 1, 1, 0, 0]
+    use_oracle_drafts(llm, {f"req-{i}": p + out.token_ids for i, (p, out) in enumerate(zip(ps, plain))})
+    steps: list[tuple[int, int]] = []  # per verify step: sequences, most tokens one of them got
+    verify = llm.medusa.verify
+
+    def recording_verify(seqs, runner, rng):
+        tokens, hidden = verify(seqs, runner, rng)
+        steps.append((len(seqs), max(map(len, tokens))))
+        return tokens, hidden
+
+    llm.medusa.verify = recording_verify
+    ids = [llm.add_request(p, sp) for p, sp in zip(ps, params)]
+    finished = run_to_end(llm)
+    assert [finished[i].token_ids for i in ids] == [o.token_ids for o in plain]
+    assert all(n < 8 and longest <= llm.medusa.depth_for(n) + 1 for n, longest in steps)
+    assert {llm.medusa.depth_for(n) for n, _ in steps} == {1, 2, 4}
+    assert max(longest for n, longest in steps if n <= 2) >= 4  # only the whole tree offers 3 drafts in a row
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_cut_trees_share_the_candidate_layout():
+    tree = load_tree("cpu6")  # [0], [1], [0, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0]
+    cut = tree.cut(2)
+    assert cut.paths == tree.paths[:4] and cut.size == 5 and cut.depth == 2 and cut.top_k == tree.top_k == 2
+    assert torch.equal(cut.mask, tree.mask[:5, :5])
+    assert cut.candidate_index == tree.candidate_index[:5] and cut.parents == tree.parents[:5]
+    assert cut.leaf_paths == [[0, 2], [0, 1, 3], [0, 1, 4]]
+    one = load_tree("chain3").cut(1)
+    assert one.size == 2 and one.leaf_paths == [[0, 1]] and one.top_k == 1
+    assert tree.cut(4) is tree
+    with pytest.raises(ValueError, match="cannot be cut"):
+        tree.cut(5)
 
 
 def test_compacted_cache_equals_plain_cache(tiny_model_dir, heads_dir):
@@ -505,6 +553,6 @@ def test_bench_medusa_end_to_end(tiny_model_dir, heads_dir, tmp_path):
                 "--repeats", "1", "--no-sweep", "--threads", str(torch.get_num_threads()), "--out", str(out)])
     result = json.loads(out.read_text())
     summary = result["summary"]
-    assert summary["lossless"] is True and summary["mean_accepted_bs1"] >= 1 and summary["tree"] == "chain3"
+    assert summary["lossless"] is True and summary["mean_accepted_bs1"] >= 1 and summary["tree"] == "chain4"
     assert summary["speedup_bs1"] > 0 and summary["speedup_bs4"] > 0
     assert [r["batch_size"] for r in result["runs"]] == [1, 4] and result["draft_vocab_size"] == 256

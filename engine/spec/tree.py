@@ -6,14 +6,15 @@ so the token of a depth-d node depends only on its own rank: head d-1's top-k li
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 # Shipped trees, by name (the number is the paths, i.e. nodes besides the root). On a CPU the small
-# ones win: up to 4 rows (root included) go through the same weight-streaming kernel as a one-token
+# ones win: a few rows (root included) go through the same weight-streaming kernel as a one-token
 # decode step and cost little more; mc_sim_7b_63 is the reference's tree for 7B models on GPUs.
+# The engine cuts a tree shallower when a step verifies it for many sequences (Medusa.depth_for).
 TREES: dict[str, list[list[int]]] = {
     "chain2": [[0], [0, 0]],
     "chain3": [[0], [0, 0], [0, 0, 0]],
@@ -30,7 +31,7 @@ TREES: dict[str, list[list[int]]] = {
         [1, 4], [7, 0], [0, 1, 2], [2, 0, 0], [3, 1], [2, 2], [8, 0], [0, 5, 0], [1, 5], [1, 0, 1], [0, 2, 1],
         [9, 0], [0, 6, 0], [0, 0, 0, 1], [1, 6], [0, 7, 0]],
 }
-DEFAULT_TREE = "chain3"
+DEFAULT_TREE = "chain4"
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,12 @@ class MedusaTree:
     paths: list[tuple[int, ...]]  # node i >= 1 is paths[i - 1]
     mask: torch.Tensor  # [T, T] bool: node i sees node j iff j is i or an ancestor of i
     depths: list[int]  # [T] root 0 (host lists: they only build step inputs)
-    parents: torch.Tensor  # [T] int64 node index of the parent (the root is its own parent)
+    parents: list[int]  # [T] node index of the parent (the root is its own parent)
     candidate_index: list[int]  # [T] index into [root, head 0's top-k, head 1's top-k, ...]
-    retrieve: torch.Tensor  # [num_leaves, depth + 1] int64 nodes of each root-to-leaf path, padded with the leaf
+    leaf_paths: list[list[int]]  # the nodes of each root-to-leaf path, root first
+    retrieve: torch.Tensor  # [num_leaves, depth + 1] int64 leaf_paths, each padded with its leaf
     path_valid: torch.Tensor  # [num_leaves, depth + 1] bool: False on the padding
-    top_k: int  # candidates taken from each head
+    top_k: int  # candidates taken from each head (the stride of the candidate list)
 
     @property
     def size(self) -> int:
@@ -58,13 +60,23 @@ class MedusaTree:
         return self.retrieve.shape[1] - 1
 
     def to(self, device: torch.device | str) -> "MedusaTree":
-        tensors = {name: getattr(self, name).to(device) for name in
-                   ("mask", "parents", "retrieve", "path_valid")}
-        return MedusaTree(self.name, self.paths, depths=self.depths, candidate_index=self.candidate_index,
-                          top_k=self.top_k, **tensors)
+        return replace(self, mask=self.mask.to(device), retrieve=self.retrieve.to(device),
+                       path_valid=self.path_valid.to(device))
+
+    def cut(self, depth: int) -> "MedusaTree":
+        """The tree's nodes down to `depth`: the first nodes of this one (nodes are sorted by depth), with the
+        same candidate layout, so the same drafts serve both."""
+        if not 1 <= depth <= self.depth:
+            raise ValueError(f"medusa tree {self.name!r} is {self.depth} deep; it cannot be cut at depth {depth}")
+        if depth == self.depth:
+            return self
+        cut = build_tree([list(p) for p in self.paths if len(p) <= depth], f"{self.name}[:{depth}]", self.top_k)
+        return cut.to(self.mask.device)
 
 
-def build_tree(choices: list[list[int]], name: str = "custom") -> MedusaTree:
+def build_tree(choices: list[list[int]], name: str = "custom", top_k: int | None = None) -> MedusaTree:
+    """The tree's buffers; top_k (default: the largest rank used, plus one) is the stride of the candidate
+    list [root, head 0's top-k, head 1's top-k, ...] that candidate_index points into."""
     paths = sorted({tuple(c) for c in choices}, key=lambda p: (len(p), p))
     if len(paths) != len(choices):
         raise ValueError(f"medusa tree {name!r} lists a path twice")
@@ -75,13 +87,13 @@ def build_tree(choices: list[list[int]], name: str = "custom") -> MedusaTree:
     if missing:
         raise ValueError(f"medusa tree {name!r} is not connected: the parent paths "
                          f"{[list(p) for p in missing]} are missing")
-    top_k = max(max(p) for p in paths) + 1
+    top_k = max(top_k or 0, max(max(p) for p in paths) + 1)
     size = len(paths) + 1
 
     mask = torch.eye(size, dtype=torch.bool)
     mask[:, 0] = True
     depths = [0] * size
-    parents = torch.zeros(size, dtype=torch.int64)
+    parents = [0] * size
     candidate_index = [0] * size
     for p, i in index.items():
         ancestors = [index[p[:d]] for d in range(1, len(p))]
@@ -91,14 +103,11 @@ def build_tree(choices: list[list[int]], name: str = "custom") -> MedusaTree:
         candidate_index[i] = 1 + (len(p) - 1) * top_k + p[-1]
 
     leaves = [p for p in paths if not any(q[:len(p)] == p and len(q) > len(p) for q in paths)]
+    leaf_paths = [[0] + [index[leaf[:d]] for d in range(1, len(leaf) + 1)] for leaf in leaves]
     depth = max(len(p) for p in paths)
-    retrieve = torch.zeros(len(leaves), depth + 1, dtype=torch.int64)
-    path_valid = torch.zeros(len(leaves), depth + 1, dtype=torch.bool)
-    for row, leaf in enumerate(leaves):
-        nodes = [0] + [index[leaf[:d]] for d in range(1, len(leaf) + 1)]
-        retrieve[row] = torch.tensor(nodes + [nodes[-1]] * (depth + 1 - len(nodes)))
-        path_valid[row, :len(nodes)] = True
-    return MedusaTree(name, paths, mask, depths, parents, candidate_index, retrieve, path_valid, top_k)
+    retrieve = torch.tensor([nodes + [nodes[-1]] * (depth + 1 - len(nodes)) for nodes in leaf_paths])
+    path_valid = torch.tensor([[d < len(nodes) for d in range(depth + 1)] for nodes in leaf_paths])
+    return MedusaTree(name, paths, mask, depths, parents, candidate_index, leaf_paths, retrieve, path_valid, top_k)
 
 
 def load_tree(name_or_file: str) -> MedusaTree:
