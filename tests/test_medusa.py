@@ -269,6 +269,17 @@ def test_sampled_medusa_requests_run_and_free_their_blocks(tiny_model_dir, heads
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 
+def test_requests_that_opt_out_cost_no_drafting(tiny_model_dir, heads_dir):
+    llm = LLM(tiny_model_dir, medusa=str(heads_dir))
+    calls = []
+    top_k = llm.medusa.heads.top_k
+    llm.medusa.heads.top_k = lambda *args: calls.append(len(args[0])) or top_k(*args)
+    llm.generate(prompts(2), SamplingParams(max_tokens=8, use_medusa=False, **GREEDY))
+    assert calls == []
+    llm.generate(prompts(2), SamplingParams(max_tokens=8, **GREEDY))
+    assert calls and min(calls) >= 1
+
+
 # ---- lossless greedy speculation ----------------------------------------------------------------------
 @pytest.mark.parametrize("backend", available_backends("cpu"))
 def test_greedy_medusa_equals_plain_greedy_batch1(tiny_model_dir, heads_dir, backend):
