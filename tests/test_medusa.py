@@ -181,7 +181,7 @@ def test_draft_vocab_round_trip_and_drafts(tmp_path, monkeypatch, own_lm_head, u
     lm_head = torch.nn.Linear(64, 256, bias=False)
     x = torch.randn(4, 64)
     with torch.inference_mode():
-        drafts = loaded.top_k(x, loaded.draft_projections(lm_head), 2, 3)  # [2 heads, 4 rows, 3]
+        drafts = loaded.top_k(x, loaded.draft_weights(lm_head), 2, 3)  # [2 heads, 4 rows, 3]
         logits = loaded(x, lm_head, 2)
     outside = torch.ones(256, dtype=torch.bool)
     outside[vocab] = False

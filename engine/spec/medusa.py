@@ -31,9 +31,9 @@ from models.layers import Linear
 WEIGHTS_FILE = "medusa_lm_head.safetensors"
 # Our addition to the published format: the token ids the heads propose from (see MedusaHeads.draft_vocab)
 DRAFT_VOCAB_FILE = "draft_vocab.safetensors"
-# Drafting reads every head's weights each step (on a CPU, as many bytes as a fifth of the default model), so
-# they are kept in bf16; their precision only moves which drafts are offered (the base model verifies each):
-# on the default model, 3.78 instead of 3.79 tokens per step, for a 2.66-2.70x speedup instead of 2.42-2.55x
+# Drafting reads every head's weights each step, from memory (the model's forward evicts them), so they are
+# kept in bf16; their precision only moves which drafts are offered, never the output (the base model verifies
+# each). Default model: 4 heads for one sequence 328 -> 293 us; 3.79 -> 3.78 tokens per step.
 DRAFT_DTYPE = torch.bfloat16
 # A CPU verify step's rows cost little more than one row up to a few, then about linearly (bench medusa:
 # at batch 4 a 3-node tree beat a 4-node one, at batch 1 a 5-node one beat both); GPUs get no limit
@@ -62,6 +62,16 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + F.silu(self.linear(x))
+
+
+@dataclass
+class DraftWeights:
+    """What drafting reads every step, gathered once (MedusaHeads.draft_weights): each head's blocks' weights
+    and biases (fp32, as the CPU kernel takes them), and the vocabulary projections (one shared, or one per head)."""
+
+    weights: list[list[torch.Tensor]]  # [head][block]
+    biases: list[list[torch.Tensor]]  # [head][block]
+    projections: list[torch.Tensor]
 
 
 class MedusaHeads(nn.Module):
@@ -110,25 +120,27 @@ class MedusaHeads(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def draft_projections(self, base_lm_head: nn.Linear) -> list[torch.Tensor]:
-        """What top_k projects onto: each head's vocabulary projection (v2: the one shared base lm_head),
-        restricted to the draft vocabulary's rows, in the heads' dtype."""
-        weights = [head[-1].weight for head in self.heads] if self.config.own_lm_head else [base_lm_head.weight]
+    def draft_weights(self, base_lm_head: nn.Linear) -> DraftWeights:
+        """What top_k reads, gathered once: the vocabulary projections are each head's own (v1) or the one
+        shared base lm_head (v2), restricted to the draft vocabulary's rows, in the heads' dtype."""
+        blocks = [[block.linear for block in islice(head, self.config.num_layers)] for head in self.heads]
+        projections = [head[-1].weight for head in self.heads] if self.config.own_lm_head else [base_lm_head.weight]
         if self.draft_vocab is not None:
-            weights = [w[self.draft_vocab] for w in weights]
-        return [w.to(self.dtype).contiguous() for w in weights]
+            projections = [w[self.draft_vocab] for w in projections]
+        return DraftWeights([[b.weight for b in head] for head in blocks], [[b.bias.float() for b in head] for head in blocks],
+                            [w.to(self.dtype).contiguous() for w in projections])
 
-    def top_k(self, hidden: torch.Tensor, projections: list[torch.Tensor], num_heads: int, k: int) -> torch.Tensor:
+    def top_k(self, hidden: torch.Tensor, draft: DraftWeights, num_heads: int, k: int) -> torch.Tensor:
         """The k likeliest draft-vocabulary tokens of each of the first num_heads heads at hidden
-        [B, hidden_size] -> token ids [num_heads, B, k]; projections: from draft_projections. On a CPU at
-        decode sizes one kernel call does it all (models.cpu_decode)."""
-        heads = list(islice(self.heads, num_heads))
-        projections = projections[:num_heads]
+        [B, hidden_size] -> token ids [num_heads, B, k]; draft: from draft_weights. On a CPU at decode sizes
+        one kernel call does it all (models.cpu_decode)."""
+        projections = draft.projections[:num_heads]
         if cpu_decode.usable(hidden, projections[0]) and num_heads * len(hidden) <= cpu_decode.MAX_ROWS:
-            blocks = [block.linear for head in heads for block in islice(head, self.config.num_layers)]
-            top = cpu_decode.kernel().medusa_top_k(hidden, [b.weight for b in blocks], [b.bias for b in blocks],
+            top = cpu_decode.kernel().medusa_top_k(hidden, [*chain.from_iterable(draft.weights[:num_heads])],
+                                                   [*chain.from_iterable(draft.biases[:num_heads])],
                                                    num_heads, projections, k)
         else:
+            heads = list(islice(self.heads, num_heads))
             states = torch.stack(self._states(hidden.to(self.dtype), heads))  # [num_heads, B, hidden]
             if len(projections) == 1:
                 logits = F.linear(states, projections[0])
@@ -237,7 +249,7 @@ class Medusa:
             raise ValueError(f"medusa tree {tree.name!r} takes each head's top {tree.top_k}, but the heads' draft "
                              f"vocabulary has only {heads.num_draft_tokens} tokens")
         self.heads, self.model, self.kv_cache = heads, model, kv_cache
-        self.projections = heads.draft_projections(model.lm_head)
+        self.draft_weights = heads.draft_weights(model.lm_head)
         self.tree = tree.to(kv_cache.pool.device)
         self.cut_trees = {depth: self.tree.cut(depth) for depth in range(1, tree.depth + 1)}
         self.max_tree_rows = max_tree_rows  # None: no limit
@@ -279,7 +291,7 @@ class Medusa:
         depth = self.depth_for(len(speculating))
         if not speculating or depth == 0:
             return
-        top = self.heads.top_k(hidden[speculating], self.projections, depth, self.tree.top_k)  # [depth, B, top_k]
+        top = self.heads.top_k(hidden[speculating], self.draft_weights, depth, self.tree.top_k)  # [depth, B, top_k]
         top = top.transpose(0, 1).tolist()
         for i, drafts in zip(speculating, top):
             seqs[i].draft_token_ids = drafts
