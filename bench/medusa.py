@@ -38,12 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the shipped model)")
     parser.add_argument("--medusa", default=None, help="Medusa heads folder (default: MODEL/medusa)")
     parser.add_argument("--tree", default=DEFAULT_TREE, help=f"tree for the batch 1/4 runs: {', '.join(TREES)} or a JSON file")
-    parser.add_argument("--max-tree-rows", type=int, default=None,
-                        help="rows one verify step may take, for the batch 1/4 runs (default: the engine's); the sweep runs every tree whole")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"prompts per run (at most {len(PROMPTS)})")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per prompt group; the best counts")
-    parser.add_argument("--no-sweep", action="store_true", help="only the batch 1/4 runs of --tree, not the sweep over every shipped tree")
+    parser.add_argument("--no-sweep", action="store_true", help="only --tree, not every shipped tree")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared machine more threads make timings erratic)")
     parser.add_argument("--out", required=True, help="JSON result file")
@@ -84,7 +82,6 @@ def run_batch(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Name
     histogram = Counter(steps)
     return {
         "batch_size": batch_size, "tree": llm.medusa.tree.name, "tree_size": llm.medusa.tree.size,
-        "max_tree_rows": llm.medusa.max_tree_rows,  # None: no limit (trees are cut to fit; see engine.spec.medusa)
         "plain_tok_s": plain_tps, "medusa_tok_s": medusa_tps, "speedup": medusa_tps / plain_tps,
         "mean_accepted": sum(steps) / len(steps), "num_steps": len(steps), "lossless": lossless,
         # tokens emitted per tree step: the accepted path plus the base model's bonus token
@@ -132,34 +129,33 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"gorgon bench medusa: no Medusa heads at {medusa} (train some with `gorgon train-medusa`)")
     prompts = PROMPTS[:args.prompts]
     engine_kwargs = dict(medusa=str(medusa), enable_prefix_caching=False)
-    llm = LLM(model, medusa_tree=args.tree, medusa_max_tree_rows=args.max_tree_rows, **engine_kwargs)
+    llm = LLM(model, medusa_tree=args.tree, **engine_kwargs)
     num_heads = llm.medusa.heads.config.num_heads
-    sweep_trees = [] if args.no_sweep else [n for n in TREES if load_tree(n).depth <= num_heads]
-    with tqdm(total=(1 + len(sweep_trees)) * (len(prompts) + -(-len(prompts) // 4)), desc="bench medusa") as bar:
+    trees = [llm.medusa.tree.name] + ([] if args.no_sweep else
+                                      [n for n in TREES if n != llm.medusa.tree.name and load_tree(n).depth <= num_heads])
+    with tqdm(total=len(trees) * (len(prompts) + -(-len(prompts) // 4)), desc="bench medusa") as bar:
         llm.generate(prompts[0], SamplingParams(max_tokens=8, temperature=0))  # warm-up
-        rows = [run_batch(llm, prompts, bs, args, bar) for bs in (1, 4)]
-        sweep = []
-        for name in sweep_trees:
-            whole = 4 * load_tree(name).size  # rows for the whole tree at batch 4
-            engine = LLM(model, medusa_tree=name, medusa_max_tree_rows=whole, **engine_kwargs)
-            sweep += [run_batch(engine, prompts, bs, args, bar) for bs in (1, 4)]
-    sweep.sort(key=lambda r: (r["batch_size"], r["tree_size"]))
+        results = {}
+        for name in trees:
+            engine = llm if name == llm.medusa.tree.name else LLM(model, medusa_tree=name, **engine_kwargs)
+            results[name] = [run_batch(engine, prompts, bs, args, bar) for bs in (1, 4)]
+    rows = results[llm.medusa.tree.name]
+    sweep = sorted((r for name in trees for r in results[name]), key=lambda r: (r["batch_size"], r["tree_size"]))
 
     draft_vocab_size = llm.medusa.heads.num_draft_tokens
     print(f"\n{model}, heads {medusa} (drafting from {draft_vocab_size} tokens), {args.new_tokens} new tokens per prompt, {len(prompts)} prompts, greedy, "
           f"{args.threads} thread(s), attention backend {llm.runner.backend.name}")
-    columns = ["batch_size", "tree", "tree_size", "max_tree_rows", "plain_tok_s", "medusa_tok_s", "speedup", "mean_accepted", "lossless"]
+    columns = ["batch_size", "tree", "tree_size", "plain_tok_s", "medusa_tok_s", "speedup", "mean_accepted", "lossless"]
     print_table(rows, columns)
     print("\naccept-length histogram (batch 1):", rows[0]["accept_length_histogram"])
     print("per-head acceptance (batch 1):", [round(a, 3) for a in rows[0]["head_acceptance"]])
-    if sweep:
-        print("\nsweep over the shipped trees, each whole:")
+    if len(trees) > 1:
+        print("\nsweep over the shipped trees:")
         print_table(sweep, columns)
     summary = {
         "speedup_bs1": rows[0]["speedup"], "speedup_bs4": rows[1]["speedup"],
         "mean_accepted_bs1": rows[0]["mean_accepted"],
-        "lossless": all(r["lossless"] for r in rows + sweep), "tree": llm.medusa.tree.name,
-        "max_tree_rows": llm.medusa.max_tree_rows,
+        "lossless": all(r["lossless"] for r in sweep), "tree": llm.medusa.tree.name,
     }
     write_json(args.out, {"benchmark": "medusa", "model": str(model), "medusa": str(medusa),
                           "draft_vocab_size": draft_vocab_size,

@@ -65,9 +65,6 @@ class EngineConfig:
     max_lora_rank: int = 16
     medusa: str | None = None  # Medusa heads folder (published format); None: no speculation
     medusa_tree: str | None = None  # a shipped tree's name (engine.spec.tree.TREES) or a JSON file; None: the default
-    # rows (sequences x tree nodes) one verify step may take: it verifies the tree cut to the deepest depth that
-    # fits. None: engine.spec.medusa.CPU_MAX_TREE_ROWS on a CPU, no limit on CUDA
-    medusa_max_tree_rows: int | None = None
     # typical acceptance for sampled requests: accept when p > min(threshold, alpha * exp(-entropy))
     medusa_posterior_threshold: float = 0.09
     medusa_posterior_alpha: float = 0.3
@@ -82,8 +79,6 @@ class EngineConfig:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_adapters", "max_lora_rank"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
-        if self.medusa_max_tree_rows is not None and self.medusa_max_tree_rows < 1:
-            raise ValueError("medusa_max_tree_rows must be positive")
         if self.medusa_posterior_threshold < 0 or self.medusa_posterior_alpha < 0:
             raise ValueError("medusa_posterior_threshold and medusa_posterior_alpha must be >= 0")
 

@@ -34,7 +34,7 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  tree_size: int = 0) -> None:
         self.block_manager = block_manager
-        self.tree_size = tree_size  # cache entries a Medusa tree step may take: its whole tree (0: no Medusa)
+        self.tree_size = tree_size  # cache entries a Medusa tree step takes (0: no Medusa)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()

@@ -23,9 +23,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--medusa", default=None, help="Medusa heads folder (speculative decoding)")
     parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
-    parser.add_argument("--medusa-max-tree-rows", type=int, default=None,
-                        help="rows (sequences x tree nodes) one verify step may take; the tree is cut shallower to "
-                             "fit (default: 12 on a CPU, no limit on CUDA)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="load a LoRA or prefix-tuning adapter at startup (repeatable)")
     parser.add_argument("--adapter-root", default=None,
@@ -54,8 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     engine_kwargs = {"device": args.device, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
                      "max_model_len": args.max_model_len, "adapter_root": args.adapter_root}
     if args.medusa:
-        engine_kwargs |= {"medusa": args.medusa, "medusa_tree": args.medusa_tree,
-                          "medusa_max_tree_rows": args.medusa_max_tree_rows}
+        engine_kwargs |= {"medusa": args.medusa, "medusa_tree": args.medusa_tree}
     try:
         llm = LLM(args.model, **engine_kwargs)
         for name, folder in adapters.items():

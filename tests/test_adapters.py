@@ -293,8 +293,7 @@ def test_medusa_stays_lossless_with_adapters(setup, tmp_path):
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     plain = make_llm(setup, load=["prefix5", "prefix8", "all", "rs_qv"])
     expected = [o.token_ids for o in plain.generate(PROMPTS, params, adapter=adapters)]
-    llm = make_llm(setup, load=["prefix5", "prefix8", "all", "rs_qv"], medusa=str(tmp_path / "heads"),
-                   medusa_max_tree_rows=64)  # the whole tree for all 6 requests
+    llm = make_llm(setup, load=["prefix5", "prefix8", "all", "rs_qv"], medusa=str(tmp_path / "heads"))
     futures = {f"r{i}": p + e for i, (p, e) in enumerate(zip(PROMPTS, expected))}
     top_k, depth = llm.medusa.tree.top_k, llm.medusa.tree.depth
 

@@ -65,25 +65,22 @@ def run_to_end(llm: LLM) -> dict[str, RequestOutput]:
 
 
 def use_oracle_drafts(llm: LLM, futures: dict[str, list[int]]) -> None:
-    """Replace the heads' proposals (not which sequences draft, nor how deep) by drafts read from a plain
-    run (request id -> prompt + output): the
+    """Replace the heads' proposals by drafts read from a plain run (request id -> prompt + output): the
     right token for each depth sits at a rank that varies with position (mostly 0, sometimes 1 or 2,
     sometimes absent). So runs are long, and accepted paths often leave the tree's first branch (the
     K/V must move)."""
     top_k = llm.medusa.tree.top_k
     rank_of_right_token = [0, 0, 0, 0, 0, 0, 1, 1, 2, top_k]  # top_k: absent
 
-    heads_propose = llm.medusa.propose
-
     def propose(seqs, hidden):
-        heads_propose(seqs, hidden)  # which sequences draft, and how deep
         for seq in seqs:
-            if seq.draft_token_ids is None:
+            if not llm.medusa.can_speculate(seq):
+                seq.draft_token_ids = None
                 continue
             future = futures[seq.request_id]
             root = len(seq) - 1
             drafts = []
-            for d in range(1, len(seq.draft_token_ids) + 1):
+            for d in range(1, llm.medusa.tree.depth + 1):
                 right = future[root + d] if root + d < len(future) else 0
                 ranks = [(right + 1 + r) % 256 for r in range(top_k)]
                 rank = rank_of_right_token[(7 * root + 3 * d) % 10]
@@ -113,6 +110,7 @@ def test_tree_buffers_by_hand():
     assert tree.candidate_index == [0, 1, 2, 3, 4, 5]
     assert tree.retrieve.tolist() == [[0, 2, 2, 2], [0, 1, 4, 4], [0, 1, 3, 5]]
     assert tree.path_valid.tolist() == [[True, True, False, False], [True, True, True, False], [True] * 4]
+    assert tree.leaf_paths == [[0, 2], [0, 1, 4], [0, 1, 3, 5]]
 
 
 def test_chain_tree_and_shipped_trees():
@@ -339,8 +337,7 @@ def test_greedy_medusa_equals_plain_in_a_mixed_batch(tiny_model_dir, heads_dir, 
     """8 requests: different prompt lengths (chunked prefill beside tree steps), stop strings and
     max_tokens that end a run mid-tree, a request that opts out, and (tight_cache) preemption."""
     kwargs = dict(max_num_batched_tokens=64, num_kv_blocks=24 if tight_cache else None, block_size=8)
-    # rows for the whole tree for every request: test_the_tree_is_cut_to_the_row_budget covers cuts
-    medusa_kwargs = dict(medusa=str(heads_dir), medusa_tree="cpu12", medusa_max_tree_rows=13 * 8, **kwargs)
+    medusa_kwargs = dict(medusa=str(heads_dir), medusa_tree="cpu12", **kwargs)
     ps = prompts(8)
     max_tokens = (41, 17, 29, 33, 23, 37, 19, 45)
     no_stop_params = [SamplingParams(max_tokens=n, **GREEDY) for n in max_tokens]
@@ -383,35 +380,7 @@ def test_greedy_medusa_equals_plain_in_a_mixed_batch(tiny_model_dir, heads_dir, 
         assert llm.scheduler.num_preemptions > 0
 
 
-def test_the_tree_is_cut_to_the_row_budget(tiny_model_dir, heads_dir):
-    """With 30 rows per verify step, cpu12 (13 nodes, 4 deep) runs whole for 1-2 sequences, 2 deep (8 nodes) for
-    3, 1 deep (4 nodes) for 4-7, and not at all for 8; requests ending at different lengths walk the batch
-    down through every cut, and the output stays plain greedy's."""
-    ps, max_tokens = prompts(8), (12, 18, 24, 30, 36, 42, 48, 54)
-    params = [SamplingParams(max_tokens=n, **GREEDY) for n in max_tokens]
-    plain = LLM(tiny_model_dir).generate(ps, params)
-    llm = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_tree="cpu12", medusa_max_tree_rows=30)
-    assert [llm.medusa.depth_for(n) for n in range(1, 10)] == [4, 4, 2, 1, 1, 1, 1, 0, 0]
-    use_oracle_drafts(llm, {f"req-{i}": p + out.token_ids for i, (p, out) in enumerate(zip(ps, plain))})
-    steps: list[tuple[int, int]] = []  # per verify step: sequences, most tokens one of them got
-    verify = llm.medusa.verify
-
-    def recording_verify(seqs, runner, rng):
-        tokens, hidden = verify(seqs, runner, rng)
-        steps.append((len(seqs), max(map(len, tokens))))
-        return tokens, hidden
-
-    llm.medusa.verify = recording_verify
-    ids = [llm.add_request(p, sp) for p, sp in zip(ps, params)]
-    finished = run_to_end(llm)
-    assert [finished[i].token_ids for i in ids] == [o.token_ids for o in plain]
-    assert all(n < 8 and longest <= llm.medusa.depth_for(n) + 1 for n, longest in steps)
-    assert {llm.medusa.depth_for(n) for n, _ in steps} == {1, 2, 4}
-    assert max(longest for n, longest in steps if n <= 2) >= 4  # only the whole tree offers 3 drafts in a row
-    assert llm.num_free_blocks == llm.block_manager.num_blocks
-
-
-def test_cut_trees_share_the_candidate_layout():
+def test_a_cut_tree_is_the_first_nodes():
     tree = load_tree("cpu6")  # [0], [1], [0, 0], [0, 1], [0, 0, 0], [0, 0, 0, 0]
     cut = tree.cut(2)
     assert cut.paths == tree.paths[:4] and cut.size == 5 and cut.depth == 2 and cut.top_k == tree.top_k == 2

@@ -35,9 +35,6 @@ DRAFT_VOCAB_FILE = "draft_vocab.safetensors"
 # kept in bf16; their precision only moves which drafts are offered, never the output (the base model verifies
 # each). Default model: 4 heads for one sequence 328 -> 293 us; 3.79 -> 3.78 tokens per step.
 DRAFT_DTYPE = torch.bfloat16
-# A CPU verify step's rows cost little more than one row up to a few, then about linearly (bench medusa:
-# at batch 4 a 3-node tree beat a 4-node one, at batch 1 a 5-node one beat both); GPUs get no limit
-CPU_MAX_TREE_ROWS = 12
 _KEY = re.compile(r"(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)")
 
 
@@ -231,17 +228,10 @@ def typical_acceptance(candidates: torch.Tensor, logits: torch.Tensor, parents: 
 
 class Medusa:
     """Medusa speculation for one engine. Invariant: a sequence whose draft_token_ids are set has its
-    last token pending and room for tree.size more cache entries; its next decode step verifies the tree,
-    cut to at most the depth of its drafts.
-
-    A verify step's cost grows with its rows (sequences x tree nodes) once they outgrow what a weight-streaming
-    step handles almost for free, while the tokens a step gains fall off with depth. So a step verifies the
-    tree cut to the deepest depth whose rows fit max_tree_rows: the whole tree for one sequence, shallower
-    ones for more, and none when even one draft per sequence would not fit."""
+    last token pending and room for tree.size more cache entries; its next decode step verifies the tree."""
 
     def __init__(self, heads: MedusaHeads, tree: MedusaTree, model: nn.Module, kv_cache: KVCache,
-                 max_model_len: int, posterior_threshold: float, posterior_alpha: float,
-                 max_tree_rows: int | None = None) -> None:
+                 max_model_len: int, posterior_threshold: float, posterior_alpha: float) -> None:
         if tree.depth > heads.config.num_heads:
             raise ValueError(f"medusa tree {tree.name!r} is {tree.depth} deep, but there are only "
                              f"{heads.config.num_heads} heads (a depth-d node takes head d-1's candidates)")
@@ -251,8 +241,6 @@ class Medusa:
         self.heads, self.model, self.kv_cache = heads, model, kv_cache
         self.draft_weights = heads.draft_weights(model.lm_head)
         self.tree = tree.to(kv_cache.pool.device)
-        self.cut_trees = {depth: self.tree.cut(depth) for depth in range(1, tree.depth + 1)}
-        self.max_tree_rows = max_tree_rows  # None: no limit
         self.max_model_len = max_model_len
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
         self.sampler = Sampler()
@@ -266,14 +254,7 @@ class Medusa:
         if config.medusa_tree is None:  # the default tree, as deep as the heads allow
             tree = tree.cut(min(tree.depth, heads.config.num_heads))
         return cls(heads, tree, model, kv_cache, max_model_len,
-                   config.medusa_posterior_threshold, config.medusa_posterior_alpha,
-                   config.medusa_max_tree_rows or (CPU_MAX_TREE_ROWS if kv_cache.pool.is_cpu else None))
-
-    def depth_for(self, num_seqs: int) -> int:
-        """The deepest cut of the tree whose rows for num_seqs sequences fit max_tree_rows (0: not even depth 1)."""
-        fitting = [depth for depth, tree in self.cut_trees.items()
-                   if self.max_tree_rows is None or num_seqs * tree.size <= self.max_tree_rows]
-        return max(fitting, default=0)
+                   config.medusa_posterior_threshold, config.medusa_posterior_alpha)
 
     def can_speculate(self, seq: Sequence) -> bool:
         # requests that want logprobs decode plainly; adapters speculate with the base model's heads
@@ -288,10 +269,10 @@ class Medusa:
         speculating = [i for i, seq in enumerate(seqs) if self.can_speculate(seq)]
         for seq in seqs:
             seq.draft_token_ids = None
-        depth = self.depth_for(len(speculating))
-        if not speculating or depth == 0:
+        if not speculating:
             return
-        top = self.heads.top_k(hidden[speculating], self.draft_weights, depth, self.tree.top_k)  # [depth, B, top_k]
+        tree = self.tree
+        top = self.heads.top_k(hidden[speculating], self.draft_weights, tree.depth, tree.top_k)  # [depth, B, top_k]
         top = top.transpose(0, 1).tolist()
         for i, drafts in zip(speculating, top):
             seqs[i].draft_token_ids = drafts
@@ -303,10 +284,7 @@ class Medusa:
         bonus token sampled by the base model after them, and the accepted last node's hidden states
         [len(seqs), hidden] (what propose() needs next). The accepted K/V ends up in consecutive cache
         entries after the sequence's past; the caller releases the blocks beyond them."""
-        # at least depth 1: sequences that drafted in different steps may meet in one over max_tree_rows
-        depth = max(1, min(self.depth_for(len(seqs)), *(len(seq.draft_token_ids) for seq in seqs)))
-        tree, num_seqs = self.cut_trees[depth], len(seqs)
-        size = tree.size
+        tree, num_seqs, size = self.tree, len(seqs), self.tree.size
         # node i's token: entry candidate_index[i] of [root, head 0's top-k, head 1's top-k, ...]
         token_lists = [[seq.token_ids[-1], *chain.from_iterable(seq.draft_token_ids)] for seq in seqs]
         input_ids = [tokens[i] for tokens in token_lists for i in tree.candidate_index]
@@ -320,22 +298,22 @@ class Medusa:
         hidden = runner.forward(inputs)  # [B * T, hidden]
         logits = runner.logits(hidden, inputs.sample_rows)  # [B * T, V]
         base_argmax = logits.argmax(dim=-1).tolist()
-        paths = self._accepted_paths(tree, seqs, input_ids, logits.view(num_seqs, size, -1), base_argmax)
+        paths = self._accepted_paths(seqs, input_ids, logits.view(num_seqs, size, -1), base_argmax)
         last_rows = [b * size + path[-1] for b, path in enumerate(paths)]
         if all(s.params.greedy for s in seqs):
             bonus = [base_argmax[row] for row in last_rows]
         else:
             bonus = self.sampler(logits[last_rows], [s.params for s in seqs], [s.generator or rng for s in seqs]).token_ids
-        self._compact(inputs.ctx.slot_mapping, paths, size)
+        self._compact(inputs.ctx.slot_mapping, paths)
         out = [[input_ids[b * size + node] for node in path[1:]] + [bonus[b]] for b, path in enumerate(paths)]
         return out, hidden[last_rows]
 
-    def _accepted_paths(self, tree: MedusaTree, seqs: list[Sequence], candidates: list[int], logits: torch.Tensor,
+    def _accepted_paths(self, seqs: list[Sequence], candidates: list[int], logits: torch.Tensor,
                         base_argmax: list[int]) -> list[list[int]]:
         """Per sequence: the nodes, root first, of the longest accepted prefix of a root-to-leaf path. A node
         is accepted when its token is the base argmax at its parent (greedy) or passes typical acceptance
         (sampling). Ties go to the likeliest path under typical acceptance, else to the first."""
-        size = tree.size
+        tree, size = self.tree, self.tree.size
         sampled = [not s.params.greedy for s in seqs]
         typical = log_p = None
         if any(sampled):
@@ -362,9 +340,10 @@ class Medusa:
             paths.append(best)
         return paths
 
-    def _compact(self, slot_mapping: torch.Tensor, paths: list[list[int]], size: int) -> None:
+    def _compact(self, slot_mapping: torch.Tensor, paths: list[list[int]]) -> None:
         """Move each accepted path's K/V (all layers) so that its depth-d node sits in the slot of tree
-        row d: sequence b's node i was written to slot_mapping[b * size + i], the slot of cache index root + i."""
+        row d: sequence b's node i was written to slot_mapping[b * T + i], the slot of cache index root + i."""
+        size = self.tree.size
         moves = [(b * size + node, b * size + depth) for b, path in enumerate(paths)
                  for depth, node in enumerate(path) if node != depth]
         if not moves:

@@ -14,7 +14,6 @@ import torch
 # Shipped trees, by name (the number is the paths, i.e. nodes besides the root). On a CPU the small
 # ones win: a few rows (root included) go through the same weight-streaming kernel as a one-token
 # decode step and cost little more; mc_sim_7b_63 is the reference's tree for 7B models on GPUs.
-# The engine cuts a tree shallower when a step verifies it for many sequences (Medusa.depth_for).
 TREES: dict[str, list[list[int]]] = {
     "chain2": [[0], [0, 0]],
     "chain3": [[0], [0, 0], [0, 0, 0]],
@@ -48,7 +47,7 @@ class MedusaTree:
     leaf_paths: list[list[int]]  # the nodes of each root-to-leaf path, root first
     retrieve: torch.Tensor  # [num_leaves, depth + 1] int64 leaf_paths, each padded with its leaf
     path_valid: torch.Tensor  # [num_leaves, depth + 1] bool: False on the padding
-    top_k: int  # candidates taken from each head (the stride of the candidate list)
+    top_k: int  # candidates taken from each head
 
     @property
     def size(self) -> int:
@@ -64,19 +63,15 @@ class MedusaTree:
                        path_valid=self.path_valid.to(device))
 
     def cut(self, depth: int) -> "MedusaTree":
-        """The tree's nodes down to `depth`: the first nodes of this one (nodes are sorted by depth), with the
-        same candidate layout, so the same drafts serve both."""
+        """The tree's nodes down to `depth` (the first nodes of this one: nodes are sorted by depth)."""
         if not 1 <= depth <= self.depth:
             raise ValueError(f"medusa tree {self.name!r} is {self.depth} deep; it cannot be cut at depth {depth}")
         if depth == self.depth:
             return self
-        cut = build_tree([list(p) for p in self.paths if len(p) <= depth], f"{self.name}[:{depth}]", self.top_k)
-        return cut.to(self.mask.device)
+        return build_tree([list(p) for p in self.paths if len(p) <= depth], f"{self.name}[:{depth}]").to(self.mask.device)
 
 
-def build_tree(choices: list[list[int]], name: str = "custom", top_k: int | None = None) -> MedusaTree:
-    """The tree's buffers; top_k (default: the largest rank used, plus one) is the stride of the candidate
-    list [root, head 0's top-k, head 1's top-k, ...] that candidate_index points into."""
+def build_tree(choices: list[list[int]], name: str = "custom") -> MedusaTree:
     paths = sorted({tuple(c) for c in choices}, key=lambda p: (len(p), p))
     if len(paths) != len(choices):
         raise ValueError(f"medusa tree {name!r} lists a path twice")
@@ -87,7 +82,7 @@ def build_tree(choices: list[list[int]], name: str = "custom", top_k: int | None
     if missing:
         raise ValueError(f"medusa tree {name!r} is not connected: the parent paths "
                          f"{[list(p) for p in missing]} are missing")
-    top_k = max(top_k or 0, max(max(p) for p in paths) + 1)
+    top_k = max(max(p) for p in paths) + 1
     size = len(paths) + 1
 
     mask = torch.eye(size, dtype=torch.bool)
