@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the shipped model)")
     parser.add_argument("--medusa", default=None, help="Medusa heads folder (default: MODEL/medusa)")
-    parser.add_argument("--tree", default=DEFAULT_TREE, help=f"tree for the batch 1/4 runs: {', '.join(TREES)} or a JSON file")
+    parser.add_argument("--tree", default=None, help=f"tree for the batch 1/4 runs: {', '.join(TREES)} or a JSON file "
+                                                     f"(default: the engine's, {DEFAULT_TREE}, cut to the heads' depth)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"prompts per run (at most {len(PROMPTS)})")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per prompt group; the best counts")
