@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from bench.common import CONFIGS, best_of, machine_info, print_table, random_checkpoint, write_json
 from engine import LLM, SamplingParams
-from models import cpu_decode
+from models.kernels import decode as cpu_decode
 
 PROMPT_LEN = 16
 

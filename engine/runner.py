@@ -13,7 +13,7 @@ from engine.context import ForwardContext, forward_context
 from engine.kv_cache import KVCache
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
-from models import cpu_decode
+from models.kernels import decode as cpu_decode
 
 
 @dataclass

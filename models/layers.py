@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import cpu_decode
+from models.kernels import decode as cpu_decode
 from models.config import RopeConfig
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.context import get_forward_context
-from models import cpu_decode
+from models.kernels import decode as cpu_decode
 from models.config import ModelConfig
 from models.layers import Linear, PackedLinear, RMSNorm, RotaryEmbedding, apply_rotary
 

@@ -1,16 +1,13 @@
-"""The fused CPU backend: csrc/attention.cpp (C++/OpenMP), built on first use and cached (models.native)."""
+"""The fused CPU backend: models/kernels/attention.cpp (C++/OpenMP), built on first use and cached."""
 from __future__ import annotations
 
 import functools
 import warnings
-from pathlib import Path
 
 import torch
 
 from engine.context import ForwardContext
-from models.native import build
-
-SOURCE = Path(__file__).parent / "csrc" / "attention.cpp"
+from models.kernels import build
 
 
 @functools.cache
@@ -18,7 +15,7 @@ def load_extension() -> bool:
     """Build (or load the cached build of) the kernel once per process. False, with one warning, if
     it cannot be built here (no compiler, build error)."""
     try:
-        build("gorgon_attention", SOURCE, python_module=False)
+        build("gorgon_attention", "attention.cpp", python_module=False)
     except Exception as error:  # any build failure means: use the torch backend instead
         warnings.warn(f"gorgon: the fused CPU attention kernel could not be built ({error}); "
                       f"using the 'flash' backend instead", RuntimeWarning, stacklevel=2)

@@ -25,7 +25,7 @@ from engine.runner import ModelRunner
 from engine.sampler import Sampler
 from engine.sequence import Sequence
 from engine.spec.tree import DEFAULT_TREE, MedusaTree, load_tree
-from models import cpu_decode
+from models.kernels import decode as cpu_decode
 from models.layers import Linear
 
 WEIGHTS_FILE = "medusa_lm_head.safetensors"

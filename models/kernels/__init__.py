@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -23,12 +24,16 @@ def _cpu_fingerprint() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:12]
 
 
-def build(name: str, source: Path, python_module: bool) -> ModuleType | None:
-    """Compile (or load the cached build of) one C++ source. Raises whatever the build raises."""
+def build(name: str, source: str, python_module: bool) -> ModuleType | None:
+    """Compile (or load the cached build of) one C++ source of this folder. Raises whatever the build raises."""
     from torch.utils.cpp_extension import load
 
     root = Path(os.environ.get("GORGON_EXTENSIONS_DIR", Path.home() / ".cache" / "gorgon" / "torch_extensions"))
     build_dir = root / f"{name}-torch{torch.__version__.replace('+', '_')}-{_cpu_fingerprint()}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    return load(name=name, sources=[str(source)], build_directory=str(build_dir), is_python_module=python_module,
-                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    if not any(build_dir.glob("*.so")):
+        print(f"gorgon: compiling the {source} CPU kernels for this machine, once (about 30-60 s) ...",
+              file=sys.stderr, flush=True)
+    return load(name=name, sources=[str(Path(__file__).parent / source)], build_directory=str(build_dir),
+                is_python_module=python_module, extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"], verbose=False)

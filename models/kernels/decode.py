@@ -1,4 +1,4 @@
-"""CPU kernels for decode-sized forwards (models/csrc/cpu_decode.cpp), compiled on first use and cached.
+"""CPU kernels for decode-sized forwards (decode.cpp), compiled on first use and cached.
 
 Decode multiplies a few token rows by every weight matrix. torch's CPU GEMM reaches about half the
 machine's read bandwidth there, and for small models the ~20 operators Python dispatches per layer
@@ -9,16 +9,14 @@ from __future__ import annotations
 import os
 import warnings
 from functools import cache
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from models.native import build
+from models.kernels import build
 
 # Up to this many token rows the weight-streaming kernel beats torch's GEMM on the CPU
 MAX_ROWS = 32
-_SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.cpp"
 
 
 @cache
@@ -27,7 +25,7 @@ def kernel() -> ModuleType | None:
     if os.environ.get("GORGON_DISABLE_CPU_KERNELS"):
         return None
     try:
-        return build("gorgon_cpu_decode", _SOURCE, python_module=True)
+        return build("gorgon_cpu_decode", "decode.cpp", python_module=True)
     except Exception as e:  # no compiler, no headers, ...: fall back to torch's operators
         warnings.warn(f"gorgon: CPU decode kernels unavailable, using torch's operators ({e})")
         return None
