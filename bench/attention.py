@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from bench.common import machine_info, print_table, write_json
 from engine.attention import get_backend, store_kv
-from engine.context import ForwardContext
+from models.context import ForwardContext
 
 SUMMARY_LENGTH = 4096
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from bench.common import machine_info, print_table, write_json
 from engine import LLM, RequestOutput, SamplingParams
-from engine.spec.tree import DEFAULT_TREE, TREES, load_tree
+from engine.medusa.tree import DEFAULT_TREE, TREES, load_tree
 from models import DEFAULT_MODEL_DIR
 
 PROMPTS = [

@@ -75,13 +75,14 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # default: the model's own limit
     attention_backend: str = "auto"
+    cpu_kernels: bool = True  # gorgon's CPU decode kernels where they apply; False: torch's operators only
     enable_prefix_caching: bool = True
     seed: int = 0
     adapter_root: str | None = None  # adapters load only from inside this folder; default: <model>/adapters
     max_adapters: int = 8  # loaded adapters (LoRA slots); loading one more evicts the least recently used idle one
     max_lora_rank: int = 16
     medusa: str | None = None  # Medusa heads folder (published format); None: no speculation
-    medusa_tree: str | None = None  # a shipped tree's name (engine.spec.tree.TREES) or a JSON file; None: the default
+    medusa_tree: str | None = None  # a shipped tree's name (engine.medusa.tree.TREES) or a JSON file; None: the default
     # typical acceptance for sampled requests: accept when p > min(threshold, alpha * exp(-entropy))
     medusa_posterior_threshold: float = 0.09
     medusa_posterior_alpha: float = 0.3

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -18,10 +19,21 @@ from engine.outputs import RequestOutput
 from engine.runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, Scheduler
-from engine.sequence import Sequence, SequenceStatus
-from engine.spec.medusa import Medusa
+from engine.sequence import Sequence
+from engine.medusa import Medusa
 from models import DEFAULT_MODEL_DIR
+from models.kernels.decode import load_decode_kernels, set_decode_kernels
 from models.loader import load_model
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load (for metrics and admission control)."""
+
+    num_running: int  # requests being decoded
+    num_waiting: int  # requests queued for admission
+    num_free_blocks: int  # KV blocks no request holds (cached prefix blocks included: they are reclaimable)
+    num_blocks: int  # KV blocks in the pool
 
 
 class LLM:
@@ -33,6 +45,9 @@ class LLM:
         path = Path(self.config.model) if self.config.model else DEFAULT_MODEL_DIR
         self.device = torch.device(self.config.device)
         self.model = load_model(path, self.config.torch_dtype, self.device)
+        # the kernel policy, decided once: layers holding None run torch's operators
+        self.kernels = load_decode_kernels(self.model) if self.config.cpu_kernels else None
+        set_decode_kernels(self.model, self.kernels)
         model_config = self.model.config
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.eos_token_ids = self._eos_token_ids(path, model_config.eos_token_ids)
@@ -50,7 +65,8 @@ class LLM:
         kv_cache = KVCache(model_config.num_layers, num_blocks, self.config.block_size, model_config.num_kv_heads,
                            model_config.head_dim, self.config.torch_dtype, self.device)
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
-        self.medusa = Medusa.from_config(self.config, self.model, kv_cache, self.max_model_len) if self.config.medusa else None
+        self.medusa = (Medusa.from_config(self.config, self.model, kv_cache, self.max_model_len, self.kernels)
+                       if self.config.medusa else None)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    tree_size=self.medusa.tree.size if self.medusa else 0)
         self.runner = ModelRunner(self.model, kv_cache, self.config.attention_backend, self.device)
@@ -267,3 +283,7 @@ class LLM:
     @property
     def num_free_blocks(self) -> int:
         return self.block_manager.num_free_blocks
+
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                           num_free_blocks=self.block_manager.num_free_blocks, num_blocks=self.block_manager.num_blocks)

@@ -6,14 +6,12 @@ from itertools import accumulate
 
 import torch
 
-from engine.adapters.lora import lora_batch
 from engine.adapters.prefix import write_virtual_tails
 from engine.attention import get_backend
-from engine.context import ForwardContext, forward_context
 from engine.kv_cache import KVCache
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
-from models.kernels import decode as cpu_decode
+from models.context import ForwardContext, forward_context, lora_batch
 
 
 @dataclass
@@ -33,8 +31,6 @@ class ModelRunner:
         self.device = device
         self.block_size = kv_cache.block_size
         self.backend = get_backend(attention_backend, device)
-        if device.type == "cpu":
-            cpu_decode.kernel()  # build or load it now, not inside the first request's timing
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache = kv_cache.k(i)
             layer.self_attn.v_cache = kv_cache.v(i)
@@ -73,7 +69,7 @@ class ModelRunner:
         block_tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]
         query_lens = [end - start for start, end in spans]
         context_lens = [end for _, end in spans]
-        lora = lora_batch(seqs, query_lens)  # None when no sequence uses a LoRA
+        lora = lora_batch([-1 if seq.adapter is None else seq.adapter.slot for seq in seqs], query_lens)
 
         def tensor(values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
             t = torch.tensor(values, dtype=dtype)

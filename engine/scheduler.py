@@ -12,7 +12,7 @@ from engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledBatch:
     """One step's work: seqs[i] computes its next num_new_tokens[i] tokens; each of tree_seqs verifies its
-    Medusa tree (engine.spec.medusa), in a forward of its own."""
+    Medusa tree (engine.medusa), in a forward of its own."""
 
     seqs: list[Sequence]
     num_new_tokens: list[int]

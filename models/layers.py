@@ -7,19 +7,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.kernels import decode as cpu_decode
+from models.kernels.decode import DecodeKernels
 from models.config import RopeConfig
 
 
 class RMSNorm(nn.Module):
+    kernels: DecodeKernels | None = None  # set at load time (models.kernels.decode.set_decode_kernels)
+
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_decode.usable(x, self.weight):  # F.rms_norm costs ~20 us on a CPU whatever the size
-            return cpu_decode.kernel().rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+        if self.kernels is not None and self.kernels.takes(x):  # F.rms_norm costs ~20 us on a CPU whatever the size
+            return self.kernels.ops.rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op; fp32 maths inside
 
 
@@ -111,12 +113,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Linear(nn.Linear):
-    """nn.Linear that sends decode-sized CPU inputs (a few rows) to gorgon's bandwidth-bound kernel."""
+    """nn.Linear that sends decode-sized inputs (a few rows) to gorgon's bandwidth-bound CPU kernel when it
+    has been handed one at load time."""
+
+    kernels: DecodeKernels | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_decode.usable(x, self.weight):
+        if self.kernels is not None and self.kernels.takes(x):
             rows = x.reshape(-1, x.shape[-1])  # [num_tokens, in_features]
-            return cpu_decode.kernel().small_batch_linear(rows, self.weight, self.bias).view(*x.shape[:-1], -1)
+            return self.kernels.ops.small_batch_linear(rows, self.weight, self.bias).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -5,19 +5,15 @@ Inside a `forward_context` the tokens are a flat [num_tokens] batch over the pag
 outside one they are a plain [batch, seq] causal LM with no cache."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.context import get_forward_context
-from models.kernels import decode as cpu_decode
 from models.config import ModelConfig
+from models.context import get_forward_context
+from models.kernels.decode import DecodeKernels
 from models.layers import Linear, PackedLinear, RMSNorm, RotaryEmbedding, apply_rotary
-
-if TYPE_CHECKING:
-    from engine.adapters.lora import LoRABatch
+from models.lora import LoRABatch
 
 
 class Attention(nn.Module):
@@ -84,26 +80,26 @@ class DecoderLayer(nn.Module):
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
-    def forward_fused(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward_fused(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: DecodeKernels,
                       lora: LoRABatch | None) -> torch.Tensor:
         """forward() for a few token rows [num_tokens, hidden] on the CPU: one kernel before attention and
-        one after it (models.cpu_decode), instead of some twenty operators; LoRA rows included."""
-        attn, mlp, kernels = self.self_attn, self.mlp, cpu_decode.kernel()
+        one after it (models.kernels.decode), instead of some twenty operators; LoRA rows included."""
+        attn, mlp, ops = self.self_attn, self.mlp, kernels.ops
         lora_slots = None if lora is None else lora.token_slots
 
         def lora_weights(*linears: nn.Module) -> list[torch.Tensor | None]:
-            """[A, Bᵀ] of each linear that LoRA wraps (engine.adapters.lora.LoRALinear), None where it does not."""
+            """[A, Bᵀ] of each linear that LoRA wraps (models.lora.LoRALinear), None where it does not."""
             if lora is None:
                 return []
             found = [linear.active_weights(lora.slots) if hasattr(linear, "active_weights") else None
                      for linear in linears]
             return [t for weights in found for t in (weights or (None, None))]
 
-        q, k, v = kernels.attention_input(hidden, self.input_layernorm.weight, self.input_layernorm.eps,
+        q, k, v = ops.attention_input(hidden, self.input_layernorm.weight, self.input_layernorm.eps,
                                           attn.qkv_proj.weight, attn.qkv_proj.bias, cos, sin,
                                           attn.num_heads, attn.num_kv_heads, lora_slots, lora_weights(attn.qkv_proj))
         out = attn.attend(q, k, v).view(hidden.shape[0], attn.q_size)
-        return kernels.attention_output(out, hidden, attn.o_proj.weight, attn.o_proj.bias,
+        return ops.attention_output(out, hidden, attn.o_proj.weight, attn.o_proj.bias,
                                         self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
                                         mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, mlp.down_proj.weight,
                                         mlp.down_proj.bias, lora_slots,
@@ -122,6 +118,8 @@ class Backbone(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """A Llama-family causal LM. Invariant: parameter names are HF's, except q/k/v -> qkv_proj and
     gate/up -> gate_up_proj (see `packed_modules`)."""
+
+    kernels: DecodeKernels | None = None  # set at load time (models.kernels.decode.set_decode_kernels)
 
     packed_modules = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                       "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
@@ -143,9 +141,9 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, seq_lens)
         cos, sin = cos.to(hidden.dtype), sin.to(hidden.dtype)
-        if ctx is not None and cpu_decode.usable(hidden, self.lm_head.weight):
+        if ctx is not None and self.kernels is not None and self.kernels.takes(hidden):
             for layer in self.model.layers:
-                hidden = layer.forward_fused(hidden, cos, sin, ctx.lora)
+                hidden = layer.forward_fused(hidden, cos, sin, self.kernels, ctx.lora)
         else:
             for layer in self.model.layers:
                 hidden = layer(hidden, cos, sin)

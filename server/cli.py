@@ -8,9 +8,9 @@ import sys
 COMMANDS = {
     "generate": ("server.generate_cli", "generate text from a prompt"),
     "serve": ("server.__main__", "serve the OpenAI-compatible HTTP API"),
-    "train-default": ("models.train_default", "retrain the shipped default model"),
-    "train-medusa": ("engine.spec.train", "train Medusa heads on a frozen base model"),
-    "train-adapters": ("engine.adapters.train", "train the example LoRA and prefix adapters with PEFT"),
+    "train-default": ("engine.training.default_model", "retrain the shipped default model"),
+    "train-medusa": ("engine.training.medusa", "train Medusa heads on a frozen base model"),
+    "train-adapters": ("engine.training.adapters", "train the example LoRA and prefix adapters with PEFT"),
 }
 # `gorgon bench NAME` runs bench/NAME.py
 BENCHMARKS = ("decode", "attention", "medusa", "adapters", "serving")

@@ -267,7 +267,7 @@ def test_bad_adapter_folder_is_refused_and_the_engine_keeps_serving(setup, llm, 
 
 
 def test_training_script_writes_adapters_that_load(tmp_path, tiny_model_dir):
-    from engine.adapters.train import main as train_adapters
+    from engine.training.adapters import main as train_adapters
 
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "text").write_text("Permission is hereby granted, free of charge, to any person. " * 40)
@@ -285,7 +285,7 @@ def test_training_script_writes_adapters_that_load(tmp_path, tiny_model_dir):
 def test_medusa_stays_lossless_with_adapters(setup, tmp_path):
     """Drafts are read from plain runs (at varying ranks, so accepted paths move K/V), and every tree is
     verified through the request's adapter: the output must equal plain greedy decoding exactly."""
-    from engine.spec.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
+    from models.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
 
     save_medusa_heads(MedusaHeads(MedusaConfig(num_heads=4, num_layers=1, hidden_size=64, vocab_size=256,
                                                own_lm_head=False)), tmp_path / "heads")

@@ -16,7 +16,7 @@ import torch
 
 from engine.attention import available_backends, get_backend
 from engine.attention.reference import ReferenceAttention
-from engine.context import ForwardContext
+from models.context import ForwardContext
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install gorgon[triton])")

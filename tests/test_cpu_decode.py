@@ -1,15 +1,17 @@
 """The CPU decode kernels vs torch's operators."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from conftest import PROMPT_LEN, paged_logits, save_tiny_model
 from engine import LLM
-from models import cpu_decode
+from models.kernels import decode as cpu_decode
 from models.layers import Linear
 
-kernel = cpu_decode.kernel()
+kernel = cpu_decode.compiled()
 pytestmark = pytest.mark.skipif(kernel is None, reason="the CPU kernel could not be built here (no compiler?)")
 
 
@@ -33,25 +35,33 @@ def test_bf16_weights_accumulate_in_fp32():
     assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
-def test_linear_uses_the_kernel_only_for_small_inference_batches():
+def test_kernel_policy_is_decided_once_and_only_for_small_batches():
     layer = Linear(32, 8)
-    x = torch.randn(4, 32)
+    assert layer.kernels is None  # a fresh model (training) runs torch's operators, with autograd
+    assert cpu_decode.load_decode_kernels(layer) is not None
+    assert cpu_decode.load_decode_kernels(Linear(32, 8).half()) is None  # fp16 weights: no kernel
+    rows_seen = []
+
+    def spy(x, weight, bias):
+        rows_seen.append(len(x))
+        return kernel.small_batch_linear(x, weight, bias)
+
+    cpu_decode.set_decode_kernels(layer, cpu_decode.DecodeKernels(SimpleNamespace(small_batch_linear=spy)))
     with torch.inference_mode():
-        assert cpu_decode.usable(x, layer.weight)
-        assert not cpu_decode.usable(torch.randn(33, 32), layer.weight)
-        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
-    assert not cpu_decode.usable(x, layer.weight)  # autograd needs torch's own op
+        for rows in (4, cpu_decode.MAX_ROWS, cpu_decode.MAX_ROWS + 1):
+            x = torch.randn(rows, 32)
+            assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+    assert rows_seen == [4, cpu_decode.MAX_ROWS]  # a larger batch goes to torch's GEMM
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fused_decoder_layers_match_the_operator_path(tmp_path, monkeypatch, dtype):
+def test_fused_decoder_layers_match_the_operator_path(tmp_path, dtype):
     """Prefill (21 rows) and decode steps through the fused kernels vs through torch's operators, on a
     model with every optional bias and a head_dim that is not a multiple of the vector width."""
     folder = save_tiny_model(tmp_path, attention_bias=True, mlp_bias=True, head_dim=24)
     tokens = torch.randint(3, 256, (PROMPT_LEN + 8,), generator=torch.Generator().manual_seed(2)).tolist()
     fused = paged_logits(LLM(folder, dtype=dtype, num_kv_blocks=16, block_size=4), tokens).float()
-    monkeypatch.setattr(cpu_decode, "usable", lambda x, weight: False)
-    plain = paged_logits(LLM(folder, dtype=dtype, num_kv_blocks=16, block_size=4), tokens).float()
+    plain = paged_logits(LLM(folder, dtype=dtype, num_kv_blocks=16, block_size=4, cpu_kernels=False), tokens).float()
     tolerance = 1e-4 if dtype == "float32" else 0.03 * plain.abs().max().item()
     assert (fused - plain).abs().max().item() <= tolerance
 

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models import DEFAULT_MODEL_DIR
-from engine.spec.medusa import DRAFT_VOCAB_FILE, load_medusa_heads
+from models.medusa import DRAFT_VOCAB_FILE, load_medusa_heads
 from models.loader import load_model
-from models.train_default import main as train_default, stdlib_root
+from engine.training.default_model import main as train_default, stdlib_root
 
 # Measured 3.74 nats/token on these windows after both training stages; a random model scores ~ln(4096) = 8.3.
 HELD_OUT_LOSS_BOUND = 4.3

@@ -16,14 +16,15 @@ from bench.common import byte_tokenizer
 from bench.medusa import main as bench_main
 from engine import LLM, RequestOutput, SamplingParams
 from engine.attention import available_backends
-from engine.spec.medusa import (DRAFT_VOCAB_FILE, MedusaConfig, MedusaHeads, WEIGHTS_FILE, load_medusa_heads,
-                               save_medusa_heads, typical_acceptance)
-from engine.spec.train import (TrainConfig, base_hidden, draft_vocabulary, head_accuracy, main as train_main, prompts_from,
-                               self_distill, train_heads)
-from engine.spec.tree import DEFAULT_TREE, TREES, build_tree, load_tree
+from engine.medusa.speculator import typical_acceptance
+from engine.medusa.tree import DEFAULT_TREE, TREES, build_tree, load_tree
+from engine.training.medusa import (TrainConfig, base_hidden, draft_vocabulary, head_accuracy, main as train_main,
+                                    prompts_from, self_distill, train_heads)
 from models import DEFAULT_MODEL_DIR
-from models import cpu_decode
+from models.kernels.decode import load_decode_kernels, set_decode_kernels
 from models.loader import load_model
+from models.medusa import (DRAFT_VOCAB_FILE, WEIGHTS_FILE, MedusaConfig, MedusaHeads, load_medusa_heads,
+                           save_medusa_heads)
 from server.generate_cli import main as generate_main
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -164,10 +165,8 @@ def test_heads_round_trip(tmp_path, own_lm_head):
 
 @pytest.mark.parametrize("own_lm_head", [False, True])
 @pytest.mark.parametrize("use_kernel", [True, False])
-def test_draft_vocab_round_trip_and_drafts(tmp_path, monkeypatch, own_lm_head, use_kernel):
+def test_draft_vocab_round_trip_and_drafts(tmp_path, own_lm_head, use_kernel):
     """With a draft vocabulary the heads propose the top-k of their logits over those tokens only."""
-    if not use_kernel:
-        monkeypatch.setattr(cpu_decode, "usable", lambda x, weight: False)
     heads = MedusaHeads(MedusaConfig(3, 2, 64, 256, own_lm_head))
     for p in heads.parameters():
         torch.nn.init.normal_(p, std=0.1)
@@ -175,6 +174,11 @@ def test_draft_vocab_round_trip_and_drafts(tmp_path, monkeypatch, own_lm_head, u
     heads.draft_vocab = vocab
     save_medusa_heads(heads, tmp_path)
     loaded = load_medusa_heads(tmp_path, 64, 256)
+    if use_kernel:
+        kernels = load_decode_kernels(loaded)
+        if kernels is None:
+            pytest.skip("the CPU decode kernels could not be built here")
+        set_decode_kernels(loaded, kernels)
     assert torch.equal(loaded.draft_vocab, vocab)
     lm_head = torch.nn.Linear(64, 256, bias=False)
     x = torch.randn(4, 64)

@@ -17,12 +17,12 @@ from typing import Callable
 
 import torch
 
-from engine.adapters.lora import (LORA_PROJECTIONS, LoRAFormatError, LoRALinear, install_lora, lora_targets,
-                                  read_lora)
+from engine.adapters.lora import LoRAFormatError, read_lora
 from engine.adapters.prefix import PrefixFormatError, read_prefix, write_pinned_blocks
 from engine.config import EngineConfig
 from engine.kv_cache import BlockManager, KVCache
 from engine.sequence import Sequence
+from models.lora import LORA_PROJECTIONS, LoRALinear, install_lora, lora_targets
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from engine.context import ForwardContext
+from models.context import ForwardContext
 
 
 class AttentionBackend(Protocol):

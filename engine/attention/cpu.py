@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from engine.context import ForwardContext
+from models.context import ForwardContext
 from models.kernels import build
 
 

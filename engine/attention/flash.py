@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention import store_kv
-from engine.context import ForwardContext
+from models.context import ForwardContext
 
 QUERY_TILE = 64
 KEY_TILE = 256

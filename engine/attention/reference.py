@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from engine.attention import store_kv
-from engine.context import ForwardContext
+from models.context import ForwardContext
 
 
 class ReferenceAttention:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from engine.attention import store_kv
-from engine.context import ForwardContext
+from models.context import ForwardContext
 
 BLOCK_M = 16  # tl.dot needs at least 16 rows
 BLOCK_N = 64

@@ -3,35 +3,61 @@
 Decode multiplies a few token rows by every weight matrix. torch's CPU GEMM reaches about half the
 machine's read bandwidth there, and for small models the ~20 operators Python dispatches per layer
 cost more than the arithmetic. So `Linear` sends such inputs to `small_batch_linear`, and a decoder
-layer runs as two fused calls around attention (`attention_input`, `attention_output`)."""
+layer runs as two fused calls around attention (`attention_input`, `attention_output`).
+
+Whether a model uses them is decided once, when the engine loads it (`load_decode_kernels`, `set_decode_kernels`): a layer
+holds a `DecodeKernels` or None, and None (the default, so training and CUDA) means torch's operators."""
 from __future__ import annotations
 
-import os
 import warnings
+from dataclasses import dataclass
 from functools import cache
 from types import ModuleType
 
 import torch
+from torch import nn
 
 from models.kernels import build
 
 # Up to this many token rows the weight-streaming kernel beats torch's GEMM on the CPU
 MAX_ROWS = 32
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @cache
-def kernel() -> ModuleType | None:
+def compiled() -> ModuleType | None:
     """The compiled module, or None (with one warning) when it cannot be built here."""
-    if os.environ.get("GORGON_DISABLE_CPU_KERNELS"):
-        return None
     try:
         return build("gorgon_cpu_decode", "decode.cpp", python_module=True)
-    except Exception as e:  # no compiler, no headers, ...: fall back to torch's operators
+    except Exception as e:  # no compiler, no headers, ...: torch's operators do the work
         warnings.warn(f"gorgon: CPU decode kernels unavailable, using torch's operators ({e})")
         return None
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """May the kernels compute with input x (its rows are tokens) and weights of this dtype?"""
-    return (x.is_cpu and not torch.is_grad_enabled() and weight.dtype in (torch.float32, torch.bfloat16)
-            and x.numel() <= MAX_ROWS * x.shape[-1] and kernel() is not None)
+@dataclass(frozen=True)
+class DecodeKernels:
+    """The compiled kernels, for inference inputs of at most MAX_ROWS token rows. Invariant: only handed to
+    the layers of a CPU model in inference, whose weights are fp32 or bf16 (their forward has no autograd)."""
+
+    ops: ModuleType
+
+    @staticmethod
+    def takes(x: torch.Tensor) -> bool:
+        return x.numel() <= MAX_ROWS * x.shape[-1]
+
+
+def load_decode_kernels(model: nn.Module) -> DecodeKernels | None:
+    """The kernels for this inference model: None where they cannot be built, or where the model is not on
+    the CPU or has weights of another dtype."""
+    weights = {p.dtype for p in model.parameters()}
+    if not (weights <= set(WEIGHT_DTYPES) and next(model.parameters()).is_cpu):
+        return None
+    ops = compiled()
+    return None if ops is None else DecodeKernels(ops)
+
+
+def set_decode_kernels(model: nn.Module, kernels: DecodeKernels | None) -> None:
+    """Hand `kernels` to every layer of `model` that can use them (None: torch's operators everywhere)."""
+    for module in model.modules():
+        if hasattr(module, "kernels"):
+            module.kernels = kernels

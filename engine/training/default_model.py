@@ -1,7 +1,7 @@
 """Train gorgon's shipped default model: a small Llama on the Python standard library's source.
 
-    python -m models.train_default --out models/default --minutes 55
-    python -m models.train_default --init models/default --out models/default --medusa-heads 4 --lr 3e-4 --minutes 30
+    python -m engine.training.default_model --out models/default --minutes 55
+    python -m engine.training.default_model --init models/default --out models/default --medusa-heads 4 --lr 3e-4 --minutes 30
 
 Builds a byte-level BPE tokenizer, trains a Llama-architecture model with gorgon's own model code
 (models.llama), and saves a Hugging Face checkpoint folder (config.json, model.safetensors,
@@ -36,8 +36,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
-from engine.spec.medusa import MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
-from engine.spec.train import head_losses, head_weights
+from models.medusa import MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
+from engine.training.medusa import head_losses, head_weights
 from models.config import ModelConfig
 from models.layers import PackedLinear
 from models.llama import LlamaForCausalLM
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     hyperparameters = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
                        if k not in ("out", "cache_dir") and not (cfg.init and k in ARCHITECTURE_FIELDS)
                        and not (not cfg.medusa_heads and k.startswith("medusa_"))}
-    command = " ".join(["python -m models.train_default", *argv])
+    command = " ".join(["python -m engine.training.default_model", *argv])
     stages.append({"command": command, **stats, "hyperparameters": hyperparameters})
     save_checkpoint(cfg.out, model, config, tokenizer, config["max_position_embeddings"])
     if heads is not None:

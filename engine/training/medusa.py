@@ -21,7 +21,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from engine import LLM, SamplingParams
-from engine.spec.medusa import MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
+from models.medusa import MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
 from models import DEFAULT_MODEL_DIR
 from models.loader import load_model
 

@@ -1,0 +1,6 @@
+"""Medusa speculative decoding: static trees (tree.py) and the propose / verify / accept / compact step
+(speculator.py). The heads themselves are a model module (models.medusa)."""
+from engine.medusa.speculator import Medusa
+from engine.medusa.tree import DEFAULT_TREE, TREES, MedusaTree, load_tree
+
+__all__ = ["Medusa", "MedusaTree", "DEFAULT_TREE", "TREES", "load_tree"]

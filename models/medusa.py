@@ -1,0 +1,204 @@
+"""Medusa heads: the nn.Module over the base model's final hidden state, and its files in the published
+Medusa format (config.json + medusa_lm_head.safetensors), plus our optional draft vocabulary.
+
+Head k (from 0) at hidden state h_i predicts token i+2+k; the base model's own logits there predict i+1.
+Training (engine.training.medusa) and drafting (engine.medusa) both use this module."""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import chain, islice
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.kernels.decode import MAX_ROWS, DecodeKernels
+from models.layers import Linear
+
+WEIGHTS_FILE = "medusa_lm_head.safetensors"
+# Our addition to the published format: the token ids the heads propose from (see MedusaHeads.draft_vocab)
+DRAFT_VOCAB_FILE = "draft_vocab.safetensors"
+_KEY = re.compile(r"(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)")
+
+
+@dataclass
+class MedusaConfig:
+    """Shape of a set of heads; hidden_size and vocab_size are always the base model's."""
+
+    num_heads: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    own_lm_head: bool  # "v1": each head has its own vocab projection; "v2": the heads share the base lm_head
+
+
+class ResBlock(nn.Module):
+    """x + SiLU(W x + b): the published Medusa block (and its state-dict key, `linear`)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)  # a fresh block is the identity, so a fresh v2 head starts as the lm_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+@dataclass
+class DraftWeights:
+    """What drafting reads every step, gathered once (MedusaHeads.draft_weights): each head's blocks' weights
+    and biases (fp32, as the CPU kernel takes them), and the vocabulary projections (one shared, or one per head)."""
+
+    weights: list[list[torch.Tensor]]  # [head][block]
+    biases: list[list[torch.Tensor]]  # [head][block]
+    projections: list[torch.Tensor]
+
+
+class MedusaHeads(nn.Module):
+    """K heads over the base model's final-normed hidden state; head h is blocks heads[h][0..N-1], then
+    (v1) its own projection heads[h][N]. Invariant: `heads.state_dict()` keys are the published format's,
+    `{h}.{j}.linear.weight|bias` and `{h}.{N}.weight`.
+
+    `draft_vocab` (optional, from training): the ids of the tokens the heads propose, the commonest of
+    their training text. Projecting onto those alone cuts the cost of drafting, which reads the whole
+    vocabulary projection every step, for few lost acceptances: a rare token is seldom a right draft."""
+
+    kernels: DecodeKernels | None = None  # set at load time (models.kernels.decode.set_decode_kernels)
+
+    def __init__(self, config: MedusaConfig) -> None:
+        super().__init__()
+        self.config = config
+        h, v = config.hidden_size, config.vocab_size
+        self.heads = nn.ModuleList(
+            nn.ModuleList([*(ResBlock(h) for _ in range(config.num_layers)),
+                           *([Linear(h, v, bias=False)] if config.own_lm_head else [])])
+            for _ in range(config.num_heads))
+        self.register_buffer("draft_vocab", None, persistent=False)  # int64 [n] token ids, or None: all
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return self.config.vocab_size if self.draft_vocab is None else len(self.draft_vocab)
+
+    def _states(self, hidden: torch.Tensor, heads: list[nn.ModuleList]) -> list[torch.Tensor]:
+        states = []
+        for head in heads:
+            x = hidden
+            for block in islice(head, self.config.num_layers):
+                x = block(x)
+            states.append(x)
+        return states
+
+    def forward(self, hidden: torch.Tensor, base_lm_head: Callable[[torch.Tensor], torch.Tensor],
+                num_heads: int | None = None) -> torch.Tensor:
+        """hidden: [..., hidden_size] -> logits of the first num_heads heads over the whole vocabulary,
+        [num_heads, ..., vocab]."""
+        heads = list(islice(self.heads, num_heads))  # (slicing a ModuleList builds a new one: slow)
+        states = self._states(hidden, heads)
+        if self.config.own_lm_head:
+            return torch.stack([head[-1](x) for head, x in zip(heads, states)])
+        return base_lm_head(torch.stack(states))  # one projection for all heads
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def draft_weights(self, base_lm_head: nn.Linear) -> DraftWeights:
+        """What top_k reads, gathered once: the vocabulary projections are each head's own (v1) or the one
+        shared base lm_head (v2), restricted to the draft vocabulary's rows, in the heads' dtype."""
+        blocks = [[block.linear for block in islice(head, self.config.num_layers)] for head in self.heads]
+        projections = [head[-1].weight for head in self.heads] if self.config.own_lm_head else [base_lm_head.weight]
+        if self.draft_vocab is not None:
+            projections = [w[self.draft_vocab] for w in projections]
+        return DraftWeights([[b.weight for b in head] for head in blocks], [[b.bias.float() for b in head] for head in blocks],
+                            [w.to(self.dtype).contiguous() for w in projections])
+
+    def top_k(self, hidden: torch.Tensor, draft: DraftWeights, num_heads: int, k: int) -> torch.Tensor:
+        """The k likeliest draft-vocabulary tokens of each of the first num_heads heads at hidden
+        [B, hidden_size] -> token ids [num_heads, B, k]; draft: from draft_weights. On a CPU at decode sizes
+        one kernel call does it all (models.kernels.decode)."""
+        projections = draft.projections[:num_heads]
+        if self.kernels is not None and num_heads * len(hidden) <= MAX_ROWS:
+            top = self.kernels.ops.medusa_top_k(hidden, [*chain.from_iterable(draft.weights[:num_heads])],
+                                                [*chain.from_iterable(draft.biases[:num_heads])],
+                                                num_heads, projections, k)
+        else:
+            heads = list(islice(self.heads, num_heads))
+            states = torch.stack(self._states(hidden.to(self.dtype), heads))  # [num_heads, B, hidden]
+            if len(projections) == 1:
+                logits = F.linear(states, projections[0])
+            else:
+                logits = torch.stack([F.linear(x, w) for x, w in zip(states, projections)])
+            top = logits.topk(k, dim=-1).indices
+        return top if self.draft_vocab is None else self.draft_vocab[top]
+
+
+def load_medusa_heads(folder: str | Path, hidden_size: int, vocab_size: int,
+                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> MedusaHeads:
+    """Read a published Medusa folder (config.json + medusa_lm_head.safetensors) for a base model with
+    this hidden size and vocabulary. Every tensor must be expected and present, with the expected shape."""
+    folder = Path(folder)
+    config_file, weights_file = folder / "config.json", folder / WEIGHTS_FILE
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{folder} is not a Medusa heads folder: {f.name} is missing")
+    config = json.loads(config_file.read_text())
+    if "medusa_num_layers" not in config:
+        raise ValueError(f"{config_file} has no medusa_num_layers")
+    tensors = load_file(weights_file)
+    parsed = {key: _KEY.fullmatch(key) for key in tensors}
+    unknown = sorted(key for key, m in parsed.items() if m is None)
+    if not tensors:
+        raise ValueError(f"{weights_file} holds no tensors")
+    if unknown:
+        raise ValueError(f"{weights_file}: unexpected tensors {unknown} (expected "
+                         "'{head}.{block}.linear.weight|bias' and '{head}.{num_layers}.weight')")
+    num_heads = 1 + max(int(m[1]) for m in parsed.values())
+    if num_heads != config.get("medusa_num_heads", num_heads):
+        warnings.warn(f"{config_file} says medusa_num_heads={config['medusa_num_heads']}, but the weights hold "
+                      f"{num_heads} heads; using {num_heads}")
+    own_lm_head = any(m[3] == "weight" for m in parsed.values())
+    heads = MedusaHeads(MedusaConfig(num_heads, int(config["medusa_num_layers"]), hidden_size, vocab_size, own_lm_head))
+    expected = heads.heads.state_dict()
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{weights_file} does not match {num_heads} heads of {heads.config.num_layers} blocks "
+                         f"({'v1' if own_lm_head else 'v2'}): missing {missing}, unexpected {unexpected}")
+    for key, tensor in tensors.items():
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"{weights_file}: {key} has shape {list(tensor.shape)}, but a base model with hidden "
+                             f"size {hidden_size} and vocabulary {vocab_size} needs {list(expected[key].shape)}")
+    heads.heads.load_state_dict(tensors)
+    if (folder / DRAFT_VOCAB_FILE).is_file():
+        heads.draft_vocab = _read_draft_vocab(folder / DRAFT_VOCAB_FILE, vocab_size)
+    return heads.to(device=device, dtype=dtype).eval()
+
+
+def _read_draft_vocab(path: Path, vocab_size: int) -> torch.Tensor:
+    tensors = load_file(path)
+    ids = tensors.get("token_ids")
+    if set(tensors) != {"token_ids"} or ids.dim() != 1 or ids.dtype != torch.int64 or len(ids) == 0:
+        raise ValueError(f"{path} must hold one tensor, token_ids: a non-empty int64 vector of token ids")
+    if ids.min() < 0 or ids.max() >= vocab_size or len(ids.unique()) != len(ids):
+        raise ValueError(f"{path}: token_ids must be distinct ids of the base model's {vocab_size}-token vocabulary")
+    return ids
+
+
+def save_medusa_heads(heads: MedusaHeads, folder: str | Path, base_model: str | None = None) -> None:
+    """Write `heads` in the published format (readable by load_medusa_heads and the reference code)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    c = heads.config
+    config = {"medusa_num_heads": c.num_heads, "medusa_num_layers": c.num_layers, "hidden_size": c.hidden_size,
+              "vocab_size": c.vocab_size, "base_model_name_or_path": base_model}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.detach().contiguous() for k, v in heads.heads.state_dict().items()}, folder / WEIGHTS_FILE)
+    if heads.draft_vocab is not None:
+        save_file({"token_ids": heads.draft_vocab.cpu().contiguous()}, folder / DRAFT_VOCAB_FILE)
+    else:  # an older draft vocabulary in the folder belongs to other heads
+        (folder / DRAFT_VOCAB_FILE).unlink(missing_ok=True)
