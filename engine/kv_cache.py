@@ -8,20 +8,51 @@ import torch
 from engine.sequence import Sequence
 
 
+def slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The cache slots of a sequence's cache indices [start, end): index i lives at offset i % block_size of
+    block block_table[i // block_size], i.e. slot block_id * block_size + offset (the only address a kernel
+    sees). Python work is per block: each block's run of slots is one range()."""
+    out: list[int] = []
+    for block in range(start // block_size, (end - 1) // block_size + 1):
+        shift = block_table[block] * block_size - block * block_size  # cache index -> slot within this block
+        out += range(shift + max(start, block * block_size), shift + min(end, (block + 1) * block_size))
+    return out
+
+
 class KVCache:
-    """One allocation, [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]; layer i reads
-    the views k(i) and v(i). Slot s of a layer is row s of its [num_blocks * block_size, ...] view."""
+    """One allocation, [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]. Attention layers
+    write their new tokens into the views k(i) and v(i), where slot s is row s of [num_blocks * block_size,
+    ...]; everything else writes through write() and copy()."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.pool = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.pool = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype,
+                                device=device)
+        # [num_layers, 2, num_slots, num_kv_heads, head_dim]: a slot is an index on dim 2
+        self._by_slot = self.pool.view(num_layers, 2, num_blocks * block_size, num_kv_heads, head_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pool.device
 
     def k(self, layer: int) -> torch.Tensor:
         return self.pool[layer, 0]
 
     def v(self, layer: int) -> torch.Tensor:
         return self.pool[layer, 1]
+
+    def write(self, slot_ids: list[int], kv: torch.Tensor) -> None:
+        """Store kv [num_layers, 2, len(slot_ids), num_kv_heads, head_dim] (every layer's K and V) at slot_ids."""
+        self._by_slot[:, :, torch.tensor(slot_ids, device=self.device)] = kv.to(self.pool.dtype)
+
+    def read(self, slot_ids: list[int]) -> torch.Tensor:
+        """Every layer's K and V at slot_ids: [num_layers, 2, len(slot_ids), num_kv_heads, head_dim]."""
+        return self._by_slot[:, :, torch.tensor(slot_ids, device=self.device)]
+
+    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """K/V of every layer from slots src to slots dst (equal-length index tensors, on the pool's device)."""
+        self._by_slot[:, :, dst] = self._by_slot[:, :, src]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -53,9 +84,6 @@ class BlockManager:
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         return max(0, -(-(seq.num_virtual_tokens + num_tokens) // self.block_size) - len(seq.block_table))
-
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self.free)
 
     def allocate(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow seq's block table to hold num_tokens tokens. All or nothing."""
@@ -111,10 +139,6 @@ class BlockManager:
         for block in reversed(seq.block_table):
             self._decref(block)
         seq.block_table.clear()
-
-    def slot(self, seq: Sequence, position: int) -> int:
-        """Cache slot of a cache index (= the RoPE position: token j is at num_virtual_tokens + j)."""
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
 
     def _hash_of_block(self, seq: Sequence, i: int, cache_key: int) -> int:
         """Chain hash of seq's block i: its tokens, all tokens before it, and the cache key (which also

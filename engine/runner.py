@@ -8,7 +8,7 @@ import torch
 
 from engine.adapters.prefix import write_virtual_tails
 from engine.attention import get_backend
-from engine.kv_cache import KVCache
+from engine.kv_cache import KVCache, slots
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from models.context import ForwardContext, forward_context, lora_batch
@@ -59,12 +59,9 @@ class ModelRunner:
         """Every tensor of a step, built at once: seqs[i] writes cache entries [start, end) = spans[i] from
         its rows of input_ids/positions (the rows are consecutive, in sequence order). Python work is per
         sequence and per KV block; per-token lists come from range() and become tensors in one go."""
-        bs = self.block_size
         slot_mapping: list[int] = []
         for seq, (start, end) in zip(seqs, spans):
-            for block in range(start // bs, (end - 1) // bs + 1):
-                offset = seq.block_table[block] * bs - block * bs  # cache index -> slot within this block
-                slot_mapping += range(offset + max(start, block * bs), offset + min(end, (block + 1) * bs))
+            slot_mapping += slots(seq.block_table, start, end, self.block_size)
         max_blocks = max(len(seq.block_table) for seq in seqs)
         block_tables = [seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]
         query_lens = [end - start for start, end in spans]

@@ -1,8 +1,10 @@
 """BlockManager: allocation, growth across block boundaries, refcounts, prefix hashing, no leaks."""
 from __future__ import annotations
 
+import torch
+
 from engine import SamplingParams
-from engine.kv_cache import BlockManager
+from engine.kv_cache import BlockManager, KVCache, slots
 from engine.sequence import Sequence
 
 
@@ -16,10 +18,26 @@ def test_block_table_grows_across_block_boundaries():
     assert bm.allocate(seq, 5) and len(seq.block_table) == 2
     assert bm.allocate(seq, 8) and len(seq.block_table) == 2  # still fits
     assert bm.allocate(seq, 9) and len(seq.block_table) == 3
-    slots = [bm.slot(seq, p) for p in range(9)]
-    assert slots[4] == seq.block_table[1] * 4 and slots[8] == seq.block_table[2] * 4
-    assert len(set(slots)) == 9
     assert bm.num_free_blocks == 5
+
+
+def test_slots_follow_the_block_table():
+    table = [5, 2, 7]
+    assert slots(table, 0, 9, 4) == [20, 21, 22, 23, 8, 9, 10, 11, 28]
+    assert slots(table, 3, 6, 4) == [23, 8, 9]  # a run that starts and ends inside blocks
+    assert slots(table, 8, 9, 4) == [28]
+
+
+def test_cache_writes_land_in_their_slots_of_every_layer():
+    cache = KVCache(num_layers=2, num_blocks=4, block_size=4, num_kv_heads=1, head_dim=2, dtype=torch.float32,
+                    device="cpu")
+    kv = torch.arange(2 * 2 * 3 * 2, dtype=torch.float32).view(2, 2, 3, 1, 2)
+    cache.write([5, 9, 2], kv)
+    assert torch.equal(cache.k(1)[1, 1], kv[1, 0, 0]) and torch.equal(cache.v(0)[2, 1], kv[0, 1, 1])
+    assert torch.equal(cache.read([5, 9, 2]), kv)
+    cache.copy(torch.tensor([9, 2]), torch.tensor([0, 1]))
+    assert torch.equal(cache.read([0, 1]), kv[:, :, 1:])
+    assert torch.count_nonzero(cache.read([3, 4, 6])) == 0
 
 
 def test_allocation_is_all_or_nothing_and_freeing_returns_everything():

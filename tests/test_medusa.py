@@ -16,6 +16,7 @@ from bench.common import byte_tokenizer
 from bench.medusa import main as bench_main
 from engine import LLM, RequestOutput, SamplingParams
 from engine.attention import available_backends
+from engine.kv_cache import slots
 from engine.medusa.speculator import typical_acceptance
 from engine.medusa.tree import DEFAULT_TREE, TREES, build_tree, load_tree
 from engine.training.medusa import (TrainConfig, base_hidden, draft_vocabulary, head_accuracy, main as train_main,
@@ -415,9 +416,7 @@ def test_compacted_cache_equals_plain_cache(tiny_model_dir, heads_dir):
     plain.step()  # prefill: the cache holds all n + 1 prompt tokens
 
     def cache_rows(engine: LLM, s, num_tokens: int) -> torch.Tensor:
-        slots = torch.tensor([engine.block_manager.slot(s, i) for i in range(num_tokens)])
-        pool = engine.runner.kv_cache.pool
-        return pool.view(*pool.shape[:2], -1, *pool.shape[-2:])[:, :, slots]  # [layers, 2, n, kv_heads, head_dim]
+        return engine.runner.kv_cache.read(slots(s.block_table, 0, num_tokens, engine.config.block_size))
 
     torch.testing.assert_close(cache_rows(llm, seq, n), cache_rows(plain, oracle, n), rtol=1e-4, atol=1e-5)
     # the blocks beyond the accepted run were released

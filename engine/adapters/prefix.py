@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engine.kv_cache import KVCache
+from engine.kv_cache import KVCache, slots
 from models.config import ModelConfig
 
 
@@ -47,12 +47,9 @@ def read_prefix(weights_file: Path, config: dict, model_config: ModelConfig) -> 
 
 def write_pinned_blocks(kv: torch.Tensor, kv_cache: KVCache, blocks: list[int]) -> None:
     """Write the full blocks of virtual K/V (len(blocks) of them) into `blocks`."""
-    if not blocks:
-        return
-    num_layers, _, _, num_kv_heads, head_dim = kv.shape
-    full = kv[:, :, :len(blocks) * kv_cache.block_size]
-    # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], the pool's layout
-    kv_cache.pool[:, :, blocks] = full.reshape(num_layers, 2, len(blocks), kv_cache.block_size, num_kv_heads, head_dim)
+    if blocks:
+        num_full = len(blocks) * kv_cache.block_size
+        kv_cache.write(slots(blocks, 0, num_full, kv_cache.block_size), kv[:, :, :num_full])
 
 
 def write_virtual_tails(seqs: list, kv_cache: KVCache) -> None:
@@ -63,5 +60,5 @@ def write_virtual_tails(seqs: list, kv_cache: KVCache) -> None:
         num_virtual = seq.num_virtual_tokens
         tail = num_virtual % block_size
         if tail and seq.num_computed_tokens == 0:
-            block = seq.block_table[num_virtual // block_size]
-            kv_cache.pool[:, :, block, :tail] = seq.adapter.prefix_kv[:, :, num_virtual - tail:]
+            kv_cache.write(slots(seq.block_table, num_virtual - tail, num_virtual, block_size),
+                           seq.adapter.prefix_kv[:, :, num_virtual - tail:])

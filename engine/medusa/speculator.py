@@ -53,7 +53,7 @@ class Medusa:
                              f"vocabulary has only {heads.num_draft_tokens} tokens")
         self.heads, self.model, self.kv_cache = heads, model, kv_cache
         self.draft_weights = heads.draft_weights(model.lm_head)
-        self.tree = tree.to(kv_cache.pool.device)
+        self.tree = tree.to(kv_cache.device)
         self.max_model_len = max_model_len
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
         self.sampler = Sampler()
@@ -64,7 +64,7 @@ class Medusa:
         """The engine's Medusa: heads from config.medusa, tree from config.medusa_tree; drafting uses the
         CPU kernels when the engine does."""
         heads = load_medusa_heads(config.medusa, model.config.hidden_size, model.config.vocab_size,
-                                  DRAFT_DTYPE, kv_cache.pool.device)
+                                  DRAFT_DTYPE, kv_cache.device)
         set_decode_kernels(heads, kernels)
         tree = load_tree(config.medusa_tree or DEFAULT_TREE)
         if config.medusa_tree is None:  # the default tree, as deep as the heads allow
@@ -165,7 +165,4 @@ class Medusa:
         if not moves:
             return
         src, dst = map(list, zip(*moves))
-        pool = self.kv_cache.pool
-        # [layers, 2, num_blocks * block_size, kv_heads, head_dim]: a slot is an index on dim 2
-        flat = pool.view(*pool.shape[:2], -1, *pool.shape[-2:])
-        flat[:, :, slot_mapping[dst]] = flat[:, :, slot_mapping[src]]
+        self.kv_cache.copy(slot_mapping[src], slot_mapping[dst])
