@@ -110,15 +110,13 @@ def test_tree_buffers_by_hand():
     assert tree.parents == [0, 0, 0, 1, 1, 3]
     # [root, head0 rank0, head0 rank1, head1 rank0, head1 rank1, head2 rank0, head2 rank1]
     assert tree.candidate_index == [0, 1, 2, 3, 4, 5]
-    assert tree.retrieve.tolist() == [[0, 2, 2, 2], [0, 1, 4, 4], [0, 1, 3, 5]]
-    assert tree.path_valid.tolist() == [[True, True, False, False], [True, True, True, False], [True] * 4]
     assert tree.leaf_paths == [[0, 2], [0, 1, 4], [0, 1, 3, 5]]
 
 
 def test_chain_tree_and_shipped_trees():
     chain = load_tree("chain3")
     assert chain.mask.tolist() == torch.ones(4, 4).tril().bool().tolist()
-    assert chain.candidate_index == [0, 1, 2, 3] and chain.retrieve.tolist() == [[0, 1, 2, 3]]
+    assert chain.candidate_index == [0, 1, 2, 3] and chain.leaf_paths == [[0, 1, 2, 3]]
     big = load_tree("mc_sim_7b_63")
     assert big.size == 64 and big.top_k == 10 and big.depth == 4
     for name in TREES:

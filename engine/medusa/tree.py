@@ -45,8 +45,6 @@ class MedusaTree:
     parents: list[int]  # [T] node index of the parent (the root is its own parent)
     candidate_index: list[int]  # [T] index into [root, head 0's top-k, head 1's top-k, ...]
     leaf_paths: list[list[int]]  # the nodes of each root-to-leaf path, root first
-    retrieve: torch.Tensor  # [num_leaves, depth + 1] int64 leaf_paths, each padded with its leaf
-    path_valid: torch.Tensor  # [num_leaves, depth + 1] bool: False on the padding
     top_k: int  # candidates taken from each head
 
     @property
@@ -56,11 +54,10 @@ class MedusaTree:
     @property
     def depth(self) -> int:
         """Heads the tree needs: the depth of its deepest node."""
-        return self.retrieve.shape[1] - 1
+        return max(self.depths)
 
     def to(self, device: torch.device | str) -> "MedusaTree":
-        return replace(self, mask=self.mask.to(device), retrieve=self.retrieve.to(device),
-                       path_valid=self.path_valid.to(device))
+        return replace(self, mask=self.mask.to(device))
 
     def cut(self, depth: int) -> "MedusaTree":
         """The tree's nodes down to `depth` (the first nodes of this one: nodes are sorted by depth)."""
@@ -99,10 +96,7 @@ def build_tree(choices: list[list[int]], name: str = "custom") -> MedusaTree:
 
     leaves = [p for p in paths if not any(q[:len(p)] == p and len(q) > len(p) for q in paths)]
     leaf_paths = [[0] + [index[leaf[:d]] for d in range(1, len(leaf) + 1)] for leaf in leaves]
-    depth = max(len(p) for p in paths)
-    retrieve = torch.tensor([nodes + [nodes[-1]] * (depth + 1 - len(nodes)) for nodes in leaf_paths])
-    path_valid = torch.tensor([[d < len(nodes) for d in range(depth + 1)] for nodes in leaf_paths])
-    return MedusaTree(name, paths, mask, depths, parents, candidate_index, leaf_paths, retrieve, path_valid, top_k)
+    return MedusaTree(name, paths, mask, depths, parents, candidate_index, leaf_paths, top_k)
 
 
 def load_tree(name_or_file: str) -> MedusaTree:
