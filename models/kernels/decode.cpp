@@ -9,7 +9,8 @@
 //       attention_input:  RMSNorm -> packed q/k/v projection (+ bias) -> rotary on q and k;
 //       attention_output: o_proj + residual -> RMSNorm -> gate/up -> SiLU(gate) * up -> down + residual;
 //     each projection adds its per-token LoRA delta when the step has LoRA rows (a mixed batch is one call).
-// All arithmetic is fp32; weights are fp32 or bf16; activations come and go in the model's dtype.
+// All arithmetic is fp32; weights are fp32 or bf16, or quantized blocks (quant.h: a uint8 [out, row bytes]
+// tensor and its ggml type, given in a call's qtypes); activations come and go in the model's dtype.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -18,6 +19,8 @@
 #include <cstring>
 #include <tuple>
 #include <vector>
+
+#include "quant.h"
 
 namespace {
 
@@ -133,8 +136,22 @@ torch::Tensor as_dtype(const torch::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
-// y = x W^T + b in fp32 for fp32 x; W fp32 or bf16 (contiguous), b fp32 or undefined.
-torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias) {
+// y = x W^T + b in quantized W's blocks (qtype: its ggml type) for fp32 x, W uint8 [out, row bytes]
+torch::Tensor linear_quantized(const torch::Tensor& x, const torch::Tensor& weight, int64_t qtype,
+                               const torch::Tensor& bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == torch::kByte,
+              "linear: quantized weights must be a contiguous uint8 [out, row bytes] tensor");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  quant::linear(qtype, x.data_ptr<float>(), M, K, weight.data_ptr<uint8_t>(), weight.size(1), N, y.data_ptr<float>());
+  if (bias.defined()) y.add_(bias);
+  return y;
+}
+
+// y = x W^T + b in fp32 for fp32 x; W fp32 or bf16 (contiguous), or quantized (qtype != 0); b fp32 or undefined.
+torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                         int64_t qtype = 0) {
+  if (qtype != quant::kF32) return linear_quantized(x, weight, qtype, bias);
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && x.size(1) == weight.size(1),
               "linear: weight must be a contiguous [out, in] matrix matching the input");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
@@ -238,10 +255,12 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
 // hidden [M, H] -> (q [M, num_heads, D], k [M, num_kv_heads, D], v [M, num_kv_heads, D]) in hidden's dtype:
 // RMSNorm, the packed q/k/v projection (+ bias, + LoRA), then rotate-half RoPE on q and k with cos/sin [M, D].
 // LoRA: lora_slots [M] (-1: none) and [A, Bt] as engine.adapters.lora.LoRALinear stacks them, or [].
+// qtypes: [] for float weights, or [ggml type of qkv_weight] (0: float).
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_input(
     torch::Tensor hidden, torch::Tensor norm_weight, double eps, torch::Tensor qkv_weight,
     c10::optional<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
-    int64_t num_kv_heads, c10::optional<torch::Tensor> lora_slots, std::vector<c10::optional<torch::Tensor>> lora) {
+    int64_t num_kv_heads, c10::optional<torch::Tensor> lora_slots, std::vector<c10::optional<torch::Tensor>> lora,
+    std::vector<int64_t> qtypes) {
   TORCH_CHECK(hidden.dim() == 2, "attention_input: hidden must be [rows, hidden_size]");
   const int64_t M = hidden.size(0);
   const int64_t num_qk_heads = num_heads + num_kv_heads;
@@ -250,7 +269,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_input(
               "attention_input: the q/k/v weight does not split into heads of an even size");
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(0) == M && cos.size(1) == D, "attention_input: cos/sin must be [rows, head_dim]");
   auto normed = rms_norm_f32(as_float(hidden), norm_weight, eps);
-  auto qkv = linear_f32(normed, qkv_weight, optional_float(qkv_bias));
+  TORCH_CHECK(qtypes.size() <= 1, "attention_input: qtypes takes the type of qkv_weight");
+  auto qkv = linear_f32(normed, qkv_weight, optional_float(qkv_bias), qtypes.empty() ? 0 : qtypes[0]);
   TORCH_CHECK(lora.empty() || lora.size() == 2, "attention_input: lora takes the A and Bt of q/k/v");
   if (!lora.empty()) add_lora(qkv, normed, lora_slots, lora[0], lora[1]);
   auto c = as_float(cos), s = as_float(sin);
@@ -277,21 +297,25 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_input(
 // The rest of a decoder layer after attention: h = residual + attn W_o^T (+ b_o), then
 // h + down(SiLU(gate) * up) of RMSNorm(h). attn [M, num_heads * D]; returns [M, H] in residual's dtype.
 // LoRA: lora_slots [M] and [A, Bt] of o_proj, gate_up_proj and down_proj (None where not adapted), or [].
+// qtypes: [] for float weights, or the ggml types of o, gate/up and down weights (0: float).
 torch::Tensor attention_output(torch::Tensor attn, torch::Tensor residual, torch::Tensor o_weight,
                                c10::optional<torch::Tensor> o_bias, torch::Tensor norm_weight, double eps,
                                torch::Tensor gate_up_weight, c10::optional<torch::Tensor> gate_up_bias,
                                torch::Tensor down_weight, c10::optional<torch::Tensor> down_bias,
-                               c10::optional<torch::Tensor> lora_slots, std::vector<c10::optional<torch::Tensor>> lora) {
+                               c10::optional<torch::Tensor> lora_slots, std::vector<c10::optional<torch::Tensor>> lora,
+                               std::vector<int64_t> qtypes) {
   TORCH_CHECK(attn.dim() == 2 && residual.dim() == 2 && attn.size(0) == residual.size(0),
               "attention_output: attn and residual must be [rows, features]");
   TORCH_CHECK(lora.empty() || lora.size() == 6, "attention_output: lora takes A and Bt of o, gate/up and down");
   auto lora_at = [&](size_t i) { return lora.empty() ? c10::optional<torch::Tensor>() : lora[i]; };
+  TORCH_CHECK(qtypes.empty() || qtypes.size() == 3, "attention_output: qtypes takes the types of o, gate/up and down");
+  auto qtype = [&](size_t i) { return qtypes.empty() ? int64_t{0} : qtypes[i]; };
   auto attn32 = as_float(attn);
-  auto hidden = linear_f32(attn32, o_weight, optional_float(o_bias));
+  auto hidden = linear_f32(attn32, o_weight, optional_float(o_bias), qtype(0));
   add_lora(hidden, attn32, lora_slots, lora_at(0), lora_at(1));
   hidden.add_(as_dtype(residual, torch::kFloat));
   auto normed = rms_norm_f32(hidden, norm_weight, eps);
-  auto gate_up = linear_f32(normed, gate_up_weight, optional_float(gate_up_bias));
+  auto gate_up = linear_f32(normed, gate_up_weight, optional_float(gate_up_bias), qtype(1));
   add_lora(gate_up, normed, lora_slots, lora_at(2), lora_at(3));
   const int64_t M = gate_up.size(0), I = gate_up.size(1) / 2;
   auto act = torch::empty({M, I}, gate_up.options());
@@ -302,7 +326,7 @@ torch::Tensor attention_output(torch::Tensor attn, torch::Tensor residual, torch
 #pragma omp simd
     for (int64_t i = 0; i < I; ++i) a[m * I + i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
   }
-  auto down = linear_f32(act, down_weight, optional_float(down_bias));
+  auto down = linear_f32(act, down_weight, optional_float(down_bias), qtype(2));
   add_lora(down, act, lora_slots, lora_at(4), lora_at(5));
   hidden.add_(down);
   return as_dtype(hidden, residual.scalar_type());
@@ -366,8 +390,10 @@ torch::Tensor top_k_rows(const torch::Tensor& x, int64_t k) {
 // Medusa drafts for a few rows of hidden states [M, H]: every head's residual blocks, its vocabulary
 // projection (projections: the shared base lm_head, or one matrix per head) and the k likeliest
 // tokens, in one call and without handing logits back to Python. Returns [num_heads, M, k] int64.
+// projection_qtype: the ggml type of the projections (0: float; a quantized base lm_head).
 torch::Tensor medusa_top_k(torch::Tensor hidden, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> biases,
-                           int64_t num_heads, std::vector<torch::Tensor> projections, int64_t k) {
+                           int64_t num_heads, std::vector<torch::Tensor> projections, int64_t k,
+                           int64_t projection_qtype) {
   TORCH_CHECK(hidden.dim() == 2 && num_heads > 0 && weights.size() == biases.size() &&
                   weights.size() % num_heads == 0,
               "medusa_top_k: hidden must be [rows, H] and every head needs the same number of blocks");
@@ -378,19 +404,59 @@ torch::Tensor medusa_top_k(torch::Tensor hidden, std::vector<torch::Tensor> weig
   auto states = medusa_states(as_float(hidden), weights, biases, num_heads);
   torch::Tensor logits;
   if (projections.size() == 1) {
-    logits = linear_f32(states, projections[0], torch::Tensor());
+    logits = linear_f32(states, projections[0], torch::Tensor(), projection_qtype);
   } else {
     logits = torch::empty({num_heads * M, V}, states.options());
     for (int64_t h = 0; h < num_heads; ++h)
-      logits.narrow(0, h * M, M).copy_(linear_f32(states.narrow(0, h * M, M), projections[h], torch::Tensor()));
+      logits.narrow(0, h * M, M).copy_(
+          linear_f32(states.narrow(0, h * M, M), projections[h], torch::Tensor(), projection_qtype));
   }
   return top_k_rows(logits, k).view({num_heads, M, k});
 }
 
+// x: [M, K] (any float dtype), weight: uint8 [N, row bytes] in ggml type qtype, bias: [N] or None.
+torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor weight, int64_t qtype, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1, "quantized_linear: x must be [rows, in_features]");
+  return as_dtype(linear_quantized(as_float(x), weight, qtype, optional_float(bias)), x.scalar_type());
+}
+
+// uint8 [N, row bytes] in ggml type qtype -> fp32 [N, in_features]
+torch::Tensor dequantize(torch::Tensor weight, int64_t qtype, int64_t in_features) {
+  const quant::Format f = quant::format_of(qtype);
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kByte && in_features % f.block == 0 &&
+                  weight.size(1) == in_features / f.block * f.bytes,
+              "dequantize: weight must be uint8 [rows, row bytes] holding in_features weights per row");
+  auto w = weight.contiguous();
+  auto out = torch::empty({w.size(0), in_features}, torch::kFloat);
+  quant::dequantize(qtype, w.data_ptr<uint8_t>(), w.size(1), w.size(0), in_features, out.data_ptr<float>());
+  return out;
+}
+
+// Force a lower instruction set for the quantized kernels ("auto", "avx512", "avx2", "scalar"); returns the one used.
+std::string set_isa(std::string name) {
+  quant::current_isa() = quant::isa_from_name(name);
+  return quant::isa_name(quant::current_isa());
+}
+
+std::string isa() { return quant::isa_name(quant::current_isa()); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
   m.def("small_batch_linear", &small_batch_linear, "y = x @ w.T + b for a few rows, streaming w once");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows");
-  m.def("medusa_top_k", &medusa_top_k, "every Medusa head's k likeliest tokens for a few rows of hidden states");
-  m.def("attention_input", &attention_input, "RMSNorm, q/k/v projection and RoPE of a few rows");
-  m.def("attention_output", &attention_output, "o_proj + residual, RMSNorm, SwiGLU MLP + residual of a few rows");
+  m.def("medusa_top_k", &medusa_top_k, "every Medusa head's k likeliest tokens for a few rows of hidden states",
+        py::arg("hidden"), py::arg("weights"), py::arg("biases"), py::arg("num_heads"), py::arg("projections"),
+        py::arg("k"), py::arg("projection_qtype") = 0);
+  m.def("attention_input", &attention_input, "RMSNorm, q/k/v projection and RoPE of a few rows", py::arg("hidden"),
+        py::arg("norm_weight"), py::arg("eps"), py::arg("qkv_weight"), py::arg("qkv_bias"), py::arg("cos"),
+        py::arg("sin"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("lora_slots"), py::arg("lora"),
+        py::arg("qtypes") = std::vector<int64_t>{});
+  m.def("attention_output", &attention_output, "o_proj + residual, RMSNorm, SwiGLU MLP + residual of a few rows",
+        py::arg("attn"), py::arg("residual"), py::arg("o_weight"), py::arg("o_bias"), py::arg("norm_weight"),
+        py::arg("eps"), py::arg("gate_up_weight"), py::arg("gate_up_bias"), py::arg("down_weight"),
+        py::arg("down_bias"), py::arg("lora_slots"), py::arg("lora"), py::arg("qtypes") = std::vector<int64_t>{});
+  m.def("quantized_linear", &quantized_linear, "y = x @ dequantize(w).T + b for a few rows, w in ggml blocks");
+  m.def("dequantize", &dequantize, "ggml blocks -> fp32 rows");
+  m.def("set_isa", &set_isa, "force the quantized kernels' instruction set (auto, avx512, avx2, scalar)");
+  m.def("isa", &isa, "the quantized kernels' instruction set");
 }

@@ -1,0 +1,493 @@
+// Quantized weights (GGUF block formats) for decode-sized forwards: y = x W^T with W in its raw blocks.
+//
+// Formats (ggml's layouts; a row of K weights is K / block elements' blocks, rows are contiguous):
+//   Q8_0  34 B / 32: fp16 d, int8 q            w = d q
+//   Q4_0  18 B / 32: fp16 d, 16 B nibbles       w = d (q - 8)     (low nibbles: elements 0-15, high: 16-31)
+//   Q4_1  20 B / 32: fp16 d, fp16 m, nibbles    w = d q + m
+//   Q4_K 144 B / 256: fp16 d, dmin, 12 B of 6-bit (scale, min) per 32, 128 B nibbles    w = d sc q - dmin mn
+//   Q5_K 176 B / 256: as Q4_K plus 32 B of fifth bits
+//   Q6_K 210 B / 256: 128 B low nibbles, 64 B high 2 bits, int8 scale per 16, fp16 d    w = d sc (q - 32)
+//
+// The kernels quantize each token row of x to int8 per block of 32 (scale dx = max|x| / 127) and take
+// integer dot products, 4 products per 32-bit lane (AVX-512 VNNI vpdpbusd, or AVX2 maddubs + madd), as
+// llama.cpp does: the dequantized weights are never materialised. Each lane of 4 weights shares one
+// weight scale, so the integer lane sums are scaled in fp32 and summed. Against the exact dot product of
+// x with the dequantized weights, the error is at most sum over blocks b of (max_b|x| / 254) * sum_b |w|
+// (rounding each x to its nearest step, dx / 2), plus fp32 rounding.
+//
+// Three paths, chosen at run time (set_isa may force a lower one, for tests): AVX-512 (VNNI, two blocks
+// per 512-bit vector), AVX2 (one block per 256-bit vector) and portable scalar code.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace quant {
+
+// ggml's type ids, as GGUF files and gguf.GGMLQuantizationType number them
+enum QType : int64_t { kF32 = 0, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+
+struct Format {
+  int64_t block;  // weights per block
+  int64_t bytes;  // bytes per block
+};
+
+inline Format format_of(int64_t qtype) {
+  switch (qtype) {
+    case kQ8_0: return {32, 34};
+    case kQ4_0: return {32, 18};
+    case kQ4_1: return {32, 20};
+    case kQ4_K: return {256, 144};
+    case kQ5_K: return {256, 176};
+    case kQ6_K: return {256, 210};
+    default: throw std::invalid_argument("quantized linear: unsupported ggml type " + std::to_string(qtype));
+  }
+}
+
+inline float half(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(bits);
+}
+
+// --- one block of 32 weights in portable code: integer values q (offset removed) and scales -------------
+
+struct Block32 {
+  int16_t q[32];    // integer weights; w = scale[i / 16] * q[i] + min
+  float scale[2];   // per 16 weights (equal halves except Q6_K)
+  float min;
+};
+
+// 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K super-block's 12 packed bytes
+inline void k_scale_min(const uint8_t* s, int j, int* sc, int* mn) {
+  if (j < 4) {
+    *sc = s[j] & 63;
+    *mn = s[j + 4] & 63;
+  } else {
+    *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// Block b (of 32 weights) of a row in format qtype
+inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32* out) {
+  out->min = 0.f;
+  switch (qtype) {
+    case kQ8_0: {
+      const uint8_t* p = row + b * 34;
+      out->scale[0] = out->scale[1] = half(p);
+      for (int i = 0; i < 32; ++i) out->q[i] = static_cast<int8_t>(p[2 + i]);
+      return;
+    }
+    case kQ4_0:
+    case kQ4_1: {
+      const bool q41 = qtype == kQ4_1;
+      const uint8_t* p = row + b * (q41 ? 20 : 18);
+      const uint8_t* qs = p + (q41 ? 4 : 2);
+      out->scale[0] = out->scale[1] = half(p);
+      if (q41) out->min = half(p + 2);
+      const int offset = q41 ? 0 : 8;
+      for (int i = 0; i < 16; ++i) {
+        out->q[i] = (qs[i] & 0xF) - offset;
+        out->q[i + 16] = (qs[i] >> 4) - offset;
+      }
+      return;
+    }
+    case kQ4_K:
+    case kQ5_K: {
+      const bool q5 = qtype == kQ5_K;
+      const uint8_t* p = row + (b / 8) * (q5 ? 176 : 144);
+      const int j = b % 8;
+      int sc, mn;
+      k_scale_min(p + 4, j, &sc, &mn);
+      out->scale[0] = out->scale[1] = half(p) * sc;
+      out->min = -half(p + 2) * mn;
+      const uint8_t* qh = p + 16;
+      const uint8_t* qs = p + (q5 ? 48 : 16) + 32 * (j / 2);
+      for (int i = 0; i < 32; ++i) {
+        int v = (qs[i] >> (4 * (j % 2))) & 0xF;
+        if (q5) v |= ((qh[i] >> j) & 1) << 4;
+        out->q[i] = v;
+      }
+      return;
+    }
+    case kQ6_K: {
+      const uint8_t* p = row + (b / 8) * 210;
+      const int j = b % 8, h = j / 4, t = j % 4;
+      const uint8_t* ql = p + 64 * h + 32 * (t % 2);
+      const uint8_t* qh = p + 128 + 32 * h;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+      const float d = half(p + 208);
+      out->scale[0] = d * sc[2 * j];
+      out->scale[1] = d * sc[2 * j + 1];
+      for (int i = 0; i < 32; ++i)
+        out->q[i] = (((ql[i] >> (4 * (t / 2))) & 0xF) | (((qh[i] >> (2 * t)) & 3) << 4)) - 32;
+      return;
+    }
+    default: throw std::invalid_argument("quantized linear: unsupported ggml type " + std::to_string(qtype));
+  }
+}
+
+// rows [N, row_bytes] -> out [N, K] fp32 (the dequantization the kernels must agree with)
+inline void dequantize(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N, int64_t K, float* out) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    Block32 blk;
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t b = 0; b < K / 32; ++b) {
+        unpack_scalar(qtype, w + n * row_bytes, b, &blk);
+        float* o = out + n * K + b * 32;
+        for (int i = 0; i < 32; ++i) o[i] = blk.scale[i / 16] * blk.q[i] + blk.min;
+      }
+    }
+  });
+}
+
+// --- activations: each token row quantized to int8 per block of 32 -----------------------------------------
+
+// Per token row, padded to a multiple of 64 weights with zeros; "lane" = 4 consecutive elements.
+struct Activations {
+  int64_t M = 0, Kp = 0;
+  std::vector<int8_t> q;       // [M, Kp]
+  std::vector<float> scale;    // [M, Kp / 4]: the lane's block scale dx
+  std::vector<int32_t> init;   // [M, Kp / 4]: -offset * (sum of the lane's q): removes an unsigned weight offset
+  std::vector<float> qsum;     // [M, Kp / 4]: dx * (sum of the lane's q): multiplies a weight block's min
+};
+
+inline void quantize_activations(const float* x, int64_t M, int64_t K, int offset, Activations* a) {
+  a->M = M;
+  a->Kp = (K + 63) / 64 * 64;
+  const int64_t lanes = a->Kp / 4;
+  a->q.assign(M * a->Kp, 0);
+  a->scale.assign(M * lanes, 0.f);
+  a->init.assign(M * lanes, 0);
+  a->qsum.assign(M * lanes, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < K / 32; ++b) {
+      const float* xb = x + m * K + b * 32;
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(xb[i]));
+      const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t* q = a->q.data() + m * a->Kp + b * 32;
+      for (int i = 0; i < 32; ++i) q[i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
+      for (int l = 0; l < 8; ++l) {
+        const int64_t lane = m * lanes + b * 8 + l;
+        const int32_t s = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
+        a->scale[lane] = d;
+        a->init[lane] = -offset * s;
+        a->qsum[lane] = d * s;
+      }
+    }
+  }
+}
+
+// --- SIMD unpacking of one block of 32 weights: raw bytes as the dot product takes them ---------------------
+// q: the 32 weights as unsigned bytes (offset not removed; Q8_0: signed), scale/min: per lane of 4.
+
+#define QUANT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define QUANT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")))
+
+QUANT_AVX2 inline float half_f16c(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+
+QUANT_AVX2 inline __m256i nibbles(const uint8_t* qs) {  // 16 bytes -> low nibbles, then high nibbles
+  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0xF);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 4), mask), _mm_and_si128(t, mask));
+}
+
+template <int64_t QT>
+struct Simd;
+
+template <>
+struct Simd<kQ8_0> {
+  static constexpr int offset = 0;  // signed weights: each path handles the sign itself
+  static constexpr bool has_min = false;
+  QUANT_AVX2 static inline __m256i q(const uint8_t* row, int64_t b, __m256* scale, __m256*) {
+    const uint8_t* p = row + b * 34;
+    *scale = _mm256_set1_ps(half_f16c(p));
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 2));
+  }
+};
+
+template <>
+struct Simd<kQ4_0> {
+  static constexpr int offset = 8;
+  static constexpr bool has_min = false;
+  QUANT_AVX2 static inline __m256i q(const uint8_t* row, int64_t b, __m256* scale, __m256*) {
+    const uint8_t* p = row + b * 18;
+    *scale = _mm256_set1_ps(half_f16c(p));
+    return nibbles(p + 2);
+  }
+};
+
+template <>
+struct Simd<kQ4_1> {
+  static constexpr int offset = 0;
+  static constexpr bool has_min = true;
+  QUANT_AVX2 static inline __m256i q(const uint8_t* row, int64_t b, __m256* scale, __m256* min) {
+    const uint8_t* p = row + b * 20;
+    *scale = _mm256_set1_ps(half_f16c(p));
+    *min = _mm256_set1_ps(half_f16c(p + 2));
+    return nibbles(p + 4);
+  }
+};
+
+template <bool Q5>
+struct SimdK {
+  static constexpr int offset = 0;
+  static constexpr bool has_min = true;
+  QUANT_AVX2 static inline __m256i q(const uint8_t* row, int64_t b, __m256* scale, __m256* min) {
+    const uint8_t* p = row + (b / 8) * (Q5 ? 176 : 144);
+    const int j = b % 8;
+    int sc, mn;
+    k_scale_min(p + 4, j, &sc, &mn);
+    *scale = _mm256_set1_ps(half_f16c(p) * sc);
+    *min = _mm256_set1_ps(-half_f16c(p + 2) * mn);
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (Q5 ? 48 : 16) + 32 * (j / 2)));
+    __m256i v = _mm256_and_si256(_mm256_srl_epi16(raw, _mm_cvtsi32_si128(4 * (j % 2))), _mm256_set1_epi8(0xF));
+    if (Q5) {
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+      const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
+      v = _mm256_or_si256(v, _mm256_slli_epi16(bit, 4));
+    }
+    return v;
+  }
+};
+
+template <>
+struct Simd<kQ4_K> : SimdK<false> {};
+template <>
+struct Simd<kQ5_K> : SimdK<true> {};
+
+template <>
+struct Simd<kQ6_K> {
+  static constexpr int offset = 32;
+  static constexpr bool has_min = false;
+  QUANT_AVX2 static inline __m256i q(const uint8_t* row, int64_t b, __m256* scale, __m256*) {
+    const uint8_t* p = row + (b / 8) * 210;
+    const int j = b % 8, h = j / 4, t = j % 4;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(p + 192);
+    const float d = half_f16c(p + 208);
+    *scale = _mm256_set_m128(_mm_set1_ps(d * sc[2 * j + 1]), _mm_set1_ps(d * sc[2 * j]));
+    const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * h + 32 * (t % 2)));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * h));
+    const __m256i lo = _mm256_and_si256(_mm256_srl_epi16(ql, _mm_cvtsi32_si128(4 * (t / 2))), _mm256_set1_epi8(0xF));
+    const __m256i hi = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * t)), _mm256_set1_epi8(3));
+    return _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+  }
+};
+
+// --- the dot-product kernels: MB token rows against weight rows [n_begin, n_end) --------------------------
+// rows < MB repeats the last token row (its results are not written).
+
+template <int64_t QT, int MB>
+QUANT_AVX512 void rows_avx512(const Activations& a, int64_t rows, const uint8_t* w, int64_t row_bytes, int64_t K,
+                              float* y, int64_t N, int64_t m0, int64_t n_begin, int64_t n_end) {
+  using F = Simd<QT>;
+  const int64_t blocks = K / 32, lanes = a.Kp / 4;
+  const int8_t* xq[MB];
+  const float *xs[MB], *xsum[MB];
+  const int32_t* xinit[MB];
+  for (int m = 0; m < MB; ++m) {
+    const int64_t r = m0 + std::min<int64_t>(m, rows - 1);
+    xq[m] = a.q.data() + r * a.Kp;
+    xs[m] = a.scale.data() + r * lanes;
+    xsum[m] = a.qsum.data() + r * lanes;
+    xinit[m] = a.init.data() + r * lanes;
+  }
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b += 2) {
+      __m256 s0, s1 = _mm256_setzero_ps(), m0v = _mm256_setzero_ps(), m1v = _mm256_setzero_ps();
+      const __m256i q0 = F::q(row, b, &s0, &m0v);
+      const __m256i q1 = b + 1 < blocks ? F::q(row, b + 1, &s1, &m1v) : _mm256_setzero_si256();
+      __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+      if (QT == kQ8_0) q = _mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80)));  // w + 128, unsigned
+      const __m512 scale = _mm512_insertf32x8(_mm512_castps256_ps512(s0), s1, 1);
+      const __m512 min = _mm512_insertf32x8(_mm512_castps256_ps512(m0v), m1v, 1);
+      const int64_t lane = b * 8;
+      for (int m = 0; m < MB; ++m) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(xinit[m] + lane), q,
+                                                _mm512_loadu_si512(xq[m] + b * 32));
+        const __m512 s = _mm512_mul_ps(scale, _mm512_loadu_ps(xs[m] + lane));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[m]);
+        if (F::has_min) acc[m] = _mm512_fmadd_ps(min, _mm512_loadu_ps(xsum[m] + lane), acc[m]);
+      }
+    }
+    for (int m = 0; m < rows; ++m) y[(m0 + m) * N + n] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
+
+QUANT_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <int64_t QT, int MB>
+QUANT_AVX2 void rows_avx2(const Activations& a, int64_t rows, const uint8_t* w, int64_t row_bytes, int64_t K,
+                          float* y, int64_t N, int64_t m0, int64_t n_begin, int64_t n_end) {
+  using F = Simd<QT>;
+  const int64_t blocks = K / 32, lanes = a.Kp / 4;
+  const int8_t* xq[MB];
+  const float *xs[MB], *xsum[MB];
+  const int32_t* xinit[MB];
+  for (int m = 0; m < MB; ++m) {
+    const int64_t r = m0 + std::min<int64_t>(m, rows - 1);
+    xq[m] = a.q.data() + r * a.Kp;
+    xs[m] = a.scale.data() + r * lanes;
+    xsum[m] = a.qsum.data() + r * lanes;
+    xinit[m] = a.init.data() + r * lanes;
+  }
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m256 scale, min;
+      __m256i q = F::q(row, b, &scale, &min);
+      // maddubs multiplies unsigned by signed bytes: Q8_0 moves the weights' signs onto x (|w| <= 128 cannot
+      // saturate the 16-bit pair sums); the unsigned formats' q <= 63 cannot either
+      const __m256i wsigned = q;
+      if (QT == kQ8_0) q = _mm256_sign_epi8(q, q);
+      const int64_t lane = b * 8;
+      for (int m = 0; m < MB; ++m) {
+        __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + b * 32));
+        if (QT == kQ8_0) x = _mm256_sign_epi8(x, wsigned);
+        __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
+        if (F::offset) dot = _mm256_add_epi32(dot, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xinit[m] + lane)));
+        const __m256 s = _mm256_mul_ps(scale, _mm256_loadu_ps(xs[m] + lane));
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[m]);
+        if (F::has_min) acc[m] = _mm256_fmadd_ps(min, _mm256_loadu_ps(xsum[m] + lane), acc[m]);
+      }
+    }
+    for (int m = 0; m < rows; ++m) y[(m0 + m) * N + n] = hsum256(acc[m]);
+  }
+}
+
+// Same arithmetic as the SIMD paths, in portable code: integer lane sums scaled per lane
+inline void rows_scalar(int64_t qtype, const Activations& a, int64_t rows, const uint8_t* w, int64_t row_bytes,
+                        int64_t K, float* y, int64_t N, int64_t m0, int64_t n_begin, int64_t n_end) {
+  const int64_t lanes = a.Kp / 4;
+  Block32 blk;
+  std::vector<float> acc(rows);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t b = 0; b < K / 32; ++b) {
+      unpack_scalar(qtype, w + n * row_bytes, b, &blk);
+      for (int64_t m = 0; m < rows; ++m) {
+        const int8_t* xq = a.q.data() + (m0 + m) * a.Kp + b * 32;
+        for (int l = 0; l < 8; ++l) {
+          int32_t dot = 0;
+          for (int i = 4 * l; i < 4 * l + 4; ++i) dot += blk.q[i] * xq[i];
+          const int64_t lane = (m0 + m) * lanes + b * 8 + l;
+          acc[m] += dot * (blk.scale[l / 4] * a.scale[lane]) + blk.min * a.qsum[lane];
+        }
+      }
+    }
+    for (int64_t m = 0; m < rows; ++m) y[(m0 + m) * N + n] = acc[m];
+  }
+}
+
+// --- instruction-set choice --------------------------------------------------------------------------------
+
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline int best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return kAvx2;
+  return kScalar;
+}
+
+inline int isa_from_name(const std::string& name) {  // "" or "auto": the best this CPU runs
+  const int best = best_isa();
+  if (name.empty() || name == "auto" || name == "avx512") return best;
+  if (name == "avx2") return std::min<int>(best, kAvx2);
+  if (name == "scalar") return kScalar;
+  throw std::invalid_argument("GORGON_CPU_ISA must be auto, avx512, avx2 or scalar, got " + name);
+}
+
+inline int& current_isa() {
+  static int isa = [] {
+    const char* env = std::getenv("GORGON_CPU_ISA");
+    return isa_from_name(env ? env : "");
+  }();
+  return isa;
+}
+
+inline const char* isa_name(int isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "scalar"; }
+
+// --- y[M, N] = x[M, K] W^T for W's rows in format qtype; x and y fp32 -------------------------------------
+
+template <int64_t QT>
+void gemv_q(const Activations& a, const uint8_t* w, int64_t row_bytes, int64_t K, float* y, int64_t N, int isa) {
+  const int64_t M = a.M;
+  // ~32 KiB of weights per task: enough to amortise scheduling, small enough to balance the threads
+  const int64_t grain = std::max<int64_t>(4, 32 * 1024 / row_bytes);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const int64_t rows = std::min<int64_t>(8, M - m0);
+      if (isa == kScalar) {
+        rows_scalar(QT, a, rows, w, row_bytes, K, y, N, m0, begin, end);
+        continue;
+      }
+#define QUANT_CALL(MB)                                                                      \
+  (isa == kAvx512 ? rows_avx512<QT, MB>(a, rows, w, row_bytes, K, y, N, m0, begin, end) \
+                  : rows_avx2<QT, MB>(a, rows, w, row_bytes, K, y, N, m0, begin, end))
+      if (rows == 1) QUANT_CALL(1);
+      else if (rows == 2) QUANT_CALL(2);
+      else if (rows <= 4) QUANT_CALL(4);
+      else QUANT_CALL(8);
+#undef QUANT_CALL
+    }
+  });
+}
+
+inline int activation_offset(int64_t qtype, int isa) {
+  switch (qtype) {
+    case kQ4_0: return 8;
+    case kQ6_K: return 32;
+    case kQ8_0: return isa == kAvx512 ? 128 : 0;  // the AVX-512 path adds 128 to make the weights unsigned
+    default: return 0;  // scalar: q has its offset removed already
+  }
+}
+
+inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,
+                   int64_t N, float* y) {
+  const Format f = format_of(qtype);
+  if (K % f.block || row_bytes != K / f.block * f.bytes)
+    throw std::invalid_argument("quantized linear: " + std::to_string(row_bytes) + " bytes per row do not hold " +
+                                std::to_string(K) + " weights of ggml type " + std::to_string(qtype));
+  const int isa = current_isa();
+  Activations a;
+  quantize_activations(x, M, K, isa == kScalar ? 0 : activation_offset(qtype, isa), &a);
+  switch (qtype) {
+    case kQ8_0: gemv_q<kQ8_0>(a, w, row_bytes, K, y, N, isa); break;
+    case kQ4_0: gemv_q<kQ4_0>(a, w, row_bytes, K, y, N, isa); break;
+    case kQ4_1: gemv_q<kQ4_1>(a, w, row_bytes, K, y, N, isa); break;
+    case kQ4_K: gemv_q<kQ4_K>(a, w, row_bytes, K, y, N, isa); break;
+    case kQ5_K: gemv_q<kQ5_K>(a, w, row_bytes, K, y, N, isa); break;
+    case kQ6_K: gemv_q<kQ6_K>(a, w, row_bytes, K, y, N, isa); break;
+  }
+}
+
+}  // namespace quant

@@ -1,0 +1,146 @@
+"""Quantized weights: ggml's block formats (what GGUF files hold) kept as raw bytes, and the layers that
+compute with them without ever holding a full-precision copy of the matrix.
+
+Types: Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K (F32 / F16 / BF16 tensors simply become torch tensors). Load-time
+quantization of HF checkpoints reuses two of these layouts, so one set of kernels serves both:
+`int8` is Q8_0 (a scale per 32 weights of a row: finer than the per-row scale it stands for, for 6% more
+bytes) and `int4` is Q4_1 (groups of 32 with a scale and a minimum).
+
+A few token rows (decode) go to the C++ kernels (models/kernels/quant.h: fused dequantize-and-dot);
+more (prefill) dequantize a tile of weight rows at a time and run torch's GEMM."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+from torch import nn
+
+from models.kernels import decode as cpu_decode
+
+QType = GGMLQuantizationType
+QUANTIZED_TYPES = (QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q5_K, QType.Q6_K)
+FLOAT_TYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
+LOAD_TIME_QUANTIZATIONS = {"int8": QType.Q8_0, "int4": QType.Q4_1}
+# weight rows dequantized at a time by the prefill path: 1 MiB of fp32 per tile at most
+TILE_ELEMENTS = 1 << 18
+
+
+class UnsupportedTensorType(ValueError):
+    pass
+
+
+def row_bytes(qtype: QType, in_features: int) -> int:
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    if in_features % block:
+        raise ValueError(f"{qtype.name} rows hold multiples of {block} weights, not {in_features}")
+    return in_features // block * type_size
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A weight matrix [out_features, in_features] in ggml blocks. Invariant: data is uint8
+    [out_features, row_bytes(qtype, in_features)], each row the blocks of one output feature."""
+
+    qtype: QType
+    shape: tuple[int, int]
+    data: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.qtype not in QUANTIZED_TYPES:
+            raise UnsupportedTensorType(f"unsupported quantized tensor type {self.qtype.name}; gorgon runs "
+                                        f"{', '.join(t.name for t in QUANTIZED_TYPES)}")
+        expected = (self.shape[0], row_bytes(self.qtype, self.shape[1]))
+        if self.data.dtype != torch.uint8 or tuple(self.data.shape) != expected:
+            raise ValueError(f"{self.qtype.name} weight of shape {self.shape} needs uint8 data {expected}, "
+                             f"got {self.data.dtype} {tuple(self.data.shape)}")
+
+    def rows(self, index: torch.Tensor) -> QuantizedWeight:
+        """The rows `index` (a row permutation or a lookup): whole rows of blocks, so nothing is dequantized."""
+        return QuantizedWeight(self.qtype, (len(index), self.shape[1]), self.data[index])
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [out, in] by the gguf package's numpy code: the oracle the kernels are tested against."""
+        return torch.from_numpy(gguf_dequantize(self.data.numpy(), self.qtype).copy())
+
+
+def quantize(weight: torch.Tensor, qtype: QType) -> QuantizedWeight:
+    """A float matrix in ggml blocks (by the gguf package: Q8_0, Q4_0 and Q4_1)."""
+    data = gguf_quantize(weight.detach().float().numpy(), qtype)
+    return QuantizedWeight(qtype, tuple(weight.shape), torch.from_numpy(np.ascontiguousarray(data)))
+
+
+def concat(weights: list[QuantizedWeight]) -> QuantizedWeight:
+    """Row-wise concatenation (packed q/k/v or gate/up) of weights of one type."""
+    qtypes = {w.qtype for w in weights}
+    if len(qtypes) != 1:
+        raise UnsupportedTensorType(f"cannot pack weights of different types ({', '.join(t.name for t in qtypes)})")
+    data = torch.cat([w.data for w in weights])
+    return QuantizedWeight(weights[0].qtype, (data.shape[0], weights[0].shape[1]), data)
+
+
+def dequantize_rows(weight: torch.Tensor, qtype: QType, in_features: int) -> torch.Tensor:
+    """fp32 rows of a uint8 block matrix: the C++ kernel, or the gguf package where it cannot be built."""
+    ops = cpu_decode.compiled()
+    if ops is not None:
+        return ops.dequantize(weight, int(qtype), in_features)
+    return torch.from_numpy(gguf_dequantize(weight.numpy(), qtype).copy())
+
+
+class QuantizedLinear(nn.Module):
+    """y = x Wᵀ + b with W in ggml blocks. Invariant: `weight` is uint8 [out_features, row bytes] in type
+    `qtype` (a buffer, never trained); `kernels` (models.kernels.decode.DecodeKernels or None) is the
+    load-time choice: with it, decode-sized inputs run the fused dequantize-and-dot kernel; otherwise, and
+    for larger inputs, tiles of rows are dequantized and multiplied with torch's GEMM (differentiable in x)."""
+
+    def __init__(self, in_features: int, out_features: int, qtype: QType, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.qtype = in_features, out_features, QType(qtype)
+        self.register_buffer("weight", torch.zeros(out_features, row_bytes(self.qtype, in_features), dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.kernels = None
+
+    @classmethod
+    def from_weight(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantizedLinear:
+        layer = cls(weight.shape[1], weight.shape[0], weight.qtype, bias is not None)
+        layer.weight = weight.data
+        if bias is not None:
+            layer.bias.data = bias.float()
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self.kernels is not None and self.kernels.takes(rows):
+            out = self.kernels.ops.quantized_linear(rows, self.weight, int(self.qtype), self.bias)
+        else:
+            out = self.tiled(rows)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def tiled(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows Wᵀ (+ b), dequantizing at most TILE_ELEMENTS weights at a time into rows' dtype."""
+        tile = max(1, TILE_ELEMENTS // self.in_features)
+        parts = [rows @ dequantize_rows(self.weight[n:n + tile], self.qtype, self.in_features).to(rows.dtype).T
+                 for n in range(0, self.out_features, tile)]
+        out = torch.cat(parts, dim=-1)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token embeddings in ggml blocks: a lookup dequantizes only the rows it reads. Invariant: `weight` is
+    uint8 [num_embeddings, row bytes] in type `qtype`; `dtype` is the model's activation dtype."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, qtype: QType, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.qtype, self.dtype = num_embeddings, embedding_dim, QType(qtype), dtype
+        self.register_buffer("weight", torch.zeros(num_embeddings, row_bytes(self.qtype, embedding_dim),
+                                                   dtype=torch.uint8))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = dequantize_rows(self.weight[ids.reshape(-1)], self.qtype, self.embedding_dim)
+        return rows.to(self.dtype).view(*ids.shape, self.embedding_dim)

@@ -1,0 +1,134 @@
+"""Quantized weights: the C++ kernels (every ggml type, every instruction-set path) vs dequantize-then-matmul."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+
+from models.kernels import decode as cpu_decode
+from models.quant import (QUANTIZED_TYPES, QType, QuantizedEmbedding, QuantizedLinear, QuantizedWeight, quantize,
+                          row_bytes)
+
+ops = cpu_decode.compiled()
+pytestmark = pytest.mark.skipif(ops is None, reason="the CPU kernels could not be built here (no compiler?)")
+
+# byte offsets of each block's fp16 scales (the rest of a block is any bytes)
+HALF_FIELDS = {QType.Q8_0: (0,), QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q4_K: (0, 2), QType.Q5_K: (0, 2),
+               QType.Q6_K: (208,)}
+ISAS = ["scalar", "avx2", "avx512"]
+
+
+def random_weight(qtype: QType, out_features: int, in_features: int, seed: int = 0) -> QuantizedWeight:
+    """Random blocks: random quants and packed scales, fp16 scales of a sane size (written, not quantized)."""
+    rng = np.random.default_rng(seed)
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (out_features, in_features // block, type_size), dtype=np.uint8)
+    for offset in HALF_FIELDS[qtype]:
+        scales = rng.uniform(0.001, 0.02, (out_features, in_features // block)).astype(np.float16)
+        blocks[..., offset:offset + 2] = scales.view(np.uint8).reshape(out_features, -1, 2)
+    data = torch.from_numpy(blocks.reshape(out_features, -1))
+    return QuantizedWeight(qtype, (out_features, in_features), data)
+
+
+def in_features_for(qtype: QType) -> list[int]:
+    block = GGML_QUANT_SIZES[qtype][0]
+    return [512, 768] if block == 256 else [96, 608]  # K % 64 == 32 exercises the odd-block tail
+
+
+def activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The kernels' stated bound: sum over blocks of 32 of max|x_block| / 254 * sum |w_block|."""
+    xmax = x.view(x.shape[0], -1, 32).abs().amax(-1)  # [M, blocks]
+    wsum = w.view(w.shape[0], -1, 32).abs().sum(-1)  # [N, blocks]
+    return xmax @ wsum.T / 254
+
+
+@pytest.fixture(autouse=True)
+def restore_isa():
+    yield
+    ops.set_isa("auto")
+
+
+@pytest.mark.parametrize("qtype", QUANTIZED_TYPES, ids=lambda t: t.name)
+def test_dequantize_matches_gguf(qtype):
+    for k in in_features_for(qtype):
+        w = random_weight(qtype, 5, k)
+        assert torch.equal(ops.dequantize(w.data, int(qtype), k), w.dequantize())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", QUANTIZED_TYPES, ids=lambda t: t.name)
+def test_kernel_matches_dequantized_matmul(qtype, isa):
+    assert ops.set_isa(isa) == isa
+    for k in in_features_for(qtype):
+        w = random_weight(qtype, 37, k, seed=k)
+        dense = w.dequantize()
+        for m in (1, 3, 8, 32):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            ref = x @ dense.T
+            out = ops.quantized_linear(x, w.data, int(qtype), None)
+            fp32_slack = 1e-5 * (x.abs() @ dense.abs().T) + 1e-6
+            assert ((out - ref).abs() <= activation_bound(x, dense) * 1.001 + fp32_slack).all(), (k, m)
+
+
+def test_paths_agree_closely():
+    w = random_weight(QType.Q4_K, 64, 512)
+    x = torch.randn(4, 512)
+    outs = []
+    for isa in ISAS:
+        ops.set_isa(isa)
+        outs.append(ops.quantized_linear(x, w.data, int(QType.Q4_K), None))
+    for out in outs[1:]:
+        assert (out - outs[0]).abs().max() <= 1e-4 * outs[0].abs().max()
+
+
+def test_forced_isa_names_and_errors():
+    assert ops.set_isa("scalar") == "scalar"
+    assert ops.set_isa("auto") in ISAS
+    with pytest.raises(ValueError, match="GORGON_CPU_ISA"):
+        ops.set_isa("sse9")
+
+
+def test_wrong_row_bytes_is_a_clear_error():
+    w = random_weight(QType.Q8_0, 4, 64)
+    with pytest.raises(ValueError, match="bytes per row"):
+        ops.quantized_linear(torch.randn(1, 96), w.data, int(QType.Q8_0), None)
+
+
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 33, 300])
+def test_quantized_linear_module(qtype, rows):
+    """Both paths of the layer: the kernel up to 32 rows, dequantized tiles (several of them) past that."""
+    k = 256
+    w = random_weight(qtype, 1100, k)
+    bias = torch.randn(1100)
+    layer = QuantizedLinear.from_weight(w, bias)
+    layer.kernels = cpu_decode.DecodeKernels(ops)
+    x = torch.randn(rows, k)
+    ref = x @ w.dequantize().T + bias
+    tol = activation_bound(x, w.dequantize()) * 1.001 + 1e-4 if rows <= 32 else 1e-4
+    assert ((layer(x) - ref).abs() <= tol).all()
+    layer.kernels = None
+    assert (layer(x) - ref).abs().max() <= 1e-4
+
+
+def test_embedding_dequantizes_the_rows_it_reads():
+    w = random_weight(QType.Q8_0, 50, 64)
+    emb = QuantizedEmbedding(50, 64, QType.Q8_0, torch.float32)
+    emb.weight = w.data
+    ids = torch.tensor([[3, 7], [49, 0]])
+    assert torch.equal(emb(ids), w.dequantize()[ids])
+
+
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_0, QType.Q4_1], ids=lambda t: t.name)
+def test_quantize_round_trip(qtype):
+    dense = torch.randn(16, 128)
+    w = quantize(dense, qtype)
+    assert w.data.shape == (16, row_bytes(qtype, 128))
+    step = dense.view(16, -1, 32).abs().amax(-1, keepdim=True) / (127 if qtype == QType.Q8_0 else 7)
+    assert ((w.dequantize().view(16, -1, 32) - dense.view(16, -1, 32)).abs() <= step * 1.01).all()
+
+
+def test_unsupported_type_names_it():
+    with pytest.raises(ValueError, match="IQ2_XXS"):
+        QuantizedWeight(QType.IQ2_XXS, (4, 256), torch.zeros(4, 66, dtype=torch.uint8))
