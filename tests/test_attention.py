@@ -21,7 +21,10 @@ from models.context import ForwardContext
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install gorgon[triton])")
 
-BACKENDS = ["flash", "cpu", pytest.param("triton", marks=needs_triton)]
+HAS_CPU_KERNEL = "cpu" in available_backends("cpu")
+needs_cpu_kernel = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="the fused CPU attention kernel could not be built")
+
+BACKENDS = ["flash", pytest.param("cpu", marks=needs_cpu_kernel), pytest.param("triton", marks=needs_triton)]
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}  # bf16: a couple of ulps at |out| ~ 2
 TREE = torch.tensor([[1, 0, 0, 0, 0],
                      [1, 1, 0, 0, 0],
@@ -95,7 +98,7 @@ def test_backend_matches_reference(name, case, block_size, dtype):
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # new K/V stored in their slots
 
 
-@pytest.mark.parametrize("name", ["flash", "cpu"])
+@pytest.mark.parametrize("name", ["flash", pytest.param("cpu", marks=needs_cpu_kernel)])
 def test_long_context_decode_with_split_keys(name):
     """A long single-sequence decode makes two (row, kv head) units, fewer than the cpu kernel's four
     per thread, so it splits the keys (flash-decoding) and combines the parts."""
@@ -129,16 +132,17 @@ def test_registry_prefers_the_fused_kernel_on_cpu():
         get_backend("nope", "cpu")
 
 
-def test_cpu_backend_falls_back_to_flash_with_one_warning(monkeypatch, tmp_path):
-    """No compiler: asking for the cpu backend gives flash, and says so once."""
+def test_without_a_compiler_auto_picks_flash_once_warned_and_cpu_is_refused(monkeypatch, tmp_path):
     from engine.attention import cpu
 
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("GORGON_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setattr(cpu, "load_extension", functools.cache(cpu.load_extension.__wrapped__))
     with pytest.warns(RuntimeWarning, match="could not be built") as warned:
-        names = [get_backend("cpu", "cpu").name for _ in range(3)]
+        names = [get_backend("auto", "cpu").name for _ in range(3)]
     assert names == ["flash"] * 3 and len(warned) == 1
+    with pytest.raises(ValueError, match="'cpu' attention backend cannot run"):
+        get_backend("cpu", "cpu")
 
 
 def test_attention_benchmark_writes_its_json_and_plot(tmp_path):

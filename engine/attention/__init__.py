@@ -52,16 +52,13 @@ def available_backends(device: torch.device | str) -> list[str]:
 
 
 def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
-    """The backend called `name` ("auto": the fastest on `device`). Asking for "cpu" where its kernel
-    cannot be built gives "flash" (load_extension has already warned)."""
+    """The backend called `name` ("auto": the fastest on `device`, warning once when the fused CPU kernel
+    cannot be built). A backend asked for by name that cannot run here is an error, never a substitute."""
     if name == "auto":
         name = available_backends(device)[0]
-    elif name == "cpu":
-        from engine.attention.cpu import load_extension
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"the 'cpu' attention backend needs a CPU device, not {device}")
-        if not load_extension():
-            name = "flash"
+    elif name == "cpu" and "cpu" not in available_backends(device):
+        raise ValueError(f"the 'cpu' attention backend cannot run on {device} here (it needs a CPU device and its "
+                         f"C++ kernel, which could not be built); available: {available_backends(device)}")
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available on {device}: {available_backends(device)}")
     module, cls = _BACKENDS[name]
