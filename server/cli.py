@@ -14,6 +14,8 @@ COMMANDS = {
 }
 # `gorgon bench NAME` runs bench/NAME.py
 BENCHMARKS = ("decode", "attention", "medusa", "adapters", "serving")
+# optional dependencies -> the extra of pyproject.toml that installs them
+EXTRAS = {"peft": "train"}
 
 
 def _usage() -> str:
@@ -37,7 +39,13 @@ def main(argv: list[str] | None = None) -> None:
         module = COMMANDS[command][0]
     else:
         sys.exit(f"gorgon: unknown command {command!r}\n\n{_usage()}")
-    importlib.import_module(module).main(rest)
+    try:
+        command_module = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name not in EXTRAS:
+            raise
+        sys.exit(f"gorgon {command}: needs {e.name}, which a plain install lacks: pip install 'gorgon[{EXTRAS[e.name]}]'")
+    command_module.main(rest)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -312,3 +313,14 @@ def test_medusa_stays_lossless_with_adapters(setup, tmp_path):
         outs.update({o.request_id: o for o in llm.step() if o.finished})
     assert [outs[i].token_ids for i in ids] == expected
     assert all(max(outs[i].accepted_lengths) > 1 for i in ids)
+
+
+@pytest.mark.parametrize("argv", [["train-adapters", "--help"], ["bench", "adapters", "--help"]])
+def test_commands_that_need_peft_say_how_to_install_it(monkeypatch, argv):
+    from server.cli import main as gorgon
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` fails, as without the extra
+    for name in ("engine.training.adapters", "bench.adapters"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(SystemExit, match=r"needs peft.*pip install 'gorgon\[train\]'"):
+        gorgon(argv)
