@@ -7,7 +7,6 @@ at once (held-out loss, and a greedy sample printed for the base model and each 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine import LLM, SamplingParams
+from engine.training.common import cosine, random_windows
 from models import DEFAULT_MODEL_DIR
 
 CORPUS_DIR = Path("/usr/share/common-licenses")
@@ -53,11 +53,6 @@ def corpus_tokens(tokenizer, folder: Path) -> torch.Tensor:
     return torch.tensor(tokenizer("\n\n".join(texts))["input_ids"])
 
 
-def windows(tokens: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=generator)
-    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])  # [batch, seq_len]
-
-
 @torch.no_grad()
 def mean_loss(model: torch.nn.Module, tokens: torch.Tensor, seq_len: int, max_windows: int = 32) -> float:
     """Loss over the first `max_windows` consecutive windows of `tokens`, 8 windows per forward."""
@@ -70,11 +65,11 @@ def train(model: torch.nn.Module, tokens: torch.Tensor, args: argparse.Namespace
     generator = torch.Generator().manual_seed(args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine(step / args.steps))
     model.train()
     with tqdm(range(args.steps), desc=desc) as bar:
         for _ in bar:
-            batch = windows(tokens, args.seq_len, args.batch_size, generator)
+            batch = random_windows(tokens, args.batch_size, args.seq_len, generator)
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

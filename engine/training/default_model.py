@@ -36,12 +36,13 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
-from models.medusa import MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
-from engine.training.medusa import head_losses, head_weights
+from engine.training.common import HEAD_OFFSET, cosine, random_windows
+from engine.training.common import head_losses, head_weights
 from models.config import ModelConfig
 from models.layers import PackedLinear
 from models.llama import LlamaForCausalLM
 from models.loader import load_model
+from models.medusa import MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 # Modules held out of tokenizer and model training, for validation (paths relative to the stdlib).
@@ -56,7 +57,7 @@ CHAT_TEMPLATE = (
 
 
 @dataclass
-class TrainConfig:
+class DefaultModelTraining:
     out: Path = Path("models/default")
     minutes: float = 35.0
     seed: int = 0
@@ -139,7 +140,7 @@ def encode_documents(tokenizer: Tokenizer, files: list[Path], cache_dir: Path) -
     return tokens
 
 
-def hf_config(cfg: TrainConfig, tokenizer: Tokenizer) -> dict:
+def hf_config(cfg: DefaultModelTraining, tokenizer: Tokenizer) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -174,11 +175,6 @@ def init_weights(model: LlamaForCausalLM, num_layers: int) -> None:
         if p.dim() == 2:
             std = 0.02 / math.sqrt(2 * num_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
             torch.nn.init.normal_(p, std=std)
-
-
-def random_windows(tokens: torch.Tensor, batch_size: int, length: int, gen: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(0, len(tokens) - length, (batch_size,), generator=gen)
-    return torch.stack([tokens[s:s + length] for s in starts.tolist()]).long()
 
 
 def eval_windows(tokens: torch.Tensor, length: int, limit: int | None = None) -> list[torch.Tensor]:
@@ -218,22 +214,22 @@ def evaluate(model: LlamaForCausalLM, windows: list[torch.Tensor], autocast,
             head_logits = None if heads is None else heads(hidden, model.compute_logits)  # [K, 1, S, V]
         nats += F.cross_entropy(logits[0], w[1:], reduction="sum").item()
         count += len(w) - 1
-        for k in range(num_heads):  # head k at token i predicts token i + 2 + k
-            hits[k] += (head_logits[k, 0, :-(k + 1)].argmax(dim=-1) == w[k + 2:]).sum()
-            targets[k] += len(w) - k - 2
+        for k in range(num_heads):
+            shift = HEAD_OFFSET + k
+            hits[k] += (head_logits[k, 0, :len(w) - shift].argmax(dim=-1) == w[shift:]).sum()
+            targets[k] += len(w) - shift
     model.train()
     return nats, count, None if heads is None else (hits / targets).tolist()
 
 
-def lr_scale(cfg: TrainConfig, step: int, progress: float) -> float:
+def lr_scale(cfg: DefaultModelTraining, step: int, progress: float) -> float:
     """Linear warmup over warmup_steps, then cosine from 1 to min_lr_ratio over the time budget."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine(progress)
 
 
-def train(cfg: TrainConfig, model: LlamaForCausalLM, heads: MedusaHeads | None, train_tokens: torch.Tensor,
+def train(cfg: DefaultModelTraining, model: LlamaForCausalLM, heads: MedusaHeads | None, train_tokens: torch.Tensor,
           val_tokens: torch.Tensor, autocast) -> dict:
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -372,8 +368,8 @@ loaded the machine is. `training.json` has every stage's figures.
 """)
 
 
-def parse_args(argv: list[str] | None) -> TrainConfig:
-    defaults = TrainConfig()
+def parse_args(argv: list[str] | None) -> DefaultModelTraining:
+    defaults = DefaultModelTraining()
     parser = argparse.ArgumentParser(prog="gorgon train-default", description=__doc__.split("\n\n")[0])
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
@@ -381,10 +377,10 @@ def parse_args(argv: list[str] | None) -> TrainConfig:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         else:
             parser.add_argument(flag, type=type(value), default=value)
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    return DefaultModelTraining(**vars(parser.parse_args(argv)))
 
 
-def start_model(cfg: TrainConfig, train_files: list[Path]) -> tuple[LlamaForCausalLM, dict, Tokenizer, list[dict]]:
+def start_model(cfg: DefaultModelTraining, train_files: list[Path]) -> tuple[LlamaForCausalLM, dict, Tokenizer, list[dict]]:
     """(model, HF config, tokenizer, earlier training stages): from the --init checkpoint, else fresh."""
     if not cfg.init:
         tokenizer = build_tokenizer(train_files, cfg.vocab_size)
@@ -400,7 +396,7 @@ def start_model(cfg: TrainConfig, train_files: list[Path]) -> tuple[LlamaForCaus
             stages)
 
 
-def start_heads(cfg: TrainConfig, config: dict) -> MedusaHeads | None:
+def start_heads(cfg: DefaultModelTraining, config: dict) -> MedusaHeads | None:
     """The joint Medusa heads: from --medusa-init (which then sets their count and depth), fresh, or none."""
     if cfg.medusa_init:
         heads = load_medusa_heads(cfg.medusa_init, config["hidden_size"], config["vocab_size"])
