@@ -76,6 +76,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's own limit
     attention_backend: str = "auto"
     cpu_kernels: bool = True  # gorgon's CPU decode kernels where they apply; False: torch's operators only
+    quantization: str | None = None  # "int8" / "int4": quantize an HF checkpoint's linears at load (models.quant)
     enable_prefix_caching: bool = True
     seed: int = 0
     adapter_root: str | None = None  # adapters load only from inside this folder; default: <model>/adapters

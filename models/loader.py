@@ -1,4 +1,5 @@
-"""HF checkpoint folder -> model. Reads safetensors only (never unpickles) and checks keys strictly."""
+"""Checkpoint -> model: an HF folder (safetensors only, never unpickled; optionally quantized at load time),
+or a GGUF file (models.gguf; quantized tensors stay in their blocks). Keys are checked strictly both ways."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,10 @@ from tqdm import tqdm
 
 from models import model_class
 from models.config import ModelConfig
+from models.gguf import find_gguf, read_gguf
 from models.layers import PackedLinear
+from models.quant import (LOAD_TIME_QUANTIZATIONS, QuantizedEmbedding, QuantizedLinear, QuantizedWeight, concat,
+                          quantize)
 
 # Buffers that old HF checkpoints saved; recomputed here, so they are skipped, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -40,22 +44,124 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder} has no *.safetensors weights")
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
+               quantization: str | None = None) -> torch.nn.Module:
+    """The model at `path`: a .gguf file or a folder holding one, else an HF folder. `quantization` ("int8",
+    "int4", models.quant.LOAD_TIME_QUANTIZATIONS) quantizes an HF checkpoint's linear layers as it loads."""
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        if quantization is not None:
+            raise CheckpointError("--quantization applies to HF checkpoints; a GGUF file keeps its own types")
+        return load_gguf_model(gguf_file, dtype, device)
     folder = Path(path)
     config = ModelConfig.from_folder(folder)
-    cls = model_class(config)
     files = safetensors_files(folder)
+    model = _empty_model(config, dtype, device)
+    load_weights(model, files, device)
+    if quantization is not None:
+        quantize_model(model, quantization)
+    return model.eval()
+
+
+def _empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
     with torch.device("meta"):
-        model = cls(config)
+        model = model_class(config)(config)
     model = model.to_empty(device=device).to(dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    load_weights(model, files, device)
     for module in model.modules():  # buffers are not in the checkpoint; rebuild them on the device
         if hasattr(module, "inv_freq"):
             module.__init__(module.head_dim, module.rope, module.max_position_embeddings)
             module.to(device)
+    return model
+
+
+def _linear_modules(model: torch.nn.Module) -> list[str]:
+    """Paths of the linears that quantization replaces: every projection of every layer, and the LM head."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and (".layers." in f".{name}" or name == "lm_head")]
+
+
+def quantize_model(model: torch.nn.Module, quantization: str) -> None:
+    """Replace each linear (and a tied embedding) by its load-time quantization, in place."""
+    if quantization not in LOAD_TIME_QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {list(LOAD_TIME_QUANTIZATIONS)}, got {quantization!r}")
+    qtype = LOAD_TIME_QUANTIZATIONS[quantization]
+    dtype = model.model.embed_tokens.weight.dtype
+    for name in _linear_modules(model):
+        linear = model.get_submodule(name)
+        if linear.in_features % 32:
+            raise CheckpointError(f"{name} has {linear.in_features} input features; {quantization} needs a multiple of 32")
+        _replace(model, name, _quantized_linear(quantize(linear.weight, qtype), linear.bias, linear, dtype))
+    if model.config.tie_word_embeddings:  # the embedding reads the LM head's blocks
+        head = model.lm_head
+        _replace(model, "model.embed_tokens",
+                 _embedding(QuantizedWeight(qtype, (head.out_features, head.in_features), head.weight), dtype))
+
+
+def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
+    """A GGUF checkpoint's model: float tensors copied into the model's dtype; each linear whose weights are
+    quantized (packed q/k/v and gate/up: all of one type) becomes a QuantizedLinear over the raw blocks."""
+    if torch.device(device).type != "cpu":
+        raise CheckpointError("GGUF checkpoints run on the CPU")
+    checkpoint = read_gguf(file)
+    config = checkpoint.config
+    model = _empty_model(config, dtype, device)
+    tensors = dict(checkpoint.tensors)
+    expected = _expected_checkpoint_keys(model)
+    unexpected = sorted(set(tensors) - expected)
+    missing = sorted(expected - set(tensors))
+    if unexpected or missing:
+        raise CheckpointError(f"{file} does not match a {config.architecture}: missing {missing[:10]}, "
+                              f"unexpected {unexpected[:10]}")
+    # quantized linears: one module per packed group, shards in the model's order
+    params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    for name in _linear_modules(model):
+        linear = modules[name]
+        parent = name.rpartition(".")[0]
+        shard_keys = ([f"{parent}.{shard}" for shard in linear.shards] if isinstance(linear, PackedLinear)
+                      else [name])
+        weights = [tensors[f"{key}.weight"] for key in shard_keys if f"{key}.weight" in tensors]
+        if not any(isinstance(w, QuantizedWeight) for w in weights):
+            continue
+        if name == "lm_head" and config.tie_word_embeddings:
+            continue
+        if not all(isinstance(w, QuantizedWeight) for w in weights):
+            raise CheckpointError(f"{name} mixes quantized and float shards; gorgon packs them into one matrix")
+        biases = [tensors.pop(f"{key}.bias") for key in shard_keys if f"{key}.bias" in tensors]
+        bias = torch.cat(biases) if biases else None
+        _replace(model, name, _quantized_linear(concat(weights), bias, linear, dtype))
+        for key in shard_keys:
+            del tensors[f"{key}.weight"]
+    embed = tensors.pop("model.embed_tokens.weight")
+    if isinstance(embed, QuantizedWeight):
+        _replace(model, "model.embed_tokens", _embedding(embed, dtype))
+        if config.tie_word_embeddings:
+            _replace(model, "lm_head", _quantized_linear(embed, None, model.lm_head, dtype))
+    else:
+        params["model.embed_tokens.weight"].data.copy_(embed)
+    for key, tensor in tensors.items():  # the float rest: norms, unquantized linears, biases
+        _copy(key, tensor, params, modules, model)
     return model.eval()
+
+
+def _quantized_linear(weight: QuantizedWeight, bias: torch.Tensor | None, replaces: torch.nn.Module,
+                      dtype: torch.dtype) -> QuantizedLinear:
+    layer = QuantizedLinear.from_weight(weight, None if bias is None else bias.detach(), dtype)
+    if isinstance(replaces, PackedLinear):
+        layer.shards = dict(replaces.shards)
+    return layer
+
+
+def _embedding(weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedEmbedding:
+    embedding = QuantizedEmbedding(weight.shape[0], weight.shape[1], weight.qtype, dtype)
+    embedding.weight = weight.data
+    return embedding
+
+
+def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def load_weights(model: torch.nn.Module, files: list[Path], device: torch.device | str) -> None:

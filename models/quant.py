@@ -92,23 +92,26 @@ def dequantize_rows(weight: torch.Tensor, qtype: QType, in_features: int) -> tor
 
 class QuantizedLinear(nn.Module):
     """y = x Wᵀ + b with W in ggml blocks. Invariant: `weight` is uint8 [out_features, row bytes] in type
-    `qtype` (a buffer, never trained); `kernels` (models.kernels.decode.DecodeKernels or None) is the
-    load-time choice: with it, decode-sized inputs run the fused dequantize-and-dot kernel; otherwise, and
-    for larger inputs, tiles of rows are dequantized and multiplied with torch's GEMM (differentiable in x)."""
+    `qtype` (a buffer, never trained); `dtype` is the model's activation dtype (the bias's, and LoRA's);
+    `kernels` (models.kernels.decode.DecodeKernels or None) is the load-time choice: with it, decode-sized
+    inputs run the fused dequantize-and-dot kernel; otherwise, and for larger inputs, tiles of rows are
+    dequantized and multiplied with torch's GEMM (differentiable in x)."""
 
-    def __init__(self, in_features: int, out_features: int, qtype: QType, bias: bool) -> None:
+    def __init__(self, in_features: int, out_features: int, qtype: QType, bias: bool,
+                 dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.qtype = in_features, out_features, QType(qtype)
+        self.in_features, self.out_features, self.qtype, self.dtype = in_features, out_features, QType(qtype), dtype
         self.register_buffer("weight", torch.zeros(out_features, row_bytes(self.qtype, in_features), dtype=torch.uint8))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self.kernels = None
 
     @classmethod
-    def from_weight(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> QuantizedLinear:
-        layer = cls(weight.shape[1], weight.shape[0], weight.qtype, bias is not None)
+    def from_weight(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None,
+                    dtype: torch.dtype = torch.float32) -> QuantizedLinear:
+        layer = cls(weight.shape[1], weight.shape[0], weight.qtype, bias is not None, dtype)
         layer.weight = weight.data
         if bias is not None:
-            layer.bias.data = bias.float()
+            layer.bias.data = bias.to(dtype)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,14 +19,15 @@ HALF_FIELDS = {QType.Q8_0: (0,), QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q4_
 ISAS = ["scalar", "avx2", "avx512"]
 
 
-def random_weight(qtype: QType, out_features: int, in_features: int, seed: int = 0) -> QuantizedWeight:
+def random_weight(qtype: QType, out_features: int, in_features: int, seed: int = 0,
+                  scales: tuple[float, float] = (0.001, 0.02)) -> QuantizedWeight:
     """Random blocks: random quants and packed scales, fp16 scales of a sane size (written, not quantized)."""
     rng = np.random.default_rng(seed)
     block, type_size = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (out_features, in_features // block, type_size), dtype=np.uint8)
     for offset in HALF_FIELDS[qtype]:
-        scales = rng.uniform(0.001, 0.02, (out_features, in_features // block)).astype(np.float16)
-        blocks[..., offset:offset + 2] = scales.view(np.uint8).reshape(out_features, -1, 2)
+        d = rng.uniform(*scales, (out_features, in_features // block)).astype(np.float16)
+        blocks[..., offset:offset + 2] = d.view(np.uint8).reshape(out_features, -1, 2)
     data = torch.from_numpy(blocks.reshape(out_features, -1))
     return QuantizedWeight(qtype, (out_features, in_features), data)
 

@@ -1,0 +1,167 @@
+"""GGUF checkpoints (llama.cpp's format) -> the model config and HF-named tensors, read with the gguf
+package's memory-mapped reader. Float tensors become torch tensors; quantized ones stay in their blocks
+(models.quant.QuantizedWeight: raw uint8 rows, never dequantized here). The tokenizer and chat template
+come from the metadata through transformers' GGUF tokenizer conversion."""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGUFReader
+
+from models.config import ModelConfig
+from models.quant import FLOAT_TYPES, QUANTIZED_TYPES, QuantizedWeight, QType, UnsupportedTensorType
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+# llama.cpp tensor name -> HF name ({} is the layer index)
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                   "output.weight": "lm_head.weight"}
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+class GGUFError(ValueError):
+    pass
+
+
+@dataclass
+class GGUFCheckpoint:
+    """A GGUF file's model. Invariant: `tensors` holds HF parameter names with q/k rows in HF order;
+    values are torch tensors (float types) or QuantizedWeight (everything else)."""
+
+    path: Path
+    hf_config: dict  # config.json's shape, as models.config.ModelConfig.from_dict reads it
+    tensors: dict[str, torch.Tensor | QuantizedWeight]
+
+    @property
+    def config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.hf_config)
+
+
+def find_gguf(path: str | Path) -> Path | None:
+    """The .gguf file that `path` names: the file itself, or the only .gguf in a folder; None if neither."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir():
+        files = sorted(path.glob("*.gguf"))
+        if len(files) > 1:
+            raise GGUFError(f"{path} holds several .gguf files ({', '.join(f.name for f in files)}); name one")
+        if files:
+            return files[0]
+    return None
+
+
+def _field(reader: GGUFReader, key: str, default: object = None) -> object:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def read_config(reader: GGUFReader) -> dict:
+    """Llama metadata -> an HF config.json dict."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise GGUFError(f"unsupported GGUF architecture {arch!r}; gorgon reads {', '.join(SUPPORTED_ARCHITECTURES)}")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise GGUFError("the file has a rope_freqs tensor (Llama 3.1-style RoPE scaling), which gorgon does not read yet")
+    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    num_heads = _field(reader, f"{arch}.attention.head_count")
+    hidden = _field(reader, f"{arch}.embedding_length")
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": _field(reader, f"{arch}.vocab_size", int(embed.shape[1])),
+        "hidden_size": hidden,
+        "intermediate_size": _field(reader, f"{arch}.feed_forward_length"),
+        "num_hidden_layers": _field(reader, f"{arch}.block_count"),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": _field(reader, f"{arch}.attention.head_count_kv", num_heads),
+        "head_dim": _field(reader, f"{arch}.attention.key_length", hidden // num_heads),
+        "max_position_embeddings": _field(reader, f"{arch}.context_length", 2048),
+        "rms_norm_eps": _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": _field(reader, f"{arch}.rope.freq_base", 10000.0),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_output.bias" in names,
+        "mlp_bias": "blk.0.ffn_down.bias" in names,
+        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", None):
+        if scaling not in ("linear", "yarn"):
+            raise GGUFError(f"unsupported RoPE scaling {scaling!r} in the GGUF metadata")
+        config["rope_scaling"] = {"rope_type": scaling, "factor": _field(reader, f"{arch}.rope.scaling.factor", 1.0)}
+        original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+        if original is not None:
+            config["rope_scaling"]["original_max_position_embeddings"] = original
+    return config
+
+
+def hf_name(name: str) -> str:
+    if name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[name]
+    m = _LAYER_NAME.fullmatch(name)
+    if m is None or m[2] not in _LAYER_TENSORS:
+        raise GGUFError(f"unexpected tensor {name!r} in a Llama GGUF file")
+    return f"model.layers.{m[1]}.{_LAYER_TENSORS[m[2]]}.{m[3]}"
+
+
+def unpermute_rows(num_rows: int, num_heads: int) -> torch.Tensor:
+    """The row order that undoes llama.cpp's converter permutation of q/k weights (it interleaves the two
+    rotary halves of each head): HF row r of a head is file row 2 r for r < half, 2 (r - half) + 1 after."""
+    half = num_rows // num_heads // 2
+    return torch.arange(num_rows).view(num_heads, half, 2).transpose(1, 2).reshape(-1)
+
+
+def read_gguf(path: str | Path) -> GGUFCheckpoint:
+    path = Path(path)
+    reader = GGUFReader(path)  # memory-maps the file
+    hf_config = read_config(reader)
+    tensors: dict[str, torch.Tensor | QuantizedWeight] = {}
+    warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # read-only memmap: we never write
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        qtype = QType(t.tensor_type)
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the fastest-moving dimension first
+        if qtype in FLOAT_TYPES:
+            data = torch.from_numpy(np.asarray(t.data))
+            value = data.view(torch.bfloat16) if qtype == QType.BF16 else data
+            value = value.reshape(shape)
+        elif qtype not in QUANTIZED_TYPES:
+            raise UnsupportedTensorType(f"tensor {t.name} has type {qtype.name}, which gorgon cannot run; supported: "
+                                        f"{', '.join(q.name for q in (*FLOAT_TYPES, *QUANTIZED_TYPES))}")
+        else:
+            if len(shape) != 2:
+                raise GGUFError(f"quantized tensor {t.name} is not a matrix")
+            value = QuantizedWeight(qtype, shape, torch.from_numpy(np.asarray(t.data)))
+        tensors[name] = value
+    for i in range(hf_config["num_hidden_layers"]):  # q/k rows back in HF order
+        for proj, heads in (("q_proj", hf_config["num_attention_heads"]), ("k_proj", hf_config["num_key_value_heads"])):
+            for suffix in ("weight", "bias"):
+                name = f"model.layers.{i}.self_attn.{proj}.{suffix}"
+                if name in tensors:
+                    value = tensors[name]
+                    order = unpermute_rows(value.shape[0], heads)
+                    tensors[name] = value.rows(order) if isinstance(value, QuantizedWeight) else value[order]
+    return GGUFCheckpoint(path, hf_config, tensors)
+
+
+def load_tokenizer(path: str | Path):
+    """transformers' tokenizer built from the file's metadata (vocabulary, merges, chat template)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+__all__ = ["GGUFCheckpoint", "GGUFError", "UnsupportedTensorType", "find_gguf", "load_tokenizer", "read_gguf"]

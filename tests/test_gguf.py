@@ -1,0 +1,221 @@
+"""GGUF checkpoints: tiny random files written in-process with the gguf package, read by our loader and,
+as the oracle, by transformers' own GGUF loading."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFWriter
+from gguf.quants import quantize as gguf_quantize
+from transformers import AutoModelForCausalLM
+
+from bench.common import byte_tokenizer
+from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model
+from engine import LLM
+from models.gguf import GGUFError, find_gguf, load_tokenizer, read_gguf, unpermute_rows
+from models.kernels import decode as cpu_decode
+from models.loader import CheckpointError, load_model
+from models.quant import QType, QuantizedEmbedding, QuantizedLinear, UnsupportedTensorType
+
+from test_quant import random_weight
+
+HF_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+K_QUANTS = (QType.Q4_K, QType.Q5_K, QType.Q6_K)
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+
+
+def permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter permutation of q/k rows (the one our loader undoes)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf: str) -> str:
+    if hf == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf == "model.norm.weight":
+        return "output_norm.weight"
+    if hf == "lm_head.weight":
+        return "output.weight"
+    _, _, layer, rest = hf.split(".", 3)
+    module, _, suffix = rest.rpartition(".")
+    return f"blk.{layer}.{HF_TO_GGUF[module]}.{suffix}"
+
+
+def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None, float_dtype=np.float32,
+               arch: str = "llama") -> Path:
+    """An HF Llama as llama.cpp's converter writes it: names, permuted q/k rows, tokenizer metadata.
+    qtype_of(gguf name, array) -> a ggml type to quantize that 2-D tensor to, or None (float_dtype)."""
+    config = model.config
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(config.rope_theta if hasattr(config, "rope_theta") else
+                              config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    tokenizer = byte_tokenizer()
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([token for token, _ in vocab])
+    writer.add_token_types([1] * len(vocab))
+    writer.add_token_scores([0.0] * len(vocab))
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        w = tensor.float().numpy()
+        if name.endswith("q_proj.weight"):
+            w = permute(w, config.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            w = permute(w, config.num_key_value_heads)
+        qtype = qtype_of(gguf_name(name), w) if w.ndim == 2 else None
+        if qtype is None:
+            writer.add_tensor(gguf_name(name), w.astype(float_dtype if w.ndim == 2 else np.float32))
+        else:  # the gguf package cannot quantize to K-quants: those get random blocks
+            blocks = (random_weight(qtype, *w.shape, seed=len(name), scales=(2e-5, 1e-4)).data.numpy()
+                      if qtype in K_QUANTS else gguf_quantize(w, qtype))
+            writer.add_tensor(gguf_name(name), blocks, raw_shape=blocks.shape, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("gguf_hf"))
+
+
+def our_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
+    model = load_model(path, torch.float32, "cpu")
+    with torch.no_grad():
+        return model.compute_logits(model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens)))
+
+
+@pytest.mark.parametrize("float_dtype", [np.float32, np.float16], ids=["F32", "F16"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_logits_match_transformers_gguf_loading(tmp_path, float_dtype, tied):
+    folder = save_tiny_model(tmp_path / "hf", tie_word_embeddings=tied)
+    file = write_gguf(hf_model(folder), tmp_path / "model.gguf", float_dtype=float_dtype)
+    tokens = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    oracle = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = oracle(tokens).logits
+    assert (our_logits(file, tokens) - expected).abs().max() <= 1e-4
+    if float_dtype is np.float32:  # and the file is the HF model itself
+        with torch.no_grad():
+            assert (our_logits(file, tokens) - hf_model(folder)(tokens).logits).abs().max() <= 1e-4
+
+
+def test_config_from_metadata(tmp_path, tiny_hf):
+    file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf")
+    config = read_gguf(file).config
+    hf = hf_model(tiny_hf).config
+    assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.vocab_size) == \
+           (hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads, hf.num_key_value_heads, hf.vocab_size)
+    assert config.max_position_embeddings == hf.max_position_embeddings
+    assert config.rms_norm_eps == pytest.approx(hf.rms_norm_eps)
+    assert (config.bos_token_id, config.eos_token_ids, config.tie_word_embeddings) == (1, [2], False)
+
+
+def test_unpermute_undoes_the_converter():
+    rows = np.arange(24)[:, None]
+    assert torch.equal(torch.from_numpy(permute(rows, 3)[:, 0])[unpermute_rows(24, 3)], torch.arange(24))
+
+
+def test_quantized_tensors_stay_in_their_blocks(tmp_path, tiny_hf):
+    file = write_gguf(hf_model(tiny_hf), tmp_path / "q.gguf", qtype_of=lambda name, w: QType.Q8_0)
+    model = load_model(file, torch.float32, "cpu")
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    layer = model.model.layers[0]
+    for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj,
+                   model.lm_head):
+        assert isinstance(linear, QuantizedLinear) and linear.weight.dtype == torch.uint8
+    assert not any(p.numel() > 256 for p in model.parameters())  # norms only: nothing dequantized
+    assert layer.self_attn.qkv_proj.shards == {"q_proj": (0, 64), "k_proj": (64, 32), "v_proj": (96, 32)}
+
+
+def test_quantized_file_matches_its_dequantized_oracle(tmp_path, tiny_hf):
+    """Q8_0 / Q4_0 / Q4_1 through the tiled path vs transformers (which dequantizes the same blocks)."""
+    types = {"attn_q": QType.Q8_0, "attn_k": QType.Q8_0, "attn_v": QType.Q8_0, "attn_output": QType.Q4_0,
+             "ffn_gate": QType.Q4_1, "ffn_up": QType.Q4_1, "ffn_down": QType.Q4_0, "output": QType.Q8_0}
+    file = write_gguf(hf_model(tiny_hf), tmp_path / "q.gguf",
+                      qtype_of=lambda name, w: types.get(name.split(".")[-2]))
+    tokens = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(1))
+    oracle = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (our_logits(file, tokens) - oracle(tokens).logits).abs().max() <= 1e-4
+
+
+@pytest.mark.skipif(cpu_decode.compiled() is None, reason="the CPU kernels could not be built here")
+def test_engine_decodes_a_k_quant_file_close_to_its_dequantized_path(tmp_path):
+    """Q4_K / Q5_K / Q6_K (random blocks: the gguf package cannot quantize to them) through the engine: the
+    fused kernels at decode vs the same engine with torch's operators on dequantized tiles."""
+    folder = save_tiny_model(tmp_path / "hf", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                             num_key_value_heads=2)
+    types = {"attn_q": QType.Q4_K, "attn_k": QType.Q4_K, "attn_v": QType.Q4_K, "attn_output": QType.Q5_K,
+             "ffn_gate": QType.Q6_K, "ffn_up": QType.Q6_K, "ffn_down": QType.Q4_K, "output": QType.Q6_K}
+    file = write_gguf(hf_model(folder), tmp_path / "k.gguf", qtype_of=lambda name, w: types.get(name.split(".")[-2]))
+    tokens = torch.randint(3, 256, (PROMPT_LEN + 6,), generator=torch.Generator().manual_seed(2)).tolist()
+    fused = paged_logits(LLM(file), tokens)
+    reference = paged_logits(LLM(file, cpu_kernels=False), tokens)
+    # int8 activations cost ~0.5% per linear (models/kernels/quant.h states the bound; test_quant checks it);
+    # through two layers and the head of a random (so chaotic) model that stays within 5% of each row's norm
+    assert ((fused - reference).norm(dim=-1) <= 0.05 * reference.norm(dim=-1)).all()
+    assert (fused.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+
+def test_folder_with_one_gguf(tmp_path, tiny_hf):
+    write_gguf(hf_model(tiny_hf), tmp_path / "only.gguf")
+    assert find_gguf(tmp_path) == tmp_path / "only.gguf"
+    write_gguf(hf_model(tiny_hf), tmp_path / "second.gguf")
+    with pytest.raises(GGUFError, match="several"):
+        find_gguf(tmp_path)
+
+
+def test_unsupported_architecture_names_it(tmp_path, tiny_hf):
+    file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf", arch="gpt2")
+    with pytest.raises(GGUFError, match="'gpt2'"):
+        read_gguf(file)
+
+
+def test_unsupported_tensor_type_names_it(tmp_path, tiny_hf):
+    file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf",
+                      qtype_of=lambda name, w: QType.Q5_0 if name == "blk.0.ffn_up.weight" else None)
+    with pytest.raises(UnsupportedTensorType, match="blk.0.ffn_up.weight has type Q5_0"):
+        load_model(file, torch.float32, "cpu")
+
+
+def test_tokenizer_and_chat_template_from_metadata(tmp_path, tiny_hf):
+    file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf")
+    tokenizer = load_tokenizer(file)
+    reference = byte_tokenizer()
+    assert tokenizer("hello world")["input_ids"] == reference("hello world")["input_ids"]
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert chat == "<user>hi\n"
+
+
+def test_engine_generates_from_a_gguf_file(tmp_path, tiny_hf):
+    file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf", qtype_of=lambda name, w: QType.Q8_0)
+    from engine import SamplingParams
+
+    out = LLM(file).generate(["hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 5
+
+
+def test_quantization_flag_needs_an_hf_checkpoint(tmp_path, tiny_hf):
+    file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf")
+    with pytest.raises(CheckpointError, match="HF checkpoints"):
+        load_model(file, torch.float32, "cpu", quantization="int8")
