@@ -7,8 +7,8 @@ import logging
 import queue
 import threading
 import uuid
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 from engine import RequestOutput, SamplingParams
 from server.metrics import RequestTracker, ServerMetrics
@@ -22,6 +22,10 @@ class EngineError(RuntimeError):
 
 class EngineStopped(RuntimeError):
     """The engine is shutting down and takes no new requests."""
+
+
+class QueueFull(RuntimeError):
+    """As many requests wait for admission as the server allows; the client may retry later."""
 
 
 class RequestStream:
@@ -69,9 +73,11 @@ class AsyncEngine:
     every request it accepted ends with exactly one final item on its queue: a finished RequestOutput or
     an exception. Adapter loads run in worker threads; the engine publishes them between steps."""
 
-    def __init__(self, llm, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, llm, metrics: ServerMetrics | None = None, max_waiting_requests: int | None = None) -> None:
         self.llm = llm
         self.metrics = metrics
+        self.max_waiting_requests = max_waiting_requests
+        self._adding = 0  # event loop only: requests posted to the step thread, not yet in the engine's queue
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._active: set[str] = set()  # step thread only: requests the engine holds
@@ -103,13 +109,19 @@ class AsyncEngine:
     # ---- requests (event loop side) ----------------------------------------------------------------
     async def add_request(self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
                           model_name: str = "") -> RequestStream:
-        """Queue a request and wait until the engine has taken it. Raises ValueError if the engine rejects it."""
+        """Queue a request and wait until the engine has taken it. Raises ValueError if the engine rejects it,
+        QueueFull if the waiting queue is at its limit."""
         if not self.is_running:
             raise EngineStopped("the server is shutting down")
+        if self.max_waiting_requests is not None:
+            waiting = self.llm.stats().num_waiting + self._adding
+            if waiting >= self.max_waiting_requests:
+                raise QueueFull(f"{waiting} requests are waiting, the most this server queues; retry later")
         stream = RequestStream(self, f"req-{uuid.uuid4().hex}")
         self._streams[stream.request_id] = stream
         accepted = self._loop.create_future()
         self._post(partial(self._add, stream.request_id, prompt, params, adapter, accepted))
+        self._adding += 1
         try:
             await accepted
         except asyncio.CancelledError:
@@ -119,6 +131,8 @@ class AsyncEngine:
             stream.ended = True
             self._streams.pop(stream.request_id, None)
             raise
+        finally:
+            self._adding -= 1
         if self.metrics:
             stream.tracker = self.metrics.request_tracker(model_name)
         return stream

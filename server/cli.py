@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     except ModuleNotFoundError as e:
         if e.name not in EXTRAS:
             raise
-        sys.exit(f"gorgon {command}: needs {e.name}, which a plain install lacks: pip install 'gorgon[{EXTRAS[e.name]}]'")
+        sys.exit(f"gorgon {command}: needs {e.name}, which a plain install lacks: "
+                 f"pip install 'gorgon[{EXTRAS[e.name]}]'")
     command_module.main(rest)
 
 

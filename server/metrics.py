@@ -16,16 +16,20 @@ class ServerMetrics:
     def __init__(self, llm) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        scheduler, blocks = llm.scheduler, llm.block_manager
+
+        def kv_cache_usage() -> float:
+            stats = llm.stats()
+            return 1.0 - stats.num_free_blocks / stats.num_blocks
+
         Gauge("gorgon_requests_running", "Requests being decoded", registry=r).set_function(
-            lambda: len(scheduler.running))
+            lambda: llm.stats().num_running)
         Gauge("gorgon_requests_waiting", "Requests queued for admission", registry=r).set_function(
-            lambda: len(scheduler.waiting))
-        Gauge("gorgon_kv_blocks_total", "KV cache blocks", registry=r).set(blocks.num_blocks)
+            lambda: llm.stats().num_waiting)
+        Gauge("gorgon_kv_blocks_total", "KV cache blocks", registry=r).set(llm.stats().num_blocks)
         Gauge("gorgon_kv_blocks_free", "KV cache blocks not held by any request", registry=r).set_function(
-            lambda: llm.num_free_blocks)
+            lambda: llm.stats().num_free_blocks)
         Gauge("gorgon_kv_cache_usage", "Fraction of KV blocks held by requests", registry=r).set_function(
-            lambda: 1.0 - llm.num_free_blocks / blocks.num_blocks)
+            kv_cache_usage)
         self.ttft = Histogram("gorgon_time_to_first_token_seconds", "Arrival to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.inter_token = Histogram("gorgon_inter_token_latency_seconds", "Time between streamed tokens",
@@ -39,7 +43,7 @@ class ServerMetrics:
         self.medusa_accepted = Counter("gorgon_medusa_accepted_tokens",
                                        "Tokens emitted by Medusa steps (accepted + bonus)", registry=r)
 
-    def request_tracker(self, model: str) -> "RequestTracker":
+    def request_tracker(self, model: str) -> RequestTracker:
         return RequestTracker(self, model)
 
     def render(self) -> bytes:

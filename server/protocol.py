@@ -1,22 +1,46 @@
-"""Request and response bodies of the HTTP API: the OpenAI subset we serve, plus our extensions
-(`top_k`, `ignore_eos`, `use_medusa`), and vLLM's adapter routes."""
+"""Request and response bodies of the HTTP API: the OpenAI subset we serve, vLLM's extensions (`top_k`, `min_p`,
+`repetition_penalty`, `ignore_eos`), ours (`use_medusa`), vLLM's adapter routes and /tokenize, /detokenize.
+
+Request bodies are strict: a value of the wrong JSON type is an error (no "5" for 5), and so is a field we do
+not know. OpenAI fields we do not serve are declared, so that their error names them; the few that cannot
+change an answer (`user`, `store`, `metadata`, ...) are accepted and unused."""
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 # Bounds beyond which a parameter is a mistake rather than a wish.
 MAX_N = 16
 MAX_STOP_STRINGS = 8
+MAX_STOP_STRING_CHARS = 256
 MAX_LOGPROBS = 5
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
+INT64 = 1 << 63
+
+TokenId = Annotated[int, Field(ge=0)]  # the vocabulary's upper bound is checked per model (server.prompts)
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def field_error(message: str) -> PydanticCustomError:
+    """A validation error whose message names its field (server.errors sends it as it is)."""
+    return PydanticCustomError("field_error", message)
+
+
+def unsupported(field: str, detail: str = "") -> PydanticCustomError:
+    return field_error(f"{field} is not supported by this server{detail}")
+
+
+class RequestBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
 
 class ErrorInfo(BaseModel):
@@ -32,42 +56,97 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
-class SamplingRequest(BaseModel):
-    """Fields that completions and chat share. Unknown fields are ignored, as OpenAI's server does."""
+class SamplingRequest(RequestBody):
+    """Fields that completions and chat share."""
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
-    seed: int | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # extensions
-    top_k: int = Field(default=0, ge=0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # token id (a decimal string, as OpenAI's clients send it) -> added to that token's logit
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]],
+                          Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = None
+    user: str | None = None  # accepted and unused: an end-user id for OpenAI's abuse monitoring
+    # vLLM's extensions
+    top_k: int = Field(default=0, ge=-1, lt=1 << 31)  # 0 or -1: off
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
+    # ours
     use_medusa: bool = True  # False: decode without Medusa speculation even when the server has heads
 
     @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    @property
+    def token_limit(self) -> int | None:
+        """The most tokens to generate (None: up to the context's end)."""
+        return self.max_tokens
+
+    @property
+    def top_alternatives(self) -> int | None:
+        """How many top alternatives to report with each sampled token's logprob (None: no logprobs)."""
+        return None
+
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] = Field(min_length=1)
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: Literal[False] = False  # not served: a clear 400 rather than a silently different answer
+    echo: bool = False  # the answer's text starts with the prompt's
+    best_of: int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise unsupported("best_of", " other than n (each choice is one sample)")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise unsupported("suffix")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _echo_without_logprobs(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("logprobs") is not None:
+            raise unsupported("echo with logprobs", " yet (it needs the prompt's logprobs)")
+        return value
+
+    @property
+    def top_alternatives(self) -> int | None:
+        return self.logprobs
 
 
-class ChatMessage(BaseModel):
+class TextPart(RequestBody):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(RequestBody):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -75,10 +154,59 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}
+    # accepted and unused: they cannot change an answer
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    # not served: any value but null (or an empty list, or "none") is an error that names the field
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    web_search_options: Any = None
+
+    @field_validator("tools", "tool_choice", "functions", "function_call", "audio", "prediction", "reasoning_effort",
+                     "web_search_options")
+    @classmethod
+    def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, [], "none"):
+            raise unsupported(info.field_name)
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_with_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise field_error("top_logprobs needs logprobs: true")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if value not in (None, ["text"]):
+            raise unsupported("modalities", ' other than ["text"]')
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value != {"type": "text"}:
+            raise unsupported("response_format", ' other than {"type": "text"}')
+        return value
 
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def top_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class Usage(BaseModel):
@@ -102,6 +230,8 @@ class CompletionChoice(BaseModel):
 
 
 class CompletionResponse(BaseModel):
+    """A whole answer, or (with `stream`) one SSE chunk of it."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -158,6 +288,8 @@ class ChatChunkChoice(BaseModel):
 
 
 class ChatCompletionChunk(BaseModel):
+    """One SSE chunk of a streamed chat answer."""
+
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -173,6 +305,7 @@ class ModelCard(BaseModel):
     owned_by: str = "gorgon"
     root: str
     parent: str | None = None
+    max_model_len: int
 
 
 class ModelList(BaseModel):
@@ -180,12 +313,42 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class LoadLoraAdapterRequest(BaseModel):
+AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+
+
+class LoadLoraAdapterRequest(RequestBody):
     """vLLM's body; the folder may hold a LoRA or a prefix-tuning adapter (told apart by its peft_type)."""
 
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
+    lora_name: AdapterName
+    lora_path: str = Field(min_length=1, max_length=4096)
 
 
-class UnloadLoraAdapterRequest(BaseModel):
-    lora_name: str = Field(min_length=1)
+class UnloadLoraAdapterRequest(RequestBody):
+    lora_name: AdapterName
+
+
+class TokenizeRequest(RequestBody):
+    """vLLM's /tokenize: a `prompt`, or chat `messages` (through the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    add_special_tokens: bool = True  # prompts only: a chat template writes its own
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(RequestBody):
+    model: str | None = None
+    tokens: list[TokenId]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -18,9 +18,11 @@ import uvicorn
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import hf_model
 from engine import LLM, SamplingParams
-from server.app import FALLBACK_CHAT_TEMPLATE, ServerConfig, create_app
+from server.app import ServerConfig, create_app
+from server.prompts import FALLBACK_CHAT_TEMPLATE
+
+from conftest import hf_model
 
 KEY = "test-key"
 MODEL = "tiny"
@@ -276,9 +278,9 @@ def test_api_key_is_required_on_v1_only(running):
     ({"prompt": "hi", "top_p": 0}, 400, "top_p", None),
     ({"prompt": "hi", "n": 1000}, 400, "n", None),
     ({"prompt": "hi", "logprobs": 50}, 400, "logprobs", None),
-    ({"prompt": "hi", "echo": True}, 400, "echo", None),
+    ({"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo", None),  # needs the prompt's logprobs
     ({"prompt": ""}, 400, "prompt", None),
-    ({"prompt": [1, 999]}, 400, None, None),  # a token id outside the vocabulary
+    ({"prompt": [1, 999]}, 400, "prompt", None),  # a token id outside the vocabulary
     ({"prompt": [5] * 600}, 400, "prompt", "context_length_exceeded"),
     ({"prompt": "x" * 5000}, 413, None, "request_too_large"),
     ({"messages": []}, 400, "messages", None),

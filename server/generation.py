@@ -1,0 +1,139 @@
+"""What completions and chat share: queue a request's n choices (all or none), then stream SSE chunks (usage
+last, if asked) or wait for the whole answer. The streams are closed either way, so a client that goes away
+aborts its requests and frees their KV blocks."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from engine import RequestOutput
+from server.async_engine import EngineError, EngineStopped, QueueFull, RequestStream
+from server.errors import APIError
+from server.protocol import ErrorInfo, ErrorResponse, SamplingRequest, Usage
+from server.responses import Renderer
+from server.sampling import sampling_params
+from server.state import ServerState
+
+logger = logging.getLogger("gorgon.server")
+
+DISCONNECT_POLL_S = 0.25
+
+
+async def generate(request: Request, state: ServerState, req: SamplingRequest, prompt_ids: list[int],
+                   renderer: Renderer) -> Response:
+    streams = await start(state, req, prompt_ids)
+    if not req.stream:
+        try:
+            finals = await until_done(request, streams)
+        except EngineError as e:
+            raise APIError(500, str(e), "internal_error") from None
+        finally:
+            close_all(streams)
+        return JSONResponse(renderer.response(finals, usage(prompt_ids, finals)).model_dump())
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            for chunk in renderer.head(len(streams)):
+                yield f"data: {chunk.model_dump_json()}\n\n"
+            async for i, out in interleave(streams):  # one chunk per step, even when its text is still ''
+                yield f"data: {renderer.chunk(i, out).model_dump_json()}\n\n"
+            if req.stream_options and req.stream_options.include_usage:
+                final = renderer.usage_chunk(usage(prompt_ids, [s.last for s in streams]))
+                yield f"data: {final.model_dump_json()}\n\n"
+        except Exception as e:  # noqa: BLE001 - the status line is sent: report in-band, as OpenAI does
+            logger.warning("stream failed: %s", e)
+            yield f"data: {ErrorResponse(error=ErrorInfo(message=str(e), type='internal_error')).model_dump_json()}\n\n"
+        finally:
+            close_all(streams)
+        yield "data: [DONE]\n\n"
+
+    # the background task covers a client gone before the body iterator ever started
+    return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(close_all, streams))
+
+
+async def start(state: ServerState, req: SamplingRequest, prompt_ids: list[int]) -> list[RequestStream]:
+    """Queue the request's n choices; all are taken or none is."""
+    adapter = state.resolve_adapter(req.model)
+    params = [sampling_params(req, len(prompt_ids), state.llm.max_model_len, len(state.tokenizer), choice=i)
+              for i in range(req.n)]
+    model_name = req.model or state.config.model_name
+    streams: list[RequestStream] = []
+    try:
+        for p in params:
+            streams.append(await state.engine.add_request(prompt_ids, p, adapter, model_name))
+    except QueueFull as e:
+        raise APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded",
+                       headers={"Retry-After": "1"}) from None
+    except EngineStopped as e:
+        raise APIError(503, str(e), "service_unavailable") from None
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    finally:
+        if len(streams) < len(params):
+            close_all(streams)
+    return streams
+
+
+def close_all(streams: list[RequestStream]) -> None:
+    for stream in streams:
+        stream.close()
+
+
+async def interleave(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several requests as they arrive, tagged with their index; raises the first failure."""
+    merged: asyncio.Queue[tuple[int, RequestOutput | Exception | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                merged.put_nowait((i, out))
+        except Exception as e:  # noqa: BLE001 - re-raised by the consumer
+            merged.put_nowait((i, e))
+        merged.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await merged.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def until_done(request: Request, streams: list[RequestStream]) -> list[RequestOutput]:
+    """The finished output of every stream. A client that disconnects meanwhile cancels the wait (the
+    caller's close_all then aborts the requests)."""
+
+    async def collect() -> list[RequestOutput]:
+        finals: list[RequestOutput | None] = [None] * len(streams)
+        async for i, out in interleave(streams):
+            finals[i] = out
+        return finals
+
+    task = asyncio.create_task(collect())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(499, "the client closed the connection")
+    finally:
+        task.cancel()
+
+
+def usage(prompt_ids: list[int], finals: list[RequestOutput]) -> Usage:
+    completion = sum(len(out.token_ids) for out in finals)
+    return Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion, total_tokens=len(prompt_ids) + completion)

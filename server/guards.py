@@ -1,0 +1,74 @@
+"""Checks every request passes before a route sees it: the API key, and the body guard (JSON content type,
+size limit)."""
+from __future__ import annotations
+
+import secrets
+
+from fastapi import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import APIError, error_response
+
+
+async def require_api_key(request: Request) -> None:
+    """A route dependency: with an API key configured, requests must send it as a bearer token."""
+    api_key = request.app.state.server.config.api_key
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), api_key.encode()):
+        raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", "authentication_error",
+                       code="invalid_api_key")
+
+
+class BodyGuard:
+    """ASGI middleware: a request with a body must say it is JSON and stay within `max_bytes`. The body is read
+    here, whole, and handed on; later receives (disconnect detection) go to the client as before."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            body = await self._read(headers, receive)
+        except APIError as e:
+            await error_response(e.status, e.info)(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, headers: dict[str, str], receive: Receive) -> bytes:
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            raise _too_large(self.max_bytes)
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise APIError(400, "the client closed the connection while sending the body")
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                raise _too_large(self.max_bytes)
+            if not message.get("more_body", False):
+                break
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if body and media_type != "application/json" and not media_type.endswith("+json"):
+            raise APIError(415, f"the body must be JSON, sent with 'Content-Type: application/json' "
+                                f"(got {media_type or 'no content type'!r})", code="unsupported_media_type")
+        return bytes(body)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body exceeds {limit} bytes", code="request_too_large")

@@ -1,0 +1,79 @@
+"""OpenAI's routes (completions, chat, models) and vLLM's /tokenize and /detokenize."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from server.errors import ERROR_RESPONSES, APIError
+from server.generation import generate
+from server.guards import require_api_key
+from server.prompts import chat_prompt_ids, check_token_ids, completion_prompt_ids
+from server.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from server.responses import ChatRenderer, CompletionRenderer
+from server.state import State
+
+router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+
+
+def streamed_as(chunk: type) -> dict:
+    """/openapi.json: with `stream: true`, the answer is server-sent events, each `data: <chunk>`, then
+    `data: [DONE]`."""
+    return {200: {"content": {"text/event-stream": {"schema": {"$ref": f"#/components/schemas/{chunk.__name__}"}}},
+                  "description": "the answer; with `stream: true`, SSE events `data: <chunk>`, then `data: [DONE]`"}}
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=streamed_as(CompletionResponse))
+async def completions(req: CompletionRequest, request: Request, state: State) -> Response:
+    prompt_ids = completion_prompt_ids(state.tokenizer, req.prompt)
+    echo = "" if not req.echo else req.prompt if isinstance(req.prompt, str) else state.tokenizer.decode(prompt_ids)
+    renderer = CompletionRenderer(req.model or state.config.model_name, state.tokenizer, req.logprobs, echo)
+    return await generate(request, state, req, prompt_ids, renderer)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses=streamed_as(ChatCompletionChunk))
+async def chat_completions(req: ChatCompletionRequest, request: Request, state: State) -> Response:
+    prompt_ids = chat_prompt_ids(state.tokenizer, req.messages)
+    renderer = ChatRenderer(req.model or state.config.model_name, state.tokenizer, req.top_alternatives)
+    return await generate(request, state, req, prompt_ids, renderer)
+
+
+@router.get("/v1/models")
+async def models(state: State) -> ModelList:
+    base, max_model_len = state.config.model_name, state.llm.max_model_len
+    cards = [ModelCard(id=base, root=state.config.model_root, max_model_len=max_model_len)]
+    cards += [ModelCard(id=a["name"], root=a["path"], parent=base, max_model_len=max_model_len)
+              for a in state.engine.list_adapters()]
+    return ModelList(data=cards)
+
+
+@router.post("/tokenize")
+async def tokenize(req: TokenizeRequest, state: State) -> TokenizeResponse:
+    state.resolve_adapter(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give either `prompt` or `messages`", param="prompt")
+    if req.messages is not None:
+        tokens = chat_prompt_ids(state.tokenizer, req.messages, req.add_generation_prompt)
+    else:
+        tokens = completion_prompt_ids(state.tokenizer, req.prompt, req.add_special_tokens)
+    token_strs = state.tokenizer.convert_ids_to_tokens(tokens) if req.return_token_strs else None
+    return TokenizeResponse(count=len(tokens), max_model_len=state.llm.max_model_len, tokens=tokens,
+                            token_strs=token_strs)
+
+
+@router.post("/detokenize")
+async def detokenize(req: DetokenizeRequest, state: State) -> DetokenizeResponse:
+    state.resolve_adapter(req.model)
+    return DetokenizeResponse(prompt=state.tokenizer.decode(check_token_ids(state.tokenizer, req.tokens, "tokens")))

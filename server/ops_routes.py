@@ -1,0 +1,31 @@
+"""Operations: /health (is the engine running) and /metrics (Prometheus). Neither needs the API key."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+
+from server.errors import error_response
+from server.protocol import ErrorInfo, ErrorResponse
+from server.state import State
+
+router = APIRouter()
+
+
+class Health(BaseModel):
+    status: str
+
+
+@router.get("/health", response_model=Health, responses={503: {"model": ErrorResponse}})
+async def health(state: State) -> JSONResponse:
+    if not state.engine.is_running:
+        return error_response(503, ErrorInfo(message="the engine is not running", type="service_unavailable"))
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+                             "description": "Prometheus text format"}})
+async def metrics(state: State) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,122 @@
+"""OpenAI response bodies from engine outputs, for completions and chat: whole answers, SSE chunks, logprobs."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from pydantic import BaseModel
+
+from engine import RequestOutput
+from server.protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    random_id,
+)
+
+
+class Renderer(ABC):
+    """One endpoint's bodies for one request of n choices."""
+
+    @abstractmethod
+    def head(self, n: int) -> list[BaseModel]:
+        """Chunks streamed before any output."""
+
+    @abstractmethod
+    def chunk(self, index: int, out: RequestOutput) -> BaseModel:
+        """What choice `index` added in one step."""
+
+    @abstractmethod
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        """The last chunk of a stream whose client asked for usage."""
+
+    @abstractmethod
+    def response(self, finals: list[RequestOutput], usage: Usage) -> BaseModel:
+        """The whole answer."""
+
+
+class CompletionRenderer(Renderer):
+    def __init__(self, model: str, tokenizer, logprobs: int | None, echo: str = "") -> None:
+        self.id, self.model, self.tokenizer = random_id("cmpl"), model, tokenizer
+        self.logprobs, self.echo = logprobs, echo  # echo: the prompt's text, which starts every choice's text
+        self.text_len: dict[int, int] = {}  # per choice: text streamed so far (for logprobs' text_offset)
+
+    def head(self, n: int) -> list[BaseModel]:
+        return [self._body([CompletionChoice(index=i, text=self.echo)]) for i in range(n)] if self.echo else []
+
+    def chunk(self, index: int, out: RequestOutput) -> BaseModel:
+        offset = self.text_len.get(index, len(self.echo))
+        self.text_len[index] = offset + len(out.new_text)
+        return self._body([CompletionChoice(index=index, text=out.new_text, finish_reason=out.finish_reason,
+                                            logprobs=self._logprobs(out, out.new_token_ids, offset))])
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        return self._body([], usage)
+
+    def response(self, finals: list[RequestOutput], usage: Usage) -> BaseModel:
+        return self._body([CompletionChoice(index=i, text=self.echo + out.text, finish_reason=out.finish_reason,
+                                            logprobs=self._logprobs(out, out.token_ids, len(self.echo)))
+                           for i, out in enumerate(finals)], usage)
+
+    def _body(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
+        return CompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage)
+
+    def _logprobs(self, out: RequestOutput, token_ids: list[int], text_offset: int) -> CompletionLogprobs | None:
+        if self.logprobs is None:
+            return None
+        entries = out.logprobs[len(out.logprobs) - len(token_ids):]
+        tokens = [self.tokenizer.decode([t]) for t in token_ids]
+        offsets = []
+        for token in tokens:
+            offsets.append(text_offset)
+            text_offset += len(token)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=[lp for lp, _ in entries], text_offset=offsets,
+                                  top_logprobs=[{self.tokenizer.decode([t]): v for t, v in top.items()}
+                                                for _, top in entries])
+
+
+class ChatRenderer(Renderer):
+    def __init__(self, model: str, tokenizer, logprobs: int | None) -> None:
+        self.id, self.model, self.tokenizer, self.logprobs = random_id("chatcmpl"), model, tokenizer, logprobs
+
+    def head(self, n: int) -> list[BaseModel]:
+        return [self._chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+                for i in range(n)]
+
+    def chunk(self, index: int, out: RequestOutput) -> BaseModel:
+        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=out.new_text),
+                                            finish_reason=out.finish_reason,
+                                            logprobs=self._logprobs(out, out.new_token_ids))])
+
+    def usage_chunk(self, usage: Usage) -> BaseModel:
+        return self._chunk([], usage)
+
+    def response(self, finals: list[RequestOutput], usage: Usage) -> BaseModel:
+        choices = [ChatChoice(index=i, message=ChatResponseMessage(content=out.text), finish_reason=out.finish_reason,
+                              logprobs=self._logprobs(out, out.token_ids)) for i, out in enumerate(finals)]
+        return ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage)
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, model=self.model, choices=choices, usage=usage)
+
+    def _logprobs(self, out: RequestOutput, token_ids: list[int]) -> ChatLogprobs | None:
+        if self.logprobs is None:
+            return None
+        entries = out.logprobs[len(out.logprobs) - len(token_ids):]
+
+        def top(t: int, lp: float) -> TopLogprob:
+            token = self.tokenizer.decode([t])
+            return TopLogprob(token=token, logprob=lp, bytes=list(token.encode()))
+
+        return ChatLogprobs(content=[TokenLogprob(**top(t, lp).model_dump(),
+                                                  top_logprobs=[top(a, alp) for a, alp in alternatives.items()])
+                                     for t, (lp, alternatives) in zip(token_ids, entries)])

@@ -1,0 +1,58 @@
+"""A request's sampling fields -> the engine's SamplingParams: the one place where they are mapped."""
+from __future__ import annotations
+
+from engine import SamplingParams
+from server.errors import APIError
+from server.protocol import ChatCompletionRequest, SamplingRequest
+
+
+def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, vocab_size: int,
+                    choice: int = 0) -> SamplingParams:
+    """How to decode choice `choice` of `req` (whose prompt has `prompt_len` tokens) on a model with this context
+    and vocabulary. A request that cannot be served as asked is an APIError (400) naming the field at fault."""
+    check_context(req, prompt_len, max_model_len)
+    limit = req.token_limit
+    try:
+        return SamplingParams(
+            max_tokens=limit or max_model_len - prompt_len, temperature=req.temperature, top_p=req.top_p,
+            top_k=max(req.top_k, 0), min_p=req.min_p, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+            logit_bias=logit_bias(req.logit_bias or {}, vocab_size), stop=req.stop_list, ignore_eos=req.ignore_eos,
+            seed=None if req.seed is None else req.seed + choice,  # n choices: distinct but reproducible
+            logprobs=req.top_alternatives, use_medusa=req.use_medusa)
+    except ValueError as e:  # bounds the protocol already checks; kept as a 400 should the two ever differ
+        raise APIError(400, str(e)) from None
+
+
+def check_context(req: SamplingRequest, prompt_len: int, max_model_len: int) -> None:
+    """The prompt, and the prompt plus the tokens asked for, must fit the context (as vLLM checks it)."""
+    prompt_param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+    if prompt_len >= max_model_len:
+        raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context is {max_model_len} tokens, "
+                            "and at least one must be left to generate", param=prompt_param,
+                       code="context_length_exceeded")
+    limit = req.token_limit
+    if limit is None:
+        return
+    chat_limit = isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None
+    limit_param = "max_completion_tokens" if chat_limit else "max_tokens"
+    if limit > max_model_len:
+        raise APIError(400, f"{limit_param} {limit} exceeds the model's context ({max_model_len} tokens)",
+                       param=limit_param)
+    if prompt_len + limit > max_model_len:
+        raise APIError(400, f"this model's context is {max_model_len} tokens, but {prompt_len + limit} were asked for "
+                            f"({prompt_len} in the {prompt_param}, {limit} to generate): shorten the {prompt_param} "
+                            f"or lower {limit_param}", param=limit_param, code="context_length_exceeded")
+
+
+def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias (token ids as strings) with int keys, each a token of the vocabulary."""
+    out = {}
+    for key, value in bias.items():
+        token = int(key) if key.isascii() and key.isdigit() else -1
+        if not 0 <= token < vocab_size:
+            raise APIError(400, f"logit_bias: {key!r} is not a token id (ids are in [0, {vocab_size}))",
+                           param="logit_bias")
+        out[token] = value
+    return out
+

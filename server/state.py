@@ -1,0 +1,51 @@
+"""What the routes share: the server's configuration, the engine, and the metrics, reached through the app."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from engine import LLM
+from server.async_engine import AsyncEngine
+from server.errors import APIError
+from server.metrics import ServerMetrics
+
+
+@dataclass
+class ServerConfig:
+    """What the HTTP layer needs besides the engine. `model_name` is the base model's id in the API."""
+
+    model_name: str
+    model_root: str  # the base model's folder, reported as its `root`
+    api_key: str | None = None  # when set, every route but /health and /metrics requires "Authorization: Bearer <key>"
+    max_request_bytes: int = 1 << 20
+    max_waiting_requests: int | None = None  # beyond it, new requests get a 429 (None: no limit)
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
+
+
+@dataclass
+class ServerState:
+    llm: LLM
+    engine: AsyncEngine
+    metrics: ServerMetrics
+    config: ServerConfig
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    def resolve_adapter(self, model: str | None) -> str | None:
+        """The adapter a request's `model` names (None: the base model)."""
+        if model in (None, "", self.config.model_name):
+            return None
+        if any(a["name"] == model for a in self.engine.list_adapters()):
+            return model
+        raise APIError(404, f"the model {model!r} does not exist", "not_found_error", "model", "model_not_found")
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+State = Annotated[ServerState, Depends(get_state)]

@@ -1,0 +1,347 @@
+"""Hostile and malformed requests: each gets a 4xx with OpenAI's error body, never a 5xx, and the server stays
+up with every KV block free. Also the contract around them: /openapi.json, the waiting-queue limit, CORS,
+/tokenize and /detokenize, echo, and the model card's context length."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import pytest
+from fastapi.testclient import TestClient
+
+from engine import LLM
+from server.app import ServerConfig, create_app
+from server.prompts import chat_prompt_ids
+
+KEY = "test-key"
+MODEL = "tiny"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ENGINE_KWARGS = dict(num_kv_blocks=96, block_size=8, max_num_seqs=8)
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir, tmp_path_factory) -> LLM:
+    return LLM(tiny_model_dir, adapter_root=str(tmp_path_factory.mktemp("adapter_root")), **ENGINE_KWARGS)
+
+
+def make_client(llm: LLM, **config) -> TestClient:
+    app = create_app(llm, ServerConfig(model_name=MODEL, model_root="/models/tiny", api_key=KEY,
+                                       max_request_bytes=4096, **config))
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def client(llm):
+    with make_client(llm) as client:
+        yield client
+
+
+@dataclass
+class Bad:
+    """A hostile request: JSON (or raw bytes) to `route`, the status it must get and the `param` it must name."""
+
+    route: str
+    body: object
+    status: int = 400
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+    method: str = "POST"
+
+
+def completion(param: str | None, **fields) -> Bad:
+    return Bad("/v1/completions", {"prompt": "hi", "max_tokens": 2, **fields}, param=param)
+
+
+def chat(param: str | None, **fields) -> Bad:
+    return Bad("/v1/chat/completions", {"messages": USER, "max_tokens": 2, **fields}, param=param)
+
+
+HOSTILE = {
+    # the body itself
+    "bad json": Bad("/v1/completions", b'{"prompt": "hi", "max_tokens": '),
+    "json array": Bad("/v1/completions", b"[1, 2]"),
+    "json string": Bad("/v1/completions", b'"hi"'),
+    "empty body": Bad("/v1/completions", b""),
+    "NaN": Bad("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', param="temperature"),
+    "Infinity": Bad("/v1/completions", b'{"prompt": "hi", "top_p": Infinity}', param="top_p"),
+    "deep nesting": Bad("/v1/completions", b'{"prompt": ' + b"[" * 1500 + b"]" * 1500 + b"}"),
+    "huge body": Bad("/v1/completions", {"prompt": "x" * 5000}, status=413, code="request_too_large"),
+    "text/plain": Bad("/v1/completions", b'{"prompt": "hi"}', status=415, code="unsupported_media_type",
+                      headers={"Content-Type": "text/plain"}),
+    "form encoded": Bad("/v1/completions", b"prompt=hi", status=415, code="unsupported_media_type",
+                        headers={"Content-Type": "application/x-www-form-urlencoded"}),
+    "no content type": Bad("/v1/completions", b'{"prompt": "hi"}', status=415, code="unsupported_media_type",
+                           headers={}),
+    "unknown field": completion("frobnicate", frobnicate=1),
+    # prompts and token ids
+    "prompt missing": Bad("/v1/completions", {"max_tokens": 2}, param="prompt"),
+    "prompt number": completion("prompt", prompt=5),
+    "prompt object": completion("prompt", prompt={"text": "hi"}),
+    "prompt empty": completion("prompt", prompt=""),
+    "prompt ids empty": completion("prompt", prompt=[]),
+    "prompt ids floats": completion("prompt", prompt=[1.5, 2]),
+    "prompt ids strings": completion("prompt", prompt=["1", "2"]),
+    "prompt ids nested": completion("prompt", prompt=[[1, 2]]),
+    "prompt id negative": completion("prompt", prompt=[1, -1]),
+    "prompt id out of vocabulary": completion("prompt", prompt=[1, 256]),
+    "prompt id 2**70": completion("prompt", prompt=[1, 2 ** 70]),
+    "prompt over the context": Bad("/v1/completions", {"prompt": [5] * 600}, param="prompt",
+                                   code="context_length_exceeded"),
+    "prompt + max_tokens over the context": Bad("/v1/completions", {"prompt": [5] * 500, "max_tokens": 100},
+                                                param="max_tokens", code="context_length_exceeded"),
+    # sampling fields: wrong types and out-of-range values
+    "max_tokens negative": completion("max_tokens", max_tokens=-1),
+    "max_tokens zero": completion("max_tokens", max_tokens=0),
+    "max_tokens string": completion("max_tokens", max_tokens="16"),
+    "max_tokens fraction": completion("max_tokens", max_tokens=1.5),
+    "max_tokens 2**70": completion("max_tokens", max_tokens=2 ** 70),
+    "temperature negative": completion("temperature", temperature=-1),
+    "temperature string": completion("temperature", temperature="hot"),
+    "top_p zero": completion("top_p", top_p=0),
+    "top_p above one": completion("top_p", top_p=1.5),
+    "top_k below -1": completion("top_k", top_k=-2),
+    "top_k 2**70": completion("top_k", top_k=2 ** 70),
+    "min_p above one": completion("min_p", min_p=1.5),
+    "presence_penalty too big": completion("presence_penalty", presence_penalty=3),
+    "frequency_penalty too small": completion("frequency_penalty", frequency_penalty=-2.5),
+    "repetition_penalty zero": completion("repetition_penalty", repetition_penalty=0),
+    "logit_bias key not an id": completion("logit_bias", logit_bias={"abc": 1}),
+    "logit_bias id out of vocabulary": completion("logit_bias", logit_bias={"100000": 1}),
+    "logit_bias negative id": completion("logit_bias", logit_bias={"-1": 1}),
+    "logit_bias value too big": completion("logit_bias", logit_bias={"5": 1000}),
+    "logit_bias too many entries": completion("logit_bias", logit_bias={str(i): 1 for i in range(301)}),
+    "logit_bias a list": completion("logit_bias", logit_bias=[5, 1]),
+    "seed 2**70": completion("seed", seed=2 ** 70),
+    "seed string": completion("seed", seed="x"),
+    "n zero": completion("n", n=0),
+    "n too many": completion("n", n=1000),
+    "stop list too long": completion("stop", stop=[str(i) for i in range(100)]),
+    "stop empty string": completion("stop", stop=[""]),
+    "stop number": completion("stop", stop=5),
+    "stream not a bool": completion("stream", stream="yes"),
+    "stream_options unknown key": completion("stream_options", stream=True, stream_options={"everything": True}),
+    "logprobs too many": completion("logprobs", logprobs=50),
+    "echo with logprobs": completion("echo", echo=True, logprobs=1),
+    "best_of above n": completion("best_of", best_of=3),
+    "suffix": completion("suffix", suffix="}"),
+    "model unknown": Bad("/v1/completions", {"prompt": "hi", "model": "no-such-model"}, status=404, param="model",
+                         code="model_not_found"),
+    "model not a string": completion("model", model=5),
+    # chat
+    "messages empty": chat("messages", messages=[]),
+    "messages missing": Bad("/v1/chat/completions", {"max_tokens": 2}, param="messages"),
+    "messages a string": chat("messages", messages="hi"),
+    "role unknown": chat("messages", messages=[{"role": "wizard", "content": "hi"}]),
+    "role tool": chat("messages", messages=[{"role": "tool", "content": "hi", "tool_call_id": "1"}]),
+    "content missing": chat("messages", messages=[{"role": "user"}]),
+    "content a number": chat("messages", messages=[{"role": "user", "content": 5}]),
+    "content an image": chat("messages", messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]),
+    "message unknown field": chat("messages", messages=[{"role": "user", "content": "hi", "mood": "grim"}]),
+    "tools": chat("tools", tools=[{"type": "function", "function": {"name": "f"}}]),
+    "tool_choice": chat("tool_choice", tool_choice="auto"),
+    "functions": chat("functions", functions=[{"name": "f"}]),
+    "response_format json": chat("response_format", response_format={"type": "json_object"}),
+    "audio": chat("audio", audio={"voice": "alloy", "format": "wav"}),
+    "modalities audio": chat("modalities", modalities=["text", "audio"]),
+    "chat logprobs not a bool": chat("logprobs", logprobs="yes"),
+    "top_logprobs too many": chat("top_logprobs", logprobs=True, top_logprobs=100),
+    "top_logprobs without logprobs": chat("top_logprobs", top_logprobs=2),
+    "max_completion_tokens negative": chat("max_completion_tokens", max_completion_tokens=-1),
+    "chat over the context": Bad("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 600}]},
+                                 param="messages", code="context_length_exceeded"),
+    # adapter routes
+    "adapter path traversal": Bad("/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": "../../etc"},
+                                  param="lora_path"),
+    "adapter absolute path": Bad("/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": "/etc"},
+                                 param="lora_path"),
+    "adapter missing folder": Bad("/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": "missing"},
+                                  param="lora_path"),
+    "adapter name traversal": Bad("/v1/load_lora_adapter", {"lora_name": "../../etc", "lora_path": "x"},
+                                  param="lora_name"),
+    "adapter name empty": Bad("/v1/load_lora_adapter", {"lora_name": "", "lora_path": "x"}, param="lora_name"),
+    "adapter name of the base model": Bad("/v1/load_lora_adapter", {"lora_name": MODEL, "lora_path": "x"},
+                                          param="lora_name"),
+    "adapter path missing": Bad("/v1/load_lora_adapter", {"lora_name": "evil"}, param="lora_path"),
+    "adapter path not a string": Bad("/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": ["x"]},
+                                     param="lora_path"),
+    "unload unknown adapter": Bad("/v1/unload_lora_adapter", {"lora_name": "never-loaded"}, param="lora_name"),
+    "unload name not a string": Bad("/v1/unload_lora_adapter", {"lora_name": 5}, param="lora_name"),
+    # tokenize / detokenize
+    "tokenize nothing": Bad("/tokenize", {}, param="prompt"),
+    "tokenize prompt and messages": Bad("/tokenize", {"prompt": "hi", "messages": USER}, param="prompt"),
+    "detokenize negative id": Bad("/detokenize", {"tokens": [-1]}, param="tokens"),
+    "detokenize id 2**70": Bad("/detokenize", {"tokens": [2 ** 70]}, param="tokens"),
+    "detokenize id out of vocabulary": Bad("/detokenize", {"tokens": [256]}, param="tokens"),
+    "detokenize strings": Bad("/detokenize", {"tokens": ["a"]}, param="tokens"),
+    # routes, methods, auth
+    "no API key": Bad("/v1/completions", {"prompt": "hi"}, status=401, code="invalid_api_key",
+                      headers={"Content-Type": "application/json", "Authorization": ""}),
+    "wrong API key": Bad("/v1/models", None, status=401, code="invalid_api_key", method="GET",
+                         headers={"Authorization": "Bearer nope"}),
+    "wrong method": Bad("/v1/completions", None, status=405, method="GET"),
+    "unknown route": Bad("/v1/nothing-here", None, status=404, method="GET"),
+}
+
+
+def send(client: TestClient, bad: Bad):
+    headers = {**AUTH, **bad.headers}
+    if headers.get("Authorization") == "":
+        del headers["Authorization"]
+    content = bad.body if isinstance(bad.body, bytes) or bad.body is None else json.dumps(bad.body).encode()
+    return client.request(bad.method, bad.route, content=content, headers=headers)
+
+
+def test_the_hostile_list_is_long():
+    assert len(HOSTILE) >= 40
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_requests_get_a_4xx_with_openai_error_body(client, name):
+    bad = HOSTILE[name]
+    response = send(client, bad)
+    assert response.status_code == bad.status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == bad.param and error["code"] == bad.code, error
+
+
+def test_after_the_hostile_list_the_server_serves_and_holds_no_kv_block(client, llm):
+    for bad in HOSTILE.values():
+        assert send(client, bad).status_code < 500
+    response = client.post("/v1/completions", headers=AUTH,
+                           json={"prompt": "hi", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 4
+    deadline = time.monotonic() + 10
+    while llm.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = llm.stats()
+    assert stats.num_running == stats.num_waiting == 0 and llm.num_free_blocks == stats.num_blocks
+
+
+# ---- the contract ------------------------------------------------------------------------------------
+def test_openapi_documents_every_route_body(client):
+    doc = client.get("/openapi.json").json()
+    schemas = doc["components"]["schemas"]
+
+    def resolve(schema: dict) -> dict:
+        ref = schema.get("$ref")
+        if ref is None:
+            return schema
+        assert ref.startswith("#/components/schemas/") and ref.split("/")[-1] in schemas, ref
+        return schemas[ref.split("/")[-1]]
+
+    refs = [value for value in _walk(doc) if isinstance(value, str) and value.startswith("#/")]
+    assert refs and all(ref.split("/")[-1] in schemas for ref in refs)  # no dangling reference
+    routes = {("post", "/v1/completions"): "CompletionRequest", ("post", "/v1/chat/completions"):
+              "ChatCompletionRequest", ("post", "/v1/load_lora_adapter"): "LoadLoraAdapterRequest",
+              ("post", "/v1/unload_lora_adapter"): "UnloadLoraAdapterRequest",
+              ("post", "/tokenize"): "TokenizeRequest", ("post", "/detokenize"): "DetokenizeRequest",
+              ("get", "/v1/models"): None, ("get", "/health"): None, ("get", "/metrics"): None}
+    for (method, path), request_schema in routes.items():
+        operation = doc["paths"][path][method]
+        if request_schema:
+            body = operation["requestBody"]["content"]["application/json"]["schema"]
+            assert body["$ref"].endswith("/" + request_schema)
+            assert operation["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+                "/ErrorResponse")
+        assert all(resolve(c["schema"]) for c in operation["responses"]["200"]["content"].values())
+    assert {"logit_bias", "min_p", "repetition_penalty", "echo", "seed"} <= set(schemas["CompletionRequest"]
+                                                                               ["properties"])
+    assert schemas["CompletionRequest"]["additionalProperties"] is False
+    assert all("422" not in op["responses"] for path in doc["paths"].values() for op in path.values())
+    chat_200 = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    assert chat_200["text/event-stream"]["schema"]["$ref"].endswith("/ChatCompletionChunk")
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+    else:
+        yield node
+
+
+def test_a_full_waiting_queue_gets_429_with_retry_after(llm, monkeypatch):
+    with make_client(llm, max_waiting_requests=2) as client:
+        body = {"prompt": "hi", "max_tokens": 2}
+        stats = llm.stats
+        monkeypatch.setattr(llm, "stats", lambda: type(stats())(**{**vars(stats()), "num_waiting": 2}))
+        response = client.post("/v1/completions", headers=AUTH, json=body)
+        assert response.status_code == 429 and response.headers["Retry-After"] == "1"
+        assert response.json()["error"]["code"] == "rate_limit_exceeded"
+        monkeypatch.setattr(llm, "stats", lambda: type(stats())(**{**vars(stats()), "num_waiting": 1}))
+        assert client.post("/v1/completions", headers=AUTH, json=body).status_code == 200
+
+
+def test_cors_origins_are_allowed(llm):
+    with make_client(llm, cors_origins=["https://app.example"]) as client:
+        preflight = client.options("/v1/completions", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        other = client.get("/health", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_tokenize_and_detokenize_round_trip(client, llm):
+    response = client.post("/tokenize", headers=AUTH, json={"prompt": "def f(x):", "return_token_strs": True})
+    assert response.status_code == 200, response.text
+    got = response.json()
+    want = llm.tokenizer("def f(x):")["input_ids"]
+    assert got["tokens"] == want and got["count"] == len(want) and got["max_model_len"] == llm.max_model_len
+    assert len(got["token_strs"]) == len(want)
+    chat_tokens = client.post("/tokenize", headers=AUTH, json={"messages": USER}).json()["tokens"]
+    assert chat_tokens == chat_prompt_ids(llm.tokenizer, [type_message(m) for m in USER])
+    text = client.post("/detokenize", headers=AUTH, json={"tokens": want}).json()["prompt"]
+    assert text == llm.tokenizer.decode(want)
+
+
+def type_message(message: dict):
+    from server.protocol import ChatMessage
+    return ChatMessage.model_validate(message)
+
+
+def test_models_report_the_context_length(client, llm):
+    card = client.get("/v1/models", headers=AUTH).json()["data"][0]
+    assert card["id"] == MODEL and card["max_model_len"] == llm.max_model_len
+
+
+def test_echo_prepends_the_prompt(client, llm):
+    body = {"prompt": "def f(x):", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    plain = client.post("/v1/completions", headers=AUTH, json=body).json()["choices"][0]["text"]
+    echoed = client.post("/v1/completions", headers=AUTH, json={**body, "echo": True}).json()["choices"][0]["text"]
+    assert echoed == "def f(x):" + plain
+    ids = llm.tokenizer("def f(x):")["input_ids"]
+    by_ids = client.post("/v1/completions", headers=AUTH, json={**body, "prompt": ids, "echo": True}).json()
+    assert by_ids["choices"][0]["text"] == llm.tokenizer.decode(ids) + plain
+    with client.stream("POST", "/v1/completions", headers=AUTH, json={**body, "echo": True, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["text"] == "def f(x):"
+    assert "".join(c["choices"][0]["text"] for c in chunks) == echoed
+
+
+def test_accepted_unused_openai_fields(client):
+    body = {"messages": USER, "max_tokens": 2, "user": "u-1", "store": False, "metadata": {"k": "v"},
+            "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "modalities": ["text"],
+            "parallel_tool_calls": False, "stop": "\n\n"}
+    assert client.post("/v1/chat/completions", headers=AUTH, json=body).status_code == 200
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}],
+             "max_tokens": 2}
+    assert client.post("/v1/chat/completions", headers=AUTH, json=parts).status_code == 200
+
+
+def test_unsupported_fields_are_named_in_the_message(client):
+    error = send(client, HOSTILE["tools"]).json()["error"]
+    assert error["message"] == "tools is not supported by this server"
+    error = send(client, HOSTILE["response_format json"]).json()["error"]
+    assert "response_format" in error["message"] and '{"type": "text"}' in error["message"]
+    error = send(client, HOSTILE["unknown field"]).json()["error"]
+    assert "frobnicate" in error["message"]
