@@ -3,15 +3,64 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from engine import LLM
 from server.app import ServerConfig, create_app
 
 DEFAULT_MODEL_NAME = "gorgon-default"
+API_KEY_ENV = "GORGON_API_KEY"
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'2GiB', '512MB', '1000000' -> bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GiB, 512MB, 1000000)")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"the size must be positive, got {text!r}")
+    return size
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a fraction is in (0, 1], got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text!r}")
+    return value
+
+
+def available_memory(device: str) -> int:
+    """Bytes free on `device` now: CUDA's free memory, or the host's available memory (MemAvailable)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,16 +76,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="load a LoRA or prefix-tuning adapter at startup (repeatable)")
     parser.add_argument("--adapter-root", default=None,
                         help="adapters load only from inside this folder (default: <model>/adapters)")
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    parser.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
-    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                        help=f"require 'Authorization: Bearer KEY' on every route but /health and /metrics "
+                             f"(default: ${API_KEY_ENV}, if set)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--max-request-bytes", type=int, default=1 << 20, help="request body size limit")
-    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
-                        help="seconds in-flight requests get to finish on shutdown before they are aborted")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--max-num-seqs", type=positive_int, default=64, help="requests decoded together")
+    engine.add_argument("--max-model-len", type=positive_int, default=None)
+    engine.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
+                        help="tokens per step (longer prompts are prefilled in chunks; default: the engine's)")
+    engine.add_argument("--block-size", type=positive_int, default=None,
+                        help="tokens per KV cache block (default: the engine's)")
+    engine.add_argument("--attention-backend", default=None,
+                        help="auto (default: the fastest on the device), reference, flash, cpu or triton")
+    engine.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prefixes")
+    kv = engine.add_mutually_exclusive_group()
+    kv.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="SIZE",
+                    help="bytes for the KV cache, e.g. 2GiB (default: the engine's, 1 GiB)")
+    kv.add_argument("--kv-cache-fraction", type=fraction, default=None, metavar="F",
+                    help="this fraction of the device's memory available at startup, before the model loads")
+    kv.add_argument("--num-kv-blocks", type=positive_int, default=None, help="KV cache blocks")
+    http = parser.add_argument_group("HTTP")
+    http.add_argument("--max-waiting-requests", type=non_negative_int, default=None, metavar="N",
+                      help="requests queued beyond the running batch; more get a 429 with Retry-After "
+                           "(default: no limit)")
+    http.add_argument("--cors-origins", nargs="+", default=[], metavar="ORIGIN",
+                      help="browser origins allowed to call the API ('*': any)")
+    http.add_argument("--max-request-bytes", type=positive_int, default=1 << 20, help="request body size limit")
+    http.add_argument("--shutdown-timeout", type=float, default=30.0,
+                      help="seconds in-flight requests get to finish on shutdown before they are aborted")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser.parse_args(argv)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """EngineConfig fields from the flags; a flag left out keeps the engine's default."""
+    kwargs = {"device": args.device, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
+              "max_model_len": args.max_model_len, "adapter_root": args.adapter_root,
+              "enable_prefix_caching": not args.no_prefix_caching}
+    optional = {"max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
+                "attention_backend": args.attention_backend, "num_kv_blocks": args.num_kv_blocks,
+                "kv_cache_memory": args.kv_cache_memory}
+    if args.kv_cache_fraction is not None:
+        optional["kv_cache_memory"] = int(args.kv_cache_fraction * available_memory(args.device))
+    if args.medusa:
+        optional |= {"medusa": args.medusa, "medusa_tree": args.medusa_tree}
+    return kwargs | {name: value for name, value in optional.items() if value is not None}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,19 +135,19 @@ def main(argv: list[str] | None = None) -> None:
         if not sep or not name or not folder:
             sys.exit(f"gorgon serve: error: --adapter takes NAME=DIR, got {spec!r}")
         adapters[name] = folder
-    engine_kwargs = {"device": args.device, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
-                     "max_model_len": args.max_model_len, "adapter_root": args.adapter_root}
-    if args.medusa:
-        engine_kwargs |= {"medusa": args.medusa, "medusa_tree": args.medusa_tree}
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
-        llm = LLM(args.model, **engine_kwargs)
+        llm = LLM(args.model, **engine_kwargs(args))
         for name, folder in adapters.items():
             llm.load_adapter(name, folder)
     except (ValueError, OSError) as e:
         sys.exit(f"gorgon serve: error: {e}")
     model_name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)
-    config = ServerConfig(model_name=model_name, model_root=str(Path(args.model).resolve()) if args.model else
-                          DEFAULT_MODEL_NAME, api_key=args.api_key, max_request_bytes=args.max_request_bytes)
+    model_root = str(Path(args.model).resolve()) if args.model else DEFAULT_MODEL_NAME
+    config = ServerConfig(model_name=model_name, model_root=model_root, api_key=args.api_key or None,
+                          max_request_bytes=args.max_request_bytes, max_waiting_requests=args.max_waiting_requests,
+                          cors_origins=args.cors_origins)
     uvicorn.run(create_app(llm, config), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.shutdown_timeout)
 

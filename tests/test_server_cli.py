@@ -1,0 +1,85 @@
+"""`gorgon serve` flags -> EngineConfig fields and ServerConfig (no model is loaded)."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from engine import EngineConfig
+from server.__main__ import engine_kwargs, main, parse_args, parse_bytes
+
+
+@pytest.mark.parametrize("text, want", [("2GiB", 2 << 30), ("512MiB", 512 << 20), ("1.5GB", 1_500_000_000),
+                                        ("1000000", 1_000_000), ("64 kib", 64 << 10), ("3TB", 3 * 10 ** 12)])
+def test_sizes(text, want):
+    assert parse_bytes(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "2 GiBs", "-1GiB", "0", "2XB", "1e9"])
+def test_bad_sizes(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_bytes(text)
+
+
+def test_flags_map_to_engine_config_fields():
+    args = parse_args(["--kv-cache-memory", "2GiB", "--block-size", "32", "--max-num-batched-tokens", "512",
+                       "--attention-backend", "flash", "--no-prefix-caching", "--max-num-seqs", "4"])
+    kwargs = engine_kwargs(args)
+    assert kwargs | {"kv_cache_memory": 2 << 30, "block_size": 32, "max_num_batched_tokens": 512,
+                     "attention_backend": "flash", "enable_prefix_caching": False, "max_num_seqs": 4} == kwargs
+    assert "num_kv_blocks" not in kwargs
+    EngineConfig(**kwargs)  # every key is a field
+
+
+def test_flags_left_out_keep_the_engine_defaults():
+    kwargs = engine_kwargs(parse_args([]))
+    config, default = EngineConfig(**kwargs), EngineConfig()
+    for name in ("block_size", "kv_cache_memory", "num_kv_blocks", "max_num_batched_tokens", "attention_backend",
+                 "enable_prefix_caching"):
+        assert getattr(config, name) == getattr(default, name)
+
+
+def test_kv_cache_fraction_of_available_memory(monkeypatch):
+    monkeypatch.setattr("server.__main__.available_memory", lambda device: 8 << 30)
+    assert engine_kwargs(parse_args(["--kv-cache-fraction", "0.25"]))["kv_cache_memory"] == 2 << 30
+    assert engine_kwargs(parse_args(["--num-kv-blocks", "100"]))["num_kv_blocks"] == 100
+
+
+@pytest.mark.parametrize("argv", [["--kv-cache-memory", "1GiB", "--num-kv-blocks", "4"],
+                                  ["--kv-cache-fraction", "0.5", "--kv-cache-memory", "1GiB"],
+                                  ["--kv-cache-fraction", "1.5"], ["--block-size", "0"],
+                                  ["--max-waiting-requests", "-1"], ["--threads", "0"]])
+def test_bad_flags_exit_with_a_usage_error(argv):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv("GORGON_API_KEY", "from-env")
+    assert parse_args([]).api_key == "from-env"
+    assert parse_args(["--api-key", "from-flag"]).api_key == "from-flag"
+    monkeypatch.delenv("GORGON_API_KEY")
+    assert parse_args([]).api_key is None
+
+
+def test_http_flags():
+    args = parse_args(["--max-waiting-requests", "0", "--cors-origins", "https://a.example", "https://b.example",
+                       "--threads", "2"])
+    assert args.max_waiting_requests == 0 and args.threads == 2
+    assert args.cors_origins == ["https://a.example", "https://b.example"]
+
+
+def test_serve_builds_the_engine_and_app_from_the_flags(tiny_model_dir, monkeypatch):
+    served = {}
+    monkeypatch.setattr("server.__main__.uvicorn.run", lambda app, **kwargs: served.update(app=app, **kwargs))
+    monkeypatch.setattr("server.__main__.torch.set_num_threads", lambda n: served.update(threads=n))
+    monkeypatch.setenv("GORGON_API_KEY", "k")
+    main(["--model", str(tiny_model_dir), "--num-kv-blocks", "40", "--block-size", "8", "--no-prefix-caching",
+          "--max-num-batched-tokens", "64", "--attention-backend", "reference", "--threads", "1",
+          "--max-waiting-requests", "3", "--cors-origins", "*", "--port", "9999"])
+    state = served["app"].state.server
+    assert state.llm.stats().num_blocks == 40 and state.llm.config.block_size == 8
+    assert not state.llm.config.enable_prefix_caching and state.llm.config.max_num_batched_tokens == 64
+    assert state.llm.config.attention_backend == "reference" and served["threads"] == 1
+    assert state.config.api_key == "k" and state.config.max_waiting_requests == 3
+    assert state.config.cors_origins == ["*"] and served["port"] == 9999
