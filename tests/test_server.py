@@ -365,5 +365,5 @@ def test_shutdown_finishes_or_aborts_in_flight_requests(tiny_model_dir, shutdown
         pass
     running.thread.join(timeout=30)
     assert not running.thread.is_alive()
-    assert reasons[-1] == finish_reason  # None: cut off before it finished
+    assert (reasons or [None])[-1] == finish_reason  # None: cut off before it finished (maybe before a chunk)
     assert running.llm.num_free_blocks == running.llm.block_manager.num_blocks and not running.llm.has_unfinished()
