@@ -84,7 +84,10 @@ class EngineConfig:
     max_lora_rank: int = 16
     medusa: str | None = None  # Medusa heads folder (published format); None: no speculation
     medusa_tree: str | None = None  # a shipped tree's name (engine.medusa.tree.TREES) or a JSON file; None: the default
-    # typical acceptance for sampled requests: accept when p > min(threshold, alpha * exp(-entropy))
+    # how sampled requests accept drafts. "rejection": speculative rejection sampling, the output follows plain
+    # sampling's distribution exactly; "typical": typical acceptance, accept when p > min(threshold, alpha *
+    # exp(-entropy)), which trades that exactness for longer accepted runs (greedy requests are exact either way)
+    medusa_acceptance: str = "rejection"
     medusa_posterior_threshold: float = 0.09
     medusa_posterior_alpha: float = 0.3
 
@@ -100,6 +103,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive")
         if self.medusa_posterior_threshold < 0 or self.medusa_posterior_alpha < 0:
             raise ValueError("medusa_posterior_threshold and medusa_posterior_alpha must be >= 0")
+        if self.medusa_acceptance not in ("rejection", "typical"):
+            raise ValueError(f"medusa_acceptance must be 'rejection' or 'typical', got {self.medusa_acceptance!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -116,6 +116,9 @@ class LLM:
         vocab = self.model.config.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        bad_bias = [t for t in params.logit_bias if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad_bias:
+            raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {bad_bias[:5]}")
         if num_virtual_tokens + len(token_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens; this model accepts at most "
                              f"{self.max_model_len - num_virtual_tokens - 1} prompt tokens (max_model_len "
@@ -153,7 +156,8 @@ class LLM:
         if inputs.sampling_seqs:
             logits = self.runner.logits(hidden, inputs.sample_rows)
             seqs = [batch.seqs[i] for i in inputs.sampling_seqs]
-            out = self.sampler(logits, [s.params for s in seqs], [s.generator or self._rng for s in seqs])
+            out = self.sampler(logits, [s.params for s in seqs], [s.generator or self._rng for s in seqs],
+                               [s.token_ids for s in seqs], [s.num_prompt_tokens for s in seqs])
             sampled = dict(zip(inputs.sampling_seqs, out.token_ids))
             sampled_logprobs = dict(zip(inputs.sampling_seqs, out.logprobs))
 

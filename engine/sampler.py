@@ -1,7 +1,12 @@
-"""Sampler: logits of the rows that sample -> next token ids (greedy, temperature, top-k, top-p, seeds)."""
+"""Sampler: logits of the rows that sample -> next token ids.
+
+Per row, in vLLM's order: logit_bias, repetition penalty, presence and frequency penalties (greedy rows take
+the argmax here), then temperature, min_p, top-k, top-p, and a draw with the row's generator. Logprobs are
+those of the model's raw logits."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
@@ -15,46 +20,126 @@ class SamplerOutput:
     logprobs: list[tuple[float, dict[int, float]] | None]
 
 
-class Sampler:
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> SamplerOutput:
-        """logits: [num_rows, vocab]. Row i is sampled with params[i] and generators[i] (None: global RNG)."""
-        logits = logits.float()
-        if all(p.greedy for p in params):
-            token_ids = logits.argmax(dim=-1)
-        else:
-            probs = self.filtered_probs(logits, params)
-            token_ids = torch.empty(len(params), dtype=torch.long, device=logits.device)
-            for i, (p, gen) in enumerate(zip(params, generators)):
-                if p.greedy:
-                    token_ids[i] = logits[i].argmax()
-                else:
-                    token_ids[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
-        ids = token_ids.tolist()
-        return SamplerOutput(ids, self._logprobs(logits, ids, params))
+def has_penalties(p: SamplingParams) -> bool:
+    """Whether the row's logits depend on its token history."""
+    return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
 
-    @staticmethod
-    def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """Softmax of logits / temperature restricted to each row's top-k and top-p set."""
-        device = logits.device
-        temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
-        logits = logits / temperature[:, None]
-        top_k = [p.top_k for p in params]
-        if any(k > 0 for k in top_k):
-            vocab = logits.shape[-1]
-            k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device)
-            kth_largest = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
-            logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-        top_p = [p.top_p for p in params]
-        if any(p < 1.0 for p in top_p):
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            # drop a token when the tokens ranked above it already reach top_p
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            drop_sorted = mass_before >= torch.tensor(top_p, device=device)[:, None]
-            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        return logits.softmax(dim=-1)
+
+@dataclass
+class TokenCounts:
+    """Token history of some rows, as the penalties read it."""
+
+    output: torch.Tensor  # [rows, vocab] float: occurrences of each token among the generated ones
+    seen: torch.Tensor  # [rows, vocab] bool: the token occurs in the prompt or the generated tokens
+
+    @classmethod
+    def of(cls, token_ids: list[list[int]], num_prompt_tokens: list[int], vocab_size: int,
+           device: torch.device) -> TokenCounts:
+        """Row i's history is token_ids[i], of which the first num_prompt_tokens[i] are the prompt. The
+        per-token work happens in C (list -> tensor, scatter), the Python work is per row."""
+        counts = cls(torch.zeros(len(token_ids), vocab_size, device=device),
+                     torch.zeros(len(token_ids), vocab_size, dtype=torch.bool, device=device))
+        prompts = [t[:n] for t, n in zip(token_ids, num_prompt_tokens)]
+        outputs = [t[n:] for t, n in zip(token_ids, num_prompt_tokens)]
+        counts.add(torch.repeat_interleave(torch.arange(len(outputs)), torch.tensor([len(t) for t in outputs])),
+                   torch.tensor(list(chain.from_iterable(outputs)), dtype=torch.long))
+        prompt_rows = torch.repeat_interleave(torch.arange(len(prompts)), torch.tensor([len(t) for t in prompts]))
+        prompt_ids = torch.tensor(list(chain.from_iterable(prompts)), dtype=torch.long, device=device)
+        counts.seen[prompt_rows.to(device), prompt_ids] = True
+        return counts
+
+    def add(self, rows: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Count token_ids[j] as generated in row rows[j]."""
+        rows, token_ids = rows.to(self.output.device), token_ids.to(self.output.device)
+        self.output.index_put_((rows, token_ids), torch.ones_like(token_ids, dtype=self.output.dtype), accumulate=True)
+        self.seen[rows, token_ids] = True
+
+    def repeat_interleave(self, n: int) -> TokenCounts:
+        """Each row n times, consecutively."""
+        return TokenCounts(self.output.repeat_interleave(n, dim=0), self.seen.repeat_interleave(n, dim=0))
+
+
+def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], counts: TokenCounts | None = None,
+                  penalized_rows: list[int] | None = None) -> torch.Tensor:
+    """logit_bias and penalties. logits: [rows, vocab] float; counts describe the rows penalized_rows
+    (default: those whose params have penalties), in that order. Returns new logits, or `logits` itself
+    when no row changes."""
+    if any(p.logit_bias for p in params):
+        rows = [i for i, p in enumerate(params) for _ in p.logit_bias]
+        ids = [t for p in params for t in p.logit_bias]
+        bias = [b for p in params for b in p.logit_bias.values()]
+        logits = logits.index_put((torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device)),
+                                  torch.tensor(bias, device=logits.device), accumulate=True)
+    if penalized_rows is None:
+        penalized_rows = [i for i, p in enumerate(params) if has_penalties(p)]
+    if not penalized_rows:
+        return logits
+    assert counts is not None and counts.output.shape[0] == len(penalized_rows), "penalties need the token history"
+    device = logits.device
+
+    def column(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, device=device)[:, None]
+
+    chosen = [params[i] for i in penalized_rows]
+    rows = torch.tensor(penalized_rows, device=device)
+    x = logits[rows]
+    repetition = column([p.repetition_penalty for p in chosen])
+    x = torch.where(counts.seen, torch.where(x > 0, x / repetition, x * repetition), x)
+    x = x - column([p.frequency_penalty for p in chosen]) * counts.output
+    x = x - column([p.presence_penalty for p in chosen]) * (counts.output > 0)
+    return logits.index_put((rows,), x)
+
+
+def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution a sampled row draws from: softmax of logits / temperature restricted to each row's
+    min_p, top-k and top-p set. logits: [rows, vocab], already adjusted."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+    logits = logits / temperature[:, None]
+    if any(p.min_p > 0 for p in params):
+        # p(x) < min_p * p(likeliest)  <=>  logit(x) < max logit + log(min_p)
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        floor = logits.max(dim=-1, keepdim=True).values + min_p.log()[:, None]
+        logits = logits.masked_fill(logits < floor, float("-inf"))
+    top_k = [p.top_k for p in params]
+    if any(k > 0 for k in top_k):
+        vocab = logits.shape[-1]
+        k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device)
+        kth_largest = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    top_p = [p.top_p for p in params]
+    if any(p < 1.0 for p in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = mass_before >= torch.tensor(top_p, device=device)[:, None]
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                 token_ids: list[list[int]] | None = None, num_prompt_tokens: list[int] | None = None) -> SamplerOutput:
+        """logits: [num_rows, vocab]. Row i is sampled with params[i] and generators[i] (None: global RNG).
+        token_ids[i]: row i's prompt and output so far, of which num_prompt_tokens[i] are the prompt; only
+        rows with penalties read them (they may be omitted when no row has penalties)."""
+        raw = logits.float()
+        penalized = [i for i, p in enumerate(params) if has_penalties(p)]
+        counts = None
+        if penalized:
+            assert token_ids is not None and num_prompt_tokens is not None, "penalties need the token history"
+            counts = TokenCounts.of([token_ids[i] for i in penalized], [num_prompt_tokens[i] for i in penalized],
+                                    raw.shape[-1], raw.device)
+        adjusted = adjust_logits(raw, params, counts, penalized)
+        ids = adjusted.argmax(dim=-1).tolist()
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if sampled:
+            probs = filtered_probs(adjusted[sampled], [params[i] for i in sampled])
+            for row, i in enumerate(sampled):
+                ids[i] = torch.multinomial(probs[row], 1, generator=generators[i]).item()
+        return SamplerOutput(ids, self._logprobs(raw, ids, params))
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, token_ids: list[int],

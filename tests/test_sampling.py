@@ -1,10 +1,15 @@
-"""Sampler: temperature 0 is argmax, seeds reproduce, top-k and top-p restrict the support."""
+"""Sampler: temperature 0 is argmax, seeds reproduce, top-k and top-p restrict the support; each transform
+(logit_bias, penalties, min_p) recomputed by hand; greedy rows honour penalties and logit_bias; through the
+engine, greedy decoding with every transform equals a hand-written loop over HF logits."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.sampler import Sampler
+from engine.sampler import Sampler, TokenCounts, adjust_logits, filtered_probs
+
+from conftest import hf_model
 
 VOCAB = 50
 
@@ -63,3 +68,127 @@ def test_logprobs_are_those_of_the_sampled_tokens():
     expected = rows[0].log_softmax(-1)
     assert abs(chosen - expected.max().item()) < 1e-6
     assert list(top) == expected.topk(2).indices.tolist()
+
+
+# ---- each transform by hand -----------------------------------------------------------------------------
+ROW = [2.0, -1.0, 3.0, -2.0, 0.5, 1.0]
+
+
+def processed(params: SamplingParams, token_ids: list[int], num_prompt_tokens: int) -> list[float]:
+    """ROW after logit_bias and penalties, for a row whose history is token_ids (the first num_prompt_tokens
+    of them the prompt)."""
+    counts = TokenCounts.of([token_ids], [num_prompt_tokens], len(ROW), torch.device("cpu"))
+    return adjust_logits(torch.tensor([ROW]), [params], counts)[0].tolist()
+
+
+def test_logit_bias_is_added():
+    params = SamplingParams(logit_bias={0: 5.0, 3: -100.0, 5: 0.25})
+    assert processed(params, [1], 1) == pytest.approx([7.0, -1.0, 3.0, -102.0, 0.5, 1.25])
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_prompt_and_output():
+    # prompt [1, 4], output [2]: tokens 1, 4 (prompt) and 2 (output) are penalized; 0, 3, 5 are not
+    params = SamplingParams(repetition_penalty=2.0)
+    assert processed(params, [1, 4, 2], 2) == pytest.approx([2.0, -2.0, 1.5, -2.0, 0.25, 1.0])
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    # prompt [0, 5]; output [2, 2, 3]: token 2 twice, token 3 once; prompt tokens are not penalized
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    assert processed(params, [0, 5, 2, 2, 3], 2) == pytest.approx([2.0, -1.0, 3.0 - 0.5 - 0.5, -2.0 - 0.5 - 0.25,
+                                                                    0.5, 1.0])
+    negative = SamplingParams(presence_penalty=-1.0, frequency_penalty=-0.5)  # negative values encourage repeats
+    assert processed(negative, [0, 5, 2, 2, 3], 2)[2] == pytest.approx(3.0 + 1.0 + 1.0)
+
+
+def test_min_p_drops_tokens_below_a_share_of_the_likeliest():
+    probs = torch.tensor([[0.5, 0.3, 0.12, 0.05, 0.03]])
+    kept = filtered_probs(probs.log(), [SamplingParams(min_p=0.2)])  # keeps p >= 0.1
+    assert kept[0].tolist() == pytest.approx([0.5 / 0.92, 0.3 / 0.92, 0.12 / 0.92, 0.0, 0.0])
+    hot = filtered_probs(probs.log(), [SamplingParams(min_p=0.2, temperature=2.0)])  # after temperature
+    sqrt = probs[0].sqrt()
+    assert hot[0].tolist() == pytest.approx((sqrt * (sqrt >= 0.2 * sqrt[0])).div((sqrt * (sqrt >= 0.2 * sqrt[0])).sum())
+                                            .tolist())
+
+
+def test_top_k_and_top_p_by_hand():
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    assert filtered_probs(probs.log(), [SamplingParams(top_k=2)])[0].tolist() == pytest.approx([4 / 7, 3 / 7, 0, 0])
+    # top_p 0.65: 0.4 and 0.3 reach it, so 0.2 and 0.1 go; at 0.75 they do not, so 0.2 stays
+    top_p = filtered_probs(probs.log().repeat(2, 1), [SamplingParams(top_p=0.65), SamplingParams(top_p=0.75)])
+    assert top_p.tolist() == [pytest.approx([4 / 7, 3 / 7, 0, 0]), pytest.approx([4 / 9, 3 / 9, 2 / 9, 0])]
+
+
+def test_greedy_rows_take_the_argmax_after_penalties_and_logit_bias():
+    rows = torch.tensor([[3.0, 2.9, 0.0], [3.0, 2.9, 0.0], [3.0, 2.9, 0.0]])
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, frequency_penalty=0.5),
+              SamplingParams(temperature=0, logit_bias={2: 3.5})]
+    out = Sampler()(rows, params, [None] * 3, [[1, 0], [1, 0], [1, 0]], [1, 1, 1])
+    assert out.token_ids == [0, 1, 2]
+
+
+def test_penalties_need_the_token_history():
+    with pytest.raises(AssertionError, match="token history"):
+        Sampler()(logits()[:1], [SamplingParams(presence_penalty=1.0)], [None])
+
+
+def test_temperature_near_zero_is_greedy():
+    rows = logits()
+    history, prompt_lens = [[1, 2, 3, 7, 7]] * 4, [2] * 4
+    penalties = dict(repetition_penalty=1.5, frequency_penalty=0.4, logit_bias={11: 2.0})
+    for extra in ({}, penalties, dict(top_k=3, top_p=0.5)):
+        greedy = Sampler()(rows, [SamplingParams(temperature=0, **extra)] * 4, [None] * 4, history, prompt_lens)
+        cold = Sampler()(rows, [SamplingParams(temperature=1e-4, **extra)] * 4,
+                         [torch.Generator().manual_seed(i) for i in range(4)], history, prompt_lens)
+        assert cold.token_ids == greedy.token_ids
+
+
+def test_mixed_greedy_and_sampled_rows_equal_each_row_alone():
+    rows = logits()
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=10),
+              SamplingParams(temperature=0, presence_penalty=1.0), SamplingParams(temperature=0.7, min_p=0.05,
+                                                                               repetition_penalty=1.3)]
+    history, prompt_lens = [[0], [1, 2], [3, 3, 4], [5, 6, 5]], [1, 1, 1, 2]
+
+    def generators() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(10 + i) for i in range(4)]
+
+    together = Sampler()(rows, params, generators(), history, prompt_lens).token_ids
+    alone = [Sampler()(rows[i:i + 1], params[i:i + 1], generators()[i:i + 1], history[i:i + 1], prompt_lens[i:i + 1])
+             .token_ids[0] for i in range(4)]
+    assert together == alone
+
+
+# ---- through the engine ----------------------------------------------------------------------------------
+def test_engine_greedy_with_every_transform_equals_a_hand_loop(tiny_model_dir):
+    """Greedy decoding with logit_bias, repetition, presence and frequency penalties: our engine against a
+    loop over HF's logits with the transforms written out per token."""
+    prompt = [5, 17, 99, 17, 42, 5]
+    params = SamplingParams(max_tokens=24, temperature=0, repetition_penalty=1.3, presence_penalty=0.4,
+                            frequency_penalty=0.3, logit_bias={65: 1.5, 17: -0.5}, ignore_eos=True)
+    model, tokens = hf_model(tiny_model_dir), list(prompt)
+    for _ in range(params.max_tokens):
+        with torch.no_grad():
+            row = model(torch.tensor([tokens])).logits[0, -1].tolist()
+        output = tokens[len(prompt):]
+        for t, b in params.logit_bias.items():
+            row[t] += b
+        for t in set(tokens):
+            row[t] = row[t] / params.repetition_penalty if row[t] > 0 else row[t] * params.repetition_penalty
+        for t in set(output):
+            row[t] -= params.presence_penalty + params.frequency_penalty * output.count(t)
+        tokens.append(max(range(len(row)), key=row.__getitem__))
+    ours = LLM(tiny_model_dir, num_kv_blocks=64).generate([prompt], params)[0].token_ids
+    assert ours == tokens[len(prompt):]
+    plain = LLM(tiny_model_dir, num_kv_blocks=64).generate([prompt], SamplingParams(max_tokens=24, temperature=0,
+                                                                                      ignore_eos=True))[0]
+    assert plain.token_ids != ours  # the transforms changed the text
+
+
+def test_logit_bias_ids_outside_the_vocabulary_are_refused(tiny_model_dir):
+    llm = LLM(tiny_model_dir, num_kv_blocks=64)
+    for bad in ({256: 1.0}, {-1: 1.0}, {2**70: 1.0}, {"7": 1.0}):
+        with pytest.raises(ValueError, match="logit_bias token ids"):
+            llm.add_request([5, 6], SamplingParams(logit_bias=bad))
+    assert not llm.has_unfinished()
+    assert len(llm.generate([5, 6], SamplingParams(max_tokens=2, logit_bias={255: 1.0}))[0].token_ids) == 2

@@ -1,20 +1,23 @@
 """The Medusa decode step: propose candidates with the heads (models.medusa), verify a whole tree per
-sequence in one forward, accept, compact the KV cache.
+sequence in one forward, accept (greedy: the argmax's path; sampled: speculative rejection sampling, which
+keeps plain sampling's distribution exactly, or typical acceptance), compact the KV cache.
 
 Indexing: the base model's logits at hidden state h_i predict token i+1; head k (from 0) at h_i predicts
 token i+2+k. A sequence in decode has its last token pending (not yet in the cache); that token is the
 tree's root, and the heads' top-k at the hidden state of the token before it fill the tree's nodes."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from itertools import chain
 
 import torch
 from torch import nn
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, SamplingParams
 from engine.kv_cache import KVCache
 from engine.runner import ModelRunner
-from engine.sampler import Sampler
+from engine.sampler import TokenCounts, adjust_logits, filtered_probs, has_penalties
 from engine.sequence import Sequence
 from engine.medusa.tree import DEFAULT_TREE, MedusaTree, load_tree
 from models.kernels.decode import DecodeKernels, set_decode_kernels
@@ -26,13 +29,30 @@ from models.medusa import MedusaHeads, load_medusa_heads
 DRAFT_DTYPE = torch.bfloat16
 
 
-def typical_acceptance(candidates: torch.Tensor, logits: torch.Tensor, parents: list[int],
-                       temperature: torch.Tensor, posterior_threshold: float,
+def walk_tree(tokens: list[int], children: list[list[int]], next_token: Callable[[int], int]) -> tuple[list[int], int]:
+    """Verification of one sequence's tree: from the root, the base model's next token at the current node
+    (next_token(node)) is either the token of one of its children, and the walk moves there, or the bonus
+    token, and the walk ends. tokens: [T] each node's token. Returns (accepted nodes, root first; bonus token)."""
+    path = [0]
+    while True:
+        token = next_token(path[-1])
+        child = next((c for c in children[path[-1]] if tokens[c] == token), None)
+        if child is None:
+            return path, token
+        path.append(child)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator, node: int) -> int:
+    """A token from probs[node] (probs: [T, V], each node's distribution)."""
+    return torch.multinomial(probs[node], 1, generator=generator).item()
+
+
+def typical_acceptance(candidates: torch.Tensor, probs: torch.Tensor, parents: list[int], posterior_threshold: float,
                        posterior_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per tree node: does the base model, at the node's parent, give the node's token a probability
     p > min(eps, delta * exp(-H)) (H: the entropy there; eps = posterior_threshold, delta = posterior_alpha)?
-    candidates: [B, T]; logits: [B, T, V]; temperature: [B]. Returns (accepted [B, T], log p [B, T])."""
-    probs = (logits.float() / temperature[:, None, None]).softmax(dim=-1)[:, parents]  # [B, T, V] at each parent
+    candidates: [B, T]; probs: [B, T, V] the distribution at each node. Returns (accepted [B, T], log p [B, T])."""
+    probs = probs[:, parents]  # [B, T, V] at each node's parent
     entropy = torch.special.entr(probs).sum(dim=-1)  # [B, T]
     p = probs.gather(-1, candidates[..., None]).squeeze(-1)
     threshold = torch.clamp(posterior_alpha * torch.exp(-entropy), max=posterior_threshold)
@@ -44,7 +64,7 @@ class Medusa:
     last token pending and room for tree.size more cache entries; its next decode step verifies the tree."""
 
     def __init__(self, heads: MedusaHeads, tree: MedusaTree, model: nn.Module, kv_cache: KVCache,
-                 max_model_len: int, posterior_threshold: float, posterior_alpha: float) -> None:
+                 max_model_len: int, acceptance: str, posterior_threshold: float, posterior_alpha: float) -> None:
         if tree.depth > heads.config.num_heads:
             raise ValueError(f"medusa tree {tree.name!r} is {tree.depth} deep, but there are only "
                              f"{heads.config.num_heads} heads (a depth-d node takes head d-1's candidates)")
@@ -55,8 +75,12 @@ class Medusa:
         self.draft_weights = heads.draft_weights(model.lm_head)
         self.tree = tree.to(kv_cache.device)
         self.max_model_len = max_model_len
+        self.acceptance = acceptance
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
-        self.sampler = Sampler()
+        self.children = [[c for c in range(1, tree.size) if tree.parents[c] == node] for node in range(tree.size)]
+        # (node, node of its path below the root) pairs: a node's history is its sequence's tokens (ending with
+        # the root's) and the tokens of its path below the root
+        self.path_pairs = torch.tensor([(i, j) for i, j in tree.mask.nonzero().tolist() if j != 0]).T
 
     @classmethod
     def from_config(cls, config: EngineConfig, model: nn.Module, kv_cache: KVCache, max_model_len: int,
@@ -69,7 +93,7 @@ class Medusa:
         tree = load_tree(config.medusa_tree or DEFAULT_TREE)
         if config.medusa_tree is None:  # the default tree, as deep as the heads allow
             tree = tree.cut(min(tree.depth, heads.config.num_heads))
-        return cls(heads, tree, model, kv_cache, max_model_len,
+        return cls(heads, tree, model, kv_cache, max_model_len, config.medusa_acceptance,
                    config.medusa_posterior_threshold, config.medusa_posterior_alpha)
 
     def can_speculate(self, seq: Sequence) -> bool:
@@ -113,48 +137,79 @@ class Medusa:
                                     list(range(num_seqs)), tree_mask=tree.mask)
         hidden = runner.forward(inputs)  # [B * T, hidden]
         logits = runner.logits(hidden, inputs.sample_rows)  # [B * T, V]
-        base_argmax = logits.argmax(dim=-1).tolist()
-        paths = self._accepted_paths(seqs, input_ids, logits.view(num_seqs, size, -1), base_argmax)
-        last_rows = [b * size + path[-1] for b, path in enumerate(paths)]
-        if all(s.params.greedy for s in seqs):
-            bonus = [base_argmax[row] for row in last_rows]
-        else:
-            bonus = self.sampler(logits[last_rows], [s.params for s in seqs], [s.generator or rng for s in seqs]).token_ids
+        paths, bonus = self._accept(seqs, input_ids, logits, rng)
         self._compact(inputs.ctx.slot_mapping, paths)
         out = [[input_ids[b * size + node] for node in path[1:]] + [bonus[b]] for b, path in enumerate(paths)]
-        return out, hidden[last_rows]
+        return out, hidden[[b * size + path[-1] for b, path in enumerate(paths)]]
 
-    def _accepted_paths(self, seqs: list[Sequence], candidates: list[int], logits: torch.Tensor,
-                        base_argmax: list[int]) -> list[list[int]]:
-        """Per sequence: the nodes, root first, of the longest accepted prefix of a root-to-leaf path. A node
-        is accepted when its token is the base argmax at its parent (greedy) or passes typical acceptance
-        (sampling). Ties go to the likeliest path under typical acceptance, else to the first."""
-        tree, size = self.tree, self.tree.size
-        sampled = [not s.params.greedy for s in seqs]
-        typical = log_p = None
-        if any(sampled):
-            temperature = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=logits.device)
-            candidates_t = torch.tensor(candidates, device=logits.device).view(len(seqs), size)
-            typical_t, log_p_t = typical_acceptance(candidates_t, logits, tree.parents, temperature,
-                                                    self.posterior_threshold, self.posterior_alpha)
-            typical, log_p = typical_t.tolist(), log_p_t.tolist()
-        paths = []
-        for b in range(len(seqs)):
-            first = b * size
-            if sampled[b]:
-                accepted = typical[b]
+    # Sampled verification ("rejection"): SpecInfer's multi-candidate speculative sampling with deterministic
+    # drafts. At a node whose distribution is p (the base model's there, under the request's own parameters),
+    # the children x1..xm are tried in order. A top-k draft is a point mass q = delta(x), so x is accepted with
+    # probability min(1, p(x) / q(x)) = p(x); on rejection p becomes norm(max(0, p - q)), i.e. p without x,
+    # renormalised; when every child is rejected the bonus token is drawn from what is left. The factors
+    # telescope: child xi is taken with probability p(xi), and any other token y ends the walk as the bonus
+    # token with probability p(y). That is one draw y ~ p and a move to the child whose token is y, if any,
+    # which is what we do: one draw per emitted token, as plain sampling makes, so the output follows plain
+    # sampling's distribution exactly (and a seeded request draws the same random numbers as without Medusa).
+    def _accept(self, seqs: list[Sequence], candidates: list[int], logits: torch.Tensor,
+                rng: torch.Generator) -> tuple[list[list[int]], list[int]]:
+        """Per sequence: the accepted nodes (root first) and the bonus token after them. Greedy requests
+        follow the argmax; sampled ones the rule above, or typical acceptance when configured so."""
+        size = self.tree.size
+        row_params = [s.params for s in seqs for _ in range(size)]
+        logits = self._adjusted_logits(seqs, candidates, logits.float(), row_params)
+        greedy_tokens = logits.argmax(dim=-1).tolist()
+        sampled = {b: j for j, b in enumerate(b for b, s in enumerate(seqs) if not s.params.greedy)}
+        probs = typical = log_p = None
+        if sampled:
+            rows = [b * size + i for b in sampled for i in range(size)]
+            probs = filtered_probs(logits[rows], [row_params[r] for r in rows]).view(len(sampled), size, -1)
+            if self.acceptance == "typical":
+                candidates_t = torch.tensor(candidates, device=logits.device).view(len(seqs), size)[list(sampled)]
+                typical_t, log_p_t = typical_acceptance(candidates_t, probs, self.tree.parents,
+                                                        self.posterior_threshold, self.posterior_alpha)
+                typical, log_p = typical_t.tolist(), log_p_t.tolist()
+        paths, bonus = [], []
+        for b, seq in enumerate(seqs):
+            tokens = candidates[b * size:(b + 1) * size]
+            if seq.params.greedy:
+                path, token = walk_tree(tokens, self.children, greedy_tokens[b * size:(b + 1) * size].__getitem__)
             else:
-                accepted = [candidates[first + i] == base_argmax[first + parent] for i, parent in enumerate(tree.parents)]
-            best, best_key = [0], (1, 0.0)
-            for leaf_path in tree.leaf_paths:
-                n = 1
-                while n < len(leaf_path) and accepted[leaf_path[n]]:
-                    n += 1
-                key = (n, sum(log_p[b][i] for i in leaf_path[1:n]) if sampled[b] else 0.0)
-                if key > best_key:
-                    best, best_key = leaf_path[:n], key
-            paths.append(best)
-        return paths
+                j, generator = sampled[b], seq.generator or rng
+                if typical is None:
+                    path, token = walk_tree(tokens, self.children, partial(draw, probs[j], generator))
+                else:
+                    path = self._typical_path(typical[j], log_p[j])
+                    token = draw(probs[j], generator, path[-1])
+            paths.append(path)
+            bonus.append(token)
+        return paths, bonus
+
+    def _adjusted_logits(self, seqs: list[Sequence], candidates: list[int], logits: torch.Tensor,
+                         row_params: list[SamplingParams]) -> torch.Tensor:
+        """logit_bias and penalties at every node; the penalties read each node's own history."""
+        penalized = [b for b, s in enumerate(seqs) if has_penalties(s.params)]
+        if not penalized:
+            return adjust_logits(logits, row_params, penalized_rows=[])
+        size = self.tree.size
+        counts = TokenCounts.of([seqs[b].token_ids for b in penalized], [seqs[b].num_prompt_tokens for b in penalized],
+                                logits.shape[-1], logits.device).repeat_interleave(size)
+        tokens = torch.tensor(candidates).view(len(seqs), size)[penalized]  # [P, T]
+        node, path_node = self.path_pairs
+        counts.add((torch.arange(len(penalized))[:, None] * size + node).flatten(), tokens[:, path_node].flatten())
+        return adjust_logits(logits, row_params, counts, [b * size + i for b in penalized for i in range(size)])
+
+    def _typical_path(self, accepted: list[bool], log_p: list[float]) -> list[int]:
+        """The longest accepted prefix of a root-to-leaf path; ties go to the likeliest, then to the first."""
+        best, best_key = [0], (1, 0.0)
+        for leaf_path in self.tree.leaf_paths:
+            n = 1
+            while n < len(leaf_path) and accepted[leaf_path[n]]:
+                n += 1
+            key = (n, sum(log_p[i] for i in leaf_path[1:n]))
+            if key > best_key:
+                best, best_key = leaf_path[:n], key
+        return best
 
     def _compact(self, slot_mapping: torch.Tensor, paths: list[list[int]]) -> None:
         """Move each accepted path's K/V (all layers) so that its depth-d node sits in the slot of tree
