@@ -36,6 +36,12 @@ class EngineStats:
     num_blocks: int  # KV blocks in the pool
 
 
+def _stop_string_start_len(text: str, stop: list[str]) -> int:
+    """Length of the longest end of text that is the beginning of a stop string (0: none)."""
+    longest = min(len(text), max((len(s) for s in stop), default=1) - 1)
+    return next((k for k in range(longest, 0, -1) if any(s.startswith(text[-k:]) for s in stop)), 0)
+
+
 class LLM:
     """A model ready to generate. `LLM()` loads the shipped default model; keyword arguments are
     EngineConfig fields."""
@@ -124,10 +130,15 @@ class LLM:
                              f"{self.max_model_len - num_virtual_tokens - 1} prompt tokens (max_model_len "
                              f"{self.max_model_len}, of which the adapter's virtual tokens take {num_virtual_tokens})")
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request; returns its last output (the text held back for stop strings included), None if it
+        had already ended or is unknown."""
         seq = self.requests.pop(request_id, None)
-        if seq is not None and not seq.is_finished:
-            self.scheduler.finish(seq, "abort")
+        if seq is None or seq.is_finished:
+            return None
+        seq.finish_time = time.perf_counter()
+        self.scheduler.finish(seq, "abort")
+        return RequestOutput.of(seq, self._release_text(seq), [])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -167,8 +178,8 @@ class LLM:
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq, seq.cache_key, before)
             if i in sampled:
-                new_text = self._append_token(seq, sampled[i], sampled_logprobs[i])
-                outputs.append(RequestOutput.of(seq, new_text, [sampled[i]]))
+                self._append_token(seq, sampled[i], sampled_logprobs[i])
+                outputs.append(RequestOutput.of(seq, self._release_text(seq), [sampled[i]]))
                 if seq.is_finished:
                     self.requests.pop(seq.request_id, None)
         if self.medusa is not None and inputs.sampling_seqs:
@@ -182,14 +193,14 @@ class LLM:
         outputs = []
         for seq, tokens in zip(seqs, accepted):
             computed_before = seq.num_computed_tokens
-            new_text, appended = "", []
+            appended = []
             for token in tokens:
-                new_text += self._append_token(seq, token, None)
+                self._append_token(seq, token, None)
                 appended.append(token)
                 if seq.is_finished:
                     break
             seq.accepted_lengths.append(len(appended))
-            outputs.append(RequestOutput.of(seq, new_text, appended))
+            outputs.append(RequestOutput.of(seq, self._release_text(seq), appended))
             if seq.is_finished:
                 self.requests.pop(seq.request_id, None)
                 continue
@@ -199,8 +210,8 @@ class LLM:
         self.medusa.propose(seqs, hidden)
         return outputs
 
-    def _append_token(self, seq: Sequence, token_id: int, logprob: tuple | None) -> str:
-        """Append one sampled token, apply the stop rules, and return the text it added."""
+    def _append_token(self, seq: Sequence, token_id: int, logprob: tuple | None) -> None:
+        """Append one sampled token, extend output_text, and apply the stop rules."""
         if seq.first_token_time is None:
             seq.first_token_time = time.perf_counter()
         seq.token_ids.append(token_id)
@@ -218,7 +229,6 @@ class LLM:
             hits = [i for s in params.stop if (i := seq.output_text.find(s, search_from)) >= 0]
             if hits:
                 seq.output_text = seq.output_text[:min(hits)]
-                new_text = seq.output_text[text_before:]
                 reason = "stop"
         at_length_limit = seq.num_virtual_tokens + len(seq) >= self.max_model_len
         if reason is None and (seq.num_output_tokens >= params.max_tokens or at_length_limit):
@@ -226,6 +236,16 @@ class LLM:
         if reason is not None:
             seq.finish_time = time.perf_counter()
             self.scheduler.finish(seq, reason)
+
+    @staticmethod
+    def _release_text(seq: Sequence) -> str:
+        """The output text that can now be reported: all of it once seq has finished; before that, all but
+        an end that could still grow into a stop string (so no part of a stop string ever reaches a stream)."""
+        end = len(seq.output_text)
+        if not seq.is_finished:
+            end -= _stop_string_start_len(seq.output_text, seq.params.stop)
+        new_text = seq.output_text[seq.num_released_chars:end]
+        seq.num_released_chars = end
         return new_text
 
     # ---- convenience loops ---------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from engine.sequence import Sequence
 
 @dataclass
 class RequestOutput:
-    """A snapshot of one request. `new_text`/`new_token_ids` are what this step added (for streaming)."""
+    """A snapshot of one request. `new_text`/`new_token_ids` are what this step added (for streaming). Until
+    the request finishes, `text` and `new_text` leave out an end of the output that could begin a stop string."""
 
     request_id: str
     prompt: str | None
@@ -35,7 +36,7 @@ class RequestOutput:
             request_id=seq.request_id,
             prompt=seq.prompt,
             prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
-            text=seq.output_text,
+            text=seq.output_text[:seq.num_released_chars],
             token_ids=list(seq.output_token_ids),
             new_text=new_text,
             new_token_ids=new_token_ids,

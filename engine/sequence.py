@@ -36,7 +36,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
-    output_text: str = ""
+    output_text: str = ""  # cut at a stop string once one is found
+    num_released_chars: int = 0  # output_text reported so far; the rest could still begin a stop string
     decode_stream: DecodeStream | None = None  # incremental detokenizer state (engine.detokenizer)
     # per output token: (logprob of the chosen token, {token_id: logprob} of the top alternatives)
     logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)

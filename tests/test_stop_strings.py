@@ -1,0 +1,143 @@
+"""Stop strings never reach a client: until a request ends, the engine holds back an end of its text that could
+begin a stop string, in plain and Medusa steps, through LLM.stream and the HTTP server. The oracle is the plain
+run's text cut at the stop string."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from engine import LLM, SamplingParams
+from models.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
+from server.app import ServerConfig, create_app
+
+PROMPT = [39, 68, 75, 75, 78, 11, 220, 86, 78, 81, 75, 67]  # "Hello, world" in the byte tokenizer
+MAX_TOKENS = 48
+GREEDY = dict(temperature=0.0, ignore_eos=True, max_tokens=MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def plain_pieces(tiny_model_dir) -> list[str]:
+    """The text each token of the plain greedy run added (no stop strings)."""
+    outs = list(LLM(tiny_model_dir).stream(PROMPT, SamplingParams(**GREEDY)))
+    assert [len(o.new_token_ids) for o in outs] == [1] * MAX_TOKENS
+    return [o.new_text for o in outs]
+
+
+def stop_spanning(pieces: list[str], num_tokens: int) -> str:
+    """A stop string made of num_tokens consecutive tokens' text, one character each, whose first occurrence in
+    the text is where those tokens are (so the match really spans num_tokens tokens)."""
+    text = "".join(pieces)
+    for j in range(4, len(pieces) - num_tokens):
+        run = pieces[j:j + num_tokens]
+        stop = "".join(run)
+        if all(len(p) == 1 for p in run) and text.find(stop) == len("".join(pieces[:j])):
+            return stop
+    raise AssertionError(f"the plain run has no {num_tokens} one-character tokens to stop at")
+
+
+def medusa_llm(model_dir, heads_dir, futures: list[int]) -> LLM:
+    """A Medusa engine whose drafts are the plain run's next tokens (so trees are accepted whole and a stop
+    string ends a multi-token step)."""
+    llm = LLM(model_dir, medusa=str(heads_dir), medusa_tree="chain4")
+
+    def propose(seqs, hidden):
+        for seq in seqs:
+            root = len(seq) - 1
+            seq.draft_token_ids = ([[futures[root + d] if root + d < len(futures) else 0] for d in range(1, 5)]
+                                   if llm.medusa.can_speculate(seq) else None)
+
+    llm.medusa.propose = propose
+    return llm
+
+
+@pytest.fixture(scope="module")
+def heads_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("random_heads")
+    save_medusa_heads(MedusaHeads(MedusaConfig(num_heads=4, num_layers=1, hidden_size=64, vocab_size=256,
+                                               own_lm_head=False)), folder)
+    return folder
+
+
+@pytest.mark.parametrize("num_tokens", [2, 3])
+@pytest.mark.parametrize("medusa", [False, True])
+def test_streamed_text_equals_the_text_cut_at_the_stop(tiny_model_dir, heads_dir, plain_pieces, num_tokens, medusa):
+    full = "".join(plain_pieces)
+    stop = stop_spanning(plain_pieces, num_tokens)
+    expected = full[:full.find(stop)]
+    params = SamplingParams(stop=["\x00never", stop], **GREEDY)
+    if medusa:
+        futures = PROMPT + LLM(tiny_model_dir).generate(PROMPT, SamplingParams(**GREEDY))[0].token_ids
+        llm = medusa_llm(tiny_model_dir, heads_dir, futures)
+    else:
+        llm = LLM(tiny_model_dir)
+    outs = list(llm.stream(PROMPT, params))
+    streamed = "".join(o.new_text for o in outs)
+    final = llm.generate(PROMPT, params)[0]
+    assert streamed == final.text == outs[-1].text == expected
+    assert final.finish_reason == "stop"
+    assert all(not o.text.endswith(stop[:1]) or o.finished for o in outs)  # never a stop's first part, mid-stream
+    if medusa:
+        assert max(final.accepted_lengths) > num_tokens  # the stop string ended a multi-token step
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_text_held_back_is_released_when_it_is_no_stop(tiny_model_dir, plain_pieces):
+    """An end that could begin a stop string waits for the next tokens, then goes out once they rule the
+    stop out; at the end of the request (length), whatever is still held goes out too."""
+    full = "".join(plain_pieces)
+    first_chars = [p for p in plain_pieces if len(p) == 1]
+    stops = [c + "\x00" for c in dict.fromkeys(first_chars)]  # every one-character token begins a stop string
+    llm = LLM(tiny_model_dir)
+    outs = list(llm.stream(PROMPT, SamplingParams(stop=stops, **GREEDY)))
+    assert "".join(o.new_text for o in outs) == outs[-1].text == full
+    assert outs[-1].finish_reason == "length"
+    held = [o for o in outs[:-1] if len(o.text) < len("".join(plain_pieces[:len(o.token_ids)]))]
+    assert held  # text was held back at some steps
+
+
+def test_abort_releases_what_was_held(tiny_model_dir, plain_pieces):
+    stop = stop_spanning(plain_pieces, 3)
+    llm = LLM(tiny_model_dir)
+    request_id = llm.add_request(PROMPT, SamplingParams(stop=[stop], **GREEDY))
+    streamed = ""
+    while True:  # step until the stop string's first character has been generated (and is held back)
+        (out,) = llm.step()
+        streamed += out.new_text
+        if llm.requests[request_id].output_text.endswith(stop[0]) and len(out.token_ids) > 4:
+            break
+    assert not streamed.endswith(stop[0])
+    last = llm.abort(request_id)
+    assert last.finished and last.finish_reason == "abort"
+    assert streamed + last.new_text == last.text == "".join(plain_pieces[:len(last.token_ids)])
+    assert llm.abort(request_id) is None
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+
+def sse_events(body: str) -> list[dict]:
+    lines = [line.removeprefix("data: ") for line in body.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("medusa", [False, True])
+def test_stop_strings_through_the_server(tiny_model_dir, heads_dir, plain_pieces, medusa):
+    full = "".join(plain_pieces)
+    stop = stop_spanning(plain_pieces, 3)
+    if medusa:
+        futures = PROMPT + LLM(tiny_model_dir).generate(PROMPT, SamplingParams(**GREEDY))[0].token_ids
+        llm = medusa_llm(tiny_model_dir, heads_dir, futures)
+    else:
+        llm = LLM(tiny_model_dir)
+    app = create_app(llm, ServerConfig(model_name="tiny", model_root=str(tiny_model_dir)))
+    body = dict(model="tiny", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, stop=[stop])
+    with TestClient(app) as client:
+        whole = client.post("/v1/completions", json=body)
+        assert whole.status_code == 200, whole.text
+        streamed = client.post("/v1/completions", json=body | {"stream": True})
+        assert streamed.status_code == 200, streamed.text
+    choice = whole.json()["choices"][0]
+    events = sse_events(streamed.text)
+    assert choice["text"] == "".join(e["choices"][0]["text"] for e in events if e["choices"]) == full[:full.find(stop)]
+    assert choice["finish_reason"] == "stop"
