@@ -2,8 +2,10 @@
 
 Batch 1 and batch 4: tokens/s, speedup, mean tokens per decode step, the accept-length histogram and
 per-head acceptance; then the same for every shipped tree the heads can serve (speedup against tree size). Every
-Medusa output is compared token for token with the plain one ("lossless"). Plain and Medusa runs of a
-prompt group alternate, and each keeps its best time over --repeats, so load from other processes
+Medusa output is compared token for token with the plain one ("lossless"). Then batch 1 and 4 again with
+sampled requests (temperature 0.7, seeded): Medusa verifies them by rejection sampling, which draws what plain
+sampling draws, so there too "lossless" means the same tokens as the seeded plain run. Plain and Medusa runs
+of a prompt group alternate, and each keeps its best time over --repeats, so load from other processes
 hits both alike."""
 from __future__ import annotations
 
@@ -50,10 +52,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def timed_pair(llm: LLM, prompts: list[str], new_tokens: int, repeats: int) -> dict:
+SAMPLED_TEMPERATURE = 0.7
+
+
+def timed_pair(llm: LLM, prompts: list[str], new_tokens: int, repeats: int, temperature: float = 0.0) -> dict:
     """Best-of-`repeats` wall time of generating for `prompts` together, plain and with Medusa (alternating)."""
-    plain_params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, use_medusa=False)
-    medusa_params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    def params(use_medusa: bool) -> list[SamplingParams]:  # sampled: seeded, so both modes emit the same tokens
+        return [SamplingParams(max_tokens=new_tokens, temperature=temperature, seed=i if temperature else None,
+                               ignore_eos=True, use_medusa=use_medusa) for i in range(len(prompts))]
+
+    plain_params, medusa_params = params(False), params(True)
     best = {"plain": float("inf"), "medusa": float("inf")}
     outputs: dict[str, list[RequestOutput]] = {}
     for _ in range(repeats):
@@ -64,13 +72,14 @@ def timed_pair(llm: LLM, prompts: list[str], new_tokens: int, repeats: int) -> d
     return {"seconds": best, "outputs": outputs}
 
 
-def run_batch(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Namespace, bar: tqdm) -> dict:
+def run_batch(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Namespace, bar: tqdm,
+              temperature: float = 0.0) -> dict:
     """All prompts in groups of batch_size: tokens/s of both modes, acceptance statistics, losslessness."""
     seconds = {"plain": 0.0, "medusa": 0.0}
     steps: list[int] = []
     lossless, tokens = True, 0
     for i in range(0, len(prompts), batch_size):
-        pair = timed_pair(llm, prompts[i:i + batch_size], args.new_tokens, args.repeats)
+        pair = timed_pair(llm, prompts[i:i + batch_size], args.new_tokens, args.repeats, temperature)
         for mode in seconds:
             seconds[mode] += pair["seconds"][mode]
         plain, medusa = pair["outputs"]["plain"], pair["outputs"]["medusa"]
@@ -82,7 +91,8 @@ def run_batch(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Name
     plain_tps, medusa_tps = tokens / seconds["plain"], tokens / seconds["medusa"]
     histogram = Counter(steps)
     return {
-        "batch_size": batch_size, "tree": llm.medusa.tree.name, "tree_size": llm.medusa.tree.size,
+        "batch_size": batch_size, "temperature": temperature, "tree": llm.medusa.tree.name,
+        "tree_size": llm.medusa.tree.size,
         "plain_tok_s": plain_tps, "medusa_tok_s": medusa_tps, "speedup": medusa_tps / plain_tps,
         "mean_accepted": sum(steps) / len(steps), "num_steps": len(steps), "lossless": lossless,
         # tokens emitted per tree step: the accepted path plus the base model's bonus token
@@ -134,19 +144,21 @@ def main(argv: list[str] | None = None) -> None:
     num_heads = llm.medusa.heads.config.num_heads
     trees = [llm.medusa.tree.name] + ([] if args.no_sweep else
                                       [n for n in TREES if n != llm.medusa.tree.name and load_tree(n).depth <= num_heads])
-    with tqdm(total=len(trees) * (len(prompts) + -(-len(prompts) // 4)), desc="bench medusa") as bar:
+    with tqdm(total=(len(trees) + 1) * (len(prompts) + -(-len(prompts) // 4)), desc="bench medusa") as bar:
         llm.generate(prompts[0], SamplingParams(max_tokens=8, temperature=0))  # warm-up
         results = {}
         for name in trees:
             engine = llm if name == llm.medusa.tree.name else LLM(model, medusa_tree=name, **engine_kwargs)
             results[name] = [run_batch(engine, prompts, bs, args, bar) for bs in (1, 4)]
-    rows = results[llm.medusa.tree.name]
+        sampled = [run_batch(llm, prompts, bs, args, bar, SAMPLED_TEMPERATURE) for bs in (1, 4)]
+    rows = results[llm.medusa.tree.name] + sampled
     sweep = sorted((r for name in trees for r in results[name]), key=lambda r: (r["batch_size"], r["tree_size"]))
 
     draft_vocab_size = llm.medusa.heads.num_draft_tokens
     print(f"\n{model}, heads {medusa} (drafting from {draft_vocab_size} tokens), {args.new_tokens} new tokens per prompt, {len(prompts)} prompts, greedy, "
           f"{args.threads} thread(s), attention backend {llm.runner.backend.name}")
-    columns = ["batch_size", "tree", "tree_size", "plain_tok_s", "medusa_tok_s", "speedup", "mean_accepted", "lossless"]
+    columns = ["batch_size", "temperature", "tree", "tree_size", "plain_tok_s",
+               "medusa_tok_s", "speedup", "mean_accepted", "lossless"]
     print_table(rows, columns)
     print("\naccept-length histogram (batch 1):", rows[0]["accept_length_histogram"])
     print("per-head acceptance (batch 1):", [round(a, 3) for a in rows[0]["head_acceptance"]])
@@ -156,6 +168,11 @@ def main(argv: list[str] | None = None) -> None:
     summary = {
         "speedup_bs1": rows[0]["speedup"], "speedup_bs4": rows[1]["speedup"],
         "mean_accepted_bs1": rows[0]["mean_accepted"],
+        # sampled requests (temperature SAMPLED_TEMPERATURE), verified by rejection sampling: tokens per tree step
+        "sampled_speedup_bs1": sampled[0]["speedup"], "sampled_speedup_bs4": sampled[1]["speedup"],
+        "sampled_tokens_per_step_bs1": sampled[0]["mean_accepted"],
+        "sampled_tokens_per_step_bs4": sampled[1]["mean_accepted"],
+        "sampled_lossless": all(r["lossless"] for r in sampled),
         "lossless": all(r["lossless"] for r in sweep), "tree": llm.medusa.tree.name,
     }
     write_json(args.out, {"benchmark": "medusa", "model": str(model), "medusa": str(medusa),

@@ -542,6 +542,14 @@ def test_bench_medusa_end_to_end(tiny_model_dir, heads_dir, tmp_path):
                 "--repeats", "1", "--no-sweep", "--threads", str(torch.get_num_threads()), "--out", str(out)])
     result = json.loads(out.read_text())
     summary = result["summary"]
-    assert summary["lossless"] is True and summary["mean_accepted_bs1"] >= 1 and summary["tree"] == "chain4"
-    assert summary["speedup_bs1"] > 0 and summary["speedup_bs4"] > 0
-    assert [r["batch_size"] for r in result["runs"]] == [1, 4] and result["draft_vocab_size"] == 256
+    runs = result["runs"]
+    assert [(r["batch_size"], r["temperature"]) for r in runs] == [(1, 0.0), (4, 0.0), (1, 0.7), (4, 0.7)]
+    for r in runs:  # every output token but the prefill's came from a tree step
+        assert sum(int(n) * count for n, count in r["accept_length_histogram"].items()) == 4 * 11
+        assert r["mean_accepted"] == pytest.approx(4 * 11 / r["num_steps"])
+        assert r["speedup"] == pytest.approx(r["medusa_tok_s"] / r["plain_tok_s"])
+    assert summary["lossless"] is True and summary["sampled_lossless"] is True and summary["tree"] == "chain4"
+    assert summary["mean_accepted_bs1"] == runs[0]["mean_accepted"] > 1  # the trained heads' drafts are accepted
+    assert summary["sampled_tokens_per_step_bs1"] == runs[2]["mean_accepted"]
+    assert (summary["speedup_bs4"], summary["sampled_speedup_bs4"]) == (runs[1]["speedup"], runs[3]["speedup"])
+    assert result["draft_vocab_size"] == 256
