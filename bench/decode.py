@@ -1,12 +1,18 @@
-"""`gorgon bench decode`: greedy decode speed of gorgon vs transformers `generate` on the same weights.
+"""`gorgon bench decode`: greedy decode speed of gorgon vs a baseline on the same weights.
 
-Batch-1 tokens/s for both (same prompt, dtype and number of new tokens, prefill included, warm-up excluded), gorgon's
-throughput at batch 8 and 32, and the memory-bandwidth roofline: the machine's read bandwidth is
-measured in the same run (the faster of torch.sum and our linear kernel streaming 1 GiB), and batch-1
-decode steps (prefill and first token taken off) are reported as weight bytes x tokens/s over it."""
+Baseline transformers (HF folders or random weights): batch-1 tokens/s for both (same prompt, dtype and
+number of new tokens, prefill included, warm-up excluded), gorgon's throughput at batch 8 and 32, and the
+memory-bandwidth roofline: the machine's read bandwidth is measured in the same run (the faster of
+torch.sum and our linear kernel streaming 1 GiB), and batch-1 decode steps (prefill and first token taken
+off) are reported as weight bytes x tokens/s over it.
+
+Baseline llama.cpp (`--model X.gguf --baseline llama.cpp`, needs the `bench` extra): both engines on the
+same file with the same threads, prompts and token counts, interleaved in one run: batch-1 decode tok/s,
+prefill tok/s of a 512-token prompt, and batch-8 throughput; the CPU's instruction sets are reported."""
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from bench.common import CONFIGS, best_of, machine_info, print_table, random_checkpoint, write_json
 from engine import LLM, SamplingParams
+from models.gguf import find_gguf
 from models.kernels import decode as cpu_decode
 
 PROMPT_LEN = 16
@@ -26,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gorgon bench decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="HF checkpoint folder")
+    source.add_argument("--model", help="HF checkpoint folder, or a .gguf file")
     source.add_argument("--config", choices=sorted(CONFIGS), default="small", help="random weights of this shape")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -34,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's choice); 1 is steadier on a shared machine")
+    parser.add_argument("--baseline", choices=["transformers", "llama.cpp"], default="transformers")
+    parser.add_argument("--prefill-len", type=int, default=512, help="prompt length of the llama.cpp prefill test")
     parser.add_argument("--out", required=True, help="JSON result file")
     return parser.parse_args(argv)
 
@@ -43,9 +52,9 @@ def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     kernel over a buffer far beyond the caches (torch's sum alone reads slower than the kernel does)."""
     buf = torch.ones(num_bytes // 4, dtype=torch.float32)
     seconds = best_of(lambda: buf.sum(), repeats)
-    if cpu_decode.kernel() is not None:
+    if cpu_decode.compiled() is not None:
         matrix, row = buf.view(-1, 4096), torch.ones(1, 4096)
-        seconds = min(seconds, best_of(lambda: cpu_decode.kernel().small_batch_linear(row, matrix, None), repeats))
+        seconds = min(seconds, best_of(lambda: cpu_decode.compiled().small_batch_linear(row, matrix, None), repeats))
     return num_bytes / seconds
 
 
@@ -63,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.baseline == "llama.cpp":
+        if not (args.model and find_gguf(args.model)):
+            raise SystemExit("--baseline llama.cpp runs both engines on one GGUF file: give --model X.gguf")
+        return run_llamacpp(args, find_gguf(args.model))
     with tempfile.TemporaryDirectory(prefix="gorgon-bench-") as tmp:
         folder = Path(args.model) if args.model else random_checkpoint(args.config, args.dtype, Path(tmp))
         run(args, folder)
@@ -121,6 +134,76 @@ def run(args: argparse.Namespace, folder: Path) -> None:
         "weight_bytes_per_token": bytes_per_token, "hf_tok_s_bs1": hf_tok_s, "gorgon_tok_s_bs1": ours_tok_s,
         "gorgon_decode_tok_s_bs1": decode_tok_s,
         "machine": machine_info(), "summary": summary,
+    })
+
+
+def cpu_isa() -> str:
+    """The vector instruction sets this CPU has, of those the kernels care about (Linux)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return "unknown"
+    flags = set(next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split())
+    names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx512_bf16": "AVX512-BF16",
+             "amx_tile": "AMX"}
+    return " ".join(name for flag, name in names.items() if flag in flags) or "none of AVX2 / AVX-512 / AMX"
+
+
+def run_llamacpp(args: argparse.Namespace, file: Path) -> None:
+    """Both engines on one GGUF file, each measurement interleaved (gorgon, llama.cpp) repeats times; medians."""
+    from bench.llamacpp import LlamaCpp
+
+    n, threads, batch = args.new_tokens, torch.get_num_threads(), min(args.batch_sizes)  # 8 by default
+    llm = LLM(file, dtype=args.dtype, max_num_seqs=batch, enable_prefix_caching=False,
+              max_num_batched_tokens=max(2048, args.prefill_len + 1))
+    vocab = llm.model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(100, min(vocab, 20000), (batch, PROMPT_LEN), generator=gen).tolist()
+    long_prompt = torch.randint(100, min(vocab, 20000), (args.prefill_len,), generator=gen).tolist()
+    baseline = LlamaCpp(file, threads, max_seqs=batch, n_ctx=max(4096, args.prefill_len + n + 16))
+    greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    tests = {  # name -> (tokens produced or read, gorgon, llama.cpp)
+        "decode_bs1": (n, lambda: llm.generate(prompts[:1], greedy), lambda: baseline.generate(prompts[:1], n)),
+        f"prefill_{args.prefill_len}": (args.prefill_len,
+                                        lambda: llm.generate([long_prompt], SamplingParams(max_tokens=1, temperature=0)),
+                                        lambda: baseline.generate([long_prompt], 1)),
+        f"decode_bs{batch}": (batch * n, lambda: llm.generate(prompts, greedy), lambda: baseline.generate(prompts, n)),
+    }
+    times: dict[str, dict[str, list[float]]] = {name: {"gorgon": [], "llama.cpp": []} for name in tests}
+    with tqdm(total=len(tests) * (args.repeats + 1), desc="bench decode vs llama.cpp") as bar:
+        for rep in range(args.repeats + 1):  # the first round warms up both engines
+            for name, (_, ours, theirs) in tests.items():
+                for engine, fn in (("gorgon", ours), ("llama.cpp", theirs)):
+                    start = time.perf_counter()
+                    fn()
+                    if rep:
+                        times[name][engine].append(time.perf_counter() - start)
+                bar.update()
+    ours_tokens = [o.token_ids for o in llm.generate(prompts[:1], greedy)][0]
+    agree = sum(a == b for a, b in zip(ours_tokens, baseline.generate(prompts[:1], n)[0]))
+    baseline.close()
+
+    rate = {name: {engine: tokens / statistics.median(times[name][engine]) for engine in times[name]}
+            for name, (tokens, _, _) in tests.items()}
+    rows = [{"test": name, "gorgon tok/s": r["gorgon"], "llama.cpp tok/s": r["llama.cpp"],
+             "gorgon / llama.cpp": r["gorgon"] / r["llama.cpp"]} for name, r in rate.items()]
+    isa = cpu_isa()
+    ops = cpu_decode.compiled()
+    print(f"\n{file.name}, gorgon dtype {args.dtype}, {threads} thread(s), {n} new tokens after a {PROMPT_LEN}-token "
+          f"prompt; CPU: {isa}; gorgon's quantized kernels: {ops.isa() if ops else 'unavailable'}; "
+          f"greedy tokens agreeing with llama.cpp at batch 1: {agree}/{n}")
+    print_table(rows, ["test", "gorgon tok/s", "llama.cpp tok/s", "gorgon / llama.cpp"])
+    summary = {
+        "decode_speedup_vs_llamacpp_bs1": rate["decode_bs1"]["gorgon"] / rate["decode_bs1"]["llama.cpp"],
+        f"prefill_speedup_vs_llamacpp_{args.prefill_len}": (rate[f"prefill_{args.prefill_len}"]["gorgon"] /
+                                                           rate[f"prefill_{args.prefill_len}"]["llama.cpp"]),
+        f"throughput_speedup_vs_llamacpp_bs{batch}": rate[f"decode_bs{batch}"]["gorgon"] / rate[f"decode_bs{batch}"]["llama.cpp"],
+        f"gorgon_bs{batch}_vs_bs1": rate[f"decode_bs{batch}"]["gorgon"] / rate["decode_bs1"]["gorgon"],
+    }
+    write_json(args.out, {
+        "benchmark": "decode", "baseline": "llama.cpp", "model": str(file), "dtype": args.dtype, "new_tokens": n,
+        "prompt_len": PROMPT_LEN, "prefill_len": args.prefill_len, "threads": threads, "cpu_isa": isa,
+        "gorgon_kernel_isa": ops.isa() if ops else None, "tok_s": rate, "seconds": times,
+        "greedy_agreement_bs1": agree, "machine": machine_info(), "summary": summary,
     })
 
 
