@@ -109,6 +109,8 @@ class LLM:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(request_id, token_ids, params, prompt=text, generator=generator)
         start_detokenizer(seq)
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs.append(None)  # the first token has nothing before it
         with self.adapters.lock:  # an unload must see this request once it has looked the adapter up
             seq.adapter = self.adapters.get(adapter)
             self._validate_prompt(token_ids, params, seq.num_virtual_tokens)
@@ -162,6 +164,8 @@ class LLM:
     def _plain_step(self, batch: ScheduledBatch) -> list[RequestOutput]:
         inputs = self.runner.prepare(batch)
         hidden = self.runner.forward(inputs)
+        for i, rows in inputs.prompt_logprob_rows.items():
+            self._score_prompt(batch.seqs[i], hidden, rows)
         sampled: dict[int, int] = {}
         sampled_logprobs: dict[int, tuple | None] = {}
         if inputs.sampling_seqs:
@@ -185,6 +189,19 @@ class LLM:
         if self.medusa is not None and inputs.sampling_seqs:
             self.medusa.propose([batch.seqs[i] for i in inputs.sampling_seqs], hidden[inputs.sample_rows])
         return outputs
+
+    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor, rows: list[int]) -> None:
+        """Append the logprobs of seq's next len(rows) prompt tokens (and their top alternatives), each read
+        from the logits of the row before it."""
+        logprobs = self.runner.logits(hidden, torch.tensor(rows, device=hidden.device)).float().log_softmax(dim=-1)
+        first = len(seq.prompt_logprobs)
+        targets = torch.tensor(seq.token_ids[first:first + len(rows)], device=hidden.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        n = seq.params.prompt_logprobs
+        top = logprobs.topk(n) if n else None
+        for k, logprob in enumerate(chosen):
+            alternatives = dict(zip(top.indices[k].tolist(), top.values[k].tolist())) if top is not None else {}
+            seq.prompt_logprobs.append((logprob, alternatives))
 
     def _tree_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
         """Verify every sequence's Medusa tree in one forward. The accepted tokens are appended one by

@@ -23,6 +23,8 @@ class RequestOutput:
     finish_reason: str | None
     num_cached_tokens: int
     logprobs: list[tuple[float, dict[int, float]]] | None
+    # prompt_logprobs requests: per prompt token, as logprobs (None for the first token, which nothing predicts)
+    prompt_logprobs: list[tuple[float, dict[int, float]] | None] | None = None
     accepted_lengths: list[int] = field(default_factory=list)  # Medusa: tokens emitted per speculative step
     ttft_s: float | None = None
     latency_s: float = 0.0
@@ -44,6 +46,7 @@ class RequestOutput:
             finish_reason=seq.finish_reason,
             num_cached_tokens=seq.num_cached_tokens,
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
             accepted_lengths=list(seq.accepted_lengths),
             ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
             latency_s=latency,

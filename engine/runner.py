@@ -1,7 +1,7 @@
 """ModelRunner: a scheduled batch -> step tensors + ForwardContext -> model -> logits of the sampling rows."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
@@ -20,6 +20,9 @@ class StepInputs:
     ctx: ForwardContext
     sample_rows: torch.Tensor  # [num_sampling_seqs] row of each sampling sequence's last token
     sampling_seqs: list[int]  # batch indices of the sequences that sample this step
+    # prompt logprobs: batch index -> the rows whose logits score that sequence's next unscored prompt tokens
+    # (row r scores the token after row r's)
+    prompt_logprob_rows: dict[int, list[int]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -50,8 +53,18 @@ class ModelRunner:
         write_virtual_tails(batch.seqs, self.kv_cache)
         sampling_seqs = [i for i in range(len(batch)) if batch.samples(i)]
         row_ends = list(accumulate(batch.num_new_tokens))
-        return self.step_inputs(batch.seqs, input_ids, positions, spans, [row_ends[i] - 1 for i in sampling_seqs],
-                                sampling_seqs)
+        inputs = self.step_inputs(batch.seqs, input_ids, positions, spans, [row_ends[i] - 1 for i in sampling_seqs],
+                                  sampling_seqs)
+        for i, (seq, n, row_end) in enumerate(zip(batch.seqs, batch.num_new_tokens, row_ends)):
+            if seq.params.prompt_logprobs is None:
+                continue
+            # token j is scored by row j - 1; tokens scored before a preemption are not scored again
+            first_row = row_end - n - seq.num_computed_tokens  # the row of token 0, were it in this step
+            tokens = range(max(len(seq.prompt_logprobs), seq.num_computed_tokens + 1),
+                           min(seq.num_computed_tokens + n, seq.num_prompt_tokens - 1) + 1)
+            if tokens:
+                inputs.prompt_logprob_rows[i] = [first_row + j - 1 for j in tokens]
+        return inputs
 
     def step_inputs(self, seqs: list[Sequence], input_ids: list[int], positions: list[int],
                     spans: list[tuple[int, int]], sample_rows: list[int], sampling_seqs: list[int],

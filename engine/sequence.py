@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -9,6 +10,8 @@ import torch
 from tokenizers.decoders import DecodeStream
 
 from engine.config import SamplingParams
+
+_private_cache_keys = itertools.count()
 
 
 class SequenceStatus(enum.Enum):
@@ -41,6 +44,8 @@ class Sequence:
     decode_stream: DecodeStream | None = None  # incremental detokenizer state (engine.detokenizer)
     # per output token: (logprob of the chosen token, {token_id: logprob} of the top alternatives)
     logprobs: list[tuple[float, dict[int, float]]] = field(default_factory=list)
+    # the same for each prompt token scored so far (prompt_logprobs requests; token 0 has none), as vLLM
+    prompt_logprobs: list[tuple[float, dict[int, float]] | None] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -50,6 +55,7 @@ class Sequence:
     # Medusa drafts for the tokens after the pending last one: [depth][top_k] token ids from the heads;
     # None: the next decode step is a plain one
     draft_token_ids: list[list[int]] | None = None
+    private_cache_key: int = field(default_factory=lambda: next(_private_cache_keys))
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)
@@ -59,7 +65,11 @@ class Sequence:
 
     @property
     def cache_key(self) -> int:
-        """What besides the tokens decides the K/V: the adapter's identity and version."""
+        """What besides the tokens decides the K/V (prefix-cache hashes include it): the adapter's identity and
+        version. A request that wants prompt logprobs must compute every prompt row, so it takes no prefix-cache
+        hit: its key is its own."""
+        if self.params.prompt_logprobs is not None:
+            return hash(("private", self.private_cache_key))
         return 0 if self.adapter is None else self.adapter.cache_key
 
     @property
