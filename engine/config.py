@@ -8,6 +8,10 @@ import torch
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class ContextLengthError(ValueError):
+    """A request that cannot fit the model's context: its prompt, or its prompt plus max_tokens."""
+
+
 @dataclass
 class SamplingParams:
     """How to decode one request. temperature 0 means greedy; top_k <= 0 and top_p == 1 disable those filters."""

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
 from engine.adapters.manager import AdapterManager, LoadedAdapter
-from engine.config import EngineConfig, SamplingParams
+from engine.config import ContextLengthError, EngineConfig, SamplingParams
 from engine.detokenizer import detokenize_new_token, start_detokenizer
 from engine.kv_cache import BlockManager, KVCache
 from engine.outputs import RequestOutput
@@ -115,6 +115,9 @@ class LLM:
             seq.adapter = self.adapters.get(adapter)
             self._validate_prompt(token_ids, params, seq.num_virtual_tokens)
             self.requests[request_id] = seq
+        prompt_len, model_config = seq.num_virtual_tokens + len(seq), self.model.config
+        if model_config.rope.rope_type == "dynamic" and prompt_len > model_config.max_position_embeddings:
+            seq.dynamic_rope_len = prompt_len
         self.scheduler.add(seq)
         return request_id
 
@@ -127,10 +130,16 @@ class LLM:
         bad_bias = [t for t in params.logit_bias if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad_bias:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {bad_bias[:5]}")
-        if num_virtual_tokens + len(token_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(token_ids)} tokens; this model accepts at most "
-                             f"{self.max_model_len - num_virtual_tokens - 1} prompt tokens (max_model_len "
-                             f"{self.max_model_len}, of which the adapter's virtual tokens take {num_virtual_tokens})")
+        context = self.max_model_len - num_virtual_tokens  # an adapter's virtual tokens take their part
+        adapter_note = f" ({num_virtual_tokens} of its {self.max_model_len} go to the adapter's virtual tokens)" \
+            if num_virtual_tokens else ""
+        if len(token_ids) >= context:
+            raise ContextLengthError(f"the prompt has {len(token_ids)} tokens, but this model's context is {context} "
+                                     f"tokens{adapter_note}, and at least one must be left to generate")
+        if len(token_ids) + params.max_tokens > context:
+            raise ContextLengthError(f"this model's context is {context} tokens{adapter_note}, but "
+                                     f"{len(token_ids) + params.max_tokens} were asked for ({len(token_ids)} in the "
+                                     f"prompt, max_tokens {params.max_tokens}): shorten the prompt or lower max_tokens")
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request; returns its last output (the text held back for stop strings included), None if it
@@ -247,8 +256,7 @@ class LLM:
             if hits:
                 seq.output_text = seq.output_text[:min(hits)]
                 reason = "stop"
-        at_length_limit = seq.num_virtual_tokens + len(seq) >= self.max_model_len
-        if reason is None and (seq.num_output_tokens >= params.max_tokens or at_length_limit):
+        if reason is None and seq.num_output_tokens >= params.max_tokens:  # within the context (_validate_prompt)
             reason = "length"
         if reason is not None:
             seq.finish_time = time.perf_counter()

@@ -95,6 +95,7 @@ class ModelRunner:
             context_lens_cpu=context_lens,
             tree_mask=tree_mask,
             lora=None if lora is None else lora.to(self.device),
+            prompt_lens=tensor([seq.num_virtual_tokens + seq.num_prompt_tokens for seq in seqs]),
         )
         return StepInputs(tensor(input_ids), ctx, tensor(sample_rows), sampling_seqs)
 

@@ -34,6 +34,9 @@ class Sequence:
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    # dynamic NTK RoPE: the length that the prompt's rotations are scaled to, when beyond the model's
+    # max_position_embeddings (0: unscaled); prompt K/V depends on it (models.layers.RotaryEmbedding.forward)
+    dynamic_rope_len: int = 0
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # prefix-cache chain hash of each full block
     status: SequenceStatus = SequenceStatus.WAITING
@@ -66,11 +69,11 @@ class Sequence:
     @property
     def cache_key(self) -> int:
         """What besides the tokens decides the K/V (prefix-cache hashes include it): the adapter's identity and
-        version. A request that wants prompt logprobs must compute every prompt row, so it takes no prefix-cache
-        hit: its key is its own."""
+        version, and the dynamic RoPE length. A request that wants prompt logprobs must compute every prompt row,
+        so it takes no prefix-cache hit: its key is its own."""
         if self.params.prompt_logprobs is not None:
             return hash(("private", self.private_cache_key))
-        return 0 if self.adapter is None else self.adapter.cache_key
+        return hash((0 if self.adapter is None else self.adapter.cache_key, self.dynamic_rope_len))
 
     @property
     def num_virtual_tokens(self) -> int:

@@ -53,11 +53,18 @@ class ModelConfig:
 
     @property
     def max_model_len(self) -> int:
-        """Longest sequence the engine accepts. Sliding-window attention is not implemented, so a
-        model with an active window is served only up to the window, where it equals full attention."""
+        """Longest sequence the engine accepts: the context that RoPE scaling extends to, as vLLM computes it
+        (the factor times the original context for linear, dynamic, yarn and llama3; HF's dynamic NTK sets no
+        limit of its own), or max_position_embeddings when that is larger (Llama 3.1 states 131072 with factor 8
+        over 8192). Sliding-window attention is not implemented, so a model with an active window is served only
+        up to the window, where it equals full attention."""
+        length = self.max_position_embeddings
+        if self.rope.rope_type != "default":
+            original = self.rope.params.get("original_max_position_embeddings", self.max_position_embeddings)
+            length = max(length, int(self.rope.factor * original))
         if self.sliding_window is not None:
-            return min(self.max_position_embeddings, self.sliding_window)
-        return self.max_position_embeddings
+            return min(length, self.sliding_window)
+        return length
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

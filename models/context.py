@@ -80,6 +80,9 @@ class ForwardContext:
     tree_mask: torch.Tensor | None = None
     # LoRA: the step's token rows grouped by adapter slot; None when no sequence uses a LoRA
     lora: LoRABatch | None = None
+    # [num_seqs] int64 cache entries of each sequence's prompt, virtual tokens included (what dynamic NTK RoPE
+    # scales prompt tokens to); None outside the engine
+    prompt_lens: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -88,8 +88,13 @@ class RotaryEmbedding(nn.Module):
         return inv_freq, float(attention_factor)
 
     def forward(self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for each position, [*positions.shape, head_dim] in fp32. `seq_lens` (same shape as
-        positions: the length of each token's sequence) matters only to dynamic NTK scaling."""
+        """cos/sin for each position, [*positions.shape, head_dim] in fp32. `seq_lens` (same shape as positions)
+        matters only to dynamic NTK scaling, whose base grows with the sequence length beyond
+        max_position_embeddings: HF scales a whole forward to its length, so its generate rotates every prompt
+        token for the prompt's length and each later token for its position + 1. The engine passes those
+        lengths (the prompt's, or position + 1 when larger), so a token's rotation never depends on how the
+        prompt was chunked, and the prefix cache keys prompt blocks by the length (Sequence.cache_key).
+        None: the length of the whole forward, as HF."""
         if self.rope.rope_type == "dynamic":
             if seq_lens is None:
                 seq_lens = (positions.max() + 1).expand_as(positions)

@@ -145,7 +145,8 @@ class LlamaForCausalLM(nn.Module):
         seq_lens = None
         if ctx is not None and self.config.rope.rope_type == "dynamic":
             query_lens = ctx.query_start_loc.diff()
-            seq_lens = ctx.context_lens.repeat_interleave(query_lens, output_size=positions.shape[0])
+            prompt_lens = ctx.prompt_lens.repeat_interleave(query_lens, output_size=positions.shape[0])
+            seq_lens = torch.maximum(positions + 1, prompt_lens)  # see RotaryEmbedding.forward
         hidden = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, seq_lens)
         cos, sin = cos.to(hidden.dtype), sin.to(hidden.dtype)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model
-from engine import LLM, SamplingParams
+from engine import LLM, ContextLengthError, SamplingParams
 from models.config import ModelConfig
 
 DECODE_STEPS = 32
@@ -89,8 +89,10 @@ def test_sliding_window_caps_the_context(tmp_path):
     folder = save_tiny_model(tmp_path, "MistralForCausalLM", sliding_window=32)
     llm = LLM(folder, num_kv_blocks=32, block_size=4)
     assert llm.max_model_len == 32
-    with pytest.raises(ValueError, match="at most 31 prompt tokens"):
+    with pytest.raises(ContextLengthError, match="the prompt has 37 tokens, but this model's context is 32 tokens"):
         llm.add_request(list(range(3, 40)), SamplingParams(max_tokens=4))
-    out = llm.generate(list(range(3, 20)), SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))[0]
+    with pytest.raises(ContextLengthError, match="117 were asked for"):  # no silent truncation
+        llm.add_request(list(range(3, 20)), SamplingParams(max_tokens=100))
+    out = llm.generate(list(range(3, 20)), SamplingParams(max_tokens=32 - 17, temperature=0, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 32 - 17
     assert json.loads((folder / "config.json").read_text())["sliding_window"] == 32
