@@ -36,6 +36,10 @@ class EngineStats:
     num_blocks: int  # KV blocks in the pool
 
 
+# files that hold a tokenizer for AutoTokenizer: fast (tokenizers), SentencePiece, BPE / WordPiece vocabularies
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def _stop_string_start_len(text: str, stop: list[str]) -> int:
     """Length of the longest end of text that is the beginning of a stop string (0: none)."""
     longest = min(len(text), max((len(s) for s in stop), default=1) - 1)
@@ -55,7 +59,8 @@ class LLM:
         self.kernels = load_decode_kernels(self.model) if self.config.cpu_kernels else None
         set_decode_kernels(self.model, self.kernels)
         model_config = self.model.config
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = None if self.config.skip_tokenizer_init else self._load_tokenizer(
+            Path(self.config.tokenizer) if self.config.tokenizer else path)
         self.eos_token_ids = self._eos_token_ids(path, model_config.eos_token_ids)
         self.max_model_len = min(self.config.max_model_len or model_config.max_model_len, model_config.max_model_len)
 
@@ -85,6 +90,14 @@ class LLM:
         self._rng = torch.Generator(device=self.device).manual_seed(self.config.seed)
 
     @staticmethod
+    def _load_tokenizer(path: Path):
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"{path} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there. Take one from another "
+                "folder (tokenizer=...), or run without one (skip_tokenizer_init=True: token-id prompts only)")
+        return AutoTokenizer.from_pretrained(path)
+
+    @staticmethod
     def _eos_token_ids(path: Path, from_config: list[int]) -> set[int]:
         eos = set(from_config)
         if (path / "generation_config.json").is_file():
@@ -97,6 +110,9 @@ class LLM:
                     request_id: str | None = None, adapter: str | None = None) -> str:
         """Queue a request; `adapter` names a loaded adapter (None: the base model)."""
         params = params or SamplingParams()
+        if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
+            raise ValueError("this engine has no tokenizer (skip_tokenizer_init): prompts must be token ids, "
+                             "and stop strings cannot be matched (use stop_token_ids)")
         if isinstance(prompt, str):
             token_ids, text = self.tokenizer(prompt)["input_ids"], prompt
         else:
@@ -108,7 +124,8 @@ class LLM:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(request_id, token_ids, params, prompt=text, generator=generator)
-        start_detokenizer(seq)
+        if self.tokenizer is not None:
+            start_detokenizer(seq)
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)  # the first token has nothing before it
         with self.adapters.lock:  # an unload must see this request once it has looked the adapter up
@@ -244,7 +261,7 @@ class LLM:
         if logprob is not None:
             seq.logprobs.append(logprob)
         params = seq.params
-        new_text = detokenize_new_token(self.tokenizer, seq)
+        new_text = "" if self.tokenizer is None else detokenize_new_token(self.tokenizer, seq)
         text_before = len(seq.output_text)
         seq.output_text += new_text
         reason = None

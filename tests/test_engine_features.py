@@ -1,10 +1,11 @@
 """Engine features that lean on the attention kernels: every backend decodes the same greedy tokens;
 prefix-cache hits reuse blocks and change nothing; chunked prefill keeps to its token budget;
 preemption under a tiny KV budget loses no request; the KV pool is sized from a memory budget; no
-block leaks."""
+block leaks; a checkpoint without a tokenizer (a clear error, a tokenizer from elsewhere, or token ids only)."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 
 import pytest
 import torch
@@ -115,3 +116,42 @@ def test_aborting_mid_generation_returns_every_block(tiny_model_dir):
         llm.abort(request_id)
     assert not llm.has_unfinished() and llm.num_free_blocks == 32
     assert all(count == 0 for count in llm.block_manager.ref_counts)
+
+
+@pytest.fixture(scope="module")
+def no_tokenizer_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny checkpoint without its tokenizer files."""
+    folder = tmp_path_factory.mktemp("no_tokenizer")
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    return folder
+
+
+def test_a_folder_without_tokenizer_files_is_named(no_tokenizer_dir):
+    with pytest.raises(FileNotFoundError, match=f"{no_tokenizer_dir} has no tokenizer: none of tokenizer.json"):
+        LLM(no_tokenizer_dir)
+
+
+def test_token_ids_only_without_a_tokenizer(tiny_model_dir, no_tokenizer_dir, reference_tokens):
+    llm = LLM(no_tokenizer_dir, skip_tokenizer_init=True)
+    assert llm.tokenizer is None
+    outs = llm.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == reference_tokens
+    assert all(o.text == "" and o.prompt is None for o in outs)
+    streamed = list(llm.stream(PROMPTS[0], GREEDY))
+    assert [t for o in streamed for t in o.new_token_ids] == reference_tokens[0]
+    stop_at = reference_tokens[0][3]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop_token_ids=[stop_at])
+    out = llm.generate(PROMPTS[0], params)[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == stop_at
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.add_request("def f(x):", GREEDY)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.add_request(PROMPTS[0], SamplingParams(stop=["\n"]))
+
+
+def test_a_tokenizer_from_another_folder(tiny_model_dir, no_tokenizer_dir):
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    want = LLM(tiny_model_dir).generate("def f(x):", params)[0]
+    got = LLM(no_tokenizer_dir, tokenizer=str(tiny_model_dir)).generate("def f(x):", params)[0]
+    assert got.prompt_token_ids == want.prompt_token_ids and got.token_ids == want.token_ids and got.text == want.text
