@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from models.context import LoRABatch, get_forward_context
+from models.quant import QuantizedLinear
 
 # the HF projections a LoRA may target; q/k/v and gate/up live in packed linears (models.layers.PackedLinear)
 LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -29,7 +30,7 @@ def lora_targets(model: nn.Module) -> dict[str, LoRATarget]:
     targets = {}
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2]
-        if leaf in leaves and isinstance(module, nn.Linear):
+        if leaf in leaves and isinstance(module, (nn.Linear, QuantizedLinear)):
             shards = getattr(module, "shards", None) or {leaf: (0, module.out_features)}
             targets[name] = LoRATarget(module.in_features, module.out_features, dict(shards))
     return targets
@@ -48,7 +49,9 @@ class LoRALinear(nn.Module):
         self.base = base
         self.num_shards = len(target.shards)
         self.shard_columns = list(target.shards.values())  # (first output column, columns) of each shard
-        like = dict(dtype=base.weight.dtype, device=base.weight.device)
+        # a quantized base (models.quant.QuantizedLinear) keeps uint8 blocks: LoRA computes in its activations' dtype
+        like = dict(dtype=base.weight.dtype if base.weight.is_floating_point() else base.dtype,
+                    device=base.weight.device)
         rows = max_rank * self.num_shards
         self.register_buffer("lora_a", torch.zeros(num_slots, rows, target.in_features, **like), persistent=False)
         self.register_buffer("lora_bt", torch.zeros(num_slots, rows, target.out_features, **like), persistent=False)

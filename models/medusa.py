@@ -20,6 +20,7 @@ from torch import nn
 
 from models.kernels.decode import MAX_ROWS, DecodeKernels
 from models.layers import Linear
+from models.quant import QType, tiled_linear
 
 WEIGHTS_FILE = "medusa_lm_head.safetensors"
 # Our addition to the published format: the token ids the heads propose from (see MedusaHeads.draft_vocab)
@@ -58,6 +59,7 @@ class DraftWeights:
     weights: list[list[torch.Tensor]]  # [head][block]
     biases: list[list[torch.Tensor]]  # [head][block]
     projections: list[torch.Tensor]
+    projection_qtype: int = 0  # a quantized base lm_head's ggml type (models.quant): its rows stay in their blocks
 
 
 class MedusaHeads(nn.Module):
@@ -115,8 +117,9 @@ class MedusaHeads(nn.Module):
         projections = [head[-1].weight for head in self.heads] if self.config.own_lm_head else [base_lm_head.weight]
         if self.draft_vocab is not None:
             projections = [w[self.draft_vocab] for w in projections]
+        qtype = 0 if self.config.own_lm_head else int(getattr(base_lm_head, "qtype", 0))
         return DraftWeights([[b.weight for b in head] for head in blocks], [[b.bias.float() for b in head] for head in blocks],
-                            [w.to(self.dtype).contiguous() for w in projections])
+                            [(w if qtype else w.to(self.dtype)).contiguous() for w in projections], qtype)
 
     def top_k(self, hidden: torch.Tensor, draft: DraftWeights, num_heads: int, k: int) -> torch.Tensor:
         """The k likeliest draft-vocabulary tokens of each of the first num_heads heads at hidden
@@ -126,11 +129,13 @@ class MedusaHeads(nn.Module):
         if self.kernels is not None and num_heads * len(hidden) <= MAX_ROWS:
             top = self.kernels.ops.medusa_top_k(hidden, [*chain.from_iterable(draft.weights[:num_heads])],
                                                 [*chain.from_iterable(draft.biases[:num_heads])],
-                                                num_heads, projections, k)
+                                                num_heads, projections, k, draft.projection_qtype)
         else:
             heads = list(islice(self.heads, num_heads))
             states = torch.stack(self._states(hidden.to(self.dtype), heads))  # [num_heads, B, hidden]
-            if len(projections) == 1:
+            if draft.projection_qtype:
+                logits = tiled_linear(states, projections[0], QType(draft.projection_qtype))
+            elif len(projections) == 1:
                 logits = F.linear(states, projections[0])
             else:
                 logits = torch.stack([F.linear(x, w) for x, w in zip(states, projections)])

@@ -90,6 +90,16 @@ def dequantize_rows(weight: torch.Tensor, qtype: QType, in_features: int) -> tor
     return torch.from_numpy(gguf_dequantize(weight.numpy(), qtype).copy())
 
 
+def tiled_linear(x: torch.Tensor, weight: torch.Tensor, qtype: QType) -> torch.Tensor:
+    """x Wᵀ for W in ggml blocks (uint8 [out, row bytes]), dequantizing at most TILE_ELEMENTS weights at a time
+    into x's dtype."""
+    in_features = x.shape[-1]
+    tile = max(1, TILE_ELEMENTS // in_features)
+    parts = [x @ dequantize_rows(weight[n:n + tile], qtype, in_features).to(x.dtype).T
+             for n in range(0, weight.shape[0], tile)]
+    return torch.cat(parts, dim=-1)
+
+
 class QuantizedLinear(nn.Module):
     """y = x Wᵀ + b with W in ggml blocks. Invariant: `weight` is uint8 [out_features, row bytes] in type
     `qtype` (a buffer, never trained); `dtype` is the model's activation dtype (the bias's, and LoRA's);
@@ -123,11 +133,7 @@ class QuantizedLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def tiled(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows Wᵀ (+ b), dequantizing at most TILE_ELEMENTS weights at a time into rows' dtype."""
-        tile = max(1, TILE_ELEMENTS // self.in_features)
-        parts = [rows @ dequantize_rows(self.weight[n:n + tile], self.qtype, self.in_features).to(rows.dtype).T
-                 for n in range(0, self.out_features, tile)]
-        out = torch.cat(parts, dim=-1)
+        out = tiled_linear(rows, self.weight, self.qtype)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def extra_repr(self) -> str:

@@ -290,12 +290,132 @@ struct Simd<kQ6_K> {
 };
 
 // --- the dot-product kernels: MB token rows against weight rows [n_begin, n_end) --------------------------
-// rows < MB repeats the last token row (its results are not written).
+// rows < MB repeats the last token row (its results are not written). Each token row's arithmetic is the
+// same whatever MB, so a row's result does not depend on the batch it comes in (Medusa's verification of
+// several rows must reproduce plain decoding of one exactly).
+
+// --- AVX-512: two blocks (64 weights) per 512-bit vector ---------------------------------------------------
+// Pair<QT>::q(row, b, second, &scale, &min): blocks b and b + 1 (b even; second = false: block b + 1 does not
+// exist, its activations are zero, so any bytes will do), weights as unsigned bytes and per-lane scale / min.
+
+QUANT_AVX512 inline __m512 lanes_of(__m128 v, __m512i index) { return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(v)); }
+
+QUANT_AVX512 inline __m512i halves(int first, int second) {  // lane i: first for i < 8, else second
+  return _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(first), _mm512_set1_epi32(second));
+}
+
+QUANT_AVX512 inline __m128 two_halves(const uint8_t* a, const uint8_t* b) {  // fp16 at a and b -> [a, b, ., .]
+  uint16_t ha, hb;
+  std::memcpy(&ha, a, 2);
+  std::memcpy(&hb, b, 2);
+  return _mm_cvtph_ps(_mm_cvtsi32_si128(ha | (static_cast<uint32_t>(hb) << 16)));
+}
+
+QUANT_AVX512 inline __m512i nibble_pair(const uint8_t* a, const uint8_t* b) {  // two blocks' 16 B of nibbles
+  const __m256i t = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a))),
+                                            _mm_loadu_si128(reinterpret_cast<const __m128i*>(b)), 1);
+  const __m256i mask = _mm256_set1_epi8(0xF);
+  const __m256i lo = _mm256_and_si256(t, mask), hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), mask);
+  // [lo a, lo b, hi a, hi b] -> [lo a, hi a, lo b, hi b]
+  return _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 1, 4, 5, 2, 3, 6, 7),
+                                  _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+}
+
+template <int64_t QT>
+struct Pair;
+
+template <>
+struct Pair<kQ8_0> {
+  QUANT_AVX512 static inline __m512i q(const uint8_t* row, int64_t b, bool second, __m512* scale, __m512*) {
+    const uint8_t *pa = row + b * 34, *pb = second ? pa + 34 : pa;
+    *scale = lanes_of(two_halves(pa, pb), halves(0, 1));
+    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pa + 2))),
+                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + 2)), 1);
+    return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));  // w + 128: unsigned
+  }
+};
+
+template <>
+struct Pair<kQ4_0> {
+  QUANT_AVX512 static inline __m512i q(const uint8_t* row, int64_t b, bool second, __m512* scale, __m512*) {
+    const uint8_t *pa = row + b * 18, *pb = second ? pa + 18 : pa;
+    *scale = lanes_of(two_halves(pa, pb), halves(0, 1));
+    return nibble_pair(pa + 2, pb + 2);
+  }
+};
+
+template <>
+struct Pair<kQ4_1> {
+  QUANT_AVX512 static inline __m512i q(const uint8_t* row, int64_t b, bool second, __m512* scale, __m512* min) {
+    const uint8_t *pa = row + b * 20, *pb = second ? pa + 20 : pa;
+    uint32_t da, db;  // (d, m) of each block, fp16
+    std::memcpy(&da, pa, 4);
+    std::memcpy(&db, pb, 4);
+    const __m128 dm = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(da), db, 1));  // [d a, m a, d b, m b]
+    *scale = lanes_of(dm, halves(0, 2));
+    *min = lanes_of(dm, halves(1, 3));
+    return nibble_pair(pa + 4, pb + 4);
+  }
+};
+
+// Q4_K / Q5_K: the two sub-blocks of a pair share 32 bytes of nibbles (low: first, high: second)
+template <bool Q5>
+struct PairK {
+  QUANT_AVX512 static inline __m512i q(const uint8_t* row, int64_t b, bool, __m512* scale, __m512* min) {
+    const uint8_t* p = row + (b / 8) * (Q5 ? 176 : 144);
+    const int j = b % 8;
+    int sa, ma, sb, mb;
+    k_scale_min(p + 4, j, &sa, &ma);
+    k_scale_min(p + 4, j + 1, &sb, &mb);
+    const __m128 dd = two_halves(p, p + 2);  // [d, dmin, ., .]
+    const __m128 f = _mm_mul_ps(_mm_setr_ps(sa, sb, -ma, -mb), _mm_shuffle_ps(dd, dd, _MM_SHUFFLE(1, 1, 0, 0)));
+    *scale = lanes_of(f, halves(0, 1));
+    *min = lanes_of(f, halves(2, 3));
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (Q5 ? 48 : 16) + 16 * j));
+    const __m256i mask = _mm256_set1_epi8(0xF);
+    __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, mask)),
+                                   _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask), 1);
+    if (Q5) {  // fifth bits: bit j of qh for the first sub-block, bit j + 1 for the second
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(qh), qh, 1);
+      const __m512i bits = _mm512_and_si512(_mm512_srlv_epi16(both, _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16(j),
+                                                                                          _mm512_set1_epi16(j + 1))),
+                                            _mm512_set1_epi8(1));
+      v = _mm512_or_si512(v, _mm512_slli_epi16(bits, 4));
+    }
+    return v;
+  }
+};
+
+template <>
+struct Pair<kQ4_K> : PairK<false> {};
+template <>
+struct Pair<kQ5_K> : PairK<true> {};
+
+template <>
+struct Pair<kQ6_K> {  // the pair's low nibbles are 64 consecutive bytes; their high bits share 32 bytes
+  QUANT_AVX512 static inline __m512i q(const uint8_t* row, int64_t b, bool, __m512* scale, __m512*) {
+    const uint8_t* p = row + (b / 8) * 210;
+    const int j = b % 8, h = j / 4, t = j % 4;  // t even
+    const __m128i sc = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(p + 192 + 2 * j)));
+    const __m128 s = _mm_mul_ps(_mm_cvtepi32_ps(sc), _mm_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(p + 208))));
+    *scale = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                   _mm512_castps128_ps512(s));
+    const __m512i ql = _mm512_loadu_si512(p + 64 * h);
+    const __m512i lo = _mm512_and_si512(_mm512_srl_epi16(ql, _mm_cvtsi32_si128(4 * (t / 2))), _mm512_set1_epi8(0xF));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * h));
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(qh), qh, 1);
+    const __m512i hi = _mm512_and_si512(
+        _mm512_srlv_epi16(both, _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16(2 * t), _mm512_set1_epi16(2 * t + 2))),
+        _mm512_set1_epi8(3));
+    return _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));
+  }
+};
 
 template <int64_t QT, int MB>
 QUANT_AVX512 void rows_avx512(const Activations& a, int64_t rows, const uint8_t* w, int64_t row_bytes, int64_t K,
                               float* y, int64_t N, int64_t m0, int64_t n_begin, int64_t n_end) {
-  using F = Simd<QT>;
+  constexpr bool has_min = Simd<QT>::has_min, has_offset = QT == kQ8_0 || Simd<QT>::offset != 0;
   const int64_t blocks = K / 32, lanes = a.Kp / 4;
   const int8_t* xq[MB];
   const float *xs[MB], *xsum[MB];
@@ -312,20 +432,15 @@ QUANT_AVX512 void rows_avx512(const Activations& a, int64_t rows, const uint8_t*
     __m512 acc[MB];
     for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; b += 2) {
-      __m256 s0, s1 = _mm256_setzero_ps(), m0v = _mm256_setzero_ps(), m1v = _mm256_setzero_ps();
-      const __m256i q0 = F::q(row, b, &s0, &m0v);
-      const __m256i q1 = b + 1 < blocks ? F::q(row, b + 1, &s1, &m1v) : _mm256_setzero_si256();
-      __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
-      if (QT == kQ8_0) q = _mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80)));  // w + 128, unsigned
-      const __m512 scale = _mm512_insertf32x8(_mm512_castps256_ps512(s0), s1, 1);
-      const __m512 min = _mm512_insertf32x8(_mm512_castps256_ps512(m0v), m1v, 1);
+      __m512 scale, min;
+      const __m512i q = Pair<QT>::q(row, b, b + 1 < blocks, &scale, &min);
       const int64_t lane = b * 8;
       for (int m = 0; m < MB; ++m) {
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(xinit[m] + lane), q,
-                                                _mm512_loadu_si512(xq[m] + b * 32));
+        const __m512i init = has_offset ? _mm512_loadu_si512(xinit[m] + lane) : _mm512_setzero_si512();
+        const __m512i dot = _mm512_dpbusd_epi32(init, q, _mm512_loadu_si512(xq[m] + b * 32));
         const __m512 s = _mm512_mul_ps(scale, _mm512_loadu_ps(xs[m] + lane));
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[m]);
-        if (F::has_min) acc[m] = _mm512_fmadd_ps(min, _mm512_loadu_ps(xsum[m] + lane), acc[m]);
+        if (has_min) acc[m] = _mm512_fmadd_ps(min, _mm512_loadu_ps(xsum[m] + lane), acc[m]);
       }
     }
     for (int m = 0; m < rows; ++m) y[(m0 + m) * N + n] = _mm512_reduce_add_ps(acc[m]);
