@@ -56,7 +56,8 @@ class LLM:
         self.device = torch.device(self.config.device)
         self.model = load_model(path, self.config.torch_dtype, self.device)
         # the kernel policy, decided once: layers holding None run torch's operators
-        self.kernels = load_decode_kernels(self.model) if self.config.cpu_kernels else None
+        self.kernels = (load_decode_kernels(self.model, self.config.batch_invariant) if self.config.cpu_kernels
+                        else None)
         set_decode_kernels(self.model, self.kernels)
         model_config = self.model.config
         self.tokenizer = None if self.config.skip_tokenizer_init else self._load_tokenizer(
@@ -80,7 +81,8 @@ class LLM:
                        if self.config.medusa else None)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    tree_size=self.medusa.tree.size if self.medusa else 0)
-        self.runner = ModelRunner(self.model, kv_cache, self.config.attention_backend, self.device)
+        self.runner = ModelRunner(self.model, kv_cache, self.config.attention_backend, self.device,
+                                  self.config.batch_invariant)
         self.sampler = Sampler()
         self.requests: dict[str, Sequence] = {}
         adapter_root = Path(self.config.adapter_root) if self.config.adapter_root else path / "adapters"

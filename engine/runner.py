@@ -28,12 +28,13 @@ class StepInputs:
 class ModelRunner:
     """Owns the model, its KV cache and the attention backend; runs one forward per step."""
 
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, attention_backend: str, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, attention_backend: str, device: torch.device,
+                 batch_invariant: bool) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.block_size = kv_cache.block_size
-        self.backend = get_backend(attention_backend, device)
+        self.backend = get_backend(attention_backend, device, batch_invariant)
         for i, layer in enumerate(model.model.layers):
             layer.self_attn.k_cache = kv_cache.k(i)
             layer.self_attn.v_cache = kv_cache.v(i)

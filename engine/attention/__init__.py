@@ -51,9 +51,10 @@ def available_backends(device: torch.device | str) -> list[str]:
     return [*fast, "flash", "reference"]
 
 
-def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
+def get_backend(name: str, device: torch.device | str, batch_invariant: bool = False) -> AttentionBackend:
     """The backend called `name` ("auto": the fastest on `device`, warning once when the fused CPU kernel
-    cannot be built). A backend asked for by name that cannot run here is an error, never a substitute."""
+    cannot be built). A backend asked for by name that cannot run here is an error, never a substitute.
+    batch_invariant: the cpu backend never splits a row's keys by batch size (the others make no promise)."""
     if name == "auto":
         name = available_backends(device)[0]
     elif name == "cpu" and "cpu" not in available_backends(device):
@@ -62,4 +63,5 @@ def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available on {device}: {available_backends(device)}")
     module, cls = _BACKENDS[name]
-    return getattr(importlib.import_module(module), cls)()
+    backend = getattr(importlib.import_module(module), cls)
+    return backend(split_keys=not batch_invariant) if name == "cpu" else backend()

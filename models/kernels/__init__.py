@@ -1,8 +1,10 @@
 """Build gorgon's C++ CPU kernels with torch.utils.cpp_extension on first use, and cache the builds.
 
 Builds go to $GORGON_EXTENSIONS_DIR (default ~/.cache/gorgon/torch_extensions), in a folder named after
-the torch version and this CPU's instruction-set flags: the kernels are compiled with -march=native, so a
-cache shared between different machines must never hand one machine's binary to another."""
+the torch version, this CPU's instruction-set flags and the sources: the kernels are compiled with
+-march=native, so a cache shared between different machines must never hand one machine's binary to
+another, and two checkouts of different sources (a clean clone beside a working tree) must not rebuild
+over each other's binary while the other runs."""
 from __future__ import annotations
 
 import hashlib
@@ -29,11 +31,13 @@ def build(name: str, source: str, python_module: bool) -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
     root = Path(os.environ.get("GORGON_EXTENSIONS_DIR", Path.home() / ".cache" / "gorgon" / "torch_extensions"))
-    build_dir = root / f"{name}-torch{torch.__version__.replace('+', '_')}-{_cpu_fingerprint()}"
+    folder = Path(__file__).parent
+    sources = hashlib.sha256(b"".join(f.read_bytes() for f in [folder / source, *sorted(folder.glob("*.h"))]))
+    build_dir = root / f"{name}-torch{torch.__version__.replace('+', '_')}-{_cpu_fingerprint()}-{sources.hexdigest()[:12]}"
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob("*.so")):
         print(f"gorgon: compiling the {source} CPU kernels for this machine, once (about 30-60 s) ...",
               file=sys.stderr, flush=True)
-    return load(name=name, sources=[str(Path(__file__).parent / source)], build_directory=str(build_dir),
+    return load(name=name, sources=[str(folder / source)], build_directory=str(build_dir),
                 is_python_module=python_module, extra_cflags=["-O3", "-march=native", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], verbose=False)

@@ -352,10 +352,12 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
 // K/V go to cache slots slot_mapping [num_tokens] first; caches [num_blocks, block_size, num_kv_heads,
 // head_dim]; block_tables [num_seqs, max_blocks] int32; query_start_loc [num_seqs + 1]; context_lens
 // [num_seqs]; tree_mask [T, T] bool or None. Returns [num_tokens, num_heads, head_dim] in q's dtype.
+// split_keys: may a sequence's keys be split across threads (flash-decoding)? How many splits depends on
+// the batch, so a row's rounding would too: false keeps every row's arithmetic the same in any batch.
 at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                            const at::Tensor& query_start_loc, const at::Tensor& context_lens,
-                           const std::optional<at::Tensor>& tree_mask, double scale) {
+                           const std::optional<at::Tensor>& tree_mask, double scale, bool split_keys) {
   TORCH_CHECK(q_in.device().is_cpu() && k_cache.device().is_cpu(), "paged_attention: the cpu backend needs CPU tensors");
   TORCH_CHECK(q_in.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "paged_attention: bad shapes");
   TORCH_CHECK(q_in.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
@@ -396,7 +398,7 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
   // flash-decoding: split the keys when (sequence, tile, head) units alone cannot fill the threads
   const int base_units = static_cast<int>(tiles.size()) * p.num_kv_heads;
   const int want_units = 4 * omp_get_max_threads();
-  p.num_splits = base_units == 0 || base_units >= want_units
+  p.num_splits = !split_keys || base_units == 0 || base_units >= want_units
                      ? 1
                      : std::max(1, std::min((want_units + base_units - 1) / base_units, max_context / MIN_KEYS_PER_SPLIT));
 
@@ -413,6 +415,7 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
 
 TORCH_LIBRARY(gorgon_attention, m) {
   m.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
-        "Tensor block_tables, Tensor query_start_loc, Tensor context_lens, Tensor? tree_mask, float scale) -> Tensor");
+        "Tensor block_tables, Tensor query_start_loc, Tensor context_lens, Tensor? tree_mask, float scale, "
+        "bool split_keys) -> Tensor");
   m.impl("paged_attention", c10::DispatchKey::CPU, &paged_attention);
 }

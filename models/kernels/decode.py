@@ -36,24 +36,25 @@ def compiled() -> ModuleType | None:
 
 @dataclass(frozen=True)
 class DecodeKernels:
-    """The compiled kernels, for inference inputs of at most MAX_ROWS token rows. Invariant: only handed to
-    the layers of a CPU model in inference, whose weights are fp32 or bf16 (their forward has no autograd)."""
+    """The compiled kernels, for inference inputs of at most max_rows token rows (None: any number, so that
+    every row is computed by the same code in the same order whatever the batch: batch invariance).
+    Invariant: only handed to the layers of a CPU model in inference (their forward has no autograd)."""
 
     ops: ModuleType
+    max_rows: int | None = MAX_ROWS
 
-    @staticmethod
-    def takes(x: torch.Tensor) -> bool:
-        return x.numel() <= MAX_ROWS * x.shape[-1]
+    def takes(self, x: torch.Tensor) -> bool:
+        return self.max_rows is None or x.numel() <= self.max_rows * x.shape[-1]
 
 
-def load_decode_kernels(model: nn.Module) -> DecodeKernels | None:
+def load_decode_kernels(model: nn.Module, batch_invariant: bool = False) -> DecodeKernels | None:
     """The kernels for this inference model: None where they cannot be built, or where the model is not on
-    the CPU or has weights of another dtype."""
+    the CPU or has weights of another dtype. batch_invariant: the kernels take inputs of any size."""
     weights = {p.dtype for p in model.parameters()}
     if not (weights <= set(WEIGHT_DTYPES) and next(model.parameters()).is_cpu):
         return None
     ops = compiled()
-    return None if ops is None else DecodeKernels(ops)
+    return None if ops is None else DecodeKernels(ops, None if batch_invariant else MAX_ROWS)
 
 
 def set_decode_kernels(model: nn.Module, kernels: DecodeKernels | None) -> None:
