@@ -65,7 +65,10 @@ def available_memory(device: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gorgon serve", description="Serve the OpenAI-compatible HTTP API.")
-    parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the shipped model)")
+    parser.add_argument("--model", default=None,
+                        help="HF checkpoint folder, a .gguf file or a folder holding one (default: the shipped model)")
+    parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                        help="quantize an HF checkpoint's linear layers as it loads")
     parser.add_argument("--served-model-name", default=None,
                         help=f"the base model's id in the API (default: the folder's name, or {DEFAULT_MODEL_NAME})")
     parser.add_argument("--host", default="127.0.0.1")
@@ -118,7 +121,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
               "enable_prefix_caching": not args.no_prefix_caching}
     optional = {"max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
                 "attention_backend": args.attention_backend, "num_kv_blocks": args.num_kv_blocks,
-                "kv_cache_memory": args.kv_cache_memory}
+                "kv_cache_memory": args.kv_cache_memory, "quantization": args.quantization}
     if args.kv_cache_fraction is not None:
         optional["kv_cache_memory"] = int(args.kv_cache_fraction * available_memory(args.device))
     if args.medusa:

@@ -10,7 +10,10 @@ from engine import LLM, SamplingParams
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gorgon generate", description="Generate a continuation of a prompt.")
-    parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the shipped model)")
+    parser.add_argument("--model", default=None,
+                        help="HF checkpoint folder, a .gguf file or a folder holding one (default: the shipped model)")
+    parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                        help="quantize an HF checkpoint's linear layers as it loads")
     parser.add_argument("--prompt", default="def fibonacci(n):", help="text to continue")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
@@ -32,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
-        llm = LLM(args.model, device=args.device, dtype=args.dtype, medusa=args.medusa, medusa_tree=args.medusa_tree)
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, medusa=args.medusa, medusa_tree=args.medusa_tree,
+                  quantization=args.quantization)
         if args.json:
             out = llm.generate(args.prompt, params)[0]
             print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
