@@ -11,7 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from engine import RequestOutput
+from engine import ContextLengthError, RequestOutput
 from server.async_engine import EngineError, EngineStopped, QueueFull, RequestStream
 from server.errors import APIError
 from server.protocol import ErrorInfo, ErrorResponse, SamplingRequest, Usage
@@ -59,8 +59,8 @@ async def generate(request: Request, state: ServerState, req: SamplingRequest, p
 async def start(state: ServerState, req: SamplingRequest, prompt_ids: list[int]) -> list[RequestStream]:
     """Queue the request's n choices; all are taken or none is."""
     adapter = state.resolve_adapter(req.model)
-    params = [sampling_params(req, len(prompt_ids), state.llm.max_model_len, len(state.tokenizer), choice=i)
-              for i in range(req.n)]
+    context = state.context_length(adapter)
+    params = [sampling_params(req, len(prompt_ids), context, len(state.tokenizer), choice=i) for i in range(req.n)]
     model_name = req.model or state.config.model_name
     streams: list[RequestStream] = []
     try:
@@ -71,6 +71,8 @@ async def start(state: ServerState, req: SamplingRequest, prompt_ids: list[int])
                        headers={"Retry-After": "1"}) from None
     except EngineStopped as e:
         raise APIError(503, str(e), "service_unavailable") from None
+    except ContextLengthError as e:  # the adapter changed meanwhile
+        raise APIError(400, str(e), code="context_length_exceeded") from None
     except ValueError as e:
         raise APIError(400, str(e)) from None
     finally:

@@ -52,9 +52,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, state: 
 
 @router.get("/v1/models")
 async def models(state: State) -> ModelList:
-    base, max_model_len = state.config.model_name, state.llm.max_model_len
-    cards = [ModelCard(id=base, root=state.config.model_root, max_model_len=max_model_len)]
-    cards += [ModelCard(id=a["name"], root=a["path"], parent=base, max_model_len=max_model_len)
+    base = state.config.model_name
+    cards = [ModelCard(id=base, root=state.config.model_root, max_model_len=state.context_length(None))]
+    cards += [ModelCard(id=a["name"], root=a["path"], parent=base, max_model_len=state.context_length(a["name"]))
               for a in state.engine.list_adapters()]
     return ModelList(data=cards)
 

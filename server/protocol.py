@@ -100,6 +100,11 @@ class SamplingRequest(RequestBody):
         """How many top alternatives to report with each sampled token's logprob (None: no logprobs)."""
         return None
 
+    @property
+    def prompt_alternatives(self) -> int | None:
+        """The same for each prompt token (None: no prompt logprobs)."""
+        return None
+
 
 class CompletionRequest(SamplingRequest):
     prompt: Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
@@ -123,16 +128,13 @@ class CompletionRequest(SamplingRequest):
             raise unsupported("suffix")
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _echo_without_logprobs(cls, value: bool, info: ValidationInfo) -> bool:
-        if value and info.data.get("logprobs") is not None:
-            raise unsupported("echo with logprobs", " yet (it needs the prompt's logprobs)")
-        return value
-
     @property
     def top_alternatives(self) -> int | None:
         return self.logprobs
+
+    @property
+    def prompt_alternatives(self) -> int | None:
+        return self.logprobs if self.echo else None
 
 
 class TextPart(RequestBody):
@@ -216,9 +218,11 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """Per token; with `echo`, the prompt's tokens come first, and the first of them has no logprob (null)."""
+
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

@@ -48,40 +48,49 @@ class CompletionRenderer(Renderer):
     def __init__(self, model: str, tokenizer, logprobs: int | None, echo: str = "") -> None:
         self.id, self.model, self.tokenizer = random_id("cmpl"), model, tokenizer
         self.logprobs, self.echo = logprobs, echo  # echo: the prompt's text, which starts every choice's text
-        self.text_len: dict[int, int] = {}  # per choice: text streamed so far (for logprobs' text_offset)
+        # per choice streamed: the next token's text_offset (the length of the tokens before it, as `tokens`
+        # spells them, so that streamed and whole answers agree)
+        self.offset: dict[int, int] = {}
 
     def head(self, n: int) -> list[BaseModel]:
-        return [self._body([CompletionChoice(index=i, text=self.echo)]) for i in range(n)] if self.echo else []
+        return []  # an echo comes with each choice's first output, which brings the prompt's logprobs
 
     def chunk(self, index: int, out: RequestOutput) -> BaseModel:
-        offset = self.text_len.get(index, len(self.echo))
-        self.text_len[index] = offset + len(out.new_text)
-        return self._body([CompletionChoice(index=index, text=out.new_text, finish_reason=out.finish_reason,
-                                            logprobs=self._logprobs(out, out.new_token_ids, offset))])
+        echo = "" if index in self.offset else self.echo
+        offset = self.offset.get(index, 0)
+        logprobs = self._logprobs(out, out.new_token_ids, offset, bool(echo))
+        self.offset[index] = offset + (sum(map(len, logprobs.tokens)) if logprobs else 0)
+        return self._body([CompletionChoice(index=index, text=echo + out.new_text, finish_reason=out.finish_reason,
+                                            logprobs=logprobs)])
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
         return self._body([], usage)
 
     def response(self, finals: list[RequestOutput], usage: Usage) -> BaseModel:
         return self._body([CompletionChoice(index=i, text=self.echo + out.text, finish_reason=out.finish_reason,
-                                            logprobs=self._logprobs(out, out.token_ids, len(self.echo)))
+                                            logprobs=self._logprobs(out, out.token_ids, 0, bool(self.echo)))
                            for i, out in enumerate(finals)], usage)
 
     def _body(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
         return CompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage)
 
-    def _logprobs(self, out: RequestOutput, token_ids: list[int], text_offset: int) -> CompletionLogprobs | None:
+    def _logprobs(self, out: RequestOutput, token_ids: list[int], text_offset: int,
+                  with_prompt: bool) -> CompletionLogprobs | None:
+        """Logprobs of `token_ids`, the last of `out`'s tokens, preceded by the prompt's if `with_prompt`."""
         if self.logprobs is None:
             return None
         entries = out.logprobs[len(out.logprobs) - len(token_ids):]
+        if with_prompt:
+            token_ids, entries = out.prompt_token_ids + token_ids, out.prompt_logprobs + entries
         tokens = [self.tokenizer.decode([t]) for t in token_ids]
         offsets = []
         for token in tokens:
             offsets.append(text_offset)
             text_offset += len(token)
-        return CompletionLogprobs(tokens=tokens, token_logprobs=[lp for lp, _ in entries], text_offset=offsets,
-                                  top_logprobs=[{self.tokenizer.decode([t]): v for t, v in top.items()}
-                                                for _, top in entries])
+        return CompletionLogprobs(
+            tokens=tokens, token_logprobs=[None if e is None else e[0] for e in entries], text_offset=offsets,
+            top_logprobs=[None if e is None else {self.tokenizer.decode([t]): v for t, v in e[1].items()}
+                          for e in entries])
 
 
 class ChatRenderer(Renderer):

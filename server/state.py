@@ -43,6 +43,11 @@ class ServerState:
             return model
         raise APIError(404, f"the model {model!r} does not exist", "not_found_error", "model", "model_not_found")
 
+    def context_length(self, adapter: str | None) -> int:
+        """The tokens a request may span, prompt and output: a prefix adapter's virtual tokens take their part."""
+        virtual = next((a["num_virtual_tokens"] for a in self.engine.list_adapters() if a["name"] == adapter), 0)
+        return self.llm.max_model_len - virtual
+
 
 def get_state(request: Request) -> ServerState:
     return request.app.state.server

@@ -230,6 +230,13 @@ def test_adapter_load_use_unload(client, running, oracle, name):
     assert response.status_code == 200, response.text
     card = next(m for m in client.models.list().data if m.id == name)
     assert card.parent == MODEL and card.root.endswith(name)
+    context = running.llm.max_model_len - (5 if name == "prefix" else 0)  # the prefix's virtual tokens take 5
+    assert card.max_model_len == context
+    fits = {"model": name, "prompt": [5] * 500, "max_tokens": context - 500, "ignore_eos": True}
+    assert httpx.post(f"{running.url}/v1/completions", headers=headers, json=fits).status_code == 200
+    too_long = httpx.post(f"{running.url}/v1/completions", headers=headers,
+                          json={**fits, "max_tokens": context - 499})
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
 
     want, base = greedy("def f(x):", oracle, 10, adapter=name), greedy("def f(x):", oracle, 10)
     got = client.completions.create(model=name, prompt="def f(x):", max_tokens=10, temperature=0,
@@ -278,7 +285,7 @@ def test_api_key_is_required_on_v1_only(running):
     ({"prompt": "hi", "top_p": 0}, 400, "top_p", None),
     ({"prompt": "hi", "n": 1000}, 400, "n", None),
     ({"prompt": "hi", "logprobs": 50}, 400, "logprobs", None),
-    ({"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo", None),  # needs the prompt's logprobs
+    ({"prompt": "hi", "echo": "yes"}, 400, "echo", None),
     ({"prompt": ""}, 400, "prompt", None),
     ({"prompt": [1, 999]}, 400, "prompt", None),  # a token id outside the vocabulary
     ({"prompt": [5] * 600}, 400, "prompt", "context_length_exceeded"),

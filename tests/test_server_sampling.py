@@ -60,6 +60,12 @@ def test_chat_max_completion_tokens_wins_over_max_tokens():
     assert sampling_params(chat(max_tokens=9, max_completion_tokens=5), 10, CONTEXT, VOCAB).max_tokens == 5
 
 
+def test_echo_with_logprobs_asks_for_the_prompt_logprobs():
+    assert sampling_params(completion(echo=True, logprobs=3), 10, CONTEXT, VOCAB).prompt_logprobs == 3
+    assert sampling_params(completion(logprobs=3), 10, CONTEXT, VOCAB).prompt_logprobs is None
+    assert sampling_params(completion(echo=True), 10, CONTEXT, VOCAB).prompt_logprobs is None
+
+
 def test_vllm_top_k_minus_one_means_off():
     assert sampling_params(completion(top_k=-1), 10, CONTEXT, VOCAB).top_k == 0
 

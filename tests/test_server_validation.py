@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 from fastapi.testclient import TestClient
 
-from engine import LLM
+from engine import LLM, SamplingParams
 from server.app import ServerConfig, create_app
 from server.prompts import chat_prompt_ids
 
@@ -124,7 +124,7 @@ HOSTILE = {
     "stream not a bool": completion("stream", stream="yes"),
     "stream_options unknown key": completion("stream_options", stream=True, stream_options={"everything": True}),
     "logprobs too many": completion("logprobs", logprobs=50),
-    "echo with logprobs": completion("echo", echo=True, logprobs=1),
+    "echo not a bool": completion("echo", echo=1),
     "best_of above n": completion("best_of", best_of=3),
     "suffix": completion("suffix", suffix="}"),
     "model unknown": Bad("/v1/completions", {"prompt": "hi", "model": "no-such-model"}, status=404, param="model",
@@ -324,8 +324,35 @@ def test_echo_prepends_the_prompt(client, llm):
     assert by_ids["choices"][0]["text"] == llm.tokenizer.decode(ids) + plain
     with client.stream("POST", "/v1/completions", headers=AUTH, json={**body, "echo": True, "stream": True}) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-    assert chunks[0]["choices"][0]["text"] == "def f(x):"
+    assert chunks[0]["choices"][0]["text"].startswith("def f(x):")
     assert "".join(c["choices"][0]["text"] for c in chunks) == echoed
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_reports_the_prompt_tokens_first(client, llm, stream):
+    ids = llm.tokenizer("def f(x):")["input_ids"]
+    want = llm.generate(ids, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=2,
+                                            prompt_logprobs=2))[0]
+    body = {"prompt": ids, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "echo": True, "logprobs": 2}
+    if stream:
+        with client.stream("POST", "/v1/completions", headers=AUTH, json={**body, "stream": True}) as r:
+            chunks = [json.loads(line[6:])["choices"][0] for line in r.iter_lines() if line.startswith("data: {")]
+        got = {key: sum((c["logprobs"][key] for c in chunks), []) for key in ("tokens", "token_logprobs",
+                                                                             "top_logprobs", "text_offset")}
+        text = "".join(c["text"] for c in chunks)
+    else:
+        choice = client.post("/v1/completions", headers=AUTH, json=body).json()["choices"][0]
+        got, text = choice["logprobs"], choice["text"]
+    all_ids = ids + want.token_ids
+    assert got["tokens"] == [llm.tokenizer.decode([t]) for t in all_ids]
+    assert text == llm.tokenizer.decode(ids) + want.text
+    assert got["text_offset"] == [len("".join(got["tokens"][:i])) for i in range(len(all_ids))]
+    assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+    entries = want.prompt_logprobs[1:] + want.logprobs
+    assert got["token_logprobs"][1:] == pytest.approx([lp for lp, _ in entries], abs=1e-4)
+    for top, (_, alternatives) in zip(got["top_logprobs"][1:], entries, strict=True):
+        want_top = {llm.tokenizer.decode([t]): v for t, v in alternatives.items()}
+        assert top == pytest.approx(want_top, abs=1e-4)
 
 
 def test_accepted_unused_openai_fields(client):
