@@ -1,0 +1,133 @@
+"""Medusa paths the other tests do not reach: the 63-node tree end to end, and a LoRA adapter on a branching tree
+whose accepted paths leave the first branch (so compaction really moves K/V). Lossless means greedy Medusa
+emits exactly plain greedy decoding's tokens. Drafts come from the plain run (an oracle), so that trees are
+accepted deep and along every kind of path."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from engine import LLM, RequestOutput, SamplingParams
+from models.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
+
+from conftest import hf_model
+
+GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+# where the right token sits among a head's top-k drafts, by position (None: absent)
+RANKS = [0, 0, 0, 0, 0, 0, 1, 1, 2, None]
+
+
+def prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 250, (int(torch.randint(2, 30, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def heads_dir(tmp_path_factory) -> Path:
+    """Random heads: the oracle drafts replace what they propose, only their count and shape matter."""
+    folder = tmp_path_factory.mktemp("random_heads")
+    save_medusa_heads(MedusaHeads(MedusaConfig(num_heads=4, num_layers=1, hidden_size=64, vocab_size=256,
+                                               own_lm_head=False)), folder)
+    return folder
+
+
+def use_oracle_drafts(llm: LLM, futures: dict[str, list[int]]) -> list[list[int]]:
+    """Draft from a plain run (request id -> prompt + output): the right token sits at a rank that varies with
+    position (RANKS). Returns the list that each accepted tree path (root first) is appended to."""
+    tree = llm.medusa.tree
+
+    def propose(seqs, hidden):
+        for seq in seqs:
+            seq.draft_token_ids = None
+            if not llm.medusa.can_speculate(seq):
+                continue
+            future, root = futures[seq.request_id], len(seq) - 1
+            drafts = []
+            for d in range(1, tree.depth + 1):
+                right = future[root + d] if root + d < len(future) else 0
+                ranked = [(right + 1 + r) % 256 for r in range(tree.top_k)]
+                rank = RANKS[(7 * root + d) % len(RANKS)]
+                if rank is not None and rank < tree.top_k:
+                    ranked[rank] = right
+                drafts.append(ranked)
+            seq.draft_token_ids = drafts
+
+    paths: list[list[int]] = []
+    compact = llm.medusa._compact
+
+    def recording_compact(slot_mapping, accepted_paths):
+        paths.extend(accepted_paths)
+        compact(slot_mapping, accepted_paths)
+
+    llm.medusa.propose = propose
+    llm.medusa._compact = recording_compact
+    return paths
+
+
+def run(llm: LLM, requests: list[tuple[list[int], str | None]]) -> list[RequestOutput]:
+    ids = [llm.add_request(p, GREEDY, request_id=f"r{i}", adapter=a) for i, (p, a) in enumerate(requests)]
+    finished = {}
+    while llm.has_unfinished():
+        finished.update({o.request_id: o for o in llm.step() if o.finished})
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+    return [finished[i] for i in ids]
+
+
+def check_lossless(plain: LLM, medusa: LLM, requests: list[tuple[list[int], str | None]]) -> list[list[int]]:
+    """Greedy Medusa == plain greedy, token for token; returns the accepted tree paths."""
+    want = run(plain, requests)
+    paths = use_oracle_drafts(medusa, {f"r{i}": p + o.token_ids for i, ((p, _), o) in enumerate(zip(requests, want))})
+    got = run(medusa, requests)
+    for i, (a, b) in enumerate(zip(want, got)):
+        assert b.token_ids == a.token_ids and b.text == a.text, i
+    accepted = [n for o in got for n in o.accepted_lengths]
+    assert sum(accepted) > 2 * len(accepted)  # trees were really accepted, several tokens a step
+    return paths
+
+
+def test_the_63_node_tree_is_lossless(tiny_model_dir, heads_dir):
+    kwargs = dict(block_size=8, max_num_batched_tokens=96)
+    requests = [(p, None) for p in prompts(4)]
+    medusa = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_tree="mc_sim_7b_63", **kwargs)
+    assert medusa.medusa.tree.size == 64
+    paths = check_lossless(LLM(tiny_model_dir, **kwargs), medusa, requests)
+    assert any(path[1] != 1 for path in paths if len(path) > 1)  # a path off the first branch was accepted
+    assert max(map(len, paths)) == 5  # and a path as deep as the tree
+
+
+@pytest.fixture(scope="module")
+def lora_root(tiny_model_dir, tmp_path_factory) -> Path:
+    """A PEFT LoRA on every projection with random non-zero weights (PEFT's init makes LoRA a no-op)."""
+    root = tmp_path_factory.mktemp("adapters")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"])
+    model = get_peft_model(hf_model(tiny_model_dir), config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)
+    model.save_pretrained(root / "lora")
+    return root
+
+
+@pytest.mark.parametrize("tree", ["cpu6", "cpu12"])
+def test_lora_on_a_branching_tree_is_lossless(tiny_model_dir, heads_dir, lora_root, tree):
+    """Two LoRA requests and a base one in the same batches: verification runs through the adapter, and the
+    accepted K/V (computed through the adapter) moves from the tree's slots to the sequence's next ones."""
+    kwargs = dict(block_size=8, adapter_root=str(lora_root))
+    plain = LLM(tiny_model_dir, **kwargs)
+    medusa = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_tree=tree, **kwargs)
+    for llm in (plain, medusa):
+        llm.load_adapter("lora", "lora")
+    ps = prompts(3)
+    requests = [(ps[0], "lora"), (ps[1], None), (ps[2], "lora")]
+    base_only = run(LLM(tiny_model_dir), [(p, None) for p in ps])
+    paths = check_lossless(plain, medusa, requests)
+    assert run(plain, requests)[0].token_ids != base_only[0].token_ids  # the adapter changes the output
+    moved = [path for path in paths if any(node != depth for depth, node in enumerate(path))]
+    assert moved and any(path[1] != 1 for path in moved)  # K/V moved, off the first branch too
