@@ -6,9 +6,15 @@ from tokenizers.decoders import DecodeStream
 
 from engine.sequence import Sequence
 
+NUM_CONTEXT_TOKENS = 6  # prompt tokens the stream sees first: context for merges and leading spaces
 
-def start_detokenizer(seq: Sequence) -> None:
-    seq.decode_stream = DecodeStream(ids=seq.token_ids, skip_special_tokens=True)
+
+def start_detokenizer(tokenizer, seq: Sequence) -> None:
+    """A stream primed with the prompt's last tokens, their text discarded. (DecodeStream(ids=prompt) would
+    emit the whole prompt with the first output token when the prompt ends inside a multi-byte character.)"""
+    seq.decode_stream = DecodeStream(skip_special_tokens=True)
+    for token in seq.token_ids[-NUM_CONTEXT_TOKENS:]:
+        seq.decode_stream.step(tokenizer.backend_tokenizer, token)
 
 
 def detokenize_new_token(tokenizer, seq: Sequence) -> str:

@@ -127,7 +127,7 @@ class LLM:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         seq = Sequence(request_id, token_ids, params, prompt=text, generator=generator)
         if self.tokenizer is not None:
-            start_detokenizer(seq)
+            start_detokenizer(self.tokenizer, seq)
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)  # the first token has nothing before it
         with self.adapters.lock:  # an unload must see this request once it has looked the adapter up

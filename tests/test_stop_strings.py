@@ -1,6 +1,6 @@
 """Stop strings never reach a client: until a request ends, the engine holds back an end of its text that could
 begin a stop string, in plain and Medusa steps, through LLM.stream and the HTTP server. The oracle is the plain
-run's text cut at the stop string."""
+run's text cut at the stop string. Also: streamed text never repeats the prompt."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,10 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.common import byte_tokenizer
 from engine import LLM, SamplingParams
+from engine.detokenizer import detokenize_new_token, start_detokenizer
+from engine.sequence import Sequence
 from models.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
 from server.app import ServerConfig, create_app
 
@@ -141,3 +144,18 @@ def test_stop_strings_through_the_server(tiny_model_dir, heads_dir, plain_pieces
     events = sse_events(streamed.text)
     assert choice["text"] == "".join(e["choices"][0]["text"] for e in events if e["choices"]) == full[:full.find(stop)]
     assert choice["finish_reason"] == "stop"
+
+
+def test_a_prompt_ending_inside_a_character_is_not_streamed():
+    """The first output token completes the prompt's last character: the text it adds is that character, never
+    the prompt before it."""
+    tokenizer = byte_tokenizer()
+    euro, ok = tokenizer("€")["input_ids"], tokenizer(" ok")["input_ids"]
+    assert len(euro) == 3
+    seq = Sequence("r", tokenizer("Hello, world")["input_ids"] + euro[:1], SamplingParams())
+    start_detokenizer(tokenizer, seq)
+    pieces = []
+    for token in euro[1:] + ok:
+        seq.token_ids.append(token)
+        pieces.append(detokenize_new_token(tokenizer, seq))
+    assert pieces == ["", "€", " ", "o", "k"]
