@@ -13,6 +13,7 @@ import uvicorn
 
 from engine import LLM
 from server.app import ServerConfig, create_app
+from server.flags import add_medusa_acceptance_flags, medusa_acceptance
 
 DEFAULT_MODEL_NAME = "gorgon-default"
 API_KEY_ENV = "GORGON_API_KEY"
@@ -75,6 +76,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--medusa", default=None, help="Medusa heads folder (speculative decoding)")
     parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
+    add_medusa_acceptance_flags(parser)
+    parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
+    parser.add_argument("--skip-tokenizer-init", action="store_true",
+                        help="run without a tokenizer: token-id prompts only, answers carry token ids and no text")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="load a LoRA or prefix-tuning adapter at startup (repeatable)")
     parser.add_argument("--adapter-root", default=None,
@@ -118,14 +123,15 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     """EngineConfig fields from the flags; a flag left out keeps the engine's default."""
     kwargs = {"device": args.device, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
               "max_model_len": args.max_model_len, "adapter_root": args.adapter_root,
-              "enable_prefix_caching": not args.no_prefix_caching}
+              "enable_prefix_caching": not args.no_prefix_caching, "skip_tokenizer_init": args.skip_tokenizer_init}
     optional = {"max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
                 "attention_backend": args.attention_backend, "num_kv_blocks": args.num_kv_blocks,
-                "kv_cache_memory": args.kv_cache_memory, "quantization": args.quantization}
+                "kv_cache_memory": args.kv_cache_memory, "quantization": args.quantization,
+                "tokenizer": args.tokenizer}
     if args.kv_cache_fraction is not None:
         optional["kv_cache_memory"] = int(args.kv_cache_fraction * available_memory(args.device))
     if args.medusa:
-        optional |= {"medusa": args.medusa, "medusa_tree": args.medusa_tree}
+        optional |= {"medusa": args.medusa, "medusa_tree": args.medusa_tree, **medusa_acceptance(args)}
     return kwargs | {name: value for name, value in optional.items() if value is not None}
 
 

@@ -39,6 +39,16 @@ def test_flags_left_out_keep_the_engine_defaults():
         assert getattr(config, name) == getattr(default, name)
 
 
+def test_tokenizer_and_medusa_flags():
+    kwargs = engine_kwargs(parse_args(["--tokenizer", "tok", "--skip-tokenizer-init", "--medusa", "heads",
+                                       "--medusa-acceptance", "typical", "--medusa-posterior-threshold", "0.2"]))
+    assert kwargs | {"tokenizer": "tok", "skip_tokenizer_init": True, "medusa": "heads",
+                     "medusa_acceptance": "typical", "medusa_posterior_threshold": 0.2} == kwargs
+    assert "medusa_posterior_alpha" not in kwargs
+    EngineConfig(**kwargs)
+    assert "medusa_acceptance" not in engine_kwargs(parse_args(["--medusa-acceptance", "typical"]))  # no heads
+
+
 def test_kv_cache_fraction_of_available_memory(monkeypatch):
     monkeypatch.setattr("server.__main__.available_memory", lambda device: 8 << 30)
     assert engine_kwargs(parse_args(["--kv-cache-fraction", "0.25"]))["kv_cache_memory"] == 2 << 30

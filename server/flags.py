@@ -1,0 +1,20 @@
+"""Flags that `gorgon serve` and `gorgon generate` share."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_medusa_acceptance_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--medusa-acceptance", default=None, choices=["rejection", "typical"],
+                        help="how sampled requests accept drafts: rejection (the default) keeps plain sampling's "
+                             "distribution exactly; typical accepts more, and trades that exactness for it")
+    parser.add_argument("--medusa-posterior-threshold", type=float, default=None,
+                        help="typical acceptance: accept when p > min(threshold, alpha * exp(-entropy))")
+    parser.add_argument("--medusa-posterior-alpha", type=float, default=None, help="typical acceptance's alpha")
+
+
+def medusa_acceptance(args: argparse.Namespace) -> dict:
+    """EngineConfig's Medusa acceptance fields from add_medusa_acceptance_flags' flags (left out: the defaults)."""
+    fields = {"medusa_acceptance": args.medusa_acceptance, "medusa_posterior_threshold":
+              args.medusa_posterior_threshold, "medusa_posterior_alpha": args.medusa_posterior_alpha}
+    return {name: value for name, value in fields.items() if value is not None}
