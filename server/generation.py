@@ -15,7 +15,7 @@ from engine import ContextLengthError, RequestOutput
 from server.async_engine import EngineError, EngineStopped, QueueFull, RequestStream
 from server.errors import APIError
 from server.protocol import ErrorInfo, ErrorResponse, SamplingRequest, Usage
-from server.responses import Renderer
+from server.responses import Renderer, step_info
 from server.sampling import sampling_params
 from server.state import ServerState
 
@@ -38,10 +38,12 @@ async def generate(request: Request, state: ServerState, req: SamplingRequest, p
 
     async def events() -> AsyncIterator[str]:
         try:
-            for chunk in renderer.head(len(streams)):
+            for chunk in renderer.head(len(streams), prompt_ids):
                 yield f"data: {chunk.model_dump_json()}\n\n"
             async for i, out in interleave(streams):  # one chunk per step, even when its text is still ''
-                yield f"data: {renderer.chunk(i, out).model_dump_json()}\n\n"
+                chunk = renderer.chunk(i, out)
+                chunk.gorgon = step_info(out, state.tokenizer)  # ours: the step behind the chunk
+                yield f"data: {chunk.model_dump_json()}\n\n"
             if req.stream_options and req.stream_options.include_usage:
                 final = renderer.usage_chunk(usage(prompt_ids, [s.last for s in streams]))
                 yield f"data: {final.model_dump_json()}\n\n"
@@ -60,7 +62,8 @@ async def start(state: ServerState, req: SamplingRequest, prompt_ids: list[int])
     """Queue the request's n choices; all are taken or none is."""
     adapter = state.resolve_adapter(req.model)
     context = state.context_length(adapter)
-    params = [sampling_params(req, len(prompt_ids), context, len(state.tokenizer), choice=i) for i in range(req.n)]
+    vocab_size = len(state.tokenizer) if state.tokenizer is not None else None  # None: the engine checks ids
+    params = [sampling_params(req, len(prompt_ids), context, vocab_size, choice=i) for i in range(req.n)]
     model_name = req.model or state.config.model_name
     streams: list[RequestStream] = []
     try:

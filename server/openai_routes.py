@@ -7,7 +7,7 @@ from fastapi.responses import Response
 from server.errors import ERROR_RESPONSES, APIError
 from server.generation import generate
 from server.guards import require_api_key
-from server.prompts import chat_prompt_ids, check_token_ids, completion_prompt_ids
+from server.prompts import chat_prompt_ids, check_token_ids, completion_prompt_ids, prompt_text, require_tokenizer
 from server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -18,11 +18,12 @@ from server.protocol import (
     DetokenizeResponse,
     ModelCard,
     ModelList,
+    SamplingRequest,
     TokenizeRequest,
     TokenizeResponse,
 )
 from server.responses import ChatRenderer, CompletionRenderer
-from server.state import State
+from server.state import ServerState, State
 
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
@@ -34,11 +35,16 @@ def streamed_as(chunk: type) -> dict:
                   "description": "the answer; with `stream: true`, SSE events `data: <chunk>`, then `data: [DONE]`"}}
 
 
+def returns_token_ids(req: SamplingRequest, state: ServerState) -> bool:
+    return req.return_token_ids or state.tokenizer is None  # without a tokenizer, the ids are the answer
+
+
 @router.post("/v1/completions", response_model=CompletionResponse, responses=streamed_as(CompletionResponse))
 async def completions(req: CompletionRequest, request: Request, state: State) -> Response:
     prompt_ids = completion_prompt_ids(state.tokenizer, req.prompt)
-    echo = "" if not req.echo else req.prompt if isinstance(req.prompt, str) else state.tokenizer.decode(prompt_ids)
-    renderer = CompletionRenderer(req.model or state.config.model_name, state.tokenizer, req.logprobs, echo)
+    echo = prompt_text(state.tokenizer, req.prompt) if req.echo else ""
+    renderer = CompletionRenderer(req.model or state.config.model_name, state.tokenizer, req.logprobs,
+                                  returns_token_ids(req, state), echo)
     return await generate(request, state, req, prompt_ids, renderer)
 
 
@@ -46,7 +52,8 @@ async def completions(req: CompletionRequest, request: Request, state: State) ->
              responses=streamed_as(ChatCompletionChunk))
 async def chat_completions(req: ChatCompletionRequest, request: Request, state: State) -> Response:
     prompt_ids = chat_prompt_ids(state.tokenizer, req.messages)
-    renderer = ChatRenderer(req.model or state.config.model_name, state.tokenizer, req.top_alternatives)
+    renderer = ChatRenderer(req.model or state.config.model_name, state.tokenizer, req.top_alternatives,
+                            returns_token_ids(req, state))
     return await generate(request, state, req, prompt_ids, renderer)
 
 
@@ -76,4 +83,5 @@ async def tokenize(req: TokenizeRequest, state: State) -> TokenizeResponse:
 @router.post("/detokenize")
 async def detokenize(req: DetokenizeRequest, state: State) -> DetokenizeResponse:
     state.resolve_adapter(req.model)
+    require_tokenizer(state.tokenizer, "tokens")
     return DetokenizeResponse(prompt=state.tokenizer.decode(check_token_ids(state.tokenizer, req.tokens, "tokens")))

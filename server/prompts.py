@@ -1,5 +1,5 @@
 """A request's prompt as token ids: a completion's text or ids (checked against the vocabulary), or chat
-messages through the chat template."""
+messages through the chat template. A server without a tokenizer takes token ids only."""
 from __future__ import annotations
 
 from server.errors import APIError
@@ -10,10 +10,17 @@ FALLBACK_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['con
                           "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
+def require_tokenizer(tokenizer, param: str) -> None:
+    if tokenizer is None:
+        raise APIError(400, "this server runs without a tokenizer (--skip-tokenizer-init): it takes prompts as "
+                            "token ids only", param=param)
+
+
 def check_token_ids(tokenizer, token_ids: list[int], param: str) -> list[int]:
-    """Ids the tokenizer knows; anything else is the client's error (a 400), never the engine's."""
-    vocab = len(tokenizer)
-    bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+    """Ids the tokenizer knows; anything else is the client's error (a 400), never the engine's. Without a
+    tokenizer, the engine checks them against the model's vocabulary."""
+    vocab = len(tokenizer) if tokenizer is not None else None
+    bad = next((t for t in token_ids if t < 0 or (vocab is not None and t >= vocab)), None)
     if bad is not None:
         raise APIError(400, f"token id {bad} is out of the vocabulary (ids are in [0, {vocab}))", param=param)
     return token_ids
@@ -21,11 +28,20 @@ def check_token_ids(tokenizer, token_ids: list[int], param: str) -> list[int]:
 
 def completion_prompt_ids(tokenizer, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
     if isinstance(prompt, str):
+        require_tokenizer(tokenizer, "prompt")
         return tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
     return check_token_ids(tokenizer, prompt, "prompt")
 
 
+def prompt_text(tokenizer, prompt: str | list[int]) -> str:
+    """The prompt as text (for echo); '' for token ids on a server without a tokenizer."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.decode(prompt) if tokenizer is not None else ""
+
+
 def chat_prompt_ids(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    require_tokenizer(tokenizer, "messages")
     text = tokenizer.apply_chat_template([{"role": m.role, "content": m.text} for m in messages],
                                          chat_template=tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE,
                                          tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -26,6 +26,11 @@ TokenId = Annotated[int, Field(ge=0)]  # the vocabulary's upper bound is checked
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 
 
+def omitted_when_none() -> Any:
+    """A response field of ours or vLLM's, left out of the body unless set, so OpenAI's shape stays as it is."""
+    return Field(default=None, exclude_if=lambda value: value is None)
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -83,6 +88,7 @@ class SamplingRequest(RequestBody):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
+    return_token_ids: bool = False  # choices carry their token ids, and the answer its prompt's
     # ours
     use_medusa: bool = True  # False: decode without Medusa speculation even when the server has heads
 
@@ -231,6 +237,17 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = omitted_when_none()  # with return_token_ids
+
+
+class StepInfo(BaseModel):
+    """Ours, on each streamed chunk of an answer (OpenAI's clients ignore it): the engine step behind the chunk.
+    In a Medusa step, all its tokens but the last are drafts that verification accepted, and the last is the token
+    the verify step added; a plain step adds one token. `LLM.stream` yields the same steps (a RequestOutput each,
+    its `new_token_ids`)."""
+
+    step_tokens: int  # tokens the step added (0: the chunk only releases text held back for stop strings)
+    tokens: list[str] | None = Field(default=None, exclude_if=lambda value: value is None)  # each one's text
 
 
 class CompletionResponse(BaseModel):
@@ -242,6 +259,8 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = omitted_when_none()  # with return_token_ids (in a stream: its first chunk)
+    gorgon: StepInfo | None = Field(default=None, exclude_if=lambda value: value is None)  # streamed chunks
 
 
 class TopLogprob(BaseModel):
@@ -268,6 +287,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = omitted_when_none()  # with return_token_ids
 
 
 class ChatCompletionResponse(BaseModel):
@@ -277,6 +297,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_token_ids: list[int] | None = omitted_when_none()  # with return_token_ids
 
 
 class ChatDelta(BaseModel):
@@ -289,6 +310,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = omitted_when_none()  # with return_token_ids
 
 
 class ChatCompletionChunk(BaseModel):
@@ -300,6 +322,8 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = omitted_when_none()  # with return_token_ids, in the first chunks
+    gorgon: StepInfo | None = Field(default=None, exclude_if=lambda value: value is None)  # streamed chunks
 
 
 class ModelCard(BaseModel):

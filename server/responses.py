@@ -17,6 +17,7 @@ from server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    StepInfo,
     TokenLogprob,
     TopLogprob,
     Usage,
@@ -25,10 +26,15 @@ from server.protocol import (
 
 
 class Renderer(ABC):
-    """One endpoint's bodies for one request of n choices."""
+    """One endpoint's bodies for one request of n choices. `token_ids`: the bodies carry token ids too (asked
+    for with return_token_ids, or always when the server has no tokenizer, since the text is then empty)."""
+
+    def __init__(self, prefix: str, model: str, tokenizer, logprobs: int | None, token_ids: bool) -> None:
+        self.id, self.model, self.tokenizer = random_id(prefix), model, tokenizer
+        self.logprobs, self.token_ids = logprobs, token_ids
 
     @abstractmethod
-    def head(self, n: int) -> list[BaseModel]:
+    def head(self, n: int, prompt_ids: list[int]) -> list[BaseModel]:
         """Chunks streamed before any output."""
 
     @abstractmethod
@@ -43,36 +49,47 @@ class Renderer(ABC):
     def response(self, finals: list[RequestOutput], usage: Usage) -> BaseModel:
         """The whole answer."""
 
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+
+    def ids(self, token_ids: list[int]) -> list[int] | None:
+        return token_ids if self.token_ids else None
+
 
 class CompletionRenderer(Renderer):
-    def __init__(self, model: str, tokenizer, logprobs: int | None, echo: str = "") -> None:
-        self.id, self.model, self.tokenizer = random_id("cmpl"), model, tokenizer
-        self.logprobs, self.echo = logprobs, echo  # echo: the prompt's text, which starts every choice's text
+    def __init__(self, model: str, tokenizer, logprobs: int | None, token_ids: bool, echo: str = "") -> None:
+        super().__init__("cmpl", model, tokenizer, logprobs, token_ids)
+        self.echo = echo  # the prompt's text, which starts every choice's text
         # per choice streamed: the next token's text_offset (the length of the tokens before it, as `tokens`
         # spells them, so that streamed and whole answers agree)
         self.offset: dict[int, int] = {}
 
-    def head(self, n: int) -> list[BaseModel]:
+    def head(self, n: int, prompt_ids: list[int]) -> list[BaseModel]:
         return []  # an echo comes with each choice's first output, which brings the prompt's logprobs
 
     def chunk(self, index: int, out: RequestOutput) -> BaseModel:
-        echo = "" if index in self.offset else self.echo
+        first = index not in self.offset
+        echo = self.echo if first else ""
         offset = self.offset.get(index, 0)
         logprobs = self._logprobs(out, out.new_token_ids, offset, bool(echo))
         self.offset[index] = offset + (sum(map(len, logprobs.tokens)) if logprobs else 0)
-        return self._body([CompletionChoice(index=index, text=echo + out.new_text, finish_reason=out.finish_reason,
-                                            logprobs=logprobs)])
+        choice = CompletionChoice(index=index, text=echo + out.new_text, finish_reason=out.finish_reason,
+                                  logprobs=logprobs, token_ids=self.ids(out.new_token_ids))
+        return self._body([choice], prompt_ids=self.ids(out.prompt_token_ids) if first else None)
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
         return self._body([], usage)
 
     def response(self, finals: list[RequestOutput], usage: Usage) -> BaseModel:
         return self._body([CompletionChoice(index=i, text=self.echo + out.text, finish_reason=out.finish_reason,
-                                            logprobs=self._logprobs(out, out.token_ids, 0, bool(self.echo)))
-                           for i, out in enumerate(finals)], usage)
+                                            logprobs=self._logprobs(out, out.token_ids, 0, bool(self.echo)),
+                                            token_ids=self.ids(out.token_ids))
+                           for i, out in enumerate(finals)], usage, self.ids(finals[0].prompt_token_ids))
 
-    def _body(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
-        return CompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage)
+    def _body(self, choices: list[CompletionChoice], usage: Usage | None = None,
+              prompt_ids: list[int] | None = None) -> CompletionResponse:
+        return CompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage,
+                                  prompt_token_ids=prompt_ids)
 
     def _logprobs(self, out: RequestOutput, token_ids: list[int], text_offset: int,
                   with_prompt: bool) -> CompletionLogprobs | None:
@@ -82,28 +99,27 @@ class CompletionRenderer(Renderer):
         entries = out.logprobs[len(out.logprobs) - len(token_ids):]
         if with_prompt:
             token_ids, entries = out.prompt_token_ids + token_ids, out.prompt_logprobs + entries
-        tokens = [self.tokenizer.decode([t]) for t in token_ids]
+        tokens = [self.token_text(t) for t in token_ids]
         offsets = []
         for token in tokens:
             offsets.append(text_offset)
             text_offset += len(token)
         return CompletionLogprobs(
             tokens=tokens, token_logprobs=[None if e is None else e[0] for e in entries], text_offset=offsets,
-            top_logprobs=[None if e is None else {self.tokenizer.decode([t]): v for t, v in e[1].items()}
-                          for e in entries])
+            top_logprobs=[None if e is None else {self.token_text(t): v for t, v in e[1].items()} for e in entries])
 
 
 class ChatRenderer(Renderer):
-    def __init__(self, model: str, tokenizer, logprobs: int | None) -> None:
-        self.id, self.model, self.tokenizer, self.logprobs = random_id("chatcmpl"), model, tokenizer, logprobs
+    def __init__(self, model: str, tokenizer, logprobs: int | None, token_ids: bool) -> None:
+        super().__init__("chatcmpl", model, tokenizer, logprobs, token_ids)
 
-    def head(self, n: int) -> list[BaseModel]:
-        return [self._chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
-                for i in range(n)]
+    def head(self, n: int, prompt_ids: list[int]) -> list[BaseModel]:
+        return [self._chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))],
+                            prompt_ids=self.ids(prompt_ids)) for i in range(n)]
 
     def chunk(self, index: int, out: RequestOutput) -> BaseModel:
         return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=out.new_text),
-                                            finish_reason=out.finish_reason,
+                                            finish_reason=out.finish_reason, token_ids=self.ids(out.new_token_ids),
                                             logprobs=self._logprobs(out, out.new_token_ids))])
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
@@ -111,11 +127,15 @@ class ChatRenderer(Renderer):
 
     def response(self, finals: list[RequestOutput], usage: Usage) -> BaseModel:
         choices = [ChatChoice(index=i, message=ChatResponseMessage(content=out.text), finish_reason=out.finish_reason,
-                              logprobs=self._logprobs(out, out.token_ids)) for i, out in enumerate(finals)]
-        return ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage)
+                              logprobs=self._logprobs(out, out.token_ids), token_ids=self.ids(out.token_ids))
+                   for i, out in enumerate(finals)]
+        return ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage,
+                                      prompt_token_ids=self.ids(finals[0].prompt_token_ids))
 
-    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, model=self.model, choices=choices, usage=usage)
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None,
+               prompt_ids: list[int] | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, model=self.model, choices=choices, usage=usage,
+                                   prompt_token_ids=prompt_ids)
 
     def _logprobs(self, out: RequestOutput, token_ids: list[int]) -> ChatLogprobs | None:
         if self.logprobs is None:
@@ -123,9 +143,15 @@ class ChatRenderer(Renderer):
         entries = out.logprobs[len(out.logprobs) - len(token_ids):]
 
         def top(t: int, lp: float) -> TopLogprob:
-            token = self.tokenizer.decode([t])
+            token = self.token_text(t)
             return TopLogprob(token=token, logprob=lp, bytes=list(token.encode()))
 
         return ChatLogprobs(content=[TokenLogprob(**top(t, lp).model_dump(),
                                                   top_logprobs=[top(a, alp) for a, alp in alternatives.items()])
                                      for t, (lp, alternatives) in zip(token_ids, entries)])
+
+
+def step_info(out: RequestOutput, tokenizer) -> StepInfo:
+    """Ours, on streamed chunks: the step behind a chunk, its tokens and their text (see StepInfo)."""
+    tokens = None if tokenizer is None else [tokenizer.decode([t]) for t in out.new_token_ids]
+    return StepInfo(step_tokens=len(out.new_token_ids), tokens=tokens)

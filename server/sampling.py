@@ -6,10 +6,11 @@ from server.errors import APIError
 from server.protocol import ChatCompletionRequest, SamplingRequest
 
 
-def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, vocab_size: int,
+def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, vocab_size: int | None,
                     choice: int = 0) -> SamplingParams:
     """How to decode choice `choice` of `req` (whose prompt has `prompt_len` tokens) on a model with this context
-    and vocabulary. A request that cannot be served as asked is an APIError (400) naming the field at fault."""
+    and vocabulary (None: unknown here, the engine checks ids). A request that cannot be served as asked is an
+    APIError (400) naming the field at fault."""
     check_context(req, prompt_len, max_model_len)
     limit = req.token_limit
     try:
@@ -45,13 +46,13 @@ def check_context(req: SamplingRequest, prompt_len: int, max_model_len: int) -> 
                             f"or lower {limit_param}", param=limit_param, code="context_length_exceeded")
 
 
-def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+def logit_bias(bias: dict[str, float], vocab_size: int | None) -> dict[int, float]:
     """OpenAI's logit_bias (token ids as strings) with int keys, each a token of the vocabulary."""
     out = {}
     for key, value in bias.items():
         token = int(key) if key.isascii() and key.isdigit() else -1
-        if not 0 <= token < vocab_size:
-            raise APIError(400, f"logit_bias: {key!r} is not a token id (ids are in [0, {vocab_size}))",
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise APIError(400, f"logit_bias: {key!r} is not a token id (ids are in [0, {vocab_size or 'vocab'}))",
                            param="logit_bias")
         out[token] = value
     return out

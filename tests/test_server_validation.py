@@ -372,3 +372,39 @@ def test_unsupported_fields_are_named_in_the_message(client):
     assert "response_format" in error["message"] and '{"type": "text"}' in error["message"]
     error = send(client, HOSTILE["unknown field"]).json()["error"]
     assert "frobnicate" in error["message"]
+
+
+def test_return_token_ids(client, llm):
+    body = {"prompt": [1, 40, 41], "max_tokens": 5, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    want = llm.generate([1, 40, 41], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    got = client.post("/v1/completions", headers=AUTH, json=body).json()
+    assert got["prompt_token_ids"] == [1, 40, 41] and got["choices"][0]["token_ids"] == want.token_ids
+    with client.stream("POST", "/v1/completions", headers=AUTH, json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["prompt_token_ids"] == [1, 40, 41] and "prompt_token_ids" not in chunks[1]
+    assert sum((c["choices"][0]["token_ids"] for c in chunks), []) == want.token_ids
+    plain = client.post("/v1/completions", headers=AUTH, json={**body, "return_token_ids": False}).json()
+    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]  # OpenAI's shape
+    chat = client.post("/v1/chat/completions", headers=AUTH,
+                       json={"messages": USER, "max_tokens": 3, "return_token_ids": True}).json()
+    assert chat["prompt_token_ids"] == chat_prompt_ids(llm.tokenizer, [type_message(m) for m in USER])
+    assert len(chat["choices"][0]["token_ids"]) == chat["usage"]["completion_tokens"]
+
+
+def test_a_server_without_tokenizer_takes_token_ids(tiny_model_dir, llm):
+    bare = LLM(tiny_model_dir, skip_tokenizer_init=True, **ENGINE_KWARGS)
+    want = llm.generate([1, 40, 41], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=1))[0]
+    with make_client(bare) as client:
+        got = client.post("/v1/completions", headers=AUTH, json={
+            "prompt": [1, 40, 41], "max_tokens": 5, "temperature": 0, "ignore_eos": True, "logprobs": 1}).json()
+        choice = got["choices"][0]
+        assert choice["token_ids"] == want.token_ids and choice["text"] == ""
+        assert choice["logprobs"]["tokens"] == [f"token_id:{t}" for t in want.token_ids]
+        for body, route, param in [({"prompt": "hi"}, "/v1/completions", "prompt"),
+                                   ({"messages": USER}, "/v1/chat/completions", "messages"),
+                                   ({"prompt": "hi"}, "/tokenize", "prompt"),
+                                   ({"tokens": [1]}, "/detokenize", "tokens"),
+                                   ({"prompt": [1, 256]}, "/v1/completions", None),
+                                   ({"prompt": [1], "logit_bias": {"256": 1}}, "/v1/completions", None)]:
+            response = client.post(route, headers=AUTH, json=body)
+            assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
