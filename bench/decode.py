@@ -161,10 +161,10 @@ def run_llamacpp(args: argparse.Namespace, file: Path) -> None:
     long_prompt = torch.randint(100, min(vocab, 20000), (args.prefill_len,), generator=gen).tolist()
     baseline = LlamaCpp(file, threads, max_seqs=batch, n_ctx=max(4096, args.prefill_len + n + 16))
     greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    first_token = SamplingParams(max_tokens=1, temperature=0)
     tests = {  # name -> (tokens produced or read, gorgon, llama.cpp)
         "decode_bs1": (n, lambda: llm.generate(prompts[:1], greedy), lambda: baseline.generate(prompts[:1], n)),
-        f"prefill_{args.prefill_len}": (args.prefill_len,
-                                        lambda: llm.generate([long_prompt], SamplingParams(max_tokens=1, temperature=0)),
+        f"prefill_{args.prefill_len}": (args.prefill_len, lambda: llm.generate([long_prompt], first_token),
                                         lambda: baseline.generate([long_prompt], 1)),
         f"decode_bs{batch}": (batch * n, lambda: llm.generate(prompts, greedy), lambda: baseline.generate(prompts, n)),
     }
@@ -196,7 +196,8 @@ def run_llamacpp(args: argparse.Namespace, file: Path) -> None:
         "decode_speedup_vs_llamacpp_bs1": rate["decode_bs1"]["gorgon"] / rate["decode_bs1"]["llama.cpp"],
         f"prefill_speedup_vs_llamacpp_{args.prefill_len}": (rate[f"prefill_{args.prefill_len}"]["gorgon"] /
                                                            rate[f"prefill_{args.prefill_len}"]["llama.cpp"]),
-        f"throughput_speedup_vs_llamacpp_bs{batch}": rate[f"decode_bs{batch}"]["gorgon"] / rate[f"decode_bs{batch}"]["llama.cpp"],
+        f"throughput_speedup_vs_llamacpp_bs{batch}": (rate[f"decode_bs{batch}"]["gorgon"] /
+                                                      rate[f"decode_bs{batch}"]["llama.cpp"]),
         f"gorgon_bs{batch}_vs_bs1": rate[f"decode_bs{batch}"]["gorgon"] / rate["decode_bs1"]["gorgon"],
     }
     write_json(args.out, {

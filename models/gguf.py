@@ -74,7 +74,8 @@ def read_config(reader: GGUFReader) -> dict:
         raise GGUFError(f"unsupported GGUF architecture {arch!r}; gorgon reads {', '.join(SUPPORTED_ARCHITECTURES)}")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
-        raise GGUFError("the file has a rope_freqs tensor (Llama 3.1-style RoPE scaling), which gorgon does not read yet")
+        raise GGUFError("the file has a rope_freqs tensor (Llama 3.1-style RoPE scaling), "
+                        "which gorgon does not read yet")
     embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
     num_heads = _field(reader, f"{arch}.attention.head_count")
     hidden = _field(reader, f"{arch}.embedding_length")

@@ -91,7 +91,8 @@ def quantize_model(model: torch.nn.Module, quantization: str) -> None:
     for name in _linear_modules(model):
         linear = model.get_submodule(name)
         if linear.in_features % 32:
-            raise CheckpointError(f"{name} has {linear.in_features} input features; {quantization} needs a multiple of 32")
+            raise CheckpointError(f"{name} has {linear.in_features} input features; "
+                                  f"{quantization} needs a multiple of 32")
         _replace(model, name, _quantized_linear(quantize(linear.weight, qtype), linear.bias, linear, dtype))
     if model.config.tie_word_embeddings:  # the embedding reads the LM head's blocks
         head = model.lm_head

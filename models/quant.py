@@ -146,7 +146,8 @@ class QuantizedEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, qtype: QType, dtype: torch.dtype) -> None:
         super().__init__()
-        self.num_embeddings, self.embedding_dim, self.qtype, self.dtype = num_embeddings, embedding_dim, QType(qtype), dtype
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.qtype, self.dtype = QType(qtype), dtype
         self.register_buffer("weight", torch.zeros(num_embeddings, row_bytes(self.qtype, embedding_dim),
                                                    dtype=torch.uint8))
 

@@ -101,4 +101,5 @@ def test_medusa_on_a_quantized_lm_head_is_lossless(tiny_model_dir, tmp_path):
     plain = LLM(tiny_model_dir, quantization="int8")
     medusa = LLM(tiny_model_dir, quantization="int8", medusa=str(tmp_path))
     assert isinstance(medusa.model.lm_head, QuantizedLinear)
-    assert [o.token_ids for o in medusa.generate(PROMPTS, GREEDY)] == [o.token_ids for o in plain.generate(PROMPTS, GREEDY)]
+    expected = [o.token_ids for o in plain.generate(PROMPTS, GREEDY)]
+    assert [o.token_ids for o in medusa.generate(PROMPTS, GREEDY)] == expected
