@@ -92,6 +92,13 @@ class SamplingRequest(RequestBody):
     # ours
     use_medusa: bool = True  # False: decode without Medusa speculation even when the server has heads
 
+    @field_validator("stream_options")
+    @classmethod
+    def _options_of_a_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise field_error("stream_options is only allowed with stream: true")
+        return value
+
     @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -123,6 +123,7 @@ HOSTILE = {
     "stop number": completion("stop", stop=5),
     "stream not a bool": completion("stream", stream="yes"),
     "stream_options unknown key": completion("stream_options", stream=True, stream_options={"everything": True}),
+    "stream_options without stream": completion("stream_options", stream_options={"include_usage": True}),
     "logprobs too many": completion("logprobs", logprobs=50),
     "echo not a bool": completion("echo", echo=1),
     "best_of above n": completion("best_of", best_of=3),
