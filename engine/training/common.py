@@ -1,12 +1,28 @@
-"""What both Medusa trainings use: the heads' loss weights and their loss on whole windows (joint training in
-default_model.py; train-medusa trains on cached hidden states instead)."""
+"""What the trainings share: the learning-rate curve, random windows of a token stream, and the Medusa heads'
+loss weights and their loss on whole windows (joint training in default_model.py; train-medusa trains on
+cached hidden states instead)."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.medusa import MedusaHeads
+
+HEAD_OFFSET = 2  # Medusa head k at token i predicts token i + HEAD_OFFSET + k (the base model predicts i + 1)
+
+
+def cosine(progress: float) -> float:
+    """From 1 at progress 0 down to 0 at progress 1 (and after), along half a cosine."""
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def random_windows(tokens: torch.Tensor, batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """batch_size windows [batch_size, length] of the token stream, at random places."""
+    starts = torch.randint(0, len(tokens) - length, (batch_size,), generator=generator)
+    return torch.stack([tokens[s:s + length] for s in starts.tolist()]).long()
 
 
 def head_weights(num_heads: int) -> torch.Tensor:
@@ -19,6 +35,6 @@ def head_losses(heads: MedusaHeads, model: nn.Module, hidden: torch.Tensor, ids:
     logits = heads(hidden, model.compute_logits)  # [K, B, S, V]
     losses = []
     for k in range(heads.config.num_heads):
-        shift = k + 2  # head k at token i predicts token i + 2 + k
+        shift = HEAD_OFFSET + k
         losses.append(F.cross_entropy(logits[k, :, :-shift].flatten(0, 1), ids[:, shift:].flatten()))
     return torch.stack(losses)
