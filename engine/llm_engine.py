@@ -21,9 +21,9 @@ from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.medusa import Medusa
-from models import DEFAULT_MODEL_DIR
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
 from models.loader import load_model
+from models.named import medusa_heads_for, resolve_model
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, **engine_kwargs) -> None:
         self.config = EngineConfig(model=str(model) if model is not None else None, **engine_kwargs)
-        path = Path(self.config.model) if self.config.model else DEFAULT_MODEL_DIR
+        path = resolve_model(self.config.model)  # a name (models.named), a path, or None: the default
+        if self.config.medusa == "auto":  # the heads that belong to the model
+            self.config.medusa = str(medusa_heads_for(self.config.model))
         self.device = torch.device(self.config.device)
         self.model = load_model(path, self.config.torch_dtype, self.device)
         # the kernel policy, decided once: layers holding None run torch's operators

