@@ -16,6 +16,16 @@ def require_tokenizer(tokenizer, param: str) -> None:
                             "token ids only", param=param)
 
 
+def unicode_text(text: str, param: str) -> str:
+    """Text the tokenizer can take: a JSON string may escape half a surrogate pair, which is no character."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, f"{param}: the text is not valid Unicode (it holds an unpaired surrogate)",
+                       param=param) from None
+    return text
+
+
 def check_token_ids(tokenizer, token_ids: list[int], param: str) -> list[int]:
     """Ids the tokenizer knows; anything else is the client's error (a 400), never the engine's. Without a
     tokenizer, the engine checks them against the model's vocabulary."""
@@ -29,7 +39,7 @@ def check_token_ids(tokenizer, token_ids: list[int], param: str) -> list[int]:
 def completion_prompt_ids(tokenizer, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
     if isinstance(prompt, str):
         require_tokenizer(tokenizer, "prompt")
-        return tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+        return tokenizer(unicode_text(prompt, "prompt"), add_special_tokens=add_special_tokens)["input_ids"]
     return check_token_ids(tokenizer, prompt, "prompt")
 
 
@@ -42,7 +52,8 @@ def prompt_text(tokenizer, prompt: str | list[int]) -> str:
 
 def chat_prompt_ids(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
     require_tokenizer(tokenizer, "messages")
-    text = tokenizer.apply_chat_template([{"role": m.role, "content": m.text} for m in messages],
+    text = tokenizer.apply_chat_template([{"role": m.role, "content": unicode_text(m.text, "messages")}
+                                          for m in messages],
                                          chat_template=tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE,
                                          tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
