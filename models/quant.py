@@ -11,6 +11,7 @@ more (prefill) dequantize a tile of weight rows at a time and run torch's GEMM."
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
@@ -25,8 +26,8 @@ QType = GGMLQuantizationType
 QUANTIZED_TYPES = (QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q5_K, QType.Q6_K)
 FLOAT_TYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
 LOAD_TIME_QUANTIZATIONS = {"int8": QType.Q8_0, "int4": QType.Q4_1}
-# weight rows dequantized at a time by the prefill path: 1 MiB of fp32 per tile at most
-TILE_ELEMENTS = 1 << 18
+# weight rows dequantized at a time by the prefill path: 4 MiB of fp32 per tile at most
+TILE_ELEMENTS = 1 << 20
 
 
 class UnsupportedTensorType(ValueError):
@@ -90,6 +91,12 @@ def dequantize_rows(weight: torch.Tensor, qtype: QType, in_features: int) -> tor
     return torch.from_numpy(gguf_dequantize(weight.numpy(), qtype).copy())
 
 
+@cache
+def bf16_gemm() -> bool:
+    """Does this CPU multiply bf16 matrices natively (AVX512-BF16 or AMX)?"""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, qtype: QType) -> torch.Tensor:
     """x Wᵀ for W in ggml blocks (uint8 [out, row bytes]), dequantizing at most TILE_ELEMENTS weights at a time
     into x's dtype."""
@@ -104,8 +111,9 @@ class QuantizedLinear(nn.Module):
     """y = x Wᵀ + b with W in ggml blocks. Invariant: `weight` is uint8 [out_features, row bytes] in type
     `qtype` (a buffer, never trained); `dtype` is the model's activation dtype (the bias's, and LoRA's);
     `kernels` (models.kernels.decode.DecodeKernels or None) is the load-time choice: with it, decode-sized
-    inputs run the fused dequantize-and-dot kernel; otherwise, and for larger inputs, tiles of rows are
-    dequantized and multiplied with torch's GEMM (differentiable in x)."""
+    inputs run the fused dequantize-and-dot kernel (int8 activations), and larger ones multiply tiles of
+    dequantized rows in bf16 where the CPU has bf16 GEMM (AVX512-BF16 / AMX; its error is of the same order);
+    without it, fp32 tiles compute exactly what the dequantized matrix would (differentiable in x)."""
 
     def __init__(self, in_features: int, out_features: int, qtype: QType, bias: bool,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -128,6 +136,8 @@ class QuantizedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self.kernels is not None and self.kernels.takes(rows):
             out = self.kernels.ops.quantized_linear(rows, self.weight, int(self.qtype), self.bias)
+        elif self.kernels is not None and rows.dtype == torch.float32 and bf16_gemm():
+            out = self.tiled(rows.bfloat16()).float()
         else:
             out = self.tiled(rows)
         return out.view(*x.shape[:-1], self.out_features)
