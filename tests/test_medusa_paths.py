@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from engine import LLM, RequestOutput, SamplingParams
 from models.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
 
-from conftest import hf_model
+from conftest import hf_model, save_tiny_model
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 # where the right token sits among a head's top-k drafts, by position (None: absent)
@@ -131,3 +131,15 @@ def test_lora_on_a_branching_tree_is_lossless(tiny_model_dir, heads_dir, lora_ro
     assert run(plain, requests)[0].token_ids != base_only[0].token_ids  # the adapter changes the output
     moved = [path for path in paths if any(node != depth for depth, node in enumerate(path))]
     assert moved and any(path[1] != 1 for path in moved)  # K/V moved, off the first branch too
+
+
+def test_dynamic_ntk_beyond_the_original_context_is_lossless(heads_dir, tmp_path):
+    """Tree nodes are rotated as plain decoding rotates the same tokens (dynamic NTK: for position + 1, past a
+    prompt longer than the original context)."""
+    folder = save_tiny_model(tmp_path, max_position_embeddings=32,
+                             rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0})
+    kwargs = dict(block_size=8)
+    requests = [(p * 4, None) for p in prompts(3)]  # up to 116 tokens: most prompts are past the original 32
+    medusa = LLM(folder, medusa=str(heads_dir), medusa_tree="cpu12", **kwargs)
+    assert medusa.max_model_len == 128
+    check_lossless(LLM(folder, **kwargs), medusa, [(p[:88], a) for p, a in requests])
