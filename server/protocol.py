@@ -253,8 +253,8 @@ class StepInfo(BaseModel):
     the verify step added; a plain step adds one token. `LLM.stream` yields the same steps (a RequestOutput each,
     its `new_token_ids`)."""
 
-    step_tokens: int  # tokens the step added (0: the chunk only releases text held back for stop strings)
-    tokens: list[str] | None = Field(default=None, exclude_if=lambda value: value is None)  # each one's text
+    step_tokens: int  # tokens the step added (0: none, e.g. a last chunk releasing text held back for a stop string)
+    tokens: list[str] | None = omitted_when_none()  # each one's text
 
 
 class CompletionResponse(BaseModel):
@@ -267,7 +267,7 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     prompt_token_ids: list[int] | None = omitted_when_none()  # with return_token_ids (in a stream: its first chunk)
-    gorgon: StepInfo | None = Field(default=None, exclude_if=lambda value: value is None)  # streamed chunks
+    gorgon: StepInfo | None = omitted_when_none()  # ours, on streamed chunks (StepInfo)
 
 
 class TopLogprob(BaseModel):
@@ -330,7 +330,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     prompt_token_ids: list[int] | None = omitted_when_none()  # with return_token_ids, in the first chunks
-    gorgon: StepInfo | None = Field(default=None, exclude_if=lambda value: value is None)  # streamed chunks
+    gorgon: StepInfo | None = omitted_when_none()  # ours, on streamed chunks (StepInfo)
 
 
 class ModelCard(BaseModel):
