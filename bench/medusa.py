@@ -10,6 +10,7 @@ hits both alike."""
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from bench.common import machine_info, print_table, write_json
 from engine import LLM, RequestOutput, SamplingParams
 from engine.medusa.tree import DEFAULT_TREE, TREES, load_tree
-from models import DEFAULT_MODEL_DIR
+from models.named import medusa_heads_for, resolve_model
 
 PROMPTS = [
     "def fibonacci(n):\n",
@@ -37,12 +38,18 @@ PROMPTS = [
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gorgon bench medusa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="HF checkpoint folder (default: the shipped model)")
-    parser.add_argument("--medusa", default=None, help="Medusa heads folder (default: MODEL/medusa)")
+    parser.add_argument("--model", default=None,
+                        help="a named model (smollm2), an HF checkpoint folder or a .gguf (default: the shipped model)")
+    parser.add_argument("--medusa", default=None,
+                        help="Medusa heads folder (default: the model's own: a named model's, else MODEL/medusa)")
     parser.add_argument("--tree", default=None, help=f"tree for the batch 1/4 runs: {', '.join(TREES)} or a JSON file "
                                                      f"(default: the engine's, {DEFAULT_TREE}, cut to the heads' depth)")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"prompts per run (at most {len(PROMPTS)})")
+    parser.add_argument("--prompts", default=None,
+                        help="your prompts: a .jsonl file of {\"prompt\": ...} or {\"messages\": [...]} records, or a "
+                             "text file with one prompt per line; chat-templated for chat models (default: "
+                             f"{len(PROMPTS)} built-in code prompts)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per prompt group; the best counts")
     parser.add_argument("--no-sweep", action="store_true", help="only --tree, not every shipped tree")
     parser.add_argument("--threads", type=int, default=1,
@@ -50,6 +57,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="JSON result file")
     parser.add_argument("--plot", default=None, help="PNG: speedup vs tree size, and the accept-length histogram")
     return parser.parse_args(argv)
+
+
+def load_prompts(path: str | None, tokenizer) -> list[str]:
+    """The benchmark's prompts as text: --prompts (see --help), else the built-in ones. With a chat template
+    (a chat model) each user prompt becomes a chat in the model's format, ready for its answer."""
+    if path is None:
+        return PROMPTS
+    file = Path(path)
+    if file.suffix == ".jsonl":
+        records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        if not all(isinstance(r, dict) and ("prompt" in r or "messages" in r) for r in records):
+            raise ValueError(f"{file}: every record must be an object with 'prompt' or 'messages'")
+        chats = [r["messages"] if "messages" in r else r["prompt"] for r in records]
+    else:
+        chats = [line for line in file.read_text().splitlines() if line.strip()]
+    if not chats:
+        raise ValueError(f"{file} holds no prompts")
+    if not tokenizer.chat_template:
+        if any(isinstance(c, list) for c in chats):
+            raise ValueError(f"{file} has chat messages, but the model has no chat template")
+        return chats
+    return [tokenizer.apply_chat_template([{"role": "user", "content": c}] if isinstance(c, str) else c,
+                                          add_generation_prompt=True, tokenize=False) for c in chats]
 
 
 SAMPLED_TEMPERATURE = 0.7
@@ -134,13 +164,18 @@ def plot(path: str, sweep: list[dict], main_row: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = Path(args.model) if args.model else DEFAULT_MODEL_DIR
-    medusa = Path(args.medusa) if args.medusa else model / "medusa"
-    if not medusa.is_dir():
-        raise SystemExit(f"gorgon bench medusa: no Medusa heads at {medusa} (train some with `gorgon train-medusa`)")
-    prompts = PROMPTS[:args.prompts]
-    engine_kwargs = dict(medusa=str(medusa), enable_prefix_caching=False)
-    llm = LLM(model, medusa_tree=args.tree, **engine_kwargs)
+    try:
+        model = resolve_model(args.model)
+        medusa = Path(args.medusa) if args.medusa else medusa_heads_for(args.model)
+        if not medusa.is_dir():
+            raise ValueError(f"no Medusa heads at {medusa} (train some with `gorgon train-medusa`)")
+        engine_kwargs = dict(medusa=str(medusa), enable_prefix_caching=False)
+        llm = LLM(model, medusa_tree=args.tree, **engine_kwargs)
+        prompts = load_prompts(args.prompts, llm.tokenizer)[:args.num_prompts]
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"gorgon bench medusa: error: {e}")
+    if llm.medusa is None:
+        raise SystemExit(f"gorgon bench medusa: {medusa}/tree.json says no tree pays here; name one with --tree")
     num_heads = llm.medusa.heads.config.num_heads
     trees = [llm.medusa.tree.name] + ([] if args.no_sweep else
                                       [n for n in TREES if n != llm.medusa.tree.name and load_tree(n).depth <= num_heads])

@@ -1,6 +1,6 @@
 """Medusa: tree buffers, head loading, acceptance rules, lossless greedy speculation in batches, KV
-compaction, and head training. Tiny random models; the heads are trained for a few seconds on the model's
-own greedy text, so that trees are really accepted."""
+compaction (head training: test_medusa_training.py). Tiny random models; the heads are trained for a few
+seconds on the model's own greedy text, so that trees are really accepted."""
 from __future__ import annotations
 
 import json
@@ -19,8 +19,7 @@ from engine.attention import available_backends
 from engine.kv_cache import slots
 from engine.medusa.speculator import typical_acceptance
 from engine.medusa.tree import DEFAULT_TREE, TREES, build_tree, load_tree
-from engine.training.medusa import (TrainConfig, base_hidden, draft_vocabulary, head_accuracy, main as train_main,
-                                    prompts_from, self_distill, train_heads)
+from engine.training.medusa import TrainConfig, build_cache, draft_vocabulary, self_distill, train_heads
 from models import DEFAULT_MODEL_DIR
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
 from models.loader import load_model
@@ -42,8 +41,8 @@ def distilled(tiny_model_dir):
 def trained(tiny_model_dir, distilled):
     """(frozen base model, heads trained for a few seconds on its own text, their loss per step)."""
     model = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
-    config = TrainConfig(num_heads=4, steps=40, batch_size=8, seq_len=48, lr=1e-2)
-    heads, history = train_heads(model, distilled[0], config, progress=False)
+    config = TrainConfig(num_heads=4, steps=40, batch_size=8 * 48, seq_len=48, lr=1e-2)
+    heads, history = train_heads(model, build_cache(model, distilled[0], 4), config, progress=False)
     return model, heads, history
 
 
@@ -191,14 +190,6 @@ def test_draft_vocab_round_trip_and_drafts(tmp_path, own_lm_head, use_kernel):
     loaded.draft_vocab = None
     save_medusa_heads(loaded, tmp_path)  # over the folder: the old vocabulary must not outlive its heads
     assert load_medusa_heads(tmp_path, 64, 256).draft_vocab is None
-
-
-def test_draft_vocabulary_covers_the_training_text():
-    windows = torch.tensor([[5, 5, 5, 5, 3, 3, 1, 0]])
-    assert draft_vocabulary(windows, 8, 0.5).tolist() == [5]
-    assert draft_vocabulary(windows, 8, 0.75).tolist() == [5, 3]
-    assert sorted(draft_vocabulary(windows, 8, 0.8).tolist()) in ([0, 3, 5], [1, 3, 5])
-    assert draft_vocabulary(windows, 8, 1.0) is None
 
 
 def test_head_count_comes_from_the_tensors(tmp_path):
@@ -429,39 +420,7 @@ def test_compacted_cache_equals_plain_cache(tiny_model_dir, heads_dir):
     assert len(seq.block_table) == -(-n // llm.config.block_size)
 
 
-# ---- training --------------------------------------------------------------------------------------------
-def test_short_training_lowers_the_heads_loss(trained, distilled):
-    model, heads, history = trained
-    assert sum(history[-5:]) / 5 < 0.9 * sum(history[:5]) / 5
-    windows = distilled[0][:8]
-    hidden = base_hidden(model, windows)
-    before = head_accuracy(MedusaHeads(heads.config), model, hidden, windows)
-    after = head_accuracy(heads, model, hidden, windows)
-    assert all(a["top1"] > b["top1"] and a["top5"] > b["top5"] for a, b in zip(after, before))
-
-
-def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
-    data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"text": "def f(x):\n    return x + 1\n" * 4}) for _ in range(8)))
-    train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--data", str(data),
-                "--heads", "2", "--steps", "3", "--seq-len", "32"])
-    heads = load_medusa_heads(tmp_path / "heads", 64, 256)
-    assert heads.config.num_heads == 2 and not heads.config.own_lm_head
-    report = json.loads((tmp_path / "heads" / "training.json").read_text())
-    first_loss = report["loss_first"]
-    assert len(report["held_out_accuracy"]) == 2
-    assert heads.draft_vocab is not None and report["draft_vocab_size"] == len(heads.draft_vocab) < 256
-    assert "head 1 (token +3)" in capsys.readouterr().out
-    # continuing from those heads (e.g. ones trained jointly with the model) keeps their shape
-    train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "more"), "--data", str(data),
-                "--init-heads", str(tmp_path / "heads"), "--steps", "1", "--seq-len", "32", "--draft-coverage", "1"])
-    assert not (tmp_path / "more" / DRAFT_VOCAB_FILE).exists()
-    assert load_medusa_heads(tmp_path / "more", 64, 256).config.num_heads == 2
-    report = json.loads((tmp_path / "more" / "training.json").read_text())
-    assert report["init_heads"] == str(tmp_path / "heads")
-    assert report["loss_first"] < first_loss  # the same seed, so the same first batch
-
-
+# ---- shipped heads, commands ---------------------------------------------------------------------------
 @pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "medusa").is_dir(), reason="the default model's heads are not shipped")
 def test_shipped_heads_speculate_losslessly():
     llm = LLM(medusa=str(DEFAULT_MODEL_DIR / "medusa"))
@@ -485,60 +444,9 @@ def test_generate_command_reports_accepted_lengths(capsys):
     assert "tokens per Medusa step" in capsys.readouterr().err
 
 
-def test_self_distillation_from_a_prompts_file(tiny_model_dir, tmp_path):
-    code = tmp_path / "code.py"
-    code.write_text('def f(x):\n    return x + 1\n\n\nclass A:\n    """A class."""\n    pass\n' * 20)
-    prompts = prompts_from(code, 6, seed=0)
-    assert len(prompts) == 6 and len(set(prompts)) > 1
-    assert all(p.strip() and p in code.read_text() and p.endswith("\n") for p in prompts)  # whole lines
-    records = tmp_path / "prompts.jsonl"
-    records.write_text(json.dumps({"prompt": "x = "}) + "\n\n" + json.dumps({"text": "def g():"}) + "\n")
-    assert prompts_from(records, 5, seed=0) == ["x = ", "def g():"]
-    for empty, text in ((records, json.dumps({"prompt": " "}) + "\n"), (tmp_path / "blank.txt", " \n\n")):
-        empty.write_text(text)
-        with pytest.raises(ValueError, match="non-empty prompts"):
-            prompts_from(empty, 5, seed=0)
-
-    windows = self_distill(tiny_model_dir, 0, 32, 4, 0.0, 0, prompts)
-    tokenizer = byte_tokenizer()
-    assert windows.shape == (6, 32)
-    for window, prompt in zip(windows.tolist(), prompts):
-        ids = tokenizer.encode(prompt, add_special_tokens=False)[-(32 // 3):]
-        assert window[0] == 0 and window[1:1 + len(ids)] == ids  # (no BOS token: id 0 stands in)
-
-    train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompts", str(code),
-                "--samples", "12", "--heads", "2", "--steps", "1", "--seq-len", "32"])
-    report = json.loads((tmp_path / "heads" / "training.json").read_text())
-    assert report["data"] == f"self-distillation (12 from prompts in {code}; continuation temperature 0.0)"
-    assert report["train_windows"] + report["held_out_windows"] == 12
-    train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "mixed"), "--prompts", str(code),
-                "--prompt-share", "0.25", "--samples", "12", "--heads", "2", "--steps", "1", "--seq-len", "32"])
-    report = json.loads((tmp_path / "mixed" / "training.json").read_text())
-    assert report["data"].startswith(f"self-distillation (9 from 8-token sampled prefixes, 3 from prompts in {code};")
-    with pytest.raises(SystemExit, match="--prompts are for self-distillation"):
-        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--prompts", str(code),
-                    "--data", str(code)])
-
-
-def test_train_medusa_refuses_bad_init_heads_before_any_work(tiny_model_dir, tmp_path):
-    with pytest.raises(SystemExit, match="not a Medusa heads folder"):
-        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--init-heads", str(tmp_path)])
-    assert not (tmp_path / "heads").exists()
-    with pytest.raises(SystemExit, match="--draft-coverage"):
-        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--draft-coverage", "0"])
-    with pytest.raises(SystemExit, match="--prompt-share"):
-        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompt-share", "2"])
-    with pytest.raises(SystemExit, match="Is a directory"):
-        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompts", str(tmp_path)])
-    (tmp_path / "lists.jsonl").write_text("[1, 2]\n")
-    with pytest.raises(SystemExit, match="expected non-empty prompts"):
-        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompts",
-                    str(tmp_path / "lists.jsonl")])
-
-
 def test_bench_medusa_end_to_end(tiny_model_dir, heads_dir, tmp_path):
     out = tmp_path / "medusa.json"
-    bench_main(["--model", str(tiny_model_dir), "--medusa", str(heads_dir), "--new-tokens", "12", "--prompts", "4",
+    bench_main(["--model", str(tiny_model_dir), "--medusa", str(heads_dir), "--new-tokens", "12", "--num-prompts", "4",
                 "--repeats", "1", "--no-sweep", "--threads", str(torch.get_num_threads()), "--out", str(out)])
     result = json.loads(out.read_text())
     summary = result["summary"]

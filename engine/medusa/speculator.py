@@ -7,6 +7,7 @@ token i+2+k. A sequence in decode has its last token pending (not yet in the cac
 tree's root, and the heads' top-k at the hidden state of the token before it fill the tree's nodes."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from functools import partial
 from itertools import chain
@@ -19,7 +20,7 @@ from engine.kv_cache import KVCache
 from engine.runner import ModelRunner
 from engine.sampler import TokenCounts, adjust_logits, filtered_probs, has_penalties
 from engine.sequence import Sequence
-from engine.medusa.tree import DEFAULT_TREE, MedusaTree, load_tree
+from engine.medusa.tree import DEFAULT_TREE, MedusaTree, TreeChoice, build_tree, load_tree
 from models.kernels.decode import DecodeKernels, set_decode_kernels
 from models.medusa import MedusaHeads, load_medusa_heads
 
@@ -84,15 +85,23 @@ class Medusa:
 
     @classmethod
     def from_config(cls, config: EngineConfig, model: nn.Module, kv_cache: KVCache, max_model_len: int,
-                    kernels: DecodeKernels | None) -> "Medusa":
-        """The engine's Medusa: heads from config.medusa, tree from config.medusa_tree; drafting uses the
-        CPU kernels when the engine does."""
+                    kernels: DecodeKernels | None) -> "Medusa | None":
+        """The engine's Medusa: heads from config.medusa, tree from config.medusa_tree, else the one measured
+        for the heads (TreeChoice), else the default; None when the measurement found that no tree pays.
+        Drafting uses the CPU kernels when the engine does."""
+        choice = TreeChoice.load(config.medusa) if config.medusa_tree is None else None
+        if choice is not None and choice.paths is None:
+            warnings.warn(f"Medusa heads {config.medusa}: {choice.summary}; decoding plainly")
+            return None
         heads = load_medusa_heads(config.medusa, model.config.hidden_size, model.config.vocab_size,
                                   DRAFT_DTYPE, kv_cache.device)
         set_decode_kernels(heads, kernels)
-        tree = load_tree(config.medusa_tree or DEFAULT_TREE)
-        if config.medusa_tree is None:  # the default tree, as deep as the heads allow
-            tree = tree.cut(min(tree.depth, heads.config.num_heads))
+        if choice is not None:
+            tree = build_tree(choice.paths, "measured")
+        else:
+            tree = load_tree(config.medusa_tree or DEFAULT_TREE)
+            if config.medusa_tree is None:  # the default tree, as deep as the heads allow
+                tree = tree.cut(min(tree.depth, heads.config.num_heads))
         return cls(heads, tree, model, kv_cache, max_model_len, config.medusa_acceptance,
                    config.medusa_posterior_threshold, config.medusa_posterior_alpha)
 

@@ -6,6 +6,7 @@ so the token of a depth-d node depends only on its own rank: head d-1's top-k li
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,6 +32,7 @@ TREES: dict[str, list[list[int]]] = {
         [9, 0], [0, 6, 0], [0, 0, 0, 1], [1, 6], [0, 7, 0]],
 }
 DEFAULT_TREE = "chain4"
+TREE_FILE = "tree.json"  # beside a set of heads: the tree train-medusa measured best for them (see TreeChoice)
 
 
 @dataclass(frozen=True)
@@ -112,3 +114,55 @@ def load_tree(name_or_file: str) -> MedusaTree:
                                                 for c in choices):
         raise ValueError(f"{path} must hold a JSON list of rank paths, e.g. [[0], [0, 0], [1]]")
     return build_tree(choices, path.stem)
+
+
+# ---- choosing a tree from measurement -------------------------------------------------------------------
+def accepted_path_counts(ranks: torch.Tensor, max_rank: int) -> Counter[tuple[int, ...]]:
+    """ranks [P, K]: at each of P held-out positions, the rank of the right token among head k's candidates
+    (max_rank or more: not among them). Returns how often each rank path was right from the root on: a tree
+    node with that path would have been accepted that often."""
+    counts: Counter[tuple[int, ...]] = Counter()
+    for row in ranks.tolist():
+        for depth, rank in enumerate(row):
+            if rank >= max_rank:
+                break
+            counts[tuple(row[:depth + 1])] += 1
+    return counts
+
+
+def expected_tokens_per_step(paths: list[tuple[int, ...]] | list[list[int]], counts: Counter[tuple[int, ...]],
+                             num_positions: int) -> float:
+    """Tokens a step emits on average with this tree: the bonus token, plus one per accepted node (the
+    right tokens are one sequence, so at most one node per depth is right)."""
+    return 1 + sum(counts[tuple(p)] for p in paths) / num_positions
+
+
+def best_tree(counts: Counter[tuple[int, ...]], num_paths: int) -> list[list[int]]:
+    """The num_paths rank paths accepted most often: the tree of that size that accepts the most tokens.
+    A path is never right more often than its parent, and ties go to the shorter one, so it is connected."""
+    return [list(p) for p in sorted(counts, key=lambda p: (-counts[p], len(p), p))[:num_paths]]
+
+
+@dataclass
+class TreeChoice:
+    """The tree measured best for a set of heads on one machine, stored beside them (TREE_FILE); the engine
+    uses it when no tree is named. paths None: no tree beat plain decoding there."""
+
+    paths: list[list[int]] | None
+    summary: str  # the choice and its figures, in words
+    measurements: dict  # what the choice was made from
+
+    def save(self, heads_folder: str | Path) -> None:
+        (Path(heads_folder) / TREE_FILE).write_text(json.dumps(
+            {"tree": self.paths, "summary": self.summary, "measurements": self.measurements}, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, heads_folder: str | Path) -> "TreeChoice | None":
+        """The choice stored beside the heads, None if there is none."""
+        path = Path(heads_folder) / TREE_FILE
+        if not path.is_file():
+            return None
+        record = json.loads(path.read_text())
+        if record.get("tree") is not None:
+            build_tree(record["tree"], str(path))  # a broken file fails here, naming itself
+        return cls(record.get("tree"), record.get("summary", ""), record.get("measurements", {}))

@@ -1,15 +1,28 @@
-"""`gorgon train-medusa`: Medusa-1 heads on a frozen base model.
+"""`gorgon train-medusa`: Medusa-1 heads on a frozen base model, and the tree that pays with them here.
 
 Head k (from 0) learns to predict token i+2+k from the base model's final-normed hidden state at token i;
 its cross-entropy is weighted 0.8^k. Without --data the training text is the base model's own: prompts
-(prefixes sampled from the model, or taken from --prompts: text like the traffic the heads will serve)
-continued by our engine (greedy by default, the decoding the heads will mostly serve)."""
+continued greedily by our engine (the decoding the heads will mostly serve). A chat model (its tokenizer has
+a chat template) answers chat prompts built from the docstrings of the standard library, or --prompts;
+other models continue prefixes sampled from themselves, or snippets of --prompts.
+
+The base model never changes, so it runs once over the text: its hidden states and the tokens each head
+must predict are cached, and the heads train on random positions of the cache. They project onto the
+draft vocabulary (the commonest tokens of the text) only, as they will when drafting.
+
+Then the tree: from the heads' ranks of the right tokens on held-out text, the best tree of each size and the
+tokens per step it would give; from timed engine runs, what a step with each tree costs on this machine
+against a plain step. The tree with the most tokens per second (batches 1 and 4) goes beside the heads
+(tree.json), and the engine uses it; when none beats plain decoding, tree.json says so and the engine
+decodes plainly."""
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import math
 import random
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,12 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from engine import LLM, SamplingParams
+from engine.medusa.tree import TreeChoice, accepted_path_counts, best_tree, expected_tokens_per_step
+from engine.training.common import HEAD_OFFSET, cosine, head_weights
+from engine.training.default_model import corpus_files, read_source
 from models.medusa import MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
-from models import DEFAULT_MODEL_DIR
-from models.loader import load_model
+from models.named import resolve_model
+
+MAX_RANK = 8  # ranks of the right token tracked per head on held-out text: trees take at most each head's top 8
+TREE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)  # candidate trees: the best of each size (paths)
+TIMING_BATCHES = (1, 4)
 
 
 @dataclass
@@ -31,96 +49,140 @@ class TrainConfig:
     num_heads: int = 4
     num_layers: int = 1
     own_lm_head: bool = False  # v1 heads (own vocab projection) instead of v2 (the base lm_head)
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 128
+    steps: int = 600
+    batch_size: int = 256  # positions per step
+    seq_len: int = 128  # tokens per text: the continuation's length (sampled-prefix and --data texts: in all)
     lr: float = 3e-3
     seed: int = 0
 
 
-def head_weights(num_heads: int) -> torch.Tensor:
-    return 0.8 ** torch.arange(num_heads, dtype=torch.float32)
+@dataclass
+class HiddenCache:
+    """The frozen base model's final-normed hidden states at the positions the heads learn from, and the
+    token head k must predict at each (-1: past the end of the text)."""
+
+    hidden: torch.Tensor  # [P, hidden_size], bf16 (the heads draft in bf16)
+    targets: torch.Tensor  # [P, num_heads] int64
+
+    def __len__(self) -> int:
+        return len(self.hidden)
 
 
-def base_hidden(model: nn.Module, windows: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """The frozen base model's final-normed hidden states of token windows [N, S] -> [N, S, hidden]."""
-    out = []
-    with torch.inference_mode():
-        for batch in windows.split(batch_size):
-            positions = torch.arange(batch.shape[1]).expand_as(batch)
-            out.append(model(batch, positions))
-    return torch.cat(out).clone()  # a normal tensor, usable in autograd
+@torch.inference_mode()
+def build_cache(model: nn.Module, texts: torch.Tensor | list[list[int]], num_heads: int,
+                starts: list[int] | None = None, batch_tokens: int = 8192, progress: bool = False) -> HiddenCache:
+    """One forward of the base model over every text; keeps positions i >= starts[t] - 1 (default 0) that have
+    a token i + 2 to predict. The targets are the text's own tokens: in the engine's greedy continuations
+    they are the base model's own next tokens."""
+    texts = texts.tolist() if isinstance(texts, torch.Tensor) else texts
+    starts = starts or [0] * len(texts)
+    order = sorted(range(len(texts)), key=lambda t: len(texts[t]))  # similar lengths share a padded batch
+    hidden, targets = [], []
+    with tqdm(total=sum(map(len, texts)), desc="caching hidden states", unit="tok", disable=not progress) as bar:
+        while order:
+            size = 1
+            while size < len(order) and (size + 1) * len(texts[order[size]]) <= batch_tokens:
+                size += 1
+            batch, order = order[:size], order[size:]
+            width = len(texts[batch[-1]])
+            ids = torch.tensor([texts[t] + [0] * (width - len(texts[t])) for t in batch])  # causal: pads come last
+            out = model(ids, torch.arange(width).expand_as(ids))  # [B, width, hidden]
+            for row, t in enumerate(batch):
+                text, first = texts[t], max(starts[t] - 1, 0)
+                padded = torch.tensor(text + [-1] * (num_heads + 1))
+                positions = torch.arange(first, len(text) - HEAD_OFFSET)
+                hidden.append(out[row, positions].to(torch.bfloat16))
+                targets.append(torch.stack([padded[positions + HEAD_OFFSET + k] for k in range(num_heads)], dim=1))
+                bar.update(len(text))
+    return HiddenCache(torch.cat(hidden).clone(), torch.cat(targets))
 
 
-def head_losses(heads: MedusaHeads, model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each head on windows ids [B, S] with base hidden states [B, S, hidden] -> [K]."""
-    logits = heads(hidden, model.compute_logits)  # [K, B, S, V]
-    losses = []
-    for k in range(heads.config.num_heads):
-        shift = k + 2  # head k at token i predicts token i + 2 + k
-        losses.append(F.cross_entropy(logits[k, :, :-shift].flatten(0, 1), ids[:, shift:].flatten()))
-    return torch.stack(losses)
+def draft_logits(heads: MedusaHeads, model: nn.Module, hidden: torch.Tensor,
+                 draft_vocab: torch.Tensor | None) -> torch.Tensor:
+    """The heads' logits over the draft vocabulary at hidden [B, hidden_size] -> [K, B, len(draft_vocab)]."""
+    if heads.config.own_lm_head:
+        logits = heads(hidden, None)
+        return logits if draft_vocab is None else logits[..., draft_vocab]
+    weight = model.lm_head.weight if draft_vocab is None else model.lm_head.weight[draft_vocab]
+    return heads(hidden, lambda states: F.linear(states, weight))
 
 
-@torch.no_grad()
-def head_accuracy(heads: MedusaHeads, model: nn.Module, hidden: torch.Tensor, ids: torch.Tensor,
-                  batch_size: int = 16) -> list[dict[str, float]]:
-    """Per head: the fraction of positions whose target token is its top-1 / among its top-5."""
-    num_heads = heads.config.num_heads
-    top1, top5, count = torch.zeros(num_heads), torch.zeros(num_heads), torch.zeros(num_heads)
-    for h, x in zip(hidden.split(batch_size), ids.split(batch_size)):
-        logits = heads(h, model.compute_logits)  # [K, B, S, V]
-        for k in range(num_heads):
-            shift = k + 2
-            top = logits[k, :, :-shift].topk(5, dim=-1).indices  # [B, S - shift, 5]
-            hit = top == x[:, shift:, None]
-            top1[k] += hit[..., 0].sum()
-            top5[k] += hit.any(dim=-1).sum()
-            count[k] += hit.shape[0] * hit.shape[1]
-    return [{"top1": (top1[k] / count[k]).item(), "top5": (top5[k] / count[k]).item()} for k in range(num_heads)]
+def to_draft_ids(targets: torch.Tensor, vocab_size: int, draft_vocab: torch.Tensor | None) -> torch.Tensor:
+    """Token ids -> indices into the draft vocabulary; -1 (ignored) for tokens outside it and for -1."""
+    if draft_vocab is None:
+        return targets
+    index = torch.full((vocab_size + 1,), -1)
+    index[draft_vocab] = torch.arange(len(draft_vocab))
+    return index[targets]  # -1 indexes the last entry, which is -1
 
 
-def train_heads(model: nn.Module, windows: torch.Tensor, config: TrainConfig, progress: bool = True,
-                init: MedusaHeads | None = None) -> tuple[MedusaHeads, list[float]]:
-    """Train heads on token windows [N, S] over the frozen `model`, fresh ones or starting from `init`;
-    returns the heads and the weighted training loss of every step."""
+def train_heads(model: nn.Module, cache: HiddenCache, config: TrainConfig, draft_vocab: torch.Tensor | None = None,
+                progress: bool = True, init: MedusaHeads | None = None) -> tuple[MedusaHeads, list[float]]:
+    """Train heads on the cache over the frozen `model`, fresh ones or starting from `init`, projecting onto
+    the draft vocabulary; returns the heads (draft_vocab set) and the weighted training loss of every step."""
     torch.manual_seed(config.seed)
     model.requires_grad_(False)
     mc = model.config
     heads = init if init is not None else MedusaHeads(MedusaConfig(
         config.num_heads, config.num_layers, mc.hidden_size, mc.vocab_size, config.own_lm_head))
-    heads = heads.to(next(model.parameters()).dtype).train().requires_grad_(True)
-    hidden = base_hidden(model, windows)
+    heads = heads.float().train().requires_grad_(True)  # fp32 master weights; the matmuls run in bf16
+    targets = to_draft_ids(cache.targets, mc.vocab_size, draft_vocab)
     weights = head_weights(config.num_heads)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / config.steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine(s / config.steps))
     generator = torch.Generator().manual_seed(config.seed)
     history = []
     with tqdm(range(config.steps), desc="training medusa heads", disable=not progress) as bar:
         for _ in bar:
-            pick = torch.randint(len(windows), (config.batch_size,), generator=generator)
-            loss = (head_losses(heads, model, hidden[pick], windows[pick]) * weights).sum()
+            pick = torch.randint(len(cache), (config.batch_size,), generator=generator)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = draft_logits(heads, model, cache.hidden[pick].float(), draft_vocab)  # [K, B, V']
+            losses = torch.stack([F.cross_entropy(logits[k].float(), targets[pick, k], ignore_index=-1,
+                                                  reduction="sum") / (targets[pick, k] >= 0).sum().clamp(min=1)
+                                  for k in range(config.num_heads)])
+            loss = (losses * weights).sum()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
             history.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    return heads.eval(), history
+    heads.draft_vocab = draft_vocab
+    return heads.eval().requires_grad_(False), history
 
 
-def draft_vocabulary(windows: torch.Tensor, vocab_size: int, coverage: float) -> torch.Tensor | None:
-    """The commonest tokens of the training windows, commonest first, that make up `coverage` of them:
-    the heads' draft vocabulary (MedusaHeads.draft_vocab). None when that is the whole vocabulary."""
+@torch.inference_mode()
+def held_out_ranks(heads: MedusaHeads, model: nn.Module, cache: HiddenCache, batch_size: int = 1024) -> torch.Tensor:
+    """At each held-out position whose every head has a target: the rank of head k's target among its top
+    MAX_RANK draft tokens, MAX_RANK when it is not there -> [P, K]."""
+    complete = (cache.targets >= 0).all(dim=1)
+    hidden, targets = cache.hidden[complete], cache.targets[complete]
+    ranks, weights = [], heads.draft_weights(model.lm_head)
+    for h, t in zip(hidden.split(batch_size), targets.split(batch_size)):
+        top = heads.top_k(h.float(), weights, heads.config.num_heads, MAX_RANK)
+        hit = top.to(t.device) == t.T[:, :, None]  # [K, B, MAX_RANK]
+        ranks.append(torch.where(hit.any(-1), hit.int().argmax(-1), MAX_RANK).T)
+    return torch.cat(ranks)
+
+
+def accuracy_of(ranks: torch.Tensor) -> list[dict[str, float]]:
+    """Per head: the share of positions whose right token is its top-1 / among its top-5."""
+    return [{"top1": (r == 0).float().mean().item(), "top5": (r < 5).float().mean().item()} for r in ranks.T]
+
+
+def draft_vocabulary(tokens: torch.Tensor, vocab_size: int, coverage: float) -> torch.Tensor | None:
+    """The commonest of these tokens, commonest first, that make up `coverage` of them: the heads' draft
+    vocabulary (MedusaHeads.draft_vocab). None when that is the whole vocabulary."""
     if coverage >= 1:
         return None
-    counts = torch.bincount(windows.flatten(), minlength=vocab_size)
+    counts = torch.bincount(tokens.flatten(), minlength=vocab_size)
     order = counts.argsort(descending=True, stable=True)
     covered = counts[order].cumsum(0)
     size = int(torch.searchsorted(covered, coverage * covered[-1].item())) + 1
     return order[:size] if size < vocab_size else None
 
 
+# ---- training text ---------------------------------------------------------------------------------------
 def read_corpus(path: Path, tokenizer) -> list[list[int]]:
     """Token ids of each document: a .jsonl file has one per line ("text", or "prompt" + "completion");
     any other file is one plain-text document."""
@@ -146,14 +208,16 @@ def windows_of(docs: list[list[int]], seq_len: int) -> torch.Tensor:
     return tokens[:len(tokens) // seq_len * seq_len].view(-1, seq_len)
 
 
-def prompts_from(path: Path, num_prompts: int, seed: int) -> list[str]:
-    """Self-distillation prompts from a file: a .jsonl file holds one per record ("prompt", else "text"),
-    of which the first num_prompts are taken; any other file is cut into num_prompts snippets of 1 to 6
-    whole lines at random places (say, a concatenation of the code the model will be asked to continue)."""
+def prompts_from(path: Path, num_prompts: int, seed: int) -> list[str | list[dict]]:
+    """Self-distillation prompts from a file: a .jsonl file holds one per record ("prompt" or "text", or a
+    chat's "messages"), of which the first num_prompts are taken; any other file is cut into num_prompts
+    snippets of 1 to 6 whole lines at random places (say, a concatenation of the code the model will be
+    asked to continue)."""
     text = path.read_text()
     if path.suffix == ".jsonl":
         records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        prompts = [r.get("prompt", r.get("text", "")) if isinstance(r, dict) else "" for r in records][:num_prompts]
+        prompts = [r.get("messages", r.get("prompt", r.get("text", ""))) if isinstance(r, dict) else ""
+                   for r in records][:num_prompts]
     elif not text.strip():
         prompts = []
     else:
@@ -165,9 +229,64 @@ def prompts_from(path: Path, num_prompts: int, seed: int) -> list[str]:
             snippet = "".join(lines[start:start + rng.randint(1, 6)])
             if snippet.strip():
                 prompts.append(snippet)
-    if not prompts or not all(p.strip() for p in prompts):
+    if not prompts or not all(p if isinstance(p, list) else p.strip() for p in prompts):
         raise ValueError(f"{path}: expected non-empty prompts")
     return prompts
+
+
+CHAT_TEMPLATES = (
+    "What does `{name}` do in Python?",
+    "Explain this in simple words: {doc}",
+    "Summarize in one sentence: {doc}",
+    "Write a short Python example that uses `{name}`.",
+    'I read this in the Python documentation: "{doc}" What does it mean?',
+    "When would I use `{name}`? Answer briefly.",
+    "Give a title to a text about this: {doc}",
+    "Turn this into a question, then answer it: {doc}",
+    "Explain `{name}` to a beginner, with an everyday analogy.",
+    "What could go wrong when using `{name}`?",
+)
+
+
+def docstrings(files: list[Path]) -> list[tuple[str, str]]:
+    """(module.name, the first paragraph of its docstring) of the public functions and classes in these
+    source files, for paragraphs of 40 to 400 characters."""
+    found = []
+    for path in files:
+        try:
+            tree = ast.parse(read_source(path))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                doc = ast.get_docstring(node)
+                paragraph = " ".join(doc.split("\n\n")[0].split()) if doc else ""
+                if 40 <= len(paragraph) <= 400:
+                    found.append((f"{path.stem}.{node.name}", paragraph))
+    return found
+
+
+def chat_prompts(num_prompts: int, seed: int, files: list[Path] | None = None) -> list[list[dict]]:
+    """Chat prompts (one user message each) built from the standard library's docstrings: questions about a
+    function, explanations and summaries of its description. Default files: the training split of the
+    corpus (corpus_files); its validation modules make held-out prompts."""
+    found = docstrings(files if files is not None else corpus_files()[0])
+    rng = random.Random(seed)
+    picks = rng.sample(found, min(num_prompts, len(found)))
+    return [[{"role": "user", "content": rng.choice(CHAT_TEMPLATES).format(name=name, doc=doc)}]
+            for name, doc in picks]
+
+
+def chat_distill(llm: LLM, prompts: list[list[dict]], max_tokens: int,
+                 temperature: float, seed: int) -> tuple[list[list[int]], list[int]]:
+    """The model's answers to chat prompts (its own template), up to its end of turn or max_tokens:
+    (prompt + answer token ids of each, where each answer starts)."""
+    starts = [llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"] for messages in prompts]
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i)
+              for i in range(len(starts))]
+    outputs = llm.generate(starts, params, use_tqdm=True)
+    return [p + out.token_ids for p, out in zip(starts, outputs)], [len(p) for p in starts]
 
 
 def self_distill(model_dir: Path | None, num_samples: int, seq_len: int, prefix_tokens: int,
@@ -187,10 +306,70 @@ def self_distill(model_dir: Path | None, num_samples: int, seq_len: int, prefix_
     return torch.tensor([p + out.token_ids for p, out in zip(starts, outputs)])
 
 
+# ---- the tree ------------------------------------------------------------------------------------------------
+def timed_run(llm: LLM, prompts: list[list[int]], new_tokens: int, use_medusa: bool) -> tuple[float, int]:
+    """(seconds, steps) of decoding new_tokens greedily for the prompts together, from the first token (the
+    prefill's) to the end."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, use_medusa=use_medusa)
+    outputs = llm.generate(prompts, params)
+    seconds = max(o.latency_s - o.ttft_s for o in outputs)
+    steps = max(len(o.accepted_lengths) for o in outputs) if use_medusa else new_tokens - 1
+    return seconds, steps
+
+
+def choose_tree(model_path: Path, heads_dir: Path, ranks: torch.Tensor, prompts: list[list[int]],
+                new_tokens: int, repeats: int) -> TreeChoice:
+    """The candidate tree (the best of each size for these ranks) with the most tokens per second at batches
+    1 and 4 (geometric mean), from its held-out tokens per step and its step time against a plain step, both
+    timed with the engine here (best of `repeats`); none if no tree is faster than plain decoding at both."""
+    counts = accepted_path_counts(ranks, MAX_RANK)
+    candidates = {}
+    for size in TREE_SIZES:
+        paths = best_tree(counts, size)
+        candidates.setdefault(len(paths), paths)  # fewer paths than asked: all that were ever right
+    candidates = [paths for paths in candidates.values() if paths]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, tqdm(total=len(candidates) + 1, desc="timing trees") as bar:
+        for n, paths in enumerate([None] + candidates):
+            tree_file = Path(tmp) / f"tree{n}.json"
+            tree_file.write_text(json.dumps(paths or [[0]]))
+            llm = LLM(model_path, medusa=str(heads_dir), medusa_tree=str(tree_file), enable_prefix_caching=False,
+                      max_num_seqs=max(TIMING_BATCHES), max_model_len=max(map(len, prompts)) + new_tokens + 64)
+            row = {"tree": paths, "tree_size": 1 + len(paths) if paths else 1,
+                   "tokens_per_step": expected_tokens_per_step(paths, counts, len(ranks)) if paths else 1.0}
+            for batch_size in TIMING_BATCHES:
+                batch = prompts[:batch_size]
+                llm.generate(batch, SamplingParams(max_tokens=4, temperature=0, use_medusa=paths is not None))
+                runs = [timed_run(llm, batch, new_tokens, paths is not None) for _ in range(repeats)]
+                row[f"step_ms_bs{batch_size}"] = min(1000 * seconds / steps for seconds, steps in runs)
+            rows.append(row)
+            bar.update()
+    plain, trees = rows[0], rows[1:]
+    for row in trees:
+        for b in TIMING_BATCHES:
+            row[f"speedup_bs{b}"] = row["tokens_per_step"] * plain[f"step_ms_bs{b}"] / row[f"step_ms_bs{b}"]
+        row["score"] = math.prod(row[f"speedup_bs{b}"] for b in TIMING_BATCHES) ** (1 / len(TIMING_BATCHES))
+    measurements = {"held_out_positions": len(ranks), "plain_step_ms": {f"bs{b}": plain[f"step_ms_bs{b}"]
+                                                                         for b in TIMING_BATCHES},
+                    "candidates": trees}
+    paying = [r for r in trees if all(r[f"speedup_bs{b}"] > 1 for b in TIMING_BATCHES)]
+    if not paying:
+        best = max(trees, key=lambda r: r["score"])
+        return TreeChoice(None, f"no Medusa tree pays on this machine (the best, {best['tree_size']} nodes, "
+                                f"would run at {best['speedup_bs1']:.2f}x plain decoding at batch 1 and "
+                                f"{best['speedup_bs4']:.2f}x at batch 4)", measurements)
+    best = max(paying, key=lambda r: r["score"])
+    return TreeChoice(best["tree"], f"tree of {best['tree_size']} nodes: {best['tokens_per_step']:.2f} tokens per "
+                                    f"step on held-out text, expected {best['speedup_bs1']:.2f}x plain decoding at "
+                                    f"batch 1 and {best['speedup_bs4']:.2f}x at batch 4", measurements)
+
+
+# ---- the command -----------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gorgon train-medusa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="base HF checkpoint folder (default: the shipped model)")
+    parser.add_argument("--model", default=None,
+                        help="base model: a name (smollm2), an HF checkpoint folder or a .gguf (default: the shipped model)")
     parser.add_argument("--out", required=True, help="folder for the heads (published Medusa format)")
     parser.add_argument("--data", default=None, help="text or jsonl training file (default: self-distillation)")
     parser.add_argument("--init-heads", default=None,
@@ -200,24 +379,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=TrainConfig.num_layers, help="residual blocks per head")
     parser.add_argument("--own-lm-head", action="store_true", help="v1 heads: each its own vocab projection")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="positions per step")
+    parser.add_argument("--seq-len", type=int, default=TrainConfig.seq_len,
+                        help="tokens per text: a chat answer's most, else the whole text's")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--prompts", default=None,
-                        help="self-distillation prompts: a .jsonl file (one per record, 'prompt' or 'text') or a text "
-                             "file to cut snippets of whole lines from (default: prefixes sampled from the model)")
+                        help="self-distillation prompts: a .jsonl file (one per record: 'prompt', 'text' or a chat's "
+                             "'messages') or a text file to cut snippets of whole lines from (default: chat prompts "
+                             "from the standard library's docstrings for chat models, else prefixes sampled from the "
+                             "model)")
     parser.add_argument("--prompt-share", type=float, default=1.0,
-                        help="with --prompts: the share of the texts that continue them; the rest continue sampled prefixes")
-    parser.add_argument("--samples", type=int, default=512, help="self-distillation: texts to generate")
+                        help="with --prompts, for models without a chat template: the share of the texts that "
+                             "continue them; the rest continue sampled prefixes")
+    parser.add_argument("--samples", type=int, default=256, help="self-distillation: texts to generate")
     parser.add_argument("--prefix-tokens", type=int, default=8, help="self-distillation: sampled prefix length")
     parser.add_argument("--temperature", type=float, default=0.0, help="self-distillation: continuation temperature")
     parser.add_argument("--draft-coverage", type=float, default=0.95,
                         help="the heads propose only the commonest tokens that make up this share of the training "
                              "text (drafting gets cheaper); 1: the whole vocabulary")
-    parser.add_argument("--held-out", type=float, default=0.1, help="fraction of windows kept for evaluation")
+    parser.add_argument("--texts", default=None,
+                        help="a file for the training text: read it if it exists, else write it (retrain without "
+                             "generating again)")
+    parser.add_argument("--held-out", type=float, default=0.1, help="fraction of texts kept for evaluation")
+    parser.add_argument("--no-tree", action="store_true", help="skip timing the trees (no tree.json)")
+    parser.add_argument("--timing-tokens", type=int, default=48, help="tree timing: tokens per timed run")
+    parser.add_argument("--timing-repeats", type=int, default=2, help="tree timing: runs per tree; the best counts")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                        help="the base model's dtype while it writes and encodes the training text (bf16: about 3x "
+                             "faster on CPUs with bf16 units; the heads still serve the model in any dtype)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     return parser.parse_args(argv)
+
+
+def training_text(args: argparse.Namespace, llm: LLM, model_path: Path,
+                  prompts: list) -> tuple[list[list[int]], list[int], str]:
+    """(texts, where the heads start learning in each, what they are), from --data or self-distillation."""
+    if args.data:
+        windows = windows_of(read_corpus(Path(args.data), llm.tokenizer), args.seq_len).tolist()
+        return windows, [0] * len(windows), args.data
+    if llm.tokenizer.chat_template:
+        prompts = prompts or chat_prompts(args.samples, args.seed)
+        texts, starts = chat_distill(llm, prompts, args.seq_len, args.temperature, args.seed)
+        source = f"prompts in {args.prompts}" if args.prompts else "chat prompts from the standard library's docstrings"
+        return texts, starts, (f"self-distillation (answers to {len(texts)} {source}, up to {args.seq_len} "
+                               f"tokens each; temperature {args.temperature})")
+    num_sampled = args.samples - len(prompts)
+    windows = self_distill(model_path, num_sampled, args.seq_len, args.prefix_tokens, args.temperature, args.seed,
+                           prompts).tolist()
+    counts = {f"{args.prefix_tokens}-token sampled prefixes": num_sampled, f"prompts in {args.prompts}": len(prompts)}
+    return windows, [0] * len(windows), (f"self-distillation ({', '.join(f'{n} from {what}' for what, n in counts.items() if n)}; "
+                                         f"continuation temperature {args.temperature})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,55 +443,66 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     init = None
     try:
-        model = load_model(model_dir, torch.float32, torch.device("cpu"))
+        model_path = resolve_model(args.model)
+        llm = LLM(model_path, max_model_len=2048, dtype=args.dtype)  # writes the text; its model is the frozen base
+        model = llm.model
         if args.init_heads:  # before the (slow) training text, so a bad folder fails at once
             init = load_medusa_heads(args.init_heads, model.config.hidden_size, model.config.vocab_size)
             c = init.config
             args.heads, args.layers, args.own_lm_head = c.num_heads, c.num_layers, c.own_lm_head
-        num_prompts = round(args.samples * args.prompt_share) if args.prompts else 0
+        share = 1.0 if llm.tokenizer.chat_template else args.prompt_share
+        num_prompts = round(args.samples * share) if args.prompts else 0
         prompts = prompts_from(Path(args.prompts), num_prompts, args.seed) if num_prompts else []
     except (ValueError, OSError) as e:  # OSError: missing file, a folder, no permission
         raise SystemExit(f"gorgon train-medusa: error: {e}")
-    if args.data:
-        windows = windows_of(read_corpus(Path(args.data), AutoTokenizer.from_pretrained(model_dir)), args.seq_len)
+    if args.texts and Path(args.texts).is_file():
+        texts, starts, data = torch.load(args.texts).values()
     else:
-        windows = self_distill(model_dir, args.samples - num_prompts, args.seq_len, args.prefix_tokens,
-                               args.temperature, args.seed, prompts)
-    windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(args.seed))]
-    num_held_out = max(1, int(len(windows) * args.held_out))
-    if num_held_out >= len(windows):
-        raise SystemExit(f"gorgon train-medusa: {len(windows)} windows leave nothing to train on after "
+        texts, starts, data = training_text(args, llm, model_path, prompts)
+        if args.texts:
+            torch.save({"texts": texts, "starts": starts, "data": data}, args.texts)
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    num_held_out = max(1, int(len(texts) * args.held_out))
+    if num_held_out >= len(texts):
+        raise SystemExit(f"gorgon train-medusa: {len(texts)} texts leave nothing to train on after "
                          f"holding out {num_held_out}")
-    held_out, train = windows[:num_held_out], windows[num_held_out:]
+    held_out, train = order[:num_held_out], order[num_held_out:]
+    train_cache = build_cache(model, [texts[t] for t in train], args.heads, [starts[t] for t in train], progress=True)
+    held_out_cache = build_cache(model, [texts[t] for t in held_out], args.heads, [starts[t] for t in held_out])
     config = TrainConfig(args.heads, args.layers, args.own_lm_head, args.steps, args.batch_size, args.seq_len,
                          args.lr, args.seed)
-    heads, history = train_heads(model, train, config, init=init)
-    heads.draft_vocab = draft_vocabulary(train, model.config.vocab_size, args.draft_coverage)
-    accuracy = head_accuracy(heads, model, base_hidden(model, held_out), held_out)
-    draft_vocab_size = heads.num_draft_tokens
-    held_out_coverage = 1.0 if heads.draft_vocab is None else torch.isin(held_out, heads.draft_vocab).float().mean().item()
+    valid = train_cache.targets[:, 0][train_cache.targets[:, 0] >= 0]
+    draft_vocab = draft_vocabulary(valid, model.config.vocab_size, args.draft_coverage)
+    heads, history = train_heads(model, train_cache, config, draft_vocab, init=init)
+    ranks = held_out_ranks(heads, model, held_out_cache)
+    accuracy = accuracy_of(ranks)
+    held_out_targets = held_out_cache.targets[:, 0][held_out_cache.targets[:, 0] >= 0]
+    held_out_coverage = 1.0 if draft_vocab is None else torch.isin(held_out_targets, draft_vocab).float().mean().item()
     save_medusa_heads(heads, args.out, base_model=args.model or "models/default")
-    if args.data:
-        data = args.data
-    else:
-        texts = {f"{args.prefix_tokens}-token sampled prefixes": args.samples - num_prompts,
-                 f"prompts in {args.prompts}": len(prompts)}
-        data = (f"self-distillation ({', '.join(f'{n} from {what}' for what, n in texts.items() if n)}; "
-                f"continuation temperature {args.temperature})")
+    train_seconds = time.perf_counter() - start
+    choice = None
+    if not args.no_tree:
+        timing_prompts = [texts[t][:starts[t] or args.seq_len // 4] for t in held_out] * max(TIMING_BATCHES)
+        choice = choose_tree(model_path, Path(args.out), ranks, timing_prompts, args.timing_tokens,
+                             args.timing_repeats)
+        choice.save(args.out)
     report = {"config": asdict(config), "init_heads": args.init_heads, "data": data,
-              "train_windows": len(train), "held_out_windows": num_held_out,
+              "train_texts": len(train), "held_out_texts": num_held_out,
+              "train_positions": len(train_cache), "held_out_positions": len(ranks),
               "loss_first": history[0], "loss_last": history[-1], "held_out_accuracy": accuracy,
-              "draft_vocab_size": draft_vocab_size, "draft_vocab_held_out_coverage": held_out_coverage,
-              "wall_time_s": time.perf_counter() - start}
+              "draft_vocab_size": heads.num_draft_tokens, "draft_vocab_held_out_coverage": held_out_coverage,
+              "tree": choice.summary if choice else None, "threads": torch.get_num_threads(),
+              "training_time_s": train_seconds, "wall_time_s": time.perf_counter() - start}
     (Path(args.out) / "training.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"draft vocabulary: {draft_vocab_size} tokens, {held_out_coverage:.1%} of the held-out text")
+    print(f"draft vocabulary: {heads.num_draft_tokens} tokens, {held_out_coverage:.1%} of the held-out text")
     print(f"weighted loss {history[0]:.3f} -> {history[-1]:.3f}; held-out accuracy per head:")
     for k, acc in enumerate(accuracy):
         print(f"  head {k} (token +{k + 2}): top-1 {acc['top1']:.3f}  top-5 {acc['top5']:.3f}")
-    print(f"wrote {args.out}")
+    if choice:
+        print(choice.summary)
+    print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

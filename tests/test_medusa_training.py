@@ -1,0 +1,217 @@
+"""`gorgon train-medusa`: the hidden-state cache, training on it over a draft vocabulary, chat self-distillation,
+the tree chosen from measured acceptance and step times (and the engine using it), and the benchmark's prompt
+files. Tiny random models; the heads train for a few seconds on the model's own text."""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+
+from bench.medusa import load_prompts
+from engine import LLM, SamplingParams
+from engine.medusa.tree import TREE_FILE, TreeChoice, accepted_path_counts, best_tree, expected_tokens_per_step
+from engine.training.medusa import (MAX_RANK, TrainConfig, accuracy_of, build_cache, chat_prompts, draft_vocabulary,
+                                    held_out_ranks, main as train_main, prompts_from, self_distill, to_draft_ids,
+                                    train_heads)
+from models.loader import load_model
+from models.medusa import MedusaHeads, load_medusa_heads, save_medusa_heads
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def windows(tiny_model_dir):
+    """The tiny model's own greedy text: (train [N, S], held out [M, S])."""
+    texts = self_distill(tiny_model_dir, num_samples=20, seq_len=48, prefix_tokens=4, temperature=0.0, seed=0)
+    return texts[4:], texts[:4]
+
+
+@pytest.fixture
+def chat_model_dir(tiny_model_dir, tmp_path):
+    """The tiny model with a chat template: train-medusa treats it as a chat model."""
+    folder = tmp_path / "chat_model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": CHAT_TEMPLATE}))
+    return folder
+
+
+def test_cache_holds_each_position_and_the_tokens_its_heads_predict(model):
+    texts = [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14]]
+    cache = build_cache(model, texts, num_heads=2, starts=[3, 0], batch_tokens=6)  # one text per forward
+    # shortest text first; text 0 from position 2 (the token before its start: its hidden state drafts the first
+    # time); each up to the last position with a token +2 to predict
+    assert cache.targets.tolist() == [[13, 14], [14, -1], [9, 10], [10, -1]]
+    with torch.inference_mode():
+        alone = model(torch.tensor([texts[0]]), torch.arange(6)[None])[0, 2:4]
+    torch.testing.assert_close(cache.hidden[2:].float(), alone, rtol=1e-2, atol=1e-2)  # stored in bf16
+    batched = build_cache(model, texts, num_heads=2, starts=[3, 0])  # padded into one forward: the same
+    assert batched.targets.tolist() == cache.targets.tolist()
+    torch.testing.assert_close(batched.hidden.float(), cache.hidden.float(), rtol=1e-2, atol=1e-2)
+    assert to_draft_ids(torch.tensor([[8, -1], [3, 9]]), 16, torch.tensor([9, 8])).tolist() == [[1, -1], [-1, 0]]
+
+
+def test_training_on_the_cache_raises_acceptance(model, windows):
+    train = windows[0]
+    cache, seen = build_cache(model, train, 4), build_cache(model, train[:8], 4)
+    vocab = draft_vocabulary(cache.targets[:, 0], 256, 0.9)
+    heads, history = train_heads(model, cache, TrainConfig(steps=40, batch_size=384, lr=1e-2), vocab, progress=False)
+    assert sum(history[-5:]) / 5 < 0.9 * sum(history[:5]) / 5
+    assert heads.draft_vocab is vocab and not any(p.requires_grad for p in heads.parameters())
+    fresh = MedusaHeads(heads.config)
+    fresh.draft_vocab = vocab
+    ranks = held_out_ranks(heads, model, seen)
+    before, after = accuracy_of(held_out_ranks(fresh, model, seen)), accuracy_of(ranks)
+    assert all(a["top1"] > b["top1"] and a["top5"] > b["top5"] for a, b in zip(after, before))
+    assert ranks.shape == (int((seen.targets >= 0).all(1).sum()), 4) and ranks.max() <= MAX_RANK
+
+
+def test_draft_vocabulary_covers_the_training_text():
+    tokens = torch.tensor([[5, 5, 5, 5, 3, 3, 1, 0]])
+    assert draft_vocabulary(tokens, 8, 0.5).tolist() == [5]
+    assert draft_vocabulary(tokens, 8, 0.75).tolist() == [5, 3]
+    assert draft_vocabulary(tokens, 8, 1.0) is None
+
+
+def test_best_trees_and_their_tokens_per_step():
+    # head ranks of the right token at 4 held-out positions (MAX_RANK: not among the candidates)
+    ranks = torch.tensor([[0, 0, 1], [0, 1, 0], [1, 0, 0], [MAX_RANK, 0, 0]])
+    counts = accepted_path_counts(ranks, MAX_RANK)
+    assert counts == Counter({(0,): 2, (0, 0): 1, (0, 0, 1): 1, (0, 1): 1, (0, 1, 0): 1, (1,): 1, (1, 0): 1,
+                              (1, 0, 0): 1})
+    assert best_tree(counts, 1) == [[0]] and best_tree(counts, 3) == [[0], [1], [0, 0]]
+    assert expected_tokens_per_step([[0]], counts, 4) == 1.5
+    assert expected_tokens_per_step(best_tree(counts, 8), counts, 4) == 1 + 9 / 4  # every right path: all 9 tokens
+
+
+def test_the_engine_takes_the_tree_stored_beside_the_heads(tiny_model_dir, model, windows, tmp_path):
+    heads, _ = train_heads(model, build_cache(model, windows[0], 3), TrainConfig(num_heads=3, steps=2), progress=False)
+    save_medusa_heads(heads, tmp_path)
+    TreeChoice([[0], [1], [0, 0]], "measured here", {}).save(tmp_path)
+    llm = LLM(tiny_model_dir, medusa=str(tmp_path))
+    assert llm.medusa.tree.paths == [(0,), (1,), (0, 0)]
+    assert LLM(tiny_model_dir, medusa=str(tmp_path), medusa_tree="chain2").medusa.tree.name == "chain2"
+    TreeChoice(None, "no Medusa tree pays on this machine", {}).save(tmp_path)
+    with pytest.warns(UserWarning, match="no Medusa tree pays on this machine; decoding plainly"):
+        plain = LLM(tiny_model_dir, medusa=str(tmp_path))
+    assert plain.medusa is None
+    out = plain.generate([1, 2, 3], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 8 and not out.accepted_lengths
+
+
+def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "def f(x):\n    return x + 1\n" * 4}) for _ in range(8)))
+    train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--data", str(data),
+                "--heads", "2", "--steps", "3", "--seq-len", "32", "--timing-tokens", "6", "--timing-repeats", "1"])
+    heads = load_medusa_heads(tmp_path / "heads", 64, 256)
+    assert heads.config.num_heads == 2 and not heads.config.own_lm_head
+    report = json.loads((tmp_path / "heads" / "training.json").read_text())
+    first_loss = report["loss_first"]
+    assert len(report["held_out_accuracy"]) == 2 and report["tree"]
+    assert heads.draft_vocab is not None and report["draft_vocab_size"] == len(heads.draft_vocab) < 256
+    choice = json.loads((tmp_path / "heads" / TREE_FILE).read_text())
+    assert choice["summary"] == report["tree"] and len(choice["measurements"]["candidates"]) >= 1
+    printed = capsys.readouterr().out
+    assert "head 1 (token +3)" in printed and report["tree"] in printed
+    # continuing from those heads (e.g. ones trained jointly with the model) keeps their shape
+    train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "more"), "--data", str(data), "--no-tree",
+                "--init-heads", str(tmp_path / "heads"), "--steps", "1", "--seq-len", "32"])
+    assert not (tmp_path / "more" / TREE_FILE).exists()
+    assert load_medusa_heads(tmp_path / "more", 64, 256).config.num_heads == 2
+    report = json.loads((tmp_path / "more" / "training.json").read_text())
+    assert report["init_heads"] == str(tmp_path / "heads")
+    assert report["loss_first"] < first_loss  # the same seed, so the same first batch
+
+
+def test_chat_self_distillation(chat_model_dir, tmp_path):
+    prompts = chat_prompts(5, seed=0)
+    assert len(prompts) == 5 and all(m[0]["role"] == "user" and m[0]["content"] for m in prompts)
+    texts = tmp_path / "texts.pt"
+    train_main(["--model", str(chat_model_dir), "--out", str(tmp_path / "heads"), "--samples", "10", "--heads", "2",
+                "--steps", "2", "--seq-len", "16", "--no-tree", "--texts", str(texts)])
+    report = json.loads((tmp_path / "heads" / "training.json").read_text())
+    assert report["data"].startswith("self-distillation (answers to 10 chat prompts from the standard library's")
+    saved = torch.load(texts)
+    tokenizer = LLM(chat_model_dir).tokenizer
+    for text, start in zip(saved["texts"], saved["starts"]):
+        assert tokenizer.decode(text[:start]).endswith("\nassistant: ") and 0 < len(text) - start <= 16
+    assert report["train_positions"] <= sum(len(t) - s + 1 for t, s in zip(saved["texts"], saved["starts"]))
+    # a second run reads the text instead of generating it
+    train_main(["--model", str(chat_model_dir), "--out", str(tmp_path / "again"), "--samples", "10", "--heads", "2",
+                "--steps", "2", "--seq-len", "16", "--no-tree", "--texts", str(texts)])
+    assert json.loads((tmp_path / "again" / "training.json").read_text())["data"] == report["data"]
+
+
+def test_self_distillation_from_a_prompts_file(tiny_model_dir, tmp_path):
+    code = tmp_path / "code.py"
+    code.write_text('def f(x):\n    return x + 1\n\n\nclass A:\n    """A class."""\n    pass\n' * 20)
+    prompts = prompts_from(code, 6, seed=0)
+    assert len(prompts) == 6 and len(set(prompts)) > 1
+    assert all(p.strip() and p in code.read_text() and p.endswith("\n") for p in prompts)  # whole lines
+    records = tmp_path / "prompts.jsonl"
+    records.write_text(json.dumps({"prompt": "x = "}) + "\n\n" + json.dumps({"text": "def g():"}) + "\n"
+                       + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert prompts_from(records, 5, seed=0) == ["x = ", "def g():", [{"role": "user", "content": "hi"}]]
+    for empty, text in ((records, json.dumps({"prompt": " "}) + "\n"), (tmp_path / "blank.txt", " \n\n")):
+        empty.write_text(text)
+        with pytest.raises(ValueError, match="non-empty prompts"):
+            prompts_from(empty, 5, seed=0)
+
+    windows = self_distill(tiny_model_dir, 0, 32, 4, 0.0, 0, prompts)
+    assert windows.shape == (6, 32)
+    train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompts", str(code),
+                "--samples", "12", "--heads", "2", "--steps", "1", "--seq-len", "32", "--no-tree"])
+    report = json.loads((tmp_path / "heads" / "training.json").read_text())
+    assert report["data"] == f"self-distillation (12 from prompts in {code}; continuation temperature 0.0)"
+    assert report["train_texts"] + report["held_out_texts"] == 12
+    train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "mixed"), "--prompts", str(code), "--no-tree",
+                "--prompt-share", "0.25", "--samples", "12", "--heads", "2", "--steps", "1", "--seq-len", "32"])
+    report = json.loads((tmp_path / "mixed" / "training.json").read_text())
+    assert report["data"].startswith(f"self-distillation (9 from 8-token sampled prefixes, 3 from prompts in {code};")
+    with pytest.raises(SystemExit, match="--prompts are for self-distillation"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--prompts", str(code),
+                    "--data", str(code)])
+
+
+def test_train_medusa_refuses_bad_arguments_before_any_work(tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="not a Medusa heads folder"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--init-heads", str(tmp_path)])
+    assert not (tmp_path / "heads").exists()
+    with pytest.raises(SystemExit, match="--draft-coverage"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--draft-coverage", "0"])
+    with pytest.raises(SystemExit, match="--prompt-share"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompt-share", "2"])
+    with pytest.raises(SystemExit, match="Is a directory"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompts", str(tmp_path)])
+    (tmp_path / "lists.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(SystemExit, match="expected non-empty prompts"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompts",
+                    str(tmp_path / "lists.jsonl")])
+
+
+def test_bench_prompt_files(chat_model_dir, tiny_model_dir, tmp_path):
+    chat, plain = LLM(chat_model_dir).tokenizer, LLM(tiny_model_dir).tokenizer
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("What is a list?\n\nWhat is a dict?\n")
+    assert load_prompts(str(lines), plain) == ["What is a list?", "What is a dict?"]
+    assert load_prompts(str(lines), chat) == ["user: What is a list?\nassistant: ",
+                                              "user: What is a dict?\nassistant: "]
+    records = tmp_path / "prompts.jsonl"
+    records.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps(
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}) + "\n")
+    assert load_prompts(str(records), chat) == ["user: Hi\nassistant: ", "system: Be brief.\nuser: Hi\nassistant: "]
+    with pytest.raises(ValueError, match="no chat template"):
+        load_prompts(str(records), plain)
+    records.write_text(json.dumps({"text": "Hi"}) + "\n")
+    with pytest.raises(ValueError, match="'prompt' or 'messages'"):
+        load_prompts(str(records), chat)
