@@ -13,6 +13,13 @@ from fastapi.testclient import TestClient
 from engine import LLM, SamplingParams
 from server.app import ServerConfig, create_app
 from server.prompts import chat_prompt_ids
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    LoadLoraAdapterRequest,
+    TokenizeRequest,
+)
 
 KEY = "test-key"
 MODEL = "tiny"
@@ -215,6 +222,28 @@ def test_hostile_requests_get_a_4xx_with_openai_error_body(client, name):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == bad.param and error["code"] == bad.code, error
+
+
+ODD_VALUES = [None, True, False, -1, 0, 1, 2, 255, 2 ** 70, -2 ** 70, 2 ** 63, -2 ** 63 - 1, 1.5, -0.5, 1e308, "",
+              "x", "\ud800", "a" * 300, "none", [], [1], [-1], [""], ["x"] * 3, [[1]], {}, {"a": 1}, {"1": 1},
+              {"type": "text"}, [{"type": "text", "text": "x"}], ["text"]]
+VALID_BODIES = {"/v1/completions": ({"prompt": "hi", "max_tokens": 2}, CompletionRequest),
+                "/v1/chat/completions": ({"messages": USER, "max_tokens": 2}, ChatCompletionRequest),
+                "/tokenize": ({"prompt": "hi"}, TokenizeRequest), "/detokenize": ({"tokens": [1]}, DetokenizeRequest),
+                "/v1/load_lora_adapter": ({"lora_name": "x", "lora_path": "y"}, LoadLoraAdapterRequest)}
+
+
+@pytest.mark.parametrize("route", VALID_BODIES)
+def test_every_field_with_odd_values_never_gets_a_5xx(client, route):
+    """Each field of a valid body set, in turn, to each of a list of odd JSON values: 200 or a 4xx, never a 5xx."""
+    body, schema = VALID_BODIES[route]
+    for name in schema.model_fields:
+        for value in ODD_VALUES:
+            response = client.post(route, headers={**AUTH, "Content-Type": "application/json"},
+                                   content=json.dumps({**body, name: value}).encode())  # ASCII: escapes "\ud800"
+            assert response.status_code < 500, (name, value, response.text)
+            if response.status_code >= 400:
+                assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_after_the_hostile_list_the_server_serves_and_holds_no_kv_block(client, llm):
