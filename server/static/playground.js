@@ -71,6 +71,7 @@ async function refreshModels() {
     fillModelPicker($("model"), data);
     fillModelPicker($("model-b"), data);
     fillAdapterList(data.filter((card) => card.parent));
+    syncPanes();
     showError("");
   } catch (e) {
     showError(`Could not list models: ${e.message}`);
@@ -235,17 +236,18 @@ function paneSetups() {
   const model = $("model").value;
   const medusa = $("use-medusa").checked;
   const medusaLabel = (on) => `Medusa ${on ? "on" : "off"}`;
+  const name = (id) => id || "(no model listed)";
   switch ($("compare").value) {
     case "medusa":
-      return [{ title: `${model} · ${medusaLabel(true)}`, model, use_medusa: true },
-        { title: `${model} · ${medusaLabel(false)}`, model, use_medusa: false }];
+      return [{ title: `${name(model)} · ${medusaLabel(true)}`, model, use_medusa: true },
+        { title: `${name(model)} · ${medusaLabel(false)}`, model, use_medusa: false }];
     case "model": {
       const other = $("model-b").value;
-      return [{ title: `${model} · ${medusaLabel(medusa)}`, model, use_medusa: medusa },
-        { title: `${other} · ${medusaLabel(medusa)}`, model: other, use_medusa: medusa }];
+      return [{ title: `${name(model)} · ${medusaLabel(medusa)}`, model, use_medusa: medusa },
+        { title: `${name(other)} · ${medusaLabel(medusa)}`, model: other, use_medusa: medusa }];
     }
     default:
-      return [{ title: `${model} · ${medusaLabel(medusa)}`, model, use_medusa: medusa }];
+      return [{ title: `${name(model)} · ${medusaLabel(medusa)}`, model, use_medusa: medusa }];
   }
 }
 
@@ -254,6 +256,13 @@ function resetPanes() {
   panes = paneSetups().map((setup) => Object.assign(new Pane(setup.title), { setup }));
   $("panes").replaceChildren(...panes.map((pane) => pane.el));
   $("panes").classList.toggle("two", panes.length > 1);
+}
+
+// New panes when the pickers changed what they would show, unless a request is running.
+function syncPanes() {
+  const titles = paneSetups().map((setup) => setup.title).join("|");
+  const running = panes.some((pane) => pane.controller);
+  if (!running && titles !== panes.map((pane) => pane.setup.title).join("|")) resetPanes();
 }
 
 function samplingFields() {
@@ -273,8 +282,7 @@ function samplingFields() {
 async function send() {
   const text = $("prompt").value;
   if (!text.trim() || panes.some((pane) => pane.controller)) return;
-  const titles = paneSetups().map((setup) => setup.title).join("|");
-  if (titles !== panes.map((pane) => pane.setup.title).join("|")) resetPanes(); // the pickers changed
+  syncPanes();
   $("prompt").value = "";
   showError("");
   setRunning(true);
@@ -434,7 +442,7 @@ function init() {
     changeAdapter("/v1/load_lora_adapter", { lora_name: $("adapter-name").value.trim(),
       lora_path: $("adapter-path").value.trim() });
   });
-  refreshModels().then(resetPanes);
+  refreshModels().then(syncPanes);
   pollMetrics();
 }
 
