@@ -18,7 +18,7 @@ import httpx
 import pytest
 import uvicorn
 
-from engine import LLM
+from engine import LLM, SamplingParams
 from models import DEFAULT_MODEL_DIR
 from server.app import ServerConfig, create_app
 
@@ -129,6 +129,17 @@ def test_streamed_chunks_carry_the_step_that_made_them(server, route):
     assert "".join(text) == "".join(token for step in steps for token in step["tokens"])
     whole = httpx.post(f"{server.url}{route}", json={**body, "stream": False}, timeout=120).json()
     assert "gorgon" not in whole  # on streamed chunks only
+
+
+def test_llm_stream_gives_the_same_steps(server):
+    """The stream's steps are the engine's: LLM.stream yields one RequestOutput per step, as many tokens each."""
+    prompt = 'def read_file(path):\n    """Read a file."""\n'
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as response:
+        served = [c["gorgon"]["step_tokens"] for c in sse(response)]
+    llm = LLM(medusa=str(DEFAULT_MODEL_DIR / "medusa"), max_num_seqs=4)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    assert [len(out.new_token_ids) for out in llm.stream(prompt, params)] == served
 
 
 # ---- in a browser ------------------------------------------------------------------------------------------
