@@ -46,10 +46,19 @@ def resolve_model(model: str | None) -> Path:
     return folder / named.file
 
 
-def medusa_heads_for(model: str | None) -> Path:
-    """`--medusa auto`: the heads that belong to a model: a named model's, else `<model folder>/medusa`."""
+def own_medusa_heads(model: str | None) -> Path:
+    """Where the heads that belong to a model are: a named model's, else `<model folder>/medusa` (for a
+    .gguf file, the folder beside it); the folder may not exist."""
     named = NAMED_MODELS.get(model) if model is not None else None
-    heads = named.medusa if named is not None else resolve_model(model) / "medusa"
+    if named is not None:
+        return named.medusa
+    path = resolve_model(model)
+    return (path.parent if path.suffix == ".gguf" else path) / "medusa"
+
+
+def medusa_heads_for(model: str | None) -> Path:
+    """`--medusa auto`: the heads that belong to a model (own_medusa_heads), which must exist."""
+    heads = own_medusa_heads(model)
     if not heads.is_dir():
         raise ValueError(f"--medusa auto: no Medusa heads for model {model or 'default'} (looked for {heads}); "
                          "train some with `gorgon train-medusa`")

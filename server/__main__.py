@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from engine import LLM
+from engine import LLM, own_medusa_heads
 from server.app import ServerConfig, create_app
 from server.flags import add_medusa_acceptance_flags, medusa_acceptance
 
@@ -74,7 +74,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"the base model's id in the API (default: the folder's name, or {DEFAULT_MODEL_NAME})")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--medusa", default=None, help="Medusa heads folder (speculative decoding)")
+    parser.add_argument("--medusa", default=None,
+                        help="Medusa heads folder (speculative decoding), 'auto' (the model's own) or 'none' "
+                             "(default: the model's own heads when it has some, as the shipped model does)")
     parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
     add_medusa_acceptance_flags(parser)
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
@@ -130,8 +132,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 "tokenizer": args.tokenizer}
     if args.kv_cache_fraction is not None:
         optional["kv_cache_memory"] = int(args.kv_cache_fraction * available_memory(args.device))
-    if args.medusa:
-        optional |= {"medusa": args.medusa, "medusa_tree": args.medusa_tree, **medusa_acceptance(args)}
+    medusa = args.medusa
+    if medusa is None and own_medusa_heads(args.model).is_dir():
+        medusa = "auto"
+    if medusa not in (None, "none"):
+        optional |= {"medusa": medusa, "medusa_tree": args.medusa_tree, **medusa_acceptance(args)}
     return kwargs | {name: value for name, value in optional.items() if value is not None}
 
 

@@ -46,7 +46,13 @@ def test_tokenizer_and_medusa_flags():
                      "medusa_acceptance": "typical", "medusa_posterior_threshold": 0.2} == kwargs
     assert "medusa_posterior_alpha" not in kwargs
     EngineConfig(**kwargs)
-    assert "medusa_acceptance" not in engine_kwargs(parse_args(["--medusa-acceptance", "typical"]))  # no heads
+    assert "medusa_acceptance" not in engine_kwargs(parse_args(["--medusa", "none", "--medusa-acceptance", "typical"]))
+
+
+def test_serve_speculates_with_the_models_own_heads_by_default(tmp_path):
+    assert engine_kwargs(parse_args([]))["medusa"] == "auto"  # the shipped model has heads: the playground shows them
+    assert "medusa" not in engine_kwargs(parse_args(["--medusa", "none"]))
+    assert "medusa" not in engine_kwargs(parse_args(["--model", str(tmp_path)]))  # a folder without heads
 
 
 def test_kv_cache_fraction_of_available_memory(monkeypatch):
