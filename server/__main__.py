@@ -102,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     engine.add_argument("--attention-backend", default=None,
                         help="auto (default: the fastest on the device), reference, flash, cpu or triton")
     engine.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prefixes")
+    engine.add_argument("--batch-invariant", action="store_true",
+                        help="a request's tokens never depend on what else is batched with it (prefill is slower)")
     kv = engine.add_mutually_exclusive_group()
     kv.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="SIZE",
                     help="bytes for the KV cache, e.g. 2GiB (default: the engine's, 1 GiB)")
@@ -125,7 +127,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     """EngineConfig fields from the flags; a flag left out keeps the engine's default."""
     kwargs = {"device": args.device, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
               "max_model_len": args.max_model_len, "adapter_root": args.adapter_root,
-              "enable_prefix_caching": not args.no_prefix_caching, "skip_tokenizer_init": args.skip_tokenizer_init}
+              "enable_prefix_caching": not args.no_prefix_caching, "skip_tokenizer_init": args.skip_tokenizer_init,
+              "batch_invariant": args.batch_invariant}
     optional = {"max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
                 "attention_backend": args.attention_backend, "num_kv_blocks": args.num_kv_blocks,
                 "kv_cache_memory": args.kv_cache_memory, "quantization": args.quantization,

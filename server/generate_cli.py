@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
     add_medusa_acceptance_flags(parser)
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="the same tokens whatever else is batched with the prompt (README: what it means)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return parser.parse_args(argv)
 
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
         llm = LLM(args.model, device=args.device, dtype=args.dtype, medusa=args.medusa, medusa_tree=args.medusa_tree,
-                  quantization=args.quantization, tokenizer=args.tokenizer, **medusa_acceptance(args))
+                  quantization=args.quantization, tokenizer=args.tokenizer, batch_invariant=args.batch_invariant,
+                  **medusa_acceptance(args))
         if args.json:
             out = llm.generate(args.prompt, params)[0]
             print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,

@@ -49,6 +49,11 @@ def test_tokenizer_and_medusa_flags():
     assert "medusa_acceptance" not in engine_kwargs(parse_args(["--medusa", "none", "--medusa-acceptance", "typical"]))
 
 
+def test_batch_invariant_flag():
+    assert engine_kwargs(parse_args(["--batch-invariant"]))["batch_invariant"] is True
+    assert engine_kwargs(parse_args([]))["batch_invariant"] is False
+
+
 def test_serve_speculates_with_the_models_own_heads_by_default(tmp_path):
     assert engine_kwargs(parse_args([]))["medusa"] == "auto"  # the shipped model has heads: the playground shows them
     assert "medusa" not in engine_kwargs(parse_args(["--medusa", "none"]))
