@@ -151,12 +151,14 @@ def run(args: argparse.Namespace, folder: Path, source: str, tmp: Path) -> None:
         llm.load_adapter(name, name)
     llm.load_adapter("prefix", timed["prefix"])
 
-    prompts = torch.randint(3, 200, (args.batch_size, args.prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
+    prompts = torch.randint(3, 200, (args.batch_size, args.prompt_len),
+                            generator=torch.Generator().manual_seed(0)).tolist()
     greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     round_robin = [None, *mixed_loras]
     runs = {  # name -> (engine, adapter per request)
         "base only": (llm, [None] * args.batch_size),
-        f"mixed: {NUM_MIXED_LORAS} LoRAs + base": (llm, [round_robin[i % len(round_robin)] for i in range(args.batch_size)]),
+        f"mixed: {NUM_MIXED_LORAS} LoRAs + base": (
+            llm, [round_robin[i % len(round_robin)] for i in range(args.batch_size)]),
         "one LoRA, merged": (merged_llm, [None] * args.batch_size),
         "one LoRA, unmerged": (llm, [mixed_loras[0]] * args.batch_size),
         "prefix adapter": (llm, ["prefix"] * args.batch_size),
@@ -174,7 +176,8 @@ def run(args: argparse.Namespace, folder: Path, source: str, tmp: Path) -> None:
     tok_s = {name: args.batch_size * args.new_tokens / min(t) for name, t in times.items()}
     base = tok_s["base only"]
 
-    print(f"\n{source}, float32, batch {args.batch_size}, {args.prompt_len}-token prompts, {args.new_tokens} new tokens, "
+    print(f"\n{source}, float32, batch {args.batch_size}, {args.prompt_len}-token prompts, "
+          f"{args.new_tokens} new tokens, "
           f"LoRA rank {args.lora_rank}, attention backend {llm.runner.backend.name}")
     print_table([{"adapter": f"{kind} ({timed[kind]})", "load ms": load, "unload ms": unload}
                  for kind, (load, unload) in latency.items()], ["adapter", "load ms", "unload ms"])
@@ -196,7 +199,8 @@ def run(args: argparse.Namespace, folder: Path, source: str, tmp: Path) -> None:
     if heads is not None:
         per_step = medusa_tokens_per_step(folder, heads, engine_kwargs, timed, args.new_tokens)
         print()
-        print_table([{"Medusa": label, "tokens/step": t, "vs base": t / per_step["base"]} for label, t in per_step.items()],
+        print_table([{"Medusa": label, "tokens/step": t, "vs base": t / per_step["base"]}
+                     for label, t in per_step.items()],
                     ["Medusa", "tokens/step", "vs base"])
         summary.update({f"medusa_tokens_per_step_{label}": t for label, t in per_step.items()})
     print(f"\ntargets: LoRA load {summary['load_ms_lora']:.1f} ms (<= 100), mixed batch "

@@ -31,7 +31,7 @@ class RequestOutput:
     tokens_per_s: float = 0.0
 
     @classmethod
-    def of(cls, seq: Sequence, new_text: str, new_token_ids: list[int]) -> "RequestOutput":
+    def of(cls, seq: Sequence, new_text: str, new_token_ids: list[int]) -> RequestOutput:
         now = seq.finish_time or time.perf_counter()
         latency = now - seq.arrival_time
         return cls(

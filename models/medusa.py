@@ -118,7 +118,8 @@ class MedusaHeads(nn.Module):
         if self.draft_vocab is not None:
             projections = [w[self.draft_vocab] for w in projections]
         qtype = 0 if self.config.own_lm_head else int(getattr(base_lm_head, "qtype", 0))
-        return DraftWeights([[b.weight for b in head] for head in blocks], [[b.bias.float() for b in head] for head in blocks],
+        return DraftWeights([[b.weight for b in head] for head in blocks],
+                            [[b.bias.float() for b in head] for head in blocks],
                             [(w if qtype else w.to(self.dtype)).contiguous() for w in projections], qtype)
 
     def top_k(self, hidden: torch.Tensor, draft: DraftWeights, num_heads: int, k: int) -> torch.Tensor:
@@ -166,7 +167,7 @@ def load_medusa_heads(folder: str | Path, hidden_size: int, vocab_size: int,
     num_heads = 1 + max(int(m[1]) for m in parsed.values())
     if num_heads != config.get("medusa_num_heads", num_heads):
         warnings.warn(f"{config_file} says medusa_num_heads={config['medusa_num_heads']}, but the weights hold "
-                      f"{num_heads} heads; using {num_heads}")
+                      f"{num_heads} heads; using {num_heads}", stacklevel=2)
     own_lm_head = any(m[3] == "weight" for m in parsed.values())
     heads = MedusaHeads(MedusaConfig(num_heads, int(config["medusa_num_layers"]), hidden_size, vocab_size, own_lm_head))
     expected = heads.heads.state_dict()

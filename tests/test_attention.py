@@ -61,9 +61,11 @@ def paged_inputs(query_lens: list[int], context_lens: list[int], num_heads: int,
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(dtype)
 
-    k_cache, v_cache = randn(num_blocks, block_size, num_kv_heads, head_dim), randn(num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = randn(num_blocks, block_size, num_kv_heads, head_dim)
+    v_cache = randn(num_blocks, block_size, num_kv_heads, head_dim)
     num_tokens = sum(query_lens)
-    q, k, v = randn(num_tokens, num_heads, head_dim), randn(num_tokens, num_kv_heads, head_dim), randn(num_tokens, num_kv_heads, head_dim)
+    q = randn(num_tokens, num_heads, head_dim)
+    k, v = randn(num_tokens, num_kv_heads, head_dim), randn(num_tokens, num_kv_heads, head_dim)
     slots = [t[p // block_size] * block_size + p % block_size
              for t, n, c in zip(tables, query_lens, context_lens) for p in range(c - n, c)]
     query_start_loc = torch.zeros(len(query_lens) + 1, dtype=torch.int32)

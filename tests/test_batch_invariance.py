@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from bench.medusa import PROMPTS as CODE_PROMPTS
-from conftest import save_tiny_model
 from engine import LLM, SamplingParams
 from engine.attention import available_backends
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from models import DEFAULT_MODEL_DIR
+
+from conftest import save_tiny_model
 
 pytestmark = pytest.mark.skipif("cpu" not in available_backends("cpu"),
                                 reason="batch invariance is a property of the fused CPU kernels, not built here")

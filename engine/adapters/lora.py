@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from models.lora import LORA_PROJECTIONS, LoRATarget
+
 _KEY = re.compile(r"base_model\.model\.(?P<parent>.+)\.(?P<proj>[a-z_]+)\.lora_(?P<ab>[AB])\.weight")
 
 

@@ -101,4 +101,5 @@ class FlashAttention:
             running_max = new_max
 
         out = acc / running_sum[..., None]  # [num_kv_heads, group * rows, head_dim]
-        return out.view(num_kv_heads, group, rows, head_dim).permute(2, 0, 1, 3).reshape(rows, num_heads, head_dim).to(q.dtype)
+        return (out.view(num_kv_heads, group, rows, head_dim).permute(2, 0, 1, 3)
+                .reshape(rows, num_heads, head_dim).to(q.dtype))

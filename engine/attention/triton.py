@@ -67,7 +67,8 @@ def _paged_attention_kernel(
             if HAS_TREE:
                 tree_start = context_len - tree_size
                 in_tree = (query_index[:, None] >= tree_start) & (offs_n[None, :] >= tree_start) & key_valid[None, :]
-                tree_bit = tl.load(TreeMask + (query_index[:, None] - tree_start) * tree_size + (offs_n[None, :] - tree_start),
+                tree_bit = tl.load(TreeMask + (query_index[:, None] - tree_start) * tree_size
+                                   + (offs_n[None, :] - tree_start),
                                    mask=in_tree & row_valid[:, None], other=0)
                 visible = tl.where(in_tree, tree_bit != 0, visible)
             scores = tl.where(visible & key_valid[None, :], scores, float("-inf"))
@@ -77,7 +78,8 @@ def _paged_attention_kernel(
             safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
             probs = tl.exp(scores - safe_max[:, None])
             rescale = tl.exp(running_max - safe_max)
-            v = tl.load(V + slot_offset[:, None] + offs_d[None, :], mask=tl.trans(kv_mask), other=0.0)  # [BLOCK_N, BLOCK_D]
+            # v: [BLOCK_N, BLOCK_D]
+            v = tl.load(V + slot_offset[:, None] + offs_d[None, :], mask=tl.trans(kv_mask), other=0.0)
             running_sum = running_sum * rescale + tl.sum(probs, 1)
             if DOT_FP32:
                 acc = acc * rescale[:, None] + tl.dot(probs, v.to(tl.float32), input_precision="ieee")
