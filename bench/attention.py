@@ -10,8 +10,8 @@ through the same interface (store the new K/V, then attend):
   triton  engine/attention/triton.py (on CUDA)
 
 Time: the fastest of a few calls after a warm-up (the call least disturbed by other load on a shared
-machine; every backend is measured the same way, case by case, in the same run). Peak memory: on CUDA, torch's peak allocated
-bytes above the inputs; on CPU, the process's peak resident memory (VmHWM, reset through
+machine; every backend is measured the same way, case by case, in the same run). Peak memory: on CUDA,
+torch's peak allocated bytes above the inputs; on CPU, the process's peak resident memory (VmHWM, reset through
 /proc/self/clear_refs) above its resident size before the call, with malloc told to return every
 allocation of 64 KiB or more to the OS on free, so that the figure covers every buffer a call touches
 (torch tensors, the C++ kernel's scratch, library workspaces); Linux updates resident-size counters
@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import ctypes
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -91,10 +91,12 @@ def paged_inputs(shape: Shape, batch: int, query_len: int, context_len: int, see
     cache_shape = (num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
     k_cache, v_cache = randn(*cache_shape), randn(*cache_shape)
     q = randn(num_tokens, shape.num_heads, shape.head_dim)
-    k, v = randn(num_tokens, shape.num_kv_heads, shape.head_dim), randn(num_tokens, shape.num_kv_heads, shape.head_dim)
+    k = randn(num_tokens, shape.num_kv_heads, shape.head_dim)
+    v = randn(num_tokens, shape.num_kv_heads, shape.head_dim)
     positions = torch.arange(context_len - query_len, context_len).repeat(batch)
     seq_index = torch.arange(batch).repeat_interleave(query_len)
-    slot_mapping = block_tables[seq_index, positions // shape.block_size] * shape.block_size + positions % shape.block_size
+    slot_mapping = (block_tables[seq_index, positions // shape.block_size] * shape.block_size
+                    + positions % shape.block_size)
     to = dict(device=shape.device)
     ctx = ForwardContext(positions=positions.to(**to), slot_mapping=slot_mapping.to(**to),
                          query_start_loc=torch.arange(0, num_tokens + 1, query_len, dtype=torch.int32).to(**to),
@@ -186,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
+        args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     shape = Shape(args.num_heads, args.num_kv_heads, args.head_dim, args.block_size, dtype, device)
     backends = {"naive": get_backend("reference", device), "sdpa": GatherSdpa(), "flash": get_backend("flash", device),
                 "cpu" if device.type == "cpu" else "triton": get_backend("auto", device)}
@@ -209,13 +212,14 @@ def main(argv: list[str] | None = None) -> None:
                 bar.set_postfix_str(f"{kind} b{batch} L{length} {name}")
                 bar.update()
                 if (kind, batch, name) in skipped_after:
-                    results[name] = {"skipped": f"took over {args.slow_limit:g} s at L={skipped_after[kind, batch, name]}"}
+                    results[name] = {
+                        "skipped": f"took over {args.slow_limit:g} s at L={skipped_after[kind, batch, name]}"}
                     continue
                 if name == "naive" and score_bytes > args.naive_limit_gb * 2**30:
                     results[name] = {"skipped": f"would materialise {score_bytes / 2**30:.1f} GiB of scores"}
                     continue
-                seconds, peak = measure(lambda: backend.forward(*inputs, scale), device, peak_memory,
-                                        args.repeats, args.slow_limit)
+                seconds, peak = measure(lambda backend=backend, inputs=inputs: backend.forward(*inputs, scale),
+                                        device, peak_memory, args.repeats, args.slow_limit)
                 if seconds > args.slow_limit:
                     skipped_after[kind, batch, name] = length
                 results[name] = {"time_s": seconds, "peak_bytes": peak}
@@ -246,19 +250,25 @@ def main(argv: list[str] | None = None) -> None:
 
 def summarise(rows: list[dict], fast: str) -> dict:
     def get(kind: str, batch: int, length: int, backend: str, key: str) -> float | None:
-        return next((r.get(key) for r in rows if (r["case"], r["batch"], r["length"], r["backend"]) == (kind, batch, length, backend)), None)
+        return next((r.get(key) for r in rows
+                     if (r["case"], r["batch"], r["length"], r["backend"]) == (kind, batch, length, backend)), None)
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a and b else None
 
     n = SUMMARY_LENGTH
     summary = {
-        f"decode_speedup_{fast}_vs_sdpa_ctx{n}_b8": ratio(get("decode", 8, n, "sdpa", "time_s"), get("decode", 8, n, fast, "time_s")),
-        f"prefill_speedup_{fast}_vs_naive_{n}": ratio(get("prefill", 1, n, "naive", "time_s"), get("prefill", 1, n, fast, "time_s")),
-        f"prefill_speedup_{fast}_vs_sdpa_{n}": ratio(get("prefill", 1, n, "sdpa", "time_s"), get("prefill", 1, n, fast, "time_s")),
-        f"prefill_peakmem_naive_over_{fast}_{n}": ratio(get("prefill", 1, n, "naive", "peak_bytes"), get("prefill", 1, n, fast, "peak_bytes")),
+        f"decode_speedup_{fast}_vs_sdpa_ctx{n}_b8": ratio(get("decode", 8, n, "sdpa", "time_s"),
+                                                          get("decode", 8, n, fast, "time_s")),
+        f"prefill_speedup_{fast}_vs_naive_{n}": ratio(get("prefill", 1, n, "naive", "time_s"),
+                                                      get("prefill", 1, n, fast, "time_s")),
+        f"prefill_speedup_{fast}_vs_sdpa_{n}": ratio(get("prefill", 1, n, "sdpa", "time_s"),
+                                                     get("prefill", 1, n, fast, "time_s")),
+        f"prefill_peakmem_naive_over_{fast}_{n}": ratio(get("prefill", 1, n, "naive", "peak_bytes"),
+                                                        get("prefill", 1, n, fast, "peak_bytes")),
         # linear memory: doubling the prompt should double the peak, not quadruple it
-        f"prefill_peakmem_{fast}_{n}_over_{n // 2}": ratio(get("prefill", 1, n, fast, "peak_bytes"), get("prefill", 1, n // 2, fast, "peak_bytes")),
+        f"prefill_peakmem_{fast}_{n}_over_{n // 2}": ratio(get("prefill", 1, n, fast, "peak_bytes"),
+                                                           get("prefill", 1, n // 2, fast, "peak_bytes")),
     }
     return summary
 
@@ -270,7 +280,8 @@ def plot(rows: list[dict], path: str, backends: list[str]) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     for col, kind in enumerate(["prefill", "decode"]):
-        for row, (key, label) in enumerate([("time_s", "time (s)"), ("peak_bytes", "peak memory (bytes, floor 4 KiB)")]):
+        for row, (key, label) in enumerate([("time_s", "time (s)"),
+                                            ("peak_bytes", "peak memory (bytes, floor 4 KiB)")]):
             ax = axes[row][col]
             for i, name in enumerate(backends):
                 for batch, style in zip(sorted({r["batch"] for r in rows}), ["-", "--", ":"]):

@@ -6,10 +6,10 @@ with `get_forward_context()`. Outside such a scope the model runs as a plain cau
 [batch, seq] tensor with no KV cache (training, oracles)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -29,7 +29,7 @@ class LoRABatch:
     rows: torch.Tensor  # [num_lora_tokens] their token rows
     token_slots: torch.Tensor  # [num_tokens] each token row's slot, -1 for the base model (what CPU kernels take)
 
-    def to(self, device: torch.device) -> "LoRABatch":
+    def to(self, device: torch.device) -> LoRABatch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.kernels.decode import DecodeKernels
 from models.config import RopeConfig
+from models.kernels.decode import DecodeKernels
 
 
 class RMSNorm(nn.Module):
@@ -87,7 +87,8 @@ class RotaryEmbedding(nn.Module):
         inv_freq = (1.0 / (factor * pos_freqs)) * ramp + (1.0 / pos_freqs) * extrapolation_weight
         return inv_freq, float(attention_factor)
 
-    def forward(self, positions: torch.Tensor, seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor,
+                seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for each position, [*positions.shape, head_dim] in fp32. `seq_lens` (same shape as positions)
         matters only to dynamic NTK scaling, whose base grows with the sequence length beyond
         max_position_embeddings: HF scales a whole forward to its length, so its generate rotates every prompt
@@ -100,7 +101,8 @@ class RotaryEmbedding(nn.Module):
                 seq_lens = (positions.max() + 1).expand_as(positions)
             seq_lens = seq_lens.float().clamp(min=self.max_position_embeddings)
             factor, dim = self.rope.factor, self.head_dim
-            base = self.rope.theta * ((factor * seq_lens / self.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+            base = (self.rope.theta
+                    * ((factor * seq_lens / self.max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2)))
             exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
             inv_freq = 1.0 / (base.unsqueeze(-1) ** exponents)  # [*, head_dim/2]
             freqs = positions.unsqueeze(-1).float() * inv_freq

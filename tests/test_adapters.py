@@ -14,9 +14,10 @@ import torch
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from conftest import hf_model
 from engine import LLM, SamplingParams
 from engine.adapters.manager import AdapterError
+
+from conftest import hf_model
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {  # name -> peft config; block_size 4 in the engines below, so prefix5 ends in a partial block
@@ -51,7 +52,8 @@ def setup(tiny_model_dir, tmp_path_factory):
     peft_models = {name: build_peft(tiny_model_dir, config, root / name, seed)
                    for seed, (name, config) in enumerate(ADAPTERS.items())}
     with torch.no_grad():
-        reference = {name: [m(input_ids=torch.tensor([p])).logits[0] for p in PROMPTS] for name, m in peft_models.items()}
+        reference = {name: [m(input_ids=torch.tensor([p])).logits[0] for p in PROMPTS]
+                     for name, m in peft_models.items()}
         base = hf_model(tiny_model_dir)
         reference[None] = [base(input_ids=torch.tensor([p])).logits[0] for p in PROMPTS]
     return tiny_model_dir, root, reference
@@ -173,7 +175,8 @@ def test_load_from_another_thread_while_stepping(setup):
         stop.set()
         stepper.join()
     assert [finished[i] for i in ids] == [o.token_ids for o in expected]
-    assert finished[late] == make_llm(setup, load=["prefix8"]).generate(PROMPTS[0], GREEDY, adapter="prefix8")[0].token_ids
+    assert finished[late] == make_llm(setup, load=["prefix8"]).generate(
+        PROMPTS[0], GREEDY, adapter="prefix8")[0].token_ids
 
 
 @pytest.mark.parametrize("name", ["prefix5", "all"])
@@ -251,7 +254,8 @@ def _bad_folder(root: Path, kind: str, outside: Path) -> str:
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("lora_shape", "do not fit"), ("prefix_shape", "prompt_embeddings has shape"), ("peft_type", "'IA3' is not supported"),
+    ("lora_shape", "do not fit"), ("prefix_shape", "prompt_embeddings has shape"),
+    ("peft_type", "'IA3' is not supported"),
     ("pickle_only", "only pickled weights"), ("dora", "DoRA"), ("modules_to_save", "modules_to_save"),
     ("rank", "max_lora_rank=16"), ("outside", "outside the adapter root"), ("traversal", "outside the adapter root"),
     ("symlink", "outside the adapter root"),
@@ -263,7 +267,8 @@ def test_bad_adapter_folder_is_refused_and_the_engine_keeps_serving(setup, llm, 
     with pytest.raises(AdapterError, match=message):
         llm.load_adapter("bad", _bad_folder(root, kind, tmp_path / "elsewhere"))
     assert llm.list_adapters() == adapters_before
-    out = llm.generate([PROMPTS[0], PROMPTS[2]], SamplingParams(max_tokens=1, temperature=0), adapter=["all", "prefix5"])
+    out = llm.generate([PROMPTS[0], PROMPTS[2]], SamplingParams(max_tokens=1, temperature=0),
+                       adapter=["all", "prefix5"])
     assert [o.token_ids[0] for o in out] == [int(setup[2][a][i][-1].argmax()) for a, i in (("all", 0), ("prefix5", 2))]
 
 
@@ -272,7 +277,8 @@ def test_training_script_writes_adapters_that_load(tmp_path, tiny_model_dir):
 
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "text").write_text("Permission is hereby granted, free of charge, to any person. " * 40)
-    train_adapters(["--model", str(tiny_model_dir), "--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "out"),
+    train_adapters(["--model", str(tiny_model_dir), "--corpus", str(tmp_path / "corpus"),
+                    "--out", str(tmp_path / "out"),
                     "--steps", "2", "--seq-len", "32", "--batch-size", "2", "--virtual-tokens", "3"])
     llm = LLM(tiny_model_dir, num_kv_blocks=64, adapter_root=str(tmp_path / "out"))
     base = llm.generate(PROMPTS[0], GREEDY)[0].token_ids

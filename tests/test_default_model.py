@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from engine.training.default_model import main as train_default
+from engine.training.default_model import stdlib_root
 from models import DEFAULT_MODEL_DIR
-from models.medusa import DRAFT_VOCAB_FILE, load_medusa_heads
 from models.loader import load_model
-from engine.training.default_model import main as train_default, stdlib_root
+from models.medusa import DRAFT_VOCAB_FILE, load_medusa_heads
 
 # Measured 3.74 nats/token on these windows after both training stages; a random model scores ~ln(4096) = 8.3.
 HELD_OUT_LOSS_BOUND = 4.3
@@ -106,5 +107,6 @@ def test_bad_init_folders_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="has no config.json"):
         train_default(["--init", str(tmp_path), "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="not a Medusa heads folder"):
-        train_default(["--init", str(DEFAULT_MODEL_DIR), "--out", str(tmp_path / "out"), "--medusa-init", str(tmp_path)])
+        train_default(["--init", str(DEFAULT_MODEL_DIR), "--out", str(tmp_path / "out"),
+                       "--medusa-init", str(tmp_path)])
     assert not (tmp_path / "out").exists()

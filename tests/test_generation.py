@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from conftest import hf_model
 from engine import LLM, SamplingParams
+
+from conftest import hf_model
 
 NEW_TOKENS = 64
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 20, 21], list(range(3, 40)), [1, 99] * 9, [7]]
@@ -77,7 +78,8 @@ def test_stop_strings_and_stop_tokens(tiny_model_dir, hf_reference):
     assert out.token_ids == full.token_ids[:first + 1] and out.finish_reason == "stop"
 
     stop_text = full.text[20:23]
-    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=NEW_TOKENS, temperature=0, stop=[stop_text], ignore_eos=True))[0]
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=NEW_TOKENS, temperature=0, stop=[stop_text],
+                                                  ignore_eos=True))[0]
     assert out.finish_reason == "stop"
     assert out.text == full.text[:full.text.index(stop_text)]
     assert stop_text not in out.text

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import save_tiny_model
 from models.loader import CheckpointError, load_model
+
+from conftest import save_tiny_model
 
 
 def test_sharded_checkpoint_loads(tmp_path):

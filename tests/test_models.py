@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model
 from engine import LLM, ContextLengthError, SamplingParams
 from models.config import ModelConfig
+
+from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model
 
 DECODE_STEPS = 32
 
@@ -72,7 +73,8 @@ def test_rope_scaling_matches_hf(tmp_path, rope):
 def test_transformers4_config_reads_like_transformers5():
     v5 = {"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
           "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 64,
-          "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0, "original_max_position_embeddings": 16}}
+          "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0,
+                              "original_max_position_embeddings": 16}}
     v4 = {k: v for k, v in v5.items() if k != "rope_parameters"}
     v4.update(rope_theta=5e5, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
     assert ModelConfig.from_dict(v4).rope == ModelConfig.from_dict(v5).rope
@@ -80,7 +82,8 @@ def test_transformers4_config_reads_like_transformers5():
 
 def test_unknown_rope_type_is_named():
     config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
-              "num_hidden_layers": 1, "num_attention_heads": 2, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}}
+              "num_hidden_layers": 1, "num_attention_heads": 2,
+              "rope_scaling": {"rope_type": "longrope", "factor": 2.0}}
     with pytest.raises(ValueError, match="longrope"):
         ModelConfig.from_dict(config)
 

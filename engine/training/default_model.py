@@ -1,7 +1,8 @@
-"""Train gorgon's shipped default model: a small Llama on the Python standard library's source.
+r"""Train gorgon's shipped default model: a small Llama on the Python standard library's source.
 
     python -m engine.training.default_model --out models/default --minutes 55
-    python -m engine.training.default_model --init models/default --out models/default --medusa-heads 4 --lr 3e-4 --minutes 30
+    python -m engine.training.default_model --init models/default --out models/default \
+        --medusa-heads 4 --lr 3e-4 --minutes 30
 
 Builds a byte-level BPE tokenizer, trains a Llama-architecture model with gorgon's own model code
 (models.llama), and saves a Hugging Face checkpoint folder (config.json, model.safetensors,
@@ -36,8 +37,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
-from engine.training.common import HEAD_OFFSET, cosine, random_windows
-from engine.training.common import head_losses, head_weights
+from engine.training.common import HEAD_OFFSET, cosine, head_losses, head_weights, random_windows
 from models.config import ModelConfig
 from models.layers import PackedLinear
 from models.llama import LlamaForCausalLM
@@ -313,6 +313,7 @@ def save_checkpoint(out: Path, model: LlamaForCausalLM, config: dict, tokenizer:
 def write_readme(out: Path, stages: list[dict]) -> None:
     """README.md of a checkpoint from its training stages (training.json)."""
     first, last = stages[0], stages[-1]
+    seq_len = last["hyperparameters"]["seq_len"]
     heads = [st for st in stages if st.get("heads_top1")]
     rows = "\n".join(
         f"| {n} | `{st['command']}` | {st['steps']:,} | {st['tokens_seen']:,} | {st['train_seconds'] / 60:.1f} "
@@ -343,7 +344,7 @@ plausible-looking Python and nothing else; it exists so gorgon works offline out
 | tokens seen | {sum(st['tokens_seen'] for st in stages):,} |
 | training wall time | {sum(st['train_seconds'] for st in stages) / 60:.1f} min |
 | validation loss | {last['val_nats']:.4f} nats/token, {last['val_bpb']:.4f} bits/byte |
-| validation set | {last['val_tokens']:,} tokens, {last['val_bytes']:,} bytes, in {last['hyperparameters']['seq_len']}-token windows |
+| validation set | {last['val_tokens']:,} tokens, {last['val_bytes']:,} bytes, in {seq_len}-token windows |
 
 Bits/byte is the validation set's total loss in bits divided by its UTF-8 size.
 
@@ -380,7 +381,8 @@ def parse_args(argv: list[str] | None) -> DefaultModelTraining:
     return DefaultModelTraining(**vars(parser.parse_args(argv)))
 
 
-def start_model(cfg: DefaultModelTraining, train_files: list[Path]) -> tuple[LlamaForCausalLM, dict, Tokenizer, list[dict]]:
+def start_model(cfg: DefaultModelTraining,
+                train_files: list[Path]) -> tuple[LlamaForCausalLM, dict, Tokenizer, list[dict]]:
     """(model, HF config, tokenizer, earlier training stages): from the --init checkpoint, else fresh."""
     if not cfg.init:
         tokenizer = build_tokenizer(train_files, cfg.vocab_size)
@@ -421,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         model, config, tokenizer, stages = start_model(cfg, train_files)
         heads = start_heads(cfg, config)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"gorgon train-default: error: {e}")
+        raise SystemExit(f"gorgon train-default: error: {e}") from None
     train_tokens = encode_documents(tokenizer, train_files, cfg.cache_dir)
     val_tokens = encode_documents(tokenizer, val_files, cfg.cache_dir)
     print(f"tokens: {len(train_tokens):,} train, {len(val_tokens):,} validation")
