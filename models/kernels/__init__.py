@@ -33,7 +33,8 @@ def build(name: str, source: str, python_module: bool) -> ModuleType | None:
     root = Path(os.environ.get("GORGON_EXTENSIONS_DIR", Path.home() / ".cache" / "gorgon" / "torch_extensions"))
     folder = Path(__file__).parent
     sources = hashlib.sha256(b"".join(f.read_bytes() for f in [folder / source, *sorted(folder.glob("*.h"))]))
-    build_dir = root / f"{name}-torch{torch.__version__.replace('+', '_')}-{_cpu_fingerprint()}-{sources.hexdigest()[:12]}"
+    torch_version = torch.__version__.replace("+", "_")
+    build_dir = root / f"{name}-torch{torch_version}-{_cpu_fingerprint()}-{sources.hexdigest()[:12]}"
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob("*.so")):
         print(f"gorgon: compiling the {source} CPU kernels for this machine, once (about 30-60 s) ...",

@@ -5,7 +5,8 @@ machine's read bandwidth there, and for small models the ~20 operators Python di
 cost more than the arithmetic. So `Linear` sends such inputs to `small_batch_linear`, and a decoder
 layer runs as two fused calls around attention (`attention_input`, `attention_output`).
 
-Whether a model uses them is decided once, when the engine loads it (`load_decode_kernels`, `set_decode_kernels`): a layer
+Whether a model uses them is decided once, when the engine loads it (`load_decode_kernels` and
+`set_decode_kernels`): a layer
 holds a `DecodeKernels` or None, and None (the default, so training and CUDA) means torch's operators."""
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def compiled() -> ModuleType | None:
     try:
         return build("gorgon_cpu_decode", "decode.cpp", python_module=True)
     except Exception as e:  # no compiler, no headers, ...: torch's operators do the work
-        warnings.warn(f"gorgon: CPU decode kernels unavailable, using torch's operators ({e})")
+        warnings.warn(f"gorgon: CPU decode kernels unavailable, using torch's operators ({e})", stacklevel=2)
         return None
 
 
