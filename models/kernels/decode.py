@@ -6,8 +6,8 @@ cost more than the arithmetic. So `Linear` sends such inputs to `small_batch_lin
 layer runs as two fused calls around attention (`attention_input`, `attention_output`).
 
 Whether a model uses them is decided once, when the engine loads it (`load_decode_kernels` and
-`set_decode_kernels`): a layer
-holds a `DecodeKernels` or None, and None (the default, so training and CUDA) means torch's operators."""
+`set_decode_kernels`): a layer holds a `DecodeKernels` or None, and None (the default, so training and
+CUDA) means torch's operators."""
 from __future__ import annotations
 
 import warnings
