@@ -415,7 +415,8 @@ torch::Tensor medusa_top_k(torch::Tensor hidden, std::vector<torch::Tensor> weig
 }
 
 // x: [M, K] (any float dtype), weight: uint8 [N, row bytes] in ggml type qtype, bias: [N] or None.
-torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor weight, int64_t qtype, c10::optional<torch::Tensor> bias) {
+torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor weight, int64_t qtype,
+                               c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1, "quantized_linear: x must be [rows, in_features]");
   return as_dtype(linear_quantized(as_float(x), weight, qtype, optional_float(bias)), x.scalar_type());
 }

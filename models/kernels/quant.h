@@ -298,7 +298,9 @@ struct Simd<kQ6_K> {
 // Pair<QT>::q(row, b, second, &scale, &min): blocks b and b + 1 (b even; second = false: block b + 1 does not
 // exist, its activations are zero, so any bytes will do), weights as unsigned bytes and per-lane scale / min.
 
-QUANT_AVX512 inline __m512 lanes_of(__m128 v, __m512i index) { return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(v)); }
+QUANT_AVX512 inline __m512 lanes_of(__m128 v, __m512i index) {  // lane i of the result: v[index[i]]
+  return _mm512_permutexvar_ps(index, _mm512_castps128_ps512(v));
+}
 
 QUANT_AVX512 inline __m512i halves(int first, int second) {  // lane i: first for i < 8, else second
   return _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(first), _mm512_set1_epi32(second));
@@ -312,7 +314,8 @@ QUANT_AVX512 inline __m128 two_halves(const uint8_t* a, const uint8_t* b) {  // 
 }
 
 QUANT_AVX512 inline __m512i nibble_pair(const uint8_t* a, const uint8_t* b) {  // two blocks' 16 B of nibbles
-  const __m256i t = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a))),
+  const __m128i qa = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
+  const __m256i t = _mm256_inserti128_si256(_mm256_castsi128_si256(qa),
                                             _mm_loadu_si128(reinterpret_cast<const __m128i*>(b)), 1);
   const __m256i mask = _mm256_set1_epi8(0xF);
   const __m256i lo = _mm256_and_si256(t, mask), hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), mask);
@@ -329,7 +332,8 @@ struct Pair<kQ8_0> {
   QUANT_AVX512 static inline __m512i q(const uint8_t* row, int64_t b, bool second, __m512* scale, __m512*) {
     const uint8_t *pa = row + b * 34, *pb = second ? pa + 34 : pa;
     *scale = lanes_of(two_halves(pa, pb), halves(0, 1));
-    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pa + 2))),
+    const __m256i wa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pa + 2));
+    const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(wa),
                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + 2)), 1);
     return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));  // w + 128: unsigned
   }
@@ -378,9 +382,8 @@ struct PairK {
     if (Q5) {  // fifth bits: bit j of qh for the first sub-block, bit j + 1 for the second
       const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16));
       const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(qh), qh, 1);
-      const __m512i bits = _mm512_and_si512(_mm512_srlv_epi16(both, _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16(j),
-                                                                                          _mm512_set1_epi16(j + 1))),
-                                            _mm512_set1_epi8(1));
+      const __m512i shifts = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16(j), _mm512_set1_epi16(j + 1));
+      const __m512i bits = _mm512_and_si512(_mm512_srlv_epi16(both, shifts), _mm512_set1_epi8(1));
       v = _mm512_or_si512(v, _mm512_slli_epi16(bits, 4));
     }
     return v;
@@ -398,16 +401,15 @@ struct Pair<kQ6_K> {  // the pair's low nibbles are 64 consecutive bytes; their 
     const uint8_t* p = row + (b / 8) * 210;
     const int j = b % 8, h = j / 4, t = j % 4;  // t even
     const __m128i sc = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(p + 192 + 2 * j)));
-    const __m128 s = _mm_mul_ps(_mm_cvtepi32_ps(sc), _mm_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(p + 208))));
+    const __m128 s = _mm_mul_ps(_mm_cvtepi32_ps(sc), _mm_set1_ps(half_f16c(p + 208)));
     *scale = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
                                    _mm512_castps128_ps512(s));
     const __m512i ql = _mm512_loadu_si512(p + 64 * h);
     const __m512i lo = _mm512_and_si512(_mm512_srl_epi16(ql, _mm_cvtsi32_si128(4 * (t / 2))), _mm512_set1_epi8(0xF));
     const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 128 + 32 * h));
     const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(qh), qh, 1);
-    const __m512i hi = _mm512_and_si512(
-        _mm512_srlv_epi16(both, _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16(2 * t), _mm512_set1_epi16(2 * t + 2))),
-        _mm512_set1_epi8(3));
+    const __m512i shifts = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16(2 * t), _mm512_set1_epi16(2 * t + 2));
+    const __m512i hi = _mm512_and_si512(_mm512_srlv_epi16(both, shifts), _mm512_set1_epi8(3));
     return _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));
   }
 };
@@ -485,7 +487,8 @@ QUANT_AVX2 void rows_avx2(const Activations& a, int64_t rows, const uint8_t* w, 
         __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + b * 32));
         if (QT == kQ8_0) x = _mm256_sign_epi8(x, wsigned);
         __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
-        if (F::offset) dot = _mm256_add_epi32(dot, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xinit[m] + lane)));
+        if (F::offset)
+          dot = _mm256_add_epi32(dot, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xinit[m] + lane)));
         const __m256 s = _mm256_mul_ps(scale, _mm256_loadu_ps(xs[m] + lane));
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[m]);
         if (F::has_min) acc[m] = _mm256_fmadd_ps(min, _mm256_loadu_ps(xsum[m] + lane), acc[m]);
