@@ -80,3 +80,16 @@ def paged_logits(llm: LLM, tokens: list[int]) -> torch.Tensor:
     return torch.cat(rows)
 
 
+
+
+def adjusted_by_hand(row: list[float], params: SamplingParams, history: list[int], generated: list[int]) -> list[float]:
+    """The sampler's logit_bias and penalties, one logit at a time: the oracle of engine.sampler.adjust_logits.
+    history: prompt and generated tokens (repetition penalty); generated: the generated ones (presence, frequency)."""
+    row = list(row)
+    for t, b in params.logit_bias.items():
+        row[t] += b
+    for t in set(history):
+        row[t] = row[t] / params.repetition_penalty if row[t] > 0 else row[t] * params.repetition_penalty
+    for t in set(generated):
+        row[t] -= params.presence_penalty + params.frequency_penalty * generated.count(t)
+    return row

@@ -16,7 +16,7 @@ from engine.sampler import TokenCounts, adjust_logits, filtered_probs
 from engine.sequence import Sequence
 from models.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
 
-from conftest import hf_model, save_tiny_model
+from conftest import adjusted_by_hand, hf_model, save_tiny_model
 
 VOCAB = 16
 PROMPT = [5, 9, 3, 12, 7]
@@ -128,14 +128,7 @@ def hand_node_probs(seq: Sequence, tokens: list[int], parents: list[int], logits
         while n != 0:
             path.append(tokens[n])
             n = parents[n]
-        history, generated = seq.token_ids + path[::-1], seq.output_token_ids + path[::-1]
-        row = logits[node].tolist()
-        for t, b in p.logit_bias.items():
-            row[t] += b
-        for t in set(history):
-            row[t] = row[t] / p.repetition_penalty if row[t] > 0 else row[t] * p.repetition_penalty
-        for t in set(generated):
-            row[t] -= p.presence_penalty + p.frequency_penalty * generated.count(t)
+        row = adjusted_by_hand(logits[node].tolist(), p, seq.token_ids + path[::-1], seq.output_token_ids + path[::-1])
         if p.greedy:
             out.append([float(t == max(range(len(row)), key=row.__getitem__)) for t in range(len(row))])
             continue

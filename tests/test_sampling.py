@@ -9,7 +9,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.sampler import Sampler, TokenCounts, adjust_logits, filtered_probs
 
-from conftest import hf_model
+from conftest import adjusted_by_hand, hf_model
 
 VOCAB = 50
 
@@ -170,13 +170,7 @@ def test_engine_greedy_with_every_transform_equals_a_hand_loop(tiny_model_dir):
     for _ in range(params.max_tokens):
         with torch.no_grad():
             row = model(torch.tensor([tokens])).logits[0, -1].tolist()
-        output = tokens[len(prompt):]
-        for t, b in params.logit_bias.items():
-            row[t] += b
-        for t in set(tokens):
-            row[t] = row[t] / params.repetition_penalty if row[t] > 0 else row[t] * params.repetition_penalty
-        for t in set(output):
-            row[t] -= params.presence_penalty + params.frequency_penalty * output.count(t)
+        row = adjusted_by_hand(row, params, tokens, tokens[len(prompt):])
         tokens.append(max(range(len(row)), key=row.__getitem__))
     ours = LLM(tiny_model_dir, num_kv_blocks=64).generate([prompt], params)[0].token_ids
     assert ours == tokens[len(prompt):]
