@@ -34,6 +34,7 @@ class EngineStats:
     num_waiting: int  # requests queued for admission
     num_free_blocks: int  # KV blocks no request holds (cached prefix blocks included: they are reclaimable)
     num_blocks: int  # KV blocks in the pool
+    running_request_ids: tuple[str, ...]  # the requests being decoded
 
 
 # files that hold a tokenizer for AutoTokenizer: fast (tokenizers), SentencePiece, BPE / WordPiece vocabularies
@@ -355,5 +356,7 @@ class LLM:
         return self.block_manager.num_free_blocks
 
     def stats(self) -> EngineStats:
-        return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-                           num_free_blocks=self.block_manager.num_free_blocks, num_blocks=self.block_manager.num_blocks)
+        running = tuple(seq.request_id for seq in self.scheduler.running)
+        return EngineStats(num_running=len(running), num_waiting=len(self.scheduler.waiting),
+                           num_free_blocks=self.block_manager.num_free_blocks, num_blocks=self.block_manager.num_blocks,
+                           running_request_ids=running)

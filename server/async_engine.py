@@ -172,7 +172,7 @@ class AsyncEngine:
                 outputs = self.llm.step()
             except Exception as e:  # noqa: BLE001 - the loop must outlive any one batch
                 logger.exception("engine step failed; failing the requests of its batch")
-                self._fail([seq.request_id for seq in self.llm.scheduler.running] or None,
+                self._fail(list(self.llm.stats().running_request_ids) or None,
                            EngineError(f"the engine failed while decoding this request: {e}"))
                 continue
             for out in outputs:
