@@ -159,7 +159,7 @@ def held_out_ranks(heads: MedusaHeads, model: nn.Module, cache: HiddenCache, bat
     hidden, targets = cache.hidden[complete], cache.targets[complete]
     ranks, weights = [], heads.draft_weights(model.lm_head)
     for h, t in zip(hidden.split(batch_size), targets.split(batch_size)):
-        top = heads.top_k(h.float(), weights, heads.config.num_heads, MAX_RANK)
+        top = heads.top_k(h.float(), weights, heads.config.num_heads, min(MAX_RANK, heads.num_draft_tokens))
         hit = top.to(t.device) == t.T[:, :, None]  # [K, B, MAX_RANK]
         ranks.append(torch.where(hit.any(-1), hit.int().argmax(-1), MAX_RANK).T)
     return torch.cat(ranks)
