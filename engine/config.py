@@ -94,7 +94,8 @@ class EngineConfig:
     tokenizer: str | None = None  # a folder to take the tokenizer from; None: the model's folder
     skip_tokenizer_init: bool = False  # no tokenizer: token-id prompts only, outputs carry token ids and no text
     medusa: str | None = None  # Medusa heads folder (published format); "auto": the model's own; None: no speculation
-    medusa_tree: str | None = None  # a shipped tree's name (engine.medusa.tree.TREES) or a JSON file; None: the default
+    medusa_tree: str | None = None  # a shipped tree's name (engine.medusa.tree.TREES) or a JSON file; None: the
+    # tree measured for the heads (engine.medusa.tree.TreeChoice), else the default
     # how sampled requests accept drafts. "rejection": speculative rejection sampling, the output follows plain
     # sampling's distribution exactly; "typical": typical acceptance, accept when p > min(threshold, alpha *
     # exp(-entropy)), which trades that exactness for longer accepted runs (greedy requests are exact either way)
