@@ -43,7 +43,6 @@ class ModelConfig:
     o_bias: bool  # Llama/Mistral's attention_bias covers o_proj too; Qwen2's q/k/v bias does not
     mlp_bias: bool
     sliding_window: int | None
-    torch_dtype: str | None
     bos_token_id: int | None
     eos_token_ids: list[int]
 
@@ -93,7 +92,6 @@ class ModelConfig:
             o_bias=arch != "Qwen2ForCausalLM" and bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
             sliding_window=_active_sliding_window(arch, d),
-            torch_dtype=d.get("dtype") or d.get("torch_dtype"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
