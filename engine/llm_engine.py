@@ -22,6 +22,7 @@ from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.medusa import Medusa
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
+from models.gguf import find_gguf, load_tokenizer
 from models.loader import load_model
 from models.named import medusa_heads_for, resolve_model
 
@@ -57,7 +58,7 @@ class LLM:
         if self.config.medusa == "auto":  # the heads that belong to the model
             self.config.medusa = str(medusa_heads_for(self.config.model))
         self.device = torch.device(self.config.device)
-        self.model = load_model(path, self.config.torch_dtype, self.device)
+        self.model = load_model(path, self.config.torch_dtype, self.device, self.config.quantization)
         # the kernel policy, decided once: layers holding None run torch's operators
         self.kernels = (load_decode_kernels(self.model, self.config.batch_invariant) if self.config.cpu_kernels
                         else None)
@@ -96,6 +97,9 @@ class LLM:
 
     @staticmethod
     def _load_tokenizer(path: Path):
+        gguf_file = find_gguf(path)  # a GGUF file carries its tokenizer in its metadata
+        if gguf_file:
+            return load_tokenizer(gguf_file)
         if not any((path / name).is_file() for name in TOKENIZER_FILES):
             raise FileNotFoundError(
                 f"{path} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there. Take one from another "
