@@ -15,6 +15,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -99,11 +100,11 @@ def run(args: argparse.Namespace, folder: Path) -> None:
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=llm.config.torch_dtype).eval()
         prompt = torch.tensor([prompts[0]])
 
-        def hf_generate() -> None:
+        def hf_generate(model: torch.nn.Module) -> None:
             with torch.inference_mode():
-                hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-        hf_s = best_of(hf_generate, args.repeats)
+        hf_s = best_of(partial(hf_generate, hf), args.repeats)
         del hf
         bar.update()
         throughput = {}

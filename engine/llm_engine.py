@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -15,14 +15,14 @@ from engine.adapters.manager import AdapterManager, LoadedAdapter
 from engine.config import ContextLengthError, EngineConfig, SamplingParams
 from engine.detokenizer import detokenize_new_token, start_detokenizer
 from engine.kv_cache import BlockManager, KVCache
+from engine.medusa import Medusa
 from engine.outputs import RequestOutput
 from engine.runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
-from engine.medusa import Medusa
-from models.kernels.decode import load_decode_kernels, set_decode_kernels
 from models.gguf import find_gguf, load_tokenizer
+from models.kernels.decode import load_decode_kernels, set_decode_kernels
 from models.loader import load_model
 from models.named import medusa_heads_for, resolve_model
 
@@ -70,7 +70,8 @@ class LLM:
         self.max_model_len = min(self.config.max_model_len or model_config.max_model_len, model_config.max_model_len)
 
         bytes_per_block = KVCache.bytes_per_block(model_config.num_layers, self.config.block_size,
-                                                  model_config.num_kv_heads, model_config.head_dim, self.config.torch_dtype)
+                                                  model_config.num_kv_heads, model_config.head_dim,
+                                                  self.config.torch_dtype)
         blocks_per_seq = -(-self.max_model_len // self.config.block_size)
         num_blocks = self.config.num_kv_blocks or min(self.config.kv_cache_memory // bytes_per_block,
                                                       self.config.max_num_seqs * blocks_per_seq)

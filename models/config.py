@@ -48,7 +48,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}")
+            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_kv_heads}")
 
     @property
     def max_model_len(self) -> int:
@@ -66,7 +67,7 @@ class ModelConfig:
         return length
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         architectures = d.get("architectures") or []
         if not architectures:
             raise ValueError("config.json has no 'architectures' entry; cannot tell which model class to build")
@@ -97,7 +98,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_folder(cls, path: str | Path) -> "ModelConfig":
+    def from_folder(cls, path: str | Path) -> ModelConfig:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face checkpoint folder")

@@ -14,7 +14,7 @@ import torch
 from gguf import GGUFReader
 
 from models.config import ModelConfig
-from models.quant import FLOAT_TYPES, QUANTIZED_TYPES, QuantizedWeight, QType, UnsupportedTensorType
+from models.quant import FLOAT_TYPES, QUANTIZED_TYPES, QType, QuantizedWeight, UnsupportedTensorType
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 

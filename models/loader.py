@@ -13,8 +13,7 @@ from models import model_class
 from models.config import ModelConfig
 from models.gguf import find_gguf, read_gguf
 from models.layers import PackedLinear
-from models.quant import (LOAD_TIME_QUANTIZATIONS, QuantizedEmbedding, QuantizedLinear, QuantizedWeight, concat,
-                          quantize)
+from models.quant import LOAD_TIME_QUANTIZATIONS, QuantizedEmbedding, QuantizedLinear, QuantizedWeight, concat, quantize
 
 # Buffers that old HF checkpoints saved; recomputed here, so they are skipped, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -40,7 +39,8 @@ def safetensors_files(folder: Path) -> list[Path]:
     if pickles:
         raise CheckpointError(
             f"{folder} holds only pickled weights ({', '.join(pickles)}); gorgon never unpickles. Convert them "
-            "once with transformers: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+            "once with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
     raise CheckpointError(f"{folder} has no *.safetensors weights")
 
 

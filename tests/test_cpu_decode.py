@@ -6,10 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import PROMPT_LEN, paged_logits, save_tiny_model
 from engine import LLM
 from models.kernels import decode as cpu_decode
 from models.layers import Linear
+
+from conftest import PROMPT_LEN, paged_logits, save_tiny_model
 
 kernel = cpu_decode.compiled()
 pytestmark = pytest.mark.skipif(kernel is None, reason="the CPU kernel could not be built here (no compiler?)")

@@ -9,17 +9,17 @@ import pytest
 import torch
 from gguf import GGUFWriter
 from gguf.quants import quantize as gguf_quantize
+from test_quant import random_weight
 from transformers import AutoModelForCausalLM
 
 from bench.common import byte_tokenizer
-from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model
 from engine import LLM
 from models.gguf import GGUFError, find_gguf, load_tokenizer, read_gguf, unpermute_rows
 from models.kernels import decode as cpu_decode
 from models.loader import CheckpointError, load_model
 from models.quant import QType, QuantizedEmbedding, QuantizedLinear, UnsupportedTensorType
 
-from test_quant import random_weight
+from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model
 
 HF_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",

@@ -7,8 +7,15 @@ import torch
 from gguf import GGML_QUANT_SIZES
 
 from models.kernels import decode as cpu_decode
-from models.quant import (QUANTIZED_TYPES, QType, QuantizedEmbedding, QuantizedLinear, QuantizedWeight, quantize,
-                          row_bytes)
+from models.quant import (
+    QUANTIZED_TYPES,
+    QType,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    QuantizedWeight,
+    quantize,
+    row_bytes,
+)
 
 ops = cpu_decode.compiled()
 pytestmark = pytest.mark.skipif(ops is None, reason="the CPU kernels could not be built here (no compiler?)")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig
+from test_adapters import build_peft
 
-from conftest import hf_model
 from engine import LLM, SamplingParams
 from models.loader import quantize_model
 from models.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
 from models.quant import LOAD_TIME_QUANTIZATIONS, QuantizedEmbedding, QuantizedLinear, quantize
 
-from test_adapters import build_peft
+from conftest import hf_model
 
 ADAPTERS = {"lora": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                   "up_proj", "down_proj"]),
@@ -34,8 +34,9 @@ def dequantized_hf(model_dir, quantization: str) -> torch.nn.Module:
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_quantize_model_replaces_linears_and_a_tied_embedding(tmp_path, quantization):
-    from conftest import save_tiny_model
     from models.loader import load_model
+
+    from conftest import save_tiny_model
 
     model = load_model(save_tiny_model(tmp_path, tie_word_embeddings=True), torch.float32, "cpu")
     quantize_model(model, quantization)

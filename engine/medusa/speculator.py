@@ -17,10 +17,10 @@ from torch import nn
 
 from engine.config import EngineConfig, SamplingParams
 from engine.kv_cache import KVCache
+from engine.medusa.tree import DEFAULT_TREE, MedusaTree, TreeChoice, build_tree, load_tree
 from engine.runner import ModelRunner
 from engine.sampler import TokenCounts, adjust_logits, filtered_probs, has_penalties
 from engine.sequence import Sequence
-from engine.medusa.tree import DEFAULT_TREE, MedusaTree, TreeChoice, build_tree, load_tree
 from models.kernels.decode import DecodeKernels, set_decode_kernels
 from models.medusa import MedusaHeads, load_medusa_heads
 
@@ -85,13 +85,13 @@ class Medusa:
 
     @classmethod
     def from_config(cls, config: EngineConfig, model: nn.Module, kv_cache: KVCache, max_model_len: int,
-                    kernels: DecodeKernels | None) -> "Medusa | None":
+                    kernels: DecodeKernels | None) -> Medusa | None:
         """The engine's Medusa: heads from config.medusa, tree from config.medusa_tree, else the one measured
         for the heads (TreeChoice), else the default; None when the measurement found that no tree pays.
         Drafting uses the CPU kernels when the engine does."""
         choice = TreeChoice.load(config.medusa) if config.medusa_tree is None else None
         if choice is not None and choice.paths is None:
-            warnings.warn(f"Medusa heads {config.medusa}: {choice.summary}; decoding plainly")
+            warnings.warn(f"Medusa heads {config.medusa}: {choice.summary}; decoding plainly", stacklevel=2)
             return None
         heads = load_medusa_heads(config.medusa, model.config.hidden_size, model.config.vocab_size,
                                   DRAFT_DTYPE, kv_cache.device)
