@@ -320,38 +320,39 @@ def timed_run(llm: LLM, prompts: list[list[int]], new_tokens: int, use_medusa: b
 def choose_tree(model_path: Path, heads_dir: Path, ranks: torch.Tensor, prompts: list[list[int]],
                 new_tokens: int, repeats: int) -> TreeChoice:
     """The candidate tree (the best of each size for these ranks) with the most tokens per second at batches
-    1 and 4 (geometric mean), from its held-out tokens per step and its step time against a plain step, both
-    timed with the engine here (best of `repeats`); none if no tree is faster than plain decoding at both."""
+    1 and 4 (geometric mean), from its held-out tokens per step and its step time against a plain step of the
+    same engine, the two timed in turn (best of `repeats` each: load from other processes hits both alike);
+    none if no tree is faster than plain decoding at both."""
     counts = accepted_path_counts(ranks, MAX_RANK)
     candidates = {}
     for size in TREE_SIZES:
         paths = best_tree(counts, size)
         candidates.setdefault(len(paths), paths)  # fewer paths than asked: all that were ever right
-    candidates = [paths for paths in candidates.values() if paths]
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp, tqdm(total=len(candidates) + 1, desc="timing trees") as bar:
-        for n, paths in enumerate([None] + candidates):
+    candidates.pop(0, None)
+    if not candidates:
+        return TreeChoice(None, "no Medusa tree pays: no draft was right on the held-out text", {})
+    trees = []
+    with tempfile.TemporaryDirectory() as tmp, tqdm(list(candidates.values()), desc="timing trees") as bar:
+        for n, paths in enumerate(bar):
             tree_file = Path(tmp) / f"tree{n}.json"
-            tree_file.write_text(json.dumps(paths or [[0]]))
+            tree_file.write_text(json.dumps(paths))
             llm = LLM(model_path, medusa=str(heads_dir), medusa_tree=str(tree_file), enable_prefix_caching=False,
                       max_num_seqs=max(TIMING_BATCHES), max_model_len=max(map(len, prompts)) + new_tokens + 64)
-            row = {"tree": paths, "tree_size": 1 + len(paths) if paths else 1,
-                   "tokens_per_step": expected_tokens_per_step(paths, counts, len(ranks)) if paths else 1.0}
-            for batch_size in TIMING_BATCHES:
-                batch = prompts[:batch_size]
-                llm.generate(batch, SamplingParams(max_tokens=4, temperature=0, use_medusa=paths is not None))
-                runs = [timed_run(llm, batch, new_tokens, paths is not None) for _ in range(repeats)]
-                row[f"step_ms_bs{batch_size}"] = min(1000 * seconds / steps for seconds, steps in runs)
-            rows.append(row)
-            bar.update()
-    plain, trees = rows[0], rows[1:]
-    for row in trees:
-        for b in TIMING_BATCHES:
-            row[f"speedup_bs{b}"] = row["tokens_per_step"] * plain[f"step_ms_bs{b}"] / row[f"step_ms_bs{b}"]
-        row["score"] = math.prod(row[f"speedup_bs{b}"] for b in TIMING_BATCHES) ** (1 / len(TIMING_BATCHES))
-    measurements = {"held_out_positions": len(ranks), "plain_step_ms": {f"bs{b}": plain[f"step_ms_bs{b}"]
-                                                                         for b in TIMING_BATCHES},
-                    "candidates": trees}
+            row = {"tree": paths, "tree_size": 1 + len(paths),
+                   "tokens_per_step": expected_tokens_per_step(paths, counts, len(ranks))}
+            for b in TIMING_BATCHES:
+                batch = prompts[:b]
+                llm.generate(batch, SamplingParams(max_tokens=4, temperature=0))  # warm-up
+                runs = {"plain": [], "tree": []}
+                for _ in range(repeats):
+                    for mode in runs:
+                        seconds, steps = timed_run(llm, batch, new_tokens, use_medusa=mode == "tree")
+                        runs[mode].append(1000 * seconds / steps)
+                row[f"plain_step_ms_bs{b}"], row[f"step_ms_bs{b}"] = min(runs["plain"]), min(runs["tree"])
+                row[f"speedup_bs{b}"] = row["tokens_per_step"] * min(runs["plain"]) / min(runs["tree"])
+            row["score"] = math.prod(row[f"speedup_bs{b}"] for b in TIMING_BATCHES) ** (1 / len(TIMING_BATCHES))
+            trees.append(row)
+    measurements = {"held_out_positions": len(ranks), "candidates": trees}
     paying = [r for r in trees if all(r[f"speedup_bs{b}"] > 1 for b in TIMING_BATCHES)]
     if not paying:
         best = max(trees, key=lambda r: r["score"])
