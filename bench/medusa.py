@@ -42,8 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a named model (smollm2), an HF checkpoint folder or a .gguf (default: the shipped model)")
     parser.add_argument("--medusa", default=None,
                         help="Medusa heads folder (default: the model's own: a named model's, else MODEL/medusa)")
-    parser.add_argument("--tree", default=None, help=f"tree for the batch 1/4 runs: {', '.join(TREES)} or a JSON file "
-                                                     f"(default: the engine's, {DEFAULT_TREE}, cut to the heads' depth)")
+    parser.add_argument("--tree", default=None,
+                        help=f"tree for the batch 1/4 runs: {', '.join(TREES)} or a JSON file "
+                             f"(default: the engine's, {DEFAULT_TREE}, cut to the heads' depth)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompts", default=None,
                         help="your prompts: a .jsonl file of {\"prompt\": ...} or {\"messages\": [...]} records, or a "
@@ -143,7 +144,8 @@ def plot(path: str, sweep: list[dict], main_row: dict) -> None:
         points = [r for r in sweep if r["batch_size"] == batch_size]
         left.plot([r["tree_size"] for r in points], [r["speedup"] for r in points], "o-", label=f"batch {batch_size}")
         for r in points:
-            left.annotate(r["tree"], (r["tree_size"], r["speedup"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            left.annotate(r["tree"], (r["tree_size"], r["speedup"]), textcoords="offset points", xytext=(4, 4),
+                          fontsize=7)
     sizes = sorted({r["tree_size"] for r in sweep})
     left.set_xscale("log")
     left.set_xticks(sizes, [str(n) for n in sizes])
@@ -173,12 +175,12 @@ def main(argv: list[str] | None = None) -> None:
         llm = LLM(model, medusa_tree=args.tree, **engine_kwargs)
         prompts = load_prompts(args.prompts, llm.tokenizer)[:args.num_prompts]
     except (ValueError, OSError) as e:
-        raise SystemExit(f"gorgon bench medusa: error: {e}")
+        raise SystemExit(f"gorgon bench medusa: error: {e}") from None
     if llm.medusa is None:
         raise SystemExit(f"gorgon bench medusa: {medusa}/tree.json says no tree pays here; name one with --tree")
     num_heads = llm.medusa.heads.config.num_heads
-    trees = [llm.medusa.tree.name] + ([] if args.no_sweep else
-                                      [n for n in TREES if n != llm.medusa.tree.name and load_tree(n).depth <= num_heads])
+    sweep_trees = [n for n in TREES if n != llm.medusa.tree.name and load_tree(n).depth <= num_heads]
+    trees = [llm.medusa.tree.name] + ([] if args.no_sweep else sweep_trees)
     with tqdm(total=(len(trees) + 1) * (len(prompts) + -(-len(prompts) // 4)), desc="bench medusa") as bar:
         llm.generate(prompts[0], SamplingParams(max_tokens=8, temperature=0))  # warm-up
         results = {}
@@ -190,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     sweep = sorted((r for name in trees for r in results[name]), key=lambda r: (r["batch_size"], r["tree_size"]))
 
     draft_vocab_size = llm.medusa.heads.num_draft_tokens
-    print(f"\n{model}, heads {medusa} (drafting from {draft_vocab_size} tokens), {args.new_tokens} new tokens per prompt, {len(prompts)} prompts, greedy, "
+    print(f"\n{model}, heads {medusa} (drafting from {draft_vocab_size} tokens), {args.new_tokens} new tokens per "
+          f"prompt, {len(prompts)} prompts, greedy, "
           f"{args.threads} thread(s), attention backend {llm.runner.backend.name}")
     columns = ["batch_size", "temperature", "tree", "tree_size", "plain_tok_s",
                "medusa_tok_s", "speedup", "mean_accepted", "lossless"]

@@ -23,8 +23,14 @@ from engine.training.medusa import TrainConfig, build_cache, draft_vocabulary, s
 from models import DEFAULT_MODEL_DIR
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
 from models.loader import load_model
-from models.medusa import (DRAFT_VOCAB_FILE, WEIGHTS_FILE, MedusaConfig, MedusaHeads, load_medusa_heads,
-                           save_medusa_heads)
+from models.medusa import (
+    DRAFT_VOCAB_FILE,
+    WEIGHTS_FILE,
+    MedusaConfig,
+    MedusaHeads,
+    load_medusa_heads,
+    save_medusa_heads,
+)
 from server.generate_cli import main as generate_main
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -55,7 +61,8 @@ def heads_dir(trained, tmp_path_factory):
 
 def prompts(n: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(3, 250, (int(torch.randint(2, 30, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    lengths = (int(torch.randint(2, 30, (1,), generator=g)) for _ in range(n))
+    return [torch.randint(3, 250, (length,), generator=g).tolist() for length in lengths]
 
 
 def run_to_end(llm: LLM) -> dict[str, RequestOutput]:
@@ -375,7 +382,8 @@ def test_greedy_medusa_equals_plain_in_a_mixed_batch(tiny_model_dir, heads_dir, 
     assert medusa[3].accepted_lengths == []
     speculated = [o.accepted_lengths for j, o in enumerate(medusa) if j != 3]
     assert all(speculated) and sum(map(sum, speculated)) > 2 * sum(map(len, speculated))
-    cut_short = [o.finish_reason for o, i in zip(medusa, ids) if o.accepted_lengths and o.accepted_lengths[-1] < proposed[i]]
+    cut_short = [o.finish_reason for o, i in zip(medusa, ids)
+                 if o.accepted_lengths and o.accepted_lengths[-1] < proposed[i]]
     assert "length" in cut_short and "stop" in cut_short  # a max_tokens and a stop string ended a run mid-tree
     assert llm.num_free_blocks == llm.block_manager.num_blocks
     if tight_cache:

@@ -13,9 +13,20 @@ import torch
 from bench.medusa import load_prompts
 from engine import LLM, SamplingParams
 from engine.medusa.tree import TREE_FILE, TreeChoice, accepted_path_counts, best_tree, expected_tokens_per_step
-from engine.training.medusa import (MAX_RANK, TrainConfig, accuracy_of, build_cache, chat_prompts, draft_vocabulary,
-                                    held_out_ranks, main as train_main, prompts_from, self_distill, to_draft_ids,
-                                    train_heads)
+from engine.training.medusa import (
+    MAX_RANK,
+    TrainConfig,
+    accuracy_of,
+    build_cache,
+    chat_prompts,
+    draft_vocabulary,
+    held_out_ranks,
+    prompts_from,
+    self_distill,
+    to_draft_ids,
+    train_heads,
+)
+from engine.training.medusa import main as train_main
 from models.loader import load_model
 from models.medusa import MedusaHeads, load_medusa_heads, save_medusa_heads
 

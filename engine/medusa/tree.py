@@ -58,16 +58,17 @@ class MedusaTree:
         """Heads the tree needs: the depth of its deepest node."""
         return max(self.depths)
 
-    def to(self, device: torch.device | str) -> "MedusaTree":
+    def to(self, device: torch.device | str) -> MedusaTree:
         return replace(self, mask=self.mask.to(device))
 
-    def cut(self, depth: int) -> "MedusaTree":
+    def cut(self, depth: int) -> MedusaTree:
         """The tree's nodes down to `depth` (the first nodes of this one: nodes are sorted by depth)."""
         if not 1 <= depth <= self.depth:
             raise ValueError(f"medusa tree {self.name!r} is {self.depth} deep; it cannot be cut at depth {depth}")
         if depth == self.depth:
             return self
-        return build_tree([list(p) for p in self.paths if len(p) <= depth], f"{self.name}[:{depth}]").to(self.mask.device)
+        kept = [list(p) for p in self.paths if len(p) <= depth]
+        return build_tree(kept, f"{self.name}[:{depth}]").to(self.mask.device)
 
 
 def build_tree(choices: list[list[int]], name: str = "custom") -> MedusaTree:
@@ -157,7 +158,7 @@ class TreeChoice:
             {"tree": self.paths, "summary": self.summary, "measurements": self.measurements}, indent=1) + "\n")
 
     @classmethod
-    def load(cls, heads_folder: str | Path) -> "TreeChoice | None":
+    def load(cls, heads_folder: str | Path) -> TreeChoice | None:
         """The choice stored beside the heads, None if there is none."""
         path = Path(heads_folder) / TREE_FILE
         if not path.is_file():

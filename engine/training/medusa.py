@@ -258,7 +258,8 @@ def docstrings(files: list[Path]) -> list[tuple[str, str]]:
         except SyntaxError:
             continue
         for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            is_definition = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            if is_definition and not node.name.startswith("_"):
                 doc = ast.get_docstring(node)
                 paragraph = " ".join(doc.split("\n\n")[0].split()) if doc else ""
                 if 40 <= len(paragraph) <= 400:
@@ -370,7 +371,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gorgon train-medusa", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
-                        help="base model: a name (smollm2), an HF checkpoint folder or a .gguf (default: the shipped model)")
+                        help="base model: a name (smollm2), an HF checkpoint folder or a .gguf "
+                             "(default: the shipped model)")
     parser.add_argument("--out", required=True, help="folder for the heads (published Medusa format)")
     parser.add_argument("--data", default=None, help="text or jsonl training file (default: self-distillation)")
     parser.add_argument("--init-heads", default=None,
@@ -429,7 +431,8 @@ def training_text(args: argparse.Namespace, llm: LLM, model_path: Path,
     windows = self_distill(model_path, num_sampled, args.seq_len, args.prefix_tokens, args.temperature, args.seed,
                            prompts).tolist()
     counts = {f"{args.prefix_tokens}-token sampled prefixes": num_sampled, f"prompts in {args.prompts}": len(prompts)}
-    return windows, [0] * len(windows), (f"self-distillation ({', '.join(f'{n} from {what}' for what, n in counts.items() if n)}; "
+    sources = ", ".join(f"{n} from {what}" for what, n in counts.items() if n)
+    return windows, [0] * len(windows), (f"self-distillation ({sources}; "
                                          f"continuation temperature {args.temperature})")
 
 
@@ -457,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
         num_prompts = round(args.samples * share) if args.prompts else 0
         prompts = prompts_from(Path(args.prompts), num_prompts, args.seed) if num_prompts else []
     except (ValueError, OSError) as e:  # OSError: missing file, a folder, no permission
-        raise SystemExit(f"gorgon train-medusa: error: {e}")
+        raise SystemExit(f"gorgon train-medusa: error: {e}") from None
     if args.texts and Path(args.texts).is_file():
         texts, starts, data = torch.load(args.texts).values()
     else:
