@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as e:
         sys.exit(f"gorgon serve: error: {e}")
     model_name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)
-    model_root = str(Path(args.model).resolve()) if args.model else DEFAULT_MODEL_NAME
+    # a path is reported resolved; a named model (smollm2) or the default by its name
+    model_root = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else (
+        args.model or DEFAULT_MODEL_NAME)
     config = ServerConfig(model_name=model_name, model_root=model_root, api_key=args.api_key or None,
                           max_request_bytes=args.max_request_bytes, max_waiting_requests=args.max_waiting_requests,
                           cors_origins=args.cors_origins)
