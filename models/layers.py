@@ -124,6 +124,7 @@ class Linear(nn.Linear):
     has been handed one at load time."""
 
     kernels: DecodeKernels | None = None
+    qtype: int = 0  # the weights' ggml type as the fused kernels take it: float (models.quant.QuantizedLinear: its own)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None and self.kernels.takes(x):

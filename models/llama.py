@@ -95,23 +95,18 @@ class DecoderLayer(nn.Module):
                      for linear in linears]
             return [t for weights in found for t in (weights or (None, None))]
 
+        # (a linear's qtype: its weights' ggml type, 0 for float; a LoRA wrapper reports its base's)
         q, k, v = ops.attention_input(hidden, self.input_layernorm.weight, self.input_layernorm.eps,
-                                          attn.qkv_proj.weight, attn.qkv_proj.bias, cos, sin,
-                                          attn.num_heads, attn.num_kv_heads, lora_slots, lora_weights(attn.qkv_proj),
-                                          [qtype(attn.qkv_proj)])
+                                      attn.qkv_proj.weight, attn.qkv_proj.bias, cos, sin,
+                                      attn.num_heads, attn.num_kv_heads, lora_slots, lora_weights(attn.qkv_proj),
+                                      [int(attn.qkv_proj.qtype)])
         out = attn.attend(q, k, v).view(hidden.shape[0], attn.q_size)
         return ops.attention_output(out, hidden, attn.o_proj.weight, attn.o_proj.bias,
-                                        self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
-                                        mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, mlp.down_proj.weight,
-                                        mlp.down_proj.bias, lora_slots,
-                                        lora_weights(attn.o_proj, mlp.gate_up_proj, mlp.down_proj),
-                                        [qtype(attn.o_proj), qtype(mlp.gate_up_proj), qtype(mlp.down_proj)])
-
-
-def qtype(linear: nn.Module) -> int:
-    """The ggml type of a linear's weights as the fused kernels take it (models.quant.QuantizedLinear, possibly
-    wrapped by LoRA); 0 for float weights."""
-    return int(getattr(getattr(linear, "base", linear), "qtype", 0))
+                                    self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
+                                    mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, mlp.down_proj.weight,
+                                    mlp.down_proj.bias, lora_slots,
+                                    lora_weights(attn.o_proj, mlp.gate_up_proj, mlp.down_proj),
+                                    [int(attn.o_proj.qtype), int(mlp.gate_up_proj.qtype), int(mlp.down_proj.qtype)])
 
 
 class Backbone(nn.Module):

@@ -66,6 +66,10 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     @property
+    def qtype(self) -> int:
+        return self.base.qtype
+
+    @property
     def bias(self) -> torch.Tensor | None:
         return self.base.bias
 
