@@ -84,6 +84,15 @@ class ForwardContext:
     # scales prompt tokens to); None outside the engine
     prompt_lens: torch.Tensor | None = None
 
+    def to(self, device: torch.device) -> ForwardContext:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return ForwardContext(move(self.positions), move(self.slot_mapping), move(self.query_start_loc),
+                              move(self.context_lens), move(self.block_tables), self.query_lens_cpu,
+                              self.context_lens_cpu, move(self.tree_mask),
+                              None if self.lora is None else self.lora.to(device), move(self.prompt_lens))
+
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens_cpu)

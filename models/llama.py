@@ -14,6 +14,7 @@ from models.context import get_forward_context
 from models.kernels.decode import DecodeKernels
 from models.layers import Linear, PackedLinear, RMSNorm, RotaryEmbedding, apply_rotary
 from models.lora import LoRABatch
+from models.parallel import TensorParallel
 
 
 class Attention(nn.Module):
@@ -30,6 +31,7 @@ class Attention(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.backend = None
+        self.tp: TensorParallel | None = None  # set by models.parallel.shard_model: o_proj's outputs are partial sums
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         lead = hidden.shape[:-1]
@@ -38,7 +40,8 @@ class Attention(nn.Module):
         qk = apply_rotary(qkv[..., :num_qk_heads, :], cos, sin)  # q and k rotated in one go
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
         v = qkv[..., num_qk_heads:, :]
-        return self.o_proj(self.attend(q, k, v).reshape(*lead, self.q_size))
+        out = self.o_proj(self.attend(q, k, v).reshape(*lead, self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
@@ -62,10 +65,12 @@ class MLP(nn.Module):
                                                               "up_proj": config.intermediate_size},
                                          bias=config.mlp_bias)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.tp: TensorParallel | None = None  # set by models.parallel.shard_model: down's outputs are partial sums
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        out = self.down_proj(F.silu(gate) * up)
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class DecoderLayer(nn.Module):
@@ -123,6 +128,7 @@ class LlamaForCausalLM(nn.Module):
     gate/up -> gate_up_proj (see `packed_modules`)."""
 
     kernels: DecodeKernels | None = None  # set at load time (models.kernels.decode.set_decode_kernels)
+    tp: TensorParallel | None = None  # this rank's share of a tensor-parallel model (models.parallel.shard_model)
 
     packed_modules = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                       "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
@@ -145,7 +151,8 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, seq_lens)
         cos, sin = cos.to(hidden.dtype), sin.to(hidden.dtype)
-        if ctx is not None and self.kernels is not None and self.kernels.takes(hidden):
+        # the fused layer runs o_proj through down in one call, with no room for tensor parallelism's all-reduce
+        if ctx is not None and self.kernels is not None and self.tp is None and self.kernels.takes(hidden):
             for layer in self.model.layers:
                 hidden = layer.forward_fused(hidden, cos, sin, self.kernels, ctx.lora)
         else:
@@ -153,5 +160,7 @@ class LlamaForCausalLM(nn.Module):
                 hidden = layer(hidden, cos, sin)
         return self.model.norm(hidden)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits over the whole vocabulary; under tensor parallelism on rank 0 only (None on the others)."""
+        logits = self.lm_head(hidden)
+        return logits if self.tp is None else self.tp.gather_last_dim(logits, self.config.vocab_size)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from models.context import LoRABatch, get_forward_context
+from models.parallel import Split
 from models.quant import QuantizedLinear
 
 # the HF projections a LoRA may target; q/k/v and gate/up live in packed linears (models.layers.PackedLinear)
@@ -17,11 +18,13 @@ LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 
 @dataclass
 class LoRATarget:
-    """A model linear that LoRA can wrap; `shards` maps each HF projection to its (first row, rows) of the output."""
+    """A model linear that LoRA can wrap; `shards` maps each HF projection to its (first row, rows) of the output.
+    The sizes are the whole layer's (an adapter's); `split` says which part of it a tensor-parallel rank holds."""
 
     in_features: int
     out_features: int
     shards: dict[str, tuple[int, int]]
+    split: Split | None = None
 
 
 def lora_targets(model: nn.Module) -> dict[str, LoRATarget]:
@@ -31,8 +34,10 @@ def lora_targets(model: nn.Module) -> dict[str, LoRATarget]:
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2]
         if leaf in leaves and isinstance(module, (nn.Linear, QuantizedLinear)):
-            shards = getattr(module, "shards", None) or {leaf: (0, module.out_features)}
-            targets[name] = LoRATarget(module.in_features, module.out_features, dict(shards))
+            split = getattr(module, "split", None)
+            whole = module if split is None else split
+            shards = getattr(whole, "shards", None) or {leaf: (0, whole.out_features)}
+            targets[name] = LoRATarget(whole.in_features, whole.out_features, dict(shards), split)
     return targets
 
 
@@ -42,19 +47,26 @@ class LoRALinear(nn.Module):
     Invariant: a slot's rows of A and Bᵀ are rank-major (row i * num_shards + k is rank i of shard k,
     and only shard k's output columns of that Bᵀ row are non-zero), so an adapter of rank r uses the
     first slot_rows[s] = r * num_shards rows (0 where it leaves this module alone); the rest are zero,
-    and the scale is folded into Bᵀ."""
+    and the scale is folded into Bᵀ. On a tensor-parallel rank (target.split), A and Bᵀ are the rank's part:
+    a column-parallel base keeps its columns of Bᵀ, a row-parallel one its columns of A, so the LoRA output
+    is split (or summed by the all-reduce) exactly as the base's."""
 
     def __init__(self, base: nn.Linear, target: LoRATarget, num_slots: int, max_rank: int) -> None:
         super().__init__()
         self.base = base
+        self.split = target.split
         self.num_shards = len(target.shards)
-        self.shard_columns = list(target.shards.values())  # (first output column, columns) of each shard
+        # (first output column, columns) of each shard in this module's output
+        self.shard_columns = list(target.shards.values())
+        if self.split is not None and self.split.kind == "column":  # this rank's part of each shard
+            sizes = [self.split.tp.share(size)[1] for _, size in self.shard_columns]
+            self.shard_columns = [(sum(sizes[:k]), size) for k, size in enumerate(sizes)]
         # a quantized base (models.quant.QuantizedLinear) keeps uint8 blocks: LoRA computes in its activations' dtype
         like = dict(dtype=base.weight.dtype if base.weight.is_floating_point() else base.dtype,
                     device=base.weight.device)
         rows = max_rank * self.num_shards
-        self.register_buffer("lora_a", torch.zeros(num_slots, rows, target.in_features, **like), persistent=False)
-        self.register_buffer("lora_bt", torch.zeros(num_slots, rows, target.out_features, **like), persistent=False)
+        self.register_buffer("lora_a", torch.zeros(num_slots, rows, base.in_features, **like), persistent=False)
+        self.register_buffer("lora_bt", torch.zeros(num_slots, rows, base.out_features, **like), persistent=False)
         self.slot_rows = [0] * num_slots
         # the active slots' stacked weights, kept while the same slots stay active (decode steps)
         self._stacked: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor] | None] | None = None
@@ -110,12 +122,17 @@ class LoRALinear(nn.Module):
         return self._stacked[1]
 
     def write_slot(self, slot: int, shards: list[tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-        """Set a slot from (shard, A [r, in], Bᵀ·scale [r, shard columns]) per adapted shard."""
+        """Set a slot from (shard, A [r, in], Bᵀ·scale [r, shard columns]) per adapted shard, of the whole layer."""
         self.lora_a[slot].zero_()
         self.lora_bt[slot].zero_()
         a_rows = self.lora_a[slot].view(-1, self.num_shards, self.lora_a.shape[-1])  # [max_rank, num_shards, in]
         bt_rows = self.lora_bt[slot].view(-1, self.num_shards, self.lora_bt.shape[-1])  # [max_rank, num_shards, out]
         for shard, a, bt in shards:
+            if self.split is not None:  # this rank's part
+                if self.split.kind == "column":
+                    bt = bt[:, self.split.tp.part(bt.shape[1])]
+                else:
+                    a = a[:, self.split.tp.part(a.shape[1])]
             first, size = self.shard_columns[shard]
             a_rows[:a.shape[0], shard] = a
             bt_rows[:a.shape[0], shard, first:first + size] = bt
