@@ -102,6 +102,9 @@ class EngineConfig:
     medusa_acceptance: str = "rejection"
     medusa_posterior_threshold: float = 0.09
     medusa_posterior_alpha: float = 0.3
+    # ranks that split the model (engine.parallel): rank 0 is this process, which schedules and samples; the
+    # others are started here (one host) or by torchrun (several hosts)
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype is None:
@@ -110,7 +113,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_adapters", "max_lora_rank"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_adapters", "max_lora_rank",
+                     "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
         if self.medusa_posterior_threshold < 0 or self.medusa_posterior_alpha < 0:

@@ -5,6 +5,7 @@ from collections import OrderedDict
 
 import torch
 
+from engine.attention import AttentionBackend
 from engine.sequence import Sequence
 
 
@@ -41,6 +42,13 @@ class KVCache:
 
     def v(self, layer: int) -> torch.Tensor:
         return self.pool[layer, 1]
+
+    def bind(self, model: torch.nn.Module, backend: AttentionBackend) -> None:
+        """Hand each attention layer of `model` its views k(i), v(i) and the backend that reads them."""
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.k_cache = self.k(i)
+            layer.self_attn.v_cache = self.v(i)
+            layer.self_attn.backend = backend
 
     def write(self, slot_ids: list[int], kv: torch.Tensor) -> None:
         """Store kv [num_layers, 2, len(slot_ids), num_kv_heads, head_dim] (every layer's K and V) at slot_ids."""

@@ -5,7 +5,9 @@ import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -17,6 +19,7 @@ from engine.detokenizer import detokenize_new_token, start_detokenizer
 from engine.kv_cache import BlockManager, KVCache
 from engine.medusa import Medusa
 from engine.outputs import RequestOutput
+from engine.parallel import Driver, ShardedKVCache
 from engine.runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, Scheduler
@@ -58,19 +61,34 @@ class LLM:
         if self.config.medusa == "auto":  # the heads that belong to the model
             self.config.medusa = str(medusa_heads_for(self.config.model))
         self.device = torch.device(self.config.device)
-        self.model = load_model(path, self.config.torch_dtype, self.device, self.config.quantization)
-        # the kernel policy, decided once: layers holding None run torch's operators
-        self.kernels = (load_decode_kernels(self.model, self.config.batch_invariant) if self.config.cpu_kernels
-                        else None)
-        set_decode_kernels(self.model, self.kernels)
+        tp = self.config.tensor_parallel_size
+        # under tensor parallelism the model is rank 0's share, and every forward a call of all ranks
+        self.parallel = Driver.start(self.config, path) if tp > 1 else None
+        try:
+            self._init(path)
+        except BaseException:
+            self.close()
+            raise
+
+    def _init(self, path: Path) -> None:
+        tp = self.config.tensor_parallel_size
+        if self.parallel is not None:
+            self.model, self.kernels = self.parallel.shard.model, self.parallel.shard.kernels
+        else:
+            self.model = load_model(path, self.config.torch_dtype, self.device, self.config.quantization)
+            # the kernel policy, decided once: layers holding None run torch's operators
+            self.kernels = (load_decode_kernels(self.model, self.config.batch_invariant) if self.config.cpu_kernels
+                            else None)
+            set_decode_kernels(self.model, self.kernels)
         model_config = self.model.config
         self.tokenizer = None if self.config.skip_tokenizer_init else self._load_tokenizer(
             Path(self.config.tokenizer) if self.config.tokenizer else path)
         self.eos_token_ids = self._eos_token_ids(path, model_config.eos_token_ids)
         self.max_model_len = min(self.config.max_model_len or model_config.max_model_len, model_config.max_model_len)
 
+        # kv_cache_memory is each rank's: a rank holds num_kv_heads / tp heads of every block
         bytes_per_block = KVCache.bytes_per_block(model_config.num_layers, self.config.block_size,
-                                                  model_config.num_kv_heads, model_config.head_dim,
+                                                  model_config.num_kv_heads // tp, model_config.head_dim,
                                                   self.config.torch_dtype)
         blocks_per_seq = -(-self.max_model_len // self.config.block_size)
         num_blocks = self.config.num_kv_blocks or min(self.config.kv_cache_memory // bytes_per_block,
@@ -79,22 +97,47 @@ class LLM:
             raise ValueError(f"the KV cache budget fits no block (one block takes {bytes_per_block} bytes)")
         # a request must fit on its own, or preemption could never make room for it
         self.max_model_len = min(self.max_model_len, num_blocks * self.config.block_size)
-        kv_cache = KVCache(model_config.num_layers, num_blocks, self.config.block_size, model_config.num_kv_heads,
-                           model_config.head_dim, self.config.torch_dtype, self.device)
+        if self.parallel is not None:
+            kv_cache = ShardedKVCache(self.parallel, num_blocks)
+            # Medusa drafts on rank 0 from the base model's config and its whole LM head
+            medusa_base = SimpleNamespace(config=model_config, lm_head=self.parallel.call("gather_lm_head")
+                                          if self.config.medusa else None)
+        else:
+            kv_cache = KVCache(model_config.num_layers, num_blocks, self.config.block_size, model_config.num_kv_heads,
+                               model_config.head_dim, self.config.torch_dtype, self.device)
+            medusa_base = self.model
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
-        self.medusa = (Medusa.from_config(self.config, self.model, kv_cache, self.max_model_len, self.kernels)
+        self.medusa = (Medusa.from_config(self.config, medusa_base, kv_cache, self.max_model_len, self.kernels)
                        if self.config.medusa else None)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    tree_size=self.medusa.tree.size if self.medusa else 0)
         self.runner = ModelRunner(self.model, kv_cache, self.config.attention_backend, self.device,
-                                  self.config.batch_invariant)
+                                  self.config.batch_invariant, self.parallel)
         self.sampler = Sampler()
         self.requests: dict[str, Sequence] = {}
         adapter_root = Path(self.config.adapter_root) if self.config.adapter_root else path / "adapters"
         self.adapters = AdapterManager(self.model, kv_cache, self.block_manager, self.requests, self.config,
-                                       adapter_root, self.max_model_len)
+                                       adapter_root, self.max_model_len,
+                                       partial(self.parallel.call, "write_lora") if self.parallel else None)
         self._ids = itertools.count()
         self._rng = torch.Generator(device=self.device).manual_seed(self.config.seed)
+
+    # ---- lifetime --------------------------------------------------------------------------------
+    @property
+    def failure(self) -> str | None:
+        """Why this engine cannot step any more (a tensor-parallel worker died), or None."""
+        return None if self.parallel is None else self.parallel.check()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; at exit, they stop anyway)."""
+        if self.parallel is not None:
+            self.parallel.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @staticmethod
     def _load_tokenizer(path: Path):

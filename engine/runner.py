@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from engine.kv_cache import KVCache, slots
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from models.context import ForwardContext, forward_context, lora_batch
+
+if TYPE_CHECKING:
+    from engine.parallel import Driver, ShardedKVCache
 
 
 @dataclass
@@ -26,19 +30,19 @@ class StepInputs:
 
 
 class ModelRunner:
-    """Owns the model, its KV cache and the attention backend; runs one forward per step."""
+    """Owns the model, its KV cache and the attention backend; runs one forward per step. Under tensor
+    parallelism (`driver`), the forward and the logits are the driver's calls, which every rank makes."""
 
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, attention_backend: str, device: torch.device,
-                 batch_invariant: bool) -> None:
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache | ShardedKVCache, attention_backend: str,
+                 device: torch.device, batch_invariant: bool, driver: Driver | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
+        self.driver = driver
         self.block_size = kv_cache.block_size
         self.backend = get_backend(attention_backend, device, batch_invariant)
-        for i, layer in enumerate(model.model.layers):
-            layer.self_attn.k_cache = kv_cache.k(i)
-            layer.self_attn.v_cache = kv_cache.v(i)
-            layer.self_attn.backend = self.backend
+        if driver is None:  # each rank's shard (engine.parallel.shard) binds its own
+            kv_cache.bind(model, self.backend)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """The step's inputs: each sequence's next num_new_tokens tokens, at consecutive positions."""
@@ -103,9 +107,13 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Final hidden states of all rows, [num_tokens, hidden]."""
+        if self.driver is not None:
+            return self.driver.call("forward", inputs.input_ids, inputs.ctx)
         with forward_context(inputs.ctx):
             return self.model(inputs.input_ids, inputs.ctx.positions)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if self.driver is not None:
+            return self.driver.call("logits", hidden[rows])
         return self.model.compute_logits(hidden[rows])

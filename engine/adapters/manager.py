@@ -85,8 +85,13 @@ class AdapterManager:
     slot (LoRA) or its pinned blocks (prefix), and at most `max_adapters` are resident."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, block_manager: BlockManager,
-                 requests: dict[str, Sequence], config: EngineConfig, root: Path, max_model_len: int) -> None:
+                 requests: dict[str, Sequence], config: EngineConfig, root: Path, max_model_len: int,
+                 write_lora: Callable[[int, dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]], None] | None
+                 = None) -> None:
+        """write_lora(slot, weights): sets a LoRA slot in the model (None: in `model`, here; a tensor-parallel
+        engine passes its driver's call, which sets it on every rank)."""
         self.model, self.kv_cache, self.block_manager, self.requests = model, kv_cache, block_manager, requests
+        self._write_slot = write_lora or self._write_lora
         self.root = root
         self.max_adapters, self.max_rank, self.max_model_len = config.max_adapters, config.max_lora_rank, max_model_len
         self.device, self.dtype = config.device, config.torch_dtype
@@ -240,7 +245,7 @@ class AdapterManager:
             adapter = LoadedAdapter(name, version, staged.kind, staged.path, next(self._cache_keys), rank=staged.rank)
             if staged.kind == "lora":
                 adapter.slot = self._free_slots.pop()
-                self._write_lora(adapter.slot, staged.lora)
+                self._write_slot(adapter.slot, staged.lora)
             else:
                 adapter.prefix_kv = staged.prefix_kv.to(self.device, self.dtype)
                 adapter.kv_blocks = blocks
