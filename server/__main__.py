@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from engine import LLM, own_medusa_heads
+from engine import LLM, EngineConfig, own_medusa_heads
+from engine.parallel import run_worker_if_launched
 from server.app import ServerConfig, create_app
-from server.flags import add_medusa_acceptance_flags, medusa_acceptance
+from server.flags import add_medusa_acceptance_flags, add_tensor_parallel_flag, medusa_acceptance
 
 DEFAULT_MODEL_NAME = "gorgon-default"
 API_KEY_ENV = "GORGON_API_KEY"
@@ -91,7 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"(default: ${API_KEY_ENV}, if set)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's); N tensor-parallel ranks on this host take 1/N each")
+    add_tensor_parallel_flag(parser)
     engine = parser.add_argument_group("engine")
     engine.add_argument("--max-num-seqs", type=positive_int, default=64, help="requests decoded together")
     engine.add_argument("--max-model-len", type=positive_int, default=None)
@@ -128,7 +131,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = {"device": args.device, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
               "max_model_len": args.max_model_len, "adapter_root": args.adapter_root,
               "enable_prefix_caching": not args.no_prefix_caching, "skip_tokenizer_init": args.skip_tokenizer_init,
-              "batch_invariant": args.batch_invariant}
+              "batch_invariant": args.batch_invariant, "tensor_parallel_size": args.tensor_parallel_size}
     optional = {"max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
                 "attention_backend": args.attention_backend, "num_kv_blocks": args.num_kv_blocks,
                 "kv_cache_memory": args.kv_cache_memory, "quantization": args.quantization,
@@ -155,7 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        llm = LLM(args.model, **engine_kwargs(args))
+        kwargs = engine_kwargs(args)
+        if run_worker_if_launched(EngineConfig(args.model, **kwargs)):  # a torchrun rank above 0
+            return
+        llm = LLM(args.model, **kwargs)
         for name, folder in adapters.items():
             llm.load_adapter(name, folder)
     except (ValueError, OSError) as e:
@@ -167,8 +173,11 @@ def main(argv: list[str] | None = None) -> None:
     config = ServerConfig(model_name=model_name, model_root=model_root, api_key=args.api_key or None,
                           max_request_bytes=args.max_request_bytes, max_waiting_requests=args.max_waiting_requests,
                           cors_origins=args.cors_origins)
-    uvicorn.run(create_app(llm, config), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout)
+    try:
+        uvicorn.run(create_app(llm, config), host=args.host, port=args.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=args.shutdown_timeout)
+    finally:
+        llm.close()
 
 
 if __name__ == "__main__":

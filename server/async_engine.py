@@ -21,7 +21,7 @@ class EngineError(RuntimeError):
 
 
 class EngineStopped(RuntimeError):
-    """The engine is shutting down and takes no new requests."""
+    """The engine is shutting down, or is down (a tensor-parallel worker died), and takes no requests."""
 
 
 class QueueFull(RuntimeError):
@@ -86,6 +86,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._exit = False
+        self._down: str | None = None  # step thread: why the engine failed for good (LLM.failure)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -95,7 +96,13 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
+        return (self._thread is not None and self._thread.is_alive() and not self._stopping
+                and self.llm.failure is None)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot serve any more (LLM.failure), or None."""
+        return self.llm.failure
 
     async def stop(self) -> None:
         """Refuse new requests, fail the ones still in flight, and end the step thread."""
@@ -112,7 +119,8 @@ class AsyncEngine:
         """Queue a request and wait until the engine has taken it. Raises ValueError if the engine rejects it,
         QueueFull if the waiting queue is at its limit."""
         if not self.is_running:
-            raise EngineStopped("the server is shutting down")
+            failure = self.failure
+            raise EngineStopped(f"the engine is down: {failure}" if failure else "the server is shutting down")
         if self.max_waiting_requests is not None:
             waiting = self.llm.stats().num_waiting + self._adding
             if waiting >= self.max_waiting_requests:
@@ -164,13 +172,19 @@ class AsyncEngine:
                 self._commands.get()()
             if self._exit:
                 break
-            if not self.llm.has_unfinished():
+            if self._down is not None:  # every request, running or just added, fails at once
+                self._fail(None, EngineStopped(self._down))
+            if self._down is not None or not self.llm.has_unfinished():
                 self._wake.wait()
                 self._wake.clear()
                 continue
             try:
                 outputs = self.llm.step()
             except Exception as e:  # noqa: BLE001 - the loop must outlive any one batch
+                if self.llm.failure is not None:  # for good: no request can ever step again
+                    logger.error("the engine is down: %s", self.llm.failure)
+                    self._down = f"the engine is down: {self.llm.failure}"
+                    continue
                 logger.exception("engine step failed; failing the requests of its batch")
                 self._fail(list(self.llm.stats().running_request_ids) or None,
                            EngineError(f"the engine failed while decoding this request: {e}"))

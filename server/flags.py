@@ -18,3 +18,9 @@ def medusa_acceptance(args: argparse.Namespace) -> dict:
     fields = {"medusa_acceptance": args.medusa_acceptance, "medusa_posterior_threshold":
               args.medusa_posterior_threshold, "medusa_posterior_alpha": args.medusa_posterior_alpha}
     return {name: value for name, value in fields.items() if value is not None}
+
+
+def add_tensor_parallel_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="split the model over N processes (README: Tensor parallelism): on one host they are "
+                             "started here; across hosts, start each with torchrun and the same command line")

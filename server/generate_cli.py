@@ -5,8 +5,9 @@ import argparse
 import json
 import sys
 
-from engine import LLM, SamplingParams
-from server.flags import add_medusa_acceptance_flags, medusa_acceptance
+from engine import LLM, EngineConfig, SamplingParams
+from engine.parallel import run_worker_if_launched
+from server.flags import add_medusa_acceptance_flags, add_tensor_parallel_flag, medusa_acceptance
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
     parser.add_argument("--batch-invariant", action="store_true",
                         help="the same tokens whatever else is batched with the prompt (README: what it means)")
+    add_tensor_parallel_flag(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return parser.parse_args(argv)
 
@@ -40,22 +42,31 @@ def main(argv: list[str] | None = None) -> None:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
-        llm = LLM(args.model, device=args.device, dtype=args.dtype, medusa=args.medusa, medusa_tree=args.medusa_tree,
-                  quantization=args.quantization, tokenizer=args.tokenizer, batch_invariant=args.batch_invariant,
-                  **medusa_acceptance(args))
-        if args.json:
-            out = llm.generate(args.prompt, params)[0]
-            print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
-                              "tokens_per_s": round(out.tokens_per_s, 2), "accepted_lengths": out.accepted_lengths}))
+        engine_kwargs = dict(device=args.device, dtype=args.dtype, medusa=args.medusa, medusa_tree=args.medusa_tree,
+                             quantization=args.quantization, tokenizer=args.tokenizer,
+                             batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel_size,
+                             **medusa_acceptance(args))
+        if run_worker_if_launched(EngineConfig(args.model, **engine_kwargs)):  # a torchrun rank above 0
             return
-        sys.stdout.write(args.prompt)
-        for out in llm.stream(args.prompt, params):
-            sys.stdout.write(out.new_text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        steps = out.accepted_lengths
-        speculation = f", {sum(steps) / len(steps):.2f} tokens per Medusa step" if steps else ""
-        print(f"[{len(out.token_ids)} tokens, {out.tokens_per_s:.1f} tokens/s{speculation}, "
-              f"finish_reason={out.finish_reason}]", file=sys.stderr)
+        with LLM(args.model, **engine_kwargs) as llm:
+            generate(llm, args, params)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"gorgon generate: error: {e}")
+
+
+def generate(llm: LLM, args: argparse.Namespace, params: SamplingParams) -> None:
+    """Print the continuation: streamed text (and a summary on stderr), or one JSON object."""
+    if args.json:
+        out = llm.generate(args.prompt, params)[0]
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                          "tokens_per_s": round(out.tokens_per_s, 2), "accepted_lengths": out.accepted_lengths}))
+        return
+    sys.stdout.write(args.prompt)
+    for out in llm.stream(args.prompt, params):
+        sys.stdout.write(out.new_text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    steps = out.accepted_lengths
+    speculation = f", {sum(steps) / len(steps):.2f} tokens per Medusa step" if steps else ""
+    print(f"[{len(out.token_ids)} tokens, {out.tokens_per_s:.1f} tokens/s{speculation}, "
+          f"finish_reason={out.finish_reason}]", file=sys.stderr)

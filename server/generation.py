@@ -32,6 +32,8 @@ async def generate(request: Request, state: ServerState, req: SamplingRequest, p
             finals = await until_done(request, streams)
         except EngineError as e:
             raise APIError(500, str(e), "internal_error") from None
+        except EngineStopped as e:
+            raise APIError(503, str(e), "service_unavailable") from None
         finally:
             close_all(streams)
         return JSONResponse(renderer.response(finals, usage(prompt_ids, finals)).model_dump())

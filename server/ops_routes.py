@@ -20,7 +20,9 @@ class Health(BaseModel):
 @router.get("/health", response_model=Health, responses={503: {"model": ErrorResponse}})
 async def health(state: State) -> JSONResponse:
     if not state.engine.is_running:
-        return error_response(503, ErrorInfo(message="the engine is not running", type="service_unavailable"))
+        failure = state.engine.failure
+        message = f"the engine is down: {failure}" if failure else "the engine is not running"
+        return error_response(503, ErrorInfo(message=message, type="service_unavailable"))
     return JSONResponse({"status": "ok"})
 
 
