@@ -1,6 +1,7 @@
 """Driver: rank 0's end of a tensor-parallel engine; ShardedKVCache: the engine's view of the ranks' KV caches."""
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from pathlib import Path
@@ -40,6 +41,7 @@ class Driver:
         self.failure: str | None = None
         self.closed = False
         self._lock = threading.Lock()
+        atexit.register(self.close)  # the workers stop cleanly even if no one closes the engine
 
     @classmethod
     def start(cls, config: EngineConfig, path: Path) -> Driver:
@@ -110,6 +112,7 @@ class Driver:
 
     def close(self) -> None:
         """End the workers and leave the group (idempotent)."""
+        atexit.unregister(self.close)
         with self._lock:
             if self.closed:
                 return
