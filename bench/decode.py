@@ -8,10 +8,17 @@ off) are reported as weight bytes x tokens/s over it.
 
 Baseline llama.cpp (`--model X.gguf --baseline llama.cpp`, needs the `bench` extra): both engines on the
 same file with the same threads, prompts and token counts, interleaved in one run: batch-1 decode tok/s,
-prefill tok/s of a 512-token prompt, and batch-8 throughput; the CPU's instruction sets are reported."""
+prefill tok/s of a 512-token prompt, and batch-8 throughput; the CPU's instruction sets are reported.
+
+Tensor parallelism (`--tensor-parallel-size N`): gorgon on N processes against gorgon on one, same weights and
+prompts, measured alternately in one run: batch-1 tok/s and the batch sizes' throughput, and whether the greedy
+tokens agree. The one process uses all the threads (--threads, default torch's); each of the N ranks 1/N of
+them, so both runs have the same cores. This measures the cost of the collectives; a speedup needs ranks
+on cores (or devices) of their own."""
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -44,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="torch threads (default: torch's choice); 1 is steadier on a shared machine")
     parser.add_argument("--baseline", choices=["transformers", "llama.cpp"], default="transformers")
     parser.add_argument("--prefill-len", type=int, default=512, help="prompt length of the llama.cpp prefill test")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="compare gorgon on N processes (tensor parallelism) with gorgon on one, in one run")
     parser.add_argument("--out", required=True, help="JSON result file")
     return parser.parse_args(argv)
 
@@ -79,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         return run_llamacpp(args, find_gguf(args.model))
     with tempfile.TemporaryDirectory(prefix="gorgon-bench-") as tmp:
         folder = Path(args.model) if args.model else random_checkpoint(args.config, args.dtype, Path(tmp))
+        if args.tensor_parallel_size > 1:
+            return run_tensor_parallel(args, folder)
         run(args, folder)
 
 
@@ -134,6 +145,59 @@ def run(args: argparse.Namespace, folder: Path) -> None:
         "attention_backend": llm.runner.backend.name, "read_bandwidth_bytes_s": bandwidth,
         "weight_bytes_per_token": bytes_per_token, "hf_tok_s_bs1": hf_tok_s, "gorgon_tok_s_bs1": ours_tok_s,
         "gorgon_decode_tok_s_bs1": decode_tok_s,
+        "machine": machine_info(), "summary": summary,
+    })
+
+
+def run_tensor_parallel(args: argparse.Namespace, folder: Path) -> None:
+    """TP=N against TP=1: each measurement alternates between the two engines, repeats times; medians."""
+    n, size = args.new_tokens, args.tensor_parallel_size
+    source = str(folder) if args.model else f"random weights, {args.config} shape"
+    greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    max_batch = max([1, *args.batch_sizes])
+    prompts = torch.randint(3, 200, (max_batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0)).tolist()
+    batches = {1: prompts[:1], **{bs: prompts[:bs] for bs in args.batch_sizes}}
+    threads = torch.get_num_threads()
+    kwargs = dict(dtype=args.dtype, max_num_seqs=max_batch, enable_prefix_caching=False)
+    one = LLM(folder, **kwargs)
+    with LLM(folder, tensor_parallel_size=size, **kwargs) as parallel:
+        rank_threads = torch.get_num_threads()  # each rank's share (engine.parallel.Driver.start)
+        # name -> (engine, torch threads of this process while it runs: rank 0 of TP=N runs here too)
+        engines = {"TP=1": (one, threads), f"TP={size}": (parallel, rank_threads)}
+
+        def generate(name: str, batch: list[list[int]]) -> list[list[int]]:
+            llm, engine_threads = engines[name]
+            torch.set_num_threads(engine_threads)
+            return [o.token_ids for o in llm.generate(batch, greedy)]
+
+        tokens = {name: generate(name, batches[1]) for name in engines}  # also the warm-up
+        times: dict[str, dict[int, list[float]]] = {name: {bs: [] for bs in batches} for name in engines}
+        with tqdm(total=args.repeats * len(batches), desc=f"bench decode TP={size} vs TP=1") as bar:
+            for _ in range(args.repeats):
+                for bs, batch in batches.items():
+                    for name in engines:
+                        start = time.perf_counter()
+                        generate(name, batch)
+                        times[name][bs].append(time.perf_counter() - start)
+                    bar.update()
+        torch.set_num_threads(rank_threads)
+    torch.set_num_threads(threads)
+
+    rate = {name: {bs: bs * n / statistics.median(t) for bs, t in by_batch.items()} for name, by_batch in times.items()}
+    rows = [{"engine": f"gorgon {name}", "processes": 1 if name == "TP=1" else size,
+             "threads per process": engines[name][1], "batch": bs, "tok/s": rate[name][bs],
+             "vs TP=1": rate[name][bs] / rate["TP=1"][bs]} for bs in batches for name in engines]
+    identical = tokens["TP=1"] == tokens[f"TP={size}"]
+    isa = cpu_isa()
+    print(f"\n{source}, {args.dtype}, {n} new tokens after a {PROMPT_LEN}-token prompt; CPU: {isa}, "
+          f"{os.cpu_count()} cores; greedy tokens identical at TP=1 and TP={size}: {identical}")
+    print_table(rows, ["engine", "processes", "threads per process", "batch", "tok/s", "vs TP=1"])
+    summary = {f"tp{size}_vs_tp1_bs{bs}": rate[f"TP={size}"][bs] / rate["TP=1"][bs] for bs in batches}
+    summary["greedy_tokens_identical"] = identical
+    write_json(args.out, {
+        "benchmark": "decode", "baseline": "gorgon TP=1", "model": source, "dtype": args.dtype, "new_tokens": n,
+        "prompt_len": PROMPT_LEN, "tensor_parallel_size": size, "threads_tp1": threads,
+        "threads_per_rank": rank_threads, "cpu_isa": isa, "tok_s": rate, "seconds": times,
         "machine": machine_info(), "summary": summary,
     })
 

@@ -182,3 +182,18 @@ def test_two_hosts_each_a_launch_of_its_own(tiny_model_dir):
     want = LLM(tiny_model_dir).generate("def f(x):", SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     assert json.loads(outputs[0][0])["token_ids"] == want[0].token_ids
     assert outputs[1][0] == ""  # rank 1 printed nothing: it served rank 0's calls
+
+
+def test_decode_benchmark_compares_with_one_process(tiny_model_dir, tmp_path):
+    """`gorgon bench decode --tensor-parallel-size 2`: TP=2 against TP=1 in one run, tiny settings."""
+    from bench import decode
+
+    out = tmp_path / "decode_tp2.json"
+    decode.main(["--model", str(tiny_model_dir), "--tensor-parallel-size", "2", "--new-tokens", "2", "--repeats", "1",
+                 "--batch-sizes", "2", "--out", str(out)])
+    data = json.loads(out.read_text())
+    rate = data["tok_s"]
+    assert data["summary"] == {"tp2_vs_tp1_bs1": pytest.approx(rate["TP=2"]["1"] / rate["TP=1"]["1"]),
+                               "tp2_vs_tp1_bs2": pytest.approx(rate["TP=2"]["2"] / rate["TP=1"]["2"]),
+                               "greedy_tokens_identical": True}
+    assert data["threads_per_rank"] == max(1, data["threads_tp1"] // 2)
