@@ -113,6 +113,16 @@ class DecoderLayer(nn.Module):
                                     lora_weights(attn.o_proj, mlp.gate_up_proj, mlp.down_proj),
                                     [int(attn.o_proj.qtype), int(mlp.gate_up_proj.qtype), int(mlp.down_proj.qtype)])
 
+    def add_to(self, stack: object) -> None:
+        """Append this layer to a DecoderStack (models.kernels.decode.cpp): forward_fused's calls, without LoRA."""
+        attn, mlp = self.self_attn, self.mlp
+        stack.add_layer(self.input_layernorm.weight, self.input_layernorm.eps, attn.qkv_proj.weight,
+                        attn.qkv_proj.bias, attn.o_proj.weight, attn.o_proj.bias,
+                        self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
+                        mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias,
+                        [int(attn.qkv_proj.qtype), int(attn.o_proj.qtype), int(mlp.gate_up_proj.qtype),
+                         int(mlp.down_proj.qtype)], attn.k_cache, attn.v_cache)
+
 
 class Backbone(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -128,6 +138,8 @@ class LlamaForCausalLM(nn.Module):
     gate/up -> gate_up_proj (see `packed_modules`)."""
 
     kernels: DecodeKernels | None = None  # set at load time (models.kernels.decode.set_decode_kernels)
+    _stack: object | None = None  # _decoder_stack(), and the (cache, backend) it was built for
+    _stack_bound_to: tuple | None = None
     tp: TensorParallel | None = None  # this rank's share of a tensor-parallel model (models.parallel.shard_model)
 
     packed_modules = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
@@ -153,12 +165,31 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = cos.to(hidden.dtype), sin.to(hidden.dtype)
         # the fused layer runs o_proj through down in one call, with no room for tensor parallelism's all-reduce
         if ctx is not None and self.kernels is not None and self.tp is None and self.kernels.takes(hidden):
-            for layer in self.model.layers:
-                hidden = layer.forward_fused(hidden, cos, sin, self.kernels, ctx.lora)
+            stack = self._decoder_stack() if ctx.lora is None else None
+            if stack is not None:
+                split_keys = self.model.layers[0].self_attn.backend.split_keys
+                hidden = stack.forward(hidden, cos, sin, ctx.slot_mapping, ctx.block_tables, ctx.query_start_loc,
+                                       ctx.context_lens, ctx.tree_mask, split_keys)
+            else:
+                for layer in self.model.layers:
+                    hidden = layer.forward_fused(hidden, cos, sin, self.kernels, ctx.lora)
         else:
             for layer in self.model.layers:
                 hidden = layer(hidden, cos, sin)
         return self.model.norm(hidden)
+
+    def _decoder_stack(self) -> object | None:
+        """Every layer's forward_fused as one C++ call, for the fused CPU attention backend ("cpu"); built once
+        the KV cache is bound, again if it is bound anew. None for other backends."""
+        first = self.model.layers[0].self_attn
+        if getattr(first.backend, "name", None) != "cpu":
+            return None
+        if self._stack is None or self._stack_bound_to != (first.k_cache.data_ptr(), first.backend):
+            self._stack = self.kernels.ops.DecoderStack(first.num_heads, first.num_kv_heads, first.scale)
+            for layer in self.model.layers:
+                layer.add_to(self._stack)
+            self._stack_bound_to = (first.k_cache.data_ptr(), first.backend)
+        return self._stack
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary; under tensor parallelism on rank 0 only (None on the others)."""

@@ -67,6 +67,19 @@ def test_fused_decoder_layers_match_the_operator_path(tmp_path, dtype):
     assert (fused - plain).abs().max().item() <= tolerance
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decoder_stack_is_the_layer_calls_made_one_by_one(tmp_path, dtype, monkeypatch):
+    """LlamaForCausalLM runs its layers as one C++ call (DecoderStack); the same steps through forward_fused
+    layer by layer from Python give bitwise the same logits, prefill and decode."""
+    folder = save_tiny_model(tmp_path, attention_bias=True, head_dim=24)
+    tokens = torch.randint(3, 256, (PROMPT_LEN + 8,), generator=torch.Generator().manual_seed(3)).tolist()
+    llm = LLM(folder, dtype=dtype, num_kv_blocks=16, block_size=4, attention_backend="cpu")
+    stacked = paged_logits(llm, tokens)
+    assert llm.model._stack is not None
+    monkeypatch.setattr(type(llm.model), "_decoder_stack", lambda self: None)
+    assert torch.equal(paged_logits(llm, tokens), stacked)
+
+
 @pytest.mark.parametrize("rows", [1, 3, 12])
 def test_medusa_drafts_and_rms_norm_match_torch(rows):
     gen = torch.Generator().manual_seed(rows)

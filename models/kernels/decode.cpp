@@ -13,6 +13,7 @@
 // tensor and its ggml type, given in a call's qtypes); activations come and go in the model's dtype.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -332,6 +333,63 @@ torch::Tensor attention_output(torch::Tensor attn, torch::Tensor residual, torch
   return as_dtype(hidden, residual.scalar_type());
 }
 
+// The decoder layers of one step, run from C++ so that Python dispatches one call per step instead of three
+// per layer: per layer attention_input, the paged attention op of attention.cpp (through torch's dispatcher,
+// so the two extensions stay separate builds) and attention_output. Invariant: each layer's arithmetic is
+// exactly that of the three calls made one by one from Python; the caches are the ones attention reads.
+class DecoderStack {
+ public:
+  struct Layer {
+    torch::Tensor input_norm, qkv_weight, o_weight, post_norm, gate_up_weight, down_weight, k_cache, v_cache;
+    c10::optional<torch::Tensor> qkv_bias, o_bias, gate_up_bias, down_bias;
+    double input_eps, post_eps;
+    std::vector<int64_t> qtypes;  // q/k/v, o, gate/up, down
+  };
+
+  DecoderStack(int64_t num_heads, int64_t num_kv_heads, double scale)
+      : num_heads_(num_heads), num_kv_heads_(num_kv_heads), scale_(scale),
+        attention_(c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("gorgon_attention::paged_attention", "")
+                       .typed<AttentionOp>()) {}
+
+  void add_layer(torch::Tensor input_norm, double input_eps, torch::Tensor qkv_weight,
+                 c10::optional<torch::Tensor> qkv_bias, torch::Tensor o_weight, c10::optional<torch::Tensor> o_bias,
+                 torch::Tensor post_norm, double post_eps, torch::Tensor gate_up_weight,
+                 c10::optional<torch::Tensor> gate_up_bias, torch::Tensor down_weight,
+                 c10::optional<torch::Tensor> down_bias, std::vector<int64_t> qtypes, torch::Tensor k_cache,
+                 torch::Tensor v_cache) {
+    TORCH_CHECK(qtypes.size() == 4, "DecoderStack: qtypes takes the types of q/k/v, o, gate/up and down");
+    layers_.push_back({input_norm, qkv_weight, o_weight, post_norm, gate_up_weight, down_weight, k_cache, v_cache,
+                       qkv_bias, o_bias, gate_up_bias, down_bias, input_eps, post_eps, qtypes});
+  }
+
+  // hidden [M, H] -> the last layer's output [M, H]; the step's attention metadata as the op takes it
+  torch::Tensor forward(torch::Tensor hidden, torch::Tensor cos, torch::Tensor sin, torch::Tensor slot_mapping,
+                        torch::Tensor block_tables, torch::Tensor query_start_loc, torch::Tensor context_lens,
+                        c10::optional<torch::Tensor> tree_mask, bool split_keys) {
+    const std::vector<c10::optional<torch::Tensor>> no_lora;
+    for (const Layer& l : layers_) {
+      auto [q, k, v] = attention_input(hidden, l.input_norm, l.input_eps, l.qkv_weight, l.qkv_bias, cos, sin,
+                                       num_heads_, num_kv_heads_, c10::nullopt, no_lora, {l.qtypes[0]});
+      auto attn = attention_.call(q, k, v, l.k_cache, l.v_cache, slot_mapping, block_tables, query_start_loc,
+                                  context_lens, tree_mask, scale_, split_keys);
+      hidden = attention_output(attn.view({hidden.size(0), -1}), hidden, l.o_weight, l.o_bias, l.post_norm,
+                                l.post_eps, l.gate_up_weight, l.gate_up_bias, l.down_weight, l.down_bias,
+                                c10::nullopt, no_lora, {l.qtypes[1], l.qtypes[2], l.qtypes[3]});
+    }
+    return hidden;
+  }
+
+ private:
+  using AttentionOp = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const std::optional<at::Tensor>&, double, bool);
+  int64_t num_heads_, num_kv_heads_;
+  double scale_;
+  c10::TypedOperatorHandle<AttentionOp> attention_;
+  std::vector<Layer> layers_;
+};
+
 namespace {
 
 // Medusa heads' residual blocks: head h starts from hidden [M, H] (fp32) and applies x + SiLU(x W^T + b)
@@ -460,4 +518,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "ggml blocks -> fp32 rows");
   m.def("set_isa", &set_isa, "force the quantized kernels' instruction set (auto, avx512, avx2, scalar)");
   m.def("isa", &isa, "the quantized kernels' instruction set");
+  py::class_<DecoderStack>(m, "DecoderStack", "every decoder layer of a step in one call")
+      .def(py::init<int64_t, int64_t, double>(), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("scale"))
+      .def("add_layer", &DecoderStack::add_layer)
+      .def("forward", &DecoderStack::forward);
 }
