@@ -42,28 +42,29 @@ inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 // C[rows][cols] (+)= A[rows][depth] * B[depth][cols], where A(r, k) = A[r * a_row + k * a_col] (so A may
-// be a transposed view); rows % TILE_ROWS == 0, cols % (16 * VECTORS) == 0. The micro-kernel keeps a
-// TILE_ROWS x (16 * VECTORS) block of C in registers.
-template <int VECTORS>
+// be a transposed view); rows % ROWS == 0, cols % (16 * VECTORS) == 0. The micro-kernel keeps a ROWS x
+// (16 * VECTORS) block of C in registers. Each element of C is summed over k in order, one multiply-add at a
+// time, whatever the tile shape: which operand is the broadcast one does not change a result's rounding.
+template <int VECTORS, int ROWS = TILE_ROWS>
 void gemm_tiles(const float* A, int a_row, int a_col, const float* B, int ldb, float* C, int ldc, int rows, int cols,
                 int depth, bool accumulate) {
-  for (int r0 = 0; r0 < rows; r0 += TILE_ROWS) {
+  for (int r0 = 0; r0 < rows; r0 += ROWS) {
     for (int c0 = 0; c0 < cols; c0 += 16 * VECTORS) {
-      f32x16 acc[TILE_ROWS][VECTORS];
+      f32x16 acc[ROWS][VECTORS];
 #pragma GCC unroll 8
-      for (int r = 0; r < TILE_ROWS; ++r)
+      for (int r = 0; r < ROWS; ++r)
         for (int v = 0; v < VECTORS; ++v) acc[r][v] = accumulate ? load16(C + (r0 + r) * ldc + c0 + 16 * v) : f32x16{};
       for (int k = 0; k < depth; ++k) {
         f32x16 b[VECTORS];
         for (int v = 0; v < VECTORS; ++v) b[v] = load16(B + k * ldb + c0 + 16 * v);
 #pragma GCC unroll 8
-        for (int r = 0; r < TILE_ROWS; ++r) {
+        for (int r = 0; r < ROWS; ++r) {
           const float a = A[(r0 + r) * a_row + k * a_col];
           for (int v = 0; v < VECTORS; ++v) acc[r][v] += a * b[v];
         }
       }
 #pragma GCC unroll 8
-      for (int r = 0; r < TILE_ROWS; ++r)
+      for (int r = 0; r < ROWS; ++r)
         for (int v = 0; v < VECTORS; ++v) store16(C + (r0 + r) * ldc + c0 + 16 * v, acc[r][v]);
     }
   }
@@ -76,6 +77,25 @@ void gemm(const float* A, int a_row, int a_col, const float* B, int ldb, float* 
     gemm_tiles<2>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
   else
     gemm_tiles<1>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
+}
+
+// gemm for any rows <= TILE_ROWS (the few rows of a decode unit)
+template <int VECTORS>
+void gemm_few_rows_of(const float* A, int a_row, int a_col, const float* B, int ldb, float* C, int ldc, int rows,
+                      int cols, int depth, bool accumulate) {
+  switch (rows) {
+#define GEMM_ROWS(R) \
+  case R: return gemm_tiles<VECTORS, R>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
+    GEMM_ROWS(1) GEMM_ROWS(2) GEMM_ROWS(3) GEMM_ROWS(4) GEMM_ROWS(5) GEMM_ROWS(6) GEMM_ROWS(7) GEMM_ROWS(8)
+#undef GEMM_ROWS
+  }
+}
+
+void gemm_few_rows(const float* A, int a_row, int a_col, const float* B, int ldb, float* C, int ldc, int rows,
+                   int cols, int depth, bool accumulate) {
+  if (cols % 64 == 0) gemm_few_rows_of<4>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
+  else if (cols % 32 == 0) gemm_few_rows_of<2>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
+  else gemm_few_rows_of<1>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
 }
 
 // exp(x) for x <= 0 (and -inf), written so that `omp simd` vectorises it: 2^x = 2^n * 2^f with
@@ -234,6 +254,79 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
   }
 }
 
+// run_unit for a unit of at most TILE_ROWS real rows (decode: one position x a group of heads), without
+// run_unit's padding to 16 rows: scores are row-major (S = Q K^T, vectorised over keys) and the keys are
+// packed transposed. Every number is computed as in run_unit, in the same order (gemm_tiles; the row sums
+// run over keys one by one), so a row's result is bitwise the same on either path.
+template <typename scalar_t>
+void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int split, const scalar_t* q,
+                       const scalar_t* k_cache, const scalar_t* v_cache, const int* block_table, Scratch& s,
+                       float* row_max, float* row_sum, float* acc) {
+  const int D = p.head_dim, Dp = p.padded_dim, R = tile.num_positions * p.group;
+  float* q_rows = s.q_t.data();        // [R][Dp]
+  float* keys_t = s.keys.data();       // [Dp][KEY_TILE]
+  float* scores = s.scores_t.data();   // [R][KEY_TILE]
+  std::fill(q_rows, q_rows + R * Dp, 0.0f);
+  std::fill(keys_t, keys_t + Dp * KEY_TILE, 0.0f);
+  for (int r = 0; r < R; ++r) {
+    s.query_index[r] = tile.first_index + r / p.group;
+    const int head = kv_head * p.group + r % p.group;
+    const scalar_t* src = q + (static_cast<int64_t>(r / p.group) * p.num_heads + head) * D;
+    for (int d = 0; d < D; ++d) q_rows[r * Dp + d] = static_cast<float>(src[d]) * p.scale;
+  }
+  std::fill(row_max, row_max + R, NEG_INF);
+  std::fill(row_sum, row_sum + R, 0.0f);
+  std::fill(acc, acc + R * Dp, 0.0f);
+
+  const int keys_per_split = round_up((tile.context_len + p.num_splits - 1) / p.num_splits, KEY_TILE);
+  const int key_begin = split * keys_per_split;
+  const int key_end = std::min({(split + 1) * keys_per_split, tile.context_len, s.query_index[R - 1] + 1});
+  const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * D;
+  const int64_t block_stride = p.block_size * token_stride;
+
+  for (int k0 = key_begin; k0 < key_end; k0 += KEY_TILE) {
+    const int num_keys = std::min(KEY_TILE, key_end - k0);
+    for (int j = 0; j < num_keys; ++j) {
+      const int index = k0 + j;
+      const int64_t offset = block_table[index / p.block_size] * block_stride +
+                             (index % p.block_size) * token_stride + static_cast<int64_t>(kv_head) * D;
+      float* v_dst = s.values.data() + j * Dp;
+      for (int d = 0; d < D; ++d) keys_t[d * KEY_TILE + j] = static_cast<float>(k_cache[offset + d]);
+#pragma omp simd
+      for (int d = 0; d < D; ++d) v_dst[d] = static_cast<float>(v_cache[offset + d]);
+    }
+    if (num_keys < KEY_TILE) {
+      for (int d = 0; d < D; ++d) std::fill(keys_t + d * KEY_TILE + num_keys, keys_t + (d + 1) * KEY_TILE, 0.0f);
+      std::fill(s.values.begin() + num_keys * Dp, s.values.end(), 0.0f);
+    }
+    gemm_few_rows(q_rows, Dp, 1, keys_t, KEY_TILE, scores, KEY_TILE, R, KEY_TILE, Dp, false);
+
+    const bool needs_mask = num_keys < KEY_TILE || k0 + KEY_TILE - 1 > s.query_index[0] ||
+                            (p.tree_size > 0 && k0 + KEY_TILE > tile.context_len - p.tree_size);
+    for (int r = 0; r < R; ++r) {
+      float* row = scores + r * KEY_TILE;
+      if (needs_mask)
+        for (int j = 0; j < KEY_TILE; ++j)
+          if (j >= num_keys || !visible(p, s.query_index[r], k0 + j, tile.context_len)) row[j] = NEG_INF;
+      float tile_max = NEG_INF;
+      for (int j = 0; j < KEY_TILE; ++j) tile_max = std::max(tile_max, row[j]);
+      const float new_max = std::max(row_max[r], tile_max);
+      const float safe_max = new_max == NEG_INF ? 0.0f : new_max;
+#pragma omp simd
+      for (int j = 0; j < KEY_TILE; ++j) row[j] = exp_nonpositive(row[j] - safe_max);
+      float tile_sum = 0.0f;
+      for (int j = 0; j < KEY_TILE; ++j) tile_sum += row[j];  // in key order, as run_unit sums
+      const float rescale = exp_nonpositive(row_max[r] - safe_max);
+      row_sum[r] = row_sum[r] * rescale + tile_sum;
+      row_max[r] = new_max;
+      float* out = acc + r * Dp;
+#pragma omp simd
+      for (int d = 0; d < Dp; ++d) out[d] *= rescale;
+    }
+    gemm_few_rows(scores, KEY_TILE, 1, s.values.data(), Dp, acc, Dp, R, Dp, KEY_TILE, true);
+  }
+}
+
 template <typename scalar_t>
 void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& block_tables, const std::vector<QueryTile>& tiles, const Problem& p,
@@ -260,7 +353,8 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
       const int split = unit % p.num_splits;
       const int kv_head = unit / p.num_splits % p.num_kv_heads;
       const QueryTile& tile = tiles[unit / p.num_splits / p.num_kv_heads];
-      run_unit<scalar_t>(p, tile, kv_head, split, q_data + tile.first_token * row_stride, k_data, v_data,
+      const auto unit_fn = tile.num_positions * p.group <= TILE_ROWS ? run_unit_few_rows<scalar_t> : run_unit<scalar_t>;
+      unit_fn(p, tile, kv_head, split, q_data + tile.first_token * row_stride, k_data, v_data,
                          tables + static_cast<int64_t>(tile.seq) * p.max_blocks, scratch,
                          part_max.data() + static_cast<size_t>(unit) * p.rows,
                          part_sum.data() + static_cast<size_t>(unit) * p.rows,
