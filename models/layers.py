@@ -126,6 +126,11 @@ class Linear(nn.Linear):
     kernels: DecodeKernels | None = None
     qtype: int = 0  # the weights' ggml type as the fused kernels take it: float (models.quant.QuantizedLinear: its own)
 
+    @property
+    def kernel_weight(self) -> torch.Tensor:
+        """The weights as the decode kernels read them (models.quant.QuantizedLinear may lay them out anew)."""
+        return self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None and self.kernels.takes(x):
             rows = x.reshape(-1, x.shape[-1])  # [num_tokens, in_features]

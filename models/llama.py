@@ -102,13 +102,13 @@ class DecoderLayer(nn.Module):
 
         # (a linear's qtype: its weights' ggml type, 0 for float; a LoRA wrapper reports its base's)
         q, k, v = ops.attention_input(hidden, self.input_layernorm.weight, self.input_layernorm.eps,
-                                      attn.qkv_proj.weight, attn.qkv_proj.bias, cos, sin,
+                                      attn.qkv_proj.kernel_weight, attn.qkv_proj.bias, cos, sin,
                                       attn.num_heads, attn.num_kv_heads, lora_slots, lora_weights(attn.qkv_proj),
                                       [int(attn.qkv_proj.qtype)])
         out = attn.attend(q, k, v).view(hidden.shape[0], attn.q_size)
-        return ops.attention_output(out, hidden, attn.o_proj.weight, attn.o_proj.bias,
+        return ops.attention_output(out, hidden, attn.o_proj.kernel_weight, attn.o_proj.bias,
                                     self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
-                                    mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, mlp.down_proj.weight,
+                                    mlp.gate_up_proj.kernel_weight, mlp.gate_up_proj.bias, mlp.down_proj.kernel_weight,
                                     mlp.down_proj.bias, lora_slots,
                                     lora_weights(attn.o_proj, mlp.gate_up_proj, mlp.down_proj),
                                     [int(attn.o_proj.qtype), int(mlp.gate_up_proj.qtype), int(mlp.down_proj.qtype)])
@@ -116,10 +116,11 @@ class DecoderLayer(nn.Module):
     def add_to(self, stack: object) -> None:
         """Append this layer to a DecoderStack (models.kernels.decode.cpp): forward_fused's calls, without LoRA."""
         attn, mlp = self.self_attn, self.mlp
-        stack.add_layer(self.input_layernorm.weight, self.input_layernorm.eps, attn.qkv_proj.weight,
-                        attn.qkv_proj.bias, attn.o_proj.weight, attn.o_proj.bias,
+        stack.add_layer(self.input_layernorm.weight, self.input_layernorm.eps, attn.qkv_proj.kernel_weight,
+                        attn.qkv_proj.bias, attn.o_proj.kernel_weight, attn.o_proj.bias,
                         self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
-                        mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias,
+                        mlp.gate_up_proj.kernel_weight, mlp.gate_up_proj.bias, mlp.down_proj.kernel_weight,
+                        mlp.down_proj.bias,
                         [int(attn.qkv_proj.qtype), int(attn.o_proj.qtype), int(mlp.gate_up_proj.qtype),
                          int(mlp.down_proj.qtype)], attn.k_cache, attn.v_cache)
 

@@ -78,6 +78,10 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     @property
+    def kernel_weight(self) -> torch.Tensor:
+        return self.base.kernel_weight
+
+    @property
     def qtype(self) -> int:
         return self.base.qtype
 

@@ -123,6 +123,23 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self.kernels = None
 
+    @property
+    def kernels(self) -> cpu_decode.DecodeKernels | None:
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, kernels: cpu_decode.DecodeKernels | None) -> None:
+        """Handing the layer its kernels also lays Q4_0/Q4_1/Q8_0 weights out for them (16 rows interleaved,
+        models/kernels/quant.h), where the CPU runs that layout's kernels: a second copy of those weights,
+        which decode streams instead of the file's."""
+        self._kernels = kernels
+        self.packed = None if kernels is None else kernels.ops.repack(self.weight, int(self.qtype), self.in_features)
+
+    @property
+    def kernel_weight(self) -> torch.Tensor:
+        """The weights as the decode kernels read them: packed where that applies, else the file's blocks."""
+        return self.weight if self.packed is None else self.packed
+
     @classmethod
     def from_weight(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None,
                     dtype: torch.dtype = torch.float32) -> QuantizedLinear:
@@ -135,7 +152,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self.kernels is not None and self.kernels.takes(rows):
-            out = self.kernels.ops.quantized_linear(rows, self.weight, int(self.qtype), self.bias)
+            out = self.kernels.ops.quantized_linear(rows, self.kernel_weight, int(self.qtype), self.bias)
         elif self.kernels is not None and rows.dtype == torch.float32 and bf16_gemm():
             out = self.tiled(rows.bfloat16()).float()
         else:

@@ -79,6 +79,58 @@ def test_kernel_matches_dequantized_matmul(qtype, isa):
             assert ((out - ref).abs() <= activation_bound(x, dense) * 1.001 + fp32_slack).all(), (k, m)
 
 
+PACKABLE = [QType.Q8_0, QType.Q4_0, QType.Q4_1]
+
+
+def packed(w: QuantizedWeight) -> torch.Tensor:
+    """w in the kernels' 16-row interleaved layout; skips where this CPU has no kernels that read it."""
+    if ops.set_isa("avx512") != "avx512":
+        pytest.skip("the packed layout is only made for AVX-512 VNNI CPUs")
+    p = ops.repack(w.data, int(w.qtype), w.shape[1])
+    assert p is not None and p.shape == (w.shape[0] // 16, w.shape[1] // 32, 16 * GGML_QUANT_SIZES[w.qtype][1])
+    return p
+
+
+@pytest.mark.parametrize("qtype", PACKABLE, ids=lambda t: t.name)
+def test_packed_layout_holds_the_same_weights(qtype):
+    for k in in_features_for(qtype):
+        w = random_weight(qtype, 48, k, seed=k)
+        assert torch.equal(ops.dequantize(packed(w), int(qtype), k), w.dequantize())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", PACKABLE, ids=lambda t: t.name)
+def test_packed_kernel_matches_dequantized_matmul(qtype, isa):
+    """The packed kernel (AVX-512 VNNI), and portable code over the packed layout when a lower ISA is forced."""
+    for k in in_features_for(qtype):
+        w = random_weight(qtype, 48, k, seed=k)
+        p, dense = packed(w), w.dequantize()
+        ops.set_isa(isa)
+        for m in (1, 3, 8, 13, 32):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            out = ops.quantized_linear(x, p, int(qtype), None)
+            fp32_slack = 1e-5 * (x.abs() @ dense.abs().T) + 1e-6
+            assert ((out - x @ dense.T).abs() <= activation_bound(x, dense) * 1.001 + fp32_slack).all(), (k, m)
+
+
+@pytest.mark.parametrize("qtype", PACKABLE, ids=lambda t: t.name)
+def test_packed_kernel_rows_do_not_depend_on_the_batch(qtype):
+    w = random_weight(qtype, 32, 608)
+    p = packed(w)
+    x = torch.randn(13, 608)
+    together = ops.quantized_linear(x, p, int(qtype), None)
+    for i in range(13):
+        assert torch.equal(ops.quantized_linear(x[i:i + 1], p, int(qtype), None)[0], together[i])
+
+
+def test_repack_applies_only_where_it_has_kernels():
+    ops.set_isa("avx512")
+    assert ops.repack(random_weight(QType.Q4_K, 32, 512).data, int(QType.Q4_K), 512) is None  # no packed kernel
+    assert ops.repack(random_weight(QType.Q8_0, 40, 96).data, int(QType.Q8_0), 96) is None  # 40 rows: not 16s
+    ops.set_isa("avx2")
+    assert ops.repack(random_weight(QType.Q8_0, 32, 96).data, int(QType.Q8_0), 96) is None
+
+
 def test_paths_agree_closely():
     w = random_weight(QType.Q4_K, 64, 512)
     x = torch.randn(4, 512)

@@ -137,14 +137,31 @@ torch::Tensor as_dtype(const torch::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
-// y = x W^T + b in quantized W's blocks (qtype: its ggml type) for fp32 x, W uint8 [out, row bytes]
+// The blocks of quantized W: uint8 [out, row bytes] in the file's layout, or [out / 16, blocks, group block
+// bytes] packed (quant.h, repack)
+quant::Weights quantized_weights(const torch::Tensor& weight, int64_t qtype, int64_t in_features) {
+  TORCH_CHECK(weight.is_contiguous() && weight.scalar_type() == torch::kByte && (weight.dim() == 2 || weight.dim() == 3),
+              "linear: quantized weights must be a contiguous uint8 [out, row bytes] or packed tensor");
+  const quant::Format f = quant::format_of(qtype);
+  const int64_t row_bytes = in_features / f.block * f.bytes;
+  if (weight.dim() == 3)
+    TORCH_CHECK(quant::packable(qtype) && weight.size(1) == in_features / 32 &&
+                    weight.size(2) == quant::group_block_bytes(qtype),
+                "linear: the packed weights do not hold ", in_features, " weights per row of ggml type ", qtype);
+  return {weight.data_ptr<uint8_t>(), weight.dim() == 3 ? row_bytes : weight.size(1), in_features / 32,
+          weight.dim() == 3};
+}
+
+int64_t quantized_rows(const torch::Tensor& weight) {
+  return weight.dim() == 3 ? weight.size(0) * quant::kGroupRows : weight.size(0);
+}
+
+// y = x W^T + b in quantized W's blocks (qtype: its ggml type) for fp32 x
 torch::Tensor linear_quantized(const torch::Tensor& x, const torch::Tensor& weight, int64_t qtype,
                                const torch::Tensor& bias) {
-  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == torch::kByte,
-              "linear: quantized weights must be a contiguous uint8 [out, row bytes] tensor");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = quantized_rows(weight);
   auto y = torch::empty({M, N}, x.options());
-  quant::linear(qtype, x.data_ptr<float>(), M, K, weight.data_ptr<uint8_t>(), weight.size(1), N, y.data_ptr<float>());
+  quant::linear(qtype, x.data_ptr<float>(), M, K, quantized_weights(weight, qtype, K), N, y.data_ptr<float>());
   if (bias.defined()) y.add_(bias);
   return y;
 }
@@ -265,8 +282,9 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_input(
   TORCH_CHECK(hidden.dim() == 2, "attention_input: hidden must be [rows, hidden_size]");
   const int64_t M = hidden.size(0);
   const int64_t num_qk_heads = num_heads + num_kv_heads;
-  const int64_t D = qkv_weight.size(0) / (num_qk_heads + num_kv_heads);
-  TORCH_CHECK(D * (num_qk_heads + num_kv_heads) == qkv_weight.size(0) && D % 2 == 0,
+  const int64_t qkv_rows = quantized_rows(qkv_weight);  // (a packed weight's first dimension counts 16-row groups)
+  const int64_t D = qkv_rows / (num_qk_heads + num_kv_heads);
+  TORCH_CHECK(D * (num_qk_heads + num_kv_heads) == qkv_rows && D % 2 == 0,
               "attention_input: the q/k/v weight does not split into heads of an even size");
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(0) == M && cos.size(1) == D, "attention_input: cos/sin must be [rows, head_dim]");
   auto normed = rms_norm_f32(as_float(hidden), norm_weight, eps);
@@ -479,15 +497,26 @@ torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor weight, int64_t qt
   return as_dtype(linear_quantized(as_float(x), weight, qtype, optional_float(bias)), x.scalar_type());
 }
 
-// uint8 [N, row bytes] in ggml type qtype -> fp32 [N, in_features]
+// quantized weights (uint8 [N, row bytes] in ggml type qtype, or packed) -> fp32 [N, in_features]
 torch::Tensor dequantize(torch::Tensor weight, int64_t qtype, int64_t in_features) {
   const quant::Format f = quant::format_of(qtype);
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == torch::kByte && in_features % f.block == 0 &&
-                  weight.size(1) == in_features / f.block * f.bytes,
-              "dequantize: weight must be uint8 [rows, row bytes] holding in_features weights per row");
+  TORCH_CHECK(in_features % f.block == 0 && (weight.dim() == 3 || weight.size(1) == in_features / f.block * f.bytes),
+              "dequantize: weight must be uint8 [rows, row bytes] holding in_features weights per row, or packed");
   auto w = weight.contiguous();
-  auto out = torch::empty({w.size(0), in_features}, torch::kFloat);
-  quant::dequantize(qtype, w.data_ptr<uint8_t>(), w.size(1), w.size(0), in_features, out.data_ptr<float>());
+  auto out = torch::empty({quantized_rows(w), in_features}, torch::kFloat);
+  quant::dequantize(qtype, quantized_weights(w, qtype, in_features), out.size(0), in_features, out.data_ptr<float>());
+  return out;
+}
+
+// uint8 [N, row bytes] in ggml type qtype -> the packed layout (quant.h), or None where it does not apply: a type
+// without one, N not a multiple of 16, or a CPU without AVX-512 VNNI (the only kernels that read it)
+c10::optional<torch::Tensor> repack(torch::Tensor weight, int64_t qtype, int64_t in_features) {
+  if (!quant::packable(qtype) || weight.size(0) % quant::kGroupRows || quant::current_isa() != quant::kAvx512)
+    return c10::nullopt;
+  auto w = weight.contiguous();
+  quantized_weights(w, qtype, in_features);  // checks the shape
+  auto out = torch::empty({w.size(0) / quant::kGroupRows, in_features / 32, quant::group_block_bytes(qtype)}, w.options());
+  quant::repack(qtype, w.data_ptr<uint8_t>(), w.size(1), w.size(0), in_features, out.data_ptr<uint8_t>());
   return out;
 }
 
@@ -515,7 +544,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("eps"), py::arg("gate_up_weight"), py::arg("gate_up_bias"), py::arg("down_weight"),
         py::arg("down_bias"), py::arg("lora_slots"), py::arg("lora"), py::arg("qtypes") = std::vector<int64_t>{});
   m.def("quantized_linear", &quantized_linear, "y = x @ dequantize(w).T + b for a few rows, w in ggml blocks");
-  m.def("dequantize", &dequantize, "ggml blocks -> fp32 rows");
+  m.def("dequantize", &dequantize, "ggml blocks (or packed) -> fp32 rows");
+  m.def("repack", &repack, "ggml blocks -> the kernels' 16-row interleaved layout, where it applies");
   m.def("set_isa", &set_isa, "force the quantized kernels' instruction set (auto, avx512, avx2, scalar)");
   m.def("isa", &isa, "the quantized kernels' instruction set");
   py::class_<DecoderStack>(m, "DecoderStack", "every decoder layer of a step in one call")

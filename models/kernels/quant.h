@@ -137,13 +137,78 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
   }
 }
 
-// rows [N, row_bytes] -> out [N, K] fp32 (the dequantization the kernels must agree with)
-inline void dequantize(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N, int64_t K, float* out) {
+// --- packed weights: Q4_0, Q4_1 and Q8_0 interleaved in groups of 16 rows ----------------------------------
+// One 512-bit VNNI instruction then multiplies 4 weights of each of 16 rows by 4 activations they share, so
+// a block's integer dot products need no horizontal sums, and its scales are applied once per block for 16
+// rows. Per group of 16 rows and block of 32 weights ("group block"):
+//   fp16 d[16] | Q4_1: fp16 m[16] | the quants in chunks of 16 rows x 4 bytes: chunk c holds bytes 4c..4c+3 of
+//   each row's quant bytes (Q4: 4 chunks of nibble bytes; Q8_0: 8 chunks, each byte + 128, so unsigned).
+// repack() makes it once, at load time; a packed weight is uint8 [N / 16, blocks, group block bytes].
+constexpr int64_t kGroupRows = 16;
+
+inline bool packable(int64_t qtype) { return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0; }
+
+inline int64_t group_block_bytes(int64_t qtype) { return kGroupRows * format_of(qtype).bytes; }
+
+inline int64_t quants_offset(int64_t qtype) { return qtype == kQ4_1 ? 64 : 32; }  // within a group block
+
+// rows [N, row_bytes] of K weights (N % 16 == 0) -> packed [N / 16, K / 32, group block bytes]
+inline void repack(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N, int64_t K, uint8_t* out) {
+  const int64_t bytes = format_of(qtype).bytes, gbb = group_block_bytes(qtype), blocks = K / 32;
+  const int64_t quant_bytes = qtype == kQ8_0 ? 32 : 16, quants_in_row = bytes - quant_bytes;
+  at::parallel_for(0, N / kGroupRows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        uint8_t* dst = out + (g * blocks + b) * gbb;
+        for (int64_t i = 0; i < kGroupRows; ++i) {
+          const uint8_t* src = w + (g * kGroupRows + i) * row_bytes + b * bytes;
+          std::memcpy(dst + 2 * i, src, 2);                                   // d
+          if (qtype == kQ4_1) std::memcpy(dst + 32 + 2 * i, src + 2, 2);     // m
+          for (int64_t j = 0; j < quant_bytes; ++j) {
+            const uint8_t v = src[quants_in_row + j];
+            dst[quants_offset(qtype) + (j / 4) * 64 + 4 * i + j % 4] = qtype == kQ8_0 ? v ^ 0x80 : v;
+          }
+        }
+      }
+    }
+  });
+}
+
+// Where a weight matrix's blocks lie: rows in the file's format, or packed
+struct Weights {
+  const uint8_t* data;
+  int64_t row_bytes;  // of a row in the file's format
+  int64_t blocks;     // blocks of 32 weights per row
+  bool packed;
+};
+
+// Block b (of 32 weights) of row n, as unpack_scalar gives it
+inline void unpack_block(int64_t qtype, const Weights& w, int64_t n, int64_t b, Block32* out) {
+  if (!w.packed) return unpack_scalar(qtype, w.data + n * w.row_bytes, b, out);
+  const int64_t i = n % kGroupRows;
+  const uint8_t* blk = w.data + (n / kGroupRows * w.blocks + b) * group_block_bytes(qtype);
+  const uint8_t* quants = blk + quants_offset(qtype);
+  out->scale[0] = out->scale[1] = half(blk + 2 * i);
+  out->min = qtype == kQ4_1 ? half(blk + 32 + 2 * i) : 0.f;
+  for (int j = 0; j < (qtype == kQ8_0 ? 32 : 16); ++j) {
+    const uint8_t v = quants[(j / 4) * 64 + 4 * i + j % 4];
+    if (qtype == kQ8_0) {
+      out->q[j] = static_cast<int8_t>(v ^ 0x80);
+    } else {
+      const int offset = qtype == kQ4_0 ? 8 : 0;
+      out->q[j] = (v & 0xF) - offset;
+      out->q[j + 16] = (v >> 4) - offset;
+    }
+  }
+}
+
+// [N, K] weights -> out [N, K] fp32 (the dequantization the kernels must agree with)
+inline void dequantize(int64_t qtype, const Weights& w, int64_t N, int64_t K, float* out) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     Block32 blk;
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t b = 0; b < K / 32; ++b) {
-        unpack_scalar(qtype, w + n * row_bytes, b, &blk);
+        unpack_block(qtype, w, n, b, &blk);
         float* o = out + n * K + b * 32;
         for (int i = 0; i < 32; ++i) o[i] = blk.scale[i / 16] * blk.q[i] + blk.min;
       }
@@ -160,6 +225,8 @@ struct Activations {
   std::vector<float> scale;    // [M, Kp / 4]: the lane's block scale dx
   std::vector<int32_t> init;   // [M, Kp / 4]: -offset * (sum of the lane's q): removes an unsigned weight offset
   std::vector<float> qsum;     // [M, Kp / 4]: dx * (sum of the lane's q): multiplies a weight block's min
+  std::vector<float> block_scale;   // [M, Kp / 32]: dx of each block (the packed kernels')
+  std::vector<int32_t> block_sum;   // [M, Kp / 32]: sum of each block's q
 };
 
 inline void quantize_activations(const float* x, int64_t M, int64_t K, int offset, Activations* a) {
@@ -170,6 +237,8 @@ inline void quantize_activations(const float* x, int64_t M, int64_t K, int offse
   a->scale.assign(M * lanes, 0.f);
   a->init.assign(M * lanes, 0);
   a->qsum.assign(M * lanes, 0.f);
+  a->block_scale.assign(M * a->Kp / 32, 0.f);
+  a->block_sum.assign(M * a->Kp / 32, 0);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < K / 32; ++b) {
       const float* xb = x + m * K + b * 32;
@@ -184,7 +253,9 @@ inline void quantize_activations(const float* x, int64_t M, int64_t K, int offse
         a->scale[lane] = d;
         a->init[lane] = -offset * s;
         a->qsum[lane] = d * s;
+        a->block_sum[m * a->Kp / 32 + b] += s;
       }
+      a->block_scale[m * a->Kp / 32 + b] = d;
     }
   }
 }
@@ -499,15 +570,15 @@ QUANT_AVX2 void rows_avx2(const Activations& a, int64_t rows, const uint8_t* w, 
 }
 
 // Same arithmetic as the SIMD paths, in portable code: integer lane sums scaled per lane
-inline void rows_scalar(int64_t qtype, const Activations& a, int64_t rows, const uint8_t* w, int64_t row_bytes,
-                        int64_t K, float* y, int64_t N, int64_t m0, int64_t n_begin, int64_t n_end) {
+inline void rows_scalar(int64_t qtype, const Activations& a, int64_t rows, const Weights& w, int64_t K, float* y,
+                        int64_t N, int64_t m0, int64_t n_begin, int64_t n_end) {
   const int64_t lanes = a.Kp / 4;
   Block32 blk;
   std::vector<float> acc(rows);
   for (int64_t n = n_begin; n < n_end; ++n) {
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t b = 0; b < K / 32; ++b) {
-      unpack_scalar(qtype, w + n * row_bytes, b, &blk);
+      unpack_block(qtype, w, n, b, &blk);
       for (int64_t m = 0; m < rows; ++m) {
         const int8_t* xq = a.q.data() + (m0 + m) * a.Kp + b * 32;
         for (int l = 0; l < 8; ++l) {
@@ -565,7 +636,7 @@ void gemv_q(const Activations& a, const uint8_t* w, int64_t row_bytes, int64_t K
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
       const int64_t rows = std::min<int64_t>(8, M - m0);
       if (isa == kScalar) {
-        rows_scalar(QT, a, rows, w, row_bytes, K, y, N, m0, begin, end);
+        rows_scalar(QT, a, rows, Weights{w, row_bytes, K / 32, false}, K, y, N, m0, begin, end);
         continue;
       }
 #define QUANT_CALL(MB)                                                                      \
@@ -580,6 +651,80 @@ void gemv_q(const Activations& a, const uint8_t* w, int64_t row_bytes, int64_t K
   });
 }
 
+// Packed weights, AVX-512 VNNI: MB token rows against the 16 rows of group g. Per group block and token row:
+// dot = sum over the block of q x in 16 int32 lanes (one per weight row; an offset o of the weights, q - o,
+// is taken off through the activations' block sum), then acc += dot * d * dx (+ m * dx * sum x for Q4_1).
+template <int64_t QT, int MB>
+QUANT_AVX512 void packed_group_avx512(const Activations& a, int64_t rows, const uint8_t* group, int64_t blocks,
+                                      float* y, int64_t N, int64_t m0, int64_t n0) {
+  constexpr bool has_min = QT == kQ4_1;
+  constexpr int offset = QT == kQ4_0 ? 8 : QT == kQ8_0 ? 128 : 0;
+  constexpr int64_t gbb = kGroupRows * (QT == kQ8_0 ? 34 : QT == kQ4_1 ? 20 : 18);
+  const int64_t xblocks = a.Kp / 32;
+  const int8_t* xq[MB];
+  const float* xs[MB];
+  const int32_t* xsum[MB];
+  for (int m = 0; m < MB; ++m) {
+    const int64_t r = m0 + std::min<int64_t>(m, rows - 1);
+    xq[m] = a.q.data() + r * a.Kp;
+    xs[m] = a.block_scale.data() + r * xblocks;
+    xsum[m] = a.block_sum.data() + r * xblocks;
+  }
+  const __m512i low = _mm512_set1_epi8(0xF);
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* blk = group + b * gbb;
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+    const __m512 mn = has_min ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)))
+                              : _mm512_setzero_ps();
+    const uint8_t* quants = blk + (has_min ? 64 : 32);
+    __m512i w[8];  // w[c]: weights 4c..4c+3 of each row
+    if (QT == kQ8_0) {
+      for (int c = 0; c < 8; ++c) w[c] = _mm512_loadu_si512(quants + 64 * c);
+    } else {
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(quants + 64 * c);
+        w[c] = _mm512_and_si512(v, low);
+        w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const int8_t* x = xq[m] + b * 32;
+      __m512i dot = offset ? _mm512_set1_epi32(-offset * xsum[m][b]) : _mm512_setzero_si512();
+      for (int c = 0; c < 8; ++c) {
+        int32_t x4;
+        std::memcpy(&x4, x + 4 * c, 4);
+        dot = _mm512_dpbusd_epi32(dot, w[c], _mm512_set1_epi32(x4));
+      }
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xs[m][b])), acc[m]);
+      if (has_min) acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[m][b] * xsum[m][b]), acc[m]);
+    }
+  }
+  for (int m = 0; m < rows; ++m) _mm512_storeu_ps(y + (m0 + m) * N + n0, acc[m]);
+}
+
+template <int64_t QT>
+void gemv_packed(const Activations& a, const uint8_t* w, int64_t K, float* y, int64_t N) {
+  const int64_t blocks = K / 32, gbb = group_block_bytes(QT);
+  const int64_t grain = std::max<int64_t>(1, 32 * 1024 / (blocks * gbb));  // groups per task, ~32 KiB
+  at::parallel_for(0, N / kGroupRows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const uint8_t* group = w + g * blocks * gbb;
+      for (int64_t m0 = 0; m0 < a.M; m0 += 8) {  // later chunks of token rows find the group in L1
+        const int64_t rows = std::min<int64_t>(8, a.M - m0);
+        switch (rows) {
+#define PACKED_CALL(MB) \
+  case MB: packed_group_avx512<QT, MB>(a, rows, group, blocks, y, N, m0, g * kGroupRows); break;
+          PACKED_CALL(1) PACKED_CALL(2) PACKED_CALL(3) PACKED_CALL(4)
+          PACKED_CALL(5) PACKED_CALL(6) PACKED_CALL(7) PACKED_CALL(8)
+#undef PACKED_CALL
+        }
+      }
+    }
+  });
+}
+
 inline int activation_offset(int64_t qtype, int isa) {
   switch (qtype) {
     case kQ4_0: return 8;
@@ -589,22 +734,37 @@ inline int activation_offset(int64_t qtype, int isa) {
   }
 }
 
-inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t row_bytes,
-                   int64_t N, float* y) {
+inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const Weights& w, int64_t N, float* y) {
   const Format f = format_of(qtype);
-  if (K % f.block || row_bytes != K / f.block * f.bytes)
-    throw std::invalid_argument("quantized linear: " + std::to_string(row_bytes) + " bytes per row do not hold " +
+  if (K % f.block || w.row_bytes != K / f.block * f.bytes)
+    throw std::invalid_argument("quantized linear: " + std::to_string(w.row_bytes) + " bytes per row do not hold " +
                                 std::to_string(K) + " weights of ggml type " + std::to_string(qtype));
   const int isa = current_isa();
   Activations a;
   quantize_activations(x, M, K, isa == kScalar ? 0 : activation_offset(qtype, isa), &a);
+  if (w.packed && isa == kAvx512) {
+    switch (qtype) {
+      case kQ8_0: return gemv_packed<kQ8_0>(a, w.data, K, y, N);
+      case kQ4_0: return gemv_packed<kQ4_0>(a, w.data, K, y, N);
+      case kQ4_1: return gemv_packed<kQ4_1>(a, w.data, K, y, N);
+    }
+  }
+  if (w.packed) {  // a lower instruction set forced (tests): portable code over the packed layout
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m0 = 0; m0 < M; m0 += 8)
+        rows_scalar(qtype, a, std::min<int64_t>(8, M - m0), w, K, y, N, m0, begin, end);
+    });
+    return;
+  }
+  const uint8_t* data = w.data;
+  const int64_t row_bytes = w.row_bytes;
   switch (qtype) {
-    case kQ8_0: gemv_q<kQ8_0>(a, w, row_bytes, K, y, N, isa); break;
-    case kQ4_0: gemv_q<kQ4_0>(a, w, row_bytes, K, y, N, isa); break;
-    case kQ4_1: gemv_q<kQ4_1>(a, w, row_bytes, K, y, N, isa); break;
-    case kQ4_K: gemv_q<kQ4_K>(a, w, row_bytes, K, y, N, isa); break;
-    case kQ5_K: gemv_q<kQ5_K>(a, w, row_bytes, K, y, N, isa); break;
-    case kQ6_K: gemv_q<kQ6_K>(a, w, row_bytes, K, y, N, isa); break;
+    case kQ8_0: gemv_q<kQ8_0>(a, data, row_bytes, K, y, N, isa); break;
+    case kQ4_0: gemv_q<kQ4_0>(a, data, row_bytes, K, y, N, isa); break;
+    case kQ4_1: gemv_q<kQ4_1>(a, data, row_bytes, K, y, N, isa); break;
+    case kQ4_K: gemv_q<kQ4_K>(a, data, row_bytes, K, y, N, isa); break;
+    case kQ5_K: gemv_q<kQ5_K>(a, data, row_bytes, K, y, N, isa); break;
+    case kQ6_K: gemv_q<kQ6_K>(a, data, row_bytes, K, y, N, isa); break;
   }
 }
 
