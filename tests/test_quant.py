@@ -79,7 +79,7 @@ def test_kernel_matches_dequantized_matmul(qtype, isa):
             assert ((out - ref).abs() <= activation_bound(x, dense) * 1.001 + fp32_slack).all(), (k, m)
 
 
-PACKABLE = [QType.Q8_0, QType.Q4_0, QType.Q4_1]
+PACKABLE = [QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q4_K]
 
 
 def packed(w: QuantizedWeight) -> torch.Tensor:
@@ -87,7 +87,9 @@ def packed(w: QuantizedWeight) -> torch.Tensor:
     if ops.set_isa("avx512") != "avx512":
         pytest.skip("the packed layout is only made for AVX-512 VNNI CPUs")
     p = ops.repack(w.data, int(w.qtype), w.shape[1])
-    assert p is not None and p.shape == (w.shape[0] // 16, w.shape[1] // 32, 16 * GGML_QUANT_SIZES[w.qtype][1])
+    block, type_size = GGML_QUANT_SIZES[w.qtype]
+    extra = 64 if w.qtype == QType.Q4_K else 0  # Q4_K's 6-bit scales and mins become bytes
+    assert p is not None and p.shape == (w.shape[0] // 16, w.shape[1] // block, 16 * type_size + extra)
     return p
 
 
@@ -115,9 +117,10 @@ def test_packed_kernel_matches_dequantized_matmul(qtype, isa):
 
 @pytest.mark.parametrize("qtype", PACKABLE, ids=lambda t: t.name)
 def test_packed_kernel_rows_do_not_depend_on_the_batch(qtype):
-    w = random_weight(qtype, 32, 608)
+    k = in_features_for(qtype)[-1]
+    w = random_weight(qtype, 32, k)
     p = packed(w)
-    x = torch.randn(13, 608)
+    x = torch.randn(13, k)
     together = ops.quantized_linear(x, p, int(qtype), None)
     for i in range(13):
         assert torch.equal(ops.quantized_linear(x[i:i + 1], p, int(qtype), None)[0], together[i])
@@ -125,7 +128,7 @@ def test_packed_kernel_rows_do_not_depend_on_the_batch(qtype):
 
 def test_repack_applies_only_where_it_has_kernels():
     ops.set_isa("avx512")
-    assert ops.repack(random_weight(QType.Q4_K, 32, 512).data, int(QType.Q4_K), 512) is None  # no packed kernel
+    assert ops.repack(random_weight(QType.Q6_K, 32, 512).data, int(QType.Q6_K), 512) is None  # no packed kernel
     assert ops.repack(random_weight(QType.Q8_0, 40, 96).data, int(QType.Q8_0), 96) is None  # 40 rows: not 16s
     ops.set_isa("avx2")
     assert ops.repack(random_weight(QType.Q8_0, 32, 96).data, int(QType.Q8_0), 96) is None

@@ -145,10 +145,10 @@ quant::Weights quantized_weights(const torch::Tensor& weight, int64_t qtype, int
   const quant::Format f = quant::format_of(qtype);
   const int64_t row_bytes = in_features / f.block * f.bytes;
   if (weight.dim() == 3)
-    TORCH_CHECK(quant::packable(qtype) && weight.size(1) == in_features / 32 &&
+    TORCH_CHECK(quant::packable(qtype) && weight.size(1) == in_features / f.block &&
                     weight.size(2) == quant::group_block_bytes(qtype),
                 "linear: the packed weights do not hold ", in_features, " weights per row of ggml type ", qtype);
-  return {weight.data_ptr<uint8_t>(), weight.dim() == 3 ? row_bytes : weight.size(1), in_features / 32,
+  return {weight.data_ptr<uint8_t>(), weight.dim() == 3 ? row_bytes : weight.size(1), in_features / f.block,
           weight.dim() == 3};
 }
 
@@ -509,13 +509,14 @@ torch::Tensor dequantize(torch::Tensor weight, int64_t qtype, int64_t in_feature
 }
 
 // uint8 [N, row bytes] in ggml type qtype -> the packed layout (quant.h), or None where it does not apply: a type
-// without one, N not a multiple of 16, or a CPU without AVX-512 VNNI (the only kernels that read it)
+// without one (Q5_K, Q6_K), N not a multiple of 16, or a CPU without AVX-512 VNNI (the only kernels that read it)
 c10::optional<torch::Tensor> repack(torch::Tensor weight, int64_t qtype, int64_t in_features) {
   if (!quant::packable(qtype) || weight.size(0) % quant::kGroupRows || quant::current_isa() != quant::kAvx512)
     return c10::nullopt;
   auto w = weight.contiguous();
   quantized_weights(w, qtype, in_features);  // checks the shape
-  auto out = torch::empty({w.size(0) / quant::kGroupRows, in_features / 32, quant::group_block_bytes(qtype)}, w.options());
+  auto out = torch::empty({w.size(0) / quant::kGroupRows, in_features / quant::format_of(qtype).block,
+                           quant::group_block_bytes(qtype)}, w.options());
   quant::repack(qtype, w.data_ptr<uint8_t>(), w.size(1), w.size(0), in_features, out.data_ptr<uint8_t>());
   return out;
 }

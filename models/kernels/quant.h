@@ -137,36 +137,52 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
   }
 }
 
-// --- packed weights: Q4_0, Q4_1 and Q8_0 interleaved in groups of 16 rows ----------------------------------
+// --- packed weights: Q4_0, Q4_1, Q8_0 and Q4_K interleaved in groups of 16 rows ---------------------------
 // One 512-bit VNNI instruction then multiplies 4 weights of each of 16 rows by 4 activations they share, so
 // a block's integer dot products need no horizontal sums, and its scales are applied once per block for 16
-// rows. Per group of 16 rows and block of 32 weights ("group block"):
-//   fp16 d[16] | Q4_1: fp16 m[16] | the quants in chunks of 16 rows x 4 bytes: chunk c holds bytes 4c..4c+3 of
-//   each row's quant bytes (Q4: 4 chunks of nibble bytes; Q8_0: 8 chunks, each byte + 128, so unsigned).
-// repack() makes it once, at load time; a packed weight is uint8 [N / 16, blocks, group block bytes].
+// rows. Per group of 16 rows and block of the format ("group block"; Q4_K: its super-block of 256):
+//   Q4_0, Q8_0: fp16 d[16] | quants;  Q4_1: fp16 d[16] | fp16 m[16] | quants
+//   Q4_K: fp16 d[16] | fp16 dmin[16] | uint8 sc[8][16] | uint8 mn[8][16] | quants of sub-block pairs 0..3
+// where quants come in chunks of 16 rows x 4 bytes, chunk c holding bytes 4c..4c+3 of each row's quant bytes
+// (Q4: nibble bytes, 16 a block, 32 a Q4_K sub-block pair; Q8_0: 32 bytes, each + 128 so that it is unsigned).
+// repack() makes it once, at load time; a packed weight is uint8 [N / 16, K / block, group block bytes].
 constexpr int64_t kGroupRows = 16;
 
-inline bool packable(int64_t qtype) { return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0; }
+inline bool packable(int64_t qtype) { return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 || qtype == kQ4_K; }
 
-inline int64_t group_block_bytes(int64_t qtype) { return kGroupRows * format_of(qtype).bytes; }
+inline int64_t quants_offset(int64_t qtype) {  // within a group block
+  return qtype == kQ4_K ? 64 + 256 : qtype == kQ4_1 ? 64 : 32;
+}
 
-inline int64_t quants_offset(int64_t qtype) { return qtype == kQ4_1 ? 64 : 32; }  // within a group block
+inline int64_t group_block_bytes(int64_t qtype) {
+  return quants_offset(qtype) + kGroupRows * (qtype == kQ8_0 ? 32 : qtype == kQ4_K ? 128 : 16);
+}
 
-// rows [N, row_bytes] of K weights (N % 16 == 0) -> packed [N / 16, K / 32, group block bytes]
+// rows [N, row_bytes] of K weights (N % 16 == 0) -> packed [N / 16, K / block, group block bytes]
 inline void repack(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N, int64_t K, uint8_t* out) {
-  const int64_t bytes = format_of(qtype).bytes, gbb = group_block_bytes(qtype), blocks = K / 32;
-  const int64_t quant_bytes = qtype == kQ8_0 ? 32 : 16, quants_in_row = bytes - quant_bytes;
+  const Format f = format_of(qtype);
+  const int64_t gbb = group_block_bytes(qtype), blocks = K / f.block;
+  const int64_t quant_bytes = qtype == kQ8_0 ? 32 : f.block / 2, quants_in_block = f.bytes - quant_bytes;
   at::parallel_for(0, N / kGroupRows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       for (int64_t b = 0; b < blocks; ++b) {
         uint8_t* dst = out + (g * blocks + b) * gbb;
+        uint8_t* quants = dst + quants_offset(qtype);
         for (int64_t i = 0; i < kGroupRows; ++i) {
-          const uint8_t* src = w + (g * kGroupRows + i) * row_bytes + b * bytes;
-          std::memcpy(dst + 2 * i, src, 2);                                   // d
-          if (qtype == kQ4_1) std::memcpy(dst + 32 + 2 * i, src + 2, 2);     // m
-          for (int64_t j = 0; j < quant_bytes; ++j) {
-            const uint8_t v = src[quants_in_row + j];
-            dst[quants_offset(qtype) + (j / 4) * 64 + 4 * i + j % 4] = qtype == kQ8_0 ? v ^ 0x80 : v;
+          const uint8_t* src = w + (g * kGroupRows + i) * row_bytes + b * f.bytes;
+          std::memcpy(dst + 2 * i, src, 2);                                                    // d
+          if (qtype == kQ4_1 || qtype == kQ4_K) std::memcpy(dst + 32 + 2 * i, src + 2, 2);   // m / dmin
+          if (qtype == kQ4_K) {
+            for (int j = 0; j < 8; ++j) {
+              int sc, mn;
+              k_scale_min(src + 4, j, &sc, &mn);
+              dst[64 + 16 * j + i] = static_cast<uint8_t>(sc);
+              dst[64 + 128 + 16 * j + i] = static_cast<uint8_t>(mn);
+            }
+          }
+          for (int64_t j = 0; j < quant_bytes; ++j) {  // Q4_K: 32 bytes per sub-block pair, pairs one after another
+            const uint8_t v = src[quants_in_block + j];
+            quants[(j / 32) * 512 + (j % 32 / 4) * 64 + 4 * i + j % 4] = qtype == kQ8_0 ? v ^ 0x80 : v;
           }
         }
       }
@@ -178,16 +194,23 @@ inline void repack(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N
 struct Weights {
   const uint8_t* data;
   int64_t row_bytes;  // of a row in the file's format
-  int64_t blocks;     // blocks of 32 weights per row
+  int64_t blocks;     // blocks of the format per row
   bool packed;
 };
 
 // Block b (of 32 weights) of row n, as unpack_scalar gives it
 inline void unpack_block(int64_t qtype, const Weights& w, int64_t n, int64_t b, Block32* out) {
   if (!w.packed) return unpack_scalar(qtype, w.data + n * w.row_bytes, b, out);
-  const int64_t i = n % kGroupRows;
-  const uint8_t* blk = w.data + (n / kGroupRows * w.blocks + b) * group_block_bytes(qtype);
+  const int64_t i = n % kGroupRows, per_block = format_of(qtype).block / 32;  // 32-blocks in a block
+  const uint8_t* blk = w.data + (n / kGroupRows * w.blocks + b / per_block) * group_block_bytes(qtype);
   const uint8_t* quants = blk + quants_offset(qtype);
+  if (qtype == kQ4_K) {
+    const int j = b % 8;  // sub-block; its nibbles are the low (j even) or high (j odd) ones of pair j / 2
+    out->scale[0] = out->scale[1] = half(blk + 2 * i) * blk[64 + 16 * j + i];
+    out->min = -half(blk + 32 + 2 * i) * blk[64 + 128 + 16 * j + i];
+    for (int e = 0; e < 32; ++e) out->q[e] = (quants[(j / 2) * 512 + (e / 4) * 64 + 4 * i + e % 4] >> (4 * (j % 2))) & 0xF;
+    return;
+  }
   out->scale[0] = out->scale[1] = half(blk + 2 * i);
   out->min = qtype == kQ4_1 ? half(blk + 32 + 2 * i) : 0.f;
   for (int j = 0; j < (qtype == kQ8_0 ? 32 : 16); ++j) {
@@ -636,7 +659,7 @@ void gemv_q(const Activations& a, const uint8_t* w, int64_t row_bytes, int64_t K
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
       const int64_t rows = std::min<int64_t>(8, M - m0);
       if (isa == kScalar) {
-        rows_scalar(QT, a, rows, Weights{w, row_bytes, K / 32, false}, K, y, N, m0, begin, end);
+        rows_scalar(QT, a, rows, Weights{w, row_bytes, K / format_of(QT).block, false}, K, y, N, m0, begin, end);
         continue;
       }
 #define QUANT_CALL(MB)                                                                      \
@@ -651,35 +674,76 @@ void gemv_q(const Activations& a, const uint8_t* w, int64_t row_bytes, int64_t K
   });
 }
 
-// Packed weights, AVX-512 VNNI: MB token rows against the 16 rows of group g. Per group block and token row:
-// dot = sum over the block of q x in 16 int32 lanes (one per weight row; an offset o of the weights, q - o,
-// is taken off through the activations' block sum), then acc += dot * d * dx (+ m * dx * sum x for Q4_1).
-template <int64_t QT, int MB>
-QUANT_AVX512 void packed_group_avx512(const Activations& a, int64_t rows, const uint8_t* group, int64_t blocks,
-                                      float* y, int64_t N, int64_t m0, int64_t n0) {
-  constexpr bool has_min = QT == kQ4_1;
-  constexpr int offset = QT == kQ4_0 ? 8 : QT == kQ8_0 ? 128 : 0;
-  constexpr int64_t gbb = kGroupRows * (QT == kQ8_0 ? 34 : QT == kQ4_1 ? 20 : 18);
-  const int64_t xblocks = a.Kp / 32;
+// Packed weights, AVX-512 VNNI: MB token rows against the 16 rows of one group. Per 32 weights and token row:
+// dot = sum of q x in 16 int32 lanes (one per weight row; an offset o of the weights, q - o, is taken off
+// through the activations' block sum), then acc += dot * d * dx (+ m * dx * sum x for Q4_1; Q4_K: d * sc and
+// - dmin * mn in place of d and m).
+template <int MB>
+struct PackedRows {
   const int8_t* xq[MB];
   const float* xs[MB];
   const int32_t* xsum[MB];
-  for (int m = 0; m < MB; ++m) {
-    const int64_t r = m0 + std::min<int64_t>(m, rows - 1);
-    xq[m] = a.q.data() + r * a.Kp;
-    xs[m] = a.block_scale.data() + r * xblocks;
-    xsum[m] = a.block_sum.data() + r * xblocks;
+  PackedRows(const Activations& a, int64_t rows, int64_t m0) {
+    for (int m = 0; m < MB; ++m) {
+      const int64_t r = m0 + std::min<int64_t>(m, rows - 1);
+      xq[m] = a.q.data() + r * a.Kp;
+      xs[m] = a.block_scale.data() + r * (a.Kp / 32);
+      xsum[m] = a.block_sum.data() + r * (a.Kp / 32);
+    }
   }
+};
+
+// acc[m] += the 32-block x32 (index of the activations' block) against weights w[8] (w[c]: weights 4c..4c+3 of
+// each of the 16 rows, unsigned, offset o), scaled by d and min per row
+template <int MB, int offset, bool has_min>
+QUANT_AVX512 inline void packed_block(const PackedRows<MB>& x, int64_t x32, const __m512i (&w)[8], __m512 d,
+                                      __m512 min, __m512 (&acc)[MB]) {
+  for (int m = 0; m < MB; ++m) {
+    const int8_t* xb = x.xq[m] + x32 * 32;
+    __m512i dot = offset ? _mm512_set1_epi32(-offset * x.xsum[m][x32]) : _mm512_setzero_si512();
+    for (int c = 0; c < 8; ++c) {
+      int32_t x4;
+      std::memcpy(&x4, xb + 4 * c, 4);
+      dot = _mm512_dpbusd_epi32(dot, w[c], _mm512_set1_epi32(x4));
+    }
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(x.xs[m][x32])), acc[m]);
+    if (has_min) acc[m] = _mm512_fmadd_ps(min, _mm512_set1_ps(x.xs[m][x32] * x.xsum[m][x32]), acc[m]);
+  }
+}
+
+QUANT_AVX512 inline __m512 halves16(const uint8_t* p) {  // 16 fp16 -> fp32
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+QUANT_AVX512 inline __m512 bytes16(const uint8_t* p) {  // 16 uint8 -> fp32
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+template <int64_t QT, int MB>
+QUANT_AVX512 void packed_group_avx512(const Activations& a, int64_t rows, const uint8_t* group, int64_t blocks,
+                                      float* y, int64_t N, int64_t m0, int64_t n0) {
+  const PackedRows<MB> x(a, rows, m0);
   const __m512i low = _mm512_set1_epi8(0xF);
+  const int64_t gbb = group_block_bytes(QT);
   __m512 acc[MB];
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  __m512i w[8];
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* blk = group + b * gbb;
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
-    const __m512 mn = has_min ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 32)))
-                              : _mm512_setzero_ps();
-    const uint8_t* quants = blk + (has_min ? 64 : 32);
-    __m512i w[8];  // w[c]: weights 4c..4c+3 of each row
+    const uint8_t* quants = blk + quants_offset(QT);
+    if (QT == kQ4_K) {
+      const __m512 d = halves16(blk), dmin = halves16(blk + 32);
+      for (int j = 0; j < 8; ++j) {  // sub-blocks: the low nibbles of pair j / 2, then its high ones
+        for (int c = 0; c < 8; ++c) {
+          const __m512i v = _mm512_loadu_si512(quants + (j / 2) * 512 + 64 * c);
+          w[c] = _mm512_and_si512(j % 2 ? _mm512_srli_epi16(v, 4) : v, low);
+        }
+        const __m512 scale = _mm512_mul_ps(d, bytes16(blk + 64 + 16 * j));
+        const __m512 min = _mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), bytes16(blk + 64 + 128 + 16 * j)));
+        packed_block<MB, 0, true>(x, b * 8 + j, w, scale, min, acc);
+      }
+      continue;
+    }
     if (QT == kQ8_0) {
       for (int c = 0; c < 8; ++c) w[c] = _mm512_loadu_si512(quants + 64 * c);
     } else {
@@ -689,24 +753,16 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, int64_t rows, const 
         w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
       }
     }
-    for (int m = 0; m < MB; ++m) {
-      const int8_t* x = xq[m] + b * 32;
-      __m512i dot = offset ? _mm512_set1_epi32(-offset * xsum[m][b]) : _mm512_setzero_si512();
-      for (int c = 0; c < 8; ++c) {
-        int32_t x4;
-        std::memcpy(&x4, x + 4 * c, 4);
-        dot = _mm512_dpbusd_epi32(dot, w[c], _mm512_set1_epi32(x4));
-      }
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xs[m][b])), acc[m]);
-      if (has_min) acc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[m][b] * xsum[m][b]), acc[m]);
-    }
+    const __m512 d = halves16(blk);
+    if (QT == kQ4_1) packed_block<MB, 0, true>(x, b, w, d, halves16(blk + 32), acc);
+    else packed_block<MB, QT == kQ4_0 ? 8 : 128, false>(x, b, w, d, _mm512_setzero_ps(), acc);
   }
   for (int m = 0; m < rows; ++m) _mm512_storeu_ps(y + (m0 + m) * N + n0, acc[m]);
 }
 
 template <int64_t QT>
 void gemv_packed(const Activations& a, const uint8_t* w, int64_t K, float* y, int64_t N) {
-  const int64_t blocks = K / 32, gbb = group_block_bytes(QT);
+  const int64_t blocks = K / format_of(QT).block, gbb = group_block_bytes(QT);
   const int64_t grain = std::max<int64_t>(1, 32 * 1024 / (blocks * gbb));  // groups per task, ~32 KiB
   at::parallel_for(0, N / kGroupRows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
@@ -747,6 +803,7 @@ inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const We
       case kQ8_0: return gemv_packed<kQ8_0>(a, w.data, K, y, N);
       case kQ4_0: return gemv_packed<kQ4_0>(a, w.data, K, y, N);
       case kQ4_1: return gemv_packed<kQ4_1>(a, w.data, K, y, N);
+      case kQ4_K: return gemv_packed<kQ4_K>(a, w.data, K, y, N);
     }
   }
   if (w.packed) {  // a lower instruction set forced (tests): portable code over the packed layout
