@@ -129,7 +129,7 @@ class QuantizedLinear(nn.Module):
 
     @kernels.setter
     def kernels(self, kernels: cpu_decode.DecodeKernels | None) -> None:
-        """Handing the layer its kernels also lays Q4_0/Q4_1/Q8_0 weights out for them (16 rows interleaved,
+        """Handing the layer its kernels also lays Q4_0/Q4_1/Q8_0/Q4_K weights out for them (16 rows interleaved,
         models/kernels/quant.h), where the CPU runs that layout's kernels: a second copy of those weights,
         which decode streams instead of the file's."""
         self._kernels = kernels
