@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -38,6 +39,46 @@ inline f32x16 load16(const float* p) {
 }
 
 inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+template <typename scalar_t>
+inline f32x16 load16_float(const scalar_t* p) {  // 16 values of any float type, as fp32
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return load16(p);
+  } else {
+    f32x16 v;
+    for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
+    return v;
+  }
+}
+
+// Rows i and i + S of a transpose in progress: swap their off-diagonal blocks of S lanes (LOW/HIGH: the lanes
+// each keeps, 16 + l naming lane l of the other row)
+template <int S>
+inline void swap_blocks(f32x16 (&r)[16]) {
+  typedef int i32x16 __attribute__((vector_size(64)));
+  constexpr i32x16 low = {0 ^ 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  i32x16 keep_low = low, keep_high = low;
+#pragma GCC unroll 16
+  for (int l = 0; l < 16; ++l) {
+    keep_low[l] = (l & S) ? 16 + l - S : l;
+    keep_high[l] = (l & S) ? 16 + l : l + S;
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) {
+    if (i & S) continue;
+    const f32x16 a = r[i], b = r[i + S];
+    r[i] = __builtin_shuffle(a, b, keep_low);
+    r[i + S] = __builtin_shuffle(a, b, keep_high);
+  }
+}
+
+// r[i][l] -> r[l][i]: a 16 x 16 transpose in registers
+inline void transpose16(f32x16 (&r)[16]) {
+  swap_blocks<8>(r);
+  swap_blocks<4>(r);
+  swap_blocks<2>(r);
+  swap_blocks<1>(r);
+}
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
@@ -286,14 +327,33 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
 
   for (int k0 = key_begin; k0 < key_end; k0 += KEY_TILE) {
     const int num_keys = std::min(KEY_TILE, key_end - k0);
+    auto offset_of = [&](int index) {
+      return block_table[index / p.block_size] * block_stride + (index % p.block_size) * token_stride +
+             static_cast<int64_t>(kv_head) * D;
+    };
     for (int j = 0; j < num_keys; ++j) {
-      const int index = k0 + j;
-      const int64_t offset = block_table[index / p.block_size] * block_stride +
-                             (index % p.block_size) * token_stride + static_cast<int64_t>(kv_head) * D;
+      const scalar_t* v_src = v_cache + offset_of(k0 + j);
       float* v_dst = s.values.data() + j * Dp;
-      for (int d = 0; d < D; ++d) keys_t[d * KEY_TILE + j] = static_cast<float>(k_cache[offset + d]);
 #pragma omp simd
-      for (int d = 0; d < D; ++d) v_dst[d] = static_cast<float>(v_cache[offset + d]);
+      for (int d = 0; d < D; ++d) v_dst[d] = static_cast<float>(v_src[d]);
+    }
+    int j0 = 0;  // keys transposed 16 x 16 dims at a time in registers, the rest one by one
+    for (; j0 + 16 <= num_keys; j0 += 16) {
+      const scalar_t* k_src[16];
+      for (int t = 0; t < 16; ++t) k_src[t] = k_cache + offset_of(k0 + j0 + t);
+      int d0 = 0;
+      for (; d0 + 16 <= D; d0 += 16) {
+        f32x16 r[16];
+        for (int t = 0; t < 16; ++t) r[t] = load16_float(k_src[t] + d0);
+        transpose16(r);
+        for (int t = 0; t < 16; ++t) store16(keys_t + (d0 + t) * KEY_TILE + j0, r[t]);
+      }
+      for (int t = 0; t < 16; ++t)
+        for (int d = d0; d < D; ++d) keys_t[d * KEY_TILE + j0 + t] = static_cast<float>(k_src[t][d]);
+    }
+    for (int j = j0; j < num_keys; ++j) {
+      const scalar_t* k_src = k_cache + offset_of(k0 + j);
+      for (int d = 0; d < D; ++d) keys_t[d * KEY_TILE + j] = static_cast<float>(k_src[d]);
     }
     if (num_keys < KEY_TILE) {
       for (int d = 0; d < D; ++d) std::fill(keys_t + d * KEY_TILE + num_keys, keys_t + (d + 1) * KEY_TILE, 0.0f);
