@@ -86,6 +86,17 @@ def test_training_on_the_cache_raises_acceptance(model, windows):
     assert ranks.shape == (int((seen.targets >= 0).all(1).sum()), 4) and ranks.max() <= MAX_RANK
 
 
+def test_heads_train_over_a_quantized_lm_head(tiny_model_dir, windows):
+    """A GGUF model's lm_head is in ggml blocks: the heads project through its dequantized draft rows."""
+    quantized = load_model(tiny_model_dir, torch.float32, torch.device("cpu"), quantization="int8")
+    cache = build_cache(quantized, windows[0][:8], 2)
+    vocab = draft_vocabulary(cache.targets[:, 0], 256, 0.9)
+    heads, history = train_heads(quantized, cache, TrainConfig(num_heads=2, steps=10, batch_size=128, lr=1e-2),
+                                 vocab, progress=False)
+    assert sum(history[-3:]) < sum(history[:3])
+    assert held_out_ranks(heads, quantized, cache).shape[1] == 2
+
+
 def test_draft_vocabulary_covers_the_training_text():
     tokens = torch.tensor([[5, 5, 5, 5, 3, 3, 1, 0]])
     assert draft_vocabulary(tokens, 8, 0.5).tolist() == [5]

@@ -36,8 +36,10 @@ from engine import LLM, SamplingParams
 from engine.medusa.tree import TreeChoice, accepted_path_counts, best_tree, expected_tokens_per_step
 from engine.training.common import HEAD_OFFSET, cosine, head_weights
 from engine.training.default_model import corpus_files, read_source
+from models.kernels.decode import MAX_ROWS
 from models.medusa import MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
 from models.named import resolve_model
+from models.quant import QuantizedLinear, dequantize_rows
 
 MAX_RANK = 8  # ranks of the right token tracked per head on held-out text: trees take at most each head's top 8
 TREE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)  # candidate trees: the best of each size (paths)
@@ -103,7 +105,10 @@ def draft_logits(heads: MedusaHeads, model: nn.Module, hidden: torch.Tensor,
     if heads.config.own_lm_head:
         logits = heads(hidden, None)
         return logits if draft_vocab is None else logits[..., draft_vocab]
-    weight = model.lm_head.weight if draft_vocab is None else model.lm_head.weight[draft_vocab]
+    lm_head = model.lm_head
+    weight = lm_head.weight if draft_vocab is None else lm_head.weight[draft_vocab]
+    if isinstance(lm_head, QuantizedLinear):  # (a GGUF model's): its rows in ggml blocks
+        weight = dequantize_rows(weight, lm_head.qtype, lm_head.in_features)
     return heads(hidden, lambda states: F.linear(states, weight))
 
 
@@ -450,7 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     init = None
     try:
         model_path = resolve_model(args.model)
-        llm = LLM(model_path, max_model_len=2048, dtype=args.dtype)  # writes the text; its model is the frozen base
+        # writes the text; its model is the frozen base. At most MAX_ROWS sequences a step: the decode kernels
+        # take them, where larger steps would multiply dequantized copies of quantized weights
+        llm = LLM(model_path, max_model_len=2048, dtype=args.dtype, max_num_seqs=MAX_ROWS)
         model = llm.model
         if args.init_heads:  # before the (slow) training text, so a bad folder fails at once
             init = load_medusa_heads(args.init_heads, model.config.hidden_size, model.config.vocab_size)
