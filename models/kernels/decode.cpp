@@ -38,12 +38,17 @@ inline f32x16 load16(const float* p) {
 }
 
 inline f32x16 load16(const at::BFloat16* p) {  // bf16 is the top half of an fp32
+#ifdef __AVX512F__  // (GCC's generic vectors load and widen in many more instructions: half the speed)
+  const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  return reinterpret_cast<f32x16>(_mm512_castsi512_ps(bits));
+#else
   u16x16 h;
   std::memcpy(&h, p, sizeof(h));
   const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
   f32x16 v;
   std::memcpy(&v, &bits, sizeof(v));
   return v;
+#endif
 }
 
 inline float to_float(float v) { return v; }
