@@ -17,6 +17,7 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -203,6 +204,20 @@ inline bool visible(const Problem& p, int qi, int kj, int context_len) {
   return kj <= qi;
 }
 
+// The keys [first, second) a unit walks: its split's share, cut short where even its last query row (at cache
+// index last_query) sees nothing more
+inline std::pair<int, int> unit_keys(const Problem& p, const QueryTile& tile, int split, int last_query) {
+  const int keys_per_split = round_up((tile.context_len + p.num_splits - 1) / p.num_splits, KEY_TILE);
+  return {split * keys_per_split, std::min({(split + 1) * keys_per_split, tile.context_len, last_query + 1})};
+}
+
+// Where the key (or value) at cache index `index` of kv_head starts in a cache
+inline int64_t key_offset(const Problem& p, const int* block_table, int index, int kv_head) {
+  const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
+  return block_table[index / p.block_size] * p.block_size * token_stride + (index % p.block_size) * token_stride +
+         static_cast<int64_t>(kv_head) * p.head_dim;
+}
+
 inline int unit_rows(const Problem& p, const QueryTile& tile) { return round_up(tile.num_positions * p.group, TILE_COLS); }
 
 // One unit: the rows of one query tile x one kv head's query heads, against one split of the keys.
@@ -225,19 +240,11 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
   std::fill(row_sum, row_sum + R, 0.0f);
   std::fill(acc, acc + R * Dp, 0.0f);
 
-  // this split's keys, cut short where even the last query row sees nothing more
-  const int keys_per_split = round_up((tile.context_len + p.num_splits - 1) / p.num_splits, KEY_TILE);
-  const int key_begin = split * keys_per_split;
-  const int key_end = std::min({(split + 1) * keys_per_split, tile.context_len, s.query_index[R - 1] + 1});
-  const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * D;
-  const int64_t block_stride = p.block_size * token_stride;
-
+  const auto [key_begin, key_end] = unit_keys(p, tile, split, s.query_index[R - 1]);
   for (int k0 = key_begin; k0 < key_end; k0 += KEY_TILE) {
     const int num_keys = std::min(KEY_TILE, key_end - k0);
     for (int j = 0; j < num_keys; ++j) {
-      const int index = k0 + j;
-      const int64_t offset = block_table[index / p.block_size] * block_stride +
-                             (index % p.block_size) * token_stride + static_cast<int64_t>(kv_head) * D;
+      const int64_t offset = key_offset(p, block_table, k0 + j, kv_head);
       float* k_dst = s.keys.data() + j * Dp;
       float* v_dst = s.values.data() + j * Dp;
 #pragma omp simd
@@ -319,18 +326,10 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
   std::fill(row_sum, row_sum + R, 0.0f);
   std::fill(acc, acc + R * Dp, 0.0f);
 
-  const int keys_per_split = round_up((tile.context_len + p.num_splits - 1) / p.num_splits, KEY_TILE);
-  const int key_begin = split * keys_per_split;
-  const int key_end = std::min({(split + 1) * keys_per_split, tile.context_len, s.query_index[R - 1] + 1});
-  const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * D;
-  const int64_t block_stride = p.block_size * token_stride;
-
+  const auto [key_begin, key_end] = unit_keys(p, tile, split, s.query_index[R - 1]);
   for (int k0 = key_begin; k0 < key_end; k0 += KEY_TILE) {
     const int num_keys = std::min(KEY_TILE, key_end - k0);
-    auto offset_of = [&](int index) {
-      return block_table[index / p.block_size] * block_stride + (index % p.block_size) * token_stride +
-             static_cast<int64_t>(kv_head) * D;
-    };
+    auto offset_of = [&](int index) { return key_offset(p, block_table, index, kv_head); };
     for (int j = 0; j < num_keys; ++j) {
       const scalar_t* v_src = v_cache + offset_of(k0 + j);
       float* v_dst = s.values.data() + j * Dp;
