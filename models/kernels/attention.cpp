@@ -218,6 +218,13 @@ inline int64_t key_offset(const Problem& p, const int* block_table, int index, i
          static_cast<int64_t>(kv_head) * p.head_dim;
 }
 
+// A unit's R rows before any key: running max -inf, running sum 0, output 0
+inline void start_rows(float* row_max, float* row_sum, float* acc, int R, int Dp) {
+  std::fill(row_max, row_max + R, NEG_INF);
+  std::fill(row_sum, row_sum + R, 0.0f);
+  std::fill(acc, acc + R * Dp, 0.0f);
+}
+
 inline int unit_rows(const Problem& p, const QueryTile& tile) { return round_up(tile.num_positions * p.group, TILE_COLS); }
 
 // One unit: the rows of one query tile x one kv head's query heads, against one split of the keys.
@@ -236,9 +243,7 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
     const scalar_t* src = q + (static_cast<int64_t>(r / p.group) * p.num_heads + head) * D;
     for (int d = 0; d < D; ++d) s.q_t[d * R + r] = static_cast<float>(src[d]) * p.scale;
   }
-  std::fill(row_max, row_max + R, NEG_INF);
-  std::fill(row_sum, row_sum + R, 0.0f);
-  std::fill(acc, acc + R * Dp, 0.0f);
+  start_rows(row_max, row_sum, acc, R, Dp);
 
   const auto [key_begin, key_end] = unit_keys(p, tile, split, s.query_index[R - 1]);
   for (int k0 = key_begin; k0 < key_end; k0 += KEY_TILE) {
@@ -322,9 +327,7 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
     const scalar_t* src = q + (static_cast<int64_t>(r / p.group) * p.num_heads + head) * D;
     for (int d = 0; d < D; ++d) q_rows[r * Dp + d] = static_cast<float>(src[d]) * p.scale;
   }
-  std::fill(row_max, row_max + R, NEG_INF);
-  std::fill(row_sum, row_sum + R, 0.0f);
-  std::fill(acc, acc + R * Dp, 0.0f);
+  start_rows(row_max, row_sum, acc, R, Dp);
 
   const auto [key_begin, key_end] = unit_keys(p, tile, split, s.query_index[R - 1]);
   for (int k0 = key_begin; k0 < key_end; k0 += KEY_TILE) {
