@@ -84,3 +84,14 @@ def machine_info() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def cpu_isa() -> str:
+    """The vector instruction sets this CPU has, of those the kernels care about (Linux)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return "unknown"
+    flags = set(next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split())
+    names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx512_bf16": "AVX512-BF16",
+             "amx_tile": "AMX"}
+    return " ".join(name for flag, name in names.items() if flag in flags) or "none of AVX2 / AVX-512 / AMX"

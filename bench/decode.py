@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from bench.common import CONFIGS, best_of, machine_info, print_table, random_checkpoint, write_json
+from bench.common import CONFIGS, best_of, cpu_isa, machine_info, print_table, random_checkpoint, write_json
 from engine import LLM, SamplingParams
 from models.gguf import find_gguf
 from models.kernels import decode as cpu_decode
@@ -200,17 +200,6 @@ def run_tensor_parallel(args: argparse.Namespace, folder: Path) -> None:
         "threads_per_rank": rank_threads, "cpu_isa": isa, "tok_s": rate, "seconds": times,
         "machine": machine_info(), "summary": summary,
     })
-
-
-def cpu_isa() -> str:
-    """The vector instruction sets this CPU has, of those the kernels care about (Linux)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return "unknown"
-    flags = set(next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "").split())
-    names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx512_bf16": "AVX512-BF16",
-             "amx_tile": "AMX"}
-    return " ".join(name for flag, name in names.items() if flag in flags) or "none of AVX2 / AVX-512 / AMX"
 
 
 def run_llamacpp(args: argparse.Namespace, file: Path) -> None:
