@@ -1,7 +1,7 @@
 """The baseline of `gorgon bench serving`: transformers `generate`, one request at a time, behind the same
 streaming `/v1/completions` shape as gorgon's server (SSE chunks, usage at the end, `data: [DONE]`).
 
-Run: python -m bench.baseline_server --model DIR --port PORT"""
+Run: python -m bench.baseline_server --model DIR --port PORT [--threads N]"""
 from __future__ import annotations
 
 import argparse
@@ -96,7 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="HF checkpoint folder")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     uvicorn.run(create_baseline_app(args.model), host=args.host, port=args.port, log_level="warning")
 
 
