@@ -2,7 +2,9 @@
 Medusa format (config.json + medusa_lm_head.safetensors), plus our optional draft vocabulary.
 
 Head k (from 0) at hidden state h_i predicts token i+2+k; the base model's own logits there predict i+1.
-Training (engine.training.medusa) and drafting (engine.medusa) both use this module."""
+Two kinds: Medusa heads read h_i alone; Hydra heads (sequential, Ankner et al. 2024) also read the tokens
+before the one they predict, along the tree path (see MedusaHeads). Training (engine.training.medusa) and
+drafting (engine.medusa) both use this module."""
 from __future__ import annotations
 
 import json
@@ -25,7 +27,8 @@ from models.quant import QType, tiled_linear
 WEIGHTS_FILE = "medusa_lm_head.safetensors"
 # Our addition to the published format: the token ids the heads propose from (see MedusaHeads.draft_vocab)
 DRAFT_VOCAB_FILE = "draft_vocab.safetensors"
-_KEY = re.compile(r"(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)")
+_KEY = re.compile(r"(\d+)\.(\d+)\.(linear\.weight|linear\.bias|weight)|(\d+)\.input\.(weight|bias)")
+HEAD_KINDS = ("medusa", "hydra")  # config.json's head_kind (absent: medusa, the published format)
 
 
 @dataclass
@@ -37,6 +40,7 @@ class MedusaConfig:
     hidden_size: int
     vocab_size: int
     own_lm_head: bool  # "v1": each head has its own vocab projection; "v2": the heads share the base lm_head
+    sequential: bool = False  # Hydra heads: each also reads the tokens before the one it predicts
 
 
 class ResBlock(nn.Module):
@@ -49,6 +53,12 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + F.silu(self.linear(x))
+
+
+def _zero(layer: nn.Linear) -> nn.Linear:
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 @dataclass
@@ -67,6 +77,14 @@ class MedusaHeads(nn.Module):
     (v1) its own projection heads[h][N]. Invariant: `heads.state_dict()` keys are the published format's,
     `{h}.{j}.linear.weight|bias` and `{h}.{N}.weight`.
 
+    Sequential (Hydra) heads also read the tokens before the one they predict, through an input layer
+    inputs[h] (file keys `{h}.input.weight|bias`): at hidden state h_i, with e_j the base model's embedding
+    of token j, head h's blocks read x_h = s_h + inputs[h]([s_h, e_{i+1+h}]), where s_0 = h_i and
+    s_h = x_{h-1}. Token i+1 is the base model's own (a tree's root); the later ones are the drafts along
+    the path, so a tree is drafted level by level: each node runs the head of its depth on its own state
+    and token (draft_level). No attention: the heads need no cache. A fresh input layer is zero: the head
+    starts as a Medusa head.
+
     `draft_vocab` (optional, from training): the ids of the tokens the heads propose, the commonest of
     their training text. Projecting onto those alone cuts the cost of drafting, which reads the whole
     vocabulary projection every step, for few lost acceptances: a rare token is seldom a right draft."""
@@ -81,27 +99,59 @@ class MedusaHeads(nn.Module):
             nn.ModuleList([*(ResBlock(h) for _ in range(config.num_layers)),
                            *([Linear(h, v, bias=False)] if config.own_lm_head else [])])
             for _ in range(config.num_heads))
+        self.inputs = nn.ModuleList(_zero(Linear(2 * h, h)) for _ in range(config.num_heads)) \
+            if config.sequential else None
         self.register_buffer("draft_vocab", None, persistent=False)  # int64 [n] token ids, or None: all
 
     @property
     def num_draft_tokens(self) -> int:
         return self.config.vocab_size if self.draft_vocab is None else len(self.draft_vocab)
 
-    def _states(self, hidden: torch.Tensor, heads: list[nn.ModuleList]) -> list[torch.Tensor]:
-        states = []
-        for head in heads:
-            x = hidden
-            for block in islice(head, self.config.num_layers):
-                x = block(x)
-            states.append(x)
+    @property
+    def kind(self) -> str:
+        return "hydra" if self.config.sequential else "medusa"
+
+    def file_state(self) -> dict[str, torch.Tensor]:
+        """The tensors of the heads' file, by their keys there (see the class)."""
+        state = dict(self.heads.state_dict())
+        if self.inputs is not None:
+            state |= {f"{h}.input.{name}": t for h, layer in enumerate(self.inputs)
+                      for name, t in layer.state_dict().items()}
+        return state
+
+    def load_file_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.heads.load_state_dict({k: t for k, t in tensors.items() if ".input." not in k})
+        if self.inputs is not None:
+            self.inputs.load_state_dict({k.replace(".input.", "."): t for k, t in tensors.items() if ".input." in k})
+
+    def _blocks(self, x: torch.Tensor, head: int) -> torch.Tensor:
+        for block in islice(self.heads[head], self.config.num_layers):
+            x = block(x)
+        return x
+
+    def next_input(self, state: torch.Tensor, embedding: torch.Tensor, head: int) -> torch.Tensor:
+        """Hydra: what head `head`'s blocks read, from the state before it (the hidden state for head 0) and the
+        embedding of the token before the one it predicts; also the state the next head starts from."""
+        return state + self.inputs[head](torch.cat([state, embedding], dim=-1))
+
+    def _states(self, hidden: torch.Tensor, heads: list[int], embeddings: torch.Tensor | None) -> list[torch.Tensor]:
+        if self.config.sequential and embeddings is None:
+            raise ValueError("Hydra heads read the tokens before the ones they predict: give their embeddings")
+        states, x = [], hidden
+        for h in heads:
+            if self.config.sequential:
+                x = self.next_input(x, embeddings[h], h)
+            states.append(self._blocks(x, h))
         return states
 
     def forward(self, hidden: torch.Tensor, base_lm_head: Callable[[torch.Tensor], torch.Tensor],
-                num_heads: int | None = None) -> torch.Tensor:
+                num_heads: int | None = None, embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """hidden: [..., hidden_size] -> logits of the first num_heads heads over the whole vocabulary,
-        [num_heads, ..., vocab]."""
-        heads = list(islice(self.heads, num_heads))  # (slicing a ModuleList builds a new one: slow)
-        states = self._states(hidden, heads)
+        [num_heads, ..., vocab]. Hydra heads also take embeddings [num_heads, ..., hidden_size]: head k's of
+        token i+1+k (the tokens before the ones they predict: the base model's next token, then the right ones)."""
+        indices = range(min(num_heads or self.config.num_heads, self.config.num_heads))
+        heads = [self.heads[h] for h in indices]
+        states = self._states(hidden, list(indices), embeddings)
         if self.config.own_lm_head:
             return torch.stack([head[-1](x) for head, x in zip(heads, states)])
         return base_lm_head(torch.stack(states))  # one projection for all heads
@@ -123,17 +173,33 @@ class MedusaHeads(nn.Module):
                             [(w if qtype else w.to(self.dtype)).contiguous() for w in projections], qtype)
 
     def top_k(self, hidden: torch.Tensor, draft: DraftWeights, num_heads: int, k: int) -> torch.Tensor:
-        """The k likeliest draft-vocabulary tokens of each of the first num_heads heads at hidden
+        """Medusa: the k likeliest draft-vocabulary tokens of each of the first num_heads heads at hidden
         [B, hidden_size] -> token ids [num_heads, B, k]; draft: from draft_weights. On a CPU at decode sizes
         one kernel call does it all (models.kernels.decode)."""
-        projections = draft.projections[:num_heads]
-        if self.kernels is not None and num_heads * len(hidden) <= MAX_ROWS:
-            top = self.kernels.ops.medusa_top_k(hidden, [*chain.from_iterable(draft.weights[:num_heads])],
-                                                [*chain.from_iterable(draft.biases[:num_heads])],
-                                                num_heads, projections, k, draft.projection_qtype)
+        if self.config.sequential:
+            raise ValueError("Hydra heads draft level by level (draft_level)")
+        return self._top_k(hidden, draft, range(num_heads), k)
+
+    def draft_level(self, states: torch.Tensor, embeddings: torch.Tensor, head: int, draft: DraftWeights,
+                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hydra: head `head` at R tree nodes, from each node's state [R, hidden_size] (the hidden state at the
+        root) and its token's embedding [R, hidden_size] -> (the states their children start from [R, hidden_size],
+        the k likeliest draft-vocabulary tokens of each node's children [R, k])."""
+        x = self.next_input(states.to(self.dtype), embeddings.to(self.dtype), head)
+        return x, self._top_k(x, draft, range(head, head + 1), k)[0]
+
+    def _top_k(self, hidden: torch.Tensor, draft: DraftWeights, heads: range, k: int) -> torch.Tensor:
+        """The k likeliest draft-vocabulary tokens of these heads' blocks and projections at hidden [B, hidden_size]
+        -> [len(heads), B, k]."""
+        shared = len(draft.projections) == 1
+        projections = draft.projections if shared else draft.projections[heads.start:heads.stop]
+        if self.kernels is not None and len(heads) * len(hidden) <= MAX_ROWS:
+            top = self.kernels.ops.medusa_top_k(hidden, [*chain.from_iterable(draft.weights[heads.start:heads.stop])],
+                                                [*chain.from_iterable(draft.biases[heads.start:heads.stop])],
+                                                len(heads), projections, k, draft.projection_qtype)
         else:
-            heads = list(islice(self.heads, num_heads))
-            states = torch.stack(self._states(hidden.to(self.dtype), heads))  # [num_heads, B, hidden]
+            x = hidden.to(self.dtype)
+            states = torch.stack([self._blocks(x, h) for h in heads])  # [len(heads), B, hidden]
             if draft.projection_qtype:
                 logits = tiled_linear(states, projections[0], QType(draft.projection_qtype))
             elif len(projections) == 1:
@@ -163,23 +229,28 @@ def load_medusa_heads(folder: str | Path, hidden_size: int, vocab_size: int,
         raise ValueError(f"{weights_file} holds no tensors")
     if unknown:
         raise ValueError(f"{weights_file}: unexpected tensors {unknown} (expected "
-                         "'{head}.{block}.linear.weight|bias' and '{head}.{num_layers}.weight')")
-    num_heads = 1 + max(int(m[1]) for m in parsed.values())
+                         "'{head}.{block}.linear.weight|bias', '{head}.{num_layers}.weight' and, for Hydra heads, "
+                         "'{head}.input.weight|bias')")
+    num_heads = 1 + max(int(m[1] or m[4]) for m in parsed.values())
     if num_heads != config.get("medusa_num_heads", num_heads):
         warnings.warn(f"{config_file} says medusa_num_heads={config['medusa_num_heads']}, but the weights hold "
                       f"{num_heads} heads; using {num_heads}", stacklevel=2)
     own_lm_head = any(m[3] == "weight" for m in parsed.values())
-    heads = MedusaHeads(MedusaConfig(num_heads, int(config["medusa_num_layers"]), hidden_size, vocab_size, own_lm_head))
-    expected = heads.heads.state_dict()
+    kind = config.get("head_kind", "medusa")
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"{config_file}: head_kind must be one of {', '.join(HEAD_KINDS)}, not {kind!r}")
+    heads = MedusaHeads(MedusaConfig(num_heads, int(config["medusa_num_layers"]), hidden_size, vocab_size, own_lm_head,
+                                     sequential=kind == "hydra"))
+    expected = heads.file_state()
     missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"{weights_file} does not match {num_heads} heads of {heads.config.num_layers} blocks "
-                         f"({'v1' if own_lm_head else 'v2'}): missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"{weights_file} does not match {num_heads} {kind} heads of {heads.config.num_layers} "
+                         f"blocks ({'v1' if own_lm_head else 'v2'}): missing {missing}, unexpected {unexpected}")
     for key, tensor in tensors.items():
         if tensor.shape != expected[key].shape:
             raise ValueError(f"{weights_file}: {key} has shape {list(tensor.shape)}, but a base model with hidden "
                              f"size {hidden_size} and vocabulary {vocab_size} needs {list(expected[key].shape)}")
-    heads.heads.load_state_dict(tensors)
+    heads.load_file_state(tensors)
     if (folder / DRAFT_VOCAB_FILE).is_file():
         heads.draft_vocab = _read_draft_vocab(folder / DRAFT_VOCAB_FILE, vocab_size)
     return heads.to(device=device, dtype=dtype).eval()
@@ -202,8 +273,10 @@ def save_medusa_heads(heads: MedusaHeads, folder: str | Path, base_model: str | 
     c = heads.config
     config = {"medusa_num_heads": c.num_heads, "medusa_num_layers": c.num_layers, "hidden_size": c.hidden_size,
               "vocab_size": c.vocab_size, "base_model_name_or_path": base_model}
+    if c.sequential:  # (the published format has Medusa heads only)
+        config["head_kind"] = "hydra"
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.detach().contiguous() for k, v in heads.heads.state_dict().items()}, folder / WEIGHTS_FILE)
+    save_file({k: v.detach().contiguous() for k, v in heads.file_state().items()}, folder / WEIGHTS_FILE)
     if heads.draft_vocab is not None:
         save_file({"token_ids": heads.draft_vocab.cpu().contiguous()}, folder / DRAFT_VOCAB_FILE)
     else:  # an older draft vocabulary in the folder belongs to other heads

@@ -47,7 +47,7 @@ def distilled(tiny_model_dir):
 def trained(tiny_model_dir, distilled):
     """(frozen base model, heads trained for a few seconds on its own text, their loss per step)."""
     model = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
-    config = TrainConfig(num_heads=4, steps=40, batch_size=8 * 48, seq_len=48, lr=1e-2)
+    config = TrainConfig(num_heads=4, head_kind="medusa", steps=40, batch_size=8 * 48, seq_len=48, lr=1e-2)
     heads, history = train_heads(model, build_cache(model, distilled[0], 4), config, progress=False)
     return model, heads, history
 

@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from bench.medusa import load_prompts
 from engine import LLM, SamplingParams
@@ -28,7 +29,7 @@ from engine.training.medusa import (
 )
 from engine.training.medusa import main as train_main
 from models.loader import load_model
-from models.medusa import MedusaHeads, load_medusa_heads, save_medusa_heads
+from models.medusa import WEIGHTS_FILE, MedusaHeads, load_medusa_heads, save_medusa_heads
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
@@ -62,6 +63,8 @@ def test_cache_holds_each_position_and_the_tokens_its_heads_predict(model):
     # shortest text first; text 0 from position 2 (the token before its start: its hidden state drafts the first
     # time); each up to the last position with a token +2 to predict
     assert cache.targets.tolist() == [[13, 14], [14, -1], [9, 10], [10, -1]]
+    assert cache.roots.tolist() == [12, 13, 8, 9]  # the token after each position: a tree's root
+    assert cache.head_inputs(slice(None)).tolist() == [[12, 13], [13, 14], [8, 9], [9, 10]]
     with torch.inference_mode():
         alone = model(torch.tensor([texts[0]]), torch.arange(6)[None])[0, 2:4]
     torch.testing.assert_close(cache.hidden[2:].float(), alone, rtol=1e-2, atol=1e-2)  # stored in bf16
@@ -136,7 +139,8 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
     train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--data", str(data),
                 "--heads", "2", "--steps", "3", "--seq-len", "32", "--timing-tokens", "6", "--timing-repeats", "1"])
     heads = load_medusa_heads(tmp_path / "heads", 64, 256)
-    assert heads.config.num_heads == 2 and not heads.config.own_lm_head
+    assert heads.config.num_heads == 2 and not heads.config.own_lm_head and heads.kind == "hydra"  # the default
+    assert next(iter(load_file(tmp_path / "heads" / WEIGHTS_FILE).values())).dtype == torch.bfloat16  # as they draft
     report = json.loads((tmp_path / "heads" / "training.json").read_text())
     first_loss = report["loss_first"]
     assert len(report["held_out_accuracy"]) == 2 and report["tree"]

@@ -4,13 +4,16 @@ keeps plain sampling's distribution exactly, or typical acceptance), compact the
 
 Indexing: the base model's logits at hidden state h_i predict token i+1; head k (from 0) at h_i predicts
 token i+2+k. A sequence in decode has its last token pending (not yet in the cache); that token is the
-tree's root, and the heads' top-k at the hidden state of the token before it fill the tree's nodes."""
+tree's root, and the heads' top-k at the hidden state of the token before it fill the tree's nodes: Medusa
+heads all at once (a depth-d node takes head d-1's candidate of its rank), Hydra heads level by level (a
+depth-d node takes its rank among the candidates head d-1 gives its parent, reading the parent's path)."""
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from itertools import chain
+from itertools import accumulate, chain, pairwise
 
 import torch
 from torch import nn
@@ -60,6 +63,31 @@ def typical_acceptance(candidates: torch.Tensor, probs: torch.Tensor, parents: l
     return p > threshold, p.log()
 
 
+@dataclass(frozen=True)
+class Level:
+    """Hydra drafting of one tree level: the depth-d nodes that have children run head d; each depth-(d+1)
+    node takes the candidate of its rank among its parent's."""
+
+    parents: torch.Tensor  # [n] the depth-d nodes with children, as indices among the depth-d nodes
+    child_parent: torch.Tensor  # [m] each depth-(d+1) node's parent, as an index into `parents`
+    child_rank: torch.Tensor  # [m] each depth-(d+1) node's rank among its parent's candidates
+    top_k: int
+
+
+def hydra_levels(tree: MedusaTree) -> list[Level]:
+    """The levels of a tree for Hydra drafting, root first."""
+    at_depth = [[i for i in range(tree.size) if tree.depths[i] == d] for d in range(tree.depth + 1)]
+    levels = []
+    for d in range(tree.depth):
+        children = at_depth[d + 1]
+        parents = sorted({tree.parents[c] for c in children})
+        ranks = [tree.paths[c - 1][-1] for c in children]
+        levels.append(Level(torch.tensor([at_depth[d].index(p) for p in parents]),
+                            torch.tensor([parents.index(tree.parents[c]) for c in children]),
+                            torch.tensor(ranks), max(ranks) + 1))
+    return levels
+
+
 class Medusa:
     """Medusa speculation for one engine. Invariant: a sequence whose draft_token_ids are set has its
     last token pending and room for tree.size more cache entries; its next decode step verifies the tree."""
@@ -82,6 +110,11 @@ class Medusa:
         # (node, node of its path below the root) pairs: a node's history is its sequence's tokens (ending with
         # the root's) and the tokens of its path below the root
         self.path_pairs = torch.tensor([(i, j) for i, j in tree.mask.nonzero().tolist() if j != 0]).T
+        # node i's token: entry candidate_index[i] of [root, *chain(draft_token_ids)]: Medusa drafts are each
+        # head's top-k, Hydra drafts each level's nodes' own tokens
+        self.sequential = heads.config.sequential
+        self.levels = hydra_levels(tree) if self.sequential else None
+        self.candidate_index = list(range(tree.size)) if self.sequential else tree.candidate_index
 
     @classmethod
     def from_config(cls, config: EngineConfig, model: nn.Module, kv_cache: KVCache, max_model_len: int,
@@ -120,11 +153,33 @@ class Medusa:
             seq.draft_token_ids = None
         if not speculating:
             return
-        tree = self.tree
-        top = self.heads.top_k(hidden[speculating], self.draft_weights, tree.depth, tree.top_k)  # [depth, B, top_k]
-        top = top.transpose(0, 1).tolist()
-        for i, drafts in zip(speculating, top):
-            seqs[i].draft_token_ids = drafts
+        if self.sequential:
+            roots = torch.tensor([seqs[i].token_ids[-1] for i in speculating], device=hidden.device)
+            drafts = self._draft_levels(hidden[speculating], roots)
+        else:
+            tree = self.tree
+            top = self.heads.top_k(hidden[speculating], self.draft_weights, tree.depth, tree.top_k)  # [depth, B, k]
+            drafts = top.transpose(0, 1).tolist()
+        for i, seq_drafts in zip(speculating, drafts):
+            seqs[i].draft_token_ids = seq_drafts
+
+    def _draft_levels(self, hidden: torch.Tensor, roots: torch.Tensor) -> list[list[list[int]]]:
+        """Hydra: the tree's node tokens, level by level, for B sequences from their hidden states [B, hidden]
+        and roots [B] -> per sequence, per depth, its nodes' tokens. At depth d, states[:, j] is what node j
+        (of that depth) starts from: its parent's head input (the hidden state at the root)."""
+        num_seqs, width = hidden.shape
+        states, tokens, levels = hidden[:, None], roots[:, None], []  # [B, nodes, hidden], [B, nodes]
+        embed = self.model.model.embed_tokens
+        for head, level in enumerate(self.levels):
+            parent_states = states[:, level.parents].flatten(0, 1)
+            parent_tokens = tokens[:, level.parents].flatten()
+            x, top = self.heads.draft_level(parent_states, embed(parent_tokens), head, self.draft_weights, level.top_k)
+            top = top.view(num_seqs, len(level.parents), -1)
+            tokens = top[:, level.child_parent, level.child_rank]  # [B, m]
+            states = x.view(num_seqs, len(level.parents), width)[:, level.child_parent]
+            levels.append(tokens)
+        bounds = [0, *accumulate(t.shape[1] for t in levels)]
+        return [[row[a:b] for a, b in pairwise(bounds)] for row in torch.cat(levels, dim=1).tolist()]
 
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence], runner: ModelRunner,
@@ -134,9 +189,8 @@ class Medusa:
         [len(seqs), hidden] (what propose() needs next). The accepted K/V ends up in consecutive cache
         entries after the sequence's past; the caller releases the blocks beyond them."""
         tree, num_seqs, size = self.tree, len(seqs), self.tree.size
-        # node i's token: entry candidate_index[i] of [root, head 0's top-k, head 1's top-k, ...]
         token_lists = [[seq.token_ids[-1], *chain.from_iterable(seq.draft_token_ids)] for seq in seqs]
-        input_ids = [tokens[i] for tokens in token_lists for i in tree.candidate_index]
+        input_ids = [tokens[i] for tokens in token_lists for i in self.candidate_index]
         positions, spans = [], []
         for seq in seqs:
             root = seq.num_virtual_tokens + seq.num_computed_tokens  # the root's cache index and position

@@ -1,0 +1,184 @@
+"""Hydra heads (sequential Medusa heads: each also reads the tokens before the one it predicts): their files,
+level-by-level drafting against a node-by-node reference, training on the cache, and lossless speculation.
+Tiny random models; the heads are trained for a few seconds on the model's own greedy text."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine import LLM, SamplingParams
+from engine.medusa.speculator import Medusa, hydra_levels
+from engine.medusa.tree import TREES, build_tree
+from engine.training.medusa import TrainConfig, accuracy_of, build_cache, held_out_ranks, self_distill, train_heads
+from models.kernels.decode import load_decode_kernels, set_decode_kernels
+from models.loader import load_model
+from models.medusa import WEIGHTS_FILE, MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def random_hydra(num_heads: int = 3, num_layers: int = 1, own_lm_head: bool = False) -> MedusaHeads:
+    heads = MedusaHeads(MedusaConfig(num_heads, num_layers, 64, 256, own_lm_head, sequential=True))
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return heads
+
+
+@pytest.fixture(scope="module")
+def distilled(tiny_model_dir):
+    windows = self_distill(tiny_model_dir, num_samples=24, seq_len=48, prefix_tokens=4, temperature=0.0, seed=0)
+    return windows[4:], windows[:4]
+
+
+@pytest.fixture(scope="module")
+def hydra_dir(tiny_model_dir, distilled, tmp_path_factory):
+    model = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
+    config = TrainConfig(num_heads=4, head_kind="hydra", steps=60, batch_size=8 * 48, seq_len=48, lr=1e-2)
+    heads, _ = train_heads(model, build_cache(model, distilled[0], 4), config, progress=False)
+    folder = tmp_path_factory.mktemp("hydra")
+    save_medusa_heads(heads, folder)
+    return folder
+
+
+def prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    lengths = (int(torch.randint(2, 30, (1,), generator=g)) for _ in range(n))
+    return [torch.randint(3, 250, (length,), generator=g).tolist() for length in lengths]
+
+
+# ---- files -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("own_lm_head", [False, True])
+def test_hydra_heads_round_trip(tmp_path, own_lm_head):
+    heads = random_hydra(own_lm_head=own_lm_head)
+    heads.draft_vocab = torch.tensor([7, 3, 200, 64, 5])
+    save_medusa_heads(heads, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["head_kind"] == "hydra"
+    keys = set(load_file(tmp_path / WEIGHTS_FILE))
+    assert {"0.input.weight", "2.input.bias", "2.0.linear.bias"} <= keys and ("0.1.weight" in keys) == own_lm_head
+    loaded = load_medusa_heads(tmp_path, 64, 256)
+    assert loaded.config == heads.config and loaded.kind == "hydra"
+    assert torch.equal(loaded.draft_vocab, heads.draft_vocab)
+    lm_head = torch.nn.Linear(64, 256, bias=False)
+    x, embeddings = torch.randn(5, 64), torch.randn(3, 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, lm_head, embeddings=embeddings), heads(x, lm_head, embeddings=embeddings),
+                                   rtol=0, atol=0)
+        with pytest.raises(ValueError, match="give their embeddings"):
+            loaded(x, lm_head)
+
+
+def test_a_medusa_folder_stays_medusa_and_the_loader_is_strict(tmp_path):
+    save_medusa_heads(MedusaHeads(MedusaConfig(2, 1, 64, 256, False)), tmp_path)
+    assert "head_kind" not in json.loads((tmp_path / "config.json").read_text())  # the published format
+    assert load_medusa_heads(tmp_path, 64, 256).kind == "medusa"
+    save_medusa_heads(random_hydra(2), tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_FILE)
+    save_file({k: v for k, v in tensors.items() if k != "1.input.bias"}, tmp_path / WEIGHTS_FILE)
+    with pytest.raises(ValueError, match="missing \\['1.input.bias'\\]"):
+        load_medusa_heads(tmp_path, 64, 256)
+    save_file(tensors, tmp_path / WEIGHTS_FILE)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"head_kind": "medusa"}))
+    with pytest.raises(ValueError, match="unexpected \\['0.input.bias'"):
+        load_medusa_heads(tmp_path, 64, 256)
+    (tmp_path / "config.json").write_text(json.dumps(config | {"head_kind": "eagle"}))
+    with pytest.raises(ValueError, match="head_kind"):
+        load_medusa_heads(tmp_path, 64, 256)
+
+
+# ---- drafting ----------------------------------------------------------------------------------------------
+def reference_drafts(heads: MedusaHeads, lm_head: torch.nn.Linear, embedding: torch.nn.Embedding, tree,
+                     hidden: torch.Tensor, root: int) -> list[int]:
+    """Node by node: a node's token is the rank-r token of head d-1's logits over the draft vocabulary, the head
+    reading the hidden state and the tokens of the node's path (root first) through the whole-vocabulary forward."""
+    tokens = {(): root}
+    for path in tree.paths:
+        path_tokens = [tokens[path[:d]] for d in range(len(path))]
+        embeddings = embedding(torch.tensor(path_tokens))[:, None]  # [depth, 1, hidden]
+        logits = heads(hidden[None], lm_head, len(path), embeddings=embeddings)[-1, 0]  # [vocab]
+        ranked = heads.draft_vocab[logits[heads.draft_vocab].argsort(descending=True)]
+        tokens[path] = int(ranked[path[-1]])
+    return [tokens[p] for p in tree.paths]
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("tree_name", ["chain4", "cpu12"])
+def test_level_by_level_drafts_equal_node_by_node_drafts(tiny_model_dir, tree_name, use_kernel):
+    """The speculator drafts a tree level by level for a batch; each node's token must be what the heads give
+    along its own path."""
+    llm = LLM(tiny_model_dir, medusa_tree=tree_name, dtype="float32")
+    heads = random_hydra(4, num_layers=2).eval()
+    heads.draft_vocab = torch.arange(3, 250, 2)
+    kernels = load_decode_kernels(heads) if use_kernel else None
+    if use_kernel and kernels is None:
+        pytest.skip("the CPU decode kernels could not be built here")
+    set_decode_kernels(heads, kernels)
+    model, tree = llm.model, build_tree(TREES[tree_name], tree_name)
+    medusa = Medusa(heads, tree, model, llm.runner.kv_cache, 256, "rejection", 0.09, 0.3)
+    hidden, roots = torch.randn(3, 64), torch.tensor([5, 77, 200])
+    with torch.inference_mode():
+        drafts = medusa._draft_levels(hidden, roots)
+        for b in range(3):
+            flat = [t for level in drafts[b] for t in level]
+            assert [len(level) for level in drafts[b]] == [tree.depths.count(d) for d in range(1, tree.depth + 1)]
+            assert flat == reference_drafts(heads, model.lm_head, model.model.embed_tokens, tree, hidden[b],
+                                            int(roots[b]))
+
+
+def test_hydra_levels_of_a_tree():
+    tree = build_tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]])  # nodes 1 [0], 2 [1], 3-5, 6 [0,0,0]
+    levels = hydra_levels(tree)
+    assert [lv.parents.tolist() for lv in levels] == [[0], [0, 1], [0]]  # indices among each depth's nodes
+    assert [lv.child_parent.tolist() for lv in levels] == [[0, 0], [0, 0, 1], [0]]
+    assert [lv.child_rank.tolist() for lv in levels] == [[0, 1], [0, 1, 0], [0]]
+    assert [lv.top_k for lv in levels] == [2, 2, 1]
+
+
+# ---- training and speculation ----------------------------------------------------------------------------
+def test_hydra_heads_train_on_the_cache(tiny_model_dir, distilled):
+    model = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
+    cache = build_cache(model, distilled[0], 3)
+    assert torch.equal(cache.head_inputs(slice(None))[:, 1:], cache.targets[:, :2])  # the right tokens before
+    heads, history = train_heads(model, cache, TrainConfig(num_heads=3, head_kind="hydra", steps=30, batch_size=384,
+                                                           lr=1e-2), progress=False)
+    assert heads.kind == "hydra" and sum(history[-5:]) < 0.9 * sum(history[:5])
+    before = accuracy_of(held_out_ranks(MedusaHeads(heads.config), model, cache))
+    after = accuracy_of(held_out_ranks(heads, model, cache))
+    assert all(a["top5"] > b["top5"] for a, b in zip(after, before))
+
+
+@pytest.mark.parametrize("tree", ["chain4", "cpu12"])
+def test_greedy_hydra_equals_plain_greedy_batch1(tiny_model_dir, hydra_dir, tree):
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    plain = LLM(tiny_model_dir).generate(prompts(1), params)[0]
+    llm = LLM(tiny_model_dir, medusa=str(hydra_dir), medusa_tree=tree)
+    assert llm.medusa.heads.kind == "hydra"
+    out = llm.generate(prompts(1), params)[0]
+    assert out.token_ids == plain.token_ids and sum(out.accepted_lengths) == 39
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_greedy_hydra_equals_plain_in_a_mixed_batch(tiny_model_dir, hydra_dir):
+    """8 requests: different prompt lengths (chunked prefill beside tree steps), max_tokens that end runs, a
+    request that opts out, a tight cache (preemption)."""
+    kwargs = dict(max_num_batched_tokens=64, num_kv_blocks=24, block_size=8)
+    ps = prompts(8)
+    params = [SamplingParams(max_tokens=n, use_medusa=i != 3, **GREEDY)
+              for i, n in enumerate((41, 17, 29, 33, 23, 37, 19, 45))]
+    plain = LLM(tiny_model_dir, **kwargs).generate(ps, params)
+    llm = LLM(tiny_model_dir, medusa=str(hydra_dir), medusa_tree="cpu12", **kwargs)
+    outs = llm.generate(ps, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert outs[3].accepted_lengths == [] and max(n for o in outs for n in o.accepted_lengths) > 1
+    assert llm.num_free_blocks == llm.block_manager.num_blocks and llm.scheduler.num_preemptions > 0
+
+
+def test_seeded_sampled_hydra_equals_seeded_plain_sampling(tiny_model_dir, hydra_dir):
+    params = [SamplingParams(max_tokens=30, temperature=t, top_p=0.9, seed=i, ignore_eos=True)
+              for i, t in enumerate([0.2, 0.5, 1.0])]
+    plain = LLM(tiny_model_dir).generate(prompts(3), params)
+    outs = LLM(tiny_model_dir, medusa=str(hydra_dir), medusa_tree="cpu12").generate(prompts(3), params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
