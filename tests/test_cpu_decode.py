@@ -36,6 +36,38 @@ def test_bf16_weights_accumulate_in_fp32():
     assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features", [16, 78, 258, 576])
+def test_packed_float_weights_match_torch_and_never_depend_on_the_batch(dtype, in_features):
+    """repack_float's layout (16 rows interleaved): y = x W^T + b within fp32 rounding, or for bf16 weights
+    within bf16's rounding of x (vdpbf16ps takes x in bf16, as torch's bf16 linear does); and each row's
+    result is bitwise the same computed alone or with others, whatever their number."""
+    gen = torch.Generator().manual_seed(in_features)
+    w = torch.randn(48, in_features, generator=gen).to(dtype)
+    b = torch.randn(48, generator=gen)
+    packed = kernel.repack_float(w)
+    assert packed is not None and packed.dtype == dtype and packed.dim() == 3
+    x = torch.randn(37, in_features, generator=gen)
+    out = kernel.small_batch_linear(x, packed, b)
+    ref = x.double() @ w.double().T + b.double()
+    bound = (x.abs().double() @ w.abs().double().T) * (2 ** -8 if dtype == torch.bfloat16 else 1e-6) + 1e-5
+    assert ((out.double() - ref).abs() <= bound).all()
+    for rows in (1, 3, 4, 5, 9):
+        assert torch.equal(kernel.small_batch_linear(x[:rows], packed, b), out[:rows])
+    assert torch.equal(kernel.small_batch_linear(x[7:8], packed, b), out[7:8])
+
+
+def test_repack_float_declines_shapes_it_cannot_lay_out():
+    assert kernel.repack_float(torch.randn(40, 64)) is None  # rows not a multiple of 16
+    assert kernel.repack_float(torch.randn(32, 63).bfloat16()) is None  # bf16 pairs need an even width
+    assert kernel.repack_float(torch.randn(32, 64).half()) is None
+    layer = Linear(64, 40)
+    cpu_decode.set_decode_kernels(layer, cpu_decode.DecodeKernels(kernel))
+    assert layer.packed is None and layer.kernel_weight is layer.weight
+    x = torch.randn(2, 64)
+    assert (layer(x) - torch.nn.functional.linear(x, layer.weight, layer.bias)).abs().max() <= 1e-5
+
+
 def test_kernel_policy_is_decided_once_and_only_for_small_batches():
     layer = Linear(32, 8)
     assert layer.kernels is None  # a fresh model (training) runs torch's operators, with autograd
@@ -47,7 +79,8 @@ def test_kernel_policy_is_decided_once_and_only_for_small_batches():
         rows_seen.append(len(x))
         return kernel.small_batch_linear(x, weight, bias)
 
-    cpu_decode.set_decode_kernels(layer, cpu_decode.DecodeKernels(SimpleNamespace(small_batch_linear=spy)))
+    ops = SimpleNamespace(small_batch_linear=spy, repack_float=kernel.repack_float)
+    cpu_decode.set_decode_kernels(layer, cpu_decode.DecodeKernels(ops))
     with torch.inference_mode():
         for rows in (4, cpu_decode.MAX_ROWS, cpu_decode.MAX_ROWS + 1):
             x = torch.randn(rows, 32)
