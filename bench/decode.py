@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="HF checkpoint folder, or a .gguf file")
     source.add_argument("--config", choices=sorted(CONFIGS), default="small", help="random weights of this shape")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="default: gorgon's (bfloat16 for bf16 checkpoints, else float32)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--repeats", type=int, default=3)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--baseline llama.cpp runs both engines on one GGUF file: give --model X.gguf")
         return run_llamacpp(args, find_gguf(args.model))
     with tempfile.TemporaryDirectory(prefix="gorgon-bench-") as tmp:
-        folder = Path(args.model) if args.model else random_checkpoint(args.config, args.dtype, Path(tmp))
+        folder = Path(args.model) if args.model else random_checkpoint(args.config, args.dtype or "float32", Path(tmp))
         if args.tensor_parallel_size > 1:
             return run_tensor_parallel(args, folder)
         run(args, folder)
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace, folder: Path) -> None:
             {"engine": "gorgon", "batch": 1, "tok/s": ours_tok_s, "vs HF": ours_tok_s / hf_tok_s,
              "decode tok/s": decode_tok_s, "roofline": bytes_per_token * decode_tok_s / bandwidth}]
     rows += [{"engine": "gorgon", "batch": bs, "tok/s": tps} for bs, tps in throughput.items()]
-    print(f"\n{source}, {args.dtype}, {n} new tokens after a {PROMPT_LEN}-token prompt, "
+    print(f"\n{source}, {llm.config.dtype}, {n} new tokens after a {PROMPT_LEN}-token prompt, "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {bytes_per_token / 1e6:.1f} MB of weights per token")
     print_table(rows, ["engine", "batch", "tok/s", "vs HF", "decode tok/s", "roofline"])
     summary = {
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace, folder: Path) -> None:
         **{f"throughput_bs{bs}_tok_s": tps for bs, tps in throughput.items()},
     }
     write_json(args.out, {
-        "benchmark": "decode", "model": source, "dtype": args.dtype, "new_tokens": n, "prompt_len": PROMPT_LEN,
+        "benchmark": "decode", "model": source, "dtype": llm.config.dtype, "new_tokens": n, "prompt_len": PROMPT_LEN,
         "attention_backend": llm.runner.backend.name, "read_bandwidth_bytes_s": bandwidth,
         "weight_bytes_per_token": bytes_per_token, "hf_tok_s_bs1": hf_tok_s, "gorgon_tok_s_bs1": ours_tok_s,
         "gorgon_decode_tok_s_bs1": decode_tok_s,
@@ -189,13 +190,13 @@ def run_tensor_parallel(args: argparse.Namespace, folder: Path) -> None:
              "vs TP=1": rate[name][bs] / rate["TP=1"][bs]} for bs in batches for name in engines]
     identical = tokens["TP=1"] == tokens[f"TP={size}"]
     isa = cpu_isa()
-    print(f"\n{source}, {args.dtype}, {n} new tokens after a {PROMPT_LEN}-token prompt; CPU: {isa}, "
+    print(f"\n{source}, {one.config.dtype}, {n} new tokens after a {PROMPT_LEN}-token prompt; CPU: {isa}, "
           f"{os.cpu_count()} cores; greedy tokens identical at TP=1 and TP={size}: {identical}")
     print_table(rows, ["engine", "processes", "threads per process", "batch", "tok/s", "vs TP=1"])
     summary = {f"tp{size}_vs_tp1_bs{bs}": rate[f"TP={size}"][bs] / rate["TP=1"][bs] for bs in batches}
     summary["greedy_tokens_identical"] = identical
     write_json(args.out, {
-        "benchmark": "decode", "baseline": "gorgon TP=1", "model": source, "dtype": args.dtype, "new_tokens": n,
+        "benchmark": "decode", "baseline": "gorgon TP=1", "model": source, "dtype": one.config.dtype, "new_tokens": n,
         "prompt_len": PROMPT_LEN, "tensor_parallel_size": size, "threads_tp1": threads,
         "threads_per_rank": rank_threads, "cpu_isa": isa, "tok_s": rate, "seconds": times,
         "machine": machine_info(), "summary": summary,
@@ -242,8 +243,8 @@ def run_llamacpp(args: argparse.Namespace, file: Path) -> None:
              "gorgon / llama.cpp": r["gorgon"] / r["llama.cpp"]} for name, r in rate.items()]
     isa = cpu_isa()
     ops = cpu_decode.compiled()
-    print(f"\n{file.name}, gorgon dtype {args.dtype}, {threads} thread(s), {n} new tokens after a {PROMPT_LEN}-token "
-          f"prompt; CPU: {isa}; gorgon's quantized kernels: {ops.isa() if ops else 'unavailable'}; "
+    print(f"\n{file.name}, gorgon dtype {llm.config.dtype}, {threads} thread(s), {n} new tokens after a "
+          f"{PROMPT_LEN}-token prompt; CPU: {isa}; gorgon's quantized kernels: {ops.isa() if ops else 'unavailable'}; "
           f"greedy tokens agreeing with llama.cpp at batch 1: {agree}/{n}")
     print_table(rows, ["test", "gorgon tok/s", "llama.cpp tok/s", "gorgon / llama.cpp"])
     summary = {
@@ -255,7 +256,7 @@ def run_llamacpp(args: argparse.Namespace, file: Path) -> None:
         f"gorgon_bs{batch}_vs_bs1": rate[f"decode_bs{batch}"]["gorgon"] / rate["decode_bs1"]["gorgon"],
     }
     write_json(args.out, {
-        "benchmark": "decode", "baseline": "llama.cpp", "model": str(file), "dtype": args.dtype, "new_tokens": n,
+        "benchmark": "decode", "baseline": "llama.cpp", "model": str(file), "dtype": llm.config.dtype, "new_tokens": n,
         "prompt_len": PROMPT_LEN, "prefill_len": args.prefill_len, "threads": threads, "cpu_isa": isa,
         "gorgon_kernel_isa": ops.isa() if ops else None, "tok_s": rate, "seconds": times,
         "greedy_agreement_bs1": agree, "machine": machine_info(), "summary": summary,

@@ -71,7 +71,8 @@ class EngineConfig:
 
     model: str | None = None
     device: str = "cpu"
-    dtype: str | None = None  # default: float32 on CPU, bfloat16 on CUDA
+    dtype: str | None = None  # default (models.loader.default_dtype): bfloat16 on CUDA; on the CPU the checkpoint's
+    # own when it is bfloat16, else float32
     block_size: int = 16
     num_kv_blocks: int | None = None  # default: sized from kv_cache_memory
     kv_cache_memory: int = 1 << 30  # bytes for the KV pool when num_kv_blocks is not given
@@ -107,9 +108,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        if self.dtype is None:
-            self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
-        if self.dtype not in _DTYPES:
+        if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")

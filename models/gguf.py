@@ -62,6 +62,12 @@ def find_gguf(path: str | Path) -> Path | None:
     return None
 
 
+def float_weights_are_bf16(path: Path) -> bool:
+    """Whether the file's float matrices (those not quantized) are all BF16; the header alone is read."""
+    types = {QType(t.tensor_type) for t in GGUFReader(path).tensors if len(t.shape) == 2}
+    return QType.BF16 in types and not types & (set(FLOAT_TYPES) - {QType.BF16})
+
+
 def _field(reader: GGUFReader, key: str, default: object = None) -> object:
     field = reader.fields.get(key)
     return default if field is None else field.contents()

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from models import model_class
 from models.config import ModelConfig
-from models.gguf import find_gguf, read_gguf
+from models.gguf import find_gguf, float_weights_are_bf16, read_gguf
 from models.layers import PackedLinear
 from models.quant import LOAD_TIME_QUANTIZATIONS, QuantizedEmbedding, QuantizedLinear, QuantizedWeight, concat, quantize
 
@@ -42,6 +42,19 @@ def safetensors_files(folder: Path) -> list[Path]:
             "once with transformers: "
             "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
     raise CheckpointError(f"{folder} has no *.safetensors weights")
+
+
+def default_dtype(path: str | Path, device: str) -> str:
+    """The dtype a model runs in when none is asked for: bfloat16 on CUDA; on the CPU bfloat16 for checkpoints
+    stored in it (decode streams every weight each step: fp32 copies would halve its speed), else float32."""
+    if device.startswith("cuda"):
+        return "bfloat16"
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        return "bfloat16" if float_weights_are_bf16(gguf_file) else "float32"
+    config_file = Path(path) / "config.json"
+    hf_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return "bfloat16" if hf_config.get("dtype", hf_config.get("torch_dtype")) == "bfloat16" else "float32"
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,

@@ -16,7 +16,7 @@ from bench.common import byte_tokenizer
 from engine import LLM
 from models.gguf import GGUFError, find_gguf, load_tokenizer, read_gguf, unpermute_rows
 from models.kernels import decode as cpu_decode
-from models.loader import CheckpointError, load_model
+from models.loader import CheckpointError, default_dtype, load_model
 from models.quant import QType, QuantizedEmbedding, QuantizedLinear, UnsupportedTensorType
 
 from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model
@@ -213,6 +213,26 @@ def test_engine_generates_from_a_gguf_file(tmp_path, tiny_hf):
 
     out = LLM(file).generate(["hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 5
+
+
+def test_default_dtype_is_the_files_own_bf16(tmp_path, tiny_hf):
+    """A BF16 file runs in bfloat16 unless asked otherwise (fp32 copies would halve decode's speed); F32 and
+    quantized files run in float32. Its bf16 decode (packed weights, vdpbf16ps where the CPU has it) stays
+    within bf16's rounding of the float32 run of the same file."""
+    model = hf_model(tiny_hf)
+    bf16 = write_gguf(model, tmp_path / "bf16.gguf", qtype_of=lambda name, w: QType.BF16)
+    f32 = write_gguf(model, tmp_path / "f32.gguf")
+    q8 = write_gguf(model, tmp_path / "q8.gguf", qtype_of=lambda name, w: QType.Q8_0)
+    assert [default_dtype(f, "cpu") for f in (bf16, f32, q8)] == ["bfloat16", "float32", "float32"]
+    assert default_dtype(bf16, "cuda") == "bfloat16"
+    ours, full = LLM(bf16), LLM(bf16, dtype="float32")
+    assert ours.config.dtype == "bfloat16" and ours.model.lm_head.weight.dtype == torch.bfloat16
+    from engine import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
+    prompt = [5, 17, 42, 9]
+    a, b = ours.generate([prompt], params)[0], full.generate([prompt], params)[0]
+    assert a.token_ids == b.token_ids
 
 
 def test_quantization_flag_needs_an_hf_checkpoint(tmp_path, tiny_hf):

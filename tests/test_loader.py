@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.loader import CheckpointError, load_model
+from models.loader import CheckpointError, default_dtype, load_model
 
 from conftest import save_tiny_model
 
@@ -30,6 +30,16 @@ def test_sharded_checkpoint_loads(tmp_path):
 def test_bfloat16_load(tmp_path):
     model = load_model(save_tiny_model(tmp_path), torch.bfloat16, "cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])  # transformers 5 and 4
+def test_default_dtype_is_bf16_only_for_bf16_checkpoints(tmp_path, key):
+    folder = save_tiny_model(tmp_path)
+    assert default_dtype(folder, "cpu") == "float32" and default_dtype(folder, "cuda") == "bfloat16"
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps({**config, key: "bfloat16"}))
+    assert default_dtype(folder, "cpu") == "bfloat16"
 
 
 def _drop_k_proj(tensors: dict) -> None:
