@@ -141,67 +141,64 @@ void gemv(int64_t M, const float* x, const W* w, const float* bias, float* y, in
 // third of the bandwidth a packed one does. fp32: [N / 16, K, 16]; bf16: [N / 16, K / 2, 16, 2], a lane
 // holding one row's pair of consecutive weights (the even one in its low half).
 constexpr int64_t kGroupRows = 16;
-// Token rows one pass of a group's weights serves: 4 chains of each take 16 of AVX-512's 32 registers;
+// Token rows one pass of a group's weights serves: 2 chains of each take 16 of AVX-512's 32 registers;
 // AVX2 has 16 half-width ones.
 #ifdef __AVX512F__
-constexpr int kPackedTokenRows = 4;
+constexpr int kPackedTokenRows = 8;
 #else
-constexpr int kPackedTokenRows = 1;
+constexpr int kPackedTokenRows = 2;
 #endif
 
-inline f32x16 broadcast(float v) { return f32x16{} + v; }
+inline f32x16 broadcast(const float& v) {
+#ifdef __AVX512F__  // (from memory: a load, where the generic vector's broadcast takes a shuffle as well)
+  return _mm512_set1_ps(v);
+#else
+  return f32x16{} + v;
+#endif
+}
 
 // y[m, 16g .. 16g+15] for the MB token rows at x (rows < MB repeats the last one; not written) and group g.
-// Each output sums its products in 4 chains (k mod 4), whatever MB is: a row's result never depends on
-// the other rows of the call.
-// X: the token rows as packed_inputs gives them (fp32, or bf16 pairs for vdpbf16ps).
+// Each output sums its products in 2 chains (alternate inputs, or pairs of them), whatever MB is: a row's
+// result never depends on the other rows of the call.
+// X: the token rows as packed_gemv gives them (fp32, or bf16 pairs for vdpbf16ps).
 template <int MB, typename W, typename X>
 void packed_group(int64_t rows, const X* x, const W* group, const float* bias, float* y, int64_t K, int64_t N,
                   int64_t n0) {
   const int64_t x_stride = std::is_same_v<X, float> ? K : K / 2;
   const X* xs[MB];
   for (int m = 0; m < MB; ++m) xs[m] = x + std::min<int64_t>(m, rows - 1) * x_stride;
-  f32x16 acc[MB][4] = {};
-  // chain c takes the products of inputs k = c mod 4 (constant indices, so the chains stay in registers)
-  const auto fp32_step = [&](int64_t k, int c) {
-    const f32x16 w = load16(reinterpret_cast<const float*>(group) + k * kGroupRows);
-    for (int m = 0; m < MB; ++m) acc[m][c] += w * broadcast(xs[m][k]);
-  };
-#ifdef __AVX512BF16__
-  const auto bf16_pair = [&](int64_t k, int c) {  // inputs k and k + 1 (k even): one vdpbf16ps into chain c
-    const __m512bh w = reinterpret_cast<__m512bh>(_mm512_loadu_si512(group + k * kGroupRows));
-    for (int m = 0; m < MB; ++m)
-      acc[m][c] = _mm512_dpbf16_ps(acc[m][c], w, reinterpret_cast<__m512bh>(_mm512_set1_epi32(xs[m][k / 2])));
-  };
-#else
-  const auto bf16_pair = [&](int64_t k, int c) {  // inputs k and k + 1 (k even) into chains c and c + 1
-    u32x16 bits;
-    std::memcpy(&bits, group + k * kGroupRows, sizeof(bits));
-    const f32x16 even = reinterpret_cast<f32x16>(bits << 16), odd = reinterpret_cast<f32x16>(bits & 0xFFFF0000u);
-    for (int m = 0; m < MB; ++m) {
-      acc[m][c] += even * broadcast(xs[m][k]);
-      acc[m][c + 1] += odd * broadcast(xs[m][k + 1]);
-    }
-  };
-#endif
-  const int64_t K4 = K - K % 4;
-  for (int64_t k = 0; k < K4; k += 4) {
-    if constexpr (std::is_same_v<W, float>) {
-      fp32_step(k, 0), fp32_step(k + 1, 1), fp32_step(k + 2, 2), fp32_step(k + 3, 3);
-    } else {
-      bf16_pair(k, 0), bf16_pair(k + 2, 2);
-    }
-  }
+  f32x16 acc[MB][2] = {};  // (constant indices below, so the chains stay in registers)
   if constexpr (std::is_same_v<W, float>) {
-    if (K4 < K) fp32_step(K4, 0);
-    if (K4 + 1 < K) fp32_step(K4 + 1, 1);
-    if (K4 + 2 < K) fp32_step(K4 + 2, 2);
-  } else if (K4 < K) {  // K is even (repack_float)
-    bf16_pair(K4, 0);
+    const auto step = [&](int64_t k, int c) {
+      const f32x16 w = load16(group + k * kGroupRows);
+      for (int m = 0; m < MB; ++m) acc[m][c] += w * broadcast(xs[m][k]);
+    };
+    for (int64_t k = 0; k + 1 < K; k += 2) step(k, 0), step(k + 1, 1);
+    if (K % 2) step(K - 1, 0);
+  } else {
+#ifdef __AVX512BF16__
+    const auto pair = [&](int64_t k, int c) {  // inputs k and k + 1 (k even): one vdpbf16ps into chain c
+      const __m512bh w = reinterpret_cast<__m512bh>(_mm512_loadu_si512(group + k * kGroupRows));
+      for (int m = 0; m < MB; ++m)
+        acc[m][c] = _mm512_dpbf16_ps(acc[m][c], w, reinterpret_cast<__m512bh>(_mm512_set1_epi32(xs[m][k / 2])));
+    };
+    for (int64_t k = 0; k + 3 < K; k += 4) pair(k, 0), pair(k + 2, 1);
+    if (K % 4) pair(K - 2, 0);  // K is even (repack_float)
+#else
+    for (int64_t k = 0; k < K; k += 2) {  // inputs k (the even chain) and k + 1 (the odd one)
+      u32x16 bits;
+      std::memcpy(&bits, group + k * kGroupRows, sizeof(bits));
+      const f32x16 even = reinterpret_cast<f32x16>(bits << 16), odd = reinterpret_cast<f32x16>(bits & 0xFFFF0000u);
+      for (int m = 0; m < MB; ++m) {
+        acc[m][0] += even * broadcast(xs[m][k]);
+        acc[m][1] += odd * broadcast(xs[m][k + 1]);
+      }
+    }
+#endif
   }
   const int64_t lanes = std::min(kGroupRows, N - n0);
   for (int m = 0; m < rows; ++m) {
-    f32x16 sum = (acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3]);
+    f32x16 sum = acc[m][0] + acc[m][1];
     if (bias) {
       f32x16 b{};
       std::memcpy(&b, bias + n0, lanes * sizeof(float));
@@ -243,8 +240,11 @@ void packed_gemv(int64_t M, const float* x_in, const W* packed, const float* bia
         for (int64_t g = g0; g < g1; ++g) {
           const W* group = packed + g * K * kGroupRows;
           const auto xm = x + m0 * x_stride;
-          if (rows == 1) packed_group<1>(rows, xm, group, bias, y + m0 * N, K, N, g * kGroupRows);
-          else packed_group<kPackedTokenRows>(rows, xm, group, bias, y + m0 * N, K, N, g * kGroupRows);
+          float* ym = y + m0 * N;
+          if (rows == 1) packed_group<1>(rows, xm, group, bias, ym, K, N, g * kGroupRows);
+          else if (rows == 2) packed_group<2>(rows, xm, group, bias, ym, K, N, g * kGroupRows);
+          else if (rows <= 4) packed_group<std::min(4, kPackedTokenRows)>(rows, xm, group, bias, ym, K, N, g * kGroupRows);
+          else packed_group<kPackedTokenRows>(rows, xm, group, bias, ym, K, N, g * kGroupRows);
         }
       }
     }
