@@ -142,6 +142,8 @@ class LlamaForCausalLM(nn.Module):
     _stack: object | None = None  # _decoder_stack(), and the (cache, backend) it was built for
     _stack_bound_to: tuple | None = None
     tp: TensorParallel | None = None  # this rank's share of a tensor-parallel model (models.parallel.shard_model)
+    # False where a layer has projections the fused kernels cannot take (models.quant.MixedQuantizedLinear)
+    fused_layers: bool = True
 
     packed_modules = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                       "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
@@ -165,7 +167,8 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(positions, seq_lens)
         cos, sin = cos.to(hidden.dtype), sin.to(hidden.dtype)
         # the fused layer runs o_proj through down in one call, with no room for tensor parallelism's all-reduce
-        if ctx is not None and self.kernels is not None and self.tp is None and self.kernels.takes(hidden):
+        if ctx is not None and self.kernels is not None and self.tp is None and self.fused_layers and \
+                self.kernels.takes(hidden):
             stack = self._decoder_stack() if ctx.lora is None else None
             if stack is not None:
                 split_keys = self.model.layers[0].self_attn.backend.split_keys

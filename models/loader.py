@@ -3,6 +3,7 @@ or a GGUF file (models.gguf; quantized tensors stay in their blocks). Keys are c
 from __future__ import annotations
 
 import json
+from itertools import groupby
 from pathlib import Path
 
 import torch
@@ -13,7 +14,15 @@ from models import model_class
 from models.config import ModelConfig
 from models.gguf import find_gguf, float_weights_are_bf16, read_gguf
 from models.layers import PackedLinear
-from models.quant import LOAD_TIME_QUANTIZATIONS, QuantizedEmbedding, QuantizedLinear, QuantizedWeight, concat, quantize
+from models.quant import (
+    LOAD_TIME_QUANTIZATIONS,
+    MixedQuantizedLinear,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    QuantizedWeight,
+    concat,
+    quantize,
+)
 
 # Buffers that old HF checkpoints saved; recomputed here, so they are skipped, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -115,7 +124,8 @@ def quantize_model(model: torch.nn.Module, quantization: str) -> None:
 
 def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
     """A GGUF checkpoint's model: float tensors copied into the model's dtype; each linear whose weights are
-    quantized (packed q/k/v and gate/up: all of one type) becomes a QuantizedLinear over the raw blocks."""
+    quantized becomes a QuantizedLinear over the raw blocks (packed q/k/v and gate/up of one type), or a
+    MixedQuantizedLinear (shards of several types)."""
     if torch.device(device).type != "cpu":
         raise CheckpointError("GGUF checkpoints run on the CPU")
     checkpoint = read_gguf(file)
@@ -143,8 +153,12 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str) 
         if not all(isinstance(w, QuantizedWeight) for w in weights):
             raise CheckpointError(f"{name} mixes quantized and float shards; gorgon packs them into one matrix")
         biases = [tensors.pop(f"{key}.bias") for key in shard_keys if f"{key}.bias" in tensors]
-        bias = torch.cat(biases) if biases else None
-        _replace(model, name, _quantized_linear(concat(weights), bias, linear, dtype))
+        if len({w.qtype for w in weights}) == 1:
+            _replace(model, name, _quantized_linear(concat(weights), torch.cat(biases) if biases else None, linear,
+                                                    dtype))
+        else:
+            _replace(model, name, _mixed_linear(weights, biases, linear, dtype))
+            model.fused_layers = False
         for key in shard_keys:
             del tensors[f"{key}.weight"]
     embed = tensors.pop("model.embed_tokens.weight")
@@ -164,6 +178,20 @@ def _quantized_linear(weight: QuantizedWeight, bias: torch.Tensor | None, replac
     layer = QuantizedLinear.from_weight(weight, None if bias is None else bias.detach(), dtype)
     if isinstance(replaces, PackedLinear):
         layer.shards = dict(replaces.shards)
+    return layer
+
+
+def _mixed_linear(weights: list[QuantizedWeight], biases: list[torch.Tensor], replaces: torch.nn.Module,
+                  dtype: torch.dtype) -> MixedQuantizedLinear:
+    """One part per run of consecutive shards of one type (biases: one per shard, or none)."""
+    parts, start = [], 0
+    for _, run in groupby(weights, key=lambda w: w.qtype):
+        run = list(run)
+        bias = torch.cat(biases[start:start + len(run)]) if biases else None
+        parts.append(QuantizedLinear.from_weight(concat(run), None if bias is None else bias.detach(), dtype))
+        start += len(run)
+    layer = MixedQuantizedLinear(parts)
+    layer.shards = dict(replaces.shards)
     return layer
 
 

@@ -167,6 +167,27 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}"
 
 
+class MixedQuantizedLinear(nn.Module):
+    """Packed projections (q/k/v) whose shards the file stores in different types, as Q4_K_M files keep some
+    attn_v in Q6_K beside Q4_K q/k: one QuantizedLinear per run of shards of one type (`parts`), outputs side
+    by side. Invariant: the parts' rows, in order, are the shards' rows in order. The fused decoder-layer
+    kernels take one type per projection, so a model with such layers runs each operator on its own
+    (models.llama.LlamaForCausalLM.fused_layers)."""
+
+    def __init__(self, parts: list[QuantizedLinear]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features, self.out_features = parts[0].in_features, sum(p.out_features for p in parts)
+        self.dtype = parts[0].dtype
+
+    @property
+    def weight(self) -> torch.Tensor:  # (what LoRA reads of a base layer: the device, and that it is not float)
+        return self.parts[0].weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+
 class QuantizedEmbedding(nn.Module):
     """Token embeddings in ggml blocks: a lookup dequantizes only the rows it reads. Invariant: `weight` is
     uint8 [num_embeddings, row bytes] in type `qtype`; `dtype` is the model's activation dtype."""
