@@ -12,8 +12,9 @@ from engine.attention import available_backends
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from models import DEFAULT_MODEL_DIR
+from models.quant import QType
 
-from conftest import save_tiny_model
+from conftest import hf_model, save_tiny_model
 
 pytestmark = pytest.mark.skipif("cpu" not in available_backends("cpu"),
                                 reason="batch invariance is a property of the fused CPU kernels, not built here")
@@ -108,6 +109,27 @@ def test_greedy_tokens_survive_prefix_hits_chunking_and_preemption(model_dir, pr
     assert [o.token_ids for o in outs] == expected
     assert any(o.num_cached_tokens for o in outs)
     assert busy.scheduler.num_preemptions > 0
+
+
+def test_k_quant_gguf_rows_are_batch_and_chunk_invariant(tmp_path):
+    """A Q4_K_M-style file (Q4_K, Q5_K and Q6_K linears): a sequence's logits alone and in a batch of 8, and
+    its prefill whole, chunked and token by token, are bitwise equal."""
+    from test_gguf import write_gguf
+
+    folder = save_tiny_model(tmp_path / "hf", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=1024)
+    types = {"attn_q": QType.Q4_K, "attn_k": QType.Q4_K, "attn_v": QType.Q6_K, "attn_output": QType.Q5_K,
+             "ffn_gate": QType.Q4_K, "ffn_up": QType.Q4_K, "ffn_down": QType.Q6_K, "output": QType.Q6_K}
+    file = write_gguf(hf_model(folder), tmp_path / "k.gguf", qtype_of=lambda name, w: types.get(name.split(".")[-2]))
+    llm = LLM(file, batch_invariant=True, num_kv_blocks=256, block_size=8)
+    batch = prompts(8)
+    together = run(llm, batch, decode_steps=8)
+    for i in (min(range(8), key=lambda i: len(batch[i])), max(range(8), key=lambda i: len(batch[i]))):
+        assert torch.equal(run(llm, [batch[i]], decode_steps=8)[0], together[i])
+    tokens = prompts(1, seed=3)[0] + prompts(1, seed=4)[0]
+    whole = run(llm, [tokens], decode_steps=4)[0]
+    assert torch.equal(run(llm, [tokens], decode_steps=4, chunk=7)[0], whole)
+    assert torch.equal(run(llm, [tokens], decode_steps=4, chunk=1)[0], whole)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
