@@ -68,8 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="threads of each server (default: torch's choice here, passed to both)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="gorgon's dtype (default: gorgon serve's; a BF16 .gguf keeps bf16 weights only with "
-                             "bfloat16)")
+                        help="gorgon serve's --dtype (default: its own choice for the model)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests-per-stream", type=int, default=1,
                         help="requests per level = this x the level's concurrency (at least 4)")
