@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +63,21 @@ def find_gguf(path: str | Path) -> Path | None:
     return None
 
 
+@lru_cache(maxsize=2)
+def _reader(path: Path, modified_ns: int) -> GGUFReader:
+    return GGUFReader(path)  # memory-maps the file
+
+
+def open_gguf(path: str | Path) -> GGUFReader:
+    """The file's reader, parsed once for the several reads of one load (parsing the metadata of a large
+    vocabulary takes seconds); a file written anew is parsed anew."""
+    path = Path(path).resolve()
+    return _reader(path, path.stat().st_mtime_ns)
+
+
 def float_weights_are_bf16(path: Path) -> bool:
-    """Whether the file's float matrices (those not quantized) are all BF16; the header alone is read."""
-    types = {QType(t.tensor_type) for t in GGUFReader(path).tensors if len(t.shape) == 2}
+    """Whether the file's float matrices (those not quantized) are all BF16."""
+    types = {QType(t.tensor_type) for t in open_gguf(path).tensors if len(t.shape) == 2}
     return QType.BF16 in types and not types & (set(FLOAT_TYPES) - {QType.BF16})
 
 
@@ -132,7 +145,7 @@ def unpermute_rows(num_rows: int, num_heads: int) -> torch.Tensor:
 
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
     path = Path(path)
-    reader = GGUFReader(path)  # memory-maps the file
+    reader = open_gguf(path)
     hf_config = read_config(reader)
     tensors: dict[str, torch.Tensor | QuantizedWeight] = {}
     warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # read-only memmap: we never write
