@@ -101,10 +101,10 @@ class DecoderLayer(nn.Module):
             return [t for weights in found for t in (weights or (None, None))]
 
         # (a linear's qtype: its weights' ggml type, 0 for float; a LoRA wrapper reports its base's)
-        q, k, v = ops.attention_input(hidden, self.input_layernorm.weight, self.input_layernorm.eps,
-                                      attn.qkv_proj.kernel_weight, attn.qkv_proj.bias, cos, sin,
-                                      attn.num_heads, attn.num_kv_heads, lora_slots, lora_weights(attn.qkv_proj),
-                                      [int(attn.qkv_proj.qtype)])
+        qkv_weights, qkv_qtypes = kernel_parts(attn.qkv_proj)
+        q, k, v = ops.attention_input(hidden, self.input_layernorm.weight, self.input_layernorm.eps, qkv_weights,
+                                      attn.qkv_proj.bias, cos, sin, attn.num_heads, attn.num_kv_heads, lora_slots,
+                                      lora_weights(attn.qkv_proj), qkv_qtypes)
         out = attn.attend(q, k, v).view(hidden.shape[0], attn.q_size)
         return ops.attention_output(out, hidden, attn.o_proj.kernel_weight, attn.o_proj.bias,
                                     self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
@@ -116,13 +116,22 @@ class DecoderLayer(nn.Module):
     def add_to(self, stack: object) -> None:
         """Append this layer to a DecoderStack (models.kernels.decode.cpp): forward_fused's calls, without LoRA."""
         attn, mlp = self.self_attn, self.mlp
-        stack.add_layer(self.input_layernorm.weight, self.input_layernorm.eps, attn.qkv_proj.kernel_weight,
+        qkv_weights, qkv_qtypes = kernel_parts(attn.qkv_proj)
+        stack.add_layer(self.input_layernorm.weight, self.input_layernorm.eps, qkv_weights,
                         attn.qkv_proj.bias, attn.o_proj.kernel_weight, attn.o_proj.bias,
                         self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
                         mlp.gate_up_proj.kernel_weight, mlp.gate_up_proj.bias, mlp.down_proj.kernel_weight,
-                        mlp.down_proj.bias,
-                        [int(attn.qkv_proj.qtype), int(attn.o_proj.qtype), int(mlp.gate_up_proj.qtype),
-                         int(mlp.down_proj.qtype)], attn.k_cache, attn.v_cache)
+                        mlp.down_proj.bias, qkv_qtypes,
+                        [int(attn.o_proj.qtype), int(mlp.gate_up_proj.qtype), int(mlp.down_proj.qtype)],
+                        attn.k_cache, attn.v_cache)
+
+
+def kernel_parts(linear: nn.Module) -> tuple[list[torch.Tensor], list[int]]:
+    """A projection's weights as the fused kernels take them, and their ggml types (0: float): one part per run
+    of shards of one type (models.quant.MixedQuantizedLinear), else the one weight; a LoRA wrapper's base's."""
+    base = getattr(linear, "base", linear)
+    parts = list(getattr(base, "parts", [base]))
+    return [part.kernel_weight for part in parts], [int(part.qtype) for part in parts]
 
 
 class Backbone(nn.Module):
@@ -142,8 +151,6 @@ class LlamaForCausalLM(nn.Module):
     _stack: object | None = None  # _decoder_stack(), and the (cache, backend) it was built for
     _stack_bound_to: tuple | None = None
     tp: TensorParallel | None = None  # this rank's share of a tensor-parallel model (models.parallel.shard_model)
-    # False where a layer has projections the fused kernels cannot take (models.quant.MixedQuantizedLinear)
-    fused_layers: bool = True
 
     packed_modules = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                       "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
@@ -167,8 +174,7 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(positions, seq_lens)
         cos, sin = cos.to(hidden.dtype), sin.to(hidden.dtype)
         # the fused layer runs o_proj through down in one call, with no room for tensor parallelism's all-reduce
-        if ctx is not None and self.kernels is not None and self.tp is None and self.fused_layers and \
-                self.kernels.takes(hidden):
+        if ctx is not None and self.kernels is not None and self.tp is None and self.kernels.takes(hidden):
             stack = self._decoder_stack() if ctx.lora is None else None
             if stack is not None:
                 split_keys = self.model.layers[0].self_attn.backend.split_keys

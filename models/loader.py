@@ -158,7 +158,6 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str) 
                                                     dtype))
         else:
             _replace(model, name, _mixed_linear(weights, biases, linear, dtype))
-            model.fused_layers = False
         for key in shard_keys:
             del tensors[f"{key}.weight"]
     embed = tensors.pop("model.embed_tokens.weight")
@@ -184,13 +183,9 @@ def _quantized_linear(weight: QuantizedWeight, bias: torch.Tensor | None, replac
 def _mixed_linear(weights: list[QuantizedWeight], biases: list[torch.Tensor], replaces: torch.nn.Module,
                   dtype: torch.dtype) -> MixedQuantizedLinear:
     """One part per run of consecutive shards of one type (biases: one per shard, or none)."""
-    parts, start = [], 0
-    for _, run in groupby(weights, key=lambda w: w.qtype):
-        run = list(run)
-        bias = torch.cat(biases[start:start + len(run)]) if biases else None
-        parts.append(QuantizedLinear.from_weight(concat(run), None if bias is None else bias.detach(), dtype))
-        start += len(run)
-    layer = MixedQuantizedLinear(parts)
+    parts = [QuantizedLinear.from_weight(concat(list(run)), None, dtype)
+             for _, run in groupby(weights, key=lambda w: w.qtype)]
+    layer = MixedQuantizedLinear(parts, torch.cat(biases).detach().to(dtype) if biases else None)
     layer.shards = dict(replaces.shards)
     return layer
 

@@ -169,23 +169,24 @@ class QuantizedLinear(nn.Module):
 
 class MixedQuantizedLinear(nn.Module):
     """Packed projections (q/k/v) whose shards the file stores in different types, as Q4_K_M files keep some
-    attn_v in Q6_K beside Q4_K q/k: one QuantizedLinear per run of shards of one type (`parts`), outputs side
-    by side. Invariant: the parts' rows, in order, are the shards' rows in order. The fused decoder-layer
-    kernels take one type per projection, so a model with such layers runs each operator on its own
-    (models.llama.LlamaForCausalLM.fused_layers)."""
+    attn_v in Q6_K beside Q4_K q/k: one QuantizedLinear per run of shards of one type (`parts`, without bias),
+    outputs side by side, plus `bias`. Invariant: the parts' rows, in order, are the shards' rows in order.
+    The fused decoder-layer kernels take the parts as they are (models.llama.kernel_parts)."""
 
-    def __init__(self, parts: list[QuantizedLinear]) -> None:
+    def __init__(self, parts: list[QuantizedLinear], bias: torch.Tensor | None) -> None:
         super().__init__()
         self.parts = nn.ModuleList(parts)
         self.in_features, self.out_features = parts[0].in_features, sum(p.out_features for p in parts)
         self.dtype = parts[0].dtype
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @property
     def weight(self) -> torch.Tensor:  # (what LoRA reads of a base layer: the device, and that it is not float)
         return self.parts[0].weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(x) for part in self.parts], dim=-1)
+        out = torch.cat([part(x) for part in self.parts], dim=-1)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
 class QuantizedEmbedding(nn.Module):

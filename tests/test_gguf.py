@@ -164,7 +164,7 @@ def test_quantized_file_matches_its_dequantized_oracle(tmp_path, tiny_hf):
 def test_engine_decodes_a_k_quant_file_close_to_its_dequantized_path(tmp_path, v_type):
     """Q4_K / Q5_K / Q6_K (random blocks: the gguf package cannot quantize to them) through the engine: the
     fused kernels at decode vs the same engine with torch's operators on dequantized tiles. With attn_v in
-    Q6_K beside Q4_K q/k, as Q4_K_M files have it, q/k/v load as a MixedQuantizedLinear."""
+    Q6_K beside Q4_K q/k, as Q4_K_M files have it, q/k/v load as a MixedQuantizedLinear (two parts)."""
     folder = save_tiny_model(tmp_path / "hf", hidden_size=256, intermediate_size=512, num_attention_heads=4,
                              num_key_value_heads=2)
     types = {"attn_q": QType.Q4_K, "attn_k": QType.Q4_K, "attn_v": v_type, "attn_output": QType.Q5_K,

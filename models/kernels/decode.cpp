@@ -405,26 +405,41 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return as_dtype(rms_norm_f32(as_float(x), weight, eps), x.scalar_type());
 }
 
+// y = x W^T + b for W stored as row ranges of different types (parts, one qtype each; qtypes [] for one float
+// part): a GGUF file may keep q/k and v in different types
+torch::Tensor linear_parts(const torch::Tensor& x, const std::vector<torch::Tensor>& weights, const torch::Tensor& bias,
+                           const std::vector<int64_t>& qtypes) {
+  TORCH_CHECK(!weights.empty() && (qtypes.empty() ? weights.size() == 1 : qtypes.size() == weights.size()),
+              "linear: one ggml type per part of the weights");
+  if (weights.size() == 1) return linear_f32(x, weights[0], bias, qtypes.empty() ? 0 : qtypes[0]);
+  std::vector<torch::Tensor> parts;
+  for (size_t i = 0; i < weights.size(); ++i) parts.push_back(linear_f32(x, weights[i], torch::Tensor(), qtypes[i]));
+  auto y = torch::cat(parts, 1);
+  if (bias.defined()) y.add_(bias);
+  return y;
+}
+
 // hidden [M, H] -> (q [M, num_heads, D], k [M, num_kv_heads, D], v [M, num_kv_heads, D]) in hidden's dtype:
 // RMSNorm, the packed q/k/v projection (+ bias, + LoRA), then rotate-half RoPE on q and k with cos/sin [M, D].
 // LoRA: lora_slots [M] (-1: none) and [A, Bt] as engine.adapters.lora.LoRALinear stacks them, or [].
-// qtypes: [] for float weights, or [ggml type of qkv_weight] (0: float).
+// qkv_weights: the projection's parts (linear_parts), one unless the file stores them in several types;
+// qtypes: [] for float weights, or the ggml type of each part (0: float).
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_input(
-    torch::Tensor hidden, torch::Tensor norm_weight, double eps, torch::Tensor qkv_weight,
+    torch::Tensor hidden, torch::Tensor norm_weight, double eps, std::vector<torch::Tensor> qkv_weights,
     c10::optional<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
     int64_t num_kv_heads, c10::optional<torch::Tensor> lora_slots, std::vector<c10::optional<torch::Tensor>> lora,
     std::vector<int64_t> qtypes) {
   TORCH_CHECK(hidden.dim() == 2, "attention_input: hidden must be [rows, hidden_size]");
   const int64_t M = hidden.size(0);
   const int64_t num_qk_heads = num_heads + num_kv_heads;
-  const int64_t qkv_rows = quantized_rows(qkv_weight);  // (a packed weight's first dimension counts 16-row groups)
+  int64_t qkv_rows = 0;  // (a packed weight's first dimension counts 16-row groups)
+  for (const auto& w : qkv_weights) qkv_rows += quantized_rows(w);
   const int64_t D = qkv_rows / (num_qk_heads + num_kv_heads);
   TORCH_CHECK(D * (num_qk_heads + num_kv_heads) == qkv_rows && D % 2 == 0,
               "attention_input: the q/k/v weight does not split into heads of an even size");
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(0) == M && cos.size(1) == D, "attention_input: cos/sin must be [rows, head_dim]");
   auto normed = rms_norm_f32(as_float(hidden), norm_weight, eps);
-  TORCH_CHECK(qtypes.size() <= 1, "attention_input: qtypes takes the type of qkv_weight");
-  auto qkv = linear_f32(normed, qkv_weight, optional_float(qkv_bias), qtypes.empty() ? 0 : qtypes[0]);
+  auto qkv = linear_parts(normed, qkv_weights, optional_float(qkv_bias), qtypes);
   TORCH_CHECK(lora.empty() || lora.size() == 2, "attention_input: lora takes the A and Bt of q/k/v");
   if (!lora.empty()) add_lora(qkv, normed, lora_slots, lora[0], lora[1]);
   auto c = as_float(cos), s = as_float(sin);
@@ -493,10 +508,11 @@ torch::Tensor attention_output(torch::Tensor attn, torch::Tensor residual, torch
 class DecoderStack {
  public:
   struct Layer {
-    torch::Tensor input_norm, qkv_weight, o_weight, post_norm, gate_up_weight, down_weight, k_cache, v_cache;
+    torch::Tensor input_norm, o_weight, post_norm, gate_up_weight, down_weight, k_cache, v_cache;
+    std::vector<torch::Tensor> qkv_weights;  // (attention_input)
     c10::optional<torch::Tensor> qkv_bias, o_bias, gate_up_bias, down_bias;
     double input_eps, post_eps;
-    std::vector<int64_t> qtypes;  // q/k/v, o, gate/up, down
+    std::vector<int64_t> qkv_qtypes, qtypes;  // q/k/v's parts; o, gate/up, down
   };
 
   DecoderStack(int64_t num_heads, int64_t num_kv_heads, double scale)
@@ -505,15 +521,16 @@ class DecoderStack {
                        .findSchemaOrThrow("gorgon_attention::paged_attention", "")
                        .typed<AttentionOp>()) {}
 
-  void add_layer(torch::Tensor input_norm, double input_eps, torch::Tensor qkv_weight,
+  void add_layer(torch::Tensor input_norm, double input_eps, std::vector<torch::Tensor> qkv_weights,
                  c10::optional<torch::Tensor> qkv_bias, torch::Tensor o_weight, c10::optional<torch::Tensor> o_bias,
                  torch::Tensor post_norm, double post_eps, torch::Tensor gate_up_weight,
                  c10::optional<torch::Tensor> gate_up_bias, torch::Tensor down_weight,
-                 c10::optional<torch::Tensor> down_bias, std::vector<int64_t> qtypes, torch::Tensor k_cache,
-                 torch::Tensor v_cache) {
-    TORCH_CHECK(qtypes.size() == 4, "DecoderStack: qtypes takes the types of q/k/v, o, gate/up and down");
-    layers_.push_back({input_norm, qkv_weight, o_weight, post_norm, gate_up_weight, down_weight, k_cache, v_cache,
-                       qkv_bias, o_bias, gate_up_bias, down_bias, input_eps, post_eps, qtypes});
+                 c10::optional<torch::Tensor> down_bias, std::vector<int64_t> qkv_qtypes, std::vector<int64_t> qtypes,
+                 torch::Tensor k_cache, torch::Tensor v_cache) {
+    TORCH_CHECK(qkv_qtypes.size() == qkv_weights.size() && qtypes.size() == 3,
+                "DecoderStack: the types of q/k/v's parts, then of o, gate/up and down");
+    layers_.push_back({input_norm, o_weight, post_norm, gate_up_weight, down_weight, k_cache, v_cache, qkv_weights,
+                       qkv_bias, o_bias, gate_up_bias, down_bias, input_eps, post_eps, qkv_qtypes, qtypes});
   }
 
   // hidden [M, H] -> the last layer's output [M, H]; the step's attention metadata as the op takes it
@@ -522,13 +539,13 @@ class DecoderStack {
                         c10::optional<torch::Tensor> tree_mask, bool split_keys) {
     const std::vector<c10::optional<torch::Tensor>> no_lora;
     for (const Layer& l : layers_) {
-      auto [q, k, v] = attention_input(hidden, l.input_norm, l.input_eps, l.qkv_weight, l.qkv_bias, cos, sin,
-                                       num_heads_, num_kv_heads_, c10::nullopt, no_lora, {l.qtypes[0]});
+      auto [q, k, v] = attention_input(hidden, l.input_norm, l.input_eps, l.qkv_weights, l.qkv_bias, cos, sin,
+                                       num_heads_, num_kv_heads_, c10::nullopt, no_lora, l.qkv_qtypes);
       auto attn = attention_.call(q, k, v, l.k_cache, l.v_cache, slot_mapping, block_tables, query_start_loc,
                                   context_lens, tree_mask, scale_, split_keys);
       hidden = attention_output(attn.view({hidden.size(0), -1}), hidden, l.o_weight, l.o_bias, l.post_norm,
                                 l.post_eps, l.gate_up_weight, l.gate_up_bias, l.down_weight, l.down_bias,
-                                c10::nullopt, no_lora, {l.qtypes[1], l.qtypes[2], l.qtypes[3]});
+                                c10::nullopt, no_lora, l.qtypes);
     }
     return hidden;
   }
@@ -683,7 +700,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("hidden"), py::arg("weights"), py::arg("biases"), py::arg("num_heads"), py::arg("projections"),
         py::arg("k"), py::arg("projection_qtype") = 0);
   m.def("attention_input", &attention_input, "RMSNorm, q/k/v projection and RoPE of a few rows", py::arg("hidden"),
-        py::arg("norm_weight"), py::arg("eps"), py::arg("qkv_weight"), py::arg("qkv_bias"), py::arg("cos"),
+        py::arg("norm_weight"), py::arg("eps"), py::arg("qkv_weights"), py::arg("qkv_bias"), py::arg("cos"),
         py::arg("sin"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("lora_slots"), py::arg("lora"),
         py::arg("qtypes") = std::vector<int64_t>{});
   m.def("attention_output", &attention_output, "o_proj + residual, RMSNorm, SwiGLU MLP + residual of a few rows",
