@@ -4,7 +4,10 @@ package's memory-mapped reader. Float tensors become torch tensors; quantized on
 come from the metadata through transformers' GGUF tokenizer conversion."""
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -176,12 +179,33 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     return GGUFCheckpoint(path, hf_config, tensors)
 
 
+# Converted tokenizers, saved as transformers' own files (JSON, never pickles), by file
+TOKENIZER_CACHE = Path.home() / ".cache" / "gorgon" / "tokenizers"
+
+
 def load_tokenizer(path: str | Path):
-    """transformers' tokenizer built from the file's metadata (vocabulary, merges, chat template)."""
+    """transformers' tokenizer built from the file's metadata (vocabulary, merges, chat template). Building it
+    takes seconds for a large vocabulary, so the result is kept in TOKENIZER_CACHE, under the file's path,
+    size and modification time, and later loads read that (a cache that cannot be written is skipped)."""
+    import transformers
     from transformers import AutoTokenizer
 
-    path = Path(path)
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode())
+    cached = TOKENIZER_CACHE / key.hexdigest()[:24]
+    if (cached / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(cached)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    try:
+        TOKENIZER_CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=TOKENIZER_CACHE) as tmp:  # whole, or not at all: other loads may race
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, cached)
+            os.mkdir(tmp)  # (for TemporaryDirectory's cleanup)
+    except OSError:
+        pass
+    return tokenizer
 
 
 __all__ = ["GGUFCheckpoint", "GGUFError", "UnsupportedTensorType", "find_gguf", "load_tokenizer", "read_gguf"]

@@ -2,6 +2,7 @@
 as the oracle, by transformers' own GGUF loading."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from gguf.quants import quantize as gguf_quantize
 from test_quant import random_weight
 from transformers import AutoModelForCausalLM
 
+import models.gguf as gguf_module
 from bench.common import byte_tokenizer
 from engine import LLM
 from models.gguf import GGUFError, find_gguf, load_tokenizer, read_gguf, unpermute_rows
@@ -211,13 +213,23 @@ def test_unsupported_tensor_type_names_it(tmp_path, tiny_hf):
         load_model(file, torch.float32, "cpu")
 
 
-def test_tokenizer_and_chat_template_from_metadata(tmp_path, tiny_hf):
+def test_tokenizer_and_chat_template_from_metadata(tmp_path, tiny_hf, monkeypatch):
+    """Built from the metadata once, then read from the cache: the same tokenizer either way."""
+    monkeypatch.setattr(gguf_module, "TOKENIZER_CACHE", tmp_path / "cache")
     file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf")
-    tokenizer = load_tokenizer(file)
     reference = byte_tokenizer()
-    assert tokenizer("hello world")["input_ids"] == reference("hello world")["input_ids"]
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
-    assert chat == "<user>hi\n"
+    for _ in range(2):
+        tokenizer = load_tokenizer(file)
+        assert tokenizer("hello world")["input_ids"] == reference("hello world")["input_ids"]
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        assert chat == "<user>hi\n"
+        assert (tokenizer.eos_token_id, tokenizer.bos_token_id) == (2, 1)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    write_gguf(hf_model(tiny_hf), file)  # written anew (a second later): converted anew
+    modified = file.stat().st_mtime_ns + 1_000_000_000
+    os.utime(file, ns=(modified, modified))
+    load_tokenizer(file)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
 def test_engine_generates_from_a_gguf_file(tmp_path, tiny_hf):
