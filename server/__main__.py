@@ -91,7 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"require 'Authorization: Bearer KEY' on every route but /health and /metrics "
                              f"(default: ${API_KEY_ENV}, if set)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on CUDA; on the CPU the checkpoint's own if bfloat16, else float32")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's); N tensor-parallel ranks on this host take 1/N each")
     add_tensor_parallel_flag(parser)
