@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+
+from models.loader import default_dtype
+from models.named import resolve_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -120,6 +124,14 @@ class EngineConfig:
             raise ValueError("medusa_posterior_threshold and medusa_posterior_alpha must be >= 0")
         if self.medusa_acceptance not in ("rejection", "typical"):
             raise ValueError(f"medusa_acceptance must be 'rejection' or 'typical', got {self.medusa_acceptance!r}")
+
+    def resolve_model(self) -> Path:
+        """The model's path (a name per models.named, a path, or None: the default model); settles dtype's
+        default for that checkpoint (models.loader.default_dtype) when none was asked for."""
+        path = resolve_model(self.model)
+        if self.dtype is None:
+            self.dtype = default_dtype(path, self.device)
+        return path
 
     @property
     def torch_dtype(self) -> torch.dtype:

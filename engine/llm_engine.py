@@ -26,8 +26,8 @@ from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from models.gguf import find_gguf, load_tokenizer
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
-from models.loader import default_dtype, load_model
-from models.named import medusa_heads_for, resolve_model
+from models.loader import load_model
+from models.named import medusa_heads_for
 
 
 @dataclass(frozen=True)
@@ -57,9 +57,7 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, **engine_kwargs) -> None:
         self.config = EngineConfig(model=str(model) if model is not None else None, **engine_kwargs)
-        path = resolve_model(self.config.model)  # a name (models.named), a path, or None: the default
-        if self.config.dtype is None:
-            self.config.dtype = default_dtype(path, self.config.device)
+        path = self.config.resolve_model()
         if self.config.medusa == "auto":  # the heads that belong to the model
             self.config.medusa = str(medusa_heads_for(self.config.model))
         self.device = torch.device(self.config.device)

@@ -200,9 +200,8 @@ def load_tokenizer(path: str | Path):
     try:
         TOKENIZER_CACHE.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=TOKENIZER_CACHE) as tmp:  # whole, or not at all: other loads may race
-            tokenizer.save_pretrained(tmp)
-            os.replace(tmp, cached)
-            os.mkdir(tmp)  # (for TemporaryDirectory's cleanup)
+            tokenizer.save_pretrained(Path(tmp) / "tokenizer")
+            os.replace(Path(tmp) / "tokenizer", cached)
     except OSError:
         pass
     return tokenizer

@@ -133,8 +133,8 @@ class Linear(nn.Linear):
 
     @kernels.setter
     def kernels(self, kernels: DecodeKernels | None) -> None:
-        """Handing the layer its kernels also lays bf16 weights out for them (16 rows interleaved, decode.cpp's
-        repack_float): a second copy of the weights, which decode streams instead, at twice the speed."""
+        """Handing the layer its kernels also lays its fp32/bf16 weights out for them (16 rows interleaved,
+        decode.cpp's repack_float): a second copy of the weights, which the kernels stream instead."""
         self._kernels = kernels
         self.packed = None if kernels is None else kernels.ops.repack_float(self.weight.detach())
 

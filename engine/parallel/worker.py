@@ -10,8 +10,6 @@ import torch.distributed as dist
 from engine.config import EngineConfig
 from engine.parallel.group import Rendezvous, join, launched_rank, rank_device
 from engine.parallel.shard import RankShard
-from models.loader import default_dtype
-from models.named import resolve_model
 from models.parallel import TensorParallel
 
 logger = logging.getLogger("gorgon.parallel")
@@ -52,8 +50,5 @@ def run_worker_if_launched(config: EngineConfig) -> bool:
         raise ValueError(f"the launcher started {rendezvous.world_size} ranks (WORLD_SIZE), but "
                          f"--tensor-parallel-size is {config.tensor_parallel_size}")
     logger.info("tensor-parallel rank %d of %d: serving rank 0's calls", rank, rendezvous.world_size)
-    path = resolve_model(config.model)
-    if config.dtype is None:
-        config.dtype = default_dtype(path, config.device)
-    worker_main(config, str(path), rank, rendezvous, torch.get_num_threads())
+    worker_main(config, str(config.resolve_model()), rank, rendezvous, torch.get_num_threads())
     return True

@@ -140,13 +140,19 @@ void gemv(int64_t M, const float* x, const W* w, const float* bias, float* y, in
 // streams per step, which the hardware prefetchers pick up too late: a 576-wide bf16 model streamed at a
 // third of the bandwidth a packed one does. fp32: [N / 16, K, 16]; bf16: [N / 16, K / 2, 16, 2], a lane
 // holding one row's pair of consecutive weights (the even one in its low half).
-constexpr int64_t kGroupRows = 16;
+constexpr int64_t kGroupRows = quant::kGroupRows;  // (one grouping for both layouts: weight_rows reads either)
 // Token rows one pass of a group's weights serves: 2 chains of each take 16 of AVX-512's 32 registers;
 // AVX2 has 16 half-width ones.
 #ifdef __AVX512F__
 constexpr int kPackedTokenRows = 8;
 #else
 constexpr int kPackedTokenRows = 2;
+#endif
+// bf16 weights take x as bf16 pairs into vdpbf16ps where the CPU has it (AVX512-BF16)
+#ifdef __AVX512BF16__
+constexpr bool kBf16Dot = true;
+#else
+constexpr bool kBf16Dot = false;
 #endif
 
 inline f32x16 broadcast(const float& v) {
@@ -157,16 +163,18 @@ inline f32x16 broadcast(const float& v) {
 #endif
 }
 
+// Inputs per element of the token rows as packed_gemv hands them over: fp32 values, or bf16 pairs (vdpbf16ps)
+template <typename X>
+constexpr int64_t kInputsPer = std::is_same_v<X, float> ? 1 : 2;
+
 // y[m, 16g .. 16g+15] for the MB token rows at x (rows < MB repeats the last one; not written) and group g.
 // Each output sums its products in 2 chains (alternate inputs, or pairs of them), whatever MB is: a row's
 // result never depends on the other rows of the call.
-// X: the token rows as packed_gemv gives them (fp32, or bf16 pairs for vdpbf16ps).
 template <int MB, typename W, typename X>
 void packed_group(int64_t rows, const X* x, const W* group, const float* bias, float* y, int64_t K, int64_t N,
                   int64_t n0) {
-  const int64_t x_stride = std::is_same_v<X, float> ? K : K / 2;
   const X* xs[MB];
-  for (int m = 0; m < MB; ++m) xs[m] = x + std::min<int64_t>(m, rows - 1) * x_stride;
+  for (int m = 0; m < MB; ++m) xs[m] = x + std::min<int64_t>(m, rows - 1) * (K / kInputsPer<X>);
   f32x16 acc[MB][2] = {};  // (constant indices below, so the chains stay in registers)
   if constexpr (std::is_same_v<W, float>) {
     const auto step = [&](int64_t k, int c) {
@@ -196,51 +204,28 @@ void packed_group(int64_t rows, const X* x, const W* group, const float* bias, f
     }
 #endif
   }
-  const int64_t lanes = std::min(kGroupRows, N - n0);
   for (int m = 0; m < rows; ++m) {
-    f32x16 sum = acc[m][0] + acc[m][1];
-    if (bias) {
-      f32x16 b{};
-      std::memcpy(&b, bias + n0, lanes * sizeof(float));
-      sum += b;
-    }
-    std::memcpy(y + m * N + n0, &sum, lanes * sizeof(float));
+    const f32x16 sum = acc[m][0] + acc[m][1] + (bias ? load16(bias + n0) : f32x16{});
+    std::memcpy(y + m * N + n0, &sum, sizeof(sum));
   }
 }
 
-// y[M, N] = x[M, K] W^T (+ bias) over repack_float's layout. Weights go in blocks of groups that stay in
-// L2 while every chunk of token rows passes over them, so they stream from memory once whatever M is.
-template <typename W>
-void packed_gemv(int64_t M, const float* x_in, const W* packed, const float* bias, float* y, int64_t K, int64_t N) {
-#ifdef __AVX512BF16__
-  // bf16 weights take x rounded to bf16, as torch's bf16 linear takes it, in pairs (the even input low)
-  std::vector<uint32_t> pairs;
-  if constexpr (std::is_same_v<W, at::BFloat16>) {
-    pairs.resize(M * K / 2);
-    for (int64_t i = 0; i < M * K / 2; ++i)
-      pairs[i] = at::BFloat16(x_in[2 * i]).x | static_cast<uint32_t>(at::BFloat16(x_in[2 * i + 1]).x) << 16;
-  }
-  const auto x = [&] {
-    if constexpr (std::is_same_v<W, at::BFloat16>) return static_cast<const uint32_t*>(pairs.data());
-    else return x_in;
-  }();
-#else
-  const float* x = x_in;
-#endif
-  const int64_t x_stride = std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(x)>>, float> ? K : K / 2;
-  const int64_t groups = (N + kGroupRows - 1) / kGroupRows;
+// packed_gemv over token rows x as packed_group takes them. Weights go in blocks of groups that stay in L2
+// while every chunk of token rows passes over them, so they stream from memory once whatever M is.
+template <typename W, typename X>
+void packed_rows(int64_t M, const X* x, const W* packed, const float* bias, float* y, int64_t K, int64_t N) {
   const int64_t group_bytes = K * kGroupRows * static_cast<int64_t>(sizeof(W));
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / group_bytes);
   const int64_t block = std::max<int64_t>(1, (256 * 1024) / group_bytes);
-  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N / kGroupRows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t g0 = begin; g0 < end; g0 += block) {
       const int64_t g1 = std::min(end, g0 + block);
       for (int64_t m0 = 0; m0 < M; m0 += kPackedTokenRows) {
         const int64_t rows = std::min<int64_t>(kPackedTokenRows, M - m0);
+        const X* xm = x + m0 * (K / kInputsPer<X>);
+        float* ym = y + m0 * N;
         for (int64_t g = g0; g < g1; ++g) {
           const W* group = packed + g * K * kGroupRows;
-          const auto xm = x + m0 * x_stride;
-          float* ym = y + m0 * N;
           if (rows == 1) packed_group<1>(rows, xm, group, bias, ym, K, N, g * kGroupRows);
           else if (rows == 2) packed_group<2>(rows, xm, group, bias, ym, K, N, g * kGroupRows);
           else if (rows <= 4) packed_group<std::min(4, kPackedTokenRows)>(rows, xm, group, bias, ym, K, N, g * kGroupRows);
@@ -249,6 +234,20 @@ void packed_gemv(int64_t M, const float* x_in, const W* packed, const float* bia
       }
     }
   });
+}
+
+// y[M, N] = x[M, K] W^T (+ bias) over repack_float's layout (N a multiple of 16)
+template <typename W>
+void packed_gemv(int64_t M, const float* x, const W* packed, const float* bias, float* y, int64_t K, int64_t N) {
+  if constexpr (kBf16Dot && std::is_same_v<W, at::BFloat16>) {
+    // x rounded to bf16, as torch's bf16 linear takes it, in pairs (the even input low)
+    std::vector<uint32_t> pairs(M * K / 2);
+    for (int64_t i = 0; i < M * K / 2; ++i)
+      pairs[i] = at::BFloat16(x[2 * i]).x | static_cast<uint32_t>(at::BFloat16(x[2 * i + 1]).x) << 16;
+    packed_rows(M, pairs.data(), packed, bias, y, K, N);
+  } else {
+    packed_rows(M, x, packed, bias, y, K, N);
+  }
 }
 
 // (the checks skip torch's dispatcher, which costs a microsecond or two per call even when nothing changes)
@@ -275,14 +274,15 @@ quant::Weights quantized_weights(const torch::Tensor& weight, int64_t qtype, int
           weight.dim() == 3};
 }
 
-int64_t quantized_rows(const torch::Tensor& weight) {
+// Output rows of a kernel weight: a packed one's first dimension counts groups of kGroupRows
+int64_t weight_rows(const torch::Tensor& weight) {
   return weight.dim() == 3 ? weight.size(0) * quant::kGroupRows : weight.size(0);
 }
 
 // y = x W^T + b in quantized W's blocks (qtype: its ggml type) for fp32 x
 torch::Tensor linear_quantized(const torch::Tensor& x, const torch::Tensor& weight, int64_t qtype,
                                const torch::Tensor& bias) {
-  const int64_t M = x.size(0), K = x.size(1), N = quantized_rows(weight);
+  const int64_t M = x.size(0), K = x.size(1), N = weight_rows(weight);
   auto y = torch::empty({M, N}, x.options());
   quant::linear(qtype, x.data_ptr<float>(), M, K, quantized_weights(weight, qtype, K), N, y.data_ptr<float>());
   if (bias.defined()) y.add_(bias);
@@ -432,8 +432,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_input(
   TORCH_CHECK(hidden.dim() == 2, "attention_input: hidden must be [rows, hidden_size]");
   const int64_t M = hidden.size(0);
   const int64_t num_qk_heads = num_heads + num_kv_heads;
-  int64_t qkv_rows = 0;  // (a packed weight's first dimension counts 16-row groups)
-  for (const auto& w : qkv_weights) qkv_rows += quantized_rows(w);
+  int64_t qkv_rows = 0;
+  for (const auto& w : qkv_weights) qkv_rows += weight_rows(w);
   const int64_t D = qkv_rows / (num_qk_heads + num_kv_heads);
   TORCH_CHECK(D * (num_qk_heads + num_kv_heads) == qkv_rows && D % 2 == 0,
               "attention_input: the q/k/v weight does not split into heads of an even size");
@@ -655,7 +655,7 @@ torch::Tensor dequantize(torch::Tensor weight, int64_t qtype, int64_t in_feature
   TORCH_CHECK(in_features % f.block == 0 && (weight.dim() == 3 || weight.size(1) == in_features / f.block * f.bytes),
               "dequantize: weight must be uint8 [rows, row bytes] holding in_features weights per row, or packed");
   auto w = weight.contiguous();
-  auto out = torch::empty({quantized_rows(w), in_features}, torch::kFloat);
+  auto out = torch::empty({weight_rows(w), in_features}, torch::kFloat);
   quant::dequantize(qtype, quantized_weights(w, qtype, in_features), out.size(0), in_features, out.data_ptr<float>());
   return out;
 }
