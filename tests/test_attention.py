@@ -16,6 +16,7 @@ import torch
 
 from engine.attention import available_backends, get_backend
 from engine.attention.reference import ReferenceAttention
+from engine.medusa.tree import TREES, build_tree
 from models.context import ForwardContext
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -161,3 +162,43 @@ def test_attention_benchmark_writes_its_json_and_plot(tmp_path):
     assert {"decode_speedup_cpu_vs_sdpa_ctx4096_b8", "prefill_speedup_cpu_vs_naive_4096",
             "prefill_speedup_cpu_vs_sdpa_4096", "prefill_peakmem_naive_over_cpu_4096"} <= set(result["summary"])
     assert plot.stat().st_size > 0
+
+
+def attend_one_sequence(backend, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        tree_mask: torch.Tensor | None = None, block_size: int = 16) -> torch.Tensor:
+    """Attention of one sequence whose cache holds `keys`/`values` [n, kv heads, D] in order, the last
+    len(q) of them new this step."""
+    n, new = keys.shape[0], q.shape[0]
+    num_blocks = -(-n // block_size)
+    k_cache = torch.zeros(num_blocks * block_size, *keys.shape[1:], dtype=keys.dtype)
+    v_cache = torch.zeros_like(k_cache)
+    k_cache[:n - new], v_cache[:n - new] = keys[:n - new], values[:n - new]
+    ctx = ForwardContext(positions=torch.zeros(new, dtype=torch.long), slot_mapping=torch.arange(n - new, n),
+                         query_start_loc=torch.tensor([0, new], dtype=torch.int32),
+                         context_lens=torch.tensor([n], dtype=torch.int32),
+                         block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
+                         query_lens_cpu=[new], context_lens_cpu=[n], tree_mask=tree_mask)
+    return backend.forward(q, keys[n - new:], values[n - new:], k_cache.view(num_blocks, block_size, *keys.shape[1:]),
+                           v_cache.view(num_blocks, block_size, *keys.shape[1:]), ctx, 0.25)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("prefix", [5, 58, 62, 130])  # the tree within a 64-key tile, or across a boundary
+def test_branching_tree_rows_are_bitwise_plain_decode_of_their_paths(dtype, prefix):
+    """Batch invariance on a branching tree: node i's row equals a plain decode step over the prefix and i's
+    ancestors laid out in order, although its siblings sit between them in the cache."""
+    tree = build_tree(TREES["cpu12"])
+    gen = torch.Generator().manual_seed(prefix)
+    keys, values = (torch.randn(prefix + tree.size, 2, 16, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(tree.size, 6, 16, generator=gen).to(dtype)
+    backend = get_backend("cpu", "cpu", batch_invariant=True)
+    tree_rows = attend_one_sequence(backend, q, keys, values, tree.mask)
+    for node in range(tree.size):
+        path = [node]
+        while path[-1]:
+            path.append(tree.parents[path[-1]])
+        seen = torch.tensor([prefix + i for i in reversed(path)])
+        plain = attend_one_sequence(backend, q[node:node + 1], torch.cat([keys[:prefix], keys[seen]]),
+                                    torch.cat([values[:prefix], values[seen]]))
+        assert torch.equal(plain[0], tree_rows[node]), f"node {node} (depth {tree.depths[node]})"

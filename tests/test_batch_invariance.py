@@ -132,12 +132,15 @@ def test_k_quant_gguf_rows_are_batch_and_chunk_invariant(tmp_path):
     assert torch.equal(run(llm, [tokens], decode_steps=4, chunk=1)[0], whole)
 
 
+@pytest.mark.parametrize("tree", [None, "cpu12"], ids=["measured_tree", "branching_tree"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_medusa_greedy_at_batch_1_and_8_equals_plain_greedy_at_batch_8(dtype, tmp_path):
-    """The issue's own check, on the shipped default model and heads: bf16 read 6/8 before."""
+def test_medusa_greedy_at_batch_1_and_8_equals_plain_greedy_at_batch_8(dtype, tree, tmp_path):
+    """The issue's own check, on the shipped default model and heads: bf16 read 6/8 before. The branching tree
+    puts siblings between a node and its ancestors in the cache."""
     plain = LLM(dtype=dtype, max_num_seqs=8, batch_invariant=True)
     expected = [o.token_ids for o in plain.generate(PROMPTS, GREEDY)]
-    medusa = LLM(dtype=dtype, max_num_seqs=8, batch_invariant=True, medusa=str(DEFAULT_MODEL_DIR / "medusa"))
+    medusa = LLM(dtype=dtype, max_num_seqs=8, batch_invariant=True, medusa=str(DEFAULT_MODEL_DIR / "medusa"),
+                 medusa_tree=tree)
     outs = medusa.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outs] == expected
     assert max(max(o.accepted_lengths) for o in outs) > 2  # speculation really ran

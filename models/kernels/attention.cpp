@@ -172,6 +172,10 @@ struct Problem {
   int num_splits;
   int tree_size;        // 0: plain causal
   const bool* tree_mask;
+  const int* tree_depths;     // [tree_size]: each node's depth, non-decreasing (the root's is 0)
+  const int* first_at_depth;  // [deepest + 2]: the first node at each depth or deeper (tree_size past the last)
+  int deepest;
+  int max_tile_keys;    // the most keys of one tile (key_tile_end): KEY_TILE plus a tree's nodes
   float scale;
 };
 
@@ -187,13 +191,14 @@ struct QueryTile {
 // Scratch of one thread, reused across its units. Padding (columns beyond head_dim) stays zero.
 struct Scratch {
   std::vector<float> q_t;         // [padded_dim][rows]: the unit's scaled queries, transposed
-  std::vector<float> keys, values;  // [KEY_TILE][padded_dim]: one key tile in fp32
-  std::vector<float> scores_t;    // [KEY_TILE][rows]: scores, then probabilities, key-major
+  std::vector<float> keys, values;  // [tile keys][padded_dim]: one key tile in fp32
+  std::vector<float> scores_t;    // [tile keys][rows]: scores, then probabilities, key-major
   std::vector<int> query_index;   // [rows] cache index of each row's query position
   std::vector<float> tile_max, tile_sum, safe_max;  // [rows]
   explicit Scratch(const Problem& p)
-      : q_t(p.padded_dim * p.rows), keys(KEY_TILE * p.padded_dim), values(KEY_TILE * p.padded_dim),
-        scores_t(KEY_TILE * p.rows), query_index(p.rows), tile_max(p.rows), tile_sum(p.rows), safe_max(p.rows) {}
+      : q_t(p.padded_dim * p.rows), keys(p.max_tile_keys * p.padded_dim), values(p.max_tile_keys * p.padded_dim),
+        scores_t(p.max_tile_keys * p.rows), query_index(p.rows), tile_max(p.rows), tile_sum(p.rows),
+        safe_max(p.rows) {}
 };
 
 // May the query at cache index qi see the key at cache index kj?
@@ -209,6 +214,20 @@ inline bool visible(const Problem& p, int qi, int kj, int context_len) {
 inline std::pair<int, int> unit_keys(const Problem& p, const QueryTile& tile, int split, int last_query) {
   const int keys_per_split = round_up((tile.context_len + p.num_splits - 1) / p.num_splits, KEY_TILE);
   return {split * keys_per_split, std::min({(split + 1) * keys_per_split, tile.context_len, last_query + 1})};
+}
+
+// The end of the key tile that starts at cache index k0. A tile holds the keys of KEY_TILE consecutive
+// positions (from a multiple of KEY_TILE), where a tree node's position is the root's plus its depth. So a tree
+// row meets its ancestors in the same tiles as a plain step at its position meets the same keys, and its online
+// softmax rounds the same (siblings in between are masked, and add exact zeros): bitwise the same row. Such a
+// tile may hold more than KEY_TILE keys (all the nodes of its depths).
+inline int key_tile_end(const Problem& p, const QueryTile& tile, int k0) {
+  const int tree_start = tile.context_len - p.tree_size;
+  const int position = k0 < tree_start ? k0 : tree_start + p.tree_depths[k0 - tree_start];
+  const int end = (position / KEY_TILE + 1) * KEY_TILE;
+  if (end <= tree_start) return end;
+  const int depth = end - tree_start;
+  return tree_start + (depth > p.deepest ? p.tree_size : p.first_at_depth[depth]);
 }
 
 // Where the key (or value) at cache index `index` of kv_head starts in a cache
@@ -246,8 +265,10 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
   start_rows(row_max, row_sum, acc, R, Dp);
 
   const auto [key_begin, key_end] = unit_keys(p, tile, split, s.query_index[R - 1]);
-  for (int k0 = key_begin; k0 < key_end; k0 += KEY_TILE) {
-    const int num_keys = std::min(KEY_TILE, key_end - k0);
+  const int tree_start = tile.context_len - p.tree_size;
+  for (int k0 = key_begin, k1; k0 < key_end; k0 = k1) {
+    k1 = std::min(key_tile_end(p, tile, k0), key_end);
+    const int num_keys = k1 - k0, width = round_up(num_keys, TILE_COLS);  // (padding keys are masked)
     for (int j = 0; j < num_keys; ++j) {
       const int64_t offset = key_offset(p, block_table, k0 + j, kv_head);
       float* k_dst = s.keys.data() + j * Dp;
@@ -258,24 +279,22 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
         v_dst[d] = static_cast<float>(v_cache[offset + d]);
       }
     }
-    if (num_keys < KEY_TILE) {  // the tail tile: padding keys must not leak into the sums
-      std::fill(s.keys.begin() + num_keys * Dp, s.keys.end(), 0.0f);
-      std::fill(s.values.begin() + num_keys * Dp, s.values.end(), 0.0f);
-    }
-    gemm(s.keys.data(), Dp, 1, s.q_t.data(), R, s.scores_t.data(), R, KEY_TILE, R, Dp, false);
+    // padding keys must not leak into the sums
+    std::fill(s.keys.begin() + num_keys * Dp, s.keys.begin() + width * Dp, 0.0f);
+    std::fill(s.values.begin() + num_keys * Dp, s.values.begin() + width * Dp, 0.0f);
+    gemm(s.keys.data(), Dp, 1, s.q_t.data(), R, s.scores_t.data(), R, width, R, Dp, false);
 
     // masking is only needed on tiles that cross the diagonal, the tree, or the end of the keys
-    const bool needs_mask = num_keys < KEY_TILE || k0 + KEY_TILE - 1 > s.query_index[0] ||
-                            (p.tree_size > 0 && k0 + KEY_TILE > tile.context_len - p.tree_size);
+    const bool needs_mask = num_keys < width || k1 - 1 > s.query_index[0] || k1 > tree_start;
     if (needs_mask) {
-      for (int j = 0; j < KEY_TILE; ++j)
+      for (int j = 0; j < width; ++j)
         for (int r = 0; r < R; ++r)
           if (j >= num_keys || !visible(p, s.query_index[r], k0 + j, tile.context_len))
             s.scores_t[j * R + r] = NEG_INF;
     }
     // online softmax, vectorised over rows
     std::fill(s.tile_max.begin(), s.tile_max.begin() + R, NEG_INF);
-    for (int j = 0; j < KEY_TILE; ++j) {
+    for (int j = 0; j < width; ++j) {
       const float* scores = s.scores_t.data() + j * R;
 #pragma omp simd
       for (int r = 0; r < R; ++r) s.tile_max[r] = std::max(s.tile_max[r], scores[r]);
@@ -286,7 +305,7 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
       s.safe_max[r] = new_max == NEG_INF ? 0.0f : new_max;  // a row that sees no key yet stays all zero
       s.tile_sum[r] = 0.0f;
     }
-    for (int j = 0; j < KEY_TILE; ++j) {
+    for (int j = 0; j < width; ++j) {
       float* scores = s.scores_t.data() + j * R;
 #pragma omp simd
       for (int r = 0; r < R; ++r) {
@@ -302,8 +321,8 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
 #pragma omp simd
       for (int d = 0; d < Dp; ++d) out[d] *= rescale;
     }
-    // acc[R][Dp] += P[R][KEY_TILE] V[KEY_TILE][Dp], reading P from the key-major scores
-    gemm(s.scores_t.data(), 1, R, s.values.data(), Dp, acc, Dp, R, Dp, KEY_TILE, true);
+    // acc[R][Dp] += P[R][width] V[width][Dp], reading P from the key-major scores
+    gemm(s.scores_t.data(), 1, R, s.values.data(), Dp, acc, Dp, R, Dp, width, true);
   }
 }
 
@@ -317,10 +336,9 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
                        float* row_max, float* row_sum, float* acc) {
   const int D = p.head_dim, Dp = p.padded_dim, R = tile.num_positions * p.group;
   float* q_rows = s.q_t.data();        // [R][Dp]
-  float* keys_t = s.keys.data();       // [Dp][KEY_TILE]
-  float* scores = s.scores_t.data();   // [R][KEY_TILE]
+  float* keys_t = s.keys.data();       // [Dp][width]
+  float* scores = s.scores_t.data();   // [R][width]
   std::fill(q_rows, q_rows + R * Dp, 0.0f);
-  std::fill(keys_t, keys_t + Dp * KEY_TILE, 0.0f);
   for (int r = 0; r < R; ++r) {
     s.query_index[r] = tile.first_index + r / p.group;
     const int head = kv_head * p.group + r % p.group;
@@ -330,8 +348,10 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
   start_rows(row_max, row_sum, acc, R, Dp);
 
   const auto [key_begin, key_end] = unit_keys(p, tile, split, s.query_index[R - 1]);
-  for (int k0 = key_begin; k0 < key_end; k0 += KEY_TILE) {
-    const int num_keys = std::min(KEY_TILE, key_end - k0);
+  const int tree_start = tile.context_len - p.tree_size;
+  for (int k0 = key_begin, k1; k0 < key_end; k0 = k1) {
+    k1 = std::min(key_tile_end(p, tile, k0), key_end);
+    const int num_keys = k1 - k0, width = round_up(num_keys, TILE_COLS);
     auto offset_of = [&](int index) { return key_offset(p, block_table, index, kv_head); };
     for (int j = 0; j < num_keys; ++j) {
       const scalar_t* v_src = v_cache + offset_of(k0 + j);
@@ -348,36 +368,34 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
         f32x16 r[16];
         for (int t = 0; t < 16; ++t) r[t] = load16_float(k_src[t] + d0);
         transpose16(r);
-        for (int t = 0; t < 16; ++t) store16(keys_t + (d0 + t) * KEY_TILE + j0, r[t]);
+        for (int t = 0; t < 16; ++t) store16(keys_t + (d0 + t) * width + j0, r[t]);
       }
       for (int t = 0; t < 16; ++t)
-        for (int d = d0; d < D; ++d) keys_t[d * KEY_TILE + j0 + t] = static_cast<float>(k_src[t][d]);
+        for (int d = d0; d < D; ++d) keys_t[d * width + j0 + t] = static_cast<float>(k_src[t][d]);
     }
     for (int j = j0; j < num_keys; ++j) {
       const scalar_t* k_src = k_cache + offset_of(k0 + j);
-      for (int d = 0; d < D; ++d) keys_t[d * KEY_TILE + j] = static_cast<float>(k_src[d]);
+      for (int d = 0; d < D; ++d) keys_t[d * width + j] = static_cast<float>(k_src[d]);
     }
-    if (num_keys < KEY_TILE) {
-      for (int d = 0; d < D; ++d) std::fill(keys_t + d * KEY_TILE + num_keys, keys_t + (d + 1) * KEY_TILE, 0.0f);
-      std::fill(s.values.begin() + num_keys * Dp, s.values.end(), 0.0f);
-    }
-    gemm_few_rows(q_rows, Dp, 1, keys_t, KEY_TILE, scores, KEY_TILE, R, KEY_TILE, Dp, false);
+    for (int d = 0; d < D; ++d) std::fill(keys_t + d * width + num_keys, keys_t + (d + 1) * width, 0.0f);
+    std::fill(keys_t + D * width, keys_t + Dp * width, 0.0f);  // the padding dims
+    std::fill(s.values.begin() + num_keys * Dp, s.values.begin() + width * Dp, 0.0f);
+    gemm_few_rows(q_rows, Dp, 1, keys_t, width, scores, width, R, width, Dp, false);
 
-    const bool needs_mask = num_keys < KEY_TILE || k0 + KEY_TILE - 1 > s.query_index[0] ||
-                            (p.tree_size > 0 && k0 + KEY_TILE > tile.context_len - p.tree_size);
+    const bool needs_mask = num_keys < width || k1 - 1 > s.query_index[0] || k1 > tree_start;
     for (int r = 0; r < R; ++r) {
-      float* row = scores + r * KEY_TILE;
+      float* row = scores + r * width;
       if (needs_mask)
-        for (int j = 0; j < KEY_TILE; ++j)
+        for (int j = 0; j < width; ++j)
           if (j >= num_keys || !visible(p, s.query_index[r], k0 + j, tile.context_len)) row[j] = NEG_INF;
       float tile_max = NEG_INF;
-      for (int j = 0; j < KEY_TILE; ++j) tile_max = std::max(tile_max, row[j]);
+      for (int j = 0; j < width; ++j) tile_max = std::max(tile_max, row[j]);
       const float new_max = std::max(row_max[r], tile_max);
       const float safe_max = new_max == NEG_INF ? 0.0f : new_max;
 #pragma omp simd
-      for (int j = 0; j < KEY_TILE; ++j) row[j] = exp_nonpositive(row[j] - safe_max);
+      for (int j = 0; j < width; ++j) row[j] = exp_nonpositive(row[j] - safe_max);
       float tile_sum = 0.0f;
-      for (int j = 0; j < KEY_TILE; ++j) tile_sum += row[j];  // in key order, as run_unit sums
+      for (int j = 0; j < width; ++j) tile_sum += row[j];  // in key order, as run_unit sums
       const float rescale = exp_nonpositive(row_max[r] - safe_max);
       row_sum[r] = row_sum[r] * rescale + tile_sum;
       row_max[r] = new_max;
@@ -385,7 +403,7 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
 #pragma omp simd
       for (int d = 0; d < Dp; ++d) out[d] *= rescale;
     }
-    gemm_few_rows(scores, KEY_TILE, 1, s.values.data(), Dp, acc, Dp, R, Dp, KEY_TILE, true);
+    gemm_few_rows(scores, width, 1, s.values.data(), Dp, acc, Dp, R, Dp, width, true);
   }
 }
 
@@ -535,12 +553,23 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
   p.scale = static_cast<float>(scale);
 
   at::Tensor mask;
+  std::vector<int> depths, first_at_depth;
   if (tree_mask.has_value()) {
     mask = as_type(*tree_mask, at::kBool).contiguous();
     TORCH_CHECK(mask.dim() == 2 && mask.size(0) == mask.size(1), "paged_attention: the tree mask must be [T, T]");
     p.tree_size = static_cast<int>(mask.size(0));
     p.tree_mask = mask.data_ptr<bool>();
+    for (int i = 0; i < p.tree_size; ++i) {  // a node sees itself and its ancestors
+      depths.push_back(static_cast<int>(std::count(p.tree_mask + i * p.tree_size, p.tree_mask + (i + 1) * p.tree_size, true)) - 1);
+      TORCH_CHECK(depths[i] >= (i ? depths[i - 1] : 0), "paged_attention: the tree's nodes must come in order of depth");
+      while (static_cast<int>(first_at_depth.size()) <= depths[i]) first_at_depth.push_back(i);
+    }
+    first_at_depth.push_back(p.tree_size);
+    p.tree_depths = depths.data();
+    p.first_at_depth = first_at_depth.data();
+    p.deepest = depths.empty() ? 0 : depths.back();
   }
+  p.max_tile_keys = round_up(KEY_TILE + p.tree_size, TILE_COLS);
   const std::vector<int> query_start = to_vector(query_start_loc), contexts = to_vector(context_lens);
   int max_query_len = 1, max_context = 1;
   for (size_t i = 0; i < contexts.size(); ++i) {
