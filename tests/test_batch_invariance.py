@@ -19,8 +19,8 @@ from conftest import hf_model, save_tiny_model
 pytestmark = pytest.mark.skipif("cpu" not in available_backends("cpu"),
                                 reason="batch invariance is a property of the fused CPU kernels, not built here")
 # (dtype, load-time quantization of the linears)
-PRECISIONS = [("float32", None), ("bfloat16", None), ("float32", "int8"), ("float32", "int4")]
-DTYPES = ["float32", "bfloat16"]
+PRECISIONS = [("float32", None), ("bfloat16", None), ("float16", None), ("float32", "int8"), ("float32", "int4")]
+DTYPES = ["float32", "bfloat16", "float16"]
 GREEDY = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
 PROMPTS = CODE_PROMPTS[:8]
 
@@ -72,7 +72,9 @@ def run(llm: LLM, token_lists: list[list[int]], decode_steps: int, chunk: int | 
 
 def engine(model_dir, precision, **kwargs) -> LLM:
     dtype, quantization = precision
-    return LLM(model_dir, dtype=dtype, quantization=quantization, batch_invariant=True, **kwargs)
+    llm = LLM(model_dir, dtype=dtype, quantization=quantization, batch_invariant=True, **kwargs)
+    assert llm.kernels is not None and llm.kernels.max_rows is None  # every row through the kernels
+    return llm
 
 
 @pytest.mark.parametrize("precision", PRECISIONS, ids=str)

@@ -36,10 +36,11 @@ def test_bf16_weights_accumulate_in_fp32():
     assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("in_features", [16, 78, 258, 576])
 def test_packed_float_weights_match_torch_and_never_depend_on_the_batch(dtype, in_features):
-    """repack_float's layout (16 rows interleaved): y = x W^T + b within fp32 rounding, or for bf16 weights
+    """repack_float's layout (16 rows interleaved): y = x W^T + b within fp32 rounding (fp16 weights widen
+    exactly), or for bf16 weights
     within bf16's rounding of x (vdpbf16ps takes x in bf16, as torch's bf16 linear does); and each row's
     result is bitwise the same computed alone or with others, whatever their number."""
     gen = torch.Generator().manual_seed(in_features)
@@ -60,7 +61,7 @@ def test_packed_float_weights_match_torch_and_never_depend_on_the_batch(dtype, i
 def test_repack_float_declines_shapes_it_cannot_lay_out():
     assert kernel.repack_float(torch.randn(40, 64)) is None  # rows not a multiple of 16
     assert kernel.repack_float(torch.randn(32, 63).bfloat16()) is None  # bf16 pairs need an even width
-    assert kernel.repack_float(torch.randn(32, 64).half()) is None
+    assert kernel.repack_float(torch.randn(32, 64).to(torch.int8)) is None
     layer = Linear(64, 40)
     cpu_decode.set_decode_kernels(layer, cpu_decode.DecodeKernels(kernel))
     assert layer.packed is None and layer.kernel_weight is layer.weight
@@ -72,7 +73,7 @@ def test_kernel_policy_is_decided_once_and_only_for_small_batches():
     layer = Linear(32, 8)
     assert layer.kernels is None  # a fresh model (training) runs torch's operators, with autograd
     assert cpu_decode.load_decode_kernels(layer) is not None
-    assert cpu_decode.load_decode_kernels(Linear(32, 8).half()) is None  # fp16 weights: no kernel
+    assert cpu_decode.load_decode_kernels(Linear(32, 8).double()) is None  # fp64 weights: no kernel
     rows_seen = []
 
     def spy(x, weight, bias):
@@ -88,7 +89,7 @@ def test_kernel_policy_is_decided_once_and_only_for_small_batches():
     assert rows_seen == [4, cpu_decode.MAX_ROWS]  # a larger batch goes to torch's GEMM
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_fused_decoder_layers_match_the_operator_path(tmp_path, dtype):
     """Prefill (21 rows) and decode steps through the fused kernels vs through torch's operators, on a
     model with every optional bias and a head_dim that is not a multiple of the vector width."""
@@ -100,7 +101,7 @@ def test_fused_decoder_layers_match_the_operator_path(tmp_path, dtype):
     assert (fused - plain).abs().max().item() <= tolerance
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_decoder_stack_is_the_layer_calls_made_one_by_one(tmp_path, dtype, monkeypatch):
     """LlamaForCausalLM runs its layers as one C++ call (DecoderStack); the same steps through forward_fused
     layer by layer from Python give bitwise the same logits, prefill and decode."""

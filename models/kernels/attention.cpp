@@ -20,6 +20,8 @@
 #include <utility>
 #include <vector>
 
+#include "vec_math.h"
+
 namespace {
 
 constexpr int KEY_TILE = 64;        // keys per tile (a multiple of TILE_ROWS)
@@ -138,29 +140,6 @@ void gemm_few_rows(const float* A, int a_row, int a_col, const float* B, int ldb
   if (cols % 64 == 0) gemm_few_rows_of<4>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
   else if (cols % 32 == 0) gemm_few_rows_of<2>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
   else gemm_few_rows_of<1>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
-}
-
-// exp(x) for x <= 0 (and -inf), written so that `omp simd` vectorises it: 2^x = 2^n * 2^f with
-// |f| <= 1/2, 2^f by its Taylor series to degree 7 (relative error < 1e-8 before rounding).
-#pragma omp declare simd
-inline float exp_nonpositive(float x) {
-  const float t = std::max(x, -87.0f) * 1.4426950408889634f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest without a libm call
-  const float y = (t - n) * 0.6931471805599453f;
-  float p = 1.0f / 5040;
-  p = p * y + 1.0f / 720;
-  p = p * y + 1.0f / 120;
-  p = p * y + 1.0f / 24;
-  p = p * y + 1.0f / 6;
-  p = p * y + 0.5f;
-  p = p * y + 1.0f;
-  p = p * y + 1.0f;
-  int bits;
-  std::memcpy(&bits, &p, sizeof(bits));
-  bits += static_cast<int>(n) << 23;
-  float result;
-  std::memcpy(&result, &bits, sizeof(result));
-  return x < -87.0f ? 0.0f : result;
 }
 
 struct Problem {

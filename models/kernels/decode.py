@@ -22,7 +22,7 @@ from models.kernels import build
 
 # Up to this many token rows the weight-streaming kernel beats torch's GEMM on any CPU, for any weights
 MAX_ROWS = 32
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @cache
