@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="HF checkpoint folder or .gguf file (default: the shipped default model)")
     source.add_argument("--config", choices=sorted(CONFIGS), help="random weights of this shape")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="default: gorgon's (bfloat16 for bf16 checkpoints, else float32)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)

@@ -23,12 +23,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="a .gguf file, or an HF folder with --quantization")
     parser.add_argument("--quantization", choices=["int8", "int4"], default=None)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                        help="default: the engine's (on: prefill takes int8 activations too, as decode does)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     outputs = []
     for cpu_kernels in (True, False):
-        llm = LLM(args.model, quantization=args.quantization, cpu_kernels=cpu_kernels, enable_prefix_caching=False)
+        llm = LLM(args.model, quantization=args.quantization, cpu_kernels=cpu_kernels, enable_prefix_caching=False,
+                  batch_invariant=args.batch_invariant)
         chats = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                    tokenize=False) for p in PROMPTS]
         # one request at a time: the exact path's batch would otherwise change with the kernels' row limit

@@ -86,10 +86,9 @@ class EngineConfig:
     attention_backend: str = "auto"
     cpu_kernels: bool = True  # gorgon's CPU decode kernels where they apply; False: torch's operators only
     # every row computed by the same kernels in the same order whatever shares its batch or step (the CPU
-    # kernels take every size, attention never splits keys by batch), so a request's tokens never depend
-    # on the traffic around it (README: the exact guarantee). Off by default: it costs prefill ~1.5x time
-    # (decode: nothing), over the 5% a default may cost
-    batch_invariant: bool = False
+    # kernels take every size), so a request's tokens never depend on the traffic around it (README: the
+    # exact guarantee). None: on where it costs at most 5% (models.kernels.decode.invariance_is_cheap)
+    batch_invariant: bool | None = None
     quantization: str | None = None  # "int8" / "int4": quantize an HF checkpoint's linears at load (models.quant)
     enable_prefix_caching: bool = True
     seed: int = 0

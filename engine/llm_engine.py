@@ -111,8 +111,7 @@ class LLM:
                        if self.config.medusa else None)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    tree_size=self.medusa.tree.size if self.medusa else 0)
-        self.runner = ModelRunner(self.model, kv_cache, self.config.attention_backend, self.device,
-                                  self.config.batch_invariant, self.parallel)
+        self.runner = ModelRunner(self.model, kv_cache, self.config.attention_backend, self.device, self.parallel)
         self.sampler = Sampler()
         self.requests: dict[str, Sequence] = {}
         adapter_root = Path(self.config.adapter_root) if self.config.adapter_root else path / "adapters"

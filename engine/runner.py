@@ -34,13 +34,13 @@ class ModelRunner:
     parallelism (`driver`), the forward and the logits are the driver's calls, which every rank makes."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache | ShardedKVCache, attention_backend: str,
-                 device: torch.device, batch_invariant: bool, driver: Driver | None = None) -> None:
+                 device: torch.device, driver: Driver | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
         self.driver = driver
         self.block_size = kv_cache.block_size
-        self.backend = get_backend(attention_backend, device, batch_invariant)
+        self.backend = get_backend(attention_backend, device)
         if driver is None:  # each rank's shard (engine.parallel.shard) binds its own
             kv_cache.bind(model, self.backend)
 

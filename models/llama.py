@@ -177,9 +177,8 @@ class LlamaForCausalLM(nn.Module):
         if ctx is not None and self.kernels is not None and self.tp is None and self.kernels.takes(hidden):
             stack = self._decoder_stack() if ctx.lora is None else None
             if stack is not None:
-                split_keys = self.model.layers[0].self_attn.backend.split_keys
                 hidden = stack.forward(hidden, cos, sin, ctx.slot_mapping, ctx.block_tables, ctx.query_start_loc,
-                                       ctx.context_lens, ctx.tree_mask, split_keys)
+                                       ctx.context_lens, ctx.tree_mask)
             else:
                 for layer in self.model.layers:
                     hidden = layer.forward_fused(hidden, cos, sin, self.kernels, ctx.lora)

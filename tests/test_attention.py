@@ -103,8 +103,8 @@ def test_backend_matches_reference(name, case, block_size, dtype):
 
 @pytest.mark.parametrize("name", ["flash", pytest.param("cpu", marks=needs_cpu_kernel)])
 def test_long_context_decode_with_split_keys(name):
-    """A long single-sequence decode makes two (row, kv head) units, fewer than the cpu kernel's four
-    per thread, so it splits the keys (flash-decoding) and combines the parts."""
+    """A long context's keys are split (flash-decoding; the cpu kernel: every 512 positions) and the parts
+    combined."""
     inputs = paged_inputs([1], [2500], 4, 2, 16, 16, torch.float32)
     expected, _, _ = run_backend(ReferenceAttention(), inputs)
     out, _, _ = run_backend(get_backend(name, "cpu"), inputs)
@@ -184,7 +184,7 @@ def attend_one_sequence(backend, q: torch.Tensor, keys: torch.Tensor, values: to
 
 @needs_cpu_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("prefix", [5, 58, 62, 130])  # the tree within a 64-key tile, or across a boundary
+@pytest.mark.parametrize("prefix", [5, 58, 62, 130, 1020])  # the tree within a key tile or split, or across
 def test_branching_tree_rows_are_bitwise_plain_decode_of_their_paths(dtype, prefix):
     """Batch invariance on a branching tree: node i's row equals a plain decode step over the prefix and i's
     ancestors laid out in order, although its siblings sit between them in the cache."""
@@ -192,7 +192,7 @@ def test_branching_tree_rows_are_bitwise_plain_decode_of_their_paths(dtype, pref
     gen = torch.Generator().manual_seed(prefix)
     keys, values = (torch.randn(prefix + tree.size, 2, 16, generator=gen).to(dtype) for _ in range(2))
     q = torch.randn(tree.size, 6, 16, generator=gen).to(dtype)
-    backend = get_backend("cpu", "cpu", batch_invariant=True)
+    backend = get_backend("cpu", "cpu")
     tree_rows = attend_one_sequence(backend, q, keys, values, tree.mask)
     for node in range(tree.size):
         path = [node]
@@ -202,3 +202,19 @@ def test_branching_tree_rows_are_bitwise_plain_decode_of_their_paths(dtype, pref
         plain = attend_one_sequence(backend, q[node:node + 1], torch.cat([keys[:prefix], keys[seen]]),
                                     torch.cat([values[:prefix], values[seen]]))
         assert torch.equal(plain[0], tree_rows[node]), f"node {node} (depth {tree.depths[node]})"
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rows_of_a_long_prefill_are_bitwise_decode_steps(dtype):
+    """The keys are split at fixed positions, so a row past a split point is the same whether its position is
+    computed in a prefill (many rows, many units) or in a decode step alone."""
+    gen = torch.Generator().manual_seed(1)
+    keys, values = (torch.randn(1100, 2, 16, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(1100, 4, 16, generator=gen).to(dtype)
+    backend = get_backend("cpu", "cpu")
+    prefill = attend_one_sequence(backend, q, keys, values)
+    for position in (100, 511, 512, 1023, 1099):
+        n = position + 1
+        decode = attend_one_sequence(backend, q[position:n], keys[:n], values[:n])
+        assert torch.equal(decode[0], prefill[position]), f"position {position}"

@@ -148,3 +148,23 @@ def test_medusa_greedy_at_batch_1_and_8_equals_plain_greedy_at_batch_8(dtype, tr
     assert max(max(o.accepted_lengths) for o in outs) > 2  # speculation really ran
     for prompt, tokens in zip(PROMPTS[:3], expected):
         assert medusa.generate(prompt, GREEDY)[0].token_ids == tokens
+
+
+def test_invariance_is_on_by_default_where_it_is_cheap(model_dir, monkeypatch):
+    """Default (None): on where measured to cost at most 5% (AVX-512 VNNI, AVX512-BF16 for bf16, no AMX)."""
+    from models.kernels import decode
+
+    ops = decode.compiled()
+    fp32, bf16 = {torch.float32}, {torch.bfloat16}
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert decode.invariance_is_cheap(ops, fp32) == (ops.isa() == "avx512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert not decode.invariance_is_cheap(ops, bf16)  # bf16 dot products in software
+    assert decode.invariance_is_cheap(ops, fp32) == (ops.isa() == "avx512")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert not decode.invariance_is_cheap(ops, fp32)  # torch's AMX tiles win large GEMMs
+    monkeypatch.undo()
+    default = LLM(model_dir, dtype="bfloat16").kernels
+    assert (default.max_rows is None) == decode.invariance_is_cheap(ops, bf16)
+    assert LLM(model_dir, dtype="bfloat16", batch_invariant=False).kernels.max_rows == decode.MAX_ROWS

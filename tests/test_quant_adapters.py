@@ -82,10 +82,13 @@ def test_adapters_on_quantized_base_match_peft_on_dequantized_weights(tiny_model
 
 @pytest.mark.parametrize("adapter", list(ADAPTERS))
 def test_adapters_with_quantized_kernels_decode_like_the_dequantized_path(tiny_model_dir, adapters, adapter):
-    """The fused decode kernels (quantized weights + LoRA rows in one call) agree with the dequantized path."""
+    """The fused decode kernels (quantized weights + LoRA rows in one call) agree with the dequantized path.
+    Not batch invariant, so that the 37-row prefill stays exact (torch's GEMM) and only decode steps take int8
+    activations: with invariance the prefill takes them too, and this tiny model's near-ties flip."""
     outs = []
     for cpu_kernels in (True, False):
-        llm = LLM(tiny_model_dir, quantization="int8", cpu_kernels=cpu_kernels, adapter_root=str(adapters))
+        llm = LLM(tiny_model_dir, quantization="int8", cpu_kernels=cpu_kernels, adapter_root=str(adapters),
+                  batch_invariant=False)
         llm.load_adapter(adapter, adapter)
         outs.append([o.token_ids for o in llm.generate(PROMPTS, GREEDY, adapter=adapter)])
     agree = sum(a == b for x, y in zip(*outs) for a, b in zip(x, y))

@@ -51,7 +51,8 @@ def test_tokenizer_and_medusa_flags():
 
 def test_batch_invariant_flag():
     assert engine_kwargs(parse_args(["--batch-invariant"]))["batch_invariant"] is True
-    assert engine_kwargs(parse_args([]))["batch_invariant"] is False
+    assert engine_kwargs(parse_args(["--no-batch-invariant"]))["batch_invariant"] is False
+    assert engine_kwargs(parse_args([]))["batch_invariant"] is None  # the engine's default: where it is cheap
 
 
 def test_serve_speculates_with_the_models_own_heads_by_default(tmp_path):

@@ -51,10 +51,9 @@ def available_backends(device: torch.device | str) -> list[str]:
     return [*fast, "flash", "reference"]
 
 
-def get_backend(name: str, device: torch.device | str, batch_invariant: bool = False) -> AttentionBackend:
+def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
     """The backend called `name` ("auto": the fastest on `device`, warning once when the fused CPU kernel
-    cannot be built). A backend asked for by name that cannot run here is an error, never a substitute.
-    batch_invariant: the cpu backend never splits a row's keys by batch size (the others make no promise)."""
+    cannot be built). A backend asked for by name that cannot run here is an error, never a substitute."""
     if name == "auto":
         name = available_backends(device)[0]
     elif name == "cpu" and "cpu" not in available_backends(device):
@@ -64,4 +63,4 @@ def get_backend(name: str, device: torch.device | str, batch_invariant: bool = F
         raise ValueError(f"unknown attention backend {name!r}; available on {device}: {available_backends(device)}")
     module, cls = _BACKENDS[name]
     backend = getattr(importlib.import_module(module), cls)
-    return backend(split_keys=not batch_invariant) if name == "cpu" else backend()
+    return backend()

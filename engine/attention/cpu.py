@@ -25,18 +25,17 @@ def load_extension() -> bool:
 
 class CpuAttention:
     """Fused paged attention for CPU tensors (fp32, bf16 or fp16 caches; fp32 arithmetic). Same contract
-    as the reference backend: causal by cache index, plus the tree mask over each sequence's last rows.
-    With split_keys False a row's result is bitwise the same whatever else is in the batch."""
+    as the reference backend: causal by cache index, plus the tree mask over each sequence's last rows. A
+    row's result is bitwise the same whatever else is in the batch, and wherever its position is computed."""
 
     name = "cpu"
 
-    def __init__(self, split_keys: bool = True) -> None:
+    def __init__(self) -> None:
         if not load_extension():
             raise RuntimeError("the fused CPU attention kernel is not available on this machine")
-        self.split_keys = split_keys
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, ctx: ForwardContext, scale: float) -> torch.Tensor:
         return torch.ops.gorgon_attention.paged_attention(q, k, v, k_cache, v_cache, ctx.slot_mapping,
                                                           ctx.block_tables, ctx.query_start_loc, ctx.context_lens,
-                                                          ctx.tree_mask, scale, self.split_keys)
+                                                          ctx.tree_mask, scale)

@@ -37,8 +37,7 @@ class RankShard:
         c = self.model.config
         self.kv_cache = KVCache(c.num_layers, num_blocks, self.config.block_size, c.num_kv_heads // self.tp.size,
                                 c.head_dim, self.config.torch_dtype, self.device)
-        self.kv_cache.bind(self.model, get_backend(self.config.attention_backend, self.device,
-                                                   self.config.batch_invariant))
+        self.kv_cache.bind(self.model, get_backend(self.config.attention_backend, self.device))
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:

@@ -4,17 +4,19 @@
 // into units of (sequence, query tile, kv head, kv split): a unit holds the query rows of one query
 // tile for all query heads that share the kv head (GQA), walks its share of the sequence's keys in
 // tiles of KEY_TILE, and keeps a running max / sum / accumulator per row. Units run in parallel
-// (OpenMP, dynamic schedule, heaviest first); when there are too few units to fill the cores
-// (decode of long contexts) the keys are split too and the partial results combined at the end
-// (flash-decoding). K/V of any float type is packed to fp32 tiles; all arithmetic is fp32.
+// (OpenMP, dynamic schedule, heaviest first). The keys are split at every KEYS_PER_SPLIT positions and
+// the splits' partial results combined at the end (flash-decoding), so that a long context's decode
+// fills the cores. The split points are fixed, whatever the batch, and so is every row's arithmetic:
+// a row's result is bitwise the same in any batch, in a prefill, a decode step or a Medusa tree.
+// K/V of any float type is packed to fp32 tiles; all arithmetic is fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -28,7 +30,7 @@ constexpr int KEY_TILE = 64;        // keys per tile (a multiple of TILE_ROWS)
 constexpr int QUERY_ROWS = 128;     // target rows (query positions x heads of a group) per unit
 constexpr int TILE_ROWS = 8;        // gemm micro-kernel rows
 constexpr int TILE_COLS = 16;       // gemm columns come in multiples of one vector
-constexpr int MIN_KEYS_PER_SPLIT = 512;
+constexpr int KEYS_PER_SPLIT = 512;  // a multiple of KEY_TILE
 // below this many multiply-adds a call runs on one thread: waking the team would cost more than it saves
 constexpr int64_t MIN_PARALLEL_WORK = int64_t{1} << 22;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
@@ -148,7 +150,6 @@ struct Problem {
   int padded_dim;       // head_dim rounded up to TILE_COLS
   int tile_positions;   // query positions per unit
   int rows;             // the most rows of a unit: tile_positions * group rounded up to TILE_COLS
-  int num_splits;
   int tree_size;        // 0: plain causal
   const bool* tree_mask;
   const int* tree_depths;     // [tree_size]: each node's depth, non-decreasing (the root's is 0)
@@ -165,6 +166,8 @@ struct QueryTile {
   int first_index;   // cache index of that position
   int num_positions;
   int context_len;
+  int num_splits;    // splits of the keys its last row sees
+  int first_unit;    // its units: first_unit + kv_head * num_splits + split
 };
 
 // Scratch of one thread, reused across its units. Padding (columns beyond head_dim) stays zero.
@@ -188,25 +191,34 @@ inline bool visible(const Problem& p, int qi, int kj, int context_len) {
   return kj <= qi;
 }
 
-// The keys [first, second) a unit walks: its split's share, cut short where even its last query row (at cache
-// index last_query) sees nothing more
-inline std::pair<int, int> unit_keys(const Problem& p, const QueryTile& tile, int split, int last_query) {
-  const int keys_per_split = round_up((tile.context_len + p.num_splits - 1) / p.num_splits, KEY_TILE);
-  return {split * keys_per_split, std::min({(split + 1) * keys_per_split, tile.context_len, last_query + 1})};
+// Keys are tiled and split by position, where a tree node's position is the root's plus its depth (below
+// the tree, a key's position is its cache index). So a tree row meets its ancestors in the same tiles and
+// splits as a plain step at its position meets the same keys, and its online softmax rounds the same
+// (siblings in between are masked, and add exact zeros): bitwise the same row. A tile may then hold more
+// than KEY_TILE keys (all the nodes of its depths).
+inline int position_of(const Problem& p, const QueryTile& tile, int index) {
+  const int tree_start = tile.context_len - p.tree_size;
+  return index < tree_start ? index : tree_start + p.tree_depths[index - tree_start];
 }
 
-// The end of the key tile that starts at cache index k0. A tile holds the keys of KEY_TILE consecutive
-// positions (from a multiple of KEY_TILE), where a tree node's position is the root's plus its depth. So a tree
-// row meets its ancestors in the same tiles as a plain step at its position meets the same keys, and its online
-// softmax rounds the same (siblings in between are masked, and add exact zeros): bitwise the same row. Such a
-// tile may hold more than KEY_TILE keys (all the nodes of its depths).
-inline int key_tile_end(const Problem& p, const QueryTile& tile, int k0) {
+// The first cache index whose key sits at `position` or later
+inline int first_index_at(const Problem& p, const QueryTile& tile, int position) {
   const int tree_start = tile.context_len - p.tree_size;
-  const int position = k0 < tree_start ? k0 : tree_start + p.tree_depths[k0 - tree_start];
-  const int end = (position / KEY_TILE + 1) * KEY_TILE;
-  if (end <= tree_start) return end;
-  const int depth = end - tree_start;
+  if (position <= tree_start) return position;
+  const int depth = position - tree_start;
   return tree_start + (depth > p.deepest ? p.tree_size : p.first_at_depth[depth]);
+}
+
+// The end of the key tile that starts at cache index k0: KEY_TILE positions from a multiple of KEY_TILE
+inline int key_tile_end(const Problem& p, const QueryTile& tile, int k0) {
+  return first_index_at(p, tile, (position_of(p, tile, k0) / KEY_TILE + 1) * KEY_TILE);
+}
+
+// The keys [first, second) a unit walks: its split's positions, cut short where even its last query row (at
+// cache index last_query) sees nothing more
+inline std::pair<int, int> unit_keys(const Problem& p, const QueryTile& tile, int split, int last_query) {
+  return {first_index_at(p, tile, split * KEYS_PER_SPLIT),
+          std::min({first_index_at(p, tile, (split + 1) * KEYS_PER_SPLIT), tile.context_len, last_query + 1})};
 }
 
 // Where the key (or value) at cache index `index` of kv_head starts in a cache
@@ -390,12 +402,17 @@ template <typename scalar_t>
 void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& block_tables, const std::vector<QueryTile>& tiles, const Problem& p,
                           at::Tensor& out) {
-  const int num_units = static_cast<int>(tiles.size()) * p.num_kv_heads * p.num_splits;
+  struct Unit { int tile, kv_head, split; };
+  std::vector<Unit> units;
+  for (size_t t = 0; t < tiles.size(); ++t)
+    for (int h = 0; h < p.num_kv_heads; ++h)
+      for (int split = 0; split < tiles[t].num_splits; ++split) units.push_back({static_cast<int>(t), h, split});
+  const int num_units = static_cast<int>(units.size());
   const int Dp = p.padded_dim;
-  // partial results of every unit: running max, running sum, unnormalised output
-  std::vector<float> part_max(static_cast<size_t>(num_units) * p.rows);
-  std::vector<float> part_sum(part_max.size());
-  std::vector<float> part_acc(part_max.size() * Dp);
+  // partial results of every unit: running max, running sum, unnormalised output (each unit writes all of its own)
+  const size_t part_rows = static_cast<size_t>(num_units) * p.rows;
+  std::unique_ptr<float[]> part_max(new float[part_rows]), part_sum(new float[part_rows]),
+      part_acc(new float[part_rows * Dp]);
   const scalar_t* q_data = q.data_ptr<scalar_t>();
   const scalar_t* k_data = k_cache.data_ptr<scalar_t>();
   const scalar_t* v_data = v_cache.data_ptr<scalar_t>();
@@ -409,39 +426,38 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
     Scratch scratch(p);
 #pragma omp for schedule(dynamic, 1)
     for (int unit = 0; unit < num_units; ++unit) {
-      const int split = unit % p.num_splits;
-      const int kv_head = unit / p.num_splits % p.num_kv_heads;
-      const QueryTile& tile = tiles[unit / p.num_splits / p.num_kv_heads];
+      const auto [t, kv_head, split] = units[unit];
+      const QueryTile& tile = tiles[t];
       const auto unit_fn = tile.num_positions * p.group <= TILE_ROWS ? run_unit_few_rows<scalar_t> : run_unit<scalar_t>;
       unit_fn(p, tile, kv_head, split, q_data + tile.first_token * row_stride, k_data, v_data,
-                         tables + static_cast<int64_t>(tile.seq) * p.max_blocks, scratch,
-                         part_max.data() + static_cast<size_t>(unit) * p.rows,
-                         part_sum.data() + static_cast<size_t>(unit) * p.rows,
-                         part_acc.data() + static_cast<size_t>(unit) * p.rows * Dp);
+              tables + static_cast<int64_t>(tile.seq) * p.max_blocks, scratch,
+              part_max.get() + static_cast<size_t>(unit) * p.rows, part_sum.get() + static_cast<size_t>(unit) * p.rows,
+              part_acc.get() + static_cast<size_t>(unit) * p.rows * Dp);
     }
   }
 
-  // combine the splits of each (tile, kv head) and write the normalised rows
-  const int64_t grain = std::max(1, (1 << 14) / (p.rows * Dp * p.num_splits));  // >= 16K floats per task
+  // combine the splits of each (tile, kv head), in order, and write the normalised rows
+  const int64_t grain = std::max(1, (1 << 14) / (p.rows * Dp));  // >= 16K floats per task
   at::parallel_for(0, static_cast<int64_t>(tiles.size()) * p.num_kv_heads, grain, [&](int64_t begin, int64_t end) {
     scalar_t* out_data = out.data_ptr<scalar_t>();
     std::vector<float> row(Dp);
     for (int64_t pair = begin; pair < end; ++pair) {
       const QueryTile& tile = tiles[pair / p.num_kv_heads];
       const int kv_head = static_cast<int>(pair % p.num_kv_heads);
+      const int64_t first = tile.first_unit + static_cast<int64_t>(kv_head) * tile.num_splits;
       for (int r = 0; r < tile.num_positions * p.group; ++r) {
         float overall_max = NEG_INF;
-        for (int split = 0; split < p.num_splits; ++split)
-          overall_max = std::max(overall_max, part_max[(pair * p.num_splits + split) * p.rows + r]);
+        for (int split = 0; split < tile.num_splits; ++split)
+          overall_max = std::max(overall_max, part_max[(first + split) * p.rows + r]);
         float total = 0.0f;
         std::fill(row.begin(), row.end(), 0.0f);
-        for (int split = 0; split < p.num_splits; ++split) {
-          const int64_t unit = pair * p.num_splits + split;
+        for (int split = 0; split < tile.num_splits; ++split) {
+          const int64_t unit = first + split;
           const float m = part_max[unit * p.rows + r];
           if (m == NEG_INF) continue;
           const float weight = exp_nonpositive(m - overall_max);
           total += weight * part_sum[unit * p.rows + r];
-          const float* a = part_acc.data() + (unit * p.rows + r) * Dp;
+          const float* a = part_acc.get() + (unit * p.rows + r) * Dp;
 #pragma omp simd
           for (int d = 0; d < Dp; ++d) row[d] += weight * a[d];
         }
@@ -453,19 +469,27 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   });
 }
 
-std::vector<QueryTile> plan_tiles(const std::vector<int>& query_start, const std::vector<int>& context_lens,
-                                  int tile_positions) {
+std::vector<QueryTile> plan_tiles(const Problem& p, const std::vector<int>& query_start,
+                                  const std::vector<int>& context_lens) {
   std::vector<QueryTile> tiles;
   for (size_t seq = 0; seq < context_lens.size(); ++seq) {
     const int query_len = query_start[seq + 1] - query_start[seq];
-    for (int first = 0; first < query_len; first += tile_positions)
-      tiles.push_back({static_cast<int>(seq), query_start[seq] + first, context_lens[seq] - query_len + first,
-                       std::min(tile_positions, query_len - first), context_lens[seq]});
+    for (int first = 0; first < query_len; first += p.tile_positions) {
+      QueryTile tile{static_cast<int>(seq), query_start[seq] + first, context_lens[seq] - query_len + first,
+                     std::min(p.tile_positions, query_len - first), context_lens[seq], 0, 0};
+      tile.num_splits = position_of(p, tile, tile.first_index + tile.num_positions - 1) / KEYS_PER_SPLIT + 1;
+      tiles.push_back(tile);
+    }
   }
   // heaviest first (the dynamic schedule then balances causal prefill): work grows with the last index
   std::stable_sort(tiles.begin(), tiles.end(), [](const QueryTile& a, const QueryTile& b) {
     return a.first_index + a.num_positions > b.first_index + b.num_positions;
   });
+  int units = 0;
+  for (QueryTile& tile : tiles) {
+    tile.first_unit = units;
+    units += tile.num_splits * p.num_kv_heads;
+  }
   return tiles;
 }
 
@@ -505,12 +529,10 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
 // K/V go to cache slots slot_mapping [num_tokens] first; caches [num_blocks, block_size, num_kv_heads,
 // head_dim]; block_tables [num_seqs, max_blocks] int32; query_start_loc [num_seqs + 1]; context_lens
 // [num_seqs]; tree_mask [T, T] bool or None. Returns [num_tokens, num_heads, head_dim] in q's dtype.
-// split_keys: may a sequence's keys be split across threads (flash-decoding)? How many splits depends on
-// the batch, so a row's rounding would too: false keeps every row's arithmetic the same in any batch.
 at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                            const at::Tensor& query_start_loc, const at::Tensor& context_lens,
-                           const std::optional<at::Tensor>& tree_mask, double scale, bool split_keys) {
+                           const std::optional<at::Tensor>& tree_mask, double scale) {
   TORCH_CHECK(q_in.device().is_cpu() && k_cache.device().is_cpu(), "paged_attention: the cpu backend needs CPU tensors");
   TORCH_CHECK(q_in.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "paged_attention: bad shapes");
   TORCH_CHECK(q_in.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
@@ -550,21 +572,13 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
   }
   p.max_tile_keys = round_up(KEY_TILE + p.tree_size, TILE_COLS);
   const std::vector<int> query_start = to_vector(query_start_loc), contexts = to_vector(context_lens);
-  int max_query_len = 1, max_context = 1;
+  int max_query_len = 1;
   for (size_t i = 0; i < contexts.size(); ++i) {
     max_query_len = std::max(max_query_len, query_start[i + 1] - query_start[i]);
-    max_context = std::max(max_context, contexts[i]);
   }
   p.tile_positions = std::min(max_query_len, std::max(1, QUERY_ROWS / p.group));
   p.rows = round_up(p.tile_positions * p.group, TILE_COLS);
-  const std::vector<QueryTile> tiles = plan_tiles(query_start, contexts, p.tile_positions);
-
-  // flash-decoding: split the keys when (sequence, tile, head) units alone cannot fill the threads
-  const int base_units = static_cast<int>(tiles.size()) * p.num_kv_heads;
-  const int want_units = 4 * omp_get_max_threads();
-  p.num_splits = !split_keys || base_units == 0 || base_units >= want_units
-                     ? 1
-                     : std::max(1, std::min((want_units + base_units - 1) / base_units, max_context / MIN_KEYS_PER_SPLIT));
+  const std::vector<QueryTile> tiles = plan_tiles(p, query_start, contexts);
 
   at::Tensor out = at::empty_like(q);
   if (tiles.empty()) return out;
@@ -579,7 +593,7 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
 
 TORCH_LIBRARY(gorgon_attention, m) {
   m.def("paged_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, "
-        "Tensor block_tables, Tensor query_start_loc, Tensor context_lens, Tensor? tree_mask, float scale, "
-        "bool split_keys) -> Tensor");
+        "Tensor block_tables, Tensor query_start_loc, Tensor context_lens, Tensor? tree_mask, float scale) "
+        "-> Tensor");
   m.impl("paged_attention", c10::DispatchKey::CPU, &paged_attention);
 }

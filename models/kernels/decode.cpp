@@ -593,13 +593,13 @@ class DecoderStack {
   // hidden [M, H] -> the last layer's output [M, H]; the step's attention metadata as the op takes it
   torch::Tensor forward(torch::Tensor hidden, torch::Tensor cos, torch::Tensor sin, torch::Tensor slot_mapping,
                         torch::Tensor block_tables, torch::Tensor query_start_loc, torch::Tensor context_lens,
-                        c10::optional<torch::Tensor> tree_mask, bool split_keys) {
+                        c10::optional<torch::Tensor> tree_mask) {
     const std::vector<c10::optional<torch::Tensor>> no_lora;
     for (const Layer& l : layers_) {
       auto [q, k, v] = attention_input(hidden, l.input_norm, l.input_eps, l.qkv_weights, l.qkv_bias, cos, sin,
                                        num_heads_, num_kv_heads_, c10::nullopt, no_lora, l.qkv_qtypes);
       auto attn = attention_.call(q, k, v, l.k_cache, l.v_cache, slot_mapping, block_tables, query_start_loc,
-                                  context_lens, tree_mask, scale_, split_keys);
+                                  context_lens, tree_mask, scale_);
       hidden = attention_output(attn.view({hidden.size(0), -1}), hidden, l.o_weight, l.o_bias, l.post_norm,
                                 l.post_eps, l.gate_up_weight, l.gate_up_bias, l.down_weight, l.down_bias,
                                 c10::nullopt, no_lora, l.qtypes);
@@ -610,7 +610,7 @@ class DecoderStack {
  private:
   using AttentionOp = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 const at::Tensor&, const std::optional<at::Tensor>&, double, bool);
+                                 const at::Tensor&, const std::optional<at::Tensor>&, double);
   int64_t num_heads_, num_kv_heads_;
   double scale_;
   c10::TypedOperatorHandle<AttentionOp> attention_;

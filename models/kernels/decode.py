@@ -48,13 +48,12 @@ class DecodeKernels:
         return self.max_rows is None or x.numel() <= self.max_rows * x.shape[-1]
 
 
-def load_decode_kernels(model: nn.Module, batch_invariant: bool = False) -> DecodeKernels | None:
+def load_decode_kernels(model: nn.Module, batch_invariant: bool | None = None) -> DecodeKernels | None:
     """The kernels for this inference model: None where they cannot be built, or where the model is not on
-    the CPU or has weights of another dtype. They take inputs of any size with batch_invariant, and where
-    they beat torch's GEMM at every size with the same accuracy: fp32 weights on AVX-512 VNNI CPUs (a
-    512-token prefill of SmolLM2 in 0.41x the time, of a 1.1B shape in 0.68x). Not bf16 weights, where
-    torch's AVX512-BF16 GEMM is faster at large shapes (the kernels took 1.44x the time), nor quantized
-    ones, faster too (0.74x to 0.87x the time) but with int8 activations where torch's tiles keep bf16."""
+    the CPU or has weights of another dtype. They take inputs of any size when batch_invariant (None: where
+    that was measured to cost at most 5%, `invariance_is_cheap`), else where they beat torch's GEMM at
+    every size with the same accuracy: fp32 and fp16 weights on AVX-512 VNNI CPUs (a 512-token prefill of
+    SmolLM2 in 0.41x the time, of a 1.1B shape in 0.68x; fp16 in 0.19x)."""
     weights = {p.dtype for p in model.parameters()}
     if not (weights <= set(WEIGHT_DTYPES) and next(model.parameters()).is_cpu):
         return None
@@ -62,8 +61,21 @@ def load_decode_kernels(model: nn.Module, batch_invariant: bool = False) -> Deco
     if ops is None:
         return None
     quantized = any(b.dtype == torch.uint8 for b in model.buffers())
-    any_size = batch_invariant or (ops.isa() == "avx512" and weights == {torch.float32} and not quantized)
+    if batch_invariant is None:
+        batch_invariant = invariance_is_cheap(ops, weights)
+    exact_widening = weights <= {torch.float32, torch.float16} and not quantized
+    any_size = batch_invariant or (ops.isa() == "avx512" and exact_widening)
     return DecodeKernels(ops, None if any_size else MAX_ROWS)
+
+
+def invariance_is_cheap(ops: ModuleType, weights: set[torch.dtype]) -> bool:
+    """Does batch invariance (the kernels at every size) cost at most 5% here, as measured (`gorgon bench
+    invariance`, README)? On AVX-512 VNNI CPUs, with AVX512-BF16 for bf16 weights: yes, at every precision
+    (invariant / plain time at most 1.03 at 1 and 2 threads, README). Not on CPUs with AMX, whose bf16/int8 tiles make
+    torch's large GEMMs faster than these kernels, nor on AVX2-only ones, where they were never measured."""
+    if ops.isa() != "avx512" or torch.cpu._is_amx_tile_supported():
+        return False
+    return torch.bfloat16 not in weights or torch.cpu._is_avx512_bf16_supported()
 
 
 def set_decode_kernels(model: nn.Module, kernels: DecodeKernels | None) -> None:
