@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <memory>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -167,7 +166,6 @@ struct QueryTile {
   int num_positions;
   int context_len;
   int num_splits;    // splits of the keys its last row sees
-  int first_unit;    // its units: first_unit + kv_head * num_splits + split
 };
 
 // Scratch of one thread, reused across its units. Padding (columns beyond head_dim) stays zero.
@@ -398,73 +396,111 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
   }
 }
 
+// The normalised output of one (tile, kv head) from its splits' partial results (running max, running sum,
+// unnormalised output; split s at offset s * rows), combined in split order
+template <typename scalar_t>
+void combine_splits(const Problem& p, const QueryTile& tile, int kv_head, const float* part_max, const float* part_sum,
+                    const float* part_acc, scalar_t* out, std::vector<float>& row) {
+  const int Dp = p.padded_dim;
+  for (int r = 0; r < tile.num_positions * p.group; ++r) {
+    float overall_max = NEG_INF;
+    for (int split = 0; split < tile.num_splits; ++split) overall_max = std::max(overall_max, part_max[split * p.rows + r]);
+    float total = 0.0f;
+    std::fill(row.begin(), row.end(), 0.0f);
+    for (int split = 0; split < tile.num_splits; ++split) {
+      const float m = part_max[split * p.rows + r];
+      if (m == NEG_INF) continue;
+      const float weight = exp_nonpositive(m - overall_max);
+      total += weight * part_sum[split * p.rows + r];
+      const float* a = part_acc + (static_cast<int64_t>(split) * p.rows + r) * Dp;
+#pragma omp simd
+      for (int d = 0; d < Dp; ++d) row[d] += weight * a[d];
+    }
+    const int head = kv_head * p.group + r % p.group;
+    scalar_t* dst = out + (static_cast<int64_t>(tile.first_token + r / p.group) * p.num_heads + head) * p.head_dim;
+    for (int d = 0; d < p.head_dim; ++d) dst[d] = static_cast<scalar_t>(row[d] / total);
+  }
+}
+
+// Partial results of `splits` units of p.rows rows each
+struct Partials {
+  std::vector<float> max, sum, acc;
+  void resize(const Problem& p, int splits) {
+    const size_t rows = static_cast<size_t>(splits) * p.rows;
+    if (max.size() < rows) max.resize(rows), sum.resize(rows), acc.resize(rows * p.padded_dim);
+  }
+  float* max_at(const Problem& p, int64_t unit) { return max.data() + unit * p.rows; }
+  float* sum_at(const Problem& p, int64_t unit) { return sum.data() + unit * p.rows; }
+  float* acc_at(const Problem& p, int64_t unit) { return acc.data() + unit * p.rows * p.padded_dim; }
+};
+
+// Work items: a (tile, kv head) whose tile has more than TILE_ROWS rows (prefill) runs its splits one after
+// another in one task and combines them from the thread's own partials, so that memory stays per thread;
+// one of a few rows (decode) gets an item per split, the splits running in parallel (flash-decoding) into
+// shared partials that are combined once all are done. Each row's arithmetic is the same either way.
 template <typename scalar_t>
 void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& block_tables, const std::vector<QueryTile>& tiles, const Problem& p,
                           at::Tensor& out) {
-  struct Unit { int tile, kv_head, split; };
-  std::vector<Unit> units;
-  for (size_t t = 0; t < tiles.size(); ++t)
-    for (int h = 0; h < p.num_kv_heads; ++h)
-      for (int split = 0; split < tiles[t].num_splits; ++split) units.push_back({static_cast<int>(t), h, split});
-  const int num_units = static_cast<int>(units.size());
-  const int Dp = p.padded_dim;
-  // partial results of every unit: running max, running sum, unnormalised output (each unit writes all of its own)
-  const size_t part_rows = static_cast<size_t>(num_units) * p.rows;
-  std::unique_ptr<float[]> part_max(new float[part_rows]), part_sum(new float[part_rows]),
-      part_acc(new float[part_rows * Dp]);
+  struct Item { int tile, kv_head, split; };  // split -1: all of the pair's splits
+  std::vector<Item> items;
+  std::vector<int64_t> first_shared;  // per (tile, kv head): its first unit in `shared`, or -1
+  int64_t shared_units = 0;
+  for (size_t t = 0; t < tiles.size(); ++t) {
+    const bool few_rows = tiles[t].num_positions * p.group <= TILE_ROWS;
+    for (int h = 0; h < p.num_kv_heads; ++h) {
+      first_shared.push_back(few_rows ? shared_units : -1);
+      if (!few_rows) {
+        items.push_back({static_cast<int>(t), h, -1});
+        continue;
+      }
+      for (int split = 0; split < tiles[t].num_splits; ++split) items.push_back({static_cast<int>(t), h, split});
+      shared_units += tiles[t].num_splits;
+    }
+  }
+  Partials shared;
+  shared.resize(p, static_cast<int>(shared_units));
   const scalar_t* q_data = q.data_ptr<scalar_t>();
   const scalar_t* k_data = k_cache.data_ptr<scalar_t>();
   const scalar_t* v_data = v_cache.data_ptr<scalar_t>();
+  scalar_t* out_data = out.data_ptr<scalar_t>();
   const int* tables = block_tables.data_ptr<int>();
   const int64_t row_stride = static_cast<int64_t>(p.num_heads) * p.head_dim;
 
   int64_t work = 0;  // multiply-adds of Q K^T and P V, padding included
-  for (const QueryTile& tile : tiles) work += int64_t{2} * unit_rows(p, tile) * (tile.first_index + tile.num_positions) * Dp;
+  for (const QueryTile& tile : tiles) work += int64_t{2} * unit_rows(p, tile) * (tile.first_index + tile.num_positions) * p.padded_dim;
 #pragma omp parallel if (work * p.num_kv_heads > MIN_PARALLEL_WORK)
   {
     Scratch scratch(p);
+    Partials own;
+    std::vector<float> row(p.padded_dim);
 #pragma omp for schedule(dynamic, 1)
-    for (int unit = 0; unit < num_units; ++unit) {
-      const auto [t, kv_head, split] = units[unit];
+    for (size_t i = 0; i < items.size(); ++i) {
+      const auto [t, kv_head, split] = items[i];
       const QueryTile& tile = tiles[t];
-      const auto unit_fn = tile.num_positions * p.group <= TILE_ROWS ? run_unit_few_rows<scalar_t> : run_unit<scalar_t>;
-      unit_fn(p, tile, kv_head, split, q_data + tile.first_token * row_stride, k_data, v_data,
-              tables + static_cast<int64_t>(tile.seq) * p.max_blocks, scratch,
-              part_max.get() + static_cast<size_t>(unit) * p.rows, part_sum.get() + static_cast<size_t>(unit) * p.rows,
-              part_acc.get() + static_cast<size_t>(unit) * p.rows * Dp);
+      const auto run = [&](int s, Partials& parts, int64_t unit) {
+        const auto unit_fn = tile.num_positions * p.group <= TILE_ROWS ? run_unit_few_rows<scalar_t> : run_unit<scalar_t>;
+        unit_fn(p, tile, kv_head, s, q_data + tile.first_token * row_stride, k_data, v_data,
+                tables + static_cast<int64_t>(tile.seq) * p.max_blocks, scratch, parts.max_at(p, unit),
+                parts.sum_at(p, unit), parts.acc_at(p, unit));
+      };
+      if (split >= 0) {
+        run(split, shared, first_shared[t * p.num_kv_heads + kv_head] + split);
+        continue;
+      }
+      own.resize(p, tile.num_splits);
+      for (int s = 0; s < tile.num_splits; ++s) run(s, own, s);
+      combine_splits(p, tile, kv_head, own.max_at(p, 0), own.sum_at(p, 0), own.acc_at(p, 0), out_data, row);
     }
   }
-
-  // combine the splits of each (tile, kv head), in order, and write the normalised rows
-  const int64_t grain = std::max(1, (1 << 14) / (p.rows * Dp));  // >= 16K floats per task
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()) * p.num_kv_heads, grain, [&](int64_t begin, int64_t end) {
-    scalar_t* out_data = out.data_ptr<scalar_t>();
-    std::vector<float> row(Dp);
+  if (shared_units == 0) return;
+  at::parallel_for(0, static_cast<int64_t>(first_shared.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(p.padded_dim);
     for (int64_t pair = begin; pair < end; ++pair) {
-      const QueryTile& tile = tiles[pair / p.num_kv_heads];
-      const int kv_head = static_cast<int>(pair % p.num_kv_heads);
-      const int64_t first = tile.first_unit + static_cast<int64_t>(kv_head) * tile.num_splits;
-      for (int r = 0; r < tile.num_positions * p.group; ++r) {
-        float overall_max = NEG_INF;
-        for (int split = 0; split < tile.num_splits; ++split)
-          overall_max = std::max(overall_max, part_max[(first + split) * p.rows + r]);
-        float total = 0.0f;
-        std::fill(row.begin(), row.end(), 0.0f);
-        for (int split = 0; split < tile.num_splits; ++split) {
-          const int64_t unit = first + split;
-          const float m = part_max[unit * p.rows + r];
-          if (m == NEG_INF) continue;
-          const float weight = exp_nonpositive(m - overall_max);
-          total += weight * part_sum[unit * p.rows + r];
-          const float* a = part_acc.get() + (unit * p.rows + r) * Dp;
-#pragma omp simd
-          for (int d = 0; d < Dp; ++d) row[d] += weight * a[d];
-        }
-        const int head = kv_head * p.group + r % p.group;
-        scalar_t* dst = out_data + (static_cast<int64_t>(tile.first_token + r / p.group) * p.num_heads + head) * p.head_dim;
-        for (int d = 0; d < p.head_dim; ++d) dst[d] = static_cast<scalar_t>(row[d] / total);
-      }
+      if (first_shared[pair] < 0) continue;
+      combine_splits(p, tiles[pair / p.num_kv_heads], static_cast<int>(pair % p.num_kv_heads),
+                     shared.max_at(p, first_shared[pair]), shared.sum_at(p, first_shared[pair]),
+                     shared.acc_at(p, first_shared[pair]), out_data, row);
     }
   });
 }
@@ -476,7 +512,7 @@ std::vector<QueryTile> plan_tiles(const Problem& p, const std::vector<int>& quer
     const int query_len = query_start[seq + 1] - query_start[seq];
     for (int first = 0; first < query_len; first += p.tile_positions) {
       QueryTile tile{static_cast<int>(seq), query_start[seq] + first, context_lens[seq] - query_len + first,
-                     std::min(p.tile_positions, query_len - first), context_lens[seq], 0, 0};
+                     std::min(p.tile_positions, query_len - first), context_lens[seq], 0};
       tile.num_splits = position_of(p, tile, tile.first_index + tile.num_positions - 1) / KEYS_PER_SPLIT + 1;
       tiles.push_back(tile);
     }
@@ -485,11 +521,6 @@ std::vector<QueryTile> plan_tiles(const Problem& p, const std::vector<int>& quer
   std::stable_sort(tiles.begin(), tiles.end(), [](const QueryTile& a, const QueryTile& b) {
     return a.first_index + a.num_positions > b.first_index + b.num_positions;
   });
-  int units = 0;
-  for (QueryTile& tile : tiles) {
-    tile.first_unit = units;
-    units += tile.num_splits * p.num_kv_heads;
-  }
   return tiles;
 }
 
