@@ -12,6 +12,7 @@ from engine.attention import available_backends
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from models import DEFAULT_MODEL_DIR
+from models.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
 from models.quant import QType
 
 from conftest import hf_model, save_tiny_model
@@ -134,20 +135,40 @@ def test_k_quant_gguf_rows_are_batch_and_chunk_invariant(tmp_path):
     assert torch.equal(run(llm, [tokens], decode_steps=4, chunk=1)[0], whole)
 
 
-@pytest.mark.parametrize("tree", [None, "cpu12"], ids=["measured_tree", "branching_tree"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_medusa_greedy_at_batch_1_and_8_equals_plain_greedy_at_batch_8(dtype, tree, tmp_path):
-    """The issue's own check, on the shipped default model and heads: bf16 read 6/8 before. The branching tree
-    puts siblings between a node and its ancestors in the cache."""
-    plain = LLM(dtype=dtype, max_num_seqs=8, batch_invariant=True)
-    expected = [o.token_ids for o in plain.generate(PROMPTS, GREEDY)]
-    medusa = LLM(dtype=dtype, max_num_seqs=8, batch_invariant=True, medusa=str(DEFAULT_MODEL_DIR / "medusa"),
-                 medusa_tree=tree)
+def medusa_matches_plain_at_batch_1_and_8(precision, heads: str, tree: str | None, model=None) -> list:
+    """Greedy Medusa at batch 8 and batch 1 vs plain greedy at batch 8, 8 prompts x 128 tokens: the outputs."""
+    dtype, quantization = precision
+    kwargs = dict(dtype=dtype, quantization=quantization, max_num_seqs=8, batch_invariant=True)
+    expected = [o.token_ids for o in LLM(model, **kwargs).generate(PROMPTS, GREEDY)]
+    medusa = LLM(model, **kwargs, medusa=heads, medusa_tree=tree)
     outs = medusa.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outs] == expected
+    assert [medusa.generate(prompt, GREEDY)[0].token_ids for prompt in PROMPTS] == expected  # batch 1
+    return outs
+
+
+@pytest.mark.parametrize("tree", [None, "cpu12"], ids=["measured_tree", "branching_tree"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_medusa_greedy_at_batch_1_and_8_equals_plain_greedy_at_batch_8(dtype, tree):
+    """The issue's own check, on the shipped default model and heads: bf16 read 6/8 before. The branching tree
+    puts siblings between a node and its ancestors in the cache."""
+    outs = medusa_matches_plain_at_batch_1_and_8((dtype, None), str(DEFAULT_MODEL_DIR / "medusa"), tree)
     assert max(max(o.accepted_lengths) for o in outs) > 2  # speculation really ran
-    for prompt, tokens in zip(PROMPTS[:3], expected):
-        assert medusa.generate(prompt, GREEDY)[0].token_ids == tokens
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_medusa_on_quantized_weights_equals_plain_greedy(model_dir, quantization, tmp_path):
+    """The same on a tiny model with quantized linears (the default model's widths take no 32-blocks) and
+    random heads: few drafts are accepted, but every step verifies a branching tree, whose root row gives the
+    next token, so each token is computed in a tree step and compared with a plain step's."""
+    config = LLM(model_dir).model.config
+    torch.manual_seed(0)
+    heads = MedusaHeads(MedusaConfig(4, 1, config.hidden_size, config.vocab_size, False))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.2)
+    save_medusa_heads(heads, tmp_path)
+    medusa_matches_plain_at_batch_1_and_8(("float32", quantization), str(tmp_path), "cpu12", model_dir)
 
 
 def test_invariance_is_on_by_default_where_it_is_cheap(model_dir, monkeypatch):
