@@ -106,24 +106,25 @@ class DecoderLayer(nn.Module):
                                       attn.qkv_proj.bias, cos, sin, attn.num_heads, attn.num_kv_heads, lora_slots,
                                       lora_weights(attn.qkv_proj), qkv_qtypes)
         out = attn.attend(q, k, v).view(hidden.shape[0], attn.q_size)
+        gate_up_weights, gate_up_qtypes = kernel_parts(mlp.gate_up_proj)
         return ops.attention_output(out, hidden, attn.o_proj.kernel_weight, attn.o_proj.bias,
                                     self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
-                                    mlp.gate_up_proj.kernel_weight, mlp.gate_up_proj.bias, mlp.down_proj.kernel_weight,
+                                    gate_up_weights, mlp.gate_up_proj.bias, mlp.down_proj.kernel_weight,
                                     mlp.down_proj.bias, lora_slots,
                                     lora_weights(attn.o_proj, mlp.gate_up_proj, mlp.down_proj),
-                                    [int(attn.o_proj.qtype), int(mlp.gate_up_proj.qtype), int(mlp.down_proj.qtype)])
+                                    [int(attn.o_proj.qtype), int(mlp.down_proj.qtype)], gate_up_qtypes)
 
     def add_to(self, stack: object) -> None:
         """Append this layer to a DecoderStack (models.kernels.decode.cpp): forward_fused's calls, without LoRA."""
         attn, mlp = self.self_attn, self.mlp
         qkv_weights, qkv_qtypes = kernel_parts(attn.qkv_proj)
+        gate_up_weights, gate_up_qtypes = kernel_parts(mlp.gate_up_proj)
         stack.add_layer(self.input_layernorm.weight, self.input_layernorm.eps, qkv_weights,
                         attn.qkv_proj.bias, attn.o_proj.kernel_weight, attn.o_proj.bias,
                         self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
-                        mlp.gate_up_proj.kernel_weight, mlp.gate_up_proj.bias, mlp.down_proj.kernel_weight,
-                        mlp.down_proj.bias, qkv_qtypes,
-                        [int(attn.o_proj.qtype), int(mlp.gate_up_proj.qtype), int(mlp.down_proj.qtype)],
-                        attn.k_cache, attn.v_cache)
+                        gate_up_weights, mlp.gate_up_proj.bias, mlp.down_proj.kernel_weight,
+                        mlp.down_proj.bias, qkv_qtypes, gate_up_qtypes,
+                        [int(attn.o_proj.qtype), int(mlp.down_proj.qtype)], attn.k_cache, attn.v_cache)
 
 
 def kernel_parts(linear: nn.Module) -> tuple[list[torch.Tensor], list[int]]:

@@ -192,6 +192,27 @@ def test_engine_decodes_a_k_quant_file_close_to_its_dequantized_path(tmp_path, v
         assert (our_logits(file, ids) - oracle(ids).logits).abs().max() <= 1e-4
 
 
+@pytest.mark.skipif(cpu_decode.compiled() is None, reason="the CPU kernels could not be built here")
+def test_a_narrow_model_s_k_quant_mix_with_its_q5_0_q5_1_fallbacks(tmp_path):
+    """llama-quantize's Q4_K_M / Q5_K_M of a model whose widths are no multiple of 256 (SmolLM2's 576, ...)
+    falls back to Q5_0 / Q5_1 (and Q6_K to Q8_0): such a file loads, matches transformers' own GGUF
+    dequantization, and the kernels decode it close to the dequantized path."""
+    folder = save_tiny_model(tmp_path / "hf")
+    types = {"attn_q": QType.Q5_0, "attn_k": QType.Q5_0, "attn_v": QType.Q8_0, "attn_output": QType.Q5_0,
+             "ffn_gate": QType.Q5_0, "ffn_up": QType.Q5_1, "ffn_down": QType.Q5_1, "output": QType.Q8_0}
+    file = write_gguf(hf_model(folder), tmp_path / "q5.gguf", qtype_of=lambda name, w: types.get(name.split(".")[-2]))
+    tokens = torch.randint(3, 256, (PROMPT_LEN + 6,), generator=torch.Generator().manual_seed(3)).tolist()
+    llm = LLM(file)
+    assert [p.qtype for p in llm.model.model.layers[0].self_attn.qkv_proj.parts] == [QType.Q5_0, QType.Q8_0]
+    fused = paged_logits(llm, tokens)
+    reference = paged_logits(LLM(file, cpu_kernels=False), tokens)
+    assert ((fused - reference).norm(dim=-1) <= 0.05 * reference.norm(dim=-1)).all()
+    oracle = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q5.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        assert (our_logits(file, ids) - oracle(ids).logits).abs().max() <= 1e-4
+
+
 def test_folder_with_one_gguf(tmp_path, tiny_hf):
     write_gguf(hf_model(tiny_hf), tmp_path / "only.gguf")
     assert find_gguf(tmp_path) == tmp_path / "only.gguf"
@@ -206,10 +227,11 @@ def test_unsupported_architecture_names_it(tmp_path, tiny_hf):
         read_gguf(file)
 
 
-def test_unsupported_tensor_type_names_it(tmp_path, tiny_hf):
-    file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf",
-                      qtype_of=lambda name, w: QType.Q5_0 if name == "blk.0.ffn_up.weight" else None)
-    with pytest.raises(UnsupportedTensorType, match="blk.0.ffn_up.weight has type Q5_0"):
+def test_unsupported_tensor_type_names_it(tmp_path):
+    folder = save_tiny_model(tmp_path / "hf", hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
+    file = write_gguf(hf_model(folder), tmp_path / "m.gguf",
+                      qtype_of=lambda name, w: QType.TQ2_0 if name == "blk.0.ffn_up.weight" else None)
+    with pytest.raises(UnsupportedTensorType, match="blk.0.ffn_up.weight has type TQ2_0"):
         load_model(file, torch.float32, "cpu")
 
 

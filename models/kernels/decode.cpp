@@ -521,25 +521,26 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_input(
 // The rest of a decoder layer after attention: h = residual + attn W_o^T (+ b_o), then
 // h + down(SiLU(gate) * up) of RMSNorm(h). attn [M, num_heads * D]; returns [M, H] in residual's dtype.
 // LoRA: lora_slots [M] and [A, Bt] of o_proj, gate_up_proj and down_proj (None where not adapted), or [].
-// qtypes: [] for float weights, or the ggml types of o, gate/up and down weights (0: float).
+// qtypes: [] for float weights, or the ggml types of the o and down weights (0: float); gate/up's parts and
+// their types as attention_input takes q/k/v's (a file may store gate and up in different types).
 torch::Tensor attention_output(torch::Tensor attn, torch::Tensor residual, torch::Tensor o_weight,
                                c10::optional<torch::Tensor> o_bias, torch::Tensor norm_weight, double eps,
-                               torch::Tensor gate_up_weight, c10::optional<torch::Tensor> gate_up_bias,
+                               std::vector<torch::Tensor> gate_up_weights, c10::optional<torch::Tensor> gate_up_bias,
                                torch::Tensor down_weight, c10::optional<torch::Tensor> down_bias,
                                c10::optional<torch::Tensor> lora_slots, std::vector<c10::optional<torch::Tensor>> lora,
-                               std::vector<int64_t> qtypes) {
+                               std::vector<int64_t> qtypes, std::vector<int64_t> gate_up_qtypes) {
   TORCH_CHECK(attn.dim() == 2 && residual.dim() == 2 && attn.size(0) == residual.size(0),
               "attention_output: attn and residual must be [rows, features]");
   TORCH_CHECK(lora.empty() || lora.size() == 6, "attention_output: lora takes A and Bt of o, gate/up and down");
   auto lora_at = [&](size_t i) { return lora.empty() ? c10::optional<torch::Tensor>() : lora[i]; };
-  TORCH_CHECK(qtypes.empty() || qtypes.size() == 3, "attention_output: qtypes takes the types of o, gate/up and down");
+  TORCH_CHECK(qtypes.empty() || qtypes.size() == 2, "attention_output: qtypes takes the types of o and down");
   auto qtype = [&](size_t i) { return qtypes.empty() ? int64_t{0} : qtypes[i]; };
   auto attn32 = as_float(attn);
   auto hidden = linear_f32(attn32, o_weight, optional_float(o_bias), qtype(0));
   add_lora(hidden, attn32, lora_slots, lora_at(0), lora_at(1));
   hidden.add_(as_dtype(residual, torch::kFloat));
   auto normed = rms_norm_f32(hidden, norm_weight, eps);
-  auto gate_up = linear_f32(normed, gate_up_weight, optional_float(gate_up_bias), qtype(1));
+  auto gate_up = linear_parts(normed, gate_up_weights, optional_float(gate_up_bias), gate_up_qtypes);
   add_lora(gate_up, normed, lora_slots, lora_at(2), lora_at(3));
   const int64_t M = gate_up.size(0), I = gate_up.size(1) / 2;
   auto act = torch::empty({M, I}, gate_up.options());
@@ -552,7 +553,7 @@ torch::Tensor attention_output(torch::Tensor attn, torch::Tensor residual, torch
       for (int64_t i = 0; i < I; ++i) a[m * I + i] = silu(gate[i]) * up[i];
     }
   });
-  auto down = linear_f32(act, down_weight, optional_float(down_bias), qtype(2));
+  auto down = linear_f32(act, down_weight, optional_float(down_bias), qtype(1));
   add_lora(down, act, lora_slots, lora_at(4), lora_at(5));
   hidden.add_(down);
   return as_dtype(hidden, residual.scalar_type());
@@ -565,11 +566,11 @@ torch::Tensor attention_output(torch::Tensor attn, torch::Tensor residual, torch
 class DecoderStack {
  public:
   struct Layer {
-    torch::Tensor input_norm, o_weight, post_norm, gate_up_weight, down_weight, k_cache, v_cache;
-    std::vector<torch::Tensor> qkv_weights;  // (attention_input)
+    torch::Tensor input_norm, o_weight, post_norm, down_weight, k_cache, v_cache;
+    std::vector<torch::Tensor> qkv_weights, gate_up_weights;  // (their parts)
     c10::optional<torch::Tensor> qkv_bias, o_bias, gate_up_bias, down_bias;
     double input_eps, post_eps;
-    std::vector<int64_t> qkv_qtypes, qtypes;  // q/k/v's parts; o, gate/up, down
+    std::vector<int64_t> qkv_qtypes, gate_up_qtypes, qtypes;  // q/k/v's parts; gate/up's parts; o, down
   };
 
   DecoderStack(int64_t num_heads, int64_t num_kv_heads, double scale)
@@ -580,14 +581,17 @@ class DecoderStack {
 
   void add_layer(torch::Tensor input_norm, double input_eps, std::vector<torch::Tensor> qkv_weights,
                  c10::optional<torch::Tensor> qkv_bias, torch::Tensor o_weight, c10::optional<torch::Tensor> o_bias,
-                 torch::Tensor post_norm, double post_eps, torch::Tensor gate_up_weight,
+                 torch::Tensor post_norm, double post_eps, std::vector<torch::Tensor> gate_up_weights,
                  c10::optional<torch::Tensor> gate_up_bias, torch::Tensor down_weight,
-                 c10::optional<torch::Tensor> down_bias, std::vector<int64_t> qkv_qtypes, std::vector<int64_t> qtypes,
-                 torch::Tensor k_cache, torch::Tensor v_cache) {
-    TORCH_CHECK(qkv_qtypes.size() == qkv_weights.size() && qtypes.size() == 3,
-                "DecoderStack: the types of q/k/v's parts, then of o, gate/up and down");
-    layers_.push_back({input_norm, o_weight, post_norm, gate_up_weight, down_weight, k_cache, v_cache, qkv_weights,
-                       qkv_bias, o_bias, gate_up_bias, down_bias, input_eps, post_eps, qkv_qtypes, qtypes});
+                 c10::optional<torch::Tensor> down_bias, std::vector<int64_t> qkv_qtypes,
+                 std::vector<int64_t> gate_up_qtypes, std::vector<int64_t> qtypes, torch::Tensor k_cache,
+                 torch::Tensor v_cache) {
+    TORCH_CHECK(qkv_qtypes.size() == qkv_weights.size() && gate_up_qtypes.size() == gate_up_weights.size() &&
+                    qtypes.size() == 2,
+                "DecoderStack: the types of q/k/v's parts, gate/up's parts, then of o and down");
+    layers_.push_back({input_norm, o_weight, post_norm, down_weight, k_cache, v_cache, qkv_weights, gate_up_weights,
+                       qkv_bias, o_bias, gate_up_bias, down_bias, input_eps, post_eps, qkv_qtypes, gate_up_qtypes,
+                       qtypes});
   }
 
   // hidden [M, H] -> the last layer's output [M, H]; the step's attention metadata as the op takes it
@@ -601,8 +605,8 @@ class DecoderStack {
       auto attn = attention_.call(q, k, v, l.k_cache, l.v_cache, slot_mapping, block_tables, query_start_loc,
                                   context_lens, tree_mask, scale_);
       hidden = attention_output(attn.view({hidden.size(0), -1}), hidden, l.o_weight, l.o_bias, l.post_norm,
-                                l.post_eps, l.gate_up_weight, l.gate_up_bias, l.down_weight, l.down_bias,
-                                c10::nullopt, no_lora, l.qtypes);
+                                l.post_eps, l.gate_up_weights, l.gate_up_bias, l.down_weight, l.down_bias,
+                                c10::nullopt, no_lora, l.qtypes, l.gate_up_qtypes);
     }
     return hidden;
   }
@@ -762,8 +766,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("qtypes") = std::vector<int64_t>{});
   m.def("attention_output", &attention_output, "o_proj + residual, RMSNorm, SwiGLU MLP + residual of a few rows",
         py::arg("attn"), py::arg("residual"), py::arg("o_weight"), py::arg("o_bias"), py::arg("norm_weight"),
-        py::arg("eps"), py::arg("gate_up_weight"), py::arg("gate_up_bias"), py::arg("down_weight"),
-        py::arg("down_bias"), py::arg("lora_slots"), py::arg("lora"), py::arg("qtypes") = std::vector<int64_t>{});
+        py::arg("eps"), py::arg("gate_up_weights"), py::arg("gate_up_bias"), py::arg("down_weight"),
+        py::arg("down_bias"), py::arg("lora_slots"), py::arg("lora"), py::arg("qtypes") = std::vector<int64_t>{},
+        py::arg("gate_up_qtypes") = std::vector<int64_t>{});
   m.def("quantized_linear", &quantized_linear, "y = x @ dequantize(w).T + b for a few rows, w in ggml blocks");
   m.def("dequantize", &dequantize, "ggml blocks (or packed) -> fp32 rows");
   m.def("repack_float", &repack_float, "fp32/bf16 [out, in] -> the kernels' 16-row interleaved layout, where it applies");

@@ -4,6 +4,8 @@
 //   Q8_0  34 B / 32: fp16 d, int8 q            w = d q
 //   Q4_0  18 B / 32: fp16 d, 16 B nibbles       w = d (q - 8)     (low nibbles: elements 0-15, high: 16-31)
 //   Q4_1  20 B / 32: fp16 d, fp16 m, nibbles    w = d q + m
+//   Q5_0  22 B / 32: fp16 d, 4 B fifth bits (bit i: element i), nibbles    w = d (q - 16)
+//   Q5_1  24 B / 32: fp16 d, fp16 m, 4 B fifth bits, nibbles                w = d q + m
 //   Q4_K 144 B / 256: fp16 d, dmin, 12 B of 6-bit (scale, min) per 32, 128 B nibbles    w = d sc q - dmin mn
 //   Q5_K 176 B / 256: as Q4_K plus 32 B of fifth bits
 //   Q6_K 210 B / 256: 128 B low nibbles, 64 B high 2 bits, int8 scale per 16, fp16 d    w = d sc (q - 32)
@@ -36,7 +38,7 @@
 namespace quant {
 
 // ggml's type ids, as GGUF files and gguf.GGMLQuantizationType number them
-enum QType : int64_t { kF32 = 0, kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+enum QType : int64_t { kF32 = 0, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 
 struct Format {
   int64_t block;  // weights per block
@@ -48,6 +50,8 @@ inline Format format_of(int64_t qtype) {
     case kQ8_0: return {32, 34};
     case kQ4_0: return {32, 18};
     case kQ4_1: return {32, 20};
+    case kQ5_0: return {32, 22};
+    case kQ5_1: return {32, 24};
     case kQ4_K: return {256, 144};
     case kQ5_K: return {256, 176};
     case kQ6_K: return {256, 210};
@@ -101,6 +105,22 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
       for (int i = 0; i < 16; ++i) {
         out->q[i] = (qs[i] & 0xF) - offset;
         out->q[i + 16] = (qs[i] >> 4) - offset;
+      }
+      return;
+    }
+    case kQ5_0:
+    case kQ5_1: {
+      const bool q51 = qtype == kQ5_1;
+      const uint8_t* p = row + b * (q51 ? 24 : 22);
+      uint32_t qh;
+      std::memcpy(&qh, p + (q51 ? 4 : 2), 4);
+      const uint8_t* qs = p + (q51 ? 8 : 6);
+      out->scale[0] = out->scale[1] = half(p);
+      if (q51) out->min = half(p + 2);
+      const int offset = q51 ? 0 : 16;
+      for (int i = 0; i < 16; ++i) {
+        out->q[i] = ((qs[i] & 0xF) | ((qh >> i) & 1) << 4) - offset;
+        out->q[i + 16] = ((qs[i] >> 4) | ((qh >> (i + 16)) & 1) << 4) - offset;
       }
       return;
     }
@@ -303,6 +323,18 @@ QUANT_AVX2 inline __m256i nibbles(const uint8_t* qs) {  // 16 bytes -> low nibbl
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 4), mask), _mm_and_si128(t, mask));
 }
 
+// Q5_0 / Q5_1: the 16 bytes of nibbles at qs and the 32 fifth bits at qh -> 32 weights, as unsigned bytes
+QUANT_AVX2 inline __m256i five_bits(const uint8_t* qh, const uint8_t* qs) {
+  uint32_t bits;
+  std::memcpy(&bits, qh, 4);
+  const __m256i spread = _mm256_shuffle_epi8(  // byte i: byte i / 8 of the bits (within each 128-bit half)
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201);  // byte i: bit i % 8
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+  return _mm256_or_si256(nibbles(qs), _mm256_and_si256(set, _mm256_set1_epi8(16)));
+}
+
 template <int64_t QT>
 struct Simd;
 
@@ -337,6 +369,29 @@ struct Simd<kQ4_1> {
     *scale = _mm256_set1_ps(half_f16c(p));
     *min = _mm256_set1_ps(half_f16c(p + 2));
     return nibbles(p + 4);
+  }
+};
+
+template <>
+struct Simd<kQ5_0> {
+  static constexpr int offset = 16;
+  static constexpr bool has_min = false;
+  QUANT_AVX2 static inline __m256i q(const uint8_t* row, int64_t b, __m256* scale, __m256*) {
+    const uint8_t* p = row + b * 22;
+    *scale = _mm256_set1_ps(half_f16c(p));
+    return five_bits(p + 2, p + 6);
+  }
+};
+
+template <>
+struct Simd<kQ5_1> {
+  static constexpr int offset = 0;
+  static constexpr bool has_min = true;
+  QUANT_AVX2 static inline __m256i q(const uint8_t* row, int64_t b, __m256* scale, __m256* min) {
+    const uint8_t* p = row + b * 24;
+    *scale = _mm256_set1_ps(half_f16c(p));
+    *min = _mm256_set1_ps(half_f16c(p + 2));
+    return five_bits(p + 4, p + 8);
   }
 };
 
@@ -455,6 +510,30 @@ struct Pair<kQ4_1> {
     *scale = lanes_of(dm, halves(0, 2));
     *min = lanes_of(dm, halves(1, 3));
     return nibble_pair(pa + 4, pb + 4);
+  }
+};
+
+// Q5_0 / Q5_1: each block's 32 weights (element order) from five_bits, one block per 256-bit half
+template <>
+struct Pair<kQ5_0> {
+  QUANT_AVX512 static inline __m512i q(const uint8_t* row, int64_t b, bool second, __m512* scale, __m512*) {
+    const uint8_t *pa = row + b * 22, *pb = second ? pa + 22 : pa;
+    *scale = lanes_of(two_halves(pa, pb), halves(0, 1));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(five_bits(pa + 2, pa + 6)), five_bits(pb + 2, pb + 6), 1);
+  }
+};
+
+template <>
+struct Pair<kQ5_1> {
+  QUANT_AVX512 static inline __m512i q(const uint8_t* row, int64_t b, bool second, __m512* scale, __m512* min) {
+    const uint8_t *pa = row + b * 24, *pb = second ? pa + 24 : pa;
+    uint32_t da, db;  // (d, m) of each block, fp16
+    std::memcpy(&da, pa, 4);
+    std::memcpy(&db, pb, 4);
+    const __m128 dm = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(da), db, 1));  // [d a, m a, d b, m b]
+    *scale = lanes_of(dm, halves(0, 2));
+    *min = lanes_of(dm, halves(1, 3));
+    return _mm512_inserti64x4(_mm512_castsi256_si512(five_bits(pa + 4, pa + 8)), five_bits(pb + 4, pb + 8), 1);
   }
 };
 
@@ -786,6 +865,7 @@ void gemv_packed(const Activations& a, const uint8_t* w, int64_t K, float* y, in
 inline int activation_offset(int64_t qtype, int isa) {
   switch (qtype) {
     case kQ4_0: return 8;
+    case kQ5_0: return 16;
     case kQ6_K: return 32;
     case kQ8_0: return isa == kAvx512 ? 128 : 0;  // the AVX-512 path adds 128 to make the weights unsigned
     default: return 0;  // scalar: q has its offset removed already
@@ -821,6 +901,8 @@ inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const We
     case kQ8_0: gemv_q<kQ8_0>(a, data, row_bytes, K, y, N, isa); break;
     case kQ4_0: gemv_q<kQ4_0>(a, data, row_bytes, K, y, N, isa); break;
     case kQ4_1: gemv_q<kQ4_1>(a, data, row_bytes, K, y, N, isa); break;
+    case kQ5_0: gemv_q<kQ5_0>(a, data, row_bytes, K, y, N, isa); break;
+    case kQ5_1: gemv_q<kQ5_1>(a, data, row_bytes, K, y, N, isa); break;
     case kQ4_K: gemv_q<kQ4_K>(a, data, row_bytes, K, y, N, isa); break;
     case kQ5_K: gemv_q<kQ5_K>(a, data, row_bytes, K, y, N, isa); break;
     case kQ6_K: gemv_q<kQ6_K>(a, data, row_bytes, K, y, N, isa); break;
