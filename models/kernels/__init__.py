@@ -4,7 +4,10 @@ Builds go to $GORGON_EXTENSIONS_DIR (default ~/.cache/gorgon/torch_extensions), 
 the torch version, this CPU's instruction-set flags and the sources: the kernels are compiled with
 -march=native, so a cache shared between different machines must never hand one machine's binary to
 another, and two checkouts of different sources (a clean clone beside a working tree) must not rebuild
-over each other's binary while the other runs."""
+over each other's binary while the other runs.
+
+GORGON_CPU_ISA=avx2 (or scalar) builds them as for a CPU without AVX-512 (x86-64-v3; baseline x86-64) and runs
+the quantized kernels' paths for it: how an AVX2-only machine runs, measured on a newer one."""
 from __future__ import annotations
 
 import hashlib
@@ -34,11 +37,12 @@ def build(name: str, source: str, python_module: bool) -> ModuleType | None:
     folder = Path(__file__).parent
     sources = hashlib.sha256(b"".join(f.read_bytes() for f in [folder / source, *sorted(folder.glob("*.h"))]))
     torch_version = torch.__version__.replace("+", "_")
-    build_dir = root / f"{name}-torch{torch_version}-{_cpu_fingerprint()}-{sources.hexdigest()[:12]}"
+    march = {"avx2": "x86-64-v3", "scalar": "x86-64"}.get(os.environ.get("GORGON_CPU_ISA", ""), "native")
+    build_dir = root / f"{name}-torch{torch_version}-{_cpu_fingerprint()}-{march}-{sources.hexdigest()[:12]}"
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob("*.so")):
         print(f"gorgon: compiling the {source} CPU kernels for this machine, once (about 30-60 s) ...",
               file=sys.stderr, flush=True)
     return load(name=name, sources=[str(folder / source)], build_directory=str(build_dir),
-                is_python_module=python_module, extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                is_python_module=python_module, extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
                 extra_ldflags=["-fopenmp"], verbose=False)
