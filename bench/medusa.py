@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tree", default=None,
                         help=f"tree for the batch 1/4 runs: {', '.join(TREES)} or a JSON file "
                              f"(default: the engine's, {DEFAULT_TREE}, cut to the heads' depth)")
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128, help="the most tokens per request")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="generate --new-tokens past the end of the answer (default: stop there, as a chat does)")
     parser.add_argument("--prompts", default=None,
                         help="your prompts: a .jsonl file of {\"prompt\": ...} or {\"messages\": [...]} records, or a "
                              "text file with one prompt per line; chat-templated for chat models (default: "
@@ -86,11 +88,12 @@ def load_prompts(path: str | None, tokenizer) -> list[str]:
 SAMPLED_TEMPERATURE = 0.7
 
 
-def timed_pair(llm: LLM, prompts: list[str], new_tokens: int, repeats: int, temperature: float = 0.0) -> dict:
+def timed_pair(llm: LLM, prompts: list[str], new_tokens: int, repeats: int, temperature: float = 0.0,
+               ignore_eos: bool = False) -> dict:
     """Best-of-`repeats` wall time of generating for `prompts` together, plain and with Medusa (alternating)."""
     def params(use_medusa: bool) -> list[SamplingParams]:  # sampled: seeded, so both modes emit the same tokens
         return [SamplingParams(max_tokens=new_tokens, temperature=temperature, seed=i if temperature else None,
-                               ignore_eos=True, use_medusa=use_medusa) for i in range(len(prompts))]
+                               ignore_eos=ignore_eos, use_medusa=use_medusa) for i in range(len(prompts))]
 
     plain_params, medusa_params = params(False), params(True)
     best = {"plain": float("inf"), "medusa": float("inf")}
@@ -110,7 +113,7 @@ def run_batch(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Name
     steps: list[int] = []
     lossless, tokens = True, 0
     for i in range(0, len(prompts), batch_size):
-        pair = timed_pair(llm, prompts[i:i + batch_size], args.new_tokens, args.repeats, temperature)
+        pair = timed_pair(llm, prompts[i:i + batch_size], args.new_tokens, args.repeats, temperature, args.ignore_eos)
         for mode in seconds:
             seconds[mode] += pair["seconds"][mode]
         plain, medusa = pair["outputs"]["plain"], pair["outputs"]["medusa"]
