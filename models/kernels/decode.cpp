@@ -174,11 +174,43 @@ constexpr bool kBf16Dot = true;
 constexpr bool kBf16Dot = false;
 #endif
 
-inline f32x16 broadcast(const float& v) {
+// The packed kernels' vector: a group's 16 lanes in one AVX-512 register, else in two native 8-lane ones
+// (GCC lowers 16-lane generic vectors on AVX2 through memory: a third of the speed)
+#ifdef __AVX512F__
+typedef f32x16 Vec;
+typedef u32x16 UVec;
+#else
+typedef float Vec __attribute__((vector_size(32)));
+typedef uint32_t UVec __attribute__((vector_size(32)));
+#endif
+constexpr int kVecLanes = sizeof(Vec) / sizeof(float);
+constexpr int kVecs = kGroupRows / kVecLanes;
+
+inline Vec load_vec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline Vec load_vec(const at::Half* p) {
+#ifdef __AVX512F__
+  return load16(p);
+#elif defined(__F16C__)
+  return reinterpret_cast<Vec>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  Vec v;
+  for (int i = 0; i < kVecLanes; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+#endif
+}
+
+inline Vec broadcast(const float& v) {
 #ifdef __AVX512F__  // (from memory: a load, where the generic vector's broadcast takes a shuffle as well)
   return _mm512_set1_ps(v);
+#elif defined(__AVX__)
+  return reinterpret_cast<Vec>(_mm256_set1_ps(v));
 #else
-  return f32x16{} + v;
+  return Vec{} + v;
 #endif
 }
 
@@ -195,14 +227,16 @@ void packed_tile(int64_t rows, const X* x, const W* group, int64_t group_size, c
                  int64_t K, int64_t N, int64_t n0) {
   const X* xs[MB];
   for (int m = 0; m < MB; ++m) xs[m] = x + std::min<int64_t>(m, rows - 1) * (K / kInputsPer<X>);
-  f32x16 acc[G][MB][2] = {};  // (constant indices below, so the chains stay in registers)
+  Vec acc[G][MB][2][kVecs] = {};  // (constant indices below, so the chains stay in registers)
   if constexpr (!std::is_same_v<W, at::BFloat16>) {  // fp32 or fp16: one weight per lane
     const auto step = [&](int64_t k, int c) {
-      f32x16 w[G];
-      for (int j = 0; j < G; ++j) w[j] = load16(group + j * group_size + k * kGroupRows);
+      Vec w[G][kVecs];
+      for (int j = 0; j < G; ++j)
+        for (int v = 0; v < kVecs; ++v) w[j][v] = load_vec(group + j * group_size + k * kGroupRows + v * kVecLanes);
       for (int m = 0; m < MB; ++m) {
-        const f32x16 xv = broadcast(xs[m][k]);
-        for (int j = 0; j < G; ++j) acc[j][m][c] += w[j] * xv;
+        const Vec xv = broadcast(xs[m][k]);
+        for (int j = 0; j < G; ++j)
+          for (int v = 0; v < kVecs; ++v) acc[j][m][c][v] += w[j][v] * xv;
       }
     };
     for (int64_t k = 0; k + 1 < K; k += 2) step(k, 0), step(k + 1, 1);
@@ -215,7 +249,7 @@ void packed_tile(int64_t rows, const X* x, const W* group, int64_t group_size, c
         w[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(group + j * group_size + k * kGroupRows));
       for (int m = 0; m < MB; ++m) {
         const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(xs[m][k / 2]));
-        for (int j = 0; j < G; ++j) acc[j][m][c] = _mm512_dpbf16_ps(acc[j][m][c], w[j], xv);
+        for (int j = 0; j < G; ++j) acc[j][m][c][0] = _mm512_dpbf16_ps(acc[j][m][c][0], w[j], xv);
       }
     };
     for (int64_t k = 0; k + 3 < K; k += 4) pair(k, 0), pair(k + 2, 1);
@@ -223,12 +257,14 @@ void packed_tile(int64_t rows, const X* x, const W* group, int64_t group_size, c
 #else
     for (int64_t k = 0; k < K; k += 2) {  // inputs k (the even chain) and k + 1 (the odd one)
       for (int j = 0; j < G; ++j) {
-        u32x16 bits;
-        std::memcpy(&bits, group + j * group_size + k * kGroupRows, sizeof(bits));
-        const f32x16 even = reinterpret_cast<f32x16>(bits << 16), odd = reinterpret_cast<f32x16>(bits & 0xFFFF0000u);
-        for (int m = 0; m < MB; ++m) {
-          acc[j][m][0] += even * broadcast(xs[m][k]);
-          acc[j][m][1] += odd * broadcast(xs[m][k + 1]);
+        for (int v = 0; v < kVecs; ++v) {
+          UVec bits;  // the lanes' (even, odd) pairs
+          std::memcpy(&bits, group + j * group_size + k * kGroupRows + 2 * v * kVecLanes, sizeof(bits));
+          const Vec even = reinterpret_cast<Vec>(bits << 16), odd = reinterpret_cast<Vec>(bits & 0xFFFF0000u);
+          for (int m = 0; m < MB; ++m) {
+            acc[j][m][0][v] += even * broadcast(xs[m][k]);
+            acc[j][m][1][v] += odd * broadcast(xs[m][k + 1]);
+          }
         }
       }
     }
@@ -236,8 +272,11 @@ void packed_tile(int64_t rows, const X* x, const W* group, int64_t group_size, c
   }
   for (int j = 0; j < G; ++j) {
     for (int m = 0; m < rows; ++m) {
-      const f32x16 sum = acc[j][m][0] + acc[j][m][1] + (bias ? load16(bias + n0 + j * kGroupRows) : f32x16{});
-      std::memcpy(y + m * N + n0 + j * kGroupRows, &sum, sizeof(sum));
+      for (int v = 0; v < kVecs; ++v) {
+        const int64_t n = n0 + j * kGroupRows + v * kVecLanes;
+        const Vec sum = acc[j][m][0][v] + acc[j][m][1][v] + (bias ? load_vec(bias + n) : Vec{});
+        std::memcpy(y + m * N + n, &sum, sizeof(sum));
+      }
     }
   }
 }

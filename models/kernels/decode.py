@@ -53,7 +53,7 @@ def load_decode_kernels(model: nn.Module, batch_invariant: bool | None = None) -
     the CPU or has weights of another dtype. They take inputs of any size when batch_invariant (None: where
     that was measured to cost at most 5%, `invariance_is_cheap`), else where they beat torch's GEMM at
     every size with the same accuracy: fp32 and fp16 weights on AVX-512 VNNI CPUs (a 512-token prefill of
-    SmolLM2 in 0.41x the time, of a 1.1B shape in 0.68x; fp16 in 0.19x)."""
+    SmolLM2 in 0.41x the time, of a 1.1B shape in 0.68x; of the default model in fp16 in 0.19x)."""
     weights = {p.dtype for p in model.parameters()}
     if not (weights <= set(WEIGHT_DTYPES) and next(model.parameters()).is_cpu):
         return None
@@ -71,8 +71,8 @@ def load_decode_kernels(model: nn.Module, batch_invariant: bool | None = None) -
 def invariance_is_cheap(ops: ModuleType, weights: set[torch.dtype]) -> bool:
     """Does batch invariance (the kernels at every size) cost at most 5% here, as measured (`gorgon bench
     invariance`, README)? On AVX-512 VNNI CPUs, with AVX512-BF16 for bf16 weights: yes, at every precision
-    (invariant / plain time at most 1.03 at 1 and 2 threads, README). Not on CPUs with AMX, whose bf16/int8 tiles make
-    torch's large GEMMs faster than these kernels, nor on AVX2-only ones, where they were never measured."""
+    (invariant / plain time at most 1.03 at 1 and 2 threads). Not on CPUs with AMX, whose bf16/int8 tiles
+    make torch's large GEMMs faster than these kernels, nor on AVX2-only ones, where it was not measured."""
     if ops.isa() != "avx512" or torch.cpu._is_amx_tile_supported():
         return False
     return torch.bfloat16 not in weights or torch.cpu._is_avx512_bf16_supported()
