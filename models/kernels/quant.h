@@ -475,6 +475,16 @@ QUANT_AVX512 inline __m512i nibble_pair(const uint8_t* a, const uint8_t* b) {  /
                                   _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
 }
 
+// Per-lane scale and min of two blocks that start with fp16 (d, m): Q4_1, Q5_1
+QUANT_AVX512 inline void scale_and_min(const uint8_t* pa, const uint8_t* pb, __m512* scale, __m512* min) {
+  uint32_t da, db;
+  std::memcpy(&da, pa, 4);
+  std::memcpy(&db, pb, 4);
+  const __m128 dm = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(da), db, 1));  // [d a, m a, d b, m b]
+  *scale = lanes_of(dm, halves(0, 2));
+  *min = lanes_of(dm, halves(1, 3));
+}
+
 template <int64_t QT>
 struct Pair;
 
@@ -503,12 +513,7 @@ template <>
 struct Pair<kQ4_1> {
   QUANT_AVX512 static inline __m512i q(const uint8_t* row, int64_t b, bool second, __m512* scale, __m512* min) {
     const uint8_t *pa = row + b * 20, *pb = second ? pa + 20 : pa;
-    uint32_t da, db;  // (d, m) of each block, fp16
-    std::memcpy(&da, pa, 4);
-    std::memcpy(&db, pb, 4);
-    const __m128 dm = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(da), db, 1));  // [d a, m a, d b, m b]
-    *scale = lanes_of(dm, halves(0, 2));
-    *min = lanes_of(dm, halves(1, 3));
+    scale_and_min(pa, pb, scale, min);
     return nibble_pair(pa + 4, pb + 4);
   }
 };
@@ -527,12 +532,7 @@ template <>
 struct Pair<kQ5_1> {
   QUANT_AVX512 static inline __m512i q(const uint8_t* row, int64_t b, bool second, __m512* scale, __m512* min) {
     const uint8_t *pa = row + b * 24, *pb = second ? pa + 24 : pa;
-    uint32_t da, db;  // (d, m) of each block, fp16
-    std::memcpy(&da, pa, 4);
-    std::memcpy(&db, pb, 4);
-    const __m128 dm = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128(da), db, 1));  // [d a, m a, d b, m b]
-    *scale = lanes_of(dm, halves(0, 2));
-    *min = lanes_of(dm, halves(1, 3));
+    scale_and_min(pa, pb, scale, min);
     return _mm512_inserti64x4(_mm512_castsi256_si512(five_bits(pa + 4, pa + 8)), five_bits(pb + 4, pb + 8), 1);
   }
 };
