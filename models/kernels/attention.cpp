@@ -35,6 +35,21 @@ constexpr int64_t MIN_PARALLEL_WORK = int64_t{1} << 22;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 typedef float f32x16 __attribute__((vector_size(64)));
+// The GEMM's vector: 16 lanes on AVX-512, else 8 (GCC lowers 16-lane generic vectors on AVX2 through memory)
+#ifdef __AVX512F__
+typedef f32x16 Vec;
+#else
+typedef float Vec __attribute__((vector_size(32)));
+#endif
+constexpr int kVecLanes = sizeof(Vec) / sizeof(float);
+
+inline Vec load_vec(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline f32x16 load16(const float* p) {
   f32x16 v;
@@ -95,33 +110,39 @@ void gemm_tiles(const float* A, int a_row, int a_col, const float* B, int ldb, f
                 int depth, bool accumulate) {
   for (int r0 = 0; r0 < rows; r0 += ROWS) {
     for (int c0 = 0; c0 < cols; c0 += 16 * VECTORS) {
-      f32x16 acc[ROWS][VECTORS];
+      constexpr int V = VECTORS * 16 / kVecLanes;  // vectors per row of the block
+      Vec acc[ROWS][V];
 #pragma GCC unroll 8
       for (int r = 0; r < ROWS; ++r)
-        for (int v = 0; v < VECTORS; ++v) acc[r][v] = accumulate ? load16(C + (r0 + r) * ldc + c0 + 16 * v) : f32x16{};
+        for (int v = 0; v < V; ++v) acc[r][v] = accumulate ? load_vec(C + (r0 + r) * ldc + c0 + kVecLanes * v) : Vec{};
       for (int k = 0; k < depth; ++k) {
-        f32x16 b[VECTORS];
-        for (int v = 0; v < VECTORS; ++v) b[v] = load16(B + k * ldb + c0 + 16 * v);
+        Vec b[V];
+        for (int v = 0; v < V; ++v) b[v] = load_vec(B + k * ldb + c0 + kVecLanes * v);
 #pragma GCC unroll 8
         for (int r = 0; r < ROWS; ++r) {
           const float a = A[(r0 + r) * a_row + k * a_col];
-          for (int v = 0; v < VECTORS; ++v) acc[r][v] += a * b[v];
+          for (int v = 0; v < V; ++v) acc[r][v] += a * b[v];
         }
       }
 #pragma GCC unroll 8
       for (int r = 0; r < ROWS; ++r)
-        for (int v = 0; v < VECTORS; ++v) store16(C + (r0 + r) * ldc + c0 + 16 * v, acc[r][v]);
+        for (int v = 0; v < V; ++v) store_vec(C + (r0 + r) * ldc + c0 + kVecLanes * v, acc[r][v]);
     }
   }
 }
 
-// cols % 16 == 0; two vectors per micro-tile where the width allows (more work per load)
+// cols % 16 == 0; two vectors per micro-tile where the width allows (more work per load). AVX2's 16
+// registers hold 4 rows x 16 columns of accumulators.
 void gemm(const float* A, int a_row, int a_col, const float* B, int ldb, float* C, int ldc, int rows, int cols,
           int depth, bool accumulate) {
+#ifdef __AVX512F__
   if (cols % 32 == 0)
     gemm_tiles<2>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
   else
     gemm_tiles<1>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
+#else
+  gemm_tiles<1, 4>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
+#endif
 }
 
 // gemm for any rows <= TILE_ROWS (the few rows of a decode unit)
@@ -138,6 +159,7 @@ void gemm_few_rows_of(const float* A, int a_row, int a_col, const float* B, int 
 
 void gemm_few_rows(const float* A, int a_row, int a_col, const float* B, int ldb, float* C, int ldc, int rows,
                    int cols, int depth, bool accumulate) {
+  if (kVecLanes < 16) return gemm_few_rows_of<1>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
   if (cols % 64 == 0) gemm_few_rows_of<4>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
   else if (cols % 32 == 0) gemm_few_rows_of<2>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
   else gemm_few_rows_of<1>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
@@ -348,7 +370,8 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
 #pragma omp simd
       for (int d = 0; d < D; ++d) v_dst[d] = static_cast<float>(v_src[d]);
     }
-    int j0 = 0;  // keys transposed 16 x 16 dims at a time in registers, the rest one by one
+    int j0 = 0;  // keys transposed 16 x 16 dims at a time in registers (AVX-512), the rest one by one
+#ifdef __AVX512F__
     for (; j0 + 16 <= num_keys; j0 += 16) {
       const scalar_t* k_src[16];
       for (int t = 0; t < 16; ++t) k_src[t] = k_cache + offset_of(k0 + j0 + t);
@@ -362,6 +385,7 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
       for (int t = 0; t < 16; ++t)
         for (int d = d0; d < D; ++d) keys_t[d * width + j0 + t] = static_cast<float>(k_src[t][d]);
     }
+#endif
     for (int j = j0; j < num_keys; ++j) {
       const scalar_t* k_src = k_cache + offset_of(k0 + j);
       for (int d = 0; d < D; ++d) keys_t[d * width + j] = static_cast<float>(k_src[d]);
