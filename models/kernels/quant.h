@@ -263,44 +263,51 @@ inline void dequantize(int64_t qtype, const Weights& w, int64_t N, int64_t K, fl
 
 // --- activations: each token row quantized to int8 per block of 32 -----------------------------------------
 
-// Per token row, padded to a multiple of 64 weights with zeros; "lane" = 4 consecutive elements.
+// Per token row, padded to a multiple of 64 weights with zeros; "lane" = 4 consecutive elements. The packed
+// kernels read the same values block-major instead (quantize_activations(..., packed = true)), so that a block's token rows lie
+// side by side at constant offsets: a kernel over 8 token rows then needs one pointer, not 8.
 struct Activations {
   int64_t M = 0, Kp = 0;
-  std::vector<int8_t> q;       // [M, Kp]
+  std::vector<int8_t> q;       // [M, Kp], or packed [Kp / 32, M, 32]
   std::vector<float> scale;    // [M, Kp / 4]: the lane's block scale dx
   std::vector<int32_t> init;   // [M, Kp / 4]: -offset * (sum of the lane's q): removes an unsigned weight offset
   std::vector<float> qsum;     // [M, Kp / 4]: dx * (sum of the lane's q): multiplies a weight block's min
-  std::vector<float> block_scale;   // [M, Kp / 32]: dx of each block (the packed kernels')
-  std::vector<int32_t> block_sum;   // [M, Kp / 32]: sum of each block's q
+  std::vector<float> block_scale;   // packed [Kp / 32, M]: dx of each block
+  std::vector<int32_t> block_init;  // packed [Kp / 32, M]: -offset * (sum of the block's q)
+  std::vector<float> block_qsum;    // packed [Kp / 32, M]: dx * (sum of the block's q)
 };
 
-inline void quantize_activations(const float* x, int64_t M, int64_t K, int offset, Activations* a) {
+inline void quantize_activations(const float* x, int64_t M, int64_t K, int offset, bool packed, Activations* a) {
   a->M = M;
   a->Kp = (K + 63) / 64 * 64;
-  const int64_t lanes = a->Kp / 4;
+  const int64_t lanes = a->Kp / 4, blocks = a->Kp / 32;
   a->q.assign(M * a->Kp, 0);
-  a->scale.assign(M * lanes, 0.f);
-  a->init.assign(M * lanes, 0);
-  a->qsum.assign(M * lanes, 0.f);
-  a->block_scale.assign(M * a->Kp / 32, 0.f);
-  a->block_sum.assign(M * a->Kp / 32, 0);
+  (packed ? a->block_scale : a->scale).assign(packed ? M * blocks : M * lanes, 0.f);
+  (packed ? a->block_init : a->init).assign(packed ? M * blocks : M * lanes, 0);
+  (packed ? a->block_qsum : a->qsum).assign(packed ? M * blocks : M * lanes, 0.f);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < K / 32; ++b) {
       const float* xb = x + m * K + b * 32;
       float amax = 0.f;
       for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(xb[i]));
       const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int8_t* q = a->q.data() + m * a->Kp + b * 32;
+      int8_t* q = a->q.data() + (packed ? (b * M + m) * 32 : m * a->Kp + b * 32);
       for (int i = 0; i < 32; ++i) q[i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
+      int32_t block_sum = 0;
       for (int l = 0; l < 8; ++l) {
-        const int64_t lane = m * lanes + b * 8 + l;
         const int32_t s = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
+        block_sum += s;
+        if (packed) continue;
+        const int64_t lane = m * lanes + b * 8 + l;
         a->scale[lane] = d;
         a->init[lane] = -offset * s;
         a->qsum[lane] = d * s;
-        a->block_sum[m * a->Kp / 32 + b] += s;
       }
-      a->block_scale[m * a->Kp / 32 + b] = d;
+      if (packed) {
+        a->block_scale[b * M + m] = d;
+        a->block_init[b * M + m] = -offset * block_sum;
+        a->block_qsum[b * M + m] = d * block_sum;
+      }
     }
   }
 }
@@ -759,36 +766,32 @@ void gemv_q(const Activations& a, const uint8_t* w, int64_t row_bytes, int64_t K
 // dot = sum of q x in 16 int32 lanes (one per weight row; an offset o of the weights, q - o, is taken off
 // through the activations' block sum), then acc += dot * d * dx (+ m * dx * sum x for Q4_1; Q4_K: d * sc and
 // - dmin * mn in place of d and m).
+
+// The activations of MB token rows from row m0, at their 32-block x32 (the packed layout of Activations)
 template <int MB>
 struct PackedRows {
-  const int8_t* xq[MB];
-  const float* xs[MB];
-  const int32_t* xsum[MB];
-  PackedRows(const Activations& a, int64_t rows, int64_t m0) {
-    for (int m = 0; m < MB; ++m) {
-      const int64_t r = m0 + std::min<int64_t>(m, rows - 1);
-      xq[m] = a.q.data() + r * a.Kp;
-      xs[m] = a.block_scale.data() + r * (a.Kp / 32);
-      xsum[m] = a.block_sum.data() + r * (a.Kp / 32);
-    }
-  }
+  const int8_t* q;
+  const float *scale, *qsum;
+  const int32_t* init;
+  PackedRows(const Activations& a, int64_t x32, int64_t m0)
+      : q(a.q.data() + (x32 * a.M + m0) * 32), scale(a.block_scale.data() + x32 * a.M + m0),
+        qsum(a.block_qsum.data() + x32 * a.M + m0), init(a.block_init.data() + x32 * a.M + m0) {}
 };
 
-// acc[m] += the 32-block x32 (index of the activations' block) against weights w[8] (w[c]: weights 4c..4c+3 of
-// each of the 16 rows, unsigned, offset o), scaled by d and min per row
-template <int MB, int offset, bool has_min>
-QUANT_AVX512 inline void packed_block(const PackedRows<MB>& x, int64_t x32, const __m512i (&w)[8], __m512 d,
-                                      __m512 min, __m512 (&acc)[MB]) {
+// acc[m] += the 32-block x against weights w[8] (w[c]: weights 4c..4c+3 of each of the 16 rows, unsigned,
+// offset o), scaled by d and min per row
+template <int MB, bool has_offset, bool has_min>
+QUANT_AVX512 inline void packed_block(const PackedRows<MB>& x, const __m512i (&w)[8], __m512 d, __m512 min,
+                                      __m512 (&acc)[MB]) {
   for (int m = 0; m < MB; ++m) {
-    const int8_t* xb = x.xq[m] + x32 * 32;
-    __m512i dot = offset ? _mm512_set1_epi32(-offset * x.xsum[m][x32]) : _mm512_setzero_si512();
+    __m512i dot = has_offset ? _mm512_set1_epi32(x.init[m]) : _mm512_setzero_si512();
     for (int c = 0; c < 8; ++c) {
       int32_t x4;
-      std::memcpy(&x4, xb + 4 * c, 4);
+      std::memcpy(&x4, x.q + m * 32 + 4 * c, 4);
       dot = _mm512_dpbusd_epi32(dot, w[c], _mm512_set1_epi32(x4));
     }
-    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(x.xs[m][x32])), acc[m]);
-    if (has_min) acc[m] = _mm512_fmadd_ps(min, _mm512_set1_ps(x.xs[m][x32] * x.xsum[m][x32]), acc[m]);
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(x.scale[m])), acc[m]);
+    if (has_min) acc[m] = _mm512_fmadd_ps(min, _mm512_set1_ps(x.qsum[m]), acc[m]);
   }
 }
 
@@ -801,9 +804,8 @@ QUANT_AVX512 inline __m512 bytes16(const uint8_t* p) {  // 16 uint8 -> fp32
 }
 
 template <int64_t QT, int MB>
-QUANT_AVX512 void packed_group_avx512(const Activations& a, int64_t rows, const uint8_t* group, int64_t blocks,
+QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group, int64_t blocks,
                                       float* y, int64_t N, int64_t m0, int64_t n0) {
-  const PackedRows<MB> x(a, rows, m0);
   const __m512i low = _mm512_set1_epi8(0xF);
   const int64_t gbb = group_block_bytes(QT);
   __m512 acc[MB];
@@ -821,7 +823,7 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, int64_t rows, const 
         }
         const __m512 scale = _mm512_mul_ps(d, bytes16(blk + 64 + 16 * j));
         const __m512 min = _mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), bytes16(blk + 64 + 128 + 16 * j)));
-        packed_block<MB, 0, true>(x, b * 8 + j, w, scale, min, acc);
+        packed_block<MB, false, true>(PackedRows<MB>(a, b * 8 + j, m0), w, scale, min, acc);
       }
       continue;
     }
@@ -835,24 +837,29 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, int64_t rows, const 
       }
     }
     const __m512 d = halves16(blk);
-    if (QT == kQ4_1) packed_block<MB, 0, true>(x, b, w, d, halves16(blk + 32), acc);
-    else packed_block<MB, QT == kQ4_0 ? 8 : 128, false>(x, b, w, d, _mm512_setzero_ps(), acc);
+    const PackedRows<MB> x(a, b, m0);
+    if (QT == kQ4_1) packed_block<MB, false, true>(x, w, d, halves16(blk + 32), acc);
+    else packed_block<MB, true, false>(x, w, d, _mm512_setzero_ps(), acc);
   }
-  for (int m = 0; m < rows; ++m) _mm512_storeu_ps(y + (m0 + m) * N + n0, acc[m]);
+  for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + (m0 + m) * N + n0, acc[m]);
 }
+
+// Token rows go in balanced chunks of at most 8 (a ninth row's accumulator would not fit in the registers)
+constexpr int64_t kMaxChunk = 8;
 
 template <int64_t QT>
 void gemv_packed(const Activations& a, const uint8_t* w, int64_t K, float* y, int64_t N) {
   const int64_t blocks = K / format_of(QT).block, gbb = group_block_bytes(QT);
   const int64_t grain = std::max<int64_t>(1, 32 * 1024 / (blocks * gbb));  // groups per task, ~32 KiB
+  const int64_t chunks = (a.M + kMaxChunk - 1) / kMaxChunk, chunk = (a.M + chunks - 1) / chunks;
   at::parallel_for(0, N / kGroupRows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const uint8_t* group = w + g * blocks * gbb;
-      for (int64_t m0 = 0; m0 < a.M; m0 += 8) {  // later chunks of token rows find the group in L1
-        const int64_t rows = std::min<int64_t>(8, a.M - m0);
+      for (int64_t m0 = 0; m0 < a.M; m0 += chunk) {  // later chunks of token rows find the group in L1
+        const int64_t rows = std::min<int64_t>(chunk, a.M - m0);
         switch (rows) {
 #define PACKED_CALL(MB) \
-  case MB: packed_group_avx512<QT, MB>(a, rows, group, blocks, y, N, m0, g * kGroupRows); break;
+  case MB: packed_group_avx512<QT, MB>(a, group, blocks, y, N, m0, g * kGroupRows); break;
           PACKED_CALL(1) PACKED_CALL(2) PACKED_CALL(3) PACKED_CALL(4)
           PACKED_CALL(5) PACKED_CALL(6) PACKED_CALL(7) PACKED_CALL(8)
 #undef PACKED_CALL
@@ -879,8 +886,9 @@ inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const We
                                 std::to_string(K) + " weights of ggml type " + std::to_string(qtype));
   const int isa = current_isa();
   Activations a;
-  quantize_activations(x, M, K, isa == kScalar ? 0 : activation_offset(qtype, isa), &a);
-  if (w.packed && isa == kAvx512) {
+  const bool packed_kernels = w.packed && isa == kAvx512;
+  quantize_activations(x, M, K, isa == kScalar ? 0 : activation_offset(qtype, isa), packed_kernels, &a);
+  if (packed_kernels) {
     switch (qtype) {
       case kQ8_0: return gemv_packed<kQ8_0>(a, w.data, K, y, N);
       case kQ4_0: return gemv_packed<kQ4_0>(a, w.data, K, y, N);
