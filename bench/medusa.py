@@ -6,7 +6,11 @@ Medusa output is compared token for token with the plain one ("lossless"). Then 
 sampled requests (temperature 0.7, seeded): Medusa verifies them by rejection sampling, which draws what plain
 sampling draws, so there too "lossless" means the same tokens as the seeded plain run. Plain and Medusa runs
 of a prompt group alternate, and each keeps its best time over --repeats, so load from other processes
-hits both alike."""
+hits both alike.
+
+`--baseline llama.cpp` (a GGUF model; needs the `bench` extra) also runs llama.cpp on the same file, prompts
+and thread count, interleaved with the greedy runs of the main tree: greedy decoding of as many tokens per
+prompt group as Medusa emitted, so the table gives Medusa's and plain decoding's tok/s against llama.cpp's."""
 from __future__ import annotations
 
 import argparse
@@ -18,9 +22,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.common import machine_info, print_table, write_json
+from bench.common import cpu_isa, machine_info, print_table, write_json
+from bench.llamacpp import LlamaCpp
 from engine import LLM, RequestOutput, SamplingParams
 from engine.medusa.tree import DEFAULT_TREE, TREES, load_tree
+from models.gguf import find_gguf
 from models.named import medusa_heads_for, resolve_model
 
 PROMPTS = [
@@ -57,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-sweep", action="store_true", help="only --tree, not every shipped tree")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared machine more threads make timings erratic)")
+    parser.add_argument("--baseline", choices=["llama.cpp"], default=None,
+                        help="also time llama.cpp's greedy decoding of the same GGUF file and prompts (batch 1 and 4)")
     parser.add_argument("--out", required=True, help="JSON result file")
     parser.add_argument("--plot", default=None, help="PNG: speedup vs tree size, and the accept-length histogram")
     return parser.parse_args(argv)
@@ -89,33 +97,44 @@ SAMPLED_TEMPERATURE = 0.7
 
 
 def timed_pair(llm: LLM, prompts: list[str], new_tokens: int, repeats: int, temperature: float = 0.0,
-               ignore_eos: bool = False) -> dict:
-    """Best-of-`repeats` wall time of generating for `prompts` together, plain and with Medusa (alternating)."""
+               ignore_eos: bool = False, baseline: LlamaCpp | None = None) -> dict:
+    """Best-of-`repeats` wall time of generating for `prompts` together, plain and with Medusa (alternating),
+    and with the llama.cpp baseline (greedy) when given: as many tokens per prompt as the longest Medusa answer."""
     def params(use_medusa: bool) -> list[SamplingParams]:  # sampled: seeded, so both modes emit the same tokens
         return [SamplingParams(max_tokens=new_tokens, temperature=temperature, seed=i if temperature else None,
                                ignore_eos=ignore_eos, use_medusa=use_medusa) for i in range(len(prompts))]
 
     plain_params, medusa_params = params(False), params(True)
-    best = {"plain": float("inf"), "medusa": float("inf")}
+    best = {mode: float("inf") for mode in ("plain", "medusa", *(["llama.cpp"] if baseline else []))}
     outputs: dict[str, list[RequestOutput]] = {}
+    token_prompts = [llm.tokenizer(p)["input_ids"] for p in prompts] if baseline else []
+    baseline_tokens = 0
     for _ in range(repeats):
         for mode, params in (("plain", plain_params), ("medusa", medusa_params)):
             start = time.perf_counter()
             outputs[mode] = llm.generate(prompts, params)
             best[mode] = min(best[mode], time.perf_counter() - start)
-    return {"seconds": best, "outputs": outputs}
+        if baseline:
+            length = max(len(o.token_ids) for o in outputs["medusa"])
+            start = time.perf_counter()
+            baseline.generate(token_prompts, length)
+            best["llama.cpp"] = min(best["llama.cpp"], time.perf_counter() - start)
+            baseline_tokens = length * len(prompts)
+    return {"seconds": best, "outputs": outputs, "baseline_tokens": baseline_tokens}
 
 
 def run_batch(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Namespace, bar: tqdm,
-              temperature: float = 0.0) -> dict:
-    """All prompts in groups of batch_size: tokens/s of both modes, acceptance statistics, losslessness."""
-    seconds = {"plain": 0.0, "medusa": 0.0}
+              temperature: float = 0.0, baseline: LlamaCpp | None = None) -> dict:
+    """All prompts in groups of batch_size: tokens/s of both modes (and of the baseline), acceptance
+    statistics, losslessness."""
+    seconds: Counter[str] = Counter()
     steps: list[int] = []
-    lossless, tokens = True, 0
+    lossless, tokens, baseline_tokens = True, 0, 0
     for i in range(0, len(prompts), batch_size):
-        pair = timed_pair(llm, prompts[i:i + batch_size], args.new_tokens, args.repeats, temperature, args.ignore_eos)
-        for mode in seconds:
-            seconds[mode] += pair["seconds"][mode]
+        pair = timed_pair(llm, prompts[i:i + batch_size], args.new_tokens, args.repeats, temperature, args.ignore_eos,
+                          baseline)
+        seconds.update(pair["seconds"])
+        baseline_tokens += pair["baseline_tokens"]
         plain, medusa = pair["outputs"]["plain"], pair["outputs"]["medusa"]
         lossless &= all(p.token_ids == m.token_ids for p, m in zip(plain, medusa))
         tokens += sum(len(o.token_ids) for o in medusa)
@@ -124,16 +143,22 @@ def run_batch(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Name
     depth = llm.medusa.tree.depth
     plain_tps, medusa_tps = tokens / seconds["plain"], tokens / seconds["medusa"]
     histogram = Counter(steps)
-    return {
+    row = {
         "batch_size": batch_size, "temperature": temperature, "tree": llm.medusa.tree.name,
         "tree_size": llm.medusa.tree.size,
         "plain_tok_s": plain_tps, "medusa_tok_s": medusa_tps, "speedup": medusa_tps / plain_tps,
-        "mean_accepted": sum(steps) / len(steps), "num_steps": len(steps), "lossless": lossless,
+        # None: no tree step ran (more sequences than the tree's max_batch_size: the engine decoded plainly)
+        "mean_accepted": sum(steps) / len(steps) if steps else None, "num_steps": len(steps), "lossless": lossless,
         # tokens emitted per tree step: the accepted path plus the base model's bonus token
         "accept_length_histogram": {n: histogram.get(n, 0) for n in range(1, depth + 2)},
         # head k's token was accepted in a step iff the step emitted at least k + 2 tokens
-        "head_acceptance": [sum(n >= k + 2 for n in steps) / len(steps) for k in range(depth)],
+        "head_acceptance": [sum(n >= k + 2 for n in steps) / len(steps) for k in range(depth)] if steps else [],
     }
+    if baseline:
+        llamacpp_tps = baseline_tokens / seconds["llama.cpp"]
+        row |= {"llamacpp_tok_s": llamacpp_tps, "medusa_vs_llamacpp": medusa_tps / llamacpp_tps,
+                "plain_vs_llamacpp": plain_tps / llamacpp_tps}
+    return row
 
 
 def plot(path: str, sweep: list[dict], main_row: dict) -> None:
@@ -177,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         engine_kwargs = dict(medusa=str(medusa), enable_prefix_caching=False)
         llm = LLM(model, medusa_tree=args.tree, **engine_kwargs)
         prompts = load_prompts(args.prompts, llm.tokenizer)[:args.num_prompts]
+        gguf_file = find_gguf(model)
+        if args.baseline and gguf_file is None:
+            raise ValueError("--baseline llama.cpp runs both engines on one GGUF file: give a .gguf model (or smollm2)")
     except (ValueError, OSError) as e:
         raise SystemExit(f"gorgon bench medusa: error: {e}") from None
     if llm.medusa is None:
@@ -186,21 +214,32 @@ def main(argv: list[str] | None = None) -> None:
     trees = [llm.medusa.tree.name] + ([] if args.no_sweep else sweep_trees)
     with tqdm(total=(len(trees) + 1) * (len(prompts) + -(-len(prompts) // 4)), desc="bench medusa") as bar:
         llm.generate(prompts[0], SamplingParams(max_tokens=8, temperature=0))  # warm-up
+        baseline = LlamaCpp(gguf_file, args.threads, max_seqs=4) if args.baseline else None
         results = {}
         for name in trees:
             engine = llm if name == llm.medusa.tree.name else LLM(model, medusa_tree=name, **engine_kwargs)
-            results[name] = [run_batch(engine, prompts, bs, args, bar) for bs in (1, 4)]
+            results[name] = [run_batch(engine, prompts, bs, args, bar, baseline=baseline if engine is llm else None)
+                             for bs in (1, 4)]
+        if baseline:
+            baseline.close()
         sampled = [run_batch(llm, prompts, bs, args, bar, SAMPLED_TEMPERATURE) for bs in (1, 4)]
     rows = results[llm.medusa.tree.name] + sampled
     sweep = sorted((r for name in trees for r in results[name]), key=lambda r: (r["batch_size"], r["tree_size"]))
 
     draft_vocab_size = llm.medusa.heads.num_draft_tokens
+    if llm.medusa.max_batch_size is not None:
+        print(f"\nthe engine speculates while at most {llm.medusa.max_batch_size} sequences decode (the tree's "
+              "measured limit): above it Medusa rows are plain decoding")
     print(f"\n{model}, heads {medusa} (drafting from {draft_vocab_size} tokens), {args.new_tokens} new tokens per "
           f"prompt, {len(prompts)} prompts, greedy, "
           f"{args.threads} thread(s), attention backend {llm.runner.backend.name}")
     columns = ["batch_size", "temperature", "tree", "tree_size", "plain_tok_s",
                "medusa_tok_s", "speedup", "mean_accepted", "lossless"]
     print_table(rows, columns)
+    if args.baseline:
+        print(f"\nagainst llama.cpp on {gguf_file.name}, greedy, {args.threads} thread(s), CPU {cpu_isa()}:")
+        print_table(rows[:2], ["batch_size", "llamacpp_tok_s", "plain_tok_s", "medusa_tok_s", "plain_vs_llamacpp",
+                               "medusa_vs_llamacpp"])
     print("\naccept-length histogram (batch 1):", rows[0]["accept_length_histogram"])
     print("per-head acceptance (batch 1):", [round(a, 3) for a in rows[0]["head_acceptance"]])
     if len(trees) > 1:
@@ -215,10 +254,15 @@ def main(argv: list[str] | None = None) -> None:
         "sampled_tokens_per_step_bs4": sampled[1]["mean_accepted"],
         "sampled_lossless": all(r["lossless"] for r in sampled),
         "lossless": all(r["lossless"] for r in sweep), "tree": llm.medusa.tree.name,
+        "max_batch_size": llm.medusa.max_batch_size,
     }
+    if args.baseline:
+        summary |= {f"{mode}_speedup_vs_llamacpp_bs{r['batch_size']}": r[f"{mode}_vs_llamacpp"]
+                    for r in rows[:2] for mode in ("medusa", "plain")}
     write_json(args.out, {"benchmark": "medusa", "model": str(model), "medusa": str(medusa),
                           "draft_vocab_size": draft_vocab_size,
                           "new_tokens": args.new_tokens, "prompts": prompts, "threads": args.threads,
+                          "cpu_isa": cpu_isa(), "baseline": args.baseline,
                           "attention_backend": llm.runner.backend.name, "runs": rows, "sweep": sweep,
                           "machine": machine_info(), "summary": summary})
     if args.plot:

@@ -80,7 +80,7 @@ def use_oracle_drafts(llm: LLM, futures: dict[str, list[int]]) -> None:
     top_k = llm.medusa.tree.top_k
     rank_of_right_token = [0, 0, 0, 0, 0, 0, 1, 1, 2, top_k]  # top_k: absent
 
-    def propose(seqs, hidden):
+    def propose(seqs, hidden, num_running):
         for seq in seqs:
             if not llm.medusa.can_speculate(seq):
                 seq.draft_token_ids = None
@@ -316,8 +316,8 @@ def test_greedy_medusa_with_a_draft_vocab_is_lossless(tiny_model_dir, heads_dir,
     drafted: set[int] = set()
     propose = llm.medusa.propose
 
-    def recording_propose(seqs, hidden):
-        propose(seqs, hidden)
+    def recording_propose(seqs, hidden, num_running):
+        propose(seqs, hidden, num_running)
         drafted.update(t for s in seqs if s.draft_token_ids for rank in s.draft_token_ids for t in rank)
 
     llm.medusa.propose = recording_propose
@@ -469,3 +469,9 @@ def test_bench_medusa_end_to_end(tiny_model_dir, heads_dir, tmp_path):
     assert summary["sampled_tokens_per_step_bs1"] == runs[2]["mean_accepted"]
     assert (summary["speedup_bs4"], summary["sampled_speedup_bs4"]) == (runs[1]["speedup"], runs[3]["speedup"])
     assert result["draft_vocab_size"] == 256
+
+
+def test_bench_medusa_llama_cpp_baseline_needs_a_gguf_file(tiny_model_dir, heads_dir, tmp_path):
+    with pytest.raises(SystemExit, match="one GGUF file"):
+        bench_main(["--model", str(tiny_model_dir), "--medusa", str(heads_dir), "--baseline", "llama.cpp",
+                    "--out", str(tmp_path / "o.json")])
