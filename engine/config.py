@@ -100,6 +100,9 @@ class EngineConfig:
     medusa: str | None = None  # Medusa heads folder (published format); "auto": the model's own; None: no speculation
     medusa_tree: str | None = None  # a shipped tree's name (engine.medusa.tree.TREES) or a JSON file; None: the
     # tree measured for the heads (engine.medusa.tree.TreeChoice), else the default
+    # speculate only while at most this many sequences decode together (more: plain decoding, which is faster
+    # there); None: the measured tree's own limit (TreeChoice), else no limit
+    medusa_max_batch_size: int | None = None
     # how sampled requests accept drafts. "rejection": speculative rejection sampling, the output follows plain
     # sampling's distribution exactly; "typical": typical acceptance, accept when p > min(threshold, alpha *
     # exp(-entropy)), which trades that exactness for longer accepted runs (greedy requests are exact either way)
@@ -119,6 +122,8 @@ class EngineConfig:
                      "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.medusa_max_batch_size is not None and self.medusa_max_batch_size < 1:
+            raise ValueError(f"medusa_max_batch_size must be >= 1, got {self.medusa_max_batch_size}")
         if self.medusa_posterior_threshold < 0 or self.medusa_posterior_alpha < 0:
             raise ValueError("medusa_posterior_threshold and medusa_posterior_alpha must be >= 0")
         if self.medusa_acceptance not in ("rejection", "typical"):

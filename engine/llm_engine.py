@@ -265,7 +265,8 @@ class LLM:
                 if seq.is_finished:
                     self.requests.pop(seq.request_id, None)
         if self.medusa is not None and inputs.sampling_seqs:
-            self.medusa.propose([batch.seqs[i] for i in inputs.sampling_seqs], hidden[inputs.sample_rows])
+            self.medusa.propose([batch.seqs[i] for i in inputs.sampling_seqs], hidden[inputs.sample_rows],
+                                len(self.scheduler.running))
         return outputs
 
     def _score_prompt(self, seq: Sequence, hidden: torch.Tensor, rows: list[int]) -> None:
@@ -302,7 +303,7 @@ class LLM:
             seq.num_computed_tokens = len(seq) - 1  # the accepted run is cached; the bonus token is pending
             self.block_manager.register_full_blocks(seq, seq.cache_key, computed_before)
             self.block_manager.truncate(seq, seq.num_computed_tokens)
-        self.medusa.propose(seqs, hidden)
+        self.medusa.propose(seqs, hidden, len(self.scheduler.running))
         return outputs
 
     def _append_token(self, seq: Sequence, token_id: int, logprob: tuple | None) -> None:

@@ -14,7 +14,7 @@ import uvicorn
 from engine import LLM, EngineConfig, own_medusa_heads
 from engine.parallel import run_worker_if_launched
 from server.app import ServerConfig, create_app
-from server.flags import add_medusa_acceptance_flags, add_tensor_parallel_flag, medusa_acceptance
+from server.flags import add_medusa_flags, add_tensor_parallel_flag, medusa_options
 
 DEFAULT_MODEL_NAME = "gorgon-default"
 API_KEY_ENV = "GORGON_API_KEY"
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="Medusa heads folder (speculative decoding), 'auto' (the model's own) or 'none' "
                              "(default: the model's own heads when it has some, as the shipped model does)")
     parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
-    add_medusa_acceptance_flags(parser)
+    add_medusa_flags(parser)
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
     parser.add_argument("--skip-tokenizer-init", action="store_true",
                         help="run without a tokenizer: token-id prompts only, answers carry token ids and no text")
@@ -144,7 +144,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     if medusa is None and own_medusa_heads(args.model).is_dir():
         medusa = "auto"
     if medusa not in (None, "none"):
-        optional |= {"medusa": medusa, "medusa_tree": args.medusa_tree, **medusa_acceptance(args)}
+        optional |= {"medusa": medusa, "medusa_tree": args.medusa_tree, **medusa_options(args)}
     return kwargs | {name: value for name, value in optional.items() if value is not None}
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 
 
-def add_medusa_acceptance_flags(parser: argparse.ArgumentParser) -> None:
+def add_medusa_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--medusa-max-batch-size", type=int, default=None, metavar="N",
+                        help="speculate only while at most N sequences decode together, plain decoding above (default: "
+                             "the limit train-medusa measured for the heads' tree, else none)")
     parser.add_argument("--medusa-acceptance", default=None, choices=["rejection", "typical"],
                         help="how sampled requests accept drafts: rejection (the default) keeps plain sampling's "
                              "distribution exactly; typical accepts more, and trades that exactness for it")
@@ -13,10 +16,11 @@ def add_medusa_acceptance_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--medusa-posterior-alpha", type=float, default=None, help="typical acceptance's alpha")
 
 
-def medusa_acceptance(args: argparse.Namespace) -> dict:
-    """EngineConfig's Medusa acceptance fields from add_medusa_acceptance_flags' flags (left out: the defaults)."""
-    fields = {"medusa_acceptance": args.medusa_acceptance, "medusa_posterior_threshold":
-              args.medusa_posterior_threshold, "medusa_posterior_alpha": args.medusa_posterior_alpha}
+def medusa_options(args: argparse.Namespace) -> dict:
+    """EngineConfig's Medusa fields from add_medusa_flags' flags (left out: the defaults)."""
+    fields = {"medusa_max_batch_size": args.medusa_max_batch_size, "medusa_acceptance": args.medusa_acceptance,
+              "medusa_posterior_threshold": args.medusa_posterior_threshold,
+              "medusa_posterior_alpha": args.medusa_posterior_alpha}
     return {name: value for name, value in fields.items() if value is not None}
 
 

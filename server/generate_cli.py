@@ -7,7 +7,7 @@ import sys
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.parallel import run_worker_if_launched
-from server.flags import add_medusa_acceptance_flags, add_tensor_parallel_flag, medusa_acceptance
+from server.flags import add_medusa_flags, add_tensor_parallel_flag, medusa_options
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="default: bfloat16 on CUDA; on the CPU the checkpoint's own if bfloat16, else float32")
     parser.add_argument("--medusa", default=None, help="Medusa heads folder: speculate with them")
     parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
-    add_medusa_acceptance_flags(parser)
+    add_medusa_flags(parser)
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
     parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                         help="a request's tokens never depend on what else is batched with it; default: on where "
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         engine_kwargs = dict(device=args.device, dtype=args.dtype, medusa=args.medusa, medusa_tree=args.medusa_tree,
                              quantization=args.quantization, tokenizer=args.tokenizer,
                              batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel_size,
-                             **medusa_acceptance(args))
+                             **medusa_options(args))
         if run_worker_if_launched(EngineConfig(args.model, **engine_kwargs)):  # a torchrun rank above 0
             return
         with LLM(args.model, **engine_kwargs) as llm:

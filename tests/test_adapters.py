@@ -304,7 +304,7 @@ def test_medusa_stays_lossless_with_adapters(setup, tmp_path):
     futures = {f"r{i}": p + e for i, (p, e) in enumerate(zip(PROMPTS, expected))}
     top_k, depth = llm.medusa.tree.top_k, llm.medusa.tree.depth
 
-    def oracle_propose(seqs, hidden) -> None:
+    def oracle_propose(seqs, hidden, num_running) -> None:
         for seq in seqs:
             future, root = futures[seq.request_id], len(seq) - 1
             seq.draft_token_ids = None

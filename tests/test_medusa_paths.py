@@ -40,7 +40,7 @@ def use_oracle_drafts(llm: LLM, futures: dict[str, list[int]]) -> list[list[int]
     position (RANKS). Returns the list that each accepted tree path (root first) is appended to."""
     tree = llm.medusa.tree
 
-    def propose(seqs, hidden):
+    def propose(seqs, hidden, num_running):
         for seq in seqs:
             seq.draft_token_ids = None
             if not llm.medusa.can_speculate(seq):

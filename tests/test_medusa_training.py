@@ -125,6 +125,21 @@ def test_the_engine_takes_the_tree_stored_beside_the_heads(tiny_model_dir, model
     llm = LLM(tiny_model_dir, medusa=str(tmp_path))
     assert llm.medusa.tree.paths == [(0,), (1,), (0, 0)]
     assert LLM(tiny_model_dir, medusa=str(tmp_path), medusa_tree="chain2").medusa.tree.name == "chain2"
+    # the measured limit: speculation while at most max_batch_size sequences decode, plain decoding above it
+    TreeChoice([[0], [1], [0, 0]], "measured here", {}, max_batch_size=1).save(tmp_path)
+    capped = LLM(tiny_model_dir, medusa=str(tmp_path))
+    assert capped.medusa.max_batch_size == 1
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    alone = capped.generate([[1, 2, 3]], greedy)[0]
+    together = capped.generate([[1, 2, 3], [4, 5, 6]], greedy)
+    assert len(alone.accepted_lengths) > 0 and all(not o.accepted_lengths for o in together)
+    assert together[0].token_ids == alone.token_ids
+    assert LLM(tiny_model_dir, medusa=str(tmp_path), medusa_max_batch_size=2).medusa.max_batch_size == 2
+    assert all(o.accepted_lengths for o in LLM(tiny_model_dir, medusa=str(tmp_path), medusa_max_batch_size=2)
+               .generate([[1, 2, 3], [4, 5, 6]], greedy))
+    (tmp_path / TREE_FILE).write_text(json.dumps({"tree": [[0]], "max_batch_size": 0}))
+    with pytest.raises(ValueError, match="max_batch_size must be a positive integer"):
+        LLM(tiny_model_dir, medusa=str(tmp_path))
     TreeChoice(None, "no Medusa tree pays on this machine", {}).save(tmp_path)
     with pytest.warns(UserWarning, match="no Medusa tree pays on this machine; decoding plainly"):
         plain = LLM(tiny_model_dir, medusa=str(tmp_path))
@@ -147,6 +162,12 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
     assert heads.draft_vocab is not None and report["draft_vocab_size"] == len(heads.draft_vocab) < 256
     choice = json.loads((tmp_path / "heads" / TREE_FILE).read_text())
     assert choice["summary"] == report["tree"] and len(choice["measurements"]["candidates"]) >= 1
+    for row in choice["measurements"]["candidates"]:  # timed up to the largest batch where the tree paid
+        timed = [b for b in (1, 2, 4, 8) if f"speedup_bs{b}" in row]
+        assert timed and timed == [1, 2, 4, 8][:len(timed)]
+        assert row["max_batch_size"] == max([0] + [b for b in timed if row[f"speedup_bs{b}"] > 1])
+    if choice["tree"] is not None:
+        assert choice["max_batch_size"] >= 1
     printed = capsys.readouterr().out
     assert "head 1 (token +3)" in printed and report["tree"] in printed
     # continuing from those heads (e.g. ones trained jointly with the model) keeps their shape

@@ -47,6 +47,10 @@ def test_tokenizer_and_medusa_flags():
     assert "medusa_posterior_alpha" not in kwargs
     EngineConfig(**kwargs)
     assert "medusa_acceptance" not in engine_kwargs(parse_args(["--medusa", "none", "--medusa-acceptance", "typical"]))
+    kwargs = engine_kwargs(parse_args(["--medusa", "heads", "--medusa-max-batch-size", "2"]))
+    assert kwargs["medusa_max_batch_size"] == 2 and EngineConfig(**kwargs).medusa_max_batch_size == 2
+    with pytest.raises(ValueError, match="medusa_max_batch_size must be >= 1"):
+        EngineConfig(medusa_max_batch_size=0)
 
 
 def test_batch_invariant_flag():

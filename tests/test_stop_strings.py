@@ -45,7 +45,7 @@ def medusa_llm(model_dir, heads_dir, futures: list[int]) -> LLM:
     string ends a multi-token step)."""
     llm = LLM(model_dir, medusa=str(heads_dir), medusa_tree="chain4")
 
-    def propose(seqs, hidden):
+    def propose(seqs, hidden, num_running):
         for seq in seqs:
             root = len(seq) - 1
             seq.draft_token_ids = ([[futures[root + d] if root + d < len(futures) else 0] for d in range(1, 5)]

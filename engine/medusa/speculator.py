@@ -93,7 +93,8 @@ class Medusa:
     last token pending and room for tree.size more cache entries; its next decode step verifies the tree."""
 
     def __init__(self, heads: MedusaHeads, tree: MedusaTree, model: nn.Module, kv_cache: KVCache,
-                 max_model_len: int, acceptance: str, posterior_threshold: float, posterior_alpha: float) -> None:
+                 max_model_len: int, acceptance: str, posterior_threshold: float, posterior_alpha: float,
+                 max_batch_size: int | None = None) -> None:
         if tree.depth > heads.config.num_heads:
             raise ValueError(f"medusa tree {tree.name!r} is {tree.depth} deep, but there are only "
                              f"{heads.config.num_heads} heads (a depth-d node takes head d-1's candidates)")
@@ -104,6 +105,7 @@ class Medusa:
         self.draft_weights = heads.draft_weights(model.lm_head)
         self.tree = tree.to(kv_cache.device)
         self.max_model_len = max_model_len
+        self.max_batch_size = max_batch_size
         self.acceptance = acceptance
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
         self.children = [[c for c in range(1, tree.size) if tree.parents[c] == node] for node in range(tree.size)]
@@ -135,8 +137,9 @@ class Medusa:
             tree = load_tree(config.medusa_tree or DEFAULT_TREE)
             if config.medusa_tree is None:  # the default tree, as deep as the heads allow
                 tree = tree.cut(min(tree.depth, heads.config.num_heads))
+        max_batch_size = config.medusa_max_batch_size or (choice.max_batch_size if choice is not None else None)
         return cls(heads, tree, model, kv_cache, max_model_len, config.medusa_acceptance,
-                   config.medusa_posterior_threshold, config.medusa_posterior_alpha)
+                   config.medusa_posterior_threshold, config.medusa_posterior_alpha, max_batch_size)
 
     def can_speculate(self, seq: Sequence) -> bool:
         # requests that want logprobs decode plainly; adapters speculate with the base model's heads
@@ -145,10 +148,12 @@ class Medusa:
                 and seq.num_virtual_tokens + len(seq) - 1 + self.tree.size <= self.max_model_len)
 
     @torch.inference_mode()
-    def propose(self, seqs: list[Sequence], hidden: torch.Tensor) -> None:
+    def propose(self, seqs: list[Sequence], hidden: torch.Tensor, num_running: int) -> None:
         """Set each sequence's drafts from the hidden state [len(seqs), hidden] of the token before its
-        pending one (None where it cannot speculate)."""
-        speculating = [i for i, seq in enumerate(seqs) if self.can_speculate(seq)]
+        pending one (None where it cannot speculate, and for all of them while more than max_batch_size of the
+        engine's num_running sequences decode: there plain steps are faster)."""
+        crowded = self.max_batch_size is not None and num_running > self.max_batch_size
+        speculating = [] if crowded else [i for i, seq in enumerate(seqs) if self.can_speculate(seq)]
         for seq in seqs:
             seq.draft_token_ids = None
         if not speculating:

@@ -147,15 +147,19 @@ def best_tree(counts: Counter[tuple[int, ...]], num_paths: int) -> list[list[int
 @dataclass
 class TreeChoice:
     """The tree measured best for a set of heads on one machine, stored beside them (TREE_FILE); the engine
-    uses it when no tree is named. paths None: no tree beat plain decoding there."""
+    uses it when no tree is named. paths None: no tree beat plain decoding there. max_batch_size: the most
+    sequences decoding together at which the tree was measured to beat plain decoding (None: not measured);
+    with more the engine decodes plainly."""
 
     paths: list[list[int]] | None
     summary: str  # the choice and its figures, in words
     measurements: dict  # what the choice was made from
+    max_batch_size: int | None = None
 
     def save(self, heads_folder: str | Path) -> None:
         (Path(heads_folder) / TREE_FILE).write_text(json.dumps(
-            {"tree": self.paths, "summary": self.summary, "measurements": self.measurements}, indent=1) + "\n")
+            {"tree": self.paths, "max_batch_size": self.max_batch_size, "summary": self.summary,
+             "measurements": self.measurements}, indent=1) + "\n")
 
     @classmethod
     def load(cls, heads_folder: str | Path) -> TreeChoice | None:
@@ -166,4 +170,7 @@ class TreeChoice:
         record = json.loads(path.read_text())
         if record.get("tree") is not None:
             build_tree(record["tree"], str(path))  # a broken file fails here, naming itself
-        return cls(record.get("tree"), record.get("summary", ""), record.get("measurements", {}))
+        cap = record.get("max_batch_size")
+        if cap is not None and (not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"{path}: max_batch_size must be a positive integer or null, got {cap!r}")
+        return cls(record.get("tree"), record.get("summary", ""), record.get("measurements", {}), cap)
