@@ -449,8 +449,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "generating again)")
     parser.add_argument("--held-out", type=float, default=0.1, help="fraction of texts kept for evaluation")
     parser.add_argument("--no-tree", action="store_true", help="skip timing the trees (no tree.json)")
-    parser.add_argument("--timing-tokens", type=int, default=48, help="tree timing: tokens per timed run")
-    parser.add_argument("--timing-repeats", type=int, default=2, help="tree timing: runs per tree; the best counts")
+    parser.add_argument("--timing-tokens", type=int, default=64, help="tree timing: tokens per timed run")
+    parser.add_argument("--timing-repeats", type=int, default=3, help="tree timing: runs per tree; the best counts")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                         help="the base model's dtype while it writes and encodes the training text (bf16: about 3x "
                              "faster on CPUs with bf16 units; the heads still serve the model in any dtype)")
