@@ -137,6 +137,10 @@ def test_the_engine_takes_the_tree_stored_beside_the_heads(tiny_model_dir, model
     assert LLM(tiny_model_dir, medusa=str(tmp_path), medusa_max_batch_size=2).medusa.max_batch_size == 2
     assert all(o.accepted_lengths for o in LLM(tiny_model_dir, medusa=str(tmp_path), medusa_max_batch_size=2)
                .generate([[1, 2, 3], [4, 5, 6]], greedy))
+    # a tree timed with another thread count than the engine's may not pay here: said at load
+    TreeChoice([[0]], "measured here", {"threads": torch.get_num_threads() + 1}, max_batch_size=1).save(tmp_path)
+    with pytest.warns(UserWarning, match=f"timed with {torch.get_num_threads() + 1} threads"):
+        LLM(tiny_model_dir, medusa=str(tmp_path))
     (tmp_path / TREE_FILE).write_text(json.dumps({"tree": [[0]], "max_batch_size": 0}))
     with pytest.raises(ValueError, match="max_batch_size must be a positive integer"):
         LLM(tiny_model_dir, medusa=str(tmp_path))

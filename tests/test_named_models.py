@@ -9,7 +9,9 @@ from dataclasses import replace
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.medusa.tree import TreeChoice
 from models import DEFAULT_MODEL_DIR
+from models.medusa import load_medusa_heads
 from models.named import NAMED_MODELS, medusa_heads_for, resolve_model
 
 
@@ -65,3 +67,13 @@ def test_llm_with_medusa_auto_speculates_with_the_shipped_heads():
     assert llm.config.medusa == str(DEFAULT_MODEL_DIR / "medusa")
     out = llm.generate("def fibonacci(n):\n", SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
     assert out.accepted_lengths and max(out.accepted_lengths) > 1
+
+
+def test_the_shipped_smollm2_heads_load():
+    """The heads folder the smollm2 alias finds (no model needed): weights of SmolLM2's shape, a draft vocabulary,
+    and the tree measured for them with its batch limit."""
+    folder = NAMED_MODELS["smollm2"].medusa
+    heads = load_medusa_heads(folder, 576, 49152)
+    assert heads.kind == "hydra" and heads.config.num_heads == 4 and heads.draft_vocab is not None
+    choice = TreeChoice.load(folder)
+    assert choice.paths and choice.max_batch_size >= 1 and choice.measurements["threads"] >= 1

@@ -132,6 +132,12 @@ class Medusa:
                                   DRAFT_DTYPE, kv_cache.device)
         set_decode_kernels(heads, kernels)
         if choice is not None:
+            timed_threads = choice.measurements.get("threads")
+            if timed_threads not in (None, torch.get_num_threads()):
+                warnings.warn(f"Medusa heads {config.medusa}: their tree was timed with {timed_threads} threads and "
+                              f"this engine runs {torch.get_num_threads()}, where it and its batch limit may not pay "
+                              "(retime: train-medusa --threads N, or name a tree and --medusa-max-batch-size)",
+                              stacklevel=2)
             tree = build_tree(choice.paths, "measured")
         else:
             tree = load_tree(config.medusa_tree or DEFAULT_TREE)

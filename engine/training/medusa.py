@@ -393,7 +393,7 @@ def choose_tree(model_path: Path, heads_dir: Path, ranks: torch.Tensor, prompts:
             speedups = [row[f"speedup_bs{b}"] if b <= row["max_batch_size"] else 1.0 for b in TIMING_BATCHES]
             row["score"] = math.prod(speedups) ** (1 / len(TIMING_BATCHES))
             trees.append(row)
-    measurements = {"held_out_positions": len(ranks), "candidates": trees}
+    measurements = {"held_out_positions": len(ranks), "threads": torch.get_num_threads(), "candidates": trees}
     paying = [r for r in trees if r["max_batch_size"]]
     if not paying:
         best = max(trees, key=lambda r: r["speedup_bs1"])
