@@ -264,8 +264,8 @@ inline void dequantize(int64_t qtype, const Weights& w, int64_t N, int64_t K, fl
 // --- activations: each token row quantized to int8 per block of 32 -----------------------------------------
 
 // Per token row, padded to a multiple of 64 weights with zeros; "lane" = 4 consecutive elements. The packed
-// kernels read the same values block-major instead (quantize_activations(..., packed = true)), so that a block's token rows lie
-// side by side at constant offsets: a kernel over 8 token rows then needs one pointer, not 8.
+// kernels read the same values block-major instead (quantize_activations(..., packed = true)), so that a
+// block's token rows lie side by side at constant offsets: a kernel over 8 token rows needs one pointer, not 8.
 struct Activations {
   int64_t M = 0, Kp = 0;
   std::vector<int8_t> q;       // [M, Kp], or packed [Kp / 32, M, 32]
@@ -282,9 +282,15 @@ inline void quantize_activations(const float* x, int64_t M, int64_t K, int offse
   a->Kp = (K + 63) / 64 * 64;
   const int64_t lanes = a->Kp / 4, blocks = a->Kp / 32;
   a->q.assign(M * a->Kp, 0);
-  (packed ? a->block_scale : a->scale).assign(packed ? M * blocks : M * lanes, 0.f);
-  (packed ? a->block_init : a->init).assign(packed ? M * blocks : M * lanes, 0);
-  (packed ? a->block_qsum : a->qsum).assign(packed ? M * blocks : M * lanes, 0.f);
+  if (packed) {
+    a->block_scale.assign(M * blocks, 0.f);
+    a->block_init.assign(M * blocks, 0);
+    a->block_qsum.assign(M * blocks, 0.f);
+  } else {
+    a->scale.assign(M * lanes, 0.f);
+    a->init.assign(M * lanes, 0);
+    a->qsum.assign(M * lanes, 0.f);
+  }
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < K / 32; ++b) {
       const float* xb = x + m * K + b * 32;
