@@ -761,9 +761,10 @@ torch::Tensor dequantize(torch::Tensor weight, int64_t qtype, int64_t in_feature
 }
 
 // uint8 [N, row bytes] in ggml type qtype -> the packed layout (quant.h), or None where it does not apply: a type
-// without one (Q5_K, Q6_K), N not a multiple of 16, or a CPU without AVX-512 VNNI (the only kernels that read it)
+// without one (Q5_K, Q6_K), N not a multiple of 16, or a CPU without AVX2 (the kernels that read it are AVX-512
+// VNNI's and AVX2's)
 c10::optional<torch::Tensor> repack(torch::Tensor weight, int64_t qtype, int64_t in_features) {
-  if (!quant::packable(qtype) || weight.size(0) % quant::kGroupRows || quant::current_isa() != quant::kAvx512)
+  if (!quant::packable(qtype) || weight.size(0) % quant::kGroupRows || quant::current_isa() == quant::kScalar)
     return c10::nullopt;
   auto w = weight.contiguous();
   quantized_weights(w, qtype, in_features);  // checks the shape

@@ -18,9 +18,9 @@
 // (rounding each x to its nearest step, dx / 2), plus fp32 rounding.
 //
 // Three paths, chosen at run time (set_isa may force a lower one, for tests): AVX-512 (VNNI, two blocks
-// per 512-bit vector), AVX2 (one block per 256-bit vector) and portable scalar code. On AVX-512 VNNI CPUs,
-// Q4_0, Q4_1, Q8_0 and Q4_K weights are laid out anew at load, 16 rows interleaved ("packed", below), for
-// kernels that need no horizontal sums and scale a block once for 16 rows: 3 to 6 times the throughput.
+// per 512-bit vector), AVX2 (one block per 256-bit vector) and portable scalar code. Q4_0, Q4_1, Q8_0 and
+// Q4_K weights are laid out anew at load, 16 rows interleaved ("packed", below), for kernels that need no
+// horizontal sums and scale a block once for 16 rows (AVX2: 8): 3 to 6 times the throughput on AVX-512.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -160,9 +160,10 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
 }
 
 // --- packed weights: Q4_0, Q4_1, Q8_0 and Q4_K interleaved in groups of 16 rows ---------------------------
-// One 512-bit VNNI instruction then multiplies 4 weights of each of 16 rows by 4 activations they share, so
-// a block's integer dot products need no horizontal sums, and its scales are applied once per block for 16
-// rows. Per group of 16 rows and block of the format ("group block"; Q4_K: its super-block of 256):
+// One 512-bit VNNI instruction then multiplies 4 weights of each of 16 rows by 4 activations they share
+// (AVX2: two instructions for 8 rows), so a block's integer dot products need no horizontal sums, and its
+// scales are applied once per block for 16 rows (8). Per group of 16 rows and block of the format ("group
+// block"; Q4_K: its super-block of 256):
 //   Q4_0, Q8_0: fp16 d[16] | quants;  Q4_1: fp16 d[16] | fp16 m[16] | quants
 //   Q4_K: fp16 d[16] | fp16 dmin[16] | uint8 sc[8][16] | uint8 mn[8][16] | quants of sub-block pairs 0..3
 // where quants come in chunks of 16 rows x 4 bytes, chunk c holding bytes 4c..4c+3 of each row's quant bytes
@@ -850,22 +851,120 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group
   for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + (m0 + m) * N + n0, acc[m]);
 }
 
-// Token rows go in balanced chunks of at most 8 (a ninth row's accumulator would not fit in the registers)
-constexpr int64_t kMaxChunk = 8;
+// Packed weights, AVX2: each group as two halves of 8 weight rows, a half's 4 bytes of chunk c one 256-bit
+// vector (at 64 c + 32 h). maddubs multiplies them by 4 activations broadcast to every row, and madd adds each
+// row's pairs: 8 int32 lane sums, one per weight row. The Q4 formats add their 8 chunks' maddubs pairs in
+// int16 first (|q0 x0 + q1 x1| <= 2 * 15 * 127, times 8 chunks: 30480 < 2^15, no overflow); Q8_0's weights
+// are signed, so |w| meets x carrying w's sign (a pair then stays within 2 * 128 * 127) and each chunk goes to
+// int32 at once.
 
+QUANT_AVX2 inline __m256 halves8(const uint8_t* p) {  // 8 fp16 -> fp32
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+QUANT_AVX2 inline __m256 bytes8(const uint8_t* p) {  // 8 uint8 -> fp32
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+QUANT_AVX2 inline __m256i broadcast4(const int8_t* x) {  // 4 activation bytes, to every 32-bit lane
+  int32_t x4;
+  std::memcpy(&x4, x, 4);
+  return _mm256_set1_epi32(x4);
+}
+
+// sums[m] += the 8 rows' unsigned weights w (chunk c) times token row m's activations 4c..4c+3, in int16
+template <int MB>
+QUANT_AVX2 inline void add_chunk16(const PackedRows<MB>& x, int c, __m256i w, __m256i (&sums)[MB]) {
+  for (int m = 0; m < MB; ++m)
+    sums[m] = _mm256_add_epi16(sums[m], _mm256_maddubs_epi16(w, broadcast4(x.q + m * 32 + 4 * c)));
+}
+
+// acc[m] += (sums[m], int16 pairs or int32 when !int16_sums; + the offset's init) * d * dx (+ min * dx sum x)
+template <int MB, bool int16_sums, bool has_offset, bool has_min>
+QUANT_AVX2 inline void scale_block(const PackedRows<MB>& x, const __m256i (&sums)[MB], __m256 d, __m256 min,
+                                   __m256 (&acc)[MB]) {
+  for (int m = 0; m < MB; ++m) {
+    __m256i dot = int16_sums ? _mm256_madd_epi16(sums[m], _mm256_set1_epi16(1)) : sums[m];
+    if (has_offset) dot = _mm256_add_epi32(dot, _mm256_set1_epi32(x.init[m]));
+    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(x.scale[m])), acc[m]);
+    if (has_min) acc[m] = _mm256_fmadd_ps(min, _mm256_set1_ps(x.qsum[m]), acc[m]);
+  }
+}
+
+template <int64_t QT, int MB>
+QUANT_AVX2 void packed_group_avx2(const Activations& a, const uint8_t* group, int64_t blocks,
+                                  float* y, int64_t N, int64_t m0, int64_t n0) {
+  const __m256i low = _mm256_set1_epi8(0xF);
+  const int64_t gbb = group_block_bytes(QT);
+  for (int h = 0; h < 2; ++h) {  // rows 8h..8h+7 of the group
+    __m256 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* blk = group + b * gbb;
+      const uint8_t* quants = blk + quants_offset(QT) + 32 * h;
+      __m256i sums[MB];
+      if (QT == kQ4_K) {
+        const __m256 d = halves8(blk + 16 * h), dmin = halves8(blk + 32 + 16 * h);
+        for (int j = 0; j < 8; ++j) {  // sub-blocks: the low nibbles of pair j / 2, then its high ones
+          const PackedRows<MB> x(a, b * 8 + j, m0);
+          for (int m = 0; m < MB; ++m) sums[m] = _mm256_setzero_si256();
+          for (int c = 0; c < 8; ++c) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + (j / 2) * 512 + 64 * c));
+            add_chunk16(x, c, _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, low), sums);
+          }
+          const __m256 scale = _mm256_mul_ps(d, bytes8(blk + 64 + 16 * j + 8 * h));
+          const __m256 min = _mm256_mul_ps(dmin, _mm256_sub_ps(_mm256_setzero_ps(), bytes8(blk + 192 + 16 * j + 8 * h)));
+          scale_block<MB, true, false, true>(x, sums, scale, min, acc);
+        }
+        continue;
+      }
+      const PackedRows<MB> x(a, b, m0);
+      const __m256 d = halves8(blk + 16 * h);
+      for (int m = 0; m < MB; ++m) sums[m] = _mm256_setzero_si256();
+      if (QT == kQ8_0) {
+        for (int c = 0; c < 8; ++c) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 64 * c));
+          const __m256i w = _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)));  // signed again
+          const __m256i magnitude = _mm256_sign_epi8(w, w);
+          for (int m = 0; m < MB; ++m) {
+            const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(broadcast4(x.q + m * 32 + 4 * c), w));
+            sums[m] = _mm256_add_epi32(sums[m], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+          }
+        }
+        scale_block<MB, false, false, false>(x, sums, d, _mm256_setzero_ps(), acc);
+        continue;
+      }
+      for (int c = 0; c < 4; ++c) {  // Q4_0, Q4_1: a byte's low nibble is element 4c + i, its high one 16 + 4c + i
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 64 * c));
+        add_chunk16(x, c, _mm256_and_si256(v, low), sums);
+        add_chunk16(x, c + 4, _mm256_and_si256(_mm256_srli_epi16(v, 4), low), sums);
+      }
+      if (QT == kQ4_1) scale_block<MB, true, false, true>(x, sums, d, halves8(blk + 32 + 16 * h), acc);
+      else scale_block<MB, true, true, false>(x, sums, d, _mm256_setzero_ps(), acc);
+    }
+    for (int m = 0; m < MB; ++m) _mm256_storeu_ps(y + (m0 + m) * N + n0 + 8 * h, acc[m]);
+  }
+}
+
+// Token rows go in balanced chunks of at most 8 (a ninth row's accumulator would not fit in AVX-512's
+// registers), or 4 with AVX2 (half as many registers; each row also holds its int16 sums)
 template <int64_t QT>
-void gemv_packed(const Activations& a, const uint8_t* w, int64_t K, float* y, int64_t N) {
+void gemv_packed(const Activations& a, const uint8_t* w, int64_t K, float* y, int64_t N, int isa) {
   const int64_t blocks = K / format_of(QT).block, gbb = group_block_bytes(QT);
   const int64_t grain = std::max<int64_t>(1, 32 * 1024 / (blocks * gbb));  // groups per task, ~32 KiB
-  const int64_t chunks = (a.M + kMaxChunk - 1) / kMaxChunk, chunk = (a.M + chunks - 1) / chunks;
+  const int64_t max_chunk = isa == kAvx512 ? 8 : 4;
+  const int64_t chunks = (a.M + max_chunk - 1) / max_chunk, chunk = (a.M + chunks - 1) / chunks;
   at::parallel_for(0, N / kGroupRows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const uint8_t* group = w + g * blocks * gbb;
       for (int64_t m0 = 0; m0 < a.M; m0 += chunk) {  // later chunks of token rows find the group in L1
         const int64_t rows = std::min<int64_t>(chunk, a.M - m0);
         switch (rows) {
-#define PACKED_CALL(MB) \
-  case MB: packed_group_avx512<QT, MB>(a, group, blocks, y, N, m0, g * kGroupRows); break;
+#define PACKED_CALL(MB)                                                                          \
+  case MB:                                                                                       \
+    if (isa == kAvx512) packed_group_avx512<QT, MB>(a, group, blocks, y, N, m0, g * kGroupRows); \
+    else packed_group_avx2<QT, MB>(a, group, blocks, y, N, m0, g * kGroupRows);                  \
+    break;
           PACKED_CALL(1) PACKED_CALL(2) PACKED_CALL(3) PACKED_CALL(4)
           PACKED_CALL(5) PACKED_CALL(6) PACKED_CALL(7) PACKED_CALL(8)
 #undef PACKED_CALL
@@ -892,14 +991,14 @@ inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const We
                                 std::to_string(K) + " weights of ggml type " + std::to_string(qtype));
   const int isa = current_isa();
   Activations a;
-  const bool packed_kernels = w.packed && isa == kAvx512;
+  const bool packed_kernels = w.packed && isa != kScalar;
   quantize_activations(x, M, K, isa == kScalar ? 0 : activation_offset(qtype, isa), packed_kernels, &a);
   if (packed_kernels) {
     switch (qtype) {
-      case kQ8_0: return gemv_packed<kQ8_0>(a, w.data, K, y, N);
-      case kQ4_0: return gemv_packed<kQ4_0>(a, w.data, K, y, N);
-      case kQ4_1: return gemv_packed<kQ4_1>(a, w.data, K, y, N);
-      case kQ4_K: return gemv_packed<kQ4_K>(a, w.data, K, y, N);
+      case kQ8_0: return gemv_packed<kQ8_0>(a, w.data, K, y, N, isa);
+      case kQ4_0: return gemv_packed<kQ4_0>(a, w.data, K, y, N, isa);
+      case kQ4_1: return gemv_packed<kQ4_1>(a, w.data, K, y, N, isa);
+      case kQ4_K: return gemv_packed<kQ4_K>(a, w.data, K, y, N, isa);
     }
   }
   if (w.packed) {  // a lower instruction set forced (tests): portable code over the packed layout
