@@ -12,7 +12,6 @@ tile of weight rows at a time and run torch's GEMM."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 import torch
@@ -92,12 +91,6 @@ def dequantize_rows(weight: torch.Tensor, qtype: QType, in_features: int) -> tor
     return torch.from_numpy(gguf_dequantize(weight.numpy(), qtype).copy())
 
 
-@cache
-def bf16_gemm() -> bool:
-    """Does this CPU multiply bf16 matrices natively (AVX512-BF16 or AMX)?"""
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, qtype: QType) -> torch.Tensor:
     """x Wᵀ for W in ggml blocks (uint8 [out, row bytes]), dequantizing at most TILE_ELEMENTS weights at a time
     into x's dtype."""
@@ -154,7 +147,7 @@ class QuantizedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self.kernels is not None and self.kernels.takes(rows):
             out = self.kernels.ops.quantized_linear(rows, self.kernel_weight, int(self.qtype), self.bias)
-        elif self.kernels is not None and rows.dtype == torch.float32 and bf16_gemm():
+        elif self.kernels is not None and rows.dtype == torch.float32 and cpu_decode.bf16_gemm():
             out = self.tiled(rows.bfloat16()).float()
         else:
             out = self.tiled(rows)

@@ -36,6 +36,27 @@ def test_bf16_weights_accumulate_in_fp32():
     assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_linear_without_bf16_gemm_widens_tiles_to_fp32(monkeypatch, bias):
+    """A prefill-sized bf16 Linear on a CPU without bf16 GEMM instructions: fp32 products of widened tiles of
+    rows (three tiles here), rounded once to bf16, as torch's bf16 GEMM rounds its fp32 sums."""
+    import models.layers as layers
+
+    monkeypatch.setattr(layers, "bf16_gemm", lambda: False)
+    monkeypatch.setattr(layers, "WIDEN_TILE_ELEMENTS", 24 * 64)
+    calls = []
+    widened = layers.widened_linear
+    monkeypatch.setattr(layers, "widened_linear", lambda *args: calls.append(1) or widened(*args))
+    linear = Linear(64, 70, bias=bias).to(torch.bfloat16)
+    x = torch.randn(2, 40, 64).bfloat16()
+    out = linear(x)
+    assert calls == [1]
+    b = None if linear.bias is None else linear.bias.float()
+    ref = torch.nn.functional.linear(x.float(), linear.weight.float(), b)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 40, 70)
+    assert (out.float() - ref).abs().max() <= 2 ** -7 * ref.abs().max()  # one bf16 rounding
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("in_features", [16, 78, 258, 576])
 def test_packed_float_weights_match_torch_and_never_depend_on_the_batch(dtype, in_features):

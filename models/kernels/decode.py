@@ -79,6 +79,12 @@ def invariance_is_cheap(ops: ModuleType, weights: set[torch.dtype]) -> bool:
     return torch.bfloat16 not in weights or torch.cpu._is_avx512_bf16_supported()
 
 
+@cache
+def bf16_gemm() -> bool:
+    """Does this CPU multiply bf16 matrices natively (AVX512-BF16 or AMX)?"""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def set_decode_kernels(model: nn.Module, kernels: DecodeKernels | None) -> None:
     """Hand `kernels` to every layer of `model` that can use them (None: torch's operators everywhere)."""
     for module in model.modules():
