@@ -1,10 +1,10 @@
 """Build gorgon's C++ CPU kernels with torch.utils.cpp_extension on first use, and cache the builds.
 
 Builds go to $GORGON_EXTENSIONS_DIR (default ~/.cache/gorgon/torch_extensions), in a folder named after
-the torch version, this CPU's instruction-set flags and the sources: the kernels are compiled with
--march=native, so a cache shared between different machines must never hand one machine's binary to
-another, and two checkouts of different sources (a clean clone beside a working tree) must not rebuild
-over each other's binary while the other runs.
+the torch version, this CPU's instruction-set flags, the sources and the compiler flags: the kernels are
+compiled with -march=native, so a cache shared between different machines must never hand one machine's
+binary to another, and two checkouts of different sources (a clean clone beside a working tree) must not
+rebuild over each other's binary while the other runs.
 
 GORGON_CPU_ISA=avx2 (or scalar) builds them as for a CPU without AVX-512 (x86-64-v3; baseline x86-64) and runs
 the quantized kernels' paths for it: how an AVX2-only machine runs, measured on a newer one."""
@@ -38,11 +38,16 @@ def build(name: str, source: str, python_module: bool) -> ModuleType | None:
     sources = hashlib.sha256(b"".join(f.read_bytes() for f in [folder / source, *sorted(folder.glob("*.h"))]))
     torch_version = torch.__version__.replace("+", "_")
     march = {"avx2": "x86-64-v3", "scalar": "x86-64"}.get(os.environ.get("GORGON_CPU_ISA", ""), "native")
+    # -fno-trapping-math: without AVX-512's masks, GCC will not vectorise a loop whose float operations it
+    # must keep behind a branch (exp_nonpositive's clamp, after jump threading) lest they raise an exception
+    # nobody reads; every result stays bitwise the same (no reassociation, no change of rounding)
+    cflags = ["-O3", f"-march={march}", "-fopenmp", "-fno-trapping-math"]
+    sources.update(" ".join(cflags).encode())
     build_dir = root / f"{name}-torch{torch_version}-{_cpu_fingerprint()}-{march}-{sources.hexdigest()[:12]}"
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob("*.so")):
         print(f"gorgon: compiling the {source} CPU kernels for this machine, once (about 30-60 s) ...",
               file=sys.stderr, flush=True)
     return load(name=name, sources=[str(folder / source)], build_directory=str(build_dir),
-                is_python_module=python_module, extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
+                is_python_module=python_module, extra_cflags=cflags,
                 extra_ldflags=["-fopenmp"], verbose=False)
