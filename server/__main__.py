@@ -108,7 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     engine.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prefixes")
     engine.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                         help="a request's tokens never depend on what else is batched with it; default: on where "
-                             "that costs at most 5%% (AVX-512 VNNI CPUs without AMX; README)")
+                             "that costs at most 5%% (AVX-512 VNNI CPUs without AMX; AVX2 ones with packed quantized "
+                             "weights; README)")
     kv = engine.add_mutually_exclusive_group()
     kv.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="SIZE",
                     help="bytes for the KV cache, e.g. 2GiB (default: the engine's, 1 GiB)")

@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
     parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                         help="a request's tokens never depend on what else is batched with it; default: on where "
-                             "that costs at most 5%% (AVX-512 VNNI CPUs without AMX; README)")
+                             "that costs at most 5%% (AVX-512 VNNI CPUs without AMX; AVX2 ones with packed quantized "
+                             "weights; README)")
     add_tensor_parallel_flag(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return parser.parse_args(argv)

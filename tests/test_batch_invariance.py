@@ -172,20 +172,29 @@ def test_medusa_on_quantized_weights_equals_plain_greedy(model_dir, quantization
 
 
 def test_invariance_is_on_by_default_where_it_is_cheap(model_dir, monkeypatch):
-    """Default (None): on where measured to cost at most 5% (AVX-512 VNNI, AVX512-BF16 for bf16, no AMX)."""
+    """Default (None): on where measured to cost at most 5% (AVX-512 VNNI, AVX512-BF16 for bf16, no AMX; on
+    AVX2, models whose every linear has packed quantized kernels)."""
     from models.kernels import decode
+    from models.quant import QType
 
     ops = decode.compiled()
-    fp32, bf16 = {torch.float32}, {torch.bfloat16}
+    fp32, bf16, floats = {torch.float32}, {torch.bfloat16}, {0}
+    packed, mixed = {int(QType.Q4_1), int(QType.Q8_0)}, {int(QType.Q4_K), int(QType.Q6_K)}
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert decode.invariance_is_cheap(ops, fp32) == (ops.isa() == "avx512")
+    assert decode.invariance_is_cheap(ops, fp32, floats) == (ops.isa() == "avx512")
+    assert decode.invariance_is_cheap(ops, fp32, packed) == (ops.isa() in ("avx512", "avx2"))
+    assert decode.invariance_is_cheap(ops, fp32, mixed) == (ops.isa() == "avx512")  # Q6_K: row by row
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    assert not decode.invariance_is_cheap(ops, bf16)  # bf16 dot products in software
-    assert decode.invariance_is_cheap(ops, fp32) == (ops.isa() == "avx512")
+    assert not decode.invariance_is_cheap(ops, bf16, floats)  # bf16 dot products in software
+    assert decode.invariance_is_cheap(ops, fp32, floats) == (ops.isa() == "avx512")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert not decode.invariance_is_cheap(ops, fp32)  # torch's AMX tiles win large GEMMs
+    assert not decode.invariance_is_cheap(ops, fp32, floats)  # torch's AMX tiles win large GEMMs
+    assert decode.invariance_is_cheap(ops, fp32, packed) == (ops.isa() == "avx2")
+    if ops.set_isa("avx2") == "avx2":  # (an AVX-512 CPU running its AVX2 path)
+        assert decode.invariance_is_cheap(ops, fp32, packed) and not decode.invariance_is_cheap(ops, fp32, floats)
+    ops.set_isa("auto")
     monkeypatch.undo()
     default = LLM(model_dir, dtype="bfloat16").kernels
-    assert (default.max_rows is None) == decode.invariance_is_cheap(ops, bf16)
+    assert (default.max_rows is None) == decode.invariance_is_cheap(ops, bf16, floats)
     assert LLM(model_dir, dtype="bfloat16", batch_invariant=False).kernels.max_rows == decode.MAX_ROWS

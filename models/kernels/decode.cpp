@@ -813,6 +813,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "ggml blocks (or packed) -> fp32 rows");
   m.def("repack_float", &repack_float, "fp32/bf16 [out, in] -> the kernels' 16-row interleaved layout, where it applies");
   m.def("repack", &repack, "ggml blocks -> the kernels' 16-row interleaved layout, where it applies");
+  m.def("packable", &quant::packable, "does ggml type qtype have kernels over the 16-row interleaved layout?");
   m.def("set_isa", &set_isa, "force the quantized kernels' instruction set (auto, avx512, avx2, scalar)");
   m.def("isa", &isa, "the quantized kernels' instruction set");
   py::class_<DecoderStack>(m, "DecoderStack", "every decoder layer of a step in one call")

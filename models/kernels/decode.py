@@ -62,18 +62,24 @@ def load_decode_kernels(model: nn.Module, batch_invariant: bool | None = None) -
         return None
     quantized = any(b.dtype == torch.uint8 for b in model.buffers())
     if batch_invariant is None:
-        batch_invariant = invariance_is_cheap(ops, weights)
+        matmul_types = {int(m.qtype) for m in model.modules() if hasattr(m, "qtype") and hasattr(m, "kernels")}
+        batch_invariant = invariance_is_cheap(ops, weights, matmul_types)
     exact_widening = weights <= {torch.float32, torch.float16} and not quantized
     any_size = batch_invariant or (ops.isa() == "avx512" and exact_widening)
     return DecodeKernels(ops, None if any_size else MAX_ROWS)
 
 
-def invariance_is_cheap(ops: ModuleType, weights: set[torch.dtype]) -> bool:
+def invariance_is_cheap(ops: ModuleType, weights: set[torch.dtype], matmul_types: set[int]) -> bool:
     """Does batch invariance (the kernels at every size) cost at most 5% here, as measured (`gorgon bench
-    invariance`, README)? On AVX-512 VNNI CPUs, with AVX512-BF16 for bf16 weights: yes, at every precision
-    (invariant / plain time at most 1.03 at 1 and 2 threads). Not on CPUs with AMX, whose bf16/int8 tiles
-    make torch's large GEMMs faster than these kernels, nor on AVX2-only ones (measured as GORGON_CPU_ISA=avx2
-    runs on a Zen 4: a 512-token fp32 prefill of SmolLM2 took 1.26x the time)."""
+    invariance`, README)? weights: the model's float dtypes; matmul_types: the ggml types of its linears (a
+    float one's: 0). On AVX-512 VNNI CPUs, with AVX512-BF16 for bf16 weights: yes, at every precision (invariant /
+    plain time at most 1.03 at 1 and 2 threads). Not on CPUs with AMX, whose bf16/int8 tiles make torch's
+    large GEMMs faster than these kernels. On AVX2-only CPUs only where every linear has packed quantized
+    kernels, which beat dequantizing to fp32 for torch's GEMM (a Zen 3, 1 thread, SmolLM2 prefill of 512
+    tokens: Q4_1 in 0.64x the time, Q8_0 0.76x; decode batch 1 1.02x / 0.97x, batch 8 0.83x / 0.88x), and
+    fp32 weights do not (prefill 1.36x)."""
+    if ops.isa() == "avx2":
+        return bool(matmul_types) and all(ops.packable(t) for t in matmul_types)
     if ops.isa() != "avx512" or torch.cpu._is_amx_tile_supported():
         return False
     return torch.bfloat16 not in weights or torch.cpu._is_avx512_bf16_supported()
