@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -156,13 +157,19 @@ class Linear(nn.Linear):
 WIDEN_TILE_ELEMENTS = 1 << 22
 
 
+def tiled_matmul(x: torch.Tensor, num_rows: int, weight_rows: Callable[[int, int], torch.Tensor],
+                 tile_elements: int) -> torch.Tensor:
+    """x Wᵀ for a W [num_rows, x's features] that is never whole in x's dtype: weight_rows(begin, end) gives
+    its rows [begin, end) in x's dtype, at most tile_elements weights at a time."""
+    tile = max(1, tile_elements // x.shape[-1])
+    return torch.cat([x @ weight_rows(n, n + tile).T for n in range(0, num_rows, tile)], dim=-1)
+
+
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear in fp32 over tiles of weight rows widened from bf16, returned in x's dtype: on CPUs without
     bf16 GEMM instructions, torch's bf16 GEMM runs at a few percent of its fp32 one (a 512-token prefill of
     SmolLM2 in bf16 on an AVX2-only Zen 3: 37 tok/s, ~95% of it in aten::mm)."""
-    rows = x.float()
-    tile = max(1, WIDEN_TILE_ELEMENTS // weight.shape[1])
-    out = torch.cat([rows @ weight[n:n + tile].float().T for n in range(0, weight.shape[0], tile)], dim=-1)
+    out = tiled_matmul(x.float(), weight.shape[0], lambda begin, end: weight[begin:end].float(), WIDEN_TILE_ELEMENTS)
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype)

@@ -21,6 +21,7 @@ from gguf.quants import quantize as gguf_quantize
 from torch import nn
 
 from models.kernels import decode as cpu_decode
+from models.layers import tiled_matmul
 
 QType = GGMLQuantizationType
 QUANTIZED_TYPES = (QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K)
@@ -95,10 +96,9 @@ def tiled_linear(x: torch.Tensor, weight: torch.Tensor, qtype: QType) -> torch.T
     """x Wᵀ for W in ggml blocks (uint8 [out, row bytes]), dequantizing at most TILE_ELEMENTS weights at a time
     into x's dtype."""
     in_features = x.shape[-1]
-    tile = max(1, TILE_ELEMENTS // in_features)
-    parts = [x @ dequantize_rows(weight[n:n + tile], qtype, in_features).to(x.dtype).T
-             for n in range(0, weight.shape[0], tile)]
-    return torch.cat(parts, dim=-1)
+    return tiled_matmul(x, weight.shape[0],
+                        lambda begin, end: dequantize_rows(weight[begin:end], qtype, in_features).to(x.dtype),
+                        TILE_ELEMENTS)
 
 
 class QuantizedLinear(nn.Module):
