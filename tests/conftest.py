@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import torch
 # anything imports triton (transformers does, below), so it lives here.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# trees re-timed for this machine (engine.medusa.tree.machine_tree_file) by a user's runs must not reach tests
+os.environ["GORGON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gorgon-tests-")
 
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 

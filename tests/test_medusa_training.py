@@ -4,6 +4,7 @@ files. Tiny random models; the heads train for a few seconds on the model's own 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 
@@ -13,7 +14,14 @@ from safetensors.torch import load_file
 
 from bench.medusa import load_prompts
 from engine import LLM, SamplingParams
-from engine.medusa.tree import TREE_FILE, TreeChoice, accepted_path_counts, best_tree, expected_tokens_per_step
+from engine.medusa.tree import (
+    TREE_FILE,
+    TreeChoice,
+    accepted_path_counts,
+    best_tree,
+    expected_tokens_per_step,
+    machine_tree_file,
+)
 from engine.training.medusa import (
     MAX_RANK,
     TrainConfig,
@@ -121,12 +129,12 @@ def test_best_trees_and_their_tokens_per_step():
 def test_the_engine_takes_the_tree_stored_beside_the_heads(tiny_model_dir, model, windows, tmp_path):
     heads, _ = train_heads(model, build_cache(model, windows[0], 3), TrainConfig(num_heads=3, steps=2), progress=False)
     save_medusa_heads(heads, tmp_path)
-    TreeChoice([[0], [1], [0, 0]], "measured here", {}).save(tmp_path)
+    TreeChoice([[0], [1], [0, 0]], "measured here", {}).save(tmp_path / TREE_FILE)
     llm = LLM(tiny_model_dir, medusa=str(tmp_path))
     assert llm.medusa.tree.paths == [(0,), (1,), (0, 0)]
     assert LLM(tiny_model_dir, medusa=str(tmp_path), medusa_tree="chain2").medusa.tree.name == "chain2"
     # the measured limit: speculation while at most max_batch_size sequences decode, plain decoding above it
-    TreeChoice([[0], [1], [0, 0]], "measured here", {}, max_batch_size=1).save(tmp_path)
+    TreeChoice([[0], [1], [0, 0]], "measured here", {}, max_batch_size=1).save(tmp_path / TREE_FILE)
     capped = LLM(tiny_model_dir, medusa=str(tmp_path))
     assert capped.medusa.max_batch_size == 1
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -138,13 +146,14 @@ def test_the_engine_takes_the_tree_stored_beside_the_heads(tiny_model_dir, model
     assert all(o.accepted_lengths for o in LLM(tiny_model_dir, medusa=str(tmp_path), medusa_max_batch_size=2)
                .generate([[1, 2, 3], [4, 5, 6]], greedy))
     # a tree timed with another thread count than the engine's may not pay here: said at load
-    TreeChoice([[0]], "measured here", {"threads": torch.get_num_threads() + 1}, max_batch_size=1).save(tmp_path)
+    other_threads = {"threads": torch.get_num_threads() + 1}
+    TreeChoice([[0]], "measured here", other_threads, max_batch_size=1).save(tmp_path / TREE_FILE)
     with pytest.warns(UserWarning, match=f"timed with {torch.get_num_threads() + 1} threads"):
         LLM(tiny_model_dir, medusa=str(tmp_path))
     (tmp_path / TREE_FILE).write_text(json.dumps({"tree": [[0]], "max_batch_size": 0}))
     with pytest.raises(ValueError, match="max_batch_size must be a positive integer"):
         LLM(tiny_model_dir, medusa=str(tmp_path))
-    TreeChoice(None, "no Medusa tree pays on this machine", {}).save(tmp_path)
+    TreeChoice(None, "no Medusa tree pays on this machine", {}).save(tmp_path / TREE_FILE)
     with pytest.warns(UserWarning, match="no Medusa tree pays on this machine; decoding plainly"):
         plain = LLM(tiny_model_dir, medusa=str(tmp_path))
     assert plain.medusa is None
@@ -182,6 +191,25 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
     report = json.loads((tmp_path / "more" / "training.json").read_text())
     assert report["init_heads"] == str(tmp_path / "heads")
     assert report["loss_first"] < first_loss  # the same seed, so the same first batch
+    # --retime: the same candidates timed again on this machine, kept for it, and preferred by the engine here
+    capsys.readouterr()
+    train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--retime", "--timing-tokens", "6",
+                "--timing-repeats", "1"])
+    machine = machine_tree_file(tmp_path / "heads")
+    assert machine.is_file() and machine.is_relative_to(os.environ["GORGON_CACHE_DIR"])
+    assert str(machine) in capsys.readouterr().out
+    retimed = json.loads(machine.read_text())["measurements"]
+    assert retimed["held_out_positions"] == choice["measurements"]["held_out_positions"]
+    assert ([(r["tree"], r["tokens_per_step"]) for r in retimed["candidates"]]
+            == [(r["tree"], r["tokens_per_step"]) for r in choice["measurements"]["candidates"]])
+    TreeChoice([[1]], "timed on this machine", {}, max_batch_size=1).save(machine)
+    assert TreeChoice.load(tmp_path / "heads").summary == "timed on this machine"
+    assert LLM(tiny_model_dir, medusa=str(tmp_path / "heads")).medusa.tree.paths == [(1,)]
+    # heads trained again (another tree.json beside them): that machine's old timing no longer applies
+    (tmp_path / "heads" / TREE_FILE).write_text(json.dumps({"tree": [[0]], "max_batch_size": 1}))
+    assert TreeChoice.load(tmp_path / "heads").paths == [[0]]
+    with pytest.raises(SystemExit, match="holds no measured trees"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "more"), "--retime"])
 
 
 def test_chat_self_distillation(chat_model_dir, tmp_path):

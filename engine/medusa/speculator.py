@@ -136,7 +136,8 @@ class Medusa:
             if timed_threads not in (None, torch.get_num_threads()):
                 warnings.warn(f"Medusa heads {config.medusa}: their tree was timed with {timed_threads} threads and "
                               f"this engine runs {torch.get_num_threads()}, where it and its batch limit may not pay "
-                              "(retime: train-medusa --threads N, or name a tree and --medusa-max-batch-size)",
+                              "(time the trees here: gorgon train-medusa --retime --out HEADS --model MODEL "
+                              "--threads N; or name a tree and --medusa-max-batch-size)",
                               stacklevel=2)
             tree = build_tree(choice.paths, "measured")
         else:

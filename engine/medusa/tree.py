@@ -5,12 +5,16 @@ token, and so on; node 0 is the root, the last accepted token. Every head reads 
 so the token of a depth-d node depends only on its own rank: head d-1's top-k list at that rank."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+
+from models.kernels import cpu_fingerprint
 
 # Shipped trees, by name (the number is the paths, i.e. nodes besides the root). On a CPU the small
 # ones win: a few rows (root included) go through the same weight-streaming kernel as a one-token
@@ -144,27 +148,40 @@ def best_tree(counts: Counter[tuple[int, ...]], num_paths: int) -> list[list[int
     return [list(p) for p in sorted(counts, key=lambda p: (-counts[p], len(p), p))[:num_paths]]
 
 
+def machine_tree_file(heads_folder: str | Path) -> Path:
+    """Where `train-medusa --retime` keeps the tree it measured for these heads (as stored beside them) on
+    this CPU at this thread count; the engine prefers it to the one beside the heads, which was measured
+    where the heads were trained. Under $GORGON_CACHE_DIR (default ~/.cache/gorgon)."""
+    stored = Path(heads_folder) / TREE_FILE
+    heads = hashlib.sha256(stored.read_bytes() if stored.is_file() else b"").hexdigest()[:12]
+    root = Path(os.environ.get("GORGON_CACHE_DIR", Path.home() / ".cache" / "gorgon"))
+    return root / "medusa_trees" / f"{heads}-{cpu_fingerprint()}-{torch.get_num_threads()}threads.json"
+
+
 @dataclass
 class TreeChoice:
-    """The tree measured best for a set of heads on one machine, stored beside them (TREE_FILE); the engine
-    uses it when no tree is named. paths None: no tree beat plain decoding there. max_batch_size: the most
-    sequences decoding together at which the tree was measured to beat plain decoding (None: not measured);
-    with more the engine decodes plainly."""
+    """The tree measured best for a set of heads on one machine, stored beside them (TREE_FILE), or for this
+    machine (machine_tree_file); the engine uses it when no tree is named. paths None: no tree beat plain
+    decoding there. max_batch_size: the most sequences decoding together at which the tree was measured to
+    beat plain decoding (None: not measured); with more the engine decodes plainly."""
 
     paths: list[list[int]] | None
     summary: str  # the choice and its figures, in words
     measurements: dict  # what the choice was made from
     max_batch_size: int | None = None
 
-    def save(self, heads_folder: str | Path) -> None:
-        (Path(heads_folder) / TREE_FILE).write_text(json.dumps(
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(
             {"tree": self.paths, "max_batch_size": self.max_batch_size, "summary": self.summary,
              "measurements": self.measurements}, indent=1) + "\n")
 
     @classmethod
     def load(cls, heads_folder: str | Path) -> TreeChoice | None:
-        """The choice stored beside the heads, None if there is none."""
-        path = Path(heads_folder) / TREE_FILE
+        """The choice measured on this machine, else the one stored beside the heads; None if there is none."""
+        path = machine_tree_file(heads_folder)
+        if not path.is_file():
+            path = Path(heads_folder) / TREE_FILE
         if not path.is_file():
             return None
         record = json.loads(path.read_text())

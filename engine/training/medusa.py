@@ -15,7 +15,9 @@ Then the tree: from the heads' ranks of the right tokens on held-out text, the b
 tokens per step it would give; from timed engine runs, what a step with each tree costs on this machine
 against a plain step, at batches 1, 2, 4 and 8. The tree with the most tokens per second goes beside the heads
 (tree.json) with the most sequences it pays at, and the engine uses it, decoding plainly above that batch;
-when none beats plain decoding, tree.json says so and the engine decodes plainly."""
+when none beats plain decoding, tree.json says so and the engine decodes plainly. What a tree step costs
+against a plain one differs between CPUs and thread counts: `--retime` times the same candidates again on the
+machine that will serve (no training), and the engine prefers that choice there (tree.machine_tree_file)."""
 from __future__ import annotations
 
 import argparse
@@ -34,7 +36,14 @@ from torch import nn
 from tqdm import tqdm
 
 from engine import LLM, SamplingParams
-from engine.medusa.tree import TreeChoice, accepted_path_counts, best_tree, expected_tokens_per_step
+from engine.medusa.tree import (
+    TREE_FILE,
+    TreeChoice,
+    accepted_path_counts,
+    best_tree,
+    expected_tokens_per_step,
+    machine_tree_file,
+)
 from engine.training.common import HEAD_OFFSET, cosine, head_weights
 from engine.training.default_model import corpus_files, read_source
 from models.kernels.decode import MAX_ROWS
@@ -350,31 +359,36 @@ def timed_run(llm: LLM, prompts: list[list[int]], new_tokens: int, use_medusa: b
     return seconds, steps
 
 
-def choose_tree(model_path: Path, heads_dir: Path, ranks: torch.Tensor, prompts: list[list[int]],
-                new_tokens: int, repeats: int) -> TreeChoice:
-    """The candidate tree (the best of each size for these ranks) with the most tokens per second, from its
-    held-out tokens per step and its step time against a plain step of the same engine at each of
-    TIMING_BATCHES, the two timed in turn (best of `repeats` each: load from other processes hits both alike).
-    A tree serves batches up to the largest size at which it and every smaller one paid (its max_batch_size),
-    and the engine decodes plainly above it; its score is the geometric mean over TIMING_BATCHES of its
-    speedup there (1 above its max_batch_size). None if no tree is faster than plain decoding at batch 1."""
+def candidate_trees(ranks: torch.Tensor) -> list[tuple[list[list[int]], float]]:
+    """(paths, held-out tokens per step) of the best tree of each of TREE_SIZES for these ranks."""
     counts = accepted_path_counts(ranks, MAX_RANK)
     candidates = {}
     for size in TREE_SIZES:
         paths = best_tree(counts, size)
         candidates.setdefault(len(paths), paths)  # fewer paths than asked: all that were ever right
     candidates.pop(0, None)
+    return [(paths, expected_tokens_per_step(paths, counts, len(ranks))) for paths in candidates.values()]
+
+
+def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[list[int]], float]],
+                held_out_positions: int, prompts: list[list[int]], new_tokens: int, repeats: int) -> TreeChoice:
+    """The candidate tree with the most tokens per second, from its held-out tokens per step and its step
+    time against a plain step of the same engine at each of TIMING_BATCHES, the two timed in turn (best of
+    `repeats` each: load from other processes hits both alike). A tree serves batches up to the largest size
+    at which it and every smaller one paid (its max_batch_size), and the engine decodes plainly above it; its
+    score is the geometric mean over TIMING_BATCHES of its speedup there (1 above its max_batch_size). None if
+    no tree is faster than plain decoding at batch 1."""
     if not candidates:
         return TreeChoice(None, "no Medusa tree pays: no draft was right on the held-out text", {})
     trees = []
-    with tempfile.TemporaryDirectory() as tmp, tqdm(list(candidates.values()), desc="timing trees") as bar:
-        for n, paths in enumerate(bar):
+    with tempfile.TemporaryDirectory() as tmp, tqdm(candidates, desc="timing trees") as bar:
+        for n, (paths, tokens_per_step) in enumerate(bar):
             tree_file = Path(tmp) / f"tree{n}.json"
             tree_file.write_text(json.dumps(paths))
             llm = LLM(model_path, medusa=str(heads_dir), medusa_tree=str(tree_file), enable_prefix_caching=False,
                       max_num_seqs=max(TIMING_BATCHES), max_model_len=max(map(len, prompts)) + new_tokens + 64)
-            row = {"tree": paths, "tree_size": 1 + len(paths),
-                   "tokens_per_step": expected_tokens_per_step(paths, counts, len(ranks)), "max_batch_size": 0}
+            row = {"tree": paths, "tree_size": 1 + len(paths), "tokens_per_step": tokens_per_step,
+                   "max_batch_size": 0}
             for b in TIMING_BATCHES:
                 if b * row["tree_size"] > MAX_ROWS:  # such steps leave the decode kernels: far slower, never timed
                     break
@@ -393,7 +407,8 @@ def choose_tree(model_path: Path, heads_dir: Path, ranks: torch.Tensor, prompts:
             speedups = [row[f"speedup_bs{b}"] if b <= row["max_batch_size"] else 1.0 for b in TIMING_BATCHES]
             row["score"] = math.prod(speedups) ** (1 / len(TIMING_BATCHES))
             trees.append(row)
-    measurements = {"held_out_positions": len(ranks), "threads": torch.get_num_threads(), "candidates": trees}
+    measurements = {"held_out_positions": held_out_positions, "threads": torch.get_num_threads(),
+                    "candidates": trees}
     paying = [r for r in trees if r["max_batch_size"]]
     if not paying:
         best = max(trees, key=lambda r: r["speedup_bs1"])
@@ -405,6 +420,25 @@ def choose_tree(model_path: Path, heads_dir: Path, ranks: torch.Tensor, prompts:
     return TreeChoice(best["tree"], f"tree of {best['tree_size']} nodes: {best['tokens_per_step']:.2f} tokens per "
                                     f"step on held-out text, expected {best['speedup_bs1']:.2f}x plain decoding at "
                                     f"batch 1{at_cap}; plain decoding above {cap} sequences", measurements, cap)
+
+
+def retime(model_path: Path, heads_dir: Path, new_tokens: int, repeats: int, seed: int) -> tuple[TreeChoice, Path]:
+    """Time again, on this machine and thread count, the candidate trees measured with the heads (their
+    held-out tokens per step stay), and keep the choice where the engine looks first (machine_tree_file).
+    Step times hardly depend on the prompts' words, so they are random tokens."""
+    stored = TreeChoice.load(heads_dir)
+    if stored is None or not stored.measurements.get("candidates"):
+        raise SystemExit(f"gorgon train-medusa: error: {heads_dir} holds no measured trees to time again "
+                         f"(no {TREE_FILE} with candidates: train the heads here without --no-tree)")
+    candidates = [(row["tree"], row["tokens_per_step"]) for row in stored.measurements["candidates"]]
+    vocab_size = json.loads((heads_dir / "config.json").read_text())["vocab_size"]
+    generator = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(vocab_size, (max(TIMING_BATCHES), 32), generator=generator).tolist()
+    choice = choose_tree(model_path, heads_dir, candidates, stored.measurements["held_out_positions"], prompts,
+                         new_tokens, repeats)
+    path = machine_tree_file(heads_dir)
+    choice.save(path)
+    return choice, path
 
 
 # ---- the command -----------------------------------------------------------------------------------------
@@ -449,6 +483,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "generating again)")
     parser.add_argument("--held-out", type=float, default=0.1, help="fraction of texts kept for evaluation")
     parser.add_argument("--no-tree", action="store_true", help="skip timing the trees (no tree.json)")
+    parser.add_argument("--retime", action="store_true",
+                        help="no training: time the trees measured with the heads in --out again, on this machine "
+                             "at this thread count; the engine then prefers that choice here")
     parser.add_argument("--timing-tokens", type=int, default=64, help="tree timing: tokens per timed run")
     parser.add_argument("--timing-repeats", type=int, default=3, help="tree timing: runs per tree; the best counts")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
@@ -490,6 +527,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("gorgon train-medusa: error: --prompt-share must be in [0, 1]")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.retime:
+        try:
+            model_path = resolve_model(args.model)
+        except ValueError as e:
+            raise SystemExit(f"gorgon train-medusa: error: {e}") from None
+        choice, path = retime(model_path, Path(args.out), args.timing_tokens, args.timing_repeats, args.seed)
+        print(f"{choice.summary}\nwrote {path}")
+        return
     start = time.perf_counter()
     init = None
     try:
@@ -537,9 +582,9 @@ def main(argv: list[str] | None = None) -> None:
     choice = None
     if not args.no_tree:
         timing_prompts = [texts[t][:starts[t] or args.seq_len // 4] for t in held_out] * max(TIMING_BATCHES)
-        choice = choose_tree(model_path, Path(args.out), ranks, timing_prompts, args.timing_tokens,
-                             args.timing_repeats)
-        choice.save(args.out)
+        choice = choose_tree(model_path, Path(args.out), candidate_trees(ranks), len(ranks), timing_prompts,
+                             args.timing_tokens, args.timing_repeats)
+        choice.save(Path(args.out) / TREE_FILE)
     report = {"config": asdict(config), "init_heads": args.init_heads, "data": data,
               "train_texts": len(train), "held_out_texts": num_held_out,
               "train_positions": len(train_cache), "held_out_positions": len(ranks),

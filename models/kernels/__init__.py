@@ -20,7 +20,7 @@ from types import ModuleType
 import torch
 
 
-def _cpu_fingerprint() -> str:
+def cpu_fingerprint() -> str:
     """Short hash of the CPU's feature flags (Linux), else of the machine name."""
     flags = platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -43,7 +43,7 @@ def build(name: str, source: str, python_module: bool) -> ModuleType | None:
     # nobody reads; every result stays bitwise the same (no reassociation, no change of rounding)
     cflags = ["-O3", f"-march={march}", "-fopenmp", "-fno-trapping-math"]
     sources.update(" ".join(cflags).encode())
-    build_dir = root / f"{name}-torch{torch_version}-{_cpu_fingerprint()}-{march}-{sources.hexdigest()[:12]}"
+    build_dir = root / f"{name}-torch{torch_version}-{cpu_fingerprint()}-{march}-{sources.hexdigest()[:12]}"
     build_dir.mkdir(parents=True, exist_ok=True)
     if not any(build_dir.glob("*.so")):
         print(f"gorgon: compiling the {source} CPU kernels for this machine, once (about 30-60 s) ...",
