@@ -1,6 +1,9 @@
 """The CPU decode kernels vs torch's operators."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -160,3 +163,14 @@ def test_medusa_drafts_and_rms_norm_match_torch(rows):
     assert torch.equal(kernel.medusa_top_k(x, weights, biases, 3, projections[:1], 1)[..., 0], shared.argmax(-1))
     w = biases[0]
     assert (kernel.rms_norm(x, w, 1e-6) - torch.nn.functional.rms_norm(x, (48,), w, 1e-6)).abs().max() <= 1e-4
+
+
+def test_a_build_killed_midway_does_not_stall_the_next_load():
+    """torch's `lock` file, which a build killed midway leaves behind, made every later load wait forever."""
+    build_dir = Path(kernel.__file__).parent
+    (build_dir / "lock").touch()
+    load = "from models.kernels import build; build('gorgon_cpu_decode', 'decode.cpp', python_module=True)"
+    done = subprocess.run([sys.executable, "-c", load], cwd=Path(__file__).parents[1], timeout=300,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not (build_dir / "lock").exists()

@@ -10,6 +10,7 @@ GORGON_CPU_ISA=avx2 (or scalar) builds them as for a CPU without AVX-512 (x86-64
 the quantized kernels' paths for it: how an AVX2-only machine runs, measured on a newer one."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import platform
@@ -45,9 +46,16 @@ def build(name: str, source: str, python_module: bool) -> ModuleType | None:
     sources.update(" ".join(cflags).encode())
     build_dir = root / f"{name}-torch{torch_version}-{cpu_fingerprint()}-{march}-{sources.hexdigest()[:12]}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    if not any(build_dir.glob("*.so")):
-        print(f"gorgon: compiling the {source} CPU kernels for this machine, once (about 30-60 s) ...",
-              file=sys.stderr, flush=True)
-    return load(name=name, sources=[str(folder / source)], build_directory=str(build_dir),
-                is_python_module=python_module, extra_cflags=cflags,
-                extra_ldflags=["-fopenmp"], verbose=False)
+    # torch marks a build in progress with a `lock` file, which a build killed midway (Ctrl-C during the
+    # first run) leaves behind, and every later load then waits on forever. Our own lock is released by the
+    # system when its process dies; whoever holds it is the only gorgon process building here, so a torch
+    # lock it finds is stale.
+    with open(build_dir / "gorgon.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        if not any(build_dir.glob("*.so")):
+            print(f"gorgon: compiling the {source} CPU kernels for this machine, once (about 30-60 s) ...",
+                  file=sys.stderr, flush=True)
+        return load(name=name, sources=[str(folder / source)], build_directory=str(build_dir),
+                    is_python_module=python_module, extra_cflags=cflags,
+                    extra_ldflags=["-fopenmp"], verbose=False)
