@@ -210,6 +210,9 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
     assert TreeChoice.load(tmp_path / "heads").paths == [[0]]
     with pytest.raises(SystemExit, match="holds no measured trees"):
         train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "more"), "--retime"])
+    (tmp_path / "more" / TREE_FILE).write_text(json.dumps({"tree": "x"}))
+    with pytest.raises(SystemExit, match="must hold a JSON list of rank paths"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "more"), "--retime"])
 
 
 def test_chat_self_distillation(chat_model_dir, tmp_path):

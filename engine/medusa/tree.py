@@ -114,11 +114,15 @@ def load_tree(name_or_file: str) -> MedusaTree:
     if not path.is_file():
         raise ValueError(f"unknown medusa tree {name_or_file!r}: give one of {', '.join(TREES)}, or a JSON "
                          "file with a list of rank paths")
-    choices = json.loads(path.read_text())
+    return build_tree(rank_paths(json.loads(path.read_text()), path), path.stem)
+
+
+def rank_paths(choices: object, source: Path) -> list[list[int]]:
+    """choices, read from source, if it is a list of rank paths; else a ValueError naming source."""
     if not isinstance(choices, list) or not all(isinstance(c, list) and all(isinstance(r, int) for r in c)
                                                 for c in choices):
-        raise ValueError(f"{path} must hold a JSON list of rank paths, e.g. [[0], [0, 0], [1]]")
-    return build_tree(choices, path.stem)
+        raise ValueError(f"{source} must hold a JSON list of rank paths, e.g. [[0], [0, 0], [1]]")
+    return choices
 
 
 # ---- choosing a tree from measurement -------------------------------------------------------------------
@@ -186,7 +190,7 @@ class TreeChoice:
             return None
         record = json.loads(path.read_text())
         if record.get("tree") is not None:
-            build_tree(record["tree"], str(path))  # a broken file fails here, naming itself
+            build_tree(rank_paths(record["tree"], path), str(path))  # a broken file fails here, naming itself
         cap = record.get("max_batch_size")
         if cap is not None and (not isinstance(cap, int) or cap < 1):
             raise ValueError(f"{path}: max_batch_size must be a positive integer or null, got {cap!r}")

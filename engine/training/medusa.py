@@ -431,7 +431,10 @@ def retime(model_path: Path, heads_dir: Path, new_tokens: int, repeats: int, see
         raise SystemExit(f"gorgon train-medusa: error: {heads_dir} holds no measured trees to time again "
                          f"(no {TREE_FILE} with candidates: train the heads here without --no-tree)")
     candidates = [(row["tree"], row["tokens_per_step"]) for row in stored.measurements["candidates"]]
-    vocab_size = json.loads((heads_dir / "config.json").read_text())["vocab_size"]
+    config = json.loads((heads_dir / "config.json").read_text())
+    if "vocab_size" not in config:
+        raise ValueError(f"{heads_dir / 'config.json'} has no vocab_size (heads not trained by train-medusa?)")
+    vocab_size = config["vocab_size"]
     generator = torch.Generator().manual_seed(seed)
     prompts = torch.randint(vocab_size, (max(TIMING_BATCHES), 32), generator=generator).tolist()
     choice = choose_tree(model_path, heads_dir, candidates, stored.measurements["held_out_positions"], prompts,
@@ -530,9 +533,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.retime:
         try:
             model_path = resolve_model(args.model)
-        except ValueError as e:
+            choice, path = retime(model_path, Path(args.out), args.timing_tokens, args.timing_repeats, args.seed)
+        except (ValueError, OSError, KeyError) as e:  # a broken tree.json, heads without config.json, ...
             raise SystemExit(f"gorgon train-medusa: error: {e}") from None
-        choice, path = retime(model_path, Path(args.out), args.timing_tokens, args.timing_repeats, args.seed)
         print(f"{choice.summary}\nwrote {path}")
         return
     start = time.perf_counter()
