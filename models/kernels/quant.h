@@ -279,9 +279,6 @@ struct Activations {
   std::vector<float> block_qsum;    // packed [Kp / 32, M]: dx * (sum of the block's q)
 };
 
-// --- SIMD unpacking of one block of 32 weights: raw bytes as the dot product takes them ---------------------
-// q: the 32 weights as unsigned bytes (offset not removed; Q8_0: signed), scale/min: per lane of 4.
-
 #define QUANT_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define QUANT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")))
 
@@ -359,6 +356,9 @@ inline void quantize_activations(const float* x, int64_t M, int64_t K, int offse
     }
   }
 }
+
+// --- SIMD unpacking of one block of 32 weights: raw bytes as the dot product takes them ---------------------
+// q: the 32 weights as unsigned bytes (offset not removed; Q8_0: signed), scale/min: per lane of 4.
 
 QUANT_AVX2 inline float half_f16c(const uint8_t* p) {
   uint16_t bits;
