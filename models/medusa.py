@@ -11,7 +11,7 @@ import json
 import re
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain, islice
 from pathlib import Path
 
@@ -70,6 +70,7 @@ class DraftWeights:
     biases: list[list[torch.Tensor]]  # [head][block]
     projections: list[torch.Tensor]
     projection_qtype: int = 0  # a quantized base lm_head's ggml type (models.quant): its rows stay in their blocks
+    inputs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # Hydra: [head] (weight, bias)
 
 
 class MedusaHeads(nn.Module):
@@ -168,9 +169,10 @@ class MedusaHeads(nn.Module):
         if self.draft_vocab is not None:
             projections = [w[self.draft_vocab] for w in projections]
         qtype = 0 if self.config.own_lm_head else int(getattr(base_lm_head, "qtype", 0))
-        return DraftWeights([[b.weight for b in head] for head in blocks],
+        inputs = [(layer.kernel_weight, layer.bias.float()) for layer in self.inputs or []]
+        return DraftWeights([[b.kernel_weight for b in head] for head in blocks],
                             [[b.bias.float() for b in head] for head in blocks],
-                            [(w if qtype else w.to(self.dtype)).contiguous() for w in projections], qtype)
+                            [(w if qtype else w.to(self.dtype)).contiguous() for w in projections], qtype, inputs)
 
     def top_k(self, hidden: torch.Tensor, draft: DraftWeights, num_heads: int, k: int) -> torch.Tensor:
         """Medusa: the k likeliest draft-vocabulary tokens of each of the first num_heads heads at hidden
@@ -184,7 +186,14 @@ class MedusaHeads(nn.Module):
                     k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Hydra: head `head` at R tree nodes, from each node's state [R, hidden_size] (the hidden state at the
         root) and its token's embedding [R, hidden_size] -> (the states their children start from [R, hidden_size],
-        the k likeliest draft-vocabulary tokens of each node's children [R, k])."""
+        the k likeliest draft-vocabulary tokens of each node's children [R, k]). On a CPU at decode sizes one
+        kernel call does it all (models.kernels.decode)."""
+        if self.kernels is not None and len(states) <= MAX_ROWS:
+            weight, bias = draft.inputs[head]
+            projection = draft.projections[0 if len(draft.projections) == 1 else head]
+            x, top = self.kernels.ops.hydra_level(states, embeddings, weight, bias, draft.weights[head],
+                                                  draft.biases[head], projection, k, draft.projection_qtype)
+            return x, top if self.draft_vocab is None else self.draft_vocab[top]
         x = self.next_input(states.to(self.dtype), embeddings.to(self.dtype), head)
         return x, self._top_k(x, draft, range(head, head + 1), k)[0]
 

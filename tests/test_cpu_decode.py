@@ -165,6 +165,27 @@ def test_medusa_drafts_and_rms_norm_match_torch(rows):
     assert (kernel.rms_norm(x, w, 1e-6) - torch.nn.functional.rms_norm(x, (48,), w, 1e-6)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_hydra_level_matches_torch(rows):
+    """One level of Hydra drafting in one call: x = state + W_in [state, embedding] + b_in, then the blocks,
+    the projection and the top-k, as the heads compute them in torch."""
+    gen = torch.Generator().manual_seed(rows)
+    states, embeddings = torch.randn(rows, 48, generator=gen), torch.randn(rows, 48, generator=gen)
+    input_weight, input_bias = torch.randn(48, 96, generator=gen) / 10, torch.randn(48, generator=gen)
+    weights = [torch.randn(48, 48, generator=gen) / 7 for _ in range(2)]
+    biases = [torch.randn(48, generator=gen) for _ in range(2)]
+    projection = torch.randn(100, 48, generator=gen)
+    x = states + torch.nn.functional.linear(torch.cat([states, embeddings], dim=-1), input_weight, input_bias)
+    state = x
+    for w, b in zip(weights, biases):
+        state = state + torch.nn.functional.silu(torch.nn.functional.linear(state, w, b))
+    logits = torch.nn.functional.linear(state, projection)
+    got_x, top = kernel.hydra_level(states, embeddings, input_weight, input_bias, weights, biases, projection, 3)
+    assert (got_x - x).abs().max() <= 1e-4
+    assert top.shape == (rows, 3)
+    assert (logits.gather(-1, top) - logits.topk(3, dim=-1).values).abs().max() <= 1e-3
+
+
 def test_a_build_killed_midway_does_not_stall_the_next_load():
     """torch's `lock` file, which a build killed midway leaves behind, made every later load wait forever."""
     build_dir = Path(kernel.__file__).parent

@@ -742,6 +742,22 @@ torch::Tensor medusa_top_k(torch::Tensor hidden, std::vector<torch::Tensor> weig
   return top_k_rows(logits, k).view({num_heads, M, k});
 }
 
+// One level of Hydra drafting (models.medusa.MedusaHeads.draft_level) in one call: each row's head input
+// x = state + W_in [state, embedding] + b_in, then the head's blocks, its projection and the k likeliest
+// tokens, as medusa_top_k. Returns (x [M, H] fp32: what the next level starts from, top [M, k] int64).
+std::tuple<torch::Tensor, torch::Tensor> hydra_level(torch::Tensor states, torch::Tensor embeddings,
+                                                     torch::Tensor input_weight, torch::Tensor input_bias,
+                                                     std::vector<torch::Tensor> weights,
+                                                     std::vector<torch::Tensor> biases, torch::Tensor projection,
+                                                     int64_t k, int64_t projection_qtype) {
+  TORCH_CHECK(states.dim() == 2 && embeddings.sizes() == states.sizes(),
+              "hydra_level: states and embeddings must both be [rows, H]");
+  auto x = linear_f32(as_float(torch::cat({states, embeddings.to(states.scalar_type())}, 1)), input_weight,
+                      as_float(input_bias));
+  x.add_(as_float(states));
+  return {x, medusa_top_k(x, weights, biases, 1, {projection}, k, projection_qtype)[0]};
+}
+
 // x: [M, K] (any float dtype), weight: uint8 [N, row bytes] in ggml type qtype, bias: [N] or None.
 torch::Tensor quantized_linear(torch::Tensor x, torch::Tensor weight, int64_t qtype,
                                c10::optional<torch::Tensor> bias) {
@@ -800,6 +816,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("medusa_top_k", &medusa_top_k, "every Medusa head's k likeliest tokens for a few rows of hidden states",
         py::arg("hidden"), py::arg("weights"), py::arg("biases"), py::arg("num_heads"), py::arg("projections"),
         py::arg("k"), py::arg("projection_qtype") = 0);
+  m.def("hydra_level", &hydra_level, "one level of Hydra drafting: head input, blocks, projection, k likeliest tokens",
+        py::arg("states"), py::arg("embeddings"), py::arg("input_weight"), py::arg("input_bias"), py::arg("weights"),
+        py::arg("biases"), py::arg("projection"), py::arg("k"), py::arg("projection_qtype") = 0);
   m.def("attention_input", &attention_input, "RMSNorm, q/k/v projection and RoPE of a few rows", py::arg("hidden"),
         py::arg("norm_weight"), py::arg("eps"), py::arg("qkv_weights"), py::arg("qkv_bias"), py::arg("cos"),
         py::arg("sin"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("lora_slots"), py::arg("lora"),
