@@ -41,12 +41,17 @@ LLAMA_SERVER_ENV = "GORGON_LLAMA_SERVER"
 PROMPT_TOKENS_BUDGET = 64  # KV room per llama-server slot for the prompt (ours are about 10 to 20 tokens)
 LLAMA_SERVER_HOWTO = f"""\
 llama-server not found: pass --llama-server PATH, set {LLAMA_SERVER_ENV}, or put llama-server on PATH.
-To build it from the llama.cpp inside llama-cpp-python's source distribution (no network needed once downloaded):
+To build it from the llama.cpp inside llama-cpp-python's source distribution (no network needed once downloaded),
+with the shared libllama that llama-cpp-python (bench decode's and bench medusa's baseline) can load, so that
+llama.cpp compiles once (about 10 min on 2 cores, against 15 for llama-cpp-python alone and 25 for the server):
   pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/lcp
   tar xzf /tmp/lcp/llama_cpp_python-0.3.36.tar.gz -C /tmp/lcp
   cmake -S /tmp/lcp/llama_cpp_python-0.3.36/vendor/llama.cpp -B /tmp/llama-server-build -DCMAKE_BUILD_TYPE=Release \\
-        -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF
-  cmake --build /tmp/llama-server-build --target llama-server -j   # then /tmp/llama-server-build/bin/llama-server"""
+        -DGGML_NATIVE=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DBUILD_SHARED_LIBS=ON
+  cmake --build /tmp/llama-server-build --target llama-server llama -j   # then /tmp/llama-server-build/bin/llama-server
+  # llama-cpp-python without compiling llama.cpp again, loading the libraries built above:
+  CMAKE_ARGS=-DLLAMA_BUILD=OFF pip install /tmp/lcp/llama_cpp_python-0.3.36.tar.gz
+  export LLAMA_CPP_LIB_PATH=/tmp/llama-server-build/bin"""
 
 
 @dataclass
