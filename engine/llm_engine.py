@@ -112,7 +112,7 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    tree_size=self.medusa.tree.size if self.medusa else 0)
         self.runner = ModelRunner(self.model, kv_cache, self.config.attention_backend, self.device, self.parallel)
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.kernels)
         self.requests: dict[str, Sequence] = {}
         adapter_root = Path(self.config.adapter_root) if self.config.adapter_root else path / "adapters"
         self.adapters = AdapterManager(self.model, kv_cache, self.block_manager, self.requests, self.config,

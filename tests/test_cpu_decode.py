@@ -186,6 +186,16 @@ def test_hydra_level_matches_torch(rows):
     assert (logits.gather(-1, top) - logits.topk(3, dim=-1).values).abs().max() <= 1e-3
 
 
+@pytest.mark.parametrize("columns", [1, 7, 16, 100, 49152])
+def test_argmax_rows_matches_torch(columns):
+    """The first largest entry of each row, as torch.argmax: random rows, rows of many ties, -inf rows."""
+    gen = torch.Generator().manual_seed(columns)
+    for x in (torch.randn(5, columns, generator=gen), torch.randint(0, 3, (33, columns), generator=gen).float(),
+              torch.full((2, columns), float("-inf"))):
+        assert torch.equal(kernel.argmax_rows(x), x.argmax(dim=-1))
+        assert torch.equal(kernel.argmax_rows(x.bfloat16()), x.bfloat16().argmax(dim=-1))
+
+
 def test_a_build_killed_midway_does_not_stall_the_next_load():
     """torch's `lock` file, which a build killed midway leaves behind, made every later load wait forever."""
     build_dir = Path(kernel.__file__).parent

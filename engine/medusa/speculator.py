@@ -22,7 +22,7 @@ from engine.config import EngineConfig, SamplingParams
 from engine.kv_cache import KVCache
 from engine.medusa.tree import DEFAULT_TREE, MedusaTree, TreeChoice, build_tree, load_tree
 from engine.runner import ModelRunner
-from engine.sampler import TokenCounts, adjust_logits, filtered_probs, has_penalties
+from engine.sampler import TokenCounts, adjust_logits, argmax_ids, filtered_probs, has_penalties
 from engine.sequence import Sequence
 from models.kernels.decode import DecodeKernels, set_decode_kernels
 from models.medusa import MedusaHeads, load_medusa_heads
@@ -233,7 +233,7 @@ class Medusa:
         size = self.tree.size
         row_params = [s.params for s in seqs for _ in range(size)]
         logits = self._adjusted_logits(seqs, candidates, logits.float(), row_params)
-        greedy_tokens = logits.argmax(dim=-1).tolist()
+        greedy_tokens = argmax_ids(logits, self.heads.kernels)
         sampled = {b: j for j, b in enumerate(b for b, s in enumerate(seqs) if not s.params.greedy)}
         probs = typical = log_p = None
         if sampled:
