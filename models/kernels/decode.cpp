@@ -227,7 +227,11 @@ void packed_tile(int64_t rows, const X* x, const W* group, int64_t group_size, c
                  int64_t K, int64_t N, int64_t n0) {
   const X* xs[MB];
   for (int m = 0; m < MB; ++m) xs[m] = x + std::min<int64_t>(m, rows - 1) * (K / kInputsPer<X>);
-  Vec acc[G][MB][2][kVecs] = {};  // (constant indices below, so the chains stay in registers)
+  Vec acc[G][MB][2][kVecs];  // (constant indices below, so the chains stay in registers)
+  for (int j = 0; j < G; ++j)  // (not `= {}`: GCC zeroes such an array in memory with a call to memset)
+    for (int m = 0; m < MB; ++m)
+      for (int c = 0; c < 2; ++c)
+        for (int v = 0; v < kVecs; ++v) acc[j][m][c][v] = Vec{};
   if constexpr (!std::is_same_v<W, at::BFloat16>) {  // fp32 or fp16: one weight per lane
     const auto step = [&](int64_t k, int c) {
       Vec w[G][kVecs];
