@@ -193,7 +193,7 @@ class MedusaHeads(nn.Module):
             projection = draft.projections[0 if len(draft.projections) == 1 else head]
             x, top = self.kernels.ops.hydra_level(states, embeddings, weight, bias, draft.weights[head],
                                                   draft.biases[head], projection, k, draft.projection_qtype)
-            return x, top if self.draft_vocab is None else self.draft_vocab[top]
+            return x, self._token_ids(top)
         x = self.next_input(states.to(self.dtype), embeddings.to(self.dtype), head)
         return x, self._top_k(x, draft, range(head, head + 1), k)[0]
 
@@ -216,6 +216,10 @@ class MedusaHeads(nn.Module):
             else:
                 logits = torch.stack([F.linear(x, w) for x, w in zip(states, projections)])
             top = logits.topk(k, dim=-1).indices
+        return self._token_ids(top)
+
+    def _token_ids(self, top: torch.Tensor) -> torch.Tensor:
+        """Token ids of draft-vocabulary indices."""
         return top if self.draft_vocab is None else self.draft_vocab[top]
 
 
