@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,6 +34,7 @@ from engine.training.medusa import (
     held_out_ranks,
     prompts_from,
     self_distill,
+    self_written_prompts,
     to_draft_ids,
     train_heads,
 )
@@ -218,12 +221,15 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
 def test_chat_self_distillation(chat_model_dir, tmp_path):
     prompts = chat_prompts(5, seed=0)
     assert len(prompts) == 5 and all(m[0]["role"] == "user" and m[0]["content"] for m in prompts)
-    texts = tmp_path / "texts.pt"
+    texts = tmp_path / "texts.json"
     train_main(["--model", str(chat_model_dir), "--out", str(tmp_path / "heads"), "--samples", "10", "--heads", "2",
                 "--steps", "2", "--seq-len", "16", "--no-tree", "--texts", str(texts)])
     report = json.loads((tmp_path / "heads" / "training.json").read_text())
-    assert report["data"].startswith("self-distillation (answers to 10 chat prompts from the standard library's")
-    saved = torch.load(texts)
+    source = re.match(r"self-distillation \(answers to (\d+) chat prompts the model wrote itself and (\d+) built "
+                      r"from the standard library's docstrings", report["data"])
+    written, built = map(int, source.groups())
+    assert written <= 5 and written + built == 10  # --self-prompts 0.5 by default
+    saved = json.loads(texts.read_text())
     tokenizer = LLM(chat_model_dir).tokenizer
     for text, start in zip(saved["texts"], saved["starts"]):
         assert tokenizer.decode(text[:start]).endswith("\nassistant: ") and 0 < len(text) - start <= 16
@@ -232,6 +238,27 @@ def test_chat_self_distillation(chat_model_dir, tmp_path):
     train_main(["--model", str(chat_model_dir), "--out", str(tmp_path / "again"), "--samples", "10", "--heads", "2",
                 "--steps", "2", "--seq-len", "16", "--no-tree", "--texts", str(texts)])
     assert json.loads((tmp_path / "again" / "training.json").read_text())["data"] == report["data"]
+
+
+def test_self_written_prompts_continue_the_template_up_to_the_user_text(chat_model_dir):
+    """Magpie-style prompts: the model samples from its template's user header; only whole turns (ended by the
+    model, not by max_tokens), non-blank and new, are kept, and at most three rounds are asked for."""
+    llm = LLM(chat_model_dir)
+    script = iter([("stop", " a question\n"), ("length", "cut off"), ("stop", "  "), ("stop", "a question"),
+                   ("stop", "another")] + [("length", "x")] * 100)
+    asked = []
+
+    def generate(prompts, params, use_tqdm=False):
+        asked.append((prompts, params))
+        return [SimpleNamespace(finish_reason=reason, text=text) for _, (reason, text) in zip(prompts, script)]
+
+    llm.generate = generate
+    prompts = self_written_prompts(llm, 3, seed=0)
+    assert prompts == [[{"role": "user", "content": "a question"}], [{"role": "user", "content": "another"}]]
+    assert len(asked) == 3  # the third prompt never came: three rounds, then what there is
+    assert all(llm.tokenizer.decode(ids) == "user: " for ids in asked[0][0])
+    assert all(p.temperature == 1.0 and p.max_tokens == 64 for p in asked[0][1])
+    assert len({p.seed for _, params in asked for p in params}) == sum(len(params) for _, params in asked)
 
 
 def test_self_distillation_from_a_prompts_file(tiny_model_dir, tmp_path):

@@ -4,8 +4,9 @@ Head k (from 0) learns to predict token i+2+k from the base model's final-normed
 (Hydra heads, the default: and from the tokens i+1 .. i+1+k before it, the right ones); its cross-entropy
 is weighted 0.8^k. Without --data the training text is the base model's own: prompts
 continued greedily by our engine (the decoding the heads will mostly serve). A chat model (its tokenizer has
-a chat template) answers chat prompts built from the docstrings of the standard library, or --prompts;
-other models continue prefixes sampled from themselves, or snippets of --prompts.
+a chat template) answers chat prompts: user turns it writes itself from its own template (on any subject)
+and prompts built from the docstrings of the standard library, or --prompts; other models continue
+prefixes sampled from themselves, or snippets of --prompts.
 
 The base model never changes, so it runs once over the text: its hidden states and the tokens each head
 must predict are cached, and the heads train on random positions of the cache. They project onto the
@@ -62,7 +63,7 @@ class TrainConfig:
     num_layers: int = 1
     own_lm_head: bool = False  # v1 heads (own vocab projection) instead of v2 (the base lm_head)
     head_kind: str = "hydra"  # models.medusa.HEAD_KINDS: Hydra heads also read the drafted tokens before theirs
-    steps: int = 600
+    steps: int = 2000
     batch_size: int = 256  # positions per step
     seq_len: int = 128  # tokens per text: the continuation's length (sampled-prefix and --data texts: in all)
     lr: float = 3e-3
@@ -319,6 +320,28 @@ def chat_prompts(num_prompts: int, seed: int, files: list[Path] | None = None) -
             for name, doc in picks]
 
 
+def self_written_prompts(llm: LLM, num_prompts: int, seed: int, max_tokens: int = 64) -> list[list[dict]]:
+    """User turns the chat model writes itself (Magpie, Xu et al., 2024): its template up to where a user's
+    message begins, sampled at temperature 1 (top-p 0.95) up to its end of turn. An instruct model then
+    writes the kind of request it was tuned on, on any subject. Turns cut off at max_tokens, blank ones and
+    repeats are dropped; fewer than num_prompts come back when three rounds do not find enough."""
+    marker = "\x00"  # no chat template writes it: where the user's text would go
+    chat = llm.tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    before_user_text = llm.tokenizer.encode(chat[:chat.index(marker)], add_special_tokens=False)
+    found: dict[str, None] = {}  # insertion-ordered set
+    for round_ in range(3):
+        ask = max(8, round((num_prompts - len(found)) * 1.3))  # about a sixth run past max_tokens
+        params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95, seed=seed + 100_003 * round_ + i)
+                  for i in range(ask)]
+        for out in llm.generate([before_user_text] * ask, params, use_tqdm=True):
+            text = out.text.strip()
+            if out.finish_reason == "stop" and text and len(found) < num_prompts:
+                found[text] = None
+        if len(found) == num_prompts:
+            break
+    return [[{"role": "user", "content": text}] for text in found]
+
+
 def chat_distill(llm: LLM, prompts: list[list[dict]], max_tokens: int,
                  temperature: float, seed: int) -> tuple[list[list[int]], list[int]]:
     """The model's answers to chat prompts (its own template), up to its end of turn or max_tokens:
@@ -472,18 +495,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "'messages') or a text file to cut snippets of whole lines from (default: chat prompts "
                              "from the standard library's docstrings for chat models, else prefixes sampled from the "
                              "model)")
+    parser.add_argument("--self-prompts", type=float, default=0.5,
+                        help="chat models without --prompts: the share of the chat prompts the model writes itself "
+                             "(user turns sampled from its own template, on any subject); the rest are built from "
+                             "the standard library's docstrings")
     parser.add_argument("--prompt-share", type=float, default=1.0,
                         help="with --prompts, for models without a chat template: the share of the texts that "
                              "continue them; the rest continue sampled prefixes")
-    parser.add_argument("--samples", type=int, default=1024, help="self-distillation: texts to generate")
+    parser.add_argument("--samples", type=int, default=2048, help="self-distillation: texts to generate")
     parser.add_argument("--prefix-tokens", type=int, default=8, help="self-distillation: sampled prefix length")
     parser.add_argument("--temperature", type=float, default=0.0, help="self-distillation: continuation temperature")
     parser.add_argument("--draft-coverage", type=float, default=0.95,
                         help="the heads propose only the commonest tokens that make up this share of the training "
                              "text (drafting gets cheaper); 1: the whole vocabulary")
     parser.add_argument("--texts", default=None,
-                        help="a file for the training text: read it if it exists, else write it (retrain without "
-                             "generating again)")
+                        help="a JSON file for the training text's token ids: read it if it exists, else write it "
+                             "(retrain without generating again)")
     parser.add_argument("--held-out", type=float, default=0.1, help="fraction of texts kept for evaluation")
     parser.add_argument("--no-tree", action="store_true", help="skip timing the trees (no tree.json)")
     parser.add_argument("--retime", action="store_true",
@@ -506,10 +533,15 @@ def training_text(args: argparse.Namespace, llm: LLM, model_path: Path,
         windows = windows_of(read_corpus(Path(args.data), llm.tokenizer), args.seq_len).tolist()
         return windows, [0] * len(windows), args.data
     if llm.tokenizer.chat_template:
-        prompts = prompts or chat_prompts(args.samples, args.seed)
+        if prompts:
+            source = f"{len(prompts)} prompts in {args.prompts}"
+        else:
+            written = self_written_prompts(llm, round(args.samples * args.self_prompts), args.seed)
+            prompts = written + chat_prompts(args.samples - len(written), args.seed)
+            source = (f"{len(written)} chat prompts the model wrote itself and {len(prompts) - len(written)} "
+                      f"built from the standard library's docstrings")
         texts, starts = chat_distill(llm, prompts, args.seq_len, args.temperature, args.seed)
-        source = f"prompts in {args.prompts}" if args.prompts else "chat prompts from the standard library's docstrings"
-        return texts, starts, (f"self-distillation (answers to {len(texts)} {source}, up to {args.seq_len} "
+        return texts, starts, (f"self-distillation (answers to {source}, up to {args.seq_len} "
                                f"tokens each; temperature {args.temperature})")
     num_sampled = args.samples - len(prompts)
     windows = self_distill(model_path, num_sampled, args.seq_len, args.prefix_tokens, args.temperature, args.seed,
@@ -526,8 +558,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("gorgon train-medusa: error: --draft-coverage must be in (0, 1]")
     if args.data and args.prompts:
         raise SystemExit("gorgon train-medusa: error: --prompts are for self-distillation; --data trains on given text")
-    if not 0 <= args.prompt_share <= 1:
-        raise SystemExit("gorgon train-medusa: error: --prompt-share must be in [0, 1]")
+    for flag, share in (("--prompt-share", args.prompt_share), ("--self-prompts", args.self_prompts)):
+        if not 0 <= share <= 1:
+            raise SystemExit(f"gorgon train-medusa: error: {flag} must be in [0, 1]")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.retime:
@@ -557,11 +590,12 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as e:  # OSError: missing file, a folder, no permission
         raise SystemExit(f"gorgon train-medusa: error: {e}") from None
     if args.texts and Path(args.texts).is_file():
-        texts, starts, data = torch.load(args.texts).values()
+        saved = json.loads(Path(args.texts).read_text())
+        texts, starts, data = saved["texts"], saved["starts"], saved["data"]
     else:
         texts, starts, data = training_text(args, llm, model_path, prompts)
         if args.texts:
-            torch.save({"texts": texts, "starts": starts, "data": data}, args.texts)
+            Path(args.texts).write_text(json.dumps({"texts": texts, "starts": starts, "data": data}))
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     num_held_out = max(1, int(len(texts) * args.held_out))
     if num_held_out >= len(texts):
