@@ -14,7 +14,7 @@ import uvicorn
 from engine import LLM, EngineConfig, own_medusa_heads
 from engine.parallel import run_worker_if_launched
 from server.app import ServerConfig, create_app
-from server.flags import add_medusa_flags, add_tensor_parallel_flag, medusa_options
+from server.flags import add_batch_invariant_flag, add_medusa_flags, add_tensor_parallel_flag, medusa_options
 
 DEFAULT_MODEL_NAME = "gorgon-default"
 API_KEY_ENV = "GORGON_API_KEY"
@@ -106,10 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     engine.add_argument("--attention-backend", default=None,
                         help="auto (default: the fastest on the device), reference, flash, cpu or triton")
     engine.add_argument("--no-prefix-caching", action="store_true", help="do not share KV blocks of common prefixes")
-    engine.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
-                        help="a request's tokens never depend on what else is batched with it; default: on where "
-                             "that costs at most 5%% (AVX-512 VNNI CPUs without AMX; AVX2 ones with packed quantized "
-                             "weights; README)")
+    add_batch_invariant_flag(engine)
     kv = engine.add_mutually_exclusive_group()
     kv.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="SIZE",
                     help="bytes for the KV cache, e.g. 2GiB (default: the engine's, 1 GiB)")

@@ -7,7 +7,7 @@ import sys
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.parallel import run_worker_if_launched
-from server.flags import add_medusa_flags, add_tensor_parallel_flag, medusa_options
+from server.flags import add_batch_invariant_flag, add_medusa_flags, add_tensor_parallel_flag, medusa_options
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,10 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
     add_medusa_flags(parser)
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
-    parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
-                        help="a request's tokens never depend on what else is batched with it; default: on where "
-                             "that costs at most 5%% (AVX-512 VNNI CPUs without AMX; AVX2 ones with packed quantized "
-                             "weights; README)")
+    add_batch_invariant_flag(parser)
     add_tensor_parallel_flag(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return parser.parse_args(argv)
