@@ -261,6 +261,18 @@ def test_self_written_prompts_continue_the_template_up_to_the_user_text(chat_mod
     assert len({p.seed for _, params in asked for p in params}) == sum(len(params) for _, params in asked)
 
 
+def test_bad_texts_files_and_hidden_user_text_are_clear_errors(chat_model_dir, tmp_path):
+    for name, content in (("binary.json", b"\x80\x81"), ("partial.json", b'{"texts": []}')):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SystemExit, match="is not a --texts file that train-medusa wrote"):
+            train_main(["--model", str(chat_model_dir), "--out", str(tmp_path / "heads"), "--texts",
+                        str(tmp_path / name), "--no-tree"])
+    config = chat_model_dir / "tokenizer_config.json"  # a template that never shows what the user wrote
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"chat_template": "user: hi\nassistant: "}))
+    with pytest.raises(SystemExit, match="cannot write its own prompts: pass --prompts"):
+        train_main(["--model", str(chat_model_dir), "--out", str(tmp_path / "heads"), "--samples", "4", "--no-tree"])
+
+
 def test_self_distillation_from_a_prompts_file(tiny_model_dir, tmp_path):
     code = tmp_path / "code.py"
     code.write_text('def f(x):\n    return x + 1\n\n\nclass A:\n    """A class."""\n    pass\n' * 20)

@@ -327,6 +327,9 @@ def self_written_prompts(llm: LLM, num_prompts: int, seed: int, max_tokens: int 
     repeats are dropped; fewer than num_prompts come back when three rounds do not find enough."""
     marker = "\x00"  # no chat template writes it: where the user's text would go
     chat = llm.tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    if marker not in chat:
+        raise ValueError("the chat template does not write a user's message as given, so the model cannot write "
+                         "its own prompts: pass --prompts, or --self-prompts 0")
     before_user_text = llm.tokenizer.encode(chat[:chat.index(marker)], add_special_tokens=False)
     found: dict[str, None] = {}  # insertion-ordered set
     for round_ in range(3):
@@ -492,9 +495,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--prompts", default=None,
                         help="self-distillation prompts: a .jsonl file (one per record: 'prompt', 'text' or a chat's "
-                             "'messages') or a text file to cut snippets of whole lines from (default: chat prompts "
-                             "from the standard library's docstrings for chat models, else prefixes sampled from the "
-                             "model)")
+                             "'messages') or a text file to cut snippets of whole lines from (default: for chat "
+                             "models, prompts the model writes itself and prompts built from the standard library's "
+                             "docstrings (--self-prompts); else prefixes sampled from the model)")
     parser.add_argument("--self-prompts", type=float, default=0.5,
                         help="chat models without --prompts: the share of the chat prompts the model writes itself "
                              "(user turns sampled from its own template, on any subject); the rest are built from "
@@ -590,10 +593,17 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as e:  # OSError: missing file, a folder, no permission
         raise SystemExit(f"gorgon train-medusa: error: {e}") from None
     if args.texts and Path(args.texts).is_file():
-        saved = json.loads(Path(args.texts).read_text())
-        texts, starts, data = saved["texts"], saved["starts"], saved["data"]
+        try:
+            saved = json.loads(Path(args.texts).read_text())
+            texts, starts, data = saved["texts"], saved["starts"], saved["data"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"gorgon train-medusa: error: {args.texts} is not a --texts file that train-medusa wrote "
+                             f"({e!r})") from None
     else:
-        texts, starts, data = training_text(args, llm, model_path, prompts)
+        try:
+            texts, starts, data = training_text(args, llm, model_path, prompts)
+        except ValueError as e:  # a chat template that hides the user's text
+            raise SystemExit(f"gorgon train-medusa: error: {e}") from None
         if args.texts:
             Path(args.texts).write_text(json.dumps({"texts": texts, "starts": starts, "data": data}))
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(args.seed)).tolist()
