@@ -20,7 +20,10 @@ from gguf import GGUFReader
 from models.config import ModelConfig
 from models.quant import FLOAT_TYPES, QUANTIZED_TYPES, QType, QuantizedWeight, UnsupportedTensorType
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+# general.architecture -> the HF class. llama.cpp writes Mistral checkpoints as "llama"; Qwen2 keeps its q/k/v biases
+# and its own rotary layout (NEOX, which is HF's), so its q/k rows are not permuted
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+PERMUTED_QK = ("llama",)
 
 # llama.cpp tensor name -> HF name ({} is the layer index)
 _LAYER_TENSORS = {
@@ -90,10 +93,10 @@ def _field(reader: GGUFReader, key: str, default: object = None) -> object:
 
 
 def read_config(reader: GGUFReader) -> dict:
-    """Llama metadata -> an HF config.json dict."""
+    """Llama or Qwen2 metadata -> an HF config.json dict."""
     arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise GGUFError(f"unsupported GGUF architecture {arch!r}; gorgon reads {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if arch not in HF_ARCHITECTURES:
+        raise GGUFError(f"unsupported GGUF architecture {arch!r}; gorgon reads {', '.join(HF_ARCHITECTURES)}")
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise GGUFError("the file has a rope_freqs tensor (Llama 3.1-style RoPE scaling), "
@@ -102,7 +105,7 @@ def read_config(reader: GGUFReader) -> dict:
     num_heads = _field(reader, f"{arch}.attention.head_count")
     hidden = _field(reader, f"{arch}.embedding_length")
     config = {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": [HF_ARCHITECTURES[arch]],
         "vocab_size": _field(reader, f"{arch}.vocab_size", int(embed.shape[1])),
         "hidden_size": hidden,
         "intermediate_size": _field(reader, f"{arch}.feed_forward_length"),
@@ -135,7 +138,7 @@ def hf_name(name: str) -> str:
         return _GLOBAL_TENSORS[name]
     m = _LAYER_NAME.fullmatch(name)
     if m is None or m[2] not in _LAYER_TENSORS:
-        raise GGUFError(f"unexpected tensor {name!r} in a Llama GGUF file")
+        raise GGUFError(f"unexpected tensor {name!r} in a Llama-family GGUF file")
     return f"model.layers.{m[1]}.{_LAYER_TENSORS[m[2]]}.{m[3]}"
 
 
@@ -168,7 +171,8 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
                 raise GGUFError(f"quantized tensor {t.name} is not a matrix")
             value = QuantizedWeight(qtype, shape, torch.from_numpy(np.asarray(t.data)))
         tensors[name] = value
-    for i in range(hf_config["num_hidden_layers"]):  # q/k rows back in HF order
+    permuted = _field(reader, "general.architecture") in PERMUTED_QK
+    for i in range(hf_config["num_hidden_layers"] if permuted else 0):  # q/k rows back in HF order
         for proj, heads in (("q_proj", hf_config["num_attention_heads"]), ("k_proj", hf_config["num_key_value_heads"])):
             for suffix in ("weight", "bias"):
                 name = f"model.layers.{i}.self_attn.{proj}.{suffix}"

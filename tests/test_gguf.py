@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import models.gguf as gguf_module
 from bench.common import byte_tokenizer
-from engine import LLM
+from engine import LLM, SamplingParams
 from models.gguf import GGUFError, find_gguf, load_tokenizer, read_gguf, unpermute_rows
 from models.kernels import decode as cpu_decode
 from models.loader import CheckpointError, default_dtype, load_model
@@ -49,8 +49,9 @@ def gguf_name(hf: str) -> str:
 
 def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None, float_dtype=np.float32,
                arch: str = "llama") -> Path:
-    """An HF Llama as llama.cpp's converter writes it: names, permuted q/k rows, tokenizer metadata.
-    qtype_of(gguf name, array) -> a ggml type to quantize that 2-D tensor to, or None (float_dtype)."""
+    """An HF Llama (or Qwen2: arch "qwen2") as llama.cpp's converter writes it: names, q/k rows permuted for
+    Llama, tokenizer metadata. qtype_of(gguf name, array) -> a ggml type to quantize that 2-D tensor to, or None
+    (float_dtype)."""
     config = model.config
     writer = GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
@@ -77,9 +78,9 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         w = tensor.float().numpy()
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):
             w = permute(w, config.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             w = permute(w, config.num_key_value_heads)
         qtype = qtype_of(gguf_name(name), w) if w.ndim == 2 else None
         if qtype is None:
@@ -119,6 +120,30 @@ def test_logits_match_transformers_gguf_loading(tmp_path, float_dtype, tied):
     if float_dtype is np.float32:  # and the file is the HF model itself
         with torch.no_grad():
             assert (our_logits(file, tokens) - hf_model(folder)(tokens).logits).abs().max() <= 1e-4
+
+
+def test_qwen2_file_matches_transformers_gguf_loading(tmp_path):
+    """Qwen2 files keep q/k/v biases and their q/k rows unpermuted (llama.cpp's rotary layout for Qwen2 is HF's)."""
+    folder = save_tiny_model(tmp_path / "hf", arch="Qwen2ForCausalLM", tie_word_embeddings=True, rope_theta=1e6)
+    model = hf_model(folder)
+    with torch.no_grad():  # HF zeroes fresh biases: random ones check where each goes
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    file = write_gguf(model, tmp_path / "qwen.gguf", arch="qwen2")
+    assert read_gguf(file).config.qkv_bias and not read_gguf(file).config.o_bias
+    tokens = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    oracle = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="qwen.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = oracle(tokens).logits
+        assert (expected - model(tokens).logits).abs().max() <= 1e-4  # the oracle reads the file as written
+    assert (our_logits(file, tokens) - expected).abs().max() <= 1e-4
+    llm = LLM(file)  # and the engine decodes it as transformers does
+    out = llm.generate([tokens[0].tolist()], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    with torch.no_grad():
+        reference = model.generate(tokens[:1], attention_mask=torch.ones_like(tokens[:1]), max_new_tokens=8,
+                                   do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.token_ids == reference[0, tokens.shape[1]:].tolist()
 
 
 def test_config_from_metadata(tmp_path, tiny_hf):
