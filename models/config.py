@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+# freq_factors: not an HF type; a GGUF file's per-frequency divisors (its rope_freqs tensor) as read by models.gguf
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "freq_factors")
 
 
 @dataclass

@@ -34,6 +34,7 @@ _LAYER_TENSORS = {
 }
 _GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                    "output.weight": "lm_head.weight"}
+ROPE_FACTORS = "rope_freqs.weight"  # read into the config (RoPE), not a parameter
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -98,9 +99,6 @@ def read_config(reader: GGUFReader) -> dict:
     if arch not in HF_ARCHITECTURES:
         raise GGUFError(f"unsupported GGUF architecture {arch!r}; gorgon reads {', '.join(HF_ARCHITECTURES)}")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names:
-        raise GGUFError("the file has a rope_freqs tensor (Llama 3.1-style RoPE scaling), "
-                        "which gorgon does not read yet")
     embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
     num_heads = _field(reader, f"{arch}.attention.head_count")
     hidden = _field(reader, f"{arch}.embedding_length")
@@ -123,7 +121,13 @@ def read_config(reader: GGUFReader) -> dict:
         "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
     }
     scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
-    if scaling not in ("none", None):
+    if ROPE_FACTORS in names:  # Llama 3.1+: llama.cpp's converter wrote the Llama-3 rule as a divisor per frequency
+        if scaling not in ("none", None):
+            raise GGUFError(f"the file has both RoPE scaling {scaling!r} and a {ROPE_FACTORS} tensor")
+        factors = next(t for t in reader.tensors if t.name == ROPE_FACTORS)
+        config["rope_scaling"] = {"rope_type": "freq_factors",
+                                  "factors": np.asarray(factors.data, dtype=np.float32).ravel().tolist()}
+    elif scaling not in ("none", None):
         if scaling not in ("linear", "yarn"):
             raise GGUFError(f"unsupported RoPE scaling {scaling!r} in the GGUF metadata")
         config["rope_scaling"] = {"rope_type": scaling, "factor": _field(reader, f"{arch}.rope.scaling.factor", 1.0)}
@@ -155,7 +159,7 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
     hf_config = read_config(reader)
     tensors: dict[str, torch.Tensor | QuantizedWeight] = {}
     warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # read-only memmap: we never write
-    for t in reader.tensors:
+    for t in (t for t in reader.tensors if t.name != ROPE_FACTORS):
         name = hf_name(t.name)
         qtype = QType(t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the fastest-moving dimension first

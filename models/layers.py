@@ -27,7 +27,8 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE (HF layout) with the default, linear, dynamic-NTK, YaRN and Llama-3 frequency rules."""
+    """Rotate-half RoPE (HF layout) with the default, linear, dynamic-NTK, YaRN and Llama-3 frequency rules, or
+    per-frequency factors given as such (a GGUF file's rope_freqs: llama.cpp's form of Llama-3 scaling)."""
 
     def __init__(self, head_dim: int, rope: RopeConfig, max_position_embeddings: int) -> None:
         super().__init__()
@@ -42,6 +43,12 @@ class RotaryEmbedding(nn.Module):
             inv_freq = self._llama3(inv_freq)
         elif rope.rope_type == "yarn":
             inv_freq, self.attention_scaling = self._yarn()
+        elif rope.rope_type == "freq_factors":
+            factors = torch.tensor(rope.params["factors"], dtype=torch.float32)
+            if factors.shape != inv_freq.shape:
+                raise ValueError(f"{len(factors)} RoPE frequency factors for a head dimension of {head_dim} "
+                                 f"(expected {len(inv_freq)})")
+            inv_freq = inv_freq / factors
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _base_inv_freq(self, theta: float | torch.Tensor) -> torch.Tensor:

@@ -48,10 +48,10 @@ def gguf_name(hf: str) -> str:
 
 
 def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None, float_dtype=np.float32,
-               arch: str = "llama") -> Path:
+               arch: str = "llama", rope_freqs: np.ndarray | None = None) -> Path:
     """An HF Llama (or Qwen2: arch "qwen2") as llama.cpp's converter writes it: names, q/k rows permuted for
     Llama, tokenizer metadata. qtype_of(gguf name, array) -> a ggml type to quantize that 2-D tensor to, or None
-    (float_dtype)."""
+    (float_dtype). rope_freqs: the per-frequency RoPE divisors of a Llama-3-scaled model, as llama.cpp writes them."""
     config = model.config
     writer = GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
@@ -74,6 +74,8 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_chat_template(CHAT_TEMPLATE)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -144,6 +146,26 @@ def test_qwen2_file_matches_transformers_gguf_loading(tmp_path):
         reference = model.generate(tokens[:1], attention_mask=torch.ones_like(tokens[:1]), max_new_tokens=8,
                                    do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out.token_ids == reference[0, tokens.shape[1]:].tolist()
+
+
+def test_llama3_rope_factors_tensor_matches_hf(tmp_path):
+    """Llama 3.1+ GGUF files carry their RoPE scaling as rope_freqs, one divisor per frequency: the model must
+    rotate as HF's llama3 rule does (small theta and original length, so the scaling shows within 40 tokens)."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "rope_theta": 100.0,
+            "original_max_position_embeddings": 32}
+    folder = save_tiny_model(tmp_path / "hf", rope_parameters=rope)
+    model = hf_model(folder)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    plain = 1.0 / 100.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    factors = (plain / model.model.rotary_emb.inv_freq).numpy()
+    assert factors.max() > 7 and factors.min() == 1  # the rule scales some frequencies and keeps others
+    file = write_gguf(model, tmp_path / "l3.gguf", rope_freqs=factors)
+    tokens = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    assert (our_logits(file, tokens) - expected).abs().max() <= 1e-4
+    unscaled = write_gguf(model, tmp_path / "plain.gguf")  # the check can fail: without the factors it differs
+    assert (our_logits(unscaled, tokens) - expected).abs().max() > 1e-2
 
 
 def test_config_from_metadata(tmp_path, tiny_hf):
