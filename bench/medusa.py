@@ -25,6 +25,8 @@ from tqdm import tqdm
 from bench.common import cpu_isa, machine_info, print_table, write_json
 from bench.llamacpp import LlamaCpp
 from engine import LLM, RequestOutput, SamplingParams
+from engine.config import EngineConfig
+from engine.medusa.speculator import LOOKUP_ONLY
 from engine.medusa.tree import DEFAULT_TREE, TREES, load_tree
 from models.gguf import find_gguf
 from models.named import medusa_heads_for, resolve_model
@@ -47,10 +49,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=None,
                         help="a named model (smollm2), an HF checkpoint folder or a .gguf (default: the shipped model)")
     parser.add_argument("--medusa", default=None,
-                        help="Medusa heads folder (default: the model's own: a named model's, else MODEL/medusa)")
+                        help="Medusa heads folder (default: the model's own: a named model's, else MODEL/medusa), or "
+                             "'lookup': no heads, prompt-lookup drafts alone (any model)")
     parser.add_argument("--tree", default=None,
                         help=f"tree for the batch 1/4 runs: {', '.join(TREES)} or a JSON file "
                              f"(default: the engine's, {DEFAULT_TREE}, cut to the heads' depth)")
+    parser.add_argument("--ngram-tokens", type=int, default=EngineConfig.medusa_ngram_tokens,
+                        help="prompt-lookup drafts of up to N tokens, verified in place of the heads' tree where the "
+                             "last tokens occurred before (0: the heads alone)")
     parser.add_argument("--new-tokens", type=int, default=128, help="the most tokens per request")
     parser.add_argument("--ignore-eos", action="store_true",
                         help="generate --new-tokens past the end of the answer (default: stop there, as a chat does)")
@@ -140,18 +146,18 @@ def run_batch(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Name
         tokens += sum(len(o.token_ids) for o in medusa)
         steps += [n for o in medusa for n in o.accepted_lengths]
         bar.update()
-    depth = llm.medusa.tree.depth
+    depth = llm.medusa.max_tree_size - 1  # the heads' tree, or a prompt-lookup chain
     plain_tps, medusa_tps = tokens / seconds["plain"], tokens / seconds["medusa"]
     histogram = Counter(steps)
     row = {
-        "batch_size": batch_size, "temperature": temperature, "tree": llm.medusa.tree.name,
-        "tree_size": llm.medusa.tree.size,
+        "batch_size": batch_size, "temperature": temperature, "tree": tree_name(llm),
+        "tree_size": llm.medusa.max_tree_size if llm.medusa.heads is None else llm.medusa.tree.size,
         "plain_tok_s": plain_tps, "medusa_tok_s": medusa_tps, "speedup": medusa_tps / plain_tps,
         # None: no tree step ran (more sequences than the tree's max_batch_size: the engine decoded plainly)
         "mean_accepted": sum(steps) / len(steps) if steps else None, "num_steps": len(steps), "lossless": lossless,
         # tokens emitted per tree step: the accepted path plus the base model's bonus token
         "accept_length_histogram": {n: histogram.get(n, 0) for n in range(1, depth + 2)},
-        # head k's token was accepted in a step iff the step emitted at least k + 2 tokens
+        # the depth-(k+1) draft (head k's, or lookup's) was accepted in a step iff it emitted at least k + 2 tokens
         "head_acceptance": [sum(n >= k + 2 for n in steps) / len(steps) for k in range(depth)] if steps else [],
     }
     if baseline:
@@ -191,15 +197,20 @@ def plot(path: str, sweep: list[dict], main_row: dict) -> None:
     print(f"wrote {path}")
 
 
+def tree_name(llm: LLM) -> str:
+    """The engine's heads' tree, or "lookup" for prompt lookup alone (its chains, one per proposal length)."""
+    return LOOKUP_ONLY if llm.medusa.heads is None else llm.medusa.tree.name
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
         model = resolve_model(args.model)
         medusa = Path(args.medusa) if args.medusa else medusa_heads_for(args.model)
-        if not medusa.is_dir():
+        if args.medusa != LOOKUP_ONLY and not medusa.is_dir():
             raise ValueError(f"no Medusa heads at {medusa} (train some with `gorgon train-medusa`)")
-        engine_kwargs = dict(medusa=str(medusa), enable_prefix_caching=False)
+        engine_kwargs = dict(medusa=str(medusa), enable_prefix_caching=False, medusa_ngram_tokens=args.ngram_tokens)
         llm = LLM(model, medusa_tree=args.tree, **engine_kwargs)
         prompts = load_prompts(args.prompts, llm.tokenizer)[:args.num_prompts]
         gguf_file = find_gguf(model)
@@ -209,24 +220,24 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"gorgon bench medusa: error: {e}") from None
     if llm.medusa is None:
         raise SystemExit(f"gorgon bench medusa: {medusa}/tree.json says no tree pays here; name one with --tree")
-    num_heads = llm.medusa.heads.config.num_heads
-    sweep_trees = [n for n in TREES if n != llm.medusa.tree.name and load_tree(n).depth <= num_heads]
-    trees = [llm.medusa.tree.name] + ([] if args.no_sweep else sweep_trees)
+    num_heads = 0 if llm.medusa.heads is None else llm.medusa.heads.config.num_heads  # lookup alone: no sweep
+    sweep_trees = [n for n in TREES if n != tree_name(llm) and load_tree(n).depth <= num_heads]
+    trees = [tree_name(llm)] + ([] if args.no_sweep else sweep_trees)
     with tqdm(total=(len(trees) + 1) * (len(prompts) + -(-len(prompts) // 4)), desc="bench medusa") as bar:
         llm.generate(prompts[0], SamplingParams(max_tokens=8, temperature=0))  # warm-up
         baseline = LlamaCpp(gguf_file, args.threads, max_seqs=4) if args.baseline else None
         results = {}
         for name in trees:
-            engine = llm if name == llm.medusa.tree.name else LLM(model, medusa_tree=name, **engine_kwargs)
+            engine = llm if name == tree_name(llm) else LLM(model, medusa_tree=name, **engine_kwargs)
             results[name] = [run_batch(engine, prompts, bs, args, bar, baseline=baseline if engine is llm else None)
                              for bs in (1, 4)]
         if baseline:
             baseline.close()
         sampled = [run_batch(llm, prompts, bs, args, bar, SAMPLED_TEMPERATURE) for bs in (1, 4)]
-    rows = results[llm.medusa.tree.name] + sampled
+    rows = results[tree_name(llm)] + sampled
     sweep = sorted((r for name in trees for r in results[name]), key=lambda r: (r["batch_size"], r["tree_size"]))
 
-    draft_vocab_size = llm.medusa.heads.num_draft_tokens
+    draft_vocab_size = None if llm.medusa.heads is None else llm.medusa.heads.num_draft_tokens
     if llm.medusa.max_batch_size is not None:
         print(f"\nthe engine speculates while at most {llm.medusa.max_batch_size} sequences decode (the tree's "
               "measured limit): above it Medusa rows are plain decoding")
@@ -253,8 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         "sampled_tokens_per_step_bs1": sampled[0]["mean_accepted"],
         "sampled_tokens_per_step_bs4": sampled[1]["mean_accepted"],
         "sampled_lossless": all(r["lossless"] for r in sampled),
-        "lossless": all(r["lossless"] for r in sweep), "tree": llm.medusa.tree.name,
-        "max_batch_size": llm.medusa.max_batch_size,
+        "lossless": all(r["lossless"] for r in sweep), "tree": tree_name(llm),
+        "max_batch_size": llm.medusa.max_batch_size, "ngram_tokens": args.ngram_tokens,
     }
     if args.baseline:
         summary |= {f"{mode}_speedup_vs_llamacpp_bs{r['batch_size']}": r[f"{mode}_vs_llamacpp"]

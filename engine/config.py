@@ -97,7 +97,9 @@ class EngineConfig:
     max_lora_rank: int = 16
     tokenizer: str | None = None  # a folder to take the tokenizer from; None: the model's folder
     skip_tokenizer_init: bool = False  # no tokenizer: token-id prompts only, outputs carry token ids and no text
-    medusa: str | None = None  # Medusa heads folder (published format); "auto": the model's own; None: no speculation
+    # Medusa heads folder (published format); "auto": the model's own; "lookup": no heads, prompt-lookup drafts
+    # alone (medusa_ngram_tokens); None: no speculation
+    medusa: str | None = None
     medusa_tree: str | None = None  # a shipped tree's name (engine.medusa.tree.TREES) or a JSON file; None: the
     # tree measured for the heads (engine.medusa.tree.TreeChoice), else the default
     # speculate only while at most this many sequences decode together (more: plain decoding, which is faster
@@ -109,6 +111,10 @@ class EngineConfig:
     medusa_acceptance: str = "rejection"
     medusa_posterior_threshold: float = 0.09
     medusa_posterior_alpha: float = 0.3
+    # Medusa also drafts by prompt lookup (engine.medusa.ngram): where a sequence's last 3 (else 2) tokens
+    # occurred in it before, up to this many tokens that followed them are verified in place of the heads' tree;
+    # 0: the heads alone
+    medusa_ngram_tokens: int = 4
     # ranks that split the model (engine.parallel): rank 0 is this process, which schedules and samples; the
     # others are started here (one host) or by torchrun (several hosts)
     tensor_parallel_size: int = 1
@@ -124,6 +130,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive")
         if self.medusa_max_batch_size is not None and self.medusa_max_batch_size < 1:
             raise ValueError(f"medusa_max_batch_size must be >= 1, got {self.medusa_max_batch_size}")
+        if self.medusa_ngram_tokens < 0:
+            raise ValueError(f"medusa_ngram_tokens must be >= 0, got {self.medusa_ngram_tokens}")
         if self.medusa_posterior_threshold < 0 or self.medusa_posterior_alpha < 0:
             raise ValueError("medusa_posterior_threshold and medusa_posterior_alpha must be >= 0")
         if self.medusa_acceptance not in ("rejection", "typical"):

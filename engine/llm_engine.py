@@ -18,6 +18,7 @@ from engine.config import ContextLengthError, EngineConfig, SamplingParams
 from engine.detokenizer import detokenize_new_token, start_detokenizer
 from engine.kv_cache import BlockManager, KVCache
 from engine.medusa import Medusa
+from engine.medusa.speculator import LOOKUP_ONLY
 from engine.outputs import RequestOutput
 from engine.parallel import Driver, ShardedKVCache
 from engine.runner import ModelRunner
@@ -100,8 +101,9 @@ class LLM:
         if self.parallel is not None:
             kv_cache = ShardedKVCache(self.parallel, num_blocks)
             # Medusa drafts on rank 0 from the base model's config and its whole LM head
+            heads = self.config.medusa not in (None, LOOKUP_ONLY)
             medusa_base = SimpleNamespace(config=model_config, lm_head=self.parallel.call("gather_lm_head")
-                                          if self.config.medusa else None)
+                                          if heads else None)
         else:
             kv_cache = KVCache(model_config.num_layers, num_blocks, self.config.block_size, model_config.num_kv_heads,
                                model_config.head_dim, self.config.torch_dtype, self.device)
@@ -110,7 +112,7 @@ class LLM:
         self.medusa = (Medusa.from_config(self.config, medusa_base, kv_cache, self.max_model_len, self.kernels)
                        if self.config.medusa else None)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                                   tree_size=self.medusa.tree.size if self.medusa else 0)
+                                   tree_size=self.medusa.max_tree_size if self.medusa else 0)
         self.runner = ModelRunner(self.model, kv_cache, self.config.attention_backend, self.device, self.parallel)
         self.sampler = Sampler(self.kernels)
         self.requests: dict[str, Sequence] = {}

@@ -76,8 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--medusa", default=None,
-                        help="Medusa heads folder (speculative decoding), 'auto' (the model's own) or 'none' "
-                             "(default: the model's own heads when it has some, as the shipped model does)")
+                        help="Medusa heads folder (speculative decoding), 'auto' (the model's own), 'lookup' (no "
+                             "heads: prompt-lookup drafts alone, for any model) or 'none' (default: the model's own "
+                             "heads when it has some, as the shipped model does)")
     parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
     add_medusa_flags(parser)
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")

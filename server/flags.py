@@ -14,13 +14,16 @@ def add_medusa_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--medusa-posterior-threshold", type=float, default=None,
                         help="typical acceptance: accept when p > min(threshold, alpha * exp(-entropy))")
     parser.add_argument("--medusa-posterior-alpha", type=float, default=None, help="typical acceptance's alpha")
+    parser.add_argument("--medusa-ngram-tokens", type=int, default=None, metavar="N",
+                        help="where a sequence's last 3 (else 2) tokens occurred in it before, verify up to N tokens "
+                             "that followed them in place of the heads' tree (prompt lookup; default 4; 0: off)")
 
 
 def medusa_options(args: argparse.Namespace) -> dict:
     """EngineConfig's Medusa fields from add_medusa_flags' flags (left out: the defaults)."""
     fields = {"medusa_max_batch_size": args.medusa_max_batch_size, "medusa_acceptance": args.medusa_acceptance,
               "medusa_posterior_threshold": args.medusa_posterior_threshold,
-              "medusa_posterior_alpha": args.medusa_posterior_alpha}
+              "medusa_posterior_alpha": args.medusa_posterior_alpha, "medusa_ngram_tokens": args.medusa_ngram_tokens}
     return {name: value for name, value in fields.items() if value is not None}
 
 

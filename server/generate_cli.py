@@ -27,7 +27,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on CUDA; on the CPU the checkpoint's own if bfloat16, else float32")
-    parser.add_argument("--medusa", default=None, help="Medusa heads folder: speculate with them")
+    parser.add_argument("--medusa", default=None,
+                        help="Medusa heads folder: speculate with them ('lookup': prompt-lookup drafts alone)")
     parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
     add_medusa_flags(parser)
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")

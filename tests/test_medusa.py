@@ -17,6 +17,7 @@ from bench.medusa import main as bench_main
 from engine import LLM, RequestOutput, SamplingParams
 from engine.attention import available_backends
 from engine.kv_cache import slots
+from engine.medusa.ngram import NgramIndex
 from engine.medusa.speculator import typical_acceptance
 from engine.medusa.tree import DEFAULT_TREE, TREES, build_tree, load_tree
 from engine.training.medusa import TrainConfig, build_cache, draft_vocabulary, self_distill, train_heads
@@ -318,7 +319,8 @@ def test_greedy_medusa_with_a_draft_vocab_is_lossless(tiny_model_dir, heads_dir,
 
     def recording_propose(seqs, hidden, num_running):
         propose(seqs, hidden, num_running)
-        drafted.update(t for s in seqs if s.draft_token_ids for rank in s.draft_token_ids for t in rank)
+        drafted.update(t for s in seqs if s.draft_token_ids and not s.drafted_by_lookup
+                       for rank in s.draft_token_ids for t in rank)
 
     llm.medusa.propose = recording_propose
     medusa = llm.generate(prompts(2), params)
@@ -475,3 +477,61 @@ def test_bench_medusa_llama_cpp_baseline_needs_a_gguf_file(tiny_model_dir, heads
     with pytest.raises(SystemExit, match="one GGUF file"):
         bench_main(["--model", str(tiny_model_dir), "--medusa", str(heads_dir), "--baseline", "llama.cpp",
                     "--out", str(tmp_path / "o.json")])
+
+
+def test_ngram_index_proposes_what_followed_the_latest_earlier_occurrence():
+    index = NgramIndex()
+    tokens = [1, 2, 3, 4, 5, 9, 1, 2, 3]
+    assert index.propose(tokens, 4) == [4, 5, 9, 1]  # (1, 2, 3) occurred at 0: what followed it
+    tokens += [7, 2, 3]
+    assert index.propose(tokens, 2) == [7, 2]  # no (7, 2, 3) before; the latest (2, 3) was followed by 7
+    assert index.propose(tokens + [8], 4) == []  # (3, 8) and (2, 3, 8) never occurred
+    assert NgramIndex().propose([7, 7, 7, 7], 3) == [7]  # the run itself, up to the end of the sequence
+    assert NgramIndex().propose([1, 2], 3) == []
+
+
+@pytest.mark.parametrize("ngram_tokens", [4, 0])
+def test_prompt_lookup_drafts_are_verified_losslessly(tiny_model_dir, heads_dir, ngram_tokens):
+    """Where a sequence's last tokens occurred before, the tokens after them are verified as a chain in place of
+    the heads' tree; greedy output stays plain decoding's. The random model's greedy runs fall into loops (one
+    repeats a token 17 times), which lookup drafts predict whole."""
+    params = SamplingParams(max_tokens=64, **GREEDY)
+    repeating = [[(7 * i + j) % 250 + 3 for j in range(6)] * 3 for i in range(3)]
+    plain = LLM(tiny_model_dir).generate(repeating, params)
+    llm = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_tree="chain2", medusa_ngram_tokens=ngram_tokens)
+    verify_tree, lookup_accepted = llm.medusa._verify_tree, []
+
+    def recording_verify_tree(seqs, vt, runner, rng):
+        out = verify_tree(seqs, vt, runner, rng)
+        if vt is not llm.medusa.heads_tree:
+            assert vt in llm.medusa.chains and all(len(s.draft_token_ids) == vt.tree.depth for s in seqs)
+            lookup_accepted.extend(len(tokens) - 1 for tokens in out[0])
+        return out
+
+    llm.medusa._verify_tree = recording_verify_tree
+    medusa = llm.generate(repeating, params)
+    assert [o.token_ids for o in medusa] == [o.token_ids for o in plain]
+    if ngram_tokens:
+        assert max(lookup_accepted) >= 3  # whole chains accepted: beyond what the 2-deep heads' tree can give
+    else:
+        assert not lookup_accepted
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_lookup_alone_speculates_for_a_model_without_heads(tiny_model_dir):
+    """medusa="lookup": no heads; sequences whose last tokens occurred before verify a lookup chain, the others
+    decode plainly. Greedy output is plain decoding's, seeded sampling draws plain sampling's tokens (one draw
+    per emitted token, as the rejection rule makes), and no block leaks."""
+    repeating = [[(7 * i + j) % 250 + 3 for j in range(6)] * 3 for i in range(3)]
+    plain_llm = LLM(tiny_model_dir)
+    llm = LLM(tiny_model_dir, medusa="lookup")
+    assert llm.medusa.heads is None and llm.medusa.max_tree_size == 5
+    runs = {}
+    for temperature in (0.0, 0.8):
+        params = SamplingParams(max_tokens=64, temperature=temperature, seed=3, ignore_eos=True)
+        plain, runs[temperature] = plain_llm.generate(repeating, params), llm.generate(repeating, params)
+        assert [o.token_ids for o in runs[temperature]] == [o.token_ids for o in plain]
+    assert max(n for o in runs[0.0] for n in o.accepted_lengths) >= 3
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+    with pytest.raises(ValueError, match="medusa_ngram_tokens must be >= 1"):
+        LLM(tiny_model_dir, medusa="lookup", medusa_ngram_tokens=0)

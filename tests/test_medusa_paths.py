@@ -59,9 +59,9 @@ def use_oracle_drafts(llm: LLM, futures: dict[str, list[int]]) -> list[list[int]
     paths: list[list[int]] = []
     compact = llm.medusa._compact
 
-    def recording_compact(slot_mapping, accepted_paths):
+    def recording_compact(slot_mapping, size, accepted_paths):
         paths.extend(accepted_paths)
-        compact(slot_mapping, accepted_paths)
+        compact(slot_mapping, size, accepted_paths)
 
     llm.medusa.propose = propose
     llm.medusa._compact = recording_compact

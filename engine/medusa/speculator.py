@@ -6,7 +6,9 @@ Indexing: the base model's logits at hidden state h_i predict token i+1; head k 
 token i+2+k. A sequence in decode has its last token pending (not yet in the cache); that token is the
 tree's root, and the heads' top-k at the hidden state of the token before it fill the tree's nodes: Medusa
 heads all at once (a depth-d node takes head d-1's candidate of its rank), Hydra heads level by level (a
-depth-d node takes its rank among the candidates head d-1 gives its parent, reading the parent's path)."""
+depth-d node takes its rank among the candidates head d-1 gives its parent, reading the parent's path).
+Where the sequence's last tokens occurred in it before, a chain of the tokens that followed them then
+(prompt lookup, engine.medusa.ngram) is verified instead of the heads' tree."""
 from __future__ import annotations
 
 import warnings
@@ -14,18 +16,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from itertools import accumulate, chain, pairwise
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
 
 from engine.config import EngineConfig, SamplingParams
 from engine.kv_cache import KVCache
+from engine.medusa.ngram import NgramIndex
 from engine.medusa.tree import DEFAULT_TREE, MedusaTree, TreeChoice, build_tree, load_tree
 from engine.runner import ModelRunner
 from engine.sampler import TokenCounts, adjust_logits, argmax_ids, filtered_probs, has_penalties
 from engine.sequence import Sequence
 from models.kernels.decode import DecodeKernels, set_decode_kernels
 from models.medusa import MedusaHeads, load_medusa_heads
+
+LOOKUP_ONLY = "lookup"  # EngineConfig.medusa: speculate by prompt lookup alone, without heads
 
 # Drafting reads every head's weights each step, from memory (the model's forward evicts them), so they are
 # kept in bf16; their precision only moves which drafts are offered, never the output (the base model verifies
@@ -64,6 +70,26 @@ def typical_acceptance(candidates: torch.Tensor, probs: torch.Tensor, parents: l
 
 
 @dataclass(frozen=True)
+class VerifyTree:
+    """A tree as verification reads it. Node i's token is entry candidate_index[i] of a sequence's
+    [root, *chain(draft_token_ids)]: Medusa drafts are each head's top-k, the others each level's nodes' own
+    tokens. path_pairs: (node, node of its path below the root) pairs, for penalties (a node's history is its
+    sequence's tokens, ending with the root's, and the tokens of its path below the root)."""
+
+    tree: MedusaTree
+    children: list[list[int]]
+    path_pairs: torch.Tensor  # [2, pairs]
+    candidate_index: list[int]
+
+    @classmethod
+    def of(cls, tree: MedusaTree, node_tokens: bool) -> VerifyTree:
+        """node_tokens: the drafts list each node's own token (Hydra heads, prompt lookup), not top-k lists."""
+        children = [[c for c in range(1, tree.size) if tree.parents[c] == node] for node in range(tree.size)]
+        pairs = torch.tensor([(i, j) for i, j in tree.mask.nonzero().tolist() if j != 0], dtype=torch.int64)
+        return cls(tree, children, pairs.view(-1, 2).T, list(range(tree.size)) if node_tokens else tree.candidate_index)
+
+
+@dataclass(frozen=True)
 class Level:
     """Hydra drafting of one tree level: the depth-d nodes that have children run head d; each depth-(d+1)
     node takes the candidate of its rank among its parent's."""
@@ -89,41 +115,57 @@ def hydra_levels(tree: MedusaTree) -> list[Level]:
 
 
 class Medusa:
-    """Medusa speculation for one engine. Invariant: a sequence whose draft_token_ids are set has its
-    last token pending and room for tree.size more cache entries; its next decode step verifies the tree."""
+    """Medusa speculation for one engine: by its heads and prompt lookup, or (heads None) by prompt lookup
+    alone. Invariant: a sequence whose draft_token_ids are set has its last token pending and room for
+    max_tree_size more cache entries; its next decode step verifies its tree (tree_of)."""
 
-    def __init__(self, heads: MedusaHeads, tree: MedusaTree, model: nn.Module, kv_cache: KVCache,
+    def __init__(self, heads: MedusaHeads | None, tree: MedusaTree | None, model: nn.Module, kv_cache: KVCache,
                  max_model_len: int, acceptance: str, posterior_threshold: float, posterior_alpha: float,
-                 max_batch_size: int | None = None) -> None:
+                 max_batch_size: int | None = None, ngram_tokens: int = 0,
+                 kernels: DecodeKernels | None = None) -> None:
+        self.model, self.kv_cache, self.kernels = model, kv_cache, kernels
+        self.max_model_len = max_model_len
+        self.max_batch_size = max_batch_size
+        self.acceptance = acceptance
+        self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
+        # prompt lookup: a chain per proposal length (1 .. ngram_tokens), verified in place of the heads' tree
+        self.ngram_tokens = ngram_tokens
+        self.ngram_indexes: WeakKeyDictionary[Sequence, NgramIndex] = WeakKeyDictionary()  # gone with the sequence
+        self.chains = [VerifyTree.of(build_tree([[0] * d for d in range(1, n + 1)], f"lookup{n}").to(kv_cache.device),
+                                     node_tokens=True) for n in range(1, ngram_tokens + 1)]
+        self.heads, self.tree, self.heads_tree = heads, None, None
+        self.max_tree_size = 1 + ngram_tokens
+        if heads is not None:
+            self._set_heads(heads, tree)
+
+    def _set_heads(self, heads: MedusaHeads, tree: MedusaTree) -> None:
         if tree.depth > heads.config.num_heads:
             raise ValueError(f"medusa tree {tree.name!r} is {tree.depth} deep, but there are only "
                              f"{heads.config.num_heads} heads (a depth-d node takes head d-1's candidates)")
         if heads.num_draft_tokens < tree.top_k:
             raise ValueError(f"medusa tree {tree.name!r} takes each head's top {tree.top_k}, but the heads' draft "
                              f"vocabulary has only {heads.num_draft_tokens} tokens")
-        self.heads, self.model, self.kv_cache = heads, model, kv_cache
-        self.draft_weights = heads.draft_weights(model.lm_head)
-        self.tree = tree.to(kv_cache.device)
-        self.max_model_len = max_model_len
-        self.max_batch_size = max_batch_size
-        self.acceptance = acceptance
-        self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
-        self.children = [[c for c in range(1, tree.size) if tree.parents[c] == node] for node in range(tree.size)]
-        # (node, node of its path below the root) pairs: a node's history is its sequence's tokens (ending with
-        # the root's) and the tokens of its path below the root
-        self.path_pairs = torch.tensor([(i, j) for i, j in tree.mask.nonzero().tolist() if j != 0]).T
-        # node i's token: entry candidate_index[i] of [root, *chain(draft_token_ids)]: Medusa drafts are each
-        # head's top-k, Hydra drafts each level's nodes' own tokens
+        self.draft_weights = heads.draft_weights(self.model.lm_head)
+        self.tree = tree.to(self.kv_cache.device)
         self.sequential = heads.config.sequential
         self.levels = hydra_levels(tree) if self.sequential else None
-        self.candidate_index = list(range(tree.size)) if self.sequential else tree.candidate_index
+        self.heads_tree = VerifyTree.of(self.tree, node_tokens=self.sequential)
+        self.max_tree_size = max(tree.size, self.max_tree_size)
 
     @classmethod
     def from_config(cls, config: EngineConfig, model: nn.Module, kv_cache: KVCache, max_model_len: int,
                     kernels: DecodeKernels | None) -> Medusa | None:
         """The engine's Medusa: heads from config.medusa, tree from config.medusa_tree, else the one measured
         for the heads (TreeChoice), else the default; None when the measurement found that no tree pays.
-        Drafting uses the CPU kernels when the engine does."""
+        config.medusa "lookup": prompt lookup alone. Drafting uses the CPU kernels when the engine does."""
+        options = dict(acceptance=config.medusa_acceptance, posterior_threshold=config.medusa_posterior_threshold,
+                       posterior_alpha=config.medusa_posterior_alpha, ngram_tokens=config.medusa_ngram_tokens,
+                       kernels=kernels)
+        if config.medusa == LOOKUP_ONLY:
+            if not config.medusa_ngram_tokens:
+                raise ValueError("medusa 'lookup' speculates by prompt lookup alone: medusa_ngram_tokens must be >= 1")
+            return cls(None, None, model, kv_cache, max_model_len, max_batch_size=config.medusa_max_batch_size,
+                       **options)
         choice = TreeChoice.load(config.medusa) if config.medusa_tree is None else None
         if choice is not None and choice.paths is None:
             warnings.warn(f"Medusa heads {config.medusa}: {choice.summary}; decoding plainly", stacklevel=2)
@@ -145,25 +187,27 @@ class Medusa:
             if config.medusa_tree is None:  # the default tree, as deep as the heads allow
                 tree = tree.cut(min(tree.depth, heads.config.num_heads))
         max_batch_size = config.medusa_max_batch_size or (choice.max_batch_size if choice is not None else None)
-        return cls(heads, tree, model, kv_cache, max_model_len, config.medusa_acceptance,
-                   config.medusa_posterior_threshold, config.medusa_posterior_alpha, max_batch_size)
+        return cls(heads, tree, model, kv_cache, max_model_len, max_batch_size=max_batch_size, **options)
 
     def can_speculate(self, seq: Sequence) -> bool:
         # requests that want logprobs decode plainly; adapters speculate with the base model's heads
         # (verification runs through the adapter, so output is unchanged; only acceptance may drop)
         return (seq.params.use_medusa and seq.params.logprobs is None and not seq.is_finished
-                and seq.num_virtual_tokens + len(seq) - 1 + self.tree.size <= self.max_model_len)
+                and seq.num_virtual_tokens + len(seq) - 1 + self.max_tree_size <= self.max_model_len)
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], hidden: torch.Tensor, num_running: int) -> None:
-        """Set each sequence's drafts from the hidden state [len(seqs), hidden] of the token before its
-        pending one (None where it cannot speculate, and for all of them while more than max_batch_size of the
-        engine's num_running sequences decode: there plain steps are faster)."""
+        """Set each sequence's drafts: by prompt lookup where its last tokens occurred before, else by the heads
+        from the hidden state [len(seqs), hidden] of the token before its pending one (None where it cannot
+        speculate, and for all of them while more than max_batch_size of the engine's num_running sequences
+        decode: there plain steps are faster)."""
         crowded = self.max_batch_size is not None and num_running > self.max_batch_size
         speculating = [] if crowded else [i for i, seq in enumerate(seqs) if self.can_speculate(seq)]
         for seq in seqs:
-            seq.draft_token_ids = None
-        if not speculating:
+            seq.draft_token_ids, seq.drafted_by_lookup = None, False
+        if self.ngram_tokens:
+            speculating = [i for i in speculating if not self._look_up(seqs[i])]
+        if not speculating or self.heads is None:
             return
         if self.sequential:
             roots = torch.tensor([seqs[i].token_ids[-1] for i in speculating], device=hidden.device)
@@ -174,6 +218,18 @@ class Medusa:
             drafts = top.transpose(0, 1).tolist()
         for i, seq_drafts in zip(speculating, drafts):
             seqs[i].draft_token_ids = seq_drafts
+
+    def _look_up(self, seq: Sequence) -> bool:
+        """Draft by prompt lookup, if the sequence's last tokens occurred in it before."""
+        index = self.ngram_indexes.setdefault(seq, NgramIndex())
+        found = index.propose(seq.token_ids, self.ngram_tokens)
+        if found:
+            seq.draft_token_ids, seq.drafted_by_lookup = [[t] for t in found], True
+        return bool(found)
+
+    def tree_of(self, seq: Sequence) -> VerifyTree:
+        """The tree a drafted sequence's next step verifies: its lookup chain, else the heads' tree."""
+        return self.chains[len(seq.draft_token_ids) - 1] if seq.drafted_by_lookup else self.heads_tree
 
     def _draft_levels(self, hidden: torch.Tensor, roots: torch.Tensor) -> list[list[list[int]]]:
         """Hydra: the tree's node tokens, level by level, for B sequences from their hidden states [B, hidden]
@@ -196,13 +252,31 @@ class Medusa:
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence], runner: ModelRunner,
                rng: torch.Generator) -> tuple[list[list[int]], torch.Tensor]:
-        """One forward over every sequence's tree; returns, per sequence, the accepted tokens plus the
-        bonus token sampled by the base model after them, and the accepted last node's hidden states
-        [len(seqs), hidden] (what propose() needs next). The accepted K/V ends up in consecutive cache
+        """Verify every sequence's tree, one forward per kind of tree; returns, per sequence, the accepted
+        tokens plus the bonus token sampled by the base model after them, and the accepted last node's hidden
+        states [len(seqs), hidden] (what propose() needs next). The accepted K/V ends up in consecutive cache
         entries after the sequence's past; the caller releases the blocks beyond them."""
-        tree, num_seqs, size = self.tree, len(seqs), self.tree.size
+        groups: dict[int, list[int]] = {}
+        trees = [self.tree_of(seq) for seq in seqs]
+        for i, tree in enumerate(trees):
+            groups.setdefault(id(tree), []).append(i)
+        accepted: list[list[int]] = [[] for _ in seqs]
+        hidden_rows, order = [], []
+        for members in groups.values():
+            tokens, hidden = self._verify_tree([seqs[i] for i in members], trees[members[0]], runner, rng)
+            for i, t in zip(members, tokens):
+                accepted[i] = t
+            hidden_rows.append(hidden)
+            order += members
+        hidden = torch.cat(hidden_rows)  # in group order: back to the sequences' order
+        return accepted, hidden[torch.tensor(order, device=hidden.device).argsort()]
+
+    def _verify_tree(self, seqs: list[Sequence], vt: VerifyTree, runner: ModelRunner,
+                     rng: torch.Generator) -> tuple[list[list[int]], torch.Tensor]:
+        """verify() for sequences that all draft the tree vt, in one forward."""
+        tree, num_seqs, size = vt.tree, len(seqs), vt.tree.size
         token_lists = [[seq.token_ids[-1], *chain.from_iterable(seq.draft_token_ids)] for seq in seqs]
-        input_ids = [tokens[i] for tokens in token_lists for i in self.candidate_index]
+        input_ids = [tokens[i] for tokens in token_lists for i in vt.candidate_index]
         positions, spans = [], []
         for seq in seqs:
             root = seq.num_virtual_tokens + seq.num_computed_tokens  # the root's cache index and position
@@ -212,8 +286,8 @@ class Medusa:
                                     list(range(num_seqs)), tree_mask=tree.mask)
         hidden = runner.forward(inputs)  # [B * T, hidden]
         logits = runner.logits(hidden, inputs.sample_rows)  # [B * T, V]
-        paths, bonus = self._accept(seqs, input_ids, logits, rng)
-        self._compact(inputs.ctx.slot_mapping, paths)
+        paths, bonus = self._accept(seqs, vt, input_ids, logits, rng)
+        self._compact(inputs.ctx.slot_mapping, size, paths)
         out = [[input_ids[b * size + node] for node in path[1:]] + [bonus[b]] for b, path in enumerate(paths)]
         return out, hidden[[b * size + path[-1] for b, path in enumerate(paths)]]
 
@@ -226,14 +300,14 @@ class Medusa:
     # token with probability p(y). That is one draw y ~ p and a move to the child whose token is y, if any,
     # which is what we do: one draw per emitted token, as plain sampling makes, so the output follows plain
     # sampling's distribution exactly (and a seeded request draws the same random numbers as without Medusa).
-    def _accept(self, seqs: list[Sequence], candidates: list[int], logits: torch.Tensor,
+    def _accept(self, seqs: list[Sequence], vt: VerifyTree, candidates: list[int], logits: torch.Tensor,
                 rng: torch.Generator) -> tuple[list[list[int]], list[int]]:
         """Per sequence: the accepted nodes (root first) and the bonus token after them. Greedy requests
         follow the argmax; sampled ones the rule above, or typical acceptance when configured so."""
-        size = self.tree.size
+        size = vt.tree.size
         row_params = [s.params for s in seqs for _ in range(size)]
-        logits = self._adjusted_logits(seqs, candidates, logits.float(), row_params)
-        greedy_tokens = argmax_ids(logits, self.heads.kernels)
+        logits = self._adjusted_logits(seqs, vt, candidates, logits.float(), row_params)
+        greedy_tokens = argmax_ids(logits, self.kernels)
         sampled = {b: j for j, b in enumerate(b for b, s in enumerate(seqs) if not s.params.greedy)}
         probs = typical = log_p = None
         if sampled:
@@ -241,58 +315,58 @@ class Medusa:
             probs = filtered_probs(logits[rows], [row_params[r] for r in rows]).view(len(sampled), size, -1)
             if self.acceptance == "typical":
                 candidates_t = torch.tensor(candidates, device=logits.device).view(len(seqs), size)[list(sampled)]
-                typical_t, log_p_t = typical_acceptance(candidates_t, probs, self.tree.parents,
+                typical_t, log_p_t = typical_acceptance(candidates_t, probs, vt.tree.parents,
                                                         self.posterior_threshold, self.posterior_alpha)
                 typical, log_p = typical_t.tolist(), log_p_t.tolist()
         paths, bonus = [], []
         for b, seq in enumerate(seqs):
             tokens = candidates[b * size:(b + 1) * size]
             if seq.params.greedy:
-                path, token = walk_tree(tokens, self.children, greedy_tokens[b * size:(b + 1) * size].__getitem__)
+                path, token = walk_tree(tokens, vt.children, greedy_tokens[b * size:(b + 1) * size].__getitem__)
             else:
                 j, generator = sampled[b], seq.generator or rng
                 if typical is None:
-                    path, token = walk_tree(tokens, self.children, partial(draw, probs[j], generator))
+                    path, token = walk_tree(tokens, vt.children, partial(draw, probs[j], generator))
                 else:
-                    path = self._typical_path(typical[j], log_p[j])
+                    path = typical_path(vt.tree, typical[j], log_p[j])
                     token = draw(probs[j], generator, path[-1])
             paths.append(path)
             bonus.append(token)
         return paths, bonus
 
-    def _adjusted_logits(self, seqs: list[Sequence], candidates: list[int], logits: torch.Tensor,
+    def _adjusted_logits(self, seqs: list[Sequence], vt: VerifyTree, candidates: list[int], logits: torch.Tensor,
                          row_params: list[SamplingParams]) -> torch.Tensor:
         """logit_bias and penalties at every node; the penalties read each node's own history."""
         penalized = [b for b, s in enumerate(seqs) if has_penalties(s.params)]
         if not penalized:
             return adjust_logits(logits, row_params, penalized_rows=[])
-        size = self.tree.size
+        size = vt.tree.size
         counts = TokenCounts.of([seqs[b].token_ids for b in penalized], [seqs[b].num_prompt_tokens for b in penalized],
                                 logits.shape[-1], logits.device).repeat_interleave(size)
         tokens = torch.tensor(candidates).view(len(seqs), size)[penalized]  # [P, T]
-        node, path_node = self.path_pairs
+        node, path_node = vt.path_pairs
         counts.add((torch.arange(len(penalized))[:, None] * size + node).flatten(), tokens[:, path_node].flatten())
         return adjust_logits(logits, row_params, counts, [b * size + i for b in penalized for i in range(size)])
 
-    def _typical_path(self, accepted: list[bool], log_p: list[float]) -> list[int]:
-        """The longest accepted prefix of a root-to-leaf path; ties go to the likeliest, then to the first."""
-        best, best_key = [0], (1, 0.0)
-        for leaf_path in self.tree.leaf_paths:
-            n = 1
-            while n < len(leaf_path) and accepted[leaf_path[n]]:
-                n += 1
-            key = (n, sum(log_p[i] for i in leaf_path[1:n]))
-            if key > best_key:
-                best, best_key = leaf_path[:n], key
-        return best
-
-    def _compact(self, slot_mapping: torch.Tensor, paths: list[list[int]]) -> None:
+    def _compact(self, slot_mapping: torch.Tensor, size: int, paths: list[list[int]]) -> None:
         """Move each accepted path's K/V (all layers) so that its depth-d node sits in the slot of tree
-        row d: sequence b's node i was written to slot_mapping[b * T + i], the slot of cache index root + i."""
-        size = self.tree.size
+        row d: sequence b's node i was written to slot_mapping[b * size + i], the slot of cache index root + i."""
         moves = [(b * size + node, b * size + depth) for b, path in enumerate(paths)
                  for depth, node in enumerate(path) if node != depth]
         if not moves:
             return
         src, dst = map(list, zip(*moves))
         self.kv_cache.copy(slot_mapping[src], slot_mapping[dst])
+
+
+def typical_path(tree: MedusaTree, accepted: list[bool], log_p: list[float]) -> list[int]:
+    """The longest accepted prefix of a root-to-leaf path; ties go to the likeliest, then to the first."""
+    best, best_key = [0], (1, 0.0)
+    for leaf_path in tree.leaf_paths:
+        n = 1
+        while n < len(leaf_path) and accepted[leaf_path[n]]:
+            n += 1
+        key = (n, sum(log_p[i] for i in leaf_path[1:n]))
+        if key > best_key:
+            best, best_key = leaf_path[:n], key
+    return best

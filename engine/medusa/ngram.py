@@ -1,0 +1,33 @@
+"""Prompt lookup (n-gram) drafts: when a sequence's last few tokens occurred earlier in it (prompt or output),
+the tokens that followed them then are a likely continuation now. Answers that quote, summarise or edit
+their prompt repeat long runs of it, and such a draft is often right several tokens deep, where the heads'
+guesses are not. It costs no model work, and the base model verifies it like any tree."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+NGRAM_SIZES = (3, 2)  # suffix lengths tried, longest first: a longer match predicts better, a shorter one more often
+
+
+@dataclass
+class NgramIndex:
+    """One sequence's n-grams. Invariant: `last_seen[key]` is the position right after the latest occurrence of
+    the n-gram `key` that ends before position `indexed`, the first position not yet indexed; the n-gram ending
+    at the sequence's last token has no continuation and is never indexed, so a match is always an earlier one."""
+
+    last_seen: dict[tuple[int, ...], int] = field(default_factory=dict)
+    indexed: int = 0
+
+    def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
+        """Up to max_tokens tokens that followed the latest earlier occurrence of the sequence's last 3 tokens
+        (else its last 2); [] when they never occurred before."""
+        for stop in range(max(self.indexed, min(NGRAM_SIZES)), len(token_ids)):  # those with a continuation
+            for n in NGRAM_SIZES:
+                if stop >= n:
+                    self.last_seen[tuple(token_ids[stop - n:stop])] = stop
+        self.indexed = max(self.indexed, len(token_ids))
+        for n in NGRAM_SIZES:
+            start = self.last_seen.get(tuple(token_ids[-n:])) if len(token_ids) > n else None
+            if start is not None:
+                return token_ids[start:start + max_tokens]
+        return []
