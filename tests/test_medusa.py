@@ -524,7 +524,8 @@ def test_lookup_alone_speculates_for_a_model_without_heads(tiny_model_dir):
     per emitted token, as the rejection rule makes), and no block leaks."""
     repeating = [[(7 * i + j) % 250 + 3 for j in range(6)] * 3 for i in range(3)]
     plain_llm = LLM(tiny_model_dir)
-    llm = LLM(tiny_model_dir, medusa="lookup")
+    assert LLM(tiny_model_dir, medusa="lookup").medusa.max_batch_size == 1  # the default: batch 1
+    llm = LLM(tiny_model_dir, medusa="lookup", medusa_max_batch_size=4)  # chains beside plain rows in a step
     assert llm.medusa.heads is None and llm.medusa.max_tree_size == 5
     runs = {}
     for temperature in (0.0, 0.8):
