@@ -1,7 +1,8 @@
 """GGUF checkpoints (llama.cpp's format) -> the model config and HF-named tensors, read with the gguf
 package's memory-mapped reader. Float tensors become torch tensors; quantized ones stay in their blocks
 (models.quant.QuantizedWeight: raw uint8 rows, never dequantized here). The tokenizer and chat template
-come from the metadata through transformers' GGUF tokenizer conversion."""
+come from the metadata through transformers' GGUF tokenizer conversion, corrected where it tokenizes
+otherwise than llama.cpp (tokenize_as_llama_cpp)."""
 from __future__ import annotations
 
 import hashlib
@@ -196,15 +197,19 @@ def load_tokenizer(path: str | Path):
     takes seconds for a large vocabulary, so the result is kept in TOKENIZER_CACHE, under the file's path,
     size and modification time, and later loads read that (a cache that cannot be written is skipped)."""
     import transformers
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(path).resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode())
     cached = TOKENIZER_CACHE / key.hexdigest()[:24]
     if (cached / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(cached)
+        # tokenizer.json as saved: a model's own class (Qwen2Tokenizer) would put back its default normalizer
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(cached)
+        tokenize_as_llama_cpp(tokenizer, open_gguf(path))  # (a no-op, unless cached by an older gorgon)
+        return tokenizer
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenize_as_llama_cpp(tokenizer, open_gguf(path))
     try:
         TOKENIZER_CACHE.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=TOKENIZER_CACHE) as tmp:  # whole, or not at all: other loads may race
@@ -213,6 +218,36 @@ def load_tokenizer(path: str | Path):
     except OSError:
         pass
     return tokenizer
+
+
+# Pre-tokenizer names (tokenizer.ggml.pre) of Llama 3's kind of vocabulary: llama.cpp takes a word that is one
+# token of the vocabulary whole, before any merge (tokenizers' `ignore_merges`), and adds BOS unless the file
+# says otherwise. Mistral's tekken takes words whole too.
+LLAMA3_VOCABULARIES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral")
+WHOLE_WORD_VOCABULARIES = (*LLAMA3_VOCABULARIES, "tekken")
+
+
+def tokenize_as_llama_cpp(tokenizer, reader: GGUFReader) -> None:
+    """Make transformers' tokenizer of a GGUF file give llama.cpp's tokens, which are the model's own (llama.cpp's
+    vocabulary tests, models/ggml-vocab-*.gguf.inp/.out, hold its original tokenizer's ids). transformers departs
+    from them in three places: a sentencepiece vocabulary's space prefix (llama.cpp, like sentencepiece, writes
+    "▁" before the text even when the text starts with a space: " Hello" is "▁", "▁Hello"; transformers' Metaspace
+    writes "▁Hello"), Llama 3's whole-word lookup, and Llama 3's BOS where the file has no add_bos_token."""
+    from tokenizers import decoders, normalizers
+
+    backend, vocabulary = tokenizer.backend_tokenizer, _field(reader, "tokenizer.ggml.pre")
+    if _field(reader, "tokenizer.ggml.model") == "llama":
+        space_prefix = _field(reader, "tokenizer.ggml.add_space_prefix", True)
+        escape = normalizers.Replace(" ", "\u2581")
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), escape]) if space_prefix else escape
+        backend.pre_tokenizer = None
+        if not space_prefix:  # nothing to take off the front when decoding
+            backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                                 decoders.Fuse()])
+    if vocabulary in WHOLE_WORD_VOCABULARIES:
+        backend.model.ignore_merges = True
+    if vocabulary in LLAMA3_VOCABULARIES and _field(reader, "tokenizer.ggml.add_bos_token") is None:
+        tokenizer.add_bos_token = True
 
 
 __all__ = ["GGUFCheckpoint", "GGUFError", "UnsupportedTensorType", "find_gguf", "load_tokenizer", "read_gguf"]

@@ -301,6 +301,57 @@ def test_tokenizer_and_chat_template_from_metadata(tmp_path, tiny_hf, monkeypatc
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
+def write_vocabulary(path: Path, model: str, tokens: list[str], token_types: list[int], pre: str = "default",
+                     scores: list[float] | None = None, merges: list[str] = ()) -> Path:
+    """A GGUF that holds a vocabulary alone, as llama.cpp's own tokenizer tests do (models/ggml-vocab-*.gguf)."""
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_scores(scores or [0.0] * len(tokens))
+    if merges:
+        writer.add_token_merges(list(merges))
+    writer.add_bos_token_id(1 if model == "llama" else 0)
+    writer.add_eos_token_id(2 if model == "llama" else 1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_sentencepiece_vocabulary_prefixes_a_space_as_llama_cpp_does(tmp_path, monkeypatch):
+    """Llama 2 / Mistral / TinyLlama files: like sentencepiece, llama.cpp writes "▁" before the text even where
+    the text starts with a space, so " a" is "▁", "▁a" (transformers' conversion alone gives "▁a", and
+    decoding it loses the space). The cached copy tokenizes the same."""
+    monkeypatch.setattr(gguf_module, "TOKENIZER_CACHE", tmp_path / "cache")
+    tokens = ["<unk>", "<s>", "</s>", "\u2581", "a", "\u2581a", "b", "\u2581b"]
+    file = write_vocabulary(tmp_path / "spm.gguf", "llama", tokens, [2, 3, 3, 1, 1, 1, 1, 1],
+                            scores=[0.0, 0.0, 0.0, -1.0, -2.0, -0.5, -3.0, -0.6])
+    for _ in range(2):
+        tokenizer = load_tokenizer(file)
+        for text, ids in {"a": [5], " a": [3, 5], "a b": [5, 7], "  a  b": [3, 3, 5, 3, 7]}.items():
+            assert tokenizer.encode(text, add_special_tokens=False) == ids, text
+            assert tokenizer.decode(ids) == text
+        assert tokenizer.encode(" a") == [1, 3, 5]  # BOS
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_a_llama3_vocabulary_takes_whole_words_and_adds_bos(tmp_path, monkeypatch, pre):
+    """Llama 3 files: a word that is a token of its own is taken whole, whatever the merges say, and BOS leads
+    where the file does not say otherwise (llama.cpp's rules for its vocabulary); other vocabularies follow
+    their merges and add nothing."""
+    monkeypatch.setattr(gguf_module, "TOKENIZER_CACHE", tmp_path / "cache")
+    tokens = ["<|begin_of_text|>", "<|end_of_text|>", "a", "b", "c", "ab", "abc"]
+    file = write_vocabulary(tmp_path / "bpe.gguf", "gpt2", tokens, [3, 3, 1, 1, 1, 1, 1], pre=pre, merges=["a b"])
+    tokenizer = load_tokenizer(file)
+    if pre == "llama-bpe":
+        assert tokenizer.encode("abc") == [0, 6] and tokenizer.encode("cab") == [0, 4, 5]
+    else:
+        assert tokenizer.encode("abc") == [5, 4] and tokenizer.encode("cab") == [4, 5]
+
+
 def test_engine_generates_from_a_gguf_file(tmp_path, tiny_hf):
     file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf", qtype_of=lambda name, w: QType.Q8_0)
     from engine import SamplingParams
