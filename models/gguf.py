@@ -119,7 +119,7 @@ def read_config(reader: GGUFReader) -> dict:
         "attention_bias": "blk.0.attn_output.bias" in names,
         "mlp_bias": "blk.0.ffn_down.bias" in names,
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+        "eos_token_id": end_of_generation_ids(reader),
     }
     scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
     if ROPE_FACTORS in names:  # Llama 3.1+: llama.cpp's converter wrote the Llama-3 rule as a divisor per frequency
@@ -136,6 +136,25 @@ def read_config(reader: GGUFReader) -> dict:
         if original is not None:
             config["rope_scaling"]["original_max_position_embeddings"] = original
     return config
+
+
+# Tokens that end a chat model's turn. A file often names the end of a text as its EOS and the end of a turn, which
+# its chat template writes and the model generates, only as a control token of this name (a Qwen2 file's EOS may be
+# <|endoftext|> where its turns end in <|im_end|>; an older Llama 3 file's <|end_of_text|>, not <|eot_id|>)
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<|end_of_text|>")
+CONTROL_TOKEN = 3  # tokenizer.ggml.token_type
+
+
+def end_of_generation_ids(reader: GGUFReader) -> list[int]:
+    """The ids that end generation, as llama.cpp takes them: the file's EOS, its end-of-turn and end-of-message
+    tokens where it names them, and its control tokens of END_OF_TURN_TOKENS."""
+    ids = [_field(reader, f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot", "eom")]
+    tokens, types = reader.fields.get("tokenizer.ggml.tokens"), reader.fields.get("tokenizer.ggml.token_type")
+    if tokens is not None and types is not None:
+        for i in np.flatnonzero(np.asarray(types.contents()) == CONTROL_TOKEN).tolist():
+            if bytes(tokens.parts[tokens.data[i]]).decode("utf-8", "replace") in END_OF_TURN_TOKENS:
+                ids.append(i)
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def hf_name(name: str) -> str:

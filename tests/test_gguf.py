@@ -48,10 +48,13 @@ def gguf_name(hf: str) -> str:
 
 
 def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None, float_dtype=np.float32,
-               arch: str = "llama", rope_freqs: np.ndarray | None = None) -> Path:
+               arch: str = "llama", rope_freqs: np.ndarray | None = None,
+               control: dict[int, str] | None = None) -> Path:
     """An HF Llama (or Qwen2: arch "qwen2") as llama.cpp's converter writes it: names, q/k rows permuted for
     Llama, tokenizer metadata. qtype_of(gguf name, array) -> a ggml type to quantize that 2-D tensor to, or None
-    (float_dtype). rope_freqs: the per-frequency RoPE divisors of a Llama-3-scaled model, as llama.cpp writes them."""
+    (float_dtype). rope_freqs: the per-frequency RoPE divisors of a Llama-3-scaled model, as llama.cpp writes them.
+    control: token id -> the name of a control token written in its place."""
+    control = control or {}
     config = model.config
     writer = GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
@@ -68,8 +71,8 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None
     tokenizer = byte_tokenizer()
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([token for token, _ in vocab])
-    writer.add_token_types([1] * len(vocab))
+    writer.add_token_list([control.get(i, token) for token, i in vocab])
+    writer.add_token_types([3 if i in control else 1 for _, i in vocab])
     writer.add_token_scores([0.0] * len(vocab))
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
@@ -358,6 +361,18 @@ def test_engine_generates_from_a_gguf_file(tmp_path, tiny_hf):
 
     out = LLM(file).generate(["hello"], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
     assert len(out.token_ids) == 5
+
+
+def test_generation_ends_at_an_end_of_turn_control_token(tmp_path, tiny_hf):
+    """A file whose EOS is the end of a text also stops at its end-of-turn control token (<|im_end|>, <|eot_id|>),
+    as llama.cpp does: a chat model generates that one."""
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompt = [3, 40, 50, 60]
+    tokens = LLM(write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf")).generate([prompt], greedy)[0].token_ids
+    end = next(t for t in tokens[1:] if t not in (1, 2, tokens[0]))
+    llm = LLM(write_gguf(hf_model(tiny_hf), tmp_path / "chat.gguf", control={end: "<|im_end|>"}))
+    out = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0))[0]
+    assert out.token_ids == tokens[:tokens.index(end) + 1] and out.finish_reason == "stop"
 
 
 def test_default_dtype_is_the_files_own_bf16(tmp_path, tiny_hf):
