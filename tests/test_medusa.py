@@ -536,3 +536,5 @@ def test_lookup_alone_speculates_for_a_model_without_heads(tiny_model_dir):
     assert llm.num_free_blocks == llm.block_manager.num_blocks
     with pytest.raises(ValueError, match="medusa_ngram_tokens must be >= 1"):
         LLM(tiny_model_dir, medusa="lookup", medusa_ngram_tokens=0)
+    with pytest.raises(ValueError, match="medusa_tree is for heads"):
+        LLM(tiny_model_dir, medusa="lookup", medusa_tree="chain4")

@@ -164,6 +164,9 @@ class Medusa:
         if config.medusa == LOOKUP_ONLY:
             if not config.medusa_ngram_tokens:
                 raise ValueError("medusa 'lookup' speculates by prompt lookup alone: medusa_ngram_tokens must be >= 1")
+            if config.medusa_tree is not None:
+                raise ValueError("medusa 'lookup' drafts chains of looked-up tokens, not a tree of heads' guesses: "
+                                 "medusa_tree is for heads")
             # batch 1 unless told: in a batch, sequences without a match decode in a forward of their own beside
             # the chains' (SmolLM2 Q4_1, 4 sequences: 0.83x plain decoding)
             return cls(None, None, model, kv_cache, max_model_len, max_batch_size=config.medusa_max_batch_size or 1,
