@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import engine.training.medusa as medusa_training
 from bench.medusa import load_prompts
 from engine import LLM, SamplingParams
 from engine.medusa.tree import (
@@ -238,6 +239,23 @@ def test_chat_self_distillation(chat_model_dir, tmp_path):
     train_main(["--model", str(chat_model_dir), "--out", str(tmp_path / "again"), "--samples", "10", "--heads", "2",
                 "--steps", "2", "--seq-len", "16", "--no-tree", "--texts", str(texts)])
     assert json.loads((tmp_path / "again" / "training.json").read_text())["data"] == report["data"]
+
+
+def test_the_minutes_budget_bounds_writing_and_tree_timing(chat_model_dir, tmp_path, monkeypatch, capsys):
+    """The model stops writing texts once the next chunk would end past half of --minutes, and trees stop being
+    timed past the whole (the first is always timed); with the default budget, all are written."""
+    monkeypatch.setattr(medusa_training, "WRITE_CHUNK", 4)
+    common = ["--model", str(chat_model_dir), "--samples", "12", "--heads", "2", "--steps", "2", "--seq-len", "16",
+              "--timing-tokens", "4", "--timing-repeats", "1"]
+    train_main([*common, "--out", str(tmp_path / "short"), "--minutes", "0.0001"])
+    report = json.loads((tmp_path / "short" / "training.json").read_text())
+    assert report["train_texts"] + report["held_out_texts"] == 4 and report["budget_minutes"] == 0.0001
+    assert "the model wrote 4 of 12 texts" in capsys.readouterr().out
+    measured = json.loads((tmp_path / "short" / TREE_FILE).read_text())["measurements"]
+    assert len(measured["candidates"]) == 1 and measured["untimed_for_the_budget"] >= 1
+    train_main([*common, "--out", str(tmp_path / "whole"), "--no-tree"])
+    report = json.loads((tmp_path / "whole" / "training.json").read_text())
+    assert report["train_texts"] + report["held_out_texts"] == 12
 
 
 def test_self_written_prompts_continue_the_template_up_to_the_user_text(chat_model_dir):

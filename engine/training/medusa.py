@@ -55,6 +55,10 @@ from models.quant import QuantizedLinear, dequantize_rows
 MAX_RANK = 8  # ranks of the right token tracked per head on held-out text: trees take at most each head's top 8
 TREE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)  # candidate trees: the best of each size (paths)
 TIMING_BATCHES = (1, 2, 4, 8)  # batch sizes each tree is timed at: the largest where it pays caps speculation
+# Of the --minutes budget, the share the model may spend writing its training text: encoding it, training the heads
+# and timing the trees take the rest (SmolLM2, 2 cores: 10.5, 5.5, 2.2 and 1 minutes)
+WRITING_SHARE = 0.5
+WRITE_CHUNK = 256  # texts written between looks at the clock
 
 
 @dataclass
@@ -336,7 +340,7 @@ def self_written_prompts(llm: LLM, num_prompts: int, seed: int, max_tokens: int 
         ask = max(8, round((num_prompts - len(found)) * 1.3))  # about a sixth run past max_tokens
         params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=0.95, seed=seed + 100_003 * round_ + i)
                   for i in range(ask)]
-        for out in llm.generate([before_user_text] * ask, params, use_tqdm=True):
+        for out in llm.generate([before_user_text] * ask, params, use_tqdm=False):
             text = out.text.strip()
             if out.finish_reason == "stop" and text and len(found) < num_prompts:
                 found[text] = None
@@ -353,24 +357,26 @@ def chat_distill(llm: LLM, prompts: list[list[dict]], max_tokens: int,
                                                 return_dict=True)["input_ids"] for messages in prompts]
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i)
               for i in range(len(starts))]
-    outputs = llm.generate(starts, params, use_tqdm=True)
+    outputs = llm.generate(starts, params, use_tqdm=False)
     return [p + out.token_ids for p, out in zip(starts, outputs)], [len(p) for p in starts]
 
 
-def self_distill(model_dir: Path | None, num_samples: int, seq_len: int, prefix_tokens: int,
+def self_distill(model: LLM | Path | None, num_samples: int, seq_len: int, prefix_tokens: int,
                  temperature: float, seed: int, prompts: list[str] = ()) -> torch.Tensor:
     """Windows [num_samples + len(prompts), seq_len] of the base model's own text, continued at
     `temperature` with our engine: num_samples from prefixes of `prefix_tokens` tokens sampled at
-    temperature 1 after BOS, then one from each prompt (cut to its last seq_len // 3 tokens)."""
-    llm = LLM(model_dir, enable_prefix_caching=False)
+    temperature 1 after BOS, then one from each prompt (cut to its last seq_len // 3 tokens). `model`: the
+    engine, or the checkpoint to load one from."""
+    llm = model if isinstance(model, LLM) else LLM(model, enable_prefix_caching=False)
     bos = llm.tokenizer.bos_token_id if llm.tokenizer.bos_token_id is not None else 0
     prefix = [SamplingParams(max_tokens=prefix_tokens, temperature=1.0, seed=seed + i, ignore_eos=True)
               for i in range(num_samples)]
-    starts = [[bos] + out.token_ids for out in llm.generate([[bos]] * num_samples, prefix)] if num_samples else []
+    starts = ([[bos] + out.token_ids for out in llm.generate([[bos]] * num_samples, prefix, use_tqdm=False)]
+              if num_samples else [])
     starts += [[bos] + llm.tokenizer.encode(p, add_special_tokens=False)[-(seq_len // 3):] for p in prompts]
     rest = [SamplingParams(max_tokens=seq_len - len(p), temperature=temperature, seed=seed + i, ignore_eos=True)
             for i, p in enumerate(starts)]
-    outputs = llm.generate(starts, rest, use_tqdm=True)
+    outputs = llm.generate(starts, rest, use_tqdm=False)
     return torch.tensor([p + out.token_ids for p, out in zip(starts, outputs)])
 
 
@@ -397,18 +403,22 @@ def candidate_trees(ranks: torch.Tensor) -> list[tuple[list[list[int]], float]]:
 
 
 def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[list[int]], float]],
-                held_out_positions: int, prompts: list[list[int]], new_tokens: int, repeats: int) -> TreeChoice:
+                held_out_positions: int, prompts: list[list[int]], new_tokens: int, repeats: int,
+                deadline: float = math.inf) -> TreeChoice:
     """The candidate tree with the most tokens per second, from its held-out tokens per step and its step
     time against a plain step of the same engine at each of TIMING_BATCHES, the two timed in turn (best of
     `repeats` each: load from other processes hits both alike). A tree serves batches up to the largest size
     at which it and every smaller one paid (its max_batch_size), and the engine decodes plainly above it; its
     score is the geometric mean over TIMING_BATCHES of its speedup there (1 above its max_batch_size). None if
-    no tree is faster than plain decoding at batch 1."""
+    no tree is faster than plain decoding at batch 1. Past `deadline` (perf_counter), no further candidate is
+    timed: the smaller trees come first."""
     if not candidates:
         return TreeChoice(None, "no Medusa tree pays: no draft was right on the held-out text", {})
     trees = []
     with tempfile.TemporaryDirectory() as tmp, tqdm(candidates, desc="timing trees") as bar:
         for n, (paths, tokens_per_step) in enumerate(bar):
+            if trees and time.perf_counter() > deadline:
+                break
             tree_file = Path(tmp) / f"tree{n}.json"
             tree_file.write_text(json.dumps(paths))
             llm = LLM(model_path, medusa=str(heads_dir), medusa_tree=str(tree_file), enable_prefix_caching=False,
@@ -435,7 +445,7 @@ def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[l
             row["score"] = math.prod(speedups) ** (1 / len(TIMING_BATCHES))
             trees.append(row)
     measurements = {"held_out_positions": held_out_positions, "threads": torch.get_num_threads(),
-                    "candidates": trees}
+                    "candidates": trees, "untimed_for_the_budget": len(candidates) - len(trees)}
     paying = [r for r in trees if r["max_batch_size"]]
     if not paying:
         best = max(trees, key=lambda r: r["speedup_bs1"])
@@ -506,7 +516,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-share", type=float, default=1.0,
                         help="with --prompts, for models without a chat template: the share of the texts that "
                              "continue them; the rest continue sampled prefixes")
-    parser.add_argument("--samples", type=int, default=2048, help="self-distillation: texts to generate")
+    parser.add_argument("--samples", type=int, default=2048,
+                        help="self-distillation: texts to generate (at most: see --minutes)")
+    parser.add_argument("--minutes", type=float, default=30.0,
+                        help="the run's time budget: the model writes texts for at most half of it, and trees are "
+                             "timed while it lasts (at least one); 0: no budget")
     parser.add_argument("--prefix-tokens", type=int, default=8, help="self-distillation: sampled prefix length")
     parser.add_argument("--temperature", type=float, default=0.0, help="self-distillation: continuation temperature")
     parser.add_argument("--draft-coverage", type=float, default=0.95,
@@ -530,36 +544,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def training_text(args: argparse.Namespace, llm: LLM, model_path: Path,
-                  prompts: list) -> tuple[list[list[int]], list[int], str]:
-    """(texts, where the heads start learning in each, what they are), from --data or self-distillation."""
+def training_text(args: argparse.Namespace, llm: LLM, prompts: list) -> tuple[list[list[int]], list[int], str]:
+    """(texts, where the heads start learning in each, what they are), from --data or self-distillation. The
+    model writes its texts WRITE_CHUNK at a time, and starts no chunk it would finish past WRITING_SHARE of
+    the --minutes budget: a larger model writes fewer texts, in about the same time."""
     if args.data:
         windows = windows_of(read_corpus(Path(args.data), llm.tokenizer), args.seq_len).tolist()
         return windows, [0] * len(windows), args.data
-    if llm.tokenizer.chat_template:
-        if prompts:
-            source = f"{len(prompts)} prompts in {args.prompts}"
-        else:
-            written = self_written_prompts(llm, round(args.samples * args.self_prompts), args.seed)
-            prompts = written + chat_prompts(args.samples - len(written), args.seed)
-            source = (f"{len(written)} chat prompts the model wrote itself and {len(prompts) - len(written)} "
-                      f"built from the standard library's docstrings")
-        texts, starts = chat_distill(llm, prompts, args.seq_len, args.temperature, args.seed)
-        return texts, starts, (f"self-distillation (answers to {source}, up to {args.seq_len} "
-                               f"tokens each; temperature {args.temperature})")
-    num_sampled = args.samples - len(prompts)
-    windows = self_distill(model_path, num_sampled, args.seq_len, args.prefix_tokens, args.temperature, args.seed,
-                           prompts).tolist()
-    counts = {f"{args.prefix_tokens}-token sampled prefixes": num_sampled, f"prompts in {args.prompts}": len(prompts)}
+    chat, num_sampled = bool(llm.tokenizer.chat_template), args.samples - len(prompts)
+    total = len(prompts) if chat and prompts else args.samples
+    built = chat_prompts(args.samples, args.seed) if chat and not prompts else []
+    used = {"written": 0, "built": 0}  # prompts answered, by kind
+
+    def write(first: int, count: int) -> tuple[list[list[int]], list[int]]:
+        """The texts first .. first + count - 1 (of total)."""
+        if chat:
+            if prompts:
+                chunk = prompts[first:first + count]
+            else:  # --self-prompts of every chunk written by the model, the rest (and what it did not write) built
+                asked = round((first + count) * args.self_prompts) - round(first * args.self_prompts)
+                written = self_written_prompts(llm, asked, args.seed + first) if asked else []
+                chunk = written + built[used["built"]:used["built"] + count - len(written)]
+                used["written"] += len(written)
+                used["built"] += len(chunk) - len(written)
+            return chat_distill(llm, chunk, args.seq_len, args.temperature, args.seed + first)
+        windows = self_distill(llm, max(0, min(first + count, num_sampled) - first), args.seq_len, args.prefix_tokens,
+                               args.temperature, args.seed + first,
+                               prompts[max(0, first - num_sampled):max(0, first + count - num_sampled)])
+        return windows.tolist(), [0] * len(windows)
+
+    deadline = time.perf_counter() + WRITING_SHARE * args.minutes * 60 if args.minutes else math.inf
+    texts, starts = [], []
+    with tqdm(total=total, desc="writing the training text", unit="text") as bar:
+        for first in range(0, total, WRITE_CHUNK):
+            chunk_start = time.perf_counter()
+            new_texts, new_starts = write(first, min(WRITE_CHUNK, total - first))
+            texts, starts = texts + new_texts, starts + new_starts
+            bar.update(len(new_texts))
+            if time.perf_counter() + (time.perf_counter() - chunk_start) > deadline and first + WRITE_CHUNK < total:
+                print(f"the --minutes budget: the model wrote {len(texts)} of {total} texts", flush=True)
+                break
+    if chat:
+        source = (f"{len(texts)} prompts in {args.prompts}" if prompts else
+                  f"{used['written']} chat prompts the model wrote itself and {used['built']} built from the "
+                  "standard library's docstrings")
+        return texts, starts, (f"self-distillation (answers to {source}, up to {args.seq_len} tokens each; "
+                               f"temperature {args.temperature})")
+    counts = {f"{args.prefix_tokens}-token sampled prefixes": min(len(texts), num_sampled),
+              f"prompts in {args.prompts}": max(0, len(texts) - num_sampled)}
     sources = ", ".join(f"{n} from {what}" for what, n in counts.items() if n)
-    return windows, [0] * len(windows), (f"self-distillation ({sources}; "
-                                         f"continuation temperature {args.temperature})")
+    return texts, starts, f"self-distillation ({sources}; continuation temperature {args.temperature})"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not 0 < args.draft_coverage <= 1:
         raise SystemExit("gorgon train-medusa: error: --draft-coverage must be in (0, 1]")
+    if args.minutes < 0:
+        raise SystemExit("gorgon train-medusa: error: --minutes must be >= 0 (0: no budget)")
     if args.data and args.prompts:
         raise SystemExit("gorgon train-medusa: error: --prompts are for self-distillation; --data trains on given text")
     for flag, share in (("--prompt-share", args.prompt_share), ("--self-prompts", args.self_prompts)):
@@ -602,7 +644,7 @@ def main(argv: list[str] | None = None) -> None:
                              f"({e!r})") from None
     else:
         try:
-            texts, starts, data = training_text(args, llm, model_path, prompts)
+            texts, starts, data = training_text(args, llm, prompts)
         except ValueError as e:  # a chat template that hides the user's text
             raise SystemExit(f"gorgon train-medusa: error: {e}") from None
         if args.texts:
@@ -631,7 +673,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_tree:
         timing_prompts = [texts[t][:starts[t] or args.seq_len // 4] for t in held_out] * max(TIMING_BATCHES)
         choice = choose_tree(model_path, Path(args.out), candidate_trees(ranks), len(ranks), timing_prompts,
-                             args.timing_tokens, args.timing_repeats)
+                             args.timing_tokens, args.timing_repeats,
+                             start + args.minutes * 60 if args.minutes else math.inf)
         choice.save(Path(args.out) / TREE_FILE)
     report = {"config": asdict(config), "init_heads": args.init_heads, "data": data,
               "train_texts": len(train), "held_out_texts": num_held_out,
@@ -639,6 +682,7 @@ def main(argv: list[str] | None = None) -> None:
               "loss_first": history[0], "loss_last": history[-1], "held_out_accuracy": accuracy,
               "draft_vocab_size": heads.num_draft_tokens, "draft_vocab_held_out_coverage": held_out_coverage,
               "tree": choice.summary if choice else None, "threads": torch.get_num_threads(),
+              "budget_minutes": args.minutes,
               "training_time_s": train_seconds, "wall_time_s": time.perf_counter() - start}
     (Path(args.out) / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"draft vocabulary: {heads.num_draft_tokens} tokens, {held_out_coverage:.1%} of the held-out text")
