@@ -9,6 +9,8 @@
 //   Q4_K 144 B / 256: fp16 d, dmin, 12 B of 6-bit (scale, min) per 32, 128 B nibbles    w = d sc q - dmin mn
 //   Q5_K 176 B / 256: as Q4_K plus 32 B of fifth bits
 //   Q6_K 210 B / 256: 128 B low nibbles, 64 B high 2 bits, int8 scale per 16, fp16 d    w = d sc (q - 32)
+//   Q3_K 110 B / 256: 32 B third bits, 64 B low 2 bits, 12 B of 6-bit scales per 16, fp16 d    w = d (sc - 32) (q - 4)
+//   Q2_K  84 B / 256: 16 B of 4-bit (scale, min) per 16, 64 B of 2 bits, fp16 d, dmin    w = d sc q - dmin mn
 //
 // The kernels quantize each token row of x to int8 per block of 32 (scale dx = max|x| / 127) and take
 // integer dot products, 4 products per 32-bit lane (AVX-512 VNNI vpdpbusd, or AVX2 maddubs + madd), as
@@ -39,7 +41,9 @@
 namespace quant {
 
 // ggml's type ids, as GGUF files and gguf.GGMLQuantizationType number them
-enum QType : int64_t { kF32 = 0, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+enum QType : int64_t {
+  kF32 = 0, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14
+};
 
 struct Format {
   int64_t block;  // weights per block
@@ -56,6 +60,8 @@ inline Format format_of(int64_t qtype) {
     case kQ4_K: return {256, 144};
     case kQ5_K: return {256, 176};
     case kQ6_K: return {256, 210};
+    case kQ3_K: return {256, 110};
+    case kQ2_K: return {256, 84};
     default: throw std::invalid_argument("quantized linear: unsupported ggml type " + std::to_string(qtype));
   }
 }
@@ -69,10 +75,16 @@ inline float half(const uint8_t* p) {
 // --- one block of 32 weights in portable code: integer values q (offset removed) and scales -------------
 
 struct Block32 {
-  int16_t q[32];    // integer weights; w = scale[i / 16] * q[i] + min
-  float scale[2];   // per 16 weights (equal halves except Q6_K)
-  float min;
+  int16_t q[32];    // integer weights; w = scale[i / 16] * q[i] + min[i / 16]
+  float scale[2];   // per 16 weights (equal halves except Q6_K, Q3_K, Q2_K)
+  float min[2];     // the same (different halves: Q2_K)
 };
+
+// 6-bit scale i (0..15) of a Q3_K super-block's 12 packed bytes: low 4 bits in byte i % 8 (its high nibble
+// for i >= 8), high 2 bits in byte 8 + i % 4 (bits 2 (i / 4) and up); stored + 32
+inline int q3_scale(const uint8_t* s, int i) {
+  return (((s[i % 8] >> (4 * (i / 8))) & 0xF) | (((s[8 + i % 4] >> (2 * (i / 4))) & 3) << 4)) - 32;
+}
 
 // 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K super-block's 12 packed bytes
 inline void k_scale_min(const uint8_t* s, int j, int* sc, int* mn) {
@@ -87,7 +99,7 @@ inline void k_scale_min(const uint8_t* s, int j, int* sc, int* mn) {
 
 // Block b (of 32 weights) of a row in format qtype
 inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32* out) {
-  out->min = 0.f;
+  out->min[0] = out->min[1] = 0.f;
   switch (qtype) {
     case kQ8_0: {
       const uint8_t* p = row + b * 34;
@@ -101,7 +113,7 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
       const uint8_t* p = row + b * (q41 ? 20 : 18);
       const uint8_t* qs = p + (q41 ? 4 : 2);
       out->scale[0] = out->scale[1] = half(p);
-      if (q41) out->min = half(p + 2);
+      if (q41) out->min[0] = out->min[1] = half(p + 2);
       const int offset = q41 ? 0 : 8;
       for (int i = 0; i < 16; ++i) {
         out->q[i] = (qs[i] & 0xF) - offset;
@@ -117,7 +129,7 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
       std::memcpy(&qh, p + (q51 ? 4 : 2), 4);
       const uint8_t* qs = p + (q51 ? 8 : 6);
       out->scale[0] = out->scale[1] = half(p);
-      if (q51) out->min = half(p + 2);
+      if (q51) out->min[0] = out->min[1] = half(p + 2);
       const int offset = q51 ? 0 : 16;
       for (int i = 0; i < 16; ++i) {
         out->q[i] = ((qs[i] & 0xF) | ((qh >> i) & 1) << 4) - offset;
@@ -133,7 +145,7 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
       int sc, mn;
       k_scale_min(p + 4, j, &sc, &mn);
       out->scale[0] = out->scale[1] = half(p) * sc;
-      out->min = -half(p + 2) * mn;
+      out->min[0] = out->min[1] = -half(p + 2) * mn;
       const uint8_t* qh = p + 16;
       const uint8_t* qs = p + (q5 ? 48 : 16) + 32 * (j / 2);
       for (int i = 0; i < 32; ++i) {
@@ -154,6 +166,26 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
       out->scale[1] = d * sc[2 * j + 1];
       for (int i = 0; i < 32; ++i)
         out->q[i] = (((ql[i] >> (4 * (t / 2))) & 0xF) | (((qh[i] >> (2 * t)) & 3) << 4)) - 32;
+      return;
+    }
+    case kQ3_K:
+    case kQ2_K: {  // sub-block j: bits 2t.. of the 2-bit bytes of half h (Q3_K: + bit j of hmask, times 4)
+      const bool q3 = qtype == kQ3_K;
+      const uint8_t* p = row + (b / 8) * (q3 ? 110 : 84);
+      const int j = b % 8, h = j / 4, t = j % 4;
+      const uint8_t* qs = p + (q3 ? 32 : 16) + 32 * h;
+      for (int i = 0; i < 32; ++i) {
+        const int v = (qs[i] >> (2 * t)) & 3;
+        out->q[i] = q3 ? (v | ((p[i] >> j) & 1) << 2) - 4 : v;
+      }
+      for (int e = 0; e < 2; ++e) {
+        if (q3) {
+          out->scale[e] = half(p + 108) * q3_scale(p + 96, 2 * j + e);
+        } else {
+          out->scale[e] = half(p + 80) * (p[2 * j + e] & 0xF);
+          out->min[e] = -half(p + 82) * (p[2 * j + e] >> 4);
+        }
+      }
       return;
     }
     default: throw std::invalid_argument("quantized linear: unsupported ggml type " + std::to_string(qtype));
@@ -231,12 +263,12 @@ inline void unpack_block(int64_t qtype, const Weights& w, int64_t n, int64_t b, 
   if (qtype == kQ4_K) {
     const int j = b % 8;  // sub-block; its nibbles are the low (j even) or high (j odd) ones of pair j / 2
     out->scale[0] = out->scale[1] = half(blk + 2 * i) * blk[64 + 16 * j + i];
-    out->min = -half(blk + 32 + 2 * i) * blk[64 + 128 + 16 * j + i];
+    out->min[0] = out->min[1] = -half(blk + 32 + 2 * i) * blk[64 + 128 + 16 * j + i];
     for (int e = 0; e < 32; ++e) out->q[e] = (quants[(j / 2) * 512 + (e / 4) * 64 + 4 * i + e % 4] >> (4 * (j % 2))) & 0xF;
     return;
   }
   out->scale[0] = out->scale[1] = half(blk + 2 * i);
-  out->min = qtype == kQ4_1 ? half(blk + 32 + 2 * i) : 0.f;
+  out->min[0] = out->min[1] = qtype == kQ4_1 ? half(blk + 32 + 2 * i) : 0.f;
   for (int j = 0; j < (qtype == kQ8_0 ? 32 : 16); ++j) {
     const uint8_t v = quants[(j / 4) * 64 + 4 * i + j % 4];
     if (qtype == kQ8_0) {
@@ -257,7 +289,7 @@ inline void dequantize(int64_t qtype, const Weights& w, int64_t N, int64_t K, fl
       for (int64_t b = 0; b < K / 32; ++b) {
         unpack_block(qtype, w, n, b, &blk);
         float* o = out + n * K + b * 32;
-        for (int i = 0; i < 32; ++i) o[i] = blk.scale[i / 16] * blk.q[i] + blk.min;
+        for (int i = 0; i < 32; ++i) o[i] = blk.scale[i / 16] * blk.q[i] + blk.min[i / 16];
       }
     }
   });
@@ -489,6 +521,36 @@ struct Simd<kQ6_K> {
   }
 };
 
+// Q3_K, Q2_K: sub-block j's 2-bit values are bits 2t.. of the 32 bytes of half h (Q3_K: + bit j of hmask, times 4)
+template <bool Q3>
+struct SimdLowK {
+  static constexpr int offset = Q3 ? 4 : 0;
+  static constexpr bool has_min = !Q3;
+  QUANT_AVX2 static inline __m256i q(const uint8_t* row, int64_t b, __m256* scale, __m256* min) {
+    const uint8_t* p = row + (b / 8) * (Q3 ? 110 : 84);
+    const int j = b % 8, h = j / 4, t = j % 4;
+    const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (Q3 ? 32 : 16) + 32 * h));
+    __m256i v = _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * t)), _mm256_set1_epi8(3));
+    if (Q3) {
+      const float d = half_f16c(p + 108);
+      *scale = _mm256_set_m128(_mm_set1_ps(d * q3_scale(p + 96, 2 * j + 1)), _mm_set1_ps(d * q3_scale(p + 96, 2 * j)));
+      const __m256i hm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(hm, _mm_cvtsi32_si128(j)), _mm256_set1_epi8(1));
+      v = _mm256_or_si256(v, _mm256_slli_epi16(bit, 2));
+    } else {
+      const float d = half_f16c(p + 80), dmin = half_f16c(p + 82);
+      *scale = _mm256_set_m128(_mm_set1_ps(d * (p[2 * j + 1] & 0xF)), _mm_set1_ps(d * (p[2 * j] & 0xF)));
+      *min = _mm256_set_m128(_mm_set1_ps(-dmin * (p[2 * j + 1] >> 4)), _mm_set1_ps(-dmin * (p[2 * j] >> 4)));
+    }
+    return v;
+  }
+};
+
+template <>
+struct Simd<kQ3_K> : SimdLowK<true> {};
+template <>
+struct Simd<kQ2_K> : SimdLowK<false> {};
+
 // --- the dot-product kernels: MB token rows against weight rows [n_begin, n_end) --------------------------
 // rows < MB repeats the last token row (its results are not written). Each token row's arithmetic is the
 // same whatever MB, so a row's result does not depend on the batch it comes in (Medusa's verification of
@@ -638,6 +700,44 @@ struct Pair<kQ6_K> {  // the pair's low nibbles are 64 consecutive bytes; their 
   }
 };
 
+// Q3_K, Q2_K: sub-blocks j and j + 1 (j even) read the same 32 bytes of 2-bit values (bits 2t.. and 2t + 2..)
+template <bool Q3>
+struct PairLowK {
+  QUANT_AVX512 static inline __m512i q(const uint8_t* row, int64_t b, bool, __m512* scale, __m512* min) {
+    const uint8_t* p = row + (b / 8) * (Q3 ? 110 : 84);
+    const int j = b % 8, h = j / 4, t = j % 4;
+    const __m512i four = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);  // lanes per scale
+    const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + (Q3 ? 32 : 16) + 32 * h));
+    const __m512i shifts = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16(2 * t), _mm512_set1_epi16(2 * t + 2));
+    __m512i v = _mm512_and_si512(_mm512_srlv_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(qs), qs, 1), shifts),
+                                 _mm512_set1_epi8(3));
+    if (Q3) {
+      const float d = half_f16c(p + 108);
+      const __m128 s = _mm_mul_ps(_mm_setr_ps(q3_scale(p + 96, 2 * j), q3_scale(p + 96, 2 * j + 1),
+                                              q3_scale(p + 96, 2 * j + 2), q3_scale(p + 96, 2 * j + 3)),
+                                  _mm_set1_ps(d));
+      *scale = _mm512_permutexvar_ps(four, _mm512_castps128_ps512(s));
+      const __m256i hm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m512i bit_shifts = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi16(j), _mm512_set1_epi16(j + 1));
+      const __m512i bits = _mm512_and_si512(
+          _mm512_srlv_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(hm), hm, 1), bit_shifts), _mm512_set1_epi8(1));
+      v = _mm512_or_si512(v, _mm512_slli_epi16(bits, 2));
+    } else {
+      const __m128i packed = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(p + 2 * j)));
+      const __m128 sc = _mm_cvtepi32_ps(_mm_and_si128(packed, _mm_set1_epi32(0xF)));
+      const __m128 mn = _mm_cvtepi32_ps(_mm_srli_epi32(packed, 4));
+      *scale = _mm512_permutexvar_ps(four, _mm512_castps128_ps512(_mm_mul_ps(sc, _mm_set1_ps(half_f16c(p + 80)))));
+      *min = _mm512_permutexvar_ps(four, _mm512_castps128_ps512(_mm_mul_ps(mn, _mm_set1_ps(-half_f16c(p + 82)))));
+    }
+    return v;
+  }
+};
+
+template <>
+struct Pair<kQ3_K> : PairLowK<true> {};
+template <>
+struct Pair<kQ2_K> : PairLowK<false> {};
+
 template <int64_t QT, int MB>
 QUANT_AVX512 void rows_avx512(const Activations& a, int64_t rows, const uint8_t* w, int64_t row_bytes, int64_t K,
                               float* y, int64_t N, int64_t m0, int64_t n_begin, int64_t n_end) {
@@ -738,7 +838,7 @@ inline void rows_scalar(int64_t qtype, const Activations& a, int64_t rows, const
           int32_t dot = 0;
           for (int i = 4 * l; i < 4 * l + 4; ++i) dot += blk.q[i] * xq[i];
           const int64_t lane = (m0 + m) * lanes + b * 8 + l;
-          acc[m] += dot * (blk.scale[l / 4] * a.scale[lane]) + blk.min * a.qsum[lane];
+          acc[m] += dot * (blk.scale[l / 4] * a.scale[lane]) + blk.min[l / 4] * a.qsum[lane];
         }
       }
     }
@@ -1020,6 +1120,7 @@ inline int activation_offset(int64_t qtype, int isa) {
     case kQ4_0: return 8;
     case kQ5_0: return 16;
     case kQ6_K: return 32;
+    case kQ3_K: return 4;
     case kQ8_0: return isa == kAvx512 ? 128 : 0;  // the AVX-512 path adds 128 to make the weights unsigned
     default: return 0;  // scalar: q has its offset removed already
   }
@@ -1061,6 +1162,8 @@ inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const We
     case kQ4_K: gemv_q<kQ4_K>(a, data, row_bytes, K, y, N, isa); break;
     case kQ5_K: gemv_q<kQ5_K>(a, data, row_bytes, K, y, N, isa); break;
     case kQ6_K: gemv_q<kQ6_K>(a, data, row_bytes, K, y, N, isa); break;
+    case kQ3_K: gemv_q<kQ3_K>(a, data, row_bytes, K, y, N, isa); break;
+    case kQ2_K: gemv_q<kQ2_K>(a, data, row_bytes, K, y, N, isa); break;
   }
 }
 
