@@ -26,7 +26,7 @@ from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model
 HF_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-K_QUANTS = (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K)
+RANDOM_BLOCKS = (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_NL)  # gguf cannot quantize
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
 
 
@@ -90,9 +90,9 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None
         qtype = qtype_of(gguf_name(name), w) if w.ndim == 2 else None
         if qtype is None:
             writer.add_tensor(gguf_name(name), w.astype(float_dtype if w.ndim == 2 else np.float32))
-        else:  # the gguf package cannot quantize to K-quants: those get random blocks
+        else:  # a type the gguf package cannot quantize to gets random blocks
             blocks = (random_weight(qtype, *w.shape, seed=len(name), scales=(2e-5, 1e-4)).data.numpy()
-                      if qtype in K_QUANTS else gguf_quantize(w, qtype))
+                      if qtype in RANDOM_BLOCKS else gguf_quantize(w, qtype))
             writer.add_tensor(gguf_name(name), blocks, raw_shape=blocks.shape, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -255,18 +255,27 @@ def test_engine_decodes_a_k_quant_file_close_to_its_dequantized_path(tmp_path, m
         assert (our_logits(file, ids) - oracle(ids).logits).abs().max() <= 1e-4
 
 
+NARROW_MIXES = {  # Q4_K_M's fallbacks, and an older llama-quantize's Q3_K_M's (IQ4_NL; Q4_0 now)
+    "q4_k_m": {"attn_q": QType.Q5_0, "attn_k": QType.Q5_0, "attn_v": QType.Q8_0, "attn_output": QType.Q5_0,
+               "ffn_gate": QType.Q5_0, "ffn_up": QType.Q5_1, "ffn_down": QType.Q5_1, "output": QType.Q8_0},
+    "q3_k_m": {"attn_q": QType.IQ4_NL, "attn_k": QType.IQ4_NL, "attn_v": QType.Q5_0, "attn_output": QType.IQ4_NL,
+               "ffn_gate": QType.IQ4_NL, "ffn_up": QType.IQ4_NL, "ffn_down": QType.Q5_0, "output": QType.Q8_0},
+}
+
+
 @pytest.mark.skipif(cpu_decode.compiled() is None, reason="the CPU kernels could not be built here")
-def test_a_narrow_model_s_k_quant_mix_with_its_q5_0_q5_1_fallbacks(tmp_path):
-    """llama-quantize's Q4_K_M / Q5_K_M of a model whose widths are no multiple of 256 (SmolLM2's 576, ...)
-    falls back to Q5_0 / Q5_1 (and Q6_K to Q8_0): such a file loads, matches transformers' own GGUF
-    dequantization, and the kernels decode it close to the dequantized path."""
+@pytest.mark.parametrize("mix", NARROW_MIXES)
+def test_a_narrow_model_s_k_quant_mix_with_its_fallbacks(tmp_path, mix):
+    """llama-quantize's K-quant mixes of a model whose widths are no multiple of 256 (SmolLM2's 576, ...) fall back
+    to other types: Q4_K to Q5_0, Q5_K to Q5_1, Q6_K to Q8_0, IQ-quants (and once Q2_K / Q3_K) to IQ4_NL. Such a
+    file loads, matches transformers' own GGUF dequantization, and the kernels decode it close to the dequantized
+    path."""
     folder = save_tiny_model(tmp_path / "hf")
-    types = {"attn_q": QType.Q5_0, "attn_k": QType.Q5_0, "attn_v": QType.Q8_0, "attn_output": QType.Q5_0,
-             "ffn_gate": QType.Q5_0, "ffn_up": QType.Q5_1, "ffn_down": QType.Q5_1, "output": QType.Q8_0}
+    types = NARROW_MIXES[mix]
     file = write_gguf(hf_model(folder), tmp_path / "q5.gguf", qtype_of=lambda name, w: types.get(name.split(".")[-2]))
     tokens = torch.randint(3, 256, (PROMPT_LEN + 6,), generator=torch.Generator().manual_seed(3)).tolist()
     llm = LLM(file)
-    assert [p.qtype for p in llm.model.model.layers[0].self_attn.qkv_proj.parts] == [QType.Q5_0, QType.Q8_0]
+    assert [p.qtype for p in llm.model.model.layers[0].self_attn.qkv_proj.parts] == [types["attn_q"], types["attn_v"]]
     fused = paged_logits(llm, tokens)
     reference = paged_logits(LLM(file, cpu_kernels=False), tokens)
     assert ((fused - reference).norm(dim=-1) <= 0.05 * reference.norm(dim=-1)).all()

@@ -11,6 +11,7 @@
 //   Q6_K 210 B / 256: 128 B low nibbles, 64 B high 2 bits, int8 scale per 16, fp16 d    w = d sc (q - 32)
 //   Q3_K 110 B / 256: 32 B third bits, 64 B low 2 bits, 12 B of 6-bit scales per 16, fp16 d    w = d (sc - 32) (q - 4)
 //   Q2_K  84 B / 256: 16 B of 4-bit (scale, min) per 16, 64 B of 2 bits, fp16 d, dmin    w = d sc q - dmin mn
+//   IQ4_NL 18 B / 32: fp16 d, 16 B nibbles indexing a table of 16 int8 values    w = d table[q]
 //
 // The kernels quantize each token row of x to int8 per block of 32 (scale dx = max|x| / 127) and take
 // integer dot products, 4 products per 32-bit lane (AVX-512 VNNI vpdpbusd, or AVX2 maddubs + madd), as
@@ -42,8 +43,17 @@ namespace quant {
 
 // ggml's type ids, as GGUF files and gguf.GGMLQuantizationType number them
 enum QType : int64_t {
-  kF32 = 0, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14
+  kF32 = 0, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13,
+  kQ6_K = 14, kIQ4_NL = 20
 };
+
+// IQ4_NL's non-linear 4-bit values (ggml's kvalues_iq4nl)
+alignas(16) constexpr int8_t kIq4NlValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
+                                                  1,    13,   25,  38,  53,  69,  89,  113};
+
+// Weights that are signed bytes (the others are unsigned, less an offset): maddubs and vpdpbusd need an unsigned side
+template <int64_t QT>
+constexpr bool kSignedWeights = QT == kQ8_0 || QT == kIQ4_NL;
 
 struct Format {
   int64_t block;  // weights per block
@@ -62,6 +72,7 @@ inline Format format_of(int64_t qtype) {
     case kQ6_K: return {256, 210};
     case kQ3_K: return {256, 110};
     case kQ2_K: return {256, 84};
+    case kIQ4_NL: return {32, 18};
     default: throw std::invalid_argument("quantized linear: unsupported ggml type " + std::to_string(qtype));
   }
 }
@@ -105,6 +116,15 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
       const uint8_t* p = row + b * 34;
       out->scale[0] = out->scale[1] = half(p);
       for (int i = 0; i < 32; ++i) out->q[i] = static_cast<int8_t>(p[2 + i]);
+      return;
+    }
+    case kIQ4_NL: {
+      const uint8_t* p = row + b * 18;
+      out->scale[0] = out->scale[1] = half(p);
+      for (int i = 0; i < 16; ++i) {
+        out->q[i] = kIq4NlValues[p[2 + i] & 0xF];
+        out->q[i + 16] = kIq4NlValues[p[2 + i] >> 4];
+      }
       return;
     }
     case kQ4_0:
@@ -431,6 +451,18 @@ struct Simd<kQ8_0> {
 };
 
 template <>
+struct Simd<kIQ4_NL> {
+  static constexpr int offset = 0;  // signed weights, as Q8_0's
+  static constexpr bool has_min = false;
+  QUANT_AVX2 static inline __m256i q(const uint8_t* row, int64_t b, __m256* scale, __m256*) {
+    const uint8_t* p = row + b * 18;
+    *scale = _mm256_set1_ps(half_f16c(p));
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4NlValues)));
+    return _mm256_shuffle_epi8(table, nibbles(p + 2));
+  }
+};
+
+template <>
 struct Simd<kQ4_0> {
   static constexpr int offset = 8;
   static constexpr bool has_min = false;
@@ -612,6 +644,17 @@ struct Pair<kQ8_0> {
 };
 
 template <>
+struct Pair<kIQ4_NL> {
+  QUANT_AVX512 static inline __m512i q(const uint8_t* row, int64_t b, bool second, __m512* scale, __m512*) {
+    const uint8_t *pa = row + b * 18, *pb = second ? pa + 18 : pa;
+    *scale = lanes_of(two_halves(pa, pb), halves(0, 1));
+    const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4NlValues)));
+    const __m512i w = _mm512_shuffle_epi8(table, nibble_pair(pa + 2, pb + 2));
+    return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));  // w + 128: unsigned, as Q8_0's
+  }
+};
+
+template <>
 struct Pair<kQ4_0> {
   QUANT_AVX512 static inline __m512i q(const uint8_t* row, int64_t b, bool second, __m512* scale, __m512*) {
     const uint8_t *pa = row + b * 18, *pb = second ? pa + 18 : pa;
@@ -741,7 +784,7 @@ struct Pair<kQ2_K> : PairLowK<false> {};
 template <int64_t QT, int MB>
 QUANT_AVX512 void rows_avx512(const Activations& a, int64_t rows, const uint8_t* w, int64_t row_bytes, int64_t K,
                               float* y, int64_t N, int64_t m0, int64_t n_begin, int64_t n_end) {
-  constexpr bool has_min = Simd<QT>::has_min, has_offset = QT == kQ8_0 || Simd<QT>::offset != 0;
+  constexpr bool has_min = Simd<QT>::has_min, has_offset = kSignedWeights<QT> || Simd<QT>::offset != 0;
   const int64_t blocks = K / 32, lanes = a.Kp / 4;
   const int8_t* xq[MB];
   const float *xs[MB], *xsum[MB];
@@ -802,14 +845,14 @@ QUANT_AVX2 void rows_avx2(const Activations& a, int64_t rows, const uint8_t* w, 
     for (int64_t b = 0; b < blocks; ++b) {
       __m256 scale, min;
       __m256i q = F::q(row, b, &scale, &min);
-      // maddubs multiplies unsigned by signed bytes: Q8_0 moves the weights' signs onto x (|w| <= 128 cannot
-      // saturate the 16-bit pair sums); the unsigned formats' q <= 63 cannot either
+      // maddubs multiplies unsigned by signed bytes: signed weights (Q8_0, IQ4_NL) move their signs onto x
+      // (|w| <= 128 cannot saturate the 16-bit pair sums); the unsigned formats' q <= 63 cannot either
       const __m256i wsigned = q;
-      if (QT == kQ8_0) q = _mm256_sign_epi8(q, q);
+      if (kSignedWeights<QT>) q = _mm256_sign_epi8(q, q);
       const int64_t lane = b * 8;
       for (int m = 0; m < MB; ++m) {
         __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[m] + b * 32));
-        if (QT == kQ8_0) x = _mm256_sign_epi8(x, wsigned);
+        if (kSignedWeights<QT>) x = _mm256_sign_epi8(x, wsigned);
         __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
         if (F::offset)
           dot = _mm256_add_epi32(dot, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xinit[m] + lane)));
@@ -1121,7 +1164,8 @@ inline int activation_offset(int64_t qtype, int isa) {
     case kQ5_0: return 16;
     case kQ6_K: return 32;
     case kQ3_K: return 4;
-    case kQ8_0: return isa == kAvx512 ? 128 : 0;  // the AVX-512 path adds 128 to make the weights unsigned
+    case kQ8_0:
+    case kIQ4_NL: return isa == kAvx512 ? 128 : 0;  // the AVX-512 path adds 128 to make the weights unsigned
     default: return 0;  // scalar: q has its offset removed already
   }
 }
@@ -1164,6 +1208,7 @@ inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const We
     case kQ6_K: gemv_q<kQ6_K>(a, data, row_bytes, K, y, N, isa); break;
     case kQ3_K: gemv_q<kQ3_K>(a, data, row_bytes, K, y, N, isa); break;
     case kQ2_K: gemv_q<kQ2_K>(a, data, row_bytes, K, y, N, isa); break;
+    case kIQ4_NL: gemv_q<kIQ4_NL>(a, data, row_bytes, K, y, N, isa); break;
   }
 }
 
