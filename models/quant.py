@@ -1,10 +1,10 @@
 """Quantized weights: ggml's block formats (what GGUF files hold) kept as raw bytes, and the layers that
 compute with them without ever holding a full-precision copy of the matrix.
 
-Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL (F32 / F16 / BF16 tensors simply become torch
-tensors). Load-time quantization of HF checkpoints reuses two of these layouts, so one set of kernels serves both:
-`int8` is Q8_0 (a scale per 32 weights of a row: finer than the per-row scale it stands for, for 6% more
-bytes) and `int4` is Q4_1 (groups of 32 with a scale and a minimum).
+Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS (F32 / F16 / BF16 tensors
+simply become torch tensors). Load-time quantization of HF checkpoints reuses two of these layouts, so one set of
+kernels serves both: `int8` is Q8_0 (a scale per 32 weights of a row: finer than the per-row scale it stands for,
+for 6% more bytes) and `int4` is Q4_1 (groups of 32 with a scale and a minimum).
 
 A few token rows (decode) go to the C++ kernels (models/kernels/quant.h: fused dequantize-and-dot); so do
 more (prefill) when the engine is batch invariant (its default where that is cheap), else they dequantize a
@@ -25,7 +25,7 @@ from models.layers import tiled_matmul
 
 QType = GGMLQuantizationType
 QUANTIZED_TYPES = (QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q2_K, QType.Q3_K, QType.Q4_K,
-                   QType.Q5_K, QType.Q6_K, QType.IQ4_NL)
+                   QType.Q5_K, QType.Q6_K, QType.IQ4_NL, QType.IQ4_XS)
 FLOAT_TYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
 LOAD_TIME_QUANTIZATIONS = {"int8": QType.Q8_0, "int4": QType.Q4_1}
 # weight rows dequantized at a time by the prefill path: 4 MiB of fp32 per tile at most

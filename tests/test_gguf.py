@@ -26,7 +26,7 @@ from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model
 HF_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-RANDOM_BLOCKS = (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_NL)  # gguf cannot quantize
+RANDOM_BLOCKS = (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_NL, QType.IQ4_XS)
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
 
 
@@ -220,6 +220,8 @@ K_QUANT_MIXES = {  # a GGUF tensor kind -> its type, as llama-quantize mixes the
                "ffn_gate": QType.Q3_K, "ffn_up": QType.Q3_K, "ffn_down": QType.Q5_K, "output": QType.Q6_K},
     "q2_k": {"attn_q": QType.Q2_K, "attn_k": QType.Q2_K, "attn_v": QType.Q3_K, "attn_output": QType.Q3_K,
              "ffn_gate": QType.Q2_K, "ffn_up": QType.Q2_K, "ffn_down": QType.Q3_K, "output": QType.Q6_K},
+    "iq4_xs": dict.fromkeys(["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"],
+                            QType.IQ4_XS) | {"output": QType.Q6_K},
 }
 
 

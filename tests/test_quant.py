@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(ops is None, reason="the CPU kernels could not b
 # byte offsets of each block's fp16 scales (the rest of a block is any bytes)
 HALF_FIELDS = {QType.Q8_0: (0,), QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2),
                QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.Q3_K: (108,), QType.Q2_K: (80, 82),
-               QType.IQ4_NL: (0,)}
+               QType.IQ4_NL: (0,), QType.IQ4_XS: (0,)}
 ISAS = ["scalar", "avx2", "avx512"]
 
 

@@ -12,6 +12,8 @@
 //   Q3_K 110 B / 256: 32 B third bits, 64 B low 2 bits, 12 B of 6-bit scales per 16, fp16 d    w = d (sc - 32) (q - 4)
 //   Q2_K  84 B / 256: 16 B of 4-bit (scale, min) per 16, 64 B of 2 bits, fp16 d, dmin    w = d sc q - dmin mn
 //   IQ4_NL 18 B / 32: fp16 d, 16 B nibbles indexing a table of 16 int8 values    w = d table[q]
+//   IQ4_XS 136 B / 256: fp16 d, 6-bit scales per 32 (2 high bits in a uint16, 4 low ones in 4 B), nibbles as
+//          IQ4_NL's    w = d (sc - 32) table[q]
 //
 // The kernels quantize each token row of x to int8 per block of 32 (scale dx = max|x| / 127) and take
 // integer dot products, 4 products per 32-bit lane (AVX-512 VNNI vpdpbusd, or AVX2 maddubs + madd), as
@@ -44,7 +46,7 @@ namespace quant {
 // ggml's type ids, as GGUF files and gguf.GGMLQuantizationType number them
 enum QType : int64_t {
   kF32 = 0, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13,
-  kQ6_K = 14, kIQ4_NL = 20
+  kQ6_K = 14, kIQ4_NL = 20, kIQ4_XS = 23
 };
 
 // IQ4_NL's non-linear 4-bit values (ggml's kvalues_iq4nl)
@@ -53,7 +55,13 @@ alignas(16) constexpr int8_t kIq4NlValues[16] = {-127, -104, -83, -65, -49, -35,
 
 // Weights that are signed bytes (the others are unsigned, less an offset): maddubs and vpdpbusd need an unsigned side
 template <int64_t QT>
-constexpr bool kSignedWeights = QT == kQ8_0 || QT == kIQ4_NL;
+constexpr bool kSignedWeights = QT == kQ8_0 || QT == kIQ4_NL || QT == kIQ4_XS;
+
+// Scale of sub-block j (0..7) of an IQ4_XS super-block at p
+inline float iq4_xs_scale(const uint8_t* p, int j, float d) {
+  const int high = (p[2 + j / 4] >> (2 * (j % 4))) & 3;  // (the uint16's bits 2j, 2j + 1, little-endian)
+  return d * ((((p[4 + j / 2] >> (4 * (j % 2))) & 0xF) | (high << 4)) - 32);
+}
 
 struct Format {
   int64_t block;  // weights per block
@@ -73,6 +81,7 @@ inline Format format_of(int64_t qtype) {
     case kQ3_K: return {256, 110};
     case kQ2_K: return {256, 84};
     case kIQ4_NL: return {32, 18};
+    case kIQ4_XS: return {256, 136};
     default: throw std::invalid_argument("quantized linear: unsupported ggml type " + std::to_string(qtype));
   }
 }
@@ -118,12 +127,15 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
       for (int i = 0; i < 32; ++i) out->q[i] = static_cast<int8_t>(p[2 + i]);
       return;
     }
-    case kIQ4_NL: {
-      const uint8_t* p = row + b * 18;
-      out->scale[0] = out->scale[1] = half(p);
+    case kIQ4_NL:
+    case kIQ4_XS: {
+      const bool xs = qtype == kIQ4_XS;
+      const uint8_t* p = row + (xs ? (b / 8) * 136 : b * 18);
+      const uint8_t* qs = xs ? p + 8 + 16 * (b % 8) : p + 2;
+      out->scale[0] = out->scale[1] = xs ? iq4_xs_scale(p, b % 8, half(p)) : half(p);
       for (int i = 0; i < 16; ++i) {
-        out->q[i] = kIq4NlValues[p[2 + i] & 0xF];
-        out->q[i + 16] = kIq4NlValues[p[2 + i] >> 4];
+        out->q[i] = kIq4NlValues[qs[i] & 0xF];
+        out->q[i + 16] = kIq4NlValues[qs[i] >> 4];
       }
       return;
     }
@@ -463,6 +475,18 @@ struct Simd<kIQ4_NL> {
 };
 
 template <>
+struct Simd<kIQ4_XS> {
+  static constexpr int offset = 0;  // signed weights, as Q8_0's
+  static constexpr bool has_min = false;
+  QUANT_AVX2 static inline __m256i q(const uint8_t* row, int64_t b, __m256* scale, __m256*) {
+    const uint8_t* p = row + (b / 8) * 136;
+    *scale = _mm256_set1_ps(iq4_xs_scale(p, b % 8, half_f16c(p)));
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4NlValues)));
+    return _mm256_shuffle_epi8(table, nibbles(p + 8 + 16 * (b % 8)));
+  }
+};
+
+template <>
 struct Simd<kQ4_0> {
   static constexpr int offset = 8;
   static constexpr bool has_min = false;
@@ -651,6 +675,19 @@ struct Pair<kIQ4_NL> {
     const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4NlValues)));
     const __m512i w = _mm512_shuffle_epi8(table, nibble_pair(pa + 2, pb + 2));
     return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));  // w + 128: unsigned, as Q8_0's
+  }
+};
+
+template <>
+struct Pair<kIQ4_XS> {  // sub-blocks j and j + 1 (j even) of one super-block
+  QUANT_AVX512 static inline __m512i q(const uint8_t* row, int64_t b, bool, __m512* scale, __m512*) {
+    const uint8_t* p = row + (b / 8) * 136;
+    const int j = b % 8;
+    const float d = half_f16c(p);
+    *scale = lanes_of(_mm_setr_ps(iq4_xs_scale(p, j, d), iq4_xs_scale(p, j + 1, d), 0.f, 0.f), halves(0, 1));
+    const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4NlValues)));
+    const __m512i w = _mm512_shuffle_epi8(table, nibble_pair(p + 8 + 16 * j, p + 8 + 16 * (j + 1)));
+    return _mm512_xor_si512(w, _mm512_set1_epi8(static_cast<char>(0x80)));
   }
 };
 
@@ -1165,7 +1202,8 @@ inline int activation_offset(int64_t qtype, int isa) {
     case kQ6_K: return 32;
     case kQ3_K: return 4;
     case kQ8_0:
-    case kIQ4_NL: return isa == kAvx512 ? 128 : 0;  // the AVX-512 path adds 128 to make the weights unsigned
+    case kIQ4_NL:
+    case kIQ4_XS: return isa == kAvx512 ? 128 : 0;  // the AVX-512 path adds 128 to make the weights unsigned
     default: return 0;  // scalar: q has its offset removed already
   }
 }
@@ -1209,6 +1247,7 @@ inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const We
     case kQ3_K: gemv_q<kQ3_K>(a, data, row_bytes, K, y, N, isa); break;
     case kQ2_K: gemv_q<kQ2_K>(a, data, row_bytes, K, y, N, isa); break;
     case kIQ4_NL: gemv_q<kIQ4_NL>(a, data, row_bytes, K, y, N, isa); break;
+    case kIQ4_XS: gemv_q<kIQ4_XS>(a, data, row_bytes, K, y, N, isa); break;
   }
 }
 
