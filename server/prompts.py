@@ -2,6 +2,8 @@
 messages through the chat template. A server without a tokenizer takes token ids only."""
 from __future__ import annotations
 
+from jinja2 import TemplateError
+
 from server.errors import APIError
 from server.protocol import ChatMessage
 
@@ -51,9 +53,14 @@ def prompt_text(tokenizer, prompt: str | list[int]) -> str:
 
 
 def chat_prompt_ids(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    """The messages through the model's chat template. A template may refuse them (Llama 2's and Mistral's raise
+    unless the roles alternate user / assistant): the client's error, a 400 with the template's message."""
     require_tokenizer(tokenizer, "messages")
-    text = tokenizer.apply_chat_template([{"role": m.role, "content": unicode_text(m.text, "messages")}
-                                          for m in messages],
-                                         chat_template=tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE,
-                                         tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        text = tokenizer.apply_chat_template([{"role": m.role, "content": unicode_text(m.text, "messages")}
+                                              for m in messages],
+                                             chat_template=tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE,
+                                             tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise APIError(400, f"the model's chat template refuses these messages: {e}", param="messages") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]

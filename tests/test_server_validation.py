@@ -317,6 +317,20 @@ def test_a_full_waiting_queue_gets_429_with_retry_after(llm, monkeypatch):
         assert client.post("/v1/completions", headers=AUTH, json=body).status_code == 200
 
 
+def test_messages_the_chat_template_refuses_get_a_400(client, llm, monkeypatch):
+    """Llama 2's and Mistral's templates raise unless the roles alternate: the client gets the template's reason."""
+    template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                "{% endif %}{{ m['content'] }}{% endfor %}")
+    monkeypatch.setattr(llm.tokenizer, "chat_template", template)
+    body = {"model": MODEL, "max_tokens": 2, "messages": [*USER, *USER]}
+    response = client.post("/v1/chat/completions", headers=AUTH, json=body)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "messages" and "must alternate" in error["message"]
+    assert client.post("/v1/chat/completions", headers=AUTH, json={**body, "messages": USER}).status_code == 200
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+
 def test_cors_origins_are_allowed(llm):
     with make_client(llm, cors_origins=["https://app.example"]) as client:
         preflight = client.options("/v1/completions", headers={
