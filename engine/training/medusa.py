@@ -8,6 +8,9 @@ a chat template) answers chat prompts: user turns it writes itself from its own 
 and prompts built from the docstrings of the standard library, or --prompts; other models continue
 prefixes sampled from themselves, or snippets of --prompts.
 
+The run keeps to a time budget (--minutes): the model writes texts for at most half of it, so a larger model
+writes fewer, and trees are timed while it lasts.
+
 The base model never changes, so it runs once over the text: its hidden states and the tokens each head
 must predict are cached, and the heads train on random positions of the cache. They project onto the
 draft vocabulary (the commonest tokens of the text) only, as they will when drafting.
@@ -579,7 +582,8 @@ def training_text(args: argparse.Namespace, llm: LLM, prompts: list) -> tuple[li
         for first in range(0, total, WRITE_CHUNK):
             chunk_start = time.perf_counter()
             new_texts, new_starts = write(first, min(WRITE_CHUNK, total - first))
-            texts, starts = texts + new_texts, starts + new_starts
+            texts += new_texts
+            starts += new_starts
             bar.update(len(new_texts))
             if time.perf_counter() + (time.perf_counter() - chunk_start) > deadline and first + WRITE_CHUNK < total:
                 print(f"the --minutes budget: the model wrote {len(texts)} of {total} texts", flush=True)
