@@ -99,8 +99,15 @@ def read_config(reader: GGUFReader) -> dict:
     arch = _field(reader, "general.architecture")
     if arch not in HF_ARCHITECTURES:
         raise GGUFError(f"unsupported GGUF architecture {arch!r}; gorgon reads {', '.join(HF_ARCHITECTURES)}")
+    if _field(reader, "general.type") == "adapter":
+        raise GGUFError("this GGUF is a LoRA adapter, not a model; gorgon loads adapters in PEFT format")
+    if _field(reader, f"{arch}.expert_count", 0):
+        raise GGUFError(f"this GGUF is a mixture of experts ({arch}.expert_count = "
+                        f"{_field(reader, f'{arch}.expert_count')}), which gorgon does not run")
     names = {t.name for t in reader.tensors}
-    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embed is None:
+        raise GGUFError("this GGUF holds no token_embd.weight, so no model (a vocabulary alone?)")
     num_heads = _field(reader, f"{arch}.attention.head_count")
     hidden = _field(reader, f"{arch}.embedding_length")
     config = {

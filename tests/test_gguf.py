@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFWriter
+from gguf import GGUFValueType, GGUFWriter
 from gguf.quants import quantize as gguf_quantize
 from test_quant import random_weight
 from transformers import AutoModelForCausalLM
@@ -299,6 +299,23 @@ def test_unsupported_architecture_names_it(tmp_path, tiny_hf):
     file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf", arch="gpt2")
     with pytest.raises(GGUFError, match="'gpt2'"):
         read_gguf(file)
+
+
+def test_a_gguf_that_is_no_model_is_a_clear_error(tmp_path):
+    """A vocabulary alone, a LoRA adapter or a mixture of experts: a GGUFError that says which, not a traceback."""
+    vocabulary = write_vocabulary(tmp_path / "vocab.gguf", "gpt2", ["a", "b"], [1, 1])
+    with pytest.raises(GGUFError, match="no token_embd.weight"):
+        read_gguf(vocabulary)
+    for key, value, message in (("general.type", "adapter", "LoRA adapter"), ("llama.expert_count", 8, "experts")):
+        writer = GGUFWriter(str(tmp_path / "other.gguf"), "llama")
+        writer.add_key_value(key, value, GGUFValueType.STRING if isinstance(value, str) else GGUFValueType.UINT32)
+        writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with pytest.raises(GGUFError, match=message):
+            read_gguf(tmp_path / "other.gguf")
 
 
 def test_unsupported_tensor_type_names_it(tmp_path):
