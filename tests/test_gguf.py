@@ -346,11 +346,14 @@ def test_tokenizer_and_chat_template_from_metadata(tmp_path, tiny_hf, monkeypatc
 
 
 def write_vocabulary(path: Path, model: str, tokens: list[str], token_types: list[int], pre: str = "default",
-                     scores: list[float] | None = None, merges: list[str] = ()) -> Path:
+                     scores: list[float] | None = None, merges: list[str] = (),
+                     space_prefix: bool | None = None) -> Path:
     """A GGUF that holds a vocabulary alone, as llama.cpp's own tokenizer tests do (models/ggml-vocab-*.gguf)."""
     writer = GGUFWriter(str(path), "llama")
     writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre(pre)
+    if space_prefix is not None:
+        writer.add_add_space_prefix(space_prefix)
     writer.add_token_list(tokens)
     writer.add_token_types(token_types)
     writer.add_token_scores(scores or [0.0] * len(tokens))
@@ -365,20 +368,24 @@ def write_vocabulary(path: Path, model: str, tokens: list[str], token_types: lis
     return path
 
 
-def test_a_sentencepiece_vocabulary_prefixes_a_space_as_llama_cpp_does(tmp_path, monkeypatch):
+@pytest.mark.parametrize("space_prefix", [None, False])
+def test_a_sentencepiece_vocabulary_prefixes_a_space_as_llama_cpp_does(tmp_path, monkeypatch, space_prefix):
     """Llama 2 / Mistral / TinyLlama files: like sentencepiece, llama.cpp writes "▁" before the text even where
     the text starts with a space, so " a" is "▁", "▁a" (transformers' conversion alone gives "▁a", and
-    decoding it loses the space). The cached copy tokenizes the same."""
+    decoding it loses the space); unless the file's add_space_prefix is false. The cached copy tokenizes the
+    same."""
     monkeypatch.setattr(gguf_module, "TOKENIZER_CACHE", tmp_path / "cache")
     tokens = ["<unk>", "<s>", "</s>", "\u2581", "a", "\u2581a", "b", "\u2581b"]
     file = write_vocabulary(tmp_path / "spm.gguf", "llama", tokens, [2, 3, 3, 1, 1, 1, 1, 1],
-                            scores=[0.0, 0.0, 0.0, -1.0, -2.0, -0.5, -3.0, -0.6])
+                            scores=[0.0, 0.0, 0.0, -1.0, -2.0, -0.5, -3.0, -0.6], space_prefix=space_prefix)
+    expected = ({"a": [5], " a": [3, 5], "a b": [5, 7], "  a  b": [3, 3, 5, 3, 7]} if space_prefix is None else
+                {"a": [4], " a": [5], "a b": [4, 7], "  a  b": [3, 5, 3, 7]})
     for _ in range(2):
         tokenizer = load_tokenizer(file)
-        for text, ids in {"a": [5], " a": [3, 5], "a b": [5, 7], "  a  b": [3, 3, 5, 3, 7]}.items():
+        for text, ids in expected.items():
             assert tokenizer.encode(text, add_special_tokens=False) == ids, text
             assert tokenizer.decode(ids) == text
-        assert tokenizer.encode(" a") == [1, 3, 5]  # BOS
+        assert tokenizer.encode(" a") == [1, *expected[" a"]]  # BOS
 
 
 @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
