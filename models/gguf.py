@@ -101,9 +101,10 @@ def read_config(reader: GGUFReader) -> dict:
         raise GGUFError(f"unsupported GGUF architecture {arch!r}; gorgon reads {', '.join(HF_ARCHITECTURES)}")
     if _field(reader, "general.type") == "adapter":
         raise GGUFError("this GGUF is a LoRA adapter, not a model; gorgon loads adapters in PEFT format")
-    if _field(reader, f"{arch}.expert_count", 0):
-        raise GGUFError(f"this GGUF is a mixture of experts ({arch}.expert_count = "
-                        f"{_field(reader, f'{arch}.expert_count')}), which gorgon does not run")
+    experts = _field(reader, f"{arch}.expert_count", 0)
+    if experts:
+        raise GGUFError(f"this GGUF is a mixture of experts ({arch}.expert_count = {experts}), which gorgon "
+                        "does not run")
     names = {t.name for t in reader.tensors}
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
@@ -232,17 +233,16 @@ def load_tokenizer(path: str | Path):
     if (cached / "tokenizer_config.json").is_file():
         # tokenizer.json as saved: a model's own class (Qwen2Tokenizer) would put back its default normalizer
         tokenizer = PreTrainedTokenizerFast.from_pretrained(cached)
-        tokenize_as_llama_cpp(tokenizer, open_gguf(path))  # (a no-op, unless cached by an older gorgon)
-        return tokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    tokenize_as_llama_cpp(tokenizer, open_gguf(path))
-    try:
-        TOKENIZER_CACHE.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=TOKENIZER_CACHE) as tmp:  # whole, or not at all: other loads may race
-            tokenizer.save_pretrained(Path(tmp) / "tokenizer")
-            os.replace(Path(tmp) / "tokenizer", cached)
-    except OSError:
-        pass
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        try:
+            TOKENIZER_CACHE.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=TOKENIZER_CACHE) as tmp:  # whole, or not at all: loads may race
+                tokenizer.save_pretrained(Path(tmp) / "tokenizer")
+                os.replace(Path(tmp) / "tokenizer", cached)
+        except OSError:
+            pass
+    tokenize_as_llama_cpp(tokenizer, open_gguf(path))  # on every load: the cache holds transformers' conversion
     return tokenizer
 
 
