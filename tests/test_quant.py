@@ -86,7 +86,7 @@ def test_kernel_matches_dequantized_matmul(qtype, isa):
             assert ((out - ref).abs() <= activation_bound(x, dense) * 1.001 + fp32_slack).all(), (k, m)
 
 
-PACKABLE = [QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q4_K]
+PACKABLE = [QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q6_K]
 
 
 def packed(w: QuantizedWeight) -> torch.Tensor:
@@ -138,7 +138,7 @@ def test_packed_kernel_rows_do_not_depend_on_the_batch(qtype, isa):
 def test_repack_applies_only_where_it_has_kernels():
     use_isa("avx2")
     assert ops.repack(random_weight(QType.Q8_0, 32, 96).data, int(QType.Q8_0), 96) is not None
-    assert ops.repack(random_weight(QType.Q6_K, 32, 512).data, int(QType.Q6_K), 512) is None  # no packed kernel
+    assert ops.repack(random_weight(QType.Q5_K, 32, 512).data, int(QType.Q5_K), 512) is None  # no packed kernel
     assert ops.repack(random_weight(QType.Q8_0, 40, 96).data, int(QType.Q8_0), 96) is None  # 40 rows: not 16s
     ops.set_isa("scalar")
     assert ops.repack(random_weight(QType.Q8_0, 32, 96).data, int(QType.Q8_0), 96) is None

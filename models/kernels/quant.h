@@ -23,8 +23,8 @@
 // (rounding each x to its nearest step, dx / 2), plus fp32 rounding.
 //
 // Three paths, chosen at run time (set_isa may force a lower one, for tests): AVX-512 (VNNI, two blocks
-// per 512-bit vector), AVX2 (one block per 256-bit vector) and portable scalar code. Q4_0, Q4_1, Q8_0 and
-// Q4_K weights are laid out anew at load, 16 rows interleaved ("packed", below), for kernels that need no
+// per 512-bit vector), AVX2 (one block per 256-bit vector) and portable scalar code. Q4_0, Q4_1, Q8_0, Q4_K
+// and Q6_K weights are laid out anew at load, 16 rows interleaved ("packed", below), for kernels that need no
 // horizontal sums and scale a block once for 16 rows (AVX2: 8): 3 to 6 times the row-by-row kernels'
 // throughput on AVX-512, 1.3 to 4 times on AVX2 (Q8_0 least, Q4_K most).
 #pragma once
@@ -231,26 +231,59 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
   }
 }
 
-// --- packed weights: Q4_0, Q4_1, Q8_0 and Q4_K interleaved in groups of 16 rows ---------------------------
+// --- packed weights: Q4_0, Q4_1, Q8_0, Q4_K and Q6_K interleaved in groups of 16 rows ----------------------
 // One 512-bit VNNI instruction then multiplies 4 weights of each of 16 rows by 4 activations they share
 // (AVX2: two instructions for 8 rows), so a block's integer dot products need no horizontal sums, and its
 // scales are applied once per block for 16 rows (8). Per group of 16 rows and block of the format ("group
-// block"; Q4_K: its super-block of 256):
+// block"; K-quants: their super-block of 256):
 //   Q4_0, Q8_0: fp16 d[16] | quants;  Q4_1: fp16 d[16] | fp16 m[16] | quants
 //   Q4_K: fp16 d[16] | fp16 dmin[16] | uint8 sc[8][16] | uint8 mn[8][16] | quants of sub-block pairs 0..3
+//   Q6_K: fp16 d[16] | int8 sc[16][16] (per 16 weights) | low nibbles as Q4_K's | high 2 bits: 2 planes
 // where quants come in chunks of 16 rows x 4 bytes, chunk c holding bytes 4c..4c+3 of each row's quant bytes
-// (Q4: nibble bytes, 16 a block, 32 a Q4_K sub-block pair; Q8_0: 32 bytes, each + 128 so that it is unsigned).
-// repack() makes it once, at load time; a packed weight is uint8 [N / 16, K / block, group block bytes].
+// (Q4: nibble bytes, 16 a block, 32 a K-quant sub-block pair; Q8_0: 32 bytes, each + 128 so that it is
+// unsigned). Q6_K's plane p holds sub-blocks 4p..4p+3 of 32: the high bits of element 4c + e of sub-block j
+// are bits 2 (j % 4) of byte e of chunk c; its runs of 512 bytes lie in the order the kernels read them
+// (nibbles of pair 0, plane 0, pairs 1 and 2, plane 1, pair 3): with the planes after the nibbles, the kernels
+// streamed a weight larger than the caches at half the speed (a Zen 4). repack() makes the layout once, at
+// load time; a packed weight is uint8 [N / 16, K / block, group block bytes], as many bytes as the file's.
 constexpr int64_t kGroupRows = 16;
 
-inline bool packable(int64_t qtype) { return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 || qtype == kQ4_K; }
+inline bool packable(int64_t qtype) {
+  return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 || qtype == kQ4_K || qtype == kQ6_K;
+}
 
 inline int64_t quants_offset(int64_t qtype) {  // within a group block
-  return qtype == kQ4_K ? 64 + 256 : qtype == kQ4_1 ? 64 : 32;
+  return qtype == kQ4_K ? 64 + 256 : qtype == kQ6_K ? 32 + 256 : qtype == kQ4_1 ? 64 : 32;
 }
 
 inline int64_t group_block_bytes(int64_t qtype) {
-  return quants_offset(qtype) + kGroupRows * (qtype == kQ8_0 ? 32 : qtype == kQ4_K ? 128 : 16);
+  const int64_t row_quants = qtype == kQ8_0 ? 32 : qtype == kQ4_K ? 128 : qtype == kQ6_K ? 192 : 16;
+  return quants_offset(qtype) + kGroupRows * row_quants;
+}
+
+// Byte e (0..3) of chunk c (0..7) of row i, within a 512-byte run of chunks
+inline int64_t chunk_byte(int64_t c, int64_t i, int64_t e) { return c * 64 + 4 * i + e; }
+
+// Where sub-block j's nibbles and high bits lie in a Q6_K group block's quants
+constexpr int64_t q6_k_nibbles(int j) { return (j / 2 + (j >= 2) + (j >= 6)) * 512; }  // runs 0, 2, 3, 5
+constexpr int64_t q6_k_high(int j) { return (j < 4 ? 1 : 4) * 512; }
+
+// Row i's Q6_K super-block src into its group block dst (see above)
+inline void repack_q6_k(const uint8_t* src, int64_t i, uint8_t* dst) {
+  std::memcpy(dst + 2 * i, src + 208, 2);
+  for (int s = 0; s < 16; ++s) dst[32 + 16 * s + i] = src[192 + s];
+  uint8_t* quants = dst + quants_offset(kQ6_K);
+  for (int j = 0; j < 8; ++j) {  // sub-block j in the file: bits 4 (t / 2) of ql, bits 2t of qh (unpack_scalar)
+    const int h = j / 4, t = j % 4;
+    for (int e = 0; e < 32; ++e) {
+      const int low = (src[64 * h + 32 * (t % 2) + e] >> (4 * (t / 2))) & 0xF;
+      const int top = (src[128 + 32 * h + e] >> (2 * t)) & 3;
+      uint8_t& n = quants[q6_k_nibbles(j) + chunk_byte(e / 4, i, e % 4)];
+      uint8_t& p = quants[q6_k_high(j) + chunk_byte(e / 4, i, e % 4)];
+      n = j % 2 ? n | low << 4 : low;
+      p = t ? p | top << (2 * t) : top;
+    }
+  }
 }
 
 // rows [N, row_bytes] of K weights (N % 16 == 0) -> packed [N / 16, K / block, group block bytes]
@@ -265,6 +298,10 @@ inline void repack(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N
         uint8_t* quants = dst + quants_offset(qtype);
         for (int64_t i = 0; i < kGroupRows; ++i) {
           const uint8_t* src = w + (g * kGroupRows + i) * row_bytes + b * f.bytes;
+          if (qtype == kQ6_K) {
+            repack_q6_k(src, i, dst);
+            continue;
+          }
           std::memcpy(dst + 2 * i, src, 2);                                                    // d
           if (qtype == kQ4_1 || qtype == kQ4_K) std::memcpy(dst + 32 + 2 * i, src + 2, 2);   // m / dmin
           if (qtype == kQ4_K) {
@@ -277,7 +314,7 @@ inline void repack(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N
           }
           for (int64_t j = 0; j < quant_bytes; ++j) {  // Q4_K: 32 bytes per sub-block pair, pairs one after another
             const uint8_t v = src[quants_in_block + j];
-            quants[(j / 32) * 512 + (j % 32 / 4) * 64 + 4 * i + j % 4] = qtype == kQ8_0 ? v ^ 0x80 : v;
+            quants[(j / 32) * 512 + chunk_byte(j % 32 / 4, i, j % 4)] = qtype == kQ8_0 ? v ^ 0x80 : v;
           }
         }
       }
@@ -299,17 +336,29 @@ inline void unpack_block(int64_t qtype, const Weights& w, int64_t n, int64_t b, 
   const int64_t i = n % kGroupRows, per_block = format_of(qtype).block / 32;  // 32-blocks in a block
   const uint8_t* blk = w.data + (n / kGroupRows * w.blocks + b / per_block) * group_block_bytes(qtype);
   const uint8_t* quants = blk + quants_offset(qtype);
-  if (qtype == kQ4_K) {
+  if (qtype == kQ4_K || qtype == kQ6_K) {
     const int j = b % 8;  // sub-block; its nibbles are the low (j even) or high (j odd) ones of pair j / 2
+    for (int e = 0; e < 32; ++e)
+      out->q[e] = (quants[(qtype == kQ6_K ? q6_k_nibbles(j) : (j / 2) * 512) + chunk_byte(e / 4, i, e % 4)] >>
+                   (4 * (j % 2))) & 0xF;
+    if (qtype == kQ6_K) {
+      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 32);
+      out->scale[0] = half(blk + 2 * i) * sc[16 * (2 * j) + i];
+      out->scale[1] = half(blk + 2 * i) * sc[16 * (2 * j + 1) + i];
+      out->min[0] = out->min[1] = 0.f;
+      const uint8_t* plane = quants + q6_k_high(j);
+      for (int e = 0; e < 32; ++e)
+        out->q[e] += (((plane[chunk_byte(e / 4, i, e % 4)] >> (2 * (j % 4))) & 3) << 4) - 32;
+      return;
+    }
     out->scale[0] = out->scale[1] = half(blk + 2 * i) * blk[64 + 16 * j + i];
     out->min[0] = out->min[1] = -half(blk + 32 + 2 * i) * blk[64 + 128 + 16 * j + i];
-    for (int e = 0; e < 32; ++e) out->q[e] = (quants[(j / 2) * 512 + (e / 4) * 64 + 4 * i + e % 4] >> (4 * (j % 2))) & 0xF;
     return;
   }
   out->scale[0] = out->scale[1] = half(blk + 2 * i);
   out->min[0] = out->min[1] = qtype == kQ4_1 ? half(blk + 32 + 2 * i) : 0.f;
   for (int j = 0; j < (qtype == kQ8_0 ? 32 : 16); ++j) {
-    const uint8_t v = quants[(j / 4) * 64 + 4 * i + j % 4];
+    const uint8_t v = quants[chunk_byte(j / 4, i, j % 4)];
     if (qtype == kQ8_0) {
       out->q[j] = static_cast<int8_t>(v ^ 0x80);
     } else {
@@ -348,6 +397,8 @@ struct Activations {
   std::vector<float> block_scale;   // packed [Kp / 32, M]: dx of each block
   std::vector<int32_t> block_init;  // packed [Kp / 32, M]: -offset * (sum of the block's q)
   std::vector<float> block_qsum;    // packed [Kp / 32, M]: dx * (sum of the block's q)
+  std::vector<int32_t> half_sums;   // packed [Kp / 32, M]: the sums of the block's two halves' q, as int16s
+                                    // (first half low): Q6_K's scales are per 16 weights
 };
 
 #define QUANT_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -398,6 +449,7 @@ inline void quantize_activations(const float* x, int64_t M, int64_t K, int offse
     a->block_scale.assign(M * blocks, 0.f);
     a->block_init.assign(M * blocks, 0);
     a->block_qsum.assign(M * blocks, 0.f);
+    a->half_sums.assign(M * blocks, 0);
   } else {
     a->scale.assign(M * lanes, 0.f);
     a->init.assign(M * lanes, 0);
@@ -423,6 +475,9 @@ inline void quantize_activations(const float* x, int64_t M, int64_t K, int offse
         a->block_scale[b * M + m] = d;
         a->block_init[b * M + m] = -offset * block_sum;
         a->block_qsum[b * M + m] = d * block_sum;
+        const int32_t first = lane_sums[0] + lane_sums[1] + lane_sums[2] + lane_sums[3];  // |sum| <= 16 * 127
+        a->half_sums[b * M + m] =
+            static_cast<int32_t>((static_cast<uint32_t>(first) & 0xFFFF) | static_cast<uint32_t>(block_sum - first) << 16);
       }
     }
   }
@@ -1010,10 +1065,11 @@ template <int MB>
 struct PackedRows {
   const int8_t* q;
   const float *scale, *qsum;
-  const int32_t* init;
+  const int32_t *init, *half_sums;
   PackedRows(const Activations& a, int64_t x32, int64_t m0)
       : q(a.q.data() + (x32 * a.M + m0) * 32), scale(a.block_scale.data() + x32 * a.M + m0),
-        qsum(a.block_qsum.data() + x32 * a.M + m0), init(a.block_init.data() + x32 * a.M + m0) {}
+        qsum(a.block_qsum.data() + x32 * a.M + m0), init(a.block_init.data() + x32 * a.M + m0),
+        half_sums(a.half_sums.data() + x32 * a.M + m0) {}
 };
 
 // acc[m] += the 32-block x against weights w[8] (w[c]: weights 4c..4c+3 of each of the 16 rows, unsigned,
@@ -1033,12 +1089,45 @@ QUANT_AVX512 inline void packed_block(const PackedRows<MB>& x, const __m512i (&w
   }
 }
 
+// Q6_K: acc[m] += the 32-block x against weights w[8] (values 0..63, offset 32), whose halves (w[0..3],
+// w[4..7]) have scales scale0 and scale1 (d sc) per row
+template <int MB>
+QUANT_AVX512 inline void packed_block_q6_k(const PackedRows<MB>& x, const __m512i (&w)[8], __m512 scale0,
+                                           __m512 scale1, __m512 (&acc)[MB]) {
+  for (int m = 0; m < MB; ++m) {
+    const int32_t sums = x.half_sums[m];
+    __m512i dot[2] = {_mm512_set1_epi32(-32 * static_cast<int16_t>(sums & 0xFFFF)), _mm512_set1_epi32(-32 * (sums >> 16))};
+    for (int c = 0; c < 8; ++c) {
+      int32_t x4;
+      std::memcpy(&x4, x.q + m * 32 + 4 * c, 4);
+      dot[c / 4] = _mm512_dpbusd_epi32(dot[c / 4], w[c], _mm512_set1_epi32(x4));
+    }
+    const __m512 both = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[0]), scale0,
+                                        _mm512_mul_ps(_mm512_cvtepi32_ps(dot[1]), scale1));
+    acc[m] = _mm512_fmadd_ps(both, _mm512_set1_ps(x.scale[m]), acc[m]);
+  }
+}
+
 QUANT_AVX512 inline __m512 halves16(const uint8_t* p) {  // 16 fp16 -> fp32
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 QUANT_AVX512 inline __m512 bytes16(const uint8_t* p) {  // 16 uint8 -> fp32
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+QUANT_AVX512 inline __m512 signed_bytes16(const uint8_t* p) {  // 16 int8 -> fp32
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Chunk c of Q6_K sub-block j of a group block's quants: 16 rows x 4 weights, 0..63
+QUANT_AVX512 inline __m512i q6_k_chunk(const uint8_t* quants, int j, int c) {
+  const __m512i v = _mm512_loadu_si512(quants + q6_k_nibbles(j) + 64 * c);
+  const __m512i p = _mm512_loadu_si512(quants + q6_k_high(j) + 64 * c);
+  const int t = j % 4;  // the high bits, at bits 2t of each byte, move to bits 4-5
+  const __m512i top = t < 2 ? _mm512_slli_epi16(p, 4 - 2 * t) : _mm512_srli_epi16(p, 2 * t - 4);
+  const __m512i low = _mm512_and_si512(j % 2 ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0xF));
+  return _mm512_or_si512(low, _mm512_and_si512(top, _mm512_set1_epi8(0x30)));
 }
 
 template <int64_t QT, int MB>
@@ -1062,6 +1151,17 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group
         const __m512 scale = _mm512_mul_ps(d, bytes16(blk + 64 + 16 * j));
         const __m512 min = _mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), bytes16(blk + 64 + 128 + 16 * j)));
         packed_block<MB, false, true>(PackedRows<MB>(a, b * 8 + j, m0), w, scale, min, acc);
+      }
+      continue;
+    }
+    if (QT == kQ6_K) {
+      const __m512 d = halves16(blk);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {  // unrolled: the bit positions become constants
+        for (int c = 0; c < 8; ++c) w[c] = q6_k_chunk(quants, j, c);
+        const __m512 scale0 = _mm512_mul_ps(d, signed_bytes16(blk + 32 + 16 * (2 * j)));
+        const __m512 scale1 = _mm512_mul_ps(d, signed_bytes16(blk + 32 + 16 * (2 * j + 1)));
+        packed_block_q6_k<MB>(PackedRows<MB>(a, b * 8 + j, m0), w, scale0, scale1, acc);
       }
       continue;
     }
@@ -1115,6 +1215,34 @@ QUANT_AVX2 inline void add_chunk16(const PackedRows<MB>& x, int c, __m256i w, __
   }
 }
 
+// Q6_K: sums[m] += token row m's activations of chunks c and c + 1 against weights w0, w1 (0..63), times the
+// rows' scales (as int16, twice in each lane). Two chunks' maddubs pairs fit int16: 4 * 63 * 127 = 32004 < 2^15
+template <int MB>
+QUANT_AVX2 inline void add_chunk_pair_q6_k(const PackedRows<MB>& x, int c, __m256i w0, __m256i w1, __m256i scales,
+                                           __m256i (&sums)[MB]) {
+  for (int m = 0; m < MB; ++m) {
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w0, broadcast4(x.q + m * 32 + 4 * c)),
+                                           _mm256_maddubs_epi16(w1, broadcast4(x.q + m * 32 + 4 * c + 4)));
+    sums[m] = _mm256_add_epi32(sums[m], _mm256_madd_epi16(pairs, scales));
+    asm("" : "+x"(sums[m]));
+  }
+}
+
+// Chunk c of Q6_K sub-block j, rows 8h..8h+7 (quants already at the half's 32 bytes): 8 rows x 4 weights, 0..63
+QUANT_AVX2 inline __m256i q6_k_chunk8(const uint8_t* quants, int j, int c) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + q6_k_nibbles(j) + 64 * c));
+  const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + q6_k_high(j) + 64 * c));
+  const int t = j % 4;
+  const __m256i top = t < 2 ? _mm256_slli_epi16(p, 4 - 2 * t) : _mm256_srli_epi16(p, 2 * t - 4);
+  const __m256i low = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0xF));
+  return _mm256_or_si256(low, _mm256_and_si256(top, _mm256_set1_epi8(0x30)));
+}
+
+// 8 int8 -> int32 lanes
+QUANT_AVX2 inline __m256i signed_bytes8(const uint8_t* p) {
+  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
 // acc[m] += (sums[m], int16 pairs or int32 when !int16_sums; + the offset's init) * d * dx, and acc_min[m] +=
 // min * dx sum x: two accumulators, so that a block's two FMAs do not wait on each other
 template <int MB, bool int16_sums, bool has_offset, bool has_min>
@@ -1152,6 +1280,29 @@ QUANT_AVX2 void packed_group_avx2(const Activations& a, const uint8_t* group, in
           const __m256 scale = _mm256_mul_ps(d, bytes8(blk + 64 + 16 * j + 8 * h));
           const __m256 min = _mm256_mul_ps(dmin, _mm256_sub_ps(_mm256_setzero_ps(), bytes8(blk + 192 + 16 * j + 8 * h)));
           scale_block<MB, true, false, true>(x, sums, scale, min, acc, acc_min);
+        }
+        continue;
+      }
+      if (QT == kQ6_K) {  // integer sums scaled by the rows' int8 scales (madd), then by d once
+        const __m256 d = halves8(blk + 16 * h);
+        const __m256i low16 = _mm256_set1_epi32(0xFFFF);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+          const PackedRows<MB> x(a, b * 8 + j, m0);
+          const __m256i sc0 = signed_bytes8(blk + 32 + 16 * (2 * j) + 8 * h);
+          const __m256i sc1 = signed_bytes8(blk + 32 + 16 * (2 * j + 1) + 8 * h);
+          const __m256i scales0 = _mm256_or_si256(_mm256_and_si256(sc0, low16), _mm256_slli_epi32(sc0, 16));
+          const __m256i scales1 = _mm256_or_si256(_mm256_and_si256(sc1, low16), _mm256_slli_epi32(sc1, 16));
+          const __m256i both = _mm256_or_si256(_mm256_and_si256(sc0, low16), _mm256_slli_epi32(sc1, 16));
+          for (int m = 0; m < MB; ++m) {  // the offset: -32 (sc0 * sum of the first half's x + sc1 * the second's)
+            const __m256i offset = _mm256_madd_epi16(both, _mm256_set1_epi32(x.half_sums[m]));
+            sums[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(offset, 5));
+          }
+          for (int c = 0; c < 8; c += 2)
+            add_chunk_pair_q6_k(x, c, q6_k_chunk8(quants, j, c), q6_k_chunk8(quants, j, c + 1),
+                                c < 4 ? scales0 : scales1, sums);
+          for (int m = 0; m < MB; ++m)
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[m]), _mm256_mul_ps(d, _mm256_set1_ps(x.scale[m])), acc[m]);
         }
         continue;
       }
@@ -1240,6 +1391,7 @@ inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const We
       case kQ4_0: return gemv_packed<kQ4_0>(a, w.data, K, y, N, isa);
       case kQ4_1: return gemv_packed<kQ4_1>(a, w.data, K, y, N, isa);
       case kQ4_K: return gemv_packed<kQ4_K>(a, w.data, K, y, N, isa);
+      case kQ6_K: return gemv_packed<kQ6_K>(a, w.data, K, y, N, isa);
     }
   }
   if (w.packed) {  // a lower instruction set forced (tests): portable code over the packed layout
