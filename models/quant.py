@@ -124,9 +124,9 @@ class QuantizedLinear(nn.Module):
 
     @kernels.setter
     def kernels(self, kernels: cpu_decode.DecodeKernels | None) -> None:
-        """Handing the layer its kernels also lays Q4_0/Q4_1/Q8_0/Q4_K/Q6_K weights out for them (16 rows
-        interleaved, models/kernels/quant.h), where the CPU runs that layout's kernels: a second copy of those
-        weights, which decode streams instead of the file's."""
+        """Handing the layer its kernels also lays its weights out for them (16 rows interleaved, types with
+        such kernels: models/kernels/quant.h `packable`), where the CPU runs that layout's kernels: a second copy
+        of those weights, which decode streams instead of the file's."""
         self._kernels = kernels
         self.packed = None if kernels is None else kernels.ops.repack(self.weight, int(self.qtype), self.in_features)
 

@@ -23,10 +23,11 @@
 // (rounding each x to its nearest step, dx / 2), plus fp32 rounding.
 //
 // Three paths, chosen at run time (set_isa may force a lower one, for tests): AVX-512 (VNNI, two blocks
-// per 512-bit vector), AVX2 (one block per 256-bit vector) and portable scalar code. Q4_0, Q4_1, Q8_0, Q4_K
-// and Q6_K weights are laid out anew at load, 16 rows interleaved ("packed", below), for kernels that need no
-// horizontal sums and scale a block once for 16 rows (AVX2: 8): 3 to 6 times the row-by-row kernels'
-// throughput on AVX-512, 1.3 to 4 times on AVX2 (Q8_0 least, Q4_K most).
+// per 512-bit vector), AVX2 (one block per 256-bit vector) and portable scalar code. Q4_0, Q4_1, Q5_0, Q5_1,
+// Q8_0, Q4_K and Q6_K weights are laid out anew at load, 16 rows interleaved ("packed", below), for kernels
+// that need no horizontal sums and scale a block once for 16 rows (AVX2: 8): 2 to 6 times the row-by-row
+// kernels' throughput on AVX-512, 1.3 to 4 times on AVX2 (Q8_0 least, Q4_K most), in cache; less (Q6_K:
+// 1.0-1.4x) at one token row where the weight streams from memory.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -237,6 +238,7 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
 // scales are applied once per block for 16 rows (8). Per group of 16 rows and block of the format ("group
 // block"; K-quants: their super-block of 256):
 //   Q4_0, Q8_0: fp16 d[16] | quants;  Q4_1: fp16 d[16] | fp16 m[16] | quants
+//   Q5_0, Q5_1: as Q4_0, Q4_1, with a chunk of fifth bits before the quants (bit c of byte e: element 4c + e)
 //   Q4_K: fp16 d[16] | fp16 dmin[16] | uint8 sc[8][16] | uint8 mn[8][16] | quants of sub-block pairs 0..3
 //   Q6_K: fp16 d[16] | int8 sc[16][16] (per 16 weights) | low nibbles as Q4_K's | high 2 bits: 2 planes
 // where quants come in chunks of 16 rows x 4 bytes, chunk c holding bytes 4c..4c+3 of each row's quant bytes
@@ -249,11 +251,19 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
 constexpr int64_t kGroupRows = 16;
 
 inline bool packable(int64_t qtype) {
-  return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ8_0 || qtype == kQ4_K || qtype == kQ6_K;
+  return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ5_0 || qtype == kQ5_1 || qtype == kQ8_0 || qtype == kQ4_K ||
+         qtype == kQ6_K;
 }
 
 inline int64_t quants_offset(int64_t qtype) {  // within a group block
-  return qtype == kQ4_K ? 64 + 256 : qtype == kQ6_K ? 32 + 256 : qtype == kQ4_1 ? 64 : 32;
+  switch (qtype) {
+    case kQ4_K: return 64 + 256;
+    case kQ6_K: return 32 + 256;
+    case kQ4_1: return 64;
+    case kQ5_0: return 32 + 64;
+    case kQ5_1: return 64 + 64;
+    default: return 32;
+  }
 }
 
 inline int64_t group_block_bytes(int64_t qtype) {
@@ -303,7 +313,16 @@ inline void repack(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N
             continue;
           }
           std::memcpy(dst + 2 * i, src, 2);                                                    // d
-          if (qtype == kQ4_1 || qtype == kQ4_K) std::memcpy(dst + 32 + 2 * i, src + 2, 2);   // m / dmin
+          if (qtype == kQ4_1 || qtype == kQ5_1 || qtype == kQ4_K) std::memcpy(dst + 32 + 2 * i, src + 2, 2);  // m
+          if (qtype == kQ5_0 || qtype == kQ5_1) {
+            uint32_t fifth;
+            std::memcpy(&fifth, src + (qtype == kQ5_1 ? 4 : 2), 4);
+            for (int e = 0; e < 4; ++e) {
+              uint8_t bits = 0;
+              for (int c = 0; c < 8; ++c) bits |= ((fifth >> (4 * c + e)) & 1) << c;
+              quants[-64 + chunk_byte(0, i, e)] = bits;
+            }
+          }
           if (qtype == kQ4_K) {
             for (int j = 0; j < 8; ++j) {
               int sc, mn;
@@ -356,15 +375,17 @@ inline void unpack_block(int64_t qtype, const Weights& w, int64_t n, int64_t b, 
     return;
   }
   out->scale[0] = out->scale[1] = half(blk + 2 * i);
-  out->min[0] = out->min[1] = qtype == kQ4_1 ? half(blk + 32 + 2 * i) : 0.f;
+  out->min[0] = out->min[1] = qtype == kQ4_1 || qtype == kQ5_1 ? half(blk + 32 + 2 * i) : 0.f;
+  const bool five = qtype == kQ5_0 || qtype == kQ5_1;
   for (int j = 0; j < (qtype == kQ8_0 ? 32 : 16); ++j) {
     const uint8_t v = quants[chunk_byte(j / 4, i, j % 4)];
     if (qtype == kQ8_0) {
       out->q[j] = static_cast<int8_t>(v ^ 0x80);
     } else {
-      const int offset = qtype == kQ4_0 ? 8 : 0;
-      out->q[j] = (v & 0xF) - offset;
-      out->q[j + 16] = (v >> 4) - offset;
+      const int offset = qtype == kQ4_0 ? 8 : qtype == kQ5_0 ? 16 : 0;
+      const uint8_t fifth = five ? quants[-64 + chunk_byte(0, i, j % 4)] : 0;  // bit c: element 4c + j % 4
+      out->q[j] = ((v & 0xF) | ((fifth >> (j / 4)) & 1) << 4) - offset;
+      out->q[j + 16] = ((v >> 4) | ((fifth >> (j / 4 + 4)) & 1) << 4) - offset;
     }
   }
 }
@@ -1120,6 +1141,12 @@ QUANT_AVX512 inline __m512 signed_bytes16(const uint8_t* p) {  // 16 int8 -> fp3
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
+// Q5_0 / Q5_1: chunk c's nibbles with their fifth bits (bit c of each byte of the chunk `fifth`) at bit 4
+QUANT_AVX512 inline __m512i with_fifth_bit(__m512i nibbles, __m512i fifth, int c) {
+  const __m512i bit = c < 4 ? _mm512_slli_epi16(fifth, 4 - c) : _mm512_srli_epi16(fifth, c - 4);
+  return _mm512_or_si512(nibbles, _mm512_and_si512(bit, _mm512_set1_epi8(0x10)));
+}
+
 // Chunk c of Q6_K sub-block j of a group block's quants: 16 rows x 4 weights, 0..63
 QUANT_AVX512 inline __m512i q6_k_chunk(const uint8_t* quants, int j, int c) {
   const __m512i v = _mm512_loadu_si512(quants + q6_k_nibbles(j) + 64 * c);
@@ -1168,15 +1195,21 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group
     if (QT == kQ8_0) {
       for (int c = 0; c < 8; ++c) w[c] = _mm512_loadu_si512(quants + 64 * c);
     } else {
+#pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
         const __m512i v = _mm512_loadu_si512(quants + 64 * c);
         w[c] = _mm512_and_si512(v, low);
         w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        if (QT == kQ5_0 || QT == kQ5_1) {
+          const __m512i fifth = _mm512_loadu_si512(quants - 64);
+          w[c] = with_fifth_bit(w[c], fifth, c);
+          w[c + 4] = with_fifth_bit(w[c + 4], fifth, c + 4);
+        }
       }
     }
     const __m512 d = halves16(blk);
     const PackedRows<MB> x(a, b, m0);
-    if (QT == kQ4_1) packed_block<MB, false, true>(x, w, d, halves16(blk + 32), acc);
+    if (QT == kQ4_1 || QT == kQ5_1) packed_block<MB, false, true>(x, w, d, halves16(blk + 32), acc);
     else packed_block<MB, true, false>(x, w, d, _mm512_setzero_ps(), acc);
   }
   for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + (m0 + m) * N + n0, acc[m]);
@@ -1215,10 +1248,11 @@ QUANT_AVX2 inline void add_chunk16(const PackedRows<MB>& x, int c, __m256i w, __
   }
 }
 
-// Q6_K: sums[m] += token row m's activations of chunks c and c + 1 against weights w0, w1 (0..63), times the
-// rows' scales (as int16, twice in each lane). Two chunks' maddubs pairs fit int16: 4 * 63 * 127 = 32004 < 2^15
+// sums[m] += token row m's activations of chunks c and c + 1 against weights w0, w1 (0..63), times the
+// rows' scales (as int16, twice in each lane; Q6_K's, or 1). Two chunks' maddubs pairs fit int16:
+// 4 * 63 * 127 = 32004 < 2^15
 template <int MB>
-QUANT_AVX2 inline void add_chunk_pair_q6_k(const PackedRows<MB>& x, int c, __m256i w0, __m256i w1, __m256i scales,
+QUANT_AVX2 inline void add_chunk_pair(const PackedRows<MB>& x, int c, __m256i w0, __m256i w1, __m256i scales,
                                            __m256i (&sums)[MB]) {
   for (int m = 0; m < MB; ++m) {
     const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w0, broadcast4(x.q + m * 32 + 4 * c)),
@@ -1236,6 +1270,12 @@ QUANT_AVX2 inline __m256i q6_k_chunk8(const uint8_t* quants, int j, int c) {
   const __m256i top = t < 2 ? _mm256_slli_epi16(p, 4 - 2 * t) : _mm256_srli_epi16(p, 2 * t - 4);
   const __m256i low = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0xF));
   return _mm256_or_si256(low, _mm256_and_si256(top, _mm256_set1_epi8(0x30)));
+}
+
+// Q5_0 / Q5_1, rows 8h..8h+7: chunk c's nibbles with their fifth bits (bit c of each byte of `fifth`) at bit 4
+QUANT_AVX2 inline __m256i with_fifth_bit8(__m256i nibbles, __m256i fifth, int c) {
+  const __m256i bit = c < 4 ? _mm256_slli_epi16(fifth, 4 - c) : _mm256_srli_epi16(fifth, c - 4);
+  return _mm256_or_si256(nibbles, _mm256_and_si256(bit, _mm256_set1_epi8(0x10)));
 }
 
 // 8 int8 -> int32 lanes
@@ -1299,7 +1339,7 @@ QUANT_AVX2 void packed_group_avx2(const Activations& a, const uint8_t* group, in
             sums[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(offset, 5));
           }
           for (int c = 0; c < 8; c += 2)
-            add_chunk_pair_q6_k(x, c, q6_k_chunk8(quants, j, c), q6_k_chunk8(quants, j, c + 1),
+            add_chunk_pair(x, c, q6_k_chunk8(quants, j, c), q6_k_chunk8(quants, j, c + 1),
                                 c < 4 ? scales0 : scales1, sums);
           for (int m = 0; m < MB; ++m)
             acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[m]), _mm256_mul_ps(d, _mm256_set1_ps(x.scale[m])), acc[m]);
@@ -1320,6 +1360,21 @@ QUANT_AVX2 void packed_group_avx2(const Activations& a, const uint8_t* group, in
           }
         }
         scale_block<MB, false, false, false>(x, sums, d, _mm256_setzero_ps(), acc, acc_min);
+        continue;
+      }
+      if (QT == kQ5_0 || QT == kQ5_1) {  // 5 bits: 8 chunks' pairs would overflow int16, 2 do not
+        const __m256i fifth = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants - 64));
+#pragma GCC unroll 4
+        for (int c = 0; c < 8; c += 2) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 64 * (c % 4)));
+          const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 64 * (c % 4 + 1)));
+          const __m256i n0 = _mm256_and_si256(c < 4 ? v : _mm256_srli_epi16(v, 4), low);
+          const __m256i n1 = _mm256_and_si256(c < 4 ? v1 : _mm256_srli_epi16(v1, 4), low);
+          add_chunk_pair(x, c, with_fifth_bit8(n0, fifth, c), with_fifth_bit8(n1, fifth, c + 1), _mm256_set1_epi16(1),
+                         sums);
+        }
+        if (QT == kQ5_1) scale_block<MB, false, false, true>(x, sums, d, halves8(blk + 32 + 16 * h), acc, acc_min);
+        else scale_block<MB, false, true, false>(x, sums, d, _mm256_setzero_ps(), acc, acc_min);
         continue;
       }
       for (int c = 0; c < 4; ++c) {  // Q4_0, Q4_1: a byte's low nibble is element 4c + i, its high one 16 + 4c + i
@@ -1390,6 +1445,8 @@ inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const We
       case kQ8_0: return gemv_packed<kQ8_0>(a, w.data, K, y, N, isa);
       case kQ4_0: return gemv_packed<kQ4_0>(a, w.data, K, y, N, isa);
       case kQ4_1: return gemv_packed<kQ4_1>(a, w.data, K, y, N, isa);
+      case kQ5_0: return gemv_packed<kQ5_0>(a, w.data, K, y, N, isa);
+      case kQ5_1: return gemv_packed<kQ5_1>(a, w.data, K, y, N, isa);
       case kQ4_K: return gemv_packed<kQ4_K>(a, w.data, K, y, N, isa);
       case kQ6_K: return gemv_packed<kQ6_K>(a, w.data, K, y, N, isa);
     }
