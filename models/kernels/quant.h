@@ -24,7 +24,7 @@
 //
 // Three paths, chosen at run time (set_isa may force a lower one, for tests): AVX-512 (VNNI, two blocks
 // per 512-bit vector), AVX2 (one block per 256-bit vector) and portable scalar code. Q4_0, Q4_1, Q5_0, Q5_1,
-// Q8_0, Q4_K and Q6_K weights are laid out anew at load, 16 rows interleaved ("packed", below), for kernels
+// Q8_0, Q4_K, Q5_K and Q6_K weights are laid out anew at load, 16 rows interleaved ("packed", below), for kernels
 // that need no horizontal sums and scale a block once for 16 rows (AVX2: 8): 2 to 6 times the row-by-row
 // kernels' throughput on AVX-512, 1.3 to 4 times on AVX2 (Q8_0 least, Q4_K most), in cache; less (Q6_K:
 // 1.0-1.4x) at one token row where the weight streams from memory.
@@ -240,6 +240,8 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
 //   Q4_0, Q8_0: fp16 d[16] | quants;  Q4_1: fp16 d[16] | fp16 m[16] | quants
 //   Q5_0, Q5_1: as Q4_0, Q4_1, with a chunk of fifth bits before the quants (bit c of byte e: element 4c + e)
 //   Q4_K: fp16 d[16] | fp16 dmin[16] | uint8 sc[8][16] | uint8 mn[8][16] | quants of sub-block pairs 0..3
+//   Q5_K: as Q4_K, with 512 bytes of fifth bits before the quants (bit j of byte e of chunk c: element 4c + e
+//         of sub-block j)
 //   Q6_K: fp16 d[16] | int8 sc[16][16] (per 16 weights) | low nibbles as Q4_K's | high 2 bits: 2 planes
 // where quants come in chunks of 16 rows x 4 bytes, chunk c holding bytes 4c..4c+3 of each row's quant bytes
 // (Q4: nibble bytes, 16 a block, 32 a K-quant sub-block pair; Q8_0: 32 bytes, each + 128 so that it is
@@ -252,12 +254,13 @@ constexpr int64_t kGroupRows = 16;
 
 inline bool packable(int64_t qtype) {
   return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ5_0 || qtype == kQ5_1 || qtype == kQ8_0 || qtype == kQ4_K ||
-         qtype == kQ6_K;
+         qtype == kQ5_K || qtype == kQ6_K;
 }
 
 inline int64_t quants_offset(int64_t qtype) {  // within a group block
   switch (qtype) {
     case kQ4_K: return 64 + 256;
+    case kQ5_K: return 64 + 256 + 512;
     case kQ6_K: return 32 + 256;
     case kQ4_1: return 64;
     case kQ5_0: return 32 + 64;
@@ -267,7 +270,7 @@ inline int64_t quants_offset(int64_t qtype) {  // within a group block
 }
 
 inline int64_t group_block_bytes(int64_t qtype) {
-  const int64_t row_quants = qtype == kQ8_0 ? 32 : qtype == kQ4_K ? 128 : qtype == kQ6_K ? 192 : 16;
+  const int64_t row_quants = qtype == kQ8_0 ? 32 : qtype == kQ4_K || qtype == kQ5_K ? 128 : qtype == kQ6_K ? 192 : 16;
   return quants_offset(qtype) + kGroupRows * row_quants;
 }
 
@@ -313,7 +316,8 @@ inline void repack(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N
             continue;
           }
           std::memcpy(dst + 2 * i, src, 2);                                                    // d
-          if (qtype == kQ4_1 || qtype == kQ5_1 || qtype == kQ4_K) std::memcpy(dst + 32 + 2 * i, src + 2, 2);  // m
+          const bool k_quant = qtype == kQ4_K || qtype == kQ5_K;
+          if (qtype == kQ4_1 || qtype == kQ5_1 || k_quant) std::memcpy(dst + 32 + 2 * i, src + 2, 2);  // m / dmin
           if (qtype == kQ5_0 || qtype == kQ5_1) {
             uint32_t fifth;
             std::memcpy(&fifth, src + (qtype == kQ5_1 ? 4 : 2), 4);
@@ -323,7 +327,7 @@ inline void repack(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N
               quants[-64 + chunk_byte(0, i, e)] = bits;
             }
           }
-          if (qtype == kQ4_K) {
+          if (k_quant) {
             for (int j = 0; j < 8; ++j) {
               int sc, mn;
               k_scale_min(src + 4, j, &sc, &mn);
@@ -331,6 +335,8 @@ inline void repack(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N
               dst[64 + 128 + 16 * j + i] = static_cast<uint8_t>(mn);
             }
           }
+          if (qtype == kQ5_K)  // byte e of the file's 32 holds bit j of element e of sub-block j
+            for (int e = 0; e < 32; ++e) quants[-512 + chunk_byte(e / 4, i, e % 4)] = src[16 + e];
           for (int64_t j = 0; j < quant_bytes; ++j) {  // Q4_K: 32 bytes per sub-block pair, pairs one after another
             const uint8_t v = src[quants_in_block + j];
             quants[(j / 32) * 512 + chunk_byte(j % 32 / 4, i, j % 4)] = qtype == kQ8_0 ? v ^ 0x80 : v;
@@ -355,7 +361,7 @@ inline void unpack_block(int64_t qtype, const Weights& w, int64_t n, int64_t b, 
   const int64_t i = n % kGroupRows, per_block = format_of(qtype).block / 32;  // 32-blocks in a block
   const uint8_t* blk = w.data + (n / kGroupRows * w.blocks + b / per_block) * group_block_bytes(qtype);
   const uint8_t* quants = blk + quants_offset(qtype);
-  if (qtype == kQ4_K || qtype == kQ6_K) {
+  if (qtype == kQ4_K || qtype == kQ5_K || qtype == kQ6_K) {
     const int j = b % 8;  // sub-block; its nibbles are the low (j even) or high (j odd) ones of pair j / 2
     for (int e = 0; e < 32; ++e)
       out->q[e] = (quants[(qtype == kQ6_K ? q6_k_nibbles(j) : (j / 2) * 512) + chunk_byte(e / 4, i, e % 4)] >>
@@ -370,6 +376,8 @@ inline void unpack_block(int64_t qtype, const Weights& w, int64_t n, int64_t b, 
         out->q[e] += (((plane[chunk_byte(e / 4, i, e % 4)] >> (2 * (j % 4))) & 3) << 4) - 32;
       return;
     }
+    if (qtype == kQ5_K)
+      for (int e = 0; e < 32; ++e) out->q[e] |= ((quants[-512 + chunk_byte(e / 4, i, e % 4)] >> j) & 1) << 4;
     out->scale[0] = out->scale[1] = half(blk + 2 * i) * blk[64 + 16 * j + i];
     out->min[0] = out->min[1] = -half(blk + 32 + 2 * i) * blk[64 + 128 + 16 * j + i];
     return;
@@ -1168,12 +1176,14 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* blk = group + b * gbb;
     const uint8_t* quants = blk + quants_offset(QT);
-    if (QT == kQ4_K) {
+    if (QT == kQ4_K || QT == kQ5_K) {
       const __m512 d = halves16(blk), dmin = halves16(blk + 32);
+#pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {  // sub-blocks: the low nibbles of pair j / 2, then its high ones
         for (int c = 0; c < 8; ++c) {
           const __m512i v = _mm512_loadu_si512(quants + (j / 2) * 512 + 64 * c);
           w[c] = _mm512_and_si512(j % 2 ? _mm512_srli_epi16(v, 4) : v, low);
+          if (QT == kQ5_K) w[c] = with_fifth_bit(w[c], _mm512_loadu_si512(quants - 512 + 64 * c), j);
         }
         const __m512 scale = _mm512_mul_ps(d, bytes16(blk + 64 + 16 * j));
         const __m512 min = _mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), bytes16(blk + 64 + 128 + 16 * j)));
@@ -1308,6 +1318,28 @@ QUANT_AVX2 void packed_group_avx2(const Activations& a, const uint8_t* group, in
       const uint8_t* blk = group + b * gbb;
       const uint8_t* quants = blk + quants_offset(QT) + 32 * h;
       __m256i sums[MB];
+      if (QT == kQ5_K) {  // as Q4_K's, but 8 chunks' pairs would overflow int16: 2 do not
+        const __m256 d = halves8(blk + 16 * h), dmin = halves8(blk + 32 + 16 * h);
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {
+          const PackedRows<MB> x(a, b * 8 + j, m0);
+          for (int m = 0; m < MB; ++m) sums[m] = _mm256_setzero_si256();
+          for (int c = 0; c < 8; c += 2) {
+            __m256i w[2];
+            for (int k = 0; k < 2; ++k) {
+              const __m256i v =
+                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + (j / 2) * 512 + 64 * (c + k)));
+              const __m256i fifth = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants - 512 + 64 * (c + k)));
+              w[k] = with_fifth_bit8(_mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, low), fifth, j);
+            }
+            add_chunk_pair(x, c, w[0], w[1], _mm256_set1_epi16(1), sums);
+          }
+          const __m256 scale = _mm256_mul_ps(d, bytes8(blk + 64 + 16 * j + 8 * h));
+          const __m256 min = _mm256_mul_ps(dmin, _mm256_sub_ps(_mm256_setzero_ps(), bytes8(blk + 192 + 16 * j + 8 * h)));
+          scale_block<MB, false, false, true>(x, sums, scale, min, acc, acc_min);
+        }
+        continue;
+      }
       if (QT == kQ4_K) {
         const __m256 d = halves8(blk + 16 * h), dmin = halves8(blk + 32 + 16 * h);
         for (int j = 0; j < 8; ++j) {  // sub-blocks: the low nibbles of pair j / 2, then its high ones
@@ -1448,6 +1480,7 @@ inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const We
       case kQ5_0: return gemv_packed<kQ5_0>(a, w.data, K, y, N, isa);
       case kQ5_1: return gemv_packed<kQ5_1>(a, w.data, K, y, N, isa);
       case kQ4_K: return gemv_packed<kQ4_K>(a, w.data, K, y, N, isa);
+      case kQ5_K: return gemv_packed<kQ5_K>(a, w.data, K, y, N, isa);
       case kQ6_K: return gemv_packed<kQ6_K>(a, w.data, K, y, N, isa);
     }
   }
