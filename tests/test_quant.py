@@ -86,7 +86,7 @@ def test_kernel_matches_dequantized_matmul(qtype, isa):
             assert ((out - ref).abs() <= activation_bound(x, dense) * 1.001 + fp32_slack).all(), (k, m)
 
 
-PACKABLE = [QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q4_K, QType.Q5_K, QType.Q6_K]
+PACKABLE = [t for t in QUANTIZED_TYPES if t not in (QType.Q2_K, QType.Q3_K)]
 
 
 def packed(w: QuantizedWeight) -> torch.Tensor:
@@ -95,7 +95,7 @@ def packed(w: QuantizedWeight) -> torch.Tensor:
         pytest.skip("the packed layout is only made for CPUs with AVX2 or AVX-512 VNNI")
     p = ops.repack(w.data, int(w.qtype), w.shape[1])
     block, type_size = GGML_QUANT_SIZES[w.qtype]
-    extra = 64 if w.qtype in (QType.Q4_K, QType.Q5_K) else 0  # their 6-bit scales and mins become bytes
+    extra = {QType.Q4_K: 64, QType.Q5_K: 64, QType.IQ4_XS: 32}.get(w.qtype, 0)  # 6-bit scales become bytes
     assert p is not None and p.shape == (w.shape[0] // 16, w.shape[1] // block, 16 * type_size + extra)
     return p
 

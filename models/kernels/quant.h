@@ -23,11 +23,11 @@
 // (rounding each x to its nearest step, dx / 2), plus fp32 rounding.
 //
 // Three paths, chosen at run time (set_isa may force a lower one, for tests): AVX-512 (VNNI, two blocks
-// per 512-bit vector), AVX2 (one block per 256-bit vector) and portable scalar code. Q4_0, Q4_1, Q5_0, Q5_1,
-// Q8_0, Q4_K, Q5_K and Q6_K weights are laid out anew at load, 16 rows interleaved ("packed", below), for kernels
-// that need no horizontal sums and scale a block once for 16 rows (AVX2: 8): 2 to 6 times the row-by-row
-// kernels' throughput on AVX-512, 1.3 to 4 times on AVX2 (Q8_0 least, Q4_K most), in cache; less (Q6_K:
-// 1.0-1.4x) at one token row where the weight streams from memory.
+// per 512-bit vector), AVX2 (one block per 256-bit vector) and portable scalar code. Weights of every type but
+// Q2_K and Q3_K are laid out anew at load, 16 rows interleaved ("packed", below), for kernels that need no
+// horizontal sums and scale a block once for 16 rows (AVX2: 8): 2 to 6 times the row-by-row kernels'
+// throughput on AVX-512, 1.1 to 4 times on AVX2, in cache; less (1.0x-2.7x) at one token row where the weight
+// streams from memory (a Zen 4).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -243,6 +243,7 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
 //   Q5_K: as Q4_K, with 512 bytes of fifth bits before the quants (bit j of byte e of chunk c: element 4c + e
 //         of sub-block j)
 //   Q6_K: fp16 d[16] | int8 sc[16][16] (per 16 weights) | low nibbles as Q4_K's | high 2 bits: 2 planes
+//   IQ4_NL: as Q4_0;  IQ4_XS: fp16 d[16] | int8 sc[8][16] (its 6-bit scales less 32) | 8 blocks as Q4_0's
 // where quants come in chunks of 16 rows x 4 bytes, chunk c holding bytes 4c..4c+3 of each row's quant bytes
 // (Q4: nibble bytes, 16 a block, 32 a K-quant sub-block pair; Q8_0: 32 bytes, each + 128 so that it is
 // unsigned). Q6_K's plane p holds sub-blocks 4p..4p+3 of 32: the high bits of element 4c + e of sub-block j
@@ -254,7 +255,7 @@ constexpr int64_t kGroupRows = 16;
 
 inline bool packable(int64_t qtype) {
   return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ5_0 || qtype == kQ5_1 || qtype == kQ8_0 || qtype == kQ4_K ||
-         qtype == kQ5_K || qtype == kQ6_K;
+         qtype == kQ5_K || qtype == kQ6_K || qtype == kIQ4_NL || qtype == kIQ4_XS;
 }
 
 inline int64_t quants_offset(int64_t qtype) {  // within a group block
@@ -265,12 +266,13 @@ inline int64_t quants_offset(int64_t qtype) {  // within a group block
     case kQ4_1: return 64;
     case kQ5_0: return 32 + 64;
     case kQ5_1: return 64 + 64;
+    case kIQ4_XS: return 32 + 128;
     default: return 32;
   }
 }
 
 inline int64_t group_block_bytes(int64_t qtype) {
-  const int64_t row_quants = qtype == kQ8_0 ? 32 : qtype == kQ4_K || qtype == kQ5_K ? 128 : qtype == kQ6_K ? 192 : 16;
+  const int64_t row_quants = format_of(qtype).block == 256 ? (qtype == kQ6_K ? 192 : 128) : qtype == kQ8_0 ? 32 : 16;
   return quants_offset(qtype) + kGroupRows * row_quants;
 }
 
@@ -337,9 +339,14 @@ inline void repack(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N
           }
           if (qtype == kQ5_K)  // byte e of the file's 32 holds bit j of element e of sub-block j
             for (int e = 0; e < 32; ++e) quants[-512 + chunk_byte(e / 4, i, e % 4)] = src[16 + e];
-          for (int64_t j = 0; j < quant_bytes; ++j) {  // Q4_K: 32 bytes per sub-block pair, pairs one after another
+          if (qtype == kIQ4_XS)
+            for (int j = 0; j < 8; ++j)
+              dst[32 + 16 * j + i] = static_cast<uint8_t>(std::lround(iq4_xs_scale(src, j, 1.f)));
+          // runs of 32 quant bytes a row (Q4_K, Q5_K: a sub-block pair; Q8_0: a block) or 16 (a block of nibbles)
+          const int64_t run = qtype == kQ4_K || qtype == kQ5_K || qtype == kQ8_0 ? 32 : 16;
+          for (int64_t j = 0; j < quant_bytes; ++j) {
             const uint8_t v = src[quants_in_block + j];
-            quants[(j / 32) * 512 + chunk_byte(j % 32 / 4, i, j % 4)] = qtype == kQ8_0 ? v ^ 0x80 : v;
+            quants[(j / run) * 16 * run + chunk_byte(j % run / 4, i, j % 4)] = qtype == kQ8_0 ? v ^ 0x80 : v;
           }
         }
       }
@@ -384,11 +391,18 @@ inline void unpack_block(int64_t qtype, const Weights& w, int64_t n, int64_t b, 
   }
   out->scale[0] = out->scale[1] = half(blk + 2 * i);
   out->min[0] = out->min[1] = qtype == kQ4_1 || qtype == kQ5_1 ? half(blk + 32 + 2 * i) : 0.f;
+  if (qtype == kIQ4_XS) {
+    out->scale[0] = out->scale[1] = half(blk + 2 * i) * static_cast<int8_t>(blk[32 + 16 * (b % 8) + i]);
+    quants += (b % 8) * 256;
+  }
   const bool five = qtype == kQ5_0 || qtype == kQ5_1;
   for (int j = 0; j < (qtype == kQ8_0 ? 32 : 16); ++j) {
     const uint8_t v = quants[chunk_byte(j / 4, i, j % 4)];
     if (qtype == kQ8_0) {
       out->q[j] = static_cast<int8_t>(v ^ 0x80);
+    } else if (qtype == kIQ4_NL || qtype == kIQ4_XS) {
+      out->q[j] = kIq4NlValues[v & 0xF];
+      out->q[j + 16] = kIq4NlValues[v >> 4];
     } else {
       const int offset = qtype == kQ4_0 ? 8 : qtype == kQ5_0 ? 16 : 0;
       const uint8_t fifth = five ? quants[-64 + chunk_byte(0, i, j % 4)] : 0;  // bit c: element 4c + j % 4
@@ -1149,6 +1163,19 @@ QUANT_AVX512 inline __m512 signed_bytes16(const uint8_t* p) {  // 16 int8 -> fp3
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 
+// IQ4_NL / IQ4_XS: a block's 4 chunks of nibbles -> its 8 chunks of weights, + 128 (unsigned; the activations'
+// offset takes it off)
+QUANT_AVX512 inline void iq4_chunks(const uint8_t* quants, __m512i (&w)[8]) {
+  const __m512i table = _mm512_xor_si512(
+      _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4NlValues))), _mm512_set1_epi8(-128));
+  const __m512i low = _mm512_set1_epi8(0xF);
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v = _mm512_loadu_si512(quants + 64 * c);
+    w[c] = _mm512_shuffle_epi8(table, _mm512_and_si512(v, low));
+    w[c + 4] = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+  }
+}
+
 // Q5_0 / Q5_1: chunk c's nibbles with their fifth bits (bit c of each byte of the chunk `fifth`) at bit 4
 QUANT_AVX512 inline __m512i with_fifth_bit(__m512i nibbles, __m512i fifth, int c) {
   const __m512i bit = c < 4 ? _mm512_slli_epi16(fifth, 4 - c) : _mm512_srli_epi16(fifth, c - 4);
@@ -1202,8 +1229,19 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group
       }
       continue;
     }
+    if (QT == kIQ4_XS) {
+      const __m512 d = halves16(blk);
+      for (int j = 0; j < 8; ++j) {
+        iq4_chunks(quants + 256 * j, w);
+        packed_block<MB, true, false>(PackedRows<MB>(a, b * 8 + j, m0), w, _mm512_mul_ps(d, signed_bytes16(blk + 32 + 16 * j)),
+                                      _mm512_setzero_ps(), acc);
+      }
+      continue;
+    }
     if (QT == kQ8_0) {
       for (int c = 0; c < 8; ++c) w[c] = _mm512_loadu_si512(quants + 64 * c);
+    } else if (QT == kIQ4_NL) {
+      iq4_chunks(quants, w);
     } else {
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
@@ -1227,10 +1265,10 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group
 
 // Packed weights, AVX2: each group as two halves of 8 weight rows, a half's 4 bytes of chunk c one 256-bit
 // vector (at 64 c + 32 h). maddubs multiplies them by 4 activations broadcast to every row, and madd adds each
-// row's pairs: 8 int32 lane sums, one per weight row. The Q4 formats add their 8 chunks' maddubs pairs in
-// int16 first (|q0 x0 + q1 x1| <= 2 * 15 * 127, times 8 chunks: 30480 < 2^15, no overflow); Q8_0's weights
-// are signed, so |w| meets x carrying w's sign (a pair then stays within 2 * 128 * 127) and each chunk goes to
-// int32 at once.
+// row's pairs: 8 int32 lane sums, one per weight row. The 4-bit formats add their 8 chunks' maddubs pairs in
+// int16 first (|q0 x0 + q1 x1| <= 2 * 15 * 127, times 8 chunks: 30480 < 2^15, no overflow), the 5- and 6-bit
+// ones 2 chunks (add_chunk_pair); signed weights (Q8_0, IQ4_NL, IQ4_XS) go to int32 a chunk at a time
+// (add_signed_chunk).
 
 QUANT_AVX2 inline __m256 halves8(const uint8_t* p) {  // 8 fp16 -> fp32
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -1280,6 +1318,17 @@ QUANT_AVX2 inline __m256i q6_k_chunk8(const uint8_t* quants, int j, int c) {
   const __m256i top = t < 2 ? _mm256_slli_epi16(p, 4 - 2 * t) : _mm256_srli_epi16(p, 2 * t - 4);
   const __m256i low = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0xF));
   return _mm256_or_si256(low, _mm256_and_si256(top, _mm256_set1_epi8(0x30)));
+}
+
+// sums[m] += token row m's activations of chunk c against signed weights w (Q8_0, IQ4_NL, IQ4_XS): |w| meets x
+// carrying w's sign, so a pair stays within 2 * 128 * 127, and each chunk goes to int32 at once
+template <int MB>
+QUANT_AVX2 inline void add_signed_chunk(const PackedRows<MB>& x, int c, __m256i w, __m256i (&sums)[MB]) {
+  const __m256i magnitude = _mm256_sign_epi8(w, w);
+  for (int m = 0; m < MB; ++m) {
+    const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(broadcast4(x.q + m * 32 + 4 * c), w));
+    sums[m] = _mm256_add_epi32(sums[m], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  }
 }
 
 // Q5_0 / Q5_1, rows 8h..8h+7: chunk c's nibbles with their fifth bits (bit c of each byte of `fifth`) at bit 4
@@ -1378,18 +1427,30 @@ QUANT_AVX2 void packed_group_avx2(const Activations& a, const uint8_t* group, in
         }
         continue;
       }
-      const PackedRows<MB> x(a, b, m0);
       const __m256 d = halves8(blk + 16 * h);
+      if (QT == kIQ4_NL || QT == kIQ4_XS) {  // signed weights, as Q8_0's
+        const __m256i table =
+            _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kIq4NlValues)));
+        for (int j = 0; j < kSubBlocks<QT>; ++j) {
+          const PackedRows<MB> x(a, b * kSubBlocks<QT> + j, m0);
+          for (int m = 0; m < MB; ++m) sums[m] = _mm256_setzero_si256();
+          for (int c = 0; c < 4; ++c) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 256 * j + 64 * c));
+            add_signed_chunk(x, c, _mm256_shuffle_epi8(table, _mm256_and_si256(v, low)), sums);
+            add_signed_chunk(x, c + 4, _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), low)), sums);
+          }
+          const __m256 scale =
+              QT == kIQ4_XS ? _mm256_mul_ps(d, _mm256_cvtepi32_ps(signed_bytes8(blk + 32 + 16 * j + 8 * h))) : d;
+          scale_block<MB, false, false, false>(x, sums, scale, _mm256_setzero_ps(), acc, acc_min);
+        }
+        continue;
+      }
+      const PackedRows<MB> x(a, b, m0);
       for (int m = 0; m < MB; ++m) sums[m] = _mm256_setzero_si256();
       if (QT == kQ8_0) {
         for (int c = 0; c < 8; ++c) {
           const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 64 * c));
-          const __m256i w = _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)));  // signed again
-          const __m256i magnitude = _mm256_sign_epi8(w, w);
-          for (int m = 0; m < MB; ++m) {
-            const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(broadcast4(x.q + m * 32 + 4 * c), w));
-            sums[m] = _mm256_add_epi32(sums[m], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-          }
+          add_signed_chunk(x, c, _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80))), sums);  // signed again
         }
         scale_block<MB, false, false, false>(x, sums, d, _mm256_setzero_ps(), acc, acc_min);
         continue;
@@ -1482,6 +1543,8 @@ inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const We
       case kQ4_K: return gemv_packed<kQ4_K>(a, w.data, K, y, N, isa);
       case kQ5_K: return gemv_packed<kQ5_K>(a, w.data, K, y, N, isa);
       case kQ6_K: return gemv_packed<kQ6_K>(a, w.data, K, y, N, isa);
+      case kIQ4_NL: return gemv_packed<kIQ4_NL>(a, w.data, K, y, N, isa);
+      case kIQ4_XS: return gemv_packed<kIQ4_XS>(a, w.data, K, y, N, isa);
     }
   }
   if (w.packed) {  // a lower instruction set forced (tests): portable code over the packed layout
