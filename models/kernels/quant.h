@@ -519,8 +519,8 @@ inline void quantize_activations(const float* x, int64_t M, int64_t K, int offse
         a->block_init[b * M + m] = -offset * block_sum;
         a->block_qsum[b * M + m] = d * block_sum;
         const int32_t first = lane_sums[0] + lane_sums[1] + lane_sums[2] + lane_sums[3];  // |sum| <= 16 * 127
-        a->half_sums[b * M + m] =
-            static_cast<int32_t>((static_cast<uint32_t>(first) & 0xFFFF) | static_cast<uint32_t>(block_sum - first) << 16);
+        const uint32_t second = static_cast<uint32_t>(block_sum - first);
+        a->half_sums[b * M + m] = static_cast<int32_t>((static_cast<uint32_t>(first) & 0xFFFF) | second << 16);
       }
     }
   }
@@ -1139,7 +1139,8 @@ QUANT_AVX512 inline void packed_block_q6_k(const PackedRows<MB>& x, const __m512
                                            __m512 scale1, __m512 (&acc)[MB]) {
   for (int m = 0; m < MB; ++m) {
     const int32_t sums = x.half_sums[m];
-    __m512i dot[2] = {_mm512_set1_epi32(-32 * static_cast<int16_t>(sums & 0xFFFF)), _mm512_set1_epi32(-32 * (sums >> 16))};
+    __m512i dot[2] = {_mm512_set1_epi32(-32 * static_cast<int16_t>(sums & 0xFFFF)),
+                      _mm512_set1_epi32(-32 * (sums >> 16))};
     for (int c = 0; c < 8; ++c) {
       int32_t x4;
       std::memcpy(&x4, x.q + m * 32 + 4 * c, 4);
@@ -1233,8 +1234,8 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group
       const __m512 d = halves16(blk);
       for (int j = 0; j < 8; ++j) {
         iq4_chunks(quants + 256 * j, w);
-        packed_block<MB, true, false>(PackedRows<MB>(a, b * 8 + j, m0), w, _mm512_mul_ps(d, signed_bytes16(blk + 32 + 16 * j)),
-                                      _mm512_setzero_ps(), acc);
+        const __m512 scale = _mm512_mul_ps(d, signed_bytes16(blk + 32 + 16 * j));
+        packed_block<MB, true, false>(PackedRows<MB>(a, b * 8 + j, m0), w, scale, _mm512_setzero_ps(), acc);
       }
       continue;
     }
@@ -1301,7 +1302,7 @@ QUANT_AVX2 inline void add_chunk16(const PackedRows<MB>& x, int c, __m256i w, __
 // 4 * 63 * 127 = 32004 < 2^15
 template <int MB>
 QUANT_AVX2 inline void add_chunk_pair(const PackedRows<MB>& x, int c, __m256i w0, __m256i w1, __m256i scales,
-                                           __m256i (&sums)[MB]) {
+                                      __m256i (&sums)[MB]) {
   for (int m = 0; m < MB; ++m) {
     const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w0, broadcast4(x.q + m * 32 + 4 * c)),
                                            _mm256_maddubs_epi16(w1, broadcast4(x.q + m * 32 + 4 * c + 4)));
@@ -1384,7 +1385,8 @@ QUANT_AVX2 void packed_group_avx2(const Activations& a, const uint8_t* group, in
             add_chunk_pair(x, c, w[0], w[1], _mm256_set1_epi16(1), sums);
           }
           const __m256 scale = _mm256_mul_ps(d, bytes8(blk + 64 + 16 * j + 8 * h));
-          const __m256 min = _mm256_mul_ps(dmin, _mm256_sub_ps(_mm256_setzero_ps(), bytes8(blk + 192 + 16 * j + 8 * h)));
+          const __m256 mn = bytes8(blk + 192 + 16 * j + 8 * h);
+          const __m256 min = _mm256_mul_ps(dmin, _mm256_sub_ps(_mm256_setzero_ps(), mn));
           scale_block<MB, false, false, true>(x, sums, scale, min, acc, acc_min);
         }
         continue;
@@ -1399,7 +1401,8 @@ QUANT_AVX2 void packed_group_avx2(const Activations& a, const uint8_t* group, in
             add_chunk16(x, c, _mm256_and_si256(j % 2 ? _mm256_srli_epi16(v, 4) : v, low), sums);
           }
           const __m256 scale = _mm256_mul_ps(d, bytes8(blk + 64 + 16 * j + 8 * h));
-          const __m256 min = _mm256_mul_ps(dmin, _mm256_sub_ps(_mm256_setzero_ps(), bytes8(blk + 192 + 16 * j + 8 * h)));
+          const __m256 mn = bytes8(blk + 192 + 16 * j + 8 * h);
+          const __m256 min = _mm256_mul_ps(dmin, _mm256_sub_ps(_mm256_setzero_ps(), mn));
           scale_block<MB, true, false, true>(x, sums, scale, min, acc, acc_min);
         }
         continue;
@@ -1437,7 +1440,8 @@ QUANT_AVX2 void packed_group_avx2(const Activations& a, const uint8_t* group, in
           for (int c = 0; c < 4; ++c) {
             const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 256 * j + 64 * c));
             add_signed_chunk(x, c, _mm256_shuffle_epi8(table, _mm256_and_si256(v, low)), sums);
-            add_signed_chunk(x, c + 4, _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), low)), sums);
+            const __m256i high = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            add_signed_chunk(x, c + 4, _mm256_shuffle_epi8(table, high), sums);
           }
           const __m256 scale =
               QT == kIQ4_XS ? _mm256_mul_ps(d, _mm256_cvtepi32_ps(signed_bytes8(blk + 32 + 16 * j + 8 * h))) : d;
