@@ -24,7 +24,7 @@
 //
 // Three paths, chosen at run time (set_isa may force a lower one, for tests): AVX-512 (VNNI, two blocks
 // per 512-bit vector), AVX2 (one block per 256-bit vector) and portable scalar code. Weights of every type but
-// Q2_K and Q3_K are laid out anew at load, 16 rows interleaved ("packed", below), for kernels that need no
+// Q2_K are laid out anew at load, 16 rows interleaved ("packed", below), for kernels that need no
 // horizontal sums and scale a block once for 16 rows (AVX2: 8): 2 to 6 times the row-by-row kernels'
 // throughput on AVX-512, 1.1 to 4 times on AVX2, in cache; less (1.0x-2.7x) at one token row where the weight
 // streams from memory (a Zen 4).
@@ -243,6 +243,8 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
 //   Q5_K: as Q4_K, with 512 bytes of fifth bits before the quants (bit j of byte e of chunk c: element 4c + e
 //         of sub-block j)
 //   Q6_K: fp16 d[16] | int8 sc[16][16] (per 16 weights) | low nibbles as Q4_K's | high 2 bits: 2 planes
+//   Q3_K: fp16 d[16] | int8 sc[16][16] (its 6-bit scales less 32, per 16 weights) | 512 bytes of third bits (as
+//         Q5_K's fifth) | low 2 bits: 2 planes (as Q6_K's high bits)
 //   IQ4_NL: as Q4_0;  IQ4_XS: fp16 d[16] | int8 sc[8][16] (its 6-bit scales less 32) | 8 blocks as Q4_0's
 // where quants come in chunks of 16 rows x 4 bytes, chunk c holding bytes 4c..4c+3 of each row's quant bytes
 // (Q4: nibble bytes, 16 a block, 32 a K-quant sub-block pair; Q8_0: 32 bytes, each + 128 so that it is
@@ -255,14 +257,15 @@ constexpr int64_t kGroupRows = 16;
 
 inline bool packable(int64_t qtype) {
   return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ5_0 || qtype == kQ5_1 || qtype == kQ8_0 || qtype == kQ4_K ||
-         qtype == kQ5_K || qtype == kQ6_K || qtype == kIQ4_NL || qtype == kIQ4_XS;
+         qtype == kQ5_K || qtype == kQ6_K || qtype == kQ3_K || qtype == kIQ4_NL || qtype == kIQ4_XS;
 }
 
 inline int64_t quants_offset(int64_t qtype) {  // within a group block
   switch (qtype) {
     case kQ4_K: return 64 + 256;
     case kQ5_K: return 64 + 256 + 512;
-    case kQ6_K: return 32 + 256;
+    case kQ6_K:
+    case kQ3_K: return 32 + 256;
     case kQ4_1: return 64;
     case kQ5_0: return 32 + 64;
     case kQ5_1: return 64 + 64;
@@ -272,7 +275,8 @@ inline int64_t quants_offset(int64_t qtype) {  // within a group block
 }
 
 inline int64_t group_block_bytes(int64_t qtype) {
-  const int64_t row_quants = format_of(qtype).block == 256 ? (qtype == kQ6_K ? 192 : 128) : qtype == kQ8_0 ? 32 : 16;
+  const int64_t row_quants = qtype == kQ6_K ? 192 : qtype == kQ3_K ? 96 : format_of(qtype).block == 256 ? 128
+                             : qtype == kQ8_0 ? 32 : 16;
   return quants_offset(qtype) + kGroupRows * row_quants;
 }
 
@@ -315,6 +319,12 @@ inline void repack(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N
           const uint8_t* src = w + (g * kGroupRows + i) * row_bytes + b * f.bytes;
           if (qtype == kQ6_K) {
             repack_q6_k(src, i, dst);
+            continue;
+          }
+          if (qtype == kQ3_K) {  // the file's hmask and 2-bit bytes are already the planes' bytes, row by row
+            std::memcpy(dst + 2 * i, src + 108, 2);
+            for (int s = 0; s < 16; ++s) dst[32 + 16 * s + i] = static_cast<uint8_t>(q3_scale(src + 96, s));
+            for (int e = 0; e < 96; ++e) quants[(e / 32) * 512 + chunk_byte(e % 32 / 4, i, e % 4)] = src[e];
             continue;
           }
           std::memcpy(dst + 2 * i, src, 2);                                                    // d
@@ -368,6 +378,18 @@ inline void unpack_block(int64_t qtype, const Weights& w, int64_t n, int64_t b, 
   const int64_t i = n % kGroupRows, per_block = format_of(qtype).block / 32;  // 32-blocks in a block
   const uint8_t* blk = w.data + (n / kGroupRows * w.blocks + b / per_block) * group_block_bytes(qtype);
   const uint8_t* quants = blk + quants_offset(qtype);
+  if (qtype == kQ3_K) {
+    const int j = b % 8;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 32);
+    out->scale[0] = half(blk + 2 * i) * sc[16 * (2 * j) + i];
+    out->scale[1] = half(blk + 2 * i) * sc[16 * (2 * j + 1) + i];
+    out->min[0] = out->min[1] = 0.f;
+    for (int e = 0; e < 32; ++e) {
+      const int at = chunk_byte(e / 4, i, e % 4);
+      out->q[e] = (((quants[512 * (1 + j / 4) + at] >> (2 * (j % 4))) & 3) | ((quants[at] >> j) & 1) << 2) - 4;
+    }
+    return;
+  }
   if (qtype == kQ4_K || qtype == kQ5_K || qtype == kQ6_K) {
     const int j = b % 8;  // sub-block; its nibbles are the low (j even) or high (j odd) ones of pair j / 2
     for (int e = 0; e < 32; ++e)
@@ -441,7 +463,7 @@ struct Activations {
   std::vector<int32_t> block_init;  // packed [Kp / 32, M]: -offset * (sum of the block's q)
   std::vector<float> block_qsum;    // packed [Kp / 32, M]: dx * (sum of the block's q)
   std::vector<int32_t> half_sums;   // packed [Kp / 32, M]: the sums of the block's two halves' q, as int16s
-                                    // (first half low): Q6_K's scales are per 16 weights
+                                    // (first half low): Q6_K's and Q3_K's scales are per 16
 };
 
 #define QUANT_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -1132,15 +1154,15 @@ QUANT_AVX512 inline void packed_block(const PackedRows<MB>& x, const __m512i (&w
   }
 }
 
-// Q6_K: acc[m] += the 32-block x against weights w[8] (values 0..63, offset 32), whose halves (w[0..3],
+// Q6_K, Q3_K: acc[m] += the 32-block x against weights w[8] (unsigned, less `offset`), whose halves (w[0..3],
 // w[4..7]) have scales scale0 and scale1 (d sc) per row
-template <int MB>
-QUANT_AVX512 inline void packed_block_q6_k(const PackedRows<MB>& x, const __m512i (&w)[8], __m512 scale0,
-                                           __m512 scale1, __m512 (&acc)[MB]) {
+template <int MB, int offset>
+QUANT_AVX512 inline void packed_block_halves(const PackedRows<MB>& x, const __m512i (&w)[8], __m512 scale0,
+                                             __m512 scale1, __m512 (&acc)[MB]) {
   for (int m = 0; m < MB; ++m) {
     const int32_t sums = x.half_sums[m];
-    __m512i dot[2] = {_mm512_set1_epi32(-32 * static_cast<int16_t>(sums & 0xFFFF)),
-                      _mm512_set1_epi32(-32 * (sums >> 16))};
+    __m512i dot[2] = {_mm512_set1_epi32(-offset * static_cast<int16_t>(sums & 0xFFFF)),
+                      _mm512_set1_epi32(-offset * (sums >> 16))};
     for (int c = 0; c < 8; ++c) {
       int32_t x4;
       std::memcpy(&x4, x.q + m * 32 + 4 * c, 4);
@@ -1183,6 +1205,15 @@ QUANT_AVX512 inline __m512i with_fifth_bit(__m512i nibbles, __m512i fifth, int c
   return _mm512_or_si512(nibbles, _mm512_and_si512(bit, _mm512_set1_epi8(0x10)));
 }
 
+// Chunk c of Q3_K sub-block j of a group block's quants: 16 rows x 4 weights, 0..7
+QUANT_AVX512 inline __m512i q3_k_chunk(const uint8_t* quants, int j, int c) {
+  const __m512i h = _mm512_loadu_si512(quants + 64 * c);
+  const __m512i p = _mm512_loadu_si512(quants + 512 * (1 + j / 4) + 64 * c);
+  const __m512i third = j < 2 ? _mm512_slli_epi16(h, 2 - j) : _mm512_srli_epi16(h, j - 2);  // bit j to bit 2
+  return _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(p, 2 * (j % 4)), _mm512_set1_epi8(3)),
+                         _mm512_and_si512(third, _mm512_set1_epi8(4)));
+}
+
 // Chunk c of Q6_K sub-block j of a group block's quants: 16 rows x 4 weights, 0..63
 QUANT_AVX512 inline __m512i q6_k_chunk(const uint8_t* quants, int j, int c) {
   const __m512i v = _mm512_loadu_si512(quants + q6_k_nibbles(j) + 64 * c);
@@ -1219,14 +1250,14 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group
       }
       continue;
     }
-    if (QT == kQ6_K) {
+    if (QT == kQ6_K || QT == kQ3_K) {
       const __m512 d = halves16(blk);
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {  // unrolled: the bit positions become constants
-        for (int c = 0; c < 8; ++c) w[c] = q6_k_chunk(quants, j, c);
+        for (int c = 0; c < 8; ++c) w[c] = QT == kQ6_K ? q6_k_chunk(quants, j, c) : q3_k_chunk(quants, j, c);
         const __m512 scale0 = _mm512_mul_ps(d, signed_bytes16(blk + 32 + 16 * (2 * j)));
         const __m512 scale1 = _mm512_mul_ps(d, signed_bytes16(blk + 32 + 16 * (2 * j + 1)));
-        packed_block_q6_k<MB>(PackedRows<MB>(a, b * 8 + j, m0), w, scale0, scale1, acc);
+        packed_block_halves<MB, QT == kQ6_K ? 32 : 4>(PackedRows<MB>(a, b * 8 + j, m0), w, scale0, scale1, acc);
       }
       continue;
     }
@@ -1309,6 +1340,15 @@ QUANT_AVX2 inline void add_chunk_pair(const PackedRows<MB>& x, int c, __m256i w0
     sums[m] = _mm256_add_epi32(sums[m], _mm256_madd_epi16(pairs, scales));
     asm("" : "+x"(sums[m]));
   }
+}
+
+// Chunk c of Q3_K sub-block j, rows 8h..8h+7 (quants already at the half's 32 bytes): 8 rows x 4 weights, 0..7
+QUANT_AVX2 inline __m256i q3_k_chunk8(const uint8_t* quants, int j, int c) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 64 * c));
+  const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 512 * (1 + j / 4) + 64 * c));
+  const __m256i third = j < 2 ? _mm256_slli_epi16(h, 2 - j) : _mm256_srli_epi16(h, j - 2);
+  return _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p, 2 * (j % 4)), _mm256_set1_epi8(3)),
+                         _mm256_and_si256(third, _mm256_set1_epi8(4)));
 }
 
 // Chunk c of Q6_K sub-block j, rows 8h..8h+7 (quants already at the half's 32 bytes): 8 rows x 4 weights, 0..63
@@ -1407,7 +1447,7 @@ QUANT_AVX2 void packed_group_avx2(const Activations& a, const uint8_t* group, in
         }
         continue;
       }
-      if (QT == kQ6_K) {  // integer sums scaled by the rows' int8 scales (madd), then by d once
+      if (QT == kQ6_K || QT == kQ3_K) {  // integer sums scaled by the rows' int8 scales (madd), then by d once
         const __m256 d = halves8(blk + 16 * h);
         const __m256i low16 = _mm256_set1_epi32(0xFFFF);
 #pragma GCC unroll 8
@@ -1418,13 +1458,15 @@ QUANT_AVX2 void packed_group_avx2(const Activations& a, const uint8_t* group, in
           const __m256i scales0 = _mm256_or_si256(_mm256_and_si256(sc0, low16), _mm256_slli_epi32(sc0, 16));
           const __m256i scales1 = _mm256_or_si256(_mm256_and_si256(sc1, low16), _mm256_slli_epi32(sc1, 16));
           const __m256i both = _mm256_or_si256(_mm256_and_si256(sc0, low16), _mm256_slli_epi32(sc1, 16));
-          for (int m = 0; m < MB; ++m) {  // the offset: -32 (sc0 * sum of the first half's x + sc1 * the second's)
+          for (int m = 0; m < MB; ++m) {  // the offset (Q6_K 32, Q3_K 4) times (sc0 * first half's sum + sc1 * ...)
             const __m256i offset = _mm256_madd_epi16(both, _mm256_set1_epi32(x.half_sums[m]));
-            sums[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(offset, 5));
+            sums[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(offset, QT == kQ6_K ? 5 : 2));
           }
-          for (int c = 0; c < 8; c += 2)
-            add_chunk_pair(x, c, q6_k_chunk8(quants, j, c), q6_k_chunk8(quants, j, c + 1),
-                                c < 4 ? scales0 : scales1, sums);
+          for (int c = 0; c < 8; c += 2) {
+            const __m256i w0 = QT == kQ6_K ? q6_k_chunk8(quants, j, c) : q3_k_chunk8(quants, j, c);
+            const __m256i w1 = QT == kQ6_K ? q6_k_chunk8(quants, j, c + 1) : q3_k_chunk8(quants, j, c + 1);
+            add_chunk_pair(x, c, w0, w1, c < 4 ? scales0 : scales1, sums);
+          }
           for (int m = 0; m < MB; ++m)
             acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[m]), _mm256_mul_ps(d, _mm256_set1_ps(x.scale[m])), acc[m]);
         }
@@ -1547,6 +1589,7 @@ inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const We
       case kQ4_K: return gemv_packed<kQ4_K>(a, w.data, K, y, N, isa);
       case kQ5_K: return gemv_packed<kQ5_K>(a, w.data, K, y, N, isa);
       case kQ6_K: return gemv_packed<kQ6_K>(a, w.data, K, y, N, isa);
+      case kQ3_K: return gemv_packed<kQ3_K>(a, w.data, K, y, N, isa);
       case kIQ4_NL: return gemv_packed<kIQ4_NL>(a, w.data, K, y, N, isa);
       case kIQ4_XS: return gemv_packed<kIQ4_XS>(a, w.data, K, y, N, isa);
     }
