@@ -86,7 +86,7 @@ def test_kernel_matches_dequantized_matmul(qtype, isa):
             assert ((out - ref).abs() <= activation_bound(x, dense) * 1.001 + fp32_slack).all(), (k, m)
 
 
-PACKABLE = [t for t in QUANTIZED_TYPES if t != QType.Q2_K]
+PACKABLE = QUANTIZED_TYPES
 
 
 def packed(w: QuantizedWeight) -> torch.Tensor:
@@ -95,7 +95,8 @@ def packed(w: QuantizedWeight) -> torch.Tensor:
         pytest.skip("the packed layout is only made for CPUs with AVX2 or AVX-512 VNNI")
     p = ops.repack(w.data, int(w.qtype), w.shape[1])
     block, type_size = GGML_QUANT_SIZES[w.qtype]
-    extra = {QType.Q4_K: 64, QType.Q5_K: 64, QType.Q3_K: 64, QType.IQ4_XS: 32}.get(w.qtype, 0)  # 6-bit scales: bytes
+    # bytes a group block has beyond the file's 16 rows: their packed scales and minimums, widened to bytes
+    extra = {QType.Q4_K: 64, QType.Q5_K: 64, QType.Q3_K: 64, QType.Q2_K: 256, QType.IQ4_XS: 32}.get(w.qtype, 0)
     assert p is not None and p.shape == (w.shape[0] // 16, w.shape[1] // block, 16 * type_size + extra)
     return p
 
@@ -138,7 +139,6 @@ def test_packed_kernel_rows_do_not_depend_on_the_batch(qtype, isa):
 def test_repack_applies_only_where_it_has_kernels():
     use_isa("avx2")
     assert ops.repack(random_weight(QType.Q8_0, 32, 96).data, int(QType.Q8_0), 96) is not None
-    assert ops.repack(random_weight(QType.Q2_K, 32, 512).data, int(QType.Q2_K), 512) is None  # no packed kernel
     assert ops.repack(random_weight(QType.Q8_0, 40, 96).data, int(QType.Q8_0), 96) is None  # 40 rows: not 16s
     ops.set_isa("scalar")
     assert ops.repack(random_weight(QType.Q8_0, 32, 96).data, int(QType.Q8_0), 96) is None

@@ -813,9 +813,8 @@ torch::Tensor dequantize(torch::Tensor weight, int64_t qtype, int64_t in_feature
   return out;
 }
 
-// uint8 [N, row bytes] in ggml type qtype -> the packed layout (quant.h), or None where it does not apply: a type
-// without one (Q2_K, Q3_K, IQ4_NL, IQ4_XS), N not a multiple of 16, or a CPU without AVX2 (the kernels that read it are AVX-512
-// VNNI's and AVX2's)
+// uint8 [N, row bytes] in ggml type qtype -> the packed layout (quant.h), or None where it does not apply: N not
+// a multiple of 16, or a CPU without AVX2 (the kernels that read it are AVX-512 VNNI's and AVX2's)
 c10::optional<torch::Tensor> repack(torch::Tensor weight, int64_t qtype, int64_t in_features) {
   if (!quant::packable(qtype) || weight.size(0) % quant::kGroupRows || quant::current_isa() == quant::kScalar)
     return c10::nullopt;

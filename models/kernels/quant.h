@@ -23,8 +23,8 @@
 // (rounding each x to its nearest step, dx / 2), plus fp32 rounding.
 //
 // Three paths, chosen at run time (set_isa may force a lower one, for tests): AVX-512 (VNNI, two blocks
-// per 512-bit vector), AVX2 (one block per 256-bit vector) and portable scalar code. Weights of every type but
-// Q2_K are laid out anew at load, 16 rows interleaved ("packed", below), for kernels that need no
+// per 512-bit vector), AVX2 (one block per 256-bit vector) and portable scalar code. Weights of every type
+// are laid out anew at load, 16 rows interleaved ("packed", below), for kernels that need no
 // horizontal sums and scale a block once for 16 rows (AVX2: 8): 2 to 6 times the row-by-row kernels'
 // throughput on AVX-512, 1.1 to 4 times on AVX2, in cache; less (1.0x-2.7x) at one token row where the weight
 // streams from memory (a Zen 4).
@@ -243,6 +243,7 @@ inline void unpack_scalar(int64_t qtype, const uint8_t* row, int64_t b, Block32*
 //   Q5_K: as Q4_K, with 512 bytes of fifth bits before the quants (bit j of byte e of chunk c: element 4c + e
 //         of sub-block j)
 //   Q6_K: fp16 d[16] | int8 sc[16][16] (per 16 weights) | low nibbles as Q4_K's | high 2 bits: 2 planes
+//   Q2_K: fp16 d[16] | fp16 dmin[16] | uint8 sc[16][16] | uint8 mn[16][16] (per 16 weights) | 2 planes of 2 bits
 //   Q3_K: fp16 d[16] | int8 sc[16][16] (its 6-bit scales less 32, per 16 weights) | 512 bytes of third bits (as
 //         Q5_K's fifth) | low 2 bits: 2 planes (as Q6_K's high bits)
 //   IQ4_NL: as Q4_0;  IQ4_XS: fp16 d[16] | int8 sc[8][16] (its 6-bit scales less 32) | 8 blocks as Q4_0's
@@ -257,7 +258,7 @@ constexpr int64_t kGroupRows = 16;
 
 inline bool packable(int64_t qtype) {
   return qtype == kQ4_0 || qtype == kQ4_1 || qtype == kQ5_0 || qtype == kQ5_1 || qtype == kQ8_0 || qtype == kQ4_K ||
-         qtype == kQ5_K || qtype == kQ6_K || qtype == kQ3_K || qtype == kIQ4_NL || qtype == kIQ4_XS;
+         qtype == kQ5_K || qtype == kQ6_K || qtype == kQ3_K || qtype == kQ2_K || qtype == kIQ4_NL || qtype == kIQ4_XS;
 }
 
 inline int64_t quants_offset(int64_t qtype) {  // within a group block
@@ -266,6 +267,7 @@ inline int64_t quants_offset(int64_t qtype) {  // within a group block
     case kQ5_K: return 64 + 256 + 512;
     case kQ6_K:
     case kQ3_K: return 32 + 256;
+    case kQ2_K: return 64 + 512;
     case kQ4_1: return 64;
     case kQ5_0: return 32 + 64;
     case kQ5_1: return 64 + 64;
@@ -275,7 +277,8 @@ inline int64_t quants_offset(int64_t qtype) {  // within a group block
 }
 
 inline int64_t group_block_bytes(int64_t qtype) {
-  const int64_t row_quants = qtype == kQ6_K ? 192 : qtype == kQ3_K ? 96 : format_of(qtype).block == 256 ? 128
+  const int64_t row_quants = qtype == kQ6_K ? 192 : qtype == kQ3_K ? 96 : qtype == kQ2_K ? 64
+                             : format_of(qtype).block == 256 ? 128
                              : qtype == kQ8_0 ? 32 : 16;
   return quants_offset(qtype) + kGroupRows * row_quants;
 }
@@ -319,6 +322,16 @@ inline void repack(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N
           const uint8_t* src = w + (g * kGroupRows + i) * row_bytes + b * f.bytes;
           if (qtype == kQ6_K) {
             repack_q6_k(src, i, dst);
+            continue;
+          }
+          if (qtype == kQ2_K) {  // the file's 2-bit bytes are already the planes' bytes, row by row
+            std::memcpy(dst + 2 * i, src + 80, 2);
+            std::memcpy(dst + 32 + 2 * i, src + 82, 2);
+            for (int s = 0; s < 16; ++s) {
+              dst[64 + 16 * s + i] = src[s] & 0xF;
+              dst[64 + 256 + 16 * s + i] = src[s] >> 4;
+            }
+            for (int e = 0; e < 64; ++e) quants[(e / 32) * 512 + chunk_byte(e % 32 / 4, i, e % 4)] = src[16 + e];
             continue;
           }
           if (qtype == kQ3_K) {  // the file's hmask and 2-bit bytes are already the planes' bytes, row by row
@@ -378,6 +391,16 @@ inline void unpack_block(int64_t qtype, const Weights& w, int64_t n, int64_t b, 
   const int64_t i = n % kGroupRows, per_block = format_of(qtype).block / 32;  // 32-blocks in a block
   const uint8_t* blk = w.data + (n / kGroupRows * w.blocks + b / per_block) * group_block_bytes(qtype);
   const uint8_t* quants = blk + quants_offset(qtype);
+  if (qtype == kQ2_K) {
+    const int j = b % 8;
+    for (int e = 0; e < 2; ++e) {
+      out->scale[e] = half(blk + 2 * i) * blk[64 + 16 * (2 * j + e) + i];
+      out->min[e] = -half(blk + 32 + 2 * i) * blk[64 + 256 + 16 * (2 * j + e) + i];
+    }
+    for (int e = 0; e < 32; ++e)
+      out->q[e] = (quants[512 * (j / 4) + chunk_byte(e / 4, i, e % 4)] >> (2 * (j % 4))) & 3;
+    return;
+  }
   if (qtype == kQ3_K) {
     const int j = b % 8;
     const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 32);
@@ -463,7 +486,7 @@ struct Activations {
   std::vector<int32_t> block_init;  // packed [Kp / 32, M]: -offset * (sum of the block's q)
   std::vector<float> block_qsum;    // packed [Kp / 32, M]: dx * (sum of the block's q)
   std::vector<int32_t> half_sums;   // packed [Kp / 32, M]: the sums of the block's two halves' q, as int16s
-                                    // (first half low): Q6_K's and Q3_K's scales are per 16
+                                    // (first half low): the scales of Q6_K, Q3_K and Q2_K are per 16
 };
 
 #define QUANT_AVX2 __attribute__((target("avx2,fma,f16c")))
@@ -1154,11 +1177,11 @@ QUANT_AVX512 inline void packed_block(const PackedRows<MB>& x, const __m512i (&w
   }
 }
 
-// Q6_K, Q3_K: acc[m] += the 32-block x against weights w[8] (unsigned, less `offset`), whose halves (w[0..3],
-// w[4..7]) have scales scale0 and scale1 (d sc) per row
-template <int MB, int offset>
+// Q6_K, Q3_K, Q2_K: acc[m] += the 32-block x against weights w[8] (unsigned, less `offset`), whose halves
+// (w[0..3], w[4..7]) have scales scale0 and scale1 (d sc) per row, and minimums min0 and min1 (Q2_K)
+template <int MB, int offset, bool has_min>
 QUANT_AVX512 inline void packed_block_halves(const PackedRows<MB>& x, const __m512i (&w)[8], __m512 scale0,
-                                             __m512 scale1, __m512 (&acc)[MB]) {
+                                             __m512 scale1, __m512 min0, __m512 min1, __m512 (&acc)[MB]) {
   for (int m = 0; m < MB; ++m) {
     const int32_t sums = x.half_sums[m];
     __m512i dot[2] = {_mm512_set1_epi32(-offset * static_cast<int16_t>(sums & 0xFFFF)),
@@ -1171,6 +1194,10 @@ QUANT_AVX512 inline void packed_block_halves(const PackedRows<MB>& x, const __m5
     const __m512 both = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[0]), scale0,
                                         _mm512_mul_ps(_mm512_cvtepi32_ps(dot[1]), scale1));
     acc[m] = _mm512_fmadd_ps(both, _mm512_set1_ps(x.scale[m]), acc[m]);
+    if (has_min) {
+      acc[m] = _mm512_fmadd_ps(min0, _mm512_set1_ps(x.scale[m] * static_cast<int16_t>(sums & 0xFFFF)), acc[m]);
+      acc[m] = _mm512_fmadd_ps(min1, _mm512_set1_ps(x.scale[m] * (sums >> 16)), acc[m]);
+    }
   }
 }
 
@@ -1205,13 +1232,17 @@ QUANT_AVX512 inline __m512i with_fifth_bit(__m512i nibbles, __m512i fifth, int c
   return _mm512_or_si512(nibbles, _mm512_and_si512(bit, _mm512_set1_epi8(0x10)));
 }
 
+// Chunk c of Q2_K sub-block j, from its 2-bit planes: 16 rows x 4 weights, 0..3
+QUANT_AVX512 inline __m512i two_bit_chunk(const uint8_t* planes, int j, int c) {
+  const __m512i p = _mm512_loadu_si512(planes + 512 * (j / 4) + 64 * c);
+  return _mm512_and_si512(_mm512_srli_epi16(p, 2 * (j % 4)), _mm512_set1_epi8(3));
+}
+
 // Chunk c of Q3_K sub-block j of a group block's quants: 16 rows x 4 weights, 0..7
 QUANT_AVX512 inline __m512i q3_k_chunk(const uint8_t* quants, int j, int c) {
   const __m512i h = _mm512_loadu_si512(quants + 64 * c);
-  const __m512i p = _mm512_loadu_si512(quants + 512 * (1 + j / 4) + 64 * c);
   const __m512i third = j < 2 ? _mm512_slli_epi16(h, 2 - j) : _mm512_srli_epi16(h, j - 2);  // bit j to bit 2
-  return _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(p, 2 * (j % 4)), _mm512_set1_epi8(3)),
-                         _mm512_and_si512(third, _mm512_set1_epi8(4)));
+  return _mm512_or_si512(two_bit_chunk(quants + 512, j, c), _mm512_and_si512(third, _mm512_set1_epi8(4)));
 }
 
 // Chunk c of Q6_K sub-block j of a group block's quants: 16 rows x 4 weights, 0..63
@@ -1250,14 +1281,20 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group
       }
       continue;
     }
-    if (QT == kQ6_K || QT == kQ3_K) {
-      const __m512 d = halves16(blk);
+    if (QT == kQ6_K || QT == kQ3_K || QT == kQ2_K) {  // scales (and Q2_K's minimums) per 16 weights
+      const __m512 d = halves16(blk), dmin = QT == kQ2_K ? halves16(blk + 32) : _mm512_setzero_ps();
+      const uint8_t* sc = blk + (QT == kQ2_K ? 64 : 32);
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j) {  // unrolled: the bit positions become constants
-        for (int c = 0; c < 8; ++c) w[c] = QT == kQ6_K ? q6_k_chunk(quants, j, c) : q3_k_chunk(quants, j, c);
-        const __m512 scale0 = _mm512_mul_ps(d, signed_bytes16(blk + 32 + 16 * (2 * j)));
-        const __m512 scale1 = _mm512_mul_ps(d, signed_bytes16(blk + 32 + 16 * (2 * j + 1)));
-        packed_block_halves<MB, QT == kQ6_K ? 32 : 4>(PackedRows<MB>(a, b * 8 + j, m0), w, scale0, scale1, acc);
+        for (int c = 0; c < 8; ++c)
+          w[c] = QT == kQ6_K ? q6_k_chunk(quants, j, c) : QT == kQ3_K ? q3_k_chunk(quants, j, c)
+                                                                       : two_bit_chunk(quants, j, c);
+        const __m512 scale0 = _mm512_mul_ps(d, signed_bytes16(sc + 16 * (2 * j)));
+        const __m512 scale1 = _mm512_mul_ps(d, signed_bytes16(sc + 16 * (2 * j + 1)));
+        const __m512 min0 = _mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), bytes16(sc + 256 + 16 * (2 * j))));
+        const __m512 min1 = _mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), bytes16(sc + 256 + 16 * (2 * j + 1))));
+        packed_block_halves<MB, QT == kQ6_K ? 32 : QT == kQ3_K ? 4 : 0, QT == kQ2_K>(
+            PackedRows<MB>(a, b * 8 + j, m0), w, scale0, scale1, min0, min1, acc);
       }
       continue;
     }
@@ -1342,13 +1379,17 @@ QUANT_AVX2 inline void add_chunk_pair(const PackedRows<MB>& x, int c, __m256i w0
   }
 }
 
+// Chunk c of Q2_K sub-block j, rows 8h..8h+7 (planes already at the half's 32 bytes): 8 rows x 4 weights, 0..3
+QUANT_AVX2 inline __m256i two_bit_chunk8(const uint8_t* planes, int j, int c) {
+  const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(planes + 512 * (j / 4) + 64 * c));
+  return _mm256_and_si256(_mm256_srli_epi16(p, 2 * (j % 4)), _mm256_set1_epi8(3));
+}
+
 // Chunk c of Q3_K sub-block j, rows 8h..8h+7 (quants already at the half's 32 bytes): 8 rows x 4 weights, 0..7
 QUANT_AVX2 inline __m256i q3_k_chunk8(const uint8_t* quants, int j, int c) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 64 * c));
-  const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 512 * (1 + j / 4) + 64 * c));
   const __m256i third = j < 2 ? _mm256_slli_epi16(h, 2 - j) : _mm256_srli_epi16(h, j - 2);
-  return _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(p, 2 * (j % 4)), _mm256_set1_epi8(3)),
-                         _mm256_and_si256(third, _mm256_set1_epi8(4)));
+  return _mm256_or_si256(two_bit_chunk8(quants + 512, j, c), _mm256_and_si256(third, _mm256_set1_epi8(4)));
 }
 
 // Chunk c of Q6_K sub-block j, rows 8h..8h+7 (quants already at the half's 32 bytes): 8 rows x 4 weights, 0..63
@@ -1447,28 +1488,42 @@ QUANT_AVX2 void packed_group_avx2(const Activations& a, const uint8_t* group, in
         }
         continue;
       }
-      if (QT == kQ6_K || QT == kQ3_K) {  // integer sums scaled by the rows' int8 scales (madd), then by d once
+      if (QT == kQ6_K || QT == kQ3_K || QT == kQ2_K) {  // integer sums times the rows' int8 scales (madd), then d
         const __m256 d = halves8(blk + 16 * h);
+        const __m256 dmin = QT == kQ2_K ? halves8(blk + 32 + 16 * h) : _mm256_setzero_ps();
+        const uint8_t* sc = blk + (QT == kQ2_K ? 64 : 32) + 8 * h;
         const __m256i low16 = _mm256_set1_epi32(0xFFFF);
 #pragma GCC unroll 8
         for (int j = 0; j < 8; ++j) {
           const PackedRows<MB> x(a, b * 8 + j, m0);
-          const __m256i sc0 = signed_bytes8(blk + 32 + 16 * (2 * j) + 8 * h);
-          const __m256i sc1 = signed_bytes8(blk + 32 + 16 * (2 * j + 1) + 8 * h);
+          const __m256i sc0 = signed_bytes8(sc + 16 * (2 * j)), sc1 = signed_bytes8(sc + 16 * (2 * j + 1));
           const __m256i scales0 = _mm256_or_si256(_mm256_and_si256(sc0, low16), _mm256_slli_epi32(sc0, 16));
           const __m256i scales1 = _mm256_or_si256(_mm256_and_si256(sc1, low16), _mm256_slli_epi32(sc1, 16));
           const __m256i both = _mm256_or_si256(_mm256_and_si256(sc0, low16), _mm256_slli_epi32(sc1, 16));
           for (int m = 0; m < MB; ++m) {  // the offset (Q6_K 32, Q3_K 4) times (sc0 * first half's sum + sc1 * ...)
             const __m256i offset = _mm256_madd_epi16(both, _mm256_set1_epi32(x.half_sums[m]));
-            sums[m] = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(offset, QT == kQ6_K ? 5 : 2));
+            sums[m] = QT == kQ2_K ? _mm256_setzero_si256()
+                                  : _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(offset, QT == kQ6_K ? 5 : 2));
           }
           for (int c = 0; c < 8; c += 2) {
-            const __m256i w0 = QT == kQ6_K ? q6_k_chunk8(quants, j, c) : q3_k_chunk8(quants, j, c);
-            const __m256i w1 = QT == kQ6_K ? q6_k_chunk8(quants, j, c + 1) : q3_k_chunk8(quants, j, c + 1);
-            add_chunk_pair(x, c, w0, w1, c < 4 ? scales0 : scales1, sums);
+            __m256i w[2];
+            for (int k = 0; k < 2; ++k)
+              w[k] = QT == kQ6_K ? q6_k_chunk8(quants, j, c + k) : QT == kQ3_K ? q3_k_chunk8(quants, j, c + k)
+                                                                              : two_bit_chunk8(quants, j, c + k);
+            add_chunk_pair(x, c, w[0], w[1], c < 4 ? scales0 : scales1, sums);
           }
-          for (int m = 0; m < MB; ++m)
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[m]), _mm256_mul_ps(d, _mm256_set1_ps(x.scale[m])), acc[m]);
+          const __m256 min0 = _mm256_mul_ps(dmin, _mm256_sub_ps(_mm256_setzero_ps(), bytes8(sc + 256 + 16 * (2 * j))));
+          const __m256 min1 = _mm256_mul_ps(dmin, _mm256_sub_ps(_mm256_setzero_ps(), bytes8(sc + 256 + 16 * (2 * j + 1))));
+          for (int m = 0; m < MB; ++m) {
+            const __m256 dx = _mm256_set1_ps(x.scale[m]);
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[m]), _mm256_mul_ps(d, dx), acc[m]);
+            if (QT == kQ2_K) {
+              const int32_t halves = x.half_sums[m];
+              acc_min[m] = _mm256_fmadd_ps(min0, _mm256_set1_ps(x.scale[m] * static_cast<int16_t>(halves & 0xFFFF)),
+                                           acc_min[m]);
+              acc_min[m] = _mm256_fmadd_ps(min1, _mm256_set1_ps(x.scale[m] * (halves >> 16)), acc_min[m]);
+            }
+          }
         }
         continue;
       }
@@ -1590,6 +1645,7 @@ inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const We
       case kQ5_K: return gemv_packed<kQ5_K>(a, w.data, K, y, N, isa);
       case kQ6_K: return gemv_packed<kQ6_K>(a, w.data, K, y, N, isa);
       case kQ3_K: return gemv_packed<kQ3_K>(a, w.data, K, y, N, isa);
+      case kQ2_K: return gemv_packed<kQ2_K>(a, w.data, K, y, N, isa);
       case kIQ4_NL: return gemv_packed<kIQ4_NL>(a, w.data, K, y, N, isa);
       case kIQ4_XS: return gemv_packed<kIQ4_XS>(a, w.data, K, y, N, isa);
     }
