@@ -40,6 +40,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace quant {
@@ -1624,6 +1625,26 @@ inline int activation_offset(int64_t qtype, int isa) {
   }
 }
 
+// f(std::integral_constant<int64_t, qtype>): a kernel template instantiated for the run-time type qtype
+template <typename F>
+void with_type(int64_t qtype, F&& f) {
+  switch (qtype) {
+    case kQ8_0: return f(std::integral_constant<int64_t, kQ8_0>());
+    case kQ4_0: return f(std::integral_constant<int64_t, kQ4_0>());
+    case kQ4_1: return f(std::integral_constant<int64_t, kQ4_1>());
+    case kQ5_0: return f(std::integral_constant<int64_t, kQ5_0>());
+    case kQ5_1: return f(std::integral_constant<int64_t, kQ5_1>());
+    case kQ2_K: return f(std::integral_constant<int64_t, kQ2_K>());
+    case kQ3_K: return f(std::integral_constant<int64_t, kQ3_K>());
+    case kQ4_K: return f(std::integral_constant<int64_t, kQ4_K>());
+    case kQ5_K: return f(std::integral_constant<int64_t, kQ5_K>());
+    case kQ6_K: return f(std::integral_constant<int64_t, kQ6_K>());
+    case kIQ4_NL: return f(std::integral_constant<int64_t, kIQ4_NL>());
+    case kIQ4_XS: return f(std::integral_constant<int64_t, kIQ4_XS>());
+    default: throw std::invalid_argument("quantized linear: unsupported ggml type " + std::to_string(qtype));
+  }
+}
+
 inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const Weights& w, int64_t N, float* y) {
   const Format f = format_of(qtype);
   if (K % f.block || w.row_bytes != K / f.block * f.bytes)
@@ -1634,22 +1655,8 @@ inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const We
   const bool packed_kernels = w.packed && isa != kScalar;
   quantize_activations(x, M, K, isa == kScalar ? 0 : activation_offset(qtype, isa), packed_kernels, isa != kScalar,
                        &a);
-  if (packed_kernels) {
-    switch (qtype) {
-      case kQ8_0: return gemv_packed<kQ8_0>(a, w.data, K, y, N, isa);
-      case kQ4_0: return gemv_packed<kQ4_0>(a, w.data, K, y, N, isa);
-      case kQ4_1: return gemv_packed<kQ4_1>(a, w.data, K, y, N, isa);
-      case kQ5_0: return gemv_packed<kQ5_0>(a, w.data, K, y, N, isa);
-      case kQ5_1: return gemv_packed<kQ5_1>(a, w.data, K, y, N, isa);
-      case kQ4_K: return gemv_packed<kQ4_K>(a, w.data, K, y, N, isa);
-      case kQ5_K: return gemv_packed<kQ5_K>(a, w.data, K, y, N, isa);
-      case kQ6_K: return gemv_packed<kQ6_K>(a, w.data, K, y, N, isa);
-      case kQ3_K: return gemv_packed<kQ3_K>(a, w.data, K, y, N, isa);
-      case kQ2_K: return gemv_packed<kQ2_K>(a, w.data, K, y, N, isa);
-      case kIQ4_NL: return gemv_packed<kIQ4_NL>(a, w.data, K, y, N, isa);
-      case kIQ4_XS: return gemv_packed<kIQ4_XS>(a, w.data, K, y, N, isa);
-    }
-  }
+  if (packed_kernels)
+    return with_type(qtype, [&](auto type) { gemv_packed<decltype(type)::value>(a, w.data, K, y, N, isa); });
   if (w.packed) {  // a lower instruction set forced (tests): portable code over the packed layout
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       for (int64_t m0 = 0; m0 < M; m0 += 8)
@@ -1657,22 +1664,7 @@ inline void linear(int64_t qtype, const float* x, int64_t M, int64_t K, const We
     });
     return;
   }
-  const uint8_t* data = w.data;
-  const int64_t row_bytes = w.row_bytes;
-  switch (qtype) {
-    case kQ8_0: gemv_q<kQ8_0>(a, data, row_bytes, K, y, N, isa); break;
-    case kQ4_0: gemv_q<kQ4_0>(a, data, row_bytes, K, y, N, isa); break;
-    case kQ4_1: gemv_q<kQ4_1>(a, data, row_bytes, K, y, N, isa); break;
-    case kQ5_0: gemv_q<kQ5_0>(a, data, row_bytes, K, y, N, isa); break;
-    case kQ5_1: gemv_q<kQ5_1>(a, data, row_bytes, K, y, N, isa); break;
-    case kQ4_K: gemv_q<kQ4_K>(a, data, row_bytes, K, y, N, isa); break;
-    case kQ5_K: gemv_q<kQ5_K>(a, data, row_bytes, K, y, N, isa); break;
-    case kQ6_K: gemv_q<kQ6_K>(a, data, row_bytes, K, y, N, isa); break;
-    case kQ3_K: gemv_q<kQ3_K>(a, data, row_bytes, K, y, N, isa); break;
-    case kQ2_K: gemv_q<kQ2_K>(a, data, row_bytes, K, y, N, isa); break;
-    case kIQ4_NL: gemv_q<kIQ4_NL>(a, data, row_bytes, K, y, N, isa); break;
-    case kIQ4_XS: gemv_q<kIQ4_XS>(a, data, row_bytes, K, y, N, isa); break;
-  }
+  with_type(qtype, [&](auto type) { gemv_q<decltype(type)::value>(a, w.data, w.row_bytes, K, y, N, isa); });
 }
 
 }  // namespace quant
