@@ -1292,10 +1292,11 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group
                                                                        : two_bit_chunk(quants, j, c);
         const __m512 scale0 = _mm512_mul_ps(d, signed_bytes16(sc + 16 * (2 * j)));
         const __m512 scale1 = _mm512_mul_ps(d, signed_bytes16(sc + 16 * (2 * j + 1)));
-        const __m512 min0 = _mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), bytes16(sc + 256 + 16 * (2 * j))));
-        const __m512 min1 = _mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), bytes16(sc + 256 + 16 * (2 * j + 1))));
+        __m512 min[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // Q2_K's -dmin mn; the others read no minimums
+        for (int e = 0; e < 2 && QT == kQ2_K; ++e)
+          min[e] = _mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), bytes16(sc + 256 + 16 * (2 * j + e))));
         packed_block_halves<MB, QT == kQ6_K ? 32 : QT == kQ3_K ? 4 : 0, QT == kQ2_K>(
-            PackedRows<MB>(a, b * 8 + j, m0), w, scale0, scale1, min0, min1, acc);
+            PackedRows<MB>(a, b * 8 + j, m0), w, scale0, scale1, min[0], min[1], acc);
       }
       continue;
     }
@@ -1503,8 +1504,8 @@ QUANT_AVX2 void packed_group_avx2(const Activations& a, const uint8_t* group, in
           const __m256i both = _mm256_or_si256(_mm256_and_si256(sc0, low16), _mm256_slli_epi32(sc1, 16));
           for (int m = 0; m < MB; ++m) {  // the offset (Q6_K 32, Q3_K 4) times (sc0 * first half's sum + sc1 * ...)
             const __m256i offset = _mm256_madd_epi16(both, _mm256_set1_epi32(x.half_sums[m]));
-            sums[m] = QT == kQ2_K ? _mm256_setzero_si256()
-                                  : _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(offset, QT == kQ6_K ? 5 : 2));
+            const __m256i times_offset = _mm256_slli_epi32(offset, QT == kQ6_K ? 5 : 2);
+            sums[m] = QT == kQ2_K ? _mm256_setzero_si256() : _mm256_sub_epi32(_mm256_setzero_si256(), times_offset);
           }
           for (int c = 0; c < 8; c += 2) {
             __m256i w[2];
@@ -1513,16 +1514,17 @@ QUANT_AVX2 void packed_group_avx2(const Activations& a, const uint8_t* group, in
                                                                               : two_bit_chunk8(quants, j, c + k);
             add_chunk_pair(x, c, w[0], w[1], c < 4 ? scales0 : scales1, sums);
           }
-          const __m256 min0 = _mm256_mul_ps(dmin, _mm256_sub_ps(_mm256_setzero_ps(), bytes8(sc + 256 + 16 * (2 * j))));
-          const __m256 min1 = _mm256_mul_ps(dmin, _mm256_sub_ps(_mm256_setzero_ps(), bytes8(sc + 256 + 16 * (2 * j + 1))));
+          __m256 min[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};  // Q2_K's -dmin mn; the others read none
+          for (int e = 0; e < 2 && QT == kQ2_K; ++e)
+            min[e] = _mm256_mul_ps(dmin, _mm256_sub_ps(_mm256_setzero_ps(), bytes8(sc + 256 + 16 * (2 * j + e))));
           for (int m = 0; m < MB; ++m) {
             const __m256 dx = _mm256_set1_ps(x.scale[m]);
             acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[m]), _mm256_mul_ps(d, dx), acc[m]);
             if (QT == kQ2_K) {
               const int32_t halves = x.half_sums[m];
-              acc_min[m] = _mm256_fmadd_ps(min0, _mm256_set1_ps(x.scale[m] * static_cast<int16_t>(halves & 0xFFFF)),
+              acc_min[m] = _mm256_fmadd_ps(min[0], _mm256_set1_ps(x.scale[m] * static_cast<int16_t>(halves & 0xFFFF)),
                                            acc_min[m]);
-              acc_min[m] = _mm256_fmadd_ps(min1, _mm256_set1_ps(x.scale[m] * (halves >> 16)), acc_min[m]);
+              acc_min[m] = _mm256_fmadd_ps(min[1], _mm256_set1_ps(x.scale[m] * (halves >> 16)), acc_min[m]);
             }
           }
         }
