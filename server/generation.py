@@ -1,6 +1,6 @@
-"""What completions and chat share: queue a request's n choices (all or none), then stream SSE chunks (usage
-last, if asked) or wait for the whole answer. The streams are closed either way, so a client that goes away
-aborts its requests and frees their KV blocks."""
+"""What completions and chat share: queue a request's choices (n for each of its prompts; all or none), then
+stream SSE chunks (usage last, if asked) or wait for the whole answer. The streams are closed either way, so a
+client that goes away aborts its requests and frees their KV blocks."""
 from __future__ import annotations
 
 import asyncio
@@ -24,9 +24,10 @@ logger = logging.getLogger("gorgon.server")
 DISCONNECT_POLL_S = 0.25
 
 
-async def generate(request: Request, state: ServerState, req: SamplingRequest, prompt_ids: list[int],
+async def generate(request: Request, state: ServerState, req: SamplingRequest, prompts: list[list[int]],
                    renderer: Renderer) -> Response:
-    streams = await start(state, req, prompt_ids)
+    """Answer `prompts` (token ids; a chat has one): choice i is choice i % n of prompt i // n."""
+    streams = await start(state, req, prompts)
     if not req.stream:
         try:
             finals = await until_done(request, streams)
@@ -36,18 +37,18 @@ async def generate(request: Request, state: ServerState, req: SamplingRequest, p
             raise APIError(503, str(e), "service_unavailable") from None
         finally:
             close_all(streams)
-        return JSONResponse(renderer.response(finals, usage(prompt_ids, finals)).model_dump())
+        return JSONResponse(renderer.response(finals, usage(prompts, finals)).model_dump())
 
     async def events() -> AsyncIterator[str]:
         try:
-            for chunk in renderer.head(len(streams), prompt_ids):
+            for chunk in renderer.head(len(streams), prompts):
                 yield f"data: {chunk.model_dump_json()}\n\n"
             async for i, out in interleave(streams):  # one chunk per step, even when its text is still ''
                 chunk = renderer.chunk(i, out)
                 chunk.gorgon = step_info(out, state.tokenizer)  # ours: the step behind the chunk
                 yield f"data: {chunk.model_dump_json()}\n\n"
             if req.stream_options and req.stream_options.include_usage:
-                final = renderer.usage_chunk(usage(prompt_ids, [s.last for s in streams]))
+                final = renderer.usage_chunk(usage(prompts, [s.last for s in streams]))
                 yield f"data: {final.model_dump_json()}\n\n"
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in-band, as OpenAI does
             logger.warning("stream failed: %s", e)
@@ -60,17 +61,18 @@ async def generate(request: Request, state: ServerState, req: SamplingRequest, p
     return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(close_all, streams))
 
 
-async def start(state: ServerState, req: SamplingRequest, prompt_ids: list[int]) -> list[RequestStream]:
-    """Queue the request's n choices; all are taken or none is."""
+async def start(state: ServerState, req: SamplingRequest, prompts: list[list[int]]) -> list[RequestStream]:
+    """Queue n choices of each prompt; all are taken or none is."""
     adapter = state.resolve_adapter(req.model)
     context = state.context_length(adapter)
     vocab_size = len(state.tokenizer) if state.tokenizer is not None else None  # None: the engine checks ids
-    params = [sampling_params(req, len(prompt_ids), context, vocab_size, choice=i) for i in range(req.n)]
+    choices = [(ids, sampling_params(req, len(ids), context, vocab_size, choice=i)) for ids in prompts
+               for i in range(req.n)]
     model_name = req.model or state.config.model_name
     streams: list[RequestStream] = []
     try:
-        for p in params:
-            streams.append(await state.engine.add_request(prompt_ids, p, adapter, model_name))
+        for prompt_ids, params in choices:
+            streams.append(await state.engine.add_request(prompt_ids, params, adapter, model_name))
     except QueueFull as e:
         raise APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded",
                        headers={"Retry-After": "1"}) from None
@@ -81,7 +83,7 @@ async def start(state: ServerState, req: SamplingRequest, prompt_ids: list[int])
     except ValueError as e:
         raise APIError(400, str(e)) from None
     finally:
-        if len(streams) < len(params):
+        if len(streams) < len(choices):
             close_all(streams)
     return streams
 
@@ -141,6 +143,8 @@ async def until_done(request: Request, streams: list[RequestStream]) -> list[Req
         task.cancel()
 
 
-def usage(prompt_ids: list[int], finals: list[RequestOutput]) -> Usage:
+def usage(prompts: list[list[int]], finals: list[RequestOutput]) -> Usage:
+    """Each prompt counts once, however many choices it has (as OpenAI counts)."""
+    prompt = sum(map(len, prompts))
     completion = sum(len(out.token_ids) for out in finals)
-    return Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion, total_tokens=len(prompt_ids) + completion)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

@@ -41,11 +41,11 @@ def returns_token_ids(req: SamplingRequest, state: ServerState) -> bool:
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=streamed_as(CompletionResponse))
 async def completions(req: CompletionRequest, request: Request, state: State) -> Response:
-    prompt_ids = completion_prompt_ids(state.tokenizer, req.prompt)
-    echo = prompt_text(state.tokenizer, req.prompt) if req.echo else ""
+    prompts = [completion_prompt_ids(state.tokenizer, p) for p in req.prompts]
+    echo = [prompt_text(state.tokenizer, p) for p in req.prompts] if req.echo else None
     renderer = CompletionRenderer(req.model or state.config.model_name, state.tokenizer, req.logprobs,
-                                  returns_token_ids(req, state), echo)
-    return await generate(request, state, req, prompt_ids, renderer)
+                                  returns_token_ids(req, state), req.n, echo)
+    return await generate(request, state, req, prompts, renderer)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
@@ -54,7 +54,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, state: 
     prompt_ids = chat_prompt_ids(state.tokenizer, req.messages)
     renderer = ChatRenderer(req.model or state.config.model_name, state.tokenizer, req.top_alternatives,
                             returns_token_ids(req, state))
-    return await generate(request, state, req, prompt_ids, renderer)
+    return await generate(request, state, req, [prompt_ids], renderer)
 
 
 @router.get("/v1/models")

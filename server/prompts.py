@@ -57,8 +57,7 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage], add_generation_promp
     unless the roles alternate user / assistant): the client's error, a 400 with the template's message."""
     require_tokenizer(tokenizer, "messages")
     try:
-        text = tokenizer.apply_chat_template([{"role": m.role, "content": unicode_text(m.text, "messages")}
-                                              for m in messages],
+        text = tokenizer.apply_chat_template([m.for_template(unicode_text(m.text, "messages")) for m in messages],
                                              chat_template=tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE,
                                              tokenize=False, add_generation_prompt=add_generation_prompt)
     except TemplateError as e:

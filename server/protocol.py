@@ -10,11 +10,21 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 # Bounds beyond which a parameter is a mistake rather than a wish.
 MAX_N = 16
+MAX_PROMPTS = 64  # prompts in one completions request (each has n choices)
 MAX_STOP_STRINGS = 8
 MAX_STOP_STRING_CHARS = 256
 MAX_LOGPROBS = 5
@@ -24,6 +34,8 @@ INT64 = 1 << 63
 
 TokenId = Annotated[int, Field(ge=0)]  # the vocabulary's upper bound is checked per model (server.prompts)
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+PromptText = Annotated[str, Field(min_length=1)]
+PromptIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 def omitted_when_none() -> Any:
@@ -120,12 +132,25 @@ class SamplingRequest(RequestBody):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[TokenId], Field(min_length=1)]
+    """One prompt (text or token ids) or a batch of them, as OpenAI takes it; each prompt gets n choices, and
+    choice i answers prompt i // n."""
+
+    prompt: (PromptText | PromptIds | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
+             | Annotated[list[PromptIds], Field(min_length=1, max_length=MAX_PROMPTS)])
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False  # the answer's text starts with the prompt's
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:  # one message for the four shapes, not one per shape
+            raise field_error(f"prompt must be a non-empty string, a non-empty list of token ids (integers >= 0), "
+                              f"or a list of up to {MAX_PROMPTS} of either kind") from None
 
     @field_validator("best_of")
     @classmethod
@@ -142,6 +167,11 @@ class CompletionRequest(SamplingRequest):
         return value
 
     @property
+    def prompts(self) -> list[str] | list[list[int]]:
+        batch = isinstance(self.prompt, list) and not isinstance(self.prompt[0], int)
+        return self.prompt if batch else [self.prompt]
+
+    @property
     def top_alternatives(self) -> int | None:
         return self.logprobs
 
@@ -156,12 +186,36 @@ class TextPart(RequestBody):
 
 
 class ChatMessage(RequestBody):
-    role: Literal["system", "user", "assistant"]
+    """A message of text. OpenAI's `developer` role is the system role of newer models: a chat template, which
+    knows `system` only, gets it as `system`."""
+
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
+    name: str | None = None  # passed on to the chat template, which may use it
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        """Name what a text-only server without tools cannot take, rather than list how it failed to parse."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("role") in ("tool", "function") or data.get("tool_calls") or data.get("function_call"):
+            raise field_error("messages: tool and function messages and calls are not supported by this server")
+        parts = data.get("content") if isinstance(data.get("content"), list) else []
+        kinds = {part.get("type") for part in parts if isinstance(part, dict)} - {"text"}
+        if kinds:
+            raise field_error(f"messages: content parts of type {', '.join(map(repr, sorted(map(str, kinds))))} "
+                              "are not supported by this server: it takes text only")
+        return data
 
     @property
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+    def for_template(self, text: str) -> dict[str, str]:
+        """The message as a chat template reads it, with its content as `text`."""
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": text} | ({"name": self.name} if self.name is not None else {})
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -245,6 +299,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     token_ids: list[int] | None = omitted_when_none()  # with return_token_ids
+    prompt_token_ids: list[int] | None = omitted_when_none()  # with return_token_ids (in a stream: its first chunk)
 
 
 class StepInfo(BaseModel):
@@ -266,7 +321,6 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    prompt_token_ids: list[int] | None = omitted_when_none()  # with return_token_ids (in a stream: its first chunk)
     gorgon: StepInfo | None = omitted_when_none()  # ours, on streamed chunks (StepInfo)
 
 

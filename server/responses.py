@@ -34,8 +34,8 @@ class Renderer(ABC):
         self.logprobs, self.token_ids = logprobs, token_ids
 
     @abstractmethod
-    def head(self, n: int, prompt_ids: list[int]) -> list[BaseModel]:
-        """Chunks streamed before any output."""
+    def head(self, n: int, prompts: list[list[int]]) -> list[BaseModel]:
+        """Chunks streamed before any output, for n choices in all."""
 
     @abstractmethod
     def chunk(self, index: int, out: RequestOutput) -> BaseModel:
@@ -57,39 +57,47 @@ class Renderer(ABC):
 
 
 class CompletionRenderer(Renderer):
-    def __init__(self, model: str, tokenizer, logprobs: int | None, token_ids: bool, echo: str = "") -> None:
+    """Choice i answers prompt i // n (a batch of prompts, n choices each)."""
+
+    def __init__(self, model: str, tokenizer, logprobs: int | None, token_ids: bool, n: int,
+                 echo: list[str] | None = None) -> None:
         super().__init__("cmpl", model, tokenizer, logprobs, token_ids)
-        self.echo = echo  # the prompt's text, which starts every choice's text
+        self.n = n
+        self.echo = echo  # each prompt's text, which starts its choices' text (None: no echo)
         # per choice streamed: the next token's text_offset (the length of the tokens before it, as `tokens`
         # spells them, so that streamed and whole answers agree)
         self.offset: dict[int, int] = {}
 
-    def head(self, n: int, prompt_ids: list[int]) -> list[BaseModel]:
+    def head(self, n: int, prompts: list[list[int]]) -> list[BaseModel]:
         return []  # an echo comes with each choice's first output, which brings the prompt's logprobs
 
     def chunk(self, index: int, out: RequestOutput) -> BaseModel:
         first = index not in self.offset
-        echo = self.echo if first else ""
+        echo = self._echo(index) if first else ""
         offset = self.offset.get(index, 0)
         logprobs = self._logprobs(out, out.new_token_ids, offset, bool(echo))
         self.offset[index] = offset + (sum(map(len, logprobs.tokens)) if logprobs else 0)
-        choice = CompletionChoice(index=index, text=echo + out.new_text, finish_reason=out.finish_reason,
-                                  logprobs=logprobs, token_ids=self.ids(out.new_token_ids))
-        return self._body([choice], prompt_ids=self.ids(out.prompt_token_ids) if first else None)
+        return self._body([self._choice(index, out, echo + out.new_text, out.new_token_ids, logprobs, first)])
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
         return self._body([], usage)
 
     def response(self, finals: list[RequestOutput], usage: Usage) -> BaseModel:
-        return self._body([CompletionChoice(index=i, text=self.echo + out.text, finish_reason=out.finish_reason,
-                                            logprobs=self._logprobs(out, out.token_ids, 0, bool(self.echo)),
-                                            token_ids=self.ids(out.token_ids))
-                           for i, out in enumerate(finals)], usage, self.ids(finals[0].prompt_token_ids))
+        return self._body([self._choice(i, out, self._echo(i) + out.text, out.token_ids,
+                                        self._logprobs(out, out.token_ids, 0, bool(self._echo(i))), True)
+                           for i, out in enumerate(finals)], usage)
 
-    def _body(self, choices: list[CompletionChoice], usage: Usage | None = None,
-              prompt_ids: list[int] | None = None) -> CompletionResponse:
-        return CompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage,
-                                  prompt_token_ids=prompt_ids)
+    def _echo(self, index: int) -> str:
+        return self.echo[index // self.n] if self.echo else ""
+
+    def _choice(self, index: int, out: RequestOutput, text: str, token_ids: list[int],
+                logprobs: CompletionLogprobs | None, with_prompt_ids: bool) -> CompletionChoice:
+        return CompletionChoice(index=index, text=text, finish_reason=out.finish_reason, logprobs=logprobs,
+                                token_ids=self.ids(token_ids),
+                                prompt_token_ids=self.ids(out.prompt_token_ids) if with_prompt_ids else None)
+
+    def _body(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
+        return CompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage)
 
     def _logprobs(self, out: RequestOutput, token_ids: list[int], text_offset: int,
                   with_prompt: bool) -> CompletionLogprobs | None:
@@ -113,7 +121,8 @@ class ChatRenderer(Renderer):
     def __init__(self, model: str, tokenizer, logprobs: int | None, token_ids: bool) -> None:
         super().__init__("chatcmpl", model, tokenizer, logprobs, token_ids)
 
-    def head(self, n: int, prompt_ids: list[int]) -> list[BaseModel]:
+    def head(self, n: int, prompts: list[list[int]]) -> list[BaseModel]:
+        (prompt_ids,) = prompts  # a chat is one prompt
         return [self._chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))],
                             prompt_ids=self.ids(prompt_ids)) for i in range(n)]
 

@@ -195,6 +195,25 @@ def test_n_choices_with_a_seed_are_distinct_and_reproducible(client):
     assert ask() == first and len(set(first)) > 1
 
 
+@pytest.mark.parametrize("prompts", [["def f(x):", "x = 1", "hello"], [[1, 40, 41], [1, 50], [1, 60, 61, 62]]],
+                         ids=["text", "token ids"])
+def test_a_batch_of_prompts_answers_each_as_if_alone(client, prompts):
+    args = dict(model=MODEL, max_tokens=6, temperature=0.8, seed=5, extra_body={"ignore_eos": True})
+    alone = [client.completions.create(prompt=p, n=2, echo=True, **args) for p in prompts]
+    batch = client.completions.create(prompt=prompts, n=2, echo=True, **args)
+    assert [c.index for c in batch.choices] == list(range(6))  # choice i answers prompt i // n
+    assert [c.text for c in batch.choices] == [c.text for a in alone for c in a.choices]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)  # each prompt counted once
+    assert batch.usage.completion_tokens == 6 * 6
+
+    chunks = list(client.completions.create(prompt=prompts, n=2, echo=True, stream=True, **args))
+    streamed = [""] * 6
+    for chunk in chunks:
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == [c.text for c in batch.choices]
+
+
 def test_concurrent_greedy_streams_equal_sequential_runs(client, running):
     args = dict(model=MODEL, max_tokens=16, temperature=0, logprobs=0, extra_body={"ignore_eos": True})
     sequential = [client.completions.create(prompt=p, **args).choices[0].logprobs for p in PROMPTS]

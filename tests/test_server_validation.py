@@ -91,8 +91,15 @@ HOSTILE = {
     "prompt empty": completion("prompt", prompt=""),
     "prompt ids empty": completion("prompt", prompt=[]),
     "prompt ids floats": completion("prompt", prompt=[1.5, 2]),
-    "prompt ids strings": completion("prompt", prompt=["1", "2"]),
-    "prompt ids nested": completion("prompt", prompt=[[1, 2]]),
+    "prompt ids mixed with text": completion("prompt", prompt=[1, "2"]),
+    "prompt ids nested twice": completion("prompt", prompt=[[[1, 2]]]),
+    "prompts mixing text and ids": completion("prompt", prompt=["hi", [1, 2]]),
+    "prompts with an empty one": completion("prompt", prompt=["hi", ""]),
+    "prompts with an empty id list": completion("prompt", prompt=[[1], []]),
+    "prompts too many": completion("prompt", prompt=["x"] * 65),
+    "prompts with an id out of vocabulary": completion("prompt", prompt=[[1], [1, 256]]),
+    "prompts with one over the context": Bad("/v1/completions", {"prompt": [[5], [5] * 600]}, param="prompt",
+                                             code="context_length_exceeded"),
     "prompt id negative": completion("prompt", prompt=[1, -1]),
     "prompt id out of vocabulary": completion("prompt", prompt=[1, 256]),
     "prompt id 2**70": completion("prompt", prompt=[1, 2 ** 70]),
@@ -155,6 +162,9 @@ HOSTILE = {
     "content unpaired surrogate": Bad("/v1/chat/completions",
                                       b'{"messages": [{"role": "user", "content": "\\udfff"}]}', param="messages"),
     "message unknown field": chat("messages", messages=[{"role": "user", "content": "hi", "mood": "grim"}]),
+    "message name a number": chat("messages", messages=[{"role": "user", "content": "hi", "name": 5}]),
+    "assistant tool calls": chat("messages", messages=[*USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]),
     "tools": chat("tools", tools=[{"type": "function", "function": {"name": "f"}}]),
     "tool_choice": chat("tool_choice", tool_choice="auto"),
     "functions": chat("functions", functions=[{"name": "f"}]),
@@ -423,19 +433,40 @@ def test_unsupported_fields_are_named_in_the_message(client):
     assert "response_format" in error["message"] and '{"type": "text"}' in error["message"]
     error = send(client, HOSTILE["unknown field"]).json()["error"]
     assert "frobnicate" in error["message"]
+    error = send(client, HOSTILE["content an image"]).json()["error"]
+    assert error["message"] == ("messages: content parts of type 'image_url' are not supported by this server: "
+                                "it takes text only")
+    for name in ("role tool", "assistant tool calls"):
+        error = send(client, HOSTILE[name]).json()["error"]
+        assert error["message"] == "messages: tool and function messages and calls are not supported by this server"
+
+
+def test_a_developer_message_is_a_system_message_and_names_are_accepted(client):
+    def tokens(messages: list[dict]) -> list[int]:
+        r = client.post("/tokenize", headers=AUTH, json={"messages": messages})
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    system = tokens([{"role": "system", "content": "be brief"}, *USER])
+    assert tokens([{"role": "developer", "content": "be brief"}, *USER]) == system
+    assert tokens([{"role": "system", "content": "be brief", "name": "rules"}, {**USER[0], "name": "ann"}]) == system
+    body = {"messages": [{"role": "developer", "content": "be brief"}, {**USER[0], "name": "ann"}], "max_tokens": 2}
+    assert client.post("/v1/chat/completions", headers=AUTH, json=body).status_code == 200
 
 
 def test_return_token_ids(client, llm):
     body = {"prompt": [1, 40, 41], "max_tokens": 5, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
     want = llm.generate([1, 40, 41], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
     got = client.post("/v1/completions", headers=AUTH, json=body).json()
-    assert got["prompt_token_ids"] == [1, 40, 41] and got["choices"][0]["token_ids"] == want.token_ids
+    choice = got["choices"][0]  # a completion's prompt ids are per choice, as vLLM has them
+    assert choice["prompt_token_ids"] == [1, 40, 41] and choice["token_ids"] == want.token_ids
     with client.stream("POST", "/v1/completions", headers=AUTH, json={**body, "stream": True}) as r:
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
-    assert chunks[0]["prompt_token_ids"] == [1, 40, 41] and "prompt_token_ids" not in chunks[1]
+    assert chunks[0]["choices"][0]["prompt_token_ids"] == [1, 40, 41]
+    assert "prompt_token_ids" not in chunks[1]["choices"][0]
     assert sum((c["choices"][0]["token_ids"] for c in chunks), []) == want.token_ids
     plain = client.post("/v1/completions", headers=AUTH, json={**body, "return_token_ids": False}).json()
-    assert "prompt_token_ids" not in plain and "token_ids" not in plain["choices"][0]  # OpenAI's shape
+    assert "prompt_token_ids" not in plain["choices"][0] and "token_ids" not in plain["choices"][0]  # OpenAI's
     chat = client.post("/v1/chat/completions", headers=AUTH,
                        json={"messages": USER, "max_tokens": 3, "return_token_ids": True}).json()
     assert chat["prompt_token_ids"] == chat_prompt_ids(llm.tokenizer, [type_message(m) for m in USER])
