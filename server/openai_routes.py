@@ -57,13 +57,22 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, state: 
     return await generate(request, state, req, [prompt_ids], renderer)
 
 
-@router.get("/v1/models")
-async def models(state: State) -> ModelList:
+def model_cards(state: ServerState) -> list[ModelCard]:
     base = state.config.model_name
     cards = [ModelCard(id=base, root=state.config.model_root, max_model_len=state.context_length(None))]
-    cards += [ModelCard(id=a["name"], root=a["path"], parent=base, max_model_len=state.context_length(a["name"]))
-              for a in state.engine.list_adapters()]
-    return ModelList(data=cards)
+    return cards + [ModelCard(id=a["name"], root=a["path"], parent=base,
+                              max_model_len=state.context_length(a["name"])) for a in state.engine.list_adapters()]
+
+
+@router.get("/v1/models")
+async def models(state: State) -> ModelList:
+    return ModelList(data=model_cards(state))
+
+
+@router.get("/v1/models/{model:path}")  # `path`: a served name may hold a slash ("org/name")
+async def model(model: str, state: State) -> ModelCard:
+    state.resolve_adapter(model)  # 404 unless it is served
+    return next(card for card in model_cards(state) if card.id == model)
 
 
 @router.post("/tokenize")

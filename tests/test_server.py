@@ -239,6 +239,10 @@ def test_concurrent_greedy_streams_equal_sequential_runs(client, running):
 def test_model_list_has_the_base_model(client):
     cards = {m.id: m for m in client.models.list().data}
     assert cards[MODEL].root == "/models/tiny" and cards[MODEL].parent is None
+    card = client.models.retrieve(MODEL)
+    assert (card.id, card.root, card.max_model_len) == (MODEL, "/models/tiny", cards[MODEL].max_model_len)
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
 
 
 @pytest.mark.parametrize("name", ["lora", "prefix"])
@@ -248,7 +252,7 @@ def test_adapter_load_use_unload(client, running, oracle, name):
                           json={"lora_name": name, "lora_path": name})
     assert response.status_code == 200, response.text
     card = next(m for m in client.models.list().data if m.id == name)
-    assert card.parent == MODEL and card.root.endswith(name)
+    assert card.parent == MODEL and card.root.endswith(name) and client.models.retrieve(name).root == card.root
     context = running.llm.max_model_len - (5 if name == "prefix" else 0)  # the prefix's virtual tokens take 5
     assert card.max_model_len == context
     fits = {"model": name, "prompt": [5] * 500, "max_tokens": context - 500, "ignore_eos": True}
