@@ -1,6 +1,7 @@
 """The CPU decode kernels vs torch's operators."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -61,12 +62,13 @@ def test_bf16_linear_without_bf16_gemm_widens_tiles_to_fp32(monkeypatch, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("in_features", [16, 78, 258, 576])
+@pytest.mark.parametrize("in_features", [16, 77, 258, 576])
 def test_packed_float_weights_match_torch_and_never_depend_on_the_batch(dtype, in_features):
     """repack_float's layout (16 rows interleaved): y = x W^T + b within fp32 rounding (fp16 weights widen
     exactly), or for bf16 weights
     within bf16's rounding of x (vdpbf16ps takes x in bf16, as torch's bf16 linear does); and each row's
     result is bitwise the same computed alone or with others, whatever their number."""
+    in_features += dtype == torch.bfloat16 and in_features % 2  # bf16 pairs need an even width
     gen = torch.Generator().manual_seed(in_features)
     w = torch.randn(48, in_features, generator=gen).to(dtype)
     b = torch.randn(48, generator=gen)
@@ -77,9 +79,20 @@ def test_packed_float_weights_match_torch_and_never_depend_on_the_batch(dtype, i
     ref = x.double() @ w.double().T + b.double()
     bound = (x.abs().double() @ w.abs().double().T) * (2 ** -8 if dtype == torch.bfloat16 else 1e-6) + 1e-5
     assert ((out.double() - ref).abs() <= bound).all()
-    for rows in (1, 3, 4, 5, 9):
+    for rows in (1, 3, 4, 5, 8, 9, 12):
         assert torch.equal(kernel.small_batch_linear(x[:rows], packed, b), out[:rows])
     assert torch.equal(kernel.small_batch_linear(x[7:8], packed, b), out[7:8])
+
+
+@pytest.mark.skipif("avx2" not in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else True,
+                    reason="needs an x86 CPU with AVX2 (Linux)")
+def test_the_avx2_build_of_the_packed_float_kernels():
+    """The float kernels as an AVX2-only CPU builds them (x86-64-v3: other tiles than AVX-512's), run on this
+    CPU in a process of their own: the test above."""
+    test = f"{__file__}::test_packed_float_weights_match_torch_and_never_depend_on_the_batch"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                         env={**os.environ, "GORGON_CPU_ISA": "avx2"}, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
 
 def test_repack_float_declines_shapes_it_cannot_lay_out():
