@@ -71,9 +71,20 @@ def find_gguf(path: str | Path) -> Path | None:
     return None
 
 
+class _Reader(GGUFReader):
+    """GGUFReader slicing a plain ndarray view of its memory map: numpy.memmap runs a Python hook on each
+    slice, and a Llama 3 or Qwen2 vocabulary's metadata takes over a million (6.3 s to parse a 1B model's
+    file here, 2.0-2.7 s without). The tensors still read the file's pages (the view's base is the map)."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        if type(self.data) is np.memmap:
+            self.data = self.data.view(np.ndarray)
+        return super()._get(offset, dtype, count, override_order)
+
+
 @lru_cache(maxsize=2)
 def _reader(path: Path, modified_ns: int) -> GGUFReader:
-    return GGUFReader(path)  # memory-maps the file
+    return _Reader(path)  # memory-maps the file
 
 
 def open_gguf(path: str | Path) -> GGUFReader:
