@@ -1,8 +1,9 @@
-"""gorgon's decoding engine. Public API: LLM, SamplingParams, EngineConfig, RequestOutput, ContextLengthError,
-and own_medusa_heads (where a model's own Medusa heads are)."""
-from engine.config import ContextLengthError, EngineConfig, SamplingParams
+"""gorgon's decoding engine. Public API: LLM, SamplingParams, StructuredOutput, EngineConfig, RequestOutput,
+ContextLengthError, and own_medusa_heads (where a model's own Medusa heads are)."""
+from engine.config import ContextLengthError, EngineConfig, SamplingParams, StructuredOutput
 from engine.llm_engine import LLM
 from engine.outputs import RequestOutput
 from models.named import own_medusa_heads
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "RequestOutput", "ContextLengthError", "own_medusa_heads"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutput", "EngineConfig", "RequestOutput", "ContextLengthError",
+           "own_medusa_heads"]

@@ -16,6 +16,29 @@ class ContextLengthError(ValueError):
     """A request that cannot fit the model's context: its prompt, or its prompt plus max_tokens."""
 
 
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on every token a request samples (engine.structured), as vLLM's structured outputs: exactly one
+    of a JSON schema (a dict, or its JSON text), any JSON object, a regular expression the whole output matches,
+    a choice among strings, or a grammar: Lark (llguidance's dialect, with a `start:` rule) or llama.cpp's GBNF
+(`root ::= ...`)."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "json_object", "regex", "choice", "grammar")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"a structured output takes exactly one of json, json_object, regex, choice and grammar "
+                             f"(got {', '.join(given) or 'none'})")
+        if self.choice is not None and not (self.choice and all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("structured output choices must be non-empty strings, at least one")
+
+
 @dataclass
 class SamplingParams:
     """How to decode one request. temperature 0 means greedy; top_k <= 0 and top_p == 1 disable those filters."""
@@ -36,6 +59,7 @@ class SamplingParams:
     logprobs: int | None = None  # return the sampled token's logprob and this many top alternatives
     prompt_logprobs: int | None = None  # also each prompt token's logprob and this many alternatives
     use_medusa: bool = True  # speculate with the engine's Medusa heads, if it has any
+    structured: StructuredOutput | None = None  # constrain the output to a JSON schema, regex, ... (engine.structured)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

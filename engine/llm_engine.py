@@ -25,6 +25,7 @@ from engine.runner import ModelRunner
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
+from engine.structured import Grammars, advance
 from models.gguf import find_gguf, load_tokenizer
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
 from models.loader import load_model
@@ -115,6 +116,7 @@ class LLM:
                                    tree_size=self.medusa.max_tree_size if self.medusa else 0)
         self.runner = ModelRunner(self.model, kv_cache, self.config.attention_backend, self.device, self.parallel)
         self.sampler = Sampler(self.kernels)
+        self.grammars = Grammars(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         adapter_root = Path(self.config.adapter_root) if self.config.adapter_root else path / "adapters"
         self.adapters = AdapterManager(self.model, kv_cache, self.block_manager, self.requests, self.config,
@@ -177,7 +179,8 @@ class LLM:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq = Sequence(request_id, token_ids, params, prompt=text, generator=generator)
+        seq = Sequence(request_id, token_ids, params, prompt=text, generator=generator,
+                       matcher=self.grammars.matcher(params.structured) if params.structured else None)
         if self.tokenizer is not None:
             start_detokenizer(self.tokenizer, seq)
         if params.prompt_logprobs is not None:
@@ -252,7 +255,8 @@ class LLM:
             logits = self.runner.logits(hidden, inputs.sample_rows)
             seqs = [batch.seqs[i] for i in inputs.sampling_seqs]
             out = self.sampler(logits, [s.params for s in seqs], [s.generator or self._rng for s in seqs],
-                               [s.token_ids for s in seqs], [s.num_prompt_tokens for s in seqs])
+                               [s.token_ids for s in seqs], [s.num_prompt_tokens for s in seqs],
+                               [s.matcher for s in seqs])
             sampled = dict(zip(inputs.sampling_seqs, out.token_ids))
             sampled_logprobs = dict(zip(inputs.sampling_seqs, out.logprobs))
 
@@ -321,6 +325,8 @@ class LLM:
         seq.output_text += new_text
         reason = None
         if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
+            reason = "stop"
+        elif seq.matcher is not None and advance(seq.matcher, token_id):  # the structured output is complete
             reason = "stop"
         elif params.stop and new_text:
             search_from = max(0, text_before - max(len(s) for s in params.stop) + 1)

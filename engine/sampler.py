@@ -1,8 +1,8 @@
 """Sampler: logits of the rows that sample -> next token ids.
 
-Per row, in vLLM's order: logit_bias, repetition penalty, presence and frequency penalties (greedy rows take
-the argmax here), then temperature, min_p, top-k, top-p, and a draw with the row's generator. Logprobs are
-those of the model's raw logits."""
+Per row, in vLLM's order: the structured-output mask (engine.structured), logit_bias, repetition penalty, presence
+and frequency penalties (greedy rows take the argmax here), then temperature, min_p, top-k, top-p, and a draw with
+the row's generator. Logprobs are those of the model's raw logits."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +11,7 @@ from itertools import chain
 import torch
 
 from engine.config import SamplingParams
+from engine.structured import Grammars
 from models.kernels.decode import DecodeKernels
 
 
@@ -132,18 +133,24 @@ class Sampler:
     kernels: DecodeKernels | None = None  # the engine's CPU kernels (argmax_ids)
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                 token_ids: list[list[int]] | None = None, num_prompt_tokens: list[int] | None = None) -> SamplerOutput:
+                 token_ids: list[list[int]] | None = None, num_prompt_tokens: list[int] | None = None,
+                 matchers: list | None = None) -> SamplerOutput:
         """logits: [num_rows, vocab]. Row i is sampled with params[i] and generators[i] (None: global RNG).
         token_ids[i]: row i's prompt and output so far, of which num_prompt_tokens[i] are the prompt; only
-        rows with penalties read them (they may be omitted when no row has penalties)."""
+        rows with penalties read them (they may be omitted when no row has penalties). matchers[i]: row i's
+        structured-output matcher, or None (all None when omitted)."""
         raw = logits.float()
+        constrained = raw
+        if matchers is not None and any(m is not None for m in matchers):
+            constrained = raw.clone()  # logprobs stay the model's own
+            Grammars.mask_(constrained, matchers)
         penalized = [i for i, p in enumerate(params) if has_penalties(p)]
         counts = None
         if penalized:
             assert token_ids is not None and num_prompt_tokens is not None, "penalties need the token history"
             counts = TokenCounts.of([token_ids[i] for i in penalized], [num_prompt_tokens[i] for i in penalized],
                                     raw.shape[-1], raw.device)
-        adjusted = adjust_logits(raw, params, counts, penalized)
+        adjusted = adjust_logits(constrained, params, counts, penalized)
         ids = argmax_ids(adjusted, self.kernels)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:

@@ -59,6 +59,8 @@ class Sequence:
     # (Hydra heads) the tokens of the tree's nodes at that depth; None: the next decode step is a plain one
     draft_token_ids: list[list[int]] | None = None
     drafted_by_lookup: bool = False  # the drafts are a prompt-lookup chain (one token per depth), not the heads'
+    # structured outputs: the llguidance matcher of params.structured, fed every output token (engine.structured)
+    matcher: object | None = None
     private_cache_key: int = field(default_factory=lambda: next(_private_cache_keys))
 
     def __post_init__(self) -> None:

@@ -1,0 +1,95 @@
+"""Structured outputs: a request's StructuredOutput (a JSON schema, any JSON object, a regex, a choice of strings, or
+a grammar in Lark or llama.cpp's GBNF) constrains every token it samples. llguidance, the grammar engine behind
+vLLM's `guidance` backend and llama.cpp's, does the work: a matcher per request says which tokens of the vocabulary
+may come next (a bitmask the sampler applies to the request's logits row) and follows the tokens it samples.
+Requests with one decode plainly, without Medusa's drafts.
+
+Where the grammar is complete the mask also allows the engine's end-of-generation tokens, so the model decides
+whether to stop there (a regex `\\d+` after "42"); where nothing may follow (a JSON object's closing brace), the
+request finishes at once."""
+from __future__ import annotations
+
+import json
+import re
+from functools import cached_property
+
+import llguidance
+import llguidance.hf
+import llguidance.torch
+import torch
+from llguidance.gbnf_to_lark import any_to_lark
+
+from engine.config import StructuredOutput
+
+# JSON whitespace as llama.cpp's JSON-schema grammars allow it: a space, or a line break or two and an indent of up
+# to 20 spaces or tabs. llguidance's default allows any run of whitespace, and small models fill max_tokens with it.
+JSON_WHITESPACE = r"(?: |\n{1,2}[ \t]{0,20})?"
+
+
+def grammar_text(spec: StructuredOutput) -> str:
+    """llguidance's grammar for spec (not yet checked: `Grammars.matcher` validates it)."""
+    if spec.json is not None or spec.json_object:
+        try:
+            schema = {"type": "object"} if spec.json_object else (
+                json.loads(spec.json) if isinstance(spec.json, str) else dict(spec.json))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+        if not isinstance(schema, dict):
+            raise ValueError("a JSON schema must be a JSON object")
+        schema.setdefault("x-guidance", {"whitespace_pattern": JSON_WHITESPACE})
+        return llguidance.LLMatcher.grammar_from_json_schema(schema)
+    if spec.regex is not None:
+        return llguidance.LLMatcher.grammar_from_regex(spec.regex)
+    if spec.choice is not None:
+        return llguidance.LLMatcher.grammar_from_regex("|".join(re.escape(c) for c in spec.choice))
+    try:
+        lark = any_to_lark(spec.grammar)
+    except Exception as e:  # noqa: BLE001 - llguidance's GBNF converter raises plain Exceptions too
+        raise ValueError(f"the grammar is neither Lark (with a `start:` rule) nor valid GBNF: {e}") from None
+    return llguidance.LLMatcher.grammar_from_lark(lark)
+
+
+class Grammars:
+    """Compiles StructuredOutputs into matchers for one tokenizer, and masks logits rows with them. Invariant: a
+    matcher has consumed exactly its request's output tokens."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int]) -> None:
+        self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, sorted(eos_token_ids)
+
+    @cached_property
+    def _ll_tokenizer(self) -> llguidance.LLTokenizer:
+        """llguidance's view of the vocabulary (about a second for a large one: built on the first request)."""
+        return llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids)
+
+    def matcher(self, spec: StructuredOutput) -> llguidance.LLMatcher:
+        """A fresh matcher for spec; a ValueError that says what is wrong with it."""
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer, and this engine has none (skip_tokenizer_init)")
+        grammar = grammar_text(spec)
+        error = llguidance.LLMatcher.validate_grammar(grammar, self._ll_tokenizer)
+        if error:
+            raise ValueError(f"the structured output cannot be used: {error}")
+        matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar)
+        if matcher.is_error():
+            raise ValueError(f"the structured output cannot be used: {matcher.get_error()}")
+        return matcher
+
+    @staticmethod
+    def mask_(logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None]) -> None:
+        """Set to -inf, in place, the logits [rows, vocab] of every token row i's matcher (None: no constraint) does
+        not allow next. (llguidance.torch's own apply runs through torch.compile: seconds of compiling on the
+        first request, and a C++ toolchain.)"""
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        vocab = logits.shape[-1]
+        bitmask = torch.empty(len(rows), (vocab + 31) // 32, dtype=torch.int32)  # bit j of word w: token 32 w + j
+        for k, i in enumerate(rows):
+            llguidance.torch.fill_next_token_bitmask(matchers[i], bitmask, k)
+        bits = (bitmask.to(logits.device)[:, :, None] >> torch.arange(32, dtype=torch.int32, device=logits.device)) & 1
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill(bits.view(len(rows), -1)[:, :vocab] == 0, float("-inf"))
+
+
+def advance(matcher: llguidance.LLMatcher, token_id: int) -> bool:
+    """Feed the matcher the token just sampled; True when the output is complete (nothing more may follow)."""
+    matcher.consume_token(token_id)
+    return matcher.is_stopped() or matcher.is_error()

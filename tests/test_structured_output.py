@@ -1,0 +1,154 @@
+"""Structured outputs (engine.structured): every sampled token keeps the output inside its grammar. The oracle of the
+bitmask path is a brute-force one: transformers' logits, and the argmax over the tokens that a fresh llguidance
+matcher, asked token by token, accepts next. The outputs are also checked with Python's own json and re."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams, StructuredOutput
+from engine.structured import Grammars
+
+from conftest import VOCAB, hf_model
+
+EOS = 2  # the tiny model's
+SCHEMA = {"type": "object", "properties": {"verdict": {"enum": ["yes", "no", "maybe"]}, "sure": {"type": "boolean"},
+                                           "score": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "tag": {"type": "string", "maxLength": 6}},
+          "required": ["verdict", "sure", "score", "tag"], "additionalProperties": False}
+SPECS = {
+    "json schema": StructuredOutput(json=SCHEMA),
+    "regex": StructuredOutput(regex=r"[a-z]{2,5}-[0-9]{2}(!|\?)"),
+    "choice": StructuredOutput(choice=["red", "green", "blue (light)"]),
+    "gbnf": StructuredOutput(grammar='root ::= "(" [a-c]+ ")" | "none"'),
+    "lark": StructuredOutput(grammar='start: "x=" /[0-9]{1,3}/ ";"'),
+}
+
+
+def fits(spec: StructuredOutput, text: str) -> bool:
+    """Python's own reading of whether text is a whole output of spec."""
+    if spec.json is not None:
+        value = json.loads(text)
+        return (set(value) == set(SCHEMA["required"]) and value["verdict"] in ("yes", "no", "maybe")
+                and isinstance(value["sure"], bool) and type(value["score"]) is int and 0 <= value["score"] <= 99
+                and isinstance(value["tag"], str) and len(value["tag"]) <= 6)
+    if spec.regex is not None:
+        return re.fullmatch(spec.regex, text) is not None
+    if spec.choice is not None:
+        return text in spec.choice
+    if spec.grammar.startswith("root"):
+        return re.fullmatch(r"\([a-c]+\)|none", text) is not None
+    return re.fullmatch(r"x=[0-9]{1,3};", text) is not None
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_dir) -> LLM:
+    return LLM(tiny_model_dir, num_kv_blocks=64, block_size=8)
+
+
+def ids(llm: LLM, text: str) -> list[int]:
+    return llm.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def allowed_by_brute_force(grammars: Grammars, spec: StructuredOutput, generated: list[int]) -> list[int]:
+    """Every token a matcher that has consumed `generated` accepts next, asked one token at a time."""
+    matcher = grammars.matcher(spec)
+    assert matcher.consume_tokens(generated)
+    return [t for t in range(VOCAB) if matcher.validate_tokens([t]) == 1]
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_greedy_is_the_best_allowed_token_at_every_step(llm, tiny_model_dir, name):
+    spec, prompt = SPECS[name], [1, 40, 41, 42, 43]
+    out = llm.generate(prompt, SamplingParams(max_tokens=400, temperature=0, structured=spec))[0]
+    assert out.finish_reason == "stop" and fits(spec, out.text), out.text
+    model, tokens = hf_model(tiny_model_dir), list(prompt)
+    for token in out.token_ids:
+        allowed = allowed_by_brute_force(llm.grammars, spec, tokens[len(prompt):])
+        with torch.no_grad():
+            logits = model(torch.tensor([tokens])).logits[0, -1]
+        assert token == max(allowed, key=lambda t: logits[t].item())
+        tokens.append(token)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_sampled_output_fits(llm, name):
+    spec = SPECS[name]
+    params = [SamplingParams(max_tokens=400, temperature=1.5, seed=seed, structured=spec) for seed in range(12)]
+    outs = llm.generate([[1, 50 + i] for i in range(12)], params)
+    for out in outs:
+        assert out.finish_reason == "stop" and fits(spec, out.text), out.text
+    assert len({out.text for out in outs}) > 1  # sampled, not forced
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_the_mask_leaves_the_other_rows_and_the_logprobs_alone(llm):
+    free = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    alone = llm.generate([1, 60, 61], free)[0]
+    constrained = SamplingParams(max_tokens=12, temperature=0, logprobs=2, structured=SPECS["regex"])
+    both = llm.generate([[1, 60, 61], [1, 60, 61]], [free, constrained])
+    assert both[0].token_ids == alone.token_ids and both[0].logprobs == alone.logprobs
+    assert fits(SPECS["regex"], both[1].text)
+    # logprobs are the model's own, as vLLM reports them: the chosen token need not be the model's first choice
+    assert any(lp < max(top.values()) for lp, top in both[1].logprobs)
+
+
+def test_end_of_text_is_allowed_only_where_the_grammar_is_complete(llm):
+    digits = StructuredOutput(regex=r"[0-9]+")
+    matcher = llm.grammars.matcher(digits)
+    assert EOS not in allowed_by_brute_force(llm.grammars, digits, [])
+    assert matcher.consume_tokens(ids(llm, "42"))
+    assert matcher.is_accepting() and not matcher.is_stopped()
+    assert EOS in allowed_by_brute_force(llm.grammars, digits, ids(llm, "42"))
+    # where the model would rather stop, a complete output stops there
+    out = llm.generate([1, 70], SamplingParams(max_tokens=30, temperature=0, logit_bias={EOS: 30.0},
+                                                  structured=digits))[0]
+    digit, end = out.token_ids  # (the byte tokenizer decodes EOS as a byte too)
+    assert out.finish_reason == "stop" and re.fullmatch(r"[0-9]", llm.tokenizer.decode([digit])) and end == EOS
+
+
+def test_a_structured_request_never_speculates_beside_one_that_does(tiny_model_dir):
+    llm = LLM(tiny_model_dir, num_kv_blocks=64, block_size=8, medusa="lookup")
+    plain = LLM(tiny_model_dir, num_kv_blocks=64, block_size=8)
+    free = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    constrained = SamplingParams(max_tokens=48, temperature=0, structured=StructuredOutput(regex="(ab|ba)+c"))
+    outs = llm.generate([[1, 80, 81], [1, 80, 81]], [free, constrained])
+    assert outs[0].accepted_lengths and not outs[1].accepted_lengths  # lookup drafted for the free one only
+    want = plain.generate([[1, 80, 81], [1, 80, 81]], [free, constrained])
+    assert [o.token_ids for o in outs] == [o.token_ids for o in want]
+
+
+@pytest.mark.parametrize("spec, message", [
+    (StructuredOutput(json={"type": "objectx"}), "Invalid type: objectx"),
+    (StructuredOutput(json="{not json"), "not valid JSON"),
+    (StructuredOutput(regex="(ab"), "unclosed group"),
+    (StructuredOutput(grammar="root ::= ((("), "neither Lark"),
+    (StructuredOutput(grammar="start: undefined_rule"), "unknown name"),
+])
+def test_bad_grammars_are_refused_and_leave_nothing_behind(llm, spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        llm.add_request([1, 2, 3], SamplingParams(structured=spec))
+    assert not llm.requests and not llm.has_unfinished()
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_a_structured_output_is_exactly_one_thing():
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutput()
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutput(regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="at least one"):
+        StructuredOutput(choice=[])
+    assert StructuredOutput(json={}).json == {}  # any JSON value
+
+
+def test_json_whitespace_is_bounded(llm):
+    """A small model left to JSON's free whitespace can fill max_tokens with it; the grammar allows a space, or a
+    line break or two and an indent of at most 20."""
+    matcher = llm.grammars.matcher(StructuredOutput(json_object=True))
+    assert matcher.validate_tokens(ids(llm, "{\n\n\n")) == 3
+    assert matcher.consume_tokens(ids(llm, "{\n"))
+    assert matcher.validate_tokens(ids(llm, " " * 30)) == 20
