@@ -1,5 +1,6 @@
 """Request and response bodies of the HTTP API: the OpenAI subset we serve, vLLM's extensions (`top_k`, `min_p`,
-`repetition_penalty`, `ignore_eos`), ours (`use_medusa`), vLLM's adapter routes and /tokenize, /detokenize.
+`repetition_penalty`, `ignore_eos`, `structured_outputs` and `guided_*`), ours (`use_medusa`), vLLM's adapter
+routes and /tokenize, /detokenize.
 
 Request bodies are strict: a value of the wrong JSON type is an error (no "5" for 5), and so is a field we do
 not know. OpenAI fields we do not serve are declared, so that their error names them; the few that cannot
@@ -21,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from engine import StructuredOutput
 
 # Bounds beyond which a parameter is a mistake rather than a wish.
 MAX_N = 16
@@ -77,6 +80,36 @@ class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(RequestBody):
+    """OpenAI's `response_format.json_schema`."""
+
+    name: str = Field(default="response", min_length=1, max_length=64)  # OpenAI requires one; it cannot change output
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {}: any JSON value
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(RequestBody):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise field_error('response_format takes json_schema with type "json_schema", and only then')
+        return self
+
+
+class StructuredOutputs(RequestBody):
+    """vLLM's `structured_outputs`: one of these constrains the output (engine.config.StructuredOutput)."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class SamplingRequest(RequestBody):
     """Fields that completions and chat share."""
 
@@ -101,6 +134,13 @@ class SamplingRequest(RequestBody):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
     return_token_ids: bool = False  # choices carry their token ids, and the answer its prompt's
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs or its older guided_* fields (one)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # ours
     use_medusa: bool = True  # False: decode without Medusa speculation even when the server has heads
 
@@ -110,6 +150,30 @@ class SamplingRequest(RequestBody):
         if value is not None and not info.data.get("stream"):
             raise field_error("stream_options is only allowed with stream: true")
         return value
+
+    @property
+    def structured_output(self) -> StructuredOutput | None:
+        """The constraint on the output, as the engine takes it (None: free text). Raises ValueError when the
+        request gives more than one, or one that names nothing (structured_outputs: {})."""
+        given = [name for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                                   "guided_grammar") if getattr(self, name) is not None]
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise ValueError(f"give one structured output, not {' and '.join(given)}")
+        if fmt is not None and fmt.type == "json_object":
+            return StructuredOutput(json_object=True)
+        if fmt is not None and fmt.type == "json_schema":
+            return StructuredOutput(json=fmt.json_schema.schema_ or {})
+        so = self.structured_outputs
+        if so is not None:
+            return StructuredOutput(json=so.json_, json_object=bool(so.json_object), regex=so.regex, choice=so.choice,
+                                    grammar=so.grammar)
+        if any(v is not None for v in (self.guided_json, self.guided_regex, self.guided_choice, self.guided_grammar)):
+            return StructuredOutput(json=self.guided_json, regex=self.guided_regex, choice=self.guided_choice,
+                                    grammar=self.guided_grammar)
+        return None
 
     @property
     def stop_list(self) -> list[str]:
@@ -223,7 +287,6 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: dict[str, Any] | None = None  # only {"type": "text"}
     # accepted and unused: they cannot change an answer
     store: bool | None = None
     metadata: dict[str, str] | None = None
@@ -260,13 +323,6 @@ class ChatCompletionRequest(SamplingRequest):
     def _text_only(cls, value: Any) -> Any:
         if value not in (None, ["text"]):
             raise unsupported("modalities", ' other than ["text"]')
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value != {"type": "text"}:
-            raise unsupported("response_format", ' other than {"type": "text"}')
         return value
 
     @property

@@ -20,7 +20,8 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, v
             frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
             logit_bias=logit_bias(req.logit_bias or {}, vocab_size), stop=req.stop_list, ignore_eos=req.ignore_eos,
             seed=None if req.seed is None else req.seed + choice,  # n choices: distinct but reproducible
-            logprobs=req.top_alternatives, prompt_logprobs=req.prompt_alternatives, use_medusa=req.use_medusa)
+            logprobs=req.top_alternatives, prompt_logprobs=req.prompt_alternatives, use_medusa=req.use_medusa,
+            structured=req.structured_output)
     except ValueError as e:  # bounds the protocol already checks; kept as a 400 should the two ever differ
         raise APIError(400, str(e)) from None
 

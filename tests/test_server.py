@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import openai
@@ -17,8 +19,9 @@ import torch
 import uvicorn
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel
 
-from engine import LLM, SamplingParams
+from engine import LLM, SamplingParams, StructuredOutput
 from server.app import ServerConfig, create_app
 from server.prompts import FALLBACK_CHAT_TEMPLATE
 
@@ -182,6 +185,39 @@ def test_streams_end_with_done_and_equal_the_whole_answers(client, running):
                       json={"prompt": "hi", "max_tokens": 3, "stream": True}) as response:
         lines = [line for line in response.iter_lines() if line]
     assert response.headers["content-type"].startswith("text/event-stream") and lines[-1] == "data: [DONE]"
+
+
+class Verdict(BaseModel):
+    verdict: Literal["yes", "no", "unsure"]
+    sure: bool
+
+
+def test_structured_outputs_through_the_openai_client(client, oracle):
+    """The openai SDK's parse() sends response_format json_schema (strict) and reads the answer back into the
+    model; streamed, the chunks join into the same JSON; vLLM's guided_choice and structured_outputs work too.
+    Each answer equals the engine's own, constrained the same way."""
+    messages = [{"role": "user", "content": "is it?"}]
+    got = client.chat.completions.parse(model=MODEL, messages=messages, response_format=Verdict, temperature=0)
+    choice = got.choices[0]
+    assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, Verdict)
+    schema = {"type": "object", "required": ["verdict", "sure"], "additionalProperties": False,
+              "properties": {"verdict": {"enum": ["yes", "no", "unsure"]}, "sure": {"type": "boolean"}}}
+    want = oracle.generate(chat_prompt_ids(oracle.tokenizer, messages), SamplingParams(
+        max_tokens=200, temperature=0, structured=StructuredOutput(json=schema)))[0]
+    assert choice.message.content == want.text
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}}
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, response_format=fmt, temperature=0.9,
+                                                 seed=3, stream=True))
+    assert json.loads("".join(c.choices[0].delta.content or "" for c in chunks))["verdict"] in ("yes", "no", "unsure")
+
+    colors = ["red", "green", "dark blue"]
+    got = client.completions.create(model=MODEL, prompt="color:", max_tokens=20, n=4, temperature=1.0, seed=0,
+                                    extra_body={"guided_choice": colors})
+    assert all(c.text in colors and c.finish_reason == "stop" for c in got.choices)
+    got = client.completions.create(model=MODEL, prompt="id:", max_tokens=20, temperature=0,
+                                    extra_body={"structured_outputs": {"regex": "[A-Z]{3}-[0-9]{3}"}})
+    assert re.fullmatch("[A-Z]{3}-[0-9]{3}", got.choices[0].text)
 
 
 def test_n_choices_with_a_seed_are_distinct_and_reproducible(client):

@@ -168,7 +168,17 @@ HOSTILE = {
     "tools": chat("tools", tools=[{"type": "function", "function": {"name": "f"}}]),
     "tool_choice": chat("tool_choice", tool_choice="auto"),
     "functions": chat("functions", functions=[{"name": "f"}]),
-    "response_format json": chat("response_format", response_format={"type": "json_object"}),
+    "response_format type unknown": chat("response_format", response_format={"type": "yaml"}),
+    "response_format json_schema missing": chat("response_format", response_format={"type": "json_schema"}),
+    "response_format schema not an object": chat("response_format", response_format={
+        "type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}),
+    "json schema invalid": chat(None, response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objectx"}}}),
+    "two structured outputs": chat(None, response_format={"type": "json_object"}, guided_regex="a+"),
+    "guided_regex invalid": completion(None, guided_regex="(ab"),
+    "guided_choice empty": completion(None, guided_choice=[]),
+    "structured_outputs empty": completion(None, structured_outputs={}),
+    "grammar invalid": completion(None, structured_outputs={"grammar": "root ::= ((("}),
     "audio": chat("audio", audio={"voice": "alloy", "format": "wav"}),
     "modalities audio": chat("modalities", modalities=["text", "audio"]),
     "chat logprobs not a bool": chat("logprobs", logprobs="yes"),
@@ -429,8 +439,10 @@ def test_accepted_unused_openai_fields(client):
 def test_unsupported_fields_are_named_in_the_message(client):
     error = send(client, HOSTILE["tools"]).json()["error"]
     assert error["message"] == "tools is not supported by this server"
-    error = send(client, HOSTILE["response_format json"]).json()["error"]
-    assert "response_format" in error["message"] and '{"type": "text"}' in error["message"]
+    error = send(client, HOSTILE["json schema invalid"]).json()["error"]
+    assert error["message"] == "the structured output cannot be used: Invalid type: objectx"
+    error = send(client, HOSTILE["two structured outputs"]).json()["error"]
+    assert error["message"] == "give one structured output, not guided_regex and response_format"
     error = send(client, HOSTILE["unknown field"]).json()["error"]
     assert "frobnicate" in error["message"]
     error = send(client, HOSTILE["content an image"]).json()["error"]
