@@ -24,6 +24,7 @@ from server.protocol import (
 )
 from server.responses import ChatRenderer, CompletionRenderer
 from server.state import ServerState, State
+from server.tools import active_tools, system_prompt
 
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
@@ -51,9 +52,13 @@ async def completions(req: CompletionRequest, request: Request, state: State) ->
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
              responses=streamed_as(ChatCompletionChunk))
 async def chat_completions(req: ChatCompletionRequest, request: Request, state: State) -> Response:
-    prompt_ids = chat_prompt_ids(state.tokenizer, req.messages)
+    try:
+        calls = bool(active_tools(req))
+    except ValueError as e:
+        raise APIError(400, str(e), param="tool_choice") from None
+    prompt_ids = chat_prompt_ids(state.tokenizer, req.messages, tools_prompt=system_prompt(req) if calls else None)
     renderer = ChatRenderer(req.model or state.config.model_name, state.tokenizer, req.top_alternatives,
-                            returns_token_ids(req, state))
+                            returns_token_ids(req, state), calls)
     return await generate(request, state, req, [prompt_ids], renderer)
 
 

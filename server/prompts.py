@@ -6,6 +6,7 @@ from jinja2 import TemplateError
 
 from server.errors import APIError
 from server.protocol import ChatMessage
+from server.tools import calls_text
 
 # Used when the tokenizer has none (e.g. a base model): one "<|role|>" header line per message.
 FALLBACK_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -52,12 +53,20 @@ def prompt_text(tokenizer, prompt: str | list[int]) -> str:
     return tokenizer.decode(prompt) if tokenizer is not None else ""
 
 
-def chat_prompt_ids(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-    """The messages through the model's chat template. A template may refuse them (Llama 2's and Mistral's raise
-    unless the roles alternate user / assistant): the client's error, a 400 with the template's message."""
+def chat_prompt_ids(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    tools_prompt: str | None = None) -> list[int]:
+    """The messages through the model's chat template, with `tools_prompt` (server.tools) ahead of the system
+    message's text, or as one. A template may refuse them (Llama 2's and Mistral's raise unless the roles
+    alternate user / assistant): the client's error, a 400 with the template's message."""
     require_tokenizer(tokenizer, "messages")
+    turns = [m.for_template(unicode_text(calls_text(m.tool_calls) if m.tool_calls else m.text, "messages"))
+             for m in messages]
+    if tools_prompt is not None and turns[0]["role"] == "system":
+        turns[0] = {**turns[0], "content": f"{tools_prompt}\n\n{turns[0]['content']}"}
+    elif tools_prompt is not None:
+        turns.insert(0, {"role": "system", "content": tools_prompt})
     try:
-        text = tokenizer.apply_chat_template([m.for_template(unicode_text(m.text, "messages")) for m in messages],
+        text = tokenizer.apply_chat_template(turns,
                                              chat_template=tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE,
                                              tokenize=False, add_generation_prompt=add_generation_prompt)
     except TemplateError as e:

@@ -244,6 +244,38 @@ class CompletionRequest(SamplingRequest):
         return self.logprobs if self.echo else None
 
 
+class FunctionCall(RequestBody):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str  # JSON text, as OpenAI sends and returns it
+
+
+class ToolCall(RequestBody):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(RequestBody):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments (None: any object)
+    strict: bool | None = None  # the arguments always follow the schema
+
+
+class ToolDefinition(RequestBody):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolName(RequestBody):
+    name: str
+
+
+class NamedToolChoice(RequestBody):
+    type: Literal["function"]
+    function: ToolName
+
+
 class TextPart(RequestBody):
     type: Literal["text"]
     text: str
@@ -253,9 +285,11 @@ class ChatMessage(RequestBody):
     """A message of text. OpenAI's `developer` role is the system role of newer models: a chat template, which
     knows `system` only, gets it as `system`."""
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None only in an assistant message of tool calls
     name: str | None = None  # passed on to the chat template, which may use it
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls (server.tools)
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @model_validator(mode="before")
     @classmethod
@@ -263,8 +297,9 @@ class ChatMessage(RequestBody):
         """Name what a text-only server without tools cannot take, rather than list how it failed to parse."""
         if not isinstance(data, dict):
             return data
-        if data.get("role") in ("tool", "function") or data.get("tool_calls") or data.get("function_call"):
-            raise field_error("messages: tool and function messages and calls are not supported by this server")
+        if data.get("role") == "function" or data.get("function_call"):
+            raise field_error("messages: function messages and calls (OpenAI's deprecated functions) are not "
+                              "supported by this server: use tools")
         parts = data.get("content") if isinstance(data.get("content"), list) else []
         kinds = {part.get("type") for part in parts if isinstance(part, dict)} - {"text"}
         if kinds:
@@ -272,14 +307,25 @@ class ChatMessage(RequestBody):
                               "are not supported by this server: it takes text only")
         return data
 
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise field_error("messages: a message needs content (only an assistant's tool calls may come without)")
+        if self.tool_calls and self.role != "assistant":
+            raise field_error("messages: only assistant messages carry tool_calls")
+        return self
+
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
     def for_template(self, text: str) -> dict[str, str]:
         """The message as a chat template reads it, with its content as `text`."""
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": text} | ({"name": self.name} if self.name is not None else {})
+        optional = {"name": self.name, "tool_call_id": self.tool_call_id}
+        return {"role": role, "content": text} | {k: v for k, v in optional.items() if v is not None}
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -291,10 +337,11 @@ class ChatCompletionRequest(SamplingRequest):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
+    # tools (server.tools): the answer is either text or calls of these functions
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool = True  # False: at most one call per answer
     # not served: any value but null (or an empty list, or "none") is an error that names the field
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -303,7 +350,7 @@ class ChatCompletionRequest(SamplingRequest):
     reasoning_effort: Any = None
     web_search_options: Any = None
 
-    @field_validator("tools", "tool_choice", "functions", "function_call", "audio", "prediction", "reasoning_effort",
+    @field_validator("functions", "function_call", "audio", "prediction", "reasoning_effort",
                      "web_search_options")
     @classmethod
     def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
@@ -396,7 +443,8 @@ class ChatLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -417,9 +465,14 @@ class ChatCompletionResponse(BaseModel):
     prompt_token_ids: list[int] | None = omitted_when_none()  # with return_token_ids
 
 
+class ToolCallDelta(ToolCall):
+    index: int
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = omitted_when_none()
 
 
 class ChatChunkChoice(BaseModel):

@@ -19,10 +19,12 @@ from server.protocol import (
     CompletionResponse,
     StepInfo,
     TokenLogprob,
+    ToolCallDelta,
     TopLogprob,
     Usage,
     random_id,
 )
+from server.tools import read_answer
 
 
 class Renderer(ABC):
@@ -118,8 +120,12 @@ class CompletionRenderer(Renderer):
 
 
 class ChatRenderer(Renderer):
-    def __init__(self, model: str, tokenizer, logprobs: int | None, token_ids: bool) -> None:
+    """`tools`: the answers are server.tools' JSON objects, read into content or tool calls once whole (a stream
+    sends them in its last chunk)."""
+
+    def __init__(self, model: str, tokenizer, logprobs: int | None, token_ids: bool, tools: bool = False) -> None:
         super().__init__("chatcmpl", model, tokenizer, logprobs, token_ids)
+        self.tools = tools
 
     def head(self, n: int, prompts: list[list[int]]) -> list[BaseModel]:
         (prompt_ids,) = prompts  # a chat is one prompt
@@ -127,19 +133,32 @@ class ChatRenderer(Renderer):
                             prompt_ids=self.ids(prompt_ids)) for i in range(n)]
 
     def chunk(self, index: int, out: RequestOutput) -> BaseModel:
-        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=out.new_text),
-                                            finish_reason=out.finish_reason, token_ids=self.ids(out.new_token_ids),
+        delta, finish_reason = ChatDelta(content=out.new_text), out.finish_reason
+        if self.tools:
+            message, finish_reason = self._message(out)
+            delta = ChatDelta(content=message.content, tool_calls=[
+                ToolCallDelta(index=k, **call.model_dump()) for k, call in enumerate(message.tool_calls)] or None) \
+                if out.finished else ChatDelta()
+        return self._chunk([ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
+                                            token_ids=self.ids(out.new_token_ids),
                                             logprobs=self._logprobs(out, out.new_token_ids))])
 
     def usage_chunk(self, usage: Usage) -> BaseModel:
         return self._chunk([], usage)
 
     def response(self, finals: list[RequestOutput], usage: Usage) -> BaseModel:
-        choices = [ChatChoice(index=i, message=ChatResponseMessage(content=out.text), finish_reason=out.finish_reason,
+        choices = [ChatChoice(index=i, message=message, finish_reason=finish_reason,
                               logprobs=self._logprobs(out, out.token_ids), token_ids=self.ids(out.token_ids))
-                   for i, out in enumerate(finals)]
+                   for i, out in enumerate(finals) for message, finish_reason in [self._message(out)]]
         return ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage,
                                       prompt_token_ids=self.ids(finals[0].prompt_token_ids))
+
+    def _message(self, out: RequestOutput) -> tuple[ChatResponseMessage, str | None]:
+        """A finished answer's message and finish_reason ("tool_calls" where it calls tools)."""
+        if not self.tools:
+            return ChatResponseMessage(content=out.text), out.finish_reason
+        content, calls = read_answer(out.text)
+        return ChatResponseMessage(content=content, tool_calls=calls), "tool_calls" if calls else out.finish_reason
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None,
                prompt_ids: list[int] | None = None) -> ChatCompletionChunk:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from engine import SamplingParams
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, SamplingRequest
+from server.tools import output_format
 
 
 def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, vocab_size: int | None,
@@ -14,6 +15,10 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, v
     check_context(req, prompt_len, max_model_len)
     limit = req.token_limit
     try:
+        structured = req.structured_output
+        calls = output_format(req) if isinstance(req, ChatCompletionRequest) else None
+        if calls is not None and structured is not None:
+            raise ValueError("give tools or a structured output, not both")
         return SamplingParams(
             max_tokens=limit or max_model_len - prompt_len, temperature=req.temperature, top_p=req.top_p,
             top_k=max(req.top_k, 0), min_p=req.min_p, presence_penalty=req.presence_penalty,
@@ -21,7 +26,7 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, v
             logit_bias=logit_bias(req.logit_bias or {}, vocab_size), stop=req.stop_list, ignore_eos=req.ignore_eos,
             seed=None if req.seed is None else req.seed + choice,  # n choices: distinct but reproducible
             logprobs=req.top_alternatives, prompt_logprobs=req.prompt_alternatives, use_medusa=req.use_medusa,
-            structured=req.structured_output)
+            structured=calls or structured)
     except ValueError as e:  # bounds the protocol already checks; kept as a 400 should the two ever differ
         raise APIError(400, str(e)) from None
 

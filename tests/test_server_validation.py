@@ -154,7 +154,8 @@ HOSTILE = {
     "messages missing": Bad("/v1/chat/completions", {"max_tokens": 2}, param="messages"),
     "messages a string": chat("messages", messages="hi"),
     "role unknown": chat("messages", messages=[{"role": "wizard", "content": "hi"}]),
-    "role tool": chat("messages", messages=[{"role": "tool", "content": "hi", "tool_call_id": "1"}]),
+    "role function": chat("messages", messages=[{"role": "function", "content": "hi", "name": "f"}]),
+    "tool message without content": chat("messages", messages=[{"role": "tool", "tool_call_id": "1"}]),
     "content missing": chat("messages", messages=[{"role": "user"}]),
     "content a number": chat("messages", messages=[{"role": "user", "content": 5}]),
     "content an image": chat("messages", messages=[{"role": "user", "content": [
@@ -163,10 +164,12 @@ HOSTILE = {
                                       b'{"messages": [{"role": "user", "content": "\\udfff"}]}', param="messages"),
     "message unknown field": chat("messages", messages=[{"role": "user", "content": "hi", "mood": "grim"}]),
     "message name a number": chat("messages", messages=[{"role": "user", "content": "hi", "name": 5}]),
-    "assistant tool calls": chat("messages", messages=[*USER, {"role": "assistant", "content": None, "tool_calls": [
+    "user tool calls": chat("messages", messages=[{"role": "user", "content": "hi", "tool_calls": [
         {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]),
-    "tools": chat("tools", tools=[{"type": "function", "function": {"name": "f"}}]),
-    "tool_choice": chat("tool_choice", tool_choice="auto"),
+    "tool name invalid": chat("tools", tools=[{"type": "function", "function": {"name": "f g"}}]),
+    "tool_choice unknown tool": chat("tool_choice", tools=[{"type": "function", "function": {"name": "f"}}],
+                                     tool_choice={"type": "function", "function": {"name": "g"}}),
+    "tool_choice required without tools": chat(None, tool_choice="required"),
     "functions": chat("functions", functions=[{"name": "f"}]),
     "response_format type unknown": chat("response_format", response_format={"type": "yaml"}),
     "response_format json_schema missing": chat("response_format", response_format={"type": "json_schema"}),
@@ -437,8 +440,8 @@ def test_accepted_unused_openai_fields(client):
 
 
 def test_unsupported_fields_are_named_in_the_message(client):
-    error = send(client, HOSTILE["tools"]).json()["error"]
-    assert error["message"] == "tools is not supported by this server"
+    error = send(client, HOSTILE["functions"]).json()["error"]
+    assert error["message"] == "functions is not supported by this server"
     error = send(client, HOSTILE["json schema invalid"]).json()["error"]
     assert error["message"] == "the structured output cannot be used: Invalid type: objectx"
     error = send(client, HOSTILE["two structured outputs"]).json()["error"]
@@ -448,9 +451,9 @@ def test_unsupported_fields_are_named_in_the_message(client):
     error = send(client, HOSTILE["content an image"]).json()["error"]
     assert error["message"] == ("messages: content parts of type 'image_url' are not supported by this server: "
                                 "it takes text only")
-    for name in ("role tool", "assistant tool calls"):
-        error = send(client, HOSTILE[name]).json()["error"]
-        assert error["message"] == "messages: tool and function messages and calls are not supported by this server"
+    error = send(client, HOSTILE["role function"]).json()["error"]
+    assert error["message"] == ("messages: function messages and calls (OpenAI's deprecated functions) are not "
+                                "supported by this server: use tools")
 
 
 def test_a_developer_message_is_a_system_message_and_names_are_accepted(client):

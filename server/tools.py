@@ -1,0 +1,102 @@
+"""Tools (function calling) for any model, the way llama.cpp's server calls tools through models whose chat template
+has no tool syntax of its own: a system message describes the functions, and the answer is constrained (the
+engine's structured outputs) to one JSON object, {"tool_calls": [{"name": ..., "arguments": {...}}, ...]} to call
+functions, or {"response": "..."} to answer in text. tool_choice "required" or a named function leaves the calls
+only; parallel_tool_calls false, a single call. The answer is read back into OpenAI's `tool_calls` (finish_reason
+"tool_calls") or `content`. One format for every model: a model trained on a syntax of its own (Qwen's <tool_call>,
+Llama 3's) still calls validly, though not in the words it was trained on.
+
+Earlier turns take the same shape: an assistant's tool calls are shown to the model as the JSON object it would
+have written, and tool results are messages of role "tool" (templates that know no such role refuse them: a 400)."""
+from __future__ import annotations
+
+import json
+import uuid
+
+from engine import StructuredOutput
+from server.protocol import ChatCompletionRequest, FunctionCall, ToolCall, ToolDefinition
+
+
+def active_tools(req: ChatCompletionRequest) -> list[ToolDefinition]:
+    """The tools the answer may call: none with tool_choice "none" or without tools; a named one alone."""
+    if not req.tools or req.tool_choice == "none":
+        return []
+    if isinstance(req.tool_choice, str) or req.tool_choice is None:
+        return req.tools
+    named = [t for t in req.tools if t.function.name == req.tool_choice.function.name]
+    if not named:
+        raise ValueError(f"tool_choice names {req.tool_choice.function.name!r}, which is not among the tools")
+    return named
+
+
+def output_format(req: ChatCompletionRequest) -> StructuredOutput | None:
+    """The constraint on an answer that may call tools (None: no tools in play)."""
+    tools = active_tools(req)
+    if not tools:
+        if req.tool_choice not in (None, "none", "auto"):
+            raise ValueError("tool_choice asks for a tool call, but the request has no tools")
+        return None
+    call = [{"type": "object", "properties": {"name": {"const": t.function.name},
+                                              "arguments": closed(t.function.parameters or {"type": "object"})},
+             "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    calls = {"type": "array", "items": {"anyOf": call}, "minItems": 1} | ({} if req.parallel_tool_calls else
+                                                                          {"maxItems": 1})
+    calling = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"],
+               "additionalProperties": False}
+    if req.tool_choice not in (None, "auto"):
+        return StructuredOutput(json=calling)
+    answering = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"],
+                 "additionalProperties": False}
+    return StructuredOutput(json={"anyOf": [calling, answering]})
+
+
+def closed(schema: object) -> object:
+    """schema with `"additionalProperties": false` in every object that lists its properties and says nothing of
+    others (as OpenAI's strict function schemas and vLLM's guidance backend take them): a small model otherwise
+    goes on inventing arguments."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def system_prompt(req: ChatCompletionRequest) -> str:
+    """What the model is told of the tools it may call, and of the shape of its answer."""
+    tools = active_tools(req)
+    described = "\n".join(json.dumps(t.function.model_dump(exclude={"strict"}, exclude_none=True), ensure_ascii=False)
+                          for t in tools)
+    calling = '{"tool_calls": [{"name": "<function name>", "arguments": {<its arguments>}}]}'
+    if req.tool_choice not in (None, "auto"):
+        how = f"Answer by calling {'this function' if len(tools) == 1 else 'these functions'}, with one JSON object: "
+        return f"You have these functions:\n{described}\n\n{how}{calling}"
+    return (f"You have these functions:\n{described}\n\nAnswer with one JSON object: {calling} to call functions, or "
+            '{"response": "<your answer>"} to answer directly.')
+
+
+def calls_text(calls: list[ToolCall]) -> str:
+    """An assistant's earlier calls as the JSON object it writes (arguments that are no JSON stay text)."""
+    def arguments(text: str) -> object:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+
+    return json.dumps({"tool_calls": [{"name": c.function.name, "arguments": arguments(c.function.arguments)}
+                                      for c in calls]}, ensure_ascii=False)
+
+
+def read_answer(text: str) -> tuple[str | None, list[ToolCall]]:
+    """An answer's (content, tool calls). An answer cut short (max_tokens) is no whole JSON: its text is the
+    content, as the model wrote it."""
+    try:
+        answer = json.loads(text)
+    except json.JSONDecodeError:
+        return text, []
+    if "tool_calls" in answer:
+        return None, [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(
+            name=c["name"], arguments=json.dumps(c["arguments"], ensure_ascii=False))) for c in answer["tool_calls"]]
+    return answer["response"], []

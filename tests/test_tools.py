@@ -1,0 +1,161 @@
+"""Tools (server.tools): the answer of a request with tools is one JSON object, read back into OpenAI's tool_calls or
+content; through the official openai client, streamed and whole, and its errors. A tiny random model has no idea
+what a tool is, so what is checked is what the constraint guarantees: calls of the given functions, with
+arguments that fit their schemas, equal to the engine's own constrained answer."""
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from engine import LLM, SamplingParams
+from server.app import ServerConfig, create_app
+from server.prompts import chat_prompt_ids
+from server.protocol import ChatCompletionRequest
+from server.tools import output_format, read_answer, system_prompt
+
+from conftest import save_tiny_model
+
+KEY, MODEL = "test-key", "tiny"
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "the weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "unit": {"enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                                       "required": ["zone"], "additionalProperties": False}}}
+USER = [{"role": "user", "content": "weather?"}]
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory) -> LLM:
+    # a byte vocabulary spends a token per character of the tools' description: a longer context
+    folder = save_tiny_model(tmp_path_factory.mktemp("tiny_2k"), max_position_embeddings=2048)
+    return LLM(folder, num_kv_blocks=512, block_size=16, max_num_seqs=8)
+
+
+@pytest.fixture(scope="module")
+def http(llm):
+    app = create_app(llm, ServerConfig(model_name=MODEL, model_root="/models/tiny", api_key=KEY))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture
+def client(http) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0)
+
+
+def request(**fields) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate({"messages": USER, "tools": [WEATHER, TIME], **fields})
+
+
+def fits(call) -> bool:
+    args = json.loads(call.function.arguments)
+    if call.function.name == "get_weather":
+        return args.get("city") in ("Paris", "Rome") and args.get("unit") in ("C", "F") and len(args) == 2
+    return call.function.name == "get_time" and args == {"zone": args.get("zone")} and args["zone"] in ("UTC", "CET")
+
+
+def test_the_answer_formats():
+    required = output_format(request(tool_choice="required")).json
+    assert required["properties"]["tool_calls"]["minItems"] == 1 and "maxItems" not in required["properties"][
+        "tool_calls"]
+    single = output_format(request(tool_choice="required", parallel_tool_calls=False)).json
+    assert single["properties"]["tool_calls"]["maxItems"] == 1
+    named = output_format(request(tool_choice={"type": "function", "function": {"name": "get_time"}})).json
+    assert [c["properties"]["name"] for c in named["properties"]["tool_calls"]["items"]["anyOf"]] == [
+        {"const": "get_time"}]
+    loose = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "a": {"type": "object", "properties": {"b": {"type": "string"}}}, "c": {"type": "object"}}}}}
+    arguments = output_format(request(tools=[loose])).json["anyOf"][0]["properties"]["tool_calls"]["items"]["anyOf"][
+        0]["properties"]["arguments"]
+    assert arguments["additionalProperties"] is False and arguments["properties"]["a"]["additionalProperties"] is False
+    assert "additionalProperties" not in arguments["properties"]["c"]  # no properties listed: any object
+    auto = output_format(request()).json
+    assert auto["anyOf"][0] == required and auto["anyOf"][1]["required"] == ["response"]
+    assert output_format(request(tool_choice="none")) is None
+    assert "get_weather" in system_prompt(request()) and '{"response"' in system_prompt(request())
+    assert '{"response"' not in system_prompt(request(tool_choice="required"))
+
+
+def test_reading_an_answer():
+    content, calls = read_answer('{"tool_calls": [{"name": "get_time", "arguments": {"zone": "UTC"}}]}')
+    assert content is None and calls[0].function.name == "get_time"
+    assert json.loads(calls[0].function.arguments) == {"zone": "UTC"} and calls[0].id.startswith("call_")
+    assert read_answer('{"response": "It is sunny."}') == ("It is sunny.", [])
+    assert read_answer('{"tool_calls": [{"na') == ('{"tool_calls": [{"na', [])  # cut short by max_tokens
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_tool_calls_through_the_openai_client(client, llm, parallel):
+    got = client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER, TIME], tool_choice="required",
+                                         parallel_tool_calls=parallel, temperature=0, max_tokens=400)
+    choice = got.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.tool_calls and all(fits(c) for c in choice.message.tool_calls)
+    assert parallel or len(choice.message.tool_calls) == 1
+    # the engine's own answer, constrained the same way, from the same prompt
+    req = request(tool_choice="required", parallel_tool_calls=parallel)
+    want = llm.generate(chat_prompt_ids(llm.tokenizer, req.messages, tools_prompt=system_prompt(req)),
+                        SamplingParams(max_tokens=400, temperature=0, structured=output_format(req)))[0]
+    assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in read_answer(want.text)[1]]
+
+
+def test_a_named_tool_and_a_stream(client):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    whole = client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER, TIME], tool_choice=named,
+                                           temperature=0, max_tokens=400).choices[0]
+    assert [c.function.name for c in whole.message.tool_calls] and all(
+        c.function.name == "get_time" and fits(c) for c in whole.message.tool_calls)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER, TIME],
+                                                 tool_choice=named, temperature=0, max_tokens=400, stream=True))
+    calls = [c for chunk in chunks for choice in chunk.choices for c in choice.delta.tool_calls or []]
+    assert [(c.index, c.function.name, c.function.arguments) for c in calls] == [
+        (k, c.function.name, c.function.arguments) for k, c in enumerate(whole.message.tool_calls)]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_auto_answers_in_text_or_calls(client):
+    for seed in range(4):
+        choice = client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER, TIME], temperature=1.0,
+                                                seed=seed, max_tokens=600).choices[0]
+        if choice.finish_reason == "tool_calls":
+            assert choice.message.tool_calls and all(fits(c) for c in choice.message.tool_calls)
+        else:
+            assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
+
+
+def test_a_conversation_with_earlier_calls_and_results(client, llm):
+    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                          "arguments": '{"city": "Rome", "unit": "C"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21 C, clear"}]
+    got = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], max_tokens=600,
+                                         temperature=0)
+    assert got.choices[0].finish_reason in ("tool_calls", "stop", "length")
+    req = ChatCompletionRequest.model_validate({"messages": messages, "tools": [WEATHER]})
+    text = llm.tokenizer.decode(chat_prompt_ids(llm.tokenizer, req.messages, tools_prompt=system_prompt(req)))
+    assert '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Rome", "unit": "C"}}]}' in text
+    assert "21 C, clear" in text and text.index("get_weather") < text.index("weather?")  # the tools come first
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
+    ({"tool_choice": "required"}, "has no tools"),
+    ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "not both"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+    ({"messages": [{"role": "tool", "tool_call_id": "1"}]}, "needs content"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "only assistant"),
+    ({"messages": [{"role": "function", "name": "f", "content": "x"}]}, "use tools"),
+    ({"tools": [WEATHER], "tool_choice": "auto", "functions": [{"name": "f"}]}, "functions"),
+])
+def test_bad_tool_requests_get_a_400(http, llm, body, message):
+    response = http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                         json={"messages": USER, "max_tokens": 4, **body})
+    assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
