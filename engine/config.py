@@ -21,7 +21,7 @@ class StructuredOutput:
     """A constraint on every token a request samples (engine.structured), as vLLM's structured outputs: exactly one
     of a JSON schema (a dict, or its JSON text), any JSON object, a regular expression the whole output matches,
     a choice among strings, or a grammar: Lark (llguidance's dialect, with a `start:` rule) or llama.cpp's GBNF
-(`root ::= ...`)."""
+    (`root ::= ...`)."""
 
     json: dict | str | None = None
     json_object: bool = False
