@@ -340,7 +340,9 @@ class ChatCompletionRequest(SamplingRequest):
     # tools (server.tools): the answer is either text or calls of these functions
     tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
-    parallel_tool_calls: bool = True  # False: at most one call per answer
+    # True: several calls in an answer. OpenAI's default is True; llama.cpp's server's, and ours, False: small models
+    # given the choice repeat a call until max_tokens
+    parallel_tool_calls: bool = False
     # not served: any value but null (or an empty list, or "none") is an error that names the field
     functions: Any = None
     function_call: Any = None

@@ -2,9 +2,10 @@
 has no tool syntax of its own: a system message describes the functions, and the answer is constrained (the
 engine's structured outputs) to one JSON object, {"tool_calls": [{"name": ..., "arguments": {...}}, ...]} to call
 functions, or {"response": "..."} to answer in text. tool_choice "required" or a named function leaves the calls
-only; parallel_tool_calls false, a single call. The answer is read back into OpenAI's `tool_calls` (finish_reason
-"tool_calls") or `content`. One format for every model: a model trained on a syntax of its own (Qwen's <tool_call>,
-Llama 3's) still calls validly, though not in the words it was trained on.
+only; several calls only with parallel_tool_calls true (as llama.cpp's server: one call by default). The answer
+is read back into OpenAI's `tool_calls` (finish_reason "tool_calls") or `content`. One format for every model: a
+model trained on a syntax of its own (Qwen's <tool_call>, Llama 3's) still calls validly, though not in the words it
+was trained on.
 
 Earlier turns take the same shape: an assistant's tool calls are shown to the model as the JSON object it would
 have written, and tool results are messages of role "tool" (templates that know no such role refuse them: a 400)."""
