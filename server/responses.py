@@ -24,7 +24,7 @@ from server.protocol import (
     Usage,
     random_id,
 )
-from server.tools import read_answer
+from server.tools import read_answer, response_text
 
 
 class Renderer(ABC):
@@ -120,12 +120,13 @@ class CompletionRenderer(Renderer):
 
 
 class ChatRenderer(Renderer):
-    """`tools`: the answers are server.tools' JSON objects, read into content or tool calls once whole (a stream
-    sends them in its last chunk)."""
+    """`tools`: the answers are server.tools' JSON objects, read into content or tool calls (a stream sends a
+    response's text as it grows, calls in its last chunk)."""
 
     def __init__(self, model: str, tokenizer, logprobs: int | None, token_ids: bool, tools: bool = False) -> None:
         super().__init__("chatcmpl", model, tokenizer, logprobs, token_ids)
         self.tools = tools
+        self.response_sent: dict[int, int] = {}  # tools: per streamed choice, the characters of its text sent
 
     def head(self, n: int, prompts: list[list[int]]) -> list[BaseModel]:
         (prompt_ids,) = prompts  # a chat is one prompt
@@ -135,10 +136,7 @@ class ChatRenderer(Renderer):
     def chunk(self, index: int, out: RequestOutput) -> BaseModel:
         delta, finish_reason = ChatDelta(content=out.new_text), out.finish_reason
         if self.tools:
-            message, finish_reason = self._message(out)
-            delta = ChatDelta(content=message.content, tool_calls=[
-                ToolCallDelta(index=k, **call.model_dump()) for k, call in enumerate(message.tool_calls)] or None) \
-                if out.finished else ChatDelta()
+            delta, finish_reason = self._tools_delta(index, out)
         return self._chunk([ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
                                             token_ids=self.ids(out.new_token_ids),
                                             logprobs=self._logprobs(out, out.new_token_ids))])
@@ -152,6 +150,18 @@ class ChatRenderer(Renderer):
                    for i, out in enumerate(finals) for message, finish_reason in [self._message(out)]]
         return ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage,
                                       prompt_token_ids=self.ids(finals[0].prompt_token_ids))
+
+    def _tools_delta(self, index: int, out: RequestOutput) -> tuple[ChatDelta, str | None]:
+        """What a streamed answer of server.tools' format adds: its response text as it grows, its calls whole."""
+        sent = self.response_sent.get(index, 0)
+        if not out.finished:
+            text = response_text(out.text) or ""
+            self.response_sent[index] = max(sent, len(text))
+            return ChatDelta(content=text[sent:] or None), None
+        message, finish_reason = self._message(out)
+        calls = [ToolCallDelta(index=k, **call.model_dump()) for k, call in enumerate(message.tool_calls)]
+        content = None if message.content is None else message.content[sent:]
+        return ChatDelta(content=content, tool_calls=calls or None), finish_reason
 
     def _message(self, out: RequestOutput) -> tuple[ChatResponseMessage, str | None]:
         """A finished answer's message and finish_reason ("tool_calls" where it calls tools)."""

@@ -3,7 +3,8 @@ has no tool syntax of its own: a system message describes the functions, and the
 engine's structured outputs) to one JSON object, {"tool_calls": [{"name": ..., "arguments": {...}}, ...]} to call
 functions, or {"response": "..."} to answer in text. tool_choice "required" or a named function leaves the calls
 only; several calls only with parallel_tool_calls true (as llama.cpp's server: one call by default). The answer
-is read back into OpenAI's `tool_calls` (finish_reason "tool_calls") or `content`. One format for every model: a
+is read back into OpenAI's `tool_calls` (finish_reason "tool_calls") or `content` (a stream sends the response's
+text as it grows, calls once whole). One format for every model: a
 model trained on a syntax of its own (Qwen's <tool_call>, Llama 3's) still calls validly, though not in the words it
 was trained on.
 
@@ -12,6 +13,7 @@ have written, and tool results are messages of role "tool" (templates that know 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 from engine import StructuredOutput
@@ -90,13 +92,37 @@ def calls_text(calls: list[ToolCall]) -> str:
                                       for c in calls]}, ensure_ascii=False)
 
 
+RESPONSE_START = re.compile(r'\{\s*"response"\s*:\s*"')
+
+
+def response_text(text: str) -> str | None:
+    """The text of a {"response": "..."} answer, whole or still growing (a stream sends it as it comes; an escape
+    not yet whole waits for the next token); None for an answer of calls."""
+    start = RESPONSE_START.match(text)
+    if start is None:
+        return None
+    body, i = text[start.end():], 0
+    while i < len(body) and body[i] != '"':  # the string ends at the first quote not escaped
+        i += 2 if body[i] == "\\" else 1
+    body = body[:i]
+    for end in range(len(body), max(len(body) - 6, 0) - 1, -1):  # "\u00e9" is the longest escape
+        try:
+            text = json.loads(f'"{body[:end]}"')
+        except json.JSONDecodeError:
+            continue
+        # the first half of a surrogate pair ("\ud83d") waits for its second
+        return text[:-1] if text and "\ud800" <= text[-1] <= "\udbff" else text
+    return ""
+
+
 def read_answer(text: str) -> tuple[str | None, list[ToolCall]]:
-    """An answer's (content, tool calls). An answer cut short (max_tokens) is no whole JSON: its text is the
-    content, as the model wrote it."""
+    """An answer's (content, tool calls). An answer cut short (max_tokens) is no whole JSON: its content is the
+    response text so far, or for calls, the text as the model wrote it."""
     try:
         answer = json.loads(text)
     except json.JSONDecodeError:
-        return text, []
+        partial = response_text(text)
+        return (text if partial is None else partial), []
     if "tool_calls" in answer:
         return None, [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(
             name=c["name"], arguments=json.dumps(c["arguments"], ensure_ascii=False))) for c in answer["tool_calls"]]

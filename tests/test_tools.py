@@ -14,7 +14,7 @@ from engine import LLM, SamplingParams
 from server.app import ServerConfig, create_app
 from server.prompts import chat_prompt_ids
 from server.protocol import ChatCompletionRequest
-from server.tools import output_format, read_answer, system_prompt
+from server.tools import output_format, read_answer, response_text, system_prompt
 
 from conftest import save_tiny_model
 
@@ -87,6 +87,30 @@ def test_reading_an_answer():
     assert json.loads(calls[0].function.arguments) == {"zone": "UTC"} and calls[0].id.startswith("call_")
     assert read_answer('{"response": "It is sunny."}') == ("It is sunny.", [])
     assert read_answer('{"tool_calls": [{"na') == ('{"tool_calls": [{"na', [])  # cut short by max_tokens
+
+
+@pytest.mark.parametrize("text, want", [
+    ('{"resp', None), ('{"tool_calls": [{"name": "f"', None), ('{\n  "response" :\n "', ""),
+    ('{"response": "Hel', "Hel"), ('{"response": "a\\', "a"), ('{"response": "a\\u00e', "a"),
+    ('{"response": "a\\u00e9b', "aéb"), ('{"response": "x\\"y"}', 'x"y'),
+    ('{"response": "a\\ud83d', "a"), ('{"response": "a\\ud83d\\ude00', "a\U0001F600"),
+])
+def test_the_text_of_a_growing_response(text, want):
+    assert response_text(text) == want
+
+
+def test_a_text_answer_streams_as_it_grows(client):
+    for seed in range(16):
+        args = dict(model=MODEL, messages=USER, tools=[WEATHER, TIME], temperature=1.0, seed=seed, max_tokens=120)
+        whole = client.chat.completions.create(**args).choices[0]
+        if whole.finish_reason != "tool_calls":
+            break
+    else:
+        pytest.fail("no seed answered in text")
+    chunks = list(client.chat.completions.create(**args, stream=True))
+    parts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(parts) == whole.message.content and len(parts) > 1
+    assert not any(c.choices[0].delta.tool_calls for c in chunks if c.choices)
 
 
 @pytest.mark.parametrize("parallel", [True, False])
