@@ -11,7 +11,7 @@ from itertools import chain
 import torch
 
 from engine.config import SamplingParams
-from engine.structured import Grammars
+from engine.structured import mask_
 from models.kernels.decode import DecodeKernels
 
 
@@ -143,7 +143,7 @@ class Sampler:
         constrained = raw
         if matchers is not None and any(m is not None for m in matchers):
             constrained = raw.clone()  # logprobs stay the model's own
-            Grammars.mask_(constrained, matchers)
+            mask_(constrained, matchers)
         penalized = [i for i, p in enumerate(params) if has_penalties(p)]
         counts = None
         if penalized:

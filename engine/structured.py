@@ -50,7 +50,7 @@ def grammar_text(spec: StructuredOutput) -> str:
 
 
 class Grammars:
-    """Compiles StructuredOutputs into matchers for one tokenizer, and masks logits rows with them. Invariant: a
+    """Compiles StructuredOutputs into matchers for one tokenizer (`mask_` applies them to logits rows). Invariant: a
     matcher has consumed exactly its request's output tokens."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int]) -> None:
@@ -74,19 +74,19 @@ class Grammars:
             raise ValueError(f"the structured output cannot be used: {matcher.get_error()}")
         return matcher
 
-    @staticmethod
-    def mask_(logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None]) -> None:
-        """Set to -inf, in place, the logits [rows, vocab] of every token row i's matcher (None: no constraint) does
-        not allow next. (llguidance.torch's own apply runs through torch.compile: seconds of compiling on the
-        first request, and a C++ toolchain.)"""
-        rows = [i for i, m in enumerate(matchers) if m is not None]
-        vocab = logits.shape[-1]
-        bitmask = torch.empty(len(rows), (vocab + 31) // 32, dtype=torch.int32)  # bit j of word w: token 32 w + j
-        for k, i in enumerate(rows):
-            llguidance.torch.fill_next_token_bitmask(matchers[i], bitmask, k)
-        bits = (bitmask.to(logits.device)[:, :, None] >> torch.arange(32, dtype=torch.int32, device=logits.device)) & 1
-        index = torch.tensor(rows, device=logits.device)
-        logits[index] = logits[index].masked_fill(bits.view(len(rows), -1)[:, :vocab] == 0, float("-inf"))
+
+def mask_(logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None]) -> None:
+    """Set to -inf, in place, the logits [rows, vocab] of every token row i's matcher (None: no constraint) does not
+    allow next. (llguidance.torch's own apply runs through torch.compile: seconds of compiling on the first request,
+    and a C++ toolchain.)"""
+    rows = [i for i, m in enumerate(matchers) if m is not None]
+    vocab = logits.shape[-1]
+    bitmask = torch.empty(len(rows), (vocab + 31) // 32, dtype=torch.int32)  # bit j of word w: token 32 w + j
+    for k, i in enumerate(rows):
+        llguidance.torch.fill_next_token_bitmask(matchers[i], bitmask, k)
+    bits = (bitmask.to(logits.device)[:, :, None] >> torch.arange(32, dtype=torch.int32, device=logits.device)) & 1
+    index = torch.tensor(rows, device=logits.device)
+    logits[index] = logits[index].masked_fill(bits.view(len(rows), -1)[:, :vocab] == 0, float("-inf"))
 
 
 def advance(matcher: llguidance.LLMatcher, token_id: int) -> bool:

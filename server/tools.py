@@ -4,9 +4,8 @@ engine's structured outputs) to one JSON object, {"tool_calls": [{"name": ..., "
 functions, or {"response": "..."} to answer in text. tool_choice "required" or a named function leaves the calls
 only; several calls only with parallel_tool_calls true (as llama.cpp's server: one call by default). The answer
 is read back into OpenAI's `tool_calls` (finish_reason "tool_calls") or `content` (a stream sends the response's
-text as it grows, calls once whole). One format for every model: a
-model trained on a syntax of its own (Qwen's <tool_call>, Llama 3's) still calls validly, though not in the words it
-was trained on.
+text as it grows, calls once whole). One format for every model: a model trained on a syntax of its own (Qwen's
+<tool_call>, Llama 3's) still calls validly, though not in the words it was trained on.
 
 Earlier turns take the same shape: an assistant's tool calls are shown to the model as the JSON object it would
 have written, and tool results are messages of role "tool" (templates that know no such role refuse them: a 400)."""
