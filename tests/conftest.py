@@ -2,8 +2,10 @@
 of our engine's logits."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # trees re-timed for this machine (engine.medusa.tree.machine_tree_file) by a user's runs must not reach tests
 os.environ["GORGON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gorgon-tests-")
+atexit.register(shutil.rmtree, os.environ["GORGON_CACHE_DIR"], ignore_errors=True)
 
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
