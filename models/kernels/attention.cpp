@@ -196,11 +196,12 @@ struct Scratch {
   std::vector<float> keys, values;  // [tile keys][padded_dim]: one key tile in fp32
   std::vector<float> scores_t;    // [tile keys][rows]: scores, then probabilities, key-major
   std::vector<int> query_index;   // [rows] cache index of each row's query position
+  std::vector<int64_t> offsets;   // [tile keys + KEY_TILE]: where each key's K/V row starts (key_offsets)
   std::vector<float> tile_max, tile_sum, safe_max;  // [rows]
   explicit Scratch(const Problem& p)
       : q_t(p.padded_dim * p.rows), keys(p.max_tile_keys * p.padded_dim), values(p.max_tile_keys * p.padded_dim),
-        scores_t(p.max_tile_keys * p.rows), query_index(p.rows), tile_max(p.rows), tile_sum(p.rows),
-        safe_max(p.rows) {}
+        scores_t(p.max_tile_keys * p.rows), query_index(p.rows), offsets(p.max_tile_keys + KEY_TILE),
+        tile_max(p.rows), tile_sum(p.rows), safe_max(p.rows) {}
 };
 
 // May the query at cache index qi see the key at cache index kj?
@@ -241,11 +242,16 @@ inline std::pair<int, int> unit_keys(const Problem& p, const QueryTile& tile, in
           std::min({first_index_at(p, tile, (split + 1) * KEYS_PER_SPLIT), tile.context_len, last_query + 1})};
 }
 
-// Where the key (or value) at cache index `index` of kv_head starts in a cache
-inline int64_t key_offset(const Problem& p, const int* block_table, int index, int kv_head) {
+// Where the keys (or values) at cache indices [first, first + count) of kv_head start in a cache, walked block by
+// block rather than divided out per key (the block size is known only at run time)
+inline void key_offsets(const Problem& p, const int* block_table, int first, int count, int kv_head, int64_t* out) {
   const int64_t token_stride = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
-  return block_table[index / p.block_size] * p.block_size * token_stride + (index % p.block_size) * token_stride +
-         static_cast<int64_t>(kv_head) * p.head_dim;
+  int block = first / p.block_size, slot = first % p.block_size;
+  for (int j = 0; j < count; ++j) {
+    out[j] = (static_cast<int64_t>(block_table[block]) * p.block_size + slot) * token_stride +
+             static_cast<int64_t>(kv_head) * p.head_dim;
+    if (++slot == p.block_size) slot = 0, ++block;
+  }
 }
 
 // A unit's R rows before any key: running max -inf, running sum 0, output 0
@@ -280,8 +286,9 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
   for (int k0 = key_begin, k1; k0 < key_end; k0 = k1) {
     k1 = std::min(key_tile_end(p, tile, k0), key_end);
     const int num_keys = k1 - k0, width = round_up(num_keys, TILE_COLS);  // (padding keys are masked)
+    key_offsets(p, block_table, k0, num_keys, kv_head, s.offsets.data());
     for (int j = 0; j < num_keys; ++j) {
-      const int64_t offset = key_offset(p, block_table, k0 + j, kv_head);
+      const int64_t offset = s.offsets[j];
       float* k_dst = s.keys.data() + j * Dp;
       float* v_dst = s.values.data() + j * Dp;
 #pragma omp simd
@@ -363,9 +370,22 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
   for (int k0 = key_begin, k1; k0 < key_end; k0 = k1) {
     k1 = std::min(key_tile_end(p, tile, k0), key_end);
     const int num_keys = k1 - k0, width = round_up(num_keys, TILE_COLS);
-    auto offset_of = [&](int index) { return key_offset(p, block_table, index, kv_head); };
+    // the next tile's K/V rows are asked into L2 while this one is worked on: a decode unit does little arithmetic
+    // per key, and its rows (one head's share of each token's) are scattered, so it waited on memory at a quarter of
+    // the bandwidth (1 thread, 600 keys: 15-30% less time; a hint into L1 gained nothing)
+    const int64_t* offsets = s.offsets.data();
+    const int ahead = std::min(key_end - k1, KEY_TILE);
+    key_offsets(p, block_table, k0, num_keys + ahead, kv_head, s.offsets.data());
+    for (int j = num_keys; j < num_keys + ahead; ++j) {
+      const char* k_row = reinterpret_cast<const char*>(k_cache + offsets[j]);
+      const char* v_row = reinterpret_cast<const char*>(v_cache + offsets[j]);
+      for (int b = 0; b < D * static_cast<int>(sizeof(scalar_t)); b += 64) {
+        __builtin_prefetch(k_row + b, 0, 2);
+        __builtin_prefetch(v_row + b, 0, 2);
+      }
+    }
     for (int j = 0; j < num_keys; ++j) {
-      const scalar_t* v_src = v_cache + offset_of(k0 + j);
+      const scalar_t* v_src = v_cache + offsets[j];
       float* v_dst = s.values.data() + j * Dp;
 #pragma omp simd
       for (int d = 0; d < D; ++d) v_dst[d] = static_cast<float>(v_src[d]);
@@ -374,7 +394,7 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
 #ifdef __AVX512F__
     for (; j0 + 16 <= num_keys; j0 += 16) {
       const scalar_t* k_src[16];
-      for (int t = 0; t < 16; ++t) k_src[t] = k_cache + offset_of(k0 + j0 + t);
+      for (int t = 0; t < 16; ++t) k_src[t] = k_cache + offsets[j0 + t];
       int d0 = 0;
       for (; d0 + 16 <= D; d0 += 16) {
         f32x16 r[16];
@@ -387,7 +407,7 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
     }
 #endif
     for (int j = j0; j < num_keys; ++j) {
-      const scalar_t* k_src = k_cache + offset_of(k0 + j);
+      const scalar_t* k_src = k_cache + offsets[j];
       for (int d = 0; d < D; ++d) keys_t[d * width + j] = static_cast<float>(k_src[d]);
     }
     for (int d = 0; d < D; ++d) std::fill(keys_t + d * width + num_keys, keys_t + (d + 1) * width, 0.0f);
