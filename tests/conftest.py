@@ -18,7 +18,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # trees re-timed for this machine (engine.medusa.tree.machine_tree_file) by a user's runs must not reach tests
 os.environ["GORGON_CACHE_DIR"] = tempfile.mkdtemp(prefix="gorgon-tests-")
-atexit.register(shutil.rmtree, os.environ["GORGON_CACHE_DIR"], ignore_errors=True)
 
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
@@ -26,6 +25,8 @@ from bench.common import byte_tokenizer
 from engine import LLM, SamplingParams
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+
+atexit.register(shutil.rmtree, os.environ["GORGON_CACHE_DIR"], ignore_errors=True)
 
 VOCAB = 256
 
