@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -56,6 +57,12 @@ def build(name: str, source: str, python_module: bool) -> ModuleType | None:
         if not any(build_dir.glob("*.so")):
             print(f"gorgon: compiling the {source} CPU kernels for this machine, once (about 30-60 s) ...",
                   file=sys.stderr, flush=True)
-        return load(name=name, sources=[str(folder / source)], build_directory=str(build_dir),
+        # compiled from a copy inside the build folder (named by its contents, so copied once: a newer copy would
+        # be rebuilt): ninja rebuilds when a source's path changes, so two checkouts of the same sources (a clean
+        # clone beside a working tree) each rebuilt the other's binary, 1.5-2 min a load
+        for file in [folder / source, *folder.glob("*.h")]:
+            if not (build_dir / file.name).exists():
+                shutil.copyfile(file, build_dir / file.name)
+        return load(name=name, sources=[str(build_dir / source)], build_directory=str(build_dir),
                     is_python_module=python_module, extra_cflags=cflags,
                     extra_ldflags=["-fopenmp"], verbose=False)
