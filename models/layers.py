@@ -36,6 +36,14 @@ class RotaryEmbedding(nn.Module):
         self.rope = rope
         self.max_position_embeddings = max_position_embeddings
         self.attention_scaling = 1.0
+        # on the CPU even while models.loader builds a model on the meta device, where torch computes arithmetic in
+        # Python behind a guard that imports its compiler (1.4 s of every start); the loader rebuilds it on the device
+        with torch.device("cpu"):
+            inv_freq = self._frequencies()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _frequencies(self) -> torch.Tensor:
+        rope, head_dim = self.rope, self.head_dim
         inv_freq = self._base_inv_freq(rope.theta)
         if rope.rope_type == "linear":
             inv_freq = inv_freq / rope.factor
@@ -49,7 +57,7 @@ class RotaryEmbedding(nn.Module):
                 raise ValueError(f"{len(factors)} RoPE frequency factors for a head dimension of {head_dim} "
                                  f"(expected {len(inv_freq)})")
             inv_freq = inv_freq / factors
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        return inv_freq
 
     def _base_inv_freq(self, theta: float | torch.Tensor) -> torch.Tensor:
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim

@@ -138,7 +138,10 @@ def kernel_parts(linear: nn.Module) -> tuple[list[torch.Tensor], list[int]]:
 class Backbone(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # no default N(0, 1) init (weights come from a checkpoint, or training's init_weights): on the meta device
+        # (models.loader) torch runs it in Python behind a guard that imports torch's compiler, 1.4 s of every start
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope, config.max_position_embeddings)
