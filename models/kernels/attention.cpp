@@ -8,7 +8,7 @@
 // the splits' partial results combined at the end (flash-decoding), so that a long context's decode
 // fills the cores. The split points are fixed, whatever the batch, and so is every row's arithmetic:
 // a row's result is bitwise the same in any batch, in a prefill, a decode step or a Medusa tree.
-// K/V of any float type is packed to fp32 tiles; all arithmetic is fp32.
+// K/V of the cache's float type (q's, or bf16/fp16 under an fp32 q) is packed to fp32 tiles; all arithmetic is fp32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -34,7 +34,6 @@ constexpr int KEYS_PER_SPLIT = 512;  // a multiple of KEY_TILE
 constexpr int64_t MIN_PARALLEL_WORK = int64_t{1} << 22;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-typedef float f32x16 __attribute__((vector_size(64)));
 // The GEMM's vector: 16 lanes on AVX-512, else 8 (GCC lowers 16-lane generic vectors on AVX2 through memory)
 #ifdef __AVX512F__
 typedef f32x16 Vec;
@@ -51,23 +50,16 @@ inline Vec load_vec(const float* p) {
 
 inline void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 
-inline f32x16 load16(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-template <typename scalar_t>
-inline f32x16 load16_float(const scalar_t* p) {  // 16 values of any float type, as fp32
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return load16(p);
-  } else {
-    f32x16 v;
-    for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
-    return v;
-  }
+// dst[0, n) = src[0, n) as fp32 (a K or V row of the cache into a tile)
+template <typename cache_t>
+inline void widen_row(const cache_t* src, float* dst, int n) {
+  int d = 0;
+  if constexpr (!std::is_same_v<cache_t, float>)  // fp16 through F16C: its scalar conversion does not vectorise
+    for (; d + 16 <= n; d += 16) store16(dst + d, load16(src + d));
+#pragma omp simd
+  for (int e = d; e < n; ++e) dst[e] = static_cast<float>(src[e]);
 }
 
 // Rows i and i + S of a transpose in progress: swap their off-diagonal blocks of S lanes (LOW/HIGH: the lanes
@@ -266,9 +258,9 @@ inline int unit_rows(const Problem& p, const QueryTile& tile) { return round_up(
 // One unit: the rows of one query tile x one kv head's query heads, against one split of the keys.
 // Rows are (position, head within the group), padded to TILE_COLS with zero queries at the last position.
 // Scores are kept key-major (S^T = K Q^T) so that the per-row softmax statistics are vector ops.
-template <typename scalar_t>
-void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, const scalar_t* q,
-              const scalar_t* k_cache, const scalar_t* v_cache, const int* block_table, Scratch& s,
+template <typename q_t, typename cache_t>
+void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, const q_t* q,
+              const cache_t* k_cache, const cache_t* v_cache, const int* block_table, Scratch& s,
               float* row_max, float* row_sum, float* acc) {
   const int D = p.head_dim, Dp = p.padded_dim, R = unit_rows(p, tile);
   const int real_rows = tile.num_positions * p.group;
@@ -276,7 +268,7 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
   for (int r = 0; r < R; ++r) s.query_index[r] = tile.first_index + std::min(r, real_rows - 1) / p.group;
   for (int r = 0; r < real_rows; ++r) {
     const int head = kv_head * p.group + r % p.group;
-    const scalar_t* src = q + (static_cast<int64_t>(r / p.group) * p.num_heads + head) * D;
+    const q_t* src = q + (static_cast<int64_t>(r / p.group) * p.num_heads + head) * D;
     for (int d = 0; d < D; ++d) s.q_t[d * R + r] = static_cast<float>(src[d]) * p.scale;
   }
   start_rows(row_max, row_sum, acc, R, Dp);
@@ -288,14 +280,8 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
     const int num_keys = k1 - k0, width = round_up(num_keys, TILE_COLS);  // (padding keys are masked)
     key_offsets(p, block_table, k0, num_keys, kv_head, s.offsets.data());
     for (int j = 0; j < num_keys; ++j) {
-      const int64_t offset = s.offsets[j];
-      float* k_dst = s.keys.data() + j * Dp;
-      float* v_dst = s.values.data() + j * Dp;
-#pragma omp simd
-      for (int d = 0; d < D; ++d) {
-        k_dst[d] = static_cast<float>(k_cache[offset + d]);
-        v_dst[d] = static_cast<float>(v_cache[offset + d]);
-      }
+      widen_row(k_cache + s.offsets[j], s.keys.data() + j * Dp, D);
+      widen_row(v_cache + s.offsets[j], s.values.data() + j * Dp, D);
     }
     // padding keys must not leak into the sums
     std::fill(s.keys.begin() + num_keys * Dp, s.keys.begin() + width * Dp, 0.0f);
@@ -348,9 +334,9 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
 // run_unit's padding to 16 rows: scores are row-major (S = Q K^T, vectorised over keys) and the keys are
 // packed transposed. Every number is computed as in run_unit, in the same order (gemm_tiles; the row sums
 // run over keys one by one), so a row's result is bitwise the same on either path.
-template <typename scalar_t>
-void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int split, const scalar_t* q,
-                       const scalar_t* k_cache, const scalar_t* v_cache, const int* block_table, Scratch& s,
+template <typename q_t, typename cache_t>
+void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int split, const q_t* q,
+                       const cache_t* k_cache, const cache_t* v_cache, const int* block_table, Scratch& s,
                        float* row_max, float* row_sum, float* acc) {
   const int D = p.head_dim, Dp = p.padded_dim, R = tile.num_positions * p.group;
   float* q_rows = s.q_t.data();        // [R][Dp]
@@ -360,7 +346,7 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
   for (int r = 0; r < R; ++r) {
     s.query_index[r] = tile.first_index + r / p.group;
     const int head = kv_head * p.group + r % p.group;
-    const scalar_t* src = q + (static_cast<int64_t>(r / p.group) * p.num_heads + head) * D;
+    const q_t* src = q + (static_cast<int64_t>(r / p.group) * p.num_heads + head) * D;
     for (int d = 0; d < D; ++d) q_rows[r * Dp + d] = static_cast<float>(src[d]) * p.scale;
   }
   start_rows(row_max, row_sum, acc, R, Dp);
@@ -379,26 +365,21 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
     for (int j = num_keys; j < num_keys + ahead; ++j) {
       const char* k_row = reinterpret_cast<const char*>(k_cache + offsets[j]);
       const char* v_row = reinterpret_cast<const char*>(v_cache + offsets[j]);
-      for (int b = 0; b < D * static_cast<int>(sizeof(scalar_t)); b += 64) {
+      for (int b = 0; b < D * static_cast<int>(sizeof(cache_t)); b += 64) {
         __builtin_prefetch(k_row + b, 0, 2);
         __builtin_prefetch(v_row + b, 0, 2);
       }
     }
-    for (int j = 0; j < num_keys; ++j) {
-      const scalar_t* v_src = v_cache + offsets[j];
-      float* v_dst = s.values.data() + j * Dp;
-#pragma omp simd
-      for (int d = 0; d < D; ++d) v_dst[d] = static_cast<float>(v_src[d]);
-    }
+    for (int j = 0; j < num_keys; ++j) widen_row(v_cache + offsets[j], s.values.data() + j * Dp, D);
     int j0 = 0;  // keys transposed 16 x 16 dims at a time in registers (AVX-512), the rest one by one
 #ifdef __AVX512F__
     for (; j0 + 16 <= num_keys; j0 += 16) {
-      const scalar_t* k_src[16];
+      const cache_t* k_src[16];
       for (int t = 0; t < 16; ++t) k_src[t] = k_cache + offsets[j0 + t];
       int d0 = 0;
       for (; d0 + 16 <= D; d0 += 16) {
         f32x16 r[16];
-        for (int t = 0; t < 16; ++t) r[t] = load16_float(k_src[t] + d0);
+        for (int t = 0; t < 16; ++t) r[t] = load16(k_src[t] + d0);
         transpose16(r);
         for (int t = 0; t < 16; ++t) store16(keys_t + (d0 + t) * width + j0, r[t]);
       }
@@ -407,7 +388,7 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
     }
 #endif
     for (int j = j0; j < num_keys; ++j) {
-      const scalar_t* k_src = k_cache + offsets[j];
+      const cache_t* k_src = k_cache + offsets[j];
       for (int d = 0; d < D; ++d) keys_t[d * width + j] = static_cast<float>(k_src[d]);
     }
     for (int d = 0; d < D; ++d) std::fill(keys_t + d * width + num_keys, keys_t + (d + 1) * width, 0.0f);
@@ -482,7 +463,7 @@ struct Partials {
 // another in one task and combines them from the thread's own partials, so that memory stays per thread;
 // one of a few rows (decode) gets an item per split, the splits running in parallel (flash-decoding) into
 // shared partials that are combined once all are done. Each row's arithmetic is the same either way.
-template <typename scalar_t>
+template <typename q_t, typename cache_t>
 void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& block_tables, const std::vector<QueryTile>& tiles, const Problem& p,
                           at::Tensor& out) {
@@ -504,10 +485,10 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   }
   Partials shared;
   shared.resize(p, static_cast<int>(shared_units));
-  const scalar_t* q_data = q.data_ptr<scalar_t>();
-  const scalar_t* k_data = k_cache.data_ptr<scalar_t>();
-  const scalar_t* v_data = v_cache.data_ptr<scalar_t>();
-  scalar_t* out_data = out.data_ptr<scalar_t>();
+  const q_t* q_data = q.data_ptr<q_t>();
+  const cache_t* k_data = k_cache.data_ptr<cache_t>();
+  const cache_t* v_data = v_cache.data_ptr<cache_t>();
+  q_t* out_data = out.data_ptr<q_t>();
   const int* tables = block_tables.data_ptr<int>();
   const int64_t row_stride = static_cast<int64_t>(p.num_heads) * p.head_dim;
 
@@ -523,7 +504,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
       const auto [t, kv_head, split] = items[i];
       const QueryTile& tile = tiles[t];
       const auto run = [&](int s, Partials& parts, int64_t unit) {
-        const auto unit_fn = tile.num_positions * p.group <= TILE_ROWS ? run_unit_few_rows<scalar_t> : run_unit<scalar_t>;
+        const auto unit_fn = tile.num_positions * p.group <= TILE_ROWS ? run_unit_few_rows<q_t, cache_t> : run_unit<q_t, cache_t>;
         unit_fn(p, tile, kv_head, s, q_data + tile.first_token * row_stride, k_data, v_data,
                 tables + static_cast<int64_t>(tile.seq) * p.max_blocks, scratch, parts.max_at(p, unit),
                 parts.sum_at(p, unit), parts.acc_at(p, unit));
@@ -578,16 +559,16 @@ std::vector<int> to_vector(const at::Tensor& t) {
 
 }  // namespace
 
-// Write the new tokens' K/V (k, v [num_tokens, num_kv_heads, head_dim]) into their cache slots.
+// Write the new tokens' K/V (k, v [num_tokens, num_kv_heads, head_dim]) into their cache slots, in the cache's dtype.
 void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
               const at::Tensor& slot_mapping) {
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == slot_mapping.numel() && k.size(1) == k_cache.size(2) &&
-                  k.size(2) == k_cache.size(3) && k.scalar_type() == k_cache.scalar_type() &&
-                  v.scalar_type() == v_cache.scalar_type(),
+                  k.size(2) == k_cache.size(3),
               "paged_attention: the new k/v do not fit the cache");
-  const at::Tensor kc = k.contiguous(), vc = v.contiguous(), slots = as_type(slot_mapping, at::kLong).contiguous();
+  const at::Tensor kc = as_type(k, k_cache.scalar_type()).contiguous(), vc = as_type(v, k_cache.scalar_type()).contiguous();
+  const at::Tensor slots = as_type(slot_mapping, at::kLong).contiguous();
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
-  const int64_t row_bytes = k.size(1) * k.size(2) * k.element_size();
+  const int64_t row_bytes = kc.size(1) * kc.size(2) * kc.element_size();
   const int64_t* slot = slots.data_ptr<int64_t>();
   auto* k_dst = static_cast<char*>(k_cache.data_ptr());
   auto* v_dst = static_cast<char*>(v_cache.data_ptr());
@@ -610,8 +591,9 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
                            const std::optional<at::Tensor>& tree_mask, double scale) {
   TORCH_CHECK(q_in.device().is_cpu() && k_cache.device().is_cpu(), "paged_attention: the cpu backend needs CPU tensors");
   TORCH_CHECK(q_in.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(), "paged_attention: bad shapes");
-  TORCH_CHECK(q_in.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(),
-              "paged_attention: q and the caches must share a dtype");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() &&
+                  (q_in.scalar_type() == k_cache.scalar_type() || q_in.scalar_type() == at::kFloat),
+              "paged_attention: the caches must share q's dtype, or hold bf16/fp16 for an fp32 q");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_attention: the caches must be contiguous");
   store_kv(k, v, k_cache, v_cache, slot_mapping);
   const at::Tensor q = q_in.contiguous();
@@ -657,11 +639,16 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
 
   at::Tensor out = at::empty_like(q);
   if (tiles.empty()) return out;
-  switch (q.scalar_type()) {
-    case at::kFloat: paged_attention_impl<float>(q, k_cache, v_cache, tables, tiles, p, out); break;
-    case at::kBFloat16: paged_attention_impl<at::BFloat16>(q, k_cache, v_cache, tables, tiles, p, out); break;
-    case at::kHalf: paged_attention_impl<at::Half>(q, k_cache, v_cache, tables, tiles, p, out); break;
-    default: TORCH_CHECK(false, "paged_attention: unsupported dtype ", q.scalar_type());
+  const auto impl = [&](auto q_type, auto cache_type) {
+    paged_attention_impl<decltype(q_type), decltype(cache_type)>(q, k_cache, v_cache, tables, tiles, p, out);
+  };
+  switch (k_cache.scalar_type()) {  // q of the cache's type, or fp32 (an fp32 model over a 16-bit cache)
+    case at::kFloat: impl(float{}, float{}); break;
+    case at::kBFloat16:
+      q.scalar_type() == at::kFloat ? impl(float{}, at::BFloat16{}) : impl(at::BFloat16{}, at::BFloat16{});
+      break;
+    case at::kHalf: q.scalar_type() == at::kFloat ? impl(float{}, at::Half{}) : impl(at::Half{}, at::Half{}); break;
+    default: TORCH_CHECK(false, "paged_attention: unsupported dtype ", k_cache.scalar_type());
   }
   return out;
 }

@@ -1,11 +1,57 @@
-// Elementwise math that `omp simd` vectorises, shared by the CPU kernels (libm's calls are not vectorised
-// without -ffast-math). Each result depends on its own input alone, so a row's values never depend on the batch.
+// Elementwise math that `omp simd` vectorises, and 16 values of any float type as fp32, shared by the CPU kernels
+// (libm's calls are not vectorised without -ffast-math). Each result depends on its own input alone, so a row's
+// values never depend on the batch.
 #pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline f32x16 load16(const at::BFloat16* p) {  // bf16 is the top half of an fp32
+#ifdef __AVX512F__  // (GCC's generic vectors load and widen in many more instructions: half the speed)
+  const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  return reinterpret_cast<f32x16>(_mm512_castsi512_ps(bits));
+#else
+  u16x16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
+  f32x16 v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+#endif
+}
+
+inline f32x16 load16(const at::Half* p) {
+#ifdef __AVX512F__
+  return reinterpret_cast<f32x16>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__F16C__)
+  const __m128i* h = reinterpret_cast<const __m128i*>(p);
+  f32x16 v;
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(h)), hi = _mm256_cvtph_ps(_mm_loadu_si128(h + 1));
+  std::memcpy(&v, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+  return v;
+#else
+  f32x16 v;
+  for (int i = 0; i < 16; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+#endif
+}
 
 // exp(x) for x <= 0 (and -inf), written so that `omp simd` vectorises it: 2^x = 2^n * 2^f with
 // |f| <= 1/2, 2^f by its Taylor series to degree 7 (relative error < 1e-8 before rounding).
