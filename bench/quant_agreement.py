@@ -1,5 +1,6 @@
-"""How often gorgon's quantized decode kernels (int8 activations per block) pick the same greedy tokens as
-the exact path over the same weights (dequantized tiles, fp32): a few chat prompts, token by token.
+"""How often gorgon's quantized decode kernels (int8 activations per block), over its default KV cache (fp16 for
+quantized weights), pick the same greedy tokens as the exact path over the same weights (dequantized tiles, fp32,
+an fp32 cache): a few chat prompts, token by token.
 
     python -m bench.quant_agreement --model SmolLM2-135M-Instruct.Q4_1.gguf --out out/agreement.json
 
@@ -25,13 +26,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                         help="default: the engine's (on: prefill takes int8 activations too, as decode does)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="the kernels' side's cache (the exact side: float32)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     outputs = []
     for cpu_kernels in (True, False):
+        cache = args.kv_cache_dtype if cpu_kernels else "float32"
         llm = LLM(args.model, quantization=args.quantization, cpu_kernels=cpu_kernels, enable_prefix_caching=False,
-                  batch_invariant=args.batch_invariant)
+                  batch_invariant=args.batch_invariant, kv_cache_dtype=cache)
         chats = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                    tokenize=False) for p in PROMPTS]
         # one request at a time: the exact path's batch would otherwise change with the kernels' row limit
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{sum(p == args.new_tokens for p in prefixes)}/{len(PROMPTS)} requests agree throughout; "
           f"common prefixes {prefixes}")
     write_json(args.out, {"benchmark": "quant_agreement", "model": args.model, "quantization": args.quantization,
+                          "kv_cache_dtype": args.kv_cache_dtype,
                           "new_tokens": args.new_tokens, "prompts": PROMPTS, "common_prefix": prefixes,
                           "summary": {"agreeing_tokens": sum(prefixes), "tokens": total,
                                       "requests_agreeing_throughout": sum(p == args.new_tokens for p in prefixes)}})

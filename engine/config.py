@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from models.loader import default_dtype
+from models.loader import default_dtype, default_kv_cache_dtype
 from models.named import resolve_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,6 +104,11 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # default: sized from kv_cache_memory
     kv_cache_memory: int = 1 << 30  # bytes for the KV pool when num_kv_blocks is not given
+    # the KV cache's dtype; "auto" (models.loader.default_kv_cache_dtype): the activations', but fp16 for GGUF files
+    # and quantized weights, as llama.cpp. An fp32 model may keep its K/V in "bfloat16" or "float16", which halves
+    # the cache's bytes: twice the blocks, and long-context attention, bound by reading them, faster. Attention still
+    # computes in fp32.
+    kv_cache_dtype: str = "auto"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # per-step token budget; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # default: the model's own limit
@@ -146,6 +151,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in _DTYPES:
+            raise ValueError(f"kv_cache_dtype must be 'auto' or one of {list(_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_adapters", "max_lora_rank",
@@ -163,12 +170,28 @@ class EngineConfig:
 
     def resolve_model(self) -> Path:
         """The model's path (a name per models.named, a path, or None: the default model); settles dtype's
-        default for that checkpoint (models.loader.default_dtype) when none was asked for."""
+        default for that checkpoint (models.loader.default_dtype) when none was asked for, then kv_cache_dtype's
+        (default_kv_cache_dtype), and checks that the KV cache can take it beside the activations."""
         path = resolve_model(self.model)
         if self.dtype is None:
             self.dtype = default_dtype(path, self.device)
+        if self.kv_cache_dtype == "auto":
+            self.kv_cache_dtype = default_kv_cache_dtype(path, self.dtype, self.quantization)
+        self._check_kv_cache_dtype()
         return path
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
+
+    @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.kv_cache_dtype]
+
+    def _check_kv_cache_dtype(self) -> None:
+        """The cache holds the activations' dtype, or a 16-bit one under fp32 activations."""
+        if self.kv_cache_dtype == self.dtype:
+            return
+        if self.dtype != "float32" or self.kv_cache_dtype == "float32":
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} needs float32 activations and a 16-bit cache; "
+                             f"the model runs in {self.dtype} (use 'auto': the cache then holds {self.dtype})")

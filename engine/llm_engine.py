@@ -88,10 +88,11 @@ class LLM:
         self.eos_token_ids = self._eos_token_ids(path, model_config.eos_token_ids)
         self.max_model_len = min(self.config.max_model_len or model_config.max_model_len, model_config.max_model_len)
 
+        kv_dtype = self.config.kv_cache_torch_dtype
         # kv_cache_memory is each rank's: a rank holds num_kv_heads / tp heads of every block
         bytes_per_block = KVCache.bytes_per_block(model_config.num_layers, self.config.block_size,
                                                   model_config.num_kv_heads // tp, model_config.head_dim,
-                                                  self.config.torch_dtype)
+                                                  kv_dtype)
         blocks_per_seq = -(-self.max_model_len // self.config.block_size)
         num_blocks = self.config.num_kv_blocks or min(self.config.kv_cache_memory // bytes_per_block,
                                                       self.config.max_num_seqs * blocks_per_seq)
@@ -107,7 +108,7 @@ class LLM:
                                           if heads else None)
         else:
             kv_cache = KVCache(model_config.num_layers, num_blocks, self.config.block_size, model_config.num_kv_heads,
-                               model_config.head_dim, self.config.torch_dtype, self.device)
+                               model_config.head_dim, kv_dtype, self.device)
             medusa_base = self.model
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.medusa = (Medusa.from_config(self.config, medusa_base, kv_cache, self.max_model_len, self.kernels)

@@ -66,6 +66,16 @@ def default_dtype(path: str | Path, device: str) -> str:
     return "bfloat16" if hf_config.get("dtype", hf_config.get("torch_dtype")) == "bfloat16" else "float32"
 
 
+def default_kv_cache_dtype(path: str | Path, dtype: str, quantization: str | None) -> str:
+    """The KV cache's dtype when none is asked for: the activations' (an exact model stays exact), except fp16
+    under fp32 activations for GGUF files and weights quantized at load, which run as llama.cpp runs them: its
+    cache is fp16, whose rounding (2^-11 relative) is far below quantized weights' own, and a decode step reads
+    half the bytes (SmolLM2, 1 thread: Q4_1 1.06x at batch 1, 1.15x at batch 32, 1.2-1.45x at a 1k context)."""
+    if dtype == "float32" and (quantization is not None or find_gguf(path) is not None):
+        return "float16"
+    return dtype
+
+
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
                quantization: str | None = None) -> torch.nn.Module:
     """The model at `path`: a .gguf file or a folder holding one, else an HF folder. `quantization` ("int8",

@@ -14,7 +14,13 @@ import uvicorn
 from engine import LLM, EngineConfig, own_medusa_heads
 from engine.parallel import run_worker_if_launched
 from server.app import ServerConfig, create_app
-from server.flags import add_batch_invariant_flag, add_medusa_flags, add_tensor_parallel_flag, medusa_options
+from server.flags import (
+    add_batch_invariant_flag,
+    add_dtype_flags,
+    add_medusa_flags,
+    add_tensor_parallel_flag,
+    medusa_options,
+)
 
 DEFAULT_MODEL_NAME = "gorgon-default"
 API_KEY_ENV = "GORGON_API_KEY"
@@ -92,8 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"require 'Authorization: Bearer KEY' on every route but /health and /metrics "
                              f"(default: ${API_KEY_ENV}, if set)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: bfloat16 on CUDA; on the CPU the checkpoint's own if bfloat16, else float32")
+    add_dtype_flags(parser)
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's); N tensor-parallel ranks on this host take 1/N each")
     add_tensor_parallel_flag(parser)
@@ -129,7 +134,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """EngineConfig fields from the flags; a flag left out keeps the engine's default."""
-    kwargs = {"device": args.device, "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
+    kwargs = {"device": args.device, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
+              "max_num_seqs": args.max_num_seqs,
               "max_model_len": args.max_model_len, "adapter_root": args.adapter_root,
               "enable_prefix_caching": not args.no_prefix_caching, "skip_tokenizer_init": args.skip_tokenizer_init,
               "batch_invariant": args.batch_invariant, "tensor_parallel_size": args.tensor_parallel_size}

@@ -27,6 +27,14 @@ def medusa_options(args: argparse.Namespace) -> dict:
     return {name: value for name, value in fields.items() if value is not None}
 
 
+def add_dtype_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on CUDA; on the CPU the checkpoint's own if bfloat16, else float32")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="the KV cache's dtype (default auto: the model's); a float32 model may keep its K/V in "
+                             "float16, as llama.cpp does: half the cache memory, faster long-context attention")
+
+
 def add_batch_invariant_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                         help="a request's tokens never depend on what else is batched with it; default: on where "

@@ -7,7 +7,13 @@ import sys
 
 from engine import LLM, EngineConfig, SamplingParams
 from engine.parallel import run_worker_if_launched
-from server.flags import add_batch_invariant_flag, add_medusa_flags, add_tensor_parallel_flag, medusa_options
+from server.flags import (
+    add_batch_invariant_flag,
+    add_dtype_flags,
+    add_medusa_flags,
+    add_tensor_parallel_flag,
+    medusa_options,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,8 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: bfloat16 on CUDA; on the CPU the checkpoint's own if bfloat16, else float32")
+    add_dtype_flags(parser)
     parser.add_argument("--medusa", default=None,
                         help="Medusa heads folder: speculate with them ('lookup': prompt-lookup drafts alone)")
     parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
@@ -43,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
-        engine_kwargs = dict(device=args.device, dtype=args.dtype, medusa=args.medusa, medusa_tree=args.medusa_tree,
+        engine_kwargs = dict(device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                             medusa=args.medusa, medusa_tree=args.medusa_tree,
                              quantization=args.quantization, tokenizer=args.tokenizer,
                              batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel_size,
                              **medusa_options(args))

@@ -101,6 +101,32 @@ def test_backend_matches_reference(name, case, block_size, dtype):
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)  # new K/V stored in their slots
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", ["reference", *BACKENDS])
+def test_fp32_queries_over_a_16bit_cache(name, case, cache_dtype):
+    """An fp32 model with kv_cache_dtype bf16/fp16: the new K/V are stored rounded, and attention computes in fp32
+    over the cache's values, exactly as over an fp32 cache that holds those rounded values (the cpu kernel: bitwise)."""
+    q, k, v, k_cache, v_cache, ctx = paged_inputs(*CASES[case][:5], 16, torch.float32, CASES[case][5])
+    rounded = [t.to(cache_dtype) for t in (k, v, k_cache, v_cache)]
+    backend = get_backend(name, "cpu")
+    expected, k_ref, v_ref = run_backend(backend, (q, *(t.float() for t in rounded), ctx))
+    out, k_cache, v_cache = run_backend(backend, (q, k, v, *rounded[2:], ctx))
+    assert out.dtype == torch.float32 and k_cache.dtype == cache_dtype
+    assert torch.equal(k_cache.float(), k_ref) and torch.equal(v_cache.float(), v_ref)
+    if name == "cpu":
+        assert torch.equal(out, expected)
+    else:
+        assert max_error(out, expected) <= TOLERANCE[torch.float32]
+
+
+@needs_cpu_kernel
+def test_the_cpu_kernel_refuses_a_cache_wider_than_its_queries():
+    q, k, v, k_cache, v_cache, ctx = paged_inputs([3], [9], 4, 2, 16, 16, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="bf16/fp16 for an fp32 q"):
+        get_backend("cpu", "cpu").forward(q, k, v, k_cache.float(), v_cache.float(), ctx, 0.3)
+
+
 @pytest.mark.parametrize("name", ["flash", pytest.param("cpu", marks=needs_cpu_kernel)])
 def test_long_context_decode_with_split_keys(name):
     """A long context's keys are split (flash-decoding; the cpu kernel: every 512 positions) and the parts

@@ -106,6 +106,45 @@ def test_preemption_under_a_tiny_kv_budget_completes_every_request(tiny_model_di
     assert llm.num_free_blocks == 16
 
 
+@pytest.mark.parametrize("cache_dtype", ["float16", "bfloat16"])
+def test_a_16bit_kv_cache_holds_twice_the_blocks_and_shifts_logprobs_by_its_rounding(tiny_model_dir, cache_dtype):
+    """kv_cache_dtype: an fp32 model keeps K/V in 16 bits. The same memory budget holds twice the blocks; prompt
+    logprobs move by about the rounding of K/V (fp16: 2^-11 relative, bf16: 2^-8); every backend decodes the same
+    greedy tokens over that cache."""
+    budget = 1 << 20
+    full = LLM(tiny_model_dir, dtype="float32", kv_cache_memory=budget, max_num_seqs=1024)
+    half = LLM(tiny_model_dir, dtype="float32", kv_cache_dtype=cache_dtype, kv_cache_memory=budget,
+               max_num_seqs=1024)
+    assert half.runner.kv_cache.pool.dtype == getattr(torch, cache_dtype)
+    assert half.block_manager.num_blocks == 2 * full.block_manager.num_blocks
+    prompt = list(range(3, 60))
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    exact, rounded = (llm.generate(prompt, params)[0].prompt_logprobs[1:] for llm in (full, half))
+    errors = [abs(a[0] - b[0]) for a, b in zip(exact, rounded)]
+    assert 0 < max(errors) <= {"float16": 3e-3, "bfloat16": 4e-2}[cache_dtype]  # (measured: 1.7e-3, 2.7e-2)
+    tokens = {name: generate_tokens(LLM(tiny_model_dir, dtype="float32", kv_cache_dtype=cache_dtype,
+                                        attention_backend=name, block_size=4, num_kv_blocks=256))
+              for name in available_backends("cpu")}
+    assert len({str(t) for t in tokens.values()}) == 1, tokens
+
+
+def test_the_kv_cache_dtype_by_default_and_its_limits(tiny_model_dir):
+    """auto: the activations' dtype, or fp16 (llama.cpp's cache) under quantized weights; a 16-bit cache needs fp32
+    activations."""
+    def cache_dtype(**kwargs) -> torch.dtype:
+        return LLM(tiny_model_dir, num_kv_blocks=8, **kwargs).runner.kv_cache.pool.dtype
+
+    assert cache_dtype(dtype="float32") == torch.float32
+    assert cache_dtype(dtype="bfloat16") == torch.bfloat16
+    assert cache_dtype(dtype="float32", quantization="int8") == torch.float16
+    assert cache_dtype(dtype="float32", quantization="int4", kv_cache_dtype="float32") == torch.float32
+    assert cache_dtype(dtype="bfloat16", quantization="int8") == torch.bfloat16
+    with pytest.raises(ValueError, match="needs float32 activations"):
+        LLM(tiny_model_dir, dtype="bfloat16", kv_cache_dtype="float16")
+    with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+        LLM(tiny_model_dir, kv_cache_dtype="fp8")
+
+
 def test_aborting_mid_generation_returns_every_block(tiny_model_dir):
     llm = LLM(tiny_model_dir, block_size=4, num_kv_blocks=32, max_num_batched_tokens=16)
     ids = [llm.add_request(p, GREEDY) for p in PROMPTS]

@@ -143,7 +143,8 @@ def test_qwen2_file_matches_transformers_gguf_loading(tmp_path):
         expected = oracle(tokens).logits
         assert (expected - model(tokens).logits).abs().max() <= 1e-4  # the oracle reads the file as written
     assert (our_logits(file, tokens) - expected).abs().max() <= 1e-4
-    llm = LLM(file)  # and the engine decodes it as transformers does
+    assert LLM(file, num_kv_blocks=8).runner.kv_cache.pool.dtype == torch.float16  # llama.cpp's cache, by default
+    llm = LLM(file, kv_cache_dtype="float32")  # and the engine decodes it as transformers does
     out = llm.generate([tokens[0].tolist()], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
     with torch.no_grad():
         reference = model.generate(tokens[:1], attention_mask=torch.ones_like(tokens[:1]), max_new_tokens=8,
@@ -236,13 +237,13 @@ def test_engine_decodes_a_k_quant_file_close_to_its_dequantized_path(tmp_path, m
     types = K_QUANT_MIXES[mix]
     file = write_gguf(hf_model(folder), tmp_path / "k.gguf", qtype_of=lambda name, w: types.get(name.split(".")[-2]))
     tokens = torch.randint(3, 256, (PROMPT_LEN + 6,), generator=torch.Generator().manual_seed(2)).tolist()
-    llm = LLM(file)
+    llm = LLM(file, kv_cache_dtype="float32")  # the kernels' error alone, not the fp16 cache's (both paths)
     qkv = llm.model.model.layers[0].self_attn.qkv_proj
     mixed = types["attn_v"] != types["attn_q"]
     assert isinstance(qkv, MixedQuantizedLinear) == mixed
     assert [p.qtype for p in getattr(qkv, "parts", [])] == ([types["attn_q"], types["attn_v"]] if mixed else [])
     fused = paged_logits(llm, tokens)
-    reference = paged_logits(LLM(file, cpu_kernels=False), tokens)
+    reference = paged_logits(LLM(file, cpu_kernels=False, kv_cache_dtype="float32"), tokens)
     # int8 activations cost ~0.5% per linear (models/kernels/quant.h states the bound; test_quant checks it);
     # through two layers and the head of a random (so chaotic) model that stays within 5% of each row's norm
     # (the mixes' random v in another type amplifies more: 11% measured for Q4_K_M's, where an all-Q6_K

@@ -48,7 +48,8 @@ def test_quantize_model_replaces_linears_and_a_tied_embedding(tmp_path, quantiza
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 def test_quantized_engine_matches_transformers_on_dequantized_weights(tiny_model_dir, quantization):
     oracle = dequantized_hf(tiny_model_dir, quantization)
-    llm = LLM(tiny_model_dir, quantization=quantization, cpu_kernels=False)  # exact dequantized tiles
+    llm = LLM(tiny_model_dir, quantization=quantization, cpu_kernels=False,  # exact: dequantized tiles,
+              kv_cache_dtype="float32")  # an fp32 cache
     for prompt in PROMPTS:
         out = llm.generate([prompt], GREEDY)[0].token_ids
         with torch.no_grad():
@@ -67,7 +68,8 @@ def adapters(tiny_model_dir, tmp_path_factory):
 @pytest.mark.parametrize("adapter", list(ADAPTERS))
 def test_adapters_on_quantized_base_match_peft_on_dequantized_weights(tiny_model_dir, adapters, adapter):
     oracle = PeftModel.from_pretrained(dequantized_hf(tiny_model_dir, "int8"), adapters / adapter).eval()
-    llm = LLM(tiny_model_dir, quantization="int8", cpu_kernels=False, adapter_root=str(adapters))
+    llm = LLM(tiny_model_dir, quantization="int8", cpu_kernels=False, adapter_root=str(adapters),
+              kv_cache_dtype="float32")
     llm.load_adapter(adapter, adapter)
     for prompt in PROMPTS:
         ids = llm.add_request(prompt, SamplingParams(max_tokens=1), adapter=adapter)
@@ -88,7 +90,7 @@ def test_adapters_with_quantized_kernels_decode_like_the_dequantized_path(tiny_m
     outs = []
     for cpu_kernels in (True, False):
         llm = LLM(tiny_model_dir, quantization="int8", cpu_kernels=cpu_kernels, adapter_root=str(adapters),
-                  batch_invariant=False)
+                  batch_invariant=False, kv_cache_dtype="float32")
         llm.load_adapter(adapter, adapter)
         outs.append([o.token_ids for o in llm.generate(PROMPTS, GREEDY, adapter=adapter)])
     agree = sum(a == b for x, y in zip(*outs) for a, b in zip(x, y))

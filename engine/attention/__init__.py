@@ -26,10 +26,10 @@ class AttentionBackend(Protocol):
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Write the new tokens' K/V into their cache slots (one row per token; no host sync)."""
+    """Write the new tokens' K/V into their cache slots, in the cache's dtype (one row per token; no host sync)."""
     # [num_blocks * block_size, num_kv_heads, head_dim] views, so a slot is a row index
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 # name -> (module, class); modules are imported on demand, so optional dependencies stay optional

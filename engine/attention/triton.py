@@ -130,8 +130,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         scale, num_splits, keys_per_split, 0 if tree_mask is None else tree_mask.shape[0],
         GROUP=num_heads // num_kv_heads, KV_BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        # fp32 caches get exact fp32 products; so do bf16/fp16 ones in the interpreter, whose tl.dot
-        # mishandles them (numpy has no bf16)
+        # fp32 queries get exact fp32 products (over a 16-bit cache too); so do bf16/fp16 ones in the interpreter,
+        # whose tl.dot mishandles them (numpy has no bf16)
         HAS_TREE=tree_mask is not None, DOT_FP32=q.dtype == torch.float32 or triton.knobs.runtime.interpret,
     )
     if num_splits == 1:

@@ -36,7 +36,7 @@ class RankShard:
         """This rank's KV cache: its KV heads of num_blocks blocks."""
         c = self.model.config
         self.kv_cache = KVCache(c.num_layers, num_blocks, self.config.block_size, c.num_kv_heads // self.tp.size,
-                                c.head_dim, self.config.torch_dtype, self.device)
+                                c.head_dim, self.config.kv_cache_torch_dtype, self.device)
         self.kv_cache.bind(self.model, get_backend(self.config.attention_backend, self.device))
 
     @torch.inference_mode()
