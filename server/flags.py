@@ -31,8 +31,9 @@ def add_dtype_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on CUDA; on the CPU the checkpoint's own if bfloat16, else float32")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="the KV cache's dtype (default auto: the model's); a float32 model may keep its K/V in "
-                             "float16, as llama.cpp does: half the cache memory, faster long-context attention")
+                        help="the KV cache's dtype; auto (default): the model's, but float16 for GGUF files and "
+                             "quantized weights, as llama.cpp keeps it (half the bytes, faster long contexts); "
+                             "float32 keeps a float32 model's cache exact")
 
 
 def add_batch_invariant_flag(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
