@@ -50,42 +50,68 @@ inline Vec load_vec(const float* p) {
 
 inline void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 
-inline void store16(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
+// kVecLanes values of any float type, as fp32
+template <typename T>
+inline Vec load_lanes(const T* p) {
+#ifdef __AVX512F__
+  return load16(p);
+#else
+  if constexpr (std::is_same_v<T, float>) {
+    return load_vec(p);
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {  // bf16 is the top half of an fp32
+    typedef uint16_t u16x8 __attribute__((vector_size(16)));
+    typedef uint32_t u32x8 __attribute__((vector_size(32)));
+    u16x8 h;
+    std::memcpy(&h, p, sizeof(h));
+    const u32x8 bits = __builtin_convertvector(h, u32x8) << 16;
+    Vec v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  } else {
+#ifdef __F16C__
+    return reinterpret_cast<Vec>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+    Vec v;
+    for (int i = 0; i < kVecLanes; ++i) v[i] = static_cast<float>(p[i]);
+    return v;
+#endif
+  }
+#endif
+}
 
 // dst[0, n) = src[0, n) as fp32 (a K or V row of the cache into a tile)
 template <typename cache_t>
 inline void widen_row(const cache_t* src, float* dst, int n) {
   int d = 0;
   if constexpr (!std::is_same_v<cache_t, float>)  // fp16 through F16C: its scalar conversion does not vectorise
-    for (; d + 16 <= n; d += 16) store16(dst + d, load16(src + d));
+    for (; d + kVecLanes <= n; d += kVecLanes) store_vec(dst + d, load_lanes(src + d));
 #pragma omp simd
   for (int e = d; e < n; ++e) dst[e] = static_cast<float>(src[e]);
 }
 
-// Rows i and i + S of a transpose in progress: swap their off-diagonal blocks of S lanes (LOW/HIGH: the lanes
-// each keeps, 16 + l naming lane l of the other row)
+// Rows i and i + S of a transpose in progress: swap their off-diagonal blocks of S lanes (keep_low / keep_high:
+// the lanes each keeps, kVecLanes + l naming lane l of the other row)
 template <int S>
-inline void swap_blocks(f32x16 (&r)[16]) {
-  typedef int i32x16 __attribute__((vector_size(64)));
-  constexpr i32x16 low = {0 ^ 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  i32x16 keep_low = low, keep_high = low;
+inline void swap_blocks(Vec (&r)[kVecLanes]) {
+  typedef int VecIndex __attribute__((vector_size(sizeof(Vec))));
+  VecIndex keep_low{}, keep_high{};
 #pragma GCC unroll 16
-  for (int l = 0; l < 16; ++l) {
-    keep_low[l] = (l & S) ? 16 + l - S : l;
-    keep_high[l] = (l & S) ? 16 + l : l + S;
+  for (int l = 0; l < kVecLanes; ++l) {
+    keep_low[l] = (l & S) ? kVecLanes + l - S : l;
+    keep_high[l] = (l & S) ? kVecLanes + l : l + S;
   }
 #pragma GCC unroll 16
-  for (int i = 0; i < 16; ++i) {
+  for (int i = 0; i < kVecLanes; ++i) {
     if (i & S) continue;
-    const f32x16 a = r[i], b = r[i + S];
+    const Vec a = r[i], b = r[i + S];
     r[i] = __builtin_shuffle(a, b, keep_low);
     r[i + S] = __builtin_shuffle(a, b, keep_high);
   }
 }
 
-// r[i][l] -> r[l][i]: a 16 x 16 transpose in registers
-inline void transpose16(f32x16 (&r)[16]) {
-  swap_blocks<8>(r);
+// r[i][l] -> r[l][i]: a kVecLanes x kVecLanes transpose in registers
+inline void transpose(Vec (&r)[kVecLanes]) {
+  if constexpr (kVecLanes == 16) swap_blocks<8>(r);
   swap_blocks<4>(r);
   swap_blocks<2>(r);
   swap_blocks<1>(r);
@@ -371,22 +397,20 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
       }
     }
     for (int j = 0; j < num_keys; ++j) widen_row(v_cache + offsets[j], s.values.data() + j * Dp, D);
-    int j0 = 0;  // keys transposed 16 x 16 dims at a time in registers (AVX-512), the rest one by one
-#ifdef __AVX512F__
-    for (; j0 + 16 <= num_keys; j0 += 16) {
-      const cache_t* k_src[16];
-      for (int t = 0; t < 16; ++t) k_src[t] = k_cache + offsets[j0 + t];
+    int j0 = 0;  // keys transposed kVecLanes x kVecLanes dims at a time in registers, the rest one by one
+    for (; j0 + kVecLanes <= num_keys; j0 += kVecLanes) {
+      const cache_t* k_src[kVecLanes];
+      for (int t = 0; t < kVecLanes; ++t) k_src[t] = k_cache + offsets[j0 + t];
       int d0 = 0;
-      for (; d0 + 16 <= D; d0 += 16) {
-        f32x16 r[16];
-        for (int t = 0; t < 16; ++t) r[t] = load16(k_src[t] + d0);
-        transpose16(r);
-        for (int t = 0; t < 16; ++t) store16(keys_t + (d0 + t) * width + j0, r[t]);
+      for (; d0 + kVecLanes <= D; d0 += kVecLanes) {
+        Vec r[kVecLanes];
+        for (int t = 0; t < kVecLanes; ++t) r[t] = load_lanes(k_src[t] + d0);
+        transpose(r);
+        for (int t = 0; t < kVecLanes; ++t) store_vec(keys_t + (d0 + t) * width + j0, r[t]);
       }
-      for (int t = 0; t < 16; ++t)
+      for (int t = 0; t < kVecLanes; ++t)
         for (int d = d0; d < D; ++d) keys_t[d * width + j0 + t] = static_cast<float>(k_src[t][d]);
     }
-#endif
     for (int j = j0; j < num_keys; ++j) {
       const cache_t* k_src = k_cache + offsets[j];
       for (int d = 0; d < D; ++d) keys_t[d * width + j] = static_cast<float>(k_src[d]);
