@@ -8,7 +8,9 @@ off) are reported as weight bytes x tokens/s over it.
 
 Baseline llama.cpp (`--model X.gguf --baseline llama.cpp`, needs the `bench` extra): both engines on the
 same file with the same threads, prompts and token counts, interleaved in one run: batch-1 decode tok/s,
-prefill tok/s of a 512-token prompt, and batch-8 throughput; the CPU's instruction sets are reported.
+prefill tok/s of a 512-token prompt, batch-1 decode after that prompt (its generation less its prefill: where
+the KV cache's bytes count), and batch-8 throughput; the CPU's instruction sets are reported. Each engine keeps
+its default KV cache (fp16 for both, on GGUF files under fp32 activations).
 
 Tensor parallelism (`--tensor-parallel-size N`): gorgon on N processes against gorgon on one, same weights and
 prompts, measured alternately in one run: batch-1 tok/s and the batch sizes' throughput, and whether the greedy
@@ -214,13 +216,16 @@ def run_llamacpp(args: argparse.Namespace, file: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(100, min(vocab, 20000), (batch, PROMPT_LEN), generator=gen).tolist()
     long_prompt = torch.randint(100, min(vocab, 20000), (args.prefill_len,), generator=gen).tolist()
-    baseline = LlamaCpp(file, threads, max_seqs=batch, n_ctx=max(4096, args.prefill_len + n + 16))
+    # llama.cpp splits n_ctx between its sequences: each must hold the long prompt and its answer
+    baseline = LlamaCpp(file, threads, max_seqs=batch, n_ctx=batch * (args.prefill_len + n + 16))
     greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     first_token = SamplingParams(max_tokens=1, temperature=0)
+    after = f"decode_bs1_after_{args.prefill_len}"  # decode over a long context: the prompt and n tokens, less prefill
     tests = {  # name -> (tokens produced or read, gorgon, llama.cpp)
         "decode_bs1": (n, lambda: llm.generate(prompts[:1], greedy), lambda: baseline.generate(prompts[:1], n)),
         f"prefill_{args.prefill_len}": (args.prefill_len, lambda: llm.generate([long_prompt], first_token),
                                         lambda: baseline.generate([long_prompt], 1)),
+        after: (n - 1, lambda: llm.generate([long_prompt], greedy), lambda: baseline.generate([long_prompt], n)),
         f"decode_bs{batch}": (batch * n, lambda: llm.generate(prompts, greedy), lambda: baseline.generate(prompts, n)),
     }
     times: dict[str, dict[str, list[float]]] = {name: {"gorgon": [], "llama.cpp": []} for name in tests}
@@ -237,18 +242,22 @@ def run_llamacpp(args: argparse.Namespace, file: Path) -> None:
     agree = sum(a == b for a, b in zip(ours_tokens, baseline.generate(prompts[:1], n)[0]))
     baseline.close()
 
+    for engine, prefill in times[f"prefill_{args.prefill_len}"].items():
+        times[after][engine] = [t - statistics.median(prefill) for t in times[after][engine]]
     rate = {name: {engine: tokens / statistics.median(times[name][engine]) for engine in times[name]}
             for name, (tokens, _, _) in tests.items()}
     rows = [{"test": name, "gorgon tok/s": r["gorgon"], "llama.cpp tok/s": r["llama.cpp"],
              "gorgon / llama.cpp": r["gorgon"] / r["llama.cpp"]} for name, r in rate.items()]
     isa = cpu_isa()
     ops = cpu_decode.compiled()
-    print(f"\n{file.name}, gorgon dtype {llm.config.dtype}, {threads} thread(s), {n} new tokens after a "
-          f"{PROMPT_LEN}-token prompt; CPU: {isa}; gorgon's quantized kernels: {ops.isa() if ops else 'unavailable'}; "
+    print(f"\n{file.name}, gorgon dtype {llm.config.dtype} (KV cache {llm.config.kv_cache_dtype}), {threads} "
+          f"thread(s), {n} new tokens after a {PROMPT_LEN}-token prompt ({after}: after the prefill's); CPU: {isa}; "
+          f"gorgon's quantized kernels: {ops.isa() if ops else 'unavailable'}; "
           f"greedy tokens agreeing with llama.cpp at batch 1: {agree}/{n}")
     print_table(rows, ["test", "gorgon tok/s", "llama.cpp tok/s", "gorgon / llama.cpp"])
     summary = {
         "decode_speedup_vs_llamacpp_bs1": rate["decode_bs1"]["gorgon"] / rate["decode_bs1"]["llama.cpp"],
+        f"decode_speedup_vs_llamacpp_bs1_after_{args.prefill_len}": rate[after]["gorgon"] / rate[after]["llama.cpp"],
         f"prefill_speedup_vs_llamacpp_{args.prefill_len}": (rate[f"prefill_{args.prefill_len}"]["gorgon"] /
                                                            rate[f"prefill_{args.prefill_len}"]["llama.cpp"]),
         f"throughput_speedup_vs_llamacpp_bs{batch}": (rate[f"decode_bs{batch}"]["gorgon"] /
@@ -256,7 +265,8 @@ def run_llamacpp(args: argparse.Namespace, file: Path) -> None:
         f"gorgon_bs{batch}_vs_bs1": rate[f"decode_bs{batch}"]["gorgon"] / rate["decode_bs1"]["gorgon"],
     }
     write_json(args.out, {
-        "benchmark": "decode", "baseline": "llama.cpp", "model": str(file), "dtype": llm.config.dtype, "new_tokens": n,
+        "benchmark": "decode", "baseline": "llama.cpp", "model": str(file), "dtype": llm.config.dtype,
+        "kv_cache_dtype": llm.config.kv_cache_dtype, "new_tokens": n,
         "prompt_len": PROMPT_LEN, "prefill_len": args.prefill_len, "threads": threads, "cpu_isa": isa,
         "gorgon_kernel_isa": ops.isa() if ops else None, "tok_s": rate, "seconds": times,
         "greedy_agreement_bs1": agree, "machine": machine_info(), "summary": summary,
