@@ -382,21 +382,23 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
   for (int k0 = key_begin, k1; k0 < key_end; k0 = k1) {
     k1 = std::min(key_tile_end(p, tile, k0), key_end);
     const int num_keys = k1 - k0, width = round_up(num_keys, TILE_COLS);
-    // the next tile's K/V rows are asked into L2 while this one is worked on: a decode unit does little arithmetic
-    // per key, and its rows (one head's share of each token's) are scattered, so it waited on memory at a quarter of
-    // the bandwidth (1 thread, 600 keys: 15-30% less time; a hint into L1 gained nothing)
+    // the next tile's K/V rows are asked into L2 while this one is worked on, a row as each of this tile's V rows is
+    // read: a decode unit does little arithmetic per key, and its rows (one head's share of each token's) are
+    // scattered, so it waited on memory at a quarter of the bandwidth (1 thread, 600 keys: 15-30% less time). Asked
+    // for in one burst at the tile's start, they came 12-27% later (a hint into L1 was slower still).
     const int64_t* offsets = s.offsets.data();
     const int ahead = std::min(key_end - k1, KEY_TILE);
     key_offsets(p, block_table, k0, num_keys + ahead, kv_head, s.offsets.data());
-    for (int j = num_keys; j < num_keys + ahead; ++j) {
-      const char* k_row = reinterpret_cast<const char*>(k_cache + offsets[j]);
-      const char* v_row = reinterpret_cast<const char*>(v_cache + offsets[j]);
+    for (int j = 0; j < num_keys; ++j) {
+      widen_row(v_cache + offsets[j], s.values.data() + j * Dp, D);
+      if (j >= ahead) continue;
+      const char* k_row = reinterpret_cast<const char*>(k_cache + offsets[num_keys + j]);
+      const char* v_row = reinterpret_cast<const char*>(v_cache + offsets[num_keys + j]);
       for (int b = 0; b < D * static_cast<int>(sizeof(cache_t)); b += 64) {
         __builtin_prefetch(k_row + b, 0, 2);
         __builtin_prefetch(v_row + b, 0, 2);
       }
     }
-    for (int j = 0; j < num_keys; ++j) widen_row(v_cache + offsets[j], s.values.data() + j * Dp, D);
     int j0 = 0;  // keys transposed kVecLanes x kVecLanes dims at a time in registers, the rest one by one
     for (; j0 + kVecLanes <= num_keys; j0 += kVecLanes) {
       const cache_t* k_src[kVecLanes];
