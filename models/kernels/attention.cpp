@@ -34,57 +34,12 @@ constexpr int KEYS_PER_SPLIT = 512;  // a multiple of KEY_TILE
 constexpr int64_t MIN_PARALLEL_WORK = int64_t{1} << 22;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-// The GEMM's vector: 16 lanes on AVX-512, else 8 (GCC lowers 16-lane generic vectors on AVX2 through memory)
-#ifdef __AVX512F__
-typedef f32x16 Vec;
-#else
-typedef float Vec __attribute__((vector_size(32)));
-#endif
-constexpr int kVecLanes = sizeof(Vec) / sizeof(float);
-
-inline Vec load_vec(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store_vec(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
-
-// kVecLanes values of any float type, as fp32
-template <typename T>
-inline Vec load_lanes(const T* p) {
-#ifdef __AVX512F__
-  return load16(p);
-#else
-  if constexpr (std::is_same_v<T, float>) {
-    return load_vec(p);
-  } else if constexpr (std::is_same_v<T, at::BFloat16>) {  // bf16 is the top half of an fp32
-    typedef uint16_t u16x8 __attribute__((vector_size(16)));
-    typedef uint32_t u32x8 __attribute__((vector_size(32)));
-    u16x8 h;
-    std::memcpy(&h, p, sizeof(h));
-    const u32x8 bits = __builtin_convertvector(h, u32x8) << 16;
-    Vec v;
-    std::memcpy(&v, &bits, sizeof(v));
-    return v;
-  } else {
-#ifdef __F16C__
-    return reinterpret_cast<Vec>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#else
-    Vec v;
-    for (int i = 0; i < kVecLanes; ++i) v[i] = static_cast<float>(p[i]);
-    return v;
-#endif
-  }
-#endif
-}
-
 // dst[0, n) = src[0, n) as fp32 (a K or V row of the cache into a tile)
 template <typename cache_t>
 inline void widen_row(const cache_t* src, float* dst, int n) {
   int d = 0;
   if constexpr (!std::is_same_v<cache_t, float>)  // fp16 through F16C: its scalar conversion does not vectorise
-    for (; d + kVecLanes <= n; d += kVecLanes) store_vec(dst + d, load_lanes(src + d));
+    for (; d + kVecLanes <= n; d += kVecLanes) store_vec(dst + d, load_vec(src + d));
 #pragma omp simd
   for (int e = d; e < n; ++e) dst[e] = static_cast<float>(src[e]);
 }
@@ -406,7 +361,7 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
       int d0 = 0;
       for (; d0 + kVecLanes <= D; d0 += kVecLanes) {
         Vec r[kVecLanes];
-        for (int t = 0; t < kVecLanes; ++t) r[t] = load_lanes(k_src[t] + d0);
+        for (int t = 0; t < kVecLanes; ++t) r[t] = load_vec(k_src[t] + d0);
         transpose(r);
         for (int t = 0; t < kVecLanes; ++t) store_vec(keys_t + (d0 + t) * width + j0, r[t]);
       }

@@ -134,35 +134,14 @@ constexpr bool kBf16Dot = true;
 constexpr bool kBf16Dot = false;
 #endif
 
-// The packed kernels' vector: a group's 16 lanes in one AVX-512 register, else in two native 8-lane ones
-// (GCC lowers 16-lane generic vectors on AVX2 through memory: a third of the speed)
+// The packed kernels' vector (vec_math.h's Vec): a group's 16 lanes in one AVX-512 register, else in two native
+// 8-lane ones
 #ifdef __AVX512F__
-typedef f32x16 Vec;
 typedef u32x16 UVec;
 #else
-typedef float Vec __attribute__((vector_size(32)));
 typedef uint32_t UVec __attribute__((vector_size(32)));
 #endif
-constexpr int kVecLanes = sizeof(Vec) / sizeof(float);
 constexpr int kVecs = kGroupRows / kVecLanes;
-
-inline Vec load_vec(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline Vec load_vec(const at::Half* p) {
-#ifdef __AVX512F__
-  return load16(p);
-#elif defined(__F16C__)
-  return reinterpret_cast<Vec>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#else
-  Vec v;
-  for (int i = 0; i < kVecLanes; ++i) v[i] = static_cast<float>(p[i]);
-  return v;
-#endif
-}
 
 inline Vec broadcast(const float& v) {
 #ifdef __AVX512F__  // (from memory: a load, where the generic vector's broadcast takes a shuffle as well)
