@@ -22,17 +22,24 @@ inline f32x16 load16(const float* p) {
   return v;
 }
 
-inline f32x16 load16(const at::BFloat16* p) {  // bf16 is the top half of an fp32
+// bf16 values as fp32 in generic vectors: bf16 is the top half of an fp32 (F: their float vector; U16, U32: the
+// same lanes as 16- and 32-bit integers)
+template <typename F, typename U16, typename U32>
+inline F widen_bf16(const at::BFloat16* p) {
+  U16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const U32 bits = __builtin_convertvector(h, U32) << 16;
+  F v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+inline f32x16 load16(const at::BFloat16* p) {
 #ifdef __AVX512F__  // (GCC's generic vectors load and widen in many more instructions: half the speed)
   const __m512i bits = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
   return reinterpret_cast<f32x16>(_mm512_castsi512_ps(bits));
 #else
-  u16x16 h;
-  std::memcpy(&h, p, sizeof(h));
-  const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
-  f32x16 v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
+  return widen_bf16<f32x16, u16x16, u32x16>(p);
 #endif
 }
 
@@ -74,15 +81,10 @@ inline Vec load_vec(const float* p) {
 inline Vec load_vec(const at::BFloat16* p) {
 #ifdef __AVX512F__
   return load16(p);
-#else  // bf16 is the top half of an fp32
+#else
   typedef uint16_t u16x8 __attribute__((vector_size(16)));
   typedef uint32_t u32x8 __attribute__((vector_size(32)));
-  u16x8 h;
-  std::memcpy(&h, p, sizeof(h));
-  const u32x8 bits = __builtin_convertvector(h, u32x8) << 16;
-  Vec v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
+  return widen_bf16<Vec, u16x8, u32x8>(p);
 #endif
 }
 
