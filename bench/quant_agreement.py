@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                         help="default: the engine's (on: prefill takes int8 activations too, as decode does)")
-    parser.add_argument("--kv-cache-dtype", default="auto", help="the kernels' side's cache (the exact side: float32)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="the kernels' side's cache (the exact side: float32)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
