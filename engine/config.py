@@ -153,6 +153,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {self.dtype!r}")
         if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in _DTYPES:
             raise ValueError(f"kv_cache_dtype must be 'auto' or one of {list(_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.quantization is not None and self.device != "cpu":
+            raise ValueError(f"quantization {self.quantization!r} runs on the CPU (its kernels are C++); on "
+                             f"{self.device} run the checkpoint unquantized (bfloat16 by default)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA device")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_adapters", "max_lora_rank",

@@ -135,13 +135,14 @@ def quantize_model(model: torch.nn.Module, quantization: str) -> None:
 def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
     """A GGUF checkpoint's model: float tensors copied into the model's dtype; each linear whose weights are
     quantized becomes a QuantizedLinear over the raw blocks (packed q/k/v and gate/up of one type), or a
-    MixedQuantizedLinear (shards of several types)."""
-    if torch.device(device).type != "cpu":
-        raise CheckpointError("GGUF checkpoints run on the CPU")
+    MixedQuantizedLinear (shards of several types). Off the CPU, where gorgon has no quantized kernels, quantized
+    tensors are dequantized once into the model's dtype instead, as transformers loads GGUF files."""
     checkpoint = read_gguf(file)
     config = checkpoint.config
     model = _empty_model(config, dtype, device)
     tensors = dict(checkpoint.tensors)
+    if torch.device(device).type != "cpu":
+        tensors = {key: t.dequantize() if isinstance(t, QuantizedWeight) else t for key, t in tensors.items()}
     expected = _expected_checkpoint_keys(model)
     unexpected = sorted(set(tensors) - expected)
     missing = sorted(expected - set(tensors))

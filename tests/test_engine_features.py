@@ -145,6 +145,11 @@ def test_the_kv_cache_dtype_by_default_and_its_limits(tiny_model_dir):
         LLM(tiny_model_dir, kv_cache_dtype="fp8")
 
 
+def test_load_time_quantization_is_refused_off_the_cpu(tiny_model_dir):
+    with pytest.raises(ValueError, match="quantization 'int8' runs on the CPU"):
+        LLM(tiny_model_dir, device="cuda", quantization="int8")
+
+
 def test_aborting_mid_generation_returns_every_block(tiny_model_dir):
     llm = LLM(tiny_model_dir, block_size=4, num_kv_blocks=32, max_num_batched_tokens=16)
     ids = [llm.add_request(p, GREEDY) for p in PROMPTS]
