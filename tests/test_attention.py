@@ -1,7 +1,8 @@
 """Every attention backend against the reference on random paged inputs: block sizes 1 and 16, odd
 lengths, GQA, prefill / decode / mixed batches, tree masks, split keys, fp32 and bf16.
 
-Without CUDA the Triton kernel runs in Triton's interpreter (conftest.py sets TRITON_INTERPRET)."""
+The Triton kernel runs on the GPU where torch sees one, else in Triton's interpreter (conftest.py sets
+TRITON_INTERPRET)."""
 from __future__ import annotations
 
 import functools
@@ -78,10 +79,17 @@ def paged_inputs(query_lens: list[int], context_lens: list[int], num_heads: int,
     return q, k, v, k_cache, v_cache, ctx
 
 
+def device_of(backend) -> torch.device:
+    """Where a backend's tests run: Triton's on the GPU when there is one, every other on the CPU."""
+    return torch.device("cuda" if backend.name == "triton" and torch.cuda.is_available() else "cpu")
+
+
 def run_backend(backend, inputs, scale: float = 0.3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v, k_cache, v_cache, ctx = inputs
-    k_cache, v_cache = k_cache.clone(), v_cache.clone()
-    return backend.forward(q, k, v, k_cache, v_cache, ctx, scale), k_cache, v_cache
+    """The backend's output and the caches it wrote to, computed on its device and returned on the CPU."""
+    device = device_of(backend)
+    q, k, v, k_cache, v_cache = (t.to(device, copy=True) for t in inputs[:5])
+    out = backend.forward(q, k, v, k_cache, v_cache, inputs[5].to(device), scale)
+    return out.cpu(), k_cache.cpu(), v_cache.cpu()
 
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -144,8 +152,9 @@ def test_triton_split_keys_combine_exactly(num_splits):
 
     inputs = paged_inputs([4, 4, 6], [300, 7, 140], 4, 2, 16, 16, torch.float32, TREE[:4, :4])
     expected, k_cache, v_cache = run_backend(ReferenceAttention(), inputs)
-    q, ctx = inputs[0], inputs[5]
-    out = paged_attention(q, k_cache, v_cache, ctx, 0.3, num_splits=num_splits)
+    device = device_of(get_backend("triton", "cpu"))
+    q, ctx = inputs[0].to(device), inputs[5].to(device)
+    out = paged_attention(q, k_cache.to(device), v_cache.to(device), ctx, 0.3, num_splits=num_splits).cpu()
     assert max_error(out, expected) <= TOLERANCE[torch.float32]
 
 

@@ -47,10 +47,10 @@ def hf_incremental_logits(folder, tokens: list[int]) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def check_against_hf(folder) -> None:
-    llm = LLM(folder, num_kv_blocks=32, block_size=4)
+def check_against_hf(folder, device: str = "cpu") -> None:
+    llm = LLM(folder, num_kv_blocks=32, block_size=4, device=device, dtype="float32")
     tokens = torch.randint(3, 256, (PROMPT_LEN + DECODE_STEPS,), generator=torch.Generator().manual_seed(1)).tolist()
-    ours = paged_logits(llm, tokens)
+    ours = paged_logits(llm, tokens).cpu()
     ref = hf_incremental_logits(folder, tokens)
     assert ours.shape == ref.shape
     assert (ours - ref).abs().max().item() <= 1e-4
