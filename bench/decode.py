@@ -4,7 +4,8 @@ Baseline transformers (HF folders or random weights): batch-1 tokens/s for both 
 number of new tokens, prefill included, warm-up excluded), gorgon's throughput at batch 8 and 32, and the
 memory-bandwidth roofline: the machine's read bandwidth is measured in the same run (the faster of
 torch.sum and our linear kernel streaming 1 GiB), and batch-1 decode steps (prefill and first token taken
-off) are reported as weight bytes x tokens/s over it.
+off) are reported as weight bytes x tokens/s over it. `--device cuda` runs both on the GPU (bfloat16 by default),
+the bandwidth being the GPU memory's.
 
 Baseline llama.cpp (`--model X.gguf --baseline llama.cpp`, needs the `bench` extra): both engines on the
 same file with the same threads, prompts and token counts, interleaved in one run: batch-1 decode tok/s,
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--config", choices=sorted(CONFIGS), default="small", help="random weights of this shape")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: gorgon's (bfloat16 for bf16 checkpoints, else float32)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (against transformers only)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--repeats", type=int, default=3)
@@ -60,15 +62,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s read from memory on this machine: the faster of torch's sum and gorgon's one-row linear
+def read_bandwidth(device: torch.device, num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s read from the device's memory: on the CPU the faster of torch's sum and gorgon's one-row linear
     kernel over a buffer far beyond the caches (torch's sum alone reads slower than the kernel does)."""
-    buf = torch.ones(num_bytes // 4, dtype=torch.float32)
-    seconds = best_of(lambda: buf.sum(), repeats)
-    if cpu_decode.compiled() is not None:
+    buf = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
+    seconds = best_of(lambda: buf.sum().item(), repeats)  # .item(): the time includes the device's work
+    if device.type == "cpu" and cpu_decode.compiled() is not None:
         matrix, row = buf.view(-1, 4096), torch.ones(1, 4096)
         seconds = min(seconds, best_of(lambda: cpu_decode.compiled().small_batch_linear(row, matrix, None), repeats))
     return num_bytes / seconds
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_isa()})"
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
@@ -89,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         if not (args.model and find_gguf(args.model)):
             raise SystemExit("--baseline llama.cpp runs both engines on one GGUF file: give --model X.gguf")
         return run_llamacpp(args, find_gguf(args.model))
+    if args.device != "cpu" and args.tensor_parallel_size > 1:
+        raise SystemExit("--device applies to the transformers baseline; tensor parallelism is measured on the CPU")
     with tempfile.TemporaryDirectory(prefix="gorgon-bench-") as tmp:
         folder = Path(args.model) if args.model else random_checkpoint(args.config, args.dtype or "float32", Path(tmp))
         if args.tensor_parallel_size > 1:
@@ -103,20 +111,22 @@ def run(args: argparse.Namespace, folder: Path) -> None:
     max_batch = max([1, *args.batch_sizes])
     prompts = torch.randint(3, 200, (max_batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0)).tolist()
 
+    device = torch.device(args.device)
     with tqdm(total=4, desc="bench decode") as bar:
-        bandwidth = read_bandwidth()
+        bandwidth = read_bandwidth(device)
         bar.update()
-        llm = LLM(folder, dtype=args.dtype, max_num_seqs=max_batch, enable_prefix_caching=False)
+        llm = LLM(folder, device=args.device, dtype=args.dtype, max_num_seqs=max_batch, enable_prefix_caching=False)
         ours_s = best_of(lambda: llm.generate(prompts[0], greedy), args.repeats)
         # the roofline takes decode steps alone: the prefill and first token are timed apart and taken off
         first_s = best_of(lambda: llm.generate(prompts[0], SamplingParams(max_tokens=1, temperature=0)), args.repeats)
         bar.update()
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=llm.config.torch_dtype).eval()
-        prompt = torch.tensor([prompts[0]])
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=llm.config.torch_dtype).to(device).eval()
+        prompt = torch.tensor([prompts[0]], device=device)
 
-        def hf_generate(model: torch.nn.Module) -> None:
+        def hf_generate(model: torch.nn.Module) -> list[int]:  # (token ids on the host: the device's work is done)
             with torch.inference_mode():
-                model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0)[0].tolist()
 
         hf_s = best_of(partial(hf_generate, hf), args.repeats)
         del hf
@@ -135,7 +145,7 @@ def run(args: argparse.Namespace, folder: Path) -> None:
             {"engine": "gorgon", "batch": 1, "tok/s": ours_tok_s, "vs HF": ours_tok_s / hf_tok_s,
              "decode tok/s": decode_tok_s, "roofline": bytes_per_token * decode_tok_s / bandwidth}]
     rows += [{"engine": "gorgon", "batch": bs, "tok/s": tps} for bs, tps in throughput.items()]
-    print(f"\n{source}, {llm.config.dtype}, {n} new tokens after a {PROMPT_LEN}-token prompt, "
+    print(f"\n{source}, {llm.config.dtype} on {device_name(device)}, {n} new tokens after a {PROMPT_LEN}-token prompt, "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {bytes_per_token / 1e6:.1f} MB of weights per token")
     print_table(rows, ["engine", "batch", "tok/s", "vs HF", "decode tok/s", "roofline"])
     summary = {
@@ -144,7 +154,8 @@ def run(args: argparse.Namespace, folder: Path) -> None:
         **{f"throughput_bs{bs}_tok_s": tps for bs, tps in throughput.items()},
     }
     write_json(args.out, {
-        "benchmark": "decode", "model": source, "dtype": llm.config.dtype, "new_tokens": n, "prompt_len": PROMPT_LEN,
+        "benchmark": "decode", "model": source, "dtype": llm.config.dtype, "device": device_name(device),
+        "new_tokens": n, "prompt_len": PROMPT_LEN,
         "attention_backend": llm.runner.backend.name, "read_bandwidth_bytes_s": bandwidth,
         "weight_bytes_per_token": bytes_per_token, "hf_tok_s_bs1": hf_tok_s, "gorgon_tok_s_bs1": ours_tok_s,
         "gorgon_decode_tok_s_bs1": decode_tok_s,

@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per prompt group; the best counts")
     parser.add_argument("--no-sweep", action="store_true", help="only --tree, not every shipped tree")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (in bfloat16 unless the model says otherwise)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared machine more threads make timings erratic)")
     parser.add_argument("--baseline", choices=["llama.cpp"], default=None,
@@ -210,10 +211,13 @@ def main(argv: list[str] | None = None) -> None:
         medusa = Path(args.medusa) if args.medusa else medusa_heads_for(args.model)
         if args.medusa != LOOKUP_ONLY and not medusa.is_dir():
             raise ValueError(f"no Medusa heads at {medusa} (train some with `gorgon train-medusa`)")
-        engine_kwargs = dict(medusa=str(medusa), enable_prefix_caching=False, medusa_ngram_tokens=args.ngram_tokens)
+        engine_kwargs = dict(medusa=str(medusa), enable_prefix_caching=False, medusa_ngram_tokens=args.ngram_tokens,
+                             device=args.device)
         llm = LLM(model, medusa_tree=args.tree, **engine_kwargs)
         prompts = load_prompts(args.prompts, llm.tokenizer)[:args.num_prompts]
         gguf_file = find_gguf(model)
+        if args.baseline and args.device != "cpu":
+            raise ValueError("--baseline llama.cpp runs on the CPU")
         if args.baseline and gguf_file is None:
             raise ValueError("--baseline llama.cpp runs both engines on one GGUF file: give a .gguf model (or smollm2)")
     except (ValueError, OSError) as e:
@@ -243,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
               "measured limit): above it Medusa rows are plain decoding")
     print(f"\n{model}, heads {medusa} (drafting from {draft_vocab_size} tokens), {args.new_tokens} new tokens per "
           f"prompt, {len(prompts)} prompts, greedy, "
-          f"{args.threads} thread(s), attention backend {llm.runner.backend.name}")
+          f"{args.threads} thread(s), {llm.config.dtype} on {args.device}, attention backend {llm.runner.backend.name}")
     columns = ["batch_size", "temperature", "tree", "tree_size", "plain_tok_s",
                "medusa_tok_s", "speedup", "mean_accepted", "lossless"]
     print_table(rows, columns)
@@ -273,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.out, {"benchmark": "medusa", "model": str(model), "medusa": str(medusa),
                           "draft_vocab_size": draft_vocab_size,
                           "new_tokens": args.new_tokens, "prompts": prompts, "threads": args.threads,
+                          "device": args.device, "dtype": llm.config.dtype,
                           "cpu_isa": cpu_isa(), "baseline": args.baseline,
                           "attention_backend": llm.runner.backend.name, "runs": rows, "sweep": sweep,
                           "machine": machine_info(), "summary": summary})
