@@ -5,7 +5,7 @@ number of new tokens, prefill included, warm-up excluded), gorgon's throughput a
 memory-bandwidth roofline: the machine's read bandwidth is measured in the same run (the faster of
 torch.sum and our linear kernel streaming 1 GiB), and batch-1 decode steps (prefill and first token taken
 off) are reported as weight bytes x tokens/s over it. `--device cuda` runs both on the GPU (bfloat16 by default),
-the bandwidth being the GPU memory's.
+the bandwidth being the GPU memory's, and gorgon's batch 1 also without its decode graphs.
 
 Baseline llama.cpp (`--model X.gguf --baseline llama.cpp`, needs the `bench` extra): both engines on the
 same file with the same threads, prompts and token counts, interleaved in one run: batch-1 decode tok/s,
@@ -119,6 +119,12 @@ def run(args: argparse.Namespace, folder: Path) -> None:
         ours_s = best_of(lambda: llm.generate(prompts[0], greedy), args.repeats)
         # the roofline takes decode steps alone: the prefill and first token are timed apart and taken off
         first_s = best_of(lambda: llm.generate(prompts[0], SamplingParams(max_tokens=1, temperature=0)), args.repeats)
+        eager_s = None
+        if llm.runner.graphs is not None:  # what the decode graphs gain, measured beside them
+            eager = LLM(folder, device=args.device, dtype=args.dtype, max_num_seqs=1, enable_prefix_caching=False,
+                        cuda_graphs=False)
+            eager_s = best_of(lambda: eager.generate(prompts[0], greedy), args.repeats)
+            del eager
         bar.update()
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=llm.config.torch_dtype).to(device).eval()
         prompt = torch.tensor([prompts[0]], device=device)
@@ -144,6 +150,9 @@ def run(args: argparse.Namespace, folder: Path) -> None:
     rows = [{"engine": "transformers generate", "batch": 1, "tok/s": hf_tok_s, "vs HF": 1.0},
             {"engine": "gorgon", "batch": 1, "tok/s": ours_tok_s, "vs HF": ours_tok_s / hf_tok_s,
              "decode tok/s": decode_tok_s, "roofline": bytes_per_token * decode_tok_s / bandwidth}]
+    if eager_s is not None:
+        rows.insert(1, {"engine": "gorgon, no CUDA graphs", "batch": 1, "tok/s": n / eager_s,
+                        "vs HF": hf_s / eager_s})
     rows += [{"engine": "gorgon", "batch": bs, "tok/s": tps} for bs, tps in throughput.items()]
     print(f"\n{source}, {llm.config.dtype} on {device_name(device)}, {n} new tokens after a {PROMPT_LEN}-token prompt, "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {bytes_per_token / 1e6:.1f} MB of weights per token")
@@ -153,6 +162,8 @@ def run(args: argparse.Namespace, folder: Path) -> None:
         "roofline_fraction_bs1": bytes_per_token * decode_tok_s / bandwidth,
         **{f"throughput_bs{bs}_tok_s": tps for bs, tps in throughput.items()},
     }
+    if eager_s is not None:
+        summary["cuda_graphs_speedup_bs1"] = eager_s / ours_s
     write_json(args.out, {
         "benchmark": "decode", "model": source, "dtype": llm.config.dtype, "device": device_name(device),
         "new_tokens": n, "prompt_len": PROMPT_LEN,

@@ -113,6 +113,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget; longer prompts are prefilled in chunks
     max_model_len: int | None = None  # default: the model's own limit
     attention_backend: str = "auto"
+    # decode steps on CUDA replay captured graphs (engine.cuda_graphs), with the Triton attention backend; False:
+    # every step runs eagerly (vLLM's --enforce-eager)
+    cuda_graphs: bool = True
     cpu_kernels: bool = True  # gorgon's CPU decode kernels where they apply; False: torch's operators only
     # every row computed by the same kernels in the same order whatever shares its batch or step (the CPU
     # kernels take every size), so a request's tokens never depend on the traffic around it (README: the

@@ -116,6 +116,8 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    tree_size=self.medusa.max_tree_size if self.medusa else 0)
         self.runner = ModelRunner(self.model, kv_cache, self.config.attention_backend, self.device, self.parallel)
+        if self.config.cuda_graphs:
+            self.runner.capture_graphs(self.config.max_num_seqs, self.max_model_len)
         self.sampler = Sampler(self.kernels)
         self.grammars = Grammars(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}

@@ -9,6 +9,7 @@ import torch
 
 from engine.adapters.prefix import write_virtual_tails
 from engine.attention import get_backend
+from engine.cuda_graphs import DecodeGraphs
 from engine.kv_cache import KVCache, slots
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
@@ -31,7 +32,10 @@ class StepInputs:
 
 class ModelRunner:
     """Owns the model, its KV cache and the attention backend; runs one forward per step. Under tensor
-    parallelism (`driver`), the forward and the logits are the driver's calls, which every rank makes."""
+    parallelism (`driver`), the forward and the logits are the driver's calls, which every rank makes. With
+    `graphs` (CUDA), the decode steps they take replay captured graphs instead of running the model eagerly."""
+
+    graphs: DecodeGraphs | None = None
 
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache | ShardedKVCache, attention_backend: str,
                  device: torch.device, driver: Driver | None = None) -> None:
@@ -43,6 +47,12 @@ class ModelRunner:
         self.backend = get_backend(attention_backend, device)
         if driver is None:  # each rank's shard (engine.parallel.shard) binds its own
             kv_cache.bind(model, self.backend)
+
+    def capture_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Capture decode steps as CUDA graphs (engine.cuda_graphs): on CUDA, with the Triton attention kernel (it
+        plans its grid without reading the step's lengths), in this process (no tensor parallelism)."""
+        if self.device.type == "cuda" and self.backend.name == "triton" and self.driver is None:
+            self.graphs = DecodeGraphs(self.model, self.device, max_num_seqs, max_model_len, self.block_size)
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """The step's inputs: each sequence's next num_new_tokens tokens, at consecutive positions."""
@@ -109,6 +119,8 @@ class ModelRunner:
         """Final hidden states of all rows, [num_tokens, hidden]."""
         if self.driver is not None:
             return self.driver.call("forward", inputs.input_ids, inputs.ctx)
+        if self.graphs is not None and self.graphs.takes(inputs.input_ids, inputs.ctx):
+            return self.graphs.replay(inputs.input_ids, inputs.ctx)
         with forward_context(inputs.ctx):
             return self.model(inputs.input_ids, inputs.ctx.positions)
 

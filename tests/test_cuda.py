@@ -1,7 +1,8 @@
 """The CUDA path, where torch sees a GPU (skipped, saying so, elsewhere: CI has none). The oracles are the CPU
 suite's: every architecture's logits against transformers, bf16 as close as transformers' own bf16, a quantized
 GGUF file against its dequantized path, LoRA and prefix adapters in one batch against PEFT, Medusa greedy token
-for token against plain greedy; and no host-device sync inside a forward. The Triton kernel's own tests
+for token against plain greedy, decode steps replayed from CUDA graphs against eager ones; and no host-device
+sync inside a forward. The Triton kernel's own tests
 (test_attention.py, test_engine_features.py) run on the GPU there too."""
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def test_bf16_on_cuda_is_as_close_as_transformers_bf16(tiny_model_dir):
 
 def test_a_quantized_gguf_file_on_cuda_is_its_dequantized_model(tmp_path, tiny_model_dir):
     """Off the CPU, quantized tensors are dequantized at load: the same function as the CPU's exact path."""
-    types = {"attn_q": QType.Q8_0, "attn_k": QType.Q4_K, "attn_v": QType.Q6_K, "attn_output": QType.Q4_0,
+    types = {"attn_q": QType.Q8_0, "attn_k": QType.Q5_0, "attn_v": QType.Q5_1, "attn_output": QType.Q4_0,
              "ffn_gate": QType.Q4_1, "ffn_up": QType.Q4_1, "ffn_down": QType.Q8_0, "output": QType.Q8_0}
     file = write_gguf(hf_model(tiny_model_dir), tmp_path / "q.gguf",
                       qtype_of=lambda name, w: types.get(name.split(".")[-2]))
@@ -86,11 +87,29 @@ def test_medusa_greedy_equals_plain_greedy_on_cuda():
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 
+def test_decode_graphs_replay_eager_decoding_token_for_token(tiny_model_dir):
+    """Five requests of different lengths finish at different steps, so the decode batches shrink through padded
+    graph sizes (8, 4, 2, 1); a prompt chunk beside decodes runs eagerly. fp32: the same tokens, every block back."""
+    prompts = [list(range(3, 3 + n)) for n in (5, 17, 2, 30, 9)]
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (20, 7, 33, 12, 25)]
+    kwargs = dict(device="cuda", dtype="float32", block_size=4, num_kv_blocks=128, max_num_seqs=8,
+                  max_num_batched_tokens=16)
+    eager = LLM(tiny_model_dir, cuda_graphs=False, **kwargs)
+    graphed = LLM(tiny_model_dir, **kwargs)
+    assert eager.runner.graphs is None and graphed.runner.graphs.sizes == [1, 2, 4, 8]
+    expected = [o.token_ids for o in eager.generate(prompts, params)]
+    assert [o.token_ids for o in graphed.generate(prompts, params)] == expected
+    assert graphed.runner.graphs.num_replays >= 30
+    assert graphed.num_free_blocks == 128
+
+
 @pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "medusa").is_dir(), reason="the default model's heads are not shipped")
-def test_no_forward_syncs_the_host_with_the_device(monkeypatch):
-    """Prefills, decode steps and Medusa tree steps, in bf16: every forward runs under CUDA's sync check, which
-    raises at any operation that waits for the device (.item(), a device-to-host copy, nonzero)."""
-    llm = LLM(medusa=str(DEFAULT_MODEL_DIR / "medusa"), device="cuda")
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "graphs"])
+def test_no_forward_syncs_the_host_with_the_device(monkeypatch, cuda_graphs):
+    """Prefills, decode steps (replayed from graphs, or eager) and Medusa tree steps, in bf16: every forward runs
+    under CUDA's sync check, which raises at any operation that waits for the device (.item(), a device-to-host
+    copy, nonzero)."""
+    llm = LLM(medusa=str(DEFAULT_MODEL_DIR / "medusa"), device="cuda", cuda_graphs=cuda_graphs)
     forward, trees = llm.runner.forward, []
 
     def checked_forward(inputs):
@@ -103,5 +122,6 @@ def test_no_forward_syncs_the_host_with_the_device(monkeypatch):
 
     monkeypatch.setattr(llm.runner, "forward", checked_forward)
     llm.generate(CODE_PROMPTS, SamplingParams(max_tokens=24, temperature=0))
-    llm.generate(CODE_PROMPTS[0], SamplingParams(max_tokens=8, temperature=0, use_medusa=False))
+    llm.generate(CODE_PROMPTS, SamplingParams(max_tokens=8, temperature=0, use_medusa=False))
     assert True in trees and False in trees
+    assert (llm.runner.graphs is not None and llm.runner.graphs.num_replays > 0) == cuda_graphs
