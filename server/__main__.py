@@ -16,6 +16,7 @@ from engine.parallel import run_worker_if_launched
 from server.app import ServerConfig, create_app
 from server.flags import (
     add_batch_invariant_flag,
+    add_device_flags,
     add_dtype_flags,
     add_medusa_flags,
     add_tensor_parallel_flag,
@@ -97,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                         help=f"require 'Authorization: Bearer KEY' on every route but /health and /metrics "
                              f"(default: ${API_KEY_ENV}, if set)")
-    parser.add_argument("--device", default="cpu")
+    add_device_flags(parser)
     add_dtype_flags(parser)
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's); N tensor-parallel ranks on this host take 1/N each")
@@ -138,7 +139,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
               "max_num_seqs": args.max_num_seqs,
               "max_model_len": args.max_model_len, "adapter_root": args.adapter_root,
               "enable_prefix_caching": not args.no_prefix_caching, "skip_tokenizer_init": args.skip_tokenizer_init,
-              "batch_invariant": args.batch_invariant, "tensor_parallel_size": args.tensor_parallel_size}
+              "batch_invariant": args.batch_invariant, "tensor_parallel_size": args.tensor_parallel_size,
+              "cuda_graphs": not args.enforce_eager}
     optional = {"max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
                 "attention_backend": args.attention_backend, "num_kv_blocks": args.num_kv_blocks,
                 "kv_cache_memory": args.kv_cache_memory, "quantization": args.quantization,

@@ -27,6 +27,12 @@ def medusa_options(args: argparse.Namespace) -> dict:
     return {name: value for name, value in fields.items() if value is not None}
 
 
+def add_device_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="on CUDA, run every step eagerly (default: decode steps replay captured CUDA graphs)")
+
+
 def add_dtype_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on CUDA; on the CPU the checkpoint's own if bfloat16, else float32")

@@ -9,6 +9,7 @@ from engine import LLM, EngineConfig, SamplingParams
 from engine.parallel import run_worker_if_launched
 from server.flags import (
     add_batch_invariant_flag,
+    add_device_flags,
     add_dtype_flags,
     add_medusa_flags,
     add_tensor_parallel_flag,
@@ -30,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
-    parser.add_argument("--device", default="cpu")
+    add_device_flags(parser)
     add_dtype_flags(parser)
     parser.add_argument("--medusa", default=None,
                         help="Medusa heads folder: speculate with them ('lookup': prompt-lookup drafts alone)")
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
                              medusa=args.medusa, medusa_tree=args.medusa_tree,
                              quantization=args.quantization, tokenizer=args.tokenizer,
                              batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel_size,
-                             **medusa_options(args))
+                             cuda_graphs=not args.enforce_eager, **medusa_options(args))
         if run_worker_if_launched(EngineConfig(args.model, **engine_kwargs)):  # a torchrun rank above 0
             return
         with LLM(args.model, **engine_kwargs) as llm:

@@ -35,7 +35,7 @@ def test_flags_left_out_keep_the_engine_defaults():
     kwargs = engine_kwargs(parse_args([]))
     config, default = EngineConfig(**kwargs), EngineConfig()
     for name in ("block_size", "kv_cache_memory", "num_kv_blocks", "max_num_batched_tokens", "attention_backend",
-                 "enable_prefix_caching"):
+                 "enable_prefix_caching", "cuda_graphs"):
         assert getattr(config, name) == getattr(default, name)
 
 
@@ -51,6 +51,10 @@ def test_tokenizer_and_medusa_flags():
     assert kwargs["medusa_max_batch_size"] == 2 and EngineConfig(**kwargs).medusa_max_batch_size == 2
     with pytest.raises(ValueError, match="medusa_max_batch_size must be >= 1"):
         EngineConfig(medusa_max_batch_size=0)
+
+
+def test_enforce_eager_turns_the_cuda_graphs_off():
+    assert engine_kwargs(parse_args(["--device", "cuda", "--enforce-eager"]))["cuda_graphs"] is False
 
 
 def test_batch_invariant_flag():
