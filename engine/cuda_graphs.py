@@ -65,8 +65,8 @@ class DecodeGraphs:
 
     def takes(self, input_ids: torch.Tensor, ctx: ForwardContext) -> bool:
         """A step of one new token per sequence, without LoRA or a tree, that fits the captured sizes."""
-        return (ctx.tree_mask is None and ctx.lora is None and len(input_ids) == ctx.num_seqs <= self.sizes[-1]
-                and ctx.max_context_len <= self.max_model_len
+        return (ctx.tree_mask is None and ctx.lora is None and ctx.prompt_lens is not None
+                and len(input_ids) == ctx.num_seqs <= self.sizes[-1] and ctx.max_context_len <= self.max_model_len
                 and ctx.block_tables.shape[1] <= self.block_tables.shape[1])
 
     def replay(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
