@@ -2,8 +2,9 @@
 
 A decode step of a small model is hundreds of small kernels, and launching them from Python costs more than
 the GPU's work: on an H200, a 1.1B model decoded eagerly at 5% of its memory bandwidth. A graph launches
-them all at once (there: 5.8x the eager steps at batch 1, 4.4-5x at batch 8 and 32). One graph is captured per padded batch size; a step of n sequences, each adding one token,
-replays the graph of the smallest captured size >= n.
+them all at once (there: 5.8x the eager steps at batch 1, 4.4-5x at batch 8 and 32). One graph is captured
+per padded batch size; a step of n sequences, each adding one token, replays the graph of the smallest
+captured size >= n.
 
 What varies between steps lives in device buffers that the graphs read (token ids, positions, slots, block
 tables, context lengths), and the Triton attention kernel plans its grid for the longest context the engine
