@@ -155,8 +155,10 @@ class Sampler:
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
             probs = filtered_probs(adjusted[sampled], [params[i] for i in sampled])
-            for row, i in enumerate(sampled):
-                ids[i] = torch.multinomial(probs[row], 1, generator=generators[i]).item()
+            # each row draws from its own generator; the draws come to the host together (one sync on CUDA)
+            draws = [torch.multinomial(probs[row], 1, generator=generators[i]) for row, i in enumerate(sampled)]
+            for i, token in zip(sampled, torch.cat(draws).tolist()):
+                ids[i] = token
         return SamplerOutput(ids, self._logprobs(raw, ids, params))
 
     @staticmethod
