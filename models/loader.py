@@ -136,13 +136,13 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str) 
     """A GGUF checkpoint's model: float tensors copied into the model's dtype; each linear whose weights are
     quantized becomes a QuantizedLinear over the raw blocks (packed q/k/v and gate/up of one type), or a
     MixedQuantizedLinear (shards of several types). Off the CPU, where gorgon has no quantized kernels, quantized
-    tensors are dequantized once into the model's dtype instead, as transformers loads GGUF files."""
+    tensors are dequantized into the model's dtype instead, as transformers loads GGUF files: one at a time, as each
+    is copied, so the host never holds more than one tensor in fp32."""
     checkpoint = read_gguf(file)
     config = checkpoint.config
     model = _empty_model(config, dtype, device)
     tensors = dict(checkpoint.tensors)
-    if torch.device(device).type != "cpu":
-        tensors = {key: t.dequantize() if isinstance(t, QuantizedWeight) else t for key, t in tensors.items()}
+    keep_quantized = torch.device(device).type == "cpu"
     expected = _expected_checkpoint_keys(model)
     unexpected = sorted(set(tensors) - expected)
     missing = sorted(expected - set(tensors))
@@ -157,7 +157,7 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str) 
         shard_keys = ([f"{parent}.{shard}" for shard in linear.shards] if isinstance(linear, PackedLinear)
                       else [name])
         weights = [tensors[f"{key}.weight"] for key in shard_keys if f"{key}.weight" in tensors]
-        if not any(isinstance(w, QuantizedWeight) for w in weights):
+        if not keep_quantized or not any(isinstance(w, QuantizedWeight) for w in weights):
             continue
         if name == "lm_head" and config.tie_word_embeddings:
             continue
@@ -172,15 +172,19 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str) 
         for key in shard_keys:
             del tensors[f"{key}.weight"]
     embed = tensors.pop("model.embed_tokens.weight")
-    if isinstance(embed, QuantizedWeight):
+    if keep_quantized and isinstance(embed, QuantizedWeight):
         _replace(model, "model.embed_tokens", _embedding(embed, dtype))
         if config.tie_word_embeddings:
             _replace(model, "lm_head", _quantized_linear(embed, None, model.lm_head, dtype))
     else:
-        params["model.embed_tokens.weight"].data.copy_(embed)
-    for key, tensor in tensors.items():  # the float rest: norms, unquantized linears, biases
-        _copy(key, tensor, params, modules, model)
+        params["model.embed_tokens.weight"].data.copy_(_float(embed))
+    for key, tensor in tensors.items():  # the float rest: norms, unquantized linears, biases (and, off the CPU, all)
+        _copy(key, _float(tensor), params, modules, model)
     return model.eval()
+
+
+def _float(tensor: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    return tensor.dequantize() if isinstance(tensor, QuantizedWeight) else tensor
 
 
 def _quantized_linear(weight: QuantizedWeight, bias: torch.Tensor | None, replaces: torch.nn.Module,
