@@ -2,9 +2,11 @@
 suite's: every architecture's logits against transformers, bf16 as close as transformers' own bf16, a quantized
 GGUF file against its dequantized path, LoRA and prefix adapters in one batch against PEFT, Medusa greedy token
 for token against plain greedy, decode steps replayed from CUDA graphs against eager ones; and no host-device
-sync inside a forward. The Triton kernel's own tests
-(test_attention.py, test_engine_features.py) run on the GPU there too."""
+sync inside a forward. The Triton kernel's own tests (test_attention.py, test_engine_features.py) run on the GPU
+there too."""
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -19,8 +21,12 @@ from models import DEFAULT_MODEL_DIR
 
 from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA device here: the CUDA path is checked on a GPU machine")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(),
+                       reason="no CUDA device here: the CUDA path is checked on a GPU machine"),
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                       reason="triton is not installed: CUDA attends with its kernel (pip install gorgon[triton])"),
+]
 CODE_PROMPTS = ["def fibonacci(n):\n", "import numpy as np\n\n\ndef", "class Stack:\n    def __init__(self):",
                 "for i in range(10):\n"]
 
