@@ -67,6 +67,9 @@ def test_serve_speculates_with_the_models_own_heads_by_default(tmp_path):
     assert engine_kwargs(parse_args([]))["medusa"] == "auto"  # the shipped model has heads: the playground shows them
     assert "medusa" not in engine_kwargs(parse_args(["--medusa", "none"]))
     assert "medusa" not in engine_kwargs(parse_args(["--model", str(tmp_path)]))  # a folder without heads
+    # on CUDA plain decode replays graphs and tree steps do not: the heads only when asked for
+    assert "medusa" not in engine_kwargs(parse_args(["--device", "cuda"]))
+    assert engine_kwargs(parse_args(["--device", "cuda", "--medusa", "auto"]))["medusa"] == "auto"
 
 
 def test_kv_cache_fraction_of_available_memory(monkeypatch):
