@@ -91,12 +91,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("gorgon bench decode: error: --device cuda, but torch sees no CUDA device")
+    if args.device != "cpu" and (args.baseline == "llama.cpp" or args.tensor_parallel_size > 1):
+        raise SystemExit("--device applies to the transformers baseline; llama.cpp and tensor parallelism are "
+                         "measured on the CPU")
     if args.baseline == "llama.cpp":
         if not (args.model and find_gguf(args.model)):
             raise SystemExit("--baseline llama.cpp runs both engines on one GGUF file: give --model X.gguf")
         return run_llamacpp(args, find_gguf(args.model))
-    if args.device != "cpu" and args.tensor_parallel_size > 1:
-        raise SystemExit("--device applies to the transformers baseline; tensor parallelism is measured on the CPU")
     with tempfile.TemporaryDirectory(prefix="gorgon-bench-") as tmp:
         folder = Path(args.model) if args.model else random_checkpoint(args.config, args.dtype or "float32", Path(tmp))
         if args.tensor_parallel_size > 1:
