@@ -60,6 +60,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # also each prompt token's logprob and this many alternatives
     use_medusa: bool = True  # speculate with the engine's Medusa heads, if it has any
     structured: StructuredOutput | None = None  # constrain the output to a JSON schema, regex, ... (engine.structured)
+    # the final-normed hidden state that produced each output token, on the finished RequestOutput (what Medusa
+    # heads learn from: engine.training.medusa); such requests decode plainly
+    return_hidden_states: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -262,6 +262,11 @@ class LLM:
                                [s.matcher for s in seqs])
             sampled = dict(zip(inputs.sampling_seqs, out.token_ids))
             sampled_logprobs = dict(zip(inputs.sampling_seqs, out.logprobs))
+            if any(s.params.return_hidden_states for s in seqs):
+                sampling_hidden = hidden[inputs.sample_rows]  # a copy: CUDA graphs reuse their output buffer
+                for seq, row_hidden in zip(seqs, sampling_hidden):
+                    if seq.params.return_hidden_states:
+                        seq.hidden_states.append(row_hidden)
 
         outputs = []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import torch
+
 from engine.sequence import Sequence
 
 
@@ -26,6 +28,9 @@ class RequestOutput:
     # prompt_logprobs requests: per prompt token, as logprobs (None for the first token, which nothing predicts)
     prompt_logprobs: list[tuple[float, dict[int, float]] | None] | None = None
     accepted_lengths: list[int] = field(default_factory=list)  # Medusa: tokens emitted per speculative step
+    # return_hidden_states requests, once finished: [num output tokens, hidden size], row j the final hidden state
+    # that sampled output token j
+    hidden_states: torch.Tensor | None = None
     ttft_s: float | None = None
     latency_s: float = 0.0
     tokens_per_s: float = 0.0
@@ -48,6 +53,7 @@ class RequestOutput:
             logprobs=list(seq.logprobs) if seq.params.logprobs is not None else None,
             prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
             accepted_lengths=list(seq.accepted_lengths),
+            hidden_states=torch.stack(seq.hidden_states) if seq.is_finished and seq.hidden_states else None,
             ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
             latency_s=latency,
             tokens_per_s=seq.num_output_tokens / latency if latency > 0 else 0.0,

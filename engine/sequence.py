@@ -55,6 +55,8 @@ class Sequence:
     num_preemptions: int = 0
     # Medusa bookkeeping: tokens accepted per speculative step
     accepted_lengths: list[int] = field(default_factory=list)
+    # params.return_hidden_states: the final hidden state of the row that sampled each output token
+    hidden_states: list[torch.Tensor] = field(default_factory=list)
     # Medusa drafts for the tokens after the pending last one, per depth: Medusa heads' top-k token ids, or
     # (Hydra heads) the tokens of the tree's nodes at that depth; None: the next decode step is a plain one
     draft_token_ids: list[list[int]] | None = None

@@ -283,6 +283,8 @@ def test_requests_that_opt_out_cost_no_drafting(tiny_model_dir, heads_dir):
     llm.medusa.heads.top_k = lambda *args: calls.append(len(args[0])) or top_k(*args)
     llm.generate(prompts(2), SamplingParams(max_tokens=8, use_medusa=False, **GREEDY))
     assert calls == []
+    kept = llm.generate(prompts(2), SamplingParams(max_tokens=8, return_hidden_states=True, **GREEDY))
+    assert calls == [] and all(o.accepted_lengths == [] and len(o.hidden_states) == 8 for o in kept)
     outs = llm.generate(prompts(2), SamplingParams(max_tokens=8, **GREEDY))
     # one drafted row per tree step, none for a finished request
     assert calls[0] == 2 and sum(calls) == sum(len(o.accepted_lengths) for o in outs)

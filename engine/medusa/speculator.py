@@ -195,9 +195,12 @@ class Medusa:
         return cls(heads, tree, model, kv_cache, max_model_len, max_batch_size=max_batch_size, **options)
 
     def can_speculate(self, seq: Sequence) -> bool:
-        # requests that want logprobs or a structured output decode plainly; adapters speculate with the base
-        # model's heads (verification runs through the adapter, so output is unchanged; only acceptance may drop)
-        return (seq.params.use_medusa and seq.params.logprobs is None and seq.matcher is None and not seq.is_finished
+        # requests that want logprobs, hidden states or a structured output decode plainly; adapters speculate with
+        # the base model's heads (verification runs through the adapter, so output is unchanged; only acceptance
+        # may drop)
+        params = seq.params
+        return (params.use_medusa and params.logprobs is None and not params.return_hidden_states
+                and seq.matcher is None and not seq.is_finished
                 and seq.num_virtual_tokens + len(seq) - 1 + self.max_tree_size <= self.max_model_len)
 
     @torch.inference_mode()
