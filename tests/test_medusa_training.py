@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections import Counter
 from types import SimpleNamespace
 
@@ -25,12 +26,18 @@ from engine.medusa.tree import (
     expected_tokens_per_step,
     machine_tree_file,
 )
+from engine.training.common import head_weights
 from engine.training.medusa import (
+    EVAL_EVERY,
     MAX_RANK,
+    PACE_STEPS,
+    PAYS,
     TrainConfig,
     accuracy_of,
     build_cache,
+    captured_cache,
     chat_prompts,
+    chunk_size,
     draft_vocabulary,
     held_out_ranks,
     prompts_from,
@@ -38,6 +45,7 @@ from engine.training.medusa import (
     self_written_prompts,
     to_draft_ids,
     train_heads,
+    weighted_loss,
 )
 from engine.training.medusa import main as train_main
 from models.loader import load_model
@@ -84,6 +92,56 @@ def test_cache_holds_each_position_and_the_tokens_its_heads_predict(model):
     assert batched.targets.tolist() == cache.targets.tolist()
     torch.testing.assert_close(batched.hidden.float(), cache.hidden.float(), rtol=1e-2, atol=1e-2)
     assert to_draft_ids(torch.tensor([[8, -1], [3, 9]]), 16, torch.tensor([9, 8])).tolist() == [[1, -1], [-1, 0]]
+
+
+def test_hidden_states_the_engine_keeps_are_a_forward_over_the_text(tiny_model_dir, model):
+    """return_hidden_states: row j is the final hidden state that sampled output token j, the same a forward
+    over prompt + output gives at the position before that token; train-medusa caches chat answers from them."""
+    llm = LLM(tiny_model_dir)
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=7, temperature=0, ignore_eos=True,
+                                                            return_hidden_states=True))
+    texts = [p + out.token_ids for p, out in zip(prompts, outputs)]
+    with torch.inference_mode():
+        for prompt, text, out in zip(prompts, texts, outputs):
+            assert out.hidden_states.shape == (7, model.config.hidden_size)
+            forward = model(torch.tensor([text]), torch.arange(len(text))[None])[0, len(prompt) - 1:-1]
+            torch.testing.assert_close(out.hidden_states, forward, rtol=1e-4, atol=1e-4)
+    starts = [len(p) for p in prompts]
+    captured = captured_cache(texts, starts, [out.hidden_states for out in outputs], num_heads=2)
+    computed = build_cache(model, texts, num_heads=2, starts=starts)
+    order = [1, 0]  # build_cache puts the shorter text first
+    by_text = [(cache.roots.split(6), cache.targets.split(6), cache.hidden.split(6)) for cache in (captured, computed)]
+    for k, t in enumerate(order):  # each text: positions start - 1 .. len - 3, 6 of them
+        assert by_text[0][0][t].tolist() == by_text[1][0][k].tolist()
+        assert by_text[0][1][t].tolist() == by_text[1][1][k].tolist()
+        torch.testing.assert_close(by_text[0][2][t].float(), by_text[1][2][k].float(), rtol=1e-2, atol=1e-2)
+    assert llm.generate([[5, 6]], SamplingParams(max_tokens=2))[0].hidden_states is None  # only when asked
+
+
+def test_training_stops_when_the_held_out_loss_stops_improving(model, windows):
+    """Two texts learnt by heart: the held-out loss turns up, training stops PATIENCE measurements after its
+    best, and the heads of that step come back."""
+    train, held_out = build_cache(model, windows[0][:2], 2), build_cache(model, windows[1], 2)
+    config = TrainConfig(num_heads=2, steps=3000, batch_size=64, lr=1e-2)
+    heads, history = train_heads(model, train, config, progress=False, held_out=held_out)
+    assert len(history) < config.steps and len(history) % EVAL_EVERY == 0
+    last, _ = train_heads(model, train, TrainConfig(num_heads=2, steps=len(history), batch_size=64, lr=1e-2),
+                          progress=False)  # the same steps, kept to the end
+    weights, rows = head_weights(2), torch.arange(len(held_out))
+    with torch.no_grad():
+        kept = weighted_loss(heads, model, held_out, rows, held_out.targets, None, weights)
+        assert kept < weighted_loss(last, model, held_out, rows, held_out.targets, None, weights)
+
+
+def test_training_fits_its_steps_to_a_deadline(model, windows):
+    cache = build_cache(model, windows[0][:4], 2)
+    config = TrainConfig(num_heads=2, steps=500, batch_size=16)
+    _, history = train_heads(model, cache, config, progress=False, deadline=time.perf_counter())
+    assert len(history) == 2 * PACE_STEPS  # the steps that measured the pace, then none left
+    _, history = train_heads(model, cache, TrainConfig(num_heads=2, steps=30, batch_size=16), progress=False,
+                             deadline=time.perf_counter() + 3600)
+    assert len(history) == 30
 
 
 def test_training_on_the_cache_raises_acceptance(model, windows):
@@ -182,7 +240,7 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
     for row in choice["measurements"]["candidates"]:  # timed up to the largest batch where the tree paid
         timed = [b for b in (1, 2, 4, 8) if f"speedup_bs{b}" in row]
         assert timed and timed == [1, 2, 4, 8][:len(timed)]
-        assert row["max_batch_size"] == max([0] + [b for b in timed if row[f"speedup_bs{b}"] > 1])
+        assert row["max_batch_size"] == max([0] + [b for b in timed if row[f"speedup_bs{b}"] >= PAYS])
     if choice["tree"] is not None:
         assert choice["max_batch_size"] >= 1
     printed = capsys.readouterr().out
@@ -242,7 +300,7 @@ def test_chat_self_distillation(chat_model_dir, tmp_path):
 
 
 def test_the_minutes_budget_bounds_writing_and_tree_timing(chat_model_dir, tmp_path, monkeypatch, capsys):
-    """The model stops writing texts once the next chunk would end past half of --minutes, and trees stop being
+    """The model stops writing texts once the next chunk would end past 60% of --minutes, and trees stop being
     timed past the whole (the first is always timed); with the default budget, all are written."""
     monkeypatch.setattr(medusa_training, "WRITE_CHUNK", 4)
     common = ["--model", str(chat_model_dir), "--samples", "12", "--heads", "2", "--steps", "2", "--seq-len", "16",
@@ -256,6 +314,13 @@ def test_the_minutes_budget_bounds_writing_and_tree_timing(chat_model_dir, tmp_p
     train_main([*common, "--out", str(tmp_path / "whole"), "--no-tree"])
     report = json.loads((tmp_path / "whole" / "training.json").read_text())
     assert report["train_texts"] + report["held_out_texts"] == 12
+
+
+def test_the_last_chunk_of_texts_holds_what_fits_the_budget():
+    assert chunk_size(0, 2048, 0.0, 900.0) == 256  # WRITE_CHUNK
+    assert chunk_size(256, 2048, 594.0, 306.0) == 131  # 2.32 s a text: 131 fit in 306 s
+    assert chunk_size(256, 2048, 594.0, 60.0) == 0  # 25 texts: not a full batch
+    assert chunk_size(2040, 2048, 10.0, 1.0) == 8  # the last 8, though fewer than a batch
 
 
 def test_self_written_prompts_continue_the_template_up_to_the_user_text(chat_model_dir):

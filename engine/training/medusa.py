@@ -8,12 +8,14 @@ a chat template) answers chat prompts: user turns it writes itself from its own 
 and prompts built from the docstrings of the standard library, or --prompts; other models continue
 prefixes sampled from themselves, or snippets of --prompts.
 
-The run keeps to a time budget (--minutes): the model writes texts for at most half of it, so a larger model
-writes fewer, and trees are timed while it lasts.
+The run keeps to a time budget (--minutes): the model writes texts for at most 60% of it, so a larger model
+writes fewer, the heads train for fewer steps where --steps would not fit, and trees are timed while it lasts.
 
-The base model never changes, so it runs once over the text: its hidden states and the tokens each head
-must predict are cached, and the heads train on random positions of the cache. They project onto the
-draft vocabulary (the commonest tokens of the text) only, as they will when drafting.
+The base model never changes, so its hidden states and the tokens each head must predict are cached once,
+and the heads train on random positions of the cache. Chat answers cost no second forward: the engine keeps
+the hidden state that sampled each token as it writes them (SamplingParams.return_hidden_states); other
+text gets one forward. The heads project onto the draft vocabulary (the commonest tokens of the text) only,
+as they will when drafting.
 
 Then the tree: from the heads' ranks of the right tokens on held-out text, the best tree of each size and the
 tokens per step it would give; from timed engine runs, what a step with each tree costs on this machine
@@ -58,9 +60,18 @@ from models.quant import QuantizedLinear, dequantize_rows
 MAX_RANK = 8  # ranks of the right token tracked per head on held-out text: trees take at most each head's top 8
 TREE_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)  # candidate trees: the best of each size (paths)
 TIMING_BATCHES = (1, 2, 4, 8)  # batch sizes each tree is timed at: the largest where it pays caps speculation
-# Of the --minutes budget, the share the model may spend writing its training text: encoding it, training the heads
-# and timing the trees take the rest (SmolLM2, 2 cores: 10.5, 5.5, 2.2 and 1 minutes)
-WRITING_SHARE = 0.5
+# the measured speedup a tree must reach at a batch size to pay there: timed steps vary by a few percent, and at
+# larger batches a real run also verifies prompt-lookup chains (longer than the tree), which the timing leaves out
+PAYS = 1.05
+# Of the --minutes budget, the share the model may spend writing its training text: training the heads and timing
+# the trees take the rest (2 cores: SmolLM2-135M wrote all its texts in 10.5 minutes and trained in 2.2; a 1.5B
+# model wrote 256 in 10, trained in 4.5 and timed 8 trees in 8.4)
+WRITING_SHARE = 0.6
+TRAINING_END = 0.8  # ... and the heads' training ends by this share of it, leaving the rest to time the trees
+PACE_STEPS = 10  # training steps timed (after as many to warm up) to fit the rest of them to the budget
+EVAL_EVERY = 100  # training steps between measurements of the held-out loss
+PATIENCE = 3  # measurements without a better held-out loss that end the training
+EVAL_POSITIONS = 4096  # held-out positions it is measured on
 WRITE_CHUNK = 256  # texts written between looks at the clock
 
 
@@ -104,7 +115,7 @@ def build_cache(model: nn.Module, texts: torch.Tensor | list[list[int]], num_hea
     texts = texts.tolist() if isinstance(texts, torch.Tensor) else texts
     starts = starts or [0] * len(texts)
     order = sorted(range(len(texts)), key=lambda t: len(texts[t]))  # similar lengths share a padded batch
-    hidden, roots, targets = [], [], []
+    parts = []
     with tqdm(total=sum(map(len, texts)), desc="caching hidden states", unit="tok", disable=not progress) as bar:
         while order:
             size = 1
@@ -115,14 +126,29 @@ def build_cache(model: nn.Module, texts: torch.Tensor | list[list[int]], num_hea
             ids = torch.tensor([texts[t] + [0] * (width - len(texts[t])) for t in batch])  # causal: pads come last
             out = model(ids, torch.arange(width).expand_as(ids))  # [B, width, hidden]
             for row, t in enumerate(batch):
-                text, first = texts[t], max(starts[t] - 1, 0)
-                padded = torch.tensor(text + [-1] * (num_heads + 1))
-                positions = torch.arange(first, len(text) - HEAD_OFFSET)
-                hidden.append(out[row, positions].to(torch.bfloat16))
-                roots.append(padded[positions + 1])
-                targets.append(torch.stack([padded[positions + HEAD_OFFSET + k] for k in range(num_heads)], dim=1))
-                bar.update(len(text))
-    return HiddenCache(torch.cat(hidden).clone(), torch.cat(roots), torch.cat(targets))
+                first = max(starts[t] - 1, 0)
+                parts.append(cache_rows(texts[t], first, out[row, first:], num_heads))
+                bar.update(len(texts[t]))
+    return HiddenCache(*(torch.cat(part) for part in zip(*parts)))
+
+
+def captured_cache(texts: list[list[int]], starts: list[int], hidden_states: list[torch.Tensor],
+                   num_heads: int) -> HiddenCache:
+    """The cache of answers the engine wrote with return_hidden_states: the hidden state that sampled each
+    answer token is the one at the position before it, so no second forward is needed."""
+    parts = [cache_rows(text, start - 1, hidden, num_heads)
+             for text, start, hidden in zip(texts, starts, hidden_states)]
+    return HiddenCache(*(torch.cat(part) for part in zip(*parts)))
+
+
+def cache_rows(text: list[int], first: int, hidden: torch.Tensor,
+               num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden, roots, targets) of the text's positions first .. len(text) - 3, whose hidden states are the
+    first rows of `hidden` (row 0: position first)."""
+    padded = torch.tensor(text + [-1] * (num_heads + 1))
+    positions = torch.arange(first, len(text) - HEAD_OFFSET)
+    targets = torch.stack([padded[positions + HEAD_OFFSET + k] for k in range(num_heads)], dim=1)
+    return hidden[:len(positions)].to(torch.bfloat16), padded[positions + 1], targets
 
 
 def embed(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -155,9 +181,14 @@ def to_draft_ids(targets: torch.Tensor, vocab_size: int, draft_vocab: torch.Tens
 
 
 def train_heads(model: nn.Module, cache: HiddenCache, config: TrainConfig, draft_vocab: torch.Tensor | None = None,
-                progress: bool = True, init: MedusaHeads | None = None) -> tuple[MedusaHeads, list[float]]:
+                progress: bool = True, init: MedusaHeads | None = None, deadline: float = math.inf,
+                held_out: HiddenCache | None = None) -> tuple[MedusaHeads, list[float]]:
     """Train heads on the cache over the frozen `model`, fresh ones or starting from `init`, projecting onto
-    the draft vocabulary; returns the heads (draft_vocab set) and the weighted training loss of every step."""
+    the draft vocabulary; returns the heads (draft_vocab set) and the weighted training loss of every step.
+    Where config.steps would end past `deadline` (perf_counter), the pace of the first PACE_STEPS steps sets
+    fewer, and the learning-rate schedule ends with them. With a `held_out` cache, its loss is measured every
+    EVAL_EVERY steps: training stops once it has not improved for PATIENCE of them (a small text learnt by
+    heart), and the heads of its best step are returned."""
     torch.manual_seed(config.seed)
     model.requires_grad_(False)
     mc = model.config
@@ -168,27 +199,56 @@ def train_heads(model: nn.Module, cache: HiddenCache, config: TrainConfig, draft
     targets = to_draft_ids(cache.targets, mc.vocab_size, draft_vocab)
     weights = head_weights(config.num_heads)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine(s / config.steps))
+    steps = config.steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine(s / steps))
     generator = torch.Generator().manual_seed(config.seed)
+    if held_out is not None:
+        eval_rows = torch.randperm(len(held_out), generator=generator)[:EVAL_POSITIONS]
+        eval_targets = to_draft_ids(held_out.targets, mc.vocab_size, draft_vocab)
+        best = (math.inf, 0, None)  # held-out loss, step, the heads' weights then
     history = []
-    with tqdm(range(config.steps), desc="training medusa heads", disable=not progress) as bar:
-        for _ in bar:
+    with tqdm(total=steps, desc="training medusa heads", disable=not progress) as bar:
+        while len(history) < steps:
             pick = torch.randint(len(cache), (config.batch_size,), generator=generator)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = draft_logits(heads, model, cache.hidden[pick].float(), draft_vocab,
-                                      cache.head_inputs(pick))  # [K, B, V']
-            losses = torch.stack([F.cross_entropy(logits[k].float(), targets[pick, k], ignore_index=-1,
-                                                  reduction="sum") / (targets[pick, k] >= 0).sum().clamp(min=1)
-                                  for k in range(config.num_heads)])
-            loss = (losses * weights).sum()
+            loss = weighted_loss(heads, model, cache, pick, targets, draft_vocab, weights)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
             history.append(loss.item())
+            bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            if len(history) == PACE_STEPS:
+                began = time.perf_counter()
+            elif len(history) == 2 * PACE_STEPS and deadline < math.inf:
+                pace = (time.perf_counter() - began) / PACE_STEPS
+                steps = min(steps, len(history) + max(0, int((deadline - time.perf_counter()) / pace)))
+                bar.total = steps
+            if held_out is not None and len(history) % EVAL_EVERY == 0:
+                with torch.no_grad():
+                    held_out_loss = weighted_loss(heads, model, held_out, eval_rows, eval_targets, draft_vocab,
+                                                  weights).item()
+                if held_out_loss < best[0]:
+                    best = (held_out_loss, len(history), {k: v.clone() for k, v in heads.state_dict().items()})
+                elif len(history) - best[1] >= PATIENCE * EVAL_EVERY:
+                    print(f"held-out loss best at step {best[1]} ({best[0]:.3f}): training stops at step "
+                          f"{len(history)} and keeps those heads", flush=True)
+                    break
+    if held_out is not None and best[2] is not None and best[1] < len(history):
+        heads.load_state_dict(best[2])
     heads.draft_vocab = draft_vocab
     return heads.eval().requires_grad_(False), history
+
+
+def weighted_loss(heads: MedusaHeads, model: nn.Module, cache: HiddenCache, rows: torch.Tensor,
+                  targets: torch.Tensor, draft_vocab: torch.Tensor | None, weights: torch.Tensor) -> torch.Tensor:
+    """The heads' cross-entropy at these rows of the cache (targets: as draft ids), head k's weighted by
+    weights[k]; positions past the end of a text do not count."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = draft_logits(heads, model, cache.hidden[rows].float(), draft_vocab, cache.head_inputs(rows))
+    losses = torch.stack([F.cross_entropy(logits[k].float(), targets[rows, k], ignore_index=-1, reduction="sum")
+                          / (targets[rows, k] >= 0).sum().clamp(min=1) for k in range(len(weights))])
+    return (losses * weights).sum()
 
 
 @torch.inference_mode()
@@ -352,16 +412,17 @@ def self_written_prompts(llm: LLM, num_prompts: int, seed: int, max_tokens: int 
     return [[{"role": "user", "content": text}] for text in found]
 
 
-def chat_distill(llm: LLM, prompts: list[list[dict]], max_tokens: int,
-                 temperature: float, seed: int) -> tuple[list[list[int]], list[int]]:
+def chat_distill(llm: LLM, prompts: list[list[dict]], max_tokens: int, temperature: float,
+                 seed: int) -> tuple[list[list[int]], list[int], list[torch.Tensor]]:
     """The model's answers to chat prompts (its own template), up to its end of turn or max_tokens:
-    (prompt + answer token ids of each, where each answer starts)."""
+    (prompt + answer token ids of each, where each answer starts, the hidden states that sampled its tokens)."""
     starts = [llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                 return_dict=True)["input_ids"] for messages in prompts]
-    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i)
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i, return_hidden_states=True)
               for i in range(len(starts))]
-    outputs = llm.generate(starts, params, use_tqdm=False)
-    return [p + out.token_ids for p, out in zip(starts, outputs)], [len(p) for p in starts]
+    outputs = llm.generate(starts, params, use_tqdm=True)
+    return ([p + out.token_ids for p, out in zip(starts, outputs)], [len(p) for p in starts],
+            [out.hidden_states.to(torch.bfloat16) for out in outputs])  # the heads draft in bf16
 
 
 def self_distill(model: LLM | Path | None, num_samples: int, seq_len: int, prefix_tokens: int,
@@ -411,10 +472,10 @@ def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[l
     """The candidate tree with the most tokens per second, from its held-out tokens per step and its step
     time against a plain step of the same engine at each of TIMING_BATCHES, the two timed in turn (best of
     `repeats` each: load from other processes hits both alike). A tree serves batches up to the largest size
-    at which it and every smaller one paid (its max_batch_size), and the engine decodes plainly above it; its
-    score is the geometric mean over TIMING_BATCHES of its speedup there (1 above its max_batch_size). None if
-    no tree is faster than plain decoding at batch 1. Past `deadline` (perf_counter), no further candidate is
-    timed: the smaller trees come first."""
+    at which it and every smaller one paid (measured at least PAYS times plain decoding: its max_batch_size),
+    and the engine decodes plainly above it; its score is the geometric mean over TIMING_BATCHES of its speedup
+    there (1 above its max_batch_size). None if no tree pays at batch 1. Past `deadline` (perf_counter), no
+    further candidate is timed: the smaller trees come first."""
     if not candidates:
         return TreeChoice(None, "no Medusa tree pays: no draft was right on the held-out text", {})
     trees = []
@@ -441,7 +502,7 @@ def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[l
                         runs[mode].append(1000 * seconds / steps)
                 row[f"plain_step_ms_bs{b}"], row[f"step_ms_bs{b}"] = min(runs["plain"]), min(runs["tree"])
                 row[f"speedup_bs{b}"] = row["tokens_per_step"] * min(runs["plain"]) / min(runs["tree"])
-                if row[f"speedup_bs{b}"] <= 1:
+                if row[f"speedup_bs{b}"] < PAYS:
                     break
                 row["max_batch_size"] = b
             speedups = [row[f"speedup_bs{b}"] if b <= row["max_batch_size"] else 1.0 for b in TIMING_BATCHES]
@@ -522,7 +583,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=2048,
                         help="self-distillation: texts to generate (at most: see --minutes)")
     parser.add_argument("--minutes", type=float, default=30.0,
-                        help="the run's time budget: the model writes texts for at most half of it, and trees are "
+                        help="the run's time budget: the model writes texts for at most 60%% of it, and trees are "
                              "timed while it lasts (at least one); 0: no budget")
     parser.add_argument("--prefix-tokens", type=int, default=8, help="self-distillation: sampled prefix length")
     parser.add_argument("--temperature", type=float, default=0.0, help="self-distillation: continuation temperature")
@@ -547,19 +608,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def training_text(args: argparse.Namespace, llm: LLM, prompts: list) -> tuple[list[list[int]], list[int], str]:
-    """(texts, where the heads start learning in each, what they are), from --data or self-distillation. The
-    model writes its texts WRITE_CHUNK at a time, and starts no chunk it would finish past WRITING_SHARE of
-    the --minutes budget: a larger model writes fewer texts, in about the same time."""
+def chunk_size(first: int, total: int, elapsed: float, remaining: float) -> int:
+    """How many texts to write next, after `first` of `total` in `elapsed` seconds, with `remaining` seconds
+    of the writing budget: WRITE_CHUNK, but no more than fit at the pace so far; 0 (stop) if not even one full
+    batch of the engine's fits."""
+    count = min(WRITE_CHUNK, total - first)
+    if first:
+        fits = remaining / (elapsed / first)
+        if fits < min(count, MAX_ROWS):
+            return 0
+        count = min(count, int(fits))
+    return count
+
+
+def training_text(args: argparse.Namespace, llm: LLM,
+                  prompts: list) -> tuple[list[list[int]], list[int], list[torch.Tensor] | None, str]:
+    """(texts, where the heads start learning in each, the hidden states the engine computed for them, if it
+    wrote them as chat answers, what they are), from --data or self-distillation. The model writes its texts
+    WRITE_CHUNK at a time, and no more than fit, at its pace so far, in WRITING_SHARE of the --minutes budget:
+    a larger model writes fewer texts, in about the same time."""
     if args.data:
         windows = windows_of(read_corpus(Path(args.data), llm.tokenizer), args.seq_len).tolist()
-        return windows, [0] * len(windows), args.data
+        return windows, [0] * len(windows), None, args.data
     chat, num_sampled = bool(llm.tokenizer.chat_template), args.samples - len(prompts)
     total = len(prompts) if chat and prompts else args.samples
     built = chat_prompts(args.samples, args.seed) if chat and not prompts else []
     used = {"written": 0, "built": 0}  # prompts answered, by kind
 
-    def write(first: int, count: int) -> tuple[list[list[int]], list[int]]:
+    def write(first: int, count: int) -> tuple[list[list[int]], list[int], list[torch.Tensor] | None]:
         """The texts first .. first + count - 1 (of total)."""
         if chat:
             if prompts:
@@ -574,30 +650,33 @@ def training_text(args: argparse.Namespace, llm: LLM, prompts: list) -> tuple[li
         windows = self_distill(llm, max(0, min(first + count, num_sampled) - first), args.seq_len, args.prefix_tokens,
                                args.temperature, args.seed + first,
                                prompts[max(0, first - num_sampled):max(0, first + count - num_sampled)])
-        return windows.tolist(), [0] * len(windows)
+        return windows.tolist(), [0] * len(windows), None
 
     deadline = time.perf_counter() + WRITING_SHARE * args.minutes * 60 if args.minutes else math.inf
-    texts, starts = [], []
+    texts, starts, hidden_states = [], [], []
+    first, began = 0, time.perf_counter()
     with tqdm(total=total, desc="writing the training text", unit="text") as bar:
-        for first in range(0, total, WRITE_CHUNK):
-            chunk_start = time.perf_counter()
-            new_texts, new_starts = write(first, min(WRITE_CHUNK, total - first))
-            texts += new_texts
-            starts += new_starts
-            bar.update(len(new_texts))
-            if time.perf_counter() + (time.perf_counter() - chunk_start) > deadline and first + WRITE_CHUNK < total:
+        while first < total:
+            count = chunk_size(first, total, time.perf_counter() - began, deadline - time.perf_counter())
+            if not count:
                 print(f"the --minutes budget: the model wrote {len(texts)} of {total} texts", flush=True)
                 break
+            new_texts, new_starts, new_hidden = write(first, count)
+            texts += new_texts
+            starts += new_starts
+            hidden_states += new_hidden or []
+            bar.update(len(new_texts))
+            first += count
     if chat:
         source = (f"{len(texts)} prompts in {args.prompts}" if prompts else
                   f"{used['written']} chat prompts the model wrote itself and {used['built']} built from the "
                   "standard library's docstrings")
-        return texts, starts, (f"self-distillation (answers to {source}, up to {args.seq_len} tokens each; "
-                               f"temperature {args.temperature})")
+        return texts, starts, hidden_states, (f"self-distillation (answers to {source}, up to {args.seq_len} "
+                                              f"tokens each; temperature {args.temperature})")
     counts = {f"{args.prefix_tokens}-token sampled prefixes": min(len(texts), num_sampled),
               f"prompts in {args.prompts}": max(0, len(texts) - num_sampled)}
     sources = ", ".join(f"{n} from {what}" for what, n in counts.items() if n)
-    return texts, starts, f"self-distillation ({sources}; continuation temperature {args.temperature})"
+    return texts, starts, None, f"self-distillation ({sources}; continuation temperature {args.temperature})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -643,12 +722,13 @@ def main(argv: list[str] | None = None) -> None:
         try:
             saved = json.loads(Path(args.texts).read_text())
             texts, starts, data = saved["texts"], saved["starts"], saved["data"]
+            hidden_states = None
         except (ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"gorgon train-medusa: error: {args.texts} is not a --texts file that train-medusa wrote "
                              f"({e!r})") from None
     else:
         try:
-            texts, starts, data = training_text(args, llm, prompts)
+            texts, starts, hidden_states, data = training_text(args, llm, prompts)
         except ValueError as e:  # a chat template that hides the user's text
             raise SystemExit(f"gorgon train-medusa: error: {e}") from None
         if args.texts:
@@ -659,13 +739,19 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"gorgon train-medusa: {len(texts)} texts leave nothing to train on after "
                          f"holding out {num_held_out}")
     held_out, train = order[:num_held_out], order[num_held_out:]
-    train_cache = build_cache(model, [texts[t] for t in train], args.heads, [starts[t] for t in train], progress=True)
-    held_out_cache = build_cache(model, [texts[t] for t in held_out], args.heads, [starts[t] for t in held_out])
+    def cache_of(rows: list[int], progress: bool = False) -> HiddenCache:
+        if hidden_states:  # the engine kept them as it wrote the texts
+            return captured_cache([texts[t] for t in rows], [starts[t] for t in rows],
+                                  [hidden_states[t] for t in rows], args.heads)
+        return build_cache(model, [texts[t] for t in rows], args.heads, [starts[t] for t in rows], progress=progress)
+
+    train_cache, held_out_cache = cache_of(train, progress=True), cache_of(held_out)
     config = TrainConfig(args.heads, args.layers, args.own_lm_head, args.head_kind, args.steps, args.batch_size,
                          args.seq_len, args.lr, args.seed)
     valid = train_cache.targets[:, 0][train_cache.targets[:, 0] >= 0]
     draft_vocab = draft_vocabulary(valid, model.config.vocab_size, args.draft_coverage)
-    heads, history = train_heads(model, train_cache, config, draft_vocab, init=init)
+    heads, history = train_heads(model, train_cache, config, draft_vocab, init=init, held_out=held_out_cache,
+                                 deadline=start + TRAINING_END * args.minutes * 60 if args.minutes else math.inf)
     ranks = held_out_ranks(heads, model, held_out_cache)
     accuracy = accuracy_of(ranks)
     held_out_targets = held_out_cache.targets[:, 0][held_out_cache.targets[:, 0] >= 0]
@@ -683,7 +769,8 @@ def main(argv: list[str] | None = None) -> None:
     report = {"config": asdict(config), "init_heads": args.init_heads, "data": data,
               "train_texts": len(train), "held_out_texts": num_held_out,
               "train_positions": len(train_cache), "held_out_positions": len(ranks),
-              "loss_first": history[0], "loss_last": history[-1], "held_out_accuracy": accuracy,
+              "steps_trained": len(history), "loss_first": history[0], "loss_last": history[-1],
+              "held_out_accuracy": accuracy,
               "draft_vocab_size": heads.num_draft_tokens, "draft_vocab_held_out_coverage": held_out_coverage,
               "tree": choice.summary if choice else None, "threads": torch.get_num_threads(),
               "budget_minutes": args.minutes,
