@@ -185,8 +185,8 @@ def test_quantized_linear_module(qtype, rows):
     magnitude = x.abs() @ dense.abs().T
     tol = activation_bound(x, dense) * 1.001 + 1e-4 if rows <= 32 else 2 ** -7 * magnitude + 1e-4  # bf16: 8 bits
     assert ((layer(x) - ref).abs() <= tol).all()
-    layer.kernels = None
-    assert (layer(x) - ref).abs().max() <= 1e-4
+    layer.kernels = None  # fp32 throughout: only the order of the sums differs from ref (BLAS picks its own blocking)
+    assert ((layer(x) - ref).abs() <= 2 * k * 2 ** -24 * magnitude + 1e-4).all()
 
 
 def test_embedding_dequantizes_the_rows_it_reads():
