@@ -35,6 +35,9 @@ class LlamaCpp:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n_ctx, n_batch, n_batch, max_seqs
         params.n_threads = params.n_threads_batch = threads
+        # one cache for all sequences, as a continuous-batching server keeps it: with a stream per sequence (the
+        # default of newer llama.cpp), batched steps fail with "failed to find a memory slot"
+        params.kv_unified = True
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.n_batch, self.max_seqs = n_batch, max_seqs
