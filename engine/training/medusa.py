@@ -105,6 +105,11 @@ class HiddenCache:
     def __len__(self) -> int:
         return len(self.hidden)
 
+    @classmethod
+    def cat(cls, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> HiddenCache:
+        """One cache of the (hidden, roots, targets) rows of several texts (cache_rows)."""
+        return cls(*(torch.cat(part) for part in zip(*parts)))
+
 
 @torch.inference_mode()
 def build_cache(model: nn.Module, texts: torch.Tensor | list[list[int]], num_heads: int,
@@ -129,7 +134,7 @@ def build_cache(model: nn.Module, texts: torch.Tensor | list[list[int]], num_hea
                 first = max(starts[t] - 1, 0)
                 parts.append(cache_rows(texts[t], first, out[row, first:], num_heads))
                 bar.update(len(texts[t]))
-    return HiddenCache(*(torch.cat(part) for part in zip(*parts)))
+    return HiddenCache.cat(parts)
 
 
 def captured_cache(texts: list[list[int]], starts: list[int], hidden_states: list[torch.Tensor],
@@ -138,7 +143,7 @@ def captured_cache(texts: list[list[int]], starts: list[int], hidden_states: lis
     answer token is the one at the position before it, so no second forward is needed."""
     parts = [cache_rows(text, start - 1, hidden, num_heads)
              for text, start, hidden in zip(texts, starts, hidden_states)]
-    return HiddenCache(*(torch.cat(part) for part in zip(*parts)))
+    return HiddenCache.cat(parts)
 
 
 def cache_rows(text: list[int], first: int, hidden: torch.Tensor,
