@@ -275,9 +275,10 @@ def run_llamacpp(args: argparse.Namespace, file: Path) -> None:
              "gorgon / llama.cpp": r["gorgon"] / r["llama.cpp"]} for name, r in rate.items()]
     isa = cpu_isa()
     ops = cpu_decode.compiled()
+    kernels = "unavailable" if ops is None else ops.isa() + (" + AMX tiles" if ops.amx() else "")
     print(f"\n{file.name}, gorgon dtype {llm.config.dtype} (KV cache {llm.config.kv_cache_dtype}), {threads} "
           f"thread(s), {n} new tokens after a {PROMPT_LEN}-token prompt ({after}: after the prefill's); CPU: {isa}; "
-          f"gorgon's quantized kernels: {ops.isa() if ops else 'unavailable'}; "
+          f"gorgon's quantized kernels: {kernels}; "
           f"greedy tokens agreeing with llama.cpp at batch 1: {agree}/{n}")
     print_table(rows, ["test", "gorgon tok/s", "llama.cpp tok/s", "gorgon / llama.cpp"])
     summary = {

@@ -60,8 +60,10 @@ def use_isa(isa: str) -> None:
 
 @pytest.fixture(autouse=True)
 def restore_isa():
+    amx = ops.amx()
     yield
     ops.set_isa("auto")
+    ops.set_amx(amx)
 
 
 @pytest.mark.parametrize("qtype", QUANTIZED_TYPES, ids=lambda t: t.name)
@@ -134,6 +136,24 @@ def test_packed_kernel_rows_do_not_depend_on_the_batch(qtype, isa):
     together = ops.quantized_linear(x, p, int(qtype), None)
     for i in range(13):
         assert torch.equal(ops.quantized_linear(x[i:i + 1], p, int(qtype), None)[0], together[i])
+
+
+@pytest.mark.parametrize("qtype", PACKABLE, ids=lambda t: t.name)
+def test_amx_tiles_give_the_vnni_paths_bits(qtype):
+    """From 9 token rows, the AVX-512 path takes its integer dot products from AMX tiles (where the CPU and
+    the OS allow them): every row's result must be bitwise that of vpdpbusd's, as Medusa's verification of
+    a tree reproduces plain decoding of one row"""
+    if not ops.set_amx(True):
+        pytest.skip("this CPU (or its OS) gives no AMX-INT8 tiles")
+    for k in in_features_for(qtype):  # the last batch of 8 blocks partial, and a 64-weight tail
+        w = random_weight(qtype, 48, k, seed=k)
+        p = packed(w)
+        for m in (9, 16, 17, 25, 32):
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            tiles = ops.quantized_linear(x, p, int(qtype), None)
+            ops.set_amx(False)
+            assert torch.equal(ops.quantized_linear(x, p, int(qtype), None), tiles), (k, m)
+            ops.set_amx(True)
 
 
 def test_repack_applies_only_where_it_has_kernels():

@@ -848,6 +848,11 @@ std::string set_isa(std::string name) {
 
 std::string isa() { return quant::isa_name(quant::current_isa()); }
 
+// Turn the AMX tiles of the quantized kernels on or off (on: where the CPU and OS allow); returns whether they are on
+bool set_amx(bool on) { return quant::amx_enabled() = on && quant::amx_available(); }
+
+bool amx() { return quant::amx_enabled(); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.def("small_batch_linear", &small_batch_linear, "y = x @ w.T + b for a few rows, streaming w once");
@@ -875,6 +880,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packable", &quant::packable, "does ggml type qtype have kernels over the 16-row interleaved layout?");
   m.def("set_isa", &set_isa, "force the quantized kernels' instruction set (auto, avx512, avx2, scalar)");
   m.def("isa", &isa, "the quantized kernels' instruction set");
+  m.def("set_amx", &set_amx, "turn the quantized kernels' AMX tiles on or off, where the CPU has them");
+  m.def("amx", &amx, "do the quantized kernels use AMX tiles (with 3+ token rows on the AVX-512 path)?");
   py::class_<DecoderStack>(m, "DecoderStack", "every decoder layer of a step in one call")
       .def(py::init<int64_t, int64_t, double>(), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("scale"))
       .def("add_layer", &DecoderStack::add_layer)

@@ -27,7 +27,8 @@
 // are laid out anew at load, 16 rows interleaved ("packed", below), for kernels that need no
 // horizontal sums and scale a block once for 16 rows (AVX2: 8): 2 to 6 times the row-by-row kernels'
 // throughput on AVX-512, 1.1 to 4 times on AVX2, in cache; less (1.0x-2.7x) at one token row where the weight
-// streams from memory (a Zen 4).
+// streams from memory (a Zen 4). On CPUs with AMX-INT8, the AVX-512 path takes the integer dot products of 9 to
+// 16 token rows from tile products (see "AMX-INT8" below), with the same results.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -42,6 +43,12 @@
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__)  // the build's -march has AMX (see "AMX-INT8" below)
+#define GORGON_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace quant {
 
@@ -1118,6 +1125,40 @@ inline int& current_isa() {
 
 inline const char* isa_name(int isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "scalar"; }
 
+// --- AMX-INT8 (Intel Xeon since Sapphire Rapids), for 2+ token rows ----------------------------------------
+// On the AVX-512 path, a block's integer dot products for up to 16 token rows can come from one tile multiply
+// (tdpbsud: 16 x 16 x 64 byte products at once) in place of 8 vpdpbusd per token row, which bound a step
+// of a few rows (Medusa's trees, small batches) on 2 cores. The int32 sums are exact either way and every
+// fp32 step after them is the same, so each row's result is bitwise that of the VNNI path. Compiled where the
+// build's -march has AMX (builds are per machine), used where Linux grants the process the tile state.
+// AMX takes the formats with a scale per 32 weights (Q4_K's per sub-block included), from this many token rows:
+// a block's tile product and its round trip through memory cost about what 8 token rows' vpdpbusd do (Q4_K,
+// Q4_1 and Q8_0 matrices, 2 threads; at 3 rows, 1.7x the time), and Q6_K, Q3_K and Q2_K, which scale each 16
+// weights, need two products a block and gained nothing even at 16 rows
+constexpr int64_t kAmxMinRows = 9;
+
+template <int64_t QT>
+constexpr bool kAmxTakes = !(QT == kQ6_K || QT == kQ3_K || QT == kQ2_K);
+
+inline bool amx_available() {
+#ifdef GORGON_AMX
+  // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA: without it, the first tile instruction raises SIGILL
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return granted;
+#else
+  return false;
+#endif
+}
+
+// On by default where available; GORGON_CPU_ISA (avx512, avx2, scalar) runs as a CPU without it would
+inline bool& amx_enabled() {
+  static bool on = [] {
+    const char* env = std::getenv("GORGON_CPU_ISA");
+    return amx_available() && (env == nullptr || *env == 0 || std::string(env) == "auto");
+  }();
+  return on;
+}
+
 // --- y[M, N] = x[M, K] W^T for W's rows in format qtype; x and y fp32 -------------------------------------
 
 template <int64_t QT>
@@ -1161,17 +1202,65 @@ struct PackedRows {
         half_sums(a.half_sums.data() + x32 * a.M + m0) {}
 };
 
+#ifdef GORGON_AMX
+#define QUANT_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")))
+
+// The tiles of `rows` token rows: 0 a 32-block's dot products (rows x 16 int32), 1 its activations (rows x 32
+// bytes), 2 its weights (8 x 64 bytes: chunk c is row c, the layout tdpbsud takes)
+QUANT_AMX inline void configure_tiles(int rows) {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {64, 32, 64};
+    uint8_t rows[16] = {};
+  } config;
+  config.rows[0] = config.rows[1] = static_cast<uint8_t>(rows);
+  config.rows[2] = 8;
+  _tile_loadconfig(&config);
+}
+#else
+#define QUANT_AMX QUANT_AVX512
+#endif
+
+// The tiles' dot products of one batch of up to 8 32-blocks (a super-block of 256, or 8 blocks of 32)
+template <int MB>
+struct TileDots {
+  alignas(64) uint8_t weights[2][8][512];  // two batches' 32-blocks' 8 chunks of weights, as tdpbsud takes them
+  alignas(64) int32_t dots[8][MB][16];     // [32-block][token row][weight row]
+};
+
+#ifdef GORGON_AMX
+// Each 32-block i < count of a batch, from 32-block x32 of the activations: its dot products from its
+// weights[i]. Those were stored a whole batch earlier: a tile load of bytes just written by vector stores waits
+// for them to leave the store buffer (4x the time of the product, measured).
+template <int MB>
+QUANT_AMX inline void tile_products(const Activations& a, int64_t x32, int64_t m0, int count,
+                                    const uint8_t (*weights)[512], TileDots<MB>* t) {
+  for (int i = 0; i < count; ++i) {
+    _tile_zero(0);
+    _tile_loadd(1, PackedRows<MB>(a, x32 + i, m0).q, 32);
+    _tile_loadd(2, weights[i], 64);
+    _tile_dpbsud(0, 1, 2);
+    _tile_stored(0, t->dots[i], 64);
+  }
+}
+#endif
+
 // acc[m] += the 32-block x against weights w[8] (w[c]: weights 4c..4c+3 of each of the 16 rows, unsigned,
-// offset o), scaled by d and min per row
-template <int MB, bool has_offset, bool has_min>
-QUANT_AVX512 inline void packed_block(const PackedRows<MB>& x, const __m512i (&w)[8], __m512 d, __m512 min,
-                                      __m512 (&acc)[MB]) {
+// offset o), scaled by d and min per row. The integer dot products: tile_dots[m] (amx; w is then unused),
+// else vpdpbusd's
+template <int MB, bool has_offset, bool has_min, bool amx>
+QUANT_AMX inline void packed_block(const PackedRows<MB>& x, const __m512i (&w)[8], const int32_t (*tile_dots)[16],
+                                   __m512 d, __m512 min, __m512 (&acc)[MB]) {
   for (int m = 0; m < MB; ++m) {
     __m512i dot = has_offset ? _mm512_set1_epi32(x.init[m]) : _mm512_setzero_si512();
-    for (int c = 0; c < 8; ++c) {
-      int32_t x4;
-      std::memcpy(&x4, x.q + m * 32 + 4 * c, 4);
-      dot = _mm512_dpbusd_epi32(dot, w[c], _mm512_set1_epi32(x4));
+    if constexpr (amx) {
+      dot = _mm512_add_epi32(dot, _mm512_load_si512(tile_dots[m]));
+    } else {
+      for (int c = 0; c < 8; ++c) {
+        int32_t x4;
+        std::memcpy(&x4, x.q + m * 32 + 4 * c, 4);
+        dot = _mm512_dpbusd_epi32(dot, w[c], _mm512_set1_epi32(x4));
+      }
     }
     acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(x.scale[m])), acc[m]);
     if (has_min) acc[m] = _mm512_fmadd_ps(min, _mm512_set1_ps(x.qsum[m]), acc[m]);
@@ -1256,15 +1345,16 @@ QUANT_AVX512 inline __m512i q6_k_chunk(const uint8_t* quants, int j, int c) {
   return _mm512_or_si512(low, _mm512_and_si512(top, _mm512_set1_epi8(0x30)));
 }
 
-template <int64_t QT, int MB>
-QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group, int64_t blocks,
-                                      float* y, int64_t N, int64_t m0, int64_t n0) {
+// Blocks [begin, end) of a group, each 32-block x32 (numbered from the group's first) handed to the visitor as
+// its weights and scales: visit.full<has_offset, has_min>(x32, w, scale, min) or, for scales per 16 weights,
+// visit.halves<offset, has_min>(x32, w, scale0, scale1, min0, min1). The visitors are inlined, and what one
+// does not read (the scales, or with AMX's products the weights) is never computed.
+template <int64_t QT, typename Visit>
+QUANT_AMX inline void for_each_block(const uint8_t* group, int64_t begin, int64_t end, const Visit& visit) {
   const __m512i low = _mm512_set1_epi8(0xF);
   const int64_t gbb = group_block_bytes(QT);
-  __m512 acc[MB];
-  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   __m512i w[8];
-  for (int64_t b = 0; b < blocks; ++b) {
+  for (int64_t b = begin; b < end; ++b) {
     const uint8_t* blk = group + b * gbb;
     const uint8_t* quants = blk + quants_offset(QT);
     if (QT == kQ4_K || QT == kQ5_K) {
@@ -1278,11 +1368,11 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group
         }
         const __m512 scale = _mm512_mul_ps(d, bytes16(blk + 64 + 16 * j));
         const __m512 min = _mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), bytes16(blk + 64 + 128 + 16 * j)));
-        packed_block<MB, false, true>(PackedRows<MB>(a, b * 8 + j, m0), w, scale, min, acc);
+        visit.template full<false, true>(b * 8 + j, w, scale, min);
       }
       continue;
     }
-    if (QT == kQ6_K || QT == kQ3_K || QT == kQ2_K) {  // scales (and Q2_K's minimums) per 16 weights
+    if constexpr (QT == kQ6_K || QT == kQ3_K || QT == kQ2_K) {  // scales (and Q2_K's minimums) per 16 weights
       const __m512 d = halves16(blk), dmin = QT == kQ2_K ? halves16(blk + 32) : _mm512_setzero_ps();
       const uint8_t* sc = blk + (QT == kQ2_K ? 64 : 32);
 #pragma GCC unroll 8
@@ -1295,8 +1385,8 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group
         __m512 min[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};  // Q2_K's -dmin mn; the others read no minimums
         for (int e = 0; e < 2 && QT == kQ2_K; ++e)
           min[e] = _mm512_mul_ps(dmin, _mm512_sub_ps(_mm512_setzero_ps(), bytes16(sc + 256 + 16 * (2 * j + e))));
-        packed_block_halves<MB, QT == kQ6_K ? 32 : QT == kQ3_K ? 4 : 0, QT == kQ2_K>(
-            PackedRows<MB>(a, b * 8 + j, m0), w, scale0, scale1, min[0], min[1], acc);
+        visit.template halves<QT == kQ6_K ? 32 : QT == kQ3_K ? 4 : 0, QT == kQ2_K>(b * 8 + j, w, scale0, scale1,
+                                                                                  min[0], min[1]);
       }
       continue;
     }
@@ -1305,7 +1395,7 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group
       for (int j = 0; j < 8; ++j) {
         iq4_chunks(quants + 256 * j, w);
         const __m512 scale = _mm512_mul_ps(d, signed_bytes16(blk + 32 + 16 * j));
-        packed_block<MB, true, false>(PackedRows<MB>(a, b * 8 + j, m0), w, scale, _mm512_setzero_ps(), acc);
+        visit.template full<true, false>(b * 8 + j, w, scale, _mm512_setzero_ps());
       }
       continue;
     }
@@ -1327,9 +1417,67 @@ QUANT_AVX512 void packed_group_avx512(const Activations& a, const uint8_t* group
       }
     }
     const __m512 d = halves16(blk);
-    const PackedRows<MB> x(a, b, m0);
-    if (QT == kQ4_1 || QT == kQ5_1) packed_block<MB, false, true>(x, w, d, halves16(blk + 32), acc);
-    else packed_block<MB, true, false>(x, w, d, _mm512_setzero_ps(), acc);
+    if (QT == kQ4_1 || QT == kQ5_1) visit.template full<false, true>(b, w, d, halves16(blk + 32));
+    else visit.template full<true, false>(b, w, d, _mm512_setzero_ps());
+  }
+}
+
+// The visitor that adds each 32-block's products to acc: the integer dot products from vpdpbusd, or (amx)
+// from the tiles of the batch that starts at 32-block first32
+template <int MB, bool amx>
+struct Accumulate {
+  const Activations& a;
+  int64_t m0;
+  __m512 (&acc)[MB];
+  const TileDots<MB>* tiles;
+  int64_t first32;
+
+  template <bool has_offset, bool has_min>
+  QUANT_AMX void full(int64_t x32, const __m512i (&w)[8], __m512 scale, __m512 min) const {
+    packed_block<MB, has_offset, has_min, amx>(PackedRows<MB>(a, x32, m0), w, dots(x32), scale, min, acc);
+  }
+  template <int offset, bool has_min>  // (not with AMX)
+  QUANT_AMX void halves(int64_t x32, const __m512i (&w)[8], __m512 scale0, __m512 scale1, __m512 min0,
+                        __m512 min1) const {
+    packed_block_halves<MB, offset, has_min>(PackedRows<MB>(a, x32, m0), w, scale0, scale1, min0, min1, acc);
+  }
+  const int32_t (*dots(int64_t x32) const)[16] { return amx ? tiles->dots[x32 - first32] : nullptr; }
+};
+
+// The visitor that stores each 32-block's weights for the tiles (buffer `slot` of a batch from 32-block first32)
+template <int MB>
+struct StoreWeights {
+  TileDots<MB>* tiles;
+  int slot;
+  int64_t first32;
+
+  template <bool, bool>
+  QUANT_AMX void full(int64_t x32, const __m512i (&w)[8], __m512, __m512) const {
+    for (int c = 0; c < 8; ++c) _mm512_store_si512(tiles->weights[slot][x32 - first32] + 64 * c, w[c]);
+  }
+};
+
+// MB token rows against the 16 rows of one group. With AMX, a batch of 8 32-blocks at a time: the next batch's
+// weights stored, this batch's tile products, then its scaling (as without AMX).
+template <int64_t QT, int MB, bool amx>
+QUANT_AMX void packed_group_avx512(const Activations& a, const uint8_t* group, int64_t blocks, float* y, int64_t N,
+                                   int64_t m0, int64_t n0) {
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  if constexpr (!amx) {
+    for_each_block<QT>(group, 0, blocks, Accumulate<MB, false>{a, m0, acc, nullptr, 0});
+  } else {
+#ifdef GORGON_AMX
+    constexpr int64_t sub = kSubBlocks<QT>, batch = 8 / sub;  // format blocks per batch
+    TileDots<MB> tiles;
+    for_each_block<QT>(group, 0, std::min(blocks, batch), StoreWeights<MB>{&tiles, 0, 0});
+    for (int64_t b = 0, i = 0; b < blocks; b += batch, ++i) {
+      const int64_t end = std::min(blocks, b + batch), next_end = std::min(blocks, end + batch);
+      if (end < blocks) for_each_block<QT>(group, end, next_end, StoreWeights<MB>{&tiles, int(~i & 1), end * sub});
+      tile_products<MB>(a, b * sub, m0, int((end - b) * sub), tiles.weights[i & 1], &tiles);
+      for_each_block<QT>(group, b, end, Accumulate<MB, true>{a, m0, acc, &tiles, b * sub});
+    }
+#endif
   }
   for (int m = 0; m < MB; ++m) _mm512_storeu_ps(y + (m0 + m) * N + n0, acc[m]);
 }
@@ -1586,31 +1734,63 @@ QUANT_AVX2 void packed_group_avx2(const Activations& a, const uint8_t* group, in
   }
 }
 
+// One group of weight rows against `MB` token rows from m0, on the path chosen (amx: AVX-512 with AMX tiles
+// configured for MB rows)
+template <int64_t QT, int MB>
+void packed_group(int isa, bool amx, const Activations& a, const uint8_t* group, int64_t blocks, float* y,
+                  int64_t N, int64_t m0, int64_t n0) {
+#ifdef GORGON_AMX
+  if constexpr (MB >= kAmxMinRows && kAmxTakes<QT>) {
+    if (amx) return packed_group_avx512<QT, MB, true>(a, group, blocks, y, N, m0, n0);
+  }
+#endif
+  if constexpr (MB <= 8) {
+    if (isa == kAvx512) packed_group_avx512<QT, MB, false>(a, group, blocks, y, N, m0, n0);
+    else packed_group_avx2<QT, MB>(a, group, blocks, y, N, m0, n0);
+  }
+}
+
 // Token rows go in balanced chunks of at most 8 (a ninth row's accumulator would not fit in AVX-512's
-// registers), or 4 with AVX2 (half as many registers; each row also holds its int16 sums)
+// registers), or 4 with AVX2 (half as many registers; each row also holds its int16 sums), or 16 with AMX
+// (an AMX tile's rows)
 template <int64_t QT>
 void gemv_packed(const Activations& a, const uint8_t* w, int64_t K, float* y, int64_t N, int isa) {
   const int64_t blocks = K / format_of(QT).block, gbb = group_block_bytes(QT);
   const int64_t grain = std::max<int64_t>(1, 32 * 1024 / (blocks * gbb));  // groups per task, ~32 KiB
-  const int64_t max_chunk = isa == kAvx512 ? 8 : 4;
-  const int64_t chunks = (a.M + max_chunk - 1) / max_chunk, chunk = (a.M + chunks - 1) / chunks;
+  const bool amx = isa == kAvx512 && kAmxTakes<QT> && a.M >= kAmxMinRows && amx_enabled();
+  // (AMX: whole tiles of 16, as a tile product costs about the same at 9 rows as at 16, and the rest, where
+  // fewer than 9 rows, on the VNNI path)
+  const int64_t max_chunk = amx ? 16 : isa == kAvx512 ? 8 : 4;
+  const int64_t chunks = (a.M + max_chunk - 1) / max_chunk;
+  const int64_t chunk = amx ? max_chunk : (a.M + chunks - 1) / chunks;
   at::parallel_for(0, N / kGroupRows, grain, [&](int64_t begin, int64_t end) {
+    int64_t tiles_rows = 0;  // the token rows the tiles are configured for (per thread)
     for (int64_t g = begin; g < end; ++g) {
       const uint8_t* group = w + g * blocks * gbb;
       for (int64_t m0 = 0; m0 < a.M; m0 += chunk) {  // later chunks of token rows find the group in L1
         const int64_t rows = std::min<int64_t>(chunk, a.M - m0);
+        const bool tiles = amx && rows >= kAmxMinRows;
+#ifdef GORGON_AMX
+        if (tiles && rows != tiles_rows) configure_tiles(static_cast<int>(tiles_rows = rows));
+#endif
         switch (rows) {
-#define PACKED_CALL(MB)                                                                          \
-  case MB:                                                                                       \
-    if (isa == kAvx512) packed_group_avx512<QT, MB>(a, group, blocks, y, N, m0, g * kGroupRows); \
-    else packed_group_avx2<QT, MB>(a, group, blocks, y, N, m0, g * kGroupRows);                  \
+#define PACKED_CALL(MB)                                                         \
+  case MB:                                                                      \
+    packed_group<QT, MB>(isa, tiles, a, group, blocks, y, N, m0, g * kGroupRows); \
     break;
           PACKED_CALL(1) PACKED_CALL(2) PACKED_CALL(3) PACKED_CALL(4)
           PACKED_CALL(5) PACKED_CALL(6) PACKED_CALL(7) PACKED_CALL(8)
+#ifdef GORGON_AMX
+          PACKED_CALL(9) PACKED_CALL(10) PACKED_CALL(11) PACKED_CALL(12)
+          PACKED_CALL(13) PACKED_CALL(14) PACKED_CALL(15) PACKED_CALL(16)
+#endif
 #undef PACKED_CALL
         }
       }
     }
+#ifdef GORGON_AMX
+    if (tiles_rows) _tile_release();
+#endif
   });
 }
 
