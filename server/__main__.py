@@ -14,6 +14,7 @@ import uvicorn
 from engine import LLM, EngineConfig, own_medusa_heads
 from engine.parallel import run_worker_if_launched
 from server.app import ServerConfig, create_app
+from server.async_engine import in_passing_thread
 from server.flags import (
     add_batch_invariant_flag,
     add_device_flags,
@@ -157,6 +158,13 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return kwargs | {name: value for name, value in optional.items() if value is not None}
 
 
+def load_engine(model: str | None, kwargs: dict, adapters: dict[str, str]) -> LLM:
+    llm = LLM(model, **kwargs)
+    for name, folder in adapters.items():
+        llm.load_adapter(name, folder)
+    return llm
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -172,9 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         kwargs = engine_kwargs(args)
         if run_worker_if_launched(EngineConfig(args.model, **kwargs)):  # a torchrun rank above 0
             return
-        llm = LLM(args.model, **kwargs)
-        for name, folder in adapters.items():
-            llm.load_adapter(name, folder)
+        llm = in_passing_thread(load_engine, args.model, kwargs, adapters)
     except (ValueError, OSError) as e:
         sys.exit(f"gorgon serve: error: {e}")
     model_name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)

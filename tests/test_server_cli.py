@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import threading
 
 import pytest
 
@@ -116,3 +117,22 @@ def test_serve_builds_the_engine_and_app_from_the_flags(tiny_model_dir, monkeypa
     assert state.llm.config.attention_backend == "reference" and served["threads"] == 1
     assert state.config.api_key == "k" and state.config.max_waiting_requests == 3
     assert state.config.cors_origins == ["*"] and served["port"] == 9999
+
+
+def test_serve_loads_the_model_on_a_thread_that_then_ends(tiny_model_dir, monkeypatch):
+    """OpenMP keeps a worker pool for each thread that ran torch's parallel work; with the main thread's
+    pool beside the step thread's, libgomp stops spinning on 2 cores and every kernel call waits for its
+    workers to wake (3.5x slower decoding): the model must load elsewhere, on a thread that ends."""
+    import server.__main__ as serve
+
+    loaded_on = []
+
+    def load(*args):
+        loaded_on.append(threading.current_thread())
+        return real_load(*args)
+
+    real_load = serve.load_engine
+    monkeypatch.setattr(serve, "load_engine", load)
+    monkeypatch.setattr("server.__main__.uvicorn.run", lambda app, **kwargs: None)
+    main(["--model", str(tiny_model_dir), "--num-kv-blocks", "40", "--attention-backend", "reference"])
+    assert loaded_on and loaded_on[0] is not threading.main_thread() and not loaded_on[0].is_alive()
