@@ -165,10 +165,6 @@ constexpr int64_t kInputsPer = std::is_same_v<X, float> ? 1 : 2;
 // kPrefetchAhead). SmolLM2's linears from DRAM, 2-core Xeon: bf16 at 5 token rows 2.0x -> 1.3x the time of one
 // row, fp32 1.6x -> 1.2x; one row 1.0x-1.15x faster. 4 KiB did worse for bf16 at one row.
 constexpr int64_t kFloatPrefetchAhead = 2048;
-template <typename W>
-inline void prefetch_line_ahead(const W* line) {
-  __builtin_prefetch(reinterpret_cast<const char*>(line) + kFloatPrefetchAhead);
-}
 template <int G, int MB, typename W, typename X>
 void packed_tile(int64_t rows, const X* x, const W* group, int64_t group_size, const float* bias, float* y,
                  int64_t K, int64_t N, int64_t n0) {
@@ -183,7 +179,8 @@ void packed_tile(int64_t rows, const X* x, const W* group, int64_t group_size, c
     const auto step = [&](int64_t k, int c) {
       Vec w[G][kVecs];
       for (int j = 0; j < G; ++j) {
-        if ((k * kGroupRows * sizeof(W)) % 64 == 0) prefetch_line_ahead(group + j * group_size + k * kGroupRows);
+        if ((k * kGroupRows * sizeof(W)) % 64 == 0)  // once a cache line
+          quant::prefetch_ahead<kFloatPrefetchAhead>(group + j * group_size + k * kGroupRows, 1);
         for (int v = 0; v < kVecs; ++v) w[j][v] = load_vec(group + j * group_size + k * kGroupRows + v * kVecLanes);
       }
       for (int m = 0; m < MB; ++m) {
@@ -199,7 +196,7 @@ void packed_tile(int64_t rows, const X* x, const W* group, int64_t group_size, c
     const auto pair = [&](int64_t k, int c) {  // inputs k and k + 1 (k even): one vdpbf16ps into chain c
       __m512bh w[G];
       for (int j = 0; j < G; ++j) {
-        prefetch_line_ahead(group + j * group_size + k * kGroupRows);
+        quant::prefetch_ahead<kFloatPrefetchAhead>(group + j * group_size + k * kGroupRows, 1);
         w[j] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(group + j * group_size + k * kGroupRows));
       }
       for (int m = 0; m < MB; ++m) {
@@ -214,7 +211,8 @@ void packed_tile(int64_t rows, const X* x, const W* group, int64_t group_size, c
       for (int j = 0; j < G; ++j) {
         for (int v = 0; v < kVecs; ++v) {
           UVec bits;  // the lanes' (even, odd) pairs
-          if (v == 0) prefetch_line_ahead(group + j * group_size + k * kGroupRows);  // (a cache line per k)
+          if (v == 0)  // (a cache line per k)
+            quant::prefetch_ahead<kFloatPrefetchAhead>(group + j * group_size + k * kGroupRows, 1);
           std::memcpy(&bits, group + j * group_size + k * kGroupRows + 2 * v * kVecLanes, sizeof(bits));
           const Vec even = reinterpret_cast<Vec>(bits << 16), odd = reinterpret_cast<Vec>(bits & 0xFFFF0000u);
           for (int m = 0; m < MB; ++m) {

@@ -268,8 +268,11 @@ constexpr int64_t kGroupRows = 16;
 // idle: on a 2-core Xeon (SmolLM2's linears, from DRAM) 3 token rows took 1.4x the time of one, and one row
 // itself 1.3x what it takes now (1.1x at 1 thread). 2-8 KiB ahead did about the same; 1 KiB was too close.
 constexpr int64_t kPrefetchAhead = 4096;
-inline void prefetch_ahead(const uint8_t* block, int64_t bytes) {
-  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(block + kPrefetchAhead + offset);
+// The cache lines of [p, p + bytes) moved `ahead` bytes on (x86 ignores a prefetch past the end of memory)
+template <int64_t ahead = kPrefetchAhead>
+inline void prefetch_ahead(const void* p, int64_t bytes) {
+  const char* first = static_cast<const char*>(p) + ahead;
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(first + offset);
 }
 // Only the types with blocks of 32 weights: Qwen2.5-1.5B's Q4_K / Q6_K linears (1536 and 8960 inputs) ran 1.3x
 // slower at one token row with these prefetches, whole blocks at once or spread over the sub-blocks as they are
@@ -1369,7 +1372,7 @@ QUANT_AMX inline void for_each_block(const uint8_t* group, int64_t begin, int64_
   __m512i w[8];
   for (int64_t b = begin; b < end; ++b) {
     const uint8_t* blk = group + b * gbb;
-    if constexpr (!kSuperBlocks<QT>) prefetch_ahead(blk, gbb);  // (x86 ignores a prefetch past the end)
+    if constexpr (!kSuperBlocks<QT>) prefetch_ahead(blk, gbb);
     const uint8_t* quants = blk + quants_offset(QT);
     if (QT == kQ4_K || QT == kQ5_K) {
       const __m512 d = halves16(blk), dmin = halves16(blk + 32);
