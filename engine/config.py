@@ -190,6 +190,13 @@ class EngineConfig:
         return path
 
     @property
+    def weights(self) -> str:
+        """The weights as the engine runs them, in words: the checkpoint's file or folder name, the dtype and any
+        load-time quantization (after resolve_model). What a step costs depends on them and on the CPU."""
+        quantized = f", quantized {self.quantization}" if self.quantization else ""
+        return f"{resolve_model(self.model).name} ({self.dtype}{quantized})"
+
+    @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
 

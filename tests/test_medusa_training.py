@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import engine.training.medusa as medusa_training
 from bench.medusa import load_prompts
 from engine import LLM, SamplingParams
+from engine.config import EngineConfig
 from engine.medusa.tree import (
     TREE_FILE,
     TreeChoice,
@@ -210,7 +211,11 @@ def test_the_engine_takes_the_tree_stored_beside_the_heads(tiny_model_dir, model
     # a tree timed with another thread count than the engine's may not pay here: said at load
     other_threads = {"threads": torch.get_num_threads() + 1}
     TreeChoice([[0]], "measured here", other_threads, max_batch_size=1).save(tmp_path / TREE_FILE)
-    with pytest.warns(UserWarning, match=f"timed with {torch.get_num_threads() + 1} threads"):
+    with pytest.warns(UserWarning, match=rf"timed with threads {torch.get_num_threads() + 1} \(this engine: "):
+        LLM(tiny_model_dir, medusa=str(tmp_path))
+    # ... and so may one timed with other weights (another file of the model, another dtype)
+    TreeChoice([[0]], "measured here", {"weights": "other.gguf (float32)"}, max_batch_size=1).save(tmp_path / TREE_FILE)
+    with pytest.warns(UserWarning, match=r"timed with weights other.gguf \(float32\) \(this engine: "):
         LLM(tiny_model_dir, medusa=str(tmp_path))
     (tmp_path / TREE_FILE).write_text(json.dumps({"tree": [[0]], "max_batch_size": 0}))
     with pytest.raises(ValueError, match="max_batch_size must be a positive integer"):
@@ -257,19 +262,26 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
     capsys.readouterr()
     train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--retime", "--timing-tokens", "6",
                 "--timing-repeats", "1"])
-    machine = machine_tree_file(tmp_path / "heads")
+    weights = LLM(tiny_model_dir).config.weights
+    assert weights == f"{tiny_model_dir.name} (float32)"
+    machine = machine_tree_file(tmp_path / "heads", weights)
     assert machine.is_file() and machine.is_relative_to(os.environ["GORGON_CACHE_DIR"])
     assert str(machine) in capsys.readouterr().out
     retimed = json.loads(machine.read_text())["measurements"]
+    assert retimed["weights"] == weights
     assert retimed["held_out_positions"] == choice["measurements"]["held_out_positions"]
     assert ([(r["tree"], r["tokens_per_step"]) for r in retimed["candidates"]]
             == [(r["tree"], r["tokens_per_step"]) for r in choice["measurements"]["candidates"]])
     TreeChoice([[1]], "timed on this machine", {}, max_batch_size=1).save(machine)
-    assert TreeChoice.load(tmp_path / "heads").summary == "timed on this machine"
+    assert TreeChoice.load(tmp_path / "heads", weights).summary == "timed on this machine"
     assert LLM(tiny_model_dir, medusa=str(tmp_path / "heads")).medusa.tree.paths == [(1,)]
+    # that timing is for those weights: the same heads on the model in bf16 take the tree stored beside them
+    in_bf16 = EngineConfig(model=str(tiny_model_dir), dtype="bfloat16").weights
+    assert in_bf16 == f"{tiny_model_dir.name} (bfloat16)"
+    assert TreeChoice.load(tmp_path / "heads", in_bf16).summary == choice["summary"]
     # heads trained again (another tree.json beside them): that machine's old timing no longer applies
     (tmp_path / "heads" / TREE_FILE).write_text(json.dumps({"tree": [[0]], "max_batch_size": 1}))
-    assert TreeChoice.load(tmp_path / "heads").paths == [[0]]
+    assert TreeChoice.load(tmp_path / "heads", weights).paths == [[0]]
     with pytest.raises(SystemExit, match="holds no measured trees"):
         train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "more"), "--retime"])
     (tmp_path / "more" / TREE_FILE).write_text(json.dumps({"tree": "x"}))

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.medusa.tree import TreeChoice
+from engine.medusa.tree import TREE_FILE, TreeChoice
 from models import DEFAULT_MODEL_DIR
 from models.medusa import load_medusa_heads
 from models.named import NAMED_MODELS, medusa_heads_for, resolve_model
@@ -75,5 +75,5 @@ def test_the_shipped_smollm2_heads_load():
     folder = NAMED_MODELS["smollm2"].medusa
     heads = load_medusa_heads(folder, 576, 49152)
     assert heads.kind == "hydra" and heads.config.num_heads == 4 and heads.draft_vocab is not None
-    choice = TreeChoice.load(folder)
+    choice = TreeChoice.read(folder / TREE_FILE)
     assert choice.paths and choice.max_batch_size >= 1 and choice.measurements["threads"] >= 1

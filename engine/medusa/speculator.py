@@ -171,7 +171,7 @@ class Medusa:
             # the chains' (SmolLM2 Q4_1, 4 sequences: 0.83x plain decoding)
             return cls(None, None, model, kv_cache, max_model_len, max_batch_size=config.medusa_max_batch_size or 1,
                        **options)
-        choice = TreeChoice.load(config.medusa) if config.medusa_tree is None else None
+        choice = TreeChoice.load(config.medusa, config.weights) if config.medusa_tree is None else None
         if choice is not None and choice.paths is None:
             warnings.warn(f"Medusa heads {config.medusa}: {choice.summary}; decoding plainly", stacklevel=2)
             return None
@@ -179,13 +179,15 @@ class Medusa:
                                   DRAFT_DTYPE, kv_cache.device)
         set_decode_kernels(heads, kernels)
         if choice is not None:
-            timed_threads = choice.measurements.get("threads")
-            if timed_threads not in (None, torch.get_num_threads()):
-                warnings.warn(f"Medusa heads {config.medusa}: their tree was timed with {timed_threads} threads and "
-                              f"this engine runs {torch.get_num_threads()}, where it and its batch limit may not pay "
-                              "(time the trees here: gorgon train-medusa --retime --out HEADS --model MODEL "
-                              "--threads N; or name a tree and --medusa-max-batch-size)",
-                              stacklevel=2)
+            timed = {"threads": choice.measurements.get("threads"), "weights": choice.measurements.get("weights")}
+            here = {"threads": torch.get_num_threads(), "weights": config.weights}
+            differs = [f"{key} {timed[key]} (this engine: {here[key]})" for key in timed
+                       if timed[key] not in (None, here[key])]
+            if differs:
+                warnings.warn(f"Medusa heads {config.medusa}: their tree was timed with {' and '.join(differs)}, "
+                              "where it and its batch limit may not pay (time the trees here: gorgon train-medusa "
+                              "--retime --out HEADS --model MODEL --threads N; or name a tree and "
+                              "--medusa-max-batch-size)", stacklevel=2)
             tree = build_tree(choice.paths, "measured")
         else:
             tree = load_tree(config.medusa_tree or DEFAULT_TREE)

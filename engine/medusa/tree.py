@@ -152,20 +152,23 @@ def best_tree(counts: Counter[tuple[int, ...]], num_paths: int) -> list[list[int
     return [list(p) for p in sorted(counts, key=lambda p: (-counts[p], len(p), p))[:num_paths]]
 
 
-def machine_tree_file(heads_folder: str | Path) -> Path:
+def machine_tree_file(heads_folder: str | Path, weights: str) -> Path:
     """Where `train-medusa --retime` keeps the tree it measured for these heads (as stored beside them) on
-    this CPU at this thread count; the engine prefers it to the one beside the heads, which was measured
-    where the heads were trained. Under $GORGON_CACHE_DIR (default ~/.cache/gorgon)."""
+    this CPU at this thread count, with these weights (EngineConfig.weights: the checkpoint and the dtype it
+    runs in, on which a tree step's cost against a plain one depends as much as on the CPU); the engine prefers
+    it to the one beside the heads, which was measured where the heads were trained. Under $GORGON_CACHE_DIR
+    (default ~/.cache/gorgon)."""
     stored = Path(heads_folder) / TREE_FILE
     heads = hashlib.sha256(stored.read_bytes() if stored.is_file() else b"").hexdigest()[:12]
+    model = hashlib.sha256(weights.encode()).hexdigest()[:8]
     root = Path(os.environ.get("GORGON_CACHE_DIR", Path.home() / ".cache" / "gorgon"))
-    return root / "medusa_trees" / f"{heads}-{cpu_fingerprint()}-{torch.get_num_threads()}threads.json"
+    return root / "medusa_trees" / f"{heads}-{model}-{cpu_fingerprint()}-{torch.get_num_threads()}threads.json"
 
 
 @dataclass
 class TreeChoice:
     """The tree measured best for a set of heads on one machine, stored beside them (TREE_FILE), or for this
-    machine (machine_tree_file); the engine uses it when no tree is named. paths None: no tree beat plain
+    machine and weights (machine_tree_file); the engine uses it when no tree is named. paths None: no tree beat plain
     decoding there. max_batch_size: the most sequences decoding together at which the tree was measured to
     beat plain decoding (None: not measured); with more the engine decodes plainly."""
 
@@ -181,11 +184,15 @@ class TreeChoice:
              "measurements": self.measurements}, indent=1) + "\n")
 
     @classmethod
-    def load(cls, heads_folder: str | Path) -> TreeChoice | None:
-        """The choice measured on this machine, else the one stored beside the heads; None if there is none."""
-        path = machine_tree_file(heads_folder)
-        if not path.is_file():
-            path = Path(heads_folder) / TREE_FILE
+    def load(cls, heads_folder: str | Path, weights: str) -> TreeChoice | None:
+        """The choice measured on this machine with these weights (machine_tree_file), else the one stored beside
+        the heads; None if there is none."""
+        path = machine_tree_file(heads_folder, weights)
+        return cls.read(path if path.is_file() else Path(heads_folder) / TREE_FILE)
+
+    @classmethod
+    def read(cls, path: Path) -> TreeChoice | None:
+        """The choice in one file; None if there is no such file."""
         if not path.is_file():
             return None
         record = json.loads(path.read_text())

@@ -22,8 +22,9 @@ tokens per step it would give; from timed engine runs, what a step with each tre
 against a plain step, at batches 1, 2, 4 and 8. The tree with the most tokens per second goes beside the heads
 (tree.json) with the most sequences it pays at, and the engine uses it, decoding plainly above that batch;
 when none beats plain decoding, tree.json says so and the engine decodes plainly. What a tree step costs
-against a plain one differs between CPUs and thread counts: `--retime` times the same candidates again on the
-machine that will serve (no training), and the engine prefers that choice there (tree.machine_tree_file)."""
+against a plain one differs between CPUs, thread counts and weights (a Q4_1 file or a BF16 one): `--retime` times
+the same candidates again on the machine that will serve, with the weights it will serve (no training), and the
+engine prefers that choice there (tree.machine_tree_file)."""
 from __future__ import annotations
 
 import argparse
@@ -483,7 +484,7 @@ def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[l
     further candidate is timed: the smaller trees come first."""
     if not candidates:
         return TreeChoice(None, "no Medusa tree pays: no draft was right on the held-out text", {})
-    trees = []
+    trees, weights = [], None
     with tempfile.TemporaryDirectory() as tmp, tqdm(candidates, desc="timing trees") as bar:
         for n, (paths, tokens_per_step) in enumerate(bar):
             if trees and time.perf_counter() > deadline:
@@ -493,6 +494,7 @@ def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[l
             llm = LLM(model_path, medusa=str(heads_dir), medusa_tree=str(tree_file), enable_prefix_caching=False,
                       medusa_ngram_tokens=0,  # the heads' tree alone: what its held-out tokens per step count
                       max_num_seqs=max(TIMING_BATCHES), max_model_len=max(map(len, prompts)) + new_tokens + 64)
+            weights = llm.config.weights
             row = {"tree": paths, "tree_size": 1 + len(paths), "tokens_per_step": tokens_per_step,
                    "max_batch_size": 0}
             for b in TIMING_BATCHES:
@@ -514,7 +516,7 @@ def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[l
             row["score"] = math.prod(speedups) ** (1 / len(TIMING_BATCHES))
             trees.append(row)
     measurements = {"held_out_positions": held_out_positions, "threads": torch.get_num_threads(),
-                    "candidates": trees, "untimed_for_the_budget": len(candidates) - len(trees)}
+                    "weights": weights, "candidates": trees, "untimed_for_the_budget": len(candidates) - len(trees)}
     paying = [r for r in trees if r["max_batch_size"]]
     if not paying:
         best = max(trees, key=lambda r: r["speedup_bs1"])
@@ -530,9 +532,9 @@ def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[l
 
 def retime(model_path: Path, heads_dir: Path, new_tokens: int, repeats: int, seed: int) -> tuple[TreeChoice, Path]:
     """Time again, on this machine and thread count, the candidate trees measured with the heads (their
-    held-out tokens per step stay), and keep the choice where the engine looks first (machine_tree_file).
-    Step times hardly depend on the prompts' words, so they are random tokens."""
-    stored = TreeChoice.load(heads_dir)
+    held-out tokens per step stay), with these weights, and keep the choice where the engine looks first
+    (machine_tree_file). Step times hardly depend on the prompts' words, so they are random tokens."""
+    stored = TreeChoice.read(heads_dir / TREE_FILE)
     if stored is None or not stored.measurements.get("candidates"):
         raise SystemExit(f"gorgon train-medusa: error: {heads_dir} holds no measured trees to time again "
                          f"(no {TREE_FILE} with candidates: train the heads here without --no-tree)")
@@ -545,7 +547,7 @@ def retime(model_path: Path, heads_dir: Path, new_tokens: int, repeats: int, see
     prompts = torch.randint(vocab_size, (max(TIMING_BATCHES), 32), generator=generator).tolist()
     choice = choose_tree(model_path, heads_dir, candidates, stored.measurements["held_out_positions"], prompts,
                          new_tokens, repeats)
-    path = machine_tree_file(heads_dir)
+    path = machine_tree_file(heads_dir, choice.measurements["weights"])
     choice.save(path)
     return choice, path
 
@@ -602,7 +604,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-tree", action="store_true", help="skip timing the trees (no tree.json)")
     parser.add_argument("--retime", action="store_true",
                         help="no training: time the trees measured with the heads in --out again, on this machine "
-                             "at this thread count; the engine then prefers that choice here")
+                             "at this thread count with --model's weights; the engine then prefers that choice here, "
+                             "for those weights")
     parser.add_argument("--timing-tokens", type=int, default=64, help="tree timing: tokens per timed run")
     parser.add_argument("--timing-repeats", type=int, default=3, help="tree timing: runs per tree; the best counts")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
