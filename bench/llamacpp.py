@@ -16,7 +16,7 @@ try:  # llama.cpp logs every tensor it loads; the callback must outlive the proc
     from llama_cpp import llama_log_callback
 
     _QUIET = llama_log_callback(_ignore_log)
-except ImportError:
+except (ImportError, OSError):  # not installed, or its library does not load: benchmarks without it still run
     _QUIET = None
 
 

@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "'lookup': no heads, prompt-lookup drafts alone (any model)")
     parser.add_argument("--tree", default=None,
                         help=f"tree for the batch 1/4 runs: {', '.join(TREES)} or a JSON file "
-                             f"(default: the engine's, {DEFAULT_TREE}, cut to the heads' depth)")
+                             f"(default: the engine's: the tree measured for the heads, else {DEFAULT_TREE} cut to "
+                             "their depth)")
     parser.add_argument("--ngram-tokens", type=int, default=EngineConfig.medusa_ngram_tokens,
                         help="prompt-lookup drafts of up to N tokens, verified in place of the heads' tree where the "
                              "last tokens occurred before (0: the heads alone)")
