@@ -18,8 +18,9 @@ from engine import LLM, RequestOutput, SamplingParams
 from engine.attention import available_backends
 from engine.kv_cache import slots
 from engine.medusa.ngram import NgramIndex
+from engine.medusa.payoff import PAUSE, WINDOW, Payoff
 from engine.medusa.speculator import typical_acceptance
-from engine.medusa.tree import DEFAULT_TREE, TREES, build_tree, load_tree
+from engine.medusa.tree import DEFAULT_TREE, TREE_FILE, TREES, TreeChoice, build_tree, load_tree
 from engine.training.medusa import TrainConfig, build_cache, draft_vocabulary, self_distill, train_heads
 from models import DEFAULT_MODEL_DIR
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
@@ -288,6 +289,50 @@ def test_requests_that_opt_out_cost_no_drafting(tiny_model_dir, heads_dir):
     outs = llm.generate(prompts(2), SamplingParams(max_tokens=8, **GREEDY))
     # one drafted row per tree step, none for a finished request
     assert calls[0] == 2 and sum(calls) == sum(len(o.accepted_lengths) for o in outs)
+
+
+def test_a_sequence_whose_drafts_do_not_pay_pauses_them():
+    payoff = Payoff()
+    for _ in range(WINDOW - 1):
+        payoff.record(1)
+    assert payoff.pays(length=40, break_even=1.2)  # not judged before a full window
+    payoff.record(2)  # 17 tokens in 16 steps: below 1.2 a step
+    assert not payoff.pays(length=41, break_even=1.2)
+    assert not payoff.pays(length=41 + PAUSE - 1, break_even=1.2)
+    assert payoff.pays(length=41 + PAUSE, break_even=1.2) and not payoff.emitted  # judged afresh
+    for _ in range(WINDOW):
+        payoff.record(2)
+    assert payoff.pays(length=200, break_even=1.2)
+
+
+def test_break_even_is_the_measured_tree_step_against_a_plain_one():
+    rows = [{"tree": [[0]], "step_ms_bs1": 6.0, "plain_step_ms_bs1": 5.0, "step_ms_bs2": 12.0,
+             "plain_step_ms_bs2": 6.0},
+            {"tree": [[0], [1]], "step_ms_bs1": 9.0, "plain_step_ms_bs1": 5.0}]
+    assert TreeChoice([[0]], "", {"candidates": rows}).break_even() == {1: 1.2, 2: 2.0}
+    assert TreeChoice([[0]], "", {}).break_even() == {}
+
+
+@pytest.mark.parametrize("step_cost", [0.5, 100.0])
+def test_the_heads_stop_drafting_for_a_sequence_where_they_do_not_pay(tiny_model_dir, heads_dir, tmp_path,
+                                                                       step_cost):
+    """A tree measured to cost 100 plain steps never pays: after WINDOW tree steps the sequence decodes
+    PAUSE tokens plainly, then the heads draft again. One measured at half a plain step always pays."""
+    folder = tmp_path / "heads"
+    shutil.copytree(heads_dir, folder)
+    timing = {"tree": [[0]], "step_ms_bs1": step_cost, "plain_step_ms_bs1": 1.0}
+    TreeChoice([[0]], "measured", {"candidates": [timing]}, max_batch_size=1).save(folder / TREE_FILE)
+    params = SamplingParams(max_tokens=90, **GREEDY)
+    plain = LLM(tiny_model_dir).generate(prompts(1), params)[0]
+    llm = LLM(tiny_model_dir, medusa=str(folder), medusa_ngram_tokens=0)
+    out = llm.generate(prompts(1), params)[0]
+    assert out.token_ids == plain.token_ids
+    decoded_plainly = 89 - sum(out.accepted_lengths)  # the first token is the prefill's
+    if step_cost > 1:
+        assert decoded_plainly >= PAUSE and len(out.accepted_lengths) > WINDOW  # paused, then drafted again
+    else:
+        assert decoded_plainly == 0
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 
 # ---- lossless greedy speculation ----------------------------------------------------------------------

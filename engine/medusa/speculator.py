@@ -8,7 +8,9 @@ tree's root, and the heads' top-k at the hidden state of the token before it fil
 heads all at once (a depth-d node takes head d-1's candidate of its rank), Hydra heads level by level (a
 depth-d node takes its rank among the candidates head d-1 gives its parent, reading the parent's path).
 Where the sequence's last tokens occurred in it before, a chain of the tokens that followed them then
-(prompt lookup, engine.medusa.ngram) is verified instead of the heads' tree."""
+(prompt lookup, engine.medusa.ngram) is verified instead of the heads' tree. Where the heads' tree was timed
+(TreeChoice), they stop drafting for a while for a sequence whose tree steps emit fewer tokens than a step
+costs (engine.medusa.payoff)."""
 from __future__ import annotations
 
 import warnings
@@ -24,6 +26,7 @@ from torch import nn
 from engine.config import EngineConfig, SamplingParams
 from engine.kv_cache import KVCache
 from engine.medusa.ngram import NgramIndex
+from engine.medusa.payoff import Payoff
 from engine.medusa.tree import DEFAULT_TREE, MedusaTree, TreeChoice, build_tree, load_tree
 from engine.runner import ModelRunner
 from engine.sampler import TokenCounts, adjust_logits, argmax_ids, filtered_probs, has_penalties
@@ -122,7 +125,7 @@ class Medusa:
     def __init__(self, heads: MedusaHeads | None, tree: MedusaTree | None, model: nn.Module, kv_cache: KVCache,
                  max_model_len: int, acceptance: str, posterior_threshold: float, posterior_alpha: float,
                  max_batch_size: int | None = None, ngram_tokens: int = 0,
-                 kernels: DecodeKernels | None = None) -> None:
+                 kernels: DecodeKernels | None = None, break_even: dict[int, float] | None = None) -> None:
         self.model, self.kv_cache, self.kernels = model, kv_cache, kernels
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
@@ -131,6 +134,10 @@ class Medusa:
         # prompt lookup: a chain per proposal length (1 .. ngram_tokens), verified in place of the heads' tree
         self.ngram_tokens = ngram_tokens
         self.ngram_indexes: WeakKeyDictionary[Sequence, NgramIndex] = WeakKeyDictionary()  # gone with the sequence
+        # the heads' tree's measured step cost against a plain step, per batch size: the heads stop drafting for a
+        # sequence where they do not pay (engine.medusa.payoff); None: not measured, they always draft
+        self.break_even = break_even or None
+        self.payoffs: WeakKeyDictionary[Sequence, Payoff] = WeakKeyDictionary()
         self.chains = [VerifyTree.of(build_tree([[0] * d for d in range(1, n + 1)], f"lookup{n}").to(kv_cache.device),
                                      node_tokens=True) for n in range(1, ngram_tokens + 1)]
         self.heads, self.tree, self.heads_tree = heads, None, None
@@ -194,7 +201,8 @@ class Medusa:
             if config.medusa_tree is None:  # the default tree, as deep as the heads allow
                 tree = tree.cut(min(tree.depth, heads.config.num_heads))
         max_batch_size = config.medusa_max_batch_size or (choice.max_batch_size if choice is not None else None)
-        return cls(heads, tree, model, kv_cache, max_model_len, max_batch_size=max_batch_size, **options)
+        return cls(heads, tree, model, kv_cache, max_model_len, max_batch_size=max_batch_size,
+                   break_even=choice.break_even() if choice is not None else None, **options)
 
     def can_speculate(self, seq: Sequence) -> bool:
         # requests that want logprobs, hidden states or a structured output decode plainly; adapters speculate with
@@ -217,6 +225,8 @@ class Medusa:
             seq.draft_token_ids, seq.drafted_by_lookup = None, False
         if self.ngram_tokens:
             speculating = [i for i in speculating if not self._look_up(seqs[i])]
+        if self.break_even is not None:
+            speculating = [i for i in speculating if self._heads_pay(seqs[i], num_running)]
         if not speculating or self.heads is None:
             return
         if self.sequential:
@@ -236,6 +246,12 @@ class Medusa:
         if found:
             seq.draft_token_ids, seq.drafted_by_lookup = [[t] for t in found], True
         return bool(found)
+
+    def _heads_pay(self, seq: Sequence, num_running: int) -> bool:
+        """Do the heads' drafts pay for this sequence, at the break-even of the largest timed batch size up to
+        num_running (engine.medusa.payoff)?"""
+        timed = max((b for b in self.break_even if b <= num_running), default=min(self.break_even))
+        return self.payoffs.setdefault(seq, Payoff()).pays(len(seq), self.break_even[timed])
 
     def tree_of(self, seq: Sequence) -> VerifyTree:
         """The tree a drafted sequence's next step verifies: its lookup chain, else the heads' tree."""
@@ -301,6 +317,9 @@ class Medusa:
         paths, bonus = self._accept(seqs, vt, input_ids, logits, rng)
         self._compact(inputs.ctx.slot_mapping, size, paths)
         out = [[input_ids[b * size + node] for node in path[1:]] + [bonus[b]] for b, path in enumerate(paths)]
+        if self.break_even is not None and vt is self.heads_tree:
+            for seq, tokens in zip(seqs, out):
+                self.payoffs.setdefault(seq, Payoff()).record(len(tokens))
         return out, hidden[[b * size + path[-1] for b, path in enumerate(paths)]]
 
     # Sampled verification ("rejection"): SpecInfer's multi-candidate speculative sampling with deterministic

@@ -183,6 +183,13 @@ class TreeChoice:
             {"tree": self.paths, "max_batch_size": self.max_batch_size, "summary": self.summary,
              "measurements": self.measurements}, indent=1) + "\n")
 
+    def break_even(self) -> dict[int, float]:
+        """Per timed batch size, what the chosen tree's step cost against a plain step: the tokens a step must
+        emit for the tree to pay (engine.medusa.payoff); {} when the choice holds no timing of its tree."""
+        row = next((r for r in self.measurements.get("candidates", []) if r["tree"] == self.paths), {})
+        return {int(key.removeprefix("step_ms_bs")): ms / row[key.replace("step_ms", "plain_step_ms")]
+                for key, ms in row.items() if key.startswith("step_ms_bs")}
+
     @classmethod
     def load(cls, heads_folder: str | Path, weights: str) -> TreeChoice | None:
         """The choice measured on this machine with these weights (machine_tree_file), else the one stored beside
