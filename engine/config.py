@@ -147,8 +147,8 @@ class EngineConfig:
     medusa_posterior_threshold: float = 0.09
     medusa_posterior_alpha: float = 0.3
     # Medusa also drafts by prompt lookup (engine.medusa.ngram): where a sequence's last 3 (else 2) tokens
-    # occurred in it before, up to this many tokens that followed them are verified in place of the heads' tree;
-    # 0: the heads alone
+    # occurred in it before, up to this many tokens that followed them are verified in place of the heads' tree
+    # (with heads, for a sequence decoding alone); 0: the heads alone
     medusa_ngram_tokens: int = 4
     # ranks that split the model (engine.parallel): rank 0 is this process, which schedules and samples; the
     # others are started here (one host) or by torchrun (several hosts)

@@ -309,8 +309,9 @@ def test_break_even_is_the_measured_tree_step_against_a_plain_one():
     rows = [{"tree": [[0]], "step_ms_bs1": 6.0, "plain_step_ms_bs1": 5.0, "step_ms_bs2": 12.0,
              "plain_step_ms_bs2": 6.0},
             {"tree": [[0], [1]], "step_ms_bs1": 9.0, "plain_step_ms_bs1": 5.0}]
-    assert TreeChoice([[0]], "", {"candidates": rows}).break_even() == {1: 1.2, 2: 2.0}
-    assert TreeChoice([[0]], "", {}).break_even() == {}
+    assert TreeChoice([[0]], "", {"candidates": rows}).break_even() == 1.2
+    assert TreeChoice([[0], [1]], "", {"candidates": rows}).break_even() == 9.0 / 5.0
+    assert TreeChoice([[0]], "", {}).break_even() is None
 
 
 @pytest.mark.parametrize("step_cost", [0.5, 100.0])
@@ -539,8 +540,8 @@ def test_ngram_index_proposes_what_followed_the_latest_earlier_occurrence():
 
 @pytest.mark.parametrize("ngram_tokens", [4, 0])
 def test_prompt_lookup_drafts_are_verified_losslessly(tiny_model_dir, heads_dir, ngram_tokens):
-    """Where a sequence's last tokens occurred before, the tokens after them are verified as a chain in place of
-    the heads' tree; greedy output stays plain decoding's. The random model's greedy runs fall into loops (one
+    """Where a sequence decoding alone repeats its earlier tokens, the tokens after them are verified as a chain in
+    place of the heads' tree; greedy output stays plain decoding's. The random model's greedy runs fall into loops (one
     repeats a token 17 times), which lookup drafts predict whole."""
     params = SamplingParams(max_tokens=64, **GREEDY)
     repeating = [[(7 * i + j) % 250 + 3 for j in range(6)] * 3 for i in range(3)]
@@ -556,12 +557,16 @@ def test_prompt_lookup_drafts_are_verified_losslessly(tiny_model_dir, heads_dir,
         return out
 
     llm.medusa._verify_tree = recording_verify_tree
-    medusa = llm.generate(repeating, params)
+    medusa = [llm.generate([prompt], params)[0] for prompt in repeating]
     assert [o.token_ids for o in medusa] == [o.token_ids for o in plain]
     if ngram_tokens:
         assert max(lookup_accepted) >= 3  # whole chains accepted: beyond what the 2-deep heads' tree can give
     else:
         assert not lookup_accepted
+    # in a batch, every sequence drafts the heads' tree: one forward a step, not one per kind of draft
+    lookup_accepted.clear()
+    together = llm.generate(repeating, params)
+    assert [o.token_ids for o in together] == [o.token_ids for o in plain] and not lookup_accepted
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 

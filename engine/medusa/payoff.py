@@ -4,7 +4,8 @@ than that ratio, its break-even, measured with the tree (TreeChoice.break_even).
 some text; on text unlike it (another language, another kind of task) their drafts are seldom right, and
 there every tree step loses. A sequence whose last WINDOW tree steps emitted fewer tokens on average than the
 break-even decodes plainly for its next PAUSE tokens, then the heads try again: acceptance changes along an
-answer (a code block after prose)."""
+answer (a code block after prose). Only a sequence decoding alone is judged: in a batch, a paused sequence would
+take a plain forward of its own beside the tree's."""
 from __future__ import annotations
 
 from collections import deque

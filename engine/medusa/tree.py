@@ -183,12 +183,11 @@ class TreeChoice:
             {"tree": self.paths, "max_batch_size": self.max_batch_size, "summary": self.summary,
              "measurements": self.measurements}, indent=1) + "\n")
 
-    def break_even(self) -> dict[int, float]:
-        """Per timed batch size, what the chosen tree's step cost against a plain step: the tokens a step must
-        emit for the tree to pay (engine.medusa.payoff); {} when the choice holds no timing of its tree."""
+    def break_even(self) -> float | None:
+        """What the chosen tree's step cost against a plain one at batch 1: the tokens a step must emit for the
+        tree to pay (engine.medusa.payoff); None when the choice holds no timing of its tree."""
         row = next((r for r in self.measurements.get("candidates", []) if r["tree"] == self.paths), {})
-        return {int(key.removeprefix("step_ms_bs")): ms / row[key.replace("step_ms", "plain_step_ms")]
-                for key, ms in row.items() if key.startswith("step_ms_bs")}
+        return row["step_ms_bs1"] / row["plain_step_ms_bs1"] if "step_ms_bs1" in row else None
 
     @classmethod
     def load(cls, heads_folder: str | Path, weights: str) -> TreeChoice | None:
