@@ -299,7 +299,7 @@ class LLM:
     def _tree_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
         """Verify every sequence's Medusa tree in one forward. The accepted tokens are appended one by
         one, so stop rules and max_tokens end a run exactly where plain decoding would have ended."""
-        accepted, hidden = self.medusa.verify(seqs, self.runner, self._rng)
+        accepted, hidden = self.medusa.verify(seqs, self.runner, self._rng, len(self.scheduler.running))
         outputs = []
         for seq, tokens in zip(seqs, accepted):
             computed_before = seq.num_computed_tokens

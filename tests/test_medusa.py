@@ -18,7 +18,7 @@ from engine import LLM, RequestOutput, SamplingParams
 from engine.attention import available_backends
 from engine.kv_cache import slots
 from engine.medusa.ngram import NgramIndex
-from engine.medusa.payoff import PAUSE, WINDOW, Payoff
+from engine.medusa.payoff import MAX_PAUSE, PAUSE, WINDOW, Payoff
 from engine.medusa.speculator import typical_acceptance
 from engine.medusa.tree import DEFAULT_TREE, TREE_FILE, TREES, TreeChoice, build_tree, load_tree
 from engine.training.medusa import TrainConfig, build_cache, draft_vocabulary, self_distill, train_heads
@@ -295,23 +295,36 @@ def test_a_sequence_whose_drafts_do_not_pay_pauses_them():
     payoff = Payoff()
     for _ in range(WINDOW - 1):
         payoff.record(1)
-    assert payoff.pays(length=40, break_even=1.2)  # not judged before a full window
+    assert payoff.pays(clock=40, break_even=1.2)  # not judged before a full window
     payoff.record(2)  # 17 tokens in 16 steps: below 1.2 a step
-    assert not payoff.pays(length=41, break_even=1.2)
-    assert not payoff.pays(length=41 + PAUSE - 1, break_even=1.2)
-    assert payoff.pays(length=41 + PAUSE, break_even=1.2) and not payoff.emitted  # judged afresh
+    assert not payoff.pays(clock=41, break_even=1.2)
+    assert not payoff.pays(clock=41 + PAUSE - 1, break_even=1.2)
+    assert payoff.pays(clock=41 + PAUSE, break_even=1.2) and not payoff.emitted  # judged afresh
+    clock = 41 + PAUSE
+    for pause in (2 * PAUSE, 4 * PAUSE):  # failing again and again: each pause twice the last
+        for _ in range(WINDOW):
+            payoff.record(1)
+        assert not payoff.pays(clock, break_even=1.2)
+        assert not payoff.pays(clock + pause - 1, break_even=1.2) and payoff.pays(clock + pause, break_even=1.2)
+        clock += pause
     for _ in range(WINDOW):
         payoff.record(2)
-    assert payoff.pays(length=200, break_even=1.2)
+    assert payoff.pays(clock, break_even=1.2) and payoff.pause == PAUSE  # a window that pays: pauses start short
+    for _ in range(10):  # never longer than MAX_PAUSE
+        for _ in range(WINDOW):
+            payoff.record(1)
+        assert not payoff.pays(clock, break_even=1.2)
+        clock = payoff.resume_at
+    assert payoff.pause == MAX_PAUSE
 
 
 def test_break_even_is_the_measured_tree_step_against_a_plain_one():
     rows = [{"tree": [[0]], "step_ms_bs1": 6.0, "plain_step_ms_bs1": 5.0, "step_ms_bs2": 12.0,
              "plain_step_ms_bs2": 6.0},
             {"tree": [[0], [1]], "step_ms_bs1": 9.0, "plain_step_ms_bs1": 5.0}]
-    assert TreeChoice([[0]], "", {"candidates": rows}).break_even() == 1.2
-    assert TreeChoice([[0], [1]], "", {"candidates": rows}).break_even() == 9.0 / 5.0
-    assert TreeChoice([[0]], "", {}).break_even() is None
+    assert TreeChoice([[0]], "", {"candidates": rows}).break_even() == {1: 1.2, 2: 2.0}
+    assert TreeChoice([[0], [1]], "", {"candidates": rows}).break_even() == {1: 9.0 / 5.0}
+    assert TreeChoice([[0]], "", {}).break_even() == {}
 
 
 @pytest.mark.parametrize("step_cost", [0.5, 100.0])
@@ -333,6 +346,30 @@ def test_the_heads_stop_drafting_for_a_sequence_where_they_do_not_pay(tiny_model
         assert decoded_plainly >= PAUSE and len(out.accepted_lengths) > WINDOW  # paused, then drafted again
     else:
         assert decoded_plainly == 0
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("step_cost", [0.5, 100.0])
+def test_the_heads_stop_drafting_for_a_batch_where_they_do_not_pay(tiny_model_dir, heads_dir, tmp_path, step_cost):
+    """In a batch the heads pause for all its sequences at once, judged on the tokens the batch's tree steps emit
+    per sequence against the break-even timed at its size (here 100 plain steps at 2 sequences, while a sequence
+    alone would pay): after WINDOW tree steps the batch decodes PAUSE steps plainly, then drafts again."""
+    folder = tmp_path / "heads"
+    shutil.copytree(heads_dir, folder)
+    timing = {"tree": [[0]], "step_ms_bs1": 0.5, "plain_step_ms_bs1": 1.0, "step_ms_bs2": step_cost,
+              "plain_step_ms_bs2": 1.0}
+    TreeChoice([[0]], "measured", {"candidates": [timing]}, max_batch_size=2).save(folder / TREE_FILE)
+    params = SamplingParams(max_tokens=90, **GREEDY)
+    plain = LLM(tiny_model_dir).generate(prompts(2), params)
+    llm = LLM(tiny_model_dir, medusa=str(folder), medusa_ngram_tokens=0)
+    outs = llm.generate(prompts(2), params)
+    assert [o.token_ids for o in outs] == [p.token_ids for p in plain]
+    for out in outs:
+        decoded_plainly = 89 - sum(out.accepted_lengths)
+        if step_cost > 1:
+            assert decoded_plainly >= PAUSE and len(out.accepted_lengths) > WINDOW
+        else:
+            assert decoded_plainly == 0
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 
@@ -417,8 +454,8 @@ def test_greedy_medusa_equals_plain_in_a_mixed_batch(tiny_model_dir, heads_dir, 
     proposed: dict[str, int] = {}  # tokens the last tree step of each request offered
     verify = llm.medusa.verify
 
-    def recording_verify(seqs, runner, rng):
-        tokens, hidden = verify(seqs, runner, rng)
+    def recording_verify(seqs, runner, rng, num_running):
+        tokens, hidden = verify(seqs, runner, rng, num_running)
         proposed.update({s.request_id: len(t) for s, t in zip(seqs, tokens)})
         return tokens, hidden
 
@@ -549,8 +586,8 @@ def test_prompt_lookup_drafts_are_verified_losslessly(tiny_model_dir, heads_dir,
     llm = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_tree="chain2", medusa_ngram_tokens=ngram_tokens)
     verify_tree, lookup_accepted = llm.medusa._verify_tree, []
 
-    def recording_verify_tree(seqs, vt, runner, rng):
-        out = verify_tree(seqs, vt, runner, rng)
+    def recording_verify_tree(seqs, vt, runner, rng, num_running):
+        out = verify_tree(seqs, vt, runner, rng, num_running)
         if vt is not llm.medusa.heads_tree:
             assert vt in llm.medusa.chains and all(len(s.draft_token_ids) == vt.tree.depth for s in seqs)
             lookup_accepted.extend(len(tokens) - 1 for tokens in out[0])

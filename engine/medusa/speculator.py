@@ -9,8 +9,8 @@ heads all at once (a depth-d node takes head d-1's candidate of its rank), Hydra
 depth-d node takes its rank among the candidates head d-1 gives its parent, reading the parent's path).
 Where the sequence's last tokens occurred in it before, a chain of the tokens that followed them then
 (prompt lookup, engine.medusa.ngram) is verified instead of the heads' tree. Where the heads' tree was timed
-(TreeChoice), they stop drafting for a while for a sequence decoding alone whose tree steps emit fewer tokens
-than a step costs (engine.medusa.payoff)."""
+(TreeChoice), they stop drafting for a while for a sequence decoding alone, or a batch, whose tree steps emit
+fewer tokens than a step costs (engine.medusa.payoff)."""
 from __future__ import annotations
 
 import warnings
@@ -125,7 +125,7 @@ class Medusa:
     def __init__(self, heads: MedusaHeads | None, tree: MedusaTree | None, model: nn.Module, kv_cache: KVCache,
                  max_model_len: int, acceptance: str, posterior_threshold: float, posterior_alpha: float,
                  max_batch_size: int | None = None, ngram_tokens: int = 0,
-                 kernels: DecodeKernels | None = None, break_even: float | None = None) -> None:
+                 kernels: DecodeKernels | None = None, break_even: dict[int, float] | None = None) -> None:
         self.model, self.kv_cache, self.kernels = model, kv_cache, kernels
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
@@ -134,11 +134,11 @@ class Medusa:
         # prompt lookup: a chain per proposal length (1 .. ngram_tokens), verified in place of the heads' tree
         self.ngram_tokens = ngram_tokens
         self.ngram_indexes: WeakKeyDictionary[Sequence, NgramIndex] = WeakKeyDictionary()  # gone with the sequence
-        # the heads' tree's measured step cost against a plain step at batch 1: alone, a sequence stops drafting with
-        # the heads where they do not pay (engine.medusa.payoff). Not in a batch: a paused sequence would take a
-        # forward of its own beside the tree's. None: not measured
-        self.break_even = break_even
-        self.payoffs: WeakKeyDictionary[Sequence, Payoff] = WeakKeyDictionary()
+        # the heads' tree's measured step cost against a plain step, per batch size: where its steps emit fewer tokens
+        # the heads pause (engine.medusa.payoff), for a sequence decoding alone or for a whole batch. Empty: not timed
+        self.break_even = break_even or {}
+        self.payoffs: WeakKeyDictionary[Sequence, Payoff] = WeakKeyDictionary()  # of sequences decoding alone
+        self.batch_payoff, self.batch_steps = Payoff(), 0  # of batches; its clock: batch steps proposed for
         self.chains = [VerifyTree.of(build_tree([[0] * d for d in range(1, n + 1)], f"lookup{n}").to(kv_cache.device),
                                      node_tokens=True) for n in range(1, ngram_tokens + 1)]
         self.heads, self.tree, self.heads_tree = heads, None, None
@@ -228,9 +228,13 @@ class Medusa:
         # and those drafting the heads' tree would take a forward each (SmolLM2 Q4_1, 4 sequences: 0.71x plain)
         if self.ngram_tokens and (self.heads is None or num_running == 1):
             speculating = [i for i in speculating if not self._look_up(seqs[i])]
-        if self.break_even is not None and num_running == 1:
+        if self.break_even and num_running == 1:
             speculating = [i for i in speculating
-                           if self.payoffs.setdefault(seqs[i], Payoff()).pays(len(seqs[i]), self.break_even)]
+                           if self.payoffs.setdefault(seqs[i], Payoff()).pays(len(seqs[i]), self._break_even_at(1))]
+        elif self.break_even and speculating:
+            self.batch_steps += 1
+            if not self.batch_payoff.pays(self.batch_steps, self._break_even_at(num_running)):
+                speculating = []
         if not speculating or self.heads is None:
             return
         if self.sequential:
@@ -242,6 +246,11 @@ class Medusa:
             drafts = top.transpose(0, 1).tolist()
         for i, seq_drafts in zip(speculating, drafts):
             seqs[i].draft_token_ids = seq_drafts
+
+    def _break_even_at(self, batch_size: int) -> float:
+        """The break-even timed at the smallest batch size that holds batch_size, else at the largest timed."""
+        sizes = sorted(self.break_even)
+        return self.break_even[next((b for b in sizes if b >= batch_size), sizes[-1])]
 
     def _look_up(self, seq: Sequence) -> bool:
         """Draft by prompt lookup, if the sequence's last tokens occurred in it before."""
@@ -274,8 +283,8 @@ class Medusa:
         return [[row[a:b] for a, b in pairwise(bounds)] for row in torch.cat(levels, dim=1).tolist()]
 
     @torch.inference_mode()
-    def verify(self, seqs: list[Sequence], runner: ModelRunner,
-               rng: torch.Generator) -> tuple[list[list[int]], torch.Tensor]:
+    def verify(self, seqs: list[Sequence], runner: ModelRunner, rng: torch.Generator,
+               num_running: int) -> tuple[list[list[int]], torch.Tensor]:
         """Verify every sequence's tree, one forward per kind of tree; returns, per sequence, the accepted
         tokens plus the bonus token sampled by the base model after them, and the accepted last node's hidden
         states [len(seqs), hidden] (what propose() needs next). The accepted K/V ends up in consecutive cache
@@ -285,11 +294,11 @@ class Medusa:
         for i, tree in enumerate(trees):
             groups.setdefault(id(tree), []).append(i)
         if len(groups) == 1:  # the common case: no regrouping of the hidden rows
-            return self._verify_tree(seqs, trees[0], runner, rng)
+            return self._verify_tree(seqs, trees[0], runner, rng, num_running)
         accepted: list[list[int]] = [[] for _ in seqs]
         hidden_rows, order = [], []
         for members in groups.values():
-            tokens, hidden = self._verify_tree([seqs[i] for i in members], trees[members[0]], runner, rng)
+            tokens, hidden = self._verify_tree([seqs[i] for i in members], trees[members[0]], runner, rng, num_running)
             for i, t in zip(members, tokens):
                 accepted[i] = t
             hidden_rows.append(hidden)
@@ -297,8 +306,8 @@ class Medusa:
         hidden = torch.cat(hidden_rows)  # in group order: back to the sequences' order
         return accepted, hidden[torch.tensor(order, device=hidden.device).argsort()]
 
-    def _verify_tree(self, seqs: list[Sequence], vt: VerifyTree, runner: ModelRunner,
-                     rng: torch.Generator) -> tuple[list[list[int]], torch.Tensor]:
+    def _verify_tree(self, seqs: list[Sequence], vt: VerifyTree, runner: ModelRunner, rng: torch.Generator,
+                     num_running: int) -> tuple[list[list[int]], torch.Tensor]:
         """verify() for sequences that all draft the tree vt, in one forward."""
         tree, num_seqs, size = vt.tree, len(seqs), vt.tree.size
         token_lists = [[seq.token_ids[-1], *chain.from_iterable(seq.draft_token_ids)] for seq in seqs]
@@ -315,9 +324,11 @@ class Medusa:
         paths, bonus = self._accept(seqs, vt, input_ids, logits, rng)
         self._compact(inputs.ctx.slot_mapping, size, paths)
         out = [[input_ids[b * size + node] for node in path[1:]] + [bonus[b]] for b, path in enumerate(paths)]
-        if self.break_even is not None and vt is self.heads_tree and len(seqs) == 1:
-            for seq, tokens in zip(seqs, out):
-                self.payoffs.setdefault(seq, Payoff()).record(len(tokens))
+        if self.break_even and vt is self.heads_tree:
+            if num_running == 1:
+                self.payoffs.setdefault(seqs[0], Payoff()).record(len(out[0]))
+            else:
+                self.batch_payoff.record(sum(map(len, out)) / len(out))
         return out, hidden[[b * size + path[-1] for b, path in enumerate(paths)]]
 
     # Sampled verification ("rejection"): SpecInfer's multi-candidate speculative sampling with deterministic

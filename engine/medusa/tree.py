@@ -183,11 +183,13 @@ class TreeChoice:
             {"tree": self.paths, "max_batch_size": self.max_batch_size, "summary": self.summary,
              "measurements": self.measurements}, indent=1) + "\n")
 
-    def break_even(self) -> float | None:
-        """What the chosen tree's step cost against a plain one at batch 1: the tokens a step must emit for the
-        tree to pay (engine.medusa.payoff); None when the choice holds no timing of its tree."""
+    def break_even(self) -> dict[int, float]:
+        """The chosen tree's step cost against a plain one, per batch size it was timed at: the tokens a step must
+        emit per sequence for the tree to pay there (engine.medusa.payoff); empty when the choice holds no timing
+        of its tree."""
         row = next((r for r in self.measurements.get("candidates", []) if r["tree"] == self.paths), {})
-        return row["step_ms_bs1"] / row["plain_step_ms_bs1"] if "step_ms_bs1" in row else None
+        sizes = sorted(int(key.removeprefix("step_ms_bs")) for key in row if key.startswith("step_ms_bs"))
+        return {b: row[f"step_ms_bs{b}"] / row[f"plain_step_ms_bs{b}"] for b in sizes}
 
     @classmethod
     def load(cls, heads_folder: str | Path, weights: str) -> TreeChoice | None:
