@@ -84,6 +84,28 @@ def test_packed_float_weights_match_torch_and_never_depend_on_the_batch(dtype, i
     assert torch.equal(kernel.small_batch_linear(x[7:8], packed, b), out[7:8])
 
 
+def test_bf16_weights_on_amx_tiles_match_the_vector_path():
+    """On CPUs with AMX-BF16, bf16 weights of a multiple of 32 inputs go through tiles at any number of token
+    rows (the test above checks their accuracy and batch invariance at 576 inputs): within bf16's rounding of
+    the AVX-512 path, whose two chains sum in another order."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if "amx_bf16" not in cpuinfo or not kernel.set_amx(True):
+        pytest.skip("this CPU (or its OS) gives no AMX-BF16 tiles")
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 1024, generator=gen).bfloat16()
+    x = torch.randn(20, 1024, generator=gen)
+    packed = kernel.repack_float(w)
+    tiles = kernel.small_batch_linear(x, packed, None)
+    try:
+        kernel.set_amx(False)
+        vectors = kernel.small_batch_linear(x, packed, None)
+    finally:
+        kernel.set_amx(True)
+    assert not torch.equal(tiles, vectors)  # the tiles ran
+    bound = (x.abs().double() @ w.abs().double().T) * 2 ** -8 + 1e-5
+    assert ((tiles.double() - vectors.double()).abs() <= bound).all()
+
+
 @pytest.mark.skipif("avx2" not in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else True,
                     reason="needs an x86 CPU with AVX2 (Linux)")
 def test_the_avx2_build_of_the_packed_float_kernels():

@@ -344,6 +344,61 @@ void packed_rows(int64_t M, const X* x, const W* packed, const float* bias, floa
   });
 }
 
+#if defined(GORGON_AMX) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define GORGON_AMX_BF16 1
+#define DECODE_AMX_BF16 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+// bf16 weights on CPUs with AMX-BF16 (Intel Xeon since Sapphire Rapids), at any number of token rows. A group's
+// 32 inputs in repack_float's layout (16 pairs of 64 bytes: the 16 rows' pairs of inputs) are the tile tdpbf16ps
+// takes, so one instruction meets up to 16 token rows' inputs with 1 KiB of weights, where the AVX-512 path
+// takes 16 vdpbf16ps per token row: the rows of a Medusa tree cost next to nothing while the weights stream.
+// Each output is then one sum in the tile unit's order over the inputs (not packed_tile's two chains): the same
+// whatever the number of rows, so a row's result never depends on the others, and one row takes this path too.
+DECODE_AMX_BF16 void amx_bf16_configure(int rows) {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {64, 64, 64};  // 0: outputs (rows x 16 fp32), 1: inputs (rows x 32 bf16), 2: weights
+    uint8_t rows[16] = {};
+  } config;
+  config.rows[0] = config.rows[1] = static_cast<uint8_t>(rows);
+  config.rows[2] = 16;
+  _tile_loadconfig(&config);
+}
+
+// packed_rows for bf16 weights and x as bf16 pairs, K a multiple of 32, on AMX tiles
+DECODE_AMX_BF16 void amx_bf16_rows(int64_t M, const uint32_t* x, const at::BFloat16* packed, const float* bias,
+                                   float* y, int64_t K, int64_t N) {
+  const int64_t group_size = K * kGroupRows, group_bytes = 2 * group_size;
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / group_bytes);
+  const int64_t block = std::max<int64_t>(1, (256 * 1024) / group_bytes);  // groups in L2 for every 16 rows
+  at::parallel_for(0, N / kGroupRows, grain, [&](int64_t begin, int64_t end) {
+    alignas(64) float out[16][kGroupRows];
+    int configured = 0;
+    for (int64_t g0 = begin; g0 < end; g0 += block) {
+      const int64_t g1 = std::min(end, g0 + block);
+      for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
+        if (rows != configured) amx_bf16_configure(configured = rows);
+        for (int64_t g = g0; g < g1; ++g) {
+          const at::BFloat16* w = packed + g * group_size;
+          _tile_zero(0);
+          for (int64_t k = 0; k < K; k += 32) {
+            quant::prefetch_ahead<kFloatPrefetchAhead>(w + k * kGroupRows, 1024);
+            _tile_loadd(1, x + m0 * (K / 2) + k / 2, 2 * K);
+            _tile_loadd(2, w + k * kGroupRows, 64);
+            _tile_dpbf16ps(0, 1, 2);
+          }
+          _tile_stored(0, out, 64);
+          for (int m = 0; m < rows; ++m)
+            for (int n = 0; n < kGroupRows; ++n)
+              y[(m0 + m) * N + g * kGroupRows + n] = out[m][n] + (bias ? bias[g * kGroupRows + n] : 0.0f);
+        }
+      }
+    }
+    if (configured) _tile_release();
+  });
+}
+#endif
+
 // y[M, N] = x[M, K] W^T (+ bias) over repack_float's layout (N a multiple of 16)
 template <typename W>
 void packed_gemv(int64_t M, const float* x, const W* packed, const float* bias, float* y, int64_t K, int64_t N) {
@@ -355,6 +410,9 @@ void packed_gemv(int64_t M, const float* x, const W* packed, const float* bias, 
 #pragma omp simd
       for (int64_t i = begin; i < end; ++i) bits[i] = bf16_bits(x[i]);
     });
+#ifdef GORGON_AMX_BF16
+    if (quant::amx_enabled() && K % 32 == 0) return amx_bf16_rows(M, pairs.data(), packed, bias, y, K, N);
+#endif
     packed_rows(M, pairs.data(), packed, bias, y, K, N);
   } else {
     packed_rows(M, x, packed, bias, y, K, N);
