@@ -8,8 +8,8 @@ rebuild over each other's binary while the other runs.
 
 GORGON_CPU_ISA=avx2 (or scalar) builds them as for a CPU without AVX-512 (x86-64-v3; baseline x86-64) and runs
 the quantized kernels' paths for it: how an AVX2-only machine runs, measured on a newer one.
-GORGON_CPU_ISA=avx512 keeps the native build but leaves the quantized kernels' AMX tiles off, as on an AVX-512
-CPU without AMX."""
+GORGON_CPU_ISA=avx512 keeps the native build but leaves the AMX tiles (quantized and bf16 weights) off, as on an
+AVX-512 CPU without AMX."""
 from __future__ import annotations
 
 import fcntl

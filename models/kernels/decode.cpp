@@ -949,8 +949,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packable", &quant::packable, "does ggml type qtype have kernels over the 16-row interleaved layout?");
   m.def("set_isa", &set_isa, "force the quantized kernels' instruction set (auto, avx512, avx2, scalar)");
   m.def("isa", &isa, "the quantized kernels' instruction set");
-  m.def("set_amx", &set_amx, "turn the quantized kernels' AMX tiles on or off, where the CPU has them");
-  m.def("amx", &amx, "do the quantized kernels use AMX tiles (with 3+ token rows on the AVX-512 path)?");
+  m.def("set_amx", &set_amx, "turn the AMX tiles (quantized and bf16 weights) on or off, where the CPU has them");
+  m.def("amx", &amx, "do the kernels use AMX tiles (quantized weights: from 9 token rows; bf16: any)?");
   py::class_<DecoderStack>(m, "DecoderStack", "every decoder layer of a step in one call")
       .def(py::init<int64_t, int64_t, double>(), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("scale"))
       .def("add_layer", &DecoderStack::add_layer)
