@@ -21,6 +21,7 @@
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "quant.h"
@@ -353,48 +354,88 @@ void packed_rows(int64_t M, const X* x, const W* packed, const float* bias, floa
 // takes 16 vdpbf16ps per token row: the rows of a Medusa tree cost next to nothing while the weights stream.
 // Each output is then one sum in the tile unit's order over the inputs (not packed_tile's two chains): the same
 // whatever the number of rows, so a row's result never depends on the others, and one row takes this path too.
-DECODE_AMX_BF16 void amx_bf16_configure(int rows) {
+// Tiles: 0-3 the outputs of (row chunk r, group g) at 2r + g (rows x 16 fp32), 4-5 the row chunks' inputs (rows x
+// 32 bf16), 6-7 the groups' weights. rows0 / rows1: the token rows of the two chunks (rows1 0: one chunk).
+DECODE_AMX_BF16 void amx_bf16_configure(int rows0, int rows1) {
   struct alignas(64) {
     uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {64, 64, 64};  // 0: outputs (rows x 16 fp32), 1: inputs (rows x 32 bf16), 2: weights
+    uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
     uint8_t rows[16] = {};
   } config;
-  config.rows[0] = config.rows[1] = static_cast<uint8_t>(rows);
-  config.rows[2] = 16;
+  config.rows[0] = config.rows[1] = config.rows[4] = static_cast<uint8_t>(rows0);
+  config.rows[2] = config.rows[3] = config.rows[5] = static_cast<uint8_t>(rows1);
+  config.rows[6] = config.rows[7] = 16;
+  if (rows1 == 0) config.colsb[2] = config.colsb[3] = config.colsb[5] = 0;  // (a tile of no rows has no bytes)
   _tile_loadconfig(&config);
 }
 
-// packed_rows for bf16 weights and x as bf16 pairs, K a multiple of 32, on AMX tiles
+// The outputs of CHUNKS chunks of 16 token rows (from m0) x GROUPS groups (from w), into out[2r + g]: each tile
+// of inputs or weights loaded serves two products where there are two of the other (prefill: tile loads, not
+// products, bound one chunk x one group). Every output sums over k in the same order whatever the blocking.
+template <int CHUNKS, int GROUPS>
+DECODE_AMX_BF16 inline void amx_bf16_block(const uint32_t* x, int64_t m0, const at::BFloat16* w, int64_t group_size,
+                                           int64_t K, float (*out)[16][kGroupRows]) {
+  _tile_zero(0);
+  if constexpr (GROUPS == 2) _tile_zero(1);
+  if constexpr (CHUNKS == 2) _tile_zero(2);
+  if constexpr (CHUNKS == 2 && GROUPS == 2) _tile_zero(3);
+  const uint32_t* x0 = x + m0 * (K / 2);
+  for (int64_t k = 0; k < K; k += 32) {
+    quant::prefetch_ahead<kFloatPrefetchAhead>(w + k * kGroupRows, 1024);
+    _tile_loadd(4, x0 + k / 2, 2 * K);
+    _tile_loadd(6, w + k * kGroupRows, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (GROUPS == 2) {
+      quant::prefetch_ahead<kFloatPrefetchAhead>(w + group_size + k * kGroupRows, 1024);
+      _tile_loadd(7, w + group_size + k * kGroupRows, 64);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (CHUNKS == 2) {
+      _tile_loadd(5, x0 + 16 * (K / 2) + k / 2, 2 * K);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (GROUPS == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, out[0], 64);
+  if constexpr (GROUPS == 2) _tile_stored(1, out[1], 64);
+  if constexpr (CHUNKS == 2) _tile_stored(2, out[2], 64);
+  if constexpr (CHUNKS == 2 && GROUPS == 2) _tile_stored(3, out[3], 64);
+}
+
+// packed_rows for bf16 weights and x as bf16 pairs, K a multiple of 32, on AMX tiles: 32 token rows x 2 groups a
+// block, over groups that stay in L2 while every 32 rows pass
 DECODE_AMX_BF16 void amx_bf16_rows(int64_t M, const uint32_t* x, const at::BFloat16* packed, const float* bias,
                                    float* y, int64_t K, int64_t N) {
   const int64_t group_size = K * kGroupRows, group_bytes = 2 * group_size;
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / group_bytes);
-  const int64_t block = std::max<int64_t>(1, (256 * 1024) / group_bytes);  // groups in L2 for every 16 rows
+  const int64_t grain = std::max<int64_t>(2, (64 * 1024) / group_bytes);
+  const int64_t block = std::max<int64_t>(2, (256 * 1024) / group_bytes);
   at::parallel_for(0, N / kGroupRows, grain, [&](int64_t begin, int64_t end) {
-    alignas(64) float out[16][kGroupRows];
-    int configured = 0;
+    alignas(64) float out[4][16][kGroupRows];
+    std::pair<int, int> configured{0, 0};
     for (int64_t g0 = begin; g0 < end; g0 += block) {
       const int64_t g1 = std::min(end, g0 + block);
-      for (int64_t m0 = 0; m0 < M; m0 += 16) {
-        const int rows = static_cast<int>(std::min<int64_t>(16, M - m0));
-        if (rows != configured) amx_bf16_configure(configured = rows);
-        for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t m0 = 0; m0 < M; m0 += 32) {
+        const int rows0 = static_cast<int>(std::min<int64_t>(16, M - m0));
+        const int rows1 = static_cast<int>(std::clamp<int64_t>(M - m0 - 16, 0, 16));
+        if (configured != std::pair{rows0, rows1}) amx_bf16_configure(rows0, rows1), configured = {rows0, rows1};
+        for (int64_t g = g0; g < g1; g += 2) {
           const at::BFloat16* w = packed + g * group_size;
-          _tile_zero(0);
-          for (int64_t k = 0; k < K; k += 32) {
-            quant::prefetch_ahead<kFloatPrefetchAhead>(w + k * kGroupRows, 1024);
-            _tile_loadd(1, x + m0 * (K / 2) + k / 2, 2 * K);
-            _tile_loadd(2, w + k * kGroupRows, 64);
-            _tile_dpbf16ps(0, 1, 2);
-          }
-          _tile_stored(0, out, 64);
-          for (int m = 0; m < rows; ++m)
-            for (int n = 0; n < kGroupRows; ++n)
-              y[(m0 + m) * N + g * kGroupRows + n] = out[m][n] + (bias ? bias[g * kGroupRows + n] : 0.0f);
+          const int groups = g + 1 < g1 ? 2 : 1;
+          if (rows1 && groups == 2) amx_bf16_block<2, 2>(x, m0, w, group_size, K, out);
+          else if (rows1) amx_bf16_block<2, 1>(x, m0, w, group_size, K, out);
+          else if (groups == 2) amx_bf16_block<1, 2>(x, m0, w, group_size, K, out);
+          else amx_bf16_block<1, 1>(x, m0, w, group_size, K, out);
+          for (int chunk = 0; chunk < (rows1 ? 2 : 1); ++chunk)
+            for (int j = 0; j < groups; ++j) {
+              const float* b = bias ? bias + (g + j) * kGroupRows : nullptr;
+              for (int m = 0; m < (chunk ? rows1 : rows0); ++m)
+                for (int n = 0; n < kGroupRows; ++n)
+                  y[(m0 + 16 * chunk + m) * N + (g + j) * kGroupRows + n] = out[2 * chunk + j][m][n] + (b ? b[n] : 0.0f);
+            }
         }
       }
     }
-    if (configured) _tile_release();
+    if (configured.first) _tile_release();
   });
 }
 #endif

@@ -74,11 +74,11 @@ def invariance_is_cheap(ops: ModuleType, weights: set[torch.dtype], matmul_types
     invariance`, README)? weights: the model's float dtypes; matmul_types: the ggml types of its linears (a
     float one's: 0). On AVX-512 VNNI CPUs, with AVX512-BF16 for bf16 weights: yes, at every precision (invariant /
     plain time at most 1.03 at 1 and 2 threads). On CPUs with AMX, whose tiles make torch's large GEMMs faster,
-    only for bf16 models, whose kernels then run on tiles too (SmolLM2 BF16, 2 threads: prefill 512 0.89, decode
-    batch 1 0.99, batch 8 0.92; Q4_1 prefill 1.13). On AVX2-only CPUs only where every linear has packed quantized
-    kernels, which beat dequantizing to fp32 for torch's GEMM (a Zen 3, 1 thread, SmolLM2 prefill of 512
-    tokens: Q4_1 in 0.64x the time, Q8_0 0.76x; decode batch 1 1.02x / 0.97x, batch 8 0.83x / 0.88x), and
-    fp32 weights do not (prefill 1.36x)."""
+    only for bf16 models, whose kernels then run on tiles too (2 threads, prefill 512 / decode batch 1 / batch 8:
+    SmolLM2 BF16 0.99 / 0.98 / 0.85, Qwen2.5-Coder-1.5B BF16 0.96 / 1.02 / 0.99; Q4_1 prefill 1.13). On AVX2-only
+    CPUs only where every linear has packed quantized kernels, which beat dequantizing to fp32 for torch's GEMM (a
+    Zen 3, 1 thread, SmolLM2 prefill of 512 tokens: Q4_1 in 0.64x the time, Q8_0 0.76x; decode batch 1 1.02x /
+    0.97x, batch 8 0.83x / 0.88x), and fp32 weights do not (prefill 1.36x)."""
     if ops.isa() == "avx2":
         return bool(matmul_types) and all(ops.packable(t) for t in matmul_types)
     if ops.isa() != "avx512":
