@@ -148,7 +148,7 @@ def run_batch(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Name
         tokens += sum(len(o.token_ids) for o in medusa)
         steps += [n for o in medusa for n in o.accepted_lengths]
         bar.update()
-    depth = llm.medusa.max_tree_size - 1  # the heads' tree, or a prompt-lookup chain
+    depth = llm.medusa.max_depth  # of the heads' tree and the prompt-lookup chains
     plain_tps, medusa_tps = tokens / seconds["plain"], tokens / seconds["medusa"]
     histogram = Counter(steps)
     row = {

@@ -584,26 +584,29 @@ def test_prompt_lookup_drafts_are_verified_losslessly(tiny_model_dir, heads_dir,
     repeating = [[(7 * i + j) % 250 + 3 for j in range(6)] * 3 for i in range(3)]
     plain = LLM(tiny_model_dir).generate(repeating, params)
     llm = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_tree="chain2", medusa_ngram_tokens=ngram_tokens)
-    verify_tree, lookup_accepted = llm.medusa._verify_tree, []
+    medusa = llm.medusa
+    verify, lookup_accepted, unions = medusa.verify, [], []
 
-    def recording_verify_tree(seqs, vt, runner, rng, num_running):
-        out = verify_tree(seqs, vt, runner, rng, num_running)
-        if vt is not llm.medusa.heads_tree:
-            assert vt in llm.medusa.chains and all(len(s.draft_token_ids) == vt.tree.depth for s in seqs)
-            lookup_accepted.extend(len(tokens) - 1 for tokens in out[0])
+    def recording_verify(seqs, runner, rng, num_running):
+        own = [medusa.tree_of(s) for s in seqs]
+        out = verify(seqs, runner, rng, num_running)
+        lookup_accepted.extend(len(tokens) - 1 for tokens, vt in zip(out[0], own) if vt is not medusa.heads_tree)
+        unions.append(len({id(vt) for vt in own}) > 1)
         return out
 
-    llm.medusa._verify_tree = recording_verify_tree
-    medusa = [llm.generate([prompt], params)[0] for prompt in repeating]
-    assert [o.token_ids for o in medusa] == [o.token_ids for o in plain]
+    medusa.verify = recording_verify
+    alone = [llm.generate([prompt], params)[0] for prompt in repeating]
+    assert [o.token_ids for o in alone] == [o.token_ids for o in plain]
     if ngram_tokens:
         assert max(lookup_accepted) >= 3  # whole chains accepted: beyond what the 2-deep heads' tree can give
     else:
         assert not lookup_accepted
-    # in a batch, every sequence drafts the heads' tree: one forward a step, not one per kind of draft
+    assert not any(unions)  # alone, a sequence verifies its own tree
+    # in a batch, sequences drafting a chain and those drafting the heads' tree verify their union, in one forward
     lookup_accepted.clear()
     together = llm.generate(repeating, params)
-    assert [o.token_ids for o in together] == [o.token_ids for o in plain] and not lookup_accepted
+    assert [o.token_ids for o in together] == [o.token_ids for o in plain]
+    assert bool(lookup_accepted) == bool(ngram_tokens) and any(unions) == bool(ngram_tokens)
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 

@@ -8,7 +8,8 @@ tree's root, and the heads' top-k at the hidden state of the token before it fil
 heads all at once (a depth-d node takes head d-1's candidate of its rank), Hydra heads level by level (a
 depth-d node takes its rank among the candidates head d-1 gives its parent, reading the parent's path).
 Where the sequence's last tokens occurred in it before, a chain of the tokens that followed them then
-(prompt lookup, engine.medusa.ngram) is verified instead of the heads' tree. Where the heads' tree was timed
+(prompt lookup, engine.medusa.ngram) is verified instead of the heads' tree; a batch whose sequences draft
+different trees verifies their union in one forward. Where the heads' tree was timed
 (TreeChoice), they stop drafting for a while for a sequence decoding alone, or a batch, whose tree steps emit
 fewer tokens than a step costs (engine.medusa.payoff)."""
 from __future__ import annotations
@@ -141,8 +142,9 @@ class Medusa:
         self.batch_payoff, self.batch_steps = Payoff(), 0  # of batches; its clock: batch steps proposed for
         self.chains = [VerifyTree.of(build_tree([[0] * d for d in range(1, n + 1)], f"lookup{n}").to(kv_cache.device),
                                      node_tokens=True) for n in range(1, ngram_tokens + 1)]
+        self.unions: dict[frozenset[int], VerifyTree] = {}  # by the ids of the trees they join
         self.heads, self.tree, self.heads_tree = heads, None, None
-        self.max_tree_size = 1 + ngram_tokens
+        self.max_tree_size, self.max_depth = 1 + ngram_tokens, ngram_tokens
         if heads is not None:
             self._set_heads(heads, tree)
 
@@ -158,7 +160,8 @@ class Medusa:
         self.sequential = heads.config.sequential
         self.levels = hydra_levels(tree) if self.sequential else None
         self.heads_tree = VerifyTree.of(self.tree, node_tokens=self.sequential)
-        self.max_tree_size = max(tree.size, self.max_tree_size)
+        self.max_tree_size = self._union([self.heads_tree, *self.chains[-1:]]).tree.size
+        self.max_depth = max(tree.depth, self.max_depth)
 
     @classmethod
     def from_config(cls, config: EngineConfig, model: nn.Module, kv_cache: KVCache, max_model_len: int,
@@ -224,17 +227,17 @@ class Medusa:
         speculating = [] if crowded else [i for i, seq in enumerate(seqs) if self.can_speculate(seq)]
         for seq in seqs:
             seq.draft_token_ids, seq.drafted_by_lookup = None, False
-        # with heads, lookup chains only for a sequence decoding alone: in a batch, the sequences drafting a chain
-        # and those drafting the heads' tree would take a forward each (SmolLM2 Q4_1, 4 sequences: 0.71x plain)
-        if self.ngram_tokens and (self.heads is None or num_running == 1):
+        # a batch drafts as a whole or not at all: a sequence left without drafts would decode in a forward of
+        # its own beside the tree's
+        if self.break_even and num_running > 1 and speculating:
+            self.batch_steps += 1
+            if not self.batch_payoff.pays(self.batch_steps, self._break_even_at(num_running)):
+                speculating = []
+        if self.ngram_tokens:
             speculating = [i for i in speculating if not self._look_up(seqs[i])]
         if self.break_even and num_running == 1:
             speculating = [i for i in speculating
                            if self.payoffs.setdefault(seqs[i], Payoff()).pays(len(seqs[i]), self._break_even_at(1))]
-        elif self.break_even and speculating:
-            self.batch_steps += 1
-            if not self.batch_payoff.pays(self.batch_steps, self._break_even_at(num_running)):
-                speculating = []
         if not speculating or self.heads is None:
             return
         if self.sequential:
@@ -261,8 +264,30 @@ class Medusa:
         return bool(found)
 
     def tree_of(self, seq: Sequence) -> VerifyTree:
-        """The tree a drafted sequence's next step verifies: its lookup chain, else the heads' tree."""
+        """The tree a drafted sequence drafted: its lookup chain, else the heads' tree."""
         return self.chains[len(seq.draft_token_ids) - 1] if seq.drafted_by_lookup else self.heads_tree
+
+    def _union(self, trees: list[VerifyTree]) -> VerifyTree:
+        """The tree of every path of these trees (built once per combination)."""
+        key = frozenset(map(id, trees))
+        if key not in self.unions:
+            paths = sorted(set().union(*(vt.tree.paths for vt in trees)))
+            self.unions[key] = VerifyTree.of(build_tree([list(p) for p in paths], "union").to(self.kv_cache.device),
+                                             node_tokens=True)
+        return self.unions[key]
+
+    @staticmethod
+    def node_tokens(seq: Sequence, own: VerifyTree, vt: VerifyTree) -> list[int]:
+        """The token at each node of vt, for a sequence that drafted the tree `own` (part of vt): its drafts
+        where its own tree has the node, else its root token. Any token keeps verification lossless (a node is
+        accepted only where its token is the one the base model picks there); these fill rows of a batch's
+        union tree, whose paths other sequences drafted."""
+        drafts = [seq.token_ids[-1], *chain.from_iterable(seq.draft_token_ids)]
+        tokens = [drafts[i] for i in own.candidate_index]
+        if own is vt:
+            return tokens
+        by_path = dict(zip([(), *own.tree.paths], tokens))
+        return [by_path.get(path, tokens[0]) for path in [(), *vt.tree.paths]]
 
     def _draft_levels(self, hidden: torch.Tensor, roots: torch.Tensor) -> list[list[list[int]]]:
         """Hydra: the tree's node tokens, level by level, for B sequences from their hidden states [B, hidden]
@@ -285,33 +310,16 @@ class Medusa:
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence], runner: ModelRunner, rng: torch.Generator,
                num_running: int) -> tuple[list[list[int]], torch.Tensor]:
-        """Verify every sequence's tree, one forward per kind of tree; returns, per sequence, the accepted
-        tokens plus the bonus token sampled by the base model after them, and the accepted last node's hidden
-        states [len(seqs), hidden] (what propose() needs next). The accepted K/V ends up in consecutive cache
-        entries after the sequence's past; the caller releases the blocks beyond them."""
-        groups: dict[int, list[int]] = {}
-        trees = [self.tree_of(seq) for seq in seqs]
-        for i, tree in enumerate(trees):
-            groups.setdefault(id(tree), []).append(i)
-        if len(groups) == 1:  # the common case: no regrouping of the hidden rows
-            return self._verify_tree(seqs, trees[0], runner, rng, num_running)
-        accepted: list[list[int]] = [[] for _ in seqs]
-        hidden_rows, order = [], []
-        for members in groups.values():
-            tokens, hidden = self._verify_tree([seqs[i] for i in members], trees[members[0]], runner, rng, num_running)
-            for i, t in zip(members, tokens):
-                accepted[i] = t
-            hidden_rows.append(hidden)
-            order += members
-        hidden = torch.cat(hidden_rows)  # in group order: back to the sequences' order
-        return accepted, hidden[torch.tensor(order, device=hidden.device).argsort()]
-
-    def _verify_tree(self, seqs: list[Sequence], vt: VerifyTree, runner: ModelRunner, rng: torch.Generator,
-                     num_running: int) -> tuple[list[list[int]], torch.Tensor]:
-        """verify() for sequences that all draft the tree vt, in one forward."""
+        """Verify every sequence's drafts in one forward: their tree, or where they drafted different trees
+        (the heads' and lookup chains), the union of those; returns, per sequence, the accepted tokens plus the
+        bonus token sampled by the base model after them, and the accepted last node's hidden states
+        [len(seqs), hidden] (what propose() needs next). The accepted K/V ends up in consecutive cache entries
+        after the sequence's past; the caller releases the blocks beyond them."""
+        own = [self.tree_of(seq) for seq in seqs]
+        trees = list({id(vt): vt for vt in own}.values())
+        vt = trees[0] if len(trees) == 1 else self._union(trees)
         tree, num_seqs, size = vt.tree, len(seqs), vt.tree.size
-        token_lists = [[seq.token_ids[-1], *chain.from_iterable(seq.draft_token_ids)] for seq in seqs]
-        input_ids = [tokens[i] for tokens in token_lists for i in vt.candidate_index]
+        input_ids = [t for seq, seq_tree in zip(seqs, own) for t in self.node_tokens(seq, seq_tree, vt)]
         positions, spans = [], []
         for seq in seqs:
             root = seq.num_virtual_tokens + seq.num_computed_tokens  # the root's cache index and position
@@ -324,7 +332,7 @@ class Medusa:
         paths, bonus = self._accept(seqs, vt, input_ids, logits, rng)
         self._compact(inputs.ctx.slot_mapping, size, paths)
         out = [[input_ids[b * size + node] for node in path[1:]] + [bonus[b]] for b, path in enumerate(paths)]
-        if self.break_even and vt is self.heads_tree:
+        if self.break_even and any(t is self.heads_tree for t in trees):
             if num_running == 1:
                 self.payoffs.setdefault(seqs[0], Payoff()).record(len(out[0]))
             else:
