@@ -39,6 +39,7 @@ from engine.training.medusa import (
     captured_cache,
     chat_prompts,
     chunk_size,
+    draft_logits,
     draft_vocabulary,
     held_out_ranks,
     prompts_from,
@@ -50,7 +51,7 @@ from engine.training.medusa import (
 )
 from engine.training.medusa import main as train_main
 from models.loader import load_model
-from models.medusa import WEIGHTS_FILE, MedusaHeads, load_medusa_heads, save_medusa_heads
+from models.medusa import WEIGHTS_FILE, MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
@@ -86,6 +87,8 @@ def test_cache_holds_each_position_and_the_tokens_its_heads_predict(model):
     assert cache.targets.tolist() == [[13, 14], [14, -1], [9, 10], [10, -1]]
     assert cache.roots.tolist() == [12, 13, 8, 9]  # the token after each position: a tree's root
     assert cache.head_inputs(slice(None)).tolist() == [[12, 13], [13, 14], [8, 9], [9, 10]]
+    # the row whose hidden state predicted each target: one further on for head 0, in the same text only
+    assert cache.teachers.tolist() == [[1, -1], [-1, -1], [3, -1], [-1, -1]]
     with torch.inference_mode():
         alone = model(torch.tensor([texts[0]]), torch.arange(6)[None])[0, 2:4]
     torch.testing.assert_close(cache.hidden[2:].float(), alone, rtol=1e-2, atol=1e-2)  # stored in bf16
@@ -133,6 +136,28 @@ def test_training_stops_when_the_held_out_loss_stops_improving(model, windows):
     with torch.no_grad():
         kept = weighted_loss(heads, model, held_out, rows, held_out.targets, None, weights)
         assert kept < weighted_loss(last, model, held_out, rows, held_out.targets, None, weights)
+
+
+def test_the_heads_learn_the_base_models_distribution_where_the_cache_holds_it(model, windows):
+    """The loss is the KL divergence from the base model's softmax at the teacher row, and the cross-entropy of
+    the token where there is none (the last rows of a text)."""
+    cache = build_cache(model, windows[0][:2], 2)
+    heads = MedusaHeads(MedusaConfig(2, 1, model.config.hidden_size, model.config.vocab_size, False, sequential=True))
+    weights = torch.tensor([1.0, 0.0])  # head 0 alone
+    with torch.no_grad():
+        for row in (0, len(windows[0][0]) - 3):  # a row with a teacher; the last of its text, without one
+            rows = torch.tensor([row])
+            teacher = cache.teachers[row, 0].item()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                log_p = draft_logits(heads, model, cache.hidden[rows].float(), None, cache.head_inputs(rows))[0]
+                base = model.lm_head(cache.hidden[[max(teacher, 0)]].float())
+            log_p = log_p.float().log_softmax(-1)[0]
+            log_base = base.float().log_softmax(-1)[0]
+            expected = ((log_base.exp() * (log_base - log_p)).sum() if teacher >= 0
+                        else -log_p[cache.targets[row, 0]])
+            assert (teacher >= 0) == (row == 0)
+            loss = weighted_loss(heads, model, cache, rows, cache.targets, None, weights)
+            torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_training_fits_its_steps_to_a_deadline(model, windows):
