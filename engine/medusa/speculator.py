@@ -121,7 +121,8 @@ def hydra_levels(tree: MedusaTree) -> list[Level]:
 class Medusa:
     """Medusa speculation for one engine: by its heads and prompt lookup, or (heads None) by prompt lookup
     alone. Invariant: a sequence whose draft_token_ids are set has its last token pending and room for
-    max_tree_size more cache entries; its next decode step verifies its tree (tree_of)."""
+    max_tree_size more cache entries; its next decode step verifies its tree (tree_of), alone or within the
+    union of its batch's trees."""
 
     def __init__(self, heads: MedusaHeads | None, tree: MedusaTree | None, model: nn.Module, kv_cache: KVCache,
                  max_model_len: int, acceptance: str, posterior_threshold: float, posterior_alpha: float,
