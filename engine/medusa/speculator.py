@@ -278,7 +278,7 @@ class Medusa:
         return self.unions[key]
 
     @staticmethod
-    def node_tokens(seq: Sequence, own: VerifyTree, vt: VerifyTree) -> list[int]:
+    def _node_tokens(seq: Sequence, own: VerifyTree, vt: VerifyTree) -> list[int]:
         """The token at each node of vt, for a sequence that drafted the tree `own` (part of vt): its drafts
         where its own tree has the node, else its root token. Any token keeps verification lossless (a node is
         accepted only where its token is the one the base model picks there); these fill rows of a batch's
@@ -320,7 +320,7 @@ class Medusa:
         trees = list({id(vt): vt for vt in own}.values())
         vt = trees[0] if len(trees) == 1 else self._union(trees)
         tree, num_seqs, size = vt.tree, len(seqs), vt.tree.size
-        input_ids = [t for seq, seq_tree in zip(seqs, own) for t in self.node_tokens(seq, seq_tree, vt)]
+        input_ids = [t for seq, seq_tree in zip(seqs, own) for t in self._node_tokens(seq, seq_tree, vt)]
         positions, spans = [], []
         for seq in seqs:
             root = seq.num_virtual_tokens + seq.num_computed_tokens  # the root's cache index and position

@@ -174,14 +174,15 @@ def embed(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def draft_logits(heads: MedusaHeads, model: nn.Module, hidden: torch.Tensor, draft_vocab: torch.Tensor | None,
-                 inputs: torch.Tensor | None = None) -> torch.Tensor:
+                 inputs: torch.Tensor | None = None, projection: torch.Tensor | None = None) -> torch.Tensor:
     """The heads' logits over the draft vocabulary at hidden [B, hidden_size] -> [K, B, len(draft_vocab)].
-    Hydra heads also read inputs [B, K], the token before each one's target (HiddenCache.head_inputs)."""
+    Hydra heads also read inputs [B, K], the token before each one's target (HiddenCache.head_inputs).
+    projection: draft_projection(model, draft_vocab), where the caller has it already."""
     embeddings = embed(model, inputs.T) if heads.config.sequential else None  # [K, B, hidden_size]
     if heads.config.own_lm_head:
         logits = heads(hidden, None, embeddings=embeddings)
         return logits if draft_vocab is None else logits[..., draft_vocab]
-    weight = draft_projection(model, draft_vocab)
+    weight = draft_projection(model, draft_vocab) if projection is None else projection
     return heads(hidden, lambda states: F.linear(states, weight), embeddings=embeddings)
 
 
@@ -270,10 +271,12 @@ def weighted_loss(heads: MedusaHeads, model: nn.Module, cache: HiddenCache, rows
     cross-entropy of its token (targets: as draft ids; -1, past the end of a text or outside the draft
     vocabulary, does not count)."""
     teachers = cache.teachers[rows]  # [B, K]
+    projection = draft_projection(model, draft_vocab)  # (dequantized once a step for both uses)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = draft_logits(heads, model, cache.hidden[rows].float(), draft_vocab, cache.head_inputs(rows))
+        logits = draft_logits(heads, model, cache.hidden[rows].float(), draft_vocab, cache.head_inputs(rows),
+                              projection)
         with torch.no_grad():
-            teacher_logits = F.linear(cache.hidden[teachers.clamp(min=0)].float(), draft_projection(model, draft_vocab))
+            teacher_logits = F.linear(cache.hidden[teachers.clamp(min=0)].float(), projection)
     losses = []
     for k in range(len(weights)):
         log_p = logits[k].float().log_softmax(dim=-1)
