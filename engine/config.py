@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from models.gguf import find_gguf
 from models.loader import default_dtype, default_kv_cache_dtype
 from models.named import resolve_model
 
@@ -125,6 +126,9 @@ class EngineConfig:
     # exact guarantee). None: on where it costs at most 5% (models.kernels.decode.invariance_is_cheap)
     batch_invariant: bool | None = None
     quantization: str | None = None  # "int8" / "int4": quantize an HF checkpoint's linears at load (models.quant)
+    # a GGUF file's quantized weights dequantized into dtype at load, as off the CPU: 2-4x their memory, but large
+    # batches skip dequantizing tiles of them every step (offline generation: train-medusa writes its text so)
+    dequantize: bool = False
     enable_prefix_caching: bool = True
     seed: int = 0
     adapter_root: str | None = None  # adapters load only from inside this folder; default: <model>/adapters
@@ -193,7 +197,8 @@ class EngineConfig:
     def weights(self) -> str:
         """The weights as the engine runs them, in words: the checkpoint's file or folder name, the dtype and any
         load-time quantization (after resolve_model). What a step costs depends on them and on the CPU."""
-        quantized = f", quantized {self.quantization}" if self.quantization else ""
+        quantized = (f", quantized {self.quantization}" if self.quantization else
+                     ", dequantized" if self.dequantize and find_gguf(resolve_model(self.model)) else "")
         return f"{resolve_model(self.model).name} ({self.dtype}{quantized})"
 
     @property

@@ -77,7 +77,8 @@ class LLM:
         if self.parallel is not None:
             self.model, self.kernels = self.parallel.shard.model, self.parallel.shard.kernels
         else:
-            self.model = load_model(path, self.config.torch_dtype, self.device, self.config.quantization)
+            self.model = load_model(path, self.config.torch_dtype, self.device, self.config.quantization,
+                                    self.config.dequantize)
             # the kernel policy, decided once: layers holding None run torch's operators
             self.kernels = (load_decode_kernels(self.model, self.config.batch_invariant) if self.config.cpu_kernels
                             else None)

@@ -77,14 +77,15 @@ def default_kv_cache_dtype(path: str | Path, dtype: str, quantization: str | Non
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
-               quantization: str | None = None) -> torch.nn.Module:
+               quantization: str | None = None, dequantize: bool = False) -> torch.nn.Module:
     """The model at `path`: a .gguf file or a folder holding one, else an HF folder. `quantization` ("int8",
-    "int4", models.quant.LOAD_TIME_QUANTIZATIONS) quantizes an HF checkpoint's linear layers as it loads."""
+    "int4", models.quant.LOAD_TIME_QUANTIZATIONS) quantizes an HF checkpoint's linear layers as it loads;
+    `dequantize` turns a GGUF file's quantized weights into `dtype` (as they load off the CPU)."""
     gguf_file = find_gguf(path)
     if gguf_file is not None:
         if quantization is not None:
             raise CheckpointError("--quantization applies to HF checkpoints; a GGUF file keeps its own types")
-        return load_gguf_model(gguf_file, dtype, device)
+        return load_gguf_model(gguf_file, dtype, device, dequantize)
     folder = Path(path)
     config = ModelConfig.from_folder(folder)
     files = safetensors_files(folder)
@@ -132,17 +133,18 @@ def quantize_model(model: torch.nn.Module, quantization: str) -> None:
                  _embedding(QuantizedWeight(qtype, (head.out_features, head.in_features), head.weight), dtype))
 
 
-def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
+def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
+                    dequantize: bool = False) -> torch.nn.Module:
     """A GGUF checkpoint's model: float tensors copied into the model's dtype; each linear whose weights are
     quantized becomes a QuantizedLinear over the raw blocks (packed q/k/v and gate/up of one type), or a
-    MixedQuantizedLinear (shards of several types). Off the CPU, where gorgon has no quantized kernels, quantized
-    tensors are dequantized into the model's dtype instead, as transformers loads GGUF files: one at a time, as each
-    is copied, so the host never holds more than one tensor in fp32."""
+    MixedQuantizedLinear (shards of several types). Off the CPU, where gorgon has no quantized kernels, or when
+    asked to `dequantize`, quantized tensors are dequantized into the model's dtype instead, as transformers loads
+    GGUF files: one at a time, as each is copied, so the host never holds more than one tensor in fp32."""
     checkpoint = read_gguf(file)
     config = checkpoint.config
     model = _empty_model(config, dtype, device)
     tensors = dict(checkpoint.tensors)
-    keep_quantized = torch.device(device).type == "cpu"
+    keep_quantized = torch.device(device).type == "cpu" and not dequantize
     expected = _expected_checkpoint_keys(model)
     unexpected = sorted(set(tensors) - expected)
     missing = sorted(expected - set(tensors))

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 import models.gguf as gguf_module
 from bench.common import byte_tokenizer
 from engine import LLM, SamplingParams
+from engine.config import EngineConfig
 from models.gguf import GGUFError, find_gguf, load_tokenizer, read_gguf, unpermute_rows
 from models.kernels import decode as cpu_decode
 from models.loader import CheckpointError, default_dtype, load_model
@@ -210,6 +211,20 @@ def test_quantized_file_matches_its_dequantized_oracle(tmp_path, tiny_hf):
     oracle = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf", dtype=torch.float32).eval()
     with torch.no_grad():
         assert (our_logits(file, tokens) - oracle(tokens).logits).abs().max() <= 1e-4
+
+
+def test_a_quantized_file_loads_dequantized_on_request(tmp_path, tiny_hf):
+    types = {"attn_q": QType.Q8_0, "attn_k": QType.Q8_0, "attn_v": QType.Q8_0, "attn_output": QType.Q4_0,
+             "ffn_gate": QType.Q4_1, "ffn_up": QType.Q4_1, "ffn_down": QType.Q4_0, "output": QType.Q8_0}
+    file = write_gguf(hf_model(tiny_hf), tmp_path / "q.gguf", qtype_of=lambda name, w: types.get(name.split(".")[-2]))
+    model = load_model(file, torch.float32, "cpu", dequantize=True)
+    assert not any(b.dtype == torch.uint8 for b in model.buffers())
+    assert not any(isinstance(m, (QuantizedLinear, QuantizedEmbedding)) for m in model.modules())
+    tokens = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dequantized = model.compute_logits(model(tokens, torch.arange(10).expand_as(tokens)))
+    assert (dequantized - our_logits(file, tokens)).abs().max() <= 1e-4  # the blocks' own fp32 tiles
+    assert EngineConfig(model=str(file), dtype="float32", dequantize=True).weights == "q.gguf (float32, dequantized)"
 
 
 K_QUANT_MIXES = {  # a GGUF tensor kind -> its type, as llama-quantize mixes them (roughly)

@@ -25,7 +25,8 @@ class RankShard:
     def __init__(self, config: EngineConfig, path: Path, tp: TensorParallel, device: torch.device) -> None:
         self.config, self.tp, self.device = config, tp, device
         # the whole checkpoint is read, and only this rank's parts are kept
-        self.model = shard_model(load_model(path, config.torch_dtype, device, config.quantization), tp)
+        model = load_model(path, config.torch_dtype, device, config.quantization, config.dequantize)
+        self.model = shard_model(model, tp)
         self.kernels = load_decode_kernels(self.model, config.batch_invariant) if config.cpu_kernels else None
         set_decode_kernels(self.model, self.kernels)
         self.kv_cache: KVCache | None = None
