@@ -585,10 +585,12 @@ def test_prompt_lookup_drafts_are_verified_losslessly(tiny_model_dir, heads_dir,
     plain = LLM(tiny_model_dir).generate(repeating, params)
     llm = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_tree="chain2", medusa_ngram_tokens=ngram_tokens)
     medusa = llm.medusa
-    verify, lookup_accepted, unions = medusa.verify, [], []
+    verify, lookup_accepted, unions, batch_chains = medusa.verify, [], [], []
 
     def recording_verify(seqs, runner, rng, num_running):
         own = [medusa.tree_of(s) for s in seqs]
+        if num_running > 1:
+            batch_chains.extend(len(s.draft_token_ids) for s, vt in zip(seqs, own) if vt is not medusa.heads_tree)
         out = verify(seqs, runner, rng, num_running)
         lookup_accepted.extend(len(tokens) - 1 for tokens, vt in zip(out[0], own) if vt is not medusa.heads_tree)
         unions.append(len({id(vt) for vt in own}) > 1)
@@ -602,11 +604,13 @@ def test_prompt_lookup_drafts_are_verified_losslessly(tiny_model_dir, heads_dir,
     else:
         assert not lookup_accepted
     assert not any(unions)  # alone, a sequence verifies its own tree
-    # in a batch, sequences drafting a chain and those drafting the heads' tree verify their union, in one forward
+    # in a batch, sequences drafting a chain and those drafting the heads' tree verify their union, in one forward;
+    # chains no deeper than the heads' tree there, so that the union is the tree timed for batches
     lookup_accepted.clear()
     together = llm.generate(repeating, params)
     assert [o.token_ids for o in together] == [o.token_ids for o in plain]
     assert bool(lookup_accepted) == bool(ngram_tokens) and any(unions) == bool(ngram_tokens)
+    assert max(batch_chains, default=0) == (medusa.tree.depth if ngram_tokens else 0)
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 
