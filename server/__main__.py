@@ -79,6 +79,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="HF checkpoint folder, a .gguf file or a folder holding one (default: the shipped model)")
     parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
                         help="quantize an HF checkpoint's linear layers as it loads")
+    parser.add_argument("--dequantize", action="store_true",
+                        help="dequantize a GGUF file's quantized weights into --dtype as it loads: throughput for "
+                             "large batches, where the quantized kernels stop at 32 rows (SmolLM2 Q4_1 in bf16, 64 "
+                             "sequences, 2 cores: 420 -> 1076 tokens/s), at 2-4x the weights' memory and a slower "
+                             "batch 1")
     parser.add_argument("--served-model-name", default=None,
                         help=f"the base model's id in the API (default: the folder's name, or {DEFAULT_MODEL_NAME})")
     parser.add_argument("--host", default="127.0.0.1")
@@ -137,6 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """EngineConfig fields from the flags; a flag left out keeps the engine's default."""
     kwargs = {"device": args.device, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
+              "dequantize": args.dequantize,
               "max_num_seqs": args.max_num_seqs,
               "max_model_len": args.max_model_len, "adapter_root": args.adapter_root,
               "enable_prefix_caching": not args.no_prefix_caching, "skip_tokenizer_init": args.skip_tokenizer_init,

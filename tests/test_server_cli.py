@@ -58,6 +58,11 @@ def test_enforce_eager_turns_the_cuda_graphs_off():
     assert engine_kwargs(parse_args(["--device", "cuda", "--enforce-eager"]))["cuda_graphs"] is False
 
 
+def test_dequantize_flag():
+    assert engine_kwargs(parse_args(["--dequantize"]))["dequantize"] is True
+    assert engine_kwargs(parse_args([]))["dequantize"] is False
+
+
 def test_batch_invariant_flag():
     assert engine_kwargs(parse_args(["--batch-invariant"]))["batch_invariant"] is True
     assert engine_kwargs(parse_args(["--no-batch-invariant"]))["batch_invariant"] is False
