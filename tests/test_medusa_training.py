@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_gguf import write_gguf
 
 import engine.training.medusa as medusa_training
 from bench.medusa import load_prompts
@@ -48,10 +49,14 @@ from engine.training.medusa import (
     to_draft_ids,
     train_heads,
     weighted_loss,
+    writer_dequantizes,
 )
 from engine.training.medusa import main as train_main
 from models.loader import load_model
 from models.medusa import WEIGHTS_FILE, MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
+from models.quant import QType
+
+from conftest import hf_model, save_tiny_model
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
@@ -353,11 +358,20 @@ def test_the_minutes_budget_bounds_writing_and_tree_timing(chat_model_dir, tmp_p
     assert report["train_texts"] + report["held_out_texts"] == 12
 
 
+def test_the_writer_dequantizes_a_gguf_file_whose_weights_fit(tmp_path, monkeypatch):
+    hf = save_tiny_model(tmp_path / "hf")
+    file = write_gguf(hf_model(hf), tmp_path / "q.gguf", qtype_of=lambda name, w: QType.Q8_0)
+    assert writer_dequantizes(file, "bfloat16")
+    assert not writer_dequantizes(hf, "bfloat16")  # an HF folder: nothing to dequantize
+    monkeypatch.setattr(medusa_training.os, "sysconf", lambda name: 64)  # 4 KiB of memory
+    assert not writer_dequantizes(file, "bfloat16")
+
+
 def test_the_last_chunk_of_texts_holds_what_fits_the_budget():
-    assert chunk_size(0, 2048, 0.0, 900.0) == 256  # WRITE_CHUNK
-    assert chunk_size(256, 2048, 594.0, 306.0) == 131  # 2.32 s a text: 131 fit in 306 s
-    assert chunk_size(256, 2048, 594.0, 60.0) == 0  # 25 texts: not a full batch
-    assert chunk_size(2040, 2048, 10.0, 1.0) == 8  # the last 8, though fewer than a batch
+    assert chunk_size(0, 2048, 0.0, 900.0, 32) == 256  # WRITE_CHUNK
+    assert chunk_size(256, 2048, 594.0, 306.0, 32) == 131  # 2.32 s a text: 131 fit in 306 s
+    assert chunk_size(256, 2048, 594.0, 60.0, 32) == 0  # 25 texts: not a full batch
+    assert chunk_size(2040, 2048, 10.0, 1.0, 32) == 8  # the last 8, though fewer than a batch
 
 
 def test_self_written_prompts_continue_the_template_up_to_the_user_text(chat_model_dir):

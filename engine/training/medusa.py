@@ -33,6 +33,7 @@ import argparse
 import ast
 import json
 import math
+import os
 import random
 import tempfile
 import time
@@ -56,6 +57,7 @@ from engine.medusa.tree import (
 )
 from engine.training.common import HEAD_OFFSET, cosine, head_weights
 from engine.training.default_model import corpus_files, read_source
+from models.gguf import find_gguf, open_gguf
 from models.kernels.decode import MAX_ROWS
 from models.medusa import HEAD_KINDS, MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
 from models.named import resolve_model
@@ -77,8 +79,8 @@ EVAL_EVERY = 100  # training steps between measurements of the held-out loss
 PATIENCE = 3  # measurements without a better held-out loss that end the training
 EVAL_POSITIONS = 4096  # held-out positions it is measured on
 WRITE_CHUNK = 256  # texts written between looks at the clock
-# sequences the model writes at once, with its weights dequantized (EngineConfig.dequantize) so that steps of more
-# than the decode kernels' rows do not dequantize tiles of them every step (SmolLM2-135M Q4_1 in bf16, 2 cores:
+# sequences the model writes at once, with a GGUF file's weights dequantized (writer_dequantizes) so that steps of
+# more than the decode kernels' rows do not dequantize tiles of them every step (SmolLM2-135M Q4_1 in bf16, 2 cores:
 # 622 tokens/s at 32 sequences quantized, 1076 at 64 dequantized, 1080 at 128)
 WRITER_SEQS = 64
 
@@ -652,14 +654,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def chunk_size(first: int, total: int, elapsed: float, remaining: float) -> int:
+def writer_dequantizes(model_path: Path, dtype: str) -> bool:
+    """Does the model write its text with a GGUF file's weights dequantized (EngineConfig.dequantize, WRITER_SEQS)?
+    Where they then take at most a quarter of the machine's memory (a 7B model in bf16 would fill most of 24 GiB)."""
+    gguf = find_gguf(model_path)
+    if gguf is None:
+        return False
+    weights = sum(int(t.n_elements) for t in open_gguf(gguf).tensors) * torch.finfo(getattr(torch, dtype)).bits // 8
+    return weights <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+
+
+def chunk_size(first: int, total: int, elapsed: float, remaining: float, batch: int) -> int:
     """How many texts to write next, after `first` of `total` in `elapsed` seconds, with `remaining` seconds
     of the writing budget: WRITE_CHUNK, but no more than fit at the pace so far; 0 (stop) if not even one full
-    batch of the engine's fits."""
+    batch of the engine's (`batch` sequences) fits."""
     count = min(WRITE_CHUNK, total - first)
     if first:
         fits = remaining / (elapsed / first)
-        if fits < min(count, WRITER_SEQS):
+        if fits < min(count, batch):
             return 0
         count = min(count, int(fits))
     return count
@@ -701,7 +713,8 @@ def training_text(args: argparse.Namespace, llm: LLM,
     first, began = 0, time.perf_counter()
     with tqdm(total=total, desc="writing the training text", unit="text") as bar:
         while first < total:
-            count = chunk_size(first, total, time.perf_counter() - began, deadline - time.perf_counter())
+            count = chunk_size(first, total, time.perf_counter() - began, deadline - time.perf_counter(),
+                               llm.config.max_num_seqs)
             if not count:
                 print(f"the --minutes budget: the model wrote {len(texts)} of {total} texts", flush=True)
                 break
@@ -748,8 +761,11 @@ def main(argv: list[str] | None = None) -> None:
     init = None
     try:
         model_path = resolve_model(args.model)
-        # writes the text; its model is the frozen base
-        llm = LLM(model_path, max_model_len=2048, dtype=args.dtype, max_num_seqs=WRITER_SEQS, dequantize=True)
+        # writes the text; its model is the frozen base. Without dequantized weights, at most MAX_ROWS sequences a
+        # step: the decode kernels take them, where larger steps would multiply dequantized tiles of quantized weights
+        dequantize = writer_dequantizes(model_path, args.dtype)
+        llm = LLM(model_path, max_model_len=2048, dtype=args.dtype, dequantize=dequantize,
+                  max_num_seqs=WRITER_SEQS if dequantize else MAX_ROWS)
         model = llm.model
         if args.init_heads:  # before the (slow) training text, so a bad folder fails at once
             init = load_medusa_heads(args.init_heads, model.config.hidden_size, model.config.vocab_size)
