@@ -197,9 +197,10 @@ class EngineConfig:
     def weights(self) -> str:
         """The weights as the engine runs them, in words: the checkpoint's file or folder name, the dtype and any
         load-time quantization (after resolve_model). What a step costs depends on them and on the CPU."""
+        path = resolve_model(self.model)
         quantized = (f", quantized {self.quantization}" if self.quantization else
-                     ", dequantized" if self.dequantize and find_gguf(resolve_model(self.model)) else "")
-        return f"{resolve_model(self.model).name} ({self.dtype}{quantized})"
+                     ", dequantized" if self.dequantize and find_gguf(path) else "")
+        return f"{path.name} ({self.dtype}{quantized})"
 
     @property
     def torch_dtype(self) -> torch.dtype:

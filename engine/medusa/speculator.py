@@ -238,8 +238,9 @@ class Medusa:
             # in a batch, chains no deeper than the heads' tree, which holds them: the batch then verifies the tree
             # it was timed with (break_even), where longer chains added rows that no timing paid for (SmolLM2 Q4_1,
             # batch 4, the 2-node tree: 0.85x-0.92x plain with chains of 4)
-            depth = self.ngram_tokens if num_running == 1 or self.tree is None else min(self.ngram_tokens,
-                                                                                        self.tree.depth)
+            depth = self.ngram_tokens
+            if num_running > 1 and self.tree is not None:
+                depth = min(depth, self.tree.depth)
             speculating = [i for i in speculating if not self._look_up(seqs[i], depth)]
         if self.break_even and num_running == 1:
             speculating = [i for i in speculating
