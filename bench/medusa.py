@@ -153,7 +153,8 @@ def run_batch(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Name
     histogram = Counter(steps)
     row = {
         "batch_size": batch_size, "temperature": temperature, "tree": tree_name(llm),
-        "tree_size": llm.medusa.max_tree_size if llm.medusa.heads is None else llm.medusa.tree.size,
+        "tree_size": (llm.medusa.max_tree_size if llm.medusa.heads is None
+                      else llm.medusa.tree_for(batch_size).tree.size),
         "plain_tok_s": plain_tps, "medusa_tok_s": medusa_tps, "speedup": medusa_tps / plain_tps,
         # None: no tree step ran (more sequences than the tree's max_batch_size: the engine decoded plainly)
         "mean_accepted": sum(steps) / len(steps) if steps else None, "num_steps": len(steps), "lossless": lossless,
@@ -200,8 +201,8 @@ def plot(path: str, sweep: list[dict], main_row: dict) -> None:
 
 
 def tree_name(llm: LLM) -> str:
-    """The engine's heads' tree, or "lookup" for prompt lookup alone (its chains, one per proposal length)."""
-    return LOOKUP_ONLY if llm.medusa.heads is None else llm.medusa.tree.name
+    """The engine's heads' trees' name, or "lookup" for prompt lookup alone (its chains, one per proposal length)."""
+    return LOOKUP_ONLY if llm.medusa.heads is None else llm.medusa.trees[0].tree.name
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -302,7 +302,7 @@ def test_medusa_stays_lossless_with_adapters(setup, tmp_path):
     expected = [o.token_ids for o in plain.generate(PROMPTS, params, adapter=adapters)]
     llm = make_llm(setup, load=["prefix5", "prefix8", "all", "rs_qv"], medusa=str(tmp_path / "heads"))
     futures = {f"r{i}": p + e for i, (p, e) in enumerate(zip(PROMPTS, expected))}
-    top_k, depth = llm.medusa.tree.top_k, llm.medusa.tree.depth
+    top_k, depth = llm.medusa.tree_for(1).tree.top_k, llm.medusa.tree_for(1).tree.depth
 
     def oracle_propose(seqs, hidden, num_running) -> None:
         for seq in seqs:
@@ -311,6 +311,7 @@ def test_medusa_stays_lossless_with_adapters(setup, tmp_path):
             if llm.medusa.can_speculate(seq):
                 seq.draft_token_ids = [[future[root + 1 + d] if root + 1 + d < len(future) and k == root % top_k else 0
                                         for k in range(top_k)] for d in range(depth)]
+                seq.draft_tree = llm.medusa.tree_for(1).verify
 
     llm.medusa.propose = oracle_propose
     ids = [llm.add_request(p, params, request_id=f"r{i}", adapter=a) for i, (p, a) in enumerate(zip(PROMPTS, adapters))]

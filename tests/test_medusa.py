@@ -20,7 +20,7 @@ from engine.kv_cache import slots
 from engine.medusa.ngram import NgramIndex
 from engine.medusa.payoff import MAX_PAUSE, PAUSE, WINDOW, Payoff
 from engine.medusa.speculator import typical_acceptance
-from engine.medusa.tree import DEFAULT_TREE, TREE_FILE, TREES, TreeChoice, build_tree, load_tree
+from engine.medusa.tree import DEFAULT_TREE, TREE_FILE, TREES, BatchTree, TreeChoice, build_tree, load_tree
 from engine.training.medusa import TrainConfig, build_cache, draft_vocabulary, self_distill, train_heads
 from models import DEFAULT_MODEL_DIR
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
@@ -79,7 +79,7 @@ def use_oracle_drafts(llm: LLM, futures: dict[str, list[int]]) -> None:
     right token for each depth sits at a rank that varies with position (mostly 0, sometimes 1 or 2,
     sometimes absent). So runs are long, and accepted paths often leave the tree's first branch (the
     K/V must move)."""
-    top_k = llm.medusa.tree.top_k
+    top_k = llm.medusa.tree_for(1).tree.top_k
     rank_of_right_token = [0, 0, 0, 0, 0, 0, 1, 1, 2, top_k]  # top_k: absent
 
     def propose(seqs, hidden, num_running):
@@ -90,14 +90,14 @@ def use_oracle_drafts(llm: LLM, futures: dict[str, list[int]]) -> None:
             future = futures[seq.request_id]
             root = len(seq) - 1
             drafts = []
-            for d in range(1, llm.medusa.tree.depth + 1):
+            for d in range(1, llm.medusa.tree_for(1).tree.depth + 1):
                 right = future[root + d] if root + d < len(future) else 0
                 ranks = [(right + 1 + r) % 256 for r in range(top_k)]
                 rank = rank_of_right_token[(7 * root + 3 * d) % 10]
                 if rank < top_k:
                     ranks[rank] = right
                 drafts.append(ranks)
-            seq.draft_token_ids = drafts
+            seq.draft_token_ids, seq.draft_tree = drafts, llm.medusa.tree_for(1).verify
 
     llm.medusa.propose = propose
 
@@ -149,7 +149,8 @@ def test_a_tree_deeper_than_the_heads(tiny_model_dir, tmp_path):
     save_medusa_heads(MedusaHeads(MedusaConfig(2, 1, 64, 256, False)), tmp_path)
     with pytest.raises(ValueError, match="only 2 heads"):
         LLM(tiny_model_dir, medusa=str(tmp_path), medusa_tree="chain3")
-    default = LLM(tiny_model_dir, medusa=str(tmp_path)).medusa.tree  # the default tree is cut to fit the heads
+    # the default tree is cut to fit the heads
+    default = LLM(tiny_model_dir, medusa=str(tmp_path)).medusa.tree_for(1).tree
     assert default.depth == 2 and default.name == f"{DEFAULT_TREE}[:2]"
 
 
@@ -322,9 +323,9 @@ def test_break_even_is_the_measured_tree_step_against_a_plain_one():
     rows = [{"tree": [[0]], "step_ms_bs1": 6.0, "plain_step_ms_bs1": 5.0, "step_ms_bs2": 12.0,
              "plain_step_ms_bs2": 6.0},
             {"tree": [[0], [1]], "step_ms_bs1": 9.0, "plain_step_ms_bs1": 5.0}]
-    assert TreeChoice([[0]], "", {"candidates": rows}).break_even() == {1: 1.2, 2: 2.0}
-    assert TreeChoice([[0], [1]], "", {"candidates": rows}).break_even() == {1: 9.0 / 5.0}
-    assert TreeChoice([[0]], "", {}).break_even() == {}
+    assert TreeChoice([BatchTree([[0]])], "", {"candidates": rows}).break_even() == {1: 1.2, 2: 2.0}
+    assert TreeChoice([BatchTree([[0], [1]])], "", {"candidates": rows}).break_even() == {1: 9.0 / 5.0}
+    assert TreeChoice([BatchTree([[0]])], "", {}).break_even() == {}
 
 
 @pytest.mark.parametrize("step_cost", [0.5, 100.0])
@@ -335,7 +336,7 @@ def test_the_heads_stop_drafting_for_a_sequence_where_they_do_not_pay(tiny_model
     folder = tmp_path / "heads"
     shutil.copytree(heads_dir, folder)
     timing = {"tree": [[0]], "step_ms_bs1": step_cost, "plain_step_ms_bs1": 1.0}
-    TreeChoice([[0]], "measured", {"candidates": [timing]}, max_batch_size=1).save(folder / TREE_FILE)
+    TreeChoice([BatchTree([[0]], 1)], "measured", {"candidates": [timing]}).save(folder / TREE_FILE)
     params = SamplingParams(max_tokens=90, **GREEDY)
     plain = LLM(tiny_model_dir).generate(prompts(1), params)[0]
     llm = LLM(tiny_model_dir, medusa=str(folder), medusa_ngram_tokens=0)
@@ -358,7 +359,7 @@ def test_the_heads_stop_drafting_for_a_batch_where_they_do_not_pay(tiny_model_di
     shutil.copytree(heads_dir, folder)
     timing = {"tree": [[0]], "step_ms_bs1": 0.5, "plain_step_ms_bs1": 1.0, "step_ms_bs2": step_cost,
               "plain_step_ms_bs2": 1.0}
-    TreeChoice([[0]], "measured", {"candidates": [timing]}, max_batch_size=2).save(folder / TREE_FILE)
+    TreeChoice([BatchTree([[0]], 2)], "measured", {"candidates": [timing]}).save(folder / TREE_FILE)
     params = SamplingParams(max_tokens=90, **GREEDY)
     plain = LLM(tiny_model_dir).generate(prompts(2), params)
     llm = LLM(tiny_model_dir, medusa=str(folder), medusa_ngram_tokens=0)
@@ -404,7 +405,7 @@ def test_greedy_medusa_with_a_draft_vocab_is_lossless(tiny_model_dir, heads_dir,
 
     def recording_propose(seqs, hidden, num_running):
         propose(seqs, hidden, num_running)
-        drafted.update(t for s in seqs if s.draft_token_ids and not s.drafted_by_lookup
+        drafted.update(t for s in seqs if s.draft_token_ids and s.draft_tree not in llm.medusa.chains
                        for rank in s.draft_token_ids for t in rank)
 
     llm.medusa.propose = recording_propose
@@ -588,11 +589,11 @@ def test_prompt_lookup_drafts_are_verified_losslessly(tiny_model_dir, heads_dir,
     verify, lookup_accepted, unions, batch_chains = medusa.verify, [], [], []
 
     def recording_verify(seqs, runner, rng, num_running):
-        own = [medusa.tree_of(s) for s in seqs]
+        own = [s.draft_tree for s in seqs]
         if num_running > 1:
-            batch_chains.extend(len(s.draft_token_ids) for s, vt in zip(seqs, own) if vt is not medusa.heads_tree)
+            batch_chains.extend(len(s.draft_token_ids) for s, vt in zip(seqs, own) if vt in medusa.chains)
         out = verify(seqs, runner, rng, num_running)
-        lookup_accepted.extend(len(tokens) - 1 for tokens, vt in zip(out[0], own) if vt is not medusa.heads_tree)
+        lookup_accepted.extend(len(tokens) - 1 for tokens, vt in zip(out[0], own) if vt in medusa.chains)
         unions.append(len({id(vt) for vt in own}) > 1)
         return out
 
@@ -610,7 +611,7 @@ def test_prompt_lookup_drafts_are_verified_losslessly(tiny_model_dir, heads_dir,
     together = llm.generate(repeating, params)
     assert [o.token_ids for o in together] == [o.token_ids for o in plain]
     assert bool(lookup_accepted) == bool(ngram_tokens) and any(unions) == bool(ngram_tokens)
-    assert max(batch_chains, default=0) == (medusa.tree.depth if ngram_tokens else 0)
+    assert max(batch_chains, default=0) == (medusa.tree_for(4).tree.depth if ngram_tokens else 0)
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 

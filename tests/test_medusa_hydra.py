@@ -117,10 +117,10 @@ def test_level_by_level_drafts_equal_node_by_node_drafts(tiny_model_dir, tree_na
         pytest.skip("the CPU decode kernels could not be built here")
     set_decode_kernels(heads, kernels)
     model, tree = llm.model, build_tree(TREES[tree_name], tree_name)
-    medusa = Medusa(heads, tree, model, llm.runner.kv_cache, 256, "rejection", 0.09, 0.3)
+    medusa = Medusa(heads, [(tree, None)], model, llm.runner.kv_cache, 256, "rejection", 0.09, 0.3)
     hidden, roots = torch.randn(3, 64), torch.tensor([5, 77, 200])
     with torch.inference_mode():
-        drafts = medusa._draft_levels(hidden, roots)
+        drafts = medusa._draft_levels(hidden, roots, medusa.tree_for(1).levels)
         for b in range(3):
             flat = [t for level in drafts[b] for t in level]
             assert [len(level) for level in drafts[b]] == [tree.depths.count(d) for d in range(1, tree.depth + 1)]

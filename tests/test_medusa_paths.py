@@ -38,7 +38,7 @@ def heads_dir(tmp_path_factory) -> Path:
 def use_oracle_drafts(llm: LLM, futures: dict[str, list[int]]) -> list[list[int]]:
     """Draft from a plain run (request id -> prompt + output): the right token sits at a rank that varies with
     position (RANKS). Returns the list that each accepted tree path (root first) is appended to."""
-    tree = llm.medusa.tree
+    tree = llm.medusa.tree_for(1).tree
 
     def propose(seqs, hidden, num_running):
         for seq in seqs:
@@ -54,7 +54,7 @@ def use_oracle_drafts(llm: LLM, futures: dict[str, list[int]]) -> list[list[int]
                 if rank is not None and rank < tree.top_k:
                     ranked[rank] = right
                 drafts.append(ranked)
-            seq.draft_token_ids = drafts
+            seq.draft_token_ids, seq.draft_tree = drafts, llm.medusa.tree_for(1).verify
 
     paths: list[list[int]] = []
     compact = llm.medusa._compact
@@ -93,7 +93,7 @@ def test_the_63_node_tree_is_lossless(tiny_model_dir, heads_dir):
     kwargs = dict(block_size=8, max_num_batched_tokens=96)
     requests = [(p, None) for p in prompts(4)]
     medusa = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_tree="mc_sim_7b_63", **kwargs)
-    assert medusa.medusa.tree.size == 64
+    assert medusa.medusa.tree_for(1).tree.size == 64
     paths = check_lossless(LLM(tiny_model_dir, **kwargs), medusa, requests)
     assert any(path[1] != 1 for path in paths if len(path) > 1)  # a path off the first branch was accepted
     assert max(map(len, paths)) == 5  # and a path as deep as the tree

@@ -144,7 +144,7 @@ def test_rejection_rule_recomputed_on_a_hand_built_tree(small_vocab, temperature
     """Medusa's verification of one tree, 20000 times, against the rule's outcome probabilities computed
     by hand from the base logits, with top-k, penalties and logit_bias reading each node's own path."""
     llm = medusa_llm(small_vocab)
-    tree, children = llm.medusa.tree, llm.medusa.heads_tree.children
+    tree, children = llm.medusa.tree_for(1).tree, llm.medusa.tree_for(1).verify.children
     assert tree.size == 9 and children[0] == [1, 2, 3, 4] and children[1] == [5, 6] and children[3] == [8]
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(tree.size, VOCAB, generator=g) * 2
@@ -162,7 +162,7 @@ def test_rejection_rule_recomputed_on_a_hand_built_tree(small_vocab, temperature
     rng = torch.Generator().manual_seed(1)
     observed: Counter = Counter()
     for _ in range(rounds):
-        paths, bonus = llm.medusa._accept([seq] * copies, llm.medusa.heads_tree, tokens * copies,
+        paths, bonus = llm.medusa._accept([seq] * copies, llm.medusa.tree_for(1).verify, tokens * copies,
                                           logits.repeat(copies, 1), rng)
         observed.update((tuple(path), token) for path, token in zip(paths, bonus))
     if temperature == 0:

@@ -22,6 +22,7 @@ from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.medusa.tree import (
     TREE_FILE,
+    BatchTree,
     TreeChoice,
     accepted_path_counts,
     best_tree,
@@ -48,6 +49,7 @@ from engine.training.medusa import (
     self_written_prompts,
     to_draft_ids,
     train_heads,
+    trees_by_batch_size,
     weighted_loss,
     writer_dequantizes,
 )
@@ -219,15 +221,29 @@ def test_best_trees_and_their_tokens_per_step():
     assert expected_tokens_per_step(best_tree(counts, 8), counts, 4) == 1 + 9 / 4  # every right path: all 9 tokens
 
 
+def test_each_batch_size_gets_the_tree_fastest_there():
+    def row(name, *speedups):  # timed at 1, 2, 4, 8 until one no longer paid
+        timed = dict(zip((1, 2, 4, 8), speedups))
+        return {"tree": name, "max_batch_size": max([0] + [b for b in timed if timed[b] >= PAYS]),
+                **{f"speedup_bs{b}": x for b, x in timed.items()}}
+
+    big, mid, chain = row("big", 1.8, 1.0), row("mid", 1.6, 1.5, 1.2, 1.0), row("chain", 1.4, 1.4, 1.3, 1.2)
+    chosen = trees_by_batch_size([chain, mid, big])
+    assert [(r["tree"], b) for r, b in chosen] == [("big", 1), ("mid", 2), ("chain", 8)]
+    assert [(r["tree"], b) for r, b in trees_by_batch_size([chain, row("mid", 1.6, 1.5, 1.4, 1.0)])] == [
+        ("mid", 4), ("chain", 8)]
+    assert trees_by_batch_size([row("slow", 0.9)]) == []
+
+
 def test_the_engine_takes_the_tree_stored_beside_the_heads(tiny_model_dir, model, windows, tmp_path):
     heads, _ = train_heads(model, build_cache(model, windows[0], 3), TrainConfig(num_heads=3, steps=2), progress=False)
     save_medusa_heads(heads, tmp_path)
-    TreeChoice([[0], [1], [0, 0]], "measured here", {}).save(tmp_path / TREE_FILE)
+    TreeChoice([BatchTree([[0], [1], [0, 0]])], "measured here", {}).save(tmp_path / TREE_FILE)
     llm = LLM(tiny_model_dir, medusa=str(tmp_path))
-    assert llm.medusa.tree.paths == [(0,), (1,), (0, 0)]
-    assert LLM(tiny_model_dir, medusa=str(tmp_path), medusa_tree="chain2").medusa.tree.name == "chain2"
+    assert llm.medusa.tree_for(1).tree.paths == [(0,), (1,), (0, 0)]
+    assert LLM(tiny_model_dir, medusa=str(tmp_path), medusa_tree="chain2").medusa.tree_for(1).tree.name == "chain2"
     # the measured limit: speculation while at most max_batch_size sequences decode, plain decoding above it
-    TreeChoice([[0], [1], [0, 0]], "measured here", {}, max_batch_size=1).save(tmp_path / TREE_FILE)
+    TreeChoice([BatchTree([[0], [1], [0, 0]], 1)], "measured here", {}).save(tmp_path / TREE_FILE)
     capped = LLM(tiny_model_dir, medusa=str(tmp_path))
     assert capped.medusa.max_batch_size == 1
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -238,19 +254,40 @@ def test_the_engine_takes_the_tree_stored_beside_the_heads(tiny_model_dir, model
     assert LLM(tiny_model_dir, medusa=str(tmp_path), medusa_max_batch_size=2).medusa.max_batch_size == 2
     assert all(o.accepted_lengths for o in LLM(tiny_model_dir, medusa=str(tmp_path), medusa_max_batch_size=2)
                .generate([[1, 2, 3], [4, 5, 6]], greedy))
+    # a tree per batch size: the bigger one for a sequence decoding alone, the chain for two
+    TreeChoice([BatchTree([[0], [1], [0, 0]], 1), BatchTree([[0]], 2)], "measured here", {}).save(tmp_path / TREE_FILE)
+    per_batch = LLM(tiny_model_dir, medusa=str(tmp_path), medusa_ngram_tokens=0)
+    assert [per_batch.medusa.tree_for(b).tree.size for b in (1, 2)] == [4, 2] and per_batch.medusa.max_batch_size == 2
+    verified, verify = [], per_batch.medusa.verify
+
+    def recording_verify(seqs, runner, rng, num_running):
+        verified.append((num_running, {s.draft_tree.tree.size for s in seqs}))
+        return verify(seqs, runner, rng, num_running)
+
+    per_batch.medusa.verify = recording_verify
+    short, long = greedy, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = LLM(tiny_model_dir).generate([[1, 2, 3], [4, 5, 6]], [short, long])
+    outs = per_batch.generate([[1, 2, 3], [4, 5, 6]], [short, long])
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert {(n, frozenset(sizes)) for n, sizes in verified} == {(2, frozenset({2})), (1, frozenset({4}))}
+    assert per_batch.num_free_blocks == per_batch.block_manager.num_blocks
+    (tmp_path / TREE_FILE).write_text(json.dumps({"trees": [{"tree": [[0]], "max_batch_size": 4},
+                                                            {"tree": [[0]], "max_batch_size": 2}]}))
+    with pytest.raises(ValueError, match="in order of max_batch_size"):
+        LLM(tiny_model_dir, medusa=str(tmp_path))
     # a tree timed with another thread count than the engine's may not pay here: said at load
     other_threads = {"threads": torch.get_num_threads() + 1}
-    TreeChoice([[0]], "measured here", other_threads, max_batch_size=1).save(tmp_path / TREE_FILE)
+    TreeChoice([BatchTree([[0]], 1)], "measured here", other_threads).save(tmp_path / TREE_FILE)
     with pytest.warns(UserWarning, match=rf"timed with threads {torch.get_num_threads() + 1} \(this engine: "):
         LLM(tiny_model_dir, medusa=str(tmp_path))
     # ... and so may one timed with other weights (another file of the model, another dtype)
-    TreeChoice([[0]], "measured here", {"weights": "other.gguf (float32)"}, max_batch_size=1).save(tmp_path / TREE_FILE)
+    TreeChoice([BatchTree([[0]], 1)], "measured here", {"weights": "other.gguf (float32)"}).save(tmp_path / TREE_FILE)
     with pytest.warns(UserWarning, match=r"timed with weights other.gguf \(float32\) \(this engine: "):
         LLM(tiny_model_dir, medusa=str(tmp_path))
     (tmp_path / TREE_FILE).write_text(json.dumps({"tree": [[0]], "max_batch_size": 0}))
     with pytest.raises(ValueError, match="max_batch_size must be a positive integer"):
         LLM(tiny_model_dir, medusa=str(tmp_path))
-    TreeChoice(None, "no Medusa tree pays on this machine", {}).save(tmp_path / TREE_FILE)
+    TreeChoice([], "no Medusa tree pays on this machine", {}).save(tmp_path / TREE_FILE)
     with pytest.warns(UserWarning, match="no Medusa tree pays on this machine; decoding plainly"):
         plain = LLM(tiny_model_dir, medusa=str(tmp_path))
     assert plain.medusa is None
@@ -276,8 +313,9 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
         timed = [b for b in (1, 2, 4, 8) if f"speedup_bs{b}" in row]
         assert timed and timed == [1, 2, 4, 8][:len(timed)]
         assert row["max_batch_size"] == max([0] + [b for b in timed if row[f"speedup_bs{b}"] >= PAYS])
-    if choice["tree"] is not None:
-        assert choice["max_batch_size"] >= 1
+    for entry in choice["trees"]:  # each the candidate fastest at the batch sizes it serves, where it paid
+        row = next(r for r in choice["measurements"]["candidates"] if r["tree"] == entry["tree"])
+        assert 1 <= entry["max_batch_size"] <= row["max_batch_size"]
     printed = capsys.readouterr().out
     assert "head 1 (token +3)" in printed and report["tree"] in printed
     # continuing from those heads (e.g. ones trained jointly with the model) keeps their shape
@@ -302,16 +340,16 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
     assert retimed["held_out_positions"] == choice["measurements"]["held_out_positions"]
     assert ([(r["tree"], r["tokens_per_step"]) for r in retimed["candidates"]]
             == [(r["tree"], r["tokens_per_step"]) for r in choice["measurements"]["candidates"]])
-    TreeChoice([[1]], "timed on this machine", {}, max_batch_size=1).save(machine)
+    TreeChoice([BatchTree([[1]], 1)], "timed on this machine", {}).save(machine)
     assert TreeChoice.load(tmp_path / "heads", weights).summary == "timed on this machine"
-    assert LLM(tiny_model_dir, medusa=str(tmp_path / "heads")).medusa.tree.paths == [(1,)]
+    assert LLM(tiny_model_dir, medusa=str(tmp_path / "heads")).medusa.tree_for(1).tree.paths == [(1,)]
     # that timing is for those weights: the same heads on the model in bf16 take the tree stored beside them
     in_bf16 = EngineConfig(model=str(tiny_model_dir), dtype="bfloat16").weights
     assert in_bf16 == f"{tiny_model_dir.name} (bfloat16)"
     assert TreeChoice.load(tmp_path / "heads", in_bf16).summary == choice["summary"]
     # heads trained again (another tree.json beside them): that machine's old timing no longer applies
     (tmp_path / "heads" / TREE_FILE).write_text(json.dumps({"tree": [[0]], "max_batch_size": 1}))
-    assert TreeChoice.load(tmp_path / "heads", weights).paths == [[0]]
+    assert TreeChoice.load(tmp_path / "heads", weights).trees == [BatchTree([[0]], 1)]  # as files held one tree
     with pytest.raises(SystemExit, match="holds no measured trees"):
         train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "more"), "--retime"])
     (tmp_path / "more" / TREE_FILE).write_text(json.dumps({"tree": "x"}))

@@ -76,4 +76,4 @@ def test_the_shipped_smollm2_heads_load():
     heads = load_medusa_heads(folder, 576, 49152)
     assert heads.kind == "hydra" and heads.config.num_heads == 4 and heads.draft_vocab is not None
     choice = TreeChoice.read(folder / TREE_FILE)
-    assert choice.paths and choice.max_batch_size >= 1 and choice.measurements["threads"] >= 1
+    assert choice.trees and choice.max_batch_size >= 1 and choice.measurements["threads"] >= 1

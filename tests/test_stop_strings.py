@@ -50,6 +50,7 @@ def medusa_llm(model_dir, heads_dir, futures: list[int]) -> LLM:
             root = len(seq) - 1
             seq.draft_token_ids = ([[futures[root + d] if root + d < len(futures) else 0] for d in range(1, 5)]
                                    if llm.medusa.can_speculate(seq) else None)
+            seq.draft_tree = llm.medusa.tree_for(1).verify
 
     llm.medusa.propose = propose
     return llm

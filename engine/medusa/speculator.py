@@ -73,7 +73,7 @@ def typical_acceptance(candidates: torch.Tensor, probs: torch.Tensor, parents: l
     return p > threshold, p.log()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one tree is one object: compared by identity
 class VerifyTree:
     """A tree as verification reads it. Node i's token is entry candidate_index[i] of a sequence's
     [root, *chain(draft_token_ids)]: Medusa drafts are each head's top-k, the others each level's nodes' own
@@ -118,15 +118,30 @@ def hydra_levels(tree: MedusaTree) -> list[Level]:
     return levels
 
 
+@dataclass(frozen=True)
+class HeadsTree:
+    """A tree the heads draft for batches of up to max_batch_size sequences decoding together (None: any number),
+    as drafting and verification read it."""
+
+    verify: VerifyTree
+    levels: list[Level] | None  # Hydra heads: drafting level by level
+    max_batch_size: int | None
+
+    @property
+    def tree(self) -> MedusaTree:
+        return self.verify.tree
+
+
 class Medusa:
     """Medusa speculation for one engine: by its heads and prompt lookup, or (heads None) by prompt lookup
-    alone. Invariant: a sequence whose draft_token_ids are set has its last token pending and room for
-    max_tree_size more cache entries; its next decode step verifies its tree (tree_of), alone or within the
-    union of its batch's trees."""
+    alone. Invariant: a sequence whose draft_token_ids are set has its last token pending, the tree they fill
+    in draft_tree and room for max_tree_size more cache entries; its next decode step verifies that tree, alone
+    or within the union of its batch's trees. `trees`, the heads' (for sequences decoding alone first), are in
+    order of max_batch_size."""
 
-    def __init__(self, heads: MedusaHeads | None, tree: MedusaTree | None, model: nn.Module, kv_cache: KVCache,
-                 max_model_len: int, acceptance: str, posterior_threshold: float, posterior_alpha: float,
-                 max_batch_size: int | None = None, ngram_tokens: int = 0,
+    def __init__(self, heads: MedusaHeads | None, trees: list[tuple[MedusaTree, int | None]], model: nn.Module,
+                 kv_cache: KVCache, max_model_len: int, acceptance: str, posterior_threshold: float,
+                 posterior_alpha: float, max_batch_size: int | None = None, ngram_tokens: int = 0,
                  kernels: DecodeKernels | None = None, break_even: dict[int, float] | None = None) -> None:
         self.model, self.kv_cache, self.kernels = model, kv_cache, kernels
         self.max_model_len = max_model_len
@@ -144,25 +159,33 @@ class Medusa:
         self.chains = [VerifyTree.of(build_tree([[0] * d for d in range(1, n + 1)], f"lookup{n}").to(kv_cache.device),
                                      node_tokens=True) for n in range(1, ngram_tokens + 1)]
         self.unions: dict[frozenset[int], VerifyTree] = {}  # by the ids of the trees they join
-        self.heads, self.tree, self.heads_tree = heads, None, None
+        self.heads, self.trees = heads, []
         self.max_tree_size, self.max_depth = 1 + ngram_tokens, ngram_tokens
         if heads is not None:
-            self._set_heads(heads, tree)
+            self._set_heads(heads, trees)
 
-    def _set_heads(self, heads: MedusaHeads, tree: MedusaTree) -> None:
-        if tree.depth > heads.config.num_heads:
-            raise ValueError(f"medusa tree {tree.name!r} is {tree.depth} deep, but there are only "
-                             f"{heads.config.num_heads} heads (a depth-d node takes head d-1's candidates)")
-        if heads.num_draft_tokens < tree.top_k:
-            raise ValueError(f"medusa tree {tree.name!r} takes each head's top {tree.top_k}, but the heads' draft "
-                             f"vocabulary has only {heads.num_draft_tokens} tokens")
+    def _set_heads(self, heads: MedusaHeads, trees: list[tuple[MedusaTree, int | None]]) -> None:
+        for tree, _ in trees:
+            if tree.depth > heads.config.num_heads:
+                raise ValueError(f"medusa tree {tree.name!r} is {tree.depth} deep, but there are only "
+                                 f"{heads.config.num_heads} heads (a depth-d node takes head d-1's candidates)")
+            if heads.num_draft_tokens < tree.top_k:
+                raise ValueError(f"medusa tree {tree.name!r} takes each head's top {tree.top_k}, but the heads' "
+                                 f"draft vocabulary has only {heads.num_draft_tokens} tokens")
         self.draft_weights = heads.draft_weights(self.model.lm_head)
-        self.tree = tree.to(self.kv_cache.device)
         self.sequential = heads.config.sequential
-        self.levels = hydra_levels(tree) if self.sequential else None
-        self.heads_tree = VerifyTree.of(self.tree, node_tokens=self.sequential)
-        self.max_tree_size = self._union([self.heads_tree, *self.chains[-1:]]).tree.size
-        self.max_depth = max(tree.depth, self.max_depth)
+        self.trees = [HeadsTree(VerifyTree.of(tree.to(self.kv_cache.device), node_tokens=self.sequential),
+                                hydra_levels(tree) if self.sequential else None, cap) for tree, cap in trees]
+        # a batch may verify the union of every tree its sequences drafted: as its sizes change, its sequences' last
+        # drafts can come from two of the heads' trees
+        self.max_tree_size = self._union([*(t.verify for t in self.trees), *self.chains[-1:]]).tree.size
+        self.max_depth = max(self.max_depth, *(t.tree.depth for t in self.trees))
+
+    def tree_for(self, batch_size: int) -> HeadsTree:
+        """The heads' tree for this many sequences decoding together (beyond every tree's max_batch_size, which
+        medusa_max_batch_size may raise, the last)."""
+        return next((t for t in self.trees if t.max_batch_size is None or batch_size <= t.max_batch_size),
+                    self.trees[-1])
 
     @classmethod
     def from_config(cls, config: EngineConfig, model: nn.Module, kv_cache: KVCache, max_model_len: int,
@@ -181,10 +204,10 @@ class Medusa:
                                  "medusa_tree is for heads")
             # batch 1 unless told: in a batch, sequences without a match decode in a forward of their own beside
             # the chains' (SmolLM2 Q4_1, 4 sequences: 0.83x plain decoding)
-            return cls(None, None, model, kv_cache, max_model_len, max_batch_size=config.medusa_max_batch_size or 1,
+            return cls(None, [], model, kv_cache, max_model_len, max_batch_size=config.medusa_max_batch_size or 1,
                        **options)
         choice = TreeChoice.load(config.medusa, config.weights) if config.medusa_tree is None else None
-        if choice is not None and choice.paths is None:
+        if choice is not None and not choice.trees:
             warnings.warn(f"Medusa heads {config.medusa}: {choice.summary}; decoding plainly", stacklevel=2)
             return None
         heads = load_medusa_heads(config.medusa, model.config.hidden_size, model.config.vocab_size,
@@ -200,13 +223,14 @@ class Medusa:
                               "where it and its batch limit may not pay (time the trees here: gorgon train-medusa "
                               "--retime --out HEADS --model MODEL --threads N; or name a tree and "
                               "--medusa-max-batch-size)", stacklevel=2)
-            tree = build_tree(choice.paths, "measured")
+            trees = [(build_tree(t.paths, "measured"), t.max_batch_size) for t in choice.trees]
         else:
             tree = load_tree(config.medusa_tree or DEFAULT_TREE)
             if config.medusa_tree is None:  # the default tree, as deep as the heads allow
                 tree = tree.cut(min(tree.depth, heads.config.num_heads))
+            trees = [(tree, None)]
         max_batch_size = config.medusa_max_batch_size or (choice.max_batch_size if choice is not None else None)
-        return cls(heads, tree, model, kv_cache, max_model_len, max_batch_size=max_batch_size,
+        return cls(heads, trees, model, kv_cache, max_model_len, max_batch_size=max_batch_size,
                    break_even=choice.break_even() if choice is not None else None, **options)
 
     def can_speculate(self, seq: Sequence) -> bool:
@@ -227,7 +251,7 @@ class Medusa:
         crowded = self.max_batch_size is not None and num_running > self.max_batch_size
         speculating = [] if crowded else [i for i, seq in enumerate(seqs) if self.can_speculate(seq)]
         for seq in seqs:
-            seq.draft_token_ids, seq.drafted_by_lookup = None, False
+            seq.draft_token_ids, seq.draft_tree = None, None
         # a batch drafts as a whole or not at all: a sequence left without drafts would decode in a forward of
         # its own beside the tree's
         if self.break_even and num_running > 1 and speculating:
@@ -239,23 +263,24 @@ class Medusa:
             # it was timed with (break_even), where longer chains added rows that no timing paid for (SmolLM2 Q4_1,
             # batch 4, the 2-node tree: 0.85x-0.92x plain with chains of 4)
             depth = self.ngram_tokens
-            if num_running > 1 and self.tree is not None:
-                depth = min(depth, self.tree.depth)
+            if num_running > 1 and self.trees:
+                depth = min(depth, self.tree_for(num_running).tree.depth)
             speculating = [i for i in speculating if not self._look_up(seqs[i], depth)]
         if self.break_even and num_running == 1:
             speculating = [i for i in speculating
                            if self.payoffs.setdefault(seqs[i], Payoff()).pays(len(seqs[i]), self._break_even_at(1))]
         if not speculating or self.heads is None:
             return
+        heads_tree = self.tree_for(num_running)
         if self.sequential:
             roots = torch.tensor([seqs[i].token_ids[-1] for i in speculating], device=hidden.device)
-            drafts = self._draft_levels(hidden[speculating], roots)
+            drafts = self._draft_levels(hidden[speculating], roots, heads_tree.levels)
         else:
-            tree = self.tree
+            tree = heads_tree.tree
             top = self.heads.top_k(hidden[speculating], self.draft_weights, tree.depth, tree.top_k)  # [depth, B, k]
             drafts = top.transpose(0, 1).tolist()
         for i, seq_drafts in zip(speculating, drafts):
-            seqs[i].draft_token_ids = seq_drafts
+            seqs[i].draft_token_ids, seqs[i].draft_tree = seq_drafts, heads_tree.verify
 
     def _break_even_at(self, batch_size: int) -> float:
         """The break-even timed at the smallest batch size that holds batch_size, else at the largest timed."""
@@ -267,12 +292,8 @@ class Medusa:
         index = self.ngram_indexes.setdefault(seq, NgramIndex())
         found = index.propose(seq.token_ids, max_tokens)
         if found:
-            seq.draft_token_ids, seq.drafted_by_lookup = [[t] for t in found], True
+            seq.draft_token_ids, seq.draft_tree = [[t] for t in found], self.chains[len(found) - 1]
         return bool(found)
-
-    def tree_of(self, seq: Sequence) -> VerifyTree:
-        """The tree a drafted sequence drafted: its lookup chain, else the heads' tree."""
-        return self.chains[len(seq.draft_token_ids) - 1] if seq.drafted_by_lookup else self.heads_tree
 
     def _union(self, trees: list[VerifyTree]) -> VerifyTree:
         """The tree of every path of these trees (built once per combination)."""
@@ -296,23 +317,23 @@ class Medusa:
         by_path = dict(zip([(), *own.tree.paths], tokens))
         return [by_path.get(path, tokens[0]) for path in [(), *vt.tree.paths]]
 
-    def _draft_levels(self, hidden: torch.Tensor, roots: torch.Tensor) -> list[list[list[int]]]:
+    def _draft_levels(self, hidden: torch.Tensor, roots: torch.Tensor, levels: list[Level]) -> list[list[list[int]]]:
         """Hydra: the tree's node tokens, level by level, for B sequences from their hidden states [B, hidden]
         and roots [B] -> per sequence, per depth, its nodes' tokens. At depth d, states[:, j] is what node j
         (of that depth) starts from: its parent's head input (the hidden state at the root)."""
         num_seqs, width = hidden.shape
-        states, tokens, levels = hidden[:, None], roots[:, None], []  # [B, nodes, hidden], [B, nodes]
+        states, tokens, drafts = hidden[:, None], roots[:, None], []  # [B, nodes, hidden], [B, nodes]
         embed = self.model.model.embed_tokens
-        for head, level in enumerate(self.levels):
+        for head, level in enumerate(levels):
             parent_states = states[:, level.parents].flatten(0, 1)
             parent_tokens = tokens[:, level.parents].flatten()
             x, top = self.heads.draft_level(parent_states, embed(parent_tokens), head, self.draft_weights, level.top_k)
             top = top.view(num_seqs, len(level.parents), -1)
             tokens = top[:, level.child_parent, level.child_rank]  # [B, m]
             states = x.view(num_seqs, len(level.parents), width)[:, level.child_parent]
-            levels.append(tokens)
-        bounds = [0, *accumulate(t.shape[1] for t in levels)]
-        return [[row[a:b] for a, b in pairwise(bounds)] for row in torch.cat(levels, dim=1).tolist()]
+            drafts.append(tokens)
+        bounds = [0, *accumulate(t.shape[1] for t in drafts)]
+        return [[row[a:b] for a, b in pairwise(bounds)] for row in torch.cat(drafts, dim=1).tolist()]
 
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence], runner: ModelRunner, rng: torch.Generator,
@@ -322,7 +343,7 @@ class Medusa:
         bonus token sampled by the base model after them, and the accepted last node's hidden states
         [len(seqs), hidden] (what propose() needs next). The accepted K/V ends up in consecutive cache entries
         after the sequence's past; the caller releases the blocks beyond them."""
-        own = [self.tree_of(seq) for seq in seqs]
+        own = [seq.draft_tree for seq in seqs]
         trees = list({id(vt): vt for vt in own}.values())
         vt = trees[0] if len(trees) == 1 else self._union(trees)
         tree, num_seqs, size = vt.tree, len(seqs), vt.tree.size
@@ -339,7 +360,7 @@ class Medusa:
         paths, bonus = self._accept(seqs, vt, input_ids, logits, rng)
         self._compact(inputs.ctx.slot_mapping, size, paths)
         out = [[input_ids[b * size + node] for node in path[1:]] + [bonus[b]] for b, path in enumerate(paths)]
-        if self.break_even and any(t is self.heads_tree for t in trees):
+        if self.break_even and any(t is h.verify for t in trees for h in self.trees):
             if num_running == 1:
                 self.payoffs.setdefault(seqs[0], Payoff()).record(len(out[0]))
             else:

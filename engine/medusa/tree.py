@@ -165,31 +165,51 @@ def machine_tree_file(heads_folder: str | Path, weights: str) -> Path:
     return root / "medusa_trees" / f"{heads}-{model}-{cpu_fingerprint()}-{torch.get_num_threads()}threads.json"
 
 
+@dataclass(frozen=True)
+class BatchTree:
+    """A tree chosen for batches of up to max_batch_size sequences decoding together (None: any number)."""
+
+    paths: list[list[int]]
+    max_batch_size: int | None = None
+
+
 @dataclass
 class TreeChoice:
-    """The tree measured best for a set of heads on one machine, stored beside them (TREE_FILE), or for this
-    machine and weights (machine_tree_file); the engine uses it when no tree is named. paths None: no tree beat plain
-    decoding there. max_batch_size: the most sequences decoding together at which the tree was measured to
-    beat plain decoding (None: not measured); with more the engine decodes plainly."""
+    """The trees measured best for a set of heads on one machine, stored beside them (TREE_FILE), or for this
+    machine and weights (machine_tree_file); the engine uses them when no tree is named. Invariant: `trees` are in
+    order of max_batch_size, each serving the batch sizes above the one before it up to its own (the biggest tree
+    pays most for a sequence decoding alone, where a step costs least more than a plain one, a smaller one in a
+    batch); above the last one's max_batch_size the engine decodes plainly. No trees: none beat plain decoding."""
 
-    paths: list[list[int]] | None
+    trees: list[BatchTree]
     summary: str  # the choice and its figures, in words
     measurements: dict  # what the choice was made from
-    max_batch_size: int | None = None
+
+    @property
+    def max_batch_size(self) -> int | None:
+        """The most sequences decoding together at which a tree was measured to pay (None: not measured)."""
+        return self.trees[-1].max_batch_size if self.trees else None
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(
-            {"tree": self.paths, "max_batch_size": self.max_batch_size, "summary": self.summary,
-             "measurements": self.measurements}, indent=1) + "\n")
+            {"trees": [{"tree": t.paths, "max_batch_size": t.max_batch_size} for t in self.trees],
+             "summary": self.summary, "measurements": self.measurements}, indent=1) + "\n")
 
     def break_even(self) -> dict[int, float]:
-        """The chosen tree's step cost against a plain one, per batch size it was timed at: the tokens a step must
-        emit per sequence for the tree to pay there (engine.medusa.payoff); empty when the choice holds no timing
-        of its tree."""
-        row = next((r for r in self.measurements.get("candidates", []) if r["tree"] == self.paths), {})
-        sizes = sorted(int(key.removeprefix("step_ms_bs")) for key in row if key.startswith("step_ms_bs"))
-        return {b: row[f"step_ms_bs{b}"] / row[f"plain_step_ms_bs{b}"] for b in sizes}
+        """Per batch size timed: the step cost of the tree chosen there against a plain one, i.e. the tokens a step
+        must emit per sequence for the tree to pay (engine.medusa.payoff); empty when the choice holds no timing of
+        its trees."""
+        rows = self.measurements.get("candidates", [])
+        sizes = sorted({int(key.removeprefix("step_ms_bs")) for row in rows for key in row
+                        if key.startswith("step_ms_bs")})
+        ratios = {}
+        for b in sizes:
+            tree = next((t for t in self.trees if t.max_batch_size is None or b <= t.max_batch_size), None)
+            row = next((r for r in rows if tree is not None and r["tree"] == tree.paths), {})
+            if f"step_ms_bs{b}" in row:
+                ratios[b] = row[f"step_ms_bs{b}"] / row[f"plain_step_ms_bs{b}"]
+        return ratios
 
     @classmethod
     def load(cls, heads_folder: str | Path, weights: str) -> TreeChoice | None:
@@ -200,13 +220,24 @@ class TreeChoice:
 
     @classmethod
     def read(cls, path: Path) -> TreeChoice | None:
-        """The choice in one file; None if there is no such file."""
+        """The choice in one file (or, as files before per-batch trees held it, one "tree" and its
+        "max_batch_size"); None if there is no such file."""
         if not path.is_file():
             return None
         record = json.loads(path.read_text())
-        if record.get("tree") is not None:
-            build_tree(rank_paths(record["tree"], path), str(path))  # a broken file fails here, naming itself
-        cap = record.get("max_batch_size")
-        if cap is not None and (not isinstance(cap, int) or cap < 1):
-            raise ValueError(f"{path}: max_batch_size must be a positive integer or null, got {cap!r}")
-        return cls(record.get("tree"), record.get("summary", ""), record.get("measurements", {}), cap)
+        entries = record.get("trees")
+        if entries is None:
+            entries = [] if record.get("tree") is None else [record]
+        trees = []
+        for entry in entries:
+            build_tree(rank_paths(entry.get("tree"), path), str(path))  # a broken file fails here, naming itself
+            cap = entry.get("max_batch_size")
+            if cap is not None and (not isinstance(cap, int) or cap < 1):
+                raise ValueError(f"{path}: max_batch_size must be a positive integer or null, got {cap!r}")
+            trees.append(BatchTree(entry["tree"], cap))
+        caps = [t.max_batch_size for t in trees]
+        bounded = [c for c in caps if c is not None]
+        if None in caps[:-1] or bounded != sorted(set(bounded)):
+            raise ValueError(f"{path}: the trees must come in order of max_batch_size, each bigger than the one "
+                             f"before (null, any number, only last), got {caps}")
+        return cls(trees, record.get("summary", ""), record.get("measurements", {}))

@@ -21,8 +21,9 @@ as they will when drafting.
 
 Then the tree: from the heads' ranks of the right tokens on held-out text, the best tree of each size and the
 tokens per step it would give; from timed engine runs, what a step with each tree costs on this machine
-against a plain step, at batches 1, 2, 4 and 8. The tree with the most tokens per second goes beside the heads
-(tree.json) with the most sequences it pays at, and the engine uses it, decoding plainly above that batch;
+against a plain step, at batches 1, 2, 4 and 8. At each batch size the tree with the most tokens per second goes
+beside the heads (tree.json: a big tree for a sequence decoding alone, where its extra rows cost least, a smaller
+one for batches), up to the most sequences a tree pays at, and the engine uses them, decoding plainly above that;
 when none beats plain decoding, tree.json says so and the engine decodes plainly. What a tree step costs
 against a plain one differs between CPUs, thread counts and weights (a Q4_1 file or a BF16 one): `--retime` times
 the same candidates again on the machine that will serve, with the weights it will serve (no training), and the
@@ -49,6 +50,7 @@ from tqdm import tqdm
 from engine import LLM, SamplingParams
 from engine.medusa.tree import (
     TREE_FILE,
+    BatchTree,
     TreeChoice,
     accepted_path_counts,
     best_tree,
@@ -510,18 +512,33 @@ def candidate_trees(ranks: torch.Tensor) -> list[tuple[list[list[int]], float]]:
     return [(paths, expected_tokens_per_step(paths, counts, len(ranks))) for paths in candidates.values()]
 
 
+def trees_by_batch_size(rows: list[dict]) -> list[tuple[dict, int]]:
+    """(row, the largest batch size it serves) of the timed candidates (rows) that give the most tokens per second at
+    each of TIMING_BATCHES, in order; a candidate serves a batch size only if it paid there and at every smaller one
+    (its max_batch_size). Empty if none paid at batch 1."""
+    chosen: list[tuple[dict, int]] = []
+    for b in TIMING_BATCHES:
+        paying = [r for r in rows if r["max_batch_size"] >= b]
+        if not paying:
+            break
+        best = max(paying, key=lambda r: r[f"speedup_bs{b}"])
+        if chosen and chosen[-1][0] is best:
+            chosen.pop()
+        chosen.append((best, b))
+    return chosen
+
+
 def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[list[int]], float]],
                 held_out_positions: int, prompts: list[list[int]], new_tokens: int, repeats: int,
                 deadline: float = math.inf) -> TreeChoice:
-    """The candidate tree with the most tokens per second, from its held-out tokens per step and its step
-    time against a plain step of the same engine at each of TIMING_BATCHES, the two timed in turn (best of
-    `repeats` each: load from other processes hits both alike). A tree serves batches up to the largest size
-    at which it and every smaller one paid (measured at least PAYS times plain decoding: its max_batch_size),
-    and the engine decodes plainly above it; its score is the geometric mean over TIMING_BATCHES of its speedup
-    there (1 above its max_batch_size). None if no tree pays at batch 1. Past `deadline` (perf_counter), no
-    further candidate is timed: the smaller trees come first."""
+    """At each of TIMING_BATCHES, the candidate tree with the most tokens per second, from its held-out tokens per
+    step and its step time against a plain step of the same engine there, the two timed in turn (best of `repeats`
+    each: load from other processes hits both alike). A tree may serve a batch size only if it paid (measured at
+    least PAYS times plain decoding) there and at every smaller one (its row's max_batch_size); the engine decodes
+    plainly above the largest batch size any tree paid at. No trees if none pays at batch 1. Past `deadline`
+    (perf_counter), no further candidate is timed: the smaller trees come first."""
     if not candidates:
-        return TreeChoice(None, "no Medusa tree pays: no draft was right on the held-out text", {})
+        return TreeChoice([], "no Medusa tree pays: no draft was right on the held-out text", {})
     trees, weights = [], None
     with tempfile.TemporaryDirectory() as tmp, tqdm(candidates, desc="timing trees") as bar:
         for n, (paths, tokens_per_step) in enumerate(bar):
@@ -550,22 +567,26 @@ def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[l
                 if row[f"speedup_bs{b}"] < PAYS:
                     break
                 row["max_batch_size"] = b
-            speedups = [row[f"speedup_bs{b}"] if b <= row["max_batch_size"] else 1.0 for b in TIMING_BATCHES]
-            row["score"] = math.prod(speedups) ** (1 / len(TIMING_BATCHES))
             trees.append(row)
     measurements = {"held_out_positions": held_out_positions, "threads": torch.get_num_threads(),
                     "weights": weights, "candidates": trees, "untimed_for_the_budget": len(candidates) - len(trees)}
-    paying = [r for r in trees if r["max_batch_size"]]
-    if not paying:
-        best = max(trees, key=lambda r: r["speedup_bs1"])
-        return TreeChoice(None, f"no Medusa tree pays on this machine (the best, {best['tree_size']} nodes, "
-                                f"would run at {best['speedup_bs1']:.2f}x plain decoding at batch 1)", measurements)
-    best = max(paying, key=lambda r: r["score"])
-    cap = best["max_batch_size"]
-    at_cap = f" and {best[f'speedup_bs{cap}']:.2f}x at batch {cap}" if cap > 1 else ""
-    return TreeChoice(best["tree"], f"tree of {best['tree_size']} nodes: {best['tokens_per_step']:.2f} tokens per "
-                                    f"step on held-out text, expected {best['speedup_bs1']:.2f}x plain decoding at "
-                                    f"batch 1{at_cap}; plain decoding above {cap} sequences", measurements, cap)
+    return choice_from(measurements)
+
+
+def choice_from(measurements: dict) -> TreeChoice:
+    """The trees by batch size (trees_by_batch_size) of measurements["candidates"], the timed candidates' rows."""
+    rows = measurements["candidates"]
+    chosen = trees_by_batch_size(rows)
+    if not chosen:
+        best = max(rows, key=lambda r: r["speedup_bs1"])
+        return TreeChoice([], f"no Medusa tree pays on this machine (the best, {best['tree_size']} nodes, would run "
+                              f"at {best['speedup_bs1']:.2f}x plain decoding at batch 1)", measurements)
+    first, _ = chosen[0]
+    served = ", ".join(f"{row['tree_size']} nodes up to {b} ({row[f'speedup_bs{b}']:.2f}x plain decoding at {b})"
+                       for row, b in chosen)
+    return TreeChoice([BatchTree(row["tree"], b) for row, b in chosen],
+                      f"{first['tokens_per_step']:.2f} tokens per step on held-out text at batch 1; trees by batch "
+                      f"size: {served}; plain decoding above {chosen[-1][1]} sequences", measurements)
 
 
 def retime(model_path: Path, heads_dir: Path, new_tokens: int, repeats: int, seed: int) -> tuple[TreeChoice, Path]:
