@@ -12,6 +12,7 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain, islice
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from torch import nn
 
 from models.kernels.decode import MAX_ROWS, DecodeKernels
 from models.layers import Linear
-from models.quant import QType, tiled_linear
+from models.quant import QType, quantize, tiled_linear
 
 WEIGHTS_FILE = "medusa_lm_head.safetensors"
 # Our addition to the published format: the token ids the heads propose from (see MedusaHeads.draft_vocab)
@@ -163,12 +164,18 @@ class MedusaHeads(nn.Module):
 
     def draft_weights(self, base_lm_head: nn.Linear) -> DraftWeights:
         """What top_k reads, gathered once: the vocabulary projections are each head's own (v1) or the one
-        shared base lm_head (v2), restricted to the draft vocabulary's rows, in the heads' dtype."""
+        shared base lm_head (v2), restricted to the draft vocabulary's rows: a quantized lm_head's in its blocks;
+        a float one in the heads' dtype, or in Q8_0 blocks for the CPU kernels (set_decode_kernels)."""
         blocks = [[block.linear for block in islice(head, self.config.num_layers)] for head in self.heads]
         projections = [head[-1].weight for head in self.heads] if self.config.own_lm_head else [base_lm_head.weight]
         if self.draft_vocab is not None:
             projections = [w[self.draft_vocab] for w in projections]
         qtype = 0 if self.config.own_lm_head else int(getattr(base_lm_head, "qtype", 0))
+        if not qtype and self.kernels is not None:
+            # on a CPU drafting streams the projection from memory at every level of the tree, the largest weight it
+            # reads: in Q8_0 half a bf16 one's bytes, for the same top-k but a rare near-tie (SmolLM2 BF16, a 9-node
+            # tree: 1.11 -> X ms a step's drafting; tokens per step Y -> Z)
+            projections, qtype = [quantize(w, QType.Q8_0).data for w in projections], int(QType.Q8_0)
         inputs = [(layer.kernel_weight, layer.bias.float()) for layer in self.inputs or []]
         return DraftWeights([[b.kernel_weight for b in head] for head in blocks],
                             [[b.bias.float() for b in head] for head in blocks],
@@ -209,12 +216,12 @@ class MedusaHeads(nn.Module):
         else:
             x = hidden.to(self.dtype)
             states = torch.stack([self._blocks(x, h) for h in heads])  # [len(heads), B, hidden]
-            if draft.projection_qtype:
-                logits = tiled_linear(states, projections[0], QType(draft.projection_qtype))
-            elif len(projections) == 1:
-                logits = F.linear(states, projections[0])
+            qtype = draft.projection_qtype
+            linear = partial(tiled_linear, qtype=QType(qtype)) if qtype else F.linear
+            if shared:
+                logits = linear(states, projections[0])
             else:
-                logits = torch.stack([F.linear(x, w) for x, w in zip(states, projections)])
+                logits = torch.stack([linear(x, w) for x, w in zip(states, projections)])
             top = logits.topk(k, dim=-1).indices
         return self._token_ids(top)
 

@@ -13,6 +13,7 @@ import torch
 from engine import LLM
 from models.kernels import decode as cpu_decode
 from models.layers import Linear
+from models.quant import QType, quantize
 
 from conftest import PROMPT_LEN, paged_logits, save_tiny_model
 
@@ -200,25 +201,32 @@ def test_medusa_drafts_and_rms_norm_match_torch(rows):
     assert (kernel.rms_norm(x, w, 1e-6) - torch.nn.functional.rms_norm(x, (48,), w, 1e-6)).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("q8_projection", [False, True])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_hydra_level_matches_torch(rows):
+def test_hydra_level_matches_torch(rows, q8_projection):
     """One level of Hydra drafting in one call: x = state + W_in [state, embedding] + b_in, then the blocks,
-    the projection and the top-k, as the heads compute them in torch."""
+    the projection (float, or in Q8_0 blocks as drafting keeps a float lm_head's: against it dequantized) and
+    the top-k, as the heads compute them in torch."""
     gen = torch.Generator().manual_seed(rows)
-    states, embeddings = torch.randn(rows, 48, generator=gen), torch.randn(rows, 48, generator=gen)
-    input_weight, input_bias = torch.randn(48, 96, generator=gen) / 10, torch.randn(48, generator=gen)
-    weights = [torch.randn(48, 48, generator=gen) / 7 for _ in range(2)]
-    biases = [torch.randn(48, generator=gen) for _ in range(2)]
-    projection = torch.randn(100, 48, generator=gen)
+    h = 64 if q8_projection else 48  # Q8_0 blocks hold 32 weights
+    states, embeddings = torch.randn(rows, h, generator=gen), torch.randn(rows, h, generator=gen)
+    input_weight, input_bias = torch.randn(h, 2 * h, generator=gen) / 10, torch.randn(h, generator=gen)
+    weights = [torch.randn(h, h, generator=gen) / 7 for _ in range(2)]
+    biases = [torch.randn(h, generator=gen) for _ in range(2)]
+    projection = torch.randn(100, h, generator=gen)
     x = states + torch.nn.functional.linear(torch.cat([states, embeddings], dim=-1), input_weight, input_bias)
     state = x
     for w, b in zip(weights, biases):
         state = state + torch.nn.functional.silu(torch.nn.functional.linear(state, w, b))
+    given, qtype = projection, 0
+    if q8_projection:
+        blocks = quantize(projection, QType.Q8_0)
+        given, qtype, projection = blocks.data, int(QType.Q8_0), blocks.dequantize()
     logits = torch.nn.functional.linear(state, projection)
-    got_x, top = kernel.hydra_level(states, embeddings, input_weight, input_bias, weights, biases, projection, 3)
+    got_x, top = kernel.hydra_level(states, embeddings, input_weight, input_bias, weights, biases, given, 3, qtype)
     assert (got_x - x).abs().max() <= 1e-4
     assert top.shape == (rows, 3)
-    assert (logits.gather(-1, top) - logits.topk(3, dim=-1).values).abs().max() <= 1e-3
+    assert (logits.gather(-1, top) - logits.topk(3, dim=-1).values).abs().max() <= (0.05 if q8_projection else 1e-3)
 
 
 @pytest.mark.parametrize("columns", [1, 7, 16, 100, 49152])

@@ -76,6 +76,7 @@ inline void transpose(Vec (&r)[kVecLanes]) {
 }
 
 inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+inline int ceil_div(int x, int m) { return (x + m - 1) / m; }
 
 // C[rows][cols] (+)= A[rows][depth] * B[depth][cols], where A(r, k) = A[r * a_row + k * a_col] (so A may
 // be a transposed view); rows % ROWS == 0, cols % (16 * VECTORS) == 0. The micro-kernel keeps a ROWS x
@@ -632,6 +633,14 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
     max_query_len = std::max(max_query_len, query_start[i + 1] - query_start[i]);
   }
   p.tile_positions = std::min(max_query_len, std::max(1, QUERY_ROWS / p.group));
+  // Too few units to keep every thread busy (a Medusa tree of one sequence: a unit per kv head): smaller tiles, of
+  // at least TILE_ROWS rows. A row's arithmetic does not depend on its tile. (SmolLM2, 3 kv heads, a 9-node tree on
+  // 2 threads: 2 units on one thread, 1 on the other; tiles of 5 nodes give 3 each.)
+  const int units = static_cast<int>(contexts.size()) * p.num_kv_heads, wanted = 2 * at::get_num_threads();
+  if (max_query_len > 1 && units * ceil_div(max_query_len, p.tile_positions) < wanted) {
+    const int fewer = ceil_div(max_query_len, ceil_div(wanted, units));
+    p.tile_positions = std::min(max_query_len, std::max(fewer, ceil_div(TILE_ROWS, p.group)));
+  }
   p.rows = round_up(p.tile_positions * p.group, TILE_COLS);
   const std::vector<QueryTile> tiles = plan_tiles(p, query_start, contexts);
 
