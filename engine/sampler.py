@@ -121,6 +121,17 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     return logits.softmax(dim=-1)
 
 
+def draw_tokens(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
+    """One token from each row of probs [rows, vocab] by inverse transform sampling: a uniform number per row from
+    the row's generator (None: torch's default), found in the row's cumulative sum (float64: its rounding stays far
+    below any token's probability). Exact, as torch.multinomial is, and one draw per row; but multinomial takes
+    ~1 ms a row of SmolLM2's 49152 tokens on a CPU (at batch 4, 4.6 ms of a 22 ms plain step), this ~55 us."""
+    uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=probs.device) for g in generators])
+    cumulative = probs.cumsum(dim=-1, dtype=torch.float64)
+    ids = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None], right=True)
+    return ids.clamp_(max=probs.shape[-1] - 1).flatten().tolist()
+
+
 def argmax_ids(logits: torch.Tensor, kernels: DecodeKernels | None) -> list[int]:
     """Each row's argmax of logits [rows, vocab], the first among equals: the CPU kernels' where the engine
     runs them (torch's CPU argmax is a scalar loop, ~80 us a row of SmolLM2's 49152 logits)."""
@@ -156,8 +167,7 @@ class Sampler:
         if sampled:
             probs = filtered_probs(adjusted[sampled], [params[i] for i in sampled])
             # each row draws from its own generator; the draws come to the host together (one sync on CUDA)
-            draws = [torch.multinomial(probs[row], 1, generator=generators[i]) for row, i in enumerate(sampled)]
-            for i, token in zip(sampled, torch.cat(draws).tolist()):
+            for i, token in zip(sampled, draw_tokens(probs, [generators[i] for i in sampled])):
                 ids[i] = token
         return SamplerOutput(ids, self._logprobs(raw, ids, params))
 

@@ -30,7 +30,7 @@ from engine.medusa.ngram import NgramIndex
 from engine.medusa.payoff import Payoff
 from engine.medusa.tree import DEFAULT_TREE, MedusaTree, TreeChoice, build_tree, load_tree
 from engine.runner import ModelRunner
-from engine.sampler import TokenCounts, adjust_logits, argmax_ids, filtered_probs, has_penalties
+from engine.sampler import TokenCounts, adjust_logits, argmax_ids, draw_tokens, filtered_probs, has_penalties
 from engine.sequence import Sequence
 from models.kernels.decode import DecodeKernels, set_decode_kernels
 from models.medusa import MedusaHeads, load_medusa_heads
@@ -57,8 +57,8 @@ def walk_tree(tokens: list[int], children: list[list[int]], next_token: Callable
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator, node: int) -> int:
-    """A token from probs[node] (probs: [T, V], each node's distribution)."""
-    return torch.multinomial(probs[node], 1, generator=generator).item()
+    """A token from probs[node] (probs: [T, V], each node's distribution), as plain sampling draws one."""
+    return draw_tokens(probs[node:node + 1], [generator])[0]
 
 
 def typical_acceptance(candidates: torch.Tensor, probs: torch.Tensor, parents: list[int], posterior_threshold: float,

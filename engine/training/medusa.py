@@ -582,11 +582,11 @@ def choice_from(measurements: dict) -> TreeChoice:
         return TreeChoice([], f"no Medusa tree pays on this machine (the best, {best['tree_size']} nodes, would run "
                               f"at {best['speedup_bs1']:.2f}x plain decoding at batch 1)", measurements)
     first, _ = chosen[0]
-    served = ", ".join(f"{row['tree_size']} nodes up to {b} ({row[f'speedup_bs{b}']:.2f}x plain decoding at {b})"
-                       for row, b in chosen)
+    served = [f"{row['tree_size']} nodes up to {b} ({row[f'speedup_bs{b}']:.2f}x at {b})" for row, b in chosen]
     return TreeChoice([BatchTree(row["tree"], b) for row, b in chosen],
-                      f"{first['tokens_per_step']:.2f} tokens per step on held-out text at batch 1; trees by batch "
-                      f"size: {served}; plain decoding above {chosen[-1][1]} sequences", measurements)
+                      f"{first['tokens_per_step']:.2f} tokens per step on held-out text at batch 1, expected "
+                      f"{first['speedup_bs1']:.2f}x plain decoding there; trees by batch size: {', '.join(served)}; "
+                      f"plain decoding above {chosen[-1][1]} sequences", measurements)
 
 
 def retime(model_path: Path, heads_dir: Path, new_tokens: int, repeats: int, seed: int) -> tuple[TreeChoice, Path]:
