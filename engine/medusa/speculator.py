@@ -382,9 +382,11 @@ class Medusa:
         follow the argmax; sampled ones the rule above, or typical acceptance when configured so."""
         size = vt.tree.size
         row_params = [s.params for s in seqs for _ in range(size)]
-        logits = self._adjusted_logits(seqs, vt, candidates, logits.float(), row_params)
-        greedy_tokens = argmax_ids(logits, self.kernels)
         sampled = {b: j for j, b in enumerate(b for b, s in enumerate(seqs) if not s.params.greedy)}
+        if sampled or any(s.params.logit_bias or has_penalties(s.params) for s in seqs):
+            logits = self._adjusted_logits(seqs, vt, candidates, logits.float(), row_params)  # in fp32, as Sampler
+        # (unadjusted, the argmax of the model's own logits: exact in their dtype, without an fp32 copy)
+        greedy_tokens = argmax_ids(logits, self.kernels) if len(sampled) < len(seqs) else []
         probs = typical = log_p = None
         if sampled:
             rows = [b * size + i for b in sampled for i in range(size)]
