@@ -174,7 +174,7 @@ class MedusaHeads(nn.Module):
         if not qtype and self.kernels is not None:
             # on a CPU drafting streams the projection from memory at every level of the tree, the largest weight it
             # reads: in Q8_0 half a bf16 one's bytes, for the same top-k but a rare near-tie (SmolLM2 BF16, a 9-node
-            # tree: 1.11 -> X ms a step's drafting; tokens per step Y -> Z)
+            # tree: 1.11 -> 0.80 ms a step's drafting, 2.46 tokens per step before and after)
             projections, qtype = [quantize(w, QType.Q8_0).data for w in projections], int(QType.Q8_0)
         inputs = [(layer.kernel_weight, layer.bias.float()) for layer in self.inputs or []]
         return DraftWeights([[b.kernel_weight for b in head] for head in blocks],
