@@ -5,15 +5,11 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from tokenizers.decoders import DecodeStream
 
 from engine.config import SamplingParams
-
-if TYPE_CHECKING:
-    from engine.medusa.speculator import VerifyTree
 
 _private_cache_keys = itertools.count()
 
@@ -64,7 +60,8 @@ class Sequence:
     # Medusa drafts for the tokens after the pending last one, per depth: Medusa heads' top-k token ids, or
     # (Hydra heads) the tokens of the tree's nodes at that depth; None: the next decode step is a plain one
     draft_token_ids: list[list[int]] | None = None
-    draft_tree: VerifyTree | None = None  # the tree the drafts fill: a prompt-lookup chain, or one of the heads'
+    # the tree they fill (engine.medusa.speculator.VerifyTree): a prompt-lookup chain, or one of the heads' trees
+    draft_tree: object | None = None
     # structured outputs: the llguidance matcher of params.structured, fed every output token (engine.structured)
     matcher: object | None = None
     private_cache_key: int = field(default_factory=lambda: next(_private_cache_keys))

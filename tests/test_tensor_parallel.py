@@ -27,7 +27,7 @@ from engine.parallel import WorkerFailure
 from models.loader import load_model
 from models.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
 from models.parallel import TensorParallel, shard_model
-from models.quant import QType, QuantizedEmbedding
+from models.quant import QType, QuantizedEmbedding, quantize
 
 from conftest import hf_model, paged_logits, save_tiny_model
 
@@ -110,8 +110,9 @@ class TestAgainstOneProcess:
     def test_medusa_drafts_from_the_whole_lm_head_and_stays_lossless(self, tp, reference):
         """Drafting projects onto the LM head gathered from the ranks; tree verification (with LoRA rows, and
         the accepted K/V moved on every rank) gives plain greedy decoding's tokens."""
-        torch.testing.assert_close(tp.medusa.draft_weights.projections[0].float(),
-                                   reference.model.lm_head.weight.to(torch.bfloat16).float())
+        drafting = tp.medusa.draft_weights  # the whole LM head, in Q8_0 blocks as the CPU kernels draft over it
+        assert drafting.projection_qtype == QType.Q8_0
+        assert torch.equal(drafting.projections[0], quantize(reference.model.lm_head.weight, QType.Q8_0).data)
         ps = prompts(2)
         propose, compact = tp.medusa.propose, tp.medusa._compact
         try:
