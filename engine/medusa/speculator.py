@@ -56,9 +56,10 @@ def walk_tree(tokens: list[int], children: list[list[int]], next_token: Callable
         path.append(child)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator, node: int) -> int:
-    """A token from probs[node] (probs: [T, V], each node's distribution), as plain sampling draws one."""
-    return draw_tokens(probs[node:node + 1], [generator])[0]
+def draw_at(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, node: int) -> int:
+    """A token drawn under params from the logits at one node (logits: [T, V], each node's), as plain sampling
+    draws one."""
+    return draw_tokens(filtered_probs(logits[node][None].float(), [params]), [generator])[0]
 
 
 def typical_acceptance(candidates: torch.Tensor, probs: torch.Tensor, parents: list[int], posterior_threshold: float,
@@ -382,32 +383,33 @@ class Medusa:
         follow the argmax; sampled ones the rule above, or typical acceptance when configured so."""
         size = vt.tree.size
         row_params = [s.params for s in seqs for _ in range(size)]
-        sampled = {b: j for j, b in enumerate(b for b, s in enumerate(seqs) if not s.params.greedy)}
-        if sampled or any(s.params.logit_bias or has_penalties(s.params) for s in seqs):
+        sampled = [b for b, s in enumerate(seqs) if not s.params.greedy]
+        if any(s.params.logit_bias or has_penalties(s.params) for s in seqs):
             logits = self._adjusted_logits(seqs, vt, candidates, logits.float(), row_params)  # in fp32, as Sampler
         # (unadjusted, the argmax of the model's own logits: exact in their dtype, without an fp32 copy)
         greedy_tokens = argmax_ids(logits, self.kernels) if len(sampled) < len(seqs) else []
-        probs = typical = log_p = None
-        if sampled:
+        typical = log_p = probs = None
+        if sampled and self.acceptance == "typical":  # judges every node of a sampled tree
             rows = [b * size + i for b in sampled for i in range(size)]
-            probs = filtered_probs(logits[rows], [row_params[r] for r in rows]).view(len(sampled), size, -1)
-            if self.acceptance == "typical":
-                candidates_t = torch.tensor(candidates, device=logits.device).view(len(seqs), size)[list(sampled)]
-                typical_t, log_p_t = typical_acceptance(candidates_t, probs, vt.tree.parents,
-                                                        self.posterior_threshold, self.posterior_alpha)
-                typical, log_p = typical_t.tolist(), log_p_t.tolist()
+            probs = filtered_probs(logits[rows].float(), [row_params[r] for r in rows]).view(len(sampled), size, -1)
+            candidates_t = torch.tensor(candidates, device=logits.device).view(len(seqs), size)[sampled]
+            typical_t, log_p_t = typical_acceptance(candidates_t, probs, vt.tree.parents,
+                                                    self.posterior_threshold, self.posterior_alpha)
+            typical, log_p = typical_t.tolist(), log_p_t.tolist()
         paths, bonus = [], []
         for b, seq in enumerate(seqs):
             tokens = candidates[b * size:(b + 1) * size]
+            generator = seq.generator or rng
             if seq.params.greedy:
                 path, token = walk_tree(tokens, vt.children, greedy_tokens[b * size:(b + 1) * size].__getitem__)
+            elif typical is None:
+                # the distribution only at the nodes the walk reaches (a step emits a token or two of a tree's rows)
+                path, token = walk_tree(tokens, vt.children,
+                                        partial(draw_at, logits[b * size:(b + 1) * size], seq.params, generator))
             else:
-                j, generator = sampled[b], seq.generator or rng
-                if typical is None:
-                    path, token = walk_tree(tokens, vt.children, partial(draw, probs[j], generator))
-                else:
-                    path = typical_path(vt.tree, typical[j], log_p[j])
-                    token = draw(probs[j], generator, path[-1])
+                j = sampled.index(b)
+                path = typical_path(vt.tree, typical[j], log_p[j])
+                token = draw_tokens(probs[j, path[-1]][None], [generator])[0]
             paths.append(path)
             bonus.append(token)
         return paths, bonus
