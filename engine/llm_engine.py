@@ -240,12 +240,15 @@ class LLM:
             return self._step()
 
     def _step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         # Medusa tree verification masks the last rows of every sequence in its forward, so tree
         # sequences get a forward of their own; prefill and plain decode share the other one
         outputs = self._plain_step(batch) if batch.seqs else []
         if batch.tree_seqs:
             outputs += self._tree_step(batch.tree_seqs)
+        if self.medusa is not None:
+            self.medusa.record_step(batch, time.perf_counter() - start)  # whether its drafts pay
         return outputs
 
     def _plain_step(self, batch: ScheduledBatch) -> list[RequestOutput]:

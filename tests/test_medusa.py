@@ -18,7 +18,7 @@ from engine import LLM, RequestOutput, SamplingParams
 from engine.attention import available_backends
 from engine.kv_cache import slots
 from engine.medusa.ngram import NgramIndex
-from engine.medusa.payoff import MAX_PAUSE, PAUSE, WINDOW, Payoff
+from engine.medusa.payoff import MAX_PAUSE, MIN_SAMPLES, PAUSE, PROBE_EVERY, PROBE_SOON, WINDOW, Payoff, StepClock
 from engine.medusa.speculator import typical_acceptance
 from engine.medusa.tree import DEFAULT_TREE, TREE_FILE, TREES, BatchTree, TreeChoice, build_tree, load_tree
 from engine.training.medusa import TrainConfig, build_cache, draft_vocabulary, self_distill, train_heads
@@ -330,6 +330,56 @@ def test_a_sequence_whose_drafts_do_not_pay_pauses_them():
         assert not payoff.pays(clock, break_even=1.2)
         clock = payoff.resume_at
     assert payoff.pause == MAX_PAUSE
+
+
+@pytest.mark.step_timing
+def test_the_step_clock_times_plain_steps_among_tree_steps():
+    clock, tree = StepClock(), object()
+    for _ in range(1, PROBE_SOON):
+        clock.record(1, tree, 0.012)
+        assert clock.ratio(1, tree) is None and not clock.wants_plain(1)
+    clock.record(1, tree, 0.030)  # an outlier: a median ignores it
+    assert clock.wants_plain(1) and not clock.wants_plain(1)  # asking starts the count again
+    for _ in range(MIN_SAMPLES):
+        assert clock.ratio(1, tree) is None
+        clock.record(1, None, 0.010)
+    assert clock.ratio(1, tree) == pytest.approx(1.2) and clock.ratio(2, tree) is None  # per batch size
+    for _ in range(PROBE_EVERY - 1):
+        clock.record(1, tree, 0.012)
+    assert not clock.wants_plain(1)
+    clock.record(1, tree, 0.012)
+    assert clock.wants_plain(1)
+
+
+@pytest.mark.step_timing
+@pytest.mark.parametrize("num_seqs", [1, 2])
+@pytest.mark.parametrize("stored", [True, False])
+def test_the_heads_pause_where_the_engines_own_steps_say_they_lose(tiny_model_dir, heads_dir, tmp_path, num_seqs,
+                                                                   stored):
+    """Timed by train-medusa at half a plain step (stored), or not timed at all (a tree named), the tree's steps
+    take 100 plain ones in the engine: once it has timed both kinds of step (plain ones made to be timed among the
+    tree steps) the heads pause, for a sequence alone and for a batch."""
+    folder = tmp_path / "heads"
+    shutil.copytree(heads_dir, folder)
+    timing = {"tree": [[0]], "step_ms_bs1": 0.5, "plain_step_ms_bs1": 1.0, "step_ms_bs2": 0.5,
+              "plain_step_ms_bs2": 1.0}
+    TreeChoice([BatchTree([[0]], 2)], "measured", {"candidates": [timing]}).save(folder / TREE_FILE)
+    params = SamplingParams(max_tokens=120, **GREEDY)
+    plain = LLM(tiny_model_dir).generate(prompts(num_seqs), params)
+    llm = LLM(tiny_model_dir, medusa=str(folder), medusa_ngram_tokens=0, medusa_tree=None if stored else "chain2")
+    record = llm.medusa.step_clock.record
+    timed = []
+    llm.medusa.step_clock.record = lambda b, tree, seconds: timed.append(tree) or record(b, tree, 1.0 if tree is None
+                                                                                         else 100.0)
+    outs = llm.generate(prompts(num_seqs), params)
+    assert [o.token_ids for o in outs] == [p.token_ids for p in plain]
+    # plain steps made to be timed among the tree steps (the step after the PROBE_SOON-th: it asked before that one
+    # was timed), then the pause's
+    assert timed.index(None) == PROBE_SOON + 1 and timed.count(None) >= PAUSE
+    for out in outs:
+        decoded_plainly = 119 - sum(out.accepted_lengths)
+        assert decoded_plainly >= PAUSE + MIN_SAMPLES - 1 and len(out.accepted_lengths) >= WINDOW
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 
 def test_break_even_is_the_measured_tree_step_against_a_plain_one():

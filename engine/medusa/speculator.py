@@ -9,11 +9,12 @@ heads all at once (a depth-d node takes head d-1's candidate of its rank), Hydra
 depth-d node takes its rank among the candidates head d-1 gives its parent, reading the parent's path).
 Where the sequence's last tokens occurred in it before, a chain of the tokens that followed them then
 (prompt lookup, engine.medusa.ngram) is verified instead of the heads' tree; a batch whose sequences draft
-different trees verifies their union in one forward. Where the heads' tree was timed
-(TreeChoice), they stop drafting for a while for a sequence decoding alone, or a batch, whose tree steps emit
-fewer tokens than a step costs (engine.medusa.payoff)."""
+different trees verifies their union in one forward. The heads stop drafting for a while for a sequence decoding
+alone, or a batch, whose tree steps emit fewer tokens than a step costs against a plain one, as the engine timed
+its own steps, else as train-medusa timed the tree (engine.medusa.payoff)."""
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,10 +28,11 @@ from torch import nn
 from engine.config import EngineConfig, SamplingParams
 from engine.kv_cache import KVCache
 from engine.medusa.ngram import NgramIndex
-from engine.medusa.payoff import Payoff
+from engine.medusa.payoff import Payoff, StepClock
 from engine.medusa.tree import DEFAULT_TREE, MedusaTree, TreeChoice, build_tree, load_tree
 from engine.runner import ModelRunner
 from engine.sampler import TokenCounts, adjust_logits, argmax_ids, draw_tokens, filtered_probs, has_penalties
+from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from models.kernels.decode import DecodeKernels, set_decode_kernels
 from models.medusa import MedusaHeads, load_medusa_heads
@@ -152,9 +154,13 @@ class Medusa:
         # prompt lookup: a chain per proposal length (1 .. ngram_tokens), verified in place of the heads' tree
         self.ngram_tokens = ngram_tokens
         self.ngram_indexes: WeakKeyDictionary[Sequence, NgramIndex] = WeakKeyDictionary()  # gone with the sequence
-        # the heads' tree's measured step cost against a plain step, per batch size: where its steps emit fewer tokens
-        # the heads pause (engine.medusa.payoff), for a sequence decoding alone or for a whole batch. Empty: not timed
+        # the heads' tree's step cost against a plain step, per batch size, as train-medusa timed it (empty: not
+        # timed), until the engine has timed its own steps (step_clock): where the tree steps emit fewer tokens the
+        # heads pause (engine.medusa.payoff), for a sequence decoding alone or for a whole batch
         self.break_even = break_even or {}
+        self.step_clock = StepClock()
+        # this step's drafting, the last step's (which drafted the tree this one verifies), the heads' tree verified
+        self._drafting, self._drafted, self._verified = 0.0, 0.0, None
         self.payoffs: WeakKeyDictionary[Sequence, Payoff] = WeakKeyDictionary()  # of sequences decoding alone
         self.batch_payoff, self.batch_steps = Payoff(), 0  # of batches; its clock: batch steps proposed for
         self.chains = [VerifyTree.of(build_tree([[0] * d for d in range(1, n + 1)], f"lookup{n}").to(kv_cache.device),
@@ -253,9 +259,11 @@ class Medusa:
         speculating = [] if crowded else [i for i, seq in enumerate(seqs) if self.can_speculate(seq)]
         for seq in seqs:
             seq.draft_token_ids, seq.draft_tree = None, None
+        if speculating and self.trees and self.step_clock.wants_plain(num_running):
+            speculating = []  # a plain step, timed
         # a batch drafts as a whole or not at all: a sequence left without drafts would decode in a forward of
         # its own beside the tree's
-        if self.break_even and num_running > 1 and speculating:
+        if self.trees and num_running > 1 and speculating:
             self.batch_steps += 1
             if not self.batch_payoff.pays(self.batch_steps, self._break_even_at(num_running)):
                 speculating = []
@@ -267,11 +275,12 @@ class Medusa:
             if num_running > 1 and self.trees:
                 depth = min(depth, self.tree_for(num_running).tree.depth)
             speculating = [i for i in speculating if not self._look_up(seqs[i], depth)]
-        if self.break_even and num_running == 1:
+        if self.trees and num_running == 1:
             speculating = [i for i in speculating
                            if self.payoffs.setdefault(seqs[i], Payoff()).pays(len(seqs[i]), self._break_even_at(1))]
         if not speculating or self.heads is None:
             return
+        start = time.perf_counter()
         heads_tree = self.tree_for(num_running)
         if self.sequential:
             roots = torch.tensor([seqs[i].token_ids[-1] for i in speculating], device=hidden.device)
@@ -282,11 +291,27 @@ class Medusa:
             drafts = top.transpose(0, 1).tolist()
         for i, seq_drafts in zip(speculating, drafts):
             seqs[i].draft_token_ids, seqs[i].draft_tree = seq_drafts, heads_tree.verify
+        self._drafting = time.perf_counter() - start  # (the drafts' .tolist() waited for a GPU)
 
-    def _break_even_at(self, batch_size: int) -> float:
-        """The break-even timed at the smallest batch size that holds batch_size, else at the largest timed."""
+    def _break_even_at(self, batch_size: int) -> float | None:
+        """The tokens a step of the heads' tree must emit per sequence at this batch size to pay: its time against
+        a plain step's, as the engine timed them, else as train-medusa did at the smallest batch size that holds
+        batch_size (else at the largest it timed); None where neither did."""
+        live = self.step_clock.ratio(batch_size, self.tree_for(batch_size).verify)
+        if live is not None or not self.break_even:
+            return live
         sizes = sorted(self.break_even)
         return self.break_even[next((b for b in sizes if b >= batch_size), sizes[-1])]
+
+    def record_step(self, batch: ScheduledBatch, seconds: float) -> None:
+        """Time a decode step that was all plain, or all one of the heads' trees (StepClock). Its cost leaves out
+        the drafting it did for the next step and takes in the drafting of the tree it verified."""
+        if self.trees:
+            if batch.tree_seqs and not batch.seqs and self._verified is not None:
+                self.step_clock.record(len(batch.tree_seqs), self._verified, seconds - self._drafting + self._drafted)
+            elif batch.seqs and not batch.tree_seqs and all(n == 1 for n in batch.num_new_tokens):
+                self.step_clock.record(len(batch.seqs), None, seconds - self._drafting)
+        self._drafting, self._drafted, self._verified = 0.0, self._drafting, None
 
     def _look_up(self, seq: Sequence, max_tokens: int) -> bool:
         """Draft by prompt lookup (at most max_tokens), if the sequence's last tokens occurred in it before."""
@@ -361,7 +386,8 @@ class Medusa:
         paths, bonus = self._accept(seqs, vt, input_ids, logits, rng)
         self._compact(inputs.ctx.slot_mapping, size, paths)
         out = [[input_ids[b * size + node] for node in path[1:]] + [bonus[b]] for b, path in enumerate(paths)]
-        if self.break_even and any(t is h.verify for t in trees for h in self.trees):
+        self._verified = next((vt for h in self.trees if vt is h.verify), None)
+        if any(t is h.verify for t in trees for h in self.trees):
             if num_running == 1:
                 self.payoffs.setdefault(seqs[0], Payoff()).record(len(out[0]))
             else:
