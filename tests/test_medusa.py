@@ -21,6 +21,8 @@ from engine.medusa.ngram import NgramIndex
 from engine.medusa.payoff import MAX_PAUSE, MIN_SAMPLES, PAUSE, PROBE_EVERY, PROBE_SOON, WINDOW, Payoff, StepClock
 from engine.medusa.speculator import typical_acceptance
 from engine.medusa.tree import DEFAULT_TREE, TREE_FILE, TREES, BatchTree, TreeChoice, build_tree, load_tree
+from engine.scheduler import ScheduledBatch
+from engine.sequence import Sequence
 from engine.training.medusa import TrainConfig, build_cache, draft_vocabulary, self_distill, train_heads
 from models import DEFAULT_MODEL_DIR
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
@@ -349,6 +351,23 @@ def test_the_step_clock_times_plain_steps_among_tree_steps():
     assert not clock.wants_plain(1)
     clock.record(1, tree, 0.012)
     assert clock.wants_plain(1)
+
+
+@pytest.mark.step_timing
+def test_a_steps_cost_is_its_forward_and_the_drafting_of_the_tree_it_verifies(tiny_model_dir, heads_dir):
+    """Drafting happens at the end of a step, for the next one: a plain step's time leaves out the drafting it did,
+    a tree step's takes in the drafting that made its tree in place of its own. Steps with prefill are not timed."""
+    medusa = LLM(tiny_model_dir, medusa=str(heads_dir)).medusa
+    seq = Sequence("r", [1, 2, 3], SamplingParams())
+    tree = medusa.tree_for(1).verify
+    medusa._drafting = 0.002  # this plain step drafted the tree the next one verifies
+    medusa.record_step(ScheduledBatch([seq], [1]), 0.010)
+    medusa._drafting, medusa._verified = 0.003, tree
+    medusa.record_step(ScheduledBatch([], [], tree_seqs=[seq]), 0.020)
+    medusa._drafting = 0.003
+    medusa.record_step(ScheduledBatch([seq], [3]), 0.050)  # a prefill chunk
+    times = {key: [round(t, 9) for t in samples] for key, samples in medusa.step_clock.times.items()}
+    assert times == {(1, None): [0.008], (1, tree): [0.019]}
 
 
 @pytest.mark.step_timing
