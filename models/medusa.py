@@ -64,14 +64,16 @@ def _zero(layer: nn.Linear) -> nn.Linear:
 
 @dataclass
 class DraftWeights:
-    """What drafting reads every step, gathered once (MedusaHeads.draft_weights): each head's blocks' weights
-    and biases (fp32, as the CPU kernel takes them), and the vocabulary projections (one shared, or one per head)."""
+    """What drafting reads every step, gathered once (MedusaHeads.draft_weights): each head's blocks' weights (as
+    the CPU kernels take them: float, or Q8_0 blocks) and biases (fp32), and the vocabulary projections (one
+    shared, or one per head)."""
 
     weights: list[list[torch.Tensor]]  # [head][block]
     biases: list[list[torch.Tensor]]  # [head][block]
     projections: list[torch.Tensor]
     projection_qtype: int = 0  # a quantized base lm_head's ggml type (models.quant): its rows stay in their blocks
     inputs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # Hydra: [head] (weight, bias)
+    weights_qtype: int = 0  # the ggml type of the blocks' and inputs' weights (0: float)
 
 
 class MedusaHeads(nn.Module):
@@ -171,15 +173,30 @@ class MedusaHeads(nn.Module):
         if self.draft_vocab is not None:
             projections = [w[self.draft_vocab] for w in projections]
         qtype = 0 if self.config.own_lm_head else int(getattr(base_lm_head, "qtype", 0))
-        if not qtype and self.kernels is not None:
-            # on a CPU drafting streams the projection from memory at every level of the tree, the largest weight it
-            # reads: in Q8_0 half a bf16 one's bytes, for the same top-k but a rare near-tie (SmolLM2 BF16, a 9-node
-            # tree: 1.11 -> 0.80 ms a step's drafting, 2.46 tokens per step before and after)
-            projections, qtype = [quantize(w, QType.Q8_0).data for w in projections], int(QType.Q8_0)
+        weights = [[b.kernel_weight for b in head] for head in blocks]
         inputs = [(layer.kernel_weight, layer.bias.float()) for layer in self.inputs or []]
-        return DraftWeights([[b.kernel_weight for b in head] for head in blocks],
-                            [[b.bias.float() for b in head] for head in blocks],
-                            [(w if qtype else w.to(self.dtype)).contiguous() for w in projections], qtype, inputs)
+        weights_qtype = 0
+        if self.kernels is not None:
+            # on a CPU drafting streams its weights from memory at every level of the tree (the model's forward
+            # evicts them): in Q8_0 half a bf16 one's bytes, for the same top-k but a rare near-tie. The projection,
+            # the largest (SmolLM2 BF16, a 9-node tree: 1.11 -> 0.80 ms a step's drafting, 2.46 tokens per step
+            # before and after), and the heads' own layers (that tree's 4 levels, weights out of cache: 0.93 -> 0.79 ms)
+            if not qtype:
+                projections, qtype = [quantize(w, QType.Q8_0).data for w in projections], int(QType.Q8_0)
+            layers = [*(b for head in blocks for b in head), *(self.inputs or [])]
+            if all(layer.weight.shape[1] % 32 == 0 for layer in layers):  # whole Q8_0 blocks
+                weights_qtype = int(QType.Q8_0)
+                weights = [[self._draft_q8(b.weight) for b in head] for head in blocks]
+                inputs = [(self._draft_q8(layer.weight), bias) for layer, (_, bias) in zip(self.inputs or [], inputs)]
+        return DraftWeights(weights, [[b.bias.float() for b in head] for head in blocks],
+                            [(w if qtype else w.to(self.dtype)).contiguous() for w in projections], qtype, inputs,
+                            weights_qtype)
+
+    def _draft_q8(self, weight: torch.Tensor) -> torch.Tensor:
+        """A head layer's weight in Q8_0 blocks, laid out for the CPU kernels where that applies."""
+        blocks = quantize(weight.detach(), QType.Q8_0).data
+        packed = self.kernels.ops.repack(blocks, int(QType.Q8_0), weight.shape[1])
+        return blocks if packed is None else packed
 
     def top_k(self, hidden: torch.Tensor, draft: DraftWeights, num_heads: int, k: int) -> torch.Tensor:
         """Medusa: the k likeliest draft-vocabulary tokens of each of the first num_heads heads at hidden
@@ -199,7 +216,8 @@ class MedusaHeads(nn.Module):
             weight, bias = draft.inputs[head]
             projection = draft.projections[0 if len(draft.projections) == 1 else head]
             x, top = self.kernels.ops.hydra_level(states, embeddings, weight, bias, draft.weights[head],
-                                                  draft.biases[head], projection, k, draft.projection_qtype)
+                                                  draft.biases[head], projection, k, draft.projection_qtype,
+                                                  draft.weights_qtype)
             return x, self._token_ids(top)
         x = self.next_input(states.to(self.dtype), embeddings.to(self.dtype), head)
         return x, self._top_k(x, draft, range(head, head + 1), k)[0]
@@ -212,7 +230,8 @@ class MedusaHeads(nn.Module):
         if self.kernels is not None and len(heads) * len(hidden) <= MAX_ROWS:
             top = self.kernels.ops.medusa_top_k(hidden, [*chain.from_iterable(draft.weights[heads.start:heads.stop])],
                                                 [*chain.from_iterable(draft.biases[heads.start:heads.stop])],
-                                                len(heads), projections, k, draft.projection_qtype)
+                                                len(heads), projections, k, draft.projection_qtype,
+                                                draft.weights_qtype)
         else:
             x = hidden.to(self.dtype)
             states = torch.stack([self._blocks(x, h) for h in heads])  # [len(heads), B, hidden]

@@ -201,32 +201,41 @@ def test_medusa_drafts_and_rms_norm_match_torch(rows):
     assert (kernel.rms_norm(x, w, 1e-6) - torch.nn.functional.rms_norm(x, (48,), w, 1e-6)).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("q8_projection", [False, True])
+@pytest.mark.parametrize("q8", [False, True])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_hydra_level_matches_torch(rows, q8_projection):
+def test_hydra_level_matches_torch(rows, q8):
     """One level of Hydra drafting in one call: x = state + W_in [state, embedding] + b_in, then the blocks,
-    the projection (float, or in Q8_0 blocks as drafting keeps a float lm_head's: against it dequantized) and
-    the top-k, as the heads compute them in torch."""
+    the projection and the top-k, as the heads compute them in torch. The weights float, or in Q8_0 blocks as
+    drafting keeps them on a CPU (laid out for the kernels, which quantize the activations too): against the
+    weights dequantized."""
     gen = torch.Generator().manual_seed(rows)
-    h = 64 if q8_projection else 48  # Q8_0 blocks hold 32 weights
+    h = 64 if q8 else 48  # Q8_0 blocks hold 32 weights
     states, embeddings = torch.randn(rows, h, generator=gen), torch.randn(rows, h, generator=gen)
     input_weight, input_bias = torch.randn(h, 2 * h, generator=gen) / 10, torch.randn(h, generator=gen)
     weights = [torch.randn(h, h, generator=gen) / 7 for _ in range(2)]
     biases = [torch.randn(h, generator=gen) for _ in range(2)]
     projection = torch.randn(100, h, generator=gen)
+    given = [input_weight, weights, projection]
+    if q8:
+        def q8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            blocks = quantize(w, QType.Q8_0)
+            packed = kernel.repack(blocks.data, int(QType.Q8_0), w.shape[1])
+            return blocks.data if packed is None else packed, blocks.dequantize()
+        (given_input, input_weight), (given_projection, projection) = map(q8_blocks, (input_weight, projection))
+        given_weights, weights = map(list, zip(*map(q8_blocks, weights)))
+        given = [given_input, given_weights, given_projection]
     x = states + torch.nn.functional.linear(torch.cat([states, embeddings], dim=-1), input_weight, input_bias)
     state = x
     for w, b in zip(weights, biases):
         state = state + torch.nn.functional.silu(torch.nn.functional.linear(state, w, b))
-    given, qtype = projection, 0
-    if q8_projection:
-        blocks = quantize(projection, QType.Q8_0)
-        given, qtype, projection = blocks.data, int(QType.Q8_0), blocks.dequantize()
     logits = torch.nn.functional.linear(state, projection)
-    got_x, top = kernel.hydra_level(states, embeddings, input_weight, input_bias, weights, biases, given, 3, qtype)
-    assert (got_x - x).abs().max() <= 1e-4
+    qtype = int(QType.Q8_0) if q8 else 0
+    got_x, top = kernel.hydra_level(states, embeddings, given[0], input_bias, given[1], biases, given[2], 3, qtype,
+                                    qtype)
+    assert (got_x - x).abs().max() <= (0.03 if q8 else 1e-4)
     assert top.shape == (rows, 3)
-    assert (logits.gather(-1, top) - logits.topk(3, dim=-1).values).abs().max() <= (0.05 if q8_projection else 1e-3)
+    picked = logits.gather(-1, top).sort(dim=-1, descending=True).values  # near-ties may swap in Q8_0
+    assert (picked - logits.topk(3, dim=-1).values).abs().max() <= (0.1 if q8 else 1e-3)
 
 
 @pytest.mark.parametrize("columns", [1, 7, 16, 100, 49152])

@@ -178,8 +178,8 @@ def test_heads_round_trip(tmp_path, own_lm_head):
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_draft_vocab_round_trip_and_drafts(tmp_path, own_lm_head, use_kernel):
     """With a draft vocabulary the heads propose the top-k of their logits over those tokens only. The CPU kernels
-    project in Q8_0 blocks: their oracle is the projection dequantized, and ties within the blocks' rounding may
-    go either way."""
+    draft from Q8_0 blocks: their oracle is the weights dequantized, and ties within the blocks' rounding may go
+    either way."""
     heads = MedusaHeads(MedusaConfig(3, 2, 64, 256, own_lm_head))
     for p in heads.parameters():
         torch.nn.init.normal_(p, std=0.1)
@@ -199,10 +199,12 @@ def test_draft_vocab_round_trip_and_drafts(tmp_path, own_lm_head, use_kernel):
     with torch.inference_mode():
         drafts = loaded.top_k(x, loaded.draft_weights(lm_head), 2, 3)  # [2 heads, 4 rows, 3]
         logits = loaded(x, lm_head, 2)
-        if use_kernel:
+        if use_kernel:  # every weight drafting reads in Q8_0 blocks
             projected.weight.copy_(quantize(lm_head.weight, QType.Q8_0).dequantize())
-            for head in [] if not own_lm_head else loaded.heads:
-                head[-1].weight.copy_(quantize(head[-1].weight, QType.Q8_0).dequantize())
+            for head in loaded.heads:
+                layers = [block.linear for block in head[:loaded.config.num_layers]]
+                for layer in layers + ([head[-1]] if own_lm_head else []):
+                    layer.weight.copy_(quantize(layer.weight, QType.Q8_0).dequantize())
         else:
             projected.weight.copy_(lm_head.weight)
         oracle = loaded(x, projected, 2)

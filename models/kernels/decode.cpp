@@ -780,16 +780,17 @@ class DecoderStack {
 namespace {
 
 // Medusa heads' residual blocks: head h starts from hidden [M, H] (fp32) and applies x + SiLU(x W^T + b)
-// for each of its blocks; weights/biases hold num_heads * blocks_per_head [H, H]/[H] tensors, head-major.
+// for each of its blocks; weights/biases hold num_heads * blocks_per_head [H, H]/[H] tensors, head-major
+// (weights in ggml type weights_qtype: 0 float).
 // Returns the heads' states [num_heads * M, H] in fp32, head-major.
 torch::Tensor medusa_states(const torch::Tensor& hidden, const std::vector<torch::Tensor>& weights,
-                            const std::vector<torch::Tensor>& biases, int64_t num_heads) {
+                            const std::vector<torch::Tensor>& biases, int64_t num_heads, int64_t weights_qtype) {
   const int64_t M = hidden.size(0), H = hidden.size(1), blocks = weights.size() / num_heads;
   auto states = torch::empty({num_heads * M, H}, hidden.options());
   for (int64_t h = 0; h < num_heads; ++h) {
     auto x = hidden;
     for (int64_t j = 0; j < blocks; ++j) {
-      auto y = linear_f32(x, weights[h * blocks + j], as_float(biases[h * blocks + j]));
+      auto y = linear_f32(x, weights[h * blocks + j], as_float(biases[h * blocks + j]), weights_qtype);
       float* yp = y.data_ptr<float>();
       const float* xp = x.data_ptr<float>();
 #pragma omp simd
@@ -868,10 +869,10 @@ torch::Tensor top_k_rows(const torch::Tensor& x, int64_t k) {
 // Medusa drafts for a few rows of hidden states [M, H]: every head's residual blocks, its vocabulary
 // projection (projections: the shared base lm_head, or one matrix per head) and the k likeliest
 // tokens, in one call and without handing logits back to Python. Returns [num_heads, M, k] int64.
-// projection_qtype: the ggml type of the projections (0: float; a quantized base lm_head).
+// projection_qtype, weights_qtype: the ggml types of the projections and of the blocks' weights (0: float).
 torch::Tensor medusa_top_k(torch::Tensor hidden, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> biases,
                            int64_t num_heads, std::vector<torch::Tensor> projections, int64_t k,
-                           int64_t projection_qtype) {
+                           int64_t projection_qtype, int64_t weights_qtype) {
   TORCH_CHECK(hidden.dim() == 2 && num_heads > 0 && weights.size() == biases.size() &&
                   weights.size() % num_heads == 0,
               "medusa_top_k: hidden must be [rows, H] and every head needs the same number of blocks");
@@ -879,7 +880,7 @@ torch::Tensor medusa_top_k(torch::Tensor hidden, std::vector<torch::Tensor> weig
               "medusa_top_k: give one shared projection or one per head");
   const int64_t M = hidden.size(0), V = projections[0].size(0);
   TORCH_CHECK(k >= 1 && k <= V, "medusa_top_k: k must be in [1, vocabulary size]");
-  auto states = medusa_states(as_float(hidden), weights, biases, num_heads);
+  auto states = medusa_states(as_float(hidden), weights, biases, num_heads, weights_qtype);
   torch::Tensor logits;
   if (projections.size() == 1) {
     logits = linear_f32(states, projections[0], torch::Tensor(), projection_qtype);
@@ -899,13 +900,13 @@ std::tuple<torch::Tensor, torch::Tensor> hydra_level(torch::Tensor states, torch
                                                      torch::Tensor input_weight, torch::Tensor input_bias,
                                                      std::vector<torch::Tensor> weights,
                                                      std::vector<torch::Tensor> biases, torch::Tensor projection,
-                                                     int64_t k, int64_t projection_qtype) {
+                                                     int64_t k, int64_t projection_qtype, int64_t weights_qtype) {
   TORCH_CHECK(states.dim() == 2 && embeddings.sizes() == states.sizes(),
               "hydra_level: states and embeddings must both be [rows, H]");
   auto x = linear_f32(as_float(torch::cat({states, embeddings.to(states.scalar_type())}, 1)), input_weight,
-                      as_float(input_bias));
+                      as_float(input_bias), weights_qtype);
   x.add_(as_float(states));
-  return {x, medusa_top_k(x, weights, biases, 1, {projection}, k, projection_qtype)[0]};
+  return {x, medusa_top_k(x, weights, biases, 1, {projection}, k, projection_qtype, weights_qtype)[0]};
 }
 
 // x: [M, K] (any float dtype), weight: uint8 [N, row bytes] in ggml type qtype, bias: [N] or None.
@@ -969,11 +970,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows");
   m.def("medusa_top_k", &medusa_top_k, "every Medusa head's k likeliest tokens for a few rows of hidden states",
         py::arg("hidden"), py::arg("weights"), py::arg("biases"), py::arg("num_heads"), py::arg("projections"),
-        py::arg("k"), py::arg("projection_qtype") = 0);
+        py::arg("k"), py::arg("projection_qtype") = 0, py::arg("weights_qtype") = 0);
   m.def("argmax_rows", &argmax_rows, "each row's argmax, the first among equals");
   m.def("hydra_level", &hydra_level, "one level of Hydra drafting: head input, blocks, projection, k likeliest tokens",
         py::arg("states"), py::arg("embeddings"), py::arg("input_weight"), py::arg("input_bias"), py::arg("weights"),
-        py::arg("biases"), py::arg("projection"), py::arg("k"), py::arg("projection_qtype") = 0);
+        py::arg("biases"), py::arg("projection"), py::arg("k"), py::arg("projection_qtype") = 0,
+        py::arg("weights_qtype") = 0);
   m.def("attention_input", &attention_input, "RMSNorm, q/k/v projection and RoPE of a few rows", py::arg("hidden"),
         py::arg("norm_weight"), py::arg("eps"), py::arg("qkv_weights"), py::arg("qkv_bias"), py::arg("cos"),
         py::arg("sin"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("lora_slots"), py::arg("lora"),
