@@ -434,6 +434,21 @@ def test_the_heads_stop_drafting_for_a_sequence_where_they_do_not_pay(tiny_model
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 
+def test_a_sequence_after_ones_the_heads_failed_on_starts_paused(tiny_model_dir, heads_dir, tmp_path):
+    """A sequence decoding alone starts from the engine's last window of tree steps: after one whose tree steps did
+    not pay, the next decodes its first PAUSE tokens plainly (the first drafted for a window of its own)."""
+    folder = tmp_path / "heads"
+    shutil.copytree(heads_dir, folder)
+    timing = {"tree": [[0]], "step_ms_bs1": 100.0, "plain_step_ms_bs1": 1.0}
+    TreeChoice([BatchTree([[0]], 1)], "measured", {"candidates": [timing]}).save(folder / TREE_FILE)
+    llm = LLM(tiny_model_dir, medusa=str(folder), medusa_ngram_tokens=0)
+    first = llm.generate(prompts(2)[:1], SamplingParams(max_tokens=90, **GREEDY))[0]
+    second = llm.generate(prompts(2)[1:], SamplingParams(max_tokens=PAUSE + 1, **GREEDY))[0]
+    assert len(first.accepted_lengths) >= WINDOW and second.accepted_lengths == []
+    fresh = LLM(tiny_model_dir, medusa=str(folder), medusa_ngram_tokens=0)
+    assert fresh.generate(prompts(2)[1:], SamplingParams(max_tokens=PAUSE + 1, **GREEDY))[0].accepted_lengths
+
+
 @pytest.mark.parametrize("step_cost", [0.5, 100.0])
 def test_the_heads_stop_drafting_for_a_batch_where_they_do_not_pay(tiny_model_dir, heads_dir, tmp_path, step_cost):
     """In a batch the heads pause for all its sequences at once, judged on the tokens the batch's tree steps emit

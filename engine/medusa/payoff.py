@@ -9,7 +9,8 @@ every tree step loses. Where the last WINDOW tree steps emitted fewer tokens on 
 the heads stop drafting for PAUSE tokens, then try again: acceptance changes along an answer (a code block after
 prose). Each pause that follows a failed window doubles, up to MAX_PAUSE: with a fixed pause a third of the
 steps were still failing tree steps (SmolLM2 Q4_1, batch 4, everyday prompts: 0.90x plain, 0.94x doubling).
-A sequence decoding alone is judged on its own steps. A batch is judged as a whole, on the tokens its tree
+A sequence decoding alone is judged on its own steps, after the engine's last window (engine.medusa.speculator:
+a new sequence starts from it). A batch is judged as a whole, on the tokens its tree
 steps emitted per sequence: a paused sequence in it would take a plain forward of its own beside the tree's,
 so either all its sequences draft or none."""
 from __future__ import annotations
