@@ -154,6 +154,10 @@ class EngineConfig:
     # occurred in it before, up to this many tokens that followed them are verified in place of the heads' tree
     # (with heads, for a sequence decoding alone); 0: the heads alone
     medusa_ngram_tokens: int = 4
+    # the heads pause where their tree steps emit fewer tokens than the steps cost (engine.medusa.payoff), judged on
+    # the engine's own step times, for which it makes a plain step now and then; False: they draft at every step
+    # (train-medusa times the trees so)
+    medusa_guard: bool = True
     # ranks that split the model (engine.parallel): rank 0 is this process, which schedules and samples; the
     # others are started here (one host) or by torchrun (several hosts)
     tensor_parallel_size: int = 1

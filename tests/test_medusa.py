@@ -403,6 +403,24 @@ def test_the_heads_pause_where_the_engines_own_steps_say_they_lose(tiny_model_di
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 
+@pytest.mark.step_timing
+def test_without_the_guard_the_heads_draft_at_every_step(tiny_model_dir, heads_dir):
+    """medusa_guard=False (how train-medusa times its trees): tree steps that cost 100 plain ones go on, and no step
+    is made plain to be timed, so a timed run's steps are all tree steps."""
+    params = SamplingParams(max_tokens=120, **GREEDY)
+    plain = LLM(tiny_model_dir).generate(prompts(2), params)
+    for num_seqs in (1, 2):
+        llm = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_ngram_tokens=0, medusa_tree="chain2",
+                  medusa_guard=False)
+        record = llm.medusa.step_clock.record
+        llm.medusa.step_clock.record = lambda b, tree, seconds, record=record: record(b, tree, 1.0 if tree is None
+                                                                                     else 100.0)
+        outs = llm.generate(prompts(num_seqs), params)
+        assert [o.token_ids for o in outs] == [p.token_ids for p in plain[:num_seqs]]
+        assert all(sum(out.accepted_lengths) == 119 for out in outs)  # every token after the prefill's
+        assert llm.medusa.step_clock.times.get((num_seqs, None)) is None
+
+
 def test_break_even_is_the_measured_tree_step_against_a_plain_one():
     rows = [{"tree": [[0]], "step_ms_bs1": 6.0, "plain_step_ms_bs1": 5.0, "step_ms_bs2": 12.0,
              "plain_step_ms_bs2": 6.0},

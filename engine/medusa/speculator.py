@@ -146,7 +146,8 @@ class Medusa:
     def __init__(self, heads: MedusaHeads | None, trees: list[tuple[MedusaTree, int | None]], model: nn.Module,
                  kv_cache: KVCache, max_model_len: int, acceptance: str, posterior_threshold: float,
                  posterior_alpha: float, max_batch_size: int | None = None, ngram_tokens: int = 0,
-                 kernels: DecodeKernels | None = None, break_even: dict[int, float] | None = None) -> None:
+                 kernels: DecodeKernels | None = None, break_even: dict[int, float] | None = None,
+                 guard: bool = True) -> None:
         self.model, self.kv_cache, self.kernels = model, kv_cache, kernels
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
@@ -159,6 +160,7 @@ class Medusa:
         # timed), until the engine has timed its own steps (step_clock): where the tree steps emit fewer tokens the
         # heads pause (engine.medusa.payoff), for a sequence decoding alone or for a whole batch
         self.break_even = break_even or {}
+        self.guard = guard  # (False: the heads draft at every step, and no step is made plain to be timed)
         self.step_clock = StepClock()
         # this step's drafting, the last step's (which drafted the tree this one verifies), the heads' tree verified
         self._drafting, self._drafted, self._verified = 0.0, 0.0, None
@@ -204,7 +206,7 @@ class Medusa:
         config.medusa "lookup": prompt lookup alone. Drafting uses the CPU kernels when the engine does."""
         options = dict(acceptance=config.medusa_acceptance, posterior_threshold=config.medusa_posterior_threshold,
                        posterior_alpha=config.medusa_posterior_alpha, ngram_tokens=config.medusa_ngram_tokens,
-                       kernels=kernels)
+                       kernels=kernels, guard=config.medusa_guard)
         if config.medusa == LOOKUP_ONLY:
             if not config.medusa_ngram_tokens:
                 raise ValueError("medusa 'lookup' speculates by prompt lookup alone: medusa_ngram_tokens must be >= 1")
@@ -261,11 +263,12 @@ class Medusa:
         speculating = [] if crowded else [i for i, seq in enumerate(seqs) if self.can_speculate(seq)]
         for seq in seqs:
             seq.draft_token_ids, seq.draft_tree = None, None
-        if speculating and self.trees and self.step_clock.wants_plain(num_running):
+        judged = self.guard and bool(self.trees)
+        if speculating and judged and self.step_clock.wants_plain(num_running):
             speculating = []  # a plain step, timed
         # a batch drafts as a whole or not at all: a sequence left without drafts would decode in a forward of
         # its own beside the tree's
-        if self.trees and num_running > 1 and speculating:
+        if judged and num_running > 1 and speculating:
             self.batch_steps += 1
             if not self.batch_payoff.pays(self.batch_steps, self._break_even_at(num_running)):
                 speculating = []
@@ -277,7 +280,7 @@ class Medusa:
             if num_running > 1 and self.trees:
                 depth = min(depth, self.tree_for(num_running).tree.depth)
             speculating = [i for i in speculating if not self._look_up(seqs[i], depth)]
-        if self.trees and num_running == 1:
+        if judged and num_running == 1:
             speculating = [i for i in speculating
                            if self._payoff(seqs[i]).pays(len(seqs[i]), self._break_even_at(1))]
         if not speculating or self.heads is None:

@@ -548,6 +548,7 @@ def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[l
             tree_file.write_text(json.dumps(paths))
             llm = LLM(model_path, medusa=str(heads_dir), medusa_tree=str(tree_file), enable_prefix_caching=False,
                       medusa_ngram_tokens=0,  # the heads' tree alone: what its held-out tokens per step count
+                      medusa_guard=False,  # at every step: random prompts would pause them, and steps count tree steps
                       max_num_seqs=max(TIMING_BATCHES), max_model_len=max(map(len, prompts)) + new_tokens + 64)
             weights = llm.config.weights
             row = {"tree": paths, "tree_size": 1 + len(paths), "tokens_per_step": tokens_per_step,
