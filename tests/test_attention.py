@@ -42,6 +42,9 @@ CASES = {
     "mha_head_dim_24": ([9, 1], [9, 40], 2, 2, 24, None),
     "gqa_4_to_1": ([21], [50], 8, 2, 16, None),
     "tree_verify": ([5, 7], [5, 23], 4, 2, 16, TREE),
+    # head_dim a multiple of 32: on CPUs with AMX-BF16 the cpu kernel's bf16 scores are tile products
+    "head_dim_64_prefill_and_decodes": ([70, 1, 1], [70, 9, 130], 6, 2, 64, None),
+    "head_dim_64_tree_verify": ([5, 5], [40, 100], 6, 2, 64, TREE),
 }
 
 
@@ -218,15 +221,16 @@ def attend_one_sequence(backend, q: torch.Tensor, keys: torch.Tensor, values: to
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("head_dim", [16, 64])  # 64: the bf16 scores on AMX tiles, where the CPU has them
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("prefix", [5, 58, 62, 130, 1020])  # the tree within a key tile or split, or across
-def test_branching_tree_rows_are_bitwise_plain_decode_of_their_paths(dtype, prefix):
+def test_branching_tree_rows_are_bitwise_plain_decode_of_their_paths(dtype, prefix, head_dim):
     """Batch invariance on a branching tree: node i's row equals a plain decode step over the prefix and i's
     ancestors laid out in order, although its siblings sit between them in the cache."""
     tree = build_tree(TREES["cpu12"])
     gen = torch.Generator().manual_seed(prefix)
-    keys, values = (torch.randn(prefix + tree.size, 2, 16, generator=gen).to(dtype) for _ in range(2))
-    q = torch.randn(tree.size, 6, 16, generator=gen).to(dtype)
+    keys, values = (torch.randn(prefix + tree.size, 2, head_dim, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(tree.size, 6, head_dim, generator=gen).to(dtype)
     backend = get_backend("cpu", "cpu")
     tree_rows = attend_one_sequence(backend, q, keys, values, tree.mask)
     for node in range(tree.size):
@@ -240,13 +244,14 @@ def test_branching_tree_rows_are_bitwise_plain_decode_of_their_paths(dtype, pref
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("head_dim", [16, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_rows_of_a_long_prefill_are_bitwise_decode_steps(dtype):
+def test_rows_of_a_long_prefill_are_bitwise_decode_steps(dtype, head_dim):
     """The keys are split at fixed positions, so a row past a split point is the same whether its position is
     computed in a prefill (many rows, many units) or in a decode step alone."""
     gen = torch.Generator().manual_seed(1)
-    keys, values = (torch.randn(1100, 2, 16, generator=gen).to(dtype) for _ in range(2))
-    q = torch.randn(1100, 4, 16, generator=gen).to(dtype)
+    keys, values = (torch.randn(1100, 2, head_dim, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(1100, 4, head_dim, generator=gen).to(dtype)
     backend = get_backend("cpu", "cpu")
     prefill = attend_one_sequence(backend, q, keys, values)
     for position in (100, 511, 512, 1023, 1099):

@@ -8,20 +8,28 @@
 // the splits' partial results combined at the end (flash-decoding), so that a long context's decode
 // fills the cores. The split points are fixed, whatever the batch, and so is every row's arithmetic:
 // a row's result is bitwise the same in any batch, in a prefill, a decode step or a Medusa tree.
-// K/V of the cache's float type (q's, or bf16/fp16 under an fp32 q) is packed to fp32 tiles; all arithmetic is fp32.
+// K/V of the cache's float type (q's, or bf16/fp16 under an fp32 q) is packed to fp32 tiles; all arithmetic is fp32,
+// but for the scores of bf16 q over a bf16 cache on CPUs with AMX-BF16: tile products of bf16 (amx_scores).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "vec_math.h"
+
+#if defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -147,6 +155,57 @@ void gemm_few_rows(const float* A, int a_row, int a_col, const float* B, int ldb
   else gemm_few_rows_of<1>(A, a_row, a_col, B, ldb, C, ldc, rows, cols, depth, accumulate);
 }
 
+// ---- Q K^T on AMX tiles ------------------------------------------------------------------------------------------
+// With bf16 q and cache on CPUs with AMX-BF16, every unit's scores are tile products of bf16 (S^T = K Q^T, run_unit),
+// where fp32 multiply-adds computed them one element at a time: a Medusa tree's rows (13 nodes: 39 query rows per kv
+// head) made attention several times a plain step's. Each score is then the tile unit's sum over the dimensions, times
+// the scale, the same whatever the unit; softmax and P V stay as they are, summed over keys in order, so a tree row
+// remains bitwise a plain decode step of its path (siblings add exact zeros).
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define GORGON_AMX_SCORES 1
+
+// Not on a CPU run as another (GORGON_CPU_ISA), nor where the kernel refuses the tile registers
+bool amx_scores_available() {
+  static const bool on = [] {
+    const char* env = std::getenv("GORGON_CPU_ISA");
+    const bool as_this_cpu = env == nullptr || *env == 0 || std::string(env) == "auto";
+    // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA: without it, the first tile instruction raises SIGILL
+    return as_this_cpu && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return on;
+}
+
+// Tiles 0 (scores: 16 keys x 16 rows, fp32), 1 (16 keys x 32 dims, bf16), 2 (16 dim pairs x 16 rows, bf16 pairs)
+void amx_scores_configure() {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {64, 64, 64};
+    uint8_t rows[16] = {16, 16, 16};
+  } config;
+  _tile_loadconfig(&config);
+}
+
+// S^T[j][c] = scale * K[j] . Q[c] for `width` keys (rows of `keys`, head_dim bf16 each; width % 16 == 0) and `rows`
+// queries given as dimension pairs q_pairs[i][c] (rows % 16 == 0)
+void amx_scores(const at::BFloat16* keys, const uint32_t* q_pairs, int width, int rows, int head_dim, float scale,
+                float* St) {
+  for (int j0 = 0; j0 < width; j0 += 16) {
+    for (int c0 = 0; c0 < rows; c0 += 16) {
+      _tile_zero(0);
+      for (int i0 = 0; i0 < head_dim / 2; i0 += 16) {
+        _tile_loadd(1, keys + j0 * head_dim + 2 * i0, head_dim * sizeof(at::BFloat16));
+        _tile_loadd(2, q_pairs + i0 * rows + c0, rows * sizeof(uint32_t));
+        _tile_dpbf16ps(0, 1, 2);
+      }
+      _tile_stored(0, St + j0 * rows + c0, rows * sizeof(float));
+    }
+  }
+  const int n = width * rows;
+#pragma omp simd
+  for (int e = 0; e < n; ++e) St[e] *= scale;
+}
+#endif
+
 struct Problem {
   int num_heads, num_kv_heads, head_dim, block_size, max_blocks;
   int group;            // query heads per kv head
@@ -160,6 +219,7 @@ struct Problem {
   int deepest;
   int max_tile_keys;    // the most keys of one tile (key_tile_end): KEY_TILE plus a tree's nodes
   float scale;
+  bool amx;             // bf16 q and cache, head_dim % 32 == 0, AMX-BF16: every unit's scores on tiles (run_unit)
 };
 
 // A run of consecutive query positions of one sequence.
@@ -180,10 +240,15 @@ struct Scratch {
   std::vector<int> query_index;   // [rows] cache index of each row's query position
   std::vector<int64_t> offsets;   // [tile keys + KEY_TILE]: where each key's K/V row starts (key_offsets)
   std::vector<float> tile_max, tile_sum, safe_max;  // [rows]
+  std::vector<uint32_t> q_pairs;       // p.amx: [head_dim / 2][rows], the unit's queries as pairs of dimensions
+  std::vector<at::BFloat16> keys_bf16;  // p.amx: [tile keys][head_dim], the tile's keys
+  std::vector<float> few_scores_t;     // p.amx: [tile keys][16], a few-row unit's scores before they are transposed
   explicit Scratch(const Problem& p)
-      : q_t(p.padded_dim * p.rows), keys(p.max_tile_keys * p.padded_dim), values(p.max_tile_keys * p.padded_dim),
-        scores_t(p.max_tile_keys * p.rows), query_index(p.rows), offsets(p.max_tile_keys + KEY_TILE),
-        tile_max(p.rows), tile_sum(p.rows), safe_max(p.rows) {}
+      : q_t(p.amx ? 0 : p.padded_dim * p.rows), keys(p.amx ? 0 : p.max_tile_keys * p.padded_dim),
+        values(p.max_tile_keys * p.padded_dim), scores_t(p.max_tile_keys * p.rows), query_index(p.rows),
+        offsets(p.max_tile_keys + KEY_TILE), tile_max(p.rows), tile_sum(p.rows), safe_max(p.rows),
+        q_pairs(p.amx ? p.head_dim / 2 * p.rows : 0), keys_bf16(p.amx ? p.max_tile_keys * p.head_dim : 0),
+        few_scores_t(p.amx ? p.max_tile_keys * 16 : 0) {}
 };
 
 // May the query at cache index qi see the key at cache index kj?
@@ -257,6 +322,31 @@ inline void start_rows(float* row_max, float* row_sum, float* acc, int R, int Dp
 
 inline int unit_rows(const Problem& p, const QueryTile& tile) { return round_up(tile.num_positions * p.group, TILE_COLS); }
 
+// p.amx: the dimension pairs of a unit's `rows` queries (kv head kv_head's, as run_unit orders them), unscaled (the
+// scale multiplies each score), as q_pairs[i][c] for c < padded_rows (zero past rows)
+template <typename q_t>
+void amx_query_pairs(const Problem& p, int kv_head, int rows, int padded_rows, const q_t* q, uint32_t* q_pairs) {
+  const int D = p.head_dim;
+  std::fill(q_pairs, q_pairs + D / 2 * padded_rows, 0u);
+  for (int r = 0; r < rows; ++r) {
+    const int head = kv_head * p.group + r % p.group;
+    const auto* src = reinterpret_cast<const char*>(q + (static_cast<int64_t>(r / p.group) * p.num_heads + head) * D);
+    for (int i = 0; i < D / 2; ++i) std::memcpy(q_pairs + i * padded_rows + r, src + i * sizeof(uint32_t), sizeof(uint32_t));
+  }
+}
+
+// p.amx: a key tile's scores S^T [width][rows] from its keys (rows of keys_bf16, the first num_keys copied there;
+// the rest are zeroed here)
+inline void amx_tile_scores(at::BFloat16* keys_bf16, int num_keys, int width, const uint32_t* q_pairs, int rows,
+                            const Problem& p, float* St) {
+#ifdef GORGON_AMX_SCORES
+  std::fill(keys_bf16 + num_keys * p.head_dim, keys_bf16 + width * p.head_dim, at::BFloat16(0.0f));
+  amx_scores(keys_bf16, q_pairs, width, rows, p.head_dim, p.scale, St);
+#else
+  TORCH_CHECK(false, "paged_attention: AMX scores on a build without AMX");
+#endif
+}
+
 // One unit: the rows of one query tile x one kv head's query heads, against one split of the keys.
 // Rows are (position, head within the group), padded to TILE_COLS with zero queries at the last position.
 // Scores are kept key-major (S^T = K Q^T) so that the per-row softmax statistics are vector ops.
@@ -266,12 +356,16 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
               float* row_max, float* row_sum, float* acc) {
   const int D = p.head_dim, Dp = p.padded_dim, R = unit_rows(p, tile);
   const int real_rows = tile.num_positions * p.group;
-  std::fill(s.q_t.begin(), s.q_t.begin() + Dp * R, 0.0f);
   for (int r = 0; r < R; ++r) s.query_index[r] = tile.first_index + std::min(r, real_rows - 1) / p.group;
-  for (int r = 0; r < real_rows; ++r) {
-    const int head = kv_head * p.group + r % p.group;
-    const q_t* src = q + (static_cast<int64_t>(r / p.group) * p.num_heads + head) * D;
-    for (int d = 0; d < D; ++d) s.q_t[d * R + r] = static_cast<float>(src[d]) * p.scale;
+  if (p.amx) {
+    amx_query_pairs(p, kv_head, real_rows, R, q, s.q_pairs.data());
+  } else {
+    std::fill(s.q_t.begin(), s.q_t.begin() + Dp * R, 0.0f);
+    for (int r = 0; r < real_rows; ++r) {
+      const int head = kv_head * p.group + r % p.group;
+      const q_t* src = q + (static_cast<int64_t>(r / p.group) * p.num_heads + head) * D;
+      for (int d = 0; d < D; ++d) s.q_t[d * R + r] = static_cast<float>(src[d]) * p.scale;
+    }
   }
   start_rows(row_max, row_sum, acc, R, Dp);
 
@@ -284,14 +378,21 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
     const int ahead = std::min(key_end - k1, KEY_TILE);
     key_offsets(p, block_table, k0, num_keys + ahead, kv_head, s.offsets.data());
     for (int j = 0; j < num_keys; ++j) {
-      widen_row(k_cache + s.offsets[j], s.keys.data() + j * Dp, D);
+      if (p.amx)
+        std::memcpy(s.keys_bf16.data() + j * D, k_cache + s.offsets[j], D * sizeof(cache_t));
+      else
+        widen_row(k_cache + s.offsets[j], s.keys.data() + j * Dp, D);
       widen_row(v_cache + s.offsets[j], s.values.data() + j * Dp, D);
       if (j < ahead) prefetch_rows(k_cache, v_cache, s.offsets[num_keys + j], D);
     }
     // padding keys must not leak into the sums
-    std::fill(s.keys.begin() + num_keys * Dp, s.keys.begin() + width * Dp, 0.0f);
     std::fill(s.values.begin() + num_keys * Dp, s.values.begin() + width * Dp, 0.0f);
-    gemm(s.keys.data(), Dp, 1, s.q_t.data(), R, s.scores_t.data(), R, width, R, Dp, false);
+    if (p.amx) {
+      amx_tile_scores(s.keys_bf16.data(), num_keys, width, s.q_pairs.data(), R, p, s.scores_t.data());
+    } else {
+      std::fill(s.keys.begin() + num_keys * Dp, s.keys.begin() + width * Dp, 0.0f);
+      gemm(s.keys.data(), Dp, 1, s.q_t.data(), R, s.scores_t.data(), R, width, R, Dp, false);
+    }
 
     // masking is only needed on tiles that cross the diagonal, the tree, or the end of the keys
     const bool needs_mask = num_keys < width || k1 - 1 > s.query_index[0] || k1 > tree_start;
@@ -347,12 +448,16 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
   float* q_rows = s.q_t.data();        // [R][Dp]
   float* keys_t = s.keys.data();       // [Dp][width]
   float* scores = s.scores_t.data();   // [R][width]
-  std::fill(q_rows, q_rows + R * Dp, 0.0f);
-  for (int r = 0; r < R; ++r) {
-    s.query_index[r] = tile.first_index + r / p.group;
-    const int head = kv_head * p.group + r % p.group;
-    const q_t* src = q + (static_cast<int64_t>(r / p.group) * p.num_heads + head) * D;
-    for (int d = 0; d < D; ++d) q_rows[r * Dp + d] = static_cast<float>(src[d]) * p.scale;
+  for (int r = 0; r < R; ++r) s.query_index[r] = tile.first_index + r / p.group;
+  if (p.amx) {
+    amx_query_pairs(p, kv_head, R, 16, q, s.q_pairs.data());
+  } else {
+    std::fill(q_rows, q_rows + R * Dp, 0.0f);
+    for (int r = 0; r < R; ++r) {
+      const int head = kv_head * p.group + r % p.group;
+      const q_t* src = q + (static_cast<int64_t>(r / p.group) * p.num_heads + head) * D;
+      for (int d = 0; d < D; ++d) q_rows[r * Dp + d] = static_cast<float>(src[d]) * p.scale;
+    }
   }
   start_rows(row_max, row_sum, acc, R, Dp);
 
@@ -372,28 +477,35 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
       widen_row(v_cache + offsets[j], s.values.data() + j * Dp, D);
       if (j < ahead) prefetch_rows(k_cache, v_cache, offsets[num_keys + j], D);
     }
-    int j0 = 0;  // keys transposed kVecLanes x kVecLanes dims at a time in registers, the rest one by one
-    for (; j0 + kVecLanes <= num_keys; j0 += kVecLanes) {
-      const cache_t* k_src[kVecLanes];
-      for (int t = 0; t < kVecLanes; ++t) k_src[t] = k_cache + offsets[j0 + t];
-      int d0 = 0;
-      for (; d0 + kVecLanes <= D; d0 += kVecLanes) {
-        Vec r[kVecLanes];
-        for (int t = 0; t < kVecLanes; ++t) r[t] = load_vec(k_src[t] + d0);
-        transpose(r);
-        for (int t = 0; t < kVecLanes; ++t) store_vec(keys_t + (d0 + t) * width + j0, r[t]);
-      }
-      for (int t = 0; t < kVecLanes; ++t)
-        for (int d = d0; d < D; ++d) keys_t[d * width + j0 + t] = static_cast<float>(k_src[t][d]);
-    }
-    for (int j = j0; j < num_keys; ++j) {
-      const cache_t* k_src = k_cache + offsets[j];
-      for (int d = 0; d < D; ++d) keys_t[d * width + j] = static_cast<float>(k_src[d]);
-    }
-    for (int d = 0; d < D; ++d) std::fill(keys_t + d * width + num_keys, keys_t + (d + 1) * width, 0.0f);
-    std::fill(keys_t + D * width, keys_t + Dp * width, 0.0f);  // the padding dims
     std::fill(s.values.begin() + num_keys * Dp, s.values.begin() + width * Dp, 0.0f);
-    gemm_few_rows(q_rows, Dp, 1, keys_t, width, scores, width, R, width, Dp, false);
+    if (p.amx) {  // the scores key-major on tiles, then row-major as below
+      for (int j = 0; j < num_keys; ++j) std::memcpy(s.keys_bf16.data() + j * D, k_cache + offsets[j], D * sizeof(cache_t));
+      amx_tile_scores(s.keys_bf16.data(), num_keys, width, s.q_pairs.data(), 16, p, s.few_scores_t.data());
+      for (int r = 0; r < R; ++r)
+        for (int j = 0; j < width; ++j) scores[r * width + j] = s.few_scores_t[j * 16 + r];
+    } else {
+      int j0 = 0;  // keys transposed kVecLanes x kVecLanes dims at a time in registers, the rest one by one
+      for (; j0 + kVecLanes <= num_keys; j0 += kVecLanes) {
+        const cache_t* k_src[kVecLanes];
+        for (int t = 0; t < kVecLanes; ++t) k_src[t] = k_cache + offsets[j0 + t];
+        int d0 = 0;
+        for (; d0 + kVecLanes <= D; d0 += kVecLanes) {
+          Vec r[kVecLanes];
+          for (int t = 0; t < kVecLanes; ++t) r[t] = load_vec(k_src[t] + d0);
+          transpose(r);
+          for (int t = 0; t < kVecLanes; ++t) store_vec(keys_t + (d0 + t) * width + j0, r[t]);
+        }
+        for (int t = 0; t < kVecLanes; ++t)
+          for (int d = d0; d < D; ++d) keys_t[d * width + j0 + t] = static_cast<float>(k_src[t][d]);
+      }
+      for (int j = j0; j < num_keys; ++j) {
+        const cache_t* k_src = k_cache + offsets[j];
+        for (int d = 0; d < D; ++d) keys_t[d * width + j] = static_cast<float>(k_src[d]);
+      }
+      for (int d = 0; d < D; ++d) std::fill(keys_t + d * width + num_keys, keys_t + (d + 1) * width, 0.0f);
+      std::fill(keys_t + D * width, keys_t + Dp * width, 0.0f);  // the padding dims
+      gemm_few_rows(q_rows, Dp, 1, keys_t, width, scores, width, R, width, Dp, false);
+    }
 
     const bool needs_mask = num_keys < width || k1 - 1 > s.query_index[0] || k1 > tree_start;
     for (int r = 0; r < R; ++r) {
@@ -495,6 +607,9 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   for (const QueryTile& tile : tiles) work += int64_t{2} * unit_rows(p, tile) * (tile.first_index + tile.num_positions) * p.padded_dim;
 #pragma omp parallel if (work * p.num_kv_heads > MIN_PARALLEL_WORK)
   {
+#ifdef GORGON_AMX_SCORES
+    if (p.amx) amx_scores_configure();
+#endif
     Scratch scratch(p);
     Partials own;
     std::vector<float> row(p.padded_dim);
@@ -516,6 +631,9 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
       for (int s = 0; s < tile.num_splits; ++s) run(s, own, s);
       combine_splits(p, tile, kv_head, own.max_at(p, 0), own.sum_at(p, 0), own.acc_at(p, 0), out_data, row);
     }
+#ifdef GORGON_AMX_SCORES
+    if (p.amx) _tile_release();
+#endif
   }
   if (shared_units == 0) return;
   at::parallel_for(0, static_cast<int64_t>(first_shared.size()), 1, [&](int64_t begin, int64_t end) {
@@ -608,6 +726,10 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
   p.group = p.num_heads / p.num_kv_heads;
   p.padded_dim = round_up(p.head_dim, TILE_COLS);
   p.scale = static_cast<float>(scale);
+#ifdef GORGON_AMX_SCORES
+  p.amx = q.scalar_type() == at::kBFloat16 && k_cache.scalar_type() == at::kBFloat16 && p.head_dim % 32 == 0 &&
+          amx_scores_available();
+#endif
 
   at::Tensor mask;
   std::vector<int> depths, first_at_depth;
