@@ -56,8 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"(default: the engine's: the tree measured for the heads, else {DEFAULT_TREE} cut to "
                              "their depth)")
     parser.add_argument("--ngram-tokens", type=int, default=EngineConfig.medusa_ngram_tokens,
-                        help="prompt-lookup drafts of up to N tokens, verified in place of the heads' tree where the "
-                             "last tokens occurred before (0: the heads alone)")
+                        help="prompt-lookup drafts of at most N tokens (default: as many as the heads' tree "
+                             "drafts, up to 8), verified in place of the heads' tree where the last tokens occurred "
+                             "before (0: the heads alone)")
     parser.add_argument("--new-tokens", type=int, default=128, help="the most tokens per request")
     parser.add_argument("--ignore-eos", action="store_true",
                         help="generate --new-tokens past the end of the answer (default: stop there, as a chat does)")

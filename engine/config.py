@@ -151,9 +151,10 @@ class EngineConfig:
     medusa_posterior_threshold: float = 0.09
     medusa_posterior_alpha: float = 0.3
     # Medusa also drafts by prompt lookup (engine.medusa.ngram): where a sequence's last 3 (else 2) tokens
-    # occurred in it before, up to this many tokens that followed them are verified in place of the heads' tree
-    # (with heads, for a sequence decoding alone); 0: the heads alone
-    medusa_ngram_tokens: int = 4
+    # occurred in it before, the tokens that followed them are verified as a chain in place of the heads' tree: as
+    # many as that tree drafts at the batch's size (a sequence alone: its nodes but the root; a batch: its depth),
+    # at most this many (Medusa.chain_limit; None: 8, and 4 for prompt lookup alone); 0: the heads alone
+    medusa_ngram_tokens: int | None = None
     # the heads pause where their tree steps emit fewer tokens than the steps cost (engine.medusa.payoff), judged on
     # the engine's own step times, for which it makes a plain step now and then; False: they draft at every step
     # (train-medusa times the trees so)
@@ -178,7 +179,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive")
         if self.medusa_max_batch_size is not None and self.medusa_max_batch_size < 1:
             raise ValueError(f"medusa_max_batch_size must be >= 1, got {self.medusa_max_batch_size}")
-        if self.medusa_ngram_tokens < 0:
+        if self.medusa_ngram_tokens is not None and self.medusa_ngram_tokens < 0:
             raise ValueError(f"medusa_ngram_tokens must be >= 0, got {self.medusa_ngram_tokens}")
         if self.medusa_posterior_threshold < 0 or self.medusa_posterior_alpha < 0:
             raise ValueError("medusa_posterior_threshold and medusa_posterior_alpha must be >= 0")

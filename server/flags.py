@@ -15,8 +15,9 @@ def add_medusa_flags(parser: argparse.ArgumentParser) -> None:
                         help="typical acceptance: accept when p > min(threshold, alpha * exp(-entropy))")
     parser.add_argument("--medusa-posterior-alpha", type=float, default=None, help="typical acceptance's alpha")
     parser.add_argument("--medusa-ngram-tokens", type=int, default=None, metavar="N",
-                        help="where a sequence's last 3 (else 2) tokens occurred in it before, verify up to N tokens "
-                             "that followed them in place of the heads' tree (prompt lookup; default 4; 0: off)")
+                        help="where a sequence's last 3 (else 2) tokens occurred in it before, verify the tokens "
+                             "that followed them in place of the heads' tree, as many as it drafts, at most N "
+                             "(prompt lookup; default: up to 8, and 4 with --medusa lookup; 0: off)")
 
 
 def medusa_options(args: argparse.Namespace) -> dict:

@@ -693,22 +693,23 @@ def test_ngram_index_proposes_what_followed_the_latest_earlier_occurrence():
     assert NgramIndex().propose([1, 2], 3) == []
 
 
-@pytest.mark.parametrize("ngram_tokens", [4, 0])
-def test_prompt_lookup_drafts_are_verified_losslessly(tiny_model_dir, heads_dir, ngram_tokens):
+@pytest.mark.parametrize(("tree", "ngram_tokens", "longest_alone"), [("chain2", None, 2), ("cpu6", None, 6),
+                                                                     ("cpu6", 4, 4), ("chain2", 0, 0)])
+def test_prompt_lookup_drafts_are_verified_losslessly(tiny_model_dir, heads_dir, tree, ngram_tokens, longest_alone):
     """Where a sequence decoding alone repeats its earlier tokens, the tokens after them are verified as a chain in
-    place of the heads' tree; greedy output stays plain decoding's. The random model's greedy runs fall into loops (one
-    repeats a token 17 times), which lookup drafts predict whole."""
+    place of the heads' tree, as many as the tree drafts (its nodes but the root: a step costs no more rows than the
+    tree's), at most ngram_tokens; greedy output stays plain decoding's. The random model's greedy runs fall into
+    loops (one repeats a token 17 times), which lookup drafts predict whole."""
     params = SamplingParams(max_tokens=64, **GREEDY)
     repeating = [[(7 * i + j) % 250 + 3 for j in range(6)] * 3 for i in range(3)]
     plain = LLM(tiny_model_dir).generate(repeating, params)
-    llm = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_tree="chain2", medusa_ngram_tokens=ngram_tokens)
+    llm = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_tree=tree, medusa_ngram_tokens=ngram_tokens)
     medusa = llm.medusa
-    verify, lookup_accepted, unions, batch_chains = medusa.verify, [], [], []
+    verify, chains, lookup_accepted, unions = medusa.verify, {1: [], 2: []}, [], []
 
     def recording_verify(seqs, runner, rng, num_running):
         own = [s.draft_tree for s in seqs]
-        if num_running > 1:
-            batch_chains.extend(len(s.draft_token_ids) for s, vt in zip(seqs, own) if vt in medusa.chains)
+        chains[min(num_running, 2)].extend(len(s.draft_token_ids) for s, vt in zip(seqs, own) if vt in medusa.chains)
         out = verify(seqs, runner, rng, num_running)
         lookup_accepted.extend(len(tokens) - 1 for tokens, vt in zip(out[0], own) if vt in medusa.chains)
         unions.append(len({id(vt) for vt in own}) > 1)
@@ -717,18 +718,17 @@ def test_prompt_lookup_drafts_are_verified_losslessly(tiny_model_dir, heads_dir,
     medusa.verify = recording_verify
     alone = [llm.generate([prompt], params)[0] for prompt in repeating]
     assert [o.token_ids for o in alone] == [o.token_ids for o in plain]
-    if ngram_tokens:
-        assert max(lookup_accepted) >= 3  # whole chains accepted: beyond what the 2-deep heads' tree can give
-    else:
-        assert not lookup_accepted
+    assert max(chains[1], default=0) == longest_alone
+    if longest_alone > 2:
+        assert max(lookup_accepted) >= 3  # whole chains accepted: beyond what a 2-deep tree can give
     assert not any(unions)  # alone, a sequence verifies its own tree
     # in a batch, sequences drafting a chain and those drafting the heads' tree verify their union, in one forward;
     # chains no deeper than the heads' tree there, so that the union is the tree timed for batches
     lookup_accepted.clear()
     together = llm.generate(repeating, params)
     assert [o.token_ids for o in together] == [o.token_ids for o in plain]
-    assert bool(lookup_accepted) == bool(ngram_tokens) and any(unions) == bool(ngram_tokens)
-    assert max(batch_chains, default=0) == (medusa.tree_for(4).tree.depth if ngram_tokens else 0)
+    assert bool(lookup_accepted) == bool(longest_alone) and any(unions) == bool(longest_alone)
+    assert max(chains[2], default=0) == (min(medusa.tree_for(3).tree.depth, longest_alone) if longest_alone else 0)
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 

@@ -44,6 +44,8 @@ LOOKUP_ONLY = "lookup"  # EngineConfig.medusa: speculate by prompt lookup alone,
 # kept in bf16; their precision only moves which drafts are offered, never the output (the base model verifies
 # each). Default model: 4 heads for one sequence 328 -> 293 us; 3.79 -> 3.78 tokens per step.
 DRAFT_DTYPE = torch.bfloat16
+LOOKUP_TOKENS = 4  # prompt lookup alone (no heads' tree to size its chains by): the longest chain
+MAX_CHAIN = 8  # with heads, the longest chain however big their tree (8 measured: chain_limit)
 
 
 def walk_tree(tokens: list[int], children: list[list[int]], next_token: Callable[[int], int]) -> tuple[list[int], int]:
@@ -145,7 +147,7 @@ class Medusa:
 
     def __init__(self, heads: MedusaHeads | None, trees: list[tuple[MedusaTree, int | None]], model: nn.Module,
                  kv_cache: KVCache, max_model_len: int, acceptance: str, posterior_threshold: float,
-                 posterior_alpha: float, max_batch_size: int | None = None, ngram_tokens: int = 0,
+                 posterior_alpha: float, max_batch_size: int | None = None, ngram_tokens: int | None = 0,
                  kernels: DecodeKernels | None = None, break_even: dict[int, float] | None = None,
                  guard: bool = True) -> None:
         self.model, self.kv_cache, self.kernels = model, kv_cache, kernels
@@ -153,7 +155,8 @@ class Medusa:
         self.max_batch_size = max_batch_size
         self.acceptance = acceptance
         self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
-        # prompt lookup: a chain per proposal length (1 .. ngram_tokens), verified in place of the heads' tree
+        # prompt lookup: chains as long as chain_limit allows (ngram_tokens: at most; None: MAX_CHAIN, LOOKUP_TOKENS
+        # without heads), verified in place of the heads' tree
         self.ngram_tokens = ngram_tokens
         self.ngram_indexes: WeakKeyDictionary[Sequence, NgramIndex] = WeakKeyDictionary()  # gone with the sequence
         # the heads' tree's step cost against a plain step, per batch size, as train-medusa timed it (empty: not
@@ -167,13 +170,19 @@ class Medusa:
         self.payoffs: WeakKeyDictionary[Sequence, Payoff] = WeakKeyDictionary()  # of sequences decoding alone
         self.recent_emitted: deque[float] = deque(maxlen=WINDOW)  # their last tree steps' tokens, any sequence's
         self.batch_payoff, self.batch_steps = Payoff(), 0  # of batches; its clock: batch steps proposed for
-        self.chains = [VerifyTree.of(build_tree([[0] * d for d in range(1, n + 1)], f"lookup{n}").to(kv_cache.device),
-                                     node_tokens=True) for n in range(1, ngram_tokens + 1)]
         self.unions: dict[frozenset[int], VerifyTree] = {}  # by the ids of the trees they join
         self.heads, self.trees = heads, []
-        self.max_tree_size, self.max_depth = 1 + ngram_tokens, ngram_tokens
         if heads is not None:
             self._set_heads(heads, trees)
+        # the longest chain at any batch size: one sequence's, two's, and the first size each further tree serves
+        longest = max(map(self.chain_limit, {1, 2, *(t.max_batch_size + 1 for t in self.trees if t.max_batch_size)}))
+        self.chains = [VerifyTree.of(build_tree([[0] * d for d in range(1, n + 1)], f"lookup{n}").to(kv_cache.device),
+                                     node_tokens=True) for n in range(1, longest + 1)]
+        # a batch may verify the union of every tree its sequences drafted: as its sizes change, its sequences' last
+        # drafts can come from two of the heads' trees
+        drafted = [*(t.verify for t in self.trees), *self.chains[-1:]]
+        self.max_tree_size = self._union(drafted).tree.size if drafted else 1
+        self.max_depth = max((vt.tree.depth for vt in drafted), default=0)
 
     def _set_heads(self, heads: MedusaHeads, trees: list[tuple[MedusaTree, int | None]]) -> None:
         for tree, _ in trees:
@@ -187,10 +196,20 @@ class Medusa:
         self.sequential = heads.config.sequential
         self.trees = [HeadsTree(VerifyTree.of(tree.to(self.kv_cache.device), node_tokens=self.sequential),
                                 hydra_levels(tree) if self.sequential else None, cap) for tree, cap in trees]
-        # a batch may verify the union of every tree its sequences drafted: as its sizes change, its sequences' last
-        # drafts can come from two of the heads' trees
-        self.max_tree_size = self._union([*(t.verify for t in self.trees), *self.chains[-1:]]).tree.size
-        self.max_depth = max(self.max_depth, *(t.tree.depth for t in self.trees))
+
+    def chain_limit(self, batch_size: int) -> int:
+        """The longest lookup chain at this batch size. With heads, no more rows than their tree there, which the
+        engine pays for: a sequence decoding alone verifies a chain in place of the tree, so as many tokens as the tree
+        drafts (SmolLM2 BF16 on AMX tiles, a 9-node tree: chains of 8 where they were 4, docstring prompts 1.90x ->
+        2.01x; Q4_1, the 4-node chain, where each row costs arithmetic: chains of 3, 1.17x -> 1.25x, and of 8 1.11x);
+        a batch verifies the union of its sequences' trees, which stays the heads' tree with chains no deeper than it
+        (SmolLM2 Q4_1, batch 4, the 2-node tree: 0.85x-0.92x plain with chains of 4). Prompt lookup alone:
+        LOOKUP_TOKENS. ngram_tokens, where given, bounds them (else MAX_CHAIN, with heads)."""
+        if not self.trees:
+            return LOOKUP_TOKENS if self.ngram_tokens is None else self.ngram_tokens
+        tree = self.tree_for(batch_size).tree
+        limit = MAX_CHAIN if self.ngram_tokens is None else self.ngram_tokens
+        return min(limit, tree.size - 1 if batch_size == 1 else tree.depth)
 
     def tree_for(self, batch_size: int) -> HeadsTree:
         """The heads' tree for this many sequences decoding together (beyond every tree's max_batch_size, which
@@ -208,7 +227,7 @@ class Medusa:
                        posterior_alpha=config.medusa_posterior_alpha, ngram_tokens=config.medusa_ngram_tokens,
                        kernels=kernels, guard=config.medusa_guard)
         if config.medusa == LOOKUP_ONLY:
-            if not config.medusa_ngram_tokens:
+            if config.medusa_ngram_tokens == 0:
                 raise ValueError("medusa 'lookup' speculates by prompt lookup alone: medusa_ngram_tokens must be >= 1")
             if config.medusa_tree is not None:
                 raise ValueError("medusa 'lookup' drafts chains of looked-up tokens, not a tree of heads' guesses: "
@@ -272,14 +291,9 @@ class Medusa:
             self.batch_steps += 1
             if not self.batch_payoff.pays(self.batch_steps, self._break_even_at(num_running)):
                 speculating = []
-        if self.ngram_tokens:
-            # in a batch, chains no deeper than the heads' tree, which holds them: the batch then verifies the tree
-            # it was timed with (break_even), where longer chains added rows that no timing paid for (SmolLM2 Q4_1,
-            # batch 4, the 2-node tree: 0.85x-0.92x plain with chains of 4)
-            depth = self.ngram_tokens
-            if num_running > 1 and self.trees:
-                depth = min(depth, self.tree_for(num_running).tree.depth)
-            speculating = [i for i in speculating if not self._look_up(seqs[i], depth)]
+        if self.chains:
+            limit = self.chain_limit(num_running)
+            speculating = [i for i in speculating if not self._look_up(seqs[i], limit)]
         if judged and num_running == 1:
             speculating = [i for i in speculating
                            if self._payoff(seqs[i]).pays(len(seqs[i]), self._break_even_at(1))]
