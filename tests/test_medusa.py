@@ -23,6 +23,7 @@ from engine.medusa.speculator import typical_acceptance
 from engine.medusa.tree import DEFAULT_TREE, TREE_FILE, TREES, BatchTree, TreeChoice, build_tree, load_tree
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+from engine.training import medusa as medusa_training
 from engine.training.medusa import TrainConfig, build_cache, draft_vocabulary, self_distill, train_heads
 from models import DEFAULT_MODEL_DIR
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
@@ -419,6 +420,27 @@ def test_without_the_guard_the_heads_draft_at_every_step(tiny_model_dir, heads_d
         assert [o.token_ids for o in outs] == [p.token_ids for p in plain[:num_seqs]]
         assert all(sum(out.accepted_lengths) == 119 for out in outs)  # every token after the prefill's
         assert llm.medusa.step_clock.times.get((num_seqs, None)) is None
+
+
+@pytest.mark.step_timing
+def test_train_medusa_times_trees_with_every_decode_step_a_tree_step(tiny_model_dir, heads_dir, monkeypatch):
+    """train-medusa's tree timing (choose_tree): the engine's own step times, which say here that a tree step costs
+    100 plain ones, must not pause the heads, or the paused steps would be missing from the tree steps timed."""
+    record = StepClock.record
+    monkeypatch.setattr(StepClock, "record", lambda clock, b, tree, seconds: record(clock, b, tree, 1.0 if tree is None
+                                                                                     else 100.0))
+    every_step = []
+
+    def checked_run(llm, prompts, new_tokens, use_medusa):
+        params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, use_medusa=use_medusa)
+        outs = llm.generate(prompts, params)
+        if use_medusa:
+            every_step.append(all(sum(o.accepted_lengths) == new_tokens - 1 for o in outs))
+        return 1.0, max(len(o.accepted_lengths) for o in outs) if use_medusa else new_tokens - 1
+
+    monkeypatch.setattr(medusa_training, "timed_run", checked_run)
+    medusa_training.choose_tree(tiny_model_dir, heads_dir, [([[0]], 2.0)], 100, prompts(8), 60, 1)
+    assert every_step and all(every_step)
 
 
 def test_break_even_is_the_measured_tree_step_against_a_plain_one():
