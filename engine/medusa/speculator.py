@@ -334,7 +334,7 @@ class Medusa:
     def record_step(self, batch: ScheduledBatch, seconds: float) -> None:
         """Time a decode step that was all plain, or all one of the heads' trees (StepClock). Its cost leaves out
         the drafting it did for the next step and takes in the drafting of the tree it verified."""
-        if self.trees:
+        if self.guard and self.trees:  # (only the guard reads the clock)
             if batch.tree_seqs and not batch.seqs and self._verified is not None:
                 self.step_clock.record(len(batch.tree_seqs), self._verified, seconds - self._drafting + self._drafted)
             elif batch.seqs and not batch.tree_seqs and all(n == 1 for n in batch.num_new_tokens):

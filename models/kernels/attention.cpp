@@ -335,13 +335,16 @@ void amx_query_pairs(const Problem& p, int kv_head, int rows, int padded_rows, c
   }
 }
 
-// p.amx: a key tile's scores S^T [width][rows] from its keys (rows of keys_bf16, the first num_keys copied there;
-// the rest are zeroed here)
-inline void amx_tile_scores(at::BFloat16* keys_bf16, int num_keys, int width, const uint32_t* q_pairs, int rows,
-                            const Problem& p, float* St) {
+// p.amx: a key tile's scores S^T [width][rows] from its keys (the cache rows at offsets, gathered into keys_bf16 and
+// zero past num_keys)
+template <typename cache_t>
+void amx_tile_scores(const cache_t* k_cache, const int64_t* offsets, int num_keys, int width, const uint32_t* q_pairs,
+                     int rows, const Problem& p, at::BFloat16* keys_bf16, float* St) {
 #ifdef GORGON_AMX_SCORES
-  std::fill(keys_bf16 + num_keys * p.head_dim, keys_bf16 + width * p.head_dim, at::BFloat16(0.0f));
-  amx_scores(keys_bf16, q_pairs, width, rows, p.head_dim, p.scale, St);
+  const int D = p.head_dim;
+  for (int j = 0; j < num_keys; ++j) std::memcpy(keys_bf16 + j * D, k_cache + offsets[j], D * sizeof(cache_t));
+  std::fill(keys_bf16 + num_keys * D, keys_bf16 + width * D, at::BFloat16(0.0f));
+  amx_scores(keys_bf16, q_pairs, width, rows, D, p.scale, St);
 #else
   TORCH_CHECK(false, "paged_attention: AMX scores on a build without AMX");
 #endif
@@ -378,17 +381,15 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
     const int ahead = std::min(key_end - k1, KEY_TILE);
     key_offsets(p, block_table, k0, num_keys + ahead, kv_head, s.offsets.data());
     for (int j = 0; j < num_keys; ++j) {
-      if (p.amx)
-        std::memcpy(s.keys_bf16.data() + j * D, k_cache + s.offsets[j], D * sizeof(cache_t));
-      else
-        widen_row(k_cache + s.offsets[j], s.keys.data() + j * Dp, D);
+      if (!p.amx) widen_row(k_cache + s.offsets[j], s.keys.data() + j * Dp, D);
       widen_row(v_cache + s.offsets[j], s.values.data() + j * Dp, D);
       if (j < ahead) prefetch_rows(k_cache, v_cache, s.offsets[num_keys + j], D);
     }
     // padding keys must not leak into the sums
     std::fill(s.values.begin() + num_keys * Dp, s.values.begin() + width * Dp, 0.0f);
     if (p.amx) {
-      amx_tile_scores(s.keys_bf16.data(), num_keys, width, s.q_pairs.data(), R, p, s.scores_t.data());
+      amx_tile_scores(k_cache, s.offsets.data(), num_keys, width, s.q_pairs.data(), R, p, s.keys_bf16.data(),
+                      s.scores_t.data());
     } else {
       std::fill(s.keys.begin() + num_keys * Dp, s.keys.begin() + width * Dp, 0.0f);
       gemm(s.keys.data(), Dp, 1, s.q_t.data(), R, s.scores_t.data(), R, width, R, Dp, false);
@@ -479,8 +480,8 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
     }
     std::fill(s.values.begin() + num_keys * Dp, s.values.begin() + width * Dp, 0.0f);
     if (p.amx) {  // the scores key-major on tiles, then row-major as below
-      for (int j = 0; j < num_keys; ++j) std::memcpy(s.keys_bf16.data() + j * D, k_cache + offsets[j], D * sizeof(cache_t));
-      amx_tile_scores(s.keys_bf16.data(), num_keys, width, s.q_pairs.data(), 16, p, s.few_scores_t.data());
+      amx_tile_scores(k_cache, offsets, num_keys, width, s.q_pairs.data(), 16, p, s.keys_bf16.data(),
+                      s.few_scores_t.data());
       for (int r = 0; r < R; ++r)
         for (int j = 0; j < width; ++j) scores[r * width + j] = s.few_scores_t[j * 16 + r];
     } else {
