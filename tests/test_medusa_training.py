@@ -343,6 +343,11 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
     TreeChoice([BatchTree([[1]], 1)], "timed on this machine", {}).save(machine)
     assert TreeChoice.load(tmp_path / "heads", weights).summary == "timed on this machine"
     assert LLM(tiny_model_dir, medusa=str(tmp_path / "heads")).medusa.tree_for(1).tree.paths == [(1,)]
+    # that timing is for those heads: their tree.json beside other heads (these trained on) takes none of it
+    shutil.copytree(tmp_path / "heads", tmp_path / "copy")
+    assert TreeChoice.load(tmp_path / "copy", weights).summary == "timed on this machine"  # the same files
+    shutil.copy(tmp_path / "more" / WEIGHTS_FILE, tmp_path / "copy" / WEIGHTS_FILE)
+    assert TreeChoice.load(tmp_path / "copy", weights).summary == choice["summary"]
     # that timing is for those weights: the same heads on the model in bf16 take the tree stored beside them
     in_bf16 = EngineConfig(model=str(tiny_model_dir), dtype="bfloat16").weights
     assert in_bf16 == f"{tiny_model_dir.name} (bfloat16)"

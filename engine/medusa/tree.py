@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from models.kernels import cpu_fingerprint
+from models.medusa import DRAFT_VOCAB_FILE, WEIGHTS_FILE
 
 # Shipped trees, by name (the number is the paths, i.e. nodes besides the root). On a CPU the small
 # ones win: a few rows (root included) go through the same weight-streaming kernel as a one-token
@@ -156,10 +157,15 @@ def machine_tree_file(heads_folder: str | Path, weights: str) -> Path:
     """Where `train-medusa --retime` keeps the tree it measured for these heads (as stored beside them) on
     this CPU at this thread count, with these weights (EngineConfig.weights: the checkpoint and the dtype it
     runs in, on which a tree step's cost against a plain one depends as much as on the CPU); the engine prefers
-    it to the one beside the heads, which was measured where the heads were trained. Under $GORGON_CACHE_DIR
-    (default ~/.cache/gorgon)."""
-    stored = Path(heads_folder) / TREE_FILE
-    heads = hashlib.sha256(stored.read_bytes() if stored.is_file() else b"").hexdigest()[:12]
+    it to the one beside the heads, which was measured where the heads were trained. Keyed on the heads' files
+    (tree.json, their weights, their draft vocabulary): a tree.json copied beside other heads, or heads trained
+    again with --no-tree, never take another's timing. Under $GORGON_CACHE_DIR (default ~/.cache/gorgon)."""
+    digest = hashlib.sha256()
+    for name in (TREE_FILE, WEIGHTS_FILE, DRAFT_VOCAB_FILE):
+        path = Path(heads_folder) / name
+        digest.update(path.read_bytes() if path.is_file() else b"")
+        digest.update(b"\0")  # one file's end, so that bytes cannot move from one file to the next
+    heads = digest.hexdigest()[:12]
     model = hashlib.sha256(weights.encode()).hexdigest()[:8]
     root = Path(os.environ.get("GORGON_CACHE_DIR", Path.home() / ".cache" / "gorgon"))
     return root / "medusa_trees" / f"{heads}-{model}-{cpu_fingerprint()}-{torch.get_num_threads()}threads.json"
