@@ -68,6 +68,8 @@ def norm_fingerprint(path: Path) -> str | None:
                 with safe_open(file, framework="pt") as f:
                     if "model.norm.weight" in f.keys():
                         weight = f.get_tensor("model.norm.weight")
+                if weight is not None:  # the other shards' headers need not be read
+                    break
     except (OSError, ValueError):  # not a checkpoint we read (the loader will say why)
         return None
     if weight is None:
