@@ -207,20 +207,24 @@ class MedusaHeads(nn.Module):
         return self._top_k(hidden, draft, range(num_heads), k)
 
     def draft_level(self, states: torch.Tensor, embeddings: torch.Tensor, head: int, draft: DraftWeights,
-                    k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Hydra: head `head` at R tree nodes, from each node's state [R, hidden_size] (the hidden state at the
         root) and its token's embedding [R, hidden_size] -> (the states their children start from [R, hidden_size],
-        the k likeliest draft-vocabulary tokens of each node's children [R, k]). On a CPU at decode sizes one
-        kernel call does it all (models.kernels.decode)."""
+        the k likeliest draft-vocabulary tokens of each node's children [R, k], their log-probabilities under the
+        head's softmax over the draft vocabulary [R, k]). On a CPU at decode sizes one kernel call does it all
+        (models.kernels.decode)."""
+        weight, bias = draft.inputs[head]
+        projection = draft.projections[0 if len(draft.projections) == 1 else head]
         if self.kernels is not None and len(states) <= MAX_ROWS:
-            weight, bias = draft.inputs[head]
-            projection = draft.projections[0 if len(draft.projections) == 1 else head]
-            x, top = self.kernels.ops.hydra_level(states, embeddings, weight, bias, draft.weights[head],
-                                                  draft.biases[head], projection, k, draft.projection_qtype,
-                                                  draft.weights_qtype)
-            return x, self._token_ids(top)
+            x, top, logprobs = self.kernels.ops.hydra_level(states, embeddings, weight, bias, draft.weights[head],
+                                                            draft.biases[head], projection, k,
+                                                            draft.projection_qtype, draft.weights_qtype)
+            return x, self._token_ids(top), logprobs
         x = self.next_input(states.to(self.dtype), embeddings.to(self.dtype), head)
-        return x, self._top_k(x, draft, range(head, head + 1), k)[0]
+        qtype = draft.projection_qtype
+        linear = partial(tiled_linear, qtype=QType(qtype)) if qtype else F.linear
+        top = linear(self._blocks(x, head), projection).float().log_softmax(dim=-1).topk(k, dim=-1)
+        return x, self._token_ids(top.indices), top.values
 
     def _top_k(self, hidden: torch.Tensor, draft: DraftWeights, heads: range, k: int) -> torch.Tensor:
         """The k likeliest draft-vocabulary tokens of these heads' blocks and projections at hidden [B, hidden_size]

@@ -205,9 +205,9 @@ def test_medusa_drafts_and_rms_norm_match_torch(rows):
 @pytest.mark.parametrize("rows", [1, 5])
 def test_hydra_level_matches_torch(rows, q8):
     """One level of Hydra drafting in one call: x = state + W_in [state, embedding] + b_in, then the blocks,
-    the projection and the top-k, as the heads compute them in torch. The weights float, or in Q8_0 blocks as
-    drafting keeps them on a CPU (laid out for the kernels, which quantize the activations too): against the
-    weights dequantized."""
+    the projection, the top-k and their log-probabilities, as the heads compute them in torch. The weights float,
+    or in Q8_0 blocks as drafting keeps them on a CPU (laid out for the kernels, which quantize the activations
+    too): against the weights dequantized."""
     gen = torch.Generator().manual_seed(rows)
     h = 64 if q8 else 48  # Q8_0 blocks hold 32 weights
     states, embeddings = torch.randn(rows, h, generator=gen), torch.randn(rows, h, generator=gen)
@@ -230,12 +230,16 @@ def test_hydra_level_matches_torch(rows, q8):
         state = state + torch.nn.functional.silu(torch.nn.functional.linear(state, w, b))
     logits = torch.nn.functional.linear(state, projection)
     qtype = int(QType.Q8_0) if q8 else 0
-    got_x, top = kernel.hydra_level(states, embeddings, given[0], input_bias, given[1], biases, given[2], 3, qtype,
-                                    qtype)
+    got_x, top, logprobs = kernel.hydra_level(states, embeddings, given[0], input_bias, given[1], biases, given[2], 3,
+                                              qtype, qtype)
     assert (got_x - x).abs().max() <= (0.03 if q8 else 1e-4)
-    assert top.shape == (rows, 3)
+    assert top.shape == logprobs.shape == (rows, 3)
     picked = logits.gather(-1, top).sort(dim=-1, descending=True).values  # near-ties may swap in Q8_0
     assert (picked - logits.topk(3, dim=-1).values).abs().max() <= (0.1 if q8 else 1e-3)
+    # the log-probabilities of the tokens picked, under the softmax over all 100 rows, largest first (Q8_0: these
+    # random logits span ~60, and the kernel quantizes the activations too)
+    assert (logprobs - logits.log_softmax(dim=-1).gather(-1, top)).abs().max() <= (1.0 if q8 else 1e-4)
+    assert (logprobs.diff(dim=-1) <= 0).all()
 
 
 @pytest.mark.parametrize("columns", [1, 7, 16, 100, 49152])

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
 from engine.medusa.speculator import Medusa, hydra_levels
-from engine.medusa.tree import TREES, build_tree
+from engine.medusa.tree import TREES, build_tree, spine_paths, spine_tree
 from engine.training.medusa import TrainConfig, accuracy_of, build_cache, held_out_ranks, self_distill, train_heads
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
 from models.loader import load_model
@@ -22,8 +22,9 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 def random_hydra(num_heads: int = 3, num_layers: int = 1, own_lm_head: bool = False) -> MedusaHeads:
     heads = MedusaHeads(MedusaConfig(num_heads, num_layers, 64, 256, own_lm_head, sequential=True))
+    generator = torch.Generator().manual_seed(0)  # the same heads whichever tests ran before
     for p in heads.parameters():
-        torch.nn.init.normal_(p, std=0.1)
+        torch.nn.init.normal_(p, std=0.1, generator=generator)
     return heads
 
 
@@ -90,17 +91,29 @@ def test_a_medusa_folder_stays_medusa_and_the_loader_is_strict(tmp_path):
 
 
 # ---- drafting ----------------------------------------------------------------------------------------------
-def reference_drafts(heads: MedusaHeads, lm_head: torch.nn.Linear, embedding: torch.nn.Embedding, tree,
-                     hidden: torch.Tensor, root: int) -> list[int]:
-    """Node by node: a node's token is the rank-r token of head d-1's logits over the draft vocabulary, the head
-    reading the hidden state and the tokens of the node's path (root first) through the whole-vocabulary forward."""
+def children(heads: MedusaHeads, model, hidden: torch.Tensor, path_tokens: list[int],
+             k: int) -> tuple[list[int], list[float]]:
+    """The k likeliest draft-vocabulary children (ids, log-probabilities) of the node whose path is path_tokens
+    (root first): the heads reading the hidden state and those tokens through the whole-vocabulary forward; with
+    the CPU kernels (whose drafting weights are in Q8_0) node by node through draft_level, a call a level."""
+    embedding = model.model.embed_tokens
+    if heads.kernels is None:
+        embeddings = embedding(torch.tensor(path_tokens))[:, None]  # [depth, 1, hidden]
+        logits = heads(hidden[None], model.lm_head, len(path_tokens), embeddings=embeddings)[-1, 0, heads.draft_vocab]
+        top = logits.log_softmax(dim=-1).topk(k)
+        return heads.draft_vocab[top.indices].tolist(), top.values.tolist()
+    draft, state = heads.draft_weights(model.lm_head), hidden[None]
+    for depth, token in enumerate(path_tokens):
+        state, ids, logprobs = heads.draft_level(state, embedding(torch.tensor([token])), depth, draft, k)
+    return ids[0].tolist(), logprobs[0].tolist()
+
+
+def reference_drafts(heads: MedusaHeads, model, tree, hidden: torch.Tensor, root: int) -> list[int]:
+    """Node by node: a node's token is the rank-r child of its parent (children)."""
     tokens = {(): root}
     for path in tree.paths:
         path_tokens = [tokens[path[:d]] for d in range(len(path))]
-        embeddings = embedding(torch.tensor(path_tokens))[:, None]  # [depth, 1, hidden]
-        logits = heads(hidden[None], lm_head, len(path), embeddings=embeddings)[-1, 0]  # [vocab]
-        ranked = heads.draft_vocab[logits[heads.draft_vocab].argsort(descending=True)]
-        tokens[path] = int(ranked[path[-1]])
+        tokens[path] = children(heads, model, hidden, path_tokens, tree.top_k)[0][path[-1]]
     return [tokens[p] for p in tree.paths]
 
 
@@ -124,8 +137,48 @@ def test_level_by_level_drafts_equal_node_by_node_drafts(tiny_model_dir, tree_na
         for b in range(3):
             flat = [t for level in drafts[b] for t in level]
             assert [len(level) for level in drafts[b]] == [tree.depths.count(d) for d in range(1, tree.depth + 1)]
-            assert flat == reference_drafts(heads, model.lm_head, model.model.embed_tokens, tree, hidden[b],
-                                            int(roots[b]))
+            assert flat == reference_drafts(heads, model, tree, hidden[b], int(roots[b]))
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_spine_drafts_equal_node_by_node_drafts(tiny_model_dir, use_kernel):
+    """A sequence decoding alone drafts a spine tree as big as the static one; each node's token must be what the
+    heads give along its own path, and the tree the likeliest nodes by the heads' own probabilities."""
+    llm = LLM(tiny_model_dir, dtype="float32")
+    heads = random_hydra(4, num_layers=2).eval()
+    heads.draft_vocab = torch.arange(3, 250, 2)
+    kernels = load_decode_kernels(heads) if use_kernel else None
+    if use_kernel and kernels is None:
+        pytest.skip("the CPU decode kernels could not be built here")
+    set_decode_kernels(heads, kernels)
+    model, tree = llm.model, build_tree(TREES["cpu6"], "cpu6")
+    medusa = Medusa(heads, [(tree, None)], model, llm.runner.kv_cache, 256, "rejection", 0.09, 0.3, spine=True)
+    spine = medusa.tree_for(1).spine
+    assert (spine.size, spine.depth, spine.width) == (7, 4, 6)
+    assert medusa.max_tree_size == 1 + 4 * 6  # room for a batch's union with any spine tree
+    for b, root in enumerate((5, 77, 200)):
+        hidden = torch.randn(64, generator=torch.Generator().manual_seed(b))
+        with torch.inference_mode():
+            drafts, vt = medusa._draft_spine(hidden[None], root, spine)
+            expected = reference_drafts(heads, model, vt.tree, hidden, root)
+            spine_tokens, logprobs = [root], []  # the spine's children, level by level
+            for _ in range(4):
+                ids, level = children(heads, model, hidden, spine_tokens, 6)
+                logprobs.append(level)
+                spine_tokens.append(ids[0])
+        assert vt.tree.size == 7 and [t for level in drafts for t in level] == expected
+        assert vt.tree.paths == [tuple(p) for p in spine_paths(spine_tree(logprobs, 7))]
+        assert vt is medusa._draft_spine(hidden[None], root, spine)[1]  # one VerifyTree per shape
+
+
+def test_spine_tree_takes_the_likeliest_paths():
+    logprobs = [[-0.1, -2.5, -3.0], [-0.2, -1.0, -4.0], [-3.0, -3.1, -5.0]]
+    # scores: depth 1 -0.1 -2.5 -3.0; depth 2 -0.3 -1.1 -4.1; depth 3 -3.3 -3.4 -5.3
+    assert spine_tree(logprobs, 2) == [1]
+    assert spine_tree(logprobs, 5) == [2, 2]
+    assert spine_tree(logprobs, 7) == [3, 2, 1]
+    assert spine_tree([[0.0, -1.0], [-1.0, -2.0]], 3) == [2]  # a tie goes to the shallower node
+    assert spine_paths([3, 2, 1]) == [[0], [1], [2], [0, 0], [0, 1], [0, 0, 0]]
 
 
 def test_hydra_levels_of_a_tree():
@@ -150,35 +203,39 @@ def test_hydra_heads_train_on_the_cache(tiny_model_dir, distilled):
     assert all(a["top5"] > b["top5"] for a, b in zip(after, before))
 
 
-@pytest.mark.parametrize("tree", ["chain4", "cpu12"])
+@pytest.mark.parametrize("tree", ["chain4", "cpu12", None])
 def test_greedy_hydra_equals_plain_greedy_batch1(tiny_model_dir, hydra_dir, tree):
+    """A named tree, or (None) the default tree's spine trees."""
     params = SamplingParams(max_tokens=40, **GREEDY)
     plain = LLM(tiny_model_dir).generate(prompts(1), params)[0]
     llm = LLM(tiny_model_dir, medusa=str(hydra_dir), medusa_tree=tree)
-    assert llm.medusa.heads.kind == "hydra"
+    assert llm.medusa.heads.kind == "hydra" and (llm.medusa.tree_for(1).spine is None) == (tree is not None)
     out = llm.generate(prompts(1), params)[0]
     assert out.token_ids == plain.token_ids and sum(out.accepted_lengths) == 39
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 
-def test_greedy_hydra_equals_plain_in_a_mixed_batch(tiny_model_dir, hydra_dir):
+@pytest.mark.parametrize("tree", ["cpu12", None])
+def test_greedy_hydra_equals_plain_in_a_mixed_batch(tiny_model_dir, hydra_dir, tree):
     """8 requests: different prompt lengths (chunked prefill beside tree steps), max_tokens that end runs, a
-    request that opts out, a tight cache (preemption)."""
+    request that opts out, a tight cache (preemption); the last one left decodes alone (None: on spine trees)."""
     kwargs = dict(max_num_batched_tokens=64, num_kv_blocks=24, block_size=8)
     ps = prompts(8)
     params = [SamplingParams(max_tokens=n, use_medusa=i != 3, **GREEDY)
               for i, n in enumerate((41, 17, 29, 33, 23, 37, 19, 45))]
     plain = LLM(tiny_model_dir, **kwargs).generate(ps, params)
-    llm = LLM(tiny_model_dir, medusa=str(hydra_dir), medusa_tree="cpu12", **kwargs)
+    llm = LLM(tiny_model_dir, medusa=str(hydra_dir), medusa_tree=tree, **kwargs)
     outs = llm.generate(ps, params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
     assert outs[3].accepted_lengths == [] and max(n for o in outs for n in o.accepted_lengths) > 1
     assert llm.num_free_blocks == llm.block_manager.num_blocks and llm.scheduler.num_preemptions > 0
 
 
-def test_seeded_sampled_hydra_equals_seeded_plain_sampling(tiny_model_dir, hydra_dir):
+@pytest.mark.parametrize("tree", ["cpu12", None])
+def test_seeded_sampled_hydra_equals_seeded_plain_sampling(tiny_model_dir, hydra_dir, tree):
     params = [SamplingParams(max_tokens=30, temperature=t, top_p=0.9, seed=i, ignore_eos=True)
               for i, t in enumerate([0.2, 0.5, 1.0])]
     plain = LLM(tiny_model_dir).generate(prompts(3), params)
-    outs = LLM(tiny_model_dir, medusa=str(hydra_dir), medusa_tree="cpu12").generate(prompts(3), params)
+    llm = LLM(tiny_model_dir, medusa=str(hydra_dir), medusa_tree=tree)
+    outs = [llm.generate([p], param)[0] for p, param in zip(prompts(3), params)]  # each alone (None: spine trees)
     assert [o.token_ids for o in outs] == [o.token_ids for o in plain]

@@ -6,7 +6,10 @@ Indexing: the base model's logits at hidden state h_i predict token i+1; head k 
 token i+2+k. A sequence in decode has its last token pending (not yet in the cache); that token is the
 tree's root, and the heads' top-k at the hidden state of the token before it fill the tree's nodes: Medusa
 heads all at once (a depth-d node takes head d-1's candidate of its rank), Hydra heads level by level (a
-depth-d node takes its rank among the candidates head d-1 gives its parent, reading the parent's path).
+depth-d node takes its rank among the candidates head d-1 gives its parent, reading the parent's path). A
+sequence decoding alone with Hydra heads drafts, in place of their tree (unless the user named one), a tree of as
+many nodes shaped at each step by the drafts' own probabilities (SpineTrees, tree.spine_tree: EAGLE-2's choice of
+the likeliest nodes, along the spine of rank-0 drafts).
 Where the sequence's last tokens occurred in it before, a chain of the tokens that followed them then
 (prompt lookup, engine.medusa.ngram) is verified instead of the heads' tree; a batch whose sequences draft
 different trees verifies their union in one forward. The heads stop drafting for a while for a sequence decoding
@@ -18,7 +21,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import accumulate, chain, pairwise
 from weakref import WeakKeyDictionary
@@ -30,7 +33,7 @@ from engine.config import EngineConfig, SamplingParams
 from engine.kv_cache import KVCache
 from engine.medusa.ngram import NgramIndex
 from engine.medusa.payoff import WINDOW, Payoff, StepClock
-from engine.medusa.tree import DEFAULT_TREE, MedusaTree, TreeChoice, build_tree, load_tree
+from engine.medusa.tree import DEFAULT_TREE, MedusaTree, TreeChoice, build_tree, load_tree, spine_paths, spine_tree
 from engine.runner import ModelRunner
 from engine.sampler import TokenCounts, adjust_logits, argmax_ids, draw_tokens, filtered_probs, has_penalties
 from engine.scheduler import ScheduledBatch
@@ -46,6 +49,7 @@ LOOKUP_ONLY = "lookup"  # EngineConfig.medusa: speculate by prompt lookup alone,
 DRAFT_DTYPE = torch.bfloat16
 LOOKUP_TOKENS = 4  # prompt lookup alone (no heads' tree to size its chains by): the longest chain
 MAX_CHAIN = 8  # with heads, the longest chain however big their tree (8 measured: chain_limit)
+SPINE_WIDTH = 8  # a spine tree's candidates per level, at most (SpineTrees)
 
 
 def walk_tree(tokens: list[int], children: list[list[int]], next_token: Callable[[int], int]) -> tuple[list[int], int]:
@@ -124,18 +128,51 @@ def hydra_levels(tree: MedusaTree) -> list[Level]:
     return levels
 
 
+@dataclass
+class SpineTrees:
+    """Hydra heads' trees for a sequence decoding alone, shaped at each step by the drafts' own probabilities
+    (tree.spine_tree): `depth` levels of `width` candidates along the spine, `size` nodes verified, as many as the
+    static tree they stand in for (whose rows the engine timed). Invariant: shapes[counts] is the VerifyTree of
+    spine_paths(counts), built when first drafted; every shape is part of `widest`."""
+
+    size: int
+    depth: int
+    width: int
+    device: torch.device
+    shapes: dict[tuple[int, ...], VerifyTree] = field(default_factory=dict)
+
+    def verify_tree(self, counts: list[int]) -> VerifyTree:
+        key = tuple(counts)
+        if key not in self.shapes:
+            self.shapes[key] = VerifyTree.of(build_tree(spine_paths(counts), f"spine{key}").to(self.device),
+                                             node_tokens=True)
+        return self.shapes[key]
+
+    @property
+    def widest(self) -> VerifyTree:
+        """Every candidate of every level: the union of all shapes (what a batch's union may hold of them)."""
+        return VerifyTree.of(build_tree(spine_paths([self.width] * self.depth), "spine").to(self.device),
+                             node_tokens=True)
+
+
 @dataclass(frozen=True)
 class HeadsTree:
     """A tree the heads draft for batches of up to max_batch_size sequences decoding together (None: any number),
-    as drafting and verification read it."""
+    as drafting and verification read it; with `spine` (Hydra heads, the tree not named by the user), a sequence
+    decoding alone drafts a spine tree of the same size in its place."""
 
     verify: VerifyTree
     levels: list[Level] | None  # Hydra heads: drafting level by level
     max_batch_size: int | None
+    spine: SpineTrees | None = None
 
     @property
     def tree(self) -> MedusaTree:
         return self.verify.tree
+
+    def owns(self, vt: VerifyTree) -> bool:
+        """Is vt this tree, or one of its spine trees? (Either is timed and judged as this tree.)"""
+        return vt is self.verify or (self.spine is not None and any(vt is s for s in self.spine.shapes.values()))
 
 
 class Medusa:
@@ -149,7 +186,7 @@ class Medusa:
                  kv_cache: KVCache, max_model_len: int, acceptance: str, posterior_threshold: float,
                  posterior_alpha: float, max_batch_size: int | None = None, ngram_tokens: int | None = 0,
                  kernels: DecodeKernels | None = None, break_even: dict[int, float] | None = None,
-                 guard: bool = True) -> None:
+                 guard: bool = True, spine: bool = False) -> None:
         self.model, self.kv_cache, self.kernels = model, kv_cache, kernels
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
@@ -173,18 +210,18 @@ class Medusa:
         self.unions: dict[frozenset[int], VerifyTree] = {}  # by the ids of the trees they join
         self.heads, self.trees = heads, []
         if heads is not None:
-            self._set_heads(heads, trees)
+            self._set_heads(heads, trees, spine)
         # the longest chain at any batch size: one sequence's, two's, and the first size each further tree serves
         longest = max(map(self.chain_limit, {1, 2, *(t.max_batch_size + 1 for t in self.trees if t.max_batch_size)}))
         self.chains = [VerifyTree.of(build_tree([[0] * d for d in range(1, n + 1)], f"lookup{n}").to(kv_cache.device),
                                      node_tokens=True) for n in range(1, longest + 1)]
         # a batch may verify the union of every tree its sequences drafted: as its sizes change, its sequences' last
         # drafts can come from two of the heads' trees
-        drafted = [*(t.verify for t in self.trees), *self.chains[-1:]]
+        drafted = [*(t.verify for t in self.trees), *(t.spine.widest for t in self.trees if t.spine), *self.chains[-1:]]
         self.max_tree_size = self._union(drafted).tree.size if drafted else 1
         self.max_depth = max((vt.tree.depth for vt in drafted), default=0)
 
-    def _set_heads(self, heads: MedusaHeads, trees: list[tuple[MedusaTree, int | None]]) -> None:
+    def _set_heads(self, heads: MedusaHeads, trees: list[tuple[MedusaTree, int | None]], spine: bool) -> None:
         for tree, _ in trees:
             if tree.depth > heads.config.num_heads:
                 raise ValueError(f"medusa tree {tree.name!r} is {tree.depth} deep, but there are only "
@@ -196,6 +233,12 @@ class Medusa:
         self.sequential = heads.config.sequential
         self.trees = [HeadsTree(VerifyTree.of(tree.to(self.kv_cache.device), node_tokens=self.sequential),
                                 hydra_levels(tree) if self.sequential else None, cap) for tree, cap in trees]
+        first = self.trees[0]
+        if spine and self.sequential and first.tree.size > 1:  # (sequences decoding alone take the first tree)
+            paths = first.tree.size - 1  # (no deeper than that many nodes reach)
+            spine_trees = SpineTrees(first.tree.size, min(heads.config.num_heads, paths),
+                                     min(SPINE_WIDTH, paths, heads.num_draft_tokens), self.kv_cache.device)
+            self.trees[0] = replace(first, spine=spine_trees)
 
     def chain_limit(self, batch_size: int) -> int:
         """The longest lookup chain at this batch size. With heads, no more rows than their tree there, which the
@@ -261,7 +304,8 @@ class Medusa:
             trees = [(tree, None)]
         max_batch_size = config.medusa_max_batch_size or (choice.max_batch_size if choice is not None else None)
         return cls(heads, trees, model, kv_cache, max_model_len, max_batch_size=max_batch_size,
-                   break_even=choice.break_even() if choice is not None else None, **options)
+                   break_even=choice.break_even() if choice is not None else None,
+                   spine=config.medusa_tree is None, **options)
 
     def can_speculate(self, seq: Sequence) -> bool:
         # requests that want logprobs, hidden states or a structured output decode plainly; adapters speculate with
@@ -301,15 +345,19 @@ class Medusa:
             return
         start = time.perf_counter()
         heads_tree = self.tree_for(num_running)
-        if self.sequential:
-            roots = torch.tensor([seqs[i].token_ids[-1] for i in speculating], device=hidden.device)
-            drafts = self._draft_levels(hidden[speculating], roots, heads_tree.levels)
+        if heads_tree.spine is not None and num_running == 1:
+            drafted = [self._draft_spine(hidden[i:i + 1], seqs[i].token_ids[-1], heads_tree.spine) for i in speculating]
         else:
-            tree = heads_tree.tree
-            top = self.heads.top_k(hidden[speculating], self.draft_weights, tree.depth, tree.top_k)  # [depth, B, k]
-            drafts = top.transpose(0, 1).tolist()
-        for i, seq_drafts in zip(speculating, drafts):
-            seqs[i].draft_token_ids, seqs[i].draft_tree = seq_drafts, heads_tree.verify
+            if self.sequential:
+                roots = torch.tensor([seqs[i].token_ids[-1] for i in speculating], device=hidden.device)
+                drafts = self._draft_levels(hidden[speculating], roots, heads_tree.levels)
+            else:
+                tree = heads_tree.tree
+                top = self.heads.top_k(hidden[speculating], self.draft_weights, tree.depth, tree.top_k)  # [depth, B, k]
+                drafts = top.transpose(0, 1).tolist()
+            drafted = [(seq_drafts, heads_tree.verify) for seq_drafts in drafts]
+        for i, (seq_drafts, vt) in zip(speculating, drafted):
+            seqs[i].draft_token_ids, seqs[i].draft_tree = seq_drafts, vt
         self._drafting = time.perf_counter() - start  # (the drafts' .tolist() waited for a GPU)
 
     def _payoff(self, seq: Sequence) -> Payoff:
@@ -381,13 +429,28 @@ class Medusa:
         for head, level in enumerate(levels):
             parent_states = states[:, level.parents].flatten(0, 1)
             parent_tokens = tokens[:, level.parents].flatten()
-            x, top = self.heads.draft_level(parent_states, embed(parent_tokens), head, self.draft_weights, level.top_k)
+            x, top, _ = self.heads.draft_level(parent_states, embed(parent_tokens), head, self.draft_weights,
+                                               level.top_k)
             top = top.view(num_seqs, len(level.parents), -1)
             tokens = top[:, level.child_parent, level.child_rank]  # [B, m]
             states = x.view(num_seqs, len(level.parents), width)[:, level.child_parent]
             drafts.append(tokens)
         bounds = [0, *accumulate(t.shape[1] for t in drafts)]
         return [[row[a:b] for a, b in pairwise(bounds)] for row in torch.cat(drafts, dim=1).tolist()]
+
+    def _draft_spine(self, hidden: torch.Tensor, root: int, spine: SpineTrees) -> tuple[list[list[int]], VerifyTree]:
+        """Hydra: one sequence's spine tree from its hidden state [1, hidden] and root token -> (its nodes' tokens per
+        depth, the tree). Each level runs the head on the spine's node alone (its rank-0 child leads on)."""
+        state, token = hidden, torch.tensor([root], device=hidden.device)
+        tops, logprobs = [], []
+        for head in range(spine.depth):
+            state, top, logprob = self.heads.draft_level(state, self.model.model.embed_tokens(token), head,
+                                                         self.draft_weights, spine.width)
+            tops.append(top[0])
+            logprobs.append(logprob[0])
+            token = top[:, 0]
+        counts = spine_tree(torch.stack(logprobs).tolist(), spine.size)
+        return [row[:n] for row, n in zip(torch.stack(tops).tolist(), counts)], spine.verify_tree(counts)
 
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence], runner: ModelRunner, rng: torch.Generator,
@@ -414,8 +477,8 @@ class Medusa:
         paths, bonus = self._accept(seqs, vt, input_ids, logits, rng)
         self._compact(inputs.ctx.slot_mapping, size, paths)
         out = [[input_ids[b * size + node] for node in path[1:]] + [bonus[b]] for b, path in enumerate(paths)]
-        self._verified = next((vt for h in self.trees if vt is h.verify), None)
-        if any(t is h.verify for t in trees for h in self.trees):
+        self._verified = next((h.verify for h in self.trees if h.owns(vt)), None)
+        if any(h.owns(t) for t in trees for h in self.trees):
             if num_running == 1:
                 self._payoff(seqs[0]).record(len(out[0]))
                 self.recent_emitted.append(len(out[0]))

@@ -107,6 +107,30 @@ def build_tree(choices: list[list[int]], name: str = "custom") -> MedusaTree:
     return MedusaTree(name, paths, mask, depths, parents, candidate_index, leaf_paths, top_k)
 
 
+def spine_tree(logprobs: list[list[float]], size: int) -> list[int]:
+    """A tree of `size` nodes chosen from the drafts' own probabilities, as EAGLE-2 chooses (Li et al., 2024), along
+    a spine: at each depth d the heads drafted the children of the spine's depth-(d-1) node (the root first), the
+    rank-r one with log-probability logprobs[d-1][r]; the spine goes on through each level's rank-0 child. A node's
+    score is its path's log-probability. Returns how many of each depth's children (their lowest ranks) the tree
+    takes: the size - 1 likeliest nodes, ties to the shallower, then to the lower rank. A child never scores above its
+    parent, so the nodes taken hold their parents; trailing depths with none are left off."""
+    scored, spine = [], 0.0
+    for depth, level in enumerate(logprobs):
+        scored += [(-(spine + logprob), depth, rank) for rank, logprob in enumerate(level)]
+        spine += level[0]
+    counts = [0] * len(logprobs)
+    for _, depth, _ in sorted(scored)[:size - 1]:
+        counts[depth] += 1
+    while counts and not counts[-1]:
+        counts.pop()
+    return counts
+
+
+def spine_paths(counts: list[int]) -> list[list[int]]:
+    """The rank paths of a spine tree (spine_tree): counts[d] children of the spine's depth-d node."""
+    return [[0] * depth + [rank] for depth, n in enumerate(counts) for rank in range(n)]
+
+
 def load_tree(name_or_file: str) -> MedusaTree:
     """A shipped tree by name, or a JSON file holding a list of rank paths."""
     if name_or_file in TREES:

@@ -310,7 +310,7 @@ def held_out_ranks(heads: MedusaHeads, model: nn.Module, cache: HiddenCache, bat
         if heads.config.sequential:  # as drafting runs them, level by level, along the right path
             state, top = h.float(), []
             for head in range(heads.config.num_heads):
-                state, level = heads.draft_level(state, embed(model, x[:, head]), head, weights, k)
+                state, level, _ = heads.draft_level(state, embed(model, x[:, head]), head, weights, k)
                 top.append(level)
             top = torch.stack(top)
         else:

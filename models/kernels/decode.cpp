@@ -836,10 +836,12 @@ torch::Tensor argmax_rows(torch::Tensor x_in) {
 }
 
 // Column indices of the k largest entries of each row of x [M, N] (fp32), largest first; among equal
-// values the lower index wins, as in argmax. k is small (a tree's widest rank), so insertion is cheap.
-torch::Tensor top_k_rows(const torch::Tensor& x, int64_t k) {
+// values the lower index wins, as in argmax. k is small (a tree's widest rank), so insertion is cheap. With
+// logprobs ([M, k] fp32), also their log-softmax over the row.
+torch::Tensor top_k_rows(const torch::Tensor& x, int64_t k, torch::Tensor* logprobs = nullptr) {
   const int64_t M = x.size(0), N = x.size(1);
   auto out = torch::empty({M, k}, x.options().dtype(torch::kLong));
+  if (logprobs != nullptr) *logprobs = torch::empty({M, k}, x.options());
   std::vector<float> best(k);
   std::vector<int64_t> index(k);
   for (int64_t r = 0; r < M; ++r) {
@@ -860,8 +862,41 @@ torch::Tensor top_k_rows(const torch::Tensor& x, int64_t k) {
       index[j] = i;
     }
     std::copy(index.begin(), index.end(), out.data_ptr<int64_t>() + r * k);
+    if (logprobs != nullptr) {
+      float sum = 0.0f;  // of exp(v - max): the largest entry is best[0]
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < N; ++i) sum += exp_nonpositive(row[i] - best[0]);
+      float* dst = logprobs->data_ptr<float>() + r * k;
+      for (int64_t j = 0; j < k; ++j) dst[j] = best[j] - best[0] - std::log(sum);
+    }
   }
   return out;
+}
+
+}  // namespace
+
+namespace {
+
+// Every head's logits for a few rows of hidden states [M, H]: its residual blocks, then its vocabulary projection
+// (projections: the shared base lm_head, or one matrix per head). Returns [num_heads * M, V] fp32.
+torch::Tensor medusa_logits(const torch::Tensor& hidden, const std::vector<torch::Tensor>& weights,
+                            const std::vector<torch::Tensor>& biases, int64_t num_heads,
+                            const std::vector<torch::Tensor>& projections, int64_t k, int64_t projection_qtype,
+                            int64_t weights_qtype) {
+  TORCH_CHECK(hidden.dim() == 2 && num_heads > 0 && weights.size() == biases.size() &&
+                  weights.size() % num_heads == 0,
+              "medusa_top_k: hidden must be [rows, H] and every head needs the same number of blocks");
+  TORCH_CHECK(projections.size() == 1 || static_cast<int64_t>(projections.size()) == num_heads,
+              "medusa_top_k: give one shared projection or one per head");
+  const int64_t M = hidden.size(0), V = projections[0].size(0);
+  TORCH_CHECK(k >= 1 && k <= V, "medusa_top_k: k must be in [1, vocabulary size]");
+  auto states = medusa_states(as_float(hidden), weights, biases, num_heads, weights_qtype);
+  if (projections.size() == 1) return linear_f32(states, projections[0], torch::Tensor(), projection_qtype);
+  auto logits = torch::empty({num_heads * M, V}, states.options());
+  for (int64_t h = 0; h < num_heads; ++h)
+    logits.narrow(0, h * M, M).copy_(
+        linear_f32(states.narrow(0, h * M, M), projections[h], torch::Tensor(), projection_qtype));
+  return logits;
 }
 
 }  // namespace
@@ -873,30 +908,15 @@ torch::Tensor top_k_rows(const torch::Tensor& x, int64_t k) {
 torch::Tensor medusa_top_k(torch::Tensor hidden, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> biases,
                            int64_t num_heads, std::vector<torch::Tensor> projections, int64_t k,
                            int64_t projection_qtype, int64_t weights_qtype) {
-  TORCH_CHECK(hidden.dim() == 2 && num_heads > 0 && weights.size() == biases.size() &&
-                  weights.size() % num_heads == 0,
-              "medusa_top_k: hidden must be [rows, H] and every head needs the same number of blocks");
-  TORCH_CHECK(projections.size() == 1 || static_cast<int64_t>(projections.size()) == num_heads,
-              "medusa_top_k: give one shared projection or one per head");
-  const int64_t M = hidden.size(0), V = projections[0].size(0);
-  TORCH_CHECK(k >= 1 && k <= V, "medusa_top_k: k must be in [1, vocabulary size]");
-  auto states = medusa_states(as_float(hidden), weights, biases, num_heads, weights_qtype);
-  torch::Tensor logits;
-  if (projections.size() == 1) {
-    logits = linear_f32(states, projections[0], torch::Tensor(), projection_qtype);
-  } else {
-    logits = torch::empty({num_heads * M, V}, states.options());
-    for (int64_t h = 0; h < num_heads; ++h)
-      logits.narrow(0, h * M, M).copy_(
-          linear_f32(states.narrow(0, h * M, M), projections[h], torch::Tensor(), projection_qtype));
-  }
-  return top_k_rows(logits, k).view({num_heads, M, k});
+  auto logits = medusa_logits(hidden, weights, biases, num_heads, projections, k, projection_qtype, weights_qtype);
+  return top_k_rows(logits, k).view({num_heads, hidden.size(0), k});
 }
 
 // One level of Hydra drafting (models.medusa.MedusaHeads.draft_level) in one call: each row's head input
 // x = state + W_in [state, embedding] + b_in, then the head's blocks, its projection and the k likeliest
-// tokens, as medusa_top_k. Returns (x [M, H] fp32: what the next level starts from, top [M, k] int64).
-std::tuple<torch::Tensor, torch::Tensor> hydra_level(torch::Tensor states, torch::Tensor embeddings,
+// tokens, as medusa_top_k. Returns (x [M, H] fp32: what the next level starts from, top [M, k] int64, their
+// log-probabilities [M, k] fp32 under the head's softmax over the projection's rows).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> hydra_level(torch::Tensor states, torch::Tensor embeddings,
                                                      torch::Tensor input_weight, torch::Tensor input_bias,
                                                      std::vector<torch::Tensor> weights,
                                                      std::vector<torch::Tensor> biases, torch::Tensor projection,
@@ -906,7 +926,10 @@ std::tuple<torch::Tensor, torch::Tensor> hydra_level(torch::Tensor states, torch
   auto x = linear_f32(as_float(torch::cat({states, embeddings.to(states.scalar_type())}, 1)), input_weight,
                       as_float(input_bias), weights_qtype);
   x.add_(as_float(states));
-  return {x, medusa_top_k(x, weights, biases, 1, {projection}, k, projection_qtype, weights_qtype)[0]};
+  torch::Tensor logprobs;
+  auto top = top_k_rows(medusa_logits(x, weights, biases, 1, {projection}, k, projection_qtype, weights_qtype), k,
+                        &logprobs);
+  return {x, top, logprobs};
 }
 
 // x: [M, K] (any float dtype), weight: uint8 [N, row bytes] in ggml type qtype, bias: [N] or None.
@@ -972,7 +995,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("hidden"), py::arg("weights"), py::arg("biases"), py::arg("num_heads"), py::arg("projections"),
         py::arg("k"), py::arg("projection_qtype") = 0, py::arg("weights_qtype") = 0);
   m.def("argmax_rows", &argmax_rows, "each row's argmax, the first among equals");
-  m.def("hydra_level", &hydra_level, "one level of Hydra drafting: head input, blocks, projection, k likeliest tokens",
+  m.def("hydra_level", &hydra_level,
+        "one level of Hydra drafting: head input, blocks, projection, k likeliest tokens and their log-probs",
         py::arg("states"), py::arg("embeddings"), py::arg("input_weight"), py::arg("input_bias"), py::arg("weights"),
         py::arg("biases"), py::arg("projection"), py::arg("k"), py::arg("projection_qtype") = 0,
         py::arg("weights_qtype") = 0);
