@@ -117,18 +117,24 @@ def reference_drafts(heads: MedusaHeads, model, tree, hidden: torch.Tensor, root
     return [tokens[p] for p in tree.paths]
 
 
-@pytest.mark.parametrize("use_kernel", [True, False])
-@pytest.mark.parametrize("tree_name", ["chain4", "cpu12"])
-def test_level_by_level_drafts_equal_node_by_node_drafts(tiny_model_dir, tree_name, use_kernel):
-    """The speculator drafts a tree level by level for a batch; each node's token must be what the heads give
-    along its own path."""
-    llm = LLM(tiny_model_dir, medusa_tree=tree_name, dtype="float32")
+def drafting_heads(use_kernel: bool) -> MedusaHeads:
+    """Random Hydra heads over a draft vocabulary, drafting through the CPU kernels (Q8_0 weights) or in torch."""
     heads = random_hydra(4, num_layers=2).eval()
     heads.draft_vocab = torch.arange(3, 250, 2)
     kernels = load_decode_kernels(heads) if use_kernel else None
     if use_kernel and kernels is None:
         pytest.skip("the CPU decode kernels could not be built here")
     set_decode_kernels(heads, kernels)
+    return heads
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("tree_name", ["chain4", "cpu12"])
+def test_level_by_level_drafts_equal_node_by_node_drafts(tiny_model_dir, tree_name, use_kernel):
+    """The speculator drafts a tree level by level for a batch; each node's token must be what the heads give
+    along its own path."""
+    llm = LLM(tiny_model_dir, medusa_tree=tree_name, dtype="float32")
+    heads = drafting_heads(use_kernel)
     model, tree = llm.model, build_tree(TREES[tree_name], tree_name)
     medusa = Medusa(heads, [(tree, None)], model, llm.runner.kv_cache, 256, "rejection", 0.09, 0.3)
     hidden, roots = torch.randn(3, 64), torch.tensor([5, 77, 200])
@@ -145,12 +151,7 @@ def test_spine_drafts_equal_node_by_node_drafts(tiny_model_dir, use_kernel):
     """A sequence decoding alone drafts a spine tree as big as the static one; each node's token must be what the
     heads give along its own path, and the tree the likeliest nodes by the heads' own probabilities."""
     llm = LLM(tiny_model_dir, dtype="float32")
-    heads = random_hydra(4, num_layers=2).eval()
-    heads.draft_vocab = torch.arange(3, 250, 2)
-    kernels = load_decode_kernels(heads) if use_kernel else None
-    if use_kernel and kernels is None:
-        pytest.skip("the CPU decode kernels could not be built here")
-    set_decode_kernels(heads, kernels)
+    heads = drafting_heads(use_kernel)
     model, tree = llm.model, build_tree(TREES["cpu6"], "cpu6")
     medusa = Medusa(heads, [(tree, None)], model, llm.runner.kv_cache, 256, "rejection", 0.09, 0.3, spine=True)
     spine = medusa.tree_for(1).spine
