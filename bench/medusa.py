@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> None:
     if llm.medusa.max_batch_size is not None:
         print(f"\nthe engine speculates while at most {llm.medusa.max_batch_size} sequences decode (the tree's "
               "measured limit): above it Medusa rows are plain decoding")
+    spine = llm.medusa.tree_for(1).spine if llm.medusa.trees else None
+    if spine is not None:
+        print(f"\na sequence decoding alone drafts spine trees of {spine.size} nodes in place of the {tree_name(llm)} "
+              "tree (shaped each step by the drafts' probabilities)")
     print(f"\n{model}, heads {medusa} (drafting from {draft_vocab_size} tokens), {args.new_tokens} new tokens per "
           f"prompt, {len(prompts)} prompts, greedy, "
           f"{args.threads} thread(s), {llm.config.dtype} on {args.device}, attention backend {llm.runner.backend.name}")
