@@ -204,7 +204,15 @@ class MedusaHeads(nn.Module):
         one kernel call does it all (models.kernels.decode)."""
         if self.config.sequential:
             raise ValueError("Hydra heads draft level by level (draft_level)")
-        return self._top_k(hidden, draft, range(num_heads), k)
+        return self._top_k(hidden, draft, range(num_heads), k)[0]
+
+    def top_k_logprobs(self, hidden: torch.Tensor, draft: DraftWeights, num_heads: int,
+                       k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """top_k, and the tokens' log-probabilities under each head's softmax over the draft vocabulary
+        [num_heads, B, k]."""
+        if self.config.sequential:
+            raise ValueError("Hydra heads draft level by level (draft_level)")
+        return self._top_k(hidden, draft, range(num_heads), k, logprobs=True)
 
     def draft_level(self, states: torch.Tensor, embeddings: torch.Tensor, head: int, draft: DraftWeights,
                     k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -213,40 +221,42 @@ class MedusaHeads(nn.Module):
         the k likeliest draft-vocabulary tokens of each node's children [R, k], their log-probabilities under the
         head's softmax over the draft vocabulary [R, k]). On a CPU at decode sizes one kernel call does it all
         (models.kernels.decode)."""
-        weight, bias = draft.inputs[head]
-        projection = draft.projections[0 if len(draft.projections) == 1 else head]
         if self.kernels is not None and len(states) <= MAX_ROWS:
+            weight, bias = draft.inputs[head]
+            projection = draft.projections[0 if len(draft.projections) == 1 else head]
             x, top, logprobs = self.kernels.ops.hydra_level(states, embeddings, weight, bias, draft.weights[head],
                                                             draft.biases[head], projection, k,
                                                             draft.projection_qtype, draft.weights_qtype)
             return x, self._token_ids(top), logprobs
         x = self.next_input(states.to(self.dtype), embeddings.to(self.dtype), head)
-        qtype = draft.projection_qtype
-        linear = partial(tiled_linear, qtype=QType(qtype)) if qtype else F.linear
-        top = linear(self._blocks(x, head), projection).float().log_softmax(dim=-1).topk(k, dim=-1)
-        return x, self._token_ids(top.indices), top.values
+        top, logprobs = self._top_k(x, draft, range(head, head + 1), k, logprobs=True)
+        return x, top[0], logprobs[0]
 
-    def _top_k(self, hidden: torch.Tensor, draft: DraftWeights, heads: range, k: int) -> torch.Tensor:
+    def _top_k(self, hidden: torch.Tensor, draft: DraftWeights, heads: range, k: int,
+               logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The k likeliest draft-vocabulary tokens of these heads' blocks and projections at hidden [B, hidden_size]
-        -> [len(heads), B, k]."""
+        -> ([len(heads), B, k], with `logprobs` their log-probabilities under each head's softmax, else None)."""
         shared = len(draft.projections) == 1
         projections = draft.projections if shared else draft.projections[heads.start:heads.stop]
         if self.kernels is not None and len(heads) * len(hidden) <= MAX_ROWS:
-            top = self.kernels.ops.medusa_top_k(hidden, [*chain.from_iterable(draft.weights[heads.start:heads.stop])],
-                                                [*chain.from_iterable(draft.biases[heads.start:heads.stop])],
-                                                len(heads), projections, k, draft.projection_qtype,
-                                                draft.weights_qtype)
+            args = (hidden, [*chain.from_iterable(draft.weights[heads.start:heads.stop])],
+                    [*chain.from_iterable(draft.biases[heads.start:heads.stop])], len(heads), projections, k,
+                    draft.projection_qtype, draft.weights_qtype)
+            top, values = self.kernels.ops.medusa_top_k_logprobs(*args) if logprobs else \
+                (self.kernels.ops.medusa_top_k(*args), None)
+            return self._token_ids(top), values
+        x = hidden.to(self.dtype)
+        states = torch.stack([self._blocks(x, h) for h in heads])  # [len(heads), B, hidden]
+        qtype = draft.projection_qtype
+        linear = partial(tiled_linear, qtype=QType(qtype)) if qtype else F.linear
+        if shared:
+            logits = linear(states, projections[0])
         else:
-            x = hidden.to(self.dtype)
-            states = torch.stack([self._blocks(x, h) for h in heads])  # [len(heads), B, hidden]
-            qtype = draft.projection_qtype
-            linear = partial(tiled_linear, qtype=QType(qtype)) if qtype else F.linear
-            if shared:
-                logits = linear(states, projections[0])
-            else:
-                logits = torch.stack([linear(x, w) for x, w in zip(states, projections)])
-            top = logits.topk(k, dim=-1).indices
-        return self._token_ids(top)
+            logits = torch.stack([linear(x, w) for x, w in zip(states, projections)])
+        if not logprobs:
+            return self._token_ids(logits.topk(k, dim=-1).indices), None
+        top = logits.float().log_softmax(dim=-1).topk(k, dim=-1)
+        return self._token_ids(top.indices), top.values
 
     def _token_ids(self, top: torch.Tensor) -> torch.Tensor:
         """Token ids of draft-vocabulary indices."""

@@ -196,6 +196,9 @@ def test_medusa_drafts_and_rms_norm_match_torch(rows):
             # the drafts are the top-k (a tie-safe check: their logits are the k largest, largest first)
             picked = logits.gather(-1, drafts)
             assert (picked - logits.topk(k, dim=-1).values).abs().max() <= 1e-4
+            same, logprobs = kernel.medusa_top_k_logprobs(x, weights, biases, 3, given, k)
+            assert torch.equal(same, drafts)
+            assert (logprobs - logits.log_softmax(dim=-1).gather(-1, drafts)).abs().max() <= 1e-4
     assert torch.equal(kernel.medusa_top_k(x, weights, biases, 3, projections[:1], 1)[..., 0], shared.argmax(-1))
     w = biases[0]
     assert (kernel.rms_norm(x, w, 1e-6) - torch.nn.functional.rms_norm(x, (48,), w, 1e-6)).abs().max() <= 1e-4

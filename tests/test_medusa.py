@@ -19,8 +19,18 @@ from engine.attention import available_backends
 from engine.kv_cache import slots
 from engine.medusa.ngram import NgramIndex
 from engine.medusa.payoff import MAX_PAUSE, MIN_SAMPLES, PAUSE, PROBE_EVERY, PROBE_SOON, WINDOW, Payoff, StepClock
-from engine.medusa.speculator import typical_acceptance
-from engine.medusa.tree import DEFAULT_TREE, TREE_FILE, TREES, BatchTree, TreeChoice, build_tree, load_tree
+from engine.medusa.speculator import Medusa, typical_acceptance
+from engine.medusa.tree import (
+    DEFAULT_TREE,
+    TREE_FILE,
+    TREES,
+    BatchTree,
+    TreeChoice,
+    build_tree,
+    load_tree,
+    spine_paths,
+    spine_tree,
+)
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from engine.training import medusa as medusa_training
@@ -529,6 +539,52 @@ def test_greedy_medusa_equals_plain_greedy_batch1(tiny_model_dir, heads_dir, bac
     use_oracle_drafts(llm, {request: prompts(1)[0] + plain.token_ids})
     oracle = run_to_end(llm)[request]
     assert oracle.token_ids == plain.token_ids and max(oracle.accepted_lengths) >= 4
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_medusa_heads_draft_spine_trees(tiny_model_dir, use_kernel):
+    """A sequence decoding alone drafts a spine tree: its depth-d nodes are head d-1's likeliest tokens, as many as
+    the likeliest paths take (the spine: each head's top token), by the heads' own probabilities."""
+    llm = LLM(tiny_model_dir, dtype="float32")
+    heads = MedusaHeads(MedusaConfig(4, 1, 64, 256, False))
+    generator = torch.Generator().manual_seed(0)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.1, generator=generator)
+    heads.draft_vocab = torch.arange(3, 250, 2)
+    kernels = load_decode_kernels(heads) if use_kernel else None
+    if use_kernel and kernels is None:
+        pytest.skip("the CPU decode kernels could not be built here")
+    set_decode_kernels(heads.eval(), kernels)
+    model, tree = llm.model, build_tree(TREES["cpu6"], "cpu6")
+    medusa = Medusa(heads, [(tree, None)], model, llm.runner.kv_cache, 256, "rejection", 0.09, 0.3, spine=True)
+    spine = medusa.tree_for(1).spine
+    hidden = torch.randn(1, 64, generator=generator)
+    with torch.inference_mode():
+        drafts, vt = medusa._draft_spine(hidden, 5, spine)
+        if use_kernel:  # (the kernels draft from Q8_0 weights: their own top-k, checked against torch elsewhere)
+            top = heads.top_k(hidden, medusa.draft_weights, 4, 6)[:, 0]
+            logprobs = heads.top_k_logprobs(hidden, medusa.draft_weights, 4, 6)[1][:, 0]
+        else:
+            logits = heads(hidden, model.lm_head)[:, 0, heads.draft_vocab].log_softmax(dim=-1)  # [4 heads, vocab]
+            logprobs, top = logits.topk(6)
+            top = heads.draft_vocab[top]
+    counts = spine_tree(logprobs.tolist(), 7)
+    assert vt.tree.paths == [tuple(p) for p in spine_paths(counts)] and vt.tree.size == 7
+    assert drafts == [top[d, :n].tolist() for d, n in enumerate(counts)]
+
+
+@pytest.mark.parametrize("tree", ["cpu12", None])
+def test_greedy_medusa_on_spine_trees_equals_plain_greedy(tiny_model_dir, heads_dir, tree):
+    """Alone, on a spine tree (None: the default tree's size) or a named one; then in a batch."""
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    plain = LLM(tiny_model_dir).generate(prompts(3), params)
+    llm = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_tree=tree)
+    assert (llm.medusa.tree_for(1).spine is None) == (tree is not None)
+    alone = [llm.generate([p], params)[0] for p in prompts(3)]
+    together = llm.generate(prompts(3), params)
+    assert [o.token_ids for o in alone] == [o.token_ids for o in together] == [o.token_ids for o in plain]
+    assert max(n for o in alone for n in o.accepted_lengths) > 1
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 

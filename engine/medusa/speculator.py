@@ -7,8 +7,8 @@ token i+2+k. A sequence in decode has its last token pending (not yet in the cac
 tree's root, and the heads' top-k at the hidden state of the token before it fill the tree's nodes: Medusa
 heads all at once (a depth-d node takes head d-1's candidate of its rank), Hydra heads level by level (a
 depth-d node takes its rank among the candidates head d-1 gives its parent, reading the parent's path). A
-sequence decoding alone with Hydra heads drafts, in place of their tree (unless the user named one), a tree of as
-many nodes shaped at each step by the drafts' own probabilities (SpineTrees, tree.spine_tree: EAGLE-2's choice of
+sequence decoding alone drafts, in place of the heads' tree (unless the user named one), a tree of as many nodes
+shaped at each step by the drafts' own probabilities (SpineTrees, tree.spine_tree: EAGLE-2's choice of
 the likeliest nodes, along the spine of rank-0 drafts).
 Where the sequence's last tokens occurred in it before, a chain of the tokens that followed them then
 (prompt lookup, engine.medusa.ngram) is verified instead of the heads' tree; a batch whose sequences draft
@@ -130,7 +130,7 @@ def hydra_levels(tree: MedusaTree) -> list[Level]:
 
 @dataclass
 class SpineTrees:
-    """Hydra heads' trees for a sequence decoding alone, shaped at each step by the drafts' own probabilities
+    """The heads' trees for a sequence decoding alone, shaped at each step by the drafts' own probabilities
     (tree.spine_tree): `depth` levels of `width` candidates along the spine, `size` nodes verified, as many as the
     static tree they stand in for (whose rows the engine timed). Invariant: shapes[counts] is the VerifyTree of
     spine_paths(counts), built when first drafted; every shape is part of `widest`."""
@@ -158,8 +158,8 @@ class SpineTrees:
 @dataclass(frozen=True)
 class HeadsTree:
     """A tree the heads draft for batches of up to max_batch_size sequences decoding together (None: any number),
-    as drafting and verification read it; with `spine` (Hydra heads, the tree not named by the user), a sequence
-    decoding alone drafts a spine tree of the same size in its place."""
+    as drafting and verification read it; with `spine` (the tree not named by the user), a sequence decoding alone
+    drafts a spine tree of the same size in its place."""
 
     verify: VerifyTree
     levels: list[Level] | None  # Hydra heads: drafting level by level
@@ -234,7 +234,7 @@ class Medusa:
         self.trees = [HeadsTree(VerifyTree.of(tree.to(self.kv_cache.device), node_tokens=self.sequential),
                                 hydra_levels(tree) if self.sequential else None, cap) for tree, cap in trees]
         first = self.trees[0]
-        if spine and self.sequential and first.tree.size > 1:  # (sequences decoding alone take the first tree)
+        if spine and first.tree.size > 1:  # (sequences decoding alone take the first tree)
             paths = first.tree.size - 1  # (no deeper than that many nodes reach)
             spine_trees = SpineTrees(first.tree.size, min(heads.config.num_heads, paths),
                                      min(SPINE_WIDTH, paths, heads.num_draft_tokens), self.kv_cache.device)
@@ -439,18 +439,24 @@ class Medusa:
         return [[row[a:b] for a, b in pairwise(bounds)] for row in torch.cat(drafts, dim=1).tolist()]
 
     def _draft_spine(self, hidden: torch.Tensor, root: int, spine: SpineTrees) -> tuple[list[list[int]], VerifyTree]:
-        """Hydra: one sequence's spine tree from its hidden state [1, hidden] and root token -> (its nodes' tokens per
-        depth, the tree). Each level runs the head on the spine's node alone (its rank-0 child leads on)."""
-        state, token = hidden, torch.tensor([root], device=hidden.device)
-        tops, logprobs = [], []
-        for head in range(spine.depth):
-            state, top, logprob = self.heads.draft_level(state, self.model.model.embed_tokens(token), head,
-                                                         self.draft_weights, spine.width)
-            tops.append(top[0])
-            logprobs.append(logprob[0])
-            token = top[:, 0]
-        counts = spine_tree(torch.stack(logprobs).tolist(), spine.size)
-        return [row[:n] for row, n in zip(torch.stack(tops).tolist(), counts)], spine.verify_tree(counts)
+        """One sequence's spine tree from its hidden state [1, hidden] and root token -> (its nodes' tokens per depth,
+        the tree). Hydra heads: each level runs the head on the spine's node alone (its rank-0 child leads on);
+        Medusa heads read the hidden state alone, so one call drafts every level."""
+        if self.sequential:
+            state, token = hidden, torch.tensor([root], device=hidden.device)
+            tops, logprobs = [], []
+            for head in range(spine.depth):
+                state, top, logprob = self.heads.draft_level(state, self.model.model.embed_tokens(token), head,
+                                                             self.draft_weights, spine.width)
+                tops.append(top[0])
+                logprobs.append(logprob[0])
+                token = top[:, 0]
+            tops, logprobs = torch.stack(tops), torch.stack(logprobs)  # [depth, width]
+        else:
+            tops, logprobs = self.heads.top_k_logprobs(hidden, self.draft_weights, spine.depth, spine.width)
+            tops, logprobs = tops[:, 0], logprobs[:, 0]
+        counts = spine_tree(logprobs.tolist(), spine.size)
+        return [row[:n] for row, n in zip(tops.tolist(), counts)], spine.verify_tree(counts)
 
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence], runner: ModelRunner, rng: torch.Generator,

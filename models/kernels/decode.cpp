@@ -912,6 +912,17 @@ torch::Tensor medusa_top_k(torch::Tensor hidden, std::vector<torch::Tensor> weig
   return top_k_rows(logits, k).view({num_heads, hidden.size(0), k});
 }
 
+// medusa_top_k, and the drafts' log-probabilities under each head's softmax over its projection's rows:
+// (top [num_heads, M, k] int64, log-probabilities [num_heads, M, k] fp32)
+std::tuple<torch::Tensor, torch::Tensor> medusa_top_k_logprobs(
+    torch::Tensor hidden, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> biases, int64_t num_heads,
+    std::vector<torch::Tensor> projections, int64_t k, int64_t projection_qtype, int64_t weights_qtype) {
+  auto logits = medusa_logits(hidden, weights, biases, num_heads, projections, k, projection_qtype, weights_qtype);
+  torch::Tensor logprobs;
+  auto top = top_k_rows(logits, k, &logprobs);
+  return {top.view({num_heads, hidden.size(0), k}), logprobs.view({num_heads, hidden.size(0), k})};
+}
+
 // One level of Hydra drafting (models.medusa.MedusaHeads.draft_level) in one call: each row's head input
 // x = state + W_in [state, embedding] + b_in, then the head's blocks, its projection and the k likeliest
 // tokens, as medusa_top_k. Returns (x [M, H] fp32: what the next level starts from, top [M, k] int64, their
@@ -992,6 +1003,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("small_batch_linear", &small_batch_linear, "y = x @ w.T + b for a few rows, streaming w once");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few rows");
   m.def("medusa_top_k", &medusa_top_k, "every Medusa head's k likeliest tokens for a few rows of hidden states",
+        py::arg("hidden"), py::arg("weights"), py::arg("biases"), py::arg("num_heads"), py::arg("projections"),
+        py::arg("k"), py::arg("projection_qtype") = 0, py::arg("weights_qtype") = 0);
+  m.def("medusa_top_k_logprobs", &medusa_top_k_logprobs, "medusa_top_k, and the drafts' log-probabilities",
         py::arg("hidden"), py::arg("weights"), py::arg("biases"), py::arg("num_heads"), py::arg("projections"),
         py::arg("k"), py::arg("projection_qtype") = 0, py::arg("weights_qtype") = 0);
   m.def("argmax_rows", &argmax_rows, "each row's argmax, the first among equals");
