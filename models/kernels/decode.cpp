@@ -840,6 +840,7 @@ torch::Tensor argmax_rows(torch::Tensor x_in) {
 // logprobs ([M, k] fp32), also their log-softmax over the row.
 torch::Tensor top_k_rows(const torch::Tensor& x, int64_t k, torch::Tensor* logprobs = nullptr) {
   const int64_t M = x.size(0), N = x.size(1);
+  TORCH_CHECK(k >= 1 && k <= N, "medusa_top_k: k must be in [1, vocabulary size]");
   auto out = torch::empty({M, k}, x.options().dtype(torch::kLong));
   if (logprobs != nullptr) *logprobs = torch::empty({M, k}, x.options());
   std::vector<float> best(k);
@@ -881,7 +882,7 @@ namespace {
 // (projections: the shared base lm_head, or one matrix per head). Returns [num_heads * M, V] fp32.
 torch::Tensor medusa_logits(const torch::Tensor& hidden, const std::vector<torch::Tensor>& weights,
                             const std::vector<torch::Tensor>& biases, int64_t num_heads,
-                            const std::vector<torch::Tensor>& projections, int64_t k, int64_t projection_qtype,
+                            const std::vector<torch::Tensor>& projections, int64_t projection_qtype,
                             int64_t weights_qtype) {
   TORCH_CHECK(hidden.dim() == 2 && num_heads > 0 && weights.size() == biases.size() &&
                   weights.size() % num_heads == 0,
@@ -889,7 +890,6 @@ torch::Tensor medusa_logits(const torch::Tensor& hidden, const std::vector<torch
   TORCH_CHECK(projections.size() == 1 || static_cast<int64_t>(projections.size()) == num_heads,
               "medusa_top_k: give one shared projection or one per head");
   const int64_t M = hidden.size(0), V = projections[0].size(0);
-  TORCH_CHECK(k >= 1 && k <= V, "medusa_top_k: k must be in [1, vocabulary size]");
   auto states = medusa_states(as_float(hidden), weights, biases, num_heads, weights_qtype);
   if (projections.size() == 1) return linear_f32(states, projections[0], torch::Tensor(), projection_qtype);
   auto logits = torch::empty({num_heads * M, V}, states.options());
@@ -908,7 +908,7 @@ torch::Tensor medusa_logits(const torch::Tensor& hidden, const std::vector<torch
 torch::Tensor medusa_top_k(torch::Tensor hidden, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> biases,
                            int64_t num_heads, std::vector<torch::Tensor> projections, int64_t k,
                            int64_t projection_qtype, int64_t weights_qtype) {
-  auto logits = medusa_logits(hidden, weights, biases, num_heads, projections, k, projection_qtype, weights_qtype);
+  auto logits = medusa_logits(hidden, weights, biases, num_heads, projections, projection_qtype, weights_qtype);
   return top_k_rows(logits, k).view({num_heads, hidden.size(0), k});
 }
 
@@ -917,7 +917,7 @@ torch::Tensor medusa_top_k(torch::Tensor hidden, std::vector<torch::Tensor> weig
 std::tuple<torch::Tensor, torch::Tensor> medusa_top_k_logprobs(
     torch::Tensor hidden, std::vector<torch::Tensor> weights, std::vector<torch::Tensor> biases, int64_t num_heads,
     std::vector<torch::Tensor> projections, int64_t k, int64_t projection_qtype, int64_t weights_qtype) {
-  auto logits = medusa_logits(hidden, weights, biases, num_heads, projections, k, projection_qtype, weights_qtype);
+  auto logits = medusa_logits(hidden, weights, biases, num_heads, projections, projection_qtype, weights_qtype);
   torch::Tensor logprobs;
   auto top = top_k_rows(logits, k, &logprobs);
   return {top.view({num_heads, hidden.size(0), k}), logprobs.view({num_heads, hidden.size(0), k})};
@@ -938,7 +938,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> hydra_level(torch::Tenso
                       as_float(input_bias), weights_qtype);
   x.add_(as_float(states));
   torch::Tensor logprobs;
-  auto top = top_k_rows(medusa_logits(x, weights, biases, 1, {projection}, k, projection_qtype, weights_qtype), k,
+  auto top = top_k_rows(medusa_logits(x, weights, biases, 1, {projection}, projection_qtype, weights_qtype), k,
                         &logprobs);
   return {x, top, logprobs};
 }
