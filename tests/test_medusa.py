@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 from itertools import accumulate
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -452,6 +453,30 @@ def test_train_medusa_times_trees_with_every_decode_step_a_tree_step(tiny_model_
     medusa_training.choose_tree(tiny_model_dir, heads_dir, [([[0]], 2.0)], 100, prompts(8), 60, 1)
     assert every_step and all(every_step)
 
+
+def test_train_medusa_times_a_tree_only_if_it_would_end_by_the_deadline(tiny_model_dir, heads_dir, monkeypatch):
+    """Each timed run takes a unit of a fake clock; a candidate is timed only if it would end by the deadline,
+    judged by how long the one before it took. The first is always timed."""
+    clock = [0.0]
+
+    def one_unit_run(llm, prompts, new_tokens, use_medusa):
+        clock[0] += 1.0
+        return 1.0, 10  # the same step times: each tree pays its tokens per step
+
+    monkeypatch.setattr(medusa_training, "timed_run", one_unit_run)
+    monkeypatch.setattr(medusa_training, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    candidates = [([[0]], 2.0), ([[0], [1]], 2.1), ([[0], [1], [2]], 2.2)]
+
+    def timed_within(budget: float) -> int:
+        clock[0] = 0.0
+        choice = medusa_training.choose_tree(tiny_model_dir, heads_dir, candidates, 100, prompts(8), 4, 1,
+                                             deadline=budget)
+        return len(choice.measurements["candidates"])
+
+    took = 2 * len(medusa_training.TIMING_BATCHES)  # plain and tree runs at each batch size
+    assert timed_within(0.0) == 1
+    assert timed_within(2 * took - 1) == 1  # the second would end a unit late
+    assert timed_within(2 * took) == 2
 
 def test_break_even_is_the_measured_tree_step_against_a_plain_one():
     rows = [{"tree": [[0]], "step_ms_bs1": 6.0, "plain_step_ms_bs1": 5.0, "step_ms_bs2": 12.0,

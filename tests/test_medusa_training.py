@@ -386,7 +386,8 @@ def test_chat_self_distillation(chat_model_dir, tmp_path):
 
 def test_the_minutes_budget_bounds_writing_and_tree_timing(chat_model_dir, tmp_path, monkeypatch, capsys):
     """The model stops writing texts once the next chunk would end past 60% of --minutes, and trees stop being
-    timed past the whole (the first is always timed); with the default budget, all are written."""
+    timed where the next would end past the whole (the first is always timed; the rest are kept for --retime);
+    with the default budget, all texts are written."""
     monkeypatch.setattr(medusa_training, "WRITE_CHUNK", 4)
     # three candidates, whatever the few texts' ranks give
     monkeypatch.setattr(medusa_training, "candidate_trees",
@@ -398,7 +399,22 @@ def test_the_minutes_budget_bounds_writing_and_tree_timing(chat_model_dir, tmp_p
     assert report["train_texts"] + report["held_out_texts"] == 4 and report["budget_minutes"] == 0.0001
     assert "the model wrote 4 of 12 texts" in capsys.readouterr().out
     measured = json.loads((tmp_path / "short" / TREE_FILE).read_text())["measurements"]
-    assert len(measured["candidates"]) == 1 and measured["untimed_for_the_budget"] == 2
+    assert len(measured["candidates"]) == 1
+    assert [(r["tree"], r["tokens_per_step"]) for r in measured["untimed_for_the_budget"]] == [
+        ([[0], [0, 0]], 1.7), ([[0], [1], [0, 0]], 1.8)]
+    # --retime has no budget: it times the candidates the budget left untimed too
+    train_main(["--model", str(chat_model_dir), "--out", str(tmp_path / "short"), "--retime", "--timing-tokens", "4",
+                "--timing-repeats", "1"])
+    retimed = json.loads(machine_tree_file(tmp_path / "short", LLM(chat_model_dir).config.weights).read_text())
+    assert [r["tree_size"] for r in retimed["measurements"]["candidates"]] == [2, 3, 4]
+    assert retimed["measurements"]["untimed_for_the_budget"] == []
+    stored = json.loads((tmp_path / "short" / TREE_FILE).read_text())  # as heads timed before: the number alone
+    stored["measurements"]["untimed_for_the_budget"] = 2
+    (tmp_path / "short" / TREE_FILE).write_text(json.dumps(stored))
+    train_main(["--model", str(chat_model_dir), "--out", str(tmp_path / "short"), "--retime", "--timing-tokens", "4",
+                "--timing-repeats", "1"])
+    retimed = json.loads(machine_tree_file(tmp_path / "short", LLM(chat_model_dir).config.weights).read_text())
+    assert [r["tree_size"] for r in retimed["measurements"]["candidates"]] == [2]
     train_main([*common, "--out", str(tmp_path / "whole"), "--no-tree"])
     report = json.loads((tmp_path / "whole" / "training.json").read_text())
     assert report["train_texts"] + report["held_out_texts"] == 12

@@ -26,8 +26,8 @@ beside the heads (tree.json: a big tree for a sequence decoding alone, where its
 one for batches), up to the most sequences a tree pays at, and the engine uses them, decoding plainly above that;
 when none beats plain decoding, tree.json says so and the engine decodes plainly. What a tree step costs
 against a plain one differs between CPUs, thread counts and weights (a Q4_1 file or a BF16 one): `--retime` times
-the same candidates again on the machine that will serve, with the weights it will serve (no training), and the
-engine prefers that choice there (tree.machine_tree_file)."""
+the same candidates again (those the budget left untimed too) on the machine that will serve, with the weights it
+will serve (no training), and the engine prefers that choice there (tree.machine_tree_file)."""
 from __future__ import annotations
 
 import argparse
@@ -535,14 +535,16 @@ def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[l
     step and its step time against a plain step of the same engine there, the two timed in turn (best of `repeats`
     each: load from other processes hits both alike). A tree may serve a batch size only if it paid (measured at
     least PAYS times plain decoding) there and at every smaller one (its row's max_batch_size); the engine decodes
-    plainly above the largest batch size any tree paid at. No trees if none pays at batch 1. Past `deadline`
-    (perf_counter), no further candidate is timed: the smaller trees come first."""
+    plainly above the largest batch size any tree paid at. No trees if none pays at batch 1. A candidate is timed
+    only if it would end by `deadline` (perf_counter), judging by how long the one before it took (the first is
+    always timed; the smaller trees come first)."""
     if not candidates:
         return TreeChoice([], "no Medusa tree pays: no draft was right on the held-out text", {})
-    trees, weights = [], None
+    trees, weights, last_took = [], None, 0.0
     with tempfile.TemporaryDirectory() as tmp, tqdm(candidates, desc="timing trees") as bar:
         for n, (paths, tokens_per_step) in enumerate(bar):
-            if trees and time.perf_counter() > deadline:
+            began = time.perf_counter()
+            if trees and began + last_took > deadline:
                 break
             tree_file = Path(tmp) / f"tree{n}.json"
             tree_file.write_text(json.dumps(paths))
@@ -569,8 +571,11 @@ def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[l
                     break
                 row["max_batch_size"] = b
             trees.append(row)
+            last_took = time.perf_counter() - began
+    # the candidates the budget left untimed are kept, so that --retime (no budget) times them too
+    untimed = [{"tree": paths, "tokens_per_step": per_step} for paths, per_step in candidates[len(trees):]]
     measurements = {"held_out_positions": held_out_positions, "threads": torch.get_num_threads(),
-                    "weights": weights, "candidates": trees, "untimed_for_the_budget": len(candidates) - len(trees)}
+                    "weights": weights, "candidates": trees, "untimed_for_the_budget": untimed}
     return choice_from(measurements)
 
 
@@ -591,14 +596,18 @@ def choice_from(measurements: dict) -> TreeChoice:
 
 
 def retime(model_path: Path, heads_dir: Path, new_tokens: int, repeats: int, seed: int) -> tuple[TreeChoice, Path]:
-    """Time again, on this machine and thread count, the candidate trees measured with the heads (their
-    held-out tokens per step stay), with these weights, and keep the choice where the engine looks first
-    (machine_tree_file). Step times hardly depend on the prompts' words, so they are random tokens."""
+    """Time again, on this machine and thread count, the candidate trees kept with the heads (those the training's
+    budget left untimed too; their held-out tokens per step stay), with these weights, and keep the choice where the
+    engine looks first (machine_tree_file). Step times hardly depend on the prompts' words, so they are random
+    tokens."""
     stored = TreeChoice.read(heads_dir / TREE_FILE)
     if stored is None or not stored.measurements.get("candidates"):
         raise SystemExit(f"gorgon train-medusa: error: {heads_dir} holds no measured trees to time again "
                          f"(no {TREE_FILE} with candidates: train the heads here without --no-tree)")
-    candidates = [(row["tree"], row["tokens_per_step"]) for row in stored.measurements["candidates"]]
+    untimed = stored.measurements.get("untimed_for_the_budget", [])
+    if not isinstance(untimed, list):  # heads timed before the untimed trees were kept: their number alone
+        untimed = []
+    candidates = [(row["tree"], row["tokens_per_step"]) for row in stored.measurements["candidates"] + untimed]
     config = json.loads((heads_dir / "config.json").read_text())
     if "vocab_size" not in config:
         raise ValueError(f"{heads_dir / 'config.json'} has no vocab_size (heads not trained by train-medusa?)")
@@ -651,7 +660,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="self-distillation: texts to generate (at most: see --minutes)")
     parser.add_argument("--minutes", type=float, default=30.0,
                         help="the run's time budget: the model writes texts for at most 60%% of it, and trees are "
-                             "timed while it lasts (at least one); 0: no budget")
+                             "timed while the next one fits in it (at least one); 0: no budget")
     parser.add_argument("--prefix-tokens", type=int, default=8, help="self-distillation: sampled prefix length")
     parser.add_argument("--temperature", type=float, default=0.0, help="self-distillation: continuation temperature")
     parser.add_argument("--draft-coverage", type=float, default=0.95,
