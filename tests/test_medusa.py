@@ -478,6 +478,7 @@ def test_train_medusa_times_a_tree_only_if_it_would_end_by_the_deadline(tiny_mod
     assert timed_within(2 * took - 1) == 1  # the second would end a unit late
     assert timed_within(2 * took) == 2
 
+
 def test_break_even_is_the_measured_tree_step_against_a_plain_one():
     rows = [{"tree": [[0]], "step_ms_bs1": 6.0, "plain_step_ms_bs1": 5.0, "step_ms_bs2": 12.0,
              "plain_step_ms_bs2": 6.0},
