@@ -415,6 +415,10 @@ def test_the_minutes_budget_bounds_writing_and_tree_timing(chat_model_dir, tmp_p
                 "--timing-repeats", "1"])
     retimed = json.loads(machine_tree_file(tmp_path / "short", LLM(chat_model_dir).config.weights).read_text())
     assert [r["tree_size"] for r in retimed["measurements"]["candidates"]] == [2]
+    stored["measurements"]["untimed_for_the_budget"] = [3]  # a hand-edited file: an error, not a traceback
+    (tmp_path / "short" / TREE_FILE).write_text(json.dumps(stored))
+    with pytest.raises(SystemExit, match="gorgon train-medusa: error"):
+        train_main(["--model", str(chat_model_dir), "--out", str(tmp_path / "short"), "--retime"])
     train_main([*common, "--out", str(tmp_path / "whole"), "--no-tree"])
     report = json.loads((tmp_path / "whole" / "training.json").read_text())
     assert report["train_texts"] + report["held_out_texts"] == 12

@@ -784,7 +784,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             model_path = resolve_model(args.model)
             choice, path = retime(model_path, Path(args.out), args.timing_tokens, args.timing_repeats, args.seed)
-        except (ValueError, OSError, KeyError) as e:  # a broken tree.json, heads without config.json, ...
+        except (ValueError, OSError, KeyError, TypeError) as e:  # a broken tree.json, heads without config.json, ...
             raise SystemExit(f"gorgon train-medusa: error: {e}") from None
         print(f"{choice.summary}\nwrote {path}")
         return
