@@ -3,11 +3,13 @@
 engine, greedy decoding with every transform equals a hand-written loop over HF logits."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.sampler import Sampler, TokenCounts, adjust_logits, draw_tokens, filtered_probs
+from engine.sampler import NUCLEUS_CANDIDATES, Sampler, TokenCounts, adjust_logits, draw_tokens, filtered_probs
 
 from conftest import adjusted_by_hand, hf_model
 
@@ -131,6 +133,40 @@ def test_top_k_and_top_p_by_hand():
     # top_p 0.65: 0.4 and 0.3 reach it, so 0.2 and 0.1 go; at 0.75 they do not, so 0.2 stays
     top_p = filtered_probs(probs.log().repeat(2, 1), [SamplingParams(top_p=0.65), SamplingParams(top_p=0.75)])
     assert top_p.tolist() == [pytest.approx([4 / 7, 3 / 7, 0, 0]), pytest.approx([4 / 9, 3 / 9, 2 / 9, 0])]
+
+
+def sorted_filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """filtered_probs the obvious way: every row's whole vocabulary sorted, for top-k and for top-p."""
+    logits = logits / torch.tensor([p.temperature for p in params])[:, None]
+    for i, p in enumerate(params):
+        row = logits[i]
+        if p.min_p > 0:
+            row[row < row.max() + math.log(p.min_p)] = float("-inf")
+        if 0 < p.top_k < row.numel():
+            row[row < row.sort(descending=True).values[p.top_k - 1]] = float("-inf")
+        if p.top_p < 1.0:
+            probs, order = row.softmax(dim=-1).sort(descending=True)
+            row[order[probs.cumsum(dim=-1) - probs >= p.top_p]] = float("-inf")
+    return logits.softmax(dim=-1)
+
+
+def test_top_k_and_top_p_keep_what_a_full_sort_keeps_whatever_the_nucleus_size():
+    vocab = 5000
+    raw = torch.randn(8, vocab, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
+    # peaked rows hold their nucleus in a few tokens, row 4 in more than NUCLEUS_CANDIDATES; the flat ones need
+    # most of the vocabulary, so the whole row is sorted
+    raw = raw * torch.tensor([8.0, 8.0, 0.05, 0.05, 1.0, 1.0, 3.0, 0.01])[:, None]
+    params = [SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=0.7, top_k=40, top_p=0.5),
+              SamplingParams(temperature=1.0, top_p=0.95), SamplingParams(temperature=1.0, top_p=0.999),
+              SamplingParams(temperature=1.0, top_k=vocab, top_p=0.9), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=0.5, min_p=0.01, top_k=300, top_p=0.8),
+              SamplingParams(temperature=1.0, top_k=3)]
+    fast, slow = filtered_probs(raw.clone(), params), sorted_filter(raw.clone(), params)
+    assert torch.equal(fast > 0, slow > 0)
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-7)
+    kept = (fast > 0).sum(dim=-1).tolist()
+    assert kept[0] < NUCLEUS_CANDIDATES < kept[4] < 16 * NUCLEUS_CANDIDATES < kept[2] < vocab
+    assert kept[5] == vocab and kept[7] == 3
 
 
 def test_greedy_rows_take_the_argmax_after_penalties_and_logit_bias():
