@@ -10,7 +10,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
 from engine import LLM
-from server import adapter_routes, openai_routes, ops_routes, playground
+from server import adapter_routes, openai_routes, ops_routes, playground, responses_api
 from server.async_engine import AsyncEngine
 from server.errors import install_error_handlers
 from server.guards import BodyGuard
@@ -39,7 +39,7 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     if config.cors_origins:  # added last, so outermost: preflight requests and error responses get its headers
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])
-    for module in (openai_routes, adapter_routes, ops_routes, playground):  # playground: the web page at /
+    for module in (openai_routes, responses_api, adapter_routes, ops_routes, playground):  # playground: page at /
         app.include_router(module.router)
     app.openapi = lambda: openapi(app)
     return app

@@ -29,14 +29,7 @@ async def generate(request: Request, state: ServerState, req: SamplingRequest, p
     """Answer `prompts` (token ids; a chat has one): choice i is choice i % n of prompt i // n."""
     streams = await start(state, req, prompts)
     if not req.stream:
-        try:
-            finals = await until_done(request, streams)
-        except EngineError as e:
-            raise APIError(500, str(e), "internal_error") from None
-        except EngineStopped as e:
-            raise APIError(503, str(e), "service_unavailable") from None
-        finally:
-            close_all(streams)
+        finals = await finished(request, streams)
         return JSONResponse(renderer.response(finals, usage(prompts, finals)).model_dump())
 
     async def events() -> AsyncIterator[str]:
@@ -86,6 +79,18 @@ async def start(state: ServerState, req: SamplingRequest, prompts: list[list[int
         if len(streams) < len(choices):
             close_all(streams)
     return streams
+
+
+async def finished(request: Request, streams: list[RequestStream]) -> list[RequestOutput]:
+    """Every stream's finished output, the streams closed either way; the engine's failures as API errors."""
+    try:
+        return await until_done(request, streams)
+    except EngineError as e:
+        raise APIError(500, str(e), "internal_error") from None
+    except EngineStopped as e:
+        raise APIError(503, str(e), "service_unavailable") from None
+    finally:
+        close_all(streams)
 
 
 def close_all(streams: list[RequestStream]) -> None:

@@ -552,3 +552,154 @@ class DetokenizeRequest(RequestBody):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# --- OpenAI's Responses API (server.responses_api): text in, text out, nothing stored --------------------------
+
+class ResponsesInputPart(RequestBody):
+    type: Literal["input_text", "output_text"]  # output_text: an earlier answer's text, sent back as input
+    text: str
+    annotations: list[Any] | None = None  # (an earlier answer's: unused)
+    logprobs: list[Any] | None = None
+
+
+class ResponsesInputMessage(RequestBody):
+    """An input item: a message of text (an earlier answer's output message included, with its id and status)."""
+
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ResponsesInputPart]
+    id: str | None = None  # (an earlier answer's output message: unused)
+    status: str | None = None
+    phase: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _messages_of_text(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("type", "message") != "message":
+            raise field_error(f"input: items of type {data['type']!r} are not supported by this server: it takes "
+                              "messages of text")
+        parts = data.get("content") if isinstance(data, dict) and isinstance(data.get("content"), list) else []
+        kinds = {part.get("type") for part in parts if isinstance(part, dict)} - {"input_text", "output_text"}
+        if kinds:
+            raise field_error(f"input: content parts of type {', '.join(map(repr, sorted(map(str, kinds))))} are "
+                              "not supported by this server: it takes text only")
+        return data
+
+    def chat_message(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": self.role, "content": text}
+
+
+class ResponsesTextFormat(RequestBody):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponsesText(RequestBody):
+    format: ResponsesTextFormat | None = None
+
+
+class ResponsesRequest(RequestBody):
+    """/v1/responses: `instructions` (a system message) and `input` (a user message, or messages) go through the
+    model's chat template, and the answer is sampled as a chat completion's (ChatCompletionRequest validates
+    it). Stateless: no stored responses to go on from, no background runs; no tools or reasoning."""
+
+    model: str | None = None
+    input: str | Annotated[list[ResponsesInputMessage], Field(min_length=1)]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stream: bool = False
+    text: ResponsesText | None = None
+    # accepted and unused: they cannot change an answer
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    truncation: Literal["disabled"] | None = None  # ("auto", dropping the input's start to fit, is not served)
+    # not served: any value but null (or an empty list, false or "none") is an error that names the field
+    tools: Any = None
+    tool_choice: Any = None
+    previous_response_id: Any = None
+    conversation: Any = None
+    reasoning: Any = None
+    background: Any = None
+    include: Any = None
+    prompt: Any = None
+
+    @field_validator("tools", "tool_choice", "previous_response_id", "conversation", "reasoning", "background",
+                     "include", "prompt")
+    @classmethod
+    def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
+        if value not in (None, [], False, "none", "auto"):
+            raise unsupported(info.field_name, " on /v1/responses" + (
+                ": use /v1/chat/completions for tools" if info.field_name in ("tools", "tool_choice") else ""))
+        return value
+
+    def chat(self) -> ChatCompletionRequest:
+        """The same answer asked as a chat completion (raises pydantic's ValidationError where it is not valid)."""
+        messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
+        messages += ([{"role": "user", "content": self.input}] if isinstance(self.input, str)
+                     else [m.chat_message() for m in self.input])
+        body: dict[str, Any] = {"messages": messages, "model": self.model, "max_tokens": self.max_output_tokens,
+                                "temperature": self.temperature, "top_p": self.top_p}
+        fmt = self.text.format if self.text is not None else None
+        if fmt is not None and fmt.type == "json_schema":
+            schema = {"name": fmt.name or "response", "schema": fmt.schema_ or {}, "strict": fmt.strict,
+                      "description": fmt.description}
+            body["response_format"] = {"type": "json_schema", "json_schema": {k: v for k, v in schema.items()
+                                                                              if v is not None}}
+        elif fmt is not None:
+            body["response_format"] = {"type": fmt.type}
+        return ChatCompletionRequest.model_validate(body)
+
+
+class ResponseOutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+
+
+class ResponseOutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] = "assistant"
+    content: list[ResponseOutputText]
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: dict[str, int] = Field(default_factory=lambda: {"cached_tokens": 0})
+    output_tokens_details: dict[str, int] = Field(default_factory=lambda: {"reasoning_tokens": 0})
+
+
+class ResponseObject(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int = Field(default_factory=lambda: int(time.time()))
+    status: Literal["in_progress", "completed", "incomplete"]
+    model: str
+    output: list[ResponseOutputMessage]
+    incomplete_details: dict[str, str] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float
+    top_p: float
+    text: dict[str, Any]
+    metadata: dict[str, str] = Field(default_factory=dict)
+    parallel_tool_calls: bool = False
+    tool_choice: str = "none"
+    tools: list[Any] = Field(default_factory=list)
+    truncation: str = "disabled"
+    store: bool = False
+    error: ErrorInfo | None = None
+    usage: ResponseUsage | None = None

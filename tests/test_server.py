@@ -192,6 +192,55 @@ class Verdict(BaseModel):
     sure: bool
 
 
+def test_responses_api_answers_as_chat_completions_do(client, oracle):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    got = client.responses.create(model=MODEL, instructions="be brief", input="hi", max_output_tokens=6, temperature=0)
+    assert got.output_text == chat.choices[0].message.content and got.output[0].role == "assistant"
+    assert got.usage.input_tokens == chat.usage.prompt_tokens == len(chat_prompt_ids(oracle.tokenizer, messages))
+    assert got.usage.output_tokens == chat.usage.completion_tokens
+    cut = chat.choices[0].finish_reason == "length"
+    assert got.status == ("incomplete" if cut else "completed")
+    assert (got.incomplete_details.reason if cut else got.incomplete_details) == ("max_output_tokens" if cut else None)
+    # input as messages, an earlier answer's output message among them
+    turns = [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}, got.output[0].model_dump(),
+             {"role": "user", "content": "again"}]
+    again = client.responses.create(model=MODEL, input=turns, max_output_tokens=6, temperature=0)
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": got.output_text},
+               {"role": "user", "content": "again"}]
+    assert again.output_text == client.chat.completions.create(model=MODEL, messages=history, max_tokens=6,
+                                                               temperature=0).choices[0].message.content
+
+
+def test_responses_api_streams_its_events_in_order(client):
+    args = dict(model=MODEL, input="hello", max_output_tokens=10, temperature=0)
+    whole = client.responses.create(**args)
+    events = list(client.responses.create(stream=True, **args))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          f"response.{whole.status}"]
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events[4:-4]) == events[-4].text == whole.output_text
+    assert events[-1].response.output_text == whole.output_text and events[-1].response.usage == whole.usage
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input"),
+    ({"input": "hi", "max_output_tokens": 1 << 20}, "max_output_tokens"),
+    ({"input": "hi", "text": {"format": {"type": "json_schema", "schema": []}}}, "text"),
+    ({"input": []}, "input"),
+])
+def test_responses_api_refuses_what_it_does_not_serve_by_name(running, body, param):
+    r = httpx.post(f"{running.url}/v1/responses", json={"model": MODEL, **body},
+                   headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_structured_outputs_through_the_openai_client(client, oracle):
     """The openai SDK's parse() sends response_format json_schema (strict) and reads the answer back into the
     model; streamed, the chunks join into the same JSON; vLLM's guided_choice and structured_outputs work too.
