@@ -7,7 +7,14 @@ from fastapi.responses import Response
 from server.errors import ERROR_RESPONSES, APIError
 from server.generation import generate
 from server.guards import require_api_key
-from server.prompts import chat_prompt_ids, check_token_ids, completion_prompt_ids, prompt_text, require_tokenizer
+from server.prompts import (
+    chat_prompt_ids,
+    chat_request_ids,
+    check_token_ids,
+    completion_prompt_ids,
+    prompt_text,
+    require_tokenizer,
+)
 from server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -24,7 +31,6 @@ from server.protocol import (
 )
 from server.responses import ChatRenderer, CompletionRenderer
 from server.state import ServerState, State
-from server.tools import active_tools, system_prompt
 
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
@@ -52,11 +58,7 @@ async def completions(req: CompletionRequest, request: Request, state: State) ->
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
              responses=streamed_as(ChatCompletionChunk))
 async def chat_completions(req: ChatCompletionRequest, request: Request, state: State) -> Response:
-    try:
-        calls = bool(active_tools(req))
-    except ValueError as e:
-        raise APIError(400, str(e), param="tool_choice") from None
-    prompt_ids = chat_prompt_ids(state.tokenizer, req.messages, tools_prompt=system_prompt(req) if calls else None)
+    prompt_ids, calls = chat_request_ids(state.tokenizer, req)
     renderer = ChatRenderer(req.model or state.config.model_name, state.tokenizer, req.top_alternatives,
                             returns_token_ids(req, state), calls)
     return await generate(request, state, req, [prompt_ids], renderer)

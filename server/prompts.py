@@ -5,8 +5,8 @@ from __future__ import annotations
 from jinja2 import TemplateError
 
 from server.errors import APIError
-from server.protocol import ChatMessage
-from server.tools import calls_text
+from server.protocol import ChatCompletionRequest, ChatMessage
+from server.tools import active_tools, calls_text, system_prompt
 
 # Used when the tokenizer has none (e.g. a base model): one "<|role|>" header line per message.
 FALLBACK_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -51,6 +51,16 @@ def prompt_text(tokenizer, prompt: str | list[int]) -> str:
     if isinstance(prompt, str):
         return prompt
     return tokenizer.decode(prompt) if tokenizer is not None else ""
+
+
+def chat_request_ids(tokenizer, req: ChatCompletionRequest) -> tuple[list[int], bool]:
+    """A chat request's prompt, with server.tools' system prompt where its tools are in play, and whether they are
+    (a tool_choice that names no tool is a 400)."""
+    try:
+        calls = bool(active_tools(req))
+    except ValueError as e:
+        raise APIError(400, str(e), param="tool_choice") from None
+    return chat_prompt_ids(tokenizer, req.messages, tools_prompt=system_prompt(req) if calls else None), calls
 
 
 def chat_prompt_ids(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True,

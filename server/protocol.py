@@ -14,7 +14,9 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
@@ -556,29 +558,28 @@ class DetokenizeResponse(BaseModel):
 
 # --- OpenAI's Responses API (server.responses_api): text in, text out, nothing stored --------------------------
 
-class ResponsesInputPart(RequestBody):
+class ResponsesInputItem(BaseModel):
+    """An input item. Clients send an earlier answer's output items back as they got them, with whatever fields
+    their SDK's version has (ids, statuses, annotations, ...): those are ignored, not refused."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class ResponsesInputPart(ResponsesInputItem):
     type: Literal["input_text", "output_text"]  # output_text: an earlier answer's text, sent back as input
     text: str
-    annotations: list[Any] | None = None  # (an earlier answer's: unused)
-    logprobs: list[Any] | None = None
 
 
-class ResponsesInputMessage(RequestBody):
-    """An input item: a message of text (an earlier answer's output message included, with its id and status)."""
+class ResponsesInputMessage(ResponsesInputItem):
+    """A message of text (an earlier answer's output message among them)."""
 
     type: Literal["message"] = "message"
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ResponsesInputPart]
-    id: str | None = None  # (an earlier answer's output message: unused)
-    status: str | None = None
-    phase: str | None = None
 
     @model_validator(mode="before")
     @classmethod
-    def _messages_of_text(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("type", "message") != "message":
-            raise field_error(f"input: items of type {data['type']!r} are not supported by this server: it takes "
-                              "messages of text")
+    def _text_only(cls, data: Any) -> Any:
         parts = data.get("content") if isinstance(data, dict) and isinstance(data.get("content"), list) else []
         kinds = {part.get("type") for part in parts if isinstance(part, dict)} - {"input_text", "output_text"}
         if kinds:
@@ -589,6 +590,46 @@ class ResponsesInputMessage(RequestBody):
     def chat_message(self) -> dict[str, str]:
         text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
         return {"role": self.role, "content": text}
+
+
+class ResponsesFunctionCall(ResponsesInputItem):
+    """An earlier answer's call of a function."""
+
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class ResponsesFunctionCallOutput(ResponsesInputItem):
+    """What a call returned."""
+
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str
+
+
+def input_item_type(item: Any) -> str:
+    return item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
+
+
+ResponsesInput = Annotated[Annotated[ResponsesInputMessage, Tag("message")]
+                               | Annotated[ResponsesFunctionCall, Tag("function_call")]
+                               | Annotated[ResponsesFunctionCallOutput, Tag("function_call_output")],
+                               Discriminator(input_item_type)]
+
+
+class ResponsesFunctionTool(RequestBody):
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponsesNamedTool(RequestBody):
+    type: Literal["function"]
+    name: str
 
 
 class ResponsesTextFormat(RequestBody):
@@ -604,12 +645,13 @@ class ResponsesText(RequestBody):
 
 
 class ResponsesRequest(RequestBody):
-    """/v1/responses: `instructions` (a system message) and `input` (a user message, or messages) go through the
-    model's chat template, and the answer is sampled as a chat completion's (ChatCompletionRequest validates
-    it). Stateless: no stored responses to go on from, no background runs; no tools or reasoning."""
+    """/v1/responses: `instructions` (a system message) and `input` (a user message, or messages and earlier
+    calls of functions with their outputs) go through the model's chat template, and the answer is sampled as a
+    chat completion's, tools included (ChatCompletionRequest validates it). Stateless: no stored responses to go
+    on from, no background runs; no reasoning."""
 
     model: str | None = None
-    input: str | Annotated[list[ResponsesInputMessage], Field(min_length=1)]
+    input: str | Annotated[list[ResponsesInput], Field(min_length=1)]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -621,11 +663,11 @@ class ResponsesRequest(RequestBody):
     metadata: dict[str, str] | None = None
     user: str | None = None
     service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
     truncation: Literal["disabled"] | None = None  # ("auto", dropping the input's start to fit, is not served)
-    # not served: any value but null (or an empty list, false or "none") is an error that names the field
-    tools: Any = None
-    tool_choice: Any = None
+    tools: list[ResponsesFunctionTool] | None = Field(default=None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | ResponsesNamedTool | None = None
+    parallel_tool_calls: bool = False  # (as chat completions: see ChatCompletionRequest)
+    # not served: any value but null (or an empty list, or false) is an error that names the field
     previous_response_id: Any = None
     conversation: Any = None
     reasoning: Any = None
@@ -633,22 +675,40 @@ class ResponsesRequest(RequestBody):
     include: Any = None
     prompt: Any = None
 
-    @field_validator("tools", "tool_choice", "previous_response_id", "conversation", "reasoning", "background",
-                     "include", "prompt")
+    @field_validator("previous_response_id", "conversation", "reasoning", "background", "include", "prompt")
     @classmethod
     def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
-        if value not in (None, [], False, "none", "auto"):
-            raise unsupported(info.field_name, " on /v1/responses" + (
-                ": use /v1/chat/completions for tools" if info.field_name in ("tools", "tool_choice") else ""))
+        if value not in (None, [], False):
+            raise unsupported(info.field_name, " on /v1/responses")
         return value
 
     def chat(self) -> ChatCompletionRequest:
         """The same answer asked as a chat completion (raises pydantic's ValidationError where it is not valid)."""
-        messages = [{"role": "system", "content": self.instructions}] if self.instructions is not None else []
-        messages += ([{"role": "user", "content": self.input}] if isinstance(self.input, str)
-                     else [m.chat_message() for m in self.input])
+        messages: list[dict[str, Any]] = ([{"role": "system", "content": self.instructions}]
+                                          if self.instructions is not None else [])
+        items = [ResponsesInputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        for item in items:
+            if isinstance(item, ResponsesInputMessage):
+                messages.append(item.chat_message())
+            elif isinstance(item, ResponsesFunctionCall):  # consecutive calls: one assistant message
+                call = {"id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}}
+                if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
+                    messages[-1]["tool_calls"].append(call)
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            else:
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
         body: dict[str, Any] = {"messages": messages, "model": self.model, "max_tokens": self.max_output_tokens,
-                                "temperature": self.temperature, "top_p": self.top_p}
+                                "temperature": self.temperature, "top_p": self.top_p,
+                                "parallel_tool_calls": self.parallel_tool_calls}
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
+                             for t in self.tools]
+        if isinstance(self.tool_choice, ResponsesNamedTool):
+            body["tool_choice"] = {"type": "function", "function": {"name": self.tool_choice.name}}
+        elif self.tool_choice is not None:
+            body["tool_choice"] = self.tool_choice
         fmt = self.text.format if self.text is not None else None
         if fmt is not None and fmt.type == "json_schema":
             schema = {"name": fmt.name or "response", "schema": fmt.schema_ or {}, "strict": fmt.strict,
@@ -674,6 +734,15 @@ class ResponseOutputMessage(BaseModel):
     content: list[ResponseOutputText]
 
 
+class ResponseFunctionCall(BaseModel):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
 class ResponseUsage(BaseModel):
     input_tokens: int
     output_tokens: int
@@ -688,7 +757,7 @@ class ResponseObject(BaseModel):
     created_at: int = Field(default_factory=lambda: int(time.time()))
     status: Literal["in_progress", "completed", "incomplete"]
     model: str
-    output: list[ResponseOutputMessage]
+    output: list[ResponseOutputMessage | ResponseFunctionCall]
     incomplete_details: dict[str, str] | None = None
     instructions: str | None = None
     max_output_tokens: int | None = None
@@ -697,8 +766,8 @@ class ResponseObject(BaseModel):
     text: dict[str, Any]
     metadata: dict[str, str] = Field(default_factory=dict)
     parallel_tool_calls: bool = False
-    tool_choice: str = "none"
-    tools: list[Any] = Field(default_factory=list)
+    tool_choice: str | dict[str, str] = "auto"
+    tools: list[dict[str, Any]] = Field(default_factory=list)
     truncation: str = "disabled"
     store: bool = False
     error: ErrorInfo | None = None

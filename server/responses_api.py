@@ -4,7 +4,8 @@ from `text.format`, context checks), and come back as a Response object, or stre
 response.created, response.in_progress, response.output_item.added, response.content_part.added,
 response.output_text.delta (one per engine step), response.output_text.done, response.content_part.done,
 response.output_item.done, response.completed (or response.incomplete, where max_output_tokens cut the answer).
-Nothing is stored, so there is no previous_response_id to go on from; tools are served on chat completions."""
+Function tools are chat completions' (server.tools), their calls output items of type function_call, and earlier
+calls and their outputs input items. Nothing is stored, so there is no previous_response_id to go on from."""
 from __future__ import annotations
 
 import json
@@ -12,16 +13,17 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 
 from engine import RequestOutput
 from server.errors import ERROR_RESPONSES, APIError
 from server.generation import close_all, finished, interleave, start
 from server.guards import require_api_key
-from server.prompts import chat_prompt_ids
+from server.prompts import chat_request_ids
 from server.protocol import (
     ChatCompletionRequest,
+    ResponseFunctionCall,
     ResponseObject,
     ResponseOutputMessage,
     ResponseOutputText,
@@ -30,6 +32,7 @@ from server.protocol import (
     random_id,
 )
 from server.state import State
+from server.tools import read_answer, response_text
 
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
@@ -41,11 +44,11 @@ RESPONSES_NAMES = {"max_tokens": "max_output_tokens", "messages": "input", "resp
 async def responses(req: ResponsesRequest, request: Request, state: State) -> Response:
     chat = as_chat(req)
     try:
-        prompt_ids = chat_prompt_ids(state.tokenizer, chat.messages)
+        prompt_ids, tools = chat_request_ids(state.tokenizer, chat)
         streams = await start(state, chat, [prompt_ids])
     except APIError as e:
         raise renamed(e) from None
-    answer = Answer(req, chat.model or state.config.model_name, len(prompt_ids))
+    answer = Answer(req, chat.model or state.config.model_name, len(prompt_ids), tools)
     if not req.stream:
         (final,) = await finished(request, streams)
         return JSONResponse(answer.response(final).model_dump())
@@ -56,8 +59,8 @@ async def responses(req: ResponsesRequest, request: Request, state: State) -> Re
             for event in answer.opening():
                 yield sse(event)
             async for _, out in interleave(streams):
-                if out.new_text:
-                    yield sse(answer.delta(out.new_text))
+                for event in answer.step(out):
+                    yield sse(event)
             for event in answer.closing(out):
                 yield sse(event)
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in-band
@@ -92,28 +95,39 @@ def sse(event: dict) -> str:
 
 
 class Answer:
-    """One response as it is built: the Response object, its output message, and the events of a stream, numbered
-    in the order they are made."""
+    """One response as it is built: the Response object, its output items (a message, and with tools the calls of
+    functions after it), and the events of a stream, numbered in the order they are made. With tools the answer is
+    server.tools' JSON object: a stream sends its response text as it grows, its calls once whole."""
 
-    def __init__(self, req: ResponsesRequest, model: str, input_tokens: int) -> None:
-        self.req, self.model, self.input_tokens = req, model, input_tokens
+    def __init__(self, req: ResponsesRequest, model: str, input_tokens: int, tools: bool) -> None:
+        self.req, self.model, self.input_tokens, self.tools = req, model, input_tokens, tools
         self.id, self.item_id = random_id("resp"), random_id("msg")
         self.sequence_number = 0
+        self.sent = 0  # characters of the message's text streamed
+        self.opened = False  # the message announced in the stream
 
     def response(self, final: RequestOutput | None) -> ResponseObject:
-        """The Response object: in progress (final None), else finished with final's text and usage."""
+        """The Response object: in progress (final None), else finished with final's output and usage."""
         fmt = self.req.text.format if self.req.text is not None and self.req.text.format is not None else None
+        choice = self.req.tool_choice
         common = dict(id=self.id, model=self.model, instructions=self.req.instructions,
                       max_output_tokens=self.req.max_output_tokens, temperature=self.req.temperature,
                       top_p=self.req.top_p, metadata=self.req.metadata or {},
-                      text={"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}})
+                      text={"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
+                      tools=[t.model_dump(exclude_none=True) for t in self.req.tools or []],
+                      tool_choice=choice.model_dump() if isinstance(choice, BaseModel) else choice or "auto",
+                      parallel_tool_calls=self.req.parallel_tool_calls)
         if final is None:
             return ResponseObject(status="in_progress", output=[], **common)
         cut = final.finish_reason == "length"
         status = "incomplete" if cut else "completed"
+        content, calls = read_answer(final.text) if self.tools else (final.text, [])
+        output = [] if content is None else [self.message(content, status)]
+        output += [ResponseFunctionCall(id=random_id("fc"), call_id=call.id, name=call.function.name,
+                                        arguments=call.function.arguments, status=status) for call in calls]
         usage = ResponseUsage(input_tokens=self.input_tokens, output_tokens=len(final.token_ids),
                               total_tokens=self.input_tokens + len(final.token_ids))
-        return ResponseObject(status=status, output=[self.message(final.text, status)], usage=usage,
+        return ResponseObject(status=status, output=output, usage=usage,
                               incomplete_details={"reason": "max_output_tokens"} if cut else None, **common)
 
     def message(self, text: str, status: str) -> ResponseOutputMessage:
@@ -127,23 +141,45 @@ class Answer:
 
     def opening(self) -> list[dict]:
         started = self.response(None).model_dump()
-        return [self.event("response.created", response=started),
-                self.event("response.in_progress", response=started),
-                self.event("response.output_item.added", output_index=0,
+        return [self.event("response.created", response=started), self.event("response.in_progress", response=started)]
+
+    def step(self, out: RequestOutput) -> list[dict]:
+        """The events of a step's output: its new text of the message (with tools, of the response text so far)."""
+        new = out.new_text if not self.tools else (response_text(out.text) or "")[self.sent:]
+        return self.delta(new) if new else []
+
+    def delta(self, text: str) -> list[dict]:
+        events = self.open_message()
+        self.sent += len(text)
+        return events + [self.event("response.output_text.delta", item_id=self.item_id, output_index=0,
+                                    content_index=0, delta=text, logprobs=[])]
+
+    def open_message(self) -> list[dict]:
+        if self.opened:
+            return []
+        self.opened = True
+        return [self.event("response.output_item.added", output_index=0,
                            item=self.message("", "in_progress").model_dump()),
                 self.event("response.content_part.added", item_id=self.item_id, output_index=0, content_index=0,
                            part=ResponseOutputText(text="").model_dump())]
 
-    def delta(self, text: str) -> dict:
-        return self.event("response.output_text.delta", item_id=self.item_id, output_index=0, content_index=0,
-                          delta=text, logprobs=[])
-
     def closing(self, final: RequestOutput) -> list[dict]:
-        """The events after the last delta; the finished text is the deltas' (a stop string never reached them)."""
+        """The events after the last step: the message's last text and its end, each call whole, the response."""
         done = self.response(final)
-        item = done.output[0]
-        where = dict(item_id=self.item_id, output_index=0, content_index=0)
-        return [self.event("response.output_text.done", **where, text=item.content[0].text, logprobs=[]),
-                self.event("response.content_part.done", **where, part=item.content[0].model_dump()),
-                self.event("response.output_item.done", output_index=0, item=item.model_dump()),
-                self.event(f"response.{done.status}", response=done.model_dump())]
+        events = []
+        for index, item in enumerate(done.output):
+            if isinstance(item, ResponseOutputMessage):
+                text = item.content[0].text
+                events += self.delta(text[self.sent:]) if len(text) > self.sent else self.open_message()
+                where = dict(item_id=self.item_id, output_index=index, content_index=0)
+                events += [self.event("response.output_text.done", **where, text=text, logprobs=[]),
+                           self.event("response.content_part.done", **where, part=item.content[0].model_dump()),
+                           self.event("response.output_item.done", output_index=index, item=item.model_dump())]
+                continue
+            where = dict(item_id=item.id, output_index=index)
+            events += [self.event("response.output_item.added", output_index=index,
+                                  item=item.model_copy(update={"arguments": "", "status": "in_progress"}).model_dump()),
+                       self.event("response.function_call_arguments.delta", **where, delta=item.arguments),
+                       self.event("response.function_call_arguments.done", **where, arguments=item.arguments),
+                       self.event("response.output_item.done", output_index=index, item=item.model_dump())]
+        return events + [self.event(f"response.{done.status}", response=done.model_dump())]

@@ -228,9 +228,9 @@ def test_responses_api_streams_its_events_in_order(client):
 
 
 @pytest.mark.parametrize("body, param", [
-    ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+    ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools"),  # function tools only
     ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
-    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}, "input"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
     ({"input": "hi", "max_output_tokens": 1 << 20}, "max_output_tokens"),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "schema": []}}}, "text"),
     ({"input": []}, "input"),

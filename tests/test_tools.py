@@ -167,6 +167,45 @@ def test_a_conversation_with_earlier_calls_and_results(client, llm):
     assert "21 C, clear" in text and text.index("get_weather") < text.index("weather?")  # the tools come first
 
 
+def responses_tool(chat_tool: dict) -> dict:
+    """A chat completions tool as the Responses API gives it: the function's fields flat."""
+    return {"type": "function", **chat_tool["function"]}
+
+
+def test_the_responses_api_calls_tools_as_chat_completions_do(client):
+    args = dict(model=MODEL, temperature=0, parallel_tool_calls=True)
+    chat = client.chat.completions.create(messages=USER, tools=[WEATHER, TIME], tool_choice="required", max_tokens=400,
+                                          **args).choices[0].message.tool_calls
+    got = client.responses.create(input=USER, tools=[responses_tool(WEATHER), responses_tool(TIME)],
+                                  tool_choice="required", max_output_tokens=400, **args)
+    assert got.status == "completed" and all(item.type == "function_call" for item in got.output)
+    assert [(item.name, item.arguments) for item in got.output] == [(c.function.name, c.function.arguments)
+                                                                   for c in chat]
+    # streamed: each call whole, after its item is announced
+    events = list(client.responses.create(input=USER, tools=[responses_tool(WEATHER), responses_tool(TIME)],
+                                          tool_choice="required", max_output_tokens=400, stream=True, **args))
+    done = [e.arguments for e in events if e.type == "response.function_call_arguments.done"]
+    assert done == [item.arguments for item in got.output]
+    assert not any(e.type == "response.output_text.delta" for e in events)
+    assert [item.arguments for item in events[-1].response.output] == done
+
+    # the calls and their outputs sent back: the chat conversation they stand for
+    outputs = [{"type": "function_call_output", "call_id": item.call_id, "output": "21 C, clear"}
+               for item in got.output]
+    after = client.responses.create(input=[*USER, *[item.model_dump() for item in got.output], *outputs],
+                                    tools=[responses_tool(WEATHER)], max_output_tokens=600, **args)
+    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": item.call_id, "type": "function", "function": {"name": item.name, "arguments": item.arguments}}
+        for item in got.output]}, *[{"role": "tool", "tool_call_id": o["call_id"], "content": o["output"]}
+                                    for o in outputs]]
+    want = client.chat.completions.create(messages=messages, tools=[WEATHER], max_tokens=600, **args).choices[0]
+    if want.message.tool_calls:
+        assert [(i.name, i.arguments) for i in after.output] == [(c.function.name, c.function.arguments)
+                                                                 for c in want.message.tool_calls]
+    else:
+        assert after.output_text == want.message.content
+
+
 @pytest.mark.parametrize("body, message", [
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
     ({"tool_choice": "required"}, "has no tools"),
