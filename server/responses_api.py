@@ -1,7 +1,7 @@
-"""OpenAI's Responses API (/v1/responses), for text. A request's instructions and input become a chat in the model's
-template, answered as /v1/chat/completions answers it (ChatCompletionRequest: the same sampling, structured outputs
-from `text.format`, context checks), and come back as a Response object, or streamed as its events:
-response.created, response.in_progress, response.output_item.added, response.content_part.added,
+"""OpenAI's Responses API (/v1/responses), for text (no images or audio). A request's instructions and input become
+a chat in the model's template, answered as /v1/chat/completions answers it (ChatCompletionRequest: the same
+sampling, structured outputs from `text.format`, context checks), and come back as a Response object, or streamed
+as its events: response.created, response.in_progress, response.output_item.added, response.content_part.added,
 response.output_text.delta (one per engine step), response.output_text.done, response.content_part.done,
 response.output_item.done, response.completed (or response.incomplete, where max_output_tokens cut the answer).
 Function tools are chat completions' (server.tools), their calls output items of type function_call, and earlier
