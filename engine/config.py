@@ -60,6 +60,9 @@ class SamplingParams:
     logprobs: int | None = None  # return the sampled token's logprob and this many top alternatives
     prompt_logprobs: int | None = None  # also each prompt token's logprob and this many alternatives
     use_medusa: bool = True  # speculate with the engine's Medusa heads, if it has any
+    # the output expected, as token ids (OpenAI's Predicted Outputs): where the output follows it, its next tokens
+    # are drafted, with or without heads, where the engine drafts by prompt lookup (engine.medusa.ngram)
+    prediction: list[int] = field(default_factory=list)
     structured: StructuredOutput | None = None  # constrain the output to a JSON schema, regex, ... (engine.structured)
     # the final-normed hidden state that produced each output token, on the finished RequestOutput (what Medusa
     # heads learn from: engine.training.medusa); such requests decode plainly

@@ -208,6 +208,8 @@ class LLM:
         bad_bias = [t for t in params.logit_bias if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad_bias:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {bad_bias[:5]}")
+        if params.prediction and (min(params.prediction) < 0 or max(params.prediction) >= vocab):
+            raise ValueError(f"prediction token ids must be in [0, {vocab})")
         context = self.max_model_len - num_virtual_tokens  # an adapter's virtual tokens take their part
         adapter_note = f" ({num_virtual_tokens} of its {self.max_model_len} go to the adapter's virtual tokens)" \
             if num_virtual_tokens else ""

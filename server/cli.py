@@ -13,7 +13,7 @@ COMMANDS = {
     "train-adapters": ("engine.training.adapters", "train the example LoRA and prefix adapters with PEFT"),
 }
 # `gorgon bench NAME` runs bench/NAME.py
-BENCHMARKS = ("decode", "attention", "medusa", "adapters", "serving", "invariance")
+BENCHMARKS = ("decode", "attention", "medusa", "prediction", "adapters", "serving", "invariance")
 # optional dependencies -> the extra of pyproject.toml that installs them
 EXTRAS = {"peft": "train"}
 

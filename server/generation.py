@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from difflib import SequenceMatcher
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -14,7 +15,8 @@ from starlette.background import BackgroundTask
 from engine import ContextLengthError, RequestOutput
 from server.async_engine import EngineError, EngineStopped, QueueFull, RequestStream
 from server.errors import APIError
-from server.protocol import ErrorInfo, ErrorResponse, SamplingRequest, Usage
+from server.prompts import prediction_ids
+from server.protocol import CompletionTokensDetails, ErrorInfo, ErrorResponse, SamplingRequest, Usage
 from server.responses import Renderer, step_info
 from server.sampling import sampling_params
 from server.state import ServerState
@@ -27,10 +29,11 @@ DISCONNECT_POLL_S = 0.25
 async def generate(request: Request, state: ServerState, req: SamplingRequest, prompts: list[list[int]],
                    renderer: Renderer) -> Response:
     """Answer `prompts` (token ids; a chat has one): choice i is choice i % n of prompt i // n."""
-    streams = await start(state, req, prompts)
+    prediction = prediction_ids(state.tokenizer, req)
+    streams = await start(state, req, prompts, prediction)
     if not req.stream:
         finals = await finished(request, streams)
-        return JSONResponse(renderer.response(finals, usage(prompts, finals)).model_dump())
+        return JSONResponse(renderer.response(finals, usage(prompts, finals, prediction)).model_dump())
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -41,7 +44,7 @@ async def generate(request: Request, state: ServerState, req: SamplingRequest, p
                 chunk.gorgon = step_info(out, state.tokenizer)  # ours: the step behind the chunk
                 yield f"data: {chunk.model_dump_json()}\n\n"
             if req.stream_options and req.stream_options.include_usage:
-                final = renderer.usage_chunk(usage(prompts, [s.last for s in streams]))
+                final = renderer.usage_chunk(usage(prompts, [s.last for s in streams], prediction))
                 yield f"data: {final.model_dump_json()}\n\n"
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in-band, as OpenAI does
             logger.warning("stream failed: %s", e)
@@ -54,13 +57,15 @@ async def generate(request: Request, state: ServerState, req: SamplingRequest, p
     return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(close_all, streams))
 
 
-async def start(state: ServerState, req: SamplingRequest, prompts: list[list[int]]) -> list[RequestStream]:
-    """Queue n choices of each prompt; all are taken or none is."""
+async def start(state: ServerState, req: SamplingRequest, prompts: list[list[int]],
+                prediction: list[int] | None = None) -> list[RequestStream]:
+    """Queue n choices of each prompt (each drafting from the predicted output's token ids, if any); all are taken
+    or none is."""
     adapter = state.resolve_adapter(req.model)
     context = state.context_length(adapter)
     vocab_size = len(state.tokenizer) if state.tokenizer is not None else None  # None: the engine checks ids
-    choices = [(ids, sampling_params(req, len(ids), context, vocab_size, choice=i)) for ids in prompts
-               for i in range(req.n)]
+    choices = [(ids, sampling_params(req, len(ids), context, vocab_size, choice=i, prediction=prediction))
+               for ids in prompts for i in range(req.n)]
     model_name = req.model or state.config.model_name
     streams: list[RequestStream] = []
     try:
@@ -148,8 +153,16 @@ async def until_done(request: Request, streams: list[RequestStream]) -> list[Req
         task.cancel()
 
 
-def usage(prompts: list[list[int]], finals: list[RequestOutput]) -> Usage:
-    """Each prompt counts once, however many choices it has (as OpenAI counts)."""
+def usage(prompts: list[list[int]], finals: list[RequestOutput], prediction: list[int] | None = None) -> Usage:
+    """Each prompt counts once, however many choices it has (as OpenAI counts). With a prediction, its tokens
+    that each answer repeats in order are accepted, the rest rejected."""
     prompt = sum(map(len, prompts))
     completion = sum(len(out.token_ids) for out in finals)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    details = None
+    if prediction:
+        matches = (SequenceMatcher(None, prediction, out.token_ids, autojunk=False) for out in finals)
+        accepted = sum(block.size for match in matches for block in match.get_matching_blocks())
+        details = CompletionTokensDetails(accepted_prediction_tokens=accepted,
+                                          rejected_prediction_tokens=len(prediction) * len(finals) - accepted)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 completion_tokens_details=details)

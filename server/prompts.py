@@ -5,7 +5,7 @@ from __future__ import annotations
 from jinja2 import TemplateError
 
 from server.errors import APIError
-from server.protocol import ChatCompletionRequest, ChatMessage
+from server.protocol import ChatCompletionRequest, ChatMessage, SamplingRequest
 from server.tools import active_tools, calls_text, system_prompt
 
 # Used when the tokenizer has none (e.g. a base model): one "<|role|>" header line per message.
@@ -82,3 +82,11 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage], add_generation_promp
     except TemplateError as e:
         raise APIError(400, f"the model's chat template refuses these messages: {e}", param="messages") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prediction_ids(tokenizer, req: SamplingRequest) -> list[int]:
+    """A chat request's predicted output as token ids ([] without one)."""
+    if not isinstance(req, ChatCompletionRequest) or req.prediction is None:
+        return []
+    require_tokenizer(tokenizer, "prediction")
+    return tokenizer(unicode_text(req.prediction.text, "prediction"), add_special_tokens=False)["input_ids"]

@@ -283,6 +283,19 @@ class TextPart(RequestBody):
     text: str
 
 
+class Prediction(RequestBody):
+    """OpenAI's Predicted Outputs: text the answer is expected to repeat much of (a file to edit). Where the
+    answer follows it, its next tokens are drafted and verified in one step; the answer is the same with or
+    without it."""
+
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
 class ChatMessage(RequestBody):
     """A message of text. OpenAI's `developer` role is the system role of newer models: a chat template, which
     knows `system` only, gets it as `system`."""
@@ -345,17 +358,16 @@ class ChatCompletionRequest(SamplingRequest):
     # True: several calls in an answer. OpenAI's default is True; llama.cpp's server's, and ours, False: small models
     # given the choice repeat a call until max_tokens
     parallel_tool_calls: bool = False
+    prediction: Prediction | None = None
     # not served: any value but null (or an empty list, or "none") is an error that names the field
     functions: Any = None
     function_call: Any = None
     audio: Any = None
     modalities: Any = None
-    prediction: Any = None
     reasoning_effort: Any = None
     web_search_options: Any = None
 
-    @field_validator("functions", "function_call", "audio", "prediction", "reasoning_effort",
-                     "web_search_options")
+    @field_validator("functions", "function_call", "audio", "reasoning_effort", "web_search_options")
     @classmethod
     def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
         if value not in (None, [], "none"):
@@ -385,10 +397,18 @@ class ChatCompletionRequest(SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class CompletionTokensDetails(BaseModel):
+    """With a prediction: how many of its tokens the answers repeat (in order), and how many not."""
+
+    accepted_prediction_tokens: int
+    rejected_prediction_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None  # requests with a prediction
 
 
 class CompletionLogprobs(BaseModel):

@@ -8,10 +8,10 @@ from server.tools import output_format
 
 
 def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, vocab_size: int | None,
-                    choice: int = 0) -> SamplingParams:
-    """How to decode choice `choice` of `req` (whose prompt has `prompt_len` tokens) on a model with this context
-    and vocabulary (None: unknown here, the engine checks ids). A request that cannot be served as asked is an
-    APIError (400) naming the field at fault."""
+                    choice: int = 0, prediction: list[int] | None = None) -> SamplingParams:
+    """How to decode choice `choice` of `req` (whose prompt has `prompt_len` tokens, and whose predicted output is
+    `prediction`'s token ids) on a model with this context and vocabulary (None: unknown here, the engine checks
+    ids). A request that cannot be served as asked is an APIError (400) naming the field at fault."""
     check_context(req, prompt_len, max_model_len)
     limit = req.token_limit
     try:
@@ -26,7 +26,7 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, v
             logit_bias=logit_bias(req.logit_bias or {}, vocab_size), stop=req.stop_list, ignore_eos=req.ignore_eos,
             seed=None if req.seed is None else req.seed + choice,  # n choices: distinct but reproducible
             logprobs=req.top_alternatives, prompt_logprobs=req.prompt_alternatives, use_medusa=req.use_medusa,
-            structured=calls or structured)
+            structured=calls or structured, prediction=prediction or [])
     except ValueError as e:  # bounds the protocol already checks; kept as a 400 should the two ever differ
         raise APIError(400, str(e)) from None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from dataclasses import replace
 from itertools import accumulate
 from types import SimpleNamespace
 
@@ -15,10 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from bench.common import byte_tokenizer
 from bench.medusa import main as bench_main
+from bench.prediction import main as prediction_main
 from engine import LLM, RequestOutput, SamplingParams
 from engine.attention import available_backends
 from engine.kv_cache import slots
-from engine.medusa.ngram import NgramIndex
+from engine.medusa.ngram import NgramIndex, PredictionIndex
 from engine.medusa.payoff import MAX_PAUSE, MIN_SAMPLES, PAUSE, PROBE_EVERY, PROBE_SOON, WINDOW, Payoff, StepClock
 from engine.medusa.speculator import Medusa, typical_acceptance
 from engine.medusa.tree import (
@@ -780,6 +782,18 @@ def test_bench_medusa_end_to_end(tiny_model_dir, heads_dir, tmp_path):
     assert result["draft_vocab_size"] == 256
 
 
+def test_bench_prediction_end_to_end(tiny_model_dir, tmp_path):
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text('{"prompt": "tell me"}\n')
+    out = tmp_path / "p.json"
+    prediction_main(["--model", str(tiny_model_dir), "--medusa", "lookup", "--prompts", str(prompts),
+                     "--num-prompts", "1", "--max-tokens", "24", "--repeats", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["summary"]["lossless"] and [r["kind"] for r in result["rows"]] == ["again"] + ["edit"] * 3
+    # the edit prompts cut to the 512-token context; every arm gave plain decoding's tokens
+    assert all(r["tokens"] == 24 and r["plain_tokens_per_step"] == 1 for r in result["rows"])
+
+
 def test_bench_medusa_llama_cpp_baseline_needs_a_gguf_file(tiny_model_dir, heads_dir, tmp_path):
     with pytest.raises(SystemExit, match="one GGUF file"):
         bench_main(["--model", str(tiny_model_dir), "--medusa", str(heads_dir), "--baseline", "llama.cpp",
@@ -796,6 +810,53 @@ def test_ngram_index_proposes_what_followed_the_latest_earlier_occurrence():
     assert NgramIndex().propose([7, 7, 7, 7], 3) == [7]  # the run itself, up to the end of the sequence
     assert NgramIndex().propose([1, 2], 3) == []
 
+
+
+def test_prediction_index_drafts_the_prediction_from_its_start_and_in_order():
+    index = PredictionIndex.of([50, 51, 52], [1, 2, 3, 9, 1, 2, 3, 8])
+    assert index.propose([50, 51, 52, 1], 3) == [2, 3, 9]  # the answer's first token began the prediction
+    assert index.followed
+    # (1, 2, 3) occurs twice: the occurrence where the answer has got to in the prediction
+    assert index.propose([50, 51, 52, 1, 2, 3, 9, 1, 2, 3], 4) == [8]
+    assert index.propose([50, 51, 52, 1, 2, 3], 4) == [9, 1, 2, 3]
+    assert index.propose([50, 51, 52, 1, 2, 3, 9, 4], 2) == []  # the answer left the prediction
+    assert index.propose([50, 51, 52, 1, 2, 3, 9, 4, 9, 1], 2) == [2, 3]  # (9, 1): back in it, two tokens on
+    assert not index.followed
+    assert index.propose([5, 6], 3) == []
+
+
+@pytest.mark.parametrize("speculation", ["heads", "lookup"])
+def test_a_predicted_output_is_drafted_and_verified_losslessly(tiny_model_dir, heads_dir, speculation):
+    """SamplingParams.prediction (OpenAI's Predicted Outputs): where the output follows the prediction, its next
+    tokens are verified as a chain, so a right prediction takes a fraction of the steps; the tokens are plain
+    decoding's whatever the prediction (right, edited, wrong), greedy or seeded sampling."""
+    prompts = [[(11 * i + 5 * j) % 250 + 3 for j in range(12)] for i in range(2)]
+
+    def steps(out: RequestOutput) -> int:  # plain steps emit one token each
+        return len(out.token_ids) - sum(out.accepted_lengths) + len(out.accepted_lengths)
+
+    plain_llm = LLM(tiny_model_dir)
+    kwargs = dict(medusa=str(heads_dir), medusa_tree="cpu6") if speculation == "heads" else dict(medusa="lookup")
+    llm = LLM(tiny_model_dir, **kwargs)
+    for temperature in (0.0, 0.8):
+        params = SamplingParams(max_tokens=48, temperature=temperature, seed=5, ignore_eos=True)
+        plain = [o.token_ids for o in plain_llm.generate(prompts, params)]
+        edited = [out[:20] + [(t + 1) % 250 + 3 for t in out[20:24]] + out[24:] for out in plain]
+        wrong = [[(t * 7) % 250 + 3 for t in out] for out in plain]
+        for predictions in (plain, edited, wrong):
+            for prompt, prediction, expected in zip(prompts, predictions, plain):
+                out = llm.generate([prompt], replace(params, prediction=prediction))[0]
+                assert out.token_ids == expected
+                if predictions is plain and temperature == 0.0:
+                    assert steps(out) <= len(expected) // 3  # chains of 4+ accepted whole
+        with_edit = llm.generate([prompts[0]], replace(params, prediction=edited[0]))[0]
+        without = llm.generate([prompts[0]], params)[0]
+        if temperature == 0.0:  # past the edit, the output finds the prediction again
+            assert sum(with_edit.accepted_lengths[-5:]) > 5 * 3
+            assert steps(with_edit) < steps(without)
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+    with pytest.raises(ValueError, match="prediction token ids"):
+        llm.generate([prompts[0]], SamplingParams(max_tokens=4, prediction=[1, 1 << 20]))
 
 @pytest.mark.parametrize(("tree", "ngram_tokens", "longest_alone"), [("chain2", None, 2), ("cpu6", None, 6),
                                                                      ("cpu6", 4, 4), ("chain2", 0, 0)])

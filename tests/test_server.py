@@ -192,6 +192,44 @@ class Verdict(BaseModel):
     sure: bool
 
 
+def test_a_predicted_output_speeds_up_the_same_answer(tiny_model_dir, client, oracle):
+    """OpenAI's Predicted Outputs: the answer is the same with any prediction; usage counts the prediction's tokens
+    the answer repeats; on a server that drafts by lookup, the prediction's tokens are verified several a step."""
+    messages = [{"role": "user", "content": "write something long"}]
+    letters = oracle.tokenizer("abcdefghijklmnopqrstuvwxyz", add_special_tokens=False)["input_ids"]
+    # letters only: an answer whose text tokenizes back to its tokens (the random model's bytes are no UTF-8)
+    args = dict(model=MODEL, messages=messages, max_tokens=40, temperature=0,
+                logit_bias=dict.fromkeys(map(str, letters), 100), extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**args)
+    answer = plain.choices[0].message.content
+    assert plain.usage.completion_tokens_details is None
+    ids = oracle.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 40
+    for prediction, accepted in ((answer, len(ids)), ([{"type": "text", "text": answer[:20]}], None), ("zzzz", None)):
+        got = client.chat.completions.create(prediction={"type": "content", "content": prediction}, **args)
+        assert got.choices[0].message.content == answer
+        details = got.usage.completion_tokens_details
+        predicted = len(oracle.tokenizer(prediction if isinstance(prediction, str) else prediction[0]["text"],
+                                         add_special_tokens=False)["input_ids"])
+        assert details.accepted_prediction_tokens + details.rejected_prediction_tokens == predicted
+        if accepted is not None:
+            assert details.accepted_prediction_tokens == accepted and details.rejected_prediction_tokens == 0
+    r = httpx.post(f"{client.base_url}chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={**args, "prediction": {"type": "text", "content": "x"}, "extra_body": None})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("prediction"), r.text
+    lookup = serve(LLM(tiny_model_dir, medusa="lookup", **ENGINE_KWARGS))
+    try:
+        body = {**{k: v for k, v in args.items() if k != "extra_body"}, "ignore_eos": True, "stream": True,
+                "prediction": {"type": "content", "content": answer}}
+        with httpx.stream("POST", f"{lookup.url}/v1/chat/completions", json=body) as response:  # the chunks' "gorgon"
+            chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == answer
+        steps = [c["gorgon"]["step_tokens"] for c in chunks if "gorgon" in c]
+        assert sum(steps) == 40 and len(steps) <= 40 // 3  # chains of 4 drafts from the prediction accepted
+    finally:
+        lookup.stop()
+
+
 def test_responses_api_answers_as_chat_completions_do(client, oracle):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)

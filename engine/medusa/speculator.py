@@ -31,7 +31,7 @@ from torch import nn
 
 from engine.config import EngineConfig, SamplingParams
 from engine.kv_cache import KVCache
-from engine.medusa.ngram import NgramIndex
+from engine.medusa.ngram import NgramIndex, PredictionIndex
 from engine.medusa.payoff import WINDOW, Payoff, StepClock
 from engine.medusa.tree import DEFAULT_TREE, MedusaTree, TreeChoice, build_tree, load_tree, spine_paths, spine_tree
 from engine.runner import ModelRunner
@@ -196,6 +196,7 @@ class Medusa:
         # without heads), verified in place of the heads' tree
         self.ngram_tokens = ngram_tokens
         self.ngram_indexes: WeakKeyDictionary[Sequence, NgramIndex] = WeakKeyDictionary()  # gone with the sequence
+        self.predictions: WeakKeyDictionary[Sequence, PredictionIndex] = WeakKeyDictionary()
         # the heads' tree's step cost against a plain step, per batch size, as train-medusa timed it (empty: not
         # timed), until the engine has timed its own steps (step_clock): where the tree steps emit fewer tokens the
         # heads pause (engine.medusa.payoff), for a sequence decoding alone or for a whole batch
@@ -390,9 +391,16 @@ class Medusa:
         self._drafting, self._drafted, self._verified = 0.0, self._drafting, None
 
     def _look_up(self, seq: Sequence, max_tokens: int) -> bool:
-        """Draft by prompt lookup (at most max_tokens), if the sequence's last tokens occurred in it before."""
-        index = self.ngram_indexes.setdefault(seq, NgramIndex())
-        found = index.propose(seq.token_ids, max_tokens)
+        """Draft by prompt lookup (at most max_tokens): from the sequence's predicted output where it follows it;
+        else where its last tokens occurred in it before; else where they occur in the predicted output. (Where an
+        answer edits the prediction throughout, its own earlier edits predict the next ones better.)"""
+        prediction = self.predictions.get(seq)
+        if prediction is None and seq.params.prediction:
+            prediction = self.predictions[seq] = PredictionIndex.of(seq.token_ids[:seq.num_prompt_tokens],
+                                                                    seq.params.prediction)
+        found = prediction.propose(seq.token_ids, max_tokens) if prediction is not None else []
+        if not (found and prediction.followed):
+            found = self.ngram_indexes.setdefault(seq, NgramIndex()).propose(seq.token_ids, max_tokens) or found
         if found:
             seq.draft_token_ids, seq.draft_tree = [[t] for t in found], self.chains[len(found) - 1]
         return bool(found)
