@@ -828,8 +828,9 @@ def test_prediction_index_drafts_the_prediction_from_its_start_and_in_order():
 @pytest.mark.parametrize("speculation", ["heads", "lookup"])
 def test_a_predicted_output_is_drafted_and_verified_losslessly(tiny_model_dir, heads_dir, speculation):
     """SamplingParams.prediction (OpenAI's Predicted Outputs): where the output follows the prediction, its next
-    tokens are verified as a chain, so a right prediction takes a fraction of the steps; the tokens are plain
-    decoding's whatever the prediction (right, edited, wrong), greedy or seeded sampling."""
+    tokens are verified as a chain, longer than lookup's once it has followed for a while, so a right prediction
+    takes a fraction of the steps; the tokens are plain decoding's whatever the prediction (right, edited, wrong),
+    greedy or seeded sampling."""
     prompts = [[(11 * i + 5 * j) % 250 + 3 for j in range(12)] for i in range(2)]
 
     def steps(out: RequestOutput) -> int:  # plain steps emit one token each
@@ -849,6 +850,8 @@ def test_a_predicted_output_is_drafted_and_verified_losslessly(tiny_model_dir, h
                 assert out.token_ids == expected
                 if predictions is plain and temperature == 0.0:
                     assert steps(out) <= len(expected) // 3  # chains of 4+ accepted whole
+                    # once the answer has followed it for PREDICTION_RUN tokens, chains as long as prediction_limit
+                    assert max(out.accepted_lengths) == llm.medusa.prediction_limit + 1 > llm.medusa.chain_limit(1) + 1
         with_edit = llm.generate([prompts[0]], replace(params, prediction=edited[0]))[0]
         without = llm.generate([prompts[0]], params)[0]
         if temperature == 0.0:  # past the edit, the output finds the prediction again
@@ -905,7 +908,8 @@ def test_lookup_alone_speculates_for_a_model_without_heads(tiny_model_dir):
     plain_llm = LLM(tiny_model_dir)
     assert LLM(tiny_model_dir, medusa="lookup").medusa.max_batch_size == 1  # the default: batch 1
     llm = LLM(tiny_model_dir, medusa="lookup", medusa_max_batch_size=4)  # chains beside plain rows in a step
-    assert llm.medusa.heads is None and llm.medusa.max_tree_size == 5
+    # chains of 4 (LOOKUP_TOKENS); room for 8 from a predicted output a sequence alone follows
+    assert llm.medusa.heads is None and llm.medusa.chain_limit(1) == 4 and llm.medusa.max_tree_size == 9
     runs = {}
     for temperature in (0.0, 0.8):
         params = SamplingParams(max_tokens=64, temperature=temperature, seed=3, ignore_eos=True)

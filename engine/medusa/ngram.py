@@ -59,6 +59,11 @@ class PredictionIndex:
                     positions.setdefault(tuple(text[stop - n:stop]), []).append(stop)
         return cls(text, positions, len(tail) - len(prompt_ids))
 
+    def on_track(self, token_ids: list[int], run: int) -> bool:
+        """Have the sequence's last `run` tokens been the prediction's, where the sequence is expected to be?"""
+        expected = len(token_ids) + self.offset
+        return run <= expected <= len(self.text) and self.text[expected - run:expected] == token_ids[-run:]
+
     def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
         """Up to max_tokens tokens of the prediction after an occurrence of the sequence's last 3 tokens (else its
         last 2), the one nearest where the sequence is expected to be in it (code repeats its lines); [] when
