@@ -857,6 +857,9 @@ def test_a_predicted_output_is_drafted_and_verified_losslessly(tiny_model_dir, h
         if temperature == 0.0:  # past the edit, the output finds the prediction again
             assert sum(with_edit.accepted_lengths[-5:]) > 5 * 3
             assert steps(with_edit) < steps(without)
+        # in a batch (with heads: chains as deep as their batch tree, verified in its union), each its own prediction
+        together = llm.generate(prompts, [replace(params, prediction=p) for p in (plain[0], edited[1])])
+        assert [o.token_ids for o in together] == plain
     assert llm.num_free_blocks == llm.block_manager.num_blocks
     with pytest.raises(ValueError, match="prediction token ids"):
         llm.generate([prompts[0]], SamplingParams(max_tokens=4, prediction=[1, 1 << 20]))
