@@ -140,7 +140,8 @@ class EngineConfig:
     tokenizer: str | None = None  # a folder to take the tokenizer from; None: the model's folder
     skip_tokenizer_init: bool = False  # no tokenizer: token-id prompts only, outputs carry token ids and no text
     # Medusa heads folder (published format); "auto": the model's own; "lookup": no heads, prompt-lookup drafts
-    # alone (medusa_ngram_tokens); None: no speculation
+    # alone (medusa_ngram_tokens); "prediction": no heads, drafts only from requests' predicted outputs
+    # (SamplingParams.prediction); None: no speculation
     medusa: str | None = None
     medusa_tree: str | None = None  # a shipped tree's name (engine.medusa.tree.TREES) or a JSON file; None: the
     # tree measured for the heads (engine.medusa.tree.TreeChoice), else the default

@@ -18,7 +18,7 @@ from engine.config import ContextLengthError, EngineConfig, SamplingParams
 from engine.detokenizer import detokenize_new_token, start_detokenizer
 from engine.kv_cache import BlockManager, KVCache
 from engine.medusa import Medusa
-from engine.medusa.speculator import LOOKUP_ONLY
+from engine.medusa.speculator import LOOKUP_ONLY, PREDICTION_ONLY
 from engine.outputs import RequestOutput
 from engine.parallel import Driver, ShardedKVCache
 from engine.runner import ModelRunner
@@ -104,7 +104,7 @@ class LLM:
         if self.parallel is not None:
             kv_cache = ShardedKVCache(self.parallel, num_blocks)
             # Medusa drafts on rank 0 from the base model's config and its whole LM head
-            heads = self.config.medusa not in (None, LOOKUP_ONLY)
+            heads = self.config.medusa not in (None, LOOKUP_ONLY, PREDICTION_ONLY)
             medusa_base = SimpleNamespace(config=model_config, lm_head=self.parallel.call("gather_lm_head")
                                           if heads else None)
         else:

@@ -90,8 +90,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--medusa", default=None,
                         help="Medusa heads folder (speculative decoding), 'auto' (the model's own), 'lookup' (no "
-                             "heads: prompt-lookup drafts alone, for any model) or 'none' (default: on the CPU, the "
-                             "model's own heads when it has some, as the shipped model does; elsewhere none)")
+                             "heads: prompt-lookup drafts alone, for any model), 'prediction' (drafts only from "
+                             "requests' predicted outputs) or 'none' (default: on the CPU, the model's own heads when "
+                             "it has some, as the shipped model does, else 'prediction'; elsewhere none)")
     parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
     add_medusa_flags(parser)
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
@@ -155,10 +156,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     if args.kv_cache_fraction is not None:
         optional["kv_cache_memory"] = int(args.kv_cache_fraction * available_memory(args.device))
     medusa = args.medusa
-    # the model's own heads by default on the CPU; on CUDA plain decode steps replay graphs and tree steps run
-    # eagerly, so speculating there is slower (an H200, the shipped model: 0.51x at batch 1)
-    if medusa is None and args.device == "cpu" and own_medusa_heads(args.model).is_dir():
-        medusa = "auto"
+    # the model's own heads by default on the CPU, else drafts from predicted outputs alone (which leave requests
+    # without one as they were); on CUDA plain decode steps replay graphs and tree steps run eagerly, so
+    # speculating there is slower (an H200, the shipped model: 0.51x at batch 1)
+    if medusa is None and args.device == "cpu":
+        medusa = "auto" if own_medusa_heads(args.model).is_dir() else "prediction"
     if medusa not in (None, "none"):
         optional |= {"medusa": medusa, "medusa_tree": args.medusa_tree, **medusa_options(args)}
     return kwargs | {name: value for name, value in optional.items() if value is not None}

@@ -825,7 +825,7 @@ def test_prediction_index_drafts_the_prediction_from_its_start_and_in_order():
     assert index.propose([5, 6], 3) == []
 
 
-@pytest.mark.parametrize("speculation", ["heads", "lookup"])
+@pytest.mark.parametrize("speculation", ["heads", "lookup", "prediction"])
 def test_a_predicted_output_is_drafted_and_verified_losslessly(tiny_model_dir, heads_dir, speculation):
     """SamplingParams.prediction (OpenAI's Predicted Outputs): where the output follows the prediction, its next
     tokens are verified as a chain, longer than lookup's once it has followed for a while, so a right prediction
@@ -837,7 +837,7 @@ def test_a_predicted_output_is_drafted_and_verified_losslessly(tiny_model_dir, h
         return len(out.token_ids) - sum(out.accepted_lengths) + len(out.accepted_lengths)
 
     plain_llm = LLM(tiny_model_dir)
-    kwargs = dict(medusa=str(heads_dir), medusa_tree="cpu6") if speculation == "heads" else dict(medusa="lookup")
+    kwargs = dict(medusa=str(heads_dir), medusa_tree="cpu6") if speculation == "heads" else dict(medusa=speculation)
     llm = LLM(tiny_model_dir, **kwargs)
     for temperature in (0.0, 0.8):
         params = SamplingParams(max_tokens=48, temperature=temperature, seed=5, ignore_eos=True)
@@ -860,6 +860,12 @@ def test_a_predicted_output_is_drafted_and_verified_losslessly(tiny_model_dir, h
         # in a batch (with heads: chains as deep as their batch tree, verified in its union), each its own prediction
         together = llm.generate(prompts, [replace(params, prediction=p) for p in (plain[0], edited[1])])
         assert [o.token_ids for o in together] == plain
+    if speculation == "prediction":  # predicted outputs alone: answers that repeat themselves are not looked up
+        repeating = [[(7 * i + j) % 250 + 3 for j in range(6)] * 3 for i in range(3)]
+        greedy = SamplingParams(max_tokens=64, **GREEDY)
+        lookup = LLM(tiny_model_dir, medusa="lookup")
+        assert not any(llm.generate([prompt], greedy)[0].accepted_lengths for prompt in repeating)
+        assert any(lookup.generate([prompt], greedy)[0].accepted_lengths for prompt in repeating)
     assert llm.num_free_blocks == llm.block_manager.num_blocks
     with pytest.raises(ValueError, match="prediction token ids"):
         llm.generate([prompts[0]], SamplingParams(max_tokens=4, prediction=[1, 1 << 20]))

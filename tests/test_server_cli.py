@@ -69,10 +69,11 @@ def test_batch_invariant_flag():
     assert engine_kwargs(parse_args([]))["batch_invariant"] is None  # the engine's default: where it is cheap
 
 
-def test_serve_speculates_with_the_models_own_heads_by_default(tmp_path):
+def test_serve_speculates_with_the_models_own_heads_or_predicted_outputs_by_default(tmp_path):
     assert engine_kwargs(parse_args([]))["medusa"] == "auto"  # the shipped model has heads: the playground shows them
     assert "medusa" not in engine_kwargs(parse_args(["--medusa", "none"]))
-    assert "medusa" not in engine_kwargs(parse_args(["--model", str(tmp_path)]))  # a folder without heads
+    # a folder without heads: drafts from predicted outputs alone, which leaves requests without one as they were
+    assert engine_kwargs(parse_args(["--model", str(tmp_path)]))["medusa"] == "prediction"
     # on CUDA plain decode replays graphs and tree steps do not: the heads only when asked for
     assert "medusa" not in engine_kwargs(parse_args(["--device", "cuda"]))
     assert engine_kwargs(parse_args(["--device", "cuda", "--medusa", "auto"]))["medusa"] == "auto"

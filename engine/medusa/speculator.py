@@ -42,6 +42,7 @@ from models.kernels.decode import DecodeKernels, set_decode_kernels
 from models.medusa import MedusaHeads, load_medusa_heads
 
 LOOKUP_ONLY = "lookup"  # EngineConfig.medusa: speculate by prompt lookup alone, without heads
+PREDICTION_ONLY = "prediction"  # EngineConfig.medusa: draft only from requests' predicted outputs
 
 # Drafting reads every head's weights each step, from memory (the model's forward evicts them), so they are
 # kept in bf16; their precision only moves which drafts are offered, never the output (the base model verifies
@@ -191,7 +192,7 @@ class Medusa:
                  kv_cache: KVCache, max_model_len: int, acceptance: str, posterior_threshold: float,
                  posterior_alpha: float, max_batch_size: int | None = None, ngram_tokens: int | None = 0,
                  kernels: DecodeKernels | None = None, break_even: dict[int, float] | None = None,
-                 guard: bool = True, spine: bool = False) -> None:
+                 guard: bool = True, spine: bool = False, own_lookup: bool = True) -> None:
         self.model, self.kv_cache, self.kernels = model, kv_cache, kernels
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
@@ -200,6 +201,7 @@ class Medusa:
         # prompt lookup: chains as long as chain_limit allows (ngram_tokens: at most; None: MAX_CHAIN, LOOKUP_TOKENS
         # without heads), verified in place of the heads' tree
         self.ngram_tokens = ngram_tokens
+        self.own_lookup = own_lookup  # (False: only requests with a predicted output are looked up)
         self.ngram_indexes: WeakKeyDictionary[Sequence, NgramIndex] = WeakKeyDictionary()  # gone with the sequence
         self.predictions: WeakKeyDictionary[Sequence, PredictionIndex] = WeakKeyDictionary()
         # the heads' tree's step cost against a plain step, per batch size, as train-medusa timed it (empty: not
@@ -278,20 +280,22 @@ class Medusa:
                     kernels: DecodeKernels | None) -> Medusa | None:
         """The engine's Medusa: heads from config.medusa, tree from config.medusa_tree, else the one measured
         for the heads (TreeChoice), else the default; None when the measurement found that no tree pays.
-        config.medusa "lookup": prompt lookup alone. Drafting uses the CPU kernels when the engine does."""
+        config.medusa "lookup": prompt lookup alone; "prediction": requests' predicted outputs alone. Drafting uses
+        the CPU kernels when the engine does."""
         options = dict(acceptance=config.medusa_acceptance, posterior_threshold=config.medusa_posterior_threshold,
                        posterior_alpha=config.medusa_posterior_alpha, ngram_tokens=config.medusa_ngram_tokens,
                        kernels=kernels, guard=config.medusa_guard)
-        if config.medusa == LOOKUP_ONLY:
+        if config.medusa in (LOOKUP_ONLY, PREDICTION_ONLY):
             if config.medusa_ngram_tokens == 0:
-                raise ValueError("medusa 'lookup' speculates by prompt lookup alone: medusa_ngram_tokens must be >= 1")
+                raise ValueError(f"medusa {config.medusa!r} speculates by prompt lookup alone: medusa_ngram_tokens "
+                                 "must be >= 1")
             if config.medusa_tree is not None:
-                raise ValueError("medusa 'lookup' drafts chains of looked-up tokens, not a tree of heads' guesses: "
-                                 "medusa_tree is for heads")
+                raise ValueError(f"medusa {config.medusa!r} drafts chains of looked-up tokens, not a tree of heads' "
+                                 "guesses: medusa_tree is for heads")
             # batch 1 unless told: in a batch, sequences without a match decode in a forward of their own beside
             # the chains' (SmolLM2 Q4_1, 4 sequences: 0.83x plain decoding)
             return cls(None, [], model, kv_cache, max_model_len, max_batch_size=config.medusa_max_batch_size or 1,
-                       **options)
+                       own_lookup=config.medusa == LOOKUP_ONLY, **options)
         choice = TreeChoice.load(config.medusa, config.weights) if config.medusa_tree is None else None
         if choice is not None and not choice.trees:
             warnings.warn(f"Medusa heads {config.medusa}: {choice.summary}; decoding plainly", stacklevel=2)
@@ -416,7 +420,7 @@ class Medusa:
         if prediction is not None:
             on_track = prediction.on_track(seq.token_ids, PREDICTION_RUN)
             found = prediction.propose(seq.token_ids, following if on_track else max_tokens)
-        if not (found and prediction.followed):
+        if (self.own_lookup or prediction is not None) and not (found and prediction.followed):
             found = self.ngram_indexes.setdefault(seq, NgramIndex()).propose(seq.token_ids, max_tokens) or found
         if found:
             seq.draft_token_ids, seq.draft_tree = [[t] for t in found], self.chains[len(found) - 1]
