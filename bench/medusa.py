@@ -94,12 +94,18 @@ def load_prompts(path: str | None, tokenizer) -> list[str]:
         chats = [line for line in file.read_text().splitlines() if line.strip()]
     if not chats:
         raise ValueError(f"{file} holds no prompts")
+    if not tokenizer.chat_template and any(isinstance(c, list) for c in chats):
+        raise ValueError(f"{file} has chat messages, but the model has no chat template")
+    return [chat_prompt(c, tokenizer) for c in chats]
+
+
+def chat_prompt(chat: str | list[dict], tokenizer) -> str:
+    """A user prompt (or a chat's messages) in the model's chat format, ready for its answer; a model without a
+    chat template takes the prompt as it is."""
     if not tokenizer.chat_template:
-        if any(isinstance(c, list) for c in chats):
-            raise ValueError(f"{file} has chat messages, but the model has no chat template")
-        return chats
-    return [tokenizer.apply_chat_template([{"role": "user", "content": c}] if isinstance(c, str) else c,
-                                          add_generation_prompt=True, tokenize=False) for c in chats]
+        return chat
+    messages = [{"role": "user", "content": chat}] if isinstance(chat, str) else chat
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 SAMPLED_TEMPERATURE = 0.7

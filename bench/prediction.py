@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import textwrap
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from bench.common import cpu_isa, machine_info, print_table, write_json
+from bench.medusa import chat_prompt, load_prompts
 from engine import LLM, RequestOutput, SamplingParams
 from models.named import resolve_model
 
@@ -37,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--medusa", default="auto", help="the engine's speculation: auto (the model's heads), "
                                                           "lookup (prompt lookup alone) or a heads folder")
     parser.add_argument("--prompts", default="models/smollm2/general_prompts.jsonl",
-                        help="`again` questions: a .jsonl file of {'prompt': ...}")
+                        help="`again` questions: as `gorgon bench medusa --prompts` takes them (a .jsonl file of "
+                             "{'prompt': ...} or {'messages': [...]} records, or a text file of one per line)")
     parser.add_argument("--num-prompts", type=int, default=3, help="`again` questions (the `edit` ones: 3)")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per arm; the fastest counts")
@@ -54,22 +54,14 @@ def code_of(name: str) -> str:
     return textwrap.dedent(inspect.getsource(obj))[:1500]
 
 
-def prompt_ids(llm: LLM, text: str) -> list[int]:
-    tokenizer = llm.tokenizer
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                             tokenize=True, return_dict=True)["input_ids"]
-    return tokenizer(text)["input_ids"]
-
-
-def edit_request(llm: LLM, code: str, max_tokens: int) -> tuple[str, list[int], str]:
+def edit_request(llm: LLM, code: str, max_tokens: int) -> tuple[str, str, str]:
     """The `edit` request for this code, its last lines left out where the prompt and answer would not fit the
     model's context."""
     lines = code.splitlines(keepends=True)
     while True:
         code = "".join(lines)
-        prompt = prompt_ids(llm, f"{EDIT_REQUEST}\n\n```python\n{code}```")
-        if len(prompt) + max_tokens <= llm.max_model_len or len(lines) == 1:
+        prompt = chat_prompt(f"{EDIT_REQUEST}\n\n```python\n{code}```", llm.tokenizer)
+        if len(llm.tokenizer(prompt)["input_ids"]) + max_tokens <= llm.max_model_len or len(lines) == 1:
             return "edit", prompt, code
         lines.pop()
 
@@ -84,10 +76,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = resolve_model(args.model)
-    # no prefix cache: every arm prefills its prompt alike, so that greedy tokens can be compared exactly
-    llm = LLM(model, medusa=args.medusa, enable_prefix_caching=False)
-    questions = [json.loads(line)["prompt"] for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    requests = [("again", prompt_ids(llm, q), None) for q in questions[:args.num_prompts]]
+    try:
+        # no prefix cache: every arm prefills its prompt alike, so that greedy tokens can be compared exactly
+        llm = LLM(model, medusa=args.medusa, enable_prefix_caching=False)
+        questions = load_prompts(args.prompts, llm.tokenizer)[:args.num_prompts]
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"gorgon bench prediction: error: {e}") from None
+    requests = [("again", q, None) for q in questions]
     requests += [edit_request(llm, code_of(name), args.max_tokens) for name in EDITED_CODE]
     greedy = dict(max_tokens=args.max_tokens, temperature=0)
     llm.generate([requests[0][1]], SamplingParams(max_tokens=8, temperature=0))  # warm-up
