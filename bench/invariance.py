@@ -1,6 +1,7 @@
 """`gorgon bench invariance`: what batch invariance costs. The same model loaded twice, batch_invariant on
 and off, each measurement interleaved (off, on) `--repeats` times in one run: prefill of a 512-token prompt
-(shorter where the context is), batch-1 decode and batch-8 decode. Reports the time ratio invariant / plain per
+(shorter where the context is), batch-1 decode, batch-8 decode, and a chat-sized request (a 200-token prompt,
+then 128 new tokens; its tok/s counts the new ones). Reports the time ratio invariant / plain per
 test (above 1: invariance costs) and whether the greedy tokens agree, with the CPU's instruction sets.
 
 Run: gorgon bench invariance --model X.gguf|DIR [--dtype D] [--threads 1] --out out/invariance.json"""
@@ -10,6 +11,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from bench.common import CONFIGS, cpu_isa, machine_info, print_table, random_che
 from engine import LLM, SamplingParams
 
 PREFILL_LEN, DECODE_PROMPT_LEN = 512, 16
+REQUEST_PROMPT_LEN, REQUEST_NEW_TOKENS = 200, 128
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,11 +61,14 @@ def run(args: argparse.Namespace, model: str | Path | None, source: str) -> None
     gen = torch.Generator().manual_seed(0)
     long_prompt = torch.randint(3, vocab, (prefill_len,), generator=gen).tolist()
     prompts = torch.randint(3, vocab, (8, DECODE_PROMPT_LEN), generator=gen).tolist()
+    request_len = min(REQUEST_PROMPT_LEN, engines["plain"].max_model_len - REQUEST_NEW_TOKENS)
+    request = torch.randint(3, vocab, (request_len,), generator=gen).tolist()
     greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     tests = {  # test -> (prompts, params, tokens it generates)
         f"prefill_{prefill_len}": ([long_prompt], SamplingParams(max_tokens=1, temperature=0), prefill_len),
         "decode_bs1": (prompts[:1], greedy, n),
         "decode_bs8": (prompts, greedy, 8 * n),
+        f"request_{request_len}": ([request], replace(greedy, max_tokens=REQUEST_NEW_TOKENS), REQUEST_NEW_TOKENS),
     }
     times: dict[tuple[str, str], list[float]] = {}
     tokens: dict[tuple[str, str], list[list[int]]] = {}

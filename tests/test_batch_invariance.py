@@ -173,7 +173,8 @@ def test_medusa_on_quantized_weights_equals_plain_greedy(model_dir, quantization
 
 def test_invariance_is_on_by_default_where_it_is_cheap(model_dir, monkeypatch):
     """Default (None): on where measured to cost at most 5% (AVX-512 VNNI, AVX512-BF16 for bf16; with AMX, bf16
-    models alone, on the kernels' tiles; on AVX2, models whose every linear has packed quantized kernels)."""
+    models on the kernels' tiles, and fp32 models whose every linear has packed quantized kernels; on AVX2, models
+    whose every linear has packed quantized kernels)."""
     from models.kernels import decode
     from models.quant import QType
 
@@ -192,7 +193,8 @@ def test_invariance_is_on_by_default_where_it_is_cheap(model_dir, monkeypatch):
     assert not decode.invariance_is_cheap(ops, fp32, floats)  # torch's AMX tiles win large GEMMs
     assert decode.invariance_is_cheap(ops, bf16, floats) == (ops.isa() == "avx512" and ops.amx())  # ours too
     assert not decode.invariance_is_cheap(ops, bf16, packed)
-    assert decode.invariance_is_cheap(ops, fp32, packed) == (ops.isa() == "avx2")
+    assert decode.invariance_is_cheap(ops, fp32, packed) == (ops.isa() == "avx2" or ops.amx())  # AMX-INT8 tiles
+    assert not decode.invariance_is_cheap(ops, fp32, mixed)  # a float linear: torch's tiles again
     if ops.set_isa("avx2") == "avx2":  # (an AVX-512 CPU running its AVX2 path)
         assert decode.invariance_is_cheap(ops, fp32, packed) and not decode.invariance_is_cheap(ops, fp32, floats)
     ops.set_isa("auto")

@@ -73,18 +73,23 @@ def invariance_is_cheap(ops: ModuleType, weights: set[torch.dtype], matmul_types
     """Does batch invariance (the kernels at every size) cost at most 5% here, as measured (`gorgon bench
     invariance`, README)? weights: the model's float dtypes; matmul_types: the ggml types of its linears (a
     float one's: 0). On AVX-512 VNNI CPUs, with AVX512-BF16 for bf16 weights: yes, at every precision (invariant /
-    plain time at most 1.03 at 1 and 2 threads). On CPUs with AMX, whose tiles make torch's large GEMMs faster,
-    only for bf16 models, whose kernels then run on tiles too (2 threads, prefill 512 / decode batch 1 / batch 8:
-    SmolLM2 BF16 0.99 / 0.98 / 0.85, Qwen2.5-Coder-1.5B BF16 0.96 / 1.02 / 0.99; Q4_1 prefill 1.13). On AVX2-only
-    CPUs only where every linear has packed quantized kernels, which beat dequantizing to fp32 for torch's GEMM (a
-    Zen 3, 1 thread, SmolLM2 prefill of 512 tokens: Q4_1 in 0.64x the time, Q8_0 0.76x; decode batch 1 1.02x /
-    0.97x, batch 8 0.83x / 0.88x), and fp32 weights do not (prefill 1.36x)."""
+    plain time at most 1.03 at 1 and 2 threads). On CPUs with AMX, whose tiles make torch's large GEMMs faster:
+    for bf16 models, whose kernels then run on tiles too (2 threads, prefill 512 / decode batch 1 / batch 8:
+    SmolLM2 BF16 0.99 / 0.98 / 0.85, Qwen2.5-Coder-1.5B BF16 0.96 / 1.02 / 0.99), and for fp32 models quantized
+    throughout in formats with packed kernels, whose AMX-INT8 tiles lose to torch only on long prompts (a chat
+    request of 200 prompt tokens and 128 new: SmolLM2 Q4_1 0.88, Q8_0 0.90, Qwen2.5-Coder-1.5B Q4_K_M (48 new)
+    0.83; prefill 512 alone 1.05-1.10, 1000 tokens and 16 new 1.12). On AVX2-only CPUs only where every linear has
+    packed quantized kernels, which beat dequantizing to fp32 for torch's GEMM (a Zen 3, 1 thread, SmolLM2
+    prefill of 512 tokens: Q4_1 in 0.64x the time, Q8_0 0.76x; decode batch 1 1.02x / 0.97x, batch 8 0.83x /
+    0.88x), and fp32 weights do not (prefill 1.36x)."""
+    packed = bool(matmul_types) and all(ops.packable(t) for t in matmul_types)
     if ops.isa() == "avx2":
-        return bool(matmul_types) and all(ops.packable(t) for t in matmul_types)
+        return packed
     if ops.isa() != "avx512":
         return False
     if torch.cpu._is_amx_tile_supported():
-        return weights == {torch.bfloat16} and matmul_types <= {0} and ops.amx()
+        bf16_tiles = weights == {torch.bfloat16} and matmul_types <= {0}
+        return (bf16_tiles or (packed and weights == {torch.float32})) and ops.amx()
     return torch.bfloat16 not in weights or torch.cpu._is_avx512_bf16_supported()
 
 
