@@ -305,13 +305,13 @@ class LLM:
     def _tree_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
         """Verify every sequence's Medusa tree in one forward. The accepted tokens are appended one by
         one, so stop rules and max_tokens end a run exactly where plain decoding would have ended."""
-        accepted, hidden = self.medusa.verify(seqs, self.runner, self._rng, len(self.scheduler.running))
+        accepted, logprobs, hidden = self.medusa.verify(seqs, self.runner, self._rng, len(self.scheduler.running))
         outputs = []
-        for seq, tokens in zip(seqs, accepted):
+        for seq, tokens, token_logprobs in zip(seqs, accepted, logprobs):
             computed_before = seq.num_computed_tokens
             appended = []
-            for token in tokens:
-                self._append_token(seq, token, None)
+            for token, logprob in zip(tokens, token_logprobs):
+                self._append_token(seq, token, logprob)
                 appended.append(token)
                 if seq.is_finished:
                     break

@@ -185,21 +185,23 @@ class Sampler:
             # each row draws from its own generator; the draws come to the host together (one sync on CUDA)
             for i, token in zip(sampled, draw_tokens(probs, [generators[i] for i in sampled])):
                 ids[i] = token
-        return SamplerOutput(ids, self._logprobs(raw, ids, params))
+        return SamplerOutput(ids, token_logprobs(raw, ids, params))
 
-    @staticmethod
-    def _logprobs(logits: torch.Tensor, token_ids: list[int],
-                  params: list[SamplingParams]) -> list[tuple[float, dict[int, float]] | None]:
-        wanted = [p.logprobs is not None for p in params]
-        if not any(wanted):
-            return [None] * len(params)
-        logprobs = logits.log_softmax(dim=-1)
-        out: list[tuple[float, dict[int, float]] | None] = []
-        for i, (want, p) in enumerate(zip(wanted, params)):
-            if not want:
-                out.append(None)
-                continue
-            top = logprobs[i].topk(p.logprobs) if p.logprobs else None
-            alternatives = dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {}
-            out.append((logprobs[i, token_ids[i]].item(), alternatives))
-        return out
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int],
+                   params: list[SamplingParams]) -> list[tuple[float, dict[int, float]] | None]:
+    """Per row of the model's own logits [rows, vocab] (fp32): the log-probability of token_ids[row] and of the
+    params[row].logprobs likeliest tokens, or None where the request asked for none."""
+    wanted = [p.logprobs is not None for p in params]
+    if not any(wanted):
+        return [None] * len(params)
+    logprobs = logits.log_softmax(dim=-1)
+    out: list[tuple[float, dict[int, float]] | None] = []
+    for i, (want, p) in enumerate(zip(wanted, params)):
+        if not want:
+            out.append(None)
+            continue
+        top = logprobs[i].topk(p.logprobs) if p.logprobs else None
+        alternatives = dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {}
+        out.append((logprobs[i, token_ids[i]].item(), alternatives))
+    return out

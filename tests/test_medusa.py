@@ -309,6 +309,25 @@ def test_seeded_sampled_medusa_equals_seeded_plain_sampling(tiny_model_dir, head
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 
+def test_logprobs_under_speculation_are_plain_decodings(tiny_model_dir, heads_dir):
+    """Requests that ask for logprobs speculate too: each emitted token's logprob and top alternatives are read
+    from the logits of the tree node before it, where plain decoding reads them from its step's row."""
+    params = [SamplingParams(max_tokens=30, logprobs=3, **GREEDY),
+              SamplingParams(max_tokens=30, logprobs=0, temperature=0.8, seed=5, ignore_eos=True),
+              SamplingParams(max_tokens=30, **GREEDY)]
+    plain = LLM(tiny_model_dir).generate(prompts(3), params)
+    llm = LLM(tiny_model_dir, medusa=str(heads_dir), medusa_tree="cpu12")
+    outs = llm.generate(prompts(3), params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert all(o.accepted_lengths for o in outs) and max(outs[0].accepted_lengths) > 1  # (tree steps)
+    assert outs[2].logprobs is None and [len(o.logprobs) for o in outs[:2]] == [30, 30]
+    for out, ref in zip(outs[:2], plain):
+        for (logprob, alternatives), (ref_logprob, ref_alternatives) in zip(out.logprobs, ref.logprobs):
+            assert logprob == pytest.approx(ref_logprob, abs=1e-5) and alternatives.keys() == ref_alternatives.keys()
+            assert list(alternatives.values()) == pytest.approx(list(ref_alternatives.values()), abs=1e-5)
+    assert len(outs[0].logprobs[0][1]) == 3 and outs[1].logprobs[0][1] == {}
+
+
 def test_requests_that_opt_out_cost_no_drafting(tiny_model_dir, heads_dir):
     llm = LLM(tiny_model_dir, medusa=str(heads_dir))
     calls = []
@@ -679,9 +698,9 @@ def test_greedy_medusa_equals_plain_in_a_mixed_batch(tiny_model_dir, heads_dir, 
     verify = llm.medusa.verify
 
     def recording_verify(seqs, runner, rng, num_running):
-        tokens, hidden = verify(seqs, runner, rng, num_running)
+        tokens, logprobs, hidden = verify(seqs, runner, rng, num_running)
         proposed.update({s.request_id: len(t) for s, t in zip(seqs, tokens)})
-        return tokens, hidden
+        return tokens, logprobs, hidden
 
     llm.medusa.verify = recording_verify
     ids = [llm.add_request(p, sp) for p, sp in zip(ps, params)]

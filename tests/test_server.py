@@ -220,12 +220,18 @@ def test_a_predicted_output_speeds_up_the_same_answer(tiny_model_dir, client, or
     lookup = serve(LLM(tiny_model_dir, medusa="lookup", **ENGINE_KWARGS))
     try:
         body = {**{k: v for k, v in args.items() if k != "extra_body"}, "ignore_eos": True, "stream": True,
-                "prediction": {"type": "content", "content": answer}}
+                "prediction": {"type": "content", "content": answer}, "logprobs": True, "top_logprobs": 2}
         with httpx.stream("POST", f"{lookup.url}/v1/chat/completions", json=body) as response:  # the chunks' "gorgon"
             chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == answer
         steps = [c["gorgon"]["step_tokens"] for c in chunks if "gorgon" in c]
         assert sum(steps) == 40 and len(steps) <= 40 // 3  # chains of 4 drafts from the prediction accepted
+        # logprobs speculate too: each accepted token's, as plain decoding gives them
+        streamed = [t for c in chunks for t in (c["choices"][0].get("logprobs") or {}).get("content", [])]
+        whole = client.chat.completions.create(logprobs=True, top_logprobs=2, **args).choices[0].logprobs.content
+        assert [t["token"] for t in streamed] == [t.token for t in whole] and len(whole) == 40
+        assert [t["logprob"] for t in streamed] == pytest.approx([t.logprob for t in whole], abs=1e-4)
+        assert [len(t["top_logprobs"]) for t in streamed] == [2] * 40
     finally:
         lookup.stop()
 

@@ -35,7 +35,15 @@ from engine.medusa.ngram import NgramIndex, PredictionIndex
 from engine.medusa.payoff import WINDOW, Payoff, StepClock
 from engine.medusa.tree import DEFAULT_TREE, MedusaTree, TreeChoice, build_tree, load_tree, spine_paths, spine_tree
 from engine.runner import ModelRunner
-from engine.sampler import TokenCounts, adjust_logits, argmax_ids, draw_tokens, filtered_probs, has_penalties
+from engine.sampler import (
+    TokenCounts,
+    adjust_logits,
+    argmax_ids,
+    draw_tokens,
+    filtered_probs,
+    has_penalties,
+    token_logprobs,
+)
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from models.kernels.decode import DecodeKernels, set_decode_kernels
@@ -325,11 +333,10 @@ class Medusa:
                    spine=config.medusa_tree is None, **options)
 
     def can_speculate(self, seq: Sequence) -> bool:
-        # requests that want logprobs, hidden states or a structured output decode plainly; adapters speculate with
-        # the base model's heads (verification runs through the adapter, so output is unchanged; only acceptance
-        # may drop)
+        # requests that want hidden states or a structured output decode plainly; adapters speculate with the base
+        # model's heads (verification runs through the adapter, so output is unchanged; only acceptance may drop)
         params = seq.params
-        return (params.use_medusa and params.logprobs is None and not params.return_hidden_states
+        return (params.use_medusa and not params.return_hidden_states
                 and seq.matcher is None and not seq.is_finished
                 and seq.num_virtual_tokens + len(seq) - 1 + self.max_tree_size <= self.max_model_len)
 
@@ -489,10 +496,11 @@ class Medusa:
 
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence], runner: ModelRunner, rng: torch.Generator,
-               num_running: int) -> tuple[list[list[int]], torch.Tensor]:
+               num_running: int) -> tuple[list[list[int]], list[list[tuple | None]], torch.Tensor]:
         """Verify every sequence's drafts in one forward: their tree, or where they drafted different trees
         (the heads' and lookup chains), the union of those; returns, per sequence, the accepted tokens plus the
-        bonus token sampled by the base model after them, and the accepted last node's hidden states
+        bonus token sampled by the base model after them, their logprobs (each read at the node before it, as
+        plain decoding reads them; None where not asked for), and the accepted last node's hidden states
         [len(seqs), hidden] (what propose() needs next). The accepted K/V ends up in consecutive cache entries
         after the sequence's past; the caller releases the blocks beyond them."""
         own = [seq.draft_tree for seq in seqs]
@@ -512,6 +520,7 @@ class Medusa:
         paths, bonus = self._accept(seqs, vt, input_ids, logits, rng)
         self._compact(inputs.ctx.slot_mapping, size, paths)
         out = [[input_ids[b * size + node] for node in path[1:]] + [bonus[b]] for b, path in enumerate(paths)]
+        logprobs = self._logprobs(seqs, size, paths, out, logits)
         self._verified = next((h.verify for h in self.trees if h.owns(vt)), None)
         if any(h.owns(t) for t in trees for h in self.trees):
             if num_running == 1:
@@ -519,7 +528,18 @@ class Medusa:
                 self.recent_emitted.append(len(out[0]))
             else:
                 self.batch_payoff.record(sum(map(len, out)) / len(out))
-        return out, hidden[[b * size + path[-1] for b, path in enumerate(paths)]]
+        return out, logprobs, hidden[[b * size + path[-1] for b, path in enumerate(paths)]]
+
+    @staticmethod
+    def _logprobs(seqs: list[Sequence], size: int, paths: list[list[int]], out: list[list[int]],
+                  logits: torch.Tensor) -> list[list[tuple | None]]:
+        """Per sequence, each emitted token's logprobs (token_logprobs) from the logits of the path's node before it."""
+        wanted = [b for b, seq in enumerate(seqs) if seq.params.logprobs is not None]
+        found = iter(token_logprobs(logits[[b * size + node for b in wanted for node in paths[b]]].float(),
+                                    [t for b in wanted for t in out[b]],
+                                    [seqs[b].params for b in wanted for _ in out[b]]) if wanted else [])
+        return [[next(found) for _ in tokens] if seq.params.logprobs is not None else [None] * len(tokens)
+                for seq, tokens in zip(seqs, out)]
 
     # Sampled verification ("rejection"): SpecInfer's multi-candidate speculative sampling with deterministic
     # drafts. At a node whose distribution is p (the base model's there, under the request's own parameters),
