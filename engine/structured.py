@@ -2,7 +2,7 @@
 a grammar in Lark or llama.cpp's GBNF) constrains every token it samples. llguidance, the grammar engine behind
 vLLM's `guidance` backend and llama.cpp's, does the work: a matcher per request says which tokens of the vocabulary
 may come next (a bitmask the sampler applies to the request's logits row) and follows the tokens it samples.
-Requests with one decode plainly, without Medusa's drafts.
+Medusa verifies their drafts under the same masks, each tree node's from the matcher moved along the node's path.
 
 Where the grammar is complete the mask also allows the engine's end-of-generation tokens, so the model decides
 whether to stop there (a regex `\\d+` after "42"); where nothing may follow (a JSON object's closing brace), the
@@ -79,10 +79,41 @@ def mask_(logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None]) -> 
     allow next. (llguidance.torch is not imported: its apply runs through torch.compile, seconds of compiling on the
     first request and a C++ toolchain, and importing it loads torch's compiler, 2.5 s of every start.)"""
     rows = [i for i, m in enumerate(matchers) if m is not None]
-    vocab = logits.shape[-1]
-    bitmask = torch.empty(len(rows), (vocab + 31) // 32, dtype=torch.int32)  # bit j of word w: token 32 w + j
+    bitmask = _bitmask(len(rows), logits.shape[-1])
     for k, i in enumerate(rows):
-        matchers[i].unsafe_compute_mask_ptr(bitmask[k].data_ptr(), bitmask.shape[1] * 4)
+        _fill(matchers[i], bitmask[k])
+    _apply(logits, rows, bitmask)
+
+
+def mask_tree_(logits: torch.Tensor, matcher: llguidance.LLMatcher, paths: list[list[int]]) -> None:
+    """Medusa verification: set to -inf, in place, the logits [nodes, vocab] of the tokens the matcher does not allow
+    after node i's path (paths[i]: the node's tokens below the tree's root, whose token the matcher has consumed). A
+    row whose path the grammar refuses, or ends, stays as it is: no walk takes its token (its parent's row refuses
+    it), or the request ends there. The matcher is left as it was."""
+    bitmask = torch.full((len(paths), _words(logits.shape[-1])), -1, dtype=torch.int32)
+    for k, path in enumerate(paths):
+        consumed = matcher.try_consume_tokens(path)
+        if consumed == len(path) and not matcher.is_stopped():
+            _fill(matcher, bitmask[k])
+        matcher.rollback(consumed)
+    _apply(logits, list(range(len(paths))), bitmask)
+
+
+def _words(vocab: int) -> int:
+    return (vocab + 31) // 32
+
+
+def _bitmask(rows: int, vocab: int) -> torch.Tensor:
+    return torch.empty(rows, _words(vocab), dtype=torch.int32)  # bit j of word w: token 32 w + j
+
+
+def _fill(matcher: llguidance.LLMatcher, row: torch.Tensor) -> None:
+    """The tokens the matcher allows next, as bits of row (int32 words)."""
+    matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
+
+
+def _apply(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
+    vocab = logits.shape[-1]
     bits = (bitmask.to(logits.device)[:, :, None] >> torch.arange(32, dtype=torch.int32, device=logits.device)) & 1
     index = torch.tensor(rows, device=logits.device)
     logits[index] = logits[index].masked_fill(bits.view(len(rows), -1)[:, :vocab] == 0, float("-inf"))

@@ -11,8 +11,9 @@ import torch
 
 from engine import LLM, SamplingParams, StructuredOutput
 from engine.structured import Grammars
+from models.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
 
-from conftest import VOCAB, hf_model
+from conftest import VOCAB, hf_model, use_oracle_drafts
 
 EOS = 2  # the tiny model's
 SCHEMA = {"type": "object", "properties": {"verdict": {"enum": ["yes", "no", "maybe"]}, "sure": {"type": "boolean"},
@@ -110,15 +111,25 @@ def test_end_of_text_is_allowed_only_where_the_grammar_is_complete(llm):
     assert out.finish_reason == "stop" and re.fullmatch(r"[0-9]", llm.tokenizer.decode([digit])) and end == EOS
 
 
-def test_a_structured_request_never_speculates_beside_one_that_does(tiny_model_dir):
-    llm = LLM(tiny_model_dir, num_kv_blocks=64, block_size=8, medusa="lookup")
-    plain = LLM(tiny_model_dir, num_kv_blocks=64, block_size=8)
-    free = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
-    constrained = SamplingParams(max_tokens=48, temperature=0, structured=StructuredOutput(regex="(ab|ba)+c"))
-    outs = llm.generate([[1, 80, 81], [1, 80, 81]], [free, constrained])
-    assert outs[0].accepted_lengths and not outs[1].accepted_lengths  # lookup drafted for the free one only
-    want = plain.generate([[1, 80, 81], [1, 80, 81]], [free, constrained])
-    assert [o.token_ids for o in outs] == [o.token_ids for o in want]
+def test_structured_requests_speculate_and_give_plain_decodings_tokens(tiny_model_dir, tmp_path):
+    """A structured request's drafts are verified under each tree node's own mask: its matcher moved along the
+    node's path. Drafted from the plain answers themselves (the right token at varying ranks, or missing), whole
+    runs are accepted; a node masked as its root is would give other tokens. Beside them, free requests, greedy
+    and sampled, speculate in the same steps."""
+    save_medusa_heads(MedusaHeads(MedusaConfig(4, 1, 64, VOCAB, own_lm_head=False)), tmp_path)
+    kwargs = dict(num_kv_blocks=96, block_size=8)
+    prompts = [[1, 80 + i, 81] for i in range(len(SPECS) + 2)]
+    params = [SamplingParams(max_tokens=400, temperature=0, structured=spec) for spec in SPECS.values()]
+    params += [SamplingParams(max_tokens=400, temperature=0.9, seed=3, structured=SPECS["json schema"]),
+               SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)]
+    plain = LLM(tiny_model_dir, **kwargs).generate(prompts, params)
+    llm = LLM(tiny_model_dir, medusa=str(tmp_path), medusa_tree="cpu12", **kwargs)
+    use_oracle_drafts(llm, {f"req-{i}": p + o.token_ids for i, (p, o) in enumerate(zip(prompts, plain))})
+    outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+    assert [o.text for o in outs] == [o.text for o in plain] and all(o.finish_reason == "stop" for o in outs[:-1])
+    assert all(max(o.accepted_lengths, default=0) >= 3 for o in outs if len(o.token_ids) > 8)
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 
 @pytest.mark.parametrize("spec, message", [

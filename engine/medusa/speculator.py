@@ -46,6 +46,7 @@ from engine.sampler import (
 )
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+from engine.structured import mask_tree_
 from models.kernels.decode import DecodeKernels, set_decode_kernels
 from models.medusa import MedusaHeads, load_medusa_heads
 
@@ -108,6 +109,13 @@ class VerifyTree:
     children: list[list[int]]
     path_pairs: torch.Tensor  # [2, pairs]
     candidate_index: list[int]
+
+    def node_paths(self, tokens: list[int]) -> list[list[int]]:
+        """Each node's tokens below the root, down to its own (tokens: [T] each node's token)."""
+        paths: list[list[int]] = [[] for _ in tokens]
+        for node in sorted(range(1, len(tokens)), key=self.tree.depths.__getitem__):  # (parents first)
+            paths[node] = paths[self.tree.parents[node]] + [tokens[node]]
+        return paths
 
     @classmethod
     def of(cls, tree: MedusaTree, node_tokens: bool) -> VerifyTree:
@@ -333,11 +341,10 @@ class Medusa:
                    spine=config.medusa_tree is None, **options)
 
     def can_speculate(self, seq: Sequence) -> bool:
-        # requests that want hidden states or a structured output decode plainly; adapters speculate with the base
-        # model's heads (verification runs through the adapter, so output is unchanged; only acceptance may drop)
+        # requests that want hidden states decode plainly; adapters speculate with the base model's heads
+        # (verification runs through the adapter, so output is unchanged; only acceptance may drop)
         params = seq.params
-        return (params.use_medusa and not params.return_hidden_states
-                and seq.matcher is None and not seq.is_finished
+        return (params.use_medusa and not params.return_hidden_states and not seq.is_finished
                 and seq.num_virtual_tokens + len(seq) - 1 + self.max_tree_size <= self.max_model_len)
 
     @torch.inference_mode()
@@ -557,6 +564,12 @@ class Medusa:
         size = vt.tree.size
         row_params = [s.params for s in seqs for _ in range(size)]
         sampled = [b for b, s in enumerate(seqs) if not s.params.greedy]
+        structured = [b for b, s in enumerate(seqs) if s.matcher is not None]
+        if structured:  # (a copy: logprobs read the model's own logits)
+            logits = logits.to(torch.float32, copy=True)
+            for b in structured:
+                mask_tree_(logits[b * size:(b + 1) * size], seqs[b].matcher,
+                           vt.node_paths(candidates[b * size:(b + 1) * size]))
         if any(s.params.logit_bias or has_penalties(s.params) for s in seqs):
             logits = self._adjusted_logits(seqs, vt, candidates, logits.float(), row_params)  # in fp32, as Sampler
         # (unadjusted, the argmax of the model's own logits: exact in their dtype, without an fp32 copy)
