@@ -20,9 +20,10 @@ from bench.prediction import main as prediction_main
 from engine import LLM, RequestOutput, SamplingParams
 from engine.attention import available_backends
 from engine.kv_cache import slots
+from engine.medusa.acceptance import Acceptance, typical_acceptance
 from engine.medusa.ngram import NgramIndex, PredictionIndex
 from engine.medusa.payoff import MAX_PAUSE, MIN_SAMPLES, PAUSE, PROBE_EVERY, PROBE_SOON, WINDOW, Payoff, StepClock
-from engine.medusa.speculator import Medusa, typical_acceptance
+from engine.medusa.speculator import Medusa
 from engine.medusa.tree import (
     DEFAULT_TREE,
     TREE_FILE,
@@ -578,7 +579,8 @@ def test_medusa_heads_draft_spine_trees(tiny_model_dir, use_kernel):
         pytest.skip("the CPU decode kernels could not be built here")
     set_decode_kernels(heads.eval(), kernels)
     model, tree = llm.model, build_tree(TREES["cpu6"], "cpu6")
-    medusa = Medusa(heads, [(tree, None)], model, llm.runner.kv_cache, 256, "rejection", 0.09, 0.3, spine=True)
+    medusa = Medusa(heads, [(tree, None)], model, llm.runner.kv_cache, 256, Acceptance("rejection", 0.09, 0.3),
+                    spine=True)
     spine = medusa.tree_for(1).spine
     hidden = torch.randn(1, 64, generator=generator)
     with torch.inference_mode():

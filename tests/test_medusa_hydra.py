@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
+from engine.medusa.acceptance import Acceptance
 from engine.medusa.speculator import Medusa, hydra_levels
 from engine.medusa.tree import TREES, build_tree, spine_paths, spine_tree
 from engine.training.medusa import TrainConfig, accuracy_of, build_cache, held_out_ranks, self_distill, train_heads
@@ -136,7 +137,7 @@ def test_level_by_level_drafts_equal_node_by_node_drafts(tiny_model_dir, tree_na
     llm = LLM(tiny_model_dir, medusa_tree=tree_name, dtype="float32")
     heads = drafting_heads(use_kernel)
     model, tree = llm.model, build_tree(TREES[tree_name], tree_name)
-    medusa = Medusa(heads, [(tree, None)], model, llm.runner.kv_cache, 256, "rejection", 0.09, 0.3)
+    medusa = Medusa(heads, [(tree, None)], model, llm.runner.kv_cache, 256, Acceptance("rejection", 0.09, 0.3))
     hidden, roots = torch.randn(3, 64), torch.tensor([5, 77, 200])
     with torch.inference_mode():
         drafts = medusa._draft_levels(hidden, roots, medusa.tree_for(1).levels)
@@ -153,7 +154,8 @@ def test_spine_drafts_equal_node_by_node_drafts(tiny_model_dir, use_kernel):
     llm = LLM(tiny_model_dir, dtype="float32")
     heads = drafting_heads(use_kernel)
     model, tree = llm.model, build_tree(TREES["cpu6"], "cpu6")
-    medusa = Medusa(heads, [(tree, None)], model, llm.runner.kv_cache, 256, "rejection", 0.09, 0.3, spine=True)
+    medusa = Medusa(heads, [(tree, None)], model, llm.runner.kv_cache, 256, Acceptance("rejection", 0.09, 0.3),
+                    spine=True)
     spine = medusa.tree_for(1).spine
     assert (spine.size, spine.depth, spine.width) == (7, 4, 6)
     assert medusa.max_tree_size == 1 + 4 * 6  # room for a batch's union with any spine tree

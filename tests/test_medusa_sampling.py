@@ -162,7 +162,7 @@ def test_rejection_rule_recomputed_on_a_hand_built_tree(small_vocab, temperature
     rng = torch.Generator().manual_seed(1)
     observed: Counter = Counter()
     for _ in range(rounds):
-        paths, bonus = llm.medusa._accept([seq] * copies, llm.medusa.tree_for(1).verify, tokens * copies,
+        paths, bonus = llm.medusa.acceptance.accept([seq] * copies, llm.medusa.tree_for(1).verify, tokens * copies,
                                           logits.repeat(copies, 1), rng)
         observed.update((tuple(path), token) for path, token in zip(paths, bonus))
     if temperature == 0:

@@ -1,6 +1,6 @@
 """The Medusa decode step: propose candidates with the heads (models.medusa), verify a whole tree per
-sequence in one forward, accept (greedy: the argmax's path; sampled: speculative rejection sampling, which
-keeps plain sampling's distribution exactly, or typical acceptance), compact the KV cache.
+sequence in one forward, accept (engine.medusa.acceptance: greedy, the argmax's path; sampled, speculative rejection
+sampling, which keeps plain sampling's distribution exactly, or typical acceptance), compact the KV cache.
 
 Indexing: the base model's logits at hidden state h_i predict token i+1; head k (from 0) at h_i predicts
 token i+2+k. A sequence in decode has its last token pending (not yet in the cache); that token is the
@@ -20,33 +20,22 @@ from __future__ import annotations
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import partial
 from itertools import accumulate, chain, pairwise
 from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
 
-from engine.config import EngineConfig, SamplingParams
+from engine.config import EngineConfig
 from engine.kv_cache import KVCache
+from engine.medusa.acceptance import Acceptance, VerifyTree, path_logprobs
 from engine.medusa.ngram import NgramIndex, PredictionIndex
 from engine.medusa.payoff import WINDOW, Payoff, StepClock
 from engine.medusa.tree import DEFAULT_TREE, MedusaTree, TreeChoice, build_tree, load_tree, spine_paths, spine_tree
 from engine.runner import ModelRunner
-from engine.sampler import (
-    TokenCounts,
-    adjust_logits,
-    argmax_ids,
-    draw_tokens,
-    filtered_probs,
-    has_penalties,
-    token_logprobs,
-)
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
-from engine.structured import mask_tree_
 from models.kernels.decode import DecodeKernels, set_decode_kernels
 from models.medusa import MedusaHeads, load_medusa_heads
 
@@ -65,64 +54,6 @@ MAX_CHAIN = 8  # with heads, the longest chain however big their tree (8 measure
 # length, 3.21x with chains of 8; BF16 5.26x -> 6.52x)
 PREDICTION_RUN = 8
 SPINE_WIDTH = 8  # a spine tree's candidates per level, at most (SpineTrees)
-
-
-def walk_tree(tokens: list[int], children: list[list[int]], next_token: Callable[[int], int]) -> tuple[list[int], int]:
-    """Verification of one sequence's tree: from the root, the base model's next token at the current node
-    (next_token(node)) is either the token of one of its children, and the walk moves there, or the bonus
-    token, and the walk ends. tokens: [T] each node's token. Returns (accepted nodes, root first; bonus token)."""
-    path = [0]
-    while True:
-        token = next_token(path[-1])
-        child = next((c for c in children[path[-1]] if tokens[c] == token), None)
-        if child is None:
-            return path, token
-        path.append(child)
-
-
-def draw_at(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator, node: int) -> int:
-    """A token drawn under params from the logits at one node (logits: [T, V], each node's), as plain sampling
-    draws one."""
-    return draw_tokens(filtered_probs(logits[node][None].float(), [params]), [generator])[0]
-
-
-def typical_acceptance(candidates: torch.Tensor, probs: torch.Tensor, parents: list[int], posterior_threshold: float,
-                       posterior_alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per tree node: does the base model, at the node's parent, give the node's token a probability
-    p > min(eps, delta * exp(-H)) (H: the entropy there; eps = posterior_threshold, delta = posterior_alpha)?
-    candidates: [B, T]; probs: [B, T, V] the distribution at each node. Returns (accepted [B, T], log p [B, T])."""
-    probs = probs[:, parents]  # [B, T, V] at each node's parent
-    entropy = torch.special.entr(probs).sum(dim=-1)  # [B, T]
-    p = probs.gather(-1, candidates[..., None]).squeeze(-1)
-    threshold = torch.clamp(posterior_alpha * torch.exp(-entropy), max=posterior_threshold)
-    return p > threshold, p.log()
-
-
-@dataclass(frozen=True, eq=False)  # one tree is one object: compared by identity
-class VerifyTree:
-    """A tree as verification reads it. Node i's token is entry candidate_index[i] of a sequence's
-    [root, *chain(draft_token_ids)]: Medusa drafts are each head's top-k, the others each level's nodes' own
-    tokens. path_pairs: (node, node of its path below the root) pairs, for penalties (a node's history is its
-    sequence's tokens, ending with the root's, and the tokens of its path below the root)."""
-
-    tree: MedusaTree
-    children: list[list[int]]
-    path_pairs: torch.Tensor  # [2, pairs]
-    candidate_index: list[int]
-
-    def node_paths(self, tokens: list[int]) -> list[list[int]]:
-        """Each node's tokens below the root, down to its own (tokens: [T] each node's token)."""
-        paths: list[list[int]] = [[] for _ in tokens]
-        for node in sorted(range(1, len(tokens)), key=self.tree.depths.__getitem__):  # (parents first)
-            paths[node] = paths[self.tree.parents[node]] + [tokens[node]]
-        return paths
-
-    @classmethod
-    def of(cls, tree: MedusaTree, node_tokens: bool) -> VerifyTree:
-        """node_tokens: the drafts list each node's own token (Hydra heads, prompt lookup), not top-k lists."""
-        children = [[c for c in range(1, tree.size) if tree.parents[c] == node] for node in range(tree.size)]
-        pairs = torch.tensor([(i, j) for i, j in tree.mask.nonzero().tolist() if j != 0], dtype=torch.int64)
-        return cls(tree, children, pairs.view(-1, 2).T, list(range(tree.size)) if node_tokens else tree.candidate_index)
 
 
 @dataclass(frozen=True)
@@ -205,15 +136,12 @@ class Medusa:
     order of max_batch_size."""
 
     def __init__(self, heads: MedusaHeads | None, trees: list[tuple[MedusaTree, int | None]], model: nn.Module,
-                 kv_cache: KVCache, max_model_len: int, acceptance: str, posterior_threshold: float,
-                 posterior_alpha: float, max_batch_size: int | None = None, ngram_tokens: int | None = 0,
-                 kernels: DecodeKernels | None = None, break_even: dict[int, float] | None = None,
-                 guard: bool = True, spine: bool = False, own_lookup: bool = True) -> None:
-        self.model, self.kv_cache, self.kernels = model, kv_cache, kernels
+                 kv_cache: KVCache, max_model_len: int, acceptance: Acceptance, max_batch_size: int | None = None,
+                 ngram_tokens: int | None = 0, break_even: dict[int, float] | None = None, guard: bool = True,
+                 spine: bool = False, own_lookup: bool = True) -> None:
+        self.model, self.kv_cache, self.acceptance = model, kv_cache, acceptance
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
-        self.acceptance = acceptance
-        self.posterior_threshold, self.posterior_alpha = posterior_threshold, posterior_alpha
         # prompt lookup: chains as long as chain_limit allows (ngram_tokens: at most; None: MAX_CHAIN, LOOKUP_TOKENS
         # without heads), verified in place of the heads' tree
         self.ngram_tokens = ngram_tokens
@@ -298,9 +226,9 @@ class Medusa:
         for the heads (TreeChoice), else the default; None when the measurement found that no tree pays.
         config.medusa "lookup": prompt lookup alone; "prediction": requests' predicted outputs alone. Drafting uses
         the CPU kernels when the engine does."""
-        options = dict(acceptance=config.medusa_acceptance, posterior_threshold=config.medusa_posterior_threshold,
-                       posterior_alpha=config.medusa_posterior_alpha, ngram_tokens=config.medusa_ngram_tokens,
-                       kernels=kernels, guard=config.medusa_guard)
+        acceptance = Acceptance(config.medusa_acceptance, config.medusa_posterior_threshold,
+                                config.medusa_posterior_alpha, kernels)
+        options = dict(acceptance=acceptance, ngram_tokens=config.medusa_ngram_tokens, guard=config.medusa_guard)
         if config.medusa in (LOOKUP_ONLY, PREDICTION_ONLY):
             if config.medusa_ngram_tokens == 0:
                 raise ValueError(f"medusa {config.medusa!r} speculates by prompt lookup alone: medusa_ngram_tokens "
@@ -524,10 +452,10 @@ class Medusa:
                                     list(range(num_seqs)), tree_mask=tree.mask)
         hidden = runner.forward(inputs)  # [B * T, hidden]
         logits = runner.logits(hidden, inputs.sample_rows)  # [B * T, V]
-        paths, bonus = self._accept(seqs, vt, input_ids, logits, rng)
+        paths, bonus = self.acceptance.accept(seqs, vt, input_ids, logits, rng)
         self._compact(inputs.ctx.slot_mapping, size, paths)
         out = [[input_ids[b * size + node] for node in path[1:]] + [bonus[b]] for b, path in enumerate(paths)]
-        logprobs = self._logprobs(seqs, size, paths, out, logits)
+        logprobs = path_logprobs(seqs, size, paths, out, logits)
         self._verified = next((h.verify for h in self.trees if h.owns(vt)), None)
         if any(h.owns(t) for t in trees for h in self.trees):
             if num_running == 1:
@@ -536,83 +464,6 @@ class Medusa:
             else:
                 self.batch_payoff.record(sum(map(len, out)) / len(out))
         return out, logprobs, hidden[[b * size + path[-1] for b, path in enumerate(paths)]]
-
-    @staticmethod
-    def _logprobs(seqs: list[Sequence], size: int, paths: list[list[int]], out: list[list[int]],
-                  logits: torch.Tensor) -> list[list[tuple | None]]:
-        """Per sequence, each emitted token's logprobs (token_logprobs) from the logits of the path's node before it."""
-        wanted = [b for b, seq in enumerate(seqs) if seq.params.logprobs is not None]
-        found = iter(token_logprobs(logits[[b * size + node for b in wanted for node in paths[b]]].float(),
-                                    [t for b in wanted for t in out[b]],
-                                    [seqs[b].params for b in wanted for _ in out[b]]) if wanted else [])
-        return [[next(found) for _ in tokens] if seq.params.logprobs is not None else [None] * len(tokens)
-                for seq, tokens in zip(seqs, out)]
-
-    # Sampled verification ("rejection"): SpecInfer's multi-candidate speculative sampling with deterministic
-    # drafts. At a node whose distribution is p (the base model's there, under the request's own parameters),
-    # the children x1..xm are tried in order. A top-k draft is a point mass q = delta(x), so x is accepted with
-    # probability min(1, p(x) / q(x)) = p(x); on rejection p becomes norm(max(0, p - q)), i.e. p without x,
-    # renormalised; when every child is rejected the bonus token is drawn from what is left. The factors
-    # telescope: child xi is taken with probability p(xi), and any other token y ends the walk as the bonus
-    # token with probability p(y). That is one draw y ~ p and a move to the child whose token is y, if any,
-    # which is what we do: one draw per emitted token, as plain sampling makes, so the output follows plain
-    # sampling's distribution exactly (and a seeded request draws the same random numbers as without Medusa).
-    def _accept(self, seqs: list[Sequence], vt: VerifyTree, candidates: list[int], logits: torch.Tensor,
-                rng: torch.Generator) -> tuple[list[list[int]], list[int]]:
-        """Per sequence: the accepted nodes (root first) and the bonus token after them. Greedy requests
-        follow the argmax; sampled ones the rule above, or typical acceptance when configured so."""
-        size = vt.tree.size
-        row_params = [s.params for s in seqs for _ in range(size)]
-        sampled = [b for b, s in enumerate(seqs) if not s.params.greedy]
-        structured = [b for b, s in enumerate(seqs) if s.matcher is not None]
-        if structured:  # (a copy: logprobs read the model's own logits)
-            logits = logits.to(torch.float32, copy=True)
-            for b in structured:
-                mask_tree_(logits[b * size:(b + 1) * size], seqs[b].matcher,
-                           vt.node_paths(candidates[b * size:(b + 1) * size]))
-        if any(s.params.logit_bias or has_penalties(s.params) for s in seqs):
-            logits = self._adjusted_logits(seqs, vt, candidates, logits.float(), row_params)  # in fp32, as Sampler
-        # (unadjusted, the argmax of the model's own logits: exact in their dtype, without an fp32 copy)
-        greedy_tokens = argmax_ids(logits, self.kernels) if len(sampled) < len(seqs) else []
-        typical = log_p = probs = None
-        if sampled and self.acceptance == "typical":  # judges every node of a sampled tree
-            rows = [b * size + i for b in sampled for i in range(size)]
-            probs = filtered_probs(logits[rows].float(), [row_params[r] for r in rows]).view(len(sampled), size, -1)
-            candidates_t = torch.tensor(candidates, device=logits.device).view(len(seqs), size)[sampled]
-            typical_t, log_p_t = typical_acceptance(candidates_t, probs, vt.tree.parents,
-                                                    self.posterior_threshold, self.posterior_alpha)
-            typical, log_p = typical_t.tolist(), log_p_t.tolist()
-        paths, bonus = [], []
-        for b, seq in enumerate(seqs):
-            tokens = candidates[b * size:(b + 1) * size]
-            generator = seq.generator or rng
-            if seq.params.greedy:
-                path, token = walk_tree(tokens, vt.children, greedy_tokens[b * size:(b + 1) * size].__getitem__)
-            elif typical is None:
-                # the distribution only at the nodes the walk reaches (a step emits a token or two of a tree's rows)
-                path, token = walk_tree(tokens, vt.children,
-                                        partial(draw_at, logits[b * size:(b + 1) * size], seq.params, generator))
-            else:
-                j = sampled.index(b)
-                path = typical_path(vt.tree, typical[j], log_p[j])
-                token = draw_tokens(probs[j, path[-1]][None], [generator])[0]
-            paths.append(path)
-            bonus.append(token)
-        return paths, bonus
-
-    def _adjusted_logits(self, seqs: list[Sequence], vt: VerifyTree, candidates: list[int], logits: torch.Tensor,
-                         row_params: list[SamplingParams]) -> torch.Tensor:
-        """logit_bias and penalties at every node; the penalties read each node's own history."""
-        penalized = [b for b, s in enumerate(seqs) if has_penalties(s.params)]
-        if not penalized:
-            return adjust_logits(logits, row_params, penalized_rows=[])
-        size = vt.tree.size
-        counts = TokenCounts.of([seqs[b].token_ids for b in penalized], [seqs[b].num_prompt_tokens for b in penalized],
-                                logits.shape[-1], logits.device).repeat_interleave(size)
-        tokens = torch.tensor(candidates).view(len(seqs), size)[penalized]  # [P, T]
-        node, path_node = vt.path_pairs
-        counts.add((torch.arange(len(penalized))[:, None] * size + node).flatten(), tokens[:, path_node].flatten())
-        return adjust_logits(logits, row_params, counts, [b * size + i for b in penalized for i in range(size)])
 
     def _compact(self, slot_mapping: torch.Tensor, size: int, paths: list[list[int]]) -> None:
         """Move each accepted path's K/V (all layers) so that its depth-d node sits in the slot of tree
@@ -623,16 +474,3 @@ class Medusa:
             return
         src, dst = map(list, zip(*moves))
         self.kv_cache.copy(slot_mapping[src], slot_mapping[dst])
-
-
-def typical_path(tree: MedusaTree, accepted: list[bool], log_p: list[float]) -> list[int]:
-    """The longest accepted prefix of a root-to-leaf path; ties go to the likeliest, then to the first."""
-    best, best_key = [0], (1, 0.0)
-    for leaf_path in tree.leaf_paths:
-        n = 1
-        while n < len(leaf_path) and accepted[leaf_path[n]]:
-            n += 1
-        key = (n, sum(log_p[i] for i in leaf_path[1:n]))
-        if key > best_key:
-            best, best_key = leaf_path[:n], key
-    return best
