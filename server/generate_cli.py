@@ -4,8 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 from engine import LLM, EngineConfig, SamplingParams
+from engine.medusa.speculator import PREDICTION_ONLY
 from engine.parallel import run_worker_if_launched
 from server.flags import (
     add_batch_invariant_flag,
@@ -31,6 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
+    parser.add_argument("--prediction", default=None,
+                        help="the output predicted (OpenAI's predicted outputs), or @FILE: drafted where the output "
+                             "follows it, verified like any draft (without --medusa: --medusa prediction)")
     add_device_flags(parser)
     add_dtype_flags(parser)
     parser.add_argument("--medusa", default=None,
@@ -49,17 +55,28 @@ def main(argv: list[str] | None = None) -> None:
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+        prediction = read_prediction(args.prediction)
+        medusa = PREDICTION_ONLY if prediction is not None and args.medusa is None else args.medusa
         engine_kwargs = dict(device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
-                             medusa=args.medusa, medusa_tree=args.medusa_tree,
+                             medusa=medusa, medusa_tree=args.medusa_tree,
                              quantization=args.quantization, tokenizer=args.tokenizer,
                              batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel_size,
                              cuda_graphs=not args.enforce_eager, **medusa_options(args))
         if run_worker_if_launched(EngineConfig(args.model, **engine_kwargs)):  # a torchrun rank above 0
             return
         with LLM(args.model, **engine_kwargs) as llm:
+            if prediction is not None:
+                params = replace(params, prediction=llm.tokenizer(prediction, add_special_tokens=False)["input_ids"])
             generate(llm, args, params)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"gorgon generate: error: {e}")
+
+
+def read_prediction(value: str | None) -> str | None:
+    """--prediction's text: the value, or the contents of the file @FILE names."""
+    if value is None or not value.startswith("@"):
+        return value
+    return Path(value[1:]).read_text()
 
 
 def generate(llm: LLM, args: argparse.Namespace, params: SamplingParams) -> None:

@@ -758,6 +758,19 @@ def test_generate_command_reports_accepted_lengths(capsys):
     assert "tokens per Medusa step" in capsys.readouterr().err
 
 
+def test_generate_command_drafts_a_prediction(capsys, tmp_path):
+    args = ["--prompt", "def fibonacci(n):", "--temperature", "0", "--max-tokens", "32", "--json"]
+    generate_main(args)
+    plain = json.loads(capsys.readouterr().out)
+    (tmp_path / "answer.txt").write_text(plain["text"])
+    generate_main([*args, "--prediction", f"@{tmp_path / 'answer.txt'}"])  # (--medusa prediction, implied)
+    predicted = json.loads(capsys.readouterr().out)
+    assert predicted["token_ids"] == plain["token_ids"] and plain["accepted_lengths"] == []
+    assert max(predicted["accepted_lengths"]) >= 4  # chains drafted from the prediction, accepted
+    with pytest.raises(SystemExit, match="gorgon generate: error: .*missing.txt"):
+        generate_main([*args, "--prediction", f"@{tmp_path / 'missing.txt'}"])
+
+
 def test_bench_medusa_end_to_end(tiny_model_dir, heads_dir, tmp_path):
     out = tmp_path / "medusa.json"
     bench_main(["--model", str(tiny_model_dir), "--medusa", str(heads_dir), "--new-tokens", "12", "--num-prompts", "4",
