@@ -8,6 +8,11 @@ sampling draws, so there too "lossless" means the same tokens as the seeded plai
 of a prompt group alternate, and each keeps its best time over --repeats, so load from other processes
 hits both alike.
 
+A group of 4 prompts starts together and ends with its slowest answer: with Medusa its sequences end at different
+steps, and its last steps verify trees for fewer of them. So batch 4 is also measured as a server with 4 clients runs
+it ("steady"): all prompts, 4 requests in flight, the next one started as soon as one ends, both modes timed until
+the last request starts (the end of the run, where fewer requests remain, left out).
+
 `--baseline llama.cpp` (a GGUF model; needs the `bench` extra) also runs llama.cpp on the same file, prompts
 and thread count, interleaved with the greedy runs of the main tree: greedy decoding of as many tokens per
 prompt group as Medusa emitted, so the table gives Medusa's and plain decoding's tok/s against llama.cpp's."""
@@ -16,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 import torch
@@ -138,6 +143,41 @@ def timed_pair(llm: LLM, prompts: list[str], new_tokens: int, repeats: int, temp
     return {"seconds": best, "outputs": outputs, "baseline_tokens": baseline_tokens}
 
 
+def in_flight(llm: LLM, prompts: list[str], params: list[SamplingParams],
+              batch_size: int) -> tuple[float, int, list[RequestOutput]]:
+    """Every prompt with batch_size requests in flight, the next one added as soon as one ends -> (seconds until the
+    last request was added, the tokens emitted until then, the outputs in prompt order)."""
+    waiting = deque(zip(prompts, params))
+    ids: list[str] = []
+    finished: dict[str, RequestOutput] = {}
+    start, steady, tokens = time.perf_counter(), None, 0
+    while len(finished) < len(prompts):
+        while waiting and len(ids) - len(finished) < batch_size:
+            ids.append(llm.add_request(*waiting.popleft()))
+        if not waiting and steady is None:
+            steady = time.perf_counter() - start
+        for out in llm.step():
+            tokens += len(out.new_token_ids) if steady is None else 0
+            if out.finished:
+                finished[out.request_id] = out
+    return steady, tokens, [finished[i] for i in ids]
+
+
+def steady_pair(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Namespace) -> dict:
+    """Greedy plain and Medusa decoding with batch_size requests in flight (in_flight), alternating, each the best
+    of --repeats: tok/s until the last request starts, and whether Medusa gave plain decoding's tokens."""
+    rate, outputs = {}, {}
+    for _ in range(args.repeats):
+        for mode in ("plain", "medusa"):
+            params = [SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=args.ignore_eos,
+                                     use_medusa=mode == "medusa")] * len(prompts)
+            seconds, tokens, outputs[mode] = in_flight(llm, prompts, params, batch_size)
+            rate[mode] = max(rate.get(mode, 0.0), tokens / seconds)
+    return {"batch_size": batch_size, "steady_plain_tok_s": rate["plain"], "steady_medusa_tok_s": rate["medusa"],
+            "steady_speedup": rate["medusa"] / rate["plain"],
+            "lossless": [o.token_ids for o in outputs["plain"]] == [o.token_ids for o in outputs["medusa"]]}
+
+
 def run_batch(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Namespace, bar: tqdm,
               temperature: float = 0.0, baseline: LlamaCpp | None = None) -> dict:
     """All prompts in groups of batch_size: tokens/s of both modes (and of the baseline), acceptance
@@ -169,6 +209,10 @@ def run_batch(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Name
         "accept_length_histogram": {n: histogram.get(n, 0) for n in range(1, depth + 2)},
         # the depth-(k+1) draft (head k's, or lookup's) was accepted in a step iff it emitted at least k + 2 tokens
         "head_acceptance": [sum(n >= k + 2 for n in steps) / len(steps) for k in range(depth)] if steps else [],
+        # a step verifying the heads' tree against a plain step, as the engine timed its own last steps at this batch
+        # size (None: not timed); the speedup is about mean_accepted / tree_step_cost, less the steps made plain
+        "tree_step_cost": (llm.medusa.step_clock.ratio(batch_size, llm.medusa.tree_for(batch_size).verify)
+                           if llm.medusa.trees else None),
     }
     if baseline:
         llamacpp_tps = baseline_tokens / seconds["llama.cpp"]
@@ -236,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     num_heads = 0 if llm.medusa.heads is None else llm.medusa.heads.config.num_heads  # lookup alone: no sweep
     sweep_trees = [n for n in TREES if n != tree_name(llm) and load_tree(n).depth <= num_heads]
     trees = [tree_name(llm)] + ([] if args.no_sweep else sweep_trees)
-    with tqdm(total=(len(trees) + 1) * (len(prompts) + -(-len(prompts) // 4)), desc="bench medusa") as bar:
+    with tqdm(total=(len(trees) + 1) * (len(prompts) + -(-len(prompts) // 4)) + 1, desc="bench medusa") as bar:
         llm.generate(prompts[0], SamplingParams(max_tokens=8, temperature=0))  # warm-up
         baseline = LlamaCpp(gguf_file, args.threads, max_seqs=4) if args.baseline else None
         results = {}
@@ -247,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         if baseline:
             baseline.close()
         sampled = [run_batch(llm, prompts, bs, args, bar, SAMPLED_TEMPERATURE) for bs in (1, 4)]
+        steady = steady_pair(llm, prompts, 4, args) if len(prompts) > 4 else None
+        bar.update()
     rows = results[tree_name(llm)] + sampled
     sweep = sorted((r for name in trees for r in results[name]), key=lambda r: (r["batch_size"], r["tree_size"]))
 
@@ -262,12 +308,16 @@ def main(argv: list[str] | None = None) -> None:
           f"prompt, {len(prompts)} prompts, greedy, "
           f"{args.threads} thread(s), {llm.config.dtype} on {args.device}, attention backend {llm.runner.backend.name}")
     columns = ["batch_size", "temperature", "tree", "tree_size", "plain_tok_s",
-               "medusa_tok_s", "speedup", "mean_accepted", "lossless"]
+               "medusa_tok_s", "speedup", "mean_accepted", "tree_step_cost", "lossless"]
     print_table(rows, columns)
     if args.baseline:
         print(f"\nagainst llama.cpp on {gguf_file.name}, greedy, {args.threads} thread(s), CPU {cpu_isa()}:")
         print_table(rows[:2], ["batch_size", "llamacpp_tok_s", "plain_tok_s", "medusa_tok_s", "plain_vs_llamacpp",
                                "medusa_vs_llamacpp"])
+    if steady is not None:
+        print(f"\nsteady, 4 requests in flight until the last of the {len(prompts)} starts: plain "
+              f"{steady['steady_plain_tok_s']:.1f} tok/s, Medusa {steady['steady_medusa_tok_s']:.1f} tok/s, "
+              f"speedup {steady['steady_speedup']:.2f}, lossless {steady['lossless']}")
     print("\naccept-length histogram (batch 1):", rows[0]["accept_length_histogram"])
     print("per-head acceptance (batch 1):", [round(a, 3) for a in rows[0]["head_acceptance"]])
     if len(trees) > 1:
@@ -281,8 +331,11 @@ def main(argv: list[str] | None = None) -> None:
         "sampled_tokens_per_step_bs1": sampled[0]["mean_accepted"],
         "sampled_tokens_per_step_bs4": sampled[1]["mean_accepted"],
         "sampled_lossless": all(r["lossless"] for r in sampled),
-        "lossless": all(r["lossless"] for r in sweep), "tree": tree_name(llm),
+        "lossless": all(r["lossless"] for r in sweep) and (steady is None or steady["lossless"]),
+        "tree": tree_name(llm),
         "max_batch_size": llm.medusa.max_batch_size, "ngram_tokens": args.ngram_tokens,
+        # 4 requests in flight, until the last starts (None: 4 prompts or fewer)
+        "steady_speedup_bs4": steady and steady["steady_speedup"],
     }
     if args.baseline:
         summary |= {f"{mode}_speedup_vs_llamacpp_bs{r['batch_size']}": r[f"{mode}_vs_llamacpp"]
@@ -292,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
                           "new_tokens": args.new_tokens, "prompts": prompts, "threads": args.threads,
                           "device": args.device, "dtype": llm.config.dtype,
                           "cpu_isa": cpu_isa(), "baseline": args.baseline,
-                          "attention_backend": llm.runner.backend.name, "runs": rows, "sweep": sweep,
+                          "attention_backend": llm.runner.backend.name, "runs": rows, "sweep": sweep, "steady": steady,
                           "machine": machine_info(), "summary": summary})
     if args.plot:
         plot(args.plot, sweep, rows[0])

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.common import byte_tokenizer
+from bench.medusa import in_flight
 from bench.medusa import main as bench_main
 from bench.prediction import main as prediction_main
 from engine import LLM, RequestOutput, SamplingParams
@@ -771,19 +772,36 @@ def test_generate_command_drafts_a_prediction(capsys, tmp_path):
         generate_main([*args, "--prediction", f"@{tmp_path / 'missing.txt'}"])
 
 
+def test_bench_keeps_batch_size_requests_in_flight_until_the_last_starts(tiny_model_dir):
+    llm = LLM(tiny_model_dir, enable_prefix_caching=False)
+    texts = ["def f(x):", "import os", "class A:", "for i in", "while True:", "x = [", "y = {"]
+    params = [SamplingParams(max_tokens=4 + 3 * i, temperature=0, ignore_eos=True) for i in range(len(texts))]
+    running, step = [], llm.step
+    llm.step = lambda: (running.append(len(llm.scheduler.running)), step())[1]
+    seconds, tokens, outputs = in_flight(llm, texts, params, 3)
+    # a request starts as soon as another ends, so 3 decode until the queue is empty; then the rest drain
+    assert max(running) == 3 and running[:running.index(3) + 1].count(3) == 1
+    assert [len(o.token_ids) for o in outputs] == [p.max_tokens for p in params]
+    assert seconds > 0 and 0 < tokens < sum(p.max_tokens for p in params)  # (the drain left out)
+    llm.step = step
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in llm.generate(texts, params)]
+
+
 def test_bench_medusa_end_to_end(tiny_model_dir, heads_dir, tmp_path):
     out = tmp_path / "medusa.json"
-    bench_main(["--model", str(tiny_model_dir), "--medusa", str(heads_dir), "--new-tokens", "12", "--num-prompts", "4",
+    bench_main(["--model", str(tiny_model_dir), "--medusa", str(heads_dir), "--new-tokens", "12", "--num-prompts", "6",
                 "--repeats", "1", "--no-sweep", "--threads", str(torch.get_num_threads()), "--out", str(out)])
     result = json.loads(out.read_text())
     summary = result["summary"]
     runs = result["runs"]
     assert [(r["batch_size"], r["temperature"]) for r in runs] == [(1, 0.0), (4, 0.0), (1, 0.7), (4, 0.7)]
     for r in runs:  # every output token but the prefill's came from a tree step
-        assert sum(int(n) * count for n, count in r["accept_length_histogram"].items()) == 4 * 11
-        assert r["mean_accepted"] == pytest.approx(4 * 11 / r["num_steps"])
+        assert sum(int(n) * count for n, count in r["accept_length_histogram"].items()) == 6 * 11
+        assert r["mean_accepted"] == pytest.approx(6 * 11 / r["num_steps"])
         assert r["speedup"] == pytest.approx(r["medusa_tok_s"] / r["plain_tok_s"])
+        assert r["tree_step_cost"] is None  # (the tests' engines time no steps: conftest.no_step_timing)
     assert summary["lossless"] is True and summary["sampled_lossless"] is True and summary["tree"] == "chain4"
+    assert result["steady"]["lossless"] and summary["steady_speedup_bs4"] == result["steady"]["steady_speedup"] > 0
     assert summary["mean_accepted_bs1"] == runs[0]["mean_accepted"] > 1  # the trained heads' drafts are accepted
     assert summary["sampled_tokens_per_step_bs1"] == runs[2]["mean_accepted"]
     assert (summary["speedup_bs4"], summary["sampled_speedup_bs4"]) == (runs[1]["speedup"], runs[3]["speedup"])
