@@ -75,8 +75,9 @@ class ForwardContext:
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with 0
     query_lens_cpu: list[int]  # host copies, so kernels can plan without a device sync
     context_lens_cpu: list[int]
-    # Medusa verification: [T, T] bool over the last T query rows of every sequence (row i may see
-    # tree node j iff tree_mask[i, j]); those rows also see the whole cached past. None: plain causal.
+    # Medusa verification: [num_seqs, T, T] bool over each sequence's last T cache entries (entry i may see entry j
+    # iff tree_mask[s, i, j]); they see every entry before them. A sequence that verifies no tree has the causal
+    # (lower-triangular) mask there, so one forward runs trees beside prefill and plain decode. None: all causal.
     tree_mask: torch.Tensor | None = None
     # LoRA: the step's token rows grouped by adapter slot; None when no sequence uses a LoRA
     lora: LoRABatch | None = None

@@ -33,23 +33,32 @@ TREE = torch.tensor([[1, 0, 0, 0, 0],
                      [1, 0, 1, 0, 0],
                      [1, 1, 0, 1, 0],
                      [1, 0, 1, 0, 1]], dtype=torch.bool)
+CHAIN = torch.tensor([[1, 0, 0, 0, 0],  # another tree of 5 nodes: a root with a child and a chain of three
+                      [1, 1, 0, 0, 0],
+                      [1, 0, 1, 0, 0],
+                      [1, 0, 1, 1, 0],
+                      [1, 0, 1, 1, 1]], dtype=torch.bool)
+CAUSAL = torch.ones(5, 5, dtype=torch.bool).tril()  # a sequence beside the trees that verifies none
 
-# name -> (query_lens, context_lens, num_heads, num_kv_heads, head_dim, tree mask)
+# name -> (query_lens, context_lens, num_heads, num_kv_heads, head_dim, tree masks: one per sequence)
 CASES = {
     "prefill_odd": ([37], [37], 4, 2, 16, None),
     "decode_batch": ([1, 1, 1], [1, 17, 300], 4, 2, 16, None),
     "mixed_chunk_and_decodes": ([40, 1, 1], [56, 5, 70], 4, 2, 16, None),
     "mha_head_dim_24": ([9, 1], [9, 40], 2, 2, 24, None),
     "gqa_4_to_1": ([21], [50], 8, 2, 16, None),
-    "tree_verify": ([5, 7], [5, 23], 4, 2, 16, TREE),
+    "tree_verify": ([5, 7], [5, 23], 4, 2, 16, [TREE, TREE]),
+    # trees of different shapes beside a prefill chunk, a prompt shorter than the trees and a decode step
+    "trees_beside_prefill_and_decode": ([5, 40, 3, 1, 5], [30, 56, 3, 70, 9], 4, 2, 16,
+                                        [TREE, CAUSAL, CAUSAL, CAUSAL, CHAIN]),
     # head_dim a multiple of 32: on CPUs with AMX-BF16 the cpu kernel's bf16 scores are tile products
     "head_dim_64_prefill_and_decodes": ([70, 1, 1], [70, 9, 130], 6, 2, 64, None),
-    "head_dim_64_tree_verify": ([5, 5], [40, 100], 6, 2, 64, TREE),
+    "head_dim_64_tree_verify": ([5, 5], [40, 100], 6, 2, 64, [TREE, CHAIN]),
 }
 
 
 def paged_inputs(query_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int,
-                 head_dim: int, block_size: int, dtype: torch.dtype, tree_mask: torch.Tensor | None = None,
+                 head_dim: int, block_size: int, dtype: torch.dtype, tree_masks: list[torch.Tensor] | None = None,
                  seed: int = 0):
     """Random q/k/v for the new tokens and a random cache, each sequence's blocks scattered over it."""
     gen = torch.Generator().manual_seed(seed)
@@ -78,7 +87,8 @@ def paged_inputs(query_lens: list[int], context_lens: list[int], num_heads: int,
     ctx = ForwardContext(positions=torch.zeros(num_tokens, dtype=torch.long), slot_mapping=torch.tensor(slots),
                          query_start_loc=query_start_loc, context_lens=torch.tensor(context_lens, dtype=torch.int32),
                          block_tables=block_tables, query_lens_cpu=list(query_lens),
-                         context_lens_cpu=list(context_lens), tree_mask=tree_mask)
+                         context_lens_cpu=list(context_lens),
+                         tree_mask=None if tree_masks is None else torch.stack(tree_masks))
     return q, k, v, k_cache, v_cache, ctx
 
 
@@ -153,7 +163,8 @@ def test_long_context_decode_with_split_keys(name):
 def test_triton_split_keys_combine_exactly(num_splits):
     from engine.attention.triton import paged_attention
 
-    inputs = paged_inputs([4, 4, 6], [300, 7, 140], 4, 2, 16, 16, torch.float32, TREE[:4, :4])
+    masks = [TREE[:4, :4], CAUSAL[:4, :4], CHAIN[:4, :4]]
+    inputs = paged_inputs([4, 4, 6], [300, 7, 140], 4, 2, 16, 16, torch.float32, masks)
     expected, k_cache, v_cache = run_backend(ReferenceAttention(), inputs)
     device = device_of(get_backend("triton", "cpu"))
     q, ctx = inputs[0].to(device), inputs[5].to(device)
@@ -215,7 +226,8 @@ def attend_one_sequence(backend, q: torch.Tensor, keys: torch.Tensor, values: to
                          query_start_loc=torch.tensor([0, new], dtype=torch.int32),
                          context_lens=torch.tensor([n], dtype=torch.int32),
                          block_tables=torch.arange(num_blocks, dtype=torch.int32)[None],
-                         query_lens_cpu=[new], context_lens_cpu=[n], tree_mask=tree_mask)
+                         query_lens_cpu=[new], context_lens_cpu=[n],
+                         tree_mask=None if tree_mask is None else tree_mask[None])
     return backend.forward(q, keys[n - new:], values[n - new:], k_cache.view(num_blocks, block_size, *keys.shape[1:]),
                            v_cache.view(num_blocks, block_size, *keys.shape[1:]), ctx, 0.25)
 

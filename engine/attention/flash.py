@@ -27,7 +27,7 @@ KEY_TILE = 256
 def visible(query_index: torch.Tensor, key_index: torch.Tensor, context_len: int,
             tree_mask: torch.Tensor | None) -> torch.Tensor:
     """[num_queries, num_keys] bool: may the query at cache index q see the key at cache index k?
-    Causal, except among the last T cache entries, where the tree mask decides."""
+    Causal, except among the last T cache entries, where the sequence's tree mask [T, T] decides."""
     mask = key_index[None, :] <= query_index[:, None]
     if tree_mask is not None:
         tree_size = tree_mask.shape[0]
@@ -55,8 +55,9 @@ class FlashAttention:
                 rows = slice(start + tile_start, start + min(tile_start + QUERY_TILE, query_len))
                 # cache index of each row: a sequence's query rows are its last query_len cache entries
                 first_index = context_len - query_len + tile_start
+                tree_mask = None if ctx.tree_mask is None else ctx.tree_mask[i]
                 out[rows] = self._attend_tile(q[rows], first_index, k_cache, v_cache, ctx.block_tables[i],
-                                              context_len, ctx.tree_mask, scale)
+                                              context_len, tree_mask, scale)
             start += query_len
         return out
 

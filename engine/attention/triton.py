@@ -69,9 +69,9 @@ def _paged_attention_kernel(
             if HAS_TREE:
                 tree_start = context_len - tree_size
                 in_tree = (query_index[:, None] >= tree_start) & (offs_n[None, :] >= tree_start) & key_valid[None, :]
-                tree_bit = tl.load(TreeMask + (query_index[:, None] - tree_start) * tree_size
-                                   + (offs_n[None, :] - tree_start),
-                                   mask=in_tree & row_valid[:, None], other=0)
+                tree_rows = TreeMask + (seq * tree_size + query_index[:, None] - tree_start) * tree_size  # its mask's
+                tree_bit = tl.load(tree_rows + (offs_n[None, :] - tree_start), mask=in_tree & row_valid[:, None],
+                                   other=0)
                 visible = tl.where(in_tree, tree_bit != 0, visible)
             scores = tl.where(visible & key_valid[None, :], scores, float("-inf"))
 
@@ -130,7 +130,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         tree_mask if tree_mask is not None else lse,  # any pointer will do when HAS_TREE is off
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), ctx.block_tables.stride(0),
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
-        scale, num_splits, keys_per_split, 0 if tree_mask is None else tree_mask.shape[0],
+        scale, num_splits, keys_per_split, 0 if tree_mask is None else tree_mask.shape[-1],
         GROUP=num_heads // num_kv_heads, KV_BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m, BLOCK_N=BLOCK_N,
         # fp32 queries get exact fp32 products (over a 16-bit cache too); so do bf16/fp16 ones in the interpreter,

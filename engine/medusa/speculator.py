@@ -449,7 +449,7 @@ class Medusa:
             positions += [root + d for d in tree.depths]  # node i sits at cache index root + i
             spans.append((root, root + size))
         inputs = runner.step_inputs(seqs, input_ids, positions, spans, list(range(num_seqs * size)),
-                                    list(range(num_seqs)), tree_mask=tree.mask)
+                                    list(range(num_seqs)), tree_mask=tree.mask.expand(num_seqs, size, size))
         hidden = runner.forward(inputs)  # [B * T, hidden]
         logits = runner.logits(hidden, inputs.sample_rows)  # [B * T, V]
         paths, bonus = self.acceptance.accept(seqs, vt, input_ids, logits, rng)

@@ -206,17 +206,22 @@ void amx_scores(const at::BFloat16* keys, const uint32_t* q_pairs, int width, in
 }
 #endif
 
+// The Medusa tree a sequence verifies over its last `size` cache entries (size 0: none, plain causal)
+struct TreeShape {
+  int size = 0;
+  const bool* mask = nullptr;       // [size][size]: may entry i see entry j?
+  std::vector<int> depths;          // [size]: each entry's depth below the first, non-decreasing
+  std::vector<int> first_at_depth;  // [deepest + 2]: the first entry at each depth or deeper (size past the last)
+  int deepest = 0;
+};
+
 struct Problem {
   int num_heads, num_kv_heads, head_dim, block_size, max_blocks;
   int group;            // query heads per kv head
   int padded_dim;       // head_dim rounded up to TILE_COLS
   int tile_positions;   // query positions per unit
   int rows;             // the most rows of a unit: tile_positions * group rounded up to TILE_COLS
-  int tree_size;        // 0: plain causal
-  const bool* tree_mask;
-  const int* tree_depths;     // [tree_size]: each node's depth, non-decreasing (the root's is 0)
-  const int* first_at_depth;  // [deepest + 2]: the first node at each depth or deeper (tree_size past the last)
-  int deepest;
+  const std::vector<TreeShape>* trees;  // [num_seqs]
   int max_tile_keys;    // the most keys of one tile (key_tile_end): KEY_TILE plus a tree's nodes
   float scale;
   bool amx;             // bf16 q and cache, head_dim % 32 == 0, AMX-BF16: every unit's scores on tiles (run_unit)
@@ -251,11 +256,13 @@ struct Scratch {
         few_scores_t(p.amx ? p.max_tile_keys * 16 : 0) {}
 };
 
+inline const TreeShape& tree_of(const Problem& p, const QueryTile& tile) { return (*p.trees)[tile.seq]; }
+
 // May the query at cache index qi see the key at cache index kj?
-inline bool visible(const Problem& p, int qi, int kj, int context_len) {
-  const int tree_start = context_len - p.tree_size;
-  if (p.tree_size > 0 && qi >= tree_start && kj >= tree_start)
-    return p.tree_mask[(qi - tree_start) * p.tree_size + (kj - tree_start)];
+inline bool visible(const TreeShape& tree, int qi, int kj, int context_len) {
+  const int tree_start = context_len - tree.size;
+  if (tree.size > 0 && qi >= tree_start && kj >= tree_start)
+    return tree.mask[(qi - tree_start) * tree.size + (kj - tree_start)];
   return kj <= qi;
 }
 
@@ -265,16 +272,18 @@ inline bool visible(const Problem& p, int qi, int kj, int context_len) {
 // (siblings in between are masked, and add exact zeros): bitwise the same row. A tile may then hold more
 // than KEY_TILE keys (all the nodes of its depths).
 inline int position_of(const Problem& p, const QueryTile& tile, int index) {
-  const int tree_start = tile.context_len - p.tree_size;
-  return index < tree_start ? index : tree_start + p.tree_depths[index - tree_start];
+  const TreeShape& tree = tree_of(p, tile);
+  const int tree_start = tile.context_len - tree.size;
+  return index < tree_start ? index : tree_start + tree.depths[index - tree_start];
 }
 
 // The first cache index whose key sits at `position` or later
 inline int first_index_at(const Problem& p, const QueryTile& tile, int position) {
-  const int tree_start = tile.context_len - p.tree_size;
+  const TreeShape& tree = tree_of(p, tile);
+  const int tree_start = tile.context_len - tree.size;
   if (position <= tree_start) return position;
   const int depth = position - tree_start;
-  return tree_start + (depth > p.deepest ? p.tree_size : p.first_at_depth[depth]);
+  return tree_start + (depth > tree.deepest ? tree.size : tree.first_at_depth[depth]);
 }
 
 // The end of the key tile that starts at cache index k0: KEY_TILE positions from a multiple of KEY_TILE
@@ -373,7 +382,8 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
   start_rows(row_max, row_sum, acc, R, Dp);
 
   const auto [key_begin, key_end] = unit_keys(p, tile, split, s.query_index[R - 1]);
-  const int tree_start = tile.context_len - p.tree_size;
+  const TreeShape& tree = tree_of(p, tile);
+  const int tree_start = tile.context_len - tree.size;
   for (int k0 = key_begin, k1; k0 < key_end; k0 = k1) {
     k1 = std::min(key_tile_end(p, tile, k0), key_end);
     const int num_keys = k1 - k0, width = round_up(num_keys, TILE_COLS);  // (padding keys are masked)
@@ -400,7 +410,7 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
     if (needs_mask) {
       for (int j = 0; j < width; ++j)
         for (int r = 0; r < R; ++r)
-          if (j >= num_keys || !visible(p, s.query_index[r], k0 + j, tile.context_len))
+          if (j >= num_keys || !visible(tree, s.query_index[r], k0 + j, tile.context_len))
             s.scores_t[j * R + r] = NEG_INF;
     }
     // online softmax, vectorised over rows
@@ -463,7 +473,8 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
   start_rows(row_max, row_sum, acc, R, Dp);
 
   const auto [key_begin, key_end] = unit_keys(p, tile, split, s.query_index[R - 1]);
-  const int tree_start = tile.context_len - p.tree_size;
+  const TreeShape& tree = tree_of(p, tile);
+  const int tree_start = tile.context_len - tree.size;
   for (int k0 = key_begin, k1; k0 < key_end; k0 = k1) {
     k1 = std::min(key_tile_end(p, tile, k0), key_end);
     const int num_keys = k1 - k0, width = round_up(num_keys, TILE_COLS);
@@ -513,7 +524,7 @@ void run_unit_few_rows(const Problem& p, const QueryTile& tile, int kv_head, int
       float* row = scores + r * width;
       if (needs_mask)
         for (int j = 0; j < width; ++j)
-          if (j >= num_keys || !visible(p, s.query_index[r], k0 + j, tile.context_len)) row[j] = NEG_INF;
+          if (j >= num_keys || !visible(tree, s.query_index[r], k0 + j, tile.context_len)) row[j] = NEG_INF;
       float tile_max = NEG_INF;
       for (int j = 0; j < width; ++j) tile_max = std::max(tile_max, row[j]);
       const float new_max = std::max(row_max[r], tile_max);
@@ -702,7 +713,8 @@ void store_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
 // q [num_tokens, num_heads, head_dim], k/v [num_tokens, num_kv_heads, head_dim]: the new tokens, whose
 // K/V go to cache slots slot_mapping [num_tokens] first; caches [num_blocks, block_size, num_kv_heads,
 // head_dim]; block_tables [num_seqs, max_blocks] int32; query_start_loc [num_seqs + 1]; context_lens
-// [num_seqs]; tree_mask [T, T] bool or None. Returns [num_tokens, num_heads, head_dim] in q's dtype.
+// [num_seqs]; tree_mask [num_seqs, T, T] bool or None (ForwardContext.tree_mask). Returns [num_tokens, num_heads,
+// head_dim] in q's dtype.
 at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                            const at::Tensor& query_start_loc, const at::Tensor& context_lens,
@@ -732,25 +744,38 @@ at::Tensor paged_attention(const at::Tensor& q_in, const at::Tensor& k, const at
           amx_scores_available();
 #endif
 
-  at::Tensor mask;
-  std::vector<int> depths, first_at_depth;
-  if (tree_mask.has_value()) {
-    mask = as_type(*tree_mask, at::kBool).contiguous();
-    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == mask.size(1), "paged_attention: the tree mask must be [T, T]");
-    p.tree_size = static_cast<int>(mask.size(0));
-    p.tree_mask = mask.data_ptr<bool>();
-    for (int i = 0; i < p.tree_size; ++i) {  // a node sees itself and its ancestors
-      depths.push_back(static_cast<int>(std::count(p.tree_mask + i * p.tree_size, p.tree_mask + (i + 1) * p.tree_size, true)) - 1);
-      TORCH_CHECK(depths[i] >= (i ? depths[i - 1] : 0), "paged_attention: the tree's nodes must come in order of depth");
-      while (static_cast<int>(first_at_depth.size()) <= depths[i]) first_at_depth.push_back(i);
-    }
-    first_at_depth.push_back(p.tree_size);
-    p.tree_depths = depths.data();
-    p.first_at_depth = first_at_depth.data();
-    p.deepest = depths.empty() ? 0 : depths.back();
-  }
-  p.max_tile_keys = round_up(KEY_TILE + p.tree_size, TILE_COLS);
   const std::vector<int> query_start = to_vector(query_start_loc), contexts = to_vector(context_lens);
+  at::Tensor masks;
+  std::vector<TreeShape> trees(contexts.size());
+  int largest_tree = 0;
+  if (tree_mask.has_value()) {
+    masks = as_type(*tree_mask, at::kBool).contiguous();
+    TORCH_CHECK(masks.dim() == 3 && masks.size(0) == static_cast<int64_t>(contexts.size()) &&
+                    masks.size(1) == masks.size(2),
+                "paged_attention: the tree mask must be [num_seqs, T, T]");
+    const int size = static_cast<int>(masks.size(1));
+    for (size_t seq = 0; seq < trees.size(); ++seq) {
+      const bool* mask = masks.data_ptr<bool>() + seq * size * size;
+      bool causal = true;  // (a sequence that verifies no tree: causal there too, as without the mask)
+      for (int i = 0; i < size && causal; ++i)
+        for (int j = 0; j < size; ++j) causal = causal && mask[i * size + j] == (j <= i);
+      if (causal) continue;
+      TreeShape& tree = trees[seq];
+      tree.size = size;
+      tree.mask = mask;
+      for (int i = 0; i < size; ++i) {  // an entry sees itself and the entries of its path before it
+        tree.depths.push_back(static_cast<int>(std::count(mask + i * size, mask + (i + 1) * size, true)) - 1);
+        TORCH_CHECK(tree.depths[i] >= (i ? tree.depths[i - 1] : 0),
+                    "paged_attention: the tree's nodes must come in order of depth");
+        while (static_cast<int>(tree.first_at_depth.size()) <= tree.depths[i]) tree.first_at_depth.push_back(i);
+      }
+      tree.first_at_depth.push_back(size);
+      tree.deepest = tree.depths.back();
+      largest_tree = size;
+    }
+  }
+  p.trees = &trees;
+  p.max_tile_keys = round_up(KEY_TILE + largest_tree, TILE_COLS);
   int max_query_len = 1;
   for (size_t i = 0; i < contexts.size(); ++i) {
     max_query_len = std::max(max_query_len, query_start[i + 1] - query_start[i]);
