@@ -56,8 +56,8 @@ class TokenCounts:
         self.output.index_put_((rows, token_ids), torch.ones_like(token_ids, dtype=self.output.dtype), accumulate=True)
         self.seen[rows, token_ids] = True
 
-    def repeat_interleave(self, n: int) -> TokenCounts:
-        """Each row n times, consecutively."""
+    def repeat_interleave(self, n: torch.Tensor) -> TokenCounts:
+        """Row i n[i] times, consecutively."""
         return TokenCounts(self.output.repeat_interleave(n, dim=0), self.seen.repeat_interleave(n, dim=0))
 
 

@@ -162,8 +162,8 @@ def test_rejection_rule_recomputed_on_a_hand_built_tree(small_vocab, temperature
     rng = torch.Generator().manual_seed(1)
     observed: Counter = Counter()
     for _ in range(rounds):
-        paths, bonus = llm.medusa.acceptance.accept([seq] * copies, llm.medusa.tree_for(1).verify, tokens * copies,
-                                          logits.repeat(copies, 1), rng)
+        paths, bonus = llm.medusa.acceptance.accept([seq] * copies, [llm.medusa.tree_for(1).verify] * copies,
+                                                    tokens * copies, logits.repeat(copies, 1), rng)
         observed.update((tuple(path), token) for path, token in zip(paths, bonus))
     if temperature == 0:
         assert len(expected) == 1 and observed == Counter({next(iter(expected)): copies * rounds})

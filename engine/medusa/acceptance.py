@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from itertools import accumulate
 
 import torch
 
@@ -117,71 +118,78 @@ class Acceptance:
     # token with probability p(y). That is one draw y ~ p and a move to the child whose token is y, if any,
     # which is what we do: one draw per emitted token, as plain sampling makes, so the output follows plain
     # sampling's distribution exactly (and a seeded request draws the same random numbers as without Medusa).
-    def accept(self, seqs: list[Sequence], vt: VerifyTree, candidates: list[int], logits: torch.Tensor,
+    def accept(self, seqs: list[Sequence], trees: list[VerifyTree], candidates: list[int], logits: torch.Tensor,
                rng: torch.Generator) -> tuple[list[list[int]], list[int]]:
-        """Per sequence: the accepted nodes (root first) and the bonus token after them. Greedy requests
-        follow the argmax; sampled ones the rule above, or typical acceptance when configured so."""
-        size = vt.tree.size
-        row_params = [s.params for s in seqs for _ in range(size)]
-        sampled = [b for b, s in enumerate(seqs) if not s.params.greedy]
-        structured = [b for b, s in enumerate(seqs) if s.matcher is not None]
-        if structured:  # (a copy: logprobs read the model's own logits)
+        """Per sequence: the accepted nodes (root first) and the bonus token after them. seqs[b]'s rows of
+        candidates and logits are the nodes of its tree trees[b], in order, after the rows of the sequences before
+        it. Greedy requests follow the argmax; sampled ones the rule above, or typical acceptance when configured
+        so."""
+        starts = tree_rows(trees)
+        row_params = [s.params for s, vt in zip(seqs, trees) for _ in range(vt.tree.size)]
+        if any(s.matcher is not None for s in seqs):  # (a copy: logprobs read the model's own logits)
             logits = logits.to(torch.float32, copy=True)
-            for b in structured:
-                mask_tree_(logits[b * size:(b + 1) * size], seqs[b].matcher,
-                           vt.node_paths(candidates[b * size:(b + 1) * size]))
+            for b, (seq, vt) in enumerate(zip(seqs, trees)):
+                if seq.matcher is not None:
+                    rows = slice(starts[b], starts[b + 1])
+                    mask_tree_(logits[rows], seq.matcher, vt.node_paths(candidates[rows]))
         if any(s.params.logit_bias or has_penalties(s.params) for s in seqs):
-            logits = self._adjusted_logits(seqs, vt, candidates, logits.float(), row_params)  # in fp32, as Sampler
+            logits = self._adjusted_logits(seqs, trees, candidates, logits.float(), row_params)  # in fp32, as Sampler
         # (unadjusted, the argmax of the model's own logits: exact in their dtype, without an fp32 copy)
-        greedy_tokens = argmax_ids(logits, self.kernels) if len(sampled) < len(seqs) else []
-        typical = log_p = probs = None
-        if sampled and self.rule == "typical":  # judges every node of a sampled tree
-            rows = [b * size + i for b in sampled for i in range(size)]
-            probs = filtered_probs(logits[rows].float(), [row_params[r] for r in rows]).view(len(sampled), size, -1)
-            candidates_t = torch.tensor(candidates, device=logits.device).view(len(seqs), size)[sampled]
-            typical_t, log_p_t = typical_acceptance(candidates_t, probs, vt.tree.parents,
-                                                    self.posterior_threshold, self.posterior_alpha)
-            typical, log_p = typical_t.tolist(), log_p_t.tolist()
+        greedy_tokens = argmax_ids(logits, self.kernels) if any(s.params.greedy for s in seqs) else []
         paths, bonus = [], []
-        for b, seq in enumerate(seqs):
-            tokens = candidates[b * size:(b + 1) * size]
+        for b, (seq, vt) in enumerate(zip(seqs, trees)):
+            rows = slice(starts[b], starts[b + 1])
+            tokens = candidates[rows]
             generator = seq.generator or rng
             if seq.params.greedy:
-                path, token = walk_tree(tokens, vt.children, greedy_tokens[b * size:(b + 1) * size].__getitem__)
-            elif typical is None:
+                path, token = walk_tree(tokens, vt.children, greedy_tokens[rows].__getitem__)
+            elif self.rule != "typical":
                 # the distribution only at the nodes the walk reaches (a step emits a token or two of a tree's rows)
-                path, token = walk_tree(tokens, vt.children,
-                                        partial(draw_at, logits[b * size:(b + 1) * size], seq.params, generator))
-            else:
-                j = sampled.index(b)
-                path = typical_path(vt.tree, typical[j], log_p[j])
-                token = draw_tokens(probs[j, path[-1]][None], [generator])[0]
+                path, token = walk_tree(tokens, vt.children, partial(draw_at, logits[rows], seq.params, generator))
+            else:  # judges every node of the tree
+                probs = filtered_probs(logits[rows].float(), row_params[rows])
+                accepted, log_p = typical_acceptance(torch.tensor(tokens, device=logits.device)[None], probs[None],
+                                                     vt.tree.parents, self.posterior_threshold, self.posterior_alpha)
+                path = typical_path(vt.tree, accepted[0].tolist(), log_p[0].tolist())
+                token = draw_tokens(probs[path[-1]][None], [generator])[0]
             paths.append(path)
             bonus.append(token)
         return paths, bonus
 
-    def _adjusted_logits(self, seqs: list[Sequence], vt: VerifyTree, candidates: list[int], logits: torch.Tensor,
+    @staticmethod
+    def _adjusted_logits(seqs: list[Sequence], trees: list[VerifyTree], candidates: list[int], logits: torch.Tensor,
                          row_params: list[SamplingParams]) -> torch.Tensor:
         """logit_bias and penalties at every node; the penalties read each node's own history."""
         penalized = [b for b, s in enumerate(seqs) if has_penalties(s.params)]
         if not penalized:
             return adjust_logits(logits, row_params, penalized_rows=[])
-        size = vt.tree.size
+        starts = tree_rows(trees)
+        sizes = [trees[b].tree.size for b in penalized]
         counts = TokenCounts.of([seqs[b].token_ids for b in penalized], [seqs[b].num_prompt_tokens for b in penalized],
-                                logits.shape[-1], logits.device).repeat_interleave(size)
-        tokens = torch.tensor(candidates).view(len(seqs), size)[penalized]  # [P, T]
-        node, path_node = vt.path_pairs
-        counts.add((torch.arange(len(penalized))[:, None] * size + node).flatten(), tokens[:, path_node].flatten())
-        return adjust_logits(logits, row_params, counts, [b * size + i for b in penalized for i in range(size)])
+                                logits.shape[-1], logits.device).repeat_interleave(torch.tensor(sizes))
+        count_rows, path_tokens = [], []  # each node's path below the root, counted in that node's row
+        for first, b in zip(accumulate([0, *sizes]), penalized):
+            node, path_node = trees[b].path_pairs
+            count_rows.append(first + node)
+            path_tokens.append(torch.tensor(candidates[starts[b]:starts[b + 1]])[path_node])
+        counts.add(torch.cat(count_rows), torch.cat(path_tokens))
+        return adjust_logits(logits, row_params, counts,
+                             [row for b in penalized for row in range(starts[b], starts[b + 1])])
 
 
-def path_logprobs(seqs: list[Sequence], size: int, paths: list[list[int]], out: list[list[int]],
+def tree_rows(trees: list[VerifyTree]) -> list[int]:
+    """Where each sequence's rows start, and the end of the last: a sequence's rows are its tree's nodes."""
+    return [0, *accumulate(vt.tree.size for vt in trees)]
+
+
+def path_logprobs(seqs: list[Sequence], trees: list[VerifyTree], paths: list[list[int]], out: list[list[int]],
                   logits: torch.Tensor) -> list[list[tuple | None]]:
     """Per sequence, each emitted token's logprobs (token_logprobs) from the logits of its path's node before it
-    (logits: [len(seqs) * size, vocab], the model's own; out: the emitted tokens, the bonus token last); None where
-    the request asked for none."""
+    (logits: the model's own, each sequence's tree's rows after the last's, as Acceptance.accept reads them; out: the
+    emitted tokens, the bonus token last); None where the request asked for none."""
+    starts = tree_rows(trees)
     wanted = [b for b, seq in enumerate(seqs) if seq.params.logprobs is not None]
-    found = iter(token_logprobs(logits[[b * size + node for b in wanted for node in paths[b]]].float(),
+    found = iter(token_logprobs(logits[[starts[b] + node for b in wanted for node in paths[b]]].float(),
                                 [t for b in wanted for t in out[b]],
                                 [seqs[b].params for b in wanted for _ in out[b]]) if wanted else [])
     return [[next(found) for _ in tokens] if seq.params.logprobs is not None else [None] * len(tokens)

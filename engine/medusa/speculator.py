@@ -11,8 +11,8 @@ sequence decoding alone drafts, in place of the heads' tree (unless the user nam
 shaped at each step by the drafts' own probabilities (SpineTrees, tree.spine_tree: EAGLE-2's choice of
 the likeliest nodes, along the spine of rank-0 drafts).
 Where the sequence's last tokens occurred in it before, a chain of the tokens that followed them then
-(prompt lookup, engine.medusa.ngram) is verified instead of the heads' tree; a batch whose sequences draft
-different trees verifies their union in one forward. The heads stop drafting for a while for a sequence decoding
+(prompt lookup, engine.medusa.ngram) is verified instead of the heads' tree; a batch verifies each sequence's own
+tree in one forward, under a mask of its own. The heads stop drafting for a while for a sequence decoding
 alone, or a batch, whose tree steps emit fewer tokens than a step costs against a plain one, as the engine timed
 its own steps, else as train-medusa timed the tree (engine.medusa.payoff)."""
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import nn
 
 from engine.config import EngineConfig
 from engine.kv_cache import KVCache
-from engine.medusa.acceptance import Acceptance, VerifyTree, path_logprobs
+from engine.medusa.acceptance import Acceptance, VerifyTree, path_logprobs, tree_rows
 from engine.medusa.ngram import NgramIndex, PredictionIndex
 from engine.medusa.payoff import WINDOW, Payoff, StepClock
 from engine.medusa.tree import DEFAULT_TREE, MedusaTree, TreeChoice, build_tree, load_tree, spine_paths, spine_tree
@@ -86,7 +86,7 @@ class SpineTrees:
     """The heads' trees for a sequence decoding alone, shaped at each step by the drafts' own probabilities
     (tree.spine_tree): `depth` levels of `width` candidates along the spine, `size` nodes verified, as many as the
     static tree they stand in for (whose rows the engine timed). Invariant: shapes[counts] is the VerifyTree of
-    spine_paths(counts), built when first drafted; every shape is part of `widest`."""
+    spine_paths(counts), built when first drafted."""
 
     size: int
     depth: int
@@ -100,12 +100,6 @@ class SpineTrees:
             self.shapes[key] = VerifyTree.of(build_tree(spine_paths(counts), f"spine{key}").to(self.device),
                                              node_tokens=True)
         return self.shapes[key]
-
-    @property
-    def widest(self) -> VerifyTree:
-        """Every candidate of every level: the union of all shapes (what a batch's union may hold of them)."""
-        return VerifyTree.of(build_tree(spine_paths([self.width] * self.depth), "spine").to(self.device),
-                             node_tokens=True)
 
 
 @dataclass(frozen=True)
@@ -132,7 +126,7 @@ class Medusa:
     """Medusa speculation for one engine: by its heads and prompt lookup, or (heads None) by prompt lookup
     alone. Invariant: a sequence whose draft_token_ids are set has its last token pending, the tree they fill
     in draft_tree and room for max_tree_size more cache entries; its next decode step verifies that tree, alone
-    or within the union of its batch's trees. `trees`, the heads' (for sequences decoding alone first), are in
+    or beside its batch's other trees. `trees`, the heads' (for sequences decoding alone first), are in
     order of max_batch_size."""
 
     def __init__(self, heads: MedusaHeads | None, trees: list[tuple[MedusaTree, int | None]], model: nn.Module,
@@ -159,7 +153,6 @@ class Medusa:
         self.payoffs: WeakKeyDictionary[Sequence, Payoff] = WeakKeyDictionary()  # of sequences decoding alone
         self.recent_emitted: deque[float] = deque(maxlen=WINDOW)  # their last tree steps' tokens, any sequence's
         self.batch_payoff, self.batch_steps = Payoff(), 0  # of batches; its clock: batch steps proposed for
-        self.unions: dict[frozenset[int], VerifyTree] = {}  # by the ids of the trees they join
         self.heads, self.trees = heads, []
         if heads is not None:
             self._set_heads(heads, trees, spine)
@@ -169,10 +162,8 @@ class Medusa:
         longest = longest and max(longest, self.prediction_limit)
         self.chains = [VerifyTree.of(build_tree([[0] * d for d in range(1, n + 1)], f"lookup{n}").to(kv_cache.device),
                                      node_tokens=True) for n in range(1, longest + 1)]
-        # a batch may verify the union of every tree its sequences drafted: as its sizes change, its sequences' last
-        # drafts can come from two of the heads' trees
-        drafted = [*(t.verify for t in self.trees), *(t.spine.widest for t in self.trees if t.spine), *self.chains[-1:]]
-        self.max_tree_size = self._union(drafted).tree.size if drafted else 1
+        drafted = [*(t.verify for t in self.trees), *self.chains[-1:]]  # (a spine tree: as many nodes as its tree)
+        self.max_tree_size = max((vt.tree.size for vt in drafted), default=1)
         self.max_depth = max((vt.tree.depth for vt in drafted), default=0)
 
     def _set_heads(self, heads: MedusaHeads, trees: list[tuple[MedusaTree, int | None]], spine: bool) -> None:
@@ -204,14 +195,13 @@ class Medusa:
         engine pays for: a sequence decoding alone verifies a chain in place of the tree, so as many tokens as the tree
         drafts (SmolLM2 BF16 on AMX tiles, a 9-node tree: chains of 8 where they were 4, docstring prompts 1.90x ->
         2.01x; Q4_1, the 4-node chain, where each row costs arithmetic: chains of 3, 1.17x -> 1.25x, and of 8 1.11x);
-        a batch verifies the union of its sequences' trees, which stays the heads' tree with chains no deeper than it
-        (SmolLM2 Q4_1, batch 4, the 2-node tree: 0.85x-0.92x plain with chains of 4). Prompt lookup alone:
-        LOOKUP_TOKENS. ngram_tokens, where given, bounds them (else MAX_CHAIN, with heads)."""
+        in a batch too (SmolLM2 Q4_1, batch 4, the 2-node tree: 0.85x-0.92x plain with chains of 4). Prompt lookup
+        alone: LOOKUP_TOKENS. ngram_tokens, where given, bounds them (else MAX_CHAIN, with heads)."""
         if not self.trees:
             return LOOKUP_TOKENS if self.ngram_tokens is None else self.ngram_tokens
         tree = self.tree_for(batch_size).tree
         limit = MAX_CHAIN if self.ngram_tokens is None else self.ngram_tokens
-        return min(limit, tree.size - 1 if batch_size == 1 else tree.depth)
+        return min(limit, tree.size - 1)
 
     def tree_for(self, batch_size: int) -> HeadsTree:
         """The heads' tree for this many sequences decoding together (beyond every tree's max_batch_size, which
@@ -368,27 +358,11 @@ class Medusa:
             seq.draft_token_ids, seq.draft_tree = [[t] for t in found], self.chains[len(found) - 1]
         return bool(found)
 
-    def _union(self, trees: list[VerifyTree]) -> VerifyTree:
-        """The tree of every path of these trees (built once per combination)."""
-        key = frozenset(map(id, trees))
-        if key not in self.unions:
-            paths = sorted(set().union(*(vt.tree.paths for vt in trees)))
-            self.unions[key] = VerifyTree.of(build_tree([list(p) for p in paths], "union").to(self.kv_cache.device),
-                                             node_tokens=True)
-        return self.unions[key]
-
     @staticmethod
-    def _node_tokens(seq: Sequence, own: VerifyTree, vt: VerifyTree) -> list[int]:
-        """The token at each node of vt, for a sequence that drafted the tree `own` (part of vt): its drafts
-        where its own tree has the node, else its root token. Any token keeps verification lossless (a node is
-        accepted only where its token is the one the base model picks there); these fill rows of a batch's
-        union tree, whose paths other sequences drafted."""
+    def _node_tokens(seq: Sequence) -> list[int]:
+        """The token at each node of the tree a sequence drafted: its root (its pending token), then its drafts."""
         drafts = [seq.token_ids[-1], *chain.from_iterable(seq.draft_token_ids)]
-        tokens = [drafts[i] for i in own.candidate_index]
-        if own is vt:
-            return tokens
-        by_path = dict(zip([(), *own.tree.paths], tokens))
-        return [by_path.get(path, tokens[0]) for path in [(), *vt.tree.paths]]
+        return [drafts[i] for i in seq.draft_tree.candidate_index]
 
     def _draft_levels(self, hidden: torch.Tensor, roots: torch.Tensor, levels: list[Level]) -> list[list[list[int]]]:
         """Hydra: the tree's node tokens, level by level, for B sequences from their hidden states [B, hidden]
@@ -432,45 +406,57 @@ class Medusa:
     @torch.inference_mode()
     def verify(self, seqs: list[Sequence], runner: ModelRunner, rng: torch.Generator,
                num_running: int) -> tuple[list[list[int]], list[list[tuple | None]], torch.Tensor]:
-        """Verify every sequence's drafts in one forward: their tree, or where they drafted different trees
-        (the heads' and lookup chains), the union of those; returns, per sequence, the accepted tokens plus the
-        bonus token sampled by the base model after them, their logprobs (each read at the node before it, as
-        plain decoding reads them; None where not asked for), and the accepted last node's hidden states
-        [len(seqs), hidden] (what propose() needs next). The accepted K/V ends up in consecutive cache entries
-        after the sequence's past; the caller releases the blocks beyond them."""
-        own = [seq.draft_tree for seq in seqs]
-        trees = list({id(vt): vt for vt in own}.values())
-        vt = trees[0] if len(trees) == 1 else self._union(trees)
-        tree, num_seqs, size = vt.tree, len(seqs), vt.tree.size
-        input_ids = [t for seq, seq_tree in zip(seqs, own) for t in self._node_tokens(seq, seq_tree, vt)]
+        """Verify every sequence's drafts in one forward, each its own tree (the heads' or a lookup chain) under its
+        own mask; returns, per sequence, the accepted tokens plus the bonus token sampled by the base model after
+        them, their logprobs (each read at the node before it, as plain decoding reads them; None where not asked
+        for), and the accepted last node's hidden states [len(seqs), hidden] (what propose() needs next). The
+        accepted K/V ends up in consecutive cache entries after the sequence's past; the caller releases the blocks
+        beyond them."""
+        trees = [seq.draft_tree for seq in seqs]
+        starts = tree_rows(trees)
+        input_ids = [t for seq in seqs for t in self._node_tokens(seq)]
         positions, spans = [], []
-        for seq in seqs:
+        for seq, vt in zip(seqs, trees):
             root = seq.num_virtual_tokens + seq.num_computed_tokens  # the root's cache index and position
-            positions += [root + d for d in tree.depths]  # node i sits at cache index root + i
-            spans.append((root, root + size))
-        inputs = runner.step_inputs(seqs, input_ids, positions, spans, list(range(num_seqs * size)),
-                                    list(range(num_seqs)), tree_mask=tree.mask.expand(num_seqs, size, size))
-        hidden = runner.forward(inputs)  # [B * T, hidden]
-        logits = runner.logits(hidden, inputs.sample_rows)  # [B * T, V]
-        paths, bonus = self.acceptance.accept(seqs, vt, input_ids, logits, rng)
-        self._compact(inputs.ctx.slot_mapping, size, paths)
-        out = [[input_ids[b * size + node] for node in path[1:]] + [bonus[b]] for b, path in enumerate(paths)]
-        logprobs = path_logprobs(seqs, size, paths, out, logits)
-        self._verified = next((h.verify for h in self.trees if h.owns(vt)), None)
-        if any(h.owns(t) for t in trees for h in self.trees):
+            positions += [root + d for d in vt.tree.depths]  # node i sits at cache index root + i
+            spans.append((root, root + vt.tree.size))
+        inputs = runner.step_inputs(seqs, input_ids, positions, spans, list(range(starts[-1])),
+                                    list(range(len(seqs))), tree_mask=tree_masks([vt.tree for vt in trees]))
+        hidden = runner.forward(inputs)  # [rows, hidden]
+        logits = runner.logits(hidden, inputs.sample_rows)  # [rows, V]
+        paths, bonus = self.acceptance.accept(seqs, trees, input_ids, logits, rng)
+        self._compact(inputs.ctx.slot_mapping, starts, paths)
+        out = [[input_ids[first + node] for node in path[1:]] + [bonus[b]]
+               for b, (first, path) in enumerate(zip(starts, paths))]
+        logprobs = path_logprobs(seqs, trees, paths, out, logits)
+        owners = [next((h for h in self.trees if h.owns(vt)), None) for vt in trees]  # (None: a lookup chain)
+        self._verified = owners[0].verify if owners[0] is not None and owners.count(owners[0]) == len(owners) else None
+        if any(owners):
             if num_running == 1:
                 self._payoff(seqs[0]).record(len(out[0]))
                 self.recent_emitted.append(len(out[0]))
             else:
                 self.batch_payoff.record(sum(map(len, out)) / len(out))
-        return out, logprobs, hidden[[b * size + path[-1] for b, path in enumerate(paths)]]
+        return out, logprobs, hidden[[first + path[-1] for first, path in zip(starts, paths)]]
 
-    def _compact(self, slot_mapping: torch.Tensor, size: int, paths: list[list[int]]) -> None:
+    def _compact(self, slot_mapping: torch.Tensor, starts: list[int], paths: list[list[int]]) -> None:
         """Move each accepted path's K/V (all layers) so that its depth-d node sits in the slot of tree
-        row d: sequence b's node i was written to slot_mapping[b * size + i], the slot of cache index root + i."""
-        moves = [(b * size + node, b * size + depth) for b, path in enumerate(paths)
+        row d: sequence b's node i was written to slot_mapping[starts[b] + i], the slot of cache index root + i."""
+        moves = [(first + node, first + depth) for first, path in zip(starts, paths)
                  for depth, node in enumerate(path) if node != depth]
         if not moves:
             return
         src, dst = map(list, zip(*moves))
         self.kv_cache.copy(slot_mapping[src], slot_mapping[dst])
+
+
+def tree_masks(trees: list[MedusaTree | None]) -> torch.Tensor:
+    """ForwardContext.tree_mask for a step whose sequences verify these trees (None: one that verifies none):
+    [num_seqs, T, T] over each one's last T cache entries, T the largest tree's size; a smaller tree's nodes are
+    the last of them, and the entries before a tree's are causal, as are those of a sequence without one."""
+    size = max(t.size for t in trees if t is not None)
+    masks = torch.ones(len(trees), size, size, dtype=torch.bool).tril()
+    for mask, tree in zip(masks, trees):
+        if tree is not None:
+            mask[size - tree.size:, size - tree.size:] = tree.mask.cpu()
+    return masks.to(trees[0].mask.device if trees[0] is not None else "cpu")
