@@ -18,10 +18,11 @@ from engine.config import ContextLengthError, EngineConfig, SamplingParams
 from engine.detokenizer import detokenize_new_token, start_detokenizer
 from engine.kv_cache import BlockManager, KVCache
 from engine.medusa import Medusa
+from engine.medusa.acceptance import TreeRows
 from engine.medusa.speculator import LOOKUP_ONLY, PREDICTION_ONLY
 from engine.outputs import RequestOutput
 from engine.parallel import Driver, ShardedKVCache
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, StepInputs
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
@@ -244,18 +245,22 @@ class LLM:
     def _step(self) -> list[RequestOutput]:
         start = time.perf_counter()
         batch = self.scheduler.schedule()
-        # Medusa tree verification masks the last rows of every sequence in its forward, so tree
-        # sequences get a forward of their own; prefill and plain decode share the other one
-        outputs = self._plain_step(batch) if batch.seqs else []
-        if batch.tree_seqs:
-            outputs += self._tree_step(batch.tree_seqs)
+        outputs = []
+        if batch.seqs or batch.tree_seqs:
+            # one forward: prefill chunks and plain decode rows, then the Medusa trees, each under its own mask
+            trees = self.medusa.tree_rows(batch.tree_seqs) if batch.tree_seqs else None
+            inputs = self.runner.prepare(batch, trees)
+            hidden = self.runner.forward(inputs)
+            outputs = self._plain_outputs(batch, inputs, hidden)
+            if trees is not None:
+                outputs += self._tree_outputs(batch.tree_seqs, trees, inputs, hidden)
         if self.medusa is not None:
             self.medusa.record_step(batch, time.perf_counter() - start)  # whether its drafts pay
         return outputs
 
-    def _plain_step(self, batch: ScheduledBatch) -> list[RequestOutput]:
-        inputs = self.runner.prepare(batch)
-        hidden = self.runner.forward(inputs)
+    def _plain_outputs(self, batch: ScheduledBatch, inputs: StepInputs, hidden: torch.Tensor) -> list[RequestOutput]:
+        """Sample the next token of every sequence of the batch (but its tree sequences) that ends its prompt or
+        decodes this step; score prompt tokens where asked."""
         for i, rows in inputs.prompt_logprob_rows.items():
             self._score_prompt(batch.seqs[i], hidden, rows)
         sampled: dict[int, int] = {}
@@ -302,10 +307,15 @@ class LLM:
             alternatives = dict(zip(top.indices[k].tolist(), top.values[k].tolist())) if top is not None else {}
             seq.prompt_logprobs.append((logprob, alternatives))
 
-    def _tree_step(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        """Verify every sequence's Medusa tree in one forward. The accepted tokens are appended one by
-        one, so stop rules and max_tokens end a run exactly where plain decoding would have ended."""
-        accepted, logprobs, hidden = self.medusa.verify(seqs, self.runner, self._rng, len(self.scheduler.running))
+    def _tree_outputs(self, seqs: list[Sequence], trees: TreeRows, inputs: StepInputs,
+                      hidden: torch.Tensor) -> list[RequestOutput]:
+        """Accept from each sequence's Medusa tree. The accepted tokens are appended one by one, so stop rules and
+        max_tokens end a run exactly where plain decoding would have ended."""
+        rows = inputs.tree_rows
+        logits = self.runner.logits(hidden, rows)
+        accepted, logprobs, hidden = self.medusa.verify(seqs, trees, hidden[rows], logits,
+                                                        inputs.ctx.slot_mapping[rows], self._rng,
+                                                        len(self.scheduler.running))
         outputs = []
         for seq, tokens, token_logprobs in zip(seqs, accepted, logprobs):
             computed_before = seq.num_computed_tokens

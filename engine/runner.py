@@ -16,6 +16,7 @@ from engine.sequence import Sequence
 from models.context import ForwardContext, forward_context, lora_batch
 
 if TYPE_CHECKING:
+    from engine.medusa.acceptance import TreeRows
     from engine.parallel import Driver, ShardedKVCache
 
 
@@ -28,6 +29,7 @@ class StepInputs:
     # prompt logprobs: batch index -> the rows whose logits score that sequence's next unscored prompt tokens
     # (row r scores the token after row r's)
     prompt_logprob_rows: dict[int, list[int]] = field(default_factory=dict)
+    tree_rows: slice | None = None  # the rows of the sequences that verify Medusa trees, after every other's
 
 
 class ModelRunner:
@@ -54,8 +56,9 @@ class ModelRunner:
         if self.device.type == "cuda" and self.backend.name == "triton" and self.driver is None:
             self.graphs = DecodeGraphs(self.model, self.device, max_num_seqs, max_model_len, self.block_size)
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """The step's inputs: each sequence's next num_new_tokens tokens, at consecutive positions."""
+    def prepare(self, batch: ScheduledBatch, trees: TreeRows | None = None) -> StepInputs:
+        """The step's inputs: each sequence's next num_new_tokens tokens, at consecutive positions; then the rows of
+        the Medusa trees that batch.tree_seqs verify (`trees`), each under its own mask."""
         input_ids: list[int] = []
         positions: list[int] = []
         spans: list[tuple[int, int]] = []
@@ -68,8 +71,15 @@ class ModelRunner:
         write_virtual_tails(batch.seqs, self.kv_cache)
         sampling_seqs = [i for i in range(len(batch)) if batch.samples(i)]
         row_ends = list(accumulate(batch.num_new_tokens))
-        inputs = self.step_inputs(batch.seqs, input_ids, positions, spans, [row_ends[i] - 1 for i in sampling_seqs],
-                                  sampling_seqs)
+        seqs, tree_mask, num_rows = batch.seqs, None, len(input_ids)
+        if trees is not None:
+            seqs = batch.seqs + batch.tree_seqs
+            input_ids, positions, spans = input_ids + trees.input_ids, positions + trees.positions, spans + trees.spans
+            tree_mask = trees.mask(len(batch.seqs))
+        inputs = self.step_inputs(seqs, input_ids, positions, spans, [row_ends[i] - 1 for i in sampling_seqs],
+                                  sampling_seqs, tree_mask)
+        if trees is not None:
+            inputs.tree_rows = slice(num_rows, len(input_ids))
         for i, (seq, n, row_end) in enumerate(zip(batch.seqs, batch.num_new_tokens, row_ends)):
             if seq.params.prompt_logprobs is None:
                 continue
@@ -125,7 +135,7 @@ class ModelRunner:
             return self.model(inputs.input_ids, inputs.ctx.positions)
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
         if self.driver is not None:
             return self.driver.call("logits", hidden[rows])
         return self.model.compute_logits(hidden[rows])

@@ -11,8 +11,8 @@ from engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
-    """One step's work: seqs[i] computes its next num_new_tokens[i] tokens; each of tree_seqs verifies its
-    Medusa tree (engine.medusa), in a forward of its own."""
+    """One step's work, one forward: seqs[i] computes its next num_new_tokens[i] tokens; each of tree_seqs verifies
+    its Medusa tree (engine.medusa) in the same forward, under a mask of its own."""
 
     seqs: list[Sequence]
     num_new_tokens: list[int]

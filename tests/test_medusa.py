@@ -565,6 +565,40 @@ def test_greedy_medusa_equals_plain_greedy_batch1(tiny_model_dir, heads_dir, bac
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 
+@pytest.mark.parametrize("backend", available_backends("cpu"))
+def test_prefills_join_the_trees_forward(tiny_model_dir, heads_dir, backend):
+    """Requests that arrive while others verify trees are prefilled in the same forward as those trees, each
+    sequence under its own mask (the prefills' causal): every step is one forward, some of them mixed, and greedy
+    output is plain decoding's. Each sequence verifies its own tree: a tree step has as many rows as its trees have
+    nodes."""
+    params = SamplingParams(max_tokens=24, **GREEDY)
+    ps = prompts(4)
+    plain = LLM(tiny_model_dir, attention_backend=backend).generate(ps, params)
+    llm = LLM(tiny_model_dir, attention_backend=backend, medusa=str(heads_dir), medusa_tree="cpu6")
+    forward, forwards = llm.runner.forward, []
+
+    def recording_forward(inputs):
+        ctx = inputs.ctx
+        trees = [] if ctx.tree_mask is None else [not bool(m.equal(torch.ones_like(m).tril())) for m in ctx.tree_mask]
+        forwards.append((ctx.query_lens_cpu, trees))
+        return forward(inputs)
+
+    llm.runner.forward = recording_forward
+    ids, steps, finished = [], 0, {}
+    while len(ids) < len(ps) or llm.has_unfinished():
+        if len(ids) < len(ps) and steps % 3 == 0:  # a new request every third step
+            ids.append(llm.add_request(ps[len(ids)], params))
+        finished.update({o.request_id: o for o in llm.step() if o.finished})
+        steps += 1
+    assert [finished[i].token_ids for i in ids] == [o.token_ids for o in plain]
+    assert len(forwards) == steps
+    mixed = [(lens, trees) for lens, trees in forwards if any(trees) and not all(trees)]
+    assert any(lens[0] > 1 for lens, _ in mixed)  # a prefill beside trees
+    for lens, trees in forwards:
+        assert all(n == 7 for n, tree in zip(lens, trees) if tree)  # cpu6: its own 7 nodes
+    assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_medusa_heads_draft_spine_trees(tiny_model_dir, use_kernel):
     """A sequence decoding alone drafts a spine tree: its depth-d nodes are head d-1's likeliest tokens, as many as
@@ -674,8 +708,8 @@ def test_greedy_medusa_equals_plain_in_a_mixed_batch(tiny_model_dir, heads_dir, 
     proposed: dict[str, int] = {}  # tokens the last tree step of each request offered
     verify = llm.medusa.verify
 
-    def recording_verify(seqs, runner, rng, num_running):
-        tokens, logprobs, hidden = verify(seqs, runner, rng, num_running)
+    def recording_verify(seqs, *args):
+        tokens, logprobs, hidden = verify(seqs, *args)
         proposed.update({s.request_id: len(t) for s, t in zip(seqs, tokens)})
         return tokens, logprobs, hidden
 
@@ -910,10 +944,10 @@ def test_prompt_lookup_drafts_are_verified_losslessly(tiny_model_dir, heads_dir,
     medusa = llm.medusa
     verify, chains, lookup_accepted, mixed = medusa.verify, {1: [], 2: []}, [], []
 
-    def recording_verify(seqs, runner, rng, num_running):
-        own = [s.draft_tree for s in seqs]
+    def recording_verify(seqs, *args):
+        own, num_running = [s.draft_tree for s in seqs], args[-1]
         chains[min(num_running, 2)].extend(len(s.draft_token_ids) for s, vt in zip(seqs, own) if vt in medusa.chains)
-        out = verify(seqs, runner, rng, num_running)
+        out = verify(seqs, *args)
         lookup_accepted.extend(len(tokens) - 1 for tokens, vt in zip(out[0], own) if vt in medusa.chains)
         mixed.append(len({id(vt) for vt in own}) > 1)
         return out

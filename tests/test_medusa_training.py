@@ -260,9 +260,9 @@ def test_the_engine_takes_the_tree_stored_beside_the_heads(tiny_model_dir, model
     assert [per_batch.medusa.tree_for(b).tree.size for b in (1, 2)] == [4, 2] and per_batch.medusa.max_batch_size == 2
     verified, verify = [], per_batch.medusa.verify
 
-    def recording_verify(seqs, runner, rng, num_running):
-        verified.append((num_running, {s.draft_tree.tree.size for s in seqs}))
-        return verify(seqs, runner, rng, num_running)
+    def recording_verify(seqs, rows, *args):
+        verified.append((args[-1], {s.draft_tree.tree.size for s in seqs}))
+        return verify(seqs, rows, *args)
 
     per_batch.medusa.verify = recording_verify
     short, long = greedy, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)

@@ -124,7 +124,7 @@ class Acceptance:
         candidates and logits are the nodes of its tree trees[b], in order, after the rows of the sequences before
         it. Greedy requests follow the argmax; sampled ones the rule above, or typical acceptance when configured
         so."""
-        starts = tree_rows(trees)
+        starts = row_starts(trees)
         row_params = [s.params for s, vt in zip(seqs, trees) for _ in range(vt.tree.size)]
         if any(s.matcher is not None for s in seqs):  # (a copy: logprobs read the model's own logits)
             logits = logits.to(torch.float32, copy=True)
@@ -163,7 +163,7 @@ class Acceptance:
         penalized = [b for b, s in enumerate(seqs) if has_penalties(s.params)]
         if not penalized:
             return adjust_logits(logits, row_params, penalized_rows=[])
-        starts = tree_rows(trees)
+        starts = row_starts(trees)
         sizes = [trees[b].tree.size for b in penalized]
         counts = TokenCounts.of([seqs[b].token_ids for b in penalized], [seqs[b].num_prompt_tokens for b in penalized],
                                 logits.shape[-1], logits.device).repeat_interleave(torch.tensor(sizes))
@@ -177,9 +177,32 @@ class Acceptance:
                              [row for b in penalized for row in range(starts[b], starts[b + 1])])
 
 
-def tree_rows(trees: list[VerifyTree]) -> list[int]:
+def row_starts(trees: list[VerifyTree]) -> list[int]:
     """Where each sequence's rows start, and the end of the last: a sequence's rows are its tree's nodes."""
     return [0, *accumulate(vt.tree.size for vt in trees)]
+
+
+@dataclass
+class TreeRows:
+    """The rows of a step's Medusa trees, sequence after sequence: sequence b's node i (of trees[b]) is row
+    row_starts(trees)[b] + i, input_ids and positions give its token and position, and spans[b] the cache entries its
+    nodes write, one each."""
+
+    trees: list[VerifyTree]
+    input_ids: list[int]
+    positions: list[int]
+    spans: list[tuple[int, int]]
+
+    def mask(self, num_plain: int) -> torch.Tensor:
+        """ForwardContext.tree_mask of a step whose first num_plain sequences verify no tree, then these: [num_seqs,
+        T, T] over each one's last T cache entries, T the largest tree's size. A smaller tree's nodes are the last of
+        those entries; the entries before them are causal, as are a plain sequence's."""
+        size = max(vt.tree.size for vt in self.trees)
+        device = self.trees[0].tree.mask.device
+        masks = torch.ones(num_plain + len(self.trees), size, size, dtype=torch.bool, device=device).tril()
+        for mask, vt in zip(masks[num_plain:], self.trees):
+            mask[size - vt.tree.size:, size - vt.tree.size:] = vt.tree.mask
+        return masks
 
 
 def path_logprobs(seqs: list[Sequence], trees: list[VerifyTree], paths: list[list[int]], out: list[list[int]],
@@ -187,7 +210,7 @@ def path_logprobs(seqs: list[Sequence], trees: list[VerifyTree], paths: list[lis
     """Per sequence, each emitted token's logprobs (token_logprobs) from the logits of its path's node before it
     (logits: the model's own, each sequence's tree's rows after the last's, as Acceptance.accept reads them; out: the
     emitted tokens, the bonus token last); None where the request asked for none."""
-    starts = tree_rows(trees)
+    starts = row_starts(trees)
     wanted = [b for b, seq in enumerate(seqs) if seq.params.logprobs is not None]
     found = iter(token_logprobs(logits[[starts[b] + node for b in wanted for node in paths[b]]].float(),
                                 [t for b in wanted for t in out[b]],

@@ -29,11 +29,10 @@ from torch import nn
 
 from engine.config import EngineConfig
 from engine.kv_cache import KVCache
-from engine.medusa.acceptance import Acceptance, VerifyTree, path_logprobs, tree_rows
+from engine.medusa.acceptance import Acceptance, TreeRows, VerifyTree, path_logprobs, row_starts
 from engine.medusa.ngram import NgramIndex, PredictionIndex
 from engine.medusa.payoff import WINDOW, Payoff, StepClock
 from engine.medusa.tree import DEFAULT_TREE, MedusaTree, TreeChoice, build_tree, load_tree, spine_paths, spine_tree
-from engine.runner import ModelRunner
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from models.kernels.decode import DecodeKernels, set_decode_kernels
@@ -403,30 +402,30 @@ class Medusa:
         counts = spine_tree(logprobs.tolist(), spine.size)
         return [row[:n] for row, n in zip(tops.tolist(), counts)], spine.verify_tree(counts)
 
-    @torch.inference_mode()
-    def verify(self, seqs: list[Sequence], runner: ModelRunner, rng: torch.Generator,
-               num_running: int) -> tuple[list[list[int]], list[list[tuple | None]], torch.Tensor]:
-        """Verify every sequence's drafts in one forward, each its own tree (the heads' or a lookup chain) under its
-        own mask; returns, per sequence, the accepted tokens plus the bonus token sampled by the base model after
-        them, their logprobs (each read at the node before it, as plain decoding reads them; None where not asked
-        for), and the accepted last node's hidden states [len(seqs), hidden] (what propose() needs next). The
-        accepted K/V ends up in consecutive cache entries after the sequence's past; the caller releases the blocks
-        beyond them."""
+    def tree_rows(self, seqs: list[Sequence]) -> TreeRows:
+        """The rows that verify these sequences' drafts: each its own tree (the heads' or a lookup chain), rooted at
+        its pending token, node i at cache index root + i."""
         trees = [seq.draft_tree for seq in seqs]
-        starts = tree_rows(trees)
-        input_ids = [t for seq in seqs for t in self._node_tokens(seq)]
         positions, spans = [], []
         for seq, vt in zip(seqs, trees):
             root = seq.num_virtual_tokens + seq.num_computed_tokens  # the root's cache index and position
-            positions += [root + d for d in vt.tree.depths]  # node i sits at cache index root + i
+            positions += [root + d for d in vt.tree.depths]
             spans.append((root, root + vt.tree.size))
-        inputs = runner.step_inputs(seqs, input_ids, positions, spans, list(range(starts[-1])),
-                                    list(range(len(seqs))), tree_mask=tree_masks([vt.tree for vt in trees]))
-        hidden = runner.forward(inputs)  # [rows, hidden]
-        logits = runner.logits(hidden, inputs.sample_rows)  # [rows, V]
-        paths, bonus = self.acceptance.accept(seqs, trees, input_ids, logits, rng)
-        self._compact(inputs.ctx.slot_mapping, starts, paths)
-        out = [[input_ids[first + node] for node in path[1:]] + [bonus[b]]
+        return TreeRows(trees, [t for seq in seqs for t in self._node_tokens(seq)], positions, spans)
+
+    @torch.inference_mode()
+    def verify(self, seqs: list[Sequence], rows: TreeRows, hidden: torch.Tensor, logits: torch.Tensor,
+               slot_mapping: torch.Tensor, rng: torch.Generator,
+               num_running: int) -> tuple[list[list[int]], list[list[tuple | None]], torch.Tensor]:
+        """Accept from the forward over `rows` (this step's tree rows: their hidden states, logits and cache slots);
+        returns, per sequence, the accepted tokens plus the bonus token sampled by the base model after them, their
+        logprobs (each read at the node before it, as plain decoding reads them; None where not asked for), and the
+        accepted last node's hidden states [len(seqs), hidden] (what propose() needs next). The accepted K/V ends up
+        in consecutive cache entries after the sequence's past; the caller releases the blocks beyond them."""
+        trees, starts = rows.trees, row_starts(rows.trees)
+        paths, bonus = self.acceptance.accept(seqs, trees, rows.input_ids, logits, rng)
+        self._compact(slot_mapping, starts, paths)
+        out = [[rows.input_ids[first + node] for node in path[1:]] + [bonus[b]]
                for b, (first, path) in enumerate(zip(starts, paths))]
         logprobs = path_logprobs(seqs, trees, paths, out, logits)
         owners = [next((h for h in self.trees if h.owns(vt)), None) for vt in trees]  # (None: a lookup chain)
@@ -449,14 +448,3 @@ class Medusa:
         src, dst = map(list, zip(*moves))
         self.kv_cache.copy(slot_mapping[src], slot_mapping[dst])
 
-
-def tree_masks(trees: list[MedusaTree | None]) -> torch.Tensor:
-    """ForwardContext.tree_mask for a step whose sequences verify these trees (None: one that verifies none):
-    [num_seqs, T, T] over each one's last T cache entries, T the largest tree's size; a smaller tree's nodes are
-    the last of them, and the entries before a tree's are causal, as are those of a sequence without one."""
-    size = max(t.size for t in trees if t is not None)
-    masks = torch.ones(len(trees), size, size, dtype=torch.bool).tril()
-    for mask, tree in zip(masks, trees):
-        if tree is not None:
-            mask[size - tree.size:, size - tree.size:] = tree.mask.cpu()
-    return masks.to(trees[0].mask.device if trees[0] is not None else "cpu")
