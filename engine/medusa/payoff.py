@@ -11,8 +11,8 @@ prose). Each pause that follows a failed window doubles, up to MAX_PAUSE: with a
 steps were still failing tree steps (SmolLM2 Q4_1, batch 4, everyday prompts: 0.90x plain, 0.94x doubling).
 A sequence decoding alone is judged on its own steps, after the engine's last window (engine.medusa.speculator:
 a new sequence starts from it). A batch is judged as a whole, on the tokens its tree
-steps emitted per sequence: a paused sequence in it would take a plain forward of its own beside the tree's,
-so either all its sequences draft or none."""
+steps emitted per sequence: its break-even is the cost of a step in which all its sequences verify the tree, so
+either all its sequences draft or none."""
 from __future__ import annotations
 
 from collections import Counter, deque

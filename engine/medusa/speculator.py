@@ -225,8 +225,9 @@ class Medusa:
             if config.medusa_tree is not None:
                 raise ValueError(f"medusa {config.medusa!r} drafts chains of looked-up tokens, not a tree of heads' "
                                  "guesses: medusa_tree is for heads")
-            # batch 1 unless told: in a batch, sequences without a match decode in a forward of their own beside
-            # the chains' (SmolLM2 Q4_1, 4 sequences: 0.83x plain decoding)
+            # batch 1 unless told: the chains do not pay in a batch, where each row costs arithmetic (SmolLM2 Q4_1,
+            # 4 sequences, 2 threads, Zen 4: 0.90x / 1.03x plain decoding on everyday / docstring prompts, one forward
+            # for chains and plain rows; 0.83x when sequences without a match took a forward of their own)
             return cls(None, [], model, kv_cache, max_model_len, max_batch_size=config.medusa_max_batch_size or 1,
                        own_lookup=config.medusa == LOOKUP_ONLY, **options)
         choice = TreeChoice.load(config.medusa, config.weights) if config.medusa_tree is None else None
@@ -277,8 +278,7 @@ class Medusa:
         judged = self.guard and bool(self.trees)
         if speculating and judged and self.step_clock.wants_plain(num_running):
             speculating = []  # a plain step, timed
-        # a batch drafts as a whole or not at all: a sequence left without drafts would decode in a forward of
-        # its own beside the tree's
+        # a batch drafts as a whole or not at all, as its steps were timed (payoff)
         if judged and num_running > 1 and speculating:
             self.batch_steps += 1
             if not self.batch_payoff.pays(self.batch_steps, self._break_even_at(num_running)):
