@@ -307,8 +307,8 @@ def test_logprobs_under_speculation_are_plain_decodings(tiny_model_dir, heads_di
 def test_requests_that_opt_out_cost_no_drafting(tiny_model_dir, heads_dir):
     llm = LLM(tiny_model_dir, medusa=str(heads_dir))
     calls = []
-    top_k = llm.medusa.heads.top_k
-    llm.medusa.heads.top_k = lambda *args: calls.append(len(args[0])) or top_k(*args)
+    top_k = llm.medusa.heads.top_k_logprobs  # (each sequence drafts a spine tree)
+    llm.medusa.heads.top_k_logprobs = lambda *args: calls.append(len(args[0])) or top_k(*args)
     llm.generate(prompts(2), SamplingParams(max_tokens=8, use_medusa=False, **GREEDY))
     assert calls == []
     kept = llm.generate(prompts(2), SamplingParams(max_tokens=8, return_hidden_states=True, **GREEDY))
@@ -619,7 +619,7 @@ def test_medusa_heads_draft_spine_trees(tiny_model_dir, use_kernel):
     spine = medusa.tree_for(1).spine
     hidden = torch.randn(1, 64, generator=generator)
     with torch.inference_mode():
-        drafts, vt = medusa._draft_spine(hidden, 5, spine)
+        [(drafts, vt)] = medusa._draft_spines(hidden, [5], spine)
         if use_kernel:  # (the kernels draft from Q8_0 weights: their own top-k, checked against torch elsewhere)
             top = heads.top_k(hidden, medusa.draft_weights, 4, 6)[:, 0]
             logprobs = heads.top_k_logprobs(hidden, medusa.draft_weights, 4, 6)[1][:, 0]

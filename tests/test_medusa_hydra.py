@@ -159,19 +159,23 @@ def test_spine_drafts_equal_node_by_node_drafts(tiny_model_dir, use_kernel):
     spine = medusa.tree_for(1).spine
     assert (spine.size, spine.depth, spine.width) == (7, 4, 6)
     assert medusa.max_tree_size == 7  # each sequence verifies its own tree
-    for b, root in enumerate((5, 77, 200)):
-        hidden = torch.randn(64, generator=torch.Generator().manual_seed(b))
+    roots, hidden = (5, 77, 200), torch.stack([torch.randn(64, generator=torch.Generator().manual_seed(b))
+                                                for b in range(3)])
+    with torch.inference_mode():
+        together = medusa._draft_spines(hidden, list(roots), spine)  # a batch drafts each sequence's own
+    for b, root in enumerate(roots):
         with torch.inference_mode():
-            drafts, vt = medusa._draft_spine(hidden[None], root, spine)
-            expected = reference_drafts(heads, model, vt.tree, hidden, root)
+            [(drafts, vt)] = medusa._draft_spines(hidden[b:b + 1], [root], spine)
+            expected = reference_drafts(heads, model, vt.tree, hidden[b], root)
             spine_tokens, logprobs = [root], []  # the spine's children, level by level
             for _ in range(4):
-                ids, level = children(heads, model, hidden, spine_tokens, 6)
+                ids, level = children(heads, model, hidden[b], spine_tokens, 6)
                 logprobs.append(level)
                 spine_tokens.append(ids[0])
         assert vt.tree.size == 7 and [t for level in drafts for t in level] == expected
         assert vt.tree.paths == [tuple(p) for p in spine_paths(spine_tree(logprobs, 7))]
-        assert vt is medusa._draft_spine(hidden[None], root, spine)[1]  # one VerifyTree per shape
+        assert vt is medusa._draft_spines(hidden[b:b + 1], [root], spine)[0][1]  # one VerifyTree per shape
+        assert together[b][1] is vt and together[b][0] == drafts
 
 
 def test_spine_tree_takes_the_likeliest_paths():

@@ -6,9 +6,9 @@ Indexing: the base model's logits at hidden state h_i predict token i+1; head k 
 token i+2+k. A sequence in decode has its last token pending (not yet in the cache); that token is the
 tree's root, and the heads' top-k at the hidden state of the token before it fill the tree's nodes: Medusa
 heads all at once (a depth-d node takes head d-1's candidate of its rank), Hydra heads level by level (a
-depth-d node takes its rank among the candidates head d-1 gives its parent, reading the parent's path). A
-sequence decoding alone drafts, in place of the heads' tree (unless the user named one), a tree of as many nodes
-shaped at each step by the drafts' own probabilities (SpineTrees, tree.spine_tree: EAGLE-2's choice of
+depth-d node takes its rank among the candidates head d-1 gives its parent, reading the parent's path). Each
+sequence drafts, in place of the heads' tree (unless the user named one), a tree of as many nodes shaped at each
+step by its drafts' own probabilities (SpineTrees, tree.spine_tree: EAGLE-2's choice of
 the likeliest nodes, along the spine of rank-0 drafts).
 Where the sequence's last tokens occurred in it before, a chain of the tokens that followed them then
 (prompt lookup, engine.medusa.ngram) is verified instead of the heads' tree; a batch verifies each sequence's own
@@ -82,7 +82,7 @@ def hydra_levels(tree: MedusaTree) -> list[Level]:
 
 @dataclass
 class SpineTrees:
-    """The heads' trees for a sequence decoding alone, shaped at each step by the drafts' own probabilities
+    """The heads' trees for each sequence, shaped at each step by its drafts' own probabilities
     (tree.spine_tree): `depth` levels of `width` candidates along the spine, `size` nodes verified, as many as the
     static tree they stand in for (whose rows the engine timed). Invariant: shapes[counts] is the VerifyTree of
     spine_paths(counts), built when first drafted."""
@@ -104,8 +104,8 @@ class SpineTrees:
 @dataclass(frozen=True)
 class HeadsTree:
     """A tree the heads draft for batches of up to max_batch_size sequences decoding together (None: any number),
-    as drafting and verification read it; with `spine` (the tree not named by the user), a sequence decoding alone
-    drafts a spine tree of the same size in its place."""
+    as drafting and verification read it; with `spine` (the tree not named by the user), each sequence drafts a
+    spine tree of the same size in its place."""
 
     verify: VerifyTree
     levels: list[Level] | None  # Hydra heads: drafting level by level
@@ -177,12 +177,13 @@ class Medusa:
         self.sequential = heads.config.sequential
         self.trees = [HeadsTree(VerifyTree.of(tree.to(self.kv_cache.device), node_tokens=self.sequential),
                                 hydra_levels(tree) if self.sequential else None, cap) for tree, cap in trees]
-        first = self.trees[0]
-        if spine and first.tree.size > 1:  # (sequences decoding alone take the first tree)
-            paths = first.tree.size - 1  # (no deeper than that many nodes reach)
-            spine_trees = SpineTrees(first.tree.size, min(heads.config.num_heads, paths),
-                                     min(SPINE_WIDTH, paths, heads.num_draft_tokens), self.kv_cache.device)
-            self.trees[0] = replace(first, spine=spine_trees)
+        if spine:
+            for i, heads_tree in enumerate(self.trees):
+                paths = heads_tree.tree.size - 1  # (no deeper than that many nodes reach)
+                if paths > 1:  # (one path: the spine tree is the tree)
+                    spine_trees = SpineTrees(paths + 1, min(heads.config.num_heads, paths),
+                                             min(SPINE_WIDTH, paths, heads.num_draft_tokens), self.kv_cache.device)
+                    self.trees[i] = replace(heads_tree, spine=spine_trees)
 
     @property
     def prediction_limit(self) -> int:
@@ -294,8 +295,9 @@ class Medusa:
             return
         start = time.perf_counter()
         heads_tree = self.tree_for(num_running)
-        if heads_tree.spine is not None and num_running == 1:
-            drafted = [self._draft_spine(hidden[i:i + 1], seqs[i].token_ids[-1], heads_tree.spine) for i in speculating]
+        if heads_tree.spine is not None:
+            drafted = self._draft_spines(hidden[speculating], [seqs[i].token_ids[-1] for i in speculating],
+                                         heads_tree.spine)
         else:
             if self.sequential:
                 roots = torch.tensor([seqs[i].token_ids[-1] for i in speculating], device=hidden.device)
@@ -382,25 +384,29 @@ class Medusa:
         bounds = [0, *accumulate(t.shape[1] for t in drafts)]
         return [[row[a:b] for a, b in pairwise(bounds)] for row in torch.cat(drafts, dim=1).tolist()]
 
-    def _draft_spine(self, hidden: torch.Tensor, root: int, spine: SpineTrees) -> tuple[list[list[int]], VerifyTree]:
-        """One sequence's spine tree from its hidden state [1, hidden] and root token -> (its nodes' tokens per depth,
-        the tree). Hydra heads: each level runs the head on the spine's node alone (its rank-0 child leads on);
-        Medusa heads read the hidden state alone, so one call drafts every level."""
+    def _draft_spines(self, hidden: torch.Tensor, roots: list[int],
+                      spine: SpineTrees) -> list[tuple[list[list[int]], VerifyTree]]:
+        """Each sequence's spine tree from its hidden state (hidden: [B, hidden]) and root token -> per sequence (its
+        nodes' tokens per depth, the tree). Hydra heads: each level runs the head on the spine's node alone (its
+        rank-0 child leads on); Medusa heads read the hidden state alone, so one call drafts every level."""
         if self.sequential:
-            state, token = hidden, torch.tensor([root], device=hidden.device)
+            state, token = hidden, torch.tensor(roots, device=hidden.device)
             tops, logprobs = [], []
             for head in range(spine.depth):
                 state, top, logprob = self.heads.draft_level(state, self.model.model.embed_tokens(token), head,
                                                              self.draft_weights, spine.width)
-                tops.append(top[0])
-                logprobs.append(logprob[0])
+                tops.append(top)
+                logprobs.append(logprob)
                 token = top[:, 0]
-            tops, logprobs = torch.stack(tops), torch.stack(logprobs)  # [depth, width]
+            tops, logprobs = torch.stack(tops, dim=1), torch.stack(logprobs, dim=1)  # [B, depth, width]
         else:
             tops, logprobs = self.heads.top_k_logprobs(hidden, self.draft_weights, spine.depth, spine.width)
-            tops, logprobs = tops[:, 0], logprobs[:, 0]
-        counts = spine_tree(logprobs.tolist(), spine.size)
-        return [row[:n] for row, n in zip(tops.tolist(), counts)], spine.verify_tree(counts)
+            tops, logprobs = tops.transpose(0, 1), logprobs.transpose(0, 1)
+        drafted = []
+        for seq_tops, seq_logprobs in zip(tops.tolist(), logprobs.tolist()):
+            counts = spine_tree(seq_logprobs, spine.size)
+            drafted.append(([row[:n] for row, n in zip(seq_tops, counts)], spine.verify_tree(counts)))
+        return drafted
 
     def tree_rows(self, seqs: list[Sequence]) -> TreeRows:
         """The rows that verify these sequences' drafts: each its own tree (the heads' or a lookup chain), rooted at
