@@ -453,4 +453,3 @@ class Medusa:
             return
         src, dst = map(list, zip(*moves))
         self.kv_cache.copy(slot_mapping[src], slot_mapping[dst])
-
