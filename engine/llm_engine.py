@@ -251,30 +251,41 @@ class LLM:
             trees = self.medusa.tree_rows(batch.tree_seqs) if batch.tree_seqs else None
             inputs = self.runner.prepare(batch, trees)
             hidden = self.runner.forward(inputs)
-            outputs = self._plain_outputs(batch, inputs, hidden)
+            # one pass of the LM head: the sampling rows, then the trees' rows
+            logits = self.runner.logits(hidden, inputs.sample_rows) if len(inputs.sample_rows) else None
+            num_sampling = len(inputs.sampling_seqs)
+            outputs = self._plain_outputs(batch, inputs, hidden, logits)
             if trees is not None:
-                outputs += self._tree_outputs(batch.tree_seqs, trees, inputs, hidden)
+                tree_outputs, accepted = self._tree_outputs(batch.tree_seqs, trees, inputs, hidden,
+                                                            logits[num_sampling:])
+                outputs += tree_outputs
+            if self.medusa is not None:  # drafts for the next step: from each sampled row, each tree's accepted node
+                states = hidden[inputs.sample_rows[:num_sampling]]
+                self.medusa.propose([batch.seqs[i] for i in inputs.sampling_seqs] + batch.tree_seqs,
+                                    states if trees is None else torch.cat([states, accepted]),
+                                    len(self.scheduler.running))
         if self.medusa is not None:
             self.medusa.record_step(batch, time.perf_counter() - start)  # whether its drafts pay
         return outputs
 
-    def _plain_outputs(self, batch: ScheduledBatch, inputs: StepInputs, hidden: torch.Tensor) -> list[RequestOutput]:
+    def _plain_outputs(self, batch: ScheduledBatch, inputs: StepInputs, hidden: torch.Tensor,
+                       logits: torch.Tensor | None) -> list[RequestOutput]:
         """Sample the next token of every sequence of the batch (but its tree sequences) that ends its prompt or
-        decodes this step; score prompt tokens where asked."""
+        decodes this step (logits: its sampling rows' first); score prompt tokens where asked."""
         for i, rows in inputs.prompt_logprob_rows.items():
             self._score_prompt(batch.seqs[i], hidden, rows)
         sampled: dict[int, int] = {}
         sampled_logprobs: dict[int, tuple | None] = {}
         if inputs.sampling_seqs:
-            logits = self.runner.logits(hidden, inputs.sample_rows)
             seqs = [batch.seqs[i] for i in inputs.sampling_seqs]
-            out = self.sampler(logits, [s.params for s in seqs], [s.generator or self._rng for s in seqs],
+            out = self.sampler(logits[:len(seqs)], [s.params for s in seqs], [s.generator or self._rng for s in seqs],
                                [s.token_ids for s in seqs], [s.num_prompt_tokens for s in seqs],
                                [s.matcher for s in seqs])
             sampled = dict(zip(inputs.sampling_seqs, out.token_ids))
             sampled_logprobs = dict(zip(inputs.sampling_seqs, out.logprobs))
             if any(s.params.return_hidden_states for s in seqs):
-                sampling_hidden = hidden[inputs.sample_rows]  # a copy: CUDA graphs reuse their output buffer
+                # a copy: CUDA graphs reuse their output buffer
+                sampling_hidden = hidden[inputs.sample_rows[:len(seqs)]]
                 for seq, row_hidden in zip(seqs, sampling_hidden):
                     if seq.params.return_hidden_states:
                         seq.hidden_states.append(row_hidden)
@@ -289,9 +300,6 @@ class LLM:
                 outputs.append(RequestOutput.of(seq, self._release_text(seq), [sampled[i]]))
                 if seq.is_finished:
                     self.requests.pop(seq.request_id, None)
-        if self.medusa is not None and inputs.sampling_seqs:
-            self.medusa.propose([batch.seqs[i] for i in inputs.sampling_seqs], hidden[inputs.sample_rows],
-                                len(self.scheduler.running))
         return outputs
 
     def _score_prompt(self, seq: Sequence, hidden: torch.Tensor, rows: list[int]) -> None:
@@ -307,12 +315,12 @@ class LLM:
             alternatives = dict(zip(top.indices[k].tolist(), top.values[k].tolist())) if top is not None else {}
             seq.prompt_logprobs.append((logprob, alternatives))
 
-    def _tree_outputs(self, seqs: list[Sequence], trees: TreeRows, inputs: StepInputs,
-                      hidden: torch.Tensor) -> list[RequestOutput]:
-        """Accept from each sequence's Medusa tree. The accepted tokens are appended one by one, so stop rules and
+    def _tree_outputs(self, seqs: list[Sequence], trees: TreeRows, inputs: StepInputs, hidden: torch.Tensor,
+                      logits: torch.Tensor) -> tuple[list[RequestOutput], torch.Tensor]:
+        """Accept from each sequence's Medusa tree (logits: the tree rows'); returns the outputs and the hidden states
+        of each sequence's last accepted node. The accepted tokens are appended one by one, so stop rules and
         max_tokens end a run exactly where plain decoding would have ended."""
         rows = inputs.tree_rows
-        logits = self.runner.logits(hidden, rows)
         accepted, logprobs, hidden = self.medusa.verify(seqs, trees, hidden[rows], logits,
                                                         inputs.ctx.slot_mapping[rows], self._rng,
                                                         len(self.scheduler.running))
@@ -333,8 +341,7 @@ class LLM:
             seq.num_computed_tokens = len(seq) - 1  # the accepted run is cached; the bonus token is pending
             self.block_manager.register_full_blocks(seq, seq.cache_key, computed_before)
             self.block_manager.truncate(seq, seq.num_computed_tokens)
-        self.medusa.propose(seqs, hidden, len(self.scheduler.running))
-        return outputs
+        return outputs, hidden
 
     def _append_token(self, seq: Sequence, token_id: int, logprob: tuple | None) -> None:
         """Append one sampled token, extend output_text, and apply the stop rules."""

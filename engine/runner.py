@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 class StepInputs:
     input_ids: torch.Tensor  # [num_tokens]
     ctx: ForwardContext
-    sample_rows: torch.Tensor  # [num_sampling_seqs] row of each sampling sequence's last token
+    # rows whose logits the step reads: each sampling sequence's last token's, then every tree row (tree_rows)
+    sample_rows: torch.Tensor
     sampling_seqs: list[int]  # batch indices of the sequences that sample this step
     # prompt logprobs: batch index -> the rows whose logits score that sequence's next unscored prompt tokens
     # (row r scores the token after row r's)
@@ -72,12 +73,13 @@ class ModelRunner:
         sampling_seqs = [i for i in range(len(batch)) if batch.samples(i)]
         row_ends = list(accumulate(batch.num_new_tokens))
         seqs, tree_mask, num_rows = batch.seqs, None, len(input_ids)
+        sample_rows = [row_ends[i] - 1 for i in sampling_seqs]
         if trees is not None:
             seqs = batch.seqs + batch.tree_seqs
             input_ids, positions, spans = input_ids + trees.input_ids, positions + trees.positions, spans + trees.spans
             tree_mask = trees.mask(len(batch.seqs))
-        inputs = self.step_inputs(seqs, input_ids, positions, spans, [row_ends[i] - 1 for i in sampling_seqs],
-                                  sampling_seqs, tree_mask)
+            sample_rows += range(num_rows, len(input_ids))
+        inputs = self.step_inputs(seqs, input_ids, positions, spans, sample_rows, sampling_seqs, tree_mask)
         if trees is not None:
             inputs.tree_rows = slice(num_rows, len(input_ids))
         for i, (seq, n, row_end) in enumerate(zip(batch.seqs, batch.num_new_tokens, row_ends)):
