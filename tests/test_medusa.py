@@ -524,9 +524,9 @@ def test_a_sequence_after_ones_the_heads_failed_on_starts_paused(tiny_model_dir,
 
 @pytest.mark.parametrize("step_cost", [0.5, 100.0])
 def test_the_heads_stop_drafting_for_a_batch_where_they_do_not_pay(tiny_model_dir, heads_dir, tmp_path, step_cost):
-    """In a batch each sequence is judged on the tokens its tree steps emit, against the break-even timed at the
-    batch's size (here 100 plain steps at 2 sequences, while a sequence alone would pay): after WINDOW tree steps it
-    decodes PAUSE tokens plainly, then drafts again."""
+    """In a batch the heads pause for all its sequences at once, judged on the tokens the batch's tree steps emit
+    per sequence against the break-even timed at its size (here 100 plain steps at 2 sequences, while a sequence
+    alone would pay): after WINDOW tree steps the batch decodes PAUSE steps plainly, then drafts again."""
     folder = tmp_path / "heads"
     shutil.copytree(heads_dir, folder)
     timing = {"tree": [[0]], "step_ms_bs1": 0.5, "plain_step_ms_bs1": 1.0, "step_ms_bs2": step_cost,
@@ -544,23 +544,6 @@ def test_the_heads_stop_drafting_for_a_batch_where_they_do_not_pay(tiny_model_di
         else:
             assert decoded_plainly == 0
     assert llm.num_free_blocks == llm.block_manager.num_blocks
-
-
-def test_in_a_batch_a_sequence_pauses_alone(tiny_model_dir, heads_dir, tmp_path):
-    """Beside a sequence whose tree steps pay, one whose steps fail stops drafting on its own: it decodes as a plain
-    row in the trees' forward while the other drafts on."""
-    folder = tmp_path / "heads"
-    shutil.copytree(heads_dir, folder)
-    timing = {"tree": [[0]], "step_ms_bs2": 1.5, "plain_step_ms_bs2": 1.0}  # break-even 1.5 tokens a step
-    TreeChoice([BatchTree([[0]], 2)], "measured", {"candidates": [timing]}).save(folder / TREE_FILE)
-    llm = LLM(tiny_model_dir, medusa=str(folder), medusa_ngram_tokens=0)
-    medusa, params = llm.medusa, SamplingParams(max_tokens=8, **GREEDY)
-    seqs = [Sequence(name, prompt, params, num_prompt_tokens=len(prompt)) for name, prompt in zip("ab", prompts(2))]
-    for _ in range(WINDOW):
-        medusa._payoff(seqs[0]).record(2)  # a drafted token accepted at every step
-        medusa._payoff(seqs[1]).record(1)  # none
-    medusa.propose(seqs, torch.randn(2, llm.model.config.hidden_size), num_running=2)
-    assert seqs[0].draft_token_ids is not None and seqs[1].draft_token_ids is None
 
 
 # ---- lossless greedy speculation ----------------------------------------------------------------------

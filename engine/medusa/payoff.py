@@ -9,9 +9,10 @@ every tree step loses. Where the last WINDOW tree steps emitted fewer tokens on 
 the heads stop drafting for PAUSE tokens, then try again: acceptance changes along an answer (a code block after
 prose). Each pause that follows a failed window doubles, up to MAX_PAUSE: with a fixed pause a third of the
 steps were still failing tree steps (SmolLM2 Q4_1, batch 4, everyday prompts: 0.90x plain, 0.94x doubling).
-Each sequence is judged on its own tree steps, after the engine's last window (engine.medusa.speculator: a new
-sequence starts from it), against the break-even at its batch's size: the cost of a step in which every sequence of
-the batch verifies a tree (one that decodes plainly beside the others' trees adds a row, not a tree)."""
+A sequence decoding alone is judged on its own steps, after the engine's last window (engine.medusa.speculator:
+a new sequence starts from it). A batch is judged as a whole, on the tokens its tree
+steps emitted per sequence: its break-even is the cost of a step in which all its sequences verify the tree, so
+either all its sequences draft or none."""
 from __future__ import annotations
 
 from collections import Counter, deque
@@ -29,8 +30,9 @@ PROBE_EVERY = 128  # and after
 
 @dataclass
 class Payoff:
-    """One sequence's record (its clock: its length). Invariant: `emitted` holds the tokens emitted by each of the
-    last (at most WINDOW) tree steps since the heads last started drafting; they draft again once the clock reaches
+    """One record: a sequence's (its clock its length), or the batches' (its clock the batch steps, a step's
+    tokens the batch's mean per sequence). Invariant: `emitted` holds the tokens emitted by each of the last (at
+    most WINDOW) tree steps since the heads last started drafting; they draft again once the clock reaches
     `resume_at`; the next pause lasts `pause`: PAUSE, doubled by each failed window since one paid."""
 
     emitted: deque[float] = field(default_factory=lambda: deque(maxlen=WINDOW))

@@ -12,9 +12,9 @@ step by its drafts' own probabilities (SpineTrees, tree.spine_tree: EAGLE-2's ch
 the likeliest nodes, along the spine of rank-0 drafts).
 Where the sequence's last tokens occurred in it before, a chain of the tokens that followed them then
 (prompt lookup, engine.medusa.ngram) is verified instead of the heads' tree; a batch verifies each sequence's own
-tree in one forward, under a mask of its own. The heads stop drafting for a while for a sequence whose tree steps
-emit fewer tokens than a step costs against a plain one at its batch's size, as the engine timed its own steps,
-else as train-medusa timed the tree (engine.medusa.payoff)."""
+tree in one forward, under a mask of its own. The heads stop drafting for a while for a sequence decoding
+alone, or a batch, whose tree steps emit fewer tokens than a step costs against a plain one, as the engine timed
+its own steps, else as train-medusa timed the tree (engine.medusa.payoff)."""
 from __future__ import annotations
 
 import time
@@ -149,8 +149,9 @@ class Medusa:
         self.step_clock = StepClock()
         # this step's drafting, the last step's (which drafted the tree this one verifies), the heads' tree verified
         self._drafting, self._drafted, self._verified = 0.0, 0.0, None
-        self.payoffs: WeakKeyDictionary[Sequence, Payoff] = WeakKeyDictionary()
-        self.recent_emitted: deque[float] = deque(maxlen=WINDOW)  # the last tree steps' tokens, any sequence's
+        self.payoffs: WeakKeyDictionary[Sequence, Payoff] = WeakKeyDictionary()  # of sequences decoding alone
+        self.recent_emitted: deque[float] = deque(maxlen=WINDOW)  # their last tree steps' tokens, any sequence's
+        self.batch_payoff, self.batch_steps = Payoff(), 0  # of batches; its clock: batch steps proposed for
         self.heads, self.trees = heads, []
         if heads is not None:
             self._set_heads(heads, trees, spine)
@@ -278,17 +279,18 @@ class Medusa:
         judged = self.guard and bool(self.trees)
         if speculating and judged and self.step_clock.wants_plain(num_running):
             speculating = []  # a plain step, timed
-        break_even = self._break_even_at(num_running) if judged and speculating else None
-        pays = {i: not judged or self._payoff(seqs[i]).pays(len(seqs[i]), break_even) for i in speculating}
+        # a batch drafts as a whole or not at all, as its steps were timed (payoff)
+        if judged and num_running > 1 and speculating:
+            self.batch_steps += 1
+            if not self.batch_payoff.pays(self.batch_steps, self._break_even_at(num_running)):
+                speculating = []
         if self.chains:
             limit = self.chain_limit(num_running)
             following = self.prediction_limit if num_running == 1 else limit
-            # a sequence decoding alone looks up whether the heads pay for it or not; in a batch, where each row costs
-            # more and chains pay less (lookup alone there: 0.90x plain), only where they pay
-            looked_up = {i for i in speculating
-                         if (num_running == 1 or pays[i]) and self._look_up(seqs[i], limit, following)}
-            speculating = [i for i in speculating if i not in looked_up]
-        speculating = [i for i in speculating if pays[i]]
+            speculating = [i for i in speculating if not self._look_up(seqs[i], limit, following)]
+        if judged and num_running == 1:
+            speculating = [i for i in speculating
+                           if self._payoff(seqs[i]).pays(len(seqs[i]), self._break_even_at(1))]
         if not speculating or self.heads is None:
             return
         start = time.perf_counter()
@@ -310,7 +312,7 @@ class Medusa:
         self._drafting = time.perf_counter() - start  # (the drafts' .tolist() waited for a GPU)
 
     def _payoff(self, seq: Sequence) -> Payoff:
-        """The record of a sequence's tree steps. A new one starts from the last window of tree steps on this
+        """The record of a sequence decoding alone. A new one starts from the last window of tree steps on this
         engine (the heads' recent luck with such text), so that after sequences the heads failed on, one is judged
         at once, not after a window of its own failing steps (SmolLM2 Q4_1, everyday prompts: 0.96-0.98x plain
         -> 1.00x, sampled 0.94x -> 0.97x)."""
@@ -434,10 +436,12 @@ class Medusa:
         logprobs = path_logprobs(seqs, trees, paths, out, logits)
         owners = [next((h for h in self.trees if h.owns(vt)), None) for vt in trees]  # (None: a lookup chain)
         self._verified = owners[0].verify if owners[0] is not None and owners.count(owners[0]) == len(owners) else None
-        for seq, owner, tokens in zip(seqs, owners, out):
-            if owner is not None:
-                self._payoff(seq).record(len(tokens))
-                self.recent_emitted.append(len(tokens))
+        if any(owners):
+            if num_running == 1:
+                self._payoff(seqs[0]).record(len(out[0]))
+                self.recent_emitted.append(len(out[0]))
+            else:
+                self.batch_payoff.record(sum(map(len, out)) / len(out))
         return out, logprobs, hidden[[first + path[-1] for first, path in zip(starts, paths)]]
 
     def _compact(self, slot_mapping: torch.Tensor, starts: list[int], paths: list[list[int]]) -> None:
