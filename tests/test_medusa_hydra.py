@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from engine import LLM, SamplingParams
 from engine.medusa.acceptance import Acceptance
 from engine.medusa.speculator import Medusa, hydra_levels
-from engine.medusa.tree import TREES, build_tree, spine_paths, spine_tree
+from engine.medusa.tree import TREES, build_tree, spine_may_grow, spine_paths, spine_tree
 from engine.training.medusa import TrainConfig, accuracy_of, build_cache, held_out_ranks, self_distill, train_heads
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
 from models.loader import load_model
@@ -186,6 +186,26 @@ def test_spine_tree_takes_the_likeliest_paths():
     assert spine_tree(logprobs, 7) == [3, 2, 1]
     assert spine_tree([[0.0, -1.0], [-1.0, -2.0]], 3) == [2]  # a tie goes to the shallower node
     assert spine_paths([3, 2, 1]) == [[0], [1], [2], [0, 0], [0, 1], [0, 0, 0]]
+
+
+def test_drafting_stops_where_no_deeper_node_can_enter_the_spine_tree():
+    """spine_may_grow: once it says no after d levels, the tree of all the levels is the tree of those d (so the
+    levels after them need not be drafted); it says yes while a deeper node could still enter."""
+    logprobs = [[-0.1, -2.5, -3.0], [-0.2, -1.0, -4.0], [-3.0, -3.1, -5.0]]
+    assert spine_may_grow(logprobs[:1], 3) and not spine_may_grow(logprobs[:2], 3)  # -0.3 vs -0.1, -0.3, -1.1
+    assert not spine_may_grow([[0.0, -1.0]], 2)  # a deeper node ties at best, and ties go to the shallower
+    gen = torch.Generator().manual_seed(0)
+    stopped = 0
+    for _ in range(2000):
+        size, depth, width = int(torch.randint(2, 14, (1,), generator=gen)), 5, 6
+        raw = torch.randn(depth, width, generator=gen) * float(torch.rand(1, generator=gen) * 4)
+        levels = raw.log_softmax(dim=-1).sort(dim=-1, descending=True).values.tolist()
+        for d in range(1, depth):
+            if not spine_may_grow(levels[:d], size):
+                assert spine_tree(levels[:d], size) == spine_tree(levels, size), (levels, size, d)
+                stopped += 1
+                break
+    assert stopped > 200
 
 
 def test_hydra_levels_of_a_tree():

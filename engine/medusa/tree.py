@@ -126,6 +126,17 @@ def spine_tree(logprobs: list[list[float]], size: int) -> list[int]:
     return counts
 
 
+def spine_may_grow(logprobs: list[list[float]], size: int) -> bool:
+    """Could spine_tree take a node of the next level, were it drafted after `logprobs`? Not once size - 1 nodes score
+    at least the spine's deepest: a node below it scores no more, and ties go to the shallower. (Drafting stops there:
+    the tree is the same.)"""
+    spine, scores = 0.0, []
+    for level in logprobs:
+        scores += [spine + logprob for logprob in level]
+        spine += level[0]
+    return sum(score >= spine for score in scores) < size - 1
+
+
 def spine_paths(counts: list[int]) -> list[list[int]]:
     """The rank paths of a spine tree (spine_tree): counts[d] children of the spine's depth-d node."""
     return [[0] * depth + [rank] for depth, n in enumerate(counts) for rank in range(n)]
