@@ -271,7 +271,7 @@ class LLM:
     def _plain_outputs(self, batch: ScheduledBatch, inputs: StepInputs, hidden: torch.Tensor,
                        logits: torch.Tensor | None) -> list[RequestOutput]:
         """Sample the next token of every sequence of the batch (but its tree sequences) that ends its prompt or
-        decodes this step (logits: its sampling rows' first); score prompt tokens where asked."""
+        decodes this step (logits: the step's, its sampling rows first); score prompt tokens where asked."""
         for i, rows in inputs.prompt_logprob_rows.items():
             self._score_prompt(batch.seqs[i], hidden, rows)
         sampled: dict[int, int] = {}
