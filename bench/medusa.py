@@ -19,7 +19,6 @@ prompt group as Medusa emitted, so the table gives Medusa's and plain decoding's
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import Counter, deque
 from pathlib import Path
@@ -33,6 +32,7 @@ from engine import LLM, RequestOutput, SamplingParams
 from engine.config import EngineConfig
 from engine.medusa.speculator import LOOKUP_ONLY
 from engine.medusa.tree import DEFAULT_TREE, TREES, load_tree
+from engine.prompt_files import is_record_file, read_prompt_records
 from models.gguf import find_gguf
 from models.named import medusa_heads_for, resolve_model
 
@@ -68,8 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ignore-eos", action="store_true",
                         help="generate --new-tokens past the end of the answer (default: stop there, as a chat does)")
     parser.add_argument("--prompts", default=None,
-                        help="your prompts: a .jsonl file of {\"prompt\": ...} or {\"messages\": [...]} records, or a "
-                             "text file with one prompt per line; chat-templated for chat models (default: "
+                        help="your prompts: a .jsonl or .json file of records (a string, or an object with \"prompt\", "
+                             "\"messages\" or ShareGPT's \"conversations\"), or a text file with one prompt per "
+                             "line; chat-templated for chat models (default: "
                              f"{len(PROMPTS)} built-in code prompts)")
     parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per prompt group; the best counts")
@@ -90,11 +91,8 @@ def load_prompts(path: str | None, tokenizer) -> list[str]:
     if path is None:
         return PROMPTS
     file = Path(path)
-    if file.suffix == ".jsonl":
-        records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-        if not all(isinstance(r, dict) and ("prompt" in r or "messages" in r) for r in records):
-            raise ValueError(f"{file}: every record must be an object with 'prompt' or 'messages'")
-        chats = [r["messages"] if "messages" in r else r["prompt"] for r in records]
+    if is_record_file(file):
+        chats = read_prompt_records(file)
     else:
         chats = [line for line in file.read_text().splitlines() if line.strip()]
     if not chats:

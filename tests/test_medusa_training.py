@@ -483,10 +483,13 @@ def test_self_distillation_from_a_prompts_file(tiny_model_dir, tmp_path):
     records.write_text(json.dumps({"prompt": "x = "}) + "\n\n" + json.dumps({"text": "def g():"}) + "\n"
                        + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     assert prompts_from(records, 5, seed=0) == ["x = ", "def g():", [{"role": "user", "content": "hi"}]]
-    for empty, text in ((records, json.dumps({"prompt": " "}) + "\n"), (tmp_path / "blank.txt", " \n\n")):
-        empty.write_text(text)
-        with pytest.raises(ValueError, match="non-empty prompts"):
-            prompts_from(empty, 5, seed=0)
+    sharegpt = tmp_path / "sharegpt.json"  # .json and ShareGPT records as engine.prompt_files reads them
+    sharegpt.write_text(json.dumps([{"conversations": [{"from": "human", "value": "hi"}]}, "y = "]))
+    assert prompts_from(sharegpt, 5, seed=0) == [[{"role": "user", "content": "hi"}], "y = "]
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n\n")
+    with pytest.raises(ValueError, match="non-empty prompts"):
+        prompts_from(blank, 5, seed=0)
 
     windows = self_distill(tiny_model_dir, 0, 32, 4, 0.0, 0, prompts)
     assert windows.shape == (6, 32)
@@ -515,7 +518,7 @@ def test_train_medusa_refuses_bad_arguments_before_any_work(tiny_model_dir, tmp_
     with pytest.raises(SystemExit, match="Is a directory"):
         train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompts", str(tmp_path)])
     (tmp_path / "lists.jsonl").write_text("[1, 2]\n")
-    with pytest.raises(SystemExit, match="expected non-empty prompts"):
+    with pytest.raises(SystemExit, match="record 1 holds no prompt"):
         train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompts",
                     str(tmp_path / "lists.jsonl")])
 
@@ -533,6 +536,6 @@ def test_bench_prompt_files(chat_model_dir, tiny_model_dir, tmp_path):
     assert load_prompts(str(records), chat) == ["user: Hi\nassistant: ", "system: Be brief.\nuser: Hi\nassistant: "]
     with pytest.raises(ValueError, match="no chat template"):
         load_prompts(str(records), plain)
-    records.write_text(json.dumps({"text": "Hi"}) + "\n")
-    with pytest.raises(ValueError, match="'prompt' or 'messages'"):
+    records.write_text(json.dumps({"completion": "Hi"}) + "\n")
+    with pytest.raises(ValueError, match="record 1 holds no prompt"):
         load_prompts(str(records), chat)

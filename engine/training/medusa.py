@@ -57,6 +57,7 @@ from engine.medusa.tree import (
     expected_tokens_per_step,
     machine_tree_file,
 )
+from engine.prompt_files import is_record_file, read_prompt_records
 from engine.training.common import HEAD_OFFSET, cosine, head_weights
 from engine.training.default_model import corpus_files, read_source
 from models.gguf import find_gguf, open_gguf
@@ -364,27 +365,21 @@ def windows_of(docs: list[list[int]], seq_len: int) -> torch.Tensor:
 
 
 def prompts_from(path: Path, num_prompts: int, seed: int) -> list[str | list[dict]]:
-    """Self-distillation prompts from a file: a .jsonl file holds one per record ("prompt" or "text", or a
-    chat's "messages"), of which the first num_prompts are taken; any other file is cut into num_prompts
-    snippets of 1 to 6 whole lines at random places (say, a concatenation of the code the model will be
-    asked to continue)."""
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        prompts = [r.get("messages", r.get("prompt", r.get("text", ""))) if isinstance(r, dict) else ""
-                   for r in records][:num_prompts]
-    elif not text.strip():
-        prompts = []
-    else:
+    """Self-distillation prompts from a file: the first num_prompts records of a .jsonl or .json file
+    (engine.prompt_files); any other file is cut into num_prompts snippets of 1 to 6 whole lines at random places
+    (say, a concatenation of the code the model will be asked to continue)."""
+    prompts: list[str | list[dict]] = []
+    if is_record_file(path):
+        prompts = read_prompt_records(path)[:num_prompts]
+    elif (text := path.read_text()).strip():
         lines = text.splitlines(keepends=True)
         rng = random.Random(seed)
-        prompts = []
         while len(prompts) < num_prompts:
             start = rng.randrange(len(lines))
             snippet = "".join(lines[start:start + rng.randint(1, 6)])
             if snippet.strip():
                 prompts.append(snippet)
-    if not prompts or not all(p if isinstance(p, list) else p.strip() for p in prompts):
+    if not prompts:
         raise ValueError(f"{path}: expected non-empty prompts")
     return prompts
 
@@ -645,8 +640,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tokens per text: a chat answer's most, else the whole text's")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--prompts", default=None,
-                        help="self-distillation prompts: a .jsonl file (one per record: 'prompt', 'text' or a chat's "
-                             "'messages') or a text file to cut snippets of whole lines from (default: for chat "
+                        help="self-distillation prompts: a .jsonl or .json file of records (a string, or 'prompt', 'text', "
+                             "a chat's 'messages' or ShareGPT's 'conversations') or a text file to cut snippets of "
+                             "whole lines from (default: for chat "
                              "models, prompts the model writes itself and prompts built from the standard library's "
                              "docstrings (--self-prompts); else prefixes sampled from the model)")
     parser.add_argument("--self-prompts", type=float, default=0.5,

@@ -1,0 +1,54 @@
+"""Prompt files as users bring them, read the same way by `gorgon bench medusa --prompts` and `gorgon train-medusa
+--prompts`: a .jsonl file (one record a line) or a .json file (a list of records). A record is a prompt string, or an
+object holding one: "messages" (a chat in OpenAI's roles), "conversations" (a ShareGPT chat: its turns before the
+model's first answer, as vLLM's benchmarks take them), "prompt" or "text"."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RECORD_SUFFIXES = (".jsonl", ".json")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user"}
+
+
+def is_record_file(path: Path) -> bool:
+    return path.suffix in RECORD_SUFFIXES
+
+
+def read_prompt_records(path: Path) -> list[str | list[dict]]:
+    """Each record's prompt: a string, or a chat's messages [{"role", "content"}, ...]. A record with none, or an
+    empty one, is a ValueError naming the file and the record."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        records = json.loads(text)
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of prompt records")
+    else:
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    prompts = []
+    for n, record in enumerate(records, 1):
+        prompt = _prompt_of(record)
+        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+            raise ValueError(f"{path}: record {n} holds no prompt: expected a string, or an object with 'messages', "
+                             "'conversations', 'prompt' or 'text'")
+        prompts.append(prompt)
+    return prompts
+
+
+def _prompt_of(record: object) -> str | list[dict] | None:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("messages"), list):
+        return record["messages"]
+    if isinstance(record.get("conversations"), list):
+        turns = []
+        for turn in record["conversations"]:
+            role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+            if role is None:  # the model's first answer, or a turn of no known role
+                break
+            turns.append({"role": role, "content": turn.get("value", "")})
+        return turns if any(t["role"] == "user" for t in turns) else None
+    prompt = record.get("prompt", record.get("text"))
+    return prompt if isinstance(prompt, str) else None

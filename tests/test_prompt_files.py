@@ -1,0 +1,44 @@
+import json
+
+import pytest
+
+from engine.prompt_files import read_prompt_records
+
+USER_HI = [{"role": "user", "content": "hi"}]
+
+
+def test_jsonl_and_json_records(tmp_path):
+    records = [{"prompt": "x = "}, {"text": "def g():"}, {"messages": USER_HI}, "bare"]
+    lines = tmp_path / "p.jsonl"
+    lines.write_text("\n\n".join(json.dumps(r) for r in records) + "\n")  # blank lines are skipped
+    listed = tmp_path / "p.json"
+    listed.write_text(json.dumps(records))
+    expected = ["x = ", "def g():", USER_HI, "bare"]
+    assert read_prompt_records(lines) == read_prompt_records(listed) == expected
+
+
+def test_sharegpt_conversations_keep_the_turns_before_the_first_answer(tmp_path):
+    sharegpt = tmp_path / "sharegpt.json"
+    sharegpt.write_text(json.dumps([
+        {"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
+                                      {"from": "human", "value": "more"}]},
+        {"id": "b", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "why?"}]},
+    ]))
+    assert read_prompt_records(sharegpt) == [USER_HI, [{"role": "system", "content": "Be brief."},
+                                                       {"role": "user", "content": "why?"}]]
+
+
+@pytest.mark.parametrize("record", [{"prompt": " "}, {"completion": "x"}, [1, 2], 3,
+                                    {"conversations": [{"from": "gpt", "value": "unasked"}]}])
+def test_a_record_without_a_prompt_is_named(tmp_path, record):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match="record 2 holds no prompt"):
+        read_prompt_records(path)
+
+
+def test_a_json_file_must_hold_a_list(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"prompt": "x"}))
+    with pytest.raises(ValueError, match="a JSON list of prompt records"):
+        read_prompt_records(path)
