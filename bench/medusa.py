@@ -32,7 +32,7 @@ from engine import LLM, RequestOutput, SamplingParams
 from engine.config import EngineConfig
 from engine.medusa.speculator import LOOKUP_ONLY
 from engine.medusa.tree import DEFAULT_TREE, TREES, load_tree
-from engine.prompt_files import is_record_file, read_prompt_records
+from engine.prompt_files import chat_prompt_ids, is_record_file, read_prompt_records
 from models.gguf import find_gguf
 from models.named import medusa_heads_for, resolve_model
 
@@ -85,11 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_prompts(path: str | None, tokenizer) -> list[str]:
-    """The benchmark's prompts as text: --prompts (see --help), else the built-in ones. With a chat template
-    (a chat model) each user prompt becomes a chat in the model's format, ready for its answer."""
+def load_prompts(path: str | None, tokenizer) -> list[list[int]]:
+    """The benchmark's prompts as token ids: --prompts (see --help), each in the model's chat format where it has a
+    chat template (engine.prompt_files.chat_prompt_ids), else the built-in code prompts, continued as they are."""
     if path is None:
-        return PROMPTS
+        return [tokenizer(p)["input_ids"] for p in PROMPTS]
     file = Path(path)
     if is_record_file(file):
         chats = read_prompt_records(file)
@@ -99,22 +99,13 @@ def load_prompts(path: str | None, tokenizer) -> list[str]:
         raise ValueError(f"{file} holds no prompts")
     if not tokenizer.chat_template and any(isinstance(c, list) for c in chats):
         raise ValueError(f"{file} has chat messages, but the model has no chat template")
-    return [chat_prompt(c, tokenizer) for c in chats]
-
-
-def chat_prompt(chat: str | list[dict], tokenizer) -> str:
-    """A user prompt (or a chat's messages) in the model's chat format, ready for its answer; a model without a
-    chat template takes the prompt as it is."""
-    if not tokenizer.chat_template:
-        return chat
-    messages = [{"role": "user", "content": chat}] if isinstance(chat, str) else chat
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return [chat_prompt_ids(tokenizer, c) for c in chats]
 
 
 SAMPLED_TEMPERATURE = 0.7
 
 
-def timed_pair(llm: LLM, prompts: list[str], new_tokens: int, repeats: int, temperature: float = 0.0,
+def timed_pair(llm: LLM, prompts: list[list[int]], new_tokens: int, repeats: int, temperature: float = 0.0,
                ignore_eos: bool = False, baseline: LlamaCpp | None = None) -> dict:
     """Best-of-`repeats` wall time of generating for `prompts` together, plain and with Medusa (alternating),
     and with the llama.cpp baseline (greedy) when given: as many tokens per prompt as the longest Medusa answer."""
@@ -125,7 +116,6 @@ def timed_pair(llm: LLM, prompts: list[str], new_tokens: int, repeats: int, temp
     plain_params, medusa_params = params(False), params(True)
     best = {mode: float("inf") for mode in ("plain", "medusa", *(["llama.cpp"] if baseline else []))}
     outputs: dict[str, list[RequestOutput]] = {}
-    token_prompts = [llm.tokenizer(p)["input_ids"] for p in prompts] if baseline else []
     baseline_tokens = 0
     for _ in range(repeats):
         for mode, params in (("plain", plain_params), ("medusa", medusa_params)):
@@ -135,13 +125,13 @@ def timed_pair(llm: LLM, prompts: list[str], new_tokens: int, repeats: int, temp
         if baseline:
             length = max(len(o.token_ids) for o in outputs["medusa"])
             start = time.perf_counter()
-            baseline.generate(token_prompts, length)
+            baseline.generate(prompts, length)
             best["llama.cpp"] = min(best["llama.cpp"], time.perf_counter() - start)
             baseline_tokens = length * len(prompts)
     return {"seconds": best, "outputs": outputs, "baseline_tokens": baseline_tokens}
 
 
-def in_flight(llm: LLM, prompts: list[str], params: list[SamplingParams],
+def in_flight(llm: LLM, prompts: list[list[int]], params: list[SamplingParams],
               batch_size: int) -> tuple[float, int, list[RequestOutput]]:
     """Every prompt with batch_size requests in flight, the next one added as soon as one ends -> (seconds until the
     last request was added, the tokens emitted until then, the outputs in prompt order)."""
@@ -161,7 +151,7 @@ def in_flight(llm: LLM, prompts: list[str], params: list[SamplingParams],
     return steady, tokens, [finished[i] for i in ids]
 
 
-def steady_pair(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Namespace) -> dict:
+def steady_pair(llm: LLM, prompts: list[list[int]], batch_size: int, args: argparse.Namespace) -> dict:
     """Greedy plain and Medusa decoding with batch_size requests in flight (in_flight), alternating, each the best
     of --repeats: tok/s until the last request starts, and whether Medusa gave plain decoding's tokens."""
     rate, outputs = {}, {}
@@ -176,7 +166,7 @@ def steady_pair(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Na
             "lossless": [o.token_ids for o in outputs["plain"]] == [o.token_ids for o in outputs["medusa"]]}
 
 
-def run_batch(llm: LLM, prompts: list[str], batch_size: int, args: argparse.Namespace, bar: tqdm,
+def run_batch(llm: LLM, prompts: list[list[int]], batch_size: int, args: argparse.Namespace, bar: tqdm,
               temperature: float = 0.0, baseline: LlamaCpp | None = None) -> dict:
     """All prompts in groups of batch_size: tokens/s of both modes (and of the baseline), acceptance
     statistics, losslessness."""

@@ -18,8 +18,9 @@ import torch
 from tqdm import tqdm
 
 from bench.common import cpu_isa, machine_info, print_table, write_json
-from bench.medusa import chat_prompt, load_prompts
+from bench.medusa import load_prompts
 from engine import LLM, RequestOutput, SamplingParams
+from engine.prompt_files import chat_prompt_ids
 from models.named import resolve_model
 
 # code to edit: stdlib functions, so that every machine has the same text
@@ -54,14 +55,14 @@ def code_of(name: str) -> str:
     return textwrap.dedent(inspect.getsource(obj))[:1500]
 
 
-def edit_request(llm: LLM, code: str, max_tokens: int) -> tuple[str, str, str]:
+def edit_request(llm: LLM, code: str, max_tokens: int) -> tuple[str, list[int], str]:
     """The `edit` request for this code, its last lines left out where the prompt and answer would not fit the
     model's context."""
     lines = code.splitlines(keepends=True)
     while True:
         code = "".join(lines)
-        prompt = chat_prompt(f"{EDIT_REQUEST}\n\n```python\n{code}```", llm.tokenizer)
-        if len(llm.tokenizer(prompt)["input_ids"]) + max_tokens <= llm.max_model_len or len(lines) == 1:
+        prompt = chat_prompt_ids(llm.tokenizer, f"{EDIT_REQUEST}\n\n```python\n{code}```")
+        if len(prompt) + max_tokens <= llm.max_model_len or len(lines) == 1:
             return "edit", prompt, code
         lines.pop()
 

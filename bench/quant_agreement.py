@@ -12,6 +12,7 @@ import argparse
 
 from bench.common import write_json
 from engine import LLM, SamplingParams
+from engine.prompt_files import chat_prompt_ids
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain what a hash table is.",
            "Give three tips for learning to cook.", "What is 17 times 23?", "Translate 'good morning' into Spanish.",
@@ -36,8 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         cache = args.kv_cache_dtype if cpu_kernels else "float32"
         llm = LLM(args.model, quantization=args.quantization, cpu_kernels=cpu_kernels, enable_prefix_caching=False,
                   batch_invariant=args.batch_invariant, kv_cache_dtype=cache)
-        chats = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                   tokenize=False) for p in PROMPTS]
+        chats = [chat_prompt_ids(llm.tokenizer, p) for p in PROMPTS]
         # one request at a time: the exact path's batch would otherwise change with the kernels' row limit
         outputs.append([llm.generate(chat, greedy)[0].token_ids for chat in chats])
     prefixes = []

@@ -1,7 +1,8 @@
-"""Prompt files as users bring them, read the same way by `gorgon bench medusa --prompts` and `gorgon train-medusa
+"""Prompts as users bring them. Files, read the same way by `gorgon bench medusa --prompts` and `gorgon train-medusa
 --prompts`: a .jsonl file (one record a line) or a .json file (a list of records). A record is a prompt string, or an
 object holding one: "messages" (a chat in OpenAI's roles), "conversations" (a ShareGPT chat: its turns before the
-model's first answer, as vLLM's benchmarks take them), "prompt" or "text"."""
+model's first answer, as vLLM's benchmarks take them), "prompt" or "text". And a prompt or chat as the token ids a
+chat model answers (chat_prompt_ids)."""
 from __future__ import annotations
 
 import json
@@ -52,3 +53,16 @@ def _prompt_of(record: object) -> str | list[dict] | None:
         return turns if any(t["role"] == "user" for t in turns) else None
     prompt = record.get("prompt", record.get("text"))
     return prompt if isinstance(prompt, str) else None
+
+
+def chat_prompt_ids(tokenizer, chat: str | list[dict]) -> list[int]:
+    """A user prompt (or a chat's messages) as token ids in the model's chat format, ready for its answer, as the
+    server writes them: the template writes any BOS itself (tokenizing its text again would add a second one to
+    Llama's and Mistral's). A model without a chat template takes a prompt as it is."""
+    if not tokenizer.chat_template:
+        if not isinstance(chat, str):
+            raise ValueError("chat messages need a chat template, and the model has none")
+        return tokenizer(chat)["input_ids"]
+    messages = [{"role": "user", "content": chat}] if isinstance(chat, str) else chat
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])

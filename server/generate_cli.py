@@ -1,4 +1,5 @@
-"""`gorgon generate`: one prompt in, its continuation out (streamed, or as one JSON object)."""
+"""`gorgon generate`: one prompt in, its continuation (or with --chat, the model's answer) out, streamed or as one
+JSON object."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ from pathlib import Path
 from engine import LLM, EngineConfig, SamplingParams
 from engine.medusa.speculator import PREDICTION_ONLY
 from engine.parallel import run_worker_if_launched
+from engine.prompt_files import chat_prompt_ids
 from server.flags import (
     add_batch_invariant_flag,
     add_device_flags,
@@ -27,6 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
                         help="quantize an HF checkpoint's linear layers as it loads")
     parser.add_argument("--prompt", default="def fibonacci(n):", help="text to continue")
+    parser.add_argument("--chat", action="store_true",
+                        help="answer the prompt as a user's message, through the model's chat template (the answer "
+                             "ends at the model's end of turn)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -80,14 +85,19 @@ def read_prediction(value: str | None) -> str | None:
 
 
 def generate(llm: LLM, args: argparse.Namespace, params: SamplingParams) -> None:
-    """Print the continuation: streamed text (and a summary on stderr), or one JSON object."""
+    """Print the continuation (after the prompt) or the chat answer: streamed text (and a summary on stderr), or
+    one JSON object."""
+    if args.chat and not llm.tokenizer.chat_template:
+        raise ValueError("--chat needs a chat model: this model's tokenizer has no chat template")
+    prompt = chat_prompt_ids(llm.tokenizer, args.prompt) if args.chat else args.prompt
     if args.json:
-        out = llm.generate(args.prompt, params)[0]
+        out = llm.generate(prompt, params)[0]
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
                           "tokens_per_s": round(out.tokens_per_s, 2), "accepted_lengths": out.accepted_lengths}))
         return
-    sys.stdout.write(args.prompt)
-    for out in llm.stream(args.prompt, params):
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    for out in llm.stream(prompt, params):
         sys.stdout.write(out.new_text)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -36,6 +36,7 @@ from engine.medusa.tree import (
     spine_paths,
     spine_tree,
 )
+from engine.prompt_files import chat_prompt_ids
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from engine.training import medusa as medusa_training
@@ -804,6 +805,20 @@ def test_generate_command_drafts_a_prediction(capsys, tmp_path):
     assert max(predicted["accepted_lengths"]) >= 4  # chains drafted from the prediction, accepted
     with pytest.raises(SystemExit, match="gorgon generate: error: .*missing.txt"):
         generate_main([*args, "--prediction", f"@{tmp_path / 'missing.txt'}"])
+
+
+def test_generate_command_chats_through_the_template(capsys, tiny_model_dir):
+    args = ["--prompt", "What is a list?", "--temperature", "0", "--max-tokens", "16", "--chat"]
+    generate_main([*args, "--json"])
+    out = json.loads(capsys.readouterr().out)
+    llm = LLM(DEFAULT_MODEL_DIR)
+    expected = llm.generate(chat_prompt_ids(llm.tokenizer, "What is a list?"), SamplingParams(max_tokens=16,
+                                                                                               temperature=0))[0]
+    assert out["token_ids"] == expected.token_ids
+    generate_main(args)
+    assert capsys.readouterr().out == expected.text + "\n"  # the answer, without the prompt
+    with pytest.raises(SystemExit, match="--chat needs a chat model"):
+        generate_main([*args, "--model", str(tiny_model_dir)])
 
 
 def test_bench_keeps_batch_size_requests_in_flight_until_the_last_starts(tiny_model_dir):

@@ -527,13 +527,15 @@ def test_bench_prompt_files(chat_model_dir, tiny_model_dir, tmp_path):
     chat, plain = LLM(chat_model_dir).tokenizer, LLM(tiny_model_dir).tokenizer
     lines = tmp_path / "prompts.txt"
     lines.write_text("What is a list?\n\nWhat is a dict?\n")
-    assert load_prompts(str(lines), plain) == ["What is a list?", "What is a dict?"]
-    assert load_prompts(str(lines), chat) == ["user: What is a list?\nassistant: ",
-                                              "user: What is a dict?\nassistant: "]
+    def texts(path, tokenizer):
+        return [tokenizer.decode(ids) for ids in load_prompts(str(path), tokenizer)]
+
+    assert texts(lines, plain) == ["What is a list?", "What is a dict?"]
+    assert texts(lines, chat) == ["user: What is a list?\nassistant: ", "user: What is a dict?\nassistant: "]
     records = tmp_path / "prompts.jsonl"
     records.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps(
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}) + "\n")
-    assert load_prompts(str(records), chat) == ["user: Hi\nassistant: ", "system: Be brief.\nuser: Hi\nassistant: "]
+    assert texts(records, chat) == ["user: Hi\nassistant: ", "system: Be brief.\nuser: Hi\nassistant: "]
     with pytest.raises(ValueError, match="no chat template"):
         load_prompts(str(records), plain)
     records.write_text(json.dumps({"completion": "Hi"}) + "\n")

@@ -1,8 +1,10 @@
 import json
 
 import pytest
+from transformers import AutoTokenizer
 
-from engine.prompt_files import read_prompt_records
+from engine.prompt_files import chat_prompt_ids, read_prompt_records
+from models import DEFAULT_MODEL_DIR
 
 USER_HI = [{"role": "user", "content": "hi"}]
 
@@ -42,3 +44,15 @@ def test_a_json_file_must_hold_a_list(tmp_path):
     path.write_text(json.dumps({"prompt": "x"}))
     with pytest.raises(ValueError, match="a JSON list of prompt records"):
         read_prompt_records(path)
+
+
+def test_chat_prompt_ids_hold_the_templates_bos_once():
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)  # it adds BOS to text, and its template writes one
+    bos = tokenizer.bos_token_id
+    ids = chat_prompt_ids(tokenizer, "hi")
+    assert ids == chat_prompt_ids(tokenizer, USER_HI) and ids.count(bos) == 1 and ids[0] == bos
+    assert tokenizer.decode(ids[1:]) == "### user\nhi\n### assistant\n"
+    tokenizer.chat_template = None
+    assert chat_prompt_ids(tokenizer, "def f():") == tokenizer("def f():")["input_ids"]  # the text as it is
+    with pytest.raises(ValueError, match="need a chat template"):
+        chat_prompt_ids(tokenizer, USER_HI)

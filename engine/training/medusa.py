@@ -57,7 +57,7 @@ from engine.medusa.tree import (
     expected_tokens_per_step,
     machine_tree_file,
 )
-from engine.prompt_files import is_record_file, read_prompt_records
+from engine.prompt_files import chat_prompt_ids, is_record_file, read_prompt_records
 from engine.training.common import HEAD_OFFSET, cosine, head_weights
 from engine.training.default_model import corpus_files, read_source
 from models.gguf import find_gguf, open_gguf
@@ -457,8 +457,7 @@ def chat_distill(llm: LLM, prompts: list[list[dict]], max_tokens: int, temperatu
                  seed: int) -> tuple[list[list[int]], list[int], list[torch.Tensor]]:
     """The model's answers to chat prompts (its own template), up to its end of turn or max_tokens:
     (prompt + answer token ids of each, where each answer starts, the hidden states that sampled its tokens)."""
-    starts = [llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)["input_ids"] for messages in prompts]
+    starts = [chat_prompt_ids(llm.tokenizer, messages) for messages in prompts]
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i, return_hidden_states=True)
               for i in range(len(starts))]
     outputs = llm.generate(starts, params, use_tqdm=True)
@@ -640,9 +639,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tokens per text: a chat answer's most, else the whole text's")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--prompts", default=None,
-                        help="self-distillation prompts: a .jsonl or .json file of records (a string, or 'prompt', 'text', "
-                             "a chat's 'messages' or ShareGPT's 'conversations') or a text file to cut snippets of "
-                             "whole lines from (default: for chat "
+                        help="self-distillation prompts: a .jsonl or .json file of records (a string, or 'prompt', "
+                             "'text', a chat's 'messages' or ShareGPT's 'conversations') or a text file to cut "
+                             "snippets of whole lines from (default: for chat "
                              "models, prompts the model writes itself and prompts built from the standard library's "
                              "docstrings (--self-prompts); else prefixes sampled from the model)")
     parser.add_argument("--self-prompts", type=float, default=0.5,
