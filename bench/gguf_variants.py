@@ -4,9 +4,10 @@ dequantized (gguf package) and written again as F32, BF16, Q8_0 or Q4_K, metadat
     python -m bench.gguf_variants SmolLM2-135M-Instruct.Q4_1.gguf out/ F32 BF16 Q8_0 Q4_K
 
 Q4_K rows must hold multiples of 256 weights; narrower ones fall back to Q4_1 here (llama.cpp's own
-quantizer falls back to Q5_0, a type gorgon does not run yet). The token embedding keeps its type in the
-quantized variants. The Q4_K quantizer is a plain one (min/max per sub-block, 6-bit scales), not llama.cpp's
-search for the best scales: the speed of the format is what is measured, not its accuracy."""
+quantizer falls back to Q5_0). The token embedding keeps its type in the quantized variants. The Q4_K quantizer
+is a plain one (min/max per sub-block, 6-bit scales), not llama.cpp's search for the best scales: the speed of
+the format is what is measured, not its accuracy. For llama.cpp's own mixes (Q4_K_M, IQ4_XS, ...), the `bench`
+extra's llama-cpp-python exposes its quantizer: `llama_cpp.llama_model_quantize`."""
 from __future__ import annotations
 
 import argparse
