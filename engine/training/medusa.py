@@ -77,6 +77,9 @@ PAYS = 1.05
 # model wrote 256 in 10, trained in 4.5 and timed 8 trees in 8.4)
 WRITING_SHARE = 0.6
 TRAINING_END = 0.8  # ... and the heads' training ends by this share of it, leaving the rest to time the trees
+# a tree is timed only if it would end within the budget, were it to take this much longer than the one before
+# (it has more rows: Qwen2.5-Coder-1.5B's run ended 12 s past its 30 minutes when the next was taken to cost the same)
+NEXT_TREE_MARGIN = 1.3
 PACE_STEPS = 10  # training steps timed (after as many to warm up) to fit the rest of them to the budget
 EVAL_EVERY = 100  # training steps between measurements of the held-out loss
 PATIENCE = 3  # measurements without a better held-out loss that end the training
@@ -530,15 +533,15 @@ def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[l
     each: load from other processes hits both alike). A tree may serve a batch size only if it paid (measured at
     least PAYS times plain decoding) there and at every smaller one (its row's max_batch_size); the engine decodes
     plainly above the largest batch size any tree paid at. No trees if none pays at batch 1. A candidate is timed
-    only if it would end by `deadline` (perf_counter), judging by how long the one before it took (the first is
-    always timed; the smaller trees come first)."""
+    only if it would end by `deadline` (perf_counter), judging by how long the one before it took, with
+    NEXT_TREE_MARGIN for its larger rows (the first is always timed; the smaller trees come first)."""
     if not candidates:
         return TreeChoice([], "no Medusa tree pays: no draft was right on the held-out text", {})
     trees, weights, last_took = [], None, 0.0
     with tempfile.TemporaryDirectory() as tmp, tqdm(candidates, desc="timing trees") as bar:
         for n, (paths, tokens_per_step) in enumerate(bar):
             began = time.perf_counter()
-            if trees and began + last_took > deadline:
+            if trees and began + NEXT_TREE_MARGIN * last_took > deadline:
                 break
             tree_file = Path(tmp) / f"tree{n}.json"
             tree_file.write_text(json.dumps(paths))
