@@ -97,8 +97,6 @@ def load_prompts(path: str | None, tokenizer) -> list[list[int]]:
         chats = [line for line in file.read_text().splitlines() if line.strip()]
     if not chats:
         raise ValueError(f"{file} holds no prompts")
-    if not tokenizer.chat_template and any(isinstance(c, list) for c in chats):
-        raise ValueError(f"{file} has chat messages, but the model has no chat template")
     return [chat_prompt_ids(tokenizer, c) for c in chats]
 
 

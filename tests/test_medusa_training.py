@@ -536,7 +536,7 @@ def test_bench_prompt_files(chat_model_dir, tiny_model_dir, tmp_path):
     records.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps(
         {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}) + "\n")
     assert texts(records, chat) == ["user: Hi\nassistant: ", "system: Be brief.\nuser: Hi\nassistant: "]
-    with pytest.raises(ValueError, match="no chat template"):
+    with pytest.raises(ValueError, match="chat messages need a chat template"):
         load_prompts(str(records), plain)
     records.write_text(json.dumps({"completion": "Hi"}) + "\n")
     with pytest.raises(ValueError, match="record 1 holds no prompt"):
