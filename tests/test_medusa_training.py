@@ -521,6 +521,20 @@ def test_train_medusa_refuses_bad_arguments_before_any_work(tiny_model_dir, tmp_
     with pytest.raises(SystemExit, match="record 1 holds no prompt"):
         train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompts",
                     str(tmp_path / "lists.jsonl")])
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(SystemExit, match="chat messages, but the model has no chat template"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--prompts",
+                    str(tmp_path / "chats.jsonl")])
+
+
+def test_a_chat_model_answers_prompt_and_chat_records(chat_model_dir, tmp_path):
+    records = tmp_path / "prompts.jsonl"  # a bare prompt becomes a user's message
+    records.write_text(json.dumps({"prompt": "What is a list?"}) + "\n"
+                       + json.dumps({"messages": [{"role": "user", "content": "What is a dict?"}]}) + "\n")
+    train_main(["--model", str(chat_model_dir), "--out", str(tmp_path / "heads"), "--prompts", str(records),
+                "--samples", "2", "--heads", "2", "--steps", "1", "--seq-len", "32", "--no-tree"])
+    report = json.loads((tmp_path / "heads" / "training.json").read_text())
+    assert report["data"].startswith(f"self-distillation (answers to 2 prompts in {records}")
 
 
 def test_bench_prompt_files(chat_model_dir, tiny_model_dir, tmp_path):

@@ -804,6 +804,8 @@ def main(argv: list[str] | None = None) -> None:
         share = 1.0 if llm.tokenizer.chat_template else args.prompt_share
         num_prompts = round(args.samples * share) if args.prompts else 0
         prompts = prompts_from(Path(args.prompts), num_prompts, args.seed) if num_prompts else []
+        if not llm.tokenizer.chat_template and any(isinstance(p, list) for p in prompts):
+            raise ValueError(f"{args.prompts} holds chat messages, but the model has no chat template to answer them")
     except (ValueError, OSError) as e:  # OSError: missing file, a folder, no permission
         raise SystemExit(f"gorgon train-medusa: error: {e}") from None
     if args.texts and Path(args.texts).is_file():
