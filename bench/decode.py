@@ -36,6 +36,7 @@ from bench.common import CONFIGS, best_of, cpu_isa, machine_info, print_table, r
 from engine import LLM, SamplingParams
 from models.gguf import find_gguf
 from models.kernels import decode as cpu_decode
+from models.named import resolve_model
 
 PROMPT_LEN = 16
 
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gorgon bench decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="HF checkpoint folder, or a .gguf file")
+    source.add_argument("--model", help="a named model (smollm2), an HF checkpoint folder or a .gguf file")
     source.add_argument("--config", choices=sorted(CONFIGS), default="small", help="random weights of this shape")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="default: gorgon's (bfloat16 for bf16 checkpoints, else float32)")
@@ -96,6 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.device != "cpu" and (args.baseline == "llama.cpp" or args.tensor_parallel_size > 1):
         raise SystemExit("--device applies to the transformers baseline; llama.cpp and tensor parallelism are "
                          "measured on the CPU")
+    if args.model:
+        try:
+            args.model = str(resolve_model(args.model))  # a named model (smollm2) is the file its package ships
+        except ValueError as e:
+            raise SystemExit(f"gorgon bench decode: error: {e}") from None
     if args.baseline == "llama.cpp":
         if not (args.model and find_gguf(args.model)):
             raise SystemExit("--baseline llama.cpp runs both engines on one GGUF file: give --model X.gguf")

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from bench.common import cpu_isa, machine_info, print_table, random_checkpoint, write_json
 from models import DEFAULT_MODEL_DIR
+from models.named import resolve_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT_SNIPPETS = ["def parse_args(argv):\n", "import os\nimport sys\n\n", "class Cache:\n    def __init__(self",
@@ -65,7 +66,8 @@ class RequestResult:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gorgon bench serving", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="HF checkpoint folder, or a .gguf file with --baseline llama.cpp (default: "
+    parser.add_argument("--model", help="HF checkpoint folder, or a .gguf file (or a named model: smollm2) with "
+                                        "--baseline llama.cpp (default: "
                                         "the shipped model if present, else a random model of its size)")
     parser.add_argument("--baseline", choices=["transformers", "llama.cpp"], default="transformers")
     parser.add_argument("--llama-server", help=f"the llama-server binary (default: ${LLAMA_SERVER_ENV}, else "
@@ -252,6 +254,11 @@ def plot(rows: list[dict], servers: list[str], title: str, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.model:
+        try:
+            args.model = str(resolve_model(args.model))  # a named model (smollm2) is the file its package ships
+        except ValueError as e:
+            sys.exit(f"gorgon bench serving: error: {e}")
     if args.baseline == "llama.cpp":
         if not args.model or Path(args.model).suffix != ".gguf" or not Path(args.model).is_file():
             sys.exit("gorgon bench serving: --baseline llama.cpp needs --model FILE.gguf (both servers run that file)")

@@ -46,6 +46,9 @@ def resolve_model(model: str | None) -> Path:
         return DEFAULT_MODEL_DIR
     named = NAMED_MODELS.get(model)
     if named is None:
+        if not Path(model).exists():
+            raise ValueError(f"model {model!r}: no such file or folder; give a .gguf file, a Hugging Face checkpoint "
+                             f"folder (or one holding a .gguf file), or a named model: {', '.join(NAMED_MODELS)}")
         return Path(model)
     folder = package_folder(named.package)
     if folder is None or not (folder / named.file).exists():

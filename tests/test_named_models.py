@@ -46,9 +46,11 @@ def test_a_missing_package_says_how_to_install_it(monkeypatch):
         LLM("smollm2")
 
 
-def test_other_models_are_paths_and_none_is_the_default():
+def test_other_models_are_paths_and_none_is_the_default(tmp_path):
     assert resolve_model(None) == DEFAULT_MODEL_DIR
-    assert str(resolve_model("some/folder")) == "some/folder"
+    assert resolve_model(str(tmp_path)) == tmp_path
+    with pytest.raises(ValueError, match="'smolm2': no such file or folder; .* named model: smollm2"):
+        LLM("smolm2")  # a name mistyped
 
 
 def test_medusa_auto_finds_the_models_own_heads(tiny_model_dir, tmp_path, monkeypatch):
