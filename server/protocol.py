@@ -348,10 +348,12 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    # accepted and unused: they cannot change an answer
+    # accepted and unused: they cannot change an answer (a prompt_cache_key: the prefix cache needs no key)
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # tools (server.tools): the answer is either text or calls of these functions
     tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
@@ -365,9 +367,11 @@ class ChatCompletionRequest(SamplingRequest):
     audio: Any = None
     modalities: Any = None
     reasoning_effort: Any = None
+    verbosity: Any = None
     web_search_options: Any = None
 
-    @field_validator("functions", "function_call", "audio", "reasoning_effort", "web_search_options")
+    @field_validator("functions", "function_call", "audio", "reasoning_effort", "verbosity",
+                     "web_search_options")
     @classmethod
     def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
         if value not in (None, [], "none"):
@@ -683,6 +687,8 @@ class ResponsesRequest(RequestBody):
     metadata: dict[str, str] | None = None
     user: str | None = None
     service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     truncation: Literal["disabled"] | None = None  # ("auto", dropping the input's start to fit, is not served)
     tools: list[ResponsesFunctionTool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | ResponsesNamedTool | None = None
