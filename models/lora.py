@@ -10,7 +10,7 @@ from torch import nn
 
 from models.context import LoRABatch, get_forward_context
 from models.parallel import Split
-from models.quant import QuantizedLinear
+from models.quant import MixedQuantizedLinear, QuantizedLinear
 
 # the HF projections a LoRA may target; q/k/v and gate/up live in packed linears (models.layers.PackedLinear)
 LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -33,7 +33,7 @@ def lora_targets(model: nn.Module) -> dict[str, LoRATarget]:
     targets = {}
     for name, module in model.named_modules():
         leaf = name.rpartition(".")[2]
-        if leaf in leaves and isinstance(module, (nn.Linear, QuantizedLinear)):
+        if leaf in leaves and isinstance(module, (nn.Linear, QuantizedLinear, MixedQuantizedLinear)):
             split = getattr(module, "split", None)
             whole = module if split is None else split
             shards = getattr(whole, "shards", None) or {leaf: (0, whole.out_features)}
