@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from dataclasses import replace
+from itertools import chain
 from pathlib import Path
 
 from engine import LLM, EngineConfig, SamplingParams
@@ -95,9 +96,11 @@ def generate(llm: LLM, args: argparse.Namespace, params: SamplingParams) -> None
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
                           "tokens_per_s": round(out.tokens_per_s, 2), "accepted_lengths": out.accepted_lengths}))
         return
+    stream = llm.stream(prompt, params)
+    first = next(stream)  # the request is taken (or refused: a prompt too long) before anything is printed
     if not args.chat:
         sys.stdout.write(args.prompt)
-    for out in llm.stream(prompt, params):
+    for out in chain([first], stream):
         sys.stdout.write(out.new_text)
         sys.stdout.flush()
     sys.stdout.write("\n")

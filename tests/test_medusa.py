@@ -823,6 +823,12 @@ def test_generate_command_chats_through_the_template(capsys, tiny_model_dir):
         generate_main([*args, "--model", str(tiny_model_dir)])
 
 
+def test_generate_command_refuses_a_prompt_too_long_before_printing_it(capsys):
+    with pytest.raises(SystemExit, match="gorgon generate: error: the prompt has"):
+        generate_main(["--prompt", "x " * 5000, "--max-tokens", "4"])
+    assert capsys.readouterr().out == ""
+
+
 def test_bench_keeps_batch_size_requests_in_flight_until_the_last_starts(tiny_model_dir):
     llm = LLM(tiny_model_dir, enable_prefix_caching=False)
     texts = ["def f(x):", "import os", "class A:", "for i in", "while True:", "x = [", "y = {"]
