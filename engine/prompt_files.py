@@ -6,6 +6,7 @@ chat model answers (chat_prompt_ids)."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 RECORD_SUFFIXES = (".jsonl", ".json")
@@ -18,7 +19,8 @@ def is_record_file(path: Path) -> bool:
 
 def read_prompt_records(path: Path) -> list[str | list[dict]]:
     """Each record's prompt: a string, or a chat's messages [{"role", "content"}, ...]. A record with none, or an
-    empty one, is a ValueError naming the file and the record."""
+    empty one, is a ValueError naming the file and the record; but ShareGPT conversations with no human turn before
+    the model's first answer (its dumps hold some, and empty ones) are skipped, with a warning that counts them."""
     text = path.read_text()
     if path.suffix == ".json":
         records = json.loads(text)
@@ -26,13 +28,21 @@ def read_prompt_records(path: Path) -> list[str | list[dict]]:
             raise ValueError(f"{path}: expected a JSON list of prompt records")
     else:
         records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    prompts = []
+    prompts, unasked = [], 0
     for n, record in enumerate(records, 1):
+        if isinstance(record, dict) and "messages" not in record and isinstance(record.get("conversations"), list):
+            turns = _sharegpt_prompt(record["conversations"])
+            unasked += turns is None
+            prompts += [turns] if turns is not None else []
+            continue
         prompt = _prompt_of(record)
         if not prompt or (isinstance(prompt, str) and not prompt.strip()):
             raise ValueError(f"{path}: record {n} holds no prompt: expected a string, or an object with 'messages', "
                              "'conversations', 'prompt' or 'text'")
         prompts.append(prompt)
+    if unasked:
+        warnings.warn(f"{path}: skipped {unasked} ShareGPT conversations with no human turn before the model's "
+                      "first answer", stacklevel=2)
     return prompts
 
 
@@ -43,16 +53,19 @@ def _prompt_of(record: object) -> str | list[dict] | None:
         return None
     if isinstance(record.get("messages"), list):
         return record["messages"]
-    if isinstance(record.get("conversations"), list):
-        turns = []
-        for turn in record["conversations"]:
-            role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
-            if role is None:  # the model's first answer, or a turn of no known role
-                break
-            turns.append({"role": role, "content": turn.get("value", "")})
-        return turns if any(t["role"] == "user" for t in turns) else None
     prompt = record.get("prompt", record.get("text"))
     return prompt if isinstance(prompt, str) else None
+
+
+def _sharegpt_prompt(conversation: list) -> list[dict] | None:
+    """A ShareGPT conversation's turns before the model's first answer, as messages; None without a human one."""
+    turns = []
+    for turn in conversation:
+        role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get("value"), str):  # the model's first answer, or no known turn
+            break
+        turns.append({"role": role, "content": turn["value"]})
+    return turns if any(t["role"] == "user" and t["content"].strip() for t in turns) else None
 
 
 def chat_prompt_ids(tokenizer, chat: str | list[dict]) -> list[int]:

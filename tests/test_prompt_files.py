@@ -30,8 +30,16 @@ def test_sharegpt_conversations_keep_the_turns_before_the_first_answer(tmp_path)
                                                        {"role": "user", "content": "why?"}]]
 
 
-@pytest.mark.parametrize("record", [{"prompt": " "}, {"completion": "x"}, [1, 2], 3,
-                                    {"conversations": [{"from": "gpt", "value": "unasked"}]}])
+def test_sharegpt_conversations_with_no_question_are_skipped_and_counted(tmp_path):
+    sharegpt = tmp_path / "sharegpt.json"  # as its dumps hold some: the model first, empty, a blank question
+    sharegpt.write_text(json.dumps([{"conversations": [{"from": "gpt", "value": "unasked"}]}, {"conversations": []},
+                                    {"conversations": [{"from": "human", "value": " "}]},
+                                    {"conversations": [{"from": "human", "value": "hi"}]}]))
+    with pytest.warns(UserWarning, match="skipped 3 ShareGPT conversations"):
+        assert read_prompt_records(sharegpt) == [USER_HI]
+
+
+@pytest.mark.parametrize("record", [{"prompt": " "}, {"completion": "x"}, [1, 2], 3, {"messages": "hi"}])
 def test_a_record_without_a_prompt_is_named(tmp_path, record):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps(record) + "\n")
