@@ -85,11 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_prompts(path: str | None, tokenizer) -> list[list[int]]:
-    """The benchmark's prompts as token ids: --prompts (see --help), each in the model's chat format where it has a
-    chat template (engine.prompt_files.chat_prompt_ids), else the built-in code prompts, continued as they are."""
+def load_prompts(path: str | None, tokenizer, limit: int | None = None) -> list[list[int]]:
+    """The benchmark's first `limit` prompts (None: all) as token ids: --prompts (see --help), each in the model's
+    chat format where it has a chat template (engine.prompt_files.chat_prompt_ids), else the built-in code prompts,
+    continued as they are."""
     if path is None:
-        return [tokenizer(p)["input_ids"] for p in PROMPTS]
+        return [tokenizer(p)["input_ids"] for p in PROMPTS[:limit]]
     file = Path(path)
     if is_record_file(file):
         chats = read_prompt_records(file)
@@ -97,7 +98,7 @@ def load_prompts(path: str | None, tokenizer) -> list[list[int]]:
         chats = [line for line in file.read_text().splitlines() if line.strip()]
     if not chats:
         raise ValueError(f"{file} holds no prompts")
-    return [chat_prompt_ids(tokenizer, c) for c in chats]
+    return [chat_prompt_ids(tokenizer, c) for c in chats[:limit]]
 
 
 SAMPLED_TEMPERATURE = 0.7
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         engine_kwargs = dict(medusa=str(medusa), enable_prefix_caching=False, medusa_ngram_tokens=args.ngram_tokens,
                              device=args.device)
         llm = LLM(model, medusa_tree=args.tree, **engine_kwargs)
-        prompts = load_prompts(args.prompts, llm.tokenizer)[:args.num_prompts]
+        prompts = load_prompts(args.prompts, llm.tokenizer, args.num_prompts)
         gguf_file = find_gguf(model)
         if args.baseline and args.device != "cpu":
             raise ValueError("--baseline llama.cpp runs on the CPU")
