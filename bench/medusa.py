@@ -85,10 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_prompts(path: str | None, tokenizer, limit: int | None = None) -> list[list[int]]:
+def load_prompts(path: str | None, tokenizer, limit: int | None = None, max_len: int | None = None) -> list[list[int]]:
     """The benchmark's first `limit` prompts (None: all) as token ids: --prompts (see --help), each in the model's
     chat format where it has a chat template (engine.prompt_files.chat_prompt_ids), else the built-in code prompts,
-    continued as they are."""
+    continued as they are. Prompts longer than max_len tokens (the model's context less the answer's) are left out,
+    and counted, as vLLM's benchmarks leave them out."""
     if path is None:
         return [tokenizer(p)["input_ids"] for p in PROMPTS[:limit]]
     file = Path(path)
@@ -96,9 +97,21 @@ def load_prompts(path: str | None, tokenizer, limit: int | None = None) -> list[
         chats = read_prompt_records(file)
     else:
         chats = [line for line in file.read_text().splitlines() if line.strip()]
-    if not chats:
-        raise ValueError(f"{file} holds no prompts")
-    return [chat_prompt_ids(tokenizer, c) for c in chats[:limit]]
+    prompts, too_long = [], 0
+    for chat in chats:
+        if len(prompts) == limit:
+            break
+        ids = chat_prompt_ids(tokenizer, chat)
+        if max_len is not None and len(ids) > max_len:
+            too_long += 1
+        else:
+            prompts.append(ids)
+    if too_long:
+        print(f"{file}: left out {too_long} prompts longer than {max_len} tokens (the model's context less the "
+              "answer's tokens)")
+    if not prompts:
+        raise ValueError(f"{file} holds no prompts" + (f" of at most {max_len} tokens" if too_long else ""))
+    return prompts
 
 
 SAMPLED_TEMPERATURE = 0.7
@@ -254,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         engine_kwargs = dict(medusa=str(medusa), enable_prefix_caching=False, medusa_ngram_tokens=args.ngram_tokens,
                              device=args.device)
         llm = LLM(model, medusa_tree=args.tree, **engine_kwargs)
-        prompts = load_prompts(args.prompts, llm.tokenizer, args.num_prompts)
+        prompts = load_prompts(args.prompts, llm.tokenizer, args.num_prompts, llm.max_model_len - args.new_tokens)
         gguf_file = find_gguf(model)
         if args.baseline and args.device != "cpu":
             raise ValueError("--baseline llama.cpp runs on the CPU")

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # no prefix cache: every arm prefills its prompt alike, so that greedy tokens can be compared exactly
         llm = LLM(model, medusa=args.medusa, enable_prefix_caching=False)
-        questions = load_prompts(args.prompts, llm.tokenizer, args.num_prompts)
+        questions = load_prompts(args.prompts, llm.tokenizer, args.num_prompts, llm.max_model_len - args.max_tokens)
     except (ValueError, OSError) as e:
         raise SystemExit(f"gorgon bench prediction: error: {e}") from None
     requests = [("again", q, None) for q in questions]

@@ -541,10 +541,16 @@ def test_bench_prompt_files(chat_model_dir, tiny_model_dir, tmp_path):
     chat, plain = LLM(chat_model_dir).tokenizer, LLM(tiny_model_dir).tokenizer
     lines = tmp_path / "prompts.txt"
     lines.write_text("What is a list?\n\nWhat is a dict?\n")
-    def texts(path, tokenizer):
-        return [tokenizer.decode(ids) for ids in load_prompts(str(path), tokenizer)]
+    def texts(path, tokenizer, max_len=None):
+        return [tokenizer.decode(ids) for ids in load_prompts(str(path), tokenizer, max_len=max_len)]
 
     assert texts(lines, plain) == ["What is a list?", "What is a dict?"]
+    assert [len(p) for p in load_prompts(str(lines), plain, limit=1)] == [15]  # the byte tokenizer: a token a byte
+    short_and_long = tmp_path / "mixed.txt"
+    short_and_long.write_text("What is a dict?\nHi\n")
+    assert texts(short_and_long, plain, max_len=10) == ["Hi"]  # the longer one left out
+    with pytest.raises(ValueError, match="holds no prompts of at most 1 tokens"):
+        texts(short_and_long, plain, max_len=1)
     assert texts(lines, chat) == ["user: What is a list?\nassistant: ", "user: What is a dict?\nassistant: "]
     records = tmp_path / "prompts.jsonl"
     records.write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps(
