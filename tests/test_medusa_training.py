@@ -528,11 +528,11 @@ def test_train_medusa_refuses_bad_arguments_before_any_work(tiny_model_dir, tmp_
 
 
 def test_a_chat_model_answers_prompt_and_chat_records(chat_model_dir, tmp_path):
-    records = tmp_path / "prompts.jsonl"  # a bare prompt becomes a user's message
-    records.write_text(json.dumps({"prompt": "What is a list?"}) + "\n"
+    records = tmp_path / "prompts.jsonl"  # a bare prompt becomes a user's message; one beyond the context is left out
+    records.write_text(json.dumps({"prompt": "What is a list?"}) + "\n" + json.dumps({"prompt": "x" * 4000}) + "\n"
                        + json.dumps({"messages": [{"role": "user", "content": "What is a dict?"}]}) + "\n")
     train_main(["--model", str(chat_model_dir), "--out", str(tmp_path / "heads"), "--prompts", str(records),
-                "--samples", "2", "--heads", "2", "--steps", "1", "--seq-len", "32", "--no-tree"])
+                "--samples", "3", "--heads", "2", "--steps", "1", "--seq-len", "32", "--no-tree"])
     report = json.loads((tmp_path / "heads" / "training.json").read_text())
     assert report["data"].startswith(f"self-distillation (answers to 2 prompts in {records}")
 

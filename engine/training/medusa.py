@@ -459,8 +459,14 @@ def self_written_prompts(llm: LLM, num_prompts: int, seed: int, max_tokens: int 
 def chat_distill(llm: LLM, prompts: list[list[dict]], max_tokens: int, temperature: float,
                  seed: int) -> tuple[list[list[int]], list[int], list[torch.Tensor]]:
     """The model's answers to chat prompts (its own template), up to its end of turn or max_tokens:
-    (prompt + answer token ids of each, where each answer starts, the hidden states that sampled its tokens)."""
+    (prompt + answer token ids of each, where each answer starts, the hidden states that sampled its tokens).
+    A prompt that leaves no room for max_tokens in the writer's context is left out (counted)."""
     starts = [chat_prompt_ids(llm.tokenizer, messages) for messages in prompts]
+    fitting = [p for p in starts if len(p) + max_tokens <= llm.max_model_len]
+    if len(fitting) < len(starts):
+        tqdm.write(f"left out {len(starts) - len(fitting)} prompts too long for {max_tokens} answer tokens in a "
+                   f"context of {llm.max_model_len}")
+    starts = fitting
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i, return_hidden_states=True)
               for i in range(len(starts))]
     outputs = llm.generate(starts, params, use_tqdm=True)
