@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# a config.json without `architectures` names its class by model_type, as transformers' Auto classes read it
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # freq_factors: not an HF type; a GGUF file's per-frequency divisors (its rope_freqs tensor) as read by models.gguf
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "freq_factors")
 
@@ -70,9 +72,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
         architectures = d.get("architectures") or []
-        if not architectures:
-            raise ValueError("config.json has no 'architectures' entry; cannot tell which model class to build")
-        arch = architectures[0]
+        if not architectures and d.get("model_type") not in MODEL_TYPES:
+            raise ValueError("config.json has neither an 'architectures' entry nor a known 'model_type' "
+                             f"({', '.join(MODEL_TYPES)}); cannot tell which model class to build")
+        arch = architectures[0] if architectures else MODEL_TYPES[d["model_type"]]
         num_heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // num_heads
         eos = d.get("eos_token_id")

@@ -85,6 +85,21 @@ def test_unknown_architecture_is_named(tmp_path):
         load_model(folder, torch.float32, "cpu")
 
 
+def test_a_config_without_architectures_is_read_by_its_model_type(tmp_path):
+    folder = save_tiny_model(tmp_path)
+    tokens = torch.arange(3, 13)[None]
+    with torch.no_grad():
+        expected = load_model(folder, torch.float32, "cpu")(tokens[0], torch.arange(10))
+    config = json.loads((folder / "config.json").read_text())
+    del config["architectures"]  # as a hand-written config may leave it out: transformers reads model_type
+    (folder / "config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        assert torch.equal(load_model(folder, torch.float32, "cpu")(tokens[0], torch.arange(10)), expected)
+    (folder / "config.json").write_text(json.dumps(config | {"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="neither an 'architectures' entry nor a known 'model_type'"):
+        load_model(folder, torch.float32, "cpu")
+
+
 def test_folder_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(tmp_path, torch.float32, "cpu")
