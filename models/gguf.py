@@ -107,6 +107,11 @@ def _field(reader: GGUFReader, key: str, default: object = None) -> object:
 
 def read_config(reader: GGUFReader) -> dict:
     """Llama or Qwen2 metadata -> an HF config.json dict."""
+    parts = _field(reader, "split.count", 1)
+    if parts > 1:  # (llama.cpp's gguf-split; the first part holds the metadata, the others tensors alone)
+        raise GGUFError(f"this GGUF is part {_field(reader, 'split.no', 0) + 1} of a model split into {parts} files, "
+                        "which gorgon does not read: merge them into one with llama.cpp's "
+                        "`llama-gguf-split --merge FIRST_PART.gguf MODEL.gguf`")
     arch = _field(reader, "general.architecture")
     if arch not in HF_ARCHITECTURES:
         raise GGUFError(f"unsupported GGUF architecture {arch!r}; gorgon reads {', '.join(HF_ARCHITECTURES)}")

@@ -318,13 +318,15 @@ def test_unsupported_architecture_names_it(tmp_path, tiny_hf):
 
 
 def test_a_gguf_that_is_no_model_is_a_clear_error(tmp_path):
-    """A vocabulary alone, a LoRA adapter or a mixture of experts: a GGUFError that says which, not a traceback."""
+    """A vocabulary alone, a LoRA adapter, a mixture of experts or a part of a split model: a GGUFError that says
+    which, not a traceback."""
     vocabulary = write_vocabulary(tmp_path / "vocab.gguf", "gpt2", ["a", "b"], [1, 1])
     with pytest.raises(GGUFError, match="no token_embd.weight"):
         read_gguf(vocabulary)
-    for key, value, message in (("general.type", "adapter", "LoRA adapter"), ("llama.expert_count", 8, "experts")):
+    for key, value, message in (("general.type", "adapter", "LoRA adapter"), ("llama.expert_count", 8, "experts"),
+                                ("split.count", 3, "part 1 of a model split into 3 files")):
         writer = GGUFWriter(str(tmp_path / "other.gguf"), "llama")
-        writer.add_key_value(key, value, GGUFValueType.STRING if isinstance(value, str) else GGUFValueType.UINT32)
+        writer.add_key_value(key, value, GGUFValueType.STRING if isinstance(value, str) else GGUFValueType.UINT16)
         writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
