@@ -138,6 +138,7 @@ class EngineConfig:
     max_adapters: int = 8  # loaded adapters (LoRA slots); loading one more evicts the least recently used idle one
     max_lora_rank: int = 16
     tokenizer: str | None = None  # a folder to take the tokenizer from; None: the model's folder
+    chat_template: str | None = None  # a Jinja chat template in place of the tokenizer's own (vLLM's --chat-template)
     skip_tokenizer_init: bool = False  # no tokenizer: token-id prompts only, outputs carry token ids and no text
     # Medusa heads folder (published format); "auto": the model's own; "lookup": no heads, prompt-lookup drafts
     # alone (medusa_ngram_tokens); "prediction": no heads, drafts only from requests' predicted outputs

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from jinja2 import TemplateError
 from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
@@ -87,6 +88,8 @@ class LLM:
         model_config = self.model.config
         self.tokenizer = None if self.config.skip_tokenizer_init else self._load_tokenizer(
             Path(self.config.tokenizer) if self.config.tokenizer else path)
+        if self.config.chat_template is not None:
+            self._set_chat_template(self.config.chat_template)
         self.eos_token_ids = self._eos_token_ids(path, model_config.eos_token_ids)
         self.max_model_len = min(self.config.max_model_len or model_config.max_model_len, model_config.max_model_len)
 
@@ -157,6 +160,18 @@ class LLM:
                 f"{path} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there. Take one from another "
                 "folder (tokenizer=...), or run without one (skip_tokenizer_init=True: token-id prompts only)")
         return AutoTokenizer.from_pretrained(path)
+
+    def _set_chat_template(self, template: str) -> None:
+        """The tokenizer's chat template replaced, once it renders a user's message (a broken template is the
+        caller's error at load, not every chat request's later)."""
+        if self.tokenizer is None:
+            raise ValueError("a chat template needs a tokenizer (skip_tokenizer_init leaves it out)")
+        self.tokenizer.chat_template = template
+        try:
+            self.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                               add_generation_prompt=True)
+        except TemplateError as e:
+            raise ValueError(f"the chat template does not render a user's message: {e}") from None
 
     @staticmethod
     def _eos_token_ids(path: Path, from_config: list[int]) -> set[int]:

@@ -17,10 +17,12 @@ from server.app import ServerConfig, create_app
 from server.async_engine import in_passing_thread
 from server.flags import (
     add_batch_invariant_flag,
+    add_chat_template_flag,
     add_device_flags,
     add_dtype_flags,
     add_medusa_flags,
     add_tensor_parallel_flag,
+    chat_template,
     medusa_options,
 )
 
@@ -96,6 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
     add_medusa_flags(parser)
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
+    add_chat_template_flag(parser)
     parser.add_argument("--skip-tokenizer-init", action="store_true",
                         help="run without a tokenizer: token-id prompts only, answers carry token ids and no text")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
@@ -152,7 +155,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     optional = {"max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
                 "attention_backend": args.attention_backend, "num_kv_blocks": args.num_kv_blocks,
                 "kv_cache_memory": args.kv_cache_memory, "quantization": args.quantization,
-                "tokenizer": args.tokenizer}
+                "tokenizer": args.tokenizer, "chat_template": chat_template(args.chat_template)}
     if args.kv_cache_fraction is not None:
         optional["kv_cache_memory"] = int(args.kv_cache_fraction * available_memory(args.device))
     medusa = args.medusa

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_medusa_flags(parser: argparse.ArgumentParser) -> None:
@@ -54,3 +55,16 @@ def add_tensor_parallel_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                         help="split the model over N processes (README: Tensor parallelism): on one host they are "
                              "started here; across hosts, start each with torchrun and the same command line")
+
+
+def add_chat_template_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--chat-template", default=None,
+                        help="a Jinja chat template in place of the tokenizer's own: a file, or the template itself "
+                             "(as vLLM's flag)")
+
+
+def chat_template(value: str | None) -> str | None:
+    """--chat-template's template: the file it names, else the value itself."""
+    if value is not None and Path(value).is_file():
+        return Path(value).read_text()
+    return value

@@ -15,10 +15,12 @@ from engine.parallel import run_worker_if_launched
 from engine.prompt_files import chat_prompt_ids
 from server.flags import (
     add_batch_invariant_flag,
+    add_chat_template_flag,
     add_device_flags,
     add_dtype_flags,
     add_medusa_flags,
     add_tensor_parallel_flag,
+    chat_template,
     medusa_options,
 )
 
@@ -50,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
     add_medusa_flags(parser)
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
+    add_chat_template_flag(parser)
     add_batch_invariant_flag(parser)
     add_tensor_parallel_flag(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         engine_kwargs = dict(device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
                              medusa=medusa, medusa_tree=args.medusa_tree,
                              quantization=args.quantization, tokenizer=args.tokenizer,
+                             chat_template=chat_template(args.chat_template),
                              batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel_size,
                              cuda_graphs=not args.enforce_eager, **medusa_options(args))
         if run_worker_if_launched(EngineConfig(args.model, **engine_kwargs)):  # a torchrun rank above 0

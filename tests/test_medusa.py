@@ -823,6 +823,20 @@ def test_generate_command_chats_through_the_template(capsys, tiny_model_dir):
         generate_main([*args, "--model", str(tiny_model_dir)])
 
 
+def test_a_chat_template_given_replaces_the_tokenizers(capsys, tiny_model_dir):
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    llm = LLM(tiny_model_dir, chat_template=template)  # (its tokenizer has no template of its own)
+    assert chat_prompt_ids(llm.tokenizer, "hi") == llm.tokenizer("<user>hi<assistant>")["input_ids"]
+    generate_main(["--model", str(tiny_model_dir), "--chat", "--chat-template", template, "--prompt", "hi",
+                   "--max-tokens", "3", "--temperature", "0", "--ignore-eos", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["token_ids"] == llm.generate(chat_prompt_ids(llm.tokenizer, "hi"),
+                                            SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0].token_ids
+    for broken in ("{{ messages | no_such_filter }}", "{{ raise_exception('no system message') }}"):
+        with pytest.raises(ValueError, match="the chat template does not render a user's message"):
+            LLM(tiny_model_dir, chat_template=broken)
+
+
 def test_generate_command_refuses_a_prompt_too_long_before_printing_it(capsys):
     with pytest.raises(SystemExit, match="gorgon generate: error: the prompt has"):
         generate_main(["--prompt", "x " * 5000, "--max-tokens", "4"])

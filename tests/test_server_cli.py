@@ -54,6 +54,14 @@ def test_tokenizer_and_medusa_flags():
         EngineConfig(medusa_max_batch_size=0)
 
 
+def test_chat_template_flag_takes_a_file_or_the_template(tmp_path):
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(template)
+    assert engine_kwargs(parse_args(["--chat-template", str(tmp_path / "t.jinja")]))["chat_template"] == template
+    assert engine_kwargs(parse_args(["--chat-template", template]))["chat_template"] == template
+    assert "chat_template" not in engine_kwargs(parse_args([]))
+
+
 def test_enforce_eager_turns_the_cuda_graphs_off():
     assert engine_kwargs(parse_args(["--device", "cuda", "--enforce-eager"]))["cuda_graphs"] is False
 
