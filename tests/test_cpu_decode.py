@@ -264,3 +264,17 @@ def test_a_build_killed_midway_does_not_stall_the_next_load():
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert not (build_dir / "lock").exists()
+
+
+def test_two_environments_keep_separate_builds(monkeypatch):
+    """ninja rebuilds when a compile command changes, and the command names the environment's include folders:
+    a clean clone's venv sharing the working tree's build recompiled it, silently, on every alternate load."""
+    import sysconfig
+
+    from models.kernels import build_folder
+
+    here = build_folder("gorgon_cpu_decode", "decode.cpp")
+    assert build_folder("gorgon_cpu_decode", "decode.cpp") == here
+    paths = {**sysconfig.get_paths(), "include": "/elsewhere/include/python3.11"}
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: paths)
+    assert build_folder("gorgon_cpu_decode", "decode.cpp") != here

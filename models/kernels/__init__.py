@@ -1,10 +1,10 @@
 """Build gorgon's C++ CPU kernels with torch.utils.cpp_extension on first use, and cache the builds.
 
 Builds go to $GORGON_EXTENSIONS_DIR (default ~/.cache/gorgon/torch_extensions), in a folder named after
-the torch version, this CPU's instruction-set flags, the sources and the compiler flags: the kernels are
-compiled with -march=native, so a cache shared between different machines must never hand one machine's
-binary to another, and two checkouts of different sources (a clean clone beside a working tree) must not
-rebuild over each other's binary while the other runs.
+the torch version, this CPU's instruction-set flags, the sources, the compiler flags and the environment
+(torch's and Python's include folders): the kernels are compiled with -march=native, so a cache shared
+between different machines must never hand one machine's binary to another, and two checkouts or two
+environments (a clean clone and its venv beside a working tree) must not rebuild over each other's binary.
 
 GORGON_CPU_ISA=avx2 (or scalar) builds them as for a CPU without AVX-512 (x86-64-v3; baseline x86-64) and runs
 the quantized kernels' paths for it: how an AVX2-only machine runs, measured on a newer one.
@@ -18,6 +18,7 @@ import os
 import platform
 import shutil
 import sys
+import sysconfig
 from pathlib import Path
 from types import ModuleType
 
@@ -33,21 +34,38 @@ def cpu_fingerprint() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:12]
 
 
+def target_arch() -> str:
+    """GCC's -march for the builds: this CPU's, unless GORGON_CPU_ISA asks for an older one."""
+    return {"avx2": "x86-64-v3", "scalar": "x86-64"}.get(os.environ.get("GORGON_CPU_ISA", ""), "native")
+
+
+def compiler_flags() -> list[str]:
+    # -fno-trapping-math: without AVX-512's masks, GCC will not vectorise a loop whose float operations it
+    # must keep behind a branch (exp_nonpositive's clamp, after jump threading) lest they raise an exception
+    # nobody reads; every result stays bitwise the same (no reassociation, no change of rounding)
+    return ["-O3", f"-march={target_arch()}", "-fopenmp", "-fno-trapping-math"]
+
+
+def build_folder(name: str, source: str) -> Path:
+    """The folder of one source's build: one per torch, CPU, sources, flags and environment."""
+    root = Path(os.environ.get("GORGON_EXTENSIONS_DIR", Path.home() / ".cache" / "gorgon" / "torch_extensions"))
+    folder = Path(__file__).parent
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in [folder / source, *sorted(folder.glob("*.h"))]))
+    key.update(" ".join(compiler_flags()).encode())
+    # ninja rebuilds when a compile command changes, and the command names this torch's and this Python's
+    # include folders: two environments (a clean clone's venv beside a working tree's) sharing one build
+    # would each recompile it, silently, on every load after the other's
+    key.update(f"{Path(torch.__file__).parent}|{sysconfig.get_paths()['include']}".encode())
+    torch_version = torch.__version__.replace("+", "_")
+    return root / f"{name}-torch{torch_version}-{cpu_fingerprint()}-{target_arch()}-{key.hexdigest()[:12]}"
+
+
 def build(name: str, source: str, python_module: bool) -> ModuleType | None:
     """Compile (or load the cached build of) one C++ source of this folder. Raises whatever the build raises."""
     from torch.utils.cpp_extension import load
 
-    root = Path(os.environ.get("GORGON_EXTENSIONS_DIR", Path.home() / ".cache" / "gorgon" / "torch_extensions"))
     folder = Path(__file__).parent
-    sources = hashlib.sha256(b"".join(f.read_bytes() for f in [folder / source, *sorted(folder.glob("*.h"))]))
-    torch_version = torch.__version__.replace("+", "_")
-    march = {"avx2": "x86-64-v3", "scalar": "x86-64"}.get(os.environ.get("GORGON_CPU_ISA", ""), "native")
-    # -fno-trapping-math: without AVX-512's masks, GCC will not vectorise a loop whose float operations it
-    # must keep behind a branch (exp_nonpositive's clamp, after jump threading) lest they raise an exception
-    # nobody reads; every result stays bitwise the same (no reassociation, no change of rounding)
-    cflags = ["-O3", f"-march={march}", "-fopenmp", "-fno-trapping-math"]
-    sources.update(" ".join(cflags).encode())
-    build_dir = root / f"{name}-torch{torch_version}-{cpu_fingerprint()}-{march}-{sources.hexdigest()[:12]}"
+    build_dir = build_folder(name, source)
     build_dir.mkdir(parents=True, exist_ok=True)
     # torch marks a build in progress with a `lock` file, which a build killed midway (Ctrl-C during the
     # first run) leaves behind, and every later load then waits on forever. Our own lock is released by the
@@ -57,7 +75,7 @@ def build(name: str, source: str, python_module: bool) -> ModuleType | None:
         fcntl.flock(guard, fcntl.LOCK_EX)
         (build_dir / "lock").unlink(missing_ok=True)
         if not any(build_dir.glob("*.so")):
-            print(f"gorgon: compiling the {source} CPU kernels for this machine, once (about 30-60 s) ...",
+            print(f"gorgon: compiling the {source} CPU kernels for this machine, once (a minute or two) ...",
                   file=sys.stderr, flush=True)
         # compiled from a copy inside the build folder (named by its contents, so copied once: a newer copy would
         # be rebuilt): ninja rebuilds when a source's path changes, so two checkouts of the same sources (a clean
@@ -66,5 +84,5 @@ def build(name: str, source: str, python_module: bool) -> ModuleType | None:
             if not (build_dir / file.name).exists():
                 shutil.copyfile(file, build_dir / file.name)
         return load(name=name, sources=[str(build_dir / source)], build_directory=str(build_dir),
-                    is_python_module=python_module, extra_cflags=cflags,
+                    is_python_module=python_module, extra_cflags=compiler_flags(),
                     extra_ldflags=["-fopenmp"], verbose=False)
