@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from engine import LLM, EngineConfig, own_medusa_heads
+from engine import LLM, EngineConfig
 from engine.parallel import run_worker_if_launched
 from server.app import ServerConfig, create_app
 from server.async_engine import in_passing_thread
@@ -90,12 +90,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"the base model's id in the API (default: the folder's name, or {DEFAULT_MODEL_NAME})")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--medusa", default=None,
-                        help="Medusa heads folder (speculative decoding), 'auto' (the model's own), 'lookup' (no "
-                             "heads: prompt-lookup drafts alone, for any model), 'prediction' (drafts only from "
-                             "requests' predicted outputs) or 'none' (default: on the CPU, the model's own heads when "
-                             "it has some, as the shipped model does, else 'prediction'; elsewhere none)")
-    parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
     add_medusa_flags(parser)
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
     add_chat_template_flag(parser)
@@ -158,14 +152,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 "tokenizer": args.tokenizer, "chat_template": chat_template(args.chat_template)}
     if args.kv_cache_fraction is not None:
         optional["kv_cache_memory"] = int(args.kv_cache_fraction * available_memory(args.device))
-    medusa = args.medusa
-    # the model's own heads by default on the CPU, else drafts from predicted outputs alone (which leave requests
-    # without one as they were); on CUDA plain decode steps replay graphs and tree steps run eagerly, so
-    # speculating there is slower (an H200, the shipped model: 0.51x at batch 1)
-    if medusa is None and args.device == "cpu":
-        medusa = "auto" if own_medusa_heads(args.model).is_dir() else "prediction"
-    if medusa not in (None, "none"):
-        optional |= {"medusa": medusa, "medusa_tree": args.medusa_tree, **medusa_options(args)}
+    optional |= medusa_options(args)
     return kwargs | {name: value for name, value in optional.items() if value is not None}
 
 

@@ -4,8 +4,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from engine import own_medusa_heads
+
 
 def add_medusa_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--medusa", default=None,
+                        help="Medusa heads folder (speculative decoding), 'auto' (the model's own), 'lookup' (no "
+                             "heads: prompt-lookup drafts alone, for any model), 'prediction' (drafts only from "
+                             "requests' predicted outputs) or 'none' (default: on the CPU, the model's own heads when "
+                             "it has some, as the shipped model does, else 'prediction'; elsewhere none)")
+    parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
     parser.add_argument("--medusa-max-batch-size", type=int, default=None, metavar="N",
                         help="speculate only while at most N sequences decode together, plain decoding above (default: "
                              "the limit train-medusa measured for the heads' tree, else none)")
@@ -22,8 +30,17 @@ def add_medusa_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def medusa_options(args: argparse.Namespace) -> dict:
-    """EngineConfig's Medusa fields from add_medusa_flags' flags (left out: the defaults)."""
-    fields = {"medusa_max_batch_size": args.medusa_max_batch_size, "medusa_acceptance": args.medusa_acceptance,
+    """EngineConfig's Medusa fields from add_medusa_flags' flags (left out: the defaults; none with --medusa none)."""
+    medusa = args.medusa
+    # the model's own heads by default on the CPU, else drafts from predicted outputs alone (which leave requests
+    # without one as they were); on CUDA plain decode steps replay graphs and tree steps run eagerly, so
+    # speculating there is slower (an H200, the shipped model: 0.51x at batch 1)
+    if medusa is None and args.device == "cpu":
+        medusa = "auto" if own_medusa_heads(args.model).is_dir() else "prediction"
+    if medusa in (None, "none"):
+        return {}
+    fields = {"medusa": medusa, "medusa_tree": args.medusa_tree, "medusa_max_batch_size": args.medusa_max_batch_size,
+              "medusa_acceptance": args.medusa_acceptance,
               "medusa_posterior_threshold": args.medusa_posterior_threshold,
               "medusa_posterior_alpha": args.medusa_posterior_alpha, "medusa_ngram_tokens": args.medusa_ngram_tokens}
     return {name: value for name, value in fields.items() if value is not None}

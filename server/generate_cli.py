@@ -44,12 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--prediction", default=None,
                         help="the output predicted (OpenAI's predicted outputs), or @FILE: drafted where the output "
-                             "follows it, verified like any draft (without --medusa: --medusa prediction)")
+                             "follows it, verified like any draft (by the default --medusa, or any but none)")
     add_device_flags(parser)
     add_dtype_flags(parser)
-    parser.add_argument("--medusa", default=None,
-                        help="Medusa heads folder: speculate with them ('lookup': prompt-lookup drafts alone)")
-    parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
     add_medusa_flags(parser)
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
     add_chat_template_flag(parser)
@@ -65,9 +62,9 @@ def main(argv: list[str] | None = None) -> None:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
         prediction = read_prediction(args.prediction)
-        medusa = PREDICTION_ONLY if prediction is not None and args.medusa is None else args.medusa
+        if prediction is not None and args.medusa is None and args.device != "cpu":
+            args.medusa = PREDICTION_ONLY  # drafting is off by default there; a prediction asks for it
         engine_kwargs = dict(device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
-                             medusa=medusa, medusa_tree=args.medusa_tree,
                              quantization=args.quantization, tokenizer=args.tokenizer,
                              chat_template=chat_template(args.chat_template),
                              batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel_size,

@@ -798,13 +798,14 @@ def test_generate_command_reports_accepted_lengths(capsys):
 
 def test_generate_command_drafts_a_prediction(capsys, tmp_path):
     args = ["--prompt", "def fibonacci(n):", "--temperature", "0", "--max-tokens", "32", "--json"]
-    generate_main(args)
+    generate_main([*args, "--medusa", "none"])
     plain = json.loads(capsys.readouterr().out)
     (tmp_path / "answer.txt").write_text(plain["text"])
-    generate_main([*args, "--prediction", f"@{tmp_path / 'answer.txt'}"])  # (--medusa prediction, implied)
-    predicted = json.loads(capsys.readouterr().out)
-    assert predicted["token_ids"] == plain["token_ids"] and plain["accepted_lengths"] == []
-    assert max(predicted["accepted_lengths"]) >= 4  # chains drafted from the prediction, accepted
+    for medusa in ([], ["--medusa", "prediction"]):  # the default: the model's own heads, which draft it as well
+        generate_main([*args, *medusa, "--prediction", f"@{tmp_path / 'answer.txt'}"])
+        predicted = json.loads(capsys.readouterr().out)
+        assert predicted["token_ids"] == plain["token_ids"] and plain["accepted_lengths"] == []
+        assert max(predicted["accepted_lengths"]) >= 4  # chains drafted from the prediction, accepted
     with pytest.raises(SystemExit, match="gorgon generate: error: .*missing.txt"):
         generate_main([*args, "--prediction", f"@{tmp_path / 'missing.txt'}"])
 

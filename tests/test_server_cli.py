@@ -87,6 +87,16 @@ def test_serve_speculates_with_the_models_own_heads_or_predicted_outputs_by_defa
     assert engine_kwargs(parse_args(["--device", "cuda", "--medusa", "auto"]))["medusa"] == "auto"
 
 
+def test_generate_speculates_as_serve_does():
+    """`gorgon generate --medusa none` was refused ("none is not a Medusa heads folder"), and its default was none."""
+    from server.flags import medusa_options
+    from server.generate_cli import parse_args as generate_args
+
+    for argv in ([], ["--medusa", "none"], ["--medusa", "lookup", "--medusa-ngram-tokens", "3"], ["--device", "cuda"]):
+        assert medusa_options(generate_args(argv)) == {name: value for name, value in engine_kwargs(parse_args(argv))
+                                                       .items() if name.startswith("medusa")}
+
+
 def test_kv_cache_fraction_of_available_memory(monkeypatch):
     monkeypatch.setattr("server.__main__.available_memory", lambda device: 8 << 30)
     assert engine_kwargs(parse_args(["--kv-cache-fraction", "0.25"]))["kv_cache_memory"] == 2 << 30
