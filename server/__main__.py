@@ -24,6 +24,8 @@ from server.flags import (
     add_tensor_parallel_flag,
     chat_template,
     medusa_options,
+    positive_int,
+    set_threads,
 )
 
 DEFAULT_MODEL_NAME = "gorgon-default"
@@ -47,13 +49,6 @@ def fraction(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"a fraction is in (0, 1], got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
     return value
 
 
@@ -104,8 +99,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"(default: ${API_KEY_ENV}, if set)")
     add_device_flags(parser)
     add_dtype_flags(parser)
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: torch's); N tensor-parallel ranks on this host take 1/N each")
     add_tensor_parallel_flag(parser)
     engine = parser.add_argument_group("engine")
     engine.add_argument("--max-num-seqs", type=positive_int, default=64, help="requests decoded together")
@@ -172,8 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         if not sep or not name or not folder:
             sys.exit(f"gorgon serve: error: --adapter takes NAME=DIR, got {spec!r}")
         adapters[name] = folder
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     try:
         kwargs = engine_kwargs(args)
         if run_worker_if_launched(EngineConfig(args.model, **kwargs)):  # a torchrun rank above 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from engine import own_medusa_heads
 
 
@@ -46,10 +48,24 @@ def medusa_options(args: argparse.Namespace) -> dict:
     return {name: value for name, value in fields.items() if value is not None}
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
 def add_device_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's); N tensor-parallel ranks on this host take 1/N each")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="on CUDA, run every step eagerly (default: decode steps replay captured CUDA graphs)")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def add_dtype_flags(parser: argparse.ArgumentParser) -> None:
