@@ -140,6 +140,10 @@ class EngineConfig:
     tokenizer: str | None = None  # a folder to take the tokenizer from; None: the model's folder
     chat_template: str | None = None  # a Jinja chat template in place of the tokenizer's own (vLLM's --chat-template)
     skip_tokenizer_init: bool = False  # no tokenizer: token-id prompts only, outputs carry token ids and no text
+    # "auto": a request without sampling parameters (the HTTP API: a field left out) takes the ones the model
+    # recommends (models.loader.recommended_sampling: generation_config.json, a GGUF's general.sampling.*), as vLLM
+    # and llama.cpp do; "none": SamplingParams' own defaults
+    generation_config: str = "auto"
     # Medusa heads folder (published format); "auto": the model's own; "lookup": no heads, prompt-lookup drafts
     # alone (medusa_ngram_tokens); "prediction": no heads, drafts only from requests' predicted outputs
     # (SamplingParams.prediction); None: no speculation
@@ -188,6 +192,8 @@ class EngineConfig:
             raise ValueError(f"medusa_ngram_tokens must be >= 0, got {self.medusa_ngram_tokens}")
         if self.medusa_posterior_threshold < 0 or self.medusa_posterior_alpha < 0:
             raise ValueError("medusa_posterior_threshold and medusa_posterior_alpha must be >= 0")
+        if self.generation_config not in ("auto", "none"):
+            raise ValueError(f"generation_config must be 'auto' or 'none', got {self.generation_config!r}")
         if self.medusa_acceptance not in ("rejection", "typical"):
             raise ValueError(f"medusa_acceptance must be 'rejection' or 'typical', got {self.medusa_acceptance!r}")
 

@@ -30,7 +30,7 @@ from engine.sequence import Sequence
 from engine.structured import Grammars, advance
 from models.gguf import find_gguf, load_tokenizer
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
-from models.loader import load_model
+from models.loader import load_model, recommended_sampling
 from models.named import medusa_heads_for
 
 
@@ -91,6 +91,12 @@ class LLM:
         if self.config.chat_template is not None:
             self._set_chat_template(self.config.chat_template)
         self.eos_token_ids = self._eos_token_ids(path, model_config.eos_token_ids)
+        self.sampling_defaults = recommended_sampling(path) if self.config.generation_config == "auto" else {}
+        try:
+            self.default_sampling_params()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the model's recommended sampling {self.sampling_defaults} is not valid ({e}); "
+                             "generation_config='none' leaves it out") from None
         self.max_model_len = min(self.config.max_model_len or model_config.max_model_len, model_config.max_model_len)
 
         kv_dtype = self.config.kv_cache_torch_dtype
@@ -173,6 +179,11 @@ class LLM:
         except TemplateError as e:
             raise ValueError(f"the chat template does not render a user's message: {e}") from None
 
+    def default_sampling_params(self) -> SamplingParams:
+        """A request's sampling when it gives none: SamplingParams' defaults, but for the parameters the model
+        recommends (sampling_defaults: models.loader.recommended_sampling)."""
+        return SamplingParams(**self.sampling_defaults)
+
     @staticmethod
     def _eos_token_ids(path: Path, from_config: list[int]) -> set[int]:
         eos = set(from_config)
@@ -185,7 +196,7 @@ class LLM:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None) -> str:
         """Queue a request; `adapter` names a loaded adapter (None: the base model)."""
-        params = params or SamplingParams()
+        params = params or self.default_sampling_params()
         if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
             raise ValueError("this engine has no tokenizer (skip_tokenizer_init): prompts must be token ids, "
                              "and stop strings cannot be matched (use stop_token_ids)")
@@ -405,7 +416,7 @@ class LLM:
         one adapter name for all prompts, or one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        params_list = params if isinstance(params, list) else [params or self.default_sampling_params()] * len(prompts)
         adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
         if len(params_list) != len(prompts) or len(adapters) != len(prompts):
             raise ValueError("give one SamplingParams (and adapter), or one per prompt")

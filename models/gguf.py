@@ -105,6 +105,17 @@ def _field(reader: GGUFReader, key: str, default: object = None) -> object:
     return default if field is None else field.contents()
 
 
+# the sampling llama.cpp's converter copies from a checkpoint's generation_config.json -> SamplingParams' names
+RECOMMENDED_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
+                        "general.sampling.top_p": "top_p", "general.sampling.min_p": "min_p",
+                        "general.sampling.penalty_repeat": "repetition_penalty"}
+
+
+def recommended_sampling(reader: GGUFReader) -> dict[str, float | int]:
+    """The sampling parameters the file recommends (llama.cpp's general.sampling.* keys) that it states."""
+    return {name: _field(reader, key) for key, name in RECOMMENDED_SAMPLING.items() if key in reader.fields}
+
+
 def read_config(reader: GGUFReader) -> dict:
     """Llama or Qwen2 metadata -> an HF config.json dict."""
     parts = _field(reader, "split.count", 1)

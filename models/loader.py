@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from models import model_class
 from models.config import ModelConfig
-from models.gguf import find_gguf, float_weights_are_bf16, read_gguf
+from models.gguf import find_gguf, float_weights_are_bf16, open_gguf, read_gguf
+from models.gguf import recommended_sampling as gguf_recommended_sampling
 from models.layers import PackedLinear
 from models.quant import (
     LOAD_TIME_QUANTIZATIONS,
@@ -51,6 +52,27 @@ def safetensors_files(folder: Path) -> list[Path]:
             "once with transformers: "
             "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
     raise CheckpointError(f"{folder} has no *.safetensors weights")
+
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def recommended_sampling(path: str | Path) -> dict[str, float | int]:
+    """The sampling parameters a checkpoint's authors recommend, where it states them: a GGUF file's
+    general.sampling.* keys, or what generation_config.json sets (as vLLM's --generation-config auto reads
+    it). Requests that leave a parameter out take its value from here."""
+    path = Path(path)
+    if (gguf := find_gguf(path)) is not None:
+        recommended = gguf_recommended_sampling(open_gguf(gguf))
+    elif (path / "generation_config.json").is_file():
+        # read as JSON: GenerationConfig warns at every load of a file that sets them without do_sample
+        config = json.loads((path / "generation_config.json").read_text())
+        recommended = {name: config[name] for name in SAMPLING_FIELDS if config.get(name) is not None}
+    else:
+        return {}
+    if "top_k" in recommended:  # (-1 is vLLM's "off", 0 transformers' and ours)
+        recommended["top_k"] = max(int(recommended["top_k"]), 0)
+    return recommended
 
 
 def default_dtype(path: str | Path, device: str) -> str:

@@ -20,6 +20,7 @@ from server.flags import (
     add_chat_template_flag,
     add_device_flags,
     add_dtype_flags,
+    add_generation_config_flag,
     add_medusa_flags,
     add_tensor_parallel_flag,
     chat_template,
@@ -88,6 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_medusa_flags(parser)
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
     add_chat_template_flag(parser)
+    add_generation_config_flag(parser)
     parser.add_argument("--skip-tokenizer-init", action="store_true",
                         help="run without a tokenizer: token-id prompts only, answers carry token ids and no text")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
@@ -138,7 +140,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
               "max_model_len": args.max_model_len, "adapter_root": args.adapter_root,
               "enable_prefix_caching": not args.no_prefix_caching, "skip_tokenizer_init": args.skip_tokenizer_init,
               "batch_invariant": args.batch_invariant, "tensor_parallel_size": args.tensor_parallel_size,
-              "cuda_graphs": not args.enforce_eager}
+              "cuda_graphs": not args.enforce_eager, "generation_config": args.generation_config}
     optional = {"max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
                 "attention_backend": args.attention_backend, "num_kv_blocks": args.num_kv_blocks,
                 "kv_cache_memory": args.kv_cache_memory, "quantization": args.quantization,
@@ -173,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
         llm = in_passing_thread(load_engine, args.model, kwargs, adapters)
     except (ValueError, OSError) as e:
         sys.exit(f"gorgon serve: error: {e}")
+    if llm.sampling_defaults:  # (as vLLM says so: a request's defaults differ from the API's)
+        logging.getLogger("gorgon").warning("requests that leave them out sample with the model's recommended %s "
+                                            "(--generation-config none: the API's defaults)", llm.sampling_defaults)
     model_name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)
     # a path is reported resolved; a named model (smollm2) or the default by its name
     model_root = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else (

@@ -90,6 +90,13 @@ def add_tensor_parallel_flag(parser: argparse.ArgumentParser) -> None:
                              "started here; across hosts, start each with torchrun and the same command line")
 
 
+def add_generation_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--generation-config", default="auto", choices=["auto", "none"],
+                        help="auto: sampling parameters a request leaves out take the values the model recommends "
+                             "(its generation_config.json, or a GGUF's general.sampling.* keys), as vLLM and "
+                             "llama.cpp take them; none: the API's own defaults (temperature 1, no filters)")
+
+
 def add_chat_template_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template in place of the tokenizer's own: a file, or the template itself "

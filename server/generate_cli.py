@@ -13,17 +13,22 @@ from engine import LLM, EngineConfig, SamplingParams
 from engine.medusa.speculator import PREDICTION_ONLY
 from engine.parallel import run_worker_if_launched
 from engine.prompt_files import chat_prompt_ids
+from models.loader import SAMPLING_FIELDS
 from server.flags import (
     add_batch_invariant_flag,
     add_chat_template_flag,
     add_device_flags,
     add_dtype_flags,
+    add_generation_config_flag,
     add_medusa_flags,
     add_tensor_parallel_flag,
     chat_template,
     medusa_options,
     set_threads,
 )
+
+# the sampling of a model that recommends none: gentler than the API's temperature 1
+CLI_SAMPLING = {"temperature": 0.6, "top_k": 40}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,9 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="answer the prompt as a user's message, through the model's chat template (the answer "
                              "ends at the model's end of turn)")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=40, help="0 = no top-k filter")
+    # left out: the model's recommended value (--generation-config), else CLI_SAMPLING's
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's, else 0.6)")
+    parser.add_argument("--top-p", type=float, default=None, help="(default: the model's, else 1: off)")
+    parser.add_argument("--top-k", type=int, default=None, help="0 = no top-k filter (default: the model's, else 40)")
+    parser.add_argument("--min-p", type=float, default=None, help="(default: the model's, else 0: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="(default: the model's, else 1: off)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
@@ -51,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_medusa_flags(parser)
     parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
     add_chat_template_flag(parser)
+    add_generation_config_flag(parser)
     add_batch_invariant_flag(parser)
     add_tensor_parallel_flag(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -61,8 +70,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_threads(args)
     try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
         prediction = read_prediction(args.prediction)
         if prediction is not None and args.medusa is None and args.device != "cpu":
             args.medusa = PREDICTION_ONLY  # drafting is off by default there; a prediction asks for it
@@ -70,10 +77,14 @@ def main(argv: list[str] | None = None) -> None:
                              quantization=args.quantization, tokenizer=args.tokenizer,
                              chat_template=chat_template(args.chat_template),
                              batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel_size,
-                             cuda_graphs=not args.enforce_eager, **medusa_options(args))
+                             cuda_graphs=not args.enforce_eager, generation_config=args.generation_config,
+                             **medusa_options(args))
         if run_worker_if_launched(EngineConfig(args.model, **engine_kwargs)):  # a torchrun rank above 0
             return
         with LLM(args.model, **engine_kwargs) as llm:
+            given = {name: getattr(args, name) for name in SAMPLING_FIELDS if getattr(args, name) is not None}
+            params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
+                                    ignore_eos=args.ignore_eos, **CLI_SAMPLING | llm.sampling_defaults | given)
             if prediction is not None:
                 params = replace(params, prediction=llm.tokenizer(prediction, add_special_tokens=False)["input_ids"])
             generate(llm, args, params)

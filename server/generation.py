@@ -64,7 +64,8 @@ async def start(state: ServerState, req: SamplingRequest, prompts: list[list[int
     adapter = state.resolve_adapter(req.model)
     context = state.context_length(adapter)
     vocab_size = len(state.tokenizer) if state.tokenizer is not None else None  # None: the engine checks ids
-    choices = [(ids, sampling_params(req, len(ids), context, vocab_size, choice=i, prediction=prediction))
+    choices = [(ids, sampling_params(req, len(ids), context, vocab_size, state.llm.sampling_defaults, choice=i,
+                                           prediction=prediction))
                for ids in prompts for i in range(req.n)]
     model_name = req.model or state.config.model_name
     streams: list[RequestStream] = []

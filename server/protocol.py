@@ -726,8 +726,9 @@ class ResponsesRequest(RequestBody):
             else:
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
         body: dict[str, Any] = {"messages": messages, "model": self.model, "max_tokens": self.max_output_tokens,
-                                "temperature": self.temperature, "top_p": self.top_p,
                                 "parallel_tool_calls": self.parallel_tool_calls}
+        # left out where the request leaves them out: the model's recommended values apply then
+        body |= {name: getattr(self, name) for name in ("temperature", "top_p") if name in self.model_fields_set}
         if self.tools:
             body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                              for t in self.tools]

@@ -31,6 +31,7 @@ from server.protocol import (
     ResponseUsage,
     random_id,
 )
+from server.sampling import chosen_sampling
 from server.state import State
 from server.tools import read_answer, response_text
 
@@ -48,7 +49,8 @@ async def responses(req: ResponsesRequest, request: Request, state: State) -> Re
         streams = await start(state, chat, [prompt_ids])
     except APIError as e:
         raise renamed(e) from None
-    answer = Answer(req, chat.model or state.config.model_name, len(prompt_ids), tools)
+    answer = Answer(req, chat.model or state.config.model_name, len(prompt_ids), tools,
+                    chosen_sampling(chat, state.llm.sampling_defaults))
     if not req.stream:
         (final,) = await finished(request, streams)
         return JSONResponse(answer.response(final).model_dump())
@@ -99,8 +101,10 @@ class Answer:
     functions after it), and the events of a stream, numbered in the order they are made. With tools the answer is
     server.tools' JSON object: a stream sends its response text as it grows, its calls once whole."""
 
-    def __init__(self, req: ResponsesRequest, model: str, input_tokens: int, tools: bool) -> None:
+    def __init__(self, req: ResponsesRequest, model: str, input_tokens: int, tools: bool,
+                 sampling: dict[str, float | int]) -> None:
         self.req, self.model, self.input_tokens, self.tools = req, model, input_tokens, tools
+        self.sampling = sampling  # the parameters sampled with (server.sampling.chosen_sampling), reported
         self.id, self.item_id = random_id("resp"), random_id("msg")
         self.sequence_number = 0
         self.sent = 0  # characters of the message's text streamed
@@ -111,8 +115,8 @@ class Answer:
         fmt = self.req.text.format if self.req.text is not None and self.req.text.format is not None else None
         choice = self.req.tool_choice
         common = dict(id=self.id, model=self.model, instructions=self.req.instructions,
-                      max_output_tokens=self.req.max_output_tokens, temperature=self.req.temperature,
-                      top_p=self.req.top_p, metadata=self.req.metadata or {},
+                      max_output_tokens=self.req.max_output_tokens, temperature=self.sampling["temperature"],
+                      top_p=self.sampling["top_p"], metadata=self.req.metadata or {},
                       text={"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},
                       tools=[t.model_dump(exclude_none=True) for t in self.req.tools or []],
                       tool_choice=choice.model_dump() if isinstance(choice, BaseModel) else choice or "auto",

@@ -2,33 +2,46 @@
 from __future__ import annotations
 
 from engine import SamplingParams
+from models.loader import SAMPLING_FIELDS
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, SamplingRequest
 from server.tools import output_format
 
 
 def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, vocab_size: int | None,
-                    choice: int = 0, prediction: list[int] | None = None) -> SamplingParams:
+                    model_defaults: dict[str, float | int], choice: int = 0,
+                    prediction: list[int] | None = None) -> SamplingParams:
     """How to decode choice `choice` of `req` (whose prompt has `prompt_len` tokens, and whose predicted output is
     `prediction`'s token ids) on a model with this context and vocabulary (None: unknown here, the engine checks
-    ids). A request that cannot be served as asked is an APIError (400) naming the field at fault."""
+    ids); a sampling parameter the request leaves out takes the model's recommended value (`model_defaults`:
+    LLM.sampling_defaults), where it has one. A request that cannot be served as asked is an APIError (400)
+    naming the field at fault."""
     check_context(req, prompt_len, max_model_len)
     limit = req.token_limit
+    sampling = chosen_sampling(req, model_defaults)
     try:
         structured = req.structured_output
         calls = output_format(req) if isinstance(req, ChatCompletionRequest) else None
         if calls is not None and structured is not None:
             raise ValueError("give tools or a structured output, not both")
         return SamplingParams(
-            max_tokens=limit or max_model_len - prompt_len, temperature=req.temperature, top_p=req.top_p,
-            top_k=max(req.top_k, 0), min_p=req.min_p, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+            max_tokens=limit or max_model_len - prompt_len, temperature=sampling["temperature"],
+            top_p=sampling["top_p"], top_k=max(sampling["top_k"], 0), min_p=sampling["min_p"],
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            repetition_penalty=sampling["repetition_penalty"],
             logit_bias=logit_bias(req.logit_bias or {}, vocab_size), stop=req.stop_list, ignore_eos=req.ignore_eos,
             seed=None if req.seed is None else req.seed + choice,  # n choices: distinct but reproducible
             logprobs=req.top_alternatives, prompt_logprobs=req.prompt_alternatives, use_medusa=req.use_medusa,
             structured=calls or structured, prediction=prediction or [])
     except ValueError as e:  # bounds the protocol already checks; kept as a 400 should the two ever differ
         raise APIError(400, str(e)) from None
+
+
+def chosen_sampling(req: SamplingRequest, model_defaults: dict[str, float | int]) -> dict[str, float | int]:
+    """The request's temperature, top_p, top_k, min_p and repetition_penalty; for one it leaves out, the model's
+    recommended value, where it has one."""
+    return {name: model_defaults[name] if name in model_defaults and name not in req.model_fields_set
+            else getattr(req, name) for name in SAMPLING_FIELDS}
 
 
 def check_context(req: SamplingRequest, prompt_len: int, max_model_len: int) -> None:

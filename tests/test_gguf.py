@@ -50,11 +50,12 @@ def gguf_name(hf: str) -> str:
 
 def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None, float_dtype=np.float32,
                arch: str = "llama", rope_freqs: np.ndarray | None = None,
-               control: dict[int, str] | None = None) -> Path:
+               control: dict[int, str] | None = None, sampling: dict[str, float] | None = None) -> Path:
     """An HF Llama (or Qwen2: arch "qwen2") as llama.cpp's converter writes it: names, q/k rows permuted for
     Llama, tokenizer metadata. qtype_of(gguf name, array) -> a ggml type to quantize that 2-D tensor to, or None
     (float_dtype). rope_freqs: the per-frequency RoPE divisors of a Llama-3-scaled model, as llama.cpp writes them.
-    control: token id -> the name of a control token written in its place."""
+    control: token id -> the name of a control token written in its place. sampling: the recommended sampling
+    the converter copies from generation_config.json (general.sampling.<key>: temp, top_k, top_p, ...)."""
     control = control or {}
     config = model.config
     writer = GGUFWriter(str(path), arch)
@@ -78,6 +79,8 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_chat_template(CHAT_TEMPLATE)
+    for key, value in (sampling or {}).items():
+        getattr(writer, f"add_sampling_{key}")(value)
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     for name, tensor in model.state_dict().items():
@@ -439,6 +442,21 @@ def test_generation_ends_at_an_end_of_turn_control_token(tmp_path, tiny_hf):
     llm = LLM(write_gguf(hf_model(tiny_hf), tmp_path / "chat.gguf", control={end: "<|im_end|>"}))
     out = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0))[0]
     assert out.token_ids == tokens[:tokens.index(end) + 1] and out.finish_reason == "stop"
+
+
+def test_requests_without_sampling_take_the_files_recommended_sampling(tmp_path, tiny_hf):
+    """llama.cpp's converter stores generation_config.json's sampling as general.sampling.*; llama.cpp, as vLLM
+    with the HF file, samples with it where a request says nothing."""
+    file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf",
+                      sampling={"temp": 0.5, "top_k": -1, "top_p": 0.75, "penalty_repeat": 1.25})
+    llm = LLM(file)
+    assert llm.sampling_defaults == pytest.approx({"temperature": 0.5, "top_k": 0, "top_p": 0.75,
+                                                   "repetition_penalty": 1.25})
+    params = llm.default_sampling_params()
+    assert (params.temperature, params.top_p, params.repetition_penalty) == pytest.approx((0.5, 0.75, 1.25))
+    assert LLM(file, generation_config="none").default_sampling_params() == SamplingParams()
+    with pytest.raises(ValueError, match="recommended sampling .* is not valid"):
+        LLM(write_gguf(hf_model(tiny_hf), tmp_path / "bad.gguf", sampling={"temp": -1.0}))
 
 
 def test_default_dtype_is_the_files_own_bf16(tmp_path, tiny_hf):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.loader import CheckpointError, default_dtype, load_model
+from models.loader import CheckpointError, default_dtype, load_model, recommended_sampling
 
 from conftest import save_tiny_model
 
@@ -103,3 +103,13 @@ def test_a_config_without_architectures_is_read_by_its_model_type(tmp_path):
 def test_folder_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(tmp_path, torch.float32, "cpu")
+
+
+def test_recommended_sampling_is_what_generation_config_sets(tmp_path):
+    """vLLM's --generation-config auto: the sampling fields a model's generation_config.json sets, and no others."""
+    folder = save_tiny_model(tmp_path)
+    assert recommended_sampling(folder) == {}
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
+         "eos_token_id": [2, 3]}))
+    assert recommended_sampling(folder) == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}

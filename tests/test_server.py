@@ -147,6 +147,32 @@ def test_completion_matches_the_engine_token_for_token(client, oracle):
     assert all(len(top) == 1 for top in choice.logprobs.top_logprobs)
 
 
+def test_a_request_without_sampling_takes_the_models_recommended_sampling(tiny_model_dir, oracle, tmp_path):
+    """A model whose generation_config.json recommends greedy decoding: requests that say nothing of temperature
+    decode greedily (vLLM's --generation-config auto), one that sets it samples; /v1/responses reports the value."""
+    folder = tmp_path / "greedy_model"
+    folder.mkdir()
+    for file in tiny_model_dir.iterdir():
+        (folder / file.name).symlink_to(file)
+    (folder / "generation_config.json").unlink()
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "temperature": 0.0}))
+    running = serve(LLM(folder, **ENGINE_KWARGS))
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0)
+        want = greedy("def f(x):", oracle, 12).text
+        texts = [client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=12, seed=seed,
+                                           extra_body={"ignore_eos": True}).choices[0].text for seed in (1, 2)]
+        assert texts == [want, want]
+        sampled = [client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=12, temperature=1.0,
+                                             seed=seed, extra_body={"ignore_eos": True}).choices[0].text
+                   for seed in (1, 2, 3)]
+        assert any(text != want for text in sampled)
+        assert client.responses.create(model=MODEL, input="hi", max_output_tokens=2).temperature == 0.0
+        assert client.responses.create(model=MODEL, input="hi", max_output_tokens=2, temperature=0.5).temperature == 0.5
+    finally:
+        running.stop()
+
+
 def test_completion_accepts_token_ids_and_stop_strings(client, oracle):
     want = greedy([1, 40, 41, 42], oracle, 12)
     stop = want.text[3:5]
