@@ -137,9 +137,13 @@ class AsyncEngine:
             failure = self.failure
             raise EngineStopped(f"the engine is down: {failure}" if failure else "the server is shutting down")
         if self.max_waiting_requests is not None:
-            waiting = self.llm.stats().num_waiting + self._adding
-            if waiting >= self.max_waiting_requests:
-                raise QueueFull(f"{waiting} requests are waiting, the most this server queues; retry later")
+            stats = self.llm.stats()
+            # every request passes through the waiting queue: those the running batch has no room for are queued
+            free = self.llm.config.max_num_seqs - stats.num_running
+            queued = stats.num_waiting + self._adding - free
+            if queued >= self.max_waiting_requests:
+                raise QueueFull(f"{max(queued, 0)} requests are waiting for room in the running batch, the most "
+                                "this server queues; retry later")
         stream = RequestStream(self, f"req-{uuid.uuid4().hex}")
         self._streams[stream.request_id] = stream
         accepted = self._loop.create_future()

@@ -329,14 +329,18 @@ def _walk(node):
 
 
 def test_a_full_waiting_queue_gets_429_with_retry_after(llm, monkeypatch):
+    body = {"prompt": "hi", "max_tokens": 2}
+    with make_client(llm, max_waiting_requests=0) as client:  # an idle server takes what it can run at once
+        assert client.post("/v1/completions", headers=AUTH, json=body).status_code == 200
     with make_client(llm, max_waiting_requests=2) as client:
-        body = {"prompt": "hi", "max_tokens": 2}
-        stats = llm.stats
-        monkeypatch.setattr(llm, "stats", lambda: type(stats())(**{**vars(stats()), "num_waiting": 2}))
+        stats, full = llm.stats, llm.config.max_num_seqs
+        monkeypatch.setattr(llm, "stats", lambda: type(stats())(**{**vars(stats()), "num_waiting": 2,
+                                                                   "num_running": full}))
         response = client.post("/v1/completions", headers=AUTH, json=body)
         assert response.status_code == 429 and response.headers["Retry-After"] == "1"
         assert response.json()["error"]["code"] == "rate_limit_exceeded"
-        monkeypatch.setattr(llm, "stats", lambda: type(stats())(**{**vars(stats()), "num_waiting": 1}))
+        monkeypatch.setattr(llm, "stats", lambda: type(stats())(**{**vars(stats()), "num_waiting": 2,
+                                                                   "num_running": full - 1}))
         assert client.post("/v1/completions", headers=AUTH, json=body).status_code == 200
 
 
