@@ -15,7 +15,7 @@ from engine.training.default_model import main as train_default
 from engine.training.default_model import stdlib_root
 from models import DEFAULT_MODEL_DIR
 from models.loader import load_model
-from models.medusa import DRAFT_VOCAB_FILE, load_medusa_heads
+from models.medusa import DRAFT_VOCAB_FILE, MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
 
 # Measured 3.74 nats/token on these windows after both training stages; a random model scores ~ln(4096) = 8.3.
 HELD_OUT_LOSS_BOUND = 4.3
@@ -109,4 +109,11 @@ def test_bad_init_folders_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="not a Medusa heads folder"):
         train_default(["--init", str(DEFAULT_MODEL_DIR), "--out", str(tmp_path / "out"),
                        "--medusa-init", str(tmp_path)])
+    # Hydra heads (train-medusa's default kind) read the drafted tokens, which joint training does not feed them
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    save_medusa_heads(MedusaHeads(MedusaConfig(2, 1, config["hidden_size"], config["vocab_size"], own_lm_head=False,
+                                               sequential=True)), tmp_path / "hydra")
+    with pytest.raises(SystemExit, match="these are Hydra heads"):
+        train_default(["--init", str(DEFAULT_MODEL_DIR), "--out", str(tmp_path / "out"),
+                       "--medusa-init", str(tmp_path / "hydra")])
     assert not (tmp_path / "out").exists()

@@ -402,6 +402,9 @@ def start_heads(cfg: DefaultModelTraining, config: dict) -> MedusaHeads | None:
     """The joint Medusa heads: from --medusa-init (which then sets their count and depth), fresh, or none."""
     if cfg.medusa_init:
         heads = load_medusa_heads(cfg.medusa_init, config["hidden_size"], config["vocab_size"])
+        if heads.config.sequential:  # joint training feeds the heads hidden states alone
+            raise ValueError(f"--medusa-init {cfg.medusa_init}: these are Hydra heads, and joint training takes "
+                             "Medusa heads (train-medusa --head-kind medusa makes some)")
         cfg.medusa_heads, cfg.medusa_layers = heads.config.num_heads, heads.config.num_layers
         heads.draft_vocab = None  # it described their old training text; train-medusa picks a new one
         return heads
