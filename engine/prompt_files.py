@@ -70,8 +70,9 @@ def _sharegpt_prompt(conversation: list) -> list[dict] | None:
 
 def chat_prompt_ids(tokenizer, chat: str | list[dict]) -> list[int]:
     """A user prompt (or a chat's messages) as token ids in the model's chat format, ready for its answer, as the
-    server writes them: the template writes any BOS itself (tokenizing its text again would add a second one to
-    Llama's and Mistral's). A model without a chat template takes a prompt as it is."""
+    server writes them for a model with a chat template: the template writes any BOS itself (tokenizing its text
+    again would add a second one to Llama's and Mistral's). A model without one takes a prompt as it is (where
+    the server, to answer any client, renders its plain fallback template)."""
     if not tokenizer.chat_template:
         if not isinstance(chat, str):
             raise ValueError("chat messages need a chat template, and the model has none")

@@ -112,7 +112,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
     config = ModelConfig.from_folder(folder)
     files = safetensors_files(folder)
     model = _empty_model(config, dtype, device)
-    load_weights(model, files, device)
+    load_weights(model, files)
     if quantization is not None:
         quantize_model(model, quantization)
     return model.eval()
@@ -240,14 +240,17 @@ def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def load_weights(model: torch.nn.Module, files: list[Path], device: torch.device | str) -> None:
+def load_weights(model: torch.nn.Module, files: list[Path]) -> None:
     """Copy every tensor into its parameter (packed ones into their shard); strict both ways."""
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     expected = _expected_checkpoint_keys(model)
     seen: set[str] = set()
     unexpected: list[str] = []
-    total = sum(len(safe_open(f, "pt").keys()) for f in files)
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            total += len(f.keys())
     with tqdm(total=total, desc="loading weights", unit="tensor", disable=total < 64) as bar:
         for file in files:
             with safe_open(file, framework="pt", device="cpu") as f:
