@@ -110,7 +110,9 @@ class EngineConfig:
     # own when it is bfloat16, else float32
     block_size: int = 16
     num_kv_blocks: int | None = None  # default: sized from kv_cache_memory
-    kv_cache_memory: int = 1 << 30  # bytes for the KV pool when num_kv_blocks is not given
+    # bytes for the KV pool when num_kv_blocks is not given; at most the blocks max_num_seqs sequences of the whole
+    # context take
+    kv_cache_memory: int = 1 << 30
     # the KV cache's dtype; "auto" (models.loader.default_kv_cache_dtype): the activations', but fp16 for GGUF files
     # and quantized weights, as llama.cpp. An fp32 model may keep its K/V in "bfloat16" or "float16", which halves
     # the cache's bytes: twice the blocks, and long-context attention, bound by reading them, faster. Attention still

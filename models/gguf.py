@@ -208,18 +208,24 @@ def unpermute_rows(num_rows: int, num_heads: int) -> torch.Tensor:
     return torch.arange(num_rows).view(num_heads, half, 2).transpose(1, 2).reshape(-1)
 
 
+def _tensor(data: np.ndarray) -> torch.Tensor:
+    """A tensor over the file's read-only memory map (torch warns that it is not writable: we never write it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(data))
+
+
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
     path = Path(path)
     reader = open_gguf(path)
     hf_config = read_config(reader)
     tensors: dict[str, torch.Tensor | QuantizedWeight] = {}
-    warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # read-only memmap: we never write
     for t in (t for t in reader.tensors if t.name != ROPE_FACTORS):
         name = hf_name(t.name)
         qtype = QType(t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the fastest-moving dimension first
         if qtype in FLOAT_TYPES:
-            data = torch.from_numpy(np.asarray(t.data))
+            data = _tensor(t.data)
             value = data.view(torch.bfloat16) if qtype == QType.BF16 else data
             value = value.reshape(shape)
         elif qtype not in QUANTIZED_TYPES:
@@ -228,7 +234,7 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
         else:
             if len(shape) != 2:
                 raise GGUFError(f"quantized tensor {t.name} is not a matrix")
-            value = QuantizedWeight(qtype, shape, torch.from_numpy(np.asarray(t.data)))
+            value = QuantizedWeight(qtype, shape, _tensor(t.data))
         tensors[name] = value
     permuted = _field(reader, "general.architecture") in PERMUTED_QK
     for i in range(hf_config["num_hidden_layers"] if permuted else 0):  # q/k rows back in HF order

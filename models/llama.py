@@ -27,7 +27,7 @@ class Attention(nn.Module):
                                      bias=config.qkv_bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias)
         self.q_size, self.kv_size = q_size, kv_size
-        # bound by the runner (engine.runner.ModelRunner) once the KV cache exists
+        # bound to the KV cache's tensors once it exists (engine.kv_cache.KVCache.bind)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.backend = None

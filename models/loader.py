@@ -29,6 +29,10 @@ from models.quant import (
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+# files of torch.save / pickle: never opened (unpickling runs code)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
 class CheckpointError(ValueError):
     pass
 
@@ -45,7 +49,7 @@ def safetensors_files(folder: Path) -> list[Path]:
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(
             f"{folder} holds only pickled weights ({', '.join(pickles)}); gorgon never unpickles. Convert them "

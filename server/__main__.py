@@ -97,8 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--adapter-root", default=None,
                         help="adapters load only from inside this folder (default: <model>/adapters)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                        help=f"require 'Authorization: Bearer KEY' on every route but /health and /metrics "
-                             f"(default: ${API_KEY_ENV}, if set)")
+                        help=f"require 'Authorization: Bearer KEY' on every route but /health, /metrics and the "
+                             f"playground's page (default: ${API_KEY_ENV}, if set)")
     add_device_flags(parser)
     add_dtype_flags(parser)
     add_tensor_parallel_flag(parser)
@@ -115,7 +115,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_batch_invariant_flag(engine)
     kv = engine.add_mutually_exclusive_group()
     kv.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="SIZE",
-                    help="bytes for the KV cache, e.g. 2GiB (default: the engine's, 1 GiB)")
+                    help="bytes for the KV cache, e.g. 2GiB (default: the engine's, 1 GiB), at most what "
+                         "--max-num-seqs sequences of --max-model-len tokens take")
     kv.add_argument("--kv-cache-fraction", type=fraction, default=None, metavar="F",
                     help="this fraction of the device's memory available at startup, before the model loads")
     kv.add_argument("--num-kv-blocks", type=positive_int, default=None, help="KV cache blocks")

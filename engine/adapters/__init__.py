@@ -1,2 +1,2 @@
 """PEFT adapters served per request: LoRA (lora.py), prefix tuning (prefix.py), loaded and unloaded by
-name while the engine runs (manager.py); train.py trains the shipped examples."""
+name while the engine runs (manager.py); engine/training/adapters.py trains the shipped examples."""

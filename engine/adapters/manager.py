@@ -22,10 +22,10 @@ from engine.adapters.prefix import PrefixFormatError, read_prefix, write_pinned_
 from engine.config import EngineConfig
 from engine.kv_cache import BlockManager, KVCache
 from engine.sequence import Sequence
+from models.loader import PICKLE_SUFFIXES
 from models.lora import LORA_PROJECTIONS, LoRALinear, install_lora, lora_targets
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 class AdapterError(ValueError):
@@ -156,7 +156,7 @@ class AdapterManager:
         config = self._read_config(folder)
         weights = folder / WEIGHTS_FILE
         if not weights.is_file():
-            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
             if pickles:
                 raise AdapterError(f"{folder} holds only pickled weights ({', '.join(pickles)}); gorgon never "
                                    "unpickles. Re-save the adapter with save_pretrained(dir, safe_serialization=True)")
