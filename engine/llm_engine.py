@@ -57,7 +57,11 @@ def _stop_string_start_len(text: str, stop: list[str]) -> int:
 
 class LLM:
     """A model ready to generate. `LLM()` loads the shipped default model; keyword arguments are
-    EngineConfig fields."""
+    EngineConfig fields.
+
+    Invariant: `requests` holds exactly the requests added and not yet finished or aborted, each in the
+    scheduler's waiting or running queue and holding KV blocks only there; a request leaves it in the step
+    that finishes it (or in `abort`), and its blocks go back to the pool with it."""
 
     def __init__(self, model: str | Path | None = None, **engine_kwargs) -> None:
         self.config = EngineConfig(model=str(model) if model is not None else None, **engine_kwargs)
