@@ -22,11 +22,11 @@ from server.flags import (
     add_dtype_flags,
     add_generation_config_flag,
     add_medusa_flags,
+    add_model_flags,
     add_tensor_parallel_flag,
-    chat_template,
-    medusa_options,
     positive_int,
     set_threads,
+    shared_engine_kwargs,
 )
 
 DEFAULT_MODEL_NAME = "gorgon-default"
@@ -73,21 +73,12 @@ def available_memory(device: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gorgon serve", description="Serve the OpenAI-compatible HTTP API.")
-    parser.add_argument("--model", default=None,
-                        help="HF checkpoint folder, a .gguf file or a folder holding one (default: the shipped model)")
-    parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
-                        help="quantize an HF checkpoint's linear layers as it loads")
-    parser.add_argument("--dequantize", action="store_true",
-                        help="dequantize a GGUF file's quantized weights into --dtype as it loads: throughput for "
-                             "large batches, where the quantized kernels stop at 32 rows (SmolLM2 Q4_1 in bf16, 64 "
-                             "sequences, 2 cores: 420 -> 1076 tokens/s), at 2-4x the weights' memory and a slower "
-                             "batch 1")
+    add_model_flags(parser)
     parser.add_argument("--served-model-name", default=None,
                         help=f"the base model's id in the API (default: the folder's name, or {DEFAULT_MODEL_NAME})")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     add_medusa_flags(parser)
-    parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
     add_chat_template_flag(parser)
     add_generation_config_flag(parser)
     parser.add_argument("--skip-tokenizer-init", action="store_true",
@@ -135,20 +126,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """EngineConfig fields from the flags; a flag left out keeps the engine's default."""
-    kwargs = {"device": args.device, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
-              "dequantize": args.dequantize,
-              "max_num_seqs": args.max_num_seqs,
-              "max_model_len": args.max_model_len, "adapter_root": args.adapter_root,
-              "enable_prefix_caching": not args.no_prefix_caching, "skip_tokenizer_init": args.skip_tokenizer_init,
-              "batch_invariant": args.batch_invariant, "tensor_parallel_size": args.tensor_parallel_size,
-              "cuda_graphs": not args.enforce_eager, "generation_config": args.generation_config}
+    kwargs = shared_engine_kwargs(args) | {
+        "max_num_seqs": args.max_num_seqs, "max_model_len": args.max_model_len, "adapter_root": args.adapter_root,
+        "enable_prefix_caching": not args.no_prefix_caching, "skip_tokenizer_init": args.skip_tokenizer_init}
     optional = {"max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
                 "attention_backend": args.attention_backend, "num_kv_blocks": args.num_kv_blocks,
-                "kv_cache_memory": args.kv_cache_memory, "quantization": args.quantization,
-                "tokenizer": args.tokenizer, "chat_template": chat_template(args.chat_template)}
+                "kv_cache_memory": args.kv_cache_memory}
     if args.kv_cache_fraction is not None:
         optional["kv_cache_memory"] = int(args.kv_cache_fraction * available_memory(args.device))
-    optional |= medusa_options(args)
     return kwargs | {name: value for name, value in optional.items() if value is not None}
 
 

@@ -9,11 +9,10 @@ from dataclasses import replace
 from itertools import chain
 from pathlib import Path
 
-from engine import LLM, EngineConfig, SamplingParams
+from engine import LLM, SAMPLING_FIELDS, EngineConfig, SamplingParams
 from engine.medusa.speculator import PREDICTION_ONLY
 from engine.parallel import run_worker_if_launched
 from engine.prompt_files import chat_prompt_ids
-from models.loader import SAMPLING_FIELDS
 from server.flags import (
     add_batch_invariant_flag,
     add_chat_template_flag,
@@ -21,10 +20,10 @@ from server.flags import (
     add_dtype_flags,
     add_generation_config_flag,
     add_medusa_flags,
+    add_model_flags,
     add_tensor_parallel_flag,
-    chat_template,
-    medusa_options,
     set_threads,
+    shared_engine_kwargs,
 )
 
 # the sampling of a model that recommends none: gentler than the API's temperature 1
@@ -33,10 +32,7 @@ CLI_SAMPLING = {"temperature": 0.6, "top_k": 40}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gorgon generate", description="Generate a continuation of a prompt.")
-    parser.add_argument("--model", default=None,
-                        help="HF checkpoint folder, a .gguf file or a folder holding one (default: the shipped model)")
-    parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
-                        help="quantize an HF checkpoint's linear layers as it loads")
+    add_model_flags(parser)
     parser.add_argument("--prompt", default="def fibonacci(n):", help="text to continue")
     parser.add_argument("--chat", action="store_true",
                         help="answer the prompt as a user's message, through the model's chat template (the answer "
@@ -57,7 +53,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_device_flags(parser)
     add_dtype_flags(parser)
     add_medusa_flags(parser)
-    parser.add_argument("--tokenizer", default=None, help="take the tokenizer from this folder (default: the model's)")
     add_chat_template_flag(parser)
     add_generation_config_flag(parser)
     add_batch_invariant_flag(parser)
@@ -73,12 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         prediction = read_prediction(args.prediction)
         if prediction is not None and args.medusa is None and args.device != "cpu":
             args.medusa = PREDICTION_ONLY  # drafting is off by default there; a prediction asks for it
-        engine_kwargs = dict(device=args.device, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
-                             quantization=args.quantization, tokenizer=args.tokenizer,
-                             chat_template=chat_template(args.chat_template),
-                             batch_invariant=args.batch_invariant, tensor_parallel_size=args.tensor_parallel_size,
-                             cuda_graphs=not args.enforce_eager, generation_config=args.generation_config,
-                             **medusa_options(args))
+        engine_kwargs = shared_engine_kwargs(args)
         if run_worker_if_launched(EngineConfig(args.model, **engine_kwargs)):  # a torchrun rank above 0
             return
         with LLM(args.model, **engine_kwargs) as llm:

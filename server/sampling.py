@@ -1,8 +1,7 @@
 """A request's sampling fields -> the engine's SamplingParams: the one place where they are mapped."""
 from __future__ import annotations
 
-from engine import SamplingParams
-from models.loader import SAMPLING_FIELDS
+from engine import SAMPLING_FIELDS, SamplingParams
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, SamplingRequest
 from server.tools import output_format
