@@ -190,17 +190,22 @@ def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.to(x.dtype)
 
 
+def packed_offsets(sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Each projection's (first row, rows) in a packed weight that stacks them in this order."""
+    offsets, first = {}, 0
+    for name, size in sizes.items():
+        offsets[name] = (first, size)
+        first += size
+    return offsets
+
+
 class PackedLinear(Linear):
     """One GEMM for several HF projections that share an input (q/k/v, gate/up). `shards` maps each
     HF projection name to its rows of the packed weight."""
 
     def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool) -> None:
         super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
-        self.shards: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for name, size in shard_sizes.items():
-            self.shards[name] = (offset, size)
-            offset += size
+        self.shards = packed_offsets(shard_sizes)
 
     def shard_param(self, param_name: str, shard: str) -> torch.Tensor:
         offset, size = self.shards[shard]

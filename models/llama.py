@@ -207,4 +207,4 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits over the whole vocabulary; under tensor parallelism on rank 0 only (None on the others)."""
         logits = self.lm_head(hidden)
-        return logits if self.tp is None else self.tp.gather_last_dim(logits, self.config.vocab_size)
+        return logits if self.tp is None else self.tp.gather(logits, self.config.vocab_size)

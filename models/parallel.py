@@ -21,7 +21,7 @@ from gguf import GGML_QUANT_SIZES
 from torch import nn
 
 from models.config import ModelConfig
-from models.layers import Linear, PackedLinear
+from models.layers import Linear, PackedLinear, packed_offsets
 from models.quant import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 
 
@@ -51,15 +51,16 @@ class TensorParallel:
         dist.all_reduce(x)
         return x
 
-    def gather_last_dim(self, x: torch.Tensor, total: int) -> torch.Tensor | None:
-        """Rank 0: the ranks' parts of the last dimension (share(total) each), concatenated; other ranks: None."""
+    def gather(self, x: torch.Tensor, total: int, dim: int = -1) -> torch.Tensor | None:
+        """Rank 0: the ranks' parts of dimension `dim` (share(total) each), concatenated; other ranks: None."""
+        dim %= x.dim()
         width = -(-total // self.size)  # parts are padded to one width, as gather needs
-        padded = F.pad(x, (0, width - x.shape[-1])).contiguous()
+        padded = F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [0, width - x.shape[dim]]).contiguous()
         parts = [torch.empty_like(padded) for _ in range(self.size)] if self.rank == 0 else None
         dist.gather(padded, parts, dst=0)
         if self.rank != 0:
             return None
-        return torch.cat([part[..., :share(total, r, self.size)[1]] for r, part in enumerate(parts)], dim=-1)
+        return torch.cat([part.narrow(dim, 0, share(total, r, self.size)[1]) for r, part in enumerate(parts)], dim=dim)
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def _column(linear: nn.Module, tp: TensorParallel) -> nn.Module:
         out = QuantizedLinear.from_weight(QuantizedWeight(linear.qtype, (linear.out_features, linear.in_features),
                                                           linear.weight).rows(rows), bias, linear.dtype)
         if packed:
-            out.shards = _packed(local_sizes)
+            out.shards = packed_offsets(local_sizes)
     else:
         with torch.device("meta"):  # the parameters are set below
             out = (PackedLinear(linear.in_features, local_sizes, bias=bias is not None) if packed
@@ -193,26 +194,12 @@ def _set_parameters(linear: nn.Module, weight: torch.Tensor, bias: torch.Tensor 
         linear.bias = nn.Parameter(bias, requires_grad=False)
 
 
-def _packed(sizes: dict[str, int]) -> dict[str, tuple[int, int]]:
-    shards, offset = {}, 0
-    for name, size in sizes.items():
-        shards[name] = (offset, size)
-        offset += size
-    return shards
-
-
 def gather_lm_head(lm_head: nn.Module, tp: TensorParallel, vocab_size: int) -> nn.Module | None:
     """Rank 0: the whole LM head, its rows gathered from every rank (what Medusa's drafting projects onto);
     other ranks: None."""
-    first, rows = tp.share(vocab_size)
-    width = -(-vocab_size // tp.size)
-    weight = lm_head.weight.detach()
-    padded = torch.cat([weight, weight.new_zeros(width - rows, weight.shape[1])])
-    parts = [torch.empty_like(padded) for _ in range(tp.size)] if tp.rank == 0 else None
-    dist.gather(padded, parts, dst=0)
-    if tp.rank != 0:
+    full = tp.gather(lm_head.weight.detach(), vocab_size, dim=0)
+    if full is None:
         return None
-    full = torch.cat([part[:share(vocab_size, r, tp.size)[1]] for r, part in enumerate(parts)])
     if isinstance(lm_head, QuantizedLinear):
         return QuantizedLinear.from_weight(QuantizedWeight(lm_head.qtype, (vocab_size, lm_head.in_features), full),
                                            None, lm_head.dtype)
