@@ -5,9 +5,19 @@ guesses are not. It costs no model work, and the base model verifies it like any
 output (OpenAI's Predicted Outputs) is looked up the same way (PredictionIndex)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 NGRAM_SIZES = (3, 2)  # suffix lengths tried, longest first: a longer match predicts better, a shorter one more often
+
+
+def ngrams(token_ids: list[int], first_stop: int) -> Iterator[tuple[tuple[int, ...], int]]:
+    """(n-gram, the position right after it) for each n of NGRAM_SIZES and each n-gram ending at a position from
+    first_stop on that has a continuation (so never the one ending at the last token), in order of position."""
+    for stop in range(first_stop, len(token_ids)):
+        for n in NGRAM_SIZES:
+            if stop >= n:
+                yield tuple(token_ids[stop - n:stop]), stop
 
 
 @dataclass
@@ -22,10 +32,8 @@ class NgramIndex:
     def propose(self, token_ids: list[int], max_tokens: int) -> list[int]:
         """Up to max_tokens tokens that followed the latest earlier occurrence of the sequence's last 3 tokens
         (else its last 2); [] when they never occurred before."""
-        for stop in range(max(self.indexed, min(NGRAM_SIZES)), len(token_ids)):  # those with a continuation
-            for n in NGRAM_SIZES:
-                if stop >= n:
-                    self.last_seen[tuple(token_ids[stop - n:stop])] = stop
+        for key, stop in ngrams(token_ids, max(self.indexed, min(NGRAM_SIZES))):  # those with a continuation
+            self.last_seen[key] = stop
         self.indexed = max(self.indexed, len(token_ids))
         for n in NGRAM_SIZES:
             start = self.last_seen.get(tuple(token_ids[-n:])) if len(token_ids) > n else None
@@ -53,10 +61,8 @@ class PredictionIndex:
         tail = prompt_ids[-max(NGRAM_SIZES):]
         text = tail + prediction
         positions: dict[tuple[int, ...], list[int]] = {}
-        for stop in range(min(NGRAM_SIZES), len(text)):
-            for n in NGRAM_SIZES:
-                if stop >= n:
-                    positions.setdefault(tuple(text[stop - n:stop]), []).append(stop)
+        for key, stop in ngrams(text, min(NGRAM_SIZES)):
+            positions.setdefault(key, []).append(stop)
         return cls(text, positions, len(tail) - len(prompt_ids))
 
     def on_track(self, token_ids: list[int], run: int) -> bool:

@@ -208,9 +208,7 @@ class Medusa:
         alone: LOOKUP_TOKENS. ngram_tokens, where given, bounds them (else MAX_CHAIN, with heads)."""
         if not self.trees:
             return LOOKUP_TOKENS if self.ngram_tokens is None else self.ngram_tokens
-        tree = self.tree_for(batch_size).tree
-        limit = MAX_CHAIN if self.ngram_tokens is None else self.ngram_tokens
-        return min(limit, tree.size - 1)
+        return min(self.prediction_limit, self.tree_for(batch_size).tree.size - 1)
 
     def tree_for(self, batch_size: int) -> HeadsTree:
         """The heads' tree for this many sequences decoding together (beyond every tree's max_batch_size, which
