@@ -771,8 +771,7 @@ def training_text(args: argparse.Namespace, llm: LLM,
     return texts, starts, None, f"self-distillation ({sources}; continuation temperature {args.temperature})"
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def check_args(args: argparse.Namespace) -> None:
     if not 0 < args.draft_coverage <= 1:
         raise SystemExit("gorgon train-medusa: error: --draft-coverage must be in (0, 1]")
     if args.minutes < 0:
@@ -782,6 +781,31 @@ def main(argv: list[str] | None = None) -> None:
     for flag, share in (("--prompt-share", args.prompt_share), ("--self-prompts", args.self_prompts)):
         if not 0 <= share <= 1:
             raise SystemExit(f"gorgon train-medusa: error: {flag} must be in [0, 1]")
+
+
+def load_texts(args: argparse.Namespace, llm: LLM,
+               prompts: list) -> tuple[list[list[int]], list[int], list[torch.Tensor] | None, str]:
+    """The training text (texts, where each answer starts, their hidden states where the engine kept them, how it
+    was made): read from a --texts file train-medusa wrote, else written now (and saved there, if named)."""
+    if args.texts and Path(args.texts).is_file():
+        try:
+            saved = json.loads(Path(args.texts).read_text())
+            return saved["texts"], saved["starts"], None, saved["data"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"gorgon train-medusa: error: {args.texts} is not a --texts file that train-medusa wrote "
+                             f"({e!r})") from None
+    try:
+        texts, starts, hidden_states, data = training_text(args, llm, prompts)
+    except ValueError as e:  # a chat template that hides the user's text
+        raise SystemExit(f"gorgon train-medusa: error: {e}") from None
+    if args.texts:
+        Path(args.texts).write_text(json.dumps({"texts": texts, "starts": starts, "data": data}))
+    return texts, starts, hidden_states, data
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.retime:
@@ -814,21 +838,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"{args.prompts} holds chat messages, but the model has no chat template to answer them")
     except (ValueError, OSError) as e:  # OSError: missing file, a folder, no permission
         raise SystemExit(f"gorgon train-medusa: error: {e}") from None
-    if args.texts and Path(args.texts).is_file():
-        try:
-            saved = json.loads(Path(args.texts).read_text())
-            texts, starts, data = saved["texts"], saved["starts"], saved["data"]
-            hidden_states = None
-        except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"gorgon train-medusa: error: {args.texts} is not a --texts file that train-medusa wrote "
-                             f"({e!r})") from None
-    else:
-        try:
-            texts, starts, hidden_states, data = training_text(args, llm, prompts)
-        except ValueError as e:  # a chat template that hides the user's text
-            raise SystemExit(f"gorgon train-medusa: error: {e}") from None
-        if args.texts:
-            Path(args.texts).write_text(json.dumps({"texts": texts, "starts": starts, "data": data}))
+    texts, starts, hidden_states, data = load_texts(args, llm, prompts)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     num_held_out = max(1, int(len(texts) * args.held_out))
     if num_held_out >= len(texts):
