@@ -27,7 +27,7 @@ from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench.common import CONFIGS, machine_info, print_table, random_checkpoint, write_json
+from bench.common import CONFIGS, add_out_flag, machine_info, print_table, random_checkpoint, write_json
 from engine import LLM, SamplingParams
 from models import DEFAULT_MODEL_DIR
 
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--medusa", type=Path, help="Medusa heads folder (default: <model>/medusa if present)")
-    parser.add_argument("--out", required=True, help="JSON result file")
+    add_out_flag(parser, "adapters")
     return parser.parse_args(argv)
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from bench.common import machine_info, print_table, write_json
+from bench.common import add_out_flag, machine_info, print_table, write_json
 from engine.attention import get_backend, store_kv
 from models.context import ForwardContext
 
@@ -53,7 +53,7 @@ class Shape:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gorgon bench attention", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="JSON result file")
+    add_out_flag(parser, "attention")
     parser.add_argument("--plot", help="PNG of time and peak memory against length")
     parser.add_argument("--quick", action="store_true", help="fewer lengths (prefill <= 4096, decode <= 8192)")
     parser.add_argument("--prefill-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])

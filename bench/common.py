@@ -1,6 +1,7 @@
 """Helpers every benchmark shares: named model shapes, random checkpoints, timing, tables, JSON."""
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -68,6 +69,10 @@ def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
     return "" if v is None else str(v)
+
+
+def add_out_flag(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--out", default=f"bench_{name}.json", help=f"JSON result file (default: bench_{name}.json)")
 
 
 def write_json(path: str | Path, result: dict) -> None:

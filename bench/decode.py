@@ -32,7 +32,16 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from bench.common import CONFIGS, best_of, cpu_isa, machine_info, print_table, random_checkpoint, write_json
+from bench.common import (
+    CONFIGS,
+    add_out_flag,
+    best_of,
+    cpu_isa,
+    machine_info,
+    print_table,
+    random_checkpoint,
+    write_json,
+)
 from engine import LLM, SamplingParams
 from models.gguf import find_gguf
 from models.kernels import decode as cpu_decode
@@ -59,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prefill-len", type=int, default=512, help="prompt length of the llama.cpp prefill test")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                         help="compare gorgon on N processes (tensor parallelism) with gorgon on one, in one run")
-    parser.add_argument("--out", required=True, help="JSON result file")
+    add_out_flag(parser, "decode")
     return parser.parse_args(argv)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.common import CONFIGS, cpu_isa, machine_info, print_table, random_checkpoint, write_json
+from bench.common import CONFIGS, add_out_flag, cpu_isa, machine_info, print_table, random_checkpoint, write_json
 from engine import LLM, SamplingParams
 
 PREFILL_LEN, DECODE_PROMPT_LEN = 512, 16
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads; 1 is steadier on a shared machine")
-    parser.add_argument("--out", required=True)
+    add_out_flag(parser, "invariance")
     return parser.parse_args(argv)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench.common import cpu_isa, machine_info, print_table, write_json
+from bench.common import add_out_flag, cpu_isa, machine_info, print_table, write_json
 from bench.llamacpp import LlamaCpp
 from engine import LLM, RequestOutput, SamplingParams
 from engine.config import EngineConfig
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="torch CPU threads (default 1: on a shared machine more threads make timings erratic)")
     parser.add_argument("--baseline", choices=["llama.cpp"], default=None,
                         help="also time llama.cpp's greedy decoding of the same GGUF file and prompts (batch 1 and 4)")
-    parser.add_argument("--out", required=True, help="JSON result file")
+    add_out_flag(parser, "medusa")
     parser.add_argument("--plot", default=None, help="PNG: speedup vs tree size, and the accept-length histogram")
     return parser.parse_args(argv)
 

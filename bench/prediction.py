@@ -17,7 +17,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from bench.common import cpu_isa, machine_info, print_table, write_json
+from bench.common import add_out_flag, cpu_isa, machine_info, print_table, write_json
 from bench.medusa import load_prompts
 from engine import LLM, RequestOutput, SamplingParams
 from engine.prompt_files import chat_prompt_ids
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per arm; the fastest counts")
     parser.add_argument("--threads", type=int, default=None, help="torch threads; 1 is steadier on a shared machine")
-    parser.add_argument("--out", required=True)
+    add_out_flag(parser, "prediction")
     return parser.parse_args(argv)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.common import write_json
+from bench.common import add_out_flag, write_json
 from engine import LLM, SamplingParams
 from engine.prompt_files import chat_prompt_ids
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="default: the engine's (on: prefill takes int8 activations too, as decode does)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="the kernels' side's cache (the exact side: float32)")
-    parser.add_argument("--out", required=True)
+    add_out_flag(parser, "quant_agreement")
     args = parser.parse_args(argv)
     greedy = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     outputs = []

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.common import cpu_isa, machine_info, print_table, random_checkpoint, write_json
+from bench.common import add_out_flag, cpu_isa, machine_info, print_table, random_checkpoint, write_json
 from models import DEFAULT_MODEL_DIR
 from models.named import resolve_model
 
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--level-timeout", type=float, default=120.0,
                         help="seconds a level may take: no new request starts after it")
     parser.add_argument("--repeats", type=int, default=1, help="turns each server takes, alternating")
-    parser.add_argument("--out", required=True, help="JSON result file")
+    add_out_flag(parser, "serving")
     parser.add_argument("--plot", help="PNG file: throughput and TTFT p99 against concurrency")
     return parser.parse_args(argv)
 

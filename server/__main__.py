@@ -161,13 +161,17 @@ def main(argv: list[str] | None = None) -> None:
         llm = in_passing_thread(load_engine, args.model, kwargs, adapters)
     except (ValueError, OSError) as e:
         sys.exit(f"gorgon serve: error: {e}")
-    if llm.sampling_defaults:  # (as vLLM says so: a request's defaults differ from the API's)
-        logging.getLogger("gorgon").warning("requests that leave them out sample with the model's recommended %s "
-                                            "(--generation-config none: the API's defaults)", llm.sampling_defaults)
     model_name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)
     # a path is reported resolved; a named model (smollm2) or the default by its name
     model_root = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else (
         args.model or DEFAULT_MODEL_NAME)
+    log = logging.getLogger("gorgon")
+    log.info("serving %s as %r: %s activations, a context of %d tokens, %d KV blocks of %d tokens, speculation: %s",
+             model_root, model_name, llm.config.dtype, llm.max_model_len, llm.block_manager.num_blocks,
+             llm.config.block_size, llm.config.medusa or "off")
+    if llm.sampling_defaults:  # (as vLLM says so: a request's defaults differ from the API's)
+        log.warning("requests that leave them out sample with the model's recommended %s (--generation-config none: "
+                    "the API's defaults)", llm.sampling_defaults)
     config = ServerConfig(model_name=model_name, model_root=model_root, api_key=args.api_key or None,
                           max_request_bytes=args.max_request_bytes, max_waiting_requests=args.max_waiting_requests,
                           cors_origins=args.cors_origins)
