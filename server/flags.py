@@ -108,7 +108,8 @@ def add_generation_config_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generation-config", default="auto", choices=["auto", "none"],
                         help="auto: sampling parameters a request leaves out take the values the model recommends "
                              "(its generation_config.json, or a GGUF's general.sampling.* keys), as vLLM and "
-                             "llama.cpp take them; none: the API's own defaults (temperature 1, no filters)")
+                             "llama.cpp take them; none: they are ignored (serve: the API's defaults, temperature 1 "
+                             "and no filters; generate: its own)")
 
 
 def add_chat_template_flag(parser: argparse.ArgumentParser) -> None:
