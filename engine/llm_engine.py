@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig
 
 from engine.adapters.manager import AdapterManager, LoadedAdapter
+from engine.attention.cpu import load_extension
 from engine.config import ContextLengthError, EngineConfig, SamplingParams
 from engine.detokenizer import detokenize_new_token, start_detokenizer
 from engine.kv_cache import BlockManager, KVCache
@@ -69,6 +71,10 @@ class LLM:
         if self.config.medusa == "auto":  # the heads that belong to the model
             self.config.medusa = str(medusa_heads_for(self.config.model))
         self.device = torch.device(self.config.device)
+        if self.device.type == "cpu" and self.config.attention_backend in ("auto", "cpu"):
+            # the attention kernel compiles (a first run: a minute or two) while the model loads and the decode
+            # kernels compile; the runner's later load waits for it, then finds it built
+            threading.Thread(target=load_extension, daemon=True).start()
         tp = self.config.tensor_parallel_size
         # under tensor parallelism the model is rank 0's share, and every forward a call of all ranks
         self.parallel = Driver.start(self.config, path) if tp > 1 else None
