@@ -16,7 +16,14 @@ from engine import ContextLengthError, RequestOutput
 from server.async_engine import EngineError, EngineStopped, QueueFull, RequestStream
 from server.errors import APIError
 from server.prompts import prediction_ids
-from server.protocol import CompletionTokensDetails, ErrorInfo, ErrorResponse, SamplingRequest, Usage
+from server.protocol import (
+    CompletionTokensDetails,
+    ErrorInfo,
+    ErrorResponse,
+    PromptTokensDetails,
+    SamplingRequest,
+    Usage,
+)
 from server.responses import Renderer, step_info
 from server.sampling import sampling_params
 from server.state import ServerState
@@ -155,9 +162,12 @@ async def until_done(request: Request, streams: list[RequestStream]) -> list[Req
 
 
 def usage(prompts: list[list[int]], finals: list[RequestOutput], prediction: list[int] | None = None) -> Usage:
-    """Each prompt counts once, however many choices it has (as OpenAI counts). With a prediction, its tokens
+    """Each prompt counts once, however many choices it has (as OpenAI counts), and so do the tokens of it the
+    prefix cache held (its first choice's: the later ones find what the first wrote). With a prediction, its tokens
     that each answer repeats in order are accepted, the rest rejected."""
     prompt = sum(map(len, prompts))
+    choices = len(finals) // len(prompts)
+    cached = sum(out.num_cached_tokens for out in finals[::choices])
     completion = sum(len(out.token_ids) for out in finals)
     details = None
     if prediction:
@@ -166,4 +176,4 @@ def usage(prompts: list[list[int]], finals: list[RequestOutput], prediction: lis
         details = CompletionTokensDetails(accepted_prediction_tokens=accepted,
                                           rejected_prediction_tokens=len(prediction) * len(finals) - accepted)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 completion_tokens_details=details)
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached), completion_tokens_details=details)

@@ -130,7 +130,8 @@ class Answer:
         output += [ResponseFunctionCall(id=random_id("fc"), call_id=call.id, name=call.function.name,
                                         arguments=call.function.arguments, status=status) for call in calls]
         usage = ResponseUsage(input_tokens=self.input_tokens, output_tokens=len(final.token_ids),
-                              total_tokens=self.input_tokens + len(final.token_ids))
+                              total_tokens=self.input_tokens + len(final.token_ids),
+                              input_tokens_details={"cached_tokens": final.num_cached_tokens})
         return ResponseObject(status=status, output=output, usage=usage,
                               incomplete_details={"reason": "max_output_tokens"} if cut else None, **common)
 

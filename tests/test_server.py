@@ -173,6 +173,20 @@ def test_a_request_without_sampling_takes_the_models_recommended_sampling(tiny_m
         running.stop()
 
 
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_held(client):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens (and the Responses API's input_tokens_details): a prompt
+    asked again finds its full KV blocks cached (block_size 8 here)."""
+    prompt = "a prompt long enough to fill a few blocks of the cache: " + "x = 1\n" * 6
+    first, again = (client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+                    for _ in range(2))
+    blocks = (first.usage.prompt_tokens - 1) // 8 * 8  # full blocks (the last token is computed again)
+    assert first.usage.prompt_tokens_details.cached_tokens < blocks <= again.usage.prompt_tokens_details.cached_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+    answers = [client.responses.create(model=MODEL, input=prompt, max_output_tokens=2, temperature=0)
+               for _ in range(2)]
+    assert answers[1].usage.input_tokens_details.cached_tokens >= 8
+
+
 def test_completion_accepts_token_ids_and_stop_strings(client, oracle):
     want = greedy([1, 40, 41, 42], oracle, 12)
     stop = want.text[3:5]
