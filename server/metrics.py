@@ -37,6 +37,9 @@ class ServerMetrics:
         self.e2e = Histogram("gorgon_request_latency_seconds", "Arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("gorgon_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.cached_prompt_tokens = Counter("gorgon_prompt_tokens_cached",
+                                            "Prompt tokens of finished requests whose KV the prefix cache held",
+                                            registry=r)
         self.generation_tokens = Counter("gorgon_generation_tokens", "Generated tokens", registry=r)
         self.requests = Counter("gorgon_requests", "Finished requests", ["model", "finish_reason"], registry=r)
         self.medusa_steps = Counter("gorgon_medusa_steps", "Medusa speculative steps", registry=r)
@@ -78,6 +81,7 @@ class RequestTracker:
         if out is None:
             return
         m.prompt_tokens.inc(len(out.prompt_token_ids))
+        m.cached_prompt_tokens.inc(out.num_cached_tokens)
         m.e2e.observe(out.latency_s)
         m.medusa_steps.inc(len(out.accepted_lengths))
         m.medusa_accepted.inc(sum(out.accepted_lengths))

@@ -173,12 +173,16 @@ def test_a_request_without_sampling_takes_the_models_recommended_sampling(tiny_m
         running.stop()
 
 
-def test_usage_counts_the_prompt_tokens_the_prefix_cache_held(client):
-    """OpenAI's usage.prompt_tokens_details.cached_tokens (and the Responses API's input_tokens_details): a prompt
-    asked again finds its full KV blocks cached (block_size 8 here)."""
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_held(client, running):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens (and the Responses API's input_tokens_details), and the
+    metric that sums them: a prompt asked again finds its full KV blocks cached (block_size 8 here)."""
     prompt = "a prompt long enough to fill a few blocks of the cache: " + "x = 1\n" * 6
+    before = metrics(running)["gorgon_prompt_tokens_cached_total{}"]
     first, again = (client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
                     for _ in range(2))
+    wait_until_idle(running)
+    assert metrics(running)["gorgon_prompt_tokens_cached_total{}"] - before == (
+        first.usage.prompt_tokens_details.cached_tokens + again.usage.prompt_tokens_details.cached_tokens)
     blocks = (first.usage.prompt_tokens - 1) // 8 * 8  # full blocks (the last token is computed again)
     assert first.usage.prompt_tokens_details.cached_tokens < blocks <= again.usage.prompt_tokens_details.cached_tokens
     assert again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
