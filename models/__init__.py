@@ -8,10 +8,11 @@ from torch import nn
 from models.config import ModelConfig
 from models.llama import LlamaForCausalLM
 
-# Qwen2 (q/k/v bias) and Mistral (sliding window) differ from Llama only in config flags.
+# Qwen2 (q/k/v bias), Qwen3 (q/k norms) and Mistral (sliding window) differ from Llama only in config flags.
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
 }
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # a config.json without `architectures` names its class by model_type, as transformers' Auto classes read it
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
 # freq_factors: not an HF type; a GGUF file's per-frequency divisors (its rope_freqs tensor) as read by models.gguf
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "freq_factors")
 
@@ -45,6 +46,7 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool  # Llama/Mistral's attention_bias covers o_proj too; Qwen2's q/k/v bias does not
     mlp_bias: bool
+    qk_norm: bool  # Qwen3: each head's q and k RMS-normed (weights over head_dim) before RoPE
     sliding_window: int | None
     bos_token_id: int | None
     eos_token_ids: list[int]
@@ -96,6 +98,7 @@ class ModelConfig:
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)),
             o_bias=arch != "Qwen2ForCausalLM" and bool(d.get("attention_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
             sliding_window=_active_sliding_window(arch, d),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -133,7 +136,7 @@ def _active_sliding_window(arch: str, d: dict) -> int | None:
     window = d.get("sliding_window")
     if window is None:
         return None
-    if arch == "Qwen2ForCausalLM" and not d.get("use_sliding_window", False):
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not d.get("use_sliding_window", False):
         return None
     layer_types = d.get("layer_types")
     if layer_types is not None and "sliding_attention" not in layer_types:

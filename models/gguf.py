@@ -21,16 +21,16 @@ from gguf import GGUFReader
 from models.config import ModelConfig
 from models.quant import FLOAT_TYPES, QUANTIZED_TYPES, QType, QuantizedWeight, UnsupportedTensorType
 
-# general.architecture -> the HF class. llama.cpp writes Mistral checkpoints as "llama"; Qwen2 keeps its q/k/v biases
-# and its own rotary layout (NEOX, which is HF's), so its q/k rows are not permuted
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# general.architecture -> the HF class. llama.cpp writes Mistral checkpoints as "llama"; Qwen2 (q/k/v biases) and
+# Qwen3 (q/k norms) keep their own rotary layout (NEOX, which is HF's), so their q/k rows are not permuted
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 PERMUTED_QK = ("llama",)
 
 # llama.cpp tensor name -> HF name ({} is the layer index)
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _GLOBAL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
@@ -117,7 +117,7 @@ def recommended_sampling(reader: GGUFReader) -> dict[str, float | int]:
 
 
 def read_config(reader: GGUFReader) -> dict:
-    """Llama or Qwen2 metadata -> an HF config.json dict."""
+    """Llama, Qwen2 or Qwen3 metadata -> an HF config.json dict."""
     parts = _field(reader, "split.count", 1)
     if parts > 1:  # (llama.cpp's gguf-split; the first part holds the metadata, the others tensors alone)
         raise GGUFError(f"this GGUF is part {_field(reader, 'split.no', 0) + 1} of a model split into {parts} files, "

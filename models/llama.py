@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama, Qwen2, Mistral): HF parameter names, fused q/k/v and gate/up.
+"""The Llama-family decoder (Llama, Qwen2, Qwen3, Mistral): HF parameter names, fused q/k/v and gate/up.
 
 forward(input_ids, positions) -> final-normed hidden states; compute_logits(hidden) -> logits.
 Inside a `forward_context` the tokens are a flat [num_tokens] batch over the paged KV cache;
@@ -27,6 +27,10 @@ class Attention(nn.Module):
                                      bias=config.qkv_bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=config.o_bias)
         self.q_size, self.kv_size = q_size, kv_size
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
         # bound to the KV cache's tensors once it exists (engine.kv_cache.KVCache.bind)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -37,7 +41,10 @@ class Attention(nn.Module):
         lead = hidden.shape[:-1]
         qkv = self.qkv_proj(hidden).view(*lead, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         num_qk_heads = self.num_heads + self.num_kv_heads
-        qk = apply_rotary(qkv[..., :num_qk_heads, :], cos, sin)  # q and k rotated in one go
+        qk = qkv[..., :num_qk_heads, :]
+        if self.qk_norm:
+            qk = torch.cat([self.q_norm(qk[..., :self.num_heads, :]), self.k_norm(qk[..., self.num_heads:, :])], -2)
+        qk = apply_rotary(qk, cos, sin)  # q and k rotated in one go
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=-2)
         v = qkv[..., num_qk_heads:, :]
         out = self.o_proj(self.attend(q, k, v).reshape(*lead, self.q_size))
@@ -177,8 +184,10 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, seq_lens)
         cos, sin = cos.to(hidden.dtype), sin.to(hidden.dtype)
-        # the fused layer runs o_proj through down in one call, with no room for tensor parallelism's all-reduce
-        if ctx is not None and self.kernels is not None and self.tp is None and self.kernels.takes(hidden):
+        # the fused layer runs o_proj through down in one call, with no room for tensor parallelism's all-reduce;
+        # nor for Qwen3's q/k norms (its layers run the operators, the linears still on the kernels)
+        if (ctx is not None and self.kernels is not None and self.tp is None and not self.config.qk_norm
+                and self.kernels.takes(hidden)):
             stack = self._decoder_stack() if ctx.lora is None else None
             if stack is not None:
                 hidden = stack.forward(hidden, cos, sin, ctx.slot_mapping, ctx.block_tables, ctx.query_start_loc,

@@ -88,7 +88,7 @@ async def tokenize(req: TokenizeRequest, state: State) -> TokenizeResponse:
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give either `prompt` or `messages`", param="prompt")
     if req.messages is not None:
-        tokens = chat_prompt_ids(state.tokenizer, req.messages, req.add_generation_prompt)
+        tokens = chat_prompt_ids(state.tokenizer, req)
     else:
         tokens = completion_prompt_ids(state.tokenizer, req.prompt, req.add_special_tokens)
     token_strs = state.tokenizer.convert_ids_to_tokens(tokens) if req.return_token_strs else None

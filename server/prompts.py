@@ -2,11 +2,17 @@
 messages through the chat template. A server without a tokenizer takes token ids only."""
 from __future__ import annotations
 
+import inspect
+
 from jinja2 import TemplateError
+from transformers import PreTrainedTokenizerBase
 
 from server.errors import APIError
-from server.protocol import ChatCompletionRequest, ChatMessage, SamplingRequest
+from server.protocol import ChatCompletionRequest, SamplingRequest, TokenizeRequest
 from server.tools import active_tools, calls_text, system_prompt
+
+# apply_chat_template's own parameters: never template variables a request may set
+TEMPLATE_CALL_PARAMETERS = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"kwargs"}
 
 # Used when the tokenizer has none (e.g. a base model): one "<|role|>" header line per message.
 FALLBACK_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -60,17 +66,27 @@ def chat_request_ids(tokenizer, req: ChatCompletionRequest) -> tuple[list[int], 
         calls = bool(active_tools(req))
     except ValueError as e:
         raise APIError(400, str(e), param="tool_choice") from None
-    return chat_prompt_ids(tokenizer, req.messages, tools_prompt=system_prompt(req) if calls else None), calls
+    return chat_prompt_ids(tokenizer, req, tools_prompt=system_prompt(req) if calls else None), calls
 
 
-def chat_prompt_ids(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True,
+def chat_prompt_ids(tokenizer, req: ChatCompletionRequest | TokenizeRequest,
                     tools_prompt: str | None = None) -> list[int]:
-    """The messages through the model's chat template, with `tools_prompt` (server.tools) ahead of the system
-    message's text, or as one. A template may refuse them (Llama 2's and Mistral's raise unless the roles
+    """A request's messages through the model's chat template, with `tools_prompt` (server.tools) ahead of the
+    system message's text, or as one, and as vLLM takes them: the template's own variables
+    (`chat_template_kwargs`), and the last assistant message continued rather than closed
+    (`continue_final_message`). A template may refuse them (Llama 2's and Mistral's raise unless the roles
     alternate user / assistant): the client's error, a 400 with the template's message."""
     require_tokenizer(tokenizer, "messages")
+    variables = req.chat_template_kwargs or {}
+    taken = sorted(variables.keys() & TEMPLATE_CALL_PARAMETERS)
+    if taken:
+        raise APIError(400, f"chat_template_kwargs: {', '.join(taken)} cannot be set there (the request's own "
+                            "fields set them)", param="chat_template_kwargs")
+    if req.continue_final_message and (req.add_generation_prompt or req.messages[-1].role != "assistant"):
+        raise APIError(400, "continue_final_message continues the last message, which must be the assistant's, "
+                            "and needs add_generation_prompt: false", param="continue_final_message")
     turns = [m.for_template(unicode_text(calls_text(m.tool_calls) if m.tool_calls else m.text, "messages"))
-             for m in messages]
+             for m in req.messages]
     if tools_prompt is not None and turns[0]["role"] == "system":
         turns[0] = {**turns[0], "content": f"{tools_prompt}\n\n{turns[0]['content']}"}
     elif tools_prompt is not None:
@@ -78,7 +94,8 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage], add_generation_promp
     try:
         text = tokenizer.apply_chat_template(turns,
                                              chat_template=tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE,
-                                             tokenize=False, add_generation_prompt=add_generation_prompt)
+                                             tokenize=False, add_generation_prompt=req.add_generation_prompt,
+                                             continue_final_message=req.continue_final_message, **variables)
     except TemplateError as e:
         raise APIError(400, f"the model's chat template refuses these messages: {e}", param="messages") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]

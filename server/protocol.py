@@ -361,6 +361,10 @@ class ChatCompletionRequest(SamplingRequest):
     # given the choice repeat a call until max_tokens
     parallel_tool_calls: bool = False
     prediction: Prediction | None = None
+    # vLLM's extensions for the chat template (server.prompts.chat_prompt_ids)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last (assistant) message is the answer's start, continued
+    chat_template_kwargs: dict[str, Any] | None = None  # the template's own variables (Qwen3's enable_thinking)
     # not served: any value but null (or an empty list, or "none") is an error that names the field
     functions: Any = None
     function_call: Any = None
@@ -566,6 +570,8 @@ class TokenizeRequest(RequestBody):
     add_special_tokens: bool = True  # prompts only: a chat template writes its own
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool = False
 
 

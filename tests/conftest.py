@@ -42,7 +42,8 @@ def no_step_timing(request, monkeypatch):
 
 def save_tiny_model(folder: Path, arch: str = "LlamaForCausalLM", seed: int = 0, **overrides) -> Path:
     """Random model of `arch` with a 256-token byte vocabulary, saved as an HF folder."""
-    model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}[arch]
+    model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                  "MistralForCausalLM": "mistral"}[arch]
     kwargs = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)

@@ -26,7 +26,8 @@ from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model
 
 HF_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+              "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
 RANDOM_BLOCKS = (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_NL, QType.IQ4_XS)
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
 
@@ -69,7 +70,10 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None
                               config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     tokenizer = byte_tokenizer()
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     writer.add_tokenizer_model("gpt2")
@@ -154,6 +158,31 @@ def test_qwen2_file_matches_transformers_gguf_loading(tmp_path):
         reference = model.generate(tokens[:1], attention_mask=torch.ones_like(tokens[:1]), max_new_tokens=8,
                                    do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out.token_ids == reference[0, tokens.shape[1]:].tolist()
+
+
+def test_qwen3_file_matches_transformers_gguf_loading(tmp_path):
+    """Qwen3 files hold each layer's q/k norms (attn_q_norm, attn_k_norm) and unpermuted q/k rows; a head_dim
+    other than hidden / heads (Qwen3-0.6B: 128 against 64) is read from attention.key_length."""
+    folder = save_tiny_model(tmp_path / "hf", arch="Qwen3ForCausalLM", tie_word_embeddings=True, rope_theta=1e6)
+    model = hf_model(folder)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
+    file = write_gguf(model, tmp_path / "qwen3.gguf", arch="qwen3", qtype_of=lambda name, w: QType.Q8_0)
+    tokens = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    oracle = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="qwen3.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = oracle(tokens).logits  # (transformers dequantizes the Q8_0 blocks)
+    assert (our_logits(file, tokens) - expected).abs().max() <= 1e-4
+    llm = LLM(file, kv_cache_dtype="float32")  # the engine decodes it, kernels and all, as transformers does
+    out = llm.generate([tokens[0].tolist()], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    with torch.no_grad():
+        reference = oracle.generate(tokens[:1], attention_mask=torch.ones_like(tokens[:1]), max_new_tokens=8,
+                                    do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.token_ids == reference[0, tokens.shape[1]:].tolist()
+    wide = save_tiny_model(tmp_path / "wide", arch="Qwen3ForCausalLM", head_dim=24)
+    assert read_gguf(write_gguf(hf_model(wide), tmp_path / "wide.gguf", arch="qwen3")).config.head_dim == 24
 
 
 def test_llama3_rope_factors_tensor_matches_hf(tmp_path):

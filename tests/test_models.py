@@ -30,6 +30,7 @@ MODEL_CASES = {
     "llama-mqa": ("LlamaForCausalLM", {"num_key_value_heads": 1}),
     "llama-biases": ("LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True}),
     "qwen2": ("Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3ForCausalLM", {}),
     "mistral": ("MistralForCausalLM", {"sliding_window": 4096}),
 }
 
@@ -60,6 +61,19 @@ def check_against_hf(folder, device: str = "cpu") -> None:
 def test_architectures_match_hf(tmp_path, case):
     arch, overrides = MODEL_CASES[case]
     check_against_hf(save_tiny_model(tmp_path, arch, **overrides))
+
+
+def test_qwen3_q_and_k_norms_match_hf(tmp_path):
+    """Qwen3 RMS-norms each head's q and k (weights over head_dim, here != hidden / heads) before RoPE; trained
+    norm weights, not HF's fresh ones, check that each goes where it should."""
+    folder = save_tiny_model(tmp_path, "Qwen3ForCausalLM", head_dim=24)
+    model = hf_model(folder)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
+    model.save_pretrained(folder)
+    check_against_hf(folder)
 
 
 @pytest.mark.parametrize("rope", ROPE_CASES)

@@ -369,6 +369,38 @@ def test_cors_origins_are_allowed(llm):
         assert "access-control-allow-origin" not in other.headers
 
 
+def test_chat_template_variables_and_a_continued_answer(client, llm, monkeypatch):
+    """vLLM's chat_template_kwargs (Qwen3's enable_thinking is one) reach the template; continue_final_message
+    writes the last assistant message without closing it, so the answer continues it; both checked."""
+    template = ("{% if think %}<think>{% endif %}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                "{% if not (continue_final_message and loop.last) %}</{{ m['role'] }}>{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    monkeypatch.setattr(llm.tokenizer, "chat_template", template)
+
+    def tokens(**fields) -> list[int]:
+        response = client.post("/tokenize", headers=AUTH, json={"messages": USER, **fields})
+        assert response.status_code == 200, response.text
+        return response.json()["tokens"]
+
+    assert llm.tokenizer.decode(tokens(chat_template_kwargs={"think": True})) == "<think><user>hi</user><assistant>"
+    prefill = [*USER, {"role": "assistant", "content": "Sure, "}]
+    assert llm.tokenizer.decode(tokens(messages=prefill, add_generation_prompt=False,
+                                       continue_final_message=True)) == "<user>hi</user><assistant>Sure, "
+    body = {"model": MODEL, "messages": prefill, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "add_generation_prompt": False, "continue_final_message": True, "return_token_ids": True}
+    answer = client.post("/v1/chat/completions", headers=AUTH, json=body).json()
+    want = llm.generate(llm.tokenizer("<user>hi</user><assistant>Sure, ", add_special_tokens=False)["input_ids"],
+                        SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert answer["choices"][0]["token_ids"] == want.token_ids
+    for fields, param in [({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+                          ({"continue_final_message": True}, "continue_final_message"),
+                          ({"messages": prefill, "continue_final_message": True}, "continue_final_message")]:
+        response = client.post("/v1/chat/completions", headers=AUTH, json={**body, "add_generation_prompt": True,
+                                                                           "continue_final_message": False,
+                                                                           "messages": USER, **fields})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
 def test_tokenize_and_detokenize_round_trip(client, llm):
     response = client.post("/tokenize", headers=AUTH, json={"prompt": "def f(x):", "return_token_strs": True})
     assert response.status_code == 200, response.text
@@ -377,14 +409,9 @@ def test_tokenize_and_detokenize_round_trip(client, llm):
     assert got["tokens"] == want and got["count"] == len(want) and got["max_model_len"] == llm.max_model_len
     assert len(got["token_strs"]) == len(want)
     chat_tokens = client.post("/tokenize", headers=AUTH, json={"messages": USER}).json()["tokens"]
-    assert chat_tokens == chat_prompt_ids(llm.tokenizer, [type_message(m) for m in USER])
+    assert chat_tokens == chat_prompt_ids(llm.tokenizer, ChatCompletionRequest(messages=USER))
     text = client.post("/detokenize", headers=AUTH, json={"tokens": want}).json()["prompt"]
     assert text == llm.tokenizer.decode(want)
-
-
-def type_message(message: dict):
-    from server.protocol import ChatMessage
-    return ChatMessage.model_validate(message)
 
 
 def test_models_report_the_context_length(client, llm):
@@ -491,7 +518,7 @@ def test_return_token_ids(client, llm):
     assert "prompt_token_ids" not in plain["choices"][0] and "token_ids" not in plain["choices"][0]  # OpenAI's
     chat = client.post("/v1/chat/completions", headers=AUTH,
                        json={"messages": USER, "max_tokens": 3, "return_token_ids": True}).json()
-    assert chat["prompt_token_ids"] == chat_prompt_ids(llm.tokenizer, [type_message(m) for m in USER])
+    assert chat["prompt_token_ids"] == chat_prompt_ids(llm.tokenizer, ChatCompletionRequest(messages=USER))
     assert len(chat["choices"][0]["token_ids"]) == chat["usage"]["completion_tokens"]
 
 
