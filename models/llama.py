@@ -50,6 +50,11 @@ class Attention(nn.Module):
         out = self.o_proj(self.attend(q, k, v).reshape(*lead, self.q_size))
         return out if self.tp is None else self.tp.all_reduce(out)
 
+    def qk_norm_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The q and k norms' weights as the fused kernels take them (None, None: no such norms). Their eps is the
+        layers' (Qwen3's rms_norm_eps)."""
+        return (self.q_norm.weight, self.k_norm.weight) if self.qk_norm else (None, None)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
         if ctx is None:
@@ -111,7 +116,7 @@ class DecoderLayer(nn.Module):
         qkv_weights, qkv_qtypes = kernel_parts(attn.qkv_proj)
         q, k, v = ops.attention_input(hidden, self.input_layernorm.weight, self.input_layernorm.eps, qkv_weights,
                                       attn.qkv_proj.bias, cos, sin, attn.num_heads, attn.num_kv_heads, lora_slots,
-                                      lora_weights(attn.qkv_proj), qkv_qtypes)
+                                      lora_weights(attn.qkv_proj), qkv_qtypes, *attn.qk_norm_weights())
         out = attn.attend(q, k, v).view(hidden.shape[0], attn.q_size)
         gate_up_weights, gate_up_qtypes = kernel_parts(mlp.gate_up_proj)
         return ops.attention_output(out, hidden, attn.o_proj.kernel_weight, attn.o_proj.bias,
@@ -131,7 +136,8 @@ class DecoderLayer(nn.Module):
                         self.post_attention_layernorm.weight, self.post_attention_layernorm.eps,
                         gate_up_weights, mlp.gate_up_proj.bias, mlp.down_proj.kernel_weight,
                         mlp.down_proj.bias, qkv_qtypes, gate_up_qtypes,
-                        [int(attn.o_proj.qtype), int(mlp.down_proj.qtype)], attn.k_cache, attn.v_cache)
+                        [int(attn.o_proj.qtype), int(mlp.down_proj.qtype)], attn.k_cache, attn.v_cache,
+                        *attn.qk_norm_weights())
 
 
 def kernel_parts(linear: nn.Module) -> tuple[list[torch.Tensor], list[int]]:
@@ -184,10 +190,8 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, seq_lens)
         cos, sin = cos.to(hidden.dtype), sin.to(hidden.dtype)
-        # the fused layer runs o_proj through down in one call, with no room for tensor parallelism's all-reduce;
-        # nor for Qwen3's q/k norms (its layers run the operators, the linears still on the kernels)
-        if (ctx is not None and self.kernels is not None and self.tp is None and not self.config.qk_norm
-                and self.kernels.takes(hidden)):
+        # the fused layer runs o_proj through down in one call, with no room for tensor parallelism's all-reduce
+        if ctx is not None and self.kernels is not None and self.tp is None and self.kernels.takes(hidden):
             stack = self._decoder_stack() if ctx.lora is None else None
             if stack is not None:
                 hidden = stack.forward(hidden, cos, sin, ctx.slot_mapping, ctx.block_tables, ctx.query_start_loc,

@@ -631,7 +631,8 @@ torch::Tensor linear_parts(const torch::Tensor& x, const std::vector<torch::Tens
 }
 
 // hidden [M, H] -> (q [M, num_heads, D], k [M, num_kv_heads, D], v [M, num_kv_heads, D]) in hidden's dtype:
-// RMSNorm, the packed q/k/v projection (+ bias, + LoRA), then rotate-half RoPE on q and k with cos/sin [M, D].
+// RMSNorm, the packed q/k/v projection (+ bias, + LoRA), then rotate-half RoPE on q and k with cos/sin [M, D];
+// with q_norm and k_norm ([D]: Qwen3), each head of q and of k RMS-normed (eps too) before its rotation.
 // LoRA: lora_slots [M] (-1: none) and [A, Bt] as engine.adapters.lora.LoRALinear stacks them, or [].
 // qkv_weights: the projection's parts (linear_parts), one unless the file stores them in several types;
 // qtypes: [] for float weights, or the ggml type of each part (0: float).
@@ -639,7 +640,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_input(
     torch::Tensor hidden, torch::Tensor norm_weight, double eps, std::vector<torch::Tensor> qkv_weights,
     c10::optional<torch::Tensor> qkv_bias, torch::Tensor cos, torch::Tensor sin, int64_t num_heads,
     int64_t num_kv_heads, c10::optional<torch::Tensor> lora_slots, std::vector<c10::optional<torch::Tensor>> lora,
-    std::vector<int64_t> qtypes) {
+    std::vector<int64_t> qtypes, c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm) {
   TORCH_CHECK(hidden.dim() == 2, "attention_input: hidden must be [rows, hidden_size]");
   const int64_t M = hidden.size(0);
   const int64_t num_qk_heads = num_heads + num_kv_heads;
@@ -653,6 +654,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_input(
   auto qkv = linear_parts(normed, qkv_weights, optional_float(qkv_bias), qtypes);
   TORCH_CHECK(lora.empty() || lora.size() == 2, "attention_input: lora takes the A and Bt of q/k/v");
   if (!lora.empty()) add_lora(qkv, normed, lora_slots, lora[0], lora[1]);
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value() && (!q_norm || (q_norm->numel() == D && k_norm->numel() == D)),
+              "attention_input: q_norm and k_norm come together, each [head_dim]");
+  torch::Tensor qn, kn;
+  if (q_norm) qn = as_float(*q_norm), kn = as_float(*k_norm);
   auto c = as_float(cos), s = as_float(sin);
   float* data = qkv.data_ptr<float>();
   const float *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
@@ -661,6 +666,15 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_input(
     const float *cm = cp + m * D, *sm = sp + m * D;
     for (int64_t head = 0; head < num_qk_heads; ++head) {
       float* x = data + m * width + head * D;
+      if (q_norm) {  // (rms_norm_f32's arithmetic, in place)
+        const float* w = (head < num_heads ? qn : kn).data_ptr<float>();
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t d = 0; d < D; ++d) sum += x[d] * x[d];
+        const float inv = 1.0f / std::sqrt(sum / D + static_cast<float>(eps));
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) x[d] = x[d] * inv * w[d];
+      }
 #pragma omp simd
       for (int64_t d = 0; d < half; ++d) {
         const float lo = x[d], hi = x[d + half];
@@ -727,6 +741,7 @@ class DecoderStack {
     c10::optional<torch::Tensor> qkv_bias, o_bias, gate_up_bias, down_bias;
     double input_eps, post_eps;
     std::vector<int64_t> qkv_qtypes, gate_up_qtypes, qtypes;  // q/k/v's parts; gate/up's parts; o, down
+    c10::optional<torch::Tensor> q_norm, k_norm;  // (Qwen3)
   };
 
   DecoderStack(int64_t num_heads, int64_t num_kv_heads, double scale)
@@ -741,13 +756,13 @@ class DecoderStack {
                  c10::optional<torch::Tensor> gate_up_bias, torch::Tensor down_weight,
                  c10::optional<torch::Tensor> down_bias, std::vector<int64_t> qkv_qtypes,
                  std::vector<int64_t> gate_up_qtypes, std::vector<int64_t> qtypes, torch::Tensor k_cache,
-                 torch::Tensor v_cache) {
+                 torch::Tensor v_cache, c10::optional<torch::Tensor> q_norm, c10::optional<torch::Tensor> k_norm) {
     TORCH_CHECK(qkv_qtypes.size() == qkv_weights.size() && gate_up_qtypes.size() == gate_up_weights.size() &&
                     qtypes.size() == 2,
                 "DecoderStack: the types of q/k/v's parts, gate/up's parts, then of o and down");
     layers_.push_back({input_norm, o_weight, post_norm, down_weight, k_cache, v_cache, qkv_weights, gate_up_weights,
                        qkv_bias, o_bias, gate_up_bias, down_bias, input_eps, post_eps, qkv_qtypes, gate_up_qtypes,
-                       qtypes});
+                       qtypes, q_norm, k_norm});
   }
 
   // hidden [M, H] -> the last layer's output [M, H]; the step's attention metadata as the op takes it
@@ -757,7 +772,8 @@ class DecoderStack {
     const std::vector<c10::optional<torch::Tensor>> no_lora;
     for (const Layer& l : layers_) {
       auto [q, k, v] = attention_input(hidden, l.input_norm, l.input_eps, l.qkv_weights, l.qkv_bias, cos, sin,
-                                       num_heads_, num_kv_heads_, c10::nullopt, no_lora, l.qkv_qtypes);
+                                       num_heads_, num_kv_heads_, c10::nullopt, no_lora, l.qkv_qtypes, l.q_norm,
+                                       l.k_norm);
       auto attn = attention_.call(q, k, v, l.k_cache, l.v_cache, slot_mapping, block_tables, query_start_loc,
                                   context_lens, tree_mask, scale_);
       hidden = attention_output(attn.view({hidden.size(0), -1}), hidden, l.o_weight, l.o_bias, l.post_norm,
@@ -1017,7 +1033,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_input", &attention_input, "RMSNorm, q/k/v projection and RoPE of a few rows", py::arg("hidden"),
         py::arg("norm_weight"), py::arg("eps"), py::arg("qkv_weights"), py::arg("qkv_bias"), py::arg("cos"),
         py::arg("sin"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("lora_slots"), py::arg("lora"),
-        py::arg("qtypes") = std::vector<int64_t>{});
+        py::arg("qtypes") = std::vector<int64_t>{}, py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none());
   m.def("attention_output", &attention_output, "o_proj + residual, RMSNorm, SwiGLU MLP + residual of a few rows",
         py::arg("attn"), py::arg("residual"), py::arg("o_weight"), py::arg("o_bias"), py::arg("norm_weight"),
         py::arg("eps"), py::arg("gate_up_weights"), py::arg("gate_up_bias"), py::arg("down_weight"),
