@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from engine.prompt_files import TEMPLATE_CALL_PARAMETERS
 from models.gguf import find_gguf
 from models.loader import default_dtype, default_kv_cache_dtype
 from models.named import resolve_model
@@ -141,6 +143,9 @@ class EngineConfig:
     max_lora_rank: int = 16
     tokenizer: str | None = None  # a folder to take the tokenizer from; None: the model's folder
     chat_template: str | None = None  # a Jinja chat template in place of the tokenizer's own (vLLM's --chat-template)
+    # the chat template's variables where a request sets none of its own (vLLM's --default-chat-template-kwargs:
+    # {"enable_thinking": false} for Qwen3)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     skip_tokenizer_init: bool = False  # no tokenizer: token-id prompts only, outputs carry token ids and no text
     # "auto": a request without sampling parameters (the HTTP API: a field left out) takes the ones the model
     # recommends (models.loader.recommended_sampling: generation_config.json, a GGUF's general.sampling.*), as vLLM
@@ -194,6 +199,10 @@ class EngineConfig:
             raise ValueError(f"medusa_ngram_tokens must be >= 0, got {self.medusa_ngram_tokens}")
         if self.medusa_posterior_threshold < 0 or self.medusa_posterior_alpha < 0:
             raise ValueError("medusa_posterior_threshold and medusa_posterior_alpha must be >= 0")
+        taken = sorted(self.chat_template_kwargs.keys() & TEMPLATE_CALL_PARAMETERS)
+        if taken:
+            raise ValueError(f"chat_template_kwargs: {', '.join(taken)} cannot be set there (they are the chat "
+                             "template call's own parameters)")
         if self.generation_config not in ("auto", "none"):
             raise ValueError(f"generation_config must be 'auto' or 'none', got {self.generation_config!r}")
         if self.medusa_acceptance not in ("rejection", "typical"):

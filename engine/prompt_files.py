@@ -5,11 +5,16 @@ model's first answer, as vLLM's benchmarks take them), "prompt" or "text". And a
 chat model answers (chat_prompt_ids)."""
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from pathlib import Path
 
+from transformers import PreTrainedTokenizerBase
+
 RECORD_SUFFIXES = (".jsonl", ".json")
+# apply_chat_template's own parameters: never template variables (chat_template_kwargs) one may set
+TEMPLATE_CALL_PARAMETERS = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"kwargs"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user"}
 
 
@@ -68,7 +73,7 @@ def _sharegpt_prompt(conversation: list) -> list[dict] | None:
     return turns if any(t["role"] == "user" and t["content"].strip() for t in turns) else None
 
 
-def chat_prompt_ids(tokenizer, chat: str | list[dict]) -> list[int]:
+def chat_prompt_ids(tokenizer, chat: str | list[dict], template_kwargs: dict | None = None) -> list[int]:
     """A user prompt (or a chat's messages) as token ids in the model's chat format, ready for its answer, as the
     server writes them for a model with a chat template: the template writes any BOS itself (tokenizing its text
     again would add a second one to Llama's and Mistral's). A model without one takes a prompt as it is (where
@@ -79,4 +84,4 @@ def chat_prompt_ids(tokenizer, chat: str | list[dict]) -> list[int]:
         return tokenizer(chat)["input_ids"]
     messages = [{"role": "user", "content": chat}] if isinstance(chat, str) else chat
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                              return_dict=True)["input_ids"])
+                                              return_dict=True, **(template_kwargs or {}))["input_ids"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -116,6 +117,19 @@ def add_chat_template_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template", default=None,
                         help="a Jinja chat template in place of the tokenizer's own: a file, or the template itself "
                              "(as vLLM's flag)")
+    parser.add_argument("--default-chat-template-kwargs", type=json_object, default=None, metavar="JSON",
+                        help="the chat template's variables where a request sets none of its own, e.g. "
+                             "'{\"enable_thinking\": false}' for Qwen3 (as vLLM's flag)")
+
+
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object is needed, got {text!r}")
+    return value
 
 
 def chat_template(value: str | None) -> str | None:
@@ -129,7 +143,8 @@ def shared_engine_kwargs(args: argparse.Namespace) -> dict:
     """EngineConfig fields from the flags serve and generate share; a flag left out keeps the engine's default."""
     fields = {"device": args.device, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
               "quantization": args.quantization, "dequantize": args.dequantize, "tokenizer": args.tokenizer,
-              "chat_template": chat_template(args.chat_template), "batch_invariant": args.batch_invariant,
+              "chat_template": chat_template(args.chat_template),
+              "chat_template_kwargs": args.default_chat_template_kwargs, "batch_invariant": args.batch_invariant,
               "tensor_parallel_size": args.tensor_parallel_size, "cuda_graphs": not args.enforce_eager,
               "generation_config": args.generation_config, **medusa_options(args)}
     return {name: value for name, value in fields.items() if value is not None}

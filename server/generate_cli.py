@@ -94,7 +94,7 @@ def generate(llm: LLM, args: argparse.Namespace, params: SamplingParams) -> None
     one JSON object."""
     if args.chat and not llm.tokenizer.chat_template:
         raise ValueError("--chat needs a chat model: this model's tokenizer has no chat template")
-    prompt = chat_prompt_ids(llm.tokenizer, args.prompt) if args.chat else args.prompt
+    prompt = chat_prompt_ids(llm.tokenizer, args.prompt, llm.config.chat_template_kwargs) if args.chat else args.prompt
     if args.json:
         out = llm.generate(prompt, params)[0]
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,

@@ -58,7 +58,7 @@ async def completions(req: CompletionRequest, request: Request, state: State) ->
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
              responses=streamed_as(ChatCompletionChunk))
 async def chat_completions(req: ChatCompletionRequest, request: Request, state: State) -> Response:
-    prompt_ids, calls = chat_request_ids(state.tokenizer, req)
+    prompt_ids, calls = chat_request_ids(state.tokenizer, req, state.llm.config.chat_template_kwargs)
     renderer = ChatRenderer(req.model or state.config.model_name, state.tokenizer, req.top_alternatives,
                             returns_token_ids(req, state), calls)
     return await generate(request, state, req, [prompt_ids], renderer)
@@ -88,7 +88,7 @@ async def tokenize(req: TokenizeRequest, state: State) -> TokenizeResponse:
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give either `prompt` or `messages`", param="prompt")
     if req.messages is not None:
-        tokens = chat_prompt_ids(state.tokenizer, req)
+        tokens = chat_prompt_ids(state.tokenizer, req, state.llm.config.chat_template_kwargs)
     else:
         tokens = completion_prompt_ids(state.tokenizer, req.prompt, req.add_special_tokens)
     token_strs = state.tokenizer.convert_ids_to_tokens(tokens) if req.return_token_strs else None

@@ -2,17 +2,12 @@
 messages through the chat template. A server without a tokenizer takes token ids only."""
 from __future__ import annotations
 
-import inspect
-
 from jinja2 import TemplateError
-from transformers import PreTrainedTokenizerBase
 
+from engine.prompt_files import TEMPLATE_CALL_PARAMETERS
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, SamplingRequest, TokenizeRequest
 from server.tools import active_tools, calls_text, system_prompt
-
-# apply_chat_template's own parameters: never template variables a request may set
-TEMPLATE_CALL_PARAMETERS = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"kwargs"}
 
 # Used when the tokenizer has none (e.g. a base model): one "<|role|>" header line per message.
 FALLBACK_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -59,25 +54,25 @@ def prompt_text(tokenizer, prompt: str | list[int]) -> str:
     return tokenizer.decode(prompt) if tokenizer is not None else ""
 
 
-def chat_request_ids(tokenizer, req: ChatCompletionRequest) -> tuple[list[int], bool]:
+def chat_request_ids(tokenizer, req: ChatCompletionRequest, template_kwargs: dict) -> tuple[list[int], bool]:
     """A chat request's prompt, with server.tools' system prompt where its tools are in play, and whether they are
     (a tool_choice that names no tool is a 400)."""
     try:
         calls = bool(active_tools(req))
     except ValueError as e:
         raise APIError(400, str(e), param="tool_choice") from None
-    return chat_prompt_ids(tokenizer, req, tools_prompt=system_prompt(req) if calls else None), calls
+    return chat_prompt_ids(tokenizer, req, template_kwargs, tools_prompt=system_prompt(req) if calls else None), calls
 
 
-def chat_prompt_ids(tokenizer, req: ChatCompletionRequest | TokenizeRequest,
+def chat_prompt_ids(tokenizer, req: ChatCompletionRequest | TokenizeRequest, template_kwargs: dict,
                     tools_prompt: str | None = None) -> list[int]:
     """A request's messages through the model's chat template, with `tools_prompt` (server.tools) ahead of the
     system message's text, or as one, and as vLLM takes them: the template's own variables
-    (`chat_template_kwargs`), and the last assistant message continued rather than closed
-    (`continue_final_message`). A template may refuse them (Llama 2's and Mistral's raise unless the roles
-    alternate user / assistant): the client's error, a 400 with the template's message."""
+    (`chat_template_kwargs`, over the server's defaults `template_kwargs`), and the last assistant message
+    continued rather than closed (`continue_final_message`). A template may refuse them (Llama 2's and Mistral's
+    raise unless the roles alternate user / assistant): the client's error, a 400 with the template's message."""
     require_tokenizer(tokenizer, "messages")
-    variables = req.chat_template_kwargs or {}
+    variables = {**template_kwargs, **(req.chat_template_kwargs or {})}
     taken = sorted(variables.keys() & TEMPLATE_CALL_PARAMETERS)
     if taken:
         raise APIError(400, f"chat_template_kwargs: {', '.join(taken)} cannot be set there (the request's own "

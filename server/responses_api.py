@@ -45,7 +45,7 @@ RESPONSES_NAMES = {"max_tokens": "max_output_tokens", "messages": "input", "resp
 async def responses(req: ResponsesRequest, request: Request, state: State) -> Response:
     chat = as_chat(req)
     try:
-        prompt_ids, tools = chat_request_ids(state.tokenizer, chat)
+        prompt_ids, tools = chat_request_ids(state.tokenizer, chat, state.llm.config.chat_template_kwargs)
         streams = await start(state, chat, [prompt_ids])
     except APIError as e:
         raise renamed(e) from None

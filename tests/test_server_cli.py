@@ -87,6 +87,16 @@ def test_serve_speculates_with_the_models_own_heads_or_predicted_outputs_by_defa
     assert engine_kwargs(parse_args(["--device", "cuda", "--medusa", "auto"]))["medusa"] == "auto"
 
 
+def test_default_chat_template_kwargs_flag():
+    assert engine_kwargs(parse_args(["--default-chat-template-kwargs", '{"enable_thinking": false}']))[
+        "chat_template_kwargs"] == {"enable_thinking": False}
+    for bad in ("[1]", "{"):
+        with pytest.raises(SystemExit):
+            parse_args(["--default-chat-template-kwargs", bad])
+    with pytest.raises(ValueError, match="tools cannot be set there"):
+        EngineConfig(chat_template_kwargs={"tools": []})
+
+
 def test_generate_speculates_as_serve_does():
     """`gorgon generate --medusa none` was refused ("none is not a Medusa heads folder"), and its default was none."""
     from server.flags import medusa_options

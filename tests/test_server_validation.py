@@ -383,6 +383,10 @@ def test_chat_template_variables_and_a_continued_answer(client, llm, monkeypatch
         return response.json()["tokens"]
 
     assert llm.tokenizer.decode(tokens(chat_template_kwargs={"think": True})) == "<think><user>hi</user><assistant>"
+    monkeypatch.setattr(llm.config, "chat_template_kwargs", {"think": True})  # --default-chat-template-kwargs
+    assert llm.tokenizer.decode(tokens()) == "<think><user>hi</user><assistant>"
+    assert llm.tokenizer.decode(tokens(chat_template_kwargs={"think": False})) == "<user>hi</user><assistant>"
+    monkeypatch.setattr(llm.config, "chat_template_kwargs", {})
     prefill = [*USER, {"role": "assistant", "content": "Sure, "}]
     assert llm.tokenizer.decode(tokens(messages=prefill, add_generation_prompt=False,
                                        continue_final_message=True)) == "<user>hi</user><assistant>Sure, "
@@ -409,7 +413,7 @@ def test_tokenize_and_detokenize_round_trip(client, llm):
     assert got["tokens"] == want and got["count"] == len(want) and got["max_model_len"] == llm.max_model_len
     assert len(got["token_strs"]) == len(want)
     chat_tokens = client.post("/tokenize", headers=AUTH, json={"messages": USER}).json()["tokens"]
-    assert chat_tokens == chat_prompt_ids(llm.tokenizer, ChatCompletionRequest(messages=USER))
+    assert chat_tokens == chat_prompt_ids(llm.tokenizer, ChatCompletionRequest(messages=USER), {})
     text = client.post("/detokenize", headers=AUTH, json={"tokens": want}).json()["prompt"]
     assert text == llm.tokenizer.decode(want)
 
@@ -518,7 +522,7 @@ def test_return_token_ids(client, llm):
     assert "prompt_token_ids" not in plain["choices"][0] and "token_ids" not in plain["choices"][0]  # OpenAI's
     chat = client.post("/v1/chat/completions", headers=AUTH,
                        json={"messages": USER, "max_tokens": 3, "return_token_ids": True}).json()
-    assert chat["prompt_token_ids"] == chat_prompt_ids(llm.tokenizer, ChatCompletionRequest(messages=USER))
+    assert chat["prompt_token_ids"] == chat_prompt_ids(llm.tokenizer, ChatCompletionRequest(messages=USER), {})
     assert len(chat["choices"][0]["token_ids"]) == chat["usage"]["completion_tokens"]
 
 

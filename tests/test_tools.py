@@ -123,7 +123,7 @@ def test_required_tool_calls_through_the_openai_client(client, llm, parallel):
     assert parallel or len(choice.message.tool_calls) == 1
     # the engine's own answer, constrained the same way, from the same prompt
     req = request(tool_choice="required", parallel_tool_calls=parallel)
-    want = llm.generate(chat_prompt_ids(llm.tokenizer, req, tools_prompt=system_prompt(req)),
+    want = llm.generate(chat_prompt_ids(llm.tokenizer, req, {}, tools_prompt=system_prompt(req)),
                         SamplingParams(max_tokens=400, temperature=0, structured=output_format(req)))[0]
     assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
         (c.function.name, c.function.arguments) for c in read_answer(want.text)[1]]
@@ -162,7 +162,7 @@ def test_a_conversation_with_earlier_calls_and_results(client, llm):
                                          temperature=0)
     assert got.choices[0].finish_reason in ("tool_calls", "stop", "length")
     req = ChatCompletionRequest.model_validate({"messages": messages, "tools": [WEATHER]})
-    text = llm.tokenizer.decode(chat_prompt_ids(llm.tokenizer, req, tools_prompt=system_prompt(req)))
+    text = llm.tokenizer.decode(chat_prompt_ids(llm.tokenizer, req, {}, tools_prompt=system_prompt(req)))
     assert '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Rome", "unit": "C"}}]}' in text
     assert "21 C, clear" in text and text.index("get_weather") < text.index("weather?")  # the tools come first
 
