@@ -78,6 +78,12 @@ class ModelConfig:
             raise ValueError("config.json has neither an 'architectures' entry nor a known 'model_type' "
                              f"({', '.join(MODEL_TYPES)}); cannot tell which model class to build")
         arch = architectures[0] if architectures else MODEL_TYPES[d["model_type"]]
+        quantized = d.get("quantization_config")
+        if quantized is not None:  # its weights are packed tensors (qweight, scales, ...) of another library's format
+            method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else "unknown"
+            raise ValueError(f"this checkpoint is quantized in {method!r} format (config.json's quantization_config), "
+                             "which gorgon does not read: load the unquantized checkpoint (--quantization int8 or "
+                             "int4 quantizes it as it loads), or a GGUF file of the model")
         num_heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // num_heads
         eos = d.get("eos_token_id")

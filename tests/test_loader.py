@@ -113,3 +113,13 @@ def test_recommended_sampling_is_what_generation_config_sets(tmp_path):
         {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
          "eos_token_id": [2, 3]}))
     assert recommended_sampling(folder) == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "fp8", "bitsandbytes"])
+def test_a_checkpoint_quantized_by_another_library_is_a_clear_error(tmp_path, method):
+    """AWQ / GPTQ / FP8 / bitsandbytes folders hold packed tensors (qweight, scales, ...): named, not mismatched."""
+    folder = save_tiny_model(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": method}}))
+    with pytest.raises(ValueError, match=f"quantized in '{method}' format .* a GGUF file"):
+        load_model(folder, torch.float32, "cpu")
