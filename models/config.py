@@ -113,6 +113,9 @@ class ModelConfig:
     @classmethod
     def from_folder(cls, path: str | Path) -> ModelConfig:
         config_file = Path(path) / "config.json"
+        if Path(path).is_file():
+            raise FileNotFoundError(f"{path} is a file: give the Hugging Face checkpoint folder that holds it (with "
+                                    "its config.json and tokenizer), or a .gguf file")
         if not config_file.is_file():
             raise FileNotFoundError(f"{path} has no config.json; expected a Hugging Face checkpoint folder")
         return cls.from_dict(json.loads(config_file.read_text()))

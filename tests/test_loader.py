@@ -100,6 +100,13 @@ def test_a_config_without_architectures_is_read_by_its_model_type(tmp_path):
         load_model(folder, torch.float32, "cpu")
 
 
+def test_a_file_of_a_checkpoint_folder_names_the_folder(tmp_path):
+    folder = save_tiny_model(tmp_path)
+    for file in ("model.safetensors", "config.json"):
+        with pytest.raises(FileNotFoundError, match="is a file: give the Hugging Face checkpoint folder"):
+            load_model(folder / file, torch.float32, "cpu")
+
+
 def test_folder_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(tmp_path, torch.float32, "cpu")
