@@ -29,6 +29,7 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, v
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             repetition_penalty=sampling["repetition_penalty"],
             logit_bias=logit_bias(req.logit_bias or {}, vocab_size), stop=req.stop_list, ignore_eos=req.ignore_eos,
+            stop_token_ids=stop_token_ids(req.stop_token_ids or [], vocab_size),
             seed=None if req.seed is None else req.seed + choice,  # n choices: distinct but reproducible
             logprobs=req.top_alternatives, prompt_logprobs=req.prompt_alternatives, use_medusa=req.use_medusa,
             structured=calls or structured, prediction=prediction or [])
@@ -62,6 +63,15 @@ def check_context(req: SamplingRequest, prompt_len: int, max_model_len: int) -> 
         raise APIError(400, f"this model's context is {max_model_len} tokens, but {prompt_len + limit} were asked for "
                             f"({prompt_len} in the {prompt_param}, {limit} to generate): shorten the {prompt_param} "
                             f"or lower {limit_param}", param=limit_param, code="context_length_exceeded")
+
+
+def stop_token_ids(token_ids: list[int], vocab_size: int | None) -> list[int]:
+    """vLLM's stop_token_ids, each a token of the vocabulary (the answer ends with it, included)."""
+    bad = next((t for t in token_ids if vocab_size is not None and t >= vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"stop_token_ids: {bad} is not a token id (ids are in [0, {vocab_size}))",
+                       param="stop_token_ids")
+    return token_ids
 
 
 def logit_bias(bias: dict[str, float], vocab_size: int | None) -> dict[int, float]:

@@ -191,6 +191,18 @@ def test_usage_counts_the_prompt_tokens_the_prefix_cache_held(client, running):
     assert answers[1].usage.input_tokens_details.cached_tokens >= 8
 
 
+def test_stop_token_ids_end_the_answer_with_that_token(client, oracle):
+    """vLLM's stop_token_ids (the way to stop a server without a tokenizer, whose stop strings cannot match)."""
+    full = greedy("def f(x):", oracle, 12)
+    stop = full.token_ids[5]
+    got = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True, "stop_token_ids": [stop], "return_token_ids": True})
+    assert got.choices[0].token_ids == full.token_ids[:full.token_ids.index(stop) + 1]
+    assert got.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match="stop_token_ids"):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"stop_token_ids": [10**6]})
+
+
 def test_completion_accepts_token_ids_and_stop_strings(client, oracle):
     want = greedy([1, 40, 41, 42], oracle, 12)
     stop = want.text[3:5]

@@ -22,11 +22,11 @@ def chat(**fields) -> ChatCompletionRequest:
 def test_every_sampling_field_reaches_the_engine():
     req = completion(max_tokens=7, temperature=0.5, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=0.5,
                      frequency_penalty=-0.5, repetition_penalty=1.2, logit_bias={"5": -100, "17": 2.5}, seed=3,
-                     stop=["\n\n", "END"], ignore_eos=True, logprobs=2, use_medusa=False)
+                     stop=["\n\n", "END"], ignore_eos=True, stop_token_ids=[7], logprobs=2, use_medusa=False)
     assert sampling_params(req, 10, CONTEXT, VOCAB, {}) == SamplingParams(
         max_tokens=7, temperature=0.5, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=0.5, frequency_penalty=-0.5,
         repetition_penalty=1.2, logit_bias={5: -100.0, 17: 2.5}, seed=3, stop=["\n\n", "END"], ignore_eos=True,
-        logprobs=2, use_medusa=False)
+        stop_token_ids=[7], logprobs=2, use_medusa=False)
 
 
 def test_openai_defaults_map_to_the_engine_defaults():
