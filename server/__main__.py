@@ -28,6 +28,7 @@ from server.flags import (
     set_threads,
     shared_engine_kwargs,
 )
+from server.reasoning import REASONING_FORMATS
 
 DEFAULT_MODEL_NAME = "gorgon-default"
 API_KEY_ENV = "GORGON_API_KEY"
@@ -115,6 +116,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     http.add_argument("--max-waiting-requests", type=non_negative_int, default=None, metavar="N",
                       help="requests queued beyond the running batch; more get a 429 with Retry-After "
                            "(default: no limit)")
+    http.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_FORMATS),
+                      help="split chat answers' reasoning (up to </think>) into the message's reasoning_content, "
+                           "as vLLM's flag: deepseek_r1 (DeepSeek-R1 and its distills, whose prompt opens the "
+                           "reasoning), qwen3 (answers that open with <think>)")
     http.add_argument("--cors-origins", nargs="+", default=[], metavar="ORIGIN",
                       help="browser origins allowed to call the API ('*': any)")
     http.add_argument("--max-request-bytes", type=positive_int, default=1 << 20, help="request body size limit")
@@ -174,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
                     "the API's defaults)", llm.sampling_defaults)
     config = ServerConfig(model_name=model_name, model_root=model_root, api_key=args.api_key or None,
                           max_request_bytes=args.max_request_bytes, max_waiting_requests=args.max_waiting_requests,
-                          cors_origins=args.cors_origins)
+                          cors_origins=args.cors_origins, reasoning_parser=args.reasoning_parser)
     try:
         uvicorn.run(create_app(llm, config), host=args.host, port=args.port, log_level=args.log_level,
                     timeout_graceful_shutdown=args.shutdown_timeout)

@@ -29,6 +29,7 @@ from server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from server.reasoning import REASONING_FORMATS
 from server.responses import ChatRenderer, CompletionRenderer
 from server.state import ServerState, State
 
@@ -59,8 +60,9 @@ async def completions(req: CompletionRequest, request: Request, state: State) ->
              responses=streamed_as(ChatCompletionChunk))
 async def chat_completions(req: ChatCompletionRequest, request: Request, state: State) -> Response:
     prompt_ids, calls = chat_request_ids(state.tokenizer, req, state.llm.config.chat_template_kwargs)
+    reasoning = REASONING_FORMATS.get(state.config.reasoning_parser)
     renderer = ChatRenderer(req.model or state.config.model_name, state.tokenizer, req.top_alternatives,
-                            returns_token_ids(req, state), calls)
+                            returns_token_ids(req, state), calls, reasoning)
     return await generate(request, state, req, [prompt_ids], renderer)
 
 

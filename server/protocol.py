@@ -306,6 +306,7 @@ class ChatMessage(RequestBody):
     name: str | None = None  # passed on to the chat template, which may use it
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls (server.tools)
     tool_call_id: str | None = None  # a tool message: the call it answers
+    reasoning_content: str | None = None  # an assistant's earlier reasoning, sent back (templates may read it)
 
     @model_validator(mode="before")
     @classmethod
@@ -340,7 +341,7 @@ class ChatMessage(RequestBody):
     def for_template(self, text: str) -> dict[str, str]:
         """The message as a chat template reads it, with its content as `text`."""
         role = "system" if self.role == "developer" else self.role
-        optional = {"name": self.name, "tool_call_id": self.tool_call_id}
+        optional = {"name": self.name, "tool_call_id": self.tool_call_id, "reasoning_content": self.reasoning_content}
         return {"role": role, "content": text} | {k: v for k, v in optional.items() if v is not None}
 
 
@@ -482,6 +483,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = omitted_when_none()  # --reasoning-parser (server.reasoning)
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
@@ -510,6 +512,7 @@ class ToolCallDelta(ToolCall):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = omitted_when_none()
     tool_calls: list[ToolCallDelta] | None = omitted_when_none()
 
 

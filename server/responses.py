@@ -24,6 +24,7 @@ from server.protocol import (
     Usage,
     random_id,
 )
+from server.reasoning import ReasoningFormat, ReasoningStream
 from server.tools import read_answer, response_text
 
 
@@ -123,10 +124,12 @@ class ChatRenderer(Renderer):
     """`tools`: the answers are server.tools' JSON objects, read into content or tool calls (a stream sends a
     response's text as it grows, calls in its last chunk)."""
 
-    def __init__(self, model: str, tokenizer, logprobs: int | None, token_ids: bool, tools: bool = False) -> None:
+    def __init__(self, model: str, tokenizer, logprobs: int | None, token_ids: bool, tools: bool = False,
+                 reasoning: ReasoningFormat | None = None) -> None:
         super().__init__("chatcmpl", model, tokenizer, logprobs, token_ids)
-        self.tools = tools
+        self.tools, self.reasoning = tools, reasoning
         self.response_sent: dict[int, int] = {}  # tools: per streamed choice, the characters of its text sent
+        self.reasoning_streams: dict[int, ReasoningStream] = {}  # reasoning: per streamed choice, its parts
 
     def head(self, n: int, prompts: list[list[int]]) -> list[BaseModel]:
         (prompt_ids,) = prompts  # a chat is one prompt
@@ -134,9 +137,15 @@ class ChatRenderer(Renderer):
                             prompt_ids=self.ids(prompt_ids)) for i in range(n)]
 
     def chunk(self, index: int, out: RequestOutput) -> BaseModel:
-        delta, finish_reason = ChatDelta(content=out.new_text), out.finish_reason
+        reasoning, content, text = None, out.new_text, out.text
+        if self.reasoning is not None:
+            stream = self.reasoning_streams.setdefault(index, ReasoningStream(self.reasoning))
+            reasoning, content = stream.delta(out.text, out.finished)
+            text = stream.content
+        delta, finish_reason = ChatDelta(content=content, reasoning_content=reasoning), out.finish_reason
         if self.tools:
-            delta, finish_reason = self._tools_delta(index, out)
+            delta, finish_reason = self._tools_delta(index, out, text)
+            delta.reasoning_content = reasoning
         return self._chunk([ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
                                             token_ids=self.ids(out.new_token_ids),
                                             logprobs=self._logprobs(out, out.new_token_ids))])
@@ -151,11 +160,12 @@ class ChatRenderer(Renderer):
         return ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage,
                                       prompt_token_ids=self.ids(finals[0].prompt_token_ids))
 
-    def _tools_delta(self, index: int, out: RequestOutput) -> tuple[ChatDelta, str | None]:
-        """What a streamed answer of server.tools' format adds: its response text as it grows, its calls whole."""
+    def _tools_delta(self, index: int, out: RequestOutput, answer: str) -> tuple[ChatDelta, str | None]:
+        """What a streamed answer of server.tools' format (`answer`: its text so far, past any reasoning) adds: its
+        response text as it grows, its calls whole."""
         sent = self.response_sent.get(index, 0)
         if not out.finished:
-            text = response_text(out.text) or ""
+            text = response_text(answer) or ""
             self.response_sent[index] = max(sent, len(text))
             return ChatDelta(content=text[sent:] or None), None
         message, finish_reason = self._message(out)
@@ -165,10 +175,14 @@ class ChatRenderer(Renderer):
 
     def _message(self, out: RequestOutput) -> tuple[ChatResponseMessage, str | None]:
         """A finished answer's message and finish_reason ("tool_calls" where it calls tools)."""
+        reasoning, text = self.reasoning.split(out.text, finished=True) if self.reasoning else (None, out.text)
+        reasoning = reasoning or None
         if not self.tools:
-            return ChatResponseMessage(content=out.text), out.finish_reason
-        content, calls = read_answer(out.text)
-        return ChatResponseMessage(content=content, tool_calls=calls), "tool_calls" if calls else out.finish_reason
+            return ChatResponseMessage(content=text if text or not reasoning else None,
+                                       reasoning_content=reasoning), out.finish_reason
+        content, calls = read_answer(text)
+        return (ChatResponseMessage(content=content, reasoning_content=reasoning, tool_calls=calls),
+                "tool_calls" if calls else out.finish_reason)
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None,
                prompt_ids: list[int] | None = None) -> ChatCompletionChunk:

@@ -23,6 +23,7 @@ class ServerConfig:
     max_request_bytes: int = 1 << 20
     max_waiting_requests: int | None = None  # beyond it, new requests get a 429 (None: no limit)
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
+    reasoning_parser: str | None = None  # server.reasoning.REASONING_FORMATS: chat answers' reasoning split off
 
 
 @dataclass

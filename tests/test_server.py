@@ -203,6 +203,30 @@ def test_stop_token_ids_end_the_answer_with_that_token(client, oracle):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"stop_token_ids": [10**6]})
 
 
+def test_a_reasoning_parser_splits_reasoning_from_content(tiny_model_dir):
+    """--reasoning-parser qwen3: an answer (made to reason by a regex) comes as reasoning_content and content,
+    whole and streamed alike; an answer that opens no <think> is all content; nothing else changes the text."""
+    running = serve(LLM(tiny_model_dir, **ENGINE_KWARGS), reasoning_parser="qwen3")
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0)
+        args = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=24, temperature=0,
+                    extra_body={"structured_outputs": {"regex": "<think>[a-z]{4}</think>\n\n[a-z]{3}"}})
+        message = client.chat.completions.create(**args).choices[0].message
+        reasoning, content = message.model_extra["reasoning_content"], message.content
+        assert len(reasoning) == 4 and len(content) == 3 and reasoning.isalpha() and content.isalpha()
+        chunks = [c.choices[0].delta for c in client.chat.completions.create(stream=True, **args) if c.choices]
+        assert "".join(d.model_extra.get("reasoning_content") or "" for d in chunks) == reasoning
+        assert "".join(d.content or "" for d in chunks) == content
+        plain = client.chat.completions.create(**{**args, "extra_body": {"structured_outputs": {"regex": "[a-z]{5}"}}})
+        assert len(plain.choices[0].message.content) == 5
+        assert "reasoning_content" not in plain.choices[0].message.model_dump(exclude_none=True)
+        history = [{"role": "user", "content": "hi"}, message.model_dump(exclude_none=True),  # sent back as it came
+                   {"role": "user", "content": "again"}]
+        assert client.chat.completions.create(model=MODEL, messages=history, max_tokens=2).choices
+    finally:
+        running.stop()
+
+
 def test_completion_accepts_token_ids_and_stop_strings(client, oracle):
     want = greedy([1, 40, 41, 42], oracle, 12)
     stop = want.text[3:5]
