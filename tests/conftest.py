@@ -61,6 +61,18 @@ def save_tiny_model(folder: Path, arch: str = "LlamaForCausalLM", seed: int = 0,
     return folder
 
 
+def save_tiny_qwen3(folder: Path, **overrides) -> Path:
+    """A tiny Qwen3 whose q/k norm weights are not HF's fresh ones (all ones would hide a norm misplaced)."""
+    save_tiny_model(folder, "Qwen3ForCausalLM", **overrides)
+    model = hf_model(folder)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
+    model.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny_llama"))

@@ -15,7 +15,7 @@ from models.kernels import decode as cpu_decode
 from models.layers import Linear
 from models.quant import QType, quantize
 
-from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model
+from conftest import PROMPT_LEN, paged_logits, save_tiny_model, save_tiny_qwen3
 
 kernel = cpu_decode.compiled()
 pytestmark = pytest.mark.skipif(kernel is None, reason="the CPU kernel could not be built here (no compiler?)")
@@ -149,18 +149,6 @@ def test_kernel_policy_is_decided_once_and_only_for_small_batches():
     assert rows_seen == [4, cpu_decode.MAX_ROWS]  # a larger batch goes to torch's GEMM
 
 
-def qwen3_with_trained_norms(folder: Path) -> Path:
-    """A tiny Qwen3 whose q/k norm weights are not HF's fresh ones, and a head_dim of 24."""
-    save_tiny_model(folder, "Qwen3ForCausalLM", head_dim=24)
-    model = hf_model(folder)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
-    model.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_fused_decoder_layers_match_the_operator_path(tmp_path, dtype, arch):
@@ -168,7 +156,7 @@ def test_fused_decoder_layers_match_the_operator_path(tmp_path, dtype, arch):
     model with every optional bias and a head_dim that is not a multiple of the vector width, and on Qwen3's
     q/k norms."""
     folder = (save_tiny_model(tmp_path, attention_bias=True, mlp_bias=True, head_dim=24) if arch == "llama"
-              else qwen3_with_trained_norms(tmp_path))
+              else save_tiny_qwen3(tmp_path, head_dim=24))
     tokens = torch.randint(3, 256, (PROMPT_LEN + 8,), generator=torch.Generator().manual_seed(2)).tolist()
     fused = paged_logits(LLM(folder, dtype=dtype, num_kv_blocks=16, block_size=4), tokens).float()
     plain = paged_logits(LLM(folder, dtype=dtype, num_kv_blocks=16, block_size=4, cpu_kernels=False), tokens).float()
@@ -182,7 +170,7 @@ def test_decoder_stack_is_the_layer_calls_made_one_by_one(tmp_path, dtype, monke
     """LlamaForCausalLM runs its layers as one C++ call (DecoderStack); the same steps through forward_fused
     layer by layer from Python give bitwise the same logits, prefill and decode."""
     folder = (save_tiny_model(tmp_path, attention_bias=True, head_dim=24) if arch == "llama"
-              else qwen3_with_trained_norms(tmp_path))
+              else save_tiny_qwen3(tmp_path, head_dim=24))
     tokens = torch.randint(3, 256, (PROMPT_LEN + 8,), generator=torch.Generator().manual_seed(3)).tolist()
     llm = LLM(folder, dtype=dtype, num_kv_blocks=16, block_size=4, attention_backend="cpu")
     stacked = paged_logits(llm, tokens)

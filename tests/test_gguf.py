@@ -22,7 +22,7 @@ from models.kernels import decode as cpu_decode
 from models.loader import CheckpointError, default_dtype, load_model
 from models.quant import MixedQuantizedLinear, QType, QuantizedEmbedding, QuantizedLinear, UnsupportedTensorType
 
-from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model
+from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model, save_tiny_qwen3
 
 HF_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
@@ -163,12 +163,7 @@ def test_qwen2_file_matches_transformers_gguf_loading(tmp_path):
 def test_qwen3_file_matches_transformers_gguf_loading(tmp_path):
     """Qwen3 files hold each layer's q/k norms (attn_q_norm, attn_k_norm) and unpermuted q/k rows; a head_dim
     other than hidden / heads (Qwen3-0.6B: 128 against 64) is read from attention.key_length."""
-    folder = save_tiny_model(tmp_path / "hf", arch="Qwen3ForCausalLM", tie_word_embeddings=True, rope_theta=1e6)
-    model = hf_model(folder)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
+    model = hf_model(save_tiny_qwen3(tmp_path / "hf", tie_word_embeddings=True, rope_theta=1e6))
     file = write_gguf(model, tmp_path / "qwen3.gguf", arch="qwen3", qtype_of=lambda name, w: QType.Q8_0)
     tokens = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     oracle = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="qwen3.gguf", dtype=torch.float32).eval()

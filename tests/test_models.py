@@ -9,7 +9,7 @@ import torch
 from engine import LLM, ContextLengthError, SamplingParams
 from models.config import ModelConfig
 
-from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model
+from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model, save_tiny_qwen3
 
 DECODE_STEPS = 32
 
@@ -66,14 +66,7 @@ def test_architectures_match_hf(tmp_path, case):
 def test_qwen3_q_and_k_norms_match_hf(tmp_path):
     """Qwen3 RMS-norms each head's q and k (weights over head_dim, here != hidden / heads) before RoPE; trained
     norm weights, not HF's fresh ones, check that each goes where it should."""
-    folder = save_tiny_model(tmp_path, "Qwen3ForCausalLM", head_dim=24)
-    model = hf_model(folder)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
-    model.save_pretrained(folder)
-    check_against_hf(folder)
+    check_against_hf(save_tiny_qwen3(tmp_path, head_dim=24))
 
 
 @pytest.mark.parametrize("rope", ROPE_CASES)
