@@ -318,9 +318,11 @@ async function runPane(pane, text, fields) {
       if (chunk.error) throw new ServerError(`${chunk.error.type}: ${chunk.error.message}`);
       const choice = chunk.choices[0];
       if (!choice) continue;
-      const piece = chat ? choice.delta.content || "" : choice.text;
+      // a server with --reasoning-parser streams the reasoning apart: shown, but not sent back as the answer
+      const content = chat ? choice.delta.content || "" : choice.text;
+      const piece = chat ? (choice.delta.reasoning_content || "") + content : content;
       const step = chunk.gorgon || { step_tokens: piece ? 1 : 0 };
-      answer += piece;
+      answer += content;
       pane.addStep(block, piece, step.step_tokens, step.tokens);
       if (choice.finish_reason) block.dataset.finishReason = choice.finish_reason;
     }
