@@ -1,6 +1,8 @@
 """OpenAI's routes (completions, chat, models) and vLLM's /tokenize and /detokenize."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
@@ -61,6 +63,10 @@ async def completions(req: CompletionRequest, request: Request, state: State) ->
 async def chat_completions(req: ChatCompletionRequest, request: Request, state: State) -> Response:
     prompt_ids, calls = chat_request_ids(state.tokenizer, req, state.llm.config.chat_template_kwargs)
     reasoning = REASONING_FORMATS.get(state.config.reasoning_parser)
+    if reasoning is not None and (calls or req.structured_output is not None):
+        # constrained from its first token, the answer left any reasoning its prompt opened: it reasons only where
+        # the constraint lets it write <think> itself
+        reasoning = replace(reasoning, opened_by_prompt=False)
     renderer = ChatRenderer(req.model or state.config.model_name, state.tokenizer, req.top_alternatives,
                             returns_token_ids(req, state), calls, reasoning)
     return await generate(request, state, req, [prompt_ids], renderer)

@@ -225,6 +225,15 @@ def test_a_reasoning_parser_splits_reasoning_from_content(tiny_model_dir):
         assert client.chat.completions.create(model=MODEL, messages=history, max_tokens=2).choices
     finally:
         running.stop()
+    # deepseek_r1: its prompt opens the reasoning, but an answer constrained from its first token is content
+    running = serve(LLM(tiny_model_dir, **ENGINE_KWARGS), reasoning_parser="deepseek_r1")
+    try:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0)
+        message = client.chat.completions.create(**{**args, "extra_body": {"structured_outputs": {
+            "regex": "[a-z]{5}"}}}).choices[0].message
+        assert len(message.content) == 5 and "reasoning_content" not in message.model_dump(exclude_none=True)
+    finally:
+        running.stop()
 
 
 def test_completion_accepts_token_ids_and_stop_strings(client, oracle):
