@@ -73,8 +73,9 @@ class LLM:
         self.device = torch.device(self.config.device)
         if self.device.type == "cpu" and self.config.attention_backend in ("auto", "cpu"):
             # the attention kernel compiles (a first run: a minute or two) while the model loads and the decode
-            # kernels compile; the runner's later load waits for it, then finds it built
-            threading.Thread(target=load_extension, daemon=True).start()
+            # kernels compile; the runner's later load waits for it, then finds it built. Not a daemon: a process
+            # that fails to load exits only once the build is done, rather than leave its compiler running unlocked
+            threading.Thread(target=load_extension).start()
         tp = self.config.tensor_parallel_size
         # under tensor parallelism the model is rank 0's share, and every forward a call of all ranks
         self.parallel = Driver.start(self.config, path) if tp > 1 else None

@@ -13,8 +13,10 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 RECORD_SUFFIXES = (".jsonl", ".json")
-# apply_chat_template's own parameters: never template variables (chat_template_kwargs) one may set
-TEMPLATE_CALL_PARAMETERS = set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"kwargs"}
+# apply_chat_template's own parameters, and the names it renders the messages under: never template variables
+# (chat_template_kwargs) one may set
+TEMPLATE_CALL_PARAMETERS = (set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"kwargs"}
+                            | {"messages", "conversations"})
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user"}
 
 

@@ -138,8 +138,9 @@ class AsyncEngine:
             raise EngineStopped(f"the engine is down: {failure}" if failure else "the server is shutting down")
         if self.max_waiting_requests is not None:
             stats = self.llm.stats()
-            # every request passes through the waiting queue: those the running batch has no room for are queued
-            free = self.llm.config.max_num_seqs - stats.num_running
+            # every request passes through the waiting queue: those the running batch has no room for are queued.
+            # Where requests already wait, the batch has none (no slot, or no KV blocks: the scheduler took what fit)
+            free = self.llm.config.max_num_seqs - stats.num_running if stats.num_waiting == 0 else 0
             queued = stats.num_waiting + self._adding - free
             if queued >= self.max_waiting_requests:
                 raise QueueFull(f"{max(queued, 0)} requests are waiting for room in the running batch, the most "

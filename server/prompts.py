@@ -91,7 +91,7 @@ def chat_prompt_ids(tokenizer, req: ChatCompletionRequest | TokenizeRequest, tem
                                              chat_template=tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE,
                                              tokenize=False, add_generation_prompt=req.add_generation_prompt,
                                              continue_final_message=req.continue_final_message, **variables)
-    except TemplateError as e:
+    except (TemplateError, ValueError) as e:  # (ValueError: continue_final_message's text not found rendered)
         raise APIError(400, f"the model's chat template refuses these messages: {e}", param="messages") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

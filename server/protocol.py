@@ -326,8 +326,9 @@ class ChatMessage(RequestBody):
 
     @model_validator(mode="after")
     def _content_or_calls(self) -> ChatMessage:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise field_error("messages: a message needs content (only an assistant's tool calls may come without)")
+        if self.content is None and not (self.role == "assistant" and (self.tool_calls or self.reasoning_content)):
+            raise field_error("messages: a message needs content (only an assistant's tool calls or reasoning may "
+                              "come without)")
         if self.tool_calls and self.role != "assistant":
             raise field_error("messages: only assistant messages carry tool_calls")
         return self

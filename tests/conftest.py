@@ -64,11 +64,11 @@ def save_tiny_model(folder: Path, arch: str = "LlamaForCausalLM", seed: int = 0,
 def save_tiny_qwen3(folder: Path, **overrides) -> Path:
     """A tiny Qwen3 whose q/k norm weights are not HF's fresh ones (all ones would hide a norm misplaced)."""
     save_tiny_model(folder, "Qwen3ForCausalLM", **overrides)
-    model = hf_model(folder)
-    with torch.no_grad():
+    model, generator = hf_model(folder), torch.Generator().manual_seed(0)
+    with torch.no_grad():  # each norm its own weights: a q/k swap shows
         for name, p in model.named_parameters():
             if name.endswith(("q_norm.weight", "k_norm.weight")):
-                p.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(len(name)))
+                p.uniform_(0.5, 1.5, generator=generator)
     model.save_pretrained(folder)
     return folder
 

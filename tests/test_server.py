@@ -177,7 +177,7 @@ def test_usage_counts_the_prompt_tokens_the_prefix_cache_held(client, running):
     """OpenAI's usage.prompt_tokens_details.cached_tokens (and the Responses API's input_tokens_details), and the
     metric that sums them: a prompt asked again finds its full KV blocks cached (block_size 8 here)."""
     prompt = "a prompt long enough to fill a few blocks of the cache: " + "x = 1\n" * 6
-    before = metrics(running)["gorgon_prompt_tokens_cached_total{}"]
+    before = wait_until_idle(running)["gorgon_prompt_tokens_cached_total{}"]
     first, again = (client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
                     for _ in range(2))
     wait_until_idle(running)
@@ -223,6 +223,12 @@ def test_a_reasoning_parser_splits_reasoning_from_content(tiny_model_dir):
         history = [{"role": "user", "content": "hi"}, message.model_dump(exclude_none=True),  # sent back as it came
                    {"role": "user", "content": "again"}]
         assert client.chat.completions.create(model=MODEL, messages=history, max_tokens=2).choices
+        cut = client.chat.completions.create(**{**args, "max_tokens": 9}).choices[0].message  # reasoning alone
+        assert cut.content is None and cut.model_extra["reasoning_content"]
+        history[1] = cut.model_dump(exclude_none=True)
+        assert client.chat.completions.create(model=MODEL, messages=history, max_tokens=2).choices
+        with pytest.raises(openai.BadRequestError, match="structured output"):  # two at once: a 400, not a 500
+            client.chat.completions.create(**{**args, "response_format": {"type": "json_object"}})
     finally:
         running.stop()
     # deepseek_r1: its prompt opens the reasoning, but an answer constrained from its first token is content

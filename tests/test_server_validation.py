@@ -334,13 +334,18 @@ def test_a_full_waiting_queue_gets_429_with_retry_after(llm, monkeypatch):
         assert client.post("/v1/completions", headers=AUTH, json=body).status_code == 200
     with make_client(llm, max_waiting_requests=2) as client:
         stats, full = llm.stats, llm.config.max_num_seqs
-        monkeypatch.setattr(llm, "stats", lambda: type(stats())(**{**vars(stats()), "num_waiting": 2,
-                                                                   "num_running": full}))
+
+        def load(waiting: int, running: int) -> None:
+            monkeypatch.setattr(llm, "stats", lambda: type(stats())(**{**vars(stats()), "num_waiting": waiting,
+                                                                       "num_running": running}))
+
+        load(waiting=2, running=full)
         response = client.post("/v1/completions", headers=AUTH, json=body)
         assert response.status_code == 429 and response.headers["Retry-After"] == "1"
         assert response.json()["error"]["code"] == "rate_limit_exceeded"
-        monkeypatch.setattr(llm, "stats", lambda: type(stats())(**{**vars(stats()), "num_waiting": 2,
-                                                                   "num_running": full - 1}))
+        load(waiting=2, running=0)  # slots free, yet two wait: the KV cache holds no more (the scheduler took what fit)
+        assert client.post("/v1/completions", headers=AUTH, json=body).status_code == 429
+        load(waiting=1, running=full)
         assert client.post("/v1/completions", headers=AUTH, json=body).status_code == 200
 
 
@@ -397,12 +402,18 @@ def test_chat_template_variables_and_a_continued_answer(client, llm, monkeypatch
                         SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
     assert answer["choices"][0]["token_ids"] == want.token_ids
     for fields, param in [({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
+                          ({"chat_template_kwargs": {"messages": 1}}, "chat_template_kwargs"),
                           ({"continue_final_message": True}, "continue_final_message"),
                           ({"messages": prefill, "continue_final_message": True}, "continue_final_message")]:
         response = client.post("/v1/chat/completions", headers=AUTH, json={**body, "add_generation_prompt": True,
                                                                            "continue_final_message": False,
                                                                            "messages": USER, **fields})
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+    # a template that drops the assistant's text leaves continue_final_message nothing to continue
+    monkeypatch.setattr(llm.tokenizer, "chat_template", "{% for m in messages %}{% if m['role'] == 'user' %}"
+                                                        "{{ m['content'] }}{% endif %}{% endfor %}")
+    response = client.post("/v1/chat/completions", headers=AUTH, json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages", response.text
 
 
 def test_tokenize_and_detokenize_round_trip(client, llm):
