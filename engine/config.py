@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from engine.prompt_files import TEMPLATE_CALL_PARAMETERS
+from engine.prompt_files import check_template_variables
 from models.gguf import find_gguf
 from models.loader import default_dtype, default_kv_cache_dtype
 from models.named import resolve_model
@@ -199,10 +199,7 @@ class EngineConfig:
             raise ValueError(f"medusa_ngram_tokens must be >= 0, got {self.medusa_ngram_tokens}")
         if self.medusa_posterior_threshold < 0 or self.medusa_posterior_alpha < 0:
             raise ValueError("medusa_posterior_threshold and medusa_posterior_alpha must be >= 0")
-        taken = sorted(self.chat_template_kwargs.keys() & TEMPLATE_CALL_PARAMETERS)
-        if taken:
-            raise ValueError(f"chat_template_kwargs: {', '.join(taken)} cannot be set there (they are the chat "
-                             "template call's own parameters)")
+        check_template_variables(self.chat_template_kwargs)
         if self.generation_config not in ("auto", "none"):
             raise ValueError(f"generation_config must be 'auto' or 'none', got {self.generation_config!r}")
         if self.medusa_acceptance not in ("rejection", "typical"):

@@ -20,6 +20,14 @@ TEMPLATE_CALL_PARAMETERS = (set(inspect.signature(PreTrainedTokenizerBase.apply_
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user"}
 
 
+def check_template_variables(variables: dict) -> None:
+    """chat_template_kwargs may name the template's own variables, never the names the call itself sets."""
+    taken = sorted(variables.keys() & TEMPLATE_CALL_PARAMETERS)
+    if taken:
+        raise ValueError(f"chat_template_kwargs: {', '.join(taken)} cannot be set there (the chat template call "
+                         "sets them)")
+
+
 def is_record_file(path: Path) -> bool:
     return path.suffix in RECORD_SUFFIXES
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from jinja2 import TemplateError
 
-from engine.prompt_files import TEMPLATE_CALL_PARAMETERS
+from engine.prompt_files import check_template_variables
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, SamplingRequest, TokenizeRequest
 from server.tools import active_tools, calls_text, system_prompt
@@ -73,10 +73,10 @@ def chat_prompt_ids(tokenizer, req: ChatCompletionRequest | TokenizeRequest, tem
     raise unless the roles alternate user / assistant): the client's error, a 400 with the template's message."""
     require_tokenizer(tokenizer, "messages")
     variables = {**template_kwargs, **(req.chat_template_kwargs or {})}
-    taken = sorted(variables.keys() & TEMPLATE_CALL_PARAMETERS)
-    if taken:
-        raise APIError(400, f"chat_template_kwargs: {', '.join(taken)} cannot be set there (the request's own "
-                            "fields set them)", param="chat_template_kwargs")
+    try:
+        check_template_variables(variables)
+    except ValueError as e:
+        raise APIError(400, str(e), param="chat_template_kwargs") from None
     if req.continue_final_message and (req.add_generation_prompt or req.messages[-1].role != "assistant"):
         raise APIError(400, "continue_final_message continues the last message, which must be the assistant's, "
                             "and needs add_generation_prompt: false", param="continue_final_message")
