@@ -47,6 +47,8 @@ class SamplingParams:
     """How to decode one request. temperature 0 means greedy; top_k <= 0 and top_p == 1 disable those filters."""
 
     max_tokens: int = 64
+    # vLLM's: stop tokens are masked and stop strings not looked for until the output holds this many tokens
+    min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -75,6 +77,8 @@ class SamplingParams:
             self.stop = [self.stop]
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if not 0.0 <= self.temperature <= 100.0:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

@@ -221,7 +221,8 @@ class LLM:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        seq = Sequence(request_id, token_ids, params, prompt=text, generator=generator,
+        stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        seq = Sequence(request_id, token_ids, params, prompt=text, generator=generator, stop_token_ids=stop_token_ids,
                        matcher=self.grammars.matcher(params.structured) if params.structured else None)
         if self.tokenizer is not None:
             start_detokenizer(self.tokenizer, seq)
@@ -246,6 +247,9 @@ class LLM:
         bad_bias = [t for t in params.logit_bias if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
         if bad_bias:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab}), got {bad_bias[:5]}")
+        bad_stops = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad_stops:
+            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {bad_stops[:5]}")
         if params.prediction and (min(params.prediction) < 0 or max(params.prediction) >= vocab):
             raise ValueError(f"prediction token ids must be in [0, {vocab})")
         context = self.max_model_len - num_virtual_tokens  # an adapter's virtual tokens take their part
@@ -317,7 +321,7 @@ class LLM:
             seqs = [batch.seqs[i] for i in inputs.sampling_seqs]
             out = self.sampler(logits[:len(seqs)], [s.params for s in seqs], [s.generator or self._rng for s in seqs],
                                [s.token_ids for s in seqs], [s.num_prompt_tokens for s in seqs],
-                               [s.matcher for s in seqs])
+                               [s.matcher for s in seqs], [() if s.may_stop() else s.stop_token_ids for s in seqs])
             sampled = dict(zip(inputs.sampling_seqs, out.token_ids))
             sampled_logprobs = dict(zip(inputs.sampling_seqs, out.logprobs))
             if any(s.params.return_hidden_states for s in seqs):
@@ -392,11 +396,11 @@ class LLM:
         text_before = len(seq.output_text)
         seq.output_text += new_text
         reason = None
-        if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
+        if token_id in seq.stop_token_ids:  # (masked while params.min_tokens asks for more: the sampler's ban)
             reason = "stop"
         elif seq.matcher is not None and advance(seq.matcher, token_id):  # the structured output is complete
             reason = "stop"
-        elif params.stop and new_text:
+        elif params.stop and new_text and seq.num_output_tokens > params.min_tokens:  # (as vLLM counts)
             search_from = max(0, text_before - max(len(s) for s in params.stop) + 1)
             hits = [i for s in params.stop if (i := seq.output_text.find(s, search_from)) >= 0]
             if hits:

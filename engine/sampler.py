@@ -1,10 +1,12 @@
 """Sampler: logits of the rows that sample -> next token ids.
 
-Per row, in vLLM's order: the structured-output mask (engine.structured), logit_bias, repetition penalty, presence
+Per row, in vLLM's order: the structured-output mask (engine.structured), the ban on stop tokens before
+min_tokens, logit_bias, repetition penalty, presence
 and frequency penalties (greedy rows take the argmax here), then temperature, min_p, top-k, top-p, and a draw with
 the row's generator. Logprobs are those of the model's raw logits."""
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from itertools import chain
 
@@ -92,6 +94,14 @@ def adjust_logits(logits: torch.Tensor, params: list[SamplingParams], counts: To
     return logits.index_put((rows,), x)
 
 
+def ban_(logits: torch.Tensor, banned: list[Collection[int]]) -> None:
+    """Mask, in place, the tokens banned[i] of each row i of logits [rows, vocab] (stop tokens before min_tokens)."""
+    rows = [i for i, ids in enumerate(banned) for _ in ids]
+    ids = [t for b in banned for t in b]
+    index = torch.tensor([rows, ids], dtype=torch.long, device=logits.device)
+    logits[index[0], index[1]] = float("-inf")
+
+
 # top-p looks for each row's nucleus among its likeliest tokens: first this many, then 16x as many, then all of them
 NUCLEUS_CANDIDATES = 256
 
@@ -161,16 +171,21 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
                  token_ids: list[list[int]] | None = None, num_prompt_tokens: list[int] | None = None,
-                 matchers: list | None = None) -> SamplerOutput:
+                 matchers: list | None = None, banned: list[Collection[int]] | None = None) -> SamplerOutput:
         """logits: [num_rows, vocab]. Row i is sampled with params[i] and generators[i] (None: global RNG).
         token_ids[i]: row i's prompt and output so far, of which num_prompt_tokens[i] are the prompt; only
         rows with penalties read them (they may be omitted when no row has penalties). matchers[i]: row i's
-        structured-output matcher, or None (all None when omitted)."""
+        structured-output matcher, or None (all None when omitted). banned[i]: tokens row i may not sample."""
         raw = logits.float()
         constrained = raw
-        if matchers is not None and any(m is not None for m in matchers):
+        constrained_rows = matchers is not None and any(m is not None for m in matchers)
+        banned_rows = banned is not None and any(banned)
+        if constrained_rows or banned_rows:
             constrained = raw.clone()  # logprobs stay the model's own
-            mask_(constrained, matchers)
+            if constrained_rows:
+                mask_(constrained, matchers)
+            if banned_rows:
+                ban_(constrained, banned)
         penalized = [i for i, p in enumerate(params) if has_penalties(p)]
         counts = None
         if penalized:

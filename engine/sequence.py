@@ -42,6 +42,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    # the tokens that end the output: the model's EOS ids (unless params.ignore_eos) and params.stop_token_ids
+    stop_token_ids: frozenset[int] = frozenset()
     output_text: str = ""  # cut at a stop string once one is found
     num_released_chars: int = 0  # output_text reported so far; the rest could still begin a stop string
     decode_stream: DecodeStream | None = None  # incremental detokenizer state (engine.detokenizer)
@@ -94,6 +96,11 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    def may_stop(self, ahead: int = 0) -> bool:
+        """Whether the token sampled `ahead` tokens after the next one may end the output (params.min_tokens:
+        until the output holds that many tokens, stop tokens are masked)."""
+        return self.num_output_tokens + ahead >= self.params.min_tokens
 
     @property
     def is_finished(self) -> bool:

@@ -1,6 +1,6 @@
 """Request and response bodies of the HTTP API: the OpenAI subset we serve, vLLM's extensions (`top_k`, `min_p`,
-`repetition_penalty`, `ignore_eos`, `stop_token_ids`, `structured_outputs` and `guided_*`, the chat template's
-fields), ours (`use_medusa`), vLLM's adapter routes and /tokenize, /detokenize.
+`repetition_penalty`, `ignore_eos`, `stop_token_ids`, `min_tokens`, `structured_outputs` and `guided_*`, the chat
+template's fields), ours (`use_medusa`), vLLM's adapter routes and /tokenize, /detokenize.
 
 Request bodies are strict: a value of the wrong JSON type is an error (no "5" for 5), and so is a field we do
 not know. OpenAI fields we do not serve are declared, so that their error names them; the few that cannot
@@ -135,6 +135,7 @@ class SamplingRequest(RequestBody):
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)  # no stop token or string ends the answer before this many tokens
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_STRINGS)] | None = None  # the answer ends at any
     return_token_ids: bool = False  # choices carry their token ids, and the answer its prompt's
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs or its older guided_* fields (one)

@@ -18,13 +18,17 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, v
     check_context(req, prompt_len, max_model_len)
     limit = req.token_limit
     sampling = chosen_sampling(req, model_defaults)
+    max_tokens = limit or max_model_len - prompt_len
+    if req.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens {req.min_tokens} exceeds the tokens this answer may have ({max_tokens})",
+                       param="min_tokens")
     try:
         structured = req.structured_output
         calls = output_format(req) if isinstance(req, ChatCompletionRequest) else None
         if calls is not None and structured is not None:
             raise ValueError("give tools or a structured output, not both")
         return SamplingParams(
-            max_tokens=limit or max_model_len - prompt_len, temperature=sampling["temperature"],
+            max_tokens=max_tokens, min_tokens=req.min_tokens, temperature=sampling["temperature"],
             top_p=sampling["top_p"], top_k=max(sampling["top_k"], 0), min_p=sampling["min_p"],
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             repetition_penalty=sampling["repetition_penalty"],

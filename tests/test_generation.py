@@ -100,6 +100,10 @@ def test_bad_requests_are_refused_without_side_effects(tiny_model_dir):
         llm.add_request([1, 100000], GREEDY)
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="min_tokens must be in"):
+        SamplingParams(max_tokens=4, min_tokens=5)
+    with pytest.raises(ValueError, match="stop_token_ids must be in"):
+        llm.add_request([1, 2], SamplingParams(stop_token_ids=[100000]))
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     assert not llm.has_unfinished() and llm.num_free_blocks == free

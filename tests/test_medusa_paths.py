@@ -4,6 +4,7 @@ emits exactly plain greedy decoding's tokens. Drafts come from the plain run (an
 accepted deep and along every kind of path."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from conftest import hf_model, save_tiny_model
 GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 # where the right token sits among a head's top-k drafts, by position (None: absent)
 RANKS = [0, 0, 0, 0, 0, 0, 1, 1, 2, None]
+MIN_TOKENS = 4
 
 
 def prompts(n: int) -> list[list[int]]:
@@ -68,8 +70,10 @@ def use_oracle_drafts(llm: LLM, futures: dict[str, list[int]]) -> list[list[int]
     return paths
 
 
-def run(llm: LLM, requests: list[tuple[list[int], str | None]]) -> list[RequestOutput]:
-    ids = [llm.add_request(p, GREEDY, request_id=f"r{i}", adapter=a) for i, (p, a) in enumerate(requests)]
+def run(llm: LLM, requests: list[tuple[list[int], str | None]],
+        params: list[SamplingParams] | None = None) -> list[RequestOutput]:
+    params = params or [GREEDY] * len(requests)
+    ids = [llm.add_request(p, params[i], request_id=f"r{i}", adapter=a) for i, (p, a) in enumerate(requests)]
     finished = {}
     while llm.has_unfinished():
         finished.update({o.request_id: o for o in llm.step() if o.finished})
@@ -77,11 +81,12 @@ def run(llm: LLM, requests: list[tuple[list[int], str | None]]) -> list[RequestO
     return [finished[i] for i in ids]
 
 
-def check_lossless(plain: LLM, medusa: LLM, requests: list[tuple[list[int], str | None]]) -> list[list[int]]:
+def check_lossless(plain: LLM, medusa: LLM, requests: list[tuple[list[int], str | None]],
+                   params: list[SamplingParams] | None = None) -> list[list[int]]:
     """Greedy Medusa == plain greedy, token for token; returns the accepted tree paths."""
-    want = run(plain, requests)
+    want = run(plain, requests, params)
     paths = use_oracle_drafts(medusa, {f"r{i}": p + o.token_ids for i, ((p, _), o) in enumerate(zip(requests, want))})
-    got = run(medusa, requests)
+    got = run(medusa, requests, params)
     for i, (a, b) in enumerate(zip(want, got)):
         assert b.token_ids == a.token_ids and b.text == a.text, i
     accepted = [n for o in got for n in o.accepted_lengths]
@@ -97,6 +102,26 @@ def test_the_63_node_tree_is_lossless(tiny_model_dir, heads_dir):
     paths = check_lossless(LLM(tiny_model_dir, **kwargs), medusa, requests)
     assert any(path[1] != 1 for path in paths if len(path) > 1)  # a path off the first branch was accepted
     assert max(map(len, paths)) == 5  # and a path as deep as the tree
+
+
+def test_min_tokens_bans_stop_tokens_at_every_node_before_it(tiny_model_dir, heads_dir):
+    """Each request's stop token is the one its greedy answer repeats most, which it ends at without min_tokens:
+    the tree's nodes at depths before min_tokens must not take or end on it, and later ones may."""
+    kwargs = dict(block_size=8, max_num_batched_tokens=96)
+    plain = LLM(tiny_model_dir, **kwargs)
+    requests = [(p, None) for p in prompts(4)]
+    stops = [Counter(o.token_ids[1:]).most_common(1)[0][0] for o in run(plain, requests)]
+    params = [SamplingParams(max_tokens=40, temperature=0, stop_token_ids=[stop], ignore_eos=True,
+                             min_tokens=MIN_TOKENS) for stop in stops]
+    check_lossless(plain, LLM(tiny_model_dir, medusa=str(heads_dir), **kwargs), requests, params)
+    outs = run(plain, requests, params)
+    for out, stop in zip(outs, stops):
+        assert stop not in out.token_ids[:MIN_TOKENS]
+        assert out.finish_reason == "length" or (out.token_ids[-1] == stop and len(out.token_ids) > MIN_TOKENS)
+    assert any(o.finish_reason == "stop" for o in outs)  # a stop token did end an answer, once it could
+    banned = [SamplingParams(max_tokens=MIN_TOKENS, temperature=0, ignore_eos=True, logit_bias={stop: -100.0})
+              for stop in stops]
+    assert [o.token_ids[:MIN_TOKENS] for o in outs] == [o.token_ids for o in run(plain, requests, banned)]
 
 
 @pytest.fixture(scope="module")

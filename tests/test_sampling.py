@@ -177,6 +177,21 @@ def test_greedy_rows_take_the_argmax_after_penalties_and_logit_bias():
     assert out.token_ids == [0, 1, 2]
 
 
+def test_banned_tokens_are_never_drawn_and_logprobs_stay_the_models():
+    """min_tokens' ban on stop tokens: a banned row never takes the tokens, greedy or sampled; others are untouched."""
+    rows = logits()[:2]
+    favourite = rows[0].argmax().item()
+    rows[0, favourite] += 20.0  # all but certain, unbanned
+    gen = torch.Generator().manual_seed(1)
+    for params in (SamplingParams(temperature=0, logprobs=0), SamplingParams(temperature=1.5, logprobs=0)):
+        for _ in range(50):
+            out = Sampler()(rows, [params, params], [gen, gen], banned=[{favourite, 3}, ()])
+            assert out.token_ids[0] not in {favourite, 3}
+            assert out.logprobs[0][0] == pytest.approx(rows[0].log_softmax(-1)[out.token_ids[0]].item(), abs=1e-6)
+        assert out.token_ids[1] == rows[1].argmax().item() or not params.greedy
+    assert Sampler()(rows, [SamplingParams(temperature=0)] * 2, [None, None]).token_ids[0] == favourite
+
+
 def test_penalties_need_the_token_history():
     with pytest.raises(AssertionError, match="token history"):
         Sampler()(logits()[:1], [SamplingParams(presence_penalty=1.0)], [None])

@@ -203,6 +203,27 @@ def test_stop_token_ids_end_the_answer_with_that_token(client, oracle):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"stop_token_ids": [10**6]})
 
 
+def test_min_tokens_holds_back_stop_tokens_and_strings(client, oracle):
+    """vLLM's min_tokens: the answer's first min_tokens tokens are never a stop token (masked: the greedy answer
+    is the one whose logits bias the stop token away), and no stop string ends it before them."""
+    full = greedy("def f(x):", oracle, 12)
+    stop = full.token_ids[1]
+    banned = oracle.generate("def f(x):", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                                                         logit_bias={stop: -100.0}))[0]
+    got = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True, "stop_token_ids": [stop], "min_tokens": 6,
+                                                "return_token_ids": True}).choices[0]
+    assert got.token_ids[:6] == banned.token_ids and stop not in got.token_ids[:6]
+    assert got.finish_reason == "length" or (got.token_ids[-1] == stop and len(got.token_ids) > 6)
+    first_text = oracle.tokenizer.decode(full.token_ids[:1])
+    text = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=12, temperature=0, stop=[first_text],
+                                     extra_body={"ignore_eos": True, "min_tokens": 3}).choices[0].text
+    assert len(text) > len(first_text)  # the stop string, found in the first token's text, did not end it there
+    with pytest.raises(openai.BadRequestError, match="min_tokens 9 exceeds") as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=8, extra_body={"min_tokens": 9})
+    assert e.value.body["param"] == "min_tokens"
+
+
 def test_a_reasoning_parser_splits_reasoning_from_content(tiny_model_dir):
     """--reasoning-parser qwen3: an answer (made to reason by a regex) comes as reasoning_content and content,
     whole and streamed alike; an answer that opens no <think> is all content; nothing else changes the text."""

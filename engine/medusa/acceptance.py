@@ -1,8 +1,8 @@
 """Medusa verification's acceptance: which of a tree's nodes the base model accepts, from its logits at every node,
 and the bonus token after them. Greedy requests follow the argmax; sampled ones speculative rejection sampling,
 which keeps plain sampling's distribution exactly, or typical acceptance (Cai et al., 2024), which accepts more
-and is not exact. A request's logit_bias, penalties and structured output act at every node as they act on a plain
-step's row, each node reading its own path's history."""
+and is not exact. A request's logit_bias, penalties, structured output and min_tokens act at every node as they act
+on a plain step's row, each node reading its own path's history."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -18,6 +18,7 @@ from engine.sampler import (
     TokenCounts,
     adjust_logits,
     argmax_ids,
+    ban_,
     draw_tokens,
     filtered_probs,
     has_penalties,
@@ -132,6 +133,10 @@ class Acceptance:
                 if seq.matcher is not None:
                     rows = slice(starts[b], starts[b + 1])
                     mask_tree_(logits[rows], seq.matcher, vt.node_paths(candidates[rows]))
+        if any(s.stop_token_ids and not s.may_stop() for s in seqs):  # min_tokens: no stop token before it
+            logits = logits.to(torch.float32, copy=True)
+            ban_(logits, [() if seq.may_stop(depth) else seq.stop_token_ids
+                          for seq, vt in zip(seqs, trees) for depth in vt.tree.depths])
         if any(s.params.logit_bias or has_penalties(s.params) for s in seqs):
             logits = self._adjusted_logits(seqs, trees, candidates, logits.float(), row_params)  # in fp32, as Sampler
         # (unadjusted, the argmax of the model's own logits: exact in their dtype, without an fp32 copy)
