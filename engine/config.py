@@ -20,17 +20,30 @@ class ContextLengthError(ValueError):
 
 
 @dataclass(frozen=True)
+class ReasoningTags:
+    """How a reasoning model marks its thinking: `start` opens it and `end` closes it. `opened_by_prompt`: the chat
+    template ends the prompt with `start` (DeepSeek-R1), so an answer reasons first; otherwise (Qwen3) an answer
+    reasons only where it opens with `start`."""
+
+    start: str = "<think>"
+    end: str = "</think>"
+    opened_by_prompt: bool = False
+
+
+@dataclass(frozen=True)
 class StructuredOutput:
     """A constraint on every token a request samples (engine.structured), as vLLM's structured outputs: exactly one
     of a JSON schema (a dict, or its JSON text), any JSON object, a regular expression the whole output matches,
     a choice among strings, or a grammar: Lark (llguidance's dialect, with a `start:` rule) or llama.cpp's GBNF
-    (`root ::= ...`)."""
+    (`root ::= ...`). With `after_reasoning`, a reasoning model's thinking comes first, unconstrained, as vLLM
+    applies structured outputs after it; a regex or grammar that writes the tags itself constrains it all."""
 
     json: dict | str | None = None
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
+    after_reasoning: ReasoningTags | None = None
 
     def __post_init__(self) -> None:
         given = [name for name in ("json", "json_object", "regex", "choice", "grammar")

@@ -4,6 +4,10 @@ vLLM's `guidance` backend and llama.cpp's, does the work: a matcher per request 
 may come next (a bitmask the sampler applies to the request's logits row) and follows the tokens it samples.
 Medusa verifies their drafts under the same masks, each tree node's from the matcher moved along the node's path.
 
+A reasoning model's constraint may come after its thinking (StructuredOutput.after_reasoning): the grammar then
+lets the answer reason freely up to the end tag (a single token's where the tokenizer has one), then constrains
+the rest.
+
 Where the grammar is complete the mask also allows the engine's end-of-generation tokens, so the model decides
 whether to stop there (a regex `\\d+` after "42"); where nothing may follow (a JSON object's closing brace), the
 request finishes at once."""
@@ -18,7 +22,7 @@ import llguidance.hf
 import torch
 from llguidance.gbnf_to_lark import any_to_lark
 
-from engine.config import StructuredOutput
+from engine.config import ReasoningTags, StructuredOutput
 
 # JSON whitespace as llama.cpp's JSON-schema grammars allow it: a space, or a line break or two and an indent of up
 # to 20 spaces or tabs. llguidance's default allows any run of whitespace, and small models fill max_tokens with it.
@@ -65,6 +69,9 @@ class Grammars:
         if self.tokenizer is None:
             raise ValueError("structured outputs need a tokenizer, and this engine has none (skip_tokenizer_init)")
         grammar = grammar_text(spec)
+        tags = spec.after_reasoning
+        if tags is not None and not any(tags.end in (text or "") for text in (spec.regex, spec.grammar)):
+            grammar = self._after_reasoning(grammar, tags)
         error = llguidance.LLMatcher.validate_grammar(grammar, self._ll_tokenizer)
         if error:
             raise ValueError(f"the structured output cannot be used: {error}")
@@ -72,6 +79,26 @@ class Grammars:
         if matcher.is_error():
             raise ValueError(f"the structured output cannot be used: {matcher.get_error()}")
         return matcher
+
+    def _after_reasoning(self, grammar: str, tags: ReasoningTags) -> str:
+        """grammar (llguidance's JSON) after free reasoning text closed by tags.end, opened by tags.start (optional
+        where the prompt opened it; else the answer may skip reasoning), and a little whitespace. A tag that is one
+        token of the vocabulary (llguidance reads added tokens as special, never as text) is matched as that token."""
+        def tag(text: str) -> str | None:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            return f"<[{ids[0]}]>" if len(ids) == 1 else None
+
+        start = tag(tags.start) or json.dumps(tags.start)
+        end = tag(tags.end)
+        # free text up to the end tag: any text, then the tag's token; or the shortest text that ends with the tag
+        end_text = re.escape(tags.end).replace("/", "\\/")
+        thinking, rules = (f"/(.|\\n)*/ {end}", "") if end else (
+            "thinking", f"thinking[lazy]: /(.|\\n)*{end_text}/\n")
+        reasoning = f"{start}? {thinking}" if tags.opened_by_prompt else f"({start} {thinking})?"
+        top = json.loads(grammar)
+        top["grammars"][0]["name"] = "answer"
+        lark = f"start: {reasoning} /[ \\t\\n]{{0,4}}/ @answer\n{rules}"
+        return json.dumps({"grammars": [{"lark_grammar": lark}, *top["grammars"]]})
 
 
 def mask_(logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None]) -> None:

@@ -17,6 +17,7 @@ from server.async_engine import EngineError, EngineStopped, QueueFull, RequestSt
 from server.errors import APIError
 from server.prompts import prediction_ids
 from server.protocol import (
+    ChatCompletionRequest,
     CompletionTokensDetails,
     ErrorInfo,
     ErrorResponse,
@@ -71,8 +72,10 @@ async def start(state: ServerState, req: SamplingRequest, prompts: list[list[int
     adapter = state.resolve_adapter(req.model)
     context = state.context_length(adapter)
     vocab_size = len(state.tokenizer) if state.tokenizer is not None else None  # None: the engine checks ids
+    # a chat answer's structured output (or tools) comes after its reasoning, under --reasoning-parser
+    reasoning = state.reasoning.tags if state.reasoning and isinstance(req, ChatCompletionRequest) else None
     choices = [(ids, sampling_params(req, len(ids), context, vocab_size, state.llm.sampling_defaults, choice=i,
-                                           prediction=prediction))
+                                     prediction=prediction, reasoning=reasoning))
                for ids in prompts for i in range(req.n)]
     model_name = req.model or state.config.model_name
     streams: list[RequestStream] = []

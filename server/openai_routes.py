@@ -1,8 +1,6 @@
 """OpenAI's routes (completions, chat, models) and vLLM's /tokenize and /detokenize."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
@@ -31,7 +29,6 @@ from server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from server.reasoning import REASONING_FORMATS
 from server.responses import ChatRenderer, CompletionRenderer
 from server.state import ServerState, State
 
@@ -62,22 +59,9 @@ async def completions(req: CompletionRequest, request: Request, state: State) ->
              responses=streamed_as(ChatCompletionChunk))
 async def chat_completions(req: ChatCompletionRequest, request: Request, state: State) -> Response:
     prompt_ids, calls = chat_request_ids(state.tokenizer, req, state.llm.config.chat_template_kwargs)
-    reasoning = REASONING_FORMATS.get(state.config.reasoning_parser)
-    if reasoning is not None and (calls or constrained(req)):
-        # constrained from its first token, the answer left any reasoning its prompt opened: it reasons only where
-        # the constraint lets it write <think> itself
-        reasoning = replace(reasoning, opened_by_prompt=False)
     renderer = ChatRenderer(req.model or state.config.model_name, state.tokenizer, req.top_alternatives,
-                            returns_token_ids(req, state), calls, reasoning)
+                            returns_token_ids(req, state), calls, state.reasoning)
     return await generate(request, state, req, [prompt_ids], renderer)
-
-
-def constrained(req: ChatCompletionRequest) -> bool:
-    """Does the request constrain its answer (a structured output)? Two of them are a 400, as sampling says."""
-    try:
-        return req.structured_output is not None
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
 
 
 def model_cards(state: ServerState) -> list[ModelCard]:

@@ -1,7 +1,9 @@
 """A request's sampling fields -> the engine's SamplingParams: the one place where they are mapped."""
 from __future__ import annotations
 
-from engine import SAMPLING_FIELDS, SamplingParams
+from dataclasses import replace
+
+from engine import SAMPLING_FIELDS, ReasoningTags, SamplingParams
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, SamplingRequest
 from server.tools import output_format
@@ -9,12 +11,13 @@ from server.tools import output_format
 
 def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, vocab_size: int | None,
                     model_defaults: dict[str, float | int], choice: int = 0,
-                    prediction: list[int] | None = None) -> SamplingParams:
+                    prediction: list[int] | None = None, reasoning: ReasoningTags | None = None) -> SamplingParams:
     """How to decode choice `choice` of `req` (whose prompt has `prompt_len` tokens, and whose predicted output is
     `prediction`'s token ids) on a model with this context and vocabulary (None: unknown here, the engine checks
     ids); a sampling parameter the request leaves out takes the model's recommended value (`model_defaults`:
-    LLM.sampling_defaults), where it has one. A request that cannot be served as asked is an APIError (400)
-    naming the field at fault."""
+    LLM.sampling_defaults), where it has one. Its structured output (or tools) constrains what follows the
+    reasoning, where the answer reasons with these tags (`reasoning`). A request that cannot be served as asked is
+    an APIError (400) naming the field at fault."""
     check_context(req, prompt_len, max_model_len)
     limit = req.token_limit
     sampling = chosen_sampling(req, model_defaults)
@@ -27,6 +30,9 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, v
         calls = output_format(req) if isinstance(req, ChatCompletionRequest) else None
         if calls is not None and structured is not None:
             raise ValueError("give tools or a structured output, not both")
+        structured = calls or structured
+        if structured is not None and reasoning is not None:
+            structured = replace(structured, after_reasoning=reasoning)
         return SamplingParams(
             max_tokens=max_tokens, min_tokens=req.min_tokens, temperature=sampling["temperature"],
             top_p=sampling["top_p"], top_k=max(sampling["top_k"], 0), min_p=sampling["min_p"],
@@ -36,7 +42,7 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, v
             stop_token_ids=stop_token_ids(req.stop_token_ids or [], vocab_size),
             seed=None if req.seed is None else req.seed + choice,  # n choices: distinct but reproducible
             logprobs=req.top_alternatives, prompt_logprobs=req.prompt_alternatives, use_medusa=req.use_medusa,
-            structured=calls or structured, prediction=prediction or [])
+            structured=structured, prediction=prediction or [])
     except ValueError as e:  # bounds the protocol already checks; kept as a 400 should the two ever differ
         raise APIError(400, str(e)) from None
 

@@ -10,6 +10,7 @@ from engine import LLM
 from server.async_engine import AsyncEngine
 from server.errors import APIError
 from server.metrics import ServerMetrics
+from server.reasoning import REASONING_FORMATS, ReasoningFormat
 
 
 @dataclass
@@ -36,6 +37,11 @@ class ServerState:
     @property
     def tokenizer(self):
         return self.llm.tokenizer
+
+    @property
+    def reasoning(self) -> ReasoningFormat | None:
+        """How chat answers reason (--reasoning-parser), None where they are not split."""
+        return REASONING_FORMATS.get(self.config.reasoning_parser)
 
     def resolve_adapter(self, model: str | None) -> str | None:
         """The adapter a request's `model` names (None: the base model)."""

@@ -3,13 +3,14 @@ bitmask path is a brute-force one: transformers' logits, and the argmax over the
 matcher, asked token by token, accepts next. The outputs are also checked with Python's own json and re."""
 from __future__ import annotations
 
+import copy
 import json
 import re
 
 import pytest
 import torch
 
-from engine import LLM, SamplingParams, StructuredOutput
+from engine import LLM, ReasoningTags, SamplingParams, StructuredOutput
 from engine.structured import Grammars
 from models.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
 
@@ -163,3 +164,47 @@ def test_json_whitespace_is_bounded(llm):
     assert matcher.validate_tokens(ids(llm, "{\n\n\n")) == 3
     assert matcher.consume_tokens(ids(llm, "{\n"))
     assert matcher.validate_tokens(ids(llm, " " * 30)) == 20
+
+
+def accepts(grammars: Grammars, spec: StructuredOutput, tokens: list[int]) -> tuple[int, bool]:
+    """How many of tokens a fresh matcher accepts in a row, and whether it is then complete."""
+    matcher = grammars.matcher(spec)
+    taken = matcher.validate_tokens(tokens)
+    matcher.consume_tokens(tokens[:taken])
+    return taken, matcher.is_accepting()
+
+
+@pytest.mark.parametrize("tags_are_tokens", [False, True])
+def test_a_constraint_after_reasoning_leaves_the_reasoning_free(llm, tags_are_tokens):
+    """StructuredOutput.after_reasoning (vLLM's structured outputs under a reasoning parser): any text up to the end
+    tag, then the constraint. The tags are text (the tiny vocabulary spells them), or single added tokens, which
+    llguidance reads as special tokens and which are matched as such."""
+    tokenizer = llm.tokenizer
+    if tags_are_tokens:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_tokens(["<think>", "</think>"])
+        assert len(tokenizer("</think>", add_special_tokens=False)["input_ids"]) == 1
+    grammars = Grammars(tokenizer, len(tokenizer), {EOS})
+
+    def tokens(*parts: str) -> list[int]:
+        return [t for part in parts for t in tokenizer(part, add_special_tokens=False)["input_ids"]]
+
+    regex = r"[a-z]{3}"
+    qwen3 = StructuredOutput(regex=regex, after_reasoning=ReasoningTags())
+    deepseek = StructuredOutput(regex=regex, after_reasoning=ReasoningTags(opened_by_prompt=True))
+    reasoned = tokens("<think>", "So {x} <b> </thin", "</think>", "\n\n", "abc")
+    assert accepts(grammars, qwen3, reasoned) == (len(reasoned), True)
+    assert accepts(grammars, qwen3, tokens("abc")) == (len(tokens("abc")), True)  # it may answer at once
+    assert accepts(grammars, qwen3, tokens("Abc"))[0] == 0
+    refused = tokens("<think>", "x", "</think>", "\n")
+    assert accepts(grammars, qwen3, refused + tokens("Hi")) == (len(refused), False)  # the regex, after </think>
+    # the prompt opened the reasoning: an answer is reasoning (its own <think> allowed) until </think>
+    assert accepts(grammars, deepseek, reasoned) == (len(reasoned), True)
+    unopened = reasoned[len(tokens("<think>")):]
+    assert accepts(grammars, deepseek, unopened) == (len(unopened), True)
+    assert accepts(grammars, deepseek, tokens("abc")) == (len(tokens("abc")), False)  # still reasoning
+    if not tags_are_tokens:  # (a regex is text: it cannot write an added token)
+        # a regex that writes the tags itself constrains it all
+        own = StructuredOutput(regex="<think>[a-z]{2}</think>[0-9]", after_reasoning=ReasoningTags())
+        assert accepts(grammars, own, tokens("<think>ab</think>7")) == (len(tokens("<think>ab</think>7")), True)
+        assert accepts(grammars, own, tokens("<think>abc"))[0] == len(tokens("<think>ab"))
