@@ -650,13 +650,32 @@ class ResponsesFunctionCallOutput(ResponsesInputItem):
     output: str
 
 
+class ResponsesReasoningPart(ResponsesInputItem):
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
+class ResponsesReasoning(ResponsesInputItem):
+    """An earlier answer's reasoning (server.reasoning), sent back: given to the chat template with the assistant
+    message after it, as chat's `reasoning_content`."""
+
+    type: Literal["reasoning"]
+    content: list[ResponsesReasoningPart] | None = None
+    summary: list[ResponsesReasoningPart] = Field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(part.text for part in self.content or [])
+
+
 def input_item_type(item: Any) -> str:
     return item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
 
 
 ResponsesInput = Annotated[Annotated[ResponsesInputMessage, Tag("message")]
                                | Annotated[ResponsesFunctionCall, Tag("function_call")]
-                               | Annotated[ResponsesFunctionCallOutput, Tag("function_call_output")],
+                               | Annotated[ResponsesFunctionCallOutput, Tag("function_call_output")]
+                               | Annotated[ResponsesReasoning, Tag("reasoning")],
                                Discriminator(input_item_type)]
 
 
@@ -689,7 +708,8 @@ class ResponsesRequest(RequestBody):
     """/v1/responses: `instructions` (a system message) and `input` (a user message, or messages and earlier
     calls of functions with their outputs) go through the model's chat template, and the answer is sampled as a
     chat completion's, tools included (ChatCompletionRequest validates it). Stateless: no stored responses to go
-    on from, no background runs; no reasoning."""
+    on from, no background runs. A reasoning model's reasoning (--reasoning-parser) is an output item of its own,
+    whole (`reasoning` options, such as an effort, are not served)."""
 
     model: str | None = None
     input: str | Annotated[list[ResponsesInput], Field(min_length=1)]
@@ -721,17 +741,23 @@ class ResponsesRequest(RequestBody):
     @field_validator("previous_response_id", "conversation", "reasoning", "background", "include", "prompt")
     @classmethod
     def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
-        if value not in (None, [], False):
-            raise unsupported(info.field_name, " on /v1/responses")
-        return value
+        name = info.field_name
+        # (reasoning items come whole, unencrypted: nothing to include for them; `reasoning: {"effort": null}` is none)
+        if value in (None, [], False) or (name == "include" and value == ["reasoning.encrypted_content"]) \
+                or (name == "reasoning" and isinstance(value, dict) and all(v is None for v in value.values())):
+            return value
+        raise unsupported(info.field_name, " on /v1/responses")
 
     def chat(self) -> ChatCompletionRequest:
         """The same answer asked as a chat completion (raises pydantic's ValidationError where it is not valid)."""
         messages: list[dict[str, Any]] = ([{"role": "system", "content": self.instructions}]
                                           if self.instructions is not None else [])
         items = [ResponsesInputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        reasoning = ""  # an earlier answer's, for its assistant message next
         for item in items:
-            if isinstance(item, ResponsesInputMessage):
+            if isinstance(item, ResponsesReasoning):
+                reasoning += item.text
+            elif isinstance(item, ResponsesInputMessage):
                 messages.append(item.chat_message())
             elif isinstance(item, ResponsesFunctionCall):  # consecutive calls: one assistant message
                 call = {"id": item.call_id, "type": "function",
@@ -742,6 +768,8 @@ class ResponsesRequest(RequestBody):
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             else:
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+            if reasoning and not isinstance(item, ResponsesReasoning) and messages[-1]["role"] == "assistant":
+                messages[-1]["reasoning_content"], reasoning = reasoning, ""
         body: dict[str, Any] = {"messages": messages, "model": self.model, "max_tokens": self.max_output_tokens,
                                 "parallel_tool_calls": self.parallel_tool_calls}
         # left out where the request leaves them out: the model's recommended values apply then
@@ -778,6 +806,21 @@ class ResponseOutputMessage(BaseModel):
     content: list[ResponseOutputText]
 
 
+class ResponseReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ResponseReasoningItem(BaseModel):
+    """A reasoning model's reasoning (--reasoning-parser), in full: no summary."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ResponseReasoningText]
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
 class ResponseFunctionCall(BaseModel):
     type: Literal["function_call"] = "function_call"
     id: str
@@ -801,7 +844,7 @@ class ResponseObject(BaseModel):
     created_at: int = Field(default_factory=lambda: int(time.time()))
     status: Literal["in_progress", "completed", "incomplete"]
     model: str
-    output: list[ResponseOutputMessage | ResponseFunctionCall]
+    output: list[ResponseReasoningItem | ResponseOutputMessage | ResponseFunctionCall]
     incomplete_details: dict[str, str] | None = None
     instructions: str | None = None
     max_output_tokens: int | None = None

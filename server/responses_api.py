@@ -9,6 +9,7 @@ calls and their outputs input items. Nothing is stored, so there is no previous_
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request
@@ -27,10 +28,14 @@ from server.protocol import (
     ResponseObject,
     ResponseOutputMessage,
     ResponseOutputText,
+    ResponseReasoningItem,
+    ResponseReasoningText,
     ResponsesRequest,
     ResponseUsage,
+    ToolCall,
     random_id,
 )
+from server.reasoning import ReasoningFormat, ReasoningStream
 from server.sampling import chosen_sampling
 from server.state import State
 from server.tools import read_answer, response_text
@@ -50,7 +55,7 @@ async def responses(req: ResponsesRequest, request: Request, state: State) -> Re
     except APIError as e:
         raise renamed(e) from None
     answer = Answer(req, chat.model or state.config.model_name, len(prompt_ids), tools,
-                    chosen_sampling(chat, state.llm.sampling_defaults))
+                    chosen_sampling(chat, state.llm.sampling_defaults), state.reasoning, state.tokenizer)
     if not req.stream:
         (final,) = await finished(request, streams)
         return JSONResponse(answer.response(final).model_dump())
@@ -97,18 +102,30 @@ def sse(event: dict) -> str:
 
 
 class Answer:
-    """One response as it is built: the Response object, its output items (a message, and with tools the calls of
-    functions after it), and the events of a stream, numbered in the order they are made. With tools the answer is
-    server.tools' JSON object: a stream sends its response text as it grows, its calls once whole."""
+    """One response as it is built: the Response object, its output items (under --reasoning-parser a reasoning item
+    first, then a message, and with tools the calls of functions after it), and the events of a stream, numbered in
+    the order they are made. With tools the answer is server.tools' JSON object: a stream sends its response text
+    as it grows, its calls once whole. Invariant: `sent` holds, per streamed item kind, the text its deltas sent,
+    and `indices` the output index of each item the stream has opened."""
 
     def __init__(self, req: ResponsesRequest, model: str, input_tokens: int, tools: bool,
-                 sampling: dict[str, float | int]) -> None:
+                 sampling: dict[str, float | int], reasoning: ReasoningFormat | None, tokenizer) -> None:
         self.req, self.model, self.input_tokens, self.tools = req, model, input_tokens, tools
         self.sampling = sampling  # the parameters sampled with (server.sampling.chosen_sampling), reported
-        self.id, self.item_id = random_id("resp"), random_id("msg")
+        self.reasoning, self.tokenizer = reasoning, tokenizer
+        self.stream = ReasoningStream(reasoning) if reasoning is not None else None
+        self.id = random_id("resp")
+        self.item_ids = {"reasoning": random_id("rs"), "message": random_id("msg")}
         self.sequence_number = 0
-        self.sent = 0  # characters of the message's text streamed
-        self.opened = False  # the message announced in the stream
+        self.sent = {"reasoning": "", "message": ""}
+        self.indices: dict[str, int] = {}
+        self.closed: set[str] = set()
+
+    def parts(self, text: str) -> tuple[str, str | None, list[ToolCall]]:
+        """A whole answer's (reasoning, message text or None, calls)."""
+        reasoning, text = self.reasoning.split(text, finished=True) if self.reasoning else ("", text)
+        content, calls = read_answer(text) if self.tools else (text, [])
+        return reasoning, None if content == "" and reasoning else content, calls
 
     def response(self, final: RequestOutput | None) -> ResponseObject:
         """The Response object: in progress (final None), else finished with final's output and usage."""
@@ -125,19 +142,35 @@ class Answer:
             return ResponseObject(status="in_progress", output=[], **common)
         cut = final.finish_reason == "length"
         status = "incomplete" if cut else "completed"
-        content, calls = read_answer(final.text) if self.tools else (final.text, [])
-        output = [] if content is None else [self.message(content, status)]
+        reasoning, content, calls = self.parts(final.text)
+        output: list = [self.reasoning_item(reasoning, status)] if reasoning else []
+        output += [] if content is None else [self.message(content, status)]
         output += [ResponseFunctionCall(id=random_id("fc"), call_id=call.id, name=call.function.name,
                                         arguments=call.function.arguments, status=status) for call in calls]
         usage = ResponseUsage(input_tokens=self.input_tokens, output_tokens=len(final.token_ids),
                               total_tokens=self.input_tokens + len(final.token_ids),
-                              input_tokens_details={"cached_tokens": final.num_cached_tokens})
+                              input_tokens_details={"cached_tokens": final.num_cached_tokens},
+                              output_tokens_details={"reasoning_tokens": self.reasoning_tokens(final, reasoning)})
         return ResponseObject(status=status, output=output, usage=usage,
                               incomplete_details={"reason": "max_output_tokens"} if cut else None, **common)
 
+    def reasoning_tokens(self, final: RequestOutput, reasoning: str) -> int:
+        """The output tokens up to the end of the reasoning's end tag (all of them where it has none): the fewest
+        whose text holds the tag, by bisection (a few decodes, not one per token)."""
+        if not reasoning:
+            return 0
+        end, ids = self.reasoning.tags.end, final.token_ids
+        if end not in final.text:
+            return len(ids)
+        return bisect_left(range(len(ids) + 1), True, key=lambda n: end in self.tokenizer.decode(ids[:n]))
+
     def message(self, text: str, status: str) -> ResponseOutputMessage:
         content = [] if status == "in_progress" else [ResponseOutputText(text=text)]
-        return ResponseOutputMessage(id=self.item_id, status=status, content=content)
+        return ResponseOutputMessage(id=self.item_ids["message"], status=status, content=content)
+
+    def reasoning_item(self, text: str, status: str) -> ResponseReasoningItem:
+        content = [] if status == "in_progress" else [ResponseReasoningText(text=text)]
+        return ResponseReasoningItem(id=self.item_ids["reasoning"], status=status, content=content)
 
     def event(self, type_: str, **fields) -> dict:
         event = {"type": type_, "sequence_number": self.sequence_number, **fields}
@@ -149,37 +182,60 @@ class Answer:
         return [self.event("response.created", response=started), self.event("response.in_progress", response=started)]
 
     def step(self, out: RequestOutput) -> list[dict]:
-        """The events of a step's output: its new text of the message (with tools, of the response text so far)."""
-        new = out.new_text if not self.tools else (response_text(out.text) or "")[self.sent:]
-        return self.delta(new) if new else []
+        """The events of a step's output: what it adds to the reasoning, then to the message's text (with tools, to
+        the response text so far)."""
+        if self.stream is not None:
+            reasoning, content = self.stream.delta(out.text, out.finished)
+            text = self.stream.content
+        else:
+            reasoning, content, text = None, out.new_text, out.text
+        if self.tools:
+            content = (response_text(text) or "")[len(self.sent["message"]):]
+        return (self.delta("reasoning", reasoning) if reasoning else []) + (self.delta("message", content)
+                                                                              if content else [])
 
-    def delta(self, text: str) -> list[dict]:
-        events = self.open_message()
-        self.sent += len(text)
-        return events + [self.event("response.output_text.delta", item_id=self.item_id, output_index=0,
-                                    content_index=0, delta=text, logprobs=[])]
+    def delta(self, kind: str, text: str) -> list[dict]:
+        """Open the item of this kind (closing the reasoning before the message), and send text to it."""
+        events = self.open(kind)
+        self.sent[kind] += text
+        return events + [self.event(f"response.{TEXT_EVENTS[kind]}.delta", item_id=self.item_ids[kind],
+                                    output_index=self.indices[kind], content_index=0, delta=text,
+                                    **LOGPROBS[kind])]
 
-    def open_message(self) -> list[dict]:
-        if self.opened:
+    def open(self, kind: str) -> list[dict]:
+        if kind in self.indices:
             return []
-        self.opened = True
-        return [self.event("response.output_item.added", output_index=0,
-                           item=self.message("", "in_progress").model_dump()),
-                self.event("response.content_part.added", item_id=self.item_id, output_index=0, content_index=0,
-                           part=ResponseOutputText(text="").model_dump())]
+        events = self.close("reasoning", self.reasoning_item(self.sent["reasoning"], "completed")) \
+            if kind == "message" and "reasoning" in self.indices else []
+        self.indices[kind] = len(self.indices)
+        item, part = ((self.message("", "in_progress"), ResponseOutputText(text="")) if kind == "message" else
+                      (self.reasoning_item("", "in_progress"), ResponseReasoningText(text="")))
+        return events + [self.event("response.output_item.added", output_index=self.indices[kind],
+                                    item=item.model_dump()),
+                         self.event("response.content_part.added", item_id=self.item_ids[kind],
+                                    output_index=self.indices[kind], content_index=0, part=part.model_dump())]
+
+    def close(self, kind: str, item: ResponseOutputMessage | ResponseReasoningItem) -> list[dict]:
+        """The item's last text, and its end (once)."""
+        if kind in self.closed:
+            return []
+        self.closed.add(kind)
+        text = item.content[0].text
+        events = self.delta(kind, text[len(self.sent[kind]):]) if len(text) > len(self.sent[kind]) else self.open(kind)
+        where = dict(item_id=self.item_ids[kind], output_index=self.indices[kind], content_index=0)
+        return events + [self.event(f"response.{TEXT_EVENTS[kind]}.done", **where, text=text, **LOGPROBS[kind]),
+                         self.event("response.content_part.done", **where, part=item.content[0].model_dump()),
+                         self.event("response.output_item.done", output_index=self.indices[kind],
+                                    item=item.model_dump())]
 
     def closing(self, final: RequestOutput) -> list[dict]:
-        """The events after the last step: the message's last text and its end, each call whole, the response."""
+        """The events after the last step: the reasoning's and the message's last text and their ends, each call
+        whole, the response."""
         done = self.response(final)
         events = []
         for index, item in enumerate(done.output):
-            if isinstance(item, ResponseOutputMessage):
-                text = item.content[0].text
-                events += self.delta(text[self.sent:]) if len(text) > self.sent else self.open_message()
-                where = dict(item_id=self.item_id, output_index=index, content_index=0)
-                events += [self.event("response.output_text.done", **where, text=text, logprobs=[]),
-                           self.event("response.content_part.done", **where, part=item.content[0].model_dump()),
-                           self.event("response.output_item.done", output_index=index, item=item.model_dump())]
+            if isinstance(item, (ResponseOutputMessage, ResponseReasoningItem)):
+                events += self.close(item.type, item)
                 continue
             where = dict(item_id=item.id, output_index=index)
             events += [self.event("response.output_item.added", output_index=index,
@@ -188,3 +244,8 @@ class Answer:
                        self.event("response.function_call_arguments.done", **where, arguments=item.arguments),
                        self.event("response.output_item.done", output_index=index, item=item.model_dump())]
         return events + [self.event(f"response.{done.status}", response=done.model_dump())]
+
+
+# each item kind's text events: response.output_text.delta / .done, response.reasoning_text.delta / .done
+TEXT_EVENTS = {"message": "output_text", "reasoning": "reasoning_text"}
+LOGPROBS = {"message": {"logprobs": []}, "reasoning": {}}  # (output text events list none: none are served)

@@ -262,6 +262,17 @@ def test_a_reasoning_parser_splits_reasoning_from_content(tiny_model_dir):
             "regex": "[a-z]{5}"}}}).choices[0]
         assert choice.message.content is None and choice.finish_reason == "length"
         assert not re.fullmatch("[a-z]{0,5}", choice.message.model_extra["reasoning_content"])
+        # the Responses API: the reasoning is an item of its own, streamed as reasoning_text events, and sent back
+        whole = client.responses.create(model=MODEL, input="hi", max_output_tokens=12, temperature=0)
+        (item,) = whole.output
+        assert item.type == "reasoning" and item.content[0].text and whole.output_text == ""
+        assert 0 < whole.usage.output_tokens_details.reasoning_tokens <= 12
+        events = list(client.responses.create(model=MODEL, input="hi", max_output_tokens=12, temperature=0,
+                                              stream=True))
+        assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == item.content[0].text
+        again = [{"role": "user", "content": "hi"}, *[i.model_dump(exclude_none=True) for i in whole.output],
+                 {"role": "user", "content": "and?"}]
+        assert client.responses.create(model=MODEL, input=again, max_output_tokens=2).output
     finally:
         running.stop()
 
@@ -393,7 +404,7 @@ def test_responses_api_streams_its_events_in_order(client):
 @pytest.mark.parametrize("body, param", [
     ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools"),  # function tools only
     ({"input": "hi", "previous_response_id": "resp_1"}, "previous_response_id"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),
+    ({"input": "hi", "reasoning": {"effort": "high"}}, "reasoning"),
     ({"input": "hi", "max_output_tokens": 1 << 20}, "max_output_tokens"),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "schema": []}}}, "text"),
     ({"input": []}, "input"),
