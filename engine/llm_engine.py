@@ -436,20 +436,20 @@ class LLM:
         if len(params_list) != len(prompts) or len(adapters) != len(prompts):
             raise ValueError("give one SamplingParams (and adapter), or one per prompt")
         ids: list[str] = []
-        try:
+        finished: dict[str, RequestOutput] = {}
+        try:  # (a refused prompt, a failed step or Ctrl-C leaves none of these requests behind)
             for p, sp, a in zip(prompts, params_list, adapters):
                 ids.append(self.add_request(p, sp, adapter=a))
-        except ValueError:
+            with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
+                while len(finished) < len(ids):
+                    for out in self.step():
+                        if out.finished:
+                            finished[out.request_id] = out
+                            bar.update()
+        finally:
             for request_id in ids:
-                self.abort(request_id)
-            raise
-        finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
-            while len(finished) < len(ids):
-                for out in self.step():
-                    if out.finished:
-                        finished[out.request_id] = out
-                        bar.update()
+                if request_id not in finished:
+                    self.abort(request_id)
         return [finished[i] for i in ids]
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None,

@@ -19,6 +19,11 @@ logger = logging.getLogger("gorgon.server")
 T = TypeVar("T")
 
 
+# steps that fail one after the other, whatever their batches: the engine is broken (a sticky CUDA error, say), and
+# is down (/health says so), rather than failing every request it takes
+MAX_FAILED_STEPS = 3
+
+
 class EngineError(RuntimeError):
     """The engine failed while decoding this request (other requests are unaffected)."""
 
@@ -101,7 +106,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._exit = False
-        self._down: str | None = None  # step thread: why the engine failed for good (LLM.failure)
+        self._down: str | None = None  # set by the step thread: why the engine failed for good
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -112,12 +117,12 @@ class AsyncEngine:
     @property
     def is_running(self) -> bool:
         return (self._thread is not None and self._thread.is_alive() and not self._stopping
-                and self.llm.failure is None)
+                and self.failure is None)
 
     @property
     def failure(self) -> str | None:
-        """Why the engine cannot serve any more (LLM.failure), or None."""
-        return self.llm.failure
+        """Why the engine cannot serve any more (LLM.failure, or steps failing one after the other), or None."""
+        return self.llm.failure or self._down
 
     async def stop(self) -> None:
         """Refuse new requests, fail the ones still in flight, and end the step thread."""
@@ -187,27 +192,35 @@ class AsyncEngine:
 
     # ---- the step thread ------------------------------------------------------------------------
     def _run(self) -> None:
+        failed_steps = 0  # in a row
         while not self._exit:
             while not self._commands.empty():
-                self._commands.get()()
+                try:
+                    self._commands.get()()
+                except Exception:  # noqa: BLE001 - the loop must outlive any one command
+                    logger.exception("an engine command failed")
             if self._exit:
                 break
             if self._down is not None:  # every request, running or just added, fails at once
-                self._fail(None, EngineStopped(self._down))
+                self._fail(None, EngineStopped(f"the engine is down: {self._down}"))
             if self._down is not None or not self.llm.has_unfinished():
                 self._wake.wait()
                 self._wake.clear()
                 continue
             try:
                 outputs = self.llm.step()
+                failed_steps = 0
             except Exception as e:  # noqa: BLE001 - the loop must outlive any one batch
-                if self.llm.failure is not None:  # for good: no request can ever step again
-                    logger.error("the engine is down: %s", self.llm.failure)
-                    self._down = f"the engine is down: {self.llm.failure}"
+                failed_steps += 1
+                if self.llm.failure is not None or failed_steps == MAX_FAILED_STEPS:  # for good
+                    self._down = self.llm.failure or f"{failed_steps} steps in a row failed, the last with: {e}"
+                    logger.error("the engine is down: %s", self._down)
                     continue
                 logger.exception("engine step failed; failing the requests of its batch")
-                self._fail(list(self.llm.stats().running_request_ids) or None,
-                           EngineError(f"the engine failed while decoding this request: {e}"))
+                # the batch's requests, and those it finished before it failed (their last output is lost)
+                batch = set(self.llm.stats().running_request_ids) | {r for r in self._active
+                                                                     if r not in self.llm.requests}
+                self._fail(list(batch) or None, EngineError(f"the engine failed while decoding this request: {e}"))
                 continue
             for out in outputs:
                 if out.finished:

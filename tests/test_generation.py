@@ -109,6 +109,23 @@ def test_bad_requests_are_refused_without_side_effects(tiny_model_dir):
     assert not llm.has_unfinished() and llm.num_free_blocks == free
 
 
+def test_generate_leaves_nothing_behind_when_a_step_fails(tiny_model_dir):
+    """A failed step (or Ctrl-C) inside generate() aborts its requests: the next call starts from an empty engine."""
+    llm = LLM(tiny_model_dir, num_kv_blocks=64, block_size=16)
+    forward = llm.runner.forward
+    steps = iter(range(3))
+
+    def fail_on_the_third_step(*args, **kwargs):
+        if next(steps, None) == 2:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    llm.runner.forward = fail_on_the_third_step
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[1, 2, 3], [4, 5]], GREEDY)
+    assert not llm.requests and not llm.has_unfinished() and llm.num_free_blocks == 64
+
+
 def test_decode_benchmark_writes_its_summary(tmp_path):
     """`gorgon bench decode` end to end on the small shape, tiny settings."""
     from bench import decode

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from engine import LLM, SamplingParams, StructuredOutput
 from server.app import ServerConfig, create_app
+from server.async_engine import MAX_FAILED_STEPS, AsyncEngine, EngineError, EngineStopped, RequestStream
 from server.prompts import FALLBACK_CHAT_TEMPLATE
 
 from conftest import hf_model
@@ -632,6 +633,53 @@ def test_an_engine_failure_fails_only_its_request(client, running, stream):
     wait_until_idle(running)
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=4, temperature=0,
                                      extra_body={"ignore_eos": True}).usage.completion_tokens == 4
+
+
+def test_a_request_that_a_failing_step_had_finished_still_ends(tiny_model_dir):
+    """A step that fails after it finished a request (its last output lost) ends that request with the error, not a
+    stream that waits for ever; steps that fail one after another put the engine down (/health then says so)."""
+    llm = LLM(tiny_model_dir, **ENGINE_KWARGS)
+    append = llm._append_token
+
+    def fail_after_the_first(seq, token_id, logprob):
+        if seq.params.max_tokens == 5:  # (the second request of the batch: the first has finished by then)
+            raise RuntimeError("injected fault")
+        append(seq, token_id, logprob)
+
+    async def last_item(stream: RequestStream) -> object:
+        try:
+            async for out in stream:
+                if out.finished:
+                    return out.finish_reason
+        except (EngineError, EngineStopped) as e:
+            return e
+
+    async def main() -> None:
+        engine = AsyncEngine(llm)
+        engine.start()
+        llm._append_token = fail_after_the_first
+        both_added = threading.Event()
+        engine._post(both_added.wait)  # the step thread waits: the two requests take the same first step
+        adds = asyncio.gather(*(engine.add_request([5, 6, 7], SamplingParams(max_tokens=n, ignore_eos=True))
+                                for n in (1, 5)))
+        asyncio.get_running_loop().call_later(0.2, both_added.set)
+        streams = await adds
+        ends = await asyncio.wait_for(asyncio.gather(*map(last_item, streams)), timeout=10)
+        assert all(isinstance(end, EngineError) and "injected fault" in str(end) for end in ends)
+        assert engine.is_running and llm.num_free_blocks == llm.block_manager.num_blocks
+        llm._append_token = append
+        served = await engine.add_request([5, 6], SamplingParams(max_tokens=2, ignore_eos=True))
+        assert await asyncio.wait_for(last_item(served), timeout=10) == "length"  # (and the failures in a row: 0)
+        llm.runner.forward = lambda *args, **kwargs: 1 / 0
+        for _ in range(MAX_FAILED_STEPS):
+            stream = await engine.add_request([5, 6], SamplingParams(max_tokens=2))
+            assert isinstance(await asyncio.wait_for(last_item(stream), timeout=10), (EngineError, EngineStopped))
+        assert not engine.is_running and "steps in a row failed" in engine.failure
+        with pytest.raises(EngineStopped, match="division by zero"):
+            await engine.add_request([5, 6], SamplingParams(max_tokens=2))
+        await engine.stop()
+
+    asyncio.run(main())
 
 
 # ---- shutdown ---------------------------------------------------------------------------------------
