@@ -2,6 +2,7 @@
 size limit)."""
 from __future__ import annotations
 
+import json
 import secrets
 
 from fastapi import Request
@@ -38,6 +39,9 @@ class BodyGuard:
         except APIError as e:
             await error_response(e.status, e.info)(scope, receive, send)
             return
+        if body and headers.get("content-type", "").split(";")[0].strip().lower() in LENIENT_MEDIA_TYPES:
+            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                         + [(b"content-type", b"application/json")])  # (JSON, _read found: FastAPI reads it so)
         replayed = False
 
         async def replay() -> Message:
@@ -64,10 +68,24 @@ class BodyGuard:
             if not message.get("more_body", False):
                 break
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if body and media_type != "application/json" and not media_type.endswith("+json"):
+        if body and media_type != "application/json" and not media_type.endswith("+json") and not (
+                media_type in LENIENT_MEDIA_TYPES and _is_json(body)):
             raise APIError(415, f"the body must be JSON, sent with 'Content-Type: application/json' "
                                 f"(got {media_type or 'no content type'!r})", code="unsupported_media_type")
         return bytes(body)
+
+
+# a JSON body sent without a content type, or as curl's -d sends it (form-encoded), is read as JSON (as
+# llama.cpp's server reads it); anything else is a 415
+LENIENT_MEDIA_TYPES = ("", "application/x-www-form-urlencoded")
+
+
+def _is_json(body: bytearray) -> bool:
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True
 
 
 def _too_large(limit: int) -> APIError:

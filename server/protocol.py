@@ -112,8 +112,16 @@ class StructuredOutputs(RequestBody):
     grammar: str | None = None
 
 
+def nulls_left_out(data: Any) -> Any:
+    """A body's top-level fields sent as null, as left out: OpenAI's API takes null for "the default" (an SDK
+    passes its callers' None), and a sampling field left out takes the model's recommended value."""
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
 class SamplingRequest(RequestBody):
     """Fields that completions and chat share."""
+
+    _nulls = model_validator(mode="before")(nulls_left_out)
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
@@ -257,6 +265,8 @@ class ToolCall(RequestBody):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
+    # a call rebuilt from a stream's deltas carries their index: accepted, unused (the list's order says it)
+    index: int | None = Field(default=None, exclude=True)
 
 
 class FunctionDefinition(RequestBody):
@@ -298,6 +308,9 @@ class Prediction(RequestBody):
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
+ANSWER_EXTRAS = ("refusal", "annotations", "audio", "function_call")
+
+
 class ChatMessage(RequestBody):
     """A message of text. OpenAI's `developer` role is the system role of newer models: a chat template, which
     knows `system` only, gets it as `system`."""
@@ -315,6 +328,10 @@ class ChatMessage(RequestBody):
         """Name what a text-only server without tools cannot take, rather than list how it failed to parse."""
         if not isinstance(data, dict):
             return data
+        # what an SDK's message object holds besides (model_dump() of an answer sent back), empty in ours
+        data = {k: v for k, v in data.items() if k not in ANSWER_EXTRAS or v}
+        if "reasoning" in data:  # (vLLM's newer name of reasoning_content)
+            data["reasoning_content"] = data.pop("reasoning")
         if data.get("role") == "function" or data.get("function_call"):
             raise field_error("messages: function messages and calls (OpenAI's deprecated functions) are not "
                               "supported by this server: use tools")
@@ -336,9 +353,10 @@ class ChatMessage(RequestBody):
 
     @property
     def text(self) -> str:
+        """The content; parts on lines of their own (as vLLM joins them)."""
         if self.content is None:
             return ""
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
 
     def for_template(self, text: str) -> dict[str, str]:
         """The message as a chat template reads it, with its content as `text`."""
@@ -629,7 +647,7 @@ class ResponsesInputMessage(ResponsesInputItem):
         return data
 
     def chat_message(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        text = self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
         return {"role": self.role, "content": text}
 
 
@@ -710,6 +728,8 @@ class ResponsesRequest(RequestBody):
     chat completion's, tools included (ChatCompletionRequest validates it). Stateless: no stored responses to go
     on from, no background runs. A reasoning model's reasoning (--reasoning-parser) is an output item of its own,
     whole (`reasoning` options, such as an effort, are not served)."""
+
+    _nulls = model_validator(mode="before")(nulls_left_out)
 
     model: str | None = None
     input: str | Annotated[list[ResponsesInput], Field(min_length=1)]

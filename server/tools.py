@@ -116,12 +116,12 @@ def response_text(text: str) -> str | None:
 
 def read_answer(text: str) -> tuple[str | None, list[ToolCall]]:
     """An answer's (content, tool calls). An answer cut short (max_tokens) is no whole JSON: its content is the
-    response text so far, or for calls, the text as the model wrote it."""
+    response text so far; calls cut short are none (no content either: the JSON the model wrote is ours, not an
+    answer, and a call with half its arguments must not run)."""
     try:
         answer = json.loads(text)
     except json.JSONDecodeError:
-        partial = response_text(text)
-        return (text if partial is None else partial), []
+        return response_text(text), []
     if "tool_calls" in answer:
         return None, [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(
             name=c["name"], arguments=json.dumps(c["arguments"], ensure_ascii=False))) for c in answer["tool_calls"]]

@@ -81,8 +81,8 @@ HOSTILE = {
                       headers={"Content-Type": "text/plain"}),
     "form encoded": Bad("/v1/completions", b"prompt=hi", status=415, code="unsupported_media_type",
                         headers={"Content-Type": "application/x-www-form-urlencoded"}),
-    "no content type": Bad("/v1/completions", b'{"prompt": "hi"}', status=415, code="unsupported_media_type",
-                           headers={}),
+    "no content type, no JSON": Bad("/v1/completions", b"prompt=hi", status=415, code="unsupported_media_type",
+                                    headers={}),
     "unknown field": completion("frobnicate", frobnicate=1),
     # prompts and token ids
     "prompt missing": Bad("/v1/completions", {"max_tokens": 2}, param="prompt"),
@@ -488,6 +488,30 @@ def test_accepted_unused_openai_fields(client):
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}],
              "max_tokens": 2}
     assert client.post("/v1/chat/completions", headers=AUTH, json=parts).status_code == 200
+
+
+def test_what_real_clients_send_is_accepted(client):
+    """Nulls for "the default" (an SDK passes its callers' None), an answer sent back as the SDK dumps it (empty
+    refusal, annotations, audio; calls rebuilt from a stream, with their index), a JSON body without a content type
+    or as curl -d sends it, and several text parts of a message, on lines of their own (as vLLM joins them)."""
+    nulls = {"messages": USER, "max_tokens": 2, "temperature": None, "top_p": None, "n": None, "stream": None,
+             "presence_penalty": None, "logprobs": None, "parallel_tool_calls": None, "seed": None}
+    assert client.post("/v1/chat/completions", headers=AUTH, json=nulls).status_code == 200
+    dumped = {"role": "assistant", "content": None, "refusal": None, "annotations": [], "audio": None,
+              "function_call": None, "tool_calls": [{"id": "c1", "type": "function", "index": 0,
+                                                     "function": {"name": "f", "arguments": "{}"}}]}
+    history = [*USER, dumped, {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    r = client.post("/v1/chat/completions", headers=AUTH, json={"messages": history, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    for content_type in ({}, {"Content-Type": "application/x-www-form-urlencoded"}):
+        assert client.post("/v1/completions", headers={**AUTH, **content_type}, content=body).status_code == 200
+
+    def tokens(content: object) -> list[int]:
+        return client.post("/tokenize", headers=AUTH, json={"messages": [{"role": "user", "content": content}]}
+                           ).json()["tokens"]
+
+    assert tokens([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]) == tokens("a\nb")
 
 
 def test_unsupported_fields_are_named_in_the_message(client):

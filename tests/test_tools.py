@@ -86,7 +86,8 @@ def test_reading_an_answer():
     assert content is None and calls[0].function.name == "get_time"
     assert json.loads(calls[0].function.arguments) == {"zone": "UTC"} and calls[0].id.startswith("call_")
     assert read_answer('{"response": "It is sunny."}') == ("It is sunny.", [])
-    assert read_answer('{"tool_calls": [{"na') == ('{"tool_calls": [{"na', [])  # cut short by max_tokens
+    assert read_answer('{"tool_calls": [{"na') == (None, [])  # cut short by max_tokens: no content, no call
+    assert read_answer('{"response": "It is su') == ("It is su", [])
 
 
 @pytest.mark.parametrize("text, want", [
