@@ -72,8 +72,10 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    include_stop_str_in_output: bool = False  # vLLM's: the output ends with the stop string it met, not before it
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # the text leaves special tokens out (their ids stay in token_ids)
     logprobs: int | None = None  # return the sampled token's logprob and this many top alternatives
     prompt_logprobs: int | None = None  # also each prompt token's logprob and this many alternatives
     use_medusa: bool = True  # speculate with the engine's Medusa heads, if it has any

@@ -12,7 +12,7 @@ NUM_CONTEXT_TOKENS = 6  # prompt tokens the stream sees first: context for merge
 def start_detokenizer(tokenizer, seq: Sequence) -> None:
     """A stream primed with the prompt's last tokens, their text discarded. (DecodeStream(ids=prompt) would
     emit the whole prompt with the first output token when the prompt ends inside a multi-byte character.)"""
-    seq.decode_stream = DecodeStream(skip_special_tokens=True)
+    seq.decode_stream = DecodeStream(skip_special_tokens=seq.params.skip_special_tokens)
     for token in seq.token_ids[-NUM_CONTEXT_TOKENS:]:
         seq.decode_stream.step(tokenizer.backend_tokenizer, token)
 

@@ -402,9 +402,10 @@ class LLM:
             reason = "stop"
         elif params.stop and new_text and seq.num_output_tokens > params.min_tokens:  # (as vLLM counts)
             search_from = max(0, text_before - max(len(s) for s in params.stop) + 1)
-            hits = [i for s in params.stop if (i := seq.output_text.find(s, search_from)) >= 0]
+            hits = [(i, len(s)) for s in params.stop if (i := seq.output_text.find(s, search_from)) >= 0]
             if hits:
-                seq.output_text = seq.output_text[:min(hits)]
+                start, length = min(hits)
+                seq.output_text = seq.output_text[:start + length * params.include_stop_str_in_output]
                 reason = "stop"
         if reason is None and seq.num_output_tokens >= params.max_tokens:  # within the context (_validate_prompt)
             reason = "length"

@@ -43,6 +43,8 @@ async def generate(request: Request, state: ServerState, req: SamplingRequest, p
         finals = await finished(request, streams)
         return JSONResponse(renderer.response(finals, usage(prompts, finals, prediction)).model_dump())
 
+    continuous_usage = req.stream_options is not None and req.stream_options.continuous_usage_stats
+
     async def events() -> AsyncIterator[str]:
         try:
             for chunk in renderer.head(len(streams), prompts):
@@ -50,6 +52,8 @@ async def generate(request: Request, state: ServerState, req: SamplingRequest, p
             async for i, out in interleave(streams):  # one chunk per step, even when its text is still ''
                 chunk = renderer.chunk(i, out)
                 chunk.gorgon = step_info(out, state.tokenizer)  # ours: the step behind the chunk
+                if continuous_usage:  # its choice's, so far
+                    chunk.usage = usage([prompts[i // req.n]], [out])
                 yield f"data: {chunk.model_dump_json()}\n\n"
             if req.stream_options and req.stream_options.include_usage:
                 final = renderer.usage_chunk(usage(prompts, [s.last for s in streams], prediction))

@@ -79,7 +79,9 @@ class ErrorResponse(BaseModel):
 
 
 class StreamOptions(RequestBody):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the usage of the whole answer
+    continuous_usage_stats: bool = False  # vLLM's: every chunk with its choice's usage so far
+    include_obfuscation: bool | None = None  # OpenAI's padding of chunks against side channels: none is sent
 
 
 class JsonSchemaFormat(RequestBody):
@@ -144,6 +146,8 @@ class SamplingRequest(RequestBody):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
     min_tokens: int = Field(default=0, ge=0)  # no stop token or string ends the answer before this many tokens
+    include_stop_str_in_output: bool = False  # the answer ends with the stop string it met
+    skip_special_tokens: bool = True  # False: special tokens' text is in the answer
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_STRINGS)] | None = None  # the answer ends at any
     return_token_ids: bool = False  # choices carry their token ids, and the answer its prompt's
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs or its older guided_* fields (one)
@@ -370,11 +374,13 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    # accepted and unused: they cannot change an answer (a prompt_cache_key: the prefix cache needs no key)
+    # accepted and unused: they cannot change an answer (prompt caching: the prefix cache needs no key or hints)
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
     safety_identifier: str | None = None
     # tools (server.tools): the answer is either text or calls of these functions
     tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
@@ -387,7 +393,7 @@ class ChatCompletionRequest(SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the last (assistant) message is the answer's start, continued
     chat_template_kwargs: dict[str, Any] | None = None  # the template's own variables (Qwen3's enable_thinking)
-    # not served: any value but null (or an empty list, or "none") is an error that names the field
+    # not served: any value but null (or an empty list, or "none", or OpenAI's default) is an error that names it
     functions: Any = None
     function_call: Any = None
     audio: Any = None
@@ -395,12 +401,13 @@ class ChatCompletionRequest(SamplingRequest):
     reasoning_effort: Any = None
     verbosity: Any = None
     web_search_options: Any = None
+    moderation: Any = None
 
     @field_validator("functions", "function_call", "audio", "reasoning_effort", "verbosity",
-                     "web_search_options")
+                     "web_search_options", "moderation")
     @classmethod
     def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
-        if value not in (None, [], "none"):
+        if value not in (None, [], "none") and not (info.field_name == "verbosity" and value == "medium"):
             raise unsupported(info.field_name)
         return value
 
@@ -661,11 +668,15 @@ class ResponsesFunctionCall(ResponsesInputItem):
 
 
 class ResponsesFunctionCallOutput(ResponsesInputItem):
-    """What a call returned."""
+    """What a call returned: text, or parts of text (on lines of their own)."""
 
     type: Literal["function_call_output"]
     call_id: str
-    output: str
+    output: str | list[ResponsesInputPart]
+
+    @property
+    def text(self) -> str:
+        return self.output if isinstance(self.output, str) else "\n".join(part.text for part in self.output)
 
 
 class ResponsesReasoningPart(ResponsesInputItem):
@@ -720,6 +731,7 @@ class ResponsesTextFormat(RequestBody):
 
 class ResponsesText(RequestBody):
     format: ResponsesTextFormat | None = None
+    verbosity: Literal["medium"] | None = None  # (OpenAI's default; another is not served)
 
 
 class ResponsesRequest(RequestBody):
@@ -745,7 +757,10 @@ class ResponsesRequest(RequestBody):
     user: str | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
     safety_identifier: str | None = None
+    stream_options: StreamOptions | None = None  # (include_obfuscation: no padding is sent)
     truncation: Literal["disabled"] | None = None  # ("auto", dropping the input's start to fit, is not served)
     tools: list[ResponsesFunctionTool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | ResponsesNamedTool | None = None
@@ -757,13 +772,17 @@ class ResponsesRequest(RequestBody):
     background: Any = None
     include: Any = None
     prompt: Any = None
+    top_logprobs: Any = None
+    max_tool_calls: Any = None
+    moderation: Any = None
 
-    @field_validator("previous_response_id", "conversation", "reasoning", "background", "include", "prompt")
+    @field_validator("previous_response_id", "conversation", "reasoning", "background", "include", "prompt",
+                     "top_logprobs", "max_tool_calls", "moderation")
     @classmethod
     def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
         name = info.field_name
         # (reasoning items come whole, unencrypted: nothing to include for them; `reasoning: {"effort": null}` is none)
-        if value in (None, [], False) or (name == "include" and value == ["reasoning.encrypted_content"]) \
+        if value in (None, [], False, 0) or (name == "include" and value == ["reasoning.encrypted_content"]) \
                 or (name == "reasoning" and isinstance(value, dict) and all(v is None for v in value.values())):
             return value
         raise unsupported(info.field_name, " on /v1/responses")
@@ -787,7 +806,7 @@ class ResponsesRequest(RequestBody):
                 else:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             else:
-                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text})
             if reasoning and not isinstance(item, ResponsesReasoning) and messages[-1]["role"] == "assistant":
                 messages[-1]["reasoning_content"], reasoning = reasoning, ""
         body: dict[str, Any] = {"messages": messages, "model": self.model, "max_tokens": self.max_output_tokens,

@@ -1,6 +1,7 @@
 """OpenAI response bodies from engine outputs, for completions and chat: whole answers, SSE chunks, logprobs."""
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 
 from pydantic import BaseModel
@@ -34,6 +35,7 @@ class Renderer(ABC):
 
     def __init__(self, prefix: str, model: str, tokenizer, logprobs: int | None, token_ids: bool) -> None:
         self.id, self.model, self.tokenizer = random_id(prefix), model, tokenizer
+        self.created = int(time.time())  # one for every body of the answer
         self.logprobs, self.token_ids = logprobs, token_ids
 
     @abstractmethod
@@ -100,7 +102,7 @@ class CompletionRenderer(Renderer):
                                 prompt_token_ids=self.ids(out.prompt_token_ids) if with_prompt_ids else None)
 
     def _body(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
-        return CompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage)
+        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
     def _logprobs(self, out: RequestOutput, token_ids: list[int], text_offset: int,
                   with_prompt: bool) -> CompletionLogprobs | None:
@@ -157,7 +159,7 @@ class ChatRenderer(Renderer):
         choices = [ChatChoice(index=i, message=message, finish_reason=finish_reason,
                               logprobs=self._logprobs(out, out.token_ids), token_ids=self.ids(out.token_ids))
                    for i, out in enumerate(finals) for message, finish_reason in [self._message(out)]]
-        return ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage,
+        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage,
                                       prompt_token_ids=self.ids(finals[0].prompt_token_ids))
 
     def _tools_delta(self, index: int, out: RequestOutput, answer: str) -> tuple[ChatDelta, str | None]:
@@ -186,7 +188,7 @@ class ChatRenderer(Renderer):
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None,
                prompt_ids: list[int] | None = None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.id, model=self.model, choices=choices, usage=usage,
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage,
                                    prompt_token_ids=prompt_ids)
 
     def _logprobs(self, out: RequestOutput, token_ids: list[int]) -> ChatLogprobs | None:

@@ -9,6 +9,7 @@ calls and their outputs input items. Nothing is stored, so there is no previous_
 from __future__ import annotations
 
 import json
+import time
 from bisect import bisect_left
 from collections.abc import AsyncIterator
 
@@ -114,7 +115,7 @@ class Answer:
         self.sampling = sampling  # the parameters sampled with (server.sampling.chosen_sampling), reported
         self.reasoning, self.tokenizer = reasoning, tokenizer
         self.stream = ReasoningStream(reasoning) if reasoning is not None else None
-        self.id = random_id("resp")
+        self.id, self.created_at = random_id("resp"), int(time.time())
         self.item_ids = {"reasoning": random_id("rs"), "message": random_id("msg")}
         self.sequence_number = 0
         self.sent = {"reasoning": "", "message": ""}
@@ -131,7 +132,7 @@ class Answer:
         """The Response object: in progress (final None), else finished with final's output and usage."""
         fmt = self.req.text.format if self.req.text is not None and self.req.text.format is not None else None
         choice = self.req.tool_choice
-        common = dict(id=self.id, model=self.model, instructions=self.req.instructions,
+        common = dict(id=self.id, created_at=self.created_at, model=self.model, instructions=self.req.instructions,
                       max_output_tokens=self.req.max_output_tokens, temperature=self.sampling["temperature"],
                       top_p=self.sampling["top_p"], metadata=self.req.metadata or {},
                       text={"format": fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}},

@@ -39,6 +39,7 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, v
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             repetition_penalty=sampling["repetition_penalty"],
             logit_bias=logit_bias(req.logit_bias or {}, vocab_size), stop=req.stop_list, ignore_eos=req.ignore_eos,
+            include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
             stop_token_ids=stop_token_ids(req.stop_token_ids or [], vocab_size),
             seed=None if req.seed is None else req.seed + choice,  # n choices: distinct but reproducible
             logprobs=req.top_alternatives, prompt_logprobs=req.prompt_alternatives, use_medusa=req.use_medusa,

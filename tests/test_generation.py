@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from engine import LLM, SamplingParams
 
@@ -107,6 +108,21 @@ def test_bad_requests_are_refused_without_side_effects(tiny_model_dir):
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
     assert not llm.has_unfinished() and llm.num_free_blocks == free
+
+
+def test_special_tokens_text_is_left_out_unless_asked_for(tiny_model_dir, tmp_path):
+    """vLLM's skip_special_tokens: a special token (token 2 made one, and forced) is in token_ids either way, in
+    the text only with False."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    special = tokenizer.convert_ids_to_tokens(2)
+    tokenizer.add_special_tokens({"additional_special_tokens": [special]})
+    tokenizer.save_pretrained(tmp_path)
+    llm = LLM(tiny_model_dir, tokenizer=str(tmp_path))
+    forced = dict(max_tokens=2, temperature=0, ignore_eos=True, logit_bias={2: 100.0})
+    skipped, kept = (llm.generate([5, 6, 7], SamplingParams(skip_special_tokens=skip, **forced))[0]
+                     for skip in (True, False))
+    assert skipped.token_ids == kept.token_ids == [2, 2]
+    assert skipped.text == "" and kept.text == special * 2
 
 
 def test_generate_leaves_nothing_behind_when_a_step_fails(tiny_model_dir):

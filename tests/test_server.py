@@ -307,10 +307,13 @@ def test_streams_end_with_done_and_equal_the_whole_answers(client, running):
 
     messages = [{"role": "user", "content": "hello"}]
     whole = client.chat.completions.create(messages=messages, **args).choices[0].message.content
-    chunks = list(client.chat.completions.create(messages=messages, stream=True, **args))
+    options = {"include_obfuscation": False, "continuous_usage_stats": True}  # (the SDK's; vLLM's)
+    chunks = list(client.chat.completions.create(messages=messages, stream=True, stream_options=options, **args))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
     assert chunks[-1].choices[0].finish_reason == "length"
+    counts = [c.usage.completion_tokens for c in chunks[1:]]  # every chunk after the role's: its usage so far
+    assert counts == sorted(counts) and counts[-1] == 12 and len({c.created for c in chunks}) == 1
 
     with httpx.stream("POST", f"{running.url}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                       json={"prompt": "hi", "max_tokens": 3, "stream": True}) as response:
@@ -385,6 +388,12 @@ def test_responses_api_answers_as_chat_completions_do(client, oracle):
                {"role": "user", "content": "again"}]
     assert again.output_text == client.chat.completions.create(model=MODEL, messages=history, max_tokens=6,
                                                                temperature=0).choices[0].message.content
+    # what an SDK sends along that cannot change the answer (nulls, OpenAI's defaults, cache hints)
+    same = client.responses.create(model=MODEL, instructions="be brief", input="hi", max_output_tokens=6,
+                                   temperature=0, top_p=None, text={"verbosity": "medium"}, top_logprobs=0,
+                                   reasoning={"effort": None}, prompt_cache_retention="24h",
+                                   include=["reasoning.encrypted_content"])
+    assert same.output_text == got.output_text
 
 
 def test_responses_api_streams_its_events_in_order(client):

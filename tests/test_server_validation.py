@@ -480,7 +480,8 @@ def test_echo_with_logprobs_reports_the_prompt_tokens_first(client, llm, stream)
 def test_accepted_unused_openai_fields(client):
     body = {"messages": USER, "max_tokens": 2, "user": "u-1", "store": False, "metadata": {"k": "v"},
             "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "modalities": ["text"],
-            "parallel_tool_calls": False, "stop": "\n\n", "prompt_cache_key": "k", "safety_identifier": "s"}
+            "parallel_tool_calls": False, "stop": "\n\n", "prompt_cache_key": "k", "safety_identifier": "s",
+            "prompt_cache_retention": "24h", "verbosity": "medium"}
     assert client.post("/v1/chat/completions", headers=AUTH, json=body).status_code == 200
     refused = client.post("/v1/chat/completions", headers=AUTH, json={"messages": USER, "verbosity": "low"})
     assert refused.status_code == 400

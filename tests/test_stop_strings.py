@@ -64,13 +64,15 @@ def heads_dir(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("num_tokens", [2, 3])
+@pytest.mark.parametrize("num_tokens, include", [(2, False), (3, False), (3, True)])
 @pytest.mark.parametrize("medusa", [False, True])
-def test_streamed_text_equals_the_text_cut_at_the_stop(tiny_model_dir, heads_dir, plain_pieces, num_tokens, medusa):
+def test_streamed_text_equals_the_text_cut_at_the_stop(tiny_model_dir, heads_dir, plain_pieces, num_tokens, medusa,
+                                                       include):
+    """include: vLLM's include_stop_str_in_output, the text cut after the stop string."""
     full = "".join(plain_pieces)
     stop = stop_spanning(plain_pieces, num_tokens)
-    expected = full[:full.find(stop)]
-    params = SamplingParams(stop=["\x00never", stop], **GREEDY)
+    expected = full[:full.find(stop) + len(stop) * include]
+    params = SamplingParams(stop=["\x00never", stop], include_stop_str_in_output=include, **GREEDY)
     if medusa:
         futures = PROMPT + LLM(tiny_model_dir).generate(PROMPT, SamplingParams(**GREEDY))[0].token_ids
         llm = medusa_llm(tiny_model_dir, heads_dir, futures)
