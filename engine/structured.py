@@ -29,6 +29,10 @@ from engine.config import ReasoningTags, StructuredOutput
 JSON_WHITESPACE = r"(?: |\n{1,2}[ \t]{0,20})?"
 
 
+class GrammarError(ValueError):
+    """A structured output that cannot be compiled (its message says why)."""
+
+
 def grammar_text(spec: StructuredOutput) -> str:
     """llguidance's grammar for spec (not yet checked: `Grammars.matcher` validates it)."""
     if spec.json is not None or spec.json_object:
@@ -36,9 +40,9 @@ def grammar_text(spec: StructuredOutput) -> str:
             schema = {"type": "object"} if spec.json_object else (
                 json.loads(spec.json) if isinstance(spec.json, str) else dict(spec.json))
         except json.JSONDecodeError as e:
-            raise ValueError(f"the JSON schema is not valid JSON: {e}") from None
+            raise GrammarError(f"the JSON schema is not valid JSON: {e}") from None
         if not isinstance(schema, dict):
-            raise ValueError("a JSON schema must be a JSON object")
+            raise GrammarError("a JSON schema must be a JSON object")
         schema.setdefault("x-guidance", {"whitespace_pattern": JSON_WHITESPACE})
         return llguidance.LLMatcher.grammar_from_json_schema(schema)
     if spec.regex is not None:
@@ -48,7 +52,7 @@ def grammar_text(spec: StructuredOutput) -> str:
     try:
         lark = any_to_lark(spec.grammar)
     except Exception as e:  # noqa: BLE001 - llguidance's GBNF converter raises plain Exceptions too
-        raise ValueError(f"the grammar is neither Lark (with a `start:` rule) nor valid GBNF: {e}") from None
+        raise GrammarError(f"the grammar is neither Lark (with a `start:` rule) nor valid GBNF: {e}") from None
     return llguidance.LLMatcher.grammar_from_lark(lark)
 
 
@@ -65,19 +69,19 @@ class Grammars:
         return llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids)
 
     def matcher(self, spec: StructuredOutput) -> llguidance.LLMatcher:
-        """A fresh matcher for spec; a ValueError that says what is wrong with it."""
+        """A fresh matcher for spec; a GrammarError that says what is wrong with it."""
         if self.tokenizer is None:
-            raise ValueError("structured outputs need a tokenizer, and this engine has none (skip_tokenizer_init)")
+            raise GrammarError("structured outputs need a tokenizer, and this engine has none (skip_tokenizer_init)")
         grammar = grammar_text(spec)
         tags = spec.after_reasoning
         if tags is not None and not any(tags.end in (text or "") for text in (spec.regex, spec.grammar)):
             grammar = self._after_reasoning(grammar, tags)
         error = llguidance.LLMatcher.validate_grammar(grammar, self._ll_tokenizer)
         if error:
-            raise ValueError(f"the structured output cannot be used: {error}")
+            raise GrammarError(f"the structured output cannot be used: {error}")
         matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar)
         if matcher.is_error():
-            raise ValueError(f"the structured output cannot be used: {matcher.get_error()}")
+            raise GrammarError(f"the structured output cannot be used: {matcher.get_error()}")
         return matcher
 
     def _after_reasoning(self, grammar: str, tags: ReasoningTags) -> str:

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from engine import ContextLengthError, RequestOutput
+from engine.structured import GrammarError
 from server.async_engine import EngineError, EngineStopped, QueueFull, RequestStream
 from server.errors import APIError
 from server.prompts import prediction_ids
@@ -93,6 +94,9 @@ async def start(state: ServerState, req: SamplingRequest, prompts: list[list[int
         raise APIError(503, str(e), "service_unavailable") from None
     except ContextLengthError as e:  # the adapter changed meanwhile
         raise APIError(400, str(e), code="context_length_exceeded") from None
+    except GrammarError as e:
+        fields = req.structured_output_fields
+        raise APIError(400, str(e), param=fields[0] if fields else "tools") from None
     except ValueError as e:
         raise APIError(400, str(e)) from None
     finally:

@@ -46,7 +46,9 @@ def returns_token_ids(req: SamplingRequest, state: ServerState) -> bool:
     return req.return_token_ids or state.tokenizer is None  # without a tokenizer, the ids are the answer
 
 
+# each OpenAI route also without its /v1 (as llama.cpp's server serves them: clients given the bare host as base URL)
 @router.post("/v1/completions", response_model=CompletionResponse, responses=streamed_as(CompletionResponse))
+@router.post("/completions", include_in_schema=False)
 async def completions(req: CompletionRequest, request: Request, state: State) -> Response:
     prompts = [completion_prompt_ids(state.tokenizer, p) for p in req.prompts]
     echo = [prompt_text(state.tokenizer, p) for p in req.prompts] if req.echo else None
@@ -57,6 +59,7 @@ async def completions(req: CompletionRequest, request: Request, state: State) ->
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
              responses=streamed_as(ChatCompletionChunk))
+@router.post("/chat/completions", include_in_schema=False)
 async def chat_completions(req: ChatCompletionRequest, request: Request, state: State) -> Response:
     prompt_ids, calls = chat_request_ids(state.tokenizer, req, state.llm.config.chat_template_kwargs)
     renderer = ChatRenderer(req.model or state.config.model_name, state.tokenizer, req.top_alternatives,
@@ -72,11 +75,13 @@ def model_cards(state: ServerState) -> list[ModelCard]:
 
 
 @router.get("/v1/models")
+@router.get("/models", include_in_schema=False)
 async def models(state: State) -> ModelList:
     return ModelList(data=model_cards(state))
 
 
 @router.get("/v1/models/{model:path}")  # `path`: a served name may hold a slash ("org/name")
+@router.get("/models/{model:path}", include_in_schema=False)
 async def model(model: str, state: State) -> ModelCard:
     state.resolve_adapter(model)  # 404 unless it is served
     return next(card for card in model_cards(state) if card.id == model)

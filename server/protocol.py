@@ -96,11 +96,14 @@ class JsonSchemaFormat(RequestBody):
 class ResponseFormat(RequestBody):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # llama.cpp's server's, with json_object
 
     @model_validator(mode="after")
     def _schema_with_its_type(self) -> ResponseFormat:
         if (self.type == "json_schema") != (self.json_schema is not None):
             raise field_error('response_format takes json_schema with type "json_schema", and only then')
+        if self.schema_ is not None and self.type != "json_object":
+            raise field_error('response_format takes schema with type "json_object" (llama.cpp\'s form), and only then')
         return self
 
 
@@ -168,18 +171,22 @@ class SamplingRequest(RequestBody):
         return value
 
     @property
-    def structured_output(self) -> StructuredOutput | None:
-        """The constraint on the output, as the engine takes it (None: free text). Raises ValueError when the
-        request gives more than one, or one that names nothing (structured_outputs: {})."""
+    def structured_output_fields(self) -> list[str]:
+        """The fields that constrain the output (one at most is valid)."""
         given = [name for name in ("structured_outputs", "guided_json", "guided_regex", "guided_choice",
                                    "guided_grammar") if getattr(self, name) is not None]
         fmt = self.response_format
-        if fmt is not None and fmt.type != "text":
-            given.append("response_format")
+        return given + ["response_format"] * (fmt is not None and fmt.type != "text")
+
+    @property
+    def structured_output(self) -> StructuredOutput | None:
+        """The constraint on the output, as the engine takes it (None: free text). Raises ValueError when the
+        request gives more than one, or one that names nothing (structured_outputs: {})."""
+        given, fmt = self.structured_output_fields, self.response_format
         if len(given) > 1:
             raise ValueError(f"give one structured output, not {' and '.join(given)}")
-        if fmt is not None and fmt.type == "json_object":
-            return StructuredOutput(json_object=True)
+        if fmt is not None and fmt.type == "json_object":  # (with a schema: llama.cpp's server's form of json_schema)
+            return StructuredOutput(json_object=True) if fmt.schema_ is None else StructuredOutput(json=fmt.schema_)
         if fmt is not None and fmt.type == "json_schema":
             return StructuredOutput(json=fmt.json_schema.schema_ or {})
         so = self.structured_outputs

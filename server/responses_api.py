@@ -48,6 +48,7 @@ RESPONSES_NAMES = {"max_tokens": "max_output_tokens", "messages": "input", "resp
 
 
 @router.post("/v1/responses", response_model=ResponseObject)
+@router.post("/responses", include_in_schema=False)
 async def responses(req: ResponsesRequest, request: Request, state: State) -> Response:
     chat = as_chat(req)
     try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from engine import SAMPLING_FIELDS, ReasoningTags, SamplingParams
+from engine import SAMPLING_FIELDS, ReasoningTags, SamplingParams, StructuredOutput
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, SamplingRequest
 from server.tools import output_format
@@ -25,14 +25,10 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, v
     if req.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens {req.min_tokens} exceeds the tokens this answer may have ({max_tokens})",
                        param="min_tokens")
+    structured = constraint(req)
+    if structured is not None and reasoning is not None:
+        structured = replace(structured, after_reasoning=reasoning)
     try:
-        structured = req.structured_output
-        calls = output_format(req) if isinstance(req, ChatCompletionRequest) else None
-        if calls is not None and structured is not None:
-            raise ValueError("give tools or a structured output, not both")
-        structured = calls or structured
-        if structured is not None and reasoning is not None:
-            structured = replace(structured, after_reasoning=reasoning)
         return SamplingParams(
             max_tokens=max_tokens, min_tokens=req.min_tokens, temperature=sampling["temperature"],
             top_p=sampling["top_p"], top_k=max(sampling["top_k"], 0), min_p=sampling["min_p"],
@@ -46,6 +42,19 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, v
             structured=structured, prediction=prediction or [])
     except ValueError as e:  # bounds the protocol already checks; kept as a 400 should the two ever differ
         raise APIError(400, str(e)) from None
+
+
+def constraint(req: SamplingRequest) -> StructuredOutput | None:
+    """The request's structured output, or its tools' (an APIError naming the field at fault where not valid)."""
+    fields = req.structured_output_fields
+    try:
+        structured = req.structured_output
+        calls = output_format(req) if isinstance(req, ChatCompletionRequest) else None
+    except ValueError as e:  # (without a structured output, the tools are at fault: tool_choice)
+        raise APIError(400, str(e), param=fields[0] if fields else "tool_choice") from None
+    if calls is not None and structured is not None:
+        raise APIError(400, "give tools or a structured output, not both", param=fields[0])
+    return calls or structured
 
 
 def chosen_sampling(req: SamplingRequest, model_defaults: dict[str, float | int]) -> dict[str, float | int]:

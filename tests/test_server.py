@@ -438,6 +438,9 @@ def test_structured_outputs_through_the_openai_client(client, oracle):
     want = oracle.generate(chat_prompt_ids(oracle.tokenizer, messages), SamplingParams(
         max_tokens=200, temperature=0, structured=StructuredOutput(json=schema)))[0]
     assert choice.message.content == want.text
+    llama_cpp_form = {"type": "json_object", "schema": schema}  # (llama.cpp's server's)
+    assert client.chat.completions.create(model=MODEL, messages=messages, response_format=llama_cpp_form,
+                                          temperature=0).choices[0].message.content == want.text
 
     fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}}
     chunks = list(client.chat.completions.create(model=MODEL, messages=messages, response_format=fmt, temperature=0.9,

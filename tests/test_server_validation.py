@@ -171,19 +171,23 @@ HOSTILE = {
     "tool name invalid": chat("tools", tools=[{"type": "function", "function": {"name": "f g"}}]),
     "tool_choice unknown tool": chat("tool_choice", tools=[{"type": "function", "function": {"name": "f"}}],
                                      tool_choice={"type": "function", "function": {"name": "g"}}),
-    "tool_choice required without tools": chat(None, tool_choice="required"),
+    "tool_choice required without tools": chat("tool_choice", tool_choice="required"),
     "functions": chat("functions", functions=[{"name": "f"}]),
     "response_format type unknown": chat("response_format", response_format={"type": "yaml"}),
     "response_format json_schema missing": chat("response_format", response_format={"type": "json_schema"}),
     "response_format schema not an object": chat("response_format", response_format={
         "type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}),
-    "json schema invalid": chat(None, response_format={"type": "json_schema", "json_schema": {
+    "json schema invalid": chat("response_format", response_format={"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "objectx"}}}),
-    "two structured outputs": chat(None, response_format={"type": "json_object"}, guided_regex="a+"),
-    "guided_regex invalid": completion(None, guided_regex="(ab"),
-    "guided_choice empty": completion(None, guided_choice=[]),
-    "structured_outputs empty": completion(None, structured_outputs={}),
-    "grammar invalid": completion(None, structured_outputs={"grammar": "root ::= ((("}),
+    "two structured outputs": chat("guided_regex", response_format={"type": "json_object"}, guided_regex="a+"),
+    "guided_regex invalid": completion("guided_regex", guided_regex="(ab"),
+    "guided_choice empty": completion("guided_choice", guided_choice=[]),
+    "structured_outputs empty": completion("structured_outputs", structured_outputs={}),
+    "grammar invalid": completion("structured_outputs", structured_outputs={"grammar": "root ::= ((("}),
+    "schema with json_schema": chat("response_format", response_format={
+        "type": "json_schema", "json_schema": {"name": "x"}, "schema": {}}),
+    "tools and a structured output": chat("response_format", response_format={"type": "json_object"}, tools=[
+        {"type": "function", "function": {"name": "f"}}]),
     "audio": chat("audio", audio={"voice": "alloy", "format": "wav"}),
     "modalities audio": chat("modalities", modalities=["text", "audio"]),
     "chat logprobs not a bool": chat("logprobs", logprobs="yes"),
@@ -513,6 +517,9 @@ def test_what_real_clients_send_is_accepted(client):
                            ).json()["tokens"]
 
     assert tokens([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]) == tokens("a\nb")
+    # the OpenAI routes without /v1 (a client given the bare host, as llama.cpp's server takes it)
+    assert client.post("/chat/completions", headers=AUTH, json={"messages": USER, "max_tokens": 2}).status_code == 200
+    assert client.get("/models", headers=AUTH).json()["data"] == client.get("/v1/models", headers=AUTH).json()["data"]
 
 
 def test_unsupported_fields_are_named_in_the_message(client):
