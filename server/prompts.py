@@ -61,7 +61,12 @@ def chat_request_ids(tokenizer, req: ChatCompletionRequest, template_kwargs: dic
         calls = bool(active_tools(req))
     except ValueError as e:
         raise APIError(400, str(e), param="tool_choice") from None
-    return chat_prompt_ids(tokenizer, req, template_kwargs, tools_prompt=system_prompt(req) if calls else None), calls
+    try:
+        tools_prompt = system_prompt(req) if calls else None
+    except ValueError as e:  # a structured output the tools cannot go with
+        fields = req.structured_output_fields
+        raise APIError(400, str(e), param=fields[0] if fields else None) from None
+    return chat_prompt_ids(tokenizer, req, template_kwargs, tools_prompt=tools_prompt), calls
 
 
 def chat_prompt_ids(tokenizer, req: ChatCompletionRequest | TokenizeRequest, template_kwargs: dict,

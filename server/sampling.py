@@ -52,9 +52,7 @@ def constraint(req: SamplingRequest) -> StructuredOutput | None:
         calls = output_format(req) if isinstance(req, ChatCompletionRequest) else None
     except ValueError as e:  # (without a structured output, the tools are at fault: tool_choice)
         raise APIError(400, str(e), param=fields[0] if fields else "tool_choice") from None
-    if calls is not None and structured is not None:
-        raise APIError(400, "give tools or a structured output, not both", param=fields[0])
-    return calls or structured
+    return calls or structured  # (tools with a JSON structured output: the calls' format holds it)
 
 
 def chosen_sampling(req: SamplingRequest, model_defaults: dict[str, float | int]) -> dict[str, float | int]:

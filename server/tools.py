@@ -1,7 +1,8 @@
 """Tools (function calling) for any model, the way llama.cpp's server calls tools through models whose chat template
 has no tool syntax of its own: a system message describes the functions, and the answer is constrained (the
 engine's structured outputs) to one JSON object, {"tool_calls": [{"name": ..., "arguments": {...}}, ...]} to call
-functions, or {"response": "..."} to answer in text. tool_choice "required" or a named function leaves the calls
+functions, or {"response": "..."} to answer in text (with a JSON structured output too, {"response": <a value of
+its schema>}, given back as that value's JSON text). tool_choice "required" or a named function leaves the calls
 only; several calls only with parallel_tool_calls true (as llama.cpp's server: one call by default). The answer
 is read back into OpenAI's `tool_calls` (finish_reason "tool_calls") or `content` (a stream sends the response's
 text as it grows, calls once whole). One format for every model: a model trained on a syntax of its own (Qwen's
@@ -31,13 +32,28 @@ def active_tools(req: ChatCompletionRequest) -> list[ToolDefinition]:
     return named
 
 
+def answer_schema(req: ChatCompletionRequest) -> dict | None:
+    """The JSON schema a text answer takes where the request gives tools and a JSON structured output together
+    (None: none, the answer is free text). ValueError for another kind of structured output."""
+    structured = req.structured_output
+    if structured is None:
+        return None
+    if structured.json_object:
+        return {"type": "object"}
+    if structured.json is None:
+        raise ValueError("tools go with a JSON structured output (a schema, or json_object) only")
+    return json.loads(structured.json) if isinstance(structured.json, str) else dict(structured.json)
+
+
 def output_format(req: ChatCompletionRequest) -> StructuredOutput | None:
-    """The constraint on an answer that may call tools (None: no tools in play)."""
+    """The constraint on an answer that may call tools (None: no tools in play): with a JSON structured output
+    too, its text answer is a value of that schema (as the OpenAI Agents SDK asks for an agent's output type)."""
     tools = active_tools(req)
     if not tools:
         if req.tool_choice not in (None, "none", "auto"):
             raise ValueError("tool_choice asks for a tool call, but the request has no tools")
         return None
+    schema = answer_schema(req)
     call = [{"type": "object", "properties": {"name": {"const": t.function.name},
                                               "arguments": closed(t.function.parameters or {"type": "object"})},
              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
@@ -47,8 +63,8 @@ def output_format(req: ChatCompletionRequest) -> StructuredOutput | None:
                "additionalProperties": False}
     if req.tool_choice not in (None, "auto"):
         return StructuredOutput(json=calling)
-    answering = {"type": "object", "properties": {"response": {"type": "string"}}, "required": ["response"],
-                 "additionalProperties": False}
+    answering = {"type": "object", "properties": {"response": schema or {"type": "string"}},
+                 "required": ["response"], "additionalProperties": False}
     return StructuredOutput(json={"anyOf": [calling, answering]})
 
 
@@ -75,8 +91,11 @@ def system_prompt(req: ChatCompletionRequest) -> str:
     if req.tool_choice not in (None, "auto"):
         how = f"Answer by calling {'this function' if len(tools) == 1 else 'these functions'}, with one JSON object: "
         return f"You have these functions:\n{described}\n\n{how}{calling}"
+    schema = answer_schema(req)
+    answering = ('{"response": "<your answer>"}' if schema is None else
+                 f'{{"response": <your answer, JSON of this schema: {json.dumps(schema, ensure_ascii=False)}>}}')
     return (f"You have these functions:\n{described}\n\nAnswer with one JSON object: {calling} to call functions, or "
-            '{"response": "<your answer>"} to answer directly.')
+            f"{answering} to answer directly.")
 
 
 def calls_text(calls: list[ToolCall]) -> str:
@@ -125,4 +144,5 @@ def read_answer(text: str) -> tuple[str | None, list[ToolCall]]:
     if "tool_calls" in answer:
         return None, [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(
             name=c["name"], arguments=json.dumps(c["arguments"], ensure_ascii=False))) for c in answer["tool_calls"]]
-    return answer["response"], []
+    response = answer["response"]  # (text, or a value of the request's JSON schema, given as its JSON text)
+    return response if isinstance(response, str) else json.dumps(response, ensure_ascii=False), []

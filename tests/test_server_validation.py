@@ -186,8 +186,8 @@ HOSTILE = {
     "grammar invalid": completion("structured_outputs", structured_outputs={"grammar": "root ::= ((("}),
     "schema with json_schema": chat("response_format", response_format={
         "type": "json_schema", "json_schema": {"name": "x"}, "schema": {}}),
-    "tools and a structured output": chat("response_format", response_format={"type": "json_object"}, tools=[
-        {"type": "function", "function": {"name": "f"}}]),
+    "tools and a regex": chat("guided_regex", guided_regex="a+",
+                              tools=[{"type": "function", "function": {"name": "f"}}]),
     "audio": chat("audio", audio={"voice": "alloy", "format": "wav"}),
     "modalities audio": chat("modalities", modalities=["text", "audio"]),
     "chat logprobs not a bool": chat("logprobs", logprobs="yes"),

@@ -154,6 +154,25 @@ def test_auto_answers_in_text_or_calls(client):
             assert choice.finish_reason in ("stop", "length") and isinstance(choice.message.content, str)
 
 
+def test_tools_with_a_json_schema_answer_in_calls_or_in_that_schema(client):
+    """The OpenAI Agents SDK sends an agent's tools and its output type (response_format) together: an answer calls
+    functions, or answers with a value of the schema, as its JSON text."""
+    schema = {"type": "object", "properties": {"city": {"enum": ["Rome", "Oslo"]}, "warm": {"type": "boolean"}},
+              "required": ["city", "warm"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "out", "schema": schema, "strict": True}}
+    kinds = set()
+    for seed in range(6):
+        choice = client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER], response_format=fmt,
+                                                temperature=1.0, seed=seed, max_tokens=300).choices[0]
+        if choice.finish_reason == "tool_calls":
+            assert all(fits(c) for c in choice.message.tool_calls)
+        else:
+            value = json.loads(choice.message.content)
+            assert set(value) == {"city", "warm"} and value["city"] in ("Rome", "Oslo")
+        kinds.add(choice.finish_reason)
+    assert kinds == {"tool_calls", "stop"}, kinds  # both ways were taken
+
+
 def test_a_conversation_with_earlier_calls_and_results(client, llm):
     messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather",
@@ -210,7 +229,7 @@ def test_the_responses_api_calls_tools_as_chat_completions_do(client):
 @pytest.mark.parametrize("body, message", [
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "'nope'"),
     ({"tool_choice": "required"}, "has no tools"),
-    ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "not both"),
+    ({"tools": [WEATHER], "guided_regex": "a+"}, "JSON structured output"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
     ({"messages": [{"role": "tool", "tool_call_id": "1"}]}, "needs content"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": [
