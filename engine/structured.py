@@ -84,6 +84,10 @@ class Grammars:
             raise GrammarError(f"the structured output cannot be used: {matcher.get_error()}")
         return matcher
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's own bytes (where it holds part of a character, its text cannot say them)."""
+        return self._ll_tokenizer.decode_bytes([token_id])
+
     def _after_reasoning(self, grammar: str, tags: ReasoningTags) -> str:
         """grammar (llguidance's JSON) after free reasoning text closed by tags.end, opened by tags.start (optional
         where the prompt opened it; else the answer may skip reasoning), and a little whitespace. A tag that is one

@@ -63,7 +63,7 @@ async def completions(req: CompletionRequest, request: Request, state: State) ->
 async def chat_completions(req: ChatCompletionRequest, request: Request, state: State) -> Response:
     prompt_ids, calls = chat_request_ids(state.tokenizer, req, state.llm.config.chat_template_kwargs)
     renderer = ChatRenderer(req.model or state.config.model_name, state.tokenizer, req.top_alternatives,
-                            returns_token_ids(req, state), calls, state.reasoning)
+                            returns_token_ids(req, state), calls, state.reasoning, state.llm.grammars.token_bytes)
     return await generate(request, state, req, [prompt_ids], renderer)
 
 

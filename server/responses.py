@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from pydantic import BaseModel
 
@@ -127,9 +128,10 @@ class ChatRenderer(Renderer):
     response's text as it grows, calls in its last chunk)."""
 
     def __init__(self, model: str, tokenizer, logprobs: int | None, token_ids: bool, tools: bool = False,
-                 reasoning: ReasoningFormat | None = None) -> None:
+                 reasoning: ReasoningFormat | None = None, token_bytes: Callable[[int], bytes] | None = None) -> None:
         super().__init__("chatcmpl", model, tokenizer, logprobs, token_ids)
         self.tools, self.reasoning = tools, reasoning
+        self.token_bytes = token_bytes  # a token's own bytes (engine.structured.Grammars.token_bytes)
         self.response_sent: dict[int, int] = {}  # tools: per streamed choice, the characters of its text sent
         self.reasoning_streams: dict[int, ReasoningStream] = {}  # reasoning: per streamed choice, its parts
 
@@ -198,7 +200,9 @@ class ChatRenderer(Renderer):
 
         def top(t: int, lp: float) -> TopLogprob:
             token = self.token_text(t)
-            return TopLogprob(token=token, logprob=lp, bytes=list(token.encode()))
+            # a token that holds part of a character reads as U+FFFD: its bytes are its own (they join into the text)
+            raw = self.token_bytes(t) if "\ufffd" in token and self.token_bytes is not None else token.encode()
+            return TopLogprob(token=token, logprob=lp, bytes=list(raw))
 
         return ChatLogprobs(content=[TokenLogprob(**top(t, lp).model_dump(),
                                                   top_logprobs=[top(a, alp) for a, alp in alternatives.items()])

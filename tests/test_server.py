@@ -295,6 +295,12 @@ def test_chat_uses_the_fallback_template_and_reports_logprobs(client, oracle):
     assert choice.message.role == "assistant" and choice.message.content == want.text
     assert got.usage.prompt_tokens == len(want.prompt_token_ids) and got.usage.completion_tokens == 8
     assert len(choice.logprobs.content) == 8 and all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    # tokens that hold parts of characters read as U+FFFD, but their bytes are their own, and join into the text
+    word = "é日😀"
+    got = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0, logprobs=True,
+                                         extra_body={"guided_choice": [word]}).choices[0]
+    assert got.message.content == word and any(t.token == "\ufffd" for t in got.logprobs.content)
+    assert b"".join(bytes(t.bytes) for t in got.logprobs.content).decode() == word
 
 
 def test_streams_end_with_done_and_equal_the_whole_answers(client, running):
