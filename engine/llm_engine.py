@@ -135,8 +135,7 @@ class LLM:
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.medusa = (Medusa.from_config(self.config, medusa_base, kv_cache, self.max_model_len, self.kernels)
                        if self.config.medusa else None)
-        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
-                                   tree_size=self.medusa.max_tree_size if self.medusa else 0)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self.runner = ModelRunner(self.model, kv_cache, self.config.attention_backend, self.device, self.parallel)
         if self.config.cuda_graphs:
             self.runner.capture_graphs(self.config.max_num_seqs, self.max_model_len)

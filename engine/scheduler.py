@@ -1,5 +1,7 @@
 """Scheduler: continuous batching over waiting and running queues, with a per-step token budget
-(chunked prefill), prefix-cache lookups on admission, and preemption by recompute."""
+(chunked prefill), prefix-cache lookups on admission, and preemption by recompute. A sequence with Medusa drafts
+verifies their tree where its rows fit the step's budget and the free blocks, else decodes plainly: speculation
+never preempts another sequence."""
 from __future__ import annotations
 
 from collections import deque
@@ -31,10 +33,8 @@ class Scheduler:
     """Invariant: every running sequence holds blocks for all its computed tokens; waiting ones hold none
     unless they are mid-admission."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 tree_size: int = 0) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         self.block_manager = block_manager
-        self.tree_size = tree_size  # cache entries a Medusa tree step takes (0: no Medusa)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -53,10 +53,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            verifies_tree = (seq.draft_token_ids is not None and len(seq) - seq.num_computed_tokens == 1
-                             and budget >= self.tree_size)
-            n = self.tree_size if verifies_tree else min(len(seq) - seq.num_computed_tokens, budget)
-            if self._reserve_or_preempt(seq, n):
+            tree_size = seq.draft_tree.tree.size if seq.draft_token_ids is not None else 0
+            # a tree is verified where its rows fit the budget and free blocks: drafts never preempt another sequence
+            verifies_tree = (tree_size and len(seq) - seq.num_computed_tokens == 1 and budget >= tree_size
+                             and self.block_manager.allocate(seq, seq.num_computed_tokens + tree_size))
+            n = tree_size if verifies_tree else min(len(seq) - seq.num_computed_tokens, budget)
+            if verifies_tree or self._reserve_or_preempt(seq, n):
                 if verifies_tree:
                     batch.tree_seqs.append(seq)
                 else:

@@ -168,3 +168,20 @@ def test_dynamic_ntk_beyond_the_original_context_is_lossless(heads_dir, tmp_path
     medusa = LLM(folder, medusa=str(heads_dir), medusa_tree="cpu12", **kwargs)
     assert medusa.max_model_len == 128
     check_lossless(LLM(folder, **kwargs), medusa, [(p[:88], a) for p, a in requests])
+
+
+def test_drafts_never_preempt_another_sequence(tiny_model_dir):
+    """Where a tree's rows do not fit the free blocks, its sequence decodes plainly rather than preempt another
+    (which would lose all its K/V): with blocks for both prompts and a plain step, and not for a tree as well."""
+    repeating, other = [5, 6, 7, 8] * 7, list(range(100, 130))  # 28 and 30 tokens: 4 blocks of 16 hold both
+    kwargs = dict(num_kv_blocks=4, block_size=16)
+    plain = LLM(tiny_model_dir, **kwargs)
+    prediction = plain.generate(repeating, SamplingParams(max_tokens=8, temperature=0))[0].token_ids
+    params = [SamplingParams(max_tokens=4, temperature=0, prediction=prediction),
+              SamplingParams(max_tokens=2, temperature=0)]
+    want = plain.generate([repeating, other], params)
+    lookup = LLM(tiny_model_dir, medusa="lookup", medusa_max_batch_size=8, **kwargs)
+    got = lookup.generate([repeating, other], params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert lookup.scheduler.num_preemptions == plain.scheduler.num_preemptions == 0
+    assert lookup.num_free_blocks == 4

@@ -133,8 +133,9 @@ class HeadsTree:
 class Medusa:
     """Medusa speculation for one engine: by its heads and prompt lookup, or (heads None) by prompt lookup
     alone. Invariant: a sequence whose draft_token_ids are set has its last token pending, the tree they fill
-    in draft_tree and room for max_tree_size more cache entries; its next decode step verifies that tree, alone
-    or beside its batch's other trees. `trees`, the heads' (for sequences decoding alone first), are in
+    in draft_tree and room for max_tree_size more cache entries in the context; its next decode step verifies that
+    tree, alone or beside its batch's other trees, where the step's budget and free blocks allow (else it decodes
+    plainly). `trees`, the heads' (for sequences decoding alone first), are in
     order of max_batch_size."""
 
     def __init__(self, heads: MedusaHeads | None, trees: list[tuple[MedusaTree, int | None]], model: nn.Module,
