@@ -120,6 +120,14 @@ class BlockManager:
                 seq.block_table.append(block)
         return max(0, len(seq.block_table) * self.block_size - seq.num_virtual_tokens)
 
+    def pending_block_hash(self, seq: Sequence, cache_key: int) -> int | None:
+        """The hash of the first block of seq's prompt that it has not computed, where match_prefix could find it
+        once computed (None: none left, or no prefix caching)."""
+        i = (seq.num_virtual_tokens + seq.num_computed_tokens) // self.block_size
+        if not self.enable_prefix_caching or i >= (seq.num_virtual_tokens + len(seq) - 1) // self.block_size:
+            return None
+        return self._hash_of_block(seq, i, cache_key)
+
     def register_full_blocks(self, seq: Sequence, cache_key: int, num_computed_before: int) -> None:
         """Make the blocks that this step filled findable by hash (the first block with a hash wins)."""
         if not self.enable_prefix_caching:

@@ -66,12 +66,20 @@ class Scheduler:
                     batch.num_new_tokens.append(n)
                 budget -= n
                 i += 1
+        # the prompt blocks running sequences are still to compute: a request whose next block is one of them (n
+        # choices of a prompt, a burst sharing a system prompt) waits to find it in the prefix cache, not compute it
+        pending_of = self.block_manager.pending_block_hash
+        in_flight = {h for s in self.running if (h := pending_of(s, s.cache_key)) is not None}
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_computed_tokens == 0:
                 seq.num_computed_tokens = self.block_manager.match_prefix(seq, seq.cache_key)
                 if seq.num_preemptions == 0:
                     seq.num_cached_tokens = seq.num_computed_tokens
+            pending = pending_of(seq, seq.cache_key)
+            if pending is not None and pending in in_flight:
+                self._release(seq)
+                break
             n = min(len(seq) - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
                 self._release(seq)
@@ -79,6 +87,8 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            if pending is not None:
+                in_flight.add(pending)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(n)
             budget -= n

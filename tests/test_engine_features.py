@@ -74,6 +74,25 @@ def test_prefix_cache_hit_reuses_blocks_and_returns_identical_tokens(tiny_model_
     assert llm.num_free_blocks == 64
 
 
+@pytest.mark.parametrize("max_num_batched_tokens", [512, 24])  # a prefill in one step, and in chunks
+def test_requests_sharing_a_prefix_that_arrive_together_compute_it_once(tiny_model_dir, max_num_batched_tokens):
+    """n choices of a prompt, or a burst sharing a system prompt: the later requests wait (a step, or until the
+    first has computed the blocks) and find the shared blocks in the prefix cache, instead of computing their own
+    copies; their tokens are those of requests run apart."""
+    shared = list(range(3, 103))  # 100 tokens: twelve full blocks of 8
+    prompts = [shared + [200 + i] for i in range(4)]
+    kwargs = dict(block_size=8, num_kv_blocks=128, max_num_batched_tokens=max_num_batched_tokens)
+    cold = LLM(tiny_model_dir, enable_prefix_caching=False, **kwargs)
+    llm = LLM(tiny_model_dir, **kwargs)
+    rows = []
+    forward = llm.runner.forward
+    llm.runner.forward = lambda inputs: (rows.append(len(inputs.input_ids)), forward(inputs))[1]
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in cold.generate(prompts, GREEDY)]
+    assert [o.num_cached_tokens for o in outs] == [0, 96, 96, 96]
+    assert sum(rows) == 101 + 3 * 5 + 4 * (GREEDY.max_tokens - 1)  # each prompt row once, then the decode rows
+
+
 def test_chunked_prefill_keeps_to_the_token_budget(tiny_model_dir, reference_tokens):
     llm = LLM(tiny_model_dir, block_size=16, num_kv_blocks=64, max_num_batched_tokens=8)
     scheduled = []
