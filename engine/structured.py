@@ -14,6 +14,7 @@ request finishes at once."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from functools import cached_property
 
@@ -23,6 +24,8 @@ import torch
 from llguidance.gbnf_to_lark import any_to_lark
 
 from engine.config import ReasoningTags, StructuredOutput
+
+logger = logging.getLogger("gorgon.engine")
 
 # JSON whitespace as llama.cpp's JSON-schema grammars allow it: a space, or a line break or two and an indent of up
 # to 20 spaces or tabs. llguidance's default allows any run of whitespace, and small models fill max_tokens with it.
@@ -155,6 +158,10 @@ def _apply(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None
 
 
 def advance(matcher: llguidance.LLMatcher, token_id: int) -> bool:
-    """Feed the matcher the token just sampled; True when the output is complete (nothing more may follow)."""
+    """Feed the matcher the token just sampled; True when the output is complete (nothing more may follow), or
+    when the grammar refused it (which its mask rules out: logged, as the bug it would be)."""
     matcher.consume_token(token_id)
+    if matcher.is_error():
+        logger.error("structured output: the grammar refused token %d, which its mask allowed (%s); the request "
+                     "ends there", token_id, matcher.get_error())
     return matcher.is_stopped() or matcher.is_error()
