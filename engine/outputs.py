@@ -42,7 +42,7 @@ class RequestOutput:
         return cls(
             request_id=seq.request_id,
             prompt=seq.prompt,
-            prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+            prompt_token_ids=seq.prompt_token_ids,
             text=seq.output_text[:seq.num_released_chars],
             token_ids=list(seq.output_token_ids),
             new_text=new_text,

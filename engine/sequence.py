@@ -67,9 +67,12 @@ class Sequence:
     # structured outputs: the llguidance matcher of params.structured, fed every output token (engine.structured)
     matcher: object | None = None
     private_cache_key: int = field(default_factory=lambda: next(_private_cache_keys))
+    prompt_token_ids: list[int] = field(init=False)  # token_ids[:num_prompt_tokens], one list for every output
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = self.num_prompt_tokens or len(self.token_ids)
+        # (one list: a stream's outputs may queue up behind a slow client)
+        self.prompt_token_ids = self.token_ids[:self.num_prompt_tokens]
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -355,7 +355,7 @@ class Medusa:
         throughout, its own earlier edits predict the next ones better.)"""
         prediction = self.predictions.get(seq)
         if prediction is None and seq.params.prediction:
-            prediction = self.predictions[seq] = PredictionIndex.of(seq.token_ids[:seq.num_prompt_tokens],
+            prediction = self.predictions[seq] = PredictionIndex.of(seq.prompt_token_ids,
                                                                     seq.params.prediction)
         found = []
         if prediction is not None:
