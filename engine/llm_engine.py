@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 from jinja2 import TemplateError
 from tqdm import tqdm
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
 from engine.adapters.manager import AdapterManager, LoadedAdapter
 from engine.attention.cpu import load_extension
@@ -175,6 +175,10 @@ class LLM:
             raise FileNotFoundError(
                 f"{path} has no tokenizer: none of {', '.join(TOKENIZER_FILES)} is there. Take one from another "
                 "folder (tokenizer=...), or run without one (skip_tokenizer_init=True: token-id prompts only)")
+        if (path / "tokenizer.json").is_file():
+            # the file's own pipeline: a model's class may rebuild its own (transformers 5's LlamaTokenizer drops
+            # Llama 2's normalizer for a Metaspace pre-tokenizer, which splits "[INST]" and leading spaces otherwise)
+            return PreTrainedTokenizerFast.from_pretrained(path)
         return AutoTokenizer.from_pretrained(path)
 
     def _set_chat_template(self, template: str) -> None:

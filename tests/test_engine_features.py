@@ -5,10 +5,12 @@ block leaks; a checkpoint without a tokenizer (a clear error, a tokenizer from e
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
 
 from engine import LLM, SamplingParams
 from engine.attention import available_backends
@@ -211,6 +213,27 @@ def test_token_ids_only_without_a_tokenizer(tiny_model_dir, no_tokenizer_dir, re
         llm.add_request("def f(x):", GREEDY)
     with pytest.raises(ValueError, match="no tokenizer"):
         llm.add_request(PROMPTS[0], SamplingParams(stop=["\n"]))
+
+
+def test_a_tokenizer_json_tokenizes_as_its_file_says(tmp_path):
+    """Llama 2's layout (a normalizer that prepends and replaces spaces with U+2581, SentencePiece BPE with byte
+    fallback, tokenizer_class LlamaTokenizer): transformers 5's LlamaTokenizer rebuilds its own pre-tokenizer and
+    splits "[INST]" or a leading space otherwise; the engine's tokenizer gives the file's own tokens."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    corpus = ["[INST] What is the capital of France? [/INST] Paris.", "def f(n):\n    return n", "Hello world"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=special, show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "legacy": False}))
+    ours = LLM._load_tokenizer(tmp_path)
+    for text in ["[INST] What is the capital? [/INST]", "    return n", " Hello world", "</s> Hello"]:
+        assert ours(text)["input_ids"] == tok.encode(text).ids, text
 
 
 def test_a_tokenizer_from_another_folder(tiny_model_dir, no_tokenizer_dir):
