@@ -93,7 +93,7 @@ def chat_prompt_ids(tokenizer, req: ChatCompletionRequest | TokenizeRequest, tem
         turns.insert(0, {"role": "system", "content": tools_prompt})
     try:
         text = tokenizer.apply_chat_template(turns,
-                                             chat_template=tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE,
+                                             chat_template=None if tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE,
                                              tokenize=False, add_generation_prompt=req.add_generation_prompt,
                                              continue_final_message=req.continue_final_message, **variables)
     except (TemplateError, ValueError) as e:  # (ValueError: continue_final_message's text not found rendered)

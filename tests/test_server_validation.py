@@ -369,6 +369,17 @@ def test_messages_the_chat_template_refuses_get_a_400(client, llm, monkeypatch):
     assert llm.num_free_blocks == llm.block_manager.num_blocks
 
 
+def test_a_model_with_named_chat_templates_chats_with_its_default(client, llm, monkeypatch):
+    """Hermes-style tokenizers ship several named templates ("default", "tool_use"): transformers picks the
+    default one."""
+    templates = {"default": "{% for m in messages %}<{{ m['content'] }}>{% endfor %}",
+                 "tool_use": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"}
+    monkeypatch.setattr(llm.tokenizer, "chat_template", templates)
+    r = client.post("/tokenize", headers=AUTH, json={"messages": USER, "add_generation_prompt": False})
+    assert r.status_code == 200 and r.json()["tokens"] == llm.tokenizer("<hi>", add_special_tokens=False)["input_ids"]
+    assert client.post("/v1/chat/completions", headers=AUTH, json={"messages": USER, "max_tokens": 2}).status_code == 200
+
+
 def test_cors_origins_are_allowed(llm):
     with make_client(llm, cors_origins=["https://app.example"]) as client:
         preflight = client.options("/v1/completions", headers={
