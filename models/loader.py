@@ -245,10 +245,12 @@ def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None
 
 
 def load_weights(model: torch.nn.Module, files: list[Path]) -> None:
-    """Copy every tensor into its parameter (packed ones into their shard); strict both ways."""
+    """Copy every tensor into its parameter (packed ones into their shard); strict both ways, but for a tied model's
+    `lm_head.weight`, which fine-tunes and re-saves of tied models often still hold (the embedding is the head)."""
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     expected = _expected_checkpoint_keys(model)
+    tied = model.config.tie_word_embeddings
     seen: set[str] = set()
     unexpected: list[str] = []
     total = 0
@@ -260,7 +262,7 @@ def load_weights(model: torch.nn.Module, files: list[Path]) -> None:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():
                     bar.update()
-                    if key.endswith(_IGNORED_SUFFIXES):
+                    if key.endswith(_IGNORED_SUFFIXES) or (key == "lm_head.weight" and tied):
                         continue
                     if key not in expected:
                         unexpected.append(key)

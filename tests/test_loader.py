@@ -27,6 +27,18 @@ def test_sharded_checkpoint_loads(tmp_path):
     assert torch.equal(model.lm_head.weight, tensors["lm_head.weight"])
 
 
+def test_a_tied_checkpoint_that_still_holds_its_head_loads(tmp_path):
+    """Fine-tunes and re-saves of tied models (Llama 3.2 1B, Qwen2.5 0.5B) often keep lm_head.weight: the embedding
+    is the head, as transformers ties it."""
+    folder = save_tiny_model(tmp_path, tie_word_embeddings=True)
+    tensors = load_file(folder / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"].clone()}, folder / "model.safetensors")
+    model = load_model(folder, torch.float32, "cpu")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, tensors["model.embed_tokens.weight"])
+
+
 def test_bfloat16_load(tmp_path):
     model = load_model(save_tiny_model(tmp_path), torch.bfloat16, "cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
