@@ -30,7 +30,7 @@ from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.structured import Grammars, advance
-from models.gguf import find_gguf, load_tokenizer
+from models.gguf import END_OF_TURN_TOKENS, find_gguf, load_tokenizer
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
 from models.loader import load_model, recommended_sampling
 from models.named import medusa_heads_for
@@ -101,7 +101,8 @@ class LLM:
             Path(self.config.tokenizer) if self.config.tokenizer else path)
         if self.config.chat_template is not None:
             self._set_chat_template(self.config.chat_template)
-        self.eos_token_ids = self._eos_token_ids(path, model_config.eos_token_ids)
+        self.eos_token_ids = self._eos_token_ids(path, model_config.eos_token_ids, self.tokenizer,
+                                                 model_config.vocab_size)
         self.sampling_defaults = recommended_sampling(path) if self.config.generation_config == "auto" else {}
         try:
             self.default_sampling_params()
@@ -199,12 +200,19 @@ class LLM:
         return SamplingParams(**self.sampling_defaults)
 
     @staticmethod
-    def _eos_token_ids(path: Path, from_config: list[int]) -> set[int]:
+    def _eos_token_ids(path: Path, from_config: list[int], tokenizer, vocab_size: int) -> set[int]:
+        """The ids that end generation: the model's EOS (config.json, generation_config.json), and its tokenizer's
+        EOS and end-of-turn special tokens (vLLM stops at the tokenizer's EOS, and llama.cpp at a GGUF file's
+        end-of-turn tokens: a ChatML fine-tune whose config names </s> still ends its turns)."""
         eos = set(from_config)
         if (path / "generation_config.json").is_file():
             gen_eos = GenerationConfig.from_pretrained(path).eos_token_id
             eos.update(gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos])
-        return eos
+        if tokenizer is not None:
+            eos.update([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+            eos.update(i for i, token in tokenizer.added_tokens_decoder.items()
+                       if token.special and token.content in END_OF_TURN_TOKENS)
+        return {i for i in eos if 0 <= i < vocab_size}
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,

@@ -7,10 +7,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors, trainers
+from transformers import AutoTokenizer
 
 from engine import LLM, SamplingParams
 from engine.attention import available_backends
@@ -234,6 +236,22 @@ def test_a_tokenizer_json_tokenizes_as_its_file_says(tmp_path):
     ours = LLM._load_tokenizer(tmp_path)
     for text in ["[INST] What is the capital? [/INST]", "    return n", " Hello world", "</s> Hello"]:
         assert ours(text)["input_ids"] == tok.encode(text).ids, text
+
+
+def test_the_tokenizers_eos_and_end_of_turn_tokens_end_generation(tiny_model_dir, tmp_path):
+    """A fine-tune whose config.json names one EOS while its tokenizer ends turns with another (ChatML on a Llama):
+    the tokenizer's EOS and its end-of-turn special tokens stop too (ids beyond the model's vocabulary left out)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_special_tokens({"eos_token": tokenizer.convert_ids_to_tokens(7)})
+    tokenizer.save_pretrained(tmp_path)
+    llm = LLM(tiny_model_dir, tokenizer=str(tmp_path))
+    assert llm.eos_token_ids == {2, 7}
+    out = llm.generate([5, 6], SamplingParams(max_tokens=4, temperature=0, logit_bias={7: 100.0}))[0]
+    assert out.token_ids == [7] and out.finish_reason == "stop"
+    fake = SimpleNamespace(eos_token_id=None, added_tokens_decoder={5: AddedToken("<|im_end|>", special=True),
+                                                                    6: AddedToken("<|im_end|>"),
+                                                                    300: AddedToken("<|eot_id|>", special=True)})
+    assert LLM._eos_token_ids(tiny_model_dir, [2], fake, 256) == {2, 5}
 
 
 def test_a_tokenizer_from_another_folder(tiny_model_dir, no_tokenizer_dir):
