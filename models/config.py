@@ -59,12 +59,13 @@ class ModelConfig:
     @property
     def max_model_len(self) -> int:
         """Longest sequence the engine accepts: the context that RoPE scaling extends to, as vLLM computes it
-        (the factor times the original context for linear, dynamic, yarn and llama3; HF's dynamic NTK sets no
-        limit of its own), or max_position_embeddings when that is larger (Llama 3.1 states 131072 with factor 8
-        over 8192). Sliding-window attention is not implemented, so a model with an active window is served only
-        up to the window, where it equals full attention."""
+        (the factor times the original context for linear, dynamic and yarn; HF's dynamic NTK sets no limit of
+        its own), or max_position_embeddings when that is larger. Llama 3's scaling (llama3, and a GGUF's
+        freq_factors) states its context in max_position_embeddings (3.1: 131072 with factor 8 over 8192; 3.2:
+        131072 with factor 32). Sliding-window attention is not implemented, so a model with an active window is
+        served only up to the window, where it equals full attention."""
         length = self.max_position_embeddings
-        if self.rope.rope_type != "default":
+        if self.rope.rope_type not in ("default", "llama3", "freq_factors"):
             original = self.rope.params.get("original_max_position_embeddings", self.max_position_embeddings)
             length = max(length, int(self.rope.factor * original))
         if self.sliding_window is not None:

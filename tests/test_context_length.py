@@ -23,6 +23,9 @@ ROPE_CASES = {
     "llama3": {"rope_type": "llama3", "factor": FACTOR, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "rope_theta": 500000.0, "original_max_position_embeddings": ORIGINAL},
 }
+# Llama 3's scaling states the extended context in max_position_embeddings (3.2: 131072, factor 32 over 8192):
+# the factor does not extend it further (as vLLM reads it); the others' max_position_embeddings is the original
+MAX_POSITIONS = {"llama3": CONTEXT}
 PROMPT_LEN = 100
 TOL = 1e-4
 
@@ -35,8 +38,10 @@ def config_dict(max_position_embeddings: int, rope: dict | None) -> dict:
 
 def test_max_model_len_follows_rope_scaling():
     assert ModelConfig.from_dict(config_dict(4096, None)).max_model_len == 4096
-    for rope in ROPE_CASES.values():
-        assert ModelConfig.from_dict(config_dict(ORIGINAL, rope)).max_model_len == CONTEXT
+    for name, rope in ROPE_CASES.items():
+        assert ModelConfig.from_dict(config_dict(MAX_POSITIONS.get(name, ORIGINAL), rope)).max_model_len == CONTEXT
+    llama32 = ROPE_CASES["llama3"] | {"factor": 32.0}
+    assert ModelConfig.from_dict(config_dict(CONTEXT, llama32)).max_model_len == CONTEXT
     # Llama 3.1 states its extended context itself (8192 x 8 would be less)
     llama31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -51,7 +56,7 @@ def test_max_model_len_follows_rope_scaling():
 @pytest.fixture(scope="module", params=list(ROPE_CASES))
 def rope_model(request, tmp_path_factory) -> tuple[str, object]:
     folder = tmp_path_factory.mktemp(f"rope_{request.param}")
-    return request.param, save_tiny_model(folder, max_position_embeddings=ORIGINAL,
+    return request.param, save_tiny_model(folder, max_position_embeddings=MAX_POSITIONS.get(request.param, ORIGINAL),
                                           rope_parameters=ROPE_CASES[request.param])
 
 
