@@ -5,16 +5,11 @@ from pathlib import Path
 
 from torch import nn
 
-from models.config import ModelConfig
+from models.config import MODEL_TYPES, ModelConfig
 from models.llama import LlamaForCausalLM
 
 # Qwen2 (q/k/v bias), Qwen3 (q/k norms) and Mistral (sliding window) differ from Llama only in config flags.
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-    "Qwen3ForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-}
+MODEL_REGISTRY: dict[str, type[nn.Module]] = dict.fromkeys(MODEL_TYPES.values(), LlamaForCausalLM)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default"
 

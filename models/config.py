@@ -79,12 +79,20 @@ class ModelConfig:
             raise ValueError("config.json has neither an 'architectures' entry nor a known 'model_type' "
                              f"({', '.join(MODEL_TYPES)}); cannot tell which model class to build")
         arch = architectures[0] if architectures else MODEL_TYPES[d["model_type"]]
+        if arch not in MODEL_TYPES.values():
+            raise ValueError(f"unsupported architecture {arch!r}: gorgon runs Llama-family decoders "
+                             f"({', '.join(MODEL_TYPES.values())})")
         quantized = d.get("quantization_config")
-        if quantized is not None:  # its weights are packed tensors (qweight, scales, ...) of another library's format
-            method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else "unknown"
+        method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else "unknown"
+        # (transformers saves a GGUF file's model, dequantized, with quant_method "gguf": its weights are floats)
+        if quantized is not None and method != "gguf":  # packed tensors (qweight, scales) of another library
             raise ValueError(f"this checkpoint is quantized in {method!r} format (config.json's quantization_config), "
                              "which gorgon does not read: load the unquantized checkpoint (--quantization int8 or "
                              "int4 quantizes it as it loads), or a GGUF file of the model")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in d]
+        if missing:
+            raise ValueError(f"config.json has no {', '.join(missing)}: not a {arch} configuration gorgon can read")
         num_heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // num_heads
         eos = d.get("eos_token_id")

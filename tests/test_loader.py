@@ -95,6 +95,17 @@ def test_unknown_architecture_is_named(tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
         load_model(folder, torch.float32, "cpu")
+    # named before anything else is read: a nested config (Gemma 3, Llama 4), a quantized one, Phi-3's longrope
+    nested = {"architectures": ["Gemma3ForConditionalGeneration"], "text_config": {"hidden_size": 8}}
+    longrope = config | {"architectures": ["Phi3ForCausalLM"], "rope_scaling": {"type": "longrope"},
+                         "quantization_config": {"quant_method": "awq"}}
+    for bad in (nested, longrope):
+        (folder / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=f"unsupported architecture '{bad['architectures'][0]}'"):
+            load_model(folder, torch.float32, "cpu")
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "vocab_size": 8}))
+    with pytest.raises(ValueError, match="config.json has no hidden_size, intermediate_size"):
+        load_model(folder, torch.float32, "cpu")
 
 
 def test_a_config_without_architectures_is_read_by_its_model_type(tmp_path):
@@ -142,3 +153,11 @@ def test_a_checkpoint_quantized_by_another_library_is_a_clear_error(tmp_path, me
     (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": method}}))
     with pytest.raises(ValueError, match=f"quantized in '{method}' format .* a GGUF file"):
         load_model(folder, torch.float32, "cpu")
+
+
+def test_a_folder_transformers_saved_from_a_gguf_file_loads(tmp_path):
+    """transformers saves a model it loaded from a GGUF file dequantized, and marks it quant_method "gguf"."""
+    folder = save_tiny_model(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "gguf"}}))
+    assert load_model(folder, torch.float32, "cpu").config.architecture == "LlamaForCausalLM"
