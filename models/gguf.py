@@ -58,11 +58,12 @@ class GGUFCheckpoint:
 
 
 def find_gguf(path: str | Path) -> Path | None:
-    """The .gguf file that `path` names: the file itself, or the only .gguf in a folder; None if neither."""
+    """The .gguf file that `path` names: the file itself, or the only .gguf in a folder; None if neither, or if the
+    folder is a Hugging Face checkpoint (llama.cpp's converter writes its .gguf into the folder it converts)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         return path
-    if path.is_dir():
+    if path.is_dir() and not ((path / "config.json").is_file() and any(path.glob("*.safetensors"))):
         files = sorted(path.glob("*.gguf"))
         if len(files) > 1:
             raise GGUFError(f"{path} holds several .gguf files ({', '.join(f.name for f in files)}); name one")
@@ -176,17 +177,20 @@ def read_config(reader: GGUFReader) -> dict:
 # Tokens that end a chat model's turn. A file often names the end of a text as its EOS and the end of a turn, which
 # its chat template writes and the model generates, only as a control token of this name (a Qwen2 file's EOS may be
 # <|endoftext|> where its turns end in <|im_end|>; an older Llama 3 file's <|end_of_text|>, not <|eot_id|>)
-END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<|end_of_text|>")
-CONTROL_TOKEN = 3  # tokenizer.ggml.token_type
+# llama.cpp's end-of-generation tokens by their text (CodeLlama's <EOT>; Qwen2.5-Coder's fill-in-the-middle ones)
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<|end_of_text|>",
+                      "<EOT>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+ADDED_TOKEN_TYPES = (3, 4)  # tokenizer.ggml.token_type: control, user-defined (a converter's added tokens)
 
 
 def end_of_generation_ids(reader: GGUFReader) -> list[int]:
     """The ids that end generation, as llama.cpp takes them: the file's EOS, its end-of-turn and end-of-message
-    tokens where it names them, and its control tokens of END_OF_TURN_TOKENS."""
+    tokens where it names them, and its added tokens of END_OF_TURN_TOKENS, whether typed control or user-defined
+    (a ChatML fine-tune's <|im_end|> may be either)."""
     ids = [_field(reader, f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot", "eom")]
     tokens, types = reader.fields.get("tokenizer.ggml.tokens"), reader.fields.get("tokenizer.ggml.token_type")
     if tokens is not None and types is not None:
-        for i in np.flatnonzero(np.asarray(types.contents()) == CONTROL_TOKEN).tolist():
+        for i in np.flatnonzero(np.isin(np.asarray(types.contents()), ADDED_TOKEN_TYPES)).tolist():
             if bytes(tokens.parts[tokens.data[i]]).decode("utf-8", "replace") in END_OF_TURN_TOKENS:
                 ids.append(i)
     return list(dict.fromkeys(i for i in ids if i is not None))
@@ -279,11 +283,10 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-# Pre-tokenizer names (tokenizer.ggml.pre) of Llama 3's kind of vocabulary: llama.cpp takes a word that is one
-# token of the vocabulary whole, before any merge (tokenizers' `ignore_merges`), and adds BOS unless the file
-# says otherwise. Mistral's tekken takes words whole too.
-LLAMA3_VOCABULARIES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral")
-WHOLE_WORD_VOCABULARIES = (*LLAMA3_VOCABULARIES, "tekken")
+# Pre-tokenizer names (tokenizer.ggml.pre) of Llama 3's kind of vocabulary and Mistral's tekken: llama.cpp takes a
+# word that is one token of the vocabulary whole, before any merge (tokenizers' `ignore_merges`), and adds BOS
+# unless the file says otherwise
+WHOLE_WORD_VOCABULARIES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "tekken")
 
 
 def tokenize_as_llama_cpp(tokenizer, reader: GGUFReader) -> None:
@@ -291,7 +294,7 @@ def tokenize_as_llama_cpp(tokenizer, reader: GGUFReader) -> None:
     vocabulary tests, models/ggml-vocab-*.gguf.inp/.out, hold its original tokenizer's ids). transformers departs
     from them in three places: a sentencepiece vocabulary's space prefix (llama.cpp, like sentencepiece, writes
     "▁" before the text even when the text starts with a space: " Hello" is "▁", "▁Hello"; transformers' Metaspace
-    writes "▁Hello"), Llama 3's whole-word lookup, and Llama 3's BOS where the file has no add_bos_token."""
+    writes "▁Hello"), Llama 3's and tekken's whole-word lookup, and their BOS where the file has no add_bos_token."""
     from tokenizers import decoders, normalizers
 
     backend, vocabulary = tokenizer.backend_tokenizer, _field(reader, "tokenizer.ggml.pre")
@@ -305,8 +308,8 @@ def tokenize_as_llama_cpp(tokenizer, reader: GGUFReader) -> None:
                                                  decoders.Fuse()])
     if vocabulary in WHOLE_WORD_VOCABULARIES:
         backend.model.ignore_merges = True
-    if vocabulary in LLAMA3_VOCABULARIES and _field(reader, "tokenizer.ggml.add_bos_token") is None:
-        tokenizer.add_bos_token = True
+        if _field(reader, "tokenizer.ggml.add_bos_token") is None:
+            tokenizer.add_bos_token = True
 
 
 __all__ = ["GGUFCheckpoint", "GGUFError", "UnsupportedTensorType", "find_gguf", "load_tokenizer", "read_gguf"]

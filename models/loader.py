@@ -190,7 +190,8 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
         if name == "lm_head" and config.tie_word_embeddings:
             continue
         if not all(isinstance(w, QuantizedWeight) for w in weights):
-            raise CheckpointError(f"{name} mixes quantized and float shards; gorgon packs them into one matrix")
+            raise CheckpointError(f"{name} mixes quantized and float shards, which gorgon's kernels cannot pack into "
+                                  "one matrix: load it dequantized (--dequantize)")
         biases = [tensors.pop(f"{key}.bias") for key in shard_keys if f"{key}.bias" in tensors]
         if len({w.qtype for w in weights}) == 1:
             _replace(model, name, _quantized_linear(concat(weights), torch.cat(biases) if biases else None, linear,

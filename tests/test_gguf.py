@@ -51,11 +51,13 @@ def gguf_name(hf: str) -> str:
 
 def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None, float_dtype=np.float32,
                arch: str = "llama", rope_freqs: np.ndarray | None = None,
-               control: dict[int, str] | None = None, sampling: dict[str, float] | None = None) -> Path:
+               control: dict[int, str] | None = None, sampling: dict[str, float] | None = None,
+               control_type: int = 3) -> Path:
     """An HF Llama (or Qwen2: arch "qwen2") as llama.cpp's converter writes it: names, q/k rows permuted for
     Llama, tokenizer metadata. qtype_of(gguf name, array) -> a ggml type to quantize that 2-D tensor to, or None
     (float_dtype). rope_freqs: the per-frequency RoPE divisors of a Llama-3-scaled model, as llama.cpp writes them.
-    control: token id -> the name of a control token written in its place. sampling: the recommended sampling
+    control: token id -> the name of a control token written in its place (of type control_type: 3 control, 4
+    user-defined, as converters write added tokens). sampling: the recommended sampling
     the converter copies from generation_config.json (general.sampling.<key>: temp, top_k, top_p, ...)."""
     control = control or {}
     config = model.config
@@ -78,7 +80,7 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([control.get(i, token) for token, i in vocab])
-    writer.add_token_types([3 if i in control else 1 for _, i in vocab])
+    writer.add_token_types([control_type if i in control else 1 for _, i in vocab])
     writer.add_token_scores([0.0] * len(vocab))
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
@@ -336,6 +338,10 @@ def test_folder_with_one_gguf(tmp_path, tiny_hf):
     write_gguf(hf_model(tiny_hf), tmp_path / "second.gguf")
     with pytest.raises(GGUFError, match="several"):
         find_gguf(tmp_path)
+    # a checkpoint folder llama.cpp's converter wrote its .gguf into is still the checkpoint
+    write_gguf(hf_model(tiny_hf), tiny_hf / "converted.gguf")
+    assert find_gguf(tiny_hf) is None
+    (tiny_hf / "converted.gguf").unlink()
 
 
 def test_unsupported_architecture_names_it(tmp_path, tiny_hf):
@@ -433,16 +439,16 @@ def test_a_sentencepiece_vocabulary_prefixes_a_space_as_llama_cpp_does(tmp_path,
         assert tokenizer.encode(" a") == [1, *expected[" a"]]  # BOS
 
 
-@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+@pytest.mark.parametrize("pre", ["llama-bpe", "tekken", "qwen2"])
 def test_a_llama3_vocabulary_takes_whole_words_and_adds_bos(tmp_path, monkeypatch, pre):
-    """Llama 3 files: a word that is a token of its own is taken whole, whatever the merges say, and BOS leads
-    where the file does not say otherwise (llama.cpp's rules for its vocabulary); other vocabularies follow
-    their merges and add nothing."""
+    """Llama 3 files and Mistral's tekken: a word that is a token of its own is taken whole, whatever the merges
+    say, and BOS leads where the file does not say otherwise (llama.cpp's rules for these vocabularies); other
+    vocabularies follow their merges and add nothing."""
     monkeypatch.setattr(gguf_module, "TOKENIZER_CACHE", tmp_path / "cache")
     tokens = ["<|begin_of_text|>", "<|end_of_text|>", "a", "b", "c", "ab", "abc"]
     file = write_vocabulary(tmp_path / "bpe.gguf", "gpt2", tokens, [3, 3, 1, 1, 1, 1, 1], pre=pre, merges=["a b"])
     tokenizer = load_tokenizer(file)
-    if pre == "llama-bpe":
+    if pre != "qwen2":
         assert tokenizer.encode("abc") == [0, 6] and tokenizer.encode("cab") == [0, 4, 5]
     else:
         assert tokenizer.encode("abc") == [5, 4] and tokenizer.encode("cab") == [4, 5]
@@ -456,14 +462,16 @@ def test_engine_generates_from_a_gguf_file(tmp_path, tiny_hf):
     assert len(out.token_ids) == 5
 
 
-def test_generation_ends_at_an_end_of_turn_control_token(tmp_path, tiny_hf):
-    """A file whose EOS is the end of a text also stops at its end-of-turn control token (<|im_end|>, <|eot_id|>),
-    as llama.cpp does: a chat model generates that one."""
+@pytest.mark.parametrize("token_type", [3, 4])
+def test_generation_ends_at_an_end_of_turn_control_token(tmp_path, tiny_hf, token_type):
+    """A file whose EOS is the end of a text also stops at its end-of-turn token (<|im_end|>, <|eot_id|>), typed
+    control or user-defined (a ChatML fine-tune's may be either), as llama.cpp does: a chat model generates that one."""
     greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     prompt = [3, 40, 50, 60]
     tokens = LLM(write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf")).generate([prompt], greedy)[0].token_ids
     end = next(t for t in tokens[1:] if t not in (1, 2, tokens[0]))
-    llm = LLM(write_gguf(hf_model(tiny_hf), tmp_path / "chat.gguf", control={end: "<|im_end|>"}))
+    llm = LLM(write_gguf(hf_model(tiny_hf), tmp_path / "chat.gguf", control={end: "<|im_end|>"},
+                         control_type=token_type))
     out = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0))[0]
     assert out.token_ids == tokens[:tokens.index(end) + 1] and out.finish_reason == "stop"
 
