@@ -95,10 +95,13 @@ def open_gguf(path: str | Path) -> GGUFReader:
     return _reader(path, path.stat().st_mtime_ns)
 
 
-def float_weights_are_bf16(path: Path) -> bool:
-    """Whether the file's float matrices (those not quantized) are all BF16."""
+def half_precision_dtype(path: Path) -> str | None:
+    """"bfloat16" where the file's float matrices (those not quantized) are all BF16, "float16" where all its
+    matrices are F16 (a converter's F16 file), else None."""
     types = {QType(t.tensor_type) for t in open_gguf(path).tensors if len(t.shape) == 2}
-    return QType.BF16 in types and not types & (set(FLOAT_TYPES) - {QType.BF16})
+    if QType.BF16 in types and not types & (set(FLOAT_TYPES) - {QType.BF16}):
+        return "bfloat16"
+    return "float16" if types == {QType.F16} else None
 
 
 def _field(reader: GGUFReader, key: str, default: object = None) -> object:

@@ -492,14 +492,15 @@ def test_requests_without_sampling_take_the_files_recommended_sampling(tmp_path,
 
 
 def test_default_dtype_is_the_files_own_bf16(tmp_path, tiny_hf):
-    """A BF16 file runs in bfloat16 unless asked otherwise (fp32 copies would halve decode's speed); F32 and
-    quantized files run in float32. Its bf16 decode (packed weights, vdpbf16ps where the CPU has it) stays
-    within bf16's rounding of the float32 run of the same file."""
+    """A BF16 file runs in bfloat16 unless asked otherwise (fp32 copies would halve decode's speed), an F16 file
+    in float16; F32 and quantized files run in float32. Its bf16 decode (packed weights, vdpbf16ps where the CPU
+    has it) stays within bf16's rounding of the float32 run of the same file."""
     model = hf_model(tiny_hf)
     bf16 = write_gguf(model, tmp_path / "bf16.gguf", qtype_of=lambda name, w: QType.BF16)
+    f16 = write_gguf(model, tmp_path / "f16.gguf", float_dtype=np.float16)
     f32 = write_gguf(model, tmp_path / "f32.gguf")
     q8 = write_gguf(model, tmp_path / "q8.gguf", qtype_of=lambda name, w: QType.Q8_0)
-    assert [default_dtype(f, "cpu") for f in (bf16, f32, q8)] == ["bfloat16", "float32", "float32"]
+    assert [default_dtype(f, "cpu") for f in (bf16, f16, f32, q8)] == ["bfloat16", "float16", "float32", "float32"]
     assert default_dtype(bf16, "cuda") == "bfloat16"
     ours, full = LLM(bf16), LLM(bf16, dtype="float32")
     assert ours.config.dtype == "bfloat16" and ours.model.lm_head.weight.dtype == torch.bfloat16
@@ -509,6 +510,9 @@ def test_default_dtype_is_the_files_own_bf16(tmp_path, tiny_hf):
     prompt = [5, 17, 42, 9]
     a, b = ours.generate([prompt], params)[0], full.generate([prompt], params)[0]
     assert a.token_ids == b.token_ids
+    half = LLM(f16)
+    assert half.config.dtype == "float16" and half.model.lm_head.weight.dtype == torch.float16
+    assert half.generate([prompt], params)[0].token_ids == b.token_ids
 
 
 def test_quantization_flag_needs_an_hf_checkpoint(tmp_path, tiny_hf):

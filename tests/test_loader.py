@@ -45,13 +45,14 @@ def test_bfloat16_load(tmp_path):
 
 
 @pytest.mark.parametrize("key", ["dtype", "torch_dtype"])  # transformers 5 and 4
-def test_default_dtype_is_bf16_only_for_bf16_checkpoints(tmp_path, key):
+def test_default_dtype_is_the_checkpoints_own_half_precision(tmp_path, key):
     folder = save_tiny_model(tmp_path)
     assert default_dtype(folder, "cpu") == "float32" and default_dtype(folder, "cuda") == "bfloat16"
     config = json.loads((folder / "config.json").read_text())
     config.pop("dtype", None), config.pop("torch_dtype", None)
-    (folder / "config.json").write_text(json.dumps({**config, key: "bfloat16"}))
-    assert default_dtype(folder, "cpu") == "bfloat16"
+    for stored in ("bfloat16", "float16"):
+        (folder / "config.json").write_text(json.dumps({**config, key: stored}))
+        assert default_dtype(folder, "cpu") == stored
 
 
 def _drop_k_proj(tensors: dict) -> None:
