@@ -188,11 +188,14 @@ class LLM:
         if self.tokenizer is None:
             raise ValueError("a chat template needs a tokenizer (skip_tokenizer_init leaves it out)")
         self.tokenizer.chat_template = template
+        message = "a user's message"
         try:
-            self.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                               add_generation_prompt=True)
+            rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                                          add_generation_prompt=True)
         except TemplateError as e:
             raise ValueError(f"the chat template does not render a user's message: {e}") from None
+        if message not in rendered:
+            raise ValueError(f"the chat template leaves a user's message out (it renders {rendered[:80]!r})")
 
     def default_sampling_params(self) -> SamplingParams:
         """A request's sampling when it gives none: SamplingParams' defaults, but for the parameters the model

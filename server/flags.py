@@ -114,7 +114,7 @@ def add_generation_config_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def add_chat_template_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--chat-template", default=None,
+    parser.add_argument("--chat-template", type=chat_template, default=None,
                         help="a Jinja chat template in place of the tokenizer's own: a file, or the template itself "
                              "(as vLLM's flag)")
     parser.add_argument("--default-chat-template-kwargs", type=json_object, default=None, metavar="JSON",
@@ -132,18 +132,21 @@ def json_object(text: str) -> dict:
     return value
 
 
-def chat_template(value: str | None) -> str | None:
-    """--chat-template's template: the file it names, else the value itself."""
-    if value is not None and Path(value).is_file():
-        return Path(value).read_text()
-    return value
+def chat_template(value: str) -> str:
+    """--chat-template's template: the file it names, else the value itself where it is one (as vLLM tells them
+    apart: a template has braces or line breaks; anything else is a path, which must exist)."""
+    if not Path(value).is_file() and any(c in value for c in "{}\n"):
+        return value
+    if not Path(value).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {value} (nor a template: it has no {{ }})")
+    return Path(value).read_text()
 
 
 def shared_engine_kwargs(args: argparse.Namespace) -> dict:
     """EngineConfig fields from the flags serve and generate share; a flag left out keeps the engine's default."""
     fields = {"device": args.device, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
               "quantization": args.quantization, "dequantize": args.dequantize, "tokenizer": args.tokenizer,
-              "chat_template": chat_template(args.chat_template),
+              "chat_template": args.chat_template,
               "chat_template_kwargs": args.default_chat_template_kwargs, "batch_invariant": args.batch_invariant,
               "tensor_parallel_size": args.tensor_parallel_size, "cuda_graphs": not args.enforce_eager,
               "generation_config": args.generation_config, **medusa_options(args)}

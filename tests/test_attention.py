@@ -270,3 +270,11 @@ def test_rows_of_a_long_prefill_are_bitwise_decode_steps(dtype, head_dim):
         n = position + 1
         decode = attend_one_sequence(backend, q[position:n], keys[:n], values[:n])
         assert torch.equal(decode[0], prefill[position]), f"position {position}"
+
+
+def test_the_triton_backend_off_cuda_is_refused_at_load(monkeypatch):
+    """Outside Triton's interpreter (TRITON_INTERPRET=1, which the tests set), Triton's kernels need CUDA: a server
+    asked for them on the CPU is refused at start, rather than fail every request."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="'triton' attention backend cannot run on cpu"):
+        get_backend("triton", "cpu")

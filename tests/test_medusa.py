@@ -836,6 +836,8 @@ def test_a_chat_template_given_replaces_the_tokenizers(capsys, tiny_model_dir):
     for broken in ("{{ messages | no_such_filter }}", "{{ raise_exception('no system message') }}"):
         with pytest.raises(ValueError, match="the chat template does not render a user's message"):
             LLM(tiny_model_dir, chat_template=broken)
+    with pytest.raises(ValueError, match="the chat template leaves a user's message out"):
+        LLM(tiny_model_dir, chat_template="{{ bos_token }}<assistant>")
 
 
 def test_generate_command_refuses_a_prompt_too_long_before_printing_it(capsys):

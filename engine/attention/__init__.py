@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from typing import Protocol
 
 import torch
@@ -51,6 +52,12 @@ def available_backends(device: torch.device | str) -> list[str]:
     return [*fast, "flash", "reference"]
 
 
+def triton_runs(device: torch.device | str) -> bool:
+    """Whether the Triton kernels run on `device`: on CUDA, or on the CPU through Triton's interpreter."""
+    cuda_or_interpreted = torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return cuda_or_interpreted and importlib.util.find_spec("triton") is not None
+
+
 def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
     """The backend called `name` ("auto": the fastest on `device`, warning once when the fused CPU kernel
     cannot be built). A backend asked for by name that cannot run here is an error, never a substitute."""
@@ -59,6 +66,10 @@ def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
     elif name == "cpu" and "cpu" not in available_backends(device):
         raise ValueError(f"the 'cpu' attention backend cannot run on {device} here (it needs a CPU device and its "
                          f"C++ kernel, which could not be built); available: {available_backends(device)}")
+    elif name == "triton" and not triton_runs(device):
+        raise ValueError(f"the 'triton' attention backend cannot run on {device} here (it needs CUDA and the triton "
+                         "package; on the CPU, Triton's interpreter runs it under TRITON_INTERPRET=1, for tests); "
+                         f"available: {available_backends(device)}")
     if name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available on {device}: {available_backends(device)}")
     module, cls = _BACKENDS[name]
