@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
             generate(llm, args, params)
     except (ValueError, OSError) as e:
         sys.exit(f"gorgon generate: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: what was generated stays on screen, no traceback
+        print(file=sys.stderr)
+        sys.exit(130)
 
 
 def read_prediction(value: str | None) -> str | None:

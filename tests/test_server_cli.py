@@ -172,3 +172,15 @@ def test_serve_loads_the_model_on_a_thread_that_then_ends(tiny_model_dir, monkey
     monkeypatch.setattr("server.__main__.uvicorn.run", lambda app, **kwargs: None)
     main(["--model", str(tiny_model_dir), "--num-kv-blocks", "40", "--attention-backend", "reference"])
     assert loaded_on and loaded_on[0] is not threading.main_thread() and not loaded_on[0].is_alive()
+
+
+def test_ctrl_c_in_generate_exits_with_130_and_no_traceback(monkeypatch, tiny_model_dir):
+    from server import generate_cli
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate_cli, "generate", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        generate_cli.main(["--model", str(tiny_model_dir), "--max-tokens", "2"])
+    assert exit_.value.code == 130

@@ -97,6 +97,9 @@ class Driver:
                     worker.join(DEATH_GRACE_S)
                 self._fail(_deaths(self.workers) or f"tensor-parallel call {name!r} failed: {e}")
                 raise WorkerFailure(self.failure) from e
+            except BaseException:  # Ctrl-C mid-call: the ranks sit in different collectives, none can be closed
+                self._fail(f"tensor-parallel call {name!r} interrupted")
+                raise
 
     def check(self) -> str | None:
         """Why the group cannot step any more (a worker found dead now included), or None. Never waits for
