@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -77,8 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_model_flags(parser)
     parser.add_argument("--served-model-name", default=None,
                         help=f"the base model's id in the API (default: the folder's name, or {DEFAULT_MODEL_NAME})")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=port, default=8000, help="the port to listen on (default: %(default)s)")
     add_medusa_flags(parser)
     add_chat_template_flag(parser)
     add_generation_config_flag(parser)
@@ -149,6 +150,22 @@ def load_engine(model: str | None, kwargs: dict, adapters: dict[str, str]) -> LL
     return llm
 
 
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in [0, 65535], got {text!r}")
+    return value
+
+
+def check_address(host: str, port: int) -> None:
+    """Fail now, not after minutes of loading, where the address cannot be listened on (a port in use)."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -163,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         kwargs = engine_kwargs(args)
         if run_worker_if_launched(EngineConfig(args.model, **kwargs)):  # a torchrun rank above 0
             return
+        check_address(args.host, args.port)
         llm = in_passing_thread(load_engine, args.model, kwargs, adapters)
     except (ValueError, OSError) as e:
         sys.exit(f"gorgon serve: error: {e}")

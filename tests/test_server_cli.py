@@ -184,3 +184,16 @@ def test_ctrl_c_in_generate_exits_with_130_and_no_traceback(monkeypatch, tiny_mo
     with pytest.raises(SystemExit) as exit_:
         generate_cli.main(["--model", str(tiny_model_dir), "--max-tokens", "2"])
     assert exit_.value.code == 130
+
+
+def test_a_port_in_use_or_out_of_range_fails_before_the_model_loads(monkeypatch):
+    import socket
+
+    from server import __main__ as serve_main
+
+    monkeypatch.setattr(serve_main, "load_engine", lambda *args: pytest.fail("the model was loaded"))
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        with pytest.raises(SystemExit, match="cannot listen on 127.0.0.1:"):
+            serve_main.main(["--port", str(taken.getsockname()[1])])
+    with pytest.raises(SystemExit):
+        parse_args(["--port", "99999"])
