@@ -42,6 +42,7 @@ from bench.common import (
     random_checkpoint,
     write_json,
 )
+from bench.llamacpp import LlamaCpp, require_llama_cpp
 from engine import LLM, SamplingParams
 from models.gguf import find_gguf
 from models.kernels import decode as cpu_decode
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             raise SystemExit(f"gorgon bench decode: error: {e}") from None
     if args.baseline == "llama.cpp":
+        require_llama_cpp("decode")
         if not (args.model and find_gguf(args.model)):
             raise SystemExit("--baseline llama.cpp runs both engines on one GGUF file: give --model X.gguf")
         return run_llamacpp(args, find_gguf(args.model))
@@ -247,8 +249,6 @@ def run_tensor_parallel(args: argparse.Namespace, folder: Path) -> None:
 
 def run_llamacpp(args: argparse.Namespace, file: Path) -> None:
     """Both engines on one GGUF file, each measurement interleaved (gorgon, llama.cpp) repeats times; medians."""
-    from bench.llamacpp import LlamaCpp
-
     n, threads, batch = args.new_tokens, torch.get_num_threads(), min(args.batch_sizes)  # 8 by default
     llm = LLM(file, dtype=args.dtype, max_num_seqs=batch, enable_prefix_caching=False,
               max_num_batched_tokens=max(2048, args.prefill_len + 1))

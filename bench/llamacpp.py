@@ -3,6 +3,7 @@ greedy decoding of several sequences in one batch per step, and prefill, on a GG
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,13 @@ try:  # llama.cpp logs every tensor it loads; the callback must outlive the proc
     _QUIET = llama_log_callback(_ignore_log)
 except (ImportError, OSError):  # not installed, or its library does not load: benchmarks without it still run
     _QUIET = None
+
+
+def require_llama_cpp(command: str) -> None:
+    """Stop now, before gorgon's side of a benchmark runs, where llama-cpp-python is not installed."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise SystemExit(f"gorgon bench {command}: --baseline llama.cpp needs llama-cpp-python, which a plain install "
+                         "lacks: pip install -e '.[bench]' in gorgon's checkout (it compiles llama.cpp: ~15 min)")
 
 
 class LlamaCpp:

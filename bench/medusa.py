@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from bench.common import add_out_flag, cpu_isa, machine_info, print_table, write_json
-from bench.llamacpp import LlamaCpp
+from bench.llamacpp import LlamaCpp, require_llama_cpp
 from engine import LLM, RequestOutput, SamplingParams
 from engine.config import EngineConfig
 from engine.medusa.speculator import LOOKUP_ONLY
@@ -259,6 +259,8 @@ def tree_name(llm: LLM) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.baseline:
+        require_llama_cpp("medusa")
     try:
         model = resolve_model(args.model)
         medusa = Path(args.medusa) if args.medusa else medusa_heads_for(args.model)

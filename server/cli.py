@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         if e.name not in EXTRAS:
             raise
         sys.exit(f"gorgon {command}: needs {e.name}, which a plain install lacks: "
-                 f"pip install 'gorgon[{EXTRAS[e.name]}]'")
+                 f"pip install -e '.[{EXTRAS[e.name]}]' in gorgon's checkout (or pip install {e.name})")
     command_module.main(rest)
 
 
