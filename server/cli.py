@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # subcommand -> (module, one-line help); the module's main(argv) does the work
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return
+    # nothing is downloaded at run time: a checkpoint is a local folder or file (a mistyped one is an error now,
+    # not a minute of retries against huggingface.co); HF_HUB_OFFLINE=0 in the environment says otherwise
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     command, rest = argv[0], argv[1:]
     if command == "bench":
         if not rest or rest[0] not in BENCHMARKS:

@@ -94,6 +94,9 @@ def samples(model_dir: Path, adapter_root: Path, names: list[str]) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not (args.model / "config.json").is_file():
+        raise SystemExit(f"gorgon train-adapters: error: {args.model} is no Hugging Face checkpoint folder (no "
+                         "config.json there)")
     out_dir = args.out or args.model / "adapters"
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
