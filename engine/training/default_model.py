@@ -58,7 +58,9 @@ CHAT_TEMPLATE = (
 
 @dataclass
 class DefaultModelTraining:
-    out: Path = Path("models/default")
+    """train-default's flags, one a field (`--num-layers` is num_layers); FLAG_HELP says what each does."""
+
+    out: Path = Path("out/default_model")  # (the shipped model is models/default: name it to retrain that one)
     minutes: float = 35.0
     seed: int = 0
     vocab_size: int = 4096
@@ -75,16 +77,47 @@ class DefaultModelTraining:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_every: int = 200
-    eval_windows: int = 16  # windows in each periodic validation; the final one uses the whole set
+    eval_windows: int = 16
     threads: int = 2
-    bf16: bool = True  # bf16 autocast for matmuls (fp32 master weights); ~1.6x faster on CPUs with bf16
+    bf16: bool = True
     cache_dir: Path = Path("/tmp/gorgon_train_default")
-    init: str = ""  # checkpoint folder to continue from (its architecture and tokenizer win over the flags)
-    medusa_heads: int = 0  # > 0: train this many Medusa heads jointly with the model
-    medusa_init: str = ""  # Medusa heads folder to start the joint heads from (fresh heads when empty)
-    medusa_layers: int = 2  # residual blocks per head
-    medusa_weight: float = 0.2  # joint loss = LM loss + this * sum_k 0.8^k * (head k's loss)
-    medusa_lr: float = 1e-3  # the heads' peak learning rate (same warmup and decay as the model's)
+    init: str = ""
+    medusa_heads: int = 0
+    medusa_init: str = ""
+    medusa_layers: int = 2
+    medusa_weight: float = 0.2
+    medusa_lr: float = 1e-3
+
+
+FLAG_HELP = {
+    "out": "the checkpoint folder to write (models/default is the shipped model)",
+    "minutes": "training time, wall clock",
+    "seed": "random seed (data order, initialisation)",
+    "vocab_size": "the byte-level BPE tokenizer's size (trained on the corpus)",
+    "hidden_size": "the model's width",
+    "num_layers": "decoder layers",
+    "num_heads": "attention heads",
+    "num_kv_heads": "key/value heads (grouped-query attention)",
+    "intermediate_size": "the MLP's width",
+    "seq_len": "tokens a training window",
+    "batch_size": "windows a step",
+    "lr": "peak learning rate (AdamW, cosine decay)",
+    "min_lr_ratio": "the learning rate at the end, over the peak",
+    "warmup_steps": "linear warmup steps",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "gradient norm clip",
+    "eval_every": "steps between validations",
+    "eval_windows": "windows in each periodic validation (the final one uses the whole set)",
+    "threads": "CPU threads",
+    "bf16": "bf16 autocast for matmuls over fp32 master weights (~1.6x faster on CPUs with bf16)",
+    "cache_dir": "where the tokenized corpus is cached",
+    "init": "a checkpoint folder to continue from (its architecture and tokenizer win over the flags)",
+    "medusa_heads": "> 0: train this many Medusa heads jointly with the model",
+    "medusa_init": "a Medusa heads folder to start the joint heads from (fresh heads when empty)",
+    "medusa_layers": "residual blocks a head",
+    "medusa_weight": "joint loss = LM loss + this * sum_k 0.8^k * (head k's loss)",
+    "medusa_lr": "the heads' peak learning rate (the model's warmup and decay)",
+}
 
 
 # With --init these come from the checkpoint, so a stage's record leaves them out
@@ -331,7 +364,7 @@ the hidden states also say something about the tokens after the next one. Its he
 """
     (out / "README.md").write_text(f"""# gorgon default model
 
-A small Llama-architecture causal LM trained from scratch by `models/train_default.py` on the `.py`
+A small Llama-architecture causal LM trained from scratch by `gorgon train-default` on the `.py`
 source of the Python {first['python']} standard library (test suites and site-packages excluded;
 held out for validation: {', '.join(VALIDATION_MODULES)}). Its tokenizer is a byte-level BPE
 ({first['vocab_size']} tokens, `<s>` prepended on encoding) trained on the same files. It writes
@@ -371,13 +404,14 @@ loaded the machine is. `training.json` has every stage's figures.
 
 def parse_args(argv: list[str] | None) -> DefaultModelTraining:
     defaults = DefaultModelTraining()
-    parser = argparse.ArgumentParser(prog="gorgon train-default", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="gorgon train-default", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=FLAG_HELP[name])
         else:
-            parser.add_argument(flag, type=type(value), default=value)
+            parser.add_argument(flag, type=type(value), default=value, help=FLAG_HELP[name])
     return DefaultModelTraining(**vars(parser.parse_args(argv)))
 
 
@@ -452,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     hyperparameters = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
                        if k not in ("out", "cache_dir") and not (cfg.init and k in ARCHITECTURE_FIELDS)
                        and not (not cfg.medusa_heads and k.startswith("medusa_"))}
-    command = " ".join(["python -m engine.training.default_model", *argv])
+    command = " ".join(["gorgon train-default", *argv])
     stages.append({"command": command, **stats, "hyperparameters": hyperparameters})
     save_checkpoint(cfg.out, model, config, tokenizer, config["max_position_embeddings"])
     if heads is not None:
