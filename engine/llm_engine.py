@@ -109,7 +109,10 @@ class LLM:
         except (TypeError, ValueError) as e:
             raise ValueError(f"the model's recommended sampling {self.sampling_defaults} is not valid ({e}); "
                              "generation_config='none' leaves it out") from None
-        self.max_model_len = min(self.config.max_model_len or model_config.max_model_len, model_config.max_model_len)
+        if self.config.max_model_len and self.config.max_model_len > model_config.max_model_len:  # (as vLLM refuses it)
+            raise ValueError(f"max_model_len {self.config.max_model_len} exceeds this model's context of "
+                             f"{model_config.max_model_len} tokens (its max_position_embeddings and RoPE scaling)")
+        self.max_model_len = self.config.max_model_len or model_config.max_model_len
 
         kv_dtype = self.config.kv_cache_torch_dtype
         # kv_cache_memory is each rank's: a rank holds num_kv_heads / tp heads of every block

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -71,11 +72,17 @@ def positive_int(text: str) -> int:
 
 
 def add_device_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's); N tensor-parallel ranks on this host take 1/N each")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="on CUDA, run every step eagerly (default: decode steps replay captured CUDA graphs)")
+
+
+def device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"a device is cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def set_threads(args: argparse.Namespace) -> None:

@@ -36,6 +36,14 @@ def config_dict(max_position_embeddings: int, rope: dict | None) -> dict:
             "rope_scaling": rope}
 
 
+def test_a_max_model_len_beyond_the_models_context_is_refused(tiny_model_dir):
+    """As vLLM refuses it: positions beyond what the model was trained (and RoPE-scaled) for."""
+    context = LLM(tiny_model_dir).max_model_len
+    assert LLM(tiny_model_dir, max_model_len=context // 2).max_model_len == context // 2
+    with pytest.raises(ValueError, match=f"max_model_len {context + 1} exceeds this model's context of {context}"):
+        LLM(tiny_model_dir, max_model_len=context + 1)
+
+
 def test_max_model_len_follows_rope_scaling():
     assert ModelConfig.from_dict(config_dict(4096, None)).max_model_len == 4096
     for name, rope in ROPE_CASES.items():

@@ -197,3 +197,6 @@ def test_a_port_in_use_or_out_of_range_fails_before_the_model_loads(monkeypatch)
             serve_main.main(["--port", str(taken.getsockname()[1])])
     with pytest.raises(SystemExit):
         parse_args(["--port", "99999"])
+    with pytest.raises(SystemExit):  # (torch's own message lists a dozen device types)
+        parse_args(["--device", "gpu"])
+    assert parse_args(["--device", "cuda:1"]).device == "cuda:1"
