@@ -85,7 +85,10 @@ class _Reader(GGUFReader):
 
 @lru_cache(maxsize=2)
 def _reader(path: Path, modified_ns: int) -> GGUFReader:
-    return _Reader(path)  # memory-maps the file
+    try:
+        return _Reader(path)  # memory-maps the file
+    except ValueError as e:  # (an empty file, another format, a truncated one: gguf says only what it tripped on)
+        raise GGUFError(f"{path} is not a GGUF file gorgon can read: {e}") from None
 
 
 def open_gguf(path: str | Path) -> GGUFReader:

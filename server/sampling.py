@@ -76,7 +76,7 @@ def check_context(req: SamplingRequest, prompt_len: int, max_model_len: int) -> 
     limit_param = "max_completion_tokens" if chat_limit else "max_tokens"
     if limit > max_model_len:
         raise APIError(400, f"{limit_param} {limit} exceeds the model's context ({max_model_len} tokens)",
-                       param=limit_param)
+                       param=limit_param, code="context_length_exceeded")
     if prompt_len + limit > max_model_len:
         raise APIError(400, f"this model's context is {max_model_len} tokens, but {prompt_len + limit} were asked for "
                             f"({prompt_len} in the {prompt_param}, {limit} to generate): shorten the {prompt_param} "

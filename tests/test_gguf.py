@@ -344,6 +344,13 @@ def test_folder_with_one_gguf(tmp_path, tiny_hf):
     (tiny_hf / "converted.gguf").unlink()
 
 
+def test_a_file_that_is_no_gguf_is_named(tmp_path):
+    for name, content in (("junk.gguf", b"not a gguf"), ("empty.gguf", b"")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(GGUFError, match=f"{name} is not a GGUF file gorgon can read"):
+            read_gguf(tmp_path / name)
+
+
 def test_unsupported_architecture_names_it(tmp_path, tiny_hf):
     file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf", arch="gpt2")
     with pytest.raises(GGUFError, match="'gpt2'"):
