@@ -96,8 +96,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_dtype_flags(parser)
     add_tensor_parallel_flag(parser)
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--max-num-seqs", type=positive_int, default=64, help="requests decoded together")
-    engine.add_argument("--max-model-len", type=positive_int, default=None)
+    engine.add_argument("--max-num-seqs", type=positive_int, default=64,
+                        help="requests decoded together (default: %(default)s)")
+    engine.add_argument("--max-model-len", type=positive_int, default=None,
+                        help="the longest prompt plus answer a request may have (default: the model's context, or "
+                             "less where the KV cache holds less)")
     engine.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                         help="tokens per step (longer prompts are prefilled in chunks; default: the engine's)")
     engine.add_argument("--block-size", type=positive_int, default=None,
@@ -126,7 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     http.add_argument("--max-request-bytes", type=positive_int, default=1 << 20, help="request body size limit")
     http.add_argument("--shutdown-timeout", type=float, default=30.0,
                       help="seconds in-flight requests get to finish on shutdown before they are aborted")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="(default: %(default)s)")
     return parser.parse_args(argv)
 
 

@@ -22,22 +22,26 @@ from server.flags import (
     add_medusa_flags,
     add_model_flags,
     add_tensor_parallel_flag,
+    positive_int,
     set_threads,
     shared_engine_kwargs,
 )
 
 # the sampling of a model that recommends none: gentler than the API's temperature 1
 CLI_SAMPLING = {"temperature": 0.6, "top_k": 40}
+MAX_TOKENS = 128  # a continuation's (a chat answer runs to the end of its turn)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gorgon generate", description="Generate a continuation of a prompt.")
     add_model_flags(parser)
-    parser.add_argument("--prompt", default="def fibonacci(n):", help="text to continue")
+    parser.add_argument("--prompt", default="def fibonacci(n):", help="text to continue (default: %(default)r)")
     parser.add_argument("--chat", action="store_true",
                         help="answer the prompt as a user's message, through the model's chat template (the answer "
                              "ends at the model's end of turn)")
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=positive_int, default=None,
+                        help=f"the most tokens to generate (default: {MAX_TOKENS}; with --chat, up to the end of the "
+                             "answer's turn, or of the context)")
     # left out: the model's recommended value (--generation-config), else CLI_SAMPLING's
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's, else 0.6)")
     parser.add_argument("--top-p", type=float, default=None, help="(default: the model's, else 1: off)")
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         with LLM(args.model, **engine_kwargs) as llm:
             given = {name: getattr(args, name) for name in SAMPLING_FIELDS if getattr(args, name) is not None}
-            params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
+            params = SamplingParams(max_tokens=args.max_tokens or MAX_TOKENS, seed=args.seed, stop=args.stop,
                                     ignore_eos=args.ignore_eos, **CLI_SAMPLING | llm.sampling_defaults | given)
             if prediction is not None:
                 params = replace(params, prediction=llm.tokenizer(prediction, add_special_tokens=False)["input_ids"])
@@ -98,6 +102,8 @@ def generate(llm: LLM, args: argparse.Namespace, params: SamplingParams) -> None
     if args.chat and not llm.tokenizer.chat_template:
         raise ValueError("--chat needs a chat model: this model's tokenizer has no chat template")
     prompt = chat_prompt_ids(llm.tokenizer, args.prompt, llm.config.chat_template_kwargs) if args.chat else args.prompt
+    if args.chat and args.max_tokens is None:  # an answer ends its turn, not mid-sentence
+        params = replace(params, max_tokens=max(llm.max_model_len - len(prompt), 1))
     if args.json:
         out = llm.generate(prompt, params)[0]
         print(json.dumps({"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,

@@ -200,3 +200,15 @@ def test_a_port_in_use_or_out_of_range_fails_before_the_model_loads(monkeypatch)
     with pytest.raises(SystemExit):  # (torch's own message lists a dozen device types)
         parse_args(["--device", "gpu"])
     assert parse_args(["--device", "cuda:1"]).device == "cuda:1"
+
+
+def test_a_chat_answer_runs_to_the_end_of_its_turn_unless_told(capsys):
+    """gorgon generate --chat without --max-tokens: the answer ends its turn (or the context), not at 128 tokens
+    mid-sentence (the default model, which writes Python, runs to the context)."""
+    import json
+
+    from server import generate_cli
+
+    generate_cli.main(["--chat", "--prompt", "What is a list?", "--json", "--temperature", "0"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["finish_reason"] == "stop" or len(out["token_ids"]) > generate_cli.MAX_TOKENS
