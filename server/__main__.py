@@ -10,11 +10,10 @@ import sys
 from pathlib import Path
 
 import torch
-import uvicorn
 
 from engine import LLM, EngineConfig
 from engine.parallel import run_worker_if_launched
-from server.app import ServerConfig, create_app
+from server.app import Server, ServerConfig, create_app
 from server.async_engine import in_passing_thread
 from server.flags import (
     add_batch_invariant_flag,
@@ -205,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
                           max_request_bytes=args.max_request_bytes, max_waiting_requests=args.max_waiting_requests,
                           cors_origins=args.cors_origins, reasoning_parser=args.reasoning_parser)
     try:
-        uvicorn.run(create_app(llm, config), host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=args.shutdown_timeout)
+        Server(create_app(llm, config), args.shutdown_timeout, host=args.host, port=args.port,
+               log_level=args.log_level).run()
     finally:
         llm.close()
 

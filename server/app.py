@@ -2,8 +2,10 @@
 runs from startup to shutdown."""
 from __future__ import annotations
 
+import asyncio
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
@@ -18,7 +20,11 @@ from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionChunk
 from server.state import ServerConfig, ServerState
 
-__all__ = ["ServerConfig", "create_app"]
+__all__ = ["Server", "ServerConfig", "create_app"]
+
+# at shutdown, the time after --shutdown-timeout that the requests' errors have to reach their clients before
+# uvicorn cancels what is left
+ERROR_FLUSH_S = 2.0
 
 
 def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
@@ -43,6 +49,22 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         app.include_router(module.router)
     app.openapi = lambda: openapi(app)
     return app
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server of one create_app app. At shutdown it waits `shutdown_timeout` seconds for the requests in
+    flight, then ends those still running with the API's error (a 503 body; in a stream, an error event and
+    [DONE]) rather than have uvicorn cancel them (a bare 500, a stream cut without [DONE])."""
+
+    def __init__(self, app: FastAPI, shutdown_timeout: float, **config) -> None:
+        super().__init__(uvicorn.Config(app, timeout_graceful_shutdown=shutdown_timeout + ERROR_FLUSH_S, **config))
+        self.engine: AsyncEngine = app.state.server.engine
+        self.shutdown_timeout = shutdown_timeout
+
+    async def shutdown(self, sockets=None) -> None:
+        asyncio.get_running_loop().call_later(self.shutdown_timeout, self.engine.end_requests,
+                                              "the server is shutting down: the request outlasted its shutdown time")
+        await super().shutdown(sockets)
 
 
 def openapi(app: FastAPI) -> dict:

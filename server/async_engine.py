@@ -129,9 +129,13 @@ class AsyncEngine:
         self._stopping = True
         if self._thread is None:
             return
-        self._post(partial(self._fail, None, EngineStopped("the server is shutting down")))
+        self.end_requests("the server is shutting down")
         self._post(partial(setattr, self, "_exit", True))
         await asyncio.to_thread(self._thread.join)
+
+    def end_requests(self, why: str) -> None:
+        """End every request the engine holds with EngineStopped(why) (the engine goes on)."""
+        self._post(partial(self._fail, None, EngineStopped(why)))
 
     # ---- requests (event loop side) ----------------------------------------------------------------
     async def add_request(self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
 from engine import LLM, SamplingParams, StructuredOutput
-from server.app import ServerConfig, create_app
+from server.app import Server, ServerConfig, create_app
 from server.async_engine import MAX_FAILED_STEPS, AsyncEngine, EngineError, EngineStopped, RequestStream
 from server.prompts import FALLBACK_CHAT_TEMPLATE
 
@@ -52,7 +52,7 @@ def serve(llm: LLM, shutdown_timeout: float = 5.0, **config) -> Running:
     app = create_app(llm, ServerConfig(model_name=MODEL, model_root="/models/tiny", **config))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=shutdown_timeout))
+    server = Server(app, shutdown_timeout, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -581,7 +581,7 @@ def test_api_key_is_required_on_v1_only(running):
     (b'{"prompt": "hi", "max_tokens": ', 400, None, None),  # malformed JSON
     ({"prompt": "hi", "model": "no-such-model"}, 404, "model", "model_not_found"),
     ({"prompt": "hi", "max_tokens": -1}, 400, "max_tokens", None),
-    ({"prompt": "hi", "max_tokens": 10 ** 9}, 400, "max_tokens", None),
+    ({"prompt": "hi", "max_tokens": 10 ** 9}, 400, "max_tokens", "context_length_exceeded"),
     ({"prompt": "hi", "temperature": 7}, 400, "temperature", None),
     ({"prompt": "hi", "top_p": 0}, 400, "top_p", None),
     ({"prompt": "hi", "n": 1000}, 400, "n", None),
@@ -702,26 +702,32 @@ def test_a_request_that_a_failing_step_had_finished_still_ends(tiny_model_dir):
 
 # ---- shutdown ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shutdown_timeout, finish_reason", [(20.0, "length"), (0.2, None)])
-def test_shutdown_finishes_or_aborts_in_flight_requests(tiny_model_dir, shutdown_timeout, finish_reason):
-    """With time enough, an in-flight stream finishes; without, it is cut off and its blocks still come back."""
+def test_shutdown_finishes_or_ends_in_flight_requests(tiny_model_dir, shutdown_timeout, finish_reason):
+    """With time enough, an in-flight stream finishes; without, it ends with the API's error, in-band, then [DONE]
+    (not cut off), a request that waits whole gets a 503 body, and their blocks come back."""
     running = serve(LLM(tiny_model_dir, **ENGINE_KWARGS), shutdown_timeout=shutdown_timeout)
     max_tokens = 24 if finish_reason else 480
     if not finish_reason:  # slow enough that 480 tokens surely outlast the shutdown, however fast the kernels
         forward = running.llm.runner.forward
         running.llm.runner.forward = lambda *args, **kwargs: (time.sleep(0.005), forward(*args, **kwargs))[1]
-    body = {"prompt": "hello", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    reasons = []
-    try:
-        with httpx.stream("POST", f"{running.url}/v1/completions", json=body, timeout=30) as response:
-            lines = response.iter_lines()
-            next(lines)
-            threading.Thread(target=running.stop).start()
-            for line in lines:
-                if line.startswith("data: {"):
-                    reasons += [c["finish_reason"] for c in json.loads(line[6:])["choices"]]
-    except httpx.RemoteProtocolError:  # cut off mid-stream
-        pass
+    body = {"prompt": "hello", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    whole = []
+    waiting = threading.Thread(target=lambda: whole.append(httpx.post(f"{running.url}/v1/completions", json=body,
+                                                                      timeout=30)))
+    with httpx.stream("POST", f"{running.url}/v1/completions", json={**body, "stream": True}, timeout=30) as response:
+        lines = response.iter_lines()
+        next(lines)
+        waiting.start()
+        time.sleep(0.2)  # (the whole request in flight too)
+        threading.Thread(target=running.stop).start()
+        events = [line for line in lines if line]
+    waiting.join(timeout=30)
     running.thread.join(timeout=30)
-    assert not running.thread.is_alive()
-    assert (reasons or [None])[-1] == finish_reason  # None: cut off before it finished
+    assert not running.thread.is_alive() and events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][6:])
+    if finish_reason:
+        assert last["choices"][0]["finish_reason"] == finish_reason and whole[0].status_code == 200
+    else:
+        assert "the server is shutting down" in last["error"]["message"]
+        assert whole[0].status_code == 503 and "shutting down" in whole[0].json()["error"]["message"]
     assert running.llm.num_free_blocks == running.llm.block_manager.num_blocks and not running.llm.has_unfinished()

@@ -141,7 +141,8 @@ def test_http_flags():
 
 def test_serve_builds_the_engine_and_app_from_the_flags(tiny_model_dir, monkeypatch):
     served = {}
-    monkeypatch.setattr("server.__main__.uvicorn.run", lambda app, **kwargs: served.update(app=app, **kwargs))
+    monkeypatch.setattr("server.__main__.Server.run",
+                        lambda server: served.update(app=server.config.app, port=server.config.port))
     monkeypatch.setattr("server.__main__.torch.set_num_threads", lambda n: served.update(threads=n))
     monkeypatch.setenv("GORGON_API_KEY", "k")
     main(["--model", str(tiny_model_dir), "--num-kv-blocks", "40", "--block-size", "8", "--no-prefix-caching",
@@ -169,7 +170,7 @@ def test_serve_loads_the_model_on_a_thread_that_then_ends(tiny_model_dir, monkey
 
     real_load = serve.load_engine
     monkeypatch.setattr(serve, "load_engine", load)
-    monkeypatch.setattr("server.__main__.uvicorn.run", lambda app, **kwargs: None)
+    monkeypatch.setattr("server.__main__.Server.run", lambda server: None)
     main(["--model", str(tiny_model_dir), "--num-kv-blocks", "40", "--attention-backend", "reference"])
     assert loaded_on and loaded_on[0] is not threading.main_thread() and not loaded_on[0].is_alive()
 
