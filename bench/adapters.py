@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bench.common import CONFIGS, add_out_flag, machine_info, print_table, random_checkpoint, write_json
 from engine import LLM, SamplingParams
 from models import DEFAULT_MODEL_DIR
+from models.loader import model_config
 
 SHIPPED = {"lora": "licenses-lora", "prefix": "licenses-prefix"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace, folder: Path, source: str, tmp: Path) -> None:
     block_size = 16
     blocks_per_request = -(-(args.virtual_tokens + args.prompt_len + args.new_tokens) // block_size) + 1
     engine_kwargs = dict(block_size=block_size, max_num_seqs=args.batch_size, enable_prefix_caching=False,
-                         max_model_len=blocks_per_request * block_size,
+                         max_model_len=min(blocks_per_request * block_size, model_config(folder).max_model_len),
                          num_kv_blocks=(args.batch_size + 2) * blocks_per_request, adapter_root=str(root))
     llm = LLM(folder, **engine_kwargs)
     merged_llm = LLM(merged, **engine_kwargs)

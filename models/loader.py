@@ -105,6 +105,13 @@ def default_kv_cache_dtype(path: str | Path, dtype: str, quantization: str | Non
     return dtype
 
 
+def model_config(path: str | Path) -> ModelConfig:
+    """The configuration of the model at `path` (a .gguf file or a folder holding one, else an HF folder), read
+    without its weights."""
+    gguf_file = find_gguf(path)
+    return read_gguf(gguf_file).config if gguf_file is not None else ModelConfig.from_folder(path)
+
+
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
                quantization: str | None = None, dequantize: bool = False) -> torch.nn.Module:
     """The model at `path`: a .gguf file or a folder holding one, else an HF folder. `quantization` ("int8",

@@ -329,5 +329,5 @@ def test_commands_that_need_peft_say_how_to_install_it(monkeypatch, argv):
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` fails, as without the extra
     for name in ("engine.training.adapters", "bench.adapters"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    with pytest.raises(SystemExit, match=r"needs peft.*pip install 'gorgon\[train\]'"):
+    with pytest.raises(SystemExit, match=r"needs peft.*pip install -e '\.\[train\]'"):
         gorgon(argv)

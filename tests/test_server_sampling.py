@@ -83,7 +83,7 @@ def test_vllm_top_k_minus_one_means_off():
 @pytest.mark.parametrize("req, prompt_len, param, code", [
     (completion(max_tokens=16), CONTEXT, "prompt", "context_length_exceeded"),
     (chat(), CONTEXT, "messages", "context_length_exceeded"),
-    (completion(max_tokens=CONTEXT + 1), 10, "max_tokens", None),
+    (completion(max_tokens=CONTEXT + 1), 10, "max_tokens", "context_length_exceeded"),
     (completion(max_tokens=CONTEXT - 9), 10, "max_tokens", "context_length_exceeded"),
     (chat(max_completion_tokens=CONTEXT - 9), 10, "max_completion_tokens", "context_length_exceeded"),
 ])

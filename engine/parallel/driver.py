@@ -14,9 +14,8 @@ from engine.config import EngineConfig
 from engine.parallel.group import Rendezvous, join, launched_rank, rank_device
 from engine.parallel.shard import RankShard
 from engine.parallel.worker import CLOSE, worker_main
-from models.config import ModelConfig
 from models.context import ForwardContext
-from models.gguf import find_gguf, read_gguf
+from models.loader import model_config
 from models.parallel import TensorParallel, check_shardable
 
 logger = logging.getLogger("gorgon.parallel")
@@ -53,8 +52,7 @@ class Driver:
             raise ValueError("this process already belongs to a torch.distributed group (another tensor-parallel "
                              "engine?): close() that engine first")
         threads_before = torch.get_num_threads()
-        gguf = find_gguf(path)
-        check_shardable(read_gguf(gguf).config if gguf else ModelConfig.from_folder(path), size)  # before any spawn
+        check_shardable(model_config(path), size)  # before any spawn
         if launched_rank() is not None:
             rendezvous, workers = Rendezvous.from_environment(), []
             if launched_rank() != 0 or rendezvous.world_size != size:

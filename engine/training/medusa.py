@@ -62,6 +62,7 @@ from engine.training.common import HEAD_OFFSET, cosine, head_weights
 from engine.training.default_model import corpus_files, read_source
 from models.gguf import find_gguf, open_gguf
 from models.kernels.decode import MAX_ROWS
+from models.loader import model_config
 from models.medusa import HEAD_KINDS, MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
 from models.named import resolve_model
 from models.quant import QuantizedLinear, dequantize_rows
@@ -544,6 +545,7 @@ def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[l
     if not candidates:
         return TreeChoice([], "no Medusa tree pays: no draft was right on the held-out text", {})
     trees, weights, last_took = [], None, 0.0
+    context = min(max(map(len, prompts)) + new_tokens + 64, model_config(model_path).max_model_len)
     with tempfile.TemporaryDirectory() as tmp, tqdm(candidates, desc="timing trees") as bar:
         for n, (paths, tokens_per_step) in enumerate(bar):
             began = time.perf_counter()
@@ -554,7 +556,7 @@ def choose_tree(model_path: Path, heads_dir: Path, candidates: list[tuple[list[l
             llm = LLM(model_path, medusa=str(heads_dir), medusa_tree=str(tree_file), enable_prefix_caching=False,
                       medusa_ngram_tokens=0,  # the heads' tree alone: what its held-out tokens per step count
                       medusa_guard=False,  # at every step: random prompts would pause them, and steps count tree steps
-                      max_num_seqs=max(TIMING_BATCHES), max_model_len=max(map(len, prompts)) + new_tokens + 64)
+                      max_num_seqs=max(TIMING_BATCHES), max_model_len=context)
             weights = llm.config.weights
             row = {"tree": paths, "tree_size": 1 + len(paths), "tokens_per_step": tokens_per_step,
                    "max_batch_size": 0}
@@ -823,7 +825,8 @@ def main(argv: list[str] | None = None) -> None:
         # writes the text; its model is the frozen base. Without dequantized weights, at most MAX_ROWS sequences a
         # step: the decode kernels take them, where larger steps would multiply dequantized tiles of quantized weights
         dequantize = writer_dequantizes(model_path, args.dtype)
-        llm = LLM(model_path, max_model_len=2048, dtype=args.dtype, dequantize=dequantize,
+        llm = LLM(model_path, max_model_len=min(2048, model_config(model_path).max_model_len), dtype=args.dtype,
+                  dequantize=dequantize,
                   max_num_seqs=WRITER_SEQS if dequantize else MAX_ROWS)
         model = llm.model
         if args.init_heads:  # before the (slow) training text, so a bad folder fails at once
