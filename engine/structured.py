@@ -56,7 +56,8 @@ def grammar_text(spec: StructuredOutput) -> str:
         lark = any_to_lark(spec.grammar)
     except Exception as e:  # noqa: BLE001 - llguidance's GBNF converter raises plain Exceptions too
         raise GrammarError(f"the grammar is neither Lark (with a `start:` rule) nor valid GBNF: {e}") from None
-    return llguidance.LLMatcher.grammar_from_lark(lark)
+    # (llguidance's JSON form, as the others: its Lark text alone cannot be composed with other grammars)
+    return json.dumps({"grammars": [{"lark_grammar": llguidance.LLMatcher.grammar_from_lark(lark)}]})
 
 
 class Grammars:

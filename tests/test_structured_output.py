@@ -4,6 +4,7 @@ matcher, asked token by token, accepts next. The outputs are also checked with P
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 
@@ -203,6 +204,12 @@ def test_a_constraint_after_reasoning_leaves_the_reasoning_free(llm, tags_are_to
     unopened = reasoned[len(tokens("<think>")):]
     assert accepts(grammars, deepseek, unopened) == (len(unopened), True)
     assert accepts(grammars, deepseek, tokens("abc")) == (len(tokens("abc")), False)  # still reasoning
+    for other in (StructuredOutput(choice=["abc", "xyz"]), StructuredOutput(grammar='root ::= [a-z] [a-z] [a-z]'),
+                  StructuredOutput(grammar='start: /[a-z]{3}/'), StructuredOutput(json={"type": "integer"})):
+        answer = "42" if other.json else "abc"
+        spec = dataclasses.replace(other, after_reasoning=ReasoningTags())
+        assert accepts(grammars, spec, tokens("<think>", "x", "</think>", answer)) == (
+            len(tokens("<think>", "x", "</think>", answer)), True), other
     if not tags_are_tokens:  # (a regex is text: it cannot write an added token)
         # a regex that writes the tags itself constrains it all
         own = StructuredOutput(regex="<think>[a-z]{2}</think>[0-9]", after_reasoning=ReasoningTags())
