@@ -19,9 +19,10 @@ logger = logging.getLogger("gorgon.server")
 T = TypeVar("T")
 
 
-# steps that fail one after the other, whatever their batches: the engine is broken (a sticky CUDA error, say), and
-# is down (/health says so), rather than failing every request it takes
-MAX_FAILED_STEPS = 3
+# steps that fail one after the other on this many distinct prompts: the engine is broken (a sticky CUDA error, say),
+# and is down (/health says so), rather than failing every request it takes. (One request that fails a step however
+# often a client retries it, as the openai SDK retries a 500 twice, does not put the engine down.)
+MAX_FAILED_PROMPTS = 3
 
 
 class EngineError(RuntimeError):
@@ -196,7 +197,7 @@ class AsyncEngine:
 
     # ---- the step thread ------------------------------------------------------------------------
     def _run(self) -> None:
-        failed_steps = 0  # in a row
+        failed_prompts: set[int] = set()  # of the steps failed in a row
         while not self._exit:
             while not self._commands.empty():
                 try:
@@ -213,17 +214,19 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.llm.step()
-                failed_steps = 0
+                failed_prompts.clear()
             except Exception as e:  # noqa: BLE001 - the loop must outlive any one batch
-                failed_steps += 1
-                if self.llm.failure is not None or failed_steps == MAX_FAILED_STEPS:  # for good
-                    self._down = self.llm.failure or f"{failed_steps} steps in a row failed, the last with: {e}"
-                    logger.error("the engine is down: %s", self._down)
-                    continue
-                logger.exception("engine step failed; failing the requests of its batch")
                 # the batch's requests, and those it finished before it failed (their last output is lost)
                 batch = set(self.llm.stats().running_request_ids) | {r for r in self._active
                                                                      if r not in self.llm.requests}
+                failed_prompts.update(hash(tuple(seq.prompt_token_ids)) for r in batch
+                                      if (seq := self.llm.requests.get(r)) is not None)
+                if self.llm.failure is not None or len(failed_prompts) >= MAX_FAILED_PROMPTS:  # for good
+                    self._down = self.llm.failure or (f"steps failed one after another on {len(failed_prompts)} "
+                                                      f"prompts, the last with: {e}")
+                    logger.error("the engine is down: %s", self._down)
+                    continue
+                logger.exception("engine step failed; failing the requests of its batch")
                 self._fail(list(batch) or None, EngineError(f"the engine failed while decoding this request: {e}"))
                 continue
             for out in outputs:

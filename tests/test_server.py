@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from engine import LLM, SamplingParams, StructuredOutput
 from server.app import Server, ServerConfig, create_app
-from server.async_engine import MAX_FAILED_STEPS, AsyncEngine, EngineError, EngineStopped, RequestStream
+from server.async_engine import MAX_FAILED_PROMPTS, AsyncEngine, EngineError, EngineStopped, RequestStream
 from server.prompts import FALLBACK_CHAT_TEMPLATE
 
 from conftest import hf_model
@@ -655,7 +655,8 @@ def test_an_engine_failure_fails_only_its_request(client, running, stream):
 
 def test_a_request_that_a_failing_step_had_finished_still_ends(tiny_model_dir):
     """A step that fails after it finished a request (its last output lost) ends that request with the error, not a
-    stream that waits for ever; steps that fail one after another put the engine down (/health then says so)."""
+    stream that waits for ever; steps that fail one after another on several prompts put the engine down (/health then
+    says so), but not one prompt retried."""
     llm = LLM(tiny_model_dir, **ENGINE_KWARGS)
     append = llm._append_token
 
@@ -689,10 +690,14 @@ def test_a_request_that_a_failing_step_had_finished_still_ends(tiny_model_dir):
         served = await engine.add_request([5, 6], SamplingParams(max_tokens=2, ignore_eos=True))
         assert await asyncio.wait_for(last_item(served), timeout=10) == "length"  # (and the failures in a row: 0)
         llm.runner.forward = lambda *args, **kwargs: 1 / 0
-        for _ in range(MAX_FAILED_STEPS):
+        for _ in range(MAX_FAILED_PROMPTS + 1):  # one prompt, retried (as the openai SDK retries a 500): still up
             stream = await engine.add_request([5, 6], SamplingParams(max_tokens=2))
+            assert isinstance(await asyncio.wait_for(last_item(stream), timeout=10), EngineError)
+        assert engine.is_running
+        for i in range(MAX_FAILED_PROMPTS - 1):  # failures on other prompts, one after another: down
+            stream = await engine.add_request([5, 7 + i], SamplingParams(max_tokens=2))
             assert isinstance(await asyncio.wait_for(last_item(stream), timeout=10), (EngineError, EngineStopped))
-        assert not engine.is_running and "steps in a row failed" in engine.failure
+        assert not engine.is_running and "steps failed one after another on 3 prompts" in engine.failure
         with pytest.raises(EngineStopped, match="division by zero"):
             await engine.add_request([5, 6], SamplingParams(max_tokens=2))
         await engine.stop()
