@@ -75,9 +75,10 @@ class BodyGuard:
         return bytes(body)
 
 
-# a JSON body sent without a content type, or as curl's -d sends it (form-encoded), is read as JSON (as
-# llama.cpp's server reads it); anything else is a 415
-LENIENT_MEDIA_TYPES = ("", "application/x-www-form-urlencoded")
+# a JSON body sent without a content type is read as JSON (as FastAPI, and so vLLM, reads it); form-encoded bodies
+# (curl -d without -H) are not: a browser posts those cross-site without a CORS preflight, so any web page could
+# drive a server that took them
+LENIENT_MEDIA_TYPES = ("",)
 
 
 def _is_json(body: bytearray) -> bool:
