@@ -410,10 +410,13 @@ class LLM:
             seq.logprobs.append(logprob)
         params = seq.params
         new_text = "" if self.tokenizer is None else detokenize_new_token(self.tokenizer, seq)
+        stop_token = token_id in seq.stop_token_ids  # (masked while params.min_tokens asks for more: the sampler's ban)
+        if stop_token and not params.include_stop_str_in_output:
+            new_text = ""  # a stop token's text stays out of the answer, as vLLM leaves it (its id stays in token_ids)
         text_before = len(seq.output_text)
         seq.output_text += new_text
         reason = None
-        if token_id in seq.stop_token_ids:  # (masked while params.min_tokens asks for more: the sampler's ban)
+        if stop_token:
             reason = "stop"
         elif seq.matcher is not None and advance(seq.matcher, token_id):  # the structured output is complete
             reason = "stop"

@@ -163,7 +163,7 @@ def port(text: str) -> int:
 def check_address(host: str, port: int) -> None:
     """Fail now, not after minutes of loading, where the address cannot be listened on (a port in use)."""
     try:
-        with socket.create_server((host, port)):
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
             pass
     except OSError as e:
         raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

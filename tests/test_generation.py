@@ -123,6 +123,11 @@ def test_special_tokens_text_is_left_out_unless_asked_for(tiny_model_dir, tmp_pa
                      for skip in (True, False))
     assert skipped.token_ids == kept.token_ids == [2, 2]
     assert skipped.text == "" and kept.text == special * 2
+    # a stop token's text stays out of the answer, as vLLM leaves it, unless include_stop_str_in_output
+    stopped = dict(forced, stop_token_ids=[2], skip_special_tokens=False)
+    without, with_ = (llm.generate([5, 6, 7], SamplingParams(include_stop_str_in_output=include, **stopped))[0]
+                      for include in (False, True))
+    assert without.token_ids == with_.token_ids == [2] and (without.text, with_.text) == ("", special)
 
 
 def test_generate_leaves_nothing_behind_when_a_step_fails(tiny_model_dir):
