@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         llm = in_passing_thread(load_engine, args.model, kwargs, adapters)
     except (ValueError, OSError) as e:
         sys.exit(f"gorgon serve: error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C while the model loads
-        sys.exit(130)
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: at once (exiting would wait for the loading thread)
+        os._exit(130)
     model_name = args.served_model_name or (Path(args.model).name if args.model else DEFAULT_MODEL_NAME)
     # a path is reported resolved; a named model (smollm2) or the default by its name
     model_root = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else (

@@ -84,8 +84,11 @@ def in_passing_thread(fn: Callable[..., T], *args) -> T:
     workers to wake, which made single-stream decode 3.5x slower in the server than in `LLM.generate`
     (SmolLM2 Q4_1, 2 cores). So the step thread is the one lasting thread to run torch's parallel work: the
     model, and adapters, load on passing threads."""
-    with ThreadPoolExecutor(max_workers=1) as thread:
+    thread = ThreadPoolExecutor(max_workers=1)
+    try:
         return thread.submit(fn, *args).result()
+    finally:  # (not waiting: Ctrl-C during a load ends the wait at once)
+        thread.shutdown(wait=False)
 
 
 class AsyncEngine:
