@@ -44,7 +44,8 @@ async def generate(request: Request, state: ServerState, req: SamplingRequest, p
         finals = await finished(request, streams)
         return JSONResponse(renderer.response(finals, usage(prompts, finals, prediction)).model_dump())
 
-    continuous_usage = req.stream_options is not None and req.stream_options.continuous_usage_stats
+    options = req.stream_options
+    continuous_usage = options is not None and options.include_usage and options.continuous_usage_stats  # (as vLLM)
 
     async def events() -> AsyncIterator[str]:
         try:

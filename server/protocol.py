@@ -80,7 +80,7 @@ class ErrorResponse(BaseModel):
 
 class StreamOptions(RequestBody):
     include_usage: bool = False  # a last chunk with the usage of the whole answer
-    continuous_usage_stats: bool = False  # vLLM's: every chunk with its choice's usage so far
+    continuous_usage_stats: bool = False  # vLLM's, with include_usage: every chunk with its choice's usage so far
     include_obfuscation: bool | None = None  # OpenAI's padding of chunks against side channels: none is sent
 
 
@@ -341,8 +341,9 @@ class ChatMessage(RequestBody):
             return data
         # what an SDK's message object holds besides (model_dump() of an answer sent back), empty in ours
         data = {k: v for k, v in data.items() if k not in ANSWER_EXTRAS or v}
-        if "reasoning" in data:  # (vLLM's newer name of reasoning_content)
-            data["reasoning_content"] = data.pop("reasoning")
+        reasoning = data.pop("reasoning", None)  # (vLLM's newer name of reasoning_content)
+        if reasoning is not None and data.get("reasoning_content") is None:
+            data["reasoning_content"] = reasoning
         if data.get("role") == "function" or data.get("function_call"):
             raise field_error("messages: function messages and calls (OpenAI's deprecated functions) are not "
                               "supported by this server: use tools")

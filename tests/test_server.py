@@ -313,11 +313,11 @@ def test_streams_end_with_done_and_equal_the_whole_answers(client, running):
 
     messages = [{"role": "user", "content": "hello"}]
     whole = client.chat.completions.create(messages=messages, **args).choices[0].message.content
-    options = {"include_obfuscation": False, "continuous_usage_stats": True}  # (the SDK's; vLLM's)
+    options = {"include_obfuscation": False, "include_usage": True, "continuous_usage_stats": True}  # (SDK's; vLLM's)
     chunks = list(client.chat.completions.create(messages=messages, stream=True, stream_options=options, **args))
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
-    assert chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert chunks[-2].choices[0].finish_reason == "length" and not chunks[-1].choices
     counts = [c.usage.completion_tokens for c in chunks[1:]]  # every chunk after the role's: its usage so far
     assert counts == sorted(counts) and counts[-1] == 12 and len({c.created for c in chunks}) == 1
 
