@@ -124,7 +124,12 @@ class LLM:
                                                       self.config.max_num_seqs * blocks_per_seq)
         if num_blocks < 1:
             raise ValueError(f"the KV cache budget fits no block (one block takes {bytes_per_block} bytes)")
-        # a request must fit on its own, or preemption could never make room for it
+        # a request must fit on its own, or preemption could never make room for it: a context asked for must fit
+        # the cache (as vLLM refuses it); the model's own is lowered to what it holds (the server logs it)
+        if self.config.max_model_len and self.config.max_model_len > num_blocks * self.config.block_size:
+            raise ValueError(f"max_model_len {self.config.max_model_len} does not fit the KV cache, which holds "
+                             f"{num_blocks * self.config.block_size} tokens: give it more memory (kv_cache_memory) "
+                             "or lower max_model_len")
         self.max_model_len = min(self.max_model_len, num_blocks * self.config.block_size)
         if self.parallel is not None:
             kv_cache = ShardedKVCache(self.parallel, num_blocks)

@@ -42,6 +42,8 @@ def test_a_max_model_len_beyond_the_models_context_is_refused(tiny_model_dir):
     assert LLM(tiny_model_dir, max_model_len=context // 2).max_model_len == context // 2
     with pytest.raises(ValueError, match=f"max_model_len {context + 1} exceeds this model's context of {context}"):
         LLM(tiny_model_dir, max_model_len=context + 1)
+    with pytest.raises(ValueError, match="max_model_len 128 does not fit the KV cache, which holds 64 tokens"):
+        LLM(tiny_model_dir, max_model_len=128, num_kv_blocks=4, block_size=16)
 
 
 def test_max_model_len_follows_rope_scaling():
