@@ -183,21 +183,23 @@ def read_config(reader: GGUFReader) -> dict:
 # Tokens that end a chat model's turn. A file often names the end of a text as its EOS and the end of a turn, which
 # its chat template writes and the model generates, only as a control token of this name (a Qwen2 file's EOS may be
 # <|endoftext|> where its turns end in <|im_end|>; an older Llama 3 file's <|end_of_text|>, not <|eot_id|>)
-# llama.cpp's end-of-generation tokens by their text (CodeLlama's <EOT>; Qwen2.5-Coder's fill-in-the-middle ones)
+# chat models' end-of-turn tokens by their text (an HF tokenizer's special ones end generation too)
 END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<|end_of_text|>",
-                      "<EOT>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+                      "<EOT>")
+# and, in a GGUF file, as llama.cpp ends there: Qwen2.5-Coder's fill-in-the-middle tokens
+END_OF_GENERATION_TOKENS = (*END_OF_TURN_TOKENS, "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
 ADDED_TOKEN_TYPES = (3, 4)  # tokenizer.ggml.token_type: control, user-defined (a converter's added tokens)
 
 
 def end_of_generation_ids(reader: GGUFReader) -> list[int]:
     """The ids that end generation, as llama.cpp takes them: the file's EOS, its end-of-turn and end-of-message
-    tokens where it names them, and its added tokens of END_OF_TURN_TOKENS, whether typed control or user-defined
+    tokens where it names them, and its added tokens of END_OF_GENERATION_TOKENS, whether typed control or user-defined
     (a ChatML fine-tune's <|im_end|> may be either)."""
     ids = [_field(reader, f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot", "eom")]
     tokens, types = reader.fields.get("tokenizer.ggml.tokens"), reader.fields.get("tokenizer.ggml.token_type")
     if tokens is not None and types is not None:
         for i in np.flatnonzero(np.isin(np.asarray(types.contents()), ADDED_TOKEN_TYPES)).tolist():
-            if bytes(tokens.parts[tokens.data[i]]).decode("utf-8", "replace") in END_OF_TURN_TOKENS:
+            if bytes(tokens.parts[tokens.data[i]]).decode("utf-8", "replace") in END_OF_GENERATION_TOKENS:
                 ids.append(i)
     return list(dict.fromkeys(i for i in ids if i is not None))
 

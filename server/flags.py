@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import re
 from pathlib import Path
@@ -143,7 +144,8 @@ def chat_template(value: str) -> str:
     """--chat-template's template: the file it names, else the value itself where it is one (as vLLM tells them
     apart: a template has braces or line breaks; anything else is a path, which must exist)."""
     if not Path(value).is_file() and any(c in value for c in "{}\n"):
-        return value
+        # (as vLLM: a "\n" typed in a shell is a line break; only in ASCII text, which the codec reads as Latin-1)
+        return codecs.decode(value, "unicode_escape") if value.isascii() else value
     if not Path(value).is_file():
         raise argparse.ArgumentTypeError(f"no such file: {value} (nor a template: it has no {{ }})")
     return Path(value).read_text()

@@ -60,6 +60,8 @@ def test_chat_template_flag_takes_a_file_or_the_template(tmp_path):
     assert engine_kwargs(parse_args(["--chat-template", str(tmp_path / "t.jinja")]))["chat_template"] == template
     assert engine_kwargs(parse_args(["--chat-template", template]))["chat_template"] == template
     assert "chat_template" not in engine_kwargs(parse_args([]))
+    typed = "{% for m in messages %}{{ m['content'] }}\\n{% endfor %}"  # a \n typed in a shell: a line break
+    assert engine_kwargs(parse_args(["--chat-template", typed]))["chat_template"] == typed.replace("\\n", "\n")
     with pytest.raises(SystemExit):  # a mistyped path, not a template that drops every message
         parse_args(["--chat-template", str(tmp_path / "no_such.jinja")])
 
