@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from engine.adapters.lora import LoRAFormatError, read_lora
 from engine.adapters.prefix import PrefixFormatError, read_prefix, write_pinned_blocks
@@ -161,8 +162,7 @@ class AdapterManager:
                 raise AdapterError(f"{folder} holds only pickled weights ({', '.join(pickles)}); gorgon never "
                                    "unpickles. Re-save the adapter with save_pretrained(dir, safe_serialization=True)")
             raise AdapterError(f"{folder} has no {WEIGHTS_FILE}")
-        if not weights.resolve().is_relative_to(self.root.resolve()):
-            raise AdapterError(f"{weights} links outside the adapter root {self.root.resolve()}")
+        self._check_inside_root(weights)
         try:
             if config["peft_type"] == "LORA":
                 lora = read_lora(weights, config, self.model, self._targets)
@@ -170,11 +170,19 @@ class AdapterManager:
             return _Staged("prefix", folder, prefix_kv=read_prefix(weights, config, self.model.config))
         except (LoRAFormatError, PrefixFormatError) as e:
             raise AdapterError(f"{folder}: {e}") from None
+        except SafetensorError as e:  # a truncated or corrupt file
+            raise AdapterError(f"{weights} is not a readable safetensors file: {e}") from None
+
+    def _check_inside_root(self, file: Path) -> None:
+        """An adapter's files are read only inside the adapter root, symbolic links resolved."""
+        if not file.resolve().is_relative_to(self.root.resolve()):
+            raise AdapterError(f"{file} links outside the adapter root {self.root.resolve()}")
 
     def _read_config(self, folder: Path) -> dict:
         file = folder / CONFIG_FILE
         if not file.is_file():
             raise AdapterError(f"{folder} has no {CONFIG_FILE}")
+        self._check_inside_root(file)
         try:
             config = json.loads(file.read_text())
         except json.JSONDecodeError as e:
@@ -203,8 +211,11 @@ class AdapterManager:
         if r > self.max_rank:
             raise refuse(f"rank {r} exceeds this engine's max_lora_rank={self.max_rank}")
         targets = config.get("target_modules")
-        if isinstance(targets, list) and not set(targets) <= set(LORA_PROJECTIONS):
-            raise refuse(f"target_modules {sorted(set(targets) - set(LORA_PROJECTIONS))} are not supported; "
+        # (by their last part: PEFT saves all-linear as full paths, model.layers.0.self_attn.q_proj; a string, a
+        # regex, is checked tensor by tensor in read_lora)
+        leaves = {t.rpartition(".")[2] for t in targets} if isinstance(targets, list) else set()
+        if not leaves <= set(LORA_PROJECTIONS):
+            raise refuse(f"target_modules {sorted(leaves - set(LORA_PROJECTIONS))} are not supported; "
                          f"gorgon applies LoRA to {', '.join(LORA_PROJECTIONS)}")
         # fan_in_fan_out concerns transposed (Conv1D) base weights; Llama's are nn.Linear, and PEFT saves
         # lora_A/lora_B in the same layout either way, which read_lora checks by shape.
@@ -256,7 +267,7 @@ class AdapterManager:
     def _lru_idle(self, exclude: list) -> LoadedAdapter:
         idle = [a for a in self.adapters.values() if all(a is not e for e in exclude) and not self._users(a)]
         if not idle:
-            busy = {a.name: self._users(a) for a in list(self.adapters.values()) + self.retired}
+            busy = {a.name: len(self._users(a)) for a in list(self.adapters.values()) + self.retired}
             raise AdapterError(f"all max_adapters={self.max_adapters} adapter places are taken by adapters in use "
                                f"(adapter -> requests: {busy}); unload one or wait for its requests to finish")
         return min(idle, key=lambda a: a.last_used)
@@ -294,12 +305,11 @@ class AdapterManager:
             adapter = self.adapters.get(name)
             if adapter is None:
                 raise AdapterError(f"unknown adapter {name!r}; loaded: {sorted(self.adapters) or 'none'}")
-            users = self._users(adapter)
-            if users:
-                raise AdapterError(f"adapter {name!r} is in use by requests {users}; unload it when they finish "
-                                   "(or abort them)")
             del self.adapters[name]
-            self._release(adapter)
+            if self._users(adapter):  # they finish on it; new requests cannot name it (freed when they are done)
+                self.retired.append(adapter)
+            else:
+                self._release(adapter)
 
     def _users(self, adapter: LoadedAdapter) -> list[str]:
         return [rid for rid, seq in list(self.requests.items()) if seq.adapter is adapter]
