@@ -151,7 +151,8 @@ class LLM:
         self.sampler = Sampler(self.kernels)
         self.grammars = Grammars(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
-        adapter_root = Path(self.config.adapter_root) if self.config.adapter_root else path / "adapters"
+        adapter_root = (Path(self.config.adapter_root) if self.config.adapter_root else
+                        (path.parent if path.is_file() else path) / "adapters")  # (a .gguf file's: beside it)
         self.adapters = AdapterManager(self.model, kv_cache, self.block_manager, self.requests, self.config,
                                        adapter_root, self.max_model_len,
                                        partial(self.parallel.call, "write_lora") if self.parallel else None)

@@ -87,7 +87,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="load a LoRA or prefix-tuning adapter at startup (repeatable)")
     parser.add_argument("--adapter-root", default=None,
-                        help="adapters load only from inside this folder (default: <model>/adapters)")
+                        help="adapters load only from inside this folder (default: <model>/adapters, beside a .gguf "
+                             "file)")
+    parser.add_argument("--max-lora-rank", type=positive_int, default=None,
+                        help="the largest LoRA rank an adapter may have (default: the engine's, 16)")
+    parser.add_argument("--max-loras", type=positive_int, default=None,
+                        help="adapters loaded at once (default: the engine's, 8); loading one more unloads the least "
+                             "recently used idle one")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                         help=f"require 'Authorization: Bearer KEY' on every route but /health, /metrics and the "
                              f"playground's page (default: ${API_KEY_ENV}, if set)")
@@ -140,7 +146,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "enable_prefix_caching": not args.no_prefix_caching, "skip_tokenizer_init": args.skip_tokenizer_init}
     optional = {"max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
                 "attention_backend": args.attention_backend, "num_kv_blocks": args.num_kv_blocks,
-                "kv_cache_memory": args.kv_cache_memory}
+                "kv_cache_memory": args.kv_cache_memory, "max_lora_rank": args.max_lora_rank,
+                "max_adapters": args.max_loras}
     if args.kv_cache_fraction is not None:
         optional["kv_cache_memory"] = int(args.kv_cache_fraction * available_memory(args.device))
     return kwargs | {name: value for name, value in optional.items() if value is not None}

@@ -591,14 +591,18 @@ AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Z
 
 
 class LoadLoraAdapterRequest(RequestBody):
-    """vLLM's body; the folder may hold a LoRA or a prefix-tuning adapter (told apart by its peft_type)."""
+    """vLLM's body; the folder may hold a LoRA or a prefix-tuning adapter (told apart by its peft_type). A name
+    already loaded is replaced (hot-swapped: its requests in flight finish on the old version), unless load_inplace
+    is false, as vLLM refuses it then."""
 
     lora_name: AdapterName
     lora_path: str = Field(min_length=1, max_length=4096)
+    load_inplace: bool | None = None
 
 
 class UnloadLoraAdapterRequest(RequestBody):
     lora_name: AdapterName
+    lora_int_id: int | None = None  # (vLLM's: accepted, unused; the name says which)
 
 
 class TokenizeRequest(RequestBody):

@@ -528,7 +528,9 @@ def test_adapter_load_use_unload(client, running, oracle, name):
     headers = {"Authorization": f"Bearer {KEY}"}
     response = httpx.post(f"{running.url}/v1/load_lora_adapter", headers=headers,
                           json={"lora_name": name, "lora_path": name})
-    assert response.status_code == 200, response.text
+    assert response.status_code == 200 and response.text == f"Success: LoRA adapter '{name}' added successfully."
+    again = {"lora_name": name, "lora_path": name, "load_inplace": False}  # (vLLM's: no replacing then)
+    assert httpx.post(f"{running.url}/v1/load_lora_adapter", headers=headers, json=again).status_code == 400
     card = next(m for m in client.models.list().data if m.id == name)
     assert card.parent == MODEL and card.root.endswith(name) and client.models.retrieve(name).root == card.root
     context = running.llm.max_model_len - (5 if name == "prefix" else 0)  # the prefix's virtual tokens take 5
@@ -554,15 +556,15 @@ def test_adapter_load_use_unload(client, running, oracle, name):
     wait_until_idle(running)
 
 
-@pytest.mark.parametrize("route, body", [
-    ("load_lora_adapter", {"lora_name": "bad", "lora_path": "../outside"}),
-    ("load_lora_adapter", {"lora_name": "bad", "lora_path": "missing"}),
-    ("load_lora_adapter", {"lora_name": MODEL, "lora_path": "lora"}),
-    ("unload_lora_adapter", {"lora_name": "never-loaded"}),
+@pytest.mark.parametrize("route, body, status", [
+    ("load_lora_adapter", {"lora_name": "bad", "lora_path": "../outside"}, 400),
+    ("load_lora_adapter", {"lora_name": "bad", "lora_path": "missing"}, 404),  # (vLLM's statuses)
+    ("load_lora_adapter", {"lora_name": MODEL, "lora_path": "lora"}, 400),
+    ("unload_lora_adapter", {"lora_name": "never-loaded", "lora_int_id": 3}, 404),
 ])
-def test_bad_adapter_requests_are_400_and_the_server_keeps_serving(client, running, route, body):
+def test_bad_adapter_requests_are_4xx_and_the_server_keeps_serving(client, running, route, body, status):
     response = httpx.post(f"{running.url}/v1/{route}", headers={"Authorization": f"Bearer {KEY}"}, json=body)
-    assert response.status_code == 400 and set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert response.status_code == status and set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert client.completions.create(model=MODEL, prompt="hi", max_tokens=2).choices[0].finish_reason
 
 

@@ -149,13 +149,15 @@ def test_serve_builds_the_engine_and_app_from_the_flags(tiny_model_dir, monkeypa
     monkeypatch.setenv("GORGON_API_KEY", "k")
     main(["--model", str(tiny_model_dir), "--num-kv-blocks", "40", "--block-size", "8", "--no-prefix-caching",
           "--max-num-batched-tokens", "64", "--attention-backend", "reference", "--threads", "1",
-          "--max-waiting-requests", "3", "--cors-origins", "*", "--port", "9999"])
+          "--max-waiting-requests", "3", "--cors-origins", "*", "--port", "9999", "--max-lora-rank", "32",
+          "--max-loras", "3"])
     state = served["app"].state.server
     assert state.llm.stats().num_blocks == 40 and state.llm.config.block_size == 8
     assert not state.llm.config.enable_prefix_caching and state.llm.config.max_num_batched_tokens == 64
     assert state.llm.config.attention_backend == "reference" and served["threads"] == 1
     assert state.config.api_key == "k" and state.config.max_waiting_requests == 3
     assert state.config.cors_origins == ["*"] and served["port"] == 9999
+    assert (state.llm.config.max_lora_rank, state.llm.config.max_adapters) == (32, 3)
 
 
 def test_serve_loads_the_model_on_a_thread_that_then_ends(tiny_model_dir, monkeypatch):

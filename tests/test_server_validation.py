@@ -205,7 +205,7 @@ HOSTILE = {
     "adapter absolute path": Bad("/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": "/etc"},
                                  param="lora_path"),
     "adapter missing folder": Bad("/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": "missing"},
-                                  param="lora_path"),
+                                  status=404, param="lora_path"),
     "adapter name traversal": Bad("/v1/load_lora_adapter", {"lora_name": "../../etc", "lora_path": "x"},
                                   param="lora_name"),
     "adapter name empty": Bad("/v1/load_lora_adapter", {"lora_name": "", "lora_path": "x"}, param="lora_name"),
@@ -214,7 +214,8 @@ HOSTILE = {
     "adapter path missing": Bad("/v1/load_lora_adapter", {"lora_name": "evil"}, param="lora_path"),
     "adapter path not a string": Bad("/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": ["x"]},
                                      param="lora_path"),
-    "unload unknown adapter": Bad("/v1/unload_lora_adapter", {"lora_name": "never-loaded"}, param="lora_name"),
+    "unload unknown adapter": Bad("/v1/unload_lora_adapter", {"lora_name": "never-loaded"}, status=404,
+                                    param="lora_name"),
     "unload name not a string": Bad("/v1/unload_lora_adapter", {"lora_name": 5}, param="lora_name"),
     # tokenize / detokenize
     "tokenize nothing": Bad("/tokenize", {}, param="prompt"),

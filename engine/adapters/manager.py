@@ -33,6 +33,10 @@ class AdapterError(ValueError):
     pass
 
 
+class AdapterNotFound(AdapterError):
+    """No adapter of that name is loaded, or no folder at that path."""
+
+
 @dataclass(eq=False)
 class LoadedAdapter:
     """One published version of a named adapter. Invariant: unchanged after publishing; its LoRA slot
@@ -150,7 +154,7 @@ class AdapterManager:
         if not folder.is_relative_to(root):
             raise AdapterError(f"adapter path {str(path)!r} is outside the adapter root {root}")
         if not folder.is_dir():
-            raise AdapterError(f"adapter folder {folder} does not exist")
+            raise AdapterNotFound(f"adapter folder {folder} does not exist")
         return folder
 
     def _read(self, folder: Path) -> _Staged:
@@ -209,7 +213,7 @@ class AdapterManager:
         if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
             raise refuse(f"r must be a positive integer and lora_alpha a number; got r={r!r}, lora_alpha={alpha!r}")
         if r > self.max_rank:
-            raise refuse(f"rank {r} exceeds this engine's max_lora_rank={self.max_rank}")
+            raise refuse(f"rank {r} exceeds this engine's max_lora_rank={self.max_rank} (gorgon serve --max-lora-rank)")
         targets = config.get("target_modules")
         # (by their last part: PEFT saves all-linear as full paths, model.layers.0.self_attn.q_proj; a string, a
         # regex, is checked tensor by tensor in read_lora)
@@ -268,8 +272,9 @@ class AdapterManager:
         idle = [a for a in self.adapters.values() if all(a is not e for e in exclude) and not self._users(a)]
         if not idle:
             busy = {a.name: len(self._users(a)) for a in list(self.adapters.values()) + self.retired}
-            raise AdapterError(f"all max_adapters={self.max_adapters} adapter places are taken by adapters in use "
-                               f"(adapter -> requests: {busy}); unload one or wait for its requests to finish")
+            raise AdapterError(f"all max_adapters={self.max_adapters} adapter places (--max-loras) are taken by "
+                               f"adapters in use (adapter -> requests: {busy}); unload one or wait for its requests "
+                               "to finish")
         return min(idle, key=lambda a: a.last_used)
 
     def _pin(self, num_virtual: int, freed: list[LoadedAdapter]) -> list[int]:
@@ -304,7 +309,7 @@ class AdapterManager:
         with self.lock:
             adapter = self.adapters.get(name)
             if adapter is None:
-                raise AdapterError(f"unknown adapter {name!r}; loaded: {sorted(self.adapters) or 'none'}")
+                raise AdapterNotFound(f"unknown adapter {name!r}; loaded: {sorted(self.adapters) or 'none'}")
             del self.adapters[name]
             if self._users(adapter):  # they finish on it; new requests cannot name it (freed when they are done)
                 self.retired.append(adapter)
