@@ -22,13 +22,16 @@ async def load_lora_adapter(req: LoadLoraAdapterRequest, state: State) -> PlainT
     if req.load_inplace is False and any(a["name"] == req.lora_name for a in state.engine.list_adapters()):
         raise APIError(400, f"the adapter {req.lora_name!r} is already loaded (load_inplace: true replaces it)",
                        param="lora_name")
+    before = {a["name"] for a in state.engine.list_adapters()}
     try:
         await state.engine.load_adapter(req.lora_name, req.lora_path)
     except AdapterNotFound as e:
         raise APIError(404, str(e), "not_found_error", param="lora_path") from None
     except (ValueError, OSError) as e:
         raise APIError(400, str(e), param="lora_path") from None
-    return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+    evicted = sorted(before - {a["name"] for a in state.engine.list_adapters()})  # (--max-loras were loaded)
+    note = f" To make room, the least recently used idle adapter was unloaded: {', '.join(evicted)}." if evicted else ""
+    return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.{note}")
 
 
 @router.post("/unload_lora_adapter", response_class=PlainTextResponse)

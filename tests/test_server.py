@@ -556,6 +556,18 @@ def test_adapter_load_use_unload(client, running, oracle, name):
     wait_until_idle(running)
 
 
+def test_a_load_that_unloads_another_adapter_says_so(tiny_model_dir, adapter_root):
+    running = serve(LLM(tiny_model_dir, adapter_root=str(adapter_root), max_adapters=1, **ENGINE_KWARGS))
+    try:
+        for name in ("lora", "prefix"):
+            response = httpx.post(f"{running.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": name})
+            assert response.status_code == 200
+        assert response.text.endswith("the least recently used idle adapter was unloaded: lora.")
+        assert [a["name"] for a in running.llm.list_adapters()] == ["prefix"]
+    finally:
+        running.stop()
+
+
 @pytest.mark.parametrize("route, body, status", [
     ("load_lora_adapter", {"lora_name": "bad", "lora_path": "../outside"}, 400),
     ("load_lora_adapter", {"lora_name": "bad", "lora_path": "missing"}, 404),  # (vLLM's statuses)

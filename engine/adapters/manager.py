@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import threading
 import time
 from collections import deque
@@ -27,6 +28,9 @@ from models.loader import PICKLE_SUFFIXES
 from models.lora import LORA_PROJECTIONS, LoRALinear, install_lora, lora_targets
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+logger = logging.getLogger("gorgon.engine")
 
 
 class AdapterError(ValueError):
@@ -250,6 +254,9 @@ class AdapterManager:
             if staged.kind == "prefix":
                 blocks = self._pin(staged.prefix_kv.shape[2], freed)
             for adapter in freed:
+                if adapter is not old:
+                    logger.warning("unloaded the least recently used idle adapter %r to make room for %r "
+                                   "(max_adapters=%d)", adapter.name, name, self.max_adapters)
                 del self.adapters[adapter.name]
                 self._release(adapter)
             if old is not None and not old_idle:
