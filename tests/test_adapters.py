@@ -26,6 +26,8 @@ ADAPTERS = {  # name -> peft config; block_size 4 in the engines below, so prefi
     "rs_qv": LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj"]),
     "mlp": LoraConfig(r=2, lora_alpha=2, target_modules=["gate_proj", "down_proj"]),
     "all_linear": LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"),  # (saved as full module paths)
+    "patterns": LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                           rank_pattern={"q_proj": 6, "layers.1.mlp.down_proj": 3}, alpha_pattern={"v_proj": 9}),
     "prefix5": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
     "prefix8": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
 }

@@ -19,15 +19,21 @@ class LoRAFormatError(ValueError):
     pass
 
 
-def lora_scale(config: dict) -> float:
-    r, alpha = config["r"], config["lora_alpha"]
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+def rank_and_scale(config: dict, module: str) -> tuple[int, float]:
+    """The rank of one module's LoRA (`module`: its name in the model, model.layers.0.self_attn.q_proj) and its scale:
+    r and lora_alpha, unless a key of rank_pattern / alpha_pattern names the module (PEFT's rule: the first key
+    that matches the end of its name)."""
+    def chosen(pattern: dict | None, default: float) -> float:
+        return next((v for k, v in (pattern or {}).items() if re.fullmatch(rf"(.*\.)?({k})", module)), default)
+
+    r = chosen(config.get("rank_pattern"), config["r"])
+    alpha = chosen(config.get("alpha_pattern"), config["lora_alpha"])
+    return r, alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
 def read_lora(weights_file: Path, config: dict, model: nn.Module,
               targets: dict[str, LoRATarget]) -> dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]:
     """PEFT LoRA tensors, checked -> module path -> [(shard, A, Bᵀ·scale)], as LoRALinear.write_slot takes them."""
-    r, scale = config["r"], lora_scale(config)
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     with safe_open(weights_file, framework="pt", device="cpu") as f:
         for key in f.keys():
@@ -47,6 +53,7 @@ def read_lora(weights_file: Path, config: dict, model: nn.Module,
             raise LoRAFormatError(f"{path} ({proj}) has lora_{next(iter(ab))} but not its partner")
         target = targets[path]
         size = target.shards[proj][1]
+        r, scale = rank_and_scale(config, f"{path.rpartition('.')[0]}.{proj}")
         a, b = ab["A"], ab["B"]
         if a.shape != (r, target.in_features) or b.shape != (size, r):
             raise LoRAFormatError(f"{proj} of {path}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit; "

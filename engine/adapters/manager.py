@@ -174,7 +174,8 @@ class AdapterManager:
         try:
             if config["peft_type"] == "LORA":
                 lora = read_lora(weights, config, self.model, self._targets)
-                return _Staged("lora", folder, rank=config["r"], lora=lora)
+                rank = max([config["r"], *(config.get("rank_pattern") or {}).values()])
+                return _Staged("lora", folder, rank=rank, lora=lora)
             return _Staged("prefix", folder, prefix_kv=read_prefix(weights, config, self.model.config))
         except (LoRAFormatError, PrefixFormatError) as e:
             raise AdapterError(f"{folder}: {e}") from None
@@ -211,11 +212,14 @@ class AdapterManager:
             raise refuse("DoRA (use_dora) is not supported")
         if config.get("bias", "none") != "none" or config.get("lora_bias"):
             raise refuse(f"LoRA bias {config.get('bias')!r} is not supported; only bias='none'")
-        if config.get("rank_pattern") or config.get("alpha_pattern"):
-            raise refuse("per-module rank_pattern/alpha_pattern is not supported")
         r, alpha = config.get("r"), config.get("lora_alpha")
-        if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
-            raise refuse(f"r must be a positive integer and lora_alpha a number; got r={r!r}, lora_alpha={alpha!r}")
+        ranks = [r, *(config.get("rank_pattern") or {}).values()]  # (per-module ranks: engine.adapters.lora)
+        alphas = [alpha, *(config.get("alpha_pattern") or {}).values()]
+        if not all(isinstance(x, int) and x >= 1 for x in ranks) or not all(
+                isinstance(x, (int, float)) for x in alphas):
+            raise refuse(f"ranks must be positive integers and lora_alphas numbers; got r={ranks}, "
+                         f"lora_alpha={alphas}")
+        r = max(ranks)
         if r > self.max_rank:
             raise refuse(f"rank {r} exceeds this engine's max_lora_rank={self.max_rank} (gorgon serve --max-lora-rank)")
         targets = config.get("target_modules")
