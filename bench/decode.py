@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             raise SystemExit(f"gorgon bench decode: error: {e}") from None
     if args.baseline == "llama.cpp":
-        require_llama_cpp("decode")
         if not (args.model and find_gguf(args.model)):
             raise SystemExit("--baseline llama.cpp runs both engines on one GGUF file: give --model X.gguf")
+        require_llama_cpp("decode")
         return run_llamacpp(args, find_gguf(args.model))
     with tempfile.TemporaryDirectory(prefix="gorgon-bench-") as tmp:
         folder = Path(args.model) if args.model else random_checkpoint(args.config, args.dtype or "float32", Path(tmp))

@@ -259,8 +259,6 @@ def tree_name(llm: LLM) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.baseline:
-        require_llama_cpp("medusa")
     try:
         model = resolve_model(args.model)
         medusa = Path(args.medusa) if args.medusa else medusa_heads_for(args.model)
@@ -275,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("--baseline llama.cpp runs on the CPU")
         if args.baseline and gguf_file is None:
             raise ValueError("--baseline llama.cpp runs both engines on one GGUF file: give a .gguf model (or smollm2)")
+        if args.baseline:
+            require_llama_cpp("medusa")
     except (ValueError, OSError) as e:
         raise SystemExit(f"gorgon bench medusa: error: {e}") from None
     if llm.medusa is None:

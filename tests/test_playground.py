@@ -288,7 +288,7 @@ def test_adapters_load_switch_the_output_and_unload(page, server):
     page.fill("#adapter-path", "no-such-adapter")
     page.click("#load-adapter button")
     page.wait_for_function("document.querySelector('#adapter-message').dataset.state === 'error'")
-    assert message.text_content().startswith("400 invalid_request_error")  # the server's error, as it sent it
+    assert message.text_content().startswith("404 not_found_error")  # the server's error, as it sent it
     page.fill("#adapter-path", "licenses-lora")
     page.click("#load-adapter button")
     page.wait_for_function("document.querySelector('#adapter-message').dataset.state === 'ok'")
