@@ -146,11 +146,11 @@ class LoRALinear(nn.Module):
 
 def install_lora(model: nn.Module, targets: dict[str, LoRATarget], num_slots: int,
                  max_rank: int) -> dict[str, LoRALinear]:
-    """Wrap every target linear in place; returns the wrappers by module path."""
-    wrappers = {}
-    for path, target in targets.items():
+    """Wrap every target linear in place; returns the wrappers by module path. All or nothing: the wrappers (and
+    their slots' memory) are made before the first one replaces its linear."""
+    wrappers = {path: LoRALinear(model.get_submodule(path), target, num_slots, max_rank)
+                for path, target in targets.items()}
+    for path, wrapper in wrappers.items():
         parent_path, _, leaf = path.rpartition(".")
-        parent = model.get_submodule(parent_path)
-        wrappers[path] = LoRALinear(getattr(parent, leaf), target, num_slots, max_rank)
-        setattr(parent, leaf, wrappers[path])
+        setattr(model.get_submodule(parent_path), leaf, wrapper)
     return wrappers

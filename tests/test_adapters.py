@@ -204,6 +204,25 @@ def test_unload_in_use_lets_its_requests_finish_then_frees_everything(setup, nam
     assert llm.num_free_blocks == free and len(llm.adapters._free_slots) == llm.config.max_adapters
 
 
+def test_a_load_that_fails_while_writing_its_weights_leaves_nothing_behind(setup):
+    """(The first LoRA's buffers out of memory, say): its slot comes back, and later loads find every slot."""
+    llm = make_llm(setup, load=[], max_adapters=2)
+    llm.load_adapter("a", "all")
+    write = llm.adapters._write_slot
+
+    def out_of_memory(*args):
+        raise MemoryError("injected")
+
+    llm.adapters._write_slot = out_of_memory
+    with pytest.raises(MemoryError):
+        llm.load_adapter("b", "mlp")
+    llm.adapters._write_slot = write
+    assert [a["name"] for a in llm.list_adapters()] == ["a"] and len(llm.adapters._free_slots) == 1
+    llm.load_adapter("b", "mlp")
+    llm.load_adapter("c", "rs_qv")  # (full: the least recently used idle one makes room, no slot lost)
+    assert sorted(a["name"] for a in llm.list_adapters()) == ["b", "c"]
+
+
 def test_capacity_evicts_least_recently_used_idle_adapter(setup):
     llm = make_llm(setup, load=[], max_adapters=2)
     llm.load_adapter("a", "all")

@@ -269,13 +269,17 @@ class AdapterManager:
             version = self._versions.get(name, 0) + 1
             self._versions[name] = version
             adapter = LoadedAdapter(name, version, staged.kind, staged.path, next(self._cache_keys), rank=staged.rank)
-            if staged.kind == "lora":
-                adapter.slot = self._free_slots.pop()
-                self._write_slot(adapter.slot, staged.lora)
-            else:
-                adapter.prefix_kv = staged.prefix_kv.to(self.device, self.dtype)
-                adapter.kv_blocks = blocks
-                write_pinned_blocks(adapter.prefix_kv, self.kv_cache, blocks)
+            try:
+                if staged.kind == "lora":
+                    adapter.slot = self._free_slots.pop()
+                    self._write_slot(adapter.slot, staged.lora)
+                else:
+                    adapter.kv_blocks = blocks
+                    adapter.prefix_kv = staged.prefix_kv.to(self.device, self.dtype)
+                    write_pinned_blocks(adapter.prefix_kv, self.kv_cache, blocks)
+            except BaseException:  # (the first LoRA's buffers out of memory, say): its slot or blocks come back
+                self._release(adapter)
+                raise
             self.adapters[name] = adapter
             return adapter
 
