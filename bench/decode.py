@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--baseline llama.cpp runs both engines on one GGUF file: give --model X.gguf")
         require_llama_cpp("decode")
         return run_llamacpp(args, find_gguf(args.model))
+    if args.model and find_gguf(args.model) and args.tensor_parallel_size == 1:
+        raise SystemExit("gorgon bench decode: a GGUF model's baseline is llama.cpp on the same file "
+                         "(--baseline llama.cpp): transformers runs HF checkpoint folders")
     with tempfile.TemporaryDirectory(prefix="gorgon-bench-") as tmp:
         folder = Path(args.model) if args.model else random_checkpoint(args.config, args.dtype or "float32", Path(tmp))
         if args.tensor_parallel_size > 1:

@@ -284,7 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     trees = [tree_name(llm)] + ([] if args.no_sweep else sweep_trees)
     with tqdm(total=(len(trees) + 1) * (len(prompts) + -(-len(prompts) // 4)) + 1, desc="bench medusa") as bar:
         llm.generate(prompts[0], SamplingParams(max_tokens=8, temperature=0))  # warm-up
-        baseline = LlamaCpp(gguf_file, args.threads, max_seqs=4) if args.baseline else None
+        # (one cache for the 4 sequences of a batch: room for the longest prompt and its answer in each)
+        n_ctx = 4 * (max(map(len, prompts)) + args.new_tokens + 16)
+        baseline = LlamaCpp(gguf_file, args.threads, max_seqs=4, n_ctx=n_ctx) if args.baseline else None
         results = {}
         for name in trees:
             engine = llm if name == tree_name(llm) else LLM(model, medusa_tree=name, **engine_kwargs)

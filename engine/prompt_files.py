@@ -29,20 +29,23 @@ def check_template_variables(variables: dict) -> None:
 
 
 def is_record_file(path: Path) -> bool:
-    return path.suffix in RECORD_SUFFIXES
+    return path.suffix.lower() in RECORD_SUFFIXES
 
 
 def read_prompt_records(path: Path) -> list[str | list[dict]]:
     """Each record's prompt: a string, or a chat's messages [{"role", "content"}, ...]. A record with none, or an
     empty one, is a ValueError naming the file and the record; but ShareGPT conversations with no human turn before
     the model's first answer (its dumps hold some, and empty ones) are skipped, with a warning that counts them."""
-    text = path.read_text()
-    if path.suffix == ".json":
-        records = json.loads(text)
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of prompt records")
-    else:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark is no JSON)
+    try:
+        if path.suffix.lower() == ".json":
+            records = json.loads(text)
+            if not isinstance(records, list):
+                raise ValueError(f"{path}: expected a JSON list of prompt records")
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON{'' if path.suffix.lower() == '.json' else ' lines'}: {e}") from None
     prompts, unasked = [], 0
     for n, record in enumerate(records, 1):
         if isinstance(record, dict) and "messages" not in record and isinstance(record.get("conversations"), list):
@@ -66,20 +69,35 @@ def _prompt_of(record: object) -> str | list[dict] | None:
         return record
     if not isinstance(record, dict):
         return None
-    if isinstance(record.get("messages"), list):
-        return record["messages"]
+    if isinstance(record.get("messages"), list):  # up to the first answer, as a ShareGPT record's (a fine-tuning
+        return _first_question(record["messages"])  # set holds the answers too: the model is to write them)
     prompt = record.get("prompt", record.get("text"))
     return prompt if isinstance(prompt, str) else None
+
+
+def _first_question(messages: list) -> list[dict]:
+    """OpenAI-format messages before the first assistant turn, each text (content parts joined by lines)."""
+    asked = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") == "assistant":
+            break
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "\n".join(part.get("text", "") for part in content if isinstance(part, dict))
+        asked.append({**message, "content": content})
+    return asked
 
 
 def _sharegpt_prompt(conversation: list) -> list[dict] | None:
     """A ShareGPT conversation's turns before the model's first answer, as messages; None without a human one."""
     turns = []
     for turn in conversation:
-        role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
-        if role is None or not isinstance(turn.get("value"), str):  # the model's first answer, or no known turn
+        # ("from"/"value", or as some dumps write them, "role"/"content")
+        role = SHAREGPT_ROLES.get(turn.get("from", turn.get("role"))) if isinstance(turn, dict) else None
+        value = turn.get("value", turn.get("content")) if isinstance(turn, dict) else None
+        if role is None or not isinstance(value, str):  # the model's first answer, or no known turn
             break
-        turns.append({"role": role, "content": turn["value"]})
+        turns.append({"role": role, "content": value})
     return turns if any(t["role"] == "user" and t["content"].strip() for t in turns) else None
 
 

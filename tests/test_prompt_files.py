@@ -30,6 +30,22 @@ def test_sharegpt_conversations_keep_the_turns_before_the_first_answer(tmp_path)
                                                        {"role": "user", "content": "why?"}]]
 
 
+def test_records_as_real_files_hold_them(tmp_path):
+    """A fine-tuning set's messages end at the first answer (the model is to write it); content parts join by lines;
+    ShareGPT dumps that say role/content; a byte-order mark; an upper-case suffix; JSON that is not, named."""
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    answered = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": parts},
+                             {"role": "assistant", "content": "ab"}, {"role": "user", "content": "more"}]}
+    sharegpt = {"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path = tmp_path / "P.JSONL"
+    path.write_text("\ufeff" + json.dumps(answered) + "\n" + json.dumps(sharegpt) + "\n", encoding="utf-8")
+    assert read_prompt_records(path) == [[{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "a\nb"}], USER_HI]
+    (tmp_path / "bad.json").write_text("")
+    with pytest.raises(ValueError, match="bad.json: not JSON"):
+        read_prompt_records(tmp_path / "bad.json")
+
+
 def test_sharegpt_conversations_with_no_question_are_skipped_and_counted(tmp_path):
     sharegpt = tmp_path / "sharegpt.json"  # as its dumps hold some: the model first, empty, a blank question
     sharegpt.write_text(json.dumps([{"conversations": [{"from": "gpt", "value": "unasked"}]}, {"conversations": []},
