@@ -76,10 +76,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="threads of each server (default: torch's choice here, passed to both)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="gorgon serve's --dtype (default: its own choice for the model)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--medusa", default="none",
+                        help="gorgon serve's --medusa: none (default: plain decoding, engine against engine), auto "
+                             "(the model's own heads, as gorgon serve speculates on the CPU), lookup, a heads folder")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32],
+                        help="concurrent streams, one level after another (default: 1 8 32)")
     parser.add_argument("--requests-per-stream", type=int, default=1,
                         help="requests per level = this x the level's concurrency (at least 4)")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens a stream asks for (default: 32)")
     parser.add_argument("--level-timeout", type=float, default=120.0,
                         help="seconds a level may take: no new request starts after it")
     parser.add_argument("--repeats", type=int, default=1, help="turns each server takes, alternating")
@@ -116,7 +120,8 @@ def server_commands(args: argparse.Namespace, model: Path, threads: int) -> dict
     slots = max(args.concurrency)
     python = [sys.executable, "-m"]
     gorgon = [*python, "server", "--model", str(model), "--max-num-seqs", str(slots), "--threads", str(threads),
-              "--log-level", "warning", "--host", "127.0.0.1", *(["--dtype", args.dtype] if args.dtype else [])]
+              "--log-level", "warning", "--host", "127.0.0.1", "--medusa", args.medusa,
+              *(["--dtype", args.dtype] if args.dtype else [])]
     if args.baseline == "llama.cpp":
         binary = find_llama_server(args.llama_server)
         return {"gorgon": gorgon, "llama.cpp": llama_server_command(binary, model, threads, slots, args.max_tokens)}
@@ -313,7 +318,8 @@ def run(args: argparse.Namespace, model: Path, source: str) -> None:
         r["vs baseline"] = r["tok/s"] / theirs[r["concurrency"]] if theirs[r["concurrency"]] else None
     described = {"transformers": "transformers generate, one request at a time",
                  "llama.cpp": f"llama-server, {max(levels)} slots, continuous batching, same file"}[baseline]
-    print(f"\n{source}; gorgon dtype {args.dtype or 'default'}; {threads} thread(s) per server; CPU: {isa}; greedy "
+    print(f"\n{source}; gorgon dtype {args.dtype or 'default'}, speculation --medusa {args.medusa}; {threads} "
+          f"thread(s) per server; CPU: {isa}; greedy "
           f"streams of {args.max_tokens} tokens; {args.repeats} turn(s) each; baseline = {described}")
     print_table(rows, ["server", "concurrency", "requests", "errors", "tok/s", "vs baseline", "ttft_p50_ms",
                        "ttft_p99_ms", "latency_p50_ms", "latency_p99_ms"])
@@ -325,7 +331,8 @@ def run(args: argparse.Namespace, model: Path, source: str) -> None:
         summary[f"ttft_p99_ms_c{c}"] = ours[c]["ttft_p99_ms"]
     result = {"benchmark": "serving", "baseline": baseline, "model": source, "max_tokens": args.max_tokens,
               "requests_per_stream": args.requests_per_stream, "level_timeout_s": args.level_timeout,
-              "repeats": args.repeats, "gorgon_dtype": args.dtype, "threads": threads, "cpu_isa": isa, "results": rows,
+              "repeats": args.repeats, "gorgon_dtype": args.dtype, "gorgon_medusa": args.medusa, "threads": threads,
+              "cpu_isa": isa, "results": rows,
               "machine": machine_info(), "summary": summary}
     if baseline == "llama.cpp":
         result["llama_server"] = {"binary": commands[baseline][0], "command": commands[baseline],

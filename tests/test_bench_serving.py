@@ -24,6 +24,14 @@ def test_llama_server_runs_the_file_with_our_threads_and_one_slot_per_stream():
     assert "--port" not in cmd  # ServerProcess adds a free one
 
 
+def test_gorgon_serves_plainly_unless_asked_to_speculate(tmp_path):
+    """Engine against engine: gorgon serve speculates on the CPU by default, the baselines never do."""
+    for given, want in (([], "none"), (["--medusa", "auto"], "auto")):
+        args = serving.parse_args(["--model", str(tmp_path), *given])
+        gorgon = serving.server_commands(args, tmp_path, threads=1)["gorgon"]
+        assert gorgon[gorgon.index("--medusa") + 1] == want
+
+
 def test_a_missing_llama_server_says_how_to_build_it(monkeypatch, tmp_path):
     monkeypatch.delenv(serving.LLAMA_SERVER_ENV, raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
