@@ -13,10 +13,12 @@ import argparse
 import inspect
 import textwrap
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import models
 from bench.common import add_out_flag, cpu_isa, machine_info, print_table, write_json
 from bench.medusa import load_prompts
 from engine import LLM, RequestOutput, SamplingParams
@@ -30,13 +32,17 @@ EDIT_REQUEST = "Rewrite this Python code exactly, but rename the variable `self`
 ARMS = ("plain", "speculative", "prediction")
 
 
+# SmolLM2's held-out everyday questions, shipped with its heads (wherever gorgon runs from)
+DEFAULT_PROMPTS = Path(models.__file__).parent / "smollm2" / "general_prompts.jsonl"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gorgon bench prediction", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a named model (smollm2), an HF folder or a .gguf")
     parser.add_argument("--medusa", default="auto", help="the engine's speculation: auto (the model's heads), "
                                                           "lookup (prompt lookup alone) or a heads folder")
-    parser.add_argument("--prompts", default="models/smollm2/general_prompts.jsonl",
+    parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS),
                         help="`again` questions: as `gorgon bench medusa --prompts` takes them (a .jsonl file of "
                              "{'prompt': ...} or {'messages': [...]} records, or a text file of one per line)")
     parser.add_argument("--num-prompts", type=int, default=3, help="`again` questions (the `edit` ones: 3)")
