@@ -35,6 +35,7 @@ from engine.medusa.tree import DEFAULT_TREE, TREES, load_tree
 from engine.prompt_files import chat_prompt_ids, is_record_file, read_prompt_records
 from models.gguf import find_gguf
 from models.named import medusa_heads_for, resolve_model
+from server.flags import positive_int
 
 PROMPTS = [
     "def fibonacci(n):\n",
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "\"messages\" or ShareGPT's \"conversations\"), or a text file with one prompt per "
                              "line; chat-templated for chat models (default: "
                              f"{len(PROMPTS)} built-in code prompts)")
-    parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--num-prompts", type=positive_int, default=None, help="use only the first N prompts")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per prompt group; the best counts")
     parser.add_argument("--no-sweep", action="store_true", help="only --tree, not every shipped tree")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (in bfloat16 unless the model says otherwise)")

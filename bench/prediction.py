@@ -24,6 +24,7 @@ from bench.medusa import load_prompts
 from engine import LLM, RequestOutput, SamplingParams
 from engine.prompt_files import chat_prompt_ids
 from models.named import resolve_model
+from server.flags import positive_int
 
 # code to edit: stdlib functions, so that every machine has the same text
 EDITED_CODE = ("difflib:SequenceMatcher.find_longest_match", "textwrap:TextWrapper._split",
@@ -45,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", default=str(DEFAULT_PROMPTS),
                         help="`again` questions: as `gorgon bench medusa --prompts` takes them (a .jsonl file of "
                              "{'prompt': ...} or {'messages': [...]} records, or a text file of one per line)")
-    parser.add_argument("--num-prompts", type=int, default=3, help="`again` questions (the `edit` ones: 3)")
+    parser.add_argument("--num-prompts", type=positive_int, default=3, help="`again` questions (the `edit` ones: 3)")
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per arm; the fastest counts")
     parser.add_argument("--threads", type=int, default=None, help="torch threads; 1 is steadier on a shared machine")
