@@ -185,7 +185,7 @@ def run_batch(llm: LLM, prompts: list[list[int]], batch_size: int, args: argpars
     statistics, losslessness."""
     seconds: Counter[str] = Counter()
     steps: list[int] = []
-    lossless, tokens, baseline_tokens = True, 0, 0
+    lossless, tokens, baseline_tokens, forwards = True, 0, 0, 0
     for i in range(0, len(prompts), batch_size):
         pair = timed_pair(llm, prompts[i:i + batch_size], args.new_tokens, args.repeats, temperature, args.ignore_eos,
                           baseline)
@@ -195,6 +195,8 @@ def run_batch(llm: LLM, prompts: list[list[int]], batch_size: int, args: argpars
         lossless &= all(p.token_ids == m.token_ids for p, m in zip(plain, medusa))
         tokens += sum(len(o.token_ids) for o in medusa)
         steps += [n for o in medusa for n in o.accepted_lengths]
+        # a sequence's forward passes: its tree steps, and a plain step for each of its other tokens
+        forwards += sum(len(o.accepted_lengths) + len(o.token_ids) - sum(o.accepted_lengths) for o in medusa)
         bar.update()
     depth = llm.medusa.max_depth  # of the heads' tree and the prompt-lookup chains
     plain_tps, medusa_tps = tokens / seconds["plain"], tokens / seconds["medusa"]
@@ -206,6 +208,8 @@ def run_batch(llm: LLM, prompts: list[list[int]], batch_size: int, args: argpars
         "plain_tok_s": plain_tps, "medusa_tok_s": medusa_tps, "speedup": medusa_tps / plain_tps,
         # None: no tree step ran (more sequences than the tree's max_batch_size: the engine decoded plainly)
         "mean_accepted": sum(steps) / len(steps) if steps else None, "num_steps": len(steps), "lossless": lossless,
+        # mean_accepted counts the tree steps alone; this, every forward pass (steps the engine made plain too)
+        "tokens_per_forward": tokens / forwards if forwards else None,
         # tokens emitted per tree step: the accepted path plus the base model's bonus token
         "accept_length_histogram": {n: histogram.get(n, 0) for n in range(1, depth + 2)},
         # the depth-(k+1) draft (head k's, or lookup's) was accepted in a step iff it emitted at least k + 2 tokens
@@ -310,10 +314,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\na sequence decoding alone drafts spine trees of {spine.size} nodes in place of the {tree_name(llm)} "
               "tree (shaped each step by the drafts' probabilities)")
     print(f"\n{model}, heads {medusa} (drafting from {draft_vocab_size} tokens), {args.new_tokens} new tokens per "
-          f"prompt, {len(prompts)} prompts, greedy, "
+          f"prompt, {len(prompts)} prompts, greedy and t={SAMPLED_TEMPERATURE}, "
           f"{args.threads} thread(s), {llm.config.dtype} on {args.device}, attention backend {llm.runner.backend.name}")
     columns = ["batch_size", "temperature", "tree", "tree_size", "plain_tok_s",
-               "medusa_tok_s", "speedup", "mean_accepted", "tree_step_cost", "lossless"]
+               "medusa_tok_s", "speedup", "mean_accepted", "tokens_per_forward", "tree_step_cost", "lossless"]
     print_table(rows, columns)
     if args.baseline:
         print(f"\nagainst llama.cpp on {gguf_file.name}, greedy, {args.threads} thread(s), CPU {cpu_isa()}:")
@@ -324,13 +328,14 @@ def main(argv: list[str] | None = None) -> None:
               f"{steady['steady_plain_tok_s']:.1f} tok/s, Medusa {steady['steady_medusa_tok_s']:.1f} tok/s, "
               f"speedup {steady['steady_speedup']:.2f}, lossless {steady['lossless']}")
     print("\naccept-length histogram (batch 1):", rows[0]["accept_length_histogram"])
-    print("per-head acceptance (batch 1):", [round(a, 3) for a in rows[0]["head_acceptance"]])
+    print("acceptance by depth (batch 1; beyond the heads', prompt lookup's):",
+          [round(a, 3) for a in rows[0]["head_acceptance"]])
     if len(trees) > 1:
         print("\nsweep over the shipped trees:")
         print_table(sweep, columns)
     summary = {
         "speedup_bs1": rows[0]["speedup"], "speedup_bs4": rows[1]["speedup"],
-        "mean_accepted_bs1": rows[0]["mean_accepted"],
+        "mean_accepted_bs1": rows[0]["mean_accepted"], "tokens_per_forward_bs1": rows[0]["tokens_per_forward"],
         # sampled requests (temperature SAMPLED_TEMPERATURE), verified by rejection sampling: tokens per tree step
         "sampled_speedup_bs1": sampled[0]["speedup"], "sampled_speedup_bs4": sampled[1]["speedup"],
         "sampled_tokens_per_step_bs1": sampled[0]["mean_accepted"],
