@@ -86,9 +86,12 @@ def in_passing_thread(fn: Callable[..., T], *args) -> T:
     model, and adapters, load on passing threads."""
     thread = ThreadPoolExecutor(max_workers=1)
     try:
-        return thread.submit(fn, *args).result()
-    finally:  # (not waiting: Ctrl-C during a load ends the wait at once)
+        result = thread.submit(fn, *args).result()
+    except BaseException:  # (not waiting for it: Ctrl-C during a load ends the wait at once)
         thread.shutdown(wait=False)
+        raise
+    thread.shutdown(wait=True)  # the thread has ended when this returns
+    return result
 
 
 class AsyncEngine:
