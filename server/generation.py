@@ -96,8 +96,7 @@ async def start(state: ServerState, req: SamplingRequest, prompts: list[list[int
     except ContextLengthError as e:  # the adapter changed meanwhile
         raise APIError(400, str(e), code="context_length_exceeded") from None
     except GrammarError as e:
-        fields = req.structured_output_fields
-        raise APIError(400, str(e), param=fields[0] if fields else "tools") from None
+        raise APIError(400, str(e), param=(req.structured_output_fields or ["tools"])[0]) from None
     except ValueError as e:
         raise APIError(400, str(e)) from None
     finally:

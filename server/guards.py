@@ -39,9 +39,8 @@ class BodyGuard:
         except APIError as e:
             await error_response(e.status, e.info)(scope, receive, send)
             return
-        if body and headers.get("content-type", "").split(";")[0].strip().lower() in LENIENT_MEDIA_TYPES:
-            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
-                         + [(b"content-type", b"application/json")])  # (JSON, _read found: FastAPI reads it so)
+        if body and not _media_type(headers):  # (JSON, _read found: said so, for FastAPI to read it)
+            scope = dict(scope, headers=[*scope["headers"], (b"content-type", b"application/json")])
         replayed = False
 
         async def replay() -> Message:
@@ -67,18 +66,19 @@ class BodyGuard:
                 raise _too_large(self.max_bytes)
             if not message.get("more_body", False):
                 break
-        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        media_type = _media_type(headers)
+        # (a JSON body without a content type is taken: clients such as requests.post(data=...) send none)
         if body and media_type != "application/json" and not media_type.endswith("+json") and not (
-                media_type in LENIENT_MEDIA_TYPES and _is_json(body)):
+                media_type == "" and _is_json(body)):
             raise APIError(415, f"the body must be JSON, sent with 'Content-Type: application/json' "
                                 f"(got {media_type or 'no content type'!r})", code="unsupported_media_type")
         return bytes(body)
 
 
-# a JSON body sent without a content type is read as JSON (as FastAPI, and so vLLM, reads it); form-encoded bodies
-# (curl -d without -H) are not: a browser posts those cross-site without a CORS preflight, so any web page could
-# drive a server that took them
-LENIENT_MEDIA_TYPES = ("",)
+# (form-encoded bodies, as curl -d sends them without -H, stay a 415: a browser posts those cross-site without a
+# CORS preflight, so any web page could drive a server that took them)
+def _media_type(headers: dict[str, str]) -> str:
+    return headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 def _is_json(body: bytearray) -> bool:

@@ -64,8 +64,7 @@ def chat_request_ids(tokenizer, req: ChatCompletionRequest, template_kwargs: dic
     try:
         tools_prompt = system_prompt(req) if calls else None
     except ValueError as e:  # a structured output the tools cannot go with
-        fields = req.structured_output_fields
-        raise APIError(400, str(e), param=fields[0] if fields else None) from None
+        raise APIError(400, str(e), param=(req.structured_output_fields or [None])[0]) from None
     return chat_prompt_ids(tokenizer, req, template_kwargs, tools_prompt=tools_prompt), calls
 
 

@@ -117,6 +117,11 @@ class StructuredOutputs(RequestBody):
     grammar: str | None = None
 
 
+def joined_text(content: str | list) -> str:
+    """Text given whole or in parts (each with a .text): the parts on lines of their own, as vLLM joins them."""
+    return content if isinstance(content, str) else "\n".join(part.text for part in content)
+
+
 def nulls_left_out(data: Any) -> Any:
     """A body's top-level fields sent as null, as left out: OpenAI's API takes null for "the default" (an SDK
     passes its callers' None), and a sampling field left out takes the model's recommended value."""
@@ -368,7 +373,7 @@ class ChatMessage(RequestBody):
         """The content; parts on lines of their own (as vLLM joins them)."""
         if self.content is None:
             return ""
-        return self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+        return joined_text(self.content)
 
     def for_template(self, text: str) -> dict[str, str]:
         """The message as a chat template reads it, with its content as `text`."""
@@ -666,7 +671,7 @@ class ResponsesInputMessage(ResponsesInputItem):
         return data
 
     def chat_message(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "\n".join(part.text for part in self.content)
+        text = joined_text(self.content)
         return {"role": self.role, "content": text}
 
 
@@ -688,7 +693,7 @@ class ResponsesFunctionCallOutput(ResponsesInputItem):
 
     @property
     def text(self) -> str:
-        return self.output if isinstance(self.output, str) else "\n".join(part.text for part in self.output)
+        return joined_text(self.output)
 
 
 class ResponsesReasoningPart(ResponsesInputItem):

@@ -46,12 +46,11 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, v
 
 def constraint(req: SamplingRequest) -> StructuredOutput | None:
     """The request's structured output, or its tools' (an APIError naming the field at fault where not valid)."""
-    fields = req.structured_output_fields
     try:
         structured = req.structured_output
         calls = output_format(req) if isinstance(req, ChatCompletionRequest) else None
     except ValueError as e:  # (without a structured output, the tools are at fault: tool_choice)
-        raise APIError(400, str(e), param=fields[0] if fields else "tool_choice") from None
+        raise APIError(400, str(e), param=(req.structured_output_fields or ["tool_choice"])[0]) from None
     return calls or structured  # (tools with a JSON structured output: the calls' format holds it)
 
 
