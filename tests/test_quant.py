@@ -125,6 +125,23 @@ def test_packed_kernel_matches_dequantized_matmul(qtype, isa):
             assert ((out - x @ dense.T).abs() <= activation_bound(x, dense) * 1.001 + fp32_slack).all(), (k, m)
 
 
+@pytest.mark.parametrize("layout", ["file", "packed"])
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", [QType.Q8_0, QType.Q4_1, QType.Q4_K, QType.Q6_K], ids=lambda t: t.name)
+def test_a_non_finite_activation_makes_its_row_nan_as_the_float_matmul_does(qtype, isa, layout):
+    """A NaN anywhere in a block (not only where the SIMD max carries it), or an infinity: the row is not finite."""
+    k = in_features_for(qtype)[0]
+    w = random_weight(qtype, 48, k)
+    weights = packed(w) if layout == "packed" else w.data
+    use_isa(isa)
+    x = torch.randn(4, k)
+    x[1, 5], x[2, 31], x[3, 40] = float("nan"), float("nan"), float("-inf")
+    out = ops.quantized_linear(x, weights, int(qtype), None)
+    assert out[1:].isnan().all()
+    assert torch.equal(out[0], ops.quantized_linear(x[:1], weights, int(qtype), None)[0])
+    assert out[0].isfinite().all()
+
+
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 @pytest.mark.parametrize("qtype", PACKABLE, ids=lambda t: t.name)
 def test_packed_kernel_rows_do_not_depend_on_the_batch(qtype, isa):

@@ -35,10 +35,12 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -519,9 +521,23 @@ struct Activations {
 // One block of 32 activations -> q = round-to-nearest-even(x / d), d = max |x| / 127, and the sums of q's 8 lanes
 // of 4; returns d. The AVX2 version gives the same values, bit for bit; the scalar loops do not vectorise (the
 // max and nearbyint), and at 8 token rows of a 256 x 1536 Q4_1 matrix they took a quarter of the call.
+// A block holding a NaN or an infinity returns d = NaN with q = 0, so that the row's outputs are NaN, as the
+// float matmul's are: max() would drop a NaN from d and its cast to int8 is undefined, which turned an overflow
+// upstream into plausible numbers, different on each path.
+inline float non_finite_block(int8_t* q, int32_t (&lane_sums)[8]) {
+  std::memset(q, 0, 32);
+  std::fill(lane_sums, lane_sums + 8, 0);
+  return std::numeric_limits<float>::quiet_NaN();
+}
+
 inline float quantize_block(const float* xb, int8_t* q, int32_t (&lane_sums)[8]) {
   float amax = 0.f;
-  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(xb[i]));
+  bool finite = true;
+  for (int i = 0; i < 32; ++i) {
+    amax = std::max(amax, std::abs(xb[i]));
+    finite &= std::isfinite(xb[i]);
+  }
+  if (!finite) return non_finite_block(q, lane_sums);
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   for (int i = 0; i < 32; ++i) q[i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));
   for (int l = 0; l < 8; ++l) lane_sums[l] = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
@@ -529,11 +545,14 @@ inline float quantize_block(const float* xb, int8_t* q, int32_t (&lane_sums)[8])
 }
 
 QUANT_AVX2 inline float quantize_block_avx2(const float* xb, int8_t* q, int32_t (&lane_sums)[8]) {
-  __m256 v[4], amax = _mm256_setzero_ps();
+  __m256 v[4], amax = _mm256_setzero_ps(), non_finite = _mm256_setzero_ps();
   for (int i = 0; i < 4; ++i) {
     v[i] = _mm256_loadu_ps(xb + 8 * i);
-    amax = _mm256_max_ps(amax, _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]));
+    const __m256 abs = _mm256_andnot_ps(_mm256_set1_ps(-0.f), v[i]);
+    amax = _mm256_max_ps(amax, abs);
+    non_finite = _mm256_or_ps(non_finite, _mm256_cmp_ps(abs, _mm256_set1_ps(FLT_MAX), _CMP_NLE_UQ));
   }
+  if (_mm256_movemask_ps(non_finite)) return non_finite_block(q, lane_sums);
   __m128 max4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
   max4 = _mm_max_ps(max4, _mm_movehl_ps(max4, max4));
   const float a = _mm_cvtss_f32(_mm_max_ss(max4, _mm_movehdup_ps(max4)));
