@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -283,3 +285,49 @@ def test_two_environments_keep_separate_builds(monkeypatch):
     paths = {**sysconfig.get_paths(), "include": "/elsewhere/include/python3.11"}
     monkeypatch.setattr(sysconfig, "get_paths", lambda: paths)
     assert build_folder("gorgon_cpu_decode", "decode.cpp") != here
+
+
+def test_a_finished_build_on_a_read_only_mount_loads_without_its_locks(tmp_path):
+    """A cache baked into a container image, or shared read-only: the lock files could not be opened, and gorgon
+    fell back to torch's operators and the flash backend; with no build there, the error names the way out."""
+    from engine.attention.cpu import load_extension
+    from models.kernels import build_folder
+
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no mount namespace here (unshare -m) to mount the build cache read-only")
+    assert load_extension()
+    cache, empty = tmp_path / "cache", tmp_path / "empty"
+    for name, source in [("gorgon_cpu_decode", "decode.cpp"), ("gorgon_attention", "attention.cpp")]:
+        built = build_folder(name, source)
+        shutil.copytree(built, cache / built.name)
+    empty.mkdir()
+    load = ("import sys; from models.kernels import build; "
+            "build('gorgon_attention', 'attention.cpp', python_module=False); "
+            "print(build('gorgon_cpu_decode', 'decode.cpp', python_module=True).quantized_linear.__name__)")
+    script = (f"mount --bind -o ro {cache} {cache} && mount --bind -o ro {empty} {empty} && "
+              f"GORGON_EXTENSIONS_DIR={cache} {sys.executable} -c \"{load}\" && "
+              f"GORGON_EXTENSIONS_DIR={empty} {sys.executable} -c \"{load}\"")
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=Path(__file__).parents[1], timeout=300,
+                          capture_output=True, text=True)
+    assert done.stdout.splitlines() == ["quantized_linear"], done.stderr
+    assert "Read-only file system" in done.stderr and "set GORGON_EXTENSIONS_DIR to a writable folder" in done.stderr
+
+
+def test_a_new_build_removes_builds_left_unused_for_a_month(tmp_path):
+    """Each source change left a build folder behind for ever (40 of them here, 120 MB)."""
+    from models.kernels import remove_unused_builds
+
+    folders = {age: tmp_path / f"gorgon_cpu_decode-{age}" for age in ("new", "recent", "old", "no_lock")}
+    for age, folder in folders.items():
+        folder.mkdir()
+        if age != "no_lock":
+            (folder / "gorgon.lock").touch()
+    month = 31 * 86400
+    os.utime(folders["old"] / "gorgon.lock", (time.time() - month, time.time() - month))
+    other_kernel = tmp_path / "gorgon_attention-old"
+    other_kernel.mkdir()
+    (other_kernel / "gorgon.lock").touch()
+    os.utime(other_kernel / "gorgon.lock", (time.time() - month, time.time() - month))
+    remove_unused_builds("gorgon_cpu_decode", folders["new"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gorgon_attention-old", "gorgon_cpu_decode-new", "gorgon_cpu_decode-no_lock", "gorgon_cpu_decode-recent"]

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
 import sys
 import sysconfig
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -66,17 +68,25 @@ def build(name: str, source: str, python_module: bool) -> ModuleType | None:
 
     folder = Path(__file__).parent
     build_dir = build_folder(name, source)
-    build_dir.mkdir(parents=True, exist_ok=True)
+    built = build_dir / f"{name}.so"
     # torch marks a build in progress with a `lock` file, which a build killed midway (Ctrl-C during the
     # first run) leaves behind, and every later load then waits on forever. Our own lock is released by the
     # system when its process dies; whoever holds it is the only gorgon process building here, so a torch
     # lock it finds is stale.
-    with open(build_dir / "gorgon.lock", "w") as guard:
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        guard = open(build_dir / "gorgon.lock", "w")
+    except OSError as error:
+        if built.is_file():  # a finished build on a read-only mount (a container image, a shared cache)
+            return load_built(name, built, python_module)
+        raise OSError(f"{error}; set GORGON_EXTENSIONS_DIR to a writable folder for the build") from error
+    with guard:
         fcntl.flock(guard, fcntl.LOCK_EX)
         (build_dir / "lock").unlink(missing_ok=True)
-        if not any(build_dir.glob("*.so")):
+        if not built.is_file():
             print(f"gorgon: compiling the {source} CPU kernels for this machine, once (a minute or two) ...",
                   file=sys.stderr, flush=True)
+            remove_unused_builds(name, build_dir)
         # compiled from a copy inside the build folder (named by its contents, so copied once: a newer copy would
         # be rebuilt): ninja rebuilds when a source's path changes, so two checkouts of the same sources (a clean
         # clone beside a working tree) each rebuilt the other's binary, 1.5-2 min a load
@@ -86,3 +96,24 @@ def build(name: str, source: str, python_module: bool) -> ModuleType | None:
         return load(name=name, sources=[str(build_dir / source)], build_directory=str(build_dir),
                     is_python_module=python_module, extra_cflags=compiler_flags(),
                     extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def remove_unused_builds(name: str, build_dir: Path, days: int = 30) -> None:
+    """Remove the other builds of `name` that no process has loaded for `days` (a load rewrites its folder's
+    gorgon.lock): each change of the sources, flags or environment leaves a folder of 3-4 MB behind."""
+    cutoff = time.time() - days * 86400
+    for other in build_dir.parent.glob(f"{name}-*"):
+        lock = other / "gorgon.lock"
+        if other != build_dir and lock.is_file() and lock.stat().st_mtime < cutoff:
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def load_built(name: str, built: Path, python_module: bool) -> ModuleType | None:
+    """Load a finished build as torch's `load` does, without taking its locks or asking ninja about it."""
+    if not python_module:
+        torch.ops.load_library(built)
+        return None
+    spec = importlib.util.spec_from_file_location(name, built)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
