@@ -22,7 +22,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.layers import Linear, PackedLinear, packed_offsets
-from models.quant import QuantizedEmbedding, QuantizedLinear, QuantizedWeight
+from models.quant import MixedQuantizedLinear, QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 
 
 def share(n: int, rank: int, size: int) -> tuple[int, int]:
@@ -153,10 +153,17 @@ def _column(linear: nn.Module, tp: TensorParallel) -> nn.Module:
     local_sizes = {name: tp.share(size)[1] for name, (_, size) in shards.items()}
     bias = None if linear.bias is None else linear.bias.detach()[rows]
     if isinstance(linear, QuantizedLinear):
-        out = QuantizedLinear.from_weight(QuantizedWeight(linear.qtype, (linear.out_features, linear.in_features),
-                                                          linear.weight).rows(rows), bias, linear.dtype)
+        out = _quantized_rows(linear, rows, bias)
         if packed:
             out.shards = packed_offsets(local_sizes)
+    elif isinstance(linear, MixedQuantizedLinear):  # each part keeps its own rows (parts hold whole shards)
+        parts, first = [], 0
+        for part in linear.parts:
+            mine = rows[(rows >= first) & (rows < first + part.out_features)]
+            parts.append(_quantized_rows(part, mine - first, None))
+            first += part.out_features
+        out = MixedQuantizedLinear(parts, bias)
+        out.shards = packed_offsets(local_sizes)
     else:
         with torch.device("meta"):  # the parameters are set below
             out = (PackedLinear(linear.in_features, local_sizes, bias=bias is not None) if packed
@@ -164,6 +171,11 @@ def _column(linear: nn.Module, tp: TensorParallel) -> nn.Module:
         _set_parameters(out, linear.weight.detach()[rows], bias)
     out.split = Split("column", tp, linear.in_features, linear.out_features, packed and dict(packed))
     return out
+
+
+def _quantized_rows(linear: QuantizedLinear, rows: torch.Tensor, bias: torch.Tensor | None) -> QuantizedLinear:
+    weight = QuantizedWeight(linear.qtype, (linear.out_features, linear.in_features), linear.weight)
+    return QuantizedLinear.from_weight(weight.rows(rows), bias, linear.dtype)
 
 
 def _row(linear: nn.Module, tp: TensorParallel) -> nn.Module:

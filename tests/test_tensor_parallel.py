@@ -27,7 +27,7 @@ from engine.parallel import WorkerFailure
 from models.loader import load_model
 from models.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
 from models.parallel import TensorParallel, shard_model
-from models.quant import QType, QuantizedEmbedding, quantize
+from models.quant import MixedQuantizedLinear, QType, QuantizedEmbedding, quantize
 
 from conftest import hf_model, paged_logits, save_tiny_model
 
@@ -131,13 +131,16 @@ def test_models_that_do_not_split_are_refused(model, tiny_model_dir):
 
 
 def test_quantized_weights_split_on_block_boundaries(tmp_path):
-    """A Q8_0 GGUF file with tied embeddings: the quantized embedding and LM head are split over the vocabulary,
-    o_proj and down on whole blocks; a cut that would fall inside a block is refused."""
+    """A Q8_0 GGUF file with tied embeddings, and v and up in Q4_0 as Q4_K_M files keep some of them in
+    another type: the quantized embedding and LM head are split over the vocabulary, q/k/v and gate/up part by
+    part, o_proj and down on whole blocks; a cut that would fall inside a block is refused."""
     folder = save_tiny_model(tmp_path / "hf", tie_word_embeddings=True)
-    file = write_gguf(hf_model(folder), tmp_path / "q8.gguf", qtype_of=lambda name, w: QType.Q8_0)
+    file = write_gguf(hf_model(folder), tmp_path / "mixed.gguf",
+                      qtype_of=lambda name, w: QType.Q4_0 if "attn_v" in name or "ffn_up" in name else QType.Q8_0)
     want = LLM(file)
     with LLM(file, tensor_parallel_size=2) as tp:
         assert isinstance(tp.model.model.embed_tokens.embedding, QuantizedEmbedding)
+        assert isinstance(tp.model.model.layers[0].self_attn.qkv_proj, MixedQuantizedLinear)
         assert tp.model.model.layers[0].self_attn.o_proj.in_features == 32  # one Q8_0 block of each row
         # at most 32 rows a step: the quantized kernels' own path (more rows run bf16 GEMMs where the CPU has
         # them, whose rounding differs when row-parallel partial sums are added: README, Tensor parallelism)
