@@ -133,10 +133,11 @@ class LLM:
         self.max_model_len = min(self.max_model_len, num_blocks * self.config.block_size)
         if self.parallel is not None:
             kv_cache = ShardedKVCache(self.parallel, num_blocks)
-            # Medusa drafts on rank 0 from the base model's config and its whole LM head
+            # Medusa drafts on rank 0 from the base model's config, its whole LM head and (Hydra heads) embedding
             heads = self.config.medusa not in (None, LOOKUP_ONLY, PREDICTION_ONLY)
-            medusa_base = SimpleNamespace(config=model_config, lm_head=self.parallel.call("gather_lm_head")
-                                          if heads else None)
+            medusa_base = SimpleNamespace(
+                config=model_config, lm_head=self.parallel.call("gather_lm_head") if heads else None,
+                model=SimpleNamespace(embed_tokens=self.parallel.call("gather_embedding") if heads else None))
         else:
             kv_cache = KVCache(model_config.num_layers, num_blocks, self.config.block_size, model_config.num_kv_heads,
                                model_config.head_dim, kv_dtype, self.device)

@@ -219,3 +219,14 @@ def gather_lm_head(lm_head: nn.Module, tp: TensorParallel, vocab_size: int) -> n
         head = Linear(lm_head.in_features, vocab_size, bias=False)
     _set_parameters(head, full, None)
     return head
+
+
+def gather_embedding(embedding: VocabParallelEmbedding, tp: TensorParallel, vocab_size: int) -> nn.Module | None:
+    """Rank 0: the whole token embedding, its rows gathered from every rank (what Hydra heads read of the tokens
+    they draft from); other ranks: None."""
+    full = tp.gather(embedding.weight.detach(), vocab_size, dim=0)
+    if full is None:
+        return None
+    if isinstance(embedding.embedding, QuantizedEmbedding):
+        return _quantized_embedding(embedding.embedding, full)
+    return nn.Embedding(vocab_size, full.shape[1], _weight=full, _freeze=True)

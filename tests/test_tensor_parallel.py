@@ -122,6 +122,21 @@ class TestAgainstOneProcess:
         assert any(node != depth for path in paths for depth, node in enumerate(path))  # K/V really moved
 
 
+def test_hydra_heads_draft_from_the_whole_embedding(model, reference, tmp_path):
+    """Hydra heads read the drafted tokens' embeddings: rank 0 drafts from the embedding gathered from the ranks
+    (its drafting base had none, and every tree step failed)."""
+    save_medusa_heads(MedusaHeads(MedusaConfig(num_heads=3, num_layers=1, hidden_size=96, vocab_size=256,
+                                               own_lm_head=False, sequential=True)), tmp_path / "hydra")
+    ps = prompts(2)
+    want = [o.token_ids for o in reference.generate(ps, GREEDY)]
+    with LLM(model[0], tensor_parallel_size=2, medusa=str(tmp_path / "hydra"), medusa_guard=False,
+             **engine_kwargs(model)) as tp:
+        assert torch.equal(tp.medusa.model.model.embed_tokens.weight, reference.model.model.embed_tokens.weight)
+        out = tp.generate(ps, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+        assert [o.token_ids for o in out] == want
+        assert all(o.accepted_lengths for o in out)  # tree steps ran
+
+
 def test_models_that_do_not_split_are_refused(model, tiny_model_dir):
     with pytest.raises(ValueError, match=r"tensor_parallel_size=5 must divide .*attention heads \(12\), KV heads "
                                          r"\(6\), intermediate features \(192\)"):

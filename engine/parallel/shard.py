@@ -13,7 +13,7 @@ from models.context import ForwardContext, forward_context
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
 from models.loader import load_model
 from models.lora import LoRALinear, install_lora, lora_targets
-from models.parallel import TensorParallel, gather_lm_head, shard_model
+from models.parallel import TensorParallel, gather_embedding, gather_lm_head, shard_model
 
 
 class RankShard:
@@ -71,3 +71,7 @@ class RankShard:
     def gather_lm_head(self) -> nn.Module | None:
         """The whole LM head on rank 0 (None on the others): what Medusa's drafting projects onto."""
         return gather_lm_head(self.model.lm_head, self.tp, self.model.config.vocab_size)
+
+    def gather_embedding(self) -> nn.Module | None:
+        """The whole token embedding on rank 0 (None on the others): what Hydra heads read of the drafted tokens."""
+        return gather_embedding(self.model.model.embed_tokens, self.tp, self.model.config.vocab_size)
