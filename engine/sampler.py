@@ -60,6 +60,7 @@ class TokenCounts:
 
     def repeat_interleave(self, n: torch.Tensor) -> TokenCounts:
         """Row i n[i] times, consecutively."""
+        n = n.to(self.output.device)  # (CUDA's index_select, which it runs, takes no host index)
         return TokenCounts(self.output.repeat_interleave(n, dim=0), self.seen.repeat_interleave(n, dim=0))
 
 

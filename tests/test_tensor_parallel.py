@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -191,6 +192,18 @@ def test_a_killed_worker_turns_the_server_unhealthy(tiny_model_dir):
     finally:
         running.stop()
         llm.close()
+
+
+def test_ctrl_c_leaves_the_workers_to_rank_0(tiny_model_dir):
+    """Ctrl-C reaches every process of the terminal's group: the workers died at once, and the requests the server
+    was draining for --shutdown-timeout failed."""
+    with LLM(tiny_model_dir, tensor_parallel_size=2, num_kv_blocks=64, block_size=8) as llm:
+        want = llm.generate([1, 2, 3], GREEDY)[0].token_ids
+        worker = llm.parallel.workers[0]
+        os.kill(worker.pid, signal.SIGINT)
+        worker.join(1)
+        assert worker.is_alive()
+        assert llm.generate([1, 2, 3], GREEDY)[0].token_ids == want
 
 
 def test_two_hosts_each_a_launch_of_its_own(tiny_model_dir):

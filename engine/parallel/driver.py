@@ -87,7 +87,10 @@ class Driver:
         with self._lock:
             self._check()
             try:
-                sent = args if self.shard.device.type == "cpu" else tuple(map(_on_cpu, args))
+                sent = args
+                if self.shard.device.type != "cpu":
+                    sent = tuple(map(_on_cpu, args))
+                    torch.cuda.current_stream(self.shard.device).synchronize()  # the contexts' copies are non-blocking
                 dist.broadcast_object_list([(name, sent)], src=0, group=self.calls)
                 return getattr(self.shard, name)(*args)
             except Exception as e:

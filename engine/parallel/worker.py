@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import torch
@@ -32,6 +33,9 @@ def serve(shard: RankShard, calls: dist.ProcessGroup) -> None:
 
 def worker_main(config: EngineConfig, path: str, rank: int, rendezvous: Rendezvous, threads: int) -> None:
     """A worker's life (the target of the processes rank 0 spawns, and of torchrun's ranks above 0)."""
+    # Ctrl-C reaches the whole process group: rank 0 alone decides what it means (the server drains its requests
+    # for --shutdown-timeout), and closes the workers, or dies and breaks their group, when it is done
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     device = rank_device(config.device, rank)
     shard = RankShard(config, Path(path), TensorParallel(rank, rendezvous.world_size), device)
