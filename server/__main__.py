@@ -13,6 +13,7 @@ import torch
 
 from engine import LLM, EngineConfig
 from engine.parallel import run_worker_if_launched
+from engine.parallel.group import launched_rank
 from server.app import Server, ServerConfig, create_app
 from server.async_engine import in_passing_thread
 from server.flags import (
@@ -72,6 +73,14 @@ def available_memory(device: str) -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def ranks_sharing_memory(device: str, tensor_parallel_size: int) -> int:
+    """How many of the engine's ranks keep a KV cache in the memory available_memory measured: on CPU, every
+    rank this process spawns (one host), or those torchrun started on this host; on CUDA, one (a GPU each)."""
+    if device.startswith("cuda"):
+        return 1
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if launched_rank() is not None else tensor_parallel_size
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gorgon serve", description="Serve the OpenAI-compatible HTTP API.")
     add_model_flags(parser)
@@ -119,7 +128,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="bytes for the KV cache, e.g. 2GiB (default: the engine's, 1 GiB), at most what "
                          "--max-num-seqs sequences of --max-model-len tokens take")
     kv.add_argument("--kv-cache-fraction", type=fraction, default=None, metavar="F",
-                    help="this fraction of the device's memory available at startup, before the model loads")
+                    help="this fraction of the device's memory available at startup, before the model loads (on "
+                         "CPU, shared by the tensor-parallel ranks on this host)")
     kv.add_argument("--num-kv-blocks", type=positive_int, default=None, help="KV cache blocks")
     http = parser.add_argument_group("HTTP")
     http.add_argument("--max-waiting-requests", type=non_negative_int, default=None, metavar="N",
@@ -149,7 +159,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 "kv_cache_memory": args.kv_cache_memory, "max_lora_rank": args.max_lora_rank,
                 "max_adapters": args.max_loras}
     if args.kv_cache_fraction is not None:
-        optional["kv_cache_memory"] = int(args.kv_cache_fraction * available_memory(args.device))
+        optional["kv_cache_memory"] = int(args.kv_cache_fraction * available_memory(args.device)
+                                          // ranks_sharing_memory(args.device, args.tensor_parallel_size))
     return kwargs | {name: value for name, value in optional.items() if value is not None}
 
 

@@ -114,6 +114,14 @@ def test_generate_speculates_as_serve_does():
 def test_kv_cache_fraction_of_available_memory(monkeypatch):
     monkeypatch.setattr("server.__main__.available_memory", lambda device: 8 << 30)
     assert engine_kwargs(parse_args(["--kv-cache-fraction", "0.25"]))["kv_cache_memory"] == 2 << 30
+    # every rank keeps its KV heads of every block: on one host's memory, the fraction is shared
+    fraction = ["--kv-cache-fraction", "0.5", "--tensor-parallel-size", "4"]
+    assert engine_kwargs(parse_args(fraction))["kv_cache_memory"] == 1 << 30
+    assert engine_kwargs(parse_args([*fraction, "--device", "cuda"]))["kv_cache_memory"] == 4 << 30
+    monkeypatch.setenv("RANK", "0")  # torchrun's rank 0, with one more rank on its host
+    for name, value in {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert engine_kwargs(parse_args(fraction))["kv_cache_memory"] == 2 << 30
     assert engine_kwargs(parse_args(["--num-kv-blocks", "100"]))["num_kv_blocks"] == 100
 
 
