@@ -1,6 +1,7 @@
 """ModelRunner: a scheduled batch -> step tensors + ForwardContext -> model -> logits of the sampling rows."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from engine.medusa.acceptance import TreeRows
     from engine.parallel import Driver, ShardedKVCache
 
+logger = logging.getLogger("gorgon.engine")
 
 @dataclass
 class StepInputs:
@@ -56,6 +58,9 @@ class ModelRunner:
         plans its grid without reading the step's lengths), in this process (no tensor parallelism)."""
         if self.device.type == "cuda" and self.backend.name == "triton" and self.driver is None:
             self.graphs = DecodeGraphs(self.model, self.device, max_num_seqs, max_model_len, self.block_size)
+        elif self.device.type == "cuda" and self.driver is not None:
+            logger.warning("decode steps run eagerly under tensor parallelism: CUDA graphs are captured in one "
+                           "process only")
 
     def prepare(self, batch: ScheduledBatch, trees: TreeRows | None = None) -> StepInputs:
         """The step's inputs: each sequence's next num_new_tokens tokens, at consecutive positions; then the rows of
