@@ -1,8 +1,9 @@
 """Prompts as users bring them. Files, read the same way by `gorgon bench medusa --prompts` and `gorgon train-medusa
 --prompts`: a .jsonl file (one record a line) or a .json file (a list of records). A record is a prompt string, or an
 object holding one: "messages" (a chat in OpenAI's roles), "conversations" (a ShareGPT chat: its turns before the
-model's first answer, as vLLM's benchmarks take them), "prompt" or "text". And a prompt or chat as the token ids a
-chat model answers (chat_prompt_ids)."""
+model's first answer, as vLLM's benchmarks take them), "prompt" or "text". `gorgon train-medusa --data` reads the
+same files' whole chats, answers included (chat_of, chat_answer_ids). And a prompt or chat as the token ids a chat
+model answers (chat_prompt_ids)."""
 from __future__ import annotations
 
 import inspect
@@ -18,6 +19,7 @@ RECORD_SUFFIXES = (".jsonl", ".json")
 TEMPLATE_CALL_PARAMETERS = (set(inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters) - {"kwargs"}
                             | {"messages", "conversations"})
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user"}
+SHAREGPT_ANSWER_ROLES = ("gpt", "assistant", "model", "chatgpt", "bard")
 
 
 def check_template_variables(variables: dict) -> None:
@@ -36,18 +38,8 @@ def read_prompt_records(path: Path) -> list[str | list[dict]]:
     """Each record's prompt: a string, or a chat's messages [{"role", "content"}, ...]. A record with none, or an
     empty one, is a ValueError naming the file and the record; but ShareGPT conversations with no human turn before
     the model's first answer (its dumps hold some, and empty ones) are skipped, with a warning that counts them."""
-    text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark is no JSON)
-    try:
-        if path.suffix.lower() == ".json":
-            records = json.loads(text)
-            if not isinstance(records, list):
-                raise ValueError(f"{path}: expected a JSON list of prompt records")
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON{'' if path.suffix.lower() == '.json' else ' lines'}: {e}") from None
     prompts, unasked = [], 0
-    for n, record in enumerate(records, 1):
+    for n, record in enumerate(read_records(path), 1):
         if isinstance(record, dict) and "messages" not in record and isinstance(record.get("conversations"), list):
             turns = _sharegpt_prompt(record["conversations"])
             unasked += turns is None
@@ -62,6 +54,61 @@ def read_prompt_records(path: Path) -> list[str | list[dict]]:
         warnings.warn(f"{path}: skipped {unasked} ShareGPT conversations with no human turn before the model's "
                       "first answer", stacklevel=2)
     return prompts
+
+
+def read_records(path: Path) -> list:
+    """The records of a .jsonl file (one a line) or a .json file (a list); errors name the file."""
+    text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark is no JSON)
+    try:
+        if path.suffix.lower() == ".json":
+            records = json.loads(text)
+            if not isinstance(records, list):
+                raise ValueError(f"{path}: expected a JSON list of records")
+            return records
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON{'' if path.suffix.lower() == '.json' else ' lines'}: {e}") from None
+
+
+def chat_of(record: object) -> list[dict] | None:
+    """A record's whole chat, answers included, as OpenAI messages: its "messages", or its ShareGPT
+    "conversations" (turns of unknown roles left out); None for a record that holds no chat."""
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("messages"), list):
+        return [{**m, "content": _text_of(m.get("content"))} for m in record["messages"] if isinstance(m, dict)]
+    if not isinstance(record.get("conversations"), list):
+        return None
+    messages = []
+    for turn in record["conversations"]:
+        if not isinstance(turn, dict):
+            continue
+        role = turn.get("from", turn.get("role"))
+        role = SHAREGPT_ROLES.get(role) or ("assistant" if role in SHAREGPT_ANSWER_ROLES else None)
+        value = turn.get("value", turn.get("content"))
+        if role is not None and isinstance(value, str):
+            messages.append({"role": role, "content": value})
+    return messages
+
+
+def chat_answer_ids(tokenizer, messages: list[dict]) -> tuple[list[int], int] | None:
+    """A chat in the model's template as token ids, and where its first answer starts; None if it has no answer
+    after a question. (A template may write a turn differently once an answer follows it, as Qwen3's drops its
+    empty thinking: the answer starts where the chat parts from the prompt as the server writes it.)"""
+    first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), 0)
+    if not any(m["role"] == "user" for m in messages[:first_answer]):
+        return None
+    prompt = chat_prompt_ids(tokenizer, messages[:first_answer])
+    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    start = next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b), min(len(prompt), len(ids)))
+    return (ids, start) if start < len(ids) else None
+
+
+def _text_of(content: object) -> object:
+    """A message's content parts joined by lines; other content as it is."""
+    if isinstance(content, list):
+        return "\n".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content
 
 
 def _prompt_of(record: object) -> str | list[dict] | None:
@@ -81,10 +128,7 @@ def _first_question(messages: list) -> list[dict]:
     for message in messages:
         if not isinstance(message, dict) or message.get("role") == "assistant":
             break
-        content = message.get("content")
-        if isinstance(content, list):
-            content = "\n".join(part.get("text", "") for part in content if isinstance(part, dict))
-        asked.append({**message, "content": content})
+        asked.append({**message, "content": _text_of(message.get("content"))})
     return asked
 
 

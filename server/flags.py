@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from engine import own_medusa_heads
+from engine.training.common import positive_int  # (the training commands' flags take it too)
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -63,13 +64,6 @@ def medusa_options(args: argparse.Namespace) -> dict:
               "medusa_posterior_threshold": args.medusa_posterior_threshold,
               "medusa_posterior_alpha": args.medusa_posterior_alpha, "medusa_ngram_tokens": args.medusa_ngram_tokens}
     return {name: value for name, value in fields.items() if value is not None}
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
-    return value
 
 
 def add_device_flags(parser: argparse.ArgumentParser) -> None:

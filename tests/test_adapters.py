@@ -318,6 +318,13 @@ def test_training_script_writes_adapters_that_load(tmp_path, tiny_model_dir):
             "adapter_config.json", "adapter_model.safetensors"]
         llm.load_adapter(name, name)
         assert llm.generate(PROMPTS[0], GREEDY, adapter=name)[0].token_ids != base
+    # a corpus given as a file; too little of it for a held-out window, and no corpus at all, are clear errors
+    common = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "again"), "--steps", "1", "--batch-size", "1"]
+    with pytest.raises(SystemExit, match=r"the corpus has \d+ tokens; its last 10% are held out, and each part needs "
+                                         r"more than --seq-len 1024"):
+        train_adapters([*common, "--corpus", str(tmp_path / "corpus" / "text"), "--seq-len", "1024"])
+    with pytest.raises(SystemExit, match="no such file or folder"):
+        train_adapters([*common, "--corpus", str(tmp_path / "nowhere")])
 
 
 def test_medusa_stays_lossless_with_adapters(setup, tmp_path):

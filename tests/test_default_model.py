@@ -117,3 +117,17 @@ def test_bad_init_folders_are_clear_errors(tmp_path):
         train_default(["--init", str(DEFAULT_MODEL_DIR), "--out", str(tmp_path / "out"),
                        "--medusa-init", str(tmp_path / "hydra")])
     assert not (tmp_path / "out").exists()
+
+
+def test_encoded_documents_keep_ids_beyond_int16(tmp_path):
+    """train-default --init with a checkpoint's tokenizer of 49152 tokens (SmolLM2's): its ids overflowed int16."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from engine.training.default_model import EOS, encode_documents
+
+    vocab = {EOS: 0, **{f"w{i}": i + 1 for i in range(49151)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=EOS))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "doc.py").write_text("w1 w40000 w49150")
+    tokens = encode_documents(tokenizer, [tmp_path / "doc.py"], tmp_path / "cache")
+    assert tokens.tolist() == [2, 40001, 49151, 0]

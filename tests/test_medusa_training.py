@@ -295,6 +295,41 @@ def test_the_engine_takes_the_tree_stored_beside_the_heads(tiny_model_dir, model
     assert len(out.token_ids) == 8 and not out.accepted_lengths
 
 
+def test_data_files_of_chats_are_learned_from_their_answers(chat_model_dir, tiny_model_dir, tmp_path):
+    """--data as fine-tuning sets hold it: chats (messages, ShareGPT, prompt + completion) in the model's template,
+    learned from the first answer on; documents cut into windows, EOS between them. A ShareGPT .json file was read
+    as plain text (the heads learned JSON), and prompt + completion joined with no template."""
+    tokenizer = LLM(chat_model_dir).tokenizer
+    chats = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": "hello there"}]},
+             {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello there"}]},
+             {"prompt": "hi", "completion": "hello there"},
+             {"messages": [{"role": "user", "content": "no answer"}]},
+             {"text": "def f(x):\n    return x\n" * 3}, "def g(y):\n    return y\n" * 3]
+    data = tmp_path / "chats.json"
+    data.write_text(json.dumps(chats))
+    texts, starts = medusa_training.read_training_data(data, tokenizer, 8, separator=0)
+    written = [tokenizer.decode(t) for t in texts]
+    assert written[0] == "system: Be brief.\nuser: hi\nassistant: hello there\n"[:len(written[0])]
+    assert tokenizer.decode(texts[0][:starts[0]]) == "system: Be brief.\nuser: hi\nassistant: "
+    assert tokenizer.decode(texts[1][:starts[1]]) == tokenizer.decode(texts[2][:starts[2]]) == "user: hi\nassistant: "
+    assert all(len(t) - s <= 8 for t, s in zip(texts[:3], starts[:3]))  # seq_len tokens of each answer
+    windows = texts[3:]
+    assert starts[3:] == [0] * len(windows) and all(len(w) == 8 for w in windows)
+    docs = [tokenizer(c["text"] if isinstance(c, dict) else c)["input_ids"] for c in chats[4:]]
+    assert sum(windows, []) == (docs[0] + [0] + docs[1])[:len(windows) * 8]
+    lines = tmp_path / "chats.jsonl"
+    lines.write_text("\n".join(json.dumps(c) for c in chats[:3]) + "\n")
+    assert medusa_training.read_training_data(lines, tokenizer, 8, 0)[0] == texts[:3]
+    plain = LLM(tiny_model_dir).tokenizer  # no chat template: a chat cannot be written
+    with pytest.raises(ValueError, match="record 1 is a chat, and the model has no chat template"):
+        medusa_training.read_training_data(lines, plain, 8, 0)
+    with pytest.raises(SystemExit, match="no such file"):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "h"), "--data", str(tmp_path / "none")])
+    with pytest.raises(SystemExit):
+        train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "h"), "--data", str(data), "--steps", "0"])
+
+
 def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"text": "def f(x):\n    return x + 1\n" * 4}) for _ in range(8)))
@@ -318,7 +353,9 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
         assert 1 <= entry["max_batch_size"] <= row["max_batch_size"]
     printed = capsys.readouterr().out
     assert "head 1 (token +3)" in printed and report["tree"] in printed
-    # continuing from those heads (e.g. ones trained jointly with the model) keeps their shape
+    # continuing from those heads (e.g. ones trained jointly with the model) keeps their shape; into a folder of
+    # heads, --no-tree leaves no tree timed for the heads it replaces
+    shutil.copytree(tmp_path / "heads", tmp_path / "more")
     train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "more"), "--data", str(data), "--no-tree",
                 "--init-heads", str(tmp_path / "heads"), "--steps", "1", "--seq-len", "32"])
     assert not (tmp_path / "more" / TREE_FILE).exists()
@@ -382,6 +419,10 @@ def test_chat_self_distillation(chat_model_dir, tmp_path):
     train_main(["--model", str(chat_model_dir), "--out", str(tmp_path / "again"), "--samples", "10", "--heads", "2",
                 "--steps", "2", "--seq-len", "16", "--no-tree", "--texts", str(texts)])
     assert json.loads((tmp_path / "again" / "training.json").read_text())["data"] == report["data"]
+    # but not text written with other settings (another --seq-len, --data, or another model's token ids)
+    with pytest.raises(SystemExit, match=r"other settings .*: seq_len 16 \(now 32\)\. Remove it"):
+        train_main(["--model", str(chat_model_dir), "--out", str(tmp_path / "again"), "--samples", "10",
+                    "--seq-len", "32", "--no-tree", "--texts", str(texts)])
 
 
 def test_the_minutes_budget_bounds_writing_and_tree_timing(chat_model_dir, tmp_path, monkeypatch, capsys):
@@ -434,7 +475,10 @@ def test_the_writer_dequantizes_a_gguf_file_whose_weights_fit(tmp_path, monkeypa
 
 
 def test_the_last_chunk_of_texts_holds_what_fits_the_budget():
-    assert chunk_size(0, 2048, 0.0, 900.0, 32) == 256  # WRITE_CHUNK
+    # one batch first, to learn the pace: a first chunk of WRITE_CHUNK (256) ran past any budget on a large model
+    assert chunk_size(0, 2048, 0.0, 900.0, 32) == 32
+    assert chunk_size(0, 20, 0.0, 900.0, 32) == 20
+    assert chunk_size(32, 2048, 10.0, 900.0, 32) == 256  # WRITE_CHUNK
     assert chunk_size(256, 2048, 594.0, 306.0, 32) == 131  # 2.32 s a text: 131 fit in 306 s
     assert chunk_size(256, 2048, 594.0, 60.0, 32) == 0  # 25 texts: not a full batch
     assert chunk_size(2040, 2048, 10.0, 1.0, 32) == 8  # the last 8, though fewer than a batch

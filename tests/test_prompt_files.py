@@ -66,7 +66,7 @@ def test_a_record_without_a_prompt_is_named(tmp_path, record):
 def test_a_json_file_must_hold_a_list(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"prompt": "x"}))
-    with pytest.raises(ValueError, match="a JSON list of prompt records"):
+    with pytest.raises(ValueError, match="a JSON list of records"):
         read_prompt_records(path)
 
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine import LLM, SamplingParams
-from engine.training.common import cosine, random_windows
+from engine.training.common import cosine, positive_int, random_windows
 from models import DEFAULT_MODEL_DIR
 
 CORPUS_DIR = Path("/usr/share/common-licenses")
@@ -27,30 +27,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="gorgon train-adapters", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="HF checkpoint folder")
-    parser.add_argument("--corpus", type=Path, default=CORPUS_DIR, help="folder of text files to train on")
+    parser.add_argument("--corpus", type=Path, default=CORPUS_DIR,
+                        help="a text file, or a folder of them, to train on (%(default)s)")
     parser.add_argument("--out", type=Path, help="where the adapter folders go (default: <model>/adapters)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--steps", type=positive_int, default=300)
+    parser.add_argument("--seq-len", type=positive_int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--lora-rank", type=positive_int, default=8)
     parser.add_argument("--lora-lr", type=float, default=2e-3)
-    parser.add_argument("--virtual-tokens", type=int, default=16)
+    parser.add_argument("--virtual-tokens", type=positive_int, default=16)
     parser.add_argument("--prefix-lr", type=float, default=2e-2)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
-def corpus_tokens(tokenizer, folder: Path) -> torch.Tensor:
-    """Every readable text file under `folder`, tokenized and concatenated (sorted, so runs repeat)."""
+def corpus_tokens(tokenizer, corpus: Path) -> torch.Tensor:
+    """The text file `corpus`, or every readable text file under the folder `corpus`, tokenized and concatenated
+    (sorted, so runs repeat)."""
+    if not corpus.exists():
+        raise SystemExit(f"gorgon train-adapters: error: no such file or folder: {corpus}")
     texts = []
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for file in [corpus] if corpus.is_file() else sorted(p for p in corpus.rglob("*") if p.is_file()):
         try:
             texts.append(file.read_text())
         except UnicodeDecodeError:  # not a text file
             continue
     if not texts:
-        raise SystemExit(f"no text files under {folder}")
+        raise SystemExit(f"gorgon train-adapters: error: no text files in {corpus}")
     return torch.tensor(tokenizer("\n\n".join(texts))["input_ids"])
+
+
+def split_corpus(tokens: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training tokens, the last 10% held out), each at least one window of seq_len (training: one more token,
+    to draw windows from)."""
+    split = int(len(tokens) * 0.9)
+    train_tokens, held_out = tokens[:split], tokens[split:]
+    if len(held_out) < seq_len or len(train_tokens) <= seq_len:
+        raise SystemExit(f"gorgon train-adapters: error: the corpus has {len(tokens)} tokens; its last 10% are held "
+                         f"out, and each part needs more than --seq-len {seq_len}: give more text or a smaller "
+                         "--seq-len")
+    return train_tokens, held_out
 
 
 @torch.no_grad()
@@ -101,8 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokens = corpus_tokens(tokenizer, args.corpus)
-    split = int(len(tokens) * 0.9)
-    train_tokens, held_out = tokens[:split], tokens[split:]
+    train_tokens, held_out = split_corpus(tokens, args.seq_len)
     print(f"corpus: {len(tokens)} tokens from {args.corpus} ({len(held_out)} held out)")
 
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()

@@ -3,6 +3,7 @@ loss weights and their loss on whole windows (joint training in default_model.py
 cached hidden states instead)."""
 from __future__ import annotations
 
+import argparse
 import math
 
 import torch
@@ -12,6 +13,14 @@ from torch import nn
 from models.medusa import MedusaHeads
 
 HEAD_OFFSET = 2  # Medusa head k at token i predicts token i + HEAD_OFFSET + k (the base model predicts i + 1)
+
+
+def positive_int(text: str) -> int:
+    """argparse's type for a count that must be at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
 
 
 def cosine(progress: float) -> float:

@@ -167,7 +167,8 @@ def encode_documents(tokenizer: Tokenizer, files: list[Path], cache_dir: Path) -
     for encoding in tokenizer.encode_batch([read_source(p) for p in files]):  # BOS comes from the post-processor
         ids.extend(encoding.ids)
         ids.append(eos_id)
-    tokens = torch.tensor(ids, dtype=torch.int16)  # vocab < 32768
+    # half the memory of int32 where every id fits (the default vocabulary); --init checkpoints may have more
+    tokens = torch.tensor(ids, dtype=torch.int16 if tokenizer.get_vocab_size() <= 1 << 15 else torch.int32)
     cache_dir.mkdir(parents=True, exist_ok=True)
     torch.save(tokens, cache)
     return tokens

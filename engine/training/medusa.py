@@ -57,8 +57,15 @@ from engine.medusa.tree import (
     expected_tokens_per_step,
     machine_tree_file,
 )
-from engine.prompt_files import chat_prompt_ids, is_record_file, read_prompt_records
-from engine.training.common import HEAD_OFFSET, cosine, head_weights
+from engine.prompt_files import (
+    chat_answer_ids,
+    chat_of,
+    chat_prompt_ids,
+    is_record_file,
+    read_prompt_records,
+    read_records,
+)
+from engine.training.common import HEAD_OFFSET, cosine, head_weights, positive_int
 from engine.training.default_model import corpus_files, read_source
 from models.gguf import find_gguf, open_gguf
 from models.kernels.decode import MAX_ROWS
@@ -343,26 +350,48 @@ def draft_vocabulary(tokens: torch.Tensor, vocab_size: int, coverage: float) -> 
 
 
 # ---- training text ---------------------------------------------------------------------------------------
-def read_corpus(path: Path, tokenizer) -> list[list[int]]:
-    """Token ids of each document: a .jsonl file has one per line ("text", or "prompt" + "completion");
-    any other file is one plain-text document."""
-    if path.suffix != ".jsonl":
-        return [tokenizer(path.read_text())["input_ids"]]
-    docs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
+def read_training_data(path: Path, tokenizer, seq_len: int,
+                       separator: int | None) -> tuple[list[list[int]], list[int]]:
+    """--data: (texts, where the heads start learning in each). A plain-text file is one document. A .jsonl or
+    .json file holds records (engine.prompt_files): a chat ("messages", ShareGPT's "conversations", or "prompt" and
+    "completion" for a model with a chat template) is written in the model's template and learned from its first
+    answer on, for seq_len tokens; a document ("text", a string, or "prompt" + "completion") joins the others,
+    `separator` (EOS) between them, to be cut into windows of seq_len tokens."""
+    records = read_records(path) if is_record_file(path) else [path.read_text()]
+    chats, docs, unanswered = [], [], 0
+    for n, record in enumerate(records, 1):
+        messages = chat_of(record)
+        if messages is None and tokenizer.chat_template and isinstance(record, dict) and "completion" in record:
+            messages = [{"role": "user", "content": record.get("prompt", "")},
+                        {"role": "assistant", "content": record["completion"]}]
+        if messages is not None:
+            if not tokenizer.chat_template:
+                raise ValueError(f"{path}: record {n} is a chat, and the model has no chat template to write it in")
+            chat = chat_answer_ids(tokenizer, messages)
+            unanswered += chat is None
+            chats += [chat] if chat is not None else []
             continue
-        record = json.loads(line)
-        text = record.get("text", record.get("prompt", "") + record.get("completion", ""))
-        if not text:
-            raise ValueError(f"{path}:{n}: expected a 'text' (or 'prompt' and 'completion') field")
+        text = record if isinstance(record, str) else None
+        if isinstance(record, dict):
+            text = record.get("text", record.get("prompt", "") + record.get("completion", ""))
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"{path}: record {n} holds no text: expected a string, or an object with 'text', "
+                             "'messages', 'conversations', or 'prompt' and 'completion'")
         docs.append(tokenizer(text)["input_ids"])
-    return docs
+    if unanswered:
+        tqdm.write(f"{path}: left out {unanswered} chats with no answer after a question")
+    windows = windows_of(docs, seq_len, separator).tolist() if docs else []
+    texts = [ids[:start + seq_len] for ids, start in chats] + windows
+    if not texts:
+        raise ValueError(f"{path}: no text to train on")
+    return texts, [start for _, start in chats] + [0] * len(windows)
 
 
-def windows_of(docs: list[list[int]], seq_len: int) -> torch.Tensor:
-    """Cut the concatenated documents into [N, seq_len] windows (the remainder is dropped)."""
-    tokens = torch.tensor([t for doc in docs for t in doc])
+def windows_of(docs: list[list[int]], seq_len: int, separator: int | None) -> torch.Tensor:
+    """Cut the documents, joined with `separator` between them, into [N, seq_len] windows (the remainder is
+    dropped)."""
+    between = [] if separator is None else [separator]
+    tokens = torch.tensor(docs[0] + [t for doc in docs[1:] for t in between + doc])
     if len(tokens) < seq_len:
         raise ValueError(f"the training text has {len(tokens)} tokens, fewer than one window of {seq_len}")
     return tokens[:len(tokens) // seq_len * seq_len].view(-1, seq_len)
@@ -634,19 +663,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="base model: a name (smollm2), an HF checkpoint folder or a .gguf "
                              "(default: the shipped model)")
     parser.add_argument("--out", required=True, help="folder for the heads (published Medusa format)")
-    parser.add_argument("--data", default=None, help="text or jsonl training file (default: self-distillation)")
+    parser.add_argument("--data", default=None,
+                        help="training text instead of self-distillation: a text file, or a .jsonl / .json file of "
+                             "records: chats ('messages', ShareGPT 'conversations', or 'prompt' and 'completion'), "
+                             "learned from their first answer on in the model's chat template, or documents "
+                             "('text')")
     parser.add_argument("--init-heads", default=None,
                         help="heads folder to start from, e.g. heads trained jointly with the model (sets --heads, "
                              "--layers, --own-lm-head and --head-kind)")
     parser.add_argument("--head-kind", default=TrainConfig.head_kind, choices=HEAD_KINDS,
                         help="hydra: each head also reads the drafted tokens before its own (on SmolLM2: head 0 "
                              "held-out top-1 0.51 against medusa's 0.40); medusa: the last hidden state alone")
-    parser.add_argument("--heads", type=int, default=TrainConfig.num_heads)
-    parser.add_argument("--layers", type=int, default=TrainConfig.num_layers, help="residual blocks per head")
+    parser.add_argument("--heads", type=positive_int, default=TrainConfig.num_heads)
+    parser.add_argument("--layers", type=positive_int, default=TrainConfig.num_layers, help="residual blocks per head")
     parser.add_argument("--own-lm-head", action="store_true", help="v1 heads: each its own vocab projection")
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="positions per step")
-    parser.add_argument("--seq-len", type=int, default=TrainConfig.seq_len,
+    parser.add_argument("--steps", type=positive_int, default=TrainConfig.steps)
+    parser.add_argument("--batch-size", type=positive_int, default=TrainConfig.batch_size, help="positions per step")
+    parser.add_argument("--seq-len", type=positive_int, default=TrainConfig.seq_len,
                         help="tokens per text: a chat answer's most, else the whole text's")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--prompts", default=None,
@@ -662,7 +695,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-share", type=float, default=1.0,
                         help="with --prompts, for models without a chat template: the share of the texts that "
                              "continue them; the rest continue sampled prefixes")
-    parser.add_argument("--samples", type=int, default=8192,
+    parser.add_argument("--samples", type=positive_int, default=8192,
                         help="self-distillation: texts to generate (at most: see --minutes)")
     parser.add_argument("--minutes", type=float, default=30.0,
                         help="the run's time budget: the model writes texts for at most 60%% of it, and trees are "
@@ -681,8 +714,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="no training: time the trees measured with the heads in --out again, on this machine "
                              "at this thread count with --model's weights; the engine then prefers that choice here, "
                              "for those weights")
-    parser.add_argument("--timing-tokens", type=int, default=64, help="tree timing: tokens per timed run")
-    parser.add_argument("--timing-repeats", type=int, default=3, help="tree timing: runs per tree; the best counts")
+    parser.add_argument("--timing-tokens", type=positive_int, default=64, help="tree timing: tokens per timed run")
+    parser.add_argument("--timing-repeats", type=positive_int, default=3, help="tree timing: runs per tree; the best counts")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                         help="the base model's dtype while it writes and encodes the training text (bf16: about 3x "
                              "faster on CPUs with bf16 units; the heads still serve the model in any dtype)")
@@ -703,9 +736,9 @@ def writer_dequantizes(model_path: Path, dtype: str) -> bool:
 
 def chunk_size(first: int, total: int, elapsed: float, remaining: float, batch: int) -> int:
     """How many texts to write next, after `first` of `total` in `elapsed` seconds, with `remaining` seconds
-    of the writing budget: WRITE_CHUNK, but no more than fit at the pace so far; 0 (stop) if not even one full
-    batch of the engine's (`batch` sequences) fits."""
-    count = min(WRITE_CHUNK, total - first)
+    of the writing budget: first one batch of the engine's (`batch` sequences), to learn the pace; then
+    WRITE_CHUNK, but no more than fit at that pace; 0 (stop) if not even one full batch fits."""
+    count = min(WRITE_CHUNK, total - first, batch if first == 0 else WRITE_CHUNK)
     if first:
         fits = remaining / (elapsed / first)
         if fits < min(count, batch):
@@ -721,8 +754,10 @@ def training_text(args: argparse.Namespace, llm: LLM,
     WRITE_CHUNK at a time, and no more than fit, at its pace so far, in WRITING_SHARE of the --minutes budget:
     a larger model writes fewer texts, in about the same time."""
     if args.data:
-        windows = windows_of(read_corpus(Path(args.data), llm.tokenizer), args.seq_len).tolist()
-        return windows, [0] * len(windows), None, args.data
+        eos = llm.tokenizer.eos_token_id
+        texts, starts = read_training_data(Path(args.data), llm.tokenizer, args.seq_len,
+                                           eos if eos is not None else min(llm.eos_token_ids, default=None))
+        return texts, starts, None, args.data
     chat, num_sampled = bool(llm.tokenizer.chat_template), args.samples - len(prompts)
     total = len(prompts) if chat and prompts else args.samples
     built = chat_prompts(args.samples, args.seed) if chat and not prompts else []
@@ -778,6 +813,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit("gorgon train-medusa: error: --draft-coverage must be in (0, 1]")
     if args.minutes < 0:
         raise SystemExit("gorgon train-medusa: error: --minutes must be >= 0 (0: no budget)")
+    if args.data and not Path(args.data).is_file():
+        raise SystemExit(f"gorgon train-medusa: error: --data {args.data}: no such file")
     if args.data and args.prompts:
         raise SystemExit("gorgon train-medusa: error: --prompts are for self-distillation; --data trains on given text")
     for flag, share in (("--prompt-share", args.prompt_share), ("--self-prompts", args.self_prompts)):
@@ -785,23 +822,40 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"gorgon train-medusa: error: {flag} must be in [0, 1]")
 
 
-def load_texts(args: argparse.Namespace, llm: LLM,
+def text_settings(args: argparse.Namespace, model_path: Path) -> dict:
+    """What the training text depends on, stored in a --texts file: one written with other settings is refused."""
+    return {"model": str(model_path), "data": args.data, "prompts": args.prompts, "samples": args.samples,
+            "seq_len": args.seq_len, "seed": args.seed, "temperature": args.temperature,
+            "prefix_tokens": args.prefix_tokens, "self_prompts": args.self_prompts, "prompt_share": args.prompt_share}
+
+
+def load_texts(args: argparse.Namespace, llm: LLM, model_path: Path,
                prompts: list) -> tuple[list[list[int]], list[int], list[torch.Tensor] | None, str]:
     """The training text (texts, where each answer starts, their hidden states where the engine kept them, how it
-    was made): read from a --texts file train-medusa wrote, else written now (and saved there, if named)."""
+    was made): read from a --texts file train-medusa wrote with the same settings, else written now (and saved
+    there, if named)."""
+    settings = text_settings(args, model_path)
     if args.texts and Path(args.texts).is_file():
         try:
             saved = json.loads(Path(args.texts).read_text())
-            return saved["texts"], saved["starts"], None, saved["data"]
+            texts, starts, data, made_with = saved["texts"], saved["starts"], saved["data"], saved.get("made_with", {})
         except (ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"gorgon train-medusa: error: {args.texts} is not a --texts file that train-medusa wrote "
                              f"({e!r})") from None
+        differs = [f"{name} {made_with.get(name)!r} (now {value!r})" for name, value in settings.items()
+                   if made_with.get(name) != value]
+        if differs:
+            raise SystemExit(f"gorgon train-medusa: error: {args.texts} holds text written with other settings (or "
+                             f"by an older train-medusa, which did not record them): "
+                             f"{'; '.join(differs)}. Remove it to write the text again, or name another --texts file")
+        return texts, starts, None, data
     try:
         texts, starts, hidden_states, data = training_text(args, llm, prompts)
-    except ValueError as e:  # a chat template that hides the user's text
+    except (ValueError, OSError) as e:  # a chat template that hides the user's text, a --data file unread
         raise SystemExit(f"gorgon train-medusa: error: {e}") from None
     if args.texts:
-        Path(args.texts).write_text(json.dumps({"texts": texts, "starts": starts, "data": data}))
+        Path(args.texts).write_text(json.dumps({"texts": texts, "starts": starts, "data": data,
+                                                "made_with": settings}))
     return texts, starts, hidden_states, data
 
 
@@ -841,7 +895,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"{args.prompts} holds chat messages, but the model has no chat template to answer them")
     except (ValueError, OSError) as e:  # OSError: missing file, a folder, no permission
         raise SystemExit(f"gorgon train-medusa: error: {e}") from None
-    texts, starts, hidden_states, data = load_texts(args, llm, prompts)
+    texts, starts, hidden_states, data = load_texts(args, llm, model_path, prompts)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     num_held_out = max(1, int(len(texts) * args.held_out))
     if num_held_out >= len(texts):
@@ -855,6 +909,7 @@ def main(argv: list[str] | None = None) -> None:
         return build_cache(model, [texts[t] for t in rows], args.heads, [starts[t] for t in rows], progress=progress)
 
     train_cache, held_out_cache = cache_of(train, progress=True), cache_of(held_out)
+    hidden_states = None  # the caches hold copies (a 7B model's 8192 answers: 7.5 GB)
     config = TrainConfig(args.heads, args.layers, args.own_lm_head, args.head_kind, args.steps, args.batch_size,
                          args.seq_len, args.lr, args.seed)
     valid = train_cache.targets[:, 0][train_cache.targets[:, 0] >= 0]
@@ -869,6 +924,7 @@ def main(argv: list[str] | None = None) -> None:
     save_medusa_heads(heads.to(torch.bfloat16), args.out, base_model=args.model or "models/default")
     train_seconds = time.perf_counter() - start
     choice = None
+    (Path(args.out) / TREE_FILE).unlink(missing_ok=True)  # timed for the heads this run replaces
     if not args.no_tree:
         timing_prompts = [texts[t][:starts[t] or args.seq_len // 4] for t in held_out] * max(TIMING_BATCHES)
         choice = choose_tree(model_path, Path(args.out), candidate_trees(ranks), len(ranks), timing_prompts,
