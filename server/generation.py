@@ -26,7 +26,7 @@ from server.protocol import (
     SamplingRequest,
     Usage,
 )
-from server.responses import Renderer, step_info
+from server.responses import Renderer, step_info, timings
 from server.sampling import sampling_params
 from server.state import ServerState
 
@@ -48,12 +48,17 @@ async def generate(request: Request, state: ServerState, req: SamplingRequest, p
     continuous_usage = options is not None and options.include_usage and options.continuous_usage_stats  # (as vLLM)
 
     async def events() -> AsyncIterator[str]:
+        first_step_tokens: dict[int, int] = {}  # per choice: the tokens its first step made (for its timings)
         try:
             for chunk in renderer.head(len(streams), prompts):
                 yield f"data: {chunk.model_dump_json()}\n\n"
             async for i, out in interleave(streams):  # one chunk per step, even when its text is still ''
                 chunk = renderer.chunk(i, out)
+                if out.new_token_ids:
+                    first_step_tokens.setdefault(i, len(out.new_token_ids))
                 chunk.gorgon = step_info(out, state.tokenizer)  # ours: the step behind the chunk
+                if out.finished and i in first_step_tokens:
+                    chunk.gorgon.timings = timings(out, first_step_tokens[i])
                 if continuous_usage:  # its choice's, so far
                     chunk.usage = usage([prompts[i // req.n]], [out])
                 yield f"data: {chunk.model_dump_json()}\n\n"

@@ -68,10 +68,11 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, state: 
 
 
 def model_cards(state: ServerState) -> list[ModelCard]:
-    base = state.config.model_name
-    cards = [ModelCard(id=base, root=state.config.model_root, max_model_len=state.context_length(None))]
-    return cards + [ModelCard(id=a["name"], root=a["path"], parent=base,
-                              max_model_len=state.context_length(a["name"])) for a in state.engine.list_adapters()]
+    base, speculative = state.config.model_name, state.speculates  # adapters speculate with the base model's heads
+    cards = [ModelCard(id=base, root=state.config.model_root, max_model_len=state.context_length(None),
+                       speculative=speculative)]
+    return cards + [ModelCard(id=a["name"], root=a["path"], parent=base, max_model_len=state.context_length(a["name"]),
+                              speculative=speculative) for a in state.engine.list_adapters()]
 
 
 @router.get("/v1/models")

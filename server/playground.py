@@ -1,12 +1,13 @@
 """The web playground: `GET /` serves the page, `GET /static/<name>` its files (plain HTML, CSS and JS shipped
 with the package: no build step, nothing fetched from elsewhere). The page itself is public, like a login page:
-everything it shows comes from the API routes, which ask for the API key when the server has one."""
+everything it shows comes from the API routes, which ask for the API key when the server has one. Its URLs are
+relative to the page's own, so that it works behind a reverse proxy that serves it under a path prefix."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from server.errors import APIError
 
@@ -17,9 +18,15 @@ MEDIA_TYPES = {".html": "text/html", ".css": "text/css", ".js": "text/javascript
 router = APIRouter(include_in_schema=False)
 
 
-@router.get("/")
+@router.api_route("/", methods=["GET", "HEAD"])  # HEAD: uptime checkers
 async def index() -> FileResponse:
     return static_file("index.html")
+
+
+@router.get("/favicon.ico")
+async def favicon() -> Response:
+    """No icon (browsers ask for one on every page load): an empty answer rather than a 404."""
+    return Response(status_code=204)
 
 
 @router.get("/static/{name}")

@@ -484,6 +484,18 @@ class CompletionChoice(BaseModel):
     prompt_token_ids: list[int] | None = omitted_when_none()  # with return_token_ids (in a stream: its first chunk)
 
 
+class Timings(BaseModel):
+    """Ours, on a streamed choice's last chunk: its speed as the engine timed it, in llama.cpp's names (a client
+    timing the chunks as they arrive would time the network's and its own buffering). Decoding is timed from the
+    first step's tokens to the last token, so `predicted_n` counts the tokens after the first step, whose time is
+    `prompt_ms`."""
+
+    prompt_ms: float  # from the request's arrival to its first step's tokens: queueing, prefill, the first step
+    predicted_n: int  # the tokens after the first step
+    predicted_ms: float  # from the first step's tokens to the last token
+    predicted_per_second: float | None  # predicted_n over predicted_ms (None: no time to measure, one step)
+
+
 class StepInfo(BaseModel):
     """Ours, on each streamed chunk of an answer (OpenAI's clients ignore it): the engine step behind the chunk.
     In a Medusa step, all its tokens but the last are drafts that verification accepted, and the last is the token
@@ -492,6 +504,7 @@ class StepInfo(BaseModel):
 
     step_tokens: int  # tokens the step added (0: none, e.g. a last chunk releasing text held back for a stop string)
     tokens: list[str] | None = omitted_when_none()  # each one's text
+    timings: Timings | None = omitted_when_none()  # on each choice's last chunk
 
 
 class CompletionResponse(BaseModel):
@@ -585,6 +598,7 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None = None
     max_model_len: int
+    speculative: bool  # ours: whether `use_medusa` speculates on this server (Medusa heads or prompt lookup)
 
 
 class ModelList(BaseModel):

@@ -20,6 +20,7 @@ from server.protocol import (
     CompletionLogprobs,
     CompletionResponse,
     StepInfo,
+    Timings,
     TokenLogprob,
     ToolCallDelta,
     TopLogprob,
@@ -213,3 +214,12 @@ def step_info(out: RequestOutput, tokenizer) -> StepInfo:
     """Ours, on streamed chunks: the step behind a chunk, its tokens and their text (see StepInfo)."""
     tokens = None if tokenizer is None else [tokenizer.decode([t]) for t in out.new_token_ids]
     return StepInfo(step_tokens=len(out.new_token_ids), tokens=tokens)
+
+
+def timings(out: RequestOutput, first_step_tokens: int) -> Timings:
+    """A finished answer's speed (see Timings), from the engine's clock: the first step's tokens made
+    `first_step_tokens` of its tokens at `ttft_s`, the last one at `latency_s`."""
+    decode_s = out.latency_s - out.ttft_s
+    decoded = len(out.token_ids) - first_step_tokens
+    return Timings(prompt_ms=1000 * out.ttft_s, predicted_n=decoded, predicted_ms=1000 * decode_s,
+                   predicted_per_second=decoded / decode_s if decoded and decode_s > 0 else None)

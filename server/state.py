@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from engine import LLM
+from engine.medusa.speculator import PREDICTION_ONLY
 from server.async_engine import AsyncEngine
 from server.errors import APIError
 from server.metrics import ServerMetrics
@@ -42,6 +43,13 @@ class ServerState:
     def reasoning(self) -> ReasoningFormat | None:
         """How chat answers reason (--reasoning-parser), None where they are not split."""
         return REASONING_FORMATS.get(self.config.reasoning_parser)
+
+    @property
+    def speculates(self) -> bool:
+        """Whether a request's `use_medusa` speculates: the engine drafts with heads or by prompt lookup (a
+        prediction-only engine drafts only from the predicted output a request gives; heads whose measured trees
+        do not pay here leave the engine without speculation)."""
+        return self.llm.medusa is not None and self.llm.config.medusa != PREDICTION_ONLY
 
     def resolve_adapter(self, model: str | None) -> str | None:
         """The adapter a request's `model` names (None: the base model)."""

@@ -11,8 +11,10 @@ import re
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -45,10 +47,9 @@ needs_browser = pytest.mark.skipif(MISSING is not None, reason=f"browser test: {
 
 # ---- the server --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def server():
-    """A live server in this process (uvicorn in a thread) on a free port of 127.0.0.1."""
-    llm = LLM(medusa=str(DEFAULT_MODEL_DIR / "medusa"), max_num_seqs=4)
+@contextmanager
+def serving(llm: LLM):
+    """A live server of `llm` in this process (uvicorn in a thread) on a free port of 127.0.0.1."""
     app = create_app(llm, ServerConfig(model_name=MODEL, model_root=str(DEFAULT_MODEL_DIR)))
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=uv.run, name="playground-test-server", daemon=True)
@@ -58,9 +59,25 @@ def server():
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
     port = uv.servers[0].sockets[0].getsockname()[1]
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", app=app, llm=llm)
-    uv.should_exit = True
-    thread.join(60)
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", app=app, llm=llm)
+    finally:
+        uv.should_exit = True
+        thread.join(60)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The shipped model with its Medusa heads."""
+    with serving(LLM(medusa=str(DEFAULT_MODEL_DIR / "medusa"), max_num_seqs=4)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def plain_server():
+    """The shipped model without heads (`gorgon serve --medusa none`): every step adds one token."""
+    with serving(LLM(max_num_seqs=2)) as running:
+        yield running
 
 
 @pytest.fixture
@@ -70,6 +87,16 @@ def api_key(server):
     config.api_key = "sesame"
     yield config.api_key
     config.api_key = None
+
+
+@pytest.fixture
+def reasoning_parser(server):
+    """Turns on `gorgon serve --reasoning-parser deepseek_r1` for one test: an answer is reasoning up to `</think>`
+    (the shipped model never writes one: all of it)."""
+    config = server.app.state.server.config
+    config.reasoning_parser = "deepseek_r1"
+    yield
+    config.reasoning_parser = None
 
 
 def metric(server, name: str, **labels: str) -> float:
@@ -93,7 +120,7 @@ def sse(response: httpx.Response) -> list[dict]:
 def test_the_page_and_its_files_are_served(server):
     page = httpx.get(f"{server.url}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "/static/playground.js" in page.text and "/static/playground.css" in page.text
+    assert 'src="static/playground.js"' in page.text and 'href="static/playground.css"' in page.text  # relative
     assert "http://" not in page.text and "https://" not in page.text  # nothing from elsewhere: it works offline
     for name, media_type in [("playground.js", "text/javascript"), ("playground.css", "text/css")]:
         response = httpx.get(f"{server.url}/static/{name}")
@@ -140,6 +167,31 @@ def test_llm_stream_gives_the_same_steps(server):
     llm = LLM(medusa=str(DEFAULT_MODEL_DIR / "medusa"), max_num_seqs=4)
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     assert [len(out.new_token_ids) for out in llm.stream(prompt, params)] == served
+
+
+def test_head_and_favicon_answer_without_an_error(server):
+    head = httpx.head(f"{server.url}/")  # uptime checkers
+    assert head.status_code == 200 and head.headers["content-type"].startswith("text/html") and not head.content
+    assert httpx.get(f"{server.url}/favicon.ico").status_code == 204  # asked for on every page load
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_the_last_chunk_carries_the_engines_timings(server, route):
+    body = {"model": MODEL, "max_tokens": 40, "temperature": 0, "ignore_eos": True, "stream": True}
+    body |= {"prompt": "def fibonacci(n):\n"} if route == "/v1/completions" else {
+        "messages": [{"role": "user", "content": "def fibonacci(n):"}]}
+    with httpx.stream("POST", f"{server.url}{route}", json=body, timeout=120) as response:
+        steps = [c["gorgon"] for c in sse(response) if "gorgon" in c]
+    assert all("timings" not in step for step in steps[:-1])
+    timings = steps[-1]["timings"]
+    assert timings["predicted_n"] == 40 - steps[0]["step_tokens"]  # the tokens after the first step
+    assert timings["prompt_ms"] > 0 and timings["predicted_ms"] > 0
+    assert timings["predicted_per_second"] == pytest.approx(1000 * timings["predicted_n"] / timings["predicted_ms"])
+
+
+def test_the_model_cards_say_whether_the_server_speculates(server, plain_server):
+    assert [card["speculative"] for card in httpx.get(f"{server.url}/v1/models").json()["data"]] == [True]
+    assert [card["speculative"] for card in httpx.get(f"{plain_server.url}/v1/models").json()["data"]] == [False]
 
 
 # ---- in a browser ------------------------------------------------------------------------------------------
@@ -331,3 +383,182 @@ def test_api_key_mode_shows_the_auth_error(page, server, api_key):
     page.wait_for_function("document.querySelector('#model').options.length > 0")
     error.wait_for(state="hidden")
     assert pane(page, 0).locator(".pane-title").text_content().startswith(MODEL)
+
+
+def fields_sent(page, route: str = "**/v1/completions") -> dict:
+    """The body of the request that the next send makes on `route` (answered with an error: not run)."""
+    bodies: list[dict] = []
+
+    def capture(r):
+        bodies.append(r.request.post_data_json)
+        r.fulfill(status=503, json={"error": {"message": "not run", "type": "service_unavailable"}})
+
+    page.route(route, capture)
+    page.click("#send")
+    wait_until_ended(page)
+    page.unroute(route)
+    (body,) = bodies
+    return body
+
+
+@pytest.mark.browser
+@needs_browser
+def test_the_page_works_under_a_path_prefix(page, server):
+    """As behind nginx's `location /gorgon/ { proxy_pass http://127.0.0.1:PORT/; }`: nothing outside the prefix."""
+
+    def proxy(route):
+        url = urlsplit(route.request.url)
+        if not url.path.startswith("/gorgon/"):
+            route.fulfill(status=404, body="outside the prefix")
+            return
+        upstream = server.url + url.path.removeprefix("/gorgon") + (f"?{url.query}" if url.query else "")
+        route.fulfill(response=route.fetch(url=upstream))
+
+    page.route("**/*", proxy)
+    page.goto(server.url + "/gorgon/")
+    page.wait_for_function("document.querySelector('#model').options.length > 0")
+    page.wait_for_function("document.querySelector('[data-value=kv]').textContent.endsWith('%')")
+    set_fields(page, max_tokens=12, temperature=0, ignore_eos=True)
+    page.fill("#prompt", "def add(a, b):")
+    page.click("#send")
+    wait_until_ended(page)
+    assert pane(page, 0).get_attribute("data-state") == "done"
+    assert pane(page, 0).locator("[data-stat=steps]").text_content().startswith("12 / ")
+    assert page.locator("#error").is_hidden()
+
+
+@pytest.mark.browser
+@needs_browser
+def test_server_tokens_per_s_is_unknown_after_the_counter_goes_down(page):
+    """A restarted server counts its tokens from 0 again: no negative rate."""
+    counter = {"tokens": 1000}
+
+    def fake_metrics(route):
+        route.fulfill(body=f"gorgon_generation_tokens_total {counter['tokens']}\ngorgon_kv_cache_usage 0.5\n")
+
+    rate = "document.querySelector('[data-value=tps]').textContent"
+    page.route("**/metrics", fake_metrics)
+    page.reload()
+    page.wait_for_function(f"{rate} === '0'")  # a poll after another
+    counter["tokens"] = 10  # the restart
+    page.wait_for_function(f"{rate} === '–'")
+    counter["tokens"] = 20
+    page.wait_for_function(f"/^[0-9]+$/.test({rate}) && {rate} !== '0'")
+
+
+@pytest.mark.browser
+@needs_browser
+def test_the_page_says_when_the_server_is_unreachable(page):
+    status = page.locator("#server-status")
+    assert status.is_hidden()
+    page.route("**/metrics", lambda route: route.abort())
+    status.wait_for(state="visible")
+    assert status.text_content() == "server unreachable"
+    assert page.locator("[data-value=tps]").text_content() == "–"
+    with page.expect_request("**/v1/models"):  # back: its models may have changed meanwhile
+        page.unroute("**/metrics")
+    status.wait_for(state="hidden")
+
+
+@pytest.mark.browser
+@needs_browser
+def test_reasoning_shows_apart_from_the_answer_and_stays_out_of_the_history(page, reasoning_parser):
+    page.check("input[name=mode][value=chat]")
+    set_fields(page, max_tokens=12, temperature=0, ignore_eos=True)
+    page.fill("#prompt", "hello")
+    page.click("#send")
+    wait_until_ended(page)
+    reasoning = pane(page, 0).locator(".reasoning")
+    assert reasoning.evaluate("box => box.tagName") == "DETAILS"  # collapsible
+    assert reasoning.locator("summary").text_content() == "reasoning"
+    thought = reasoning.evaluate("b => [...b.querySelectorAll('.step')].map(s => s.textContent).join('')")
+    assert thought and answer_text(page, 0) == ""  # no </think>: all reasoning, no answer
+    assert pane(page, 0).locator("[data-stat=steps]").text_content().startswith("12 / ")  # each step counted once
+    page.fill("#prompt", "and then?")
+    body = fields_sent(page, "**/v1/chat/completions")
+    assert body["messages"][:2] == [{"role": "user", "content": "hello"}, {"role": "assistant", "content": ""}]
+
+
+@pytest.mark.browser
+@needs_browser
+def test_a_model_gone_from_the_server_refreshes_the_list(page, server):
+    """An adapter unloaded elsewhere (another tab, another client)."""
+    load = httpx.post(f"{server.url}/v1/load_lora_adapter", json={"lora_name": "gone", "lora_path": "licenses-lora"})
+    assert load.status_code == 200, load.text
+    page.reload()
+    page.wait_for_function("[...document.querySelectorAll('#model option')].some(o => o.value === 'gone')")
+    page.select_option("#model", "gone")
+    assert httpx.post(f"{server.url}/v1/unload_lora_adapter", json={"lora_name": "gone"}).status_code == 200
+    set_fields(page, max_tokens=4)
+    page.fill("#prompt", "hello")
+    page.click("#send")
+    wait_until_ended(page)
+    error = page.locator("#error").text_content()
+    assert "model_not_found" in error and "model list is refreshed" in error
+    assert "gone" not in page.locator("#model option").all_text_contents()
+
+
+@pytest.mark.browser
+@needs_browser
+def test_the_pane_shows_the_servers_tokens_per_s(page):
+    """Even where the chunks arrive all at once (a buffering proxy), which leave the page nothing to time."""
+    bodies: list[str] = []
+
+    def buffered(route):
+        response = route.fetch()
+        bodies.append(response.text())
+        route.fulfill(response=response, body=bodies[-1])
+
+    page.route("**/v1/completions", buffered)
+    set_fields(page, max_tokens=32, temperature=0, ignore_eos=True)
+    page.fill("#prompt", 'def read_file(path):\n    """Read a file."""\n')
+    page.click("#send")
+    wait_until_ended(page)
+    chunks = [json.loads(line[6:]) for line in bodies[0].splitlines() if line.startswith("data: {")]
+    timings = chunks[-1]["gorgon"]["timings"]
+    shown = pane(page, 0).locator("[data-stat=tps]").text_content()
+    assert float(shown) == pytest.approx(timings["predicted_per_second"], abs=0.051)
+
+
+@pytest.mark.browser
+@needs_browser
+def test_a_server_without_heads_offers_no_medusa(page, server, plain_server):
+    page.goto(plain_server.url + "/")
+    page.wait_for_function("document.querySelector('#model').options.length > 0")
+    assert page.locator("#use-medusa").is_disabled() and not page.locator("#use-medusa").is_checked()
+    assert "does not speculate" in page.locator("#medusa-row").text_content()
+    assert page.locator("#compare option[value=medusa]").is_disabled()
+    assert pane(page, 0).locator(".pane-title").text_content() == f"{MODEL} · Medusa off"
+    page.goto(server.url + "/")  # one with heads
+    page.wait_for_function("document.querySelector('#model').options.length > 0")
+    assert page.locator("#use-medusa").is_enabled() and page.locator("#use-medusa").is_checked()
+    assert page.locator("#compare option[value=medusa]").is_enabled()
+
+
+@pytest.mark.browser
+@needs_browser
+def test_empty_fields_are_left_out_and_sampling_is_sent_only_when_set(page):
+    for field in ("#temperature", "#top-p", "#top-k"):
+        assert page.input_value(field) == "" and page.get_attribute(field, "placeholder") == "model default"
+    set_fields(page, max_tokens="")
+    page.fill("#prompt", "hello")
+    body = fields_sent(page)
+    assert not {"temperature", "top_p", "top_k", "max_tokens", "seed"} & body.keys()  # the model's defaults apply
+    set_fields(page, temperature=0, top_p=0.5, max_tokens=8)
+    page.fill("#prompt", "hello")
+    assert fields_sent(page) | {"prompt": None} == {**body, "prompt": None, "temperature": 0, "top_p": 0.5,
+                                                    "max_tokens": 8}
+
+
+@pytest.mark.browser
+@needs_browser
+def test_a_failed_send_gives_the_prompt_back(page):
+    page.check("input[name=mode][value=chat]")
+    page.fill("#prompt", "hello there")
+    body = fields_sent(page, "**/v1/chat/completions")
+    assert body["messages"] == [{"role": "user", "content": "hello there"}]
+    assert pane(page, 0).get_attribute("data-state") == "error"
+    assert page.input_value("#prompt") == "hello there"
+    assert pane(page, 0).locator(".block.user").count() == 0  # the unanswered question is gone from the chat
+    body = fields_sent(page, "**/v1/chat/completions")  # sent again
+    assert body["messages"] == [{"role": "user", "content": "hello there"}]

@@ -1,6 +1,7 @@
 // The gorgon playground: chat and completions streamed from the OpenAI routes, with each token marked by the
 // engine step that made it (the "gorgon" field of each streamed chunk), adapters, and a live metrics strip.
-// Plain JS, no framework, no build step.
+// Plain JS, no framework, no build step. Every URL is relative to the page's (no leading slash), so that the page
+// also works behind a reverse proxy that serves it under a path prefix.
 
 const $ = (id) => document.getElementById(id);
 const METRICS_INTERVAL_MS = 1000;
@@ -8,7 +9,12 @@ const METRICS_SAMPLES = 120;
 
 // ---- talking to the server ------------------------------------------------------------------------------
 
-class ServerError extends Error {}
+class ServerError extends Error {
+  constructor(message, code) {
+    super(message);
+    this.code = code; // the API's error code, e.g. "model_not_found"
+  }
+}
 
 function authHeaders() {
   const key = $("api-key").value.trim();
@@ -24,17 +30,24 @@ async function api(path, { body, signal } = {}) {
     options.body = JSON.stringify(body);
   }
   const response = await fetch(path, options);
-  if (!response.ok) throw new ServerError(await errorText(response));
+  if (!response.ok) throw await serverError(response);
   return response;
 }
 
-async function errorText(response) {
+async function serverError(response) {
   const text = await response.text();
+  const error = apiError(text);
+  if (!error) return new ServerError(`${response.status}: ${text || response.statusText}`);
+  const code = error.code ? ` (${error.code})` : "";
+  return new ServerError(`${response.status} ${error.type}${code}: ${error.message}`, error.code);
+}
+
+// The API's error object in a body, if it is one (a proxy in between may answer with anything).
+function apiError(text) {
   try {
-    const { error } = JSON.parse(text);
-    return `${response.status} ${error.type}${error.code ? ` (${error.code})` : ""}: ${error.message}`;
+    return JSON.parse(text).error;
   } catch {
-    return `${response.status}: ${text || response.statusText}`;
+    return undefined;
   }
 }
 
@@ -67,10 +80,11 @@ function showError(message) {
 
 async function refreshModels() {
   try {
-    const { data } = await (await api("/v1/models")).json();
+    const { data } = await (await api("v1/models")).json();
     fillModelPicker($("model"), data);
     fillModelPicker($("model-b"), data);
     fillAdapterList(data.filter((card) => card.parent));
+    showSpeculation(data.some((card) => card.speculative));
     syncPanes();
     showError("");
   } catch (e) {
@@ -84,6 +98,16 @@ function fillModelPicker(select, cards) {
   if (cards.some((card) => card.id === chosen)) select.value = chosen;
 }
 
+// Medusa's controls only where the server speculates (its model cards say so): elsewhere each step adds one token.
+function showSpeculation(speculates) {
+  const checkbox = $("use-medusa");
+  if (checkbox.disabled === speculates) checkbox.checked = speculates; // when it changes: on wherever it can be
+  checkbox.disabled = !speculates;
+  $("medusa-label").textContent = speculates ? "Medusa" : "Medusa (this server does not speculate)";
+  $("compare").querySelector('option[value="medusa"]').disabled = !speculates;
+  if (!speculates && $("compare").value === "medusa") $("compare").value = "off";
+}
+
 function fillAdapterList(adapters) {
   const items = adapters.map((card) => {
     const item = document.createElement("li");
@@ -93,7 +117,7 @@ function fillAdapterList(adapters) {
     const unload = document.createElement("button");
     unload.type = "button";
     unload.textContent = "Unload";
-    unload.addEventListener("click", () => changeAdapter("/v1/unload_lora_adapter", { lora_name: card.id }));
+    unload.addEventListener("click", () => changeAdapter("v1/unload_lora_adapter", { lora_name: card.id }));
     item.append(name, unload);
     return item;
   });
@@ -130,8 +154,9 @@ class Pane {
 
   resetStats() {
     this.stepCounts = []; // stepCounts[n]: steps that added n tokens
-    this.tokens = 0;
+    this.tokens = this.firstStepTokens = 0;
     this.start = this.first = this.last = null;
+    this.serverRate = null; // tokens/s as the server timed the answer (its last chunk's timings)
     this.showStats();
   }
 
@@ -148,16 +173,18 @@ class Pane {
     return block;
   }
 
-  // One streamed chunk: `text` made by a step of `n` tokens whose texts are `tokens` (when the server sent them).
-  addStep(block, text, n, tokens) {
+  // One streamed chunk's `text`, added to `target`: made by a step of `step_tokens` tokens whose texts are `tokens`
+  // (when the server sent them; the answer's last chunk also brings its `timings`).
+  addStep(target, text, { step_tokens: n, tokens, timings }) {
     const now = performance.now();
     if (n > 0) {
-      this.first ??= now;
+      if (this.first === null) [this.first, this.firstStepTokens] = [now, n];
       this.last = now;
       this.tokens += n;
       this.stepCounts[n] = (this.stepCounts[n] || 0) + 1;
     }
-    if (text) block.append(stepElement(text, n, tokens, this.stepCount()));
+    if (timings) this.serverRate = timings.predicted_per_second;
+    if (text) target.append(stepElement(text, n, tokens, this.stepCount()));
     this.transcript.scrollTop = this.transcript.scrollHeight;
     this.showStats();
   }
@@ -168,9 +195,12 @@ class Pane {
 
   showStats() {
     const stat = (name, value) => (this.el.querySelector(`[data-stat="${name}"]`).textContent = value);
+    // decode speed: the server's once the answer ends; until then the tokens after the first step over the time
+    // since it arrived (rough: the chunks come in bursts, several to a read)
     const decodeSeconds = (this.last - this.first) / 1000;
-    // decode speed: tokens after the first, over the time since the first arrived
-    stat("tps", this.tokens > 1 && decodeSeconds > 0 ? ((this.tokens - 1) / decodeSeconds).toFixed(1) : "–");
+    const decoded = this.tokens - this.firstStepTokens;
+    const rate = this.serverRate ?? (decoded > 0 && decodeSeconds > 0 ? decoded / decodeSeconds : null);
+    stat("tps", rate !== null ? rate.toFixed(1) : "–");
     stat("ttft", this.first !== null ? `${Math.round(this.first - this.start)} ms` : "–");
     const steps = this.stepCount();
     stat("steps", steps ? `${this.tokens} / ${steps} (${(this.tokens / steps).toFixed(2)} per step)` : "–");
@@ -265,17 +295,16 @@ function syncPanes() {
   if (!running && titles !== panes.map((pane) => pane.setup.title).join("|")) resetPanes();
 }
 
+// The number fields filled in (one left empty is left out: the model's recommended value applies, where it has one).
+const NUMBER_FIELDS = { temperature: "temperature", top_p: "top-p", top_k: "top-k", max_tokens: "max-tokens",
+  seed: "seed" };
+
 function samplingFields() {
-  const fields = {
-    temperature: Number($("temperature").value),
-    top_p: Number($("top-p").value),
-    top_k: parseInt($("top-k").value || "0", 10),
-    max_tokens: parseInt($("max-tokens").value, 10),
-    ignore_eos: $("ignore-eos").checked,
-    stream: true,
-  };
-  const seed = $("seed").value.trim();
-  if (seed !== "") fields.seed = parseInt(seed, 10);
+  const fields = { ignore_eos: $("ignore-eos").checked, stream: true };
+  for (const [name, id] of Object.entries(NUMBER_FIELDS)) {
+    const value = $(id).value.trim();
+    if (value !== "") fields[name] = Number(value);
+  }
   return fields;
 }
 
@@ -288,21 +317,23 @@ async function send() {
   setRunning(true);
   await Promise.all(panes.map((pane) => runPane(pane, text, samplingFields())));
   setRunning(false);
+  const failed = panes.some((pane) => pane.el.dataset.state === "error");
+  if (failed && !$("prompt").value) $("prompt").value = text; // to send again (unless another was typed meanwhile)
 }
 
 async function runPane(pane, text, fields) {
   const chat = mode() === "chat";
   const { model, use_medusa } = pane.setup;
-  let path, body;
+  let path, body, question;
   if (chat) {
     pane.messages.push({ role: "user", content: text });
-    pane.addBlock("user", text);
-    path = "/v1/chat/completions";
+    question = pane.addBlock("user", text);
+    path = "v1/chat/completions";
     body = { ...fields, model, use_medusa, messages: pane.messages };
   } else {
     pane.messages = [];
     pane.transcript.replaceChildren();
-    path = "/v1/completions";
+    path = "v1/completions";
     body = { ...fields, model, use_medusa, prompt: text };
   }
   const block = pane.addBlock(chat ? "assistant" : "completion");
@@ -315,15 +346,13 @@ async function runPane(pane, text, fields) {
   try {
     const response = await api(path, { body, signal: pane.controller.signal });
     for await (const chunk of sseEvents(response)) {
-      if (chunk.error) throw new ServerError(`${chunk.error.type}: ${chunk.error.message}`);
+      if (chunk.error) throw new ServerError(`${chunk.error.type}: ${chunk.error.message}`, chunk.error.code);
       const choice = chunk.choices[0];
       if (!choice) continue;
-      // a server with --reasoning-parser streams the reasoning apart: shown, but not sent back as the answer
-      const content = chat ? choice.delta.content || "" : choice.text;
-      const piece = chat ? (choice.delta.reasoning_content || "") + content : content;
-      const step = chunk.gorgon || { step_tokens: piece ? 1 : 0 };
-      answer += content;
-      pane.addStep(block, piece, step.step_tokens, step.tokens);
+      const delta = chat ? choice.delta : { content: choice.text };
+      const step = chunk.gorgon || { step_tokens: delta.content || delta.reasoning_content ? 1 : 0 };
+      answer += delta.content || "";
+      showDelta(pane, block, delta, step);
       if (choice.finish_reason) block.dataset.finishReason = choice.finish_reason;
     }
     pane.state = "done";
@@ -333,14 +362,45 @@ async function runPane(pane, text, fields) {
       block.dataset.finishReason = "stopped";
     } else {
       pane.state = "error";
-      pane.addBlock("failure", e.message);
-      showError(e.message);
+      const message = await failureMessage(e);
+      pane.addBlock("failure", message);
+      showError(message);
     }
   } finally {
     pane.controller = null;
-    if (chat && pane.el.dataset.state === "error") pane.messages.pop(); // the question goes unanswered: drop it
-    else if (chat) pane.messages.push({ role: "assistant", content: answer });
+    if (chat && pane.el.dataset.state === "error") { // the question goes unanswered: drop it (send restores it)
+      pane.messages.pop();
+      question.remove();
+    } else if (chat) {
+      pane.messages.push({ role: "assistant", content: answer });
+    }
   }
+}
+
+// A chunk's text: its reasoning (a server with --reasoning-parser streams it apart) in a box of its own above the
+// answer, for it is not the answer and does not go back in the chat's history; its content in the answer's block.
+function showDelta(pane, block, delta, step) {
+  const reasoning = delta.reasoning_content || "";
+  const content = delta.content || "";
+  if (reasoning) pane.addStep(reasoningBox(block), reasoning, step);
+  if (content || !reasoning) pane.addStep(block, content, reasoning ? { step_tokens: 0 } : step); // (counted once)
+}
+
+function reasoningBox(block) {
+  if (block.previousElementSibling?.classList.contains("reasoning")) return block.previousElementSibling;
+  const box = document.createElement("details");
+  box.className = "block reasoning";
+  box.open = true;
+  box.append(Object.assign(document.createElement("summary"), { textContent: "reasoning" }));
+  block.before(box);
+  return box;
+}
+
+// What a failed request says. A model the server no longer serves (an adapter unloaded elsewhere): the list is stale.
+async function failureMessage(error) {
+  if (error.code !== "model_not_found") return error.message;
+  await refreshModels();
+  return `${error.message}. The model list is refreshed: pick another.`;
 }
 
 // Aborting the fetch closes the connection; the server then aborts the request and frees its KV blocks.
@@ -356,7 +416,7 @@ function setRunning(running) {
 // ---- the metrics strip -------------------------------------------------------------------------------------
 
 const series = { running: [], waiting: [], kv: [], tps: [] };
-let lastTokens = null;
+let lastTokens = null; // the token counter at the last poll, and when (null: unknown)
 
 // Prometheus text format -> {name: value}, summing a metric's labelled series.
 function parseMetrics(text) {
@@ -369,28 +429,53 @@ function parseMetrics(text) {
 }
 
 async function pollMetrics() {
-  try {
-    if (!document.hidden) {
-      const values = parseMetrics(await (await fetch("/metrics")).text());
-      const now = performance.now();
-      const tokens = values.gorgon_generation_tokens_total ?? 0;
-      const rate = lastTokens ? (tokens - lastTokens.tokens) / ((now - lastTokens.time) / 1000) : 0;
-      lastTokens = { tokens, time: now };
-      record("running", values.gorgon_requests_running ?? 0, String(values.gorgon_requests_running ?? 0));
-      record("waiting", values.gorgon_requests_waiting ?? 0, String(values.gorgon_requests_waiting ?? 0));
-      const kv = 100 * (values.gorgon_kv_cache_usage ?? 0);
-      record("kv", kv, `${kv.toFixed(1)}%`);
-      record("tps", rate, rate.toFixed(0));
-    }
-  } catch {
-    // the server is away for a moment: keep the old plot
-  }
+  if (!document.hidden) await pollMetricsOnce();
   setTimeout(pollMetrics, METRICS_INTERVAL_MS);
 }
 
+async function pollMetricsOnce() {
+  let values;
+  try {
+    const response = await fetch("metrics");
+    if (!response.ok) throw new Error(response.statusText);
+    values = parseMetrics(await response.text());
+  } catch {
+    serverUnreachable();
+    return;
+  }
+  serverReached();
+  record("running", values.gorgon_requests_running ?? 0, String(values.gorgon_requests_running ?? 0));
+  record("waiting", values.gorgon_requests_waiting ?? 0, String(values.gorgon_requests_waiting ?? 0));
+  const kv = 100 * (values.gorgon_kv_cache_usage ?? 0);
+  record("kv", kv, `${kv.toFixed(1)}%`);
+  const rate = tokenRate(values.gorgon_generation_tokens_total ?? 0, performance.now());
+  record("tps", rate, rate === null ? "–" : rate.toFixed(0));
+}
+
+// Tokens/s since the last poll; null (unknown) after a failed poll, or where the counter went down (a restarted
+// server counts from 0 again).
+function tokenRate(tokens, now) {
+  const last = lastTokens;
+  lastTokens = { tokens, time: now };
+  return last && tokens >= last.tokens ? (tokens - last.tokens) / ((now - last.time) / 1000) : null;
+}
+
+function serverUnreachable() {
+  $("server-status").hidden = false;
+  lastTokens = null;
+  record("tps", null, "–");
+}
+
+function serverReached() {
+  if ($("server-status").hidden) return;
+  $("server-status").hidden = true;
+  refreshModels(); // it may be back with other models or adapters
+}
+
+// The latest value of a metric, plotted (null: unknown, not plotted) and shown as `label`.
 function record(name, value, label) {
   const values = series[name];
-  values.push(value);
+  if (value !== null) values.push(value);
   if (values.length > METRICS_SAMPLES) values.shift();
   document.querySelector(`[data-value="${name}"]`).textContent = label;
   drawSparkline(document.querySelector(`canvas[data-metric="${name}"]`), values, name === "kv" ? 100 : 0);
@@ -441,7 +526,7 @@ function init() {
   for (const radio of document.querySelectorAll('input[name="mode"]')) radio.addEventListener("change", resetPanes);
   $("load-adapter").addEventListener("submit", (event) => {
     event.preventDefault();
-    changeAdapter("/v1/load_lora_adapter", { lora_name: $("adapter-name").value.trim(),
+    changeAdapter("v1/load_lora_adapter", { lora_name: $("adapter-name").value.trim(),
       lora_path: $("adapter-path").value.trim() });
   });
   refreshModels().then(syncPanes);
