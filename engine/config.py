@@ -57,9 +57,10 @@ class StructuredOutput:
 
 @dataclass
 class SamplingParams:
-    """How to decode one request. temperature 0 means greedy; top_k <= 0 and top_p == 1 disable those filters."""
+    """How to decode one request. temperature 0 means greedy; top_k 0 or -1 and top_p == 1 disable those filters.
+    As in vLLM, None stands for a field's default (max_tokens None: up to the end of the context)."""
 
-    max_tokens: int = 64
+    max_tokens: int | None = 64
     # vLLM's: stop tokens are masked and stop strings not looked for until the output holds this many tokens
     min_tokens: int = 0
     temperature: float = 1.0
@@ -88,18 +89,24 @@ class SamplingParams:
     return_hidden_states: bool = False
 
     def __post_init__(self) -> None:
+        for name, default in (("min_tokens", 0), ("top_k", 0), ("logit_bias", {}), ("stop", []),
+                              ("stop_token_ids", [])):
+            if getattr(self, name) is None:
+                setattr(self, name, default)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not 0 <= self.min_tokens <= self.max_tokens:
+        if not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids (integers), got {list(self.stop_token_ids)[:5]}")
         if not 0.0 <= self.temperature <= 100.0:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be >= -1 (0 or -1 disables it), got {self.top_k}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:

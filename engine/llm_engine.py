@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +26,7 @@ from engine.medusa import Medusa
 from engine.medusa.acceptance import TreeRows
 from engine.medusa.speculator import LOOKUP_ONLY, PREDICTION_ONLY
 from engine.outputs import RequestOutput
+from engine.prompt_files import chat_prompt_ids
 from engine.parallel import Driver, ShardedKVCache
 from engine.runner import ModelRunner, StepInputs
 from engine.sampler import Sampler
@@ -49,6 +52,26 @@ class EngineStats:
 
 # files that hold a tokenizer for AutoTokenizer: fast (tokenizers), SentencePiece, BPE / WordPiece vocabularies
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+Prompt = str | list[int] | dict  # text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}
+
+
+def prompt_of(prompt: Prompt) -> str | list[int]:
+    """A prompt as its text or a list of token ids (given as a list, a tuple, an array or a tensor of integers)."""
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" not in prompt and not isinstance(prompt.get("prompt"), str):
+            raise TypeError("a prompt given as a dict holds 'prompt' (its text) or 'prompt_token_ids'")
+        prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+    if isinstance(prompt, str):
+        return prompt
+    if hasattr(prompt, "tolist"):
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
+                                                          for t in prompt):
+        raise TypeError(f"a prompt is text, a list of token ids, or a dict with 'prompt' or 'prompt_token_ids'; "
+                        f"got {type(prompt).__name__}")
+    return [int(t) for t in prompt]
 
 
 def _stop_string_start_len(text: str, stop: list[str]) -> int:
@@ -158,6 +181,7 @@ class LLM:
                                        adapter_root, self.max_model_len,
                                        partial(self.parallel.call, "write_lora") if self.parallel else None)
         self._ids = itertools.count()
+        self._loop_lock = threading.Lock()  # held by the generate() or stream() running
         self._rng = torch.Generator(device=self.device).manual_seed(self.config.seed)
 
     # ---- lifetime --------------------------------------------------------------------------------
@@ -228,17 +252,20 @@ class LLM:
         return {i for i in eos if 0 <= i < vocab_size}
 
     # ---- requests ------------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                     request_id: str | None = None, adapter: str | None = None) -> str:
         """Queue a request; `adapter` names a loaded adapter (None: the base model)."""
         params = params or self.default_sampling_params()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        prompt = prompt_of(prompt)
         if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
             raise ValueError("this engine has no tokenizer (skip_tokenizer_init): prompts must be token ids, "
                              "and stop strings cannot be matched (use stop_token_ids)")
         if isinstance(prompt, str):
             token_ids, text = self.tokenizer(prompt)["input_ids"], prompt
         else:
-            token_ids, text = list(prompt), None
+            token_ids, text = prompt, None
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -254,6 +281,9 @@ class LLM:
             seq.prompt_logprobs.append(None)  # the first token has nothing before it
         with self.adapters.lock:  # an unload must see this request once it has looked the adapter up
             seq.adapter = self.adapters.get(adapter)
+            if params.max_tokens is None:  # up to the end of the context (what the adapter leaves of it)
+                rest = self.max_model_len - seq.num_virtual_tokens - len(token_ids)
+                seq.params = params = replace(params, max_tokens=max(1, rest))
             self._validate_prompt(token_ids, params, seq.num_virtual_tokens)
             self.requests[request_id] = seq
         prompt_len, model_config = seq.num_virtual_tokens + len(seq), self.model.config
@@ -451,48 +481,80 @@ class LLM:
         seq.num_released_chars = end
         return new_text
 
-    # ---- convenience loops ---------------------------------------------------------------------------
-    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None,
+    # ---- convenience loops (one at a time: each drives the engine's steps until its own requests end) ----------
+    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False, adapter: str | list[str | None] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids) together; outputs in prompt order. `adapter`:
-        one adapter name for all prompts, or one per prompt (None: the base model)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Generate for every prompt (text, token ids, or vLLM's {"prompt": ...} / {"prompt_token_ids": ...})
+        together; outputs in prompt order. `adapter`: one adapter name for all prompts, or one per prompt (None:
+        the base model). Requests queued with add_request advance too; their outputs are step()'s."""
+        if hasattr(prompts, "tolist"):  # a tensor or array of token ids (one prompt), or of several
+            prompts = prompts.tolist()
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], numbers.Integral)):
             prompts = [prompts]
-        params_list = params if isinstance(params, list) else [params or self.default_sampling_params()] * len(prompts)
+        if isinstance(params, (list, tuple)):
+            params_list = list(params)
+        else:
+            params_list = [params or self.default_sampling_params()] * len(prompts)
         adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
         if len(params_list) != len(prompts) or len(adapters) != len(prompts):
             raise ValueError("give one SamplingParams (and adapter), or one per prompt")
         ids: list[str] = []
         finished: dict[str, RequestOutput] = {}
-        try:  # (a refused prompt, a failed step or Ctrl-C leaves none of these requests behind)
-            for p, sp, a in zip(prompts, params_list, adapters):
-                ids.append(self.add_request(p, sp, adapter=a))
-            with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
-                while len(finished) < len(ids):
-                    for out in self.step():
-                        if out.finished:
-                            finished[out.request_id] = out
-                            bar.update()
-        finally:
-            for request_id in ids:
-                if request_id not in finished:
-                    self.abort(request_id)
+        with self._one_loop_at_a_time():
+            try:  # (a refused prompt, a failed step or Ctrl-C leaves none of these requests behind)
+                for p, sp, a in zip(prompts, params_list, adapters):
+                    ids.append(self.add_request(p, sp, adapter=a))
+                mine = set(ids)
+                with tqdm(total=len(ids), desc="generating", disable=not use_tqdm) as bar:
+                    while len(finished) < len(ids):
+                        for out in self.step():
+                            if out.finished and out.request_id in mine:
+                                finished[out.request_id] = out
+                                bar.update()
+            finally:
+                for request_id in ids:
+                    if request_id not in finished:
+                        self.abort(request_id)
         return [finished[i] for i in ids]
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+    def chat(self, messages: list[dict] | list[list[dict]],
+             params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False,
+             adapter: str | list[str | None] | None = None,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """generate() for one chat (OpenAI-style messages) or a list of them, each written in the model's chat
+        template (config.chat_template_kwargs, updated by chat_template_kwargs), ready for the assistant's answer."""
+        chats = [messages] if messages and isinstance(messages[0], dict) else messages
+        template_kwargs = {**(self.config.chat_template_kwargs or {}), **(chat_template_kwargs or {})}
+        prompts = [chat_prompt_ids(self.tokenizer, chat, template_kwargs) for chat in chats]
+        return self.generate(prompts, params, use_tqdm, adapter)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                adapter: str | None = None) -> Iterator[RequestOutput]:
-        """Yield one request's outputs as its tokens arrive (other queued requests advance too)."""
-        request_id = self.add_request(prompt, params, adapter=adapter)
+        """Yield one request's outputs as its tokens arrive (requests queued with add_request advance too)."""
+        with self._one_loop_at_a_time():
+            request_id = self.add_request(prompt, params, adapter=adapter)
+            try:
+                while True:
+                    for out in self.step():
+                        if out.request_id == request_id:
+                            yield out
+                            if out.finished:
+                                return
+            finally:
+                self.abort(request_id)
+
+    @contextmanager
+    def _one_loop_at_a_time(self) -> Iterator[None]:
+        """generate() and stream() each take every step's outputs: two at once (two threads, or a stream not yet
+        finished) would take each other's, and one would wait for ever."""
+        if not self._loop_lock.acquire(blocking=False):
+            raise RuntimeError("this LLM is already running generate(), chat() or stream() (in another thread, or a "
+                               "stream not yet finished): one at a time; for concurrent requests, add_request() and "
+                               "step() from one thread, or serve them (gorgon serve)")
         try:
-            while True:
-                for out in self.step():
-                    if out.request_id == request_id:
-                        yield out
-                        if out.finished:
-                            return
+            yield
         finally:
-            self.abort(request_id)
+            self._loop_lock.release()
 
     # ---- adapters (callable from any thread while another one runs step()) ----------------------------
     def load_adapter(self, name: str, path: str | Path) -> LoadedAdapter:

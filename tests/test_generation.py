@@ -147,6 +147,66 @@ def test_generate_leaves_nothing_behind_when_a_step_fails(tiny_model_dir):
     assert not llm.requests and not llm.has_unfinished() and llm.num_free_blocks == 64
 
 
+def test_prompts_and_params_as_vllm_users_give_them(tiny_model_dir):
+    """vLLM's prompt dicts, token ids as arrays, a tuple of params, and its None defaults (max_tokens None: up to
+    the end of the context; top_k -1: off), where gorgon failed with KeyError, TypeError or AttributeError."""
+    import numpy as np
+
+    llm = LLM(tiny_model_dir, num_kv_blocks=64, block_size=16)
+    ids = [5, 6, 7, 8]
+    want = llm.generate(ids, GREEDY)[0].token_ids
+    for prompt in ({"prompt_token_ids": ids}, [{"prompt_token_ids": ids}], np.array(ids), torch.tensor([ids]),
+                   [np.int64(i) for i in ids]):
+        assert [o.token_ids for o in llm.generate(prompt, (GREEDY,))] == [want]
+    text = llm.tokenizer.decode(ids)
+    assert llm.generate({"prompt": text}, GREEDY)[0].token_ids == llm.generate(text, GREEDY)[0].token_ids
+    for bad in ({"text": "x"}, [[1.5, 2]], [object()]):
+        with pytest.raises(TypeError, match="a prompt is text|'prompt' \\(its text\\) or 'prompt_token_ids'"):
+            llm.generate(bad, GREEDY)
+    with pytest.raises(TypeError, match="params must be a SamplingParams"):
+        llm.generate(ids, [{"temperature": 0}])
+    nones = SamplingParams(max_tokens=None, min_tokens=None, top_k=None, stop=None, stop_token_ids=None,
+                           logit_bias=None, temperature=0, ignore_eos=True)
+    out = llm.generate([1] * 500, nones)[0]
+    assert len(out.token_ids) == llm.max_model_len - 500 and out.finish_reason == "length"
+    assert SamplingParams(top_k=-1).top_k == -1 and llm.generate(ids, SamplingParams(top_k=-1, seed=1))[0].token_ids
+    with pytest.raises(ValueError, match="stop_token_ids must be token ids"):
+        SamplingParams(stop_token_ids=["5"])
+    assert not llm.requests and llm.num_free_blocks == 64
+
+
+def test_generate_returns_its_own_outputs_and_runs_one_at_a_time(tiny_model_dir):
+    """A request queued with add_request finishing inside generate() made it fail with a KeyError (and two threads'
+    generate() took each other's outputs: one failed, the other waited for ever)."""
+    llm = LLM(tiny_model_dir, num_kv_blocks=64, block_size=16)
+    llm.add_request([9, 9], SamplingParams(max_tokens=2, ignore_eos=True))
+    assert [len(o.token_ids) for o in llm.generate([[1, 2, 3]], GREEDY)] == [GREEDY.max_tokens]
+    stream = llm.stream([1, 2, 3], GREEDY)
+    next(stream)
+    with pytest.raises(RuntimeError, match="already running generate\\(\\), chat\\(\\) or stream\\(\\)"):
+        llm.generate([4, 5], GREEDY)
+    stream.close()
+    assert llm.generate([4, 5], GREEDY)[0].finish_reason == "length"
+    assert not llm.requests and llm.num_free_blocks == 64
+
+
+def test_chat_writes_each_conversation_in_the_template(tiny_model_dir, tmp_path):
+    """vLLM's LLM.chat: one conversation or several, in the model's chat template, answered as generate() would."""
+    from engine.prompt_files import chat_prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                               "{% if add_generation_prompt %}{{ 'assistant:' + (extra or '') }}{% endif %}")
+    tokenizer.save_pretrained(tmp_path)
+    llm = LLM(tiny_model_dir, tokenizer=str(tmp_path), num_kv_blocks=64, block_size=16)
+    chats = [[{"role": "user", "content": "def f(x):"}], [{"role": "user", "content": "hi"}]]
+    want = [o.token_ids for o in llm.generate([chat_prompt_ids(llm.tokenizer, c) for c in chats], GREEDY)]
+    assert [o.token_ids for o in llm.chat(chats, GREEDY)] == want
+    assert [o.token_ids for o in llm.chat(chats[1], GREEDY)] == want[1:]
+    extra = llm.chat(chats[1], GREEDY, chat_template_kwargs={"extra": " sure"})[0]
+    assert extra.prompt_token_ids == chat_prompt_ids(llm.tokenizer, chats[1], {"extra": " sure"})
+
+
 def test_decode_benchmark_writes_its_summary(tmp_path):
     """`gorgon bench decode` end to end on the small shape, tiny settings."""
     from bench import decode
