@@ -195,8 +195,8 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
     return RequestResult(ok, tokens, ttft or 0.0, time.perf_counter() - start)
 
 
-async def run_level(url: str, concurrency: int, num_requests: int, max_tokens: int, timeout: float,
-                    bar: tqdm) -> tuple[list[RequestResult], float]:
+async def run_level(url: str, concurrency: int, num_requests: int, max_tokens: int,
+                    timeout: float) -> tuple[list[RequestResult], float]:
     """`concurrency` clients share `num_requests` requests; none starts after `timeout` seconds."""
     next_request = iter(range(num_requests))
     start = time.perf_counter()
@@ -209,7 +209,6 @@ async def run_level(url: str, concurrency: int, num_requests: int, max_tokens: i
                     return
                 prompt = f"# request {i}\n{PROMPT_SNIPPETS[i % len(PROMPT_SNIPPETS)]}"
                 results.append(await one_request(client, url, prompt, max_tokens))
-                bar.update()
 
         await asyncio.gather(*(stream_client() for _ in range(concurrency)))
     return results, time.perf_counter() - start
@@ -297,20 +296,22 @@ def run(args: argparse.Namespace, model: Path, source: str) -> None:
     isa = cpu_isa()
     print(f"model: {source}; {threads} thread(s) per server; CPU: {isa}")
     measured: dict[tuple[str, int], list[tuple[list[RequestResult], float]]] = {}
-    total = args.repeats * len(names) * sum(requests_at(c, args) for c in levels)
-    with tqdm(total=total, desc="bench serving") as bar:
+    # one tick a level: --level-timeout ends a level long before its requests are done, so they make no ETA
+    with tqdm(total=args.repeats * len(names) * len(levels), desc="bench serving", unit="level") as bar:
         for _ in range(args.repeats):
             for name in names:
                 with ServerProcess(name, commands[name]) as server:
                     server.wait_ready()
                     top = max(levels)  # warm-up: every stream of the largest level, a few tokens each
                     warmup, _ = asyncio.run(run_level(server.url, top, top, min(8, args.max_tokens),
-                                                      args.level_timeout, tqdm(disable=True)))
+                                                      args.level_timeout))
                     if not all(r.ok for r in warmup):
                         raise RuntimeError(f"the {name} server failed its warm-up requests")
                     for c in levels:
+                        bar.set_postfix(server=name, concurrency=c)
                         measured.setdefault((name, c), []).append(asyncio.run(run_level(
-                            server.url, c, requests_at(c, args), args.max_tokens, args.level_timeout, bar)))
+                            server.url, c, requests_at(c, args), args.max_tokens, args.level_timeout)))
+                        bar.update()
 
     rows = [pool(name, c, measured[name, c]) for name in names for c in levels]
     theirs = {r["concurrency"]: r["tok/s"] for r in rows if r["server"] == baseline}

@@ -715,7 +715,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "at this thread count with --model's weights; the engine then prefers that choice here, "
                              "for those weights")
     parser.add_argument("--timing-tokens", type=positive_int, default=64, help="tree timing: tokens per timed run")
-    parser.add_argument("--timing-repeats", type=positive_int, default=3, help="tree timing: runs per tree; the best counts")
+    parser.add_argument("--timing-repeats", type=positive_int, default=3,
+                        help="tree timing: runs per tree; the best counts")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                         help="the base model's dtype while it writes and encodes the training text (bf16: about 3x "
                              "faster on CPUs with bf16 units; the heads still serve the model in any dtype)")
@@ -738,13 +739,11 @@ def chunk_size(first: int, total: int, elapsed: float, remaining: float, batch: 
     """How many texts to write next, after `first` of `total` in `elapsed` seconds, with `remaining` seconds
     of the writing budget: first one batch of the engine's (`batch` sequences), to learn the pace; then
     WRITE_CHUNK, but no more than fit at that pace; 0 (stop) if not even one full batch fits."""
-    count = min(WRITE_CHUNK, total - first, batch if first == 0 else WRITE_CHUNK)
-    if first:
-        fits = remaining / (elapsed / first)
-        if fits < min(count, batch):
-            return 0
-        count = min(count, int(fits))
-    return count
+    if not first:
+        return min(batch, WRITE_CHUNK, total)
+    count = min(WRITE_CHUNK, total - first)
+    fits = remaining / (elapsed / first)
+    return 0 if fits < min(count, batch) else min(count, int(fits))
 
 
 def training_text(args: argparse.Namespace, llm: LLM,
