@@ -26,8 +26,8 @@ from engine.medusa import Medusa
 from engine.medusa.acceptance import TreeRows
 from engine.medusa.speculator import LOOKUP_ONLY, PREDICTION_ONLY
 from engine.outputs import RequestOutput
-from engine.prompt_files import chat_prompt_ids
 from engine.parallel import Driver, ShardedKVCache
+from engine.prompt_files import chat_prompt_ids
 from engine.runner import ModelRunner, StepInputs
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, Scheduler

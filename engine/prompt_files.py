@@ -95,8 +95,8 @@ def chat_answer_ids(tokenizer, messages: list[dict]) -> tuple[list[int], int] | 
     """A chat in the model's template as token ids, and where its first answer starts; None if it has no answer
     after a question. (A template may write a turn differently once an answer follows it, as Qwen3's drops its
     empty thinking: the answer starts where the chat parts from the prompt as the server writes it.)"""
-    first_answer = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), 0)
-    if not any(m["role"] == "user" for m in messages[:first_answer]):
+    first_answer = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), 0)
+    if not any(m.get("role") == "user" for m in messages[:first_answer]):
         return None
     prompt = chat_prompt_ids(tokenizer, messages[:first_answer])
     ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
