@@ -1,6 +1,8 @@
 """The paged KV cache: one tensor pool for all layers, and the BlockManager that hands out its blocks."""
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 import torch
@@ -71,7 +73,8 @@ class BlockManager:
     """Refcounted blocks with a hash-chained prefix cache.
 
     A full block's hash covers its tokens and every token before it (and the sequence's cache key,
-    e.g. its adapter), so equal hashes mean equal K/V. Freed blocks keep their contents and stay
+    e.g. its adapter), so equal hashes mean equal K/V: SHA-256, for a client who could make its prompt's
+    block collide with another's under a weaker hash would read or poison that K/V (vLLM's CVE-2025-25183). Freed blocks keep their contents and stay
     findable by hash until they are reused (lazy eviction, least recently freed first).
 
     Block i of a sequence holds its cache indices [i*block_size, (i+1)*block_size). A prefix adapter's
@@ -82,8 +85,8 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # hash -> block id
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
 
     @property
@@ -102,7 +105,7 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
         return True
 
-    def match_prefix(self, seq: Sequence, cache_key: int) -> int:
+    def match_prefix(self, seq: Sequence, cache_key: bytes) -> int:
         """Attach the pinned blocks of seq's virtual tokens, then reuse cached blocks for the longest hashed
         prefix of its tokens; returns the tokens reused. The last token is always left to compute, so the
         step has a row to sample from."""
@@ -120,7 +123,7 @@ class BlockManager:
                 seq.block_table.append(block)
         return max(0, len(seq.block_table) * self.block_size - seq.num_virtual_tokens)
 
-    def pending_block_hash(self, seq: Sequence, cache_key: int) -> int | None:
+    def pending_block_hash(self, seq: Sequence, cache_key: bytes) -> bytes | None:
         """The hash of the first block of seq's prompt that it has not computed, where match_prefix could find it
         once computed (None: none left, or no prefix caching)."""
         i = (seq.num_virtual_tokens + seq.num_computed_tokens) // self.block_size
@@ -128,7 +131,7 @@ class BlockManager:
             return None
         return self._hash_of_block(seq, i, cache_key)
 
-    def register_full_blocks(self, seq: Sequence, cache_key: int, num_computed_before: int) -> None:
+    def register_full_blocks(self, seq: Sequence, cache_key: bytes, num_computed_before: int) -> None:
         """Make the blocks that this step filled findable by hash (the first block with a hash wins)."""
         if not self.enable_prefix_caching:
             return
@@ -156,15 +159,16 @@ class BlockManager:
             self._decref(block)
         seq.block_table.clear()
 
-    def _hash_of_block(self, seq: Sequence, i: int, cache_key: int) -> int:
+    def _hash_of_block(self, seq: Sequence, i: int, cache_key: bytes) -> bytes:
         """Chain hash of seq's block i: its tokens, all tokens before it, and the cache key (which also
         stands for any virtual tokens). Memoised on the sequence, since a sequence's tokens never change."""
         offset = seq.num_virtual_tokens
         while len(seq.block_hashes) <= i:
             j = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else hash(("gorgon-kv", cache_key))
+            parent = seq.block_hashes[-1] if seq.block_hashes else hashlib.sha256(b"gorgon-kv " + cache_key).digest()
             first, end = (max(0, b * self.block_size - offset) for b in (j, j + 1))
-            seq.block_hashes.append(hash((parent, tuple(seq.token_ids[first:end]))))
+            tokens = array("q", seq.token_ids[first:end]).tobytes()
+            seq.block_hashes.append(hashlib.sha256(parent + tokens).digest())
         return seq.block_hashes[i]
 
     def pin_blocks(self, num_blocks: int) -> list[int] | None:

@@ -38,7 +38,7 @@ class Sequence:
     # max_position_embeddings (0: unscaled); prompt K/V depends on it (models.layers.RotaryEmbedding.forward)
     dynamic_rope_len: int = 0
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # prefix-cache chain hash of each full block
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache chain hash of each full block
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
@@ -78,13 +78,13 @@ class Sequence:
         return len(self.token_ids)
 
     @property
-    def cache_key(self) -> int:
-        """What besides the tokens decides the K/V (prefix-cache hashes include it): the adapter's identity and
+    def cache_key(self) -> bytes:
+        """What besides the tokens decides the K/V (prefix-cache hashes start from it): the adapter's identity and
         version, and the dynamic RoPE length. A request that wants prompt logprobs must compute every prompt row,
         so it takes no prefix-cache hit: its key is its own."""
         if self.params.prompt_logprobs is not None:
-            return hash(("private", self.private_cache_key))
-        return hash((0 if self.adapter is None else self.adapter.cache_key, self.dynamic_rope_len))
+            return f"private {self.private_cache_key}".encode()
+        return f"adapter {0 if self.adapter is None else self.adapter.cache_key} rope {self.dynamic_rope_len}".encode()
 
     @property
     def num_virtual_tokens(self) -> int:

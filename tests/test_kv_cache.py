@@ -55,24 +55,37 @@ def test_prefix_blocks_are_shared_refcounted_and_evicted_lazily():
     a = seq_of(range(10))
     assert bm.allocate(a, 10)
     a.num_computed_tokens = 10
-    bm.register_full_blocks(a, cache_key=0, num_computed_before=0)
+    bm.register_full_blocks(a, cache_key=b"0", num_computed_before=0)
 
     b = seq_of(list(range(8)) + [50, 51])
-    assert bm.match_prefix(b, cache_key=0) == 8  # two full blocks shared
+    assert bm.match_prefix(b, cache_key=b"0") == 8  # two full blocks shared
     assert b.block_table == a.block_table[:2]
     assert bm.ref_counts[a.block_table[0]] == 2
-    assert bm.match_prefix(seq_of(range(10)), cache_key=1) == 0  # another adapter: no hit
+    assert bm.match_prefix(seq_of(range(10)), cache_key=b"1") == 0  # another adapter: no hit
 
     bm.free_sequence(a)
     bm.free_sequence(b)
     assert bm.num_free_blocks == 6
     c = seq_of(range(9))  # the freed blocks still hold the prefix
-    assert bm.match_prefix(c, cache_key=0) == 8
+    assert bm.match_prefix(c, cache_key=b"0") == 8
     bm.free_sequence(c)
     # reusing every block evicts the cached hashes
     d = seq_of(range(100, 124))
     assert bm.allocate(d, 24)
-    assert bm.cached == {} and bm.match_prefix(seq_of(range(9)), cache_key=0) == 0
+    assert bm.cached == {} and bm.match_prefix(seq_of(range(9)), cache_key=b"0") == 0
+
+
+def test_block_hashes_are_a_sha256_chain():
+    """A client who could make its prompt's block collide with another's would be served (or poison) that K/V:
+    Python's hash() of token tuples is no cryptographic hash (vLLM's CVE-2025-25183); the chain is SHA-256."""
+    import hashlib
+    from array import array
+
+    bm = BlockManager(num_blocks=4, block_size=4)
+    seq = seq_of(range(9))
+    first = hashlib.sha256(hashlib.sha256(b"gorgon-kv key").digest() + array("q", range(4)).tobytes()).digest()
+    assert bm._hash_of_block(seq, 0, b"key") == first
+    assert bm._hash_of_block(seq, 1, b"key") == hashlib.sha256(first + array("q", range(4, 8)).tobytes()).digest()
 
 
 def test_the_last_prompt_token_is_never_served_from_cache():
@@ -80,8 +93,8 @@ def test_the_last_prompt_token_is_never_served_from_cache():
     a = seq_of(range(8))
     bm.allocate(a, 8)
     a.num_computed_tokens = 8
-    bm.register_full_blocks(a, 0, 0)
-    assert bm.match_prefix(seq_of(range(8)), 0) == 4
+    bm.register_full_blocks(a, b"0", 0)
+    assert bm.match_prefix(seq_of(range(8)), b"0") == 4
 
 
 def test_truncate_releases_blocks_beyond_the_kept_tokens():
