@@ -421,9 +421,12 @@ class LLM:
                                                         len(self.scheduler.running))
         outputs = []
         for seq, tokens, token_logprobs in zip(seqs, accepted, logprobs):
-            computed_before = seq.num_computed_tokens
             appended = []
             for token, logprob in zip(tokens, token_logprobs):
+                # every token so far has its K/V (the root, then accepted drafts): findable in the prefix cache
+                # before a token that ends the request frees the blocks (a next turn starts with this answer)
+                before, seq.num_computed_tokens = seq.num_computed_tokens, len(seq)
+                self.block_manager.register_full_blocks(seq, seq.cache_key, before)
                 self._append_token(seq, token, logprob)
                 appended.append(token)
                 if seq.is_finished:
@@ -433,9 +436,7 @@ class LLM:
             if seq.is_finished:
                 self.requests.pop(seq.request_id, None)
                 continue
-            seq.num_computed_tokens = len(seq) - 1  # the accepted run is cached; the bonus token is pending
-            self.block_manager.register_full_blocks(seq, seq.cache_key, computed_before)
-            self.block_manager.truncate(seq, seq.num_computed_tokens)
+            self.block_manager.truncate(seq, seq.num_computed_tokens)  # the last token (the bonus) is pending
         return outputs, hidden
 
     def _append_token(self, seq: Sequence, token_id: int, logprob: tuple | None) -> None:

@@ -185,3 +185,19 @@ def test_drafts_never_preempt_another_sequence(tiny_model_dir):
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert lookup.scheduler.num_preemptions == plain.scheduler.num_preemptions == 0
     assert lookup.num_free_blocks == 4
+
+
+def test_a_request_ended_by_a_tree_step_leaves_its_answer_in_the_prefix_cache(tiny_model_dir, heads_dir):
+    """The blocks a request's last (tree) step filled were freed unhashed: a next turn, which starts with the
+    prompt and the answer, found fewer of its tokens cached than after plain decoding."""
+    kwargs = dict(block_size=4, num_kv_blocks=128)
+    plain, medusa = LLM(tiny_model_dir, **kwargs), LLM(tiny_model_dir, medusa=str(heads_dir), **kwargs)
+    requests = [(p, None) for p in prompts(4)]
+    want = run(plain, requests)
+    use_oracle_drafts(medusa, {f"r{i}": p + o.token_ids for i, ((p, _), o) in enumerate(zip(requests, want))})
+    got = run(medusa, requests)
+    assert all(o.accepted_lengths and o.accepted_lengths[-1] > 0 for o in got)  # each ended in a tree step
+    for (prompt, _), answer in zip(requests, want):
+        next_turn = prompt + answer.token_ids + [7, 8, 9]
+        cached = [llm.generate(next_turn, SamplingParams(max_tokens=1))[0].num_cached_tokens for llm in (plain, medusa)]
+        assert cached[1] == cached[0] >= len(prompt + answer.token_ids) - 4
