@@ -74,8 +74,9 @@ class BlockManager:
 
     A full block's hash covers its tokens and every token before it (and the sequence's cache key,
     e.g. its adapter), so equal hashes mean equal K/V: SHA-256, for a client who could make its prompt's
-    block collide with another's under a weaker hash would read or poison that K/V (vLLM's CVE-2025-25183). Freed blocks keep their contents and stay
-    findable by hash until they are reused (lazy eviction, least recently freed first).
+    block collide with another's under a weaker hash would read or poison that K/V (vLLM's CVE-2025-25183).
+    Freed blocks keep their contents and stay findable by hash until they are reused (lazy eviction, least
+    recently freed first).
 
     Block i of a sequence holds its cache indices [i*block_size, (i+1)*block_size). A prefix adapter's
     virtual tokens come first: its full blocks are pinned (shared, never hashed) and its partial last

@@ -84,7 +84,9 @@ def chat_prompt_ids(tokenizer, req: ChatCompletionRequest | TokenizeRequest, tem
     if req.continue_final_message and (req.add_generation_prompt or req.messages[-1].role != "assistant"):
         raise APIError(400, "continue_final_message continues the last message, which must be the assistant's, "
                             "and needs add_generation_prompt: false", param="continue_final_message")
-    turns = [m.for_template(unicode_text(calls_text(m.tool_calls) if m.tool_calls else m.text, "messages"))
+    # an assistant's calls as the JSON object it writes, after any text that came with them
+    turns = [m.for_template(unicode_text("\n".join(filter(None, [m.text, calls_text(m.tool_calls)]))
+                                         if m.tool_calls else m.text, "messages"))
              for m in req.messages]
     if tools_prompt is not None and turns[0]["role"] == "system":
         turns[0] = {**turns[0], "content": f"{tools_prompt}\n\n{turns[0]['content']}"}

@@ -276,6 +276,13 @@ class FunctionCall(RequestBody):
     name: str = Field(min_length=1, max_length=64)
     arguments: str  # JSON text, as OpenAI sends and returns it
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sdk_parse(cls, data: Any) -> Any:
+        """A call the openai SDK's parse helpers return holds `parsed_arguments`, its arguments parsed: sent back,
+        the arguments say it."""
+        return {k: v for k, v in data.items() if k != "parsed_arguments"} if isinstance(data, dict) else data
+
 
 class ToolCall(RequestBody):
     id: str
@@ -344,8 +351,9 @@ class ChatMessage(RequestBody):
         """Name what a text-only server without tools cannot take, rather than list how it failed to parse."""
         if not isinstance(data, dict):
             return data
-        # what an SDK's message object holds besides (model_dump() of an answer sent back), empty in ours
-        data = {k: v for k, v in data.items() if k not in ANSWER_EXTRAS or v}
+        # what an SDK's message object holds besides (model_dump() of an answer sent back), empty in ours; and
+        # `parsed`, the SDK parse helpers' reading of the content, which the content says
+        data = {k: v for k, v in data.items() if (k not in ANSWER_EXTRAS or v) and k != "parsed"}
         reasoning = data.pop("reasoning", None)  # (vLLM's newer name of reasoning_content)
         if reasoning is not None and data.get("reasoning_content") is None:
             data["reasoning_content"] = reasoning

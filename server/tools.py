@@ -54,31 +54,52 @@ def output_format(req: ChatCompletionRequest) -> StructuredOutput | None:
             raise ValueError("tool_choice asks for a tool call, but the request has no tools")
         return None
     schema = answer_schema(req)
-    call = [{"type": "object", "properties": {"name": {"const": t.function.name},
-                                              "arguments": closed(t.function.parameters or {"type": "object"})},
-             "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    only_calls = req.tool_choice not in (None, "auto")
+    calling_at = "" if only_calls else "/anyOf/0"  # where the calls' schema sits in the whole one
+    call = [{"type": "object", "properties": {
+                "name": {"const": t.function.name},
+                "arguments": moved(closed(t.function.parameters or {"type": "object"}),
+                                   f"{calling_at}/properties/tool_calls/items/anyOf/{i}/properties/arguments")},
+             "required": ["name", "arguments"], "additionalProperties": False} for i, t in enumerate(tools)]
     calls = {"type": "array", "items": {"anyOf": call}, "minItems": 1} | ({} if req.parallel_tool_calls else
                                                                           {"maxItems": 1})
     calling = {"type": "object", "properties": {"tool_calls": calls}, "required": ["tool_calls"],
                "additionalProperties": False}
-    if req.tool_choice not in (None, "auto"):
+    if only_calls:
         return StructuredOutput(json=calling)
-    answering = {"type": "object", "properties": {"response": schema or {"type": "string"}},
+    answering = {"type": "object", "properties": {"response": moved(schema or {"type": "string"},
+                                                                    "/anyOf/1/properties/response")},
                  "required": ["response"], "additionalProperties": False}
     return StructuredOutput(json={"anyOf": [calling, answering]})
 
 
-def closed(schema: object) -> object:
+def closed(schema: object, composed: bool = False) -> object:
     """schema with `"additionalProperties": false` in every object that lists its properties and says nothing of
     others (as OpenAI's strict function schemas and vLLM's guidance backend take them): a small model otherwise
-    goes on inventing arguments."""
+    goes on inventing arguments. Not where other schemas add properties (an object with allOf / anyOf / oneOf, or
+    a part of an allOf: zod's intersections), which closing would make unsatisfiable."""
     if isinstance(schema, list):
-        return [closed(s) for s in schema]
+        return [closed(s, composed) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: closed(v) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out:
+    out = {k: closed(v, composed=k == "allOf") for k, v in schema.items()}
+    combined = composed or any(k in out for k in ("allOf", "anyOf", "oneOf"))
+    if "properties" in out and "additionalProperties" not in out and not combined:
         out["additionalProperties"] = False
+    return out
+
+
+def moved(schema: object, to: str) -> object:
+    """schema with its own references ("#/$defs/X", "#") pointing where it sits in the whole schema: at the JSON
+    pointer `to` (Pydantic's nested models, recursive ones, and MCP tools all refer to their own root)."""
+    if isinstance(schema, list):
+        return [moved(s, to) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: moved(v, to) for k, v in schema.items()}
+    ref = out.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+        out["$ref"] = "#" + to + ref[1:]
     return out
 
 

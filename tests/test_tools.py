@@ -81,6 +81,53 @@ def test_the_answer_formats():
     assert '{"response"' not in system_prompt(request(tool_choice="required"))
 
 
+def test_schemas_that_refer_to_their_own_definitions_and_intersections(llm):
+    """Pydantic's nested (and recursive) models refer to their own root ("#/$defs/Addr", "#"), which embedded in
+    the whole answer's schema pointed at its root (a 400, or a recursive schema bound to the wrong object); zod's
+    intersections (allOf of objects) were made unsatisfiable by closing each part."""
+    def accepted(req: ChatCompletionRequest, text: str) -> bool:
+        matcher = llm.grammars.matcher(output_format(req))
+        tokens = llm.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return matcher.validate_tokens(tokens) == len(tokens) and matcher.consume_tokens(tokens) \
+            and matcher.is_accepting()
+
+    addr = {"type": "object", "properties": {"city": {"enum": ["Paris"]}}, "required": ["city"]}
+    book = {"type": "function", "function": {"name": "book", "parameters": {
+        "$defs": {"Addr": addr}, "type": "object", "properties": {"to": {"$ref": "#/$defs/Addr"}},
+        "required": ["to"]}}}
+    linked = {"type": "function", "function": {"name": "chain", "parameters": {
+        "type": "object",
+        "properties": {"v": {"type": "integer"}, "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}},
+        "required": ["v", "next"]}}}
+    both = {"type": "function", "function": {"name": "both", "parameters": {"type": "object", "allOf": [
+        {"properties": {"a": {"type": "integer"}}, "required": ["a"]},
+        {"properties": {"b": {"type": "integer"}}, "required": ["b"]}]}}}
+    for choice in ("required", "auto"):
+        req = request(tools=[book, linked, both], tool_choice=choice)
+        assert accepted(req, '{"tool_calls": [{"name": "book", "arguments": {"to": {"city": "Paris"}}}]}')
+        assert not accepted(req, '{"tool_calls": [{"name": "book", "arguments": {"to": {"city": "Rome"}}}]}')
+        chain = '{"tool_calls": [{"name": "chain", "arguments": {"v": 1, "next": %s}}]}'
+        assert accepted(req, chain % '{"v": 2, "next": null}') and not accepted(req, chain % '{"tool_calls": []}')
+        assert accepted(req, '{"tool_calls": [{"name": "both", "arguments": {"a": 1, "b": 2}}]}')
+    answer = {"$defs": {"C": {"enum": ["x"]}}, "type": "object", "properties": {"c": {"$ref": "#/$defs/C"}},
+              "required": ["c"]}
+    shaped = request(tools=[WEATHER], response_format={"type": "json_schema", "json_schema": {"name": "o",
+                                                                                              "schema": answer}})
+    assert accepted(shaped, '{"response": {"c": "x"}}') and not accepted(shaped, '{"response": {"c": "y"}}')
+
+
+def test_an_assistant_message_as_the_sdk_gives_it_back(llm):
+    """The openai SDK's parse helpers add `parsed` and `parsed_arguments` (refused as unknown fields); text sent
+    beside tool calls was dropped from the prompt."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}',
+                                                             "parsed_arguments": {"city": "Rome"}}}
+    messages = [*USER, {"role": "assistant", "content": "Let me look.", "parsed": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
+    req = ChatCompletionRequest.model_validate({"messages": messages, "tools": [WEATHER]})
+    text = llm.tokenizer.decode(chat_prompt_ids(llm.tokenizer, req, {}, tools_prompt=system_prompt(req)))
+    assert 'Let me look.\n{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Rome"}}]}' in text
+
+
 def test_reading_an_answer():
     content, calls = read_answer('{"tool_calls": [{"name": "get_time", "arguments": {"zone": "UTC"}}]}')
     assert content is None and calls[0].function.name == "get_time"
