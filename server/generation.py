@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
-from difflib import SequenceMatcher
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -39,6 +39,9 @@ async def generate(request: Request, state: ServerState, req: SamplingRequest, p
                    renderer: Renderer) -> Response:
     """Answer `prompts` (token ids; a chat has one): choice i is choice i % n of prompt i // n."""
     prediction = prediction_ids(state.tokenizer, req)
+    if len(prediction) > state.llm.max_model_len:  # (no answer could repeat it)
+        raise APIError(400, f"the prediction has {len(prediction)} tokens, more than this model's context "
+                            f"({state.llm.max_model_len})", param="prediction")
     streams = await start(state, req, prompts, prediction)
     if not req.stream:
         finals = await finished(request, streams)
@@ -179,16 +182,18 @@ async def until_done(request: Request, streams: list[RequestStream]) -> list[Req
 
 def usage(prompts: list[list[int]], finals: list[RequestOutput], prediction: list[int] | None = None) -> Usage:
     """Each prompt counts once, however many choices it has (as OpenAI counts), and so do the tokens of it the
-    prefix cache held (its first choice's: the later ones find what the first wrote). With a prediction, its tokens
-    that each answer repeats in order are accepted, the rest rejected."""
+    prefix cache held (its first choice's: the later ones find what the first wrote). With a prediction, as OpenAI
+    words it, its tokens that appear in each answer are accepted (counted as often as both hold them, order aside:
+    an in-order count, difflib's, is quadratic, seconds a choice on the event loop at a few thousand tokens), the
+    rest rejected."""
     prompt = sum(map(len, prompts))
     choices = len(finals) // len(prompts)
     cached = sum(out.num_cached_tokens for out in finals[::choices])
     completion = sum(len(out.token_ids) for out in finals)
     details = None
     if prediction:
-        matches = (SequenceMatcher(None, prediction, out.token_ids, autojunk=False) for out in finals)
-        accepted = sum(block.size for match in matches for block in match.get_matching_blocks())
+        predicted = Counter(prediction)
+        accepted = sum((predicted & Counter(out.token_ids)).total() for out in finals)
         details = CompletionTokensDetails(accepted_prediction_tokens=accepted,
                                           rejected_prediction_tokens=len(prediction) * len(finals) - accepted)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,

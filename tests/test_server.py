@@ -357,6 +357,9 @@ def test_a_predicted_output_speeds_up_the_same_answer(tiny_model_dir, client, or
     r = httpx.post(f"{client.base_url}chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                    json={**args, "prediction": {"type": "text", "content": "x"}, "extra_body": None})
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("prediction"), r.text
+    # a prediction no answer could repeat (its difflib count took seconds a choice on the event loop)
+    with pytest.raises(openai.BadRequestError, match="the prediction has .* tokens, more than this model's context"):
+        client.chat.completions.create(prediction={"type": "content", "content": answer * 60}, **args)
     lookup = serve(LLM(tiny_model_dir, medusa="lookup", **ENGINE_KWARGS))
     try:
         body = {**{k: v for k, v in args.items() if k != "extra_body"}, "ignore_eos": True, "stream": True,
