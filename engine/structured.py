@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
+from collections import OrderedDict
 from functools import cached_property
 
 import llguidance
@@ -27,6 +29,7 @@ from engine.config import ReasoningTags, StructuredOutput
 
 logger = logging.getLogger("gorgon.engine")
 
+COMPILED_GRAMMARS = 64  # compiled matchers kept, the least recently used dropped
 # JSON whitespace as llama.cpp's JSON-schema grammars allow it: a space, or a line break or two and an indent of up
 # to 20 spaces or tabs. llguidance's default allows any run of whitespace, and small models fill max_tokens with it.
 JSON_WHITESPACE = r"(?: |\n{1,2}[ \t]{0,20})?"
@@ -66,6 +69,10 @@ class Grammars:
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int]) -> None:
         self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, sorted(eos_token_ids)
+        # grammar text -> its compiled matcher, fresh: a request's n choices, and an agent's tools sent with every
+        # request, compile once (a large grammar takes seconds)
+        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()
 
     @cached_property
     def _ll_tokenizer(self) -> llguidance.LLTokenizer:
@@ -80,12 +87,26 @@ class Grammars:
         tags = spec.after_reasoning
         if tags is not None and not any(tags.end in (text or "") for text in (spec.regex, spec.grammar)):
             grammar = self._after_reasoning(grammar, tags)
+        with self._lock:
+            compiled = self._compiled.pop(grammar, None)
+        if compiled is None:
+            compiled = self._compile(grammar)
+        with self._lock:
+            self._compiled[grammar] = compiled
+            while len(self._compiled) > COMPILED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return compiled.deep_copy()
+
+    def _compile(self, grammar: str) -> llguidance.LLMatcher:
         error = llguidance.LLMatcher.validate_grammar(grammar, self._ll_tokenizer)
         if error:
-            raise GrammarError(f"the structured output cannot be used: {error}")
+            raise GrammarError(f"the structured output cannot be used: {shortened(error)}")
         matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar)
+        # the first mask builds the lexer, which a grammar too complex for it fails (LexerTooComplex): then, not
+        # at the first step, where the request would end with unconstrained text
+        _fill(matcher, _bitmask(1, self.vocab_size)[0])
         if matcher.is_error():
-            raise GrammarError(f"the structured output cannot be used: {matcher.get_error()}")
+            raise GrammarError(f"the structured output cannot be used: {shortened(matcher.get_error())}")
         return matcher
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -138,6 +159,12 @@ def mask_tree_(logits: torch.Tensor, matcher: llguidance.LLMatcher, paths: list[
     _apply(logits, list(range(len(paths))), bitmask)
 
 
+def shortened(error: str, limit: int = 500) -> str:
+    """llguidance's error, which may quote the whole grammar (a client's, up to a request's size), cut for a
+    message or a log line."""
+    return error if len(error) <= limit else f"{error[:limit]}... ({len(error) - limit} more characters)"
+
+
 def _words(vocab: int) -> int:
     return (vocab + 31) // 32
 
@@ -164,5 +191,5 @@ def advance(matcher: llguidance.LLMatcher, token_id: int) -> bool:
     matcher.consume_token(token_id)
     if matcher.is_error():
         logger.error("structured output: the grammar refused token %d, which its mask allowed (%s); the request "
-                     "ends there", token_id, matcher.get_error())
+                     "ends there", token_id, shortened(matcher.get_error()))
     return matcher.is_stopped() or matcher.is_error()

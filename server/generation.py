@@ -94,6 +94,8 @@ async def start(state: ServerState, req: SamplingRequest, prompts: list[list[int
     model_name = req.model or state.config.model_name
     streams: list[RequestStream] = []
     try:
+        if choices[0][1].structured is not None:  # compiled here, not on the step thread (seconds, for a large one)
+            await asyncio.to_thread(state.llm.grammars.matcher, choices[0][1].structured)
         for prompt_ids, params in choices:
             streams.append(await state.engine.add_request(prompt_ids, params, adapter, model_name))
     except QueueFull as e:

@@ -215,3 +215,19 @@ def test_a_constraint_after_reasoning_leaves_the_reasoning_free(llm, tags_are_to
         own = StructuredOutput(regex="<think>[a-z]{2}</think>[0-9]", after_reasoning=ReasoningTags())
         assert accepts(grammars, own, tokens("<think>ab</think>7")) == (len(tokens("<think>ab</think>7")), True)
         assert accepts(grammars, own, tokens("<think>abc"))[0] == len(tokens("<think>ab"))
+
+
+def test_a_grammar_compiles_once_for_every_request_that_gives_it(llm, monkeypatch):
+    """A request's n choices, and an agent's tools sent with every request, compiled their grammar each (seconds
+    for a large one, on the step thread); each still gets a matcher of its own."""
+    grammars = Grammars(llm.tokenizer, llm.model.config.vocab_size, llm.eos_token_ids)
+    compiled = []
+    compile_ = grammars._compile
+    monkeypatch.setattr(grammars, "_compile", lambda grammar: compiled.append(grammar) or compile_(grammar))
+    spec = StructuredOutput(choice=["yes", "no"])
+    first, second = grammars.matcher(spec), grammars.matcher(spec)
+    assert len(compiled) == 1 and first is not second
+    assert first.consume_tokens(ids(llm, "yes")) and first.is_accepting()
+    assert not second.is_accepting() and second.consume_tokens(ids(llm, "no")) and second.is_accepting()
+    grammars.matcher(StructuredOutput(choice=["maybe"]))
+    assert len(compiled) == 2
