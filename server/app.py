@@ -38,10 +38,12 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
         yield
         await engine.stop()
 
-    app = FastAPI(title="gorgon", lifespan=lifespan)
+    # /openapi.json is ours (ops_routes), behind the API key like the routes it describes; no /docs or /redoc
+    # (their pages load scripts from a CDN, and were open to anyone)
+    app = FastAPI(title="gorgon", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.server = ServerState(llm, engine, metrics, config)
     install_error_handlers(app)
-    app.add_middleware(BodyGuard, max_bytes=config.max_request_bytes)
+    app.add_middleware(BodyGuard, max_bytes=config.max_request_bytes, cors_origins=config.cors_origins)
     if config.cors_origins:  # added last, so outermost: preflight requests and error responses get its headers
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])

@@ -23,11 +23,12 @@ async def require_api_key(request: Request) -> None:
 
 
 class BodyGuard:
-    """ASGI middleware: a request with a body must say it is JSON and stay within `max_bytes`. The body is read
-    here, whole, and handed on; later receives (disconnect detection) go to the client as before."""
+    """ASGI middleware: a request with a body must say it is JSON and stay within `max_bytes`, and, sent by a web
+    page, come from this server's own site or an origin `cors_origins` allows. The body is read here, whole, and
+    handed on; later receives (disconnect detection) go to the client as before."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, cors_origins: list[str] | None = None) -> None:
+        self.app, self.max_bytes, self.cors_origins = app, max_bytes, cors_origins or []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -35,6 +36,7 @@ class BodyGuard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
+            self._check_site(headers)
             body = await self._read(headers, receive)
         except APIError as e:
             await error_response(e.status, e.info)(scope, receive, send)
@@ -51,6 +53,16 @@ class BodyGuard:
             return {"type": "http.request", "body": body, "more_body": False}
 
         await self.app(scope, replay, send)
+
+    def _check_site(self, headers: dict[str, str]) -> None:
+        """A browser says where a request comes from (Sec-Fetch-Site): a page of another site may post a JSON body
+        with no content type, which asks for no CORS preflight, and so drive a server without an API key (load and
+        unload adapters, spend its compute). Only the origins --cors-origins names may."""
+        if headers.get("sec-fetch-site") not in ("cross-site", "same-site"):  # same-origin, a user's own, or no browser
+            return
+        if "*" not in self.cors_origins and headers.get("origin") not in self.cors_origins:
+            raise APIError(403, f"a web page of another origin ({headers.get('origin', 'unknown')}) may not call this "
+                                "server: allow it with --cors-origins", "permission_error", code="cross_origin")
 
     async def _read(self, headers: dict[str, str], receive: Receive) -> bytes:
         declared = headers.get("content-length", "")
@@ -84,7 +96,7 @@ def _media_type(headers: dict[str, str]) -> str:
 def _is_json(body: bytearray) -> bool:
     try:
         json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # (RecursionError: nested too deep to be a request's)
         return False
     return True
 

@@ -1,12 +1,14 @@
-"""Operations: /health (is the engine running) and /metrics (Prometheus). Neither needs the API key."""
+"""Operations: /health (is the engine running) and /metrics (Prometheus), which need no API key; and
+/openapi.json, the API's document, which does."""
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from server.errors import error_response
+from server.guards import require_api_key
 from server.protocol import ErrorInfo, ErrorResponse
 from server.state import State
 
@@ -31,3 +33,8 @@ async def health(state: State) -> JSONResponse:
                              "description": "Prometheus text format"}})
 async def metrics(state: State) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])
+async def openapi_document(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())

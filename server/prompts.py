@@ -62,7 +62,7 @@ def chat_request_ids(tokenizer, req: ChatCompletionRequest, template_kwargs: dic
     except ValueError as e:
         raise APIError(400, str(e), param="tool_choice") from None
     try:
-        tools_prompt = system_prompt(req) if calls else None
+        tools_prompt = unicode_text(system_prompt(req), "tools") if calls else None
     except ValueError as e:  # a structured output the tools cannot go with
         raise APIError(400, str(e), param=(req.structured_output_fields or [None])[0]) from None
     return chat_prompt_ids(tokenizer, req, template_kwargs, tools_prompt=tools_prompt), calls

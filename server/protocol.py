@@ -12,6 +12,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -59,6 +60,24 @@ def field_error(message: str) -> PydanticCustomError:
 
 def unsupported(field: str, detail: str = "") -> PydanticCustomError:
     return field_error(f"{field} is not supported by this server{detail}")
+
+
+MAX_TEMPLATE_NESTING = 32  # lists and objects inside a chat template variable
+
+
+def shallow(variables: dict[str, Any]) -> dict[str, Any]:
+    """chat_template_kwargs nested no deeper than MAX_TEMPLATE_NESTING (deeper, the template's rendering ran out
+    of recursion: a 500 and a traceback of thousands of lines)."""
+    level, depth = list(variables.values()), 1
+    while level:
+        if depth > MAX_TEMPLATE_NESTING:
+            raise field_error(f"chat_template_kwargs: nested more than {MAX_TEMPLATE_NESTING} deep")
+        level = [v for x in level for v in (x.values() if isinstance(x, dict) else x if isinstance(x, list) else ())]
+        depth += 1
+    return variables
+
+
+TemplateVariables = Annotated[dict[str, Any], AfterValidator(shallow)]
 
 
 class RequestBody(BaseModel):
@@ -413,7 +432,7 @@ class ChatCompletionRequest(SamplingRequest):
     # vLLM's extensions for the chat template (server.prompts.chat_prompt_ids)
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the last (assistant) message is the answer's start, continued
-    chat_template_kwargs: dict[str, Any] | None = None  # the template's own variables (Qwen3's enable_thinking)
+    chat_template_kwargs: TemplateVariables | None = None  # the template's own variables (Qwen3's enable_thinking)
     # not served: any value but null (or an empty list, or "none", or OpenAI's default) is an error that names it
     functions: Any = None
     function_call: Any = None
@@ -641,7 +660,7 @@ class TokenizeRequest(RequestBody):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateVariables | None = None
     return_token_strs: bool = False
 
 

@@ -83,6 +83,22 @@ HOSTILE = {
                         headers={"Content-Type": "application/x-www-form-urlencoded"}),
     "no content type, no JSON": Bad("/v1/completions", b"prompt=hi", status=415, code="unsupported_media_type",
                                     headers={}),
+    "no content type, nested past Python's recursion": Bad("/v1/completions", b"[" * 2000 + b"]" * 2000,
+                                                           status=415, code="unsupported_media_type", headers={}),
+    # a web page of another site posting JSON with no content type (no CORS preflight): a CSRF on a keyless server
+    "a page of another site": Bad("/v1/completions", b'{"prompt": "hi", "max_tokens": 2}', status=403,
+                                  code="cross_origin", headers={"Origin": "https://evil.example",
+                                                                "Sec-Fetch-Site": "cross-site"}),
+    "a page of another port": Bad("/v1/load_lora_adapter", b'{"lora_name": "x", "lora_path": "x"}', status=403,
+                                  code="cross_origin", headers={"Origin": "http://localhost:3000",
+                                                                "Sec-Fetch-Site": "same-site"}),
+    "chat_template_kwargs nested too deep": chat("chat_template_kwargs", chat_template_kwargs={"x": json.loads(
+        "[" * 40 + "]" * 40)}),
+    "tool description unpaired surrogate": Bad(
+        "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, '
+                                b'"tools": [{"type": "function", "function": {"name": "f", '
+                                b'"description": "a\\ud800"}}]}',
+        param="tools"),
     "unknown field": completion("frobnicate", frobnicate=1),
     # prompts and token ids
     "prompt missing": Bad("/v1/completions", {"max_tokens": 2}, param="prompt"),
@@ -294,7 +310,9 @@ def test_after_the_hostile_list_the_server_serves_and_holds_no_kv_block(client, 
 
 # ---- the contract ------------------------------------------------------------------------------------
 def test_openapi_documents_every_route_body(client):
-    doc = client.get("/openapi.json").json()
+    assert client.get("/openapi.json").status_code == 401  # behind the key, as the routes it describes
+    assert client.get("/docs").status_code == client.get("/redoc").status_code == 404
+    doc = client.get("/openapi.json", headers=AUTH).json()
     schemas = doc["components"]["schemas"]
 
     def resolve(schema: dict) -> dict:
@@ -606,3 +624,15 @@ def test_a_server_without_tokenizer_takes_token_ids(tiny_model_dir, llm):
                                    ({"prompt": [1], "logit_bias": {"256": 1}}, "/v1/completions", None)]:
             response = client.post(route, headers=AUTH, json=body)
             assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+def test_pages_of_this_server_and_of_the_origins_it_allows_may_post(llm):
+    """The cross-site check leaves the playground (same origin), clients that are no browser, and the origins
+    --cors-origins names."""
+    body = b'{"prompt": "hi", "max_tokens": 2}'
+    page = {**AUTH, "Origin": "http://localhost:3000", "Sec-Fetch-Site": "same-site"}
+    with make_client(llm, cors_origins=["http://localhost:3000"]) as allowing, make_client(llm) as own:
+        assert allowing.post("/v1/completions", content=body, headers=page).status_code == 200
+        assert own.post("/v1/completions", content=body, headers=page).status_code == 403
+        for headers in ({"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}, {}):
+            assert own.post("/v1/completions", content=body, headers={**AUTH, **headers}).status_code == 200
