@@ -84,6 +84,7 @@ class SamplingParams:
     # are drafted, with or without heads, where the engine drafts by prompt lookup (engine.medusa.ngram)
     prediction: list[int] = field(default_factory=list)
     structured: StructuredOutput | None = None  # constrain the output to a JSON schema, regex, ... (engine.structured)
+    cache_salt: str | None = None  # vLLM's: prefix-cache hits only among requests with the same salt (a tenant's)
     # the final-normed hidden state that produced each output token, on the finished RequestOutput (what Medusa
     # heads learn from: engine.training.medusa); such requests decode plainly
     return_hidden_states: bool = False

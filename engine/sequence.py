@@ -79,12 +79,14 @@ class Sequence:
 
     @property
     def cache_key(self) -> bytes:
-        """What besides the tokens decides the K/V (prefix-cache hashes start from it): the adapter's identity and
-        version, and the dynamic RoPE length. A request that wants prompt logprobs must compute every prompt row,
-        so it takes no prefix-cache hit: its key is its own."""
+        """What besides the tokens decides the K/V, or who may share it (prefix-cache hashes start from it): the
+        adapter's identity and version, the dynamic RoPE length, and the request's cache salt. A request that wants
+        prompt logprobs must compute every prompt row, so it takes no prefix-cache hit: its key is its own."""
         if self.params.prompt_logprobs is not None:
             return f"private {self.private_cache_key}".encode()
-        return f"adapter {0 if self.adapter is None else self.adapter.cache_key} rope {self.dynamic_rope_len}".encode()
+        adapter = 0 if self.adapter is None else self.adapter.cache_key
+        salt = "" if self.params.cache_salt is None else f" salt {self.params.cache_salt!r}"
+        return f"adapter {adapter} rope {self.dynamic_rope_len}{salt}".encode()
 
     @property
     def num_virtual_tokens(self) -> int:

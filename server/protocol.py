@@ -177,6 +177,9 @@ class SamplingRequest(RequestBody):
     skip_special_tokens: bool = True  # False: special tokens' text is in the answer
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_STRINGS)] | None = None  # the answer ends at any
     return_token_ids: bool = False  # choices carry their token ids, and the answer its prompt's
+    # the prefix cache shares K/V only among requests with the same salt (a tenant's: none can tell, from how
+    # fast it is answered or its cached_tokens, what another tenant's prompts held)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
     # structured outputs: OpenAI's response_format, vLLM's structured_outputs or its older guided_* fields (one)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None

@@ -39,7 +39,7 @@ def sampling_params(req: SamplingRequest, prompt_len: int, max_model_len: int, v
             stop_token_ids=stop_token_ids(req.stop_token_ids or [], vocab_size),
             seed=None if req.seed is None else req.seed + choice,  # n choices: distinct but reproducible
             logprobs=req.top_alternatives, prompt_logprobs=req.prompt_alternatives, use_medusa=req.use_medusa,
-            structured=structured, prediction=prediction or [])
+            structured=structured, prediction=prediction or [], cache_salt=req.cache_salt)
     except ValueError as e:  # bounds the protocol already checks; kept as a 400 should the two ever differ
         raise APIError(400, str(e)) from None
 

@@ -192,6 +192,21 @@ def test_usage_counts_the_prompt_tokens_the_prefix_cache_held(client, running):
     assert answers[1].usage.input_tokens_details.cached_tokens >= 8
 
 
+def test_a_cache_salt_shares_the_prefix_cache_only_with_the_same_salt(client):
+    """vLLM's cache_salt: a tenant's requests find only their own prompts' K/V (another tenant's cached_tokens, or
+    speed, showed which prompts the others had sent)."""
+    prompt = "the secret record of a patient, long enough for a few cache blocks: " + "y = 2\n" * 6
+
+    def cached(salt: str | None) -> int:
+        got = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0,
+                                        extra_body={"cache_salt": salt} if salt else None)
+        return got.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-b") == 0 and cached(None) == 0  # neither another salt nor none finds it
+    assert cached("tenant-a") >= 8
+
+
 def test_stop_token_ids_end_the_answer_with_that_token(client, oracle):
     """vLLM's stop_token_ids (the way to stop a server without a tokenizer, whose stop strings cannot match)."""
     full = greedy("def f(x):", oracle, 12)
