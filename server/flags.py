@@ -36,7 +36,7 @@ def add_medusa_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--medusa-tree", default=None, help="Medusa tree: a shipped tree's name or a JSON file")
     parser.add_argument("--medusa-max-batch-size", type=int, default=None, metavar="N",
                         help="speculate only while at most N sequences decode together, plain decoding above (default: "
-                             "the limit train-medusa measured for the heads' tree, else none)")
+                             "the limit train-medusa measured for the heads' tree; 1 for 'lookup' and 'prediction')")
     parser.add_argument("--medusa-acceptance", default=None, choices=["rejection", "typical"],
                         help="how sampled requests accept drafts: rejection (the default) keeps plain sampling's "
                              "distribution exactly; typical accepts more, and trades that exactness for it")
@@ -87,7 +87,8 @@ def set_threads(args: argparse.Namespace) -> None:
 
 def add_dtype_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: bfloat16 on CUDA; on the CPU the checkpoint's own if bfloat16, else float32")
+                        help="default: bfloat16 on CUDA; on the CPU the checkpoint's own if bfloat16 or float16, "
+                             "else float32")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="the KV cache's dtype; auto (default): the model's, but float16 for GGUF files and "
                              "quantized weights, as llama.cpp keeps it (half the bytes, faster long contexts); "
