@@ -58,7 +58,8 @@ class StructuredOutput:
 @dataclass
 class SamplingParams:
     """How to decode one request. temperature 0 means greedy; top_k 0 or -1 and top_p == 1 disable those filters.
-    As in vLLM, None stands for a field's default (max_tokens None: up to the end of the context)."""
+    As in vLLM, None stands for the default of min_tokens, top_k, stop, stop_token_ids and logit_bias, and
+    max_tokens None for the rest of the context."""
 
     max_tokens: int | None = 64
     # vLLM's: stop tokens are masked and stop strings not looked for until the output holds this many tokens

@@ -36,6 +36,7 @@ from engine.structured import Grammars, advance
 from models.gguf import END_OF_TURN_TOKENS, find_gguf, load_tokenizer
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
 from models.loader import load_model, recommended_sampling
+from models.medusa import head_kind
 from models.named import medusa_heads_for
 
 
@@ -54,7 +55,9 @@ class EngineStats:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
-Prompt = str | list[int] | dict  # text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}
+# text, token ids (a list, or anything with .tolist(): an array, a tensor), or vLLM's {"prompt": text} /
+# {"prompt_token_ids": ids}
+Prompt = str | list[int] | dict
 
 
 def prompt_of(prompt: Prompt) -> str | list[int]:
@@ -156,11 +159,13 @@ class LLM:
         self.max_model_len = min(self.max_model_len, num_blocks * self.config.block_size)
         if self.parallel is not None:
             kv_cache = ShardedKVCache(self.parallel, num_blocks)
-            # Medusa drafts on rank 0 from the base model's config, its whole LM head and (Hydra heads) embedding
+            # Medusa drafts on rank 0 from the base model's config, its whole LM head and (Hydra heads, which read
+            # the drafted tokens) its whole embedding
             heads = self.config.medusa not in (None, LOOKUP_ONLY, PREDICTION_ONLY)
+            hydra = heads and head_kind(self.config.medusa) == "hydra"
             medusa_base = SimpleNamespace(
                 config=model_config, lm_head=self.parallel.call("gather_lm_head") if heads else None,
-                model=SimpleNamespace(embed_tokens=self.parallel.call("gather_embedding") if heads else None))
+                model=SimpleNamespace(embed_tokens=self.parallel.call("gather_embedding") if hydra else None))
         else:
             kv_cache = KVCache(model_config.num_layers, num_blocks, self.config.block_size, model_config.num_kv_heads,
                                model_config.head_dim, kv_dtype, self.device)
@@ -283,6 +288,9 @@ class LLM:
             seq.adapter = self.adapters.get(adapter)
             if params.max_tokens is None:  # up to the end of the context (what the adapter leaves of it)
                 rest = self.max_model_len - seq.num_virtual_tokens - len(token_ids)
+                if params.min_tokens > rest:
+                    raise ContextLengthError(f"min_tokens {params.min_tokens} do not fit the {rest} tokens the "
+                                             f"model's context leaves after this prompt")
                 seq.params = params = replace(params, max_tokens=max(1, rest))
             self._validate_prompt(token_ids, params, seq.num_virtual_tokens)
             self.requests[request_id] = seq
@@ -496,7 +504,7 @@ class LLM:
             params_list = list(params)
         else:
             params_list = [params or self.default_sampling_params()] * len(prompts)
-        adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(prompts)
         if len(params_list) != len(prompts) or len(adapters) != len(prompts):
             raise ValueError("give one SamplingParams (and adapter), or one per prompt")
         ids: list[str] = []

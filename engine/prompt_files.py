@@ -92,14 +92,17 @@ def chat_of(record: object) -> list[dict] | None:
 
 
 def chat_answer_ids(tokenizer, messages: list[dict]) -> tuple[list[int], int] | None:
-    """A chat in the model's template as token ids, and where its first answer starts; None if it has no answer
-    after a question. (A template may write a turn differently once an answer follows it, as Qwen3's drops its
-    empty thinking: the answer starts where the chat parts from the prompt as the server writes it.)"""
+    """A chat up to its first answer, in the model's template, as token ids, and where that answer starts; None if
+    it has no answer after a question. (Later turns are left out: templates write earlier turns differently once
+    more follow, Mistral's moves the system text to the last question. And a template may write a turn differently
+    once an answer follows it, as Qwen3's drops its empty thinking: the answer starts where the chat parts from the
+    prompt as the server writes it.)"""
     first_answer = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), 0)
     if not any(m.get("role") == "user" for m in messages[:first_answer]):
         return None
     prompt = chat_prompt_ids(tokenizer, messages[:first_answer])
-    ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    ids = list(tokenizer.apply_chat_template(messages[:first_answer + 1], tokenize=True,
+                                             return_dict=True)["input_ids"])
     start = next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b), min(len(prompt), len(ids)))
     return (ids, start) if start < len(ids) else None
 

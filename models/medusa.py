@@ -263,6 +263,13 @@ class MedusaHeads(nn.Module):
         return top if self.draft_vocab is None else self.draft_vocab[top]
 
 
+def head_kind(folder: str | Path) -> str:
+    """The kind of heads a folder holds, from its config.json (medusa where it says none, or has none: loading
+    the heads says what is missing)."""
+    config_file = Path(folder) / "config.json"
+    return json.loads(config_file.read_text()).get("head_kind", "medusa") if config_file.is_file() else "medusa"
+
+
 def load_medusa_heads(folder: str | Path, hidden_size: int, vocab_size: int,
                       dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> MedusaHeads:
     """Read a published Medusa folder (config.json + medusa_lm_head.safetensors) for a base model with
@@ -289,7 +296,7 @@ def load_medusa_heads(folder: str | Path, hidden_size: int, vocab_size: int,
         warnings.warn(f"{config_file} says medusa_num_heads={config['medusa_num_heads']}, but the weights hold "
                       f"{num_heads} heads; using {num_heads}", stacklevel=2)
     own_lm_head = any(m[3] == "weight" for m in parsed.values())
-    kind = config.get("head_kind", "medusa")
+    kind = head_kind(folder)
     if kind not in HEAD_KINDS:
         raise ValueError(f"{config_file}: head_kind must be one of {', '.join(HEAD_KINDS)}, not {kind!r}")
     heads = MedusaHeads(MedusaConfig(num_heads, int(config["medusa_num_layers"]), hidden_size, vocab_size, own_lm_head,

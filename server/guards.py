@@ -24,7 +24,7 @@ async def require_api_key(request: Request) -> None:
 
 class BodyGuard:
     """ASGI middleware: a request with a body must say it is JSON and stay within `max_bytes`, and, sent by a web
-    page, come from this server's own site or an origin `cors_origins` allows. The body is read here, whole, and
+    page, come from this server's own origin or one `cors_origins` allows. The body is read here, whole, and
     handed on; later receives (disconnect detection) go to the client as before."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, cors_origins: list[str] | None = None) -> None:

@@ -19,6 +19,9 @@ import uuid
 from engine import StructuredOutput
 from server.protocol import ChatCompletionRequest, FunctionCall, ToolCall, ToolDefinition
 
+COMBINATIONS = ("allOf", "anyOf", "oneOf")  # JSON Schema's keywords that combine schemas
+DATA_KEYWORDS = ("const", "enum", "default", "examples")  # whose values are data, not schemas
+
 
 def active_tools(req: ChatCompletionRequest) -> list[ToolDefinition]:
     """The tools the answer may call: none with tool_choice "none" or without tools; a named one alone."""
@@ -73,18 +76,19 @@ def output_format(req: ChatCompletionRequest) -> StructuredOutput | None:
     return StructuredOutput(json={"anyOf": [calling, answering]})
 
 
-def closed(schema: object, composed: bool = False) -> object:
+def closed(schema: object, part: bool = False) -> object:
     """schema with `"additionalProperties": false` in every object that lists its properties and says nothing of
     others (as OpenAI's strict function schemas and vLLM's guidance backend take them): a small model otherwise
-    goes on inventing arguments. Not where other schemas add properties (an object with allOf / anyOf / oneOf, or
-    a part of an allOf: zod's intersections), which closing would make unsatisfiable."""
+    goes on inventing arguments. Not in a part of an allOf / anyOf / oneOf, nor in an object whose parts list
+    properties of their own (zod's intersections and unions): closing either would refuse the other's."""
     if isinstance(schema, list):
-        return [closed(s, composed) for s in schema]
+        return [closed(s, part) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: closed(v, composed=k == "allOf") for k, v in schema.items()}
-    combined = composed or any(k in out for k in ("allOf", "anyOf", "oneOf"))
-    if "properties" in out and "additionalProperties" not in out and not combined:
+    out = {k: closed(v, part=k in COMBINATIONS) for k, v in schema.items()}
+    parts = [p for k in COMBINATIONS if isinstance(out.get(k), list) for p in out[k] if isinstance(p, dict)]
+    parts_add = any("properties" in p or "$ref" in p for p in parts)
+    if "properties" in out and "additionalProperties" not in out and not part and not parts_add:
         out["additionalProperties"] = False
     return out
 
@@ -96,7 +100,7 @@ def moved(schema: object, to: str) -> object:
         return [moved(s, to) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: moved(v, to) for k, v in schema.items()}
+    out = {k: v if k in DATA_KEYWORDS else moved(v, to) for k, v in schema.items()}
     ref = out.get("$ref")
     if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
         out["$ref"] = "#" + to + ref[1:]

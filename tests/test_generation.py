@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from engine import LLM, SamplingParams
+from engine import LLM, ContextLengthError, SamplingParams
 
 from conftest import hf_model
 
@@ -172,6 +172,8 @@ def test_prompts_and_params_as_vllm_users_give_them(tiny_model_dir):
     assert SamplingParams(top_k=-1).top_k == -1 and llm.generate(ids, SamplingParams(top_k=-1, seed=1))[0].token_ids
     with pytest.raises(ValueError, match="stop_token_ids must be token ids"):
         SamplingParams(stop_token_ids=["5"])
+    with pytest.raises(ContextLengthError, match="min_tokens 100 do not fit the 12 tokens the model's context leaves"):
+        llm.generate([1] * (llm.max_model_len - 12), SamplingParams(max_tokens=None, min_tokens=100))
     assert not llm.requests and llm.num_free_blocks == 64
 
 

@@ -196,7 +196,8 @@ def test_a_request_ended_by_a_tree_step_leaves_its_answer_in_the_prefix_cache(ti
     want = run(plain, requests)
     use_oracle_drafts(medusa, {f"r{i}": p + o.token_ids for i, ((p, _), o) in enumerate(zip(requests, want))})
     got = run(medusa, requests)
-    assert all(o.accepted_lengths and o.accepted_lengths[-1] > 0 for o in got)  # each ended in a tree step
+    assert all(sum(o.accepted_lengths) == len(o.token_ids) - 1 for o in got)  # every step after the prefill's, the
+    # last included, was a tree step
     for (prompt, _), answer in zip(requests, want):
         next_turn = prompt + answer.token_ids + [7, 8, 9]
         cached = [llm.generate(next_turn, SamplingParams(max_tokens=1))[0].num_cached_tokens for llm in (plain, medusa)]

@@ -301,7 +301,8 @@ def test_data_files_of_chats_are_learned_from_their_answers(chat_model_dir, tiny
     as plain text (the heads learned JSON), and prompt + completion joined with no template."""
     tokenizer = LLM(chat_model_dir).tokenizer
     chats = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
-                           {"role": "assistant", "content": "hello there"}]},
+                           {"role": "assistant", "content": "hello there"}, {"role": "user", "content": "more"},
+                           {"role": "assistant", "content": "no"}]},  # its first answer only
              {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello there"}]},
              {"prompt": "hi", "completion": "hello there"},
              {"messages": [{"role": "user", "content": "no answer"}]},
@@ -311,6 +312,8 @@ def test_data_files_of_chats_are_learned_from_their_answers(chat_model_dir, tiny
     texts, starts = medusa_training.read_training_data(data, tokenizer, 8, separator=0)
     written = [tokenizer.decode(t) for t in texts]
     assert written[0] == "system: Be brief.\nuser: hi\nassistant: hello there\n"[:len(written[0])]
+    whole = medusa_training.read_training_data(data, tokenizer, 64, separator=0)[0][0]
+    assert tokenizer.decode(whole) == "system: Be brief.\nuser: hi\nassistant: hello there\n"  # not the next turn
     assert tokenizer.decode(texts[0][:starts[0]]) == "system: Be brief.\nuser: hi\nassistant: "
     assert tokenizer.decode(texts[1][:starts[1]]) == tokenizer.decode(texts[2][:starts[2]]) == "user: hi\nassistant: "
     assert all(len(t) - s <= 8 for t, s in zip(texts[:3], starts[:3]))  # seq_len tokens of each answer
@@ -321,6 +324,12 @@ def test_data_files_of_chats_are_learned_from_their_answers(chat_model_dir, tiny
     lines = tmp_path / "chats.jsonl"
     lines.write_text("\n".join(json.dumps(c) for c in chats[:3]) + "\n")
     assert medusa_training.read_training_data(lines, tokenizer, 8, 0)[0] == texts[:3]
+    short = tmp_path / "short.jsonl"  # a document shorter than a window beside a chat: the chat is still learned
+    short.write_text(json.dumps(chats[2]) + "\n" + json.dumps({"text": "x = 1"}) + "\n")
+    assert medusa_training.read_training_data(short, tokenizer, 8, 0)[0] == texts[2:3]
+    short.write_text(json.dumps({"text": "x = 1"}) + "\n")
+    with pytest.raises(ValueError, match="no chat with an answer, and documents of .* fewer than one window"):
+        medusa_training.read_training_data(short, tokenizer, 8, 0)
     plain = LLM(tiny_model_dir).tokenizer  # no chat template: a chat cannot be written
     with pytest.raises(ValueError, match="record 1 is a chat, and the model has no chat template"):
         medusa_training.read_training_data(lines, plain, 8, 0)

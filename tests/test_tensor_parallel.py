@@ -111,6 +111,7 @@ class TestAgainstOneProcess:
     def test_medusa_drafts_from_the_whole_lm_head_and_stays_lossless(self, tp, reference):
         """Drafting projects onto the LM head gathered from the ranks; tree verification (with LoRA rows, and
         the accepted K/V moved on every rank) gives plain greedy decoding's tokens."""
+        assert tp.medusa.model.model.embed_tokens is None  # Medusa heads read no embedding: none gathered
         drafting = tp.medusa.draft_weights  # the whole LM head, in Q8_0 blocks as the CPU kernels draft over it
         assert drafting.projection_qtype == QType.Q8_0
         assert torch.equal(drafting.projections[0], quantize(reference.model.lm_head.weight, QType.Q8_0).data)

@@ -102,8 +102,18 @@ def test_schemas_that_refer_to_their_own_definitions_and_intersections(llm):
     both = {"type": "function", "function": {"name": "both", "parameters": {"type": "object", "allOf": [
         {"properties": {"a": {"type": "integer"}}, "required": ["a"]},
         {"properties": {"b": {"type": "integer"}}, "required": ["b"]}]}}}
+    either = {"type": "function", "function": {"name": "either", "parameters": {  # a union adding properties
+        "type": "object", "properties": {"kind": {"enum": ["x", "y"]}}, "required": ["kind"],
+        "anyOf": [{"properties": {"x": {"type": "integer"}}, "required": ["x"]},
+                  {"properties": {"y": {"type": "integer"}}, "required": ["y"]}]}}}
+    one_of = {"type": "function", "function": {"name": "one_of", "parameters": {  # its parts require, add nothing
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "anyOf": [{"required": ["a"]}, {"required": ["b"]}]}}}
     for choice in ("required", "auto"):
-        req = request(tools=[book, linked, both], tool_choice=choice)
+        req = request(tools=[book, linked, both, either, one_of], tool_choice=choice)
+        assert accepted(req, '{"tool_calls": [{"name": "either", "arguments": {"kind": "x", "x": 1}}]}')
+        assert accepted(req, '{"tool_calls": [{"name": "one_of", "arguments": {"a": 1}}]}')
+        assert not accepted(req, '{"tool_calls": [{"name": "one_of", "arguments": {"a": 1, "zzz": 3}}]}')
         assert accepted(req, '{"tool_calls": [{"name": "book", "arguments": {"to": {"city": "Paris"}}}]}')
         assert not accepted(req, '{"tool_calls": [{"name": "book", "arguments": {"to": {"city": "Rome"}}}]}')
         chain = '{"tool_calls": [{"name": "chain", "arguments": {"v": 1, "next": %s}}]}'

@@ -380,21 +380,20 @@ def read_training_data(path: Path, tokenizer, seq_len: int,
         docs.append(tokenizer(text)["input_ids"])
     if unanswered:
         tqdm.write(f"{path}: left out {unanswered} chats with no answer after a question")
-    windows = windows_of(docs, seq_len, separator).tolist() if docs else []
+    windows = windows_of(docs, seq_len, separator)
     texts = [ids[:start + seq_len] for ids, start in chats] + windows
     if not texts:
-        raise ValueError(f"{path}: no text to train on")
+        raise ValueError(f"{path}: no text to train on: no chat with an answer, and documents of "
+                         f"{sum(map(len, docs))} tokens, fewer than one window of --seq-len {seq_len}")
     return texts, [start for _, start in chats] + [0] * len(windows)
 
 
-def windows_of(docs: list[list[int]], seq_len: int, separator: int | None) -> torch.Tensor:
-    """Cut the documents, joined with `separator` between them, into [N, seq_len] windows (the remainder is
+def windows_of(docs: list[list[int]], seq_len: int, separator: int | None) -> list[list[int]]:
+    """The documents, joined with `separator` between them, cut into windows of seq_len tokens (the remainder is
     dropped)."""
     between = [] if separator is None else [separator]
-    tokens = torch.tensor(docs[0] + [t for doc in docs[1:] for t in between + doc])
-    if len(tokens) < seq_len:
-        raise ValueError(f"the training text has {len(tokens)} tokens, fewer than one window of {seq_len}")
-    return tokens[:len(tokens) // seq_len * seq_len].view(-1, seq_len)
+    tokens = docs[0] + [t for doc in docs[1:] for t in between + doc] if docs else []
+    return [tokens[i:i + seq_len] for i in range(0, len(tokens) - seq_len + 1, seq_len)]
 
 
 def prompts_from(path: Path, num_prompts: int, seed: int) -> list[str | list[dict]]:
@@ -901,6 +900,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"gorgon train-medusa: {len(texts)} texts leave nothing to train on after "
                          f"holding out {num_held_out}")
     held_out, train = order[:num_held_out], order[num_held_out:]
+
     def cache_of(rows: list[int], progress: bool = False) -> HiddenCache:
         if hidden_states:  # the engine kept them as it wrote the texts
             return captured_cache([texts[t] for t in rows], [starts[t] for t in rows],
@@ -908,7 +908,7 @@ def main(argv: list[str] | None = None) -> None:
         return build_cache(model, [texts[t] for t in rows], args.heads, [starts[t] for t in rows], progress=progress)
 
     train_cache, held_out_cache = cache_of(train, progress=True), cache_of(held_out)
-    hidden_states = None  # the caches hold copies (a 7B model's 8192 answers: 7.5 GB)
+    hidden_states = None  # the caches hold copies (a 7B model's 8192 answers: 7.5 GB); cache_of is not called again
     config = TrainConfig(args.heads, args.layers, args.own_lm_head, args.head_kind, args.steps, args.batch_size,
                          args.seq_len, args.lr, args.seed)
     valid = train_cache.targets[:, 0][train_cache.targets[:, 0] >= 0]

@@ -434,16 +434,16 @@ async function pollMetrics() {
 }
 
 async function pollMetricsOnce() {
-  let values;
+  let response;
   try {
-    const response = await fetch("metrics");
-    if (!response.ok) throw new Error(response.statusText);
-    values = parseMetrics(await response.text());
+    response = await fetch("metrics");
   } catch {
     serverUnreachable();
     return;
   }
   serverReached();
+  if (!response.ok) return; // the server is there, its metrics withheld (a proxy may block /metrics)
+  const values = parseMetrics(await response.text());
   record("running", values.gorgon_requests_running ?? 0, String(values.gorgon_requests_running ?? 0));
   record("waiting", values.gorgon_requests_waiting ?? 0, String(values.gorgon_requests_waiting ?? 0));
   const kv = 100 * (values.gorgon_kv_cache_usage ?? 0);
