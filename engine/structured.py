@@ -18,6 +18,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from functools import cached_property
 
 import llguidance
@@ -69,9 +70,10 @@ class Grammars:
 
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: set[int]) -> None:
         self.tokenizer, self.vocab_size, self.eos_token_ids = tokenizer, vocab_size, sorted(eos_token_ids)
-        # grammar text -> its compiled matcher, fresh: a request's n choices, and an agent's tools sent with every
-        # request, compile once (a large grammar takes seconds)
-        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        # grammar text -> its compiled matcher, fresh (a Future while it compiles): a request's n choices, and an
+        # agent's tools sent with every request, even by many requests at once, compile once (a large grammar takes
+        # seconds)
+        self._compiled: OrderedDict[str, Future[llguidance.LLMatcher]] = OrderedDict()
         self._lock = threading.Lock()
 
     @cached_property
@@ -88,14 +90,20 @@ class Grammars:
         if tags is not None and not any(tags.end in (text or "") for text in (spec.regex, spec.grammar)):
             grammar = self._after_reasoning(grammar, tags)
         with self._lock:
-            compiled = self._compiled.pop(grammar, None)
-        if compiled is None:
-            compiled = self._compile(grammar)
-        with self._lock:
-            self._compiled[grammar] = compiled
+            compiled, first = self._compiled.pop(grammar, None), False
+            if compiled is None:
+                compiled, first = Future(), True
+            self._compiled[grammar] = compiled  # (the most recently used last)
             while len(self._compiled) > COMPILED_GRAMMARS:
                 self._compiled.popitem(last=False)
-        return compiled.deep_copy()
+        if first:
+            try:
+                compiled.set_result(self._compile(grammar))
+            except BaseException as e:
+                with self._lock:
+                    self._compiled.pop(grammar, None)
+                compiled.set_exception(e)
+        return compiled.result().deep_copy()
 
     def _compile(self, grammar: str) -> llguidance.LLMatcher:
         error = llguidance.LLMatcher.validate_grammar(grammar, self._ll_tokenizer)

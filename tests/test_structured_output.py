@@ -7,12 +7,14 @@ import copy
 import dataclasses
 import json
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from engine import LLM, ReasoningTags, SamplingParams, StructuredOutput
-from engine.structured import Grammars
+from engine.structured import GrammarError, Grammars
 from models.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
 
 from conftest import VOCAB, hf_model, use_oracle_drafts
@@ -231,3 +233,13 @@ def test_a_grammar_compiles_once_for_every_request_that_gives_it(llm, monkeypatc
     assert not second.is_accepting() and second.consume_tokens(ids(llm, "no")) and second.is_accepting()
     grammars.matcher(StructuredOutput(choice=["maybe"]))
     assert len(compiled) == 2
+    # many requests at once with a grammar not yet compiled (a fleet of agents starting): one compile, and each
+    # request its own matcher
+    slow = StructuredOutput(choice=["slow"])
+    monkeypatch.setattr(grammars, "_compile", lambda grammar: time.sleep(0.2) or compiled.append(grammar)
+                        or compile_(grammar))
+    with ThreadPoolExecutor(4) as pool:
+        matchers = list(pool.map(lambda _: grammars.matcher(slow), range(4)))
+    assert len(compiled) == 3 and len({id(m) for m in matchers}) == 4
+    with pytest.raises(GrammarError):  # a grammar that fails fails each request that gives it, compiled each time
+        grammars.matcher(StructuredOutput(regex="("))
