@@ -361,8 +361,8 @@ async function runPane(pane, text, fields) {
       pane.state = "stopped";
       block.dataset.finishReason = "stopped";
     } else {
+      const message = await failureMessage(e); // (before the pane says it failed: its message is then shown)
       pane.state = "error";
-      const message = await failureMessage(e);
       pane.addBlock("failure", message);
       showError(message);
     }
