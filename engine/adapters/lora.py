@@ -19,6 +19,11 @@ class LoRAFormatError(ValueError):
     pass
 
 
+def max_rank(config: dict) -> int:
+    """The largest rank of an adapter's modules: r, or one that rank_pattern gives (what its slot must hold)."""
+    return max([config["r"], *(config.get("rank_pattern") or {}).values()])
+
+
 def rank_and_scale(config: dict, module: str) -> tuple[int, float]:
     """The rank of one module's LoRA (`module`: its name in the model, model.layers.0.self_attn.q_proj) and its scale:
     r and lora_alpha, unless a key of rank_pattern / alpha_pattern names the module (PEFT's rule: the first key

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from engine.adapters.lora import LoRAFormatError, read_lora
+from engine.adapters.lora import LoRAFormatError, max_rank, read_lora
 from engine.adapters.prefix import PrefixFormatError, read_prefix, write_pinned_blocks
 from engine.config import EngineConfig
 from engine.kv_cache import BlockManager, KVCache
@@ -174,8 +174,7 @@ class AdapterManager:
         try:
             if config["peft_type"] == "LORA":
                 lora = read_lora(weights, config, self.model, self._targets)
-                rank = max([config["r"], *(config.get("rank_pattern") or {}).values()])
-                return _Staged("lora", folder, rank=rank, lora=lora)
+                return _Staged("lora", folder, rank=max_rank(config), lora=lora)
             return _Staged("prefix", folder, prefix_kv=read_prefix(weights, config, self.model.config))
         except (LoRAFormatError, PrefixFormatError) as e:
             raise AdapterError(f"{folder}: {e}") from None
@@ -219,7 +218,7 @@ class AdapterManager:
                 isinstance(x, (int, float)) for x in alphas):
             raise refuse(f"ranks must be positive integers and lora_alphas numbers; got r={ranks}, "
                          f"lora_alpha={alphas}")
-        r = max(ranks)
+        r = max_rank(config)
         if r > self.max_rank:
             raise refuse(f"rank {r} exceeds this engine's max_lora_rank={self.max_rank} (gorgon serve --max-lora-rank)")
         targets = config.get("target_modules")
