@@ -29,6 +29,7 @@ from server.flags import (
     set_threads,
     shared_engine_kwargs,
 )
+from server.guards import is_loopback
 from server.reasoning import REASONING_FORMATS
 
 DEFAULT_MODEL_NAME = "gorgon-default"
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
                     "the API's defaults)", llm.sampling_defaults)
     config = ServerConfig(model_name=model_name, model_root=model_root, api_key=args.api_key or None,
                           max_request_bytes=args.max_request_bytes, max_waiting_requests=args.max_waiting_requests,
-                          cors_origins=args.cors_origins, reasoning_parser=args.reasoning_parser)
+                          cors_origins=args.cors_origins, reasoning_parser=args.reasoning_parser,
+                          loopback_hosts_only=is_loopback(args.host) and not args.api_key)
     try:
         Server(create_app(llm, config), args.shutdown_timeout, host=args.host, port=args.port,
                log_level=args.log_level).run()

@@ -15,7 +15,7 @@ from engine import LLM
 from server import adapter_routes, openai_routes, ops_routes, playground, responses_api
 from server.async_engine import AsyncEngine
 from server.errors import install_error_handlers
-from server.guards import BodyGuard
+from server.guards import BodyGuard, HostGuard
 from server.metrics import ServerMetrics
 from server.protocol import ChatCompletionChunk
 from server.state import ServerConfig, ServerState
@@ -44,6 +44,8 @@ def create_app(llm: LLM, config: ServerConfig) -> FastAPI:
     app.state.server = ServerState(llm, engine, metrics, config)
     install_error_handlers(app)
     app.add_middleware(BodyGuard, max_bytes=config.max_request_bytes, cors_origins=config.cors_origins)
+    if config.loopback_hosts_only:
+        app.add_middleware(HostGuard)
     if config.cors_origins:  # added last, so outermost: preflight requests and error responses get its headers
         app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
                            allow_headers=["*"])

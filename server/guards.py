@@ -1,7 +1,8 @@
-"""Checks every request passes before a route sees it: the API key, and the body guard (JSON content type,
-size limit)."""
+"""Checks every request passes before a route sees it: the API key, the body guard (JSON content type, size
+limit, a browser's page of another origin) and the host guard (DNS rebinding of a local server)."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import secrets
 
@@ -9,6 +10,7 @@ from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError, error_response
+from server.protocol import ErrorInfo
 
 
 async def require_api_key(request: Request) -> None:
@@ -85,6 +87,45 @@ class BodyGuard:
             raise APIError(415, f"the body must be JSON, sent with 'Content-Type: application/json' "
                                 f"(got {media_type or 'no content type'!r})", code="unsupported_media_type")
         return bytes(body)
+
+
+class HostGuard:
+    """ASGI middleware for a server listening on a loopback address without an API key: it answers only requests
+    addressed to a loopback name (the Host header: localhost, *.localhost, 127.0.0.0/8, ::1). A web page whose
+    domain its attacker rebinds to 127.0.0.1 (DNS rebinding) is of the same origin as this server to the browser,
+    which then lets it read the answers, but its requests still name its own domain."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            if not is_loopback(_host_name(host)):
+                await error_response(403, ErrorInfo(
+                    message=f"this server listens on a loopback address and answers only requests to a loopback "
+                            f"name, not to {host or 'no host'!r} (behind a proxy, send 'Host: localhost'; or "
+                            f"start it with --api-key)", type="permission_error", code="host_not_allowed"),
+                )(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address names this machine's loopback interface."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(host: str) -> str:
+    """The name of a Host header, without its port (IPv6 addresses in brackets)."""
+    if host.startswith("["):
+        return host[1:host.find("]")]
+    return host.rpartition(":")[0] if ":" in host else host
 
 
 # (form-encoded bodies, as curl -d sends them without -H, stay a 415: a browser posts those cross-site without a

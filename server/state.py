@@ -25,6 +25,9 @@ class ServerConfig:
     max_request_bytes: int = 1 << 20
     max_waiting_requests: int | None = None  # beyond it, new requests get a 429 (None: no limit)
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API
+    # requests must be addressed to a loopback name (server.guards.HostGuard): `gorgon serve` sets it when it
+    # listens on a loopback address without an API key
+    loopback_hosts_only: bool = False
     reasoning_parser: str | None = None  # server.reasoning.REASONING_FORMATS: chat answers' reasoning split off
 
 

@@ -166,6 +166,17 @@ def test_serve_builds_the_engine_and_app_from_the_flags(tiny_model_dir, monkeypa
     assert state.config.api_key == "k" and state.config.max_waiting_requests == 3
     assert state.config.cors_origins == ["*"] and served["port"] == 9999
     assert (state.llm.config.max_lora_rank, state.llm.config.max_adapters) == (32, 3)
+    assert not state.config.loopback_hosts_only  # (its API key guards it)
+
+
+@pytest.mark.parametrize("host, loopback_only", [("127.0.0.1", True), ("localhost", True), ("0.0.0.0", False)])
+def test_a_server_on_a_loopback_address_without_api_key_takes_loopback_hosts_only(
+        host, loopback_only, tiny_model_dir, monkeypatch):
+    served = {}
+    monkeypatch.setattr("server.__main__.Server.run", lambda server: served.update(app=server.config.app))
+    monkeypatch.delenv("GORGON_API_KEY", raising=False)
+    main(["--model", str(tiny_model_dir), "--num-kv-blocks", "40", "--host", host, "--port", "9997"])
+    assert served["app"].state.server.config.loopback_hosts_only == loopback_only
 
 
 def test_serve_loads_the_model_on_a_thread_that_then_ends(tiny_model_dir, monkeypatch):

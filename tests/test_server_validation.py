@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from engine import LLM, SamplingParams
 from server.app import ServerConfig, create_app
+from server.guards import is_loopback
 from server.prompts import chat_prompt_ids
 from server.protocol import (
     ChatCompletionRequest,
@@ -624,6 +625,22 @@ def test_a_server_without_tokenizer_takes_token_ids(tiny_model_dir, llm):
                                    ({"prompt": [1], "logit_bias": {"256": 1}}, "/v1/completions", None)]:
             response = client.post(route, headers=AUTH, json=body)
             assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+def test_a_local_server_answers_only_requests_to_a_loopback_name(llm):
+    """DNS rebinding: a web page whose domain now resolves to 127.0.0.1 is of this server's origin to the browser,
+    but its requests name its own domain."""
+    with make_client(llm, loopback_hosts_only=True) as client:
+        for host in ("localhost:8000", "127.0.0.1:8000", "127.0.0.2", "[::1]:8000", "app.localhost", "LOCALHOST"):
+            assert client.get("/v1/models", headers={**AUTH, "Host": host}).status_code == 200, host
+        for host in ("attacker.example:8000", "localhost.attacker.example", "10.0.0.1", "[::2]:80", ""):
+            for route in ("/v1/models", "/"):
+                response = client.get(route, headers={**AUTH, "Host": host})
+                assert response.status_code == 403 and response.json()["error"]["code"] == "host_not_allowed", host
+        response = client.post("/v1/completions", headers={**AUTH, "Host": "attacker.example"}, json={"prompt": "hi"})
+        assert response.status_code == 403
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.com")
 
 
 def test_pages_of_this_server_and_of_the_origins_it_allows_may_post(llm):
