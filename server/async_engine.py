@@ -19,9 +19,10 @@ logger = logging.getLogger("gorgon.server")
 T = TypeVar("T")
 
 
-# steps that fail one after the other on this many distinct prompts: the engine is broken (a sticky CUDA error, say),
-# and is down (/health says so), rather than failing every request it takes. (One request that fails a step however
-# often a client retries it, as the openai SDK retries a 500 twice, does not put the engine down.)
+# steps that fail one after the other on this many distinct prompts, with no prompt in every one of their batches:
+# the engine is broken (a sticky CUDA error, say), and is down (/health says so), rather than failing every request
+# it takes. (One request that fails a step however often a client retries it, as the openai SDK retries a 500
+# twice, does not put the engine down; nor does one failed step of a large batch.)
 MAX_FAILED_PROMPTS = 3
 
 
@@ -204,6 +205,7 @@ class AsyncEngine:
     # ---- the step thread ------------------------------------------------------------------------
     def _run(self) -> None:
         failed_prompts: set[int] = set()  # of the steps failed in a row
+        common_prompts: set[int] | None = None  # those in every one of their batches (None: no step failed)
         while not self._exit:
             while not self._commands.empty():
                 try:
@@ -220,17 +222,20 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.llm.step()
-                failed_prompts.clear()
+                failed_prompts, common_prompts = set(), None
             except Exception as e:  # noqa: BLE001 - the loop must outlive any one batch
                 # the batch's requests, and those it finished before it failed (their last output is lost)
                 batch = set(self.llm.stats().running_request_ids) | {r for r in self._active
                                                                      if r not in self.llm.requests}
-                failed_prompts.update(hash(tuple(seq.prompt_token_ids)) for r in batch
-                                      if (seq := self.llm.requests.get(r)) is not None)
-                if self.llm.failure is not None or len(failed_prompts) >= MAX_FAILED_PROMPTS:  # for good
+                prompts = {hash(tuple(seq.prompt_token_ids)) for r in batch
+                           if (seq := self.llm.requests.get(r)) is not None}
+                failed_prompts |= prompts
+                common_prompts = prompts if common_prompts is None else common_prompts & prompts
+                if self.llm.failure is not None or (len(failed_prompts) >= MAX_FAILED_PROMPTS
+                                                    and not common_prompts):  # for good
                     self._down = self.llm.failure or (f"steps failed one after another on {len(failed_prompts)} "
                                                       f"prompts, the last with: {e}")
-                    logger.error("the engine is down: %s", self._down)
+                    logger.exception("the engine is down: %s", self._down)
                     continue
                 logger.exception("engine step failed; failing the requests of its batch")
                 self._fail(list(batch) or None, EngineError(f"the engine failed while decoding this request: {e}"))

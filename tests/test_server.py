@@ -737,6 +737,39 @@ def test_a_request_that_a_failing_step_had_finished_still_ends(tiny_model_dir):
     asyncio.run(main())
 
 
+def test_one_failed_step_of_a_batch_of_several_prompts_leaves_the_engine_up(tiny_model_dir):
+    """A transient fault (one step's out-of-memory, say) fails its batch, however many prompts it holds; only steps
+    failing one after another with no prompt common to all of them put the engine down."""
+    llm = LLM(tiny_model_dir, **ENGINE_KWARGS)
+    forward, faults = llm.runner.forward, [1]
+
+    def fail_once(*args, **kwargs):
+        if faults:
+            faults.pop()
+            raise RuntimeError("injected fault")
+        return forward(*args, **kwargs)
+
+    async def main() -> None:
+        engine = AsyncEngine(llm)
+        engine.start()
+        all_added = threading.Event()
+        engine._post(all_added.wait)  # the step thread waits: the requests take the same first step
+        llm.runner.forward = fail_once
+        adds = asyncio.gather(*(engine.add_request([5, 6 + i], SamplingParams(max_tokens=2))
+                                for i in range(MAX_FAILED_PROMPTS + 1)))
+        asyncio.get_running_loop().call_later(0.2, all_added.set)
+        for stream in await adds:
+            with pytest.raises(EngineError, match="injected fault"):
+                async for _ in stream:
+                    pass
+        assert engine.is_running
+        served = await engine.add_request([5, 6], SamplingParams(max_tokens=2, ignore_eos=True))
+        assert [out.finish_reason async for out in served][-1] == "length"
+        await engine.stop()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=30))
+
+
 # ---- shutdown ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shutdown_timeout, finish_reason", [(20.0, "length"), (0.2, None)])
 def test_shutdown_finishes_or_ends_in_flight_requests(tiny_model_dir, shutdown_timeout, finish_reason):
