@@ -148,20 +148,48 @@ class AsyncEngine:
     # ---- requests (event loop side) ----------------------------------------------------------------
     async def add_request(self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
                           model_name: str = "") -> RequestStream:
-        """Queue a request and wait until the engine has taken it. Raises ValueError if the engine rejects it,
-        QueueFull if the waiting queue is at its limit."""
+        """Queue one request: add_requests of one."""
+        return (await self.add_requests([(prompt, params)], adapter, model_name))[0]
+
+    async def add_requests(self, requests: list[tuple[str | list[int], SamplingParams]], adapter: str | None = None,
+                           model_name: str = "") -> list[RequestStream]:
+        """Queue requests (a request's n choices) and wait until the engine has taken them: all, or none. Raises
+        ValueError if the engine rejects one, or if they could never wait together within the queue's limit;
+        QueueFull if the waiting queue has no room for them now."""
         if not self.is_running:
             failure = self.failure
             raise EngineStopped(f"the engine is down: {failure}" if failure else "the server is shutting down")
-        if self.max_waiting_requests is not None:
-            stats = self.llm.stats()
-            # every request passes through the waiting queue: those the running batch has no room for are queued.
-            # Where requests already wait, the batch has none (no slot, or no KV blocks: the scheduler took what fit)
-            free = self.llm.config.max_num_seqs - stats.num_running if stats.num_waiting == 0 else 0
-            queued = stats.num_waiting + self._adding - free
-            if queued >= self.max_waiting_requests:
-                raise QueueFull(f"{max(queued, 0)} requests are waiting for room in the running batch, the most "
-                                "this server queues; retry later")
+        self._check_room(len(requests))
+        streams: list[RequestStream] = []
+        try:
+            for prompt, params in requests:
+                streams.append(await self._add_one(prompt, params, adapter))
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        if self.metrics:  # (only now: the requests of a refused batch were never the server's to count)
+            for stream in streams:
+                stream.tracker = self.metrics.request_tracker(model_name)
+        return streams
+
+    def _check_room(self, count: int) -> None:
+        if self.max_waiting_requests is None:
+            return
+        max_num_seqs = self.llm.config.max_num_seqs
+        if count > max_num_seqs + self.max_waiting_requests:
+            raise ValueError(f"{count} choices could never run or wait together here: this server runs "
+                             f"{max_num_seqs} requests at once and queues {self.max_waiting_requests} more")
+        stats = self.llm.stats()
+        # every request passes through the waiting queue: those the running batch has no room for are queued.
+        # Where requests already wait, the batch has none (no slot, or no KV blocks: the scheduler took what fit)
+        free = max_num_seqs - stats.num_running if stats.num_waiting == 0 else 0
+        queued = stats.num_waiting + self._adding - free  # (negative: room in the batch)
+        if queued + count > self.max_waiting_requests:
+            raise QueueFull(f"{max(queued, 0)} requests are waiting for room in the running batch, and this server "
+                            f"queues at most {self.max_waiting_requests}; retry later")
+
+    async def _add_one(self, prompt: str | list[int], params: SamplingParams, adapter: str | None) -> RequestStream:
         stream = RequestStream(self, f"req-{uuid.uuid4().hex}")
         self._streams[stream.request_id] = stream
         accepted = self._loop.create_future()
@@ -178,8 +206,6 @@ class AsyncEngine:
             raise
         finally:
             self._adding -= 1
-        if self.metrics:
-            stream.tracker = self.metrics.request_tracker(model_name)
         return stream
 
     async def load_adapter(self, name: str, path: str) -> None:

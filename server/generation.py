@@ -91,13 +91,10 @@ async def start(state: ServerState, req: SamplingRequest, prompts: list[list[int
     choices = [(ids, sampling_params(req, len(ids), context, vocab_size, state.llm.sampling_defaults, choice=i,
                                      prediction=prediction, reasoning=reasoning))
                for ids in prompts for i in range(req.n)]
-    model_name = req.model or state.config.model_name
-    streams: list[RequestStream] = []
     try:
         if choices[0][1].structured is not None:  # compiled here, not on the step thread (seconds, for a large one)
             await asyncio.to_thread(state.llm.grammars.matcher, choices[0][1].structured)
-        for prompt_ids, params in choices:
-            streams.append(await state.engine.add_request(prompt_ids, params, adapter, model_name))
+        return await state.engine.add_requests(choices, adapter, req.model or state.config.model_name)
     except QueueFull as e:
         raise APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded",
                        headers={"Retry-After": "1"}) from None
@@ -109,10 +106,6 @@ async def start(state: ServerState, req: SamplingRequest, prompts: list[list[int
         raise APIError(400, str(e), param=(req.structured_output_fields or ["tools"])[0]) from None
     except ValueError as e:
         raise APIError(400, str(e)) from None
-    finally:
-        if len(streams) < len(choices):
-            close_all(streams)
-    return streams
 
 
 async def finished(request: Request, streams: list[RequestStream]) -> list[RequestOutput]:

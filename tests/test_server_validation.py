@@ -375,7 +375,21 @@ def test_a_full_waiting_queue_gets_429_with_retry_after(llm, monkeypatch):
         load(waiting=2, running=0)  # slots free, yet two wait: the KV cache holds no more (the scheduler took what fit)
         assert client.post("/v1/completions", headers=AUTH, json=body).status_code == 429
         load(waiting=1, running=full)
+        aborted = _aborted(client)
+        assert client.post("/v1/completions", headers=AUTH, json={**body, "n": 2}).status_code == 429  # (room: one)
+        assert _aborted(client) == aborted  # (the choice it took before it was full was never counted)
         assert client.post("/v1/completions", headers=AUTH, json=body).status_code == 200
+        monkeypatch.setattr(llm, "stats", stats)
+        # n choices an idle server can run and queue together are taken, at once; more are a 400, not a retry
+        assert client.post("/v1/completions", headers=AUTH, json={**body, "n": full + 2}).status_code == 200
+        response = client.post("/v1/completions", headers=AUTH, json={**body, "n": full + 3})
+        assert response.status_code == 400 and "could never run or wait together" in response.json()["error"]["message"]
+
+
+def _aborted(client: TestClient) -> float:
+    metrics = client.get("/metrics").text
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("gorgon_requests_total{") and 'finish_reason="abort"' in line)
 
 
 def test_messages_the_chat_template_refuses_get_a_400(client, llm, monkeypatch):
