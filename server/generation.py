@@ -20,7 +20,6 @@ from server.prompts import prediction_ids
 from server.protocol import (
     ChatCompletionRequest,
     CompletionTokensDetails,
-    ErrorInfo,
     ErrorResponse,
     PromptTokensDetails,
     SamplingRequest,
@@ -70,7 +69,7 @@ async def generate(request: Request, state: ServerState, req: SamplingRequest, p
                 yield f"data: {final.model_dump_json()}\n\n"
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in-band, as OpenAI does
             logger.warning("stream failed: %s", e)
-            yield f"data: {ErrorResponse(error=ErrorInfo(message=str(e), type='internal_error')).model_dump_json()}\n\n"
+            yield f"data: {ErrorResponse(error=failure(e).info).model_dump_json()}\n\n"
         finally:
             close_all(streams)
         yield "data: [DONE]\n\n"
@@ -112,12 +111,18 @@ async def finished(request: Request, streams: list[RequestStream]) -> list[Reque
     """Every stream's finished output, the streams closed either way; the engine's failures as API errors."""
     try:
         return await until_done(request, streams)
-    except EngineError as e:
-        raise APIError(500, str(e), "internal_error") from None
-    except EngineStopped as e:
-        raise APIError(503, str(e), "service_unavailable") from None
+    except (EngineError, EngineStopped) as e:
+        raise failure(e) from None
     finally:
         close_all(streams)
+
+
+def failure(e: Exception) -> APIError:
+    """A request's failure after it was taken, as the API's error: an engine shutting down or down a 503 (a client
+    may retry elsewhere), anything else a 500."""
+    if isinstance(e, EngineStopped):
+        return APIError(503, str(e), "service_unavailable")
+    return APIError(500, str(e), "internal_error")
 
 
 def close_all(streams: list[RequestStream]) -> None:

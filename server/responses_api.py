@@ -20,7 +20,7 @@ from starlette.background import BackgroundTask
 
 from engine import RequestOutput
 from server.errors import ERROR_RESPONSES, APIError
-from server.generation import close_all, finished, interleave, start
+from server.generation import close_all, failure, finished, interleave, start
 from server.guards import require_api_key
 from server.prompts import chat_request_ids
 from server.protocol import (
@@ -73,7 +73,7 @@ async def responses(req: ResponsesRequest, request: Request, state: State) -> Re
             for event in answer.closing(out):
                 yield sse(event)
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in-band
-            yield sse(answer.event("error", code="internal_error", message=str(e), param=None))
+            yield sse(answer.event("error", code=failure(e).info.type, message=str(e), param=None))
         finally:
             close_all(streams)
 

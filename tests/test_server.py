@@ -800,4 +800,5 @@ def test_shutdown_finishes_or_ends_in_flight_requests(tiny_model_dir, shutdown_t
     else:
         assert "the server is shutting down" in last["error"]["message"]
         assert whole[0].status_code == 503 and "shutting down" in whole[0].json()["error"]["message"]
+        assert last["error"]["type"] == whole[0].json()["error"]["type"] == "service_unavailable"  # (both alike)
     assert running.llm.num_free_blocks == running.llm.block_manager.num_blocks and not running.llm.has_unfinished()
