@@ -258,8 +258,10 @@ class LLM:
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None, adapter: str | None = None) -> str:
-        """Queue a request; `adapter` names a loaded adapter (None: the base model)."""
+                    request_id: str | None = None, adapter: str | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Queue a request; `adapter` names a loaded adapter (None: the base model). Its latency and time to first
+        token count from `arrival_time` (a time.perf_counter() reading; None: now)."""
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -280,6 +282,8 @@ class LLM:
         stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         seq = Sequence(request_id, token_ids, params, prompt=text, generator=generator, stop_token_ids=stop_token_ids,
                        matcher=self.grammars.matcher(params.structured) if params.structured else None)
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
         if self.tokenizer is not None:
             start_detokenizer(self.tokenizer, seq)
         if params.prompt_logprobs is not None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -160,10 +161,11 @@ class AsyncEngine:
             failure = self.failure
             raise EngineStopped(f"the engine is down: {failure}" if failure else "the server is shutting down")
         self._check_room(len(requests))
+        arrival_time = time.perf_counter()  # (their waits for the step thread count in their latency)
         streams: list[RequestStream] = []
         try:
             for prompt, params in requests:
-                streams.append(await self._add_one(prompt, params, adapter))
+                streams.append(await self._add_one(prompt, params, adapter, arrival_time))
         except BaseException:
             for stream in streams:
                 stream.close()
@@ -189,11 +191,12 @@ class AsyncEngine:
             raise QueueFull(f"{max(queued, 0)} requests are waiting for room in the running batch, and this server "
                             f"queues at most {self.max_waiting_requests}; retry later")
 
-    async def _add_one(self, prompt: str | list[int], params: SamplingParams, adapter: str | None) -> RequestStream:
+    async def _add_one(self, prompt: str | list[int], params: SamplingParams, adapter: str | None,
+                       arrival_time: float) -> RequestStream:
         stream = RequestStream(self, f"req-{uuid.uuid4().hex}")
         self._streams[stream.request_id] = stream
         accepted = self._loop.create_future()
-        self._post(partial(self._add, stream.request_id, prompt, params, adapter, accepted))
+        self._post(partial(self._add, stream.request_id, prompt, params, adapter, arrival_time, accepted))
         self._adding += 1
         try:
             await accepted
@@ -273,9 +276,9 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(self._deliver, [(o.request_id, o) for o in outputs])
 
     def _add(self, request_id: str, prompt: str | list[int], params: SamplingParams, adapter: str | None,
-             accepted: asyncio.Future) -> None:
+             arrival_time: float, accepted: asyncio.Future) -> None:
         try:
-            self.llm.add_request(prompt, params, request_id=request_id, adapter=adapter)
+            self.llm.add_request(prompt, params, request_id=request_id, adapter=adapter, arrival_time=arrival_time)
         except Exception as e:  # noqa: BLE001 - handed to the request's own coroutine
             self._loop.call_soon_threadsafe(_resolve, accepted, e)
             return

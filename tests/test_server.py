@@ -770,6 +770,23 @@ def test_one_failed_step_of_a_batch_of_several_prompts_leaves_the_engine_up(tiny
     asyncio.run(asyncio.wait_for(main(), timeout=30))
 
 
+def test_time_to_first_token_counts_from_arrival_at_the_server(tiny_model_dir):
+    """A request that arrives during a step waits for it: that wait is part of its time to first token (and
+    latency), as its client sees it."""
+    llm = LLM(tiny_model_dir, **ENGINE_KWARGS)
+
+    async def main() -> None:
+        engine = AsyncEngine(llm)
+        engine.start()
+        engine._post(lambda: time.sleep(0.3))  # a long step
+        stream = await engine.add_request([5, 6], SamplingParams(max_tokens=2, ignore_eos=True))
+        outputs = [out async for out in stream]
+        assert outputs[-1].ttft_s >= 0.3 and outputs[-1].latency_s >= 0.3
+        await engine.stop()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=30))
+
+
 # ---- shutdown ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shutdown_timeout, finish_reason", [(20.0, "length"), (0.2, None)])
 def test_shutdown_finishes_or_ends_in_flight_requests(tiny_model_dir, shutdown_timeout, finish_reason):
