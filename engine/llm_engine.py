@@ -49,6 +49,7 @@ class EngineStats:
     num_free_blocks: int  # KV blocks no request holds (cached prefix blocks included: they are reclaimable)
     num_blocks: int  # KV blocks in the pool
     running_request_ids: tuple[str, ...]  # the requests being decoded
+    num_preemptions: int  # sequences preempted since the engine started (their KV freed, to be computed again)
 
 
 # files that hold a tokenizer for AutoTokenizer: fast (tokenizers), SentencePiece, BPE / WordPiece vocabularies
@@ -590,4 +591,4 @@ class LLM:
         running = tuple(seq.request_id for seq in self.scheduler.running)
         return EngineStats(num_running=len(running), num_waiting=len(self.scheduler.waiting),
                            num_free_blocks=self.block_manager.num_free_blocks, num_blocks=self.block_manager.num_blocks,
-                           running_request_ids=running)
+                           running_request_ids=running, num_preemptions=self.scheduler.num_preemptions)

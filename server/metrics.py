@@ -4,10 +4,14 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from engine import RequestOutput
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
+_INTER_TOKEN_BUCKETS = tuple(0.005 * 2 ** i for i in range(13))  # 5 ms to 20 s
+# a request's times on a CPU reach minutes (a long answer, or a wait in the queue): 5 ms to about 2 hours
+_REQUEST_BUCKETS = tuple(0.005 * 2 ** i for i in range(21))
 
 
 class ServerMetrics:
@@ -30,12 +34,13 @@ class ServerMetrics:
             lambda: llm.stats().num_free_blocks)
         Gauge("gorgon_kv_cache_usage", "Fraction of KV blocks held by requests", registry=r).set_function(
             kv_cache_usage)
+        r.register(_Preemptions(llm))
         self.ttft = Histogram("gorgon_time_to_first_token_seconds", "Arrival to first token",
-                              buckets=_LATENCY_BUCKETS, registry=r)
+                              buckets=_REQUEST_BUCKETS, registry=r)
         self.inter_token = Histogram("gorgon_inter_token_latency_seconds", "Time between streamed tokens",
-                                     buckets=_LATENCY_BUCKETS, registry=r)
+                                     buckets=_INTER_TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("gorgon_request_latency_seconds", "Arrival to last token",
-                             buckets=_LATENCY_BUCKETS, registry=r)
+                             buckets=_REQUEST_BUCKETS, registry=r)
         self.prompt_tokens = Counter("gorgon_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.cached_prompt_tokens = Counter("gorgon_prompt_tokens_cached",
                                             "Prompt tokens of finished requests whose KV the prefix cache held",
@@ -51,6 +56,17 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Preemptions(Collector):
+    """The engine's count of preemptions, read at scrape time."""
+
+    def __init__(self, llm) -> None:
+        self.llm = llm
+
+    def collect(self):
+        yield CounterMetricFamily("gorgon_preemptions", "Sequences preempted (their KV freed, to be computed again)",
+                                  value=self.llm.stats().num_preemptions)
 
 
 class RequestTracker:

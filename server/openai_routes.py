@@ -90,7 +90,7 @@ async def model(model: str, state: State) -> ModelCard:
 
 @router.post("/tokenize")
 async def tokenize(req: TokenizeRequest, state: State) -> TokenizeResponse:
-    state.resolve_adapter(req.model)
+    adapter = state.resolve_adapter(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give either `prompt` or `messages`", param="prompt")
     if req.messages is not None:
@@ -98,7 +98,7 @@ async def tokenize(req: TokenizeRequest, state: State) -> TokenizeResponse:
     else:
         tokens = completion_prompt_ids(state.tokenizer, req.prompt, req.add_special_tokens)
     token_strs = state.tokenizer.convert_ids_to_tokens(tokens) if req.return_token_strs else None
-    return TokenizeResponse(count=len(tokens), max_model_len=state.llm.max_model_len, tokens=tokens,
+    return TokenizeResponse(count=len(tokens), max_model_len=state.context_length(adapter), tokens=tokens,
                             token_strs=token_strs)
 
 

@@ -1,6 +1,8 @@
-"""Operations: /health (is the engine running) and /metrics (Prometheus), which need no API key; and
-/openapi.json, the API's document, which does."""
+"""Operations: /health (is the engine running; /ping too, as vLLM and SageMaker's probes call it), /metrics
+(Prometheus) and /version, which need no API key; and /openapi.json, the API's document, which does."""
 from __future__ import annotations
+
+from importlib.metadata import version
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -19,7 +21,12 @@ class Health(BaseModel):
     status: str
 
 
-@router.get("/health", response_model=Health, responses={503: {"model": ErrorResponse}})
+class Version(BaseModel):
+    version: str
+
+
+@router.api_route("/health", methods=["GET", "HEAD"], response_model=Health, responses={503: {"model": ErrorResponse}})
+@router.api_route("/ping", methods=["GET", "POST"], response_model=Health, responses={503: {"model": ErrorResponse}})
 async def health(state: State) -> JSONResponse:
     if not state.engine.is_running:
         failure = state.engine.failure
@@ -33,6 +40,11 @@ async def health(state: State) -> JSONResponse:
                              "description": "Prometheus text format"}})
 async def metrics(state: State) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/version", response_model=Version)
+async def gorgon_version() -> Version:
+    return Version(version=version("gorgon"))
 
 
 @router.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])

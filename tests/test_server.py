@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +25,7 @@ from pydantic import BaseModel
 from engine import LLM, SamplingParams, StructuredOutput
 from server.app import Server, ServerConfig, create_app
 from server.async_engine import MAX_FAILED_PROMPTS, AsyncEngine, EngineError, EngineStopped, RequestStream
+from server.metrics import ServerMetrics
 from server.prompts import FALLBACK_CHAT_TEMPLATE
 
 from conftest import hf_model
@@ -553,6 +555,8 @@ def test_adapter_load_use_unload(client, running, oracle, name):
     assert card.parent == MODEL and card.root.endswith(name) and client.models.retrieve(name).root == card.root
     context = running.llm.max_model_len - (5 if name == "prefix" else 0)  # the prefix's virtual tokens take 5
     assert card.max_model_len == context
+    tokenized = httpx.post(f"{running.url}/tokenize", headers=headers, json={"model": name, "prompt": "hi"}).json()
+    assert tokenized["max_model_len"] == context
     fits = {"model": name, "prompt": [5] * 500, "max_tokens": context - 500, "ignore_eos": True}
     assert httpx.post(f"{running.url}/v1/completions", headers=headers, json=fits).status_code == 200
     too_long = httpx.post(f"{running.url}/v1/completions", headers=headers,
@@ -606,6 +610,9 @@ def test_api_key_is_required_on_v1_only(running):
     response = httpx.post(f"{running.url}/v1/completions", json={"prompt": "hi"})
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
     assert httpx.get(f"{running.url}/health").json() == {"status": "ok"}
+    assert httpx.head(f"{running.url}/health").status_code == 200  # (load balancers' probes)
+    assert httpx.get(f"{running.url}/ping").json() == httpx.post(f"{running.url}/ping").json() == {"status": "ok"}
+    assert httpx.get(f"{running.url}/version").json() == {"version": version("gorgon")}
     assert httpx.get(f"{running.url}/metrics").status_code == 200
 
 
@@ -785,6 +792,18 @@ def test_time_to_first_token_counts_from_arrival_at_the_server(tiny_model_dir):
         await engine.stop()
 
     asyncio.run(asyncio.wait_for(main(), timeout=30))
+
+
+def test_metrics_count_preemptions_and_request_times_of_minutes(tiny_model_dir):
+    llm = LLM(tiny_model_dir, **ENGINE_KWARGS)
+    server_metrics = ServerMetrics(llm)
+    llm.scheduler.num_preemptions = 3
+    server_metrics.e2e.observe(100.0)  # a long answer on a CPU
+    families = {f.name: f for f in text_string_to_metric_families(server_metrics.render().decode())}
+    assert [s.value for s in families["gorgon_preemptions"].samples] == [3]
+    buckets = {s.labels["le"]: s.value for s in families["gorgon_request_latency_seconds"].samples
+               if s.name.endswith("_bucket")}
+    assert buckets["81.92"] == 0 and buckets["163.84"] == 1  # (not all in +Inf)
 
 
 # ---- shutdown ---------------------------------------------------------------------------------------
