@@ -105,8 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="adapters loaded at once (default: the engine's, 8); loading one more unloads the least "
                              "recently used idle one")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                        help=f"require 'Authorization: Bearer KEY' on every route but /health, /metrics and the "
-                             f"playground's page (default: ${API_KEY_ENV}, if set)")
+                        help=f"require 'Authorization: Bearer KEY' on every route but /health, /ping, /version, "
+                             f"/metrics and the playground's page (default: ${API_KEY_ENV}, if set)")
     add_device_flags(parser)
     add_dtype_flags(parser)
     add_tensor_parallel_flag(parser)

@@ -20,7 +20,8 @@ class ServerConfig:
 
     model_name: str
     model_root: str  # the base model's folder, reported as its `root`
-    # when set, every route but /health, /metrics and the playground's page requires "Authorization: Bearer <key>"
+    # when set, every route but /health, /ping, /version, /metrics and the playground's page requires
+    # "Authorization: Bearer <key>"
     api_key: str | None = None
     max_request_bytes: int = 1 << 20
     max_waiting_requests: int | None = None  # beyond it, new requests get a 429 (None: no limit)
