@@ -50,7 +50,8 @@ def omitted_when_none() -> Any:
 
 
 def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """A unique id that starts with prefix, as OpenAI's do: "chatcmpl-...", or "resp_..." in the Responses API."""
+    return prefix + uuid.uuid4().hex
 
 
 def field_error(message: str) -> PydanticCustomError:
@@ -141,6 +142,13 @@ def joined_text(content: str | list) -> str:
     return content if isinstance(content, str) else "\n".join(part.text for part in content)
 
 
+def options_of_a_stream(value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+    """A validator of `stream_options`, which only a streamed request may give."""
+    if value is not None and not info.data.get("stream"):
+        raise field_error("stream_options is only allowed with stream: true")
+    return value
+
+
 def nulls_left_out(data: Any) -> Any:
     """A body's top-level fields sent as null, as left out: OpenAI's API takes null for "the default" (an SDK
     passes its callers' None), and a sampling field left out takes the model's recommended value."""
@@ -190,12 +198,7 @@ class SamplingRequest(RequestBody):
     # ours
     use_medusa: bool = True  # False: decode without Medusa speculation even when the server has heads
 
-    @field_validator("stream_options")
-    @classmethod
-    def _options_of_a_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
-        if value is not None and not info.data.get("stream"):
-            raise field_error("stream_options is only allowed with stream: true")
-        return value
+    _options_of_a_stream = field_validator("stream_options")(options_of_a_stream)
 
     @property
     def structured_output_fields(self) -> list[str]:
@@ -762,6 +765,8 @@ def input_item_type(item: Any) -> str:
     return item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
 
 
+INPUT_ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
+
 ResponsesInput = Annotated[Annotated[ResponsesInputMessage, Tag("message")]
                                | Annotated[ResponsesFunctionCall, Tag("function_call")]
                                | Annotated[ResponsesFunctionCallOutput, Tag("function_call_output")]
@@ -805,7 +810,7 @@ class ResponsesRequest(RequestBody):
     _nulls = model_validator(mode="before")(nulls_left_out)
 
     model: str | None = None
-    input: str | Annotated[list[ResponsesInput], Field(min_length=1)]
+    input: list[ResponsesInput]  # (a string: one user message)
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -837,6 +842,48 @@ class ResponsesRequest(RequestBody):
     max_tool_calls: Any = None
     moderation: Any = None
 
+    @field_validator("input", mode="before")
+    @classmethod
+    def _items(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [{"type": "message", "role": "user", "content": value}]
+        if isinstance(value, list):
+            if not value:
+                raise field_error("input must hold at least one item")
+            kinds = {str(input_item_type(item)) for item in value} - set(INPUT_ITEM_TYPES)
+            if kinds:
+                raise field_error(f"input: items of type {', '.join(map(repr, sorted(kinds)))} are not supported by "
+                                  f"this server (it stores nothing to refer to): {', '.join(INPUT_ITEM_TYPES)} only")
+            answered = set()
+            for item in value:
+                if isinstance(item, dict) and item.get("type") == "function_call":
+                    answered.add(item.get("call_id"))
+                elif isinstance(item, dict) and item.get("type") == "function_call_output" \
+                        and item.get("call_id") not in answered:
+                    raise field_error(f"input: no function_call with call_id {item.get('call_id')!r} comes before "
+                                      "its function_call_output")
+        return value
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _function_tools(cls, value: Any) -> Any:
+        kinds = {str(t.get("type")) for t in value if isinstance(t, dict)} - {"function"} if isinstance(
+            value, list) else set()
+        if kinds:
+            raise field_error(f"tools of type {', '.join(map(repr, sorted(kinds)))} are not supported by this "
+                              "server: function tools only")
+        return value
+
+    @field_validator("truncation", mode="before")
+    @classmethod
+    def _no_truncation(cls, value: Any) -> Any:
+        if value == "auto":
+            raise field_error("truncation 'auto' (dropping the input's start to fit the context) is not supported "
+                              "by this server")
+        return value
+
+    _options_of_a_stream = field_validator("stream_options")(options_of_a_stream)
+
     @field_validator("previous_response_id", "conversation", "reasoning", "background", "include", "prompt",
                      "top_logprobs", "max_tool_calls", "moderation")
     @classmethod
@@ -852,18 +899,17 @@ class ResponsesRequest(RequestBody):
         """The same answer asked as a chat completion (raises pydantic's ValidationError where it is not valid)."""
         messages: list[dict[str, Any]] = ([{"role": "system", "content": self.instructions}]
                                           if self.instructions is not None else [])
-        items = [ResponsesInputMessage(role="user", content=self.input)] if isinstance(self.input, str) else self.input
         reasoning = ""  # an earlier answer's, for its assistant message next
-        for item in items:
+        for item in self.input:
             if isinstance(item, ResponsesReasoning):
                 reasoning += item.text
             elif isinstance(item, ResponsesInputMessage):
                 messages.append(item.chat_message())
-            elif isinstance(item, ResponsesFunctionCall):  # consecutive calls: one assistant message
+            elif isinstance(item, ResponsesFunctionCall):  # an answer's text, then its calls: one assistant message
                 call = {"id": item.call_id, "type": "function",
                         "function": {"name": item.name, "arguments": item.arguments}}
-                if messages and messages[-1]["role"] == "assistant" and messages[-1].get("tool_calls"):
-                    messages[-1]["tool_calls"].append(call)
+                if messages and messages[-1]["role"] == "assistant":
+                    messages[-1]["tool_calls"] = [*(messages[-1].get("tool_calls") or []), call]
                 else:
                     messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
             else:
@@ -942,6 +988,7 @@ class ResponseObject(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int = Field(default_factory=lambda: int(time.time()))
+    completed_at: int | None = None
     status: Literal["in_progress", "completed", "incomplete"]
     model: str
     output: list[ResponseReasoningItem | ResponseOutputMessage | ResponseFunctionCall]

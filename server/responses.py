@@ -68,7 +68,7 @@ class CompletionRenderer(Renderer):
 
     def __init__(self, model: str, tokenizer, logprobs: int | None, token_ids: bool, n: int,
                  echo: list[str] | None = None) -> None:
-        super().__init__("cmpl", model, tokenizer, logprobs, token_ids)
+        super().__init__("cmpl-", model, tokenizer, logprobs, token_ids)
         self.n = n
         self.echo = echo  # each prompt's text, which starts its choices' text (None: no echo)
         # per choice streamed: the next token's text_offset (the length of the tokens before it, as `tokens`
@@ -130,7 +130,7 @@ class ChatRenderer(Renderer):
 
     def __init__(self, model: str, tokenizer, logprobs: int | None, token_ids: bool, tools: bool = False,
                  reasoning: ReasoningFormat | None = None, token_bytes: Callable[[int], bytes] | None = None) -> None:
-        super().__init__("chatcmpl", model, tokenizer, logprobs, token_ids)
+        super().__init__("chatcmpl-", model, tokenizer, logprobs, token_ids)
         self.tools, self.reasoning = tools, reasoning
         self.token_bytes = token_bytes  # a token's own bytes (engine.structured.Grammars.token_bytes)
         self.response_sent: dict[int, int] = {}  # tools: per streamed choice, the characters of its text sent

@@ -9,6 +9,7 @@ calls and their outputs input items. Nothing is stored, so there is no previous_
 from __future__ import annotations
 
 import json
+import re
 import time
 from bisect import bisect_left
 from collections.abc import AsyncIterator
@@ -43,8 +44,11 @@ from server.tools import read_answer, response_text
 
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
-# the chat fields an error may name, as /v1/responses calls them
-RESPONSES_NAMES = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text.format"}
+# the chat fields an error may name, as /v1/responses calls them (the longest first)
+RESPONSES_NAMES = {"response_format.json_schema": "text.format", "response_format": "text.format",
+                   "max_tokens": "max_output_tokens", "messages": "input"}
+# a chat field's name in an error's message, not in a quoted value of the request's (a tool named 'send_messages')
+CHAT_NAME = re.compile(r"(?<![\w'\".])(" + "|".join(map(re.escape, RESPONSES_NAMES)) + r")(?![\w'\"])")
 
 
 @router.post("/v1/responses", response_model=ResponseObject)
@@ -80,6 +84,13 @@ async def responses(req: ResponsesRequest, request: Request, state: State) -> Re
     return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(close_all, streams))
 
 
+@router.api_route("/v1/responses/{response_id:path}", methods=["GET", "DELETE", "POST"], include_in_schema=False)
+async def stored_response(response_id: str) -> None:
+    """Retrieve, delete, cancel, input_items: of responses this server never stores."""
+    raise APIError(404, f"no response {response_id.split('/')[0]!r} is stored here: this server stores no responses "
+                        "(send each request's whole input)", "not_found_error", code="response_not_found")
+
+
 def as_chat(req: ResponsesRequest) -> ChatCompletionRequest:
     """The request as a chat completion; where that is not valid, a 400 naming the Responses API's field."""
     try:
@@ -93,9 +104,8 @@ def as_chat(req: ResponsesRequest) -> ChatCompletionRequest:
 
 def renamed(e: APIError) -> APIError:
     """e, naming the fields of /v1/responses where it names a chat completion's."""
-    message, param = e.info.message, e.info.param
-    for chat_name, name in RESPONSES_NAMES.items():
-        message = message.replace(chat_name, name)
+    message = CHAT_NAME.sub(lambda match: RESPONSES_NAMES[match.group(1)], e.info.message)
+    param = e.info.param
     return APIError(e.status, message, e.info.type, RESPONSES_NAMES.get(param, param), e.info.code, e.headers)
 
 
@@ -116,8 +126,8 @@ class Answer:
         self.sampling = sampling  # the parameters sampled with (server.sampling.chosen_sampling), reported
         self.reasoning, self.tokenizer = reasoning, tokenizer
         self.stream = ReasoningStream(reasoning) if reasoning is not None else None
-        self.id, self.created_at = random_id("resp"), int(time.time())
-        self.item_ids = {"reasoning": random_id("rs"), "message": random_id("msg")}
+        self.id, self.created_at = random_id("resp_"), int(time.time())
+        self.item_ids = {"reasoning": random_id("rs_"), "message": random_id("msg_")}
         self.sequence_number = 0
         self.sent = {"reasoning": "", "message": ""}
         self.indices: dict[str, int] = {}
@@ -145,15 +155,18 @@ class Answer:
         cut = final.finish_reason == "length"
         status = "incomplete" if cut else "completed"
         reasoning, content, calls = self.parts(final.text)
-        output: list = [self.reasoning_item(reasoning, status)] if reasoning else []
+        # (reasoning whose end tag came is complete, though the answer after it was cut)
+        reasoning_status = "completed" if self.reasoning and self.reasoning.tags.end in final.text else status
+        output: list = [self.reasoning_item(reasoning, reasoning_status)] if reasoning else []
         output += [] if content is None else [self.message(content, status)]
-        output += [ResponseFunctionCall(id=random_id("fc"), call_id=call.id, name=call.function.name,
+        output += [ResponseFunctionCall(id=random_id("fc_"), call_id=call.id, name=call.function.name,
                                         arguments=call.function.arguments, status=status) for call in calls]
         usage = ResponseUsage(input_tokens=self.input_tokens, output_tokens=len(final.token_ids),
                               total_tokens=self.input_tokens + len(final.token_ids),
-                              input_tokens_details={"cached_tokens": final.num_cached_tokens},
+                              input_tokens_details={"cached_tokens": final.num_cached_tokens,
+                                                    "cache_write_tokens": 0},  # (nothing is charged)
                               output_tokens_details={"reasoning_tokens": self.reasoning_tokens(final, reasoning)})
-        return ResponseObject(status=status, output=output, usage=usage,
+        return ResponseObject(status=status, output=output, usage=usage, completed_at=int(time.time()),
                               incomplete_details={"reason": "max_output_tokens"} if cut else None, **common)
 
     def reasoning_tokens(self, final: RequestOutput, reasoning: str) -> int:

@@ -18,9 +18,10 @@ import openai
 import pytest
 import torch
 import uvicorn
+from openai.types.responses import Response, ResponseStreamEvent
 from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from engine import LLM, SamplingParams, StructuredOutput
 from server.app import Server, ServerConfig, create_app
@@ -434,7 +435,15 @@ def test_responses_api_streams_its_events_in_order(client):
     assert set(kinds[4:-4]) == {"response.output_text.delta"}
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert "".join(e.delta for e in events[4:-4]) == events[-4].text == whole.output_text
-    assert events[-1].response.output_text == whole.output_text and events[-1].response.usage == whole.usage
+    assert events[-1].response.output_text == whole.output_text
+    # (the same but for the prefix cache's hits: the second request finds the first's prompt there)
+    assert events[-1].response.usage.model_dump(exclude={"input_tokens_details"}) == whole.usage.model_dump(
+        exclude={"input_tokens_details"})
+    # every field the SDK's types require (the SDK itself builds them unchecked), and OpenAI's ids
+    Response.model_validate(whole.to_dict())
+    for event in events:
+        TypeAdapter(ResponseStreamEvent).validate_python(event.to_dict())
+    assert whole.id.startswith("resp_") and whole.output[0].id.startswith("msg_") and whole.completed_at
 
 
 @pytest.mark.parametrize("body, param", [
@@ -444,11 +453,31 @@ def test_responses_api_streams_its_events_in_order(client):
     ({"input": "hi", "max_output_tokens": 1 << 20}, "max_output_tokens"),
     ({"input": "hi", "text": {"format": {"type": "json_schema", "schema": []}}}, "text"),
     ({"input": []}, "input"),
+    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input"),  # (nothing stored to refer to)
+    ({"input": [{"type": "function_call_output", "call_id": "nope", "output": "x"}]}, "input"),  # (answers no call)
+    ({"input": [{"role": "user", "content": None}]}, "input"),
+    ({"input": "hi", "truncation": "auto"}, "truncation"),
+    ({"input": "hi", "stream_options": {"include_obfuscation": False}}, "stream_options"),  # (not streamed)
 ])
 def test_responses_api_refuses_what_it_does_not_serve_by_name(running, body, param):
     r = httpx.post(f"{running.url}/v1/responses", json={"model": MODEL, **body},
                    headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert not r.json()["error"]["message"].startswith("input: Input should be a valid string")  # (items only)
+
+
+def test_responses_api_errors_name_its_fields_not_the_requests_values(running):
+    tools = [{"type": "function", "name": "f"}]
+    r = httpx.post(f"{running.url}/v1/responses", headers={"Authorization": f"Bearer {KEY}"}, json={
+        "input": "hi", "tools": tools, "tool_choice": {"type": "function", "name": "send_messages"}})
+    assert r.status_code == 400 and "'send_messages'" in r.json()["error"]["message"]
+    r = httpx.post(f"{running.url}/v1/responses", headers={"Authorization": f"Bearer {KEY}"}, json={
+        "input": "hi", "text": {"format": {"type": "json_schema", "name": "n" * 65, "schema": {}}}})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("text.format"), r.text
+    for method, path in [("GET", "resp_1"), ("DELETE", "resp_1"), ("GET", "resp_1/input_items"),
+                         ("POST", "resp_1/cancel")]:
+        r = httpx.request(method, f"{running.url}/v1/responses/{path}", headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "response_not_found"
 
 
 def test_structured_outputs_through_the_openai_client(client, oracle):

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from engine import LLM, SamplingParams
 from server.app import ServerConfig, create_app
 from server.prompts import chat_prompt_ids
-from server.protocol import ChatCompletionRequest
+from server.protocol import ChatCompletionRequest, ResponsesRequest
 from server.tools import output_format, read_answer, response_text, system_prompt
 
 from conftest import save_tiny_model
@@ -299,3 +299,19 @@ def test_bad_tool_requests_get_a_400(http, llm, body, message):
                          json={"messages": USER, "max_tokens": 4, **body})
     assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
     assert llm.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_an_answers_text_and_its_calls_sent_back_are_one_assistant_turn():
+    """OpenAI's Responses output lists a message, then the calls: the chat they stand for has one assistant
+    message with both, as chat completions answer it."""
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Rome"}'}
+    request = ResponsesRequest.model_validate({"input": [
+        {"role": "user", "content": "weather?"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Let me check."}]},
+        call, {"type": "function_call_output", "call_id": "call_1", "output": "21 C"}]})
+    want = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [{
+            "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]})
+    assert request.chat().messages == want.messages
