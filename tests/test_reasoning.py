@@ -93,6 +93,21 @@ def test_the_responses_api_gives_reasoning_an_item_of_its_own(parser, answer, re
     assert not item_1 or max(item_0) < min(item_1)  # the reasoning item closes before the message opens
 
 
+@pytest.mark.parametrize("answer, reasoning_status", [("<think>ab</think>Hello", "completed"),
+                                                      ("<think>abc", "incomplete")])
+def test_a_cut_answer_leaves_its_finished_reasoning_completed(answer, reasoning_status):
+    """max_output_tokens cut the answer: its reasoning item is incomplete only where the cut came inside it, in
+    the streamed item as in the response."""
+    answer_ = Answer(ResponsesRequest(input="hi"), "m", 1, False, {"temperature": 1.0, "top_p": 1.0},
+                     REASONING_FORMATS["qwen3"], Characters(answer))
+    final = RequestOutput("r", None, [1], answer, list(range(len(answer))), answer, [], True, "length", 0, None)
+    events = answer_.opening() + answer_.step(final) + answer_.closing(final)
+    whole = answer_.response(final)
+    assert whole.status == "incomplete" and whole.output[0].status == reasoning_status
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert done[0] == whole.output[0].model_dump() and events[-1]["response"]["output"][0]["status"] == reasoning_status
+
+
 def test_reasoning_items_sent_back_go_with_the_assistant_message_after_them():
     reasoning = {"type": "reasoning", "id": "rs_1", "summary": [], "status": "completed",
                  "content": [{"type": "reasoning_text", "text": "Hmm."}]}
