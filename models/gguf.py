@@ -99,12 +99,12 @@ def open_gguf(path: str | Path) -> GGUFReader:
 
 
 def half_precision_dtype(path: Path) -> str | None:
-    """"bfloat16" where the file's float matrices (those not quantized) are all BF16, "float16" where all its
-    matrices are F16 (a converter's F16 file), else None."""
+    """"bfloat16" where the file's matrices are all BF16, "float16" where they are all F16 (a converter's BF16 or
+    F16 file), else None."""
     types = {QType(t.tensor_type) for t in open_gguf(path).tensors if len(t.shape) == 2}
-    if QType.BF16 in types and not types & (set(FLOAT_TYPES) - {QType.BF16}):
-        return "bfloat16"
-    return "float16" if types == {QType.F16} else None
+    # (a quantized file with one BF16 matrix, an embedding left unquantized, runs in fp32 as llama.cpp runs it:
+    # its quantized linears take fp32 activations, and bf16 ones would round every layer's output)
+    return {frozenset({QType.BF16}): "bfloat16", frozenset({QType.F16}): "float16"}.get(frozenset(types))
 
 
 def _field(reader: GGUFReader, key: str, default: object = None) -> object:
@@ -145,6 +145,15 @@ def read_config(reader: GGUFReader) -> dict:
         raise GGUFError("this GGUF holds no token_embd.weight, so no model (a vocabulary alone?)")
     num_heads = _field(reader, f"{arch}.attention.head_count")
     hidden = _field(reader, f"{arch}.embedding_length")
+    head_dim = _field(reader, f"{arch}.attention.key_length", hidden // num_heads)
+    value_dim = _field(reader, f"{arch}.attention.value_length", head_dim)
+    if value_dim != head_dim:
+        raise GGUFError(f"attention values of {value_dim} dimensions beside keys of {head_dim} "
+                        f"({arch}.attention.value_length) are not supported")
+    rotary_dim = _field(reader, f"{arch}.rope.dimension_count", head_dim)
+    if rotary_dim != head_dim:
+        raise GGUFError(f"RoPE over {rotary_dim} of each head's {head_dim} dimensions ({arch}.rope.dimension_count) "
+                        "is not supported: gorgon rotates whole heads")
     config = {
         "architectures": [HF_ARCHITECTURES[arch]],
         "vocab_size": _field(reader, f"{arch}.vocab_size", int(embed.shape[1])),
@@ -153,7 +162,7 @@ def read_config(reader: GGUFReader) -> dict:
         "num_hidden_layers": _field(reader, f"{arch}.block_count"),
         "num_attention_heads": num_heads,
         "num_key_value_heads": _field(reader, f"{arch}.attention.head_count_kv", num_heads),
-        "head_dim": _field(reader, f"{arch}.attention.key_length", hidden // num_heads),
+        "head_dim": head_dim,
         "max_position_embeddings": _field(reader, f"{arch}.context_length", 2048),
         "rms_norm_eps": _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
         "rope_theta": _field(reader, f"{arch}.rope.freq_base", 10000.0),
@@ -163,7 +172,9 @@ def read_config(reader: GGUFReader) -> dict:
         "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": end_of_generation_ids(reader),
     }
-    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+    # (as llama.cpp reads them: a factor with no type is linear; older converters wrote it as rope.scale_linear)
+    factor = _field(reader, f"{arch}.rope.scaling.factor") or _field(reader, f"{arch}.rope.scale_linear")
+    scaling = _field(reader, f"{arch}.rope.scaling.type", "linear" if factor not in (None, 0, 1) else "none")
     if ROPE_FACTORS in names:  # Llama 3.1+: llama.cpp's converter wrote the Llama-3 rule as a divisor per frequency
         if scaling not in ("none", None):
             raise GGUFError(f"the file has both RoPE scaling {scaling!r} and a {ROPE_FACTORS} tensor")
@@ -173,7 +184,7 @@ def read_config(reader: GGUFReader) -> dict:
     elif scaling not in ("none", None):
         if scaling not in ("linear", "yarn"):
             raise GGUFError(f"unsupported RoPE scaling {scaling!r} in the GGUF metadata")
-        config["rope_scaling"] = {"rope_type": scaling, "factor": _field(reader, f"{arch}.rope.scaling.factor", 1.0)}
+        config["rope_scaling"] = {"rope_type": scaling, "factor": factor or 1.0}
         original = _field(reader, f"{arch}.rope.scaling.original_context_length")
         if original is not None:
             config["rope_scaling"]["original_max_position_embeddings"] = original
@@ -272,6 +283,10 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(path).resolve()
+    if "tokenizer.ggml.tokens" not in open_gguf(path).fields:
+        raise FileNotFoundError(f"{path} has no tokenizer: its metadata holds no vocabulary (tokenizer.ggml.tokens). "
+                                "Take one from an HF folder (tokenizer=...), or run without one "
+                                "(skip_tokenizer_init=True: token-id prompts only)")
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode())
     cached = TOKENIZER_CACHE / key.hexdigest()[:24]

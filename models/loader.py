@@ -202,6 +202,11 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
         if not all(isinstance(w, QuantizedWeight) for w in weights):
             raise CheckpointError(f"{name} mixes quantized and float shards, which gorgon's kernels cannot pack into "
                                   "one matrix: load it dequantized (--dequantize)")
+        for key in shard_keys:  # (the blocks' own shapes: a metadata mismatch fails here, not in a forward)
+            for part in ("weight", "bias"):
+                if f"{key}.{part}" in tensors:
+                    _check_shape(f"{key}.{part}", tensors[f"{key}.{part}"].shape,
+                                 _target(f"{key}.{part}", params, modules, model))
         biases = [tensors.pop(f"{key}.bias") for key in shard_keys if f"{key}.bias" in tensors]
         if len({w.qtype for w in weights}) == 1:
             _replace(model, name, _quantized_linear(concat(weights), torch.cat(biases) if biases else None, linear,
@@ -211,6 +216,7 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
         for key in shard_keys:
             del tensors[f"{key}.weight"]
     embed = tensors.pop("model.embed_tokens.weight")
+    _check_shape("model.embed_tokens.weight", embed.shape, params["model.embed_tokens.weight"])
     if keep_quantized and isinstance(embed, QuantizedWeight):
         _replace(model, "model.embed_tokens", _embedding(embed, dtype))
         if config.tie_word_embeddings:
@@ -305,13 +311,21 @@ def _expected_checkpoint_keys(model: torch.nn.Module) -> set[str]:
 
 
 def _copy(key: str, tensor: torch.Tensor, params: dict, modules: dict, model: torch.nn.Module) -> None:
+    target = _target(key, params, modules, model)
+    _check_shape(key, tensor.shape, target)
+    target.copy_(tensor)
+
+
+def _target(key: str, params: dict, modules: dict, model: torch.nn.Module) -> torch.Tensor:
+    """The model's tensor that a checkpoint's tensor `key` fills (a packed projection's rows for a shard)."""
     module_path, param_name = key.rsplit(".", 1)
     parent, _, leaf = module_path.rpartition(".")
     packed_into = model.packed_modules.get(leaf)
     if packed_into is not None:
-        target = modules[f"{parent}.{packed_into}"].shard_param(param_name, leaf)
-    else:
-        target = params[key].data
-    if target.shape != tensor.shape:
-        raise CheckpointError(f"tensor {key} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}")
-    target.copy_(tensor)
+        return modules[f"{parent}.{packed_into}"].shard_param(param_name, leaf)
+    return params[key].data
+
+
+def _check_shape(key: str, shape: tuple[int, ...], target: torch.Tensor) -> None:
+    if tuple(target.shape) != tuple(shape):
+        raise CheckpointError(f"tensor {key} has shape {tuple(shape)}, the model expects {tuple(target.shape)}")

@@ -52,14 +52,15 @@ def gguf_name(hf: str) -> str:
 def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None, float_dtype=np.float32,
                arch: str = "llama", rope_freqs: np.ndarray | None = None,
                control: dict[int, str] | None = None, sampling: dict[str, float] | None = None,
-               control_type: int = 3) -> Path:
+               control_type: int = 3, metadata: dict[str, int | float] | None = None, vocabulary: bool = True) -> Path:
     """An HF Llama (or Qwen2: arch "qwen2") as llama.cpp's converter writes it: names, q/k rows permuted for
     Llama, tokenizer metadata. qtype_of(gguf name, array) -> a ggml type to quantize that 2-D tensor to, or None
     (float_dtype). rope_freqs: the per-frequency RoPE divisors of a Llama-3-scaled model, as llama.cpp writes them.
     control: token id -> the name of a control token written in its place (of type control_type: 3 control, 4
     user-defined, as converters write added tokens). sampling: the recommended sampling
-    the converter copies from generation_config.json (general.sampling.<key>: temp, top_k, top_p, ...)."""
-    control = control or {}
+    the converter copies from generation_config.json (general.sampling.<key>: temp, top_k, top_p, ...). metadata:
+    more keys (or other values of the head dimensions' keys). vocabulary: False leaves the tokenizer's out."""
+    control, metadata = control or {}, metadata or {}
     config = model.config
     writer = GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
@@ -73,15 +74,16 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    tokenizer = byte_tokenizer()
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([control.get(i, token) for token, i in vocab])
-    writer.add_token_types([control_type if i in control else 1 for _, i in vocab])
-    writer.add_token_scores([0.0] * len(vocab))
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        metadata.setdefault(f"{arch}.{key}", head_dim)
+    for key, value in metadata.items():
+        writer.add_key_value(key, value, GGUFValueType.FLOAT32 if isinstance(value, float) else GGUFValueType.UINT32)
+    if vocabulary:
+        vocab = sorted(byte_tokenizer().get_vocab().items(), key=lambda kv: kv[1])
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list([control.get(i, token) for token, i in vocab])
+        writer.add_token_types([control_type if i in control else 1 for _, i in vocab])
+        writer.add_token_scores([0.0] * len(vocab))
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_chat_template(CHAT_TEMPLATE)
@@ -200,6 +202,46 @@ def test_llama3_rope_factors_tensor_matches_hf(tmp_path):
     assert (our_logits(file, tokens) - expected).abs().max() <= 1e-4
     unscaled = write_gguf(model, tmp_path / "plain.gguf")  # the check can fail: without the factors it differs
     assert (our_logits(unscaled, tokens) - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("key", ["llama.rope.scaling.factor", "llama.rope.scale_linear"])
+def test_a_rope_scaling_factor_with_no_type_is_linear(tmp_path, key):
+    """As llama.cpp reads a file: a factor with no scaling type is linear; older converters wrote it as
+    rope.scale_linear (LongChat, Vicuna-16k)."""
+    rope = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
+    model = hf_model(save_tiny_model(tmp_path / "hf", rope_parameters=rope))
+    file = write_gguf(model, tmp_path / "m.gguf", metadata={key: 4.0})
+    tokens = torch.randint(3, 256, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    assert (our_logits(file, tokens) - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("key, message", [("llama.rope.dimension_count", "RoPE over 8 of each head's 16"),
+                                          ("llama.attention.value_length", "values of 8 dimensions")])
+def test_heads_gorgon_does_not_run_are_refused_by_name(tmp_path, tiny_hf, key, message):
+    """Partial rotary (llama.cpp rotates only rope.dimension_count dimensions), values narrower than keys."""
+    model = hf_model(tiny_hf)
+    assert model.config.hidden_size // model.config.num_attention_heads == 16
+    file = write_gguf(model, tmp_path / "m.gguf", metadata={key: 8})
+    with pytest.raises(GGUFError, match=message):
+        read_gguf(file)
+
+
+def test_quantized_tensors_of_another_shape_than_the_metadata_says_fail_at_load(tmp_path, tiny_hf):
+    """The blocks' own shape is checked, as a float tensor's is: not a reshape error in the first forward."""
+    model = hf_model(tiny_hf)
+    wider = {f"llama.{key}": 32 for key in ("attention.key_length", "attention.value_length", "rope.dimension_count")}
+    file = write_gguf(model, tmp_path / "m.gguf", qtype_of=lambda name, w: QType.Q8_0, metadata=wider)
+    with pytest.raises(CheckpointError, match="q_proj.weight has shape"):
+        load_model(file, torch.float32, "cpu")
+
+
+def test_a_file_without_vocabulary_says_how_to_run_it(tmp_path, tiny_hf):
+    file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf", vocabulary=False)
+    with pytest.raises(FileNotFoundError, match="no vocabulary .*skip_tokenizer_init"):
+        LLM(file)
+    assert LLM(file, skip_tokenizer_init=True).generate([[5, 6]], SamplingParams(max_tokens=2))[0].token_ids
 
 
 def test_config_from_metadata(tmp_path, tiny_hf):
@@ -507,7 +549,11 @@ def test_default_dtype_is_the_files_own_bf16(tmp_path, tiny_hf):
     f16 = write_gguf(model, tmp_path / "f16.gguf", float_dtype=np.float16)
     f32 = write_gguf(model, tmp_path / "f32.gguf")
     q8 = write_gguf(model, tmp_path / "q8.gguf", qtype_of=lambda name, w: QType.Q8_0)
-    assert [default_dtype(f, "cpu") for f in (bf16, f16, f32, q8)] == ["bfloat16", "float16", "float32", "float32"]
+    # (its embedding left in BF16, as llama.cpp's quantizer leaves a tensor it is told to: its linears take fp32)
+    q8_bf16_embedding = write_gguf(model, tmp_path / "q8e.gguf", qtype_of=lambda name, w: QType.BF16 if name == (
+        "token_embd.weight") else QType.Q8_0)
+    assert [default_dtype(f, "cpu") for f in (bf16, f16, f32, q8, q8_bf16_embedding)] == [
+        "bfloat16", "float16", "float32", "float32", "float32"]
     assert default_dtype(bf16, "cuda") == "bfloat16"
     ours, full = LLM(bf16), LLM(bf16, dtype="float32")
     assert ours.config.dtype == "bfloat16" and ours.model.lm_head.weight.dtype == torch.bfloat16
