@@ -1,7 +1,7 @@
 """Other precisions of one GGUF file, for `gorgon bench decode --baseline llama.cpp`: every 2-D weight is
-dequantized (gguf package) and written again as F32, BF16, Q8_0 or Q4_K, metadata copied. Norms stay F32.
+dequantized (gguf package) and written again as F32, F16, BF16, Q8_0 or Q4_K, metadata copied. Norms stay F32.
 
-    python -m bench.gguf_variants SmolLM2-135M-Instruct.Q4_1.gguf out/ F32 BF16 Q8_0 Q4_K
+    python -m bench.gguf_variants SmolLM2-135M-Instruct.Q4_1.gguf out/ F32 F16 BF16 Q8_0 Q4_K
 
 Q4_K rows must hold multiples of 256 weights; narrower ones fall back to Q4_1 here (llama.cpp's own
 quantizer falls back to Q5_0). The token embedding keeps its type in the quantized variants. The Q4_K quantizer
@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
 QT = GGMLQuantizationType
-VARIANTS = {"F32": QT.F32, "BF16": QT.BF16, "Q8_0": QT.Q8_0, "Q4_K": QT.Q4_K}
+VARIANTS = {"F32": QT.F32, "F16": QT.F16, "BF16": QT.BF16, "Q8_0": QT.Q8_0, "Q4_K": QT.Q4_K}
 
 
 def quantize_q4_k(w: np.ndarray) -> np.ndarray:
@@ -60,7 +60,7 @@ def convert(source: Path, out: Path, variant: str) -> Path:
     for t in reader.tensors:
         data = np.asarray(t.data)
         qtype = QT(t.tensor_type)
-        keep = len(t.shape) < 2 or (t.name == "token_embd.weight" and target_type not in (QT.F32, QT.BF16))
+        keep = len(t.shape) < 2 or (t.name == "token_embd.weight" and target_type not in (QT.F32, QT.F16, QT.BF16))
         if keep:
             writer.add_tensor(t.name, data, raw_shape=data.shape, raw_dtype=qtype)
             continue

@@ -99,12 +99,13 @@ def open_gguf(path: str | Path) -> GGUFReader:
 
 
 def half_precision_dtype(path: Path) -> str | None:
-    """"bfloat16" where the file's matrices are all BF16, "float16" where they are all F16 (a converter's BF16 or
-    F16 file), else None."""
+    """"bfloat16" where the file's matrices are all BF16 (a converter's BF16 file), else None. (An F16 file's
+    activations are fp32, as llama.cpp's: in fp16 they overflow on models with large activations; its matrices
+    stay F16, models.loader._half_linears.)"""
     types = {QType(t.tensor_type) for t in open_gguf(path).tensors if len(t.shape) == 2}
     # (a quantized file with one BF16 matrix, an embedding left unquantized, runs in fp32 as llama.cpp runs it:
     # its quantized linears take fp32 activations, and bf16 ones would round every layer's output)
-    return {frozenset({QType.BF16}): "bfloat16", frozenset({QType.F16}): "float16"}.get(frozenset(types))
+    return "bfloat16" if types == {QType.BF16} else None
 
 
 def _field(reader: GGUFReader, key: str, default: object = None) -> object:

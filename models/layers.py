@@ -140,6 +140,9 @@ class Linear(nn.Linear):
     has been handed one at load time."""
 
     qtype: int = 0  # the weights' ggml type as the fused kernels take it: float (models.quant.QuantizedLinear: its own)
+    # the activations' dtype where the weights keep another (a GGUF's F16 matrices under fp32 activations,
+    # models.loader._half_linears); None: the weights'
+    dtype: torch.dtype | None = None
     _kernels: DecodeKernels | None = None
     packed: torch.Tensor | None = None
 
@@ -163,9 +166,20 @@ class Linear(nn.Linear):
         if self.kernels is not None and self.kernels.takes(x):
             rows = x.reshape(-1, x.shape[-1])  # [num_tokens, in_features]
             return self.kernels.ops.small_batch_linear(rows, self.kernel_weight, self.bias).view(*x.shape[:-1], -1)
-        if self.weight.dtype == torch.bfloat16 and x.is_cpu and not bf16_gemm():
-            return widened_linear(x, self.weight, self.bias)
+        if self.weight.dtype != x.dtype or (self.weight.dtype == torch.bfloat16 and x.is_cpu and not bf16_gemm()):
+            return widened_linear(x, self.weight, self.bias)  # (a GGUF's F16 / BF16 matrices under fp32 activations)
         return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose rows come in the activations' dtype where its weights keep another (a GGUF's F16
+    embedding, tied to the LM head, under fp32 activations: models.loader._half_linears)."""
+
+    dtype: torch.dtype | None = None  # None: the weights'
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = super().forward(ids)
+        return rows if self.dtype is None else rows.to(self.dtype)
 
 
 # bf16 weights widened to fp32 at a time by widened_linear: 16 MiB of fp32
@@ -181,9 +195,10 @@ def tiled_matmul(x: torch.Tensor, num_rows: int, weight_rows: Callable[[int, int
 
 
 def widened_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear in fp32 over tiles of weight rows widened from bf16, returned in x's dtype: on CPUs without
-    bf16 GEMM instructions, torch's bf16 GEMM runs at a few percent of its fp32 one (a 512-token prefill of
-    SmolLM2 in bf16 on an AVX2-only Zen 3: 37 tok/s, ~95% of it in aten::mm)."""
+    """F.linear in fp32 over tiles of weight rows widened from bf16 or fp16, returned in x's dtype: for weights
+    kept in half precision under fp32 activations, and on CPUs without bf16 GEMM instructions, where torch's bf16
+    GEMM runs at a few percent of its fp32 one (a 512-token prefill of SmolLM2 in bf16 on an AVX2-only Zen 3: 37
+    tok/s, ~95% of it in aten::mm)."""
     out = tiled_matmul(x.float(), weight.shape[0], lambda begin, end: weight[begin:end].float(), WIDEN_TILE_ELEMENTS)
     if bias is not None:
         out += bias.float()

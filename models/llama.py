@@ -12,7 +12,7 @@ from torch import nn
 from models.config import ModelConfig
 from models.context import get_forward_context
 from models.kernels.decode import DecodeKernels
-from models.layers import Linear, PackedLinear, RMSNorm, RotaryEmbedding, apply_rotary
+from models.layers import Embedding, Linear, PackedLinear, RMSNorm, RotaryEmbedding, apply_rotary
 from models.lora import LoRABatch
 from models.parallel import TensorParallel
 
@@ -153,8 +153,8 @@ class Backbone(nn.Module):
         super().__init__()
         # no default N(0, 1) init (weights come from a checkpoint, or training's init_weights): on the meta device
         # (models.loader) torch runs it in Python behind a guard that imports torch's compiler, 1.4 s of every start
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size,
+                                      _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope, config.max_position_embeddings)

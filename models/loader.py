@@ -189,6 +189,7 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
                               f"unexpected {unexpected[:10]}")
     # quantized linears: one module per packed group, shards in the model's order
     params, modules = dict(model.named_parameters()), dict(model.named_modules())
+    half_linears = _half_linears(model, tensors) if keep_quantized and dtype == torch.float32 else {}
     for name in _linear_modules(model):
         linear = modules[name]
         parent = name.rpartition(".")[0]
@@ -225,7 +226,31 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
         params["model.embed_tokens.weight"].data.copy_(_float(embed))
     for key, tensor in tensors.items():  # the float rest: norms, unquantized linears, biases (and, off the CPU, all)
         _copy(key, _float(tensor), params, modules, model)
+    for name, half in half_linears.items():
+        module = modules[name]
+        module.weight = torch.nn.Parameter(module.weight.detach().to(half), requires_grad=False)  # (exactly: they were)
+        module.dtype = dtype
+    if "model.embed_tokens" in half_linears and config.tie_word_embeddings:
+        model.lm_head.weight, model.lm_head.dtype = model.model.embed_tokens.weight, dtype
     return model.eval()
+
+
+def _half_linears(model: torch.nn.Module, tensors: dict) -> dict[str, torch.dtype]:
+    """The linears (and the embedding) whose matrices the file stores in one half-precision type (F16 or BF16),
+    which keep it under fp32 activations on the CPU, as llama.cpp runs such files: the decode kernels widen them
+    as they read them (an F16 file's activations in fp16 overflow where a model's residual stream exceeds 65504,
+    as Qwen2's can: every logit NaN), and a step reads half the bytes of fp32 copies. A tied LM head shares the
+    embedding's."""
+    half = {}
+    for name in [*_linear_modules(model), "model.embed_tokens"]:
+        module, parent = model.get_submodule(name), name.rpartition(".")[0]
+        if name == "lm_head" and model.config.tie_word_embeddings:
+            continue
+        keys = [f"{parent}.{shard}" for shard in module.shards] if isinstance(module, PackedLinear) else [name]
+        dtypes = {getattr(tensors.get(f"{key}.weight"), "dtype", None) for key in keys}
+        if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16}:
+            half[name] = dtypes.pop()
+    return half
 
 
 def _float(tensor: torch.Tensor | QuantizedWeight) -> torch.Tensor:

@@ -61,9 +61,10 @@ class LoRALinear(nn.Module):
         if self.split is not None and self.split.kind == "column":  # this rank's part of each shard
             sizes = [self.split.tp.share(size)[1] for _, size in self.shard_columns]
             self.shard_columns = [(sum(sizes[:k]), size) for k, size in enumerate(sizes)]
-        # a quantized base (models.quant.QuantizedLinear) keeps uint8 blocks: LoRA computes in its activations' dtype
-        like = dict(dtype=base.weight.dtype if base.weight.is_floating_point() else base.dtype,
-                    device=base.weight.device)
+        # a quantized base (models.quant.QuantizedLinear) keeps uint8 blocks, and a half one may run under fp32
+        # activations (models.layers.Linear.dtype): LoRA computes in the activations' dtype
+        activations = getattr(base, "dtype", None)
+        like = dict(dtype=base.weight.dtype if activations is None else activations, device=base.weight.device)
         rows = max_rank * self.num_shards
         self.register_buffer("lora_a", torch.zeros(num_slots, rows, base.in_features, **like), persistent=False)
         self.register_buffer("lora_bt", torch.zeros(num_slots, rows, base.out_features, **like), persistent=False)

@@ -21,7 +21,7 @@ from gguf import GGML_QUANT_SIZES
 from torch import nn
 
 from models.config import ModelConfig
-from models.layers import Linear, PackedLinear, packed_offsets
+from models.layers import Embedding, Linear, PackedLinear, packed_offsets
 from models.quant import MixedQuantizedLinear, QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 
 
@@ -125,14 +125,15 @@ def shard_model(model: nn.Module, tp: TensorParallel) -> nn.Module:
     first, rows = tp.share(config.vocab_size)
     model.lm_head = _column(model.lm_head, tp)
     if tied and isinstance(embedding, nn.Embedding):
-        local = nn.Embedding(rows, config.hidden_size, _weight=model.lm_head.weight, _freeze=True)
+        local = Embedding(rows, config.hidden_size, _weight=model.lm_head.weight, _freeze=True)
     elif tied:  # a quantized tied embedding reads the LM head's blocks
         local = _quantized_embedding(embedding, model.lm_head.weight)
     elif isinstance(embedding, nn.Embedding):
-        local = nn.Embedding(rows, config.hidden_size, _weight=embedding.weight[first:first + rows].clone(),
-                             _freeze=True)
+        local = Embedding(rows, config.hidden_size, _weight=embedding.weight[first:first + rows].clone(),
+                          _freeze=True)
     else:
         local = _quantized_embedding(embedding, embedding.weight[first:first + rows].clone())
+    local.dtype = embedding.dtype  # (the activations')
     model.model.embed_tokens = VocabParallelEmbedding(local, first, tp)
     model.tp = tp
     return model
@@ -169,6 +170,7 @@ def _column(linear: nn.Module, tp: TensorParallel) -> nn.Module:
             out = (PackedLinear(linear.in_features, local_sizes, bias=bias is not None) if packed
                    else Linear(linear.in_features, len(rows), bias=bias is not None))
         _set_parameters(out, linear.weight.detach()[rows], bias)
+        out.dtype = linear.dtype
     out.split = Split("column", tp, linear.in_features, linear.out_features, packed and dict(packed))
     return out
 
@@ -195,6 +197,7 @@ def _row(linear: nn.Module, tp: TensorParallel) -> nn.Module:
         with torch.device("meta"):
             out = Linear(count, linear.out_features, bias=bias is not None)
         _set_parameters(out, linear.weight.detach()[:, first:first + count].contiguous(), bias)
+        out.dtype = linear.dtype
     packed = getattr(linear, "shards", None)
     out.split = Split("row", tp, linear.in_features, linear.out_features, packed and dict(packed))
     return out

@@ -2,6 +2,7 @@
 as the oracle, by transformers' own GGUF loading."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -541,8 +542,8 @@ def test_requests_without_sampling_take_the_files_recommended_sampling(tmp_path,
 
 
 def test_default_dtype_is_the_files_own_bf16(tmp_path, tiny_hf):
-    """A BF16 file runs in bfloat16 unless asked otherwise (fp32 copies would halve decode's speed), an F16 file
-    in float16; F32 and quantized files run in float32. Its bf16 decode (packed weights, vdpbf16ps where the CPU
+    """A BF16 file runs in bfloat16 unless asked otherwise (fp32 copies would halve decode's speed); F32, F16 (its
+    matrices kept in fp16) and quantized files run in float32. Its bf16 decode (packed weights, vdpbf16ps where the CPU
     has it) stays within bf16's rounding of the float32 run of the same file."""
     model = hf_model(tiny_hf)
     bf16 = write_gguf(model, tmp_path / "bf16.gguf", qtype_of=lambda name, w: QType.BF16)
@@ -553,7 +554,7 @@ def test_default_dtype_is_the_files_own_bf16(tmp_path, tiny_hf):
     q8_bf16_embedding = write_gguf(model, tmp_path / "q8e.gguf", qtype_of=lambda name, w: QType.BF16 if name == (
         "token_embd.weight") else QType.Q8_0)
     assert [default_dtype(f, "cpu") for f in (bf16, f16, f32, q8, q8_bf16_embedding)] == [
-        "bfloat16", "float16", "float32", "float32", "float32"]
+        "bfloat16", "float32", "float32", "float32", "float32"]
     assert default_dtype(bf16, "cuda") == "bfloat16"
     ours, full = LLM(bf16), LLM(bf16, dtype="float32")
     assert ours.config.dtype == "bfloat16" and ours.model.lm_head.weight.dtype == torch.bfloat16
@@ -563,9 +564,32 @@ def test_default_dtype_is_the_files_own_bf16(tmp_path, tiny_hf):
     prompt = [5, 17, 42, 9]
     a, b = ours.generate([prompt], params)[0], full.generate([prompt], params)[0]
     assert a.token_ids == b.token_ids
-    half = LLM(f16)
-    assert half.config.dtype == "float16" and half.model.lm_head.weight.dtype == torch.float16
+    half = LLM(f16)  # F16 matrices under fp32 activations, as llama.cpp runs them
+    assert half.config.dtype == "float32" and half.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float16
     assert half.generate([prompt], params)[0].token_ids == b.token_ids
+
+
+def test_an_f16_file_whose_activations_exceed_fp16_runs_as_in_fp32(tmp_path, tiny_hf):
+    """A residual stream beyond fp16's 65504 (Qwen2's outlier channels reach such sizes): fp16 activations made
+    every logit NaN; an F16 file runs under fp32 activations, its matrices in fp16, and gives the fp32 answer."""
+    model = hf_model(tiny_hf)
+    with torch.no_grad():  # one channel of layer 0's MLP output grows to ~1e5
+        model.model.layers[0].mlp.down_proj.weight[7] *= 400.0
+        model.model.layers[0].mlp.gate_proj.weight *= 15.0
+        model.model.layers[0].mlp.up_proj.weight *= 15.0
+    file = write_gguf(model, tmp_path / "f16.gguf", float_dtype=np.float16)
+    oracle = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="f16.gguf", dtype=torch.float32).eval()
+    tokens = torch.randint(3, 256, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = oracle(tokens, output_hidden_states=True)
+        reference = oracle.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=6,
+                                    do_sample=False, eos_token_id=None, pad_token_id=0)[0, 24:].tolist()
+    assert out.hidden_states[1].abs().max() > 65504  # (the check can fail: the model overflows fp16)
+    llm = LLM(file, kv_cache_dtype="float32")
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=0)
+    got = llm.generate([tokens[0].tolist()], params)[0]
+    assert got.token_ids == reference and all(math.isfinite(lp) for lp, _ in got.logprobs)
+    assert (our_logits(file, tokens) - out.logits).abs().max() <= 1e-3 * out.logits.abs().max()
 
 
 def test_quantization_flag_needs_an_hf_checkpoint(tmp_path, tiny_hf):

@@ -2,6 +2,7 @@
 tuning vs PEFT on the dequantized weights, Medusa on a quantized LM head."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, PrefixTuningConfig
@@ -122,6 +123,27 @@ def test_lora_on_a_file_that_mixes_types_in_q_k_v_matches_peft(tiny_model_dir, a
                 assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
             else:
                 assert (ours - ref).abs().max() <= 1e-4
+
+
+def test_lora_on_an_f16_file_under_fp32_activations_matches_peft(tiny_model_dir, adapters, tmp_path):
+    """An F16 file's linears keep their fp16 matrices under fp32 activations (models.loader._half_linears): a LoRA
+    on them computes in fp32, as PEFT does on transformers' fp32 load of the file."""
+    write_gguf(hf_model(tiny_model_dir), tmp_path / "m.gguf", float_dtype=np.float16)
+    dequantized = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    oracle = PeftModel.from_pretrained(dequantized, adapters / "lora").eval()
+    for cpu_kernels in (False, True):
+        llm = LLM(tmp_path / "m.gguf", cpu_kernels=cpu_kernels, adapter_root=str(adapters), kv_cache_dtype="float32")
+        assert llm.config.dtype == "float32" and llm.model.model.layers[0].mlp.down_proj.weight.dtype == (
+            torch.float16)
+        llm.load_adapter("lora", "lora")
+        for prompt in PROMPTS:
+            request = llm.add_request(prompt, SamplingParams(max_tokens=1), adapter="lora")
+            inputs = llm.runner.prepare(llm.scheduler.schedule())
+            ours = llm.runner.logits(llm.runner.forward(inputs), torch.arange(len(prompt)))
+            llm.abort(request)
+            with torch.no_grad():
+                ref = oracle(input_ids=torch.tensor([prompt])).logits[0]
+            assert (ours - ref).abs().max() <= 1e-4
 
 
 def test_medusa_on_a_quantized_lm_head_is_lossless(tiny_model_dir, tmp_path):

@@ -211,8 +211,9 @@ def draft_projection(model: nn.Module, draft_vocab: torch.Tensor | None) -> torc
     lm_head = model.lm_head
     weight = lm_head.weight if draft_vocab is None else lm_head.weight[draft_vocab]
     if isinstance(lm_head, QuantizedLinear):  # (a GGUF model's): its rows in ggml blocks
-        weight = dequantize_rows(weight, lm_head.qtype, lm_head.in_features)
-    return weight
+        return dequantize_rows(weight, lm_head.qtype, lm_head.in_features)
+    activations = getattr(lm_head, "dtype", None)  # (an F16 file's matrices under fp32 activations: its dtype)
+    return weight if activations is None else weight.to(activations)
 
 
 def to_draft_ids(targets: torch.Tensor, vocab_size: int, draft_vocab: torch.Tensor | None) -> torch.Tensor:
