@@ -55,9 +55,13 @@ class StructuredOutput:
             raise ValueError("structured output choices must be non-empty strings, at least one")
 
 
+GREEDY_TEMPERATURE = 1e-5
+
+
 @dataclass
 class SamplingParams:
-    """How to decode one request. temperature 0 means greedy; top_k 0 or -1 and top_p == 1 disable those filters.
+    """How to decode one request. temperature 0 (below 1e-5) means greedy; top_k 0 or -1 and top_p == 1 disable
+    those filters.
     As in vLLM, None stands for the default of min_tokens, top_k, stop, stop_token_ids and logit_bias, and
     max_tokens None for the rest of the context."""
 
@@ -127,7 +131,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperature 0, or below GREEDY_TEMPERATURE (as vLLM's): logits / 1e-39 overflowed to inf and NaN."""
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass

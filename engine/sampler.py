@@ -134,18 +134,21 @@ def filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
 
 def nucleus(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     """Which tokens each row's top-p keeps (a row of top_p 1 keeps all): in order of probability, a token goes
-    once the tokens ranked above it reach top_p. Only the n likeliest are sorted, where n is the first of
+    once the tokens ranked above it reach top_p, unless it ties with the last one kept (as top-k keeps its ties:
+    which of two tied tokens a sort puts first depends on how many it sorts, so on the rest of the batch, and a
+    seeded request's tokens would too). Only the n likeliest are sorted, where n is the first of
     NUCLEUS_CANDIDATES, 16x as many and the whole row whose tokens reach every row's top_p: any token below
     them goes."""
     threshold = torch.tensor(top_p, dtype=probs.dtype, device=probs.device)[:, None]
     filtered = threshold < 1.0
     vocab = probs.shape[-1]
     for n in (NUCLEUS_CANDIDATES, 16 * NUCLEUS_CANDIDATES, vocab):
-        likeliest, order = probs.topk(n, dim=-1) if n < vocab else probs.sort(dim=-1, descending=True)
+        likeliest = (probs.topk(n, dim=-1) if n < vocab else probs.sort(dim=-1, descending=True)).values
         mass_before = likeliest.cumsum(dim=-1) - likeliest
         if n >= vocab or bool(((mass_before[:, -1:] + likeliest[:, -1:] >= threshold) | ~filtered).all()):
             break
-    return torch.zeros_like(probs, dtype=torch.bool).scatter(1, order, mass_before < threshold) | ~filtered
+    last_kept = likeliest.masked_fill(mass_before >= threshold, float("inf")).min(dim=-1, keepdim=True).values
+    return (probs >= last_kept) | ~filtered
 
 
 def draw_tokens(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:

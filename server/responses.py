@@ -1,6 +1,7 @@
 """OpenAI response bodies from engine outputs, for completions and chat: whole answers, SSE chunks, logprobs."""
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -120,8 +121,9 @@ class CompletionRenderer(Renderer):
             offsets.append(text_offset)
             text_offset += len(token)
         return CompletionLogprobs(
-            tokens=tokens, token_logprobs=[None if e is None else e[0] for e in entries], text_offset=offsets,
-            top_logprobs=[None if e is None else {self.token_text(t): v for t, v in e[1].items()} for e in entries])
+            tokens=tokens, token_logprobs=[None if e is None else finite(e[0]) for e in entries], text_offset=offsets,
+            top_logprobs=[None if e is None else {self.token_text(t): finite(v) for t, v in e[1].items()}
+                          for e in entries])
 
 
 class ChatRenderer(Renderer):
@@ -203,11 +205,17 @@ class ChatRenderer(Renderer):
             token = self.token_text(t)
             # a token that holds part of a character reads as U+FFFD: its bytes are its own (they join into the text)
             raw = self.token_bytes(t) if "\ufffd" in token and self.token_bytes is not None else token.encode()
-            return TopLogprob(token=token, logprob=lp, bytes=list(raw))
+            return TopLogprob(token=token, logprob=finite(lp), bytes=list(raw))
 
         return ChatLogprobs(content=[TokenLogprob(**top(t, lp).model_dump(),
                                                   top_logprobs=[top(a, alp) for a, alp in alternatives.items()])
                                      for t, (lp, alternatives) in zip(token_ids, entries)])
+
+
+def finite(logprob: float) -> float:
+    """A logprob as JSON carries it: -inf (a token the model's logits rule out) and NaN as OpenAI's -9999.0, its
+    "very unlikely" (JSON has no -inf: the body failed to render)."""
+    return logprob if math.isfinite(logprob) else -9999.0
 
 
 def step_info(out: RequestOutput, tokenizer) -> StepInfo:

@@ -206,6 +206,28 @@ def test_temperature_near_zero_is_greedy():
         cold = Sampler()(rows, [SamplingParams(temperature=1e-4, **extra)] * 4,
                          [torch.Generator().manual_seed(i) for i in range(4)], history, prompt_lens)
         assert cold.token_ids == greedy.token_ids
+        # below vLLM's 1e-5 it is greedy: logits / 1e-39 overflowed to inf, NaN, and the vocabulary's last token
+        colder = Sampler()(rows * 40, [SamplingParams(temperature=1e-39, **extra)] * 4,
+                           [torch.Generator().manual_seed(i) for i in range(4)], history, prompt_lens)
+        assert colder.token_ids == Sampler()(rows * 40, [SamplingParams(temperature=0, **extra)] * 4, [None] * 4,
+                                             history, prompt_lens).token_ids
+
+
+def test_top_p_keeps_the_same_tokens_whatever_the_rest_of_the_batch():
+    """bf16 logits tie often: top-p keeps the tokens tied with the last one it keeps, so that how many tokens the
+    batch makes it sort (a flat row: the whole vocabulary) cannot change which of two tied ones a row keeps, nor a
+    seeded request's tokens."""
+    vocab, generator = 49152, torch.Generator().manual_seed(0)
+    params, flat = SamplingParams(top_p=0.5), SamplingParams(top_p=0.99)
+    changed = 0
+    for _ in range(20):
+        row = (torch.randn(vocab, generator=generator) * 2.5).bfloat16().float()
+        alone = filtered_probs(row[None], [params])[0]
+        together = filtered_probs(torch.stack([row, torch.zeros(vocab)]), [params, flat])[0]
+        changed += not torch.equal(alone > 0, together > 0)
+        kept = row[alone > 0]
+        assert not ((row == kept.min()) & (alone == 0)).any()  # no token tied with a kept one is dropped
+    assert changed == 0
 
 
 def test_mixed_greedy_and_sampled_rows_equal_each_row_alone():

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from engine import LLM, SamplingParams
@@ -355,6 +356,20 @@ def _walk(node):
             yield from _walk(value)
     else:
         yield node
+
+
+def test_a_logprob_of_minus_infinity_is_openais_very_unlikely(llm, monkeypatch):
+    """A token the model's logits rule out (-inf) has no JSON number: OpenAI's -9999.0, not a 500."""
+    logits = llm.runner.logits
+    monkeypatch.setattr(llm.runner, "logits", lambda *args, **kwargs: logits(*args, **kwargs).index_fill(
+        -1, torch.tensor([200]), float("-inf")))
+    body = {"prompt": [5, 6, 200], "max_tokens": 2, "temperature": 0, "echo": True, "logprobs": 1}
+    with make_client(llm) as client:
+        whole = client.post("/v1/completions", headers=AUTH, json=body)
+        assert whole.status_code == 200 and whole.json()["choices"][0]["logprobs"]["token_logprobs"][2] == -9999.0
+        streamed = client.post("/v1/completions", headers=AUTH, json={**body, "stream": True}).text
+        first = json.loads(next(line for line in streamed.splitlines() if line.startswith("data: {"))[6:])
+        assert first["choices"][0]["logprobs"]["token_logprobs"][2] == -9999.0
 
 
 def test_a_full_waiting_queue_gets_429_with_retry_after(llm, monkeypatch):
