@@ -93,8 +93,14 @@ class ModelConfig:
                                "num_attention_heads") if k not in d]
         if missing:
             raise ValueError(f"config.json has no {', '.join(missing)}: not a {arch} configuration gorgon can read")
+        activation = d.get("hidden_act", d.get("hidden_activation", "silu"))
+        if activation not in ("silu", "swish"):
+            raise ValueError(f"hidden_act {activation!r} is not supported: gorgon's MLP (and its fused kernels) "
+                             "computes SiLU")
         num_heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // num_heads
+        # the bias flags each of transformers' classes reads (Mistral none, Qwen2 its fixed q/k/v biases alone)
+        attention_bias = arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") and bool(d.get("attention_bias", False))
         eos = d.get("eos_token_id")
         eos_ids = [] if eos is None else (list(eos) if isinstance(eos, list) else [eos])
         return cls(
@@ -110,9 +116,9 @@ class ModelConfig:
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope=_read_rope(d),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(d.get("attention_bias", False)),
-            o_bias=arch != "Qwen2ForCausalLM" and bool(d.get("attention_bias", False)),
-            mlp_bias=bool(d.get("mlp_bias", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or attention_bias,
+            o_bias=attention_bias,
+            mlp_bias=arch == "LlamaForCausalLM" and bool(d.get("mlp_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
             sliding_window=_active_sliding_window(arch, d),
             bos_token_id=d.get("bos_token_id"),
@@ -141,9 +147,9 @@ def _read_rope(d: dict) -> RopeConfig:
     params.pop("type", None)
     if params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
         raise ValueError("partial_rotary_factor != 1.0 is not supported")
-    if rope_type in ("yarn", "llama3"):
-        params.setdefault("original_max_position_embeddings",
-                          d.get("original_max_position_embeddings", d.get("max_position_embeddings", 2048)))
+    if rope_type in ("yarn", "llama3"):  # (a top-level original length wins, as transformers reads it)
+        params["original_max_position_embeddings"] = d.get("original_max_position_embeddings") or params.get(
+            "original_max_position_embeddings", d.get("max_position_embeddings", 2048))
     factor = params.pop("factor", 1.0)
     if factor is None:  # yarn may infer it from the two lengths
         factor = d.get("max_position_embeddings", 2048) / params["original_max_position_embeddings"]

@@ -3,6 +3,7 @@ or a GGUF file (models.gguf; quantized tensors stay in their blocks). Keys are c
 from __future__ import annotations
 
 import json
+import logging
 from itertools import groupby
 from pathlib import Path
 
@@ -26,7 +27,10 @@ from models.quant import (
 )
 
 # Buffers that old HF checkpoints saved; recomputed here, so they are skipped, not loaded.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+# a checkpoint's tensors of the model gorgon builds (others, of heads it does not run, are skipped)
+MODEL_PREFIXES = ("model.layers.", "model.embed_tokens.", "model.norm.", "lm_head.")
+logger = logging.getLogger("gorgon")
 
 
 # files of torch.save / pickle: never opened (unpickling runs code)
@@ -38,7 +42,9 @@ class CheckpointError(ValueError):
 
 
 def safetensors_files(folder: Path) -> list[Path]:
-    """The checkpoint's safetensors files: the sharded index's files if there is one, else *.safetensors."""
+    """The checkpoint's safetensors files: the sharded index's files if there is one, else model.safetensors,
+    else *.safetensors (as transformers reads a folder: another file beside them, a PEFT adapter's or Mistral's
+    consolidated.safetensors, is not the model's)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -46,6 +52,8 @@ def safetensors_files(folder: Path) -> list[Path]:
         if missing:
             raise CheckpointError(f"{index} names shards that are not in the folder: {missing}")
         return [folder / s for s in shards]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
     files = sorted(folder.glob("*.safetensors"))
     if files:
         return files
@@ -81,9 +89,9 @@ def recommended_sampling(path: str | Path) -> dict[str, float | int]:
 
 def default_dtype(path: str | Path, device: str) -> str:
     """The dtype a model runs in when none is asked for: bfloat16 on CUDA; on the CPU the checkpoint's own where it
-    is stored in bfloat16 or float16 (decode streams every weight each step: fp32 copies would halve its speed and
-    double its memory; SmolLM2 in fp16, batch 1: 1.75x fp32, the same greedy tokens but at a near-tie), else
-    float32."""
+    is stored in bfloat16 (decode streams every weight each step: fp32 copies would halve its speed and double its
+    memory), else float32, an fp16 checkpoint's matrices kept in fp16 (_half_linears: fp16 activations overflow
+    where a model's residual stream passes 65504)."""
     if device.startswith("cuda"):
         return "bfloat16"
     gguf_file = find_gguf(path)
@@ -91,8 +99,8 @@ def default_dtype(path: str | Path, device: str) -> str:
         return half_precision_dtype(gguf_file) or "float32"
     config_file = Path(path) / "config.json"
     hf_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    stored = hf_config.get("dtype", hf_config.get("torch_dtype"))
-    return stored if stored in ("bfloat16", "float16") else "float32"
+    # (an fp16 checkpoint's matrices stay fp16 under fp32 activations, as an F16 GGUF file's: _half_linears)
+    return "bfloat16" if hf_config.get("dtype", hf_config.get("torch_dtype")) == "bfloat16" else "float32"
 
 
 def default_kv_cache_dtype(path: str | Path, dtype: str, quantization: str | None) -> str:
@@ -126,9 +134,11 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
     config = ModelConfig.from_folder(folder)
     files = safetensors_files(folder)
     model = _empty_model(config, dtype, device)
-    load_weights(model, files)
+    stored = load_weights(model, files)
     if quantization is not None:
         quantize_model(model, quantization)
+    elif torch.device(device).type == "cpu" and dtype == torch.float32:
+        keep_half(model, _half_linears(model, stored), dtype)
     return model.eval()
 
 
@@ -189,7 +199,8 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
                               f"unexpected {unexpected[:10]}")
     # quantized linears: one module per packed group, shards in the model's order
     params, modules = dict(model.named_parameters()), dict(model.named_modules())
-    half_linears = _half_linears(model, tensors) if keep_quantized and dtype == torch.float32 else {}
+    stored = {key: getattr(tensor, "dtype", None) for key, tensor in tensors.items()}  # (None: quantized blocks)
+    half_linears = _half_linears(model, stored) if keep_quantized and dtype == torch.float32 else {}
     for name in _linear_modules(model):
         linear = modules[name]
         parent = name.rpartition(".")[0]
@@ -226,31 +237,37 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
         params["model.embed_tokens.weight"].data.copy_(_float(embed))
     for key, tensor in tensors.items():  # the float rest: norms, unquantized linears, biases (and, off the CPU, all)
         _copy(key, _float(tensor), params, modules, model)
-    for name, half in half_linears.items():
-        module = modules[name]
-        module.weight = torch.nn.Parameter(module.weight.detach().to(half), requires_grad=False)  # (exactly: they were)
-        module.dtype = dtype
-    if "model.embed_tokens" in half_linears and config.tie_word_embeddings:
-        model.lm_head.weight, model.lm_head.dtype = model.model.embed_tokens.weight, dtype
+    keep_half(model, half_linears, dtype)
     return model.eval()
 
 
-def _half_linears(model: torch.nn.Module, tensors: dict) -> dict[str, torch.dtype]:
-    """The linears (and the embedding) whose matrices the file stores in one half-precision type (F16 or BF16),
-    which keep it under fp32 activations on the CPU, as llama.cpp runs such files: the decode kernels widen them
-    as they read them (an F16 file's activations in fp16 overflow where a model's residual stream exceeds 65504,
-    as Qwen2's can: every logit NaN), and a step reads half the bytes of fp32 copies. A tied LM head shares the
-    embedding's."""
+def _half_linears(model: torch.nn.Module, stored: dict[str, torch.dtype | None]) -> dict[str, torch.dtype]:
+    """The linears (and the embedding) whose matrices the checkpoint stores in one half-precision type (F16 or
+    BF16; stored: each tensor's dtype), which keep it under fp32 activations on the CPU, as llama.cpp runs such
+    files: the decode kernels widen them as they read them (fp16 activations overflow where a model's residual
+    stream exceeds 65504, as Qwen2's can: every logit NaN), and a step reads half the bytes of fp32 copies. A tied
+    LM head shares the embedding's."""
     half = {}
     for name in [*_linear_modules(model), "model.embed_tokens"]:
         module, parent = model.get_submodule(name), name.rpartition(".")[0]
         if name == "lm_head" and model.config.tie_word_embeddings:
             continue
         keys = [f"{parent}.{shard}" for shard in module.shards] if isinstance(module, PackedLinear) else [name]
-        dtypes = {getattr(tensors.get(f"{key}.weight"), "dtype", None) for key in keys}
+        dtypes = {stored.get(f"{key}.weight") for key in keys}
         if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16}:
             half[name] = dtypes.pop()
     return half
+
+
+def keep_half(model: torch.nn.Module, half: dict[str, torch.dtype], dtype: torch.dtype) -> None:
+    """Turn each module `half` names back to its checkpoint's half precision (exactly: its values were), under
+    activations of `dtype` (models.layers.Linear.dtype, Embedding.dtype)."""
+    for name, half_dtype in half.items():
+        module = model.get_submodule(name)
+        module.weight = torch.nn.Parameter(module.weight.detach().to(half_dtype), requires_grad=False)
+        module.dtype = dtype
+    if "model.embed_tokens" in half and model.config.tie_word_embeddings:
+        model.lm_head.weight, model.lm_head.dtype = model.model.embed_tokens.weight, dtype
 
 
 def _float(tensor: torch.Tensor | QuantizedWeight) -> torch.Tensor:
@@ -286,15 +303,20 @@ def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def load_weights(model: torch.nn.Module, files: list[Path]) -> None:
-    """Copy every tensor into its parameter (packed ones into their shard); strict both ways, but for a tied model's
-    `lm_head.weight`, which fine-tunes and re-saves of tied models often still hold (the embedding is the head)."""
+def load_weights(model: torch.nn.Module, files: list[Path]) -> dict[str, torch.dtype]:
+    """Copy every tensor into its parameter (packed ones into their shard), and return each one's stored dtype.
+    Strict both ways within the model's own modules; tensors of other parts (Medusa or MTP heads) are skipped
+    with a warning, as transformers skips them. A tied model's `lm_head.weight`, which fine-tunes and re-saves of
+    tied models often still hold, is the embedding: where the file holds no embedding it fills it, and where it
+    differs from the embedding the head is untied, as transformers loads it."""
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     expected = _expected_checkpoint_keys(model)
     tied = model.config.tie_word_embeddings
-    seen: set[str] = set()
+    stored: dict[str, torch.dtype] = {}
     unexpected: list[str] = []
+    skipped: list[str] = []
+    head = None
     total = 0
     for file in files:
         with safe_open(file, framework="pt") as f:
@@ -304,14 +326,31 @@ def load_weights(model: torch.nn.Module, files: list[Path]) -> None:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for key in f.keys():
                     bar.update()
-                    if key.endswith(_IGNORED_SUFFIXES) or (key == "lm_head.weight" and tied):
+                    if key.endswith(_IGNORED_SUFFIXES):
+                        continue
+                    if key == "lm_head.weight" and tied:
+                        head = f.get_tensor(key)
                         continue
                     if key not in expected:
-                        unexpected.append(key)
+                        (unexpected if key.startswith(MODEL_PREFIXES) else skipped).append(key)
                         continue
-                    _copy(key, f.get_tensor(key), params, modules, model)
-                    seen.add(key)
-    missing = sorted(expected - seen)
+                    tensor = f.get_tensor(key)
+                    _copy(key, tensor, params, modules, model)
+                    stored[key] = tensor.dtype
+    if head is not None and "model.embed_tokens.weight" not in stored:  # (the head alone: the embedding too)
+        _copy("model.embed_tokens.weight", head, params, modules, model)
+        stored["model.embed_tokens.weight"] = head.dtype
+    elif head is not None and not torch.equal(head.to(model.lm_head.weight.dtype), model.lm_head.weight.data):
+        logger.warning("config.json ties the LM head to the embedding, but the checkpoint's lm_head.weight differs "
+                       "from it: the head is untied, as transformers loads it")
+        _check_shape("lm_head.weight", head.shape, model.lm_head.weight)
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(head.to(model.lm_head.weight.dtype), requires_grad=False)
+        stored["lm_head.weight"] = head.dtype
+    if skipped:
+        logger.warning("skipped %d tensors of parts gorgon does not run: %s", len(skipped),
+                       ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    missing = sorted(expected - set(stored))
     if unexpected or missing:
         parts = []
         if missing:
@@ -319,6 +358,7 @@ def load_weights(model: torch.nn.Module, files: list[Path]) -> None:
         if unexpected:
             parts.append(f"unexpected tensors: {', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else ""))
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
+    return stored
 
 
 def _expected_checkpoint_keys(model: torch.nn.Module) -> set[str]:
