@@ -25,8 +25,9 @@ class Version(BaseModel):
     version: str
 
 
-@router.api_route("/health", methods=["GET", "HEAD"], response_model=Health, responses={503: {"model": ErrorResponse}})
-@router.api_route("/ping", methods=["GET", "POST"], response_model=Health, responses={503: {"model": ErrorResponse}})
+@router.get("/health", response_model=Health, responses={503: {"model": ErrorResponse}})
+@router.head("/health", include_in_schema=False)
+@router.api_route("/ping", methods=["GET", "POST"], include_in_schema=False)
 async def health(state: State) -> JSONResponse:
     if not state.engine.is_running:
         failure = state.engine.failure
