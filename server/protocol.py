@@ -142,6 +142,11 @@ def joined_text(content: str | list) -> str:
     return content if isinstance(content, str) else "\n".join(part.text for part in content)
 
 
+# OpenAI's limits on a request's metadata: 16 pairs, keys of up to 64 characters, values of up to 512
+Metadata = Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                     Field(max_length=16)]
+
+
 def options_of_a_stream(value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
     """A validator of `stream_options`, which only a streamed request may give."""
     if value is not None and not info.data.get("stream"):
@@ -422,7 +427,7 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     # accepted and unused: they cannot change an answer (prompt caching: the prefix cache needs no key or hints)
     store: bool | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
@@ -819,7 +824,7 @@ class ResponsesRequest(RequestBody):
     text: ResponsesText | None = None
     # accepted and unused: they cannot change an answer
     store: bool | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     user: str | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None

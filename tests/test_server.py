@@ -458,6 +458,8 @@ def test_responses_api_streams_its_events_in_order(client):
     ({"input": [{"role": "user", "content": None}]}, "input"),
     ({"input": "hi", "truncation": "auto"}, "truncation"),
     ({"input": "hi", "stream_options": {"include_obfuscation": False}}, "stream_options"),  # (not streamed)
+    ({"input": "hi", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),  # (OpenAI's limits: 16 pairs)
+    ({"input": "hi", "metadata": {"k": "v" * 513}}, "metadata"),
 ])
 def test_responses_api_refuses_what_it_does_not_serve_by_name(running, body, param):
     r = httpx.post(f"{running.url}/v1/responses", json={"model": MODEL, **body},
