@@ -166,7 +166,7 @@ class Linear(nn.Linear):
         if self.kernels is not None and self.kernels.takes(x):
             rows = x.reshape(-1, x.shape[-1])  # [num_tokens, in_features]
             return self.kernels.ops.small_batch_linear(rows, self.kernel_weight, self.bias).view(*x.shape[:-1], -1)
-        if self.weight.dtype != x.dtype or (self.weight.dtype == torch.bfloat16 and x.is_cpu and not bf16_gemm()):
+        if self.dtype is not None or (self.weight.dtype == torch.bfloat16 and x.is_cpu and not bf16_gemm()):
             return widened_linear(x, self.weight, self.bias)  # (a GGUF's F16 / BF16 matrices under fp32 activations)
         return F.linear(x, self.weight, self.bias)
 

@@ -97,10 +97,15 @@ def default_dtype(path: str | Path, device: str) -> str:
     gguf_file = find_gguf(path)
     if gguf_file is not None:
         return half_precision_dtype(gguf_file) or "float32"
+    # (an fp16 checkpoint's matrices stay fp16 under fp32 activations, as an F16 GGUF file's: _half_linears)
+    return "bfloat16" if _stored_dtype(path) == "bfloat16" else "float32"
+
+
+def _stored_dtype(path: str | Path) -> str | None:
+    """The dtype an HF folder's config.json says its weights are stored in."""
     config_file = Path(path) / "config.json"
     hf_config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    # (an fp16 checkpoint's matrices stay fp16 under fp32 activations, as an F16 GGUF file's: _half_linears)
-    return "bfloat16" if hf_config.get("dtype", hf_config.get("torch_dtype")) == "bfloat16" else "float32"
+    return hf_config.get("dtype", hf_config.get("torch_dtype"))
 
 
 def default_kv_cache_dtype(path: str | Path, dtype: str, quantization: str | None) -> str:
@@ -108,7 +113,8 @@ def default_kv_cache_dtype(path: str | Path, dtype: str, quantization: str | Non
     under fp32 activations for GGUF files and weights quantized at load, which run as llama.cpp runs them: its
     cache is fp16, whose rounding (2^-11 relative) is far below quantized weights' own, and a decode step reads
     half the bytes (SmolLM2, 1 thread: Q4_1 1.06x at batch 1, 1.15x at batch 32, 1.2-1.45x at a 1k context)."""
-    if dtype == "float32" and (quantization is not None or find_gguf(path) is not None):
+    if dtype == "float32" and (quantization is not None or find_gguf(path) is not None or _stored_dtype(path) == (
+            "float16")):  # (an fp16 folder's too, as an F16 file's)
         return "float16"
     return dtype
 
@@ -242,26 +248,25 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
 
 
 def _half_linears(model: torch.nn.Module, stored: dict[str, torch.dtype | None]) -> dict[str, torch.dtype]:
-    """The linears (and the embedding) whose matrices the checkpoint stores in one half-precision type (F16 or
-    BF16; stored: each tensor's dtype), which keep it under fp32 activations on the CPU, as llama.cpp runs such
-    files: the decode kernels widen them as they read them (fp16 activations overflow where a model's residual
-    stream exceeds 65504, as Qwen2's can: every logit NaN), and a step reads half the bytes of fp32 copies. A tied
-    LM head shares the embedding's."""
+    """The linears (and the embedding) whose matrices the checkpoint stores in fp16 (stored: each tensor's dtype),
+    which keep it under fp32 activations on the CPU, as llama.cpp runs an F16 file: the decode kernels widen them
+    exactly as they read them (fp16 activations overflow where a model's residual stream exceeds 65504, as Qwen2's
+    can: every logit NaN), and a step reads half the bytes of fp32 copies. A tied LM head shares the embedding's.
+    (BF16 ones become fp32: the kernels' bf16 dot products round the activations to bf16.)"""
     half = {}
     for name in [*_linear_modules(model), "model.embed_tokens"]:
         module, parent = model.get_submodule(name), name.rpartition(".")[0]
         if name == "lm_head" and model.config.tie_word_embeddings:
             continue
         keys = [f"{parent}.{shard}" for shard in module.shards] if isinstance(module, PackedLinear) else [name]
-        dtypes = {stored.get(f"{key}.weight") for key in keys}
-        if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16}:
-            half[name] = dtypes.pop()
+        if {stored.get(f"{key}.weight") for key in keys} == {torch.float16}:
+            half[name] = torch.float16
     return half
 
 
 def keep_half(model: torch.nn.Module, half: dict[str, torch.dtype], dtype: torch.dtype) -> None:
-    """Turn each module `half` names back to its checkpoint's half precision (exactly: its values were), under
-    activations of `dtype` (models.layers.Linear.dtype, Embedding.dtype)."""
+    """Turn each module `half` names back to its checkpoint's fp16 (exactly: its values were), under activations of
+    `dtype` (models.layers.Linear.dtype, Embedding.dtype); frozen, as inference weights are."""
     for name, half_dtype in half.items():
         module = model.get_submodule(name)
         module.weight = torch.nn.Parameter(module.weight.detach().to(half_dtype), requires_grad=False)
@@ -329,7 +334,7 @@ def load_weights(model: torch.nn.Module, files: list[Path]) -> dict[str, torch.d
                     if key.endswith(_IGNORED_SUFFIXES):
                         continue
                     if key == "lm_head.weight" and tied:
-                        head = f.get_tensor(key)
+                        head = f.get_tensor(key).to(model.lm_head.weight.device)
                         continue
                     if key not in expected:
                         (unexpected if key.startswith(MODEL_PREFIXES) else skipped).append(key)

@@ -221,6 +221,7 @@ def gather_lm_head(lm_head: nn.Module, tp: TensorParallel, vocab_size: int) -> n
     with torch.device("meta"):
         head = Linear(lm_head.in_features, vocab_size, bias=False)
     _set_parameters(head, full, None)
+    head.dtype = lm_head.dtype
     return head
 
 
@@ -232,4 +233,6 @@ def gather_embedding(embedding: VocabParallelEmbedding, tp: TensorParallel, voca
         return None
     if isinstance(embedding.embedding, QuantizedEmbedding):
         return _quantized_embedding(embedding.embedding, full)
-    return nn.Embedding(vocab_size, full.shape[1], _weight=full, _freeze=True)
+    whole = Embedding(vocab_size, full.shape[1], _weight=full, _freeze=True)
+    whole.dtype = embedding.embedding.dtype
+    return whole

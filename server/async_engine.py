@@ -161,12 +161,15 @@ class AsyncEngine:
             failure = self.failure
             raise EngineStopped(f"the engine is down: {failure}" if failure else "the server is shutting down")
         self._check_room(len(requests))
+        self._adding += len(requests)  # (all at once: a request checked while these are added counts them all)
         arrival_time = time.perf_counter()  # (their waits for the step thread count in their latency)
         streams: list[RequestStream] = []
         try:
             for prompt, params in requests:
                 streams.append(await self._add_one(prompt, params, adapter, arrival_time))
+                self._adding -= 1
         except BaseException:
+            self._adding -= len(requests) - len(streams)
             for stream in streams:
                 stream.close()
             raise
@@ -197,7 +200,6 @@ class AsyncEngine:
         self._streams[stream.request_id] = stream
         accepted = self._loop.create_future()
         self._post(partial(self._add, stream.request_id, prompt, params, adapter, arrival_time, accepted))
-        self._adding += 1
         try:
             await accepted
         except asyncio.CancelledError:
@@ -207,8 +209,6 @@ class AsyncEngine:
             stream.ended = True
             self._streams.pop(stream.request_id, None)
             raise
-        finally:
-            self._adding -= 1
         return stream
 
     async def load_adapter(self, name: str, path: str) -> None:

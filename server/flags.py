@@ -87,8 +87,8 @@ def set_threads(args: argparse.Namespace) -> None:
 
 def add_dtype_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: bfloat16 on CUDA; on the CPU the checkpoint's own if bfloat16 or float16, "
-                             "else float32")
+                        help="default: bfloat16 on CUDA; on the CPU the checkpoint's own if bfloat16, else "
+                             "float32 (an fp16 checkpoint's matrices kept in fp16)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="the KV cache's dtype; auto (default): the model's, but float16 for GGUF files and "
                              "quantized weights, as llama.cpp keeps it (half the bytes, faster long contexts); "

@@ -98,7 +98,7 @@ async def start(state: ServerState, req: SamplingRequest, prompts: list[list[int
         raise APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded",
                        headers={"Retry-After": "1"}) from None
     except EngineStopped as e:
-        raise APIError(503, str(e), "service_unavailable") from None
+        raise failure(e) from None
     except ContextLengthError as e:  # the adapter changed meanwhile
         raise APIError(400, str(e), code="context_length_exceeded") from None
     except GrammarError as e:

@@ -99,7 +99,7 @@ class HostGuard:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket"):
+        if scope["type"] == "http":
             host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
             if not is_loopback(_host_name(host)):
                 await error_response(403, ErrorInfo(

@@ -10,7 +10,7 @@ from prometheus_client.registry import Collector
 from engine import RequestOutput
 
 _INTER_TOKEN_BUCKETS = tuple(0.005 * 2 ** i for i in range(13))  # 5 ms to 20 s
-# a request's times on a CPU reach minutes (a long answer, or a wait in the queue): 5 ms to about 2 hours
+# a request's times on a CPU reach minutes (a long answer, or a wait in the queue): 5 ms to about 1.5 hours
 _REQUEST_BUCKETS = tuple(0.005 * 2 ** i for i in range(21))
 
 

@@ -847,7 +847,7 @@ class ResponsesRequest(RequestBody):
     max_tool_calls: Any = None
     moderation: Any = None
 
-    @field_validator("input", mode="before")
+    @field_validator("input", mode="before", json_schema_input_type=str | list[ResponsesInput])
     @classmethod
     def _items(cls, value: Any) -> Any:
         if isinstance(value, str):

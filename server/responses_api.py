@@ -85,6 +85,7 @@ async def responses(req: ResponsesRequest, request: Request, state: State) -> Re
 
 
 @router.api_route("/v1/responses/{response_id:path}", methods=["GET", "DELETE", "POST"], include_in_schema=False)
+@router.api_route("/responses/{response_id:path}", methods=["GET", "DELETE", "POST"], include_in_schema=False)
 async def stored_response(response_id: str) -> None:
     """Retrieve, delete, cancel, input_items: of responses this server never stores."""
     raise APIError(404, f"no response {response_id.split('/')[0]!r} is stored here: this server stores no responses "
@@ -166,7 +167,7 @@ class Answer:
                               input_tokens_details={"cached_tokens": final.num_cached_tokens,
                                                     "cache_write_tokens": 0},  # (nothing is charged)
                               output_tokens_details={"reasoning_tokens": self.reasoning_tokens(final, reasoning)})
-        return ResponseObject(status=status, output=output, usage=usage, completed_at=int(time.time()),
+        return ResponseObject(status=status, output=output, usage=usage, completed_at=None if cut else int(time.time()),
                               incomplete_details={"reason": "max_output_tokens"} if cut else None, **common)
 
     def reasoning_tokens(self, final: RequestOutput, reasoning: str) -> int:

@@ -4,15 +4,16 @@ script continues a checkpoint, with Medusa heads trained jointly."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.training.default_model import main as train_default
-from engine.training.default_model import stdlib_root
+from engine.training.default_model import parse_args, start_model, stdlib_root
 from models import DEFAULT_MODEL_DIR
 from models.loader import load_model
 from models.medusa import DRAFT_VOCAB_FILE, MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
@@ -101,6 +102,19 @@ def test_joint_medusa_stage_continues_the_checkpoint(tmp_path):
     assert heads.config.num_heads == 2 and heads.draft_vocab is None
     stages = json.loads((again / "training.json").read_text())["stages"]
     assert len(stages) == len(before) + 2 and stages[-1]["hyperparameters"]["medusa_heads"] == 2
+
+
+def test_training_from_an_fp16_checkpoint_trains_every_matrix(tmp_path):
+    """load_model keeps an fp16 checkpoint's matrices in fp16 (frozen, for inference): --init trains them in fp32."""
+    shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "fp16", ignore=shutil.ignore_patterns("medusa"))
+    tensors = load_file(tmp_path / "fp16" / "model.safetensors")
+    save_file({k: v.half() for k, v in tensors.items()}, tmp_path / "fp16" / "model.safetensors")
+    config = json.loads((tmp_path / "fp16" / "config.json").read_text())
+    (tmp_path / "fp16" / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
+    assert load_model(tmp_path / "fp16", torch.float32, "cpu").model.layers[0].mlp.down_proj.weight.dtype == (
+        torch.float16)
+    model, *_ = start_model(parse_args(["--init", str(tmp_path / "fp16"), "--out", str(tmp_path / "out")]), [])
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in model.parameters())
 
 
 def test_bad_init_folders_are_clear_errors(tmp_path):

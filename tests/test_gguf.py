@@ -564,6 +564,7 @@ def test_default_dtype_is_the_files_own_bf16(tmp_path, tiny_hf):
     prompt = [5, 17, 42, 9]
     a, b = ours.generate([prompt], params)[0], full.generate([prompt], params)[0]
     assert a.token_ids == b.token_ids
+    assert full.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32  # (bf16 dot products round x)
     half = LLM(f16)  # F16 matrices under fp32 activations, as llama.cpp runs them
     assert half.config.dtype == "float32" and half.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float16
     assert half.generate([prompt], params)[0].token_ids == b.token_ids

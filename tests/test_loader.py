@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
-from models.loader import CheckpointError, default_dtype, load_model, recommended_sampling
+from models.loader import CheckpointError, default_dtype, default_kv_cache_dtype, load_model, recommended_sampling
 
 from conftest import hf_model, save_tiny_model
 
@@ -75,6 +75,7 @@ def test_an_fp16_checkpoint_runs_under_fp32_activations_over_its_fp16_matrices(t
     layer = llm.model.model.layers[0]
     assert llm.config.dtype == "float32" and layer.mlp.down_proj.weight.dtype == torch.float16
     assert llm.model.lm_head.weight.dtype == torch.float16  # (untied here: a linear of its own)
+    assert default_kv_cache_dtype(folder, "float32", None) == "float16"  # (as an F16 file's)
     got = llm.generate([tokens[0].tolist()], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
     with torch.no_grad():
         want = hf.generate(tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=6, do_sample=False,

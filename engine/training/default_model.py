@@ -426,7 +426,8 @@ def start_model(cfg: DefaultModelTraining,
         init_weights(model, cfg.num_layers)
         return model, config, tokenizer, []
     init = Path(cfg.init)
-    model = load_model(init, torch.float32, "cpu").train()  # (a clear error when init is no checkpoint)
+    # (a clear error when init is no checkpoint; fp16 matrices, kept so for inference, trained in fp32)
+    model = load_model(init, torch.float32, "cpu").float().requires_grad_(True).train()
     history = init / "training.json"
     stages = json.loads(history.read_text())["stages"] if history.is_file() else []
     return (model, json.loads((init / "config.json").read_text()), Tokenizer.from_file(str(init / "tokenizer.json")),
