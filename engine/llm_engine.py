@@ -472,8 +472,10 @@ class LLM:
         elif seq.matcher is not None and advance(seq.matcher, token_id):  # the structured output is complete
             reason = "stop"
         elif params.stop and new_text and seq.num_output_tokens > params.min_tokens:  # (as vLLM counts)
-            search_from = max(0, text_before - max(len(s) for s in params.stop) + 1)
-            hits = [(i, len(s)) for s in params.stop if (i := seq.output_text.find(s, search_from)) >= 0]
+            # (each stop string ending in the new text: one that lies wholly in text made before, while min_tokens
+            # held the stop rules back, was released as it came)
+            hits = [(i, len(s)) for s in params.stop
+                    if (i := seq.output_text.find(s, max(0, text_before - len(s) + 1))) >= 0]
             if hits:
                 start, length = min(hits)
                 seq.output_text = seq.output_text[:start + length * params.include_stop_str_in_output]

@@ -7,6 +7,8 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
+from tokenizers import Tokenizer, decoders, models, normalizers
+from transformers import PreTrainedTokenizerFast
 
 from bench.common import byte_tokenizer
 from engine import LLM, SamplingParams
@@ -162,3 +164,62 @@ def test_a_prompt_ending_inside_a_character_is_not_streamed():
         seq.token_ids.append(token)
         pieces.append(detokenize_new_token(tokenizer, seq))
     assert pieces == ["", "€", " ", "o", "k"]
+
+
+def byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
+    """A Llama-2-style SentencePiece BPE with byte fallback (as transformers converts one): characters outside its
+    vocabulary are <0xNN> tokens, one per byte."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece in ["▁", "a", "b", "x", "y", "▁a", "▁b", "▁x"]:
+        vocab.setdefault(piece, len(vocab))
+    model = models.BPE(vocab=vocab, merges=[("▁", "a"), ("▁", "b"), ("▁", "x")], byte_fallback=True,
+                       unk_token="<unk>", fuse_unk=True)
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def decoded(tokenizer, prompt: list[int], output: list[int]) -> list[str]:
+    seq = Sequence("r", list(prompt), SamplingParams())
+    start_detokenizer(tokenizer, seq)
+    pieces = []
+    for token in output:
+        seq.token_ids.append(token)
+        pieces.append(detokenize_new_token(tokenizer, seq))
+    return pieces
+
+
+def test_a_prompt_ending_in_byte_fallback_characters_leaves_the_answer_alone():
+    """The stream's context starts at a whole character: a window starting inside the emoji's bytes decoded as
+    U+FFFD, which the first output token carried into the answer."""
+    tokenizer = byte_fallback_tokenizer()
+    prompt = tokenizer("a b 👍🏽")["input_ids"]
+    assert sum(tokenizer.convert_ids_to_tokens(prompt)[i].startswith("<0x") for i in range(len(prompt))) == 8
+    assert decoded(tokenizer, prompt, tokenizer.convert_tokens_to_ids(["▁x", "y"])) == [" x", "y"]
+
+
+def test_bytes_that_are_no_utf8_do_not_break_the_stream():
+    """A sampled <0x41> <0xE2> x: the stream's state broke ("Invalid prefix"), and the step of every request in
+    the batch failed with it; a new stream goes on."""
+    tokenizer = byte_fallback_tokenizer()
+    output = tokenizer.convert_tokens_to_ids(["<0x41>", "<0xE2>", "x", "y"])
+    assert "".join(decoded(tokenizer, tokenizer("a b")["input_ids"], output)) == "Axy"
+
+
+def test_a_stop_string_made_while_min_tokens_held_the_rules_back_does_not_stop_later(tiny_model_dir):
+    """As vLLM: once min_tokens is reached, only stop strings that end in the new text count (a short one wholly
+    in earlier text, already streamed, cut the answer back to nothing)."""
+    llm = LLM(tiny_model_dir)
+    letters = llm.tokenizer("abcdefgh", add_special_tokens=False)["input_ids"]
+    assert len(letters) == 8
+    params = SamplingParams(max_tokens=8, min_tokens=2, stop=["a", "zzzzzzzz"], ignore_eos=True)
+    seq = llm.requests[llm.add_request(PROMPT, params)]
+    released = []
+    for token in letters:
+        llm._append_token(seq, token, None)
+        released.append(llm._release_text(seq))
+        if seq.is_finished:
+            break
+    assert seq.output_text == "".join(released) == "abcdefgh" and seq.finish_reason == "length"
