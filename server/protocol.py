@@ -188,6 +188,7 @@ class SamplingRequest(RequestBody):
     min_tokens: int = Field(default=0, ge=0)  # no stop token or string ends the answer before this many tokens
     include_stop_str_in_output: bool = False  # the answer ends with the stop string it met
     skip_special_tokens: bool = True  # False: special tokens' text is in the answer
+    spaces_between_special_tokens: bool = True  # vLLM's: accepted, unused (fast tokenizers' decoding has no spaces)
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP_STRINGS)] | None = None  # the answer ends at any
     return_token_ids: bool = False  # choices carry their token ids, and the answer its prompt's
     # the prefix cache shares K/V only among requests with the same salt (a tenant's: none can tell, from how
