@@ -469,16 +469,17 @@ class LLM:
         reason = None
         if stop_token:
             reason = "stop"
+            seq.stop_reason = token_id if token_id in params.stop_token_ids else None  # (EOS: None, as vLLM's)
         elif seq.matcher is not None and advance(seq.matcher, token_id):  # the structured output is complete
             reason = "stop"
         elif params.stop and new_text and seq.num_output_tokens > params.min_tokens:  # (as vLLM counts)
             # (each stop string ending in the new text: one that lies wholly in text made before, while min_tokens
             # held the stop rules back, was released as it came)
-            hits = [(i, len(s)) for s in params.stop
+            hits = [(i, s) for s in params.stop
                     if (i := seq.output_text.find(s, max(0, text_before - len(s) + 1))) >= 0]
             if hits:
-                start, length = min(hits)
-                seq.output_text = seq.output_text[:start + length * params.include_stop_str_in_output]
+                start, seq.stop_reason = min(hits, key=lambda hit: (hit[0], len(hit[1])))
+                seq.output_text = seq.output_text[:start + len(seq.stop_reason) * params.include_stop_str_in_output]
                 reason = "stop"
         if reason is None and seq.num_output_tokens >= params.max_tokens:  # within the context (_validate_prompt)
             reason = "length"

@@ -31,6 +31,7 @@ class RequestOutput:
     # return_hidden_states requests, once finished: [num output tokens, hidden size], row j the final hidden state
     # that sampled output token j
     hidden_states: torch.Tensor | None = None
+    stop_reason: str | int | None = None  # the stop string matched, or the stop_token_ids token (vLLM's)
     ttft_s: float | None = None
     latency_s: float = 0.0
     tokens_per_s: float = 0.0
@@ -54,6 +55,7 @@ class RequestOutput:
             prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
             accepted_lengths=list(seq.accepted_lengths),
             hidden_states=torch.stack(seq.hidden_states) if seq.is_finished and seq.hidden_states else None,
+            stop_reason=seq.stop_reason,
             ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
             latency_s=latency,
             tokens_per_s=seq.num_output_tokens / latency if latency > 0 else 0.0,

@@ -41,6 +41,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache chain hash of each full block
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
+    # what stopped it, as vLLM reports it: the stop string matched, or a stop token of params.stop_token_ids
+    stop_reason: str | int | None = None
     generator: torch.Generator | None = None
     # the tokens that end the output: the model's EOS ids (unless params.ignore_eos) and params.stop_token_ids
     stop_token_ids: frozenset[int] = frozenset()

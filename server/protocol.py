@@ -519,6 +519,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string matched, or the stop_token_ids token
     token_ids: list[int] | None = omitted_when_none()  # with return_token_ids
     prompt_token_ids: list[int] | None = omitted_when_none()  # with return_token_ids (in a stream: its first chunk)
 
@@ -584,6 +585,7 @@ class ChatChoice(BaseModel):
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string matched, or the stop_token_ids token
     token_ids: list[int] | None = omitted_when_none()  # with return_token_ids
 
 
@@ -613,6 +615,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string matched, or the stop_token_ids token
     token_ids: list[int] | None = omitted_when_none()  # with return_token_ids
 
 

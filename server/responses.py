@@ -100,7 +100,8 @@ class CompletionRenderer(Renderer):
 
     def _choice(self, index: int, out: RequestOutput, text: str, token_ids: list[int],
                 logprobs: CompletionLogprobs | None, with_prompt_ids: bool) -> CompletionChoice:
-        return CompletionChoice(index=index, text=text, finish_reason=out.finish_reason, logprobs=logprobs,
+        return CompletionChoice(index=index, text=text, finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                                logprobs=logprobs,
                                 token_ids=self.ids(token_ids),
                                 prompt_token_ids=self.ids(out.prompt_token_ids) if with_prompt_ids else None)
 
@@ -154,6 +155,7 @@ class ChatRenderer(Renderer):
             delta, finish_reason = self._tools_delta(index, out, text)
             delta.reasoning_content = reasoning
         return self._chunk([ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
+                                            stop_reason=out.stop_reason,
                                             token_ids=self.ids(out.new_token_ids),
                                             logprobs=self._logprobs(out, out.new_token_ids))])
 
@@ -161,7 +163,7 @@ class ChatRenderer(Renderer):
         return self._chunk([], usage)
 
     def response(self, finals: list[RequestOutput], usage: Usage) -> BaseModel:
-        choices = [ChatChoice(index=i, message=message, finish_reason=finish_reason,
+        choices = [ChatChoice(index=i, message=message, finish_reason=finish_reason, stop_reason=out.stop_reason,
                               logprobs=self._logprobs(out, out.token_ids), token_ids=self.ids(out.token_ids))
                    for i, out in enumerate(finals) for message, finish_reason in [self._message(out)]]
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage,

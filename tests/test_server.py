@@ -217,7 +217,9 @@ def test_stop_token_ids_end_the_answer_with_that_token(client, oracle):
     got = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=12, temperature=0,
                                     extra_body={"ignore_eos": True, "stop_token_ids": [stop], "return_token_ids": True})
     assert got.choices[0].token_ids == full.token_ids[:full.token_ids.index(stop) + 1]
-    assert got.choices[0].finish_reason == "stop"
+    assert got.choices[0].finish_reason == "stop" and got.choices[0].stop_reason == stop  # (vLLM's)
+    plain = client.completions.create(model=MODEL, prompt="def f(x):", max_tokens=3, temperature=0)
+    assert plain.choices[0].stop_reason is None
     with pytest.raises(openai.BadRequestError, match="stop_token_ids"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"stop_token_ids": [10**6]})
 

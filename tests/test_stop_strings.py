@@ -148,7 +148,8 @@ def test_stop_strings_through_the_server(tiny_model_dir, heads_dir, plain_pieces
     choice = whole.json()["choices"][0]
     events = sse_events(streamed.text)
     assert choice["text"] == "".join(e["choices"][0]["text"] for e in events if e["choices"]) == full[:full.find(stop)]
-    assert choice["finish_reason"] == "stop"
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop  # (vLLM's: the string matched)
+    assert [e["choices"][0]["stop_reason"] for e in events if e["choices"]][-1] == stop
 
 
 def test_a_prompt_ending_inside_a_character_is_not_streamed():
