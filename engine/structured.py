@@ -19,7 +19,7 @@ import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
-from functools import cached_property
+from functools import cache, cached_property
 
 import llguidance
 import llguidance.hf
@@ -36,6 +36,26 @@ COMPILED_GRAMMARS = 64  # compiled matchers kept, the least recently used droppe
 JSON_WHITESPACE = r"(?: |\n{1,2}[ \t]{0,20})?"
 
 
+COMBINATIONS = ("allOf", "anyOf", "oneOf")  # JSON Schema's keywords that combine schemas
+
+
+def closed(schema: object, part: bool = False) -> object:
+    """schema with `"additionalProperties": false` in every object that lists its properties and says nothing of
+    others (as OpenAI's strict function schemas and vLLM's guidance backend take them): a small model otherwise
+    goes on inventing arguments. Not in a part of an allOf / anyOf / oneOf, nor in an object whose parts list
+    properties of their own (zod's intersections and unions): closing either would refuse the other's."""
+    if isinstance(schema, list):
+        return [closed(s, part) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v, part=k in COMBINATIONS) for k, v in schema.items()}
+    parts = [p for k in COMBINATIONS if isinstance(out.get(k), list) for p in out[k] if isinstance(p, dict)]
+    parts_add = any("properties" in p or "$ref" in p for p in parts)
+    if "properties" in out and "additionalProperties" not in out and not part and not parts_add:
+        out["additionalProperties"] = False
+    return out
+
+
 class GrammarError(ValueError):
     """A structured output that cannot be compiled (its message says why)."""
 
@@ -50,18 +70,45 @@ def grammar_text(spec: StructuredOutput) -> str:
             raise GrammarError(f"the JSON schema is not valid JSON: {e}") from None
         if not isinstance(schema, dict):
             raise GrammarError("a JSON schema must be a JSON object")
+        schema = without_unknown_formats(schema)
         schema.setdefault("x-guidance", {"whitespace_pattern": JSON_WHITESPACE})
-        return llguidance.LLMatcher.grammar_from_json_schema(schema)
+        try:
+            return llguidance.LLMatcher.grammar_from_json_schema(schema)
+        except (ValueError, TypeError) as e:  # (a number beyond 64 bits: "Value is not JSON serializable")
+            raise GrammarError(f"the JSON schema cannot be used: {e}") from None
     if spec.regex is not None:
         return llguidance.LLMatcher.grammar_from_regex(spec.regex)
     if spec.choice is not None:
         return llguidance.LLMatcher.grammar_from_regex("|".join(re.escape(c) for c in spec.choice))
-    try:
-        lark = any_to_lark(spec.grammar)
+    try:  # (Outlines' grammars open with `?start:`, which llguidance's Lark takes and its converter does not know)
+        lark = spec.grammar if LARK_START.search(spec.grammar) else any_to_lark(spec.grammar)
     except Exception as e:  # noqa: BLE001 - llguidance's GBNF converter raises plain Exceptions too
         raise GrammarError(f"the grammar is neither Lark (with a `start:` rule) nor valid GBNF: {e}") from None
     # (llguidance's JSON form, as the others: its Lark text alone cannot be composed with other grammars)
     return json.dumps({"grammars": [{"lark_grammar": llguidance.LLMatcher.grammar_from_lark(lark)}]})
+
+
+LARK_START = re.compile(r"(?m)^\s*\?start\s*:")
+
+
+def without_unknown_formats(schema: object) -> object:
+    """schema without the `format`s llguidance does not know (Pydantic's bytes: "binary", SecretStr: "password"),
+    which JSON Schema makes annotations: they constrain nothing (llguidance refused the whole schema)."""
+    if isinstance(schema, list):
+        return [without_unknown_formats(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in ("const", "enum", "default", "examples") else without_unknown_formats(v)
+           for k, v in schema.items()}
+    if isinstance(out.get("format"), str) and not known_format(out["format"]):
+        del out["format"]
+    return out
+
+
+@cache
+def known_format(name: str) -> bool:
+    grammar = llguidance.LLMatcher.grammar_from_json_schema({"type": "string", "format": name})
+    return not llguidance.LLMatcher.validate_grammar(grammar)
 
 
 class Grammars:

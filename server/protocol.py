@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from engine import StructuredOutput
+from engine.structured import closed
 
 # Bounds beyond which a parameter is a mistake rather than a wish.
 MAX_N = 16
@@ -110,7 +111,7 @@ class JsonSchemaFormat(RequestBody):
     name: str = Field(default="response", min_length=1, max_length=64)  # OpenAI requires one; it cannot change output
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {}: any JSON value
-    strict: bool | None = None  # the schema is always enforced
+    strict: bool | None = None  # the schema is always enforced; strict also closes its objects (structured.closed)
 
 
 class ResponseFormat(RequestBody):
@@ -223,8 +224,9 @@ class SamplingRequest(RequestBody):
             raise ValueError(f"give one structured output, not {' and '.join(given)}")
         if fmt is not None and fmt.type == "json_object":  # (with a schema: llama.cpp's server's form of json_schema)
             return StructuredOutput(json_object=True) if fmt.schema_ is None else StructuredOutput(json=fmt.schema_)
-        if fmt is not None and fmt.type == "json_schema":
-            return StructuredOutput(json=fmt.json_schema.schema_ or {})
+        if fmt is not None and fmt.type == "json_schema":  # (strict: no keys the schema does not list, as OpenAI's)
+            schema = fmt.json_schema.schema_ or {}
+            return StructuredOutput(json=closed(schema) if fmt.json_schema.strict else schema)
         so = self.structured_outputs
         if so is not None:
             return StructuredOutput(json=so.json_, json_object=bool(so.json_object), regex=so.regex, choice=so.choice,

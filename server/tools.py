@@ -17,9 +17,9 @@ import re
 import uuid
 
 from engine import StructuredOutput
+from engine.structured import closed
 from server.protocol import ChatCompletionRequest, FunctionCall, ToolCall, ToolDefinition
 
-COMBINATIONS = ("allOf", "anyOf", "oneOf")  # JSON Schema's keywords that combine schemas
 DATA_KEYWORDS = ("const", "enum", "default", "examples")  # whose values are data, not schemas
 
 
@@ -74,23 +74,6 @@ def output_format(req: ChatCompletionRequest) -> StructuredOutput | None:
                                                                     "/anyOf/1/properties/response")},
                  "required": ["response"], "additionalProperties": False}
     return StructuredOutput(json={"anyOf": [calling, answering]})
-
-
-def closed(schema: object, part: bool = False) -> object:
-    """schema with `"additionalProperties": false` in every object that lists its properties and says nothing of
-    others (as OpenAI's strict function schemas and vLLM's guidance backend take them): a small model otherwise
-    goes on inventing arguments. Not in a part of an allOf / anyOf / oneOf, nor in an object whose parts list
-    properties of their own (zod's intersections and unions): closing either would refuse the other's."""
-    if isinstance(schema, list):
-        return [closed(s, part) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: closed(v, part=k in COMBINATIONS) for k, v in schema.items()}
-    parts = [p for k in COMBINATIONS if isinstance(out.get(k), list) for p in out[k] if isinstance(p, dict)]
-    parts_add = any("properties" in p or "$ref" in p for p in parts)
-    if "properties" in out and "additionalProperties" not in out and not part and not parts_add:
-        out["additionalProperties"] = False
-    return out
 
 
 def moved(schema: object, to: str) -> object:

@@ -545,6 +545,17 @@ def test_echo_with_logprobs_reports_the_prompt_tokens_first(client, llm, stream)
         assert top == pytest.approx(want_top, abs=1e-4)
 
 
+@pytest.mark.parametrize("strict", [True, False, None])
+def test_a_strict_json_schema_admits_no_keys_it_does_not_list(strict):
+    """As OpenAI's strict mode: an object that lists its properties and says nothing of others is closed (a small
+    model otherwise adds keys of its own); without strict the schema is taken as written (JSON Schema: open)."""
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": strict}}
+    spec = ChatCompletionRequest.model_validate({"messages": USER, "response_format": fmt}).structured_output
+    closed = {"additionalProperties": False} if strict else {}
+    assert spec.json == {**schema, **closed, "properties": {"a": {**schema["properties"]["a"], **closed}}}
+
+
 def test_accepted_unused_openai_fields(client):
     body = {"messages": USER, "max_tokens": 2, "user": "u-1", "store": False, "metadata": {"k": "v"},
             "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "modalities": ["text"],

@@ -142,6 +142,7 @@ def test_structured_requests_speculate_and_give_plain_decodings_tokens(tiny_mode
     (StructuredOutput(regex="(ab"), "unclosed group"),
     (StructuredOutput(grammar="root ::= ((("), "neither Lark"),
     (StructuredOutput(grammar="start: undefined_rule"), "unknown name"),
+    (StructuredOutput(json={"type": "integer", "maximum": 10**30}), "not JSON serializable"),  # (not a bare error)
 ])
 def test_bad_grammars_are_refused_and_leave_nothing_behind(llm, spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -158,6 +159,18 @@ def test_a_structured_output_is_exactly_one_thing():
     with pytest.raises(ValueError, match="at least one"):
         StructuredOutput(choice=[])
     assert StructuredOutput(json={}).json == {}  # any JSON value
+
+
+def test_formats_llguidance_does_not_know_are_annotations_and_outlines_grammars_open_with_start(llm):
+    """JSON Schema makes an unknown `format` an annotation (Pydantic's bytes: "binary", SecretStr: "password"):
+    the schema is used without it, not refused; Lark's `?start:` (Outlines' grammars) is taken as Lark."""
+    secret = {"type": "object", "properties": {"key": {"type": "string", "format": "password"}}, "required": ["key"]}
+    matcher = llm.grammars.matcher(StructuredOutput(json=secret))
+    assert matcher.consume_tokens(ids(llm, '{"key": "x"}')) and matcher.is_accepting()
+    dated = llm.grammars.matcher(StructuredOutput(json={"type": "string", "format": "date"}))
+    assert dated.validate_tokens(ids(llm, '"hello"')) < len(ids(llm, '"hello"'))  # (a known one still binds)
+    either = llm.grammars.matcher(StructuredOutput(grammar='?start: "yes" | "no"\n'))
+    assert either.consume_tokens(ids(llm, "no")) and either.is_accepting()
 
 
 def test_json_whitespace_is_bounded(llm):
