@@ -32,7 +32,7 @@ from engine.runner import ModelRunner, StepInputs
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
-from engine.structured import Grammars, advance
+from engine.structured import Grammars, advance, shortened
 from models.gguf import END_OF_TURN_TOKENS, find_gguf, load_tokenizer
 from models.kernels.decode import load_decode_kernels, set_decode_kernels
 from models.loader import load_model, recommended_sampling
@@ -470,8 +470,9 @@ class LLM:
         if stop_token:
             reason = "stop"
             seq.stop_reason = token_id if token_id in params.stop_token_ids else None  # (EOS: None, as vLLM's)
-        elif seq.matcher is not None and advance(seq.matcher, token_id):  # the structured output is complete
-            reason = "stop"
+        elif seq.matcher is not None and (reason := advance(seq.matcher, token_id)) is not None:  # complete, or failed
+            if reason == "error":
+                seq.error = f"the structured output failed mid-answer: {shortened(seq.matcher.get_error())}"
         elif params.stop and new_text and seq.num_output_tokens > params.min_tokens:  # (as vLLM counts)
             # (each stop string ending in the new text: one that lies wholly in text made before, while min_tokens
             # held the stop rules back, was released as it came)

@@ -32,6 +32,7 @@ class RequestOutput:
     # that sampled output token j
     hidden_states: torch.Tensor | None = None
     stop_reason: str | int | None = None  # the stop string matched, or the stop_token_ids token (vLLM's)
+    error: str | None = None  # finish_reason "error": why (its structured output's grammar failed mid-answer)
     ttft_s: float | None = None
     latency_s: float = 0.0
     tokens_per_s: float = 0.0
@@ -56,6 +57,7 @@ class RequestOutput:
             accepted_lengths=list(seq.accepted_lengths),
             hidden_states=torch.stack(seq.hidden_states) if seq.is_finished and seq.hidden_states else None,
             stop_reason=seq.stop_reason,
+            error=seq.error,
             ttft_s=None if seq.first_token_time is None else seq.first_token_time - seq.arrival_time,
             latency_s=latency,
             tokens_per_s=seq.num_output_tokens / latency if latency > 0 else 0.0,

@@ -43,6 +43,7 @@ class Sequence:
     finish_reason: str | None = None
     # what stopped it, as vLLM reports it: the stop string matched, or a stop token of params.stop_token_ids
     stop_reason: str | int | None = None
+    error: str | None = None  # why it ended, where that was finish_reason "error" (its grammar failed)
     generator: torch.Generator | None = None
     # the tokens that end the output: the model's EOS ids (unless params.ignore_eos) and params.stop_token_ids
     stop_token_ids: frozenset[int] = frozenset()

@@ -240,11 +240,12 @@ def _apply(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None
     logits[index] = logits[index].masked_fill(bits.view(len(rows), -1)[:, :vocab] == 0, float("-inf"))
 
 
-def advance(matcher: llguidance.LLMatcher, token_id: int) -> bool:
-    """Feed the matcher the token just sampled; True when the output is complete (nothing more may follow), or
-    when the grammar refused it (which its mask rules out: logged, as the bug it would be)."""
+def advance(matcher: llguidance.LLMatcher, token_id: int) -> str | None:
+    """Feed the matcher the token just sampled: "stop" when the output is complete (nothing more may follow),
+    "error" when the grammar failed (a parser that outgrew llguidance's limits mid-answer: an ambiguous grammar,
+    a lexer too complex), None while it goes on."""
     matcher.consume_token(token_id)
     if matcher.is_error():
-        logger.error("structured output: the grammar refused token %d, which its mask allowed (%s); the request "
-                     "ends there", token_id, shortened(matcher.get_error()))
-    return matcher.is_stopped() or matcher.is_error()
+        logger.warning("structured output failed at token %d: %s", token_id, shortened(matcher.get_error()))
+        return "error"
+    return "stop" if matcher.is_stopped() else None

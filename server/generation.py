@@ -55,7 +55,7 @@ async def generate(request: Request, state: ServerState, req: SamplingRequest, p
             for chunk in renderer.head(len(streams), prompts):
                 yield f"data: {chunk.model_dump_json()}\n\n"
             async for i, out in interleave(streams):  # one chunk per step, even when its text is still ''
-                chunk = renderer.chunk(i, out)
+                chunk = renderer.chunk(i, checked(out))
                 if out.new_token_ids:
                     first_step_tokens.setdefault(i, len(out.new_token_ids))
                 chunk.gorgon = step_info(out, state.tokenizer)  # ours: the step behind the chunk
@@ -110,16 +110,26 @@ async def start(state: ServerState, req: SamplingRequest, prompts: list[list[int
 async def finished(request: Request, streams: list[RequestStream]) -> list[RequestOutput]:
     """Every stream's finished output, the streams closed either way; the engine's failures as API errors."""
     try:
-        return await until_done(request, streams)
+        return [checked(out) for out in await until_done(request, streams)]
     except (EngineError, EngineStopped) as e:
         raise failure(e) from None
     finally:
         close_all(streams)
 
 
+def checked(out: RequestOutput) -> RequestOutput:
+    """out, unless its request ended in failure (finish_reason "error": its structured output's grammar failed
+    mid-answer, past llguidance's limits), which the client caused: a 400, never a "stop" with a cut answer."""
+    if out.finish_reason == "error":
+        raise APIError(400, out.error or "the request failed", code="structured_output_failed")
+    return out
+
+
 def failure(e: Exception) -> APIError:
-    """A request's failure after it was taken, as the API's error: an engine shutting down or down a 503 (a client
-    may retry elsewhere), anything else a 500."""
+    """A request's failure after it was taken, as the API's error: its own (checked), an engine shutting down or
+    down a 503 (a client may retry elsewhere), anything else a 500."""
+    if isinstance(e, APIError):
+        return e
     if isinstance(e, EngineStopped):
         return APIError(503, str(e), "service_unavailable")
     return APIError(500, str(e), "internal_error")

@@ -21,7 +21,7 @@ from starlette.background import BackgroundTask
 
 from engine import RequestOutput
 from server.errors import ERROR_RESPONSES, APIError
-from server.generation import close_all, failure, finished, interleave, start
+from server.generation import checked, close_all, failure, finished, interleave, start
 from server.guards import require_api_key
 from server.prompts import chat_request_ids
 from server.protocol import (
@@ -72,7 +72,7 @@ async def responses(req: ResponsesRequest, request: Request, state: State) -> Re
             for event in answer.opening():
                 yield sse(event)
             async for _, out in interleave(streams):
-                for event in answer.step(out):
+                for event in answer.step(checked(out)):
                     yield sse(event)
             for event in answer.closing(out):
                 yield sse(event)

@@ -556,6 +556,18 @@ def test_a_strict_json_schema_admits_no_keys_it_does_not_list(strict):
     assert spec.json == {**schema, **closed, "properties": {"a": {**schema["properties"]["a"], **closed}}}
 
 
+def test_a_structured_output_that_fails_mid_answer_is_a_400(client):
+    """Whole: a 400 in OpenAI's format; streamed: the error in-band, then [DONE] (it was a "stop" with a cut answer)."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a{1000000}$"}}}
+    body = {"messages": USER, "max_tokens": 8, "response_format": fmt}
+    whole = client.post("/v1/chat/completions", headers=AUTH, json=body)
+    assert whole.status_code == 400 and whole.json()["error"]["code"] == "structured_output_failed"
+    streamed = client.post("/v1/chat/completions", headers=AUTH, json={**body, "stream": True}).text
+    events = [line[6:] for line in streamed.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "structured_output_failed"
+    assert not any("finish_reason" in event and '"stop"' in event for event in events)
+
+
 def test_accepted_unused_openai_fields(client):
     body = {"messages": USER, "max_tokens": 2, "user": "u-1", "store": False, "metadata": {"k": "v"},
             "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "modalities": ["text"],

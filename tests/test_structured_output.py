@@ -173,6 +173,15 @@ def test_formats_llguidance_does_not_know_are_annotations_and_outlines_grammars_
     assert either.consume_tokens(ids(llm, "no")) and either.is_accepting()
 
 
+def test_a_grammar_that_fails_mid_answer_ends_its_request_in_error(llm):
+    """llguidance's lexer gives up on this pattern once the string opens (too many expressions): the request ends
+    with finish_reason "error" and the reason, never a "stop" whose answer is cut."""
+    spec = StructuredOutput(json={"type": "string", "pattern": "^a{1000000}$"})
+    out = llm.generate([1, 2, 3], SamplingParams(max_tokens=8, structured=spec))[0]
+    assert out.finish_reason == "error" and out.error.startswith("the structured output failed mid-answer: lexer")
+    assert llm.num_free_blocks == llm.block_manager.num_blocks and not llm.has_unfinished()
+
+
 def test_json_whitespace_is_bounded(llm):
     """A small model left to JSON's free whitespace can fill max_tokens with it; the grammar allows a space, or a
     line break or two and an indent of at most 20."""
