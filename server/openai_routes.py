@@ -31,6 +31,7 @@ from server.protocol import (
 )
 from server.responses import ChatRenderer, CompletionRenderer
 from server.state import ServerState, State
+from server.tools import json_answer
 
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
@@ -63,7 +64,8 @@ async def completions(req: CompletionRequest, request: Request, state: State) ->
 async def chat_completions(req: ChatCompletionRequest, request: Request, state: State) -> Response:
     prompt_ids, calls = chat_request_ids(state.tokenizer, req, state.llm.config.chat_template_kwargs)
     renderer = ChatRenderer(req.model or state.config.model_name, state.tokenizer, req.top_alternatives,
-                            returns_token_ids(req, state), calls, state.reasoning, state.llm.grammars.token_bytes)
+                            returns_token_ids(req, state), calls, state.reasoning, state.llm.grammars.token_bytes,
+                            json_answer(req))
     return await generate(request, state, req, [prompt_ids], renderer)
 
 

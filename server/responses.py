@@ -132,9 +132,11 @@ class ChatRenderer(Renderer):
     response's text as it grows, calls in its last chunk)."""
 
     def __init__(self, model: str, tokenizer, logprobs: int | None, token_ids: bool, tools: bool = False,
-                 reasoning: ReasoningFormat | None = None, token_bytes: Callable[[int], bytes] | None = None) -> None:
+                 reasoning: ReasoningFormat | None = None, token_bytes: Callable[[int], bytes] | None = None,
+                 json_value: bool = False) -> None:
         super().__init__("chatcmpl-", model, tokenizer, logprobs, token_ids)
         self.tools, self.reasoning = tools, reasoning
+        self.json_value = json_value  # with tools, a text answer is a JSON value (server.tools.json_answer)
         self.token_bytes = token_bytes  # a token's own bytes (engine.structured.Grammars.token_bytes)
         self.response_sent: dict[int, int] = {}  # tools: per streamed choice, the characters of its text sent
         self.reasoning_streams: dict[int, ReasoningStream] = {}  # reasoning: per streamed choice, its parts
@@ -173,8 +175,8 @@ class ChatRenderer(Renderer):
         """What a streamed answer of server.tools' format (`answer`: its text so far, past any reasoning) adds: its
         response text as it grows, its calls whole."""
         sent = self.response_sent.get(index, 0)
-        if not out.finished:
-            text = response_text(answer) or ""
+        if not out.finished:  # (a JSON value comes whole, with the calls)
+            text = "" if self.json_value else response_text(answer) or ""
             self.response_sent[index] = max(sent, len(text))
             return ChatDelta(content=text[sent:] or None), None
         message, finish_reason = self._message(out)
@@ -189,7 +191,7 @@ class ChatRenderer(Renderer):
         if not self.tools:
             return ChatResponseMessage(content=text if text or not reasoning else None,
                                        reasoning_content=reasoning), out.finish_reason
-        content, calls = read_answer(text)
+        content, calls = read_answer(text, self.json_value)
         return (ChatResponseMessage(content=content, reasoning_content=reasoning, tool_calls=calls),
                 "tool_calls" if calls else out.finish_reason)
 

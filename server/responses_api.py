@@ -40,7 +40,7 @@ from server.protocol import (
 from server.reasoning import ReasoningFormat, ReasoningStream
 from server.sampling import chosen_sampling
 from server.state import State
-from server.tools import read_answer, response_text
+from server.tools import json_answer, read_answer, response_text
 
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
@@ -61,7 +61,8 @@ async def responses(req: ResponsesRequest, request: Request, state: State) -> Re
     except APIError as e:
         raise renamed(e) from None
     answer = Answer(req, chat.model or state.config.model_name, len(prompt_ids), tools,
-                    chosen_sampling(chat, state.llm.sampling_defaults), state.reasoning, state.tokenizer)
+                    chosen_sampling(chat, state.llm.sampling_defaults), state.reasoning, state.tokenizer,
+                    json_answer(chat))
     if not req.stream:
         (final,) = await finished(request, streams)
         return JSONResponse(answer.response(final).model_dump())
@@ -122,8 +123,10 @@ class Answer:
     and `indices` the output index of each item the stream has opened."""
 
     def __init__(self, req: ResponsesRequest, model: str, input_tokens: int, tools: bool,
-                 sampling: dict[str, float | int], reasoning: ReasoningFormat | None, tokenizer) -> None:
+                 sampling: dict[str, float | int], reasoning: ReasoningFormat | None, tokenizer,
+                 json_value: bool = False) -> None:
         self.req, self.model, self.input_tokens, self.tools = req, model, input_tokens, tools
+        self.json_value = json_value  # with tools, a text answer is a JSON value (server.tools.json_answer)
         self.sampling = sampling  # the parameters sampled with (server.sampling.chosen_sampling), reported
         self.reasoning, self.tokenizer = reasoning, tokenizer
         self.stream = ReasoningStream(reasoning) if reasoning is not None else None
@@ -137,7 +140,7 @@ class Answer:
     def parts(self, text: str) -> tuple[str, str | None, list[ToolCall]]:
         """A whole answer's (reasoning, message text or None, calls)."""
         reasoning, text = self.reasoning.split(text, finished=True) if self.reasoning else ("", text)
-        content, calls = read_answer(text) if self.tools else (text, [])
+        content, calls = read_answer(text, self.json_value) if self.tools else (text, [])
         return reasoning, None if content == "" and reasoning else content, calls
 
     def response(self, final: RequestOutput | None) -> ResponseObject:
@@ -206,7 +209,7 @@ class Answer:
         else:
             reasoning, content, text = None, out.new_text, out.text
         if self.tools:
-            content = (response_text(text) or "")[len(self.sent["message"]):]
+            content = "" if self.json_value else (response_text(text) or "")[len(self.sent["message"]):]
         return (self.delta("reasoning", reasoning) if reasoning else []) + (self.delta("message", content)
                                                                               if content else [])
 

@@ -119,6 +119,7 @@ def calls_text(calls: list[ToolCall]) -> str:
 
 
 RESPONSE_START = re.compile(r'\{\s*"response"\s*:\s*"')
+VALUE_START = re.compile(r'\{\s*"response"\s*:\s*')
 
 
 def response_text(text: str) -> str | None:
@@ -141,16 +142,26 @@ def response_text(text: str) -> str | None:
     return ""
 
 
-def read_answer(text: str) -> tuple[str | None, list[ToolCall]]:
-    """An answer's (content, tool calls). An answer cut short (max_tokens) is no whole JSON: its content is the
-    response text so far; calls cut short are none (no content either: the JSON the model wrote is ours, not an
-    answer, and a call with half its arguments must not run)."""
+def json_answer(req: ChatCompletionRequest) -> bool:
+    """Whether an answer that may call tools answers, where it calls none, with a value of the request's JSON
+    structured output (its content that value's JSON text), rather than text."""
+    return bool(active_tools(req)) and answer_schema(req) is not None
+
+
+def read_answer(text: str, json_value: bool = False) -> tuple[str | None, list[ToolCall]]:
+    """An answer's (content, tool calls); json_value: its response is a JSON value (json_answer), given as its JSON
+    text even where it is a string. An answer cut short (max_tokens) is no whole JSON: its content is the response
+    so far; calls cut short are none (no content either: the JSON the model wrote is ours, not an answer, and a
+    call with half its arguments must not run)."""
     try:
         answer = json.loads(text)
     except json.JSONDecodeError:
+        if json_value:
+            start = VALUE_START.match(text)
+            return (text[start.end():] if start else None), []
         return response_text(text), []
     if "tool_calls" in answer:
         return None, [ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(
             name=c["name"], arguments=json.dumps(c["arguments"], ensure_ascii=False))) for c in answer["tool_calls"]]
     response = answer["response"]  # (text, or a value of the request's JSON schema, given as its JSON text)
-    return response if isinstance(response, str) else json.dumps(response, ensure_ascii=False), []
+    return response if isinstance(response, str) and not json_value else json.dumps(response, ensure_ascii=False), []

@@ -10,11 +10,12 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from engine import LLM, SamplingParams
+from engine import LLM, RequestOutput, SamplingParams
 from server.app import ServerConfig, create_app
 from server.prompts import chat_prompt_ids
-from server.protocol import ChatCompletionRequest, ResponsesRequest
-from server.tools import output_format, read_answer, response_text, system_prompt
+from server.protocol import ChatCompletionRequest, ResponsesRequest, Usage
+from server.responses import ChatRenderer
+from server.tools import json_answer, output_format, read_answer, response_text, system_prompt
 
 from conftest import save_tiny_model
 
@@ -315,3 +316,24 @@ def test_an_answers_text_and_its_calls_sent_back_are_one_assistant_turn():
             "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]})
     assert request.chat().messages == want.messages
+
+
+def test_a_json_answer_beside_tools_is_json_even_where_its_value_is_a_string():
+    """Tools with a JSON structured output: the answer's content is its value's JSON text (the README's promise),
+    a string schema's too ('"yes"', not 'yes'), streamed whole with the message's end, and chat completions and
+    the Responses API alike."""
+    schema = {"type": "string", "enum": ["yes", "no"]}
+    req = ChatCompletionRequest.model_validate({"messages": USER, "tools": [WEATHER], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "v", "schema": schema}}})
+    assert json_answer(req) and not json_answer(ChatCompletionRequest.model_validate(
+        {"messages": USER, "tools": [WEATHER]}))
+    assert read_answer('{"response": "yes"}', json_value=True) == ('"yes"', [])
+    assert read_answer('{"response": "yes"}') == ("yes", [])  # (a text answer)
+    renderer = ChatRenderer("m", None, None, False, tools=True, json_value=True)
+    text = '{"response": "yes"}'
+    growing = [RequestOutput("r", None, [1], text[:n], [], "", [], n == len(text), "stop" if n == len(text) else None,
+                             0, None) for n in (14, 17, len(text))]
+    deltas = [renderer.chunk(0, out).choices[0].delta.content for out in growing]
+    assert deltas == [None, None, '"yes"']
+    usage = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2, prompt_tokens_details={"cached_tokens": 0})
+    assert renderer.response([growing[-1]], usage).choices[0].message.content == '"yes"'
