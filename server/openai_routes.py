@@ -71,9 +71,10 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, state: 
 
 def model_cards(state: ServerState) -> list[ModelCard]:
     base, speculative = state.config.model_name, state.speculates  # adapters speculate with the base model's heads
-    cards = [ModelCard(id=base, root=state.config.model_root, max_model_len=state.context_length(None),
-                       speculative=speculative)]
-    return cards + [ModelCard(id=a["name"], root=a["path"], parent=base, max_model_len=state.context_length(a["name"]),
+    cards = [ModelCard(id=base, created=state.created, root=state.config.model_root,
+                       max_model_len=state.context_length(None), speculative=speculative)]
+    return cards + [ModelCard(id=a["name"], created=state.created, root=a["path"], parent=base,
+                              max_model_len=state.context_length(a["name"]),
                               speculative=speculative) for a in state.engine.list_adapters()]
 
 

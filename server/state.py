@@ -1,6 +1,7 @@
 """What the routes share: the server's configuration, the engine, and the metrics, reached through the app."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -38,6 +39,7 @@ class ServerState:
     engine: AsyncEngine
     metrics: ServerMetrics
     config: ServerConfig
+    created: int = field(default_factory=lambda: int(time.time()))  # the model cards' (the same on every call)
 
     @property
     def tokenizer(self):

@@ -2,6 +2,8 @@
 tuning vs PEFT on the dequantized weights, Medusa on a quantized LM head."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -100,24 +102,32 @@ def test_adapters_with_quantized_kernels_decode_like_the_dequantized_path(tiny_m
     assert agree >= 0.9 * sum(len(x) for x in outs[0])
 
 
+def lora_logits_against_peft(folder: Path, adapters: Path, cpu_kernels: bool, check=None):
+    """Per prompt, our logits with the LoRA on every projection beside PEFT's on transformers' dequantization of
+    folder's m.gguf; check(llm) first, on the engine as it loaded."""
+    dequantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file="m.gguf", dtype=torch.float32)
+    oracle = PeftModel.from_pretrained(dequantized, adapters / "lora").eval()
+    llm = LLM(folder / "m.gguf", cpu_kernels=cpu_kernels, adapter_root=str(adapters), kv_cache_dtype="float32")
+    if check is not None:
+        check(llm)
+    llm.load_adapter("lora", "lora")
+    for prompt in PROMPTS:  # (each fits one fused step)
+        request = llm.add_request(prompt, SamplingParams(max_tokens=1), adapter="lora")
+        inputs = llm.runner.prepare(llm.scheduler.schedule())
+        ours = llm.runner.logits(llm.runner.forward(inputs), torch.arange(len(prompt)))
+        llm.abort(request)
+        with torch.no_grad():
+            yield ours, oracle(input_ids=torch.tensor([prompt])).logits[0]
+
+
 def test_lora_on_a_file_that_mixes_types_in_q_k_v_matches_peft(tiny_model_dir, adapters, tmp_path):
     """A Q4_K_M file of a narrow model keeps attn_v in Q8_0 beside Q5_0 q/k, so q/k/v load as a
     MixedQuantizedLinear (a part per type): a LoRA on every projection adapts it as PEFT does on transformers' own
     dequantization of the file, and the fused kernels (int8 activations) stay close to that."""
     types = NARROW_MIXES["q4_k_m"]
     write_gguf(hf_model(tiny_model_dir), tmp_path / "m.gguf", qtype_of=lambda name, w: types.get(name.split(".")[-2]))
-    dequantized = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
-    oracle = PeftModel.from_pretrained(dequantized, adapters / "lora").eval()
     for cpu_kernels in (False, True):
-        llm = LLM(tmp_path / "m.gguf", cpu_kernels=cpu_kernels, adapter_root=str(adapters), kv_cache_dtype="float32")
-        llm.load_adapter("lora", "lora")
-        for prompt in PROMPTS:  # (each fits one fused step)
-            request = llm.add_request(prompt, SamplingParams(max_tokens=1), adapter="lora")
-            inputs = llm.runner.prepare(llm.scheduler.schedule())
-            ours = llm.runner.logits(llm.runner.forward(inputs), torch.arange(len(prompt)))
-            llm.abort(request)
-            with torch.no_grad():
-                ref = oracle(input_ids=torch.tensor([prompt])).logits[0]
+        for ours, ref in lora_logits_against_peft(tmp_path, adapters, cpu_kernels):
             if cpu_kernels:  # the bound of test_gguf's mixed q/k/v (a random model amplifies int8 noise: 14% measured)
                 assert ((ours - ref).norm(dim=-1) <= 0.15 * ref.norm(dim=-1)).all()
                 assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
@@ -129,20 +139,13 @@ def test_lora_on_an_f16_file_under_fp32_activations_matches_peft(tiny_model_dir,
     """An F16 file's linears keep their fp16 matrices under fp32 activations (models.loader._half_linears): a LoRA
     on them computes in fp32, as PEFT does on transformers' fp32 load of the file."""
     write_gguf(hf_model(tiny_model_dir), tmp_path / "m.gguf", float_dtype=np.float16)
-    dequantized = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
-    oracle = PeftModel.from_pretrained(dequantized, adapters / "lora").eval()
+
+    def half_matrices(llm: LLM) -> None:
+        assert llm.config.dtype == "float32"
+        assert llm.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float16
+
     for cpu_kernels in (False, True):
-        llm = LLM(tmp_path / "m.gguf", cpu_kernels=cpu_kernels, adapter_root=str(adapters), kv_cache_dtype="float32")
-        assert llm.config.dtype == "float32" and llm.model.model.layers[0].mlp.down_proj.weight.dtype == (
-            torch.float16)
-        llm.load_adapter("lora", "lora")
-        for prompt in PROMPTS:
-            request = llm.add_request(prompt, SamplingParams(max_tokens=1), adapter="lora")
-            inputs = llm.runner.prepare(llm.scheduler.schedule())
-            ours = llm.runner.logits(llm.runner.forward(inputs), torch.arange(len(prompt)))
-            llm.abort(request)
-            with torch.no_grad():
-                ref = oracle(input_ids=torch.tensor([prompt])).logits[0]
+        for ours, ref in lora_logits_against_peft(tmp_path, adapters, cpu_kernels, half_matrices):
             assert (ours - ref).abs().max() <= 1e-4
 
 
