@@ -433,7 +433,8 @@ class LLM:
                                                         inputs.ctx.slot_mapping[rows], self._rng,
                                                         len(self.scheduler.running))
         outputs = []
-        for seq, tokens, token_logprobs in zip(seqs, accepted, logprobs):
+        for seq, tokens, token_logprobs, tree in zip(seqs, accepted, logprobs, trees.trees):
+            seq.num_draft_tokens += tree.tree.size - 1
             appended = []
             for token, logprob in zip(tokens, token_logprobs):
                 # every token so far has its K/V (the root, then accepted drafts): findable in the prefix cache

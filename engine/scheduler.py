@@ -4,6 +4,7 @@ verifies their tree where its rows fit the step's budget and the free blocks, el
 never preempts another sequence."""
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -85,6 +86,8 @@ class Scheduler:
                 self._release(seq)
                 break
             self.waiting.popleft()
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.perf_counter()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             if pending is not None:

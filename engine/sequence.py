@@ -56,6 +56,8 @@ class Sequence:
     prompt_logprobs: list[tuple[float, dict[int, float]] | None] = field(default_factory=list)
     arrival_time: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
+    first_scheduled_time: float | None = None  # when it first left the waiting queue
+    num_draft_tokens: int = 0  # Medusa: tree nodes below the root its steps verified
     finish_time: float | None = None
     num_preemptions: int = 0
     # Medusa bookkeeping: tokens accepted per speculative step

@@ -41,6 +41,8 @@ class ServerMetrics:
                                      buckets=_INTER_TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("gorgon_request_latency_seconds", "Arrival to last token",
                              buckets=_REQUEST_BUCKETS, registry=r)
+        self.queue = Histogram("gorgon_request_queue_time_seconds", "Arrival to first scheduled (waiting for room)",
+                               buckets=_REQUEST_BUCKETS, registry=r)
         self.prompt_tokens = Counter("gorgon_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.cached_prompt_tokens = Counter("gorgon_prompt_tokens_cached",
                                             "Prompt tokens of finished requests whose KV the prefix cache held",
@@ -50,6 +52,8 @@ class ServerMetrics:
         self.medusa_steps = Counter("gorgon_medusa_steps", "Medusa speculative steps", registry=r)
         self.medusa_accepted = Counter("gorgon_medusa_accepted_tokens",
                                        "Tokens emitted by Medusa steps (accepted + bonus)", registry=r)
+        self.medusa_drafted = Counter("gorgon_medusa_draft_tokens", "Drafted tokens Medusa steps verified",
+                                      registry=r)
 
     def request_tracker(self, model: str) -> RequestTracker:
         return RequestTracker(self, model)
@@ -99,5 +103,8 @@ class RequestTracker:
         m.prompt_tokens.inc(len(out.prompt_token_ids))
         m.cached_prompt_tokens.inc(out.num_cached_tokens)
         m.e2e.observe(out.latency_s)
+        if out.queue_s is not None:
+            m.queue.observe(out.queue_s)
         m.medusa_steps.inc(len(out.accepted_lengths))
         m.medusa_accepted.inc(sum(out.accepted_lengths))
+        m.medusa_drafted.inc(out.num_draft_tokens)

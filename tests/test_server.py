@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, TypeAdapter
 
 from engine import LLM, SamplingParams, StructuredOutput
+from models.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
 from server.app import Server, ServerConfig, create_app
 from server.async_engine import MAX_FAILED_PROMPTS, AsyncEngine, EngineError, EngineStopped, RequestStream
 from server.metrics import ServerMetrics
@@ -838,6 +839,27 @@ def test_metrics_count_preemptions_and_request_times_of_minutes(tiny_model_dir):
     buckets = {s.labels["le"]: s.value for s in families["gorgon_request_latency_seconds"].samples
                if s.name.endswith("_bucket")}
     assert buckets["81.92"] == 0 and buckets["163.84"] == 1  # (not all in +Inf)
+
+
+def test_metrics_count_queue_time_and_drafted_tokens(tiny_model_dir, tmp_path):
+    """vLLM's queue time and speculation counts: a step verifies its tree's drafts (accepted ones: the tokens it
+    emits less one), whether or not they are accepted."""
+    from test_stop_strings import PROMPT, medusa_llm
+
+    save_medusa_heads(MedusaHeads(MedusaConfig(num_heads=4, num_layers=1, hidden_size=64, vocab_size=256,
+                                               own_lm_head=False)), tmp_path)
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    futures = PROMPT + LLM(tiny_model_dir).generate(PROMPT, greedy)[0].token_ids
+    llm = medusa_llm(tiny_model_dir, tmp_path, futures)  # (the chain4 tree: four drafts a step)
+    out = llm.generate(PROMPT, greedy)[0]
+    steps = len(out.accepted_lengths)
+    assert steps and out.num_draft_tokens == 4 * steps and 0 <= out.queue_s <= out.latency_s
+    server_metrics = ServerMetrics(llm)
+    server_metrics.request_tracker("m").finish(out, "length")
+    samples = {s.name: s.value for family in text_string_to_metric_families(server_metrics.render().decode())
+               for s in family.samples}
+    assert samples["gorgon_medusa_draft_tokens_total"] == 4 * steps
+    assert samples["gorgon_request_queue_time_seconds_count"] == 1
 
 
 # ---- shutdown ---------------------------------------------------------------------------------------
