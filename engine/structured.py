@@ -182,10 +182,12 @@ class Grammars:
         end_text = re.escape(tags.end).replace("/", "\\/")
         thinking, rules = (f"/(.|\\n)*/ {end}", "") if end else (
             "thinking", f"thinking[lazy]: /(.|\\n)*{end_text}/\n")
-        reasoning = f"{start}? {thinking}" if tags.opened_by_prompt else f"({start} {thinking})?"
+        # (a little whitespace after the reasoning, none where there is none: a model left free fills it)
+        after = "/[ \\t\\n]{0,4}/"
+        reasoning = f"{start}? {thinking} {after}" if tags.opened_by_prompt else f"({start} {thinking} {after})?"
         top = json.loads(grammar)
         top["grammars"][0]["name"] = "answer"
-        lark = f"start: {reasoning} /[ \\t\\n]{{0,4}}/ @answer\n{rules}"
+        lark = f"start: {reasoning} @answer\n{rules}"
         return json.dumps({"grammars": [{"lark_grammar": lark}, *top["grammars"]]})
 
 

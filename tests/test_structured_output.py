@@ -220,6 +220,7 @@ def test_a_constraint_after_reasoning_leaves_the_reasoning_free(llm, tags_are_to
     reasoned = tokens("<think>", "So {x} <b> </thin", "</think>", "\n\n", "abc")
     assert accepts(grammars, qwen3, reasoned) == (len(reasoned), True)
     assert accepts(grammars, qwen3, tokens("abc")) == (len(tokens("abc")), True)  # it may answer at once
+    assert accepts(grammars, qwen3, tokens("\n", "abc"))[0] == 0  # (the whitespace after reasoning goes with it)
     assert accepts(grammars, qwen3, tokens("Abc"))[0] == 0
     refused = tokens("<think>", "x", "</think>", "\n")
     assert accepts(grammars, qwen3, refused + tokens("Hi")) == (len(refused), False)  # the regex, after </think>
