@@ -6,6 +6,7 @@ otherwise than llama.cpp (tokenize_as_llama_cpp)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tempfile
@@ -321,6 +322,7 @@ def tokenize_as_llama_cpp(tokenizer, reader: GGUFReader) -> None:
     writes "▁Hello"), Llama 3's and tekken's whole-word lookup, and their BOS where the file has no add_bos_token."""
     from tokenizers import decoders, normalizers
 
+    _added_tokens_at_their_ids(tokenizer, reader)
     backend, vocabulary = tokenizer.backend_tokenizer, _field(reader, "tokenizer.ggml.pre")
     if _field(reader, "tokenizer.ggml.model") == "llama":
         space_prefix = _field(reader, "tokenizer.ggml.add_space_prefix", True)
@@ -334,6 +336,38 @@ def tokenize_as_llama_cpp(tokenizer, reader: GGUFReader) -> None:
         backend.model.ignore_merges = True
         if _field(reader, "tokenizer.ggml.add_bos_token") is None:
             tokenizer.add_bos_token = True
+
+
+def _added_tokens_at_their_ids(tokenizer, reader: GGUFReader) -> None:
+    """llama.cpp matches each control and user-defined token of the file whole, at its id. transformers leaves out of
+    a byte-level vocabulary those spelled outside the byte alphabet (DeepSeek's <｜User｜>, with fullwidth bars, are
+    cut into bytes) and adds the BOS/EOS strings again at new ids past the model's vocabulary: put them back."""
+    tokens, types = reader.fields.get("tokenizer.ggml.tokens"), reader.fields.get("tokenizer.ggml.token_type")
+    if tokens is None or types is None:
+        return
+    types = np.asarray(types.contents())
+    file_ids: dict[str, int] = {}
+    for i in np.flatnonzero(np.isin(types, ADDED_TOKEN_TYPES)).tolist():
+        file_ids.setdefault(bytes(tokens.parts[tokens.data[i]]).decode("utf-8", "replace"), i)
+    missing = {text: i for text, i in file_ids.items() if tokenizer.convert_tokens_to_ids(text) != i}
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = state["model"].get("vocab")
+    if not missing or not isinstance(vocab, dict):  # a sentencepiece vocabulary holds them at their ids
+        return
+    taken = {i: text for text, i in vocab.items() if i in missing.values()}  # their bytes' spelling, unreachable
+    state["added_tokens"] = [t for t in state["added_tokens"] if t["content"] not in missing]
+    for text, i in missing.items():
+        vocab.pop(taken.get(i), None)
+        vocab[text] = i
+        state["added_tokens"].append({"id": i, "content": text, "single_word": False, "lstrip": False,
+                                      "rstrip": False, "normalized": False, "special": bool(types[i] == 3)})
+    for processor in [state["post_processor"] or {}, *(state["post_processor"] or {}).get("processors", [])]:
+        for text, special in processor.get("special_tokens", {}).items():  # the BOS it adds
+            if text in missing:
+                special["ids"] = [missing[text]]
+    from tokenizers import Tokenizer
+
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
 
 
 __all__ = ["GGUFCheckpoint", "GGUFError", "UnsupportedTensorType", "find_gguf", "load_tokenizer", "read_gguf"]

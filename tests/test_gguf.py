@@ -504,6 +504,23 @@ def test_a_llama3_vocabulary_takes_whole_words_and_adds_bos(tmp_path, monkeypatc
         assert tokenizer.encode("abc") == [5, 4] and tokenizer.encode("cab") == [4, 5]
 
 
+def test_control_tokens_spelled_outside_the_byte_alphabet_stay_whole_at_the_files_ids(tmp_path, monkeypatch):
+    """DeepSeek-R1's files write their control tokens with fullwidth bars (<｜User｜>): transformers' conversion
+    leaves them out of a byte-level vocabulary, cuts them into bytes and gives BOS/EOS new ids past the model's
+    vocabulary (every prompt was refused). llama.cpp takes each control and user-defined token whole, at its id."""
+    monkeypatch.setattr(gguf_module, "TOKENIZER_CACHE", tmp_path / "cache")
+    tokens = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜tool▁sep｜>", "a", "b", "ab"]
+    file = write_vocabulary(tmp_path / "r1.gguf", "gpt2", tokens, [3, 3, 3, 4, 1, 1, 1], pre="deepseek-r1-qwen",
+                            merges=["a b"])
+    for _ in range(2):  # converted, then cached
+        tokenizer = load_tokenizer(file)
+        assert tokenizer.convert_tokens_to_ids(tokens[:4]) == [0, 1, 2, 3]
+        assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1)
+        assert tokenizer.encode("<｜User｜>ab<｜tool▁sep｜>b", add_special_tokens=False) == [2, 6, 3, 5]
+        assert max(tokenizer.encode("ab")) < len(tokens)
+        assert tokenizer.decode([0, 2, 6, 3], skip_special_tokens=True) == "ab<｜tool▁sep｜>"
+
+
 def test_engine_generates_from_a_gguf_file(tmp_path, tiny_hf):
     file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf", qtype_of=lambda name, w: QType.Q8_0)
     from engine import SamplingParams
