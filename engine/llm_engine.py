@@ -187,7 +187,7 @@ class LLM:
                                        adapter_root, self.max_model_len,
                                        partial(self.parallel.call, "write_lora") if self.parallel else None)
         self._ids = itertools.count()
-        self._loop_lock = threading.Lock()  # held by the generate() or stream() running
+        self._loop_lock = threading.Lock()  # held by the loop taking the steps' outputs (claim_steps)
         self._rng = torch.Generator(device=self.device).manual_seed(self.config.seed)
 
     # ---- lifetime --------------------------------------------------------------------------------
@@ -562,18 +562,27 @@ class LLM:
             finally:
                 self.abort(request_id)
 
+    def claim_steps(self) -> None:
+        """Claim the engine's steps for one loop that takes every step's outputs: generate(), stream(), or a
+        server's step thread. Two at once (two threads, a stream not yet finished, a generate() beside a server
+        of the same LLM) would take each other's outputs, and one would wait for ever: RuntimeError instead.
+        release_steps() gives them back."""
+        if not self._loop_lock.acquire(blocking=False):
+            raise RuntimeError("this LLM's steps are already taken by generate(), chat() or stream() (in another "
+                               "thread, or a stream not yet finished) or by a server of it: one at a time; for "
+                               "concurrent requests, add_request() and step() from one thread, or serve them "
+                               "(gorgon serve)")
+
+    def release_steps(self) -> None:
+        self._loop_lock.release()
+
     @contextmanager
     def _one_loop_at_a_time(self) -> Iterator[None]:
-        """generate() and stream() each take every step's outputs: two at once (two threads, or a stream not yet
-        finished) would take each other's, and one would wait for ever."""
-        if not self._loop_lock.acquire(blocking=False):
-            raise RuntimeError("this LLM is already running generate(), chat() or stream() (in another thread, or a "
-                               "stream not yet finished): one at a time; for concurrent requests, add_request() and "
-                               "step() from one thread, or serve them (gorgon serve)")
+        self.claim_steps()
         try:
             yield
         finally:
-            self._loop_lock.release()
+            self.release_steps()
 
     # ---- adapters (callable from any thread while another one runs step()) ----------------------------
     def load_adapter(self, name: str, path: str | Path) -> LoadedAdapter:

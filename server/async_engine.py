@@ -119,7 +119,10 @@ class AsyncEngine:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        """Start the step thread, which takes the engine's steps until stop() (LLM.claim_steps: RuntimeError while
+        a generate() of the same LLM runs)."""
         self._loop = asyncio.get_running_loop()
+        self.llm.claim_steps()
         self._thread = threading.Thread(target=self._run, name="gorgon-step-loop", daemon=True)
         self._thread.start()
 
@@ -233,6 +236,12 @@ class AsyncEngine:
 
     # ---- the step thread ------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.llm.release_steps()
+
+    def _serve(self) -> None:
         failed_prompts: set[int] = set()  # of the steps failed in a row
         common_prompts: set[int] | None = None  # those in every one of their batches (None: no step failed)
         while not self._exit:

@@ -812,6 +812,27 @@ def test_one_failed_step_of_a_batch_of_several_prompts_leaves_the_engine_up(tiny
     asyncio.run(asyncio.wait_for(main(), timeout=30))
 
 
+def test_a_generate_beside_a_server_of_the_same_llm_is_refused(oracle):
+    """A server's step thread takes every step's outputs: a generate() of its LLM from another thread could lose its
+    answer to that thread and wait for ever (a test did, now and then), and so could a second server of it. Both
+    are refused while it runs; the LLM is free again once it stops."""
+    async def main() -> None:
+        engine = AsyncEngine(oracle)
+        engine.start()
+        try:
+            with pytest.raises(RuntimeError, match="by a server of it"):
+                await asyncio.to_thread(oracle.generate, [5, 6, 7], SamplingParams(max_tokens=2))
+            with pytest.raises(RuntimeError, match="by a server of it"):
+                AsyncEngine(oracle).start()
+            stream = await engine.add_request([5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True))
+            assert len([out async for out in stream][-1].token_ids) == 2
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
+    assert len(oracle.generate([5, 6, 7], SamplingParams(max_tokens=2, ignore_eos=True))[0].token_ids) == 2
+
+
 def test_time_to_first_token_counts_from_arrival_at_the_server(tiny_model_dir):
     """A request that arrives during a step waits for it: that wait is part of its time to first token (and
     latency), as its client sees it."""

@@ -42,6 +42,12 @@ def make_client(llm: LLM, **config) -> TestClient:
 
 
 @pytest.fixture(scope="module")
+def oracle(tiny_model_dir) -> LLM:
+    """The same model beside the served one (a server takes its LLM's steps): the engine's own answers."""
+    return LLM(tiny_model_dir, **ENGINE_KWARGS)
+
+
+@pytest.fixture
 def client(llm):
     with make_client(llm) as client:
         yield client
@@ -444,7 +450,7 @@ def test_cors_origins_are_allowed(llm):
         assert "access-control-allow-origin" not in other.headers
 
 
-def test_chat_template_variables_and_a_continued_answer(client, llm, monkeypatch):
+def test_chat_template_variables_and_a_continued_answer(client, llm, oracle, monkeypatch):
     """vLLM's chat_template_kwargs (Qwen3's enable_thinking is one) reach the template; continue_final_message
     writes the last assistant message without closing it, so the answer continues it; both checked."""
     template = ("{% if think %}<think>{% endif %}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
@@ -468,7 +474,7 @@ def test_chat_template_variables_and_a_continued_answer(client, llm, monkeypatch
     body = {"model": MODEL, "messages": prefill, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
             "add_generation_prompt": False, "continue_final_message": True, "return_token_ids": True}
     answer = client.post("/v1/chat/completions", headers=AUTH, json=body).json()
-    want = llm.generate(llm.tokenizer("<user>hi</user><assistant>Sure, ", add_special_tokens=False)["input_ids"],
+    want = oracle.generate(llm.tokenizer("<user>hi</user><assistant>Sure, ", add_special_tokens=False)["input_ids"],
                         SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
     assert answer["choices"][0]["token_ids"] == want.token_ids
     for fields, param in [({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs"),
@@ -519,9 +525,9 @@ def test_echo_prepends_the_prompt(client, llm):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_echo_with_logprobs_reports_the_prompt_tokens_first(client, llm, stream):
+def test_echo_with_logprobs_reports_the_prompt_tokens_first(client, llm, oracle, stream):
     ids = llm.tokenizer("def f(x):")["input_ids"]
-    want = llm.generate(ids, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=2,
+    want = oracle.generate(ids, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=2,
                                             prompt_logprobs=2))[0]
     body = {"prompt": ids, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "echo": True, "logprobs": 2}
     if stream:
@@ -642,9 +648,9 @@ def test_a_developer_message_is_a_system_message_and_names_are_accepted(client):
     assert client.post("/v1/chat/completions", headers=AUTH, json=body).status_code == 200
 
 
-def test_return_token_ids(client, llm):
+def test_return_token_ids(client, llm, oracle):
     body = {"prompt": [1, 40, 41], "max_tokens": 5, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
-    want = llm.generate([1, 40, 41], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    want = oracle.generate([1, 40, 41], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
     got = client.post("/v1/completions", headers=AUTH, json=body).json()
     choice = got["choices"][0]  # a completion's prompt ids are per choice, as vLLM has them
     assert choice["prompt_token_ids"] == [1, 40, 41] and choice["token_ids"] == want.token_ids
@@ -696,12 +702,12 @@ def test_a_local_server_answers_only_requests_to_a_loopback_name(llm):
     assert not is_loopback("0.0.0.0") and not is_loopback("example.com")
 
 
-def test_pages_of_this_server_and_of_the_origins_it_allows_may_post(llm):
+def test_pages_of_this_server_and_of_the_origins_it_allows_may_post(llm, oracle):
     """The cross-site check leaves the playground (same origin), clients that are no browser, and the origins
     --cors-origins names."""
     body = b'{"prompt": "hi", "max_tokens": 2}'
     page = {**AUTH, "Origin": "http://localhost:3000", "Sec-Fetch-Site": "same-site"}
-    with make_client(llm, cors_origins=["http://localhost:3000"]) as allowing, make_client(llm) as own:
+    with make_client(llm, cors_origins=["http://localhost:3000"]) as allowing, make_client(oracle) as own:
         assert allowing.post("/v1/completions", content=body, headers=page).status_code == 200
         assert own.post("/v1/completions", content=body, headers=page).status_code == 403
         for headers in ({"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}, {}):

@@ -5,6 +5,7 @@ arguments that fit their schemas, equal to the engine's own constrained answer."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
@@ -31,10 +32,20 @@ USER = [{"role": "user", "content": "weather?"}]
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory) -> LLM:
+def model_dir(tmp_path_factory) -> Path:
     # a byte vocabulary spends a token per character of the tools' description: a longer context
-    folder = save_tiny_model(tmp_path_factory.mktemp("tiny_2k"), max_position_embeddings=2048)
-    return LLM(folder, num_kv_blocks=512, block_size=16, max_num_seqs=8)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_2k"), max_position_embeddings=2048)
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir) -> LLM:
+    return LLM(model_dir, num_kv_blocks=512, block_size=16, max_num_seqs=8)
+
+
+@pytest.fixture(scope="module")
+def oracle(model_dir) -> LLM:
+    """The same model beside the served one (whose steps the server takes): the engine's own answers."""
+    return LLM(model_dir, num_kv_blocks=512, block_size=16, max_num_seqs=8)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +184,7 @@ def test_a_text_answer_streams_as_it_grows(client):
 
 
 @pytest.mark.parametrize("parallel", [True, False])
-def test_required_tool_calls_through_the_openai_client(client, llm, parallel):
+def test_required_tool_calls_through_the_openai_client(client, oracle, parallel):
     got = client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER, TIME], tool_choice="required",
                                          parallel_tool_calls=parallel, temperature=0, max_tokens=400)
     choice = got.choices[0]
@@ -182,7 +193,7 @@ def test_required_tool_calls_through_the_openai_client(client, llm, parallel):
     assert parallel or len(choice.message.tool_calls) == 1
     # the engine's own answer, constrained the same way, from the same prompt
     req = request(tool_choice="required", parallel_tool_calls=parallel)
-    want = llm.generate(chat_prompt_ids(llm.tokenizer, req, {}, tools_prompt=system_prompt(req)),
+    want = oracle.generate(chat_prompt_ids(oracle.tokenizer, req, {}, tools_prompt=system_prompt(req)),
                         SamplingParams(max_tokens=400, temperature=0, structured=output_format(req)))[0]
     assert [(c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
         (c.function.name, c.function.arguments) for c in read_answer(want.text)[1]]
