@@ -2,16 +2,22 @@
 messages through the chat template. A server without a tokenizer takes token ids only."""
 from __future__ import annotations
 
+import re
+
 from jinja2 import TemplateError
 
 from engine.prompt_files import check_template_variables
 from server.errors import APIError
-from server.protocol import ChatCompletionRequest, SamplingRequest, TokenizeRequest
-from server.tools import active_tools, calls_text, system_prompt
+from server.protocol import ChatCompletionRequest, ChatMessage, SamplingRequest, TokenizeRequest
+from server.tools import active_tools, call_arguments, calls_text, system_prompt
 
 # Used when the tokenizer has none (e.g. a base model): one "<|role|>" header line per message.
 FALLBACK_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
                           "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+# Mistral's templates refuse call ids of another length than 9 (its own format), OpenAI's included
+NINE_CHARACTER_IDS = re.compile(r"id\s*\|\s*length\s*!=\s*9")
 
 
 def require_tokenizer(tokenizer, param: str) -> None:
@@ -84,9 +90,9 @@ def chat_prompt_ids(tokenizer, req: ChatCompletionRequest | TokenizeRequest, tem
     if req.continue_final_message and (req.add_generation_prompt or req.messages[-1].role != "assistant"):
         raise APIError(400, "continue_final_message continues the last message, which must be the assistant's, "
                             "and needs add_generation_prompt: false", param="continue_final_message")
-    # an assistant's calls as the JSON object it writes, after any text that came with them
-    turns = [m.for_template(unicode_text("\n".join(filter(None, [m.text, calls_text(m.tool_calls)]))
-                                         if m.tool_calls else m.text, "messages"))
+    template = tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+    template = template if isinstance(template, str) else template.get("default", "")
+    turns = [template_turn(m, "tool_calls" in template, bool(NINE_CHARACTER_IDS.search(template)))
              for m in req.messages]
     if tools_prompt is not None and turns[0]["role"] == "system":
         turns[0] = {**turns[0], "content": f"{tools_prompt}\n\n{turns[0]['content']}"}
@@ -100,6 +106,29 @@ def chat_prompt_ids(tokenizer, req: ChatCompletionRequest | TokenizeRequest, tem
     except (TemplateError, ValueError) as e:  # (ValueError: continue_final_message's text not found rendered)
         raise APIError(400, f"the model's chat template refuses these messages: {e}", param="messages") from None
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def template_turn(m: ChatMessage, native_calls: bool, nine_character_ids: bool) -> dict:
+    """A message as the chat template reads it. An assistant's calls: as the template's own `tool_calls` where it
+    reads them (transformers' form, arguments as an object: the template writes its model's own format, and a
+    template that checks the turns' order, as Mistral's do, leaves messages of calls out of it); else the JSON
+    object server.tools asks the model for, after any text that came with them. Ids cut to their last nine
+    letters and digits for a template that takes no others (the same cut on both ends keeps calls and results
+    paired)."""
+    def call_id(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9]", "", text)[-9:].rjust(9, "0") if nine_character_ids else text
+
+    text = m.text
+    if m.tool_calls and not native_calls:
+        text = "\n".join(filter(None, [text, calls_text(m.tool_calls)]))
+    turn = m.for_template(unicode_text(text, "messages"))
+    if m.tool_calls and native_calls:
+        turn["tool_calls"] = [{"id": call_id(c.id), "type": "function",
+                               "function": {"name": c.function.name, "arguments": call_arguments(c.function.arguments)}}
+                              for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        turn["tool_call_id"] = call_id(m.tool_call_id)
+    return turn
 
 
 def prediction_ids(tokenizer, req: SamplingRequest) -> list[int]:

@@ -106,15 +106,17 @@ def system_prompt(req: ChatCompletionRequest) -> str:
             f"{answering} to answer directly.")
 
 
-def calls_text(calls: list[ToolCall]) -> str:
-    """An assistant's earlier calls as the JSON object it writes (arguments that are no JSON stay text)."""
-    def arguments(text: str) -> object:
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            return text
+def call_arguments(text: str) -> object:
+    """A call's arguments as the object they encode (arguments that are no JSON stay text)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
-    return json.dumps({"tool_calls": [{"name": c.function.name, "arguments": arguments(c.function.arguments)}
+
+def calls_text(calls: list[ToolCall]) -> str:
+    """An assistant's earlier calls as the JSON object it writes."""
+    return json.dumps({"tool_calls": [{"name": c.function.name, "arguments": call_arguments(c.function.arguments)}
                                       for c in calls]}, ensure_ascii=False)
 
 

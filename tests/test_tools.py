@@ -150,6 +150,43 @@ def test_an_assistant_message_as_the_sdk_gives_it_back(llm):
     assert 'Let me look.\n{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Rome"}}]}' in text
 
 
+# The shape of Mistral's templates: the system message goes with the last user turn, turns must alternate (messages
+# of calls and tool results left out), calls are written in the model's own format, and call ids have 9 characters
+MISTRAL_STYLE = (
+    "{%- set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+    "{%- set turns = messages[1:] if system else messages %}"
+    "{%- for m in turns | rejectattr('role', 'equalto', 'tool') | selectattr('tool_calls', 'undefined') %}"
+    "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('roles must alternate') }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for m in turns %}"
+    "{%- if m['role'] == 'user' %}[INST]{{ system + '\n\n' if loop.last and system }}{{ m['content'] }}[/INST]"
+    "{%- elif m['role'] == 'assistant' and m.tool_calls is defined %}[TOOL_CALLS]["
+    "{%- for c in m.tool_calls %}{%- if c.id | length != 9 %}{{ raise_exception('ids of 9') }}{%- endif %}"
+    "{{ {'name': c.function.name, 'arguments': c.function.arguments, 'id': c.id} | tojson }}{%- endfor %}]</s>"
+    "{%- elif m['role'] == 'assistant' %}{{ m['content'] }}</s>"
+    "{%- elif m['role'] == 'tool' %}{%- if m.tool_call_id | length != 9 %}{{ raise_exception('ids of 9') }}"
+    "{%- endif %}[TOOL_RESULTS]{{ {'content': m['content'], 'call_id': m.tool_call_id} | tojson }}[/TOOL_RESULTS]"
+    "{%- endif %}{%- endfor %}")
+
+
+def test_a_template_that_writes_calls_its_own_way_gets_them_as_transformers_passes_them(llm, monkeypatch):
+    """A template that reads `tool_calls` writes an assistant's calls in its model's own format; Mistral's also
+    leave those messages out of the check that turns alternate, and take ids of 9 characters only: a conversation
+    of a call, its result and a next question (with OpenAI's ids, or ours) was refused at its second turn."""
+    monkeypatch.setattr(llm.tokenizer, "chat_template", MISTRAL_STYLE)
+    call = {"id": "call_0123456789abcdef01234567", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}
+    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call["id"], "content": "21"},
+                {"role": "assistant", "content": "It is 21 degrees."}, {"role": "user", "content": "And in Rome?"}]
+    req = ChatCompletionRequest.model_validate({"messages": messages, "tools": [WEATHER]})
+    text = llm.tokenizer.decode(chat_prompt_ids(llm.tokenizer, req, {}, tools_prompt=system_prompt(req)))
+    assert text.startswith("[INST]weather?[/INST][TOOL_CALLS][{")
+    assert ('{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}, "id": "f01234567"}]</s>'
+            '[TOOL_RESULTS]{"content": "21", "call_id": "f01234567"}[/TOOL_RESULTS]It is 21 degrees.</s>[INST]') in text
+    assert text.endswith("\n\nAnd in Rome?[/INST]") and '{"tool_calls": [{"name": "get_weather"' not in text
+
+
 def test_reading_an_answer():
     content, calls = read_answer('{"tool_calls": [{"name": "get_time", "arguments": {"zone": "UTC"}}]}')
     assert content is None and calls[0].function.name == "get_time"
