@@ -148,6 +148,20 @@ def _sharegpt_prompt(conversation: list) -> list[dict] | None:
     return turns if any(t["role"] == "user" and t["content"].strip() for t in turns) else None
 
 
+def template_message(message: dict) -> dict:
+    """A chat message as a chat template reads it, as vLLM's LLM.chat and the server give it: OpenAI's content
+    parts (text only) joined, a line each, and OpenAI's `developer` role, which templates do not know, as `system`."""
+    content = message.get("content")
+    if isinstance(content, list):
+        kinds = {part.get("type") if isinstance(part, dict) else type(part).__name__ for part in content} - {"text"}
+        if kinds:
+            raise ValueError(f"content parts of type {', '.join(map(repr, sorted(map(str, kinds))))} are not "
+                             "supported: text only")
+        content = "\n".join(part["text"] for part in content)
+    role = "system" if message.get("role") == "developer" else message.get("role")
+    return {**message, "role": role, "content": content}
+
+
 def chat_prompt_ids(tokenizer, chat: str | list[dict], template_kwargs: dict | None = None) -> list[int]:
     """A user prompt (or a chat's messages) as token ids in the model's chat format, ready for its answer, as the
     server writes them for a model with a chat template: the template writes any BOS itself (tokenizing its text
@@ -157,6 +171,6 @@ def chat_prompt_ids(tokenizer, chat: str | list[dict], template_kwargs: dict | N
         if not isinstance(chat, str):
             raise ValueError("chat messages need a chat template, and the model has none")
         return tokenizer(chat)["input_ids"]
-    messages = [{"role": "user", "content": chat}] if isinstance(chat, str) else chat
+    messages = [{"role": "user", "content": chat}] if isinstance(chat, str) else list(map(template_message, chat))
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                               return_dict=True, **(template_kwargs or {}))["input_ids"])

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from engine import StructuredOutput
+from engine.prompt_files import template_message
 from engine.structured import closed
 
 # Bounds beyond which a parameter is a mistake rather than a wish.
@@ -418,9 +419,9 @@ class ChatMessage(RequestBody):
 
     def for_template(self, text: str) -> dict[str, str]:
         """The message as a chat template reads it, with its content as `text`."""
-        role = "system" if self.role == "developer" else self.role
         optional = {"name": self.name, "tool_call_id": self.tool_call_id, "reasoning_content": self.reasoning_content}
-        return {"role": role, "content": text} | {k: v for k, v in optional.items() if v is not None}
+        return template_message({"role": self.role, "content": text}
+                                | {k: v for k, v in optional.items() if v is not None})
 
 
 class ChatCompletionRequest(SamplingRequest):

@@ -76,6 +76,13 @@ def test_chat_prompt_ids_hold_the_templates_bos_once():
     ids = chat_prompt_ids(tokenizer, "hi")
     assert ids == chat_prompt_ids(tokenizer, USER_HI) and ids.count(bos) == 1 and ids[0] == bos
     assert tokenizer.decode(ids[1:]) == "### user\nhi\n### assistant\n"
+    # OpenAI's content parts and developer role, as the server (and vLLM's LLM.chat) take them: not a list's repr
+    parts = [{"role": "developer", "content": "be brief"},
+             {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}]
+    want = "### system\nbe brief\n### user\nhi\nthere\n### assistant\n"
+    assert tokenizer.decode(chat_prompt_ids(tokenizer, parts)[1:]) == want
+    with pytest.raises(ValueError, match="content parts of type 'image_url' are not supported"):
+        chat_prompt_ids(tokenizer, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
     tokenizer.chat_template = None
     assert chat_prompt_ids(tokenizer, "def f():") == tokenizer("def f():")["input_ids"]  # the text as it is
     with pytest.raises(ValueError, match="need a chat template"):
