@@ -185,7 +185,7 @@ def test_generate_returns_its_own_outputs_and_runs_one_at_a_time(tiny_model_dir)
     assert [len(o.token_ids) for o in llm.generate([[1, 2, 3]], GREEDY)] == [GREEDY.max_tokens]
     stream = llm.stream([1, 2, 3], GREEDY)
     next(stream)
-    with pytest.raises(RuntimeError, match="already running generate\\(\\), chat\\(\\) or stream\\(\\)"):
+    with pytest.raises(RuntimeError, match="already taken by generate\\(\\), chat\\(\\) or stream\\(\\)"):
         llm.generate([4, 5], GREEDY)
     stream.close()
     assert llm.generate([4, 5], GREEDY)[0].finish_reason == "length"
