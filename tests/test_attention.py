@@ -206,9 +206,10 @@ def test_attention_benchmark_writes_its_json_and_plot(tmp_path):
                    check=True, capture_output=True, cwd=Path(__file__).parents[1])
     result = json.loads(out.read_text())
     assert {(r["case"], r["backend"]) for r in result["results"]} == {
-        (case, name) for case in ("prefill", "decode") for name in ("naive", "sdpa", "flash", "cpu")}
+        (case, name) for case in ("prefill", "decode") for name in ("naive", "sdpa", "dense", "flash", "cpu")}
     assert all(r["time_s"] > 0 and r["peak_bytes"] >= 0 for r in result["results"])
-    assert {"decode_speedup_cpu_vs_sdpa_ctx4096_b8", "prefill_speedup_cpu_vs_naive_4096",
+    assert {"decode_speedup_cpu_vs_sdpa_ctx4096_b8", "decode_speedup_cpu_vs_dense_ctx4096_b8",
+            "prefill_speedup_cpu_vs_naive_4096",
             "prefill_speedup_cpu_vs_sdpa_4096", "prefill_peakmem_naive_over_cpu_4096"} <= set(result["summary"])
     assert plot.stat().st_size > 0
 
