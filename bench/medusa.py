@@ -1,8 +1,9 @@
 """`gorgon bench medusa`: plain greedy decoding vs Medusa speculation, both with our engine, on the same prompts.
 
-Batch 1 and batch 4: tokens/s, speedup, mean tokens per decode step, the accept-length histogram and
-per-head acceptance; then the same for every shipped tree the heads can serve (speedup against tree size). Every
-Medusa output is compared token for token with the plain one ("lossless"). Then batch 1 and 4 again with
+Batch 1 and batch 4: tokens/s, speedup, mean tokens per decode step, the accept-length histogram,
+per-head acceptance and how much the answers repeat themselves (a loop, which speculation copies, flatters
+it); then the same for every shipped tree the heads can serve (speedup against tree size). Every Medusa output
+is compared token for token with the plain one ("lossless"). Then batch 1 and 4 again with
 sampled requests (temperature 0.7, seeded): Medusa verifies them by rejection sampling, which draws what plain
 sampling draws, so there too "lossless" means the same tokens as the seeded plain run. Plain and Medusa runs
 of a prompt group alternate, and each keeps its best time over --repeats, so load from other processes
@@ -116,6 +117,7 @@ def load_prompts(path: str | None, tokenizer, limit: int | None = None, max_len:
 
 
 SAMPLED_TEMPERATURE = 0.7
+LOOPING = 0.25  # answers with a larger share of repeated 8-grams read as loops
 
 
 def timed_pair(llm: LLM, prompts: list[list[int]], new_tokens: int, repeats: int, temperature: float = 0.0,
@@ -179,12 +181,28 @@ def steady_pair(llm: LLM, prompts: list[list[int]], batch_size: int, args: argpa
             "lossless": [o.token_ids for o in outputs["plain"]] == [o.token_ids for o in outputs["medusa"]]}
 
 
+def repeated_share(outputs: list[RequestOutput], n: int = 8) -> float:
+    """The share of the answers' tokens that end an n-gram their answer already held: near 0 for text that goes
+    on, near 1 for answers caught in a loop, which any drafter copies (a speedup measured on loops does not hold
+    for text that goes on)."""
+    repeated = total = 0
+    for out in outputs:
+        seen: set[tuple[int, ...]] = set()
+        for i in range(n, len(out.token_ids) + 1):
+            gram = tuple(out.token_ids[i - n:i])
+            repeated += gram in seen
+            seen.add(gram)
+            total += 1
+    return repeated / total if total else 0.0
+
+
 def run_batch(llm: LLM, prompts: list[list[int]], batch_size: int, args: argparse.Namespace, bar: tqdm,
               temperature: float = 0.0, baseline: LlamaCpp | None = None) -> dict:
     """All prompts in groups of batch_size: tokens/s of both modes (and of the baseline), acceptance
     statistics, losslessness."""
     seconds: Counter[str] = Counter()
     steps: list[int] = []
+    answers: list[RequestOutput] = []
     lossless, tokens, baseline_tokens, forwards = True, 0, 0, 0
     for i in range(0, len(prompts), batch_size):
         pair = timed_pair(llm, prompts[i:i + batch_size], args.new_tokens, args.repeats, temperature, args.ignore_eos,
@@ -193,6 +211,7 @@ def run_batch(llm: LLM, prompts: list[list[int]], batch_size: int, args: argpars
         baseline_tokens += pair["baseline_tokens"]
         plain, medusa = pair["outputs"]["plain"], pair["outputs"]["medusa"]
         lossless &= all(p.token_ids == m.token_ids for p, m in zip(plain, medusa))
+        answers += plain
         tokens += sum(len(o.token_ids) for o in medusa)
         steps += [n for o in medusa for n in o.accepted_lengths]
         # a sequence's forward passes: its tree steps, and a plain step for each of its other tokens
@@ -208,6 +227,7 @@ def run_batch(llm: LLM, prompts: list[list[int]], batch_size: int, args: argpars
         "plain_tok_s": plain_tps, "medusa_tok_s": medusa_tps, "speedup": medusa_tps / plain_tps,
         # None: no tree step ran (more sequences than the tree's max_batch_size: the engine decoded plainly)
         "mean_accepted": sum(steps) / len(steps) if steps else None, "num_steps": len(steps), "lossless": lossless,
+        "repeated_8grams": repeated_share(answers),
         # mean_accepted counts the tree steps alone; this, every forward pass (steps the engine made plain too)
         "tokens_per_forward": tokens / forwards if forwards else None,
         # tokens emitted per tree step: the accepted path plus the base model's bonus token
@@ -317,8 +337,13 @@ def main(argv: list[str] | None = None) -> None:
           f"prompt, {len(prompts)} prompts, greedy and t={SAMPLED_TEMPERATURE}, "
           f"{args.threads} thread(s), {llm.config.dtype} on {args.device}, attention backend {llm.runner.backend.name}")
     columns = ["batch_size", "temperature", "tree", "tree_size", "plain_tok_s",
-               "medusa_tok_s", "speedup", "mean_accepted", "tokens_per_forward", "tree_step_cost", "lossless"]
+               "medusa_tok_s", "speedup", "mean_accepted", "tokens_per_forward", "tree_step_cost", "repeated_8grams",
+               "lossless"]
     print_table(rows, columns)
+    if rows[0]["repeated_8grams"] > LOOPING:
+        print(f"\nthe greedy answers repeat themselves ({rows[0]['repeated_8grams']:.0%} of their tokens end an 8-gram "
+              "seen before in the answer): speculation copies loops, so this speedup overstates what text that goes "
+              "on gets; see the sampled rows, or give prompts the model answers without looping (--prompts)")
     if args.baseline:
         print(f"\nagainst llama.cpp on {gguf_file.name}, greedy, {args.threads} thread(s), CPU {cpu_isa()}:")
         print_table(rows[:2], ["batch_size", "llamacpp_tok_s", "plain_tok_s", "medusa_tok_s", "plain_vs_llamacpp",
@@ -336,6 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = {
         "speedup_bs1": rows[0]["speedup"], "speedup_bs4": rows[1]["speedup"],
         "mean_accepted_bs1": rows[0]["mean_accepted"], "tokens_per_forward_bs1": rows[0]["tokens_per_forward"],
+        # the share of the greedy answers' tokens that repeat an 8-gram of their answer (loops: above LOOPING)
+        "repeated_8grams_bs1": rows[0]["repeated_8grams"], "sampled_repeated_8grams_bs1": sampled[0]["repeated_8grams"],
         # sampled requests (temperature SAMPLED_TEMPERATURE), verified by rejection sampling: tokens per tree step
         "sampled_speedup_bs1": sampled[0]["speedup"], "sampled_speedup_bs4": sampled[1]["speedup"],
         "sampled_tokens_per_step_bs1": sampled[0]["mean_accepted"],
@@ -354,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
                           "draft_vocab_size": draft_vocab_size,
                           "new_tokens": args.new_tokens, "prompts": prompts, "threads": args.threads,
                           "device": args.device, "dtype": llm.config.dtype,
-                          "cpu_isa": cpu_isa(), "baseline": args.baseline,
+                          "cpu_isa": cpu_isa(), "baseline": args.baseline, "llama_cpp": baseline and baseline.build,
                           "attention_backend": llm.runner.backend.name, "runs": rows, "sweep": sweep, "steady": steady,
                           "machine": machine_info(), "summary": summary})
     if args.plot:

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.common import byte_tokenizer
-from bench.medusa import in_flight
+from bench.medusa import in_flight, repeated_share
 from bench.medusa import main as bench_main
 from bench.prediction import main as prediction_main
 from engine import LLM, RequestOutput, SamplingParams
@@ -880,6 +880,14 @@ def test_bench_medusa_end_to_end(tiny_model_dir, heads_dir, tmp_path):
     assert summary["sampled_tokens_per_step_bs1"] == runs[2]["mean_accepted"]
     assert (summary["speedup_bs4"], summary["sampled_speedup_bs4"]) == (runs[1]["speedup"], runs[3]["speedup"])
     assert result["draft_vocab_size"] == 256
+    assert 0 <= summary["repeated_8grams_bs1"] == runs[0]["repeated_8grams"] <= 1
+
+
+def test_bench_medusa_tells_answers_caught_in_a_loop():
+    """A loop (which any drafter copies) flatters a speedup: the bench says how much its answers repeat."""
+    goes_on, loop = SimpleNamespace(token_ids=list(range(40))), SimpleNamespace(token_ids=[1, 2, 3] * 20)
+    assert repeated_share([goes_on]) == 0 and repeated_share([loop]) == 50 / 53  # (53 8-grams, 3 of them new)
+    assert repeated_share([goes_on, loop]) == 50 / (33 + 53)
 
 
 def test_bench_prediction_end_to_end(tiny_model_dir, tmp_path):
