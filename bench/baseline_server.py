@@ -42,9 +42,9 @@ class _QueueStreamer(BaseStreamer):
         self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
 
 
-def create_baseline_app(model_dir: str) -> FastAPI:
+def create_baseline_app(model_dir: str, dtype: str = "float32") -> FastAPI:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     one_at_a_time = ThreadPoolExecutor(max_workers=1)
     app = FastAPI(title="gorgon bench baseline")
 
@@ -97,10 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    uvicorn.run(create_baseline_app(args.model), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_baseline_app(args.model, args.dtype), host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from bench.common import add_out_flag, cpu_isa, machine_info, print_table, random_checkpoint, write_json
 from models import DEFAULT_MODEL_DIR
+from models.loader import default_dtype
 from models.named import resolve_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -125,8 +126,10 @@ def server_commands(args: argparse.Namespace, model: Path, threads: int) -> dict
     if args.baseline == "llama.cpp":
         binary = find_llama_server(args.llama_server)
         return {"gorgon": gorgon, "llama.cpp": llama_server_command(binary, model, threads, slots, args.max_tokens)}
+    # the baseline in the dtype gorgon runs (its default for the model unless --dtype says)
+    dtype = args.dtype or default_dtype(model, "cpu")
     return {"gorgon": gorgon, "transformers": [*python, "bench.baseline_server", "--model", str(model), "--threads",
-                                               str(threads), "--host", "127.0.0.1"]}
+                                               str(threads), "--host", "127.0.0.1", "--dtype", dtype]}
 
 
 class ServerProcess:
@@ -317,7 +320,8 @@ def run(args: argparse.Namespace, model: Path, source: str) -> None:
     theirs = {r["concurrency"]: r["tok/s"] for r in rows if r["server"] == baseline}
     for r in rows:
         r["vs baseline"] = r["tok/s"] / theirs[r["concurrency"]] if theirs[r["concurrency"]] else None
-    described = {"transformers": "transformers generate, one request at a time",
+    # (a server without batching: the ratio grows with the streams, as batching does; a level of 1 compares engines)
+    described = {"transformers": "transformers generate, one request at a time, no batching",
                  "llama.cpp": f"llama-server, {max(levels)} slots, continuous batching, same file"}[baseline]
     print(f"\n{source}; gorgon dtype {args.dtype or 'default'}, speculation --medusa {args.medusa}; {threads} "
           f"thread(s) per server; CPU: {isa}; greedy "
@@ -333,7 +337,7 @@ def run(args: argparse.Namespace, model: Path, source: str) -> None:
     result = {"benchmark": "serving", "baseline": baseline, "model": source, "max_tokens": args.max_tokens,
               "requests_per_stream": args.requests_per_stream, "level_timeout_s": args.level_timeout,
               "repeats": args.repeats, "gorgon_dtype": args.dtype, "gorgon_medusa": args.medusa, "threads": threads,
-              "cpu_isa": isa, "results": rows,
+              "cpu_isa": isa, "results": rows, "commands": commands,
               "machine": machine_info(), "summary": summary}
     if baseline == "llama.cpp":
         result["llama_server"] = {"binary": commands[baseline][0], "command": commands[baseline],

@@ -32,6 +32,15 @@ def test_gorgon_serves_plainly_unless_asked_to_speculate(tmp_path):
         assert gorgon[gorgon.index("--medusa") + 1] == want
 
 
+def test_the_transformers_baseline_runs_in_gorgons_dtype(tmp_path):
+    """A bf16 checkpoint: gorgon runs it in bf16 by default, and so must the baseline (it loaded fp32, always)."""
+    (tmp_path / "config.json").write_text('{"torch_dtype": "bfloat16"}')
+    for given, want in (([], "bfloat16"), (["--dtype", "float32"], "float32")):
+        commands = serving.server_commands(serving.parse_args(["--model", str(tmp_path), *given]), tmp_path, 1)
+        baseline = commands["transformers"]
+        assert baseline[baseline.index("--dtype") + 1] == want
+
+
 def test_a_missing_llama_server_says_how_to_build_it(monkeypatch, tmp_path):
     monkeypatch.delenv(serving.LLAMA_SERVER_ENV, raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
