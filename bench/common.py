@@ -83,12 +83,29 @@ def write_json(path: str | Path, result: dict) -> None:
 
 
 def machine_info() -> dict:
+    """What a figure was measured on: the software (gorgon's commit, torch), the CPU and its vector instructions, and
+    how busy the machine was (the load average over the last minute, against its CPU count)."""
     import os
     import platform
 
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
+    return {"gorgon_commit": gorgon_commit(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "cpu_isa": cpu_isa(),
+            "load_average_1min": os.getloadavg()[0],
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def gorgon_commit() -> str | None:
+    """The checkout's commit, with "+changes" where its tracked files differ from it (None outside a git checkout)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                 capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+changes" if changed.stdout.strip() else "")
 
 
 def cpu_isa() -> str:

@@ -313,7 +313,7 @@ def run_llamacpp(args: argparse.Namespace, file: Path) -> None:
         "kv_cache_dtype": llm.config.kv_cache_dtype, "new_tokens": n,
         "prompt_len": PROMPT_LEN, "prefill_len": args.prefill_len, "threads": threads, "cpu_isa": isa,
         "gorgon_kernel_isa": ops.isa() if ops else None, "tok_s": rate, "seconds": times,
-        "greedy_agreement_bs1": agree, "machine": machine_info(), "summary": summary,
+        "greedy_agreement_bs1": agree, "llama_cpp": baseline.build, "machine": machine_info(), "summary": summary,
     })
 
 

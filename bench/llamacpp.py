@@ -49,6 +49,9 @@ class LlamaCpp:
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
         self.n_batch, self.max_seqs = n_batch, max_seqs
+        # which llama.cpp, built for which instructions (a build without AMX, say, runs slower on a Xeon that has it)
+        self.build = {"llama_cpp_python": llama_cpp.__version__,
+                      "system_info": llama_cpp.llama_print_system_info().decode().strip()}
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, max_seqs)
 
     def _decode(self, tokens: list[tuple[int, int, int, bool]]) -> None:
