@@ -58,19 +58,49 @@ class GGUFCheckpoint:
         return ModelConfig.from_dict(self.hf_config)
 
 
+# llama.cpp's gguf-split names a model's parts PREFIX-00001-of-00003.gguf; the first holds the metadata
+SPLIT_PART = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
 def find_gguf(path: str | Path) -> Path | None:
-    """The .gguf file that `path` names: the file itself, or the only .gguf in a folder; None if neither, or if the
-    folder is a Hugging Face checkpoint (llama.cpp's converter writes its .gguf into the folder it converts)."""
+    """The .gguf file that `path` names: the file itself, or the only .gguf in a folder (or the first part of the
+    one split model it holds); None if neither, or if the folder is a Hugging Face checkpoint (llama.cpp's
+    converter writes its .gguf into the folder it converts)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         return path
     if path.is_dir() and not ((path / "config.json").is_file() and any(path.glob("*.safetensors"))):
         files = sorted(path.glob("*.gguf"))
-        if len(files) > 1:
+        parts = {m["prefix"] for f in files if (m := SPLIT_PART.match(f.name))}
+        if len(files) > 1 and (len(parts) != 1 or not all(SPLIT_PART.match(f.name) for f in files)):
             raise GGUFError(f"{path} holds several .gguf files ({', '.join(f.name for f in files)}); name one")
         if files:
             return files[0]
     return None
+
+
+def gguf_parts(path: str | Path) -> list[Path]:
+    """The files of the model whose (first) file `path` is: itself, or every part of a model llama.cpp's
+    gguf-split cut into several, found beside it by their names, as llama.cpp finds them."""
+    path = Path(path)
+    reader = open_gguf(path)
+    count = _field(reader, "split.count", 1)
+    if count <= 1:
+        return [path]
+    name = SPLIT_PART.match(path.name)
+    if _field(reader, "split.no", 0) != 0 or name is None:
+        raise GGUFError(f"{path.name} is part {_field(reader, 'split.no', 0) + 1} of a model split into {count} files "
+                        f"(llama.cpp's gguf-split): give its first part, PREFIX-00001-of-{count:05d}.gguf")
+    parts = [path.with_name(f"{name['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise GGUFError(f"{path.name} is the first of {count} parts; missing beside it: {', '.join(missing)}")
+    return parts
+
+
+def gguf_tensors(path: str | Path) -> list:
+    """The model's tensors (gguf's ReaderTensor), of all its parts."""
+    return [t for part in gguf_parts(path) for t in open_gguf(part).tensors]
 
 
 class _Reader(GGUFReader):
@@ -84,7 +114,7 @@ class _Reader(GGUFReader):
         return super()._get(offset, dtype, count, override_order)
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=16)  # (a split model's parts stay open together)
 def _reader(path: Path, modified_ns: int) -> GGUFReader:
     try:
         return _Reader(path)  # memory-maps the file
@@ -103,7 +133,7 @@ def half_precision_dtype(path: Path) -> str | None:
     """"bfloat16" where the file's matrices are all BF16 (a converter's BF16 file), else None. (An F16 file's
     activations are fp32, as llama.cpp's: in fp16 they overflow on models with large activations; its matrices
     stay F16, models.loader._half_linears.)"""
-    types = {QType(t.tensor_type) for t in open_gguf(path).tensors if len(t.shape) == 2}
+    types = {QType(t.tensor_type) for t in gguf_tensors(path) if len(t.shape) == 2}
     # (a quantized file with one BF16 matrix, an embedding left unquantized, runs in fp32 as llama.cpp runs it:
     # its quantized linears take fp32 activations, and bf16 ones would round every layer's output)
     return "bfloat16" if types == {QType.BF16} else None
@@ -125,13 +155,8 @@ def recommended_sampling(reader: GGUFReader) -> dict[str, float | int]:
     return {name: _field(reader, key) for key, name in RECOMMENDED_SAMPLING.items() if key in reader.fields}
 
 
-def read_config(reader: GGUFReader) -> dict:
-    """Llama, Qwen2 or Qwen3 metadata -> an HF config.json dict."""
-    parts = _field(reader, "split.count", 1)
-    if parts > 1:  # (llama.cpp's gguf-split; the first part holds the metadata, the others tensors alone)
-        raise GGUFError(f"this GGUF is part {_field(reader, 'split.no', 0) + 1} of a model split into {parts} files, "
-                        "which gorgon does not read: merge them into one with llama.cpp's "
-                        "`llama-gguf-split --merge FIRST_PART.gguf MODEL.gguf`")
+def read_config(reader: GGUFReader, tensors: list) -> dict:
+    """Llama, Qwen2 or Qwen3 metadata (and the model's `tensors`, of all its parts) -> an HF config.json dict."""
     arch = _field(reader, "general.architecture")
     if arch not in HF_ARCHITECTURES:
         raise GGUFError(f"unsupported GGUF architecture {arch!r}; gorgon reads {', '.join(HF_ARCHITECTURES)}")
@@ -141,8 +166,8 @@ def read_config(reader: GGUFReader) -> dict:
     if experts:
         raise GGUFError(f"this GGUF is a mixture of experts ({arch}.expert_count = {experts}), which gorgon "
                         "does not run")
-    names = {t.name for t in reader.tensors}
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    names = {t.name for t in tensors}
+    embed = next((t for t in tensors if t.name == "token_embd.weight"), None)
     if embed is None:
         raise GGUFError("this GGUF holds no token_embd.weight, so no model (a vocabulary alone?)")
     num_heads = _field(reader, f"{arch}.attention.head_count")
@@ -180,7 +205,7 @@ def read_config(reader: GGUFReader) -> dict:
     if ROPE_FACTORS in names:  # Llama 3.1+: llama.cpp's converter wrote the Llama-3 rule as a divisor per frequency
         if scaling not in ("none", None):
             raise GGUFError(f"the file has both RoPE scaling {scaling!r} and a {ROPE_FACTORS} tensor")
-        factors = next(t for t in reader.tensors if t.name == ROPE_FACTORS)
+        factors = next(t for t in tensors if t.name == ROPE_FACTORS)
         config["rope_scaling"] = {"rope_type": "freq_factors",
                                   "factors": np.asarray(factors.data, dtype=np.float32).ravel().tolist()}
     elif scaling not in ("none", None):
@@ -242,10 +267,10 @@ def _tensor(data: np.ndarray) -> torch.Tensor:
 
 def read_gguf(path: str | Path) -> GGUFCheckpoint:
     path = Path(path)
-    reader = open_gguf(path)
-    hf_config = read_config(reader)
+    reader, parts = open_gguf(path), gguf_tensors(path)
+    hf_config = read_config(reader, parts)
     tensors: dict[str, torch.Tensor | QuantizedWeight] = {}
-    for t in (t for t in reader.tensors if t.name != ROPE_FACTORS):
+    for t in (t for t in parts if t.name != ROPE_FACTORS):
         name = hf_name(t.name)
         qtype = QType(t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the fastest-moving dimension first
@@ -370,4 +395,5 @@ def _added_tokens_at_their_ids(tokenizer, reader: GGUFReader) -> None:
     tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
 
 
-__all__ = ["GGUFCheckpoint", "GGUFError", "UnsupportedTensorType", "find_gguf", "load_tokenizer", "read_gguf"]
+__all__ = ["GGUFCheckpoint", "GGUFError", "UnsupportedTensorType", "find_gguf", "gguf_tensors", "load_tokenizer",
+           "read_gguf"]

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from models import DEFAULT_MODEL_DIR
-from models.gguf import find_gguf, open_gguf
+from models.gguf import find_gguf, gguf_tensors
 from models.loader import safetensors_files
 
 
@@ -63,7 +63,7 @@ def norm_fingerprint(path: Path) -> str | None:
     checkpoint; a fine-tune changes them). None where the file has no such tensor or is not a checkpoint."""
     try:
         if (gguf := find_gguf(path)) is not None:
-            tensor = next((t for t in open_gguf(gguf).tensors if t.name == "output_norm.weight"), None)
+            tensor = next((t for t in gguf_tensors(gguf) if t.name == "output_norm.weight"), None)
             weight = None if tensor is None else torch.from_numpy(np.array(tensor.data, dtype=np.float32))
         else:
             weight = None

@@ -53,17 +53,20 @@ def gguf_name(hf: str) -> str:
 def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None, float_dtype=np.float32,
                arch: str = "llama", rope_freqs: np.ndarray | None = None,
                control: dict[int, str] | None = None, sampling: dict[str, float] | None = None,
-               control_type: int = 3, metadata: dict[str, int | float] | None = None, vocabulary: bool = True) -> Path:
+               control_type: int = 3, metadata: dict[str, int | float] | None = None, vocabulary: bool = True,
+               split_max_tensors: int = 0) -> Path:
     """An HF Llama (or Qwen2: arch "qwen2") as llama.cpp's converter writes it: names, q/k rows permuted for
     Llama, tokenizer metadata. qtype_of(gguf name, array) -> a ggml type to quantize that 2-D tensor to, or None
     (float_dtype). rope_freqs: the per-frequency RoPE divisors of a Llama-3-scaled model, as llama.cpp writes them.
     control: token id -> the name of a control token written in its place (of type control_type: 3 control, 4
     user-defined, as converters write added tokens). sampling: the recommended sampling
     the converter copies from generation_config.json (general.sampling.<key>: temp, top_k, top_p, ...). metadata:
-    more keys (or other values of the head dimensions' keys). vocabulary: False leaves the tokenizer's out."""
+    more keys (or other values of the head dimensions' keys). vocabulary: False leaves the tokenizer's out.
+    split_max_tensors: cut the model into parts of so many tensors, as llama.cpp's gguf-split does
+    (PATH-00001-of-0000N.gguf)."""
     control, metadata = control or {}, metadata or {}
     config = model.config
-    writer = GGUFWriter(str(path), arch)
+    writer = GGUFWriter(str(path), arch, split_max_tensors=split_max_tensors)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -373,6 +376,28 @@ def test_a_narrow_model_s_k_quant_mix_with_its_fallbacks(tmp_path, mix):
     ids = torch.tensor([tokens])
     with torch.no_grad():
         assert (our_logits(file, ids) - oracle(ids).logits).abs().max() <= 1e-4
+
+
+def test_a_model_split_into_parts_loads_from_its_first(tmp_path, tiny_hf):
+    """llama.cpp's gguf-split cuts a model into PREFIX-00001-of-0000N.gguf files (large models are published so):
+    given its first part, or their folder, it loads as the whole file does; another part, or a part missing, is
+    named."""
+    q8 = dict(qtype_of=lambda name, w: QType.Q8_0)
+    whole = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf", **q8)
+    (tmp_path / "split").mkdir()
+    write_gguf(hf_model(tiny_hf), tmp_path / "split" / "m.gguf", split_max_tensors=5, **q8)
+    parts = sorted((tmp_path / "split").glob("*.gguf"))
+    assert len(parts) > 2 and parts[0].name == f"m-00001-of-{len(parts):05d}.gguf"
+    tokens = torch.tensor([[3, 40, 50, 60]])
+    assert torch.equal(our_logits(parts[0], tokens), our_logits(whole, tokens))
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    assert LLM(tmp_path / "split").generate(["hi"], greedy)[0].token_ids == LLM(whole).generate(["hi"], greedy)[
+        0].token_ids
+    with pytest.raises(GGUFError, match=f"part 2 of a model split into {len(parts)} files"):
+        read_gguf(parts[1])
+    parts[-1].unlink()
+    with pytest.raises(GGUFError, match=f"missing beside it: {parts[-1].name}"):
+        read_gguf(parts[0])
 
 
 def test_folder_with_one_gguf(tmp_path, tiny_hf):

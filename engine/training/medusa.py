@@ -67,7 +67,7 @@ from engine.prompt_files import (
 )
 from engine.training.common import HEAD_OFFSET, cosine, head_weights, positive_int
 from engine.training.default_model import corpus_files, read_source
-from models.gguf import find_gguf, open_gguf
+from models.gguf import find_gguf, gguf_tensors
 from models.kernels.decode import MAX_ROWS
 from models.loader import model_config
 from models.medusa import HEAD_KINDS, MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
@@ -731,7 +731,7 @@ def writer_dequantizes(model_path: Path, dtype: str) -> bool:
     gguf = find_gguf(model_path)
     if gguf is None:
         return False
-    weights = sum(int(t.n_elements) for t in open_gguf(gguf).tensors) * torch.finfo(getattr(torch, dtype)).bits // 8
+    weights = sum(int(t.n_elements) for t in gguf_tensors(gguf)) * torch.finfo(getattr(torch, dtype)).bits // 8
     return weights <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
 
 
