@@ -82,7 +82,7 @@ def test_joint_medusa_stage_continues_the_checkpoint(tmp_path):
     loadable heads, and the training history extended by this stage."""
     out = tmp_path / "stage2"
     argv = ["--init", str(DEFAULT_MODEL_DIR), "--out", str(out), "--medusa-heads", "2", "--minutes", "0.03",
-            "--lr", "1e-4", "--batch-size", "1", "--threads", "1"]
+            "--lr", "1e-4", "--batch-size", "1", "--threads", "1", "--final-eval-windows", "8"]
     train_default(argv)
     load_model(out, torch.float32, "cpu")
     assert load_medusa_heads(out / "medusa", 256, 4096).config.num_heads == 2
@@ -90,14 +90,14 @@ def test_joint_medusa_stage_continues_the_checkpoint(tmp_path):
     stages = json.loads((out / "training.json").read_text())["stages"]
     assert stages[:-1] == before
     assert stages[-1]["hyperparameters"]["init"] == str(DEFAULT_MODEL_DIR) and len(stages[-1]["heads_top1"]) == 2
-    assert stages[-1]["val_nats"] < HELD_OUT_LOSS_BOUND
+    assert stages[-1]["val_nats"] < HELD_OUT_LOSS_BOUND and stages[-1]["val_tokens"] == 8 * 512
     assert " ".join(argv) in (out / "README.md").read_text()
     # a further stage can start its heads from those (their shape comes from the folder); a draft vocabulary
     # there described the old heads' training text, so the new heads come without one
     save_file({"token_ids": torch.arange(10)}, out / "medusa" / DRAFT_VOCAB_FILE)
     again = tmp_path / "stage3"
     train_default(["--init", str(out), "--out", str(again), "--medusa-init", str(out / "medusa"), "--minutes", "0.01",
-                   "--batch-size", "1", "--threads", "1"])
+                   "--batch-size", "1", "--threads", "1", "--final-eval-windows", "2"])
     heads = load_medusa_heads(again / "medusa", 256, 4096)
     assert heads.config.num_heads == 2 and heads.draft_vocab is None
     stages = json.loads((again / "training.json").read_text())["stages"]
