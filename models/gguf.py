@@ -375,9 +375,11 @@ def _added_tokens_at_their_ids(tokenizer, reader: GGUFReader) -> None:
     for i in np.flatnonzero(np.isin(types, ADDED_TOKEN_TYPES)).tolist():
         file_ids.setdefault(bytes(tokens.parts[tokens.data[i]]).decode("utf-8", "replace"), i)
     missing = {text: i for text, i in file_ids.items() if tokenizer.convert_tokens_to_ids(text) != i}
+    if not missing:  # (the usual case: the whole tokenizer is serialised below only where one is not)
+        return
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = state["model"].get("vocab")
-    if not missing or not isinstance(vocab, dict):  # a sentencepiece vocabulary holds them at their ids
+    if not isinstance(vocab, dict):  # a sentencepiece vocabulary holds them at their ids
         return
     taken = {i: text for text, i in vocab.items() if i in missing.values()}  # their bytes' spelling, unreachable
     state["added_tokens"] = [t for t in state["added_tokens"] if t["content"] not in missing]
