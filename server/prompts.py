@@ -2,6 +2,8 @@
 messages through the chat template. A server without a tokenizer takes token ids only."""
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 from jinja2 import TemplateError
@@ -92,31 +94,98 @@ def chat_prompt_ids(tokenizer, req: ChatCompletionRequest | TokenizeRequest, tem
                             "and needs add_generation_prompt: false", param="continue_final_message")
     template = tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
     template = template if isinstance(template, str) else template.get("default", "")
-    turns = [template_turn(m, "tool_calls" in template, bool(NINE_CHARACTER_IDS.search(template)))
-             for m in req.messages]
-    if tools_prompt is not None and turns[0]["role"] == "system":
-        turns[0] = {**turns[0], "content": f"{tools_prompt}\n\n{turns[0]['content']}"}
-    elif tools_prompt is not None:
-        turns.insert(0, {"role": "system", "content": tools_prompt})
-    try:
-        text = tokenizer.apply_chat_template(turns,
-                                             chat_template=None if tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE,
-                                             tokenize=False, add_generation_prompt=req.add_generation_prompt,
-                                             continue_final_message=req.continue_final_message, **variables)
-    except (TemplateError, ValueError) as e:  # (ValueError: continue_final_message's text not found rendered)
-        raise APIError(400, f"the model's chat template refuses these messages: {e}", param="messages") from None
+
+    def render(turns: list[dict]) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                turns, chat_template=None if tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE, tokenize=False,
+                add_generation_prompt=req.add_generation_prompt, continue_final_message=req.continue_final_message,
+                **variables)
+        # (ValueError: continue_final_message's text not found rendered; TypeError: a template's own arithmetic on
+        # what a message holds)
+        except (TemplateError, ValueError, TypeError) as e:
+            raise APIError(400, f"the model's chat template refuses these messages: {e}", param="messages") from None
+
+    text = render_messages(render, req.messages, tools_prompt, native_calls="tool_calls" in template,
+                           nine_character_ids=bool(NINE_CHARACTER_IDS.search(template)))
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def render_messages(render, messages: list[ChatMessage], tools_prompt: str | None, native_calls: bool,
+                    nine_character_ids: bool) -> str:
+    """The messages through `render` (the chat template), `tools_prompt` ahead of the system message's text or as
+    one. Where the template refuses or leaves out what a tool conversation holds, in forms any template takes:
+    earlier calls as the template's own `tool_calls` (template_turn), or, where it refuses them so (DeepSeek-R1's
+    joins a call's arguments as text; Llama 3's takes one call a message), as the JSON object server.tools asks
+    for; tool results a template leaves out (Phi-3.5's knows no tool role) as user messages; and the tools
+    prompt, where the template leaves the system message out (Mistral's write it only before a last user
+    message), at the start of the last user message."""
+    names = {c.id: c.function.name for m in messages for c in m.tool_calls or ()}
+    native = native_calls and bool(names)
+
+    def turns(results_as_user: bool = False, prompt_with_user: bool = False) -> list[dict]:
+        out = [template_turn(m, native, nine_character_ids) for m in messages]
+        if results_as_user:
+            out = [result_as_user(t, names.get(m.tool_call_id)) if m.role == "tool" else t
+                   for m, t in zip(messages, out)]
+        return with_tools_prompt(out, tools_prompt, prompt_with_user)
+
+    try:
+        text = render(turns())
+    except APIError:
+        if not native:
+            raise
+        native = False
+        text = render(turns())
+    results_as_user = (any(m.role == "tool" for m in messages)
+                       and leaves_out(render, turns(), text, lambda t: t["role"] == "tool"))
+    if results_as_user:
+        text = render(turns(results_as_user))
+    if tools_prompt is not None and tools_prompt.split("\n", 1)[0] not in text:
+        text = render(turns(results_as_user, prompt_with_user=True))
+    return text
+
+
+def leaves_out(render, turns: list[dict], text: str, which) -> bool:
+    """Does the template write the same text without the turns `which` picks (so leaving them out)?"""
+    try:
+        return render([t for t in turns if not which(t)]) == text
+    except APIError:  # (it reads them: without them, the turns no longer fit it)
+        return False
+
+
+def result_as_user(turn: dict, name: str | None) -> dict:
+    """A tool's result as a user message, for a template that knows no tool role (as llama.cpp writes them)."""
+    return {"role": "user", "content": json.dumps({"tool_response": {"name": name, "content": turn["content"]}},
+                                                  ensure_ascii=False)}
+
+
+def with_tools_prompt(turns: list[dict], tools_prompt: str | None, with_last_user: bool) -> list[dict]:
+    """The turns with the tools prompt ahead of the system message's text, or as one; `with_last_user`: ahead of
+    the last user message's text instead."""
+    if tools_prompt is None:
+        return turns
+    if with_last_user:
+        last = max((i for i, t in enumerate(turns) if t["role"] == "user"), default=None)
+        if last is not None:
+            return [*turns[:last], {**turns[last], "content": f"{tools_prompt}\n\n{turns[last]['content']}"},
+                    *turns[last + 1:]]
+    if turns and turns[0]["role"] == "system":
+        return [{**turns[0], "content": f"{tools_prompt}\n\n{turns[0]['content']}"}, *turns[1:]]
+    return [{"role": "system", "content": tools_prompt}, *turns]
 
 
 def template_turn(m: ChatMessage, native_calls: bool, nine_character_ids: bool) -> dict:
     """A message as the chat template reads it. An assistant's calls: as the template's own `tool_calls` where it
-    reads them (transformers' form, arguments as an object: the template writes its model's own format, and a
-    template that checks the turns' order, as Mistral's do, leaves messages of calls out of it); else the JSON
-    object server.tools asks the model for, after any text that came with them. Ids cut to their last nine
-    letters and digits for a template that takes no others (the same cut on both ends keeps calls and results
-    paired)."""
+    reads them (transformers' form, arguments as an object, content None where the calls came alone: the
+    template writes its model's own format, and a template that checks the turns' order, as Mistral's do, leaves
+    messages of calls out of it); else the JSON object server.tools asks the model for, after any text that came
+    with them. Ids of 9 letters and digits for a template that takes no others (Mistral's): an id that is not one
+    becomes 9 hex digits of its hash, the same on both ends, so calls and results stay paired."""
     def call_id(text: str) -> str:
-        return re.sub(r"[^A-Za-z0-9]", "", text)[-9:].rjust(9, "0") if nine_character_ids else text
+        if not nine_character_ids or re.fullmatch(r"[A-Za-z0-9]{9}", text):
+            return text
+        return hashlib.sha256(text.encode()).hexdigest()[:9]
 
     text = m.text
     if m.tool_calls and not native_calls:
@@ -126,6 +195,7 @@ def template_turn(m: ChatMessage, native_calls: bool, nine_character_ids: bool) 
         turn["tool_calls"] = [{"id": call_id(c.id), "type": "function",
                                "function": {"name": c.function.name, "arguments": call_arguments(c.function.arguments)}}
                               for c in m.tool_calls]
+        turn["content"] = turn["content"] or None
     if m.tool_call_id is not None:
         turn["tool_call_id"] = call_id(m.tool_call_id)
     return turn

@@ -8,8 +8,9 @@ is read back into OpenAI's `tool_calls` (finish_reason "tool_calls") or `content
 text as it grows, calls once whole). One format for every model: a model trained on a syntax of its own (Qwen's
 <tool_call>, Llama 3's) still calls validly, though not in the words it was trained on.
 
-Earlier turns take the same shape: an assistant's tool calls are shown to the model as the JSON object it would
-have written, and tool results are messages of role "tool" (templates that know no such role refuse them: a 400)."""
+Earlier turns (server.prompts.render_messages): an assistant's tool calls reach a template that reads `tool_calls`
+as transformers passes them, others as the JSON object the model would have written; tool results are messages of
+role "tool", or user messages for a template that leaves those out."""
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ arguments that fit their schemas, equal to the engine's own constrained answer."
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import openai
@@ -169,22 +170,75 @@ MISTRAL_STYLE = (
     "{%- endif %}{%- endfor %}")
 
 
-def test_a_template_that_writes_calls_its_own_way_gets_them_as_transformers_passes_them(llm, monkeypatch):
+def prompt_text(llm: LLM, messages: list[dict], template: str) -> str:
+    """The prompt a chat request with these messages and WEATHER gets through `template`."""
+    tokenizer = llm.tokenizer
+    req = ChatCompletionRequest.model_validate({"messages": messages, "tools": [WEATHER]})
+    saved, tokenizer.chat_template = tokenizer.chat_template, template
+    try:
+        return tokenizer.decode(chat_prompt_ids(tokenizer, req, {}, tools_prompt=system_prompt(req)))
+    finally:
+        tokenizer.chat_template = saved
+
+
+def weather_call(call_id: str, city: str = "Paris") -> dict:
+    return {"id": call_id, "type": "function",
+            "function": {"name": "get_weather", "arguments": json.dumps({"city": city, "unit": "C"})}}
+
+
+def test_a_template_that_writes_calls_its_own_way_gets_them_as_transformers_passes_them(llm):
     """A template that reads `tool_calls` writes an assistant's calls in its model's own format; Mistral's also
     leave those messages out of the check that turns alternate, and take ids of 9 characters only: a conversation
-    of a call, its result and a next question (with OpenAI's ids, or ours) was refused at its second turn."""
-    monkeypatch.setattr(llm.tokenizer, "chat_template", MISTRAL_STYLE)
-    call = {"id": "call_0123456789abcdef01234567", "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}
-    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+    of a call, its result and a next question (with OpenAI's ids, or ours) was refused at its second turn. Ids
+    that are no 9 letters and digits become 9 of their hash (two ids cut to their last 9 could meet)."""
+    call, other = weather_call("call_get_weather_0"), weather_call("call_set_weather_0", "Rome")
+    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [call, other]},
                 {"role": "tool", "tool_call_id": call["id"], "content": "21"},
+                {"role": "tool", "tool_call_id": other["id"], "content": "18"},
                 {"role": "assistant", "content": "It is 21 degrees."}, {"role": "user", "content": "And in Rome?"}]
-    req = ChatCompletionRequest.model_validate({"messages": messages, "tools": [WEATHER]})
-    text = llm.tokenizer.decode(chat_prompt_ids(llm.tokenizer, req, {}, tools_prompt=system_prompt(req)))
-    assert text.startswith("[INST]weather?[/INST][TOOL_CALLS][{")
-    assert ('{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}, "id": "f01234567"}]</s>'
-            '[TOOL_RESULTS]{"content": "21", "call_id": "f01234567"}[/TOOL_RESULTS]It is 21 degrees.</s>[INST]') in text
-    assert text.endswith("\n\nAnd in Rome?[/INST]") and '{"tool_calls": [{"name": "get_weather"' not in text
+    text = prompt_text(llm, messages, MISTRAL_STYLE)
+    assert text.startswith('[INST]weather?[/INST][TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"')
+    ids = re.findall(r'"id": "([0-9a-f]{9})"', text)
+    assert len(set(ids)) == 2 and re.findall(r'"call_id": "([0-9a-f]{9})"', text) == ids
+    assert "[/TOOL_RESULTS]It is 21 degrees.</s>[INST]" in text and text.endswith("\n\nAnd in Rome?[/INST]")
+    assert '{"tool_calls": [{"name": "get_weather"' not in text
+    # the turn after a result: the template writes the system message (the tools prompt) before a last user
+    # message only, so the tools prompt goes with the last user message
+    text = prompt_text(llm, messages[:4], MISTRAL_STYLE)
+    tools_prompt = system_prompt(ChatCompletionRequest.model_validate({"messages": USER, "tools": [WEATHER]}))
+    assert text.startswith(f"[INST]{tools_prompt}\n\nweather?[/INST]")
+    assert text.endswith("[/TOOL_RESULTS]")
+
+
+# A template that joins a call's arguments as text (DeepSeek-R1's) and one that takes a single call a message
+# (Llama 3's); and one that knows no tool role (Phi-3.5's)
+JOINS_ARGUMENTS = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] or '' }}{% for c in m.tool_calls or [] %}"
+                   "{{ '<call>' + c.function.name + c.function.arguments + '</call>' }}{% endfor %}{% endfor %}")
+ONE_CALL = ("{% for m in messages %}{% if m.tool_calls is defined and m.tool_calls | length != 1 %}"
+            "{{ raise_exception('only one tool call at once') }}{% endif %}<{{ m['role'] }}>"
+            "{% if m.tool_calls is defined %}{{ m.tool_calls[0].function | tojson }}{% else %}{{ m['content'] }}"
+            "{% endif %}{% endfor %}")
+NO_TOOL_ROLE = ("{% for m in messages %}{% if m['role'] in ('system', 'user', 'assistant') %}<{{ m['role'] }}>"
+                "{{ m['content'] }}{% endif %}{% endfor %}")
+
+
+def test_templates_that_refuse_calls_or_drop_results_get_them_as_any_template_takes_them(llm):
+    """Where a template refuses an assistant's calls as its own `tool_calls` (a 500 for DeepSeek-R1's, which joins
+    the arguments as text; a 400 for Llama 3's beside parallel calls), they come as the JSON object the tools
+    prompt asks for; where it leaves tool results out without a word (Phi-3.5's), they come as user messages."""
+    one = [*USER, {"role": "assistant", "content": None, "tool_calls": [weather_call("c1")]},
+           {"role": "tool", "tool_call_id": "c1", "content": "21"}]
+    two = [*USER, {"role": "assistant", "content": None, "tool_calls": [weather_call("c1"), weather_call("c2")]},
+           {"role": "tool", "tool_call_id": "c1", "content": "21"},
+           {"role": "tool", "tool_call_id": "c2", "content": "18"}]
+    as_json = '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}'
+    assert as_json in prompt_text(llm, one, JOINS_ARGUMENTS)
+    assert as_json not in prompt_text(llm, one, ONE_CALL) and '<assistant>{"name": "get_weather"' in prompt_text(
+        llm, one, ONE_CALL)
+    assert as_json in prompt_text(llm, two, ONE_CALL)
+    text = prompt_text(llm, two, NO_TOOL_ROLE)
+    assert text.endswith('<user>{"tool_response": {"name": "get_weather", "content": "21"}}'
+                         '<user>{"tool_response": {"name": "get_weather", "content": "18"}}')
 
 
 def test_reading_an_answer():
