@@ -157,6 +157,8 @@ def template_message(message: dict) -> dict:
         if kinds:
             raise ValueError(f"content parts of type {', '.join(map(repr, sorted(map(str, kinds))))} are not "
                              "supported: text only")
+        if not all(isinstance(part.get("text"), str) for part in content):
+            raise ValueError("a text content part needs its text: {\"type\": \"text\", \"text\": \"...\"}")
         content = "\n".join(part["text"] for part in content)
     role = "system" if message.get("role") == "developer" else message.get("role")
     return {**message, "role": role, "content": content}

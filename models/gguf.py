@@ -71,8 +71,8 @@ def find_gguf(path: str | Path) -> Path | None:
         return path
     if path.is_dir() and not ((path / "config.json").is_file() and any(path.glob("*.safetensors"))):
         files = sorted(path.glob("*.gguf"))
-        parts = {m["prefix"] for f in files if (m := SPLIT_PART.match(f.name))}
-        if len(files) > 1 and (len(parts) != 1 or not all(SPLIT_PART.match(f.name) for f in files)):
+        sets = {(m["prefix"], m["count"]) if (m := SPLIT_PART.match(f.name)) else f.name for f in files}
+        if len(sets) > 1:  # (one model's parts are one set)
             raise GGUFError(f"{path} holds several .gguf files ({', '.join(f.name for f in files)}); name one")
         if files:
             return files[0]
@@ -87,14 +87,22 @@ def gguf_parts(path: str | Path) -> list[Path]:
     count = _field(reader, "split.count", 1)
     if count <= 1:
         return [path]
-    name = SPLIT_PART.match(path.name)
-    if _field(reader, "split.no", 0) != 0 or name is None:
+    if _field(reader, "split.no", 0) != 0:
         raise GGUFError(f"{path.name} is part {_field(reader, 'split.no', 0) + 1} of a model split into {count} files "
                         f"(llama.cpp's gguf-split): give its first part, PREFIX-00001-of-{count:05d}.gguf")
+    name = SPLIT_PART.match(path.name)
+    if name is None or int(name["count"]) != count:
+        raise GGUFError(f"{path.name} is the first of the {count} parts of a model (llama.cpp's gguf-split), found by "
+                        f"their names: PREFIX-00001-of-{count:05d}.gguf and so on; name it so")
     parts = [path.with_name(f"{name['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
         raise GGUFError(f"{path.name} is the first of {count} parts; missing beside it: {', '.join(missing)}")
+    for i, part in enumerate(parts):
+        part_reader = open_gguf(part)
+        if (_field(part_reader, "split.no"), _field(part_reader, "split.count")) != (i, count):
+            raise GGUFError(f"{part.name} is not part {i + 1} of {count} of this model: its metadata says part "
+                            f"{_field(part_reader, 'split.no', 0) + 1} of {_field(part_reader, 'split.count', 1)}")
     return parts
 
 
@@ -322,6 +330,7 @@ def load_tokenizer(path: str | Path):
         tokenizer = PreTrainedTokenizerFast.from_pretrained(cached)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        _added_tokens_at_their_ids(tokenizer, open_gguf(path))  # (cached so: later loads need not serialise it)
         try:
             TOKENIZER_CACHE.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=TOKENIZER_CACHE) as tmp:  # whole, or not at all: loads may race

@@ -108,7 +108,8 @@ def chat_prompt_ids(tokenizer, req: ChatCompletionRequest | TokenizeRequest, tem
 
     text = render_messages(render, req.messages, tools_prompt, native_calls="tool_calls" in template,
                            nine_character_ids=bool(NINE_CHARACTER_IDS.search(template)))
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # (a template may write what no message held as text: a call's arguments decoded from their JSON)
+    return tokenizer(unicode_text(text, "messages"), add_special_tokens=False)["input_ids"]
 
 
 def render_messages(render, messages: list[ChatMessage], tools_prompt: str | None, native_calls: bool,
@@ -123,12 +124,12 @@ def render_messages(render, messages: list[ChatMessage], tools_prompt: str | Non
     names = {c.id: c.function.name for m in messages for c in m.tool_calls or ()}
     native = native_calls and bool(names)
 
-    def turns(results_as_user: bool = False, prompt_with_user: bool = False) -> list[dict]:
+    def turns(results_as_user: bool = False, prompt_with_user: bool = False, prompt: bool = True) -> list[dict]:
         out = [template_turn(m, native, nine_character_ids) for m in messages]
         if results_as_user:
             out = [result_as_user(t, names.get(m.tool_call_id)) if m.role == "tool" else t
                    for m, t in zip(messages, out)]
-        return with_tools_prompt(out, tools_prompt, prompt_with_user)
+        return with_tools_prompt(out, tools_prompt if prompt else None, prompt_with_user)
 
     try:
         text = render(turns())
@@ -141,7 +142,7 @@ def render_messages(render, messages: list[ChatMessage], tools_prompt: str | Non
                        and leaves_out(render, turns(), text, lambda t: t["role"] == "tool"))
     if results_as_user:
         text = render(turns(results_as_user))
-    if tools_prompt is not None and tools_prompt.split("\n", 1)[0] not in text:
+    if tools_prompt is not None and text == render(turns(results_as_user, prompt=False)):
         text = render(turns(results_as_user, prompt_with_user=True))
     return text
 
@@ -183,6 +184,7 @@ def template_turn(m: ChatMessage, native_calls: bool, nine_character_ids: bool) 
     with them. Ids of 9 letters and digits for a template that takes no others (Mistral's): an id that is not one
     becomes 9 hex digits of its hash, the same on both ends, so calls and results stay paired."""
     def call_id(text: str) -> str:
+        unicode_text(text, "messages")
         if not nine_character_ids or re.fullmatch(r"[A-Za-z0-9]{9}", text):
             return text
         return hashlib.sha256(text.encode()).hexdigest()[:9]

@@ -395,6 +395,13 @@ def test_a_model_split_into_parts_loads_from_its_first(tmp_path, tiny_hf):
         0].token_ids
     with pytest.raises(GGUFError, match=f"part 2 of a model split into {len(parts)} files"):
         read_gguf(parts[1])
+    renamed = parts[0].rename(tmp_path / "split" / "first.gguf")
+    with pytest.raises(GGUFError, match="first of the .* parts of a model .* name it so"):
+        read_gguf(renamed)
+    renamed.rename(parts[0])
+    (tmp_path / "split" / "m-00001-of-00002.gguf").write_bytes(whole.read_bytes())  # another set beside it
+    with pytest.raises(GGUFError, match="holds several .gguf files"):
+        find_gguf(tmp_path / "split")
     parts[-1].unlink()
     with pytest.raises(GGUFError, match=f"missing beside it: {parts[-1].name}"):
         read_gguf(parts[0])
@@ -432,7 +439,7 @@ def test_a_gguf_that_is_no_model_is_a_clear_error(tmp_path):
     with pytest.raises(GGUFError, match="no token_embd.weight"):
         read_gguf(vocabulary)
     for key, value, message in (("general.type", "adapter", "LoRA adapter"), ("llama.expert_count", 8, "experts"),
-                                ("split.count", 3, "part 1 of a model split into 3 files")):
+                                ("split.count", 3, "the first of the 3 parts of a model .* name it so")):
         writer = GGUFWriter(str(tmp_path / "other.gguf"), "llama")
         writer.add_key_value(key, value, GGUFValueType.STRING if isinstance(value, str) else GGUFValueType.UINT16)
         writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 
 from engine import LLM, RequestOutput, SamplingParams
 from server.app import ServerConfig, create_app
+from server.errors import APIError
 from server.prompts import chat_prompt_ids
 from server.protocol import ChatCompletionRequest, ResponsesRequest, Usage
 from server.responses import ChatRenderer
@@ -204,10 +205,18 @@ def test_a_template_that_writes_calls_its_own_way_gets_them_as_transformers_pass
     assert '{"tool_calls": [{"name": "get_weather"' not in text
     # the turn after a result: the template writes the system message (the tools prompt) before a last user
     # message only, so the tools prompt goes with the last user message
-    text = prompt_text(llm, messages[:4], MISTRAL_STYLE)
     tools_prompt = system_prompt(ChatCompletionRequest.model_validate({"messages": USER, "tools": [WEATHER]}))
-    assert text.startswith(f"[INST]{tools_prompt}\n\nweather?[/INST]")
-    assert text.endswith("[/TOOL_RESULTS]")
+    for question in ("weather?", tools_prompt.splitlines()[0]):  # (the prompt's words in a message fool no check)
+        text = prompt_text(llm, [{"role": "user", "content": question}, *messages[1:4]], MISTRAL_STYLE)
+        assert text.startswith(f"[INST]{tools_prompt}\n\n{question}[/INST]") and text.endswith("[/TOOL_RESULTS]")
+    # text that is no Unicode in arguments the template writes: the client's error (it was a 500); in an id no
+    # 9-character one could be made of, the calls come as JSON text
+    arguments = {**call, "function": {**call["function"], "arguments": '{"city": "Par\ud800is"}'}}
+    with pytest.raises(APIError, match="not valid Unicode"):
+        prompt_text(llm, [*USER, {"role": "assistant", "content": None, "tool_calls": [arguments]}], MISTRAL_STYLE)
+    text = prompt_text(llm, [*USER, {"role": "assistant", "content": None, "tool_calls": [{**call, "id": "c\ud800"}]}],
+                       MISTRAL_STYLE)
+    assert text.endswith('{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}]}</s>')
 
 
 # A template that joins a call's arguments as text (DeepSeek-R1's) and one that takes a single call a message
