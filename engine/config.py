@@ -61,7 +61,7 @@ GREEDY_TEMPERATURE = 1e-5
 @dataclass
 class SamplingParams:
     """How to decode one request. temperature 0 (below 1e-5) means greedy; top_k 0 or -1 and top_p == 1 disable
-    those filters.
+    those filters; top_p 0 keeps the likeliest token alone (with any tied with it), as OpenAI's API allows.
     As in vLLM, None stands for the default of min_tokens, top_k, stop, stop_token_ids and logit_bias, and
     max_tokens None for the rest of the context."""
 
@@ -109,8 +109,8 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be token ids (integers), got {list(self.stop_token_ids)[:5]}")
         if not 0.0 <= self.temperature <= 100.0:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < -1:
             raise ValueError(f"top_k must be >= -1 (0 or -1 disables it), got {self.top_k}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:

@@ -148,6 +148,7 @@ def nucleus(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
         if n >= vocab or bool(((mass_before[:, -1:] + likeliest[:, -1:] >= threshold) | ~filtered).all()):
             break
     last_kept = likeliest.masked_fill(mass_before >= threshold, float("inf")).min(dim=-1, keepdim=True).values
+    last_kept = torch.minimum(last_kept, likeliest[:, :1])  # the likeliest stays (top_p 0 keeps it alone)
     return (probs >= last_kept) | ~filtered
 
 

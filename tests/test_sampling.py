@@ -133,6 +133,11 @@ def test_top_k_and_top_p_by_hand():
     # top_p 0.65: 0.4 and 0.3 reach it, so 0.2 and 0.1 go; at 0.75 they do not, so 0.2 stays
     top_p = filtered_probs(probs.log().repeat(2, 1), [SamplingParams(top_p=0.65), SamplingParams(top_p=0.75)])
     assert top_p.tolist() == [pytest.approx([4 / 7, 3 / 7, 0, 0]), pytest.approx([4 / 9, 3 / 9, 2 / 9, 0])]
+    # top_p 0, which OpenAI's API allows (it was a 400, and its filter kept nothing: NaN): the likeliest alone,
+    # with a token tied with it
+    tied = torch.tensor([[0.3, 0.4, 0.2, 0.1], [0.4, 0.4, 0.1, 0.1]])
+    assert filtered_probs(tied.log(), [SamplingParams(top_p=0.0)] * 2).tolist() == [
+        pytest.approx([0, 1, 0, 0]), pytest.approx([0.5, 0.5, 0, 0])]
 
 
 def sorted_filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
