@@ -248,6 +248,11 @@ def test_templates_that_refuse_calls_or_drop_results_get_them_as_any_template_ta
     text = prompt_text(llm, two, NO_TOOL_ROLE)
     assert text.endswith('<user>{"tool_response": {"name": "get_weather", "content": "21"}}'
                          '<user>{"tool_response": {"name": "get_weather", "content": "18"}}')
+    # a template that wants a system message first: the tools prompt is one (rendered without it, as the check
+    # that a template keeps it does, the turns do not fit it: no error for that)
+    system_first = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message first') }}"
+                    "{% endif %}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    assert prompt_text(llm, USER, system_first).startswith("<system>You have these functions")
 
 
 def test_reading_an_answer():
