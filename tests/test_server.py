@@ -657,7 +657,7 @@ def test_api_key_is_required_on_v1_only(running):
     ({"prompt": "hi", "max_tokens": -1}, 400, "max_tokens", None),
     ({"prompt": "hi", "max_tokens": 10 ** 9}, 400, "max_tokens", "context_length_exceeded"),
     ({"prompt": "hi", "temperature": 7}, 400, "temperature", None),
-    ({"prompt": "hi", "top_p": 0}, 400, "top_p", None),
+    ({"prompt": "hi", "top_p": 1.5}, 400, "top_p", None),
     ({"prompt": "hi", "n": 1000}, 400, "n", None),
     ({"prompt": "hi", "logprobs": 50}, 400, "logprobs", None),
     ({"prompt": "hi", "echo": "yes"}, 400, "echo", None),
