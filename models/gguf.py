@@ -325,12 +325,12 @@ def load_tokenizer(path: str | Path):
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode())
     cached = TOKENIZER_CACHE / key.hexdigest()[:24]
-    if (cached / "tokenizer_config.json").is_file():
-        # tokenizer.json as saved: a model's own class (Qwen2Tokenizer) would put back its default normalizer
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(cached)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        _added_tokens_at_their_ids(tokenizer, open_gguf(path))  # (cached so: later loads need not serialise it)
+    fresh = not (cached / "tokenizer_config.json").is_file()
+    # (cached: tokenizer.json as saved; a model's own class, Qwen2Tokenizer, would put back its default normalizer)
+    tokenizer = (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if fresh
+                 else PreTrainedTokenizerFast.from_pretrained(cached))
+    _added_tokens_at_their_ids(tokenizer, open_gguf(path))  # (a no-op on a cache written since it repairs them)
+    if fresh:
         try:
             TOKENIZER_CACHE.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=TOKENIZER_CACHE) as tmp:  # whole, or not at all: loads may race
@@ -356,7 +356,6 @@ def tokenize_as_llama_cpp(tokenizer, reader: GGUFReader) -> None:
     writes "▁Hello"), Llama 3's and tekken's whole-word lookup, and their BOS where the file has no add_bos_token."""
     from tokenizers import decoders, normalizers
 
-    _added_tokens_at_their_ids(tokenizer, reader)
     backend, vocabulary = tokenizer.backend_tokenizer, _field(reader, "tokenizer.ggml.pre")
     if _field(reader, "tokenizer.ggml.model") == "llama":
         space_prefix = _field(reader, "tokenizer.ggml.add_space_prefix", True)

@@ -142,20 +142,16 @@ def render_messages(render, messages: list[ChatMessage], tools_prompt: str | Non
                        and leaves_out(render, turns(), text, lambda t: t["role"] == "tool"))
     if results_as_user:
         text = render(turns(results_as_user))
-    if tools_prompt is not None and renders_as(render, turns(results_as_user, prompt=False), text):
+    if tools_prompt is not None and tools_prompt not in text:
         text = render(turns(results_as_user, prompt_with_user=True))
     return text
 
 
 def leaves_out(render, turns: list[dict], text: str, which) -> bool:
     """Does the template write the same text without the turns `which` picks (so leaving them out)?"""
-    return renders_as(render, [t for t in turns if not which(t)], text)
-
-
-def renders_as(render, turns: list[dict], text: str) -> bool:
     try:
-        return render(turns) == text
-    except APIError:  # (what the turns lack, the template reads: without it they no longer fit it)
+        return render([t for t in turns if not which(t)]) == text
+    except APIError:  # (it reads them: without them, the turns no longer fit it)
         return False
 
 
