@@ -431,22 +431,21 @@ CHAT_TEMPLATES = (
 )
 
 
-def docstrings(files: list[Path]) -> list[tuple[str, str]]:
-    """(module.name, the first paragraph of its docstring) of the public functions and classes in these
-    source files, for paragraphs of 40 to 400 characters."""
+def docstrings(path: Path) -> list[tuple[str, str]]:
+    """(module.name, the first paragraph of its docstring) of the public functions and classes in one source
+    file, for paragraphs of 40 to 400 characters."""
+    try:
+        tree = ast.parse(read_source(path))
+    except SyntaxError:
+        return []
     found = []
-    for path in files:
-        try:
-            tree = ast.parse(read_source(path))
-        except SyntaxError:
-            continue
-        for node in ast.walk(tree):
-            is_definition = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-            if is_definition and not node.name.startswith("_"):
-                doc = ast.get_docstring(node)
-                paragraph = " ".join(doc.split("\n\n")[0].split()) if doc else ""
-                if 40 <= len(paragraph) <= 400:
-                    found.append((f"{path.stem}.{node.name}", paragraph))
+    for node in ast.walk(tree):
+        is_definition = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        if is_definition and not node.name.startswith("_"):
+            doc = ast.get_docstring(node)
+            paragraph = " ".join(doc.split("\n\n")[0].split()) if doc else ""
+            if 40 <= len(paragraph) <= 400:
+                found.append((f"{path.stem}.{node.name}", paragraph))
     return found
 
 
@@ -454,8 +453,15 @@ def chat_prompts(num_prompts: int, seed: int, files: list[Path] | None = None) -
     """Chat prompts (one user message each) built from the standard library's docstrings: questions about a
     function, explanations and summaries of its description. Default files: the training split of the
     corpus (corpus_files); its validation modules make held-out prompts."""
-    found = docstrings(files if files is not None else corpus_files()[0])
     rng = random.Random(seed)
+    files = list(files if files is not None else corpus_files()[0])
+    rng.shuffle(files)
+    found = []
+    # files in random order, until four docstrings a prompt: parsing the whole library took 7-11 s
+    for path in files:
+        if len(found) >= 4 * num_prompts:
+            break
+        found += docstrings(path)
     picks = rng.sample(found, min(num_prompts, len(found)))
     return [[{"role": "user", "content": rng.choice(CHAT_TEMPLATES).format(name=name, doc=doc)}]
             for name, doc in picks]
