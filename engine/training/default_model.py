@@ -28,7 +28,7 @@ import math
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from engine.training.common import HEAD_OFFSET, cosine, head_losses, head_weights, random_windows
 from models.config import ModelConfig
+from models.kernels.decode import bf16_gemm
 from models.layers import PackedLinear
 from models.llama import LlamaForCausalLM
 from models.loader import load_model
@@ -80,7 +81,7 @@ class DefaultModelTraining:
     eval_windows: int = 16
     final_eval_windows: int = 0
     threads: int = 2
-    bf16: bool = True
+    bf16: bool = field(default_factory=bf16_gemm)  # torch's bf16 GEMM crawls on CPUs without bf16 units
     cache_dir: Path = Path("/tmp/gorgon_train_default")
     init: str = ""
     medusa_heads: int = 0
@@ -111,7 +112,8 @@ FLAG_HELP = {
     "eval_windows": "windows in each periodic validation",
     "final_eval_windows": "windows in the final validation, whose loss the checkpoint records (0: the whole set)",
     "threads": "CPU threads",
-    "bf16": "bf16 autocast for matmuls over fp32 master weights (~1.6x faster on CPUs with bf16)",
+    "bf16": "bf16 autocast for matmuls over fp32 master weights (~1.6x faster on CPUs with AVX512-BF16 or AMX, "
+            "on by default there; 10x slower on others)",
     "cache_dir": "where the tokenized corpus is cached",
     "init": "a checkpoint folder to continue from (its architecture and tokenizer win over the flags)",
     "medusa_heads": "> 0: train this many Medusa heads jointly with the model",

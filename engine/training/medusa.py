@@ -65,7 +65,7 @@ from engine.prompt_files import (
     read_prompt_records,
     read_records,
 )
-from engine.training.common import HEAD_OFFSET, cosine, head_weights, positive_int
+from engine.training.common import HEAD_OFFSET, cosine, head_weights, matmuls_in_bf16, positive_int
 from engine.training.default_model import corpus_files, read_source
 from models.gguf import find_gguf, gguf_tensors
 from models.kernels.decode import MAX_ROWS
@@ -212,8 +212,7 @@ def draft_projection(model: nn.Module, draft_vocab: torch.Tensor | None) -> torc
     weight = lm_head.weight if draft_vocab is None else lm_head.weight[draft_vocab]
     if isinstance(lm_head, QuantizedLinear):  # (a GGUF model's): its rows in ggml blocks
         return dequantize_rows(weight, lm_head.qtype, lm_head.in_features)
-    activations = getattr(lm_head, "dtype", None)  # (an F16 file's matrices under fp32 activations: its dtype)
-    return weight if activations is None else weight.to(activations)
+    return weight.float()  # (bf16 where matmuls_in_bf16 casts it: fp32 elsewhere, as the heads' master weights)
 
 
 def to_draft_ids(targets: torch.Tensor, vocab_size: int, draft_vocab: torch.Tensor | None) -> torch.Tensor:
@@ -240,7 +239,7 @@ def train_heads(model: nn.Module, cache: HiddenCache, config: TrainConfig, draft
     heads = init if init is not None else MedusaHeads(MedusaConfig(
         config.num_heads, config.num_layers, mc.hidden_size, mc.vocab_size, config.own_lm_head,
         sequential=config.head_kind == "hydra"))
-    heads = heads.float().train().requires_grad_(True)  # fp32 master weights; the matmuls run in bf16
+    heads = heads.float().train().requires_grad_(True)  # fp32 master weights (the matmuls: matmuls_in_bf16)
     targets = to_draft_ids(cache.targets, mc.vocab_size, draft_vocab)
     weights = head_weights(config.num_heads)
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, weight_decay=0.0)
@@ -293,7 +292,7 @@ def weighted_loss(heads: MedusaHeads, model: nn.Module, cache: HiddenCache, rows
     vocabulary, does not count)."""
     teachers = cache.teachers[rows]  # [B, K]
     projection = draft_projection(model, draft_vocab)  # (dequantized once a step for both uses)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with matmuls_in_bf16():
         logits = draft_logits(heads, model, cache.hidden[rows].float(), draft_vocab, cache.head_inputs(rows),
                               projection)
         with torch.no_grad():
