@@ -12,6 +12,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+from models.kernels.decode import bf16_gemm
+
 # Model shapes for random-weight runs, by name.
 CONFIGS: dict[str, dict] = {
     # about the shipped default model's size
@@ -24,6 +26,13 @@ CONFIGS: dict[str, dict] = {
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def baseline_dtype(dtype: str, device: str) -> str:
+    """The dtype transformers runs in as the baseline of gorgon in `dtype`: the same, but float32 for bfloat16 on a
+    CPU without bf16 GEMM, where torch's bf16 matmuls run at a few percent of its fp32 ones (gorgon widens bf16
+    weights to fp32 there too: models.layers.widened_linear). The baseline at its best on the machine."""
+    return "float32" if dtype == "bfloat16" and device == "cpu" and not bf16_gemm() else dtype
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM
 from bench.common import (
     CONFIGS,
     add_out_flag,
+    baseline_dtype,
     best_of,
     cpu_isa,
     machine_info,
@@ -149,7 +150,8 @@ def run(args: argparse.Namespace, folder: Path) -> None:
             eager_s = best_of(lambda: eager.generate(prompts[0], greedy), args.repeats)
             del eager
         bar.update()
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=llm.config.torch_dtype).to(device).eval()
+        hf_dtype = baseline_dtype(llm.config.dtype, device.type)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, hf_dtype)).to(device).eval()
         prompt = torch.tensor([prompts[0]], device=device)
 
         def hf_generate(model: torch.nn.Module) -> list[int]:  # (token ids on the host: the device's work is done)
@@ -177,7 +179,9 @@ def run(args: argparse.Namespace, folder: Path) -> None:
         rows.insert(1, {"engine": "gorgon, no CUDA graphs", "batch": 1, "tok/s": n / eager_s,
                         "vs HF": hf_s / eager_s})
     rows += [{"engine": "gorgon", "batch": bs, "tok/s": tps} for bs, tps in throughput.items()]
-    print(f"\n{source}, {llm.config.dtype} on {device_name(device)}, {n} new tokens after a {PROMPT_LEN}-token prompt, "
+    print(f"\n{source}, {llm.config.dtype} on {device_name(device)}"
+          + (f" (transformers in {hf_dtype}: this CPU has no bf16 GEMM)" if hf_dtype != llm.config.dtype else "")
+          + f", {n} new tokens after a {PROMPT_LEN}-token prompt, "
           f"read bandwidth {bandwidth / 1e9:.1f} GB/s, {bytes_per_token / 1e6:.1f} MB of weights per token")
     print_table(rows, ["engine", "batch", "tok/s", "vs HF", "decode tok/s", "roofline"])
     summary = {
@@ -188,7 +192,8 @@ def run(args: argparse.Namespace, folder: Path) -> None:
     if eager_s is not None:
         summary["cuda_graphs_speedup_bs1"] = eager_s / ours_s
     write_json(args.out, {
-        "benchmark": "decode", "model": source, "dtype": llm.config.dtype, "device": device_name(device),
+        "benchmark": "decode", "model": source, "dtype": llm.config.dtype, "transformers_dtype": hf_dtype,
+        "device": device_name(device),
         "new_tokens": n, "prompt_len": PROMPT_LEN,
         "attention_backend": llm.runner.backend.name, "read_bandwidth_bytes_s": bandwidth,
         "weight_bytes_per_token": bytes_per_token, "hf_tok_s_bs1": hf_tok_s, "gorgon_tok_s_bs1": ours_tok_s,

@@ -31,7 +31,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.common import add_out_flag, cpu_isa, machine_info, print_table, random_checkpoint, write_json
+from bench.common import (
+    add_out_flag,
+    baseline_dtype,
+    cpu_isa,
+    machine_info,
+    print_table,
+    random_checkpoint,
+    write_json,
+)
 from models import DEFAULT_MODEL_DIR
 from models.loader import default_dtype
 from models.named import resolve_model
@@ -126,8 +134,8 @@ def server_commands(args: argparse.Namespace, model: Path, threads: int) -> dict
     if args.baseline == "llama.cpp":
         binary = find_llama_server(args.llama_server)
         return {"gorgon": gorgon, "llama.cpp": llama_server_command(binary, model, threads, slots, args.max_tokens)}
-    # the baseline in the dtype gorgon runs (its default for the model unless --dtype says)
-    dtype = args.dtype or default_dtype(model, "cpu")
+    # the baseline in the dtype gorgon runs (its default for the model unless --dtype says), at its best on this CPU
+    dtype = baseline_dtype(args.dtype or default_dtype(model, "cpu"), "cpu")
     return {"gorgon": gorgon, "transformers": [*python, "bench.baseline_server", "--model", str(model), "--threads",
                                                str(threads), "--host", "127.0.0.1", "--dtype", dtype]}
 
@@ -321,7 +329,8 @@ def run(args: argparse.Namespace, model: Path, source: str) -> None:
     for r in rows:
         r["vs baseline"] = r["tok/s"] / theirs[r["concurrency"]] if theirs[r["concurrency"]] else None
     # (a server without batching: the ratio grows with the streams, as batching does; a level of 1 compares engines)
-    described = {"transformers": "transformers generate, one request at a time, no batching",
+    described = {"transformers": f"transformers generate in {commands[baseline][-1]}, one request at a time, "
+                                 "no batching",
                  "llama.cpp": f"llama-server, {max(levels)} slots, continuous batching, same file"}[baseline]
     print(f"\n{source}; gorgon dtype {args.dtype or 'default'}, speculation --medusa {args.medusa}; {threads} "
           f"thread(s) per server; CPU: {isa}; greedy "

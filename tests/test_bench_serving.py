@@ -32,10 +32,15 @@ def test_gorgon_serves_plainly_unless_asked_to_speculate(tmp_path):
         assert gorgon[gorgon.index("--medusa") + 1] == want
 
 
-def test_the_transformers_baseline_runs_in_gorgons_dtype(tmp_path):
-    """A bf16 checkpoint: gorgon runs it in bf16 by default, and so must the baseline (it loaded fp32, always)."""
+@pytest.mark.parametrize("bf16_gemm", [True, False])
+def test_the_transformers_baseline_runs_in_gorgons_dtype(tmp_path, monkeypatch, bf16_gemm):
+    """A bf16 checkpoint: gorgon runs it in bf16 by default, and so must the baseline (it loaded fp32, always);
+    but in fp32 on a CPU without bf16 GEMM, where torch's bf16 matmuls crawl (gorgon widens bf16 weights there)."""
+    import bench.common
+
+    monkeypatch.setattr(bench.common, "bf16_gemm", lambda: bf16_gemm)
     (tmp_path / "config.json").write_text('{"torch_dtype": "bfloat16"}')
-    for given, want in (([], "bfloat16"), (["--dtype", "float32"], "float32")):
+    for given, want in (([], "bfloat16" if bf16_gemm else "float32"), (["--dtype", "float32"], "float32")):
         commands = serving.server_commands(serving.parse_args(["--model", str(tmp_path), *given]), tmp_path, 1)
         baseline = commands["transformers"]
         assert baseline[baseline.index("--dtype") + 1] == want
