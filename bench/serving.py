@@ -329,8 +329,9 @@ def run(args: argparse.Namespace, model: Path, source: str) -> None:
     for r in rows:
         r["vs baseline"] = r["tok/s"] / theirs[r["concurrency"]] if theirs[r["concurrency"]] else None
     # (a server without batching: the ratio grows with the streams, as batching does; a level of 1 compares engines)
-    described = {"transformers": f"transformers generate in {commands[baseline][-1]}, one request at a time, "
-                                 "no batching",
+    baseline_command = commands[baseline]
+    described = {"transformers": f"transformers generate in {baseline_command[baseline_command.index('--dtype') + 1]}"
+                                 ", one request at a time, no batching",
                  "llama.cpp": f"llama-server, {max(levels)} slots, continuous batching, same file"}[baseline]
     print(f"\n{source}; gorgon dtype {args.dtype or 'default'}, speculation --medusa {args.medusa}; {threads} "
           f"thread(s) per server; CPU: {isa}; greedy "
