@@ -20,7 +20,7 @@ import torch
 from gguf import GGUFReader
 
 from models.config import ModelConfig
-from models.quant import FLOAT_TYPES, QUANTIZED_TYPES, QType, QuantizedWeight, UnsupportedTensorType
+from models.quant import DEQUANTIZED_TYPES, FLOAT_TYPES, QUANTIZED_TYPES, QType, QuantizedWeight, UnsupportedTensorType
 
 # general.architecture -> the HF class. llama.cpp writes Mistral checkpoints as "llama"; Qwen2 (q/k/v biases) and
 # Qwen3 (q/k norms) keep their own rotary layout (NEOX, which is HF's), so their q/k rows are not permuted
@@ -286,9 +286,10 @@ def read_gguf(path: str | Path) -> GGUFCheckpoint:
             data = _tensor(t.data)
             value = data.view(torch.bfloat16) if qtype == QType.BF16 else data
             value = value.reshape(shape)
-        elif qtype not in QUANTIZED_TYPES:
+        elif qtype not in (*QUANTIZED_TYPES, *DEQUANTIZED_TYPES):
             raise UnsupportedTensorType(f"tensor {t.name} has type {qtype.name}, which gorgon cannot run; supported: "
-                                        f"{', '.join(q.name for q in (*FLOAT_TYPES, *QUANTIZED_TYPES))}")
+                                        f"{', '.join(q.name for q in (*FLOAT_TYPES, *QUANTIZED_TYPES))}, and "
+                                        f"dequantized at load: {', '.join(q.name for q in DEQUANTIZED_TYPES)}")
         else:
             if len(shape) != 2:
                 raise GGUFError(f"quantized tensor {t.name} is not a matrix")

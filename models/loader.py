@@ -191,7 +191,8 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
     quantized becomes a QuantizedLinear over the raw blocks (packed q/k/v and gate/up of one type), or a
     MixedQuantizedLinear (shards of several types). Off the CPU, where gorgon has no quantized kernels, or when
     asked to `dequantize`, quantized tensors are dequantized into the model's dtype instead, as transformers loads
-    GGUF files: one at a time, as each is copied, so the host never holds more than one tensor in fp32."""
+    GGUF files: one at a time, as each is copied, so the host never holds more than one tensor in fp32. So are
+    tensors of types the kernels do not run (models.quant.DEQUANTIZED_TYPES), with the shards packed with them."""
     checkpoint = read_gguf(file)
     config = checkpoint.config
     model = _empty_model(config, dtype, device)
@@ -213,11 +214,12 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
         shard_keys = ([f"{parent}.{shard}" for shard in linear.shards] if isinstance(linear, PackedLinear)
                       else [name])
         weights = [tensors[f"{key}.weight"] for key in shard_keys if f"{key}.weight" in tensors]
-        if not keep_quantized or not any(isinstance(w, QuantizedWeight) for w in weights):
-            continue
+        quantized = [w for w in weights if isinstance(w, QuantizedWeight)]
+        if not keep_quantized or not quantized or not all(w.has_kernels for w in quantized):
+            continue  # dequantized with the float rest
         if name == "lm_head" and config.tie_word_embeddings:
             continue
-        if not all(isinstance(w, QuantizedWeight) for w in weights):
+        if len(quantized) < len(weights):
             raise CheckpointError(f"{name} mixes quantized and float shards, which gorgon's kernels cannot pack into "
                                   "one matrix: load it dequantized (--dequantize)")
         for key in shard_keys:  # (the blocks' own shapes: a metadata mismatch fails here, not in a forward)
@@ -235,16 +237,32 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
             del tensors[f"{key}.weight"]
     embed = tensors.pop("model.embed_tokens.weight")
     _check_shape("model.embed_tokens.weight", embed.shape, params["model.embed_tokens.weight"])
-    if keep_quantized and isinstance(embed, QuantizedWeight):
+    embed_kept = keep_quantized and isinstance(embed, QuantizedWeight) and embed.has_kernels
+    if embed_kept:
         _replace(model, "model.embed_tokens", _embedding(embed, dtype))
         if config.tie_word_embeddings:
             _replace(model, "lm_head", _quantized_linear(embed, None, model.lm_head, dtype))
     else:
         params["model.embed_tokens.weight"].data.copy_(_float(embed))
+    if keep_quantized:
+        _say_what_runs_dequantized(file, [*tensors.values(), *([] if embed_kept else [embed])], dtype)
     for key, tensor in tensors.items():  # the float rest: norms, unquantized linears, biases (and, off the CPU, all)
         _copy(key, _float(tensor), params, modules, model)
     keep_half(model, half_linears, dtype)
     return model.eval()
+
+
+def _say_what_runs_dequantized(file: Path, rest: list[torch.Tensor | QuantizedWeight], dtype: torch.dtype) -> None:
+    """Warn that the quantized tensors among those left to copy (of types without kernels, and the shards packed
+    with them) run dequantized: in how many bytes, and at float speed."""
+    dequantized = [w for w in rest if isinstance(w, QuantizedWeight)]
+    if not dequantized:
+        return
+    types = sorted({w.qtype.name for w in dequantized if not w.has_kernels})
+    gib = sum(w.shape[0] * w.shape[1] for w in dequantized) * dtype.itemsize / 2**30
+    logger.warning("%s: gorgon has no kernels for %s; %d quantized tensors (those, and any packed with them) are "
+                   "dequantized into %s as the model loads: %.2f GiB, which decode reads at every step", file.name,
+                   ", ".join(types), len(dequantized), str(dtype).removeprefix("torch."), gib)
 
 
 def _half_linears(model: torch.nn.Module, stored: dict[str, torch.dtype | None]) -> dict[str, torch.dtype]:

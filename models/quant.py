@@ -2,9 +2,12 @@
 compute with them without ever holding a full-precision copy of the matrix.
 
 Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS (F32 / F16 / BF16 tensors
-simply become torch tensors). Load-time quantization of HF checkpoints reuses two of these layouts, so one set of
-kernels serves both: `int8` is Q8_0 (a scale per 32 weights of a row: finer than the per-row scale it stands for,
-for 6% more bytes) and `int4` is Q4_1 (groups of 32 with a scale and a minimum).
+simply become torch tensors). The 1- to 3-bit IQ and ternary types have no kernels here: their blocks are read, and
+dequantized into the model's dtype as it loads (models.loader), as transformers loads every GGUF file.
+
+Load-time quantization of HF checkpoints reuses two of these layouts, so one set of kernels serves both: `int8`
+is Q8_0 (a scale per 32 weights of a row: finer than the per-row scale it stands for, for 6% more bytes) and
+`int4` is Q4_1 (groups of 32 with a scale and a minimum).
 
 A few token rows (decode) go to the C++ kernels (models/kernels/quant.h: fused dequantize-and-dot); so do
 more (prefill) when the engine is batch invariant (its default where that is cheap), else they dequantize a
@@ -26,6 +29,10 @@ from models.layers import tiled_matmul
 QType = GGMLQuantizationType
 QUANTIZED_TYPES = (QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q2_K, QType.Q3_K, QType.Q4_K,
                    QType.Q5_K, QType.Q6_K, QType.IQ4_NL, QType.IQ4_XS)
+# types the gguf package dequantizes and gorgon's kernels do not run: llama-quantize's 1- to 3-bit IQ types (IQ2_M and
+# IQ3_M files mix them with the types above) and the ternary ones of BitNet-style models
+DEQUANTIZED_TYPES = (QType.IQ1_S, QType.IQ1_M, QType.IQ2_XXS, QType.IQ2_XS, QType.IQ2_S, QType.IQ3_XXS, QType.IQ3_S,
+                     QType.TQ1_0, QType.TQ2_0)
 FLOAT_TYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
 LOAD_TIME_QUANTIZATIONS = {"int8": QType.Q8_0, "int4": QType.Q4_1}
 # weight rows dequantized at a time by the prefill path: 4 MiB of fp32 per tile at most
@@ -46,20 +53,26 @@ def row_bytes(qtype: QType, in_features: int) -> int:
 @dataclass(frozen=True)
 class QuantizedWeight:
     """A weight matrix [out_features, in_features] in ggml blocks. Invariant: data is uint8
-    [out_features, row_bytes(qtype, in_features)], each row the blocks of one output feature."""
+    [out_features, row_bytes(qtype, in_features)], each row the blocks of one output feature; qtype is one of
+    QUANTIZED_TYPES (has_kernels) or DEQUANTIZED_TYPES."""
 
     qtype: QType
     shape: tuple[int, int]
     data: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.qtype not in QUANTIZED_TYPES:
-            raise UnsupportedTensorType(f"unsupported quantized tensor type {self.qtype.name}; gorgon runs "
-                                        f"{', '.join(t.name for t in QUANTIZED_TYPES)}")
+        if self.qtype not in (*QUANTIZED_TYPES, *DEQUANTIZED_TYPES):
+            raise UnsupportedTensorType(f"unsupported quantized tensor type {self.qtype.name}; gorgon reads "
+                                        f"{', '.join(t.name for t in (*QUANTIZED_TYPES, *DEQUANTIZED_TYPES))}")
         expected = (self.shape[0], row_bytes(self.qtype, self.shape[1]))
         if self.data.dtype != torch.uint8 or tuple(self.data.shape) != expected:
             raise ValueError(f"{self.qtype.name} weight of shape {self.shape} needs uint8 data {expected}, "
                              f"got {self.data.dtype} {tuple(self.data.shape)}")
+
+    @property
+    def has_kernels(self) -> bool:
+        """Do gorgon's kernels run this type? (Else the model loads it dequantized.)"""
+        return self.qtype in QUANTIZED_TYPES
 
     def rows(self, index: torch.Tensor) -> QuantizedWeight:
         """The rows `index` (a row permutation or a lookup): whole rows of blocks, so nothing is dequantized."""
@@ -74,6 +87,14 @@ def quantize(weight: torch.Tensor, qtype: QType) -> QuantizedWeight:
     """A float matrix in ggml blocks (by the gguf package: Q8_0, Q4_0 and Q4_1)."""
     data = gguf_quantize(weight.detach().float().numpy(), qtype)
     return QuantizedWeight(qtype, tuple(weight.shape), torch.from_numpy(np.ascontiguousarray(data)))
+
+
+def kernel_type(qtype: QType | int) -> QType:
+    """qtype, checked to be one gorgon's kernels run (the layers' invariant)."""
+    qtype = QType(qtype)
+    if qtype not in QUANTIZED_TYPES:
+        raise UnsupportedTensorType(f"gorgon has no kernels for {qtype.name}: dequantize its weights instead")
+    return qtype
 
 
 def concat(weights: list[QuantizedWeight]) -> QuantizedWeight:
@@ -113,7 +134,8 @@ class QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, qtype: QType, bias: bool,
                  dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.qtype, self.dtype = in_features, out_features, QType(qtype), dtype
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        self.qtype = kernel_type(qtype)
         self.register_buffer("weight", torch.zeros(out_features, row_bytes(self.qtype, in_features), dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self.kernels = None
@@ -191,7 +213,7 @@ class QuantizedEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, qtype: QType, dtype: torch.dtype) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.qtype, self.dtype = QType(qtype), dtype
+        self.qtype, self.dtype = kernel_type(qtype), dtype
         self.register_buffer("weight", torch.zeros(num_embeddings, row_bytes(self.qtype, embedding_dim),
                                                    dtype=torch.uint8))
 

@@ -21,7 +21,14 @@ from engine.config import EngineConfig
 from models.gguf import GGUFError, find_gguf, load_tokenizer, read_gguf, unpermute_rows
 from models.kernels import decode as cpu_decode
 from models.loader import CheckpointError, default_dtype, load_model
-from models.quant import MixedQuantizedLinear, QType, QuantizedEmbedding, QuantizedLinear, UnsupportedTensorType
+from models.quant import (
+    DEQUANTIZED_TYPES,
+    MixedQuantizedLinear,
+    QType,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    UnsupportedTensorType,
+)
 
 from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model, save_tiny_qwen3
 
@@ -29,7 +36,8 @@ HF_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_n
               "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
-RANDOM_BLOCKS = (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_NL, QType.IQ4_XS)
+RANDOM_BLOCKS = (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_NL, QType.IQ4_XS,
+                 *DEQUANTIZED_TYPES)
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
 
 
@@ -454,9 +462,37 @@ def test_a_gguf_that_is_no_model_is_a_clear_error(tmp_path):
 def test_unsupported_tensor_type_names_it(tmp_path):
     folder = save_tiny_model(tmp_path / "hf", hidden_size=256, num_attention_heads=4, num_key_value_heads=2)
     file = write_gguf(hf_model(folder), tmp_path / "m.gguf",
-                      qtype_of=lambda name, w: QType.TQ2_0 if name == "blk.0.ffn_up.weight" else None)
-    with pytest.raises(UnsupportedTensorType, match="blk.0.ffn_up.weight has type TQ2_0"):
+                      qtype_of=lambda name, w: QType.MXFP4 if name == "blk.0.ffn_up.weight" else None)
+    with pytest.raises(UnsupportedTensorType, match="blk.0.ffn_up.weight has type MXFP4.*dequantized at load: IQ1_S"):
         load_model(file, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("qtype", DEQUANTIZED_TYPES, ids=lambda t: t.name)
+def test_types_without_kernels_load_dequantized_beside_those_with(tmp_path, qtype, caplog):
+    """An IQ2_M / IQ3_M-style file: 1- to 3-bit IQ (or ternary) tensors beside K-quants. Those run dequantized into
+    the model's dtype, as does a kernel type packed with them (q/k/v, gate/up); the rest keep their blocks; the
+    logits are transformers' own GGUF loading's, and the warning says what runs dequantized."""
+    folder = save_tiny_model(tmp_path / "hf", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                             num_key_value_heads=2, tie_word_embeddings=True)
+    types = {"attn_q": qtype, "attn_k": qtype, "attn_v": QType.Q4_K, "attn_output": QType.Q4_K, "ffn_gate": qtype,
+             "ffn_up": qtype, "ffn_down": QType.Q6_K, "token_embd": qtype}
+    file = write_gguf(hf_model(folder), tmp_path / "iq.gguf", qtype_of=lambda name, w: types.get(name.split(".")[-2]))
+    with caplog.at_level("WARNING", logger="gorgon"):
+        model = load_model(file, torch.float32, "cpu")
+    layer = model.model.layers[0]
+    assert not isinstance(layer.self_attn.qkv_proj, (QuantizedLinear, MixedQuantizedLinear))
+    assert not isinstance(layer.mlp.gate_up_proj, QuantizedLinear)
+    assert not isinstance(model.model.embed_tokens, QuantizedEmbedding) and not isinstance(model.lm_head,
+                                                                                             QuantizedLinear)
+    assert isinstance(layer.self_attn.o_proj, QuantizedLinear) and isinstance(layer.mlp.down_proj, QuantizedLinear)
+    # per layer q, k, v, gate, up; and the tied embedding: 2 x 5 + 1
+    assert f"gorgon has no kernels for {qtype.name}; 11 quantized tensors" in caplog.text
+    tokens = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(4))
+    oracle = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="iq.gguf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = model.compute_logits(model(tokens, torch.arange(10).expand_as(tokens)))
+        expected = oracle(tokens).logits
+    assert expected.abs().max() > 0 and (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_tokenizer_and_chat_template_from_metadata(tmp_path, tiny_hf, monkeypatch):

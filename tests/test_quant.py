@@ -23,7 +23,9 @@ pytestmark = pytest.mark.skipif(ops is None, reason="the CPU kernels could not b
 # byte offsets of each block's fp16 scales (the rest of a block is any bytes)
 HALF_FIELDS = {QType.Q8_0: (0,), QType.Q4_0: (0,), QType.Q4_1: (0, 2), QType.Q5_0: (0,), QType.Q5_1: (0, 2),
                QType.Q4_K: (0, 2), QType.Q5_K: (0, 2), QType.Q6_K: (208,), QType.Q3_K: (108,), QType.Q2_K: (80, 82),
-               QType.IQ4_NL: (0,), QType.IQ4_XS: (0,)}
+               QType.IQ4_NL: (0,), QType.IQ4_XS: (0,), QType.IQ1_S: (0,), QType.IQ2_XXS: (0,), QType.IQ2_XS: (0,),
+               QType.IQ2_S: (0,), QType.IQ3_XXS: (0,), QType.IQ3_S: (0,), QType.TQ1_0: (52,), QType.TQ2_0: (64,),
+               QType.IQ1_M: ()}
 ISAS = ["scalar", "avx2", "avx512"]
 
 
@@ -36,6 +38,11 @@ def random_weight(qtype: QType, out_features: int, in_features: int, seed: int =
     for offset in HALF_FIELDS[qtype]:
         d = rng.uniform(*scales, (out_features, in_features // block)).astype(np.float16)
         blocks[..., offset:offset + 2] = d.view(np.uint8).reshape(out_features, -1, 2)
+    if qtype == QType.IQ1_M:  # its fp16 scale is the top nibbles of its four uint16 sub-block scales (bytes 48-55)
+        d = rng.uniform(*scales, (out_features, in_features // block)).astype(np.float16).view(np.uint16)
+        for i in range(4):
+            nibble = ((d >> (4 * i)) & 0xF).astype(np.uint8)
+            blocks[..., 49 + 2 * i] = (blocks[..., 49 + 2 * i] & 0x0F) | (nibble << 4)
     data = torch.from_numpy(blocks.reshape(out_features, -1))
     return QuantizedWeight(qtype, (out_features, in_features), data)
 
@@ -244,5 +251,11 @@ def test_quantize_round_trip(qtype):
 
 
 def test_unsupported_type_names_it():
-    with pytest.raises(ValueError, match="IQ2_XXS"):
-        QuantizedWeight(QType.IQ2_XXS, (4, 256), torch.zeros(4, 66, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="type MXFP4"):
+        QuantizedWeight(QType.MXFP4, (4, 256), torch.zeros(4, 136, dtype=torch.uint8))
+    weight = QuantizedWeight(QType.IQ2_XXS, (4, 256), torch.zeros(4, 66, dtype=torch.uint8))  # read, dequantized
+    assert not weight.has_kernels and weight.dequantize().shape == (4, 256)
+    with pytest.raises(ValueError, match="no kernels for IQ2_XXS"):
+        QuantizedLinear.from_weight(weight)
+    with pytest.raises(ValueError, match="no kernels for IQ2_XXS"):
+        QuantizedEmbedding(4, 256, QType.IQ2_XXS, torch.float32)
