@@ -192,7 +192,8 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
     MixedQuantizedLinear (shards of several types). Off the CPU, where gorgon has no quantized kernels, or when
     asked to `dequantize`, quantized tensors are dequantized into the model's dtype instead, as transformers loads
     GGUF files: one at a time, as each is copied, so the host never holds more than one tensor in fp32. So are
-    tensors of types the kernels do not run (models.quant.DEQUANTIZED_TYPES), with the shards packed with them."""
+    tensors of types the kernels do not run (models.quant.DEQUANTIZED_TYPES), with the shards packed with them:
+    into fp16 under fp32 activations, as the file's F16 matrices run (_half_linears)."""
     checkpoint = read_gguf(file)
     config = checkpoint.config
     model = _empty_model(config, dtype, device)
@@ -206,8 +207,6 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
                               f"unexpected {unexpected[:10]}")
     # quantized linears: one module per packed group, shards in the model's order
     params, modules = dict(model.named_parameters()), dict(model.named_modules())
-    stored = {key: getattr(tensor, "dtype", None) for key, tensor in tensors.items()}  # (None: quantized blocks)
-    half_linears = _half_linears(model, stored) if keep_quantized and dtype == torch.float32 else {}
     for name in _linear_modules(model):
         linear = modules[name]
         parent = name.rpartition(".")[0]
@@ -237,24 +236,27 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
             del tensors[f"{key}.weight"]
     embed = tensors.pop("model.embed_tokens.weight")
     _check_shape("model.embed_tokens.weight", embed.shape, params["model.embed_tokens.weight"])
-    embed_kept = keep_quantized and isinstance(embed, QuantizedWeight) and embed.has_kernels
-    if embed_kept:
+    if keep_quantized and isinstance(embed, QuantizedWeight) and embed.has_kernels:
         _replace(model, "model.embed_tokens", _embedding(embed, dtype))
         if config.tie_word_embeddings:
             _replace(model, "lm_head", _quantized_linear(embed, None, model.lm_head, dtype))
     else:
-        params["model.embed_tokens.weight"].data.copy_(_float(embed))
+        tensors["model.embed_tokens.weight"] = embed
+    # the rest is float on copy: norms, biases, float linears, quantized tensors that run dequantized (off the CPU, all)
+    if keep_quantized and dtype == torch.float32:  # fp16 matrices stay so: made fp16 before the copy, never fp32
+        stored = {key: torch.float16 if isinstance(t, QuantizedWeight) else t.dtype for key, t in tensors.items()}
+        keep_half(model, _half_linears(model, stored), dtype)
+        params = dict(model.named_parameters())
     if keep_quantized:
-        _say_what_runs_dequantized(file, [*tensors.values(), *([] if embed_kept else [embed])], dtype)
-    for key, tensor in tensors.items():  # the float rest: norms, unquantized linears, biases (and, off the CPU, all)
+        _say_what_runs_dequantized(file, list(tensors.values()), torch.float16 if dtype == torch.float32 else dtype)
+    for key, tensor in tensors.items():
         _copy(key, _float(tensor), params, modules, model)
-    keep_half(model, half_linears, dtype)
     return model.eval()
 
 
 def _say_what_runs_dequantized(file: Path, rest: list[torch.Tensor | QuantizedWeight], dtype: torch.dtype) -> None:
     """Warn that the quantized tensors among those left to copy (of types without kernels, and the shards packed
-    with them) run dequantized: in how many bytes, and at float speed."""
+    with them) run dequantized into `dtype`: how many, and in how many bytes."""
     dequantized = [w for w in rest if isinstance(w, QuantizedWeight)]
     if not dequantized:
         return

@@ -115,7 +115,9 @@ def write_gguf(model: torch.nn.Module, path: Path, qtype_of=lambda name, w: None
         if qtype is None:
             writer.add_tensor(gguf_name(name), w.astype(float_dtype if w.ndim == 2 else np.float32))
         else:  # a type the gguf package cannot quantize to gets random blocks
-            blocks = (random_weight(qtype, *w.shape, seed=len(name), scales=(2e-5, 1e-4)).data.numpy()
+            # (the IQ types' scales multiply less than the K-quants' 6-bit ones: larger d, weights of a like size)
+            scales = (2e-4, 1e-3) if qtype in DEQUANTIZED_TYPES else (2e-5, 1e-4)
+            blocks = (random_weight(qtype, *w.shape, seed=len(name), scales=scales).data.numpy()
                       if qtype in RANDOM_BLOCKS else gguf_quantize(w, qtype))
             writer.add_tensor(gguf_name(name), blocks, raw_shape=blocks.shape, raw_dtype=qtype)
     writer.write_header_to_file()
@@ -469,9 +471,10 @@ def test_unsupported_tensor_type_names_it(tmp_path):
 
 @pytest.mark.parametrize("qtype", DEQUANTIZED_TYPES, ids=lambda t: t.name)
 def test_types_without_kernels_load_dequantized_beside_those_with(tmp_path, qtype, caplog):
-    """An IQ2_M / IQ3_M-style file: 1- to 3-bit IQ (or ternary) tensors beside K-quants. Those run dequantized into
-    the model's dtype, as does a kernel type packed with them (q/k/v, gate/up); the rest keep their blocks; the
-    logits are transformers' own GGUF loading's, and the warning says what runs dequantized."""
+    """An IQ2_M / IQ3_M-style file: 1- to 3-bit IQ (or ternary) tensors beside K-quants. Those run dequantized, as
+    does a kernel type packed with them (q/k/v, gate/up), in fp16 under fp32 activations (as an F16 file's
+    matrices); the rest keep their blocks. Loaded dequantized into fp32, the logits are transformers' own GGUF
+    loading's; as it runs, those of these weights rounded to fp16; and the warning says what runs dequantized."""
     folder = save_tiny_model(tmp_path / "hf", hidden_size=256, intermediate_size=512, num_attention_heads=4,
                              num_key_value_heads=2, tie_word_embeddings=True)
     types = {"attn_q": qtype, "attn_k": qtype, "attn_v": QType.Q4_K, "attn_output": QType.Q4_K, "ffn_gate": qtype,
@@ -480,19 +483,27 @@ def test_types_without_kernels_load_dequantized_beside_those_with(tmp_path, qtyp
     with caplog.at_level("WARNING", logger="gorgon"):
         model = load_model(file, torch.float32, "cpu")
     layer = model.model.layers[0]
-    assert not isinstance(layer.self_attn.qkv_proj, (QuantizedLinear, MixedQuantizedLinear))
-    assert not isinstance(layer.mlp.gate_up_proj, QuantizedLinear)
-    assert not isinstance(model.model.embed_tokens, QuantizedEmbedding) and not isinstance(model.lm_head,
-                                                                                             QuantizedLinear)
     assert isinstance(layer.self_attn.o_proj, QuantizedLinear) and isinstance(layer.mlp.down_proj, QuantizedLinear)
+    for dequantized in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, model.model.embed_tokens, model.lm_head):
+        assert dequantized.weight.dtype == torch.float16 and dequantized.dtype == torch.float32
     # per layer q, k, v, gate, up; and the tied embedding: 2 x 5 + 1
     assert f"gorgon has no kernels for {qtype.name}; 11 quantized tensors" in caplog.text
+    assert "dequantized into float16" in caplog.text
     tokens = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(4))
     oracle = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="iq.gguf", dtype=torch.float32).eval()
-    with torch.no_grad():
-        ours = model.compute_logits(model(tokens, torch.arange(10).expand_as(tokens)))
-        expected = oracle(tokens).logits
-    assert expected.abs().max() > 0 and (ours - expected).abs().max() <= 1e-5 * expected.abs().max()
+    exact = load_model(file, torch.float32, "cpu", dequantize=True)
+
+    def logits(m: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return m.compute_logits(m(tokens, torch.arange(10).expand_as(tokens)))
+
+    expected = oracle(tokens).logits.detach()
+    assert expected.abs().max() > 0 and (logits(exact) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    for rounded in exact.model.layers:  # what the model runs: those weights rounded to fp16, no more
+        for module in (rounded.self_attn.qkv_proj, rounded.mlp.gate_up_proj):
+            module.weight.data = module.weight.data.half().float()
+    exact.model.embed_tokens.weight.data = exact.model.embed_tokens.weight.data.half().float()
+    assert (logits(model) - logits(exact)).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def test_tokenizer_and_chat_template_from_metadata(tmp_path, tiny_hf, monkeypatch):
