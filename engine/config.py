@@ -1,6 +1,7 @@
 """User-facing configuration: EngineConfig (per engine) and SamplingParams (per request)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,20 @@ from models.gguf import find_gguf
 from models.loader import default_dtype, default_kv_cache_dtype
 from models.named import resolve_model
 
+
+def available_memory(device: str) -> int:
+    """Bytes free on `device` now: CUDA's free memory, or the host's available memory (MemAvailable)."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# host memory left free when the decode kernels lay the weights out (activations, tokenizer, server, Medusa heads)
+PACKING_HEADROOM = 1 << 30
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -258,6 +273,13 @@ class EngineConfig:
         quantized = (f", quantized {self.quantization}" if self.quantization else
                      ", dequantized" if self.dequantize and find_gguf(path) else "")
         return f"{path.name} ({self.dtype}{quantized})"
+
+    @property
+    def packing_budget(self) -> int:
+        """Bytes each rank's decode kernels may take for their packed copy of its weights (set_decode_kernels): what
+        the host has free now, less every rank's KV cache budget and PACKING_HEADROOM, shared among the ranks."""
+        tp = self.tensor_parallel_size
+        return (available_memory("cpu") - tp * self.kv_cache_memory - PACKING_HEADROOM) // tp
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -152,10 +152,12 @@ class Linear(nn.Linear):
 
     @kernels.setter
     def kernels(self, kernels: DecodeKernels | None) -> None:
-        """Handing the layer its kernels also lays its fp32/bf16 weights out for them (16 rows interleaved,
-        decode.cpp's repack_float): a second copy of the weights, which the kernels stream instead."""
-        self._kernels = kernels
-        self.packed = None if kernels is None else kernels.ops.repack_float(self.weight.detach())
+        self._kernels, self.packed = kernels, None
+
+    def pack(self) -> None:
+        """Lay the fp32/bf16 weights out for the kernels (16 rows interleaved, decode.cpp's repack_float), where
+        that applies: a second copy of the weights, which the kernels stream instead (set_decode_kernels)."""
+        self.packed = self.kernels.ops.repack_float(self.weight.detach())
 
     @property
     def kernel_weight(self) -> torch.Tensor:

@@ -146,11 +146,13 @@ class QuantizedLinear(nn.Module):
 
     @kernels.setter
     def kernels(self, kernels: cpu_decode.DecodeKernels | None) -> None:
-        """Handing the layer its kernels also lays its weights out for them (16 rows interleaved, types with
-        such kernels: models/kernels/quant.h `packable`), where the CPU runs that layout's kernels: a second copy
-        of those weights, which decode streams instead of the file's."""
-        self._kernels = kernels
-        self.packed = None if kernels is None else kernels.ops.repack(self.weight, int(self.qtype), self.in_features)
+        self._kernels, self.packed = kernels, None
+
+    def pack(self) -> None:
+        """Lay the weights out for the kernels (16 rows interleaved, types with such kernels: models/kernels/quant.h
+        `packable`), where the CPU runs that layout's kernels: a second copy of those weights, which decode streams
+        instead of the file's (set_decode_kernels)."""
+        self.packed = self.kernels.ops.repack(self.weight, int(self.qtype), self.in_features)
 
     @property
     def kernel_weight(self) -> torch.Tensor:

@@ -9,9 +9,8 @@ import socket
 import sys
 from pathlib import Path
 
-import torch
-
 from engine import LLM, EngineConfig
+from engine.config import available_memory
 from engine.parallel import run_worker_if_launched
 from engine.parallel.group import launched_rank
 from server.app import Server, ServerConfig, create_app
@@ -61,17 +60,6 @@ def non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {text!r}")
     return value
-
-
-def available_memory(device: str) -> int:
-    """Bytes free on `device` now: CUDA's free memory, or the host's available memory (MemAvailable)."""
-    if device.startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def ranks_sharing_memory(device: str, tensor_parallel_size: int) -> int:

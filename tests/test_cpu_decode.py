@@ -133,6 +133,30 @@ def test_repack_float_declines_shapes_it_cannot_lay_out():
     assert (layer(x) - torch.nn.functional.linear(x, layer.weight, layer.bias)).abs().max() <= 1e-5
 
 
+def test_weights_are_laid_out_for_the_kernels_only_while_the_copies_fit_the_memory_given(tmp_path, caplog,
+                                                                                         monkeypatch):
+    """Each packed copy is a second copy of a linear's weights: a model of half the host's memory must still load.
+    Past the budget the layers read their weights as they are; an engine's budget is what the host has free, less
+    its KV cache's and a headroom; its answers are the same either way."""
+    folder = save_tiny_model(tmp_path / "m", hidden_size=64, intermediate_size=128)
+    llm = LLM(folder, medusa=None)
+    linears = [m for m in llm.model.modules() if hasattr(m, "pack")]
+    sizes = [m.weight.numel() * m.weight.element_size() for m in linears]
+    assert all(m.packed is not None for m in linears)
+    prompt = list(range(3, 3 + PROMPT_LEN))
+    packed = paged_logits(llm, prompt)
+    budget = sum(sizes[:3])  # the first three fit, then none
+    with caplog.at_level("WARNING", logger="gorgon"):
+        cpu_decode.set_decode_kernels(llm.model, llm.kernels, budget)
+    assert [m.packed is not None for m in linears] == [True] * 3 + [False] * (len(linears) - 3)
+    assert f"the weights of {len(linears) - 3} linears ({sum(sizes[3:]) / 2**30:.2f} GiB)" in caplog.text
+    assert (paged_logits(llm, prompt) - packed).abs().max() <= 1e-4 * packed.abs().max()
+    # the engine's budget: MemAvailable less the KV cache's and the headroom
+    monkeypatch.setattr("engine.config.available_memory", lambda device: (1 << 30) + (1 << 30) + 100)
+    starved = LLM(folder, medusa=None, kv_cache_memory=1 << 30)
+    assert not any(m.packed is not None for m in starved.model.modules() if hasattr(m, "pack"))
+
+
 def test_kernel_policy_is_decided_once_and_only_for_small_batches():
     layer = Linear(32, 8)
     assert layer.kernels is None  # a fresh model (training) runs torch's operators, with autograd

@@ -153,7 +153,7 @@ def test_serve_builds_the_engine_and_app_from_the_flags(tiny_model_dir, monkeypa
     served = {}
     monkeypatch.setattr("server.__main__.Server.run",
                         lambda server: served.update(app=server.config.app, port=server.config.port))
-    monkeypatch.setattr("server.__main__.torch.set_num_threads", lambda n: served.update(threads=n))
+    monkeypatch.setattr("torch.set_num_threads", lambda n: served.update(threads=n))
     monkeypatch.setenv("GORGON_API_KEY", "k")
     main(["--model", str(tiny_model_dir), "--num-kv-blocks", "40", "--block-size", "8", "--no-prefix-caching",
           "--max-num-batched-tokens", "64", "--attention-backend", "reference", "--threads", "1",
