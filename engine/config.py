@@ -180,7 +180,8 @@ class EngineConfig:
     # kernels take every size), so a request's tokens never depend on the traffic around it (README: the
     # exact guarantee). None: on where it costs at most 5% (models.kernels.decode.invariance_is_cheap)
     batch_invariant: bool | None = None
-    quantization: str | None = None  # "int8" / "int4": quantize an HF checkpoint's linears at load (models.quant)
+    # "int8" / "int4": quantize an HF checkpoint's linears at load (a GGUF file's float and kernel-less ones)
+    quantization: str | None = None
     # a GGUF file's quantized weights dequantized into dtype at load, as off the CPU: 2-4x their memory, but large
     # batches skip dequantizing tiles of them every step (offline generation: train-medusa writes its text so)
     dequantize: bool = False

@@ -19,6 +19,7 @@ from models.layers import PackedLinear
 from models.quant import (
     LOAD_TIME_QUANTIZATIONS,
     MixedQuantizedLinear,
+    QType,
     QuantizedEmbedding,
     QuantizedLinear,
     QuantizedWeight,
@@ -129,13 +130,14 @@ def model_config(path: str | Path) -> ModelConfig:
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device | str,
                quantization: str | None = None, dequantize: bool = False) -> torch.nn.Module:
     """The model at `path`: a .gguf file or a folder holding one, else an HF folder. `quantization` ("int8",
-    "int4", models.quant.LOAD_TIME_QUANTIZATIONS) quantizes an HF checkpoint's linear layers as it loads;
-    `dequantize` turns a GGUF file's quantized weights into `dtype` (as they load off the CPU)."""
+    "int4", models.quant.LOAD_TIME_QUANTIZATIONS) quantizes an HF checkpoint's linear layers as it loads (a GGUF
+    file's: those it stores in float or in types without kernels); `dequantize` turns a GGUF file's quantized
+    weights into `dtype` (as they load off the CPU)."""
     gguf_file = find_gguf(path)
     if gguf_file is not None:
-        if quantization is not None:
-            raise CheckpointError("--quantization applies to HF checkpoints; a GGUF file keeps its own types")
-        return load_gguf_model(gguf_file, dtype, device, dequantize)
+        if quantization is not None and dequantize:
+            raise CheckpointError("--quantization and --dequantize ask for opposite things: give one")
+        return load_gguf_model(gguf_file, dtype, device, dequantize, quantization)
     folder = Path(path)
     config = ModelConfig.from_folder(folder)
     files = safetensors_files(folder)
@@ -169,31 +171,40 @@ def _linear_modules(model: torch.nn.Module) -> list[str]:
 
 def quantize_model(model: torch.nn.Module, quantization: str) -> None:
     """Replace each linear (and a tied embedding) by its load-time quantization, in place."""
-    if quantization not in LOAD_TIME_QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {list(LOAD_TIME_QUANTIZATIONS)}, got {quantization!r}")
-    qtype = LOAD_TIME_QUANTIZATIONS[quantization]
+    qtype = _load_time_qtype(quantization)
     dtype = model.model.embed_tokens.weight.dtype
     for name in _linear_modules(model):
         linear = model.get_submodule(name)
-        if linear.in_features % 32:
-            raise CheckpointError(f"{name} has {linear.in_features} input features; "
-                                  f"{quantization} needs a multiple of 32")
-        _replace(model, name, _quantized_linear(quantize(linear.weight, qtype), linear.bias, linear, dtype))
+        _replace(model, name, _quantized_linear(_in_blocks(name, linear.weight, qtype), linear.bias, linear, dtype))
     if model.config.tie_word_embeddings:  # the embedding reads the LM head's blocks
         head = model.lm_head
         _replace(model, "model.embed_tokens",
                  _embedding(QuantizedWeight(qtype, (head.out_features, head.in_features), head.weight), dtype))
 
 
+def _load_time_qtype(quantization: str) -> QType:
+    if quantization not in LOAD_TIME_QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {list(LOAD_TIME_QUANTIZATIONS)}, got {quantization!r}")
+    return LOAD_TIME_QUANTIZATIONS[quantization]
+
+
+def _in_blocks(name: str, weight: torch.Tensor, qtype: QType) -> QuantizedWeight:
+    """A float matrix quantized at load (Q8_0 / Q4_1: blocks of 32 weights of a row)."""
+    if weight.shape[1] % 32:
+        raise CheckpointError(f"{name} has {weight.shape[1]} input features; {qtype.name} needs a multiple of 32")
+    return quantize(weight, qtype)
+
+
 def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
-                    dequantize: bool = False) -> torch.nn.Module:
+                    dequantize: bool = False, quantization: str | None = None) -> torch.nn.Module:
     """A GGUF checkpoint's model: float tensors copied into the model's dtype; each linear whose weights are
     quantized becomes a QuantizedLinear over the raw blocks (packed q/k/v and gate/up of one type), or a
     MixedQuantizedLinear (shards of several types). Off the CPU, where gorgon has no quantized kernels, or when
     asked to `dequantize`, quantized tensors are dequantized into the model's dtype instead, as transformers loads
     GGUF files: one at a time, as each is copied, so the host never holds more than one tensor in fp32. So are
     tensors of types the kernels do not run (models.quant.DEQUANTIZED_TYPES), with the shards packed with them:
-    into fp16 under fp32 activations, as the file's F16 matrices run (_half_linears)."""
+    into fp16 under fp32 activations, as the file's F16 matrices run (_half_linears). With a `quantization`, the
+    matrices that would run in float go into its blocks instead (_quantize_float_linears)."""
     checkpoint = read_gguf(file)
     config = checkpoint.config
     model = _empty_model(config, dtype, device)
@@ -205,6 +216,8 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
     if unexpected or missing:
         raise CheckpointError(f"{file} does not match a {config.architecture}: missing {missing[:10]}, "
                               f"unexpected {unexpected[:10]}")
+    if quantization is not None:
+        _quantize_float_linears(model, tensors, quantization)
     # quantized linears: one module per packed group, shards in the model's order
     params, modules = dict(model.named_parameters()), dict(model.named_modules())
     for name in _linear_modules(model):
@@ -252,6 +265,24 @@ def load_gguf_model(file: Path, dtype: torch.dtype, device: torch.device | str,
     for key, tensor in tensors.items():
         _copy(key, _float(tensor), params, modules, model)
     return model.eval()
+
+
+def _quantize_float_linears(model: torch.nn.Module, tensors: dict[str, torch.Tensor | QuantizedWeight],
+                            quantization: str) -> None:
+    """Load-time quantization of a GGUF file, in `tensors`: each linear's matrix that would run in float (the
+    file's F32/F16/BF16 ones, and those of types without kernels) goes into the quantization's blocks, one at a
+    time, as llama-quantize would turn it; matrices in kernel types keep theirs. A tied embedding is the LM head's
+    matrix too."""
+    qtype = _load_time_qtype(quantization)
+    keys = ["model.embed_tokens.weight"] if model.config.tie_word_embeddings else []
+    for name in _linear_modules(model):
+        module, parent = model.get_submodule(name), name.rpartition(".")[0]
+        keys += ([f"{parent}.{shard}.weight" for shard in module.shards] if isinstance(module, PackedLinear)
+                 else [f"{name}.weight"])
+    for key in keys:
+        tensor = tensors.get(key)
+        if tensor is not None and not (isinstance(tensor, QuantizedWeight) and tensor.has_kernels):
+            tensors[key] = _in_blocks(key, _float(tensor), qtype)
 
 
 def _say_what_runs_dequantized(file: Path, rest: list[torch.Tensor | QuantizedWeight], dtype: torch.dtype) -> None:

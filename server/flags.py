@@ -18,7 +18,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="HF checkpoint folder, a .gguf file or a folder holding one, or a named model such as "
                              "smollm2 (default: the shipped model)")
     parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
-                        help="quantize an HF checkpoint's linear layers as it loads")
+                        help="quantize an HF checkpoint's linear layers as it loads (a GGUF file's: those it "
+                             "stores in float or in types without kernels, such as IQ3_S)")
     parser.add_argument("--dequantize", action="store_true",
                         help="dequantize a GGUF file's quantized weights into --dtype as it loads: throughput for "
                              "large batches, where the quantized kernels stop at 32 rows (SmolLM2 Q4_1 in bf16, 64 "

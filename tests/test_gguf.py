@@ -28,6 +28,7 @@ from models.quant import (
     QuantizedEmbedding,
     QuantizedLinear,
     UnsupportedTensorType,
+    quantize,
 )
 
 from conftest import PROMPT_LEN, hf_model, paged_logits, save_tiny_model, save_tiny_qwen3
@@ -689,7 +690,29 @@ def test_an_f16_file_whose_activations_exceed_fp16_runs_as_in_fp32(tmp_path, tin
     assert (our_logits(file, tokens) - out.logits).abs().max() <= 1e-3 * out.logits.abs().max()
 
 
-def test_quantization_flag_needs_an_hf_checkpoint(tmp_path, tiny_hf):
-    file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf")
-    with pytest.raises(CheckpointError, match="HF checkpoints"):
-        load_model(file, torch.float32, "cpu", quantization="int8")
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantization_turns_a_files_float_and_kernelless_matrices_into_its_blocks(tmp_path, quantization):
+    """`--quantization` on a GGUF file: the matrices that would run in float (F16 here, IQ3_S, and the tied
+    embedding, which is the LM head) go into the quantization's blocks, byte for byte what the gguf package makes of
+    the file's values (as llama-quantize would); those in kernel types (Q4_K) keep theirs, q/k/v then mixed."""
+    qtype = {"int8": QType.Q8_0, "int4": QType.Q4_1}[quantization]
+    folder = save_tiny_model(tmp_path / "hf", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                             num_key_value_heads=2, tie_word_embeddings=True)
+    types = {"attn_q": QType.IQ3_S, "attn_k": QType.IQ3_S, "attn_v": QType.Q4_K}
+    file = write_gguf(hf_model(folder), tmp_path / "m.gguf", float_dtype=np.float16,
+                      qtype_of=lambda name, w: types.get(name.split(".")[-2]))
+    model = load_model(file, torch.float32, "cpu", quantization=quantization)
+    stored = read_gguf(file).tensors
+    layer = model.model.layers[0]
+    assert [p.qtype for p in layer.self_attn.qkv_proj.parts] == [qtype, QType.Q4_K]
+    q = stored["model.layers.0.self_attn.q_proj.weight"].dequantize()
+    assert torch.equal(layer.self_attn.qkv_proj.parts[0].weight[:256], quantize(q, qtype).data)
+    for module, key in ((layer.mlp.down_proj, "model.layers.0.mlp.down_proj.weight"),
+                        (model.lm_head, "model.embed_tokens.weight")):
+        assert module.qtype == qtype and torch.equal(module.weight, quantize(stored[key].float(), qtype).data)
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding) and model.model.embed_tokens.qtype == qtype
+    config = EngineConfig(model=str(file), quantization=quantization)
+    config.resolve_model()
+    assert config.weights == f"m.gguf (float32, quantized {quantization})"
+    with pytest.raises(CheckpointError, match="opposite"):
+        load_model(file, torch.float32, "cpu", quantization=quantization, dequantize=True)
