@@ -3,7 +3,7 @@ compute with them without ever holding a full-precision copy of the matrix.
 
 Types: Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS (F32 / F16 / BF16 tensors
 simply become torch tensors). The 1- to 3-bit IQ and ternary types have no kernels here: their blocks are read, and
-dequantized into the model's dtype as it loads (models.loader), as transformers loads every GGUF file.
+dequantized as the model loads (models.loader: into fp16 under fp32 activations), as transformers loads GGUF files.
 
 Load-time quantization of HF checkpoints reuses two of these layouts, so one set of kernels serves both: `int8`
 is Q8_0 (a scale per 32 weights of a row: finer than the per-row scale it stands for, for 6% more bytes) and

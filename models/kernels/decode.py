@@ -124,4 +124,3 @@ def set_decode_kernels(model: nn.Module, kernels: DecodeKernels | None, spare_by
         logger.warning("not enough free memory to lay out the weights of %d linears (%.2f GiB) for the decode kernels: "
                        "they read them in the checkpoint's layout, at up to 1.5x the time", len(unpacked),
                        sum(unpacked) / 2**30)
-
