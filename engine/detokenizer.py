@@ -3,6 +3,7 @@ Rust (with a few tokens of context, so merges, leading spaces and multi-byte cha
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 
 from tokenizers.decoders import DecodeStream
 
@@ -46,3 +47,21 @@ def detokenize_new_token(tokenizer, seq: Sequence) -> str:
         logger.debug("detokenizer restarted after %s", e)
         seq.decode_stream = DecodeStream(skip_special_tokens=seq.params.skip_special_tokens)
         return seq.decode_stream.step(tokenizer.backend_tokenizer, seq.token_ids[-1]) or ""
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """A token's text as it reads inside a text, as logprobs show it: decoded after an anchor token ("a"), whose
+    text is then cut off, since a SentencePiece decoder (Llama 2, Mistral, TinyLlama) drops the leading space of a
+    text's first token (decoding "▁the" alone gives "the", so the tokens would not join into the answer). U+FFFD
+    for a token that holds part of a character, as decoding it alone gives."""
+    backend = tokenizer.backend_tokenizer
+    anchor, prefix = _anchor(tokenizer)
+    text = backend.decode([anchor, token_id], skip_special_tokens=False)
+    return text[len(prefix):] if text.startswith(prefix) else backend.decode([token_id], skip_special_tokens=False)
+
+
+@lru_cache(maxsize=8)
+def _anchor(tokenizer) -> tuple[int, str]:
+    """The token that spells "a" (the last of those that do), and its text."""
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1]
+    return anchor, tokenizer.backend_tokenizer.decode([anchor], skip_special_tokens=False)

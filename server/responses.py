@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pydantic import BaseModel
 
 from engine import RequestOutput
+from engine.detokenizer import token_text
 from server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -58,7 +59,7 @@ class Renderer(ABC):
         """The whole answer."""
 
     def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+        return token_text(self.tokenizer, token_id) if self.tokenizer is not None else f"token_id:{token_id}"
 
     def ids(self, token_ids: list[int]) -> list[int] | None:
         return token_ids if self.token_ids else None
@@ -224,7 +225,7 @@ def finite(logprob: float) -> float:
 
 def step_info(out: RequestOutput, tokenizer) -> StepInfo:
     """Ours, on streamed chunks: the step behind a chunk, its tokens and their text (see StepInfo)."""
-    tokens = None if tokenizer is None else [tokenizer.decode([t]) for t in out.new_token_ids]
+    tokens = None if tokenizer is None else [token_text(tokenizer, t) for t in out.new_token_ids]
     return StepInfo(step_tokens=len(out.new_token_ids), tokens=tokens)
 
 

@@ -4,6 +4,7 @@ run's text cut at the stop string. Also: streamed text never repeats the prompt.
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,10 +13,11 @@ from transformers import PreTrainedTokenizerFast
 
 from bench.common import byte_tokenizer
 from engine import LLM, SamplingParams
-from engine.detokenizer import detokenize_new_token, start_detokenizer
+from engine.detokenizer import detokenize_new_token, start_detokenizer, token_text
 from engine.sequence import Sequence
 from models.medusa import MedusaConfig, MedusaHeads, save_medusa_heads
 from server.app import ServerConfig, create_app
+from server.responses import ChatRenderer, CompletionRenderer
 
 PROMPT = [39, 68, 75, 75, 78, 11, 220, 86, 78, 81, 75, 67]  # "Hello, world" in the byte tokenizer
 MAX_TOKENS = 48
@@ -207,6 +209,28 @@ def test_bytes_that_are_no_utf8_do_not_break_the_stream():
     tokenizer = byte_fallback_tokenizer()
     output = tokenizer.convert_tokens_to_ids(["<0x41>", "<0xE2>", "x", "y"])
     assert "".join(decoded(tokenizer, tokenizer("a b")["input_ids"], output)) == "Axy"
+
+
+def test_logprobs_tokens_read_as_the_answer_does():
+    """A SentencePiece token decoded alone loses its space ("▁x" gives "x"), so logprobs' tokens did not join
+    into the answer (" x y b"); each token's text is now read as inside a text, as the stream decodes it. A part of a
+    character stays U+FFFD (its bytes are in `bytes`); byte-level BPE tokens read as before."""
+    tokenizer = byte_fallback_tokenizer()
+    output = tokenizer.convert_tokens_to_ids(["▁x", "y", "▁b"])
+    assert tokenizer.decode(output[:1]) == "x"  # (what the logprobs said)
+    answer = "".join(decoded(tokenizer, tokenizer("a b")["input_ids"], output))
+    assert answer == " xy b" and "".join(token_text(tokenizer, t) for t in output) == answer
+    assert token_text(tokenizer, tokenizer.convert_tokens_to_ids("<0xE2>")) == "\ufffd"
+    out = SimpleNamespace(logprobs=[(-0.5, {t: -0.5}) for t in output], prompt_token_ids=[], prompt_logprobs=[])
+    completion = CompletionRenderer("m", tokenizer, logprobs=1, token_ids=False, n=1)._logprobs(out, output, 0, False)
+    assert "".join(completion.tokens) == answer and completion.text_offset == [0, 2, 3]
+    assert list(completion.top_logprobs[0]) == [" x"]
+    chat = ChatRenderer("m", tokenizer, logprobs=1, token_ids=False)._logprobs(out, output)
+    assert [entry.token for entry in chat.content] == [" x", "y", " b"]
+    assert [entry.bytes for entry in chat.content][0] == list(b" x")
+    byte_level = byte_tokenizer()
+    ids = byte_level(" ok, €")["input_ids"]
+    assert [token_text(byte_level, t) for t in ids] == [byte_level.decode([t]) for t in ids]
 
 
 def test_a_stop_string_made_while_min_tokens_held_the_rules_back_does_not_stop_later(tiny_model_dir):
