@@ -73,4 +73,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal_error(_: Request, e: Exception) -> JSONResponse:
         logger.exception("unhandled error")
-        return error_response(500, ErrorInfo(message=f"internal error: {e}", type="internal_error"))
+        return error_response(500, ErrorInfo(message=internal_error_message(e), type="internal_error"))
+
+
+def internal_error_message(e: Exception) -> str:
+    """What a client reads of a failure gorgon did not foresee: its kind alone. Its text stays in the server's log:
+    it may name the server's files, its settings or another request's data."""
+    return f"internal error ({type(e).__name__}): the server's log has the details"

@@ -15,7 +15,7 @@ from starlette.background import BackgroundTask
 from engine import ContextLengthError, RequestOutput
 from engine.structured import GrammarError
 from server.async_engine import EngineError, EngineStopped, QueueFull, RequestStream
-from server.errors import APIError
+from server.errors import APIError, internal_error_message
 from server.prompts import prediction_ids
 from server.protocol import (
     ChatCompletionRequest,
@@ -127,12 +127,13 @@ def checked(out: RequestOutput) -> RequestOutput:
 
 def failure(e: Exception) -> APIError:
     """A request's failure after it was taken, as the API's error: its own (checked), an engine shutting down or
-    down a 503 (a client may retry elsewhere), anything else a 500."""
+    down a 503 (a client may retry elsewhere), the engine's failure on it a 500 that says so, anything else a 500
+    that names only its kind."""
     if isinstance(e, APIError):
         return e
     if isinstance(e, EngineStopped):
         return APIError(503, str(e), "service_unavailable")
-    return APIError(500, str(e), "internal_error")
+    return APIError(500, str(e) if isinstance(e, EngineError) else internal_error_message(e), "internal_error")
 
 
 def close_all(streams: list[RequestStream]) -> None:

@@ -78,7 +78,8 @@ async def responses(req: ResponsesRequest, request: Request, state: State) -> Re
             for event in answer.closing(out):
                 yield sse(event)
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in-band
-            yield sse(answer.event("error", code=failure(e).info.type, message=str(e), param=None))
+            error = failure(e).info
+            yield sse(answer.event("error", code=error.type, message=error.message, param=None))
         finally:
             close_all(streams)
 

@@ -712,3 +712,28 @@ def test_pages_of_this_server_and_of_the_origins_it_allows_may_post(llm, oracle)
         assert own.post("/v1/completions", content=body, headers=page).status_code == 403
         for headers in ({"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}, {}):
             assert own.post("/v1/completions", content=body, headers={**AUTH, **headers}).status_code == 200
+
+
+def test_an_unexpected_failure_is_a_500_in_openai_format_that_keeps_its_details_in_the_log(client, monkeypatch,
+                                                                                         caplog):
+    """A bug behind a route: OpenAI's error body, status 500; the exception's text (here a path of the server's)
+    goes to the log only; the server goes on answering."""
+    def broken(*args):
+        raise RuntimeError("cannot read /srv/private/weights.bin")
+
+    monkeypatch.setattr("server.openai_routes.model_cards", broken)
+    with caplog.at_level("ERROR", logger="gorgon"):
+        r = client.get("/v1/models", headers=AUTH)
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert error["type"] == "internal_error" and "RuntimeError" in error["message"]
+    assert "/srv/private" not in r.text and "/srv/private" in caplog.text
+    # once a stream's status line is sent, the failure comes in-band, as plain
+    monkeypatch.setattr("server.generation.step_info", broken)
+    r = client.post("/v1/completions", headers=AUTH, json={"model": MODEL, "prompt": "hi", "max_tokens": 4,
+                                                            "stream": True})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert r.status_code == 200 and events[-1]["error"]["type"] == "internal_error"
+    assert "RuntimeError" in events[-1]["error"]["message"] and "/srv/private" not in r.text
+    monkeypatch.undo()
+    assert client.get("/v1/models", headers=AUTH).status_code == 200
