@@ -295,8 +295,12 @@ def test_bad_adapter_folder_is_refused_and_the_engine_keeps_serving(setup, llm, 
     root = setup[1]
     shutil.copytree(root / "all", tmp_path / "elsewhere")  # a valid adapter, but outside the root
     adapters_before = llm.list_adapters()
-    with pytest.raises(AdapterError, match=message):
+    with pytest.raises(AdapterError, match=message) as refused:
         llm.load_adapter("bad", _bad_folder(root, kind, tmp_path / "elsewhere"))
+    # errors reach HTTP clients: they name what is in the root, never where the root (or a link's target) is on the
+    # server's disk; "outside" echoes the path the client gave
+    assert str(root.resolve()) not in str(refused.value)
+    assert kind == "outside" or str(tmp_path.resolve()) not in str(refused.value)
     assert llm.list_adapters() == adapters_before
     out = llm.generate([PROMPTS[0], PROMPTS[2]], SamplingParams(max_tokens=1, temperature=0),
                        adapter=["all", "prefix5"])

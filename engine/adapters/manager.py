@@ -156,9 +156,9 @@ class AdapterManager:
         root = self.root.resolve()
         folder = (root / path).resolve()  # absolute paths stay absolute; '..' and symlinks are resolved
         if not folder.is_relative_to(root):
-            raise AdapterError(f"adapter path {str(path)!r} is outside the adapter root {root}")
+            raise AdapterError(f"adapter path {str(path)!r} is outside the adapter root")
         if not folder.is_dir():
-            raise AdapterNotFound(f"adapter folder {folder} does not exist")
+            raise AdapterNotFound(f"adapter folder {str(path)!r} does not exist in the adapter root")
         return folder
 
     def _read(self, folder: Path) -> _Staged:
@@ -167,9 +167,10 @@ class AdapterManager:
         if not weights.is_file():
             pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
             if pickles:
-                raise AdapterError(f"{folder} holds only pickled weights ({', '.join(pickles)}); gorgon never "
-                                   "unpickles. Re-save the adapter with save_pretrained(dir, safe_serialization=True)")
-            raise AdapterError(f"{folder} has no {WEIGHTS_FILE}")
+                raise AdapterError(f"{self._shown(folder)} holds only pickled weights ({', '.join(pickles)}); gorgon "
+                                   "never unpickles. Re-save the adapter with save_pretrained(dir, "
+                                   "safe_serialization=True)")
+            raise AdapterError(f"{self._shown(folder)} has no {WEIGHTS_FILE}")
         self._check_inside_root(weights)
         try:
             if config["peft_type"] == "LORA":
@@ -177,27 +178,35 @@ class AdapterManager:
                 return _Staged("lora", folder, rank=max_rank(config), lora=lora)
             return _Staged("prefix", folder, prefix_kv=read_prefix(weights, config, self.model.config))
         except (LoRAFormatError, PrefixFormatError) as e:
-            raise AdapterError(f"{folder}: {e}") from None
+            raise AdapterError(f"{self._shown(folder)}: {e}") from None
         except SafetensorError as e:  # a truncated or corrupt file
-            raise AdapterError(f"{weights} is not a readable safetensors file: {e}") from None
+            raise AdapterError(f"{self._shown(weights)} is not a readable safetensors file: {e}") from None
+
+    def _shown(self, path: Path) -> str:
+        """A path in the adapter root as errors name it: relative to the root (a client need not learn where on the
+        server's disk that is)."""
+        try:
+            return str(path.relative_to(self.root.resolve()))
+        except ValueError:  # (not under the resolved root: the root's own spelling, a symbolic link in it)
+            return path.name
 
     def _check_inside_root(self, file: Path) -> None:
         """An adapter's files are read only inside the adapter root, symbolic links resolved."""
         if not file.resolve().is_relative_to(self.root.resolve()):
-            raise AdapterError(f"{file} links outside the adapter root {self.root.resolve()}")
+            raise AdapterError(f"{self._shown(file)} links outside the adapter root")
 
     def _read_config(self, folder: Path) -> dict:
         file = folder / CONFIG_FILE
         if not file.is_file():
-            raise AdapterError(f"{folder} has no {CONFIG_FILE}")
+            raise AdapterError(f"{self._shown(folder)} has no {CONFIG_FILE}")
         self._check_inside_root(file)
         try:
             config = json.loads(file.read_text())
         except json.JSONDecodeError as e:
-            raise AdapterError(f"{file} is not valid JSON: {e}") from None
+            raise AdapterError(f"{self._shown(file)} is not valid JSON: {e}") from None
 
         def refuse(why: str) -> AdapterError:
-            return AdapterError(f"{folder}: {why}")
+            return AdapterError(f"{self._shown(folder)}: {why}")
 
         peft_type = config.get("peft_type")
         if peft_type not in ("LORA", "PREFIX_TUNING"):
