@@ -14,15 +14,20 @@ from models.loader import default_dtype, default_kv_cache_dtype
 from models.named import resolve_model
 
 
-def available_memory(device: str) -> int:
-    """Bytes free on `device` now: CUDA's free memory, or the host's available memory (MemAvailable)."""
+def available_memory(device: str) -> int | None:
+    """Bytes free on `device` now: CUDA's free memory, or the host's available memory (Linux's MemAvailable, else
+    its free pages); None where the OS tells neither."""
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
     try:
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
+        pass
+    try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # (macOS has no SC_AVPHYS_PAGES)
+        return None
 
 
 # host memory left free when the decode kernels lay the weights out (activations, tokenizer, server, Medusa heads)
@@ -276,11 +281,12 @@ class EngineConfig:
         return f"{path.name} ({self.dtype}{quantized})"
 
     @property
-    def packing_budget(self) -> int:
+    def packing_budget(self) -> int | None:
         """Bytes each rank's decode kernels may take for their packed copy of its weights (set_decode_kernels): what
-        the host has free now, less every rank's KV cache budget and PACKING_HEADROOM, shared among the ranks."""
-        tp = self.tensor_parallel_size
-        return (available_memory("cpu") - tp * self.kv_cache_memory - PACKING_HEADROOM) // tp
+        the host has free now, less every rank's KV cache budget and PACKING_HEADROOM, shared among the ranks (None,
+        no limit, where the OS does not tell what is free)."""
+        free, tp = available_memory("cpu"), self.tensor_parallel_size
+        return None if free is None else (free - tp * self.kv_cache_memory - PACKING_HEADROOM) // tp
 
     @property
     def torch_dtype(self) -> torch.dtype:

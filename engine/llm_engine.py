@@ -122,7 +122,7 @@ class LLM:
             # the kernel policy, decided once: layers holding None run torch's operators
             self.kernels = (load_decode_kernels(self.model, self.config.batch_invariant) if self.config.cpu_kernels
                             else None)
-            set_decode_kernels(self.model, self.kernels, self.config.packing_budget)
+            set_decode_kernels(self.model, self.kernels, self.config.packing_budget if self.kernels else None)
         model_config = self.model.config
         self.tokenizer = None if self.config.skip_tokenizer_init else self._load_tokenizer(
             Path(self.config.tokenizer) if self.config.tokenizer else path)

@@ -148,7 +148,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 "kv_cache_memory": args.kv_cache_memory, "max_lora_rank": args.max_lora_rank,
                 "max_adapters": args.max_loras}
     if args.kv_cache_fraction is not None:
-        optional["kv_cache_memory"] = int(args.kv_cache_fraction * available_memory(args.device)
+        free = available_memory(args.device)
+        if free is None:
+            raise ValueError("--kv-cache-fraction: this OS does not tell how much memory is free; give "
+                             "--kv-cache-memory instead")
+        optional["kv_cache_memory"] = int(args.kv_cache_fraction * free
                                           // ranks_sharing_memory(args.device, args.tensor_parallel_size))
     return kwargs | {name: value for name, value in optional.items() if value is not None}
 

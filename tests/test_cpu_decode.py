@@ -155,6 +155,8 @@ def test_weights_are_laid_out_for_the_kernels_only_while_the_copies_fit_the_memo
     monkeypatch.setattr("engine.config.available_memory", lambda device: (1 << 30) + (1 << 30) + 100)
     starved = LLM(folder, medusa=None, kv_cache_memory=1 << 30)
     assert not any(m.packed is not None for m in starved.model.modules() if hasattr(m, "pack"))
+    monkeypatch.setattr("engine.config.available_memory", lambda device: None)  # an OS that does not tell: no limit
+    assert all(m.packed is not None for m in LLM(folder, medusa=None).model.modules() if hasattr(m, "pack"))
 
 
 def test_kernel_policy_is_decided_once_and_only_for_small_batches():

@@ -123,6 +123,9 @@ def test_kv_cache_fraction_of_available_memory(monkeypatch):
         monkeypatch.setenv(name, value)
     assert engine_kwargs(parse_args(fraction))["kv_cache_memory"] == 2 << 30
     assert engine_kwargs(parse_args(["--num-kv-blocks", "100"]))["num_kv_blocks"] == 100
+    monkeypatch.setattr("server.__main__.available_memory", lambda device: None)  # an OS that does not tell
+    with pytest.raises(ValueError, match="--kv-cache-memory instead"):
+        engine_kwargs(parse_args(["--kv-cache-fraction", "0.25"]))
 
 
 @pytest.mark.parametrize("argv", [["--kv-cache-memory", "1GiB", "--num-kv-blocks", "4"],

@@ -28,7 +28,7 @@ class RankShard:
         model = load_model(path, config.torch_dtype, device, config.quantization, config.dequantize)
         self.model = shard_model(model, tp)
         self.kernels = load_decode_kernels(self.model, config.batch_invariant) if config.cpu_kernels else None
-        set_decode_kernels(self.model, self.kernels, config.packing_budget)
+        set_decode_kernels(self.model, self.kernels, config.packing_budget if self.kernels else None)
         self.kv_cache: KVCache | None = None
         self.lora: dict[str, LoRALinear] = {}  # installed with the first LoRA slot
 
