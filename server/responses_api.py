@@ -9,6 +9,7 @@ calls and their outputs input items. Nothing is stored, so there is no previous_
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from bisect import bisect_left
@@ -42,6 +43,7 @@ from server.sampling import chosen_sampling
 from server.state import State
 from server.tools import json_answer, read_answer, response_text
 
+logger = logging.getLogger("gorgon.server")
 router = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
 
 # the chat fields an error may name, as /v1/responses calls them (the longest first)
@@ -78,6 +80,7 @@ async def responses(req: ResponsesRequest, request: Request, state: State) -> Re
             for event in answer.closing(out):
                 yield sse(event)
         except Exception as e:  # noqa: BLE001 - the status line is sent: report in-band
+            logger.warning("stream failed: %s", e)
             error = failure(e).info
             yield sse(answer.event("error", code=error.type, message=error.message, param=None))
         finally:

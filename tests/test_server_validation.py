@@ -735,5 +735,13 @@ def test_an_unexpected_failure_is_a_500_in_openai_format_that_keeps_its_details_
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert r.status_code == 200 and events[-1]["error"]["type"] == "internal_error"
     assert "RuntimeError" in events[-1]["error"]["message"] and "/srv/private" not in r.text
+    monkeypatch.setattr("server.responses_api.checked", broken)  # the Responses API's stream, the same
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gorgon"):
+        r = client.post("/v1/responses", headers=AUTH, json={"model": MODEL, "input": "hi", "max_output_tokens": 4,
+                                                              "stream": True})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert events[-1]["type"] == "error" and "RuntimeError" in events[-1]["message"]
+    assert "/srv/private" not in r.text and "/srv/private" in caplog.text
     monkeypatch.undo()
     assert client.get("/v1/models", headers=AUTH).status_code == 200
