@@ -29,7 +29,7 @@ from engine.outputs import RequestOutput
 from engine.parallel import Driver, ShardedKVCache
 from engine.prompt_files import chat_prompt_ids
 from engine.runner import ModelRunner, StepInputs
-from engine.sampler import Sampler
+from engine.sampler import Sampler, seeded_generator
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Sequence
 from engine.structured import Grammars, advance, shortened
@@ -277,9 +277,7 @@ class LLM:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        generator = None if params.seed is None else seeded_generator(params.seed, self.device)
         stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         seq = Sequence(request_id, token_ids, params, prompt=text, generator=generator, stop_token_ids=stop_token_ids,
                        matcher=self.grammars.matcher(params.structured) if params.structured else None)

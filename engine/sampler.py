@@ -152,6 +152,19 @@ def nucleus(probs: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     return (probs >= last_kept) | ~filtered
 
 
+def seeded_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A request's generator. torch's CPU generator keeps only a seed's low 32 bits, so seeds that differed above
+    them drew the same tokens; there a seed outside [0, 2^32) is first mixed into 32 bits (splitmix64's finalizer)
+    and the seeds inside keep their streams. (CUDA's takes all 64.)"""
+    if torch.device(device).type == "cpu" and not 0 <= seed < 1 << 32:
+        mask = (1 << 64) - 1
+        z = seed & mask
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & mask
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & mask
+        seed = (z ^ (z >> 31)) & 0xFFFFFFFF
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def draw_tokens(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
     """One token from each row of probs [rows, vocab] by inverse transform sampling: a uniform number per row from
     the row's generator (None: torch's default), found in the row's cumulative sum (float64: its rounding stays far

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.sampler import NUCLEUS_CANDIDATES, Sampler, TokenCounts, adjust_logits, draw_tokens, filtered_probs
+from engine.sampler import (
+    NUCLEUS_CANDIDATES,
+    Sampler,
+    TokenCounts,
+    adjust_logits,
+    draw_tokens,
+    filtered_probs,
+    seeded_generator,
+)
 
 from conftest import adjusted_by_hand, hf_model
 
@@ -75,6 +83,20 @@ def test_seed_reproduces_output(tiny_model_dir):
     assert first.token_ids == second.token_ids
     other = llm.generate("abc", SamplingParams(max_tokens=24, temperature=1.0, seed=99, ignore_eos=True))[0]
     assert other.token_ids != first.token_ids
+
+
+def test_seeds_that_differ_above_32_bits_draw_differently(tiny_model_dir):
+    """torch's CPU generator keeps a seed's low 32 bits: 5 and 2^32 + 5 (and -1 and 2^32 - 1) drew the same tokens.
+    Seeds in [0, 2^32) keep torch's own streams."""
+    assert torch.equal(torch.rand(4, generator=seeded_generator(5, "cpu")),
+                       torch.rand(4, generator=torch.Generator().manual_seed(5)))
+    draws = {seed: torch.rand(4, generator=seeded_generator(seed, "cpu")).tolist()
+             for seed in (5, (1 << 32) + 5, -1, (1 << 32) - 1, (1 << 63) - 1, -(1 << 63))}
+    assert len({tuple(d) for d in draws.values()}) == len(draws)
+    llm = LLM(tiny_model_dir, medusa=None)
+    outs = [llm.generate("abc", SamplingParams(max_tokens=24, temperature=1.0, seed=seed, ignore_eos=True))[0]
+            for seed in (5, (1 << 32) + 5, (1 << 32) + 5)]
+    assert outs[0].token_ids != outs[1].token_ids and outs[1].token_ids == outs[2].token_ids
 
 
 def test_logprobs_are_those_of_the_sampled_tokens():
