@@ -118,8 +118,8 @@ def set_decode_kernels(model: nn.Module, kernels: DecodeKernels | None, spare_by
             unpacked.append(size)
             continue
         module.pack()
-        if spare_bytes is not None and module.packed is not None:
-            spare_bytes -= module.packed.numel() * module.packed.element_size()
+        if spare_bytes is not None and module.packed is not None:  # (a copy: as many bytes as the weights)
+            spare_bytes -= size
     if unpacked:
         logger.warning("not enough free memory to lay out the weights of %d linears (%.2f GiB) for the decode kernels: "
                        "they read them in the checkpoint's layout, at up to 1.5x the time", len(unpacked),
