@@ -11,7 +11,9 @@ template (on any subject) and prompts built from the docstrings of the standard 
 models continue prefixes sampled from themselves, or snippets of --prompts.
 
 The run keeps to a time budget (--minutes): the model writes texts for at most 60% of it, so a larger model
-writes fewer, the heads train for fewer steps where --steps would not fit, and trees are timed while it lasts.
+writes fewer, and stops sooner once the time left could not train the heads on each position of its text 3 times
+(a small model on a CPU that writes faster than it trains); the heads train for fewer steps where --steps would
+not fit, and trees are timed while it lasts.
 
 The base model never changes, so its hidden states and the tokens each head must predict are cached once,
 and the heads train on random positions of the cache. Chat answers cost no second forward: the engine keeps
@@ -38,6 +40,8 @@ import os
 import random
 import tempfile
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -68,7 +72,7 @@ from engine.prompt_files import (
 from engine.training.common import HEAD_OFFSET, cosine, head_weights, matmuls_in_bf16, positive_int
 from engine.training.default_model import corpus_files, read_source
 from models.gguf import find_gguf, gguf_tensors
-from models.kernels.decode import MAX_ROWS, bf16_gemm
+from models.kernels.decode import MAX_ROWS, bf16_gemm, compiled
 from models.loader import default_dtype, model_config
 from models.medusa import HEAD_KINDS, MedusaConfig, MedusaHeads, load_medusa_heads, save_medusa_heads
 from models.named import resolve_model
@@ -88,14 +92,22 @@ TRAINING_END = 0.8  # ... and the heads' training ends by this share of it, leav
 # a tree is timed only if it would end within the budget, were it to take this much longer than the one before
 # (it has more rows: Qwen2.5-Coder-1.5B's run ended 12 s past its 30 minutes when the next was taken to cost the same)
 NEXT_TREE_MARGIN = 1.3
-PACE_STEPS = 10  # training steps timed (after as many to warm up) to fit the rest of them to the budget
+PACE_STEPS = 10  # training steps timed (after as many to warm up) to fit the rest of them to the budget, ...
+# ... refitted every PACE_STEPS steps at the pace of the last PACE_WINDOW: a shared machine slows down mid-run
+# (SmolLM2's heads, AVX2: 6.3 steps/s for 800 steps, then 3.3; fitted once, the training ended 8 minutes late)
+PACE_WINDOW = 100
 EVAL_EVERY = 100  # training steps between measurements of the held-out loss
 PATIENCE = 3  # measurements without a better held-out loss that end the training
 EVAL_POSITIONS = 4096  # held-out positions it is measured on
 WRITE_CHUNK = 256  # texts written between looks at the clock
-# sequences the model writes at once, with a GGUF file's weights dequantized (writer_dequantizes) so that steps of
-# more than the decode kernels' rows do not dequantize tiles of them every step (SmolLM2-135M Q4_1 in bf16, 2 cores:
-# 622 tokens/s at 32 sequences quantized, 1076 at 64 dequantized, 1080 at 128)
+# ... and it stops sooner, once the training the budget leaves could not take each position of the text written so far
+# this many times: more text would only take that time (an AVX2 CPU writes SmolLM2's text 2-3x faster than it trains
+# on it; a 1.5B model's training stopped learning after 4 passes, SmolLM2's heads still learnt after 2)
+PASSES = 3
+# sequences the model writes at once, where steps of more than the decode kernels' usual rows do not dequantize tiles
+# of a GGUF file's weights every step: its weights dequantized (writer_dequantizes; SmolLM2-135M Q4_1 in bf16, AMX, 2
+# cores: 622 tokens/s at 32 sequences quantized, 1076 at 64 dequantized, 1080 at 128), or its packed kernels taking
+# every size (writer_packed; in fp32, AVX2, 2 cores: 283-324 answer tokens/s at 32 / 128 sequences, 347 at 64)
 WRITER_SEQS = 64
 
 
@@ -226,13 +238,15 @@ def to_draft_ids(targets: torch.Tensor, vocab_size: int, draft_vocab: torch.Tens
 
 def train_heads(model: nn.Module, cache: HiddenCache, config: TrainConfig, draft_vocab: torch.Tensor | None = None,
                 progress: bool = True, init: MedusaHeads | None = None, deadline: float = math.inf,
-                held_out: HiddenCache | None = None) -> tuple[MedusaHeads, list[float]]:
+                held_out: HiddenCache | None = None,
+                on_step: Callable[[int], None] | None = None) -> tuple[MedusaHeads, list[float]]:
     """Train heads on the cache over the frozen `model`, fresh ones or starting from `init`, projecting onto
     the draft vocabulary; returns the heads (draft_vocab set) and the weighted training loss of every step.
-    Where config.steps would end past `deadline` (perf_counter), the pace of the first PACE_STEPS steps sets
-    fewer, and the learning-rate schedule ends with them. With a `held_out` cache, its loss is measured every
-    EVAL_EVERY steps: training stops once it has not improved for PATIENCE of them (a small text learnt by
-    heart), and the heads of its best step are returned."""
+    Where config.steps would end past `deadline` (perf_counter), the pace of the last PACE_WINDOW steps sets
+    fewer (every PACE_STEPS steps, after as many), and the learning-rate schedule ends with them. With a
+    `held_out` cache, its loss is measured every EVAL_EVERY steps: training stops once it has not improved for
+    PATIENCE of them (a small text learnt by heart), and the heads of its best step are returned. on_step(n) is
+    called after each step n (from 1)."""
     torch.manual_seed(config.seed)
     model.requires_grad_(False)
     mc = model.config
@@ -250,7 +264,7 @@ def train_heads(model: nn.Module, cache: HiddenCache, config: TrainConfig, draft
         eval_rows = torch.randperm(len(held_out), generator=generator)[:EVAL_POSITIONS]
         eval_targets = to_draft_ids(held_out.targets, mc.vocab_size, draft_vocab)
         best = (math.inf, 0, None)  # held-out loss, step, the heads' weights then
-    history = []
+    history, marks = [], deque(maxlen=PACE_WINDOW // PACE_STEPS + 1)  # the times of every PACE_STEPS-th step
     with tqdm(total=steps, desc="training medusa heads", disable=not progress) as bar:
         while len(history) < steps:
             pick = torch.randint(len(cache), (config.batch_size,), generator=generator)
@@ -262,12 +276,14 @@ def train_heads(model: nn.Module, cache: HiddenCache, config: TrainConfig, draft
             history.append(loss.item())
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
-            if len(history) == PACE_STEPS:
-                began = time.perf_counter()
-            elif len(history) == 2 * PACE_STEPS and deadline < math.inf:
-                pace = (time.perf_counter() - began) / PACE_STEPS
-                steps = min(steps, len(history) + max(0, int((deadline - time.perf_counter()) / pace)))
-                bar.total = steps
+            if on_step is not None:
+                on_step(len(history))
+            if deadline < math.inf and len(history) % PACE_STEPS == 0:
+                marks.append(time.perf_counter())
+                if len(marks) > 1:
+                    pace = (marks[-1] - marks[0]) / (PACE_STEPS * (len(marks) - 1))
+                    steps = min(config.steps, len(history) + max(0, int((deadline - marks[-1]) / pace)))
+                    bar.total = steps
             if held_out is not None and len(history) % EVAL_EVERY == 0:
                 with torch.no_grad():
                     held_out_loss = weighted_loss(heads, model, held_out, eval_rows, eval_targets, draft_vocab,
@@ -733,9 +749,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def writer_dtype(model_path: Path) -> str:
     """--dtype's default: bfloat16 where the CPU multiplies bf16 natively; elsewhere the dtype gorgon serves the model
-    in: a quantized file writes 1.2x faster in fp32 there (SmolLM2 Q4_1, AVX2), and a bf16 checkpoint stays bf16
-    (no fp32 copy of a 7B model)."""
+    in: a quantized file writes in fp32 there (through its packed kernels where it can, writer_packed; dequantized,
+    fp32 wrote SmolLM2 Q4_1 1.2x faster than bf16 on AVX2), and a bf16 checkpoint stays bf16 (no fp32 copy of a 7B
+    model)."""
     return "bfloat16" if bf16_gemm() else default_dtype(model_path, "cpu")
+
+
+def writer_packed(model_path: Path, dtype: str) -> bool:
+    """Does the model write its text in fp32 with a GGUF file's own quantized weights, through the packed decode
+    kernels at WRITER_SEQS rows a step (batch invariant: they take every size)? Where the CPU has no native bf16 GEMM
+    and every matrix of the file has packed kernels: their integer dot products then beat torch's fp32 GEMM over the
+    weights dequantized (SmolLM2-135M Q4_1, AVX2-only AMD EPYC, 2 threads, 64 answers at once: 3.4 texts/s against
+    1.2-1.5; heads scored the same on either's hidden states)."""
+    gguf, ops = find_gguf(model_path), compiled()
+    if gguf is None or ops is None or ops.isa() == "scalar" or bf16_gemm() or dtype != "float32":
+        return False
+    return all(ops.packable(int(t.tensor_type)) for t in gguf_tensors(gguf) if len(t.shape) > 1)
 
 
 def writer_dequantizes(model_path: Path, dtype: str) -> bool:
@@ -759,12 +788,29 @@ def chunk_size(first: int, total: int, elapsed: float, remaining: float, batch: 
     return 0 if fits < min(count, batch) else min(count, int(fits))
 
 
-def training_text(args: argparse.Namespace, llm: LLM,
-                  prompts: list) -> tuple[list[list[int]], list[int], list[torch.Tensor] | None, str]:
+def train_config(args: argparse.Namespace, steps: int | None = None) -> TrainConfig:
+    return TrainConfig(args.heads, args.layers, args.own_lm_head, args.head_kind, steps or args.steps, args.batch_size,
+                       args.seq_len, args.lr, args.seed)
+
+
+def training_pace(model: nn.Module, cache: HiddenCache, draft_vocab: torch.Tensor | None,
+                  args: argparse.Namespace) -> float:
+    """Seconds a step of training the heads takes here, on this cache and draft vocabulary (its size sets most of a
+    step's cost): 5 steps timed after 2."""
+    ends = []  # of steps 2 and 7
+    train_heads(model, cache, train_config(args, 7), draft_vocab, progress=False,
+                on_step=lambda step: ends.append(time.perf_counter()) if step in (2, 7) else None)
+    return (ends[1] - ends[0]) / 5
+
+
+def training_text(args: argparse.Namespace, llm: LLM, prompts: list,
+                  training_end: float = math.inf) -> tuple[list[list[int]], list[int], list[torch.Tensor] | None, str]:
     """(texts, where the heads start learning in each, the hidden states the engine computed for them, if it
     wrote them as chat answers, what they are), from --data or self-distillation. The model writes its texts
     WRITE_CHUNK at a time, and no more than fit, at its pace so far, in WRITING_SHARE of the --minutes budget:
-    a larger model writes fewer texts, in about the same time."""
+    a larger model writes fewer texts, in about the same time. It stops sooner where the training left before
+    training_end (perf_counter), at its pace (timed on the first texts with the draft vocabulary of all of them, after
+    each chunk), could not take each position PASSES times."""
     if args.data:
         eos = llm.tokenizer.eos_token_id
         texts, starts = read_training_data(Path(args.data), llm.tokenizer, args.seq_len,
@@ -794,7 +840,7 @@ def training_text(args: argparse.Namespace, llm: LLM,
 
     deadline = time.perf_counter() + WRITING_SHARE * args.minutes * 60 if args.minutes else math.inf
     texts, starts, hidden_states = [], [], []
-    first, began = 0, time.perf_counter()
+    first, began, step_seconds, sample = 0, time.perf_counter(), None, None
     with tqdm(total=total, desc="writing the training text", unit="text") as bar:
         while first < total:
             count = chunk_size(first, total, time.perf_counter() - began, deadline - time.perf_counter(),
@@ -802,11 +848,26 @@ def training_text(args: argparse.Namespace, llm: LLM,
             if not count:
                 print(f"the --minutes budget: the model wrote {len(texts)} of {total} texts", flush=True)
                 break
+            if step_seconds is not None:
+                positions = sum(len(text) - start for text, start in zip(texts, starts))
+                steps_left = (training_end - time.perf_counter()) / step_seconds
+                if positions * PASSES >= steps_left * args.batch_size:
+                    print(f"the model wrote {len(texts)} of {total} texts: the training the --minutes budget leaves "
+                          f"(about {steps_left:.0f} steps of {args.batch_size}) takes each of their {positions} "
+                          f"positions at most {PASSES} times", flush=True)
+                    break
             new_texts, new_starts, new_hidden = write(first, count)
             texts += new_texts
             starts += new_starts
             hidden_states += new_hidden or []
             bar.update(len(new_texts))
+            if training_end < math.inf:
+                if sample is None:  # (the first chunk's)
+                    sample = (captured_cache(texts, starts, hidden_states, args.heads) if hidden_states else
+                              build_cache(llm.model, texts, args.heads, starts))
+                answers = torch.tensor([token for text, start in zip(texts, starts) for token in text[start + 1:]])
+                draft_vocab = draft_vocabulary(answers, llm.model.config.vocab_size, args.draft_coverage)
+                step_seconds = training_pace(llm.model, sample, draft_vocab, args)
             first += count
     if chat:
         source = (f"{len(texts)} prompts in {args.prompts}" if prompts else
@@ -841,8 +902,8 @@ def text_settings(args: argparse.Namespace, model_path: Path) -> dict:
             "prefix_tokens": args.prefix_tokens, "self_prompts": args.self_prompts, "prompt_share": args.prompt_share}
 
 
-def load_texts(args: argparse.Namespace, llm: LLM, model_path: Path,
-               prompts: list) -> tuple[list[list[int]], list[int], list[torch.Tensor] | None, str]:
+def load_texts(args: argparse.Namespace, llm: LLM, model_path: Path, prompts: list,
+               training_end: float = math.inf) -> tuple[list[list[int]], list[int], list[torch.Tensor] | None, str]:
     """The training text (texts, where each answer starts, their hidden states where the engine kept them, how it
     was made): read from a --texts file train-medusa wrote with the same settings, else written now (and saved
     there, if named)."""
@@ -862,7 +923,7 @@ def load_texts(args: argparse.Namespace, llm: LLM, model_path: Path,
                              f"{'; '.join(differs)}. Remove it to write the text again, or name another --texts file")
         return texts, starts, None, data
     try:
-        texts, starts, hidden_states, data = training_text(args, llm, prompts)
+        texts, starts, hidden_states, data = training_text(args, llm, prompts, training_end)
     except (ValueError, OSError) as e:  # a chat template that hides the user's text, a --data file unread
         raise SystemExit(f"gorgon train-medusa: error: {e}") from None
     if args.texts:
@@ -888,13 +949,14 @@ def main(argv: list[str] | None = None) -> None:
     init = None
     try:
         model_path = resolve_model(args.model)
-        # writes the text; its model is the frozen base. Without dequantized weights, at most MAX_ROWS sequences a
+        # writes the text; its model is the frozen base. Neither packed nor dequantized, at most MAX_ROWS sequences a
         # step: the decode kernels take them, where larger steps would multiply dequantized tiles of quantized weights
         args.dtype = args.dtype or writer_dtype(model_path)
-        dequantize = writer_dequantizes(model_path, args.dtype)
+        packed = writer_packed(model_path, args.dtype)
+        dequantize = not packed and writer_dequantizes(model_path, args.dtype)
         llm = LLM(model_path, max_model_len=min(2048, model_config(model_path).max_model_len), dtype=args.dtype,
-                  dequantize=dequantize,
-                  max_num_seqs=WRITER_SEQS if dequantize else MAX_ROWS)
+                  dequantize=dequantize, batch_invariant=True if packed else None,
+                  max_num_seqs=WRITER_SEQS if dequantize or packed else MAX_ROWS)
         model = llm.model
         if args.init_heads:  # before the (slow) training text, so a bad folder fails at once
             init = load_medusa_heads(args.init_heads, model.config.hidden_size, model.config.vocab_size)
@@ -908,7 +970,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"{args.prompts} holds chat messages, but the model has no chat template to answer them")
     except (ValueError, OSError) as e:  # OSError: missing file, a folder, no permission
         raise SystemExit(f"gorgon train-medusa: error: {e}") from None
-    texts, starts, hidden_states, data = load_texts(args, llm, model_path, prompts)
+    training_end = start + TRAINING_END * args.minutes * 60 if args.minutes else math.inf
+    texts, starts, hidden_states, data = load_texts(args, llm, model_path, prompts, training_end)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(args.seed)).tolist()
     num_held_out = max(1, int(len(texts) * args.held_out))
     if num_held_out >= len(texts):
@@ -924,12 +987,11 @@ def main(argv: list[str] | None = None) -> None:
 
     train_cache, held_out_cache = cache_of(train, progress=True), cache_of(held_out)
     hidden_states = None  # the caches hold copies (a 7B model's 8192 answers: 7.5 GB); cache_of is not called again
-    config = TrainConfig(args.heads, args.layers, args.own_lm_head, args.head_kind, args.steps, args.batch_size,
-                         args.seq_len, args.lr, args.seed)
+    config = train_config(args)
     valid = train_cache.targets[:, 0][train_cache.targets[:, 0] >= 0]
     draft_vocab = draft_vocabulary(valid, model.config.vocab_size, args.draft_coverage)
     heads, history = train_heads(model, train_cache, config, draft_vocab, init=init, held_out=held_out_cache,
-                                 deadline=start + TRAINING_END * args.minutes * 60 if args.minutes else math.inf)
+                                 deadline=training_end)
     ranks = held_out_ranks(heads, model, held_out_cache)
     accuracy = accuracy_of(ranks)
     held_out_targets = held_out_cache.targets[:, 0][held_out_cache.targets[:, 0] >= 0]
