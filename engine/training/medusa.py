@@ -12,7 +12,7 @@ models continue prefixes sampled from themselves, or snippets of --prompts.
 
 The run keeps to a time budget (--minutes): the model writes texts for at most 60% of it, so a larger model
 writes fewer, and stops sooner once the time left could not train the heads on each position of its text 3 times
-(a small model on a CPU that writes faster than it trains); the heads train for fewer steps where --steps would
+(a small model on a CPU that trains its heads slowly); the heads train for fewer steps where --steps would
 not fit, and trees are timed while it lasts.
 
 The base model never changes, so its hidden states and the tokens each head must predict are cached once,
@@ -101,8 +101,9 @@ PATIENCE = 3  # measurements without a better held-out loss that end the trainin
 EVAL_POSITIONS = 4096  # held-out positions it is measured on
 WRITE_CHUNK = 256  # texts written between looks at the clock
 # ... and it stops sooner, once the training the budget leaves could not take each position of the text written so far
-# this many times: more text would only take that time (an AVX2 CPU writes SmolLM2's text 2-3x faster than it trains
-# on it; a 1.5B model's training stopped learning after 4 passes, SmolLM2's heads still learnt after 2)
+# this many times: more text would only take that time (SmolLM2 on 2 AVX2 cores, 60% of 30 minutes writing: 2331
+# texts, but 1.2 passes over them; a 1.5B model's training stopped learning after 4 passes, SmolLM2's still learnt
+# after 2)
 PASSES = 3
 # sequences the model writes at once, where steps of more than the decode kernels' usual rows do not dequantize tiles
 # of a GGUF file's weights every step: its weights dequantized (writer_dequantizes; SmolLM2-135M Q4_1 in bf16, AMX, 2
