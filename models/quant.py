@@ -154,6 +154,13 @@ class QuantizedLinear(nn.Module):
         instead of the file's (set_decode_kernels)."""
         self.packed = self.kernels.ops.repack(self.weight, int(self.qtype), self.in_features)
 
+    def release_blocks(self) -> None:
+        """Free the file's blocks once packed, for a layer whose every forward the kernels take (batch invariance):
+        nothing reads them again, and the packed copy then replaces the weights in memory rather than doubling them.
+        `weight` keeps its dtype and device, empty."""
+        if self.packed is not None:
+            self.weight = self.weight.new_empty(0)
+
     @property
     def kernel_weight(self) -> torch.Tensor:
         """The weights as the decode kernels read them: packed where that applies, else the file's blocks."""

@@ -359,6 +359,32 @@ def test_engine_decodes_a_k_quant_file_close_to_its_dequantized_path(tmp_path, m
         assert (our_logits(file, ids) - oracle(ids).logits).abs().max() <= 1e-4
 
 
+@pytest.mark.skipif(cpu_decode.compiled() is None, reason="the CPU kernels could not be built here")
+def test_packed_linears_free_the_files_blocks_where_the_kernels_take_every_forward(tmp_path, monkeypatch):
+    """Batch invariant, the kernels take every forward, so a linear's packed copy replaces its file layout in
+    memory: the blocks are freed (but the LM head's, whose rows Medusa drafts from), and greedy tokens are those
+    of the same engine that keeps them. Otherwise (large prefills on torch's tiles) they stay."""
+    folder = save_tiny_model(tmp_path / "hf", hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                             num_key_value_heads=2)
+    types = K_QUANT_MIXES["q4_k_m"]
+    file = write_gguf(hf_model(folder), tmp_path / "k.gguf", qtype_of=lambda name, w: types.get(name.split(".")[-2]))
+    prompts, greedy = [list(range(3, 60)), [7, 8, 9]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    def linears(llm: LLM) -> list[QuantizedLinear]:
+        return [m for m in llm.model.modules() if isinstance(m, QuantizedLinear) and m is not llm.model.lm_head]
+
+    released = LLM(file, batch_invariant=True)
+    assert linears(released) and all(m.packed is not None and m.weight.numel() == 0 for m in linears(released))
+    assert released.model.lm_head.weight.numel() > 0
+    tokens = [o.token_ids for o in released.generate(prompts, greedy)]
+    monkeypatch.setattr(QuantizedLinear, "release_blocks", lambda self: None)
+    assert [o.token_ids for o in LLM(file, batch_invariant=True).generate(prompts, greedy)] == tokens
+    monkeypatch.undo()
+    kept = LLM(file, batch_invariant=False)
+    assert all(m.weight.numel() > 0 for m in linears(kept))
+    assert len(kept.generate(prompts, greedy)[0].token_ids) == 12  # its 57-token prefill reads the file's blocks
+
+
 NARROW_MIXES = {  # Q4_K_M's fallbacks, and an older llama-quantize's Q3_K_M's (IQ4_NL; Q4_0 now)
     "q4_k_m": {"attn_q": QType.Q5_0, "attn_k": QType.Q5_0, "attn_v": QType.Q8_0, "attn_output": QType.Q5_0,
                "ffn_gate": QType.Q5_0, "ffn_up": QType.Q5_1, "ffn_down": QType.Q5_1, "output": QType.Q8_0},

@@ -105,8 +105,11 @@ def set_decode_kernels(model: nn.Module, kernels: DecodeKernels | None, spare_by
     """Hand `kernels` to every layer of `model` that can use them (None: torch's operators everywhere). Each linear
     also lays its weights out for them (`pack`: a second copy, which decode streams 1.1-1.5x faster than the
     checkpoint's layout) while the copies fit in `spare_bytes` (None: no limit); those beyond read their weights as
-    they are, and a warning says how many: a model of half the host's memory still loads."""
+    they are, and a warning says how many: a model of half the host's memory still loads. Where the kernels take
+    every forward (`max_rows` None), a quantized linear then frees its file layout (`release_blocks`), but for the LM
+    head, whose rows Medusa's drafts read in the file's blocks (MedusaHeads.draft_weights)."""
     unpacked = []
+    head = getattr(model, "lm_head", None)
     for module in model.modules():
         if not hasattr(module, "kernels"):
             continue
@@ -118,7 +121,9 @@ def set_decode_kernels(model: nn.Module, kernels: DecodeKernels | None, spare_by
             unpacked.append(size)
             continue
         module.pack()
-        if spare_bytes is not None and module.packed is not None:  # (a copy: as many bytes as the weights)
+        if kernels.max_rows is None and module is not head and hasattr(module, "release_blocks"):
+            module.release_blocks()
+        elif spare_bytes is not None and module.packed is not None:  # (a copy: as many bytes as the weights)
             spare_bytes -= size
     if unpacked:
         logger.warning("not enough free memory to lay out the weights of %d linears (%.2f GiB) for the decode kernels: "
