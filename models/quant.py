@@ -98,7 +98,10 @@ def kernel_type(qtype: QType | int) -> QType:
 
 
 def concat(weights: list[QuantizedWeight]) -> QuantizedWeight:
-    """Row-wise concatenation (packed q/k/v or gate/up) of weights of one type."""
+    """Row-wise concatenation (packed q/k/v or gate/up) of weights of one type; a single weight as it is (a GGUF
+    file's stays a view of its memory map, whose pages the OS can drop and read again)."""
+    if len(weights) == 1:
+        return weights[0]
     qtypes = {w.qtype for w in weights}
     if len(qtypes) != 1:
         raise UnsupportedTensorType(f"cannot pack weights of different types ({', '.join(t.name for t in qtypes)})")

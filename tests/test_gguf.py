@@ -285,6 +285,9 @@ def test_quantized_tensors_stay_in_their_blocks(tmp_path, tiny_hf):
         assert isinstance(linear, QuantizedLinear) and linear.weight.dtype == torch.uint8
     assert not any(p.numel() > 256 for p in model.parameters())  # norms only: nothing dequantized
     assert layer.self_attn.qkv_proj.shards == {"q_proj": (0, 64), "k_proj": (64, 32), "v_proj": (96, 32)}
+    mapped = read_gguf(file).tensors  # (the same reader: the file is mapped once)
+    for name in ("model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj", "lm_head"):  # a matrix alone
+        assert model.get_submodule(name).weight.data_ptr() == mapped[f"{name}.weight"].data.data_ptr()  # no copy
 
 
 def test_quantized_file_matches_its_dequantized_oracle(tmp_path, tiny_hf):
