@@ -121,10 +121,12 @@ def set_decode_kernels(model: nn.Module, kernels: DecodeKernels | None, spare_by
             unpacked.append(size)
             continue
         module.pack()
+        # (a copy: as many bytes as the weights, counted even where the blocks are freed below: a matrix stored
+        # alone is a view of the file's map, whose pages stay cached, and the packed copy is new memory)
+        if spare_bytes is not None and module.packed is not None:
+            spare_bytes -= size
         if kernels.max_rows is None and module is not head and hasattr(module, "release_blocks"):
             module.release_blocks()
-        elif spare_bytes is not None and module.packed is not None:  # (a copy: as many bytes as the weights)
-            spare_bytes -= size
     if unpacked:
         logger.warning("not enough free memory to lay out the weights of %d linears (%.2f GiB) for the decode kernels: "
                        "they read them in the checkpoint's layout, at up to 1.5x the time", len(unpacked),
