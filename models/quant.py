@@ -130,9 +130,10 @@ class QuantizedLinear(nn.Module):
     """y = x Wᵀ + b with W in ggml blocks. Invariant: `weight` is uint8 [out_features, row bytes] in type
     `qtype` (a buffer, never trained), or empty once its packed copy replaces it (`release_blocks`); `dtype` is
     the model's activation dtype (the bias's, and LoRA's); `kernels` (models.kernels.decode.DecodeKernels or
-    None) is the load-time choice: with it, decode-sized inputs run the fused dequantize-and-dot kernel (int8 activations), and larger ones multiply tiles of
-    dequantized rows in bf16 where the CPU has bf16 GEMM (AVX512-BF16 / AMX; its error is of the same order);
-    without it, fp32 tiles compute exactly what the dequantized matrix would (differentiable in x)."""
+    None) is the load-time choice: with it, decode-sized inputs run the fused dequantize-and-dot kernel (int8
+    activations), and larger ones multiply tiles of dequantized rows in bf16 where the CPU has bf16 GEMM
+    (AVX512-BF16 / AMX; its error is of the same order); without it, fp32 tiles compute exactly what the
+    dequantized matrix would (differentiable in x)."""
 
     def __init__(self, in_features: int, out_features: int, qtype: QType, bias: bool,
                  dtype: torch.dtype = torch.float32) -> None:
