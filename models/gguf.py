@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFValueType
 
 from models.config import ModelConfig
 from models.quant import DEQUANTIZED_TYPES, FLOAT_TYPES, QUANTIZED_TYPES, QType, QuantizedWeight, UnsupportedTensorType
@@ -120,6 +121,30 @@ class _Reader(GGUFReader):
         if type(self.data) is np.memmap:
             self.data = self.data.view(np.ndarray)
         return super()._get(offset, dtype, count, override_order)
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        """gguf's parts for an array of numbers or strings, built in one pass where gguf recurses per item: a
+        Qwen2 vocabulary's 455k items took 3.3 s so, 0.7 s here. The parts, their indices and types are gguf's own
+        (tests/test_gguf.py compares every field with gguf's reader)."""
+        if raw_type != GGUFValueType.ARRAY or self.byte_order != "I":  # (a file of the other byte order: gguf's way)
+            return super()._get_field_parts(orig_offs, raw_type)
+        item_type, length = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+        kind, count, offs = GGUFValueType(item_type[0]), int(length[0]), orig_offs + 12
+        if count == 0 or kind not in (*self.gguf_scalar_to_np, GGUFValueType.STRING):
+            return super()._get_field_parts(orig_offs, raw_type)  # (gguf types an empty array by its first item)
+        if kind in self.gguf_scalar_to_np:
+            items = self._get(offs, self.gguf_scalar_to_np[kind], count)
+            return 12 + items.nbytes, [item_type, length, *items.reshape(-1, 1)], list(range(2, 2 + count)), \
+                [GGUFValueType.ARRAY, kind]
+        data, parts = self.data, [item_type, length]
+        raw = memoryview(data)
+        for _ in range(count):
+            size = int.from_bytes(raw[offs:offs + 8], sys.byteorder)
+            if offs + 8 + size > len(data):
+                raise ValueError(f"the string at byte {offs} runs past the end of the file")
+            parts += (data[offs:offs + 8].view(np.uint64), data[offs + 8:offs + 8 + size])
+            offs += 8 + size
+        return offs - orig_offs, parts, list(range(3, 2 + 2 * count, 2)), [GGUFValueType.ARRAY, kind]
 
 
 @lru_cache(maxsize=16)  # (a split model's parts stay open together)

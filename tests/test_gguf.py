@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFValueType, GGUFWriter
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import quantize as gguf_quantize
 from test_quant import random_weight
 from transformers import AutoModelForCausalLM
@@ -259,6 +259,31 @@ def test_a_file_without_vocabulary_says_how_to_run_it(tmp_path, tiny_hf):
     assert LLM(file, skip_tokenizer_init=True).generate([[5, 6]], SamplingParams(max_tokens=2))[0].token_ids
 
 
+def test_the_metadata_reads_as_ggufs_own_reader_reads_it(tmp_path, tiny_hf):
+    """models.gguf parses arrays in bulk; every field must come out as gguf's GGUFReader gives it."""
+    file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf")
+    writer = GGUFWriter(tmp_path / "arrays.gguf", "llama")
+    writer.add_array("strings", ["", "a", "héllo ▁wörld", "<|im_end|>", "x" * 300])
+    writer.add_array("ints", [3, -1, 7])
+    writer.add_array("floats", [0.5, -2.25])
+    writer.add_array("bools", [True, False])
+    writer.add_array("nested", [[1, 2], [3]])
+    writer.add_string("text", "plain")
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.close):
+        write()
+    for path in (file, tmp_path / "arrays.gguf"):
+        ours, theirs = gguf_module._Reader(path), GGUFReader(path)
+        assert list(ours.fields) == list(theirs.fields)
+        for name, field in ours.fields.items():
+            expected = theirs.fields[name]
+            assert (field.offset, field.data, field.types) == (expected.offset, expected.data, expected.types), name
+            assert [(p.dtype, p.shape, p.tobytes()) for p in field.parts] == \
+                [(p.dtype, p.shape, p.tobytes()) for p in expected.parts], name
+            assert field.contents() == expected.contents(), name
+        assert [(t.name, t.data_offset) for t in ours.tensors] == [(t.name, t.data_offset) for t in theirs.tensors]
+    assert ours.fields["strings"].contents()[2] == "héllo ▁wörld" and ours.fields["ints"].contents() == [3, -1, 7]
+
+
 def test_config_from_metadata(tmp_path, tiny_hf):
     file = write_gguf(hf_model(tiny_hf), tmp_path / "m.gguf")
     config = read_gguf(file).config
@@ -459,10 +484,13 @@ def test_folder_with_one_gguf(tmp_path, tiny_hf):
     (tiny_hf / "converted.gguf").unlink()
 
 
-def test_a_file_that_is_no_gguf_is_named(tmp_path):
-    for name, content in (("junk.gguf", b"not a gguf"), ("empty.gguf", b"")):
+def test_a_file_that_is_no_gguf_is_named(tmp_path, tiny_hf):
+    whole = write_gguf(hf_model(tiny_hf), tmp_path / "whole.gguf").read_bytes()
+    cut = whole.index(b"tokenizer.ggml.tokens") + 200  # within the vocabulary's strings
+    for name, content, why in (("junk.gguf", b"not a gguf", ""), ("empty.gguf", b"", ""),
+                               ("cut.gguf", whole[:cut], ": the string at byte .* runs past the end of the file")):
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(GGUFError, match=f"{name} is not a GGUF file gorgon can read"):
+        with pytest.raises(GGUFError, match=f"{name} is not a GGUF file gorgon can read{why}"):
             read_gguf(tmp_path / name)
 
 
