@@ -316,22 +316,38 @@ inline int64_t chunk_byte(int64_t c, int64_t i, int64_t e) { return c * 64 + 4 *
 constexpr int64_t q6_k_nibbles(int j) { return (j / 2 + (j >= 2) + (j >= 6)) * 512; }  // runs 0, 2, 3, 5
 constexpr int64_t q6_k_high(int j) { return (j < 4 ? 1 : 4) * 512; }
 
-// Row i's Q6_K super-block src into its group block dst (see above)
+// Row i's `bytes` bytes at src into runs of `run` bytes a row (a run of the group block: 16 rows x run bytes, byte
+// 4c + e of a row's run at chunk_byte(c, i, e)), 4 bytes at a time, each XORed with `flip`
+inline void copy_runs(const uint8_t* src, int64_t bytes, int64_t run, int64_t i, uint8_t* quants, uint32_t flip = 0) {
+  for (int64_t r = 0; r < bytes / run; ++r) {
+    for (int64_t c = 0; c < run / 4; ++c) {
+      uint32_t v;
+      std::memcpy(&v, src + r * run + 4 * c, 4);
+      v ^= flip;
+      std::memcpy(quants + r * 16 * run + chunk_byte(c, i, 0), &v, 4);
+    }
+  }
+}
+
+// Row i's Q6_K super-block src into its group block dst (see above). Sub-block j of the file: bits 4 (t / 2) of
+// ql (its low nibbles), bits 2t of qh, for h = j / 4, t = j % 4 (unpack_scalar); a byte of a pair's nibbles holds
+// sub-blocks 2k and 2k + 1, and a byte of plane h holds bits 2t of sub-blocks 4h + t: qh's own byte.
 inline void repack_q6_k(const uint8_t* src, int64_t i, uint8_t* dst) {
   std::memcpy(dst + 2 * i, src + 208, 2);
   for (int s = 0; s < 16; ++s) dst[32 + 16 * s + i] = src[192 + s];
   uint8_t* quants = dst + quants_offset(kQ6_K);
-  for (int j = 0; j < 8; ++j) {  // sub-block j in the file: bits 4 (t / 2) of ql, bits 2t of qh (unpack_scalar)
-    const int h = j / 4, t = j % 4;
-    for (int e = 0; e < 32; ++e) {
-      const int low = (src[64 * h + 32 * (t % 2) + e] >> (4 * (t / 2))) & 0xF;
-      const int top = (src[128 + 32 * h + e] >> (2 * t)) & 3;
-      uint8_t& n = quants[q6_k_nibbles(j) + chunk_byte(e / 4, i, e % 4)];
-      uint8_t& p = quants[q6_k_high(j) + chunk_byte(e / 4, i, e % 4)];
-      n = j % 2 ? n | low << 4 : low;
-      p = t ? p | top << (2 * t) : top;
+  for (int k = 0; k < 4; ++k) {  // the pair of sub-blocks 2k, 2k + 1: nibbles 4 (k % 2) of ql's 64 (k / 2) + 0 / 32
+    const uint8_t* ql = src + 64 * (k / 2);
+    for (int c = 0; c < 8; ++c) {
+      uint32_t even, odd;
+      std::memcpy(&even, ql + 4 * c, 4);
+      std::memcpy(&odd, ql + 32 + 4 * c, 4);
+      const int shift = 4 * (k % 2);
+      const uint32_t n = ((even >> shift) & 0x0F0F0F0Fu) | (((odd >> shift) & 0x0F0F0F0Fu) << 4);
+      std::memcpy(quants + q6_k_nibbles(2 * k) + chunk_byte(c, i, 0), &n, 4);
     }
   }
+  for (int h = 0; h < 2; ++h) copy_runs(src + 128 + 32 * h, 32, 32, i, quants + q6_k_high(4 * h));
 }
 
 // rows [N, row_bytes] of K weights (N % 16 == 0) -> packed [N / 16, K / block, group block bytes]
@@ -357,13 +373,13 @@ inline void repack(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N
               dst[64 + 16 * s + i] = src[s] & 0xF;
               dst[64 + 256 + 16 * s + i] = src[s] >> 4;
             }
-            for (int e = 0; e < 64; ++e) quants[(e / 32) * 512 + chunk_byte(e % 32 / 4, i, e % 4)] = src[16 + e];
+            copy_runs(src + 16, 64, 32, i, quants);
             continue;
           }
           if (qtype == kQ3_K) {  // the file's hmask and 2-bit bytes are already the planes' bytes, row by row
             std::memcpy(dst + 2 * i, src + 108, 2);
             for (int s = 0; s < 16; ++s) dst[32 + 16 * s + i] = static_cast<uint8_t>(q3_scale(src + 96, s));
-            for (int e = 0; e < 96; ++e) quants[(e / 32) * 512 + chunk_byte(e % 32 / 4, i, e % 4)] = src[e];
+            copy_runs(src, 96, 32, i, quants);
             continue;
           }
           std::memcpy(dst + 2 * i, src, 2);                                                    // d
@@ -387,16 +403,13 @@ inline void repack(int64_t qtype, const uint8_t* w, int64_t row_bytes, int64_t N
             }
           }
           if (qtype == kQ5_K)  // byte e of the file's 32 holds bit j of element e of sub-block j
-            for (int e = 0; e < 32; ++e) quants[-512 + chunk_byte(e / 4, i, e % 4)] = src[16 + e];
+            copy_runs(src + 16, 32, 32, i, quants - 512);
           if (qtype == kIQ4_XS)
             for (int j = 0; j < 8; ++j)
               dst[32 + 16 * j + i] = static_cast<uint8_t>(std::lround(iq4_xs_scale(src, j, 1.f)));
           // runs of 32 quant bytes a row (Q4_K, Q5_K: a sub-block pair; Q8_0: a block) or 16 (a block of nibbles)
           const int64_t run = qtype == kQ4_K || qtype == kQ5_K || qtype == kQ8_0 ? 32 : 16;
-          for (int64_t j = 0; j < quant_bytes; ++j) {
-            const uint8_t v = src[quants_in_block + j];
-            quants[(j / run) * 16 * run + chunk_byte(j % run / 4, i, j % 4)] = qtype == kQ8_0 ? v ^ 0x80 : v;
-          }
+          copy_runs(src + quants_in_block, quant_bytes, run, i, quants, qtype == kQ8_0 ? 0x80808080u : 0);
         }
       }
     }
