@@ -338,11 +338,11 @@ inline void repack_q6_k(const uint8_t* src, int64_t i, uint8_t* dst) {
   uint8_t* quants = dst + quants_offset(kQ6_K);
   for (int k = 0; k < 4; ++k) {  // the pair of sub-blocks 2k, 2k + 1: nibbles 4 (k % 2) of ql's 64 (k / 2) + 0 / 32
     const uint8_t* ql = src + 64 * (k / 2);
+    const int shift = 4 * (k % 2);
     for (int c = 0; c < 8; ++c) {
       uint32_t even, odd;
       std::memcpy(&even, ql + 4 * c, 4);
       std::memcpy(&odd, ql + 32 + 4 * c, 4);
-      const int shift = 4 * (k % 2);
       const uint32_t n = ((even >> shift) & 0x0F0F0F0Fu) | (((odd >> shift) & 0x0F0F0F0Fu) << 4);
       std::memcpy(quants + q6_k_nibbles(2 * k) + chunk_byte(c, i, 0), &n, 4);
     }
