@@ -10,8 +10,8 @@ the bandwidth being the GPU memory's, and gorgon's batch 1 also without its deco
 Baseline llama.cpp (`--model X.gguf --baseline llama.cpp`, needs the `bench` extra): both engines on the
 same file with the same threads, prompts and token counts, interleaved in one run: batch-1 decode tok/s,
 prefill tok/s of a 512-token prompt, batch-1 decode after that prompt (its generation less its prefill: where
-the KV cache's bytes count), and batch-8 throughput; the CPU's instruction sets are reported. Each engine keeps
-its default KV cache (fp16 for both, on GGUF files under fp32 activations).
+the KV cache's bytes count), and the throughput at each of --batch-sizes; the CPU's instruction sets are
+reported. Each engine keeps its default KV cache (fp16 for both, on GGUF files under fp32 activations).
 
 Tensor parallelism (`--tensor-parallel-size N`): gorgon on N processes against gorgon on one, same weights and
 prompts, measured alternately in one run: batch-1 tok/s and the batch sizes' throughput, and whether the greedy
@@ -257,15 +257,17 @@ def run_tensor_parallel(args: argparse.Namespace, folder: Path) -> None:
 
 def run_llamacpp(args: argparse.Namespace, file: Path) -> None:
     """Both engines on one GGUF file, each measurement interleaved (gorgon, llama.cpp) repeats times; medians."""
-    n, threads, batch = args.new_tokens, torch.get_num_threads(), min(args.batch_sizes)  # 8 by default
-    llm = LLM(file, dtype=args.dtype, max_num_seqs=batch, enable_prefix_caching=False,
+    n, threads = args.new_tokens, torch.get_num_threads()
+    batches = sorted({b for b in args.batch_sizes if b > 1})  # (batch 1 is always measured)
+    max_batch = max([1, *batches])
+    llm = LLM(file, dtype=args.dtype, max_num_seqs=max_batch, enable_prefix_caching=False,
               max_num_batched_tokens=max(2048, args.prefill_len + 1))
     vocab = llm.model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(100, min(vocab, 20000), (batch, PROMPT_LEN), generator=gen).tolist()
+    prompts = torch.randint(100, min(vocab, 20000), (max_batch, PROMPT_LEN), generator=gen).tolist()
     long_prompt = torch.randint(100, min(vocab, 20000), (args.prefill_len,), generator=gen).tolist()
     # llama.cpp splits n_ctx between its sequences: each must hold the long prompt and its answer
-    baseline = LlamaCpp(file, threads, max_seqs=batch, n_ctx=batch * (args.prefill_len + n + 16))
+    baseline = LlamaCpp(file, threads, max_seqs=max_batch, n_ctx=max_batch * (args.prefill_len + n + 16))
     greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
     first_token = SamplingParams(max_tokens=1, temperature=0)
     after = f"decode_bs1_after_{args.prefill_len}"  # decode over a long context: the prompt and n tokens, less prefill
@@ -274,7 +276,8 @@ def run_llamacpp(args: argparse.Namespace, file: Path) -> None:
         f"prefill_{args.prefill_len}": (args.prefill_len, lambda: llm.generate([long_prompt], first_token),
                                         lambda: baseline.generate([long_prompt], 1)),
         after: (n - 1, lambda: llm.generate([long_prompt], greedy), lambda: baseline.generate([long_prompt], n)),
-        f"decode_bs{batch}": (batch * n, lambda: llm.generate(prompts, greedy), lambda: baseline.generate(prompts, n)),
+        **{f"decode_bs{b}": (b * n, partial(llm.generate, prompts[:b], greedy),
+                             partial(baseline.generate, prompts[:b], n)) for b in batches},
     }
     times: dict[str, dict[str, list[float]]] = {name: {"gorgon": [], "llama.cpp": []} for name in tests}
     with tqdm(total=len(tests) * (args.repeats + 1), desc="bench decode vs llama.cpp") as bar:
@@ -309,10 +312,11 @@ def run_llamacpp(args: argparse.Namespace, file: Path) -> None:
         f"decode_speedup_vs_llamacpp_bs1_after_{args.prefill_len}": rate[after]["gorgon"] / rate[after]["llama.cpp"],
         f"prefill_speedup_vs_llamacpp_{args.prefill_len}": (rate[f"prefill_{args.prefill_len}"]["gorgon"] /
                                                            rate[f"prefill_{args.prefill_len}"]["llama.cpp"]),
-        f"throughput_speedup_vs_llamacpp_bs{batch}": (rate[f"decode_bs{batch}"]["gorgon"] /
-                                                      rate[f"decode_bs{batch}"]["llama.cpp"]),
-        f"gorgon_bs{batch}_vs_bs1": rate[f"decode_bs{batch}"]["gorgon"] / rate["decode_bs1"]["gorgon"],
     }
+    for b in batches:
+        ours, theirs = rate[f"decode_bs{b}"]["gorgon"], rate[f"decode_bs{b}"]["llama.cpp"]
+        summary[f"throughput_speedup_vs_llamacpp_bs{b}"] = ours / theirs
+        summary[f"gorgon_bs{b}_vs_bs1"] = ours / rate["decode_bs1"]["gorgon"]
     write_json(args.out, {
         "benchmark": "decode", "baseline": "llama.cpp", "model": str(file), "dtype": llm.config.dtype,
         "kv_cache_dtype": llm.config.kv_cache_dtype, "new_tokens": n,
