@@ -537,8 +537,9 @@ def test_the_writer_dequantizes_a_gguf_file_whose_weights_fit(tmp_path, monkeypa
     assert not writer_dequantizes(file, "bfloat16")
 
 
-def test_the_writer_uses_packed_kernels_where_the_cpu_multiplies_bf16_in_software(tmp_path, monkeypatch):
-    """Their integer dot products wrote SmolLM2 Q4_1's text 2.3x-3x faster than fp32 GEMM over it dequantized (AVX2)."""
+def test_the_writer_uses_packed_kernels_where_the_cpu_has_no_amx_tiles(tmp_path, monkeypatch):
+    """Their integer dot products wrote SmolLM2 Q4_1's text 2.3x-3x faster than fp32 GEMM over it dequantized (AVX2),
+    and 1.2x-1.5x faster than bf16 GEMM (AVX512-BF16, Zen 4)."""
     ops = compiled()
     if ops is None or ops.isa() == "scalar":
         pytest.skip("no packed decode kernels on this machine")
@@ -547,27 +548,33 @@ def test_the_writer_uses_packed_kernels_where_the_cpu_multiplies_bf16_in_softwar
                         qtype_of=lambda name, w: QType.Q4_1 if name.startswith("blk") else QType.Q8_0)
     one_float = write_gguf(hf_model(hf), tmp_path / "f.gguf",
                            qtype_of=lambda name, w: None if "ffn_down" in name else QType.Q8_0)
-    monkeypatch.setattr(medusa_training, "bf16_gemm", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert medusa_training.writer_packed(packed, "float32")
     assert not medusa_training.writer_packed(one_float, "float32")  # a float matrix: no packed kernels for it
     assert not medusa_training.writer_packed(hf, "float32")
     assert not medusa_training.writer_packed(packed, "bfloat16")
-    monkeypatch.setattr(medusa_training, "bf16_gemm", lambda: True)  # bf16 GEMM over the dequantized weights
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)  # bf16 GEMM on tiles, dequantized
     assert not medusa_training.writer_packed(packed, "float32")
 
 
 def test_the_writer_runs_in_bf16_where_the_cpu_multiplies_bf16(tmp_path, monkeypatch):
-    """Elsewhere in the dtype gorgon serves the model in: bf16 made SmolLM2 Q4_1 write 1.2x slower on AVX2."""
+    """Unless the file's packed kernels write it (in fp32); elsewhere in the dtype gorgon serves the model in: bf16 made
+    SmolLM2 Q4_1 write 1.2x slower on AVX2."""
     hf = save_tiny_model(tmp_path / "hf")
     file = write_gguf(hf_model(hf), tmp_path / "q.gguf", qtype_of=lambda name, w: QType.Q8_0)
     stored_bf16 = tmp_path / "bf16"
     stored_bf16.mkdir()
     (stored_bf16 / "config.json").write_text(json.dumps({**json.loads((hf / "config.json").read_text()),
                                                          "dtype": "bfloat16"}))
+    monkeypatch.setattr(medusa_training, "writer_packed", lambda path, dtype: False)
     monkeypatch.setattr(medusa_training, "bf16_gemm", lambda: True)
     assert {medusa_training.writer_dtype(path) for path in (hf, file, stored_bf16)} == {"bfloat16"}
     monkeypatch.setattr(medusa_training, "bf16_gemm", lambda: False)
     assert [medusa_training.writer_dtype(path) for path in (hf, file, stored_bf16)] == ["float32", "float32",
+                                                                                        "bfloat16"]
+    monkeypatch.setattr(medusa_training, "writer_packed", lambda path, dtype: path == file and dtype == "float32")
+    monkeypatch.setattr(medusa_training, "bf16_gemm", lambda: True)
+    assert [medusa_training.writer_dtype(path) for path in (hf, file, stored_bf16)] == ["bfloat16", "float32",
                                                                                         "bfloat16"]
 
 

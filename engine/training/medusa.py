@@ -741,29 +741,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tree timing: runs per tree; the best counts")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="the base model's dtype while it writes and encodes the training text (default: "
-                             "bfloat16 on CPUs with bf16 units, AVX512-BF16 or AMX, where it is about 3x faster; "
-                             "elsewhere the dtype gorgon serves the model in; the heads serve it in any dtype)")
+                             "float32 for a GGUF file whose every matrix has packed kernels, on CPUs without AMX: "
+                             "the kernels write it; else bfloat16 on CPUs with bf16 units, AVX512-BF16 or AMX, where "
+                             "it is about 3x faster; elsewhere the dtype gorgon serves the model in; the heads serve "
+                             "it in any dtype)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     return parser.parse_args(argv)
 
 
 def writer_dtype(model_path: Path) -> str:
-    """--dtype's default: bfloat16 where the CPU multiplies bf16 natively; elsewhere the dtype gorgon serves the model
-    in: a quantized file writes in fp32 there (through its packed kernels where it can, writer_packed; dequantized,
-    fp32 wrote SmolLM2 Q4_1 1.2x faster than bf16 on AVX2), and a bf16 checkpoint stays bf16 (no fp32 copy of a 7B
-    model)."""
+    """--dtype's default: fp32 where a GGUF file's own packed kernels write the text (writer_packed); else bfloat16
+    where the CPU multiplies bf16 natively; elsewhere the dtype gorgon serves the model in: a quantized file writes
+    in fp32 there, dequantized (fp32 wrote SmolLM2 Q4_1 1.2x faster than bf16 on AVX2), and a bf16 checkpoint stays
+    bf16 (no fp32 copy of a 7B model)."""
+    if writer_packed(model_path, "float32"):
+        return "float32"
     return "bfloat16" if bf16_gemm() else default_dtype(model_path, "cpu")
 
 
 def writer_packed(model_path: Path, dtype: str) -> bool:
     """Does the model write its text in fp32 with a GGUF file's own quantized weights, through the packed decode
-    kernels at WRITER_SEQS rows a step (batch invariant: they take every size)? Where the CPU has no native bf16 GEMM
-    and every matrix of the file has packed kernels: their integer dot products then beat torch's fp32 GEMM over the
-    weights dequantized (SmolLM2-135M Q4_1, AVX2-only AMD EPYC, 2 threads, 64 answers at once: 3.4 texts/s against
-    1.2-1.5; heads scored the same on either's hidden states)."""
+    kernels at WRITER_SEQS rows a step (batch invariant: they take every size)? Where every matrix of the file has
+    packed kernels and the CPU has no AMX tiles: their integer dot products then beat torch's GEMM over the weights
+    dequantized, in fp32 on AVX2 (SmolLM2-135M Q4_1, AVX2-only AMD EPYC, 2 threads, 64 answers at once: 3.4 texts/s
+    against 1.2-1.5; heads scored the same on either's hidden states) and in bf16 on AVX512-BF16 (Zen 4, 2 threads:
+    SmolLM2 Q4_1 723-885 answer tokens/s against 603-607, Qwen2.5-Coder-1.5B Q4_K_M 107-109 against 93-94 at a peak
+    of 3.8 GB of memory against 9.4). With AMX tiles it keeps the bf16 GEMM measured there (SmolLM2 Q4_1 dequantized:
+    1076 tokens/s at 64 sequences); the kernels' AMX-INT8 tiles were not compared as the writer."""
     gguf, ops = find_gguf(model_path), compiled()
-    if gguf is None or ops is None or ops.isa() == "scalar" or bf16_gemm() or dtype != "float32":
+    if (gguf is None or ops is None or ops.isa() == "scalar" or dtype != "float32"
+            or torch.cpu._is_amx_tile_supported()):
         return False
     return all(ops.packable(int(t.tensor_type)) for t in gguf_tensors(gguf) if len(t.shape) > 1)
 
