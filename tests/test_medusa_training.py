@@ -32,6 +32,7 @@ from engine.medusa.tree import (
 from engine.training.common import head_weights, matmuls_in_bf16
 from engine.training.medusa import (
     EVAL_EVERY,
+    LR_WIDTH,
     MAX_RANK,
     PACE_STEPS,
     PAYS,
@@ -41,6 +42,7 @@ from engine.training.medusa import (
     captured_cache,
     chat_prompts,
     chunk_size,
+    default_lr,
     draft_logits,
     draft_vocabulary,
     held_out_ranks,
@@ -364,7 +366,8 @@ def test_data_files_of_chats_are_learned_from_their_answers(chat_model_dir, tiny
         train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "h"), "--data", str(data), "--steps", "0"])
 
 
-def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
+def test_train_medusa_command(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(medusa_training, "LR_WIDTH", 32)  # as if the 64-wide model were wider than the default's
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"text": "def f(x):\n    return x + 1\n" * 4}) for _ in range(8)))
     train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "heads"), "--data", str(data),
@@ -374,6 +377,7 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
     assert next(iter(load_file(tmp_path / "heads" / WEIGHTS_FILE).values())).dtype == torch.bfloat16  # as they draft
     report = json.loads((tmp_path / "heads" / "training.json").read_text())
     first_loss = report["loss_first"]
+    assert report["config"]["lr"] == pytest.approx(TrainConfig.lr / 2)  # the default, scaled to the width
     assert len(report["held_out_accuracy"]) == 2 and report["tree"]
     assert heads.draft_vocab is not None and report["draft_vocab_size"] == len(heads.draft_vocab) < 256
     choice = json.loads((tmp_path / "heads" / TREE_FILE).read_text())
@@ -391,11 +395,11 @@ def test_train_medusa_command(tiny_model_dir, tmp_path, capsys):
     # heads, --no-tree leaves no tree timed for the heads it replaces
     shutil.copytree(tmp_path / "heads", tmp_path / "more")
     train_main(["--model", str(tiny_model_dir), "--out", str(tmp_path / "more"), "--data", str(data), "--no-tree",
-                "--init-heads", str(tmp_path / "heads"), "--steps", "1", "--seq-len", "32"])
+                "--init-heads", str(tmp_path / "heads"), "--steps", "1", "--seq-len", "32", "--lr", "0.001"])
     assert not (tmp_path / "more" / TREE_FILE).exists()
     assert load_medusa_heads(tmp_path / "more", 64, 256).config.num_heads == 2
     report = json.loads((tmp_path / "more" / "training.json").read_text())
-    assert report["init_heads"] == str(tmp_path / "heads")
+    assert report["init_heads"] == str(tmp_path / "heads") and report["config"]["lr"] == 0.001
     assert report["loss_first"] < first_loss  # the same seed, so the same first batch
     # --retime: the same candidates timed again on this machine, kept for it, and preferred by the engine here
     capsys.readouterr()
@@ -526,6 +530,14 @@ def test_writing_stops_once_the_training_left_could_not_take_the_text_three_time
     assert re.search(r"the model wrote 4 of 12 texts: the training the --minutes budget leaves "
                      r"\(about 0 steps of 256\) takes each of their \d+ positions at most 3 times",
                      capsys.readouterr().out)
+
+
+def test_the_default_learning_rate_shrinks_with_the_hidden_states_width():
+    """Adam moves each output of a layer by about lr times its fan-in: at 3e-3, heads over a 1536-wide model
+    diverged."""
+    assert default_lr(64) == default_lr(LR_WIDTH) == TrainConfig.lr
+    assert default_lr(2 * LR_WIDTH) == pytest.approx(TrainConfig.lr / 2)
+    assert default_lr(1536) == pytest.approx(1.125e-3)
 
 
 def test_the_writer_dequantizes_a_gguf_file_whose_weights_fit(tmp_path, monkeypatch):
