@@ -244,16 +244,14 @@ struct Scratch {
   std::vector<float> scores_t;    // [tile keys][rows]: scores, then probabilities, key-major
   std::vector<int> query_index;   // [rows] cache index of each row's query position
   std::vector<int64_t> offsets;   // [tile keys + KEY_TILE]: where each key's K/V row starts (key_offsets)
-  std::vector<float> tile_max, tile_sum, safe_max;  // [rows]
   std::vector<uint32_t> q_pairs;       // p.amx: [head_dim / 2][rows], the unit's queries as pairs of dimensions
   std::vector<at::BFloat16> keys_bf16;  // p.amx: [tile keys][head_dim], the tile's keys
   std::vector<float> few_scores_t;     // p.amx: [tile keys][16], a few-row unit's scores before they are transposed
   explicit Scratch(const Problem& p)
       : q_t(p.amx ? 0 : p.padded_dim * p.rows), keys(p.amx ? 0 : p.max_tile_keys * p.padded_dim),
         values(p.max_tile_keys * p.padded_dim), scores_t(p.max_tile_keys * p.rows), query_index(p.rows),
-        offsets(p.max_tile_keys + KEY_TILE), tile_max(p.rows), tile_sum(p.rows), safe_max(p.rows),
-        q_pairs(p.amx ? p.head_dim / 2 * p.rows : 0), keys_bf16(p.amx ? p.max_tile_keys * p.head_dim : 0),
-        few_scores_t(p.amx ? p.max_tile_keys * 16 : 0) {}
+        offsets(p.max_tile_keys + KEY_TILE), q_pairs(p.amx ? p.head_dim / 2 * p.rows : 0),
+        keys_bf16(p.amx ? p.max_tile_keys * p.head_dim : 0), few_scores_t(p.amx ? p.max_tile_keys * 16 : 0) {}
 };
 
 inline const TreeShape& tree_of(const Problem& p, const QueryTile& tile) { return (*p.trees)[tile.seq]; }
@@ -438,17 +436,14 @@ void run_unit(const Problem& p, const QueryTile& tile, int kv_head, int split, c
           chunk_sum[r] += scores[r];
         }
       }
-      std::copy(chunk_max, chunk_max + TILE_COLS, s.tile_max.begin() + r0);
-      std::copy(safe, safe + TILE_COLS, s.safe_max.begin() + r0);
-      std::copy(chunk_sum, chunk_sum + TILE_COLS, s.tile_sum.begin() + r0);
-    }
-    for (int r = 0; r < R; ++r) {
-      const float rescale = exp_nonpositive(row_max[r] - s.safe_max[r]);
-      row_sum[r] = row_sum[r] * rescale + s.tile_sum[r];
-      row_max[r] = std::max(row_max[r], s.tile_max[r]);
-      float* out = acc + r * Dp;
+      for (int r = r0; r < r0 + TILE_COLS; ++r) {
+        const float rescale = exp_nonpositive(row_max[r] - safe[r - r0]);
+        row_sum[r] = row_sum[r] * rescale + chunk_sum[r - r0];
+        row_max[r] = std::max(row_max[r], chunk_max[r - r0]);
+        float* out = acc + r * Dp;
 #pragma omp simd
-      for (int d = 0; d < Dp; ++d) out[d] *= rescale;
+        for (int d = 0; d < Dp; ++d) out[d] *= rescale;
+      }
     }
     // acc[R][Dp] += P[R][width] V[width][Dp], reading P from the key-major scores
     gemm(s.scores_t.data(), 1, R, s.values.data(), Dp, acc, Dp, R, Dp, width, true);
