@@ -381,7 +381,9 @@ def tokenize_as_llama_cpp(tokenizer, reader: GGUFReader) -> None:
     vocabulary tests, models/ggml-vocab-*.gguf.inp/.out, hold its original tokenizer's ids). transformers departs
     from them in three places: a sentencepiece vocabulary's space prefix (llama.cpp, like sentencepiece, writes
     "▁" before the text even when the text starts with a space: " Hello" is "▁", "▁Hello"; transformers' Metaspace
-    writes "▁Hello"), Llama 3's and tekken's whole-word lookup, and their BOS where the file has no add_bos_token."""
+    writes "▁Hello"), and Llama 3's and tekken's whole-word lookup. BOS is llama.cpp's rule too: the file's
+    add_bos_token, else added for a sentencepiece vocabulary and Llama 3's and tekken's, not for other BPE ones
+    (transformers' own choice changed between its versions: up to 5.22 a sentencepiece vocabulary had none)."""
     from tokenizers import decoders, normalizers
 
     backend, vocabulary = tokenizer.backend_tokenizer, _field(reader, "tokenizer.ggml.pre")
@@ -395,8 +397,9 @@ def tokenize_as_llama_cpp(tokenizer, reader: GGUFReader) -> None:
                                                  decoders.Fuse()])
     if vocabulary in WHOLE_WORD_VOCABULARIES:
         backend.model.ignore_merges = True
-        if _field(reader, "tokenizer.ggml.add_bos_token") is None:
-            tokenizer.add_bos_token = True
+    add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
+    tokenizer.add_bos_token = bool(add_bos) if add_bos is not None else (
+        _field(reader, "tokenizer.ggml.model") == "llama" or vocabulary in WHOLE_WORD_VOCABULARIES)
 
 
 def _added_tokens_at_their_ids(tokenizer, reader: GGUFReader) -> None:

@@ -585,13 +585,15 @@ def test_tokenizer_and_chat_template_from_metadata(tmp_path, tiny_hf, monkeypatc
 
 def write_vocabulary(path: Path, model: str, tokens: list[str], token_types: list[int], pre: str = "default",
                      scores: list[float] | None = None, merges: list[str] = (),
-                     space_prefix: bool | None = None) -> Path:
+                     space_prefix: bool | None = None, add_bos: bool | None = None) -> Path:
     """A GGUF that holds a vocabulary alone, as llama.cpp's own tokenizer tests do (models/ggml-vocab-*.gguf)."""
     writer = GGUFWriter(str(path), "llama")
     writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre(pre)
     if space_prefix is not None:
         writer.add_add_space_prefix(space_prefix)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
     writer.add_token_list(tokens)
     writer.add_token_types(token_types)
     writer.add_token_scores(scores or [0.0] * len(tokens))
@@ -639,6 +641,20 @@ def test_a_llama3_vocabulary_takes_whole_words_and_adds_bos(tmp_path, monkeypatc
         assert tokenizer.encode("abc") == [0, 6] and tokenizer.encode("cab") == [0, 4, 5]
     else:
         assert tokenizer.encode("abc") == [5, 4] and tokenizer.encode("cab") == [4, 5]
+
+
+@pytest.mark.parametrize("model, pre", [("llama", "default"), ("gpt2", "llama-bpe"), ("gpt2", "qwen2")])
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_the_files_add_bos_token_decides_bos_for_any_vocabulary(tmp_path, monkeypatch, model, pre, add_bos):
+    """Where the file says whether BOS leads, llama.cpp does as it says, whatever the vocabulary's default (and
+    transformers' conversion: up to 5.22 a sentencepiece vocabulary had no BOS)."""
+    monkeypatch.setattr(gguf_module, "TOKENIZER_CACHE", tmp_path / "cache")
+    tokens = ["<unk>", "<s>", "</s>", "\u2581", "a", "\u2581a"] if model == "llama" else ["<s>", "</s>", "a", "b", "ab"]
+    file = write_vocabulary(tmp_path / "v.gguf", model, tokens, [2, 3, 3, 1, 1, 1] if model == "llama" else
+                            [3, 3, 1, 1, 1], pre=pre, merges=[] if model == "llama" else ["a b"], add_bos=add_bos)
+    bos, ids = (1, [5]) if model == "llama" else (0, [4])
+    text = "a" if model == "llama" else "ab"
+    assert load_tokenizer(file).encode(text) == ([bos] if add_bos else []) + ids
 
 
 def test_control_tokens_spelled_outside_the_byte_alphabet_stay_whole_at_the_files_ids(tmp_path, monkeypatch):
