@@ -379,7 +379,7 @@ WHOLE_WORD_VOCABULARIES = ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtra
 def tokenize_as_llama_cpp(tokenizer, reader: GGUFReader) -> None:
     """Make transformers' tokenizer of a GGUF file give llama.cpp's tokens, which are the model's own (llama.cpp's
     vocabulary tests, models/ggml-vocab-*.gguf.inp/.out, hold its original tokenizer's ids). transformers departs
-    from them in three places: a sentencepiece vocabulary's space prefix (llama.cpp, like sentencepiece, writes
+    from them in two places: a sentencepiece vocabulary's space prefix (llama.cpp, like sentencepiece, writes
     "▁" before the text even when the text starts with a space: " Hello" is "▁", "▁Hello"; transformers' Metaspace
     writes "▁Hello"), and Llama 3's and tekken's whole-word lookup. BOS is llama.cpp's rule too: the file's
     add_bos_token, else added for a sentencepiece vocabulary and Llama 3's and tekken's, not for other BPE ones
