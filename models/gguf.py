@@ -400,6 +400,18 @@ def tokenize_as_llama_cpp(tokenizer, reader: GGUFReader) -> None:
     add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
     tokenizer.add_bos_token = bool(add_bos) if add_bos is not None else (
         _field(reader, "tokenizer.ggml.model") == "llama" or vocabulary in WHOLE_WORD_VOCABULARIES)
+    _chats_start_with_bos(tokenizer)
+
+
+def _chats_start_with_bos(tokenizer) -> None:
+    """llama.cpp starts every chat with BOS where its vocabulary adds BOS, whether the chat template writes one or
+    not: it takes a BOS the text starts with off, then tokenizes the text with BOS (common/chat.cpp). Templates
+    that write none are common: TinyLlama's and Zephyr's, ChatML on a Mistral. A chat through transformers holds
+    only what its template writes, so such a file's template is wrapped to start its text with BOS, once."""
+    template = tokenizer.chat_template
+    if tokenizer.add_bos_token and tokenizer.bos_token and isinstance(template, str):
+        tokenizer.chat_template = ("{% set chat %}" + template + "{% endset %}"
+                                   "{{ chat if chat.startswith(bos_token) else bos_token + chat }}")
 
 
 def _added_tokens_at_their_ids(tokenizer, reader: GGUFReader) -> None:

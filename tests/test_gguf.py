@@ -18,6 +18,7 @@ import models.gguf as gguf_module
 from bench.common import byte_tokenizer
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
+from engine.prompt_files import chat_prompt_ids
 from models.gguf import GGUFError, find_gguf, load_tokenizer, read_gguf, unpermute_rows
 from models.kernels import decode as cpu_decode
 from models.loader import CheckpointError, default_dtype, load_model
@@ -585,7 +586,8 @@ def test_tokenizer_and_chat_template_from_metadata(tmp_path, tiny_hf, monkeypatc
 
 def write_vocabulary(path: Path, model: str, tokens: list[str], token_types: list[int], pre: str = "default",
                      scores: list[float] | None = None, merges: list[str] = (),
-                     space_prefix: bool | None = None, add_bos: bool | None = None) -> Path:
+                     space_prefix: bool | None = None, add_bos: bool | None = None,
+                     chat_template: str | None = None) -> Path:
     """A GGUF that holds a vocabulary alone, as llama.cpp's own tokenizer tests do (models/ggml-vocab-*.gguf)."""
     writer = GGUFWriter(str(path), "llama")
     writer.add_tokenizer_model(model)
@@ -594,6 +596,8 @@ def write_vocabulary(path: Path, model: str, tokens: list[str], token_types: lis
         writer.add_add_space_prefix(space_prefix)
     if add_bos is not None:
         writer.add_add_bos_token(add_bos)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     writer.add_token_list(tokens)
     writer.add_token_types(token_types)
     writer.add_token_scores(scores or [0.0] * len(tokens))
@@ -655,6 +659,21 @@ def test_the_files_add_bos_token_decides_bos_for_any_vocabulary(tmp_path, monkey
     bos, ids = (1, [5]) if model == "llama" else (0, [4])
     text = "a" if model == "llama" else "ab"
     assert load_tokenizer(file).encode(text) == ([bos] if add_bos else []) + ids
+
+
+@pytest.mark.parametrize("writes_bos", [False, True])
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_a_chat_starts_with_bos_once_where_the_vocabulary_adds_it(tmp_path, monkeypatch, writes_bos, add_bos):
+    """As llama.cpp's chats: BOS first where the file's vocabulary adds it, though the template write none (as
+    TinyLlama's and Zephyr's do), never twice where it writes one; where the vocabulary adds none, what the template
+    writes."""
+    monkeypatch.setattr(gguf_module, "TOKENIZER_CACHE", tmp_path / "cache")
+    template = ("{{ bos_token }}" if writes_bos else "") + "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    file = write_vocabulary(tmp_path / "v.gguf", "llama", ["<unk>", "<s>", "</s>", "\u2581", "a", "\u2581a"],
+                            [2, 3, 3, 1, 1, 1], add_bos=add_bos, chat_template=template)
+    tokenizer = load_tokenizer(file)
+    assert chat_prompt_ids(tokenizer, "a") == ([1] if add_bos or writes_bos else []) + [5]
+    assert tokenizer("a")["input_ids"] == ([1] if add_bos else []) + [5]  # (a plain prompt: the vocabulary's rule)
 
 
 def test_control_tokens_spelled_outside_the_byte_alphabet_stay_whole_at_the_files_ids(tmp_path, monkeypatch):
