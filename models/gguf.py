@@ -387,7 +387,8 @@ def tokenize_as_llama_cpp(tokenizer, reader: GGUFReader) -> None:
     from tokenizers import decoders, normalizers
 
     backend, vocabulary = tokenizer.backend_tokenizer, _field(reader, "tokenizer.ggml.pre")
-    if _field(reader, "tokenizer.ggml.model") == "llama":
+    sentencepiece = _field(reader, "tokenizer.ggml.model") == "llama"
+    if sentencepiece:
         space_prefix = _field(reader, "tokenizer.ggml.add_space_prefix", True)
         escape = normalizers.Replace(" ", "\u2581")
         backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), escape]) if space_prefix else escape
@@ -399,7 +400,7 @@ def tokenize_as_llama_cpp(tokenizer, reader: GGUFReader) -> None:
         backend.model.ignore_merges = True
     add_bos = _field(reader, "tokenizer.ggml.add_bos_token")
     tokenizer.add_bos_token = bool(add_bos) if add_bos is not None else (
-        _field(reader, "tokenizer.ggml.model") == "llama" or vocabulary in WHOLE_WORD_VOCABULARIES)
+        sentencepiece or vocabulary in WHOLE_WORD_VOCABULARIES)
     _chats_start_with_bos(tokenizer)
 
 
